@@ -1,0 +1,61 @@
+/* codegen/probe.c — which compilers are available, and why not where not. */
+#include "codegen.h"
+
+#include <dlfcn.h>
+#include <llvm-c/Core.h>
+#include <llvm-c/TargetMachine.h>
+#include <string.h>
+
+void *cm_dlopen_first(const char *const *names, char *why_buf, size_t why_size) {
+  if (why_size) why_buf[0] = 0;
+  for (int i = 0; names[i]; i++) {
+    void *h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+    if (h) return h;
+    const char *e = dlerror();
+    if (why_size) snprintf(why_buf, why_size, "%s", e ? e : "dlopen failed");
+  }
+  return NULL;
+}
+
+void cm_probe_llvm(cm_component *out) {
+  out->name = "LLVM";
+  unsigned major, minor, patch;
+  LLVMGetVersion(&major, &minor, &patch);
+  char *cpu = LLVMGetHostCPUName();
+  out->found = true;
+  snprintf(out->detail, sizeof out->detail, "%u.%u.%u (linked; host CPU %s)", major, minor, patch,
+           cpu ? cpu : "?");
+  LLVMDisposeMessage(cpu);
+}
+
+typedef int (*nvrtc_version_fn)(int *, int *);
+
+void cm_probe_nvrtc(cm_component *out) {
+  out->name = "NVRTC";
+  static const char *const names[] = {"libnvrtc.so.13",
+                                      "libnvrtc.so.12",
+                                      "libnvrtc.so",
+                                      "/usr/local/cuda/lib64/libnvrtc.so.13",
+                                      "/usr/local/cuda/lib64/libnvrtc.so.12",
+                                      "/usr/local/cuda/lib64/libnvrtc.so",
+                                      NULL};
+  char why[400];
+  void *h = cm_dlopen_first(names, why, sizeof why);
+  if (!h) {
+    out->found = false;
+    snprintf(out->detail, sizeof out->detail, "not found: %s", why);
+    return;
+  }
+  nvrtc_version_fn version;
+  *(void **)&version = dlsym(h, "nvrtcVersion");
+  int major = 0, minor = 0;
+  if (!version || version(&major, &minor) != 0) {
+    out->found = false;
+    snprintf(out->detail, sizeof out->detail, "loaded but nvrtcVersion failed");
+  } else {
+    out->found = true;
+    snprintf(out->detail, sizeof out->detail, "%d.%d (compiles CUDA C to CUBIN; no GPU needed)",
+             major, minor);
+  }
+  dlclose(h);
+}

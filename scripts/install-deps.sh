@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what cmaec needs on Debian 12 (bookworm): only what is missing.
+set -euo pipefail
+
+packages=(cmake make gcc llvm-19-dev clang-19 libclang-rt-19-dev libcjson-dev zlib1g-dev
+          libpng-dev libjpeg62-turbo-dev dataset-fashion-mnist clang-format python3)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}"
+  sudo_cmd=()
+  if [[ $(id -u) -ne 0 ]]; then sudo_cmd=(sudo); fi
+  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# Python packages for the reference tests (independent implementations).
+if ! python3 -c 'import numpy, safetensors' 2>/dev/null; then
+  echo "install-deps: pip install numpy safetensors"
+  python3 -m pip install --quiet --disable-pip-version-check numpy safetensors ||
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages numpy safetensors
+fi
