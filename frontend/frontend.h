@@ -21,8 +21,8 @@ cm_status cm_graph_from_json(const char *text, size_t len, cm_graph **out, cm_er
 /* Writes graph JSON (malloc'd, NUL-terminated, pretty-printed); NULL on out of
  * memory. write(read(x)) is a fixed point: writing what was read gives the same text. */
 char *cm_graph_to_json(const cm_graph *g);
-/* Reads a file: graph JSON if its first non-blank byte is '{', else text IR.
- * Errors are prefixed with the path. */
+/* Reads a file: graph JSON if its first non-blank byte is '{', '[' or '"' or
+ * the file is blank, else text IR. Errors are prefixed with the path. */
 cm_status cm_graph_load(const char *path, cm_graph **out, cm_err *err);
 cm_status cm_graph_save_json(const cm_graph *g, const char *path, cm_err *err);
 

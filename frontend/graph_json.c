@@ -116,6 +116,11 @@ static cm_status get_string(const cJSON *item, const char *path, const char **ou
 
 /* cJSON keeps repeated keys; a repeated key would silently shadow the first. */
 static cm_status check_unique_keys(const cJSON *obj, const char *path, cm_err *err) {
+  /* Every object of the format has a few dozen keys at most; the bound keeps
+   * the pairwise check cheap on hostile input. */
+  int count = cJSON_GetArraySize(obj);
+  if (count > 64)
+    return invalid(err, "%s: %d keys, more than any object of the format has", path, count);
   for (const cJSON *a = obj->child; a; a = a->next)
     for (const cJSON *b = a->next; b; b = b->next)
       if (a->string && b->string && strcmp(a->string, b->string) == 0) {
@@ -1060,7 +1065,9 @@ cm_status cm_graph_load(const char *path, cm_graph **out, cm_err *err) {
   if (st) return st;
   size_t i = 0;
   while (i < len && (text[i] == ' ' || text[i] == '\t' || text[i] == '\n' || text[i] == '\r')) i++;
-  if (i < len && text[i] == '{') {
+  /* Text IR never starts with '[' or '"' and is never blank: those go to the
+   * JSON reader too, whose messages fit them better. */
+  if (i == len || text[i] == '{' || text[i] == '[' || text[i] == '"') {
     st = cm_graph_from_json(text, len, out, err);
   } else if (memchr(text, '\0', len)) {
     st = cm_errorf(err, CM_EINVALID, "NUL byte in a text IR file");

@@ -43,8 +43,10 @@ cm_status cm_graph_dot(const cm_graph *g, FILE *out, cm_err *err) {
       if (g->outputs[k] == i) is_output = true;
     char type[128];
     fprintf(out, "  n%d [label=\"", i);
-    if (nd->name) put_escaped(out, nd->name);
-    else fprintf(out, "%%%d", i);
+    if (nd->name)
+      put_escaped(out, nd->name);
+    else
+      fprintf(out, "%%%d", i);
     fprintf(out, "\\n%s\\n%s\", fillcolor=\"%s\"%s];\n", cm_op_name(nd->op),
             cm_type_str(&nd->type, type, sizeof type),
             category_color(cm_op_get_info(nd->op)->category), is_output ? ", peripheries=2" : "");

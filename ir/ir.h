@@ -87,7 +87,7 @@ float cm_f16_to_f32(uint16_t h);
 uint16_t cm_f64_to_f16(double d);
 uint16_t cm_f64_to_bf16(double d);
 /* Rounds a double to the nearest value representable in dt (for floats) or
- * truncates toward zero and wraps (for ints); bool: x != 0. */
+ * truncates toward zero and saturates, NaN giving 0 (for ints); bool: x != 0. */
 double cm_round_to_dtype(double x, cm_dtype dt);
 
 /* ---- tensors ----------------------------------------------------------- */
@@ -303,7 +303,7 @@ bool cm_name_is_valid(const char *name);
 /* ---- text IR ----------------------------------------------------------- */
 
 /* One line per node:  name: f32[4,8] = op(in0, in1) {attr=value, ...}
- * followed by one line: outputs(a, b). See docs/graph-format.md. */
+ * followed by one line: outputs(a, b). See docs/text-ir.md. */
 cm_status cm_graph_print(const cm_graph *g, FILE *out, cm_err *err);
 char *cm_graph_print_str(const cm_graph *g); /* malloc'd; NULL on out of memory */
 cm_status cm_graph_parse(const char *text, cm_graph **out, cm_err *err);

@@ -57,7 +57,9 @@ uint64_t cm_hash_str(const char *s) {
 
 /* The top 24 bits: every value is exact in f32, so rounding an f32 draw never
  * lands on 1.0. */
-double cm_uniform01(uint32_t bits) { return (double)(bits >> 8) * (1.0 / 16777216.0); }
+double cm_uniform01(uint32_t bits) {
+  return (double)(bits >> 8) * (1.0 / 16777216.0);
+}
 
 /* ---- init kinds -------------------------------------------------------- */
 
@@ -155,8 +157,8 @@ cm_status cm_init_tensor(cm_tensor *t, const cm_init *init, uint64_t seed, const
     return cm_errorf(err, CM_EINVALID, "\"%s\": init %s: invalid tensor type", shown, kind);
   int64_t n = cm_type_numel(type);
   if (n < 0 || n > CM_MAX_ELEMENTS)
-    return cm_errorf(err, CM_EINVALID, "\"%s\": init %s: invalid element count for %s", shown,
-                     kind, tbuf);
+    return cm_errorf(err, CM_EINVALID, "\"%s\": init %s: invalid element count for %s", shown, kind,
+                     tbuf);
   if (n > 0 && !t->data)
     return cm_errorf(err, CM_EINTERNAL, "\"%s\": init %s: tensor %s has no data", shown, kind,
                      tbuf);

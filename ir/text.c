@@ -40,7 +40,9 @@ static void format_double(double v, char buf[40]) {
 }
 
 /* Bitwise, so that -0 differs from 0 and NaN equals itself. */
-static bool same_double(double a, double b) { return memcmp(&a, &b, sizeof a) == 0; }
+static bool same_double(double a, double b) {
+  return memcmp(&a, &b, sizeof a) == 0;
+}
 
 /* The fields each init kind carries, with their documented defaults. */
 typedef struct init_fields {
@@ -302,8 +304,10 @@ static void print_node_name(const cm_graph *g, int id, FILE *out) {
     fprintf(out, "?%d", id);
     return;
   }
-  if (g->nodes[id].name) fputs(g->nodes[id].name, out);
-  else fprintf(out, "%%%d", id);
+  if (g->nodes[id].name)
+    fputs(g->nodes[id].name, out);
+  else
+    fprintf(out, "%%%d", id);
 }
 
 cm_status cm_graph_print(const cm_graph *g, FILE *out, cm_err *err) {
@@ -375,8 +379,12 @@ static cm_status fail_at(parser *ps, const char *at, const char *fmt, ...) {
                    rule);
 }
 
-static bool is_blank(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\v' || c == '\f'; }
-static bool is_digit(char c) { return c >= '0' && c <= '9'; }
+static bool is_blank(char c) {
+  return c == ' ' || c == '\t' || c == '\r' || c == '\v' || c == '\f';
+}
+static bool is_digit(char c) {
+  return c >= '0' && c <= '9';
+}
 static bool is_ident_char(char c) {
   return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || is_digit(c) || c == '_';
 }
@@ -512,8 +520,7 @@ static cm_status check_dims(parser *ps, const char *at, const char *what, const 
   int64_t numel = 1;
   for (int i = 0; i < rank; i++) {
     if (dims[i] < 1)
-      return fail_at(ps, at, "%s: dimension %d is %lld, must be >= 1", what, i,
-                     (long long)dims[i]);
+      return fail_at(ps, at, "%s: dimension %d is %lld, must be >= 1", what, i, (long long)dims[i]);
     if (dims[i] > CM_MAX_ELEMENTS / numel)
       return fail_at(ps, at, "%s: more than 2^40 elements", what);
     numel *= dims[i];
@@ -563,12 +570,14 @@ static cm_status parse_type(parser *ps, cm_type *out) {
   const char *at = ps->p;
   size_t n = scan_ident(ps);
   char name[16], buf[80];
-  if (n == 0) return fail_at(ps, at, "expected a type such as f32[4,8], found %s", rest_token(ps, buf));
+  if (n == 0)
+    return fail_at(ps, at, "expected a type such as f32[4,8], found %s", rest_token(ps, buf));
   cm_dtype dt = CM_F32;
   if (n >= sizeof name) return fail_at(ps, at, "unknown dtype %s", quote_token(at, n, buf));
   memcpy(name, at, n);
   name[n] = '\0';
-  if (!cm_dtype_from_name(name, &dt)) return fail_at(ps, at, "unknown dtype %s", quote_token(at, n, buf));
+  if (!cm_dtype_from_name(name, &dt))
+    return fail_at(ps, at, "unknown dtype %s", quote_token(at, n, buf));
   ps->p += n;
   if (!accept(ps, '['))
     return fail_at(ps, ps->p, "expected '[' after dtype %s (a scalar is %s[])", name, name);
@@ -886,7 +895,8 @@ static cm_status parse_node_line(parser *ps, id_list *ids, double_buf *data) {
   /* Names may contain ':' but neither names nor types contain '=', so the
    * name ends at the last ':' before the first '='. */
   const char *eq = memchr(ps->line, '=', (size_t)(ps->end - ps->line));
-  if (!eq) return cm_errorf(ps->err, CM_EINVALID, "line %d: missing '=' after the type", ps->lineno);
+  if (!eq)
+    return cm_errorf(ps->err, CM_EINVALID, "line %d: missing '=' after the type", ps->lineno);
   const char *colon = NULL;
   for (const char *c = ps->p; c < eq; c++)
     if (*c == ':') colon = c;
@@ -900,8 +910,9 @@ static cm_status parse_node_line(parser *ps, id_list *ids, double_buf *data) {
   if (!name) return cm_errorf(ps->err, CM_EINTERNAL, "line %d: out of memory", ps->lineno);
   cm_status st = CM_OK;
   if (name_len == 0 || !cm_name_is_valid(name)) {
-    st = name_len == 0 ? fail_at(ps, name_at, "missing the value name")
-                       : fail_at(ps, name_at, "invalid name %s", quote_token(name_at, name_len, buf));
+    st = name_len == 0
+             ? fail_at(ps, name_at, "missing the value name")
+             : fail_at(ps, name_at, "invalid name %s", quote_token(name_at, name_len, buf));
     goto done;
   }
   if (cm_graph_find(ps->g, name) >= 0) {
@@ -927,8 +938,13 @@ static cm_status parse_node_line(parser *ps, id_list *ids, double_buf *data) {
     st = fail_at(ps, op_at, "expected an op name, found %s", rest_token(ps, buf));
     goto done;
   }
-  if (op_len >= sizeof op_name ||
-      (memcpy(op_name, op_at, op_len), op_name[op_len] = '\0', !cm_op_from_name(op_name, &op))) {
+  bool known = op_len < sizeof op_name;
+  if (known) {
+    memcpy(op_name, op_at, op_len);
+    op_name[op_len] = '\0';
+    known = cm_op_from_name(op_name, &op);
+  }
+  if (!known) {
     st = fail_at(ps, op_at, "unknown op %s", quote_token(op_at, op_len, buf));
     goto done;
   }
@@ -943,7 +959,8 @@ static cm_status parse_node_line(parser *ps, id_list *ids, double_buf *data) {
   if (info->category == CM_CAT_SOURCE) {
     attrs.dtype = annotated.dtype;
     attrs.rank = annotated.rank;
-    for (int i = 0; i < CM_MAX_RANK; i++) attrs.shape[i] = i < annotated.rank ? annotated.dims[i] : 0;
+    for (int i = 0; i < CM_MAX_RANK; i++)
+      attrs.shape[i] = i < annotated.rank ? annotated.dims[i] : 0;
   }
   int in_rank = ids->n > 0 ? ps->g->nodes[ids->v[0]].type.rank : 0;
   data->n = 0;
@@ -964,7 +981,8 @@ static cm_status parse_node_line(parser *ps, id_list *ids, double_buf *data) {
   int id = cm_graph_add(ps->g, op, name, ids->v, ids->n, &attrs, ps->err);
   if (id < 0) {
     st = cm_err_prefix(ps->err, "line %d: ", ps->lineno);
-    if (st == CM_OK) st = cm_errorf(ps->err, CM_EINTERNAL, "line %d: cm_graph_add failed", ps->lineno);
+    if (st == CM_OK)
+      st = cm_errorf(ps->err, CM_EINTERNAL, "line %d: cm_graph_add failed", ps->lineno);
     goto done;
   }
   const cm_type *inferred = &ps->g->nodes[id].type;

@@ -53,7 +53,7 @@ static void test_uniform01(void) {
 }
 
 static void test_init_kind_names(void) {
-  const char *names[] = {"none",    "zeros",   "ones",           "constant",     "normal",
+  const char *names[] = {"none",         "zeros",   "ones",           "constant",     "normal",
                          "trunc_normal", "uniform", "xavier_uniform", "torch_default"};
   CHECK((int)(sizeof names / sizeof names[0]) == CM_INIT_KIND_COUNT);
   for (int k = 0; k < CM_INIT_KIND_COUNT; k++) {
@@ -183,8 +183,10 @@ static void test_trunc_normal(void) {
     CHECK(v >= -2.0 && v <= 0.0);
     sum += v;
     sum2 += v * v;
-    if (fabs(p + 1.0) <= 1.0) agree += v == p;
-    else redrawn++;
+    if (fabs(p + 1.0) <= 1.0)
+      agree += v == p;
+    else
+      redrawn++;
   }
   /* Where the plain draw is inside the cut, trunc_normal keeps it. */
   CHECK(agree == n - redrawn);
@@ -347,9 +349,9 @@ static void test_init_errors(void) {
   cm_tensor_free(&f);
 }
 
-TEST_MAIN(TEST(test_philox_known_answers), TEST(test_philox_streams_differ),
-          TEST(test_hash_fnv1a), TEST(test_uniform01), TEST(test_init_kind_names),
-          TEST(test_uniform_stream_definition), TEST(test_determinism_and_order_independence),
-          TEST(test_normal_statistics), TEST(test_trunc_normal), TEST(test_xavier_uniform),
-          TEST(test_torch_default), TEST(test_fills_all_dtypes),
-          TEST(test_reduced_precision_rounds_the_draw), TEST(test_init_errors))
+TEST_MAIN(TEST(test_philox_known_answers), TEST(test_philox_streams_differ), TEST(test_hash_fnv1a),
+          TEST(test_uniform01), TEST(test_init_kind_names), TEST(test_uniform_stream_definition),
+          TEST(test_determinism_and_order_independence), TEST(test_normal_statistics),
+          TEST(test_trunc_normal), TEST(test_xavier_uniform), TEST(test_torch_default),
+          TEST(test_fills_all_dtypes), TEST(test_reduced_precision_rounds_the_draw),
+          TEST(test_init_errors))

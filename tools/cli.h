@@ -1,0 +1,59 @@
+/* tools/cli.h — what the cmaec command files share: option parsing, one-line
+ * error reporting, graph loading, and binding a graph's sources to tensors. */
+#ifndef CMAEC_CLI_H
+#define CMAEC_CLI_H
+
+#include "../frontend/frontend.h"
+#include "../runtime/runtime.h"
+
+enum { EXIT_OK = 0, EXIT_INTERNAL = 1, EXIT_INVALID = 2 };
+
+typedef struct cli_option {
+  const char *name;  /* "--inputs" */
+  bool takes_value;
+  const char *value; /* the last value given */
+  bool given;
+} cli_option;
+
+/* Parses argv[first..] into options and positionals; false after printing a
+ * one-line error for an unknown option, a missing value or too many arguments. */
+bool cli_parse(int argc, char **argv, int first, cli_option *opts, int n_opts,
+               const char **positional, int max_positional, int *n_positional, const char *command);
+cli_option *cli_find(cli_option *opts, int n_opts, const char *name);
+
+/* Prints err as one line prefixed by place (unless the message already starts
+ * with it); returns the exit code for its status. */
+int cli_report(const cm_err *err, const char *place);
+int cli_load_graph(const char *path, cm_graph **g);
+bool cli_parse_u64(const char *s, uint64_t *out);
+bool cli_parse_double(const char *s, double *out);
+/* Node id by name, or -1 after printing "GRAPH: no node named NAME". */
+int cli_node(const cm_graph *g, const char *graph_path, const char *name);
+
+/* Tensors for a graph's sources: inputs from IN, params and state from IN
+ * when there, else from their initializer with seed. Owned copies, so a
+ * caller may update them (training). */
+typedef struct cli_sources {
+  int n;
+  cm_tensor *tensors;        /* per node; data NULL for non-sources */
+  const cm_tensor **bound;   /* per node, for cm_eval */
+} cli_sources;
+
+/* skip_inputs: input nodes whose names are in this NULL-terminated list are
+ * left unbound (the caller fills them, e.g. runtime scalars). */
+int cli_bind_sources(const cm_graph *g, const char *graph_path, const char *in_path,
+                     uint64_t seed, const char *const *skip_inputs, cli_sources *out);
+void cli_sources_free(cli_sources *s);
+
+void cli_print_tensor(const char *name, const cm_tensor *t);
+
+int cmd_check(int argc, char **argv);
+int cmd_print(int argc, char **argv);
+int cmd_dot(int argc, char **argv);
+int cmd_run(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_grad(int argc, char **argv);
+int cmd_step(int argc, char **argv);
+int cmd_build_step(int argc, char **argv);
+
+#endif
