@@ -57,5 +57,5 @@ void cm_probe_nvrtc(cm_component *out) {
     snprintf(out->detail, sizeof out->detail, "%d.%d (compiles CUDA C to CUBIN; no GPU needed)",
              major, minor);
   }
-  dlclose(h);
+  /* Kept loaded: the runtime uses it later, and unloading hides its allocations from LSan. */
 }

@@ -32,7 +32,7 @@ typedef struct cm_tensor_set {
   int n, cap;
   char **names;
   cm_tensor *tensors;
-  int n_meta;         /* "__metadata__" string pairs */
+  int n_meta; /* "__metadata__" string pairs */
   char **meta_keys, **meta_values;
 } cm_tensor_set;
 
@@ -53,8 +53,7 @@ cm_status cm_tensor_set_meta(cm_tensor_set *s, const char *key, const char *valu
 cm_status cm_safetensors_parse(const uint8_t *buf, size_t len, cm_tensor_set *out, cm_err *err);
 cm_status cm_safetensors_load(const char *path, cm_tensor_set *out, cm_err *err);
 /* Serializes (tensors in set order, data 8-byte aligned header). */
-cm_status cm_safetensors_serialize(const cm_tensor_set *s, uint8_t **buf, size_t *len,
-                                   cm_err *err);
+cm_status cm_safetensors_serialize(const cm_tensor_set *s, uint8_t **buf, size_t *len, cm_err *err);
 /* Writes to path.tmp, flushes, fsyncs and renames, so a crash never leaves a broken file. */
 cm_status cm_safetensors_save(const char *path, const cm_tensor_set *s, cm_err *err);
 

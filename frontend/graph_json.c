@@ -178,7 +178,7 @@ static cm_status get_shape(const cJSON *item, const char *path, int *rank, int64
 
 /* stride/padding/dilation: [h, w], or one integer for both. */
 static cm_status get_pair(const cJSON *item, const char *path, int lo, int out[2], cm_err *err) {
-  int64_t v[2];
+  int64_t v[2] = {0, 0};
   if (cJSON_IsNumber(item)) {
     if (get_int(item, path, lo, INT32_MAX, &v[0], err)) return CM_EINVALID;
     out[0] = out[1] = (int)v[0];
@@ -308,7 +308,7 @@ static cm_status parse_init(const cJSON *item, const char *path, cm_init *out, c
   char p[200], q[80];
   if (!kind_item) return invalid(err, "%s: missing \"kind\"", path);
   snprintf(p, sizeof p, "%s.kind", path);
-  const char *kind_name;
+  const char *kind_name = NULL;
   if (get_string(kind_item, p, &kind_name, err)) return CM_EINVALID;
   cm_init init = {CM_INIT_NONE, 0, 0};
   if (!cm_init_kind_from_name(kind_name, &init.kind))
@@ -387,7 +387,7 @@ static cm_status parse_attrs(const cm_graph *g, const reader *r, const entry *e,
     snprintf(p, sizeof p, "%s.%s", place, attr_keys[k].key);
     int64_t v[CM_MAX_RANK], one;
     int n = 0;
-    const char *s;
+    const char *s = NULL;
     cm_status st = CM_OK;
     switch ((enum attr_key)k) {
     case K_DTYPE:
@@ -553,7 +553,7 @@ static cm_status collect_entries(reader *r, const cJSON *root, cm_err *err) {
       }
       const cJSON *op = cJSON_GetObjectItemCaseSensitive(obj, "op");
       if (!op) return invalid(err, "%s \"%s\": missing \"op\"", place, e->name);
-      const char *op_name;
+      const char *op_name = NULL;
       snprintf(p, sizeof p, "%s.op", place);
       if (get_string(op, p, &op_name, err)) return CM_EINVALID;
       if (!cm_op_from_name(op_name, &e->op))
@@ -588,7 +588,7 @@ static cm_status resolve_inputs(reader *r, cm_err *err) {
     int k = 0;
     for (const cJSON *x = ins->child; x; x = x->next, k++) {
       snprintf(p, sizeof p, "%s.inputs[%d]", place, k);
-      const char *s;
+      const char *s = NULL;
       if (get_string(x, p, &s, err)) return CM_EINVALID;
       int target = reader_find(r, s);
       if (target < 0) return invalid(err, "%s: no value named %s", p, quoted(s, q, sizeof q));
@@ -718,7 +718,7 @@ static cm_status build_graph(const cJSON *root, cm_graph *g, cm_err *err) {
   }
   const cJSON *format = cJSON_GetObjectItemCaseSensitive(root, "format");
   if (!format) return invalid(err, "(root): missing \"format\" (\"%s\")", CM_GRAPH_FORMAT_TAG);
-  const char *tag;
+  const char *tag = NULL;
   if (get_string(format, "format", &tag, err)) return CM_EINVALID;
   if (strcmp(tag, CM_GRAPH_FORMAT_TAG) != 0)
     return invalid(err, "format: expected \"%s\", got %s", CM_GRAPH_FORMAT_TAG,
@@ -749,7 +749,7 @@ static cm_status build_graph(const cJSON *root, cm_graph *g, cm_err *err) {
     for (const cJSON *x = outputs->child; x; x = x->next, k++) {
       char p[64];
       snprintf(p, sizeof p, "outputs[%d]", k);
-      const char *s;
+      const char *s = NULL;
       if (get_string(x, p, &s, err)) return CM_EINVALID;
       int id = cm_graph_find(g, s);
       if (id < 0) return invalid(err, "%s: no value named %s", p, quoted(s, q, sizeof q));

@@ -15,7 +15,9 @@ static const cm_op_info op_table[CM_OP_COUNT] = {
 const cm_op_info *cm_op_get_info(cm_op op) {
   return (unsigned)op < CM_OP_COUNT ? &op_table[op] : NULL;
 }
-const char *cm_op_name(cm_op op) { return (unsigned)op < CM_OP_COUNT ? op_table[op].name : "?"; }
+const char *cm_op_name(cm_op op) {
+  return (unsigned)op < CM_OP_COUNT ? op_table[op].name : "?";
+}
 
 bool cm_op_from_name(const char *name, cm_op *out) {
   for (int i = 0; i < CM_OP_COUNT; i++)
@@ -198,8 +200,8 @@ int cm_graph_add(cm_graph *g, cm_op op, const char *name, const int *inputs, int
   const cm_op_info *info = &op_table[op];
   if (!cm_name_is_valid(shown)) {
     cm_errorf(err, CM_EINVALID,
-              "\"%s\" (%s): invalid name: use letters, digits and _ . : / - (or %%<digits>)",
-              shown, info->name);
+              "\"%s\" (%s): invalid name: use letters, digits and _ . : / - (or %%<digits>)", shown,
+              info->name);
     return -1;
   }
   if (cm_graph_find(g, shown) >= 0) {
@@ -520,8 +522,9 @@ int cm_binary_bcast(cm_graph *g, cm_op op, int a, int b, const char *name) {
     int64_t da = ia >= 0 ? ta.dims[ia] : 1, db = ib >= 0 ? tb.dims[ib] : 1;
     if (da != db && da != 1 && db != 1) {
       char sa[96], sb[96];
-      cm_errorf(&g->error, CM_EINVALID, "\"%s\" (%s): %s and %s do not broadcast", name ? name : "?",
-                cm_op_name(op), cm_type_str(&ta, sa, sizeof sa), cm_type_str(&tb, sb, sizeof sb));
+      cm_errorf(&g->error, CM_EINVALID, "\"%s\" (%s): %s and %s do not broadcast",
+                name ? name : "?", cm_op_name(op), cm_type_str(&ta, sa, sizeof sa),
+                cm_type_str(&tb, sb, sizeof sb));
       return -1;
     }
     dims[i] = da > db ? da : db;

@@ -4,7 +4,9 @@
 
 #include <string.h>
 
-static const char *tstr(const cm_type *t, char *buf) { return cm_type_str(t, buf, 128); }
+static const char *tstr(const cm_type *t, char *buf) {
+  return cm_type_str(t, buf, 128);
+}
 
 /* Checks a shape given as an attribute or declaration. */
 static cm_status check_shape(int rank, const int64_t *dims, const char *what, cm_err *err) {
@@ -30,9 +32,10 @@ static cm_status infer_source(cm_op op, const cm_attrs *a, cm_type *out, cm_err 
   *out = cm_type_make(a->dtype, a->rank, a->shape);
   if (op == CM_OP_CONST && a->data && a->n_data != cm_type_numel(out))
     return cm_errorf(err, CM_EINVALID, "data has %lld elements but shape %s has %lld",
-                     (long long)a->n_data, tstr(out, (char[128]){0}), (long long)cm_type_numel(out));
-  if (op == CM_OP_IOTA && (a->axis < 0 || a->axis >= (a->rank ? a->rank : 1) ||
-                           (a->rank == 0 && a->axis != 0)))
+                     (long long)a->n_data, tstr(out, (char[128]){0}),
+                     (long long)cm_type_numel(out));
+  if (op == CM_OP_IOTA &&
+      (a->axis < 0 || a->axis >= (a->rank ? a->rank : 1) || (a->rank == 0 && a->axis != 0)))
     return cm_errorf(err, CM_EINVALID, "axis %d outside [0, %d)", a->axis, a->rank);
   if (op == CM_OP_IOTA && a->dtype == CM_BOOL)
     return cm_errorf(err, CM_EINVALID, "iota of bool is not allowed");
@@ -125,8 +128,10 @@ static cm_status infer_reduce(const cm_type *x, const cm_attrs *a, cm_type *out,
   out->rank = 0;
   memset(out->dims, 0, sizeof out->dims);
   for (int i = 0; i < x->rank; i++) {
-    if (!reduced[i]) out->dims[out->rank++] = x->dims[i];
-    else if (a->keepdims) out->dims[out->rank++] = 1;
+    if (!reduced[i])
+      out->dims[out->rank++] = x->dims[i];
+    else if (a->keepdims)
+      out->dims[out->rank++] = 1;
   }
   return CM_OK;
 }
@@ -258,9 +263,9 @@ static cm_status infer_matmul(const cm_type *a, const cm_type *b, const cm_attrs
     return cm_errorf(err, CM_EINVALID, "%s x %s%s: inner dimensions %lld and %lld differ",
                      tstr(a, b0), tstr(b, b1),
                      at->transpose_a || at->transpose_b
-                         ? (at->transpose_a ? (at->transpose_b ? " (both transposed)"
-                                                               : " (a transposed)")
-                                            : " (b transposed)")
+                         ? (at->transpose_a
+                                ? (at->transpose_b ? " (both transposed)" : " (a transposed)")
+                                : " (b transposed)")
                          : "",
                      (long long)ka, (long long)kb);
   int ba = a->rank - 2, bb = b->rank - 2, batch = ba > bb ? ba : bb;
@@ -375,8 +380,7 @@ cm_status cm_infer_type(const cm_graph *g, cm_op op, const int *inputs, int n_in
   const cm_type *in[3] = {NULL, NULL, NULL};
   for (int i = 0; i < n_inputs && i < 3; i++) {
     if (inputs[i] < 0 || inputs[i] >= g->n_nodes)
-      return cm_errorf(err, CM_EINVALID, "input %d is node %d, which does not exist", i,
-                       inputs[i]);
+      return cm_errorf(err, CM_EINVALID, "input %d is node %d, which does not exist", i, inputs[i]);
     in[i] = &g->nodes[inputs[i]].type;
   }
   memset(out, 0, sizeof *out);

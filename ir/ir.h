@@ -60,15 +60,15 @@ typedef enum cm_dtype {
 
 typedef struct cm_type {
   cm_dtype dtype;
-  int rank;                   /* 0 .. CM_MAX_RANK; rank 0 is a scalar */
-  int64_t dims[CM_MAX_RANK];  /* each >= 1; entries past rank are 0 */
+  int rank;                  /* 0 .. CM_MAX_RANK; rank 0 is a scalar */
+  int64_t dims[CM_MAX_RANK]; /* each >= 1; entries past rank are 0 */
 } cm_type;
 
-const char *cm_dtype_name(cm_dtype dt);                /* "f32", ... */
+const char *cm_dtype_name(cm_dtype dt); /* "f32", ... */
 bool cm_dtype_from_name(const char *name, cm_dtype *out);
-size_t cm_dtype_size(cm_dtype dt);                     /* bytes per element */
-bool cm_dtype_is_float(cm_dtype dt);                   /* f32 f64 bf16 f16 */
-bool cm_dtype_is_int(cm_dtype dt);                     /* i32 i64 */
+size_t cm_dtype_size(cm_dtype dt);   /* bytes per element */
+bool cm_dtype_is_float(cm_dtype dt); /* f32 f64 bf16 f16 */
+bool cm_dtype_is_int(cm_dtype dt);   /* i32 i64 */
 
 cm_type cm_type_make(cm_dtype dt, int rank, const int64_t *dims);
 int64_t cm_type_numel(const cm_type *t);
@@ -121,21 +121,21 @@ typedef enum cm_category {
 
 /* Attribute bits: which cm_attrs fields an op reads (and the JSON/text keys). */
 enum {
-  CM_ATTR_DTYPE = 1 << 0,     /* "dtype" */
-  CM_ATTR_SHAPE = 1 << 1,     /* "shape" */
-  CM_ATTR_INIT = 1 << 2,      /* "init" */
-  CM_ATTR_VALUE = 1 << 3,     /* "value" (const fill, pad value) */
-  CM_ATTR_DATA = 1 << 4,      /* "data" (const explicit elements) */
-  CM_ATTR_AXIS = 1 << 5,      /* "axis" */
-  CM_ATTR_AXES = 1 << 6,      /* "axes" */
-  CM_ATTR_KEEPDIMS = 1 << 7,  /* "keepdims" */
-  CM_ATTR_PERM = 1 << 8,      /* "perm" */
-  CM_ATTR_SLICE = 1 << 9,     /* "start", "stop", "step" */
-  CM_ATTR_PAD = 1 << 10,      /* "lo", "hi" */
+  CM_ATTR_DTYPE = 1 << 0,      /* "dtype" */
+  CM_ATTR_SHAPE = 1 << 1,      /* "shape" */
+  CM_ATTR_INIT = 1 << 2,       /* "init" */
+  CM_ATTR_VALUE = 1 << 3,      /* "value" (const fill, pad value) */
+  CM_ATTR_DATA = 1 << 4,       /* "data" (const explicit elements) */
+  CM_ATTR_AXIS = 1 << 5,       /* "axis" */
+  CM_ATTR_AXES = 1 << 6,       /* "axes" */
+  CM_ATTR_KEEPDIMS = 1 << 7,   /* "keepdims" */
+  CM_ATTR_PERM = 1 << 8,       /* "perm" */
+  CM_ATTR_SLICE = 1 << 9,      /* "start", "stop", "step" */
+  CM_ATTR_PAD = 1 << 10,       /* "lo", "hi" */
   CM_ATTR_TRANSPOSE = 1 << 11, /* "transpose_a", "transpose_b" */
-  CM_ATTR_CONV = 1 << 12,     /* "stride", "padding", "dilation", "groups" */
-  CM_ATTR_MODE = 1 << 13,     /* "mode": "sum" | "mean" */
-  CM_ATTR_RANKS = 1 << 14,    /* "ranks": world size the graph is compiled for */
+  CM_ATTR_CONV = 1 << 12,      /* "stride", "padding", "dilation", "groups" */
+  CM_ATTR_MODE = 1 << 13,      /* "mode": "sum" | "mean" */
+  CM_ATTR_RANKS = 1 << 14,     /* "ranks": world size the graph is compiled for */
 };
 
 typedef enum cm_op {
@@ -160,15 +160,17 @@ const char *cm_category_name(cm_category c);
 /* ---- attributes and initializers --------------------------------------- */
 
 typedef enum cm_init_kind {
-  CM_INIT_NONE,           /* must be supplied by the caller */
+  CM_INIT_NONE, /* must be supplied by the caller */
   CM_INIT_ZEROS,
   CM_INIT_ONES,
   CM_INIT_CONSTANT,       /* a = value */
   CM_INIT_NORMAL,         /* a = mean, b = std */
   CM_INIT_TRUNC_NORMAL,   /* a = mean, b = std, cut at mean +- 2 std (timm) */
   CM_INIT_UNIFORM,        /* U(a, b) */
-  CM_INIT_XAVIER_UNIFORM, /* a = gain; fans as PyTorch: fan_in = dims[1]*receptive, fan_out = dims[0]*receptive */
-  CM_INIT_TORCH_DEFAULT,  /* PyTorch Linear/Conv default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); a = fan_in override if > 0 */
+  CM_INIT_XAVIER_UNIFORM, /* a = gain; fans as PyTorch: fan_in = dims[1]*receptive, fan_out =
+                             dims[0]*receptive */
+  CM_INIT_TORCH_DEFAULT,  /* PyTorch Linear/Conv default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); a =
+                             fan_in override if > 0 */
   CM_INIT_KIND_COUNT
 } cm_init_kind;
 
@@ -185,27 +187,27 @@ typedef enum cm_reduce_mode { CM_MODE_SUM, CM_MODE_MEAN } cm_reduce_mode;
 /* All attributes of a node; an op reads only the fields its CM_ATTR_* bits name.
  * cm_attrs_default() gives the documented defaults. */
 typedef struct cm_attrs {
-  cm_dtype dtype;                  /* sources, cast */
-  int rank;                        /* rank of shape (sources, reshape, broadcast, conv grads) */
+  cm_dtype dtype; /* sources, cast */
+  int rank;       /* rank of shape (sources, reshape, broadcast, conv grads) */
   int64_t shape[CM_MAX_RANK];
-  cm_init init;                    /* param, state */
-  double value;                    /* const fill value; pad value (default 0) */
-  double *data;                    /* const: numel explicit elements (owned by the graph), or NULL */
+  cm_init init; /* param, state */
+  double value; /* const fill value; pad value (default 0) */
+  double *data; /* const: numel explicit elements (owned by the graph), or NULL */
   int64_t n_data;
-  int axis;                        /* concat, gather, scatter_add, iota, all_gather */
-  int n_axes;                      /* reduce axes (distinct, any order, sorted on add) */
+  int axis;   /* concat, gather, scatter_add, iota, all_gather */
+  int n_axes; /* reduce axes (distinct, any order, sorted on add) */
   int axes[CM_MAX_RANK];
   bool keepdims;
-  int perm[CM_MAX_RANK];           /* permute: output axis i is input axis perm[i] */
-  int64_t start[CM_MAX_RANK];      /* slice, per axis of the input */
+  int perm[CM_MAX_RANK];      /* permute: output axis i is input axis perm[i] */
+  int64_t start[CM_MAX_RANK]; /* slice, per axis of the input */
   int64_t stop[CM_MAX_RANK];
-  int64_t step[CM_MAX_RANK];       /* >= 1 */
-  int64_t lo[CM_MAX_RANK];         /* pad before, >= 0 */
-  int64_t hi[CM_MAX_RANK];         /* pad after, >= 0 */
-  bool transpose_a, transpose_b;   /* matmul: swap the two innermost axes of an operand */
+  int64_t step[CM_MAX_RANK];     /* >= 1 */
+  int64_t lo[CM_MAX_RANK];       /* pad before, >= 0 */
+  int64_t hi[CM_MAX_RANK];       /* pad after, >= 0 */
+  bool transpose_a, transpose_b; /* matmul: swap the two innermost axes of an operand */
   int stride[2], padding[2], dilation[2], groups; /* conv2d family, (h, w) */
-  cm_reduce_mode mode;             /* all_reduce */
-  int ranks;                       /* collectives: world size (>= 1) */
+  cm_reduce_mode mode;                            /* all_reduce */
+  int ranks;                                      /* collectives: world size (>= 1) */
 } cm_attrs;
 
 void cm_attrs_default(cm_attrs *a);
@@ -214,10 +216,10 @@ void cm_attrs_default(cm_attrs *a);
 
 typedef struct cm_node {
   cm_op op;
-  char *name;    /* unique in the graph; builder gives "%<id>" when none is given */
+  char *name; /* unique in the graph; builder gives "%<id>" when none is given */
   int n_inputs;
-  int *inputs;   /* node ids, each < this node's id */
-  cm_type type;  /* result type, from inference */
+  int *inputs;  /* node ids, each < this node's id */
+  cm_type type; /* result type, from inference */
   cm_attrs attrs;
 } cm_node;
 
@@ -226,7 +228,7 @@ typedef struct cm_graph {
   int n_nodes, cap_nodes;
   int *outputs; /* node ids */
   int n_outputs, cap_outputs;
-  cm_err error; /* first error of a convenience builder (sticky), status CM_OK if none */
+  cm_err error;    /* first error of a convenience builder (sticky), status CM_OK if none */
   int *name_slots; /* open-addressing name -> id table (private to ir/graph.c) */
   int name_cap;
 } cm_graph;
@@ -235,7 +237,8 @@ cm_graph *cm_graph_new(void);
 void cm_graph_free(cm_graph *g);
 cm_graph *cm_graph_clone(const cm_graph *g);
 
-/* Adds a node: checks arity and attributes, infers the result type. Returns
+/* Adds a node: checks arity and attributes, infers the result type. Adding a
+ * node may move g->nodes: keep ids, never pointers to nodes, across adds. Returns
  * the new node's id, or -1 with err set ("\"name\" (op): <rule>"). name may be
  * NULL. attrs may be NULL (defaults). The graph copies name, inputs and data. */
 int cm_graph_add(cm_graph *g, cm_op op, const char *name, const int *inputs, int n_inputs,

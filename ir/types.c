@@ -60,11 +60,15 @@ bool cm_dtype_from_name(const char *name, cm_dtype *out) {
   return false;
 }
 
-size_t cm_dtype_size(cm_dtype dt) { return (unsigned)dt < CM_DTYPE_COUNT ? dtype_table[dt].size : 0; }
+size_t cm_dtype_size(cm_dtype dt) {
+  return (unsigned)dt < CM_DTYPE_COUNT ? dtype_table[dt].size : 0;
+}
 bool cm_dtype_is_float(cm_dtype dt) {
   return dt == CM_F32 || dt == CM_F64 || dt == CM_BF16 || dt == CM_F16;
 }
-bool cm_dtype_is_int(cm_dtype dt) { return dt == CM_I32 || dt == CM_I64; }
+bool cm_dtype_is_int(cm_dtype dt) {
+  return dt == CM_I32 || dt == CM_I64;
+}
 
 /* ---- types ------------------------------------------------------------- */
 
@@ -135,8 +139,10 @@ static double round_to_format(double x, int precision, int emin, double max_fini
   double r = nearbyint(ax / quantum) * quantum; /* default rounding mode: ties to even */
   /* Overflow: values at or beyond max + half an ulp round to infinity. */
   double ulp_max = ldexp(1.0, ilogb(max_finite) - (precision - 1));
-  if (ax >= max_finite + ulp_max / 2) r = INFINITY;
-  else if (r > max_finite) r = max_finite;
+  if (ax >= max_finite + ulp_max / 2)
+    r = INFINITY;
+  else if (r > max_finite)
+    r = max_finite;
   return copysign(r, x);
 }
 
@@ -164,9 +170,12 @@ uint16_t cm_f64_to_bf16(double d) {
 float cm_f16_to_f32(uint16_t h) {
   int sign = h >> 15, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
   double v;
-  if (exp == 0) v = ldexp((double)mant, -24);
-  else if (exp == 31) v = mant ? NAN : INFINITY;
-  else v = ldexp((double)(mant | 0x400), exp - 25);
+  if (exp == 0)
+    v = ldexp((double)mant, -24);
+  else if (exp == 31)
+    v = mant ? NAN : INFINITY;
+  else
+    v = ldexp((double)(mant | 0x400), exp - 25);
   return (float)(sign ? -v : v);
 }
 

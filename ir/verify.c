@@ -42,8 +42,8 @@ cm_status cm_graph_verify(const cm_graph *g, cm_err *err) {
     cm_type t;
     cm_err local;
     if (cm_infer_type(g, n->op, n->inputs, n->n_inputs, &n->attrs, &t, &local)) {
-      st = cm_errorf(err, local.status, "nodes[%d] \"%s\" (%s): %s", i, name, info->name,
-                     local.msg);
+      st =
+          cm_errorf(err, local.status, "nodes[%d] \"%s\" (%s): %s", i, name, info->name, local.msg);
       break;
     }
     if (!cm_type_equal(&t, &n->type)) {

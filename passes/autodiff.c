@@ -11,31 +11,35 @@
 
 typedef struct {
   cm_graph *g;
-  int node;     /* the node whose rule runs */
-  int dy;       /* its adjoint */
+  int node; /* the node whose rule runs */
+  int dy;   /* its adjoint */
   cm_err *err;
 } vjp_ctx;
 
-static const cm_type *type_of(const cm_graph *g, int id) { return &g->nodes[id].type; }
+/* Types by value: adding a node may move g->nodes, so no pointer into it is kept. */
+static cm_type type_of(const cm_graph *g, int id) {
+  return g->nodes[id].type;
+}
 
-static int fill_like(cm_graph *g, const cm_type *t, double v) {
-  return cm_const_fill(g, NULL, t->dtype, t->rank, t->dims, v);
+static int fill_like(cm_graph *g, cm_type t, double v) {
+  return cm_const_fill(g, NULL, t.dtype, t.rank, t.dims, v);
 }
 
 /* Sums dy (shape `from`) down to the shape of `to` where `to` was broadcast by
  * numpy rules (leading axes added, size-1 axes expanded). */
-static int sum_to(cm_graph *g, int dy, const cm_type *to) {
-  const cm_type *from = type_of(g, dy);
-  if (dy < 0 || cm_shape_equal(from, to)) return dy;
-  int axes[CM_MAX_RANK], n = 0, lead = from->rank - to->rank;
-  for (int i = 0; i < from->rank; i++)
-    if (i < lead || (to->dims[i - lead] == 1 && from->dims[i] != 1)) axes[n++] = i;
+static int sum_to(cm_graph *g, int dy, cm_type to) {
+  if (dy < 0) return dy;
+  cm_type from = type_of(g, dy);
+  if (cm_shape_equal(&from, &to)) return dy;
+  int axes[CM_MAX_RANK], n = 0, lead = from.rank - to.rank;
+  for (int i = 0; i < from.rank; i++)
+    if (i < lead || (to.dims[i - lead] == 1 && from.dims[i] != 1)) axes[n++] = i;
   int s = n ? cm_reduce(g, CM_OP_REDUCE_SUM, dy, n, axes, false, NULL) : dy;
-  return cm_reshape(g, s, to->rank, to->dims, NULL);
+  return cm_reshape(g, s, to.rank, to.dims, NULL);
 }
 
 /* Reshapes a reduction's adjoint to keepdims form and broadcasts it over x. */
-static int unreduce(cm_graph *g, int dy, const cm_node *n, const cm_type *x) {
+static int unreduce(cm_graph *g, int dy, const cm_node *n, const cm_type *x) { /* n, x: copies */
   int64_t kept[CM_MAX_RANK];
   for (int i = 0; i < x->rank; i++) kept[i] = x->dims[i];
   for (int k = 0; k < n->attrs.n_axes; k++) kept[n->attrs.axes[k]] = 1;
@@ -43,7 +47,9 @@ static int unreduce(cm_graph *g, int dy, const cm_node *n, const cm_type *x) {
   return cm_broadcast(g, r, x->rank, x->dims, NULL);
 }
 
-static int mul(cm_graph *g, int a, int b) { return cm_binary(g, CM_OP_MUL, a, b, NULL); }
+static int mul(cm_graph *g, int a, int b) {
+  return cm_binary(g, CM_OP_MUL, a, b, NULL);
+}
 static int scale(cm_graph *g, int a, double s) {
   return a < 0 ? -1 : mul(g, a, fill_like(g, type_of(g, a), s));
 }
@@ -52,18 +58,19 @@ static int scale(cm_graph *g, int a, double s) {
  * to that input (an error if that input needs one), -1 on a builder failure. */
 static int vjp(vjp_ctx *c, int k) {
   cm_graph *g = c->g;
-  const cm_node *n = &g->nodes[c->node];
+  const cm_node node = g->nodes[c->node]; /* a copy: the rules add nodes */
+  const cm_node *n = &node;
   int dy = c->dy, y = c->node;
   int x = n->inputs[0], b = n->n_inputs > 1 ? n->inputs[1] : -1;
-  const cm_type *tx = type_of(g, x);
+  const cm_type tx_value = type_of(g, x), *tx = &tx_value;
   switch (n->op) {
   case CM_OP_NEG: return cm_unary(g, CM_OP_NEG, dy, NULL);
   case CM_OP_ABS: {
     /* sign(x), with sign(0) = 0 as PyTorch */
-    int zero = fill_like(g, tx, 0);
+    int zero = fill_like(g, *tx, 0);
     int pos = cm_binary(g, CM_OP_LT, zero, x, NULL), neg = cm_binary(g, CM_OP_LT, x, zero, NULL);
     int minus = cm_unary(g, CM_OP_NEG, dy, NULL);
-    return cm_select(g, pos, dy, cm_select(g, neg, minus, fill_like(g, tx, 0), NULL), NULL);
+    return cm_select(g, pos, dy, cm_select(g, neg, minus, fill_like(g, *tx, 0), NULL), NULL);
   }
   case CM_OP_EXP: return mul(g, dy, y);
   case CM_OP_LOG: return cm_binary(g, CM_OP_DIV, dy, x, NULL);
@@ -72,7 +79,7 @@ static int vjp(vjp_ctx *c, int k) {
     return mul(g, scale(g, dy, -0.5), mul(g, y, mul(g, y, y)));
   case CM_OP_RECIP: return cm_unary(g, CM_OP_NEG, mul(g, dy, mul(g, y, y)), NULL);
   case CM_OP_TANH: {
-    int one = fill_like(g, tx, 1);
+    int one = fill_like(g, *tx, 1);
     return mul(g, dy, cm_binary(g, CM_OP_SUB, one, mul(g, y, y), NULL));
   }
   case CM_OP_ERF: { /* 2/sqrt(pi) exp(-x^2) */
@@ -80,8 +87,8 @@ static int vjp(vjp_ctx *c, int k) {
     return mul(g, dy, scale(g, e, 2.0 / sqrt(M_PI)));
   }
   case CM_OP_RELU: { /* gradient 0 at 0, as PyTorch */
-    int pos = cm_binary(g, CM_OP_LT, fill_like(g, tx, 0), x, NULL);
-    return cm_select(g, pos, dy, fill_like(g, tx, 0), NULL);
+    int pos = cm_binary(g, CM_OP_LT, fill_like(g, *tx, 0), x, NULL);
+    return cm_select(g, pos, dy, fill_like(g, *tx, 0), NULL);
   }
   case CM_OP_STOP_GRADIENT: return -2;
   case CM_OP_CAST:
@@ -100,13 +107,13 @@ static int vjp(vjp_ctx *c, int k) {
     int wins = n->op == CM_OP_MAX ? cm_binary(g, CM_OP_LT, other, self, NULL)
                                   : cm_binary(g, CM_OP_LT, self, other, NULL);
     int tie = cm_binary(g, CM_OP_EQ, self, other, NULL);
-    int zero = fill_like(g, tx, 0);
+    int zero = fill_like(g, *tx, 0);
     return cm_select(g, wins, dy, cm_select(g, tie, scale(g, dy, 0.5), zero, NULL), NULL);
   }
   case CM_OP_POW: {
-    int zero = fill_like(g, tx, 0);
+    int zero = fill_like(g, *tx, 0);
     if (k == 0) { /* b x^(b-1), and 0 where b == 0 (PyTorch) */
-      int bm1 = cm_binary(g, CM_OP_SUB, b, fill_like(g, tx, 1), NULL);
+      int bm1 = cm_binary(g, CM_OP_SUB, b, fill_like(g, *tx, 1), NULL);
       int d = mul(g, dy, mul(g, b, cm_binary(g, CM_OP_POW, x, bm1, NULL)));
       return cm_select(g, cm_binary(g, CM_OP_EQ, b, zero, NULL), zero, d, NULL);
     }
@@ -127,11 +134,11 @@ static int vjp(vjp_ctx *c, int k) {
     /* Ties share the gradient evenly (torch.amax). */
     int ymax = unreduce(g, y, n, tx);
     int hit = cm_binary(g, CM_OP_EQ, x, ymax, NULL);
-    int ones = cm_select(g, hit, fill_like(g, tx, 1), fill_like(g, tx, 0), NULL);
+    int ones = cm_select(g, hit, fill_like(g, *tx, 1), fill_like(g, *tx, 0), NULL);
     int count = cm_reduce(g, CM_OP_REDUCE_SUM, ones, n->attrs.n_axes, n->attrs.axes,
                           n->attrs.keepdims, NULL);
     int share = unreduce(g, cm_binary(g, CM_OP_DIV, dy, count, NULL), n, tx);
-    return cm_select(g, hit, share, fill_like(g, tx, 0), NULL);
+    return cm_select(g, hit, share, fill_like(g, *tx, 0), NULL);
   }
   case CM_OP_RESHAPE: return cm_reshape(g, dy, tx->rank, tx->dims, NULL);
   case CM_OP_PERMUTE: {
@@ -139,13 +146,13 @@ static int vjp(vjp_ctx *c, int k) {
     for (int i = 0; i < tx->rank; i++) inverse[n->attrs.perm[i]] = i;
     return cm_permute(g, dy, inverse, NULL);
   }
-  case CM_OP_BROADCAST: return sum_to(g, dy, tx);
+  case CM_OP_BROADCAST: return sum_to(g, dy, *tx);
   case CM_OP_SLICE: {
     /* Spread each axis back: interleave step-1 zeros (reshape + pad), then pad the ends. */
     int cur = dy;
     for (int a = 0; a < tx->rank && cur >= 0; a++) {
       int64_t start = n->attrs.start[a], step = n->attrs.step[a];
-      const cm_type *tc = type_of(g, cur);
+      const cm_type tc_value = type_of(g, cur), *tc = &tc_value;
       int64_t len = tc->dims[a];
       if (step > 1 && len > 1) {
         int64_t dims[CM_MAX_RANK + 1];
@@ -157,7 +164,8 @@ static int vjp(vjp_ctx *c, int k) {
         int spread = cm_reshape(g, cur, r + 1 <= CM_MAX_RANK ? r + 1 : r, dims, NULL);
         if (r + 1 > CM_MAX_RANK) {
           /* No room for the helper axis: fall back to scatter-free padding per element. */
-          cm_errorf(c->err, CM_EINVALID, "slice with step on a rank-6 tensor is not differentiable");
+          cm_errorf(c->err, CM_EINVALID,
+                    "slice with step on a rank-6 tensor is not differentiable");
           return -1;
         }
         int64_t lo[CM_MAX_RANK] = {0}, hi[CM_MAX_RANK] = {0};
@@ -180,11 +188,11 @@ static int vjp(vjp_ctx *c, int k) {
   }
   case CM_OP_CONCAT: {
     int64_t s0[CM_MAX_RANK] = {0}, s1[CM_MAX_RANK];
-    const cm_type *ty = type_of(g, y);
+    const cm_type ty_value = type_of(g, y), *ty = &ty_value;
     for (int i = 0; i < ty->rank; i++) s1[i] = ty->dims[i];
     int axis = n->attrs.axis;
-    for (int i = 0; i < k; i++) s0[axis] += type_of(g, n->inputs[i])->dims[axis];
-    s1[axis] = s0[axis] + type_of(g, n->inputs[k])->dims[axis];
+    for (int i = 0; i < k; i++) s0[axis] += type_of(g, n->inputs[i]).dims[axis];
+    s1[axis] = s0[axis] + type_of(g, n->inputs[k]).dims[axis];
     return cm_slice(g, dy, s0, s1, NULL, NULL);
   }
   case CM_OP_PAD: {
@@ -197,7 +205,7 @@ static int vjp(vjp_ctx *c, int k) {
   }
   case CM_OP_GATHER:
     if (k == 1) return -2;
-    return cm_scatter_add(g, fill_like(g, tx, 0), b, dy, n->attrs.axis, NULL);
+    return cm_scatter_add(g, fill_like(g, *tx, 0), b, dy, n->attrs.axis, NULL);
   case CM_OP_SCATTER_ADD:
     if (k == 0) return dy;
     if (k == 1) return -2;
@@ -205,8 +213,10 @@ static int vjp(vjp_ctx *c, int k) {
   case CM_OP_MATMUL: {
     bool ta = n->attrs.transpose_a, tb = n->attrs.transpose_b;
     int d;
-    if (k == 0) d = ta ? cm_matmul(g, b, dy, tb, true, NULL) : cm_matmul(g, dy, b, false, !tb, NULL);
-    else d = tb ? cm_matmul(g, dy, x, true, ta, NULL) : cm_matmul(g, x, dy, !ta, false, NULL);
+    if (k == 0)
+      d = ta ? cm_matmul(g, b, dy, tb, true, NULL) : cm_matmul(g, dy, b, false, !tb, NULL);
+    else
+      d = tb ? cm_matmul(g, dy, x, true, ta, NULL) : cm_matmul(g, x, dy, !ta, false, NULL);
     return sum_to(g, d, type_of(g, n->inputs[k]));
   }
   case CM_OP_CONV2D:
@@ -217,7 +227,7 @@ static int vjp(vjp_ctx *c, int k) {
     cm_attrs a = n->attrs;
     cm_op op;
     int in[2];
-    const cm_type *target = type_of(g, n->inputs[k]);
+    const cm_type target_value = type_of(g, n->inputs[k]), *target = &target_value;
     if (n->op == CM_OP_CONV2D) {
       op = k == 0 ? CM_OP_CONV2D_GRAD_INPUT : CM_OP_CONV2D_GRAD_WEIGHT;
       in[0] = k == 0 ? dy : x;
@@ -280,11 +290,12 @@ static int nondiff_path(const cm_graph *g, int from, int loss) {
 cm_status cm_autodiff(cm_graph *g, int loss, int n_wrt, const int *wrt, int *grads, cm_err *err) {
   if (loss < 0 || loss >= g->n_nodes)
     return cm_errorf(err, CM_EINVALID, "autodiff: loss node %d does not exist", loss);
-  const cm_node *ln = &g->nodes[loss];
+  const cm_type ln_type = g->nodes[loss].type;
+  const char *ln_name = g->nodes[loss].name; /* names do not move */
   char ts[128];
-  if (!cm_dtype_is_float(ln->type.dtype) || cm_type_numel(&ln->type) != 1)
-    return cm_errorf(err, CM_EINVALID, "autodiff: loss \"%s\" is %s, not a float scalar", ln->name,
-                     cm_type_str(&ln->type, ts, sizeof ts));
+  if (!cm_dtype_is_float(ln_type.dtype) || cm_type_numel(&ln_type) != 1)
+    return cm_errorf(err, CM_EINVALID, "autodiff: loss \"%s\" is %s, not a float scalar", ln_name,
+                     cm_type_str(&ln_type, ts, sizeof ts));
   int n0 = g->n_nodes;
   bool *depends = calloc((size_t)n0, sizeof *depends);
   int *adj = malloc(sizeof(int) * (size_t)n0);
@@ -313,11 +324,11 @@ cm_status cm_autodiff(cm_graph *g, int loss, int n_wrt, const int *wrt, int *gra
     if (n->op == CM_OP_STOP_GRADIENT) continue;
     for (int k = 0; k < n->n_inputs && !depends[i]; k++) depends[i] = depends[n->inputs[k]];
   }
-  if (!st && depends[loss]) adj[loss] = fill_like(g, &ln->type, 1.0);
+  if (!st && depends[loss]) adj[loss] = fill_like(g, ln_type, 1.0);
   for (int i = loss; i >= 0 && !st; i--) {
     if (adj[i] < 0 || !depends[i]) continue;
-    const cm_node *n = &g->nodes[i];
-    for (int k = 0; k < n->n_inputs && !st; k++) {
+    int n_inputs = g->nodes[i].n_inputs;
+    for (int k = 0; k < n_inputs && !st; k++) {
       int in = g->nodes[i].inputs[k];
       if (!depends[in]) continue;
       /* An input reached twice (x * x) gets both contributions. */
@@ -344,7 +355,7 @@ cm_status cm_autodiff(cm_graph *g, int loss, int n_wrt, const int *wrt, int *gra
         st = cm_errorf(err, CM_EINVALID,
                        "autodiff: \"%s\" reaches the loss \"%s\" only through non-differentiable "
                        "ops, first \"%s\" (%s) giving %s",
-                       g->nodes[wrt[j]].name, ln->name, b->name, cm_op_name(b->op),
+                       g->nodes[wrt[j]].name, ln_name, b->name, cm_op_name(b->op),
                        cm_type_str(&b->type, ts, sizeof ts));
         break;
       }

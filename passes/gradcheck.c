@@ -22,7 +22,9 @@ static cm_status eval_node(const cm_graph *g, const cm_tensor *const *sources, i
   return st;
 }
 
-static double scalar_of(const cm_tensor *t) { return cm_tensor_get_f64(t, 0); }
+static double scalar_of(const cm_tensor *t) {
+  return cm_tensor_get_f64(t, 0);
+}
 
 cm_status cm_gradcheck(const cm_graph *g, int loss, int n_wrt, const int *wrt,
                        const cm_tensor *const *sources, double step, cm_gradcheck_result *results,
@@ -46,8 +48,10 @@ cm_status cm_gradcheck(const cm_graph *g, int loss, int n_wrt, const int *wrt,
     if ((st = cm_tensor_alloc(&copies[i], t, err))) goto done;
     int64_t n = cm_type_numel(&t);
     for (int64_t e = 0; e < n; e++) {
-      if (cm_dtype_is_float(t.dtype)) cm_tensor_set_f64(&copies[i], e, cm_tensor_get_f64(sources[i], e));
-      else cm_tensor_set_i64(&copies[i], e, cm_tensor_get_i64(sources[i], e));
+      if (cm_dtype_is_float(t.dtype))
+        cm_tensor_set_f64(&copies[i], e, cm_tensor_get_f64(sources[i], e));
+      else
+        cm_tensor_set_i64(&copies[i], e, cm_tensor_get_i64(sources[i], e));
     }
     src[i] = &copies[i];
   }

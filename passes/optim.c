@@ -36,14 +36,14 @@ static bool ema_online_name(const cm_optim_config *c, const char *target, char *
 }
 
 static int scalar_like(cm_graph *g, int like, double v) {
-  const cm_type *t = &g->nodes[like].type;
-  return cm_const_fill(g, NULL, t->dtype, t->rank, t->dims, v);
+  cm_type t = g->nodes[like].type;
+  return cm_const_fill(g, NULL, t.dtype, t.rank, t.dims, v);
 }
 
 static int bcast_scalar(cm_graph *g, int s, int like) {
-  const cm_type *t = &g->nodes[like].type;
-  if (t->rank == 0) return s;
-  return cm_broadcast(g, s, t->rank, t->dims, NULL);
+  cm_type t = g->nodes[like].type;
+  if (t.rank == 0) return s;
+  return cm_broadcast(g, s, t.rank, t.dims, NULL);
 }
 
 /* A runtime scalar input cast to dt (the scalars are f32). */
@@ -52,10 +52,10 @@ static int scalar_as(cm_graph *g, int s, cm_dtype dt) {
 }
 
 static int sum_all(cm_graph *g, int x) {
-  const cm_type *t = &g->nodes[x].type;
+  int rank = g->nodes[x].type.rank;
   int axes[CM_MAX_RANK];
-  for (int i = 0; i < t->rank; i++) axes[i] = i;
-  return t->rank ? cm_reduce(g, CM_OP_REDUCE_SUM, x, t->rank, axes, false, NULL) : x;
+  for (int i = 0; i < rank; i++) axes[i] = i;
+  return rank ? cm_reduce(g, CM_OP_REDUCE_SUM, x, rank, axes, false, NULL) : x;
 }
 
 static char *name_join(char *buf, size_t size, const char *a, const char *b) {
@@ -149,11 +149,13 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
   if (cfg->clip_norm > 0) {
     /* PyTorch clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1 */
     int denom = cm_binary(g, CM_OP_ADD, grad_norm, cm_const_scalar(g, NULL, CM_F32, 1e-6), NULL);
-    int coef = cm_binary(g, CM_OP_DIV, cm_const_scalar(g, NULL, CM_F32, cfg->clip_norm), denom, NULL);
+    int coef =
+        cm_binary(g, CM_OP_DIV, cm_const_scalar(g, NULL, CM_F32, cfg->clip_norm), denom, NULL);
     coef = cm_binary(g, CM_OP_MIN, coef, cm_const_scalar(g, NULL, CM_F32, 1), "clip_coef");
     for (int j = 0; j < n_train; j++) {
       cm_dtype dt = g->nodes[trainable[j]].type.dtype;
-      grads[j] = cm_binary(g, CM_OP_MUL, grads[j], bcast_scalar(g, scalar_as(g, coef, dt), grads[j]), NULL);
+      grads[j] = cm_binary(g, CM_OP_MUL, grads[j],
+                           bcast_scalar(g, scalar_as(g, coef, dt), grads[j]), NULL);
     }
   }
   if (cm_graph_error(g)) goto builder_failed;
@@ -161,22 +163,30 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
   /* AdamW, as torch.optim.AdamW (decoupled decay, bias-corrected moments). */
   for (int j = 0; j < n_train; j++) {
     int p = trainable[j], gr = grads[j];
-    const cm_node *pn = &g->nodes[p];
-    const char *pname = pn->name;
-    cm_type pt = pn->type;
+    const char *pname = g->nodes[p].name; /* names do not move */
+    cm_type pt = g->nodes[p].type;
     cm_dtype dt = pt.dtype;
     bool decay = cfg->weight_decay != 0 && !name_matches(pname, cfg->no_decay);
     if (decay) info->n_decay++;
-    int m = cm_state(g, name_join(nb, sizeof nb, "optimizer.exp_avg.", pname), dt, pt.rank, pt.dims, zero_init);
-    int v = cm_state(g, name_join(nb, sizeof nb, "optimizer.exp_avg_sq.", pname), dt, pt.rank, pt.dims, zero_init);
-    int b1 = scalar_as(g, beta1, dt), b2 = scalar_as(g, beta2, dt), one = cm_const_scalar(g, NULL, dt, 1);
+    int m = cm_state(g, name_join(nb, sizeof nb, "optimizer.exp_avg.", pname), dt, pt.rank, pt.dims,
+                     zero_init);
+    int v = cm_state(g, name_join(nb, sizeof nb, "optimizer.exp_avg_sq.", pname), dt, pt.rank,
+                     pt.dims, zero_init);
+    int b1 = scalar_as(g, beta1, dt), b2 = scalar_as(g, beta2, dt),
+        one = cm_const_scalar(g, NULL, dt, 1);
     int lr_t = scalar_as(g, lr, dt), t = scalar_as(g, step, dt);
     /* m' = b1 m + (1 - b1) g ; v' = b2 v + (1 - b2) g^2 */
-    int m_new = cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, m, bcast_scalar(g, b1, m), NULL),
-                          cm_binary(g, CM_OP_MUL, gr, bcast_scalar(g, cm_binary(g, CM_OP_SUB, one, b1, NULL), gr), NULL), NULL);
+    int m_new =
+        cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, m, bcast_scalar(g, b1, m), NULL),
+                  cm_binary(g, CM_OP_MUL, gr,
+                            bcast_scalar(g, cm_binary(g, CM_OP_SUB, one, b1, NULL), gr), NULL),
+                  NULL);
     int g2 = cm_binary(g, CM_OP_MUL, gr, gr, NULL);
-    int v_new = cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, v, bcast_scalar(g, b2, v), NULL),
-                          cm_binary(g, CM_OP_MUL, g2, bcast_scalar(g, cm_binary(g, CM_OP_SUB, one, b2, NULL), g2), NULL), NULL);
+    int v_new =
+        cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, v, bcast_scalar(g, b2, v), NULL),
+                  cm_binary(g, CM_OP_MUL, g2,
+                            bcast_scalar(g, cm_binary(g, CM_OP_SUB, one, b2, NULL), g2), NULL),
+                  NULL);
     /* step_size = lr / (1 - b1^t); denom = sqrt(v') / sqrt(1 - b2^t) + eps */
     int bc1 = cm_binary(g, CM_OP_SUB, one, cm_binary(g, CM_OP_POW, b1, t, NULL), NULL);
     int bc2 = cm_binary(g, CM_OP_SUB, one, cm_binary(g, CM_OP_POW, b2, t, NULL), NULL);
@@ -186,10 +196,14 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
     denom = cm_binary(g, CM_OP_ADD, denom, scalar_like(g, denom, cfg->eps), NULL);
     int p_dec = p;
     if (decay) { /* p <- p (1 - lr wd), before the Adam step as PyTorch */
-      int f = cm_binary(g, CM_OP_SUB, one, cm_binary(g, CM_OP_MUL, lr_t, cm_const_scalar(g, NULL, dt, cfg->weight_decay), NULL), NULL);
+      int f = cm_binary(
+          g, CM_OP_SUB, one,
+          cm_binary(g, CM_OP_MUL, lr_t, cm_const_scalar(g, NULL, dt, cfg->weight_decay), NULL),
+          NULL);
       p_dec = cm_binary(g, CM_OP_MUL, p, bcast_scalar(g, f, p), NULL);
     }
-    int upd = cm_binary(g, CM_OP_MUL, cm_binary(g, CM_OP_DIV, m_new, denom, NULL), bcast_scalar(g, step_size, m_new), NULL);
+    int upd = cm_binary(g, CM_OP_MUL, cm_binary(g, CM_OP_DIV, m_new, denom, NULL),
+                        bcast_scalar(g, step_size, m_new), NULL);
     int p_new = cm_binary(g, CM_OP_SUB, p_dec, upd, NULL);
     if (ok >= 0) { /* skip the whole update on a non-finite gradient */
       int okp = bcast_scalar(g, ok, p);
@@ -206,7 +220,8 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
 
   /* EMA of the targets from the updated online params: t <- m t + (1 - m) o. */
   for (int i = 0; i < n0 && info->n_ema; i++) {
-    const cm_node *n = &g->nodes[i];
+    const cm_node node = g->nodes[i]; /* a copy: adding nodes may move g->nodes */
+    const cm_node *n = &node;
     if (n->op != CM_OP_PARAM || !ema_online_name(cfg, n->name, online, sizeof online)) continue;
     int o = cm_graph_find(g, online);
     if (o < 0 || o >= n0 || g->nodes[o].op != CM_OP_PARAM) {
@@ -216,9 +231,9 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
     }
     if (!cm_type_equal(&g->nodes[o].type, &n->type)) {
       char a[128], b[128];
-      st = cm_errorf(err, CM_EINVALID, "build-step: EMA target \"%s\" is %s but online \"%s\" is %s",
-                     n->name, cm_type_str(&n->type, a, sizeof a), online,
-                     cm_type_str(&g->nodes[o].type, b, sizeof b));
+      st = cm_errorf(
+          err, CM_EINVALID, "build-step: EMA target \"%s\" is %s but online \"%s\" is %s", n->name,
+          cm_type_str(&n->type, a, sizeof a), online, cm_type_str(&g->nodes[o].type, b, sizeof b));
       goto done;
     }
     int ov = new_value[o] >= 0 ? new_value[o] : o;
@@ -236,8 +251,11 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
   if (cfg->loss_scaling) {
     int one = cm_const_scalar(g, NULL, CM_F32, 1), zero = cm_const_scalar(g, NULL, CM_F32, 0);
     int good1 = cm_binary(g, CM_OP_ADD, good, one, NULL);
-    int grow = cm_binary(g, CM_OP_LE, cm_const_scalar(g, NULL, CM_F32, cfg->growth_interval), good1, NULL);
-    int scale_ok = cm_select(g, grow, cm_binary(g, CM_OP_MUL, scale, cm_const_scalar(g, NULL, CM_F32, 2), NULL), scale, NULL);
+    int grow =
+        cm_binary(g, CM_OP_LE, cm_const_scalar(g, NULL, CM_F32, cfg->growth_interval), good1, NULL);
+    int scale_ok = cm_select(
+        g, grow, cm_binary(g, CM_OP_MUL, scale, cm_const_scalar(g, NULL, CM_F32, 2), NULL), scale,
+        NULL);
     int scale_bad = cm_binary(g, CM_OP_MUL, scale, cm_const_scalar(g, NULL, CM_F32, 0.5), NULL);
     cm_assign(g, scale, cm_select(g, ok, scale_ok, scale_bad, NULL), "update/loss_scale");
     int good_ok = cm_select(g, grow, zero, good1, NULL);

@@ -21,7 +21,7 @@
 cm_status cm_autodiff(cm_graph *g, int loss, int n_wrt, const int *wrt, int *grads, cm_err *err);
 
 typedef struct cm_gradcheck_result {
-  int node;                /* the wrt node */
+  int node; /* the wrt node */
   int64_t elements;
   double max_abs_error;    /* max |autodiff - finite difference| over elements */
   double max_abs_gradient; /* max |gradient| over elements (either estimate) */
@@ -48,16 +48,16 @@ typedef struct cm_ema_pair {
 } cm_ema_pair;
 
 typedef struct cm_optim_config {
-  double eps;                   /* AdamW eps (1e-8) */
-  double weight_decay;          /* for params not matching no_decay (0.05) */
-  const char *const *no_decay;  /* NULL-terminated substrings (cm_cmae_no_decay) */
-  const char *const *frozen;    /* NULL-terminated substrings: params that do not train */
+  double eps;                  /* AdamW eps (1e-8) */
+  double weight_decay;         /* for params not matching no_decay (0.05) */
+  const char *const *no_decay; /* NULL-terminated substrings (cm_cmae_no_decay) */
+  const char *const *frozen;   /* NULL-terminated substrings: params that do not train */
   int n_ema;
-  const cm_ema_pair *ema;       /* target params: EMA of their online twins, never trained */
-  double clip_norm;             /* global-norm clipping; 0 = off */
-  bool loss_scaling;            /* dynamic loss scaling, skipping non-finite steps */
-  double init_loss_scale;       /* 65536 */
-  int growth_interval;          /* good steps before the scale doubles (2000) */
+  const cm_ema_pair *ema; /* target params: EMA of their online twins, never trained */
+  double clip_norm;       /* global-norm clipping; 0 = off */
+  bool loss_scaling;      /* dynamic loss scaling, skipping non-finite steps */
+  double init_loss_scale; /* 65536 */
+  int growth_interval;    /* good steps before the scale doubles (2000) */
 } cm_optim_config;
 
 void cm_optim_config_default(cm_optim_config *c);

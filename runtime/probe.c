@@ -49,8 +49,9 @@ void cm_probe_cuda(cm_component *out) {
   } else {
     out->found = true;
     version(&v);
-    size_t len = (size_t)snprintf(out->detail, sizeof out->detail, "driver %d.%d, %d GPU%s:",
-                                  v / 1000, (v % 1000) / 10, n, n == 1 ? "" : "s");
+    size_t len =
+        (size_t)snprintf(out->detail, sizeof out->detail, "driver %d.%d, %d GPU%s:", v / 1000,
+                         (v % 1000) / 10, n, n == 1 ? "" : "s");
     for (int i = 0; i < n && len < sizeof out->detail; i++) {
       int dev = 0, major = 0, minor = 0;
       char gpu[128] = "?";
@@ -62,7 +63,7 @@ void cm_probe_cuda(cm_component *out) {
                               gpu, major, minor);
     }
   }
-  dlclose(h);
+  /* Kept loaded: the runtime uses it later, and unloading hides its allocations from LSan. */
 }
 
 typedef int (*nccl_version_fn)(int *);
@@ -90,7 +91,7 @@ void cm_probe_nccl(cm_component *out) {
     snprintf(out->detail, sizeof out->detail, "%d.%d.%d (needs a GPU to run)", v / 10000,
              (v % 10000) / 100, v % 100);
   }
-  dlclose(h);
+  /* Kept loaded: the runtime uses it later, and unloading hides its allocations from LSan. */
 }
 
 typedef int (*mpi_libversion_fn)(char *, int *);
@@ -119,7 +120,7 @@ void cm_probe_mpi(cm_component *out) {
     if (nl) *nl = 0;
     snprintf(out->detail, sizeof out->detail, "%.500s", text);
   }
-  dlclose(h);
+  /* Kept loaded: the runtime uses it later, and unloading hides its allocations from LSan. */
 }
 
 int cm_probe_all(cm_component *out, int max) {

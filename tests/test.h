@@ -16,7 +16,7 @@ static int test_checks;
     test_checks++;                                                                                 \
     if (!(cond)) {                                                                                 \
       test_failures++;                                                                             \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);                    \
+      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);                     \
     }                                                                                              \
   } while (0)
 
@@ -25,7 +25,7 @@ static int test_checks;
     test_checks++;                                                                                 \
     if (!(cond)) {                                                                                 \
       test_failures++;                                                                             \
-      fprintf(stderr, "%s:%d: CHECK failed: %s: ", __FILE__, __LINE__, #cond);                    \
+      fprintf(stderr, "%s:%d: CHECK failed: %s: ", __FILE__, __LINE__, #cond);                     \
       fprintf(stderr, __VA_ARGS__);                                                                \
       fputc('\n', stderr);                                                                         \
     }                                                                                              \
@@ -35,11 +35,11 @@ static int test_checks;
 #define CHECK_NEAR(a, b, tol)                                                                      \
   do {                                                                                             \
     double check_a_ = (double)(a), check_b_ = (double)(b);                                         \
-    double check_s_ = fabs(check_b_) > 1.0 ? fabs(check_b_) : 1.0;                                \
+    double check_s_ = fabs(check_b_) > 1.0 ? fabs(check_b_) : 1.0;                                 \
     test_checks++;                                                                                 \
-    if (!(fabs(check_a_ - check_b_) <= (tol) * check_s_)) {                                        \
+    if (!(fabs(check_a_ - check_b_) <= (tol)*check_s_)) {                                          \
       test_failures++;                                                                             \
-      fprintf(stderr, "%s:%d: CHECK_NEAR failed: %s = %.17g, %s = %.17g\n", __FILE__, __LINE__,   \
+      fprintf(stderr, "%s:%d: CHECK_NEAR failed: %s = %.17g, %s = %.17g\n", __FILE__, __LINE__,    \
               #a, check_a_, #b, check_b_);                                                         \
     }                                                                                              \
   } while (0)
@@ -67,6 +67,7 @@ typedef struct {
     fprintf(stderr, "%d checks, %d failures\n", test_checks, test_failures);                       \
     return test_failures ? 1 : 0;                                                                  \
   }
-#define TEST(fn) {#fn, fn}
+#define TEST(fn)                                                                                   \
+  { #fn, fn }
 
 #endif

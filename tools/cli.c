@@ -29,8 +29,10 @@ bool cli_parse(int argc, char **argv, int first, cli_option *opts, int n_opts,
       }
       o->given = true;
       if (o->takes_value) {
-        if (eq) o->value = eq + 1;
-        else if (i + 1 < argc) o->value = argv[++i];
+        if (eq)
+          o->value = eq + 1;
+        else if (i + 1 < argc)
+          o->value = argv[++i];
         else {
           fprintf(stderr, "cmaec %s: option %s needs a value\n", command, o->name);
           return false;
@@ -71,7 +73,8 @@ cli_option *cli_find(cli_option *opts, int n_opts, const char *name) {
 int cli_report(const cm_err *err, const char *place) {
   if (place && strncmp(err->msg, place, strlen(place)) != 0)
     fprintf(stderr, "%s: %s\n", place, err->msg);
-  else fprintf(stderr, "%s\n", err->msg);
+  else
+    fprintf(stderr, "%s\n", err->msg);
   return err->status == CM_EINVALID ? EXIT_INVALID : EXIT_INTERNAL;
 }
 
@@ -113,8 +116,8 @@ static bool in_list(const char *name, const char *const *list) {
   return false;
 }
 
-int cli_bind_sources(const cm_graph *g, const char *graph_path, const char *in_path,
-                     uint64_t seed, const char *const *skip_inputs, cli_sources *out) {
+int cli_bind_sources(const cm_graph *g, const char *graph_path, const char *in_path, uint64_t seed,
+                     const char *const *skip_inputs, cli_sources *out) {
   memset(out, 0, sizeof *out);
   out->n = g->n_nodes;
   out->tensors = calloc((size_t)g->n_nodes + 1, sizeof *out->tensors);
@@ -176,8 +179,10 @@ void cli_print_tensor(const char *name, const cm_tensor *t) {
   printf("%s: %s =", name, cm_type_str(&t->type, ts, sizeof ts));
   bool is_int = cm_dtype_is_int(t->type.dtype);
   for (int64_t i = 0; i < n && i < 8; i++) {
-    if (is_int) printf(" %" PRId64, cm_tensor_get_i64(t, i));
-    else printf(" %.9g", cm_tensor_get_f64(t, i));
+    if (is_int)
+      printf(" %" PRId64, cm_tensor_get_i64(t, i));
+    else
+      printf(" %.9g", cm_tensor_get_f64(t, i));
   }
   if (n > 8) {
     double lo = INFINITY, hi = -INFINITY, sum = 0;
@@ -219,8 +224,9 @@ int main(int argc, char **argv) {
   static const struct {
     const char *name;
     int (*fn)(int, char **);
-  } commands[] = {{"check", cmd_check}, {"print", cmd_print}, {"dot", cmd_dot},
-                  {"run", cmd_run},     {"info", cmd_info},   {"grad", cmd_grad},
+  } commands[] = {{"check", cmd_check}, {"print", cmd_print},
+                  {"dot", cmd_dot},     {"run", cmd_run},
+                  {"info", cmd_info},   {"grad", cmd_grad},
                   {"step", cmd_step},   {"build-step", cmd_build_step}};
   for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
     if (strcmp(cmd, commands[i].name) == 0) return commands[i].fn(argc, argv);

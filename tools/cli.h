@@ -9,7 +9,7 @@
 enum { EXIT_OK = 0, EXIT_INTERNAL = 1, EXIT_INVALID = 2 };
 
 typedef struct cli_option {
-  const char *name;  /* "--inputs" */
+  const char *name; /* "--inputs" */
   bool takes_value;
   const char *value; /* the last value given */
   bool given;
@@ -35,14 +35,14 @@ int cli_node(const cm_graph *g, const char *graph_path, const char *name);
  * caller may update them (training). */
 typedef struct cli_sources {
   int n;
-  cm_tensor *tensors;        /* per node; data NULL for non-sources */
-  const cm_tensor **bound;   /* per node, for cm_eval */
+  cm_tensor *tensors;      /* per node; data NULL for non-sources */
+  const cm_tensor **bound; /* per node, for cm_eval */
 } cli_sources;
 
 /* skip_inputs: input nodes whose names are in this NULL-terminated list are
  * left unbound (the caller fills them, e.g. runtime scalars). */
-int cli_bind_sources(const cm_graph *g, const char *graph_path, const char *in_path,
-                     uint64_t seed, const char *const *skip_inputs, cli_sources *out);
+int cli_bind_sources(const cm_graph *g, const char *graph_path, const char *in_path, uint64_t seed,
+                     const char *const *skip_inputs, cli_sources *out);
 void cli_sources_free(cli_sources *s);
 
 void cli_print_tensor(const char *name, const cm_tensor *t);

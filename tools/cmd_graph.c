@@ -94,8 +94,10 @@ int cmd_print(int argc, char **argv) {
   cm_err err = {0};
   if (opts[1].given) {
     char *json = cm_graph_to_json(g);
-    if (!json) rc = (fprintf(stderr, "cmaec print: out of memory\n"), EXIT_INTERNAL);
-    else fputs(json, stdout), fputc('\n', stdout);
+    if (!json)
+      rc = (fprintf(stderr, "cmaec print: out of memory\n"), EXIT_INTERNAL);
+    else
+      fputs(json, stdout), fputc('\n', stdout);
     free(json);
   } else if (cm_graph_print(g, stdout, &err)) {
     rc = cli_report(&err, "cmaec print");
@@ -143,7 +145,8 @@ int cmd_run(int argc, char **argv) {
   }
   cm_eval_opts eval_opts = {CM_PRECISION_NATIVE};
   if (opts[5].given) {
-    if (strcmp(opts[5].value, "f64") == 0) eval_opts.precision = CM_PRECISION_F64;
+    if (strcmp(opts[5].value, "f64") == 0)
+      eval_opts.precision = CM_PRECISION_F64;
     else if (strcmp(opts[5].value, "native") != 0) {
       fprintf(stderr, "cmaec run: --precision %s: use native or f64\n", opts[5].value);
       return EXIT_INVALID;

@@ -58,9 +58,9 @@ static char **split_commas(const char *s) {
 }
 
 int cmd_grad(int argc, char **argv) {
-  cli_option opts[] = {{"--help", false, NULL, false}, {"--loss", true, NULL, false},
-                       {"--wrt", true, NULL, false},   {"--inputs", true, NULL, false},
-                       {"--seed", true, NULL, false},  {"--step", true, NULL, false},
+  cli_option opts[] = {{"--help", false, NULL, false},        {"--loss", true, NULL, false},
+                       {"--wrt", true, NULL, false},          {"--inputs", true, NULL, false},
+                       {"--seed", true, NULL, false},         {"--step", true, NULL, false},
                        {"--max-rel-error", true, NULL, false}};
   const char *pos[1];
   int n_pos;
@@ -118,9 +118,8 @@ int cmd_grad(int argc, char **argv) {
          "max rel error");
   bool over = false;
   for (int j = 0; j < n_wrt; j++) {
-    printf("%-32s %10lld %12.4e %14.3e %14.3e\n", g->nodes[wrt[j]].name,
-           (long long)res[j].elements, res[j].max_abs_gradient, res[j].max_abs_error,
-           res[j].max_rel_error);
+    printf("%-32s %10lld %12.4e %14.3e %14.3e\n", g->nodes[wrt[j]].name, (long long)res[j].elements,
+           res[j].max_abs_gradient, res[j].max_abs_error, res[j].max_rel_error);
     if (!(res[j].max_rel_error <= max_rel)) over = true;
   }
   if (over) {
@@ -188,18 +187,19 @@ static void free_optim_options(optim_options *o) {
 }
 
 int cmd_build_step(int argc, char **argv) {
-  cli_option opts[] = {{"--help", false, NULL, false},         {"--loss", true, NULL, false},
-                       {"-o", true, NULL, false},              {"--weight-decay", true, NULL, false},
-                       {"--clip", true, NULL, false},          {"--loss-scaling", false, NULL, false},
-                       {"--ema", true, NULL, false},           {"--frozen", true, NULL, false},
-                       {"--text", false, NULL, false},         {"--output", true, NULL, false}};
+  cli_option opts[] = {{"--help", false, NULL, false}, {"--loss", true, NULL, false},
+                       {"-o", true, NULL, false},      {"--weight-decay", true, NULL, false},
+                       {"--clip", true, NULL, false},  {"--loss-scaling", false, NULL, false},
+                       {"--ema", true, NULL, false},   {"--frozen", true, NULL, false},
+                       {"--text", false, NULL, false}, {"--output", true, NULL, false}};
   const char *pos[1];
   int n_pos;
   if (!cli_parse(argc, argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "build-step"))
     return EXIT_INVALID;
   if (opts[0].given) return fputs(usage_build_step, stdout), EXIT_OK;
   const char *out_path = opts[2].given ? opts[2].value : opts[9].value;
-  if (n_pos != 1 || !opts[1].given || !out_path) return fputs(usage_build_step, stderr), EXIT_INVALID;
+  if (n_pos != 1 || !opts[1].given || !out_path)
+    return fputs(usage_build_step, stderr), EXIT_INVALID;
   optim_options oo;
   int rc = read_optim_options(opts, N_OPTS(opts), "build-step", &oo);
   if (rc) return rc;
@@ -234,7 +234,9 @@ done:
 }
 
 /* Sets a rank-0 f32 tensor. */
-static void set_scalar(cm_tensor *t, double v) { cm_tensor_set_f64(t, 0, v); }
+static void set_scalar(cm_tensor *t, double v) {
+  cm_tensor_set_f64(t, 0, v);
+}
 
 int cmd_step(int argc, char **argv) {
   cli_option opts[] = {{"--help", false, NULL, false},         {"--loss", true, NULL, false},
@@ -257,15 +259,15 @@ int cmd_step(int argc, char **argv) {
     return fprintf(stderr, "cmaec step: --steps %s: not a positive integer\n", opts[2].value),
            EXIT_INVALID;
   if (!cli_parse_double(opts[3].value, &lr) || lr < 0)
-    return fprintf(stderr, "cmaec step: --lr %s: not a number >= 0\n", opts[3].value),
-           EXIT_INVALID;
+    return fprintf(stderr, "cmaec step: --lr %s: not a number >= 0\n", opts[3].value), EXIT_INVALID;
   if (opts[5].given && !cli_parse_u64(opts[5].value, &seed))
     return fprintf(stderr, "cmaec step: --seed %s: not a non-negative integer\n", opts[5].value),
            EXIT_INVALID;
   if ((opts[6].given && (!cli_parse_double(opts[6].value, &beta1) || beta1 < 0 || beta1 >= 1)) ||
       (opts[7].given && (!cli_parse_double(opts[7].value, &beta2) || beta2 < 0 || beta2 >= 1)))
     return fprintf(stderr, "cmaec step: --beta1/--beta2 must be in [0, 1)\n"), EXIT_INVALID;
-  if (opts[12].given && (!cli_parse_double(opts[12].value, &momentum) || momentum < 0 || momentum > 1))
+  if (opts[12].given &&
+      (!cli_parse_double(opts[12].value, &momentum) || momentum < 0 || momentum > 1))
     return fprintf(stderr, "cmaec step: --momentum %s: not in [0, 1]\n", opts[12].value),
            EXIT_INVALID;
   bool quiet = opts[15].given;
@@ -328,8 +330,8 @@ int cmd_step(int argc, char **argv) {
       printf("step %llu loss %.9g grad_norm %.6g\n", (unsigned long long)t, l,
              cm_tensor_get_f64(&values[gn], 0));
     if (!isfinite(l)) {
-      fprintf(stderr, "%s: step %llu: the loss is not finite (%g)\n", pos[0],
-              (unsigned long long)t, l);
+      fprintf(stderr, "%s: step %llu: the loss is not finite (%g)\n", pos[0], (unsigned long long)t,
+              l);
       rc = EXIT_INVALID;
     }
     /* The step's side effects: each assign writes its target. */
@@ -351,7 +353,8 @@ int cmd_step(int argc, char **argv) {
           cm_tensor_set_add(&out, sg->nodes[i].name, &src.tensors[i], &err))
         rc = cli_report(&err, opts[14].value);
     }
-    if (!rc && cm_safetensors_save(opts[14].value, &out, &err)) rc = cli_report(&err, opts[14].value);
+    if (!rc && cm_safetensors_save(opts[14].value, &out, &err))
+      rc = cli_report(&err, opts[14].value);
     cm_tensor_set_free(&out);
     if (!rc && !quiet) printf("saved params and optimizer state to %s\n", opts[14].value);
   }

@@ -103,7 +103,8 @@ static void test_op_table(void) {
   CHECK(cm_op_get_info(CM_OP_ASSIGN)->category == CM_CAT_UPDATE);
   CHECK(strcmp(cm_op_name(CM_OP_SCATTER_ADD), "scatter_add") == 0);
   /* Every op has a distinct name that maps back to it. */
-  for (int i = 0; i < CM_OP_COUNT; i++) CHECK(cm_op_from_name(cm_op_name((cm_op)i), &op) && (int)op == i);
+  for (int i = 0; i < CM_OP_COUNT; i++)
+    CHECK(cm_op_from_name(cm_op_name((cm_op)i), &op) && (int)op == i);
   CHECK(cm_op_get_info(CM_OP_COUNT) == NULL);
 }
 
@@ -150,7 +151,8 @@ static void test_inference(void) {
   int sel = cm_select(g, lt, a, a, "sel");
   CHECK(sel >= 0);
   in[0] = a, in[1] = a, in[2] = a;
-  CHECK_STR_CONTAINS(try_add(g, CM_OP_SELECT, "sel2", in, 3, NULL), "condition f32[4,8] is not bool");
+  CHECK_STR_CONTAINS(try_add(g, CM_OP_SELECT, "sel2", in, 3, NULL),
+                     "condition f32[4,8] is not bool");
 
   cm_attrs at;
   cm_attrs_default(&at);
