@@ -321,7 +321,8 @@ static cm_status parse_init(const cJSON *item, const char *path, cm_init *out, c
   case CM_INIT_NORMAL:
   case CM_INIT_TRUNC_NORMAL: fields[0] = "mean", fields[1] = "std", defaults[1] = 1; break;
   case CM_INIT_UNIFORM: fields[0] = "low", fields[1] = "high", defaults[1] = 1; break;
-  case CM_INIT_XAVIER_UNIFORM: fields[0] = "gain", defaults[0] = 1; break;
+  case CM_INIT_XAVIER_UNIFORM: fields[0] = "gain", fields[1] = "flatten", defaults[0] = 1; break;
+  case CM_INIT_SINCOS_2D: fields[0] = "cls"; break;
   case CM_INIT_TORCH_DEFAULT: fields[0] = "fan_in"; break;
   default: break;
   }
@@ -892,7 +893,11 @@ static cJSON *init_object(writer *w, const cm_init *init) {
     put(w, obj, "low", number_item(init->a));
     put(w, obj, "high", number_item(init->b));
     break;
-  case CM_INIT_XAVIER_UNIFORM: put(w, obj, "gain", number_item(init->a)); break;
+  case CM_INIT_XAVIER_UNIFORM:
+    put(w, obj, "gain", number_item(init->a));
+    if (init->b != 0) put(w, obj, "flatten", number_item(init->b));
+    break;
+  case CM_INIT_SINCOS_2D: put(w, obj, "cls", number_item(init->a)); break;
   case CM_INIT_TORCH_DEFAULT:
     if (init->a > 0) put(w, obj, "fan_in", int_item((int64_t)init->a));
     break;

@@ -168,9 +168,12 @@ typedef enum cm_init_kind {
   CM_INIT_TRUNC_NORMAL,   /* a = mean, b = std, cut at mean +- 2 std (timm) */
   CM_INIT_UNIFORM,        /* U(a, b) */
   CM_INIT_XAVIER_UNIFORM, /* a = gain; fans as PyTorch: fan_in = dims[1]*receptive, fan_out =
-                             dims[0]*receptive */
+                             dims[0]*receptive; b = 1 ("flatten"): fans of the 2-D view
+                             [dims[0], rest] (CMAE's patch embedding) */
   CM_INIT_TORCH_DEFAULT,  /* PyTorch Linear/Conv default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); a =
                              fan_in override if > 0 */
+  CM_INIT_SINCOS_2D,      /* fixed 2-D sin-cos position embedding [..., rows, D]: a = leading
+                             all-zero rows (cls tokens); the rest is a square grid (CMAE.md §3) */
   CM_INIT_KIND_COUNT
 } cm_init_kind;
 

@@ -73,6 +73,7 @@ static const char *const init_kind_names[CM_INIT_KIND_COUNT] = {
     [CM_INIT_UNIFORM] = "uniform",
     [CM_INIT_XAVIER_UNIFORM] = "xavier_uniform",
     [CM_INIT_TORCH_DEFAULT] = "torch_default",
+    [CM_INIT_SINCOS_2D] = "sincos_2d",
 };
 
 const char *cm_init_kind_name(cm_init_kind k) {
@@ -145,6 +146,38 @@ static double receptive_field(const cm_type *t) {
   return r;
 }
 
+/* CMAE's fixed 2-D sin-cos embedding: for grid position t = (a, b) on a
+ * side x side grid, with D4 = D/4 and w_k = 1/10000^(k/D4):
+ * [sin(a w), cos(a w), sin(b w), cos(b w)]; the first `cls` rows are zero. */
+static cm_status init_sincos_2d(cm_tensor *t, const cm_init *init, const char *shown,
+                                const char *tbuf, cm_err *err) {
+  const cm_type *type = &t->type;
+  if (!cm_dtype_is_float(type->dtype) || type->rank < 2)
+    return cm_errorf(err, CM_EINVALID,
+                     "\"%s\": init sincos_2d needs a float [..., rows, D], got %s", shown, tbuf);
+  int64_t d = type->dims[type->rank - 1], rows = type->dims[type->rank - 2];
+  int64_t cls = init->a >= 0 && init->a <= (double)rows ? (int64_t)init->a : -1, side = 0;
+  while (cls >= 0 && (side + 1) * (side + 1) <= rows - cls) side++;
+  if (cls < 0 || init->a != (double)cls || side * side != rows - cls || d % 4)
+    return cm_errorf(err, CM_EINVALID,
+                     "\"%s\": init sincos_2d: %s needs rows = cls (%g) + a square grid and D %% 4 "
+                     "== 0",
+                     shown, tbuf, init->a);
+  int64_t d4 = d / 4, n = cm_type_numel(type);
+  for (int64_t i = 0; i < n; i++) {
+    int64_t row = (i / d) % rows, col = i % d;
+    double v = 0;
+    if (row >= cls) {
+      int64_t pos = row - cls, part = col / d4, k = col % d4;
+      double omega = 1.0 / pow(10000.0, (double)k / (double)d4);
+      double coord = (double)(part < 2 ? pos / side : pos % side);
+      v = part % 2 == 0 ? sin(coord * omega) : cos(coord * omega);
+    }
+    cm_tensor_set_f64(t, i, v);
+  }
+  return CM_OK;
+}
+
 cm_status cm_init_tensor(cm_tensor *t, const cm_init *init, uint64_t seed, const char *name,
                          cm_err *err) {
   const char *shown = name ? name : "";
@@ -171,6 +204,7 @@ cm_status cm_init_tensor(cm_tensor *t, const cm_init *init, uint64_t seed, const
     for (int64_t i = 0; i < n; i++) cm_tensor_set_f64(t, i, v);
     return CM_OK;
   }
+  case CM_INIT_SINCOS_2D: return init_sincos_2d(t, init, shown, tbuf, err);
   case CM_INIT_NORMAL:
   case CM_INIT_TRUNC_NORMAL:
   case CM_INIT_UNIFORM:
@@ -218,6 +252,7 @@ cm_status cm_init_tensor(cm_tensor *t, const cm_init *init, uint64_t seed, const
                        shown, tbuf);
     double r = receptive_field(type);
     double fan_in = (double)type->dims[1] * r, fan_out = (double)type->dims[0] * r;
+    if (init->b != 0) fan_out = (double)type->dims[0]; /* the 2-D view [dims[0], dims[1] * r] */
     if (fan_in + fan_out <= 0)
       return cm_errorf(err, CM_EINVALID, "\"%s\": init xavier_uniform: zero fans for %s", shown,
                        tbuf);

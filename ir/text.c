@@ -58,7 +58,8 @@ static init_fields init_fields_of(cm_init_kind k) {
   case CM_INIT_NORMAL:
   case CM_INIT_TRUNC_NORMAL: f = (init_fields){2, {"mean", "std"}, {0, 1}}; break;
   case CM_INIT_UNIFORM: f = (init_fields){2, {"low", "high"}, {0, 1}}; break;
-  case CM_INIT_XAVIER_UNIFORM: f = (init_fields){1, {"gain", NULL}, {1, 0}}; break;
+  case CM_INIT_XAVIER_UNIFORM: f = (init_fields){2, {"gain", "flatten"}, {1, 0}}; break;
+  case CM_INIT_SINCOS_2D: f = (init_fields){1, {"cls", NULL}, {0, 0}}; break;
   case CM_INIT_TORCH_DEFAULT: f = (init_fields){1, {"fan_in", NULL}, {0, 0}}; break;
   default: break;
   }
@@ -177,6 +178,8 @@ static void print_init(FILE *out, const cm_init *init) {
   if (init->kind == CM_INIT_TORCH_DEFAULT && init->a == 0) return;
   if (f.n == 0) return;
   double v[2] = {init->a, init->b};
+  /* xavier's flatten is an option: spelled out only when set */
+  if (init->kind == CM_INIT_XAVIER_UNIFORM && init->b == 0) f.n = 1;
   fputc('(', out);
   for (int i = 0; i < f.n; i++) {
     fprintf(out, "%s%s=", i ? ", " : "", f.name[i]);

@@ -53,8 +53,8 @@ static void test_uniform01(void) {
 }
 
 static void test_init_kind_names(void) {
-  const char *names[] = {"none",         "zeros",   "ones",           "constant",     "normal",
-                         "trunc_normal", "uniform", "xavier_uniform", "torch_default"};
+  const char *names[] = {"none",         "zeros",   "ones",           "constant",      "normal",
+                         "trunc_normal", "uniform", "xavier_uniform", "torch_default", "sincos_2d"};
   CHECK((int)(sizeof names / sizeof names[0]) == CM_INIT_KIND_COUNT);
   for (int k = 0; k < CM_INIT_KIND_COUNT; k++) {
     CHECK(strcmp(cm_init_kind_name((cm_init_kind)k), names[k]) == 0);
@@ -349,9 +349,39 @@ static void test_init_errors(void) {
   cm_tensor_free(&f);
 }
 
-TEST_MAIN(TEST(test_philox_known_answers), TEST(test_philox_streams_differ), TEST(test_hash_fnv1a),
-          TEST(test_uniform01), TEST(test_init_kind_names), TEST(test_uniform_stream_definition),
-          TEST(test_determinism_and_order_independence), TEST(test_normal_statistics),
-          TEST(test_trunc_normal), TEST(test_xavier_uniform), TEST(test_torch_default),
-          TEST(test_fills_all_dtypes), TEST(test_reduced_precision_rounds_the_draw),
-          TEST(test_init_errors))
+/* CMAE.md §3: PE(t) = [sin(a w), cos(a w), sin(b w), cos(b w)], a = t / side, b = t % side. */
+static void test_sincos_2d(void) {
+  int64_t dims[3] = {1, 1 + 9, 8}; /* cls + a 3x3 grid, D = 8, D4 = 2 */
+  cm_tensor t;
+  CHECK(cm_tensor_alloc(&t, cm_type_make(CM_F64, 3, dims), NULL) == CM_OK);
+  cm_init init = {CM_INIT_SINCOS_2D, 1, 0};
+  CHECK(cm_init_tensor(&t, &init, 0, "pos_embed", NULL) == CM_OK);
+  for (int c = 0; c < 8; c++) CHECK(cm_tensor_get_f64(&t, c) == 0); /* the cls row */
+  /* token t = 5 (row 6): a = 1, b = 2; w = [1, 1/100] */
+  const double *v = (const double *)t.data + 6 * 8;
+  double expect[8] = {sin(1.0), sin(0.01), cos(1.0), cos(0.01),
+                      sin(2.0), sin(0.02), cos(2.0), cos(0.02)};
+  for (int c = 0; c < 8; c++) CHECK_NEAR(v[c], expect[c], 1e-15);
+  cm_init bad = {CM_INIT_SINCOS_2D, 2, 0}; /* 8 rows left: not a square */
+  cm_err err;
+  CHECK(cm_init_tensor(&t, &bad, 0, "pos_embed", &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "square grid");
+  cm_tensor_free(&t);
+
+  /* xavier with flatten: the [O, C*KH*KW] view, fan_out = O */
+  int64_t wd[4] = {6, 3, 4, 4};
+  CHECK(cm_tensor_alloc(&t, cm_type_make(CM_F64, 4, wd), NULL) == CM_OK);
+  cm_init xf = {CM_INIT_XAVIER_UNIFORM, 1, 1};
+  CHECK(cm_init_tensor(&t, &xf, 3, "patch_embed.weight", NULL) == CM_OK);
+  double bound = sqrt(6.0 / (48 + 6)), maxabs = 0;
+  for (int64_t i = 0; i < 288; i++) maxabs = fmax(maxabs, fabs(cm_tensor_get_f64(&t, i)));
+  CHECK(maxabs <= bound && maxabs > 0.9 * bound);
+  cm_tensor_free(&t);
+}
+
+TEST_MAIN(TEST(test_sincos_2d), TEST(test_philox_known_answers), TEST(test_philox_streams_differ),
+          TEST(test_hash_fnv1a), TEST(test_uniform01), TEST(test_init_kind_names),
+          TEST(test_uniform_stream_definition), TEST(test_determinism_and_order_independence),
+          TEST(test_normal_statistics), TEST(test_trunc_normal), TEST(test_xavier_uniform),
+          TEST(test_torch_default), TEST(test_fills_all_dtypes),
+          TEST(test_reduced_precision_rounds_the_draw), TEST(test_init_errors))
