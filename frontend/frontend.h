@@ -2,7 +2,7 @@
  *
  * Defines: graph JSON v1 read/write (cmaec.graph/1, docs/graph-format.md),
  * loading a graph from JSON or text IR by content, named tensor sets,
- * safetensors read/write, and model-variant files (models/*.json:
+ * safetensors read/write, and model-variant files (models/<variant>.json:
  * hyper-parameters by component, "extends", --set overrides; docs/models.md). Uses ir/ only. Every reader validates everything it
  * reads and returns CM_EINVALID with a one-line message naming the place
  * (JSON path, node, tensor) and the rule; none reads out of bounds. */

@@ -2,6 +2,7 @@
  * every differentiable op over random shapes with broadcasting and size-1 axes,
  * composite layers built from primitives, and hundreds of random graphs. */
 #include "../test.h"
+#include "frontend/frontend.h"
 #include "passes/passes.h"
 
 #include <stdint.h>
@@ -28,10 +29,11 @@ static void harness_init(harness *h, uint64_t seed) {
   h->rng = seed * 2654435761ull + 12345;
 }
 
-/* A float param with values uniform in [lo, hi) (kept away from 0 when lo > 0). */
+/* A float param with values uniform in [lo, hi) (kept away from 0 when lo > 0);
+ * the initializer says the same, so a dumped graph runs under `cmaec grad`. */
 static int param(harness *h, int rank, const int64_t *dims, double lo, double hi) {
-  cm_init none = {CM_INIT_NONE, 0, 0};
-  int id = cm_param(h->g, NULL, CM_F64, rank, dims, none);
+  cm_init init = {CM_INIT_UNIFORM, lo, hi};
+  int id = cm_param(h->g, NULL, CM_F64, rank, dims, init);
   if (id >= 0) {
     h->lo[id] = lo;
     h->hi[id] = hi;
@@ -70,12 +72,52 @@ static int weighted_loss(harness *h, int y) {
   return cm_reduce(h->g, CM_OP_REDUCE_SUM, p, rank, axes, false, NULL);
 }
 
+/* With CMAEC_GRAD_DUMP=DIR, writes each checked graph (JSON), its source values
+ * (safetensors) and a line "file<TAB>loss<TAB>what" to DIR/index.tsv, so that
+ * tests/cli/grad_ops.sh can check every op and composite with `cmaec grad`. */
+static void dump_case(const cm_graph *g, int loss, const cm_tensor *const *sources,
+                      const char *what) {
+  const char *dir = getenv("CMAEC_GRAD_DUMP");
+  if (!dir) return;
+  static int counter = -1;
+  char path[512];
+  if (counter < 0) { /* continue after the cases of earlier runs into the same DIR */
+    counter = 0;
+    snprintf(path, sizeof path, "%s/index.tsv", dir);
+    FILE *idx = fopen(path, "r");
+    for (int c; idx && (c = fgetc(idx)) != EOF;) counter += c == '\n';
+    if (idx) fclose(idx);
+  }
+  snprintf(path, sizeof path, "%s/case%03d.json", dir, counter);
+  cm_err err;
+  CHECK(cm_graph_save_json(g, path, &err) == CM_OK);
+  cm_tensor_set set;
+  cm_tensor_set_init(&set);
+  for (int i = 0; i < g->n_nodes; i++)
+    if (sources[i]) CHECK(cm_tensor_set_add(&set, g->nodes[i].name, sources[i], &err) == CM_OK);
+  snprintf(path, sizeof path, "%s/case%03d.safetensors", dir, counter);
+  CHECK(cm_safetensors_save(path, &set, &err) == CM_OK);
+  cm_tensor_set_free(&set);
+  snprintf(path, sizeof path, "%s/index.tsv", dir);
+  FILE *f = fopen(path, "a");
+  if (f) {
+    fprintf(f, "case%03d\t%s\t%s\n", counter, g->nodes[loss].name, what);
+    fclose(f);
+  }
+  counter++;
+}
+
 /* Checks every param's gradient; returns the worst relative error (or 1e9). */
 static double check_grads(harness *h, int loss, const char *what) {
   cm_graph *g = h->g;
   if (loss < 0 || cm_graph_error(g)) {
     CHECK_MSG(0, "%s: building failed: %s", what, cm_graph_error(g) ? cm_graph_error(g) : "?");
     return 1e9;
+  }
+  /* A named loss, so a dumped graph can name it (builder names change on reload). */
+  if (strcmp(g->nodes[loss].name, "loss") != 0 && cm_graph_find(g, "loss") < 0) {
+    cm_type lt = g->nodes[loss].type;
+    loss = cm_reshape(g, loss, lt.rank, lt.dims, "loss");
   }
   int wrt[256], n_wrt = 0;
   cm_tensor *tensors = calloc((size_t)g->n_nodes, sizeof *tensors);
@@ -95,6 +137,7 @@ static double check_grads(harness *h, int loss, const char *what) {
     sources[i] = &tensors[i];
     if (n->op == CM_OP_PARAM && n_wrt < 256) wrt[n_wrt++] = i;
   }
+  dump_case(g, loss, sources, what);
   cm_gradcheck_result res[256];
   cm_err err = {0};
   double worst = 0;
