@@ -16,9 +16,10 @@ if ((${#missing[@]})); then
   "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# Python packages for the reference tests (independent implementations).
-if ! python3 -c 'import numpy, safetensors' 2>/dev/null; then
-  echo "install-deps: pip install numpy safetensors"
-  python3 -m pip install --quiet --disable-pip-version-check numpy safetensors ||
-    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages numpy safetensors
+# Python packages for the reference tests (independent implementations: the
+# safetensors reference library, and JAX on the CPU for the CMAE losses and gradients).
+if ! python3 -c 'import numpy, safetensors, jax' 2>/dev/null; then
+  echo "install-deps: pip install numpy safetensors jax"
+  python3 -m pip install --quiet --disable-pip-version-check numpy safetensors jax ||
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages numpy safetensors jax
 fi

@@ -210,6 +210,8 @@ static const char usage_main[] =
     "  grad GRAPH         check autodiff gradients against finite differences\n"
     "  step GRAPH         run AdamW training steps on the reference evaluator\n"
     "  build-step GRAPH   write the training-step graph (AdamW, EMA, clipping, loss scaling)\n"
+    "  summary MODEL      parameters, FLOPs and activation memory of a model variant\n"
+    "  build MODEL        write a model variant's forward graph or training step\n"
     "  info               version, and which of LLVM, NVRTC, CUDA, NCCL, MPI are available\n"
     "\n"
     "Run 'cmaec <command> --help' for a command's options.\n"
@@ -227,7 +229,8 @@ int main(int argc, char **argv) {
   } commands[] = {{"check", cmd_check}, {"print", cmd_print},
                   {"dot", cmd_dot},     {"run", cmd_run},
                   {"info", cmd_info},   {"grad", cmd_grad},
-                  {"step", cmd_step},   {"build-step", cmd_build_step}};
+                  {"step", cmd_step},   {"build-step", cmd_build_step},
+                  {"summary", cmd_summary}, {"build", cmd_build}};
   for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
     if (strcmp(cmd, commands[i].name) == 0) return commands[i].fn(argc, argv);
   fprintf(stderr, "cmaec: unknown command \"%s\" (see cmaec --help)\n", cmd);
