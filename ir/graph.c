@@ -182,9 +182,16 @@ cm_graph *cm_graph_clone(const cm_graph *g) {
   return c;
 }
 
-static const char *display_name(const char *name, int id, char *buf, size_t size) {
+/* A builder name is "%<id>"; should a loaded graph already use that name,
+ * the next free "%<id + k * n>" is taken, so builder names never collide. */
+static const char *display_name(const cm_graph *g, const char *name, int id, char *buf,
+                                size_t size) {
   if (name) return name;
-  snprintf(buf, size, "%%%d", id);
+  long long candidate = id;
+  do {
+    snprintf(buf, size, "%%%lld", candidate);
+    candidate += g->n_nodes + 1;
+  } while (cm_graph_find(g, buf) >= 0);
   return buf;
 }
 
@@ -192,7 +199,7 @@ int cm_graph_add(cm_graph *g, cm_op op, const char *name, const int *inputs, int
                  const cm_attrs *attrs, cm_err *err) {
   int id = g->n_nodes;
   char auto_name[32];
-  const char *shown = display_name(name, id, auto_name, sizeof auto_name);
+  const char *shown = display_name(g, name, id, auto_name, sizeof auto_name);
   if ((unsigned)op >= CM_OP_COUNT) {
     cm_errorf(err, CM_EINVALID, "\"%s\": unknown op %d", shown, (int)op);
     return -1;
@@ -289,6 +296,28 @@ int cm_graph_add(cm_graph *g, cm_op op, const char *name, const int *inputs, int
 oom:
   cm_errorf(err, CM_EINTERNAL, "\"%s\" (%s): out of memory", shown, info->name);
   return -1;
+}
+
+cm_status cm_graph_rename(cm_graph *g, int id, const char *name, cm_err *err) {
+  if (id < 0 || id >= g->n_nodes)
+    return cm_errorf(err, CM_EINVALID, "rename: node %d does not exist", id);
+  if (!cm_name_is_valid(name))
+    return cm_errorf(err, CM_EINVALID, "rename: \"%s\" is not a valid name", name);
+  int other = cm_graph_find(g, name);
+  if (other == id) return CM_OK;
+  if (other >= 0) return cm_errorf(err, CM_EINVALID, "rename: \"%s\" is taken", name);
+  char *copy = strdup(name);
+  if (!copy) return cm_errorf(err, CM_EINTERNAL, "rename: out of memory");
+  free(g->nodes[id].name);
+  g->nodes[id].name = copy;
+  /* Rebuild the name table: renames are rare. */
+  int cap = g->name_cap;
+  g->name_cap = cap / 2;
+  if (!name_table_grow(g)) {
+    g->name_cap = cap;
+    return cm_errorf(err, CM_EINTERNAL, "rename: out of memory");
+  }
+  return CM_OK;
 }
 
 cm_status cm_graph_add_output(cm_graph *g, int node, cm_err *err) {

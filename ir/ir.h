@@ -247,8 +247,11 @@ cm_graph *cm_graph_clone(const cm_graph *g);
 int cm_graph_add(cm_graph *g, cm_op op, const char *name, const int *inputs, int n_inputs,
                  const cm_attrs *attrs, cm_err *err);
 cm_status cm_graph_add_output(cm_graph *g, int node, cm_err *err);
-/* Node id by name, or -1. Linear scan; fine for tools, not for hot loops. */
+/* Node id by name, or -1 (a hash lookup). */
 int cm_graph_find(const cm_graph *g, const char *name);
+/* Gives node id a new name (valid, unused); passes use it to keep a user's
+ * name on the node that replaces the one it named. */
+cm_status cm_graph_rename(cm_graph *g, int id, const char *name, cm_err *err);
 
 /* Convenience builders. Each returns the node id, or -1 after recording the
  * first error in g->error; any input of -1 makes them return -1 at once, so a

@@ -82,4 +82,136 @@ typedef struct cm_train_step_info {
 cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_config *cfg,
                               cm_graph **out, cm_train_step_info *info, cm_err *err);
 
+/* ---- graph rewriting (what the clean-up passes are made of) --------------- */
+
+/* Builds a new graph from an old one, node by node in order: copy a node
+ * (inputs mapped) or map it to a replacement in the new graph. User names are
+ * kept; builder names ("%<id>") are given afresh, so the result reads cleanly. */
+typedef struct cm_rewriter {
+  const cm_graph *old;
+  cm_graph *g;  /* the new graph */
+  int *map;     /* old id -> new id (-1: not yet / dropped) */
+} cm_rewriter;
+
+cm_status cm_rewriter_begin(cm_rewriter *r, const cm_graph *old, cm_err *err);
+/* Copies old node `id` with its inputs mapped (all must be mapped); returns the
+ * new id or -1 (g->error set). */
+int cm_rewriter_copy(cm_rewriter *r, int id);
+/* Maps outputs, verifies, and hands over the new graph (the old one is kept). */
+cm_status cm_rewriter_finish(cm_rewriter *r, cm_graph **out, cm_err *err);
+void cm_rewriter_abort(cm_rewriter *r);
+/* Nodes a pass must not remove or replace: graph outputs (their names are the
+ * interface), assigns (side effects) and sources. */
+bool cm_node_is_pinned(const cm_graph *g, int id, const bool *is_output);
+
+/* ---- fusion groups, schedule and memory plan ----------------------------- */
+
+typedef enum cm_group_kind {
+  CM_GROUP_ELEMENTWISE, /* elementwise and movement chains */
+  CM_GROUP_ROW,         /* a reduction over the innermost axis plus the consumers broadcasting it back */
+  CM_GROUP_REDUCE,      /* other reductions with their elementwise producers */
+  CM_GROUP_GEMM,        /* matmul with prologue and epilogue */
+  CM_GROUP_ATTENTION,   /* matmul -> scale -> softmax -> matmul (forward or backward) */
+  CM_GROUP_CONV,        /* conv2d and its adjoints with epilogue */
+  CM_GROUP_COLLECTIVE,  /* all_reduce / all_gather */
+  CM_GROUP_UPDATE,      /* optimizer or EMA updates: assigns with their elementwise math */
+  CM_GROUP_KIND_COUNT
+} cm_group_kind;
+
+const char *cm_group_kind_name(cm_group_kind k);
+
+/* One kernel-to-be: nodes computed together, reading only its inputs from
+ * memory and writing only its outputs. */
+typedef struct cm_group {
+  cm_group_kind kind;
+  int n_nodes, *nodes;     /* topological order */
+  int n_inputs, *inputs;   /* node ids read from memory: sources or other groups' outputs */
+  int n_outputs, *outputs; /* node ids written to memory: used by other groups, graph
+                              outputs, or assign values (written into their state) */
+} cm_group;
+
+/* The result of fuse, schedule and memplan over a graph. Sources (input,
+ * param, state) belong to no group; const and iota nodes are folded into the
+ * groups that use them (duplicated: they are free). */
+typedef struct cm_plan {
+  int n_nodes;             /* of the graph it was made for */
+  int n_groups;
+  cm_group *groups;
+  int *group_of;           /* per node: its group, -1 for sources */
+  int n_order, *order;     /* schedule: group ids in execution order (empty until schedule) */
+  /* memory plan (memplan): per node, the byte offset of its buffer in the
+   * arena, or -1 when it has none there (sources and state live in their own
+   * buffers; group-internal values are never in memory; an assign's value is
+   * written straight into its state) */
+  int64_t *offset;
+  int64_t arena_bytes;     /* the arena's size: the peak of the packing */
+  int64_t unplanned_bytes; /* the sum of all arena buffers, as if none were reused */
+} cm_plan;
+
+/* A plan with every non-source node in a group of its own (what schedule and
+ * memplan use when the pipeline has no fuse). */
+cm_status cm_plan_unfused(const cm_graph *g, cm_plan **out, cm_err *err);
+void cm_plan_free(cm_plan *p);
+/* Checks a plan against its graph: every non-source node in exactly one group,
+ * group inputs/outputs exact (a group reads no other group's internal value),
+ * the order a topological order of groups (when present), and, when there is a
+ * memory plan, that no two buffers live at the same time overlap in the arena
+ * and that every buffer fits in it. Errors name the groups/nodes. */
+cm_status cm_plan_verify(const cm_graph *g, const cm_plan *p, cm_err *err);
+/* Evaluates the graph group by group in plan order (fusion order when there is
+ * no schedule), passing only group outputs between groups; values as cm_eval
+ * (only group outputs and graph outputs are kept; other entries left empty). */
+cm_status cm_plan_eval(const cm_graph *g, const cm_plan *p, const cm_tensor *const *sources,
+                       cm_tensor *values, const cm_eval_opts *opts, cm_err *err);
+/* Prints the plan: one line per group in order (kind, nodes, inputs, outputs,
+ * and offsets when planned), then the arena figures. */
+void cm_plan_print(const cm_graph *g, const cm_plan *p, FILE *out);
+
+/* ---- the pass manager ----------------------------------------------------- */
+
+typedef struct cm_pass_state {
+  cm_graph *g;    /* passes before fuse may replace it (the old one is freed) */
+  cm_plan *plan;  /* made by fuse (or by schedule when there is no fuse) */
+} cm_pass_state;
+
+typedef struct cm_pass_stat {
+  const char *pass;
+  double ms;
+  int nodes_before, nodes_after;
+  char detail[256]; /* pass-specific, e.g. "folded 12 constants, 3 permutes into matmul" */
+} cm_pass_stat;
+
+typedef cm_status (*cm_pass_fn)(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
+
+typedef struct cm_pass_info {
+  const char *name;
+  const char *doc;
+  cm_pass_fn run;
+} cm_pass_info;
+
+/* All passes, in the default pipeline's order; NULL-terminated. */
+const cm_pass_info *cm_passes(void);
+/* "simplify,cse,dce,fuse,schedule,memplan" */
+extern const char cm_default_pipeline[];
+
+typedef struct cm_pipeline_opts {
+  bool verify_each;        /* cm_graph_verify (and cm_plan_verify) after every pass */
+  bool print_after_all;
+  const char *print_after; /* comma-separated pass names */
+  FILE *print_out;         /* where --print-after goes (stderr when NULL) */
+} cm_pipeline_opts;
+
+/* Runs the comma-separated pipeline on s. stats (may be NULL) receives one
+ * entry per pass run (at most max_stats). Errors name the pass. */
+cm_status cm_pipeline_run(cm_pass_state *s, const char *pipeline, const cm_pipeline_opts *opts,
+                          cm_pass_stat *stats, int max_stats, int *n_stats, cm_err *err);
+
+/* The passes themselves (each also reachable by name through cm_passes()). */
+cm_status cm_pass_simplify(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
+cm_status cm_pass_cse(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
+cm_status cm_pass_dce(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
+cm_status cm_pass_fuse(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
+cm_status cm_pass_schedule(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
+cm_status cm_pass_memplan(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
+
 #endif

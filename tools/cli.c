@@ -44,14 +44,17 @@ bool cli_parse(int argc, char **argv, int first, cli_option *opts, int n_opts,
     } else if (strcmp(arg, "-h") == 0) {
       cli_option *help = cli_find(opts, n_opts, "--help");
       if (help) help->given = true;
-    } else if (strcmp(arg, "-o") == 0 && cli_find(opts, n_opts, "-o")) {
-      cli_option *o = cli_find(opts, n_opts, "-o");
-      if (i + 1 >= argc) {
-        fprintf(stderr, "cmaec %s: option -o needs a value\n", command);
-        return false;
-      }
+    } else if (arg[0] == '-' && arg[1] && !arg[2] && cli_find(opts, n_opts, arg)) {
+      /* short options (-o, -p) take the next argument */
+      cli_option *o = cli_find(opts, n_opts, arg);
       o->given = true;
-      o->value = argv[++i];
+      if (o->takes_value) {
+        if (i + 1 >= argc) {
+          fprintf(stderr, "cmaec %s: option %s needs a value\n", command, arg);
+          return false;
+        }
+        o->value = argv[++i];
+      }
     } else {
       if (*n_positional >= max_positional) {
         fprintf(stderr, "cmaec %s: unexpected argument \"%s\" (see cmaec %s --help)\n", command,
@@ -210,6 +213,7 @@ static const char usage_main[] =
     "  grad GRAPH         check autodiff gradients against finite differences\n"
     "  step GRAPH         run AdamW training steps on the reference evaluator\n"
     "  build-step GRAPH   write the training-step graph (AdamW, EMA, clipping, loss scaling)\n"
+    "  opt GRAPH          run optimizing passes (simplify, cse, dce, fuse, schedule, memplan)\n"
     "  summary MODEL      parameters, FLOPs and activation memory of a model variant\n"
     "  build MODEL        write a model variant's forward graph or training step\n"
     "  info               version, and which of LLVM, NVRTC, CUDA, NCCL, MPI are available\n"
