@@ -195,28 +195,9 @@ static cm_status get_pair(const cJSON *item, const char *path, int lo, int out[2
 /* ---- attributes -------------------------------------------------------- */
 
 enum attr_key {
-  K_DTYPE,
-  K_SHAPE,
-  K_INIT,
-  K_VALUE,
-  K_DATA,
-  K_AXIS,
-  K_AXES,
-  K_KEEPDIMS,
-  K_PERM,
-  K_START,
-  K_STOP,
-  K_STEP,
-  K_LO,
-  K_HI,
-  K_TRANSPOSE_A,
-  K_TRANSPOSE_B,
-  K_STRIDE,
-  K_PADDING,
-  K_DILATION,
-  K_GROUPS,
-  K_MODE,
-  K_RANKS,
+#define CM_ATTR_KEY(id, key, bit) K_##id,
+#include "../ir/attrs.def"
+#undef CM_ATTR_KEY
   K_COUNT
 };
 
@@ -225,28 +206,9 @@ static const struct {
   const char *key;
   unsigned bit;
 } attr_keys[K_COUNT] = {
-    [K_DTYPE] = {"dtype", CM_ATTR_DTYPE},
-    [K_SHAPE] = {"shape", CM_ATTR_SHAPE},
-    [K_INIT] = {"init", CM_ATTR_INIT},
-    [K_VALUE] = {"value", CM_ATTR_VALUE},
-    [K_DATA] = {"data", CM_ATTR_DATA},
-    [K_AXIS] = {"axis", CM_ATTR_AXIS},
-    [K_AXES] = {"axes", CM_ATTR_AXES},
-    [K_KEEPDIMS] = {"keepdims", CM_ATTR_KEEPDIMS},
-    [K_PERM] = {"perm", CM_ATTR_PERM},
-    [K_START] = {"start", CM_ATTR_SLICE},
-    [K_STOP] = {"stop", CM_ATTR_SLICE},
-    [K_STEP] = {"step", CM_ATTR_SLICE},
-    [K_LO] = {"lo", CM_ATTR_PAD},
-    [K_HI] = {"hi", CM_ATTR_PAD},
-    [K_TRANSPOSE_A] = {"transpose_a", CM_ATTR_TRANSPOSE},
-    [K_TRANSPOSE_B] = {"transpose_b", CM_ATTR_TRANSPOSE},
-    [K_STRIDE] = {"stride", CM_ATTR_CONV},
-    [K_PADDING] = {"padding", CM_ATTR_CONV},
-    [K_DILATION] = {"dilation", CM_ATTR_CONV},
-    [K_GROUPS] = {"groups", CM_ATTR_CONV},
-    [K_MODE] = {"mode", CM_ATTR_MODE},
-    [K_RANKS] = {"ranks", CM_ATTR_RANKS},
+#define CM_ATTR_KEY(id, key, bit) [K_##id] = {key, bit},
+#include "../ir/attrs.def"
+#undef CM_ATTR_KEY
 };
 
 /* Attributes that must be given. const's shape defaults to a scalar; the rest
