@@ -52,6 +52,23 @@ int cm_nn_conv2d(cm_graph *g, int x, int out_channels, int kernel, int stride, i
 /* [n, C, H, W] -> [n, (H/p)(W/p), p*p*C], the per-patch vector ordered
  * (py*p + px)*C + c as the official patchify (CMAE.md §5). */
 int cm_nn_patchify(cm_graph *g, int img, int patch);
+/* Multi-head self-attention of mmcv's MultiheadAttention on x [n, T, D]:
+ * params "<name>.qkv" (Linear D -> 3D, bias when qkv_bias) and "<name>.proj"
+ * (Linear D -> D, bias), both xavier_uniform with zero bias; scores scaled by
+ * head_dim^-0.5. */
+int cm_nn_attention(cm_graph *g, int x, int heads, bool qkv_bias, const char *name);
+/* Pre-norm TransformerEncoderLayer (CMAE.md §3): x + attn(ln1(x)), then
+ * x + ffn(ln2(x)) with ffn Linear(D, hidden) -> GELU -> Linear(hidden, D).
+ * Params "<name>.ln1", "<name>.attn.{qkv,proj}", "<name>.ln2",
+ * "<name>.ffn.layers.0.0", "<name>.ffn.layers.1" (the official keys). */
+int cm_nn_transformer_block(cm_graph *g, int x, int heads, int hidden, bool qkv_bias, double eps,
+                            const char *name);
+/* NonLinearNeck with num_layers 2 (CMAE.md §6) on x [n, C]: "<name>.fc0"
+ * (Linear C -> hidden, bias), "<name>.bn0" (BatchNorm, training mode, SyncBN
+ * over ranks), ReLU, "<name>.fc1" (Linear hidden -> out, no bias); Linear
+ * weights and biases keep PyTorch's default init. Returns [n, out]. */
+int cm_nn_nonlinear_neck(cm_graph *g, int x, int hidden, int out, double bn_eps, int ranks,
+                         const char *name);
 
 /* ---- masks (host side) ------------------------------------------------- */
 
