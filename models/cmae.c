@@ -180,7 +180,7 @@ cm_status cm_model_build(const cm_model_config *cfg, const cm_model_build_opts *
   const char *pixel_name = cfg->contrastive ? "pixel_decoder" : "neck";
   int pred = cm_mae_decoder(g, cfg, cfg->pixel_decoder.width, cfg->pixel_decoder.depth,
                             cfg->pixel_decoder.heads, cfg->pixel_decoder.mlp_ratio, latent,
-                            out->ids_restore, has_cls, pixel_name);
+                            out->ids_restore, has_cls, 0, pixel_name);
   out->loss_rc = reconstruction_loss(g, cfg, pred, out->img, out->mask);
   int loss = scale(g, out->loss_rc, cfg->loss.rc_weight);
 
@@ -188,9 +188,13 @@ cm_status cm_model_build(const cm_model_config *cfg, const cm_model_build_opts *
     int pooled;
     int tok_axis = 1;
     if (cfg->feature_decoder.enabled) {
+      /* The feature decoder predicts encoder-width features, so that the
+       * online and target projectors (EMA twins) take inputs of one width.
+       * The official Linear(512 -> 768) is this for ViT-B, where the pixels
+       * of a patch (16*16*3) and the width are both 768. */
       int feat = cm_mae_decoder(g, cfg, cfg->feature_decoder.width, cfg->feature_decoder.depth,
                                 cfg->feature_decoder.heads, cfg->feature_decoder.mlp_ratio, latent,
-                                out->ids_restore, has_cls, "feature_decoder");
+                                out->ids_restore, has_cls, cfg->encoder.width, "feature_decoder");
       pooled = cm_nn_mean(g, feat, 1, &tok_axis, false); /* all L tokens (CMAE#3) */
     } else {
       /* Ablation without a feature decoder: pool the latent's patch tokens. */

@@ -102,10 +102,12 @@ int cm_convvit_encoder(cm_graph *g, const cm_model_config *cfg, int img, int ids
                        bool fuse, const char *prefix);
 /* The MAE decoder (CMAE.md §5) with width/depth/heads/mlp_ratio from dec:
  * embed, mask tokens, unshuffle by gather with ids_restore, fixed sin-cos
- * embedding, blocks, LN, prediction to patch*patch*in_chans. latent is
- * [n, (has_cls) + n_keep, D]. Returns [n, L, patch*patch*in_chans] (cls dropped). */
+ * embedding, blocks, LN, prediction to out_dim (0: patch*patch*in_chans, the
+ * pixels of a patch). latent is [n, (has_cls) + n_keep, D]. Returns
+ * [n, L, out_dim] (cls dropped). */
 int cm_mae_decoder(cm_graph *g, const cm_model_config *cfg, int width, int depth, int heads,
-                   double mlp_ratio, int latent, int ids_restore, bool has_cls, const char *prefix);
+                   double mlp_ratio, int latent, int ids_restore, bool has_cls, int out_dim,
+                   const char *prefix);
 
 /* ---- whole models ------------------------------------------------------- */
 

@@ -131,7 +131,7 @@ int cm_vit_encoder(cm_graph *g, const cm_model_config *cfg, int img, int ids_kee
 }
 
 int cm_mae_decoder(cm_graph *g, const cm_model_config *cfg, int width, int depth, int heads,
-                   double mlp_ratio, int latent, int ids_restore, bool has_cls,
+                   double mlp_ratio, int latent, int ids_restore, bool has_cls, int out_dim,
                    const char *prefix) {
   if (!g || g->error.status != CM_OK || latent < 0 || ids_restore < 0) return -1;
   if (!cfg || !prefix) return vit_fail(g, "mae decoder: missing config or prefix");
@@ -175,7 +175,7 @@ int cm_mae_decoder(cm_graph *g, const cm_model_config *cfg, int width, int depth
   if (!vit_name(g, buf, prefix, "ln1")) return -1;
   x = cm_nn_layer_norm(g, x, cfg->encoder.ln_eps, buf);
   if (!vit_name(g, buf, prefix, "decoder_pred")) return -1;
-  int out = cfg->encoder.patch * cfg->encoder.patch * cfg->data.in_chans;
+  int out = out_dim > 0 ? out_dim : cfg->encoder.patch * cfg->encoder.patch * cfg->data.in_chans;
   x = cm_nn_linear(g, x, out, true, buf, cm_nn_init_xavier(), cm_nn_init_zeros());
   return has_cls ? vit_tokens(g, x, 1, 1 + L) : x;
 }

@@ -213,6 +213,16 @@ static int vjp(vjp_ctx *c, int k) {
   case CM_OP_MATMUL: {
     bool ta = n->attrs.transpose_a, tb = n->attrs.transpose_b;
     int d;
+    cm_type tb_type = type_of(g, b), ty = type_of(g, y);
+    if (k == 1 && tb_type.rank == 2 && tx->rank > 2 && !ta) {
+      /* A weight shared across the batch (x @ W): fold the batch into rows and
+       * take one [K, N] matmul, instead of a per-batch product summed later. */
+      int64_t rows = cm_type_numel(tx) / tx->dims[tx->rank - 1];
+      int64_t a2[2] = {rows, tx->dims[tx->rank - 1]}, d2[2] = {rows, ty.dims[ty.rank - 1]};
+      int x2 = cm_reshape(g, x, 2, a2, NULL), dy2 = cm_reshape(g, dy, 2, d2, NULL);
+      return tb ? cm_matmul(g, dy2, x2, true, false, NULL)
+                : cm_matmul(g, x2, dy2, true, false, NULL);
+    }
     if (k == 0)
       d = ta ? cm_matmul(g, b, dy, tb, true, NULL) : cm_matmul(g, dy, b, false, !tb, NULL);
     else

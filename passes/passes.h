@@ -170,8 +170,12 @@ void cm_plan_print(const cm_graph *g, const cm_plan *p, FILE *out);
 /* ---- the pass manager ----------------------------------------------------- */
 
 typedef struct cm_pass_state {
-  cm_graph *g;    /* passes before fuse may replace it (the old one is freed) */
-  cm_plan *plan;  /* made by fuse (or by schedule when there is no fuse) */
+  cm_graph *g;    /* any pass may replace it (the old one is freed): the clean-up passes
+                     rebuild it, fuse does when it duplicates broadcasts; read it again after
+                     each pass */
+  cm_plan *plan;  /* made by fuse (or by schedule when there is no fuse) for the current g;
+                     a pass that rebuilds g drops it. An assign node's value is the new
+                     value of its state (the assign is its group's output) */
 } cm_pass_state;
 
 typedef struct cm_pass_stat {

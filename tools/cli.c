@@ -230,11 +230,12 @@ int main(int argc, char **argv) {
   static const struct {
     const char *name;
     int (*fn)(int, char **);
-  } commands[] = {{"check", cmd_check}, {"print", cmd_print},
-                  {"dot", cmd_dot},     {"run", cmd_run},
-                  {"info", cmd_info},   {"grad", cmd_grad},
-                  {"step", cmd_step},   {"build-step", cmd_build_step},
-                  {"summary", cmd_summary}, {"build", cmd_build}};
+  } commands[] = {{"check", cmd_check},     {"print", cmd_print},
+                  {"dot", cmd_dot},         {"run", cmd_run},
+                  {"info", cmd_info},       {"grad", cmd_grad},
+                  {"step", cmd_step},       {"build-step", cmd_build_step},
+                  {"summary", cmd_summary}, {"build", cmd_build},
+                  {"opt", cmd_opt}};
   for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
     if (strcmp(cmd, commands[i].name) == 0) return commands[i].fn(argc, argv);
   fprintf(stderr, "cmaec: unknown command \"%s\" (see cmaec --help)\n", cmd);

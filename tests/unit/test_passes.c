@@ -1,0 +1,290 @@
+/* The clean-up passes and the pass manager: evaluate(before) == evaluate(after),
+ * bit for bit, on hundreds of random graphs made to contain what each pass
+ * rewrites (constants, identities, duplicates, movement chains, transposes,
+ * casts, dead code), and on a training step. */
+#include "../test.h"
+#include "passes/passes.h"
+
+#include <stdint.h>
+
+static uint64_t rng_state;
+static double uniform(void) {
+  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+  return (double)(rng_state >> 11) * 0x1p-53;
+}
+static int pick(int n) {
+  return (int)(uniform() * n);
+}
+
+/* A random f32 graph over [m, k] values, with deliberate redundancy. */
+static cm_graph *random_graph(int n_ops) {
+  cm_graph *g = cm_graph_new();
+  int64_t d[2] = {2 + pick(3), 2 + pick(3)};
+  int pool[512], np = 0;
+  for (int i = 0; i < 3; i++) pool[np++] = cm_input(g, NULL, CM_F32, 2, d);
+  double data[64];
+  for (int i = 0; i < 64; i++) data[i] = uniform() * 4 - 2;
+  pool[np++] = cm_const_data(g, NULL, CM_F32, 2, d, data);
+  pool[np++] = cm_const_fill(g, NULL, CM_F32, 2, d, 1.0);
+  pool[np++] = cm_const_fill(g, NULL, CM_F32, 2, d, -0.0);
+  for (int s = 0; s < n_ops && np < 500; s++) {
+    int a = pool[pick(np)], b = pool[pick(np)];
+    cm_type ta = g->nodes[a].type;
+    int y = -1;
+    switch (pick(11)) {
+    case 0: { /* binary, sometimes with an identity operand */
+      static const cm_op ops[] = {CM_OP_ADD, CM_OP_SUB, CM_OP_MUL, CM_OP_MAX, CM_OP_DIV};
+      cm_op op = ops[pick(5)];
+      if (cm_shape_equal(&ta, &g->nodes[b].type)) y = cm_binary(g, op, a, b, NULL);
+      break;
+    }
+    case 1: { /* unary */
+      static const cm_op ops[] = {CM_OP_TANH, CM_OP_NEG, CM_OP_ABS, CM_OP_EXP, CM_OP_ERF};
+      cm_op op = ops[pick(5)];
+      if (op == CM_OP_EXP) a = cm_unary(g, CM_OP_TANH, a, NULL);
+      y = cm_unary(g, op, a, NULL);
+      break;
+    }
+    case 2: /* the same expression twice: CSE */
+      if (cm_shape_equal(&ta, &g->nodes[b].type)) {
+        int u = cm_binary(g, CM_OP_MUL, a, b, NULL), v = cm_binary(g, CM_OP_MUL, a, b, NULL);
+        y = cm_binary(g, CM_OP_ADD, u, v, NULL);
+      }
+      break;
+    case 3: { /* a reshape chain back to the shape */
+      int64_t flat[1] = {ta.dims[0] * ta.dims[1]};
+      y = cm_reshape(g, cm_reshape(g, a, 1, flat, NULL), 2, ta.dims, NULL);
+      break;
+    }
+    case 4: { /* a transpose into a matmul */
+      int perm[2] = {1, 0};
+      int at = cm_permute(g, a, perm, NULL);
+      int m = cm_matmul(g, at, a, false, false, NULL); /* [k, k] */
+      int64_t s0[2] = {0, 0},
+              s1[2] = {ta.dims[0] < ta.dims[1] ? ta.dims[0] : ta.dims[1], ta.dims[1]};
+      m = cm_slice(g, cm_unary(g, CM_OP_TANH, m, NULL), s0, s1, NULL, NULL);
+      int64_t lo[2] = {0, 0}, hi[2] = {ta.dims[0] - s1[0], 0};
+      y = cm_pad(g, m, lo, hi, 0.5, NULL);
+      break;
+    }
+    case 5: /* casts: widening round trip, and a narrowing one that must stay */
+      y = pick(2) ? cm_cast(g, cm_cast(g, a, CM_F64, NULL), CM_F32, NULL)
+                  : cm_cast(g, cm_cast(g, a, CM_F16, NULL), CM_F32, NULL);
+      break;
+    case 6: { /* all-constant arithmetic: folding */
+      int k = cm_const_fill(g, NULL, CM_F32, 2, ta.dims, uniform());
+      int c2 = cm_unary(g, CM_OP_EXP, k, NULL);
+      y = cm_binary(g, CM_OP_ADD, a, c2, NULL);
+      break;
+    }
+    case 7: { /* a broadcast of a reduction */
+      int ax = pick(2);
+      int r = cm_reduce(g, pick(2) ? CM_OP_REDUCE_SUM : CM_OP_REDUCE_MAX, a, 1, &ax, true, NULL);
+      y = cm_broadcast(g, r, 2, ta.dims, NULL);
+      break;
+    }
+    case 8: { /* select, sometimes of equal values */
+      int cond = cm_binary(g, CM_OP_LT, a, b, NULL);
+      if (cm_shape_equal(&ta, &g->nodes[b].type)) y = cm_select(g, cond, a, pick(2) ? a : b, NULL);
+      break;
+    }
+    case 9: { /* dead code */ cm_unary(g, CM_OP_EXP, a, NULL); break;
+    }
+    default: { /* permute twice */
+      int perm[2] = {1, 0};
+      y = cm_permute(g, cm_permute(g, a, perm, NULL), perm, NULL);
+      break;
+    }
+    }
+    if (y >= 0) pool[np++] = y;
+  }
+  for (int k = 0; k < 3; k++) cm_graph_add_output(g, pool[np - 1 - k], NULL);
+  return g;
+}
+
+/* Evaluates outputs on the given input values (by input order). */
+static bool eval_outputs(const cm_graph *g, cm_tensor *inputs, int n_inputs, cm_tensor *out) {
+  const cm_tensor **src = calloc((size_t)g->n_nodes, sizeof *src);
+  cm_tensor *values = calloc((size_t)g->n_nodes, sizeof *values);
+  int k = 0;
+  for (int i = 0; i < g->n_nodes; i++)
+    if (g->nodes[i].op == CM_OP_INPUT && k < n_inputs) src[i] = &inputs[k++];
+  cm_eval_opts opts = {CM_PRECISION_NATIVE};
+  cm_err err = {0};
+  bool ok = cm_eval(g, src, values, &opts, &err) == CM_OK;
+  CHECK_MSG(ok, "%s", err.msg);
+  for (int o = 0; ok && o < g->n_outputs; o++)
+    cm_tensor_copy(&out[o], &values[g->outputs[o]], NULL);
+  if (ok)
+    for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&values[i]);
+  free(src);
+  free(values);
+  return ok;
+}
+
+static bool same_bits(const cm_tensor *a, const cm_tensor *b) {
+  if (!cm_type_equal(&a->type, &b->type)) return false;
+  int64_t n = cm_type_numel(&a->type);
+  for (int64_t i = 0; i < n; i++) {
+    double x = cm_tensor_get_f64(a, i), y = cm_tensor_get_f64(b, i);
+    if (!(x == y || (isnan(x) && isnan(y))) || signbit(x) != signbit(y)) return false;
+  }
+  return true;
+}
+
+static void check_pipeline(const char *pipeline, int n_graphs) {
+  int rewritten = 0, removed_nodes = 0;
+  for (int t = 0; t < n_graphs; t++) {
+    rng_state = 1000003ull * (uint64_t)t + 17;
+    cm_graph *g = random_graph(6 + t % 20);
+    CHECK_MSG(cm_graph_error(g) == NULL, "%s", cm_graph_error(g));
+    cm_tensor inputs[3], before[3] = {{{0}, 0}}, after[3] = {{{0}, 0}};
+    for (int k = 0; k < 3; k++) {
+      cm_tensor_alloc(&inputs[k], g->nodes[k].type, NULL);
+      for (int64_t e = 0; e < cm_type_numel(&inputs[k].type); e++)
+        cm_tensor_set_f64(&inputs[k], e, uniform() * 4 - 2);
+    }
+    bool ok = eval_outputs(g, inputs, 3, before);
+    cm_pass_state s = {cm_graph_clone(g), NULL};
+    cm_pipeline_opts opts = {true, false, NULL, NULL};
+    cm_err err = {0};
+    cm_status st = cm_pipeline_run(&s, pipeline, &opts, NULL, 0, NULL, &err);
+    CHECK_MSG(st == CM_OK, "%s on graph %d: %s", pipeline, t, err.msg);
+    if (!st && ok) {
+      CHECK(s.g->n_outputs == g->n_outputs);
+      removed_nodes += g->n_nodes - s.g->n_nodes;
+      rewritten += s.g->n_nodes != g->n_nodes;
+      if (eval_outputs(s.g, inputs, 3, after))
+        for (int o = 0; o < g->n_outputs; o++)
+          CHECK_MSG(same_bits(&before[o], &after[o]), "%s changed output %d of graph %d", pipeline,
+                    o, t);
+    }
+    for (int k = 0; k < 3; k++) {
+      cm_tensor_free(&inputs[k]);
+      cm_tensor_free(&before[k]);
+      cm_tensor_free(&after[k]);
+    }
+    cm_plan_free(s.plan);
+    cm_graph_free(s.g);
+    cm_graph_free(g);
+  }
+  /* The passes did something on most graphs: the test is not vacuous. */
+  CHECK_MSG(rewritten > n_graphs / 2, "%s rewrote only %d of %d graphs", pipeline, rewritten,
+            n_graphs);
+  fprintf(stderr, "%-20s %d graphs, %d rewritten, %d nodes removed\n", pipeline, n_graphs,
+          rewritten, removed_nodes);
+}
+
+static void test_simplify_equivalence(void) {
+  check_pipeline("simplify", 300);
+}
+static void test_cse_equivalence(void) {
+  check_pipeline("cse", 300);
+}
+static void test_dce_equivalence(void) {
+  check_pipeline("dce", 300);
+}
+static void test_cleanup_pipeline(void) {
+  check_pipeline("simplify,cse,dce", 300);
+}
+
+static void test_pipeline_errors(void) {
+  cm_graph *g = cm_graph_new();
+  int64_t d[1] = {2};
+  cm_graph_add_output(g, cm_unary(g, CM_OP_EXP, cm_input(g, "x", CM_F32, 1, d), "y"), NULL);
+  cm_pass_state s = {g, NULL};
+  cm_err err = {0};
+  CHECK(cm_pipeline_run(&s, "simplify,frobnicate", NULL, NULL, 0, NULL, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "unknown pass \"frobnicate\"");
+  CHECK(s.g->n_nodes == 2); /* nothing ran */
+  /* statistics and print-after */
+  cm_pass_stat stats[4];
+  int n = 0;
+  char *text = NULL;
+  size_t len = 0;
+  FILE *f = open_memstream(&text, &len);
+  cm_pipeline_opts opts = {true, false, "cse", f};
+  CHECK(cm_pipeline_run(&s, "simplify,cse,dce", &opts, stats, 4, &n, &err) == CM_OK);
+  fclose(f);
+  CHECK(n == 3 && strcmp(stats[1].pass, "cse") == 0 && stats[0].ms >= 0);
+  CHECK(text && strstr(text, "# ---- after cse ----") && !strstr(text, "after dce"));
+  free(text);
+  cm_plan_free(s.plan);
+  cm_graph_free(s.g);
+}
+
+/* The MLP training step: a real graph full of scalar constants and broadcasts. */
+static void test_training_step(void) {
+  cm_graph *g = cm_graph_new();
+  int64_t dx[2] = {4, 3}, dw[2] = {5, 3}, db[1] = {5};
+  cm_init init = {CM_INIT_UNIFORM, -1, 1};
+  int x = cm_input(g, "x", CM_F32, 2, dx);
+  int w = cm_param(g, "fc.weight", CM_F32, 2, dw, init);
+  int b = cm_param(g, "fc.bias", CM_F32, 1, db, init);
+  int h = cm_binary_bcast(g, CM_OP_ADD, cm_matmul(g, x, w, false, true, NULL), b, NULL);
+  int axes[2] = {0, 1};
+  int loss =
+      cm_reduce(g, CM_OP_REDUCE_SUM, cm_unary(g, CM_OP_TANH, h, NULL), 2, axes, false, "loss");
+  cm_graph_add_output(g, loss, NULL);
+  cm_optim_config cfg;
+  cm_optim_config_default(&cfg);
+  cm_graph *step = NULL;
+  cm_train_step_info info;
+  cm_err err = {0};
+  CHECK(cm_build_train_step(g, loss, &cfg, &step, &info, &err) == CM_OK);
+  if (!step) return;
+  cm_pass_state s = {cm_graph_clone(step), NULL};
+  CHECK(cm_pipeline_run(&s, "simplify,cse,dce", NULL, NULL, 0, NULL, &err) == CM_OK);
+  CHECK(s.g->n_nodes < step->n_nodes);
+  /* every assign survives, same targets */
+  int assigns_before = 0, assigns_after = 0;
+  for (int i = 0; i < step->n_nodes; i++) assigns_before += step->nodes[i].op == CM_OP_ASSIGN;
+  for (int i = 0; i < s.g->n_nodes; i++) assigns_after += s.g->nodes[i].op == CM_OP_ASSIGN;
+  CHECK(assigns_before == 6 && assigns_after == 6);
+  /* evaluate both with the same sources: every assign's value and output agree */
+  const cm_tensor **src1 = calloc((size_t)step->n_nodes, sizeof *src1);
+  const cm_tensor **src2 = calloc((size_t)s.g->n_nodes, sizeof *src2);
+  cm_tensor t[16];
+  int nt = 0;
+  rng_state = 99;
+  for (int i = 0; i < step->n_nodes; i++) {
+    const cm_node *n = &step->nodes[i];
+    if (n->op != CM_OP_INPUT && n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;
+    cm_tensor_alloc(&t[nt], n->type, NULL);
+    for (int64_t e = 0; e < cm_type_numel(&n->type); e++)
+      cm_tensor_set_f64(&t[nt], e, strcmp(n->name, "step") == 0 ? 3 : uniform() * 0.9 + 0.05);
+    src1[i] = &t[nt];
+    src2[cm_graph_find(s.g, n->name)] = &t[nt];
+    nt++;
+  }
+  cm_tensor *v1 = calloc((size_t)step->n_nodes, sizeof *v1);
+  cm_tensor *v2 = calloc((size_t)s.g->n_nodes, sizeof *v2);
+  cm_eval_opts opts = {CM_PRECISION_NATIVE};
+  CHECK(cm_eval(step, src1, v1, &opts, &err) == CM_OK);
+  CHECK(cm_eval(s.g, src2, v2, &opts, &err) == CM_OK);
+  int compared = 0;
+  for (int i = 0; i < step->n_nodes; i++) {
+    if (step->nodes[i].op != CM_OP_ASSIGN) continue;
+    int j = cm_graph_find(s.g, step->nodes[i].name);
+    CHECK(j >= 0);
+    if (j >= 0) {
+      CHECK_MSG(same_bits(&v1[i], &v2[j]), "update %s differs", step->nodes[i].name);
+      compared++;
+    }
+  }
+  CHECK(compared == 6);
+  for (int i = 0; i < step->n_nodes; i++) cm_tensor_free(&v1[i]);
+  for (int i = 0; i < s.g->n_nodes; i++) cm_tensor_free(&v2[i]);
+  for (int i = 0; i < nt; i++) cm_tensor_free(&t[i]);
+  free(v1);
+  free(v2);
+  free(src1);
+  free(src2);
+  cm_plan_free(s.plan);
+  cm_graph_free(s.g);
+  cm_graph_free(step);
+  cm_graph_free(g);
+}
+
+TEST_MAIN(TEST(test_simplify_equivalence), TEST(test_cse_equivalence), TEST(test_dce_equivalence),
+          TEST(test_cleanup_pipeline), TEST(test_pipeline_errors), TEST(test_training_step))
