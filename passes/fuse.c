@@ -64,6 +64,7 @@ typedef enum {
   FK_CONV,
   FK_COLLECTIVE,
   FK_UPDATE, /* an update region */
+  FK_NORM,   /* the multi-tensor gradient-norm reduction */
 } fuse_kind;
 
 /* Where a node's value lives within its group. */
@@ -265,7 +266,9 @@ static bool try_join(fuser *f, int node, int gid, fuse_level *out) {
   fuse_group *fg = &f->groups[gid];
   cm_category cat = cm_op_get_info(n->op)->category;
   int64_t numel = cm_type_numel(&n->type);
-  if (fg->kind == FK_SEALED || fg->kind == FK_COLLECTIVE || fg->kind == FK_UPDATE) return false;
+  if (fg->kind == FK_SEALED || fg->kind == FK_COLLECTIVE || fg->kind == FK_UPDATE ||
+      fg->kind == FK_NORM)
+    return false;
   fuse_level lv;
   int64_t in_numel;
   if (!inner_level(f, node, gid, &lv, &in_numel)) return false;
@@ -454,7 +457,7 @@ static bool absorbable(fuser *f, int node, int hid) {
 static void merge_producers(fuser *f, int node, int gid) {
   const cm_node *n = &f->g->nodes[node];
   fuse_kind kind = f->groups[gid].kind;
-  if (kind == FK_SEALED || kind == FK_COLLECTIVE || kind == FK_UPDATE) return;
+  if (kind == FK_SEALED || kind == FK_COLLECTIVE || kind == FK_UPDATE || kind == FK_NORM) return;
   for (int k = 0; k < n->n_inputs; k++) {
     int hid = group_of(f, n->inputs[k]);
     if (hid == gid || !absorbable(f, node, hid)) continue;
@@ -551,7 +554,7 @@ static void place(fuser *f, int node) {
 
 /* ---- update regions ------------------------------------------------------ */
 
-enum { REGION_NONE, REGION_OPTIMIZER, REGION_EMA, REGION_OTHER, REGION_COUNT };
+enum { REGION_NONE, REGION_NORM, REGION_OPTIMIZER, REGION_EMA, REGION_OTHER, REGION_COUNT };
 
 static int cmp_int(const void *a, const void *b) {
   int x = *(const int *)a, y = *(const int *)b;
@@ -604,6 +607,31 @@ static cm_status classify_regions(const fuser *f, unsigned char *region, cm_err 
     }
     region[v] = (unsigned char)(r == REGION_COUNT ? REGION_NONE : r);
   }
+  /* The gradient norm (the step's "grad_norm"): every reduction and
+   * elementwise node that serves only it is one multi-tensor reduction, not
+   * one kernel per parameter. It runs before the updates that may use it. */
+  int norm = cm_graph_find(g, "grad_norm");
+  if (norm >= 0 && region[norm] == REGION_NONE) {
+    region[norm] = REGION_NORM;
+    for (int v = norm - 1; v >= 0; v--) {
+      cm_category cat = cm_op_get_info(g->nodes[v].op)->category;
+      if (region[v] != REGION_NONE || n_consumers(f, v) == 0 ||
+          (cat != CM_CAT_ELEMENTWISE && cat != CM_CAT_MOVEMENT && cat != CM_CAT_REDUCE) ||
+          g->nodes[v].op == CM_OP_SCATTER_ADD)
+        continue;
+      /* Serving only the norm; or, for elementwise work, only the norm and the
+       * updates (a gradient's last add): the norm kernel computes and writes it,
+       * the update reads it, so it is not a kernel of its own. */
+      bool all_norm = true, all_regions = true, any_norm = false;
+      for (int e = f->cstart[v]; e < f->cstart[v + 1]; e++) {
+        int c = region[f->clist[e]];
+        all_norm &= c == REGION_NORM;
+        all_regions &= c != REGION_NONE;
+        any_norm |= c == REGION_NORM;
+      }
+      if (all_norm || (all_regions && any_norm && cat != CM_CAT_REDUCE)) region[v] = REGION_NORM;
+    }
+  }
   free(with_state);
   return CM_OK;
 }
@@ -626,6 +654,7 @@ static cm_group_kind plan_kind(const fuse_group *fg) {
   case FK_CONV: return CM_GROUP_CONV;
   case FK_COLLECTIVE: return CM_GROUP_COLLECTIVE;
   case FK_UPDATE: return CM_GROUP_UPDATE;
+  case FK_NORM: return CM_GROUP_REDUCE;
   }
   return CM_GROUP_ELEMENTWISE;
 }
@@ -934,11 +963,12 @@ static cm_status fuse_graph(const cm_graph *g, cm_plan **out, cm_err *err) {
   /* the update regions: last in the order, optimizer before EMA before the rest */
   f.next_key = INT64_MAX - 2 * REGION_COUNT;
   f.key_step = 1;
-  int region_group[REGION_COUNT] = {-1, -1, -1, -1};
+  int region_group[REGION_COUNT] = {-1, -1, -1, -1, -1};
   for (int r = 1; r < REGION_COUNT; r++) {
     bool any = false;
     for (int v = 0; v < n && !any; v++) any = region[v] == r;
-    if (any && (region_group[r] = new_group(&f, FK_UPDATE)) < 0) f.oom = true;
+    if (any && (region_group[r] = new_group(&f, r == REGION_NORM ? FK_NORM : FK_UPDATE)) < 0)
+      f.oom = true;
   }
   for (int v = 0; v < n && !f.oom; v++)
     if (region[v]) add_to(&f, v, region_group[region[v]], LV_FREE);
