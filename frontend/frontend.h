@@ -3,9 +3,9 @@
  * Defines: graph JSON v1 read/write (cmaec.graph/1, docs/graph-format.md),
  * loading a graph from JSON or text IR by content, named tensor sets,
  * safetensors read/write, and model-variant files (models/<variant>.json:
- * hyper-parameters by component, "extends", --set overrides; docs/models.md). Uses ir/ only. Every reader validates everything it
- * reads and returns CM_EINVALID with a one-line message naming the place
- * (JSON path, node, tensor) and the rule; none reads out of bounds. */
+ * hyper-parameters by component, "extends", --set overrides; docs/models.md). Uses ir/ only. Every
+ * reader validates everything it reads and returns CM_EINVALID with a one-line message naming the
+ * place (JSON path, node, tensor) and the rule; none reads out of bounds. */
 #ifndef CMAEC_FRONTEND_H
 #define CMAEC_FRONTEND_H
 
@@ -70,9 +70,9 @@ cm_status cm_read_file(const char *path, char **data, size_t *len, cm_err *err);
  * the variant file ("encoder.depth") with its type, default and meaning in
  * docs/models.md. Strings are fixed buffers so a config is a plain value. */
 typedef struct cm_model_config {
-  char name[64];            /* "name": the variant's name */
-  char arch[16];            /* "arch": "vit" | "convvit" */
-  bool contrastive;         /* "contrastive": CMAE (true) or plain MAE (false: no target branch) */
+  char name[64];    /* "name": the variant's name */
+  char arch[16];    /* "arch": "vit" | "convvit" */
+  bool contrastive; /* "contrastive": CMAE (true) or plain MAE (false: no target branch) */
   struct {
     char dataset[32];       /* "imagenet" | "fashion-mnist" | "folder" */
     int image_size;         /* view size fed to the encoders (224) */
@@ -81,53 +81,53 @@ typedef struct cm_model_config {
     int shift;              /* target view shift range p: offsets drawn from [0, p] (31) */
     double mean[3], std[3]; /* normalization, on the 0..255 scale */
     double crop_scale_min, crop_scale_max; /* random resized crop area (0.2, 1.0) */
-    double flip_prob;       /* 0.5 */
+    double flip_prob;                      /* 0.5 */
     double jitter_prob, brightness, contrast, saturation, hue; /* 0.8, 0.4, 0.4, 0.4, 0.1 */
-    double grayscale_prob;  /* 0.2 */
-    double blur_prob, blur_sigma_min, blur_sigma_max; /* 0.5, 0.1, 2.0 */
+    double grayscale_prob;                                     /* 0.2 */
+    double blur_prob, blur_sigma_min, blur_sigma_max;          /* 0.5, 0.1, 2.0 */
   } data;
   struct {
-    char kind[16];          /* "block" (official: 2x2 blocks) | "random" (MAE) */
-    double ratio;           /* 0.65 (block) / 0.75 (random) */
-    int block;              /* block side in patches (2) */
+    char kind[16]; /* "block" (official: 2x2 blocks) | "random" (MAE) */
+    double ratio;  /* 0.65 (block) / 0.75 (random) */
+    int block;     /* block side in patches (2) */
   } mask;
   struct {
-    int patch;              /* 16 */
-    int width, depth, heads;/* 768, 12, 12 (ViT); for convvit: the stage-3 transformer */
-    double mlp_ratio;       /* 4 */
-    bool qkv_bias;          /* true */
-    bool final_norm;        /* online final LN (true); the target never has one */
-    double ln_eps;          /* 1e-6 */
+    int patch;               /* 16 */
+    int width, depth, heads; /* 768, 12, 12 (ViT); for convvit: the stage-3 transformer */
+    double mlp_ratio;        /* 4 */
+    bool qkv_bias;           /* true */
+    bool final_norm;         /* online final LN (true); the target never has one */
+    double ln_eps;           /* 1e-6 */
     /* convvit only: three stages, the last one a transformer of width `width` */
     int stage_widths[CM_MODEL_MAX_STAGES];  /* [256, 384, 768] */
     int stage_depths[CM_MODEL_MAX_STAGES];  /* [2, 2, 11] */
     int stage_patches[CM_MODEL_MAX_STAGES]; /* [4, 2, 2]: product = patch */
   } encoder;
   struct {
-    bool enabled;           /* feature decoder only: false drops it (ablation) */
-    int width, depth, heads;/* pixel: 512, 8, 16; feature: 512, 2, 16 */
-    double mlp_ratio;       /* 4 */
+    bool enabled;            /* feature decoder only: false drops it (ablation) */
+    int width, depth, heads; /* pixel: 512, 8, 16; feature: 512, 2, 16 */
+    double mlp_ratio;        /* 4 */
   } pixel_decoder, feature_decoder;
   struct {
-    int hidden, out;        /* 1536, 256 */
-    double bn_eps;          /* 1e-6 */
+    int hidden, out; /* 1536, 256 */
+    double bn_eps;   /* 1e-6 */
   } projector, predictor;
   struct {
     double rc_weight, ct_weight; /* 1, 1 */
-    double temperature;     /* 0.07; loss_ct = ct_weight * 2 tau * CE */
-    bool norm_pix;          /* normalize each target patch (true) */
-    double norm_pix_eps;    /* 1e-6 */
+    double temperature;          /* 0.07; loss_ct = ct_weight * 2 tau * CE */
+    bool norm_pix;               /* normalize each target patch (true) */
+    double norm_pix_eps;         /* 1e-6 */
   } loss;
   struct {
-    double base_lr;         /* 1.5e-4; lr = base_lr * batch / 256 */
-    int batch;              /* global batch (4096) */
+    double base_lr;                         /* 1.5e-4; lr = base_lr * batch / 256 */
+    int batch;                              /* global batch (4096) */
     double weight_decay, beta1, beta2, eps; /* 0.05, 0.9, 0.95, 1e-8 */
-    double clip_norm;       /* 0: none */
+    double clip_norm;                       /* 0: none */
   } optimizer;
   struct {
-    int epochs, warmup_epochs;  /* 300, 40 */
-    double warmup_start_factor; /* 1e-4 */
-    double min_lr;              /* 0 */
+    int epochs, warmup_epochs;          /* 300, 40 */
+    double warmup_start_factor;         /* 1e-4 */
+    double min_lr;                      /* 0 */
     double momentum_base, momentum_end; /* EMA 0.996, 0.996 */
   } schedule;
 } cm_model_config;
@@ -151,9 +151,9 @@ char *cm_model_config_to_json(const cm_model_config *c);
 
 /* The key table, for docs and tools. */
 typedef struct cm_model_key {
-  const char *key;          /* "encoder.depth" */
-  const char *type;         /* "int", "number", "bool", "string", "int[3]", "number[3]" */
-  const char *doc;          /* one line */
+  const char *key;  /* "encoder.depth" */
+  const char *type; /* "int", "number", "bool", "string", "int[3]", "number[3]" */
+  const char *doc;  /* one line */
 } cm_model_key;
 int cm_model_config_keys(const cm_model_key **keys);
 

@@ -19,16 +19,16 @@
 /* ---- building blocks ---------------------------------------------------- */
 
 /* Initializers used by the official code (CMAE.md §3-§6). */
-cm_init cm_nn_init_xavier(void);        /* xavier_uniform, gain 1 */
+cm_init cm_nn_init_xavier(void); /* xavier_uniform, gain 1 */
 cm_init cm_nn_init_zeros(void);
 cm_init cm_nn_init_ones(void);
-cm_init cm_nn_init_normal(double std);  /* N(0, std^2) */
+cm_init cm_nn_init_normal(double std);            /* N(0, std^2) */
 cm_init cm_nn_init_torch_default(int64_t fan_in); /* fan_in 0: from the weight's shape */
 
 /* y = x W^T + b over the last axis: x [..., in] -> [..., out]; params
  * "<name>.weight" [out, in] (w_init) and, when bias, "<name>.bias" [out] (b_init). */
-int cm_nn_linear(cm_graph *g, int x, int out_features, bool bias, const char *name,
-                 cm_init w_init, cm_init b_init);
+int cm_nn_linear(cm_graph *g, int x, int out_features, bool bias, const char *name, cm_init w_init,
+                 cm_init b_init);
 /* LayerNorm over the last axis (biased variance, as PyTorch), eps; params
  * "<name>.weight" (ones) and "<name>.bias" (zeros) of the last dim. */
 int cm_nn_layer_norm(cm_graph *g, int x, double eps, const char *name);
@@ -90,8 +90,8 @@ int cm_mask_keep_count(const char *kind, double ratio, int block, int grid);
  * order), cls token prepended, pre-norm blocks, final LN when final_norm.
  * Params under prefix ("backbone", "target_backbone"). Returns [n, 1 + T, D]
  * with the cls token first. */
-int cm_vit_encoder(cm_graph *g, const cm_model_config *cfg, int img, int ids_keep,
-                   bool final_norm, const char *prefix);
+int cm_vit_encoder(cm_graph *g, const cm_model_config *cfg, int img, int ids_keep, bool final_norm,
+                   const char *prefix);
 /* Hybrid ConvViT encoder (CMAE.md §9): conv stages with LN + GELU patch
  * embeddings and CBlocks (the 5x5 depthwise conv sees keep = 1 - mask,
  * upsampled to each stage; mask f32 [n, L], -1 for none), stage-3 transformer
@@ -112,9 +112,9 @@ int cm_mae_decoder(cm_graph *g, const cm_model_config *cfg, int width, int depth
 /* ---- whole models ------------------------------------------------------- */
 
 typedef struct cm_model_build_opts {
-  int batch;         /* local batch n (>= 1; >= 2 where BatchNorm needs it) */
-  int ranks;         /* world size G (1: collectives are identities) */
-  cm_dtype dtype;    /* params and activations: f32, or f64 for reference tests */
+  int batch;      /* local batch n (>= 1; >= 2 where BatchNorm needs it) */
+  int ranks;      /* world size G (1: collectives are identities) */
+  cm_dtype dtype; /* params and activations: f32, or f64 for reference tests */
 } cm_model_build_opts;
 
 /* A built forward graph: inputs, outputs and where the pieces are. Inputs:
@@ -130,11 +130,11 @@ typedef struct cm_model {
   cm_graph *g;
   int loss, loss_rc, loss_ct; /* node ids; loss_ct -1 without the contrastive branch */
   int img, img_t, ids_keep, ids_restore, mask, labels; /* input node ids, -1 when absent */
-  int n_tokens, n_keep;       /* L and visible tokens */
+  int n_tokens, n_keep;                                /* L and visible tokens */
 } cm_model;
 
-cm_status cm_model_build(const cm_model_config *cfg, const cm_model_build_opts *opts,
-                         cm_model *out, cm_err *err);
+cm_status cm_model_build(const cm_model_config *cfg, const cm_model_build_opts *opts, cm_model *out,
+                         cm_err *err);
 void cm_model_free(cm_model *m);
 
 /* How the step builder treats a model's params (plain strings, so this layer

@@ -89,8 +89,8 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
  * kept; builder names ("%<id>") are given afresh, so the result reads cleanly. */
 typedef struct cm_rewriter {
   const cm_graph *old;
-  cm_graph *g;  /* the new graph */
-  int *map;     /* old id -> new id (-1: not yet / dropped) */
+  cm_graph *g; /* the new graph */
+  int *map;    /* old id -> new id (-1: not yet / dropped) */
 } cm_rewriter;
 
 cm_status cm_rewriter_begin(cm_rewriter *r, const cm_graph *old, cm_err *err);
@@ -108,13 +108,13 @@ bool cm_node_is_pinned(const cm_graph *g, int id, const bool *is_output);
 
 typedef enum cm_group_kind {
   CM_GROUP_ELEMENTWISE, /* elementwise and movement chains */
-  CM_GROUP_ROW,         /* a reduction over the innermost axis plus the consumers broadcasting it back */
-  CM_GROUP_REDUCE,      /* other reductions with their elementwise producers */
-  CM_GROUP_GEMM,        /* matmul with prologue and epilogue */
-  CM_GROUP_ATTENTION,   /* matmul -> scale -> softmax -> matmul (forward or backward) */
-  CM_GROUP_CONV,        /* conv2d and its adjoints with epilogue */
-  CM_GROUP_COLLECTIVE,  /* all_reduce / all_gather */
-  CM_GROUP_UPDATE,      /* optimizer or EMA updates: assigns with their elementwise math */
+  CM_GROUP_ROW,    /* a reduction over the innermost axis plus the consumers broadcasting it back */
+  CM_GROUP_REDUCE, /* other reductions with their elementwise producers */
+  CM_GROUP_GEMM,   /* matmul with prologue and epilogue */
+  CM_GROUP_ATTENTION,  /* matmul -> scale -> softmax -> matmul (forward or backward) */
+  CM_GROUP_CONV,       /* conv2d and its adjoints with epilogue */
+  CM_GROUP_COLLECTIVE, /* all_reduce / all_gather */
+  CM_GROUP_UPDATE,     /* optimizer or EMA updates: assigns with their elementwise math */
   CM_GROUP_KIND_COUNT
 } cm_group_kind;
 
@@ -134,11 +134,11 @@ typedef struct cm_group {
  * param, state) belong to no group; const and iota nodes are folded into the
  * groups that use them (duplicated: they are free). */
 typedef struct cm_plan {
-  int n_nodes;             /* of the graph it was made for */
+  int n_nodes; /* of the graph it was made for */
   int n_groups;
   cm_group *groups;
-  int *group_of;           /* per node: its group, -1 for sources */
-  int n_order, *order;     /* schedule: group ids in execution order (empty until schedule) */
+  int *group_of;       /* per node: its group, -1 for sources */
+  int n_order, *order; /* schedule: group ids in execution order (empty until schedule) */
   /* memory plan (memplan): per node, the byte offset of its buffer in the
    * arena, or -1 when it has none there (sources and state live in their own
    * buffers; group-internal values are never in memory; an assign's value is
@@ -170,12 +170,12 @@ void cm_plan_print(const cm_graph *g, const cm_plan *p, FILE *out);
 /* ---- the pass manager ----------------------------------------------------- */
 
 typedef struct cm_pass_state {
-  cm_graph *g;    /* any pass may replace it (the old one is freed): the clean-up passes
-                     rebuild it, fuse does when it duplicates broadcasts; read it again after
-                     each pass */
-  cm_plan *plan;  /* made by fuse (or by schedule when there is no fuse) for the current g;
-                     a pass that rebuilds g drops it. An assign node's value is the new
-                     value of its state (the assign is its group's output) */
+  cm_graph *g;   /* any pass may replace it (the old one is freed): the clean-up passes
+                    rebuild it, fuse does when it duplicates broadcasts; read it again after
+                    each pass */
+  cm_plan *plan; /* made by fuse (or by schedule when there is no fuse) for the current g;
+                    a pass that rebuilds g drops it. An assign node's value is the new
+                    value of its state (the assign is its group's output) */
 } cm_pass_state;
 
 typedef struct cm_pass_stat {
@@ -199,7 +199,7 @@ const cm_pass_info *cm_passes(void);
 extern const char cm_default_pipeline[];
 
 typedef struct cm_pipeline_opts {
-  bool verify_each;        /* cm_graph_verify (and cm_plan_verify) after every pass */
+  bool verify_each; /* cm_graph_verify (and cm_plan_verify) after every pass */
   bool print_after_all;
   const char *print_after; /* comma-separated pass names */
   FILE *print_out;         /* where --print-after goes (stderr when NULL) */

