@@ -1,14 +1,542 @@
-/* tools/cmd_model.c — cmaec summary, build (being written). */
+/* tools/cmd_model.c — cmaec summary, build: a model variant's parameters,
+ * FLOPs and activation memory, and its forward or training-step graph. */
 #include "cli.h"
 
-int cmd_summary(int argc, char **argv) {
-  (void)argc, (void)argv;
-  fprintf(stderr, "cmaec summary: not available yet\n");
-  return EXIT_INTERNAL;
+#include "../models/models.h"
+#include "../passes/passes.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
+
+static const char usage_summary[] =
+    "usage: cmaec summary MODEL.json [--set KEY=VALUE ...] [--batch N] [--json]\n"
+    "\n"
+    "Builds the variant's forward graph (local batch N, default 2) and its training step\n"
+    "(AdamW, CMAE no-decay rule, frozen pos embeds, EMA targets) and prints:\n"
+    "- parameter counts per module (first two name components) and role: trainable,\n"
+    "  frozen (pos embeds), EMA (target_backbone, target_projector);\n"
+    "- FLOPs per image of one training step, 2 x MACs of the matmul and conv nodes of\n"
+    "  the real graphs: forward of the trained parts, backward (the nodes autodiff\n"
+    "  added), the target forward; next to CMAE.md's convention 3 x forward + target;\n"
+    "- activation memory: bytes of the forward values a backward node reads.\n"
+    "--set overrides a key of the variant (repeatable); --json prints one JSON object.\n";
+
+static const char usage_build[] =
+    "usage: cmaec build MODEL.json -o GRAPH.json [--set KEY=VALUE ...] [--train]\n"
+    "                   [--batch N] [--ranks G] [--text]\n"
+    "\n"
+    "Writes the variant's forward graph (inputs img, img_t, ids_keep, ids_restore, mask;\n"
+    "outputs loss, loss_rc, loss_ct) or, with --train, its whole training step (AdamW with\n"
+    "the CMAE no-decay rule, frozen pos embeds, EMA of the target branch; see build-step).\n"
+    "N is the local batch (default: optimizer.batch / G), G the world size (default 1).\n"
+    "--set overrides a key of the variant (repeatable); --text writes text IR.\n";
+
+/* ---- shared: options, config, graphs ------------------------------------ */
+
+typedef struct model_cmd {
+  const char **sets; /* the --set values, in order */
+  int n_sets;
+  char **argv; /* argv without the --set flags */
+  int argc;
+} model_cmd;
+
+/* Takes the repeatable --set flags out of argv (cli_parse keeps one value per option). */
+static int split_sets(int argc, char **argv, const char *command, model_cmd *mc) {
+  memset(mc, 0, sizeof *mc);
+  mc->sets = malloc(sizeof(char *) * (size_t)argc);
+  mc->argv = malloc(sizeof(char *) * (size_t)(argc + 1));
+  if (!mc->sets || !mc->argv)
+    return fprintf(stderr, "cmaec %s: out of memory\n", command), EXIT_INTERNAL;
+  for (int i = 0; i < argc; i++) {
+    if (i >= 2 && strcmp(argv[i], "--set") == 0) {
+      if (i + 1 >= argc)
+        return fprintf(stderr, "cmaec %s: option --set needs a value\n", command), EXIT_INVALID;
+      mc->sets[mc->n_sets++] = argv[++i];
+    } else if (i >= 2 && strncmp(argv[i], "--set=", 6) == 0) {
+      mc->sets[mc->n_sets++] = argv[i] + 6;
+    } else {
+      mc->argv[mc->argc++] = argv[i];
+    }
+  }
+  mc->argv[mc->argc] = NULL;
+  return EXIT_OK;
 }
 
+static void model_cmd_free(model_cmd *mc) {
+  free(mc->sets);
+  free(mc->argv);
+}
+
+static bool parse_count(const char *s, int *out) {
+  uint64_t v;
+  if (!cli_parse_u64(s, &v) || v < 1 || v > 1000000) return false;
+  *out = (int)v;
+  return true;
+}
+
+static double now_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* The optimizer config every model tool uses: CMAE's no-decay rule, the
+ * model's frozen params and its EMA pairs. pairs needs room for 8. */
+static void model_optim_config(cm_optim_config *c, cm_ema_pair *pairs) {
+  cm_optim_config_default(c);
+  c->frozen = cm_model_frozen_substrings;
+  int n = 0;
+  for (; n < 8 && cm_model_ema_online_prefixes[n] && cm_model_ema_target_prefixes[n]; n++) {
+    pairs[n].online_prefix = cm_model_ema_online_prefixes[n];
+    pairs[n].target_prefix = cm_model_ema_target_prefixes[n];
+  }
+  c->n_ema = n;
+  c->ema = pairs;
+}
+
+static int load_config(const model_cmd *mc, const char *path, cm_model_config *cfg) {
+  cm_err err = {0};
+  if (cm_model_config_load(path, mc->sets, mc->n_sets, cfg, &err)) return cli_report(&err, path);
+  return EXIT_OK;
+}
+
+static int build_model(const char *path, const cm_model_config *cfg, int batch, int ranks,
+                       cm_model *m) {
+  cm_model_build_opts bo = {batch, ranks, CM_F32};
+  cm_err err = {0};
+  if (cm_model_build(cfg, &bo, m, &err)) return cli_report(&err, path);
+  return EXIT_OK;
+}
+
+static int build_step(const char *path, const cm_model *m, cm_graph **step,
+                      cm_train_step_info *info) {
+  cm_optim_config oc;
+  cm_ema_pair pairs[8];
+  model_optim_config(&oc, pairs);
+  cm_err err = {0};
+  if (cm_build_train_step(m->g, m->loss, &oc, step, info, &err)) return cli_report(&err, path);
+  return EXIT_OK;
+}
+
+/* ---- parameter roles and modules ---------------------------------------- */
+
+typedef enum { ROLE_TRAINABLE, ROLE_FROZEN, ROLE_EMA, ROLE_COUNT } param_role;
+
+static bool has_prefix_in(const char *name, const char *const *prefixes) {
+  for (int i = 0; prefixes[i]; i++)
+    if (strncmp(name, prefixes[i], strlen(prefixes[i])) == 0) return true;
+  return false;
+}
+
+static bool has_substring_in(const char *name, const char *const *subs) {
+  for (int i = 0; subs[i]; i++)
+    if (strstr(name, subs[i])) return true;
+  return false;
+}
+
+/* As cm_build_train_step decides: an EMA target first, then frozen, else trained. */
+static param_role role_of(const char *name) {
+  if (has_prefix_in(name, cm_model_ema_target_prefixes)) return ROLE_EMA;
+  if (has_substring_in(name, cm_model_frozen_substrings)) return ROLE_FROZEN;
+  return ROLE_TRAINABLE;
+}
+
+typedef struct module_row {
+  char name[160];
+  int depth; /* 1: first name component; 2: first two */
+  int64_t count[ROLE_COUNT];
+} module_row;
+
+typedef struct module_table {
+  int n, cap;
+  module_row *rows;
+} module_table;
+
+static module_row *module_get(module_table *t, const char *name, size_t len, int depth) {
+  for (int i = 0; i < t->n; i++)
+    if (t->rows[i].depth == depth && strlen(t->rows[i].name) == len &&
+        strncmp(t->rows[i].name, name, len) == 0)
+      return &t->rows[i];
+  if (t->n == t->cap) {
+    int cap = t->cap ? 2 * t->cap : 32;
+    module_row *rows = realloc(t->rows, sizeof *rows * (size_t)cap);
+    if (!rows) return NULL;
+    t->rows = rows;
+    t->cap = cap;
+  }
+  module_row *r = &t->rows[t->n++];
+  memset(r, 0, sizeof *r);
+  if (len >= sizeof r->name) len = sizeof r->name - 1;
+  memcpy(r->name, name, len);
+  r->depth = depth;
+  return r;
+}
+
+/* Adds a param to its top-level module and to its two-component module. */
+static bool module_add(module_table *t, const char *name, param_role role, int64_t numel) {
+  const char *dot1 = strchr(name, '.');
+  size_t len1 = dot1 ? (size_t)(dot1 - name) : strlen(name);
+  const char *dot2 = dot1 ? strchr(dot1 + 1, '.') : NULL;
+  size_t len2 = dot2 ? (size_t)(dot2 - name) : strlen(name);
+  module_row *top = module_get(t, name, len1, 1);
+  if (!top) return false;
+  top->count[role] += numel;
+  if (dot1) {
+    module_row *sub = module_get(t, name, len2, 2);
+    if (!sub) return false;
+    sub->count[role] += numel;
+  }
+  return true;
+}
+
+/* Display order: each top-level module as the graph first names it, followed
+ * by its sub-modules in graph order. Fills order[0..t->n). */
+static void module_order(const module_table *t, int *order) {
+  int k = 0;
+  for (int i = 0; i < t->n; i++) {
+    if (t->rows[i].depth != 1) continue;
+    order[k++] = i;
+    size_t len = strlen(t->rows[i].name);
+    for (int s = 0; s < t->n; s++) {
+      const module_row *r = &t->rows[s];
+      if (r->depth == 2 && strncmp(r->name, t->rows[i].name, len) == 0 && r->name[len] == '.')
+        order[k++] = s;
+    }
+  }
+}
+
+static int64_t row_total(const module_row *r) {
+  return r->count[ROLE_TRAINABLE] + r->count[ROLE_FROZEN] + r->count[ROLE_EMA];
+}
+
+/* ---- FLOPs and activations ---------------------------------------------- */
+
+/* 2 x MACs of a contraction node; 0 for any other op. */
+static double contraction_flops(const cm_graph *g, int id) {
+  const cm_node *n = &g->nodes[id];
+  double out = (double)cm_type_numel(&n->type);
+  switch (n->op) {
+  case CM_OP_MATMUL: {
+    const cm_type *a = &g->nodes[n->inputs[0]].type;
+    int64_t k = a->rank >= 2 ? a->dims[a->rank - (n->attrs.transpose_a ? 2 : 1)] : a->dims[0];
+    return 2.0 * out * (double)k;
+  }
+  case CM_OP_CONV2D: { /* (x, w): per output, C/groups * KH * KW MACs */
+    const cm_type *w = &g->nodes[n->inputs[1]].type;
+    return 2.0 * out * (double)(w->dims[1] * w->dims[2] * w->dims[3]);
+  }
+  case CM_OP_CONV2D_GRAD_INPUT: { /* (dy, w): the forward conv's MACs */
+    const cm_type *dy = &g->nodes[n->inputs[0]].type, *w = &g->nodes[n->inputs[1]].type;
+    return 2.0 * (double)cm_type_numel(dy) * (double)(w->dims[1] * w->dims[2] * w->dims[3]);
+  }
+  case CM_OP_CONV2D_GRAD_WEIGHT: { /* (x, dy) -> w: the forward conv's MACs */
+    const cm_type *dy = &g->nodes[n->inputs[1]].type, *w = &n->type;
+    return 2.0 * (double)cm_type_numel(dy) * (double)(w->dims[1] * w->dims[2] * w->dims[3]);
+  }
+  default: return 0.0;
+  }
+}
+
+typedef struct model_costs {
+  double forward, backward, target; /* FLOPs for the whole local batch */
+  int64_t activation_bytes;
+  int64_t params[ROLE_COUNT];
+} model_costs;
+
+/* Movement ops that PyTorch would express as views: autograd keeps their base. */
+static bool is_view(cm_op op) {
+  return op == CM_OP_RESHAPE || op == CM_OP_BROADCAST || op == CM_OP_PERMUTE || op == CM_OP_SLICE;
+}
+
+static bool compute_costs(const cm_model *m, const cm_graph *step, model_costs *c) {
+  const cm_graph *g = m->g;
+  int n0 = g->n_nodes;
+  memset(c, 0, sizeof *c);
+  if (n0 < 1) return true;
+  /* Which inputs each node depends on: bit 0 img_t, bit 1 any other input. */
+  unsigned char *dep = calloc((size_t)n0, 1);
+  bool *kept = calloc((size_t)n0, sizeof *kept);
+  if (!dep || !kept) {
+    free(dep);
+    free(kept);
+    return false;
+  }
+  for (int i = 0; i < n0; i++) {
+    const cm_node *n = &g->nodes[i];
+    if (n->op == CM_OP_INPUT) dep[i] = i == m->img_t ? 1 : 2;
+    for (int k = 0; k < n->n_inputs; k++) dep[i] |= dep[n->inputs[k]];
+    double f = contraction_flops(g, i);
+    if (dep[i] == 1)
+      c->target += f;
+    else
+      c->forward += f;
+    if (n->op == CM_OP_PARAM) c->params[role_of(n->name)] += cm_type_numel(&n->type);
+  }
+  /* The step graph is the forward graph (same ids) plus what autodiff and AdamW appended. */
+  for (int j = n0; j < step->n_nodes; j++) {
+    const cm_node *n = &step->nodes[j];
+    c->backward += contraction_flops(step, j);
+    for (int k = 0; k < n->n_inputs; k++) {
+      int x = n->inputs[k];
+      while (x < n0 && is_view(step->nodes[x].op)) x = step->nodes[x].inputs[0];
+      if (x < n0 && cm_op_get_info(step->nodes[x].op)->category != CM_CAT_SOURCE) kept[x] = true;
+    }
+  }
+  for (int i = 0; i < n0; i++)
+    if (kept[i]) c->activation_bytes += (int64_t)cm_type_nbytes(&g->nodes[i].type);
+  free(dep);
+  free(kept);
+  return true;
+}
+
+/* ---- cmaec summary ------------------------------------------------------- */
+
+static void print_count(int64_t v) {
+  /* 121,123,456-style grouping for the table */
+  char digits[32], out[48];
+  int n = snprintf(digits, sizeof digits, "%lld", (long long)v), o = 0;
+  for (int i = 0; i < n; i++) {
+    if (i > 0 && (n - i) % 3 == 0) out[o++] = ',';
+    out[o++] = digits[i];
+  }
+  out[o] = 0;
+  printf("%15s", out);
+}
+
+static void json_string(const char *s) {
+  putchar('"');
+  for (; *s; s++) {
+    if (*s == '"' || *s == '\\')
+      printf("\\%c", *s);
+    else if ((unsigned char)*s < 0x20)
+      printf("\\u%04x", (unsigned char)*s);
+    else
+      putchar(*s);
+  }
+  putchar('"');
+}
+
+int cmd_summary(int argc, char **argv) {
+  model_cmd mc;
+  int rc = split_sets(argc, argv, "summary", &mc);
+  if (rc) return model_cmd_free(&mc), rc;
+  cli_option opts[] = {{"--help", false, NULL, false},
+                       {"--batch", true, NULL, false},
+                       {"--json", false, NULL, false}};
+  const char *pos[1];
+  int n_pos, batch = 2;
+  cm_model model = {0};
+  cm_graph *step = NULL;
+  module_table mt = {0};
+  int *order = NULL;
+  if (!cli_parse(mc.argc, mc.argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "summary")) {
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  if (opts[0].given) {
+    fputs(usage_summary, stdout);
+    goto done;
+  }
+  if (n_pos != 1) {
+    fputs(usage_summary, stderr);
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  if (opts[1].given && !parse_count(opts[1].value, &batch)) {
+    fprintf(stderr, "cmaec summary: --batch %s: not an integer in [1, 1000000]\n", opts[1].value);
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  const char *path = pos[0];
+  cm_model_config cfg;
+  if ((rc = load_config(&mc, path, &cfg))) goto done;
+  double t0 = now_seconds();
+  if ((rc = build_model(path, &cfg, batch, 1, &model))) goto done;
+  double t1 = now_seconds();
+  cm_train_step_info info;
+  if ((rc = build_step(path, &model, &step, &info))) goto done;
+  double t2 = now_seconds();
+
+  model_costs c;
+  for (int i = 0; i < model.g->n_nodes; i++) {
+    const cm_node *n = &model.g->nodes[i];
+    if (n->op == CM_OP_PARAM &&
+        !module_add(&mt, n->name, role_of(n->name), cm_type_numel(&n->type)))
+      rc = EXIT_INTERNAL;
+  }
+  if (rc || !compute_costs(&model, step, &c)) {
+    fprintf(stderr, "cmaec summary: out of memory\n");
+    rc = EXIT_INTERNAL;
+    goto done;
+  }
+  order = malloc(sizeof(int) * (size_t)(mt.n + 1));
+  if (!order) {
+    fprintf(stderr, "cmaec summary: out of memory\n");
+    rc = EXIT_INTERNAL;
+    goto done;
+  }
+  module_order(&mt, order);
+  double per = 1.0 / (double)batch;
+  double fwd = c.forward * per, bwd = c.backward * per, tgt = c.target * per;
+  double step_flops = fwd + bwd + tgt, convention = 3.0 * fwd + tgt;
+
+  if (opts[2].given) {
+    printf("{\"model\": ");
+    json_string(cfg.name);
+    printf(", \"arch\": ");
+    json_string(cfg.arch);
+    printf(", \"contrastive\": %s, \"batch\": %d, \"dtype\": \"f32\",\n",
+           cfg.contrastive ? "true" : "false", batch);
+    printf(" \"trainable_params\": %lld, \"frozen_params\": %lld, \"ema_params\": %lld, "
+           "\"total_params\": %lld,\n",
+           (long long)c.params[ROLE_TRAINABLE], (long long)c.params[ROLE_FROZEN],
+           (long long)c.params[ROLE_EMA], (long long)(c.params[0] + c.params[1] + c.params[2]));
+    printf(" \"forward_flops_per_image\": %.17g, \"backward_flops_per_image\": %.17g, "
+           "\"target_flops_per_image\": %.17g, \"step_flops_per_image\": %.17g, "
+           "\"step_flops_per_image_convention\": %.17g,\n",
+           fwd, bwd, tgt, step_flops, convention);
+    printf(" \"activation_bytes\": %lld, \"activation_bytes_per_image\": %.17g,\n",
+           (long long)c.activation_bytes, (double)c.activation_bytes * per);
+    printf(" \"forward_nodes\": %d, \"step_nodes\": %d, \"build_seconds\": %.6f, "
+           "\"step_build_seconds\": %.6f,\n",
+           model.g->n_nodes, step->n_nodes, t1 - t0, t2 - t1);
+    printf(" \"modules\": [");
+    for (int i = 0; i < mt.n; i++) {
+      const module_row *r = &mt.rows[order[i]];
+      printf("%s\n  {\"name\": ", i ? "," : "");
+      json_string(r->name);
+      printf(", \"depth\": %d, \"params\": %lld, \"trainable\": %lld, \"frozen\": %lld, "
+             "\"ema\": %lld}",
+             r->depth, (long long)row_total(r), (long long)r->count[ROLE_TRAINABLE],
+             (long long)r->count[ROLE_FROZEN], (long long)r->count[ROLE_EMA]);
+    }
+    printf("]}\n");
+    goto done;
+  }
+
+  printf("%s (%s, %s), local batch %d, f32\n\n", cfg.name, cfg.arch,
+         cfg.contrastive ? "CMAE" : "MAE", batch);
+  printf("%-40s %15s %15s %15s %15s\n", "module", "params", "trainable", "frozen", "EMA");
+  for (int i = 0; i < mt.n; i++) {
+    const module_row *r = &mt.rows[order[i]];
+    printf("%s%-*s ", r->depth == 1 ? "" : "  ", r->depth == 1 ? 40 : 38, r->name);
+    print_count(row_total(r));
+    for (int role = 0; role < ROLE_COUNT; role++) putchar(' '), print_count(r->count[role]);
+    putchar('\n');
+  }
+  printf("%-40s ", "total");
+  print_count(c.params[0] + c.params[1] + c.params[2]);
+  for (int role = 0; role < ROLE_COUNT; role++) putchar(' '), print_count(c.params[role]);
+  printf("\n\n");
+  printf("FLOPs per image, one training step (2 x MACs of matmul and conv nodes; LN, softmax,\n"
+         "GELU and the losses' elementwise math not counted, as CMAE.md section 11):\n");
+  printf("  forward, trained parts            %10.3f GFLOP\n", fwd * 1e-9);
+  printf("  backward (autodiff nodes)         %10.3f GFLOP  (%.3f x forward)\n", bwd * 1e-9,
+         fwd > 0 ? bwd / fwd : 0.0);
+  printf("  target forward (no gradient)      %10.3f GFLOP\n", tgt * 1e-9);
+  printf("  step, exact from the graphs       %10.3f GFLOP\n", step_flops * 1e-9);
+  printf("  step, 3 x forward + target        %10.3f GFLOP  (CMAE.md section 11 convention)\n",
+         convention * 1e-9);
+  printf("  The exact backward is less than 2 x forward: the first layer (patch embedding)\n"
+         "  needs no gradient of the image%s.\n\n",
+         cfg.contrastive ? ", and the contrastive keys (stop-gradient) carry none" : "");
+  printf("activation memory (forward values read by backward nodes): %.2f MiB at batch %d, "
+         "%.2f MiB per image\n",
+         (double)c.activation_bytes / 1048576.0, batch,
+         (double)c.activation_bytes * per / 1048576.0);
+  printf("graphs: forward %d nodes (built in %.3f s), training step %d nodes (%d params trained, "
+         "autodiff + AdamW in %.3f s)\n",
+         model.g->n_nodes, t1 - t0, step->n_nodes, info.n_trainable, t2 - t1);
+done:
+  free(order);
+  free(mt.rows);
+  cm_graph_free(step);
+  cm_model_free(&model);
+  model_cmd_free(&mc);
+  return rc;
+}
+
+/* ---- cmaec build --------------------------------------------------------- */
+
 int cmd_build(int argc, char **argv) {
-  (void)argc, (void)argv;
-  fprintf(stderr, "cmaec build: not available yet\n");
-  return EXIT_INTERNAL;
+  model_cmd mc;
+  int rc = split_sets(argc, argv, "build", &mc);
+  if (rc) return model_cmd_free(&mc), rc;
+  cli_option opts[] = {{"--help", false, NULL, false},  {"-o", true, NULL, false},
+                       {"--output", true, NULL, false}, {"--train", false, NULL, false},
+                       {"--batch", true, NULL, false},  {"--ranks", true, NULL, false},
+                       {"--text", false, NULL, false}};
+  const char *pos[1];
+  int n_pos, batch = 0, ranks = 1;
+  cm_model model = {0};
+  cm_graph *step = NULL;
+  char *text = NULL;
+  if (!cli_parse(mc.argc, mc.argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "build")) {
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  if (opts[0].given) {
+    fputs(usage_build, stdout);
+    goto done;
+  }
+  const char *out_path = opts[1].given ? opts[1].value : opts[2].value;
+  if (n_pos != 1 || !out_path) {
+    fputs(usage_build, stderr);
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  for (int k = 4; k <= 5; k++) {
+    if (opts[k].given && !parse_count(opts[k].value, k == 4 ? &batch : &ranks)) {
+      fprintf(stderr, "cmaec build: %s %s: not an integer in [1, 1000000]\n", opts[k].name,
+              opts[k].value);
+      rc = EXIT_INVALID;
+      goto done;
+    }
+  }
+  const char *path = pos[0];
+  cm_model_config cfg;
+  if ((rc = load_config(&mc, path, &cfg))) goto done;
+  if (!opts[4].given) {
+    if (cfg.optimizer.batch % ranks != 0) {
+      fprintf(stderr, "%s: optimizer.batch %d is not divisible by --ranks %d (give --batch)\n",
+              path, cfg.optimizer.batch, ranks);
+      rc = EXIT_INVALID;
+      goto done;
+    }
+    batch = cfg.optimizer.batch / ranks;
+  }
+  if ((rc = build_model(path, &cfg, batch, ranks, &model))) goto done;
+  cm_train_step_info info = {0};
+  if (opts[3].given && (rc = build_step(path, &model, &step, &info))) goto done;
+  const cm_graph *out = step ? step : model.g;
+  text = opts[6].given ? cm_graph_print_str(out) : cm_graph_to_json(out);
+  FILE *f = text ? fopen(out_path, "w") : NULL;
+  bool written = f && fputs(text, f) >= 0;
+  if (f && fclose(f) != 0) written = false;
+  if (!written) {
+    fprintf(stderr, "%s: cannot write the graph\n", out_path);
+    rc = text ? EXIT_INVALID : EXIT_INTERNAL;
+    goto done;
+  }
+  int64_t n_params = 0, elements = 0;
+  for (int i = 0; i < out->n_nodes; i++)
+    if (out->nodes[i].op == CM_OP_PARAM) n_params++, elements += cm_type_numel(&out->nodes[i].type);
+  if (step)
+    printf("%s: training step of %s (batch %d, ranks %d): %d nodes, %lld params (%lld elements); "
+           "%d trained, %d frozen, %d EMA targets\n",
+           out_path, cfg.name, batch, ranks, out->n_nodes, (long long)n_params, (long long)elements,
+           info.n_trainable, info.n_frozen, info.n_ema);
+  else
+    printf("%s: forward graph of %s (batch %d, ranks %d): %d nodes, %lld params (%lld elements)\n",
+           out_path, cfg.name, batch, ranks, out->n_nodes, (long long)n_params,
+           (long long)elements);
+done:
+  free(text);
+  cm_graph_free(step);
+  cm_model_free(&model);
+  model_cmd_free(&mc);
+  return rc;
 }
