@@ -15,7 +15,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 kernels() { # MODEL DEPTH -> "kernels update reduce arena unplanned"
-  "$cmaec" build "$1" --train --batch "$batch" --set encoder.depth="$2" -o "$tmp/step.json" >/dev/null
+  "$cmaec" build "$1" --train --no-opt --batch "$batch" --set encoder.depth="$2" -o "$tmp/step.json" >/dev/null
   "$cmaec" opt "$tmp/step.json" --stats --json | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
@@ -27,7 +27,7 @@ read -r mae12 _ _ _ _ < <(kernels models/mae_vit_base.json 12)
 read -r mae13 _ _ _ _ < <(kernels models/mae_vit_base.json 13)
 read -r cmae12 upd12 _ arena unplanned < <(kernels models/cmae_vit_base.json 12)
 read -r cmae13 _ _ _ _ < <(kernels models/cmae_vit_base.json 13)
-"$cmaec" build models/cmae_vit_base.json --train --batch "$batch" -o "$tmp/step.json" >/dev/null
+"$cmaec" build models/cmae_vit_base.json --train --no-opt --batch "$batch" -o "$tmp/step.json" >/dev/null
 norm=$("$cmaec" opt "$tmp/step.json" | grep -c '^group .* reduce: .*grad_norm' || true)
 
 echo "cmae_vit_base training step, batch $batch (cmaec opt, default pipeline)"

@@ -26,13 +26,15 @@ static const char usage_summary[] =
 
 static const char usage_build[] =
     "usage: cmaec build MODEL.json -o GRAPH.json [--set KEY=VALUE ...] [--train]\n"
-    "                   [--batch N] [--ranks G] [--text]\n"
+    "                   [--batch N] [--ranks G] [--text] [--no-opt]\n"
     "\n"
     "Writes the variant's forward graph (inputs img, img_t, ids_keep, ids_restore, mask;\n"
     "outputs loss, loss_rc, loss_ct) or, with --train, its whole training step (AdamW with\n"
     "the CMAE no-decay rule, frozen pos embeds, EMA of the target branch; see build-step).\n"
     "N is the local batch (default: optimizer.batch / G), G the world size (default 1).\n"
-    "--set overrides a key of the variant (repeatable); --text writes text IR.\n";
+    "--set overrides a key of the variant (repeatable); --text writes text IR.\n"
+    "The training step goes through the default pipeline of passes (simplify, cse, dce,\n"
+    "fuse, schedule, memplan; kernels and arena are printed) unless --no-opt.\n";
 
 /* ---- shared: options, config, graphs ------------------------------------ */
 
@@ -468,11 +470,12 @@ int cmd_build(int argc, char **argv) {
   cli_option opts[] = {{"--help", false, NULL, false},  {"-o", true, NULL, false},
                        {"--output", true, NULL, false}, {"--train", false, NULL, false},
                        {"--batch", true, NULL, false},  {"--ranks", true, NULL, false},
-                       {"--text", false, NULL, false}};
+                       {"--text", false, NULL, false},  {"--no-opt", false, NULL, false}};
   const char *pos[1];
   int n_pos, batch = 0, ranks = 1;
   cm_model model = {0};
   cm_graph *step = NULL;
+  cm_plan *plan = NULL;
   char *text = NULL;
   if (!cli_parse(mc.argc, mc.argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "build")) {
     rc = EXIT_INVALID;
@@ -511,6 +514,18 @@ int cmd_build(int argc, char **argv) {
   if ((rc = build_model(path, &cfg, batch, ranks, &model))) goto done;
   cm_train_step_info info = {0};
   if (opts[3].given && (rc = build_step(path, &model, &step, &info))) goto done;
+  if (step && !opts[7].given) {
+    /* The training step goes through the default pipeline, as the backends run it. */
+    cm_pass_state s = {step, NULL};
+    cm_err err = {0};
+    cm_status st = cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err);
+    step = s.g;
+    plan = s.plan;
+    if (st) {
+      rc = cli_report(&err, path);
+      goto done;
+    }
+  }
   const cm_graph *out = step ? step : model.g;
   text = opts[6].given ? cm_graph_print_str(out) : cm_graph_to_json(out);
   FILE *f = text ? fopen(out_path, "w") : NULL;
@@ -524,17 +539,22 @@ int cmd_build(int argc, char **argv) {
   int64_t n_params = 0, elements = 0;
   for (int i = 0; i < out->n_nodes; i++)
     if (out->nodes[i].op == CM_OP_PARAM) n_params++, elements += cm_type_numel(&out->nodes[i].type);
-  if (step)
+  if (step) {
     printf("%s: training step of %s (batch %d, ranks %d): %d nodes, %lld params (%lld elements); "
            "%d trained, %d frozen, %d EMA targets\n",
            out_path, cfg.name, batch, ranks, out->n_nodes, (long long)n_params, (long long)elements,
            info.n_trainable, info.n_frozen, info.n_ema);
-  else
+    if (plan)
+      printf("  default pipeline: %d kernels, arena %.1f MiB (unplanned %.1f MiB)\n",
+             plan->n_groups, (double)plan->arena_bytes / 1048576.0,
+             (double)plan->unplanned_bytes / 1048576.0);
+  } else
     printf("%s: forward graph of %s (batch %d, ranks %d): %d nodes, %lld params (%lld elements)\n",
            out_path, cfg.name, batch, ranks, out->n_nodes, (long long)n_params,
            (long long)elements);
 done:
   free(text);
+  cm_plan_free(plan);
   cm_graph_free(step);
   cm_model_free(&model);
   model_cmd_free(&mc);
