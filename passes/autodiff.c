@@ -263,13 +263,27 @@ static int vjp(vjp_ctx *c, int k) {
     /* The global loss sums the ranks' losses, so each rank's x feeds every rank's y. */
     if (n->attrs.ranks == 1) return dy;
     return cm_all_reduce(g, dy, n->attrs.mode, n->attrs.ranks, NULL);
-  case CM_OP_ALL_GATHER:
+  case CM_OP_ALL_GATHER: {
     if (n->attrs.ranks == 1) return dy;
-    cm_errorf(c->err, CM_EINVALID,
-              "the gradient of all_gather over %d ranks needs a reduce-scatter, not yet supported; "
-              "stop_gradient the gathered value",
-              n->attrs.ranks);
-    return -1;
+    /* Every rank's loss reads every rank's x: dx = this rank's slice of the
+     * sum over ranks of dy, i.e. gather(all_reduce(dy), iota + rank * len). The
+     * rank comes from the graph input "rank" (i32[], bound by the runtime). */
+    int rank = cm_graph_find(g, "rank");
+    if (rank < 0) rank = cm_input(g, "rank", CM_I32, 0, NULL);
+    cm_type tr = type_of(g, rank);
+    if (g->nodes[rank].op != CM_OP_INPUT || tr.dtype != CM_I32 || tr.rank != 0) {
+      cm_errorf(c->err, CM_EINVALID,
+                "the gradient of all_gather needs \"rank\" to be an i32[] input");
+      return -1;
+    }
+    int axis = n->attrs.axis;
+    int64_t len = tx->dims[axis];
+    int sum = cm_all_reduce(g, dy, CM_MODE_SUM, n->attrs.ranks, NULL);
+    int idx = cm_iota(g, NULL, CM_I32, tx->rank, tx->dims, axis);
+    int offset = cm_binary(g, CM_OP_MUL, rank, cm_const_scalar(g, NULL, CM_I32, (double)len), NULL);
+    idx = cm_binary(g, CM_OP_ADD, idx, cm_broadcast(g, offset, tx->rank, tx->dims, NULL), NULL);
+    return cm_gather(g, sum, idx, axis, NULL);
+  }
   case CM_OP_ASSIGN: return k == 1 ? dy : -2;
   default: return -2;
   }

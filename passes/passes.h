@@ -16,8 +16,11 @@
  * stop_gradient blocks; integer and bool values carry no gradient; ties of
  * max/min split the gradient in half and reduce_max shares it evenly among the
  * maxima (PyTorch's torch.maximum and torch.amax); abs and relu have gradient 0
- * at 0. Errors: a non-float wrt, a wrt that reaches the loss only through
- * non-differentiable ops (named), all_gather over several ranks. */
+ * at 0. Over several ranks the loss is the sum of the ranks' losses: the
+ * adjoint of all_reduce is an all_reduce, that of all_gather this rank's slice
+ * of all_reduce(sum) of the adjoint, read with the i32[] input "rank" (added
+ * when missing). Errors: a non-float wrt, a wrt that reaches the loss only
+ * through non-differentiable ops (named). */
 cm_status cm_autodiff(cm_graph *g, int loss, int n_wrt, const int *wrt, int *grads, cm_err *err);
 
 typedef struct cm_gradcheck_result {

@@ -663,6 +663,38 @@ static void test_random_graphs(void) {
           worst, worst_graph);
 }
 
+/* Over 4 ranks: the adjoint of all_gather reads this rank's slice of the
+ * all-reduced adjoint through the "rank" input. The oracle runs one rank, so
+ * this checks the construction: types, the rank input, the ops used. */
+static void test_collectives_many_ranks(void) {
+  cm_graph *g = cm_graph_new();
+  int64_t d[2] = {3, 4};
+  cm_init init = {CM_INIT_UNIFORM, -1, 1};
+  int x = cm_param(g, "x", CM_F32, 2, d, init);
+  int y = cm_all_gather(g, x, 0, 4, "y");
+  int axes[2] = {0, 1};
+  int loss =
+      cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, y, NULL), 2, axes, false, "loss");
+  int m = cm_all_reduce(g, x, CM_MODE_MEAN, 4, "m");
+  int loss2 = cm_binary(g, CM_OP_ADD, loss, cm_reduce(g, CM_OP_REDUCE_SUM, m, 2, axes, false, NULL),
+                        "total");
+  int grads[1];
+  cm_err err = {0};
+  CHECK_MSG(cm_autodiff(g, loss2, 1, &x, grads, &err) == CM_OK, "%s", err.msg);
+  CHECK(cm_graph_verify(g, NULL) == CM_OK);
+  int rank = cm_graph_find(g, "rank");
+  CHECK(rank >= 0 && g->nodes[rank].op == CM_OP_INPUT && g->nodes[rank].type.dtype == CM_I32);
+  CHECK(cm_type_equal(&g->nodes[grads[0]].type, &g->nodes[x].type));
+  int gathers = 0, sums = 0, means = 0;
+  for (int i = loss2 + 1; i < g->n_nodes; i++) {
+    gathers += g->nodes[i].op == CM_OP_GATHER;
+    sums += g->nodes[i].op == CM_OP_ALL_REDUCE && g->nodes[i].attrs.mode == CM_MODE_SUM;
+    means += g->nodes[i].op == CM_OP_ALL_REDUCE && g->nodes[i].attrs.mode == CM_MODE_MEAN;
+  }
+  CHECK(gathers == 1 && sums == 1 && means == 1);
+  cm_graph_free(g);
+}
+
 /* ---- errors -------------------------------------------------------------- */
 
 static void test_errors(void) {
@@ -702,5 +734,5 @@ static void test_errors(void) {
 
 TEST_MAIN(TEST(test_unary_ops), TEST(test_binary_ops_broadcasting), TEST(test_select_and_ties),
           TEST(test_reductions), TEST(test_movement), TEST(test_gather_scatter), TEST(test_matmul),
-          TEST(test_conv), TEST(test_collectives_one_rank), TEST(test_composites),
-          TEST(test_random_graphs), TEST(test_errors))
+          TEST(test_conv), TEST(test_collectives_one_rank), TEST(test_collectives_many_ranks),
+          TEST(test_composites), TEST(test_random_graphs), TEST(test_errors))
