@@ -16,16 +16,6 @@
 
 /* ---- small helpers ----------------------------------------------------- */
 
-static cm_status invalid(cm_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static cm_status invalid(cm_err *err, const char *fmt, ...) {
-  char msg[sizeof err->msg];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(msg, sizeof msg, fmt, ap);
-  va_end(ap);
-  return cm_errorf(err, CM_EINVALID, "%s", msg);
-}
-
 /* Quotes a string from the file for an error message: escapes what would break
  * the one-line message and shortens long strings. */
 static const char *quoted(const char *s, char *buf, size_t size) {
@@ -64,14 +54,14 @@ static const char *json_kind(const cJSON *item) {
 static cm_status get_int(const cJSON *item, const char *path, int64_t lo, int64_t hi, int64_t *out,
                          cm_err *err) {
   if (!cJSON_IsNumber(item))
-    return invalid(err, "%s: expected an integer, got %s", path, json_kind(item));
+    return cm_errorf(err, CM_EINVALID, "%s: expected an integer, got %s", path, json_kind(item));
   double v = item->valuedouble;
   if (!(fabs(v) <= (double)MAX_EXACT_INT) || v != floor(v))
-    return invalid(err, "%s: expected an integer, got %.17g", path, v);
+    return cm_errorf(err, CM_EINVALID, "%s: expected an integer, got %.17g", path, v);
   int64_t i = (int64_t)v;
   if (i < lo || i > hi)
-    return invalid(err, "%s: %" PRId64 " is out of range [%" PRId64 ", %" PRId64 "]", path, i, lo,
-                   hi);
+    return cm_errorf(err, CM_EINVALID, "%s: %" PRId64 " is out of range [%" PRId64 ", %" PRId64 "]",
+                     path, i, lo, hi);
   *out = i;
   return CM_OK;
 }
@@ -92,24 +82,25 @@ static cm_status get_number(const cJSON *item, const char *path, double *out, cm
       *out = -INFINITY;
     else {
       char q[80];
-      return invalid(err, "%s: expected a number (or \"nan\", \"inf\", \"-inf\"), got %s", path,
-                     quoted(s, q, sizeof q));
+      return cm_errorf(err, CM_EINVALID,
+                       "%s: expected a number (or \"nan\", \"inf\", \"-inf\"), got %s", path,
+                       quoted(s, q, sizeof q));
     }
     return CM_OK;
   }
-  return invalid(err, "%s: expected a number, got %s", path, json_kind(item));
+  return cm_errorf(err, CM_EINVALID, "%s: expected a number, got %s", path, json_kind(item));
 }
 
 static cm_status get_bool(const cJSON *item, const char *path, bool *out, cm_err *err) {
   if (!cJSON_IsBool(item))
-    return invalid(err, "%s: expected true or false, got %s", path, json_kind(item));
+    return cm_errorf(err, CM_EINVALID, "%s: expected true or false, got %s", path, json_kind(item));
   *out = cJSON_IsTrue(item);
   return CM_OK;
 }
 
 static cm_status get_string(const cJSON *item, const char *path, const char **out, cm_err *err) {
   if (!cJSON_IsString(item) || !item->valuestring)
-    return invalid(err, "%s: expected a string, got %s", path, json_kind(item));
+    return cm_errorf(err, CM_EINVALID, "%s: expected a string, got %s", path, json_kind(item));
   *out = item->valuestring;
   return CM_OK;
 }
@@ -120,12 +111,14 @@ static cm_status check_unique_keys(const cJSON *obj, const char *path, cm_err *e
    * the pairwise check cheap on hostile input. */
   int count = cJSON_GetArraySize(obj);
   if (count > 64)
-    return invalid(err, "%s: %d keys, more than any object of the format has", path, count);
+    return cm_errorf(err, CM_EINVALID, "%s: %d keys, more than any object of the format has", path,
+                     count);
   for (const cJSON *a = obj->child; a; a = a->next)
     for (const cJSON *b = a->next; b; b = b->next)
       if (a->string && b->string && strcmp(a->string, b->string) == 0) {
         char q[80];
-        return invalid(err, "%s: duplicate key %s", path, quoted(a->string, q, sizeof q));
+        return cm_errorf(err, CM_EINVALID, "%s: duplicate key %s", path,
+                         quoted(a->string, q, sizeof q));
       }
   return CM_OK;
 }
@@ -134,10 +127,12 @@ static cm_status check_unique_keys(const cJSON *obj, const char *path, cm_err *e
 static cm_status get_int_array(const cJSON *item, const char *path, int max_n, int64_t lo,
                                int64_t hi, int64_t *vals, int *n, cm_err *err) {
   if (!cJSON_IsArray(item))
-    return invalid(err, "%s: expected an array of integers, got %s", path, json_kind(item));
+    return cm_errorf(err, CM_EINVALID, "%s: expected an array of integers, got %s", path,
+                     json_kind(item));
   int count = cJSON_GetArraySize(item);
   if (count > max_n)
-    return invalid(err, "%s: has %d entries, at most %d allowed", path, count, max_n);
+    return cm_errorf(err, CM_EINVALID, "%s: has %d entries, at most %d allowed", path, count,
+                     max_n);
   int i = 0;
   for (const cJSON *e = item->child; e; e = e->next, i++) {
     char p[160];
@@ -151,10 +146,12 @@ static cm_status get_int_array(const cJSON *item, const char *path, int max_n, i
 static cm_status get_shape(const cJSON *item, const char *path, int *rank, int64_t *dims,
                            cm_err *err) {
   if (!cJSON_IsArray(item))
-    return invalid(err, "%s: expected an array of dimensions, got %s", path, json_kind(item));
+    return cm_errorf(err, CM_EINVALID, "%s: expected an array of dimensions, got %s", path,
+                     json_kind(item));
   int count = cJSON_GetArraySize(item);
   if (count > CM_MAX_RANK)
-    return invalid(err, "%s: rank %d exceeds the maximum rank %d", path, count, CM_MAX_RANK);
+    return cm_errorf(err, CM_EINVALID, "%s: rank %d exceeds the maximum rank %d", path, count,
+                     CM_MAX_RANK);
   int64_t numel = 1;
   int i = 0;
   for (const cJSON *e = item->child; e; e = e->next, i++) {
@@ -163,12 +160,13 @@ static cm_status get_shape(const cJSON *item, const char *path, int *rank, int64
     int64_t d;
     if (cJSON_IsNumber(e) && e->valuedouble > (double)CM_MAX_ELEMENTS &&
         e->valuedouble == floor(e->valuedouble))
-      return invalid(err, "%s: dimension %.0f exceeds 2^40", p, e->valuedouble);
+      return cm_errorf(err, CM_EINVALID, "%s: dimension %.0f exceeds 2^40", p, e->valuedouble);
     if (get_int(e, p, INT64_MIN, INT64_MAX, &d, err)) return CM_EINVALID;
-    if (d < 1) return invalid(err, "%s: dimension %" PRId64 " is not >= 1", p, d);
-    if (d > CM_MAX_ELEMENTS) return invalid(err, "%s: dimension %" PRId64 " exceeds 2^40", p, d);
+    if (d < 1) return cm_errorf(err, CM_EINVALID, "%s: dimension %" PRId64 " is not >= 1", p, d);
+    if (d > CM_MAX_ELEMENTS)
+      return cm_errorf(err, CM_EINVALID, "%s: dimension %" PRId64 " exceeds 2^40", p, d);
     if (numel > CM_MAX_ELEMENTS / d)
-      return invalid(err, "%s: the shape has more than 2^40 elements", path);
+      return cm_errorf(err, CM_EINVALID, "%s: the shape has more than 2^40 elements", path);
     numel *= d;
     dims[i] = d;
   }
@@ -186,7 +184,7 @@ static cm_status get_pair(const cJSON *item, const char *path, int lo, int out[2
   }
   int n = 0;
   if (get_int_array(item, path, 2, lo, INT32_MAX, v, &n, err)) return CM_EINVALID;
-  if (n != 2) return invalid(err, "%s: expected 2 entries (h, w), got %d", path, n);
+  if (n != 2) return cm_errorf(err, CM_EINVALID, "%s: expected 2 entries (h, w), got %d", path, n);
   out[0] = (int)v[0];
   out[1] = (int)v[1];
   return CM_OK;
@@ -264,17 +262,18 @@ static void place_of(const entry *e, char *buf, size_t size) {
 
 static cm_status parse_init(const cJSON *item, const char *path, cm_init *out, cm_err *err) {
   if (!cJSON_IsObject(item))
-    return invalid(err, "%s: expected an object, got %s", path, json_kind(item));
+    return cm_errorf(err, CM_EINVALID, "%s: expected an object, got %s", path, json_kind(item));
   if (check_unique_keys(item, path, err)) return CM_EINVALID;
   const cJSON *kind_item = cJSON_GetObjectItemCaseSensitive(item, "kind");
   char p[200], q[80];
-  if (!kind_item) return invalid(err, "%s: missing \"kind\"", path);
+  if (!kind_item) return cm_errorf(err, CM_EINVALID, "%s: missing \"kind\"", path);
   snprintf(p, sizeof p, "%s.kind", path);
   const char *kind_name = NULL;
   if (get_string(kind_item, p, &kind_name, err)) return CM_EINVALID;
   cm_init init = {CM_INIT_NONE, 0, 0};
   if (!cm_init_kind_from_name(kind_name, &init.kind))
-    return invalid(err, "%s: unknown init kind %s", p, quoted(kind_name, q, sizeof q));
+    return cm_errorf(err, CM_EINVALID, "%s: unknown init kind %s", p,
+                     quoted(kind_name, q, sizeof q));
   /* Fields per kind, stored into a then b, with their defaults. */
   const char *fields[2] = {NULL, NULL};
   double defaults[2] = {0, 0};
@@ -305,8 +304,8 @@ static cm_status parse_init(const cJSON *item, const char *path, cm_init *out, c
       if (get_number(f, p, &init.b, err)) return CM_EINVALID;
     } else {
       char q2[80];
-      return invalid(err, "%s: unknown field %s for init kind %s", path,
-                     quoted(f->string, q, sizeof q), quoted(kind_name, q2, sizeof q2));
+      return cm_errorf(err, CM_EINVALID, "%s: unknown field %s for init kind %s", path,
+                       quoted(f->string, q, sizeof q), quoted(kind_name, q2, sizeof q2));
     }
   }
   *out = init;
@@ -335,14 +334,14 @@ static cm_status parse_attrs(const cm_graph *g, const reader *r, const entry *e,
     while (k < K_COUNT && !((info->attrs & attr_keys[k].bit) && strcmp(key, attr_keys[k].key) == 0))
       k++;
     if (k == K_COUNT)
-      return invalid(err, "%s \"%s\" (%s): unknown attribute %s", place, e->name, info->name,
-                     quoted(key, q, sizeof q));
+      return cm_errorf(err, CM_EINVALID, "%s \"%s\" (%s): unknown attribute %s", place, e->name,
+                       info->name, quoted(key, q, sizeof q));
     given[k] = f;
   }
   for (int k = 0; k < K_COUNT; k++)
     if ((info->attrs & attr_keys[k].bit) && !given[k] && attr_required(e->op, (enum attr_key)k))
-      return invalid(err, "%s \"%s\" (%s): missing attribute \"%s\"", place, e->name, info->name,
-                     attr_keys[k].key);
+      return cm_errorf(err, CM_EINVALID, "%s \"%s\" (%s): missing attribute \"%s\"", place, e->name,
+                       info->name, attr_keys[k].key);
 
   for (int k = 0; k < K_COUNT; k++) {
     const cJSON *f = given[k];
@@ -356,14 +355,15 @@ static cm_status parse_attrs(const cm_graph *g, const reader *r, const entry *e,
     case K_DTYPE:
       if ((st = get_string(f, p, &s, err))) break;
       if (!cm_dtype_from_name(s, &attrs->dtype))
-        st = invalid(err, "%s: unknown dtype %s", p, quoted(s, q, sizeof q));
+        st = cm_errorf(err, CM_EINVALID, "%s: unknown dtype %s", p, quoted(s, q, sizeof q));
       break;
     case K_SHAPE: st = get_shape(f, p, &attrs->rank, attrs->shape, err); break;
     case K_INIT: st = parse_init(f, p, &attrs->init, err); break;
     case K_VALUE: st = get_number(f, p, &attrs->value, err); break;
     case K_DATA: {
       if (!cJSON_IsArray(f)) {
-        st = invalid(err, "%s: expected an array of numbers, got %s", p, json_kind(f));
+        st = cm_errorf(err, CM_EINVALID, "%s: expected an array of numbers, got %s", p,
+                       json_kind(f));
         break;
       }
       int count = cJSON_GetArraySize(f);
@@ -398,8 +398,9 @@ static cm_status parse_attrs(const cm_graph *g, const reader *r, const entry *e,
       int64_t hi = k == K_PERM ? INT32_MAX : MAX_EXACT_INT;
       if ((st = get_int_array(f, p, CM_MAX_RANK, lo, hi, v, &n, err))) break;
       if (n != in_rank) {
-        st = invalid(err, "%s \"%s\" (%s): \"%s\" has %d entries, the input has rank %d", place,
-                     e->name, info->name, attr_keys[k].key, n, in_rank);
+        st = cm_errorf(err, CM_EINVALID,
+                       "%s \"%s\" (%s): \"%s\" has %d entries, the input has rank %d", place,
+                       e->name, info->name, attr_keys[k].key, n, in_rank);
         break;
       }
       for (int i = 0; i < n; i++) {
@@ -427,7 +428,8 @@ static cm_status parse_attrs(const cm_graph *g, const reader *r, const entry *e,
       else if (strcmp(s, "mean") == 0)
         attrs->mode = CM_MODE_MEAN;
       else
-        st = invalid(err, "%s: expected \"sum\" or \"mean\", got %s", p, quoted(s, q, sizeof q));
+        st = cm_errorf(err, CM_EINVALID, "%s: expected \"sum\" or \"mean\", got %s", p,
+                       quoted(s, q, sizeof q));
       break;
     case K_RANKS:
       if (!(st = get_int(f, p, INT32_MIN, INT32_MAX, &one, err))) attrs->ranks = (int)one;
@@ -442,9 +444,10 @@ static cm_status parse_attrs(const cm_graph *g, const reader *r, const entry *e,
     int64_t numel = cm_type_numel(&t);
     if (attrs->n_data != numel) {
       char ts[96];
-      return invalid(
-          err, "%s \"%s\" (%s): \"data\" has %" PRId64 " numbers, %s has %" PRId64 " elements",
-          place, e->name, info->name, attrs->n_data, cm_type_str(&t, ts, sizeof ts), numel);
+      return cm_errorf(
+          err, CM_EINVALID,
+          "%s \"%s\" (%s): \"data\" has %" PRId64 " numbers, %s has %" PRId64 " elements", place,
+          e->name, info->name, attrs->n_data, cm_type_str(&t, ts, sizeof ts), numel);
     }
   }
   return CM_OK;
@@ -466,7 +469,8 @@ static cm_status collect_entries(reader *r, const cJSON *root, cm_err *err) {
     const cJSON *arr = cJSON_GetObjectItemCaseSensitive(root, sections[s]);
     if (!arr) continue;
     if (!cJSON_IsArray(arr))
-      return invalid(err, "%s: expected an array, got %s", sections[s], json_kind(arr));
+      return cm_errorf(err, CM_EINVALID, "%s: expected an array, got %s", sections[s],
+                       json_kind(arr));
     total += cJSON_GetArraySize(arr);
   }
   r->entries = calloc((size_t)(total ? total : 1), sizeof(entry));
@@ -491,21 +495,22 @@ static cm_status collect_entries(reader *r, const cJSON *root, cm_err *err) {
       e->assigned_by = -1;
       place_of(e, place, sizeof place);
       if (!cJSON_IsObject(obj))
-        return invalid(err, "%s: expected an object, got %s", place, json_kind(obj));
+        return cm_errorf(err, CM_EINVALID, "%s: expected an object, got %s", place, json_kind(obj));
       if (check_unique_keys(obj, place, err)) return CM_EINVALID;
       const cJSON *name = cJSON_GetObjectItemCaseSensitive(obj, "name");
-      if (!name) return invalid(err, "%s: missing \"name\"", place);
+      if (!name) return cm_errorf(err, CM_EINVALID, "%s: missing \"name\"", place);
       snprintf(p, sizeof p, "%s.name", place);
       if (get_string(name, p, &e->name, err)) return CM_EINVALID;
       if (!cm_name_is_valid(e->name))
-        return invalid(err,
-                       "%s: invalid name %s: use letters, digits and _ . : / - (or %%<digits>)", p,
-                       quoted(e->name, q, sizeof q));
+        return cm_errorf(err, CM_EINVALID,
+                         "%s: invalid name %s: use letters, digits and _ . : / - (or %%<digits>)",
+                         p, quoted(e->name, q, sizeof q));
       int other = reader_find(r, e->name);
       if (other >= 0) {
         char other_place[64];
         place_of(&r->entries[other], other_place, sizeof other_place);
-        return invalid(err, "%s \"%s\": duplicate name (also %s)", place, e->name, other_place);
+        return cm_errorf(err, CM_EINVALID, "%s \"%s\": duplicate name (also %s)", place, e->name,
+                         other_place);
       }
       reader_insert(r, r->n_entries);
       r->n_entries++;
@@ -515,19 +520,20 @@ static cm_status collect_entries(reader *r, const cJSON *root, cm_err *err) {
         continue;
       }
       const cJSON *op = cJSON_GetObjectItemCaseSensitive(obj, "op");
-      if (!op) return invalid(err, "%s \"%s\": missing \"op\"", place, e->name);
+      if (!op) return cm_errorf(err, CM_EINVALID, "%s \"%s\": missing \"op\"", place, e->name);
       const char *op_name = NULL;
       snprintf(p, sizeof p, "%s.op", place);
       if (get_string(op, p, &op_name, err)) return CM_EINVALID;
       if (!cm_op_from_name(op_name, &e->op))
-        return invalid(err, "%s \"%s\": unknown op %s", place, e->name,
-                       quoted(op_name, q, sizeof q));
+        return cm_errorf(err, CM_EINVALID, "%s \"%s\": unknown op %s", place, e->name,
+                         quoted(op_name, q, sizeof q));
       if (e->op == CM_OP_INPUT || e->op == CM_OP_PARAM || e->op == CM_OP_STATE)
-        return invalid(err, "%s \"%s\": op \"%s\" is declared in \"%s\", not in \"nodes\"", place,
-                       e->name, op_name,
-                       e->op == CM_OP_INPUT   ? "inputs"
-                       : e->op == CM_OP_PARAM ? "params"
-                                              : "state");
+        return cm_errorf(err, CM_EINVALID,
+                         "%s \"%s\": op \"%s\" is declared in \"%s\", not in \"nodes\"", place,
+                         e->name, op_name,
+                         e->op == CM_OP_INPUT   ? "inputs"
+                         : e->op == CM_OP_PARAM ? "params"
+                                                : "state");
     }
   }
   return CM_OK;
@@ -544,7 +550,8 @@ static cm_status resolve_inputs(reader *r, cm_err *err) {
     if (!ins) continue;
     snprintf(p, sizeof p, "%s.inputs", place);
     if (!cJSON_IsArray(ins))
-      return invalid(err, "%s: expected an array of names, got %s", p, json_kind(ins));
+      return cm_errorf(err, CM_EINVALID, "%s: expected an array of names, got %s", p,
+                       json_kind(ins));
     int count = cJSON_GetArraySize(ins);
     e->inputs = malloc(sizeof(int) * (size_t)(count ? count : 1));
     if (!e->inputs) return cm_errorf(err, CM_EINTERNAL, "out of memory");
@@ -554,7 +561,8 @@ static cm_status resolve_inputs(reader *r, cm_err *err) {
       const char *s = NULL;
       if (get_string(x, p, &s, err)) return CM_EINVALID;
       int target = reader_find(r, s);
-      if (target < 0) return invalid(err, "%s: no value named %s", p, quoted(s, q, sizeof q));
+      if (target < 0)
+        return cm_errorf(err, CM_EINVALID, "%s: no value named %s", p, quoted(s, q, sizeof q));
       e->inputs[k] = target;
       e->n_inputs = k + 1;
     }
@@ -604,7 +612,7 @@ static cm_status topo_sort(reader *r, int *order, int *n_order, cm_err *err) {
           snprintf(path + len, sizeof path - len, "%s", c->name);
           char place[64];
           place_of(c, place, sizeof place);
-          st = invalid(err, "%s \"%s\": cycle: %s", place, c->name, path);
+          st = cm_errorf(err, CM_EINVALID, "%s \"%s\": cycle: %s", place, c->name, path);
           break;
         }
         c->mark = 1;
@@ -630,16 +638,18 @@ static cm_status add_entry(cm_graph *g, reader *r, int idx, cm_err *err) {
   const cm_op_info *info = cm_op_get_info(e->op);
   /* Arity first, so that attribute checks can rely on the inputs. */
   if (info->arity >= 0 ? e->n_inputs != info->arity : e->n_inputs < 1)
-    return invalid(err, "%s \"%s\" (%s): takes %s%d input%s, got %d", place, e->name, info->name,
-                   info->arity < 0 ? "at least " : "", info->arity < 0 ? 1 : info->arity,
-                   info->arity == 1 || info->arity < 0 ? "" : "s", e->n_inputs);
+    return cm_errorf(err, CM_EINVALID, "%s \"%s\" (%s): takes %s%d input%s, got %d", place, e->name,
+                     info->name, info->arity < 0 ? "at least " : "",
+                     info->arity < 0 ? 1 : info->arity,
+                     info->arity == 1 || info->arity < 0 ? "" : "s", e->n_inputs);
   if (e->op == CM_OP_ASSIGN) {
     entry *target = &r->entries[e->inputs[0]];
     if (target->assigned_by >= 0) {
       char other[64];
       place_of(&r->entries[target->assigned_by], other, sizeof other);
-      return invalid(err, "%s \"%s\" (assign): \"%s\" is already assigned by %s \"%s\"", place,
-                     e->name, target->name, other, r->entries[target->assigned_by].name);
+      return cm_errorf(err, CM_EINVALID,
+                       "%s \"%s\" (assign): \"%s\" is already assigned by %s \"%s\"", place,
+                       e->name, target->name, other, r->entries[target->assigned_by].name);
     }
     target->assigned_by = idx;
   }
@@ -668,24 +678,25 @@ static const char *root_keys[] = {"format", "inputs", "params", "state", "nodes"
 static cm_status build_graph(const cJSON *root, cm_graph *g, cm_err *err) {
   char q[80];
   if (!cJSON_IsObject(root))
-    return invalid(err, "(root): expected an object, got %s", json_kind(root));
+    return cm_errorf(err, CM_EINVALID, "(root): expected an object, got %s", json_kind(root));
   if (check_unique_keys(root, "(root)", err)) return CM_EINVALID;
   for (const cJSON *f = root->child; f; f = f->next) {
     size_t k = 0;
     while (k < sizeof root_keys / sizeof root_keys[0] && strcmp(f->string, root_keys[k]) != 0) k++;
     if (k == sizeof root_keys / sizeof root_keys[0])
-      return invalid(err,
-                     "(root): unknown key %s (expected format, inputs, params, state, nodes, "
-                     "outputs)",
-                     quoted(f->string, q, sizeof q));
+      return cm_errorf(err, CM_EINVALID,
+                       "(root): unknown key %s (expected format, inputs, params, state, nodes, "
+                       "outputs)",
+                       quoted(f->string, q, sizeof q));
   }
   const cJSON *format = cJSON_GetObjectItemCaseSensitive(root, "format");
-  if (!format) return invalid(err, "(root): missing \"format\" (\"%s\")", CM_GRAPH_FORMAT_TAG);
+  if (!format)
+    return cm_errorf(err, CM_EINVALID, "(root): missing \"format\" (\"%s\")", CM_GRAPH_FORMAT_TAG);
   const char *tag = NULL;
   if (get_string(format, "format", &tag, err)) return CM_EINVALID;
   if (strcmp(tag, CM_GRAPH_FORMAT_TAG) != 0)
-    return invalid(err, "format: expected \"%s\", got %s", CM_GRAPH_FORMAT_TAG,
-                   quoted(tag, q, sizeof q));
+    return cm_errorf(err, CM_EINVALID, "format: expected \"%s\", got %s", CM_GRAPH_FORMAT_TAG,
+                     quoted(tag, q, sizeof q));
 
   reader r = {0};
   int *order = NULL, n_order = 0;
@@ -707,7 +718,8 @@ static cm_status build_graph(const cJSON *root, cm_graph *g, cm_err *err) {
   const cJSON *outputs = cJSON_GetObjectItemCaseSensitive(root, "outputs");
   if (outputs) {
     if (!cJSON_IsArray(outputs))
-      return invalid(err, "outputs: expected an array of names, got %s", json_kind(outputs));
+      return cm_errorf(err, CM_EINVALID, "outputs: expected an array of names, got %s",
+                       json_kind(outputs));
     int k = 0;
     for (const cJSON *x = outputs->child; x; x = x->next, k++) {
       char p[64];
@@ -715,7 +727,8 @@ static cm_status build_graph(const cJSON *root, cm_graph *g, cm_err *err) {
       const char *s = NULL;
       if (get_string(x, p, &s, err)) return CM_EINVALID;
       int id = cm_graph_find(g, s);
-      if (id < 0) return invalid(err, "%s: no value named %s", p, quoted(s, q, sizeof q));
+      if (id < 0)
+        return cm_errorf(err, CM_EINVALID, "%s: no value named %s", p, quoted(s, q, sizeof q));
       if (cm_graph_add_output(g, id, err)) return cm_err_prefix(err, "%s: ", p);
     }
   }
@@ -739,14 +752,17 @@ static void line_col(const char *text, size_t offset, int *line, int *col) {
 cm_status cm_graph_from_json(const char *text, size_t len, cm_graph **out, cm_err *err) {
   *out = NULL;
   if (!text) len = 0;
-  if (len == 0) return invalid(err, "(root): empty document, expected a JSON object");
+  if (len == 0)
+    return cm_errorf(err, CM_EINVALID, "(root): empty document, expected a JSON object");
   const char *nul = memchr(text, '\0', len);
-  if (nul) return invalid(err, "(root): NUL byte at offset %zu", (size_t)(nul - text));
+  if (nul)
+    return cm_errorf(err, CM_EINVALID, "(root): NUL byte at offset %zu", (size_t)(nul - text));
   size_t first = 0;
   while (first < len &&
          (text[first] == ' ' || text[first] == '\t' || text[first] == '\n' || text[first] == '\r'))
     first++;
-  if (first == len) return invalid(err, "(root): empty document, expected a JSON object");
+  if (first == len)
+    return cm_errorf(err, CM_EINVALID, "(root): empty document, expected a JSON object");
   /* cJSON wants a terminating NUL to reject trailing garbage. */
   char *copy = malloc(len + 1);
   if (!copy) return cm_errorf(err, CM_EINTERNAL, "out of memory");
@@ -759,8 +775,8 @@ cm_status cm_graph_from_json(const char *text, size_t len, cm_graph **out, cm_er
     int line, col;
     line_col(copy, at, &line, &col);
     free(copy);
-    return invalid(err, "(root): JSON syntax error near line %d column %d%s", line, col,
-                   at >= len ? " (unexpected end of input)" : "");
+    return cm_errorf(err, CM_EINVALID, "(root): JSON syntax error near line %d column %d%s", line,
+                     col, at >= len ? " (unexpected end of input)" : "");
   }
   free(copy);
   cm_graph *g = cm_graph_new();

@@ -170,16 +170,6 @@ int cm_model_config_keys(const cm_model_key **keys) {
 
 /* ---- small helpers ------------------------------------------------------ */
 
-static cm_status invalid(cm_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static cm_status invalid(cm_err *err, const char *fmt, ...) {
-  char msg[sizeof err->msg];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(msg, sizeof msg, fmt, ap);
-  va_end(ap);
-  return cm_errorf(err, CM_EINVALID, "%s", msg);
-}
-
 /* User text shown in a message: control bytes become '?' so the message stays
  * one line, and long text is shortened. */
 static const char *shown(const char *s, char *buf, size_t size) {
@@ -273,8 +263,9 @@ static bool did_you_mean(const char *unknown, char *out, size_t size) {
 static cm_status unknown_key(const char *key, cm_err *err) {
   char kb[160], guess[64];
   if (!did_you_mean(key, guess, sizeof guess))
-    return invalid(err, "%s: unknown key", shown(key, kb, sizeof kb));
-  return invalid(err, "%s: unknown key (did you mean %s?)", shown(key, kb, sizeof kb), guess);
+    return cm_errorf(err, CM_EINVALID, "%s: unknown key", shown(key, kb, sizeof kb));
+  return cm_errorf(err, CM_EINVALID, "%s: unknown key (did you mean %s?)",
+                   shown(key, kb, sizeof kb), guess);
 }
 
 /* ---- values -------------------------------------------------------------- */
@@ -283,10 +274,12 @@ static cm_status json_to_int(const cJSON *item, const char *what, int *out, cm_e
   char vb[96];
   if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble) ||
       item->valuedouble != floor(item->valuedouble))
-    return invalid(err, "%s: expected an integer, got %s", what, json_shown(item, vb, sizeof vb));
+    return cm_errorf(err, CM_EINVALID, "%s: expected an integer, got %s", what,
+                     json_shown(item, vb, sizeof vb));
   double v = item->valuedouble;
   if (v < -2147483648.0 || v > 2147483647.0)
-    return invalid(err, "%s: %s is out of the int range", what, json_shown(item, vb, sizeof vb));
+    return cm_errorf(err, CM_EINVALID, "%s: %s is out of the int range", what,
+                     json_shown(item, vb, sizeof vb));
   *out = (int)v;
   return CM_OK;
 }
@@ -294,7 +287,8 @@ static cm_status json_to_int(const cJSON *item, const char *what, int *out, cm_e
 static cm_status json_to_number(const cJSON *item, const char *what, double *out, cm_err *err) {
   char vb[96];
   if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble))
-    return invalid(err, "%s: expected a number, got %s", what, json_shown(item, vb, sizeof vb));
+    return cm_errorf(err, CM_EINVALID, "%s: expected a number, got %s", what,
+                     json_shown(item, vb, sizeof vb));
   *out = item->valuedouble;
   return CM_OK;
 }
@@ -321,19 +315,20 @@ static cm_status apply_value(cm_model_config *c, const key_entry *e, const cJSON
   }
   case KT_BOOL: {
     if (!cJSON_IsBool(item))
-      return invalid(err, "%s: expected true or false, got %s", e->key,
-                     json_shown(item, vb, sizeof vb));
+      return cm_errorf(err, CM_EINVALID, "%s: expected true or false, got %s", e->key,
+                       json_shown(item, vb, sizeof vb));
     bool v = cJSON_IsTrue(item);
     memcpy(field, &v, sizeof v);
     return CM_OK;
   }
   case KT_STRING: {
     if (!cJSON_IsString(item))
-      return invalid(err, "%s: expected a string, got %s", e->key, json_shown(item, vb, sizeof vb));
+      return cm_errorf(err, CM_EINVALID, "%s: expected a string, got %s", e->key,
+                       json_shown(item, vb, sizeof vb));
     size_t n = strlen(item->valuestring);
     if (n >= e->size)
-      return invalid(err, "%s: %s is too long (%zu bytes, at most %zu)", e->key,
-                     json_shown(item, vb, sizeof vb), n, e->size - 1);
+      return cm_errorf(err, CM_EINVALID, "%s: %s is too long (%zu bytes, at most %zu)", e->key,
+                       json_shown(item, vb, sizeof vb), n, e->size - 1);
     memset(field, 0, e->size);
     memcpy(field, item->valuestring, n);
     return CM_OK;
@@ -342,8 +337,8 @@ static cm_status apply_value(cm_model_config *c, const key_entry *e, const cJSON
   case KT_NUMBER3: {
     bool ints = e->type == KT_INT3;
     if (!cJSON_IsArray(item) || cJSON_GetArraySize(item) != 3)
-      return invalid(err, "%s: expected an array of 3 %s, got %s", e->key,
-                     ints ? "integers" : "numbers", json_shown(item, vb, sizeof vb));
+      return cm_errorf(err, CM_EINVALID, "%s: expected an array of 3 %s, got %s", e->key,
+                       ints ? "integers" : "numbers", json_shown(item, vb, sizeof vb));
     int iv[3] = {0};
     double dv[3] = {0};
     char what[96];
@@ -409,12 +404,13 @@ static cm_status apply_member(cm_model_config *c, const cJSON *member, cm_err *e
   if (e) return apply_value(c, e, member, err);
   if (!is_component(name)) return unknown_key(name, err);
   if (!cJSON_IsObject(member))
-    return invalid(err, "%s: expected an object of %s.* keys, got %s", shown(name, kb, sizeof kb),
-                   name, json_shown(member, vb, sizeof vb));
+    return cm_errorf(err, CM_EINVALID, "%s: expected an object of %s.* keys, got %s",
+                     shown(name, kb, sizeof kb), name, json_shown(member, vb, sizeof vb));
   for (const cJSON *m = member->child; m; m = m->next) {
     for (const cJSON *prev = member->child; prev != m; prev = prev->next)
       if (strcmp(prev->string, m->string) == 0)
-        return invalid(err, "%s.%s: duplicate key", name, shown(m->string, kb, sizeof kb));
+        return cm_errorf(err, CM_EINVALID, "%s.%s: duplicate key", name,
+                         shown(m->string, kb, sizeof kb));
     char full[256];
     snprintf(full, sizeof full, "%s.%s", name, m->string);
     e = find_key(full);
@@ -450,15 +446,15 @@ static cm_status load_base(const char *path, const cJSON *extends, extends_chain
                            cm_model_config *c, cm_err *err) {
   char vb[96], pb[256];
   if (!cJSON_IsString(extends))
-    return invalid(err, "%s: extends: expected a file name, got %s", path,
-                   json_shown(extends, vb, sizeof vb));
+    return cm_errorf(err, CM_EINVALID, "%s: extends: expected a file name, got %s", path,
+                     json_shown(extends, vb, sizeof vb));
   char *base = relative_to(path, extends->valuestring);
   if (!base) return cm_errorf(err, CM_EINTERNAL, "%s: out of memory", path);
   char *real = realpath(base, NULL);
   cm_status st = CM_OK;
   if (!real) {
-    st = invalid(err, "%s: extends: cannot open %s: %s", path, shown(base, pb, sizeof pb),
-                 strerror(errno));
+    st = cm_errorf(err, CM_EINVALID, "%s: extends: cannot open %s: %s", path,
+                   shown(base, pb, sizeof pb), strerror(errno));
   } else {
     for (int i = 0; i < chain->n && !st; i++) {
       if (strcmp(chain->real[i], real) != 0) continue;
@@ -467,10 +463,12 @@ static cm_status load_base(const char *path, const cJSON *extends, extends_chain
       for (int j = i; j <= chain->n && len < sizeof msg; j++)
         len += (size_t)snprintf(msg + len, sizeof msg - len, j < chain->n ? "%s -> " : "%s",
                                 j < chain->n ? chain->shown[j] : base);
-      st = invalid(err, "%s: extends: cycle %s", path, shown(msg, cycle, sizeof cycle));
+      st = cm_errorf(err, CM_EINVALID, "%s: extends: cycle %s", path,
+                     shown(msg, cycle, sizeof cycle));
     }
     if (!st && chain->n > MAX_EXTENDS_DEPTH)
-      st = invalid(err, "%s: extends: chain longer than %d files", path, MAX_EXTENDS_DEPTH);
+      st = cm_errorf(err, CM_EINVALID, "%s: extends: chain longer than %d files", path,
+                     MAX_EXTENDS_DEPTH);
     if (!st) st = load_file(base, chain, c, err);
   }
   free(real);
@@ -481,7 +479,7 @@ static cm_status load_base(const char *path, const cJSON *extends, extends_chain
 static cm_status load_file(const char *path, extends_chain *chain, cm_model_config *c,
                            cm_err *err) {
   char *real = realpath(path, NULL);
-  if (!real) return invalid(err, "%s: cannot open: %s", path, strerror(errno));
+  if (!real) return cm_errorf(err, CM_EINVALID, "%s: cannot open: %s", path, strerror(errno));
   chain->shown[chain->n] = path;
   chain->real[chain->n] = real;
   chain->n++;
@@ -492,7 +490,7 @@ static cm_status load_file(const char *path, extends_chain *chain, cm_model_conf
   cm_status st = cm_read_file(path, &text, &len, err);
   if (st) goto done;
   if (memchr(text, '\0', len)) {
-    st = invalid(err, "%s: NUL byte in the file", path);
+    st = cm_errorf(err, CM_EINVALID, "%s: NUL byte in the file", path);
     goto done;
   }
   const char *end = NULL;
@@ -505,18 +503,20 @@ static cm_status load_file(const char *path, extends_chain *chain, cm_model_conf
       at = ep && ep >= text && ep <= text + len ? (size_t)(ep - text) : 0;
     }
     line_col(text, at, &line, &col);
-    st = invalid(err, "%s: JSON syntax error near line %d column %d", path, line, col);
+    st = cm_errorf(err, CM_EINVALID, "%s: JSON syntax error near line %d column %d", path, line,
+                   col);
     goto done;
   }
   if (!cJSON_IsObject(root)) {
-    st = invalid(err, "%s: expected a JSON object of hyper-parameters", path);
+    st = cm_errorf(err, CM_EINVALID, "%s: expected a JSON object of hyper-parameters", path);
     goto done;
   }
   for (const cJSON *m = root->child; m; m = m->next) {
     for (const cJSON *prev = root->child; prev != m; prev = prev->next) {
       if (strcmp(prev->string, m->string) == 0) {
         char kb[160];
-        st = invalid(err, "%s: %s: duplicate key", path, shown(m->string, kb, sizeof kb));
+        st = cm_errorf(err, CM_EINVALID, "%s: %s: duplicate key", path,
+                       shown(m->string, kb, sizeof kb));
         goto done;
       }
     }
@@ -570,7 +570,8 @@ cm_status cm_model_config_set(cm_model_config *c, const char *assignment, cm_err
   char ab[256];
   const char *eq = strchr(assignment, '=');
   if (!eq || eq == assignment)
-    return invalid(err, "--set %s: expected KEY=VALUE", shown(assignment, ab, sizeof ab));
+    return cm_errorf(err, CM_EINVALID, "--set %s: expected KEY=VALUE",
+                     shown(assignment, ab, sizeof ab));
   char key[128];
   size_t klen = (size_t)(eq - assignment);
   if (klen >= sizeof key) klen = sizeof key - 1;
@@ -614,33 +615,41 @@ static long visible_tokens(const cm_model_config *c, int grid) {
 }
 
 #define POSITIVE_INT(field, key)                                                                   \
-  if (c->field < 1) return invalid(err, "%s: must be positive, got %d", key, c->field)
+  if (c->field < 1)                                                                                \
+  return cm_errorf(err, CM_EINVALID, "%s: must be positive, got %d", key, c->field)
 #define POSITIVE_NUM(field, key)                                                                   \
-  if (!(c->field > 0)) return invalid(err, "%s: must be positive, got %g", key, c->field)
+  if (!(c->field > 0))                                                                             \
+  return cm_errorf(err, CM_EINVALID, "%s: must be positive, got %g", key, c->field)
 #define NONNEGATIVE_NUM(field, key)                                                                \
-  if (!(c->field >= 0)) return invalid(err, "%s: must not be negative, got %g", key, c->field)
+  if (!(c->field >= 0))                                                                            \
+  return cm_errorf(err, CM_EINVALID, "%s: must not be negative, got %g", key, c->field)
 #define PROBABILITY(field, key)                                                                    \
   if (!(c->field >= 0 && c->field <= 1))                                                           \
-  return invalid(err, "%s: %g is not a probability in [0, 1]", key, c->field)
+  return cm_errorf(err, CM_EINVALID, "%s: %g is not a probability in [0, 1]", key, c->field)
 
 /* One transformer stack: dims, heads dividing the width, a sin-cos-compatible width,
  * and an integer MLP width. */
 static cm_status check_transformer(const char *part, int width, int depth, int heads,
                                    double mlp_ratio, bool need_sincos, cm_err *err) {
-  if (width < 1) return invalid(err, "%s.width: must be positive, got %d", part, width);
-  if (depth < 1) return invalid(err, "%s.depth: must be positive, got %d", part, depth);
-  if (heads < 1) return invalid(err, "%s.heads: must be positive, got %d", part, heads);
+  if (width < 1)
+    return cm_errorf(err, CM_EINVALID, "%s.width: must be positive, got %d", part, width);
+  if (depth < 1)
+    return cm_errorf(err, CM_EINVALID, "%s.depth: must be positive, got %d", part, depth);
+  if (heads < 1)
+    return cm_errorf(err, CM_EINVALID, "%s.heads: must be positive, got %d", part, heads);
   if (width % heads)
-    return invalid(err, "%s.heads: %d does not divide %s.width %d", part, heads, part, width);
+    return cm_errorf(err, CM_EINVALID, "%s.heads: %d does not divide %s.width %d", part, heads,
+                     part, width);
   if (need_sincos && width % 4)
-    return invalid(err, "%s.width: %d is not divisible by 4 (2-D sin-cos position embedding)", part,
-                   width);
+    return cm_errorf(err, CM_EINVALID,
+                     "%s.width: %d is not divisible by 4 (2-D sin-cos position embedding)", part,
+                     width);
   if (!(mlp_ratio > 0))
-    return invalid(err, "%s.mlp_ratio: must be positive, got %g", part, mlp_ratio);
+    return cm_errorf(err, CM_EINVALID, "%s.mlp_ratio: must be positive, got %g", part, mlp_ratio);
   double hidden = width * mlp_ratio;
   if (hidden != floor(hidden) || hidden > 1e9)
-    return invalid(err, "%s.mlp_ratio: %s.width %d x %g is not a whole MLP width", part, part,
-                   width, mlp_ratio);
+    return cm_errorf(err, CM_EINVALID, "%s.mlp_ratio: %s.width %d x %g is not a whole MLP width",
+                     part, part, width, mlp_ratio);
   return CM_OK;
 }
 
@@ -649,51 +658,55 @@ cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
   static const char *const kinds[] = {"block", "random"};
   static const char *const datasets[] = {"imagenet", "fashion-mnist", "folder"};
   char sb[96];
-  if (!c->name[0]) return invalid(err, "name: must not be empty");
+  if (!c->name[0]) return cm_errorf(err, CM_EINVALID, "name: must not be empty");
   if (!one_of(c->arch, archs, 2))
-    return invalid(err, "arch: \"%s\" is not one of vit, convvit", shown(c->arch, sb, sizeof sb));
+    return cm_errorf(err, CM_EINVALID, "arch: \"%s\" is not one of vit, convvit",
+                     shown(c->arch, sb, sizeof sb));
   bool convvit = strcmp(c->arch, "convvit") == 0;
 
   /* data */
   if (!one_of(c->data.dataset, datasets, 3))
-    return invalid(err, "data.dataset: \"%s\" is not one of imagenet, fashion-mnist, folder",
-                   shown(c->data.dataset, sb, sizeof sb));
+    return cm_errorf(err, CM_EINVALID,
+                     "data.dataset: \"%s\" is not one of imagenet, fashion-mnist, folder",
+                     shown(c->data.dataset, sb, sizeof sb));
   POSITIVE_INT(data.image_size, "data.image_size");
   if (c->data.in_chans != 1 && c->data.in_chans != 3)
-    return invalid(err, "data.in_chans: must be 1 or 3, got %d", c->data.in_chans);
+    return cm_errorf(err, CM_EINVALID, "data.in_chans: must be 1 or 3, got %d", c->data.in_chans);
   POSITIVE_INT(data.master_size, "data.master_size");
   if (c->data.shift < 0)
-    return invalid(err, "data.shift: must not be negative, got %d", c->data.shift);
+    return cm_errorf(err, CM_EINVALID, "data.shift: must not be negative, got %d", c->data.shift);
   if ((long)c->data.shift + c->data.image_size > c->data.master_size)
-    return invalid(err, "data.shift: %d + data.image_size %d exceeds data.master_size %d",
-                   c->data.shift, c->data.image_size, c->data.master_size);
+    return cm_errorf(err, CM_EINVALID,
+                     "data.shift: %d + data.image_size %d exceeds data.master_size %d",
+                     c->data.shift, c->data.image_size, c->data.master_size);
   for (int i = 0; i < c->data.in_chans; i++) {
     if (!(c->data.std[i] > 0))
-      return invalid(err, "data.std[%d]: must be positive, got %g", i, c->data.std[i]);
+      return cm_errorf(err, CM_EINVALID, "data.std[%d]: must be positive, got %g", i,
+                       c->data.std[i]);
   }
   if (!(c->data.crop_scale_min > 0 && c->data.crop_scale_min <= c->data.crop_scale_max &&
         c->data.crop_scale_max <= 1))
-    return invalid(err,
-                   "data.crop_scale_min: need 0 < data.crop_scale_min %g <= data.crop_scale_max "
-                   "%g <= 1",
-                   c->data.crop_scale_min, c->data.crop_scale_max);
+    return cm_errorf(err, CM_EINVALID,
+                     "data.crop_scale_min: need 0 < data.crop_scale_min %g <= data.crop_scale_max "
+                     "%g <= 1",
+                     c->data.crop_scale_min, c->data.crop_scale_max);
   PROBABILITY(data.flip_prob, "data.flip_prob");
   PROBABILITY(data.jitter_prob, "data.jitter_prob");
   PROBABILITY(data.grayscale_prob, "data.grayscale_prob");
   PROBABILITY(data.blur_prob, "data.blur_prob");
   if (!(c->data.brightness >= 0 && c->data.brightness <= 1))
-    return invalid(err, "data.brightness: %g is outside [0, 1]", c->data.brightness);
+    return cm_errorf(err, CM_EINVALID, "data.brightness: %g is outside [0, 1]", c->data.brightness);
   if (!(c->data.contrast >= 0 && c->data.contrast <= 1))
-    return invalid(err, "data.contrast: %g is outside [0, 1]", c->data.contrast);
+    return cm_errorf(err, CM_EINVALID, "data.contrast: %g is outside [0, 1]", c->data.contrast);
   if (!(c->data.saturation >= 0 && c->data.saturation <= 1))
-    return invalid(err, "data.saturation: %g is outside [0, 1]", c->data.saturation);
+    return cm_errorf(err, CM_EINVALID, "data.saturation: %g is outside [0, 1]", c->data.saturation);
   if (!(c->data.hue >= 0 && c->data.hue <= 0.5))
-    return invalid(err, "data.hue: %g is outside [0, 0.5]", c->data.hue);
+    return cm_errorf(err, CM_EINVALID, "data.hue: %g is outside [0, 0.5]", c->data.hue);
   if (!(c->data.blur_sigma_min > 0 && c->data.blur_sigma_min <= c->data.blur_sigma_max))
-    return invalid(err,
-                   "data.blur_sigma_min: need 0 < data.blur_sigma_min %g <= "
-                   "data.blur_sigma_max %g",
-                   c->data.blur_sigma_min, c->data.blur_sigma_max);
+    return cm_errorf(err, CM_EINVALID,
+                     "data.blur_sigma_min: need 0 < data.blur_sigma_min %g <= "
+                     "data.blur_sigma_max %g",
+                     c->data.blur_sigma_min, c->data.blur_sigma_max);
 
   /* encoder */
   POSITIVE_INT(encoder.patch, "encoder.patch");
@@ -701,52 +714,54 @@ cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
                                    c->encoder.heads, c->encoder.mlp_ratio, true, err);
   if (st) return st;
   if (c->data.image_size % c->encoder.patch)
-    return invalid(err, "encoder.patch: %d does not divide data.image_size %d", c->encoder.patch,
-                   c->data.image_size);
+    return cm_errorf(err, CM_EINVALID, "encoder.patch: %d does not divide data.image_size %d",
+                     c->encoder.patch, c->data.image_size);
   POSITIVE_NUM(encoder.ln_eps, "encoder.ln_eps");
   if (convvit) {
     long product = 1;
     for (int s = 0; s < CM_MODEL_MAX_STAGES; s++) {
       if (c->encoder.stage_widths[s] < 1)
-        return invalid(err, "encoder.stage_widths[%d]: must be positive, got %d", s,
-                       c->encoder.stage_widths[s]);
+        return cm_errorf(err, CM_EINVALID, "encoder.stage_widths[%d]: must be positive, got %d", s,
+                         c->encoder.stage_widths[s]);
       if (c->encoder.stage_depths[s] < 0)
-        return invalid(err, "encoder.stage_depths[%d]: must not be negative, got %d", s,
-                       c->encoder.stage_depths[s]);
+        return cm_errorf(err, CM_EINVALID, "encoder.stage_depths[%d]: must not be negative, got %d",
+                         s, c->encoder.stage_depths[s]);
       if (c->encoder.stage_patches[s] < 1)
-        return invalid(err, "encoder.stage_patches[%d]: must be positive, got %d", s,
-                       c->encoder.stage_patches[s]);
+        return cm_errorf(err, CM_EINVALID, "encoder.stage_patches[%d]: must be positive, got %d", s,
+                         c->encoder.stage_patches[s]);
       product *= c->encoder.stage_patches[s];
     }
     if (c->encoder.stage_depths[2] < 1)
-      return invalid(err, "encoder.stage_depths[2]: the transformer stage needs a block, got %d",
-                     c->encoder.stage_depths[2]);
+      return cm_errorf(err, CM_EINVALID,
+                       "encoder.stage_depths[2]: the transformer stage needs a block, got %d",
+                       c->encoder.stage_depths[2]);
     if (product != c->encoder.patch)
-      return invalid(err,
-                     "encoder.stage_patches: product %d x %d x %d = %ld is not encoder.patch %d",
-                     c->encoder.stage_patches[0], c->encoder.stage_patches[1],
-                     c->encoder.stage_patches[2], product, c->encoder.patch);
+      return cm_errorf(err, CM_EINVALID,
+                       "encoder.stage_patches: product %d x %d x %d = %ld is not encoder.patch %d",
+                       c->encoder.stage_patches[0], c->encoder.stage_patches[1],
+                       c->encoder.stage_patches[2], product, c->encoder.patch);
     if (c->encoder.stage_widths[2] != c->encoder.width)
-      return invalid(err, "encoder.stage_widths[2]: %d is not encoder.width %d",
-                     c->encoder.stage_widths[2], c->encoder.width);
+      return cm_errorf(err, CM_EINVALID, "encoder.stage_widths[2]: %d is not encoder.width %d",
+                       c->encoder.stage_widths[2], c->encoder.width);
   }
 
   /* mask */
   int grid = c->data.image_size / c->encoder.patch;
   if (!one_of(c->mask.kind, kinds, 2))
-    return invalid(err, "mask.kind: \"%s\" is not one of block, random",
-                   shown(c->mask.kind, sb, sizeof sb));
+    return cm_errorf(err, CM_EINVALID, "mask.kind: \"%s\" is not one of block, random",
+                     shown(c->mask.kind, sb, sizeof sb));
   if (!(c->mask.ratio >= 0 && c->mask.ratio < 1))
-    return invalid(err, "mask.ratio: %g is outside [0, 1)", c->mask.ratio);
+    return cm_errorf(err, CM_EINVALID, "mask.ratio: %g is outside [0, 1)", c->mask.ratio);
   if (strcmp(c->mask.kind, "block") == 0) {
     POSITIVE_INT(mask.block, "mask.block");
     if (grid % c->mask.block)
-      return invalid(err, "mask.block: %d does not divide the %dx%d patch grid", c->mask.block,
-                     grid, grid);
+      return cm_errorf(err, CM_EINVALID, "mask.block: %d does not divide the %dx%d patch grid",
+                       c->mask.block, grid, grid);
   }
   if (visible_tokens(c, grid) < 1)
-    return invalid(err, "mask.ratio: %g leaves no visible token on the %dx%d patch grid",
-                   c->mask.ratio, grid, grid);
+    return cm_errorf(err, CM_EINVALID,
+                     "mask.ratio: %g leaves no visible token on the %dx%d patch grid",
+                     c->mask.ratio, grid, grid);
 
   /* decoders and heads */
   st = check_transformer("pixel_decoder", c->pixel_decoder.width, c->pixel_decoder.depth,
@@ -773,24 +788,25 @@ cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
   /* optimizer and schedule */
   POSITIVE_NUM(optimizer.base_lr, "optimizer.base_lr");
   if (c->optimizer.batch < 1)
-    return invalid(err, "optimizer.batch: must be at least 1, got %d", c->optimizer.batch);
+    return cm_errorf(err, CM_EINVALID, "optimizer.batch: must be at least 1, got %d",
+                     c->optimizer.batch);
   NONNEGATIVE_NUM(optimizer.weight_decay, "optimizer.weight_decay");
   if (!(c->optimizer.beta1 >= 0 && c->optimizer.beta1 < 1))
-    return invalid(err, "optimizer.beta1: %g is outside [0, 1)", c->optimizer.beta1);
+    return cm_errorf(err, CM_EINVALID, "optimizer.beta1: %g is outside [0, 1)", c->optimizer.beta1);
   if (!(c->optimizer.beta2 >= 0 && c->optimizer.beta2 < 1))
-    return invalid(err, "optimizer.beta2: %g is outside [0, 1)", c->optimizer.beta2);
+    return cm_errorf(err, CM_EINVALID, "optimizer.beta2: %g is outside [0, 1)", c->optimizer.beta2);
   POSITIVE_NUM(optimizer.eps, "optimizer.eps");
   NONNEGATIVE_NUM(optimizer.clip_norm, "optimizer.clip_norm");
   POSITIVE_INT(schedule.epochs, "schedule.epochs");
   if (c->schedule.warmup_epochs < 0)
-    return invalid(err, "schedule.warmup_epochs: must not be negative, got %d",
-                   c->schedule.warmup_epochs);
+    return cm_errorf(err, CM_EINVALID, "schedule.warmup_epochs: must not be negative, got %d",
+                     c->schedule.warmup_epochs);
   if (c->schedule.warmup_epochs > c->schedule.epochs)
-    return invalid(err, "schedule.warmup_epochs: %d exceeds schedule.epochs %d",
-                   c->schedule.warmup_epochs, c->schedule.epochs);
+    return cm_errorf(err, CM_EINVALID, "schedule.warmup_epochs: %d exceeds schedule.epochs %d",
+                     c->schedule.warmup_epochs, c->schedule.epochs);
   if (!(c->schedule.warmup_start_factor > 0 && c->schedule.warmup_start_factor <= 1))
-    return invalid(err, "schedule.warmup_start_factor: %g is outside (0, 1]",
-                   c->schedule.warmup_start_factor);
+    return cm_errorf(err, CM_EINVALID, "schedule.warmup_start_factor: %g is outside (0, 1]",
+                     c->schedule.warmup_start_factor);
   NONNEGATIVE_NUM(schedule.min_lr, "schedule.min_lr");
   PROBABILITY(schedule.momentum_base, "schedule.momentum_base");
   PROBABILITY(schedule.momentum_end, "schedule.momentum_end");

@@ -1,6 +1,7 @@
 /* ir/graph.c — the op table, attributes, graph construction and the builders. */
 #include "ir.h"
 
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -335,6 +336,18 @@ cm_status cm_graph_add_output(cm_graph *g, int node, cm_err *err) {
 }
 
 /* ---- convenience builders ---------------------------------------------- */
+
+int cm_graph_fail(cm_graph *g, const char *fmt, ...) {
+  if (g->error.status == CM_OK) {
+    char msg[sizeof g->error.msg];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    cm_errorf(&g->error, CM_EINVALID, "%s", msg);
+  }
+  return -1;
+}
 
 const char *cm_graph_error(const cm_graph *g) {
   return g->error.status == CM_OK ? NULL : g->error.msg;

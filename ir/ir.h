@@ -257,6 +257,9 @@ cm_status cm_graph_rename(cm_graph *g, int id, const char *name, cm_err *err);
  * first error in g->error; any input of -1 makes them return -1 at once, so a
  * model can be built in one go and checked once (cm_graph_error). */
 const char *cm_graph_error(const cm_graph *g); /* NULL when no error */
+/* Records a builder's own rule failure as the graph's first error (CM_EINVALID;
+ * kept if one is already there); returns -1, for `return cm_graph_fail(...)`. */
+int cm_graph_fail(cm_graph *g, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int cm_input(cm_graph *g, const char *name, cm_dtype dt, int rank, const int64_t *dims);
 int cm_param(cm_graph *g, const char *name, cm_dtype dt, int rank, const int64_t *dims,
              cm_init init);

@@ -32,19 +32,6 @@
 #define CONVVIT_CONV_LN_EPS 1e-5
 #define CONVVIT_DWCONV_KERNEL 5
 
-/* Records the first error in the graph's sticky error; returns -1. */
-static int convvit_fail(cm_graph *g, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int convvit_fail(cm_graph *g, const char *fmt, ...) {
-  if (g->error.status == CM_OK) {
-    va_list ap;
-    va_start(ap, fmt);
-    g->error.status = CM_EINVALID;
-    vsnprintf(g->error.msg, sizeof g->error.msg, fmt, ap);
-    va_end(ap);
-  }
-  return -1;
-}
-
 /* "<base>.<fmt...>" into buf; false (with the graph error set) when it does not fit. */
 static bool convvit_name(cm_graph *g, char *buf, size_t size, const char *base, const char *fmt,
                          ...) __attribute__((format(printf, 5, 6)));
@@ -52,7 +39,7 @@ static bool convvit_name(cm_graph *g, char *buf, size_t size, const char *base, 
                          ...) {
   int n = snprintf(buf, size, "%s.", base);
   if (n < 0 || (size_t)n >= size) {
-    convvit_fail(g, "convvit \"%s\": parameter name prefix too long", base);
+    cm_graph_fail(g, "convvit \"%s\": parameter name prefix too long", base);
     return false;
   }
   va_list ap;
@@ -60,7 +47,7 @@ static bool convvit_name(cm_graph *g, char *buf, size_t size, const char *base, 
   int m = vsnprintf(buf + n, size - (size_t)n, fmt, ap);
   va_end(ap);
   if (m < 0 || (size_t)(n + m) >= size) {
-    convvit_fail(g, "convvit \"%s\": parameter name too long", base);
+    cm_graph_fail(g, "convvit \"%s\": parameter name too long", base);
     return false;
   }
   return true;
@@ -217,58 +204,59 @@ static int convvit_check(cm_graph *g, const cm_model_config *cfg, int img, int i
                          const char *prefix, int64_t *grid_out) {
   const char *where = prefix ? prefix : "(null)";
   if (!cfg || !prefix)
-    return convvit_fail(g, "convvit \"%s\": config and prefix are required", where);
+    return cm_graph_fail(g, "convvit \"%s\": config and prefix are required", where);
   int64_t product = 1;
   for (int s = 0; s < CM_MODEL_MAX_STAGES; s++) {
     if (cfg->encoder.stage_patches[s] < 1 || cfg->encoder.stage_widths[s] < 1 ||
         cfg->encoder.stage_depths[s] < 0)
-      return convvit_fail(g,
-                          "convvit \"%s\": stage %d: encoder.stage_patches %d and "
-                          "encoder.stage_widths %d must be >= 1, encoder.stage_depths %d >= 0",
-                          where, s, cfg->encoder.stage_patches[s], cfg->encoder.stage_widths[s],
-                          cfg->encoder.stage_depths[s]);
+      return cm_graph_fail(g,
+                           "convvit \"%s\": stage %d: encoder.stage_patches %d and "
+                           "encoder.stage_widths %d must be >= 1, encoder.stage_depths %d >= 0",
+                           where, s, cfg->encoder.stage_patches[s], cfg->encoder.stage_widths[s],
+                           cfg->encoder.stage_depths[s]);
     product *= cfg->encoder.stage_patches[s];
   }
   int width = cfg->encoder.width, heads = cfg->encoder.heads;
   if (cfg->encoder.stage_widths[2] != width)
-    return convvit_fail(g, "convvit \"%s\": encoder.stage_widths[2] %d must equal encoder.width %d",
-                        where, cfg->encoder.stage_widths[2], width);
+    return cm_graph_fail(g,
+                         "convvit \"%s\": encoder.stage_widths[2] %d must equal encoder.width %d",
+                         where, cfg->encoder.stage_widths[2], width);
   if (heads < 1 || width % heads != 0)
-    return convvit_fail(g, "convvit \"%s\": encoder.heads %d does not divide encoder.width %d",
-                        where, heads, width);
+    return cm_graph_fail(g, "convvit \"%s\": encoder.heads %d does not divide encoder.width %d",
+                         where, heads, width);
   if (!(cfg->encoder.mlp_ratio > 0) || (int)(width * cfg->encoder.mlp_ratio) < 1)
-    return convvit_fail(g, "convvit \"%s\": encoder.mlp_ratio %g gives no hidden units", where,
-                        cfg->encoder.mlp_ratio);
+    return cm_graph_fail(g, "convvit \"%s\": encoder.mlp_ratio %g gives no hidden units", where,
+                         cfg->encoder.mlp_ratio);
   int image = cfg->data.image_size;
   if (image < 1 || image % product != 0)
-    return convvit_fail(g,
-                        "convvit \"%s\": data.image_size %d is not a multiple of the product %lld "
-                        "of encoder.stage_patches",
-                        where, image, (long long)product);
+    return cm_graph_fail(g,
+                         "convvit \"%s\": data.image_size %d is not a multiple of the product %lld "
+                         "of encoder.stage_patches",
+                         where, image, (long long)product);
   int64_t grid = image / product, tokens = grid * grid;
 
   cm_type it = g->nodes[img].type;
   if (!cm_dtype_is_float(it.dtype) || it.rank != 4 || it.dims[1] != cfg->data.in_chans ||
       it.dims[2] != image || it.dims[3] != image) {
     char tb[64];
-    return convvit_fail(g, "convvit \"%s\": img is %s, expected a float [n, %d, %d, %d]", where,
-                        cm_type_str(&it, tb, sizeof tb), cfg->data.in_chans, image, image);
+    return cm_graph_fail(g, "convvit \"%s\": img is %s, expected a float [n, %d, %d, %d]", where,
+                         cm_type_str(&it, tb, sizeof tb), cfg->data.in_chans, image, image);
   }
   int64_t n = it.dims[0];
   if (mask >= 0) {
     cm_type mt = g->nodes[mask].type;
     if (!cm_dtype_is_float(mt.dtype) || mt.rank != 2 || mt.dims[0] != n || mt.dims[1] != tokens) {
       char tb[64];
-      return convvit_fail(g, "convvit \"%s\": mask is %s, expected a float [%lld, %lld]", where,
-                          cm_type_str(&mt, tb, sizeof tb), (long long)n, (long long)tokens);
+      return cm_graph_fail(g, "convvit \"%s\": mask is %s, expected a float [%lld, %lld]", where,
+                           cm_type_str(&mt, tb, sizeof tb), (long long)n, (long long)tokens);
     }
   }
   if (ids_keep >= 0) {
     cm_type kt = g->nodes[ids_keep].type;
     if (!cm_dtype_is_int(kt.dtype) || kt.rank != 2 || kt.dims[0] != n || kt.dims[1] > tokens) {
       char tb[64];
-      return convvit_fail(g, "convvit \"%s\": ids_keep is %s, expected an int [%lld, <= %lld]",
-                          where, cm_type_str(&kt, tb, sizeof tb), (long long)n, (long long)tokens);
+      return cm_graph_fail(g, "convvit \"%s\": ids_keep is %s, expected an int [%lld, <= %lld]",
+                           where, cm_type_str(&kt, tb, sizeof tb), (long long)n, (long long)tokens);
     }
   }
   *grid_out = grid;
@@ -279,7 +267,7 @@ int cm_convvit_encoder(cm_graph *g, const cm_model_config *cfg, int img, int ids
                        bool fuse, const char *prefix) {
   if (!g || img < 0 || g->error.status != CM_OK) return -1;
   if (img >= g->n_nodes || ids_keep >= g->n_nodes || mask >= g->n_nodes)
-    return convvit_fail(g, "convvit \"%s\": operand node id out of range", prefix ? prefix : "");
+    return cm_graph_fail(g, "convvit \"%s\": operand node id out of range", prefix ? prefix : "");
   int64_t grid = 0;
   if (convvit_check(g, cfg, img, ids_keep, mask, prefix, &grid) < 0) return -1;
 

@@ -16,24 +16,12 @@
 /* Parameter names longer than this are rejected (with a graph error). */
 #define NN_NAME_MAX 256
 
-static int nn_fail(cm_graph *g, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int nn_fail(cm_graph *g, const char *fmt, ...) {
-  if (g->error.status == CM_OK) {
-    va_list ap;
-    va_start(ap, fmt);
-    g->error.status = CM_EINVALID;
-    vsnprintf(g->error.msg, sizeof g->error.msg, fmt, ap);
-    va_end(ap);
-  }
-  return -1;
-}
-
 /* "<base>.<suffix>" into buf (NN_NAME_MAX); false with the graph error set when too long. */
 static bool nn_name(cm_graph *g, char *buf, const char *base, const char *suffix) {
   int n = snprintf(buf, NN_NAME_MAX, "%s.%s", base ? base : "", suffix);
   if (n < 0 || n >= NN_NAME_MAX) {
-    nn_fail(g, "parameter name \"%s.%s\" is longer than %d characters", base ? base : "", suffix,
-            NN_NAME_MAX - 1);
+    cm_graph_fail(g, "parameter name \"%s.%s\" is longer than %d characters", base ? base : "",
+                  suffix, NN_NAME_MAX - 1);
     return false;
   }
   return true;
@@ -74,10 +62,11 @@ int cm_nn_linear(cm_graph *g, int x, int out_features, bool bias, const char *na
   if (!nn_ok(g, x)) return -1;
   cm_type t = g->nodes[x].type;
   if (t.rank < 2 || out_features < 1)
-    return nn_fail(g,
-                   "linear \"%s\": needs an input of rank >= 2 and out_features >= 1 (rank %d, "
-                   "out_features %d)",
-                   name ? name : "?", t.rank, out_features);
+    return cm_graph_fail(
+        g,
+        "linear \"%s\": needs an input of rank >= 2 and out_features >= 1 (rank %d, "
+        "out_features %d)",
+        name ? name : "?", t.rank, out_features);
   char buf[NN_NAME_MAX];
   if (!nn_name(g, buf, name, "weight")) return -1;
   int64_t wd[2] = {out_features, t.dims[t.rank - 1]};
@@ -101,7 +90,7 @@ static int nn_mean_last(cm_graph *g, int x) {
 int cm_nn_layer_norm(cm_graph *g, int x, double eps, const char *name) {
   if (!nn_ok(g, x)) return -1;
   cm_type t = g->nodes[x].type;
-  if (t.rank < 1) return nn_fail(g, "layer_norm \"%s\": needs rank >= 1", name ? name : "?");
+  if (t.rank < 1) return cm_graph_fail(g, "layer_norm \"%s\": needs rank >= 1", name ? name : "?");
   int centered = cm_binary_bcast(g, CM_OP_SUB, x, nn_mean_last(g, x), NULL);
   int var = nn_mean_last(g, cm_binary(g, CM_OP_MUL, centered, centered, NULL));
   int inv = cm_unary(g, CM_OP_RSQRT, cm_binary_bcast(g, CM_OP_ADD, var, nn_scalar(g, x, eps), NULL),
@@ -126,7 +115,7 @@ int cm_nn_gelu(cm_graph *g, int x) {
 int cm_nn_softmax(cm_graph *g, int x) {
   if (!nn_ok(g, x)) return -1;
   cm_type t = g->nodes[x].type;
-  if (t.rank < 1) return nn_fail(g, "softmax: needs rank >= 1");
+  if (t.rank < 1) return cm_graph_fail(g, "softmax: needs rank >= 1");
   int axis = t.rank - 1;
   /* The max only stabilizes; softmax does not depend on it, so no gradient flows through it. */
   int m = cm_unary(g, CM_OP_STOP_GRADIENT, cm_reduce(g, CM_OP_REDUCE_MAX, x, 1, &axis, true, NULL),
@@ -140,12 +129,12 @@ int cm_nn_mean(cm_graph *g, int x, int n_axes, const int *axes, bool keepdims) {
   if (!nn_ok(g, x)) return -1;
   cm_type t = g->nodes[x].type;
   if (n_axes < 0 || n_axes > t.rank || (n_axes > 0 && !axes))
-    return nn_fail(g, "mean: %d axes for rank %d", n_axes, t.rank);
+    return cm_graph_fail(g, "mean: %d axes for rank %d", n_axes, t.rank);
   double count = 1;
   for (int i = 0; i < n_axes; i++) {
     int a = axes[i] < 0 ? axes[i] + t.rank : axes[i];
     if (a < 0 || a >= t.rank)
-      return nn_fail(g, "mean: axis %d out of range for rank %d", axes[i], t.rank);
+      return cm_graph_fail(g, "mean: axis %d out of range for rank %d", axes[i], t.rank);
     count *= (double)t.dims[a];
   }
   int s = cm_reduce(g, CM_OP_REDUCE_SUM, x, n_axes, axes, keepdims, NULL);
@@ -155,7 +144,7 @@ int cm_nn_mean(cm_graph *g, int x, int n_axes, const int *axes, bool keepdims) {
 int cm_nn_l2_normalize(cm_graph *g, int x) {
   if (!nn_ok(g, x)) return -1;
   cm_type t = g->nodes[x].type;
-  if (t.rank < 1) return nn_fail(g, "l2_normalize: needs rank >= 1");
+  if (t.rank < 1) return cm_graph_fail(g, "l2_normalize: needs rank >= 1");
   int axis = t.rank - 1;
   int sq =
       cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, x, x, NULL), 1, &axis, true, NULL);
@@ -168,13 +157,13 @@ int cm_nn_batch_norm(cm_graph *g, int x, double eps, int ranks, const char *name
   if (!nn_ok(g, x)) return -1;
   cm_type t = g->nodes[x].type;
   if (t.rank != 2 || ranks < 1)
-    return nn_fail(g, "batch_norm \"%s\": needs x [n, C] and ranks >= 1 (rank %d, ranks %d)",
-                   name ? name : "?", t.rank, ranks);
+    return cm_graph_fail(g, "batch_norm \"%s\": needs x [n, C] and ranks >= 1 (rank %d, ranks %d)",
+                         name ? name : "?", t.rank, ranks);
   if (t.dims[0] * ranks < 2)
-    return nn_fail(g,
-                   "batch_norm \"%s\": training-mode statistics need more than one sample "
-                   "(batch %lld over %d ranks)",
-                   name ? name : "?", (long long)t.dims[0], ranks);
+    return cm_graph_fail(g,
+                         "batch_norm \"%s\": training-mode statistics need more than one sample "
+                         "(batch %lld over %d ranks)",
+                         name ? name : "?", (long long)t.dims[0], ranks);
   int axis0 = 0;
   int mean = cm_nn_mean(g, x, 1, &axis0, true);
   int centered, var;
@@ -207,11 +196,12 @@ int cm_nn_conv2d(cm_graph *g, int x, int out_channels, int kernel, int stride, i
   cm_type t = g->nodes[x].type;
   if (t.rank != 4 || out_channels < 1 || kernel < 1 || stride < 1 || padding < 0 || groups < 1 ||
       t.dims[1] % groups != 0 || out_channels % groups != 0)
-    return nn_fail(g,
-                   "conv2d \"%s\": needs x [N, C, H, W] and channels divisible by groups (rank %d, "
-                   "C %lld, out %d, groups %d, kernel %d, stride %d, padding %d)",
-                   name ? name : "?", t.rank, (long long)(t.rank > 1 ? t.dims[1] : 0), out_channels,
-                   groups, kernel, stride, padding);
+    return cm_graph_fail(
+        g,
+        "conv2d \"%s\": needs x [N, C, H, W] and channels divisible by groups (rank %d, "
+        "C %lld, out %d, groups %d, kernel %d, stride %d, padding %d)",
+        name ? name : "?", t.rank, (long long)(t.rank > 1 ? t.dims[1] : 0), out_channels, groups,
+        kernel, stride, padding);
   char buf[NN_NAME_MAX];
   if (!nn_name(g, buf, name, "weight")) return -1;
   int64_t wd[4] = {out_channels, t.dims[1] / groups, kernel, kernel};
@@ -230,7 +220,8 @@ int cm_nn_patchify(cm_graph *g, int img, int patch) {
   if (!nn_ok(g, img)) return -1;
   cm_type t = g->nodes[img].type;
   if (t.rank != 4 || patch < 1 || t.dims[2] % patch != 0 || t.dims[3] % patch != 0)
-    return nn_fail(g, "patchify: needs img [n, C, H, W] with H and W divisible by patch %d", patch);
+    return cm_graph_fail(g, "patchify: needs img [n, C, H, W] with H and W divisible by patch %d",
+                         patch);
   int64_t n = t.dims[0], c = t.dims[1], h = t.dims[2] / patch, w = t.dims[3] / patch;
   int64_t split[6] = {n, c, h, patch, w, patch};
   /* n c h py w px -> n h w py px c */
@@ -243,8 +234,8 @@ int cm_nn_attention(cm_graph *g, int x, int heads, bool qkv_bias, const char *na
   if (!nn_ok(g, x)) return -1;
   cm_type t = g->nodes[x].type;
   if (t.rank != 3 || heads < 1 || t.dims[2] % heads != 0)
-    return nn_fail(g, "attention \"%s\": needs x [n, T, D] with D divisible by heads %d",
-                   name ? name : "?", heads);
+    return cm_graph_fail(g, "attention \"%s\": needs x [n, T, D] with D divisible by heads %d",
+                         name ? name : "?", heads);
   int64_t n = t.dims[0], tokens = t.dims[1], width = t.dims[2], head_dim = width / heads;
   char buf[NN_NAME_MAX];
   if (!nn_name(g, buf, name, "qkv")) return -1;
@@ -274,8 +265,8 @@ int cm_nn_transformer_block(cm_graph *g, int x, int heads, int hidden, bool qkv_
   if (!nn_ok(g, x)) return -1;
   cm_type t = g->nodes[x].type;
   if (t.rank != 3 || hidden < 1)
-    return nn_fail(g, "transformer block \"%s\": needs x [n, T, D] and hidden >= 1",
-                   name ? name : "?");
+    return cm_graph_fail(g, "transformer block \"%s\": needs x [n, T, D] and hidden >= 1",
+                         name ? name : "?");
   int width = (int)t.dims[2];
   char buf[NN_NAME_MAX];
   if (!nn_name(g, buf, name, "ln1")) return -1;
@@ -295,7 +286,7 @@ int cm_nn_nonlinear_neck(cm_graph *g, int x, int hidden, int out, double bn_eps,
                          const char *name) {
   if (!nn_ok(g, x)) return -1;
   cm_type t = g->nodes[x].type;
-  if (t.rank != 2) return nn_fail(g, "neck \"%s\": needs x [n, C]", name ? name : "?");
+  if (t.rank != 2) return cm_graph_fail(g, "neck \"%s\": needs x [n, C]", name ? name : "?");
   char buf[NN_NAME_MAX];
   /* PyTorch's default Linear init: the bias bound uses the weight's fan_in. */
   if (!nn_name(g, buf, name, "fc0")) return -1;

@@ -16,24 +16,12 @@
 
 #define VIT_NAME_MAX 256
 
-static int vit_fail(cm_graph *g, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int vit_fail(cm_graph *g, const char *fmt, ...) {
-  if (g->error.status == CM_OK) {
-    va_list ap;
-    va_start(ap, fmt);
-    g->error.status = CM_EINVALID;
-    vsnprintf(g->error.msg, sizeof g->error.msg, fmt, ap);
-    va_end(ap);
-  }
-  return -1;
-}
-
 static bool vit_name(cm_graph *g, char *buf, const char *prefix, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 static bool vit_name(cm_graph *g, char *buf, const char *prefix, const char *fmt, ...) {
   int n = snprintf(buf, VIT_NAME_MAX, "%s.", prefix);
   if (n < 0 || n >= VIT_NAME_MAX) {
-    vit_fail(g, "parameter prefix \"%s\" is too long", prefix);
+    cm_graph_fail(g, "parameter prefix \"%s\" is too long", prefix);
     return false;
   }
   va_list ap;
@@ -41,7 +29,7 @@ static bool vit_name(cm_graph *g, char *buf, const char *prefix, const char *fmt
   int m = vsnprintf(buf + n, (size_t)(VIT_NAME_MAX - n), fmt, ap);
   va_end(ap);
   if (m < 0 || m >= VIT_NAME_MAX - n) {
-    vit_fail(g, "parameter name under \"%s\" is too long", prefix);
+    cm_graph_fail(g, "parameter name under \"%s\" is too long", prefix);
     return false;
   }
   return true;
@@ -53,8 +41,8 @@ static int vit_gather_tokens(cm_graph *g, int x, int ids) {
   cm_type tx = g->nodes[x].type, ti = g->nodes[ids].type;
   if (ti.rank != 2 || ti.dims[0] != tx.dims[0] || !cm_dtype_is_int(ti.dtype)) {
     char a[96], b[96];
-    return vit_fail(g, "token gather: ids %s do not index tokens %s (want int [n, K])",
-                    cm_type_str(&ti, b, sizeof b), cm_type_str(&tx, a, sizeof a));
+    return cm_graph_fail(g, "token gather: ids %s do not index tokens %s (want int [n, K])",
+                         cm_type_str(&ti, b, sizeof b), cm_type_str(&tx, a, sizeof a));
   }
   int64_t col[3] = {ti.dims[0], ti.dims[1], 1}, full[3] = {ti.dims[0], ti.dims[1], tx.dims[2]};
   int idx = cm_broadcast(g, cm_reshape(g, ids, 3, col, NULL), 3, full, NULL);
@@ -82,16 +70,17 @@ static int vit_blocks(cm_graph *g, int x, int depth, int heads, int hidden, bool
 int cm_vit_encoder(cm_graph *g, const cm_model_config *cfg, int img, int ids_keep, bool final_norm,
                    const char *prefix) {
   if (!g || g->error.status != CM_OK || img < 0) return -1;
-  if (!cfg || !prefix) return vit_fail(g, "vit encoder: missing config or prefix");
+  if (!cfg || !prefix) return cm_graph_fail(g, "vit encoder: missing config or prefix");
   cm_type t = g->nodes[img].type;
   int patch = cfg->encoder.patch, width = cfg->encoder.width;
   if (t.rank != 4 || patch < 1 || t.dims[2] != t.dims[3] || t.dims[2] % patch != 0 ||
       t.dims[1] != cfg->data.in_chans || width < 4 || width % 4 != 0 || cfg->encoder.depth < 0) {
     char tb[96];
-    return vit_fail(g,
-                    "vit encoder \"%s\": img %s needs [n, in_chans %d, S, S] with S divisible by "
-                    "encoder.patch %d, and encoder.width %d a multiple of 4 (sin-cos embedding)",
-                    prefix, cm_type_str(&t, tb, sizeof tb), cfg->data.in_chans, patch, width);
+    return cm_graph_fail(
+        g,
+        "vit encoder \"%s\": img %s needs [n, in_chans %d, S, S] with S divisible by "
+        "encoder.patch %d, and encoder.width %d a multiple of 4 (sin-cos embedding)",
+        prefix, cm_type_str(&t, tb, sizeof tb), cfg->data.in_chans, patch, width);
   }
   int64_t n = t.dims[0], grid = t.dims[2] / patch, L = grid * grid;
   char buf[VIT_NAME_MAX];
@@ -134,17 +123,17 @@ int cm_mae_decoder(cm_graph *g, const cm_model_config *cfg, int width, int depth
                    double mlp_ratio, int latent, int ids_restore, bool has_cls, int out_dim,
                    const char *prefix) {
   if (!g || g->error.status != CM_OK || latent < 0 || ids_restore < 0) return -1;
-  if (!cfg || !prefix) return vit_fail(g, "mae decoder: missing config or prefix");
+  if (!cfg || !prefix) return cm_graph_fail(g, "mae decoder: missing config or prefix");
   cm_type tl = g->nodes[latent].type, tr = g->nodes[ids_restore].type;
   int cls = has_cls ? 1 : 0;
   if (tl.rank != 3 || tr.rank != 2 || tr.dims[0] != tl.dims[0] || tl.dims[1] - cls < 1 ||
       tl.dims[1] - cls > tr.dims[1] || width < 4 || width % 4 != 0 || depth < 0) {
     char a[96], b[96];
-    return vit_fail(g,
-                    "mae decoder \"%s\": latent %s and ids_restore %s need [n, %d + K, D] and "
-                    "[n, L] with 1 <= K <= L, and width %d a multiple of 4",
-                    prefix, cm_type_str(&tl, a, sizeof a), cm_type_str(&tr, b, sizeof b), cls,
-                    width);
+    return cm_graph_fail(g,
+                         "mae decoder \"%s\": latent %s and ids_restore %s need [n, %d + K, D] and "
+                         "[n, L] with 1 <= K <= L, and width %d a multiple of 4",
+                         prefix, cm_type_str(&tl, a, sizeof a), cm_type_str(&tr, b, sizeof b), cls,
+                         width);
   }
   int64_t n = tl.dims[0], visible = tl.dims[1] - cls, L = tr.dims[1];
   char buf[VIT_NAME_MAX];
