@@ -203,7 +203,9 @@ void cli_print_tensor(const char *name, const cm_tensor *t) {
 static const char usage_main[] =
     "usage: cmaec <command> [options]\n"
     "\n"
-    "cmaec compiles dataflow graphs (and, in time, CMAE model variants) and trains them.\n"
+    "cmaec builds CMAE model variants and other dataflow graphs, differentiates and\n"
+    "optimizes them, and evaluates them on its reference evaluator (native CPU and GPU\n"
+    "backends and the trainer are being built).\n"
     "\n"
     "commands:\n"
     "  check GRAPH        verify a graph (JSON or text IR) and print a summary\n"
