@@ -26,6 +26,8 @@ void cm_probe_nvrtc(cm_component *out);
 /* dlopen the first loadable of the NULL-terminated names; on failure *why holds
  * the last dlerror() (copied into why_buf). */
 void *cm_dlopen_first(const char *const *names, char *why_buf, size_t why_size);
+/* Where NVRTC is looked for, in order (NULL-terminated). */
+extern const char *const cm_nvrtc_library_names[];
 
 /* ---- the LLVM JIT (codegen/llvm_jit.c) ---------------------------------- */
 

@@ -54,17 +54,11 @@ static const char *nv_str(const cm_nvrtc *n, nvrtc_result r) {
 
 cm_status cm_nvrtc_load(cm_nvrtc **out, cm_err *err) {
   *out = NULL;
-  static const char *const names[] = {"libnvrtc.so.13",
-                                      "libnvrtc.so.12",
-                                      "libnvrtc.so",
-                                      "/usr/local/cuda/lib64/libnvrtc.so.13",
-                                      "/usr/local/cuda/lib64/libnvrtc.so.12",
-                                      "/usr/local/cuda/lib64/libnvrtc.so",
-                                      NULL};
   const char *override = getenv("CMAEC_NVRTC_LIBRARY");
   const char *const only[] = {override, NULL};
   char why[400];
-  void *lib = cm_dlopen_first(override && override[0] ? only : names, why, sizeof why);
+  void *lib =
+      cm_dlopen_first(override && override[0] ? only : cm_nvrtc_library_names, why, sizeof why);
   if (!lib) return cm_errorf(err, CM_EINVALID, "NVRTC not found: %s", why);
   cm_nvrtc *n = calloc(1, sizeof *n);
   if (!n) return cm_errorf(err, CM_EINTERNAL, "NVRTC: out of memory");

@@ -28,19 +28,20 @@ void cm_probe_llvm(cm_component *out) {
   LLVMDisposeMessage(cpu);
 }
 
+const char *const cm_nvrtc_library_names[] = {"libnvrtc.so.13",
+                                              "libnvrtc.so.12",
+                                              "libnvrtc.so",
+                                              "/usr/local/cuda/lib64/libnvrtc.so.13",
+                                              "/usr/local/cuda/lib64/libnvrtc.so.12",
+                                              "/usr/local/cuda/lib64/libnvrtc.so",
+                                              NULL};
+
 typedef int (*nvrtc_version_fn)(int *, int *);
 
 void cm_probe_nvrtc(cm_component *out) {
   out->name = "NVRTC";
-  static const char *const names[] = {"libnvrtc.so.13",
-                                      "libnvrtc.so.12",
-                                      "libnvrtc.so",
-                                      "/usr/local/cuda/lib64/libnvrtc.so.13",
-                                      "/usr/local/cuda/lib64/libnvrtc.so.12",
-                                      "/usr/local/cuda/lib64/libnvrtc.so",
-                                      NULL};
   char why[400];
-  void *h = cm_dlopen_first(names, why, sizeof why);
+  void *h = cm_dlopen_first(cm_nvrtc_library_names, why, sizeof why);
   if (!h) {
     out->found = false;
     snprintf(out->detail, sizeof out->detail, "not found: %s", why);

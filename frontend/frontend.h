@@ -58,6 +58,9 @@ cm_status cm_safetensors_serialize(const cm_tensor_set *s, uint8_t **buf, size_t
 /* Writes to path.tmp, flushes, fsyncs and renames, so a crash never leaves a broken file. */
 cm_status cm_safetensors_save(const char *path, const cm_tensor_set *s, cm_err *err);
 
+/* Line and column (1-based) of a byte offset in text, for syntax errors. */
+void cm_text_line_col(const char *text, size_t offset, int *line, int *col);
+
 /* Reads a whole file (malloc'd, NUL-terminated, *len without the NUL). */
 cm_status cm_read_file(const char *path, char **data, size_t *len, cm_err *err);
 

@@ -735,8 +735,7 @@ static cm_status build_graph(const cJSON *root, cm_graph *g, cm_err *err) {
   return cm_graph_verify(g, err);
 }
 
-/* Line and column (1-based) of a byte offset, for syntax errors. */
-static void line_col(const char *text, size_t offset, int *line, int *col) {
+void cm_text_line_col(const char *text, size_t offset, int *line, int *col) {
   *line = 1;
   *col = 1;
   for (size_t i = 0; i < offset; i++) {
@@ -773,7 +772,7 @@ cm_status cm_graph_from_json(const char *text, size_t len, cm_graph **out, cm_er
   if (!root) {
     size_t at = end && end >= copy && end <= copy + len ? (size_t)(end - copy) : len;
     int line, col;
-    line_col(copy, at, &line, &col);
+    cm_text_line_col(copy, at, &line, &col);
     free(copy);
     return cm_errorf(err, CM_EINVALID, "(root): JSON syntax error near line %d column %d%s", line,
                      col, at >= len ? " (unexpected end of input)" : "");

@@ -383,19 +383,6 @@ void cm_model_config_default(cm_model_config *c) {
 
 /* ---- files ---------------------------------------------------------------- */
 
-static void line_col(const char *text, size_t offset, int *line, int *col) {
-  *line = 1;
-  *col = 1;
-  for (size_t i = 0; i < offset; i++) {
-    if (text[i] == '\n') {
-      ++*line;
-      *col = 1;
-    } else {
-      ++*col;
-    }
-  }
-}
-
 /* One member of a variant file: a key, or a component object of keys. */
 static cm_status apply_member(cm_model_config *c, const cJSON *member, cm_err *err) {
   char kb[160], vb[96];
@@ -502,7 +489,7 @@ static cm_status load_file(const char *path, extends_chain *chain, cm_model_conf
       const char *ep = cJSON_GetErrorPtr();
       at = ep && ep >= text && ep <= text + len ? (size_t)(ep - text) : 0;
     }
-    line_col(text, at, &line, &col);
+    cm_text_line_col(text, at, &line, &col);
     st = cm_errorf(err, CM_EINVALID, "%s: JSON syntax error near line %d column %d", path, line,
                    col);
     goto done;

@@ -1,6 +1,7 @@
 /* tools/cmd_opt.c — cmaec opt: run a pipeline of passes over a graph. */
 #include "cli.h"
 
+#include <cjson/cJSON.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -52,32 +53,43 @@ int cmd_opt(int argc, char **argv) {
     rc = cli_report(&err, pos[0]);
     goto done;
   }
+  int per_kind[CM_GROUP_KIND_COUNT] = {0};
+  for (int k = 0; s.plan && k < s.plan->n_groups; k++) per_kind[s.plan->groups[k].kind]++;
   if (opts[5].given && opts[6].given) {
-    printf("{\"graph\": \"%s\", \"nodes\": %d, \"passes\": [", pos[0], s.g->n_nodes);
-    for (int i = 0; i < n_stats; i++)
-      printf("%s{\"pass\": \"%s\", \"ms\": %.3f, \"nodes_before\": %d, \"nodes_after\": %d, "
-             "\"detail\": \"%s\"}",
-             i ? ", " : "", stats[i].pass, stats[i].ms, stats[i].nodes_before, stats[i].nodes_after,
-             stats[i].detail);
-    printf("]");
-    if (s.plan) {
-      int per_kind[CM_GROUP_KIND_COUNT] = {0};
-      for (int k = 0; k < s.plan->n_groups; k++) per_kind[s.plan->groups[k].kind]++;
-      printf(", \"kernels\": %d, \"kernels_by_kind\": {", s.plan->n_groups);
-      for (int k = 0; k < CM_GROUP_KIND_COUNT; k++)
-        printf("%s\"%s\": %d", k ? ", " : "", cm_group_kind_name((cm_group_kind)k), per_kind[k]);
-      printf("}, \"arena_bytes\": %lld, \"unplanned_bytes\": %lld", (long long)s.plan->arena_bytes,
-             (long long)s.plan->unplanned_bytes);
+    /* cJSON writes the strings, so a path or detail with quotes stays valid JSON. */
+    cJSON *o = cJSON_CreateObject(), *passes = cJSON_AddArrayToObject(o, "passes");
+    cJSON_AddStringToObject(o, "graph", pos[0]);
+    cJSON_AddNumberToObject(o, "nodes", s.g->n_nodes);
+    for (int i = 0; i < n_stats; i++) {
+      cJSON *p = cJSON_CreateObject();
+      cJSON_AddStringToObject(p, "pass", stats[i].pass);
+      cJSON_AddNumberToObject(p, "ms", stats[i].ms);
+      cJSON_AddNumberToObject(p, "nodes_before", stats[i].nodes_before);
+      cJSON_AddNumberToObject(p, "nodes_after", stats[i].nodes_after);
+      cJSON_AddStringToObject(p, "detail", stats[i].detail);
+      cJSON_AddItemToArray(passes, p);
     }
-    printf("}\n");
+    if (s.plan) {
+      cJSON_AddNumberToObject(o, "kernels", s.plan->n_groups);
+      cJSON *by_kind = cJSON_AddObjectToObject(o, "kernels_by_kind");
+      for (int k = 0; k < CM_GROUP_KIND_COUNT; k++)
+        cJSON_AddNumberToObject(by_kind, cm_group_kind_name((cm_group_kind)k), per_kind[k]);
+      cJSON_AddNumberToObject(o, "arena_bytes", (double)s.plan->arena_bytes);
+      cJSON_AddNumberToObject(o, "unplanned_bytes", (double)s.plan->unplanned_bytes);
+    }
+    char *text = cJSON_PrintUnformatted(o);
+    if (text)
+      puts(text);
+    else
+      rc = (fprintf(stderr, "cmaec opt: out of memory\n"), EXIT_INTERNAL);
+    cJSON_free(text);
+    cJSON_Delete(o);
   } else if (opts[5].given) {
     printf("%-10s %10s %10s %10s  %s\n", "pass", "ms", "nodes in", "nodes out", "detail");
     for (int i = 0; i < n_stats; i++)
       printf("%-10s %10.2f %10d %10d  %s\n", stats[i].pass, stats[i].ms, stats[i].nodes_before,
              stats[i].nodes_after, stats[i].detail);
     if (s.plan) {
-      int per_kind[CM_GROUP_KIND_COUNT] = {0};
-      for (int k = 0; k < s.plan->n_groups; k++) per_kind[s.plan->groups[k].kind]++;
       printf("kernels: %d (", s.plan->n_groups);
       for (int k = 0; k < CM_GROUP_KIND_COUNT; k++)
         printf("%s%s %d", k ? ", " : "", cm_group_kind_name((cm_group_kind)k), per_kind[k]);
