@@ -155,19 +155,18 @@ static int vjp(vjp_ctx *c, int k) {
       const cm_type tc_value = type_of(g, cur), *tc = &tc_value;
       int64_t len = tc->dims[a];
       if (step > 1 && len > 1) {
-        int64_t dims[CM_MAX_RANK + 1];
         int r = tc->rank;
-        for (int i = 0, j = 0; i < r; i++) {
-          dims[j++] = tc->dims[i];
-          if (i == a) dims[j++] = 1;
-        }
-        int spread = cm_reshape(g, cur, r + 1 <= CM_MAX_RANK ? r + 1 : r, dims, NULL);
-        if (r + 1 > CM_MAX_RANK) {
-          /* No room for the helper axis: fall back to scatter-free padding per element. */
+        if (r + 1 > CM_MAX_RANK) { /* no room for the helper axis */
           cm_errorf(c->err, CM_EINVALID,
                     "slice with step on a rank-6 tensor is not differentiable");
           return -1;
         }
+        int64_t dims[CM_MAX_RANK];
+        for (int i = 0, j = 0; i < r; i++) {
+          dims[j++] = tc->dims[i];
+          if (i == a) dims[j++] = 1;
+        }
+        int spread = cm_reshape(g, cur, r + 1, dims, NULL);
         int64_t lo[CM_MAX_RANK] = {0}, hi[CM_MAX_RANK] = {0};
         hi[a + 1] = step - 1;
         spread = cm_pad(g, spread, lo, hi, 0, NULL);

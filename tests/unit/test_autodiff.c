@@ -287,14 +287,12 @@ static void test_movement(void) {
     ys[3] = cm_slice(h.g, x, s0, s1, st, NULL);
     ys[4] = cm_concat(h.g, 3, cat_in, trial % 3, NULL);
     ys[5] = cm_pad(h.g, x, lo, hi, 0.5, NULL);
-    static const char *names[] = {"reshape", "permute", "broadcast", "slice", "concat", "pad"};
     /* one loss over all six, and each alone */
     int total = -1;
     for (int k = 0; k < 6; k++) {
       int l = weighted_loss(&h, ys[k]);
       total = total < 0 ? l : cm_binary(h.g, CM_OP_ADD, total, l, NULL);
     }
-    (void)names;
     check_grads(&h, total, "movement");
     harness_done(&h);
   }
