@@ -4,8 +4,9 @@
  * (linked at build time) and NVRTC (loaded with dlopen at run time, so the
  * binary runs where no CUDA is installed) — and NVRTC compilation of CUDA C to
  * CUBIN with the ptxas resource report; the LLVM JIT for the host CPU with an
- * on-disk object cache. The kernel IR and the renderers come with the rest of
- * the code-generation issue. */
+ * on-disk object cache; the kernel IR, the lowering of plan groups to it, its
+ * reference interpreter, and the two renderers (LLVM for the host CPU, CUDA C
+ * for NVRTC). */
 #ifndef CMAEC_CODEGEN_H
 #define CMAEC_CODEGEN_H
 
@@ -127,5 +128,247 @@ void cm_cubin_free(cm_cubin *c);
 const cm_cuda_kernel_info *cm_cubin_kernel(const cm_cubin *c, const char *name);
 /* Parses a ptxas -v log into kernel infos; *out is malloc'ed (NULL when none). */
 cm_status cm_ptxas_parse(const char *log, cm_cuda_kernel_info **out, int *n_out, cm_err *err);
+
+/* ---- the kernel IR (codegen/kernel.c) ------------------------------------
+ *
+ * A kernel is what one fusion group (cm_group) becomes: buffers plus stages
+ * run in order. A stage is a loop nest over an iteration domain with an
+ * optional inner reduction, an expression DAG, and stores:
+ *
+ *   for (v0 < dom[0]) ... for (v{n_dom-1} < dom[n_dom-1]):      // parallel over the
+ *     acc = reduce_{r in red} body(v, r)     (only when n_red > 0) // first n_parallel vars
+ *     for each store s: buffers[s.buf][s.index(v)] (+)= s.value(v, acc)
+ *
+ * Variables: ids 0..n_dom-1 are the domain vars, n_dom..n_dom+n_red-1 the
+ * reduction vars (all i64, outermost first). A stage sees every store of the
+ * earlier stages (a barrier between stages). Within one iteration every store
+ * value is computed before any store is made (an update may read and write the
+ * same buffer at the same index; lowering guarantees a stage never reads a
+ * buffer it writes at any other index). Stores of different iterations never
+ * hit the same element unless the stage is `accumulate` (scatter_add).
+ *
+ * Arithmetic follows the oracle (ir/eval.c): every CM_KX_OP result is rounded
+ * to its dtype (bf16/f16 computed in f32 and rounded, RNE); ints never go
+ * through floats. Reductions accumulate in acc_dtype (f32 for f32/bf16/f16
+ * values, f64 for f64, the int dtype for ints) in any order (renderers may
+ * reassociate: results agree with the oracle to rounding, not bit for bit). */
+
+#define CM_KMAX_VARS 12 /* n_dom + n_red */
+#define CM_KMAX_STORES 32
+
+typedef enum cm_kx_kind {
+  CM_KX_CONST, /* value (dtype: any; f64 holds every value used) */
+  CM_KX_VAR,   /* i64: loop variable `var` */
+  CM_KX_ACC,   /* the stage's reduction result (acc_dtype); only in store values */
+  CM_KX_LOAD,  /* buffers[buf] (its dtype) at element index a (an i64 expression) */
+  CM_KX_OP,    /* an elementwise graph op (cm_op NEG..SELECT, CAST to dtype) on a, b, c;
+                  on i64/i32 also index arithmetic: ADD SUB MUL MIN MAX, DIV truncating
+                  (C), LT LE EQ NE giving bool, SELECT */
+  CM_KX_MOD,   /* i64: a % b (C remainder; lowering uses it with a >= 0, b > 0) */
+} cm_kx_kind;
+
+typedef struct cm_kexpr {
+  cm_kx_kind kind;
+  cm_op op;       /* CM_KX_OP */
+  cm_dtype dtype; /* the result's dtype */
+  int a, b, c;    /* operand expression ids, each smaller than this one's; -1 unused */
+  int var;        /* CM_KX_VAR */
+  int buf;        /* CM_KX_LOAD */
+  double value;   /* CM_KX_CONST */
+} cm_kexpr;
+
+typedef struct cm_kstore {
+  int buf;   /* kernel buffer written */
+  int index; /* i64 expression over the domain vars: the element index */
+  int value; /* expression over the domain vars and ACC; converted to the buffer's dtype
+                exactly as CAST would */
+} cm_kstore;
+
+typedef enum cm_kreduce { CM_KRED_SUM, CM_KRED_MAX } cm_kreduce;
+
+/* Templates: a stage may carry a recognized pattern that a renderer turns into
+ * a specialized skeleton (tiles, register blocking, shared memory). The
+ * generic reading of the stage above stays its exact meaning; a renderer
+ * without the template renders the generic loop nest. */
+typedef enum cm_ktemplate {
+  CM_KT_NONE,
+  /* dom = [batch..., M, N] (n_dom >= 2), red = [K] (n_red == 1), red_op SUM,
+   * body = MUL(gemm_a, gemm_b) where expression gemm_a reads only the batch
+   * vars, v{n_dom-2} (i) and the reduction var (k), and gemm_b only the batch
+   * vars, k and v{n_dom-1} (j): C[b,i,j] = sum_k A(b,i,k) B(b,k,j). Operand
+   * expressions may be any prologue (transposed or strided loads, casts,
+   * scaling, im2col of a convolution with padding as SELECT): the renderer
+   * evaluates them once per element while packing tiles. Store values are the
+   * epilogue (bias, activation, residual, transposed store). */
+  CM_KT_GEMM,
+} cm_ktemplate;
+
+typedef struct cm_kgemm_tiles {
+  int mc, nc, kc; /* cache blocking: A block mc x kc, B panel kc x nc (multiples of mr/nr) */
+  int mr, nr;     /* register block of the micro-kernel (CPU) / warp tile (CUDA) */
+} cm_kgemm_tiles;
+
+typedef struct cm_kstage {
+  char name[64];
+  int n_dom;
+  int64_t dom[CM_KMAX_VARS];
+  int n_red;                 /* 0: no reduction (body and ACC unused) */
+  int64_t red[CM_KMAX_VARS]; /* red[i] is the extent of var n_dom + i */
+  cm_kreduce red_op;
+  cm_dtype acc_dtype;
+  int body; /* expression over all vars, reduced into ACC; -1 when n_red == 0 */
+  int n_exprs, cap_exprs;
+  cm_kexpr *exprs;
+  int n_stores;
+  cm_kstore stores[CM_KMAX_STORES];
+  bool accumulate; /* stores add into the buffer (scatter_add); the buffer was zeroed by an
+                      earlier stage; iterations may collide: the CPU runs such a stage on one
+                      thread, CUDA uses atomics */
+  int n_parallel;  /* leading domain vars split across threads (0: one work item) */
+  cm_ktemplate tmpl;
+  int gemm_a, gemm_b; /* CM_KT_GEMM operand expressions */
+  cm_kgemm_tiles tiles;
+} cm_kstage;
+
+typedef enum cm_kbuf_kind {
+  CM_KBUF_ARENA,   /* a group input or output living in the arena (plan offset) */
+  CM_KBUF_SOURCE,  /* a source node's own buffer (input, param, state; assigns write here) */
+  CM_KBUF_CONST,   /* a const node with explicit data (data points into the graph's attrs,
+                      as f64; the kernel reads it converted to dtype, see cm_kernel_const_data) */
+  CM_KBUF_SCRATCH, /* a value internal to the group, materialized between stages */
+} cm_kbuf_kind;
+
+typedef struct cm_kbuffer {
+  cm_kbuf_kind kind;
+  cm_dtype dtype;
+  int64_t numel;
+  int node;       /* the graph node whose value it holds (-1 only for SCRATCH without one) */
+  int64_t offset; /* ARENA: byte offset in the arena; SCRATCH: byte offset in the scratch
+                     area (64-byte aligned); else 0 */
+  bool read, written;
+} cm_kbuffer;
+
+typedef struct cm_kernel {
+  char name[64]; /* "k<group>_<kind>", a C and LLVM identifier */
+  int group;     /* the plan group it implements, -1 for hand-built kernels */
+  cm_group_kind kind;
+  int n_buffers, cap_buffers;
+  cm_kbuffer *buffers;
+  int n_stages, cap_stages;
+  cm_kstage *stages;
+  int64_t scratch_bytes; /* scratch area the stages need (0 if none) */
+} cm_kernel;
+
+/* A whole plan lowered: one kernel per group, in the plan's order. */
+typedef struct cm_kprogram {
+  int n_kernels;
+  cm_kernel *kernels;
+  int64_t arena_bytes;       /* the plan's arena */
+  int64_t max_scratch_bytes; /* the largest kernel scratch */
+} cm_kprogram;
+
+typedef enum cm_target { CM_TARGET_CPU, CM_TARGET_CUDA } cm_target;
+
+/* Builders for kernels (used by the lowering and by tests). Expression
+ * builders return the new expression's id, folding constants and identities
+ * (x+0, x*1, 0*i for ints); they never fail (they grow the arrays; out of
+ * memory aborts the build: cm_kernel_verify reports it). */
+void cm_kernel_init(cm_kernel *k, const char *name);
+void cm_kernel_free(cm_kernel *k);
+int cm_kernel_add_buffer(cm_kernel *k, cm_kbuf_kind kind, cm_dtype dt, int64_t numel, int node,
+                         int64_t offset);
+cm_kstage *cm_kernel_add_stage(cm_kernel *k, const char *name); /* pointer valid until the
+                                                                    next add_stage */
+int cm_kx_const(cm_kstage *s, cm_dtype dt, double v);
+int cm_kx_var(cm_kstage *s, int var);
+int cm_kx_acc(cm_kstage *s);
+int cm_kx_load(cm_kstage *s, const cm_kernel *k, int buf, int index);
+int cm_kx_op(cm_kstage *s, cm_op op, cm_dtype dt, int a, int b, int c);
+int cm_kx_mod(cm_kstage *s, int a, int b);
+/* i64 helpers: a + b, a * b, a / b (trunc), a % b, with folding */
+int cm_kx_iadd(cm_kstage *s, int a, int b);
+int cm_kx_imul(cm_kstage *s, int a, int b);
+int cm_kx_idiv(cm_kstage *s, int a, int b);
+int cm_kx_imod(cm_kstage *s, int a, int b);
+int cm_kx_iconst(cm_kstage *s, int64_t v);
+bool cm_kx_is_const(const cm_kstage *s, int e, double *value);
+/* Bit mask of the variables an expression depends on (bit v for var v). */
+uint32_t cm_kx_vars_used(const cm_kstage *s, int e);
+
+/* Checks a kernel: expression ids and operand order, dtypes of operands,
+ * variables in range (reduction vars only in body / gemm operands, ACC only
+ * in store values), store buffers writable, template invariants. Errors name
+ * the kernel, stage and expression. */
+cm_status cm_kernel_verify(const cm_kernel *k, cm_err *err);
+/* Human-readable kernel IR (stable; used by `cmaec compile --emit kir` and tests). */
+void cm_kernel_print(const cm_kernel *k, FILE *out);
+/* A CM_KBUF_CONST buffer's contents converted to its dtype (malloc'ed; the
+ * caller frees). */
+void *cm_kernel_const_data(const cm_graph *g, const cm_kbuffer *b, cm_err *err);
+/* The kernel IR's reference semantics: runs every stage serially. bufs[i] is
+ * buffer i's base address (scratch buffers included: the caller points them
+ * into a scratch area of k->scratch_bytes). */
+cm_status cm_kernel_interpret(const cm_kernel *k, void *const *bufs, cm_err *err);
+void cm_kprogram_free(cm_kprogram *p);
+
+/* ---- lowering (codegen/lower.c) ------------------------------------------ */
+
+typedef struct cm_lower_opts {
+  cm_target target;
+  bool no_templates; /* generic loop nests only (for differential tests) */
+} cm_lower_opts;
+
+/* Lowers one group of a scheduled and memory-planned plan (memplan has run:
+ * p->offset is set). Every node kind a group can hold is lowered; errors name
+ * the group, node and op. */
+cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const cm_lower_opts *o,
+                         cm_kernel *out, cm_err *err);
+/* Lowers every group in p->order. */
+cm_status cm_lower_plan(const cm_graph *g, const cm_plan *p, const cm_lower_opts *o,
+                        cm_kprogram *out, cm_err *err);
+
+/* ---- the LLVM renderer (codegen/render_llvm.c) -------------------------- */
+
+/* One function per stage, named "<kernel>_s<stage index>", with the C type
+ * cm_cpu_stage_fn: it runs work items [begin, end) of the stage. Work items:
+ * generic stages, the product of the first n_parallel domain extents (1 when
+ * n_parallel == 0); GEMM stages, batch x ceil(M/mc) x ceil(N/nc) blocks. ws is
+ * a per-thread workspace of at least cm_kstage_workspace_bytes bytes, 64-byte
+ * aligned (GEMM packing). bufs[i] is buffer i's base address. */
+typedef void (*cm_cpu_stage_fn)(char *const *bufs, int64_t begin, int64_t end, char *ws);
+int64_t cm_kstage_work_items(const cm_kstage *s);
+int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target t);
+
+typedef struct cm_llvm_render_opts {
+  int vector_width;  /* elements per vector on the innermost axis (f32): 16 with AVX-512,
+                        8 with AVX2; 0: the host's */
+  bool no_templates; /* render GEMM stages as generic loop nests */
+} cm_llvm_render_opts;
+
+/* Adds the kernel's stage functions to module m (in the module's context). */
+cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_render_opts *o,
+                         cm_err *err);
+
+/* ---- the CUDA renderer (codegen/render_cuda.c) -------------------------- */
+
+typedef struct cm_cuda_launch {
+  unsigned grid[3], block[3];
+  unsigned shared_bytes; /* dynamic shared memory */
+} cm_cuda_launch;
+
+typedef struct cm_cuda_render_opts {
+  const char *arch; /* "sm_80", "sm_90": tensor-core mma for bf16/f16 GEMM operands */
+  bool no_templates;
+} cm_cuda_render_opts;
+
+/* CUDA C for the kernel: one extern "C" __global__ function per stage named
+ * "<kernel>_s<stage index>" taking one pointer per kernel buffer, in buffer
+ * order (then nothing else). Appends to *source (malloc'ed/realloc'ed; *source
+ * may be NULL); with a prelude (types, bf16/f16 rounding helpers) when
+ * with_prelude. */
+cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool with_prelude,
+                         char **source, cm_err *err);
+/* The launch configuration of stage i of k. */
+cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda_render_opts *o);
 
 #endif
