@@ -204,8 +204,8 @@ static const char usage_main[] =
     "usage: cmaec <command> [options]\n"
     "\n"
     "cmaec builds CMAE model variants and other dataflow graphs, differentiates and\n"
-    "optimizes them, and evaluates them on its reference evaluator (native CPU and GPU\n"
-    "backends and the trainer are being built).\n"
+    "optimizes them, compiles them to kernels (LLVM JIT for the CPU, CUDA C through\n"
+    "NVRTC), and runs them on the reference evaluator or the CPU backend.\n"
     "\n"
     "commands:\n"
     "  check GRAPH        verify a graph (JSON or text IR) and print a summary\n"
@@ -218,6 +218,7 @@ static const char usage_main[] =
     "  opt GRAPH          run optimizing passes (simplify, cse, dce, fuse, schedule, memplan)\n"
     "  summary MODEL      parameters, FLOPs and activation memory of a model variant\n"
     "  build MODEL        write a model variant's forward graph or training step\n"
+    "  compile MODEL      lower a training step to kernels and render them (LLVM IR, CUDA C)\n"
     "  info               version, and which of LLVM, NVRTC, CUDA, NCCL, MPI are available\n"
     "\n"
     "Run 'cmaec <command> --help' for a command's options.\n"
@@ -237,7 +238,7 @@ int main(int argc, char **argv) {
                   {"info", cmd_info},       {"grad", cmd_grad},
                   {"step", cmd_step},       {"build-step", cmd_build_step},
                   {"summary", cmd_summary}, {"build", cmd_build},
-                  {"opt", cmd_opt}};
+                  {"opt", cmd_opt},         {"compile", cmd_compile}};
   for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
     if (strcmp(cmd, commands[i].name) == 0) return commands[i].fn(argc, argv);
   fprintf(stderr, "cmaec: unknown command \"%s\" (see cmaec --help)\n", cmd);

@@ -58,5 +58,6 @@ int cmd_build_step(int argc, char **argv);
 int cmd_summary(int argc, char **argv);
 int cmd_opt(int argc, char **argv);
 int cmd_build(int argc, char **argv);
+int cmd_compile(int argc, char **argv);
 
 #endif

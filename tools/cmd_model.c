@@ -1,12 +1,16 @@
-/* tools/cmd_model.c — cmaec summary, build: a model variant's parameters,
- * FLOPs and activation memory, and its forward or training-step graph. */
+/* tools/cmd_model.c — cmaec summary, build, compile: a model variant's
+ * parameters, FLOPs and activation memory, its forward or training-step graph,
+ * and its kernels rendered for a target. */
 #include "cli.h"
 
 #include "../models/models.h"
 #include "../passes/passes.h"
 
+#include <errno.h>
+#include <llvm-c/Core.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
@@ -557,6 +561,338 @@ done:
   cm_plan_free(plan);
   cm_graph_free(step);
   cm_model_free(&model);
+  model_cmd_free(&mc);
+  return rc;
+}
+
+/* ---- cmaec compile --------------------------------------------------------- */
+
+static const char usage_compile[] =
+    "usage: cmaec compile MODEL.json|GRAPH.json --target cpu|cuda -o DIR\n"
+    "                     [--arch sm_80|sm_90|sm_90a] [--emit LIST] [--set KEY=VALUE ...]\n"
+    "                     [--batch N] [--no-templates]\n"
+    "\n"
+    "Compiles a variant's training step (or a graph file: JSON with \"nodes\") through the\n"
+    "default pass pipeline, lowers every kernel to the kernel IR and renders it for the\n"
+    "target. --emit is a comma-separated list (default: the target's code and stats):\n"
+    "  kir    DIR/kernels.kir         the kernel IR\n"
+    "  llvm   DIR/kernels.ll, .opt.ll, .s  LLVM IR as rendered, after O3, host assembly (cpu)\n"
+    "  cuda   DIR/kernels.cu, kernels.ARCH.cubin  CUDA C and its CUBIN from NVRTC (cuda)\n"
+    "  stats  DIR/stats.tsv           one row per stage: kernel, kind, template, domain,\n"
+    "                                 reduction, work items, FLOPs; with cuda also registers,\n"
+    "                                 shared memory, stack and spill bytes from ptxas\n"
+    "--arch (cuda) defaults to sm_90. The CUBIN needs NVRTC (no GPU).\n";
+
+typedef struct emit_set {
+  bool kir, llvm, cuda, stats;
+} emit_set;
+
+static bool parse_emit(const char *s, emit_set *e) {
+  memset(e, 0, sizeof *e);
+  const char *p = s;
+  while (*p) {
+    const char *q = strchr(p, ',');
+    size_t n = q ? (size_t)(q - p) : strlen(p);
+    if (n == 3 && !strncmp(p, "kir", 3))
+      e->kir = true;
+    else if (n == 4 && !strncmp(p, "llvm", 4))
+      e->llvm = true;
+    else if (n == 4 && !strncmp(p, "cuda", 4))
+      e->cuda = true;
+    else if (n == 5 && !strncmp(p, "stats", 5))
+      e->stats = true;
+    else
+      return false;
+    p += n + (q ? 1 : 0);
+  }
+  return true;
+}
+
+static int write_text(const char *dir, const char *file, const char *text, size_t size) {
+  char path[4096];
+  snprintf(path, sizeof path, "%s/%s", dir, file);
+  FILE *f = fopen(path, "wb");
+  bool ok = f && fwrite(text, 1, size, f) == size;
+  if (f && fclose(f) != 0) ok = false;
+  if (!ok) return fprintf(stderr, "%s: cannot write\n", path), EXIT_INVALID;
+  return EXIT_OK;
+}
+
+static double stage_flops(const cm_kstage *s) {
+  if (s->n_red == 0 || s->body < 0) return 0;
+  const cm_kexpr *b = &s->exprs[s->body];
+  if (b->kind != CM_KX_OP || b->op != CM_OP_MUL) return 0;
+  double f = 2;
+  for (int i = 0; i < s->n_dom; i++) f *= (double)s->dom[i];
+  for (int i = 0; i < s->n_red; i++) f *= (double)s->red[i];
+  return f;
+}
+
+static void extents_str(const int64_t *d, int n, char *buf, size_t size) {
+  size_t used = 0;
+  buf[0] = 0;
+  for (int i = 0; i < n && used + 24 < size; i++)
+    used += (size_t)snprintf(buf + used, size - used, "%s%lld", i ? "x" : "", (long long)d[i]);
+  if (n == 0) snprintf(buf, size, "-");
+}
+
+/* The graph to compile: a variant's training step (through the default
+ * pipeline) or a graph file's graph; *plan gets the pipeline's plan. */
+static int compile_input(model_cmd *mc, const char *path, int batch, cm_graph **g, cm_plan **plan) {
+  FILE *f = fopen(path, "rb");
+  char head[4096] = {0};
+  size_t n = f ? fread(head, 1, sizeof head - 1, f) : 0;
+  if (f) fclose(f);
+  head[n] = 0;
+  int rc;
+  if (strstr(head, "\"nodes\"")) {
+    if ((rc = cli_load_graph(path, g))) return rc;
+  } else {
+    cm_model_config cfg;
+    if ((rc = load_config(mc, path, &cfg))) return rc;
+    cm_model model = {0};
+    if ((rc = build_model(path, &cfg, batch ? batch : cfg.optimizer.batch, 1, &model))) {
+      cm_model_free(&model);
+      return rc;
+    }
+    cm_train_step_info info = {0};
+    rc = build_step(path, &model, g, &info);
+    cm_model_free(&model);
+    if (rc) return rc;
+  }
+  cm_pass_state s = {*g, NULL};
+  cm_err err = {0};
+  cm_status st = cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err);
+  *g = s.g;
+  *plan = s.plan;
+  return st ? cli_report(&err, path) : EXIT_OK;
+}
+
+int cmd_compile(int argc, char **argv) {
+  model_cmd mc;
+  int rc = split_sets(argc, argv, "compile", &mc);
+  if (rc) return model_cmd_free(&mc), rc;
+  cli_option opts[] = {{"--help", false, NULL, false},  {"-o", true, NULL, false},
+                       {"--output", true, NULL, false}, {"--target", true, NULL, false},
+                       {"--arch", true, NULL, false},   {"--emit", true, NULL, false},
+                       {"--batch", true, NULL, false},  {"--no-templates", false, NULL, false}};
+  const char *pos[1];
+  int n_pos, batch = 0;
+  cm_graph *g = NULL;
+  cm_plan *plan = NULL;
+  cm_kprogram prog = {0};
+  char *cuda_src = NULL;
+  cm_nvrtc *nvrtc = NULL;
+  cm_cubin cubin = {0};
+  cm_jit *jit = NULL;
+  LLVMModuleRef module = NULL;
+  FILE *stats = NULL;
+  cm_err err = {0};
+  if (!cli_parse(mc.argc, mc.argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "compile")) {
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  if (opts[0].given) {
+    fputs(usage_compile, stdout);
+    goto done;
+  }
+  const char *dir = opts[1].given ? opts[1].value : opts[2].value;
+  if (n_pos != 1 || !dir || !opts[3].given) {
+    fputs(usage_compile, stderr);
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  cm_target target;
+  if (!strcmp(opts[3].value, "cpu"))
+    target = CM_TARGET_CPU;
+  else if (!strcmp(opts[3].value, "cuda"))
+    target = CM_TARGET_CUDA;
+  else {
+    fprintf(stderr, "cmaec compile: --target %s: unknown target (cpu, cuda)\n", opts[3].value);
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  const char *arch = opts[4].given ? opts[4].value : "sm_90";
+  if (opts[4].given && target != CM_TARGET_CUDA) {
+    fprintf(stderr, "cmaec compile: --arch applies to --target cuda only\n");
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  if (strcmp(arch, "sm_80") && strcmp(arch, "sm_90") && strcmp(arch, "sm_90a")) {
+    fprintf(stderr, "cmaec compile: --arch %s: unsupported (sm_80, sm_90, sm_90a)\n", arch);
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  emit_set emit = {false, target == CM_TARGET_CPU, target == CM_TARGET_CUDA, true};
+  if (opts[5].given && !parse_emit(opts[5].value, &emit)) {
+    fprintf(stderr, "cmaec compile: --emit %s: a comma-separated list of kir, llvm, cuda, stats\n",
+            opts[5].value);
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  if ((emit.llvm && target != CM_TARGET_CPU) || (emit.cuda && target != CM_TARGET_CUDA)) {
+    fprintf(stderr, "cmaec compile: --emit %s does not match --target %s\n",
+            emit.llvm ? "llvm" : "cuda", opts[3].value);
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  if (opts[6].given && !parse_count(opts[6].value, &batch)) {
+    fprintf(stderr, "cmaec compile: --batch %s: not an integer in [1, 1000000]\n", opts[6].value);
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  const char *path = pos[0];
+  if ((rc = compile_input(&mc, path, batch, &g, &plan))) goto done;
+  if (mkdir(dir, 0777) != 0 && errno != EEXIST) {
+    fprintf(stderr, "%s: cannot create the directory: %s\n", dir, strerror(errno));
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  double t0 = now_seconds();
+  cm_lower_opts lo = {target, opts[7].given};
+  if (cm_lower_plan(g, plan, &lo, &prog, &err)) {
+    rc = cli_report(&err, path);
+    goto done;
+  }
+  double t_lower = now_seconds() - t0;
+  int n_stages = 0;
+  for (int i = 0; i < prog.n_kernels; i++) n_stages += prog.kernels[i].n_stages;
+  printf("%s: %d kernels, %d stages, arena %.1f MiB, scratch %.1f MiB (lowered in %.0f ms)\n", path,
+         prog.n_kernels, n_stages, (double)prog.arena_bytes / 1048576.0,
+         (double)prog.max_scratch_bytes / 1048576.0, 1e3 * t_lower);
+  if (emit.kir) {
+    char *text = NULL;
+    size_t size = 0;
+    FILE *mem = open_memstream(&text, &size);
+    if (!mem) {
+      rc = EXIT_INTERNAL;
+      goto done;
+    }
+    for (int i = 0; i < prog.n_kernels; i++) cm_kernel_print(&prog.kernels[i], mem);
+    fclose(mem);
+    rc = write_text(dir, "kernels.kir", text, size);
+    free(text);
+    if (rc) goto done;
+  }
+  if (emit.llvm) {
+    cm_jit_opts jo = {NULL, 3, NULL, NULL, 512};
+    if (cm_jit_create(&jit, &jo, &err)) {
+      rc = cli_report(&err, "cmaec compile");
+      goto done;
+    }
+    module = LLVMModuleCreateWithNameInContext("cmaec_kernels", cm_jit_context(jit));
+    cm_llvm_render_opts ro = {0, opts[7].given};
+    t0 = now_seconds();
+    for (int i = 0; i < prog.n_kernels; i++)
+      if (cm_render_llvm(&prog.kernels[i], module, &ro, &err)) {
+        rc = cli_report(&err, path);
+        goto done;
+      }
+    char *ir = LLVMPrintModuleToString(module);
+    rc = write_text(dir, "kernels.ll", ir, strlen(ir));
+    LLVMDisposeMessage(ir);
+    if (rc) goto done;
+    char *opt = NULL, *asm_text = NULL;
+    if (cm_jit_render(jit, module, CM_JIT_TEXT_ASM, &asm_text, &err) ||
+        cm_jit_render(jit, module, CM_JIT_TEXT_IR, &opt, &err)) {
+      free(asm_text);
+      rc = cli_report(&err, path);
+      goto done;
+    }
+    rc = write_text(dir, "kernels.opt.ll", opt, strlen(opt));
+    if (!rc) rc = write_text(dir, "kernels.s", asm_text, strlen(asm_text));
+    free(opt);
+    free(asm_text);
+    if (rc) goto done;
+    printf("  llvm: %s/kernels.ll, kernels.opt.ll, kernels.s for %s (%.0f ms)\n", dir,
+           cm_jit_target_description(jit), 1e3 * (now_seconds() - t0));
+  }
+  cm_cuda_render_opts co = {arch, opts[7].given};
+  if (emit.cuda || (emit.stats && target == CM_TARGET_CUDA)) {
+    for (int i = 0; i < prog.n_kernels; i++)
+      if (cm_render_cuda(&prog.kernels[i], &co, i == 0, &cuda_src, &err)) {
+        rc = cli_report(&err, path);
+        goto done;
+      }
+    if (emit.cuda && (rc = write_text(dir, "kernels.cu", cuda_src ? cuda_src : "",
+                                      cuda_src ? strlen(cuda_src) : 0)))
+      goto done;
+    if (cm_nvrtc_load(&nvrtc, &err) ||
+        cm_nvrtc_compile(nvrtc, cuda_src ? cuda_src : "", "kernels.cu", arch, NULL, 0, &cubin,
+                         &err)) {
+      rc = cli_report(&err, "cmaec compile");
+      goto done;
+    }
+    if (emit.cuda) {
+      char name[64];
+      snprintf(name, sizeof name, "kernels.%s.cubin", arch);
+      if ((rc = write_text(dir, name, cubin.data, cubin.size))) goto done;
+    }
+    int spills = 0;
+    for (int i = 0; i < cubin.n_kernels; i++)
+      spills += cubin.kernels[i].spill_store_bytes + cubin.kernels[i].spill_load_bytes > 0;
+    printf("  cuda: %d kernels compiled by NVRTC %s for %s in %.0f ms, %zu bytes of CUBIN, "
+           "%d with spills\n",
+           cubin.n_kernels, cm_nvrtc_version(nvrtc), arch, cubin.compile_ms, cubin.size, spills);
+  }
+  if (emit.stats) {
+    char spath[4096];
+    snprintf(spath, sizeof spath, "%s/stats.tsv", dir);
+    stats = fopen(spath, "w");
+    if (!stats) {
+      fprintf(stderr, "%s: cannot write\n", spath);
+      rc = EXIT_INVALID;
+      goto done;
+    }
+    fprintf(stats, "kernel\tstage\tkind\ttemplate\tdomain\treduction\twork_items\tflops%s\n",
+            target == CM_TARGET_CUDA
+                ? "\tregisters\tshared_bytes\tstack_bytes\tspill_bytes\tgrid\tblock"
+                : "");
+    double total_flops = 0;
+    for (int i = 0; i < prog.n_kernels; i++) {
+      const cm_kernel *k = &prog.kernels[i];
+      for (int s = 0; s < k->n_stages; s++) {
+        const cm_kstage *st = &k->stages[s];
+        char dom[128], red[128];
+        extents_str(st->dom, st->n_dom, dom, sizeof dom);
+        extents_str(st->red, st->n_red, red, sizeof red);
+        double fl = stage_flops(st);
+        total_flops += fl;
+        fprintf(stats, "%s\t%d\t%s\t%s\t%s\t%s\t%lld\t%.0f", k->name, s,
+                cm_group_kind_name(k->kind), st->tmpl == CM_KT_GEMM ? "gemm" : "-", dom, red,
+                (long long)cm_kstage_work_items(st), fl);
+        if (target == CM_TARGET_CUDA) {
+          char fn[160];
+          snprintf(fn, sizeof fn, "%s_s%d", k->name, s);
+          const cm_cuda_kernel_info *ki = cm_cubin_kernel(&cubin, fn);
+          cm_cuda_launch l = cm_cuda_stage_launch(k, s, &co);
+          fprintf(stats, "\t%d\t%d\t%d\t%d\t%ux%ux%u\t%ux%ux%u", ki ? ki->registers : -1,
+                  ki ? ki->shared_bytes + (int)l.shared_bytes : -1, ki ? ki->stack_bytes : -1,
+                  ki ? ki->spill_store_bytes + ki->spill_load_bytes : -1, l.grid[0], l.grid[1],
+                  l.grid[2], l.block[0], l.block[1], l.block[2]);
+        }
+        fputc('\n', stats);
+      }
+    }
+    if (fclose(stats) != 0) {
+      stats = NULL;
+      fprintf(stderr, "%s: cannot write\n", spath);
+      rc = EXIT_INVALID;
+      goto done;
+    }
+    stats = NULL;
+    printf("  stats: %s (%.3f GFLOP in contractions per step)\n", spath, total_flops * 1e-9);
+  }
+done:
+  if (stats) fclose(stats);
+  if (module) LLVMDisposeModule(module);
+  cm_jit_destroy(jit);
+  cm_cubin_free(&cubin);
+  cm_nvrtc_unload(nvrtc);
+  free(cuda_src);
+  cm_kprogram_free(&prog);
+  cm_plan_free(plan);
+  cm_graph_free(g);
   model_cmd_free(&mc);
   return rc;
 }
