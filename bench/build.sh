@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds every bench/*.c program into build/bench/<name>. Usage: bash bench/build.sh
+# Builds the standalone bench programs (bench/peak.c) into build/bench/<name>; the ones that
+# use the library (gemm.c, step.c) are CMake targets bench_gemm, bench_step. Usage: bash bench/build.sh
 # CC (default gcc) and CFLAGS (default -O2) may be overridden. Multi-threaded rows use OpenMP
 # (libgomp with gcc; clang needs libomp's development link, libomp-dev): without a working
 # OpenMP the programs are built single-threaded, with a warning. Benchmarks are not tests.
@@ -31,7 +32,7 @@ flags_for() { # NAME -> extra compile and link flags of that program
   esac
 }
 
-for src in bench/*.c; do
+for src in bench/peak.c; do
   [ -e "$src" ] || continue
   name=$(basename "$src" .c)
   # shellcheck disable=SC2046,SC2086 # word splitting of the flag lists is intended

@@ -1,0 +1,205 @@
+/* bench/step.c — one training step of a model variant on the CPU backend.
+ *
+ * Builds the variant's training step (AdamW, EMA, as `cmaec build --train`),
+ * compiles it with the CPU backend (default pipeline, kernel IR, LLVM JIT,
+ * OpenMP), binds random images, sampled masks and initialized params, and
+ * times --steps steps after one warm-up step. Prints ms per step, images/s,
+ * the contraction FLOPs per step (counted from the kernels' GEMM and
+ * reduction stages whose body is a product), GFLOP/s and its fraction of
+ * --peak, then the kernels that took the most time (--top).
+ *
+ * usage: build/bench/step [MODEL.json] [--batch N] [--steps N] [--threads N]
+ *                         [--peak GFLOPS] [--top N] [--set KEY=VALUE ...] */
+#include "models/models.h"
+#include "runtime/runtime.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint64_t rng = 88172645463325252ull;
+static double uniform(void) {
+  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+  return (double)(rng >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static int by_time(const void *a, const void *b) {
+  const cm_kernel_profile *x = a, *y = b;
+  return (x->total_ms < y->total_ms) - (x->total_ms > y->total_ms);
+}
+
+int main(int argc, char **argv) {
+  const char *path = "models/cmae_vit_tiny_fmnist.json";
+  int batch = 0, steps = 10, threads = 0, top = 12;
+  double peak = 0;
+  const char *sets[64] = {0};
+  int n_sets = 0;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--batch") && i + 1 < argc)
+      batch = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
+      steps = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--threads") && i + 1 < argc)
+      threads = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--peak") && i + 1 < argc)
+      peak = atof(argv[++i]);
+    else if (!strcmp(argv[i], "--top") && i + 1 < argc)
+      top = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--set") && i + 1 < argc && n_sets < 64)
+      sets[n_sets++] = argv[++i];
+    else if (argv[i][0] != '-')
+      path = argv[i];
+    else {
+      fprintf(stderr, "usage: step [MODEL.json] [--batch N] [--steps N] [--threads N] "
+                      "[--peak GFLOPS] [--top N] [--set KEY=VALUE ...]\n");
+      return 2;
+    }
+  }
+  cm_err err = {0};
+  cm_model_config cfg;
+  if (cm_model_config_load(path, sets, n_sets, &cfg, &err)) {
+    fprintf(stderr, "%s\n", err.msg);
+    return 2;
+  }
+  if (batch <= 0) batch = cfg.optimizer.batch;
+  cm_model_build_opts bo = {batch, 1, CM_F32};
+  cm_model m;
+  if (cm_model_build(&cfg, &bo, &m, &err)) {
+    fprintf(stderr, "%s: %s\n", path, err.msg);
+    return 1;
+  }
+  cm_optim_config oc;
+  cm_optim_config_default(&oc);
+  oc.frozen = cm_model_frozen_substrings;
+  cm_ema_pair pairs[8];
+  int n_pairs = 0;
+  for (; n_pairs < 8 && cm_model_ema_online_prefixes[n_pairs]; n_pairs++) {
+    pairs[n_pairs].online_prefix = cm_model_ema_online_prefixes[n_pairs];
+    pairs[n_pairs].target_prefix = cm_model_ema_target_prefixes[n_pairs];
+  }
+  oc.ema = pairs;
+  oc.n_ema = n_pairs;
+  cm_graph *step = NULL;
+  cm_train_step_info info;
+  if (cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err)) {
+    fprintf(stderr, "%s: %s\n", path, err.msg);
+    return 1;
+  }
+  cm_cpu_opts o = {0};
+  o.threads = threads;
+  o.profile = true;
+  cm_cpu_program *pr = NULL;
+  double t_build = now();
+  if (cm_cpu_program_build(step, NULL, &o, &pr, &err)) {
+    fprintf(stderr, "%s: %s\n", path, err.msg);
+    return 1;
+  }
+  t_build = now() - t_build;
+
+  /* sources: images uniform in [-2, 2], masks sampled per sample, params initialized */
+  cm_tensor *t = calloc((size_t)step->n_nodes, sizeof *t);
+  cm_tensor **bound = calloc((size_t)step->n_nodes, sizeof *bound);
+  for (int i = 0; i < step->n_nodes; i++) {
+    const cm_node *n = &step->nodes[i];
+    if (n->op != CM_OP_INPUT && n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;
+    cm_tensor_alloc(&t[i], n->type, NULL);
+    bound[i] = &t[i];
+    int64_t cnt = cm_type_numel(&n->type);
+    if (n->op != CM_OP_INPUT)
+      cm_init_tensor(&t[i], &n->attrs.init, 7, n->name, NULL);
+    else if (!strcmp(n->name, "img") || !strcmp(n->name, "img_t"))
+      for (int64_t e = 0; e < cnt; e++) cm_tensor_set_f64(&t[i], e, uniform() * 4 - 2);
+    else if (!strcmp(n->name, "lr"))
+      cm_tensor_set_f64(&t[i], 0, 1e-4);
+    else if (!strcmp(n->name, "beta1"))
+      cm_tensor_set_f64(&t[i], 0, 0.9);
+    else if (!strcmp(n->name, "beta2"))
+      cm_tensor_set_f64(&t[i], 0, 0.95);
+    else if (!strcmp(n->name, "momentum"))
+      cm_tensor_set_f64(&t[i], 0, 0.996);
+    else if (!strcmp(n->name, "step"))
+      cm_tensor_set_f64(&t[i], 0, 1);
+  }
+  int grid = cfg.data.image_size / cfg.encoder.patch, L = grid * grid;
+  int n_noise = cm_mask_noise_count(cfg.mask.kind, cfg.mask.block, grid);
+  double *u = malloc(sizeof(double) * (size_t)n_noise);
+  int32_t *keep = malloc(sizeof(int32_t) * (size_t)L),
+          *restore = malloc(sizeof(int32_t) * (size_t)L);
+  float *mask = malloc(sizeof(float) * (size_t)L);
+  for (int b = 0; b < batch; b++) {
+    for (int k = 0; k < n_noise; k++) u[k] = uniform();
+    int kept =
+        cm_mask_sample(cfg.mask.kind, cfg.mask.ratio, cfg.mask.block, grid, u, keep, restore, mask);
+    for (int k = 0; k < kept && m.ids_keep >= 0; k++)
+      cm_tensor_set_i64(&t[m.ids_keep], (int64_t)b * kept + k, keep[k]);
+    for (int k = 0; k < L; k++) {
+      if (m.ids_restore >= 0) cm_tensor_set_i64(&t[m.ids_restore], (int64_t)b * L + k, restore[k]);
+      if (m.mask >= 0) cm_tensor_set_f64(&t[m.mask], (int64_t)b * L + k, mask[k]);
+    }
+  }
+  cm_tensor outs[16];
+  int n_out = step->n_outputs < 16 ? step->n_outputs : 16;
+  if (cm_cpu_program_run(pr, bound, outs, &err)) { /* warm-up */
+    fprintf(stderr, "%s: %s\n", path, err.msg);
+    return 1;
+  }
+  for (int j = 0; j < n_out; j++) cm_tensor_free(&outs[j]);
+  const cm_kernel_profile *prof;
+  int n_prof = cm_cpu_program_profile(pr, &prof);
+  cm_kernel_profile *base = malloc(sizeof *base * (size_t)(n_prof ? n_prof : 1));
+  memcpy(base, prof, sizeof *base * (size_t)n_prof);
+  double t0 = now();
+  for (int s = 0; s < steps; s++) {
+    if (cm_cpu_program_run(pr, bound, outs, &err)) {
+      fprintf(stderr, "%s: step %d: %s\n", path, s, err.msg);
+      return 1;
+    }
+    for (int j = 0; j < n_out; j++) cm_tensor_free(&outs[j]);
+  }
+  double dt = (now() - t0) / steps;
+  n_prof = cm_cpu_program_profile(pr, &prof);
+  double flops = 0, kernel_ms = 0;
+  cm_kernel_profile *rows = malloc(sizeof *rows * (size_t)(n_prof ? n_prof : 1));
+  for (int i = 0; i < n_prof; i++) {
+    rows[i] = prof[i];
+    rows[i].total_ms = (prof[i].total_ms - base[i].total_ms) / steps;
+    flops += prof[i].flops;
+    kernel_ms += rows[i].total_ms;
+  }
+  cm_cpu_stats st;
+  cm_cpu_program_stats(pr, &st);
+  printf("%s: batch %d, %d steps on %d threads; build %.2f s (%d kernels, %d stages, "
+         "cache %d hits %d misses)\n",
+         cfg.name, batch, steps, st.threads, t_build, st.n_kernels, st.n_stages, st.cache_hits,
+         st.cache_misses);
+  printf("step %.2f ms, %.1f images/s, %.3f GFLOP per step, %.1f GFLOP/s", 1e3 * dt, batch / dt,
+         flops * 1e-9, flops * 1e-9 / dt);
+  if (peak > 0) printf(", %.1f%% of peak %.1f GFLOP/s", 100 * flops * 1e-9 / dt / peak, peak);
+  printf("\nkernels: %.2f ms of the step (the rest: binding, output copies)\n", kernel_ms);
+  qsort(rows, (size_t)n_prof, sizeof *rows, by_time);
+  printf("%-28s %-12s %9s %6s %9s\n", "kernel", "kind", "ms/step", "share", "GFLOP/s");
+  for (int i = 0; i < n_prof && i < top; i++)
+    printf("%-28s %-12s %9.3f %5.1f%% %9.1f\n", rows[i].name, cm_group_kind_name(rows[i].kind),
+           rows[i].total_ms, 100 * rows[i].total_ms / (kernel_ms > 0 ? kernel_ms : 1),
+           rows[i].total_ms > 0 ? rows[i].flops * 1e-6 / rows[i].total_ms : 0);
+  free(rows);
+  free(base);
+  free(u);
+  free(keep);
+  free(restore);
+  free(mask);
+  for (int i = 0; i < step->n_nodes; i++) cm_tensor_free(&t[i]);
+  free(t);
+  free(bound);
+  cm_cpu_program_free(pr);
+  cm_graph_free(step);
+  cm_model_free(&m);
+  return 0;
+}
