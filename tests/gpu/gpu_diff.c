@@ -1,0 +1,447 @@
+/* tests/gpu/gpu_diff.c — the GPU differential test: every shipped variant's
+ * training step (the ImageNet-size ones shrunk, as tests/unit/test_pipeline_models.c
+ * does) and a few odd-shaped graphs are lowered for CUDA, rendered, compiled by
+ * NVRTC for the device's architecture, run kernel by kernel through the CUDA
+ * driver API (loaded with dlopen) over one device arena, and compared with the
+ * oracle (cm_eval): every graph output and every assigned state, relative error
+ * max|x-y| / max|y| <= 1e-4. Then each variant's step is timed on the GPU.
+ *
+ * Exit 0: all agree; 1: a mismatch or failure; 77: no GPU or driver (skipped,
+ * said on stderr). Run by tests/gpu/run.sh; not part of ctest (no GPU there). */
+#include "models/models.h"
+#include "runtime/runtime.h"
+
+#include <dlfcn.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+typedef void *CUcontext, *CUmodule, *CUfunction;
+
+static struct {
+  CUresult (*init)(unsigned);
+  CUresult (*device_get)(int *, int);
+  CUresult (*attr)(int *, int, int);
+  CUresult (*ctx_create)(CUcontext *, unsigned, int);
+  CUresult (*module_load)(CUmodule *, const void *);
+  CUresult (*get_function)(CUfunction *, CUmodule, const char *);
+  CUresult (*mem_alloc)(CUdeviceptr *, size_t);
+  CUresult (*mem_free)(CUdeviceptr);
+  CUresult (*htod)(CUdeviceptr, const void *, size_t);
+  CUresult (*dtoh)(void *, CUdeviceptr, size_t);
+  CUresult (*memset8)(CUdeviceptr, unsigned char, size_t);
+  CUresult (*launch)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                     unsigned, void *, void **, void **);
+  CUresult (*sync)(void);
+  CUresult (*error_string)(CUresult, const char **);
+} cu;
+
+static int failures;
+
+#define CU(call)                                                                                   \
+  do {                                                                                             \
+    CUresult r_ = (call);                                                                          \
+    if (r_) {                                                                                      \
+      const char *s_ = "?";                                                                        \
+      if (cu.error_string) cu.error_string(r_, &s_);                                               \
+      fprintf(stderr, "%s:%d: %s: CUDA error %d (%s)\n", __FILE__, __LINE__, #call, r_, s_);       \
+      return false;                                                                                \
+    }                                                                                              \
+  } while (0)
+
+static bool load_driver(char *arch, size_t arch_size) {
+  void *h = dlopen("libcuda.so.1", RTLD_NOW);
+  if (!h) return false;
+#define SYM(field, name) *(void **)&cu.field = dlsym(h, name)
+  SYM(init, "cuInit");
+  SYM(device_get, "cuDeviceGet");
+  SYM(attr, "cuDeviceGetAttribute");
+  SYM(ctx_create, "cuCtxCreate_v2");
+  SYM(module_load, "cuModuleLoadData");
+  SYM(get_function, "cuModuleGetFunction");
+  SYM(mem_alloc, "cuMemAlloc_v2");
+  SYM(mem_free, "cuMemFree_v2");
+  SYM(htod, "cuMemcpyHtoD_v2");
+  SYM(dtoh, "cuMemcpyDtoH_v2");
+  SYM(memset8, "cuMemsetD8_v2");
+  SYM(launch, "cuLaunchKernel");
+  SYM(sync, "cuCtxSynchronize");
+  SYM(error_string, "cuGetErrorString");
+#undef SYM
+  if (!cu.init || !cu.launch || cu.init(0)) return false;
+  int dev, major = 0, minor = 0;
+  CUcontext ctx;
+  if (cu.device_get(&dev, 0) || cu.attr(&major, 75, dev) || cu.attr(&minor, 76, dev)) return false;
+  if (cu.ctx_create(&ctx, 0, dev)) return false;
+  snprintf(arch, arch_size, "sm_%d%d", major, minor);
+  if (major >= 9)
+    snprintf(arch, arch_size, "sm_90");
+  else if (major == 8)
+    snprintf(arch, arch_size, "sm_80");
+  return true;
+}
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint64_t rng = 88172645463325252ull;
+static double uniform(void) {
+  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+  return (double)(rng >> 11) * (1.0 / 9007199254740992.0);
+}
+
+/* A program on the device: the lowered kernels of g's plan and their buffers. */
+typedef struct gpu_prog {
+  cm_graph *g; /* optimized copy */
+  cm_plan *plan;
+  cm_kprogram kp;
+  CUmodule module;
+  CUfunction *fns; /* per kernel, per stage (flattened) */
+  CUdeviceptr arena, scratch;
+  CUdeviceptr *source; /* per node of g: its own buffer (sources) */
+  CUdeviceptr *consts; /* per kernel buffer (flattened) when CONST */
+  double compile_ms;
+} gpu_prog;
+
+static bool prog_build(const cm_graph *g0, const char *arch, gpu_prog *p) {
+  memset(p, 0, sizeof *p);
+  cm_err err = {0};
+  cm_pass_state s = {cm_graph_clone(g0), NULL};
+  if (cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err)) {
+    fprintf(stderr, "pipeline: %s\n", err.msg);
+    return false;
+  }
+  p->g = s.g;
+  p->plan = s.plan;
+  cm_lower_opts lo = {CM_TARGET_CUDA, false};
+  if (cm_lower_plan(p->g, p->plan, &lo, &p->kp, &err)) {
+    fprintf(stderr, "lower: %s\n", err.msg);
+    return false;
+  }
+  char *src = NULL;
+  cm_cuda_render_opts ro = {arch, false};
+  for (int i = 0; i < p->kp.n_kernels; i++)
+    if (cm_render_cuda(&p->kp.kernels[i], &ro, i == 0, &src, &err)) {
+      fprintf(stderr, "render: %s\n", err.msg);
+      return false;
+    }
+  cm_nvrtc *nv = NULL;
+  cm_cubin cubin = {0};
+  if (cm_nvrtc_load(&nv, &err) ||
+      cm_nvrtc_compile(nv, src ? src : "", "kernels.cu", arch, NULL, 0, &cubin, &err)) {
+    fprintf(stderr, "nvrtc: %s\n", err.msg);
+    return false;
+  }
+  p->compile_ms = cubin.compile_ms;
+  free(src);
+  CU(cu.module_load(&p->module, cubin.data));
+  cm_cubin_free(&cubin);
+  cm_nvrtc_unload(nv);
+  int n_fns = 0, n_bufs = 0;
+  for (int i = 0; i < p->kp.n_kernels; i++)
+    n_fns += p->kp.kernels[i].n_stages, n_bufs += p->kp.kernels[i].n_buffers;
+  p->fns = calloc((size_t)n_fns + 1, sizeof *p->fns);
+  p->consts = calloc((size_t)n_bufs + 1, sizeof *p->consts);
+  p->source = calloc((size_t)p->g->n_nodes, sizeof *p->source);
+  int f = 0, b = 0;
+  for (int i = 0; i < p->kp.n_kernels; i++) {
+    const cm_kernel *k = &p->kp.kernels[i];
+    for (int s2 = 0; s2 < k->n_stages; s2++) {
+      char name[160];
+      snprintf(name, sizeof name, "%s_s%d", k->name, s2);
+      CU(cu.get_function(&p->fns[f++], p->module, name));
+    }
+    for (int j = 0; j < k->n_buffers; j++, b++) {
+      if (k->buffers[j].kind != CM_KBUF_CONST) continue;
+      void *data = cm_kernel_const_data(p->g, &k->buffers[j], &err);
+      if (!data) return fprintf(stderr, "const: %s\n", err.msg), false;
+      size_t bytes = (size_t)k->buffers[j].numel * cm_dtype_size(k->buffers[j].dtype);
+      CU(cu.mem_alloc(&p->consts[b], bytes));
+      CU(cu.htod(p->consts[b], data, bytes));
+      free(data);
+    }
+  }
+  CU(cu.mem_alloc(&p->arena, (size_t)(p->kp.arena_bytes > 0 ? p->kp.arena_bytes : 64)));
+  CU(cu.mem_alloc(&p->scratch,
+                  (size_t)(p->kp.max_scratch_bytes > 0 ? p->kp.max_scratch_bytes : 64)));
+  for (int i = 0; i < p->g->n_nodes; i++) {
+    cm_op op = p->g->nodes[i].op;
+    if (op == CM_OP_INPUT || op == CM_OP_PARAM || op == CM_OP_STATE)
+      CU(cu.mem_alloc(&p->source[i], cm_type_nbytes(&p->g->nodes[i].type)));
+  }
+  return true;
+}
+
+static bool prog_run(gpu_prog *p) {
+  int f = 0, b = 0;
+  for (int i = 0; i < p->kp.n_kernels; i++) {
+    const cm_kernel *k = &p->kp.kernels[i];
+    CUdeviceptr ptr[256];
+    void *args[256];
+    if (k->n_buffers > 256) return fprintf(stderr, "%s: too many buffers\n", k->name), false;
+    for (int j = 0; j < k->n_buffers; j++) {
+      const cm_kbuffer *kb = &k->buffers[j];
+      switch (kb->kind) {
+      case CM_KBUF_ARENA: ptr[j] = p->arena + (CUdeviceptr)kb->offset; break;
+      case CM_KBUF_SCRATCH: ptr[j] = p->scratch + (CUdeviceptr)kb->offset; break;
+      case CM_KBUF_SOURCE: ptr[j] = p->source[kb->node]; break;
+      case CM_KBUF_CONST: ptr[j] = p->consts[b + j]; break;
+      }
+      args[j] = &ptr[j];
+    }
+    for (int s = 0; s < k->n_stages; s++) {
+      cm_cuda_render_opts ro = {NULL, false};
+      cm_cuda_launch l = cm_cuda_stage_launch(k, s, &ro);
+      CU(cu.launch(p->fns[f++], l.grid[0], l.grid[1], l.grid[2], l.block[0], l.block[1], l.block[2],
+                   l.shared_bytes, NULL, args, NULL));
+    }
+    b += k->n_buffers;
+  }
+  CU(cu.sync());
+  return true;
+}
+
+static double rel_err(const cm_tensor *x, const cm_tensor *y) {
+  double m = 0, d = 0;
+  for (int64_t e = 0; e < cm_type_numel(&y->type); e++) {
+    double a = cm_tensor_get_f64(x, e), r = cm_tensor_get_f64(y, e);
+    if (fabs(r) > m) m = fabs(r);
+    if (!(fabs(a - r) <= d)) d = isnan(a - r) ? INFINITY : fabs(a - r);
+  }
+  return d / (m > 1e-30 ? m : 1e-30);
+}
+
+/* Runs g (sources bound by node id) on the GPU and compares with the oracle. */
+static bool check_graph(const char *what, const cm_graph *g, cm_tensor *src, const char *arch,
+                        int time_steps) {
+  cm_err err = {0};
+  cm_tensor *ref = calloc((size_t)g->n_nodes, sizeof *ref);
+  const cm_tensor **bound = calloc((size_t)g->n_nodes, sizeof *bound);
+  for (int i = 0; i < g->n_nodes; i++)
+    if (src[i].data) bound[i] = &src[i];
+  cm_eval_opts eo = {CM_PRECISION_NATIVE};
+  if (cm_eval(g, bound, ref, &eo, &err))
+    return fprintf(stderr, "%s: oracle: %s\n", what, err.msg), false;
+  gpu_prog p;
+  if (!prog_build(g, arch, &p)) return fprintf(stderr, "%s: build failed\n", what), false;
+  /* upload sources by name into the optimized graph's buffers */
+  for (int i = 0; i < p.g->n_nodes; i++) {
+    if (!p.source[i]) continue;
+    int o = cm_graph_find(g, p.g->nodes[i].name);
+    if (o < 0 || !src[o].data)
+      return fprintf(stderr, "%s: source %s unbound\n", what, p.g->nodes[i].name), false;
+    CU(cu.htod(p.source[i], src[o].data, cm_type_nbytes(&src[o].type)));
+  }
+  if (!prog_run(&p)) return fprintf(stderr, "%s: run failed\n", what), false;
+  double worst = 0;
+  const char *worst_name = "-";
+  bool ok = true;
+  for (int j = 0; j < p.g->n_outputs; j++) {
+    int node = p.g->outputs[j];
+    const cm_node *n = &p.g->nodes[node];
+    cm_tensor got;
+    cm_tensor_alloc(&got, n->type, NULL);
+    CUdeviceptr at = n->op == CM_OP_ASSIGN       ? p.source[n->inputs[0]]
+                     : p.plan->offset[node] >= 0 ? p.arena + (CUdeviceptr)p.plan->offset[node]
+                                                 : p.source[node];
+    CU(cu.dtoh(got.data, at, cm_type_nbytes(&n->type)));
+    int r = cm_graph_find(g, n->name);
+    if (r < 0) r = g->outputs[j];
+    double e = rel_err(&got, &ref[r]);
+    if (e > worst) worst = e, worst_name = n->name;
+    if (!(e <= 1e-4)) ok = false;
+    cm_tensor_free(&got);
+  }
+  /* assigned states: compare the device's source buffer with the oracle's assign value */
+  for (int i = 0; i < g->n_nodes; i++) {
+    if (g->nodes[i].op != CM_OP_ASSIGN) continue;
+    int state = g->nodes[i].inputs[0];
+    int d = cm_graph_find(p.g, g->nodes[state].name);
+    if (d < 0 || !p.source[d]) continue;
+    cm_tensor got;
+    cm_tensor_alloc(&got, g->nodes[state].type, NULL);
+    CU(cu.dtoh(got.data, p.source[d], cm_type_nbytes(&got.type)));
+    double e = rel_err(&got, &ref[i]);
+    if (e > worst) worst = e, worst_name = g->nodes[state].name;
+    if (!(e <= 1e-4)) ok = false;
+    cm_tensor_free(&got);
+  }
+  double ms = 0;
+  if (ok && time_steps > 0) {
+    double t0 = now();
+    for (int s = 0; s < time_steps; s++)
+      if (!prog_run(&p)) return false;
+    ms = 1e3 * (now() - t0) / time_steps;
+  }
+  printf("%-36s %5d kernels  worst rel err %.2e (%s)  %s  nvrtc %.0f ms", what, p.kp.n_kernels,
+         worst, worst_name, ok ? "ok" : "MISMATCH", p.compile_ms);
+  if (ms > 0) printf("  %.3f ms/run", ms);
+  printf("\n");
+  for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&ref[i]);
+  free(ref);
+  free(bound);
+  return ok;
+}
+
+static void bind_sources(const cm_graph *g, const cm_model_config *cfg, const cm_model *m,
+                         cm_tensor *t) {
+  for (int i = 0; i < g->n_nodes; i++) {
+    const cm_node *n = &g->nodes[i];
+    if (n->op != CM_OP_INPUT && n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;
+    cm_tensor_alloc(&t[i], n->type, NULL);
+    int64_t cnt = cm_type_numel(&n->type);
+    if (n->op != CM_OP_INPUT)
+      cm_init_tensor(&t[i], &n->attrs.init, 7, n->name, NULL);
+    else if (!strcmp(n->name, "lr"))
+      cm_tensor_set_f64(&t[i], 0, 1e-3);
+    else if (!strcmp(n->name, "beta1") || !strcmp(n->name, "momentum"))
+      cm_tensor_set_f64(&t[i], 0, !strcmp(n->name, "beta1") ? 0.9 : 0.996);
+    else if (!strcmp(n->name, "beta2"))
+      cm_tensor_set_f64(&t[i], 0, 0.95);
+    else if (!strcmp(n->name, "step"))
+      cm_tensor_set_f64(&t[i], 0, 1);
+    else if (cm_dtype_is_float(n->type.dtype))
+      for (int64_t e = 0; e < cnt; e++) cm_tensor_set_f64(&t[i], e, uniform() * 4 - 2);
+  }
+  if (!m) return;
+  int grid = cfg->data.image_size / cfg->encoder.patch, L = grid * grid;
+  int batch = (int)g->nodes[m->img].type.dims[0];
+  int n_noise = cm_mask_noise_count(cfg->mask.kind, cfg->mask.block, grid);
+  double *u = malloc(sizeof(double) * (size_t)n_noise);
+  int32_t *keep = malloc(sizeof(int32_t) * (size_t)L),
+          *restore = malloc(sizeof(int32_t) * (size_t)L);
+  float *mask = malloc(sizeof(float) * (size_t)L);
+  for (int b = 0; b < batch; b++) {
+    for (int k = 0; k < n_noise; k++) u[k] = uniform();
+    int kept = cm_mask_sample(cfg->mask.kind, cfg->mask.ratio, cfg->mask.block, grid, u, keep,
+                              restore, mask);
+    for (int k = 0; k < kept && m->ids_keep >= 0; k++)
+      cm_tensor_set_i64(&t[m->ids_keep], (int64_t)b * kept + k, keep[k]);
+    for (int k = 0; k < L; k++) {
+      if (m->ids_restore >= 0)
+        cm_tensor_set_i64(&t[m->ids_restore], (int64_t)b * L + k, restore[k]);
+      if (m->mask >= 0) cm_tensor_set_f64(&t[m->mask], (int64_t)b * L + k, mask[k]);
+    }
+  }
+  free(u);
+  free(keep);
+  free(restore);
+  free(mask);
+}
+
+static bool check_variant(const char *path, const char *const *sets, int n_sets, int batch,
+                          const char *arch) {
+  cm_err err = {0};
+  cm_model_config cfg;
+  if (cm_model_config_load(path, sets, n_sets, &cfg, &err))
+    return fprintf(stderr, "%s\n", err.msg), false;
+  cm_model_build_opts bo = {batch, 1, CM_F32};
+  cm_model m;
+  if (cm_model_build(&cfg, &bo, &m, &err)) return fprintf(stderr, "%s: %s\n", path, err.msg), false;
+  cm_optim_config oc;
+  cm_optim_config_default(&oc);
+  oc.frozen = cm_model_frozen_substrings;
+  cm_ema_pair pairs[8];
+  int n = 0;
+  for (; n < 8 && cm_model_ema_online_prefixes[n]; n++) {
+    pairs[n].online_prefix = cm_model_ema_online_prefixes[n];
+    pairs[n].target_prefix = cm_model_ema_target_prefixes[n];
+  }
+  oc.ema = pairs;
+  oc.n_ema = n;
+  cm_graph *step = NULL;
+  cm_train_step_info info;
+  if (cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err))
+    return fprintf(stderr, "%s: %s\n", path, err.msg), false;
+  cm_tensor *t = calloc((size_t)step->n_nodes, sizeof *t);
+  bind_sources(step, &cfg, &m, t);
+  char what[128];
+  snprintf(what, sizeof what, "%s%s b%d", strrchr(path, '/') + 1, n_sets ? " (shrunk)" : "", batch);
+  bool ok = check_graph(what, step, t, arch, 20);
+  for (int i = 0; i < step->n_nodes; i++) cm_tensor_free(&t[i]);
+  free(t);
+  cm_graph_free(step);
+  cm_model_free(&m);
+  return ok;
+}
+
+/* y = gelu-ish(x W + b) and a row softmax at odd shapes */
+static bool check_small(const char *arch, int64_t M, int64_t N, int64_t K) {
+  cm_graph *g = cm_graph_new();
+  int64_t xd[2] = {M, K}, wd[2] = {K, N}, bd[1] = {N};
+  int x = cm_input(g, "x", CM_F32, 2, xd), w = cm_input(g, "w", CM_F32, 2, wd);
+  int b = cm_input(g, "b", CM_F32, 1, bd);
+  int y = cm_matmul(g, x, w, false, false, "y");
+  int64_t yd[2] = {M, N};
+  int yb = cm_binary(g, CM_OP_ADD, y, cm_broadcast(g, b, 2, yd, NULL), "yb");
+  int r = cm_unary(g, CM_OP_RELU, yb, "r");
+  cm_err err = {0};
+  if (g->error.status || cm_graph_add_output(g, r, &err))
+    return fprintf(stderr, "graph: %s\n", g->error.msg), false;
+  cm_tensor *t = calloc((size_t)g->n_nodes, sizeof *t);
+  bind_sources(g, NULL, NULL, t);
+  char what[96];
+  snprintf(what, sizeof what, "gemm+bias+relu %lldx%lldx%lld", (long long)M, (long long)N,
+           (long long)K);
+  bool ok = check_graph(what, g, t, arch, 0);
+  for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&t[i]);
+  free(t);
+  cm_graph_free(g);
+  return ok;
+}
+
+int main(void) {
+  char arch[16];
+  if (!load_driver(arch, sizeof arch)) {
+    fprintf(stderr, "gpu_diff: no CUDA driver or GPU here: skipped\n");
+    return 77;
+  }
+  printf("device arch %s\n", arch);
+  static const int64_t shapes[][3] = {
+      {1, 1, 1}, {7, 13, 5}, {97, 31, 129}, {130, 260, 300}, {512, 384, 1536}};
+  for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+    if (!check_small(arch, shapes[i][0], shapes[i][1], shapes[i][2])) failures++;
+  static const char *const vit[] = {
+      "data.image_size=64",       "data.master_size=72",     "data.shift=7",
+      "encoder.width=32",         "encoder.heads=2",         "encoder.depth=2",
+      "pixel_decoder.width=16",   "pixel_decoder.heads=2",   "pixel_decoder.depth=1",
+      "feature_decoder.width=16", "feature_decoder.heads=2", "projector.hidden=16",
+      "projector.out=8",          "predictor.hidden=16",     "predictor.out=8"};
+  const int nv = (int)(sizeof vit / sizeof vit[0]);
+  static const char *const conv[] = {"data.image_size=64",
+                                     "data.master_size=72",
+                                     "data.shift=7",
+                                     "encoder.stage_widths=[8,12,16]",
+                                     "encoder.stage_depths=[1,1,2]",
+                                     "encoder.width=16",
+                                     "encoder.depth=2",
+                                     "encoder.heads=2",
+                                     "pixel_decoder.width=16",
+                                     "pixel_decoder.heads=2",
+                                     "pixel_decoder.depth=1",
+                                     "feature_decoder.width=16",
+                                     "feature_decoder.heads=2",
+                                     "projector.hidden=16",
+                                     "projector.out=8",
+                                     "predictor.hidden=16",
+                                     "predictor.out=8"};
+  if (!check_variant("models/cmae_vit_tiny_fmnist.json", NULL, 0, 8, arch)) failures++;
+  if (!check_variant("models/cmae_convvit_tiny_fmnist.json", NULL, 0, 8, arch)) failures++;
+  if (!check_variant("models/cmae_vit_base.json", vit, nv, 2, arch)) failures++;
+  if (!check_variant("models/cmae_vit_small.json", vit, nv, 2, arch)) failures++;
+  if (!check_variant("models/cmae_vit_large.json", vit, nv, 2, arch)) failures++;
+  if (!check_variant("models/mae_vit_base.json", vit, nv - 6, 2, arch)) failures++;
+  if (!check_variant("models/cmae_convvit_base.json", conv, (int)(sizeof conv / sizeof conv[0]), 2,
+                     arch))
+    failures++;
+  printf("gpu_diff: %s (%d failures)\n", failures ? "FAILED" : "all agree with the oracle",
+         failures);
+  return failures ? 1 : 0;
+}
