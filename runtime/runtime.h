@@ -68,4 +68,174 @@ typedef struct cm_kernel_profile {
 } cm_kernel_profile;
 int cm_cpu_program_profile(const cm_cpu_program *pr, const cm_kernel_profile **out);
 
+/* ---- trainer support (schedule.c, metrics.c, checkpoint.c, probe_eval.c,
+ * picture.c) ---------------------------------------------------------------- */
+
+#include "../frontend/frontend.h"
+
+/* Per-iteration schedules (mmengine semantics, CMAE.md §4 and §8). Iteration
+ * t is 0-based: the value used by the t-th optimizer step.
+ *   peak = base_lr * global_batch / 256 (the linear scaling rule)
+ *   t < W:  lr = peak * (f0 + (1 - f0) * t / W)        (LinearLR, f0 = 1e-4)
+ *   t >= W: lr = eta_min + (peak - eta_min) * (1 + cos(pi (t - W) / (T - W))) / 2
+ *   momentum(t) = m_end - (m_end - m_base) * (cos(pi t / T) + 1) / 2
+ * with W = warmup iterations and T = total iterations; t >= T holds the last value. */
+typedef struct cm_schedule {
+  double peak_lr, min_lr, warmup_start_factor;
+  int64_t warmup_iters, total_iters;
+  double momentum_base, momentum_end;
+} cm_schedule;
+
+/* From a config's optimizer.* and schedule.* keys (epochs converted to
+ * iterations with iters_per_epoch). Errors: non-positive sizes, warmup >= total. */
+cm_status cm_schedule_from_config(const cm_model_config *c, int64_t iters_per_epoch,
+                                  cm_schedule *out, cm_err *err);
+double cm_schedule_lr(const cm_schedule *s, int64_t t);
+double cm_schedule_momentum(const cm_schedule *s, int64_t t);
+
+/* Metrics: metrics.jsonl, one JSON object per step, appended and flushed per
+ * line. Non-finite values are written as null (read back as NaN). */
+typedef struct cm_metrics_row {
+  int64_t step;
+  int64_t epoch;
+  double loss_rc, loss_ct, loss, lr, momentum, images_per_s, step_ms;
+  int n_extra; /* further numeric fields, written after the fixed ones */
+  const char *const *extra_names;
+  const double *extra_values;
+} cm_metrics_row;
+
+typedef struct cm_metrics_writer cm_metrics_writer;
+cm_status cm_metrics_open(const char *path, cm_metrics_writer **out, cm_err *err);
+cm_status cm_metrics_write(cm_metrics_writer *w, const cm_metrics_row *row, cm_err *err);
+void cm_metrics_close(cm_metrics_writer *w);
+
+/* The file read back as a table: every key seen becomes a column (in order of
+ * first appearance); a value missing from a row, null or non-numeric is NaN.
+ * A torn last line (no newline, does not parse: a crash mid-write) is skipped;
+ * any other bad line is CM_EINVALID naming the path and line. */
+typedef struct cm_metrics_table {
+  int n_cols;
+  int64_t n_rows;
+  char **cols;
+  double *values; /* n_rows x n_cols, row-major */
+} cm_metrics_table;
+cm_status cm_metrics_read(const char *path, cm_metrics_table *out, cm_err *err);
+int cm_metrics_column(const cm_metrics_table *t, const char *name); /* -1 if absent */
+void cm_metrics_table_free(cm_metrics_table *t);
+
+/* Progress: on a terminal one line rewritten in place (bar, step/total, ETA,
+ * steps/s, last loss); otherwise a plain line every `every` steps and at the end. */
+typedef struct cm_progress {
+  FILE *out;
+  bool tty;
+  int64_t total, every, first_step, last_step;
+  double t_start, t_last_draw;
+} cm_progress;
+/* tty: 1 or 0 forces the mode, -1 asks isatty(fileno(out)). */
+void cm_progress_init(cm_progress *p, FILE *out, int64_t total_steps, int64_t every, int tty);
+void cm_progress_update(cm_progress *p, int64_t step, double loss);
+void cm_progress_finish(cm_progress *p);
+
+/* Checkpoints: one safetensors file holding the named tensors (params, AdamW
+ * moments, EMA params: whatever the caller lists) with step, epoch, the RNG
+ * state, the resolved config JSON and a CRC-32 of the data in __metadata__.
+ * Written to "<path>.tmp" in the same directory, fsync'ed, renamed over path,
+ * then the directory fsync'ed: a crash leaves the old file or the new one. */
+#define CM_CKPT_MAX_COUNTERS 8
+#define CM_CKPT_FORMAT "cmaec.checkpoint/1"
+typedef struct cm_checkpoint_meta {
+  int64_t step, epoch;
+  uint64_t rng_seed;
+  int n_rng_counters; /* 0 .. CM_CKPT_MAX_COUNTERS */
+  uint64_t rng_counters[CM_CKPT_MAX_COUNTERS];
+  char *config_json; /* NULL on save: none; on load malloc'd (NULL if absent) */
+} cm_checkpoint_meta;
+
+cm_status cm_checkpoint_write(const char *path, const cm_checkpoint_meta *meta, int n,
+                              const char *const *names, const cm_tensor *const *tensors,
+                              cm_err *err);
+/* dir/ckpt-<step>.safetensors, then dir/latest (its file name and a newline,
+ * also replaced atomically); keep > 0 removes all but the newest `keep`
+ * ckpt-*.safetensors. *path_out (may be NULL) gets the file's malloc'd path. */
+cm_status cm_checkpoint_save(const char *dir, const cm_checkpoint_meta *meta, int n,
+                             const char *const *names, const cm_tensor *const *tensors, int keep,
+                             char **path_out, cm_err *err);
+/* Validates everything (safetensors structure, format tag, CRC, metadata
+ * fields); a torn or corrupt file is CM_EINVALID naming it. */
+cm_status cm_checkpoint_load(const char *path, cm_tensor_set *tensors, cm_checkpoint_meta *meta,
+                             cm_err *err);
+/* The path dir/latest names (malloc'd). */
+cm_status cm_checkpoint_latest(const char *dir, char **path, cm_err *err);
+void cm_checkpoint_meta_free(cm_checkpoint_meta *meta);
+
+/* Evaluation on frozen features: float [n, d] row-major, labels in [0, classes).
+ * kNN: features L2-normalized, cosine similarity, the k most similar train
+ * rows (ties in similarity: lower train index first) vote exp(sim / T) for
+ * their label (InstDisc/DINO, T = 0.07); the class with the largest total wins
+ * and equal totals go to the smaller class index. k > n_train uses all rows.
+ * pred (may be NULL) receives the n_test predictions. */
+cm_status cm_knn_classify(const float *train, const int32_t *train_labels, int64_t n_train,
+                          const float *test, const int32_t *test_labels, int64_t n_test, int d,
+                          int classes, int k, double temperature, int32_t *pred, double *top1,
+                          cm_err *err);
+
+/* Linear probe: multinomial logistic regression on features standardized
+ * with the train mean/std, trained by gradient descent with momentum 0.9 for
+ * a fixed number of epochs (batch 0: full batch; otherwise mini-batches in a
+ * fixed-seed shuffled order), L2 weight decay; deterministic. */
+typedef struct cm_probe_opts {
+  int epochs;          /* 100 */
+  int batch;           /* 0: full batch */
+  double lr;           /* 0.5 */
+  double weight_decay; /* 1e-4 */
+  uint64_t seed;       /* mini-batch order */
+} cm_probe_opts;
+void cm_probe_opts_default(cm_probe_opts *o);
+cm_status cm_linear_probe(const float *train, const int32_t *train_labels, int64_t n_train,
+                          const float *test, const int32_t *test_labels, int64_t n_test, int d,
+                          int classes, const cm_probe_opts *opts, double *train_top1,
+                          double *test_top1, cm_err *err);
+
+/* Pictures: 8-bit images (1 = gray or 3 = RGB channels, row-major, interleaved). */
+typedef struct cm_image {
+  int width, height, channels;
+  uint8_t *data;
+} cm_image;
+cm_status cm_image_alloc(cm_image *im, int width, int height, int channels, uint8_t fill,
+                         cm_err *err);
+void cm_image_free(cm_image *im);
+cm_status cm_png_write(const char *path, const cm_image *im, cm_err *err);
+cm_status cm_png_read(const char *path, cm_image *out, cm_err *err); /* gray or RGB */
+/* rows x cols tiles of one size (tile i at row i / cols, column i % cols),
+ * `gap` pixels of `background` between them; gray tiles are expanded when
+ * others are RGB. */
+cm_status cm_image_grid(const cm_image *tiles, int rows, int cols, int gap, uint8_t background,
+                        cm_image *out, cm_err *err);
+
+/* Line plots into an RGB image: white background, axes with ticks and numeric
+ * labels (a built-in 5x7 font), one polyline per series, a legend. */
+typedef struct cm_plot_series {
+  const char *label;
+  const double *x, *y; /* n points; non-finite (or y <= 0 with log_y) points break the line */
+  int64_t n;
+  uint8_t rgb[3];
+} cm_plot_series;
+typedef struct cm_plot_opts {
+  int width, height; /* 0: 640 x 400 */
+  bool log_y;
+  const char *title, *x_label; /* may be NULL */
+} cm_plot_opts;
+/* Where data coordinates land: plot area [x0, x1] x [y0, y1] in pixels (y0 top). */
+typedef struct cm_plot_frame {
+  int x0, y0, x1, y1;
+  double xmin, xmax, ymin, ymax; /* ymin/ymax are log10 values with log_y */
+  bool log_y;
+} cm_plot_frame;
+cm_status cm_plot_render(const cm_plot_series *series, int n_series, const cm_plot_opts *opts,
+                         cm_image *out, cm_plot_frame *frame, cm_err *err);
+/* Pixel column/row of a data point in a frame (may lie outside the area). */
+void cm_plot_map(const cm_plot_frame *f, double x, double y, double *px, double *py);
+/* Draws text with the 5x7 font (scale >= 1) at top-left (x, y); unknown characters draw a box. */
+void cm_image_text(cm_image *im, int x, int y, const char *text, int scale, const uint8_t rgb[3]);
+
 #endif
