@@ -54,6 +54,19 @@ static float *normalized(const float *x, int64_t n, int d) {
   return o;
 }
 
+/* Eight independent float lanes (the compiler vectorizes them without
+ * reassociating), summed in a fixed order: fast and deterministic. */
+static double dot8(const float *a, const float *b, int d) {
+  float acc[8] = {0};
+  int j = 0;
+  for (; j + 8 <= d; j += 8)
+    for (int l = 0; l < 8; l++) acc[l] += a[j + l] * b[j + l];
+  double s = 0;
+  for (int l = 0; l < 8; l++) s += acc[l];
+  for (; j < d; j++) s += (double)a[j] * b[j];
+  return s;
+}
+
 cm_status cm_knn_classify(const float *train, const int32_t *train_labels, int64_t n_train,
                           const float *test, const int32_t *test_labels, int64_t n_test, int d,
                           int classes, int k, double temperature, int32_t *pred, double *top1,
@@ -86,8 +99,7 @@ cm_status cm_knn_classify(const float *train, const int32_t *train_labels, int64
       const float *a = te + q * d;
       for (int64_t i = 0; i < n_train; i++) {
         const float *b = tr + i * d;
-        double s = 0;
-        for (int j = 0; j < d; j++) s += (double)a[j] * b[j];
+        double s = dot8(a, b, d);
         if (have == k && !(s > sim[k - 1])) continue;
         int pos = have < k ? have++ : k - 1;
         while (pos > 0 && s > sim[pos - 1]) {
@@ -141,15 +153,22 @@ static uint64_t splitmix(uint64_t *s) {
   return z ^ (z >> 31);
 }
 
-/* Softmax probabilities of one standardized row into prob[classes]; returns the argmax. */
+/* Four independent double lanes, summed in a fixed order. */
+static double dot4(const double *a, const double *b, int d) {
+  double acc[4] = {0};
+  int j = 0;
+  for (; j + 4 <= d; j += 4)
+    for (int l = 0; l < 4; l++) acc[l] += a[j + l] * b[j + l];
+  double s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  for (; j < d; j++) s += a[j] * b[j];
+  return s;
+}
+
+/* Softmax probabilities of one standardized row into prob[classes] (w is
+ * [classes, d]); returns the argmax. */
 static int forward_row(const double *x, const double *w, const double *b, int d, int classes,
                        double *prob) {
-  for (int c = 0; c < classes; c++) prob[c] = b[c];
-  for (int j = 0; j < d; j++) {
-    double xj = x[j];
-    const double *wj = w + (size_t)j * classes;
-    for (int c = 0; c < classes; c++) prob[c] += xj * wj[c];
-  }
+  for (int c = 0; c < classes; c++) prob[c] = b[c] + dot4(w + (size_t)c * d, x, d);
   int best = 0;
   for (int c = 1; c < classes; c++)
     if (prob[c] > prob[best]) best = c;
@@ -233,9 +252,9 @@ cm_status cm_linear_probe(const float *train, const int32_t *train_labels, int64
         forward_row(x, w, b, d, classes, prob);
         prob[train_labels[order[r]]] -= 1; /* dCE/dlogits = p - onehot */
         for (int c = 0; c < classes; c++) gb[c] += prob[c];
-        for (int j = 0; j < d; j++) {
-          double *g = gw + (size_t)j * nc;
-          for (int c = 0; c < classes; c++) g[c] += x[j] * prob[c];
+        for (int c = 0; c < classes; c++) {
+          double *g = gw + (size_t)c * nd, pc = prob[c];
+          for (int j = 0; j < d; j++) g[j] += pc * x[j];
         }
       }
       double inv = 1.0 / (double)(s1 - s0);
