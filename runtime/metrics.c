@@ -16,15 +16,76 @@ struct cm_metrics_writer {
   char *path;
 };
 
-cm_status cm_metrics_open(const char *path, cm_metrics_writer **out, cm_err *err) {
+/* Rewrites path keeping whole lines only (a crash mid-write leaves a torn
+ * last line, which would glue onto the next record) and, when resume_step >= 0,
+ * only lines whose "step" is below it (steps after the checkpoint a run resumes
+ * from are run again). The file is replaced atomically, and only if needed. */
+static cm_status repair(const char *path, int64_t resume_step, cm_err *err) {
+  char *text;
+  size_t len;
+  FILE *probe = fopen(path, "rb");
+  if (!probe) return CM_OK; /* a new file */
+  fclose(probe);
+  cm_status st = cm_read_file(path, &text, &len, err);
+  if (st) return st;
+  char *keep = malloc(len + 1);
+  if (!keep) {
+    free(text);
+    return cm_errorf(err, CM_EINTERNAL, "%s: out of memory", path);
+  }
+  size_t kl = 0, pos = 0;
+  while (pos < len) {
+    char *nl = memchr(text + pos, '\n', len - pos);
+    if (!nl) break; /* torn */
+    size_t end = (size_t)(nl - text) + 1;
+    bool drop = false;
+    if (resume_step >= 0) {
+      *nl = '\0';
+      cJSON *o = cJSON_Parse(text + pos);
+      cJSON *stp = cJSON_GetObjectItemCaseSensitive(o, "step");
+      drop = cJSON_IsNumber(stp) && stp->valuedouble >= (double)resume_step;
+      cJSON_Delete(o);
+      *nl = '\n';
+    }
+    if (!drop) {
+      memcpy(keep + kl, text + pos, end - pos);
+      kl += end - pos;
+    }
+    pos = end;
+  }
+  if (kl != len) {
+    size_t pl = strlen(path);
+    char *tmp = malloc(pl + 5);
+    FILE *f = NULL;
+    if (tmp) {
+      memcpy(tmp, path, pl);
+      memcpy(tmp + pl, ".tmp", 5);
+      f = fopen(tmp, "wb");
+    }
+    bool ok = f && fwrite(keep, 1, kl, f) == kl && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    if (f && fclose(f) != 0) ok = false;
+    if (!ok || rename(tmp, path) != 0) {
+      st = cm_errorf(err, CM_EINVALID, "%s: cannot rewrite: %s", path, strerror(errno));
+      if (tmp) remove(tmp);
+    }
+    free(tmp);
+  }
+  free(keep);
+  free(text);
+  return st;
+}
+
+cm_status cm_metrics_open(const char *path, int64_t resume_step, cm_metrics_writer **out,
+                          cm_err *err) {
   *out = NULL;
+  cm_status st = repair(path, resume_step, err);
+  if (st) return st;
   cm_metrics_writer *w = calloc(1, sizeof *w);
   if (!w) return cm_errorf(err, CM_EINTERNAL, "%s: out of memory", path);
   w->path = strdup(path);
   w->f = fopen(path, "ab");
   if (!w->f || !w->path) {
-    cm_status st =
-        cm_errorf(err, CM_EINVALID, "%s: cannot open for appending: %s", path, strerror(errno));
+    st = cm_errorf(err, CM_EINVALID, "%s: cannot open for appending: %s", path, strerror(errno));
     if (w->f) fclose(w->f);
     free(w->path);
     free(w);

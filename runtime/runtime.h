@@ -105,7 +105,11 @@ typedef struct cm_metrics_row {
 } cm_metrics_row;
 
 typedef struct cm_metrics_writer cm_metrics_writer;
-cm_status cm_metrics_open(const char *path, cm_metrics_writer **out, cm_err *err);
+/* Appends to path (created if absent). A torn last line is removed first;
+ * resume_step >= 0 also removes the lines with step >= resume_step (a run
+ * resumed from the checkpoint of that step logs them again); < 0 keeps them. */
+cm_status cm_metrics_open(const char *path, int64_t resume_step, cm_metrics_writer **out,
+                          cm_err *err);
 cm_status cm_metrics_write(cm_metrics_writer *w, const cm_metrics_row *row, cm_err *err);
 void cm_metrics_close(cm_metrics_writer *w);
 

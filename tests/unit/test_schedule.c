@@ -109,7 +109,7 @@ static void test_metrics_roundtrip(void) {
   close(fd);
   cm_err err = {0};
   cm_metrics_writer *w;
-  CHECK(cm_metrics_open(path, &w, &err) == CM_OK);
+  CHECK(cm_metrics_open(path, -1, &w, &err) == CM_OK);
   const char *names[] = {"grad_norm", "loss_scale"};
   for (int i = 0; i < 5; i++) {
     double extra[] = {0.1 * i + 1.0 / 3.0, 65536};
@@ -153,12 +153,30 @@ static void test_metrics_roundtrip(void) {
     CHECK(isnan(t.values[3 * t.n_cols + cc]));
   }
   cm_metrics_table_free(&t);
+  /* reopening removes the torn line; resuming from step 3 drops steps 3 and 4 */
+  CHECK(cm_metrics_open(path, 3, &w, &err) == CM_OK);
+  cm_metrics_row r5 = {.step = 3, .epoch = 1, .loss = 9.5};
+  CHECK(cm_metrics_write(w, &r5, &err) == CM_OK);
+  cm_metrics_close(w);
+  CHECK(cm_metrics_read(path, &t, &err) == CM_OK);
+  CHECK(t.n_rows == 4);
+  int cls = cm_metrics_column(&t, "loss");
+  if (t.n_rows == 4 && cls >= 0) {
+    CHECK(t.values[3 * t.n_cols + 0] == 3 && t.values[3 * t.n_cols + cls] == 9.5);
+    CHECK(t.values[2 * t.n_cols + 0] == 2);
+  }
+  cm_metrics_table_free(&t);
+  /* a plain reopen keeps everything */
+  CHECK(cm_metrics_open(path, -1, &w, &err) == CM_OK);
+  cm_metrics_close(w);
+  CHECK(cm_metrics_read(path, &t, &err) == CM_OK && t.n_rows == 4);
+  cm_metrics_table_free(&t);
   /* appending continues the file; a bad line in the middle is an error with its line number */
   f = fopen(path, "ab");
   fputs("\nnot json\n{\"step\":9}\n", f);
   fclose(f);
   CHECK(cm_metrics_read(path, &t, &err) == CM_EINVALID);
-  CHECK_STR_CONTAINS(err.msg, ":6:");
+  CHECK_STR_CONTAINS(err.msg, ":6:"); /* 4 rows, an empty line, then the bad one */
   CHECK_STR_CONTAINS(err.msg, path);
   remove(path);
   CHECK(cm_metrics_read(path, &t, &err) == CM_EINVALID);
