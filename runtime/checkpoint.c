@@ -141,8 +141,8 @@ cm_status cm_checkpoint_write(const char *path, const cm_checkpoint_meta *meta, 
                      meta->n_rng_counters, CM_CKPT_MAX_COUNTERS);
   cJSON *root = cJSON_CreateObject();
   cJSON *md = cJSON_CreateObject();
-  const void **parts = malloc(((size_t)n + 2) * sizeof *parts);
-  size_t *sizes = malloc(((size_t)n + 2) * sizeof *sizes);
+  const void **parts = malloc(((size_t)n + 1) * sizeof *parts);
+  size_t *sizes = malloc(((size_t)n + 1) * sizeof *sizes);
   char *header = NULL;
   cm_status st = CM_OK;
   if (!root || !md || !parts || !sizes) {
@@ -192,8 +192,8 @@ cm_status cm_checkpoint_write(const char *path, const cm_checkpoint_meta *meta, 
     cJSON_AddItemToObject(e, "data_offsets", offs);
     offset += nb;
     crc = crc_update(crc, t->data, nb);
-    parts[i + 2] = t->data;
-    sizes[i + 2] = nb;
+    parts[i + 1] = t->data;
+    sizes[i + 1] = nb;
   }
   char num[32], counters[CM_CKPT_MAX_COUNTERS * 21 + 1] = "";
   size_t cl = 0;
@@ -235,9 +235,7 @@ cm_status cm_checkpoint_write(const char *path, const cm_checkpoint_meta *meta, 
   free(json);
   parts[0] = header;
   sizes[0] = 8 + hl;
-  parts[1] = "";
-  sizes[1] = 0;
-  st = atomic_write(path, n + 2, parts, sizes, err);
+  st = atomic_write(path, n + 1, parts, sizes, err);
 done:
   cJSON_Delete(root);
   cJSON_Delete(md);
@@ -453,6 +451,22 @@ cm_status cm_checkpoint_save(const char *dir, const cm_checkpoint_meta *meta, in
       free(op);
     }
     free(steps);
+    /* temp files a killed writer left behind (one writer per directory) */
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    while (d && (e = readdir(d))) {
+      size_t l = strlen(e->d_name);
+      if (l < 4 || strcmp(e->d_name + l - 4, ".tmp") != 0) continue;
+      char base[256];
+      if (l - 4 >= sizeof base) continue;
+      memcpy(base, e->d_name, l - 4);
+      base[l - 4] = '\0';
+      if (ckpt_step(base) < 0) continue;
+      char *tp = join(dir, e->d_name);
+      if (tp) unlink(tp);
+      free(tp);
+    }
+    if (d) closedir(d);
   }
 done:
   if (!st && path_out) {

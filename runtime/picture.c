@@ -327,6 +327,9 @@ cm_status cm_plot_render(const cm_plot_series *series, int n_series, const cm_pl
   if (!(ymin <= ymax)) ymin = 0, ymax = 1;
   if (xmax - xmin < 1e-12 * fmax(1, fabs(xmax))) xmin -= 0.5, xmax += 0.5;
   if (ymax - ymin < 1e-12 * fmax(1, fabs(ymax))) ymin -= 0.5, ymax += 0.5;
+  if (!isfinite(xmax - xmin) || !isfinite(ymax - ymin))
+    return cm_errorf(err, CM_EINVALID, "plot: data range [%g, %g] x [%g, %g] overflows", xmin, xmax,
+                     ymin, ymax);
   double ystep;
   if (o.log_y) {
     ymin = floor(ymin), ymax = ceil(ymax);

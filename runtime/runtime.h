@@ -160,7 +160,8 @@ cm_status cm_checkpoint_write(const char *path, const cm_checkpoint_meta *meta, 
                               cm_err *err);
 /* dir/ckpt-<step>.safetensors, then dir/latest (its file name and a newline,
  * also replaced atomically); keep > 0 removes all but the newest `keep`
- * ckpt-*.safetensors. *path_out (may be NULL) gets the file's malloc'd path. */
+ * ckpt-*.safetensors and leftover ckpt-*.safetensors.tmp. *path_out (may be NULL) gets the file's
+ * malloc'd path. */
 cm_status cm_checkpoint_save(const char *dir, const cm_checkpoint_meta *meta, int n,
                              const char *const *names, const cm_tensor *const *tensors, int keep,
                              char **path_out, cm_err *err);

@@ -245,8 +245,13 @@ static void test_leftover_tmp_latest_and_keep(void) {
   m.step = 20;
   CHECK(cm_checkpoint_save(dir, &m, NT, names, tp, 2, NULL, &err) == CM_OK);
   CHECK(!file_exists(p));
+  snprintf(p, sizeof p, "%s/ckpt-25.safetensors.tmp", dir); /* another leftover */
+  f = fopen(p, "wb");
+  fputs("x", f);
+  fclose(f);
   m.step = 30;
   CHECK(cm_checkpoint_save(dir, &m, NT, names, tp, 2, NULL, &err) == CM_OK);
+  CHECK(!file_exists(p)); /* pruned with the old checkpoints */
   snprintf(p, sizeof p, "%s/ckpt-10.safetensors", dir);
   CHECK(!file_exists(p)); /* keep = 2 */
   snprintf(p, sizeof p, "%s/ckpt-20.safetensors", dir);

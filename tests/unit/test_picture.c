@@ -240,6 +240,10 @@ static void test_plot(void) {
   cm_plot_map(&f, 4, 4, &px, &py);
   CHECK(near_colour(&im, px, py, cs.rgb));
   cm_image_free(&im);
+  double huge[2] = {-1e308, 1e308};
+  cm_plot_series hs = {.x = huge, .y = c1, .n = 2};
+  CHECK(cm_plot_render(&hs, 1, NULL, &im, &f, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "overflows");
   cm_plot_opts tiny = {.width = 50, .height = 50};
   CHECK(cm_plot_render(&cs, 1, &tiny, &im, &f, &err) == CM_EINVALID);
 }
