@@ -238,19 +238,20 @@ static uint8_t *make_pixels(int w, int h, int c) {
 typedef struct folder_file {
   const char *cls, *name;
   int w, h, c;
-  int kind; /* 0 png, 1 jpeg, 2 random bytes, 3 truncated jpeg */
+  int kind; /* 0 png, 1 jpeg, 2 random bytes, 3 cut jpeg, 4 PNG signature + random, 5 cut png */
 } folder_file;
 
 /* Sorted order: classes a_cls < b_cls < c_cls; files by name. */
 static const folder_file files[] = {
-    {"b_cls", "02_rgb.png", 13, 7, 3, 0}, {"b_cls", "01_gray.png", 9, 11, 1, 0},
-    {"a_cls", "x_rgb.jpg", 17, 19, 3, 1}, {"a_cls", "y_gray.JPEG", 16, 8, 1, 1},
-    {"a_cls", "z_bad.png", 0, 0, 0, 2},   {"c_cls", "m_cut.jpg", 40, 40, 3, 3},
-    {"c_cls", "n_rgb.png", 5, 3, 3, 0},   {"c_cls", "o_gray.png", 1, 1, 1, 0},
+    {"b_cls", "02_rgb.png", 13, 7, 3, 0},  {"b_cls", "01_gray.png", 9, 11, 1, 0},
+    {"a_cls", "x_rgb.jpg", 17, 19, 3, 1},  {"a_cls", "y_gray.JPEG", 16, 8, 1, 1},
+    {"a_cls", "z_bad.png", 0, 0, 0, 2},    {"c_cls", "m_cut.jpg", 40, 40, 3, 3},
+    {"c_cls", "n_rgb.png", 5, 3, 3, 0},    {"c_cls", "o_gray.png", 1, 1, 1, 0},
+    {"b_cls", "03_cut.png", 20, 20, 3, 5}, {"c_cls", "p_sig.png", 0, 0, 0, 4},
 };
 #define N_FILES ((int)(sizeof files / sizeof files[0]))
 /* Index of each file in the dataset's sorted order. */
-static const int sorted_pos[N_FILES] = {4, 3, 0, 1, 2, 5, 6, 7};
+static const int sorted_pos[N_FILES] = {4, 3, 0, 1, 2, 6, 7, 8, 5, 9};
 
 static uint8_t *file_px[N_FILES];
 
@@ -277,16 +278,17 @@ static void build_folder(char *root, size_t len) {
   for (int i = 0; i < N_FILES; i++) {
     const folder_file *ff = &files[i];
     snprintf(p, sizeof p, "%s/%s/%s", root, ff->cls, ff->name);
-    if (ff->kind == 2) {
+    if (ff->kind == 2 || ff->kind == 4) {
       f = fopen(p, "wb");
+      if (f && ff->kind == 4) fwrite("\x89PNG\r\n\x1a\n", 1, 8, f);
       for (int b = 0; b < 300 && f; b++) fputc((int)(rnd() & 0xFF), f);
       if (f) fclose(f);
       continue;
     }
     file_px[i] = make_pixels(ff->w, ff->h, ff->c);
-    if (ff->kind == 0) write_png(p, ff->w, ff->h, ff->c, file_px[i]);
+    if (ff->kind == 0 || ff->kind == 5) write_png(p, ff->w, ff->h, ff->c, file_px[i]);
     if (ff->kind == 1 || ff->kind == 3) write_jpeg(p, ff->w, ff->h, ff->c, file_px[i]);
-    if (ff->kind == 3) {
+    if (ff->kind == 3 || ff->kind == 5) {
       struct stat sb;
       CHECK(stat(p, &sb) == 0);
       CHECK(truncate(p, sb.st_size / 2) == 0);
@@ -346,10 +348,10 @@ static void test_folder(void) {
         CHECK_MSG(diff < 3.0, "%s: JPEG mean |diff| %g", ff->name, diff);
       cm_image_free(&im);
     }
-    CHECK(cm_dataset_skipped(d) == 2);
+    CHECK(cm_dataset_skipped(d) == 4);
     cm_image im;
     CHECK(cm_dataset_get(d, 2, &im, &err) == CM_EINVALID); /* again: counted once */
-    CHECK(cm_dataset_skipped(d) == 2);
+    CHECK(cm_dataset_skipped(d) == 4);
 
     /* the loader skips the corrupt ones: eval mode over the folder, in order */
     cm_loader_opts lo = {0};
@@ -371,7 +373,8 @@ static void test_folder(void) {
       CHECK(b.img_t == NULL && b.mask == NULL && b.n_keep == 0);
       for (int j = 0; j < b.n; j++, seen++) {
         int64_t ix = b.indices[j];
-        CHECK(ix != 2 && ix != 5); /* the corrupt ones are replaced by their successors */
+        CHECK(ix != 2 && ix != 5 && ix != 6 &&
+              ix != 9); /* the corrupt ones are replaced by their successors */
         CHECK(b.labels[j] == cm_dataset_label(d, ix));
         for (int q = 0; q < chans * 64; q++) {
           float v = b.img[(size_t)j * chans * 64 + q];
@@ -379,7 +382,7 @@ static void test_folder(void) {
         }
       }
     }
-    CHECK(seen == N_FILES && batches == 3);
+    CHECK(seen == N_FILES && batches == 4);
     cm_loader_free(l);
     cm_dataset_free(d);
   }
