@@ -399,10 +399,11 @@ static bool gaussian_blur(uint8_t *p, int h, int w, int c, double sigma) {
 static void normalize(const cm_views_opts *o, const uint8_t *p, int stride_w, int s, float *out) {
   int c = o->in_chans;
   for (int k = 0; k < c; k++) {
-    float m = (float)o->mean[k], inv = (float)(1.0 / o->std[k]);
+    double m = o->mean[k], sd = o->std[k];
     for (int y = 0; y < s; y++)
       for (int x = 0; x < s; x++)
-        out[((size_t)k * s + y) * s + x] = ((float)p[((size_t)y * stride_w + x) * c + k] - m) * inv;
+        out[((size_t)k * s + y) * s + x] =
+            (float)((p[((size_t)y * stride_w + x) * c + k] - m) / sd);
   }
 }
 
