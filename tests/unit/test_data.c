@@ -485,7 +485,8 @@ static void test_loader_determinism(void) {
     cm_loader_free(l);
   }
   /* the first batch's content: a shuffled order, masks with 20 visible tokens each */
-  const int64_t *ix = (const int64_t *)(ref[0].data + ref[0].bytes - sizeof(int64_t) * 37);
+  int64_t ix[37];
+  memcpy(ix, ref[0].data + ref[0].bytes - sizeof ix, sizeof ix);
   int in_order = 0;
   for (int j = 0; j < 37; j++) in_order += ix[j] == j;
   CHECK(in_order < 5);
