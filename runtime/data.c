@@ -544,6 +544,8 @@ cm_status cm_dataset_get(const cm_dataset *dc, int64_t i, cm_image *im, cm_err *
     return CM_OK;
   }
   const char *path = d->paths[i];
+  if (atomic_load(&d->bad[i])) /* counted and warned about already: don't decode it again */
+    return cm_errorf(err, CM_EINVALID, "%s: skipped: found corrupt before", path);
   unsigned char *buf = NULL;
   size_t len = 0;
   cm_status st = read_file(path, &buf, &len, err);
