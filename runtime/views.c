@@ -236,7 +236,7 @@ void cm_views_resize(const cm_image *src, const int box[4], int oh, int ow, bool
       for (int k = 0; k < c; k++) {
         double s = 0;
         for (int j = 0; j < th.count[x]; j++) s += w[j] * row[(size_t)(th.start[x] + j) * c + k];
-        tmp[((size_t)y * ow + x) * c + k] = s;
+        tmp[((size_t)y * ow + x) * c + k] = to_u8(s); /* Pillow keeps a uint8 intermediate */
       }
     }
   }

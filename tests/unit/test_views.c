@@ -367,6 +367,31 @@ static void test_rrc_and_eval(void) {
   free(im.data);
 }
 
+/* cm_views_resize against Pillow 13's Image.resize(BICUBIC) (and crop + resize)
+ * on a 6x5 ramp-like image: within 1 (Pillow rounds in fixed point). */
+static void test_resize_pillow(void) {
+  uint8_t px[30];
+  for (int i = 0; i < 30; i++) px[i] = (uint8_t)((i * 37 + 11) % 256);
+  cm_image im = {6, 5, 1, px};
+  static const uint8_t up[56] = {
+      0,  18,  53,  89,  115, 145, 165, 130, 162, 137, 28,  47,  91,  123, 186, 218, 191, 76, 104,
+      88, 46,  112, 133, 167, 202, 247, 149, 17,  48,  75,  112, 139, 166, 184, 190, 186, 91, 25,
+      65, 104, 146, 172, 234, 144, 84,  121, 75,  75,  102, 162, 190, 234, 252, 74,  20,  58};
+  static const uint8_t down[6] = {113, 96, 128, 145, 143, 98};
+  static const uint8_t boxed[24] = {164, 181, 212, 249, 119, 0,   120, 137, 167, 196, 168, 134,
+                                    58,  75,  102, 126, 165, 192, 14,  31,  59,  84,  112, 129};
+  uint8_t out[56];
+  int whole[4] = {0, 0, 6, 5}, box[4] = {2, 1, 3, 4};
+  int bad = 0;
+  cm_views_resize(&im, whole, 8, 7, true, out);
+  for (int i = 0; i < 56; i++) bad += abs(out[i] - up[i]) > 1;
+  cm_views_resize(&im, whole, 3, 2, true, out);
+  for (int i = 0; i < 6; i++) bad += abs(out[i] - down[i]) > 1;
+  cm_views_resize(&im, box, 4, 6, true, out);
+  for (int i = 0; i < 24; i++) bad += abs(out[i] - boxed[i]) > 1;
+  CHECK_MSG(bad == 0, "%d pixels differ from Pillow by more than 1", bad);
+}
+
 static void test_errors(void) {
   cm_views_opts o = fmnist_opts();
   cm_err err = {0};
@@ -404,4 +429,5 @@ static void test_errors(void) {
 
 TEST_MAIN({"mask_counts", test_mask_counts}, {"geometry", test_geometry},
           {"flip_shared", test_flip_shared}, {"determinism", test_determinism},
-          {"colour", test_colour}, {"rrc_and_eval", test_rrc_and_eval}, {"errors", test_errors})
+          {"colour", test_colour}, {"rrc_and_eval", test_rrc_and_eval},
+          {"resize_pillow", test_resize_pillow}, {"errors", test_errors})
