@@ -117,7 +117,7 @@ typedef enum cm_views_mode {
 typedef struct cm_views_opts {
   cm_views_mode mode;
   int image_size, master_size, shift, in_chans, patch;
-  double mean[3], std[3]; /* 0..255 scale */
+  double mean[3], std[3];                                      /* 0..255 scale */
   double crop_scale_min, crop_scale_max, ratio_min, ratio_max; /* 0.2, 1, 3/4, 4/3 */
   double flip_prob;
   double jitter_prob, brightness, contrast, saturation, hue;
@@ -160,30 +160,30 @@ void cm_views_resize(const cm_image *src, const int box[4], int oh, int ow, bool
 typedef struct cm_loader cm_loader;
 
 typedef struct cm_loader_opts {
-  int batch;          /* per-rank batch size */
-  int workers;        /* decode/augment threads (>= 1) */
-  int depth;          /* prefetched batches, 2..4 (0: 3) */
-  bool shuffle;       /* a seeded permutation per epoch */
-  bool drop_last;     /* drop the last partial batch of each epoch */
-  int rank, world;    /* shard: rank r gets [r*n/G, (r+1)*n/G) of the permutation, n/G floor */
-  uint64_t seed;      /* run seed */
-  int64_t epoch0;     /* first epoch */
-  int64_t epochs;     /* epochs to run; 0: unlimited */
+  int batch;       /* per-rank batch size */
+  int workers;     /* decode/augment threads (>= 1) */
+  int depth;       /* prefetched batches, 2..4 (0: 3) */
+  bool shuffle;    /* a seeded permutation per epoch */
+  bool drop_last;  /* drop the last partial batch of each epoch */
+  int rank, world; /* shard: rank r gets [r*n/G, (r+1)*n/G) of the permutation, n/G floor */
+  uint64_t seed;   /* run seed */
+  int64_t epoch0;  /* first epoch */
+  int64_t epochs;  /* epochs to run; 0: unlimited */
   cm_views_opts views;
 } cm_loader_opts;
 
 /* A batch; arrays owned by the loader, valid until the next cm_loader_next. */
 typedef struct cm_batch {
-  int n;                   /* samples (0: the loader ran its epochs) */
+  int n; /* samples (0: the loader ran its epochs) */
   int chans, size, n_keep, n_tokens;
-  float *img, *img_t;      /* [n,C,S,S]; img_t NULL in EVAL mode */
-  int32_t *ids_keep;       /* [n,n_keep] */
-  int32_t *ids_restore;    /* [n,L] */
-  float *mask;             /* [n,L] */
-  int32_t *labels;         /* [n] */
-  int64_t *indices;        /* [n] dataset indices */
-  int64_t epoch, step;     /* step within the epoch */
-  int64_t global_step;     /* batches since epoch0 */
+  float *img, *img_t;   /* [n,C,S,S]; img_t NULL in EVAL mode */
+  int32_t *ids_keep;    /* [n,n_keep] */
+  int32_t *ids_restore; /* [n,L] */
+  float *mask;          /* [n,L] */
+  int32_t *labels;      /* [n] */
+  int64_t *indices;     /* [n] dataset indices */
+  int64_t epoch, step;  /* step within the epoch */
+  int64_t global_step;  /* batches since epoch0 */
 } cm_batch;
 
 cm_status cm_loader_create(const cm_dataset *d, const cm_loader_opts *o, cm_loader **out,
