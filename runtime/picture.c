@@ -21,15 +21,10 @@ cm_status cm_image_alloc(cm_image *im, int width, int height, int channels, uint
   im->data = malloc(n);
   if (!im->data) return cm_errorf(err, CM_EINTERNAL, "image: out of memory (%zu bytes)", n);
   memset(im->data, fill, n);
-  im->width = width;
-  im->height = height;
-  im->channels = channels;
+  im->w = width;
+  im->h = height;
+  im->c = channels;
   return CM_OK;
-}
-
-void cm_image_free(cm_image *im) {
-  free(im->data);
-  memset(im, 0, sizeof *im);
 }
 
 /* libpng reports errors by longjmp; the message is kept for cm_errorf. */
@@ -49,9 +44,9 @@ static void on_png_warning(png_structp png, png_const_charp msg) {
 }
 
 cm_status cm_png_write(const char *path, const cm_image *im, cm_err *err) {
-  if (!im->data || im->width < 1 || im->height < 1 || (im->channels != 1 && im->channels != 3))
+  if (!im->data || im->w < 1 || im->h < 1 || (im->c != 1 && im->c != 3))
     return cm_errorf(err, CM_EINVALID, "%s: image %dx%d with %d channels cannot be written", path,
-                     im->width, im->height, im->channels);
+                     im->w, im->h, im->c);
   FILE *f = fopen(path, "wb");
   if (!f) return cm_errorf(err, CM_EINVALID, "%s: cannot create: %s", path, strerror(errno));
   png_ctx ctx = {.msg = ""};
@@ -70,12 +65,12 @@ cm_status cm_png_write(const char *path, const cm_image *im, cm_err *err) {
     return cm_errorf(err, CM_EINVALID, "%s: cannot write PNG: %s", path, ctx.msg);
   }
   png_init_io(png, f);
-  png_set_IHDR(png, info, (png_uint_32)im->width, (png_uint_32)im->height, 8,
-               im->channels == 3 ? PNG_COLOR_TYPE_RGB : PNG_COLOR_TYPE_GRAY, PNG_INTERLACE_NONE,
+  png_set_IHDR(png, info, (png_uint_32)im->w, (png_uint_32)im->h, 8,
+               im->c == 3 ? PNG_COLOR_TYPE_RGB : PNG_COLOR_TYPE_GRAY, PNG_INTERLACE_NONE,
                PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
   png_write_info(png, info);
-  size_t stride = (size_t)im->width * (size_t)im->channels;
-  for (int y = 0; y < im->height; y++) png_write_row(png, im->data + (size_t)y * stride);
+  size_t stride = (size_t)im->w * (size_t)im->c;
+  for (int y = 0; y < im->h; y++) png_write_row(png, im->data + (size_t)y * stride);
   png_write_end(png, NULL);
   png_destroy_write_struct(&png, &info);
   if (fclose(f) != 0)
@@ -124,9 +119,9 @@ cm_status cm_png_read(const char *path, cm_image *out, cm_err *err) {
   png_read_end(png, NULL);
   png_destroy_read_struct(&png, &info, NULL);
   fclose(f);
-  out->width = w;
-  out->height = h;
-  out->channels = ch;
+  out->w = w;
+  out->h = h;
+  out->c = ch;
   out->data = data;
   return CM_OK;
 }
@@ -138,14 +133,14 @@ cm_status cm_image_grid(const cm_image *tiles, int rows, int cols, int gap, uint
     return cm_errorf(err, CM_EINVALID,
                      "image grid: %d rows, %d cols, gap %d: need >= 1, >= 1, >= 0", rows, cols,
                      gap);
-  int tw = tiles[0].width, th = tiles[0].height, ch = 1;
+  int tw = tiles[0].w, th = tiles[0].h, ch = 1;
   for (int i = 0; i < rows * cols; i++) {
     const cm_image *t = &tiles[i];
-    if (!t->data || t->width != tw || t->height != th || (t->channels != 1 && t->channels != 3))
+    if (!t->data || t->w != tw || t->h != th || (t->c != 1 && t->c != 3))
       return cm_errorf(err, CM_EINVALID,
                        "image grid: tile %d is %dx%dx%d, tile 0 is %dx%d (1 or 3 channels)", i,
-                       t->width, t->height, t->channels, tw, th);
-    if (t->channels == 3) ch = 3;
+                       t->w, t->h, t->c, tw, th);
+    if (t->c == 3) ch = 3;
   }
   int64_t W = (int64_t)cols * tw + (int64_t)(cols - 1) * gap;
   int64_t H = (int64_t)rows * th + (int64_t)(rows - 1) * gap;
@@ -159,9 +154,9 @@ cm_status cm_image_grid(const cm_image *tiles, int rows, int cols, int gap, uint
     int ox = (i % cols) * (tw + gap), oy = (i / cols) * (th + gap);
     for (int y = 0; y < th; y++)
       for (int x = 0; x < tw; x++) {
-        uint8_t *d = out->data + ((size_t)(oy + y) * out->width + (size_t)(ox + x)) * ch;
-        const uint8_t *s = t->data + ((size_t)y * tw + (size_t)x) * t->channels;
-        for (int c = 0; c < ch; c++) d[c] = s[t->channels == 1 ? 0 : c];
+        uint8_t *d = out->data + ((size_t)(oy + y) * out->w + (size_t)(ox + x)) * ch;
+        const uint8_t *s = t->data + ((size_t)y * tw + (size_t)x) * t->c;
+        for (int c = 0; c < ch; c++) d[c] = s[t->c == 1 ? 0 : c];
       }
   }
   return CM_OK;
@@ -235,9 +230,9 @@ static const uint8_t *glyph(char c) {
 }
 
 static void put_px(cm_image *im, int x, int y, const uint8_t rgb[3]) {
-  if (x < 0 || y < 0 || x >= im->width || y >= im->height) return;
-  uint8_t *p = im->data + ((size_t)y * im->width + (size_t)x) * im->channels;
-  if (im->channels == 1)
+  if (x < 0 || y < 0 || x >= im->w || y >= im->h) return;
+  uint8_t *p = im->data + ((size_t)y * im->w + (size_t)x) * im->c;
+  if (im->c == 1)
     p[0] = (uint8_t)((rgb[0] * 77 + rgb[1] * 150 + rgb[2] * 29) >> 8);
   else
     memcpy(p, rgb, 3);

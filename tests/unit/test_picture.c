@@ -47,12 +47,12 @@ static void test_grid_png(void) {
   for (int i = 0; i < R * C; i++) {
     /* row 1 is gray (the masked input of `cmaec recon` may be), the others RGB */
     CHECK(cm_image_alloc(&tiles[i], TW, TH, i / C == 1 ? 1 : 3, 0, &err) == CM_OK);
-    for (int k = 0; k < TW * TH * tiles[i].channels; k++) tiles[i].data[k] = rnd8();
+    for (int k = 0; k < TW * TH * tiles[i].c; k++) tiles[i].data[k] = rnd8();
   }
   cm_image g;
   CHECK(cm_image_grid(tiles, R, C, GAP, 255, &g, &err) == CM_OK);
-  CHECK(g.width == C * TW + (C - 1) * GAP && g.height == R * TH + (R - 1) * GAP);
-  CHECK(g.channels == 3);
+  CHECK(g.w == C * TW + (C - 1) * GAP && g.h == R * TH + (R - 1) * GAP);
+  CHECK(g.c == 3);
   char path[] = "/tmp/cmaec_grid_XXXXXX.png";
   tmp_png(path);
   CHECK(cm_png_write(path, &g, &err) == CM_OK);
@@ -68,7 +68,7 @@ static void test_grid_png(void) {
         uint8_t want = 255;
         if (tx < TW && ty < TH) {
           const cm_image *t = &tiles[(y / (TH + GAP)) * C + x / (TW + GAP)];
-          want = t->data[(ty * TW + tx) * t->channels + (t->channels == 3 ? c : 0)];
+          want = t->data[(ty * TW + tx) * t->c + (t->c == 3 ? c : 0)];
         }
         bad += px[(y * w + x) * 3 + c] != want;
       }
@@ -77,14 +77,14 @@ static void test_grid_png(void) {
   /* cm_png_read gives the same bytes */
   cm_image back;
   CHECK(cm_png_read(path, &back, &err) == CM_OK);
-  CHECK(back.width == g.width && back.height == g.height && back.channels == 3);
-  CHECK(back.data && memcmp(back.data, g.data, (size_t)g.width * g.height * 3) == 0);
+  CHECK(back.w == g.w && back.h == g.h && back.c == 3);
+  CHECK(back.data && memcmp(back.data, g.data, (size_t)g.w * g.h * 3) == 0);
   cm_image_free(&back);
   cm_image_free(&g);
 
   /* all gray: a gray PNG */
   CHECK(cm_image_grid(tiles + C, 1, C, GAP, 0, &g, &err) == CM_OK);
-  CHECK(g.channels == 1 && g.width == 26 && g.height == 7);
+  CHECK(g.c == 1 && g.w == 26 && g.h == 7);
   CHECK(cm_png_write(path, &g, &err) == CM_OK);
   px = read_png_simple(path, &w, &h, 1);
   CHECK(px && w == 26 && h == 7);
@@ -92,13 +92,13 @@ static void test_grid_png(void) {
         px[7] == tiles[C + 1].data[0] && px[25 * 1 + 26 * 6] == tiles[C + 3].data[34]);
   free(px);
   CHECK(cm_png_read(path, &back, &err) == CM_OK);
-  CHECK(back.channels == 1 && back.data && memcmp(back.data, g.data, 26 * 7) == 0);
+  CHECK(back.c == 1 && back.data && memcmp(back.data, g.data, 26 * 7) == 0);
   cm_image_free(&back);
   cm_image_free(&g);
 
   /* errors */
   cm_image odd = tiles[5];
-  odd.width = 4;
+  odd.w = 4;
   cm_image mixed[2] = {tiles[0], odd};
   CHECK(cm_image_grid(mixed, 1, 2, 2, 0, &g, &err) == CM_EINVALID);
   CHECK_STR_CONTAINS(err.msg, "tile 1");
@@ -146,8 +146,8 @@ static bool near_colour(const cm_image *im, double fx, double fy, const uint8_t 
   for (int dy = -1; dy <= 1; dy++)
     for (int dx = -1; dx <= 1; dx++) {
       int x = cx + dx, y = cy + dy;
-      if (x < 0 || y < 0 || x >= im->width || y >= im->height) continue;
-      const uint8_t *p = im->data + ((size_t)y * im->width + x) * 3;
+      if (x < 0 || y < 0 || x >= im->w || y >= im->h) continue;
+      const uint8_t *p = im->data + ((size_t)y * im->w + x) * 3;
       if (p[0] == rgb[0] && p[1] == rgb[1] && p[2] == rgb[2]) return true;
     }
   return false;
@@ -170,7 +170,7 @@ static void test_plot(void) {
   cm_plot_frame f;
   cm_err err = {0};
   CHECK(cm_plot_render(s, 2, &o, &im, &f, &err) == CM_OK);
-  CHECK(im.width == 500 && im.height == 331 && im.channels == 3);
+  CHECK(im.w == 500 && im.h == 331 && im.c == 3);
   CHECK(f.x0 < f.x1 && f.y0 < f.y1 && f.xmin <= 0 && f.xmax >= 10 && f.ymin <= 1 && f.ymax >= 21);
   int hits = 0, tried = 0;
   for (int i = 5; i <= 60; i += 5) { /* below the legend */
@@ -194,12 +194,12 @@ static void test_plot(void) {
   CHECK(near_colour(&im, f.x0, (f.y0 + f.y1) / 2.0, black));
   int dark = 0;
   for (int y = f.y0; y <= f.y1; y++)
-    for (int xx = 0; xx < f.x0 - 5; xx++) dark += im.data[(y * im.width + xx) * 3] == 0;
+    for (int xx = 0; xx < f.x0 - 5; xx++) dark += im.data[(y * im.w + xx) * 3] == 0;
   CHECK_MSG(dark > 50, "%d label pixels", dark);
   int legend_red = 0; /* the legend swatch, top right */
   for (int yy = f.y0; yy < f.y0 + 40; yy++)
     for (int xx = f.x1 - 150; xx < f.x1; xx++) {
-      const uint8_t *p = im.data + (yy * im.width + xx) * 3;
+      const uint8_t *p = im.data + (yy * im.w + xx) * 3;
       legend_red += p[0] == 220 && p[1] == 30;
     }
   CHECK(legend_red >= 16);
@@ -216,7 +216,7 @@ static void test_plot(void) {
   cm_plot_series l = {.label = "lr", .x = x, .y = y3, .n = N, .rgb = {0, 150, 0}};
   cm_plot_opts lo = {.log_y = true};
   CHECK(cm_plot_render(&l, 1, &lo, &im, &f, &err) == CM_OK);
-  CHECK(im.width == 640 && im.height == 400);
+  CHECK(im.w == 640 && im.h == 400);
   CHECK(f.log_y && f.ymin == -3 && f.ymax == 0);
   for (int i = 10; i <= 100; i += 15) {
     cm_plot_map(&f, x[i], y3[i], &px, &py);
