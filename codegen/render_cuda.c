@@ -932,15 +932,25 @@ static void render_gemm(rctx *c, const gemm_plan *p, const bool *written) {
     sb_printf(o, "  const int g_ = lane_ >> 2, q_ = lane_ & 3;\n");
   else
     sb_printf(o, "  const int lr_ = lane_ / %d, lc_ = lane_ %% %d;\n", p->lc, p->lc);
-  sb_printf(o, "  for (long long bz_ = blockIdx.z; bz_ < %lldLL; bz_ += gridDim.z) {\n",
-            (long long)p->batch);
+  /* a block loop only where the grid cannot cover the dimension (launch caps) */
+  int64_t gy = (p->M + p->mc - 1) / p->mc, gx = (p->N + p->nc - 1) / p->nc;
+  if (p->batch <= 65535)
+    sb_printf(o, "  {\n    const long long bz_ = blockIdx.z;\n");
+  else
+    sb_printf(o, "  for (long long bz_ = blockIdx.z; bz_ < %lldLL; bz_ += gridDim.z) {\n",
+              (long long)p->batch);
   decompose(c, "    ", "bz_", 0, s->dom, nb);
-  sb_printf(o,
-            "    for (long long by_ = blockIdx.y; by_ < %lldLL; by_ += gridDim.y) {\n"
-            "    for (long long bx_ = blockIdx.x; bx_ < %lldLL; bx_ += gridDim.x) {\n"
-            "      const long long m0_ = by_ * %d, n0_ = bx_ * %d;\n",
-            (long long)((p->M + p->mc - 1) / p->mc), (long long)((p->N + p->nc - 1) / p->nc), p->mc,
-            p->nc);
+  if (gy <= 65535)
+    sb_printf(o, "    {\n    const long long by_ = blockIdx.y;\n");
+  else
+    sb_printf(o, "    for (long long by_ = blockIdx.y; by_ < %lldLL; by_ += gridDim.y) {\n",
+              (long long)gy);
+  if (gx <= 2147483647)
+    sb_printf(o, "    {\n    const long long bx_ = blockIdx.x;\n");
+  else
+    sb_printf(o, "    for (long long bx_ = blockIdx.x; bx_ < %lldLL; bx_ += gridDim.x) {\n",
+              (long long)gx);
+  sb_printf(o, "      const long long m0_ = by_ * %d, n0_ = bx_ * %d;\n", p->mc, p->nc);
   memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
   int fm = p->mr / 16, fn = p->nr / 8;
   if (p->mma)
@@ -953,8 +963,8 @@ static void render_gemm(rctx *c, const gemm_plan *p, const bool *written) {
             p->mma ? fm : p->tm, p->mma ? fn : p->tn,
             p->mma ? " acc_[x_][y_][0] = acc_[x_][y_][1] = acc_[x_][y_][2] = acc_[x_][y_][3]"
                    : " acc_[x_][y_]");
-  sb_printf(o, "      for (long long k0_ = 0; k0_ < %lldLL; k0_ += %d) {\n", (long long)p->K,
-            p->kc);
+  sb_printf(o, "#pragma unroll 1\n      for (long long k0_ = 0; k0_ < %lldLL; k0_ += %d) {\n",
+            (long long)p->K, p->kc);
   sb_printf(o, "      __syncthreads();\n");
   emit_operand_load(c, p, true, p->mma ? "%sAs_[ii_][kk_] = val_;\n" : "%sAs_[kk_][ii_] = val_;\n");
   emit_operand_load(c, p, false,
@@ -997,7 +1007,7 @@ static void render_gemm(rctx *c, const gemm_plan *p, const bool *written) {
   } else {
     sb_printf(
         o,
-        "#pragma unroll 4\n"
+        "#pragma unroll\n"
         "      for (int kk_ = 0; kk_ < %d; kk_++) {\n"
         "        %s a_[%d], b_[%d];\n"
         "#pragma unroll\n"
