@@ -653,7 +653,8 @@ static void signature(rctx *c, const bool *written, const char *bounds) {
   sb_printf(c->o, ") {\n");
 }
 
-/* long long v<first>.. v<first+n-1> from the linear index lin (row-major) */
+/* long long v<first>.. v<first+n-1> from the linear index lin (row-major);
+ * 32-bit division where the extents allow (64-bit division is slow on GPUs) */
 static void decompose(rctx *c, const char *indent, const char *lin, int first, const int64_t *ext,
                       int n) {
   if (n == 0) return;
@@ -661,13 +662,17 @@ static void decompose(rctx *c, const char *indent, const char *lin, int first, c
     sb_printf(c->o, "%slong long v%d = %s;\n", indent, first, lin);
     return;
   }
-  sb_printf(c->o, "%slong long r%d_ = %s;\n", indent, first, lin);
+  bool narrow = prod(ext, n) < INT64_C(2147483648);
+  const char *ut = narrow ? "unsigned" : "long long", *sfx = narrow ? "u" : "LL";
+  sb_printf(c->o, "%s%s r%d_ = (%s)%s;\n", indent, ut, first, ut, lin);
   for (int i = n - 1; i >= 0; i--) {
     if (i == 0)
-      sb_printf(c->o, "%slong long v%d = r%d_;\n", indent, first, first);
+      sb_printf(c->o, "%slong long v%d = (long long)r%d_;\n", indent, first, first);
+    else if (ext[i] == 1)
+      sb_printf(c->o, "%slong long v%d = 0;\n", indent, first + i);
     else
-      sb_printf(c->o, "%slong long v%d = r%d_ %% %lldLL;\n%sr%d_ /= %lldLL;\n", indent, first + i,
-                first, (long long)ext[i], indent, first, (long long)ext[i]);
+      sb_printf(c->o, "%slong long v%d = (long long)(r%d_ %% %lld%s);\n%sr%d_ /= %lld%s;\n", indent,
+                first + i, first, (long long)ext[i], sfx, indent, first, (long long)ext[i], sfx);
   }
 }
 
