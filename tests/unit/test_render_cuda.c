@@ -349,6 +349,12 @@ static void test_compile_all(void) {
       }
     }
     if (st == CM_OK) {
+      int warnings = 0;
+      for (const char *w = cb.log; w && (w = strstr(w, "warning")) != NULL; w++) warnings++;
+      const char *w1 = cb.log ? strstr(cb.log, "warning") : NULL;
+      fprintf(stderr, "  %s: %d NVRTC/ptxas warnings%s%.*s\n", archs[a], warnings,
+              w1 ? ", first: " : "", w1 ? (int)strcspn(w1, "\n") : 0, w1 ? w1 : "");
+      CHECK(warnings == 0); /* unused helpers or variables would show up here */
       CHECK_MSG(cb.n_kernels == expected, "%d kernels, expected %d", cb.n_kernels, expected);
       fprintf(stderr, "  %s: %d kernels, %zu-byte source, compiled in %.0f ms\n", archs[a],
               cb.n_kernels, strlen(src), cb.compile_ms);
@@ -452,7 +458,17 @@ static void test_errors(void) {
   int vj = cm_kx_var(gs, 1);
   gs->gemm_a =
       cm_kx_op(gs, CM_OP_ADD, CM_F32, gs->gemm_a, cm_kx_op(gs, CM_OP_CAST, CM_F32, vj, -1, -1), -1);
+  int old_body = gs->body;
+  /* a body that is not MUL(A, B) is no GEMM: the stage stays a loop nest */
+  CHECK(cm_render_cuda(&g, &o, true, &src, &err) == CM_OK);
+  CHECK(src && strstr(src, "// stage 0 \"gemm_f32_tiny\"\n") != NULL);
+  CHECK(src && strstr(src, "// stage 1 \"gemm_f32_odd\" (GEMM, FMA)\n") != NULL);
+  free(src);
+  src = NULL;
+  gs->body = cm_kx_op(gs, CM_OP_MUL, CM_F32, gs->gemm_a, gs->gemm_b, -1);
+  CHECK(gs->body != old_body);
   CHECK(cm_render_cuda(&g, &o, true, &src, &err) == CM_EINVALID);
+  CHECK(src == NULL);
   CHECK_STR_CONTAINS(err.msg, "GEMM operand A");
   CHECK_STR_CONTAINS(err.msg, "gemm_f32_tiny");
   /* without templates the same stage is a plain loop nest: fine */
