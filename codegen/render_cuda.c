@@ -700,31 +700,48 @@ static void acc_combine(const cm_kstage *s, const char *acc, const char *v, char
 
 /* ---- generic stages ----------------------------------------------------- */
 
-#define BLOCK_RED_MIN 64 /* reductions at least this long get a block per point */
+#define PAR_RED_MIN 64 /* reductions at least this long are split across threads */
 #define GENERIC_THREADS 256
+#define WARPS_PER_BLOCK (GENERIC_THREADS / 32)
 #define GRID_CAP 1048576u
 
-static bool block_reduce(const cm_kstage *s) {
-  return s->n_red > 0 && prod(s->red, s->n_red) >= BLOCK_RED_MIN;
+/* Who computes one domain point: a thread (serial reduction), a warp (shuffle
+ * reduction: rows of moderate length, many rows), or a block of 256 threads
+ * (long reductions, or too few points to fill the GPU warp by warp). */
+typedef enum red_strategy { RED_THREAD, RED_WARP, RED_BLOCK } red_strategy;
+
+static red_strategy strategy(const cm_kstage *s) {
+  if (s->n_red == 0) return RED_THREAD;
+  int64_t rext = prod(s->red, s->n_red), points = prod(s->dom, s->n_dom);
+  if (rext < PAR_RED_MIN) return RED_THREAD;
+  if (rext >= 2048 || points < 512) return RED_BLOCK;
+  return RED_WARP;
 }
 
 static void render_generic(rctx *c, const bool *written) {
   const cm_kstage *s = c->s;
   sbuf *o = c->o;
   int64_t points = prod(s->dom, s->n_dom), rext = prod(s->red, s->n_red);
-  bool blk = block_reduce(s);
+  red_strategy rs = strategy(s);
   const char *at = ctype(s->acc_dtype);
   char init[128], comb[256], body[256];
-  signature(c, written, blk ? "__launch_bounds__(256) " : "");
-  if (blk) sb_printf(o, "  __shared__ %s cm_part[%d];\n", at, GENERIC_THREADS / 32);
-  if (blk)
+  signature(c, written, rs != RED_THREAD ? "__launch_bounds__(256) " : "");
+  if (rs == RED_BLOCK) {
+    sb_printf(o, "  __shared__ %s cm_part[%d];\n", at, WARPS_PER_BLOCK);
     sb_printf(o, "  for (long long p = blockIdx.x; p < %lldLL; p += gridDim.x) {\n",
               (long long)points);
-  else
+  } else if (rs == RED_WARP) {
+    sb_printf(o,
+              "  const int lane_ = threadIdx.x & 31;\n"
+              "  for (long long p = (long long)blockIdx.x * %d + (threadIdx.x >> 5); p < %lldLL;\n"
+              "       p += (long long)gridDim.x * %d) {\n",
+              WARPS_PER_BLOCK, (long long)points, WARPS_PER_BLOCK);
+  } else {
     sb_printf(o,
               "  for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < %lldLL;\n"
               "       p += (long long)gridDim.x * blockDim.x) {\n",
               (long long)points);
+  }
   decompose(c, "    ", "p", 0, s->dom, s->n_dom);
   memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
   /* hoisted: everything not depending on reduction vars or ACC */
@@ -735,47 +752,57 @@ static void render_generic(rctx *c, const bool *written) {
     mark_from(c, s->stores[i].value);
   }
   emit_marked(c, "    ", "acc", 0, 0);
-  if (s->n_red > 0) {
-    acc_init(s, init, sizeof init);
-    sb_printf(o, "    %s acc = %s;\n", at, init);
-    if (blk)
-      sb_printf(o, "    for (long long q = threadIdx.x; q < %lldLL; q += %d) {\n", (long long)rext,
-                GENERIC_THREADS);
-    else
-      sb_printf(o, "    for (long long q = 0; q < %lldLL; q++) {\n", (long long)rext);
-    decompose(c, "      ", "q", s->n_dom, s->red, s->n_red);
-    clear_mark(c);
-    mark_from(c, s->body);
-    emit_marked(c, "      ", "acc", 1, -1);
-    char bname[32];
-    snprintf(bname, sizeof bname, "e%d", s->body);
-    cast_code(body, sizeof body, s->exprs[s->body].dtype, s->acc_dtype, bname);
-    acc_combine(s, "acc", body, comb, sizeof comb);
-    sb_printf(o, "      acc = %s;\n    }\n", comb);
-    /* loop-local declarations leave scope */
-    for (int e = 0; e < s->n_exprs; e++)
-      if (c->usered[e]) c->done[e] = false;
-    if (blk) {
-      acc_combine(s, "acc", "__shfl_down_sync(0xffffffffu, acc, o_)", comb, sizeof comb);
-      sb_printf(o,
-                "    for (int o_ = 16; o_ > 0; o_ >>= 1) acc = %s;\n"
-                "    if ((threadIdx.x & 31) == 0) cm_part[threadIdx.x >> 5] = acc;\n"
-                "    __syncthreads();\n"
-                "    if (threadIdx.x < 32) {\n"
-                "      acc = threadIdx.x < %d ? cm_part[threadIdx.x] : %s;\n"
-                "      for (int o_ = 16; o_ > 0; o_ >>= 1) acc = %s;\n"
-                "    }\n"
-                "    if (threadIdx.x == 0) {\n",
-                comb, GENERIC_THREADS / 32, init, comb);
-      emit_stores(c, "      ", "acc");
-      sb_printf(o, "    }\n    __syncthreads();\n");
-    } else {
-      emit_stores(c, "    ", "acc");
-    }
-  } else {
+  if (s->n_red == 0) {
     emit_stores(c, "    ", "acc");
+    sb_printf(o, "  }\n}\n\n");
+    return;
   }
-  sb_printf(o, "  }\n}\n\n");
+  acc_init(s, init, sizeof init);
+  sb_printf(o, "    %s acc = %s;\n", at, init);
+  if (rs == RED_BLOCK)
+    sb_printf(o, "    for (long long q = threadIdx.x; q < %lldLL; q += %d) {\n", (long long)rext,
+              GENERIC_THREADS);
+  else if (rs == RED_WARP)
+    sb_printf(o, "    for (long long q = lane_; q < %lldLL; q += 32) {\n", (long long)rext);
+  else
+    sb_printf(o, "    for (long long q = 0; q < %lldLL; q++) {\n", (long long)rext);
+  decompose(c, "      ", "q", s->n_dom, s->red, s->n_red);
+  clear_mark(c);
+  mark_from(c, s->body);
+  emit_marked(c, "      ", "acc", 1, -1);
+  char bname[32];
+  snprintf(bname, sizeof bname, "e%d", s->body);
+  cast_code(body, sizeof body, s->exprs[s->body].dtype, s->acc_dtype, bname);
+  acc_combine(s, "acc", body, comb, sizeof comb);
+  sb_printf(o, "      acc = %s;\n    }\n", comb);
+  /* loop-local declarations leave scope */
+  for (int e = 0; e < s->n_exprs; e++)
+    if (c->usered[e]) c->done[e] = false;
+  if (rs == RED_THREAD) {
+    emit_stores(c, "    ", "acc");
+    sb_printf(o, "  }\n}\n\n");
+    return;
+  }
+  acc_combine(s, "acc", "__shfl_down_sync(0xffffffffu, acc, o_)", comb, sizeof comb);
+  sb_printf(o, "    for (int o_ = 16; o_ > 0; o_ >>= 1) acc = %s;\n", comb);
+  if (rs == RED_WARP) {
+    sb_printf(o, "    if (lane_ == 0) {\n");
+    emit_stores(c, "      ", "acc");
+    sb_printf(o, "    }\n  }\n}\n\n");
+    return;
+  }
+  sb_printf(o,
+            "    if ((threadIdx.x & 31) == 0) cm_part[threadIdx.x >> 5] = acc;\n"
+            "    __syncthreads();\n"
+            "    if (threadIdx.x < 32) {\n"
+            "      acc = threadIdx.x < %d ? cm_part[threadIdx.x] : %s;\n"
+            "      for (int o_ = 16; o_ > 0; o_ >>= 1) acc = %s;\n"
+            "    }\n"
+            "    if (threadIdx.x == 0) {\n",
+            WARPS_PER_BLOCK, init, comb);
+  emit_stores(c, "      ", "acc");
+  /* cm_part is reused by the next point */
+  sb_printf(o, "    }\n    __syncthreads();\n  }\n}\n\n");
 }
 
 /* ---- GEMM stages -------------------------------------------------------- */
@@ -1149,7 +1176,9 @@ cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda
     return l;
   }
   int64_t points = prod(s->dom, s->n_dom);
-  int64_t g = block_reduce(s) ? points : (points + GENERIC_THREADS - 1) / GENERIC_THREADS;
+  red_strategy rs = strategy(s);
+  int64_t per_block = rs == RED_BLOCK ? 1 : rs == RED_WARP ? WARPS_PER_BLOCK : GENERIC_THREADS;
+  int64_t g = (points + per_block - 1) / per_block;
   if (g < 1) g = 1;
   l.grid[0] = (unsigned)(g < GRID_CAP ? g : GRID_CAP);
   l.block[0] = GENERIC_THREADS;

@@ -151,6 +151,11 @@ static void build_reductions(cm_kernel *k) {
   add_reduce(k, "sum_f64_large", CM_F64, CM_F64, CM_KRED_SUM, 2, 3, 2, large);
   add_reduce(k, "sum_i32_large", CM_I32, CM_I32, CM_KRED_SUM, 2, 2, 1, huge);
   add_reduce(k, "max_f16_large", CM_F16, CM_F32, CM_KRED_MAX, 1, 3, 2, large);
+  /* many rows of moderate length: a warp per row */
+  int64_t row[1] = {129}, row2[2] = {8, 8};
+  add_reduce(k, "sum_f32_rows", CM_F32, CM_F32, CM_KRED_SUM, 37, 17, 1, row);
+  add_reduce(k, "max_i64_rows", CM_I64, CM_I64, CM_KRED_MAX, 24, 25, 2, row2);
+  add_reduce(k, "sum_f16_rows", CM_F16, CM_F32, CM_KRED_SUM, 600, 1, 1, row);
 }
 
 /* scatter-add: out[(v * 7) % 11] += x[v] for every number dtype */
@@ -299,6 +304,8 @@ static void test_compile_all(void) {
     CHECK_STR_CONTAINS(src, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32");
     CHECK_STR_CONTAINS(src, "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32");
     CHECK_STR_CONTAINS(src, "__shfl_down_sync");
+    CHECK_STR_CONTAINS(src, "if (lane_ == 0) {");       /* a warp per row */
+    CHECK_STR_CONTAINS(src, "if (threadIdx.x == 0) {"); /* a block per row */
     CHECK_STR_CONTAINS(src, "atomicCAS");
     CHECK(strstr(src, "__expf") == NULL && strstr(src, "#include") == NULL);
     /* one prelude only */
@@ -404,10 +411,19 @@ static void test_launch(void) {
   /* gemm_f16_bt: 64x128 block of 32x64 warp tiles = 4 warps */
   l = cm_cuda_stage_launch(&k, 4, &o);
   CHECK(l.block[0] == 128 && l.grid[0] == 1);
-  /* generic reading of the same stage: a block per point (K = 300 >= 64) */
+  /* generic reading of the same stage: 67600 rows of K = 300, a warp per row */
   cm_cuda_render_opts gen = {"sm_80", true};
   l = cm_cuda_stage_launch(&k, 1, &gen);
-  CHECK(l.grid[0] == 2 * 130 * 260 && l.block[0] == 256);
+  CHECK(l.grid[0] == (2 * 130 * 260 + 7) / 8 && l.block[0] == 256);
+  /* gemm_f32_bt: 561 rows of K = 129: warps; with K = 3000, a block per row */
+  l = cm_cuda_stage_launch(&k, 2, &gen);
+  CHECK(l.grid[0] == (33 * 17 + 7) / 8 && l.block[0] == 256);
+  k.stages[2].red[0] = 3000;
+  l = cm_cuda_stage_launch(&k, 2, &gen);
+  CHECK(l.grid[0] == 33 * 17 && l.block[0] == 256);
+  /* gemm_f16_bt without templates: 91 rows of K = 5, a thread per row */
+  l = cm_cuda_stage_launch(&k, 4, &gen);
+  CHECK(l.grid[0] == 1 && l.block[0] == 256);
   l = cm_cuda_stage_launch(&k, 0, &gen); /* K = 5: a thread per point */
   CHECK(l.grid[0] == 1 && l.block[0] == 256);
   CHECK(cm_cuda_stage_launch(&k, 99, &o).grid[0] == 1);
