@@ -187,7 +187,8 @@ typedef struct gemm_spec {
   cm_kgemm_tiles tiles;
 } gemm_spec;
 
-/* C[b,i,j] = relu(sum_k A(b,i,k) B(b,k,j) + bias[j]) + 0.5 * C_old? no: plus a residual R. */
+/* C[b,i,j] = relu(sum_k (0.75 A(b,i,k)) B(b,k,j) + bias[j]) + R[b,i,j], operands cast to op_dt
+ * (a prologue), B optionally stored transposed. */
 static void add_gemm(cm_kernel *k, const gemm_spec *g) {
   int64_t B = g->batch;
   int a = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, B * g->M * g->K, -1, 0);
