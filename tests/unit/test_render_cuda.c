@@ -207,7 +207,7 @@ static void add_gemm(cm_kernel *k, const gemm_spec *g) {
   s->n_red = 1;
   s->red[0] = g->K;
   s->red_op = CM_KRED_SUM;
-  s->acc_dtype = CM_F32;
+  s->acc_dtype = g->op_dt == CM_F64 ? CM_F64 : CM_F32;
   s->tmpl = CM_KT_GEMM;
   s->tiles = g->tiles;
   int vb = batched ? cm_kx_var(s, 0) : cm_kx_iconst(s, 0);
@@ -237,6 +237,7 @@ static void add_gemm(cm_kernel *k, const gemm_spec *g) {
                                  cm_kx_iconst(s, g->N)),
                       vj);
   int acc = cm_kx_acc(s);
+  if (s->acc_dtype != CM_F32) acc = cm_kx_op(s, CM_OP_CAST, CM_F32, acc, -1, -1);
   int biased = cm_kx_op(s, CM_OP_ADD, CM_F32, acc, cm_kx_load(s, k, bias, vj), -1);
   int act = cm_kx_op(s, CM_OP_RELU, CM_F32, biased, -1, -1);
   int r = cm_kx_op(s, CM_OP_CAST, CM_F32, cm_kx_load(s, k, res, ci), -1, -1);
@@ -251,6 +252,7 @@ static const gemm_spec GEMMS[] = {
     {"gemm_bf16", 3, 130, 260, 300, CM_BF16, false, {64, 64, 16, 32, 32}},
     {"gemm_f16_bt", 1, 7, 13, 5, CM_F16, true, {64, 128, 32, 32, 64}},
     {"gemm_bad_tiles", 1, 19, 23, 31, CM_F32, false, {48, 0, 7, 5, 3}},
+    {"gemm_f64", 2, 31, 47, 65, CM_F64, true, {32, 32, 16, 16, 16}},
 };
 #define N_GEMMS (int)(sizeof GEMMS / sizeof GEMMS[0])
 
@@ -412,6 +414,9 @@ static void test_launch(void) {
   /* gemm_f16_bt: 64x128 block of 32x64 warp tiles = 4 warps */
   l = cm_cuda_stage_launch(&k, 4, &o);
   CHECK(l.block[0] == 128 && l.grid[0] == 1);
+  /* gemm_f64: 32x32 blocks of 16x16 warp tiles */
+  l = cm_cuda_stage_launch(&k, 6, &o);
+  CHECK(l.grid[0] == 2 && l.grid[1] == 1 && l.grid[2] == 2 && l.block[0] == 128);
   /* generic reading of the same stage: 67600 rows of K = 300, a warp per row */
   cm_cuda_render_opts gen = {"sm_80", true};
   l = cm_cuda_stage_launch(&k, 1, &gen);
