@@ -877,8 +877,15 @@ static gemm_plan plan_gemm(const cm_kstage *s, const cm_kernel *k, const cm_cuda
   p.mr = t.mr;
   p.nr = t.nr;
   cm_dtype da = s->exprs[s->gemm_a].dtype, db = s->exprs[s->gemm_b].dtype;
-  p.mma = da == db && (da == CM_BF16 || da == CM_F16) && s->acc_dtype == CM_F32 &&
-          arch_num(o) >= 80 && p.mr % 16 == 0 && p.nr % 8 == 0 && (p.mr / 16) * (p.nr / 8) <= 16;
+  bool want_mma =
+      da == db && (da == CM_BF16 || da == CM_F16) && s->acc_dtype == CM_F32 && arch_num(o) >= 80;
+  /* tensor cores need warp tiles of whole 16x8 fragments, at most 16 of them per warp */
+  if (want_mma && (p.mr % 16 || p.nr % 8 || (p.mr / 16) * (p.nr / 8) > 16)) {
+    p.mc = p.nc = 64;
+    p.kc = 32;
+    p.mr = p.nr = 32;
+  }
+  p.mma = want_mma;
   p.bf16 = da == CM_BF16;
   if (p.mma) p.kc = (p.kc + 15) / 16 * 16;
   p.t = s->acc_dtype;
@@ -891,6 +898,13 @@ static gemm_plan plan_gemm(const cm_kstage *s, const cm_kernel *k, const cm_cuda
   /* static shared memory stays under 48 KiB */
   size_t esz = p.mma ? 2 : (p.t == CM_F64 ? 8 : 4);
   while (p.kc > 16 && (size_t)(p.kc + 8) * (size_t)(p.mc + p.nc) * esz > 48 * 1024) p.kc /= 2;
+  if (p.mma) p.kc = p.kc < 16 ? 16 : p.kc / 16 * 16;
+  if ((size_t)(p.kc + 8) * (size_t)(p.mc + p.nc) * esz > 48 * 1024) {
+    p.mc = p.nc = 64;
+    p.kc = p.mma ? 32 : 16;
+    p.mr = p.nr = 32;
+    if (!p.mma) fma_lanes(&p);
+  }
   p.warps = (p.mc / p.mr) * (p.nc / p.nr);
   p.threads = p.warps * 32;
   p.ok = true;

@@ -433,6 +433,43 @@ static void test_launch(void) {
   l = cm_cuda_stage_launch(&k, 0, &gen); /* K = 5: a thread per point */
   CHECK(l.grid[0] == 1 && l.block[0] == 256);
   CHECK(cm_cuda_stage_launch(&k, 99, &o).grid[0] == 1);
+  /* bf16 operands with warp tiles too big for mma fragments: tensor cores with 64x64 blocks
+   * of 32x32 warp tiles; a huge block tile is clamped to fit static shared memory */
+  cm_kernel big;
+  cm_kernel_init(&big, "t_big_tiles");
+  gemm_spec g1 = {"bf16_big", 1, 300, 200, 100, CM_BF16, false, {128, 128, 64, 64, 64}};
+  gemm_spec g2 = {"bf16_tall", 1, 300, 200, 100, CM_BF16, false, {2048, 8, 48, 128, 8}};
+  gemm_spec g3 = {"f32_wide", 1, 300, 200, 100, CM_F32, false, {32, 2048, 64, 32, 128}};
+  add_gemm(&big, &g1);
+  add_gemm(&big, &g2);
+  add_gemm(&big, &g3);
+  char *src = render_all(&big, 1, &o);
+  CHECK(src && strstr(src, "// stage 0 \"bf16_big\" (GEMM, tensor cores)") != NULL);
+  CHECK(src && strstr(src, "// stage 1 \"bf16_tall\" (GEMM, tensor cores)") != NULL);
+  l = cm_cuda_stage_launch(&big, 0, &o);
+  CHECK(l.block[0] == 128 && l.grid[0] == 4 && l.grid[1] == 5);
+  for (int i = 1; i < 3; i++) {
+    l = cm_cuda_stage_launch(&big, i, &o);
+    CHECK(l.block[0] >= 32 && l.block[0] <= 1024 && l.shared_bytes == 0);
+  }
+  if (src && need_nvrtc()) {
+    cm_cubin cb;
+    cm_err err = {0};
+    cm_status st = cm_nvrtc_compile(nvrtc, src, "big_tiles.cu", "sm_80", NULL, 0, &cb, &err);
+    CHECK_MSG(st == CM_OK, "%s", err.msg);
+    for (int i = 0; i < 3 && st == CM_OK; i++) {
+      char name[64];
+      snprintf(name, sizeof name, "t_big_tiles_s%d", i);
+      const cm_cuda_kernel_info *ki = cm_cubin_kernel(&cb, name);
+      CHECK(ki && ki->shared_bytes <= 48 * 1024 && ki->spill_store_bytes == 0);
+      if (ki)
+        fprintf(stderr, "  sm_80 %s: %d regs, %d B smem, spills %d/%d\n", name, ki->registers,
+                ki->shared_bytes, ki->spill_store_bytes, ki->spill_load_bytes);
+    }
+    cm_cubin_free(&cb);
+  }
+  free(src);
+  cm_kernel_free(&big);
   cm_kernel_free(&k);
   cm_kernel e;
   build_elementwise(&e);
