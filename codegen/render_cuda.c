@@ -164,7 +164,7 @@ static const char *const PRELUDE =
     "CM_FLOAT_OPS(float, f, 1.0f)\n"
     "CM_FLOAT_OPS(double, , 1.0)\n"
     "// ints wrap (two's complement through unsigned); x / 0 = 0\n"
-    "#define CM_INT_OPS(T, U, MINV)                                                 \\\n"
+    "#define CM_INT_OPS(T, U)                                                       \\\n"
     "  __device__ __forceinline__ T cm_neg(T x) { return (T)(U)(0 - (U)x); } \\\n"
     "  __device__ __forceinline__ T cm_abs(T x) { return x < 0 ? cm_neg(x) : x; } \\\n"
     "  __device__ __forceinline__ T cm_relu(T x) { return x > 0 ? x : 0; }  \\\n"
@@ -177,8 +177,8 @@ static const char *const PRELUDE =
     "  __device__ __forceinline__ T cm_max(T a, T b) { return a > b ? a : b; } \\\n"
     "  __device__ __forceinline__ T cm_min(T a, T b) { return a < b ? a : b; } \\\n"
     "  __device__ __forceinline__ T cm_accmax(T acc, T v) { return v > acc ? v : acc; }\n"
-    "CM_INT_OPS(int, unsigned, (-2147483647 - 1))\n"
-    "CM_INT_OPS(long long, unsigned long long, (-9223372036854775807LL - 1))\n"
+    "CM_INT_OPS(int, unsigned)\n"
+    "CM_INT_OPS(long long, unsigned long long)\n"
     "// accumulate stores\n"
     "__device__ __forceinline__ void cm_atomic_add(float *p, float v) { atomicAdd(p, v); }\n"
     "__device__ __forceinline__ void cm_atomic_add(double *p, double v) { atomicAdd(p, v); "
@@ -848,7 +848,7 @@ static bool fma_lanes(gemm_plan *p) {
   return true;
 }
 
-static gemm_plan plan_gemm(const cm_kstage *s, const cm_kernel *k, const cm_cuda_render_opts *o) {
+static gemm_plan plan_gemm(const cm_kstage *s, const cm_cuda_render_opts *o) {
   gemm_plan p;
   memset(&p, 0, sizeof p);
   if (s->tmpl != CM_KT_GEMM || (o && o->no_templates)) return p;
@@ -862,7 +862,6 @@ static gemm_plan plan_gemm(const cm_kstage *s, const cm_kernel *k, const cm_cuda
       !((body->a == s->gemm_a && body->b == s->gemm_b) ||
         (body->a == s->gemm_b && body->b == s->gemm_a)))
     return p;
-  (void)k;
   p.batch = prod(s->dom, s->n_dom - 2);
   p.M = s->dom[s->n_dom - 2];
   p.N = s->dom[s->n_dom - 1];
@@ -1139,7 +1138,7 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
     else if (s->n_exprs < 0 || (s->n_exprs && !s->exprs))
       st = fail(&c, -1, "malformed expression array");
     else if (check_stage(&c) == CM_OK) {
-      gemm_plan p = plan_gemm(s, k, o);
+      gemm_plan p = plan_gemm(s, o);
       if (p.ok && check_gemm_operands(&c) != CM_OK) {
         st = c.st;
       } else {
@@ -1180,7 +1179,7 @@ cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda
   cm_cuda_launch l = {{1, 1, 1}, {1, 1, 1}, 0};
   if (!k || stage < 0 || stage >= k->n_stages) return l;
   const cm_kstage *s = &k->stages[stage];
-  gemm_plan p = plan_gemm(s, k, o);
+  gemm_plan p = plan_gemm(s, o);
   if (p.ok) {
     int64_t gx = (p.N + p.nc - 1) / p.nc, gy = (p.M + p.mc - 1) / p.mc;
     l.grid[0] = (unsigned)(gx < 2147483647 ? gx : 2147483647);
