@@ -1,7 +1,8 @@
 /* codegen/render_cuda.c — the kernel IR to CUDA C for NVRTC: one __global__
  * function per stage. Generic stages become grid-stride loops (a thread per
- * domain point with a serial reduction, or a block per point with a tree
- * reduction when the reduction is long); GEMM stages become shared-memory tiled
+ * domain point with a serial reduction; for reductions of 64 or more, a warp
+ * per point with shuffles, or a block per point with a tree reduction when the
+ * reduction is long or the points few); GEMM stages become shared-memory tiled
  * kernels (register-tiled FMA, or tensor-core mma.sync for bf16/f16 operands).
  * Arithmetic follows ir/eval.c: bf16/f16 values live in float registers and are
  * rounded after every op; ints wrap; no fast-math intrinsics. */
