@@ -1,11 +1,1200 @@
-/* codegen/render_cuda.c — kernel IR to CUDA C (to be written). */
+/* codegen/render_cuda.c — the kernel IR to CUDA C for NVRTC: one __global__
+ * function per stage. Generic stages become grid-stride loops (a thread per
+ * domain point with a serial reduction; for reductions of 64 or more, a warp
+ * per point with shuffles, or a block per point with a tree reduction when the
+ * reduction is long or the points few); GEMM stages become shared-memory tiled
+ * kernels (register-tiled FMA, or tensor-core mma.sync for bf16/f16 operands).
+ * Arithmetic follows ir/eval.c: bf16/f16 values live in float registers and are
+ * rounded after every op; ints wrap; no fast-math intrinsics. */
 #include "codegen.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- a growable string -------------------------------------------------- */
+
+typedef struct sbuf {
+  char *p;
+  size_t n, cap;
+  bool oom;
+} sbuf;
+
+__attribute__((format(printf, 2, 3))) static void sb_printf(sbuf *s, const char *fmt, ...) {
+  if (s->oom) return;
+  for (;;) {
+    va_list ap;
+    va_start(ap, fmt);
+    size_t room = s->cap - s->n;
+    int w = vsnprintf(s->p ? s->p + s->n : NULL, s->p ? room : 0, fmt, ap);
+    va_end(ap);
+    if (w < 0) {
+      s->oom = true;
+      return;
+    }
+    if (s->p && (size_t)w < room) {
+      s->n += (size_t)w;
+      return;
+    }
+    size_t c = s->cap ? s->cap : 4096;
+    while (c < s->n + (size_t)w + 1) c *= 2;
+    char *q = realloc(s->p, c);
+    if (!q) {
+      s->oom = true;
+      return;
+    }
+    s->p = q;
+    s->cap = c;
+  }
+}
+
+/* ---- the prelude -------------------------------------------------------- */
+
+/* Self-contained (NVRTC's include path is not relied on): bf16/f16 are
+ * unsigned short bit patterns; values live in float registers. */
+static const char *const PRELUDE =
+    "// cmaec CUDA prelude: dtype helpers matching ir/eval.c\n"
+    "typedef unsigned short cm_bf16_t;\n"
+    "typedef unsigned short cm_f16_t;\n"
+    "#define CM_INFF __int_as_float(0x7f800000)\n"
+    "#define CM_NANF __int_as_float(0x7fc00000)\n"
+    "#define CM_INFD __longlong_as_double(0x7ff0000000000000LL)\n"
+    "#define CM_NAND __longlong_as_double(0x7ff8000000000000LL)\n"
+    "__device__ __forceinline__ float cm_bf2f(cm_bf16_t h) {\n"
+    "  return __int_as_float((int)((unsigned)h << 16));\n"
+    "}\n"
+    "__device__ __forceinline__ cm_bf16_t cm_f2bf(float f) {\n"
+    "  unsigned b = (unsigned)__float_as_int(f);\n"
+    "  if ((b & 0x7fffffffu) > 0x7f800000u) return (b >> 31) ? 0xffc0u : 0x7fc0u;\n"
+    "  return (cm_bf16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);\n"
+    "}\n"
+    "__device__ __forceinline__ float cm_rbf(float f) { return cm_bf2f(cm_f2bf(f)); }\n"
+    "__device__ __forceinline__ float cm_h2f(cm_f16_t h) {\n"
+    "  float f;\n"
+    "  asm(\"cvt.f32.f16 %0, %1;\" : \"=f\"(f) : \"h\"(h));\n"
+    "  return f;\n"
+    "}\n"
+    "__device__ __forceinline__ cm_f16_t cm_f2h(float f) {\n"
+    "  if (isnan(f)) return signbit(f) ? 0xfe00u : 0x7e00u;\n"
+    "  cm_f16_t h;\n"
+    "  asm(\"cvt.rn.f16.f32 %0, %1;\" : \"=h\"(h) : \"f\"(f));\n"
+    "  return h;\n"
+    "}\n"
+    "__device__ __forceinline__ float cm_rh(float f) {\n"
+    "  return isnan(f) ? f : cm_h2f(cm_f2h(f));\n"
+    "}\n"
+    "// a double rounded once to a format of p significand bits (ties to even)\n"
+    "__device__ double cm_rfmt(double x, int p, int emin, double maxf) {\n"
+    "  if (isnan(x) || isinf(x) || x == 0.0) return x;\n"
+    "  double ax = fabs(x);\n"
+    "  int e;\n"
+    "  frexp(ax, &e);\n"
+    "  int lead = e - 1 < emin ? emin : e - 1;\n"
+    "  double q = ldexp(1.0, lead - (p - 1));\n"
+    "  double r = rint(ax / q) * q;\n"
+    "  double ulp = ldexp(1.0, ilogb(maxf) - (p - 1));\n"
+    "  if (ax >= maxf + ulp / 2) r = CM_INFD;\n"
+    "  else if (r > maxf) r = maxf;\n"
+    "  return copysign(r, x);\n"
+    "}\n"
+    "__device__ __forceinline__ float cm_rbfd(double x) {\n"
+    "  return isnan(x) ? (float)x : (float)cm_rfmt(x, 8, -126, "
+    "3.38953138925153547590470800371487866880e+38);\n"
+    "}\n"
+    "__device__ __forceinline__ float cm_rhd(double x) {\n"
+    "  return isnan(x) ? (float)x : (float)cm_rfmt(x, 11, -14, 65504.0);\n"
+    "}\n"
+    "// an integer rounded once to p significand bits (exact in double)\n"
+    "__device__ double cm_i2fp(long long v, int p) {\n"
+    "  unsigned long long mag = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;\n"
+    "  int bits = 64 - __clzll((long long)mag);\n"
+    "  if (bits <= p) return (double)v;\n"
+    "  int sh = bits - p;\n"
+    "  unsigned long long q = mag >> sh, rem = mag & ((1ull << sh) - 1), half = 1ull << (sh - 1);\n"
+    "  if (rem > half || (rem == half && (q & 1))) q++;\n"
+    "  double r = ldexp((double)q, sh);\n"
+    "  return v < 0 ? -r : r;\n"
+    "}\n"
+    "__device__ __forceinline__ float cm_i2bf(long long v) { return cm_rbfd(cm_i2fp(v, 8)); "
+    "}\n"
+    "__device__ __forceinline__ float cm_i2h(long long v) { return cm_rhd(cm_i2fp(v, 11)); "
+    "}\n"
+    "// float -> int: truncate, NaN -> 0, saturate\n"
+    "__device__ __forceinline__ int cm_d2i32(double x) {\n"
+    "  if (isnan(x)) return 0;\n"
+    "  double t = trunc(x);\n"
+    "  return t >= 2147483647.0 ? 2147483647 : t <= -2147483648.0 ? (-2147483647 - 1) : (int)t;\n"
+    "}\n"
+    "__device__ __forceinline__ long long cm_d2i64(double x) {\n"
+    "  if (isnan(x)) return 0;\n"
+    "  double t = trunc(x);\n"
+    "  return t >= 9223372036854775808.0 ? 9223372036854775807LL\n"
+    "       : t <= -9223372036854775808.0 ? (-9223372036854775807LL - 1) : (long long)t;\n"
+    "}\n"
+    "__device__ __forceinline__ int cm_wrap32(long long v) {\n"
+    "  return (int)(unsigned)(unsigned long long)v;\n"
+    "}\n"
+    "// floats (f32 in float, f64 in double; bf16/f16 callers round the result)\n"
+    "#define CM_FLOAT_OPS(T, SFX, ONE)                                              \\\n"
+    "  __device__ __forceinline__ T cm_neg(T x) { return -x; }               \\\n"
+    "  __device__ __forceinline__ T cm_abs(T x) { return fabs##SFX(x); }     \\\n"
+    "  __device__ __forceinline__ T cm_exp(T x) { return exp##SFX(x); }      \\\n"
+    "  __device__ __forceinline__ T cm_log(T x) { return log##SFX(x); }      \\\n"
+    "  __device__ __forceinline__ T cm_sqrt(T x) { return sqrt##SFX(x); }    \\\n"
+    "  __device__ __forceinline__ T cm_rsqrt(T x) { return ONE / sqrt##SFX(x); } \\\n"
+    "  __device__ __forceinline__ T cm_recip(T x) { return ONE / x; }        \\\n"
+    "  __device__ __forceinline__ T cm_tanh(T x) { return tanh##SFX(x); }    \\\n"
+    "  __device__ __forceinline__ T cm_erf(T x) { return erf##SFX(x); }      \\\n"
+    "  __device__ __forceinline__ T cm_relu(T x) { return isnan(x) ? x : x > 0 ? x : (T)0; "
+    "} \\\n"
+    "  __device__ __forceinline__ T cm_add(T a, T b) { return a + b; }       \\\n"
+    "  __device__ __forceinline__ T cm_sub(T a, T b) { return a - b; }       \\\n"
+    "  __device__ __forceinline__ T cm_mul(T a, T b) { return a * b; }       \\\n"
+    "  __device__ __forceinline__ T cm_div(T a, T b) { return a / b; }       \\\n"
+    "  __device__ __forceinline__ T cm_max(T a, T b) {                       \\\n"
+    "    return isnan(a) || isnan(b) ? a + b : a > b ? a : b;                       \\\n"
+    "  }                                                                            \\\n"
+    "  __device__ __forceinline__ T cm_min(T a, T b) {                       \\\n"
+    "    return isnan(a) || isnan(b) ? a + b : a < b ? a : b;                       \\\n"
+    "  }                                                                            \\\n"
+    "  __device__ __forceinline__ T cm_pow(T a, T b) { return pow##SFX(a, b); } \\\n"
+    "  __device__ __forceinline__ T cm_accmax(T acc, T v) {                  \\\n"
+    "    return isnan(acc) ? acc : (isnan(v) || v > acc) ? v : acc;                 \\\n"
+    "  }\n"
+    "CM_FLOAT_OPS(float, f, 1.0f)\n"
+    "CM_FLOAT_OPS(double, , 1.0)\n"
+    "// ints wrap (two's complement through unsigned); x / 0 = 0\n"
+    "#define CM_INT_OPS(T, U)                                                       \\\n"
+    "  __device__ __forceinline__ T cm_neg(T x) { return (T)(U)(0 - (U)x); } \\\n"
+    "  __device__ __forceinline__ T cm_abs(T x) { return x < 0 ? cm_neg(x) : x; } \\\n"
+    "  __device__ __forceinline__ T cm_relu(T x) { return x > 0 ? x : 0; }  \\\n"
+    "  __device__ __forceinline__ T cm_add(T a, T b) { return (T)((U)a + (U)b); } \\\n"
+    "  __device__ __forceinline__ T cm_sub(T a, T b) { return (T)((U)a - (U)b); } \\\n"
+    "  __device__ __forceinline__ T cm_mul(T a, T b) { return (T)((U)a * (U)b); } \\\n"
+    "  __device__ __forceinline__ T cm_div(T a, T b) {                       \\\n"
+    "    return b == 0 ? (T)0 : b == -1 ? cm_neg(a) : a / b;                        \\\n"
+    "  }                                                                            \\\n"
+    "  __device__ __forceinline__ T cm_max(T a, T b) { return a > b ? a : b; } \\\n"
+    "  __device__ __forceinline__ T cm_min(T a, T b) { return a < b ? a : b; } \\\n"
+    "  __device__ __forceinline__ T cm_accmax(T acc, T v) { return v > acc ? v : acc; }\n"
+    "CM_INT_OPS(int, unsigned)\n"
+    "CM_INT_OPS(long long, unsigned long long)\n"
+    "// accumulate stores\n"
+    "__device__ __forceinline__ void cm_atomic_add(float *p, float v) { atomicAdd(p, v); }\n"
+    "__device__ __forceinline__ void cm_atomic_add(double *p, double v) { atomicAdd(p, v); "
+    "}\n"
+    "__device__ __forceinline__ void cm_atomic_add(int *p, int v) { atomicAdd(p, v); }\n"
+    "__device__ __forceinline__ void cm_atomic_add(long long *p, long long v) {\n"
+    "  atomicAdd((unsigned long long *)p, (unsigned long long)v);\n"
+    "}\n"
+    "// 16-bit floats: compare-and-swap on the containing 32-bit word, rounded per add\n"
+    "__device__ void cm_atomic_add16(unsigned short *p, float v, bool is_bf16) {\n"
+    "  unsigned *w = (unsigned *)((unsigned long long)p & ~3ull);\n"
+    "  unsigned shift = ((unsigned long long)p & 2ull) ? 16u : 0u;\n"
+    "  unsigned old = *w, assumed;\n"
+    "  do {\n"
+    "    assumed = old;\n"
+    "    unsigned short h = (unsigned short)(assumed >> shift);\n"
+    "    float s = (is_bf16 ? cm_bf2f(h) : cm_h2f(h)) + v;\n"
+    "    unsigned short r = is_bf16 ? cm_f2bf(s) : cm_f2h(s);\n"
+    "    unsigned nw = (assumed & ~(0xffffu << shift)) | ((unsigned)r << shift);\n"
+    "    old = atomicCAS(w, assumed, nw);\n"
+    "  } while (old != assumed);\n"
+    "}\n"
+    "__device__ __forceinline__ unsigned cm_pack16(unsigned short lo, unsigned short hi) {\n"
+    "  return (unsigned)lo | ((unsigned)hi << 16);\n"
+    "}\n\n";
+
+/* ---- dtypes ------------------------------------------------------------- */
+
+static bool is_intdt(cm_dtype d) {
+  return d == CM_I32 || d == CM_I64;
+}
+static bool is_fltdt(cm_dtype d) {
+  return d == CM_F32 || d == CM_F64 || d == CM_BF16 || d == CM_F16;
+}
+/* the register type a value of dtype d is computed in */
+static const char *ctype(cm_dtype d) {
+  switch (d) {
+  case CM_F64: return "double";
+  case CM_I32: return "int";
+  case CM_I64: return "long long";
+  case CM_BOOL: return "bool";
+  default: return "float";
+  }
+}
+/* the element type in memory */
+static const char *stype(cm_dtype d) {
+  switch (d) {
+  case CM_F32: return "float";
+  case CM_F64: return "double";
+  case CM_BF16: return "cm_bf16_t";
+  case CM_F16: return "cm_f16_t";
+  case CM_I32: return "int";
+  case CM_I64: return "long long";
+  default: return "unsigned char";
+  }
+}
+
+/* Writes into out the C expression converting x (dtype from) to dtype to, with
+ * the cast rules of ir/eval.c (copy_elem). */
+static void cast_code(char *out, size_t size, cm_dtype from, cm_dtype to, const char *x) {
+  if (from == to) {
+    snprintf(out, size, "%s", x);
+    return;
+  }
+  switch (to) {
+  case CM_BOOL: snprintf(out, size, "((%s) != 0)", x); return;
+  case CM_I32:
+    if (from == CM_I64)
+      snprintf(out, size, "cm_wrap32(%s)", x);
+    else if (from == CM_BOOL)
+      snprintf(out, size, "((%s) ? 1 : 0)", x);
+    else
+      snprintf(out, size, "cm_d2i32((double)(%s))", x);
+    return;
+  case CM_I64:
+    if (from == CM_I32 || from == CM_BOOL)
+      snprintf(out, size, "((long long)(%s))", x);
+    else
+      snprintf(out, size, "cm_d2i64((double)(%s))", x);
+    return;
+  case CM_F32:
+  case CM_F64: snprintf(out, size, "((%s)(%s))", ctype(to), x); return;
+  case CM_BF16:
+  case CM_F16: {
+    bool bf = to == CM_BF16;
+    if (from == CM_BOOL)
+      snprintf(out, size, "((%s) ? 1.0f : 0.0f)", x);
+    else if (is_intdt(from))
+      snprintf(out, size, "%s((long long)(%s))", bf ? "cm_i2bf" : "cm_i2h", x);
+    else if (from == CM_F64)
+      snprintf(out, size, "%s(%s)", bf ? "cm_rbfd" : "cm_rhd", x);
+    else if (from == CM_F32 || (from == CM_F16 && bf))
+      snprintf(out, size, "%s(%s)", bf ? "cm_rbf" : "cm_rh", x);
+    else /* bf16 -> f16: through double is exact, rounds once */
+      snprintf(out, size, "cm_rhd((double)(%s))", x);
+    return;
+  }
+  default: snprintf(out, size, "%s", x); return;
+  }
+}
+
+/* a constant of dtype d (value rounded to d first) */
+static void const_code(char *out, size_t size, cm_dtype d, double v) {
+  if (is_intdt(d) || d == CM_BOOL) {
+    double r = cm_round_to_dtype(v, d);
+    if (d == CM_BOOL) {
+      snprintf(out, size, "%s", r != 0 ? "true" : "false");
+      return;
+    }
+    long long iv = r >= 9223372036854775807.0 ? INT64_MAX : (long long)r;
+    if (iv == INT64_MIN)
+      snprintf(out, size, "(-9223372036854775807LL - 1)");
+    else if (d == CM_I32)
+      snprintf(out, size, "((int)%lldLL)", iv);
+    else
+      snprintf(out, size, "%lldLL", iv);
+    return;
+  }
+  double r = cm_round_to_dtype(v, d);
+  bool dbl = d == CM_F64;
+  if (isnan(r))
+    snprintf(out, size, "%s", dbl ? "CM_NAND" : "CM_NANF");
+  else if (isinf(r))
+    snprintf(out, size, "%s%s", r < 0 ? "-" : "", dbl ? "CM_INFD" : "CM_INFF");
+  else
+    snprintf(out, size, dbl ? "%a" : "((float)%a)", r);
+}
+
+/* ---- expressions -------------------------------------------------------- */
+
+typedef struct rctx {
+  const cm_kernel *k;
+  int si;
+  const cm_kstage *s;
+  sbuf *o;
+  cm_err *err;
+  bool *done;   /* per expression: already declared in scope */
+  bool *mark;   /* scratch: reachable set */
+  bool *usered; /* depends on a reduction var */
+  bool *useacc; /* depends on ACC */
+  cm_status st;
+} rctx;
+
+static cm_status fail(rctx *c, int e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static cm_status fail(rctx *c, int e, const char *fmt, ...) {
+  char rule[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(rule, sizeof rule, fmt, ap);
+  va_end(ap);
+  if (c->st != CM_OK) return c->st;
+  if (e >= 0)
+    c->st = cm_errorf(c->err, CM_EINVALID, "kernel %s stage %d \"%s\" expression %d: %s",
+                      c->k->name, c->si, c->s->name, e, rule);
+  else
+    c->st = cm_errorf(c->err, CM_EINVALID, "kernel %s stage %d \"%s\": %s", c->k->name, c->si,
+                      c->s->name, rule);
+  return c->st;
+}
+
+static const char *op_fn(cm_op op) {
+  switch (op) {
+  case CM_OP_NEG: return "cm_neg";
+  case CM_OP_ABS: return "cm_abs";
+  case CM_OP_EXP: return "cm_exp";
+  case CM_OP_LOG: return "cm_log";
+  case CM_OP_SQRT: return "cm_sqrt";
+  case CM_OP_RSQRT: return "cm_rsqrt";
+  case CM_OP_RECIP: return "cm_recip";
+  case CM_OP_TANH: return "cm_tanh";
+  case CM_OP_ERF: return "cm_erf";
+  case CM_OP_RELU: return "cm_relu";
+  case CM_OP_ADD: return "cm_add";
+  case CM_OP_SUB: return "cm_sub";
+  case CM_OP_MUL: return "cm_mul";
+  case CM_OP_DIV: return "cm_div";
+  case CM_OP_MAX: return "cm_max";
+  case CM_OP_MIN: return "cm_min";
+  case CM_OP_POW: return "cm_pow";
+  default: return NULL;
+  }
+}
+
+static int op_arity(cm_op op) {
+  if (op == CM_OP_SELECT) return 3;
+  if (op >= CM_OP_ADD && op <= CM_OP_NE) return 2;
+  return 1;
+}
+
+/* Checks expression e's structure (ids, operands, buffers, vars). */
+static cm_status check_expr(rctx *c, int e) {
+  const cm_kstage *s = c->s;
+  const cm_kexpr *x = &s->exprs[e];
+  int nv = s->n_dom + s->n_red;
+  switch (x->kind) {
+  case CM_KX_CONST: return CM_OK;
+  case CM_KX_ACC:
+    if (s->n_red == 0) return fail(c, e, "ACC in a stage without a reduction");
+    return CM_OK;
+  case CM_KX_VAR:
+    if (x->var < 0 || x->var >= nv)
+      return fail(c, e, "variable %d out of range [0, %d)", x->var, nv);
+    return CM_OK;
+  case CM_KX_LOAD:
+    if (x->buf < 0 || x->buf >= c->k->n_buffers)
+      return fail(c, e, "load from buffer %d of %d", x->buf, c->k->n_buffers);
+    if (x->a < 0 || x->a >= e)
+      return fail(c, e, "load index %d is not an earlier expression", x->a);
+    return CM_OK;
+  case CM_KX_MOD:
+    if (x->a < 0 || x->a >= e || x->b < 0 || x->b >= e)
+      return fail(c, e, "mod operands must be earlier expressions");
+    return CM_OK;
+  case CM_KX_OP: {
+    bool elementwise = x->op >= CM_OP_NEG && x->op <= CM_OP_SELECT;
+    if (!elementwise ||
+        (x->op != CM_OP_CAST && x->op != CM_OP_STOP_GRADIENT && x->op != CM_OP_SELECT &&
+         (x->op < CM_OP_LT || x->op > CM_OP_NE) && !op_fn(x->op)))
+      return fail(c, e, "op %s is not elementwise", cm_op_name(x->op));
+    int ar = op_arity(x->op), ops[3] = {x->a, x->b, x->c};
+    for (int i = 0; i < ar; i++)
+      if (ops[i] < 0 || ops[i] >= e)
+        return fail(c, e, "operand %d of %s is not an earlier expression", i, cm_op_name(x->op));
+    return CM_OK;
+  }
+  default: return fail(c, e, "unknown expression kind %d", (int)x->kind);
+  }
+}
+
+static void mark_from(rctx *c, int root) {
+  if (root < 0 || root >= c->s->n_exprs || c->mark[root]) return;
+  c->mark[root] = true;
+  const cm_kexpr *x = &c->s->exprs[root];
+  if (x->kind == CM_KX_CONST || x->kind == CM_KX_VAR || x->kind == CM_KX_ACC) return;
+  mark_from(c, x->a);
+  mark_from(c, x->b);
+  mark_from(c, x->c);
+}
+
+static void operand(const rctx *c, int id, cm_dtype to, char *out, size_t size) {
+  char name[32];
+  snprintf(name, sizeof name, "e%d", id);
+  cast_code(out, size, c->s->exprs[id].dtype, to, name);
+}
+
+/* The right-hand side of expression e (operands are e<id> locals). */
+static void expr_code(const rctx *c, int e, const char *accname, char *out, size_t size) {
+  const cm_kstage *s = c->s;
+  const cm_kexpr *x = &s->exprs[e];
+  char a[256], b[256], d[256];
+  switch (x->kind) {
+  case CM_KX_CONST: const_code(out, size, x->dtype, x->value); return;
+  case CM_KX_VAR:
+    snprintf(a, sizeof a, "v%d", x->var);
+    cast_code(out, size, CM_I64, x->dtype, a);
+    return;
+  case CM_KX_ACC: cast_code(out, size, s->acc_dtype, x->dtype, accname); return;
+  case CM_KX_LOAD: {
+    cm_dtype bd = c->k->buffers[x->buf].dtype;
+    char ld[128];
+    snprintf(ld, sizeof ld, "b%d[e%d]", x->buf, x->a);
+    if (bd == CM_BF16) snprintf(ld, sizeof ld, "cm_bf2f(b%d[e%d])", x->buf, x->a);
+    if (bd == CM_F16) snprintf(ld, sizeof ld, "cm_h2f(b%d[e%d])", x->buf, x->a);
+    if (bd == CM_BOOL) snprintf(ld, sizeof ld, "(b%d[e%d] != 0)", x->buf, x->a);
+    cast_code(out, size, bd, x->dtype, ld);
+    return;
+  }
+  case CM_KX_MOD:
+    operand(c, x->a, CM_I64, a, sizeof a);
+    operand(c, x->b, CM_I64, b, sizeof b);
+    snprintf(d, sizeof d, "((%s) %% (%s))", a, b);
+    cast_code(out, size, CM_I64, x->dtype, d);
+    return;
+  case CM_KX_OP: break;
+  }
+  cm_op op = x->op;
+  cm_dtype rt = x->dtype;
+  if (op == CM_OP_CAST || op == CM_OP_STOP_GRADIENT) {
+    operand(c, x->a, rt, out, size);
+    return;
+  }
+  if (op == CM_OP_SELECT) {
+    char cc[256];
+    operand(c, x->a, CM_BOOL, cc, sizeof cc);
+    operand(c, x->b, rt, a, sizeof a);
+    operand(c, x->c, rt, b, sizeof b);
+    snprintf(out, size, "(%s ? %s : %s)", cc, a, b);
+    return;
+  }
+  cm_dtype ta = s->exprs[x->a].dtype, tb = op_arity(op) > 1 ? s->exprs[x->b].dtype : ta;
+  if (op >= CM_OP_LT && op <= CM_OP_NE) {
+    const char *sym = op == CM_OP_LT ? "<" : op == CM_OP_LE ? "<=" : op == CM_OP_EQ ? "==" : "!=";
+    cm_dtype w;
+    if (!is_fltdt(ta) && !is_fltdt(tb))
+      w = CM_I64;
+    else if (ta != CM_F64 && tb != CM_F64 && is_fltdt(ta) && is_fltdt(tb))
+      w = CM_F32; /* f32/bf16/f16 values are exact in float */
+    else
+      w = CM_F64;
+    if (w == CM_I64) {
+      snprintf(a, sizeof a, "(long long)(e%d)", x->a);
+      snprintf(b, sizeof b, "(long long)(e%d)", x->b);
+    } else {
+      snprintf(a, sizeof a, "(%s)(e%d)", ctype(w), x->a);
+      snprintf(b, sizeof b, "(%s)(e%d)", ctype(w), x->b);
+    }
+    snprintf(d, sizeof d, "(%s %s %s)", a, sym, b);
+    cast_code(out, size, CM_BOOL, rt, d);
+    return;
+  }
+  const char *fn = op_fn(op);
+  bool binary = op_arity(op) == 2;
+  bool int_path = is_intdt(rt) && is_intdt(ta) && (!binary || is_intdt(tb));
+  if (int_path) {
+    const char *ct = ctype(rt);
+    bool int_op = op == CM_OP_NEG || op == CM_OP_ABS || op == CM_OP_RELU || op == CM_OP_ADD ||
+                  op == CM_OP_SUB || op == CM_OP_MUL || op == CM_OP_DIV || op == CM_OP_MAX ||
+                  op == CM_OP_MIN;
+    if (!binary && !int_op) { /* the oracle leaves ints unchanged by float-only unary ops */
+      operand(c, x->a, rt, out, size);
+      return;
+    }
+    if (int_op) {
+      if (binary)
+        snprintf(out, size, "%s((%s)(e%d), (%s)(e%d))", fn, ct, x->a, ct, x->b);
+      else
+        snprintf(out, size, "%s((%s)(e%d))", fn, ct, x->a);
+      return;
+    }
+    /* POW on ints: through double, truncated and saturated */
+    snprintf(d, sizeof d, "%s((double)(e%d), (double)(e%d))", fn, x->a, x->b);
+    cast_code(out, size, CM_F64, rt, d);
+    return;
+  }
+  /* floats: f32/bf16/f16 in float (bf16/f16 rounded after), f64 and the rest in double */
+  cm_dtype w = (rt == CM_F32 || rt == CM_BF16 || rt == CM_F16) ? CM_F32 : CM_F64;
+  if (binary)
+    snprintf(d, sizeof d, "%s((%s)(e%d), (%s)(e%d))", fn, ctype(w), x->a, ctype(w), x->b);
+  else
+    snprintf(d, sizeof d, "%s((%s)(e%d))", fn, ctype(w), x->a);
+  cast_code(out, size, w, rt, d);
+}
+
+/* Declares, in id order, the marked expressions not yet declared that pass
+ * the filter (want_red / want_acc: -1 any, else must equal). */
+static void emit_marked(rctx *c, const char *indent, const char *accname, int want_red,
+                        int want_acc) {
+  char code[2048];
+  for (int e = 0; e < c->s->n_exprs; e++) {
+    if (!c->mark[e] || c->done[e]) continue;
+    if (want_red >= 0 && c->usered[e] != (want_red == 1)) continue;
+    if (want_acc >= 0 && c->useacc[e] != (want_acc == 1)) continue;
+    expr_code(c, e, accname, code, sizeof code);
+    sb_printf(c->o, "%sconst %s e%d = %s;\n", indent, ctype(c->s->exprs[e].dtype), e, code);
+    c->done[e] = true;
+  }
+}
+
+static void clear_mark(rctx *c) {
+  memset(c->mark, 0, (size_t)c->s->n_exprs * sizeof *c->mark);
+}
+
+/* Declares everything reachable from root (those not yet declared). */
+static void emit_tree(rctx *c, int root, const char *indent, const char *accname) {
+  clear_mark(c);
+  mark_from(c, root);
+  emit_marked(c, indent, accname, -1, -1);
+}
+
+/* Computes every store's index and value (converted for memory), then stores:
+ * an update may read what it overwrites. */
+static void emit_stores(rctx *c, const char *indent, const char *accname) {
+  const cm_kstage *s = c->s;
+  clear_mark(c);
+  for (int i = 0; i < s->n_stores; i++) {
+    mark_from(c, s->stores[i].index);
+    mark_from(c, s->stores[i].value);
+  }
+  emit_marked(c, indent, accname, -1, -1);
+  char v[256], cv[512];
+  for (int i = 0; i < s->n_stores; i++) {
+    const cm_kstore *st = &s->stores[i];
+    cm_dtype bd = c->k->buffers[st->buf].dtype;
+    snprintf(v, sizeof v, "e%d", st->value);
+    cast_code(cv, sizeof cv, s->exprs[st->value].dtype, bd, v);
+    if (s->accumulate)
+      sb_printf(c->o, "%sconst %s sv%d = %s;\n", indent, ctype(bd), i, cv);
+    else if (bd == CM_BF16)
+      sb_printf(c->o, "%sconst cm_bf16_t sv%d = cm_f2bf(%s);\n", indent, i, cv);
+    else if (bd == CM_F16)
+      sb_printf(c->o, "%sconst cm_f16_t sv%d = cm_f2h(%s);\n", indent, i, cv);
+    else if (bd == CM_BOOL)
+      sb_printf(c->o, "%sconst unsigned char sv%d = (%s) ? 1 : 0;\n", indent, i, cv);
+    else
+      sb_printf(c->o, "%sconst %s sv%d = %s;\n", indent, stype(bd), i, cv);
+  }
+  for (int i = 0; i < s->n_stores; i++) {
+    const cm_kstore *st = &s->stores[i];
+    cm_dtype bd = c->k->buffers[st->buf].dtype;
+    if (!s->accumulate)
+      sb_printf(c->o, "%sb%d[e%d] = sv%d;\n", indent, st->buf, st->index, i);
+    else if (bd == CM_BF16 || bd == CM_F16)
+      sb_printf(c->o, "%scm_atomic_add16(&b%d[e%d], sv%d, %s);\n", indent, st->buf, st->index, i,
+                bd == CM_BF16 ? "true" : "false");
+    else
+      sb_printf(c->o, "%scm_atomic_add(&b%d[e%d], sv%d);\n", indent, st->buf, st->index, i);
+  }
+}
+
+/* ---- stage checks and shared pieces ------------------------------------ */
+
+static int64_t prod(const int64_t *d, int n) {
+  int64_t p = 1;
+  for (int i = 0; i < n; i++) p *= d[i];
+  return p;
+}
+
+static cm_status check_stage(rctx *c) {
+  const cm_kstage *s = c->s;
+  if (s->n_dom < 0 || s->n_red < 0 || s->n_dom + s->n_red > CM_KMAX_VARS)
+    return fail(c, -1, "%d domain + %d reduction vars (at most %d)", s->n_dom, s->n_red,
+                CM_KMAX_VARS);
+  for (int i = 0; i < s->n_dom; i++)
+    if (s->dom[i] < 1) return fail(c, -1, "domain extent %d is %lld", i, (long long)s->dom[i]);
+  for (int i = 0; i < s->n_red; i++)
+    if (s->red[i] < 1) return fail(c, -1, "reduction extent %d is %lld", i, (long long)s->red[i]);
+  if (s->n_stores < 0 || s->n_stores > CM_KMAX_STORES)
+    return fail(c, -1, "%d stores (at most %d)", s->n_stores, CM_KMAX_STORES);
+  for (int e = 0; e < s->n_exprs; e++)
+    if (check_expr(c, e) != CM_OK) return c->st;
+  if (s->n_red > 0 && (s->body < 0 || s->body >= s->n_exprs))
+    return fail(c, -1, "reduction body %d is not an expression", s->body);
+  if (s->n_red > 0 && !is_fltdt(s->acc_dtype) && !is_intdt(s->acc_dtype))
+    return fail(c, -1, "accumulator dtype %s is not a number type", cm_dtype_name(s->acc_dtype));
+  for (int i = 0; i < s->n_stores; i++) {
+    const cm_kstore *st = &s->stores[i];
+    if (st->buf < 0 || st->buf >= c->k->n_buffers)
+      return fail(c, -1, "store %d writes buffer %d of %d", i, st->buf, c->k->n_buffers);
+    if (st->index < 0 || st->index >= s->n_exprs || st->value < 0 || st->value >= s->n_exprs)
+      return fail(c, -1, "store %d index/value are not expressions", i);
+    if (cm_kx_vars_used(s, st->index) >> s->n_dom || cm_kx_vars_used(s, st->value) >> s->n_dom)
+      return fail(c, -1, "store %d uses a reduction variable", i);
+    cm_dtype bd = c->k->buffers[st->buf].dtype;
+    if (s->accumulate && bd == CM_BOOL)
+      return fail(c, -1,
+                  "accumulate store %d into bool buffer %d: atomic add is defined for numbers only",
+                  i, st->buf);
+  }
+  /* which expressions depend on reduction vars / ACC */
+  for (int e = 0; e < s->n_exprs; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    c->usered[e] = x->kind == CM_KX_VAR && x->var >= s->n_dom;
+    c->useacc[e] = x->kind == CM_KX_ACC;
+    if (x->kind == CM_KX_CONST || x->kind == CM_KX_VAR || x->kind == CM_KX_ACC) continue;
+    int ops[3] = {x->a, x->b, x->c};
+    for (int i = 0; i < 3; i++)
+      if (ops[i] >= 0 && ops[i] < e) {
+        c->usered[e] |= c->usered[ops[i]];
+        c->useacc[e] |= c->useacc[ops[i]];
+      }
+  }
+  if (s->n_red > 0 && c->useacc[s->body]) return fail(c, s->body, "the reduction body uses ACC");
+  return CM_OK;
+}
+
+static void signature(rctx *c, const bool *written, const char *bounds) {
+  sb_printf(c->o, "extern \"C\" __global__ void %s%s_s%d(", bounds, c->k->name, c->si);
+  for (int b = 0; b < c->k->n_buffers; b++) {
+    cm_dtype d = c->k->buffers[b].dtype;
+    sb_printf(c->o, "%s%s%s *b%d", b ? ", " : "", written[b] ? "" : "const ", stype(d), b);
+  }
+  sb_printf(c->o, ") {\n");
+}
+
+/* long long v<first>.. v<first+n-1> from the linear index lin (row-major);
+ * 32-bit division where the extents allow (64-bit division is slow on GPUs) */
+static void decompose(rctx *c, const char *indent, const char *lin, int first, const int64_t *ext,
+                      int n) {
+  if (n == 0) return;
+  if (n == 1) {
+    sb_printf(c->o, "%slong long v%d = %s;\n", indent, first, lin);
+    return;
+  }
+  bool narrow = prod(ext, n) < INT64_C(2147483648);
+  const char *ut = narrow ? "unsigned" : "long long", *sfx = narrow ? "u" : "LL";
+  sb_printf(c->o, "%s%s r%d_ = (%s)%s;\n", indent, ut, first, ut, lin);
+  for (int i = n - 1; i >= 0; i--) {
+    if (i == 0)
+      sb_printf(c->o, "%slong long v%d = (long long)r%d_;\n", indent, first, first);
+    else if (ext[i] == 1)
+      sb_printf(c->o, "%slong long v%d = 0;\n", indent, first + i);
+    else
+      sb_printf(c->o, "%slong long v%d = (long long)(r%d_ %% %lld%s);\n%sr%d_ /= %lld%s;\n", indent,
+                first + i, first, (long long)ext[i], sfx, indent, first, (long long)ext[i], sfx);
+  }
+}
+
+static void acc_init(const cm_kstage *s, char *out, size_t size) {
+  cm_dtype a = s->acc_dtype;
+  if (s->red_op == CM_KRED_SUM)
+    snprintf(out, size, "(%s)0", ctype(a));
+  else if (a == CM_I32)
+    snprintf(out, size, "(-2147483647 - 1)");
+  else if (a == CM_I64)
+    snprintf(out, size, "(-9223372036854775807LL - 1)");
+  else
+    snprintf(out, size, "-%s", a == CM_F64 ? "CM_INFD" : "CM_INFF");
+}
+
+static void acc_combine(const cm_kstage *s, const char *acc, const char *v, char *out,
+                        size_t size) {
+  if (s->red_op == CM_KRED_MAX)
+    snprintf(out, size, "cm_accmax(%s, %s)", acc, v);
+  else if (is_intdt(s->acc_dtype))
+    snprintf(out, size, "cm_add(%s, %s)", acc, v);
+  else
+    snprintf(out, size, "(%s + %s)", acc, v);
+}
+
+/* ---- generic stages ----------------------------------------------------- */
+
+#define PAR_RED_MIN 64 /* reductions at least this long are split across threads */
+#define GENERIC_THREADS 256
+#define WARPS_PER_BLOCK (GENERIC_THREADS / 32)
+#define GRID_CAP 1048576u
+
+/* Who computes one domain point: a thread (serial reduction), a warp (shuffle
+ * reduction: rows of moderate length, many rows), or a block of 256 threads
+ * (long reductions, or too few points to fill the GPU warp by warp). */
+typedef enum red_strategy { RED_THREAD, RED_WARP, RED_BLOCK } red_strategy;
+
+static red_strategy strategy(const cm_kstage *s) {
+  if (s->n_red == 0) return RED_THREAD;
+  int64_t rext = prod(s->red, s->n_red), points = prod(s->dom, s->n_dom);
+  if (rext < PAR_RED_MIN) return RED_THREAD;
+  if (rext >= 2048 || points < 512) return RED_BLOCK;
+  return RED_WARP;
+}
+
+static void render_generic(rctx *c, const bool *written) {
+  const cm_kstage *s = c->s;
+  sbuf *o = c->o;
+  int64_t points = prod(s->dom, s->n_dom), rext = prod(s->red, s->n_red);
+  red_strategy rs = strategy(s);
+  const char *at = ctype(s->acc_dtype);
+  char init[128], comb[256], body[256];
+  signature(c, written, rs != RED_THREAD ? "__launch_bounds__(256) " : "");
+  if (rs == RED_BLOCK) {
+    sb_printf(o, "  __shared__ %s cm_part[%d];\n", at, WARPS_PER_BLOCK);
+    sb_printf(o, "  for (long long p = blockIdx.x; p < %lldLL; p += gridDim.x) {\n",
+              (long long)points);
+  } else if (rs == RED_WARP) {
+    sb_printf(o,
+              "  const int lane_ = threadIdx.x & 31;\n"
+              "  for (long long p = (long long)blockIdx.x * %d + (threadIdx.x >> 5); p < %lldLL;\n"
+              "       p += (long long)gridDim.x * %d) {\n",
+              WARPS_PER_BLOCK, (long long)points, WARPS_PER_BLOCK);
+  } else {
+    sb_printf(o,
+              "  for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < %lldLL;\n"
+              "       p += (long long)gridDim.x * blockDim.x) {\n",
+              (long long)points);
+  }
+  decompose(c, "    ", "p", 0, s->dom, s->n_dom);
+  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+  /* hoisted: everything not depending on reduction vars or ACC */
+  clear_mark(c);
+  if (s->n_red > 0) mark_from(c, s->body);
+  for (int i = 0; i < s->n_stores; i++) {
+    mark_from(c, s->stores[i].index);
+    mark_from(c, s->stores[i].value);
+  }
+  emit_marked(c, "    ", "acc", 0, 0);
+  if (s->n_red == 0) {
+    emit_stores(c, "    ", "acc");
+    sb_printf(o, "  }\n}\n\n");
+    return;
+  }
+  acc_init(s, init, sizeof init);
+  sb_printf(o, "    %s acc = %s;\n", at, init);
+  if (rs == RED_BLOCK)
+    sb_printf(o, "    for (long long q = threadIdx.x; q < %lldLL; q += %d) {\n", (long long)rext,
+              GENERIC_THREADS);
+  else if (rs == RED_WARP)
+    sb_printf(o, "    for (long long q = lane_; q < %lldLL; q += 32) {\n", (long long)rext);
+  else
+    sb_printf(o, "    for (long long q = 0; q < %lldLL; q++) {\n", (long long)rext);
+  decompose(c, "      ", "q", s->n_dom, s->red, s->n_red);
+  clear_mark(c);
+  mark_from(c, s->body);
+  emit_marked(c, "      ", "acc", 1, -1);
+  char bname[32];
+  snprintf(bname, sizeof bname, "e%d", s->body);
+  cast_code(body, sizeof body, s->exprs[s->body].dtype, s->acc_dtype, bname);
+  acc_combine(s, "acc", body, comb, sizeof comb);
+  sb_printf(o, "      acc = %s;\n    }\n", comb);
+  /* loop-local declarations leave scope */
+  for (int e = 0; e < s->n_exprs; e++)
+    if (c->usered[e]) c->done[e] = false;
+  if (rs == RED_THREAD) {
+    emit_stores(c, "    ", "acc");
+    sb_printf(o, "  }\n}\n\n");
+    return;
+  }
+  acc_combine(s, "acc", "__shfl_down_sync(0xffffffffu, acc, o_)", comb, sizeof comb);
+  sb_printf(o, "    for (int o_ = 16; o_ > 0; o_ >>= 1) acc = %s;\n", comb);
+  if (rs == RED_WARP) {
+    sb_printf(o, "    if (lane_ == 0) {\n");
+    emit_stores(c, "      ", "acc");
+    sb_printf(o, "    }\n  }\n}\n\n");
+    return;
+  }
+  sb_printf(o,
+            "    if ((threadIdx.x & 31) == 0) cm_part[threadIdx.x >> 5] = acc;\n"
+            "    __syncthreads();\n"
+            "    if (threadIdx.x < 32) {\n"
+            "      acc = threadIdx.x < %d ? cm_part[threadIdx.x] : %s;\n"
+            "      for (int o_ = 16; o_ > 0; o_ >>= 1) acc = %s;\n"
+            "    }\n"
+            "    if (threadIdx.x == 0) {\n",
+            WARPS_PER_BLOCK, init, comb);
+  emit_stores(c, "      ", "acc");
+  /* cm_part is reused by the next point */
+  sb_printf(o, "    }\n    __syncthreads();\n  }\n}\n\n");
+}
+
+/* ---- GEMM stages -------------------------------------------------------- */
+
+typedef struct gemm_plan {
+  bool ok;
+  bool mma;
+  bool bf16; /* mma operand type */
+  int mc, nc, kc, mr, nr;
+  int warps, threads;
+  int lr, lc, tm, tn; /* FMA: lanes as lr x lc, each a tm x tn micro tile */
+  cm_dtype t;         /* FMA operand/accumulator dtype (f32 or f64) */
+  int64_t batch, M, N, K;
+} gemm_plan;
+
+static int arch_num(const cm_cuda_render_opts *o) {
+  const char *a = o && o->arch ? o->arch : "sm_80";
+  if (strncmp(a, "sm_", 3) == 0) return atoi(a + 3);
+  return 80;
+}
+
+/* FMA lanes: lr x lc == 32 with mr % lr == 0 and nr % lc == 0, micro tile
+ * closest to square; false when none fits a sane register budget. */
+static bool fma_lanes(gemm_plan *p) {
+  static const int opts[] = {4, 8, 2, 16, 1, 32};
+  int best = -1, best_cost = 1 << 30;
+  for (int i = 0; i < 6; i++) {
+    int lr = opts[i], lc = 32 / lr;
+    if (p->mr % lr || p->nr % lc) continue;
+    int tm = p->mr / lr, tn = p->nr / lc;
+    if (tm * tn > 64) continue;
+    int cost = abs(tm - tn);
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = lr;
+    }
+  }
+  if (best < 0) return false;
+  p->lr = best;
+  p->lc = 32 / best;
+  p->tm = p->mr / p->lr;
+  p->tn = p->nr / p->lc;
+  return true;
+}
+
+static gemm_plan plan_gemm(const cm_kstage *s, const cm_cuda_render_opts *o) {
+  gemm_plan p;
+  memset(&p, 0, sizeof p);
+  if (s->tmpl != CM_KT_GEMM || (o && o->no_templates)) return p;
+  if (s->n_dom < 2 || s->n_red != 1 || s->red_op != CM_KRED_SUM || s->accumulate) return p;
+  if (s->gemm_a < 0 || s->gemm_a >= s->n_exprs || s->gemm_b < 0 || s->gemm_b >= s->n_exprs)
+    return p;
+  if (s->acc_dtype != CM_F32 && s->acc_dtype != CM_F64) return p;
+  /* the template's meaning needs body = MUL(A, B); anything else keeps the loop nest */
+  const cm_kexpr *body = s->body >= 0 && s->body < s->n_exprs ? &s->exprs[s->body] : NULL;
+  if (!body || body->kind != CM_KX_OP || body->op != CM_OP_MUL ||
+      !((body->a == s->gemm_a && body->b == s->gemm_b) ||
+        (body->a == s->gemm_b && body->b == s->gemm_a)))
+    return p;
+  p.batch = prod(s->dom, s->n_dom - 2);
+  p.M = s->dom[s->n_dom - 2];
+  p.N = s->dom[s->n_dom - 1];
+  p.K = s->red[0];
+  cm_kgemm_tiles t = s->tiles;
+  if (t.mc <= 0 || t.nc <= 0 || t.kc <= 0 || t.mr <= 0 || t.nr <= 0 || t.mc % t.mr || t.nc % t.nr ||
+      (t.mc / t.mr) * (t.nc / t.nr) > 16 || t.kc > 64)
+    t = (cm_kgemm_tiles){64, 64, 16, 32, 32};
+  p.mc = t.mc;
+  p.nc = t.nc;
+  p.kc = t.kc;
+  p.mr = t.mr;
+  p.nr = t.nr;
+  cm_dtype da = s->exprs[s->gemm_a].dtype, db = s->exprs[s->gemm_b].dtype;
+  bool want_mma =
+      da == db && (da == CM_BF16 || da == CM_F16) && s->acc_dtype == CM_F32 && arch_num(o) >= 80;
+  /* tensor cores need warp tiles of whole 16x8 fragments, at most 16 of them per warp */
+  if (want_mma && (p.mr % 16 || p.nr % 8 || (p.mr / 16) * (p.nr / 8) > 16)) {
+    p.mc = p.nc = 64;
+    p.kc = 32;
+    p.mr = p.nr = 32;
+  }
+  p.mma = want_mma;
+  p.bf16 = da == CM_BF16;
+  if (p.mma) p.kc = (p.kc + 15) / 16 * 16;
+  p.t = s->acc_dtype;
+  if (!p.mma && !fma_lanes(&p)) {
+    p.mc = p.nc = 64;
+    p.kc = 16;
+    p.mr = p.nr = 32;
+    fma_lanes(&p);
+  }
+  /* static shared memory stays under 48 KiB */
+  size_t esz = p.mma ? 2 : (p.t == CM_F64 ? 8 : 4);
+  while (p.kc > 16 && (size_t)(p.kc + 8) * (size_t)(p.mc + p.nc) * esz > 48 * 1024) p.kc /= 2;
+  if (p.mma) p.kc = p.kc < 16 ? 16 : p.kc / 16 * 16;
+  if ((size_t)(p.kc + 8) * (size_t)(p.mc + p.nc) * esz > 48 * 1024) {
+    p.mc = p.nc = 64;
+    p.kc = p.mma ? 32 : 16;
+    p.mr = p.nr = 32;
+    if (!p.mma) fma_lanes(&p);
+  }
+  p.warps = (p.mc / p.mr) * (p.nc / p.nr);
+  p.threads = p.warps * 32;
+  p.ok = true;
+  return p;
+}
+
+static cm_status check_gemm_operands(rctx *c) {
+  const cm_kstage *s = c->s;
+  int i = s->n_dom - 2, j = s->n_dom - 1, kv = s->n_dom;
+  uint32_t batch = (1u << i) - 1u;
+  uint32_t ua = cm_kx_vars_used(s, s->gemm_a), ub = cm_kx_vars_used(s, s->gemm_b);
+  if (ua & ~(batch | 1u << i | 1u << kv))
+    return fail(c, s->gemm_a, "GEMM operand A uses a variable other than batch, i and k");
+  if (ub & ~(batch | 1u << j | 1u << kv))
+    return fail(c, s->gemm_b, "GEMM operand B uses a variable other than batch, k and j");
+  if (c->useacc[s->gemm_a] || c->useacc[s->gemm_b]) return fail(c, -1, "GEMM operand uses ACC");
+  return CM_OK;
+}
+
+/* Emits operand X's evaluation for shared-memory element (row r_, col c_ of
+ * the tile) into "val_" (tile dtype); vars i/j and k come from the tile origin. */
+static void emit_operand_load(rctx *c, const gemm_plan *p, bool is_a, const char *store_fmt) {
+  const cm_kstage *s = c->s;
+  sbuf *o = c->o;
+  int root = is_a ? s->gemm_a : s->gemm_b;
+  int iv = is_a ? s->n_dom - 2 : s->n_dom - 1, kv = s->n_dom;
+  /* A: kk fastest (k contiguous in row-major A); B: jj fastest */
+  int outer = is_a ? p->mc : p->kc, inner = is_a ? p->kc : p->nc;
+  sb_printf(o, "      for (int t_ = threadIdx.x; t_ < %d; t_ += %d) {\n", outer * inner,
+            p->threads);
+  if (is_a)
+    sb_printf(o, "        const int ii_ = t_ / %d, kk_ = t_ %% %d;\n", inner, inner);
+  else
+    sb_printf(o, "        const int kk_ = t_ / %d, ii_ = t_ %% %d;\n", inner, inner);
+  sb_printf(o, "        const long long v%d = %s + ii_, v%d = k0_ + kk_;\n", iv,
+            is_a ? "m0_" : "n0_", kv);
+  const char *tt = p->mma ? "unsigned short" : ctype(p->t);
+  sb_printf(o, "        %s val_ = 0;\n", tt);
+  sb_printf(o, "        if (v%d < %lldLL && v%d < %lldLL) {\n", iv, (long long)(is_a ? p->M : p->N),
+            kv, (long long)p->K);
+  emit_tree(c, root, "          ", "acc");
+  char v[32], cv[256];
+  snprintf(v, sizeof v, "e%d", root);
+  if (p->mma) {
+    cast_code(cv, sizeof cv, s->exprs[root].dtype, p->bf16 ? CM_BF16 : CM_F16, v);
+    sb_printf(o, "          val_ = %s(%s);\n", p->bf16 ? "cm_f2bf" : "cm_f2h", cv);
+  } else {
+    cast_code(cv, sizeof cv, s->exprs[root].dtype, p->t, v);
+    sb_printf(o, "          val_ = %s;\n", cv);
+  }
+  sb_printf(o, "        }\n");
+  sb_printf(o, store_fmt, "        ");
+  sb_printf(o, "      }\n");
+  /* those declared inside the loop are out of scope now */
+  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+}
+
+static void render_gemm(rctx *c, const gemm_plan *p, const bool *written) {
+  const cm_kstage *s = c->s;
+  sbuf *o = c->o;
+  int nb = s->n_dom - 2, iv = s->n_dom - 2, jv = s->n_dom - 1;
+  char bounds[64];
+  snprintf(bounds, sizeof bounds, "__launch_bounds__(%d) ", p->threads);
+  signature(c, written, bounds);
+  if (p->mma) {
+    sb_printf(o, "  __shared__ __align__(16) unsigned short As_[%d][%d];\n", p->mc, p->kc + 8);
+    sb_printf(o, "  __shared__ __align__(16) unsigned short Bs_[%d][%d];\n", p->nc, p->kc + 8);
+  } else {
+    sb_printf(o, "  __shared__ %s As_[%d][%d];\n", ctype(p->t), p->kc, p->mc + 4);
+    sb_printf(o, "  __shared__ %s Bs_[%d][%d];\n", ctype(p->t), p->kc, p->nc + 4);
+  }
+  sb_printf(o,
+            "  const int warp_ = threadIdx.x >> 5, lane_ = threadIdx.x & 31;\n"
+            "  const int wm_ = warp_ / %d, wn_ = warp_ %% %d;\n",
+            p->nc / p->nr, p->nc / p->nr);
+  if (p->mma)
+    sb_printf(o, "  const int g_ = lane_ >> 2, q_ = lane_ & 3;\n");
+  else
+    sb_printf(o, "  const int lr_ = lane_ / %d, lc_ = lane_ %% %d;\n", p->lc, p->lc);
+  /* a block loop only where the grid cannot cover the dimension (launch caps) */
+  int64_t gy = (p->M + p->mc - 1) / p->mc, gx = (p->N + p->nc - 1) / p->nc;
+  if (nb == 0)
+    sb_printf(o, "  {\n");
+  else if (p->batch <= 65535)
+    sb_printf(o, "  {\n    const long long bz_ = blockIdx.z;\n");
+  else
+    sb_printf(o, "  for (long long bz_ = blockIdx.z; bz_ < %lldLL; bz_ += gridDim.z) {\n",
+              (long long)p->batch);
+  decompose(c, "    ", "bz_", 0, s->dom, nb);
+  if (gy <= 65535)
+    sb_printf(o, "    {\n    const long long by_ = blockIdx.y;\n");
+  else
+    sb_printf(o, "    for (long long by_ = blockIdx.y; by_ < %lldLL; by_ += gridDim.y) {\n",
+              (long long)gy);
+  if (gx <= 2147483647)
+    sb_printf(o, "    {\n    const long long bx_ = blockIdx.x;\n");
+  else
+    sb_printf(o, "    for (long long bx_ = blockIdx.x; bx_ < %lldLL; bx_ += gridDim.x) {\n",
+              (long long)gx);
+  sb_printf(o, "      const long long m0_ = by_ * %d, n0_ = bx_ * %d;\n", p->mc, p->nc);
+  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+  int fm = p->mr / 16, fn = p->nr / 8;
+  if (p->mma)
+    sb_printf(o, "      float acc_[%d][%d][4];\n", fm, fn);
+  else
+    sb_printf(o, "      %s acc_[%d][%d];\n", ctype(p->t), p->tm, p->tn);
+  sb_printf(o,
+            "#pragma unroll\n      for (int x_ = 0; x_ < %d; x_++)\n"
+            "#pragma unroll\n        for (int y_ = 0; y_ < %d; y_++)%s = 0;\n",
+            p->mma ? fm : p->tm, p->mma ? fn : p->tn,
+            p->mma ? " acc_[x_][y_][0] = acc_[x_][y_][1] = acc_[x_][y_][2] = acc_[x_][y_][3]"
+                   : " acc_[x_][y_]");
+  sb_printf(o, "#pragma unroll 1\n      for (long long k0_ = 0; k0_ < %lldLL; k0_ += %d) {\n",
+            (long long)p->K, p->kc);
+  sb_printf(o, "      __syncthreads();\n");
+  emit_operand_load(c, p, true, p->mma ? "%sAs_[ii_][kk_] = val_;\n" : "%sAs_[kk_][ii_] = val_;\n");
+  emit_operand_load(c, p, false,
+                    p->mma ? "%sBs_[ii_][kk_] = val_;\n" : "%sBs_[kk_][ii_] = val_;\n");
+  sb_printf(o, "      __syncthreads();\n");
+  if (p->mma) {
+    const char *ty = p->bf16 ? "bf16" : "f16";
+    sb_printf(
+        o,
+        "#pragma unroll\n"
+        "      for (int ks_ = 0; ks_ < %d; ks_ += 16) {\n"
+        "        unsigned af_[%d][4], bf_[%d][2];\n"
+        "#pragma unroll\n"
+        "        for (int x_ = 0; x_ < %d; x_++) {\n"
+        "          const int r_ = wm_ * %d + x_ * 16 + g_;\n"
+        "          af_[x_][0] = *(const unsigned *)&As_[r_][ks_ + 2 * q_];\n"
+        "          af_[x_][1] = *(const unsigned *)&As_[r_ + 8][ks_ + 2 * q_];\n"
+        "          af_[x_][2] = *(const unsigned *)&As_[r_][ks_ + 2 * q_ + 8];\n"
+        "          af_[x_][3] = *(const unsigned *)&As_[r_ + 8][ks_ + 2 * q_ + 8];\n"
+        "        }\n"
+        "#pragma unroll\n"
+        "        for (int y_ = 0; y_ < %d; y_++) {\n"
+        "          const int cidx_ = wn_ * %d + y_ * 8 + g_;\n"
+        "          bf_[y_][0] = *(const unsigned *)&Bs_[cidx_][ks_ + 2 * q_];\n"
+        "          bf_[y_][1] = *(const unsigned *)&Bs_[cidx_][ks_ + 2 * q_ + 8];\n"
+        "        }\n"
+        "#pragma unroll\n"
+        "        for (int x_ = 0; x_ < %d; x_++)\n"
+        "#pragma unroll\n"
+        "          for (int y_ = 0; y_ < %d; y_++)\n"
+        "            asm volatile(\"mma.sync.aligned.m16n8k16.row.col.f32.%s.%s.f32 \"\n"
+        "                         \"{%%0,%%1,%%2,%%3}, {%%4,%%5,%%6,%%7}, {%%8,%%9}, "
+        "{%%0,%%1,%%2,%%3};\\n\"\n"
+        "                         : \"+f\"(acc_[x_][y_][0]), \"+f\"(acc_[x_][y_][1]),\n"
+        "                           \"+f\"(acc_[x_][y_][2]), \"+f\"(acc_[x_][y_][3])\n"
+        "                         : \"r\"(af_[x_][0]), \"r\"(af_[x_][1]), \"r\"(af_[x_][2]),\n"
+        "                           \"r\"(af_[x_][3]), \"r\"(bf_[y_][0]), \"r\"(bf_[y_][1]));\n"
+        "      }\n",
+        p->kc, fm, fn, fm, p->mr, fn, p->nr, fm, fn, ty, ty);
+  } else {
+    sb_printf(
+        o,
+        "#pragma unroll\n"
+        "      for (int kk_ = 0; kk_ < %d; kk_++) {\n"
+        "        %s a_[%d], b_[%d];\n"
+        "#pragma unroll\n"
+        "        for (int x_ = 0; x_ < %d; x_++) a_[x_] = As_[kk_][wm_ * %d + x_ * %d + lr_];\n"
+        "#pragma unroll\n"
+        "        for (int y_ = 0; y_ < %d; y_++) b_[y_] = Bs_[kk_][wn_ * %d + y_ * %d + lc_];\n"
+        "#pragma unroll\n"
+        "        for (int x_ = 0; x_ < %d; x_++)\n"
+        "#pragma unroll\n"
+        "          for (int y_ = 0; y_ < %d; y_++) acc_[x_][y_] = fma(a_[x_], b_[y_], "
+        "acc_[x_][y_]);\n"
+        "      }\n",
+        p->kc, ctype(p->t), p->tm, p->tn, p->tm, p->mr, p->lr, p->tn, p->nr, p->lc, p->tm, p->tn);
+  }
+  sb_printf(o, "      }\n"); /* k loop */
+  /* epilogue: element (x_, y_[, h_]) of the thread's tile is C[i][j] */
+  if (p->mma)
+    sb_printf(o,
+              "#pragma unroll\n      for (int x_ = 0; x_ < %d; x_++)\n"
+              "#pragma unroll\n      for (int y_ = 0; y_ < %d; y_++)\n"
+              "#pragma unroll\n      for (int h_ = 0; h_ < 4; h_++) {\n"
+              "        const long long v%d = m0_ + wm_ * %d + x_ * 16 + g_ + (h_ >> 1) * 8;\n"
+              "        const long long v%d = n0_ + wn_ * %d + y_ * 8 + 2 * q_ + (h_ & 1);\n"
+              "        const float acc = acc_[x_][y_][h_];\n",
+              fm, fn, iv, p->mr, jv, p->nr);
+  else
+    sb_printf(o,
+              "#pragma unroll\n      for (int x_ = 0; x_ < %d; x_++)\n"
+              "#pragma unroll\n      for (int y_ = 0; y_ < %d; y_++) {\n"
+              "        const long long v%d = m0_ + wm_ * %d + x_ * %d + lr_;\n"
+              "        const long long v%d = n0_ + wn_ * %d + y_ * %d + lc_;\n"
+              "        const %s acc = acc_[x_][y_];\n",
+              p->tm, p->tn, iv, p->mr, p->lr, jv, p->nr, p->lc, ctype(p->t));
+  sb_printf(o, "        if (v%d < %lldLL && v%d < %lldLL) {\n", iv, (long long)p->M, jv,
+            (long long)p->N);
+  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+  emit_stores(c, "          ", "acc");
+  sb_printf(o, "        }\n      }\n");
+  sb_printf(o, "    }\n    }\n  }\n}\n\n");
+}
+
+/* ---- entry points ------------------------------------------------------- */
+
+static void buffers_written(const cm_kernel *k, bool *written) {
+  for (int b = 0; b < k->n_buffers; b++) written[b] = k->buffers[b].written;
+  for (int i = 0; i < k->n_stages; i++)
+    for (int j = 0; j < k->stages[i].n_stores && j < CM_KMAX_STORES; j++) {
+      int b = k->stages[i].stores[j].buf;
+      if (b >= 0 && b < k->n_buffers) written[b] = true;
+    }
+}
 
 cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool with_prelude,
                          char **source, cm_err *err) {
-  return cm_errorf(err, CM_EINTERNAL, "cm_render_cuda: not implemented yet");
+  if (!k || !source) return cm_errorf(err, CM_EINVALID, "cm_render_cuda: no kernel or no output");
+  if (k->n_buffers < 0 || k->n_stages < 0 || (k->n_buffers && !k->buffers))
+    return cm_errorf(err, CM_EINVALID, "kernel %s: malformed buffer/stage arrays", k->name);
+  for (int b = 0; b < k->n_buffers; b++)
+    if ((unsigned)k->buffers[b].dtype >= CM_DTYPE_COUNT)
+      return cm_errorf(err, CM_EINVALID, "kernel %s buffer %d: bad dtype %d", k->name, b,
+                       (int)k->buffers[b].dtype);
+  sbuf sb = {0};
+  bool *written = calloc((size_t)k->n_buffers + 1, sizeof *written);
+  if (!written) return cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
+  buffers_written(k, written);
+  if (with_prelude) sb_printf(&sb, "%s", PRELUDE);
+  sb_printf(&sb, "// kernel %s: %d buffers, %d stages\n", k->name, k->n_buffers, k->n_stages);
+  cm_status st = CM_OK;
+  for (int i = 0; i < k->n_stages && st == CM_OK; i++) {
+    const cm_kstage *s = &k->stages[i];
+    size_t ne = (size_t)(s->n_exprs > 0 ? s->n_exprs : 1);
+    rctx c = {k, i, s, &sb, err, calloc(ne, 1), calloc(ne, 1), calloc(ne, 1), calloc(ne, 1), CM_OK};
+    if (!c.done || !c.mark || !c.usered || !c.useacc)
+      st = cm_errorf(err, CM_EINTERNAL, "kernel %s stage %d: out of memory", k->name, i);
+    else if (s->n_exprs < 0 || (s->n_exprs && !s->exprs))
+      st = fail(&c, -1, "malformed expression array");
+    else if (check_stage(&c) == CM_OK) {
+      gemm_plan p = plan_gemm(s, o);
+      if (p.ok && check_gemm_operands(&c) != CM_OK) {
+        st = c.st;
+      } else {
+        sb_printf(&sb, "// stage %d \"%s\"%s\n", i, s->name,
+                  p.ok ? (p.mma ? " (GEMM, tensor cores)" : " (GEMM, FMA)") : "");
+        if (p.ok)
+          render_gemm(&c, &p, written);
+        else
+          render_generic(&c, written);
+      }
+    }
+    if (st == CM_OK) st = c.st;
+    free(c.done);
+    free(c.mark);
+    free(c.usered);
+    free(c.useacc);
+  }
+  free(written);
+  if (st == CM_OK && sb.oom) st = cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
+  if (st != CM_OK) {
+    free(sb.p);
+    return st;
+  }
+  size_t old = *source ? strlen(*source) : 0;
+  char *q = realloc(*source, old + sb.n + 1);
+  if (!q) {
+    free(sb.p);
+    return cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
+  }
+  memcpy(q + old, sb.p, sb.n);
+  q[old + sb.n] = '\0';
+  *source = q;
+  free(sb.p);
+  return CM_OK;
 }
+
 cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda_render_opts *o) {
   cm_cuda_launch l = {{1, 1, 1}, {1, 1, 1}, 0};
+  if (!k || stage < 0 || stage >= k->n_stages) return l;
+  const cm_kstage *s = &k->stages[stage];
+  gemm_plan p = plan_gemm(s, o);
+  if (p.ok) {
+    int64_t gx = (p.N + p.nc - 1) / p.nc, gy = (p.M + p.mc - 1) / p.mc;
+    l.grid[0] = (unsigned)(gx < 2147483647 ? gx : 2147483647);
+    l.grid[1] = (unsigned)(gy < 65535 ? gy : 65535);
+    l.grid[2] = (unsigned)(p.batch < 65535 ? p.batch : 65535);
+    l.block[0] = (unsigned)p.threads;
+    return l;
+  }
+  int64_t points = prod(s->dom, s->n_dom);
+  red_strategy rs = strategy(s);
+  int64_t per_block = rs == RED_BLOCK ? 1 : rs == RED_WARP ? WARPS_PER_BLOCK : GENERIC_THREADS;
+  int64_t g = (points + per_block - 1) / per_block;
+  if (g < 1) g = 1;
+  l.grid[0] = (unsigned)(g < GRID_CAP ? g : GRID_CAP);
+  l.block[0] = GENERIC_THREADS;
   return l;
 }

@@ -1,0 +1,542 @@
+/* tests/unit/test_render_cuda.c — the CUDA C renderer (codegen/render_cuda.c): hand-built
+ * kernels covering every elementwise op on every dtype, short and long reductions (both
+ * strategies), accumulate stages, and GEMM stages (f32 FMA at odd shapes, bf16/f16 tensor
+ * cores) all compiled by NVRTC for sm_80 and sm_90 in one source per arch; kernel names,
+ * spills and registers from ptxas; launch shapes; determinism; errors. No GPU: compile only. */
+#include "codegen/codegen.h"
+#include "tests/test.h"
+
+#include <stdint.h>
+
+static const cm_dtype ALL[] = {CM_F32, CM_F64, CM_BF16, CM_F16, CM_I32, CM_I64, CM_BOOL};
+#define N_ALL 7
+#define EW_N 37
+
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static double rnd(void) { /* xorshift64*, uniform in [-1, 1) */
+  rng ^= rng >> 12;
+  rng ^= rng << 25;
+  rng ^= rng >> 27;
+  return (double)((rng * 0x2545f4914f6cdd1dull) >> 11) / 4503599627370496.0 - 1.0;
+}
+
+static bool is_flt(cm_dtype d) {
+  return d == CM_F32 || d == CM_F64 || d == CM_BF16 || d == CM_F16;
+}
+
+/* Every elementwise op on every dtype it applies to: a stage per dtype (ops), a stage per
+ * dtype (casts to every dtype, stored into a sink buffer of the target dtype). */
+static void build_elementwise(cm_kernel *k) {
+  cm_kernel_init(k, "t_ew");
+  int in_a[N_ALL], in_b[N_ALL], out[N_ALL], sink[N_ALL];
+  for (int d = 0; d < N_ALL; d++) {
+    in_a[d] = cm_kernel_add_buffer(k, CM_KBUF_ARENA, ALL[d], EW_N, -1, 0);
+    in_b[d] = cm_kernel_add_buffer(k, CM_KBUF_ARENA, ALL[d], EW_N, -1, 0);
+    out[d] = cm_kernel_add_buffer(k, CM_KBUF_ARENA, ALL[d], EW_N * 32, -1, 0);
+    sink[d] = cm_kernel_add_buffer(k, CM_KBUF_ARENA, ALL[d], EW_N * N_ALL, -1, 0);
+  }
+  int cond = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_BOOL, EW_N, -1, 0);
+  for (int d = 0; d < N_ALL; d++) {
+    cm_dtype dt = ALL[d];
+    char name[32];
+    snprintf(name, sizeof name, "ops_%s", cm_dtype_name(dt));
+    cm_kstage *s = cm_kernel_add_stage(k, name);
+    s->n_dom = 1;
+    s->dom[0] = EW_N;
+    s->n_parallel = 1;
+    int v = cm_kx_var(s, 0);
+    int a = cm_kx_load(s, k, in_a[d], v);
+    /* b at a permuted index (v * 5 % 37) exercises MOD */
+    int bi = cm_kx_imod(s, cm_kx_imul(s, v, cm_kx_iconst(s, 5)), cm_kx_iconst(s, EW_N));
+    int b = cm_kx_load(s, k, in_b[d], bi);
+    int c = cm_kx_load(s, k, cond, v);
+    int vals[32], n = 0;
+    if (dt != CM_BOOL) {
+      static const cm_op unary[] = {CM_OP_NEG,  CM_OP_ABS,   CM_OP_EXP,          CM_OP_LOG,
+                                    CM_OP_SQRT, CM_OP_RSQRT, CM_OP_RECIP,        CM_OP_TANH,
+                                    CM_OP_ERF,  CM_OP_RELU,  CM_OP_STOP_GRADIENT};
+      static const cm_op binary[] = {CM_OP_ADD, CM_OP_SUB, CM_OP_MUL, CM_OP_DIV,
+                                     CM_OP_MAX, CM_OP_MIN, CM_OP_POW};
+      for (size_t i = 0; i < sizeof unary / sizeof unary[0]; i++)
+        vals[n++] = cm_kx_op(s, unary[i], dt, a, -1, -1);
+      for (size_t i = 0; i < sizeof binary / sizeof binary[0]; i++)
+        vals[n++] = cm_kx_op(s, binary[i], dt, a, b, -1);
+      /* a constant operand, rounded to the dtype by the renderer */
+      vals[n++] = cm_kx_op(s, CM_OP_MUL, dt, a, cm_kx_const(s, dt, 1.0 + rnd()), -1);
+      if (is_flt(dt)) {
+        vals[n++] = cm_kx_op(s, CM_OP_ADD, dt, a, cm_kx_const(s, dt, INFINITY), -1);
+        vals[n++] = cm_kx_op(s, CM_OP_MAX, dt, a, cm_kx_const(s, dt, NAN), -1);
+      } else {
+        vals[n++] =
+            cm_kx_op(s, CM_OP_ADD, dt, a,
+                     cm_kx_const(s, dt, dt == CM_I32 ? 2147483647.0 : -9223372036854775808.0), -1);
+      }
+    }
+    static const cm_op cmp[] = {CM_OP_LT, CM_OP_LE, CM_OP_EQ, CM_OP_NE};
+    for (int i = 0; i < 4; i++) vals[n++] = cm_kx_op(s, cmp[i], CM_BOOL, a, b, -1);
+    vals[n++] = cm_kx_op(s, CM_OP_SELECT, dt, c, a, b);
+    /* index arithmetic on i64 vars: the var itself as a value */
+    vals[n++] = cm_kx_op(s, CM_OP_CAST, dt, cm_kx_iadd(s, v, cm_kx_iconst(s, -3)), -1, -1);
+    CHECK(n <= 32);
+    for (int i = 0; i < n; i++) {
+      cm_kstore *st = &s->stores[s->n_stores++];
+      st->buf = out[d];
+      st->index = cm_kx_iadd(s, cm_kx_imul(s, v, cm_kx_iconst(s, 32)), cm_kx_iconst(s, i));
+      st->value = vals[i];
+    }
+  }
+  for (int d = 0; d < N_ALL; d++) {
+    char name[32];
+    snprintf(name, sizeof name, "casts_%s", cm_dtype_name(ALL[d]));
+    cm_kstage *s = cm_kernel_add_stage(k, name);
+    s->n_dom = 1;
+    s->dom[0] = EW_N;
+    s->n_parallel = 1;
+    int v = cm_kx_var(s, 0);
+    int a = cm_kx_load(s, k, in_a[d], v);
+    for (int t = 0; t < N_ALL; t++) {
+      cm_kstore *st = &s->stores[s->n_stores++];
+      st->buf = sink[t];
+      st->index = cm_kx_iadd(s, cm_kx_imul(s, v, cm_kx_iconst(s, N_ALL)), cm_kx_iconst(s, d));
+      st->value = cm_kx_op(s, CM_OP_CAST, ALL[t], a, -1, -1);
+    }
+  }
+}
+
+/* out[i, j] = reduce_{r...} f(x[i, j, r...]) for a few dtypes / ops / extents. */
+static void add_reduce(cm_kernel *k, const char *name, cm_dtype in_dt, cm_dtype acc, cm_kreduce op,
+                       int64_t d0, int64_t d1, int n_red, const int64_t *red) {
+  int64_t rn = 1;
+  for (int i = 0; i < n_red; i++) rn *= red[i];
+  int x = cm_kernel_add_buffer(k, CM_KBUF_ARENA, in_dt, d0 * d1 * rn, -1, 0);
+  int y = cm_kernel_add_buffer(k, CM_KBUF_ARENA, in_dt, d0 * d1, -1, 0);
+  int y2 = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, d0 * d1, -1, 0);
+  cm_kstage *s = cm_kernel_add_stage(k, name);
+  s->n_dom = 2;
+  s->dom[0] = d0;
+  s->dom[1] = d1;
+  s->n_parallel = 2;
+  s->n_red = n_red;
+  for (int i = 0; i < n_red; i++) s->red[i] = red[i];
+  s->red_op = op;
+  s->acc_dtype = acc;
+  int lin = cm_kx_iadd(s, cm_kx_imul(s, cm_kx_var(s, 0), cm_kx_iconst(s, d1)), cm_kx_var(s, 1));
+  int idx = lin;
+  for (int i = 0; i < n_red; i++)
+    idx = cm_kx_iadd(s, cm_kx_imul(s, idx, cm_kx_iconst(s, red[i])), cm_kx_var(s, 2 + i));
+  int ld = cm_kx_load(s, k, x, idx);
+  /* body: x * 2 (rounded in its dtype), plus the domain var: hoisting and loop scope */
+  s->body =
+      cm_kx_op(s, CM_OP_ADD, in_dt, cm_kx_op(s, CM_OP_MUL, in_dt, ld, cm_kx_const(s, in_dt, 2), -1),
+               cm_kx_op(s, CM_OP_CAST, in_dt, cm_kx_var(s, 1), -1, -1), -1);
+  int accx = cm_kx_acc(s);
+  s->stores[0] = (cm_kstore){y, lin, cm_kx_op(s, CM_OP_CAST, in_dt, accx, -1, -1)};
+  /* a second store mixing ACC with a load of the output itself (an update) */
+  int old = cm_kx_load(s, k, y2, lin);
+  s->stores[1] = (cm_kstore){
+      y2, lin,
+      cm_kx_op(s, CM_OP_ADD, CM_F32, old, cm_kx_op(s, CM_OP_CAST, CM_F32, accx, -1, -1), -1)};
+  s->n_stores = 2;
+}
+
+static void build_reductions(cm_kernel *k) {
+  cm_kernel_init(k, "t_red");
+  int64_t small[1] = {7}, large[2] = {4, 50}, huge[1] = {1000}, one[1] = {1};
+  add_reduce(k, "sum_f32_small", CM_F32, CM_F32, CM_KRED_SUM, 5, 3, 1, small);
+  add_reduce(k, "max_f32_small", CM_F32, CM_F32, CM_KRED_MAX, 1, 1, 1, one);
+  add_reduce(k, "sum_i64_small", CM_I64, CM_I64, CM_KRED_SUM, 3, 11, 1, small);
+  add_reduce(k, "max_i32_small", CM_I32, CM_I32, CM_KRED_MAX, 2, 13, 1, small);
+  add_reduce(k, "sum_bf16_large", CM_BF16, CM_F32, CM_KRED_SUM, 3, 1, 2, large);
+  add_reduce(k, "max_f32_large", CM_F32, CM_F32, CM_KRED_MAX, 1, 7, 1, huge);
+  add_reduce(k, "sum_f64_large", CM_F64, CM_F64, CM_KRED_SUM, 2, 3, 2, large);
+  add_reduce(k, "sum_i32_large", CM_I32, CM_I32, CM_KRED_SUM, 2, 2, 1, huge);
+  add_reduce(k, "max_f16_large", CM_F16, CM_F32, CM_KRED_MAX, 1, 3, 2, large);
+  /* many rows of moderate length: a warp per row */
+  int64_t row[1] = {129}, row2[2] = {8, 8};
+  add_reduce(k, "sum_f32_rows", CM_F32, CM_F32, CM_KRED_SUM, 37, 17, 1, row);
+  add_reduce(k, "max_i64_rows", CM_I64, CM_I64, CM_KRED_MAX, 24, 25, 2, row2);
+  add_reduce(k, "sum_f16_rows", CM_F16, CM_F32, CM_KRED_SUM, 600, 1, 1, row);
+}
+
+/* scatter-add: out[(v * 7) % 11] += x[v] for every number dtype */
+static void build_accumulate(cm_kernel *k) {
+  cm_kernel_init(k, "t_acc");
+  for (int d = 0; d < N_ALL - 1; d++) {
+    int x = cm_kernel_add_buffer(k, CM_KBUF_ARENA, ALL[d], 29, -1, 0);
+    int y = cm_kernel_add_buffer(k, CM_KBUF_ARENA, ALL[d], 11, -1, 0);
+    char name[32];
+    snprintf(name, sizeof name, "scatter_%s", cm_dtype_name(ALL[d]));
+    cm_kstage *s = cm_kernel_add_stage(k, name);
+    s->n_dom = 1;
+    s->dom[0] = 29;
+    s->n_parallel = 1;
+    s->accumulate = true;
+    int v = cm_kx_var(s, 0);
+    s->stores[0] =
+        (cm_kstore){y, cm_kx_imod(s, cm_kx_imul(s, v, cm_kx_iconst(s, 7)), cm_kx_iconst(s, 11)),
+                    cm_kx_load(s, k, x, v)};
+    s->n_stores = 1;
+  }
+}
+
+typedef struct gemm_spec {
+  const char *name;
+  int64_t batch, M, N, K;
+  cm_dtype op_dt;    /* operand dtype after the prologue cast */
+  bool b_transposed; /* B stored as [N, K] */
+  cm_kgemm_tiles tiles;
+} gemm_spec;
+
+/* C[b,i,j] = relu(sum_k (0.75 A(b,i,k)) B(b,k,j) + bias[j]) + R[b,i,j], operands cast to op_dt
+ * (a prologue), B optionally stored transposed. */
+static void add_gemm(cm_kernel *k, const gemm_spec *g) {
+  int64_t B = g->batch;
+  int a = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, B * g->M * g->K, -1, 0);
+  int b = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, B * g->K * g->N, -1, 0);
+  int bias = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, g->N, -1, 0);
+  int res = cm_kernel_add_buffer(k, CM_KBUF_ARENA, g->op_dt, B * g->M * g->N, -1, 0);
+  int c = cm_kernel_add_buffer(k, CM_KBUF_ARENA, g->op_dt, B * g->M * g->N, -1, 0);
+  cm_kstage *s = cm_kernel_add_stage(k, g->name);
+  bool batched = B > 1;
+  int nb = batched ? 1 : 0;
+  s->n_dom = nb + 2;
+  if (batched) s->dom[0] = B;
+  s->dom[nb] = g->M;
+  s->dom[nb + 1] = g->N;
+  s->n_parallel = s->n_dom;
+  s->n_red = 1;
+  s->red[0] = g->K;
+  s->red_op = CM_KRED_SUM;
+  s->acc_dtype = g->op_dt == CM_F64 ? CM_F64 : CM_F32;
+  s->tmpl = CM_KT_GEMM;
+  s->tiles = g->tiles;
+  int vb = batched ? cm_kx_var(s, 0) : cm_kx_iconst(s, 0);
+  int vi = cm_kx_var(s, nb), vj = cm_kx_var(s, nb + 1), vk = cm_kx_var(s, nb + 2);
+  int ai = cm_kx_iadd(s,
+                      cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vb, cm_kx_iconst(s, g->M)), vi),
+                                 cm_kx_iconst(s, g->K)),
+                      vk);
+  int bi =
+      g->b_transposed
+          ? cm_kx_iadd(s,
+                       cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vb, cm_kx_iconst(s, g->N)), vj),
+                                  cm_kx_iconst(s, g->K)),
+                       vk)
+          : cm_kx_iadd(s,
+                       cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vb, cm_kx_iconst(s, g->K)), vk),
+                                  cm_kx_iconst(s, g->N)),
+                       vj);
+  int la = cm_kx_load(s, k, a, ai), lb = cm_kx_load(s, k, b, bi);
+  /* prologue: A scaled, both cast to the operand dtype */
+  int pa = cm_kx_op(s, CM_OP_MUL, CM_F32, la, cm_kx_const(s, CM_F32, 0.75), -1);
+  s->gemm_a = g->op_dt == CM_F32 ? pa : cm_kx_op(s, CM_OP_CAST, g->op_dt, pa, -1, -1);
+  s->gemm_b = g->op_dt == CM_F32 ? lb : cm_kx_op(s, CM_OP_CAST, g->op_dt, lb, -1, -1);
+  s->body = cm_kx_op(s, CM_OP_MUL, g->op_dt, s->gemm_a, s->gemm_b, -1);
+  int ci = cm_kx_iadd(s,
+                      cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vb, cm_kx_iconst(s, g->M)), vi),
+                                 cm_kx_iconst(s, g->N)),
+                      vj);
+  int acc = cm_kx_acc(s);
+  if (s->acc_dtype != CM_F32) acc = cm_kx_op(s, CM_OP_CAST, CM_F32, acc, -1, -1);
+  int biased = cm_kx_op(s, CM_OP_ADD, CM_F32, acc, cm_kx_load(s, k, bias, vj), -1);
+  int act = cm_kx_op(s, CM_OP_RELU, CM_F32, biased, -1, -1);
+  int r = cm_kx_op(s, CM_OP_CAST, CM_F32, cm_kx_load(s, k, res, ci), -1, -1);
+  s->stores[0] = (cm_kstore){c, ci, cm_kx_op(s, CM_OP_ADD, CM_F32, act, r, -1)};
+  s->n_stores = 1;
+}
+
+static const gemm_spec GEMMS[] = {
+    {"gemm_f32_tiny", 1, 7, 13, 5, CM_F32, false, {64, 64, 16, 32, 32}},
+    {"gemm_f32_odd", 2, 130, 260, 300, CM_F32, false, {64, 64, 16, 32, 32}},
+    {"gemm_f32_bt", 1, 33, 17, 129, CM_F32, true, {128, 64, 16, 64, 32}},
+    {"gemm_bf16", 3, 130, 260, 300, CM_BF16, false, {64, 64, 16, 32, 32}},
+    {"gemm_f16_bt", 1, 7, 13, 5, CM_F16, true, {64, 128, 32, 32, 64}},
+    {"gemm_bad_tiles", 1, 19, 23, 31, CM_F32, false, {48, 0, 7, 5, 3}},
+    {"gemm_f64", 2, 31, 47, 65, CM_F64, true, {32, 32, 16, 16, 16}},
+};
+#define N_GEMMS (int)(sizeof GEMMS / sizeof GEMMS[0])
+
+static void build_gemms(cm_kernel *k, const char *name) {
+  cm_kernel_init(k, name);
+  for (int i = 0; i < N_GEMMS; i++) add_gemm(k, &GEMMS[i]);
+}
+
+static cm_nvrtc *nvrtc;
+static bool nvrtc_tried;
+static cm_nvrtc *need_nvrtc(void) {
+  if (!nvrtc_tried) {
+    nvrtc_tried = true;
+    cm_err err = {0};
+    if (cm_nvrtc_load(&nvrtc, &err) != CM_OK) {
+      fprintf(stderr, "  NOTICE: NVRTC cannot be loaded (%s): compile checks skipped\n", err.msg);
+      nvrtc = NULL;
+    }
+  }
+  return nvrtc;
+}
+
+static char *render_all(cm_kernel *ks, int n, const cm_cuda_render_opts *o) {
+  char *src = NULL;
+  for (int i = 0; i < n; i++) {
+    cm_err err = {0};
+    cm_status st = cm_render_cuda(&ks[i], o, i == 0, &src, &err);
+    CHECK_MSG(st == CM_OK, "%s: %s", ks[i].name, err.msg);
+  }
+  return src;
+}
+
+static void test_compile_all(void) {
+  cm_kernel ks[5];
+  build_elementwise(&ks[0]);
+  build_reductions(&ks[1]);
+  build_accumulate(&ks[2]);
+  build_gemms(&ks[3], "t_gemm");
+  build_gemms(&ks[4], "t_gemm_generic");
+  static const char *const archs[] = {"sm_80", "sm_90"};
+  for (int a = 0; a < 2; a++) {
+    cm_cuda_render_opts o = {archs[a], false};
+    char *src = NULL;
+    for (int i = 0; i < 5; i++) {
+      cm_cuda_render_opts oi = o;
+      oi.no_templates = i == 4;
+      cm_err err = {0};
+      cm_status st = cm_render_cuda(&ks[i], &oi, i == 0, &src, &err);
+      CHECK_MSG(st == CM_OK, "%s: %s", ks[i].name, err.msg);
+    }
+    if (!src) continue;
+    CHECK_STR_CONTAINS(src, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32");
+    CHECK_STR_CONTAINS(src, "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32");
+    CHECK_STR_CONTAINS(src, "__shfl_down_sync");
+    CHECK_STR_CONTAINS(src, "if (lane_ == 0) {");       /* a warp per row */
+    CHECK_STR_CONTAINS(src, "if (threadIdx.x == 0) {"); /* a block per row */
+    CHECK_STR_CONTAINS(src, "atomicCAS");
+    CHECK(strstr(src, "__expf") == NULL && strstr(src, "#include") == NULL);
+    /* one prelude only */
+    const char *p1 = strstr(src, "cmaec CUDA prelude");
+    CHECK(p1 && strstr(p1 + 1, "cmaec CUDA prelude") == NULL);
+    if (!need_nvrtc()) {
+      free(src);
+      continue;
+    }
+    cm_cubin cb;
+    cm_err err = {0};
+    cm_status st =
+        cm_nvrtc_compile(nvrtc, src, "render_cuda_test.cu", archs[a], NULL, 0, &cb, &err);
+    CHECK_MSG(st == CM_OK, "%s: %s", archs[a], err.msg);
+    const char *dump = getenv("CMAEC_DUMP_CUDA"); /* debugging: where to write the source */
+    if (st != CM_OK || dump) {
+      FILE *f = fopen(dump ? dump : "render_cuda_failed.cu", "w");
+      if (f) {
+        fputs(src, f);
+        fclose(f);
+        fprintf(stderr, "  source written to %s\n", dump ? dump : "render_cuda_failed.cu");
+      }
+    }
+    int expected = 0;
+    for (int i = 0; i < 5; i++) {
+      for (int s = 0; s < ks[i].n_stages; s++) {
+        char name[160];
+        snprintf(name, sizeof name, "%s_s%d", ks[i].name, s);
+        expected++;
+        const cm_cuda_kernel_info *ki = st == CM_OK ? cm_cubin_kernel(&cb, name) : NULL;
+        CHECK_MSG(ki != NULL || st != CM_OK, "%s: kernel %s not in the CUBIN", archs[a], name);
+        if (!ki) continue;
+        CHECK_MSG(ki->registers > 0 && ki->registers <= 255, "%s %s: %d registers", archs[a], name,
+                  ki->registers);
+        bool templated = i == 3;
+        if (templated) {
+          CHECK_MSG(ki->spill_store_bytes == 0 && ki->spill_load_bytes == 0, "%s %s: spills %d/%d",
+                    archs[a], name, ki->spill_store_bytes, ki->spill_load_bytes);
+          CHECK_MSG(ki->shared_bytes > 0, "%s %s: no shared memory", archs[a], name);
+          cm_cuda_launch l = cm_cuda_stage_launch(&ks[i], s, &o);
+          CHECK(l.shared_bytes == 0);
+          CHECK(ki->shared_bytes <= 48 * 1024);
+          CHECK(l.block[0] % 32 == 0 && l.block[0] <= 1024);
+        }
+        fprintf(stderr, "  %s %-28s %3d regs %6d B smem %4d B stack spills %d/%d (%s)\n", archs[a],
+                name, ki->registers, ki->shared_bytes, ki->stack_bytes, ki->spill_store_bytes,
+                ki->spill_load_bytes, ks[i].stages[s].name);
+      }
+    }
+    if (st == CM_OK) {
+      int warnings = 0;
+      for (const char *w = cb.log; w && (w = strstr(w, "warning")) != NULL; w++) warnings++;
+      const char *w1 = cb.log ? strstr(cb.log, "warning") : NULL;
+      fprintf(stderr, "  %s: %d NVRTC/ptxas warnings%s%.*s\n", archs[a], warnings,
+              w1 ? ", first: " : "", w1 ? (int)strcspn(w1, "\n") : 0, w1 ? w1 : "");
+      CHECK(warnings == 0); /* unused helpers or variables would show up here */
+      CHECK_MSG(cb.n_kernels == expected, "%d kernels, expected %d", cb.n_kernels, expected);
+      fprintf(stderr, "  %s: %d kernels, %zu-byte source, compiled in %.0f ms\n", archs[a],
+              cb.n_kernels, strlen(src), cb.compile_ms);
+    }
+    cm_cubin_free(&cb);
+    free(src);
+  }
+  for (int i = 0; i < 5; i++) cm_kernel_free(&ks[i]);
+}
+
+static void test_deterministic_and_append(void) {
+  cm_kernel k;
+  build_gemms(&k, "t_det");
+  cm_cuda_render_opts o = {"sm_90", false};
+  char *s1 = render_all(&k, 1, &o), *s2 = render_all(&k, 1, &o);
+  CHECK(s1 && s2 && strcmp(s1, s2) == 0);
+  /* appending without a prelude keeps the first text as a prefix */
+  char *s3 = strdup("// head\n");
+  cm_err err = {0};
+  CHECK(cm_render_cuda(&k, &o, false, &s3, &err) == CM_OK);
+  CHECK(s3 && strncmp(s3, "// head\n", 8) == 0);
+  CHECK(s3 && strstr(s3, "cmaec CUDA prelude") == NULL);
+  CHECK(s3 && strstr(s3, "extern \"C\" __global__ void __launch_bounds__(128) t_det_s1(") != NULL);
+  /* arch below sm_80: no tensor cores, FMA instead */
+  cm_cuda_render_opts old = {"sm_75", false};
+  char *s4 = render_all(&k, 1, &old);
+  CHECK(s4 && strstr(s4, "mma.sync") == NULL);
+  CHECK(s4 && strstr(s4, "(GEMM, FMA)") != NULL);
+  free(s1);
+  free(s2);
+  free(s3);
+  free(s4);
+  cm_kernel_free(&k);
+}
+
+static void test_launch(void) {
+  cm_kernel k;
+  build_gemms(&k, "t_launch");
+  cm_cuda_render_opts o = {"sm_80", false};
+  /* gemm_f32_odd: batch 2, M 130, N 260, 64x64 blocks of 4 warps */
+  cm_cuda_launch l = cm_cuda_stage_launch(&k, 1, &o);
+  CHECK(l.grid[0] == 5 && l.grid[1] == 3 && l.grid[2] == 2);
+  CHECK(l.block[0] == 128 && l.block[1] == 1 && l.block[2] == 1);
+  /* gemm_f32_bt: 128x64 block of 64x32 warp tiles = 4 warps */
+  l = cm_cuda_stage_launch(&k, 2, &o);
+  CHECK(l.grid[0] == 1 && l.grid[1] == 1 && l.grid[2] == 1 && l.block[0] == 128);
+  /* gemm_f16_bt: 64x128 block of 32x64 warp tiles = 4 warps */
+  l = cm_cuda_stage_launch(&k, 4, &o);
+  CHECK(l.block[0] == 128 && l.grid[0] == 1);
+  /* gemm_f64: 32x32 blocks of 16x16 warp tiles */
+  l = cm_cuda_stage_launch(&k, 6, &o);
+  CHECK(l.grid[0] == 2 && l.grid[1] == 1 && l.grid[2] == 2 && l.block[0] == 128);
+  /* generic reading of the same stage: 67600 rows of K = 300, a warp per row */
+  cm_cuda_render_opts gen = {"sm_80", true};
+  l = cm_cuda_stage_launch(&k, 1, &gen);
+  CHECK(l.grid[0] == (2 * 130 * 260 + 7) / 8 && l.block[0] == 256);
+  /* gemm_f32_bt: 561 rows of K = 129: warps; with K = 3000, a block per row */
+  l = cm_cuda_stage_launch(&k, 2, &gen);
+  CHECK(l.grid[0] == (33 * 17 + 7) / 8 && l.block[0] == 256);
+  k.stages[2].red[0] = 3000;
+  l = cm_cuda_stage_launch(&k, 2, &gen);
+  CHECK(l.grid[0] == 33 * 17 && l.block[0] == 256);
+  /* gemm_f16_bt without templates: 91 rows of K = 5, a thread per row */
+  l = cm_cuda_stage_launch(&k, 4, &gen);
+  CHECK(l.grid[0] == 1 && l.block[0] == 256);
+  l = cm_cuda_stage_launch(&k, 0, &gen); /* K = 5: a thread per point */
+  CHECK(l.grid[0] == 1 && l.block[0] == 256);
+  CHECK(cm_cuda_stage_launch(&k, 99, &o).grid[0] == 1);
+  /* bf16 operands with warp tiles too big for mma fragments: tensor cores with 64x64 blocks
+   * of 32x32 warp tiles; a huge block tile is clamped to fit static shared memory */
+  cm_kernel big;
+  cm_kernel_init(&big, "t_big_tiles");
+  gemm_spec g1 = {"bf16_big", 1, 300, 200, 100, CM_BF16, false, {128, 128, 64, 64, 64}};
+  gemm_spec g2 = {"bf16_tall", 1, 300, 200, 100, CM_BF16, false, {2048, 8, 48, 128, 8}};
+  gemm_spec g3 = {"f32_wide", 1, 300, 200, 100, CM_F32, false, {32, 2048, 64, 32, 128}};
+  add_gemm(&big, &g1);
+  add_gemm(&big, &g2);
+  add_gemm(&big, &g3);
+  char *src = render_all(&big, 1, &o);
+  CHECK(src && strstr(src, "// stage 0 \"bf16_big\" (GEMM, tensor cores)") != NULL);
+  CHECK(src && strstr(src, "// stage 1 \"bf16_tall\" (GEMM, tensor cores)") != NULL);
+  l = cm_cuda_stage_launch(&big, 0, &o);
+  CHECK(l.block[0] == 128 && l.grid[0] == 4 && l.grid[1] == 5);
+  for (int i = 1; i < 3; i++) {
+    l = cm_cuda_stage_launch(&big, i, &o);
+    CHECK(l.block[0] >= 32 && l.block[0] <= 1024 && l.shared_bytes == 0);
+  }
+  if (src && need_nvrtc()) {
+    cm_cubin cb;
+    cm_err err = {0};
+    cm_status st = cm_nvrtc_compile(nvrtc, src, "big_tiles.cu", "sm_80", NULL, 0, &cb, &err);
+    CHECK_MSG(st == CM_OK, "%s", err.msg);
+    for (int i = 0; i < 3 && st == CM_OK; i++) {
+      char name[64];
+      snprintf(name, sizeof name, "t_big_tiles_s%d", i);
+      const cm_cuda_kernel_info *ki = cm_cubin_kernel(&cb, name);
+      CHECK(ki && ki->shared_bytes <= 48 * 1024 && ki->spill_store_bytes == 0);
+      if (ki)
+        fprintf(stderr, "  sm_80 %s: %d regs, %d B smem, spills %d/%d\n", name, ki->registers,
+                ki->shared_bytes, ki->spill_store_bytes, ki->spill_load_bytes);
+    }
+    cm_cubin_free(&cb);
+  }
+  free(src);
+  cm_kernel_free(&big);
+  cm_kernel_free(&k);
+  cm_kernel e;
+  build_elementwise(&e);
+  l = cm_cuda_stage_launch(&e, 0, &o);
+  CHECK(l.grid[0] == 1 && l.block[0] == 256 && l.shared_bytes == 0);
+  e.stages[0].dom[0] = 1000000000;
+  l = cm_cuda_stage_launch(&e, 0, &o);
+  CHECK(l.grid[0] >= 65535 && l.grid[0] <= 1048576); /* capped: the loop is grid-stride */
+  cm_kernel_free(&e);
+}
+
+static void test_errors(void) {
+  cm_cuda_render_opts o = {"sm_90", false};
+  cm_err err = {0};
+  char *src = NULL;
+  /* accumulate into a bool buffer */
+  cm_kernel k;
+  cm_kernel_init(&k, "t_bad_acc");
+  int x = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_BOOL, 4, -1, 0);
+  int y = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_BOOL, 4, -1, 0);
+  cm_kstage *s = cm_kernel_add_stage(&k, "scatter_bool");
+  s->n_dom = 1;
+  s->dom[0] = 4;
+  s->accumulate = true;
+  int v = cm_kx_var(s, 0);
+  s->stores[0] = (cm_kstore){y, v, cm_kx_load(s, &k, x, v)};
+  s->n_stores = 1;
+  CHECK(cm_render_cuda(&k, &o, true, &src, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "t_bad_acc");
+  CHECK_STR_CONTAINS(err.msg, "scatter_bool");
+  CHECK_STR_CONTAINS(err.msg, "bool");
+  CHECK(src == NULL);
+  /* a load from a buffer that does not exist */
+  s->accumulate = false;
+  s->exprs[s->stores[0].value].buf = 7;
+  CHECK(cm_render_cuda(&k, &o, true, &src, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "buffer 7");
+  CHECK_STR_CONTAINS(err.msg, "expression");
+  CHECK(strchr(err.msg, '\n') == NULL);
+  cm_kernel_free(&k);
+  /* a GEMM operand A that reads j */
+  cm_kernel g;
+  build_gemms(&g, "t_bad_gemm");
+  cm_kstage *gs = &g.stages[0];
+  int vj = cm_kx_var(gs, 1);
+  gs->gemm_a =
+      cm_kx_op(gs, CM_OP_ADD, CM_F32, gs->gemm_a, cm_kx_op(gs, CM_OP_CAST, CM_F32, vj, -1, -1), -1);
+  int old_body = gs->body;
+  /* a body that is not MUL(A, B) is no GEMM: the stage stays a loop nest */
+  CHECK(cm_render_cuda(&g, &o, true, &src, &err) == CM_OK);
+  CHECK(src && strstr(src, "// stage 0 \"gemm_f32_tiny\"\n") != NULL);
+  CHECK(src && strstr(src, "// stage 1 \"gemm_f32_odd\" (GEMM, FMA)\n") != NULL);
+  free(src);
+  src = NULL;
+  gs->body = cm_kx_op(gs, CM_OP_MUL, CM_F32, gs->gemm_a, gs->gemm_b, -1);
+  CHECK(gs->body != old_body);
+  CHECK(cm_render_cuda(&g, &o, true, &src, &err) == CM_EINVALID);
+  CHECK(src == NULL);
+  CHECK_STR_CONTAINS(err.msg, "GEMM operand A");
+  CHECK_STR_CONTAINS(err.msg, "gemm_f32_tiny");
+  /* without templates the same stage is a plain loop nest: fine */
+  cm_cuda_render_opts nt = {"sm_90", true};
+  CHECK(cm_render_cuda(&g, &nt, true, &src, &err) == CM_OK);
+  CHECK(src && strstr(src, "GEMM") == NULL);
+  free(src);
+  cm_kernel_free(&g);
+}
+
+TEST_MAIN(TEST(test_compile_all), TEST(test_deterministic_and_append), TEST(test_launch),
+          TEST(test_errors))
