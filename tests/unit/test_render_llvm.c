@@ -600,6 +600,7 @@ typedef struct gemm_case {
   int64_t batch, M, N, K;
   bool bcast_b, trans_a, trans_b, epilogue, trans_store;
   cm_kgemm_tiles tiles;
+  bool two_d; /* dom [M, N] without a batch var (batch must be 1) */
 } gemm_case;
 
 /* C[b,i,j] (or C[b,j,i]) = relu(sum_k A(b,i,k) B(b,k,j) + bias[j]) */
@@ -611,10 +612,12 @@ static void build_gemm(cm_kernel *k, const gemm_case *g, bool templ) {
   int bbias = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, g->N, -1, 0);
   int bc = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, g->batch * g->M * g->N, -1, 0);
   cm_kstage *s = cm_kernel_add_stage(k, "gemm");
-  s->n_dom = 3, s->dom[0] = g->batch, s->dom[1] = g->M, s->dom[2] = g->N;
+  int o = g->two_d ? 0 : 1;
+  s->n_dom = 2 + o, s->dom[0] = g->batch, s->dom[o] = g->M, s->dom[o + 1] = g->N;
   s->n_red = 1, s->red[0] = g->K, s->acc_dtype = CM_F32;
-  s->n_parallel = 3;
-  int vb = cm_kx_var(s, 0), vi = cm_kx_var(s, 1), vj = cm_kx_var(s, 2), vk = cm_kx_var(s, 3);
+  s->n_parallel = s->n_dom;
+  int vb = g->two_d ? cm_kx_iconst(s, 0) : cm_kx_var(s, 0);
+  int vi = cm_kx_var(s, o), vj = cm_kx_var(s, o + 1), vk = cm_kx_var(s, o + 2);
   int M = cm_kx_iconst(s, g->M), N = cm_kx_iconst(s, g->N), K = cm_kx_iconst(s, g->K);
   int ia = g->trans_a
                ? cm_kx_iadd(s, cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vb, K), vk), M), vi)
@@ -624,6 +627,12 @@ static void build_gemm(cm_kernel *k, const gemm_case *g, bool templ) {
                ? cm_kx_iadd(s, cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, bbase, N), vj), K), vk)
                : cm_kx_iadd(s, cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, bbase, K), vk), N), vj);
   s->gemm_a = cm_kx_load(s, k, ba, ia);
+  if (g->two_d) /* a prologue: A scaled by 0.5 and rounded through bf16 and back */
+    s->gemm_a = cm_kx_op(s, CM_OP_CAST, CM_F32,
+                         cm_kx_op(s, CM_OP_MUL, CM_BF16,
+                                  cm_kx_op(s, CM_OP_CAST, CM_BF16, s->gemm_a, -1, -1),
+                                  cm_kx_const(s, CM_BF16, 0.5), -1),
+                         -1, -1);
   s->gemm_b = cm_kx_load(s, k, bb, ib);
   s->body = cm_kx_op(s, CM_OP_MUL, CM_F32, s->gemm_a, s->gemm_b, -1);
   int val = cm_kx_acc(s);
@@ -676,6 +685,7 @@ static void check_gemm(cm_jit *j, const gemm_case *g) {
             int64_t bo = g->bcast_b ? 0 : b;
             for (int64_t kk = 0; kk < g->K; kk++) {
               double a = g->trans_a ? A[(b * g->K + kk) * g->M + i] : A[(b * g->M + i) * g->K + kk];
+              if (g->two_d) a = 0.5 * bf16_round((float)a);
               double bv =
                   g->trans_b ? Bm[(bo * g->N + jj) * g->K + kk] : Bm[(bo * g->K + kk) * g->N + jj];
               sum += a * bv;
@@ -704,17 +714,110 @@ static void test_gemm(void) {
   if (!j) return;
   const cm_kgemm_tiles small = {12, 64, 16, 6, 32};
   const gemm_case cases[] = {
-      {1, 1, 1, 1, false, false, false, false, false, {0}},
-      {1, 7, 13, 5, false, false, false, true, false, small},
-      {1, 97, 31, 129, false, false, false, false, false, small},
-      {1, 97, 31, 129, false, false, false, false, false, {0}},
-      {1, 130, 260, 300, false, false, false, true, false, {0}},
-      {1, 130, 260, 300, false, true, true, false, false, {24, 96, 64, 6, 32}},
-      {3, 17, 19, 23, true, false, false, true, true, small},
-      {2, 33, 65, 40, false, true, false, true, true, {12, 64, 16, 4, 64}},
-      {2, 9, 70, 31, true, false, true, false, true, {0}},
+      {1, 1, 1, 1, false, false, false, false, false, {0}, false},
+      {1, 7, 13, 5, false, false, false, true, false, small, false},
+      {1, 97, 31, 129, false, false, false, false, false, small, false},
+      {1, 97, 31, 129, false, false, false, false, false, {0}, false},
+      {1, 130, 260, 300, false, false, false, true, false, {0}, false},
+      {1, 130, 260, 300, false, true, true, false, false, {24, 96, 64, 6, 32}, false},
+      {3, 17, 19, 23, true, false, false, true, true, small, false},
+      {2, 33, 65, 40, false, true, false, true, true, {12, 64, 16, 4, 64}, false},
+      {2, 9, 70, 31, true, false, true, false, true, {0}, false},
+      {1, 29, 47, 53, false, false, true, true, false, small, true},
+      {1, 1, 200, 70, false, false, false, true, true, {0}, true},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) check_gemm(j, &cases[i]);
+  cm_jit_destroy(j);
+}
+
+/* ---- stage shapes, update semantics, accumulate ------------------------------------ */
+
+CM_NO_SANITIZE_FUNCTION static void run_one(cm_cpu_stage_fn f, char *const *bufs, int64_t a,
+                                            int64_t b) {
+  f(bufs, a, b, NULL);
+}
+
+static void test_stage_shapes(void) {
+  cm_jit *j = new_jit();
+  if (!j) return;
+  enum { P = 3, Q = 5, R = 7, NI = 29 };
+  cm_kernel k;
+  cm_kernel_init(&k, "kshape");
+  int bx = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_F32, P * Q * R, -1, 0);
+  int by = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_F32, P * Q * R, -1, 0);
+  int bz = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_F64, P * Q * R, -1, 0);
+  int bh = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_F32, R, -1, 0);
+  int bidx = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_I32, NI, -1, 0);
+  int bflag = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_BOOL, P * Q * R, -1, 0);
+  /* s0, n_parallel 0 over [P,Q,R]: y[i] = x[i] * 2 + (x[i] > 0) (transposed read of x: x[r,q,p]
+   * layout is [P,Q,R] so read x at (p*Q+q)*R+r, write y at (r*Q+q)*P+p) */
+  for (int np = 0; np <= 3; np++) {
+    cm_kstage *s = cm_kernel_add_stage(&k, "shape");
+    s->n_dom = 3, s->dom[0] = P, s->dom[1] = Q, s->dom[2] = R, s->n_parallel = np;
+    int p = cm_kx_var(s, 0), q = cm_kx_var(s, 1), r = cm_kx_var(s, 2);
+    int ix = cm_kx_iadd(
+        s,
+        cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, p, cm_kx_iconst(s, Q)), q), cm_kx_iconst(s, R)),
+        r);
+    int iy = cm_kx_iadd(
+        s,
+        cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, r, cm_kx_iconst(s, Q)), q), cm_kx_iconst(s, P)),
+        p);
+    int x = cm_kx_load(s, &k, bx, ix);
+    int pos = cm_kx_op(s, CM_OP_LT, CM_BOOL, cm_kx_const(s, CM_F32, 0), x, -1);
+    int v = cm_kx_op(s, CM_OP_ADD, CM_F32,
+                     cm_kx_op(s, CM_OP_MUL, CM_F32, x, cm_kx_const(s, CM_F32, 2), -1),
+                     cm_kx_op(s, CM_OP_CAST, CM_F32, pos, -1, -1), -1);
+    if (np == 3) {
+      /* update in place: x[i] = x[i] + 1 and z[i] = x[i] (the old value), flag = !(x > 0) */
+      add_store(s, bx, ix, cm_kx_op(s, CM_OP_ADD, CM_F32, x, cm_kx_const(s, CM_F32, 1), -1));
+      add_store(s, bz, ix, x);
+      add_store(s, bflag, ix, cm_kx_op(s, CM_OP_EQ, CM_BOOL, pos, cm_kx_const(s, CM_BOOL, 0), -1));
+    } else {
+      add_store(s, by, iy, v);
+    }
+  }
+  /* s4: accumulate (scatter_add): h[idx[i] % R] += 1.5 for i < NI, one work item */
+  cm_kstage *s = cm_kernel_add_stage(&k, "hist");
+  s->n_dom = 1, s->dom[0] = NI, s->n_parallel = 0, s->accumulate = true;
+  int i = cm_kx_var(s, 0);
+  int id = cm_kx_op(s, CM_OP_CAST, CM_I64, cm_kx_load(s, &k, bidx, i), -1, -1);
+  add_store(s, bh, cm_kx_imod(s, id, cm_kx_iconst(s, R)), cm_kx_const(s, CM_F32, 1.5));
+
+  float x[P * Q * R], x0[P * Q * R], y[P * Q * R], h[R] = {0};
+  double z[P * Q * R];
+  int32_t idx[NI];
+  uint8_t flag[P * Q * R];
+  for (int t = 0; t < P * Q * R; t++) x[t] = x0[t] = (float)urand(-2, 2);
+  for (int t = 0; t < NI; t++) idx[t] = (int32_t)urand(0, 1000);
+  char *bufs[] = {(char *)x, (char *)y, (char *)z, (char *)h, (char *)idx, (char *)flag};
+  cm_cpu_stage_fn fns[5];
+  if (jit_kernel(j, &k, NULL, fns)) {
+    int bad = 0;
+    for (int st = 0; st < 3; st++) {
+      memset(y, 0, sizeof y);
+      int64_t n = generic_items(&k.stages[st]);
+      CHECK(n == (st == 0 ? 1 : st == 1 ? P : P * Q));
+      run_one(fns[st], bufs, 0, n / 2);
+      run_one(fns[st], bufs, n / 2, n);
+      for (int p = 0; p < P; p++)
+        for (int q = 0; q < Q; q++)
+          for (int r = 0; r < R; r++) {
+            float xv = x0[(p * Q + q) * R + r];
+            bad += y[(r * Q + q) * P + p] != xv * 2 + (xv > 0);
+          }
+    }
+    run_one(fns[3], bufs, 0, 40);
+    run_one(fns[3], bufs, 40, P * Q * R);
+    run_one(fns[4], bufs, 0, 1);
+    float hw[R] = {0};
+    for (int t = 0; t < NI; t++) hw[idx[t] % R] += 1.5f;
+    for (int t = 0; t < P * Q * R; t++)
+      bad += x[t] != x0[t] + 1 || z[t] != x0[t] || flag[t] != !(x0[t] > 0);
+    for (int r = 0; r < R; r++) bad += h[r] != hw[r];
+    CHECK_MSG(bad == 0, "stage shapes: %d mismatches", bad);
+  }
+  cm_kernel_free(&k);
   cm_jit_destroy(j);
 }
 
@@ -792,12 +895,27 @@ static void test_asm(void) {
   CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
   char *text = NULL;
   if (cm_jit_render(j, m, CM_JIT_TEXT_ASM, &text, &err) == CM_OK) {
-    CHECK(strstr(text, "zmm") || strstr(text, "ymm"));
-    CHECK(count(text, "vfmadd") + count(text, "vaddps") > 0);
-    CHECK(count(text, "vaddps\t%zmm") + count(text, "vaddps\t%ymm") +
-              count(text, "vfmadd213ps\t(%") + count(text, "vfmadd132ps\t(%") +
-              count(text, "vfmadd231ps\t(%") >
-          0);
+    /* each stage's own text: the elementwise stage and the float sum are vectorized */
+    const char *s0 = strstr(text, "kaxpy_s0:"), *s1 = strstr(text, "kaxpy_s1:");
+    CHECK(s0 && s1 && s1 > s0);
+    if (s0 && s1 && s1 > s0) {
+      size_t len = (size_t)(s1 - s0);
+      char *t0 = malloc(len + 1);
+      memcpy(t0, s0, len);
+      t0[len] = 0;
+      CHECK_MSG(strstr(t0, "zmm") != NULL, "elementwise stage not vectorized:\n%s", t0);
+      CHECK_MSG(count(t0, "vfmadd") + count(t0, "vaddps\t%zmm") + count(t0, "vaddps\t(") > 0,
+                "no vector add/fma in the elementwise stage:\n%s", t0);
+      free(t0);
+      const char *e1 = strstr(s1, ".Lfunc_end");
+      len = e1 ? (size_t)(e1 - s1) : strlen(s1);
+      char *t1 = malloc(len + 1);
+      memcpy(t1, s1, len);
+      t1[len] = 0;
+      CHECK_MSG(count(t1, "vaddps\t%zmm") + count(t1, "vaddps\t(") + count(t1, "vaddps\t%ymm") > 0,
+                "float sum not vectorized:\n%s", t1);
+      free(t1);
+    }
   } else {
     CHECK_MSG(false, "%s", err.msg);
   }
@@ -805,7 +923,7 @@ static void test_asm(void) {
   LLVMDisposeModule(m);
   cm_kernel_free(&k);
 
-  gemm_case g = {1, 64, 64, 64, false, false, false, false, false, {0}};
+  gemm_case g = {1, 64, 64, 64, false, false, false, false, false, {0}, false};
   build_gemm(&k, &g, true);
   m = LLVMModuleCreateWithNameInContext("asm_gemm", cm_jit_context(j));
   CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
@@ -862,7 +980,7 @@ CM_NO_SANITIZE_FUNCTION static double time_gemm(cm_cpu_stage_fn fn, char *const 
 static void test_gemm_perf(void) {
   cm_jit *j = new_jit();
   if (!j) return;
-  gemm_case g = {1, 384, 384, 1536, false, false, false, false, false, {0}};
+  gemm_case g = {1, 384, 384, 1536, false, false, false, false, false, {0}, false};
   cm_kernel k;
   build_gemm(&k, &g, true);
   float *A = malloc(384 * 1536 * 4), *Bm = malloc(1536 * 384 * 4), *bias = calloc(384, 4),
@@ -886,5 +1004,5 @@ static void test_gemm_perf(void) {
 }
 
 TEST_MAIN({"float_ops", test_float_ops}, {"int_ops", test_int_ops}, {"casts", test_casts},
-          {"reductions", test_reductions}, {"gemm", test_gemm}, {"errors", test_errors},
-          {"asm", test_asm}, {"gemm_perf", test_gemm_perf})
+          {"reductions", test_reductions}, {"stage_shapes", test_stage_shapes}, {"gemm", test_gemm},
+          {"errors", test_errors}, {"asm", test_asm}, {"gemm_perf", test_gemm_perf})
