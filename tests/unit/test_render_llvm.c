@@ -659,7 +659,7 @@ static void check_gemm(cm_jit *j, const gemm_case *g) {
   for (int templ = 1; templ >= 0; templ--) {
     if (!templ && g->M * g->N * g->K > 2000000) continue;
     cm_kernel k;
-    build_gemm(&k, g, templ);
+    build_gemm(&k, g, true); /* templ 0: the GEMM stage rendered with no_templates */
     int64_t na = g->batch * g->M * g->K, nb = (g->bcast_b ? 1 : g->batch) * g->K * g->N;
     int64_t nc = g->batch * g->M * g->N;
     float *A = malloc((size_t)na * 4), *Bm = malloc((size_t)nb * 4),
@@ -673,7 +673,7 @@ static void check_gemm(cm_jit *j, const gemm_case *g) {
     char *ws = aligned_alloc(64, (size_t)gemm_ws(t));
     char *bufs[] = {(char *)A, (char *)Bm, (char *)bias, (char *)C};
     cm_cpu_stage_fn fn[1];
-    cm_llvm_render_opts ro = {16, false};
+    cm_llvm_render_opts ro = {16, !templ};
     if (jit_kernel(j, &k, &ro, fn)) {
       int64_t items = templ ? gemm_items(g, t) : g->batch * g->M * g->N;
       run_stages(&k, fn, bufs, &items, ws);
