@@ -12,7 +12,7 @@
  *
  * Deviations from the oracle (ir/eval.c), all within rounding: f32 math runs
  * in float (the oracle rounds double results once); bf16/f16 values converted
- * from f64 or i64 are rounded twice (through f32); reduce_max of floats uses
+ * from i32/i64 beyond 2^24 may be rounded twice (through f32); reduce_max of floats uses
  * llvm.maximum (NaN propagates like the oracle, but +0 is taken over -0 where
  * the oracle keeps the first). */
 #include "codegen.h"
@@ -130,6 +130,22 @@ static LLVMValueRef round_to(rctx *c, LLVMValueRef x, cm_dtype dt) {
   return x;
 }
 
+/* double -> float rounding to odd: a later RNE to bf16 then rounds once, like
+ * the oracle (plain RNE through float could round twice). */
+static LLVMValueRef trunc_odd(rctx *c, LLVMValueRef v) {
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef t = LLVMBuildFPTrunc(B, v, c->f32, "t");
+  LLVMValueRef back = LLVMBuildFPExt(B, t, c->f64, "");
+  LLVMValueRef inexact = LLVMBuildFCmp(B, LLVMRealONE, back, v, "inexact");
+  LLVMValueRef away = LLVMBuildFCmp(B, LLVMRealOGT, intrin1(c, "llvm.fabs", back, ""),
+                                    intrin1(c, "llvm.fabs", v, ""), "away");
+  LLVMValueRef bits = LLVMBuildBitCast(B, t, c->i32, "");
+  LLVMValueRef toward =
+      LLVMBuildSelect(B, away, LLVMBuildSub(B, bits, LLVMConstInt(c->i32, 1, 0), ""), bits, "");
+  LLVMValueRef odd = LLVMBuildOr(B, toward, LLVMConstInt(c->i32, 1, 0), "");
+  return LLVMBuildBitCast(B, LLVMBuildSelect(B, inexact, odd, bits, ""), c->f32, "odd");
+}
+
 /* Converts value v of dtype from to dtype to (the CAST rules of the oracle). */
 static LLVMValueRef convert(rctx *c, LLVMValueRef v, cm_dtype from, cm_dtype to) {
   LLVMBuilderRef B = c->B;
@@ -155,6 +171,9 @@ static LLVMValueRef convert(rctx *c, LLVMValueRef v, cm_dtype from, cm_dtype to)
   }
   /* float to float */
   if (to == CM_F64) return LLVMBuildFPExt(B, v, c->f64, "");
+  if (from == CM_F64 && to == CM_F16)
+    return LLVMBuildFPExt(B, LLVMBuildFPTrunc(B, v, c->f16, "h"), c->f32, "h.f");
+  if (from == CM_F64 && to == CM_BF16) return round_to(c, trunc_odd(c, v), to);
   if (from == CM_F64) v = LLVMBuildFPTrunc(B, v, c->f32, "");
   return round_to(c, v, to);
 }
