@@ -750,8 +750,9 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
     LLVMValueRef a = LLVMBuildLoad2(B, c->f32, fptr(c, apan, off, "ap"), "a");
     LLVMValueRef ins =
         LLVMBuildInsertElement(B, LLVMGetPoison(c->vty), a, LLVMConstInt(c->i32, 0, 0), "");
-    LLVMValueRef splat = LLVMBuildShuffleVector(
-        B, ins, LLVMGetPoison(c->vty), LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "abc");
+    LLVMValueRef splat =
+        LLVMBuildShuffleVector(B, ins, LLVMGetPoison(c->vty),
+                               LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "a.bcast");
     for (int64_t v = 0; v < nv; v++) {
       LLVMValueRef args[3] = {splat, bv[v], phis[r * nv + v]};
       LLVMTypeRef vt = c->vty;
