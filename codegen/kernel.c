@@ -218,8 +218,25 @@ cm_status cm_kernel_interpret(const cm_kernel *k, void *const *bufs, cm_err *err
   return cm_errorf(err, CM_EINTERNAL, "cm_kernel_interpret: not implemented yet");
 }
 int64_t cm_kstage_work_items(const cm_kstage *s) {
-  return 1;
+  if (s->tmpl == CM_KT_GEMM && s->n_dom >= 2 && s->tiles.mc > 0 && s->tiles.nc > 0) {
+    int64_t batch = 1;
+    for (int i = 0; i < s->n_dom - 2; i++) batch *= s->dom[i];
+    int64_t m = s->dom[s->n_dom - 2], n = s->dom[s->n_dom - 1];
+    return batch * ((m + s->tiles.mc - 1) / s->tiles.mc) * ((n + s->tiles.nc - 1) / s->tiles.nc);
+  }
+  int64_t w = 1;
+  for (int i = 0; i < s->n_parallel && i < s->n_dom; i++) w *= s->dom[i];
+  return w;
 }
+
+static int64_t round64(int64_t b) {
+  return (b + 63) / 64 * 64;
+}
+
+/* The CPU GEMM template's per-thread workspace: packed B panel (kc x nc), packed
+ * A block (mc x kc) and the C tile (mc x nc), f32, each 64-byte aligned. */
 int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target t) {
-  return 0;
+  if (t != CM_TARGET_CPU || s->tmpl != CM_KT_GEMM) return 0;
+  int64_t mc = s->tiles.mc, nc = s->tiles.nc, kc = s->tiles.kc;
+  return round64(4 * kc * nc) + round64(4 * mc * kc) + round64(4 * mc * nc) + 64;
 }
