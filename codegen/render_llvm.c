@@ -643,34 +643,52 @@ static LLVMValueRef fptr(rctx *c, LLVMValueRef base, LLVMValueRef idx, const cha
   return LLVMBuildInBoundsGEP2(c->B, c->f32, base, &idx, 1, name);
 }
 
-/* Packs rows [0, rows) x k [0, kcur) of operand e (vars: row var rv, k var kv)
- * into mr-tall (or nr-wide) panels: dst[(r/R)*kc*R + kk*R + r%R], zero beyond lim. */
+/* Packs panels [0, npan) of R rows (r0 + p*R + l, vars: row var rv, k var kv)
+ * x k [0, kcur) of operand e: dst[p*kc*R + kk*R + l], zero for rows at or
+ * beyond lim. Whole panels skip the clamp; the lane loop is unrolled so that
+ * rows contiguous in memory become vector loads and every panel row one
+ * contiguous store. */
 static void emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0, int64_t lim,
-                      LLVMValueRef rows, int64_t R, int64_t kc, LLVMValueRef k0, LLVMValueRef kcur,
-                      LLVMValueRef dst, bool k_inner) {
+                      LLVMValueRef npan, int64_t R, int64_t kc, LLVMValueRef k0, LLVMValueRef kcur,
+                      LLVMValueRef dst) {
+  LLVMBuilderRef B = c->B;
   char nm[48];
-  snprintf(nm, sizeof nm, "%s.outer", name);
-  loop Lo = loop_begin(c, nm, ci64(c, 0));
-  snprintf(nm, sizeof nm, "%s.inner", name);
-  loop Li = loop_begin(c, nm, ci64(c, 0));
-  LLVMValueRef r = k_inner ? Lo.iv : Li.iv, kk = k_inner ? Li.iv : Lo.iv;
-  LLVMValueRef row = LLVMBuildAdd(c->B, r0, r, "row");
-  LLVMValueRef inb = LLVMBuildICmp(c->B, LLVMIntSLT, row, ci64(c, lim), "inb");
-  c->vars[rv] = smin(c, row, ci64(c, lim - 1), "rowc");
-  c->vars[c->s->n_dom] = LLVMBuildAdd(c->B, k0, kk, "k");
-  reset_memo(c);
-  LLVMValueRef v = convert(c, emit(c, e), c->s->exprs[e].dtype, CM_F32);
-  v = LLVMBuildSelect(c->B, inb, v, LLVMConstReal(c->f32, 0), "a");
-  LLVMValueRef panel = LLVMBuildSDiv(c->B, r, ci64(c, R), "panel");
-  LLVMValueRef lane = LLVMBuildSRem(c->B, r, ci64(c, R), "lane");
-  LLVMValueRef off =
-      LLVMBuildAdd(c->B, LLVMBuildMul(c->B, panel, ci64(c, kc * R), ""),
-                   LLVMBuildAdd(c->B, LLVMBuildMul(c->B, kk, ci64(c, R), ""), lane, ""), "off");
-  LLVMBuildStore(c->B, v, fptr(c, dst, off, "dst"));
-  snprintf(nm, sizeof nm, "%s.inner.exit", name);
-  loop_end(c, &Li, k_inner ? kcur : rows, nm);
-  snprintf(nm, sizeof nm, "%s.outer.exit", name);
-  loop_end(c, &Lo, k_inner ? rows : kcur, nm);
+  snprintf(nm, sizeof nm, "%s.panel", name);
+  loop Lp = loop_begin(c, nm, ci64(c, 0));
+  LLVMValueRef pr0 = LLVMBuildAdd(B, r0, LLVMBuildMul(B, Lp.iv, ci64(c, R), ""), "pr0");
+  LLVMValueRef pdst = fptr(c, dst, LLVMBuildMul(B, Lp.iv, ci64(c, kc * R), ""), "pdst");
+  LLVMValueRef whole =
+      LLVMBuildICmp(B, LLVMIntSLE, LLVMBuildAdd(B, pr0, ci64(c, R), ""), ci64(c, lim), "whole");
+  LLVMBasicBlockRef bfast = new_block(c, "pack.whole"), bslow = new_block(c, "pack.edge"),
+                    bjoin = new_block(c, "pack.next");
+  LLVMBuildCondBr(B, whole, bfast, bslow);
+  for (int edge = 0; edge < 2; edge++) {
+    LLVMPositionBuilderAtEnd(B, edge ? bslow : bfast);
+    snprintf(nm, sizeof nm, "%s.k", name);
+    loop Lk = loop_begin(c, nm, ci64(c, 0));
+    c->vars[c->s->n_dom] = LLVMBuildAdd(B, k0, Lk.iv, "k");
+    LLVMValueRef rowdst = fptr(c, pdst, LLVMBuildMul(B, Lk.iv, ci64(c, R), ""), "rowdst");
+    for (int64_t l = 0; l < R; l++) {
+      LLVMValueRef row = LLVMBuildAdd(B, pr0, ci64(c, l), "row");
+      LLVMValueRef inb = NULL;
+      if (edge) {
+        inb = LLVMBuildICmp(B, LLVMIntSLT, row, ci64(c, lim), "inb");
+        row = smin(c, row, ci64(c, lim - 1), "rowc");
+      }
+      c->vars[rv] = row;
+      reset_memo(c);
+      LLVMValueRef v = convert(c, emit(c, e), c->s->exprs[e].dtype, CM_F32);
+      if (edge) v = LLVMBuildSelect(B, inb, v, LLVMConstReal(c->f32, 0), "a");
+      LLVMValueRef st = LLVMBuildStore(B, v, fptr(c, rowdst, ci64(c, l), "dst"));
+      LLVMSetAlignment(st, 4);
+    }
+    snprintf(nm, sizeof nm, "%s.k.exit", name);
+    loop_end(c, &Lk, kcur, nm);
+    LLVMBuildBr(B, bjoin);
+  }
+  LLVMPositionBuilderAtEnd(B, bjoin);
+  snprintf(nm, sizeof nm, "%s.panel.exit", name);
+  loop_end(c, &Lp, npan, nm);
   c->vars[c->s->n_dom] = NULL;
 }
 
@@ -708,18 +726,17 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
       LLVMBuildSDiv(B, LLVMBuildAdd(B, mrem, ci64(c, mr - 1), ""), ci64(c, mr), "mpanels");
   LLVMValueRef npan =
       LLVMBuildSDiv(B, LLVMBuildAdd(B, nrem, ci64(c, nr - 1), ""), ci64(c, nr), "npanels");
-  LLVMValueRef mrows = LLVMBuildMul(B, mpan, ci64(c, mr), "");
-  LLVMValueRef ncols = LLVMBuildMul(B, npan, ci64(c, nr), "");
 
   loop Kl = loop_begin(c, "kslice", ci64(c, 0));
   LLVMValueRef k0 = LLVMBuildMul(B, Kl.iv, ci64(c, kc), "k0");
   LLVMValueRef kcur = smin(c, LLVMBuildSub(B, ci64(c, g->K), k0, ""), ci64(c, kc), "kcur");
   LLVMValueRef first = LLVMBuildICmp(B, LLVMIntEQ, Kl.iv, ci64(c, 0), "first");
-  emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, ncols, nr, kc, k0, kcur, Bp, false);
-  emit_pack(c, "packA", s->gemm_a, iv, i0, g->M, mrows, mr, kc, k0, kcur, Ap, true);
+  emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bp);
+  emit_pack(c, "packA", s->gemm_a, iv, i0, g->M, mpan, mr, kc, k0, kcur, Ap);
 
-  loop Ir = loop_begin(c, "ir", ci64(c, 0));
+  /* B micro-panel (kc x nr) stays in L1 while the A block streams from L2 */
   loop Jr = loop_begin(c, "jr", ci64(c, 0));
+  loop Ir = loop_begin(c, "ir", ci64(c, 0));
   LLVMValueRef apan = fptr(c, Ap, LLVMBuildMul(B, Ir.iv, ci64(c, kc * mr), ""), "apanel");
   LLVMValueRef bpan = fptr(c, Bp, LLVMBuildMul(B, Jr.iv, ci64(c, kc * nr), ""), "bpanel");
   LLVMValueRef cbase = LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, ci64(c, mr * nc), ""),
@@ -768,8 +785,8 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
       LLVMValueRef st = LLVMBuildStore(B, nacc[r * nv + v], fptr(c, Ct, off, "cp"));
       LLVMSetAlignment(st, 4);
     }
-  loop_end(c, &Jr, npan, "jr.exit");
   loop_end(c, &Ir, mpan, "ir.exit");
+  loop_end(c, &Jr, npan, "jr.exit");
   loop_end(c, &Kl, ci64(c, (g->K + kc - 1) / kc), "kslice.exit");
 
   /* epilogue: the stage's stores per in-bounds element with ACC from the C tile */
