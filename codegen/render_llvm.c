@@ -668,6 +668,8 @@ static void emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0,
     loop Lk = loop_begin(c, nm, ci64(c, 0));
     c->vars[c->s->n_dom] = LLVMBuildAdd(B, k0, Lk.iv, "k");
     LLVMValueRef rowdst = fptr(c, pdst, LLVMBuildMul(B, Lk.iv, ci64(c, R), ""), "rowdst");
+    /* every lane's value before any store: the loads may then be merged */
+    LLVMValueRef vals[64];
     for (int64_t l = 0; l < R; l++) {
       LLVMValueRef row = LLVMBuildAdd(B, pr0, ci64(c, l), "row");
       LLVMValueRef inb = NULL;
@@ -679,7 +681,10 @@ static void emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0,
       reset_memo(c);
       LLVMValueRef v = convert(c, emit(c, e), c->s->exprs[e].dtype, CM_F32);
       if (edge) v = LLVMBuildSelect(B, inb, v, LLVMConstReal(c->f32, 0), "a");
-      LLVMValueRef st = LLVMBuildStore(B, v, fptr(c, rowdst, ci64(c, l), "dst"));
+      vals[l] = v;
+    }
+    for (int64_t l = 0; l < R; l++) {
+      LLVMValueRef st = LLVMBuildStore(B, vals[l], fptr(c, rowdst, ci64(c, l), "dst"));
       LLVMSetAlignment(st, 4);
     }
     snprintf(nm, sizeof nm, "%s.k.exit", name);
