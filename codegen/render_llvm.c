@@ -18,6 +18,7 @@
 #include "codegen.h"
 
 #include <llvm-c/Core.h>
+#include <llvm-c/DebugInfo.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,7 @@ typedef struct rctx {
   int stage;
   LLVMTypeRef f32, f64, f16, i1, i8, i16, i32, i64, ptr, vty;
   int W;
+  int unroll; /* GEMM k-loop unroll count */
   LLVMValueRef *bases;
   LLVMValueRef vars[CM_KMAX_VARS];
   LLVMValueRef acc;   /* CM_KX_ACC in store values */
@@ -473,6 +475,24 @@ static void loop_end(rctx *c, loop *L, LLVMValueRef hi, const char *exit_name) {
   LLVMPositionBuilderAtEnd(c->B, exit);
 }
 
+/* Asks the optimizer to unroll the loop just closed (its back edge is the
+ * terminator of the block before the insertion block) count times. */
+static void unroll_last_loop(rctx *c, LLVMBasicBlockRef latch, unsigned count) {
+  LLVMValueRef br = LLVMGetBasicBlockTerminator(latch);
+  if (!br) return;
+  LLVMMetadataRef tmp = LLVMTemporaryMDNode(c->C, NULL, 0);
+  LLVMMetadataRef ops[2] = {
+      LLVMMDStringInContext2(c->C, "llvm.loop.unroll.count", 22),
+      LLVMValueAsMetadata(LLVMConstInt(c->i32, count, 0)),
+  };
+  LLVMMetadataRef cnt = LLVMMDNodeInContext2(c->C, ops, 2);
+  LLVMMetadataRef id_ops[2] = {tmp, cnt};
+  LLVMMetadataRef id = LLVMMDNodeInContext2(c->C, id_ops, 2);
+  LLVMMetadataReplaceAllUsesWith(tmp, id);
+  LLVMSetMetadata(br, LLVMGetMDKindIDInContext(c->C, "llvm.loop", 9),
+                  LLVMMetadataAsValue(c->C, id));
+}
+
 static LLVMValueRef smin(rctx *c, LLVMValueRef a, LLVMValueRef b, const char *name) {
   return LLVMBuildSelect(c->B, LLVMBuildICmp(c->B, LLVMIntSLT, a, b, ""), a, b, name);
 }
@@ -746,15 +766,27 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   LLVMValueRef bpan = fptr(c, Bp, LLVMBuildMul(B, Jr.iv, ci64(c, kc * nr), ""), "bpanel");
   LLVMValueRef cbase = LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, ci64(c, mr * nc), ""),
                                     LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), "cbase");
-  LLVMValueRef acc0[64];
-  LLVMValueRef vzero = LLVMConstNull(c->vty);
+  /* the first kc slice starts from zero, later ones from the C tile */
+  LLVMValueRef acc0[64], prev[64];
+  LLVMBasicBlockRef bload = new_block(c, "cload"), bjoin = new_block(c, "cinit");
+  LLVMBasicBlockRef bfirst = LLVMGetInsertBlock(B);
+  LLVMBuildCondBr(B, first, bjoin, bload);
+  LLVMPositionBuilderAtEnd(B, bload);
   for (int64_t r = 0; r < mr; r++)
     for (int64_t v = 0; v < nv; v++) {
       LLVMValueRef off = LLVMBuildAdd(B, cbase, ci64(c, r * nc + v * W), "");
-      LLVMValueRef ld = LLVMBuildLoad2(B, c->vty, fptr(c, Ct, off, "cp"), "cprev");
-      LLVMSetAlignment(ld, 4);
-      acc0[r * nv + v] = LLVMBuildSelect(B, first, vzero, ld, "cinit");
+      prev[r * nv + v] = LLVMBuildLoad2(B, c->vty, fptr(c, Ct, off, "cp"), "cprev");
+      LLVMSetAlignment(prev[r * nv + v], 4);
     }
+  LLVMBuildBr(B, bjoin);
+  LLVMPositionBuilderAtEnd(B, bjoin);
+  LLVMValueRef vzero = LLVMConstNull(c->vty);
+  for (int64_t i = 0; i < mr * nv; i++) {
+    acc0[i] = LLVMBuildPhi(B, c->vty, "cinit");
+    LLVMValueRef in[2] = {vzero, prev[i]};
+    LLVMBasicBlockRef from[2] = {bfirst, bload};
+    LLVMAddIncoming(acc0[i], in, from, 2);
+  }
   LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
   loop Kk = loop_begin(c, "kk", ci64(c, 0));
   LLVMValueRef phis[64], nacc[64], bv[8];
@@ -784,6 +816,7 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
   for (int64_t i = 0; i < mr * nv; i++) LLVMAddIncoming(phis[i], &nacc[i], &latch, 1);
   loop_end(c, &Kk, kcur, "kk.exit");
+  if (c->unroll > 1) unroll_last_loop(c, latch, (unsigned)c->unroll);
   for (int64_t r = 0; r < mr; r++)
     for (int64_t v = 0; v < nv; v++) {
       LLVMValueRef off = LLVMBuildAdd(B, cbase, ci64(c, r * nc + v * W), "");
@@ -862,6 +895,7 @@ cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_rend
     return cm_errorf(err, CM_EINVALID, "cm_render_llvm: kernel %s: vector_width %d is not 4..32",
                      k->name, c.W);
   c.vty = LLVMVectorType(c.f32, (unsigned)c.W);
+  c.unroll = 4;
   c.bases = calloc((size_t)(k->n_buffers > 0 ? k->n_buffers : 1), sizeof *c.bases);
   if (!c.bases) return cm_errorf(err, CM_EINTERNAL, "cm_render_llvm: out of memory");
   c.B = LLVMCreateBuilderInContext(c.C);
