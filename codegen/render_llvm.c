@@ -663,6 +663,74 @@ static LLVMValueRef fptr(rctx *c, LLVMValueRef base, LLVMValueRef idx, const cha
   return LLVMBuildInBoundsGEP2(c->B, c->f32, base, &idx, 1, name);
 }
 
+/* The coefficient of var kv in i64 expression e when e is affine in kv (terms
+ * without kv may be anything); false when kv enters otherwise. */
+static bool lin_coef(const cm_kstage *s, int e, int kv, int64_t *coef) {
+  if (e < 0 || e >= s->n_exprs) return false;
+  if (!(cm_kx_vars_used(s, e) & (1u << kv))) {
+    *coef = 0;
+    return true;
+  }
+  const cm_kexpr *x = &s->exprs[e];
+  if (x->dtype != CM_I64) return false;
+  if (x->kind == CM_KX_VAR) {
+    *coef = 1;
+    return true;
+  }
+  if (x->kind != CM_KX_OP || x->a < 0 || x->b < 0) return false;
+  int64_t ca, cb;
+  double v;
+  switch (x->op) {
+  case CM_OP_ADD:
+  case CM_OP_SUB:
+    if (!lin_coef(s, x->a, kv, &ca) || !lin_coef(s, x->b, kv, &cb)) return false;
+    *coef = x->op == CM_OP_ADD ? ca + cb : ca - cb;
+    return true;
+  case CM_OP_MUL:
+    if (cm_kx_is_const(s, x->b, &v) && lin_coef(s, x->a, kv, &ca)) {
+      *coef = ca * (int64_t)v;
+      return true;
+    }
+    if (cm_kx_is_const(s, x->a, &v) && lin_coef(s, x->b, kv, &cb)) {
+      *coef = cb * (int64_t)v;
+      return true;
+    }
+    return false;
+  default: return false;
+  }
+}
+
+/* Whether operand e is a plain f32 load contiguous along k: then W
+ * consecutive k of a row are one vector load. */
+static bool k_contiguous(rctx *c, int e) {
+  const cm_kstage *s = c->s;
+  const cm_kexpr *x = &s->exprs[e];
+  int64_t coef;
+  return x->kind == CM_KX_LOAD && x->dtype == CM_F32 && x->buf >= 0 && x->buf < c->k->n_buffers &&
+         c->k->buffers[x->buf].dtype == CM_F32 && lin_coef(s, x->a, s->n_dom, &coef) && coef == 1;
+}
+
+/* v[0..W) rows of a W x W block, transposed in place: log2(W) rounds of the
+ * perfect shuffle (zip of row i with row i + W/2). */
+static void transpose_block(rctx *c, LLVMValueRef *v) {
+  int W = c->W;
+  LLVMValueRef lo[32], hi[32], n[32];
+  for (int i = 0; i < W / 2; i++) {
+    lo[2 * i] = LLVMConstInt(c->i32, (unsigned)i, 0);
+    lo[2 * i + 1] = LLVMConstInt(c->i32, (unsigned)(i + W), 0);
+    hi[2 * i] = LLVMConstInt(c->i32, (unsigned)(i + W / 2), 0);
+    hi[2 * i + 1] = LLVMConstInt(c->i32, (unsigned)(i + W / 2 + W), 0);
+  }
+  LLVMValueRef mlo = LLVMConstVector(lo, (unsigned)W), mhi = LLVMConstVector(hi, (unsigned)W);
+  for (int round = 1; round < W; round *= 2) {
+    for (int i = 0; i < W / 2; i++) {
+      n[2 * i] = LLVMBuildShuffleVector(c->B, v[i], v[i + W / 2], mlo, "zlo");
+      n[2 * i + 1] = LLVMBuildShuffleVector(c->B, v[i], v[i + W / 2], mhi, "zhi");
+    }
+    for (int i = 0; i < W; i++) v[i] = n[i];
+  }
+}
+
 /* Packs panels [0, npan) of R rows (r0 + p*R + l, vars: row var rv, k var kv)
  * x k [0, kcur) of operand e: dst[p*kc*R + kk*R + l], zero for rows at or
  * beyond lim. Whole panels skip the clamp; the lane loop is unrolled so that
@@ -682,10 +750,50 @@ static void emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0,
   LLVMBasicBlockRef bfast = new_block(c, "pack.whole"), bslow = new_block(c, "pack.edge"),
                     bjoin = new_block(c, "pack.next");
   LLVMBuildCondBr(B, whole, bfast, bslow);
+  bool kvec = k_contiguous(c, e) && R % c->W == 0;
   for (int edge = 0; edge < 2; edge++) {
     LLVMPositionBuilderAtEnd(B, edge ? bslow : bfast);
+    LLVMValueRef kstart = ci64(c, 0);
+    if (!edge && kvec) {
+      /* W k at a time: W vector loads per W rows, transposed into W panel rows */
+      LLVMValueRef nch = LLVMBuildSDiv(B, kcur, ci64(c, c->W), "kchunks");
+      kstart = LLVMBuildMul(B, nch, ci64(c, c->W), "kstart");
+      LLVMBasicBlockRef bvec = new_block(c, "pack.vec"), bafter = new_block(c, "pack.vec.done");
+      LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntSGT, nch, ci64(c, 0), ""), bvec, bafter);
+      LLVMPositionBuilderAtEnd(B, bvec);
+      snprintf(nm, sizeof nm, "%s.kv", name);
+      loop Lc = loop_begin(c, nm, ci64(c, 0));
+      LLVMValueRef kkb = LLVMBuildMul(B, Lc.iv, ci64(c, c->W), "kkb");
+      c->vars[c->s->n_dom] = LLVMBuildAdd(B, k0, kkb, "k");
+      for (int64_t g = 0; g < R / c->W; g++) {
+        LLVMValueRef v[32];
+        for (int l = 0; l < c->W; l++) {
+          c->vars[rv] = LLVMBuildAdd(B, pr0, ci64(c, g * c->W + l), "row");
+          reset_memo(c);
+          const cm_kexpr *x = &c->s->exprs[e];
+          LLVMValueRef idx = convert(c, emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
+          v[l] = LLVMBuildLoad2(B, c->vty, buf_gep(c, x->buf, idx), "krow");
+          LLVMSetAlignment(v[l], 4);
+        }
+        transpose_block(c, v);
+        for (int t = 0; t < c->W; t++) {
+          LLVMValueRef off =
+              LLVMBuildAdd(B, LLVMBuildMul(B, LLVMBuildAdd(B, kkb, ci64(c, t), ""), ci64(c, R), ""),
+                           ci64(c, g * c->W), "");
+          LLVMValueRef st = LLVMBuildStore(B, v[t], fptr(c, pdst, off, "dst"));
+          LLVMSetAlignment(st, 4);
+        }
+      }
+      snprintf(nm, sizeof nm, "%s.kv.exit", name);
+      loop_end(c, &Lc, nch, nm);
+      LLVMBuildBr(B, bafter);
+      LLVMPositionBuilderAtEnd(B, bafter);
+      LLVMBasicBlockRef brest = new_block(c, "pack.rest");
+      LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntSLT, kstart, kcur, ""), brest, bjoin);
+      LLVMPositionBuilderAtEnd(B, brest);
+    }
     snprintf(nm, sizeof nm, "%s.k", name);
-    loop Lk = loop_begin(c, nm, ci64(c, 0));
+    loop Lk = loop_begin(c, nm, kstart);
     c->vars[c->s->n_dom] = LLVMBuildAdd(B, k0, Lk.iv, "k");
     LLVMValueRef rowdst = fptr(c, pdst, LLVMBuildMul(B, Lk.iv, ci64(c, R), ""), "rowdst");
     /* every lane's value before any store: the loads may then be merged */
