@@ -621,6 +621,7 @@ typedef struct gemm_case {
   bool bcast_b, trans_a, trans_b, epilogue, trans_store;
   cm_kgemm_tiles tiles;
   bool two_d; /* dom [M, N] without a batch var (batch must be 1) */
+  int width;  /* vector width rendered with (0: 16) */
 } gemm_case;
 
 /* C[b,i,j] (or C[b,j,i]) = relu(sum_k A(b,i,k) B(b,k,j) + bias[j]) */
@@ -693,7 +694,7 @@ static void check_gemm(cm_jit *j, const gemm_case *g) {
     char *ws = aligned_alloc(64, (size_t)gemm_ws(t));
     char *bufs[] = {(char *)A, (char *)Bm, (char *)bias, (char *)C};
     cm_cpu_stage_fn fn[1];
-    cm_llvm_render_opts ro = {16, !templ};
+    cm_llvm_render_opts ro = {g->width ? g->width : 16, !templ};
     if (jit_kernel(j, &k, &ro, fn)) {
       int64_t items = templ ? gemm_items(g, t) : g->batch * g->M * g->N;
       run_stages(&k, fn, bufs, &items, ws);
@@ -734,17 +735,25 @@ static void test_gemm(void) {
   if (!j) return;
   const cm_kgemm_tiles small = {12, 64, 16, 6, 32};
   const gemm_case cases[] = {
-      {1, 1, 1, 1, false, false, false, false, false, {0}, false},
-      {1, 7, 13, 5, false, false, false, true, false, small, false},
-      {1, 97, 31, 129, false, false, false, false, false, small, false},
-      {1, 97, 31, 129, false, false, false, false, false, {0}, false},
-      {1, 130, 260, 300, false, false, false, true, false, {0}, false},
-      {1, 130, 260, 300, false, true, true, false, false, {24, 96, 64, 6, 32}, false},
-      {3, 17, 19, 23, true, false, false, true, true, small, false},
-      {2, 33, 65, 40, false, true, false, true, true, {12, 64, 16, 4, 64}, false},
-      {2, 9, 70, 31, true, false, true, false, true, {0}, false},
-      {1, 29, 47, 53, false, false, true, true, false, small, true},
-      {1, 1, 200, 70, false, false, false, true, true, {0}, true},
+      {1, 1, 1, 1, false, false, false, false, false, {0}, false, 0},
+      {1, 7, 13, 5, false, false, false, true, false, small, false, 0},
+      {1, 97, 31, 129, false, false, false, false, false, small, false, 0},
+      {1, 97, 31, 129, false, false, false, false, false, {0}, false, 0},
+      {1, 130, 260, 300, false, false, false, true, false, {0}, false, 0},
+      {1, 130, 260, 300, false, true, true, false, false, {24, 96, 64, 6, 32}, false, 0},
+      {3, 17, 19, 23, true, false, false, true, true, small, false, 0},
+      {2, 33, 65, 40, false, true, false, true, true, {12, 64, 16, 4, 64}, false, 0},
+      {2, 9, 70, 31, true, false, true, false, true, {0}, false, 0},
+      {1, 29, 47, 53, false, false, true, true, false, small, true, 0},
+      {1, 1, 200, 70, false, false, false, true, true, {0}, true, 0},
+      /* mr, nr multiples of the width: A (row-major) and B^T are packed W k at a time
+       * (kc slices of 2 whole chunks, then 0 chunks and a remainder of 13) */
+      {1, 50, 37, 45, false, false, true, true, false, {32, 32, 32, 16, 16}, false, 0},
+      {2, 35, 21, 77, true, false, true, false, true, {16, 32, 48, 16, 32}, false, 0},
+      {1, 40, 45, 29, false, true, false, true, false, {16, 48, 16, 16, 48}, false, 0},
+      /* 8-wide vectors: 8 x 8 transposes, 3 accumulators per row */
+      {1, 41, 50, 70, false, false, true, true, false, {24, 48, 32, 8, 24}, false, 8},
+      {1, 19, 33, 17, false, true, true, false, false, {0}, false, 8},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) check_gemm(j, &cases[i]);
   cm_jit_destroy(j);
@@ -943,7 +952,7 @@ static void test_asm(void) {
   LLVMDisposeModule(m);
   cm_kernel_free(&k);
 
-  gemm_case g = {1, 64, 64, 64, false, false, false, false, false, {0}, false};
+  gemm_case g = {1, 64, 64, 64, false, false, false, false, false, {0}, false, 0};
   build_gemm(&k, &g, true);
   m = LLVMModuleCreateWithNameInContext("asm_gemm", cm_jit_context(j));
   CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
@@ -965,13 +974,33 @@ static void test_asm(void) {
         memcpy(loop_text, lab, len);
         loop_text[len] = 0;
         int fmas = count(loop_text, "vfmadd231ps\t%zmm");
-        CHECK_MSG(fmas >= 12, "%d register zmm FMAs in the micro-kernel loop", fmas);
+        /* unrolled by 4 */
+        CHECK_MSG(fmas >= 48, "%d register zmm FMAs in the micro-kernel loop", fmas);
         CHECK_MSG(count(loop_text, "(%rsp)") == 0, "stack access in the micro-kernel loop:\n%s",
                   loop_text);
         free(loop_text);
       }
     }
     if (getenv("CM_DUMP_ASM")) fputs(text, stderr);
+  } else {
+    CHECK_MSG(false, "%s", err.msg);
+  }
+  free(text);
+  LLVMDisposeModule(m);
+  cm_kernel_free(&k);
+
+  /* B^T (contiguous along k) is packed with vector loads and shuffles, not scatters
+   * (the k remainder of a slice, under W, may gather) */
+  gemm_case gt = {1, 64, 64, 100, false, false, true, false, false, {0}, false, 0};
+  build_gemm(&k, &gt, true);
+  m = LLVMModuleCreateWithNameInContext("asm_gemm_bt", cm_jit_context(j));
+  CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
+  text = NULL;
+  if (cm_jit_render(j, m, CM_JIT_TEXT_ASM, &text, &err) == CM_OK) {
+    CHECK_MSG(count(text, "vscatter") == 0, "scatter in the B^T GEMM (%d)",
+              count(text, "vscatter"));
+    CHECK_MSG(count(text, "vunpck") + count(text, "vperm") + count(text, "vshuf") >= 16,
+              "no in-register transpose in the B^T pack");
   } else {
     CHECK_MSG(false, "%s", err.msg);
   }
@@ -1000,7 +1029,7 @@ CM_NO_SANITIZE_FUNCTION static double time_gemm(cm_cpu_stage_fn fn, char *const 
 static void test_gemm_perf(void) {
   cm_jit *j = new_jit();
   if (!j) return;
-  gemm_case g = {1, 384, 384, 1536, false, false, false, false, false, {0}, false};
+  gemm_case g = {1, 384, 384, 1536, false, false, false, false, false, {0}, false, 0};
   cm_kernel k;
   build_gemm(&k, &g, true);
   float *A = malloc(384 * 1536 * 4), *Bm = malloc(1536 * 384 * 4), *bias = calloc(384, 4),
