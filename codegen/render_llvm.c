@@ -489,7 +489,7 @@ static void unroll_last_loop(rctx *c, LLVMBasicBlockRef latch, unsigned count) {
   LLVMMetadataRef cnt = LLVMMDNodeInContext2(c->C, ops, 2);
   LLVMMetadataRef id_ops[2] = {tmp, cnt};
   LLVMMetadataRef id = LLVMMDNodeInContext2(c->C, id_ops, 2);
-  LLVMMetadataReplaceAllUsesWith(tmp, id);
+  LLVMMetadataReplaceAllUsesWith(tmp, id); /* also deletes tmp */
   LLVMSetMetadata(br, LLVMGetMDKindIDInContext(c->C, "llvm.loop", 9),
                   LLVMMetadataAsValue(c->C, id));
 }
@@ -685,17 +685,14 @@ static bool lin_coef(const cm_kstage *s, int e, int kv, int64_t *coef) {
   case CM_OP_ADD:
   case CM_OP_SUB:
     if (!lin_coef(s, x->a, kv, &ca) || !lin_coef(s, x->b, kv, &cb)) return false;
-    *coef = x->op == CM_OP_ADD ? ca + cb : ca - cb;
-    return true;
+    return x->op == CM_OP_ADD ? !__builtin_add_overflow(ca, cb, coef)
+                              : !__builtin_sub_overflow(ca, cb, coef);
   case CM_OP_MUL:
-    if (cm_kx_is_const(s, x->b, &v) && lin_coef(s, x->a, kv, &ca)) {
-      *coef = ca * (int64_t)v;
-      return true;
-    }
-    if (cm_kx_is_const(s, x->a, &v) && lin_coef(s, x->b, kv, &cb)) {
-      *coef = cb * (int64_t)v;
-      return true;
-    }
+    /* constants beyond 2^53 are not exact integers: not worth the analysis */
+    if (cm_kx_is_const(s, x->b, &v) && fabs(v) < 9e15 && lin_coef(s, x->a, kv, &ca))
+      return !__builtin_mul_overflow(ca, (int64_t)v, coef);
+    if (cm_kx_is_const(s, x->a, &v) && fabs(v) < 9e15 && lin_coef(s, x->b, kv, &cb))
+      return !__builtin_mul_overflow(cb, (int64_t)v, coef);
     return false;
   default: return false;
   }
