@@ -621,14 +621,17 @@ typedef struct gemm_case {
   bool bcast_b, trans_a, trans_b, epilogue, trans_store;
   cm_kgemm_tiles tiles;
   bool two_d; /* dom [M, N] without a batch var (batch must be 1) */
+  int width;  /* vector width rendered with (0: 16) */
+  int kstep;  /* B^T rows hold B(k, j) at k * kstep (0: 1); 2 is not contiguous along k */
 } gemm_case;
 
 /* C[b,i,j] (or C[b,j,i]) = relu(sum_k A(b,i,k) B(b,k,j) + bias[j]) */
 static void build_gemm(cm_kernel *k, const gemm_case *g, bool templ) {
   cm_kernel_init(k, "kgemm");
   int ba = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, g->batch * g->M * g->K, -1, 0);
-  int bb = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, (g->bcast_b ? 1 : g->batch) * g->K * g->N,
-                                -1, 0);
+  int64_t ks = g->kstep ? g->kstep : 1;
+  int bb = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32,
+                                (g->bcast_b ? 1 : g->batch) * g->K * g->N * ks, -1, 0);
   int bbias = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, g->N, -1, 0);
   int bc = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, g->batch * g->M * g->N, -1, 0);
   cm_kstage *s = cm_kernel_add_stage(k, "gemm");
@@ -643,8 +646,9 @@ static void build_gemm(cm_kernel *k, const gemm_case *g, bool templ) {
                ? cm_kx_iadd(s, cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vb, K), vk), M), vi)
                : cm_kx_iadd(s, cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vb, M), vi), K), vk);
   int bbase = g->bcast_b ? cm_kx_iconst(s, 0) : vb;
+  int Ks = cm_kx_iconst(s, g->K * ks), vks = cm_kx_imul(s, vk, cm_kx_iconst(s, ks));
   int ib = g->trans_b
-               ? cm_kx_iadd(s, cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, bbase, N), vj), K), vk)
+               ? cm_kx_iadd(s, cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, bbase, N), vj), Ks), vks)
                : cm_kx_iadd(s, cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, bbase, K), vk), N), vj);
   s->gemm_a = cm_kx_load(s, k, ba, ia);
   if (g->two_d) /* a prologue: A scaled by 0.5 and rounded through bf16 and back */
@@ -673,14 +677,16 @@ static int64_t gemm_items(const gemm_case *g, const cm_kgemm_tiles *t) {
 static int64_t gemm_ws(const cm_kgemm_tiles *t) {
   return 4 * ((int64_t)t->kc * t->nc + (int64_t)t->mc * t->kc + (int64_t)t->mc * t->nc);
 }
-static const cm_kgemm_tiles default_tiles = {96, 512, 256, 6, 32};
+/* the renderer's defaults (mc, nc, kc alike for every vector width) */
+static const cm_kgemm_tiles default_tiles = {240, 512, 128, 6, 64};
 
 static void check_gemm(cm_jit *j, const gemm_case *g) {
   for (int templ = 1; templ >= 0; templ--) {
     if (!templ && g->M * g->N * g->K > 2000000) continue;
     cm_kernel k;
     build_gemm(&k, g, true); /* templ 0: the GEMM stage rendered with no_templates */
-    int64_t na = g->batch * g->M * g->K, nb = (g->bcast_b ? 1 : g->batch) * g->K * g->N;
+    int64_t na = g->batch * g->M * g->K,
+            nb = (g->bcast_b ? 1 : g->batch) * g->K * g->N * (g->kstep ? g->kstep : 1);
     int64_t nc = g->batch * g->M * g->N;
     float *A = malloc((size_t)na * 4), *Bm = malloc((size_t)nb * 4),
           *bias = malloc((size_t)g->N * 4);
@@ -693,7 +699,7 @@ static void check_gemm(cm_jit *j, const gemm_case *g) {
     char *ws = aligned_alloc(64, (size_t)gemm_ws(t));
     char *bufs[] = {(char *)A, (char *)Bm, (char *)bias, (char *)C};
     cm_cpu_stage_fn fn[1];
-    cm_llvm_render_opts ro = {16, !templ};
+    cm_llvm_render_opts ro = {g->width ? g->width : 16, !templ};
     if (jit_kernel(j, &k, &ro, fn)) {
       int64_t items = templ ? gemm_items(g, t) : g->batch * g->M * g->N;
       run_stages(&k, fn, bufs, &items, ws);
@@ -706,8 +712,9 @@ static void check_gemm(cm_jit *j, const gemm_case *g) {
             for (int64_t kk = 0; kk < g->K; kk++) {
               double a = g->trans_a ? A[(b * g->K + kk) * g->M + i] : A[(b * g->M + i) * g->K + kk];
               if (g->two_d) a = 0.5 * bf16_round((float)a);
-              double bv =
-                  g->trans_b ? Bm[(bo * g->N + jj) * g->K + kk] : Bm[(bo * g->K + kk) * g->N + jj];
+              double bv = g->trans_b
+                              ? Bm[((bo * g->N + jj) * g->K + kk) * (g->kstep ? g->kstep : 1)]
+                              : Bm[(bo * g->K + kk) * g->N + jj];
               sum += a * bv;
               mag += fabs(a * bv);
             }
@@ -734,17 +741,27 @@ static void test_gemm(void) {
   if (!j) return;
   const cm_kgemm_tiles small = {12, 64, 16, 6, 32};
   const gemm_case cases[] = {
-      {1, 1, 1, 1, false, false, false, false, false, {0}, false},
-      {1, 7, 13, 5, false, false, false, true, false, small, false},
-      {1, 97, 31, 129, false, false, false, false, false, small, false},
-      {1, 97, 31, 129, false, false, false, false, false, {0}, false},
-      {1, 130, 260, 300, false, false, false, true, false, {0}, false},
-      {1, 130, 260, 300, false, true, true, false, false, {24, 96, 64, 6, 32}, false},
-      {3, 17, 19, 23, true, false, false, true, true, small, false},
-      {2, 33, 65, 40, false, true, false, true, true, {12, 64, 16, 4, 64}, false},
-      {2, 9, 70, 31, true, false, true, false, true, {0}, false},
-      {1, 29, 47, 53, false, false, true, true, false, small, true},
-      {1, 1, 200, 70, false, false, false, true, true, {0}, true},
+      {1, 1, 1, 1, false, false, false, false, false, {0}, false, 0, 0},
+      {1, 7, 13, 5, false, false, false, true, false, small, false, 0, 0},
+      {1, 97, 31, 129, false, false, false, false, false, small, false, 0, 0},
+      {1, 97, 31, 129, false, false, false, false, false, {0}, false, 0, 0},
+      {1, 130, 260, 300, false, false, false, true, false, {0}, false, 0, 0},
+      {1, 130, 260, 300, false, true, true, false, false, {24, 96, 64, 6, 32}, false, 0, 0},
+      {3, 17, 19, 23, true, false, false, true, true, small, false, 0, 0},
+      {2, 33, 65, 40, false, true, false, true, true, {12, 64, 16, 4, 64}, false, 0, 0},
+      {2, 9, 70, 31, true, false, true, false, true, {0}, false, 0, 0},
+      {1, 29, 47, 53, false, false, true, true, false, small, true, 0, 0},
+      {1, 1, 200, 70, false, false, false, true, true, {0}, true, 0, 0},
+      /* mr, nr multiples of the width: A (row-major) and B^T are packed W k at a time
+       * (kc slices of 2 whole chunks, then 0 chunks and a remainder of 13) */
+      {1, 50, 37, 45, false, false, true, true, false, {32, 32, 32, 16, 16}, false, 0, 0},
+      {2, 35, 21, 77, true, false, true, false, true, {16, 32, 48, 16, 32}, false, 0, 0},
+      {1, 40, 45, 29, false, true, false, true, false, {16, 48, 16, 16, 48}, false, 0, 0},
+      /* 8-wide vectors: 8 x 8 transposes, 3 accumulators per row */
+      {1, 41, 50, 70, false, false, true, true, false, {24, 48, 32, 8, 24}, false, 8, 0},
+      {1, 19, 33, 17, false, true, true, false, false, {0}, false, 8, 0},
+      /* B^T with a k stride of 2: packed element by element */
+      {2, 21, 40, 37, false, false, true, true, false, {16, 32, 16, 16, 32}, false, 0, 2},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) check_gemm(j, &cases[i]);
   cm_jit_destroy(j);
@@ -943,14 +960,15 @@ static void test_asm(void) {
   LLVMDisposeModule(m);
   cm_kernel_free(&k);
 
-  gemm_case g = {1, 64, 64, 64, false, false, false, false, false, {0}, false};
+  gemm_case g = {1, 64, 64, 64, false, false, false, false, false, {0}, false, 0, 0};
   build_gemm(&k, &g, true);
   m = LLVMModuleCreateWithNameInContext("asm_gemm", cm_jit_context(j));
   CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
   text = NULL;
   if (cm_jit_render(j, m, CM_JIT_TEXT_ASM, &text, &err) == CM_OK) {
-    /* 6 x 2 zmm accumulators: the micro-kernel's loop (from the label before the first
-     * register FMA to its back edge) holds at least 12 zmm FMAs and no stack access */
+    /* 6 x 4 zmm accumulators: the micro-kernel's loop (from the label before the first
+     * register FMA to its back edge), unrolled by 4, holds at least 96 zmm FMAs and no
+     * stack access */
     const char *f = strstr(text, "vfmadd231ps\t%zmm");
     CHECK(f != NULL);
     if (f) {
@@ -965,13 +983,32 @@ static void test_asm(void) {
         memcpy(loop_text, lab, len);
         loop_text[len] = 0;
         int fmas = count(loop_text, "vfmadd231ps\t%zmm");
-        CHECK_MSG(fmas >= 12, "%d register zmm FMAs in the micro-kernel loop", fmas);
+        CHECK_MSG(fmas >= 96, "%d register zmm FMAs in the micro-kernel loop", fmas);
         CHECK_MSG(count(loop_text, "(%rsp)") == 0, "stack access in the micro-kernel loop:\n%s",
                   loop_text);
         free(loop_text);
       }
     }
     if (getenv("CM_DUMP_ASM")) fputs(text, stderr);
+  } else {
+    CHECK_MSG(false, "%s", err.msg);
+  }
+  free(text);
+  LLVMDisposeModule(m);
+  cm_kernel_free(&k);
+
+  /* B^T (contiguous along k) is packed with vector loads and shuffles, not scatters
+   * (the k remainder of a slice, under W, may gather) */
+  gemm_case gt = {1, 64, 64, 100, false, false, true, false, false, {0}, false, 0, 0};
+  build_gemm(&k, &gt, true);
+  m = LLVMModuleCreateWithNameInContext("asm_gemm_bt", cm_jit_context(j));
+  CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
+  text = NULL;
+  if (cm_jit_render(j, m, CM_JIT_TEXT_ASM, &text, &err) == CM_OK) {
+    CHECK_MSG(count(text, "vscatter") == 0, "scatter in the B^T GEMM (%d)",
+              count(text, "vscatter"));
+    CHECK_MSG(count(text, "vunpck") + count(text, "vperm") + count(text, "vshuf") >= 16,
+              "no in-register transpose in the B^T pack");
   } else {
     CHECK_MSG(false, "%s", err.msg);
   }
@@ -1000,7 +1037,7 @@ CM_NO_SANITIZE_FUNCTION static double time_gemm(cm_cpu_stage_fn fn, char *const 
 static void test_gemm_perf(void) {
   cm_jit *j = new_jit();
   if (!j) return;
-  gemm_case g = {1, 384, 384, 1536, false, false, false, false, false, {0}, false};
+  gemm_case g = {1, 384, 384, 1536, false, false, false, false, false, {0}, false, 0, 0};
   cm_kernel k;
   build_gemm(&k, &g, true);
   float *A = malloc(384 * 1536 * 4), *Bm = malloc(1536 * 384 * 4), *bias = calloc(384, 4),
