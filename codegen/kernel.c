@@ -305,19 +305,24 @@ static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
   /* where reduction vars and ACC may appear */
   uint32_t redmask = 0;
   for (int v = s->n_dom; v < nv; v++) redmask |= 1u << v;
-  bool *acc_ok = calloc((size_t)s->n_exprs + 1, 1), *red_ok = calloc((size_t)s->n_exprs + 1, 1);
   bool *used_acc = calloc((size_t)s->n_exprs + 1, 1);
-  if (!acc_ok || !red_ok || !used_acc) {
-    free(acc_ok), free(red_ok), free(used_acc);
+  uint32_t *vm = calloc((size_t)s->n_exprs + 1, sizeof *vm);
+  if (!used_acc || !vm) {
+    free(used_acc), free(vm);
     return cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
   }
   cm_status st = CM_OK;
   for (int e = 0; e < s->n_exprs; e++) {
     const cm_kexpr *x = &s->exprs[e];
     used_acc[e] = x->kind == CM_KX_ACC;
+    vm[e] = x->kind == CM_KX_VAR ? 1u << x->var : 0;
+    if (x->kind == CM_KX_VAR || x->kind == CM_KX_CONST || x->kind == CM_KX_ACC) continue;
     int ops[3] = {x->a, x->b, x->c};
     for (int j = 0; j < 3; j++)
-      if (ops[j] >= 0 && used_acc[ops[j]]) used_acc[e] = true;
+      if (ops[j] >= 0) {
+        used_acc[e] = used_acc[e] || used_acc[ops[j]];
+        vm[e] |= vm[ops[j]];
+      }
   }
   if (s->n_red > 0) {
     ei = s->body;
@@ -349,11 +354,11 @@ static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
       why = "store expression out of range";
     else if (s->exprs[t->index].dtype != CM_I64)
       why = "index must be i64";
-    else if (cm_kx_vars_used(s, t->index) & redmask)
+    else if (vm[t->index] & redmask)
       why = "reduction var used outside body and gemm operands";
     else if (used_acc[t->index])
       why = "ACC used only in store values";
-    else if (cm_kx_vars_used(s, t->value) & redmask) {
+    else if (vm[t->value] & redmask) {
       ei = t->value;
       why = "reduction var used outside body and gemm operands";
     }
@@ -382,9 +387,9 @@ static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
       uint32_t batch = (1u << (s->n_dom - 2)) - 1;
       uint32_t ma = batch | 1u << (s->n_dom - 2) | 1u << s->n_dom;
       uint32_t mb = batch | 1u << (s->n_dom - 1) | 1u << s->n_dom;
-      if (cm_kx_vars_used(s, s->gemm_a) & ~ma)
+      if (vm[s->gemm_a] & ~ma)
         why = "gemm_a uses a var other than batch, i, k";
-      else if (cm_kx_vars_used(s, s->gemm_b) & ~mb)
+      else if (vm[s->gemm_b] & ~mb)
         why = "gemm_b uses a var other than batch, k, j";
       else if (t->mc <= 0 || t->nc <= 0 || t->kc <= 0 || t->mr <= 0 || t->nr <= 0)
         why = "GEMM tiles must be positive";
@@ -408,7 +413,7 @@ static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
     }
   }
 done:
-  free(acc_ok), free(red_ok), free(used_acc);
+  free(used_acc), free(vm);
   return st;
 }
 

@@ -329,6 +329,30 @@ static void test_verify_rules(void) {
   }
 }
 
-TEST_MAIN({"elementwise", test_elementwise}, {"reduce", test_reduce}, {"gemm", test_gemm},
+/* const data converted to the buffer's dtype (explicit data and a fill) */
+static void test_const_data(void) {
+  cm_graph *g = cm_graph_new();
+  double d[5] = {1.5, -2.25, 3.0000001, 1e10, -0.7};
+  int64_t dims[1] = {5};
+  int n1 = cm_const_data(g, "c", CM_F64, 1, dims, d);
+  int n2 = cm_const_fill(g, "f", CM_F64, 1, dims, 2.7);
+  cm_kbuffer b = {CM_KBUF_CONST, CM_BF16, 5, n1, 0, true, false};
+  cm_err err = {0};
+  uint16_t *h = cm_kernel_const_data(g, &b, &err);
+  CHECK_MSG(h != NULL, "%s", err.msg);
+  for (int i = 0; h && i < 5; i++) CHECK(cm_bf16_to_f32(h[i]) == cm_round_to_dtype(d[i], CM_BF16));
+  free(h);
+  b.dtype = CM_I32, b.node = n2;
+  int32_t *q = cm_kernel_const_data(g, &b, &err);
+  CHECK_MSG(q != NULL, "%s", err.msg);
+  for (int i = 0; q && i < 5; i++) CHECK(q[i] == 2);
+  free(q);
+  b.numel = 4, b.node = n1;
+  CHECK(cm_kernel_const_data(g, &b, &err) == NULL && err.status == CM_EINVALID);
+  cm_graph_free(g);
+}
+
+TEST_MAIN({"const_data", test_const_data}, {"elementwise", test_elementwise},
+          {"reduce", test_reduce}, {"gemm", test_gemm},
           {"scratch_accumulate", test_scratch_accumulate}, {"dtypes", test_dtypes},
           {"folding", test_folding}, {"verify_rules", test_verify_rules})
