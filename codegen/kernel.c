@@ -201,42 +201,707 @@ uint32_t cm_kx_vars_used(const cm_kstage *s, int e) {
   return m;
 }
 
-/* ---- to be written: verifier, printer, interpreter, const data --------- */
+/* ---- verifier ------------------------------------------------------------ */
+
+static bool kis_int(cm_dtype dt) {
+  return dt == CM_I32 || dt == CM_I64;
+}
+
+static bool is_compare(cm_op op) {
+  return op == CM_OP_LT || op == CM_OP_LE || op == CM_OP_EQ || op == CM_OP_NE;
+}
+
+static int op_arity(cm_op op) {
+  if (op >= CM_OP_NEG && op <= CM_OP_CAST) return 1;
+  if (op >= CM_OP_ADD && op <= CM_OP_NE) return 2;
+  if (op == CM_OP_SELECT) return 3;
+  return -1;
+}
+
+#define KFAIL(...)                                                                                 \
+  do {                                                                                             \
+    char rule_[512];                                                                               \
+    snprintf(rule_, sizeof rule_, __VA_ARGS__);                                                    \
+    return cm_errorf(err, CM_EINVALID, "kernel %s stage %d (%s) expr %d: %s", k->name, si,         \
+                     s->name, ei, rule_);                                                          \
+  } while (0)
+
+static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
+  const cm_kstage *s = &k->stages[si];
+  int ei = -1;
+  int nv = s->n_dom + s->n_red;
+  if (s->n_dom < 0 || s->n_red < 0 || nv > CM_KMAX_VARS)
+    KFAIL("n_dom + n_red = %d exceeds CM_KMAX_VARS (%d)", nv, CM_KMAX_VARS);
+  for (int v = 0; v < nv; v++) {
+    int64_t e = v < s->n_dom ? s->dom[v] : s->red[v - s->n_dom];
+    if (e < 1) KFAIL("extent of var %d is %lld, must be >= 1", v, (long long)e);
+  }
+  if (s->n_parallel < 0 || s->n_parallel > s->n_dom)
+    KFAIL("n_parallel %d out of range [0, n_dom=%d]", s->n_parallel, s->n_dom);
+  if (s->accumulate && s->n_parallel != 0) KFAIL("accumulate stage needs n_parallel == 0");
+  if (s->n_exprs < 0 || (s->n_exprs > 0 && !s->exprs)) KFAIL("no expression array");
+  if (s->n_stores < 0 || s->n_stores > CM_KMAX_STORES) KFAIL("bad store count %d", s->n_stores);
+  for (ei = 0; ei < s->n_exprs; ei++) {
+    const cm_kexpr *e = &s->exprs[ei];
+    int ops[3] = {e->a, e->b, e->c};
+    int want = 0;
+    switch (e->kind) {
+    case CM_KX_CONST: break;
+    case CM_KX_VAR:
+      if (e->dtype != CM_I64) KFAIL("var must be i64");
+      if (e->var < 0 || e->var >= nv) KFAIL("var %d out of range (n_dom + n_red = %d)", e->var, nv);
+      break;
+    case CM_KX_ACC:
+      if (s->n_red == 0) KFAIL("ACC used in a stage without reduction");
+      if (e->dtype != s->acc_dtype) KFAIL("ACC dtype differs from acc_dtype");
+      break;
+    case CM_KX_LOAD:
+      want = 1;
+      if (e->buf < 0 || e->buf >= k->n_buffers) KFAIL("load of nonexistent buffer %d", e->buf);
+      if (e->dtype != k->buffers[e->buf].dtype) KFAIL("load dtype differs from buffer's");
+      break;
+    case CM_KX_MOD:
+      want = 2;
+      if (e->dtype != CM_I64) KFAIL("mod must be i64");
+      break;
+    case CM_KX_OP:
+      want = op_arity(e->op);
+      if (want < 0) KFAIL("op %s is not elementwise", cm_op_name(e->op));
+      break;
+    default: KFAIL("unknown expression kind %d", (int)e->kind);
+    }
+    for (int j = 0; j < 3; j++) {
+      if (j < want) {
+        if (ops[j] < 0 || ops[j] >= ei)
+          KFAIL("operand %d = %d out of range (must be in [0, %d))", j, ops[j], ei);
+      } else if (ops[j] != -1)
+        KFAIL("operand %d set but unused", j);
+    }
+    if (e->kind == CM_KX_LOAD && s->exprs[e->a].dtype != CM_I64) KFAIL("index must be i64");
+    if (e->kind == CM_KX_MOD && (s->exprs[e->a].dtype != CM_I64 || s->exprs[e->b].dtype != CM_I64))
+      KFAIL("mod operands must be i64");
+    if (e->kind == CM_KX_OP) {
+      cm_dtype da = s->exprs[e->a].dtype;
+      if (e->op == CM_OP_CAST || e->op == CM_OP_STOP_GRADIENT) {
+        if (e->op == CM_OP_STOP_GRADIENT && da != e->dtype) KFAIL("operand dtype mismatch");
+      } else if (e->op == CM_OP_SELECT) {
+        if (da != CM_BOOL) KFAIL("SELECT cond must be bool");
+        if (s->exprs[e->b].dtype != e->dtype || s->exprs[e->c].dtype != e->dtype)
+          KFAIL("operand dtype mismatch");
+      } else if (want == 2) {
+        cm_dtype db = s->exprs[e->b].dtype;
+        if (da != db)
+          KFAIL("operand dtype mismatch (%s vs %s)", cm_dtype_name(da), cm_dtype_name(db));
+        if (is_compare(e->op) ? e->dtype != CM_BOOL : e->dtype != da)
+          KFAIL("result dtype %s inconsistent with operands", cm_dtype_name(e->dtype));
+        if (da == CM_BOOL && !is_compare(e->op)) KFAIL("arithmetic on bool");
+      } else {
+        if (da != e->dtype) KFAIL("operand dtype mismatch");
+        if (da == CM_BOOL) KFAIL("arithmetic on bool");
+      }
+    }
+  }
+  ei = -1;
+  /* where reduction vars and ACC may appear */
+  uint32_t redmask = 0;
+  for (int v = s->n_dom; v < nv; v++) redmask |= 1u << v;
+  bool *used_acc = calloc((size_t)s->n_exprs + 1, 1);
+  uint32_t *vm = calloc((size_t)s->n_exprs + 1, sizeof *vm);
+  if (!used_acc || !vm) {
+    free(used_acc), free(vm);
+    return cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
+  }
+  cm_status st = CM_OK;
+  for (int e = 0; e < s->n_exprs; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    used_acc[e] = x->kind == CM_KX_ACC;
+    vm[e] = x->kind == CM_KX_VAR ? 1u << x->var : 0;
+    if (x->kind == CM_KX_VAR || x->kind == CM_KX_CONST || x->kind == CM_KX_ACC) continue;
+    int ops[3] = {x->a, x->b, x->c};
+    for (int j = 0; j < 3; j++)
+      if (ops[j] >= 0) {
+        used_acc[e] = used_acc[e] || used_acc[ops[j]];
+        vm[e] |= vm[ops[j]];
+      }
+  }
+  if (s->n_red > 0) {
+    ei = s->body;
+    if (s->body < 0 || s->body >= s->n_exprs) {
+      st = cm_errorf(err, CM_EINVALID, "kernel %s stage %d (%s) expr %d: body missing", k->name, si,
+                     s->name, ei);
+      goto done;
+    }
+    if (used_acc[s->body]) {
+      st = cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d (%s) expr %d: ACC used only in store values", k->name, si,
+                     s->name, ei);
+      goto done;
+    }
+  } else if (s->body != -1) {
+    st = cm_errorf(err, CM_EINVALID, "kernel %s stage %d (%s) expr %d: body set but n_red == 0",
+                   k->name, si, s->name, s->body);
+    goto done;
+  }
+  for (int j = 0; j < s->n_stores; j++) {
+    const cm_kstore *t = &s->stores[j];
+    ei = t->index;
+    const char *why = NULL;
+    if (t->buf < 0 || t->buf >= k->n_buffers)
+      why = "store to nonexistent buffer";
+    else if (k->buffers[t->buf].kind == CM_KBUF_CONST)
+      why = "store to a CONST buffer";
+    else if (t->index < 0 || t->index >= s->n_exprs || t->value < 0 || t->value >= s->n_exprs)
+      why = "store expression out of range";
+    else if (s->exprs[t->index].dtype != CM_I64)
+      why = "index must be i64";
+    else if (vm[t->index] & redmask)
+      why = "reduction var used outside body and gemm operands";
+    else if (used_acc[t->index])
+      why = "ACC used only in store values";
+    else if (vm[t->value] & redmask) {
+      ei = t->value;
+      why = "reduction var used outside body and gemm operands";
+    }
+    if (why) {
+      st = cm_errorf(err, CM_EINVALID, "kernel %s stage %d (%s) expr %d: store %d: %s", k->name, si,
+                     s->name, ei, j, why);
+      goto done;
+    }
+  }
+  if (s->tmpl == CM_KT_GEMM) {
+    ei = s->body;
+    const char *why = NULL;
+    const cm_kgemm_tiles *t = &s->tiles;
+    if (s->n_dom < 2)
+      why = "GEMM needs n_dom >= 2";
+    else if (s->n_red != 1)
+      why = "GEMM needs n_red == 1";
+    else if (s->red_op != CM_KRED_SUM)
+      why = "GEMM needs SUM";
+    else if (s->gemm_a < 0 || s->gemm_a >= s->n_exprs || s->gemm_b < 0 || s->gemm_b >= s->n_exprs)
+      why = "GEMM operands out of range";
+    else if (s->exprs[s->body].kind != CM_KX_OP || s->exprs[s->body].op != CM_OP_MUL ||
+             s->exprs[s->body].a != s->gemm_a || s->exprs[s->body].b != s->gemm_b)
+      why = "GEMM body must be MUL(gemm_a, gemm_b)";
+    else {
+      uint32_t batch = (1u << (s->n_dom - 2)) - 1;
+      uint32_t ma = batch | 1u << (s->n_dom - 2) | 1u << s->n_dom;
+      uint32_t mb = batch | 1u << (s->n_dom - 1) | 1u << s->n_dom;
+      if (vm[s->gemm_a] & ~ma)
+        why = "gemm_a uses a var other than batch, i, k";
+      else if (vm[s->gemm_b] & ~mb)
+        why = "gemm_b uses a var other than batch, k, j";
+      else if (t->mc <= 0 || t->nc <= 0 || t->kc <= 0 || t->mr <= 0 || t->nr <= 0)
+        why = "GEMM tiles must be positive";
+      else if (t->mc % t->mr || t->nc % t->nr)
+        why = "GEMM tiles: mc % mr and nc % nr must be 0";
+    }
+    if (why) {
+      st = cm_errorf(err, CM_EINVALID, "kernel %s stage %d (%s) expr %d: %s", k->name, si, s->name,
+                     ei, why);
+      goto done;
+    }
+  }
+  /* ACC elsewhere than store values: any expression only reachable from loads' indices etc.
+     is caught above for body and indices; load indices using ACC are also wrong */
+  for (int e = 0; e < s->n_exprs; e++) {
+    if (s->exprs[e].kind == CM_KX_LOAD && used_acc[s->exprs[e].a]) {
+      st = cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d (%s) expr %d: ACC used only in store values", k->name, si,
+                     s->name, e);
+      goto done;
+    }
+  }
+done:
+  free(used_acc), free(vm);
+  return st;
+}
 
 cm_status cm_kernel_verify(const cm_kernel *k, cm_err *err) {
-  (void)k;
-  return CM_OK; /* the full verifier lands with the interpreter */
-}
-void cm_kernel_print(const cm_kernel *k, FILE *out) {
-  fprintf(out, "kernel %s\n", k->name);
-}
-void *cm_kernel_const_data(const cm_graph *g, const cm_kbuffer *b, cm_err *err) {
-  cm_errorf(err, CM_EINTERNAL, "cm_kernel_const_data: not implemented yet");
-  return NULL;
-}
-cm_status cm_kernel_interpret(const cm_kernel *k, void *const *bufs, cm_err *err) {
-  return cm_errorf(err, CM_EINTERNAL, "cm_kernel_interpret: not implemented yet");
-}
-int64_t cm_kstage_work_items(const cm_kstage *s) {
-  if (s->tmpl == CM_KT_GEMM && s->n_dom >= 2 && s->tiles.mc > 0 && s->tiles.nc > 0) {
-    int64_t batch = 1;
-    for (int i = 0; i < s->n_dom - 2; i++) batch *= s->dom[i];
-    int64_t m = s->dom[s->n_dom - 2], n = s->dom[s->n_dom - 1];
-    return batch * ((m + s->tiles.mc - 1) / s->tiles.mc) * ((n + s->tiles.nc - 1) / s->tiles.nc);
+  if (!k) return cm_errorf(err, CM_EINVALID, "kernel: NULL");
+  for (int b = 0; b < k->n_buffers; b++) {
+    const cm_kbuffer *x = &k->buffers[b];
+    if (x->numel < 0)
+      return cm_errorf(err, CM_EINVALID, "kernel %s buffer %d: negative numel", k->name, b);
+    if (x->kind == CM_KBUF_SCRATCH) {
+      int64_t bytes = x->numel * (int64_t)cm_dtype_size(x->dtype);
+      if (x->offset < 0 || x->offset + bytes > k->scratch_bytes)
+        return cm_errorf(err, CM_EINVALID,
+                         "kernel %s buffer %d: scratch [%lld, %lld) not within scratch_bytes %lld",
+                         k->name, b, (long long)x->offset, (long long)(x->offset + bytes),
+                         (long long)k->scratch_bytes);
+    }
   }
-  int64_t w = 1;
-  for (int i = 0; i < s->n_parallel && i < s->n_dom; i++) w *= s->dom[i];
-  return w;
+  for (int si = 0; si < k->n_stages; si++) {
+    cm_status st = verify_stage(k, si, err);
+    if (st != CM_OK) return st;
+  }
+  return CM_OK;
 }
 
-static int64_t round64(int64_t b) {
-  return (b + 63) / 64 * 64;
+/* ---- printer --------------------------------------------------------------- */
+
+static const char *kbuf_kind_name(cm_kbuf_kind k) {
+  switch (k) {
+  case CM_KBUF_ARENA: return "arena";
+  case CM_KBUF_SOURCE: return "source";
+  case CM_KBUF_CONST: return "const";
+  case CM_KBUF_SCRATCH: return "scratch";
+  }
+  return "?";
 }
 
-/* The CPU GEMM template's per-thread workspace: packed B panel (kc x nc), packed
- * A block (mc x kc) and the C tile (mc x nc), f32, each 64-byte aligned. */
+void cm_kernel_print(const cm_kernel *k, FILE *out) {
+  fprintf(out, "kernel %s (group %d) scratch %lld\n", k->name, k->group,
+          (long long)k->scratch_bytes);
+  for (int b = 0; b < k->n_buffers; b++) {
+    const cm_kbuffer *x = &k->buffers[b];
+    fprintf(out, "  b%d: %s %s[%lld] node %d offset %lld\n", b, kbuf_kind_name(x->kind),
+            cm_dtype_name(x->dtype), (long long)x->numel, x->node, (long long)x->offset);
+  }
+  for (int si = 0; si < k->n_stages; si++) {
+    const cm_kstage *s = &k->stages[si];
+    fprintf(out, "stage %d %s\n  dom [", si, s->name);
+    for (int v = 0; v < s->n_dom; v++) fprintf(out, "%s%lld", v ? ", " : "", (long long)s->dom[v]);
+    fprintf(out, "]");
+    if (s->n_red > 0) {
+      fprintf(out, " red %s [", s->red_op == CM_KRED_SUM ? "sum" : "max");
+      for (int v = 0; v < s->n_red; v++)
+        fprintf(out, "%s%lld", v ? ", " : "", (long long)s->red[v]);
+      fprintf(out, "] acc %s", cm_dtype_name(s->acc_dtype));
+    }
+    fprintf(out, " parallel %d\n", s->n_parallel);
+    if (s->tmpl == CM_KT_GEMM)
+      fprintf(out, "  gemm a=%%%d b=%%%d tiles mc=%d nc=%d kc=%d mr=%d nr=%d\n", s->gemm_a,
+              s->gemm_b, s->tiles.mc, s->tiles.nc, s->tiles.kc, s->tiles.mr, s->tiles.nr);
+    for (int e = 0; e < s->n_exprs; e++) {
+      const cm_kexpr *x = &s->exprs[e];
+      const char *dt = cm_dtype_name(x->dtype);
+      switch (x->kind) {
+      case CM_KX_CONST: fprintf(out, "  %%%d = %s const %.17g\n", e, dt, x->value); break;
+      case CM_KX_VAR: fprintf(out, "  %%%d = %s var v%d\n", e, dt, x->var); break;
+      case CM_KX_ACC: fprintf(out, "  %%%d = %s acc\n", e, dt); break;
+      case CM_KX_LOAD: fprintf(out, "  %%%d = %s load b%d[%%%d]\n", e, dt, x->buf, x->a); break;
+      case CM_KX_MOD: fprintf(out, "  %%%d = %s mod %%%d, %%%d\n", e, dt, x->a, x->b); break;
+      case CM_KX_OP:
+        fprintf(out, "  %%%d = %s %s %%%d", e, dt, cm_op_name(x->op), x->a);
+        if (x->b >= 0) fprintf(out, ", %%%d", x->b);
+        if (x->c >= 0) fprintf(out, ", %%%d", x->c);
+        fprintf(out, "\n");
+        break;
+      }
+    }
+    if (s->n_red > 0) fprintf(out, "  body %%%d\n", s->body);
+    for (int j = 0; j < s->n_stores; j++)
+      fprintf(out, "  store b%d[%%%d] %s %%%d\n", s->stores[j].buf, s->stores[j].index,
+              s->accumulate ? "+=" : "=", s->stores[j].value);
+  }
+}
+
+/* ---- const data, work items ---------------------------------------------- */
+
+/* Writes v (a real number) into element i of mem as dt, rounding like cm_tensor_set_f64. */
+static void put_real_mem(void *mem, cm_dtype dt, int64_t i, double v) {
+  double r = cm_round_to_dtype(v, dt);
+  switch (dt) {
+  case CM_F32: ((float *)mem)[i] = (float)r; break;
+  case CM_F64: ((double *)mem)[i] = r; break;
+  case CM_BF16: ((uint16_t *)mem)[i] = cm_f64_to_bf16(r); break;
+  case CM_F16: ((uint16_t *)mem)[i] = cm_f64_to_f16(r); break;
+  case CM_I32: ((int32_t *)mem)[i] = (int32_t)r; break;
+  case CM_I64:
+    ((int64_t *)mem)[i] = isnan(v)                      ? 0
+                          : v >= 9223372036854775808.0  ? INT64_MAX
+                          : v <= -9223372036854775808.0 ? INT64_MIN
+                                                        : (int64_t)trunc(v);
+    break;
+  case CM_BOOL: ((uint8_t *)mem)[i] = v != 0; break;
+  default: break;
+  }
+}
+
+void *cm_kernel_const_data(const cm_graph *g, const cm_kbuffer *b, cm_err *err) {
+  if (!g || !b || b->node < 0 || b->node >= g->n_nodes || g->nodes[b->node].op != CM_OP_CONST) {
+    cm_errorf(err, CM_EINVALID, "const buffer: node %d is not a const node", b ? b->node : -1);
+    return NULL;
+  }
+  const cm_attrs *a = &g->nodes[b->node].attrs;
+  if (a->data && a->n_data != b->numel) {
+    cm_errorf(err, CM_EINVALID, "const buffer: node %d has %lld data elements, buffer %lld",
+              b->node, (long long)a->n_data, (long long)b->numel);
+    return NULL;
+  }
+  void *mem = malloc((size_t)(b->numel > 0 ? b->numel : 1) * cm_dtype_size(b->dtype));
+  if (!mem) {
+    cm_errorf(err, CM_EINTERNAL, "const buffer: out of memory");
+    return NULL;
+  }
+  for (int64_t i = 0; i < b->numel; i++)
+    put_real_mem(mem, b->dtype, i, a->data ? a->data[i] : a->value);
+  return mem;
+}
+
+int64_t cm_kstage_work_items(const cm_kstage *s) {
+  int64_t n = 1;
+  if (s->tmpl == CM_KT_GEMM && s->n_dom >= 2 && s->tiles.mc > 0 && s->tiles.nc > 0) {
+    for (int v = 0; v < s->n_dom - 2; v++) n *= s->dom[v];
+    int64_t m = s->dom[s->n_dom - 2], nn = s->dom[s->n_dom - 1];
+    return n * ((m + s->tiles.mc - 1) / s->tiles.mc) * ((nn + s->tiles.nc - 1) / s->tiles.nc);
+  }
+  for (int v = 0; v < s->n_parallel; v++) n *= s->dom[v];
+  return n;
+}
+
 int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target t) {
   if (t != CM_TARGET_CPU || s->tmpl != CM_KT_GEMM) return 0;
-  int64_t mc = s->tiles.mc, nc = s->tiles.nc, kc = s->tiles.kc;
-  return round64(4 * kc * nc) + round64(4 * mc * kc) + round64(4 * mc * nc) + 64;
+  /* packed A block, packed B panel and the C tile (render_llvm.c's layout) */
+  int64_t a = (int64_t)s->tiles.mc * s->tiles.kc * 4, b = (int64_t)s->tiles.kc * s->tiles.nc * 4;
+  int64_t c = (int64_t)s->tiles.mc * s->tiles.nc * 4;
+  return (a + 63) / 64 * 64 + (b + 63) / 64 * 64 + (c + 63) / 64 * 64 + 64;
+}
+
+/* ---- interpreter ------------------------------------------------------------ */
+
+typedef union kval {
+  int64_t i; /* i32, i64 */
+  double f;  /* floats, bool (0/1) */
+} kval;
+
+static int64_t wrap_to(uint64_t u, cm_dtype dt) {
+  if (dt == CM_I32) {
+    uint32_t w = (uint32_t)u;
+    return w >= UINT32_C(0x80000000) ? (int64_t)w - INT64_C(0x100000000) : (int64_t)w;
+  }
+  if (u >= UINT64_C(1) << 63) return -(int64_t)(~u) - 1;
+  return (int64_t)u;
+}
+
+static double int_to_real(int64_t v, cm_dtype dt) {
+  int p = dt == CM_F32 ? 24 : dt == CM_BF16 ? 8 : dt == CM_F16 ? 11 : 53;
+  uint64_t mag = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+  int bits = 0;
+  for (uint64_t m = mag; m; m >>= 1) bits++;
+  if (bits <= p) return cm_round_to_dtype((double)v, dt);
+  int sh = bits - p;
+  uint64_t q = mag >> sh, rem = mag & ((UINT64_C(1) << sh) - 1), half = UINT64_C(1) << (sh - 1);
+  if (rem > half || (rem == half && (q & 1))) q++;
+  double r = cm_round_to_dtype(ldexp((double)q, sh), dt);
+  return v < 0 ? -r : r;
+}
+
+static kval from_real(double x, cm_dtype dt) {
+  kval r;
+  if (kis_int(dt)) {
+    if (isnan(x))
+      r.i = 0;
+    else if (dt == CM_I32)
+      r.i = (int64_t)cm_round_to_dtype(x, CM_I32);
+    else
+      r.i = x >= 9223372036854775808.0    ? INT64_MAX
+            : x <= -9223372036854775808.0 ? INT64_MIN
+                                          : (int64_t)trunc(x);
+  } else if (dt == CM_BOOL)
+    r.f = x != 0 ? 1.0 : 0.0;
+  else
+    r.f = cm_round_to_dtype(x, dt);
+  return r;
+}
+
+/* CAST's conversion of v (of dtype from) to dt. */
+static kval convert(kval v, cm_dtype from, cm_dtype dt) {
+  if (!kis_int(from)) return from_real(v.f, dt);
+  kval r;
+  if (kis_int(dt))
+    r.i = wrap_to((uint64_t)v.i, dt);
+  else if (dt == CM_BOOL)
+    r.f = v.i != 0;
+  else
+    r.f = int_to_real(v.i, dt);
+  return r;
+}
+
+static double as_real(kval v, cm_dtype dt) {
+  return kis_int(dt) ? (double)v.i : v.f;
+}
+
+static kval eval_op(const cm_kexpr *e, const cm_kexpr *ex, const kval *val) {
+  cm_dtype dt = e->dtype, da = ex[e->a].dtype;
+  kval a = val[e->a], r;
+  switch (e->op) {
+  case CM_OP_CAST:
+  case CM_OP_STOP_GRADIENT: return convert(a, da, dt);
+  case CM_OP_SELECT: {
+    bool c = a.f != 0;
+    int o = c ? e->b : e->c;
+    return convert(val[o], ex[o].dtype, dt);
+  }
+  default: break;
+  }
+  int ar = op_arity(e->op);
+  if (ar == 1) {
+    if (kis_int(dt) && kis_int(da)) {
+      uint64_t neg = (uint64_t)0 - (uint64_t)a.i;
+      switch (e->op) {
+      case CM_OP_NEG: r.i = wrap_to(neg, da); return convert(r, da, dt);
+      case CM_OP_ABS: r.i = a.i < 0 ? wrap_to(neg, da) : a.i; return convert(r, da, dt);
+      case CM_OP_RELU: r.i = a.i > 0 ? a.i : 0; return convert(r, da, dt);
+      default: return convert(a, da, dt);
+      }
+    }
+    double x = as_real(a, da), y;
+    switch (e->op) {
+    case CM_OP_NEG: y = -x; break;
+    case CM_OP_ABS: y = fabs(x); break;
+    case CM_OP_EXP: y = exp(x); break;
+    case CM_OP_LOG: y = log(x); break;
+    case CM_OP_SQRT: y = sqrt(x); break;
+    case CM_OP_RSQRT: y = 1.0 / sqrt(x); break;
+    case CM_OP_RECIP: y = 1.0 / x; break;
+    case CM_OP_TANH: y = tanh(x); break;
+    case CM_OP_ERF: y = erf(x); break;
+    case CM_OP_RELU: y = isnan(x) ? x : x > 0 ? x : 0.0; break;
+    default: y = x; break;
+    }
+    return from_real(y, dt);
+  }
+  cm_dtype db = ex[e->b].dtype;
+  kval b = val[e->b];
+  if (is_compare(e->op)) {
+    bool t;
+    if (kis_int(da) && kis_int(db)) {
+      int64_t x = a.i, y = b.i;
+      t = e->op == CM_OP_LT   ? x < y
+          : e->op == CM_OP_LE ? x <= y
+          : e->op == CM_OP_EQ ? x == y
+                              : x != y;
+    } else {
+      double x = as_real(a, da), y = as_real(b, db);
+      t = e->op == CM_OP_LT   ? x < y
+          : e->op == CM_OP_LE ? x <= y
+          : e->op == CM_OP_EQ ? x == y
+                              : x != y;
+    }
+    r.i = t;
+    return convert(r, CM_I64, dt);
+  }
+  if (kis_int(da) && kis_int(db) && kis_int(dt)) {
+    int64_t x = a.i, y = b.i;
+    switch (e->op) {
+    case CM_OP_ADD: r.i = wrap_to((uint64_t)x + (uint64_t)y, dt); return r;
+    case CM_OP_SUB: r.i = wrap_to((uint64_t)x - (uint64_t)y, dt); return r;
+    case CM_OP_MUL: r.i = wrap_to((uint64_t)x * (uint64_t)y, dt); return r;
+    case CM_OP_DIV:
+      r.i = y == 0 ? 0 : (x == INT64_MIN && y == -1) ? INT64_MIN : wrap_to((uint64_t)(x / y), dt);
+      return r;
+    case CM_OP_MAX: r.i = x > y ? x : y; return r;
+    case CM_OP_MIN: r.i = x < y ? x : y; return r;
+    default: return from_real(pow((double)x, (double)y), dt);
+    }
+  }
+  double x = as_real(a, da), y = as_real(b, db), z;
+  switch (e->op) {
+  case CM_OP_ADD: z = x + y; break;
+  case CM_OP_SUB: z = x - y; break;
+  case CM_OP_MUL: z = x * y; break;
+  case CM_OP_DIV: z = x / y; break;
+  case CM_OP_MAX: z = isnan(x) || isnan(y) ? NAN : x > y ? x : y; break;
+  case CM_OP_MIN: z = isnan(x) || isnan(y) ? NAN : x < y ? x : y; break;
+  case CM_OP_POW: z = pow(x, y); break;
+  default: z = NAN; break;
+  }
+  return from_real(z, dt);
+}
+
+static kval load_elem(const void *mem, cm_dtype dt, int64_t i) {
+  kval r;
+  switch (dt) {
+  case CM_F32: r.f = ((const float *)mem)[i]; break;
+  case CM_F64: r.f = ((const double *)mem)[i]; break;
+  case CM_BF16: r.f = cm_bf16_to_f32(((const uint16_t *)mem)[i]); break;
+  case CM_F16: r.f = cm_f16_to_f32(((const uint16_t *)mem)[i]); break;
+  case CM_I32: r.i = ((const int32_t *)mem)[i]; break;
+  case CM_I64: r.i = ((const int64_t *)mem)[i]; break;
+  default: r.f = ((const uint8_t *)mem)[i] != 0; break;
+  }
+  return r;
+}
+
+static void store_elem(void *mem, cm_dtype dt, int64_t i, kval v) {
+  switch (dt) {
+  case CM_I32: ((int32_t *)mem)[i] = (int32_t)v.i; break;
+  case CM_I64: ((int64_t *)mem)[i] = v.i; break;
+  default: put_real_mem(mem, dt, i, v.f); break;
+  }
+}
+
+typedef struct kctx {
+  const cm_kernel *k;
+  int si;
+  void *const *bufs;
+  kval *val;
+  int64_t vars[CM_KMAX_VARS];
+  cm_err *err;
+} kctx;
+
+static cm_status eval_list(kctx *c, const int *list, int n) {
+  const cm_kstage *s = &c->k->stages[c->si];
+  const cm_kexpr *ex = s->exprs;
+  for (int j = 0; j < n; j++) {
+    int id = list[j];
+    const cm_kexpr *e = &ex[id];
+    switch (e->kind) {
+    case CM_KX_CONST: c->val[id] = from_real(e->value, e->dtype); break;
+    case CM_KX_VAR: c->val[id].i = c->vars[e->var]; break;
+    case CM_KX_ACC: break; /* set by the caller */
+    case CM_KX_LOAD: {
+      int64_t i = c->val[e->a].i;
+      const cm_kbuffer *b = &c->k->buffers[e->buf];
+      if (i < 0 || i >= b->numel)
+        return cm_errorf(c->err, CM_EINVALID,
+                         "kernel %s stage %d (%s) expr %d: load index %lld out of bounds of "
+                         "b%d (numel %lld)",
+                         c->k->name, c->si, s->name, id, (long long)i, e->buf, (long long)b->numel);
+      c->val[id] = load_elem(c->bufs[e->buf], b->dtype, i);
+      break;
+    }
+    case CM_KX_MOD: {
+      int64_t x = c->val[e->a].i, y = c->val[e->b].i;
+      c->val[id].i = y == 0 ? 0 : (y == -1 ? 0 : x % y);
+      break;
+    }
+    case CM_KX_OP: c->val[id] = eval_op(e, ex, c->val); break;
+    }
+  }
+  return CM_OK;
+}
+
+/* Marks the expressions reachable from root into mark (topological order = id order). */
+static void reach(const cm_kstage *s, int root, bool *mark) {
+  if (root < 0 || mark[root]) return;
+  mark[root] = true;
+  const cm_kexpr *e = &s->exprs[root];
+  if (e->kind == CM_KX_CONST || e->kind == CM_KX_VAR || e->kind == CM_KX_ACC) return;
+  reach(s, e->a, mark);
+  reach(s, e->b, mark);
+  reach(s, e->c, mark);
+}
+
+static cm_status run_stage(kctx *c) {
+  const cm_kstage *s = &c->k->stages[c->si];
+  int n = s->n_exprs;
+  bool *mb = calloc((size_t)n + 1, 1), *ms = calloc((size_t)n + 1, 1);
+  int *lb = malloc(sizeof(int) * ((size_t)n + 1)), *ls = malloc(sizeof(int) * ((size_t)n + 1));
+  c->val = calloc((size_t)n + 1, sizeof(kval));
+  cm_status st = CM_OK;
+  if (!mb || !ms || !lb || !ls || !c->val) {
+    st = cm_errorf(c->err, CM_EINTERNAL, "kernel %s: out of memory", c->k->name);
+    goto out;
+  }
+  if (s->n_red > 0) reach(s, s->body, mb);
+  for (int j = 0; j < s->n_stores; j++) {
+    reach(s, s->stores[j].index, ms);
+    reach(s, s->stores[j].value, ms);
+  }
+  int nb = 0, ns = 0, acc_id = -1;
+  for (int i = 0; i < n; i++) {
+    if (mb[i]) lb[nb++] = i;
+    if (ms[i]) ls[ns++] = i;
+    if (s->exprs[i].kind == CM_KX_ACC) acc_id = i;
+  }
+  int64_t total = 1, rtotal = 1;
+  for (int v = 0; v < s->n_dom; v++) total *= s->dom[v];
+  for (int v = 0; v < s->n_red; v++) rtotal *= s->red[v];
+  cm_dtype adt = s->acc_dtype, bdt = s->n_red > 0 ? s->exprs[s->body].dtype : adt;
+  kval sv[CM_KMAX_STORES];
+  int64_t si_idx[CM_KMAX_STORES];
+  for (int64_t it = 0; it < total; it++) {
+    int64_t rem = it;
+    for (int v = s->n_dom - 1; v >= 0; v--) {
+      c->vars[v] = rem % s->dom[v];
+      rem /= s->dom[v];
+    }
+    if (s->n_red > 0) {
+      kval acc;
+      bool fl = !kis_int(adt);
+      if (s->red_op == CM_KRED_SUM) {
+        if (fl)
+          acc.f = 0;
+        else
+          acc.i = 0;
+      } else {
+        if (fl)
+          acc.f = -INFINITY;
+        else
+          acc.i = adt == CM_I32 ? INT32_MIN : INT64_MIN;
+      }
+      for (int64_t r = 0; r < rtotal; r++) {
+        int64_t rr = r;
+        for (int v = s->n_red - 1; v >= 0; v--) {
+          c->vars[s->n_dom + v] = rr % s->red[v];
+          rr /= s->red[v];
+        }
+        if ((st = eval_list(c, lb, nb)) != CM_OK) goto out;
+        kval x = convert(c->val[s->body], bdt, adt);
+        if (s->red_op == CM_KRED_SUM) {
+          if (fl)
+            acc.f = cm_round_to_dtype(acc.f + x.f, adt);
+          else
+            acc.i = wrap_to((uint64_t)acc.i + (uint64_t)x.i, adt);
+        } else {
+          if (fl)
+            acc.f = isnan(acc.f) || isnan(x.f) ? NAN : acc.f > x.f ? acc.f : x.f;
+          else
+            acc.i = acc.i > x.i ? acc.i : x.i;
+        }
+      }
+      if (acc_id >= 0) c->val[acc_id] = acc;
+    }
+    if ((st = eval_list(c, ls, ns)) != CM_OK) goto out;
+    for (int j = 0; j < s->n_stores; j++) {
+      const cm_kstore *t = &s->stores[j];
+      const cm_kbuffer *b = &c->k->buffers[t->buf];
+      si_idx[j] = c->val[t->index].i;
+      if (si_idx[j] < 0 || si_idx[j] >= b->numel) {
+        st = cm_errorf(c->err, CM_EINVALID,
+                       "kernel %s stage %d (%s) expr %d: store index %lld out of bounds of b%d "
+                       "(numel %lld)",
+                       c->k->name, c->si, s->name, t->index, (long long)si_idx[j], t->buf,
+                       (long long)b->numel);
+        goto out;
+      }
+      sv[j] = convert(c->val[t->value], s->exprs[t->value].dtype, b->dtype);
+    }
+    for (int j = 0; j < s->n_stores; j++) {
+      const cm_kstore *t = &s->stores[j];
+      cm_dtype dt = c->k->buffers[t->buf].dtype;
+      kval v = sv[j];
+      if (s->accumulate) {
+        kval old = load_elem(c->bufs[t->buf], dt, si_idx[j]);
+        if (kis_int(dt))
+          v.i = wrap_to((uint64_t)old.i + (uint64_t)v.i, dt);
+        else if (dt == CM_BOOL)
+          v.f = (old.f + v.f) != 0;
+        else
+          v.f = cm_round_to_dtype(old.f + v.f, dt);
+      }
+      store_elem(c->bufs[t->buf], dt, si_idx[j], v);
+    }
+  }
+out:
+  free(mb), free(ms), free(lb), free(ls), free(c->val);
+  c->val = NULL;
+  return st;
+}
+
+cm_status cm_kernel_interpret(const cm_kernel *k, void *const *bufs, cm_err *err) {
+  cm_status st = cm_kernel_verify(k, err);
+  if (st != CM_OK) return st;
+  kctx c;
+  memset(&c, 0, sizeof c);
+  c.k = k;
+  c.bufs = bufs;
+  c.err = err;
+  for (c.si = 0; c.si < k->n_stages; c.si++)
+    if ((st = run_stage(&c)) != CM_OK) return st;
+  return CM_OK;
 }
