@@ -1,7 +1,931 @@
-/* codegen/render_llvm.c — kernel IR to LLVM IR through the C API (to be written). */
+/* codegen/render_llvm.c — kernel IR to LLVM IR through the C API: one function
+ * per stage running work items [begin, end), generic loop nests shaped for the
+ * loop vectorizer, and a packed register-blocked GEMM for CM_KT_GEMM stages.
+ *
+ * Values in expressions: f32/bf16/f16 as float (bf16/f16 rounded after each
+ * op), f64 as double, i32/i64 as i32/i64, bool as i1 (i8 0/1 in memory).
+ *
+ * GEMM workspace (floats, from ws): packed B [nc/nr panels][kc][nr], then
+ * packed A [mc/mr panels][kc][mr], then the C tile [mc][nc] that carries the
+ * sums across kc slices: 4 * (kc*nc + mc*kc + mc*nc) bytes. Tiles left 0 by the
+ * lowering default to mr 6, nr 2W, mc 96, nc 32W, kc 256 (W: vector width).
+ *
+ * Deviations from the oracle (ir/eval.c), all within rounding: f32 math runs
+ * in float (the oracle rounds double results once); bf16/f16 values converted
+ * from i32/i64 beyond 2^24 may be rounded twice (through f32); reduce_max of floats uses
+ * llvm.maximum (NaN propagates like the oracle, but +0 is taken over -0 where
+ * the oracle keeps the first). */
 #include "codegen.h"
+
+#include <llvm-c/Core.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct rctx {
+  LLVMContextRef C;
+  LLVMModuleRef M;
+  LLVMBuilderRef B;
+  LLVMValueRef fn;
+  const cm_kernel *k;
+  const cm_kstage *s;
+  int stage;
+  LLVMTypeRef f32, f64, f16, i1, i8, i16, i32, i64, ptr, vty;
+  int W;
+  LLVMValueRef *bases;
+  LLVMValueRef vars[CM_KMAX_VARS];
+  LLVMValueRef acc;   /* CM_KX_ACC in store values */
+  LLVMValueRef *memo; /* per evaluation point */
+  cm_err *err;
+  cm_status fail_status;
+  bool failed;
+} rctx;
+
+/* ---- small helpers ---------------------------------------------------- */
+
+static LLVMValueRef ci64(rctx *c, int64_t v) {
+  return LLVMConstInt(c->i64, (unsigned long long)v, 1);
+}
+
+static LLVMTypeRef val_type(rctx *c, cm_dtype dt) {
+  switch (dt) {
+  case CM_F64: return c->f64;
+  case CM_I32: return c->i32;
+  case CM_I64: return c->i64;
+  case CM_BOOL: return c->i1;
+  default: return c->f32;
+  }
+}
+
+static LLVMTypeRef mem_type(rctx *c, cm_dtype dt) {
+  switch (dt) {
+  case CM_F64: return c->f64;
+  case CM_BF16: return c->i16;
+  case CM_F16: return c->f16;
+  case CM_I32: return c->i32;
+  case CM_I64: return c->i64;
+  case CM_BOOL: return c->i8;
+  default: return c->f32;
+  }
+}
+
+static bool is_fp(cm_dtype dt) {
+  return dt == CM_F32 || dt == CM_F64 || dt == CM_BF16 || dt == CM_F16;
+}
+static bool is_intdt(cm_dtype dt) {
+  return dt == CM_I32 || dt == CM_I64;
+}
+
+static LLVMValueRef intrin(rctx *c, const char *name, LLVMTypeRef *tys, int ntys,
+                           LLVMValueRef *args, int nargs, const char *vname) {
+  unsigned id = LLVMLookupIntrinsicID(name, strlen(name));
+  LLVMValueRef f = LLVMGetIntrinsicDeclaration(c->M, id, tys, (size_t)ntys);
+  LLVMTypeRef fty = LLVMIntrinsicGetType(c->C, id, tys, (size_t)ntys);
+  return LLVMBuildCall2(c->B, fty, f, args, (unsigned)nargs, vname);
+}
+
+static LLVMValueRef intrin1(rctx *c, const char *name, LLVMValueRef x, const char *vname) {
+  LLVMTypeRef t = LLVMTypeOf(x);
+  return intrin(c, name, &t, 1, &x, 1, vname);
+}
+
+static LLVMValueRef libcall(rctx *c, const char *name, LLVMTypeRef t, LLVMValueRef *args, int n,
+                            const char *vname) {
+  LLVMTypeRef ps[2] = {t, t};
+  LLVMTypeRef fty = LLVMFunctionType(t, ps, (unsigned)n, 0);
+  LLVMValueRef f = LLVMGetNamedFunction(c->M, name);
+  if (!f) {
+    f = LLVMAddFunction(c->M, name, fty);
+    LLVMSetLinkage(f, LLVMExternalLinkage);
+  }
+  LLVMValueRef call = LLVMBuildCall2(c->B, fty, f, args, (unsigned)n, vname);
+  return call;
+}
+
+/* bf16 round-to-nearest-even of a float, NaN kept (quieted). */
+static LLVMValueRef round_bf16_bits(rctx *c, LLVMValueRef x) {
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef bits = LLVMBuildBitCast(B, x, c->i32, "bf.bits");
+  LLVMValueRef lsb = LLVMBuildAnd(B, LLVMBuildLShr(B, bits, LLVMConstInt(c->i32, 16, 0), ""),
+                                  LLVMConstInt(c->i32, 1, 0), "bf.lsb");
+  LLVMValueRef rnd =
+      LLVMBuildAdd(B, bits, LLVMBuildAdd(B, lsb, LLVMConstInt(c->i32, 0x7fff, 0), ""), "bf.rnd");
+  LLVMValueRef quiet = LLVMBuildOr(B, bits, LLVMConstInt(c->i32, 0x400000, 0), "bf.quiet");
+  LLVMValueRef nan = LLVMBuildFCmp(B, LLVMRealUNO, x, x, "bf.isnan");
+  LLVMValueRef r = LLVMBuildSelect(B, nan, quiet, rnd, "");
+  return LLVMBuildTrunc(B, LLVMBuildLShr(B, r, LLVMConstInt(c->i32, 16, 0), ""), c->i16, "bf16");
+}
+
+static LLVMValueRef bf16_to_float(rctx *c, LLVMValueRef h) {
+  LLVMValueRef w =
+      LLVMBuildShl(c->B, LLVMBuildZExt(c->B, h, c->i32, ""), LLVMConstInt(c->i32, 16, 0), "");
+  return LLVMBuildBitCast(c->B, w, c->f32, "bf.f");
+}
+
+/* Rounds a float holding a bf16/f16 value to that dtype (still a float). */
+static LLVMValueRef round_to(rctx *c, LLVMValueRef x, cm_dtype dt) {
+  if (dt == CM_BF16) return bf16_to_float(c, round_bf16_bits(c, x));
+  if (dt == CM_F16)
+    return LLVMBuildFPExt(c->B, LLVMBuildFPTrunc(c->B, x, c->f16, "h"), c->f32, "h.f");
+  return x;
+}
+
+/* double -> float rounding to odd: a later RNE to bf16 then rounds once, like
+ * the oracle (plain RNE through float could round twice). */
+static LLVMValueRef trunc_odd(rctx *c, LLVMValueRef v) {
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef t = LLVMBuildFPTrunc(B, v, c->f32, "t");
+  LLVMValueRef back = LLVMBuildFPExt(B, t, c->f64, "");
+  LLVMValueRef inexact = LLVMBuildFCmp(B, LLVMRealONE, back, v, "inexact");
+  LLVMValueRef away = LLVMBuildFCmp(B, LLVMRealOGT, intrin1(c, "llvm.fabs", back, ""),
+                                    intrin1(c, "llvm.fabs", v, ""), "away");
+  LLVMValueRef bits = LLVMBuildBitCast(B, t, c->i32, "");
+  LLVMValueRef toward =
+      LLVMBuildSelect(B, away, LLVMBuildSub(B, bits, LLVMConstInt(c->i32, 1, 0), ""), bits, "");
+  LLVMValueRef odd = LLVMBuildOr(B, toward, LLVMConstInt(c->i32, 1, 0), "");
+  return LLVMBuildBitCast(B, LLVMBuildSelect(B, inexact, odd, bits, ""), c->f32, "odd");
+}
+
+/* Converts value v of dtype from to dtype to (the CAST rules of the oracle). */
+static LLVMValueRef convert(rctx *c, LLVMValueRef v, cm_dtype from, cm_dtype to) {
+  LLVMBuilderRef B = c->B;
+  if (from == to) return v;
+  LLVMTypeRef tt = val_type(c, to);
+  if (to == CM_BOOL) {
+    if (from == CM_BOOL) return v;
+    if (is_intdt(from)) return LLVMBuildICmp(B, LLVMIntNE, v, LLVMConstNull(LLVMTypeOf(v)), "b");
+    return LLVMBuildFCmp(B, LLVMRealUNE, v, LLVMConstNull(LLVMTypeOf(v)), "b");
+  }
+  if (from == CM_BOOL) {
+    if (is_intdt(to)) return LLVMBuildZExt(B, v, tt, "");
+    return LLVMBuildUIToFP(B, v, tt, "");
+  }
+  if (is_intdt(from) && is_intdt(to)) {
+    if (to == CM_I32) return LLVMBuildTrunc(B, v, tt, "");
+    return LLVMBuildSExt(B, v, tt, "");
+  }
+  if (is_intdt(from)) return round_to(c, LLVMBuildSIToFP(B, v, tt, ""), to);
+  if (is_intdt(to)) {
+    LLVMTypeRef ts[2] = {tt, LLVMTypeOf(v)};
+    return intrin(c, "llvm.fptosi.sat", ts, 2, &v, 1, "fi");
+  }
+  /* float to float */
+  if (to == CM_F64) return LLVMBuildFPExt(B, v, c->f64, "");
+  if (from == CM_F64 && to == CM_F16)
+    return LLVMBuildFPExt(B, LLVMBuildFPTrunc(B, v, c->f16, "h"), c->f32, "h.f");
+  if (from == CM_F64 && to == CM_BF16) return round_to(c, trunc_odd(c, v), to);
+  if (from == CM_F64) v = LLVMBuildFPTrunc(B, v, c->f32, "");
+  return round_to(c, v, to);
+}
+
+static LLVMValueRef buf_gep(rctx *c, int buf, LLVMValueRef idx) {
+  LLVMTypeRef t = mem_type(c, c->k->buffers[buf].dtype);
+  return LLVMBuildInBoundsGEP2(c->B, t, c->bases[buf], &idx, 1, "p");
+}
+
+static LLVMValueRef load_buf(rctx *c, int buf, LLVMValueRef idx) {
+  cm_dtype dt = c->k->buffers[buf].dtype;
+  LLVMValueRef p = buf_gep(c, buf, idx);
+  LLVMValueRef v = LLVMBuildLoad2(c->B, mem_type(c, dt), p, "ld");
+  switch (dt) {
+  case CM_BF16: return bf16_to_float(c, v);
+  case CM_F16: return LLVMBuildFPExt(c->B, v, c->f32, "");
+  case CM_BOOL: return LLVMBuildICmp(c->B, LLVMIntNE, v, LLVMConstInt(c->i8, 0, 0), "");
+  default: return v;
+  }
+}
+
+/* v: an expression value of dtype vdt; stored converted to the buffer's dtype. */
+static void store_buf(rctx *c, int buf, LLVMValueRef idx, LLVMValueRef v, cm_dtype vdt,
+                      bool accumulate) {
+  cm_dtype dt = c->k->buffers[buf].dtype;
+  LLVMValueRef x = convert(c, v, vdt, dt);
+  LLVMValueRef p = buf_gep(c, buf, idx);
+  if (accumulate) {
+    LLVMValueRef old = load_buf(c, buf, idx);
+    if (is_fp(dt))
+      x = round_to(c, LLVMBuildFAdd(c->B, old, x, "acc.add"), dt);
+    else if (dt == CM_BOOL)
+      x = LLVMBuildOr(c->B, old, x, "");
+    else
+      x = LLVMBuildAdd(c->B, old, x, "acc.add");
+  }
+  switch (dt) {
+  case CM_BF16: x = round_bf16_bits(c, x); break;
+  case CM_F16: x = LLVMBuildFPTrunc(c->B, x, c->f16, ""); break;
+  case CM_BOOL: x = LLVMBuildZExt(c->B, x, c->i8, ""); break;
+  default: break;
+  }
+  LLVMBuildStore(c->B, x, p);
+}
+
+/* ---- expressions ------------------------------------------------------ */
+
+static LLVMValueRef emit(rctx *c, int e);
+
+static LLVMValueRef fail_expr(rctx *c, int e, const char *rule) {
+  if (!c->failed)
+    c->fail_status =
+        cm_errorf(c->err, CM_EINVALID, "cm_render_llvm: kernel %s stage %d (%s) expression %d: %s",
+                  c->k->name, c->stage, c->s->name, e, rule);
+  c->failed = true;
+  return LLVMGetUndef(c->i64);
+}
+
+static LLVMValueRef operand(rctx *c, int e, int x, cm_dtype want) {
+  if (x < 0 || x >= e) return fail_expr(c, e, "operand missing or not smaller than the expression");
+  LLVMValueRef v = emit(c, x);
+  if (c->failed) return LLVMGetUndef(val_type(c, want));
+  return convert(c, v, c->s->exprs[x].dtype, want);
+}
+
+static LLVMValueRef emit_int_op(rctx *c, int e, const cm_kexpr *x) {
+  LLVMBuilderRef B = c->B;
+  cm_dtype dt = x->dtype;
+  LLVMTypeRef t = val_type(c, dt);
+  LLVMValueRef a = operand(c, e, x->a, dt);
+  LLVMValueRef zero = LLVMConstNull(t);
+  switch (x->op) {
+  case CM_OP_NEG: return LLVMBuildSub(B, zero, a, "neg");
+  case CM_OP_ABS: {
+    LLVMValueRef n = LLVMBuildSub(B, zero, a, "");
+    return LLVMBuildSelect(B, LLVMBuildICmp(B, LLVMIntSLT, a, zero, ""), n, a, "abs");
+  }
+  case CM_OP_RELU:
+    return LLVMBuildSelect(B, LLVMBuildICmp(B, LLVMIntSGT, a, zero, ""), a, zero, "relu");
+  case CM_OP_STOP_GRADIENT: return a;
+  default: break;
+  }
+  LLVMValueRef b = operand(c, e, x->b, dt);
+  switch (x->op) {
+  case CM_OP_ADD: return LLVMBuildAdd(B, a, b, "add");
+  case CM_OP_SUB: return LLVMBuildSub(B, a, b, "sub");
+  case CM_OP_MUL: return LLVMBuildMul(B, a, b, "mul");
+  case CM_OP_MAX: return LLVMBuildSelect(B, LLVMBuildICmp(B, LLVMIntSGT, a, b, ""), a, b, "max");
+  case CM_OP_MIN: return LLVMBuildSelect(B, LLVMBuildICmp(B, LLVMIntSLT, a, b, ""), a, b, "min");
+  case CM_OP_DIV: {
+    /* x/0 is 0 and MIN/-1 is MIN (the oracle); neither may reach sdiv */
+    LLVMValueRef bz = LLVMBuildICmp(B, LLVMIntEQ, b, zero, "bz");
+    LLVMValueRef bm1 = LLVMBuildICmp(B, LLVMIntEQ, b, LLVMConstAllOnes(t), "bm1");
+    LLVMValueRef safe =
+        LLVMBuildSelect(B, LLVMBuildOr(B, bz, bm1, ""), LLVMConstInt(t, 1, 0), b, "");
+    LLVMValueRef q = LLVMBuildSDiv(B, a, safe, "");
+    q = LLVMBuildSelect(B, bm1, LLVMBuildSub(B, zero, a, ""), q, "");
+    return LLVMBuildSelect(B, bz, zero, q, "div");
+  }
+  default: {
+    /* pow and the other float ops on ints: through double like the oracle */
+    LLVMValueRef fa = LLVMBuildSIToFP(B, a, c->f64, ""), fb = LLVMBuildSIToFP(B, b, c->f64, "");
+    LLVMValueRef args[2] = {fa, fb};
+    LLVMValueRef r;
+    if (x->op == CM_OP_POW)
+      r = libcall(c, "pow", c->f64, args, 2, "pow");
+    else if (x->op == CM_OP_DIV)
+      r = LLVMBuildFDiv(B, fa, fb, "");
+    else
+      return fail_expr(c, e, "op not defined on integers");
+    return convert(c, r, CM_F64, dt);
+  }
+  }
+}
+
+static LLVMValueRef emit_float_unary(rctx *c, int e, cm_op op, LLVMValueRef a, bool dbl) {
+  LLVMBuilderRef B = c->B;
+  LLVMTypeRef t = LLVMTypeOf(a);
+  LLVMValueRef one = LLVMConstReal(t, 1.0), zero = LLVMConstReal(t, 0.0);
+  switch (op) {
+  case CM_OP_NEG: return LLVMBuildFNeg(B, a, "neg");
+  case CM_OP_ABS: return intrin1(c, "llvm.fabs", a, "abs");
+  case CM_OP_EXP: return intrin1(c, "llvm.exp", a, "exp");
+  case CM_OP_LOG: return intrin1(c, "llvm.log", a, "log");
+  case CM_OP_SQRT: return intrin1(c, "llvm.sqrt", a, "sqrt");
+  case CM_OP_RSQRT: return LLVMBuildFDiv(B, one, intrin1(c, "llvm.sqrt", a, ""), "rsqrt");
+  case CM_OP_RECIP: return LLVMBuildFDiv(B, one, a, "recip");
+  case CM_OP_TANH: return libcall(c, dbl ? "tanh" : "tanhf", t, &a, 1, "tanh");
+  case CM_OP_ERF: return libcall(c, dbl ? "erf" : "erff", t, &a, 1, "erf");
+  case CM_OP_RELU: /* NaN stays NaN, -0 becomes +0 */
+    return LLVMBuildSelect(B, LLVMBuildFCmp(B, LLVMRealUGT, a, zero, ""), a, zero, "relu");
+  case CM_OP_STOP_GRADIENT: return a;
+  default: return fail_expr(c, e, "not a unary float op");
+  }
+}
+
+static LLVMValueRef emit_op(rctx *c, int e, const cm_kexpr *x) {
+  LLVMBuilderRef B = c->B;
+  cm_dtype dt = x->dtype;
+  cm_op op = x->op;
+  if (op == CM_OP_CAST) {
+    if (x->a < 0 || x->a >= e) return fail_expr(c, e, "cast without an operand");
+    return convert(c, emit(c, x->a), c->s->exprs[x->a].dtype, dt);
+  }
+  if (op == CM_OP_SELECT) {
+    LLVMValueRef cond = operand(c, e, x->a, CM_BOOL);
+    LLVMValueRef a = operand(c, e, x->b, dt), b = operand(c, e, x->c, dt);
+    return LLVMBuildSelect(B, cond, a, b, "sel");
+  }
+  if (op == CM_OP_LT || op == CM_OP_LE || op == CM_OP_EQ || op == CM_OP_NE) {
+    if (x->a < 0 || x->a >= e || x->b < 0 || x->b >= e)
+      return fail_expr(c, e, "comparison operands missing");
+    cm_dtype da = c->s->exprs[x->a].dtype, db = c->s->exprs[x->b].dtype;
+    if ((is_intdt(da) || da == CM_BOOL) && (is_intdt(db) || db == CM_BOOL)) {
+      LLVMValueRef a = operand(c, e, x->a, CM_I64), b = operand(c, e, x->b, CM_I64);
+      LLVMIntPredicate p = op == CM_OP_LT   ? LLVMIntSLT
+                           : op == CM_OP_LE ? LLVMIntSLE
+                           : op == CM_OP_EQ ? LLVMIntEQ
+                                            : LLVMIntNE;
+      return convert(c, LLVMBuildICmp(B, p, a, b, "cmp"), CM_BOOL, dt);
+    }
+    cm_dtype ct = (da == CM_F64 || db == CM_F64 || is_intdt(da) || is_intdt(db)) ? CM_F64 : CM_F32;
+    LLVMValueRef a = operand(c, e, x->a, ct), b = operand(c, e, x->b, ct);
+    LLVMRealPredicate p = op == CM_OP_LT   ? LLVMRealOLT
+                          : op == CM_OP_LE ? LLVMRealOLE
+                          : op == CM_OP_EQ ? LLVMRealOEQ
+                                           : LLVMRealUNE;
+    return convert(c, LLVMBuildFCmp(B, p, a, b, "cmp"), CM_BOOL, dt);
+  }
+  if (is_intdt(dt)) return emit_int_op(c, e, x);
+  if (dt == CM_BOOL) {
+    return fail_expr(c, e,
+                     "arithmetic op with a bool result (only comparisons, SELECT and "
+                     "CAST give bool)");
+  }
+  bool dbl = dt == CM_F64;
+  cm_dtype ct = dbl ? CM_F64 : CM_F32;
+  LLVMValueRef a = operand(c, e, x->a, ct), r;
+  int arity = (op == CM_OP_ADD || op == CM_OP_SUB || op == CM_OP_MUL || op == CM_OP_DIV ||
+               op == CM_OP_MAX || op == CM_OP_MIN || op == CM_OP_POW)
+                  ? 2
+                  : 1;
+  if (arity == 1) {
+    r = emit_float_unary(c, e, op, a, dbl);
+  } else {
+    LLVMValueRef b = operand(c, e, x->b, ct);
+    switch (op) {
+    case CM_OP_ADD: r = LLVMBuildFAdd(B, a, b, "add"); break;
+    case CM_OP_SUB: r = LLVMBuildFSub(B, a, b, "sub"); break;
+    case CM_OP_MUL: r = LLVMBuildFMul(B, a, b, "mul"); break;
+    case CM_OP_DIV: r = LLVMBuildFDiv(B, a, b, "div"); break;
+    case CM_OP_MAX:
+    case CM_OP_MIN: {
+      /* the oracle: NaN if either is NaN, else a > b ? a : b (b on ties) */
+      LLVMValueRef gt = LLVMBuildFCmp(B, op == CM_OP_MAX ? LLVMRealOGT : LLVMRealOLT, a, b, "");
+      LLVMValueRef m = LLVMBuildSelect(B, gt, a, b, "");
+      LLVMValueRef uno = LLVMBuildFCmp(B, LLVMRealUNO, a, b, "");
+      r = LLVMBuildSelect(B, uno, LLVMBuildFAdd(B, a, b, ""), m, op == CM_OP_MAX ? "max" : "min");
+      break;
+    }
+    case CM_OP_POW: {
+      LLVMValueRef args[2] = {a, b};
+      r = libcall(c, dbl ? "pow" : "powf", LLVMTypeOf(a), args, 2, "pow");
+      break;
+    }
+    default: r = fail_expr(c, e, "unknown op");
+    }
+  }
+  return round_to(c, r, dt);
+}
+
+static LLVMValueRef emit(rctx *c, int e) {
+  const cm_kstage *s = c->s;
+  if (e < 0 || e >= s->n_exprs) return fail_expr(c, e, "expression id out of range");
+  if (c->memo[e]) return c->memo[e];
+  const cm_kexpr *x = &s->exprs[e];
+  LLVMValueRef v = NULL;
+  switch (x->kind) {
+  case CM_KX_CONST:
+    if (x->dtype == CM_F64)
+      v = LLVMConstReal(c->f64, x->value);
+    else if (is_fp(x->dtype)) {
+      LLVMValueRef f = LLVMConstReal(c->f64, x->value);
+      v = convert(c, f, CM_F64, x->dtype);
+    } else if (x->dtype == CM_BOOL)
+      v = LLVMConstInt(c->i1, x->value != 0, 0);
+    else
+      v = LLVMConstInt(val_type(c, x->dtype), (unsigned long long)(int64_t)x->value, 1);
+    break;
+  case CM_KX_VAR:
+    if (x->var < 0 || x->var >= s->n_dom + s->n_red || !c->vars[x->var])
+      return fail_expr(c, e, "variable not in scope");
+    v = c->vars[x->var];
+    break;
+  case CM_KX_ACC:
+    if (!c->acc) return fail_expr(c, e, "ACC outside a store value of a reduction");
+    v = convert(c, c->acc, s->acc_dtype, x->dtype);
+    break;
+  case CM_KX_LOAD: {
+    if (x->buf < 0 || x->buf >= c->k->n_buffers) return fail_expr(c, e, "buffer out of range");
+    LLVMValueRef idx = operand(c, e, x->a, CM_I64);
+    if (c->failed) return idx;
+    v = convert(c, load_buf(c, x->buf, idx), c->k->buffers[x->buf].dtype, x->dtype);
+    break;
+  }
+  case CM_KX_MOD: {
+    LLVMValueRef a = operand(c, e, x->b >= 0 ? x->a : -1, CM_I64);
+    LLVMValueRef b = operand(c, e, x->b, CM_I64);
+    if (c->failed) return a;
+    LLVMValueRef bad = LLVMBuildICmp(c->B, LLVMIntSLE, b, ci64(c, 0), "");
+    LLVMValueRef safe = LLVMBuildSelect(c->B, bad, ci64(c, 1), b, "");
+    LLVMValueRef r = LLVMBuildSRem(c->B, a, safe, "mod");
+    v = LLVMBuildSelect(c->B, bad, ci64(c, 0), r, "");
+    break;
+  }
+  case CM_KX_OP: v = emit_op(c, e, x); break;
+  default: return fail_expr(c, e, "unknown expression kind");
+  }
+  if (c->failed) return LLVMGetUndef(val_type(c, x->dtype));
+  c->memo[e] = v;
+  return v;
+}
+
+static void reset_memo(rctx *c) {
+  memset(c->memo, 0, sizeof(LLVMValueRef) * (size_t)(c->s->n_exprs ? c->s->n_exprs : 1));
+}
+
+/* ---- loops ------------------------------------------------------------ */
+
+typedef struct loop {
+  LLVMBasicBlockRef header;
+  LLVMValueRef iv;
+} loop;
+
+static LLVMBasicBlockRef new_block(rctx *c, const char *name) {
+  return LLVMAppendBasicBlockInContext(c->C, c->fn, name);
+}
+
+/* A do-while counted loop from lo (the caller guarantees lo < hi). */
+static loop loop_begin(rctx *c, const char *name, LLVMValueRef lo) {
+  loop L;
+  LLVMBasicBlockRef pre = LLVMGetInsertBlock(c->B);
+  L.header = new_block(c, name);
+  LLVMBuildBr(c->B, L.header);
+  LLVMPositionBuilderAtEnd(c->B, L.header);
+  L.iv = LLVMBuildPhi(c->B, c->i64, name);
+  LLVMAddIncoming(L.iv, &lo, &pre, 1);
+  return L;
+}
+
+static void loop_end(rctx *c, loop *L, LLVMValueRef hi, const char *exit_name) {
+  LLVMValueRef next = LLVMBuildNSWAdd(c->B, L->iv, ci64(c, 1), "next");
+  LLVMBasicBlockRef latch = LLVMGetInsertBlock(c->B);
+  LLVMBasicBlockRef exit = new_block(c, exit_name);
+  LLVMBuildCondBr(c->B, LLVMBuildICmp(c->B, LLVMIntSLT, next, hi, "more"), L->header, exit);
+  LLVMAddIncoming(L->iv, &next, &latch, 1);
+  LLVMPositionBuilderAtEnd(c->B, exit);
+}
+
+static LLVMValueRef smin(rctx *c, LLVMValueRef a, LLVMValueRef b, const char *name) {
+  return LLVMBuildSelect(c->B, LLVMBuildICmp(c->B, LLVMIntSLT, a, b, ""), a, b, name);
+}
+
+/* ---- function skeleton -------------------------------------------------- */
+
+static LLVMValueRef begin_function(rctx *c, const char *name, LLVMValueRef *begin,
+                                   LLVMValueRef *end, LLVMValueRef *ws, LLVMBasicBlockRef *done) {
+  LLVMTypeRef ps[4] = {c->ptr, c->i64, c->i64, c->ptr};
+  LLVMTypeRef fty = LLVMFunctionType(LLVMVoidTypeInContext(c->C), ps, 4, 0);
+  LLVMValueRef fn = LLVMAddFunction(c->M, name, fty);
+  c->fn = fn;
+  LLVMValueRef bufs = LLVMGetParam(fn, 0);
+  *begin = LLVMGetParam(fn, 1);
+  *end = LLVMGetParam(fn, 2);
+  *ws = LLVMGetParam(fn, 3);
+  LLVMSetValueName2(bufs, "bufs", 4);
+  LLVMSetValueName2(*begin, "begin", 5);
+  LLVMSetValueName2(*end, "end", 3);
+  LLVMSetValueName2(*ws, "ws", 2);
+  unsigned kind_nonnull = LLVMGetEnumAttributeKindForName("nonnull", 7);
+  unsigned kind_align = LLVMGetEnumAttributeKindForName("align", 5);
+  unsigned kind_nounwind = LLVMGetEnumAttributeKindForName("nounwind", 8);
+  LLVMAddAttributeAtIndex(fn, 1, LLVMCreateEnumAttribute(c->C, kind_nonnull, 0));
+  LLVMAddAttributeAtIndex(fn, 4, LLVMCreateEnumAttribute(c->C, kind_align, 64));
+  LLVMAddAttributeAtIndex(fn, LLVMAttributeFunctionIndex,
+                          LLVMCreateEnumAttribute(c->C, kind_nounwind, 0));
+  LLVMBasicBlockRef entry = new_block(c, "entry");
+  LLVMPositionBuilderAtEnd(c->B, entry);
+  unsigned md_inv = LLVMGetMDKindIDInContext(c->C, "invariant.load", 14);
+  unsigned md_nonnull = LLVMGetMDKindIDInContext(c->C, "nonnull", 7);
+  LLVMValueRef empty = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, NULL, 0));
+  for (int i = 0; i < c->k->n_buffers; i++) {
+    char nm[32];
+    snprintf(nm, sizeof nm, "buf%d", i);
+    LLVMValueRef idx = ci64(c, i);
+    LLVMValueRef p = LLVMBuildInBoundsGEP2(c->B, c->ptr, bufs, &idx, 1, "");
+    LLVMValueRef b = LLVMBuildLoad2(c->B, c->ptr, p, nm);
+    LLVMSetMetadata(b, md_inv, empty);
+    LLVMSetMetadata(b, md_nonnull, empty);
+    c->bases[i] = b;
+  }
+  LLVMBasicBlockRef body = new_block(c, "work");
+  *done = new_block(c, "done");
+  LLVMBuildCondBr(c->B, LLVMBuildICmp(c->B, LLVMIntSLT, *begin, *end, "any"), body, *done);
+  LLVMPositionBuilderAtEnd(c->B, body);
+  return fn;
+}
+
+/* Stores of one iteration: every value first, then every store. */
+static void emit_stores(rctx *c) {
+  const cm_kstage *s = c->s;
+  LLVMValueRef vals[CM_KMAX_STORES], idxs[CM_KMAX_STORES];
+  reset_memo(c);
+  for (int i = 0; i < s->n_stores && !c->failed; i++) {
+    vals[i] = emit(c, s->stores[i].value);
+    idxs[i] = convert(c, emit(c, s->stores[i].index), s->exprs[s->stores[i].index].dtype, CM_I64);
+  }
+  for (int i = 0; i < s->n_stores && !c->failed; i++)
+    store_buf(c, s->stores[i].buf, idxs[i], vals[i], s->exprs[s->stores[i].value].dtype,
+              s->accumulate);
+}
+
+static void set_fast(LLVMValueRef v) {
+  LLVMSetFastMathFlags(v, LLVMFastMathAllowReassoc | LLVMFastMathNoSignedZeros);
+}
+
+/* The reduction nest over vars n_dom.. ; returns the accumulated value (acc_dtype). */
+static LLVMValueRef emit_reduction(rctx *c) {
+  const cm_kstage *s = c->s;
+  cm_dtype at = s->acc_dtype;
+  LLVMTypeRef t = val_type(c, at);
+  bool fp = is_fp(at), mx = s->red_op == CM_KRED_MAX;
+  LLVMValueRef init;
+  if (!mx)
+    init = LLVMConstNull(t);
+  else if (fp)
+    init = LLVMConstReal(t, -INFINITY);
+  else
+    init = LLVMConstInt(
+        t, at == CM_I32 ? (unsigned long long)(int64_t)INT32_MIN : (unsigned long long)INT64_MIN,
+        1);
+  loop L[CM_KMAX_VARS];
+  LLVMValueRef phis[CM_KMAX_VARS];
+  LLVMValueRef cur = init;
+  for (int r = 0; r < s->n_red; r++) {
+    char nm[32];
+    snprintf(nm, sizeof nm, "r%d", r);
+    LLVMBasicBlockRef pre = LLVMGetInsertBlock(c->B);
+    L[r] = loop_begin(c, nm, ci64(c, 0));
+    phis[r] = LLVMBuildPhi(c->B, t, "acc");
+    LLVMAddIncoming(phis[r], &cur, &pre, 1);
+    cur = phis[r];
+    c->vars[s->n_dom + r] = L[r].iv;
+  }
+  reset_memo(c);
+  LLVMValueRef v = convert(c, emit(c, s->body), s->exprs[s->body].dtype, at);
+  LLVMValueRef nv;
+  if (!mx) {
+    nv = fp ? LLVMBuildFAdd(c->B, cur, v, "sum") : LLVMBuildAdd(c->B, cur, v, "sum");
+    if (fp) set_fast(nv);
+  } else if (fp) {
+    LLVMValueRef args[2] = {cur, v};
+    LLVMTypeRef tt = t;
+    nv = intrin(c, "llvm.maximum", &tt, 1, args, 2, "max");
+  } else {
+    nv = LLVMBuildSelect(c->B, LLVMBuildICmp(c->B, LLVMIntSGT, v, cur, ""), v, cur, "max");
+  }
+  for (int r = s->n_red - 1; r >= 0; r--) {
+    char nm[32];
+    snprintf(nm, sizeof nm, "r%d.exit", r);
+    LLVMBasicBlockRef latch = LLVMGetInsertBlock(c->B);
+    LLVMAddIncoming(phis[r], &nv, &latch, 1);
+    loop_end(c, &L[r], ci64(c, s->red[r]), nm);
+    c->vars[s->n_dom + r] = NULL;
+  }
+  return nv;
+}
+
+static void render_generic(rctx *c, const char *fname) {
+  const cm_kstage *s = c->s;
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  begin_function(c, fname, &begin, &end, &ws, &done);
+  int np = s->n_parallel < 0 ? 0 : s->n_parallel;
+  loop W = loop_begin(c, "w", begin);
+  /* work item -> parallel vars, row-major */
+  LLVMValueRef rest = W.iv;
+  for (int v = np - 1; v >= 0; v--) {
+    char nm[16];
+    snprintf(nm, sizeof nm, "v%d", v);
+    if (v == 0) {
+      c->vars[v] = rest;
+    } else {
+      c->vars[v] = LLVMBuildSRem(c->B, rest, ci64(c, s->dom[v]), nm);
+      rest = LLVMBuildSDiv(c->B, rest, ci64(c, s->dom[v]), "");
+    }
+  }
+  loop L[CM_KMAX_VARS];
+  for (int v = np; v < s->n_dom; v++) {
+    char nm[16];
+    snprintf(nm, sizeof nm, "v%d", v);
+    L[v] = loop_begin(c, nm, ci64(c, 0));
+    c->vars[v] = L[v].iv;
+  }
+  c->acc = s->n_red > 0 ? emit_reduction(c) : NULL;
+  emit_stores(c);
+  for (int v = s->n_dom - 1; v >= np; v--) {
+    char nm[24];
+    snprintf(nm, sizeof nm, "v%d.exit", v);
+    loop_end(c, &L[v], ci64(c, s->dom[v]), nm);
+  }
+  loop_end(c, &W, end, "w.exit");
+  LLVMBuildBr(c->B, done);
+  LLVMPositionBuilderAtEnd(c->B, done);
+  LLVMBuildRetVoid(c->B);
+}
+
+/* ---- GEMM template ------------------------------------------------------ */
+
+typedef struct gemm_shape {
+  int nb; /* batch vars */
+  int64_t M, N, K, batch, mblocks, nblocks;
+  cm_kgemm_tiles t;
+} gemm_shape;
+
+static LLVMValueRef fptr(rctx *c, LLVMValueRef base, LLVMValueRef idx, const char *name) {
+  return LLVMBuildInBoundsGEP2(c->B, c->f32, base, &idx, 1, name);
+}
+
+/* Packs rows [0, rows) x k [0, kcur) of operand e (vars: row var rv, k var kv)
+ * into mr-tall (or nr-wide) panels: dst[(r/R)*kc*R + kk*R + r%R], zero beyond lim. */
+static void emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0, int64_t lim,
+                      LLVMValueRef rows, int64_t R, int64_t kc, LLVMValueRef k0, LLVMValueRef kcur,
+                      LLVMValueRef dst, bool k_inner) {
+  char nm[48];
+  snprintf(nm, sizeof nm, "%s.outer", name);
+  loop Lo = loop_begin(c, nm, ci64(c, 0));
+  snprintf(nm, sizeof nm, "%s.inner", name);
+  loop Li = loop_begin(c, nm, ci64(c, 0));
+  LLVMValueRef r = k_inner ? Lo.iv : Li.iv, kk = k_inner ? Li.iv : Lo.iv;
+  LLVMValueRef row = LLVMBuildAdd(c->B, r0, r, "row");
+  LLVMValueRef inb = LLVMBuildICmp(c->B, LLVMIntSLT, row, ci64(c, lim), "inb");
+  c->vars[rv] = smin(c, row, ci64(c, lim - 1), "rowc");
+  c->vars[c->s->n_dom] = LLVMBuildAdd(c->B, k0, kk, "k");
+  reset_memo(c);
+  LLVMValueRef v = convert(c, emit(c, e), c->s->exprs[e].dtype, CM_F32);
+  v = LLVMBuildSelect(c->B, inb, v, LLVMConstReal(c->f32, 0), "a");
+  LLVMValueRef panel = LLVMBuildSDiv(c->B, r, ci64(c, R), "panel");
+  LLVMValueRef lane = LLVMBuildSRem(c->B, r, ci64(c, R), "lane");
+  LLVMValueRef off =
+      LLVMBuildAdd(c->B, LLVMBuildMul(c->B, panel, ci64(c, kc * R), ""),
+                   LLVMBuildAdd(c->B, LLVMBuildMul(c->B, kk, ci64(c, R), ""), lane, ""), "off");
+  LLVMBuildStore(c->B, v, fptr(c, dst, off, "dst"));
+  snprintf(nm, sizeof nm, "%s.inner.exit", name);
+  loop_end(c, &Li, k_inner ? kcur : rows, nm);
+  snprintf(nm, sizeof nm, "%s.outer.exit", name);
+  loop_end(c, &Lo, k_inner ? rows : kcur, nm);
+  c->vars[c->s->n_dom] = NULL;
+}
+
+static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
+  const cm_kstage *s = c->s;
+  LLVMBuilderRef B = c->B;
+  int64_t mc = g->t.mc, nc = g->t.nc, kc = g->t.kc, mr = g->t.mr, nr = g->t.nr, W = c->W;
+  int64_t nv = nr / W;
+  int iv = s->n_dom - 2, jv = s->n_dom - 1;
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  begin_function(c, fname, &begin, &end, &ws, &done);
+  LLVMValueRef Bp = ws;
+  LLVMValueRef Ap = fptr(c, ws, ci64(c, kc * nc), "Ap");
+  LLVMValueRef Ct = fptr(c, ws, ci64(c, kc * nc + mc * kc), "Ct");
+  loop Wl = loop_begin(c, "w", begin);
+  LLVMValueRef nblk = LLVMBuildSRem(B, Wl.iv, ci64(c, g->nblocks), "nblk");
+  LLVMValueRef t = LLVMBuildSDiv(B, Wl.iv, ci64(c, g->nblocks), "");
+  LLVMValueRef mblk = LLVMBuildSRem(B, t, ci64(c, g->mblocks), "mblk");
+  LLVMValueRef rest = LLVMBuildSDiv(B, t, ci64(c, g->mblocks), "batch");
+  for (int v = g->nb - 1; v >= 0; v--) {
+    if (v == 0) {
+      c->vars[v] = rest;
+    } else {
+      c->vars[v] = LLVMBuildSRem(B, rest, ci64(c, s->dom[v]), "b");
+      rest = LLVMBuildSDiv(B, rest, ci64(c, s->dom[v]), "");
+    }
+  }
+  LLVMValueRef i0 = LLVMBuildMul(B, mblk, ci64(c, mc), "i0");
+  LLVMValueRef j0 = LLVMBuildMul(B, nblk, ci64(c, nc), "j0");
+  LLVMValueRef mrem = smin(c, LLVMBuildSub(B, ci64(c, g->M), i0, ""), ci64(c, mc), "mrows");
+  LLVMValueRef nrem = smin(c, LLVMBuildSub(B, ci64(c, g->N), j0, ""), ci64(c, nc), "ncols");
+  /* rows/cols rounded up to whole panels */
+  LLVMValueRef mpan =
+      LLVMBuildSDiv(B, LLVMBuildAdd(B, mrem, ci64(c, mr - 1), ""), ci64(c, mr), "mpanels");
+  LLVMValueRef npan =
+      LLVMBuildSDiv(B, LLVMBuildAdd(B, nrem, ci64(c, nr - 1), ""), ci64(c, nr), "npanels");
+  LLVMValueRef mrows = LLVMBuildMul(B, mpan, ci64(c, mr), "");
+  LLVMValueRef ncols = LLVMBuildMul(B, npan, ci64(c, nr), "");
+
+  loop Kl = loop_begin(c, "kslice", ci64(c, 0));
+  LLVMValueRef k0 = LLVMBuildMul(B, Kl.iv, ci64(c, kc), "k0");
+  LLVMValueRef kcur = smin(c, LLVMBuildSub(B, ci64(c, g->K), k0, ""), ci64(c, kc), "kcur");
+  LLVMValueRef first = LLVMBuildICmp(B, LLVMIntEQ, Kl.iv, ci64(c, 0), "first");
+  emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, ncols, nr, kc, k0, kcur, Bp, false);
+  emit_pack(c, "packA", s->gemm_a, iv, i0, g->M, mrows, mr, kc, k0, kcur, Ap, true);
+
+  loop Ir = loop_begin(c, "ir", ci64(c, 0));
+  loop Jr = loop_begin(c, "jr", ci64(c, 0));
+  LLVMValueRef apan = fptr(c, Ap, LLVMBuildMul(B, Ir.iv, ci64(c, kc * mr), ""), "apanel");
+  LLVMValueRef bpan = fptr(c, Bp, LLVMBuildMul(B, Jr.iv, ci64(c, kc * nr), ""), "bpanel");
+  LLVMValueRef cbase = LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, ci64(c, mr * nc), ""),
+                                    LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), "cbase");
+  LLVMValueRef acc0[64];
+  LLVMValueRef vzero = LLVMConstNull(c->vty);
+  for (int64_t r = 0; r < mr; r++)
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef off = LLVMBuildAdd(B, cbase, ci64(c, r * nc + v * W), "");
+      LLVMValueRef ld = LLVMBuildLoad2(B, c->vty, fptr(c, Ct, off, "cp"), "cprev");
+      LLVMSetAlignment(ld, 4);
+      acc0[r * nv + v] = LLVMBuildSelect(B, first, vzero, ld, "cinit");
+    }
+  LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
+  loop Kk = loop_begin(c, "kk", ci64(c, 0));
+  LLVMValueRef phis[64], nacc[64], bv[8];
+  for (int64_t i = 0; i < mr * nv; i++) {
+    phis[i] = LLVMBuildPhi(B, c->vty, "acc");
+    LLVMAddIncoming(phis[i], &acc0[i], &pre, 1);
+  }
+  for (int64_t v = 0; v < nv; v++) {
+    LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, ci64(c, nr), ""), ci64(c, v * W), "");
+    bv[v] = LLVMBuildLoad2(B, c->vty, fptr(c, bpan, off, "bp"), "bvec");
+    LLVMSetAlignment(bv[v], 4);
+  }
+  for (int64_t r = 0; r < mr; r++) {
+    LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, ci64(c, mr), ""), ci64(c, r), "");
+    LLVMValueRef a = LLVMBuildLoad2(B, c->f32, fptr(c, apan, off, "ap"), "a");
+    LLVMValueRef ins =
+        LLVMBuildInsertElement(B, LLVMGetPoison(c->vty), a, LLVMConstInt(c->i32, 0, 0), "");
+    LLVMValueRef splat =
+        LLVMBuildShuffleVector(B, ins, LLVMGetPoison(c->vty),
+                               LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "a.bcast");
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef args[3] = {splat, bv[v], phis[r * nv + v]};
+      LLVMTypeRef vt = c->vty;
+      nacc[r * nv + v] = intrin(c, "llvm.fmuladd", &vt, 1, args, 3, "fma");
+    }
+  }
+  LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
+  for (int64_t i = 0; i < mr * nv; i++) LLVMAddIncoming(phis[i], &nacc[i], &latch, 1);
+  loop_end(c, &Kk, kcur, "kk.exit");
+  for (int64_t r = 0; r < mr; r++)
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef off = LLVMBuildAdd(B, cbase, ci64(c, r * nc + v * W), "");
+      LLVMValueRef st = LLVMBuildStore(B, nacc[r * nv + v], fptr(c, Ct, off, "cp"));
+      LLVMSetAlignment(st, 4);
+    }
+  loop_end(c, &Jr, npan, "jr.exit");
+  loop_end(c, &Ir, mpan, "ir.exit");
+  loop_end(c, &Kl, ci64(c, (g->K + kc - 1) / kc), "kslice.exit");
+
+  /* epilogue: the stage's stores per in-bounds element with ACC from the C tile */
+  loop Ei = loop_begin(c, "epi.i", ci64(c, 0));
+  loop Ej = loop_begin(c, "epi.j", ci64(c, 0));
+  c->vars[iv] = LLVMBuildAdd(B, i0, Ei.iv, "i");
+  c->vars[jv] = LLVMBuildAdd(B, j0, Ej.iv, "j");
+  LLVMValueRef coff = LLVMBuildAdd(B, LLVMBuildMul(B, Ei.iv, ci64(c, nc), ""), Ej.iv, "");
+  c->acc = LLVMBuildLoad2(B, c->f32, fptr(c, Ct, coff, "cp"), "c");
+  emit_stores(c);
+  loop_end(c, &Ej, nrem, "epi.j.exit");
+  loop_end(c, &Ei, mrem, "epi.i.exit");
+  loop_end(c, &Wl, end, "w.exit");
+  LLVMBuildBr(B, done);
+  LLVMPositionBuilderAtEnd(B, done);
+  LLVMBuildRetVoid(B);
+}
+
+static int host_width(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return 16;
+#endif
+  return 8;
+}
+
+/* The tiles a GEMM stage renders with: the stage's when set, else defaults. */
+static cm_kgemm_tiles gemm_tiles(const cm_kstage *s, int W) {
+  cm_kgemm_tiles t = s->tiles;
+  if (t.mr <= 0 || t.nr <= 0 || t.mc <= 0 || t.nc <= 0 || t.kc <= 0) {
+    t.mr = 6;
+    t.nr = 2 * W;
+    t.mc = 96;
+    t.nc = 16 * t.nr;
+    t.kc = 256;
+  }
+  return t;
+}
+
+static cm_status stage_fail(rctx *c, const char *rule) {
+  return cm_errorf(c->err, CM_EINVALID, "cm_render_llvm: kernel %s stage %d (%s): %s", c->k->name,
+                   c->stage, c->s->name, rule);
+}
+
+static bool check_vars(const cm_kstage *s, int e, uint32_t allowed) {
+  return (cm_kx_vars_used(s, e) & ~allowed) == 0;
+}
 
 cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_render_opts *o,
                          cm_err *err) {
-  return cm_errorf(err, CM_EINTERNAL, "cm_render_llvm: not implemented yet");
+  rctx c;
+  memset(&c, 0, sizeof c);
+  c.C = LLVMGetModuleContext(m);
+  c.M = m;
+  c.k = k;
+  c.err = err;
+  c.f32 = LLVMFloatTypeInContext(c.C);
+  c.f64 = LLVMDoubleTypeInContext(c.C);
+  c.f16 = LLVMHalfTypeInContext(c.C);
+  c.i1 = LLVMInt1TypeInContext(c.C);
+  c.i8 = LLVMInt8TypeInContext(c.C);
+  c.i16 = LLVMInt16TypeInContext(c.C);
+  c.i32 = LLVMInt32TypeInContext(c.C);
+  c.i64 = LLVMInt64TypeInContext(c.C);
+  c.ptr = LLVMPointerTypeInContext(c.C, 0);
+  c.W = o && o->vector_width > 0 ? o->vector_width : host_width();
+  if (c.W != 4 && c.W != 8 && c.W != 16 && c.W != 32)
+    return cm_errorf(err, CM_EINVALID, "cm_render_llvm: kernel %s: vector_width %d is not 4..32",
+                     k->name, c.W);
+  c.vty = LLVMVectorType(c.f32, (unsigned)c.W);
+  c.bases = calloc((size_t)(k->n_buffers > 0 ? k->n_buffers : 1), sizeof *c.bases);
+  if (!c.bases) return cm_errorf(err, CM_EINTERNAL, "cm_render_llvm: out of memory");
+  c.B = LLVMCreateBuilderInContext(c.C);
+  cm_status st = CM_OK;
+  for (int si = 0; si < k->n_stages && st == CM_OK; si++) {
+    const cm_kstage *s = &k->stages[si];
+    c.s = s;
+    c.stage = si;
+    c.acc = NULL;
+    c.failed = false;
+    memset(c.vars, 0, sizeof c.vars);
+    if (s->n_dom < 0 || s->n_red < 0 || s->n_dom + s->n_red > CM_KMAX_VARS ||
+        s->n_parallel > s->n_dom || s->n_stores < 0 || s->n_stores > CM_KMAX_STORES) {
+      st = stage_fail(&c, "variable counts out of range");
+      break;
+    }
+    bool bad = false;
+    for (int v = 0; v < s->n_dom; v++) bad |= s->dom[v] < 1;
+    for (int v = 0; v < s->n_red; v++) bad |= s->red[v] < 1;
+    if (bad) {
+      st = stage_fail(&c, "a loop extent is below 1");
+      break;
+    }
+    if (s->n_red > 0 && (s->body < 0 || s->body >= s->n_exprs)) {
+      st = stage_fail(&c, "reduction without a body expression");
+      break;
+    }
+    for (int i = 0; i < s->n_stores && !bad; i++) {
+      const cm_kstore *x = &s->stores[i];
+      bad = x->buf < 0 || x->buf >= k->n_buffers || x->index < 0 || x->index >= s->n_exprs ||
+            x->value < 0 || x->value >= s->n_exprs;
+    }
+    if (bad) {
+      st = stage_fail(&c, "a store names a buffer or expression out of range");
+      break;
+    }
+    c.memo = calloc((size_t)(s->n_exprs > 0 ? s->n_exprs : 1), sizeof *c.memo);
+    if (!c.memo) {
+      st = cm_errorf(err, CM_EINTERNAL, "cm_render_llvm: out of memory");
+      break;
+    }
+    char fname[96];
+    snprintf(fname, sizeof fname, "%s_s%d", k->name, si);
+    bool templ = s->tmpl == CM_KT_GEMM && !(o && o->no_templates) && s->acc_dtype == CM_F32;
+    if (s->tmpl == CM_KT_GEMM && !(o && o->no_templates)) {
+      int nd = s->n_dom;
+      uint32_t batch = nd >= 2 ? (1u << (nd - 2)) - 1 : 0;
+      uint32_t ibit = 1u << (nd - 2), jbit = 1u << (nd - 1), kbit = 1u << nd;
+      if (nd < 2 || s->n_red != 1 || s->red_op != CM_KRED_SUM || s->gemm_a < 0 ||
+          s->gemm_a >= s->n_exprs || s->gemm_b < 0 || s->gemm_b >= s->n_exprs ||
+          !check_vars(s, s->gemm_a, batch | ibit | kbit) ||
+          !check_vars(s, s->gemm_b, batch | jbit | kbit)) {
+        st = stage_fail(&c, "GEMM template invariants broken (dom [batch.., M, N], one SUM "
+                            "reduction, gemm_a over (batch, i, k), gemm_b over (batch, k, j))");
+        free(c.memo);
+        break;
+      }
+    }
+    if (templ) {
+      gemm_shape g;
+      memset(&g, 0, sizeof g);
+      g.nb = s->n_dom - 2;
+      g.M = s->dom[s->n_dom - 2];
+      g.N = s->dom[s->n_dom - 1];
+      g.K = s->red[0];
+      g.batch = 1;
+      for (int v = 0; v < g.nb; v++) g.batch *= s->dom[v];
+      g.t = gemm_tiles(s, c.W);
+      if (g.t.mc % g.t.mr || g.t.nc % g.t.nr || g.t.nr % c.W || g.t.mr * (g.t.nr / c.W) > 64 ||
+          g.t.nr / c.W > 8) {
+        st = stage_fail(&c, "GEMM tiles: mc must be a multiple of mr, nc of nr, nr of the "
+                            "vector width, and mr x nr at most 64 vectors");
+        free(c.memo);
+        break;
+      }
+      g.mblocks = (g.M + g.t.mc - 1) / g.t.mc;
+      g.nblocks = (g.N + g.t.nc - 1) / g.t.nc;
+      render_gemm(&c, fname, &g);
+    } else {
+      render_generic(&c, fname);
+    }
+    free(c.memo);
+    c.memo = NULL;
+    if (c.failed) st = c.fail_status;
+  }
+  LLVMDisposeBuilder(c.B);
+  free(c.bases);
+  return st;
 }
