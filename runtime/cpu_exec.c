@@ -30,10 +30,12 @@ struct cm_cpu_program {
   int64_t ws_stride;
   void **consts;
   int n_consts;
+  int *out_id;    /* per output of g: its node in rg */
   int *orig_of;   /* per node of rg: the node of g with the same name (sources), or -1 */
   char **src_ptr; /* per node of rg: bound source data during a run */
-  int threads;
-  bool profile;
+  int threads, W;
+  bool profile, gemm;
+  int64_t **items; /* per kernel, per stage: work items */
   cm_cpu_stats stats;
   cm_kernel_profile *prof;
 };
@@ -42,6 +44,53 @@ static double now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+/* The vector width the renderer is told to use, so that the work-item and
+ * workspace figures below match the rendered GEMM tiles. */
+static int host_width(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return 16;
+#endif
+  return 8;
+}
+
+static cm_kgemm_tiles tiles_of(const cm_kstage *s, int W) {
+  cm_kgemm_tiles t = s->tiles;
+  if (t.mr <= 0 || t.nr <= 0 || t.mc <= 0 || t.nc <= 0 || t.kc <= 0) {
+    t.mr = 6;
+    t.nr = 2 * W;
+    t.mc = 96;
+    t.nc = 16 * t.nr;
+    t.kc = 256;
+  }
+  return t;
+}
+
+/* Work items per the renderer's contract (codegen.h): computed here because
+ * cm_kstage_work_items may still be a stub in kernel.c. */
+static int64_t work_items(const cm_kstage *s, bool gemm, int W) {
+  if (gemm && s->tmpl == CM_KT_GEMM && s->n_dom >= 2) {
+    cm_kgemm_tiles t = tiles_of(s, W);
+    int64_t n = 1;
+    for (int d = 0; d < s->n_dom - 2; d++) n *= s->dom[d];
+    return n * ((s->dom[s->n_dom - 2] + t.mc - 1) / t.mc) *
+           ((s->dom[s->n_dom - 1] + t.nc - 1) / t.nc);
+  }
+  int64_t n = 1;
+  for (int d = 0; d < s->n_parallel && d < s->n_dom; d++) n *= s->dom[d];
+  return n;
+}
+
+static int64_t ws_bytes(const cm_kstage *s, bool gemm, int W) {
+  int64_t b = cm_kstage_workspace_bytes(s, CM_TARGET_CPU);
+  if (gemm && s->tmpl == CM_KT_GEMM) {
+    cm_kgemm_tiles t = tiles_of(s, W);
+    int64_t mine = 4 * ((int64_t)t.kc * t.nc + (int64_t)t.mc * t.kc + (int64_t)t.mc * t.nc);
+    if (mine > b) b = mine;
+  }
+  return b;
 }
 
 static bool is_source(const cm_node *n) {
@@ -94,6 +143,9 @@ void cm_cpu_program_free(cm_cpu_program *pr) {
     }
     free(pr->ks);
   }
+  if (pr->items)
+    for (int i = 0; i < pr->kp.n_kernels; i++) free(pr->items[i]);
+  free(pr->items);
   for (int i = 0; i < pr->n_consts; i++) free(pr->consts[i]);
   free(pr->consts);
   cm_kprogram_free(&pr->kp);
@@ -102,6 +154,7 @@ void cm_cpu_program_free(cm_cpu_program *pr) {
   free(pr->scratch);
   free(pr->ws);
   free(pr->orig_of);
+  free(pr->out_id);
   free(pr->src_ptr);
   free(pr->prof);
   cm_plan_free(pr->own_plan);
@@ -126,6 +179,8 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
   if (!pr) return cm_errorf(err, CM_EINTERNAL, "out of memory");
   pr->g = g;
   pr->profile = opts->profile;
+  pr->W = host_width();
+  pr->gemm = !opts->no_templates;
   cm_status st = resolve_threads(opts, &pr->threads, err);
   if (st != CM_OK) goto fail;
   const cm_plan *p = plan;
@@ -155,10 +210,23 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
     st = cm_errorf(err, CM_EINTERNAL, "out of memory");
     goto fail;
   }
+  /* sources by name; builder-named ones ("%6") may be renumbered by the passes,
+   * then the k-th source of rg is the k-th source of g (when none was dropped) */
+  int n_src_g = 0, n_src_rg = 0, k_src = 0;
+  for (int i = 0; i < g->n_nodes; i++) n_src_g += is_source(&g->nodes[i]);
+  for (int i = 0; i < rg->n_nodes; i++) n_src_rg += is_source(&rg->nodes[i]);
   for (int i = 0; i < rg->n_nodes; i++) {
     pr->orig_of[i] = -1;
     if (!is_source(&rg->nodes[i])) continue;
     int o = rg == g ? i : cm_graph_find(g, rg->nodes[i].name);
+    if (o >= 0 && (g->nodes[o].op != rg->nodes[i].op ||
+                   !cm_type_equal(&g->nodes[o].type, &rg->nodes[i].type)))
+      o = -1;
+    if (o < 0 && n_src_g == n_src_rg) {
+      for (int q = 0, seen = 0; q < g->n_nodes; q++)
+        if (is_source(&g->nodes[q]) && seen++ == k_src) o = q;
+    }
+    k_src++;
     if (o < 0) {
       st = cm_errorf(err, CM_EINTERNAL, "source \"%s\" of the optimized graph not in the graph",
                      rg->nodes[i].name);
@@ -166,12 +234,22 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
     }
     pr->orig_of[i] = o;
   }
-  for (int j = 0; j < g->n_outputs && rg != g; j++)
-    if (cm_graph_find(rg, g->nodes[g->outputs[j]].name) < 0) {
+  pr->out_id = calloc((size_t)g->n_outputs + 1, sizeof(int));
+  if (!pr->out_id) {
+    st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+    goto fail;
+  }
+  for (int j = 0; j < g->n_outputs; j++) {
+    /* builder-named outputs ("%12") may be renamed by the passes: match by position then */
+    int id = rg == g ? g->outputs[j] : cm_graph_find(rg, g->nodes[g->outputs[j]].name);
+    if (id < 0 && rg->n_outputs == g->n_outputs) id = rg->outputs[j];
+    if (id < 0) {
       st = cm_errorf(err, CM_EINTERNAL, "output \"%s\" lost by the pipeline",
                      g->nodes[g->outputs[j]].name);
       goto fail;
     }
+    pr->out_id[j] = id;
+  }
 
   double t0 = now_ms();
   cm_lower_opts lo = {CM_TARGET_CPU, opts->no_templates};
@@ -183,14 +261,15 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
   cm_jit_opts jo = {0};
   jo.cache_dir = cache_dir_of(opts, cbuf, sizeof cbuf);
   jo.opt_level = opts->opt_level > 0 ? opts->opt_level : 3;
-  jo.vector_width = 512;
+  jo.vector_width = pr->W == 16 ? 512 : 0;
   st = cm_jit_create(&pr->jit, &jo, err);
   if (st != CM_OK) goto fail;
-  cm_llvm_render_opts ro = {0, opts->no_templates};
+  cm_llvm_render_opts ro = {pr->W, opts->no_templates};
   int nk = pr->kp.n_kernels;
   pr->ks = calloc((size_t)nk + 1, sizeof *pr->ks);
   pr->prof = calloc((size_t)nk + 1, sizeof *pr->prof);
-  if (!pr->ks || !pr->prof) {
+  pr->items = calloc((size_t)nk + 1, sizeof *pr->items);
+  if (!pr->ks || !pr->prof || !pr->items) {
     st = cm_errorf(err, CM_EINTERNAL, "out of memory");
     goto fail;
   }
@@ -211,7 +290,8 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
     pr->ks[i].n_stages = k->n_stages;
     pr->ks[i].fns = calloc((size_t)k->n_stages + 1, sizeof(cm_cpu_stage_fn));
     pr->ks[i].bufs = calloc((size_t)k->n_buffers + 1, sizeof(char *));
-    if (!pr->ks[i].fns || !pr->ks[i].bufs) {
+    pr->items[i] = calloc((size_t)k->n_stages + 1, sizeof(int64_t));
+    if (!pr->ks[i].fns || !pr->ks[i].bufs || !pr->items[i]) {
       st = cm_errorf(err, CM_EINTERNAL, "out of memory");
       goto fail;
     }
@@ -224,7 +304,8 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
       if (st != CM_OK) goto fail;
       memcpy(&pr->ks[i].fns[s], &addr, sizeof addr);
       const cm_kstage *ks = &k->stages[s];
-      int64_t w = cm_kstage_workspace_bytes(ks, CM_TARGET_CPU);
+      pr->items[i][s] = work_items(ks, pr->gemm, pr->W);
+      int64_t w = ws_bytes(ks, pr->gemm, pr->W);
       if (w > ws_max) ws_max = w;
       if (ks->n_red > 0 && ks->body >= 0 && ks->exprs[ks->body].kind == CM_KX_OP &&
           ks->exprs[ks->body].op == CM_OP_MUL) {
@@ -302,9 +383,8 @@ const cm_graph *cm_cpu_program_graph(const cm_cpu_program *pr) {
 }
 
 CM_NO_SANITIZE_FUNCTION static void run_stage(cm_cpu_stage_fn fn, char *const *bufs,
-                                              const cm_kstage *s, char *ws, int64_t ws_stride,
-                                              int threads) {
-  int64_t n = cm_kstage_work_items(s);
+                                              const cm_kstage *s, int64_t n, char *ws,
+                                              int64_t ws_stride, int threads) {
   if (n < 2 || s->accumulate || threads < 2) {
     fn(bufs, 0, n, ws);
     return;
@@ -342,7 +422,8 @@ cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_t
       if (k->buffers[b].kind == CM_KBUF_SOURCE) bufs[b] = pr->src_ptr[k->buffers[b].node];
     double t0 = pr->profile ? now_ms() : 0;
     for (int s = 0; s < k->n_stages; s++)
-      run_stage(pr->ks[i].fns[s], bufs, &k->stages[s], pr->ws, pr->ws_stride, pr->threads);
+      run_stage(pr->ks[i].fns[s], bufs, &k->stages[s], pr->items[i][s], pr->ws, pr->ws_stride,
+                pr->threads);
     if (pr->profile) {
       pr->prof[i].total_ms += now_ms() - t0;
       pr->prof[i].runs++;
@@ -351,7 +432,7 @@ cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_t
   for (int j = 0; j < g->n_outputs; j++) memset(&outputs[j], 0, sizeof outputs[j]);
   for (int j = 0; j < g->n_outputs; j++) {
     const cm_node *on = &g->nodes[g->outputs[j]];
-    int id = rg == g ? g->outputs[j] : cm_graph_find(rg, on->name);
+    int id = pr->out_id[j];
     const cm_node *n = &rg->nodes[id];
     const char *src = NULL;
     void *tmp = NULL;
