@@ -214,11 +214,17 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
    * then the k-th source of rg is the k-th source of g (when none was dropped) */
   int n_src_g = 0, n_src_rg = 0, k_src = 0;
   for (int i = 0; i < g->n_nodes; i++) n_src_g += is_source(&g->nodes[i]);
-  for (int i = 0; i < rg->n_nodes; i++) n_src_rg += is_source(&rg->nodes[i]);
+  bool by_position = false;
+  for (int i = 0; i < rg->n_nodes; i++)
+    if (is_source(&rg->nodes[i])) {
+      n_src_rg++;
+      by_position |= rg->nodes[i].name[0] == '%';
+    }
+  by_position = by_position && rg != g && n_src_g == n_src_rg;
   for (int i = 0; i < rg->n_nodes; i++) {
     pr->orig_of[i] = -1;
     if (!is_source(&rg->nodes[i])) continue;
-    int o = rg == g ? i : cm_graph_find(g, rg->nodes[i].name);
+    int o = rg == g ? i : by_position ? -1 : cm_graph_find(g, rg->nodes[i].name);
     if (o >= 0 && (g->nodes[o].op != rg->nodes[i].op ||
                    !cm_type_equal(&g->nodes[o].type, &rg->nodes[i].type)))
       o = -1;
@@ -241,8 +247,9 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
   }
   for (int j = 0; j < g->n_outputs; j++) {
     /* builder-named outputs ("%12") may be renamed by the passes: match by position then */
-    int id = rg == g ? g->outputs[j] : cm_graph_find(rg, g->nodes[g->outputs[j]].name);
-    if (id < 0 && rg->n_outputs == g->n_outputs) id = rg->outputs[j];
+    const char *name = g->nodes[g->outputs[j]].name;
+    int id = rg == g ? g->outputs[j] : cm_graph_find(rg, name);
+    if (rg != g && (id < 0 || name[0] == '%') && rg->n_outputs == g->n_outputs) id = rg->outputs[j];
     if (id < 0) {
       st = cm_errorf(err, CM_EINTERNAL, "output \"%s\" lost by the pipeline",
                      g->nodes[g->outputs[j]].name);
