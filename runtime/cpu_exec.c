@@ -314,6 +314,8 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
       pr->items[i][s] = work_items(ks, pr->gemm, pr->W);
       int64_t w = ws_bytes(ks, pr->gemm, pr->W);
       if (w > ws_max) ws_max = w;
+      /* flops: 2 per multiply-add of a reduction whose body is a product (matmul, conv,
+       * and their fused prologues); elementwise work is not counted */
       if (ks->n_red > 0 && ks->body >= 0 && ks->exprs[ks->body].kind == CM_KX_OP &&
           ks->exprs[ks->body].op == CM_OP_MUL) {
         double f = 2;
