@@ -1,6 +1,7 @@
 /* tools/cmd_train.c — cmaec grad, step, build-step: autodiff and the training
  * step on the reference evaluator. */
 #include "cli.h"
+#include "runtime/runtime.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -24,12 +25,16 @@ static const char usage_step[] =
     "                  [--seed N] [--beta1 B] [--beta2 B] [--weight-decay W] [--clip X]\n"
     "                  [--loss-scaling] [--ema ONLINE_PREFIX:TARGET_PREFIX] [--momentum M]\n"
     "                  [--frozen SUBSTRING,...] [--save OUT.safetensors] [--quiet]\n"
+    "                  [--backend ref|cpu]\n"
     "\n"
     "Builds the training step of GRAPH (AdamW as torch.optim.AdamW; defaults: betas\n"
     "0.9, 0.95, weight decay 0.05 except names containing ln, bias, pos_embed,\n"
     "mask_token, cls_token) and runs N steps on the reference evaluator with the same\n"
     "inputs, printing the loss of each step. Params come from IN or their initializer\n"
-    "(--seed). --save writes the final params and optimizer state.\n";
+    "(--seed). --save writes the final params and optimizer state.\n"
+    "  --backend ref   the reference evaluator (default)\n"
+    "  --backend cpu   the CPU executor (JIT-compiled kernels, $CMAEC_THREADS threads,\n"
+    "                  objects cached in $CMAEC_CACHE_DIR); states updated in place\n";
 
 static const char usage_build_step[] =
     "usage: cmaec build-step GRAPH --loss NAME -o STEP.json [--weight-decay W] [--clip X]\n"
@@ -246,10 +251,16 @@ int cmd_step(int argc, char **argv) {
                        {"--weight-decay", true, NULL, false},  {"--clip", true, NULL, false},
                        {"--loss-scaling", false, NULL, false}, {"--ema", true, NULL, false},
                        {"--momentum", true, NULL, false},      {"--frozen", true, NULL, false},
-                       {"--save", true, NULL, false},          {"--quiet", false, NULL, false}};
+                       {"--save", true, NULL, false},          {"--quiet", false, NULL, false},
+                       {"--backend", true, NULL, false}};
   const char *pos[1];
   int n_pos;
   if (!cli_parse(argc, argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "step")) return EXIT_INVALID;
+  bool cpu = opts[16].given && strcmp(opts[16].value, "cpu") == 0;
+  if (opts[16].given && !cpu && strcmp(opts[16].value, "ref") != 0)
+    return fprintf(stderr, "cmaec step: --backend %s: unknown backend (available: ref, cpu)\n",
+                   opts[16].value),
+           EXIT_INVALID;
   if (opts[0].given) return fputs(usage_step, stdout), EXIT_OK;
   if (n_pos != 1 || !opts[1].given || !opts[2].given || !opts[3].given)
     return fputs(usage_step, stderr), EXIT_INVALID;
@@ -276,7 +287,8 @@ int cmd_step(int argc, char **argv) {
   if (rc) return rc;
 
   cm_graph *g = NULL, *sg = NULL;
-  cm_tensor *values = NULL;
+  cm_tensor *values = NULL, *outs = NULL;
+  cm_cpu_program *pr = NULL;
   cm_tensor scalars[5] = {{{0}, 0}};
   cli_sources src = {0};
   cm_err err = {0};
@@ -318,9 +330,39 @@ int cmd_step(int argc, char **argv) {
     printf("training %d params (%d with weight decay, %d frozen, %d EMA targets), %llu steps\n",
            info.n_trainable, info.n_decay, info.n_frozen, info.n_ema, (unsigned long long)steps);
   cm_eval_opts eval_opts = {CM_PRECISION_NATIVE};
+  if (cpu) {
+    outs = calloc((size_t)sg->n_outputs + 1, sizeof *outs);
+    if (!outs) {
+      rc = (fprintf(stderr, "cmaec step: out of memory\n"), EXIT_INTERNAL);
+      goto done;
+    }
+    if (cm_cpu_program_build(sg, NULL, NULL, &pr, &err)) {
+      rc = cli_report(&err, pos[0]);
+      goto done;
+    }
+  }
   for (uint64_t t = 1; t <= steps; t++) {
     set_scalar(&scalars[3], (double)t);
-    if (cm_eval(sg, src.bound, values, &eval_opts, &err)) {
+    if (cpu) {
+      /* the executor writes every assign into its state in place */
+      if (cm_cpu_program_run(pr, (cm_tensor *const *)src.bound, outs, &err)) {
+        rc = cli_report(&err, pos[0]);
+        goto done;
+      }
+      for (int k = 0; k < sg->n_outputs; k++) {
+        if (values[sg->outputs[k]].data)
+          cm_tensor_free(&outs[k]);
+        else
+          values[sg->outputs[k]] = outs[k];
+      }
+      int gn0 = cm_graph_find(sg, "grad_norm");
+      if (loss_out < 0 || !values[loss_out].data || gn0 < 0 || !values[gn0].data) {
+        fprintf(stderr, "%s: the step graph does not output the loss and grad_norm\n", pos[0]);
+        rc = EXIT_INTERNAL;
+        for (int i = 0; i < sg->n_nodes; i++) cm_tensor_free(&values[i]);
+        goto done;
+      }
+    } else if (cm_eval(sg, src.bound, values, &eval_opts, &err)) {
       rc = cli_report(&err, pos[0]);
       goto done;
     }
@@ -336,7 +378,7 @@ int cmd_step(int argc, char **argv) {
     }
     /* The step's side effects: each assign writes its target. */
     for (int i = 0; i < sg->n_nodes; i++) {
-      if (sg->nodes[i].op == CM_OP_ASSIGN) {
+      if (sg->nodes[i].op == CM_OP_ASSIGN && !cpu) {
         cm_tensor *target = &src.tensors[sg->nodes[i].inputs[0]];
         memcpy(target->data, values[i].data, cm_type_nbytes(&target->type));
       }
@@ -359,6 +401,8 @@ int cmd_step(int argc, char **argv) {
     if (!rc && !quiet) printf("saved params and optimizer state to %s\n", opts[14].value);
   }
 done:
+  cm_cpu_program_free(pr);
+  free(outs);
   for (int k = 0; k < 5; k++) cm_tensor_free(&scalars[k]);
   cli_sources_free(&src);
   free(values);
