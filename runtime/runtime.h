@@ -375,7 +375,8 @@ typedef enum cm_train_backend {
 
 typedef struct cm_train_opts {
   const char *model_path;         /* a variant file (a models/ JSON) */
-  const char *const *overrides;   /* "key=value", applied in order */
+  const char *const *overrides;   /* "key=value", applied in order (train.seed, train.views,
+                                     train.workers, train.ckpt_every: docs/models.md) */
   int n_overrides;
   const char *data;               /* NULL or "fashion-mnist": Fashion-MNIST train; else an image folder */
   int64_t steps;                  /* > 0: stop once this many steps (in all, resumed ones included) ran */
@@ -385,11 +386,7 @@ typedef struct cm_train_opts {
   bool resume;                    /* continue from out_dir/latest */
   cm_train_backend backend;
   int threads;                    /* cpu backend; 0: its default */
-  int workers;                    /* loader threads; 0: 2 */
   int64_t log_every;              /* progress lines when not a terminal; 0: 10 */
-  uint64_t seed;                  /* params, views, masks, shuffling */
-  cm_views_mode views;            /* CM_VIEWS_SHIFT (CMAE) or CM_VIEWS_RRC */
-  int64_t ckpt_every;             /* steps between checkpoints; 0: only at the end */
   int keep;                       /* checkpoints kept (0: 3) */
   FILE *log;                      /* the start/end report and progress; NULL: silent */
   int progress_tty;               /* as cm_progress_init: 1, 0 or -1 (ask isatty) */

@@ -126,7 +126,7 @@ static cm_status init_sources(trainer *t, cm_err *err) {
     if (cm_tensor_alloc(&t->src[i], n->type, err)) return CM_EINTERNAL;
     t->bound[i] = &t->src[i];
     if (n->op == CM_OP_PARAM && n->attrs.init.kind != CM_INIT_NONE &&
-        cm_init_tensor(&t->src[i], &n->attrs.init, t->o->seed, n->name, err))
+        cm_init_tensor(&t->src[i], &n->attrs.init, (uint64_t)t->cfg.train.seed, n->name, err))
       return err->status;
   }
   for (int i = 0; i < g->n_nodes; i++) {
@@ -176,7 +176,7 @@ static cm_status save(trainer *t, int64_t step, cm_train_result *r, cm_err *err)
   cm_checkpoint_meta meta = {0};
   meta.step = step;
   meta.epoch = step / cm_loader_steps_per_epoch(t->loader);
-  meta.rng_seed = t->o->seed;
+  meta.rng_seed = (uint64_t)t->cfg.train.seed;
   /* the loader's position: the epoch of the next step and the batches of it consumed */
   meta.n_rng_counters = 2;
   meta.rng_counters[0] = (uint64_t)meta.epoch;
@@ -254,10 +254,8 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
   const cm_train_opts *o = t->o;
   if (!o->model_path || !o->out_dir)
     return cm_errorf(err, CM_EINVALID, "cm_train: a model path and an output directory are needed");
-  if (o->steps < 0 || o->epochs < 0 || o->batch < 0 || o->ckpt_every < 0 || o->workers < 0)
-    return cm_errorf(err, CM_EINVALID, "cm_train: negative steps/epochs/batch/ckpt_every/workers");
-  if (o->views != CM_VIEWS_SHIFT && o->views != CM_VIEWS_RRC)
-    return cm_errorf(err, CM_EINVALID, "cm_train: views must be shift or rrc");
+  if (o->steps < 0 || o->epochs < 0 || o->batch < 0)
+    return cm_errorf(err, CM_EINVALID, "cm_train: negative steps/epochs/batch");
   if (cm_model_config_load(o->model_path, o->overrides, o->n_overrides, &t->cfg, err))
     return err->status;
   if (o->batch > 0) t->cfg.optimizer.batch = o->batch;
@@ -365,13 +363,13 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
 
   cm_loader_opts lo = {0};
   lo.batch = t.cfg.optimizer.batch;
-  lo.workers = o->workers > 0 ? o->workers : 2;
+  lo.workers = t.cfg.train.workers;
   lo.shuffle = true;
   lo.drop_last = true;
   lo.world = 1;
-  lo.seed = o->seed;
+  lo.seed = (uint64_t)t.cfg.train.seed;
   cm_views_opts_from_config(&t.cfg, &lo.views);
-  lo.views.mode = o->views;
+  lo.views.mode = strcmp(t.cfg.train.views, "rrc") == 0 ? CM_VIEWS_RRC : CM_VIEWS_SHIFT;
   lo.views.mask = true;
   if (o->resume) {
     char *path = NULL;
@@ -494,7 +492,8 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
     r->images_per_s = ips;
     if (o->log) cm_progress_update(&prog, step, loss);
     bool stopping = o->stop && *o->stop;
-    if (stopping || step == r->total_steps || (o->ckpt_every > 0 && step % o->ckpt_every == 0)) {
+    if (stopping || step == r->total_steps ||
+        (t.cfg.train.ckpt_every > 0 && step % t.cfg.train.ckpt_every == 0)) {
       if ((st = save(&t, step, r, err))) break;
     }
     if (stopping) {

@@ -4,6 +4,7 @@
 #include "../runtime/runtime.h"
 
 #include <signal.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -43,7 +44,7 @@ static bool parse_int(const char *s, int64_t max, int64_t *out) {
 }
 
 int cmd_pretrain(int argc, char **argv) {
-  const char **sets = malloc(sizeof(char *) * (size_t)(argc + 1));
+  const char **sets = malloc(sizeof(char *) * (size_t)(argc + 5));
   char **args = malloc(sizeof(char *) * (size_t)(argc + 1));
   int n_sets = 0, n_args = 0, rc = EXIT_OK;
   if (!sets || !args) {
@@ -104,8 +105,8 @@ int cmd_pretrain(int argc, char **argv) {
   static const struct {
     int opt;
     int64_t max;
-  } ints[] = {{2, 1000000}, {3, INT64_C(1) << 40},  {4, 1 << 20},           {8, 4096},
-              {9, 256},     {10, INT64_C(1) << 40}, {13, INT64_C(1) << 40}, {14, 1000000}};
+  } ints[] = {{2, 1000000}, {3, INT64_C(1) << 40},  {4, 1 << 20},    {8, 4096},
+              {9, 256},     {10, INT64_C(1) << 40}, {13, INT32_MAX}, {14, 1000000}};
   for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++) {
     cli_option *op = &opts[ints[k].opt];
     if (!op->given) continue;
@@ -120,9 +121,7 @@ int cmd_pretrain(int argc, char **argv) {
     case 3: o.steps = v; break;
     case 4: o.batch = (int)v; break;
     case 8: o.threads = (int)v; break;
-    case 9: o.workers = (int)v; break;
     case 10: o.log_every = v; break;
-    case 13: o.ckpt_every = v; break;
     default: o.keep = (int)v; break;
     }
   }
@@ -131,11 +130,32 @@ int cmd_pretrain(int argc, char **argv) {
     rc = EXIT_INVALID;
     goto out;
   }
-  if (opts[11].given && !cli_parse_u64(opts[11].value, &o.seed)) {
-    fprintf(stderr, "cmaec train: --seed %s: not a non-negative integer\n", opts[11].value);
-    rc = EXIT_INVALID;
-    goto out;
+  /* the run's settings are config keys (train.*), so checkpoints record them */
+  char set_buf[4][64];
+  static const struct {
+    int opt;
+    const char *key;
+  } keys[] = {
+      {11, "train.seed"}, {12, "train.views"}, {9, "train.workers"}, {13, "train.ckpt_every"}};
+  for (int q = 0; q < 4; q++) {
+    cli_option *op = &opts[keys[q].opt];
+    if (!op->given) continue;
+    uint64_t u;
+    if (keys[q].opt == 11 && (!cli_parse_u64(op->value, &u) || u > INT32_MAX)) {
+      fprintf(stderr, "cmaec train: --seed %s: not an integer in [0, %d]\n", op->value, INT32_MAX);
+      rc = EXIT_INVALID;
+      goto out;
+    }
+    if (keys[q].opt == 12 && strcmp(op->value, "shift") != 0 && strcmp(op->value, "rrc") != 0) {
+      fprintf(stderr, "cmaec train: --views %s: expected shift or rrc\n", op->value);
+      rc = EXIT_INVALID;
+      goto out;
+    }
+    snprintf(set_buf[q], sizeof set_buf[q], "%s=%s", keys[q].key, op->value);
+    sets[n_sets++] = set_buf[q];
   }
+  o.overrides = sets;
+  o.n_overrides = n_sets;
   if (opts[7].given) {
     if (strcmp(opts[7].value, "cpu") == 0) {
       o.backend = CM_TRAIN_CPU;
@@ -143,17 +163,6 @@ int cmd_pretrain(int argc, char **argv) {
       o.backend = CM_TRAIN_REF;
     } else {
       fprintf(stderr, "cmaec train: --backend %s: expected cpu or ref\n", opts[7].value);
-      rc = EXIT_INVALID;
-      goto out;
-    }
-  }
-  if (opts[12].given) {
-    if (strcmp(opts[12].value, "shift") == 0) {
-      o.views = CM_VIEWS_SHIFT;
-    } else if (strcmp(opts[12].value, "rrc") == 0) {
-      o.views = CM_VIEWS_RRC;
-    } else {
-      fprintf(stderr, "cmaec train: --views %s: expected shift or rrc\n", opts[12].value);
       rc = EXIT_INVALID;
       goto out;
     }

@@ -66,7 +66,7 @@ if [ -z "$last" ]; then
 else
   n=$((last + 3))
   expect_ok "$cmaec" train "$model" "${tiny[@]}" --steps $n --ckpt-every 1 --resume "$tmp/killed"
-  expect_ok "$cmaec" train "$model" "${tiny[@]}" --steps $n --out "$tmp/straight"
+  expect_ok "$cmaec" train "$model" "${tiny[@]}" --steps $n --ckpt-every 1 --out "$tmp/straight"
   cmp -s "$tmp/killed/ckpt-$n.safetensors" "$tmp/straight/ckpt-$n.safetensors" ||
     bad "SIGKILL + resume: checkpoint of step $n differs from a straight run"
   [ "$(wc -l <"$tmp/killed/metrics.jsonl")" -eq $n ] || bad "SIGKILL + resume: metrics rows"

@@ -74,7 +74,7 @@ static void make_folder(const char *root) {
 typedef struct run_cfg {
   const char *out, *data;
   cm_train_backend backend;
-  int64_t steps, ckpt_every;
+  int64_t steps;
   bool resume;
   const char *extra[4];
   cm_views_mode views;
@@ -82,9 +82,12 @@ typedef struct run_cfg {
 } run_cfg;
 
 static cm_status run(const run_cfg *c, cm_train_result *r, cm_err *err) {
-  const char *ov[N_TINY + 4];
+  const char *ov[N_TINY + 8];
   int n = 0;
   for (int i = 0; i < N_TINY; i++) ov[n++] = tiny[i];
+  ov[n++] = "train.seed=7";
+  ov[n++] = "train.workers=2";
+  if (c->views == CM_VIEWS_RRC) ov[n++] = "train.views=rrc";
   for (int i = 0; i < 4 && c->extra[i]; i++) ov[n++] = c->extra[i];
   cm_train_opts o = {0};
   o.model_path = MODEL;
@@ -96,10 +99,6 @@ static cm_status run(const run_cfg *c, cm_train_result *r, cm_err *err) {
   o.out_dir = c->out;
   o.resume = c->resume;
   o.backend = c->backend;
-  o.workers = 2;
-  o.seed = 7;
-  o.views = c->views;
-  o.ckpt_every = c->ckpt_every;
   o.stop = c->stop;
   return cm_train(&o, r, err);
 }
@@ -353,8 +352,13 @@ static void test_bad_options(void) {
   c.data = "/nonexistent/folder";
   CHECK(run(&c, &r, &err) == CM_EINVALID);
   c.data = data;
-  c.views = CM_VIEWS_EVAL;
+  c.extra[0] = "train.views=crop";
   CHECK(run(&c, &r, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "train.views");
+  c.extra[0] = "train.workers=0";
+  CHECK(run(&c, &r, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "train.workers");
+  c.extra[0] = NULL;
   cm_train_opts o = {0};
   CHECK(cm_train(&o, &r, &err) == CM_EINVALID);
   remove_tree(out);
