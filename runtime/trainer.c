@@ -439,11 +439,9 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
       break;
     }
     if ((st = copy_batch(&t, &b, err))) break;
-    double it = (double)(step - 1);
     double sv[N_SCALARS] = {cm_schedule_lr(&sched, step - 1), t.cfg.optimizer.beta1,
                             t.cfg.optimizer.beta2, (double)step,
                             cm_schedule_momentum(&sched, step - 1)};
-    (void)it;
     for (int k = 0; k < N_SCALARS; k++)
       if (t.scalar_id[k] >= 0) cm_tensor_set_f64(&t.src[t.scalar_id[k]], 0, sv[k]);
     if ((st = run_step(&t, out, err))) {
