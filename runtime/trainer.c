@@ -354,11 +354,14 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   memset(r, 0, sizeof *r);
   trainer t = {0};
   t.o = o;
-  t.model.g = NULL;
-  cm_status st = setup(&t, r, err);
   cm_schedule sched;
   cm_checkpoint_meta meta = {0};
   int64_t start = 0;
+  char *ckpt = NULL;
+  /* a missing checkpoint is found before the (slow) build */
+  cm_status st = o->resume && o->out_dir ? cm_checkpoint_latest(o->out_dir, &ckpt, err) : CM_OK;
+  if (st) cm_err_prefix(err, "cannot resume: ");
+  if (!st) st = setup(&t, r, err);
   if (st) goto done;
 
   cm_loader_opts lo = {0};
@@ -372,11 +375,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   lo.views.mode = strcmp(t.cfg.train.views, "rrc") == 0 ? CM_VIEWS_RRC : CM_VIEWS_SHIFT;
   lo.views.mask = true;
   if (o->resume) {
-    char *path = NULL;
-    if ((st = cm_checkpoint_latest(o->out_dir, &path, err))) goto done;
-    st = restore(&t, path, &meta, err);
-    free(path);
-    if (st) goto done;
+    if ((st = restore(&t, ckpt, &meta, err))) goto done;
     start = meta.step;
   }
   /* iterations per epoch: floor(n / global batch) (drop_last) */
@@ -504,6 +503,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   if (!st && r->last_step == start && start < r->total_steps && !r->interrupted)
     st = cm_errorf(err, CM_EINTERNAL, "cm_train: no step ran");
 done:
+  free(ckpt);
   cm_checkpoint_meta_free(&meta);
   trainer_free(&t);
   return st;

@@ -108,5 +108,7 @@ expect_fail 2 "expected one MODEL" "$cmaec" train
 expect_fail 2 "encoder.heads" "$cmaec" train "$model" "${tiny[@]}" --set encoder.heads=3 \
   --out "$tmp/bad"
 expect_fail 2 "differ" "$cmaec" train "$model" --out "$tmp/a" --resume "$tmp/b"
-expect_fail 2 "latest" "$cmaec" train "$model" "${tiny[@]}" --resume "$tmp/empty"
+expect_fail 2 "cannot resume" "$cmaec" train "$model" "${tiny[@]}" --resume "$tmp/empty"
+mkdir "$tmp/empty"
+expect_fail 2 "cannot resume" "$cmaec" train "$model" "${tiny[@]}" --resume "$tmp/empty"
 finish
