@@ -8,6 +8,7 @@
 #include "../models/models.h"
 #include "../passes/passes.h"
 
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -149,10 +150,50 @@ static cm_status init_sources(trainer *t, cm_err *err) {
   return CM_OK;
 }
 
+/* The first key (group.key) whose value differs between two config JSONs,
+ * ignoring the keys that do not change the run's numbers; "" when none. */
+static void config_diff(const char *a_json, const char *b_json, char *out, size_t size) {
+  static const char *const ignored[] = {"train.workers", "train.ckpt_every"};
+  cJSON *a = cJSON_Parse(a_json), *b = cJSON_Parse(b_json);
+  out[0] = 0;
+  if (!a || !b) {
+    snprintf(out, size, "(unreadable config)");
+  } else {
+    for (cJSON *ga = a->child; ga && !out[0]; ga = ga->next) {
+      cJSON *gb = cJSON_GetObjectItemCaseSensitive(b, ga->string);
+      if (!cJSON_IsObject(ga)) {
+        if (!gb || !cJSON_Compare(ga, gb, 1)) snprintf(out, size, "%s", ga->string);
+        continue;
+      }
+      for (cJSON *ka = ga->child; ka && !out[0]; ka = ka->next) {
+        char name[256];
+        snprintf(name, sizeof name, "%s.%s", ga->string, ka->string);
+        bool skip = false;
+        for (size_t i = 0; i < sizeof ignored / sizeof ignored[0]; i++)
+          skip |= strcmp(name, ignored[i]) == 0;
+        cJSON *kb = gb ? cJSON_GetObjectItemCaseSensitive(gb, ka->string) : NULL;
+        if (!skip && (!kb || !cJSON_Compare(ka, kb, 1))) snprintf(out, size, "%s", name);
+      }
+    }
+  }
+  cJSON_Delete(a);
+  cJSON_Delete(b);
+}
+
 static cm_status restore(trainer *t, const char *path, cm_checkpoint_meta *meta, cm_err *err) {
   cm_tensor_set set;
   cm_tensor_set_init(&set);
   cm_status st = cm_checkpoint_load(path, &set, meta, err);
+  /* a different config would not continue the same run */
+  char *now = st ? NULL : cm_model_config_to_json(&t->cfg);
+  char diff[300] = "";
+  if (!st && meta->config_json && now) config_diff(meta->config_json, now, diff, sizeof diff);
+  free(now);
+  if (!st && diff[0])
+    st = cm_errorf(err, CM_EINVALID,
+                   "%s: the run was trained with a different %s (resume with the same model and "
+                   "--set flags)",
+                   path, diff);
   for (int i = 0; i < t->sg->n_nodes && !st; i++) {
     const cm_node *n = &t->sg->nodes[i];
     if (n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;

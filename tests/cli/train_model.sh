@@ -72,6 +72,10 @@ else
   [ "$(wc -l <"$tmp/killed/metrics.jsonl")" -eq $n ] || bad "SIGKILL + resume: metrics rows"
 fi
 
+# resuming with another config is refused, naming the key
+expect_fail 2 "different optimizer.base_lr" "$cmaec" train "$model" "${tiny[@]}" \
+  --set optimizer.base_lr=0.2 --steps 20 --resume "$tmp/run"
+
 # Ctrl-C: finishes the step, saves, exits 130
 "$cmaec" train "$model" "${tiny[@]}" --steps 100000 --out "$tmp/int" >"$tmp/int.out" 2>&1 &
 pid=$!

@@ -327,9 +327,13 @@ static void test_stop_saves(void) {
   cm_tensor_set_free(&s);
   cm_checkpoint_meta_free(&m);
   free(latest);
-  /* the rest of the run resumes */
+  /* the rest of the run resumes, with the same config only */
   flag = 0;
   c.resume = true;
+  c.extra[0] = "train.seed=8";
+  CHECK(run(&c, &r, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "different train.seed");
+  c.extra[0] = "train.workers=3"; /* does not change the numbers */
   CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
   CHECK(!r.interrupted && r.first_step == 1 && r.last_step == 5);
   remove_tree(out);
