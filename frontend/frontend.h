@@ -133,6 +133,12 @@ typedef struct cm_model_config {
     double min_lr;                      /* 0 */
     double momentum_base, momentum_end; /* EMA 0.996, 0.996 */
   } schedule;
+  struct {
+    int seed;       /* params, views, masks and shuffling (0) */
+    char views[8];  /* "shift" (CMAE's views) | "rrc" (independent crops, ablation) */
+    int workers;    /* loader threads (2) */
+    int ckpt_every; /* steps between checkpoints; 0: only at the end */
+  } train;
 } cm_model_config;
 
 /* The official cmae_vit_base configuration. */

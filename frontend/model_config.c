@@ -142,7 +142,13 @@ typedef struct key_default {
   X("schedule.momentum_base", NUMBER, schedule.momentum_base, "EMA momentum at the start",         \
     .n = {0.996})                                                                                  \
   X("schedule.momentum_end", NUMBER, schedule.momentum_end,                                        \
-    "EMA momentum at the end (cosine ramp between the two)", .n = {0.996})
+    "EMA momentum at the end (cosine ramp between the two)", .n = {0.996})                         \
+  X("train.seed", INT, train.seed, "run seed: param init, views, masks, shuffling", .n = {0})      \
+  X("train.views", STRING, train.views,                                                            \
+    "views: shift (CMAE) or rrc (independent random resized crops, ablation)", .s = "shift")       \
+  X("train.workers", INT, train.workers, "data loader threads", .n = {2})                          \
+  X("train.ckpt_every", INT, train.ckpt_every,                                                     \
+    "steps between checkpoints (0: only at the end of the run)", .n = {0})
 
 typedef struct key_entry {
   const char *key;
@@ -797,6 +803,19 @@ cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
   NONNEGATIVE_NUM(schedule.min_lr, "schedule.min_lr");
   PROBABILITY(schedule.momentum_base, "schedule.momentum_base");
   PROBABILITY(schedule.momentum_end, "schedule.momentum_end");
+
+  /* train */
+  static const char *const views[] = {"shift", "rrc"};
+  if (c->train.seed < 0)
+    return cm_errorf(err, CM_EINVALID, "train.seed: must not be negative, got %d", c->train.seed);
+  if (!one_of(c->train.views, views, 2))
+    return cm_errorf(err, CM_EINVALID, "train.views: \"%s\" is not one of shift, rrc",
+                     shown(c->train.views, sb, sizeof sb));
+  if (c->train.workers < 1 || c->train.workers > 256)
+    return cm_errorf(err, CM_EINVALID, "train.workers: %d is outside [1, 256]", c->train.workers);
+  if (c->train.ckpt_every < 0)
+    return cm_errorf(err, CM_EINVALID, "train.ckpt_every: must not be negative, got %d",
+                     c->train.ckpt_every);
   return CM_OK;
 }
 

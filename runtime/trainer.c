@@ -1,0 +1,551 @@
+/* runtime/trainer.c — cm_train: the training loop of a model variant
+ * (docs/training.md). Everything a step depends on is a function of the
+ * seed and the step number (params from their seeded initializers, the
+ * loader's draws keyed by (seed, epoch, index), the schedules by step), so a
+ * run resumed from a checkpoint continues bitwise as if never stopped. */
+#include "runtime.h"
+
+#include "../models/models.h"
+#include "../passes/passes.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+enum { N_SCALARS = 5, N_BATCH_INPUTS = 5 };
+static const char *const scalar_names[N_SCALARS] = {"lr", "beta1", "beta2", "step", "momentum"};
+static const char *const batch_names[N_BATCH_INPUTS] = {"img", "img_t", "ids_keep", "ids_restore",
+                                                        "mask"};
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* mkdir -p */
+static cm_status make_dirs(const char *dir, cm_err *err) {
+  char buf[1024];
+  size_t len = strlen(dir);
+  if (len == 0 || len >= sizeof buf)
+    return cm_errorf(err, CM_EINVALID, "cm_train: output directory \"%s\": bad path", dir);
+  memcpy(buf, dir, len + 1);
+  for (size_t i = 1; i <= len; i++) {
+    if (buf[i] != '/' && buf[i] != 0) continue;
+    char c = buf[i];
+    buf[i] = 0;
+    if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+      return cm_errorf(err, CM_EINVALID, "cm_train: cannot create directory %s: %s", buf,
+                       strerror(errno));
+    buf[i] = c;
+  }
+  struct stat st;
+  if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+    return cm_errorf(err, CM_EINVALID, "cm_train: %s is not a directory", dir);
+  return CM_OK;
+}
+
+static bool has_prefix(const char *s, const char *p) {
+  return strncmp(s, p, strlen(p)) == 0;
+}
+
+/* The first non-finite element of a float tensor, or false. */
+static bool tensor_nonfinite(const cm_tensor *t, double *bad) {
+  if (!t->data || !cm_dtype_is_float(t->type.dtype)) return false;
+  int64_t n = cm_type_numel(&t->type);
+  for (int64_t i = 0; i < n; i++) {
+    double v = cm_tensor_get_f64(t, i);
+    if (!isfinite(v)) {
+      *bad = v;
+      return true;
+    }
+  }
+  return false;
+}
+
+typedef struct trainer {
+  const cm_train_opts *o;
+  cm_model_config cfg;
+  cm_model model;
+  cm_graph *sg;
+  cm_tensor *src;          /* per node of sg: params, states, inputs */
+  const cm_tensor **bound; /* for cm_eval */
+  cm_tensor *values;       /* ref backend: every node's value */
+  cm_tensor *outs;         /* cpu backend: graph outputs */
+  cm_cpu_program *prog;
+  cm_dataset *data;
+  cm_loader *loader;
+  cm_metrics_writer *metrics;
+  int scalar_id[N_SCALARS], batch_id[N_BATCH_INPUTS];
+  int out_loss, out_rc, out_ct, out_gn; /* output indices, -1 when absent */
+  int n_ckpt;
+  const char **ckpt_names;
+  const cm_tensor **ckpt_tensors;
+  char metrics_path[1024];
+} trainer;
+
+static void trainer_free(trainer *t) {
+  if (t->sg) {
+    for (int i = 0; i < t->sg->n_nodes; i++) {
+      cm_tensor_free(&t->src[i]);
+      if (t->values) cm_tensor_free(&t->values[i]);
+    }
+    for (int j = 0; t->outs && j < t->sg->n_outputs; j++) cm_tensor_free(&t->outs[j]);
+  }
+  free(t->src);
+  free(t->bound);
+  free(t->values);
+  free(t->outs);
+  free(t->ckpt_names);
+  free(t->ckpt_tensors);
+  cm_cpu_program_free(t->prog);
+  cm_loader_free(t->loader);
+  cm_dataset_free(t->data);
+  cm_metrics_close(t->metrics);
+  cm_graph_free(t->sg);
+  if (t->model.g) cm_model_free(&t->model);
+}
+
+static int output_index(const cm_graph *g, const char *name) {
+  for (int j = 0; j < g->n_outputs; j++)
+    if (strcmp(g->nodes[g->outputs[j]].name, name) == 0) return j;
+  return -1;
+}
+
+/* Sources: params from their seeded initializers, AdamW moments zero, then
+ * every EMA target a copy of its online twin (CMAE.md §4). */
+static cm_status init_sources(trainer *t, cm_err *err) {
+  const cm_graph *g = t->sg;
+  for (int i = 0; i < g->n_nodes; i++) {
+    const cm_node *n = &g->nodes[i];
+    if (n->op != CM_OP_PARAM && n->op != CM_OP_STATE && n->op != CM_OP_INPUT) continue;
+    if (cm_tensor_alloc(&t->src[i], n->type, err)) return CM_EINTERNAL;
+    t->bound[i] = &t->src[i];
+    if (n->op == CM_OP_PARAM && n->attrs.init.kind != CM_INIT_NONE &&
+        cm_init_tensor(&t->src[i], &n->attrs.init, (uint64_t)t->cfg.train.seed, n->name, err))
+      return err->status;
+  }
+  for (int i = 0; i < g->n_nodes; i++) {
+    const cm_node *n = &g->nodes[i];
+    if (n->op != CM_OP_PARAM) continue;
+    for (int k = 0; cm_model_ema_target_prefixes[k] && cm_model_ema_online_prefixes[k]; k++) {
+      const char *tp = cm_model_ema_target_prefixes[k];
+      if (!has_prefix(n->name, tp)) continue;
+      char twin[512];
+      snprintf(twin, sizeof twin, "%s%s", cm_model_ema_online_prefixes[k], n->name + strlen(tp));
+      int o = cm_graph_find(g, twin);
+      if (o < 0 || !cm_type_equal(&g->nodes[o].type, &n->type))
+        return cm_errorf(err, CM_EINTERNAL,
+                         "cm_train: EMA target %s has no online twin %s of its type", n->name,
+                         twin);
+      memcpy(t->src[i].data, t->src[o].data, cm_type_nbytes(&n->type));
+      break;
+    }
+  }
+  return CM_OK;
+}
+
+/* The first key (group.key) whose value differs between two config JSONs,
+ * ignoring the keys that do not change the run's numbers; "" when none. */
+static void config_diff(const char *a_json, const char *b_json, char *out, size_t size) {
+  static const char *const ignored[] = {"train.workers", "train.ckpt_every"};
+  cJSON *a = cJSON_Parse(a_json), *b = cJSON_Parse(b_json);
+  out[0] = 0;
+  if (!a || !b) {
+    snprintf(out, size, "(unreadable config)");
+  } else {
+    for (cJSON *ga = a->child; ga && !out[0]; ga = ga->next) {
+      cJSON *gb = cJSON_GetObjectItemCaseSensitive(b, ga->string);
+      if (!cJSON_IsObject(ga)) {
+        if (!gb || !cJSON_Compare(ga, gb, 1)) snprintf(out, size, "%s", ga->string);
+        continue;
+      }
+      for (cJSON *ka = ga->child; ka && !out[0]; ka = ka->next) {
+        char name[256];
+        snprintf(name, sizeof name, "%s.%s", ga->string, ka->string);
+        bool skip = false;
+        for (size_t i = 0; i < sizeof ignored / sizeof ignored[0]; i++)
+          skip |= strcmp(name, ignored[i]) == 0;
+        cJSON *kb = gb ? cJSON_GetObjectItemCaseSensitive(gb, ka->string) : NULL;
+        if (!skip && (!kb || !cJSON_Compare(ka, kb, 1))) snprintf(out, size, "%s", name);
+      }
+    }
+  }
+  cJSON_Delete(a);
+  cJSON_Delete(b);
+}
+
+static cm_status restore(trainer *t, const char *path, cm_checkpoint_meta *meta, cm_err *err) {
+  cm_tensor_set set;
+  cm_tensor_set_init(&set);
+  cm_status st = cm_checkpoint_load(path, &set, meta, err);
+  /* a different config would not continue the same run */
+  char *now = st ? NULL : cm_model_config_to_json(&t->cfg);
+  char diff[300] = "";
+  if (!st && meta->config_json && now) config_diff(meta->config_json, now, diff, sizeof diff);
+  free(now);
+  if (!st && diff[0])
+    st = cm_errorf(err, CM_EINVALID,
+                   "%s: the run was trained with a different %s (resume with the same model and "
+                   "--set flags)",
+                   path, diff);
+  for (int i = 0; i < t->sg->n_nodes && !st; i++) {
+    const cm_node *n = &t->sg->nodes[i];
+    if (n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;
+    const cm_tensor *v = cm_tensor_set_get(&set, n->name);
+    char a[128], b[128];
+    if (!v)
+      st = cm_errorf(err, CM_EINVALID, "%s: checkpoint lacks tensor \"%s\" of the training step",
+                     path, n->name);
+    else if (!cm_type_equal(&v->type, &n->type))
+      st = cm_errorf(err, CM_EINVALID, "%s: tensor \"%s\" is %s but the training step wants %s",
+                     path, n->name, cm_type_str(&v->type, a, sizeof a),
+                     cm_type_str(&n->type, b, sizeof b));
+    else
+      memcpy(t->src[i].data, v->data, cm_type_nbytes(&n->type));
+  }
+  cm_tensor_set_free(&set);
+  return st;
+}
+
+static cm_status save(trainer *t, int64_t step, cm_train_result *r, cm_err *err) {
+  cm_checkpoint_meta meta = {0};
+  meta.step = step;
+  meta.epoch = step / cm_loader_steps_per_epoch(t->loader);
+  meta.rng_seed = (uint64_t)t->cfg.train.seed;
+  /* the loader's position: the epoch of the next step and the batches of it consumed */
+  meta.n_rng_counters = 2;
+  meta.rng_counters[0] = (uint64_t)meta.epoch;
+  meta.rng_counters[1] = (uint64_t)(step % cm_loader_steps_per_epoch(t->loader));
+  meta.config_json = cm_model_config_to_json(&t->cfg);
+  char *path = NULL;
+  cm_status st = cm_checkpoint_save(t->o->out_dir, &meta, t->n_ckpt, t->ckpt_names, t->ckpt_tensors,
+                                    t->o->keep > 0 ? t->o->keep : 3, &path, err);
+  free(meta.config_json);
+  if (!st) snprintf(r->checkpoint, sizeof r->checkpoint, "%s", path);
+  free(path);
+  return st;
+}
+
+static cm_status copy_batch(trainer *t, const cm_batch *b, cm_err *err) {
+  const void *arrays[N_BATCH_INPUTS] = {b->img, b->img_t, b->ids_keep, b->ids_restore, b->mask};
+  for (int k = 0; k < N_BATCH_INPUTS; k++) {
+    int id = t->batch_id[k];
+    if (id < 0) continue;
+    size_t want = cm_type_nbytes(&t->sg->nodes[id].type);
+    size_t elem = k == 2 || k == 3 ? sizeof(int32_t) : sizeof(float);
+    size_t per = k <= 1   ? (size_t)b->chans * (size_t)b->size * (size_t)b->size
+                 : k == 2 ? (size_t)b->n_keep
+                          : (size_t)b->n_tokens;
+    size_t got = elem * per * (size_t)b->n;
+    if (!arrays[k] || got != want)
+      return cm_errorf(err, CM_EINTERNAL,
+                       "cm_train: loader batch array %s has %zu bytes, the step input wants %zu",
+                       batch_names[k], arrays[k] ? got : 0, want);
+    memcpy(t->src[id].data, arrays[k], want);
+  }
+  return CM_OK;
+}
+
+/* Runs one step; afterwards out[j] is graph output j (owned by t). */
+static cm_status run_step(trainer *t, const cm_tensor **out, cm_err *err) {
+  const cm_graph *g = t->sg;
+  if (t->o->backend == CM_TRAIN_REF) {
+    for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&t->values[i]);
+    cm_eval_opts eo = {CM_PRECISION_NATIVE};
+    if (cm_eval(g, t->bound, t->values, &eo, err)) return err->status;
+    for (int i = 0; i < g->n_nodes; i++) {
+      if (g->nodes[i].op != CM_OP_ASSIGN) continue;
+      cm_tensor *target = &t->src[g->nodes[i].inputs[0]];
+      memcpy(target->data, t->values[i].data, cm_type_nbytes(&target->type));
+    }
+    for (int j = 0; j < g->n_outputs; j++) out[j] = &t->values[g->outputs[j]];
+    return CM_OK;
+  }
+  for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&t->outs[j]);
+  if (cm_cpu_program_run(t->prog, (cm_tensor *const *)t->bound, t->outs, err)) return err->status;
+  for (int j = 0; j < g->n_outputs; j++) out[j] = &t->outs[j];
+  return CM_OK;
+}
+
+/* The first non-finite tensor among the outputs and the new params/states, in graph order. */
+static const char *first_nonfinite(trainer *t, const cm_tensor **out) {
+  const cm_graph *g = t->sg;
+  double bad;
+  for (int i = 0; i < g->n_nodes; i++) {
+    const cm_node *n = &g->nodes[i];
+    for (int j = 0; j < g->n_outputs; j++)
+      if (g->outputs[j] == i && tensor_nonfinite(out[j], &bad)) return n->name;
+    if ((n->op == CM_OP_PARAM || n->op == CM_OP_STATE) && tensor_nonfinite(&t->src[i], &bad))
+      return n->name;
+  }
+  return "(none)";
+}
+
+static double out_value(const cm_tensor **out, int j) {
+  return j < 0 ? 0.0 : cm_tensor_get_f64(out[j], 0);
+}
+
+static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
+  const cm_train_opts *o = t->o;
+  if (!o->model_path || !o->out_dir)
+    return cm_errorf(err, CM_EINVALID, "cm_train: a model path and an output directory are needed");
+  if (o->steps < 0 || o->epochs < 0 || o->batch < 0)
+    return cm_errorf(err, CM_EINVALID, "cm_train: negative steps/epochs/batch");
+  if (cm_model_config_load(o->model_path, o->overrides, o->n_overrides, &t->cfg, err))
+    return err->status;
+  if (o->batch > 0) t->cfg.optimizer.batch = o->batch;
+  if (o->epochs > 0) {
+    if (o->epochs > 1000000)
+      return cm_errorf(err, CM_EINVALID, "cm_train: --epochs %lld is too large",
+                       (long long)o->epochs);
+    t->cfg.schedule.epochs = (int)o->epochs;
+  }
+  if (cm_model_config_validate(&t->cfg, err)) return cm_err_prefix(err, "%s: ", o->model_path);
+
+  /* data */
+  bool fmnist = !o->data || strcmp(o->data, "fashion-mnist") == 0;
+  if (fmnist ? cm_dataset_open_fmnist(NULL, true, &t->data, err)
+             : cm_dataset_open_folder(o->data, t->cfg.data.in_chans, &t->data, err))
+    return err->status;
+  if (cm_dataset_channels(t->data) != t->cfg.data.in_chans)
+    return cm_errorf(err, CM_EINVALID, "%s: dataset has %d channels but data.in_chans is %d",
+                     fmnist ? "fashion-mnist" : o->data, cm_dataset_channels(t->data),
+                     t->cfg.data.in_chans);
+  r->dataset_size = cm_dataset_size(t->data);
+  if (r->dataset_size < t->cfg.optimizer.batch)
+    return cm_errorf(err, CM_EINVALID,
+                     "cm_train: the dataset has %lld images, fewer than a batch of %d",
+                     (long long)r->dataset_size, t->cfg.optimizer.batch);
+
+  /* the step graph at the local batch (one rank) */
+  cm_model_build_opts bo = {t->cfg.optimizer.batch, 1, CM_F32};
+  if (cm_model_build(&t->cfg, &bo, &t->model, err)) return err->status;
+  cm_optim_config oc;
+  cm_optim_config_default(&oc);
+  oc.eps = t->cfg.optimizer.eps;
+  oc.weight_decay = t->cfg.optimizer.weight_decay;
+  oc.clip_norm = t->cfg.optimizer.clip_norm;
+  oc.frozen = cm_model_frozen_substrings;
+  cm_ema_pair pairs[8];
+  int np = 0;
+  for (; np < 8 && cm_model_ema_online_prefixes[np] && cm_model_ema_target_prefixes[np]; np++) {
+    pairs[np].online_prefix = cm_model_ema_online_prefixes[np];
+    pairs[np].target_prefix = cm_model_ema_target_prefixes[np];
+  }
+  oc.n_ema = np;
+  oc.ema = pairs;
+  cm_train_step_info info;
+  if (cm_build_train_step(t->model.g, t->model.loss, &oc, &t->sg, &info, err)) return err->status;
+  const cm_graph *g = t->sg;
+  t->src = calloc((size_t)g->n_nodes + 1, sizeof *t->src);
+  t->bound = calloc((size_t)g->n_nodes + 1, sizeof *t->bound);
+  t->ckpt_names = calloc((size_t)g->n_nodes + 1, sizeof *t->ckpt_names);
+  t->ckpt_tensors = calloc((size_t)g->n_nodes + 1, sizeof *t->ckpt_tensors);
+  t->outs = calloc((size_t)g->n_outputs + 1, sizeof *t->outs);
+  if (o->backend == CM_TRAIN_REF) t->values = calloc((size_t)g->n_nodes + 1, sizeof *t->values);
+  if (!t->src || !t->bound || !t->ckpt_names || !t->ckpt_tensors || !t->outs ||
+      (o->backend == CM_TRAIN_REF && !t->values))
+    return cm_errorf(err, CM_EINTERNAL, "cm_train: out of memory");
+  for (int k = 0; k < N_SCALARS; k++) t->scalar_id[k] = cm_graph_find(g, scalar_names[k]);
+  for (int k = 0; k < N_BATCH_INPUTS; k++) t->batch_id[k] = cm_graph_find(g, batch_names[k]);
+  t->out_loss = output_index(g, "loss");
+  t->out_rc = output_index(g, "loss_rc");
+  t->out_ct = output_index(g, "loss_ct");
+  t->out_gn = output_index(g, "grad_norm");
+  if (t->out_loss < 0 || t->out_rc < 0)
+    return cm_errorf(err, CM_EINTERNAL, "cm_train: the training step has no loss/loss_rc output");
+  for (int i = 0; i < g->n_nodes; i++) {
+    const cm_node *n = &g->nodes[i];
+    if (n->op == CM_OP_INPUT) {
+      bool known = false;
+      for (int k = 0; k < N_SCALARS; k++) known |= t->scalar_id[k] == i;
+      for (int k = 0; k < N_BATCH_INPUTS; k++) known |= t->batch_id[k] == i;
+      if (!known)
+        return cm_errorf(err, CM_EINTERNAL,
+                         "cm_train: the training step's input \"%s\" has no source", n->name);
+    }
+  }
+  if (init_sources(t, err)) return err->status;
+  for (int i = 0; i < g->n_nodes; i++) {
+    const cm_node *n = &g->nodes[i];
+    if (n->op == CM_OP_PARAM || n->op == CM_OP_STATE) {
+      t->ckpt_names[t->n_ckpt] = n->name;
+      t->ckpt_tensors[t->n_ckpt++] = &t->src[i];
+    }
+    bool target = false;
+    for (int k = 0; cm_model_ema_target_prefixes[k]; k++)
+      target |= has_prefix(n->name, cm_model_ema_target_prefixes[k]);
+    if (n->op == CM_OP_PARAM && !target) r->n_params += cm_type_numel(&n->type);
+  }
+  if (o->backend == CM_TRAIN_CPU) {
+    cm_cpu_opts co = {0};
+    co.threads = o->threads;
+    if (cm_cpu_program_build(g, NULL, &co, &t->prog, err)) return err->status;
+  }
+  return make_dirs(o->out_dir, err);
+}
+
+cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
+  memset(r, 0, sizeof *r);
+  trainer t = {0};
+  t.o = o;
+  cm_schedule sched;
+  cm_checkpoint_meta meta = {0};
+  int64_t start = 0;
+  char *ckpt = NULL;
+  /* a missing checkpoint is found before the (slow) build */
+  cm_status st = o->resume && o->out_dir ? cm_checkpoint_latest(o->out_dir, &ckpt, err) : CM_OK;
+  if (st) cm_err_prefix(err, "cannot resume: ");
+  if (!st) st = setup(&t, r, err);
+  if (st) goto done;
+
+  cm_loader_opts lo = {0};
+  lo.batch = t.cfg.optimizer.batch;
+  lo.workers = t.cfg.train.workers;
+  lo.shuffle = true;
+  lo.drop_last = true;
+  lo.world = 1;
+  lo.seed = (uint64_t)t.cfg.train.seed;
+  cm_views_opts_from_config(&t.cfg, &lo.views);
+  lo.views.mode = strcmp(t.cfg.train.views, "rrc") == 0 ? CM_VIEWS_RRC : CM_VIEWS_SHIFT;
+  lo.views.mask = true;
+  if (o->resume) {
+    if ((st = restore(&t, ckpt, &meta, err))) goto done;
+    start = meta.step;
+  }
+  /* iterations per epoch: floor(n / global batch) (drop_last) */
+  r->steps_per_epoch = r->dataset_size / t.cfg.optimizer.batch;
+  lo.epoch0 = start / r->steps_per_epoch;
+  if ((st = cm_loader_create(t.data, &lo, &t.loader, err))) goto done;
+  if (cm_loader_steps_per_epoch(t.loader) != r->steps_per_epoch) {
+    st =
+        cm_errorf(err, CM_EINTERNAL, "cm_train: the loader has %lld steps per epoch, expected %lld",
+                  (long long)cm_loader_steps_per_epoch(t.loader), (long long)r->steps_per_epoch);
+    goto done;
+  }
+  if ((st = cm_schedule_from_config(&t.cfg, r->steps_per_epoch, &sched, err))) goto done;
+  r->total_steps = o->steps > 0 ? o->steps : sched.total_iters;
+  r->first_step = r->last_step = start;
+  snprintf(t.metrics_path, sizeof t.metrics_path, "%s/metrics.jsonl", o->out_dir);
+  if ((st = cm_metrics_open(t.metrics_path, start + 1, &t.metrics, err))) goto done;
+
+  if (o->log) {
+    fprintf(
+        o->log,
+        "training %s: %lld params, %lld images (%lld steps/epoch at batch %d), steps %lld..%lld "
+        "of %lld\n",
+        t.cfg.name, (long long)r->n_params, (long long)r->dataset_size,
+        (long long)r->steps_per_epoch, t.cfg.optimizer.batch, (long long)start + 1,
+        (long long)r->total_steps, (long long)sched.total_iters);
+    fprintf(o->log, "lr peak %.4g (base %.4g x %d / 256), warmup %lld steps; backend %s",
+            sched.peak_lr, t.cfg.optimizer.base_lr, t.cfg.optimizer.batch,
+            (long long)sched.warmup_iters, o->backend == CM_TRAIN_REF ? "ref" : "cpu");
+    if (t.prog) {
+      cm_cpu_stats cs;
+      cm_cpu_program_stats(t.prog, &cs);
+      fprintf(o->log, " (%d threads)", cs.threads);
+    }
+    fprintf(o->log, "; metrics %s, checkpoints %s/ckpt-<step>.safetensors\n", t.metrics_path,
+            o->out_dir);
+    fflush(o->log);
+  }
+
+  cm_progress prog;
+  cm_progress_init(&prog, o->log ? o->log : stdout, r->total_steps,
+                   o->log_every > 0 ? o->log_every : 10, o->log ? o->progress_tty : 0);
+  const cm_tensor **out = calloc((size_t)t.sg->n_outputs + 1, sizeof *out);
+  if (!out) {
+    st = cm_errorf(err, CM_EINTERNAL, "cm_train: out of memory");
+    goto done;
+  }
+  /* skip the batches of the current epoch the checkpointed run consumed */
+  cm_batch b;
+  for (int64_t k = 0; k < start % r->steps_per_epoch && !st; k++)
+    st = cm_loader_next(t.loader, &b, err);
+  double t_run = now_s();
+  int64_t images = 0;
+  for (int64_t step = start + 1; step <= r->total_steps && !st; step++) {
+    double t0 = now_s();
+    if ((st = cm_loader_next(t.loader, &b, err))) break;
+    if (b.n != t.cfg.optimizer.batch) {
+      st = cm_errorf(err, CM_EINTERNAL, "cm_train: step %lld: the loader gave %d samples, not %d",
+                     (long long)step, b.n, t.cfg.optimizer.batch);
+      break;
+    }
+    if ((st = copy_batch(&t, &b, err))) break;
+    double sv[N_SCALARS] = {cm_schedule_lr(&sched, step - 1), t.cfg.optimizer.beta1,
+                            t.cfg.optimizer.beta2, (double)step,
+                            cm_schedule_momentum(&sched, step - 1)};
+    for (int k = 0; k < N_SCALARS; k++)
+      if (t.scalar_id[k] >= 0) cm_tensor_set_f64(&t.src[t.scalar_id[k]], 0, sv[k]);
+    if ((st = run_step(&t, out, err))) {
+      cm_err_prefix(err, "step %lld: ", (long long)step);
+      break;
+    }
+    double loss = out_value(out, t.out_loss), lrc = out_value(out, t.out_rc),
+           lct = out_value(out, t.out_ct), gn = out_value(out, t.out_gn);
+    const char *which = !isfinite(lrc)    ? "loss_rc"
+                        : !isfinite(lct)  ? "loss_ct"
+                        : !isfinite(loss) ? "loss"
+                        : !isfinite(gn)   ? "grad_norm"
+                                          : NULL;
+    if (which) {
+      double v = strcmp(which, "loss_rc") == 0   ? lrc
+                 : strcmp(which, "loss_ct") == 0 ? lct
+                 : strcmp(which, "loss") == 0    ? loss
+                                                 : gn;
+      st = cm_errorf(err, CM_EINVALID, "step %lld: non-finite %s (%g); first non-finite tensor: %s",
+                     (long long)step, which, v, first_nonfinite(&t, out));
+      break;
+    }
+    double ms = 1e3 * (now_s() - t0);
+    images += b.n;
+    double ips = (double)images / (now_s() - t_run);
+    cm_metrics_row row = {0};
+    row.step = step;
+    row.epoch = b.epoch;
+    row.loss_rc = lrc;
+    row.loss_ct = lct;
+    row.loss = loss;
+    row.lr = sv[0];
+    row.momentum = sv[4];
+    row.images_per_s = ips;
+    row.step_ms = ms;
+    const char *xn[1] = {"grad_norm"};
+    double xv[1] = {gn};
+    row.n_extra = 1;
+    row.extra_names = xn;
+    row.extra_values = xv;
+    if ((st = cm_metrics_write(t.metrics, &row, err))) break;
+    r->last_step = step;
+    r->loss = loss;
+    r->loss_rc = lrc;
+    r->loss_ct = lct;
+    r->images_per_s = ips;
+    if (o->log) cm_progress_update(&prog, step, loss);
+    bool stopping = o->stop && *o->stop;
+    if (stopping || step == r->total_steps ||
+        (t.cfg.train.ckpt_every > 0 && step % t.cfg.train.ckpt_every == 0)) {
+      if ((st = save(&t, step, r, err))) break;
+    }
+    if (stopping) {
+      r->interrupted = true;
+      break;
+    }
+  }
+  if (o->log) cm_progress_finish(&prog);
+  free(out);
+  if (!st && r->last_step == start && start < r->total_steps && !r->interrupted)
+    st = cm_errorf(err, CM_EINTERNAL, "cm_train: no step ran");
+done:
+  free(ckpt);
+  cm_checkpoint_meta_free(&meta);
+  trainer_free(&t);
+  return st;
+}

@@ -1,0 +1,387 @@
+/* tests/unit/test_trainer.c — cm_train on a tiny CMAE variant: the loss falls
+ * over 40 steps, 2N straight steps equal N + resume + N bitwise (across an
+ * epoch boundary, on an image folder), EMA targets start as copies of their
+ * online twins, a huge lr stops naming the step and tensor, a stop request
+ * saves a checkpoint, bad options are CM_EINVALID. The ref backend always; the
+ * cpu backend too once cm_cpu_program works. */
+#include "../../runtime/runtime.h"
+#include "../test.h"
+
+#include <dirent.h>
+#include <math.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define MODEL "models/cmae_vit_tiny_fmnist.json"
+
+static const char *const tiny[] = {
+    "encoder.width=16",         "encoder.depth=1",         "encoder.heads=2",
+    "pixel_decoder.width=16",   "pixel_decoder.depth=1",   "pixel_decoder.heads=2",
+    "feature_decoder.width=16", "feature_decoder.depth=1", "feature_decoder.heads=2",
+    "projector.hidden=32",      "projector.out=16",        "predictor.hidden=32",
+    "predictor.out=16",         "data.image_size=16",      "data.master_size=20",
+    "schedule.warmup_epochs=0", "optimizer.base_lr=0.1",
+};
+enum { N_TINY = (int)(sizeof tiny / sizeof tiny[0]) };
+
+static uint64_t rng_state = 12345;
+static uint64_t next_u64(void) { /* splitmix64 */
+  uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+static void remove_tree(const char *dir) {
+  DIR *d = opendir(dir);
+  if (!d) return;
+  struct dirent *e;
+  char p[1024];
+  while ((e = readdir(d))) {
+    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+    snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+    struct stat st;
+    if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode))
+      remove_tree(p);
+    else
+      unlink(p);
+  }
+  closedir(d);
+  rmdir(dir);
+}
+
+/* root/<class>/<i>.png: 21 gray 28x28 pictures (a bright box on noise). */
+static void make_folder(const char *root) {
+  char p[1024];
+  for (int k = 0; k < 21; k++) {
+    snprintf(p, sizeof p, "%s/c%d", root, k % 3);
+    mkdir(p, 0777);
+    cm_image im;
+    cm_err err = {0};
+    CHECK(cm_image_alloc(&im, 28, 28, 1, 0, &err) == CM_OK);
+    int y0 = (int)(next_u64() % 14), x0 = (int)(next_u64() % 14);
+    for (int y = 0; y < 28; y++)
+      for (int x = 0; x < 28; x++) {
+        bool in = y >= y0 && y < y0 + 12 && x >= x0 && x < x0 + 12;
+        im.data[y * 28 + x] = (uint8_t)((in ? 160 : 0) + next_u64() % 90);
+      }
+    snprintf(p, sizeof p, "%s/c%d/%02d.png", root, k % 3, k);
+    CHECK_MSG(cm_png_write(p, &im, &err) == CM_OK, "%s", err.msg);
+    cm_image_free(&im);
+  }
+}
+
+typedef struct run_cfg {
+  const char *out, *data;
+  cm_train_backend backend;
+  int64_t steps;
+  bool resume;
+  const char *extra[4];
+  cm_views_mode views;
+  volatile sig_atomic_t *stop;
+} run_cfg;
+
+static cm_status run(const run_cfg *c, cm_train_result *r, cm_err *err) {
+  const char *ov[N_TINY + 8];
+  int n = 0;
+  for (int i = 0; i < N_TINY; i++) ov[n++] = tiny[i];
+  ov[n++] = "train.seed=7";
+  ov[n++] = "train.workers=2";
+  if (c->views == CM_VIEWS_RRC) ov[n++] = "train.views=rrc";
+  for (int i = 0; i < 4 && c->extra[i]; i++) ov[n++] = c->extra[i];
+  cm_train_opts o = {0};
+  o.model_path = MODEL;
+  o.overrides = ov;
+  o.n_overrides = n;
+  o.data = c->data;
+  o.steps = c->steps;
+  o.batch = 8;
+  o.out_dir = c->out;
+  o.resume = c->resume;
+  o.backend = c->backend;
+  o.stop = c->stop;
+  return cm_train(&o, r, err);
+}
+
+static bool have_fmnist(void) {
+  cm_dataset *d = NULL;
+  cm_err err = {0};
+  bool ok = cm_dataset_open_fmnist(NULL, true, &d, &err) == CM_OK;
+  cm_dataset_free(d);
+  return ok;
+}
+
+static int backends[2], n_backends;
+static char tmp_root[256];
+
+/* The cpu backend joins once cm_cpu_program can run the step. */
+static void pick_backends(void) {
+  backends[n_backends++] = CM_TRAIN_REF;
+  char out[512], data[512];
+  snprintf(out, sizeof out, "%s/probe", tmp_root);
+  snprintf(data, sizeof data, "%s/folder", tmp_root);
+  run_cfg c = {.out = out, .data = data, .backend = CM_TRAIN_CPU, .steps = 1};
+  cm_train_result r;
+  cm_err err = {0};
+  if (run(&c, &r, &err) == CM_OK)
+    backends[n_backends++] = CM_TRAIN_CPU;
+  else
+    fprintf(stderr, "note: cpu backend not tested: %s\n", err.msg);
+  remove_tree(out);
+}
+
+static double mean_col(const cm_metrics_table *t, const char *name, int64_t from, int64_t to) {
+  int c = cm_metrics_column(t, name);
+  double s = 0;
+  for (int64_t i = from; i < to; i++) s += t->values[i * t->n_cols + c];
+  return s / (double)(to - from);
+}
+
+static void test_loss_falls(void) {
+  bool fm = have_fmnist();
+  char data[512];
+  snprintf(data, sizeof data, "%s/folder", tmp_root);
+  for (int b = 0; b < n_backends; b++) {
+    char out[512];
+    snprintf(out, sizeof out, "%s/falls%d", tmp_root, b);
+    run_cfg c = {.out = out, .data = fm ? NULL : data, .backend = backends[b], .steps = 40};
+    cm_train_result r;
+    cm_err err = {0};
+    CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
+    CHECK(r.last_step == 40 && r.first_step == 0);
+    CHECK(isfinite(r.loss) && r.loss_ct > 0 && r.loss_rc > 0);
+    char path[600];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", out);
+    cm_metrics_table t = {0};
+    CHECK_MSG(cm_metrics_read(path, &t, &err) == CM_OK, "%s", err.msg);
+    CHECK(t.n_rows == 40);
+    if (t.n_rows == 40) {
+      double first = mean_col(&t, "loss", 0, 5), last = mean_col(&t, "loss", 35, 40);
+      CHECK_MSG(last < first, "backend %d: loss %g -> %g", backends[b], first, last);
+      /* total = rc + ct, and the lr / momentum follow the schedule */
+      int cl = cm_metrics_column(&t, "loss"), crc = cm_metrics_column(&t, "loss_rc"),
+          cct = cm_metrics_column(&t, "loss_ct"), clr = cm_metrics_column(&t, "lr");
+      CHECK_NEAR(t.values[7 * t.n_cols + cl],
+                 t.values[7 * t.n_cols + crc] + t.values[7 * t.n_cols + cct], 1e-5);
+      CHECK_NEAR(t.values[0 * t.n_cols + clr], 0.1 * 8 / 256, 1e-12);
+      CHECK(t.values[39 * t.n_cols + clr] < t.values[0 * t.n_cols + clr]);
+    }
+    cm_metrics_table_free(&t);
+    remove_tree(out);
+  }
+}
+
+static void check_same_checkpoints(const char *a, const char *b) {
+  cm_tensor_set sa, sb;
+  cm_tensor_set_init(&sa);
+  cm_tensor_set_init(&sb);
+  cm_checkpoint_meta ma = {0}, mb = {0};
+  cm_err err = {0};
+  CHECK_MSG(cm_checkpoint_load(a, &sa, &ma, &err) == CM_OK, "%s", err.msg);
+  CHECK_MSG(cm_checkpoint_load(b, &sb, &mb, &err) == CM_OK, "%s", err.msg);
+  CHECK(sa.n == sb.n && sa.n > 0);
+  int moments = 0, ema = 0, differ = 0;
+  for (int i = 0; i < sa.n; i++) {
+    const cm_tensor *tb = cm_tensor_set_get(&sb, sa.names[i]);
+    bool same = tb && cm_type_equal(&tb->type, &sa.tensors[i].type) &&
+                memcmp(tb->data, sa.tensors[i].data, cm_type_nbytes(&tb->type)) == 0;
+    CHECK_MSG(same, "tensor %s differs", sa.names[i]);
+    differ += !same;
+    moments += strncmp(sa.names[i], "optimizer.exp_avg", 17) == 0;
+    ema += strncmp(sa.names[i], "target_", 7) == 0;
+  }
+  CHECK(moments > 0 && ema > 0 && differ == 0);
+  CHECK(ma.step == mb.step && ma.epoch == mb.epoch && ma.rng_seed == mb.rng_seed);
+  CHECK(ma.config_json && mb.config_json && strcmp(ma.config_json, mb.config_json) == 0);
+  cm_checkpoint_meta_free(&ma);
+  cm_checkpoint_meta_free(&mb);
+  cm_tensor_set_free(&sa);
+  cm_tensor_set_free(&sb);
+}
+
+/* 21 images at batch 8: 2 steps per epoch, so N = 3 resumes mid-epoch 1 and
+ * the run crosses epochs 0 -> 1 -> 2. */
+static void test_resume_bitwise(void) {
+  char data[512];
+  snprintf(data, sizeof data, "%s/folder", tmp_root);
+  for (int b = 0; b < n_backends; b++) {
+    for (int views = 0; views < 2; views++) {
+      char a[512], bb[512], pa[600], pb[600];
+      snprintf(a, sizeof a, "%s/straight", tmp_root);
+      snprintf(bb, sizeof bb, "%s/resumed", tmp_root);
+      cm_views_mode vm = views ? CM_VIEWS_RRC : CM_VIEWS_SHIFT;
+      run_cfg c = {.out = a, .data = data, .backend = backends[b], .steps = 6, .views = vm};
+      cm_train_result r;
+      cm_err err = {0};
+      CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
+      CHECK(r.steps_per_epoch == 2 && r.dataset_size == 21);
+      c.out = bb;
+      c.steps = 3;
+      CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
+      CHECK(r.last_step == 3);
+      c.steps = 6;
+      c.resume = true;
+      CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
+      CHECK(r.first_step == 3 && r.last_step == 6);
+      snprintf(pa, sizeof pa, "%s/ckpt-6.safetensors", a);
+      snprintf(pb, sizeof pb, "%s/ckpt-6.safetensors", bb);
+      check_same_checkpoints(pa, pb);
+      snprintf(pa, sizeof pa, "%s/metrics.jsonl", a);
+      snprintf(pb, sizeof pb, "%s/metrics.jsonl", bb);
+      cm_metrics_table ta = {0}, tb = {0};
+      CHECK(cm_metrics_read(pa, &ta, &err) == CM_OK);
+      CHECK(cm_metrics_read(pb, &tb, &err) == CM_OK);
+      CHECK(ta.n_rows == 6 && tb.n_rows == 6);
+      static const char *const cols[] = {"step",    "epoch", "loss",     "loss_rc",
+                                         "loss_ct", "lr",    "momentum", "grad_norm"};
+      for (int64_t i = 0; i < 6 && ta.n_rows == 6 && tb.n_rows == 6; i++)
+        for (int k = 0; k < 8; k++) {
+          double va = ta.values[i * ta.n_cols + cm_metrics_column(&ta, cols[k])];
+          double vb = tb.values[i * tb.n_cols + cm_metrics_column(&tb, cols[k])];
+          CHECK_MSG(va == vb, "row %lld %s: %.17g vs %.17g", (long long)i, cols[k], va, vb);
+        }
+      cm_metrics_table_free(&ta);
+      cm_metrics_table_free(&tb);
+      remove_tree(a);
+      remove_tree(bb);
+    }
+  }
+}
+
+/* With lr 1e-30 (below every param's rounding) and momentum 1 nothing moves: every EMA target must
+ * still equal its online twin, i.e. it started as a copy. */
+static void test_ema_starts_as_copy(void) {
+  char data[512], out[512], path[600];
+  snprintf(data, sizeof data, "%s/folder", tmp_root);
+  snprintf(out, sizeof out, "%s/ema", tmp_root);
+  run_cfg c = {.out = out,
+               .data = data,
+               .backend = CM_TRAIN_REF,
+               .steps = 2,
+               .extra = {"optimizer.base_lr=1e-30", "optimizer.weight_decay=0",
+                         "schedule.momentum_base=1", "schedule.momentum_end=1"}};
+  cm_train_result r;
+  cm_err err = {0};
+  CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
+  snprintf(path, sizeof path, "%s/ckpt-2.safetensors", out);
+  cm_tensor_set s;
+  cm_tensor_set_init(&s);
+  cm_checkpoint_meta m = {0};
+  CHECK_MSG(cm_checkpoint_load(path, &s, &m, &err) == CM_OK, "%s", err.msg);
+  cm_checkpoint_meta_free(&m);
+  int pairs = 0;
+  for (int i = 0; i < s.n; i++) {
+    if (strncmp(s.names[i], "target_", 7) != 0) continue;
+    const cm_tensor *o = cm_tensor_set_get(&s, s.names[i] + 7);
+    /* zero-initialized biases move by ~lr; everything else stays bitwise */
+    double worst = o ? 0 : INFINITY;
+    int64_t n = o ? cm_type_numel(&o->type) : 0;
+    for (int64_t k = 0; k < n; k++)
+      worst = fmax(worst, fabs(cm_tensor_get_f64(o, k) - cm_tensor_get_f64(&s.tensors[i], k)));
+    CHECK_MSG(worst <= 1e-25, "%s is not a copy of its twin (off by %g)", s.names[i], worst);
+    pairs++;
+  }
+  CHECK(pairs >= 4);
+  cm_tensor_set_free(&s);
+  remove_tree(out);
+}
+
+static void test_nonfinite(void) {
+  char data[512], out[512];
+  snprintf(data, sizeof data, "%s/folder", tmp_root);
+  snprintf(out, sizeof out, "%s/nan", tmp_root);
+  for (int b = 0; b < n_backends; b++) {
+    run_cfg c = {.out = out,
+                 .data = data,
+                 .backend = backends[b],
+                 .steps = 6,
+                 .extra = {"optimizer.base_lr=1e30"}};
+    cm_train_result r;
+    cm_err err = {0};
+    CHECK(run(&c, &r, &err) == CM_EINVALID);
+    CHECK_STR_CONTAINS(err.msg, "non-finite");
+    CHECK_STR_CONTAINS(err.msg, "first non-finite tensor: ");
+    CHECK(strncmp(err.msg, "step ", 5) == 0 && r.last_step < 6);
+    CHECK(strstr(err.msg, "(none)") == NULL);
+    remove_tree(out);
+  }
+}
+
+static void test_stop_saves(void) {
+  char data[512], out[512];
+  snprintf(data, sizeof data, "%s/folder", tmp_root);
+  snprintf(out, sizeof out, "%s/stop", tmp_root);
+  volatile sig_atomic_t flag = 1;
+  run_cfg c = {.out = out, .data = data, .backend = CM_TRAIN_REF, .steps = 5, .stop = &flag};
+  cm_train_result r;
+  cm_err err = {0};
+  CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
+  CHECK(r.interrupted && r.last_step == 1);
+  char *latest = NULL;
+  CHECK(cm_checkpoint_latest(out, &latest, &err) == CM_OK);
+  CHECK(latest && strcmp(latest, r.checkpoint) == 0);
+  cm_checkpoint_meta m = {0};
+  cm_tensor_set s;
+  cm_tensor_set_init(&s);
+  CHECK(latest && cm_checkpoint_load(latest, &s, &m, &err) == CM_OK && m.step == 1);
+  cm_tensor_set_free(&s);
+  cm_checkpoint_meta_free(&m);
+  free(latest);
+  /* the rest of the run resumes, with the same config only */
+  flag = 0;
+  c.resume = true;
+  c.extra[0] = "train.seed=8";
+  CHECK(run(&c, &r, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "different train.seed");
+  c.extra[0] = "train.workers=3"; /* does not change the numbers */
+  CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
+  CHECK(!r.interrupted && r.first_step == 1 && r.last_step == 5);
+  remove_tree(out);
+}
+
+static void test_bad_options(void) {
+  char data[512], out[512];
+  snprintf(data, sizeof data, "%s/folder", tmp_root);
+  snprintf(out, sizeof out, "%s/bad", tmp_root);
+  cm_train_result r;
+  cm_err err = {0};
+  run_cfg c = {.out = out, .data = data, .backend = CM_TRAIN_REF, .steps = 1};
+  c.resume = true; /* nothing to resume from */
+  CHECK(run(&c, &r, &err) != CM_OK);
+  c.resume = false;
+  c.extra[0] = "encoder.heads=3"; /* does not divide 16 */
+  CHECK(run(&c, &r, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "encoder.heads");
+  c.extra[0] = NULL;
+  c.data = "/nonexistent/folder";
+  CHECK(run(&c, &r, &err) == CM_EINVALID);
+  c.data = data;
+  c.extra[0] = "train.views=crop";
+  CHECK(run(&c, &r, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "train.views");
+  c.extra[0] = "train.workers=0";
+  CHECK(run(&c, &r, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "train.workers");
+  c.extra[0] = NULL;
+  cm_train_opts o = {0};
+  CHECK(cm_train(&o, &r, &err) == CM_EINVALID);
+  remove_tree(out);
+}
+
+static void setup(void) {
+  snprintf(tmp_root, sizeof tmp_root, "/tmp/cmaec_trainer_XXXXXX");
+  CHECK(mkdtemp(tmp_root) != NULL);
+  char p[512];
+  snprintf(p, sizeof p, "%s/folder", tmp_root);
+  mkdir(p, 0777);
+  make_folder(p);
+  pick_backends();
+}
+
+static void teardown(void) {
+  remove_tree(tmp_root);
+}
+
+TEST_MAIN(TEST(setup), TEST(test_loss_falls), TEST(test_resume_bitwise),
+          TEST(test_ema_starts_as_copy), TEST(test_nonfinite), TEST(test_stop_saves),
+          TEST(test_bad_options), TEST(teardown))

@@ -1,0 +1,218 @@
+/* tools/cmd_pretrain.c — cmaec train: pretraining a model variant (cm_train). */
+#include "cli.h"
+
+#include "../runtime/runtime.h"
+
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
+
+static const char usage_train[] =
+    "usage: cmaec train MODEL.json [--data fashion-mnist|DIR] [--epochs N | --steps N]\n"
+    "                   [--batch B] [--out DIR] [--resume DIR] [--backend cpu|ref]\n"
+    "                   [--threads N] [--workers N] [--log-every N] [--seed N]\n"
+    "                   [--views shift|rrc] [--ckpt-every N] [--keep N] [--set KEY=VALUE ...]\n"
+    "\n"
+    "Pretrains the variant on Fashion-MNIST (default) or an image folder DIR/<class>/<file>:\n"
+    "builds its training step (AdamW, EMA targets) at the batch B (default optimizer.batch;\n"
+    "the lr scales with it), runs it on the CPU backend (default) or the reference\n"
+    "evaluator (ref), logs DIR/metrics.jsonl (one row per step) and writes checkpoints\n"
+    "DIR/ckpt-<step>.safetensors every --ckpt-every steps (default: only at the end; the\n"
+    "newest --keep, default 3, are kept; DIR/latest names the newest). --epochs N sets\n"
+    "schedule.epochs; --steps N stops after step N (the schedule stays the config's).\n"
+    "--resume DIR continues from DIR/latest exactly where it stopped (params, moments,\n"
+    "EMA params, schedule and data order), with the same MODEL and --set flags.\n"
+    "Ctrl-C finishes the current step, saves a checkpoint and exits with 130.\n"
+    "Default --out: runs/<variant>. Exit codes: 0 ok, 1 internal failure, 2 invalid input\n"
+    "(also a non-finite loss), 130 interrupted.\n";
+
+static volatile sig_atomic_t stop_flag = 0;
+
+static void on_sigint(int sig) {
+  (void)sig;
+  stop_flag = 1;
+}
+
+static bool parse_int(const char *s, int64_t max, int64_t *out) {
+  uint64_t v;
+  if (!cli_parse_u64(s, &v) || v > (uint64_t)max) return false;
+  *out = (int64_t)v;
+  return true;
+}
+
+int cmd_pretrain(int argc, char **argv) {
+  const char **sets = malloc(sizeof(char *) * (size_t)(argc + 5));
+  char **args = malloc(sizeof(char *) * (size_t)(argc + 1));
+  int n_sets = 0, n_args = 0, rc = EXIT_OK;
+  if (!sets || !args) {
+    free(sets);
+    free(args);
+    return fprintf(stderr, "cmaec train: out of memory\n"), EXIT_INTERNAL;
+  }
+  /* --set repeats; cli_parse keeps one value per option */
+  for (int i = 0; i < argc; i++) {
+    if (i >= 2 && strcmp(argv[i], "--set") == 0) {
+      if (i + 1 >= argc) {
+        fprintf(stderr, "cmaec train: option --set needs a value\n");
+        rc = EXIT_INVALID;
+        goto out;
+      }
+      sets[n_sets++] = argv[++i];
+    } else if (i >= 2 && strncmp(argv[i], "--set=", 6) == 0) {
+      sets[n_sets++] = argv[i] + 6;
+    } else {
+      args[n_args++] = argv[i];
+    }
+  }
+  args[n_args] = NULL;
+  cli_option opts[] = {
+      {"--help", false, NULL, false},     {"--data", true, NULL, false},
+      {"--epochs", true, NULL, false},    {"--steps", true, NULL, false},
+      {"--batch", true, NULL, false},     {"--out", true, NULL, false},
+      {"--resume", true, NULL, false},    {"--backend", true, NULL, false},
+      {"--threads", true, NULL, false},   {"--workers", true, NULL, false},
+      {"--log-every", true, NULL, false}, {"--seed", true, NULL, false},
+      {"--views", true, NULL, false},     {"--ckpt-every", true, NULL, false},
+      {"--keep", true, NULL, false},
+  };
+  const char *pos[1];
+  int n_pos;
+  if (!cli_parse(n_args, args, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "train")) {
+    rc = EXIT_INVALID;
+    goto out;
+  }
+  if (opts[0].given) {
+    fputs(usage_train, stdout);
+    goto out;
+  }
+  if (n_pos != 1) {
+    fprintf(stderr, "cmaec train: expected one MODEL.json (see cmaec train --help)\n");
+    rc = EXIT_INVALID;
+    goto out;
+  }
+  cm_train_opts o = {0};
+  o.model_path = pos[0];
+  o.overrides = sets;
+  o.n_overrides = n_sets;
+  o.data = opts[1].value;
+  o.log = stdout;
+  o.progress_tty = -1;
+  o.stop = &stop_flag;
+  int64_t v = 0;
+  static const struct {
+    int opt;
+    int64_t max;
+  } ints[] = {{2, 1000000}, {3, INT64_C(1) << 40},  {4, 1 << 20},    {8, 4096},
+              {9, 256},     {10, INT64_C(1) << 40}, {13, INT32_MAX}, {14, 1000000}};
+  for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++) {
+    cli_option *op = &opts[ints[k].opt];
+    if (!op->given) continue;
+    if (!parse_int(op->value, ints[k].max, &v) || v < 1) {
+      fprintf(stderr, "cmaec train: %s %s: not an integer in [1, %lld]\n", op->name, op->value,
+              (long long)ints[k].max);
+      rc = EXIT_INVALID;
+      goto out;
+    }
+    switch (ints[k].opt) {
+    case 2: o.epochs = v; break;
+    case 3: o.steps = v; break;
+    case 4: o.batch = (int)v; break;
+    case 8: o.threads = (int)v; break;
+    case 10: o.log_every = v; break;
+    default: o.keep = (int)v; break;
+    }
+  }
+  if (opts[2].given && opts[3].given) {
+    fprintf(stderr, "cmaec train: give --epochs or --steps, not both\n");
+    rc = EXIT_INVALID;
+    goto out;
+  }
+  /* the run's settings are config keys (train.*), so checkpoints record them */
+  char set_buf[4][64];
+  static const struct {
+    int opt;
+    const char *key;
+  } keys[] = {
+      {11, "train.seed"}, {12, "train.views"}, {9, "train.workers"}, {13, "train.ckpt_every"}};
+  for (int q = 0; q < 4; q++) {
+    cli_option *op = &opts[keys[q].opt];
+    if (!op->given) continue;
+    uint64_t u;
+    if (keys[q].opt == 11 && (!cli_parse_u64(op->value, &u) || u > INT32_MAX)) {
+      fprintf(stderr, "cmaec train: --seed %s: not an integer in [0, %d]\n", op->value, INT32_MAX);
+      rc = EXIT_INVALID;
+      goto out;
+    }
+    if (keys[q].opt == 12 && strcmp(op->value, "shift") != 0 && strcmp(op->value, "rrc") != 0) {
+      fprintf(stderr, "cmaec train: --views %s: expected shift or rrc\n", op->value);
+      rc = EXIT_INVALID;
+      goto out;
+    }
+    snprintf(set_buf[q], sizeof set_buf[q], "%s=%s", keys[q].key, op->value);
+    sets[n_sets++] = set_buf[q];
+  }
+  o.overrides = sets;
+  o.n_overrides = n_sets;
+  if (opts[7].given) {
+    if (strcmp(opts[7].value, "cpu") == 0) {
+      o.backend = CM_TRAIN_CPU;
+    } else if (strcmp(opts[7].value, "ref") == 0) {
+      o.backend = CM_TRAIN_REF;
+    } else {
+      fprintf(stderr, "cmaec train: --backend %s: expected cpu or ref\n", opts[7].value);
+      rc = EXIT_INVALID;
+      goto out;
+    }
+  }
+  char def_out[512];
+  if (opts[6].given) {
+    if (opts[5].given && strcmp(opts[5].value, opts[6].value) != 0) {
+      fprintf(stderr, "cmaec train: --out %s and --resume %s differ\n", opts[5].value,
+              opts[6].value);
+      rc = EXIT_INVALID;
+      goto out;
+    }
+    o.out_dir = opts[6].value;
+    o.resume = true;
+  } else if (opts[5].given) {
+    o.out_dir = opts[5].value;
+  } else {
+    const char *base = strrchr(pos[0], '/');
+    base = base ? base + 1 : pos[0];
+    size_t len = strlen(base);
+    if (len > 5 && strcmp(base + len - 5, ".json") == 0) len -= 5;
+    snprintf(def_out, sizeof def_out, "runs/%.*s", (int)len, base);
+    o.out_dir = def_out;
+  }
+
+  struct sigaction sa, old;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_sigint;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, &old);
+  cm_train_result r;
+  cm_err err = {0};
+  cm_status st = cm_train(&o, &r, &err);
+  sigaction(SIGINT, &old, NULL);
+  if (st) {
+    rc = cli_report(&err, pos[0]);
+    goto out;
+  }
+  if (r.last_step > r.first_step)
+    printf("done: step %lld, loss %.6g (loss_rc %.6g, loss_ct %.6g), %.1f images/s\n",
+           (long long)r.last_step, r.loss, r.loss_rc, r.loss_ct, r.images_per_s);
+  printf("metrics: %s/metrics.jsonl\n", o.out_dir);
+  if (r.checkpoint[0]) printf("checkpoint: %s\n", r.checkpoint);
+  if (r.interrupted) {
+    printf("interrupted at step %lld; continue with --resume %s\n", (long long)r.last_step,
+           o.out_dir);
+    rc = 130;
+  }
+out:
+  free(sets);
+  free(args);
+  return rc;
+}
