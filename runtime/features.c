@@ -13,8 +13,7 @@
 /* ---- the config of a checkpoint ------------------------------------------- */
 
 /* Applies every member of a (possibly nested) JSON object as "key=value". */
-static cm_status apply_json(cm_model_config *c, const cJSON *obj, const char *prefix,
-                            cm_err *err) {
+static cm_status apply_json(cm_model_config *c, const cJSON *obj, const char *prefix, cm_err *err) {
   for (const cJSON *m = obj->child; m; m = m->next) {
     char key[256];
     snprintf(key, sizeof key, "%s%s%s", prefix, *prefix ? "." : "", m->string ? m->string : "");
