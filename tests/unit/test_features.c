@@ -35,15 +35,15 @@ static void tiny_config(cm_model_config *c, const char *arch) {
                         "predictor.hidden=16",     "predictor.out=8"};
   cm_err err = {0};
   for (size_t i = 0; i < sizeof sets / sizeof sets[0]; i++)
-    CHECK_MSG(cm_model_config_set(c, sets[i], &err) == CM_OK, err.msg);
+    CHECK_MSG(cm_model_config_set(c, sets[i], &err) == CM_OK, "%s", err.msg);
   if (strcmp(arch, "convvit") == 0) {
     const char *cs[] = {"arch=convvit", "encoder.stage_widths=[8,10,12]",
                         "encoder.stage_depths=[1,1,1]", "encoder.stage_patches=[1,2,2]",
                         "encoder.depth=1"};
     for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++)
-      CHECK_MSG(cm_model_config_set(c, cs[i], &err) == CM_OK, err.msg);
+      CHECK_MSG(cm_model_config_set(c, cs[i], &err) == CM_OK, "%s", err.msg);
   }
-  CHECK_MSG(cm_model_config_validate(c, &err) == CM_OK, err.msg);
+  CHECK_MSG(cm_model_config_validate(c, &err) == CM_OK, "%s", err.msg);
 }
 
 static float *random_views(int n, int per) {
@@ -74,7 +74,7 @@ static void test_config_json(void) {
   tiny_config(&c, "vit");
   char *j = cm_model_config_to_json(&c);
   cm_err err = {0};
-  CHECK_MSG(cm_model_config_from_json_text(j, &back, &err) == CM_OK, err.msg);
+  CHECK_MSG(cm_model_config_from_json_text(j, &back, &err) == CM_OK, "%s", err.msg);
   char *j2 = cm_model_config_to_json(&back);
   CHECK(j && j2 && strcmp(j, j2) == 0);
   free(j);
@@ -82,7 +82,7 @@ static void test_config_json(void) {
   CHECK(cm_model_config_from_json_text("[1]", &back, &err) == CM_EINVALID);
   CHECK(cm_model_config_from_json_text("{\"encoder\": {\"heads\": 5}}", &back, &err) ==
         CM_EINVALID);
-  CHECK_MSG(strstr(err.msg, "encoder.heads") != NULL, err.msg);
+  CHECK_MSG(strstr(err.msg, "encoder.heads") != NULL, "%s", err.msg);
 }
 
 static void test_encoder_features(void) {
@@ -94,7 +94,7 @@ static void test_encoder_features(void) {
   for (int pool = 0; pool < 2; pool++) {
     cm_encoder_opts eo = {.batch = 3, .pool = (cm_pool)pool, .reference = true, .seed = 0};
     cm_encoder *e = NULL;
-    CHECK_MSG(cm_encoder_create(&c, NULL, &eo, &e, &err) == CM_OK, err.msg);
+    CHECK_MSG(cm_encoder_create(&c, NULL, &eo, &e, &err) == CM_OK, "%s", err.msg);
     if (!e) continue;
     CHECK(cm_encoder_dim(e) == 12);
     float *f1 = NULL, *f2 = NULL, one[12];
@@ -133,7 +133,7 @@ static void test_encoder_features(void) {
     params_set(e, &s);
     cm_encoder *e2 = NULL;
     float *f3 = NULL;
-    CHECK_MSG(cm_encoder_create(&c, &s, &eo, &e2, &err) == CM_OK, err.msg);
+    CHECK_MSG(cm_encoder_create(&c, &s, &eo, &e2, &err) == CM_OK, "%s", err.msg);
     CHECK(e2 && cm_encoder_features(e2, views, n, &f3, &err) == CM_OK);
     CHECK(f3 && max_abs_diff(f1, f3, (int64_t)n * 12) == 0);
     cm_encoder_free(e2);
@@ -159,7 +159,7 @@ static void test_encoder_features(void) {
         CHECK(cm_tensor_set_add(&rest, s.names[i], &s.tensors[i], &err) == CM_OK);
     CHECK(rest.n == s.n - 1);
     CHECK(cm_encoder_create(&c, &rest, &eo, &e2, &err) == CM_EINVALID && !e2);
-    CHECK_MSG(strstr(err.msg, "backbone.layers.1.attn.qkv.weight") != NULL, err.msg);
+    CHECK_MSG(strstr(err.msg, "backbone.layers.1.attn.qkv.weight") != NULL, "%s", err.msg);
     cm_tensor_set_free(&rest);
     cm_tensor_set_free(&s);
     cm_encoder_free(e);
@@ -174,9 +174,9 @@ static void test_encoder_features(void) {
   cm_encoder_opts eo = {.batch = 2, .pool = CM_POOL_CLS, .reference = true};
   cm_encoder *e = NULL;
   CHECK(cm_encoder_create(&cv, NULL, &eo, &e, &err) == CM_EINVALID);
-  CHECK_MSG(strstr(err.msg, "cls") != NULL, err.msg);
+  CHECK_MSG(strstr(err.msg, "cls") != NULL, "%s", err.msg);
   eo.pool = CM_POOL_MEAN;
-  CHECK_MSG(cm_encoder_create(&cv, NULL, &eo, &e, &err) == CM_OK, err.msg);
+  CHECK_MSG(cm_encoder_create(&cv, NULL, &eo, &e, &err) == CM_OK, "%s", err.msg);
   CHECK(e && cm_encoder_dim(e) == 12);
   cm_encoder_free(e);
 }
@@ -239,8 +239,8 @@ static void test_views_and_scores(void) {
   tiny_config(&c, "vit");
   cm_err err = {0};
   cm_dataset *dtr = NULL, *dte = NULL;
-  CHECK_MSG(cm_dataset_open_folder(tr, 1, &dtr, &err) == CM_OK, err.msg);
-  CHECK_MSG(cm_dataset_open_folder(te, 1, &dte, &err) == CM_OK, err.msg);
+  CHECK_MSG(cm_dataset_open_folder(tr, 1, &dtr, &err) == CM_OK, "%s", err.msg);
+  CHECK_MSG(cm_dataset_open_folder(te, 1, &dte, &err) == CM_OK, "%s", err.msg);
   if (!dtr || !dte) goto out;
   float *trv = NULL, *tev = NULL;
   int32_t *trl = NULL, *tel = NULL;
@@ -292,7 +292,7 @@ static void test_views_and_scores(void) {
   int32_t *l3 = NULL;
   int64_t n3 = 0;
   CHECK(cm_eval_views(dtr, &c3, 4, &v3, &l3, &n3, &err) == CM_EINVALID);
-  CHECK_MSG(strstr(err.msg, "in_chans") != NULL, err.msg);
+  CHECK_MSG(strstr(err.msg, "in_chans") != NULL, "%s", err.msg);
   free(trv);
   free(tev);
   free(trl);
@@ -309,7 +309,7 @@ static void test_reconstruct(void) {
   cm_err err = {0};
   cm_model m;
   cm_model_build_opts bo = {.batch = 2, .ranks = 1, .dtype = CM_F32};
-  CHECK_MSG(cm_model_build(&c, &bo, &m, &err) == CM_OK, err.msg);
+  CHECK_MSG(cm_model_build(&c, &bo, &m, &err) == CM_OK, "%s", err.msg);
   cm_tensor_set s;
   cm_tensor_set_init(&s);
   for (int i = 0; i < m.g->n_nodes; i++) {
@@ -325,7 +325,7 @@ static void test_reconstruct(void) {
   int n = 3, per = 144;
   float *views = random_views(n, per), *masked = malloc(sizeof(float) * 3 * 144),
         *recon = malloc(sizeof(float) * 3 * 144);
-  CHECK_MSG(cm_reconstruct(&c, &s, views, n, 9, masked, recon, &err) == CM_OK, err.msg);
+  CHECK_MSG(cm_reconstruct(&c, &s, views, n, 9, masked, recon, &err) == CM_OK, "%s", err.msg);
   int n_masked = 0, finite = 1, differs = 0;
   for (int i = 0; i < n * per; i++) {
     finite &= isfinite(recon[i]);
@@ -337,14 +337,14 @@ static void test_reconstruct(void) {
     }
   }
   /* ratio 0.5 of 9 tokens: 5 visible (keep = 9 * (1 - 0.5) rounded), 4 masked x 16 pixels. */
-  CHECK_MSG(n_masked == n * (9 - n_keep) * 16, "masked pixel count");
+  CHECK_MSG(n_masked == n * (9 - n_keep) * 16, "%s", "masked pixel count");
   CHECK(finite && differs > n_masked / 2);
   /* Another seed masks other patches. */
   float *masked2 = malloc(sizeof(float) * 3 * 144), *recon2 = malloc(sizeof(float) * 3 * 144);
   CHECK(cm_reconstruct(&c, &s, views, n, 10, masked2, recon2, &err) == CM_OK);
   CHECK(memcmp(masked, masked2, sizeof(float) * 3 * 144) != 0);
   /* A single image (BatchNorm in the contrastive branch needs two: padded). */
-  CHECK_MSG(cm_reconstruct(&c, &s, views, 1, 9, masked2, recon2, &err) == CM_OK, err.msg);
+  CHECK_MSG(cm_reconstruct(&c, &s, views, 1, 9, masked2, recon2, &err) == CM_OK, "%s", err.msg);
   CHECK(memcmp(masked, masked2, sizeof(float) * 144) == 0);
   /* Missing decoder params are named. */
   cm_tensor_set part;
@@ -353,12 +353,12 @@ static void test_reconstruct(void) {
     if (strncmp(s.names[i], "pixel_decoder.", 14) != 0)
       CHECK(cm_tensor_set_add(&part, s.names[i], &s.tensors[i], &err) == CM_OK);
   CHECK(cm_reconstruct(&c, &part, views, n, 9, masked2, recon2, &err) == CM_EINVALID);
-  CHECK_MSG(strstr(err.msg, "pixel_decoder.") != NULL, err.msg);
+  CHECK_MSG(strstr(err.msg, "pixel_decoder.") != NULL, "%s", err.msg);
   cm_tensor_set_free(&part);
 
   /* Export: the online encoder only, official names, the same values. */
   cm_tensor_set ex;
-  CHECK_MSG(cm_encoder_export(&c, &s, &ex, &err) == CM_OK, err.msg);
+  CHECK_MSG(cm_encoder_export(&c, &s, &ex, &err) == CM_OK, "%s", err.msg);
   const char *names[] = {"patch_embed.proj.weight",
                          "patch_embed.proj.bias",
                          "cls_token",
@@ -386,12 +386,13 @@ static void test_reconstruct(void) {
   CHECK(ex.n == 4 + 2 * 12 + 2);
   for (size_t k = 0; k < sizeof names / sizeof names[0]; k++) {
     const cm_tensor *a = cm_tensor_set_get(&ex, names[k]), *b = cm_tensor_set_get(&s, from[k]);
-    CHECK_MSG(a && b, names[k]);
+    CHECK_MSG(a && b, "%s", names[k]);
     if (a && b)
       CHECK_MSG(a->type.dtype == CM_F32 && memcmp(a->data, b->data, cm_type_nbytes(&b->type)) == 0,
-                names[k]);
+                "%s", names[k]);
   }
-  for (int i = 0; i < ex.n; i++) CHECK_MSG(strstr(ex.names[i], "backbone") == NULL, ex.names[i]);
+  for (int i = 0; i < ex.n; i++)
+    CHECK_MSG(strstr(ex.names[i], "backbone") == NULL, "%s", ex.names[i]);
   bool has_config = false;
   for (int i = 0; i < ex.n_meta; i++) has_config |= strcmp(ex.meta_keys[i], "config") == 0;
   CHECK(has_config);
@@ -399,7 +400,7 @@ static void test_reconstruct(void) {
   cm_model_config cv;
   tiny_config(&cv, "convvit");
   CHECK(cm_encoder_export(&cv, &s, &ex, &err) == CM_EINVALID);
-  CHECK_MSG(strstr(err.msg, "ViT") != NULL, err.msg);
+  CHECK_MSG(strstr(err.msg, "ViT") != NULL, "%s", err.msg);
   cm_tensor_set_free(&s);
   free(views);
   free(masked);
