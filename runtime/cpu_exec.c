@@ -1,19 +1,406 @@
-/* runtime/cpu_exec.c — the CPU executor (to be written). */
+/* runtime/cpu_exec.c — the CPU executor: a plan's kernels lowered, rendered
+ * with the LLVM renderer, JIT-compiled (one module per kernel, so the object
+ * cache is shared across programs that contain the same kernel) and run over
+ * one arena with OpenMP splitting each stage's work items. */
 #include "runtime.h"
+
+#include <llvm-c/Core.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef struct cpu_kernel {
+  int n_stages;
+  cm_cpu_stage_fn *fns;
+  char **bufs; /* per buffer; SOURCE entries bound at run time */
+} cpu_kernel;
+
+struct cm_cpu_program {
+  const cm_graph *g; /* as passed to build */
+  cm_graph *own_g;   /* the optimized copy (NULL when built from a plan) */
+  const cm_graph *rg;
+  cm_plan *own_plan;
+  cm_kprogram kp;
+  cm_jit *jit;
+  cpu_kernel *ks;
+  char *arena, *scratch, *ws;
+  int64_t ws_stride;
+  void **consts;
+  int n_consts;
+  int *orig_of;   /* per node of rg: the node of g with the same name (sources), or -1 */
+  char **src_ptr; /* per node of rg: bound source data during a run */
+  int threads;
+  bool profile;
+  cm_cpu_stats stats;
+  cm_kernel_profile *prof;
+};
+
+static double now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static bool is_source(const cm_node *n) {
+  return n->op == CM_OP_INPUT || n->op == CM_OP_PARAM || n->op == CM_OP_STATE;
+}
+
+static cm_status resolve_threads(const cm_cpu_opts *o, int *out, cm_err *err) {
+  if (o && o->threads > 0) {
+    *out = o->threads;
+    return CM_OK;
+  }
+  const char *e = getenv("CMAEC_THREADS");
+  if (e && *e) {
+    char *end;
+    long v = strtol(e, &end, 10);
+    if (*end || v < 1 || v > 4096)
+      return cm_errorf(err, CM_EINVALID, "CMAEC_THREADS=\"%s\": expected a positive integer", e);
+    *out = (int)v;
+    return CM_OK;
+  }
+#ifdef _OPENMP
+  *out = omp_get_max_threads();
+#else
+  *out = 1;
+#endif
+  return CM_OK;
+}
+
+static const char *cache_dir_of(const cm_cpu_opts *o, char *buf, size_t size) {
+  if (o && o->cache_dir) return *o->cache_dir ? o->cache_dir : NULL;
+  const char *e = getenv("CMAEC_CACHE_DIR");
+  if (e) return *e ? e : NULL;
+  const char *x = getenv("XDG_CACHE_HOME");
+  if (x && *x) {
+    snprintf(buf, size, "%s/cmaec", x);
+    return buf;
+  }
+  const char *h = getenv("HOME");
+  if (!h || !*h) return NULL;
+  snprintf(buf, size, "%s/.cache/cmaec", h);
+  return buf;
+}
+
+void cm_cpu_program_free(cm_cpu_program *pr) {
+  if (!pr) return;
+  if (pr->ks) {
+    for (int i = 0; i < pr->kp.n_kernels; i++) {
+      free(pr->ks[i].fns);
+      free(pr->ks[i].bufs);
+    }
+    free(pr->ks);
+  }
+  for (int i = 0; i < pr->n_consts; i++) free(pr->consts[i]);
+  free(pr->consts);
+  cm_kprogram_free(&pr->kp);
+  if (pr->jit) cm_jit_destroy(pr->jit);
+  free(pr->arena);
+  free(pr->scratch);
+  free(pr->ws);
+  free(pr->orig_of);
+  free(pr->src_ptr);
+  free(pr->prof);
+  cm_plan_free(pr->own_plan);
+  cm_graph_free(pr->own_g);
+  free(pr);
+}
+
+static void *aligned(int64_t bytes) {
+  size_t n = (size_t)((bytes + 63) / 64 * 64);
+  if (n == 0) n = 64;
+  void *p = aligned_alloc(64, n);
+  if (p) memset(p, 0, n);
+  return p;
+}
 
 cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
                                cm_cpu_program **out, cm_err *err) {
-  return cm_errorf(err, CM_EINTERNAL, "cm_cpu_program_build: not implemented yet");
+  *out = NULL;
+  cm_cpu_opts defaults = {0};
+  if (!opts) opts = &defaults;
+  cm_cpu_program *pr = calloc(1, sizeof *pr);
+  if (!pr) return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  pr->g = g;
+  pr->profile = opts->profile;
+  cm_status st = resolve_threads(opts, &pr->threads, err);
+  if (st != CM_OK) goto fail;
+  const cm_plan *p = plan;
+  if (!plan) {
+    cm_pass_state s = {cm_graph_clone(g), NULL};
+    if (!s.g) {
+      st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+      goto fail;
+    }
+    st = cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, err);
+    pr->own_g = s.g;
+    pr->own_plan = s.plan;
+    if (st != CM_OK) goto fail;
+    if (!s.plan) {
+      st = cm_errorf(err, CM_EINTERNAL, "cm_cpu_program_build: the pipeline made no plan");
+      goto fail;
+    }
+    p = s.plan;
+    pr->rg = s.g;
+  } else {
+    pr->rg = g;
+  }
+  const cm_graph *rg = pr->rg;
+  pr->orig_of = malloc(sizeof(int) * (size_t)(rg->n_nodes + 1));
+  pr->src_ptr = calloc((size_t)rg->n_nodes + 1, sizeof(char *));
+  if (!pr->orig_of || !pr->src_ptr) {
+    st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+    goto fail;
+  }
+  for (int i = 0; i < rg->n_nodes; i++) {
+    pr->orig_of[i] = -1;
+    if (!is_source(&rg->nodes[i])) continue;
+    int o = rg == g ? i : cm_graph_find(g, rg->nodes[i].name);
+    if (o < 0) {
+      st = cm_errorf(err, CM_EINTERNAL, "source \"%s\" of the optimized graph not in the graph",
+                     rg->nodes[i].name);
+      goto fail;
+    }
+    pr->orig_of[i] = o;
+  }
+  for (int j = 0; j < g->n_outputs && rg != g; j++)
+    if (cm_graph_find(rg, g->nodes[g->outputs[j]].name) < 0) {
+      st = cm_errorf(err, CM_EINTERNAL, "output \"%s\" lost by the pipeline",
+                     g->nodes[g->outputs[j]].name);
+      goto fail;
+    }
+
+  double t0 = now_ms();
+  cm_lower_opts lo = {CM_TARGET_CPU, opts->no_templates};
+  st = cm_lower_plan(rg, p, &lo, &pr->kp, err);
+  if (st != CM_OK) goto fail;
+  pr->stats.lower_ms = now_ms() - t0;
+
+  char cbuf[4096];
+  cm_jit_opts jo = {0};
+  jo.cache_dir = cache_dir_of(opts, cbuf, sizeof cbuf);
+  jo.opt_level = opts->opt_level > 0 ? opts->opt_level : 3;
+  jo.vector_width = 512;
+  st = cm_jit_create(&pr->jit, &jo, err);
+  if (st != CM_OK) goto fail;
+  cm_llvm_render_opts ro = {0, opts->no_templates};
+  int nk = pr->kp.n_kernels;
+  pr->ks = calloc((size_t)nk + 1, sizeof *pr->ks);
+  pr->prof = calloc((size_t)nk + 1, sizeof *pr->prof);
+  if (!pr->ks || !pr->prof) {
+    st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+    goto fail;
+  }
+  int64_t ws_max = 0;
+  for (int i = 0; i < nk; i++) {
+    const cm_kernel *k = &pr->kp.kernels[i];
+    double t1 = now_ms();
+    LLVMModuleRef m = LLVMModuleCreateWithNameInContext(k->name, cm_jit_context(pr->jit));
+    st = cm_render_llvm(k, m, &ro, err);
+    pr->stats.render_ms += now_ms() - t1;
+    if (st != CM_OK) {
+      LLVMDisposeModule(m);
+      goto fail;
+    }
+    t1 = now_ms();
+    st = cm_jit_add_module(pr->jit, m, err);
+    if (st != CM_OK) goto fail;
+    pr->ks[i].n_stages = k->n_stages;
+    pr->ks[i].fns = calloc((size_t)k->n_stages + 1, sizeof(cm_cpu_stage_fn));
+    pr->ks[i].bufs = calloc((size_t)k->n_buffers + 1, sizeof(char *));
+    if (!pr->ks[i].fns || !pr->ks[i].bufs) {
+      st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+      goto fail;
+    }
+    double flops = 0;
+    for (int s = 0; s < k->n_stages; s++) {
+      char sym[96];
+      snprintf(sym, sizeof sym, "%s_s%d", k->name, s);
+      void *addr = NULL;
+      st = cm_jit_lookup(pr->jit, sym, &addr, err);
+      if (st != CM_OK) goto fail;
+      memcpy(&pr->ks[i].fns[s], &addr, sizeof addr);
+      const cm_kstage *ks = &k->stages[s];
+      int64_t w = cm_kstage_workspace_bytes(ks, CM_TARGET_CPU);
+      if (w > ws_max) ws_max = w;
+      if (ks->n_red > 0 && ks->body >= 0 && ks->exprs[ks->body].kind == CM_KX_OP &&
+          ks->exprs[ks->body].op == CM_OP_MUL) {
+        double f = 2;
+        for (int d = 0; d < ks->n_dom; d++) f *= (double)ks->dom[d];
+        for (int d = 0; d < ks->n_red; d++) f *= (double)ks->red[d];
+        flops += f;
+      }
+    }
+    pr->stats.jit_ms += now_ms() - t1;
+    pr->prof[i].name = k->name;
+    pr->prof[i].kind = k->kind;
+    pr->prof[i].flops = flops;
+    pr->stats.n_stages += k->n_stages;
+  }
+  pr->stats.n_kernels = nk;
+
+  pr->arena = aligned(pr->kp.arena_bytes);
+  pr->scratch = aligned(pr->kp.max_scratch_bytes);
+  pr->ws_stride = (ws_max + 63) / 64 * 64;
+  pr->ws = aligned(pr->ws_stride * pr->threads);
+  if (!pr->arena || !pr->scratch || !pr->ws) {
+    st = cm_errorf(err, CM_EINTERNAL, "out of memory (arena %lld bytes)",
+                   (long long)pr->kp.arena_bytes);
+    goto fail;
+  }
+  for (int i = 0; i < nk; i++) {
+    const cm_kernel *k = &pr->kp.kernels[i];
+    for (int b = 0; b < k->n_buffers; b++) {
+      const cm_kbuffer *kb = &k->buffers[b];
+      switch (kb->kind) {
+      case CM_KBUF_ARENA: pr->ks[i].bufs[b] = pr->arena + kb->offset; break;
+      case CM_KBUF_SCRATCH: pr->ks[i].bufs[b] = pr->scratch + kb->offset; break;
+      case CM_KBUF_SOURCE: break;
+      case CM_KBUF_CONST: {
+        void **nc = realloc(pr->consts, sizeof(void *) * (size_t)(pr->n_consts + 1));
+        if (!nc) {
+          st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+          goto fail;
+        }
+        pr->consts = nc;
+        void *d = cm_kernel_const_data(rg, kb, err);
+        if (!d) {
+          st = CM_EINTERNAL;
+          if (err && err->status == CM_OK)
+            st = cm_errorf(err, CM_EINTERNAL, "kernel %s: const buffer %d has no data", k->name, b);
+          else if (err)
+            st = err->status;
+          goto fail;
+        }
+        pr->consts[pr->n_consts++] = d;
+        pr->ks[i].bufs[b] = d;
+        break;
+      }
+      }
+    }
+  }
+  cm_jit_stats js;
+  cm_jit_get_stats(pr->jit, &js);
+  pr->stats.cache_hits = js.cache_hits;
+  pr->stats.cache_misses = js.cache_misses;
+  pr->stats.arena_bytes = pr->kp.arena_bytes;
+  pr->stats.scratch_bytes = pr->kp.max_scratch_bytes;
+  pr->stats.workspace_bytes = pr->ws_stride * pr->threads;
+  pr->stats.threads = pr->threads;
+  *out = pr;
+  return CM_OK;
+fail:
+  cm_cpu_program_free(pr);
+  return st;
 }
-void cm_cpu_program_free(cm_cpu_program *pr) {}
+
 const cm_graph *cm_cpu_program_graph(const cm_cpu_program *pr) {
-  return NULL;
+  return pr->rg;
 }
+
+CM_NO_SANITIZE_FUNCTION static void run_stage(cm_cpu_stage_fn fn, char *const *bufs,
+                                              const cm_kstage *s, char *ws, int64_t ws_stride,
+                                              int threads) {
+  int64_t n = cm_kstage_work_items(s);
+  if (n < 2 || s->accumulate || threads < 2) {
+    fn(bufs, 0, n, ws);
+    return;
+  }
+  int chunks = n < threads ? (int)n : threads;
+#pragma omp parallel for schedule(static) num_threads(chunks)
+  for (int c = 0; c < chunks; c++) {
+    int64_t b = n * c / chunks, e = n * (c + 1) / chunks;
+    fn(bufs, b, e, ws + ws_stride * c);
+  }
+}
+
 cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
                              cm_err *err) {
-  return cm_errorf(err, CM_EINTERNAL, "cm_cpu_program_run: not implemented yet");
+  const cm_graph *rg = pr->rg, *g = pr->g;
+  for (int i = 0; i < rg->n_nodes; i++) {
+    int o = pr->orig_of[i];
+    if (o < 0) continue;
+    const cm_node *n = &g->nodes[o];
+    const cm_tensor *t = sources ? sources[o] : NULL;
+    if (!t || !t->data)
+      return cm_errorf(err, CM_EINVALID, "source \"%s\" (%s): not given", n->name,
+                       cm_op_get_info(n->op)->name);
+    if (!cm_type_equal(&t->type, &n->type)) {
+      char a[96], b[96];
+      return cm_errorf(err, CM_EINVALID, "source \"%s\": given %s, expected %s", n->name,
+                       cm_type_str(&t->type, a, sizeof a), cm_type_str(&n->type, b, sizeof b));
+    }
+    pr->src_ptr[i] = t->data;
+  }
+  for (int i = 0; i < pr->kp.n_kernels; i++) {
+    const cm_kernel *k = &pr->kp.kernels[i];
+    char **bufs = pr->ks[i].bufs;
+    for (int b = 0; b < k->n_buffers; b++)
+      if (k->buffers[b].kind == CM_KBUF_SOURCE) bufs[b] = pr->src_ptr[k->buffers[b].node];
+    double t0 = pr->profile ? now_ms() : 0;
+    for (int s = 0; s < k->n_stages; s++)
+      run_stage(pr->ks[i].fns[s], bufs, &k->stages[s], pr->ws, pr->ws_stride, pr->threads);
+    if (pr->profile) {
+      pr->prof[i].total_ms += now_ms() - t0;
+      pr->prof[i].runs++;
+    }
+  }
+  for (int j = 0; j < g->n_outputs; j++) memset(&outputs[j], 0, sizeof outputs[j]);
+  for (int j = 0; j < g->n_outputs; j++) {
+    const cm_node *on = &g->nodes[g->outputs[j]];
+    int id = rg == g ? g->outputs[j] : cm_graph_find(rg, on->name);
+    const cm_node *n = &rg->nodes[id];
+    const char *src = NULL;
+    void *tmp = NULL;
+    if (is_source(n))
+      src = pr->src_ptr[id];
+    else if (n->op == CM_OP_ASSIGN)
+      src = pr->src_ptr[n->inputs[0]];
+    else {
+      /* find the arena buffer through the kernel that writes it */
+      for (int i = 0; i < pr->kp.n_kernels && !src; i++) {
+        const cm_kernel *k = &pr->kp.kernels[i];
+        for (int b = 0; b < k->n_buffers; b++)
+          if (k->buffers[b].node == id && k->buffers[b].kind == CM_KBUF_ARENA &&
+              k->buffers[b].written) {
+            src = pr->arena + k->buffers[b].offset;
+            break;
+          }
+      }
+      if (!src && n->op == CM_OP_CONST) {
+        cm_kbuffer kb = {CM_KBUF_CONST, n->type.dtype, cm_type_numel(&n->type), id, 0, 1, 0};
+        if (n->attrs.data) {
+          tmp = cm_kernel_const_data(rg, &kb, err);
+          src = tmp;
+        }
+      }
+    }
+    cm_status st = cm_tensor_alloc(&outputs[j], on->type, err);
+    if (st == CM_OK && !src && n->op == CM_OP_CONST && !n->attrs.data) {
+      for (int64_t e = 0; e < cm_type_numel(&on->type); e++)
+        cm_tensor_set_f64(&outputs[j], e, n->attrs.value);
+    } else if (st == CM_OK && !src) {
+      st = cm_errorf(err, CM_EINTERNAL, "output \"%s\": no buffer holds its value", on->name);
+    } else if (st == CM_OK) {
+      memcpy(outputs[j].data, src, cm_type_nbytes(&on->type));
+    }
+    free(tmp);
+    if (st != CM_OK) {
+      for (int q = 0; q <= j; q++) cm_tensor_free(&outputs[q]);
+      return st;
+    }
+  }
+  return CM_OK;
 }
-void cm_cpu_program_stats(const cm_cpu_program *pr, cm_cpu_stats *out) {}
+
+void cm_cpu_program_stats(const cm_cpu_program *pr, cm_cpu_stats *out) {
+  *out = pr->stats;
+}
+
 int cm_cpu_program_profile(const cm_cpu_program *pr, const cm_kernel_profile **out) {
-  return 0;
+  *out = pr->profile ? pr->prof : NULL;
+  return pr->profile ? pr->kp.n_kernels : 0;
 }

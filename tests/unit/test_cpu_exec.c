@@ -1,0 +1,458 @@
+/* The CPU executor against the oracle (cm_eval) on the same random sources:
+ * random graphs (elementwise, movement, reductions, batched/transposed matmul,
+ * conv incl. depthwise, stride and padding, state updates), 1 vs 2 threads,
+ * every shipped model's training step, argument errors and the object cache. */
+#include "../test.h"
+#include "models/models.h"
+#include "runtime/runtime.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+static uint64_t rng = 12345;
+static double uniform(void) {
+  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+  return (double)(rng >> 11) * 0x1p-53;
+}
+static int64_t pick(int64_t lo, int64_t hi) { /* lo..hi inclusive */
+  return lo + (int64_t)(uniform() * (double)(hi - lo + 1));
+}
+
+static double rel_err(const cm_tensor *x, const cm_tensor *y) {
+  if (!x->data || !y->data || !cm_type_equal(&x->type, &y->type)) return INFINITY;
+  double d = 0, m = 0;
+  int64_t n = cm_type_numel(&y->type);
+  for (int64_t i = 0; i < n; i++) {
+    double a = cm_tensor_get_f64(x, i), b = cm_tensor_get_f64(y, i);
+    if (isnan(a) != isnan(b)) return INFINITY;
+    if (isnan(a)) continue;
+    d = fmax(d, fabs(a - b));
+    m = fmax(m, fabs(b));
+  }
+  return d / fmax(m, 1e-30);
+}
+
+static char cache_dir[256];
+
+/* Runs g on the executor (threads) with copies of src; out[j] receives the
+ * outputs, st[i] the sources after the run (states updated). */
+static cm_status exec_graph(const cm_graph *g, const cm_tensor *const *src, int threads,
+                            const char *cache, cm_tensor *out, cm_tensor *st, cm_cpu_stats *stats,
+                            cm_err *err) {
+  cm_cpu_opts o = {threads, cache, false, true, 0};
+  cm_cpu_program *pr = NULL;
+  cm_status s = cm_cpu_program_build(g, NULL, &o, &pr, err);
+  if (s != CM_OK) return s;
+  cm_tensor **ptr = calloc((size_t)g->n_nodes, sizeof *ptr);
+  for (int i = 0; i < g->n_nodes; i++)
+    if (src[i]) {
+      cm_tensor_copy(&st[i], src[i], NULL);
+      ptr[i] = &st[i];
+    }
+  s = cm_cpu_program_run(pr, ptr, out, err);
+  if (stats) cm_cpu_program_stats(pr, stats);
+  const cm_kernel_profile *prof;
+  int np = cm_cpu_program_profile(pr, &prof);
+  for (int i = 0; i < np && s == CM_OK; i++) CHECK(prof[i].runs == 1);
+  free(ptr);
+  cm_cpu_program_free(pr);
+  return s;
+}
+
+/* Compares every output and every assigned state with the oracle; returns the worst error. */
+static double check_graph(const cm_graph *g, const cm_tensor *const *src, int threads,
+                          const char *what) {
+  cm_err err = {0};
+  cm_tensor *v = calloc((size_t)g->n_nodes, sizeof *v);
+  cm_eval_opts eo = {CM_PRECISION_NATIVE};
+  CHECK_MSG(cm_eval(g, src, v, &eo, &err) == CM_OK, "%s: eval: %s", what, err.msg);
+  cm_tensor *out = calloc((size_t)g->n_outputs + 1, sizeof *out);
+  cm_tensor *st = calloc((size_t)g->n_nodes, sizeof *st);
+  double worst = 0;
+  cm_status s = exec_graph(g, src, threads, "", out, st, NULL, &err);
+  CHECK_MSG(s == CM_OK, "%s: %s", what, err.msg);
+  if (s == CM_OK) {
+    for (int j = 0; j < g->n_outputs; j++) {
+      double e = rel_err(&out[j], &v[g->outputs[j]]);
+      CHECK_MSG(e <= 1e-4, "%s: output %s: rel err %g", what, g->nodes[g->outputs[j]].name, e);
+      worst = fmax(worst, e);
+      cm_tensor_free(&out[j]);
+    }
+    for (int i = 0; i < g->n_nodes; i++)
+      if (g->nodes[i].op == CM_OP_ASSIGN) {
+        double e = rel_err(&st[g->nodes[i].inputs[0]], &v[i]);
+        CHECK_MSG(e <= 1e-4, "%s: state %s: rel err %g", what, g->nodes[i].name, e);
+        worst = fmax(worst, e);
+      }
+  }
+  for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&v[i]), cm_tensor_free(&st[i]);
+  free(v);
+  free(st);
+  free(out);
+  return worst;
+}
+
+static void fill_sources(const cm_graph *g, cm_tensor *t, const cm_tensor **src) {
+  for (int i = 0; i < g->n_nodes; i++) {
+    const cm_node *n = &g->nodes[i];
+    if (n->op != CM_OP_INPUT && n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;
+    CHECK(cm_tensor_alloc(&t[i], n->type, NULL) == CM_OK);
+    for (int64_t e = 0; e < cm_type_numel(&n->type); e++)
+      cm_tensor_set_f64(&t[i], e, uniform() * 2 - 1);
+    src[i] = &t[i];
+  }
+}
+
+static int in3(cm_graph *g, int64_t a, int64_t b, int64_t c) {
+  int64_t d[3] = {a, b, c};
+  return cm_input(g, NULL, CM_F32, 3, d);
+}
+
+static void random_block(cm_graph *g) {
+  double r = uniform();
+  int y = -1;
+  if (r < 0.2) { /* elementwise */
+    int64_t a = pick(1, 7), b = pick(1, 9), c = pick(1, 33);
+    int x = in3(g, a, b, c), z = in3(g, a, b, c);
+    static const cm_op un[] = {CM_OP_TANH, CM_OP_ERF, CM_OP_NEG, CM_OP_EXP, CM_OP_ABS};
+    static const cm_op bin[] = {CM_OP_ADD, CM_OP_SUB, CM_OP_MUL, CM_OP_MAX, CM_OP_MIN};
+    y = cm_binary(g, bin[pick(0, 4)], cm_unary(g, un[pick(0, 4)], x, NULL), z, NULL);
+    y = cm_select(g, cm_binary(g, CM_OP_LT, x, z, NULL), y, x, NULL);
+    int one = cm_const_fill(g, NULL, CM_F32, 3, g->nodes[x].type.dims, 0.5);
+    y = cm_binary(g, CM_OP_MUL, y, one, NULL);
+  } else if (r < 0.4) { /* movement */
+    int64_t a = pick(1, 6), b = pick(2, 7), c = pick(2, 11);
+    int x = in3(g, a, b, c);
+    int perm[3] = {2, 0, 1};
+    y = cm_permute(g, cm_unary(g, CM_OP_TANH, x, NULL), perm, NULL);
+    int64_t s0[3] = {0, 0, 1}, s1[3] = {c, a, b}, stp[3] = {pick(1, 2), 1, 1};
+    y = cm_slice(g, y, s0, s1, stp, NULL);
+    int64_t lo[3] = {pick(0, 2), 0, 1}, hi[3] = {0, pick(0, 3), 0};
+    y = cm_pad(g, y, lo, hi, 0.25, NULL);
+    int two[2] = {y, y};
+    y = cm_concat(g, 2, two, (int)pick(0, 2), NULL);
+    const cm_type *t = &g->nodes[y].type;
+    int64_t flat[2] = {t->dims[0] * t->dims[1], t->dims[2]};
+    y = cm_reshape(g, y, 2, flat, NULL);
+  } else if (r < 0.55) { /* reductions, softmax-like */
+    int64_t a = pick(1, 5), b = pick(1, 9), c = pick(1, 40);
+    int x = in3(g, a, b, c);
+    int ax = (int)pick(0, 2);
+    int m =
+        cm_reduce(g, uniform() < 0.5 ? CM_OP_REDUCE_SUM : CM_OP_REDUCE_MAX, x, 1, &ax, true, NULL);
+    y = cm_binary(g, CM_OP_SUB, x, cm_broadcast(g, m, 3, g->nodes[x].type.dims, NULL), NULL);
+    y = cm_unary(g, CM_OP_EXP, cm_unary(g, CM_OP_TANH, y, NULL), NULL);
+    int axes[2] = {0, 2};
+    y = cm_reduce(g, CM_OP_REDUCE_SUM, y, uniform() < 0.5 ? 1 : 2, axes, false, NULL);
+  } else if (r < 0.8) { /* batched / transposed matmul with bias and activation */
+    int64_t bt = pick(1, 3), m = pick(1, 37), k = pick(1, 41), n = pick(1, 35);
+    bool ta = uniform() < 0.5, tb = uniform() < 0.5;
+    int a = ta ? in3(g, bt, k, m) : in3(g, bt, m, k);
+    int b = tb ? in3(g, bt, n, k) : in3(g, bt, k, n);
+    y = cm_matmul(g, a, b, ta, tb, NULL);
+    int64_t bd[1] = {n};
+    int bias = cm_input(g, NULL, CM_F32, 1, bd);
+    y = cm_binary_bcast(g, CM_OP_ADD, y, bias, NULL);
+    y = cm_unary(g, CM_OP_TANH, y, NULL);
+  } else if (r < 0.93) { /* conv2d: plain, strided, padded, depthwise */
+    int64_t nb = pick(1, 2), c = pick(1, 5), h = pick(3, 11), w = pick(3, 9);
+    bool dw = uniform() < 0.35;
+    int64_t o = dw ? c : pick(1, 6), kh = pick(1, 3), kw = pick(1, 3);
+    int64_t xd[4] = {nb, c, h, w}, wd[4] = {o, dw ? 1 : c, kh, kw};
+    int x = cm_input(g, NULL, CM_F32, 4, xd);
+    int wt = cm_input(g, NULL, CM_F32, 4, wd);
+    int stride[2] = {(int)pick(1, 2), (int)pick(1, 2)}, pad[2] = {(int)pick(0, 1), (int)pick(0, 1)};
+    y = cm_conv2d(g, x, wt, stride, pad, NULL, dw ? (int)c : 1, NULL);
+    y = cm_unary(g, CM_OP_TANH, y, NULL);
+  } else { /* a state update */
+    int64_t d[2] = {pick(1, 9), pick(1, 17)};
+    cm_init init = {CM_INIT_ZEROS, 0, 0};
+    int s = cm_state(g, NULL, CM_F32, 2, d, init);
+    int x = cm_input(g, NULL, CM_F32, 2, d);
+    int nv = cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, s, x, NULL), x, NULL);
+    cm_assign(g, s, nv, NULL);
+    y = cm_unary(g, CM_OP_TANH, nv, NULL);
+  }
+  if (y >= 0) cm_graph_add_output(g, y, NULL);
+}
+
+static void test_random_graphs(void) {
+  double worst = 0;
+  int n = 0;
+  for (int i = 0; i < 320; i++) {
+    rng = 777 + (uint64_t)i * 31;
+    cm_graph *g = cm_graph_new();
+    int blocks = (int)pick(1, 3);
+    for (int b = 0; b < blocks; b++) random_block(g);
+    CHECK_MSG(cm_graph_error(g) == NULL, "graph %d: %s", i, cm_graph_error(g));
+    if (!cm_graph_error(g) && g->n_outputs > 0) {
+      cm_tensor *t = calloc((size_t)g->n_nodes, sizeof *t);
+      const cm_tensor **src = calloc((size_t)g->n_nodes, sizeof *src);
+      fill_sources(g, t, src);
+      char what[64];
+      snprintf(what, sizeof what, "random graph %d", i);
+      worst = fmax(worst, check_graph(g, src, 1 + i % 2, what));
+      n++;
+      for (int k = 0; k < g->n_nodes; k++) cm_tensor_free(&t[k]);
+      free(t);
+      free(src);
+    }
+    cm_graph_free(g);
+  }
+  CHECK(n >= 300);
+  fprintf(stderr, "random graphs: %d, worst relative error %.3g\n", n, worst);
+}
+
+/* Splitting work items across threads changes nothing. */
+static void test_threads_agree(void) {
+  for (int i = 0; i < 20; i++) {
+    rng = 99 + (uint64_t)i;
+    cm_graph *g = cm_graph_new();
+    for (int b = 0; b < 3; b++) random_block(g);
+    cm_tensor *t = calloc((size_t)g->n_nodes, sizeof *t);
+    const cm_tensor **src = calloc((size_t)g->n_nodes, sizeof *src);
+    fill_sources(g, t, src);
+    cm_tensor *o1 = calloc((size_t)g->n_outputs + 1, sizeof *o1);
+    cm_tensor *o2 = calloc((size_t)g->n_outputs + 1, sizeof *o2);
+    cm_tensor *s1 = calloc((size_t)g->n_nodes, sizeof *s1);
+    cm_tensor *s2 = calloc((size_t)g->n_nodes, sizeof *s2);
+    cm_err err = {0};
+    CHECK_MSG(exec_graph(g, src, 1, "", o1, s1, NULL, &err) == CM_OK, "%s", err.msg);
+    CHECK_MSG(exec_graph(g, src, 2, "", o2, s2, NULL, &err) == CM_OK, "%s", err.msg);
+    for (int j = 0; j < g->n_outputs; j++) {
+      CHECK_MSG(rel_err(&o2[j], &o1[j]) <= 1e-6, "graph %d output %d: 1 vs 2 threads", i, j);
+      cm_tensor_free(&o1[j]);
+      cm_tensor_free(&o2[j]);
+    }
+    for (int k = 0; k < g->n_nodes; k++) {
+      if (g->nodes[k].op == CM_OP_STATE)
+        CHECK_MSG(rel_err(&s2[k], &s1[k]) <= 1e-6, "graph %d state: 1 vs 2 threads", i);
+      cm_tensor_free(&t[k]), cm_tensor_free(&s1[k]), cm_tensor_free(&s2[k]);
+    }
+    free(t), free(src), free(o1), free(o2), free(s1), free(s2);
+    cm_graph_free(g);
+  }
+}
+
+/* ---- every shipped variant's training step ------------------------------- */
+
+static cm_optim_config model_optim(void) {
+  static cm_ema_pair pairs[8];
+  cm_optim_config c;
+  cm_optim_config_default(&c);
+  c.frozen = cm_model_frozen_substrings;
+  int n = 0;
+  for (; cm_model_ema_online_prefixes[n] && n < 8; n++) {
+    pairs[n].online_prefix = cm_model_ema_online_prefixes[n];
+    pairs[n].target_prefix = cm_model_ema_target_prefixes[n];
+  }
+  c.n_ema = n;
+  c.ema = pairs;
+  return c;
+}
+
+static void bind(const cm_graph *g, const cm_model_config *cfg, const cm_model *m, cm_tensor *t,
+                 const cm_tensor **src) {
+  for (int i = 0; i < g->n_nodes; i++) {
+    const cm_node *n = &g->nodes[i];
+    if (n->op != CM_OP_INPUT && n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;
+    cm_tensor_alloc(&t[i], n->type, NULL);
+    src[i] = &t[i];
+    int64_t cnt = cm_type_numel(&n->type);
+    if (n->op != CM_OP_INPUT) {
+      CHECK(cm_init_tensor(&t[i], &n->attrs.init, 7, n->name, NULL) == CM_OK);
+    } else if (!strcmp(n->name, "img") || !strcmp(n->name, "img_t")) {
+      for (int64_t e = 0; e < cnt; e++) cm_tensor_set_f64(&t[i], e, uniform() * 4 - 2);
+    } else if (!strcmp(n->name, "lr")) {
+      cm_tensor_set_f64(&t[i], 0, 1e-3);
+    } else if (!strcmp(n->name, "beta1") || !strcmp(n->name, "momentum")) {
+      cm_tensor_set_f64(&t[i], 0, !strcmp(n->name, "beta1") ? 0.9 : 0.996);
+    } else if (!strcmp(n->name, "beta2")) {
+      cm_tensor_set_f64(&t[i], 0, 0.95);
+    } else if (!strcmp(n->name, "step")) {
+      cm_tensor_set_f64(&t[i], 0, 1);
+    }
+  }
+  int grid = cfg->data.image_size / cfg->encoder.patch, L = grid * grid;
+  int batch = (int)g->nodes[m->img].type.dims[0];
+  int n_noise = cm_mask_noise_count(cfg->mask.kind, cfg->mask.block, grid);
+  double *u = malloc(sizeof(double) * (size_t)n_noise);
+  int32_t *keep = malloc(sizeof(int32_t) * (size_t)L),
+          *restore = malloc(sizeof(int32_t) * (size_t)L);
+  float *mask = malloc(sizeof(float) * (size_t)L);
+  for (int b = 0; b < batch; b++) {
+    for (int k = 0; k < n_noise; k++) u[k] = uniform();
+    int kept = cm_mask_sample(cfg->mask.kind, cfg->mask.ratio, cfg->mask.block, grid, u, keep,
+                              restore, mask);
+    for (int k = 0; k < kept && m->ids_keep >= 0; k++)
+      cm_tensor_set_i64(&t[m->ids_keep], (int64_t)b * kept + k, keep[k]);
+    for (int k = 0; k < L; k++) {
+      if (m->ids_restore >= 0)
+        cm_tensor_set_i64(&t[m->ids_restore], (int64_t)b * L + k, restore[k]);
+      if (m->mask >= 0) cm_tensor_set_f64(&t[m->mask], (int64_t)b * L + k, mask[k]);
+    }
+  }
+  free(u), free(keep), free(restore), free(mask);
+}
+
+static void check_variant(const char *path, const char *const *ov, int n_ov) {
+  cm_model_config cfg;
+  cm_err err = {0};
+  CHECK_MSG(cm_model_config_load(path, ov, n_ov, &cfg, &err) == CM_OK, "%s", err.msg);
+  cm_model_build_opts bo = {2, 1, CM_F32};
+  cm_model m;
+  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
+  if (!m.g) return;
+  cm_optim_config oc = model_optim();
+  cm_graph *step = NULL;
+  cm_train_step_info info;
+  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
+            err.msg);
+  if (step) {
+    cm_tensor *t = calloc((size_t)step->n_nodes, sizeof *t);
+    const cm_tensor **src = calloc((size_t)step->n_nodes, sizeof *src);
+    rng = 4242;
+    bind(step, &cfg, &m, t, src);
+    double e = check_graph(step, src, 0, path);
+    fprintf(stderr, "%-36s %6d nodes, worst relative error %.3g\n", path, step->n_nodes, e);
+    for (int i = 0; i < step->n_nodes; i++) cm_tensor_free(&t[i]);
+    free(t), free(src);
+    cm_graph_free(step);
+  }
+  cm_model_free(&m);
+}
+
+static void test_models(void) {
+  check_variant("models/cmae_vit_tiny_fmnist.json", NULL, 0);
+  check_variant("models/cmae_convvit_tiny_fmnist.json", NULL, 0);
+  static const char *const vit[] = {
+      "data.image_size=64",       "data.master_size=72",     "data.shift=7",
+      "encoder.width=32",         "encoder.heads=2",         "encoder.depth=2",
+      "pixel_decoder.width=16",   "pixel_decoder.heads=2",   "pixel_decoder.depth=1",
+      "feature_decoder.width=16", "feature_decoder.heads=2", "projector.hidden=16",
+      "projector.out=8",          "predictor.hidden=16",     "predictor.out=8"};
+  const int n = (int)(sizeof vit / sizeof vit[0]);
+  check_variant("models/cmae_vit_base.json", vit, n);
+  check_variant("models/cmae_vit_small.json", vit, n);
+  check_variant("models/cmae_vit_large.json", vit, n);
+  check_variant("models/mae_vit_base.json", vit, n - 6);
+  static const char *const conv[] = {"data.image_size=64",
+                                     "data.master_size=72",
+                                     "data.shift=7",
+                                     "encoder.stage_widths=[8,12,16]",
+                                     "encoder.stage_depths=[1,1,2]",
+                                     "encoder.width=16",
+                                     "encoder.depth=2",
+                                     "encoder.heads=2",
+                                     "pixel_decoder.width=16",
+                                     "pixel_decoder.heads=2",
+                                     "pixel_decoder.depth=1",
+                                     "feature_decoder.width=16",
+                                     "feature_decoder.heads=2",
+                                     "projector.hidden=16",
+                                     "projector.out=8",
+                                     "predictor.hidden=16",
+                                     "predictor.out=8"};
+  check_variant("models/cmae_convvit_base.json", conv, (int)(sizeof conv / sizeof conv[0]));
+}
+
+/* ---- errors and the cache ------------------------------------------------ */
+
+static cm_graph *small_graph(int *x, int *s) {
+  cm_graph *g = cm_graph_new();
+  int64_t d[2] = {3, 5};
+  cm_init init = {CM_INIT_ZEROS, 0, 0};
+  *x = cm_input(g, "x", CM_F32, 2, d);
+  *s = cm_state(g, "s", CM_F32, 2, d, init);
+  int nv = cm_binary(g, CM_OP_ADD, *s, cm_unary(g, CM_OP_TANH, *x, NULL), NULL);
+  cm_assign(g, *s, nv, "upd");
+  cm_graph_add_output(g, cm_reduce(g, CM_OP_REDUCE_SUM, nv, 0, NULL, false, "total"), NULL);
+  return g;
+}
+
+static void test_errors(void) {
+  int x, s;
+  cm_graph *g = small_graph(&x, &s);
+  cm_err err = {0};
+  cm_cpu_opts o = {1, "", false, false, 0};
+  cm_cpu_program *pr = NULL;
+  CHECK_MSG(cm_cpu_program_build(g, NULL, &o, &pr, &err) == CM_OK, "%s", err.msg);
+  cm_tensor tx = {0}, ts = {0}, bad = {0}, out[1];
+  int64_t d[2] = {3, 5}, d2[2] = {5, 3};
+  cm_tensor_alloc(&tx, cm_type_make(CM_F32, 2, d), NULL);
+  cm_tensor_alloc(&ts, cm_type_make(CM_F32, 2, d), NULL);
+  cm_tensor_alloc(&bad, cm_type_make(CM_F32, 2, d2), NULL);
+  for (int i = 0; i < 15; i++) cm_tensor_set_f64(&tx, i, 0.1 * i - 0.7);
+  cm_tensor *srcs[8] = {0};
+  srcs[x] = &tx;
+  CHECK(cm_cpu_program_run(pr, srcs, out, &err) == CM_EINVALID);
+  CHECK_MSG(strstr(err.msg, "\"s\""), "missing source: %s", err.msg);
+  srcs[s] = &bad;
+  CHECK(cm_cpu_program_run(pr, srcs, out, &err) == CM_EINVALID);
+  CHECK_MSG(strstr(err.msg, "\"s\"") && strstr(err.msg, "f32[3,5]"), "wrong type: %s", err.msg);
+  srcs[s] = &ts;
+  for (int run = 1; run <= 2; run++) { /* the state accumulates in place */
+    CHECK_MSG(cm_cpu_program_run(pr, srcs, out, &err) == CM_OK, "%s", err.msg);
+    double want = 0;
+    for (int i = 0; i < 15; i++) want += run * tanh(0.1 * i - 0.7);
+    CHECK_MSG(fabs(cm_tensor_get_f64(&out[0], 0) - want) < 1e-4, "run %d: %g vs %g", run,
+              cm_tensor_get_f64(&out[0], 0), want);
+    cm_tensor_free(&out[0]);
+  }
+  cm_cpu_program_free(pr);
+  setenv("CMAEC_THREADS", "abc", 1);
+  cm_cpu_opts o0 = {0, "", false, false, 0};
+  pr = NULL;
+  CHECK(cm_cpu_program_build(g, NULL, &o0, &pr, &err) == CM_EINVALID && !pr);
+  CHECK_MSG(strstr(err.msg, "CMAEC_THREADS"), "%s", err.msg);
+  setenv("CMAEC_THREADS", "0", 1);
+  CHECK(cm_cpu_program_build(g, NULL, &o0, &pr, &err) == CM_EINVALID && !pr);
+  setenv("CMAEC_THREADS", "2", 1);
+  CHECK(cm_cpu_program_build(g, NULL, &o0, &pr, &err) == CM_OK && pr);
+  if (pr) {
+    cm_cpu_stats st;
+    cm_cpu_program_stats(pr, &st);
+    CHECK(st.threads == 2 && st.n_kernels >= 1);
+  }
+  cm_cpu_program_free(pr);
+  unsetenv("CMAEC_THREADS");
+  cm_tensor_free(&tx), cm_tensor_free(&ts), cm_tensor_free(&bad);
+  cm_graph_free(g);
+}
+
+static void test_cache(void) {
+  snprintf(cache_dir, sizeof cache_dir, "/tmp/cmaec_test_cpu_exec_XXXXXX");
+  CHECK(mkdtemp(cache_dir) != NULL);
+  rng = 5;
+  cm_graph *g = cm_graph_new();
+  for (int b = 0; b < 3; b++) random_block(g);
+  cm_tensor *t = calloc((size_t)g->n_nodes, sizeof *t);
+  const cm_tensor **src = calloc((size_t)g->n_nodes, sizeof *src);
+  fill_sources(g, t, src);
+  cm_cpu_stats s1, s2;
+  cm_err err = {0};
+  for (int pass = 0; pass < 2; pass++) {
+    cm_tensor *o = calloc((size_t)g->n_outputs + 1, sizeof *o);
+    cm_tensor *st = calloc((size_t)g->n_nodes, sizeof *st);
+    CHECK_MSG(exec_graph(g, src, 1, cache_dir, o, st, pass ? &s2 : &s1, &err) == CM_OK, "%s",
+              err.msg);
+    for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&o[j]);
+    for (int k = 0; k < g->n_nodes; k++) cm_tensor_free(&st[k]);
+    free(o), free(st);
+  }
+  CHECK_MSG(s1.cache_misses > 0 && s1.cache_hits == 0, "first: %d hits %d misses", s1.cache_hits,
+            s1.cache_misses);
+  CHECK_MSG(s2.cache_hits > 0 && s2.cache_misses == 0, "second: %d hits %d misses", s2.cache_hits,
+            s2.cache_misses);
+  for (int k = 0; k < g->n_nodes; k++) cm_tensor_free(&t[k]);
+  free(t), free(src);
+  cm_graph_free(g);
+  char cmd[300];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", cache_dir);
+  CHECK(system(cmd) == 0);
+}
+
+TEST_MAIN(TEST(test_errors), TEST(test_cache), TEST(test_threads_agree), TEST(test_random_graphs),
+          TEST(test_models))
