@@ -6,9 +6,11 @@
 
 #include <cjson/cJSON.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* ---- the config of a checkpoint ------------------------------------------- */
 
@@ -117,6 +119,7 @@ struct cm_encoder {
   const cm_tensor **cs; /* per node: pointers for cm_eval / export */
   cm_tensor **ms;       /* per node: mutable pointers for the CPU executor */
   cm_cpu_program *pr;   /* NULL: reference evaluator */
+  char fallback[256];   /* why the CPU executor is not used ("" when asked for ref) */
 };
 
 static bool is_vit(const cm_model_config *cfg) {
@@ -209,7 +212,10 @@ cm_status cm_encoder_create(const cm_model_config *cfg, const cm_tensor_set *par
     cm_cpu_opts co = {0};
     /* An executor that cannot build this graph (not there yet) is not fatal:
      * the reference evaluator computes the same features, slower. */
-    if (cm_cpu_program_build(e->g, NULL, &co, &e->pr, &ce)) e->pr = NULL;
+    if (cm_cpu_program_build(e->g, NULL, &co, &e->pr, &ce)) {
+      e->pr = NULL;
+      snprintf(e->fallback, sizeof e->fallback, "%s", ce.msg);
+    }
   }
   *out = e;
   return CM_OK;
@@ -227,34 +233,101 @@ const cm_tensor *const *cm_encoder_params(const cm_encoder *e) {
 bool cm_encoder_uses_reference(const cm_encoder *e) {
   return e->pr == NULL;
 }
+const char *cm_encoder_fallback_reason(const cm_encoder *e) {
+  return e->fallback[0] ? e->fallback : NULL;
+}
 
-cm_status cm_encoder_run(cm_encoder *e, const float *img, int n, float *out, cm_err *err) {
+/* One batch on the reference evaluator with its own input tensor, so that
+ * threads can run batches side by side (cm_eval only reads the sources). */
+static cm_status run_reference(const cm_encoder *e, cm_tensor *in, cm_tensor *result, cm_err *err) {
+  int nn = e->g->n_nodes;
+  cm_tensor *values = calloc((size_t)nn, sizeof *values);
+  const cm_tensor **cs = malloc(sizeof *cs * (size_t)nn);
+  if (!values || !cs) {
+    free(values);
+    free(cs);
+    return cm_errorf(err, CM_EINTERNAL, "encoder: out of memory");
+  }
+  memcpy(cs, e->cs, sizeof *cs * (size_t)nn);
+  cs[e->img] = in;
+  cm_status st = cm_eval(e->g, cs, values, NULL, err);
+  if (!st) {
+    *result = values[e->out];
+    values[e->out].data = NULL;
+    for (int i = 0; i < nn; i++) cm_tensor_free(&values[i]);
+  }
+  free(values);
+  free(cs);
+  return st;
+}
+
+static cm_status run_batch(cm_encoder *e, cm_tensor *in, const float *img, int n, float *out,
+                           cm_err *err) {
   if (n < 1 || n > e->batch)
     return cm_errorf(err, CM_EINVALID, "encoder: %d images for a batch of %d", n, e->batch);
-  cm_tensor *in = &e->src[e->img];
   int64_t per = cm_type_numel(&in->type) / e->batch;
   memcpy(in->data, img, sizeof(float) * (size_t)(per * n));
   memset((float *)in->data + per * n, 0, sizeof(float) * (size_t)(per * (e->batch - n)));
   cm_tensor result = {0};
   cm_status st;
   if (e->pr) {
+    e->ms[e->img] = in;
     st = cm_cpu_program_run(e->pr, e->ms, &result, err);
+    e->ms[e->img] = &e->src[e->img];
   } else {
-    int nn = e->g->n_nodes;
-    cm_tensor *values = calloc((size_t)nn, sizeof *values);
-    if (!values) return cm_errorf(err, CM_EINTERNAL, "encoder: out of memory");
-    st = cm_eval(e->g, e->cs, values, NULL, err);
-    if (!st) {
-      result = values[e->out];
-      values[e->out].data = NULL;
-      for (int i = 0; i < nn; i++) cm_tensor_free(&values[i]);
-    }
-    free(values);
+    st = run_reference(e, in, &result, err);
   }
   if (st) return st;
   memcpy(out, result.data, sizeof(float) * (size_t)n * (size_t)e->dim);
   cm_tensor_free(&result);
   return CM_OK;
+}
+
+cm_status cm_encoder_run(cm_encoder *e, const float *img, int n, float *out, cm_err *err) {
+  return run_batch(e, &e->src[e->img], img, n, out, err);
+}
+
+/* Reference runs of a whole array: batches handed out to worker threads. */
+typedef struct feature_job {
+  cm_encoder *e;
+  const float *views;
+  float *feats;
+  int64_t n, next, per;
+  pthread_mutex_t mu;
+  cm_status st;
+  cm_err err;
+} feature_job;
+
+static void *feature_worker(void *arg) {
+  feature_job *j = arg;
+  cm_tensor in = {0};
+  cm_err err = {0};
+  cm_status st = cm_tensor_alloc(&in, j->e->g->nodes[j->e->img].type, &err);
+  for (;;) {
+    pthread_mutex_lock(&j->mu);
+    if (st && !j->st) {
+      j->st = st;
+      j->err = err;
+    }
+    int64_t i = j->next;
+    j->next += j->e->batch;
+    bool stop = j->st || i >= j->n;
+    pthread_mutex_unlock(&j->mu);
+    if (stop) break;
+    int b = (int)(j->n - i < j->e->batch ? j->n - i : j->e->batch);
+    st = run_batch(j->e, &in, j->views + i * j->per, b, j->feats + i * j->e->dim, &err);
+  }
+  cm_tensor_free(&in);
+  return NULL;
+}
+
+/* Threads for the reference evaluator: $CMAEC_THREADS, else the online CPUs. */
+static int reference_threads(int64_t batches) {
+  const char *env = getenv("CMAEC_THREADS");
+  long t = env && atol(env) > 0 ? atol(env) : sysconf(_SC_NPROCESSORS_ONLN);
+  if (t < 1) t = 1;
+  if (t > 64) t = 64;
+  return (int)(t < batches ? t : batches);
 }
 
 cm_status cm_encoder_features(cm_encoder *e, const float *views, int64_t n, float **feats,
@@ -263,13 +336,33 @@ cm_status cm_encoder_features(cm_encoder *e, const float *views, int64_t n, floa
   int64_t per = cm_type_numel(&e->g->nodes[e->img].type) / e->batch;
   float *f = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * (size_t)e->dim);
   if (!f) return cm_errorf(err, CM_EINTERNAL, "features: out of memory");
-  for (int64_t i = 0; i < n; i += e->batch) {
-    int b = (int)(n - i < e->batch ? n - i : e->batch);
-    cm_status st = cm_encoder_run(e, views + i * per, b, f + i * e->dim, err);
-    if (st) {
-      free(f);
-      return st;
+  int64_t batches = (n + e->batch - 1) / e->batch;
+  int threads = e->pr ? 1 : reference_threads(batches);
+  if (threads <= 1) {
+    for (int64_t i = 0; i < n; i += e->batch) {
+      int b = (int)(n - i < e->batch ? n - i : e->batch);
+      cm_status st = cm_encoder_run(e, views + i * per, b, f + i * e->dim, err);
+      if (st) {
+        free(f);
+        return st;
+      }
     }
+    *feats = f;
+    return CM_OK;
+  }
+  feature_job j = {.e = e, .views = views, .feats = f, .n = n, .per = per};
+  pthread_mutex_init(&j.mu, NULL);
+  pthread_t tid[64];
+  int started = 0;
+  for (int t = 0; t < threads; t++)
+    if (pthread_create(&tid[started], NULL, feature_worker, &j) == 0) started++;
+  if (started == 0) feature_worker(&j);
+  for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
+  pthread_mutex_destroy(&j.mu);
+  if (j.st) {
+    free(f);
+    if (err) *err = j.err;
+    return j.st;
   }
   *feats = f;
   return CM_OK;

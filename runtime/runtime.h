@@ -398,6 +398,9 @@ const cm_graph *cm_encoder_graph(const cm_encoder *e);
 /* The bound source tensors, indexed by node id (NULL for non-params). */
 const cm_tensor *const *cm_encoder_params(const cm_encoder *e);
 bool cm_encoder_uses_reference(const cm_encoder *e);
+/* Why the CPU executor could not build the program (NULL when it did, or the
+ * reference evaluator was asked for). */
+const char *cm_encoder_fallback_reason(const cm_encoder *e);
 /* Features of n <= batch images img [n, C, S, S] into out [n, d] (a partial
  * batch is zero-padded). */
 cm_status cm_encoder_run(cm_encoder *e, const float *img, int n, float *out, cm_err *err);

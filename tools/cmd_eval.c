@@ -159,6 +159,8 @@ static int encoder_scores(const loaded_ckpt *c, const cm_tensor_set *params,
     rc = cli_report(&err, c->path);
   if (!rc) {
     *reference = cm_encoder_uses_reference(e);
+    const char *why = cm_encoder_fallback_reason(e);
+    if (why) fprintf(stderr, "cmaec eval: note: using the reference evaluator: %s\n", why);
     rc = score(ftr, trl, ntr, fte, tel, nte, cm_encoder_dim(e), classes, s);
   }
   free(ftr);
