@@ -5,6 +5,8 @@
 
 #include "../models/models.h"
 
+#include <cjson/cJSON.h>
+
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
@@ -290,15 +292,29 @@ int cmd_eval(int argc, char **argv) {
     if ((rc = score(trv, trl, ntr, tev, tel, nte, d, classes, &s[2]))) goto done;
   }
   if (opts[7].given) {
-    printf("{\"checkpoint\": \"%s\", \"step\": %lld, \"n_train\": %lld, \"n_test\": %lld, "
-           "\"pool\": \"%s\", \"backend\": \"%s\"",
-           c.path, (long long)c.meta.step, (long long)ntr, (long long)nte,
-           eo.pool == CM_POOL_CLS ? "cls" : "mean", reference ? "ref" : "cpu");
+    cJSON *o = cJSON_CreateObject();
     const char *keys[3] = {"pretrained", "random_init", "raw_pixels"};
-    for (int r = 0; r < n_rows; r++)
-      printf(", \"%s\": {\"knn_top1\": %.6f, \"linear_top1\": %.6f}", keys[r], s[r].knn,
-             s[r].probe);
-    printf("}\n");
+    cJSON_AddStringToObject(o, "checkpoint", c.path);
+    cJSON_AddStringToObject(o, "variant", c.cfg.name);
+    cJSON_AddNumberToObject(o, "step", (double)c.meta.step);
+    cJSON_AddNumberToObject(o, "n_train", (double)ntr);
+    cJSON_AddNumberToObject(o, "n_test", (double)nte);
+    cJSON_AddStringToObject(o, "pool", eo.pool == CM_POOL_CLS ? "cls" : "mean");
+    cJSON_AddStringToObject(o, "backend", reference ? "ref" : "cpu");
+    for (int r = 0; r < n_rows; r++) {
+      cJSON *row = cJSON_AddObjectToObject(o, keys[r]);
+      cJSON_AddNumberToObject(row, "knn_top1", s[r].knn);
+      cJSON_AddNumberToObject(row, "linear_top1", s[r].probe);
+    }
+    char *text = cJSON_Print(o);
+    cJSON_Delete(o);
+    if (!text) {
+      fprintf(stderr, "cmaec eval: out of memory\n");
+      rc = EXIT_INTERNAL;
+      goto done;
+    }
+    printf("%s\n", text);
+    free(text);
   } else {
     printf("checkpoint %s (step %lld), %s; %lld train / %lld test images, pool %s, backend %s\n",
            c.path, (long long)c.meta.step, c.cfg.name, (long long)ntr, (long long)nte,
