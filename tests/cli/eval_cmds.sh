@@ -58,6 +58,31 @@ else
   echo "skip: eval and recon (dataset-fashion-mnist is not installed: scripts/install-deps.sh)"
 fi
 
+# ---- eval on an image folder (DIR/train, DIR/test), no Fashion-MNIST needed ------------
+python3 - "$tmp/folder" <<'EOF'
+import os, random, struct, sys, zlib
+def png(path, w, h, pixels):
+    raw = b"".join(b"\0" + bytes(pixels[y * w:(y + 1) * w]) for y in range(h))
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+rng = random.Random(5)
+for split, count in (("train", 5), ("test", 3)):
+    for k, cls in enumerate(("shirt", "shoe")):
+        d = os.path.join(sys.argv[1], split, cls)
+        os.makedirs(d)
+        for i in range(count):
+            px = [min(255, (200 if (y < 6) == (k == 0) else 20) + rng.randrange(40)) for y in range(12) for x in range(10)]
+            png(os.path.join(d, "%d.png" % i), 10, 12, px)
+EOF
+if expect_ok "$cmaec" eval "$tmp/run" --data "$tmp/folder" --batch 4 --baselines --json; then
+  if python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); assert r["n_train"]==10 and r["n_test"]==6 and r["raw_pixels"]["knn_top1"]==1.0, r' "$tmp/out"; then ok; else
+    bad "eval --data folder: $(cat "$tmp/out")"; fi
+fi
+expect_fail 2 "$tmp/folder/missing/train" "$cmaec" eval "$tmp/run" --data "$tmp/folder/missing"
+
 # ---- plot ------------------------------------------------------------------------------
 python3 - "$tmp/run/metrics.jsonl" <<'EOF'
 import math, sys
