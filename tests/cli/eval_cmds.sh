@@ -121,6 +121,9 @@ for pool in mean cls; do
     fi
   done
 done
+# The reference can fail: run's encoder against run2's features.
+if python3 "$root/tests/reference/export_torch.py" "$tmp/encoder.safetensors" "$tmp/img.safetensors" \
+  "$tmp/feat.safetensors" cls >"$tmp/ref2" 2>&1; then bad "export_torch.py accepted another checkpoint's features"; else ok; fi
 cat "$tmp/ref"
 
 # ---- errors -----------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ timm-style ViT (patch embed conv, cls token, fixed pos embed, pre-norm blocks,
 final norm) is built from the shapes and the config in the metadata, loaded
 with load_state_dict(strict=True), run on the images and pooled like cmaec;
 the features must agree to 1e-4 relative (max abs difference over max abs
-value). Without torch (a machine where scripts/install-deps.sh has not run)
-the same model runs in numpy, keeping the strict key check.
+value). Without torch (a machine where scripts/install-deps.sh could not
+install it) the same model runs in numpy, keeping the strict key check,
+unless CMAEC_REQUIRE_TORCH=1.
 """
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -171,6 +173,8 @@ def main():
 
         got, how = torch_features(sd, cfg, img, pool), "torch"
     except ImportError:
+        if os.environ.get("CMAEC_REQUIRE_TORCH") == "1":
+            sys.exit("export_torch: torch is not installed and CMAEC_REQUIRE_TORCH=1")
         got, how = numpy_features(sd, cfg, img, pool), "numpy (torch is not installed)"
     assert got.shape == ref.shape, f"features shape {got.shape} vs cmaec's {ref.shape}"
     err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)
