@@ -26,6 +26,7 @@ static const char usage_eval[] =
     "patch tokens by default; cls: the cls token, ViT only). Limits (default 1000\n"
     "train, 1000 test) take the first N images of each split. --baselines adds a\n"
     "randomly initialized encoder of the same variant (seed 0) and raw pixels.\n"
+    "--batch: images per graph run (default 16).\n"
     "DIR: a directory with the Fashion-MNIST IDX files, or an image folder with\n"
     "train/ and test/ class subdirectories. --features-of writes the features\n"
     "(\"features\" [n, d]) of the images in IN's \"img\" tensor [n, C, S, S].\n";
@@ -235,7 +236,7 @@ int cmd_eval(int argc, char **argv) {
   if (!cli_parse(argc, argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "eval")) return EXIT_INVALID;
   if (opts[0].given) return fputs(usage_eval, stdout), EXIT_OK;
   if (n_pos != 1) return fputs(usage_eval, stderr), EXIT_INVALID;
-  int64_t train_limit = 1000, test_limit = 1000, batch = 64;
+  int64_t train_limit = 1000, test_limit = 1000, batch = 16;
   if (opts[2].given && !parse_count(opts[2].value, 1, INT64_MAX / 2, &train_limit))
     return fprintf(stderr, "cmaec eval: --train-limit %s: not a positive integer\n", opts[2].value),
            EXIT_INVALID;

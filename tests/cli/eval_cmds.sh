@@ -140,6 +140,9 @@ expect_ok "$cmaec" export "$models/cmae_convvit_tiny_fmnist.json" --init-checkpo
   --set encoder.stage_depths=[1,1,1] --set pixel_decoder.width=32 --set pixel_decoder.depth=1 \
   --set pixel_decoder.heads=2 --set feature_decoder.width=32 --set feature_decoder.heads=2 \
   --set projector.hidden=64 --set projector.out=32 --set predictor.hidden=64 --set predictor.out=32
+if [ "$have_fmnist" = 1 ] && expect_ok "$cmaec" recon "$tmp/conv" -o "$tmp/conv.png" --n 1; then
+  check_png "$tmp/conv.png" 100x32
+fi
 expect_fail 2 "ViT variants only" "$cmaec" export "$tmp/conv" --encoder -o "$tmp/x.safetensors"
 expect_fail 2 "cls token" "$cmaec" eval "$tmp/conv" --pool cls --features-of "$tmp/img.safetensors" -o "$tmp/x.safetensors"
 finish
