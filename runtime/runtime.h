@@ -379,7 +379,7 @@ cm_status cm_model_config_from_json_text(const char *json, cm_model_config *out,
 
 typedef struct cm_encoder cm_encoder;
 typedef struct cm_encoder_opts {
-  int batch;      /* images per graph run (>= 1) */
+  int batch; /* images per graph run (>= 1) */
   cm_pool pool;
   bool reference; /* run on the reference evaluator cm_eval, not cm_cpu_program */
   uint64_t seed;  /* params absent from `params` (all when it is NULL) come from their init */
