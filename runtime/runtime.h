@@ -407,5 +407,73 @@ typedef struct cm_train_result {
  * CM_EINVALID naming the step and the first non-finite tensor. When *stop is
  * set it returns CM_OK with result->interrupted after saving a checkpoint. */
 cm_status cm_train(const cm_train_opts *opts, cm_train_result *result, cm_err *err);
+/* ---- evaluation commands (runtime/features.c) -------------------------------
+ * The frozen online encoder as a feature extractor (docs/evaluation.md): the
+ * variant's encoder on the whole unmasked image (ids_keep -1, the final norm
+ * as encoder.final_norm says), params from a checkpoint or their initializers,
+ * run over eval views (CM_VIEWS_EVAL) and pooled into one vector per image. */
+
+typedef enum cm_pool {
+  CM_POOL_MEAN = 0, /* mean over the patch tokens (default; the cls token excluded) */
+  CM_POOL_CLS,      /* the cls token (ViT only) */
+} cm_pool;
+
+/* The config a checkpoint was trained with, from its resolved config JSON. */
+cm_status cm_model_config_from_json_text(const char *json, cm_model_config *out, cm_err *err);
+
+typedef struct cm_encoder cm_encoder;
+typedef struct cm_encoder_opts {
+  int batch; /* images per graph run (>= 1) */
+  cm_pool pool;
+  bool reference; /* run on the reference evaluator cm_eval, not cm_cpu_program */
+  uint64_t seed;  /* params absent from `params` (all when it is NULL) come from their init */
+} cm_encoder_opts;
+
+/* Builds the encoder graph: input "img" f32 [batch, C, S, S], output
+ * "features" f32 [batch, d]. params NULL: every param from its initializer
+ * with seed (the random-init baseline); otherwise every param must be there
+ * by name with the node's exact type (an error names the first missing one).
+ * When the CPU executor cannot build the program, falls back to cm_eval. */
+cm_status cm_encoder_create(const cm_model_config *cfg, const cm_tensor_set *params,
+                            const cm_encoder_opts *opts, cm_encoder **out, cm_err *err);
+void cm_encoder_free(cm_encoder *e);
+int cm_encoder_dim(const cm_encoder *e);
+const cm_graph *cm_encoder_graph(const cm_encoder *e);
+/* The bound source tensors, indexed by node id (NULL for non-params). */
+const cm_tensor *const *cm_encoder_params(const cm_encoder *e);
+bool cm_encoder_uses_reference(const cm_encoder *e);
+/* Why the CPU executor could not build the program (NULL when it did, or the
+ * reference evaluator was asked for). */
+const char *cm_encoder_fallback_reason(const cm_encoder *e);
+/* Features of n <= batch images img [n, C, S, S] into out [n, d] (a partial
+ * batch is zero-padded). */
+cm_status cm_encoder_run(cm_encoder *e, const float *img, int n, float *out, cm_err *err);
+
+/* Eval views of the first `limit` samples of d (limit <= 0: all) as one
+ * array [n, C, S, S] (normalized) with their labels; views from the config
+ * (data.*), mode CM_VIEWS_EVAL. */
+cm_status cm_eval_views(const cm_dataset *d, const cm_model_config *cfg, int64_t limit,
+                        float **views, int32_t **labels, int64_t *n, cm_err *err);
+/* Features of n views [n, C, S, S] (batch by batch) into a malloc'd [n, d]. */
+cm_status cm_encoder_features(cm_encoder *e, const float *views, int64_t n, float **feats,
+                              cm_err *err);
+
+/* Reconstruction pictures: for n images (views [n, C, S, S] normalized), a
+ * mask drawn from mask.* with seed, the whole model run once; out_masked gets
+ * the input with masked patches set to 0 (grey after un-normalizing with the
+ * mean) and out_recon the pixel decoder's prediction, de-normalized with each
+ * target patch's mean/std when loss.norm_pix; visible patches keep the
+ * original pixels. All [n, C, S, S] in the normalized scale. params must hold
+ * every param of the model graph. */
+cm_status cm_reconstruct(const cm_model_config *cfg, const cm_tensor_set *params,
+                         const float *views, int n, uint64_t seed, float *out_masked,
+                         float *out_recon, cm_err *err);
+
+/* The online encoder's params under their official timm/MAE names
+ * (patch_embed.proj.weight, cls_token, pos_embed, blocks.N.norm1.weight,
+ * blocks.N.attn.qkv.weight, blocks.N.mlp.fc1.weight, norm.weight, ...), f32,
+ * metadata "variant" and "config". ViT only (convvit: CM_EINVALID). */
+cm_status cm_encoder_export(const cm_model_config *cfg, const cm_tensor_set *params,
+                            cm_tensor_set *out, cm_err *err);
 
 #endif

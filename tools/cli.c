@@ -220,6 +220,10 @@ static const char usage_main[] =
     "  build MODEL        write a model variant's forward graph or training step\n"
     "  compile MODEL      lower a training step to kernels and render them (LLVM IR, CUDA C)\n"
     "  train MODEL        train a model variant (data, schedule, metrics, checkpoints, resume)\n"
+    "  eval CKPT          kNN and linear-probe accuracy of a checkpoint's frozen encoder\n"
+    "  recon CKPT         picture of masked inputs and their reconstructions\n"
+    "  plot OUT           loss and learning-rate curves of a training run\n"
+    "  export CKPT        the online encoder's params under the official timm names\n"
     "  info               version, and which of LLVM, NVRTC, CUDA, NCCL, MPI are available\n"
     "\n"
     "Run 'cmaec <command> --help' for a command's options.\n"
@@ -240,7 +244,9 @@ int main(int argc, char **argv) {
                   {"step", cmd_step},       {"build-step", cmd_build_step},
                   {"summary", cmd_summary}, {"build", cmd_build},
                   {"opt", cmd_opt},         {"compile", cmd_compile},
-                  {"train", cmd_pretrain}};
+                  {"train", cmd_pretrain},  {"eval", cmd_eval},
+                  {"recon", cmd_recon},     {"plot", cmd_plot},
+                  {"export", cmd_export}};
   for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
     if (strcmp(cmd, commands[i].name) == 0) return commands[i].fn(argc, argv);
   fprintf(stderr, "cmaec: unknown command \"%s\" (see cmaec --help)\n", cmd);

@@ -60,5 +60,9 @@ int cmd_pretrain(int argc, char **argv); /* cmaec train */
 int cmd_opt(int argc, char **argv);
 int cmd_build(int argc, char **argv);
 int cmd_compile(int argc, char **argv);
+int cmd_eval(int argc, char **argv);
+int cmd_recon(int argc, char **argv);
+int cmd_plot(int argc, char **argv);
+int cmd_export(int argc, char **argv);
 
 #endif
