@@ -154,7 +154,7 @@ static double check_step(const cm_graph *g, const cm_tensor *const *src, const c
       if (g->nodes[i].op != CM_OP_ASSIGN) continue;
       got = &st[g->nodes[i].inputs[0]], ref = &v64[i], ora = &v32[i], name = g->nodes[i].name;
     }
-    double d, scale, d_ora, unused;
+    double d = 0, scale = 0, d_ora = 0, unused = 0;
     bool ok = abs_err(got, ref, &d, &scale) && abs_err(ora, ref, &d_ora, &unused);
     double rel = d / fmax(scale, 1e-30);
     /* the second moment is quadratic in the gradient: so is its rounding */
