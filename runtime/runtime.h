@@ -363,7 +363,6 @@ void cm_plot_map(const cm_plot_frame *f, double x, double y, double *px, double 
 /* Draws text with the 5x7 font (scale >= 1) at top-left (x, y); unknown characters draw a box. */
 void cm_image_text(cm_image *im, int x, int y, const char *text, int scale, const uint8_t rgb[3]);
 
-
 /* ---- trainer (runtime/trainer.c; docs/training.md) ----------------------- */
 
 #include <signal.h> /* sig_atomic_t */
@@ -374,23 +373,23 @@ typedef enum cm_train_backend {
 } cm_train_backend;
 
 typedef struct cm_train_opts {
-  const char *model_path;         /* a variant file (a models/ JSON) */
-  const char *const *overrides;   /* "key=value", applied in order (train.seed, train.views,
-                                     train.workers, train.ckpt_every: docs/models.md) */
+  const char *model_path;       /* a variant file (a models/ JSON) */
+  const char *const *overrides; /* "key=value", applied in order (train.seed, train.views,
+                                   train.workers, train.ckpt_every: docs/models.md) */
   int n_overrides;
-  const char *data;               /* NULL or "fashion-mnist": Fashion-MNIST train; else an image folder */
-  int64_t steps;                  /* > 0: stop once this many steps (in all, resumed ones included) ran */
-  int64_t epochs;                 /* > 0: sets schedule.epochs and runs that many epochs */
-  int batch;                      /* > 0: overrides optimizer.batch */
-  const char *out_dir;            /* metrics.jsonl and checkpoints (created) */
-  bool resume;                    /* continue from out_dir/latest */
+  const char *data;    /* NULL or "fashion-mnist": Fashion-MNIST train; else an image folder */
+  int64_t steps;       /* > 0: stop once this many steps (in all, resumed ones included) ran */
+  int64_t epochs;      /* > 0: sets schedule.epochs and runs that many epochs */
+  int batch;           /* > 0: overrides optimizer.batch */
+  const char *out_dir; /* metrics.jsonl and checkpoints (created) */
+  bool resume;         /* continue from out_dir/latest */
   cm_train_backend backend;
-  int threads;                    /* cpu backend; 0: its default */
-  int64_t log_every;              /* progress lines when not a terminal; 0: 10 */
-  int keep;                       /* checkpoints kept (0: 3) */
-  FILE *log;                      /* the start/end report and progress; NULL: silent */
-  int progress_tty;               /* as cm_progress_init: 1, 0 or -1 (ask isatty) */
-  volatile sig_atomic_t *stop;    /* set (e.g. by a SIGINT handler): finish the step, save, return */
+  int threads;                 /* cpu backend; 0: its default */
+  int64_t log_every;           /* progress lines when not a terminal; 0: 10 */
+  int keep;                    /* checkpoints kept (0: 3) */
+  FILE *log;                   /* the start/end report and progress; NULL: silent */
+  int progress_tty;            /* as cm_progress_init: 1, 0 or -1 (ask isatty) */
+  volatile sig_atomic_t *stop; /* set (e.g. by a SIGINT handler): finish the step, save, return */
 } cm_train_opts;
 
 typedef struct cm_train_result {
