@@ -465,7 +465,31 @@ static cm_status lower_materialized(lctx *c, int id, int b, const int *eo, const
   s->n_dom = t->rank;
   for (int i = 0; i < t->rank; i++) s->dom[i] = t->dims[i];
   s->acc_dtype = acc_of(t->dtype);
-  for (int i = 0; i < t->rank; i++) dv[i] = cm_kx_var(s, i);
+  /* A matmul by a weight shared across the batch ([..., M, K] x [K, N]) is one
+   * GEMM over the folded rows: M' = batch * M, so the weight panel is packed
+   * once per block of rows instead of once per batch item. */
+  bool fold = false;
+  if (n->op == CM_OP_MATMUL && (!c->o || !c->o->no_templates) && t->rank > 2 &&
+      !n->attrs.transpose_a) {
+    const cm_type *fa = &N(c, n->inputs[0])->type, *fb = &N(c, n->inputs[1])->type;
+    fold = fa->rank == t->rank;
+    for (int x = 0; fold && x < t->rank - 2; x++) fold = fa->dims[x] == t->dims[x];
+    for (int x = 0; fold && x < fb->rank - 2; x++) fold = fb->dims[x] == 1;
+  }
+  if (fold) {
+    int64_t rows = 1;
+    for (int i = 0; i < t->rank - 1; i++) rows *= t->dims[i];
+    s->n_dom = 2, s->dom[0] = rows, s->dom[1] = t->dims[t->rank - 1];
+    int vi = cm_kx_var(s, 0);
+    for (int a = t->rank - 2; a > 0; a--) {
+      dv[a] = cm_kx_imod(s, vi, cm_kx_iconst(s, t->dims[a]));
+      vi = cm_kx_idiv(s, vi, cm_kx_iconst(s, t->dims[a]));
+    }
+    dv[0] = vi;
+    dv[t->rank - 1] = cm_kx_var(s, 1);
+  } else {
+    for (int i = 0; i < t->rank; i++) dv[i] = cm_kx_var(s, i);
+  }
   if (n->op == CM_OP_REDUCE_SUM || n->op == CM_OP_REDUCE_MAX) {
     const cm_type *it = &N(c, n->inputs[0])->type;
     s->red_op = n->op == CM_OP_REDUCE_MAX ? CM_KRED_MAX : CM_KRED_SUM;
