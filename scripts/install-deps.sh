@@ -20,8 +20,8 @@ fi
 # safetensors reference library, and JAX on the CPU for the CMAE losses and gradients).
 if ! python3 -c 'import numpy, safetensors, jax' 2>/dev/null; then
   echo "install-deps: pip install numpy safetensors jax"
-  python3 -m pip install --quiet --disable-pip-version-check numpy safetensors jax ||
-    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages numpy safetensors jax
+  python3 -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 15 numpy safetensors jax ||
+    python3 -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 15 --break-system-packages numpy safetensors jax
 fi
 
 # CPU-only PyTorch for the encoder export test (tests/reference/export_torch.py
@@ -31,7 +31,7 @@ if ! python3 -c 'import torch' 2>/dev/null; then
   torch_index=(--index-url https://download.pytorch.org/whl/cpu)
   # Not fatal: without torch the test runs the same ViT in numpy (set
   # CMAEC_REQUIRE_TORCH=1 to make the test insist on torch).
-  python3 -m pip install --quiet --disable-pip-version-check "${torch_index[@]}" torch ||
-    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "${torch_index[@]}" torch ||
+  python3 -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 15 "${torch_index[@]}" torch ||
+    python3 -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 15 --break-system-packages "${torch_index[@]}" torch ||
     echo "install-deps: warning: could not install torch; export_torch.py falls back to numpy" >&2
 fi
