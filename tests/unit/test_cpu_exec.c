@@ -290,7 +290,7 @@ static void test_random_graphs(void) {
     }
     cm_graph_free(g);
   }
-  CHECK(n >= 300);
+  CHECK(n >= want);
   fprintf(stderr, "random graphs: %d run, %d not lowered yet, worst relative error %.3g\n", n,
           n_skipped, worst);
 }
