@@ -10,6 +10,7 @@
  * said on stderr). Run by tests/gpu/run.sh; not part of ctest (no GPU there). */
 #include "models/models.h"
 #include "runtime/runtime.h"
+#include "tests/model_step.h"
 
 #include <dlfcn.h>
 #include <math.h>
@@ -345,17 +346,7 @@ static bool check_variant(const char *path, const char *const *sets, int n_sets,
   cm_model_build_opts bo = {batch, 1, CM_F32};
   cm_model m;
   if (cm_model_build(&cfg, &bo, &m, &err)) return fprintf(stderr, "%s: %s\n", path, err.msg), false;
-  cm_optim_config oc;
-  cm_optim_config_default(&oc);
-  oc.frozen = cm_model_frozen_substrings;
-  cm_ema_pair pairs[8];
-  int n = 0;
-  for (; n < 8 && cm_model_ema_online_prefixes[n]; n++) {
-    pairs[n].online_prefix = cm_model_ema_online_prefixes[n];
-    pairs[n].target_prefix = cm_model_ema_target_prefixes[n];
-  }
-  oc.ema = pairs;
-  oc.n_ema = n;
+  cm_optim_config oc = test_model_optim();
   cm_graph *step = NULL;
   cm_train_step_info info;
   if (cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err))
@@ -408,37 +399,17 @@ int main(void) {
       {1, 1, 1}, {7, 13, 5}, {97, 31, 129}, {130, 260, 300}, {512, 384, 1536}};
   for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
     if (!check_small(arch, shapes[i][0], shapes[i][1], shapes[i][2])) failures++;
-  static const char *const vit[] = {
-      "data.image_size=64",       "data.master_size=72",     "data.shift=7",
-      "encoder.width=32",         "encoder.heads=2",         "encoder.depth=2",
-      "pixel_decoder.width=16",   "pixel_decoder.heads=2",   "pixel_decoder.depth=1",
-      "feature_decoder.width=16", "feature_decoder.heads=2", "projector.hidden=16",
-      "projector.out=8",          "predictor.hidden=16",     "predictor.out=8"};
-  const int nv = (int)(sizeof vit / sizeof vit[0]);
-  static const char *const conv[] = {"data.image_size=64",
-                                     "data.master_size=72",
-                                     "data.shift=7",
-                                     "encoder.stage_widths=[8,12,16]",
-                                     "encoder.stage_depths=[1,1,2]",
-                                     "encoder.width=16",
-                                     "encoder.depth=2",
-                                     "encoder.heads=2",
-                                     "pixel_decoder.width=16",
-                                     "pixel_decoder.heads=2",
-                                     "pixel_decoder.depth=1",
-                                     "feature_decoder.width=16",
-                                     "feature_decoder.heads=2",
-                                     "projector.hidden=16",
-                                     "projector.out=8",
-                                     "predictor.hidden=16",
-                                     "predictor.out=8"};
   if (!check_variant("models/cmae_vit_tiny_fmnist.json", NULL, 0, 8, arch)) failures++;
   if (!check_variant("models/cmae_convvit_tiny_fmnist.json", NULL, 0, 8, arch)) failures++;
-  if (!check_variant("models/cmae_vit_base.json", vit, nv, 2, arch)) failures++;
-  if (!check_variant("models/cmae_vit_small.json", vit, nv, 2, arch)) failures++;
-  if (!check_variant("models/cmae_vit_large.json", vit, nv, 2, arch)) failures++;
-  if (!check_variant("models/mae_vit_base.json", vit, nv - 6, 2, arch)) failures++;
-  if (!check_variant("models/cmae_convvit_base.json", conv, (int)(sizeof conv / sizeof conv[0]), 2,
+  if (!check_variant("models/cmae_vit_base.json", test_shrunk_vit, TEST_SHRUNK_VIT_N, 2, arch))
+    failures++;
+  if (!check_variant("models/cmae_vit_small.json", test_shrunk_vit, TEST_SHRUNK_VIT_N, 2, arch))
+    failures++;
+  if (!check_variant("models/cmae_vit_large.json", test_shrunk_vit, TEST_SHRUNK_VIT_N, 2, arch))
+    failures++;
+  if (!check_variant("models/mae_vit_base.json", test_shrunk_vit, TEST_SHRUNK_VIT_MAE, 2, arch))
+    failures++;
+  if (!check_variant("models/cmae_convvit_base.json", test_shrunk_convvit, TEST_SHRUNK_CONVVIT_N, 2,
                      arch))
     failures++;
   printf("gpu_diff: %s (%d failures)\n", failures ? "FAILED" : "all agree with the oracle",

@@ -5,6 +5,7 @@
  * buffers and scratch; graph outputs and new states must equal cm_eval's.
  * Structure: a GEMM stage with the template and a reduction stage exist. */
 #include "../test.h"
+#include "../model_step.h"
 #include "codegen/codegen.h"
 #include "frontend/frontend.h"
 #include "models/models.h"
@@ -510,57 +511,6 @@ static void test_conv_train_step(void) {
   }
 }
 
-/* Sources for a step graph: images random, masks sampled, params from their
- * initializers, state as initialized, scalars plausible. */
-static void bind(const cm_graph *g, const cm_model_config *cfg, const cm_model *m, cm_tensor *t,
-                 const cm_tensor **src) {
-  for (int i = 0; i < g->n_nodes; i++) {
-    const cm_node *n = &g->nodes[i];
-    if (n->op != CM_OP_INPUT && n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;
-    cm_tensor_alloc(&t[i], n->type, NULL);
-    src[i] = &t[i];
-    int64_t cnt = cm_type_numel(&n->type);
-    if (n->op != CM_OP_INPUT) {
-      CHECK(cm_init_tensor(&t[i], &n->attrs.init, 7, n->name, NULL) == CM_OK);
-    } else if (!strcmp(n->name, "img") || !strcmp(n->name, "img_t")) {
-      for (int64_t e = 0; e < cnt; e++) cm_tensor_set_f64(&t[i], e, next_uniform() * 4 - 2);
-    } else if (!strcmp(n->name, "lr")) {
-      cm_tensor_set_f64(&t[i], 0, 1e-3);
-    } else if (!strcmp(n->name, "beta1") || !strcmp(n->name, "momentum")) {
-      cm_tensor_set_f64(&t[i], 0, !strcmp(n->name, "beta1") ? 0.9 : 0.996);
-    } else if (!strcmp(n->name, "beta2")) {
-      cm_tensor_set_f64(&t[i], 0, 0.95);
-    } else if (!strcmp(n->name, "step")) {
-      cm_tensor_set_f64(&t[i], 0, 1);
-    }
-  }
-  /* masks: one sample per row */
-  int grid = cfg->data.image_size / cfg->encoder.patch, L = grid * grid;
-  int batch = (int)g->nodes[m->img].type.dims[0];
-  int n_noise = cm_mask_noise_count(cfg->mask.kind, cfg->mask.block, grid);
-  double *u = malloc(sizeof(double) * (size_t)n_noise);
-  int32_t *keep = malloc(sizeof(int32_t) * (size_t)L),
-          *restore = malloc(sizeof(int32_t) * (size_t)L);
-  float *mask = malloc(sizeof(float) * (size_t)L);
-  for (int b = 0; b < batch; b++) {
-    for (int k = 0; k < n_noise; k++) u[k] = next_uniform();
-    int kept = cm_mask_sample(cfg->mask.kind, cfg->mask.ratio, cfg->mask.block, grid, u, keep,
-                              restore, mask);
-    CHECK(kept == m->n_keep);
-    for (int k = 0; k < kept && m->ids_keep >= 0; k++)
-      cm_tensor_set_i64(&t[m->ids_keep], (int64_t)b * kept + k, keep[k]);
-    for (int k = 0; k < L; k++) {
-      if (m->ids_restore >= 0)
-        cm_tensor_set_i64(&t[m->ids_restore], (int64_t)b * L + k, restore[k]);
-      if (m->mask >= 0) cm_tensor_set_f64(&t[m->mask], (int64_t)b * L + k, mask[k]);
-    }
-  }
-  free(u);
-  free(keep);
-  free(restore);
-  free(mask);
-}
-
 /* Every group of each shipped variant's training step (shrunk) lowers, with
  * and without templates; every group output is stored by some stage. (Not yet
  * interpreted against the oracle: needs the model's source binding.) */
@@ -581,7 +531,7 @@ static void lower_variant(const char *path, const char *const *ov, int n_ov, boo
   if (step && evaluate) { /* lowered kernels against the oracle on bound sources */
     cm_tensor *t = calloc((size_t)step->n_nodes, sizeof *t);
     const cm_tensor **src = calloc((size_t)step->n_nodes, sizeof *src);
-    bind(step, &cfg, &m, t, src);
+    test_bind_step(step, &cfg, &m, t, src, next_uniform);
     bound_graph = step, bound_src = src;
     check_graph(step, path, true, false);
     bound_graph = NULL, bound_src = NULL;
@@ -628,35 +578,11 @@ static void test_model_variants_lower(void) {
    * gradient is ~0 (qkv bias) where AdamW's normalization amplifies rounding;
    * not yet shown to be rounding only. */
   bool eval_models = getenv("CMAEC_LOWER_EVAL_MODELS") != NULL;
-  static const char *const vit[] = {
-      "data.image_size=64",       "data.master_size=72",     "data.shift=7",
-      "encoder.width=32",         "encoder.heads=2",         "encoder.depth=2",
-      "pixel_decoder.width=16",   "pixel_decoder.heads=2",   "pixel_decoder.depth=1",
-      "feature_decoder.width=16", "feature_decoder.heads=2", "projector.hidden=16",
-      "projector.out=8",          "predictor.hidden=16",     "predictor.out=8"};
-  const int n = (int)(sizeof vit / sizeof vit[0]);
-  static const char *const conv[] = {"data.image_size=64",
-                                     "data.master_size=72",
-                                     "data.shift=7",
-                                     "encoder.stage_widths=[8,12,16]",
-                                     "encoder.stage_depths=[1,1,2]",
-                                     "encoder.width=16",
-                                     "encoder.depth=2",
-                                     "encoder.heads=2",
-                                     "pixel_decoder.width=16",
-                                     "pixel_decoder.heads=2",
-                                     "pixel_decoder.depth=1",
-                                     "feature_decoder.width=16",
-                                     "feature_decoder.heads=2",
-                                     "projector.hidden=16",
-                                     "projector.out=8",
-                                     "predictor.hidden=16",
-                                     "predictor.out=8"};
   lower_variant("models/cmae_vit_tiny_fmnist.json", NULL, 0, eval_models);
   lower_variant("models/cmae_convvit_tiny_fmnist.json", NULL, 0, eval_models);
-  lower_variant("models/cmae_vit_base.json", vit, n, false);
-  lower_variant("models/mae_vit_base.json", vit, n - 6, false);
-  lower_variant("models/cmae_convvit_base.json", conv, (int)(sizeof conv / sizeof conv[0]), false);
+  lower_variant("models/cmae_vit_base.json", test_shrunk_vit, TEST_SHRUNK_VIT_N, false);
+  lower_variant("models/mae_vit_base.json", test_shrunk_vit, TEST_SHRUNK_VIT_MAE, false);
+  lower_variant("models/cmae_convvit_base.json", test_shrunk_convvit, TEST_SHRUNK_CONVVIT_N, false);
 }
 
 TEST_MAIN(TEST(test_model_variants_lower), TEST(test_conv_train_step), TEST(test_movement),

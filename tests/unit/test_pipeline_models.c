@@ -5,6 +5,7 @@
  * ImageNet-size variants are evaluated with their widths and image shrunk by
  * --set (same modules, same wiring) and verified at full size. */
 #include "../test.h"
+#include "../model_step.h"
 #include "models/models.h"
 #include "passes/passes.h"
 
@@ -14,72 +15,6 @@ static uint64_t rng = 12345;
 static double uniform(void) {
   rng = rng * 6364136223846793005ull + 1442695040888963407ull;
   return (double)(rng >> 11) * 0x1p-53;
-}
-
-static cm_optim_config model_optim(void) {
-  static cm_ema_pair pairs[8];
-  cm_optim_config c;
-  cm_optim_config_default(&c);
-  c.frozen = cm_model_frozen_substrings;
-  int n = 0;
-  for (; cm_model_ema_online_prefixes[n] && n < 8; n++) {
-    pairs[n].online_prefix = cm_model_ema_online_prefixes[n];
-    pairs[n].target_prefix = cm_model_ema_target_prefixes[n];
-  }
-  c.n_ema = n;
-  c.ema = pairs;
-  return c;
-}
-
-/* Sources for a step graph: images random, masks sampled, params from their
- * initializers, state as initialized, scalars plausible. */
-static void bind(const cm_graph *g, const cm_model_config *cfg, const cm_model *m, cm_tensor *t,
-                 const cm_tensor **src) {
-  for (int i = 0; i < g->n_nodes; i++) {
-    const cm_node *n = &g->nodes[i];
-    if (n->op != CM_OP_INPUT && n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;
-    cm_tensor_alloc(&t[i], n->type, NULL);
-    src[i] = &t[i];
-    int64_t cnt = cm_type_numel(&n->type);
-    if (n->op != CM_OP_INPUT) {
-      CHECK(cm_init_tensor(&t[i], &n->attrs.init, 7, n->name, NULL) == CM_OK);
-    } else if (!strcmp(n->name, "img") || !strcmp(n->name, "img_t")) {
-      for (int64_t e = 0; e < cnt; e++) cm_tensor_set_f64(&t[i], e, uniform() * 4 - 2);
-    } else if (!strcmp(n->name, "lr")) {
-      cm_tensor_set_f64(&t[i], 0, 1e-3);
-    } else if (!strcmp(n->name, "beta1") || !strcmp(n->name, "momentum")) {
-      cm_tensor_set_f64(&t[i], 0, !strcmp(n->name, "beta1") ? 0.9 : 0.996);
-    } else if (!strcmp(n->name, "beta2")) {
-      cm_tensor_set_f64(&t[i], 0, 0.95);
-    } else if (!strcmp(n->name, "step")) {
-      cm_tensor_set_f64(&t[i], 0, 1);
-    }
-  }
-  /* masks: one sample per row */
-  int grid = cfg->data.image_size / cfg->encoder.patch, L = grid * grid;
-  int batch = (int)g->nodes[m->img].type.dims[0];
-  int n_noise = cm_mask_noise_count(cfg->mask.kind, cfg->mask.block, grid);
-  double *u = malloc(sizeof(double) * (size_t)n_noise);
-  int32_t *keep = malloc(sizeof(int32_t) * (size_t)L),
-          *restore = malloc(sizeof(int32_t) * (size_t)L);
-  float *mask = malloc(sizeof(float) * (size_t)L);
-  for (int b = 0; b < batch; b++) {
-    for (int k = 0; k < n_noise; k++) u[k] = uniform();
-    int kept = cm_mask_sample(cfg->mask.kind, cfg->mask.ratio, cfg->mask.block, grid, u, keep,
-                              restore, mask);
-    CHECK(kept == m->n_keep);
-    for (int k = 0; k < kept && m->ids_keep >= 0; k++)
-      cm_tensor_set_i64(&t[m->ids_keep], (int64_t)b * kept + k, keep[k]);
-    for (int k = 0; k < L; k++) {
-      if (m->ids_restore >= 0)
-        cm_tensor_set_i64(&t[m->ids_restore], (int64_t)b * L + k, restore[k]);
-      if (m->mask >= 0) cm_tensor_set_f64(&t[m->mask], (int64_t)b * L + k, mask[k]);
-    }
-  }
-  free(u);
-  free(keep);
-  free(restore);
-  free(mask);
 }
 
 static bool same_bits(const cm_tensor *a, const cm_tensor *b) {
@@ -97,7 +32,7 @@ static void check_variant(const char *path, const char *const *overrides, int n_
   cm_model m;
   CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
   if (!m.g) return;
-  cm_optim_config oc = model_optim();
+  cm_optim_config oc = test_model_optim();
   cm_graph *step = NULL;
   cm_train_step_info info;
   CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
@@ -127,7 +62,7 @@ static void check_variant(const char *path, const char *const *overrides, int n_
     const cm_tensor **src1 = calloc((size_t)step->n_nodes, sizeof *src1);
     const cm_tensor **src2 = calloc((size_t)s.g->n_nodes, sizeof *src2);
     rng = 4242;
-    bind(step, &cfg, &m, t1, src1);
+    test_bind_step(step, &cfg, &m, t1, src1, uniform);
     for (int i = 0; i < step->n_nodes; i++)
       if (src1[i]) {
         int j = cm_graph_find(s.g, step->nodes[i].name);
@@ -178,35 +113,11 @@ static void test_tiny_variants_evaluated(void) {
 /* The ImageNet-size variants with their dims shrunk: the same modules and
  * wiring, small enough for the oracle. */
 static void test_shrunk_variants_evaluated(void) {
-  static const char *const vit[] = {
-      "data.image_size=64",       "data.master_size=72",     "data.shift=7",
-      "encoder.width=32",         "encoder.heads=2",         "encoder.depth=2",
-      "pixel_decoder.width=16",   "pixel_decoder.heads=2",   "pixel_decoder.depth=1",
-      "feature_decoder.width=16", "feature_decoder.heads=2", "projector.hidden=16",
-      "projector.out=8",          "predictor.hidden=16",     "predictor.out=8"};
-  const int n = (int)(sizeof vit / sizeof vit[0]);
-  check_variant("models/cmae_vit_base.json", vit, n, true);
-  check_variant("models/cmae_vit_small.json", vit, n, true);
-  check_variant("models/cmae_vit_large.json", vit, n, true);
-  check_variant("models/mae_vit_base.json", vit, n - 6, true);
-  static const char *const conv[] = {"data.image_size=64",
-                                     "data.master_size=72",
-                                     "data.shift=7",
-                                     "encoder.stage_widths=[8,12,16]",
-                                     "encoder.stage_depths=[1,1,2]",
-                                     "encoder.width=16",
-                                     "encoder.depth=2",
-                                     "encoder.heads=2",
-                                     "pixel_decoder.width=16",
-                                     "pixel_decoder.heads=2",
-                                     "pixel_decoder.depth=1",
-                                     "feature_decoder.width=16",
-                                     "feature_decoder.heads=2",
-                                     "projector.hidden=16",
-                                     "projector.out=8",
-                                     "predictor.hidden=16",
-                                     "predictor.out=8"};
-  check_variant("models/cmae_convvit_base.json", conv, (int)(sizeof conv / sizeof conv[0]), true);
+  check_variant("models/cmae_vit_base.json", test_shrunk_vit, TEST_SHRUNK_VIT_N, true);
+  check_variant("models/cmae_vit_small.json", test_shrunk_vit, TEST_SHRUNK_VIT_N, true);
+  check_variant("models/cmae_vit_large.json", test_shrunk_vit, TEST_SHRUNK_VIT_N, true);
+  check_variant("models/mae_vit_base.json", test_shrunk_vit, TEST_SHRUNK_VIT_MAE, true);
+  check_variant("models/cmae_convvit_base.json", test_shrunk_convvit, TEST_SHRUNK_CONVVIT_N, true);
 }
 
 /* Full size: built, optimized and verified (graph and plan), not evaluated. */

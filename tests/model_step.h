@@ -1,0 +1,115 @@
+/* tests/model_step.h — what the tests that run a model variant's training
+ * step share: the CMAE optimizer config, the sources of a step graph, and the
+ * overrides that shrink the ImageNet-size variants to oracle size (same
+ * modules and wiring). test_bind_step needs tests/test.h included first. */
+#ifndef CMAEC_TEST_MODEL_STEP_H
+#define CMAEC_TEST_MODEL_STEP_H
+
+#include "models/models.h"
+#include "passes/passes.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* The step's optimizer as `cmaec build --train` configures it: CMAE's
+ * no-decay rule, the model's frozen params and its EMA pairs. */
+static inline cm_optim_config test_model_optim(void) {
+  static cm_ema_pair pairs[8];
+  cm_optim_config c;
+  cm_optim_config_default(&c);
+  c.frozen = cm_model_frozen_substrings;
+  int n = 0;
+  for (; cm_model_ema_online_prefixes[n] && n < 8; n++) {
+    pairs[n].online_prefix = cm_model_ema_online_prefixes[n];
+    pairs[n].target_prefix = cm_model_ema_target_prefixes[n];
+  }
+  c.n_ema = n;
+  c.ema = pairs;
+  return c;
+}
+
+#ifdef CHECK /* with tests/test.h */
+/* Sources for a step graph: images uniform in [-2, 2], masks sampled per
+ * sample, params from their initializers, state as initialized, scalars
+ * plausible. Random draws come from the caller's uniform() so each test keeps
+ * its own stream. */
+static inline void test_bind_step(const cm_graph *g, const cm_model_config *cfg, const cm_model *m,
+                                  cm_tensor *t, const cm_tensor **src, double (*uniform)(void)) {
+  for (int i = 0; i < g->n_nodes; i++) {
+    const cm_node *n = &g->nodes[i];
+    if (n->op != CM_OP_INPUT && n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;
+    cm_tensor_alloc(&t[i], n->type, NULL);
+    src[i] = &t[i];
+    int64_t cnt = cm_type_numel(&n->type);
+    if (n->op != CM_OP_INPUT) {
+      CHECK(cm_init_tensor(&t[i], &n->attrs.init, 7, n->name, NULL) == CM_OK);
+    } else if (!strcmp(n->name, "img") || !strcmp(n->name, "img_t")) {
+      for (int64_t e = 0; e < cnt; e++) cm_tensor_set_f64(&t[i], e, uniform() * 4 - 2);
+    } else if (!strcmp(n->name, "lr")) {
+      cm_tensor_set_f64(&t[i], 0, 1e-3);
+    } else if (!strcmp(n->name, "beta1") || !strcmp(n->name, "momentum")) {
+      cm_tensor_set_f64(&t[i], 0, !strcmp(n->name, "beta1") ? 0.9 : 0.996);
+    } else if (!strcmp(n->name, "beta2")) {
+      cm_tensor_set_f64(&t[i], 0, 0.95);
+    } else if (!strcmp(n->name, "step")) {
+      cm_tensor_set_f64(&t[i], 0, 1);
+    }
+  }
+  /* masks: one sample per row */
+  int grid = cfg->data.image_size / cfg->encoder.patch, L = grid * grid;
+  int batch = (int)g->nodes[m->img].type.dims[0];
+  int n_noise = cm_mask_noise_count(cfg->mask.kind, cfg->mask.block, grid);
+  double *u = malloc(sizeof(double) * (size_t)n_noise);
+  int32_t *keep = malloc(sizeof(int32_t) * (size_t)L),
+          *restore = malloc(sizeof(int32_t) * (size_t)L);
+  float *mask = malloc(sizeof(float) * (size_t)L);
+  for (int b = 0; b < batch; b++) {
+    for (int k = 0; k < n_noise; k++) u[k] = uniform();
+    int kept = cm_mask_sample(cfg->mask.kind, cfg->mask.ratio, cfg->mask.block, grid, u, keep,
+                              restore, mask);
+    CHECK(kept == m->n_keep);
+    for (int k = 0; k < kept && m->ids_keep >= 0; k++)
+      cm_tensor_set_i64(&t[m->ids_keep], (int64_t)b * kept + k, keep[k]);
+    for (int k = 0; k < L; k++) {
+      if (m->ids_restore >= 0)
+        cm_tensor_set_i64(&t[m->ids_restore], (int64_t)b * L + k, restore[k]);
+      if (m->mask >= 0) cm_tensor_set_f64(&t[m->mask], (int64_t)b * L + k, mask[k]);
+    }
+  }
+  free(u);
+  free(keep);
+  free(restore);
+  free(mask);
+}
+#endif
+
+/* The ImageNet-size ViT variants shrunk; the MAE variant takes the first
+ * TEST_SHRUNK_VIT_MAE of them (it has no contrastive heads). */
+static const char *const test_shrunk_vit[] = {
+    "data.image_size=64",       "data.master_size=72",     "data.shift=7",
+    "encoder.width=32",         "encoder.heads=2",         "encoder.depth=2",
+    "pixel_decoder.width=16",   "pixel_decoder.heads=2",   "pixel_decoder.depth=1",
+    "feature_decoder.width=16", "feature_decoder.heads=2", "projector.hidden=16",
+    "projector.out=8",          "predictor.hidden=16",     "predictor.out=8"};
+#define TEST_SHRUNK_VIT_N ((int)(sizeof test_shrunk_vit / sizeof test_shrunk_vit[0]))
+#define TEST_SHRUNK_VIT_MAE (TEST_SHRUNK_VIT_N - 6)
+static const char *const test_shrunk_convvit[] = {"data.image_size=64",
+                                                  "data.master_size=72",
+                                                  "data.shift=7",
+                                                  "encoder.stage_widths=[8,12,16]",
+                                                  "encoder.stage_depths=[1,1,2]",
+                                                  "encoder.width=16",
+                                                  "encoder.depth=2",
+                                                  "encoder.heads=2",
+                                                  "pixel_decoder.width=16",
+                                                  "pixel_decoder.heads=2",
+                                                  "pixel_decoder.depth=1",
+                                                  "feature_decoder.width=16",
+                                                  "feature_decoder.heads=2",
+                                                  "projector.hidden=16",
+                                                  "projector.out=8",
+                                                  "predictor.hidden=16",
+                                                  "predictor.out=8"};
+#define TEST_SHRUNK_CONVVIT_N ((int)(sizeof test_shrunk_convvit / sizeof test_shrunk_convvit[0]))
+
+#endif
