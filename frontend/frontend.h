@@ -138,6 +138,7 @@ typedef struct cm_model_config {
     char views[8];  /* "shift" (CMAE's views) | "rrc" (independent crops, ablation) */
     int workers;    /* loader threads (2) */
     int ckpt_every; /* steps between checkpoints; 0: only at the end */
+    int limit;      /* images of the split trained on, spread evenly; 0: all */
   } train;
 } cm_model_config;
 

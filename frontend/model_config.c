@@ -148,7 +148,9 @@ typedef struct key_default {
     "views: shift (CMAE) or rrc (independent random resized crops, ablation)", .s = "shift")       \
   X("train.workers", INT, train.workers, "data loader threads", .n = {2})                          \
   X("train.ckpt_every", INT, train.ckpt_every,                                                     \
-    "steps between checkpoints (0: only at the end of the run)", .n = {0})
+    "steps between checkpoints (0: only at the end of the run)", .n = {0})                         \
+  X("train.limit", INT, train.limit,                                                               \
+    "train on this many images of the split, spread evenly over it (0: all)", .n = {0})
 
 typedef struct key_entry {
   const char *key;
@@ -811,6 +813,8 @@ cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
   if (!one_of(c->train.views, views, 2))
     return cm_errorf(err, CM_EINVALID, "train.views: \"%s\" is not one of shift, rrc",
                      shown(c->train.views, sb, sizeof sb));
+  if (c->train.limit < 0)
+    return cm_errorf(err, CM_EINVALID, "train.limit: must not be negative, got %d", c->train.limit);
   if (c->train.workers < 1 || c->train.workers > 256)
     return cm_errorf(err, CM_EINVALID, "train.workers: %d is outside [1, 256]", c->train.workers);
   if (c->train.ckpt_every < 0)

@@ -527,6 +527,37 @@ static cm_status to_chans(cm_image *im, int chans, const char *path, cm_err *err
   return CM_OK;
 }
 
+cm_status cm_dataset_subset(cm_dataset *d, int64_t n, cm_err *err) {
+  if (n < 1)
+    return cm_errorf(err, CM_EINVALID, "dataset subset: %lld samples asked, must be >= 1",
+                     (long long)n);
+  if (n >= d->n) return CM_OK;
+  /* sample floor(i * total / n): spread over the whole split, so a folder sorted by
+   * class keeps every class; floor(i * total / n) >= i lets it compact in place */
+  const int64_t total = d->n;
+  size_t sz = (size_t)d->h * d->w * d->chans;
+  for (int64_t i = 0; i < n; i++) {
+    int64_t src = (int64_t)((__int128)i * total / n);
+    d->labels[i] = d->labels[src];
+    if (d->kind == DS_MEMORY) {
+      if (src != i) memcpy(d->pixels + (size_t)i * sz, d->pixels + (size_t)src * sz, sz);
+    } else if (src != i) {
+      char *keep = d->paths[src];
+      d->paths[src] = NULL;
+      free(d->paths[i]);
+      d->paths[i] = keep;
+      atomic_store(&d->bad[i], atomic_load(&d->bad[src]));
+    }
+  }
+  if (d->kind != DS_MEMORY)
+    for (int64_t i = n; i < total; i++) {
+      free(d->paths[i]);
+      d->paths[i] = NULL;
+    }
+  d->n = n;
+  return CM_OK;
+}
+
 cm_status cm_dataset_get(const cm_dataset *dc, int64_t i, cm_image *im, cm_err *err) {
   cm_dataset *d = (cm_dataset *)dc; /* only the atomic bad/skipped bookkeeping changes */
   memset(im, 0, sizeof *im);

@@ -107,6 +107,9 @@ int cm_dataset_channels(const cm_dataset *d);
  * counted once in cm_dataset_skipped and warned about on stderr (the first 5). */
 cm_status cm_dataset_get(const cm_dataset *d, int64_t i, cm_image *out, cm_err *err);
 int64_t cm_dataset_skipped(const cm_dataset *d);
+/* Keeps n samples spread evenly over d (sample floor(i * size / n) becomes i),
+ * so every class of a class-sorted folder stays; n >= size keeps all. */
+cm_status cm_dataset_subset(cm_dataset *d, int64_t n, cm_err *err);
 
 typedef enum cm_views_mode {
   CM_VIEWS_SHIFT = 0, /* CMAE: master crop, online = (0, 0) crop, target shifted by (dh, dw) */

@@ -317,6 +317,8 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     return cm_errorf(err, CM_EINVALID, "%s: dataset has %d channels but data.in_chans is %d",
                      fmnist ? "fashion-mnist" : o->data, cm_dataset_channels(t->data),
                      t->cfg.data.in_chans);
+  if (t->cfg.train.limit > 0 && cm_dataset_subset(t->data, t->cfg.train.limit, err))
+    return err->status;
   r->dataset_size = cm_dataset_size(t->data);
   if (r->dataset_size < t->cfg.optimizer.batch)
     return cm_errorf(err, CM_EINVALID,

@@ -602,10 +602,72 @@ static void test_loader_shutdown(void) {
   cm_dataset_free(d);
 }
 
+/* cm_dataset_subset keeps sample floor(i * size / n) as i: labels and pixels
+ * (or the decode error of a corrupt file) follow, every class of the
+ * class-sorted folder stays, and a bad size is an error. */
+static void test_subset(void) {
+  char root[300];
+  build_folder(root, sizeof root);
+  cm_err err = {0};
+  for (int64_t n = 1; n <= N_FILES + 1; n++) {
+    cm_dataset *full = NULL, *sub = NULL;
+    CHECK_MSG(cm_dataset_open_folder(root, 3, &full, &err) == CM_OK, "%s", err.msg);
+    CHECK_MSG(cm_dataset_open_folder(root, 3, &sub, &err) == CM_OK, "%s", err.msg);
+    if (!full || !sub) {
+      cm_dataset_free(full);
+      cm_dataset_free(sub);
+      return;
+    }
+    CHECK_MSG(cm_dataset_subset(sub, n, &err) == CM_OK, "%s", err.msg);
+    int64_t want_n = n < N_FILES ? n : N_FILES;
+    CHECK(cm_dataset_size(sub) == want_n);
+    int seen[3] = {0};
+    for (int64_t i = 0; i < want_n; i++) {
+      int64_t src = n < N_FILES ? i * N_FILES / n : i;
+      CHECK(cm_dataset_label(sub, i) == cm_dataset_label(full, src));
+      if (cm_dataset_label(sub, i) >= 0 && cm_dataset_label(sub, i) < 3)
+        seen[cm_dataset_label(sub, i)] = 1;
+      cm_image a, b;
+      cm_status sa = cm_dataset_get(sub, i, &a, &err), sb = cm_dataset_get(full, src, &b, &err);
+      CHECK(sa == sb);
+      if (sa == CM_OK && sb == CM_OK) {
+        CHECK(a.h == b.h && a.w == b.w && a.c == b.c);
+        CHECK(memcmp(a.data, b.data, (size_t)a.h * a.w * a.c) == 0);
+      }
+      cm_image_free(&a);
+      cm_image_free(&b);
+    }
+    if (n >= 3) CHECK(seen[0] && seen[1] && seen[2]);
+    cm_dataset_free(full);
+    cm_dataset_free(sub);
+  }
+  cm_dataset *d = NULL;
+  CHECK_MSG(cm_dataset_open_folder(root, 1, &d, &err) == CM_OK, "%s", err.msg);
+  if (d) {
+    CHECK(cm_dataset_subset(d, 0, &err) == CM_EINVALID);
+    CHECK_STR_CONTAINS(err.msg, "must be >= 1");
+    CHECK(cm_dataset_size(d) == N_FILES);
+  }
+  cm_dataset_free(d);
+  if (!have_fmnist()) return;
+  CHECK_MSG(cm_dataset_open_fmnist(NULL, true, &d, &err) == CM_OK, "%s", err.msg);
+  if (!d) return;
+  int32_t labels[60];
+  for (int i = 0; i < 60; i++) labels[i] = cm_dataset_label(d, (int64_t)i * 1000);
+  CHECK(cm_dataset_subset(d, 60, &err) == CM_OK);
+  int hist[10] = {0};
+  for (int i = 0; i < 60; i++) {
+    CHECK(cm_dataset_label(d, i) == labels[i]);
+    if (labels[i] >= 0 && labels[i] < 10) hist[labels[i]]++;
+  }
+  for (int k = 0; k < 10; k++) CHECK_MSG(hist[k] > 0, "class %d missing from the subset", k);
+  cm_dataset_free(d);
+}
+
 static void cleanup(void) {
   if (tmpdir[0]) rm_rf(tmpdir);
 }
 
 TEST_MAIN({"fmnist", test_fmnist}, {"idx_errors", test_idx_errors}, {"folder", test_folder},
           {"loader_determinism", test_loader_determinism}, {"loader_shards", test_loader_shards},
-          {"loader_shutdown", test_loader_shutdown}, {"cleanup", cleanup})
+          {"loader_shutdown", test_loader_shutdown}, {"subset", test_subset}, {"cleanup", cleanup})
