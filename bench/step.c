@@ -175,10 +175,10 @@ int main(int argc, char **argv) {
   }
   cm_cpu_stats st;
   cm_cpu_program_stats(pr, &st);
-  printf("%s: batch %d, %d steps on %d threads; build %.2f s (%d kernels, %d stages, "
-         "cache %d hits %d misses)\n",
-         cfg.name, batch, steps, st.threads, t_build, st.n_kernels, st.n_stages, st.cache_hits,
-         st.cache_misses);
+  printf("%s: batch %d, %d steps on %d threads; build %.2f s (%d kernels, %d distinct, %d "
+         "stages, cache %d hits %d misses)\n",
+         cfg.name, batch, steps, st.threads, t_build, st.n_kernels, st.n_distinct_kernels,
+         st.n_stages, st.cache_hits, st.cache_misses);
   printf("step %.2f ms, %.1f images/s, %.3f GFLOP per step, %.1f GFLOP/s", 1e3 * dt, batch / dt,
          flops * 1e-9, flops * 1e-9 / dt);
   if (peak > 0) printf(", %.1f%% of peak %.1f GFLOP/s", 100 * flops * 1e-9 / dt / peak, peak);

@@ -38,6 +38,8 @@ struct cm_cpu_program {
   int64_t **items; /* per kernel, per stage: work items */
   cm_cpu_stats stats;
   cm_kernel_profile *prof;
+  char (*keys)[65]; /* per kernel: the content key of its rendered module */
+  int *first_of;    /* per kernel: the first kernel with the same key (whose code it runs) */
 };
 
 static double now_ms(void) {
@@ -155,6 +157,8 @@ void cm_cpu_program_free(cm_cpu_program *pr) {
   free(pr->ws);
   free(pr->orig_of);
   free(pr->out_id);
+  free(pr->keys);
+  free(pr->first_of);
   free(pr->src_ptr);
   free(pr->prof);
   cm_plan_free(pr->own_plan);
@@ -281,18 +285,51 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
     goto fail;
   }
   int64_t ws_max = 0;
+  /* Kernels that differ only in their name (a repeated block) render to the same
+   * code: each distinct one is compiled once, its functions named after its
+   * content, and the repeats share them. */
+  char(*keys)[65] = pr->keys = calloc((size_t)nk + 1, sizeof *keys);
+  int *first_of = pr->first_of = calloc((size_t)nk + 1, sizeof *first_of);
+  if (!keys || !first_of) {
+    st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+    goto fail;
+  }
   for (int i = 0; i < nk; i++) {
     const cm_kernel *k = &pr->kp.kernels[i];
     double t1 = now_ms();
-    LLVMModuleRef m = LLVMModuleCreateWithNameInContext(k->name, cm_jit_context(pr->jit));
-    st = cm_render_llvm(k, m, &ro, err);
+    cm_kernel anon = *k;
+    snprintf(anon.name, sizeof anon.name, "kernel");
+    LLVMModuleRef m = LLVMModuleCreateWithNameInContext("kernel", cm_jit_context(pr->jit));
+    st = cm_render_llvm(&anon, m, &ro, err);
+    if (st == CM_OK) cm_jit_module_key(pr->jit, m, keys[i]);
     pr->stats.render_ms += now_ms() - t1;
     if (st != CM_OK) {
       LLVMDisposeModule(m);
+      cm_err_prefix(err, "%s: ", k->name);
       goto fail;
     }
+    first_of[i] = i;
+    for (int q = 0; q < i; q++)
+      if (first_of[q] == q && strcmp(keys[q], keys[i]) == 0) {
+        first_of[i] = q;
+        break;
+      }
     t1 = now_ms();
-    st = cm_jit_add_module(pr->jit, m, err);
+    if (first_of[i] == i) {
+      for (int s = 0; s < k->n_stages; s++) {
+        char from[32], to[48];
+        snprintf(from, sizeof from, "kernel_s%d", s);
+        snprintf(to, sizeof to, "k%.24s_s%d", keys[i], s);
+        LLVMValueRef fn = LLVMGetNamedFunction(m, from);
+        if (fn) LLVMSetValueName2(fn, to, strlen(to));
+      }
+      char mid[32];
+      snprintf(mid, sizeof mid, "k%.24s", keys[i]);
+      LLVMSetModuleIdentifier(m, mid, strlen(mid));
+      st = cm_jit_add_module(pr->jit, m, err);
+    } else {
+      LLVMDisposeModule(m);
+    }
     if (st != CM_OK) goto fail;
     pr->ks[i].n_stages = k->n_stages;
     pr->ks[i].fns = calloc((size_t)k->n_stages + 1, sizeof(cm_cpu_stage_fn));
@@ -305,7 +342,7 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
     double flops = 0;
     for (int s = 0; s < k->n_stages; s++) {
       char sym[96];
-      snprintf(sym, sizeof sym, "%s_s%d", k->name, s);
+      snprintf(sym, sizeof sym, "k%.24s_s%d", keys[first_of[i]], s);
       void *addr = NULL;
       st = cm_jit_lookup(pr->jit, sym, &addr, err);
       if (st != CM_OK) goto fail;
@@ -331,6 +368,7 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
     pr->stats.n_stages += k->n_stages;
   }
   pr->stats.n_kernels = nk;
+  for (int i = 0; i < nk; i++) pr->stats.n_distinct_kernels += first_of[i] == i;
 
   pr->arena = aligned(pr->kp.arena_bytes);
   pr->scratch = aligned(pr->kp.max_scratch_bytes);

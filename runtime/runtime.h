@@ -35,6 +35,7 @@ typedef struct cm_cpu_opts {
 
 typedef struct cm_cpu_stats {
   int n_kernels, n_stages;
+  int n_distinct_kernels; /* compiled once each: the others repeat one (same code, other name) */
   double lower_ms, render_ms, jit_ms; /* building the program */
   int cache_hits, cache_misses;
   int64_t arena_bytes, scratch_bytes, workspace_bytes;

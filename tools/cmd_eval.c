@@ -33,11 +33,13 @@ static const char usage_eval[] =
 
 static const char usage_recon[] =
     "usage: cmaec recon CKPT -o RECON.png [--n N] [--data fashion-mnist|DIR] [--seed S]\n"
+    "                   [--scale K]\n"
     "\n"
     "For the first N (default 8) test images, one row each: the eval view, the masked\n"
     "input (masked patches grey) and the pixel decoder's reconstruction (de-normalized\n"
     "with each patch's own mean/std when loss.norm_pix; visible patches show the\n"
-    "original pixels). The mask is drawn from mask.* with seed S (default 0).\n";
+    "original pixels). The mask is drawn from mask.* with seed S (default 0). Each\n"
+    "image is drawn K times larger (nearest pixel; default: 4 up to 64 px, else 1).\n";
 
 static const char usage_plot[] =
     "usage: cmaec plot OUT -o CURVES.png\n"
@@ -338,23 +340,23 @@ done:
 /* ---- recon ------------------------------------------------------------------ */
 
 /* A normalized view [C, S, S] back to 0..255 pixels. */
-static void to_image(const cm_model_config *cfg, const float *v, cm_image *im) {
-  int C = cfg->data.in_chans, S = cfg->data.image_size;
+/* im is (S * scale)^2: each view pixel becomes a scale x scale square. */
+static void to_image(const cm_model_config *cfg, const float *v, int scale, cm_image *im) {
+  int C = cfg->data.in_chans, S = cfg->data.image_size, W = S * scale;
   for (int c = 0; c < C; c++)
-    for (int y = 0; y < S; y++)
-      for (int x = 0; x < S; x++) {
-        double p = v[((int64_t)c * S + y) * S + x] * cfg->data.std[c] + cfg->data.mean[c];
+    for (int y = 0; y < W; y++)
+      for (int x = 0; x < W; x++) {
+        double p =
+            v[((int64_t)c * S + y / scale) * S + x / scale] * cfg->data.std[c] + cfg->data.mean[c];
         p = p < 0 ? 0 : p > 255 ? 255 : p;
-        im->data[((int64_t)y * S + x) * C + c] = (uint8_t)lrint(p);
+        im->data[((int64_t)y * W + x) * C + c] = (uint8_t)lrint(p);
       }
 }
 
 int cmd_recon(int argc, char **argv) {
-  cli_option opts[] = {{"--help", false, NULL, false},
-                       {"-o", true, NULL, false},
-                       {"--n", true, NULL, false},
-                       {"--data", true, NULL, false},
-                       {"--seed", true, NULL, false}};
+  cli_option opts[] = {{"--help", false, NULL, false}, {"-o", true, NULL, false},
+                       {"--n", true, NULL, false},     {"--data", true, NULL, false},
+                       {"--seed", true, NULL, false},  {"--scale", true, NULL, false}};
   const char *pos[1];
   int n_pos;
   if (!cli_parse(argc, argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "recon")) return EXIT_INVALID;
@@ -368,9 +370,14 @@ int cmd_recon(int argc, char **argv) {
   if (opts[4].given && !cli_parse_u64(opts[4].value, &seed))
     return fprintf(stderr, "cmaec recon: --seed %s: not an unsigned integer\n", opts[4].value),
            EXIT_INVALID;
+  int64_t scale = 0;
+  if (opts[5].given && !parse_count(opts[5].value, 1, 16, &scale))
+    return fprintf(stderr, "cmaec recon: --scale %s: not an integer in [1, 16]\n", opts[5].value),
+           EXIT_INVALID;
   loaded_ckpt c;
   int rc = load_ckpt(pos[0], "recon", &c);
   if (rc) return loaded_free(&c), rc;
+  if (!scale) scale = c.cfg.data.image_size <= 64 ? 4 : 1;
   cm_dataset *d = NULL;
   float *views = NULL, *masked = NULL, *recon = NULL;
   int32_t *labels = NULL;
@@ -399,11 +406,12 @@ int cmd_recon(int argc, char **argv) {
   for (int64_t i = 0; i < got; i++) {
     const float *src[3] = {views + i * per, masked + i * per, recon + i * per};
     for (int k = 0; k < 3; k++) {
-      if (cm_image_alloc(&tiles[3 * i + k], S, S, C, 0, &err)) {
+      int W = S * (int)scale;
+      if (cm_image_alloc(&tiles[3 * i + k], W, W, C, 0, &err)) {
         rc = cli_report(&err, "cmaec recon");
         goto done;
       }
-      to_image(&c.cfg, src[k], &tiles[3 * i + k]);
+      to_image(&c.cfg, src[k], (int)scale, &tiles[3 * i + k]);
     }
   }
   if (cm_image_grid(tiles, (int)got, 3, 2, 255, &grid, &err) ||

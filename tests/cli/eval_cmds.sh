@@ -52,8 +52,10 @@ EOF
   fi
 
   # ---- recon: 3 rows x 3 columns of 32x32 tiles, 2 pixels apart ----------------------
-  if expect_ok "$cmaec" recon "$tmp/run" -o "$tmp/recon.png" --n 3; then check_png "$tmp/recon.png" 100x100; fi
-  if expect_ok "$cmaec" recon "$tmp/run2" -o "$tmp/recon1.png" --n 1 --seed 5; then check_png "$tmp/recon1.png" 100x32; fi
+  if expect_ok "$cmaec" recon "$tmp/run" -o "$tmp/recon.png" --n 3 --scale 1; then check_png "$tmp/recon.png" 100x100; fi
+  # the default scale draws 32 px views 4x: 3 tiles of 128 px
+  if expect_ok "$cmaec" recon "$tmp/run2" -o "$tmp/recon1.png" --n 1 --seed 5; then check_png "$tmp/recon1.png" 388x128; fi
+  expect_fail 2 "--scale" "$cmaec" recon "$tmp/run2" -o "$tmp/x.png" --scale 0
 else
   echo "skip: eval and recon (dataset-fashion-mnist is not installed: scripts/install-deps.sh)"
 fi
@@ -140,7 +142,7 @@ expect_ok "$cmaec" export "$models/cmae_convvit_tiny_fmnist.json" --init-checkpo
   --set encoder.stage_depths=[1,1,1] --set pixel_decoder.width=32 --set pixel_decoder.depth=1 \
   --set pixel_decoder.heads=2 --set feature_decoder.width=32 --set feature_decoder.heads=2 \
   --set projector.hidden=64 --set projector.out=32 --set predictor.hidden=64 --set predictor.out=32
-if [ "$have_fmnist" = 1 ] && expect_ok "$cmaec" recon "$tmp/conv" -o "$tmp/conv.png" --n 1; then
+if [ "$have_fmnist" = 1 ] && expect_ok "$cmaec" recon "$tmp/conv" -o "$tmp/conv.png" --n 1 --scale 1; then
   check_png "$tmp/conv.png" 100x32
 fi
 expect_fail 2 "ViT variants only" "$cmaec" export "$tmp/conv" --encoder -o "$tmp/x.safetensors"

@@ -142,8 +142,13 @@ static double check_step(const cm_graph *g, const cm_tensor *const *src, const c
   double worst = 0;
   int compared = 0, by_rounding = 0;
   double worst_ratio = 0;
-  cm_status s = exec_graph(g, src, 0, "", out, st, NULL, &err);
+  cm_cpu_stats stats = {0};
+  cm_status s = exec_graph(g, src, 0, "", out, st, &stats, &err);
   CHECK_MSG(s == CM_OK, "%s: %s", what, err.msg);
+  /* every variant repeats blocks: their kernels are compiled once */
+  if (s == CM_OK)
+    CHECK_MSG(stats.n_distinct_kernels > 0 && stats.n_distinct_kernels < stats.n_kernels,
+              "%s: %d distinct of %d kernels", what, stats.n_distinct_kernels, stats.n_kernels);
   for (int j = 0; s == CM_OK && j < g->n_outputs + g->n_nodes; j++) {
     const cm_tensor *got, *ref, *ora;
     const char *name;
@@ -470,6 +475,9 @@ static void test_cache(void) {
             s1.cache_misses);
   CHECK_MSG(s2.cache_hits > 0 && s2.cache_misses == 0, "second: %d hits %d misses", s2.cache_hits,
             s2.cache_misses);
+  /* one module (and one cache entry) per distinct kernel */
+  CHECK(s1.cache_misses == s1.n_distinct_kernels && s2.cache_hits == s2.n_distinct_kernels);
+  CHECK(s1.n_distinct_kernels >= 1 && s1.n_distinct_kernels <= s1.n_kernels);
   for (int k = 0; k < g->n_nodes; k++) cm_tensor_free(&t[k]);
   free(t), free(src);
   cm_graph_free(g);

@@ -2,8 +2,8 @@
  * over 40 steps, 2N straight steps equal N + resume + N bitwise (across an
  * epoch boundary, on an image folder), EMA targets start as copies of their
  * online twins, a huge lr stops naming the step and tensor, a stop request
- * saves a checkpoint, bad options are CM_EINVALID. The ref backend always; the
- * cpu backend too once cm_cpu_program works. */
+ * saves a checkpoint, bad options are CM_EINVALID. On the ref backend and the
+ * cpu backend. */
 #include "../../runtime/runtime.h"
 #include "../test.h"
 
@@ -114,7 +114,8 @@ static bool have_fmnist(void) {
 static int backends[2], n_backends;
 static char tmp_root[256];
 
-/* The cpu backend joins once cm_cpu_program can run the step. */
+/* Both backends are tested: the reference evaluator and the compiled CPU step
+ * (one step first, so a broken cpu backend fails here with its message). */
 static void pick_backends(void) {
   backends[n_backends++] = CM_TRAIN_REF;
   char out[512], data[512];
@@ -123,10 +124,9 @@ static void pick_backends(void) {
   run_cfg c = {.out = out, .data = data, .backend = CM_TRAIN_CPU, .steps = 1};
   cm_train_result r;
   cm_err err = {0};
-  if (run(&c, &r, &err) == CM_OK)
-    backends[n_backends++] = CM_TRAIN_CPU;
-  else
-    fprintf(stderr, "note: cpu backend not tested: %s\n", err.msg);
+  cm_status st = run(&c, &r, &err);
+  CHECK_MSG(st == CM_OK, "cpu backend: %s", err.msg);
+  if (st == CM_OK) backends[n_backends++] = CM_TRAIN_CPU;
   remove_tree(out);
 }
 
@@ -362,6 +362,16 @@ static void test_bad_options(void) {
   c.extra[0] = "train.workers=0";
   CHECK(run(&c, &r, &err) == CM_EINVALID);
   CHECK_STR_CONTAINS(err.msg, "train.workers");
+  c.extra[0] = "train.limit=-1";
+  CHECK(run(&c, &r, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "train.limit");
+  c.extra[0] = "train.limit=5"; /* fewer images than a batch of 8 */
+  CHECK(run(&c, &r, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "fewer than a batch");
+  c.extra[0] = "train.limit=16"; /* two steps per epoch */
+  CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
+  CHECK(r.dataset_size == 16 && r.steps_per_epoch == 2);
+  remove_tree(out);
   c.extra[0] = NULL;
   cm_train_opts o = {0};
   CHECK(cm_train(&o, &r, &err) == CM_EINVALID);
