@@ -7,7 +7,7 @@
 #                               [--eval-test N] [--threads N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps=400 batch=128 out=runs/ablation eval_train=10000 eval_test=2000 threads=0
+steps=200 batch=128 out=runs/ablation eval_train=10000 eval_test=2000 threads=0
 while [ $# -gt 0 ]; do
   case "$1" in
   --steps) steps=$2; shift 2 ;;
@@ -23,7 +23,7 @@ done
 model=models/cmae_vit_tiny_fmnist.json
 # one epoch over steps*batch images: the whole cosine schedule fits the budget
 common=(--batch "$batch" --epochs 1 --set "train.limit=$((steps * batch))"
-  --set schedule.warmup_epochs=0 --set optimizer.base_lr=3e-3)
+  --set schedule.warmup_epochs=0 --set optimizer.base_lr=1.5e-3)
 [ "$threads" -gt 0 ] && common+=(--threads "$threads")
 arms=(cmae mae rrc)
 declare -A extra=([cmae]="" [mae]="--set loss.ct_weight=0" [rrc]="--set train.views=rrc")
@@ -48,7 +48,7 @@ def tail_mean(arm, key, n=20):
     vals = [r[key] for r in rows if key in r][-n:]
     return sum(vals) / len(vals) if vals else float("nan")
 print(f"\nablation: cmae_vit_tiny_fmnist, {steps} steps x batch {batch} "
-      f"({int(steps) * int(batch)} images, one cosine epoch, base lr 3e-3, seed 0); "
+      f"({int(steps) * int(batch)} images, one cosine epoch, base lr 1.5e-3, seed 0); "
       f"frozen encoder on {ntr} train / {nte} test images")
 print("| arm | kNN top-1 | linear top-1 | loss_rc (last 20 steps) | loss_ct (last 20 steps) |")
 print("|---|---|---|---|---|")

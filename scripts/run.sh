@@ -16,7 +16,7 @@ rm -rf "$out" # a fresh run each time (train --resume DIR continues one instead)
 # cosine from the start (no warmup at this length), the base lr scaled up for it.
 build/cmaec train models/cmae_vit_tiny_fmnist.json --out "$out" --batch "$batch" --epochs 1 \
   --set "train.limit=$((steps * batch))" --set schedule.warmup_epochs=0 \
-  --set optimizer.base_lr=3e-3
+  --set optimizer.base_lr=1.5e-3
 echo
 echo "evaluating the frozen encoders (10000 train / 2000 test images of Fashion-MNIST):"
 build/cmaec eval "$out" --baselines --train-limit 10000 --test-limit 2000 | tee "$out/eval.txt"
