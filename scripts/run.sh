@@ -19,7 +19,7 @@ build/cmaec train models/cmae_vit_tiny_fmnist.json --out "$out" --batch "$batch"
   --set optimizer.base_lr=1.5e-3
 echo
 echo "evaluating the frozen encoders (10000 train / 2000 test images of Fashion-MNIST):"
-build/cmaec eval "$out" --baselines --train-limit 10000 --test-limit 2000 | tee "$out/eval.txt"
+build/cmaec eval "$out" --baselines --train-limit 10000 --test-limit 2000 --batch 64 | tee "$out/eval.txt"
 build/cmaec recon "$out" -o "$out/recon.png"
 build/cmaec plot "$out" -o "$out/curves.png"
 cat <<MSG
