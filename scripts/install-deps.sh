@@ -2,7 +2,7 @@
 # Installs what cmaec needs on Debian 12 (bookworm): only what is missing.
 set -euo pipefail
 
-packages=(cmake make gcc llvm-19-dev clang-19 libclang-rt-19-dev libomp-19-dev libcjson-dev zlib1g-dev
+packages=(cmake make gcc g++ llvm-19-dev clang-19 libclang-rt-19-dev libomp-19-dev libcjson-dev zlib1g-dev
           libpng-dev libjpeg62-turbo-dev dataset-fashion-mnist clang-format python3)
 missing=()
 for p in "${packages[@]}"; do
