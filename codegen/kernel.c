@@ -321,7 +321,8 @@ static bool attn_local_index(const cm_kstage *s, const cm_kattn *a, const int64_
   if (!aff_of(s, e, &f, &budget)) return false;
   int64_t stride = a->rows * X;
   for (int v = a->nb - 1; v >= 0; v--) {
-    if (f.c[v] != stride) return false;
+    /* a batch axis of extent 1 is often indexed by the constant 0 */
+    if (f.c[v] != stride && bdom[v] != 1) return false;
     f.c[v] = 0;
     stride *= bdom[v];
   }

@@ -989,7 +989,8 @@ static bool attn_plan_of(rctx *c, int first, attn_plan *p) {
   p->br = p->rowwise ? a->br : a->rows;
   p->nblk = (p->rows + p->br - 1) / p->br;
   int W = c->W;
-  if (p->mr < 1 || p->nr < W || p->nr % W || p->nr / W > 8 || p->mr * (p->nr / W) > 32) return false;
+  if (p->mr < 1 || p->nr < W || p->nr % W || p->nr / W > 8 || p->mr * (p->nr / W) > 32)
+    return false;
   /* rows of a block other than the last are whole panels: packing never reads
      a row of the next block */
   if (p->rowwise && p->br % p->mr) return false;
@@ -1074,8 +1075,8 @@ static void attn_gemm_block(rctx *c, const attn_plan *p, LLVMValueRef wsp, LLVMV
   LLVMValueRef Ap = fptr(c, wsp, ci64(c, 0), "at.Ap");
   LLVMValueRef Bp = fptr(c, wsp, ci64(c, (p->am + 15) / 16 * 16), "at.Bp");
   LLVMValueRef Ct = fptr(c, wsp, ci64(c, (p->am + 15) / 16 * 16 + (p->bm + 15) / 16 * 16), "at.Ct");
-  LLVMValueRef mpan = LLVMBuildSDiv(B, LLVMBuildAdd(B, mrows, ci64(c, p->mr - 1), ""),
-                                    ci64(c, p->mr), "at.mpan");
+  LLVMValueRef mpan =
+      LLVMBuildSDiv(B, LLVMBuildAdd(B, mrows, ci64(c, p->mr - 1), ""), ci64(c, p->mr), "at.mpan");
   emit_pack(c, "at.packB", s->gemm_b, jv, ci64(c, 0), N, ci64(c, npan), p->nr, K, ci64(c, 0),
             ci64(c, K), Bp);
   emit_pack(c, "at.packA", s->gemm_a, iv, i0, M, mpan, p->mr, K, ci64(c, 0), ci64(c, K), Ap);
