@@ -347,6 +347,14 @@ bool cm_kx_is_const(const cm_kstage *s, int e, double *value);
 /* Bit mask of the variables an expression depends on (bit v for var v). */
 uint32_t cm_kx_vars_used(const cm_kstage *s, int e);
 
+/* Rewrites a stage's expressions into an equal but simpler DAG: i64 index
+ * arithmetic becomes affine where value ranges from the loop extents allow
+ * ((a*c + b) mod c -> b and div -> a when 0 <= b < c, nested div/mod, mod/div
+ * pairs recombined, min/max/compare decided by ranges, constants folded) and
+ * unreachable expressions go. Stages of templates other than GEMM are left
+ * alone. Errors only for malformed stages or out of memory. */
+cm_status cm_kstage_simplify(cm_kstage *s, cm_err *err);
+
 /* Checks a kernel: expression ids and operand order, dtypes of operands,
  * variables in range (reduction vars only in body / gemm operands, ACC only
  * in store values), store buffers writable, template invariants. Errors name

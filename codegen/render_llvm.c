@@ -616,8 +616,155 @@ static LLVMValueRef emit_reduction(rctx *c) {
   return nv;
 }
 
+static bool lin_coef(const cm_kstage *s, int e, int kv, int64_t *coef);
+
+/* Marks in seen[] the expressions e depends on (e included). */
+static void mark_deps(const cm_kstage *s, int e, bool *seen) {
+  if (e < 0 || e >= s->n_exprs || seen[e]) return;
+  seen[e] = true;
+  const cm_kexpr *x = &s->exprs[e];
+  if (x->kind == CM_KX_OP || x->kind == CM_KX_MOD || x->kind == CM_KX_LOAD) {
+    if (x->a < e) mark_deps(s, x->a, seen);
+    if (x->b < e) mark_deps(s, x->b, seen);
+    if (x->c < e) mark_deps(s, x->c, seen);
+  }
+}
+
+/* A reduction whose loads run contiguously along the innermost domain var and
+ * not along the innermost reduction var (a sum over leading axes, like a bias
+ * gradient): the generic nest would walk each column with a stride. */
+static bool is_column_reduction(const cm_kstage *s) {
+  if (s->n_red < 1 || s->accumulate || s->n_dom < 1 || s->n_parallel != s->n_dom ||
+      s->dom[s->n_dom - 1] < 4 || s->body < 0 || s->body >= s->n_exprs)
+    return false;
+  bool *seen = calloc((size_t)s->n_exprs, sizeof *seen);
+  if (!seen) return false;
+  mark_deps(s, s->body, seen);
+  int dv = s->n_dom - 1, rv = s->n_dom + s->n_red - 1;
+  bool along_d = false, along_r = false;
+  for (int e = 0; e < s->n_exprs; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    if (!seen[e] || x->kind != CM_KX_LOAD) continue;
+    int64_t cd, cr;
+    if (lin_coef(s, x->a, dv, &cd) && cd == 1) along_d = true;
+    if (!lin_coef(s, x->a, rv, &cr) || cr == 1) along_r = true;
+  }
+  free(seen);
+  return along_d && !along_r;
+}
+
+/* acc op v for the stage's reduction (acc_dtype values). */
+static LLVMValueRef reduce_step(rctx *c, LLVMValueRef cur, LLVMValueRef v) {
+  cm_dtype at = c->s->acc_dtype;
+  bool fp = is_fp(at);
+  if (c->s->red_op != CM_KRED_MAX) {
+    LLVMValueRef nv = fp ? LLVMBuildFAdd(c->B, cur, v, "sum") : LLVMBuildAdd(c->B, cur, v, "sum");
+    if (fp) set_fast(nv);
+    return nv;
+  }
+  if (fp) {
+    LLVMValueRef args[2] = {cur, v};
+    LLVMTypeRef tt = LLVMTypeOf(cur);
+    return intrin(c, "llvm.maximum", &tt, 1, args, 2, "max");
+  }
+  return LLVMBuildSelect(c->B, LLVMBuildICmp(c->B, LLVMIntSGT, v, cur, ""), v, cur, "max");
+}
+
+static LLVMValueRef reduce_init(rctx *c) {
+  cm_dtype at = c->s->acc_dtype;
+  LLVMTypeRef t = val_type(c, at);
+  if (c->s->red_op != CM_KRED_MAX) return LLVMConstNull(t);
+  if (is_fp(at)) return LLVMConstReal(t, -INFINITY);
+  return LLVMConstInt(
+      t, at == CM_I32 ? (unsigned long long)(int64_t)INT32_MIN : (unsigned long long)INT64_MIN, 1);
+}
+
+/* Column reductions: work items in runs of up to CR_TILE consecutive columns
+ * (innermost domain var); the run's accumulators live in a stack array and the
+ * column loop is innermost inside the reduction nest, so the loads are
+ * contiguous vectors. */
+#define CR_TILE 256
+static void render_column_reduction(rctx *c, const char *fname) {
+  const cm_kstage *s = c->s;
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  LLVMValueRef fn = begin_function(c, fname, &begin, &end, &ws, &done);
+  int nd = s->n_dom, dv = nd - 1;
+  int64_t D = s->dom[dv];
+  LLVMTypeRef at = val_type(c, s->acc_dtype);
+  LLVMTypeRef arr_t = LLVMArrayType2(at, (uint64_t)CR_TILE);
+  LLVMBasicBlockRef here = LLVMGetInsertBlock(B);
+  LLVMBasicBlockRef entry = LLVMGetEntryBasicBlock(fn);
+  LLVMPositionBuilderBefore(B, LLVMGetBasicBlockTerminator(entry));
+  LLVMValueRef arr = LLVMBuildAlloca(B, arr_t, "colacc");
+  LLVMSetAlignment(arr, 64);
+  LLVMPositionBuilderAtEnd(B, here);
+
+  loop Wl = loop_begin(c, "cw", begin);
+  LLVMValueRef rest = Wl.iv;
+  for (int v = nd - 1; v >= 0; v--) {
+    if (v == 0) {
+      c->vars[v] = rest;
+    } else {
+      c->vars[v] = LLVMBuildSRem(B, rest, ci64(c, s->dom[v]), "cv");
+      rest = LLVMBuildSDiv(B, rest, ci64(c, s->dom[v]), "");
+    }
+  }
+  LLVMValueRef d0 = c->vars[dv];
+  LLVMValueRef len = smin(c, LLVMBuildSub(B, end, Wl.iv, ""), ci64(c, CR_TILE), "");
+  len = smin(c, len, LLVMBuildSub(B, ci64(c, D), d0, ""), "runlen");
+#define ACC_PTR(j) LLVMBuildInBoundsGEP2(B, at, arr, &(j), 1, "accp")
+  loop Li = loop_begin(c, "cinit", ci64(c, 0));
+  LLVMBuildStore(B, reduce_init(c), ACC_PTR(Li.iv));
+  loop_end(c, &Li, len, "cinit.exit");
+
+  loop L[CM_KMAX_VARS];
+  for (int r = 0; r < s->n_red; r++) {
+    char nm[32];
+    snprintf(nm, sizeof nm, "r%d", r);
+    L[r] = loop_begin(c, nm, ci64(c, 0));
+    c->vars[nd + r] = L[r].iv;
+  }
+  loop Lj = loop_begin(c, "col", ci64(c, 0));
+  c->vars[dv] = LLVMBuildAdd(B, d0, Lj.iv, "vcol");
+  reset_memo(c);
+  LLVMValueRef v = convert(c, emit(c, s->body), s->exprs[s->body].dtype, s->acc_dtype);
+  LLVMValueRef p = ACC_PTR(Lj.iv);
+  LLVMValueRef cur = LLVMBuildLoad2(B, at, p, "acc");
+  LLVMBuildStore(B, reduce_step(c, cur, v), p);
+  loop_end(c, &Lj, len, "col.exit");
+  for (int r = s->n_red - 1; r >= 0; r--) {
+    char nm[32];
+    snprintf(nm, sizeof nm, "r%d.exit", r);
+    loop_end(c, &L[r], ci64(c, s->red[r]), nm);
+    c->vars[nd + r] = NULL;
+  }
+
+  loop Ls = loop_begin(c, "cstore", ci64(c, 0));
+  c->vars[dv] = LLVMBuildAdd(B, d0, Ls.iv, "vcol");
+  c->acc = LLVMBuildLoad2(B, at, ACC_PTR(Ls.iv), "acc");
+  emit_stores(c);
+  loop_end(c, &Ls, len, "cstore.exit");
+#undef ACC_PTR
+  /* the next run starts after this one */
+  LLVMValueRef next = LLVMBuildAdd(B, Wl.iv, len, "cnext");
+  LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
+  LLVMBasicBlockRef wexit = new_block(c, "cw.exit");
+  LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntSLT, next, end, ""), Wl.header, wexit);
+  LLVMAddIncoming(Wl.iv, &next, &latch, 1);
+  LLVMPositionBuilderAtEnd(B, wexit);
+  LLVMBuildBr(B, done);
+  LLVMPositionBuilderAtEnd(B, done);
+  LLVMBuildRetVoid(B);
+}
+
 static void render_generic(rctx *c, const char *fname) {
   const cm_kstage *s = c->s;
+  if (is_column_reduction(s)) {
+    render_column_reduction(c, fname);
+    return;
+  }
   LLVMValueRef begin, end, ws;
   LLVMBasicBlockRef done;
   begin_function(c, fname, &begin, &end, &ws, &done);
