@@ -225,9 +225,10 @@ typedef enum cm_ktemplate {
  *   to the first stage's (the batch: heads included), and dom[nb] == rows when
  *   br < rows (var nb is then the query row of every stage);
  * - local[]: SCRATCH buffers accessed (read or written) only by stages of the
- *   span; every buffer a stage of the span writes and a later stage of the
- *   span reads is local, and a stage of the span reads no other buffer that
- *   the span writes;
+ *   span; a buffer that stages of the span both write and read and that is
+ *   not local (a group output the span reads back, like exp(S - max)) is
+ *   accessed by the span only within the work item's slice (the index rule
+ *   below with X = its numel / (batch x rows));
  * - every access to a local buffer is local to one batch item (and one query
  *   row when br < rows): with B the linear index of (v0..v{nb-1}) over the
  *   batch extents and X = local_row[i], the index is (B * rows + v{nb}) * X + r

@@ -384,8 +384,29 @@ cm_status cm_kattn_check(const cm_kernel *k, int first, cm_err *err) {
             (long long)k->buffers[b].numel, (long long)a->local_row[i]);
   }
   int last = first + a->span;
-  bool *wr = calloc((size_t)k->n_buffers + 1, 1);
-  if (!wr) return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  bool *wr = calloc((size_t)k->n_buffers + 1, 1), *rd = calloc((size_t)k->n_buffers + 1, 1);
+  int64_t *shx = calloc((size_t)k->n_buffers + 1, sizeof *shx);
+  if (!wr || !rd || !shx) {
+    free(wr), free(rd), free(shx);
+    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  }
+  /* buffers both written and read by the span (not local) are shared in
+     memory: every access of the span must stay within the work item's slice */
+  int64_t bat0 = 1;
+  for (int v = 0; v < a->nb; v++) bat0 *= s0->dom[v];
+  for (int si = first; si < last; si++) {
+    const cm_kstage *s = &k->stages[si];
+    for (int e = 0; e < s->n_exprs; e++)
+      if (s->exprs[e].kind == CM_KX_LOAD && s->exprs[e].buf >= 0 && s->exprs[e].buf < k->n_buffers)
+        rd[s->exprs[e].buf] = true;
+    for (int j = 0; j < s->n_stores; j++)
+      if (s->stores[j].buf >= 0 && s->stores[j].buf < k->n_buffers) wr[s->stores[j].buf] = true;
+  }
+  for (int b = 0; b < k->n_buffers; b++) {
+    if (!wr[b] || !rd[b] || is_local(a, b, NULL)) continue;
+    int64_t per = bat0 * a->rows;
+    shx[b] = k->buffers[b].numel % per ? -1 : k->buffers[b].numel / per;
+  }
   cm_status st = CM_OK;
   char why[256] = "";
   int bad_stage = first;
@@ -418,9 +439,12 @@ cm_status cm_kattn_check(const cm_kernel *k, int first, cm_err *err) {
       else if (loc && !attn_local_index(s, a, s0->dom, x->a, a->local_row[li], rowwise))
         snprintf(why, sizeof why, "expr %d: load of local b%d not provably per batch item%s", e,
                  x->buf, rowwise ? " and query row" : "");
-      else if (in && !loc && x->buf >= 0 && x->buf < k->n_buffers && wr[x->buf])
-        snprintf(why, sizeof why, "expr %d: reads b%d written earlier in the span but not local", e,
-                 x->buf);
+      else if (in && !loc && x->buf >= 0 && x->buf < k->n_buffers && shx[x->buf] &&
+               (shx[x->buf] < 0 || !attn_local_index(s, a, s0->dom, x->a, shx[x->buf], rowwise)))
+        snprintf(why, sizeof why,
+                 "expr %d: b%d is written and read by the span but this load is not provably "
+                 "per batch item%s",
+                 e, x->buf, rowwise ? " and query row" : "");
     }
     for (int j = 0; j < s->n_stores && !why[0]; j++) {
       const cm_kstore *t = &s->stores[j];
@@ -431,10 +455,16 @@ cm_status cm_kattn_check(const cm_kernel *k, int first, cm_err *err) {
       else if (loc && !attn_local_index(s, a, s0->dom, t->index, a->local_row[li], rowwise))
         snprintf(why, sizeof why, "store %d to local b%d not provably per batch item%s", j, t->buf,
                  rowwise ? " and query row" : "");
-      if (in && t->buf >= 0 && t->buf < k->n_buffers) wr[t->buf] = true;
+      else if (in && !loc && t->buf >= 0 && t->buf < k->n_buffers && shx[t->buf] &&
+               (shx[t->buf] < 0 ||
+                !attn_local_index(s, a, s0->dom, t->index, shx[t->buf], rowwise)))
+        snprintf(why, sizeof why,
+                 "store %d: b%d is written and read by the span but this store is not provably "
+                 "per batch item%s",
+                 j, t->buf, rowwise ? " and query row" : "");
     }
   }
-  free(wr);
+  free(wr), free(rd), free(shx);
   if (why[0]) AFAIL(bad_stage, "%s", why);
 #undef AFAIL
   return st;

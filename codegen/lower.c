@@ -28,6 +28,7 @@ typedef struct lctx {
   int acc_node; /* epilogue: this node's value is the stage's ACC */
   int acc_dv[CM_MAX_RANK];
   bool acc_fail; /* an epilogue read acc_node at another index */
+  bool *shared;  /* per node: an attention value materialized once (mark_shared) */
   cm_err *err;
   cm_status st;
 } lctx;
@@ -57,6 +58,10 @@ static bool is_materialized_op(cm_op op) {
   return op == CM_OP_REDUCE_SUM || op == CM_OP_REDUCE_MAX || op == CM_OP_MATMUL ||
          op == CM_OP_CONV2D || op == CM_OP_CONV2D_GRAD_INPUT || op == CM_OP_CONV2D_GRAD_WEIGHT ||
          op == CM_OP_SCATTER_ADD;
+}
+
+static bool is_mat(const lctx *c, int id) {
+  return is_materialized_op(c->g->nodes[id].op) || (c->shared && c->shared[id]);
 }
 
 static int linear(cm_kstage *s, const cm_type *t, const int *idx) {
@@ -593,13 +598,13 @@ static int find_epilogue(lctx *c, int h, const int *out_buf, const bool *done, i
   dep[h] = 1;
   for (int i = 0; i < gr->n_nodes; i++) {
     int x = gr->nodes[i];
-    if (x == h || !ing[x] || is_materialized_op(N(c, x)->op)) continue;
+    if (x == h || !ing[x] || is_mat(c, x)) continue;
     for (int k = 0; k < N(c, x)->n_inputs; k++) dep[x] |= dep[N(c, x)->inputs[k]];
   }
   for (int j = 0; j < gr->n_outputs && ne < CM_KMAX_STORES - 1; j++) {
     int o = gr->outputs[j];
     const cm_type *ot = &N(c, o)->type;
-    if (done[j] || !dep[o] || is_materialized_op(N(c, o)->op) || ot->rank != ht->rank ||
+    if (done[j] || !dep[o] || is_mat(c, o) || ot->rank != ht->rank ||
         memcmp(ot->dims, ht->dims, sizeof(int64_t) * (size_t)ht->rank))
       continue;
     /* the cone of o within the group must reach no materialized node but h */
@@ -612,7 +617,7 @@ static int find_epilogue(lctx *c, int h, const int *out_buf, const bool *done, i
     while (sp > 0 && ok) {
       int x = stack[--sp];
       if (x == h) continue;
-      if (is_materialized_op(N(c, x)->op)) ok = false;
+      if (is_mat(c, x)) ok = false;
       for (int k = 0; k < N(c, x)->n_inputs && ok; k++) {
         int y = N(c, x)->inputs[k];
         if (ing[y] && !seen[y]) seen[y] = 1, stack[sp++] = y;
@@ -743,6 +748,83 @@ static void mark_attention(cm_kernel *k, const cm_lower_opts *o) {
   }
 }
 
+/* Values of an attention group over the score rows (N x N per batch item)
+ * that several consumers would recompute: exp(s - max) (row sum, P, the
+ * stored copies) and an operand of two matmuls (dS for dQ and dK). Each gets
+ * a stage of its own, so a fused rendering computes it once into a local tile. */
+static void mark_shared(lctx *c) {
+  const cm_graph *g = c->g;
+  const cm_group *gr = c->gr;
+  int64_t rows = -1;
+  for (int i = 0; i < gr->n_nodes && rows < 0; i++)
+    if (g->nodes[gr->nodes[i]].op == CM_OP_MATMUL)
+      rows = cm_type_numel(&g->nodes[gr->nodes[i]].type);
+  if (rows < 0) return;
+  char *ing = calloc((size_t)g->n_nodes, 1);
+  c->shared = calloc((size_t)g->n_nodes, sizeof(bool));
+  if (!ing || !c->shared) abort();
+  for (int i = 0; i < gr->n_nodes; i++) ing[gr->nodes[i]] = 1;
+  for (int j = 0; j < gr->n_inputs; j++) ing[gr->inputs[j]] = 0;
+  for (int i = 0; i < gr->n_nodes; i++) {
+    int x = gr->nodes[i];
+    const cm_node *n = &g->nodes[x];
+    if (!ing[x] || cm_op_get_info(n->op)->category != CM_CAT_ELEMENTWISE ||
+        !cm_dtype_is_float(n->type.dtype) || n->type.rank < 2 || cm_type_numel(&n->type) != rows)
+      continue;
+    int users = 0, matmuls = 0;
+    for (int u = x + 1; u < g->n_nodes; u++) {
+      if (!ing[u]) continue;
+      bool uses = false;
+      for (int k = 0; k < g->nodes[u].n_inputs; k++) uses |= g->nodes[u].inputs[k] == x;
+      if (!uses) continue;
+      users++;
+      /* through views to a matmul */
+      int v = u;
+      while (v >= 0 && (g->nodes[v].op == CM_OP_RESHAPE || g->nodes[v].op == CM_OP_PERMUTE)) {
+        int next = -1, cnt = 0;
+        for (int w = v + 1; w < g->n_nodes; w++)
+          for (int k = 0; ing[w] && k < g->nodes[w].n_inputs; k++)
+            if (g->nodes[w].inputs[k] == v) next = w, cnt++;
+        v = cnt == 1 ? next : -1;
+      }
+      if (v >= 0 && g->nodes[v].op == CM_OP_MATMUL) matmuls++;
+    }
+    c->shared[x] = (n->op == CM_OP_EXP && users >= 2) || matmuls >= 2;
+  }
+  free(ing);
+}
+
+/* A stage writing shared value id (mark_shared) into its output or scratch buffer. */
+static void lower_shared(lctx *c, int id, const int *out_buf) {
+  const cm_node *n = N(c, id);
+  const cm_type *t = &n->type;
+  int b = -1;
+  for (int j = 0; j < c->gr->n_outputs; j++)
+    if (c->gr->outputs[j] == id) b = out_buf[j];
+  if (b < 0) {
+    int64_t bytes = cm_type_numel(t) * (int64_t)cm_dtype_size(t->dtype);
+    b = cm_kernel_add_buffer(c->k, CM_KBUF_SCRATCH, t->dtype, cm_type_numel(t), id,
+                             c->k->scratch_bytes);
+    c->k->scratch_bytes += (bytes + 63) / 64 * 64;
+  }
+  char name[64];
+  snprintf(name, sizeof name, "s%d_%s", c->k->n_stages, cm_op_name(n->op));
+  cm_kstage *s = cm_kernel_add_stage(c->k, name);
+  c->n_memo = 0;
+  int dv[CM_MAX_RANK];
+  s->n_dom = t->rank;
+  for (int i = 0; i < t->rank; i++) s->dom[i] = t->dims[i], dv[i] = cm_kx_var(s, i);
+  int v = value(c, s, id, dv);
+  if (v < 0) {
+    fail(c, CM_EINTERNAL, id, "no value for a shared attention value");
+    return;
+  }
+  s->stores[s->n_stores++] = (cm_kstore){b, linear(s, t, dv), v};
+  c->k->buffers[b].written = true;
+  finish_stage(s);
+  c->buf_of[id] = b;
+}
+
 cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const cm_lower_opts *o,
                          cm_kernel *out, cm_err *err) {
   if (!g || !p || !out || group < 0 || group >= p->n_groups || !p->offset)
@@ -799,14 +881,19 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   }
   bool *done = calloc((size_t)gr->n_outputs + 1, sizeof(bool));
   if (!done) abort();
+  if (c.st == CM_OK && gr->kind == CM_GROUP_ATTENTION && !(o && o->no_templates)) mark_shared(&c);
   /* materialized nodes, in topological order */
   for (int i = 0; i < gr->n_nodes && c.st == CM_OK; i++) {
     int id = gr->nodes[i];
     const cm_node *n = &g->nodes[id];
-    if (!is_materialized_op(n->op)) continue;
+    if (!is_mat(&c, id)) continue;
     c.written = realloc(c.written, sizeof(bool) * (size_t)out->n_buffers);
     if (!c.written) abort();
     memset(c.written, 0, sizeof(bool) * (size_t)out->n_buffers);
+    if (c.shared && c.shared[id]) {
+      lower_shared(&c, id, out_buf);
+      continue;
+    }
     int eo[CM_KMAX_STORES], eb[CM_KMAX_STORES];
     int ne = find_epilogue(&c, id, out_buf, done, eo, eb);
     if (ne > 0 && lower_materialized(&c, id, -1, eo, eb, ne) == CM_OK) {
@@ -839,7 +926,7 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   memset(c.written, 0, sizeof(bool) * (size_t)out->n_buffers);
   for (int i = 0; i < gr->n_outputs && c.st == CM_OK; i++) {
     int id = gr->outputs[i];
-    if (done[i] || (is_materialized_op(g->nodes[id].op) && c.buf_of[id] == out_buf[i])) continue;
+    if (done[i] || (is_mat(&c, id) && c.buf_of[id] == out_buf[i])) continue;
     const cm_type *t = &g->nodes[id].type;
     char name[64];
     snprintf(name, sizeof name, "s%d_out", out->n_stages);
@@ -858,7 +945,7 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
       if (done[j] || tj->rank != t->rank ||
           memcmp(tj->dims, t->dims, sizeof(int64_t) * (size_t)t->rank))
         continue;
-      if (is_materialized_op(g->nodes[oj].op) && c.buf_of[oj] == out_buf[j]) continue;
+      if (is_mat(&c, oj) && c.buf_of[oj] == out_buf[j]) continue;
       if (s->n_stores == CM_KMAX_STORES) break;
       int v = value(&c, s, oj, dv);
       if (v < 0) break;
@@ -872,6 +959,7 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   }
   free(done);
   free(out_buf);
+  free(c.shared);
   free(c.buf_of);
   free(c.written);
   free(c.memo);

@@ -245,11 +245,17 @@ static void test_verify_and_print(void) {
     st->attn.local_row[0] += 1;
     CHECK(cm_kernel_verify(k, &err) == CM_EINVALID);
     st->attn = saved;
-    /* a local buffer dropped: a later stage of the span then reads a value the
-       span writes without it being local */
-    st->attn.n_local--;
+    /* a span cut short: its last stage reads a local buffer */
+    st->attn.span--;
     CHECK(cm_kernel_verify(k, &err) == CM_EINVALID);
-    CHECK_STR_CONTAINS(err.msg, "stage");
+    CHECK_STR_CONTAINS(err.msg, "outside the span");
+    st->attn = saved;
+    /* a local buffer dropped stays valid (the value then lives in the scratch
+       area, accessed per batch item), only the fused scratch grows */
+    int64_t fused = cm_kernel_fused_scratch_bytes(k);
+    st->attn.n_local--;
+    CHECK_MSG(cm_kernel_verify(k, &err) == CM_OK, "%s", err.msg);
+    CHECK(cm_kernel_fused_scratch_bytes(k) > fused);
     st->attn = saved;
     /* the first stage must split only the batch across threads */
     st->n_parallel = st->attn.nb + 1;
