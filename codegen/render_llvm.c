@@ -514,8 +514,11 @@ static LLVMValueRef emit_op(rctx *c, int e, const cm_kexpr *x) {
       break;
     }
     case CM_OP_POW: {
+      /* the intrinsic (powf/pow underneath) does not touch memory: a loop-invariant pow, as
+         Adam's bias correction has, is hoisted out of the loop */
       LLVMValueRef args[2] = {a, b};
-      r = libcall(c, dbl ? "pow" : "powf", LLVMTypeOf(a), args, 2, "pow");
+      LLVMTypeRef pt = LLVMTypeOf(a);
+      r = intrin(c, "llvm.pow", &pt, 1, args, 2, "pow");
       break;
     }
     default: r = fail_expr(c, e, "unknown op");
@@ -774,16 +777,19 @@ static bool is_column_reduction(const cm_kstage *s) {
   if (!seen) return false;
   mark_deps(s, s->body, seen);
   int dv = s->n_dom - 1, rv = s->n_dom + s->n_red - 1;
-  bool along_d = false, along_r = false;
+  bool along_d = false, other = false;
+  /* loads not reading along dv are one value per run of columns: they do not count */
   for (int e = 0; e < s->n_exprs; e++) {
     const cm_kexpr *x = &s->exprs[e];
-    if (!seen[e] || x->kind != CM_KX_LOAD) continue;
+    if (!seen[e] || x->kind != CM_KX_LOAD || !(cm_kx_vars_used(s, x->a) & (1u << dv))) continue;
     int64_t cd, cr;
-    if (lin_coef(s, x->a, dv, &cd) && cd == 1) along_d = true;
-    if (!lin_coef(s, x->a, rv, &cr) || cr == 1) along_r = true;
+    if (!lin_coef(s, x->a, dv, &cd) || cd != 1 || (lin_coef(s, x->a, rv, &cr) && cr == 1))
+      other = true;
+    else
+      along_d = true;
   }
   free(seen);
-  return along_d && !along_r;
+  return along_d && !other;
 }
 
 /* acc op v for the stage's reduction (acc_dtype values). */

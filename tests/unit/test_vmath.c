@@ -177,8 +177,9 @@ static void test_vectorized(void) {
   cm_jit_destroy(j);
 }
 
-/* out[j] = sum_{a,b} x[(a*B + b)*N + j] * y[...] + x[j] for odd A, B, N (a bias
- * gradient's shape), and max of the same; runs of columns split across ranges. */
+/* out[j] = sum_{a,b} x[(a*B + b)*N + j] * y[...] + w[a*B + b] + x[j] for odd A, B, N
+ * (a bias gradient's shape, with a per-row value as layernorm's gradient has), and max of
+ * the same; runs of columns split across ranges. */
 static void test_column_reduction(void) {
   cm_jit *j = new_jit();
   if (!j) return;
@@ -211,6 +212,7 @@ static void test_column_reduction(void) {
       int idx = cm_kx_iadd(s, cm_kx_imul(s, row, cm_kx_iconst(s, N)), jv);
       s->body = cm_kx_op(s, CM_OP_MUL, CM_F32, cm_kx_load(s, &k, bx, idx),
                          cm_kx_load(s, &k, by, idx), -1);
+      s->body = cm_kx_op(s, CM_OP_ADD, CM_F32, s->body, cm_kx_load(s, &k, by, row), -1);
       s->stores[s->n_stores++] = (cm_kstore){
           bo, jv, cm_kx_op(s, CM_OP_ADD, CM_F32, cm_kx_acc(s), cm_kx_load(s, &k, bx, jv), -1)};
       cm_cpu_stage_fn fn;
@@ -221,7 +223,7 @@ static void test_column_reduction(void) {
         for (int64_t c = 0; c < N; c++) {
           double acc = mx ? -INFINITY : 0;
           for (int64_t r = 0; r < A * Bn; r++) {
-            double p = (double)(x[r * N + c] * y[r * N + c]);
+            double p = (double)(x[r * N + c] * y[r * N + c] + y[r]);
             acc = mx ? (p > acc ? p : acc) : acc + p;
           }
           double want = acc + x[c];
