@@ -1253,6 +1253,8 @@ typedef struct sctx {
   int *nform;   /* new id -> index in forms, -1 */
   sform *forms; /* forms materialized */
   int n_forms, cap_forms;
+  int split_v; /* old domain var read as q*split_c + r (new vars split_v, split_v + 1), -1 */
+  int64_t split_c;
   bool oom;
 } sctx;
 
@@ -1336,7 +1338,7 @@ static void sx_range(sctx *c, int id, int64_t *lo, int64_t *hi) {
     case CM_KX_CONST: l = h = (int64_t)x->value; break;
     case CM_KX_VAR: {
       int v = x->var;
-      int64_t ext = v < c->old->n_dom ? c->old->dom[v] : c->old->red[v - c->old->n_dom];
+      int64_t ext = v < c->ns->n_dom ? c->ns->dom[v] : c->ns->red[v - c->ns->n_dom];
       l = 0, h = ext - 1;
       break;
     }
@@ -1515,9 +1517,43 @@ static bool sf_divmod(sctx *c, const sform *x, int64_t C, bool want_div, sform *
   sf_range(c, &R, &rl, &rh);
   if (rl < 0 || rh == INT64_MAX) return false;
   sform part;
+  bool have = false;
   if (rh < C) {
     part = want_div ? (sform){0, {0}, {0}, 0} : R;
-  } else {
+    have = true;
+  }
+  /* R = d X + R0 with d | C, 0 <= R0 < d (one term and the constant): R div C =
+     X div (C/d), R mod C = d (X mod (C/d)) + R0, as a split var's q*C + r reads */
+  for (int j = 0; j < R.n && !have && R.n > 1; j++) {
+    int64_t d = 0;
+    for (int i = 0; i < R.n; i++)
+      if (i != j) {
+        int64_t a = R.coef[i] < 0 ? -R.coef[i] : R.coef[i], b = d;
+        while (b) {
+          int64_t t = a % b;
+          a = b, b = t;
+        }
+        d = a;
+      }
+    if (d <= 1 || C % d != 0) continue;
+    sform R0 = {1, {R.atom[j]}, {R.coef[j]}, R.k}, X = {0, {0}, {0}, 0};
+    int64_t l0, h0, lx, hx;
+    sf_range(c, &R0, &l0, &h0);
+    if (l0 < 0 || h0 >= d) continue;
+    for (int i = 0; i < R.n; i++)
+      if (i != j) X.atom[X.n] = R.atom[i], X.coef[X.n++] = R.coef[i] / d;
+    sf_range(c, &X, &lx, &hx);
+    sform q;
+    if (lx < 0 || hx == INT64_MAX || !sf_divmod(c, &X, C / d, want_div, &q)) continue;
+    if (want_div) {
+      part = q;
+    } else {
+      part = R0;
+      if (!sf_add(&part, &q, d)) continue;
+    }
+    have = true;
+  }
+  if (!have) {
     int r = -1;
     int64_t C2;
     const cm_kexpr *y = NULL;
@@ -1559,8 +1595,14 @@ static void sx_form(sctx *c, int e) {
     done = true;
   } else if (x->kind == CM_KX_VAR) {
     cm_kexpr v = blank(CM_KX_VAR, CM_I64);
-    v.var = x->var;
+    v.var = c->split_v >= 0 && x->var > c->split_v ? x->var + 1 : x->var;
     f = sf_atom(sx_mk(c, v));
+    if (x->var == c->split_v) {
+      v.var = x->var + 1;
+      sform r = sf_atom(sx_mk(c, v));
+      f.coef[0] = c->split_c;
+      sf_add(&f, &r, 1);
+    }
     done = true;
   } else if (x->kind == CM_KX_OP || x->kind == CM_KX_MOD) {
     int ops[2] = {x->a, x->b};
@@ -1690,9 +1732,7 @@ static void sx_compact(cm_kstage *s) {
   free(live), free(to);
 }
 
-cm_status cm_kstage_simplify(cm_kstage *s, cm_err *err) {
-  /* other templates keep expression ids of their own: left as they are */
-  if (s->tmpl != CM_KT_NONE && s->tmpl != CM_KT_GEMM) return CM_OK;
+static cm_status simplify_pass(cm_kstage *s, int split_v, int64_t split_c, cm_err *err) {
   int n = s->n_exprs;
   if (n <= 0) return CM_OK;
   for (int e = 0; e < n; e++) {
@@ -1708,10 +1748,19 @@ cm_status cm_kstage_simplify(cm_kstage *s, cm_err *err) {
   cm_kstage ns = *s;
   ns.exprs = NULL;
   ns.n_exprs = ns.cap_exprs = 0;
+  if (split_v >= 0) {
+    for (int v = s->n_dom; v > split_v + 1; v--) ns.dom[v] = ns.dom[v - 1];
+    ns.dom[split_v] = s->dom[split_v] / split_c;
+    ns.dom[split_v + 1] = split_c;
+    ns.n_dom++;
+    if (split_v < s->n_parallel) ns.n_parallel++;
+  }
   sctx c;
   memset(&c, 0, sizeof c);
   c.old = s;
   c.ns = &ns;
+  c.split_v = split_v;
+  c.split_c = split_c;
   c.mat = malloc(sizeof(int) * (size_t)n);
   c.of = malloc(sizeof(sform) * (size_t)n);
   c.has = calloc((size_t)n, 1);
@@ -1749,4 +1798,48 @@ cm_status cm_kstage_simplify(cm_kstage *s, cm_err *err) {
   free(c.mat), free(c.of), free(c.has), free(c.lo), free(c.hi), free(c.rng), free(c.nform),
       free(c.forms);
   return st;
+}
+
+static int count_divmod(const cm_kstage *s) {
+  int n = 0;
+  for (int e = 0; e < s->n_exprs; e++)
+    n += s->exprs[e].kind == CM_KX_MOD ||
+         (s->exprs[e].kind == CM_KX_OP && s->exprs[e].op == CM_OP_DIV &&
+          s->exprs[e].dtype == CM_I64);
+  return n;
+}
+
+cm_status cm_kstage_simplify(cm_kstage *s, cm_err *err) {
+  /* other templates keep expression ids of their own: left as they are */
+  if (s->tmpl != CM_KT_NONE && s->tmpl != CM_KT_GEMM) return CM_OK;
+  cm_status st = simplify_pass(s, -1, 0, err);
+  if (st != CM_OK || s->tmpl != CM_KT_NONE || s->n_dom < 1 || s->n_dom + s->n_red >= CM_KMAX_VARS)
+    return st;
+  /* the innermost var still divided by C (a flattened axis pair, like heads x
+     head dim): split into q*C + r so that r runs contiguously and vectorizes */
+  int v = s->n_dom - 1;
+  int64_t E = s->dom[v], best = 0;
+  for (int e = 0; e < s->n_exprs; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    bool dm =
+        x->kind == CM_KX_MOD || (x->kind == CM_KX_OP && x->op == CM_OP_DIV && x->dtype == CM_I64);
+    double cv;
+    if (!dm || !cm_kx_is_const(s, x->b, &cv) || !(cm_kx_vars_used(s, x->a) & (1u << v))) continue;
+    int64_t C = (int64_t)cv;
+    if (C >= 16 && C < E && E % C == 0 && (best == 0 || C < best)) best = C;
+  }
+  if (best == 0) return CM_OK;
+  cm_kstage t = *s;
+  t.exprs = malloc(sizeof *t.exprs * (size_t)(s->n_exprs + 1));
+  if (!t.exprs) return CM_OK;
+  memcpy(t.exprs, s->exprs, sizeof *t.exprs * (size_t)s->n_exprs);
+  t.cap_exprs = s->n_exprs + 1;
+  cm_err ignored = {0}; /* the split is optional: a failure keeps the stage as it is */
+  if (simplify_pass(&t, v, best, &ignored) == CM_OK && count_divmod(&t) < count_divmod(s)) {
+    free(s->exprs);
+    *s = t;
+  } else {
+    free(t.exprs);
+  }
+  return CM_OK;
 }

@@ -280,6 +280,27 @@ static void gemm_tiles(cm_kstage *s, const cm_lower_opts *o) {
   if (t.mc > round_up(M, t.mr)) t.mc = round_up(M, t.mr);
   if (t.nc > round_up(Nn, t.nr)) t.nc = round_up(Nn, t.nr);
   if (t.kc > K) t.kc = (int)K;
+  /* a GEMM of few blocks (a weight gradient: small M x N, long K) would leave
+     threads idle: smaller blocks until there are 4 (each block repacks its
+     operands: not more), while a block keeps 2x2 register blocks; then the
+     blocks are evened out so that no thread gets a larger share */
+  if (!o || o->target != CM_TARGET_CUDA) {
+    int64_t batch = 1;
+    for (int d = 0; d < s->n_dom - 2; d++) batch *= s->dom[d];
+    for (int guard = 0; guard < 8; guard++) {
+      int64_t blocks = batch * ((M + t.mc - 1) / t.mc) * ((Nn + t.nc - 1) / t.nc);
+      if (blocks >= 4) break;
+      if (t.nc >= 4 * t.nr && t.nc >= t.mc / t.mr * t.nr / 2)
+        t.nc = round_up(t.nc / 2, t.nr);
+      else if (t.mc >= 4 * t.mr)
+        t.mc = round_up(t.mc / 2, t.mr);
+      else
+        break;
+    }
+    int64_t mb = (M + t.mc - 1) / t.mc, nb = (Nn + t.nc - 1) / t.nc;
+    t.mc = round_up((M + mb - 1) / mb, t.mr);
+    t.nc = round_up((Nn + nb - 1) / nb, t.nr);
+  }
   s->tiles = t;
 }
 

@@ -295,6 +295,142 @@ static LLVMValueRef emit_int_op(rctx *c, int e, const cm_kexpr *x) {
   }
 }
 
+/* ---- f32 math inline: exp, log, tanh, erf ---------------------------------
+ * Built from plain arithmetic, so that the loop vectorizer widens them (LLVM's
+ * vector library tables have no erf or tanh, and libm calls stay scalar).
+ * Measured against the double-precision oracle over dense sweeps, extremes,
+ * denormals, infinities and NaN (tests/unit/test_vmath.c): within 2 ulp. */
+
+static LLVMValueRef fk(rctx *c, double v) {
+  return LLVMConstReal(c->f32, v);
+}
+
+static LLVMValueRef fma3(rctx *c, LLVMValueRef a, LLVMValueRef b, LLVMValueRef d) {
+  LLVMValueRef args[3] = {a, b, d};
+  LLVMTypeRef t = LLVMTypeOf(a);
+  return intrin(c, "llvm.fma", &t, 1, args, 3, "fma");
+}
+
+/* k[0] + t*(k[1] + t*(... k[n-1])) */
+static LLVMValueRef horner(rctx *c, LLVMValueRef t, const double *k, int n) {
+  LLVMValueRef r = fk(c, k[n - 1]);
+  for (int i = n - 2; i >= 0; i--) r = fma3(c, r, t, fk(c, k[i]));
+  return r;
+}
+
+static LLVMValueRef fsel(rctx *c, LLVMRealPredicate p, LLVMValueRef a, LLVMValueRef b,
+                         LLVMValueRef yes, LLVMValueRef no) {
+  return LLVMBuildSelect(c->B, LLVMBuildFCmp(c->B, p, a, b, ""), yes, no, "");
+}
+
+/* 2^n for i32 n in [-126, 127] */
+static LLVMValueRef pow2i(rctx *c, LLVMValueRef n) {
+  LLVMValueRef b = LLVMBuildShl(c->B, LLVMBuildAdd(c->B, n, LLVMConstInt(c->i32, 127, 0), ""),
+                                LLVMConstInt(c->i32, 23, 0), "");
+  return LLVMBuildBitCast(c->B, b, c->f32, "pow2");
+}
+
+/* exp: x = n ln2 + r (Cody-Waite), e^r by its degree-7 Taylor polynomial
+ * (|r| <= ln2/2: truncation 6e-9), times 2^n in two halves so that results in
+ * the denormal range and 2^128 overflow round once. */
+static LLVMValueRef vexp(rctx *c, LLVMValueRef x) {
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef nan = LLVMBuildFCmp(B, LLVMRealUNO, x, x, "isnan");
+  LLVMValueRef xc = LLVMBuildSelect(B, nan, fk(c, 0), x, "");
+  xc = fsel(c, LLVMRealOGT, xc, fk(c, 89), fk(c, 89), xc);
+  xc = fsel(c, LLVMRealOLT, xc, fk(c, -104), fk(c, -104), xc);
+  LLVMValueRef n =
+      intrin1(c, "llvm.roundeven", LLVMBuildFMul(B, xc, fk(c, 1.44269504088896341), ""), "n");
+  LLVMValueRef r = fma3(c, n, fk(c, -0.693145751953125), xc);
+  r = fma3(c, n, fk(c, -1.42860682030941723212e-6), r);
+  static const double k[8] = {1, 1, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040};
+  LLVMValueRef p = horner(c, r, k, 8);
+  LLVMValueRef ni = LLVMBuildFPToSI(B, n, c->i32, "ni");
+  LLVMValueRef n1 = LLVMBuildAShr(B, ni, LLVMConstInt(c->i32, 1, 0), "");
+  LLVMValueRef n2 = LLVMBuildSub(B, ni, n1, "");
+  LLVMValueRef res = LLVMBuildFMul(B, LLVMBuildFMul(B, p, pow2i(c, n1), ""), pow2i(c, n2), "");
+  return LLVMBuildSelect(B, nan, x, res, "exp");
+}
+
+/* log: x = 2^k (1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)), log(1 + f) from
+ * s = f / (2 + f) and a polynomial in s^2 (fdlibm's split into f - f^2/2 +
+ * s (f^2/2 + R)); denormals scaled by 2^23 first. */
+static LLVMValueRef vlog(rctx *c, LLVMValueRef x) {
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef tiny = LLVMBuildAnd(B, LLVMBuildFCmp(B, LLVMRealOLT, x, fk(c, 1.17549435e-38), ""),
+                                   LLVMBuildFCmp(B, LLVMRealOGT, x, fk(c, 0), ""), "tiny");
+  LLVMValueRef xs = LLVMBuildSelect(B, tiny, LLVMBuildFMul(B, x, fk(c, 8388608.0), ""), x, "");
+  LLVMValueRef kadj = LLVMBuildSelect(B, tiny, LLVMConstInt(c->i32, (unsigned long long)-23, 1),
+                                      LLVMConstInt(c->i32, 0, 0), "");
+  LLVMValueRef ix = LLVMBuildBitCast(B, xs, c->i32, "");
+  ix = LLVMBuildAdd(B, ix, LLVMConstInt(c->i32, 0x3f800000 - 0x3f3504f3, 0), "");
+  LLVMValueRef k = LLVMBuildSub(B, LLVMBuildAShr(B, ix, LLVMConstInt(c->i32, 23, 0), ""),
+                                LLVMConstInt(c->i32, 0x7f, 0), "");
+  k = LLVMBuildAdd(B, k, kadj, "k");
+  LLVMValueRef im = LLVMBuildAdd(B, LLVMBuildAnd(B, ix, LLVMConstInt(c->i32, 0x007fffff, 0), ""),
+                                 LLVMConstInt(c->i32, 0x3f3504f3, 0), "");
+  LLVMValueRef f = LLVMBuildFSub(B, LLVMBuildBitCast(B, im, c->f32, ""), fk(c, 1), "f");
+  LLVMValueRef s = LLVMBuildFDiv(B, f, LLVMBuildFAdd(B, f, fk(c, 2), ""), "s");
+  LLVMValueRef z = LLVMBuildFMul(B, s, s, ""), w = LLVMBuildFMul(B, z, z, "");
+  static const double odd[2] = {0.66666662693, 0.28498786688},
+                      even[2] = {0.40000972152, 0.24279078841};
+  LLVMValueRef R = LLVMBuildFAdd(B, LLVMBuildFMul(B, z, horner(c, w, odd, 2), ""),
+                                 LLVMBuildFMul(B, w, horner(c, w, even, 2), ""), "R");
+  LLVMValueRef hfsq = LLVMBuildFMul(B, fk(c, 0.5), LLVMBuildFMul(B, f, f, ""), "hfsq");
+  LLVMValueRef dk = LLVMBuildSIToFP(B, k, c->f32, "dk");
+  LLVMValueRef r =
+      fma3(c, s, LLVMBuildFAdd(B, hfsq, R, ""), LLVMBuildFMul(B, dk, fk(c, 9.0580006145e-06), ""));
+  r = LLVMBuildFAdd(B, LLVMBuildFAdd(B, LLVMBuildFSub(B, r, hfsq, ""), f, ""),
+                    LLVMBuildFMul(B, dk, fk(c, 6.9313812256e-01), ""), "");
+  r = fsel(c, LLVMRealOEQ, x, fk(c, INFINITY), fk(c, INFINITY), r);
+  r = fsel(c, LLVMRealOEQ, x, fk(c, 0), fk(c, -INFINITY), r);
+  return fsel(c, LLVMRealULT, x, fk(c, 0), fk(c, NAN), r); /* x < 0 or NaN */
+}
+
+/* tanh: an odd polynomial below 0.55, else 1 - 2 / (e^{2|x|} + 1) (which
+ * reaches 1 by itself once e^{2|x|} overflows). */
+static LLVMValueRef vtanh(rctx *c, LLVMValueRef x) {
+  LLVMBuilderRef B = c->B;
+  static const double k[6] = {-0.333333343, 0.133333266,    -0.0539650992,
+                              0.0218216702, -0.00853742938, 0.00254011271};
+  LLVMValueRef ax = intrin1(c, "llvm.fabs", x, "ax");
+  LLVMValueRef x2 = LLVMBuildFMul(B, x, x, "");
+  LLVMValueRef small = fma3(c, LLVMBuildFMul(B, x, x2, ""), horner(c, x2, k, 6), x);
+  LLVMValueRef sargs[2] = {small, x};
+  LLVMTypeRef st = c->f32;
+  small = intrin(c, "llvm.copysign", &st, 1, sargs, 2, ""); /* tanh(-0) = -0 */
+  LLVMValueRef e = vexp(c, LLVMBuildFMul(B, ax, fk(c, 2), ""));
+  LLVMValueRef big = LLVMBuildFSub(
+      B, fk(c, 1), LLVMBuildFDiv(B, fk(c, 2), LLVMBuildFAdd(B, e, fk(c, 1), ""), ""), "");
+  LLVMValueRef args[2] = {big, x};
+  LLVMTypeRef t = c->f32;
+  big = intrin(c, "llvm.copysign", &t, 1, args, 2, "");
+  return fsel(c, LLVMRealOLT, ax, fk(c, 0.55), small, big);
+}
+
+/* erf: x P(x^2) below 1; above, 1 - e^{-x^2} Q(1/x) (erfc e^{x^2} is smooth
+ * in 1/x); 1 from 3.93 on, where erfc < half an ulp of 1. */
+static LLVMValueRef verf(rctx *c, LLVMValueRef x) {
+  LLVMBuilderRef B = c->B;
+  static const double ks[7] = {1.12837923,    -0.376126289,    0.112836123,   -0.0268548094,
+                               0.00519005349, -0.000802435388, 7.89820988e-05};
+  static const double kc[9] = {0.000257560838, 0.559250534,  0.0405625403,
+                               -0.466041684,   0.483780742,  -0.222720757,
+                               0.00688249897,  0.0367545895, -0.0111424867};
+  LLVMValueRef ax = intrin1(c, "llvm.fabs", x, "ax");
+  LLVMValueRef x2 = LLVMBuildFMul(B, x, x, "");
+  LLVMValueRef small = LLVMBuildFMul(B, x, horner(c, x2, ks, 7), "");
+  LLVMValueRef axc = fsel(c, LLVMRealOLT, ax, fk(c, 1), fk(c, 1), ax); /* no 1/0 in lanes unused */
+  LLVMValueRef t = LLVMBuildFDiv(B, fk(c, 1), axc, "t");
+  LLVMValueRef ec = LLVMBuildFMul(B, vexp(c, LLVMBuildFNeg(B, x2, "")), horner(c, t, kc, 9), "");
+  LLVMValueRef big = LLVMBuildFSub(B, fk(c, 1), ec, "");
+  big = fsel(c, LLVMRealOGE, ax, fk(c, 3.93), fk(c, 1), big);
+  LLVMValueRef args[2] = {big, x};
+  LLVMTypeRef ft = c->f32;
+  big = intrin(c, "llvm.copysign", &ft, 1, args, 2, "");
+  return fsel(c, LLVMRealOLT, ax, fk(c, 1), small, big);
+}
+
 static LLVMValueRef emit_float_unary(rctx *c, int e, cm_op op, LLVMValueRef a, bool dbl) {
   LLVMBuilderRef B = c->B;
   LLVMTypeRef t = LLVMTypeOf(a);
@@ -302,13 +438,13 @@ static LLVMValueRef emit_float_unary(rctx *c, int e, cm_op op, LLVMValueRef a, b
   switch (op) {
   case CM_OP_NEG: return LLVMBuildFNeg(B, a, "neg");
   case CM_OP_ABS: return intrin1(c, "llvm.fabs", a, "abs");
-  case CM_OP_EXP: return intrin1(c, "llvm.exp", a, "exp");
-  case CM_OP_LOG: return intrin1(c, "llvm.log", a, "log");
+  case CM_OP_EXP: return dbl ? intrin1(c, "llvm.exp", a, "exp") : vexp(c, a);
+  case CM_OP_LOG: return dbl ? intrin1(c, "llvm.log", a, "log") : vlog(c, a);
   case CM_OP_SQRT: return intrin1(c, "llvm.sqrt", a, "sqrt");
   case CM_OP_RSQRT: return LLVMBuildFDiv(B, one, intrin1(c, "llvm.sqrt", a, ""), "rsqrt");
   case CM_OP_RECIP: return LLVMBuildFDiv(B, one, a, "recip");
-  case CM_OP_TANH: return libcall(c, dbl ? "tanh" : "tanhf", t, &a, 1, "tanh");
-  case CM_OP_ERF: return libcall(c, dbl ? "erf" : "erff", t, &a, 1, "erf");
+  case CM_OP_TANH: return dbl ? libcall(c, "tanh", t, &a, 1, "tanh") : vtanh(c, a);
+  case CM_OP_ERF: return dbl ? libcall(c, "erf", t, &a, 1, "erf") : verf(c, a);
   case CM_OP_RELU: /* NaN stays NaN, -0 becomes +0 */
     return LLVMBuildSelect(B, LLVMBuildFCmp(B, LLVMRealUGT, a, zero, ""), a, zero, "relu");
   case CM_OP_STOP_GRADIENT: return a;
@@ -381,8 +517,11 @@ static LLVMValueRef emit_op(rctx *c, int e, const cm_kexpr *x) {
       break;
     }
     case CM_OP_POW: {
+      /* the intrinsic (powf/pow underneath) does not touch memory: a loop-invariant pow, as
+         Adam's bias correction has, is hoisted out of the loop */
       LLVMValueRef args[2] = {a, b};
-      r = libcall(c, dbl ? "pow" : "powf", LLVMTypeOf(a), args, 2, "pow");
+      LLVMTypeRef pt = LLVMTypeOf(a);
+      r = intrin(c, "llvm.pow", &pt, 1, args, 2, "pow");
       break;
     }
     default: r = fail_expr(c, e, "unknown op");
@@ -641,16 +780,19 @@ static bool is_column_reduction(const cm_kstage *s) {
   if (!seen) return false;
   mark_deps(s, s->body, seen);
   int dv = s->n_dom - 1, rv = s->n_dom + s->n_red - 1;
-  bool along_d = false, along_r = false;
+  bool along_d = false, other = false;
+  /* loads not reading along dv are one value per run of columns: they do not count */
   for (int e = 0; e < s->n_exprs; e++) {
     const cm_kexpr *x = &s->exprs[e];
-    if (!seen[e] || x->kind != CM_KX_LOAD) continue;
+    if (!seen[e] || x->kind != CM_KX_LOAD || !(cm_kx_vars_used(s, x->a) & (1u << dv))) continue;
     int64_t cd, cr;
-    if (lin_coef(s, x->a, dv, &cd) && cd == 1) along_d = true;
-    if (!lin_coef(s, x->a, rv, &cr) || cr == 1) along_r = true;
+    if (!lin_coef(s, x->a, dv, &cd) || cd != 1 || (lin_coef(s, x->a, rv, &cr) && cr == 1))
+      other = true;
+    else
+      along_d = true;
   }
   free(seen);
-  return along_d && !along_r;
+  return along_d && !other;
 }
 
 /* acc op v for the stage's reduction (acc_dtype values). */
@@ -684,6 +826,7 @@ static LLVMValueRef reduce_init(rctx *c) {
  * column loop is innermost inside the reduction nest, so the loads are
  * contiguous vectors. */
 #define CR_TILE 256
+#define CR_CHUNK 64
 static void render_column_reduction(rctx *c, const char *fname) {
   const cm_kstage *s = c->s;
   LLVMBuilderRef B = c->B;
@@ -699,6 +842,14 @@ static void render_column_reduction(rctx *c, const char *fname) {
   LLVMPositionBuilderBefore(B, LLVMGetBasicBlockTerminator(entry));
   LLVMValueRef arr = LLVMBuildAlloca(B, arr_t, "colacc");
   LLVMSetAlignment(arr, 64);
+  /* float sums: partial sums over chunks of CR_CHUNK of the innermost reduction
+     var, so that rounding grows with the chunk count, not with every row */
+  bool chunked = is_fp(s->acc_dtype) && s->red_op == CM_KRED_SUM;
+  LLVMValueRef part = NULL;
+  if (chunked) {
+    part = LLVMBuildAlloca(B, arr_t, "colpart");
+    LLVMSetAlignment(part, 64);
+  }
   LLVMPositionBuilderAtEnd(B, here);
 
   loop Wl = loop_begin(c, "cw", begin);
@@ -719,27 +870,53 @@ static void render_column_reduction(rctx *c, const char *fname) {
   LLVMBuildStore(B, reduce_init(c), ACC_PTR(Li.iv));
   loop_end(c, &Li, len, "cinit.exit");
 
-  loop L[CM_KMAX_VARS];
+#define PART_PTR(j) LLVMBuildInBoundsGEP2(B, at, part, &(j), 1, "partp")
+  int last = s->n_red - 1;
+  int64_t R = s->red[last];
+  loop L[CM_KMAX_VARS], Lc;
+  LLVMValueRef chunk_hi = NULL;
   for (int r = 0; r < s->n_red; r++) {
     char nm[32];
     snprintf(nm, sizeof nm, "r%d", r);
-    L[r] = loop_begin(c, nm, ci64(c, 0));
+    if (r == last && chunked) {
+      Lc = loop_begin(c, "rchunk", ci64(c, 0));
+      loop Lp = loop_begin(c, "pinit", ci64(c, 0));
+      LLVMBuildStore(B, reduce_init(c), PART_PTR(Lp.iv));
+      loop_end(c, &Lp, len, "pinit.exit");
+      LLVMValueRef lo = LLVMBuildMul(B, Lc.iv, ci64(c, CR_CHUNK), "rlo");
+      chunk_hi = smin(c, LLVMBuildAdd(B, lo, ci64(c, CR_CHUNK), ""), ci64(c, R), "rhi");
+      L[r] = loop_begin(c, nm, lo);
+    } else {
+      L[r] = loop_begin(c, nm, ci64(c, 0));
+    }
     c->vars[nd + r] = L[r].iv;
   }
   loop Lj = loop_begin(c, "col", ci64(c, 0));
   c->vars[dv] = LLVMBuildAdd(B, d0, Lj.iv, "vcol");
   reset_memo(c);
   LLVMValueRef v = convert(c, emit(c, s->body), s->exprs[s->body].dtype, s->acc_dtype);
-  LLVMValueRef p = ACC_PTR(Lj.iv);
+  LLVMValueRef p = chunked ? PART_PTR(Lj.iv) : ACC_PTR(Lj.iv);
   LLVMValueRef cur = LLVMBuildLoad2(B, at, p, "acc");
   LLVMBuildStore(B, reduce_step(c, cur, v), p);
   loop_end(c, &Lj, len, "col.exit");
   for (int r = s->n_red - 1; r >= 0; r--) {
     char nm[32];
     snprintf(nm, sizeof nm, "r%d.exit", r);
-    loop_end(c, &L[r], ci64(c, s->red[r]), nm);
+    if (r == last && chunked) {
+      loop_end(c, &L[r], chunk_hi, nm);
+      loop La = loop_begin(c, "padd", ci64(c, 0));
+      LLVMValueRef ap = ACC_PTR(La.iv);
+      LLVMValueRef sum = reduce_step(c, LLVMBuildLoad2(B, at, ap, "acc"),
+                                     LLVMBuildLoad2(B, at, PART_PTR(La.iv), "part"));
+      LLVMBuildStore(B, sum, ap);
+      loop_end(c, &La, len, "padd.exit");
+      loop_end(c, &Lc, ci64(c, (R + CR_CHUNK - 1) / CR_CHUNK), "rchunk.exit");
+    } else {
+      loop_end(c, &L[r], ci64(c, s->red[r]), nm);
+    }
     c->vars[nd + r] = NULL;
   }
+#undef PART_PTR
 
   loop Ls = loop_begin(c, "cstore", ci64(c, 0));
   c->vars[dv] = LLVMBuildAdd(B, d0, Ls.iv, "vcol");

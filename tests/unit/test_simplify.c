@@ -18,6 +18,12 @@ static int64_t irand(int64_t lo, int64_t hi) { /* [lo, hi] */
 
 enum { IN_N = 997 };
 
+/* 16 and 32 often: the innermost var gets split by them */
+static int64_t divisor(void) {
+  int64_t p = irand(0, 5);
+  return p == 0 ? 16 : p == 1 ? 32 : irand(1, 70);
+}
+
 /* A random i64 expression over the stage's vars. */
 static int gen(cm_kstage *s, int nv, int depth) {
   int pick = depth <= 0 ? (int)irand(0, 1) : (int)irand(0, 12);
@@ -27,8 +33,8 @@ static int gen(cm_kstage *s, int nv, int depth) {
   case 1: return cm_kx_iconst(s, irand(0, 40));
   case 2: return cm_kx_iadd(s, gen(s, nv, depth - 1), gen(s, nv, depth - 1));
   case 3: return cm_kx_imul(s, gen(s, nv, depth - 1), cm_kx_iconst(s, irand(1, 70)));
-  case 4: return cm_kx_idiv(s, gen(s, nv, depth - 1), cm_kx_iconst(s, irand(1, 70)));
-  case 5: return cm_kx_imod(s, gen(s, nv, depth - 1), cm_kx_iconst(s, irand(1, 70)));
+  case 4: return cm_kx_idiv(s, gen(s, nv, depth - 1), cm_kx_iconst(s, divisor()));
+  case 5: return cm_kx_imod(s, gen(s, nv, depth - 1), cm_kx_iconst(s, divisor()));
   case 6: /* flatten then unflatten: (x*C + y) split again by C */
     a = gen(s, nv, depth - 1);
     b = cm_kx_iconst(s, irand(2, 65));
@@ -76,7 +82,7 @@ static bool run(const cm_kernel *k, const float *in, float *out, int64_t out_n) 
 static void test_random_stages(void) {
   float in[IN_N];
   for (int i = 0; i < IN_N; i++) in[i] = (float)(next() % 100000) * 0.01f - 500.0f;
-  int changed = 0;
+  int changed = 0, split = 0;
   for (int trial = 0; trial < 400; trial++) {
     cm_kernel k;
     cm_kernel_init(&k, "k_simp");
@@ -84,8 +90,8 @@ static void test_random_stages(void) {
     int64_t out_n = 1;
     cm_kstage *s = cm_kernel_add_stage(&k, "s");
     s->n_dom = n_dom, s->n_red = n_red, s->n_parallel = n_dom;
-    static const int64_t exts[] = {1, 2, 3, 5, 7, 13, 16, 31, 64, 65};
-    for (int v = 0; v < n_dom; v++) out_n *= (s->dom[v] = exts[irand(0, 9)]);
+    static const int64_t exts[] = {1, 2, 3, 5, 7, 13, 16, 31, 64, 65, 96, 48};
+    for (int v = 0; v < n_dom; v++) out_n *= (s->dom[v] = exts[irand(0, 11)]);
     for (int v = 0; v < n_red; v++) s->red[v] = exts[irand(0, 7)];
     int bi = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_F32, IN_N, 0, 0);
     int bo = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_F32, out_n, 1, 0);
@@ -122,6 +128,7 @@ static void test_random_stages(void) {
     CHECK_MSG(st == CM_OK, "trial %d: %s", trial, err.msg);
     CHECK_MSG(cm_kernel_verify(&k, &err) == CM_OK, "trial %d: %s", trial, err.msg);
     changed += k.stages[0].n_exprs != before;
+    split += k.stages[0].n_dom != n_dom;
     ok = ok && run(&k, in, got, out_n);
     int bad = 0;
     for (int64_t i = 0; ok && i < out_n; i++) bad += memcmp(&got[i], &want[i], sizeof(float)) != 0;
@@ -132,6 +139,7 @@ static void test_random_stages(void) {
     cm_kernel_free(&k);
   }
   CHECK_MSG(changed > 100, "only %d of 400 stages changed", changed);
+  CHECK_MSG(split > 2, "only %d of 400 stages had their innermost var split", split);
 }
 
 /* out[v0*512 + v1] = in[((v0*512 + v1) mod 512) + 512 * ((v0*512 + v1) div 512)], the shape of
@@ -209,6 +217,63 @@ static void test_nested_pattern(void) {
   cm_kernel_free(&k);
 }
 
+/* out[j] = sum_r in[r*384 + ((j div 32) mod 4)*96 + (j div 128)*32 + j mod 32] over j < 384 (a
+ * q/k/v split of heads x head dim, as a bias gradient reads it): the innermost var is split
+ * into q*32 + r, after which no div or mod reads r and r runs contiguously. */
+static void test_split_pattern(void) {
+  for (int red = 0; red < 2; red++) {
+    cm_kernel k;
+    cm_kernel_init(&k, "k_split");
+    int bi = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_F32, 5 * 384, 0, 0);
+    int bo = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_F32, 5 * 384, 1, 0);
+    cm_kstage *s = cm_kernel_add_stage(&k, "s");
+    int r, j;
+    if (red) {
+      s->n_dom = 1, s->dom[0] = 384, s->n_parallel = 1, s->n_red = 1, s->red[0] = 5;
+      j = cm_kx_var(s, 0), r = cm_kx_var(s, 1);
+    } else {
+      s->n_dom = 2, s->dom[0] = 5, s->dom[1] = 384, s->n_parallel = 1, s->body = -1;
+      r = cm_kx_var(s, 0), j = cm_kx_var(s, 1);
+    }
+    int c32 = cm_kx_iconst(s, 32);
+    int head = cm_kx_imod(s, cm_kx_idiv(s, j, c32), cm_kx_iconst(s, 4));
+    int which = cm_kx_idiv(s, j, cm_kx_iconst(s, 128));
+    int idx =
+        cm_kx_iadd(s, cm_kx_imul(s, r, cm_kx_iconst(s, 384)),
+                   cm_kx_iadd(s, cm_kx_imul(s, head, cm_kx_iconst(s, 96)),
+                              cm_kx_iadd(s, cm_kx_imul(s, which, c32), cm_kx_imod(s, j, c32))));
+    int ld = cm_kx_load(s, &k, bi, idx);
+    if (red) {
+      s->body = ld;
+      s->stores[s->n_stores++] = (cm_kstore){bo, j, cm_kx_acc(s)};
+    } else {
+      s->stores[s->n_stores++] =
+          (cm_kstore){bo, cm_kx_iadd(s, cm_kx_imul(s, r, cm_kx_iconst(s, 384)), j), ld};
+    }
+    float in[5 * 384], want[5 * 384], got[5 * 384];
+    for (int q = 0; q < 5 * 384; q++) in[q] = (float)(next() % 1000) * 0.5f;
+    CHECK(run(&k, in, want, 5 * 384));
+    cm_err err = {0};
+    CHECK_MSG(cm_kstage_simplify(&k.stages[0], &err) == CM_OK, "%s", err.msg);
+    s = &k.stages[0];
+    if (getenv("SIMPLIFY_PRINT")) cm_kernel_print(&k, stderr);
+    CHECK_MSG(s->n_dom == (red ? 2 : 3), "n_dom %d", s->n_dom);
+    CHECK(s->dom[s->n_dom - 1] == 32 && s->dom[s->n_dom - 2] == 12);
+    CHECK(s->n_parallel == (red ? 2 : 1));
+    /* what div/mod is left reads the outer part only */
+    int inner = 0;
+    for (int e = 0; e < s->n_exprs; e++)
+      if (s->exprs[e].kind == CM_KX_MOD ||
+          (s->exprs[e].kind == CM_KX_OP && s->exprs[e].op == CM_OP_DIV))
+        inner += (cm_kx_vars_used(s, s->exprs[e].a) >> (s->n_dom - 1)) & 1;
+    CHECK(inner == 0);
+    CHECK_MSG(cm_kernel_verify(&k, &err) == CM_OK, "%s", err.msg);
+    CHECK(run(&k, in, got, 5 * 384));
+    CHECK(memcmp(got, want, sizeof got) == 0);
+    cm_kernel_free(&k);
+  }
+}
+
 static void test_errors(void) {
   cm_kernel k;
   cm_kernel_init(&k, "k_bad");
@@ -225,4 +290,5 @@ static void test_errors(void) {
 }
 
 TEST_MAIN({"random_stages", test_random_stages}, {"flatten_pattern", test_flatten_pattern},
-          {"nested_pattern", test_nested_pattern}, {"errors", test_errors})
+          {"nested_pattern", test_nested_pattern}, {"split_pattern", test_split_pattern},
+          {"errors", test_errors})
