@@ -1405,17 +1405,6 @@ static void attn_gemm_block(rctx *c, const attn_plan *p, LLVMValueRef wsp, LLVMV
   LLVMBuilderRef B = c->B;
   int iv = p->nb, jv = p->nb + 1;
   int64_t M = s->dom[iv], N = s->dom[jv], K = s->red[0];
-  /* the narrowest panel that wastes little of N (32 columns: 2 vectors, not
-     half of a 4-vector panel); it packs into no more room than the span's nr */
-  attn_plan q = *p;
-  double best = 1e300;
-  for (int64_t nr = c->W; nr <= p->nr; nr += c->W) {
-    int64_t np = (N + nr - 1) / nr * nr;
-    double cost = (double)np * (1.0 + 0.25 * (double)c->W / (double)nr);
-    if (np <= (N + p->nr - 1) / p->nr * p->nr && p->mr * (nr / c->W) <= 32 && cost < best)
-      best = cost, q.nr = (int)nr;
-  }
-  p = &q;
   int64_t npan = (N + p->nr - 1) / p->nr, ldc = npan * p->nr;
   LLVMValueRef Ap = fptr(c, wsp, ci64(c, 0), "at.Ap");
   LLVMValueRef Bp = fptr(c, wsp, ci64(c, (p->am + 15) / 16 * 16), "at.Bp");
