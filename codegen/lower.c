@@ -5,7 +5,10 @@
  * the expressions of the stage that needs it (value()), memoized per stage on
  * (node, index expressions) because the graphs are DAGs. Not lowered yet:
  * conv2d as a generic reduction (no GEMM template yet); epilogues
- * (elementwise outputs of one contraction/reduction with no other use) are fused into its stage. */
+ * (elementwise outputs of one contraction/reduction with no other use) are fused into its stage.
+ * Attention groups: values over the score rows with several consumers get a
+ * stage of their own (mark_shared), and the stages from the first GEMM on are
+ * marked as a fused attention span where cm_kattn_check holds (mark_attention). */
 #include "codegen.h"
 
 #include <stdlib.h>

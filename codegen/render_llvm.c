@@ -38,6 +38,7 @@ typedef struct rctx {
   LLVMValueRef *bases;
   LLVMValueRef *ioff; /* per buffer, NULL or an element offset subtracted from every index
                          (local buffers of a fused attention span) */
+  LLVMValueRef *md_scope, *md_noalias; /* per buffer, NULL or alias.scope / noalias lists */
   LLVMValueRef vars[CM_KMAX_VARS];
   LLVMValueRef acc;   /* CM_KX_ACC in store values */
   LLVMValueRef *memo; /* per evaluation point */
@@ -183,6 +184,14 @@ static LLVMValueRef convert(rctx *c, LLVMValueRef v, cm_dtype from, cm_dtype to)
   return round_to(c, v, to);
 }
 
+/* Alias scopes of a fused attention span: its local tiles share the workspace
+ * but never overlap each other or the kernel's buffers. */
+static void set_scopes(rctx *c, int buf, LLVMValueRef inst) {
+  if (!c->md_scope || !c->md_scope[buf]) return;
+  LLVMSetMetadata(inst, LLVMGetMDKindIDInContext(c->C, "alias.scope", 11), c->md_scope[buf]);
+  LLVMSetMetadata(inst, LLVMGetMDKindIDInContext(c->C, "noalias", 7), c->md_noalias[buf]);
+}
+
 static LLVMValueRef buf_gep(rctx *c, int buf, LLVMValueRef idx) {
   LLVMTypeRef t = mem_type(c, c->k->buffers[buf].dtype);
   if (c->ioff && c->ioff[buf]) idx = LLVMBuildSub(c->B, idx, c->ioff[buf], "at.idx");
@@ -193,6 +202,7 @@ static LLVMValueRef load_buf(rctx *c, int buf, LLVMValueRef idx) {
   cm_dtype dt = c->k->buffers[buf].dtype;
   LLVMValueRef p = buf_gep(c, buf, idx);
   LLVMValueRef v = LLVMBuildLoad2(c->B, mem_type(c, dt), p, "ld");
+  set_scopes(c, buf, v);
   switch (dt) {
   case CM_BF16: return bf16_to_float(c, v);
   case CM_F16: return LLVMBuildFPExt(c->B, v, c->f32, "");
@@ -222,7 +232,7 @@ static void store_buf(rctx *c, int buf, LLVMValueRef idx, LLVMValueRef v, cm_dty
   case CM_BOOL: x = LLVMBuildZExt(c->B, x, c->i8, ""); break;
   default: break;
   }
-  LLVMBuildStore(c->B, x, p);
+  set_scopes(c, buf, LLVMBuildStore(c->B, x, p));
 }
 
 /* ---- expressions ------------------------------------------------------ */
@@ -1365,6 +1375,17 @@ static void attn_gemm_block(rctx *c, const attn_plan *p, LLVMValueRef wsp, LLVMV
   LLVMBuilderRef B = c->B;
   int iv = p->nb, jv = p->nb + 1;
   int64_t M = s->dom[iv], N = s->dom[jv], K = s->red[0];
+  /* the narrowest panel that wastes little of N (32 columns: 2 vectors, not
+     half of a 4-vector panel); it packs into no more room than the span's nr */
+  attn_plan q = *p;
+  double best = 1e300;
+  for (int64_t nr = c->W; nr <= p->nr; nr += c->W) {
+    int64_t np = (N + nr - 1) / nr * nr;
+    double cost = (double)np * (1.0 + 0.25 * (double)c->W / (double)nr);
+    if (np <= (N + p->nr - 1) / p->nr * p->nr && p->mr * (nr / c->W) <= 32 && cost < best)
+      best = cost, q.nr = (int)nr;
+  }
+  p = &q;
   int64_t npan = (N + p->nr - 1) / p->nr, ldc = npan * p->nr;
   LLVMValueRef Ap = fptr(c, wsp, ci64(c, 0), "at.Ap");
   LLVMValueRef Bp = fptr(c, wsp, ci64(c, (p->am + 15) / 16 * 16), "at.Bp");
@@ -1409,6 +1430,15 @@ static void attn_generic_block(rctx *c, const attn_plan *p, LLVMValueRef lo, LLV
   c->acc = NULL;
 }
 
+/* A distinct self-referencing node !{!self, extra} (scope domains and scopes). */
+static LLVMMetadataRef self_md(rctx *c, LLVMMetadataRef extra) {
+  LLVMMetadataRef tmp = LLVMTemporaryMDNode(c->C, NULL, 0);
+  LLVMMetadataRef ops[2] = {tmp, extra};
+  LLVMMetadataRef n = LLVMMDNodeInContext2(c->C, ops, extra ? 2 : 1);
+  LLVMMetadataReplaceAllUsesWith(tmp, n);
+  return n;
+}
+
 static void render_attention(rctx *c, const char *fname, const attn_plan *p) {
   const cm_kernel *k = c->k;
   const cm_kstage *s0 = &k->stages[p->first];
@@ -1434,6 +1464,25 @@ static void render_attention(rctx *c, const char *fname, const attn_plan *p) {
   }
   memcpy(saved, c->bases, sizeof *saved * (size_t)k->n_buffers);
   LLVMValueRef *saved_memo = c->memo;
+  LLVMValueRef *scope = calloc((size_t)k->n_buffers + 1, sizeof *scope);
+  LLVMValueRef *noalias = calloc((size_t)k->n_buffers + 1, sizeof *noalias);
+  if (scope && noalias) {
+    /* one scope per local tile, one for all memory buffers */
+    LLVMMetadataRef dom = self_md(c, NULL), sc[CM_KATTN_MAX_LOCAL + 1];
+    for (int i = 0; i <= a->n_local; i++) sc[i] = self_md(c, dom);
+    for (int b = 0; b < k->n_buffers; b++) {
+      int li = a->n_local;
+      for (int i = 0; i < a->n_local; i++)
+        if (a->local[i] == b) li = i;
+      LLVMMetadataRef others[CM_KATTN_MAX_LOCAL + 1];
+      int n = 0;
+      for (int i = 0; i <= a->n_local; i++)
+        if (i != li) others[n++] = sc[i];
+      scope[b] = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, &sc[li], 1));
+      noalias[b] = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, others, (size_t)n));
+    }
+    c->md_scope = scope, c->md_noalias = noalias;
+  }
   c->memo = memo;
   for (int i = 0; i < a->n_local; i++) {
     LLVMValueRef off = ci64(c, p->local_off[i]);
@@ -1487,6 +1536,8 @@ static void render_attention(rctx *c, const char *fname, const attn_plan *p) {
   LLVMBuildRetVoid(B);
   memcpy(c->bases, saved, sizeof *saved * (size_t)k->n_buffers);
   c->memo = saved_memo;
+  c->md_scope = c->md_noalias = NULL;
+  free(scope), free(noalias);
   free(ioff), free(saved), free(memo);
 }
 
