@@ -836,7 +836,6 @@ static LLVMValueRef reduce_init(rctx *c) {
  * column loop is innermost inside the reduction nest, so the loads are
  * contiguous vectors. */
 #define CR_TILE 256
-#define CR_CHUNK 64
 static void render_column_reduction(rctx *c, const char *fname) {
   const cm_kstage *s = c->s;
   LLVMBuilderRef B = c->B;
@@ -845,21 +844,16 @@ static void render_column_reduction(rctx *c, const char *fname) {
   LLVMValueRef fn = begin_function(c, fname, &begin, &end, &ws, &done);
   int nd = s->n_dom, dv = nd - 1;
   int64_t D = s->dom[dv];
-  LLVMTypeRef at = val_type(c, s->acc_dtype);
+  /* f32 sums accumulate in double here: a column sums one row at a time (no
+     vector of partial sums as a row reduction has), over thousands of rows */
+  bool wide = s->red_op == CM_KRED_SUM && is_fp(s->acc_dtype) && s->acc_dtype != CM_F64;
+  LLVMTypeRef at = wide ? c->f64 : val_type(c, s->acc_dtype);
   LLVMTypeRef arr_t = LLVMArrayType2(at, (uint64_t)CR_TILE);
   LLVMBasicBlockRef here = LLVMGetInsertBlock(B);
   LLVMBasicBlockRef entry = LLVMGetEntryBasicBlock(fn);
   LLVMPositionBuilderBefore(B, LLVMGetBasicBlockTerminator(entry));
   LLVMValueRef arr = LLVMBuildAlloca(B, arr_t, "colacc");
   LLVMSetAlignment(arr, 64);
-  /* float sums: partial sums over chunks of CR_CHUNK of the innermost reduction
-     var, so that rounding grows with the chunk count, not with every row */
-  bool chunked = is_fp(s->acc_dtype) && s->red_op == CM_KRED_SUM;
-  LLVMValueRef part = NULL;
-  if (chunked) {
-    part = LLVMBuildAlloca(B, arr_t, "colpart");
-    LLVMSetAlignment(part, 64);
-  }
   LLVMPositionBuilderAtEnd(B, here);
 
   loop Wl = loop_begin(c, "cw", begin);
@@ -877,60 +871,36 @@ static void render_column_reduction(rctx *c, const char *fname) {
   len = smin(c, len, LLVMBuildSub(B, ci64(c, D), d0, ""), "runlen");
 #define ACC_PTR(j) LLVMBuildInBoundsGEP2(B, at, arr, &(j), 1, "accp")
   loop Li = loop_begin(c, "cinit", ci64(c, 0));
-  LLVMBuildStore(B, reduce_init(c), ACC_PTR(Li.iv));
+  LLVMBuildStore(B, wide ? LLVMConstReal(c->f64, 0) : reduce_init(c), ACC_PTR(Li.iv));
   loop_end(c, &Li, len, "cinit.exit");
 
-#define PART_PTR(j) LLVMBuildInBoundsGEP2(B, at, part, &(j), 1, "partp")
-  int last = s->n_red - 1;
-  int64_t R = s->red[last];
-  loop L[CM_KMAX_VARS], Lc;
-  LLVMValueRef chunk_hi = NULL;
+  loop L[CM_KMAX_VARS];
   for (int r = 0; r < s->n_red; r++) {
     char nm[32];
     snprintf(nm, sizeof nm, "r%d", r);
-    if (r == last && chunked) {
-      Lc = loop_begin(c, "rchunk", ci64(c, 0));
-      loop Lp = loop_begin(c, "pinit", ci64(c, 0));
-      LLVMBuildStore(B, reduce_init(c), PART_PTR(Lp.iv));
-      loop_end(c, &Lp, len, "pinit.exit");
-      LLVMValueRef lo = LLVMBuildMul(B, Lc.iv, ci64(c, CR_CHUNK), "rlo");
-      chunk_hi = smin(c, LLVMBuildAdd(B, lo, ci64(c, CR_CHUNK), ""), ci64(c, R), "rhi");
-      L[r] = loop_begin(c, nm, lo);
-    } else {
-      L[r] = loop_begin(c, nm, ci64(c, 0));
-    }
+    L[r] = loop_begin(c, nm, ci64(c, 0));
     c->vars[nd + r] = L[r].iv;
   }
   loop Lj = loop_begin(c, "col", ci64(c, 0));
   c->vars[dv] = LLVMBuildAdd(B, d0, Lj.iv, "vcol");
   reset_memo(c);
   LLVMValueRef v = convert(c, emit(c, s->body), s->exprs[s->body].dtype, s->acc_dtype);
-  LLVMValueRef p = chunked ? PART_PTR(Lj.iv) : ACC_PTR(Lj.iv);
+  if (wide) v = LLVMBuildFPExt(B, v, c->f64, "");
+  LLVMValueRef p = ACC_PTR(Lj.iv);
   LLVMValueRef cur = LLVMBuildLoad2(B, at, p, "acc");
   LLVMBuildStore(B, reduce_step(c, cur, v), p);
   loop_end(c, &Lj, len, "col.exit");
   for (int r = s->n_red - 1; r >= 0; r--) {
     char nm[32];
     snprintf(nm, sizeof nm, "r%d.exit", r);
-    if (r == last && chunked) {
-      loop_end(c, &L[r], chunk_hi, nm);
-      loop La = loop_begin(c, "padd", ci64(c, 0));
-      LLVMValueRef ap = ACC_PTR(La.iv);
-      LLVMValueRef sum = reduce_step(c, LLVMBuildLoad2(B, at, ap, "acc"),
-                                     LLVMBuildLoad2(B, at, PART_PTR(La.iv), "part"));
-      LLVMBuildStore(B, sum, ap);
-      loop_end(c, &La, len, "padd.exit");
-      loop_end(c, &Lc, ci64(c, (R + CR_CHUNK - 1) / CR_CHUNK), "rchunk.exit");
-    } else {
-      loop_end(c, &L[r], ci64(c, s->red[r]), nm);
-    }
+    loop_end(c, &L[r], ci64(c, s->red[r]), nm);
     c->vars[nd + r] = NULL;
   }
-#undef PART_PTR
 
   loop Ls = loop_begin(c, "cstore", ci64(c, 0));
   c->vars[dv] = LLVMBuildAdd(B, d0, Ls.iv, "vcol");
   c->acc = LLVMBuildLoad2(B, at, ACC_PTR(Ls.iv), "acc");
+  if (wide) c->acc = LLVMBuildFPTrunc(B, c->acc, c->f32, "");
   emit_stores(c);
   loop_end(c, &Ls, len, "cstore.exit");
 #undef ACC_PTR
