@@ -6,10 +6,12 @@
  * times --steps steps after one warm-up step. Prints ms per step, images/s,
  * the contraction FLOPs per step (counted from the kernels' GEMM and
  * reduction stages whose body is a product), GFLOP/s and its fraction of
- * --peak, then the kernels that took the most time (--top).
+ * --peak, then the kernels that took the most time (--top), and with
+ * --stages N the N stages that took the most time, each with its loop shape
+ * and what in its expressions may keep it from vectorizing.
  *
  * usage: build/bench/step [MODEL.json] [--batch N] [--steps N] [--threads N]
- *                         [--peak GFLOPS] [--top N] [--set KEY=VALUE ...] */
+ *                         [--peak GFLOPS] [--top N] [--stages N] [--set KEY=VALUE ...] */
 #include "models/models.h"
 #include "runtime/runtime.h"
 
@@ -35,9 +37,50 @@ static int by_time(const void *a, const void *b) {
   return (x->total_ms < y->total_ms) - (x->total_ms > y->total_ms);
 }
 
+static int by_stage_time(const void *a, const void *b) {
+  const cm_stage_profile *x = a, *y = b;
+  return (x->total_ms < y->total_ms) - (x->total_ms > y->total_ms);
+}
+
+/* "[64x65|192] p1 gemm mod div erf" : domain | reduction extents, parallel
+ * vars, and the index/math ops the stage's expressions hold. */
+static void describe_stage(const cm_kstage *s, char *buf, size_t size) {
+  size_t n = 0;
+  n += (size_t)snprintf(buf + n, size - n, "[");
+  for (int d = 0; d < s->n_dom && n < size; d++)
+    n += (size_t)snprintf(buf + n, size - n, "%s%lld", d ? "x" : "", (long long)s->dom[d]);
+  for (int d = 0; d < s->n_red && n < size; d++)
+    n += (size_t)snprintf(buf + n, size - n, "%s%lld", d ? "x" : "|", (long long)s->red[d]);
+  if (n < size) n += (size_t)snprintf(buf + n, size - n, "] p%d", s->n_parallel);
+  bool mod = false, idiv = false, erf = false, ex = false, lg = false, th = false, pw = false;
+  for (int e = 0; e < s->n_exprs; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    mod |= x->kind == CM_KX_MOD;
+    if (x->kind != CM_KX_OP) continue;
+    idiv |= x->op == CM_OP_DIV && (x->dtype == CM_I64 || x->dtype == CM_I32);
+    erf |= x->op == CM_OP_ERF;
+    ex |= x->op == CM_OP_EXP;
+    lg |= x->op == CM_OP_LOG;
+    th |= x->op == CM_OP_TANH;
+    pw |= x->op == CM_OP_POW;
+  }
+  const char *tags[] = {s->tmpl == CM_KT_GEMM ? " gemm" : "",
+                        s->n_red ? (s->red_op == CM_KRED_MAX ? " max" : " sum") : "",
+                        s->accumulate ? " accum" : "",
+                        mod ? " mod" : "",
+                        idiv ? " div" : "",
+                        ex ? " exp" : "",
+                        lg ? " log" : "",
+                        erf ? " erf" : "",
+                        th ? " tanh" : "",
+                        pw ? " pow" : ""};
+  for (size_t i = 0; i < sizeof tags / sizeof *tags && n < size; i++)
+    n += (size_t)snprintf(buf + n, size - n, "%s", tags[i]);
+}
+
 int main(int argc, char **argv) {
   const char *path = "models/cmae_vit_tiny_fmnist.json";
-  int batch = 0, steps = 10, threads = 0, top = 12;
+  int batch = 0, steps = 10, threads = 0, top = 12, top_stages = 0;
   double peak = 0;
   const char *sets[64] = {0};
   int n_sets = 0;
@@ -52,13 +95,15 @@ int main(int argc, char **argv) {
       peak = atof(argv[++i]);
     else if (!strcmp(argv[i], "--top") && i + 1 < argc)
       top = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--stages") && i + 1 < argc)
+      top_stages = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--set") && i + 1 < argc && n_sets < 64)
       sets[n_sets++] = argv[++i];
     else if (argv[i][0] != '-')
       path = argv[i];
     else {
       fprintf(stderr, "usage: step [MODEL.json] [--batch N] [--steps N] [--threads N] "
-                      "[--peak GFLOPS] [--top N] [--set KEY=VALUE ...]\n");
+                      "[--peak GFLOPS] [--top N] [--stages N] [--set KEY=VALUE ...]\n");
       return 2;
     }
   }
@@ -155,6 +200,10 @@ int main(int argc, char **argv) {
   int n_prof = cm_cpu_program_profile(pr, &prof);
   cm_kernel_profile *base = malloc(sizeof *base * (size_t)(n_prof ? n_prof : 1));
   memcpy(base, prof, sizeof *base * (size_t)n_prof);
+  const cm_stage_profile *sprof;
+  int n_sprof = cm_cpu_program_stage_profile(pr, &sprof);
+  cm_stage_profile *sbase = malloc(sizeof *sbase * (size_t)(n_sprof ? n_sprof : 1));
+  memcpy(sbase, sprof, sizeof *sbase * (size_t)n_sprof);
   double t0 = now();
   for (int s = 0; s < steps; s++) {
     if (cm_cpu_program_run(pr, bound, outs, &err)) {
@@ -191,6 +240,28 @@ int main(int argc, char **argv) {
            rows[i].total_ms > 0 ? rows[i].flops * 1e-6 / rows[i].total_ms : 0);
   free(rows);
   free(base);
+  if (top_stages > 0) {
+    n_sprof = cm_cpu_program_stage_profile(pr, &sprof);
+    cm_stage_profile *srows = malloc(sizeof *srows * (size_t)(n_sprof ? n_sprof : 1));
+    for (int i = 0; i < n_sprof; i++) {
+      srows[i] = sprof[i];
+      srows[i].total_ms = (sprof[i].total_ms - sbase[i].total_ms) / steps;
+    }
+    qsort(srows, (size_t)n_sprof, sizeof *srows, by_stage_time);
+    printf("\n%-22s %-24s %9s %6s %8s %6s  %s\n", "stage", "name", "ms/step", "share", "GFLOP/s",
+           "items", "shape");
+    for (int i = 0; i < n_sprof && i < top_stages; i++) {
+      char id[48], shape[160];
+      snprintf(id, sizeof id, "%s_s%d", srows[i].kernel, srows[i].stage_index);
+      describe_stage(srows[i].stage, shape, sizeof shape);
+      printf("%-22s %-24.24s %9.3f %5.1f%% %8.1f %6lld  %s\n", id, srows[i].stage->name,
+             srows[i].total_ms, 100 * srows[i].total_ms / (kernel_ms > 0 ? kernel_ms : 1),
+             srows[i].total_ms > 0 ? srows[i].flops * 1e-6 / srows[i].total_ms : 0,
+             (long long)srows[i].work_items, shape);
+    }
+    free(srows);
+  }
+  free(sbase);
   free(u);
   free(keep);
   free(restore);

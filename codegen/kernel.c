@@ -226,6 +226,305 @@ static int op_arity(cm_op op) {
                      s->name, ei, rule_);                                                          \
   } while (0)
 
+/* ---- attention spans ---------------------------------------------------------- */
+
+/* An i64 expression as sum_v c[v] * v + c0 over the stage's vars, with the
+ * ranges of the vars known (domain and reduction extents): div and mod by a
+ * constant fold when the remainder part provably lies in [0, d). */
+typedef struct kaff {
+  int64_t c[CM_KMAX_VARS];
+  int64_t c0;
+} kaff;
+
+static int64_t var_ext(const cm_kstage *s, int v) {
+  return v < s->n_dom ? s->dom[v] : s->red[v - s->n_dom];
+}
+
+static void aff_range(const cm_kstage *s, const kaff *a, int64_t *lo, int64_t *hi) {
+  *lo = *hi = a->c0;
+  for (int v = 0; v < s->n_dom + s->n_red; v++) {
+    int64_t t = a->c[v] * (var_ext(s, v) - 1);
+    if (t < 0)
+      *lo += t;
+    else
+      *hi += t;
+  }
+}
+
+static bool aff_of(const cm_kstage *s, int e, kaff *out, int *budget) {
+  if (e < 0 || e >= s->n_exprs || --*budget < 0) return false;
+  const cm_kexpr *x = &s->exprs[e];
+  memset(out, 0, sizeof *out);
+  if (x->dtype != CM_I64) return false;
+  if (x->kind == CM_KX_CONST) {
+    out->c0 = (int64_t)x->value;
+    return (double)out->c0 == x->value;
+  }
+  if (x->kind == CM_KX_VAR) {
+    if (x->var < 0 || x->var >= s->n_dom + s->n_red) return false;
+    out->c[x->var] = 1;
+    return true;
+  }
+  bool is_mod = x->kind == CM_KX_MOD;
+  if (!is_mod && x->kind != CM_KX_OP) return false;
+  cm_op op = is_mod ? CM_OP_DIV : x->op; /* mod shares div's split */
+  if (op != CM_OP_ADD && op != CM_OP_SUB && op != CM_OP_MUL && op != CM_OP_DIV) return false;
+  kaff a, b;
+  if (!aff_of(s, x->a, &a, budget) || !aff_of(s, x->b, &b, budget)) return false;
+  int nv = s->n_dom + s->n_red;
+  bool bconst = true, aconst = true;
+  for (int v = 0; v < nv; v++) bconst &= b.c[v] == 0, aconst &= a.c[v] == 0;
+  if (op == CM_OP_ADD || op == CM_OP_SUB) {
+    int64_t sg = op == CM_OP_ADD ? 1 : -1;
+    for (int v = 0; v < nv; v++) out->c[v] = a.c[v] + sg * b.c[v];
+    out->c0 = a.c0 + sg * b.c0;
+    return true;
+  }
+  if (op == CM_OP_MUL) {
+    if (!aconst && !bconst) return false;
+    const kaff *f = bconst ? &a : &b;
+    int64_t m = bconst ? b.c0 : a.c0;
+    for (int v = 0; v < nv; v++) out->c[v] = f->c[v] * m;
+    out->c0 = f->c0 * m;
+    return true;
+  }
+  /* div / mod by a positive constant of a non-negative value */
+  int64_t d = b.c0, lo, hi;
+  if (!bconst || d <= 0) return false;
+  aff_range(s, &a, &lo, &hi);
+  if (lo < 0) return false;
+  kaff q, r;
+  memset(&q, 0, sizeof q);
+  memset(&r, 0, sizeof r);
+  for (int v = 0; v < nv; v++) {
+    if (a.c[v] % d == 0)
+      q.c[v] = a.c[v] / d;
+    else
+      r.c[v] = a.c[v];
+  }
+  int64_t c0q = a.c0 >= 0 ? a.c0 / d : -((-a.c0 + d - 1) / d);
+  q.c0 = c0q;
+  r.c0 = a.c0 - c0q * d;
+  aff_range(s, &r, &lo, &hi);
+  if (lo < 0 || hi >= d) return false;
+  *out = is_mod ? r : q;
+  return true;
+}
+
+/* Whether index expression e of a stage in span `a` (batch extents bdom)
+ * reads only one batch item's (and, when rowwise, one query row's) slice of a
+ * buffer with X elements per (batch item, row). */
+static bool attn_local_index(const cm_kstage *s, const cm_kattn *a, const int64_t *bdom, int e,
+                             int64_t X, bool rowwise) {
+  kaff f;
+  int budget = 4096;
+  if (!aff_of(s, e, &f, &budget)) return false;
+  int64_t stride = a->rows * X;
+  for (int v = a->nb - 1; v >= 0; v--) {
+    /* a batch axis of extent 1 is often indexed by the constant 0 */
+    if (f.c[v] != stride && bdom[v] != 1) return false;
+    f.c[v] = 0;
+    stride *= bdom[v];
+  }
+  int64_t lim = a->rows * X;
+  if (rowwise) {
+    if (s->n_dom <= a->nb || f.c[a->nb] != X) return false;
+    f.c[a->nb] = 0;
+    lim = X;
+  }
+  int64_t lo, hi;
+  aff_range(s, &f, &lo, &hi);
+  return lo >= 0 && hi < lim;
+}
+
+static bool is_local(const cm_kattn *a, int b, int *which) {
+  for (int i = 0; i < a->n_local && i < CM_KATTN_MAX_LOCAL; i++)
+    if (a->local[i] == b) {
+      if (which) *which = i;
+      return true;
+    }
+  return false;
+}
+
+cm_status cm_kattn_check(const cm_kernel *k, int first, cm_err *err) {
+  if (!k || first < 0 || first >= k->n_stages)
+    return cm_errorf(err, CM_EINVALID, "attention span: no stage %d", first);
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+#define AFAIL(si, ...)                                                                             \
+  do {                                                                                             \
+    char why_[256];                                                                                \
+    snprintf(why_, sizeof why_, __VA_ARGS__);                                                      \
+    return cm_errorf(err, CM_EINVALID,                                                             \
+                     "kernel %s stage %d (%s): attention span from stage %d: %s", k->name, (si),   \
+                     k->stages[(si)].name, first, why_);                                           \
+  } while (0)
+  if (s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD)
+    AFAIL(first, "not an attention template");
+  if (a->span < 2 || first + a->span > k->n_stages)
+    AFAIL(first, "span %d does not fit the kernel's %d stages", a->span, k->n_stages);
+  if (a->nb < 0 || a->nb > s0->n_dom || a->rows < 1 || a->br < 1 || a->br > a->rows || a->bc < 1)
+    AFAIL(first, "nb %d, rows %lld, br %d, bc %d out of range", a->nb, (long long)a->rows, a->br,
+          a->bc);
+  if (s0->n_parallel != a->nb)
+    AFAIL(first, "n_parallel %d must equal nb %d", s0->n_parallel, a->nb);
+  if (a->n_local < 0 || a->n_local > CM_KATTN_MAX_LOCAL)
+    AFAIL(first, "n_local %d out of range", a->n_local);
+  bool rowwise = a->br < a->rows;
+  for (int i = 0; i < a->n_local; i++) {
+    int b = a->local[i];
+    if (b < 0 || b >= k->n_buffers || k->buffers[b].kind != CM_KBUF_SCRATCH)
+      AFAIL(first, "local %d (b%d) is not a scratch buffer", i, b);
+    for (int j = 0; j < i; j++)
+      if (a->local[j] == b) AFAIL(first, "b%d listed twice as local", b);
+    int64_t bat = 1;
+    for (int v = 0; v < a->nb; v++) bat *= s0->dom[v];
+    if (a->local_row[i] < 1 || bat * a->rows * a->local_row[i] != k->buffers[b].numel)
+      AFAIL(first, "local b%d: %lld elements is not batch x rows x local_row %lld", b,
+            (long long)k->buffers[b].numel, (long long)a->local_row[i]);
+  }
+  int last = first + a->span;
+  bool *wr = calloc((size_t)k->n_buffers + 1, 1), *rd = calloc((size_t)k->n_buffers + 1, 1);
+  int64_t *shx = calloc((size_t)k->n_buffers + 1, sizeof *shx);
+  if (!wr || !rd || !shx) {
+    free(wr), free(rd), free(shx);
+    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  }
+  /* buffers both written and read by the span (not local) are shared in
+     memory: every access of the span must stay within the work item's slice */
+  int64_t bat0 = 1;
+  for (int v = 0; v < a->nb; v++) bat0 *= s0->dom[v];
+  for (int si = first; si < last; si++) {
+    const cm_kstage *s = &k->stages[si];
+    for (int e = 0; e < s->n_exprs; e++)
+      if (s->exprs[e].kind == CM_KX_LOAD && s->exprs[e].buf >= 0 && s->exprs[e].buf < k->n_buffers)
+        rd[s->exprs[e].buf] = true;
+    for (int j = 0; j < s->n_stores; j++)
+      if (s->stores[j].buf >= 0 && s->stores[j].buf < k->n_buffers) wr[s->stores[j].buf] = true;
+  }
+  for (int b = 0; b < k->n_buffers; b++) {
+    if (!wr[b] || !rd[b] || is_local(a, b, NULL)) continue;
+    int64_t per = bat0 * a->rows;
+    shx[b] = k->buffers[b].numel % per ? -1 : k->buffers[b].numel / per;
+  }
+  cm_status st = CM_OK;
+  char why[256] = "";
+  int bad_stage = first;
+  for (int si = 0; si < k->n_stages && !why[0]; si++) {
+    const cm_kstage *s = &k->stages[si];
+    bool in = si >= first && si < last;
+    bad_stage = si;
+    if (in) {
+      if (si > first && (s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD))
+        snprintf(why, sizeof why, "a stage of the span carries another attention template");
+      else if (s->accumulate)
+        snprintf(why, sizeof why, "an accumulating stage inside the span");
+      else if (s->n_dom < a->nb + (rowwise ? 1 : 0))
+        snprintf(why, sizeof why, "n_dom %d below the batch vars (+ row)", s->n_dom);
+      for (int v = 0; v < a->nb && !why[0]; v++)
+        if (s->dom[v] != s0->dom[v])
+          snprintf(why, sizeof why, "batch extent dom[%d] = %lld differs from the first stage's", v,
+                   (long long)s->dom[v]);
+      if (!why[0] && rowwise && s->dom[a->nb] != a->rows)
+        snprintf(why, sizeof why, "dom[%d] = %lld is not the query rows %lld (br < rows)", a->nb,
+                 (long long)s->dom[a->nb], (long long)a->rows);
+    }
+    for (int e = 0; e < s->n_exprs && !why[0]; e++) {
+      const cm_kexpr *x = &s->exprs[e];
+      if (x->kind != CM_KX_LOAD) continue;
+      int li;
+      bool loc = is_local(a, x->buf, &li);
+      if (loc && !in)
+        snprintf(why, sizeof why, "local b%d read outside the span", x->buf);
+      else if (loc && !attn_local_index(s, a, s0->dom, x->a, a->local_row[li], rowwise))
+        snprintf(why, sizeof why, "expr %d: load of local b%d not provably per batch item%s", e,
+                 x->buf, rowwise ? " and query row" : "");
+      else if (in && !loc && x->buf >= 0 && x->buf < k->n_buffers && shx[x->buf] &&
+               (shx[x->buf] < 0 || !attn_local_index(s, a, s0->dom, x->a, shx[x->buf], rowwise)))
+        snprintf(why, sizeof why,
+                 "expr %d: b%d is written and read by the span but this load is not provably "
+                 "per batch item%s",
+                 e, x->buf, rowwise ? " and query row" : "");
+    }
+    for (int j = 0; j < s->n_stores && !why[0]; j++) {
+      const cm_kstore *t = &s->stores[j];
+      int li;
+      bool loc = is_local(a, t->buf, &li);
+      if (loc && !in)
+        snprintf(why, sizeof why, "local b%d written outside the span", t->buf);
+      else if (loc && !attn_local_index(s, a, s0->dom, t->index, a->local_row[li], rowwise))
+        snprintf(why, sizeof why, "store %d to local b%d not provably per batch item%s", j, t->buf,
+                 rowwise ? " and query row" : "");
+      else if (in && !loc && t->buf >= 0 && t->buf < k->n_buffers && shx[t->buf] &&
+               (shx[t->buf] < 0 ||
+                !attn_local_index(s, a, s0->dom, t->index, shx[t->buf], rowwise)))
+        snprintf(why, sizeof why,
+                 "store %d: b%d is written and read by the span but this store is not provably "
+                 "per batch item%s",
+                 j, t->buf, rowwise ? " and query row" : "");
+    }
+  }
+  free(wr), free(rd), free(shx);
+  if (why[0]) AFAIL(bad_stage, "%s", why);
+#undef AFAIL
+  return st;
+}
+
+static int64_t up64(int64_t v) {
+  return (v + 63) / 64 * 64;
+}
+
+int64_t cm_kattn_workspace(const cm_kernel *k, int first, int mr, int nr, int64_t *local_off,
+                           int64_t *pack_off) {
+  if (!k || first < 0 || first >= k->n_stages || mr < 1 || nr < 1) return 0;
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  if ((s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD) || a->span < 2 ||
+      first + a->span > k->n_stages || a->n_local < 0 || a->n_local > CM_KATTN_MAX_LOCAL)
+    return 0;
+  int64_t rows = a->br < a->rows ? a->br : a->rows, off = 0;
+  for (int i = 0; i < a->n_local; i++) {
+    int b = a->local[i];
+    if (b < 0 || b >= k->n_buffers) return 0;
+    if (local_off) local_off[i] = off;
+    off += up64(rows * a->local_row[i] * (int64_t)cm_dtype_size(k->buffers[b].dtype));
+  }
+  int64_t am = 0, bm = 0, cmx = 0;
+  for (int si = first; si < first + a->span; si++) {
+    const cm_kstage *s = &k->stages[si];
+    if (s->tmpl != CM_KT_GEMM && si != first) continue;
+    if (s->n_dom < 2 || s->n_red != 1) continue;
+    int64_t m = a->br < a->rows ? a->br : s->dom[s->n_dom - 2];
+    int64_t mp = (m + mr - 1) / mr * mr, np = (s->dom[s->n_dom - 1] + nr - 1) / nr * nr;
+    int64_t K = s->red[0];
+    if (mp * K > am) am = mp * K;
+    if (K * np > bm) bm = K * np;
+    if (mp * np > cmx) cmx = mp * np;
+  }
+  if (pack_off) *pack_off = off;
+  off += up64(4 * am) + up64(4 * bm) + up64(4 * cmx);
+  return off + 64;
+}
+
+int64_t cm_kernel_fused_scratch_bytes(const cm_kernel *k) {
+  if (!k) return 0;
+  int64_t end = 0;
+  for (int b = 0; b < k->n_buffers; b++) {
+    const cm_kbuffer *x = &k->buffers[b];
+    if (x->kind != CM_KBUF_SCRATCH) continue;
+    bool loc = false;
+    for (int si = 0; si < k->n_stages && !loc; si++) {
+      const cm_kstage *s = &k->stages[si];
+      if (s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD)
+        loc = is_local(&s->attn, b, NULL);
+    }
+    /* scratch offsets are packed in buffer order; what the fused spans keep
+       per thread needs no room */
+    if (!loc) end += up64(x->numel * (int64_t)cm_dtype_size(x->dtype));
+  }
+  return end < k->scratch_bytes ? end : k->scratch_bytes;
+}
+
 static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
   const cm_kstage *s = &k->stages[si];
   int ei = -1;
@@ -368,7 +667,8 @@ static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
       goto done;
     }
   }
-  if (s->tmpl == CM_KT_GEMM) {
+  /* an attention span's first stage is its first GEMM */
+  if (s->tmpl == CM_KT_GEMM || s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD) {
     ei = s->body;
     const char *why = NULL;
     const cm_kgemm_tiles *t = &s->tiles;
@@ -436,6 +736,12 @@ cm_status cm_kernel_verify(const cm_kernel *k, cm_err *err) {
     cm_status st = verify_stage(k, si, err);
     if (st != CM_OK) return st;
   }
+  for (int si = 0; si < k->n_stages; si++) {
+    const cm_kstage *s = &k->stages[si];
+    if (s->tmpl != CM_KT_ATTENTION_FWD && s->tmpl != CM_KT_ATTENTION_BWD) continue;
+    cm_status st = cm_kattn_check(k, si, err);
+    if (st != CM_OK) return st;
+  }
   return CM_OK;
 }
 
@@ -474,6 +780,18 @@ void cm_kernel_print(const cm_kernel *k, FILE *out) {
     if (s->tmpl == CM_KT_GEMM)
       fprintf(out, "  gemm a=%%%d b=%%%d tiles mc=%d nc=%d kc=%d mr=%d nr=%d\n", s->gemm_a,
               s->gemm_b, s->tiles.mc, s->tiles.nc, s->tiles.kc, s->tiles.mr, s->tiles.nr);
+    if (s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD) {
+      const cm_kattn *a = &s->attn;
+      fprintf(out,
+              "  attention %s span %d batch vars %d rows %lld br %d bc %d scale %.9g ws %lld "
+              "gemm a=%%%d b=%%%d mr=%d nr=%d\n  local",
+              s->tmpl == CM_KT_ATTENTION_FWD ? "fwd" : "bwd", a->span, a->nb, (long long)a->rows,
+              a->br, a->bc, a->scale, (long long)a->ws_bytes, s->gemm_a, s->gemm_b, s->tiles.mr,
+              s->tiles.nr);
+      for (int i = 0; i < a->n_local && i < CM_KATTN_MAX_LOCAL; i++)
+        fprintf(out, " b%d(row %lld)", a->local[i], (long long)a->local_row[i]);
+      fprintf(out, "\n");
+    }
     for (int e = 0; e < s->n_exprs; e++) {
       const cm_kexpr *x = &s->exprs[e];
       const char *dt = cm_dtype_name(x->dtype);
@@ -553,6 +871,8 @@ int64_t cm_kstage_work_items(const cm_kstage *s) {
 }
 
 int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target t) {
+  if (t == CM_TARGET_CPU && (s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD))
+    return s->attn.ws_bytes > 0 ? s->attn.ws_bytes : 0;
   if (t != CM_TARGET_CPU || s->tmpl != CM_KT_GEMM) return 0;
   /* packed A block, packed B panel and the C tile (render_llvm.c's layout) */
   int64_t a = (int64_t)s->tiles.mc * s->tiles.kc * 4, b = (int64_t)s->tiles.kc * s->tiles.nc * 4;
@@ -903,5 +1223,623 @@ cm_status cm_kernel_interpret(const cm_kernel *k, void *const *bufs, cm_err *err
   c.err = err;
   for (c.si = 0; c.si < k->n_stages; c.si++)
     if ((st = run_stage(&c)) != CM_OK) return st;
+  return CM_OK;
+}
+
+/* ---- index simplification -------------------------------------------------- */
+
+/* i64 expressions as affine forms sum coef[i] * atom[i] + k over atoms (new
+ * expressions: vars, or what does not decompose), with value ranges from the
+ * loop extents; constants stay below 2^53 so that they are exact as doubles. */
+#define SF_TERMS 12
+#define SF_LIM (INT64_C(1) << 53)
+
+typedef struct sform {
+  int n;
+  int atom[SF_TERMS];
+  int64_t coef[SF_TERMS];
+  int64_t k;
+} sform;
+
+typedef struct sctx {
+  const cm_kstage *old;
+  cm_kstage *ns;
+  int *mat;  /* old id -> new id, -1 until built */
+  sform *of; /* old id -> form (i64 expressions) */
+  bool *has; /* old id -> of[] set */
+  int cap;   /* of the per-new arrays below */
+  int64_t *lo, *hi;
+  bool *rng;    /* range computed */
+  int *nform;   /* new id -> index in forms, -1 */
+  sform *forms; /* forms materialized */
+  int n_forms, cap_forms;
+  int split_v; /* old domain var read as q*split_c + r (new vars split_v, split_v + 1), -1 */
+  int64_t split_c;
+  bool oom;
+} sctx;
+
+static bool sf_small(int64_t v) {
+  return v > -SF_LIM && v < SF_LIM;
+}
+
+static bool sf_grow(sctx *c) {
+  int need = c->ns->n_exprs + 1;
+  if (need <= c->cap) return true;
+  int cap = need * 2;
+  int64_t *lo = realloc(c->lo, sizeof *lo * (size_t)cap), *hi;
+  if (lo) c->lo = lo;
+  hi = lo ? realloc(c->hi, sizeof *hi * (size_t)cap) : NULL;
+  if (hi) c->hi = hi;
+  bool *rng = hi ? realloc(c->rng, sizeof *rng * (size_t)cap) : NULL;
+  if (rng) c->rng = rng;
+  int *nf = rng ? realloc(c->nform, sizeof *nf * (size_t)cap) : NULL;
+  if (!nf) {
+    c->oom = true;
+    return false;
+  }
+  c->nform = nf;
+  for (int i = c->cap; i < cap; i++) c->rng[i] = false, c->nform[i] = -1;
+  c->cap = cap;
+  return true;
+}
+
+/* Pushes e into the new stage, reusing an identical i64 expression (so the
+ * same form materializes to the same id, which the mod/div pairing needs). */
+static int sx_mk(sctx *c, cm_kexpr e) {
+  cm_kstage *s = c->ns;
+  if (e.dtype == CM_I64 && e.kind != CM_KX_LOAD)
+    for (int i = 0; i < s->n_exprs; i++) {
+      const cm_kexpr *x = &s->exprs[i];
+      if (x->kind == e.kind && x->op == e.op && x->dtype == e.dtype && x->a == e.a && x->b == e.b &&
+          x->c == e.c && x->var == e.var && x->buf == e.buf && x->value == e.value)
+        return i;
+    }
+  if (!sf_grow(c)) return 0;
+  return push(s, e);
+}
+
+static int sx_const(sctx *c, int64_t v) {
+  cm_kexpr e = blank(CM_KX_CONST, CM_I64);
+  e.value = (double)v;
+  return sx_mk(c, e);
+}
+
+static int sx_op(sctx *c, cm_kx_kind kind, cm_op op, int a, int b) {
+  cm_kexpr e = blank(kind, CM_I64);
+  e.op = kind == CM_KX_OP ? op : 0;
+  e.a = a;
+  e.b = b;
+  return sx_mk(c, e);
+}
+
+static bool sx_is_const(sctx *c, int id, int64_t *v) {
+  const cm_kexpr *x = &c->ns->exprs[id];
+  if (x->kind != CM_KX_CONST || x->dtype != CM_I64) return false;
+  *v = (int64_t)x->value;
+  return true;
+}
+
+static void clamp128(__int128 l, __int128 h, int64_t *lo, int64_t *hi) {
+  *lo = l < INT64_MIN ? INT64_MIN : l > INT64_MAX ? INT64_MAX : (int64_t)l;
+  *hi = h > INT64_MAX ? INT64_MAX : h < INT64_MIN ? INT64_MIN : (int64_t)h;
+  if (l < INT64_MIN || h > INT64_MAX) *lo = INT64_MIN, *hi = INT64_MAX;
+}
+
+/* The value range of new i64 expression id ([INT64_MIN, INT64_MAX] when unknown). */
+static void sx_range(sctx *c, int id, int64_t *lo, int64_t *hi) {
+  if (id < c->cap && c->rng[id]) {
+    *lo = c->lo[id], *hi = c->hi[id];
+    return;
+  }
+  const cm_kexpr *x = &c->ns->exprs[id];
+  int64_t l = INT64_MIN, h = INT64_MAX, al, ah, bl, bh;
+  if (x->dtype == CM_I64) {
+    switch (x->kind) {
+    case CM_KX_CONST: l = h = (int64_t)x->value; break;
+    case CM_KX_VAR: {
+      int v = x->var;
+      int64_t ext = v < c->ns->n_dom ? c->ns->dom[v] : c->ns->red[v - c->ns->n_dom];
+      l = 0, h = ext - 1;
+      break;
+    }
+    case CM_KX_MOD:
+      sx_range(c, x->a, &al, &ah);
+      sx_range(c, x->b, &bl, &bh);
+      if (al >= 0 && bl > 0 && bl == bh) l = 0, h = ah < bl - 1 ? ah : bl - 1;
+      break;
+    case CM_KX_OP:
+      if (x->op == CM_OP_ADD || x->op == CM_OP_SUB || x->op == CM_OP_MUL || x->op == CM_OP_MIN ||
+          x->op == CM_OP_MAX || x->op == CM_OP_DIV) {
+        sx_range(c, x->a, &al, &ah);
+        sx_range(c, x->b, &bl, &bh);
+        bool full = al == INT64_MIN || ah == INT64_MAX || bl == INT64_MIN || bh == INT64_MAX;
+        if (full) break;
+        __int128 L, H;
+        if (x->op == CM_OP_ADD)
+          L = (__int128)al + bl, H = (__int128)ah + bh;
+        else if (x->op == CM_OP_SUB)
+          L = (__int128)al - bh, H = (__int128)ah - bl;
+        else if (x->op == CM_OP_MUL) {
+          __int128 p[4] = {(__int128)al * bl, (__int128)al * bh, (__int128)ah * bl,
+                           (__int128)ah * bh};
+          L = H = p[0];
+          for (int i = 1; i < 4; i++) L = p[i] < L ? p[i] : L, H = p[i] > H ? p[i] : H;
+        } else if (x->op == CM_OP_MIN)
+          L = al < bl ? al : bl, H = ah < bh ? ah : bh;
+        else if (x->op == CM_OP_MAX)
+          L = al > bl ? al : bl, H = ah > bh ? ah : bh;
+        else if (bl > 0 && bl == bh && al >= 0)
+          L = al / bl, H = ah / bl;
+        else
+          break;
+        clamp128(L, H, &l, &h);
+      }
+      break;
+    default: break;
+    }
+  }
+  if (sf_grow(c) && id < c->cap) c->lo[id] = l, c->hi[id] = h, c->rng[id] = true;
+  *lo = l, *hi = h;
+}
+
+static void sf_range(sctx *c, const sform *f, int64_t *lo, int64_t *hi) {
+  __int128 L = f->k, H = f->k;
+  for (int i = 0; i < f->n; i++) {
+    int64_t al, ah;
+    sx_range(c, f->atom[i], &al, &ah);
+    if (al == INT64_MIN || ah == INT64_MAX) {
+      *lo = INT64_MIN, *hi = INT64_MAX;
+      return;
+    }
+    __int128 p = (__int128)al * f->coef[i], q = (__int128)ah * f->coef[i];
+    L += p < q ? p : q;
+    H += p < q ? q : p;
+  }
+  clamp128(L, H, lo, hi);
+}
+
+static sform sf_atom(int id) {
+  sform f = {1, {id}, {1}, 0};
+  return f;
+}
+
+static int sf_materialize(sctx *c, const sform *f);
+
+/* f += m * g; false when out of terms or range. */
+static bool sf_add(sform *f, const sform *g, int64_t m) {
+  int64_t t;
+  if (__builtin_mul_overflow(g->k, m, &t) || __builtin_add_overflow(f->k, t, &f->k) ||
+      !sf_small(f->k))
+    return false;
+  for (int i = 0; i < g->n; i++) {
+    int64_t cf;
+    if (__builtin_mul_overflow(g->coef[i], m, &cf)) return false;
+    int j = 0;
+    while (j < f->n && f->atom[j] != g->atom[i]) j++;
+    if (j == f->n) {
+      if (f->n == SF_TERMS) return false;
+      f->atom[f->n] = g->atom[i], f->coef[f->n++] = 0;
+    }
+    if (__builtin_add_overflow(f->coef[j], cf, &f->coef[j]) || !sf_small(f->coef[j])) return false;
+  }
+  int n = 0;
+  for (int i = 0; i < f->n; i++)
+    if (f->coef[i] != 0) f->atom[n] = f->atom[i], f->coef[n++] = f->coef[i];
+  f->n = n;
+  return true;
+}
+
+/* m * (y mod C) + m*C * (y div C) is m * y: flattened-then-unflattened indices. */
+static bool sf_pair(sctx *c, sform *f) {
+  for (int rounds = 0; rounds < 8; rounds++) {
+    bool changed = false;
+    for (int i = 0; i < f->n && !changed; i++) {
+      const cm_kexpr *m = &c->ns->exprs[f->atom[i]];
+      int64_t C;
+      if (m->kind != CM_KX_MOD || !sx_is_const(c, m->b, &C)) continue;
+      for (int j = 0; j < f->n && !changed; j++) {
+        const cm_kexpr *d = &c->ns->exprs[f->atom[j]];
+        int64_t C2, want;
+        if (d->kind != CM_KX_OP || d->op != CM_OP_DIV || !sx_is_const(c, d->b, &C2) ||
+            __builtin_mul_overflow(f->coef[i], C, &want) || want != f->coef[j])
+          continue;
+        /* d is m's div: div(y, C), or div(w, C1*C) when y = div(w, C1) (div of div fused) */
+        const cm_kexpr *y = &c->ns->exprs[m->a];
+        int64_t C1, C1C;
+        bool same = d->a == m->a && C2 == C;
+        if (!same && y->kind == CM_KX_OP && y->op == CM_OP_DIV && y->a == d->a &&
+            sx_is_const(c, y->b, &C1) && C1 > 0 && !__builtin_mul_overflow(C1, C, &C1C))
+          same = C1C == C2;
+        if (same && d->a != m->a) {
+          int64_t wl, wh;
+          sx_range(c, d->a, &wl, &wh);
+          same = wl >= 0; /* the fusion holds for w >= 0 only */
+        }
+        if (!same) continue;
+        sform yf = c->nform[m->a] >= 0 ? c->forms[c->nform[m->a]] : sf_atom(m->a);
+        sform g = *f;
+        int64_t cm = f->coef[i];
+        g.coef[i] = 0, g.coef[j] = 0;
+        sform zero = {0, {0}, {0}, 0};
+        sf_add(&g, &zero, 1); /* drops the two terms */
+        if (!sf_add(&g, &yf, cm)) continue;
+        *f = g;
+        changed = true;
+      }
+    }
+    if (!changed) return true;
+  }
+  return true;
+}
+
+static int sf_materialize(sctx *c, const sform *f) {
+  if (f->n == 0) return sx_const(c, f->k);
+  if (f->n == 1 && f->coef[0] == 1 && f->k == 0) return f->atom[0];
+  int acc = -1;
+  for (int i = 0; i < f->n; i++) {
+    int t = f->coef[i] == 1 ? f->atom[i]
+                            : sx_op(c, CM_KX_OP, CM_OP_MUL, f->atom[i], sx_const(c, f->coef[i]));
+    acc = acc < 0 ? t : sx_op(c, CM_KX_OP, CM_OP_ADD, acc, t);
+  }
+  if (f->k != 0) acc = sx_op(c, CM_KX_OP, CM_OP_ADD, acc, sx_const(c, f->k));
+  if (c->oom || !sf_grow(c)) return acc;
+  if (c->nform[acc] < 0) {
+    sform *fs = grow(c->forms, &c->cap_forms, c->n_forms + 1, sizeof *fs);
+    if (!fs) {
+      c->oom = true;
+      return acc;
+    }
+    c->forms = fs;
+    fs[c->n_forms] = *f;
+    c->nform[acc] = c->n_forms++;
+  }
+  return acc;
+}
+
+/* x div C (want_div) or x mod C for C > 0, x >= 0: the terms with coefficients
+ * divisible by C pass through the div (and vanish in the mod); the rest R is
+ * what remains, itself when 0 <= R < C. NULL result: no rule applies. */
+static bool sf_divmod(sctx *c, const sform *x, int64_t C, bool want_div, sform *out) {
+  int64_t xl, xh;
+  sf_range(c, x, &xl, &xh);
+  if (xl < 0 || xh == INT64_MAX) return false;
+  sform H = {0, {0}, {0}, 0}, R = {0, {0}, {0}, 0};
+  int64_t kq = x->k / C, kr = x->k % C;
+  if (kr < 0) kr += C, kq -= 1;
+  H.k = kq, R.k = kr;
+  for (int i = 0; i < x->n; i++) {
+    if (x->coef[i] % C == 0)
+      H.atom[H.n] = x->atom[i], H.coef[H.n++] = x->coef[i] / C;
+    else
+      R.atom[R.n] = x->atom[i], R.coef[R.n++] = x->coef[i];
+  }
+  int64_t rl, rh;
+  sf_range(c, &R, &rl, &rh);
+  if (rl < 0 || rh == INT64_MAX) return false;
+  sform part;
+  bool have = false;
+  if (rh < C) {
+    part = want_div ? (sform){0, {0}, {0}, 0} : R;
+    have = true;
+  }
+  /* R = d X + R0 with d | C, 0 <= R0 < d (one term and the constant): R div C =
+     X div (C/d), R mod C = d (X mod (C/d)) + R0, as a split var's q*C + r reads */
+  for (int j = 0; j < R.n && !have && R.n > 1; j++) {
+    int64_t d = 0;
+    for (int i = 0; i < R.n; i++)
+      if (i != j) {
+        int64_t a = R.coef[i] < 0 ? -R.coef[i] : R.coef[i], b = d;
+        while (b) {
+          int64_t t = a % b;
+          a = b, b = t;
+        }
+        d = a;
+      }
+    if (d <= 1 || C % d != 0) continue;
+    sform R0 = {1, {R.atom[j]}, {R.coef[j]}, R.k}, X = {0, {0}, {0}, 0};
+    int64_t l0, h0, lx, hx;
+    sf_range(c, &R0, &l0, &h0);
+    if (l0 < 0 || h0 >= d) continue;
+    for (int i = 0; i < R.n; i++)
+      if (i != j) X.atom[X.n] = R.atom[i], X.coef[X.n++] = R.coef[i] / d;
+    sf_range(c, &X, &lx, &hx);
+    sform q;
+    if (lx < 0 || hx == INT64_MAX || !sf_divmod(c, &X, C / d, want_div, &q)) continue;
+    if (want_div) {
+      part = q;
+    } else {
+      part = R0;
+      if (!sf_add(&part, &q, d)) continue;
+    }
+    have = true;
+  }
+  if (!have) {
+    int r = -1;
+    int64_t C2;
+    const cm_kexpr *y = NULL;
+    if (R.n == 1 && R.coef[0] == 1 && R.k == 0) y = &c->ns->exprs[R.atom[0]];
+    if (want_div && y && y->kind == CM_KX_OP && y->op == CM_OP_DIV && sx_is_const(c, y->b, &C2) &&
+        C2 > 0 && !__builtin_mul_overflow(C2, C, &C2) && sf_small(C2)) {
+      int64_t yl, yh;
+      sx_range(c, y->a, &yl, &yh);
+      if (yl >= 0) r = sx_op(c, CM_KX_OP, CM_OP_DIV, y->a, sx_const(c, C2));
+    } else if (!want_div && y && y->kind == CM_KX_MOD && sx_is_const(c, y->b, &C2) && C2 > 0 &&
+               C2 % C == 0) {
+      r = sx_op(c, CM_KX_MOD, 0, y->a, sx_const(c, C));
+    }
+    if (r < 0) {
+      int m = sf_materialize(c, &R);
+      r = want_div ? sx_op(c, CM_KX_OP, CM_OP_DIV, m, sx_const(c, C))
+                   : sx_op(c, CM_KX_MOD, 0, m, sx_const(c, C));
+    }
+    part = sf_atom(r);
+  }
+  if (!want_div) {
+    *out = part;
+    return true;
+  }
+  *out = H;
+  return sf_add(out, &part, 1);
+}
+
+static int sx_mat(sctx *c, int e);
+
+/* Builds old i64 expression e's form (every i64 expression gets one: what does
+ * not decompose becomes an atom). */
+static void sx_form(sctx *c, int e) {
+  const cm_kexpr *x = &c->old->exprs[e];
+  sform f;
+  bool done = false;
+  if (x->kind == CM_KX_CONST && sf_small((int64_t)x->value) && x->value == trunc(x->value)) {
+    f = (sform){0, {0}, {0}, (int64_t)x->value};
+    done = true;
+  } else if (x->kind == CM_KX_VAR) {
+    cm_kexpr v = blank(CM_KX_VAR, CM_I64);
+    v.var = c->split_v >= 0 && x->var > c->split_v ? x->var + 1 : x->var;
+    f = sf_atom(sx_mk(c, v));
+    if (x->var == c->split_v) {
+      v.var = x->var + 1;
+      sform r = sf_atom(sx_mk(c, v));
+      f.coef[0] = c->split_c;
+      sf_add(&f, &r, 1);
+    }
+    done = true;
+  } else if (x->kind == CM_KX_OP || x->kind == CM_KX_MOD) {
+    int ops[2] = {x->a, x->b};
+    for (int j = 0; j < 2; j++) {
+      const cm_kexpr *o = ops[j] >= 0 ? &c->old->exprs[ops[j]] : NULL;
+      if (o && o->dtype == CM_I64 && o->kind != CM_KX_LOAD && o->kind != CM_KX_ACC &&
+          !c->has[ops[j]])
+        sx_form(c, ops[j]);
+    }
+    const sform *a = x->a >= 0 && c->has[x->a] ? &c->of[x->a] : NULL;
+    const sform *b = x->b >= 0 && c->has[x->b] ? &c->of[x->b] : NULL;
+    cm_op op = x->kind == CM_KX_MOD ? CM_OP_CAST : x->op; /* CAST: stands for mod here */
+    if (a && b && (op == CM_OP_ADD || op == CM_OP_SUB)) {
+      f = *a;
+      done = sf_add(&f, b, op == CM_OP_ADD ? 1 : -1);
+    } else if (a && b && op == CM_OP_MUL && (a->n == 0 || b->n == 0)) {
+      f = (sform){0, {0}, {0}, 0};
+      done = sf_add(&f, a->n == 0 ? b : a, a->n == 0 ? a->k : b->k);
+    } else if (a && x->kind == CM_KX_OP && op == CM_OP_NEG) {
+      f = (sform){0, {0}, {0}, 0};
+      done = sf_add(&f, a, -1);
+    } else if (a && b && (x->kind == CM_KX_MOD || op == CM_OP_DIV) && b->n == 0 && b->k > 0) {
+      done = sf_divmod(c, a, b->k, x->kind != CM_KX_MOD, &f);
+    } else if (a && b && (op == CM_OP_MIN || op == CM_OP_MAX)) {
+      int64_t al, ah, bl, bh;
+      sf_range(c, a, &al, &ah);
+      sf_range(c, b, &bl, &bh);
+      bool a_le_b = ah != INT64_MAX && bl != INT64_MIN && ah <= bl;
+      bool b_le_a = bh != INT64_MAX && al != INT64_MIN && bh <= al;
+      if (a_le_b || b_le_a) {
+        f = (op == CM_OP_MIN) == a_le_b ? *a : *b;
+        done = true;
+      }
+    }
+    if (done) done = sf_pair(c, &f);
+  }
+  if (!done) f = sf_atom(sx_mat(c, -1 - e)); /* the expression rebuilt as is */
+  int64_t lo, hi;
+  sf_range(c, &f, &lo, &hi);
+  if (lo == hi && sf_small(lo)) f = (sform){0, {0}, {0}, lo};
+  c->of[e] = f;
+  c->has[e] = true;
+}
+
+/* The new id of old expression e; e < 0 means old expression -1-e rebuilt
+ * with mapped operands (no form). */
+static int sx_mat(sctx *c, int e) {
+  bool raw = e < 0;
+  if (raw) e = -1 - e;
+  if (!raw && c->mat[e] >= 0) return c->mat[e];
+  const cm_kexpr *x = &c->old->exprs[e];
+  if (!raw && x->dtype == CM_I64 && x->kind != CM_KX_LOAD && x->kind != CM_KX_ACC) {
+    if (!c->has[e]) sx_form(c, e);
+    return c->mat[e] = sf_materialize(c, &c->of[e]);
+  }
+  cm_kexpr n = *x;
+  int r = -1;
+  if (x->kind == CM_KX_OP && x->op == CM_OP_SELECT) {
+    int cond = sx_mat(c, x->a);
+    const cm_kexpr *ce = &c->ns->exprs[cond];
+    if (ce->kind == CM_KX_CONST) r = sx_mat(c, ce->value != 0 ? x->b : x->c);
+  } else if (x->kind == CM_KX_OP &&
+             (x->op == CM_OP_LT || x->op == CM_OP_LE || x->op == CM_OP_EQ || x->op == CM_OP_NE) &&
+             c->old->exprs[x->a].dtype == CM_I64 && c->old->exprs[x->b].dtype == CM_I64) {
+    int64_t al, ah, bl, bh;
+    sx_range(c, sx_mat(c, x->a), &al, &ah);
+    sx_range(c, sx_mat(c, x->b), &bl, &bh);
+    bool known = al != INT64_MIN && ah != INT64_MAX && bl != INT64_MIN && bh != INT64_MAX;
+    int t = -1;
+    if (known && x->op == CM_OP_LT) t = ah < bl ? 1 : al >= bh ? 0 : -1;
+    if (known && x->op == CM_OP_LE) t = ah <= bl ? 1 : al > bh ? 0 : -1;
+    if (known && (x->op == CM_OP_EQ || x->op == CM_OP_NE)) {
+      if (al == ah && bl == bh && al == bl) t = x->op == CM_OP_EQ;
+      if (ah < bl || bh < al) t = x->op == CM_OP_NE;
+    }
+    if (t >= 0 && x->dtype == CM_BOOL) {
+      cm_kexpr k = blank(CM_KX_CONST, CM_BOOL);
+      k.value = t;
+      if (sf_grow(c)) r = push(c->ns, k);
+    }
+  }
+  if (r < 0) {
+    if (x->kind != CM_KX_CONST && x->kind != CM_KX_VAR && x->kind != CM_KX_ACC) {
+      if (x->a >= 0) n.a = sx_mat(c, x->a);
+      if (x->b >= 0) n.b = sx_mat(c, x->b);
+      if (x->c >= 0) n.c = sx_mat(c, x->c);
+    }
+    r = sx_mk(c, n);
+  }
+  if (!raw) c->mat[e] = r;
+  return r;
+}
+
+/* Keeps only what the roots reach, renumbered in order. */
+static void sx_compact(cm_kstage *s) {
+  bool *live = calloc((size_t)s->n_exprs + 1, 1);
+  int *to = malloc(sizeof(int) * ((size_t)s->n_exprs + 1));
+  if (!live || !to) {
+    free(live), free(to);
+    return;
+  }
+  if (s->n_red > 0) reach(s, s->body, live);
+  for (int j = 0; j < s->n_stores; j++) {
+    reach(s, s->stores[j].index, live);
+    reach(s, s->stores[j].value, live);
+  }
+  if (s->tmpl == CM_KT_GEMM) reach(s, s->gemm_a, live), reach(s, s->gemm_b, live);
+  int n = 0;
+  for (int i = 0; i < s->n_exprs; i++) {
+    to[i] = live[i] ? n : -1;
+    if (!live[i]) continue;
+    cm_kexpr e = s->exprs[i];
+    if (e.kind != CM_KX_CONST && e.kind != CM_KX_VAR && e.kind != CM_KX_ACC) {
+      if (e.a >= 0) e.a = to[e.a];
+      if (e.b >= 0) e.b = to[e.b];
+      if (e.c >= 0) e.c = to[e.c];
+    }
+    s->exprs[n++] = e;
+  }
+  if (s->n_red > 0) s->body = to[s->body];
+  for (int j = 0; j < s->n_stores; j++) {
+    s->stores[j].index = to[s->stores[j].index];
+    s->stores[j].value = to[s->stores[j].value];
+  }
+  if (s->tmpl == CM_KT_GEMM) s->gemm_a = to[s->gemm_a], s->gemm_b = to[s->gemm_b];
+  s->n_exprs = n;
+  free(live), free(to);
+}
+
+static cm_status simplify_pass(cm_kstage *s, int split_v, int64_t split_c, cm_err *err) {
+  int n = s->n_exprs;
+  if (n <= 0) return CM_OK;
+  for (int e = 0; e < n; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    int ops[3] = {x->a, x->b, x->c};
+    bool leaf = x->kind == CM_KX_CONST || x->kind == CM_KX_VAR || x->kind == CM_KX_ACC;
+    for (int j = 0; j < 3 && !leaf; j++)
+      if (ops[j] >= e || ops[j] < -1)
+        return cm_errorf(err, CM_EINVALID,
+                         "cm_kstage_simplify: stage %s expression %d: operand %d not smaller",
+                         s->name, e, ops[j]);
+  }
+  cm_kstage ns = *s;
+  ns.exprs = NULL;
+  ns.n_exprs = ns.cap_exprs = 0;
+  if (split_v >= 0) {
+    for (int v = s->n_dom; v > split_v + 1; v--) ns.dom[v] = ns.dom[v - 1];
+    ns.dom[split_v] = s->dom[split_v] / split_c;
+    ns.dom[split_v + 1] = split_c;
+    ns.n_dom++;
+    if (split_v < s->n_parallel) ns.n_parallel++;
+  }
+  sctx c;
+  memset(&c, 0, sizeof c);
+  c.old = s;
+  c.ns = &ns;
+  c.split_v = split_v;
+  c.split_c = split_c;
+  c.mat = malloc(sizeof(int) * (size_t)n);
+  c.of = malloc(sizeof(sform) * (size_t)n);
+  c.has = calloc((size_t)n, 1);
+  cm_status st = CM_OK;
+  if (!c.mat || !c.of || !c.has) c.oom = true;
+  if (!c.oom) {
+    for (int e = 0; e < n; e++) c.mat[e] = -1;
+    if (s->n_red > 0 && s->body >= 0 && s->body < n) ns.body = sx_mat(&c, s->body);
+    if (s->tmpl == CM_KT_GEMM && s->gemm_a >= 0 && s->gemm_a < n && s->gemm_b >= 0 &&
+        s->gemm_b < n) {
+      ns.gemm_a = sx_mat(&c, s->gemm_a);
+      ns.gemm_b = sx_mat(&c, s->gemm_b);
+    }
+    for (int j = 0; j < s->n_stores && !c.oom; j++) {
+      if (s->stores[j].index < 0 || s->stores[j].index >= n || s->stores[j].value < 0 ||
+          s->stores[j].value >= n) {
+        st =
+            cm_errorf(err, CM_EINVALID,
+                      "cm_kstage_simplify: stage %s store %d: expression out of range", s->name, j);
+        break;
+      }
+      ns.stores[j].index = sx_mat(&c, s->stores[j].index);
+      ns.stores[j].value = sx_mat(&c, s->stores[j].value);
+    }
+  }
+  if (c.oom && st == CM_OK)
+    st = cm_errorf(err, CM_EINTERNAL, "cm_kstage_simplify: stage %s: out of memory", s->name);
+  if (st == CM_OK) {
+    sx_compact(&ns);
+    free(s->exprs);
+    *s = ns;
+  } else {
+    free(ns.exprs);
+  }
+  free(c.mat), free(c.of), free(c.has), free(c.lo), free(c.hi), free(c.rng), free(c.nform),
+      free(c.forms);
+  return st;
+}
+
+static int count_divmod(const cm_kstage *s) {
+  int n = 0;
+  for (int e = 0; e < s->n_exprs; e++)
+    n += s->exprs[e].kind == CM_KX_MOD ||
+         (s->exprs[e].kind == CM_KX_OP && s->exprs[e].op == CM_OP_DIV &&
+          s->exprs[e].dtype == CM_I64);
+  return n;
+}
+
+cm_status cm_kstage_simplify(cm_kstage *s, cm_err *err) {
+  /* other templates keep expression ids of their own: left as they are */
+  if (s->tmpl != CM_KT_NONE && s->tmpl != CM_KT_GEMM) return CM_OK;
+  cm_status st = simplify_pass(s, -1, 0, err);
+  if (st != CM_OK || s->tmpl != CM_KT_NONE || s->n_dom < 1 || s->n_dom + s->n_red >= CM_KMAX_VARS)
+    return st;
+  /* the innermost var still divided by C (a flattened axis pair, like heads x
+     head dim): split into q*C + r so that r runs contiguously and vectorizes */
+  int v = s->n_dom - 1;
+  int64_t E = s->dom[v], best = 0;
+  for (int e = 0; e < s->n_exprs; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    bool dm =
+        x->kind == CM_KX_MOD || (x->kind == CM_KX_OP && x->op == CM_OP_DIV && x->dtype == CM_I64);
+    double cv;
+    if (!dm || !cm_kx_is_const(s, x->b, &cv) || !(cm_kx_vars_used(s, x->a) & (1u << v))) continue;
+    int64_t C = (int64_t)cv;
+    if (C >= 16 && C < E && E % C == 0 && (best == 0 || C < best)) best = C;
+  }
+  if (best == 0) return CM_OK;
+  cm_kstage t = *s;
+  t.exprs = malloc(sizeof *t.exprs * (size_t)(s->n_exprs + 1));
+  if (!t.exprs) return CM_OK;
+  memcpy(t.exprs, s->exprs, sizeof *t.exprs * (size_t)s->n_exprs);
+  t.cap_exprs = s->n_exprs + 1;
+  cm_err ignored = {0}; /* the split is optional: a failure keeps the stage as it is */
+  if (simplify_pass(&t, v, best, &ignored) == CM_OK && count_divmod(&t) < count_divmod(s)) {
+    free(s->exprs);
+    *s = t;
+  } else {
+    free(t.exprs);
+  }
   return CM_OK;
 }

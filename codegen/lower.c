@@ -5,7 +5,10 @@
  * the expressions of the stage that needs it (value()), memoized per stage on
  * (node, index expressions) because the graphs are DAGs. Not lowered yet:
  * conv2d as a generic reduction (no GEMM template yet); epilogues
- * (elementwise outputs of one contraction/reduction with no other use) are fused into its stage. */
+ * (elementwise outputs of one contraction/reduction with no other use) are fused into its stage.
+ * Attention groups: values over the score rows with several consumers get a
+ * stage of their own (mark_shared), and the stages from the first GEMM on are
+ * marked as a fused attention span where cm_kattn_check holds (mark_attention). */
 #include "codegen.h"
 
 #include <stdlib.h>
@@ -28,6 +31,7 @@ typedef struct lctx {
   int acc_node; /* epilogue: this node's value is the stage's ACC */
   int acc_dv[CM_MAX_RANK];
   bool acc_fail; /* an epilogue read acc_node at another index */
+  bool *shared;  /* per node: an attention value materialized once (mark_shared) */
   cm_err *err;
   cm_status st;
 } lctx;
@@ -57,6 +61,10 @@ static bool is_materialized_op(cm_op op) {
   return op == CM_OP_REDUCE_SUM || op == CM_OP_REDUCE_MAX || op == CM_OP_MATMUL ||
          op == CM_OP_CONV2D || op == CM_OP_CONV2D_GRAD_INPUT || op == CM_OP_CONV2D_GRAD_WEIGHT ||
          op == CM_OP_SCATTER_ADD;
+}
+
+static bool is_mat(const lctx *c, int id) {
+  return is_materialized_op(c->g->nodes[id].op) || (c->shared && c->shared[id]);
 }
 
 static int linear(cm_kstage *s, const cm_type *t, const int *idx) {
@@ -272,6 +280,27 @@ static void gemm_tiles(cm_kstage *s, const cm_lower_opts *o) {
   if (t.mc > round_up(M, t.mr)) t.mc = round_up(M, t.mr);
   if (t.nc > round_up(Nn, t.nr)) t.nc = round_up(Nn, t.nr);
   if (t.kc > K) t.kc = (int)K;
+  /* a GEMM of few blocks (a weight gradient: small M x N, long K) would leave
+     threads idle: smaller blocks until there are 4 (each block repacks its
+     operands: not more), while a block keeps 2x2 register blocks; then the
+     blocks are evened out so that no thread gets a larger share */
+  if (!o || o->target != CM_TARGET_CUDA) {
+    int64_t batch = 1;
+    for (int d = 0; d < s->n_dom - 2; d++) batch *= s->dom[d];
+    for (int guard = 0; guard < 8; guard++) {
+      int64_t blocks = batch * ((M + t.mc - 1) / t.mc) * ((Nn + t.nc - 1) / t.nc);
+      if (blocks >= 4) break;
+      if (t.nc >= 4 * t.nr && t.nc >= t.mc / t.mr * t.nr / 2)
+        t.nc = round_up(t.nc / 2, t.nr);
+      else if (t.mc >= 4 * t.mr)
+        t.mc = round_up(t.mc / 2, t.mr);
+      else
+        break;
+    }
+    int64_t mb = (M + t.mc - 1) / t.mc, nb = (Nn + t.nc - 1) / t.nc;
+    t.mc = round_up((M + mb - 1) / mb, t.mr);
+    t.nc = round_up((Nn + nb - 1) / nb, t.nr);
+  }
   s->tiles = t;
 }
 
@@ -593,13 +622,13 @@ static int find_epilogue(lctx *c, int h, const int *out_buf, const bool *done, i
   dep[h] = 1;
   for (int i = 0; i < gr->n_nodes; i++) {
     int x = gr->nodes[i];
-    if (x == h || !ing[x] || is_materialized_op(N(c, x)->op)) continue;
+    if (x == h || !ing[x] || is_mat(c, x)) continue;
     for (int k = 0; k < N(c, x)->n_inputs; k++) dep[x] |= dep[N(c, x)->inputs[k]];
   }
   for (int j = 0; j < gr->n_outputs && ne < CM_KMAX_STORES - 1; j++) {
     int o = gr->outputs[j];
     const cm_type *ot = &N(c, o)->type;
-    if (done[j] || !dep[o] || is_materialized_op(N(c, o)->op) || ot->rank != ht->rank ||
+    if (done[j] || !dep[o] || is_mat(c, o) || ot->rank != ht->rank ||
         memcmp(ot->dims, ht->dims, sizeof(int64_t) * (size_t)ht->rank))
       continue;
     /* the cone of o within the group must reach no materialized node but h */
@@ -612,7 +641,7 @@ static int find_epilogue(lctx *c, int h, const int *out_buf, const bool *done, i
     while (sp > 0 && ok) {
       int x = stack[--sp];
       if (x == h) continue;
-      if (is_materialized_op(N(c, x)->op)) ok = false;
+      if (is_mat(c, x)) ok = false;
       for (int k = 0; k < N(c, x)->n_inputs && ok; k++) {
         int y = N(c, x)->inputs[k];
         if (ing[y] && !seen[y]) seen[y] = 1, stack[sp++] = y;
@@ -641,6 +670,183 @@ static int find_epilogue(lctx *c, int h, const int *out_buf, const bool *done, i
   }
   free(ing), free(dep), free(in_u), free(stack);
   return ne;
+}
+
+/* ---- attention spans ------------------------------------------------------- */
+
+/* Whether stages [first, end) access buffer b, and whether any stage outside does. */
+static void attn_uses(const cm_kernel *k, int b, int first, int end, bool *in, bool *out) {
+  *in = *out = false;
+  for (int si = 0; si < k->n_stages; si++) {
+    const cm_kstage *s = &k->stages[si];
+    bool hit = false;
+    for (int e = 0; e < s->n_exprs && !hit; e++)
+      hit = s->exprs[e].kind == CM_KX_LOAD && s->exprs[e].buf == b;
+    for (int j = 0; j < s->n_stores && !hit; j++) hit = s->stores[j].buf == b;
+    if (!hit) continue;
+    if (si >= first && si < end)
+      *in = true;
+    else
+      *out = true;
+  }
+}
+
+/* The softmax scale: a constant factor of the first load of S in the stage after the first. */
+static double attn_scale(const cm_kernel *k, int first) {
+  if (first + 1 >= k->n_stages) return 0;
+  const cm_kstage *s = &k->stages[first + 1];
+  for (int e = 0; e < s->n_exprs; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    if (x->kind != CM_KX_OP || x->op != CM_OP_MUL || x->b < 0) continue;
+    double v;
+    if (s->exprs[x->a].kind == CM_KX_LOAD && cm_kx_is_const(s, x->b, &v)) return v;
+  }
+  return 0;
+}
+
+/* Query rows per block: about 48 rows (an S tile of 48 x N floats stays in L2
+ * with N ~ 200), split evenly, a multiple of the register block's rows. */
+static int attn_br(int64_t rows, int mr) {
+  int64_t nblk = (rows + 47) / 48;
+  int64_t br = (rows + nblk - 1) / nblk;
+  br = (br + mr - 1) / mr * mr;
+  return br >= rows ? (int)rows : (int)br;
+}
+
+/* Marks the longest span of an attention group's stages, from its first GEMM
+ * stage, that fuses (cm_kattn_check holds); row blocks when every stage is
+ * local to the query row, else whole batch items. Leaves the kernel as is when
+ * no span holds. */
+static void mark_attention(cm_kernel *k, const cm_lower_opts *o) {
+  if (o && o->no_templates) return;
+  int first = -1;
+  for (int si = 0; si < k->n_stages && first < 0; si++)
+    if (k->stages[si].tmpl == CM_KT_GEMM) first = si;
+  if (first < 0) return;
+  cm_kstage *s0 = &k->stages[first];
+  if (s0->n_dom < 2 || s0->red_op != CM_KRED_SUM) return;
+  cm_kstage saved = *s0;
+  int nb = s0->n_dom - 2;
+  int64_t rows = s0->dom[nb];
+  int mr = s0->tiles.mr > 0 ? s0->tiles.mr : 6, nr = s0->tiles.nr > 0 ? s0->tiles.nr : 16;
+  int n_max = 0;
+  for (int end = k->n_stages; end >= first + 2; end--) {
+    cm_kattn a;
+    memset(&a, 0, sizeof a);
+    a.span = end - first;
+    a.nb = nb;
+    a.rows = rows;
+    a.bc = (int)(rows < 64 ? rows : 64);
+    a.scale = attn_scale(k, first);
+    int64_t bat = 1;
+    for (int v = 0; v < nb; v++) bat *= s0->dom[v];
+    bool ok = true;
+    for (int b = 0; b < k->n_buffers && ok; b++) {
+      if (k->buffers[b].kind != CM_KBUF_SCRATCH) continue;
+      bool in, out;
+      attn_uses(k, b, first, end, &in, &out);
+      if (!in || out) continue;
+      if (a.n_local == CM_KATTN_MAX_LOCAL || k->buffers[b].numel % (bat * rows)) {
+        ok = false;
+        break;
+      }
+      a.local_row[a.n_local] = k->buffers[b].numel / (bat * rows);
+      a.local[a.n_local++] = b;
+    }
+    if (!ok || a.n_local == 0) continue;
+    n_max = 0;
+    for (int si = first; si < end; si++) n_max += k->stages[si].red_op == CM_KRED_MAX;
+    for (int pass = 0; pass < 2; pass++) {
+      a.br = pass == 0 ? attn_br(rows, mr) : (int)rows;
+      if (pass == 1 && a.br == attn_br(rows, mr)) break;
+      s0->tmpl = n_max > 0 ? CM_KT_ATTENTION_FWD : CM_KT_ATTENTION_BWD;
+      s0->attn = a;
+      s0->n_parallel = nb;
+      cm_err e;
+      if (cm_kattn_check(k, first, &e) == CM_OK) {
+        s0->attn.ws_bytes = cm_kattn_workspace(k, first, mr, nr, NULL, NULL);
+        return;
+      }
+    }
+    *s0 = saved;
+  }
+}
+
+/* Values of an attention group over the score rows (N x N per batch item)
+ * that several consumers would recompute: exp(s - max) (row sum, P, the
+ * stored copies) and an operand of two matmuls (dS for dQ and dK). Each gets
+ * a stage of its own, so a fused rendering computes it once into a local tile. */
+static void mark_shared(lctx *c) {
+  const cm_graph *g = c->g;
+  const cm_group *gr = c->gr;
+  int64_t rows = -1;
+  for (int i = 0; i < gr->n_nodes && rows < 0; i++)
+    if (g->nodes[gr->nodes[i]].op == CM_OP_MATMUL)
+      rows = cm_type_numel(&g->nodes[gr->nodes[i]].type);
+  if (rows < 0) return;
+  char *ing = calloc((size_t)g->n_nodes, 1);
+  c->shared = calloc((size_t)g->n_nodes, sizeof(bool));
+  if (!ing || !c->shared) abort();
+  for (int i = 0; i < gr->n_nodes; i++) ing[gr->nodes[i]] = 1;
+  for (int j = 0; j < gr->n_inputs; j++) ing[gr->inputs[j]] = 0;
+  for (int i = 0; i < gr->n_nodes; i++) {
+    int x = gr->nodes[i];
+    const cm_node *n = &g->nodes[x];
+    if (!ing[x] || cm_op_get_info(n->op)->category != CM_CAT_ELEMENTWISE ||
+        !cm_dtype_is_float(n->type.dtype) || n->type.rank < 2 || cm_type_numel(&n->type) != rows)
+      continue;
+    int users = 0, matmuls = 0;
+    for (int u = x + 1; u < g->n_nodes; u++) {
+      if (!ing[u]) continue;
+      bool uses = false;
+      for (int k = 0; k < g->nodes[u].n_inputs; k++) uses |= g->nodes[u].inputs[k] == x;
+      if (!uses) continue;
+      users++;
+      /* through views to a matmul */
+      int v = u;
+      while (v >= 0 && (g->nodes[v].op == CM_OP_RESHAPE || g->nodes[v].op == CM_OP_PERMUTE)) {
+        int next = -1, cnt = 0;
+        for (int w = v + 1; w < g->n_nodes; w++)
+          for (int k = 0; ing[w] && k < g->nodes[w].n_inputs; k++)
+            if (g->nodes[w].inputs[k] == v) next = w, cnt++;
+        v = cnt == 1 ? next : -1;
+      }
+      if (v >= 0 && g->nodes[v].op == CM_OP_MATMUL) matmuls++;
+    }
+    c->shared[x] = (n->op == CM_OP_EXP && users >= 2) || matmuls >= 2;
+  }
+  free(ing);
+}
+
+/* A stage writing shared value id (mark_shared) into its output or scratch buffer. */
+static void lower_shared(lctx *c, int id, const int *out_buf) {
+  const cm_node *n = N(c, id);
+  const cm_type *t = &n->type;
+  int b = -1;
+  for (int j = 0; j < c->gr->n_outputs; j++)
+    if (c->gr->outputs[j] == id) b = out_buf[j];
+  if (b < 0) {
+    int64_t bytes = cm_type_numel(t) * (int64_t)cm_dtype_size(t->dtype);
+    b = cm_kernel_add_buffer(c->k, CM_KBUF_SCRATCH, t->dtype, cm_type_numel(t), id,
+                             c->k->scratch_bytes);
+    c->k->scratch_bytes += (bytes + 63) / 64 * 64;
+  }
+  char name[64];
+  snprintf(name, sizeof name, "s%d_%s", c->k->n_stages, cm_op_name(n->op));
+  cm_kstage *s = cm_kernel_add_stage(c->k, name);
+  c->n_memo = 0;
+  int dv[CM_MAX_RANK];
+  s->n_dom = t->rank;
+  for (int i = 0; i < t->rank; i++) s->dom[i] = t->dims[i], dv[i] = cm_kx_var(s, i);
+  int v = value(c, s, id, dv);
+  if (v < 0) {
+    fail(c, CM_EINTERNAL, id, "no value for a shared attention value");
+    return;
+  }
+  s->stores[s->n_stores++] = (cm_kstore){b, linear(s, t, dv), v};
+  c->k->buffers[b].written = true;
+  finish_stage(s);
+  c->buf_of[id] = b;
 }
 
 cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const cm_lower_opts *o,
@@ -699,14 +905,19 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   }
   bool *done = calloc((size_t)gr->n_outputs + 1, sizeof(bool));
   if (!done) abort();
+  if (c.st == CM_OK && gr->kind == CM_GROUP_ATTENTION && !(o && o->no_templates)) mark_shared(&c);
   /* materialized nodes, in topological order */
   for (int i = 0; i < gr->n_nodes && c.st == CM_OK; i++) {
     int id = gr->nodes[i];
     const cm_node *n = &g->nodes[id];
-    if (!is_materialized_op(n->op)) continue;
+    if (!is_mat(&c, id)) continue;
     c.written = realloc(c.written, sizeof(bool) * (size_t)out->n_buffers);
     if (!c.written) abort();
     memset(c.written, 0, sizeof(bool) * (size_t)out->n_buffers);
+    if (c.shared && c.shared[id]) {
+      lower_shared(&c, id, out_buf);
+      continue;
+    }
     int eo[CM_KMAX_STORES], eb[CM_KMAX_STORES];
     int ne = find_epilogue(&c, id, out_buf, done, eo, eb);
     if (ne > 0 && lower_materialized(&c, id, -1, eo, eb, ne) == CM_OK) {
@@ -739,7 +950,7 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   memset(c.written, 0, sizeof(bool) * (size_t)out->n_buffers);
   for (int i = 0; i < gr->n_outputs && c.st == CM_OK; i++) {
     int id = gr->outputs[i];
-    if (done[i] || (is_materialized_op(g->nodes[id].op) && c.buf_of[id] == out_buf[i])) continue;
+    if (done[i] || (is_mat(&c, id) && c.buf_of[id] == out_buf[i])) continue;
     const cm_type *t = &g->nodes[id].type;
     char name[64];
     snprintf(name, sizeof name, "s%d_out", out->n_stages);
@@ -758,7 +969,7 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
       if (done[j] || tj->rank != t->rank ||
           memcmp(tj->dims, t->dims, sizeof(int64_t) * (size_t)t->rank))
         continue;
-      if (is_materialized_op(g->nodes[oj].op) && c.buf_of[oj] == out_buf[j]) continue;
+      if (is_mat(&c, oj) && c.buf_of[oj] == out_buf[j]) continue;
       if (s->n_stores == CM_KMAX_STORES) break;
       int v = value(&c, s, oj, dv);
       if (v < 0) break;
@@ -772,9 +983,14 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   }
   free(done);
   free(out_buf);
+  free(c.shared);
   free(c.buf_of);
   free(c.written);
   free(c.memo);
+  /* flattened-then-unflattened indices become affine: the renderers vectorize them */
+  for (int i = 0; i < out->n_stages && c.st == CM_OK; i++)
+    c.st = cm_kstage_simplify(&out->stages[i], err);
+  if (c.st == CM_OK && gr->kind == CM_GROUP_ATTENTION) mark_attention(out, o);
   if (c.st == CM_OK) c.st = cm_kernel_verify(out, err);
   if (c.st != CM_OK) cm_kernel_free(out);
   return c.st;

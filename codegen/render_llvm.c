@@ -36,6 +36,9 @@ typedef struct rctx {
   int W;
   int unroll; /* GEMM k-loop unroll count */
   LLVMValueRef *bases;
+  LLVMValueRef *ioff; /* per buffer, NULL or an element offset subtracted from every index
+                         (local buffers of a fused attention span) */
+  LLVMValueRef *md_scope, *md_noalias; /* per buffer, NULL or alias.scope / noalias lists */
   LLVMValueRef vars[CM_KMAX_VARS];
   LLVMValueRef acc;   /* CM_KX_ACC in store values */
   LLVMValueRef *memo; /* per evaluation point */
@@ -181,8 +184,17 @@ static LLVMValueRef convert(rctx *c, LLVMValueRef v, cm_dtype from, cm_dtype to)
   return round_to(c, v, to);
 }
 
+/* Alias scopes of a fused attention span: its local tiles share the workspace
+ * but never overlap each other or the kernel's buffers. */
+static void set_scopes(rctx *c, int buf, LLVMValueRef inst) {
+  if (!c->md_scope || !c->md_scope[buf]) return;
+  LLVMSetMetadata(inst, LLVMGetMDKindIDInContext(c->C, "alias.scope", 11), c->md_scope[buf]);
+  LLVMSetMetadata(inst, LLVMGetMDKindIDInContext(c->C, "noalias", 7), c->md_noalias[buf]);
+}
+
 static LLVMValueRef buf_gep(rctx *c, int buf, LLVMValueRef idx) {
   LLVMTypeRef t = mem_type(c, c->k->buffers[buf].dtype);
+  if (c->ioff && c->ioff[buf]) idx = LLVMBuildSub(c->B, idx, c->ioff[buf], "at.idx");
   return LLVMBuildInBoundsGEP2(c->B, t, c->bases[buf], &idx, 1, "p");
 }
 
@@ -190,6 +202,7 @@ static LLVMValueRef load_buf(rctx *c, int buf, LLVMValueRef idx) {
   cm_dtype dt = c->k->buffers[buf].dtype;
   LLVMValueRef p = buf_gep(c, buf, idx);
   LLVMValueRef v = LLVMBuildLoad2(c->B, mem_type(c, dt), p, "ld");
+  set_scopes(c, buf, v);
   switch (dt) {
   case CM_BF16: return bf16_to_float(c, v);
   case CM_F16: return LLVMBuildFPExt(c->B, v, c->f32, "");
@@ -219,7 +232,7 @@ static void store_buf(rctx *c, int buf, LLVMValueRef idx, LLVMValueRef v, cm_dty
   case CM_BOOL: x = LLVMBuildZExt(c->B, x, c->i8, ""); break;
   default: break;
   }
-  LLVMBuildStore(c->B, x, p);
+  set_scopes(c, buf, LLVMBuildStore(c->B, x, p));
 }
 
 /* ---- expressions ------------------------------------------------------ */
@@ -292,6 +305,142 @@ static LLVMValueRef emit_int_op(rctx *c, int e, const cm_kexpr *x) {
   }
 }
 
+/* ---- f32 math inline: exp, log, tanh, erf ---------------------------------
+ * Built from plain arithmetic, so that the loop vectorizer widens them (LLVM's
+ * vector library tables have no erf or tanh, and libm calls stay scalar).
+ * Measured against the double-precision oracle over dense sweeps, extremes,
+ * denormals, infinities and NaN (tests/unit/test_vmath.c): within 2 ulp. */
+
+static LLVMValueRef fk(rctx *c, double v) {
+  return LLVMConstReal(c->f32, v);
+}
+
+static LLVMValueRef fma3(rctx *c, LLVMValueRef a, LLVMValueRef b, LLVMValueRef d) {
+  LLVMValueRef args[3] = {a, b, d};
+  LLVMTypeRef t = LLVMTypeOf(a);
+  return intrin(c, "llvm.fma", &t, 1, args, 3, "fma");
+}
+
+/* k[0] + t*(k[1] + t*(... k[n-1])) */
+static LLVMValueRef horner(rctx *c, LLVMValueRef t, const double *k, int n) {
+  LLVMValueRef r = fk(c, k[n - 1]);
+  for (int i = n - 2; i >= 0; i--) r = fma3(c, r, t, fk(c, k[i]));
+  return r;
+}
+
+static LLVMValueRef fsel(rctx *c, LLVMRealPredicate p, LLVMValueRef a, LLVMValueRef b,
+                         LLVMValueRef yes, LLVMValueRef no) {
+  return LLVMBuildSelect(c->B, LLVMBuildFCmp(c->B, p, a, b, ""), yes, no, "");
+}
+
+/* 2^n for i32 n in [-126, 127] */
+static LLVMValueRef pow2i(rctx *c, LLVMValueRef n) {
+  LLVMValueRef b = LLVMBuildShl(c->B, LLVMBuildAdd(c->B, n, LLVMConstInt(c->i32, 127, 0), ""),
+                                LLVMConstInt(c->i32, 23, 0), "");
+  return LLVMBuildBitCast(c->B, b, c->f32, "pow2");
+}
+
+/* exp: x = n ln2 + r (Cody-Waite), e^r by its degree-7 Taylor polynomial
+ * (|r| <= ln2/2: truncation 6e-9), times 2^n in two halves so that results in
+ * the denormal range and 2^128 overflow round once. */
+static LLVMValueRef vexp(rctx *c, LLVMValueRef x) {
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef nan = LLVMBuildFCmp(B, LLVMRealUNO, x, x, "isnan");
+  LLVMValueRef xc = LLVMBuildSelect(B, nan, fk(c, 0), x, "");
+  xc = fsel(c, LLVMRealOGT, xc, fk(c, 89), fk(c, 89), xc);
+  xc = fsel(c, LLVMRealOLT, xc, fk(c, -104), fk(c, -104), xc);
+  LLVMValueRef n =
+      intrin1(c, "llvm.roundeven", LLVMBuildFMul(B, xc, fk(c, 1.44269504088896341), ""), "n");
+  LLVMValueRef r = fma3(c, n, fk(c, -0.693145751953125), xc);
+  r = fma3(c, n, fk(c, -1.42860682030941723212e-6), r);
+  static const double k[8] = {1, 1, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040};
+  LLVMValueRef p = horner(c, r, k, 8);
+  LLVMValueRef ni = LLVMBuildFPToSI(B, n, c->i32, "ni");
+  LLVMValueRef n1 = LLVMBuildAShr(B, ni, LLVMConstInt(c->i32, 1, 0), "");
+  LLVMValueRef n2 = LLVMBuildSub(B, ni, n1, "");
+  LLVMValueRef res = LLVMBuildFMul(B, LLVMBuildFMul(B, p, pow2i(c, n1), ""), pow2i(c, n2), "");
+  return LLVMBuildSelect(B, nan, x, res, "exp");
+}
+
+/* log: x = 2^k (1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)), log(1 + f) from
+ * s = f / (2 + f) and a polynomial in s^2 (fdlibm's split into f - f^2/2 +
+ * s (f^2/2 + R)); denormals scaled by 2^23 first. */
+static LLVMValueRef vlog(rctx *c, LLVMValueRef x) {
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef tiny = LLVMBuildAnd(B, LLVMBuildFCmp(B, LLVMRealOLT, x, fk(c, 1.17549435e-38), ""),
+                                   LLVMBuildFCmp(B, LLVMRealOGT, x, fk(c, 0), ""), "tiny");
+  LLVMValueRef xs = LLVMBuildSelect(B, tiny, LLVMBuildFMul(B, x, fk(c, 8388608.0), ""), x, "");
+  LLVMValueRef kadj = LLVMBuildSelect(B, tiny, LLVMConstInt(c->i32, (unsigned long long)-23, 1),
+                                      LLVMConstInt(c->i32, 0, 0), "");
+  LLVMValueRef ix = LLVMBuildBitCast(B, xs, c->i32, "");
+  ix = LLVMBuildAdd(B, ix, LLVMConstInt(c->i32, 0x3f800000 - 0x3f3504f3, 0), "");
+  LLVMValueRef k = LLVMBuildSub(B, LLVMBuildAShr(B, ix, LLVMConstInt(c->i32, 23, 0), ""),
+                                LLVMConstInt(c->i32, 0x7f, 0), "");
+  k = LLVMBuildAdd(B, k, kadj, "k");
+  LLVMValueRef im = LLVMBuildAdd(B, LLVMBuildAnd(B, ix, LLVMConstInt(c->i32, 0x007fffff, 0), ""),
+                                 LLVMConstInt(c->i32, 0x3f3504f3, 0), "");
+  LLVMValueRef f = LLVMBuildFSub(B, LLVMBuildBitCast(B, im, c->f32, ""), fk(c, 1), "f");
+  LLVMValueRef s = LLVMBuildFDiv(B, f, LLVMBuildFAdd(B, f, fk(c, 2), ""), "s");
+  LLVMValueRef z = LLVMBuildFMul(B, s, s, ""), w = LLVMBuildFMul(B, z, z, "");
+  static const double odd[2] = {0.66666662693, 0.28498786688},
+                      even[2] = {0.40000972152, 0.24279078841};
+  LLVMValueRef R = LLVMBuildFAdd(B, LLVMBuildFMul(B, z, horner(c, w, odd, 2), ""),
+                                 LLVMBuildFMul(B, w, horner(c, w, even, 2), ""), "R");
+  LLVMValueRef hfsq = LLVMBuildFMul(B, fk(c, 0.5), LLVMBuildFMul(B, f, f, ""), "hfsq");
+  LLVMValueRef dk = LLVMBuildSIToFP(B, k, c->f32, "dk");
+  LLVMValueRef r =
+      fma3(c, s, LLVMBuildFAdd(B, hfsq, R, ""), LLVMBuildFMul(B, dk, fk(c, 9.0580006145e-06), ""));
+  r = LLVMBuildFAdd(B, LLVMBuildFAdd(B, LLVMBuildFSub(B, r, hfsq, ""), f, ""),
+                    LLVMBuildFMul(B, dk, fk(c, 6.9313812256e-01), ""), "");
+  r = fsel(c, LLVMRealOEQ, x, fk(c, INFINITY), fk(c, INFINITY), r);
+  r = fsel(c, LLVMRealOEQ, x, fk(c, 0), fk(c, -INFINITY), r);
+  return fsel(c, LLVMRealULT, x, fk(c, 0), fk(c, NAN), r); /* x < 0 or NaN */
+}
+
+/* tanh: an odd polynomial below 0.55, else 1 - 2 / (e^{2|x|} + 1) (which
+ * reaches 1 by itself once e^{2|x|} overflows). */
+static LLVMValueRef vtanh(rctx *c, LLVMValueRef x) {
+  LLVMBuilderRef B = c->B;
+  static const double k[6] = {-0.333333343, 0.133333266,    -0.0539650992,
+                              0.0218216702, -0.00853742938, 0.00254011271};
+  LLVMValueRef ax = intrin1(c, "llvm.fabs", x, "ax");
+  LLVMValueRef x2 = LLVMBuildFMul(B, x, x, "");
+  LLVMValueRef small = fma3(c, LLVMBuildFMul(B, x, x2, ""), horner(c, x2, k, 6), x);
+  LLVMValueRef sargs[2] = {small, x};
+  LLVMTypeRef st = c->f32;
+  small = intrin(c, "llvm.copysign", &st, 1, sargs, 2, ""); /* tanh(-0) = -0 */
+  LLVMValueRef e = vexp(c, LLVMBuildFMul(B, ax, fk(c, 2), ""));
+  LLVMValueRef big = LLVMBuildFSub(
+      B, fk(c, 1), LLVMBuildFDiv(B, fk(c, 2), LLVMBuildFAdd(B, e, fk(c, 1), ""), ""), "");
+  LLVMValueRef args[2] = {big, x};
+  LLVMTypeRef t = c->f32;
+  big = intrin(c, "llvm.copysign", &t, 1, args, 2, "");
+  return fsel(c, LLVMRealOLT, ax, fk(c, 0.55), small, big);
+}
+
+/* erf: x P(x^2) below 1; above, 1 - e^{-x^2} Q(1/x) (erfc e^{x^2} is smooth
+ * in 1/x); 1 from 3.93 on, where erfc < half an ulp of 1. */
+static LLVMValueRef verf(rctx *c, LLVMValueRef x) {
+  LLVMBuilderRef B = c->B;
+  static const double ks[7] = {1.12837923,    -0.376126289,    0.112836123,   -0.0268548094,
+                               0.00519005349, -0.000802435388, 7.89820988e-05};
+  static const double kc[9] = {0.000257560838, 0.559250534,  0.0405625403,
+                               -0.466041684,   0.483780742,  -0.222720757,
+                               0.00688249897,  0.0367545895, -0.0111424867};
+  LLVMValueRef ax = intrin1(c, "llvm.fabs", x, "ax");
+  LLVMValueRef x2 = LLVMBuildFMul(B, x, x, "");
+  LLVMValueRef small = LLVMBuildFMul(B, x, horner(c, x2, ks, 7), "");
+  LLVMValueRef axc = fsel(c, LLVMRealOLT, ax, fk(c, 1), fk(c, 1), ax); /* no 1/0 in lanes unused */
+  LLVMValueRef t = LLVMBuildFDiv(B, fk(c, 1), axc, "t");
+  LLVMValueRef ec = LLVMBuildFMul(B, vexp(c, LLVMBuildFNeg(B, x2, "")), horner(c, t, kc, 9), "");
+  LLVMValueRef big = LLVMBuildFSub(B, fk(c, 1), ec, "");
+  big = fsel(c, LLVMRealOGE, ax, fk(c, 3.93), fk(c, 1), big);
+  LLVMValueRef args[2] = {big, x};
+  LLVMTypeRef ft = c->f32;
+  big = intrin(c, "llvm.copysign", &ft, 1, args, 2, "");
+  return fsel(c, LLVMRealOLT, ax, fk(c, 1), small, big);
+}
+
 static LLVMValueRef emit_float_unary(rctx *c, int e, cm_op op, LLVMValueRef a, bool dbl) {
   LLVMBuilderRef B = c->B;
   LLVMTypeRef t = LLVMTypeOf(a);
@@ -299,13 +448,13 @@ static LLVMValueRef emit_float_unary(rctx *c, int e, cm_op op, LLVMValueRef a, b
   switch (op) {
   case CM_OP_NEG: return LLVMBuildFNeg(B, a, "neg");
   case CM_OP_ABS: return intrin1(c, "llvm.fabs", a, "abs");
-  case CM_OP_EXP: return intrin1(c, "llvm.exp", a, "exp");
-  case CM_OP_LOG: return intrin1(c, "llvm.log", a, "log");
+  case CM_OP_EXP: return dbl ? intrin1(c, "llvm.exp", a, "exp") : vexp(c, a);
+  case CM_OP_LOG: return dbl ? intrin1(c, "llvm.log", a, "log") : vlog(c, a);
   case CM_OP_SQRT: return intrin1(c, "llvm.sqrt", a, "sqrt");
   case CM_OP_RSQRT: return LLVMBuildFDiv(B, one, intrin1(c, "llvm.sqrt", a, ""), "rsqrt");
   case CM_OP_RECIP: return LLVMBuildFDiv(B, one, a, "recip");
-  case CM_OP_TANH: return libcall(c, dbl ? "tanh" : "tanhf", t, &a, 1, "tanh");
-  case CM_OP_ERF: return libcall(c, dbl ? "erf" : "erff", t, &a, 1, "erf");
+  case CM_OP_TANH: return dbl ? libcall(c, "tanh", t, &a, 1, "tanh") : vtanh(c, a);
+  case CM_OP_ERF: return dbl ? libcall(c, "erf", t, &a, 1, "erf") : verf(c, a);
   case CM_OP_RELU: /* NaN stays NaN, -0 becomes +0 */
     return LLVMBuildSelect(B, LLVMBuildFCmp(B, LLVMRealUGT, a, zero, ""), a, zero, "relu");
   case CM_OP_STOP_GRADIENT: return a;
@@ -378,8 +527,11 @@ static LLVMValueRef emit_op(rctx *c, int e, const cm_kexpr *x) {
       break;
     }
     case CM_OP_POW: {
+      /* the intrinsic (powf/pow underneath) does not touch memory: a loop-invariant pow, as
+         Adam's bias correction has, is hoisted out of the loop */
       LLVMValueRef args[2] = {a, b};
-      r = libcall(c, dbl ? "pow" : "powf", LLVMTypeOf(a), args, 2, "pow");
+      LLVMTypeRef pt = LLVMTypeOf(a);
+      r = intrin(c, "llvm.pow", &pt, 1, args, 2, "pow");
       break;
     }
     default: r = fail_expr(c, e, "unknown op");
@@ -613,8 +765,163 @@ static LLVMValueRef emit_reduction(rctx *c) {
   return nv;
 }
 
+static bool lin_coef(const cm_kstage *s, int e, int kv, int64_t *coef);
+
+/* Marks in seen[] the expressions e depends on (e included). */
+static void mark_deps(const cm_kstage *s, int e, bool *seen) {
+  if (e < 0 || e >= s->n_exprs || seen[e]) return;
+  seen[e] = true;
+  const cm_kexpr *x = &s->exprs[e];
+  if (x->kind == CM_KX_OP || x->kind == CM_KX_MOD || x->kind == CM_KX_LOAD) {
+    if (x->a < e) mark_deps(s, x->a, seen);
+    if (x->b < e) mark_deps(s, x->b, seen);
+    if (x->c < e) mark_deps(s, x->c, seen);
+  }
+}
+
+/* A reduction whose loads run contiguously along the innermost domain var and
+ * not along the innermost reduction var (a sum over leading axes, like a bias
+ * gradient): the generic nest would walk each column with a stride. */
+static bool is_column_reduction(const cm_kstage *s) {
+  if (s->n_red < 1 || s->accumulate || s->n_dom < 1 || s->n_parallel != s->n_dom ||
+      s->dom[s->n_dom - 1] < 4 || s->body < 0 || s->body >= s->n_exprs)
+    return false;
+  bool *seen = calloc((size_t)s->n_exprs, sizeof *seen);
+  if (!seen) return false;
+  mark_deps(s, s->body, seen);
+  int dv = s->n_dom - 1, rv = s->n_dom + s->n_red - 1;
+  bool along_d = false, other = false;
+  /* loads not reading along dv are one value per run of columns: they do not count */
+  for (int e = 0; e < s->n_exprs; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    if (!seen[e] || x->kind != CM_KX_LOAD || !(cm_kx_vars_used(s, x->a) & (1u << dv))) continue;
+    int64_t cd, cr;
+    if (!lin_coef(s, x->a, dv, &cd) || cd != 1 || (lin_coef(s, x->a, rv, &cr) && cr == 1))
+      other = true;
+    else
+      along_d = true;
+  }
+  free(seen);
+  return along_d && !other;
+}
+
+/* acc op v for the stage's reduction (acc_dtype values). */
+static LLVMValueRef reduce_step(rctx *c, LLVMValueRef cur, LLVMValueRef v) {
+  cm_dtype at = c->s->acc_dtype;
+  bool fp = is_fp(at);
+  if (c->s->red_op != CM_KRED_MAX) {
+    LLVMValueRef nv = fp ? LLVMBuildFAdd(c->B, cur, v, "sum") : LLVMBuildAdd(c->B, cur, v, "sum");
+    if (fp) set_fast(nv);
+    return nv;
+  }
+  if (fp) {
+    LLVMValueRef args[2] = {cur, v};
+    LLVMTypeRef tt = LLVMTypeOf(cur);
+    return intrin(c, "llvm.maximum", &tt, 1, args, 2, "max");
+  }
+  return LLVMBuildSelect(c->B, LLVMBuildICmp(c->B, LLVMIntSGT, v, cur, ""), v, cur, "max");
+}
+
+static LLVMValueRef reduce_init(rctx *c) {
+  cm_dtype at = c->s->acc_dtype;
+  LLVMTypeRef t = val_type(c, at);
+  if (c->s->red_op != CM_KRED_MAX) return LLVMConstNull(t);
+  if (is_fp(at)) return LLVMConstReal(t, -INFINITY);
+  return LLVMConstInt(
+      t, at == CM_I32 ? (unsigned long long)(int64_t)INT32_MIN : (unsigned long long)INT64_MIN, 1);
+}
+
+/* Column reductions: work items in runs of up to CR_TILE consecutive columns
+ * (innermost domain var); the run's accumulators live in a stack array and the
+ * column loop is innermost inside the reduction nest, so the loads are
+ * contiguous vectors. */
+#define CR_TILE 256
+static void render_column_reduction(rctx *c, const char *fname) {
+  const cm_kstage *s = c->s;
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  LLVMValueRef fn = begin_function(c, fname, &begin, &end, &ws, &done);
+  int nd = s->n_dom, dv = nd - 1;
+  int64_t D = s->dom[dv];
+  /* f32 sums accumulate in double here: a column sums one row at a time (no
+     vector of partial sums as a row reduction has), over thousands of rows */
+  bool wide = s->red_op == CM_KRED_SUM && is_fp(s->acc_dtype) && s->acc_dtype != CM_F64;
+  LLVMTypeRef at = wide ? c->f64 : val_type(c, s->acc_dtype);
+  LLVMTypeRef arr_t = LLVMArrayType2(at, (uint64_t)CR_TILE);
+  LLVMBasicBlockRef here = LLVMGetInsertBlock(B);
+  LLVMBasicBlockRef entry = LLVMGetEntryBasicBlock(fn);
+  LLVMPositionBuilderBefore(B, LLVMGetBasicBlockTerminator(entry));
+  LLVMValueRef arr = LLVMBuildAlloca(B, arr_t, "colacc");
+  LLVMSetAlignment(arr, 64);
+  LLVMPositionBuilderAtEnd(B, here);
+
+  loop Wl = loop_begin(c, "cw", begin);
+  LLVMValueRef rest = Wl.iv;
+  for (int v = nd - 1; v >= 0; v--) {
+    if (v == 0) {
+      c->vars[v] = rest;
+    } else {
+      c->vars[v] = LLVMBuildSRem(B, rest, ci64(c, s->dom[v]), "cv");
+      rest = LLVMBuildSDiv(B, rest, ci64(c, s->dom[v]), "");
+    }
+  }
+  LLVMValueRef d0 = c->vars[dv];
+  LLVMValueRef len = smin(c, LLVMBuildSub(B, end, Wl.iv, ""), ci64(c, CR_TILE), "");
+  len = smin(c, len, LLVMBuildSub(B, ci64(c, D), d0, ""), "runlen");
+#define ACC_PTR(j) LLVMBuildInBoundsGEP2(B, at, arr, &(j), 1, "accp")
+  loop Li = loop_begin(c, "cinit", ci64(c, 0));
+  LLVMBuildStore(B, wide ? LLVMConstReal(c->f64, 0) : reduce_init(c), ACC_PTR(Li.iv));
+  loop_end(c, &Li, len, "cinit.exit");
+
+  loop L[CM_KMAX_VARS];
+  for (int r = 0; r < s->n_red; r++) {
+    char nm[32];
+    snprintf(nm, sizeof nm, "r%d", r);
+    L[r] = loop_begin(c, nm, ci64(c, 0));
+    c->vars[nd + r] = L[r].iv;
+  }
+  loop Lj = loop_begin(c, "col", ci64(c, 0));
+  c->vars[dv] = LLVMBuildAdd(B, d0, Lj.iv, "vcol");
+  reset_memo(c);
+  LLVMValueRef v = convert(c, emit(c, s->body), s->exprs[s->body].dtype, s->acc_dtype);
+  if (wide) v = LLVMBuildFPExt(B, v, c->f64, "");
+  LLVMValueRef p = ACC_PTR(Lj.iv);
+  LLVMValueRef cur = LLVMBuildLoad2(B, at, p, "acc");
+  LLVMBuildStore(B, reduce_step(c, cur, v), p);
+  loop_end(c, &Lj, len, "col.exit");
+  for (int r = s->n_red - 1; r >= 0; r--) {
+    char nm[32];
+    snprintf(nm, sizeof nm, "r%d.exit", r);
+    loop_end(c, &L[r], ci64(c, s->red[r]), nm);
+    c->vars[nd + r] = NULL;
+  }
+
+  loop Ls = loop_begin(c, "cstore", ci64(c, 0));
+  c->vars[dv] = LLVMBuildAdd(B, d0, Ls.iv, "vcol");
+  c->acc = LLVMBuildLoad2(B, at, ACC_PTR(Ls.iv), "acc");
+  if (wide) c->acc = LLVMBuildFPTrunc(B, c->acc, c->f32, "");
+  emit_stores(c);
+  loop_end(c, &Ls, len, "cstore.exit");
+#undef ACC_PTR
+  /* the next run starts after this one */
+  LLVMValueRef next = LLVMBuildAdd(B, Wl.iv, len, "cnext");
+  LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
+  LLVMBasicBlockRef wexit = new_block(c, "cw.exit");
+  LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntSLT, next, end, ""), Wl.header, wexit);
+  LLVMAddIncoming(Wl.iv, &next, &latch, 1);
+  LLVMPositionBuilderAtEnd(B, wexit);
+  LLVMBuildBr(B, done);
+  LLVMPositionBuilderAtEnd(B, done);
+  LLVMBuildRetVoid(B);
+}
+
 static void render_generic(rctx *c, const char *fname) {
   const cm_kstage *s = c->s;
+  if (is_column_reduction(s)) {
+    render_column_reduction(c, fname);
+    return;
+  }
   LLVMValueRef begin, end, ws;
   LLVMBasicBlockRef done;
   begin_function(c, fname, &begin, &end, &ws, &done);
@@ -949,6 +1256,290 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   LLVMBuildRetVoid(B);
 }
 
+/* ---- attention span (fused) ------------------------------------------------
+ *
+ * The first stage's function runs the whole span (codegen.h, cm_kattn): per
+ * work item (one batch item) and block of br query rows, every stage of the
+ * span restricted to those rows. Local buffers live in the workspace: their
+ * base is ws + local_off and their index is shifted by the block's first
+ * element (ioff), so the stages' own index expressions stay as they are. GEMM
+ * stages pack A (the block's rows) and B (whole) over the full K and run an
+ * mr x nr micro-kernel into a C tile; their stores are the epilogue. */
+
+typedef struct attn_plan {
+  int first, span, nb, mr, nr;
+  int64_t rows, br, nblk;
+  bool rowwise;
+  int64_t local_off[CM_KATTN_MAX_LOCAL], pack_off;
+  int64_t am, bm; /* floats of packed A, packed B */
+} attn_plan;
+
+static bool attn_is_gemm(const attn_plan *p, const cm_kstage *s, int si) {
+  return (si == p->first || s->tmpl == CM_KT_GEMM) && s->n_red == 1 && s->n_dom == p->nb + 2 &&
+         s->red_op == CM_KRED_SUM && s->acc_dtype == CM_F32 && s->gemm_a >= 0 && s->gemm_b >= 0;
+}
+
+/* Whether the span from stage first fuses with this renderer (else: generic). */
+static bool attn_plan_of(rctx *c, int first, attn_plan *p) {
+  const cm_kernel *k = c->k;
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  cm_err e;
+  if (cm_kernel_verify(k, &e) != CM_OK || cm_kattn_check(k, first, &e) != CM_OK) return false;
+  memset(p, 0, sizeof *p);
+  p->first = first, p->span = a->span, p->nb = a->nb, p->rows = a->rows;
+  p->mr = s0->tiles.mr, p->nr = s0->tiles.nr;
+  p->rowwise = a->br < a->rows;
+  p->br = p->rowwise ? a->br : a->rows;
+  p->nblk = (p->rows + p->br - 1) / p->br;
+  int W = c->W;
+  if (p->mr < 1 || p->nr < W || p->nr % W || p->nr / W > 8 || p->mr * (p->nr / W) > 32)
+    return false;
+  /* rows of a block other than the last are whole panels: packing never reads
+     a row of the next block */
+  if (p->rowwise && p->br % p->mr) return false;
+  int64_t ws = cm_kattn_workspace(k, first, p->mr, p->nr, p->local_off, &p->pack_off);
+  if (ws <= 0 || ws > a->ws_bytes) return false;
+  for (int si = first; si < first + p->span; si++) {
+    const cm_kstage *s = &k->stages[si];
+    if ((si == first || s->tmpl == CM_KT_GEMM) && !attn_is_gemm(p, s, si)) return false;
+    if (s->n_dom + s->n_red > CM_KMAX_VARS || s->n_stores > CM_KMAX_STORES) return false;
+    if (attn_is_gemm(p, s, si)) {
+      int64_t m = p->rowwise ? p->br : s->dom[p->nb];
+      int64_t mp = (m + p->mr - 1) / p->mr * p->mr;
+      int64_t np = (s->dom[p->nb + 1] + p->nr - 1) / p->nr * p->nr;
+      if (mp * s->red[0] > p->am) p->am = mp * s->red[0];
+      if (s->red[0] * np > p->bm) p->bm = s->red[0] * np;
+    }
+  }
+  return true;
+}
+
+/* C tile (ldc floats per row) = packed A panels [0, mpan) x packed B panels
+ * [0, npan) over K. */
+static void attn_microkernel(rctx *c, const attn_plan *p, LLVMValueRef Ap, LLVMValueRef Bp,
+                             LLVMValueRef Ct, LLVMValueRef mpan, int64_t npan, int64_t K,
+                             int64_t ldc) {
+  LLVMBuilderRef B = c->B;
+  int64_t mr = p->mr, nr = p->nr, W = c->W, nv = nr / W;
+  loop Jr = loop_begin(c, "at.jr", ci64(c, 0));
+  loop Ir = loop_begin(c, "at.ir", ci64(c, 0));
+  LLVMValueRef apan = fptr(c, Ap, LLVMBuildMul(B, Ir.iv, ci64(c, K * mr), ""), "apanel");
+  LLVMValueRef bpan = fptr(c, Bp, LLVMBuildMul(B, Jr.iv, ci64(c, K * nr), ""), "bpanel");
+  LLVMValueRef cbase = LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, ci64(c, mr * ldc), ""),
+                                    LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), "cbase");
+  LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
+  loop Kk = loop_begin(c, "at.kk", ci64(c, 0));
+  LLVMValueRef phis[64], nacc[64], bv[8], vzero = LLVMConstNull(c->vty);
+  for (int64_t i = 0; i < mr * nv; i++) {
+    phis[i] = LLVMBuildPhi(B, c->vty, "acc");
+    LLVMAddIncoming(phis[i], &vzero, &pre, 1);
+  }
+  for (int64_t v = 0; v < nv; v++) {
+    LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, ci64(c, nr), ""), ci64(c, v * W), "");
+    bv[v] = LLVMBuildLoad2(B, c->vty, fptr(c, bpan, off, "bp"), "bvec");
+    LLVMSetAlignment(bv[v], 4);
+  }
+  for (int64_t r = 0; r < mr; r++) {
+    LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, ci64(c, mr), ""), ci64(c, r), "");
+    LLVMValueRef a = LLVMBuildLoad2(B, c->f32, fptr(c, apan, off, "ap"), "a");
+    LLVMValueRef ins =
+        LLVMBuildInsertElement(B, LLVMGetPoison(c->vty), a, LLVMConstInt(c->i32, 0, 0), "");
+    LLVMValueRef splat =
+        LLVMBuildShuffleVector(B, ins, LLVMGetPoison(c->vty),
+                               LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "a.bcast");
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef args[3] = {splat, bv[v], phis[r * nv + v]};
+      LLVMTypeRef vt = c->vty;
+      nacc[r * nv + v] = intrin(c, "llvm.fmuladd", &vt, 1, args, 3, "fma");
+    }
+  }
+  LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
+  for (int64_t i = 0; i < mr * nv; i++) LLVMAddIncoming(phis[i], &nacc[i], &latch, 1);
+  loop_end(c, &Kk, ci64(c, K), "at.kk.exit");
+  if (c->unroll > 1) unroll_last_loop(c, latch, (unsigned)c->unroll);
+  for (int64_t r = 0; r < mr; r++)
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef off = LLVMBuildAdd(B, cbase, ci64(c, r * ldc + v * W), "");
+      LLVMValueRef st = LLVMBuildStore(B, nacc[r * nv + v], fptr(c, Ct, off, "cp"));
+      LLVMSetAlignment(st, 4);
+    }
+  loop_end(c, &Ir, mpan, "at.ir.exit");
+  loop_end(c, &Jr, ci64(c, npan), "at.jr.exit");
+}
+
+/* One GEMM stage of the span for query rows [i0, i0 + mrows). */
+static void attn_gemm_block(rctx *c, const attn_plan *p, LLVMValueRef wsp, LLVMValueRef i0,
+                            LLVMValueRef mrows) {
+  const cm_kstage *s = c->s;
+  LLVMBuilderRef B = c->B;
+  int iv = p->nb, jv = p->nb + 1;
+  int64_t M = s->dom[iv], N = s->dom[jv], K = s->red[0];
+  int64_t npan = (N + p->nr - 1) / p->nr, ldc = npan * p->nr;
+  LLVMValueRef Ap = fptr(c, wsp, ci64(c, 0), "at.Ap");
+  LLVMValueRef Bp = fptr(c, wsp, ci64(c, (p->am + 15) / 16 * 16), "at.Bp");
+  LLVMValueRef Ct = fptr(c, wsp, ci64(c, (p->am + 15) / 16 * 16 + (p->bm + 15) / 16 * 16), "at.Ct");
+  LLVMValueRef mpan =
+      LLVMBuildSDiv(B, LLVMBuildAdd(B, mrows, ci64(c, p->mr - 1), ""), ci64(c, p->mr), "at.mpan");
+  emit_pack(c, "at.packB", s->gemm_b, jv, ci64(c, 0), N, ci64(c, npan), p->nr, K, ci64(c, 0),
+            ci64(c, K), Bp);
+  emit_pack(c, "at.packA", s->gemm_a, iv, i0, M, mpan, p->mr, K, ci64(c, 0), ci64(c, K), Ap);
+  attn_microkernel(c, p, Ap, Bp, Ct, mpan, npan, K, ldc);
+  loop Ei = loop_begin(c, "at.epi.i", ci64(c, 0));
+  loop Ej = loop_begin(c, "at.epi.j", ci64(c, 0));
+  c->vars[iv] = LLVMBuildAdd(B, i0, Ei.iv, "i");
+  c->vars[jv] = Ej.iv;
+  LLVMValueRef coff = LLVMBuildAdd(B, LLVMBuildMul(B, Ei.iv, ci64(c, ldc), ""), Ej.iv, "");
+  c->acc = LLVMBuildLoad2(B, c->f32, fptr(c, Ct, coff, "cp"), "c");
+  emit_stores(c);
+  loop_end(c, &Ej, ci64(c, N), "at.epi.j.exit");
+  loop_end(c, &Ei, mrows, "at.epi.i.exit");
+  c->acc = NULL;
+}
+
+/* A generic stage of the span: var nb over [lo, hi) (rowwise) or whole. */
+static void attn_generic_block(rctx *c, const attn_plan *p, LLVMValueRef lo, LLVMValueRef hi) {
+  const cm_kstage *s = c->s;
+  loop L[CM_KMAX_VARS];
+  for (int v = p->nb; v < s->n_dom; v++) {
+    char nm[24];
+    snprintf(nm, sizeof nm, "at.v%d", v);
+    bool row = p->rowwise && v == p->nb;
+    L[v] = loop_begin(c, nm, row ? lo : ci64(c, 0));
+    c->vars[v] = L[v].iv;
+  }
+  c->acc = s->n_red > 0 ? emit_reduction(c) : NULL;
+  emit_stores(c);
+  for (int v = s->n_dom - 1; v >= p->nb; v--) {
+    char nm[24];
+    snprintf(nm, sizeof nm, "at.v%d.exit", v);
+    bool row = p->rowwise && v == p->nb;
+    loop_end(c, &L[v], row ? hi : ci64(c, s->dom[v]), nm);
+  }
+  c->acc = NULL;
+}
+
+/* A distinct self-referencing node !{!self, extra} (scope domains and scopes). */
+static LLVMMetadataRef self_md(rctx *c, LLVMMetadataRef extra) {
+  LLVMMetadataRef tmp = LLVMTemporaryMDNode(c->C, NULL, 0);
+  LLVMMetadataRef ops[2] = {tmp, extra};
+  LLVMMetadataRef n = LLVMMDNodeInContext2(c->C, ops, extra ? 2 : 1);
+  LLVMMetadataReplaceAllUsesWith(tmp, n);
+  return n;
+}
+
+static void render_attention(rctx *c, const char *fname, const attn_plan *p) {
+  const cm_kernel *k = c->k;
+  const cm_kstage *s0 = &k->stages[p->first];
+  const cm_kattn *a = &s0->attn;
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  begin_function(c, fname, &begin, &end, &ws, &done);
+  LLVMValueRef *ioff = calloc((size_t)k->n_buffers + 1, sizeof *ioff);
+  LLVMValueRef *saved = malloc(sizeof *saved * ((size_t)k->n_buffers + 1));
+  int max_exprs = 1;
+  for (int si = p->first; si < p->first + p->span; si++)
+    if (k->stages[si].n_exprs > max_exprs) max_exprs = k->stages[si].n_exprs;
+  LLVMValueRef *memo = calloc((size_t)max_exprs, sizeof *memo);
+  if (!ioff || !saved || !memo) {
+    free(ioff), free(saved), free(memo);
+    c->failed = true;
+    c->fail_status = cm_errorf(c->err, CM_EINTERNAL, "cm_render_llvm: out of memory");
+    LLVMBuildBr(B, done);
+    LLVMPositionBuilderAtEnd(B, done);
+    LLVMBuildRetVoid(B);
+    return;
+  }
+  memcpy(saved, c->bases, sizeof *saved * (size_t)k->n_buffers);
+  LLVMValueRef *saved_memo = c->memo;
+  LLVMValueRef *scope = calloc((size_t)k->n_buffers + 1, sizeof *scope);
+  LLVMValueRef *noalias = calloc((size_t)k->n_buffers + 1, sizeof *noalias);
+  if (scope && noalias) {
+    /* one scope per local tile, one for all memory buffers */
+    LLVMMetadataRef dom = self_md(c, NULL), sc[CM_KATTN_MAX_LOCAL + 1];
+    for (int i = 0; i <= a->n_local; i++) sc[i] = self_md(c, dom);
+    for (int b = 0; b < k->n_buffers; b++) {
+      int li = a->n_local;
+      for (int i = 0; i < a->n_local; i++)
+        if (a->local[i] == b) li = i;
+      LLVMMetadataRef others[CM_KATTN_MAX_LOCAL + 1];
+      int n = 0;
+      for (int i = 0; i <= a->n_local; i++)
+        if (i != li) others[n++] = sc[i];
+      scope[b] = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, &sc[li], 1));
+      noalias[b] = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, others, (size_t)n));
+    }
+    c->md_scope = scope, c->md_noalias = noalias;
+  }
+  c->memo = memo;
+  for (int i = 0; i < a->n_local; i++) {
+    LLVMValueRef off = ci64(c, p->local_off[i]);
+    c->bases[a->local[i]] = LLVMBuildInBoundsGEP2(B, c->i8, ws, &off, 1, "local");
+  }
+  LLVMValueRef poff = ci64(c, p->pack_off);
+  LLVMValueRef wsp = LLVMBuildInBoundsGEP2(B, c->i8, ws, &poff, 1, "at.pack");
+  loop Wl = loop_begin(c, "at.w", begin);
+  LLVMValueRef bvals[CM_KMAX_VARS];
+  LLVMValueRef rest = Wl.iv;
+  for (int v = p->nb - 1; v >= 0; v--) {
+    if (v == 0) {
+      bvals[v] = rest;
+    } else {
+      bvals[v] = LLVMBuildSRem(B, rest, ci64(c, s0->dom[v]), "b");
+      rest = LLVMBuildSDiv(B, rest, ci64(c, s0->dom[v]), "");
+    }
+  }
+  loop Qb = loop_begin(c, "at.qblk", ci64(c, 0));
+  LLVMValueRef i0 = LLVMBuildMul(B, Qb.iv, ci64(c, p->br), "at.i0");
+  LLVMValueRef mrows = smin(c, LLVMBuildSub(B, ci64(c, p->rows), i0, ""), ci64(c, p->br), "at.m");
+  LLVMValueRef iend = LLVMBuildAdd(B, i0, mrows, "at.iend");
+  /* first element of this block in each local buffer */
+  LLVMValueRef row0 = LLVMBuildAdd(B, LLVMBuildMul(B, Wl.iv, ci64(c, p->rows), ""),
+                                   p->rowwise ? i0 : ci64(c, 0), "at.row0");
+  for (int i = 0; i < a->n_local; i++)
+    ioff[a->local[i]] = LLVMBuildMul(B, row0, ci64(c, a->local_row[i]), "at.ioff");
+  c->ioff = ioff;
+  for (int si = p->first; si < p->first + p->span && !c->failed; si++) {
+    const cm_kstage *s = &k->stages[si];
+    c->s = s;
+    c->stage = si;
+    memset(c->vars, 0, sizeof c->vars);
+    for (int v = 0; v < p->nb; v++) c->vars[v] = bvals[v];
+    if (attn_is_gemm(p, s, si)) {
+      if (p->rowwise)
+        attn_gemm_block(c, p, wsp, i0, mrows);
+      else
+        attn_gemm_block(c, p, wsp, ci64(c, 0), ci64(c, s->dom[p->nb]));
+    } else {
+      attn_generic_block(c, p, i0, iend);
+    }
+  }
+  c->ioff = NULL;
+  c->s = s0;
+  c->stage = p->first;
+  loop_end(c, &Qb, ci64(c, p->nblk), "at.qblk.exit");
+  loop_end(c, &Wl, end, "at.w.exit");
+  LLVMBuildBr(B, done);
+  LLVMPositionBuilderAtEnd(B, done);
+  LLVMBuildRetVoid(B);
+  memcpy(c->bases, saved, sizeof *saved * (size_t)k->n_buffers);
+  c->memo = saved_memo;
+  c->md_scope = c->md_noalias = NULL;
+  free(scope), free(noalias);
+  free(ioff), free(saved), free(memo);
+}
+
+/* A stage inside a fused span: its work ran in the span's first stage. */
+static void render_nothing(rctx *c, const char *fname) {
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  begin_function(c, fname, &begin, &end, &ws, &done);
+  LLVMBuildBr(c->B, done);
+  LLVMPositionBuilderAtEnd(c->B, done);
+  LLVMBuildRetVoid(c->B);
+}
+
 static int host_width(void) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
@@ -1008,6 +1599,7 @@ cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_rend
   if (!c.bases) return cm_errorf(err, CM_EINTERNAL, "cm_render_llvm: out of memory");
   c.B = LLVMCreateBuilderInContext(c.C);
   cm_status st = CM_OK;
+  int attn_end = 0; /* stages before it belong to a fused attention span */
   for (int si = 0; si < k->n_stages && st == CM_OK; si++) {
     const cm_kstage *s = &k->stages[si];
     c.s = s;
@@ -1047,6 +1639,22 @@ cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_rend
     }
     char fname[96];
     snprintf(fname, sizeof fname, "%s_s%d", k->name, si);
+    if (si < attn_end) {
+      render_nothing(&c, fname);
+      free(c.memo);
+      c.memo = NULL;
+      continue;
+    }
+    attn_plan ap;
+    if ((s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD) &&
+        !(o && o->no_templates) && attn_plan_of(&c, si, &ap)) {
+      render_attention(&c, fname, &ap);
+      attn_end = si + ap.span;
+      free(c.memo);
+      c.memo = NULL;
+      if (c.failed) st = c.fail_status;
+      continue;
+    }
     bool templ = s->tmpl == CM_KT_GEMM && !(o && o->no_templates) && s->acc_dtype == CM_F32;
     if (s->tmpl == CM_KT_GEMM && !(o && o->no_templates)) {
       int nd = s->n_dom;

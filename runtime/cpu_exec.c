@@ -38,8 +38,11 @@ struct cm_cpu_program {
   int64_t **items; /* per kernel, per stage: work items */
   cm_cpu_stats stats;
   cm_kernel_profile *prof;
-  char (*keys)[65]; /* per kernel: the content key of its rendered module */
-  int *first_of;    /* per kernel: the first kernel with the same key (whose code it runs) */
+  char (*keys)[65];        /* per kernel: the content key of its rendered module */
+  int *first_of;           /* per kernel: the first kernel with the same key (whose code it runs) */
+  cm_stage_profile *sprof; /* per stage, kernels in order */
+  int *sprof_first;        /* per kernel: its first stage's entry in sprof */
+  int n_sprof;
 };
 
 static double now_ms(void) {
@@ -161,6 +164,8 @@ void cm_cpu_program_free(cm_cpu_program *pr) {
   free(pr->first_of);
   free(pr->src_ptr);
   free(pr->prof);
+  free(pr->sprof);
+  free(pr->sprof_first);
   cm_plan_free(pr->own_plan);
   cm_graph_free(pr->own_g);
   free(pr);
@@ -280,7 +285,15 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
   pr->ks = calloc((size_t)nk + 1, sizeof *pr->ks);
   pr->prof = calloc((size_t)nk + 1, sizeof *pr->prof);
   pr->items = calloc((size_t)nk + 1, sizeof *pr->items);
-  if (!pr->ks || !pr->prof || !pr->items) {
+  pr->sprof_first = calloc((size_t)nk + 1, sizeof *pr->sprof_first);
+  int n_stages_all = 0;
+  for (int i = 0; i < nk; i++) {
+    pr->sprof_first[i] = n_stages_all;
+    n_stages_all += pr->kp.kernels[i].n_stages;
+  }
+  pr->sprof = calloc((size_t)n_stages_all + 1, sizeof *pr->sprof);
+  pr->n_sprof = n_stages_all;
+  if (!pr->ks || !pr->prof || !pr->items || !pr->sprof || !pr->sprof_first) {
     st = cm_errorf(err, CM_EINTERNAL, "out of memory");
     goto fail;
   }
@@ -351,6 +364,12 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
       pr->items[i][s] = work_items(ks, pr->gemm, pr->W);
       int64_t w = ws_bytes(ks, pr->gemm, pr->W);
       if (w > ws_max) ws_max = w;
+      cm_stage_profile *sp = &pr->sprof[pr->sprof_first[i] + s];
+      sp->kernel = k->name;
+      sp->stage = ks;
+      sp->kernel_index = i;
+      sp->stage_index = s;
+      sp->work_items = pr->items[i][s];
       /* flops: 2 per multiply-add of a reduction whose body is a product (matmul, conv,
        * and their fused prologues); elementwise work is not counted */
       if (ks->n_red > 0 && ks->body >= 0 && ks->exprs[ks->body].kind == CM_KX_OP &&
@@ -359,6 +378,7 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
         for (int d = 0; d < ks->n_dom; d++) f *= (double)ks->dom[d];
         for (int d = 0; d < ks->n_red; d++) f *= (double)ks->red[d];
         flops += f;
+        sp->flops = f;
       }
     }
     pr->stats.jit_ms += now_ms() - t1;
@@ -477,9 +497,16 @@ cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_t
     for (int b = 0; b < k->n_buffers; b++)
       if (k->buffers[b].kind == CM_KBUF_SOURCE) bufs[b] = pr->src_ptr[k->buffers[b].node];
     double t0 = pr->profile ? now_ms() : 0;
-    for (int s = 0; s < k->n_stages; s++)
+    for (int s = 0; s < k->n_stages; s++) {
+      double ts = pr->profile ? now_ms() : 0;
       run_stage(pr->ks[i].fns[s], bufs, &k->stages[s], pr->items[i][s], pr->ws, pr->ws_stride,
                 pr->threads);
+      if (pr->profile) {
+        cm_stage_profile *sp = &pr->sprof[pr->sprof_first[i] + s];
+        sp->total_ms += now_ms() - ts;
+        sp->runs++;
+      }
+    }
     if (pr->profile) {
       pr->prof[i].total_ms += now_ms() - t0;
       pr->prof[i].runs++;
@@ -540,4 +567,9 @@ void cm_cpu_program_stats(const cm_cpu_program *pr, cm_cpu_stats *out) {
 int cm_cpu_program_profile(const cm_cpu_program *pr, const cm_kernel_profile **out) {
   *out = pr->profile ? pr->prof : NULL;
   return pr->profile ? pr->kp.n_kernels : 0;
+}
+
+int cm_cpu_program_stage_profile(const cm_cpu_program *pr, const cm_stage_profile **out) {
+  *out = pr->profile ? pr->sprof : NULL;
+  return pr->profile ? pr->n_sprof : 0;
 }

@@ -68,6 +68,18 @@ typedef struct cm_kernel_profile {
   double flops; /* per run, counted from the kernel's stages (2 per multiply-add) */
 } cm_kernel_profile;
 int cm_cpu_program_profile(const cm_cpu_program *pr, const cm_kernel_profile **out);
+/* With opts->profile: per stage of every kernel (kernels in order, stages in
+ * order), total ms over all runs and the number of runs. */
+typedef struct cm_stage_profile {
+  const char *kernel; /* the kernel's name */
+  const cm_kstage *stage;
+  int kernel_index, stage_index;
+  int64_t work_items;
+  double total_ms;
+  int runs;
+  double flops; /* per run, as cm_kernel_profile counts them */
+} cm_stage_profile;
+int cm_cpu_program_stage_profile(const cm_cpu_program *pr, const cm_stage_profile **out);
 
 /* ---- data: datasets, views and masks, the loader ------------------------ */
 /* runtime/data.c (datasets, loader) and runtime/views.c (CMAE.md §1-§2);

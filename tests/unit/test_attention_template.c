@@ -1,0 +1,276 @@
+/* The attention templates (CM_KT_ATTENTION_FWD/_BWD): attention graphs built
+ * the way models/nn.c builds them (q k^T scaled, max-subtracted softmax, P v),
+ * alone and with their backward (autodiff of sum(y * dO)), fused by the
+ * default pipeline; the lowering must mark the spans (counted), the fused
+ * forward must need less scratch, and the CPU executor (fused LLVM rendering)
+ * must agree with the oracle cm_eval over odd shapes (N = 1, 2, 7, 50, 65, 197;
+ * head dim 1, 5, 32, 64; heads 1, 3, 4; query blocks not dividing N). Also the
+ * verifier's span rules and the printer. */
+#include "../test.h"
+#include "codegen/codegen.h"
+#include "models/models.h"
+#include "runtime/runtime.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t rng = 20261127;
+static double uniform(void) {
+  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+  return (double)(rng >> 11) * 0x1p-53;
+}
+
+static double rel_err(const cm_tensor *x, const cm_tensor *y) {
+  if (!x->data || !y->data || !cm_type_equal(&x->type, &y->type)) return INFINITY;
+  double d = 0, m = 0;
+  int64_t n = cm_type_numel(&y->type);
+  for (int64_t i = 0; i < n; i++) {
+    double a = cm_tensor_get_f64(x, i), b = cm_tensor_get_f64(y, i);
+    if (isnan(a) || isnan(b)) return INFINITY;
+    d = fmax(d, fabs(a - b));
+    m = fmax(m, fabs(b));
+  }
+  return d / fmax(m, 1e-30);
+}
+
+typedef struct shape {
+  int64_t n, heads, tokens, dim;
+} shape;
+
+/* y = softmax(q k^T / sqrt(dim)) v over inputs q, k, v [n, heads, tokens, dim];
+ * with backward: loss = sum(y * dO) and the gradients of q, k, v as outputs. */
+static cm_graph *attention_graph(shape sh, bool backward) {
+  cm_graph *g = cm_graph_new();
+  int64_t d[4] = {sh.n, sh.heads, sh.tokens, sh.dim};
+  int q = cm_input(g, "q", CM_F32, 4, d), k = cm_input(g, "k", CM_F32, 4, d);
+  int v = cm_input(g, "v", CM_F32, 4, d);
+  int s = cm_matmul(g, q, k, false, true, "scores");
+  s = cm_binary_bcast(g, CM_OP_MUL, s, cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)sh.dim)),
+                      "scaled");
+  int y = cm_matmul(g, cm_nn_softmax(g, s), v, false, false, "y");
+  cm_err err = {0};
+  CHECK_MSG(cm_graph_error(g) == NULL, "%s", cm_graph_error(g));
+  CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
+  if (backward) {
+    int dout = cm_input(g, "dO", CM_F32, 4, d);
+    int axes[4] = {0, 1, 2, 3};
+    int loss = cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, dout, NULL), 4, axes,
+                         false, "loss");
+    int wrt[3] = {q, k, v}, grads[3];
+    CHECK_MSG(cm_autodiff(g, loss, 3, wrt, grads, &err) == CM_OK, "%s", err.msg);
+    for (int i = 0; i < 3; i++) CHECK(cm_graph_add_output(g, grads[i], &err) == CM_OK);
+  }
+  CHECK_MSG(cm_graph_verify(g, &err) == CM_OK, "%s", err.msg);
+  return g;
+}
+
+typedef struct span_count {
+  int fwd, bwd;
+  int64_t scratch_fwd, fused_fwd; /* over kernels with a forward span */
+  int max_blocks;                 /* query blocks per batch item, the most seen */
+} span_count;
+
+static span_count count_spans(const cm_graph *g, const char *what) {
+  span_count r = {0};
+  cm_err err = {0};
+  cm_pass_state s = {cm_graph_clone(g), NULL};
+  CHECK_MSG(cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s: %s",
+            what, err.msg);
+  cm_lower_opts lo = {CM_TARGET_CPU, false};
+  cm_kprogram kp;
+  CHECK_MSG(cm_lower_plan(s.g, s.plan, &lo, &kp, &err) == CM_OK, "%s: %s", what, err.msg);
+  for (int i = 0; i < kp.n_kernels; i++) {
+    const cm_kernel *k = &kp.kernels[i];
+    if (getenv("ATTN_DUMP") && k->kind == CM_GROUP_ATTENTION) cm_kernel_print(k, stderr);
+    for (int si = 0; si < k->n_stages; si++) {
+      const cm_kstage *st = &k->stages[si];
+      if (st->tmpl != CM_KT_ATTENTION_FWD && st->tmpl != CM_KT_ATTENTION_BWD) continue;
+      CHECK_MSG(cm_kattn_check(k, si, &err) == CM_OK, "%s: %s", what, err.msg);
+      CHECK(st->attn.ws_bytes >= cm_kattn_workspace(k, si, st->tiles.mr, st->tiles.nr, NULL, NULL));
+      CHECK(cm_kstage_workspace_bytes(st, CM_TARGET_CPU) == st->attn.ws_bytes);
+      int blocks = (int)((st->attn.rows + st->attn.br - 1) / st->attn.br);
+      if (blocks > r.max_blocks) r.max_blocks = blocks;
+      if (st->tmpl == CM_KT_ATTENTION_FWD) {
+        r.fwd++;
+        r.scratch_fwd += k->scratch_bytes;
+        r.fused_fwd += cm_kernel_fused_scratch_bytes(k);
+      } else {
+        r.bwd++;
+        CHECK(cm_kernel_fused_scratch_bytes(k) < k->scratch_bytes);
+      }
+    }
+  }
+  cm_kprogram_free(&kp);
+  cm_plan_free(s.plan);
+  cm_graph_free(s.g);
+  return r;
+}
+
+/* The executor against the oracle; returns the worst relative error. */
+static double run_check(const cm_graph *g, const char *what, bool no_templates) {
+  cm_err err = {0};
+  cm_tensor *src = calloc((size_t)g->n_nodes, sizeof *src);
+  const cm_tensor **ptr = calloc((size_t)g->n_nodes, sizeof *ptr);
+  for (int i = 0; i < g->n_nodes; i++) {
+    if (g->nodes[i].op != CM_OP_INPUT) continue;
+    CHECK(cm_tensor_alloc(&src[i], g->nodes[i].type, NULL) == CM_OK);
+    /* q spread wider so the softmax is far from uniform */
+    double w = !strcmp(g->nodes[i].name, "q") ? 3.0 : 1.0;
+    for (int64_t e = 0; e < cm_type_numel(&g->nodes[i].type); e++)
+      cm_tensor_set_f64(&src[i], e, w * (uniform() * 2 - 1));
+    ptr[i] = &src[i];
+  }
+  cm_tensor *v = calloc((size_t)g->n_nodes, sizeof *v);
+  cm_eval_opts eo = {CM_PRECISION_NATIVE};
+  CHECK_MSG(cm_eval(g, ptr, v, &eo, &err) == CM_OK, "%s: eval: %s", what, err.msg);
+  cm_cpu_opts o = {2, "", no_templates, false, 0};
+  cm_cpu_program *pr = NULL;
+  double worst = INFINITY;
+  CHECK_MSG(cm_cpu_program_build(g, NULL, &o, &pr, &err) == CM_OK, "%s: %s", what, err.msg);
+  if (pr) {
+    cm_tensor *out = calloc((size_t)g->n_outputs, sizeof *out);
+    cm_tensor **sp = calloc((size_t)g->n_nodes, sizeof *sp);
+    for (int i = 0; i < g->n_nodes; i++) sp[i] = ptr[i] ? &src[i] : NULL;
+    CHECK_MSG(cm_cpu_program_run(pr, sp, out, &err) == CM_OK, "%s: %s", what, err.msg);
+    worst = 0;
+    for (int j = 0; j < g->n_outputs; j++) {
+      double e = rel_err(&out[j], &v[g->outputs[j]]);
+      CHECK_MSG(e <= 1e-4, "%s: output %d (%s): rel err %g", what, j, g->nodes[g->outputs[j]].name,
+                e);
+      worst = fmax(worst, e);
+      cm_tensor_free(&out[j]);
+    }
+    free(out);
+    free(sp);
+    cm_cpu_program_free(pr);
+  }
+  for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&v[i]), cm_tensor_free(&src[i]);
+  free(v);
+  free(src);
+  free(ptr);
+  return worst;
+}
+
+static void test_shapes(void) {
+  const shape shapes[] = {
+      {1, 1, 1, 1},   {2, 3, 2, 5},    {1, 4, 7, 32}, {3, 1, 50, 5},
+      {2, 4, 65, 32}, {1, 3, 197, 64}, {2, 1, 13, 1}, {1, 3, 97, 32},
+  };
+  int n = (int)(sizeof shapes / sizeof shapes[0]);
+  int fired_fwd = 0, fired_bwd = 0, multi_block = 0;
+  for (int i = 0; i < n; i++) {
+    shape sh = shapes[i];
+    for (int bw = 0; bw < 2; bw++) {
+      char what[96];
+      snprintf(what, sizeof what, "%s n=%lld heads=%lld N=%lld d=%lld", bw ? "fwd+bwd" : "fwd",
+               (long long)sh.n, (long long)sh.heads, (long long)sh.tokens, (long long)sh.dim);
+      cm_graph *g = attention_graph(sh, bw);
+      span_count c = count_spans(g, what);
+      if (sh.tokens >= 2) {
+        CHECK_MSG(c.fwd >= 1, "%s: no forward attention span", what);
+        CHECK_MSG(c.fused_fwd < c.scratch_fwd, "%s: fused scratch %lld not below %lld", what,
+                  (long long)c.fused_fwd, (long long)c.scratch_fwd);
+        if (bw) CHECK_MSG(c.bwd >= 1, "%s: no backward attention span", what);
+      }
+      fired_fwd += c.fwd, fired_bwd += c.bwd;
+      multi_block += c.max_blocks > 1;
+      double e = run_check(g, what, false);
+      printf("  %-40s spans fwd %d bwd %d, scratch %lld -> %lld, blocks %d, rel err %.2g\n", what,
+             c.fwd, c.bwd, (long long)c.scratch_fwd, (long long)c.fused_fwd, c.max_blocks, e);
+      cm_graph_free(g);
+    }
+  }
+  CHECK(fired_fwd >= 2 * (n - 1));
+  CHECK(fired_bwd >= n - 1);
+  CHECK(multi_block >= 4); /* query blocks that do not divide N were exercised */
+}
+
+/* Without templates the same graphs still agree (the generic reading). */
+static void test_generic_reading(void) {
+  shape sh = {2, 3, 19, 8};
+  cm_graph *g = attention_graph(sh, true);
+  span_count c = count_spans(g, "generic");
+  CHECK(c.fwd == 1 && c.bwd == 1);
+  double e = run_check(g, "generic (no templates)", true);
+  CHECK(e <= 1e-4);
+  cm_graph_free(g);
+}
+
+/* The verifier names the kernel, the stage and the rule; the printer shows the span. */
+static void test_verify_and_print(void) {
+  shape sh = {2, 3, 20, 8};
+  cm_graph *g = attention_graph(sh, true);
+  cm_err err = {0};
+  cm_pass_state s = {cm_graph_clone(g), NULL};
+  CHECK(cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK);
+  cm_lower_opts lo = {CM_TARGET_CPU, false};
+  cm_kprogram kp;
+  CHECK_MSG(cm_lower_plan(s.g, s.plan, &lo, &kp, &err) == CM_OK, "%s", err.msg);
+  int checked = 0;
+  for (int i = 0; i < kp.n_kernels; i++) {
+    cm_kernel *k = &kp.kernels[i];
+    int si = -1;
+    for (int j = 0; j < k->n_stages && si < 0; j++)
+      if (k->stages[j].tmpl == CM_KT_ATTENTION_FWD || k->stages[j].tmpl == CM_KT_ATTENTION_BWD)
+        si = j;
+    if (si < 0) continue;
+    cm_kstage *st = &k->stages[si];
+    CHECK(cm_kernel_verify(k, &err) == CM_OK);
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    cm_kernel_print(k, f);
+    fclose(f);
+    CHECK_STR_CONTAINS(text, st->tmpl == CM_KT_ATTENTION_FWD ? "attention fwd span"
+                                                             : "attention bwd span");
+    CHECK_STR_CONTAINS(text, "local b");
+    free(text);
+    cm_kattn saved = st->attn;
+    st->attn.span = k->n_stages + 1;
+    CHECK(cm_kernel_verify(k, &err) == CM_EINVALID);
+    CHECK_STR_CONTAINS(err.msg, k->name);
+    CHECK_STR_CONTAINS(err.msg, "does not fit");
+    st->attn = saved;
+    /* a local that is not scratch */
+    int arena = -1;
+    for (int b = 0; b < k->n_buffers && arena < 0; b++)
+      if (k->buffers[b].kind == CM_KBUF_ARENA) arena = b;
+    st->attn.local[0] = arena;
+    CHECK(cm_kernel_verify(k, &err) == CM_EINVALID);
+    CHECK_STR_CONTAINS(err.msg, "is not a scratch buffer");
+    st->attn = saved;
+    /* wrong per-row size: the locality proof must fail */
+    st->attn.local_row[0] += 1;
+    CHECK(cm_kernel_verify(k, &err) == CM_EINVALID);
+    st->attn = saved;
+    /* a span cut short: its last stage reads a local buffer */
+    st->attn.span--;
+    CHECK(cm_kernel_verify(k, &err) == CM_EINVALID);
+    CHECK_STR_CONTAINS(err.msg, "outside the span");
+    st->attn = saved;
+    /* a local buffer dropped stays valid (the value then lives in the scratch
+       area, accessed per batch item), only the fused scratch grows */
+    int64_t fused = cm_kernel_fused_scratch_bytes(k);
+    st->attn.n_local--;
+    CHECK_MSG(cm_kernel_verify(k, &err) == CM_OK, "%s", err.msg);
+    CHECK(cm_kernel_fused_scratch_bytes(k) > fused);
+    st->attn = saved;
+    /* the first stage must split only the batch across threads */
+    st->n_parallel = st->attn.nb + 1;
+    CHECK(cm_kernel_verify(k, &err) == CM_EINVALID);
+    CHECK_STR_CONTAINS(err.msg, "n_parallel");
+    st->n_parallel = st->attn.nb;
+    CHECK(cm_kernel_verify(k, &err) == CM_OK);
+    checked++;
+  }
+  CHECK(checked == 2);
+  cm_kprogram_free(&kp);
+  cm_plan_free(s.plan);
+  cm_graph_free(s.g);
+  cm_graph_free(g);
+}
+
+TEST_MAIN({"shapes", test_shapes}, {"generic_reading", test_generic_reading},
+          {"verify_and_print", test_verify_and_print})
