@@ -320,6 +320,7 @@ typedef struct rctx {
   bool *mark;   /* scratch: reachable set */
   bool *usered; /* depends on a reduction var */
   bool *useacc; /* depends on ACC */
+  bool *narrow; /* an i64 expression whose every value fits in int32: computed as int */
   cm_status st;
 } rctx;
 
@@ -448,6 +449,10 @@ static void expr_code(const rctx *c, int e, const char *accname, char *out, size
     return;
   }
   case CM_KX_MOD:
+    if (c->narrow[e] && c->narrow[x->a] && c->narrow[x->b]) { /* 32-bit: operands exact */
+      snprintf(out, size, "((int)(e%d) %% (int)(e%d))", x->a, x->b);
+      return;
+    }
     operand(c, x->a, CM_I64, a, sizeof a);
     operand(c, x->b, CM_I64, b, sizeof b);
     snprintf(d, sizeof d, "((%s) %% (%s))", a, b);
@@ -494,7 +499,10 @@ static void expr_code(const rctx *c, int e, const char *accname, char *out, size
   bool binary = op_arity(op) == 2;
   bool int_path = is_intdt(rt) && is_intdt(ta) && (!binary || is_intdt(tb));
   if (int_path) {
-    const char *ct = ctype(rt);
+    /* a narrow result with narrow operands cannot overflow int: 32-bit arithmetic is exact */
+    bool n32 = c->narrow[e] && (c->narrow[x->a] || ta == CM_I32) &&
+               (!binary || c->narrow[x->b] || tb == CM_I32);
+    const char *ct = n32 ? "int" : ctype(rt);
     bool int_op = op == CM_OP_NEG || op == CM_OP_ABS || op == CM_OP_RELU || op == CM_OP_ADD ||
                   op == CM_OP_SUB || op == CM_OP_MUL || op == CM_OP_DIV || op == CM_OP_MAX ||
                   op == CM_OP_MIN;
@@ -533,7 +541,8 @@ static void emit_marked(rctx *c, const char *indent, const char *accname, int wa
     if (want_red >= 0 && c->usered[e] != (want_red == 1)) continue;
     if (want_acc >= 0 && c->useacc[e] != (want_acc == 1)) continue;
     expr_code(c, e, accname, code, sizeof code);
-    sb_printf(c->o, "%sconst %s e%d = %s;\n", indent, ctype(c->s->exprs[e].dtype), e, code);
+    sb_printf(c->o, "%sconst %s e%d = %s;\n", indent,
+              c->narrow[e] ? "int" : ctype(c->s->exprs[e].dtype), e, code);
     c->done[e] = true;
   }
 }
@@ -597,6 +606,109 @@ static int64_t prod(const int64_t *d, int n) {
   return p;
 }
 
+/* Value ranges of the integer expressions, from the loop extents (every use of
+ * a variable is inside its loop's bounds: templates guard their tile edges).
+ * An i64 expression whose range fits in int32 is computed in 32 bits: index
+ * arithmetic in 64 bits takes twice the registers, and 64-bit div/mod by a
+ * constant is a long multiply sequence (it made an im2col GEMM spill). */
+typedef struct irange {
+  bool known;
+  int64_t lo, hi;
+} irange;
+
+static irange ir_make(bool ok, int64_t lo, int64_t hi) {
+  irange r = {ok && lo <= hi, lo, hi};
+  return r;
+}
+
+static irange ir_mul(irange a, irange b) {
+  if (!a.known || !b.known) return ir_make(false, 0, 0);
+  int64_t p[4];
+  if (__builtin_mul_overflow(a.lo, b.lo, &p[0]) || __builtin_mul_overflow(a.lo, b.hi, &p[1]) ||
+      __builtin_mul_overflow(a.hi, b.lo, &p[2]) || __builtin_mul_overflow(a.hi, b.hi, &p[3]))
+    return ir_make(false, 0, 0);
+  int64_t lo = p[0], hi = p[0];
+  for (int i = 1; i < 4; i++) {
+    lo = p[i] < lo ? p[i] : lo;
+    hi = p[i] > hi ? p[i] : hi;
+  }
+  return ir_make(true, lo, hi);
+}
+
+static irange ir_expr(const cm_kstage *s, const irange *r, int e) {
+  const cm_kexpr *x = &s->exprs[e];
+  irange none = ir_make(false, 0, 0);
+  if (x->dtype == CM_I32) return ir_make(true, INT32_MIN, INT32_MAX);
+  if (x->dtype == CM_BOOL) return ir_make(true, 0, 1);
+  if (x->dtype != CM_I64) return none;
+  switch (x->kind) {
+  case CM_KX_CONST: {
+    double v = cm_round_to_dtype(x->value, CM_I64);
+    if (!(v > -9.2e18 && v < 9.2e18)) return none;
+    return ir_make(true, (int64_t)v, (int64_t)v);
+  }
+  case CM_KX_VAR: {
+    int64_t ext = x->var < s->n_dom ? s->dom[x->var] : s->red[x->var - s->n_dom];
+    return ir_make(true, 0, ext - 1);
+  }
+  case CM_KX_MOD: {
+    irange a = r[x->a], b = r[x->b];
+    if (!a.known || !b.known || a.lo < 0 || b.lo < 1) return none;
+    return ir_make(true, 0, a.hi < b.hi - 1 ? a.hi : b.hi - 1);
+  }
+  case CM_KX_OP: break;
+  default: return none;
+  }
+  irange a = x->a >= 0 ? r[x->a] : none, b = x->b >= 0 ? r[x->b] : none;
+  int64_t lo, hi;
+  switch (x->op) {
+  case CM_OP_CAST:
+  case CM_OP_STOP_GRADIENT: return a; /* from bool/i32/i64 exactly; floats: unknown */
+  case CM_OP_NEG:
+    if (!a.known || a.lo == INT64_MIN) return none;
+    return ir_make(true, -a.hi, -a.lo);
+  case CM_OP_ADD:
+    if (!a.known || !b.known || __builtin_add_overflow(a.lo, b.lo, &lo) ||
+        __builtin_add_overflow(a.hi, b.hi, &hi))
+      return none;
+    return ir_make(true, lo, hi);
+  case CM_OP_SUB:
+    if (!a.known || !b.known || __builtin_sub_overflow(a.lo, b.hi, &lo) ||
+        __builtin_sub_overflow(a.hi, b.lo, &hi))
+      return none;
+    return ir_make(true, lo, hi);
+  case CM_OP_MUL: return ir_mul(a, b);
+  case CM_OP_DIV: /* truncating; only a non-negative dividend over a positive divisor */
+    if (!a.known || !b.known || a.lo < 0 || b.lo < 1) return none;
+    return ir_make(true, a.lo / b.hi, a.hi / b.lo);
+  case CM_OP_MIN:
+    if (!a.known || !b.known) return none;
+    return ir_make(true, a.lo < b.lo ? a.lo : b.lo, a.hi < b.hi ? a.hi : b.hi);
+  case CM_OP_MAX:
+    if (!a.known || !b.known) return none;
+    return ir_make(true, a.lo > b.lo ? a.lo : b.lo, a.hi > b.hi ? a.hi : b.hi);
+  case CM_OP_SELECT: {
+    irange t = b, f = x->c >= 0 ? r[x->c] : none;
+    if (!t.known || !f.known) return none;
+    return ir_make(true, t.lo < f.lo ? t.lo : f.lo, t.hi > f.hi ? t.hi : f.hi);
+  }
+  default: return none;
+  }
+}
+
+static cm_status narrow_ints(rctx *c) {
+  const cm_kstage *s = c->s;
+  irange *r = calloc((size_t)(s->n_exprs > 0 ? s->n_exprs : 1), sizeof *r);
+  if (!r) return fail(c, -1, "out of memory");
+  for (int e = 0; e < s->n_exprs; e++) {
+    r[e] = ir_expr(s, r, e);
+    c->narrow[e] =
+        s->exprs[e].dtype == CM_I64 && r[e].known && r[e].lo >= INT32_MIN && r[e].hi <= INT32_MAX;
+  }
+  free(r);
+  return CM_OK;
+}
+
 static cm_status check_stage(rctx *c) {
   const cm_kstage *s = c->s;
   if (s->n_dom < 0 || s->n_red < 0 || s->n_dom + s->n_red > CM_KMAX_VARS)
@@ -642,7 +754,7 @@ static cm_status check_stage(rctx *c) {
       }
   }
   if (s->n_red > 0 && c->useacc[s->body]) return fail(c, s->body, "the reduction body uses ACC");
-  return CM_OK;
+  return narrow_ints(c);
 }
 
 static void signature(rctx *c, const bool *written, const char *bounds) {
@@ -933,8 +1045,10 @@ static void emit_operand_load(rctx *c, const gemm_plan *p, bool is_a, const char
   int iv = is_a ? s->n_dom - 2 : s->n_dom - 1, kv = s->n_dom;
   /* A: kk fastest (k contiguous in row-major A); B: jj fastest */
   int outer = is_a ? p->mc : p->kc, inner = is_a ? p->kc : p->nc;
-  sb_printf(o, "      for (int t_ = threadIdx.x; t_ < %d; t_ += %d) {\n", outer * inner,
-            p->threads);
+  /* two elements in flight per thread: full unrolling keeps every element's index
+   * arithmetic live at once, and ptxas then spills some GEMMs */
+  sb_printf(o, "#pragma unroll 2\n      for (int t_ = threadIdx.x; t_ < %d; t_ += %d) {\n",
+            outer * inner, p->threads);
   if (is_a)
     sb_printf(o, "        const int ii_ = t_ / %d, kk_ = t_ %% %d;\n", inner, inner);
   else
@@ -1133,8 +1247,18 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
   for (int i = 0; i < k->n_stages && st == CM_OK; i++) {
     const cm_kstage *s = &k->stages[i];
     size_t ne = (size_t)(s->n_exprs > 0 ? s->n_exprs : 1);
-    rctx c = {k, i, s, &sb, err, calloc(ne, 1), calloc(ne, 1), calloc(ne, 1), calloc(ne, 1), CM_OK};
-    if (!c.done || !c.mark || !c.usered || !c.useacc)
+    rctx c = {k,
+              i,
+              s,
+              &sb,
+              err,
+              calloc(ne, 1),
+              calloc(ne, 1),
+              calloc(ne, 1),
+              calloc(ne, 1),
+              calloc(ne, 1),
+              CM_OK};
+    if (!c.done || !c.mark || !c.usered || !c.useacc || !c.narrow)
       st = cm_errorf(err, CM_EINTERNAL, "kernel %s stage %d: out of memory", k->name, i);
     else if (s->n_exprs < 0 || (s->n_exprs && !s->exprs))
       st = fail(&c, -1, "malformed expression array");
@@ -1156,6 +1280,7 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
     free(c.mark);
     free(c.usered);
     free(c.useacc);
+    free(c.narrow);
   }
   free(written);
   if (st == CM_OK && sb.oom) st = cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);

@@ -1,0 +1,436 @@
+/* tests/unit/test_nvrtc_variants.c — every kernel of every shipped variant's
+ * training step compiles through NVRTC for sm_80 and sm_90, and no template
+ * kernel (GEMM, attention) spills registers.
+ *
+ * Each variant's step is built at its full size at batch 2 (the kernel
+ * structure does not depend on the batch), optimized, lowered for CUDA and
+ * rendered kernel by kernel. Kernels whose CUDA text is the same up to the
+ * kernel's name are compiled once (a transformer's blocks repeat, and the
+ * variants share many kernels), many per NVRTC program, on two threads.
+ *
+ * Skips (exit 77) only when NVRTC cannot be loaded. Environment:
+ * CMAEC_NVRTC_VARIANTS=a,b (substrings of the model paths to keep),
+ * CMAEC_NVRTC_DUMP=DIR (write each compiled program there),
+ * CMAEC_NVRTC_RENDER_ONLY=1 (count the unique kernels, compile nothing). */
+#include "../test.h"
+#include "../model_step.h"
+#include "codegen/codegen.h"
+
+#include <pthread.h>
+#include <stdint.h>
+#include <time.h>
+
+#define PER_PROGRAM 50
+#define N_THREADS 2
+#define BATCH 2
+#define NAME_MARK "@K@" /* stands for the kernel's name in the deduplicated text */
+
+static const char *const VARIANTS[] = {
+    "models/cmae_vit_tiny_fmnist.json", "models/cmae_convvit_tiny_fmnist.json",
+    "models/cmae_vit_small.json",       "models/cmae_vit_base.json",
+    "models/mae_vit_base.json",         "models/cmae_convvit_base.json",
+    "models/cmae_vit_large.json"};
+#define N_VARIANTS ((int)(sizeof VARIANTS / sizeof VARIANTS[0]))
+static const char *const ARCHS[] = {"sm_80", "sm_90"};
+#define N_ARCHS 2
+
+/* One distinct kernel text for one arch, and what ptxas said of its stages. */
+typedef struct ukernel {
+  char *text; /* rendered CUDA with the name replaced by NAME_MARK */
+  uint64_t hash;
+  int n_stages;
+  bool *templated;             /* per stage: GEMM or attention template */
+  cm_cuda_kernel_info *stages; /* per stage, after the compile (registers -1: not found) */
+  int variant;                 /* where it was first seen */
+  char origin[64];
+} ukernel;
+
+typedef struct arch_set {
+  int n, cap;
+  ukernel *u;
+  int *table; /* open addressing on hash: index + 1, 0 empty */
+  int table_cap;
+} arch_set;
+
+static arch_set sets[N_ARCHS];
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static uint64_t fnv1a(const char *s) {
+  uint64_t h = 1469598103934665603ull;
+  for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+  return h;
+}
+
+/* s with every occurrence of from replaced by to (malloc'ed). */
+static char *replace_all(const char *s, const char *from, const char *to) {
+  size_t lf = strlen(from), lt = strlen(to), n = 0;
+  for (const char *p = strstr(s, from); p; p = strstr(p + lf, from)) n++;
+  char *out = malloc(strlen(s) + n * (lt > lf ? lt - lf : 0) + 1), *w = out;
+  if (!out) return NULL;
+  for (const char *p = s;;) {
+    const char *q = strstr(p, from);
+    size_t len = q ? (size_t)(q - p) : strlen(p);
+    memcpy(w, p, len);
+    w += len;
+    if (!q) break;
+    memcpy(w, to, lt);
+    w += lt;
+    p = q + lf;
+  }
+  *w = 0;
+  return out;
+}
+
+static void table_grow(arch_set *a) {
+  int cap = a->table_cap ? a->table_cap * 2 : 1024;
+  int *t = calloc((size_t)cap, sizeof *t);
+  if (!t) abort();
+  for (int i = 0; i < a->n; i++) {
+    size_t h = (size_t)(a->u[i].hash % (uint64_t)cap);
+    while (t[h]) h = (h + 1) % (size_t)cap;
+    t[h] = i + 1;
+  }
+  free(a->table);
+  a->table = t;
+  a->table_cap = cap;
+}
+
+/* The unique-kernel id of text in a (added if new; takes ownership of text). */
+static int intern(arch_set *a, char *text, const cm_kernel *k, int variant, bool *is_new) {
+  uint64_t h = fnv1a(text);
+  if (2 * (a->n + 1) > a->table_cap) table_grow(a);
+  size_t slot = (size_t)(h % (uint64_t)a->table_cap);
+  for (; a->table[slot]; slot = (slot + 1) % (size_t)a->table_cap) {
+    ukernel *u = &a->u[a->table[slot] - 1];
+    if (u->hash == h && strcmp(u->text, text) == 0) {
+      free(text);
+      *is_new = false;
+      return a->table[slot] - 1;
+    }
+  }
+  if (a->n == a->cap) {
+    a->cap = a->cap ? a->cap * 2 : 256;
+    a->u = realloc(a->u, (size_t)a->cap * sizeof *a->u);
+    if (!a->u) abort();
+  }
+  ukernel *u = &a->u[a->n];
+  memset(u, 0, sizeof *u);
+  u->text = text;
+  u->hash = h;
+  u->n_stages = k->n_stages;
+  u->templated = calloc((size_t)k->n_stages + 1, sizeof *u->templated);
+  u->stages = calloc((size_t)k->n_stages + 1, sizeof *u->stages);
+  for (int s = 0; s < k->n_stages; s++) {
+    u->templated[s] = k->stages[s].tmpl != CM_KT_NONE;
+    u->stages[s].registers = -1;
+  }
+  u->variant = variant;
+  snprintf(u->origin, sizeof u->origin, "%s", k->name);
+  a->table[slot] = a->n + 1;
+  *is_new = true;
+  return a->n++;
+}
+
+/* ---- compiling the unique kernels, many per program, on two threads ------ */
+
+static cm_nvrtc *nvrtc;
+static const char *prelude; /* the renderer's prelude alone */
+
+typedef struct job {
+  int arch, first, count;
+  double ms;
+  bool ok;
+  char error[600];
+} job;
+
+static job *jobs;
+static int n_jobs, next_job;
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* The program holding unique kernels [first, first + count) of arch a; kernel
+ * u gets the name "u<u>". */
+static char *program_text(int a, int first, int count) {
+  size_t cap = strlen(prelude) + 1, len = 0;
+  for (int i = first; i < first + count; i++) cap += strlen(sets[a].u[i].text) * 2 + 256;
+  char *p = malloc(cap);
+  if (!p) return NULL;
+  len += (size_t)snprintf(p, cap, "%s", prelude);
+  for (int i = first; i < first + count; i++) {
+    char name[32];
+    snprintf(name, sizeof name, "u%d", i);
+    char *t = replace_all(sets[a].u[i].text, NAME_MARK, name);
+    if (!t) {
+      free(p);
+      return NULL;
+    }
+    len += (size_t)snprintf(p + len, cap - len, "// %s %s\n%s", VARIANTS[sets[a].u[i].variant],
+                            sets[a].u[i].origin, t);
+    free(t);
+  }
+  return p;
+}
+
+static bool compile_range(int a, int first, int count, double *ms, char *error, size_t esize) {
+  char *src = program_text(a, first, count);
+  if (!src) {
+    snprintf(error, esize, "out of memory");
+    return false;
+  }
+  char fname[64];
+  snprintf(fname, sizeof fname, "variants_%s_%d.cu", ARCHS[a], first);
+  const char *dump = getenv("CMAEC_NVRTC_DUMP");
+  if (dump && dump[0]) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dump, fname);
+    FILE *f = fopen(path, "w");
+    if (f) fputs(src, f), fclose(f);
+  }
+  if (getenv("CMAEC_NVRTC_RENDER_ONLY")) {
+    free(src);
+    *ms = 0;
+    return true;
+  }
+  cm_cubin cb;
+  cm_err err = {0};
+  cm_status st = cm_nvrtc_compile(nvrtc, src, fname, ARCHS[a], NULL, 0, &cb, &err);
+  free(src);
+  *ms = cb.compile_ms;
+  if (st != CM_OK) {
+    snprintf(error, esize, "%s", err.msg);
+    cm_cubin_free(&cb);
+    return false;
+  }
+  for (int i = first; i < first + count; i++) {
+    ukernel *u = &sets[a].u[i];
+    for (int s = 0; s < u->n_stages; s++) {
+      char fn[64];
+      snprintf(fn, sizeof fn, "u%d_s%d", i, s);
+      const cm_cuda_kernel_info *ki = cm_cubin_kernel(&cb, fn);
+      if (ki) u->stages[s] = *ki;
+    }
+  }
+  cm_cubin_free(&cb);
+  return true;
+}
+
+static void *worker(void *arg) {
+  (void)arg;
+  for (;;) {
+    pthread_mutex_lock(&job_lock);
+    int j = next_job < n_jobs ? next_job++ : -1;
+    pthread_mutex_unlock(&job_lock);
+    if (j < 0) return NULL;
+    job *b = &jobs[j];
+    b->ok = compile_range(b->arch, b->first, b->count, &b->ms, b->error, sizeof b->error);
+  }
+}
+
+/* ---- building and rendering a variant ----------------------------------- */
+
+typedef struct variant_stats {
+  int kernels, stages, unique[N_ARCHS], fresh[N_ARCHS];
+  double build_s, render_s;
+  int *ids[N_ARCHS]; /* per kernel: its unique id */
+} variant_stats;
+
+static variant_stats vstats[N_VARIANTS];
+
+static bool wanted(const char *path) {
+  const char *f = getenv("CMAEC_NVRTC_VARIANTS");
+  if (!f || !f[0]) return true;
+  char buf[512];
+  snprintf(buf, sizeof buf, "%s", f);
+  for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ","))
+    if (strstr(path, tok)) return true;
+  return false;
+}
+
+static void collect_variant(int v) {
+  const char *path = VARIANTS[v];
+  variant_stats *vs = &vstats[v];
+  double t0 = now_s();
+  cm_model_config cfg;
+  cm_err err = {0};
+  CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
+  cm_model_build_opts bo = {BATCH, 1, CM_F32};
+  cm_model m;
+  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
+  if (!m.g) return;
+  cm_optim_config oc = test_model_optim();
+  cm_graph *step = NULL;
+  cm_train_step_info info;
+  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
+            err.msg);
+  cm_model_free(&m);
+  if (!step) return;
+  cm_pass_state ps = {step, NULL};
+  cm_status st = cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err);
+  CHECK_MSG(st == CM_OK && ps.plan, "%s: %s", path, err.msg);
+  cm_kprogram prog = {0};
+  cm_lower_opts lo = {CM_TARGET_CUDA, false};
+  if (st == CM_OK && ps.plan) {
+    st = cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err);
+    CHECK_MSG(st == CM_OK, "%s: lowering: %s", path, err.msg);
+  }
+  vs->build_s = now_s() - t0;
+  t0 = now_s();
+  vs->kernels = prog.n_kernels;
+  for (int a = 0; a < N_ARCHS && st == CM_OK; a++) {
+    cm_cuda_render_opts ro = {ARCHS[a], false};
+    vs->ids[a] = calloc((size_t)prog.n_kernels + 1, sizeof *vs->ids[a]);
+    bool *seen = calloc((size_t)sets[a].n + (size_t)prog.n_kernels + 1, 1);
+    for (int i = 0; i < prog.n_kernels; i++) {
+      const cm_kernel *k = &prog.kernels[i];
+      if (a == 0) vs->stages += k->n_stages;
+      char *src = NULL;
+      st = cm_render_cuda(k, &ro, false, &src, &err);
+      CHECK_MSG(st == CM_OK, "%s %s: render for %s: %s", path, k->name, ARCHS[a], err.msg);
+      if (st != CM_OK) break;
+      char *norm = replace_all(src, k->name, NAME_MARK);
+      free(src);
+      bool is_new;
+      int id = intern(&sets[a], norm, k, v, &is_new);
+      vs->ids[a][i] = id;
+      vs->fresh[a] += is_new;
+      if (id < sets[a].n && !seen[id]) {
+        seen[id] = true;
+        vs->unique[a]++;
+      }
+    }
+    free(seen);
+  }
+  vs->render_s = now_s() - t0;
+  cm_kprogram_free(&prog);
+  cm_plan_free(ps.plan);
+  cm_graph_free(ps.g);
+}
+
+static void test_every_variant_through_nvrtc(void) {
+  double t_all = now_s();
+  for (int v = 0; v < N_VARIANTS; v++)
+    if (wanted(VARIANTS[v])) collect_variant(v);
+  char *pre = NULL;
+  cm_kernel empty;
+  cm_kernel_init(&empty, "none");
+  cm_err err = {0};
+  CHECK(cm_render_cuda(&empty, NULL, true, &pre, &err) == CM_OK);
+  cm_kernel_free(&empty);
+  prelude = pre ? pre : "";
+  /* jobs: arch-major, PER_PROGRAM kernels each */
+  int total = 0;
+  for (int a = 0; a < N_ARCHS; a++) total += (sets[a].n + PER_PROGRAM - 1) / PER_PROGRAM;
+  jobs = calloc((size_t)total + 1, sizeof *jobs);
+  for (int a = 0; a < N_ARCHS; a++)
+    for (int f = 0; f < sets[a].n; f += PER_PROGRAM)
+      jobs[n_jobs++] =
+          (job){a, f, sets[a].n - f < PER_PROGRAM ? sets[a].n - f : PER_PROGRAM, 0, false, ""};
+  double t_compile = now_s();
+  pthread_t th[N_THREADS];
+  for (int t = 0; t < N_THREADS; t++) pthread_create(&th[t], NULL, worker, NULL);
+  for (int t = 0; t < N_THREADS; t++) pthread_join(th[t], NULL);
+  t_compile = now_s() - t_compile;
+  double arch_ms[N_ARCHS] = {0};
+  for (int j = 0; j < n_jobs; j++) {
+    arch_ms[jobs[j].arch] += jobs[j].ms;
+    CHECK_MSG(jobs[j].ok, "%s", jobs[j].error);
+    if (jobs[j].ok) continue;
+    /* name the kernels that fail on their own */
+    for (int i = jobs[j].first; i < jobs[j].first + jobs[j].count; i++) {
+      double ms;
+      char e[600];
+      const ukernel *u = &sets[jobs[j].arch].u[i];
+      if (!compile_range(jobs[j].arch, i, 1, &ms, e, sizeof e))
+        fprintf(stderr, "  fails alone: %s %s (unique u%d): %s\n", VARIANTS[u->variant], u->origin,
+                i, e);
+    }
+  }
+  /* every stage found; no template stage spills */
+  int max_regs[N_ARCHS] = {0}, spilling[N_ARCHS] = {0};
+  for (int a = 0; a < N_ARCHS; a++)
+    for (int i = 0; i < sets[a].n; i++) {
+      const ukernel *u = &sets[a].u[i];
+      for (int s = 0; s < u->n_stages; s++) {
+        const cm_cuda_kernel_info *ki = &u->stages[s];
+        int spill = ki->spill_store_bytes + ki->spill_load_bytes;
+        if (ki->registers > max_regs[a]) max_regs[a] = ki->registers;
+        spilling[a] += spill > 0;
+        CHECK_MSG(ki->registers >= 0, "%s: no ptxas report for %s stage %d (%s)",
+                  VARIANTS[u->variant], u->origin, s, ARCHS[a]);
+        CHECK_MSG(!u->templated[s] || spill == 0,
+                  "%s: %s stage %d (template) spills %d bytes for %s (%d registers)",
+                  VARIANTS[u->variant], u->origin, s, spill, ARCHS[a], ki->registers);
+        if (spill > 0 && !u->templated[s])
+          fprintf(stderr, "  note: %s %s stage %d (generic) spills %d bytes for %s\n",
+                  VARIANTS[u->variant], u->origin, s, spill, ARCHS[a]);
+      }
+    }
+  /* per variant: kernels, unique ones, max registers, spills */
+  for (int v = 0; v < N_VARIANTS; v++) {
+    variant_stats *vs = &vstats[v];
+    if (!vs->ids[0]) continue;
+    for (int a = 0; a < N_ARCHS; a++) {
+      int mr = 0, sp = 0, tmpl = 0;
+      bool *seen = calloc((size_t)sets[a].n + 1, 1);
+      for (int i = 0; i < vs->kernels; i++) {
+        int id = vs->ids[a][i];
+        if (seen[id]) continue;
+        seen[id] = true;
+        const ukernel *u = &sets[a].u[id];
+        for (int s = 0; s < u->n_stages; s++) {
+          if (u->stages[s].registers > mr) mr = u->stages[s].registers;
+          sp += u->stages[s].spill_store_bytes + u->stages[s].spill_load_bytes > 0;
+          tmpl += u->templated[s];
+        }
+      }
+      free(seen);
+      fprintf(stderr,
+              "  %-38s %s: %4d kernels (%4d stages), %4d unique (%4d new), %3d template stages, "
+              "max %3d registers, %d stages spill; built in %.1f s, rendered in %.1f s\n",
+              VARIANTS[v], ARCHS[a], vs->kernels, vs->stages, vs->unique[a], vs->fresh[a], tmpl, mr,
+              sp, vs->build_s, vs->render_s);
+      CHECK(vs->unique[a] > 0 && vs->unique[a] <= vs->kernels);
+    }
+    free(vs->ids[0]);
+    free(vs->ids[1]);
+  }
+  for (int a = 0; a < N_ARCHS; a++) {
+    fprintf(stderr,
+            "  %s: %d unique kernels in %d programs, NVRTC %.1f s (one core), max %d registers, "
+            "%d stages spill\n",
+            ARCHS[a], sets[a].n, (sets[a].n + PER_PROGRAM - 1) / PER_PROGRAM, arch_ms[a] / 1e3,
+            max_regs[a], spilling[a]);
+    CHECK(sets[a].n > 0);
+  }
+  fprintf(stderr, "  compiled on %d threads in %.1f s; %.1f s in all\n", N_THREADS, t_compile,
+          now_s() - t_all);
+  for (int a = 0; a < N_ARCHS; a++) {
+    for (int i = 0; i < sets[a].n; i++) {
+      free(sets[a].u[i].text);
+      free(sets[a].u[i].templated);
+      free(sets[a].u[i].stages);
+    }
+    free(sets[a].u);
+    free(sets[a].table);
+  }
+  free(jobs);
+  free(pre);
+}
+
+int main(void) {
+  cm_err err = {0};
+  if (cm_nvrtc_load(&nvrtc, &err) != CM_OK) {
+    fprintf(stderr, "skipped: %s\n", err.msg);
+    return 77;
+  }
+  fprintf(stderr, "NVRTC %s\n", cm_nvrtc_version(nvrtc));
+  test_every_variant_through_nvrtc();
+  cm_nvrtc_unload(nvrtc);
+  fprintf(stderr, "%-40s %s\n%d checks, %d failures\n", "test_every_variant_through_nvrtc",
+          test_failures ? "FAILED" : "ok", test_checks, test_failures);
+  return test_failures ? 1 : 0;
+}
