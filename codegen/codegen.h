@@ -201,7 +201,58 @@ typedef enum cm_ktemplate {
    * evaluates them once per element while packing tiles. Store values are the
    * epilogue (bias, activation, residual, transposed store). */
   CM_KT_GEMM,
+  /* Attention, forward (S = Q K^T, row max, row sum of exp, P V, and the stores
+   * of whatever the graph keeps: P, exp(S - max), ...) and backward (dP = dO V^T,
+   * dV = P^T dO, row sums, dQ = dS K, dK = dS^T Q). Carried by the FIRST stage of
+   * a span of attn.span consecutive stages; attn describes the span (see
+   * cm_kattn). Every stage of the span keeps its exact generic reading: the
+   * interpreter and renderers without the template run the stages one after
+   * the other. The span's GEMM stages keep CM_KT_GEMM and their gemm_a/gemm_b:
+   * those are the template's operand prologues (Q, K, V, dO, P, dS over batch,
+   * row, column and feature vars); the stores of the span into buffers that
+   * are not local are the epilogue. The first stage itself is the first GEMM
+   * (Q K^T, or dO V^T): its gemm_a/gemm_b/tiles stay set. */
+  CM_KT_ATTENTION_FWD,
+  CM_KT_ATTENTION_BWD,
 } cm_ktemplate;
+
+#define CM_KATTN_MAX_LOCAL 8
+
+/* The span of an attention template. Invariants (cm_kernel_verify):
+ * - span >= 2 and the span lies inside the kernel; no stage of it accumulates
+ *   or carries another attention template; n_parallel == nb on the first stage;
+ * - every stage of the span has n_dom >= nb + (br < rows) and dom[0..nb-1] equal
+ *   to the first stage's (the batch: heads included), and dom[nb] == rows when
+ *   br < rows (var nb is then the query row of every stage);
+ * - local[]: SCRATCH buffers accessed (read or written) only by stages of the
+ *   span; every buffer a stage of the span writes and a later stage of the
+ *   span reads is local, and a stage of the span reads no other buffer that
+ *   the span writes;
+ * - every access to a local buffer is local to one batch item (and one query
+ *   row when br < rows): with B the linear index of (v0..v{nb-1}) over the
+ *   batch extents and X = local_row[i], the index is (B * rows + v{nb}) * X + r
+ *   with 0 <= r < X when br < rows, else B * rows * X + r with 0 <= r < rows * X
+ *   (the lowering proves it on the affine form of the index).
+ * A fused rendering may therefore run, per work item = one batch item (the
+ * first stage's n_parallel == nb leading vars), for each block of br query
+ * rows, every stage of the span restricted to those rows (all rows when
+ * br == rows), with the local buffers in the per-thread workspace (br rows of
+ * each, or one batch item's slice) instead of the scratch area: no N x N value
+ * internal to the group goes through memory beyond one per-thread tile. The
+ * other stages of the span then run no work (their functions return). */
+typedef struct cm_kattn {
+  int span;     /* stages covered: this one and the next span - 1 */
+  int nb;       /* batch vars shared by the span */
+  int64_t rows; /* the query-row extent (N tokens) */
+  int br, bc;   /* tunables: query rows per block (br == rows: whole batch item),
+                   key block (the CPU rendering keeps whole key rows: the fusion pass
+                   only forms attention groups whose rows fit on chip) */
+  double scale; /* the softmax scale found in the expressions (0 if none) */
+  int n_local;  /* buffers kept per thread by a fused rendering */
+  int local[CM_KATTN_MAX_LOCAL];
+  int64_t local_row[CM_KATTN_MAX_LOCAL]; /* X: elements per (batch item, query row) */
+  int64_t ws_bytes; /* CPU workspace of the fused rendering (cm_kattn_workspace) */
+} cm_kattn;
 
 typedef struct cm_kgemm_tiles {
   int mc, nc, kc; /* cache blocking: A block mc x kc, B panel kc x nc (multiples of mr/nr) */
@@ -228,6 +279,7 @@ typedef struct cm_kstage {
   cm_ktemplate tmpl;
   int gemm_a, gemm_b; /* CM_KT_GEMM operand expressions */
   cm_kgemm_tiles tiles;
+  cm_kattn attn; /* CM_KT_ATTENTION_FWD / _BWD (first stage of the span) */
 } cm_kstage;
 
 typedef enum cm_kbuf_kind {
@@ -300,6 +352,21 @@ uint32_t cm_kx_vars_used(const cm_kstage *s, int e);
  * in store values), store buffers writable, template invariants. Errors name
  * the kernel, stage and expression. */
 cm_status cm_kernel_verify(const cm_kernel *k, cm_err *err);
+/* The CPU workspace layout of a fused attention span starting at stage `first`
+ * (register block mr x nr): each local buffer's byte offset (local_off[i],
+ * 64-byte aligned; NULL: not wanted), then the GEMM packing area at
+ * *pack_off (NULL: not wanted): packed A (round_up(br, mr) x K), packed B
+ * (K x round_up(N, nr)) and the C tile, sized for the largest GEMM stage of
+ * the span. Returns the total bytes (0 when the span is not well-formed). */
+int64_t cm_kattn_workspace(const cm_kernel *k, int first, int mr, int nr, int64_t *local_off,
+                           int64_t *pack_off);
+/* Checks the span invariants of the attention template on stage `first`
+ * (cm_kernel_verify calls it; the lowering uses it to keep only spans that
+ * hold). Errors name the kernel, stage and the rule broken. */
+cm_status cm_kattn_check(const cm_kernel *k, int first, cm_err *err);
+/* Bytes of scratch a renderer that fuses the attention spans needs: the
+ * kernel's scratch without the local buffers of its spans (<= scratch_bytes). */
+int64_t cm_kernel_fused_scratch_bytes(const cm_kernel *k);
 /* Human-readable kernel IR (stable; used by `cmaec compile --emit kir` and tests). */
 void cm_kernel_print(const cm_kernel *k, FILE *out);
 /* A CM_KBUF_CONST buffer's contents converted to its dtype (malloc'ed; the
@@ -345,6 +412,10 @@ typedef struct cm_llvm_render_opts {
   bool no_templates; /* render GEMM stages as generic loop nests */
 } cm_llvm_render_opts;
 
+/* Attention spans (CM_KT_ATTENTION_*) render fused: the first stage's function
+ * runs the whole span per batch item (workspace: attn.ws_bytes), the other
+ * stages' functions return at once; a span that does not fit the renderer's
+ * tiles renders generic. */
 /* Adds the kernel's stage functions to module m (in the module's context). */
 cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_render_opts *o,
                          cm_err *err);

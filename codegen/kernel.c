@@ -226,6 +226,274 @@ static int op_arity(cm_op op) {
                      s->name, ei, rule_);                                                          \
   } while (0)
 
+/* ---- attention spans ---------------------------------------------------------- */
+
+/* An i64 expression as sum_v c[v] * v + c0 over the stage's vars, with the
+ * ranges of the vars known (domain and reduction extents): div and mod by a
+ * constant fold when the remainder part provably lies in [0, d). */
+typedef struct kaff {
+  int64_t c[CM_KMAX_VARS];
+  int64_t c0;
+} kaff;
+
+static int64_t var_ext(const cm_kstage *s, int v) {
+  return v < s->n_dom ? s->dom[v] : s->red[v - s->n_dom];
+}
+
+static void aff_range(const cm_kstage *s, const kaff *a, int64_t *lo, int64_t *hi) {
+  *lo = *hi = a->c0;
+  for (int v = 0; v < s->n_dom + s->n_red; v++) {
+    int64_t t = a->c[v] * (var_ext(s, v) - 1);
+    if (t < 0)
+      *lo += t;
+    else
+      *hi += t;
+  }
+}
+
+static bool aff_of(const cm_kstage *s, int e, kaff *out, int *budget) {
+  if (e < 0 || e >= s->n_exprs || --*budget < 0) return false;
+  const cm_kexpr *x = &s->exprs[e];
+  memset(out, 0, sizeof *out);
+  if (x->dtype != CM_I64) return false;
+  if (x->kind == CM_KX_CONST) {
+    out->c0 = (int64_t)x->value;
+    return (double)out->c0 == x->value;
+  }
+  if (x->kind == CM_KX_VAR) {
+    if (x->var < 0 || x->var >= s->n_dom + s->n_red) return false;
+    out->c[x->var] = 1;
+    return true;
+  }
+  bool is_mod = x->kind == CM_KX_MOD;
+  if (!is_mod && x->kind != CM_KX_OP) return false;
+  cm_op op = is_mod ? CM_OP_DIV : x->op; /* mod shares div's split */
+  if (op != CM_OP_ADD && op != CM_OP_SUB && op != CM_OP_MUL && op != CM_OP_DIV) return false;
+  kaff a, b;
+  if (!aff_of(s, x->a, &a, budget) || !aff_of(s, x->b, &b, budget)) return false;
+  int nv = s->n_dom + s->n_red;
+  bool bconst = true, aconst = true;
+  for (int v = 0; v < nv; v++) bconst &= b.c[v] == 0, aconst &= a.c[v] == 0;
+  if (op == CM_OP_ADD || op == CM_OP_SUB) {
+    int64_t sg = op == CM_OP_ADD ? 1 : -1;
+    for (int v = 0; v < nv; v++) out->c[v] = a.c[v] + sg * b.c[v];
+    out->c0 = a.c0 + sg * b.c0;
+    return true;
+  }
+  if (op == CM_OP_MUL) {
+    if (!aconst && !bconst) return false;
+    const kaff *f = bconst ? &a : &b;
+    int64_t m = bconst ? b.c0 : a.c0;
+    for (int v = 0; v < nv; v++) out->c[v] = f->c[v] * m;
+    out->c0 = f->c0 * m;
+    return true;
+  }
+  /* div / mod by a positive constant of a non-negative value */
+  int64_t d = b.c0, lo, hi;
+  if (!bconst || d <= 0) return false;
+  aff_range(s, &a, &lo, &hi);
+  if (lo < 0) return false;
+  kaff q, r;
+  memset(&q, 0, sizeof q);
+  memset(&r, 0, sizeof r);
+  for (int v = 0; v < nv; v++) {
+    if (a.c[v] % d == 0)
+      q.c[v] = a.c[v] / d;
+    else
+      r.c[v] = a.c[v];
+  }
+  int64_t c0q = a.c0 >= 0 ? a.c0 / d : -((-a.c0 + d - 1) / d);
+  q.c0 = c0q;
+  r.c0 = a.c0 - c0q * d;
+  aff_range(s, &r, &lo, &hi);
+  if (lo < 0 || hi >= d) return false;
+  *out = is_mod ? r : q;
+  return true;
+}
+
+/* Whether index expression e of a stage in span `a` (batch extents bdom)
+ * reads only one batch item's (and, when rowwise, one query row's) slice of a
+ * buffer with X elements per (batch item, row). */
+static bool attn_local_index(const cm_kstage *s, const cm_kattn *a, const int64_t *bdom, int e,
+                             int64_t X, bool rowwise) {
+  kaff f;
+  int budget = 4096;
+  if (!aff_of(s, e, &f, &budget)) return false;
+  int64_t stride = a->rows * X;
+  for (int v = a->nb - 1; v >= 0; v--) {
+    if (f.c[v] != stride) return false;
+    f.c[v] = 0;
+    stride *= bdom[v];
+  }
+  int64_t lim = a->rows * X;
+  if (rowwise) {
+    if (s->n_dom <= a->nb || f.c[a->nb] != X) return false;
+    f.c[a->nb] = 0;
+    lim = X;
+  }
+  int64_t lo, hi;
+  aff_range(s, &f, &lo, &hi);
+  return lo >= 0 && hi < lim;
+}
+
+static bool is_local(const cm_kattn *a, int b, int *which) {
+  for (int i = 0; i < a->n_local && i < CM_KATTN_MAX_LOCAL; i++)
+    if (a->local[i] == b) {
+      if (which) *which = i;
+      return true;
+    }
+  return false;
+}
+
+cm_status cm_kattn_check(const cm_kernel *k, int first, cm_err *err) {
+  if (!k || first < 0 || first >= k->n_stages)
+    return cm_errorf(err, CM_EINVALID, "attention span: no stage %d", first);
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+#define AFAIL(si, ...)                                                                             \
+  do {                                                                                             \
+    char why_[256];                                                                                \
+    snprintf(why_, sizeof why_, __VA_ARGS__);                                                      \
+    return cm_errorf(err, CM_EINVALID,                                                             \
+                     "kernel %s stage %d (%s): attention span from stage %d: %s", k->name, (si),   \
+                     k->stages[(si)].name, first, why_);                                           \
+  } while (0)
+  if (s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD)
+    AFAIL(first, "not an attention template");
+  if (a->span < 2 || first + a->span > k->n_stages)
+    AFAIL(first, "span %d does not fit the kernel's %d stages", a->span, k->n_stages);
+  if (a->nb < 0 || a->nb > s0->n_dom || a->rows < 1 || a->br < 1 || a->br > a->rows || a->bc < 1)
+    AFAIL(first, "nb %d, rows %lld, br %d, bc %d out of range", a->nb, (long long)a->rows, a->br,
+          a->bc);
+  if (s0->n_parallel != a->nb)
+    AFAIL(first, "n_parallel %d must equal nb %d", s0->n_parallel, a->nb);
+  if (a->n_local < 0 || a->n_local > CM_KATTN_MAX_LOCAL)
+    AFAIL(first, "n_local %d out of range", a->n_local);
+  bool rowwise = a->br < a->rows;
+  for (int i = 0; i < a->n_local; i++) {
+    int b = a->local[i];
+    if (b < 0 || b >= k->n_buffers || k->buffers[b].kind != CM_KBUF_SCRATCH)
+      AFAIL(first, "local %d (b%d) is not a scratch buffer", i, b);
+    for (int j = 0; j < i; j++)
+      if (a->local[j] == b) AFAIL(first, "b%d listed twice as local", b);
+    int64_t bat = 1;
+    for (int v = 0; v < a->nb; v++) bat *= s0->dom[v];
+    if (a->local_row[i] < 1 || bat * a->rows * a->local_row[i] != k->buffers[b].numel)
+      AFAIL(first, "local b%d: %lld elements is not batch x rows x local_row %lld", b,
+            (long long)k->buffers[b].numel, (long long)a->local_row[i]);
+  }
+  int last = first + a->span;
+  bool *wr = calloc((size_t)k->n_buffers + 1, 1);
+  if (!wr) return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  cm_status st = CM_OK;
+  char why[256] = "";
+  int bad_stage = first;
+  for (int si = 0; si < k->n_stages && !why[0]; si++) {
+    const cm_kstage *s = &k->stages[si];
+    bool in = si >= first && si < last;
+    bad_stage = si;
+    if (in) {
+      if (si > first && (s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD))
+        snprintf(why, sizeof why, "a stage of the span carries another attention template");
+      else if (s->accumulate)
+        snprintf(why, sizeof why, "an accumulating stage inside the span");
+      else if (s->n_dom < a->nb + (rowwise ? 1 : 0))
+        snprintf(why, sizeof why, "n_dom %d below the batch vars (+ row)", s->n_dom);
+      for (int v = 0; v < a->nb && !why[0]; v++)
+        if (s->dom[v] != s0->dom[v])
+          snprintf(why, sizeof why, "batch extent dom[%d] = %lld differs from the first stage's", v,
+                   (long long)s->dom[v]);
+      if (!why[0] && rowwise && s->dom[a->nb] != a->rows)
+        snprintf(why, sizeof why, "dom[%d] = %lld is not the query rows %lld (br < rows)", a->nb,
+                 (long long)s->dom[a->nb], (long long)a->rows);
+    }
+    for (int e = 0; e < s->n_exprs && !why[0]; e++) {
+      const cm_kexpr *x = &s->exprs[e];
+      if (x->kind != CM_KX_LOAD) continue;
+      int li;
+      bool loc = is_local(a, x->buf, &li);
+      if (loc && !in)
+        snprintf(why, sizeof why, "local b%d read outside the span", x->buf);
+      else if (loc && !attn_local_index(s, a, s0->dom, x->a, a->local_row[li], rowwise))
+        snprintf(why, sizeof why, "expr %d: load of local b%d not provably per batch item%s", e,
+                 x->buf, rowwise ? " and query row" : "");
+      else if (in && !loc && x->buf >= 0 && x->buf < k->n_buffers && wr[x->buf])
+        snprintf(why, sizeof why, "expr %d: reads b%d written earlier in the span but not local", e,
+                 x->buf);
+    }
+    for (int j = 0; j < s->n_stores && !why[0]; j++) {
+      const cm_kstore *t = &s->stores[j];
+      int li;
+      bool loc = is_local(a, t->buf, &li);
+      if (loc && !in)
+        snprintf(why, sizeof why, "local b%d written outside the span", t->buf);
+      else if (loc && !attn_local_index(s, a, s0->dom, t->index, a->local_row[li], rowwise))
+        snprintf(why, sizeof why, "store %d to local b%d not provably per batch item%s", j, t->buf,
+                 rowwise ? " and query row" : "");
+      if (in && t->buf >= 0 && t->buf < k->n_buffers) wr[t->buf] = true;
+    }
+  }
+  free(wr);
+  if (why[0]) AFAIL(bad_stage, "%s", why);
+#undef AFAIL
+  return st;
+}
+
+static int64_t up64(int64_t v) {
+  return (v + 63) / 64 * 64;
+}
+
+int64_t cm_kattn_workspace(const cm_kernel *k, int first, int mr, int nr, int64_t *local_off,
+                           int64_t *pack_off) {
+  if (!k || first < 0 || first >= k->n_stages || mr < 1 || nr < 1) return 0;
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  if ((s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD) || a->span < 2 ||
+      first + a->span > k->n_stages || a->n_local < 0 || a->n_local > CM_KATTN_MAX_LOCAL)
+    return 0;
+  int64_t rows = a->br < a->rows ? a->br : a->rows, off = 0;
+  for (int i = 0; i < a->n_local; i++) {
+    int b = a->local[i];
+    if (b < 0 || b >= k->n_buffers) return 0;
+    if (local_off) local_off[i] = off;
+    off += up64(rows * a->local_row[i] * (int64_t)cm_dtype_size(k->buffers[b].dtype));
+  }
+  int64_t am = 0, bm = 0, cmx = 0;
+  for (int si = first; si < first + a->span; si++) {
+    const cm_kstage *s = &k->stages[si];
+    if (s->tmpl != CM_KT_GEMM && si != first) continue;
+    if (s->n_dom < 2 || s->n_red != 1) continue;
+    int64_t m = a->br < a->rows ? a->br : s->dom[s->n_dom - 2];
+    int64_t mp = (m + mr - 1) / mr * mr, np = (s->dom[s->n_dom - 1] + nr - 1) / nr * nr;
+    int64_t K = s->red[0];
+    if (mp * K > am) am = mp * K;
+    if (K * np > bm) bm = K * np;
+    if (mp * np > cmx) cmx = mp * np;
+  }
+  if (pack_off) *pack_off = off;
+  off += up64(4 * am) + up64(4 * bm) + up64(4 * cmx);
+  return off + 64;
+}
+
+int64_t cm_kernel_fused_scratch_bytes(const cm_kernel *k) {
+  if (!k) return 0;
+  int64_t end = 0;
+  for (int b = 0; b < k->n_buffers; b++) {
+    const cm_kbuffer *x = &k->buffers[b];
+    if (x->kind != CM_KBUF_SCRATCH) continue;
+    bool loc = false;
+    for (int si = 0; si < k->n_stages && !loc; si++) {
+      const cm_kstage *s = &k->stages[si];
+      if (s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD)
+        loc = is_local(&s->attn, b, NULL);
+    }
+    /* scratch offsets are packed in buffer order; what the fused spans keep
+       per thread needs no room */
+    if (!loc) end += up64(x->numel * (int64_t)cm_dtype_size(x->dtype));
+  }
+  return end < k->scratch_bytes ? end : k->scratch_bytes;
+}
+
 static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
   const cm_kstage *s = &k->stages[si];
   int ei = -1;
@@ -368,7 +636,8 @@ static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
       goto done;
     }
   }
-  if (s->tmpl == CM_KT_GEMM) {
+  /* an attention span's first stage is its first GEMM */
+  if (s->tmpl == CM_KT_GEMM || s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD) {
     ei = s->body;
     const char *why = NULL;
     const cm_kgemm_tiles *t = &s->tiles;
@@ -436,6 +705,12 @@ cm_status cm_kernel_verify(const cm_kernel *k, cm_err *err) {
     cm_status st = verify_stage(k, si, err);
     if (st != CM_OK) return st;
   }
+  for (int si = 0; si < k->n_stages; si++) {
+    const cm_kstage *s = &k->stages[si];
+    if (s->tmpl != CM_KT_ATTENTION_FWD && s->tmpl != CM_KT_ATTENTION_BWD) continue;
+    cm_status st = cm_kattn_check(k, si, err);
+    if (st != CM_OK) return st;
+  }
   return CM_OK;
 }
 
@@ -474,6 +749,18 @@ void cm_kernel_print(const cm_kernel *k, FILE *out) {
     if (s->tmpl == CM_KT_GEMM)
       fprintf(out, "  gemm a=%%%d b=%%%d tiles mc=%d nc=%d kc=%d mr=%d nr=%d\n", s->gemm_a,
               s->gemm_b, s->tiles.mc, s->tiles.nc, s->tiles.kc, s->tiles.mr, s->tiles.nr);
+    if (s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD) {
+      const cm_kattn *a = &s->attn;
+      fprintf(out,
+              "  attention %s span %d batch vars %d rows %lld br %d bc %d scale %.9g ws %lld "
+              "gemm a=%%%d b=%%%d mr=%d nr=%d\n  local",
+              s->tmpl == CM_KT_ATTENTION_FWD ? "fwd" : "bwd", a->span, a->nb, (long long)a->rows,
+              a->br, a->bc, a->scale, (long long)a->ws_bytes, s->gemm_a, s->gemm_b, s->tiles.mr,
+              s->tiles.nr);
+      for (int i = 0; i < a->n_local && i < CM_KATTN_MAX_LOCAL; i++)
+        fprintf(out, " b%d(row %lld)", a->local[i], (long long)a->local_row[i]);
+      fprintf(out, "\n");
+    }
     for (int e = 0; e < s->n_exprs; e++) {
       const cm_kexpr *x = &s->exprs[e];
       const char *dt = cm_dtype_name(x->dtype);
@@ -553,6 +840,8 @@ int64_t cm_kstage_work_items(const cm_kstage *s) {
 }
 
 int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target t) {
+  if (t == CM_TARGET_CPU && (s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD))
+    return s->attn.ws_bytes > 0 ? s->attn.ws_bytes : 0;
   if (t != CM_TARGET_CPU || s->tmpl != CM_KT_GEMM) return 0;
   /* packed A block, packed B panel and the C tile (render_llvm.c's layout) */
   int64_t a = (int64_t)s->tiles.mc * s->tiles.kc * 4, b = (int64_t)s->tiles.kc * s->tiles.nc * 4;

@@ -643,6 +643,106 @@ static int find_epilogue(lctx *c, int h, const int *out_buf, const bool *done, i
   return ne;
 }
 
+/* ---- attention spans ------------------------------------------------------- */
+
+/* Whether stages [first, end) access buffer b, and whether any stage outside does. */
+static void attn_uses(const cm_kernel *k, int b, int first, int end, bool *in, bool *out) {
+  *in = *out = false;
+  for (int si = 0; si < k->n_stages; si++) {
+    const cm_kstage *s = &k->stages[si];
+    bool hit = false;
+    for (int e = 0; e < s->n_exprs && !hit; e++)
+      hit = s->exprs[e].kind == CM_KX_LOAD && s->exprs[e].buf == b;
+    for (int j = 0; j < s->n_stores && !hit; j++) hit = s->stores[j].buf == b;
+    if (!hit) continue;
+    if (si >= first && si < end)
+      *in = true;
+    else
+      *out = true;
+  }
+}
+
+/* The softmax scale: a constant factor of the first load of S in the stage after the first. */
+static double attn_scale(const cm_kernel *k, int first) {
+  if (first + 1 >= k->n_stages) return 0;
+  const cm_kstage *s = &k->stages[first + 1];
+  for (int e = 0; e < s->n_exprs; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    if (x->kind != CM_KX_OP || x->op != CM_OP_MUL || x->b < 0) continue;
+    double v;
+    if (s->exprs[x->a].kind == CM_KX_LOAD && cm_kx_is_const(s, x->b, &v)) return v;
+  }
+  return 0;
+}
+
+/* Query rows per block: about 48 rows (an S tile of 48 x N floats stays in L2
+ * with N ~ 200), split evenly, a multiple of the register block's rows. */
+static int attn_br(int64_t rows, int mr) {
+  int64_t nblk = (rows + 47) / 48;
+  int64_t br = (rows + nblk - 1) / nblk;
+  br = (br + mr - 1) / mr * mr;
+  return br >= rows ? (int)rows : (int)br;
+}
+
+/* Marks the longest span of an attention group's stages, from its first GEMM
+ * stage, that fuses (cm_kattn_check holds); row blocks when every stage is
+ * local to the query row, else whole batch items. Leaves the kernel as is when
+ * no span holds. */
+static void mark_attention(cm_kernel *k, const cm_lower_opts *o) {
+  if (o && o->no_templates) return;
+  int first = -1;
+  for (int si = 0; si < k->n_stages && first < 0; si++)
+    if (k->stages[si].tmpl == CM_KT_GEMM) first = si;
+  if (first < 0) return;
+  cm_kstage *s0 = &k->stages[first];
+  if (s0->n_dom < 2 || s0->red_op != CM_KRED_SUM) return;
+  cm_kstage saved = *s0;
+  int nb = s0->n_dom - 2;
+  int64_t rows = s0->dom[nb];
+  int mr = s0->tiles.mr > 0 ? s0->tiles.mr : 6, nr = s0->tiles.nr > 0 ? s0->tiles.nr : 16;
+  int n_max = 0;
+  for (int end = k->n_stages; end >= first + 2; end--) {
+    cm_kattn a;
+    memset(&a, 0, sizeof a);
+    a.span = end - first;
+    a.nb = nb;
+    a.rows = rows;
+    a.bc = (int)(rows < 64 ? rows : 64);
+    a.scale = attn_scale(k, first);
+    int64_t bat = 1;
+    for (int v = 0; v < nb; v++) bat *= s0->dom[v];
+    bool ok = true;
+    for (int b = 0; b < k->n_buffers && ok; b++) {
+      if (k->buffers[b].kind != CM_KBUF_SCRATCH) continue;
+      bool in, out;
+      attn_uses(k, b, first, end, &in, &out);
+      if (!in || out) continue;
+      if (a.n_local == CM_KATTN_MAX_LOCAL || k->buffers[b].numel % (bat * rows)) {
+        ok = false;
+        break;
+      }
+      a.local_row[a.n_local] = k->buffers[b].numel / (bat * rows);
+      a.local[a.n_local++] = b;
+    }
+    if (!ok || a.n_local == 0) continue;
+    n_max = 0;
+    for (int si = first; si < end; si++) n_max += k->stages[si].red_op == CM_KRED_MAX;
+    for (int pass = 0; pass < 2; pass++) {
+      a.br = pass == 0 ? attn_br(rows, mr) : (int)rows;
+      if (pass == 1 && a.br == attn_br(rows, mr)) break;
+      s0->tmpl = n_max > 0 ? CM_KT_ATTENTION_FWD : CM_KT_ATTENTION_BWD;
+      s0->attn = a;
+      s0->n_parallel = nb;
+      cm_err e;
+      if (cm_kattn_check(k, first, &e) == CM_OK) {
+        s0->attn.ws_bytes = cm_kattn_workspace(k, first, mr, nr, NULL, NULL);
+        return;
+      }
+    }
+    *s0 = saved;
+  }
+}
+
 cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const cm_lower_opts *o,
                          cm_kernel *out, cm_err *err) {
   if (!g || !p || !out || group < 0 || group >= p->n_groups || !p->offset)
@@ -775,6 +875,7 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   free(c.buf_of);
   free(c.written);
   free(c.memo);
+  if (c.st == CM_OK && gr->kind == CM_GROUP_ATTENTION) mark_attention(out, o);
   if (c.st == CM_OK) c.st = cm_kernel_verify(out, err);
   if (c.st != CM_OK) cm_kernel_free(out);
   return c.st;

@@ -36,6 +36,8 @@ typedef struct rctx {
   int W;
   int unroll; /* GEMM k-loop unroll count */
   LLVMValueRef *bases;
+  LLVMValueRef *ioff; /* per buffer, NULL or an element offset subtracted from every index
+                         (local buffers of a fused attention span) */
   LLVMValueRef vars[CM_KMAX_VARS];
   LLVMValueRef acc;   /* CM_KX_ACC in store values */
   LLVMValueRef *memo; /* per evaluation point */
@@ -183,6 +185,7 @@ static LLVMValueRef convert(rctx *c, LLVMValueRef v, cm_dtype from, cm_dtype to)
 
 static LLVMValueRef buf_gep(rctx *c, int buf, LLVMValueRef idx) {
   LLVMTypeRef t = mem_type(c, c->k->buffers[buf].dtype);
+  if (c->ioff && c->ioff[buf]) idx = LLVMBuildSub(c->B, idx, c->ioff[buf], "at.idx");
   return LLVMBuildInBoundsGEP2(c->B, t, c->bases[buf], &idx, 1, "p");
 }
 
@@ -949,6 +952,259 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   LLVMBuildRetVoid(B);
 }
 
+/* ---- attention span (fused) ------------------------------------------------
+ *
+ * The first stage's function runs the whole span (codegen.h, cm_kattn): per
+ * work item (one batch item) and block of br query rows, every stage of the
+ * span restricted to those rows. Local buffers live in the workspace: their
+ * base is ws + local_off and their index is shifted by the block's first
+ * element (ioff), so the stages' own index expressions stay as they are. GEMM
+ * stages pack A (the block's rows) and B (whole) over the full K and run an
+ * mr x nr micro-kernel into a C tile; their stores are the epilogue. */
+
+typedef struct attn_plan {
+  int first, span, nb, mr, nr;
+  int64_t rows, br, nblk;
+  bool rowwise;
+  int64_t local_off[CM_KATTN_MAX_LOCAL], pack_off;
+  int64_t am, bm; /* floats of packed A, packed B */
+} attn_plan;
+
+static bool attn_is_gemm(const attn_plan *p, const cm_kstage *s, int si) {
+  return (si == p->first || s->tmpl == CM_KT_GEMM) && s->n_red == 1 && s->n_dom == p->nb + 2 &&
+         s->red_op == CM_KRED_SUM && s->acc_dtype == CM_F32 && s->gemm_a >= 0 && s->gemm_b >= 0;
+}
+
+/* Whether the span from stage first fuses with this renderer (else: generic). */
+static bool attn_plan_of(rctx *c, int first, attn_plan *p) {
+  const cm_kernel *k = c->k;
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  cm_err e;
+  if (cm_kernel_verify(k, &e) != CM_OK || cm_kattn_check(k, first, &e) != CM_OK) return false;
+  memset(p, 0, sizeof *p);
+  p->first = first, p->span = a->span, p->nb = a->nb, p->rows = a->rows;
+  p->mr = s0->tiles.mr, p->nr = s0->tiles.nr;
+  p->rowwise = a->br < a->rows;
+  p->br = p->rowwise ? a->br : a->rows;
+  p->nblk = (p->rows + p->br - 1) / p->br;
+  int W = c->W;
+  if (p->mr < 1 || p->nr < W || p->nr % W || p->nr / W > 8 || p->mr * (p->nr / W) > 32) return false;
+  /* rows of a block other than the last are whole panels: packing never reads
+     a row of the next block */
+  if (p->rowwise && p->br % p->mr) return false;
+  int64_t ws = cm_kattn_workspace(k, first, p->mr, p->nr, p->local_off, &p->pack_off);
+  if (ws <= 0 || ws > a->ws_bytes) return false;
+  for (int si = first; si < first + p->span; si++) {
+    const cm_kstage *s = &k->stages[si];
+    if ((si == first || s->tmpl == CM_KT_GEMM) && !attn_is_gemm(p, s, si)) return false;
+    if (s->n_dom + s->n_red > CM_KMAX_VARS || s->n_stores > CM_KMAX_STORES) return false;
+    if (attn_is_gemm(p, s, si)) {
+      int64_t m = p->rowwise ? p->br : s->dom[p->nb];
+      int64_t mp = (m + p->mr - 1) / p->mr * p->mr;
+      int64_t np = (s->dom[p->nb + 1] + p->nr - 1) / p->nr * p->nr;
+      if (mp * s->red[0] > p->am) p->am = mp * s->red[0];
+      if (s->red[0] * np > p->bm) p->bm = s->red[0] * np;
+    }
+  }
+  return true;
+}
+
+/* C tile (ldc floats per row) = packed A panels [0, mpan) x packed B panels
+ * [0, npan) over K. */
+static void attn_microkernel(rctx *c, const attn_plan *p, LLVMValueRef Ap, LLVMValueRef Bp,
+                             LLVMValueRef Ct, LLVMValueRef mpan, int64_t npan, int64_t K,
+                             int64_t ldc) {
+  LLVMBuilderRef B = c->B;
+  int64_t mr = p->mr, nr = p->nr, W = c->W, nv = nr / W;
+  loop Jr = loop_begin(c, "at.jr", ci64(c, 0));
+  loop Ir = loop_begin(c, "at.ir", ci64(c, 0));
+  LLVMValueRef apan = fptr(c, Ap, LLVMBuildMul(B, Ir.iv, ci64(c, K * mr), ""), "apanel");
+  LLVMValueRef bpan = fptr(c, Bp, LLVMBuildMul(B, Jr.iv, ci64(c, K * nr), ""), "bpanel");
+  LLVMValueRef cbase = LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, ci64(c, mr * ldc), ""),
+                                    LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), "cbase");
+  LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
+  loop Kk = loop_begin(c, "at.kk", ci64(c, 0));
+  LLVMValueRef phis[64], nacc[64], bv[8], vzero = LLVMConstNull(c->vty);
+  for (int64_t i = 0; i < mr * nv; i++) {
+    phis[i] = LLVMBuildPhi(B, c->vty, "acc");
+    LLVMAddIncoming(phis[i], &vzero, &pre, 1);
+  }
+  for (int64_t v = 0; v < nv; v++) {
+    LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, ci64(c, nr), ""), ci64(c, v * W), "");
+    bv[v] = LLVMBuildLoad2(B, c->vty, fptr(c, bpan, off, "bp"), "bvec");
+    LLVMSetAlignment(bv[v], 4);
+  }
+  for (int64_t r = 0; r < mr; r++) {
+    LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, ci64(c, mr), ""), ci64(c, r), "");
+    LLVMValueRef a = LLVMBuildLoad2(B, c->f32, fptr(c, apan, off, "ap"), "a");
+    LLVMValueRef ins =
+        LLVMBuildInsertElement(B, LLVMGetPoison(c->vty), a, LLVMConstInt(c->i32, 0, 0), "");
+    LLVMValueRef splat =
+        LLVMBuildShuffleVector(B, ins, LLVMGetPoison(c->vty),
+                               LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "a.bcast");
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef args[3] = {splat, bv[v], phis[r * nv + v]};
+      LLVMTypeRef vt = c->vty;
+      nacc[r * nv + v] = intrin(c, "llvm.fmuladd", &vt, 1, args, 3, "fma");
+    }
+  }
+  LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
+  for (int64_t i = 0; i < mr * nv; i++) LLVMAddIncoming(phis[i], &nacc[i], &latch, 1);
+  loop_end(c, &Kk, ci64(c, K), "at.kk.exit");
+  if (c->unroll > 1) unroll_last_loop(c, latch, (unsigned)c->unroll);
+  for (int64_t r = 0; r < mr; r++)
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef off = LLVMBuildAdd(B, cbase, ci64(c, r * ldc + v * W), "");
+      LLVMValueRef st = LLVMBuildStore(B, nacc[r * nv + v], fptr(c, Ct, off, "cp"));
+      LLVMSetAlignment(st, 4);
+    }
+  loop_end(c, &Ir, mpan, "at.ir.exit");
+  loop_end(c, &Jr, ci64(c, npan), "at.jr.exit");
+}
+
+/* One GEMM stage of the span for query rows [i0, i0 + mrows). */
+static void attn_gemm_block(rctx *c, const attn_plan *p, LLVMValueRef wsp, LLVMValueRef i0,
+                            LLVMValueRef mrows) {
+  const cm_kstage *s = c->s;
+  LLVMBuilderRef B = c->B;
+  int iv = p->nb, jv = p->nb + 1;
+  int64_t M = s->dom[iv], N = s->dom[jv], K = s->red[0];
+  int64_t npan = (N + p->nr - 1) / p->nr, ldc = npan * p->nr;
+  LLVMValueRef Ap = fptr(c, wsp, ci64(c, 0), "at.Ap");
+  LLVMValueRef Bp = fptr(c, wsp, ci64(c, (p->am + 15) / 16 * 16), "at.Bp");
+  LLVMValueRef Ct = fptr(c, wsp, ci64(c, (p->am + 15) / 16 * 16 + (p->bm + 15) / 16 * 16), "at.Ct");
+  LLVMValueRef mpan = LLVMBuildSDiv(B, LLVMBuildAdd(B, mrows, ci64(c, p->mr - 1), ""),
+                                    ci64(c, p->mr), "at.mpan");
+  emit_pack(c, "at.packB", s->gemm_b, jv, ci64(c, 0), N, ci64(c, npan), p->nr, K, ci64(c, 0),
+            ci64(c, K), Bp);
+  emit_pack(c, "at.packA", s->gemm_a, iv, i0, M, mpan, p->mr, K, ci64(c, 0), ci64(c, K), Ap);
+  attn_microkernel(c, p, Ap, Bp, Ct, mpan, npan, K, ldc);
+  loop Ei = loop_begin(c, "at.epi.i", ci64(c, 0));
+  loop Ej = loop_begin(c, "at.epi.j", ci64(c, 0));
+  c->vars[iv] = LLVMBuildAdd(B, i0, Ei.iv, "i");
+  c->vars[jv] = Ej.iv;
+  LLVMValueRef coff = LLVMBuildAdd(B, LLVMBuildMul(B, Ei.iv, ci64(c, ldc), ""), Ej.iv, "");
+  c->acc = LLVMBuildLoad2(B, c->f32, fptr(c, Ct, coff, "cp"), "c");
+  emit_stores(c);
+  loop_end(c, &Ej, ci64(c, N), "at.epi.j.exit");
+  loop_end(c, &Ei, mrows, "at.epi.i.exit");
+  c->acc = NULL;
+}
+
+/* A generic stage of the span: var nb over [lo, hi) (rowwise) or whole. */
+static void attn_generic_block(rctx *c, const attn_plan *p, LLVMValueRef lo, LLVMValueRef hi) {
+  const cm_kstage *s = c->s;
+  loop L[CM_KMAX_VARS];
+  for (int v = p->nb; v < s->n_dom; v++) {
+    char nm[24];
+    snprintf(nm, sizeof nm, "at.v%d", v);
+    bool row = p->rowwise && v == p->nb;
+    L[v] = loop_begin(c, nm, row ? lo : ci64(c, 0));
+    c->vars[v] = L[v].iv;
+  }
+  c->acc = s->n_red > 0 ? emit_reduction(c) : NULL;
+  emit_stores(c);
+  for (int v = s->n_dom - 1; v >= p->nb; v--) {
+    char nm[24];
+    snprintf(nm, sizeof nm, "at.v%d.exit", v);
+    bool row = p->rowwise && v == p->nb;
+    loop_end(c, &L[v], row ? hi : ci64(c, s->dom[v]), nm);
+  }
+  c->acc = NULL;
+}
+
+static void render_attention(rctx *c, const char *fname, const attn_plan *p) {
+  const cm_kernel *k = c->k;
+  const cm_kstage *s0 = &k->stages[p->first];
+  const cm_kattn *a = &s0->attn;
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  begin_function(c, fname, &begin, &end, &ws, &done);
+  LLVMValueRef *ioff = calloc((size_t)k->n_buffers + 1, sizeof *ioff);
+  LLVMValueRef *saved = malloc(sizeof *saved * ((size_t)k->n_buffers + 1));
+  int max_exprs = 1;
+  for (int si = p->first; si < p->first + p->span; si++)
+    if (k->stages[si].n_exprs > max_exprs) max_exprs = k->stages[si].n_exprs;
+  LLVMValueRef *memo = calloc((size_t)max_exprs, sizeof *memo);
+  if (!ioff || !saved || !memo) {
+    free(ioff), free(saved), free(memo);
+    c->failed = true;
+    c->fail_status = cm_errorf(c->err, CM_EINTERNAL, "cm_render_llvm: out of memory");
+    LLVMBuildBr(B, done);
+    LLVMPositionBuilderAtEnd(B, done);
+    LLVMBuildRetVoid(B);
+    return;
+  }
+  memcpy(saved, c->bases, sizeof *saved * (size_t)k->n_buffers);
+  LLVMValueRef *saved_memo = c->memo;
+  c->memo = memo;
+  for (int i = 0; i < a->n_local; i++) {
+    LLVMValueRef off = ci64(c, p->local_off[i]);
+    c->bases[a->local[i]] = LLVMBuildInBoundsGEP2(B, c->i8, ws, &off, 1, "local");
+  }
+  LLVMValueRef poff = ci64(c, p->pack_off);
+  LLVMValueRef wsp = LLVMBuildInBoundsGEP2(B, c->i8, ws, &poff, 1, "at.pack");
+  loop Wl = loop_begin(c, "at.w", begin);
+  LLVMValueRef bvals[CM_KMAX_VARS];
+  LLVMValueRef rest = Wl.iv;
+  for (int v = p->nb - 1; v >= 0; v--) {
+    if (v == 0) {
+      bvals[v] = rest;
+    } else {
+      bvals[v] = LLVMBuildSRem(B, rest, ci64(c, s0->dom[v]), "b");
+      rest = LLVMBuildSDiv(B, rest, ci64(c, s0->dom[v]), "");
+    }
+  }
+  loop Qb = loop_begin(c, "at.qblk", ci64(c, 0));
+  LLVMValueRef i0 = LLVMBuildMul(B, Qb.iv, ci64(c, p->br), "at.i0");
+  LLVMValueRef mrows = smin(c, LLVMBuildSub(B, ci64(c, p->rows), i0, ""), ci64(c, p->br), "at.m");
+  LLVMValueRef iend = LLVMBuildAdd(B, i0, mrows, "at.iend");
+  /* first element of this block in each local buffer */
+  LLVMValueRef row0 = LLVMBuildAdd(B, LLVMBuildMul(B, Wl.iv, ci64(c, p->rows), ""),
+                                   p->rowwise ? i0 : ci64(c, 0), "at.row0");
+  for (int i = 0; i < a->n_local; i++)
+    ioff[a->local[i]] = LLVMBuildMul(B, row0, ci64(c, a->local_row[i]), "at.ioff");
+  c->ioff = ioff;
+  for (int si = p->first; si < p->first + p->span && !c->failed; si++) {
+    const cm_kstage *s = &k->stages[si];
+    c->s = s;
+    c->stage = si;
+    memset(c->vars, 0, sizeof c->vars);
+    for (int v = 0; v < p->nb; v++) c->vars[v] = bvals[v];
+    if (attn_is_gemm(p, s, si)) {
+      if (p->rowwise)
+        attn_gemm_block(c, p, wsp, i0, mrows);
+      else
+        attn_gemm_block(c, p, wsp, ci64(c, 0), ci64(c, s->dom[p->nb]));
+    } else {
+      attn_generic_block(c, p, i0, iend);
+    }
+  }
+  c->ioff = NULL;
+  c->s = s0;
+  c->stage = p->first;
+  loop_end(c, &Qb, ci64(c, p->nblk), "at.qblk.exit");
+  loop_end(c, &Wl, end, "at.w.exit");
+  LLVMBuildBr(B, done);
+  LLVMPositionBuilderAtEnd(B, done);
+  LLVMBuildRetVoid(B);
+  memcpy(c->bases, saved, sizeof *saved * (size_t)k->n_buffers);
+  c->memo = saved_memo;
+  free(ioff), free(saved), free(memo);
+}
+
+/* A stage inside a fused span: its work ran in the span's first stage. */
+static void render_nothing(rctx *c, const char *fname) {
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  begin_function(c, fname, &begin, &end, &ws, &done);
+  LLVMBuildBr(c->B, done);
+  LLVMPositionBuilderAtEnd(c->B, done);
+  LLVMBuildRetVoid(c->B);
+}
+
 static int host_width(void) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
@@ -1008,6 +1264,7 @@ cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_rend
   if (!c.bases) return cm_errorf(err, CM_EINTERNAL, "cm_render_llvm: out of memory");
   c.B = LLVMCreateBuilderInContext(c.C);
   cm_status st = CM_OK;
+  int attn_end = 0; /* stages before it belong to a fused attention span */
   for (int si = 0; si < k->n_stages && st == CM_OK; si++) {
     const cm_kstage *s = &k->stages[si];
     c.s = s;
@@ -1047,6 +1304,22 @@ cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_rend
     }
     char fname[96];
     snprintf(fname, sizeof fname, "%s_s%d", k->name, si);
+    if (si < attn_end) {
+      render_nothing(&c, fname);
+      free(c.memo);
+      c.memo = NULL;
+      continue;
+    }
+    attn_plan ap;
+    if ((s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD) &&
+        !(o && o->no_templates) && attn_plan_of(&c, si, &ap)) {
+      render_attention(&c, fname, &ap);
+      attn_end = si + ap.span;
+      free(c.memo);
+      c.memo = NULL;
+      if (c.failed) st = c.fail_status;
+      continue;
+    }
     bool templ = s->tmpl == CM_KT_GEMM && !(o && o->no_templates) && s->acc_dtype == CM_F32;
     if (s->tmpl == CM_KT_GEMM && !(o && o->no_templates)) {
       int nd = s->n_dom;
