@@ -322,6 +322,8 @@ typedef struct rctx {
   bool *useacc; /* depends on ACC */
   bool *narrow; /* an i64 expression whose every value fits in int32: computed as int */
   cm_status st;
+  const int
+      *local; /* fused attention span: per buffer, its shared-memory slot or -1 (NULL: none) */
 } rctx;
 
 static cm_status fail(rctx *c, int e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -426,6 +428,15 @@ static void operand(const rctx *c, int id, cm_dtype to, char *out, size_t size) 
   cast_code(out, size, c->s->exprs[id].dtype, to, name);
 }
 
+/* Element `index` (an expression id) of buffer b: global memory, or the
+ * block's shared-memory slice of a local buffer of a fused attention span. */
+static void elem_ref(const rctx *c, int b, int index, char *out, size_t size) {
+  if (c->local && c->local[b] >= 0)
+    snprintf(out, size, "sl%d_[(e%d) - lb%d_]", c->local[b], index, c->local[b]);
+  else
+    snprintf(out, size, "b%d[e%d]", b, index);
+}
+
 /* The right-hand side of expression e (operands are e<id> locals). */
 static void expr_code(const rctx *c, int e, const char *accname, char *out, size_t size) {
   const cm_kstage *s = c->s;
@@ -440,11 +451,12 @@ static void expr_code(const rctx *c, int e, const char *accname, char *out, size
   case CM_KX_ACC: cast_code(out, size, s->acc_dtype, x->dtype, accname); return;
   case CM_KX_LOAD: {
     cm_dtype bd = c->k->buffers[x->buf].dtype;
-    char ld[128];
-    snprintf(ld, sizeof ld, "b%d[e%d]", x->buf, x->a);
-    if (bd == CM_BF16) snprintf(ld, sizeof ld, "cm_bf2f(b%d[e%d])", x->buf, x->a);
-    if (bd == CM_F16) snprintf(ld, sizeof ld, "cm_h2f(b%d[e%d])", x->buf, x->a);
-    if (bd == CM_BOOL) snprintf(ld, sizeof ld, "(b%d[e%d] != 0)", x->buf, x->a);
+    char ld[160], el[96];
+    elem_ref(c, x->buf, x->a, el, sizeof el);
+    snprintf(ld, sizeof ld, "%s", el);
+    if (bd == CM_BF16) snprintf(ld, sizeof ld, "cm_bf2f(%s)", el);
+    if (bd == CM_F16) snprintf(ld, sizeof ld, "cm_h2f(%s)", el);
+    if (bd == CM_BOOL) snprintf(ld, sizeof ld, "(%s != 0)", el);
     cast_code(out, size, bd, x->dtype, ld);
     return;
   }
@@ -588,8 +600,10 @@ static void emit_stores(rctx *c, const char *indent, const char *accname) {
   for (int i = 0; i < s->n_stores; i++) {
     const cm_kstore *st = &s->stores[i];
     cm_dtype bd = c->k->buffers[st->buf].dtype;
+    char el[96];
+    elem_ref(c, st->buf, st->index, el, sizeof el);
     if (!s->accumulate)
-      sb_printf(c->o, "%sb%d[e%d] = sv%d;\n", indent, st->buf, st->index, i);
+      sb_printf(c->o, "%s%s = sv%d;\n", indent, el, i);
     else if (bd == CM_BF16 || bd == CM_F16)
       sb_printf(c->o, "%scm_atomic_add16(&b%d[e%d], sv%d, %s);\n", indent, st->buf, st->index, i,
                 bd == CM_BF16 ? "true" : "false");
@@ -757,6 +771,13 @@ static cm_status check_stage(rctx *c) {
   return narrow_ints(c);
 }
 
+/* __launch_bounds__ of a block size (cm_nvrtc_compile caps registers at 128 a
+ * thread: given only the block size, ptxas aims at 64 and spills GEMM tiles
+ * that need a few more). */
+static void launch_bounds(int threads, char *out, size_t size) {
+  snprintf(out, size, "__launch_bounds__(%d) ", threads);
+}
+
 static void signature(rctx *c, const bool *written, const char *bounds) {
   sb_printf(c->o, "extern \"C\" __global__ void %s%s_s%d(", bounds, c->k->name, c->si);
   for (int b = 0; b < c->k->n_buffers; b++) {
@@ -838,7 +859,9 @@ static void render_generic(rctx *c, const bool *written) {
   red_strategy rs = strategy(s);
   const char *at = ctype(s->acc_dtype);
   char init[128], comb[256], body[256];
-  signature(c, written, rs != RED_THREAD ? "__launch_bounds__(256) " : "");
+  char bounds[64] = "";
+  if (rs != RED_THREAD) launch_bounds(GENERIC_THREADS, bounds, sizeof bounds);
+  signature(c, written, bounds);
   if (rs == RED_BLOCK) {
     sb_printf(o, "  __shared__ %s cm_part[%d];\n", at, WARPS_PER_BLOCK);
     sb_printf(o, "  for (long long p = blockIdx.x; p < %lldLL; p += gridDim.x) {\n",
@@ -964,7 +987,11 @@ static bool fma_lanes(gemm_plan *p) {
 static gemm_plan plan_gemm(const cm_kstage *s, const cm_cuda_render_opts *o) {
   gemm_plan p;
   memset(&p, 0, sizeof p);
-  if (s->tmpl != CM_KT_GEMM || (o && o->no_templates)) return p;
+  /* an attention span's first stage is its first GEMM (rendered alone when the span is not fused)
+   */
+  bool gemm_like =
+      s->tmpl == CM_KT_GEMM || s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD;
+  if (!gemm_like || (o && o->no_templates)) return p;
   if (s->n_dom < 2 || s->n_red != 1 || s->red_op != CM_KRED_SUM || s->accumulate) return p;
   if (s->gemm_a < 0 || s->gemm_a >= s->n_exprs || s->gemm_b < 0 || s->gemm_b >= s->n_exprs)
     return p;
@@ -1081,7 +1108,7 @@ static void render_gemm(rctx *c, const gemm_plan *p, const bool *written) {
   sbuf *o = c->o;
   int nb = s->n_dom - 2, iv = s->n_dom - 2, jv = s->n_dom - 1;
   char bounds[64];
-  snprintf(bounds, sizeof bounds, "__launch_bounds__(%d) ", p->threads);
+  launch_bounds(p->threads, bounds, sizeof bounds);
   signature(c, written, bounds);
   if (p->mma) {
     sb_printf(o, "  __shared__ __align__(16) unsigned short As_[%d][%d];\n", p->mc, p->kc + 8);
@@ -1228,6 +1255,228 @@ static void buffers_written(const cm_kernel *k, bool *written) {
     }
 }
 
+/* Per-stage renderer state (freed by rctx_close). */
+static cm_status rctx_open(rctx *c, const cm_kernel *k, int si, sbuf *o, cm_err *err) {
+  memset(c, 0, sizeof *c);
+  c->k = k;
+  c->si = si;
+  c->s = &k->stages[si];
+  c->o = o;
+  c->err = err;
+  size_t ne = (size_t)(c->s->n_exprs > 0 ? c->s->n_exprs : 1);
+  c->done = calloc(ne, 1);
+  c->mark = calloc(ne, 1);
+  c->usered = calloc(ne, 1);
+  c->useacc = calloc(ne, 1);
+  c->narrow = calloc(ne, 1);
+  if (!c->done || !c->mark || !c->usered || !c->useacc || !c->narrow)
+    return c->st = cm_errorf(err, CM_EINTERNAL, "kernel %s stage %d: out of memory", k->name, si);
+  if (c->s->n_exprs < 0 || (c->s->n_exprs && !c->s->exprs))
+    return fail(c, -1, "malformed expression array");
+  return check_stage(c);
+}
+
+static void rctx_close(rctx *c) {
+  free(c->done);
+  free(c->mark);
+  free(c->usered);
+  free(c->useacc);
+  free(c->narrow);
+}
+
+/* ---- fused attention spans ------------------------------------------------ */
+
+#define ATTN_THREADS 256
+#define ATTN_SMEM (48 * 1024) /* static shared memory of one block */
+#define ATTN_MAX_ROWS 64
+
+/* A fused rendering of an attention span: one block per (batch item, block of
+ * br query rows) runs every stage of the span restricted to its rows, the
+ * local buffers in shared memory (the per-row slices when the span is
+ * row-local, else the whole batch item's), a barrier between stages. */
+typedef struct attn_plan {
+  bool ok;
+  bool rowwise;
+  int span, nb;
+  int64_t rows, batch;
+  int br, nrb;                            /* query rows per block, blocks per batch item */
+  int64_t slot_elems[CM_KATTN_MAX_LOCAL]; /* shared elements of each local per block */
+} attn_plan;
+
+static size_t dt_size(cm_dtype d) {
+  switch (d) {
+  case CM_F64:
+  case CM_I64: return 8;
+  case CM_F32:
+  case CM_I32: return 4;
+  case CM_BF16:
+  case CM_F16: return 2;
+  default: return 1;
+  }
+}
+
+static attn_plan plan_attention(const cm_kernel *k, int first, const cm_cuda_render_opts *o) {
+  attn_plan p;
+  memset(&p, 0, sizeof p);
+  const cm_kstage *s0 = &k->stages[first];
+  if ((s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD) ||
+      (o && o->no_templates))
+    return p;
+  cm_err e = {0};
+  if (cm_kattn_check(k, first, &e) != CM_OK) return p;
+  const cm_kattn *a = &s0->attn;
+  p.span = a->span;
+  p.nb = a->nb;
+  p.rows = a->rows;
+  p.rowwise = a->br < a->rows;
+  p.batch = prod(s0->dom, a->nb);
+  /* bytes of shared memory per query row (16-byte aligned slices) */
+  size_t per_row = 0;
+  for (int i = 0; i < a->n_local; i++)
+    per_row += (size_t)a->local_row[i] * dt_size(k->buffers[a->local[i]].dtype);
+  per_row += 16 * (size_t)a->n_local;
+  if (p.rowwise) {
+    int64_t br = (int64_t)(ATTN_SMEM / (per_row ? per_row : 1));
+    if (br > ATTN_MAX_ROWS) br = ATTN_MAX_ROWS;
+    if (br > p.rows) br = p.rows;
+    if (br < 1) return p;
+    /* even blocks: no short last block when the rows split evenly enough */
+    int64_t nrb = (p.rows + br - 1) / br;
+    br = (p.rows + nrb - 1) / nrb;
+    p.br = (int)br;
+    p.nrb = (int)nrb;
+  } else {
+    if ((double)p.rows * (double)per_row > ATTN_SMEM) return p;
+    p.br = (int)p.rows;
+    p.nrb = 1;
+  }
+  if ((double)p.batch * p.nrb > 2147483647.0) return p;
+  for (int i = 0; i < a->n_local; i++) {
+    p.slot_elems[i] = (int64_t)p.br * a->local_row[i];
+    if (p.slot_elems[i] % 16) p.slot_elems[i] += 16 - p.slot_elems[i] % 16;
+  }
+  p.ok = true;
+  return p;
+}
+
+/* One stage of the span inside the fused function: the block's points, a
+ * thread per point with a serial reduction, then a barrier. */
+static void render_span_stage(rctx *c, const attn_plan *p) {
+  const cm_kstage *s = c->s;
+  sbuf *o = c->o;
+  int nb = p->nb;
+  int64_t inner = prod(s->dom + nb + (p->rowwise ? 1 : 0), s->n_dom - nb - (p->rowwise ? 1 : 0));
+  sb_printf(o, "  { // stage %d \"%s\"\n", c->si, s->name);
+  if (p->rowwise)
+    sb_printf(o, "  const long long np_ = (long long)rb_ * %lldLL;\n", (long long)inner);
+  else
+    sb_printf(o, "  const long long np_ = %lldLL;\n", (long long)inner);
+  sb_printf(o, "  for (long long p = threadIdx.x; p < np_; p += %d) {\n", ATTN_THREADS);
+  for (int v = 0; v < nb; v++) sb_printf(o, "    const long long v%d = bv%d_;\n", v, v);
+  if (p->rowwise) {
+    sb_printf(o, "    const long long pr_ = p / %lldLL, pi_ = p %% %lldLL;\n", (long long)inner,
+              (long long)inner);
+    sb_printf(o, "    const long long v%d = row0_ + pr_;\n", nb);
+    decompose(c, "    ", "pi_", nb + 1, s->dom + nb + 1, s->n_dom - nb - 1);
+  } else {
+    decompose(c, "    ", "p", nb, s->dom + nb, s->n_dom - nb);
+  }
+  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+  clear_mark(c);
+  if (s->n_red > 0) mark_from(c, s->body);
+  for (int i = 0; i < s->n_stores; i++) {
+    mark_from(c, s->stores[i].index);
+    mark_from(c, s->stores[i].value);
+  }
+  emit_marked(c, "    ", "acc", 0, 0);
+  if (s->n_red > 0) {
+    char init[128], comb[256], body[256], bname[32];
+    acc_init(s, init, sizeof init);
+    sb_printf(o, "    %s acc = %s;\n", ctype(s->acc_dtype), init);
+    sb_printf(o, "    for (long long q = 0; q < %lldLL; q++) {\n",
+              (long long)prod(s->red, s->n_red));
+    decompose(c, "      ", "q", s->n_dom, s->red, s->n_red);
+    clear_mark(c);
+    mark_from(c, s->body);
+    emit_marked(c, "      ", "acc", 1, -1);
+    snprintf(bname, sizeof bname, "e%d", s->body);
+    cast_code(body, sizeof body, s->exprs[s->body].dtype, s->acc_dtype, bname);
+    acc_combine(s, "acc", body, comb, sizeof comb);
+    sb_printf(o, "      acc = %s;\n    }\n", comb);
+    for (int e = 0; e < s->n_exprs; e++)
+      if (c->usered[e]) c->done[e] = false;
+  }
+  emit_stores(c, "    ", "acc");
+  sb_printf(o, "  }\n  __syncthreads();\n  }\n");
+}
+
+/* The span from stage `first` as one function (named after the first stage);
+ * the span's other stages get empty functions. */
+static cm_status render_attention(const cm_kernel *k, int first, const attn_plan *p, sbuf *o,
+                                  const bool *written, cm_err *err) {
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  rctx c0;
+  cm_status st = rctx_open(&c0, k, first, o, err);
+  if (st == CM_OK) {
+    sb_printf(o, "// stages %d..%d (attention %s, fused: %d query rows per block)\n", first,
+              first + p->span - 1, s0->tmpl == CM_KT_ATTENTION_FWD ? "forward" : "backward", p->br);
+    char bounds[64];
+    launch_bounds(ATTN_THREADS, bounds, sizeof bounds);
+    signature(&c0, written, bounds);
+  }
+  rctx_close(&c0);
+  if (st != CM_OK) return st;
+  for (int i = 0; i < a->n_local; i++)
+    sb_printf(o, "  __shared__ __align__(16) %s sl%d_[%lld];\n",
+              stype(k->buffers[a->local[i]].dtype), i, (long long)p->slot_elems[i]);
+  sb_printf(o, "  const long long blk_ = blockIdx.x;\n");
+  sb_printf(o, "  const long long bi_ = blk_ / %d, row0_ = (blk_ %% %d) * %d;\n", p->nrb, p->nrb,
+            p->br);
+  if (p->rowwise)
+    sb_printf(o, "  const long long rb_ = %lldLL - row0_ < %d ? %lldLL - row0_ : %d;\n",
+              (long long)p->rows, p->br, (long long)p->rows, p->br);
+  for (int i = 0; i < a->n_local; i++)
+    sb_printf(o, "  const long long lb%d_ = (bi_ * %lldLL + row0_) * %lldLL;\n", i,
+              (long long)p->rows, (long long)a->local_row[i]);
+  /* the batch vars, shared by every stage of the span */
+  if (p->nb > 0) {
+    sb_printf(o, "  {\n");
+    rctx cb;
+    st = rctx_open(&cb, k, first, o, err);
+    if (st == CM_OK) decompose(&cb, "  ", "bi_", 0, s0->dom, p->nb);
+    rctx_close(&cb);
+    for (int v = 0; v < p->nb && st == CM_OK; v++)
+      sb_printf(o, "  const long long bv%d_ = v%d;\n", v, v);
+  }
+  int *local = malloc(sizeof(int) * (size_t)(k->n_buffers + 1));
+  if (!local) return cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
+  for (int b = 0; b < k->n_buffers; b++) local[b] = -1;
+  for (int i = 0; i < a->n_local; i++) local[a->local[i]] = i;
+  for (int si = first; si < first + p->span && st == CM_OK; si++) {
+    rctx c;
+    st = rctx_open(&c, k, si, o, err);
+    c.local = local;
+    if (st == CM_OK) render_span_stage(&c, p);
+    if (st == CM_OK) st = c.st;
+    rctx_close(&c);
+  }
+  free(local);
+  if (p->nb > 0) sb_printf(o, "  }\n");
+  sb_printf(o, "}\n\n");
+  for (int si = first + 1; si < first + p->span && st == CM_OK; si++) {
+    rctx c;
+    st = rctx_open(&c, k, si, o, err);
+    if (st == CM_OK) {
+      sb_printf(o, "// stage %d \"%s\" (runs in stage %d)\n", si, k->stages[si].name, first);
+      signature(&c, written, "");
+      sb_printf(o, "}\n\n");
+    }
+    rctx_close(&c);
+  }
+  return st;
+}
+
 cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool with_prelude,
                          char **source, cm_err *err) {
   if (!k || !source) return cm_errorf(err, CM_EINVALID, "cm_render_cuda: no kernel or no output");
@@ -1245,24 +1494,16 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
   sb_printf(&sb, "// kernel %s: %d buffers, %d stages\n", k->name, k->n_buffers, k->n_stages);
   cm_status st = CM_OK;
   for (int i = 0; i < k->n_stages && st == CM_OK; i++) {
+    attn_plan ap = plan_attention(k, i, o);
+    if (ap.ok) {
+      st = render_attention(k, i, &ap, &sb, written, err);
+      i += ap.span - 1;
+      continue;
+    }
     const cm_kstage *s = &k->stages[i];
-    size_t ne = (size_t)(s->n_exprs > 0 ? s->n_exprs : 1);
-    rctx c = {k,
-              i,
-              s,
-              &sb,
-              err,
-              calloc(ne, 1),
-              calloc(ne, 1),
-              calloc(ne, 1),
-              calloc(ne, 1),
-              calloc(ne, 1),
-              CM_OK};
-    if (!c.done || !c.mark || !c.usered || !c.useacc || !c.narrow)
-      st = cm_errorf(err, CM_EINTERNAL, "kernel %s stage %d: out of memory", k->name, i);
-    else if (s->n_exprs < 0 || (s->n_exprs && !s->exprs))
-      st = fail(&c, -1, "malformed expression array");
-    else if (check_stage(&c) == CM_OK) {
+    rctx c;
+    st = rctx_open(&c, k, i, &sb, err);
+    if (st == CM_OK) {
       gemm_plan p = plan_gemm(s, o);
       if (p.ok && check_gemm_operands(&c) != CM_OK) {
         st = c.st;
@@ -1276,11 +1517,7 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
       }
     }
     if (st == CM_OK) st = c.st;
-    free(c.done);
-    free(c.mark);
-    free(c.usered);
-    free(c.useacc);
-    free(c.narrow);
+    rctx_close(&c);
   }
   free(written);
   if (st == CM_OK && sb.oom) st = cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
@@ -1305,6 +1542,19 @@ cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda
   cm_cuda_launch l = {{1, 1, 1}, {1, 1, 1}, 0};
   if (!k || stage < 0 || stage >= k->n_stages) return l;
   const cm_kstage *s = &k->stages[stage];
+  /* inside a fused attention span: the first stage runs it all, the others nothing */
+  for (int f = 0; f <= stage; f++) {
+    const cm_kstage *sf = &k->stages[f];
+    if (sf->tmpl != CM_KT_ATTENTION_FWD && sf->tmpl != CM_KT_ATTENTION_BWD) continue;
+    if (stage >= f + sf->attn.span) continue;
+    attn_plan ap = plan_attention(k, f, o);
+    if (!ap.ok) break;
+    if (stage == f) {
+      l.grid[0] = (unsigned)(ap.batch * ap.nrb);
+      l.block[0] = ATTN_THREADS;
+    }
+    return l;
+  }
   gemm_plan p = plan_gemm(s, o);
   if (p.ok) {
     int64_t gx = (p.N + p.nc - 1) / p.nc, gy = (p.M + p.mc - 1) / p.mc;
