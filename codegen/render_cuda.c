@@ -1350,11 +1350,20 @@ static attn_plan plan_attention(const cm_kernel *k, int first, const cm_cuda_ren
     p.br = (int)p.rows;
     p.nrb = 1;
   }
-  if ((double)p.batch * p.nrb > 2147483647.0) return p;
-  for (int i = 0; i < a->n_local; i++) {
-    p.slot_elems[i] = (int64_t)p.br * a->local_row[i];
-    if (p.slot_elems[i] % 16) p.slot_elems[i] += 16 - p.slot_elems[i] % 16;
+  /* the slices, 16-element aligned; fewer rows while they overflow the budget */
+  for (;;) {
+    double total = 0;
+    for (int i = 0; i < a->n_local; i++) {
+      p.slot_elems[i] = (int64_t)p.br * a->local_row[i];
+      if (p.slot_elems[i] % 16) p.slot_elems[i] += 16 - p.slot_elems[i] % 16;
+      total += (double)p.slot_elems[i] * (double)dt_size(k->buffers[a->local[i]].dtype);
+    }
+    if (total <= ATTN_SMEM) break;
+    if (!p.rowwise || p.br == 1) return p;
+    p.br--;
+    p.nrb = (int)((p.rows + p.br - 1) / p.br);
   }
+  if ((double)p.batch * p.nrb > 2147483647.0) return p;
   p.ok = true;
   return p;
 }

@@ -15,7 +15,9 @@
 #include "../test.h"
 #include "../model_step.h"
 #include "codegen/codegen.h"
+#include "models/models.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <time.h>
@@ -421,16 +423,227 @@ static void test_every_variant_through_nvrtc(void) {
   free(pre);
 }
 
-int main(void) {
+/* ---- the fused attention rendering, run on the host ----------------------
+ *
+ * No GPU here: the CUDA C of each fused attention span is compiled by the
+ * host's C++ compiler under a small CUDA shim (a block's threads are
+ * pthreads, __syncthreads a barrier, __shared__ arrays static) and run block
+ * after block; every buffer the span writes outside its shared memory must
+ * match the kernel IR interpreter running the span's stages. */
+
+static const char *const EMU_SHIM =
+    "#include <cmath>\n#include <cstring>\n#include <pthread.h>\nusing namespace std;\n"
+    "struct cm_dim3 { unsigned x, y, z; };\n"
+    "static thread_local cm_dim3 threadIdx, blockIdx;\n"
+    "static cm_dim3 blockDim, gridDim;\n"
+    "#define __global__\n#define __device__\n#define __forceinline__ inline\n"
+    "#define __launch_bounds__(...)\n#define __shared__ static\n"
+    "#define __align__(n) __attribute__((aligned(n)))\n"
+    "#define asm(...) ((void)0)\n"
+    "static pthread_barrier_t cm_bar;\n"
+    "static inline void __syncthreads() { pthread_barrier_wait(&cm_bar); }\n"
+    "static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }\n"
+    "static inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }\n"
+    "static inline double __longlong_as_double(long long i) { double d; memcpy(&d, &i, 8); "
+    "return d; }\n"
+    "static inline int __clzll(long long x) { return x ? __builtin_clzll((unsigned long long)x) "
+    ": 64; }\n"
+    "template <class T> static T atomicAdd(T *p, T v) { return __atomic_fetch_add(p, v, "
+    "__ATOMIC_SEQ_CST); }\n"
+    "static inline float atomicAdd(float *p, float v) { float o = *p; *p = o + v; return o; }\n"
+    "static inline double atomicAdd(double *p, double v) { double o = *p; *p = o + v; return o; "
+    "}\n"
+    "static inline unsigned atomicCAS(unsigned *p, unsigned c, unsigned v) {\n"
+    "  __atomic_compare_exchange_n(p, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);\n"
+    "  return c;\n}\n";
+
+static const char *emu_ctype(cm_dtype d) {
+  switch (d) {
+  case CM_F32: return "float";
+  case CM_F64: return "double";
+  case CM_BF16: return "cm_bf16_t";
+  case CM_F16: return "cm_f16_t";
+  case CM_I32: return "int";
+  case CM_I64: return "long long";
+  default: return "unsigned char";
+  }
+}
+
+/* Compiles and runs stage `first` of k (a fused span) on the host; false when
+ * no host C++ compiler is found (*skipped set). */
+static bool emulate_span(const cm_kernel *k, int first, void *const *bufs, bool *skipped) {
+  *skipped = false;
+  cm_cuda_render_opts ro = {"sm_80", false};
+  char *src = NULL;
   cm_err err = {0};
+  if (cm_render_cuda(k, &ro, true, &src, &err) != CM_OK) {
+    CHECK_MSG(false, "%s: %s", k->name, err.msg);
+    return false;
+  }
+  cm_cuda_launch l = cm_cuda_stage_launch(k, first, &ro);
+  char dir[] = "/tmp/cmaec_emu_XXXXXX";
+  if (!mkdtemp(dir)) return free(src), false;
+  char cpp[256], so[256], cmd[1024];
+  snprintf(cpp, sizeof cpp, "%s/k.cpp", dir);
+  snprintf(so, sizeof so, "%s/k.so", dir);
+  FILE *f = fopen(cpp, "w");
+  if (!f) return free(src), false;
+  fprintf(f, "%s%s\n", EMU_SHIM, src);
+  free(src);
+  fprintf(f,
+          "static void *cm_emu_thread(void *p) {\n  void **a = (void **)p;\n"
+          "  threadIdx.x = (unsigned)(size_t)a[0];\n  blockIdx.x = (unsigned)(size_t)a[1];\n"
+          "  void **b = (void **)a[2];\n  %s_s%d(",
+          k->name, first);
+  for (int b = 0; b < k->n_buffers; b++)
+    fprintf(f, "%s(%s *)b[%d]", b ? ", " : "", emu_ctype(k->buffers[b].dtype), b);
+  fprintf(f, ");\n  return 0;\n}\n"
+             "extern \"C\" int cm_emu_run(void **bufs, unsigned grid, unsigned block) {\n"
+             "  blockDim.x = block; gridDim.x = grid;\n"
+             "  pthread_barrier_init(&cm_bar, 0, block);\n"
+             "  static pthread_t th[1024];\n  static void *args[1024][3];\n"
+             "  for (unsigned g = 0; g < grid; g++) {\n"
+             "    for (unsigned t = 0; t < block; t++) {\n"
+             "      args[t][0] = (void *)(size_t)t; args[t][1] = (void *)(size_t)g; "
+             "args[t][2] = bufs;\n"
+             "      if (pthread_create(&th[t], 0, cm_emu_thread, args[t])) return 1;\n    }\n"
+             "    for (unsigned t = 0; t < block; t++) pthread_join(th[t], 0);\n  }\n"
+             "  pthread_barrier_destroy(&cm_bar);\n  return 0;\n}\n");
+  fclose(f);
+  snprintf(cmd, sizeof cmd, "c++ -std=c++17 -O1 -w -shared -fPIC -o %s %s -lpthread 2>%s/log.txt",
+           so, cpp, dir);
+  bool ok = false;
+  if (system(cmd) != 0) {
+    *skipped = system("c++ --version > /dev/null 2>&1") != 0;
+    CHECK_MSG(*skipped, "%s: the host compile of the CUDA shim failed (see %s)", k->name, dir);
+    return false;
+  }
+  void *h = dlopen(so, RTLD_NOW | RTLD_LOCAL);
+  CHECK_MSG(h != NULL, "%s: %s", so, dlerror());
+  if (h) {
+    void *sym = dlsym(h, "cm_emu_run");
+    int (*run)(void **, unsigned, unsigned);
+    memcpy(&run, &sym, sizeof run);
+    ok = sym && run((void **)bufs, l.grid[0], l.block[0]) == 0;
+    dlclose(h);
+  }
+  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+  if (ok && system(cmd) != 0) fprintf(stderr, "  (left %s)\n", dir);
+  return ok;
+}
+
+static uint64_t emu_rng = 0x9e3779b97f4a7c15ull;
+static double emu_uniform(void) {
+  emu_rng = emu_rng * 6364136223846793005ull + 1442695040888963407ull;
+  return (double)(emu_rng >> 11) * 0x1p-53;
+}
+
+/* Attention (forward and backward) at odd shapes; each kernel whose first
+ * stage starts a fused span runs on the host and is compared with the
+ * interpreter. */
+static void test_fused_attention_on_host(void) {
+  static const int64_t shapes[][4] = {{2, 13, 24, 3}, {2, 70, 16, 2}, {3, 5, 8, 2}};
+  int spans = 0, compared = 0;
+  for (int si = 0; si < 3; si++) {
+    cm_graph *g = cm_graph_new();
+    int64_t xd[3] = {shapes[si][0], shapes[si][1], shapes[si][2]};
+    int x = cm_input(g, "x", CM_F32, 3, xd);
+    int y = cm_nn_attention(g, x, (int)shapes[si][3], true, "attn");
+    int sq = cm_binary(g, CM_OP_MUL, y, y, "sq");
+    int axes[3] = {0, 1, 2};
+    int loss = cm_reduce(g, CM_OP_REDUCE_SUM, sq, 3, axes, false, "loss");
+    cm_err err = {0};
+    int grad = -1;
+    CHECK_MSG(!g->error.status && cm_autodiff(g, loss, 1, &x, &grad, &err) == CM_OK, "%s %s",
+              g->error.msg, err.msg);
+    CHECK(cm_graph_add_output(g, y, &err) == CM_OK && cm_graph_add_output(g, grad, &err) == CM_OK);
+    cm_pass_state ps = {g, NULL};
+    CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s",
+              err.msg);
+    cm_kprogram prog = {0};
+    cm_lower_opts lo = {CM_TARGET_CUDA, false};
+    CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err) == CM_OK, "%s", err.msg);
+    for (int ki = 0; ki < prog.n_kernels; ki++) {
+      const cm_kernel *k = &prog.kernels[ki];
+      if (getenv("CMAEC_EMU_DEBUG"))
+        for (int q = 0; q < k->n_stages; q++)
+          if (k->stages[q].tmpl != CM_KT_NONE)
+            fprintf(stderr, "  shape %d %s stage %d tmpl %d\n", si, k->name, q,
+                    (int)k->stages[q].tmpl);
+      if (k->n_stages < 2 ||
+          (k->stages[0].tmpl != CM_KT_ATTENTION_FWD && k->stages[0].tmpl != CM_KT_ATTENTION_BWD))
+        continue;
+      cm_cuda_render_opts ro = {"sm_80", false};
+      if (cm_cuda_stage_launch(k, 0, &ro).block[0] < 32) continue; /* not fused */
+      spans++;
+      int span = k->stages[0].attn.span;
+      void **ref = calloc((size_t)k->n_buffers, sizeof *ref);
+      void **emu = calloc((size_t)k->n_buffers, sizeof *emu);
+      for (int b = 0; b < k->n_buffers; b++) {
+        size_t bytes = (size_t)k->buffers[b].numel * cm_dtype_size(k->buffers[b].dtype);
+        ref[b] = malloc(bytes + 8);
+        emu[b] = malloc(bytes + 8);
+        if (k->buffers[b].dtype == CM_F32)
+          for (int64_t e = 0; e < k->buffers[b].numel; e++)
+            ((float *)ref[b])[e] = (float)(emu_uniform() * 2 - 1);
+        else
+          memset(ref[b], 0, bytes);
+        memcpy(emu[b], ref[b], bytes);
+      }
+      cm_kernel kspan = *k;
+      kspan.n_stages = span;
+      CHECK_MSG(cm_kernel_interpret(&kspan, ref, &err) == CM_OK, "%s", err.msg);
+      bool skipped = false;
+      if (emulate_span(k, 0, emu, &skipped)) {
+        for (int b = 0; b < k->n_buffers; b++) {
+          bool local = false;
+          for (int i = 0; i < k->stages[0].attn.n_local; i++)
+            local |= k->stages[0].attn.local[i] == b;
+          if (local || k->buffers[b].dtype != CM_F32) continue;
+          double m = 0, d = 0;
+          for (int64_t e = 0; e < k->buffers[b].numel; e++) {
+            double r = ((float *)ref[b])[e], v = ((float *)emu[b])[e];
+            m = fabs(r) > m ? fabs(r) : m;
+            d = fabs(r - v) > d || isnan(v) ? (isnan(v) ? INFINITY : fabs(r - v)) : d;
+          }
+          CHECK_MSG(d <= 1e-5 * (m > 1 ? m : 1), "%s b%d: fused (host) vs interpreter: %g of %g",
+                    k->name, b, d, m);
+          compared++;
+        }
+      } else if (skipped) {
+        fprintf(stderr, "  no host C++ compiler: the host run is skipped\n");
+      }
+      for (int b = 0; b < k->n_buffers; b++) free(ref[b]), free(emu[b]);
+      free(ref);
+      free(emu);
+    }
+    cm_kprogram_free(&prog);
+    cm_plan_free(ps.plan);
+    cm_graph_free(ps.g);
+  }
+  fprintf(stderr, "  %d fused attention spans run on the host, %d buffers compared\n", spans,
+          compared);
+  CHECK(spans >= 3);
+}
+
+int main(int argc, char **argv) {
+  cm_err err = {0};
+  const char *only = argc > 1 ? argv[1] : NULL;
   if (cm_nvrtc_load(&nvrtc, &err) != CM_OK) {
     fprintf(stderr, "skipped: %s\n", err.msg);
     return 77;
   }
   fprintf(stderr, "NVRTC %s\n", cm_nvrtc_version(nvrtc));
-  test_every_variant_through_nvrtc();
+  int before = test_failures;
+  if (!only || !strcmp(only, "test_fused_attention_on_host")) test_fused_attention_on_host();
+  fprintf(stderr, "%-40s %s\n", "test_fused_attention_on_host",
+          test_failures == before ? "ok" : "FAILED");
+  before = test_failures;
+  if (!only || !strcmp(only, "test_every_variant_through_nvrtc"))
+    test_every_variant_through_nvrtc();
+  fprintf(stderr, "%-40s %s\n", "test_every_variant_through_nvrtc",
+          test_failures == before ? "ok" : "FAILED");
   cm_nvrtc_unload(nvrtc);
-  fprintf(stderr, "%-40s %s\n%d checks, %d failures\n", "test_every_variant_through_nvrtc",
-          test_failures ? "FAILED" : "ok", test_checks, test_failures);
+  fprintf(stderr, "%d checks, %d failures\n", test_checks, test_failures);
   return test_failures ? 1 : 0;
 }
