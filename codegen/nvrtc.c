@@ -328,11 +328,8 @@ cm_status cm_nvrtc_compile(cm_nvrtc *n, const char *source, const char *name, co
   snprintf(arch_opt, sizeof arch_opt, "--gpu-architecture=%s", arch);
   const char *inc = getenv("CMAEC_CUDA_INCLUDE_DIR");
   snprintf(include_opt, sizeof include_opt, "-I%s", inc && inc[0] ? inc : CMAEC_CUDA_INCLUDE_DIR);
-  /* --maxrregcount: with only a block size in __launch_bounds__, ptxas aims at
-   * 64 registers and spills tiles that need a few more; 128 keeps two 256-thread
-   * blocks per SM and leaves kernels without bounds launchable with 256 threads. */
-  const char *fixed[] = {arch_opt,    "-default-device",    "--std=c++17",
-                         include_opt, "--ptxas-options=-v", "--maxrregcount=128"};
+  const char *fixed[] = {arch_opt, "-default-device", "--std=c++17", include_opt,
+                         "--ptxas-options=-v"};
   int n_fixed = (int)(sizeof fixed / sizeof fixed[0]);
   const char **opts = calloc((size_t)(n_fixed + n_extra), sizeof *opts);
   if (!opts) return cm_errorf(err, CM_EINTERNAL, "%s: NVRTC: out of memory", name);

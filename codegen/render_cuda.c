@@ -771,11 +771,12 @@ static cm_status check_stage(rctx *c) {
   return narrow_ints(c);
 }
 
-/* __launch_bounds__ of a block size (cm_nvrtc_compile caps registers at 128 a
- * thread: given only the block size, ptxas aims at 64 and spills GEMM tiles
- * that need a few more). */
+/* __launch_bounds__ with the blocks per SM that leave 128 registers a thread:
+ * given only the block size, ptxas aims at 64 registers and spills GEMM tiles
+ * that need a few more (and -maxrregcount does not stop it on sm_80). */
 static void launch_bounds(int threads, char *out, size_t size) {
-  snprintf(out, size, "__launch_bounds__(%d) ", threads);
+  int min_blocks = 65536 / (threads * 128);
+  snprintf(out, size, "__launch_bounds__(%d, %d) ", threads, min_blocks < 1 ? 1 : min_blocks);
 }
 
 static void signature(rctx *c, const bool *written, const char *bounds) {

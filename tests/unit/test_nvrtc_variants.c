@@ -333,8 +333,9 @@ static void test_every_variant_through_nvrtc(void) {
   int total = 0;
   for (int a = 0; a < N_ARCHS; a++) total += (sets[a].n + PER_PROGRAM - 1) / PER_PROGRAM;
   jobs = calloc((size_t)total + 1, sizeof *jobs);
+  const char *only_arch = getenv("CMAEC_NVRTC_ARCH"); /* debugging: one arch */
   for (int a = 0; a < N_ARCHS; a++)
-    for (int f = 0; f < sets[a].n; f += PER_PROGRAM)
+    for (int f = 0; f < sets[a].n && (!only_arch || !strcmp(only_arch, ARCHS[a])); f += PER_PROGRAM)
       jobs[n_jobs++] =
           (job){a, f, sets[a].n - f < PER_PROGRAM ? sets[a].n - f : PER_PROGRAM, 0, false, ""};
   double t_compile = now_s();
@@ -367,7 +368,9 @@ static void test_every_variant_through_nvrtc(void) {
         int spill = ki->spill_store_bytes + ki->spill_load_bytes;
         if (ki->registers > max_regs[a]) max_regs[a] = ki->registers;
         spilling[a] += spill > 0;
-        if (getenv("CMAEC_NVRTC_RENDER_ONLY")) continue;
+        if (getenv("CMAEC_NVRTC_RENDER_ONLY") ||
+            (getenv("CMAEC_NVRTC_ARCH") && strcmp(getenv("CMAEC_NVRTC_ARCH"), ARCHS[a])))
+          continue;
         CHECK_MSG(ki->registers >= 0, "%s: no ptxas report for %s stage %d (%s)",
                   VARIANTS[u->variant], u->origin, s, ARCHS[a]);
         CHECK_MSG(!u->templated[s] || spill == 0,
