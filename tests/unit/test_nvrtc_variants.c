@@ -23,6 +23,7 @@
 #include "codegen/codegen.h"
 #include "models/models.h"
 
+#include <ctype.h>
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -42,15 +43,18 @@ static const char *const VARIANTS[] = {
 static const char *const ARCHS[] = {"sm_80", "sm_90"};
 #define N_ARCHS 2
 
-/* One distinct kernel text for one arch, and what ptxas said of its stages. */
+/* One distinct stage function for one arch, and what ptxas said of it. The
+ * unit of deduplication is a stage's function with its name replaced by
+ * NAME_MARK and only the buffer parameters it uses, renumbered in order (the
+ * unused ones change neither the code nor the registers; the optimizer's
+ * kernels have hundreds of buffers and stages, each summing a few). */
 typedef struct ukernel {
-  char *text; /* rendered CUDA with the name replaced by NAME_MARK */
+  char *text;
   uint64_t hash;
-  int n_stages;
-  bool *templated;             /* per stage: GEMM or attention template */
-  cm_cuda_kernel_info *stages; /* per stage, after the compile (registers -1: not found) */
-  int variant;                 /* where it was first seen */
-  char origin[64];
+  bool templated;           /* a GEMM or attention stage */
+  cm_cuda_kernel_info info; /* after the compile (registers -1: not found) */
+  int variant;              /* where it was first seen */
+  char origin[96];          /* kernel and stage */
 } ukernel;
 
 typedef struct arch_set {
@@ -108,8 +112,9 @@ static void table_grow(arch_set *a) {
   a->table_cap = cap;
 }
 
-/* The unique-kernel id of text in a (added if new; takes ownership of text). */
-static int intern(arch_set *a, char *text, const cm_kernel *k, int variant, bool *is_new) {
+/* The unit id of text in a (added if new; takes ownership of text). */
+static int intern(arch_set *a, char *text, bool templated, const char *origin, int variant,
+                  bool *is_new) {
   uint64_t h = fnv1a(text);
   if (2 * (a->n + 1) > a->table_cap) table_grow(a);
   size_t slot = (size_t)(h % (uint64_t)a->table_cap);
@@ -118,6 +123,7 @@ static int intern(arch_set *a, char *text, const cm_kernel *k, int variant, bool
     if (u->hash == h && strcmp(u->text, text) == 0) {
       free(text);
       *is_new = false;
+      u->templated |= templated;
       return a->table[slot] - 1;
     }
   }
@@ -130,21 +136,83 @@ static int intern(arch_set *a, char *text, const cm_kernel *k, int variant, bool
   memset(u, 0, sizeof *u);
   u->text = text;
   u->hash = h;
-  u->n_stages = k->n_stages;
-  u->templated = calloc((size_t)k->n_stages + 1, sizeof *u->templated);
-  u->stages = calloc((size_t)k->n_stages + 1, sizeof *u->stages);
-  for (int s = 0; s < k->n_stages; s++) {
-    u->templated[s] = k->stages[s].tmpl != CM_KT_NONE;
-    u->stages[s].registers = -1;
-  }
+  u->templated = templated;
+  u->info.registers = -1;
   u->variant = variant;
-  snprintf(u->origin, sizeof u->origin, "%s", k->name);
+  snprintf(u->origin, sizeof u->origin, "%s", origin);
   a->table[slot] = a->n + 1;
   *is_new = true;
   return a->n++;
 }
 
-/* ---- compiling the unique kernels, many per program, on two threads ------ */
+/* Whether buffer parameter b<j> is used in body ("b<j>[" not inside a longer name). */
+static bool param_used(const char *body, int j) {
+  char pat[32];
+  int len = snprintf(pat, sizeof pat, "b%d[", j);
+  for (const char *p = strstr(body, pat); p; p = strstr(p + len, pat))
+    if (p == body || !(isalnum((unsigned char)p[-1]) || p[-1] == '_')) return true;
+  return false;
+}
+
+/* The normalized text of the stage function at fn (up to fn_end): name ->
+ * NAME_MARK, unused buffer parameters dropped, the rest renamed q0, q1, ...
+ * *n_params: the parameters it had. NULL when it is not of the renderer's form. */
+static char *normalize_stage(const char *fn, size_t fn_len, const char *fname, int *n_params) {
+  char *f = malloc(fn_len + 1);
+  if (!f) return NULL;
+  memcpy(f, fn, fn_len);
+  f[fn_len] = 0;
+  char *open = strstr(f, fname), *close = open ? strstr(open, ") {\n") : NULL;
+  if (!open || !close) return free(f), NULL;
+  const char *body = close + 4;
+  size_t cap = fn_len * 2 + 64, len = 0;
+  char *out = malloc(cap);
+  if (!out) return free(f), NULL;
+  len += (size_t)snprintf(out, cap, "%.*s%s(", (int)(open - f), f, NAME_MARK);
+  /* parameters: "[const ]T *b<j>" separated by ", " */
+  char *params = open + strlen(fname) + 1;
+  *close = 0;
+  int kept = 0;
+  *n_params = 0;
+  for (char *tok = params; tok && *tok;) {
+    char *sep = strstr(tok, ", ");
+    if (sep) *sep = 0;
+    char *star = strrchr(tok, '*');
+    int j = star && star[1] == 'b' ? atoi(star + 2) : -1;
+    (*n_params)++;
+    if (j >= 0 && param_used(body, j)) {
+      len += (size_t)snprintf(out + len, cap - len, "%s%.*sq%d", kept ? ", " : "",
+                              (int)(star + 1 - tok), tok, kept);
+      kept++;
+    }
+    tok = sep ? sep + 2 : NULL;
+  }
+  len += (size_t)snprintf(out + len, cap - len, ") {\n");
+  /* the body with the kept buffers renamed (renumbered in parameter order) */
+  char *renamed = strdup(body);
+  kept = 0;
+  for (int j = 0; j < *n_params && renamed; j++) {
+    if (!param_used(body, j)) continue;
+    char from[32], to[32];
+    snprintf(from, sizeof from, "b%d[", j);
+    snprintf(to, sizeof to, "q%d@[", kept++); /* '@' keeps q<n> apart from a later b<n> */
+    char *r = replace_all(renamed, from, to);
+    free(renamed);
+    renamed = r;
+  }
+  char *clean = renamed ? replace_all(renamed, "@[", "[") : NULL;
+  free(renamed);
+  if (!clean || len + strlen(clean) + 1 > cap) {
+    free(clean), free(out), free(f);
+    return NULL;
+  }
+  memcpy(out + len, clean, strlen(clean) + 1);
+  free(clean);
+  free(f);
+  return out;
+}
+
+/* ---- compiling the unique stages, many per program, on two threads ------ */
 
 static cm_nvrtc *nvrtc;
 static const char *prelude; /* the renderer's prelude alone */
@@ -160,11 +228,10 @@ static job *jobs;
 static int n_jobs, next_job;
 static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* The program holding unique kernels [first, first + count) of arch a; kernel
- * u gets the name "u<u>". */
+/* The program holding units [first, first + count) of arch a; unit u is named "u<u>". */
 static char *program_text(int a, int first, int count) {
   size_t cap = strlen(prelude) + 1, len = 0;
-  for (int i = first; i < first + count; i++) cap += strlen(sets[a].u[i].text) * 2 + 256;
+  for (int i = first; i < first + count; i++) cap += strlen(sets[a].u[i].text) + 256;
   char *p = malloc(cap);
   if (!p) return NULL;
   len += (size_t)snprintf(p, cap, "%s", prelude);
@@ -176,7 +243,7 @@ static char *program_text(int a, int first, int count) {
       free(p);
       return NULL;
     }
-    len += (size_t)snprintf(p + len, cap - len, "// %s %s\n%s", VARIANTS[sets[a].u[i].variant],
+    len += (size_t)snprintf(p + len, cap - len, "// %s %s\n%s\n", VARIANTS[sets[a].u[i].variant],
                             sets[a].u[i].origin, t);
     free(t);
   }
@@ -214,13 +281,10 @@ static bool compile_range(int a, int first, int count, double *ms, char *error, 
     return false;
   }
   for (int i = first; i < first + count; i++) {
-    ukernel *u = &sets[a].u[i];
-    for (int s = 0; s < u->n_stages; s++) {
-      char fn[64];
-      snprintf(fn, sizeof fn, "u%d_s%d", i, s);
-      const cm_cuda_kernel_info *ki = cm_cubin_kernel(&cb, fn);
-      if (ki) u->stages[s] = *ki;
-    }
+    char fn[32];
+    snprintf(fn, sizeof fn, "u%d", i);
+    const cm_cuda_kernel_info *ki = cm_cubin_kernel(&cb, fn);
+    if (ki) sets[a].u[i].info = *ki;
   }
   cm_cubin_free(&cb);
   return true;
@@ -241,9 +305,9 @@ static void *worker(void *arg) {
 /* ---- building and rendering a variant ----------------------------------- */
 
 typedef struct variant_stats {
-  int kernels, stages, unique[N_ARCHS], fresh[N_ARCHS];
+  int kernels, stages, unique[N_ARCHS], fresh[N_ARCHS], max_params;
   double build_s, render_s;
-  int *ids[N_ARCHS]; /* per kernel: its unique id */
+  int *ids[N_ARCHS]; /* per stage (all kernels in order): its unit id */
 } variant_stats;
 
 static variant_stats vstats[N_VARIANTS];
@@ -288,31 +352,46 @@ static void collect_variant(int v) {
   vs->build_s = now_s() - t0;
   t0 = now_s();
   vs->kernels = prog.n_kernels;
+  for (int i = 0; i < prog.n_kernels; i++) vs->stages += prog.kernels[i].n_stages;
   for (int a = 0; a < N_ARCHS && st == CM_OK; a++) {
     cm_cuda_render_opts ro = {ARCHS[a], false};
-    vs->ids[a] = calloc((size_t)prog.n_kernels + 1, sizeof *vs->ids[a]);
-    bool *seen = calloc((size_t)sets[a].n + (size_t)prog.n_kernels + 1, 1);
-    for (int i = 0; i < prog.n_kernels; i++) {
+    vs->ids[a] = calloc((size_t)vs->stages + 1, sizeof *vs->ids[a]);
+    int at = 0;
+    for (int i = 0; i < prog.n_kernels && st == CM_OK; i++) {
       const cm_kernel *k = &prog.kernels[i];
-      if (a == 0) vs->stages += k->n_stages;
       char *src = NULL;
       st = cm_render_cuda(k, &ro, false, &src, &err);
       CHECK_MSG(st == CM_OK, "%s %s: render for %s: %s", path, k->name, ARCHS[a], err.msg);
       if (st != CM_OK) break;
-      char *norm = replace_all(src, k->name, NAME_MARK);
-      free(src);
-      bool is_new;
-      int id = intern(&sets[a], norm, k, v, &is_new);
-      vs->ids[a][i] = id;
-      vs->fresh[a] += is_new;
-      if (id < sets[a].n && !seen[id]) {
-        seen[id] = true;
-        vs->unique[a]++;
+      /* one unit per stage function, in stage order */
+      const char *fn = strstr(src, "extern \"C\" __global__ void ");
+      for (int s = 0; s < k->n_stages; s++) {
+        const char *next = fn ? strstr(fn + 1, "extern \"C\" __global__ void ") : NULL;
+        size_t len = fn ? (next ? (size_t)(next - fn) : strlen(fn)) : 0;
+        char fname[96], origin[96];
+        snprintf(fname, sizeof fname, "%s_s%d", k->name, s);
+        snprintf(origin, sizeof origin, "%s stage %d", k->name, s);
+        int n_params = 0;
+        char *norm = fn ? normalize_stage(fn, len, fname, &n_params) : NULL;
+        CHECK_MSG(norm != NULL, "%s %s: stage %d not found in the rendered text", path, k->name, s);
+        if (!norm) break;
+        if (n_params > vs->max_params) vs->max_params = n_params;
+        bool is_new;
+        int id = intern(&sets[a], norm, k->stages[s].tmpl != CM_KT_NONE, origin, v, &is_new);
+        vs->ids[a][at++] = id;
+        vs->fresh[a] += is_new;
+        fn = next;
       }
+      free(src);
     }
+    bool *seen = calloc((size_t)sets[a].n + 1, 1);
+    for (int i = 0; i < at; i++)
+      if (!seen[vs->ids[a][i]]) seen[vs->ids[a][i]] = true, vs->unique[a]++;
     free(seen);
   }
   vs->render_s = now_s() - t0;
+  /* CUDA 12.1+ passes up to 32764 bytes of kernel parameters (sm_70 and later) */
+  CHECK_MSG(vs->max_params * 8 <= 32764, "%s: a stage takes %d pointers", path, vs->max_params);
   cm_kprogram_free(&prog);
   cm_plan_free(ps.plan);
   cm_graph_free(ps.g);
@@ -329,7 +408,7 @@ static void test_every_variant_through_nvrtc(void) {
   CHECK(cm_render_cuda(&empty, NULL, true, &pre, &err) == CM_OK);
   cm_kernel_free(&empty);
   prelude = pre ? pre : "";
-  /* jobs: arch-major, PER_PROGRAM kernels each */
+  /* jobs: arch-major, PER_PROGRAM units each */
   int total = 0;
   for (int a = 0; a < N_ARCHS; a++) total += (sets[a].n + PER_PROGRAM - 1) / PER_PROGRAM;
   jobs = calloc((size_t)total + 1, sizeof *jobs);
@@ -348,72 +427,68 @@ static void test_every_variant_through_nvrtc(void) {
     arch_ms[jobs[j].arch] += jobs[j].ms;
     CHECK_MSG(jobs[j].ok, "%s", jobs[j].error);
     if (jobs[j].ok) continue;
-    /* name the kernels that fail on their own */
+    /* name the units that fail on their own */
     for (int i = jobs[j].first; i < jobs[j].first + jobs[j].count; i++) {
       double ms;
       char e[600];
       const ukernel *u = &sets[jobs[j].arch].u[i];
       if (!compile_range(jobs[j].arch, i, 1, &ms, e, sizeof e))
-        fprintf(stderr, "  fails alone: %s %s (unique u%d): %s\n", VARIANTS[u->variant], u->origin,
-                i, e);
+        fprintf(stderr, "  fails alone: %s %s (unit u%d): %s\n", VARIANTS[u->variant], u->origin, i,
+                e);
     }
   }
   /* every stage found; no template stage spills */
   int max_regs[N_ARCHS] = {0}, spilling[N_ARCHS] = {0};
-  for (int a = 0; a < N_ARCHS; a++)
+  bool render_only = getenv("CMAEC_NVRTC_RENDER_ONLY") != NULL;
+  for (int a = 0; a < N_ARCHS; a++) {
+    if (render_only || (only_arch && strcmp(only_arch, ARCHS[a]))) continue;
     for (int i = 0; i < sets[a].n; i++) {
       const ukernel *u = &sets[a].u[i];
-      for (int s = 0; s < u->n_stages; s++) {
-        const cm_cuda_kernel_info *ki = &u->stages[s];
-        int spill = ki->spill_store_bytes + ki->spill_load_bytes;
-        if (ki->registers > max_regs[a]) max_regs[a] = ki->registers;
-        spilling[a] += spill > 0;
-        if (getenv("CMAEC_NVRTC_RENDER_ONLY") ||
-            (getenv("CMAEC_NVRTC_ARCH") && strcmp(getenv("CMAEC_NVRTC_ARCH"), ARCHS[a])))
-          continue;
-        CHECK_MSG(ki->registers >= 0, "%s: no ptxas report for %s stage %d (%s)",
-                  VARIANTS[u->variant], u->origin, s, ARCHS[a]);
-        CHECK_MSG(!u->templated[s] || spill == 0,
-                  "%s: %s stage %d (template) spills %d bytes for %s (%d registers)",
-                  VARIANTS[u->variant], u->origin, s, spill, ARCHS[a], ki->registers);
-        if (spill > 0 && !u->templated[s])
-          fprintf(stderr, "  note: %s %s stage %d (generic) spills %d bytes for %s\n",
-                  VARIANTS[u->variant], u->origin, s, spill, ARCHS[a]);
-      }
+      const cm_cuda_kernel_info *ki = &u->info;
+      int spill = ki->spill_store_bytes + ki->spill_load_bytes;
+      if (ki->registers > max_regs[a]) max_regs[a] = ki->registers;
+      spilling[a] += spill > 0;
+      CHECK_MSG(ki->registers >= 0, "%s: no ptxas report for %s (%s)", VARIANTS[u->variant],
+                u->origin, ARCHS[a]);
+      CHECK_MSG(!u->templated || spill == 0,
+                "%s: %s (template) spills %d bytes for %s (%d registers)", VARIANTS[u->variant],
+                u->origin, spill, ARCHS[a], ki->registers);
+      if (spill > 0 && !u->templated)
+        fprintf(stderr, "  note: %s %s (generic) spills %d bytes for %s\n", VARIANTS[u->variant],
+                u->origin, spill, ARCHS[a]);
     }
-  /* per variant: kernels, unique ones, max registers, spills */
+  }
+  /* per variant: kernels, unique stage functions, max registers, spills */
   for (int v = 0; v < N_VARIANTS; v++) {
     variant_stats *vs = &vstats[v];
     if (!vs->ids[0]) continue;
     for (int a = 0; a < N_ARCHS; a++) {
       int mr = 0, sp = 0, tmpl = 0;
       bool *seen = calloc((size_t)sets[a].n + 1, 1);
-      for (int i = 0; i < vs->kernels; i++) {
+      for (int i = 0; i < vs->stages; i++) {
         int id = vs->ids[a][i];
         if (seen[id]) continue;
         seen[id] = true;
         const ukernel *u = &sets[a].u[id];
-        for (int s = 0; s < u->n_stages; s++) {
-          if (u->stages[s].registers > mr) mr = u->stages[s].registers;
-          sp += u->stages[s].spill_store_bytes + u->stages[s].spill_load_bytes > 0;
-          tmpl += u->templated[s];
-        }
+        if (u->info.registers > mr) mr = u->info.registers;
+        sp += u->info.spill_store_bytes + u->info.spill_load_bytes > 0;
+        tmpl += u->templated;
       }
       free(seen);
       fprintf(stderr,
-              "  %-38s %s: %4d kernels (%4d stages), %4d unique (%4d new), %3d template stages, "
-              "max %3d registers, %d stages spill; built in %.1f s, rendered in %.1f s\n",
+              "  %-38s %s: %4d kernels, %4d stages -> %4d unique (%4d new, %3d templates), "
+              "max %3d registers, %d spill; <= %d params; built %.1f s, rendered %.1f s\n",
               VARIANTS[v], ARCHS[a], vs->kernels, vs->stages, vs->unique[a], vs->fresh[a], tmpl, mr,
-              sp, vs->build_s, vs->render_s);
-      CHECK(vs->unique[a] > 0 && vs->unique[a] <= vs->kernels);
+              sp, vs->max_params, vs->build_s, vs->render_s);
+      CHECK(vs->unique[a] > 0 && vs->unique[a] <= vs->stages);
     }
     free(vs->ids[0]);
     free(vs->ids[1]);
   }
   for (int a = 0; a < N_ARCHS; a++) {
     fprintf(stderr,
-            "  %s: %d unique kernels in %d programs, NVRTC %.1f s (one core), max %d registers, "
-            "%d stages spill\n",
+            "  %s: %d unique stage functions in %d programs, NVRTC %.1f s (summed over "
+            "programs), max %d registers, %d spill\n",
             ARCHS[a], sets[a].n, (sets[a].n + PER_PROGRAM - 1) / PER_PROGRAM, arch_ms[a] / 1e3,
             max_regs[a], spilling[a]);
     CHECK(sets[a].n > 0);
@@ -421,11 +496,7 @@ static void test_every_variant_through_nvrtc(void) {
   fprintf(stderr, "  compiled on %d threads in %.1f s; %.1f s in all\n", N_THREADS, t_compile,
           now_s() - t_all);
   for (int a = 0; a < N_ARCHS; a++) {
-    for (int i = 0; i < sets[a].n; i++) {
-      free(sets[a].u[i].text);
-      free(sets[a].u[i].templated);
-      free(sets[a].u[i].stages);
-    }
+    for (int i = 0; i < sets[a].n; i++) free(sets[a].u[i].text);
     free(sets[a].u);
     free(sets[a].table);
   }
