@@ -320,7 +320,10 @@ typedef struct rctx {
   bool *mark;   /* scratch: reachable set */
   bool *usered; /* depends on a reduction var */
   bool *useacc; /* depends on ACC */
+  bool *narrow; /* an i64 expression whose every value fits in int32: computed as int */
   cm_status st;
+  const int
+      *local; /* fused attention span: per buffer, its shared-memory slot or -1 (NULL: none) */
 } rctx;
 
 static cm_status fail(rctx *c, int e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -425,6 +428,15 @@ static void operand(const rctx *c, int id, cm_dtype to, char *out, size_t size) 
   cast_code(out, size, c->s->exprs[id].dtype, to, name);
 }
 
+/* Element `index` (an expression id) of buffer b: global memory, or the
+ * block's shared-memory slice of a local buffer of a fused attention span. */
+static void elem_ref(const rctx *c, int b, int index, char *out, size_t size) {
+  if (c->local && c->local[b] >= 0)
+    snprintf(out, size, "sl%d_[(e%d) - lb%d_]", c->local[b], index, c->local[b]);
+  else
+    snprintf(out, size, "b%d[e%d]", b, index);
+}
+
 /* The right-hand side of expression e (operands are e<id> locals). */
 static void expr_code(const rctx *c, int e, const char *accname, char *out, size_t size) {
   const cm_kstage *s = c->s;
@@ -439,15 +451,20 @@ static void expr_code(const rctx *c, int e, const char *accname, char *out, size
   case CM_KX_ACC: cast_code(out, size, s->acc_dtype, x->dtype, accname); return;
   case CM_KX_LOAD: {
     cm_dtype bd = c->k->buffers[x->buf].dtype;
-    char ld[128];
-    snprintf(ld, sizeof ld, "b%d[e%d]", x->buf, x->a);
-    if (bd == CM_BF16) snprintf(ld, sizeof ld, "cm_bf2f(b%d[e%d])", x->buf, x->a);
-    if (bd == CM_F16) snprintf(ld, sizeof ld, "cm_h2f(b%d[e%d])", x->buf, x->a);
-    if (bd == CM_BOOL) snprintf(ld, sizeof ld, "(b%d[e%d] != 0)", x->buf, x->a);
+    char ld[160], el[96];
+    elem_ref(c, x->buf, x->a, el, sizeof el);
+    snprintf(ld, sizeof ld, "%s", el);
+    if (bd == CM_BF16) snprintf(ld, sizeof ld, "cm_bf2f(%s)", el);
+    if (bd == CM_F16) snprintf(ld, sizeof ld, "cm_h2f(%s)", el);
+    if (bd == CM_BOOL) snprintf(ld, sizeof ld, "(%s != 0)", el);
     cast_code(out, size, bd, x->dtype, ld);
     return;
   }
   case CM_KX_MOD:
+    if (c->narrow[e] && c->narrow[x->a] && c->narrow[x->b]) { /* 32-bit: operands exact */
+      snprintf(out, size, "((int)(e%d) %% (int)(e%d))", x->a, x->b);
+      return;
+    }
     operand(c, x->a, CM_I64, a, sizeof a);
     operand(c, x->b, CM_I64, b, sizeof b);
     snprintf(d, sizeof d, "((%s) %% (%s))", a, b);
@@ -494,7 +511,10 @@ static void expr_code(const rctx *c, int e, const char *accname, char *out, size
   bool binary = op_arity(op) == 2;
   bool int_path = is_intdt(rt) && is_intdt(ta) && (!binary || is_intdt(tb));
   if (int_path) {
-    const char *ct = ctype(rt);
+    /* a narrow result with narrow operands cannot overflow int: 32-bit arithmetic is exact */
+    bool n32 = c->narrow[e] && (c->narrow[x->a] || ta == CM_I32) &&
+               (!binary || c->narrow[x->b] || tb == CM_I32);
+    const char *ct = n32 ? "int" : ctype(rt);
     bool int_op = op == CM_OP_NEG || op == CM_OP_ABS || op == CM_OP_RELU || op == CM_OP_ADD ||
                   op == CM_OP_SUB || op == CM_OP_MUL || op == CM_OP_DIV || op == CM_OP_MAX ||
                   op == CM_OP_MIN;
@@ -533,7 +553,8 @@ static void emit_marked(rctx *c, const char *indent, const char *accname, int wa
     if (want_red >= 0 && c->usered[e] != (want_red == 1)) continue;
     if (want_acc >= 0 && c->useacc[e] != (want_acc == 1)) continue;
     expr_code(c, e, accname, code, sizeof code);
-    sb_printf(c->o, "%sconst %s e%d = %s;\n", indent, ctype(c->s->exprs[e].dtype), e, code);
+    sb_printf(c->o, "%sconst %s e%d = %s;\n", indent,
+              c->narrow[e] ? "int" : ctype(c->s->exprs[e].dtype), e, code);
     c->done[e] = true;
   }
 }
@@ -579,8 +600,10 @@ static void emit_stores(rctx *c, const char *indent, const char *accname) {
   for (int i = 0; i < s->n_stores; i++) {
     const cm_kstore *st = &s->stores[i];
     cm_dtype bd = c->k->buffers[st->buf].dtype;
+    char el[96];
+    elem_ref(c, st->buf, st->index, el, sizeof el);
     if (!s->accumulate)
-      sb_printf(c->o, "%sb%d[e%d] = sv%d;\n", indent, st->buf, st->index, i);
+      sb_printf(c->o, "%s%s = sv%d;\n", indent, el, i);
     else if (bd == CM_BF16 || bd == CM_F16)
       sb_printf(c->o, "%scm_atomic_add16(&b%d[e%d], sv%d, %s);\n", indent, st->buf, st->index, i,
                 bd == CM_BF16 ? "true" : "false");
@@ -595,6 +618,109 @@ static int64_t prod(const int64_t *d, int n) {
   int64_t p = 1;
   for (int i = 0; i < n; i++) p *= d[i];
   return p;
+}
+
+/* Value ranges of the integer expressions, from the loop extents (every use of
+ * a variable is inside its loop's bounds: templates guard their tile edges).
+ * An i64 expression whose range fits in int32 is computed in 32 bits: index
+ * arithmetic in 64 bits takes twice the registers, and 64-bit div/mod by a
+ * constant is a long multiply sequence (it made an im2col GEMM spill). */
+typedef struct irange {
+  bool known;
+  int64_t lo, hi;
+} irange;
+
+static irange ir_make(bool ok, int64_t lo, int64_t hi) {
+  irange r = {ok && lo <= hi, lo, hi};
+  return r;
+}
+
+static irange ir_mul(irange a, irange b) {
+  if (!a.known || !b.known) return ir_make(false, 0, 0);
+  int64_t p[4];
+  if (__builtin_mul_overflow(a.lo, b.lo, &p[0]) || __builtin_mul_overflow(a.lo, b.hi, &p[1]) ||
+      __builtin_mul_overflow(a.hi, b.lo, &p[2]) || __builtin_mul_overflow(a.hi, b.hi, &p[3]))
+    return ir_make(false, 0, 0);
+  int64_t lo = p[0], hi = p[0];
+  for (int i = 1; i < 4; i++) {
+    lo = p[i] < lo ? p[i] : lo;
+    hi = p[i] > hi ? p[i] : hi;
+  }
+  return ir_make(true, lo, hi);
+}
+
+static irange ir_expr(const cm_kstage *s, const irange *r, int e) {
+  const cm_kexpr *x = &s->exprs[e];
+  irange none = ir_make(false, 0, 0);
+  if (x->dtype == CM_I32) return ir_make(true, INT32_MIN, INT32_MAX);
+  if (x->dtype == CM_BOOL) return ir_make(true, 0, 1);
+  if (x->dtype != CM_I64) return none;
+  switch (x->kind) {
+  case CM_KX_CONST: {
+    double v = cm_round_to_dtype(x->value, CM_I64);
+    if (!(v > -9.2e18 && v < 9.2e18)) return none;
+    return ir_make(true, (int64_t)v, (int64_t)v);
+  }
+  case CM_KX_VAR: {
+    int64_t ext = x->var < s->n_dom ? s->dom[x->var] : s->red[x->var - s->n_dom];
+    return ir_make(true, 0, ext - 1);
+  }
+  case CM_KX_MOD: {
+    irange a = r[x->a], b = r[x->b];
+    if (!a.known || !b.known || a.lo < 0 || b.lo < 1) return none;
+    return ir_make(true, 0, a.hi < b.hi - 1 ? a.hi : b.hi - 1);
+  }
+  case CM_KX_OP: break;
+  default: return none;
+  }
+  irange a = x->a >= 0 ? r[x->a] : none, b = x->b >= 0 ? r[x->b] : none;
+  int64_t lo, hi;
+  switch (x->op) {
+  case CM_OP_CAST:
+  case CM_OP_STOP_GRADIENT: return a; /* from bool/i32/i64 exactly; floats: unknown */
+  case CM_OP_NEG:
+    if (!a.known || a.lo == INT64_MIN) return none;
+    return ir_make(true, -a.hi, -a.lo);
+  case CM_OP_ADD:
+    if (!a.known || !b.known || __builtin_add_overflow(a.lo, b.lo, &lo) ||
+        __builtin_add_overflow(a.hi, b.hi, &hi))
+      return none;
+    return ir_make(true, lo, hi);
+  case CM_OP_SUB:
+    if (!a.known || !b.known || __builtin_sub_overflow(a.lo, b.hi, &lo) ||
+        __builtin_sub_overflow(a.hi, b.lo, &hi))
+      return none;
+    return ir_make(true, lo, hi);
+  case CM_OP_MUL: return ir_mul(a, b);
+  case CM_OP_DIV: /* truncating; only a non-negative dividend over a positive divisor */
+    if (!a.known || !b.known || a.lo < 0 || b.lo < 1) return none;
+    return ir_make(true, a.lo / b.hi, a.hi / b.lo);
+  case CM_OP_MIN:
+    if (!a.known || !b.known) return none;
+    return ir_make(true, a.lo < b.lo ? a.lo : b.lo, a.hi < b.hi ? a.hi : b.hi);
+  case CM_OP_MAX:
+    if (!a.known || !b.known) return none;
+    return ir_make(true, a.lo > b.lo ? a.lo : b.lo, a.hi > b.hi ? a.hi : b.hi);
+  case CM_OP_SELECT: {
+    irange t = b, f = x->c >= 0 ? r[x->c] : none;
+    if (!t.known || !f.known) return none;
+    return ir_make(true, t.lo < f.lo ? t.lo : f.lo, t.hi > f.hi ? t.hi : f.hi);
+  }
+  default: return none;
+  }
+}
+
+static cm_status narrow_ints(rctx *c) {
+  const cm_kstage *s = c->s;
+  irange *r = calloc((size_t)(s->n_exprs > 0 ? s->n_exprs : 1), sizeof *r);
+  if (!r) return fail(c, -1, "out of memory");
+  for (int e = 0; e < s->n_exprs; e++) {
+    r[e] = ir_expr(s, r, e);
+    c->narrow[e] =
+        s->exprs[e].dtype == CM_I64 && r[e].known && r[e].lo >= INT32_MIN && r[e].hi <= INT32_MAX;
+  }
+  free(r);
+  return CM_OK;
 }
 
 static cm_status check_stage(rctx *c) {
@@ -642,7 +768,15 @@ static cm_status check_stage(rctx *c) {
       }
   }
   if (s->n_red > 0 && c->useacc[s->body]) return fail(c, s->body, "the reduction body uses ACC");
-  return CM_OK;
+  return narrow_ints(c);
+}
+
+/* __launch_bounds__ with the blocks per SM that leave 128 registers a thread:
+ * given only the block size, ptxas aims at 64 registers and spills GEMM tiles
+ * that need a few more (and -maxrregcount does not stop it on sm_80). */
+static void launch_bounds(int threads, char *out, size_t size) {
+  int min_blocks = 65536 / (threads * 128);
+  snprintf(out, size, "__launch_bounds__(%d, %d) ", threads, min_blocks < 1 ? 1 : min_blocks);
 }
 
 static void signature(rctx *c, const bool *written, const char *bounds) {
@@ -726,7 +860,9 @@ static void render_generic(rctx *c, const bool *written) {
   red_strategy rs = strategy(s);
   const char *at = ctype(s->acc_dtype);
   char init[128], comb[256], body[256];
-  signature(c, written, rs != RED_THREAD ? "__launch_bounds__(256) " : "");
+  char bounds[64] = "";
+  if (rs != RED_THREAD) launch_bounds(GENERIC_THREADS, bounds, sizeof bounds);
+  signature(c, written, bounds);
   if (rs == RED_BLOCK) {
     sb_printf(o, "  __shared__ %s cm_part[%d];\n", at, WARPS_PER_BLOCK);
     sb_printf(o, "  for (long long p = blockIdx.x; p < %lldLL; p += gridDim.x) {\n",
@@ -852,7 +988,11 @@ static bool fma_lanes(gemm_plan *p) {
 static gemm_plan plan_gemm(const cm_kstage *s, const cm_cuda_render_opts *o) {
   gemm_plan p;
   memset(&p, 0, sizeof p);
-  if (s->tmpl != CM_KT_GEMM || (o && o->no_templates)) return p;
+  /* an attention span's first stage is its first GEMM (rendered alone when the span is not fused)
+   */
+  bool gemm_like =
+      s->tmpl == CM_KT_GEMM || s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD;
+  if (!gemm_like || (o && o->no_templates)) return p;
   if (s->n_dom < 2 || s->n_red != 1 || s->red_op != CM_KRED_SUM || s->accumulate) return p;
   if (s->gemm_a < 0 || s->gemm_a >= s->n_exprs || s->gemm_b < 0 || s->gemm_b >= s->n_exprs)
     return p;
@@ -933,8 +1073,10 @@ static void emit_operand_load(rctx *c, const gemm_plan *p, bool is_a, const char
   int iv = is_a ? s->n_dom - 2 : s->n_dom - 1, kv = s->n_dom;
   /* A: kk fastest (k contiguous in row-major A); B: jj fastest */
   int outer = is_a ? p->mc : p->kc, inner = is_a ? p->kc : p->nc;
-  sb_printf(o, "      for (int t_ = threadIdx.x; t_ < %d; t_ += %d) {\n", outer * inner,
-            p->threads);
+  /* two elements in flight per thread: full unrolling keeps every element's index
+   * arithmetic live at once, and ptxas then spills some GEMMs */
+  sb_printf(o, "#pragma unroll 2\n      for (int t_ = threadIdx.x; t_ < %d; t_ += %d) {\n",
+            outer * inner, p->threads);
   if (is_a)
     sb_printf(o, "        const int ii_ = t_ / %d, kk_ = t_ %% %d;\n", inner, inner);
   else
@@ -967,7 +1109,7 @@ static void render_gemm(rctx *c, const gemm_plan *p, const bool *written) {
   sbuf *o = c->o;
   int nb = s->n_dom - 2, iv = s->n_dom - 2, jv = s->n_dom - 1;
   char bounds[64];
-  snprintf(bounds, sizeof bounds, "__launch_bounds__(%d) ", p->threads);
+  launch_bounds(p->threads, bounds, sizeof bounds);
   signature(c, written, bounds);
   if (p->mma) {
     sb_printf(o, "  __shared__ __align__(16) unsigned short As_[%d][%d];\n", p->mc, p->kc + 8);
@@ -1114,6 +1256,237 @@ static void buffers_written(const cm_kernel *k, bool *written) {
     }
 }
 
+/* Per-stage renderer state (freed by rctx_close). */
+static cm_status rctx_open(rctx *c, const cm_kernel *k, int si, sbuf *o, cm_err *err) {
+  memset(c, 0, sizeof *c);
+  c->k = k;
+  c->si = si;
+  c->s = &k->stages[si];
+  c->o = o;
+  c->err = err;
+  size_t ne = (size_t)(c->s->n_exprs > 0 ? c->s->n_exprs : 1);
+  c->done = calloc(ne, 1);
+  c->mark = calloc(ne, 1);
+  c->usered = calloc(ne, 1);
+  c->useacc = calloc(ne, 1);
+  c->narrow = calloc(ne, 1);
+  if (!c->done || !c->mark || !c->usered || !c->useacc || !c->narrow)
+    return c->st = cm_errorf(err, CM_EINTERNAL, "kernel %s stage %d: out of memory", k->name, si);
+  if (c->s->n_exprs < 0 || (c->s->n_exprs && !c->s->exprs))
+    return fail(c, -1, "malformed expression array");
+  return check_stage(c);
+}
+
+static void rctx_close(rctx *c) {
+  free(c->done);
+  free(c->mark);
+  free(c->usered);
+  free(c->useacc);
+  free(c->narrow);
+}
+
+/* ---- fused attention spans ------------------------------------------------ */
+
+#define ATTN_THREADS 256
+#define ATTN_SMEM (48 * 1024) /* static shared memory of one block */
+#define ATTN_MAX_ROWS 64
+
+/* A fused rendering of an attention span: one block per (batch item, block of
+ * br query rows) runs every stage of the span restricted to its rows, the
+ * local buffers in shared memory (the per-row slices when the span is
+ * row-local, else the whole batch item's), a barrier between stages. */
+typedef struct attn_plan {
+  bool ok;
+  bool rowwise;
+  int span, nb;
+  int64_t rows, batch;
+  int br, nrb;                            /* query rows per block, blocks per batch item */
+  int64_t slot_elems[CM_KATTN_MAX_LOCAL]; /* shared elements of each local per block */
+} attn_plan;
+
+static size_t dt_size(cm_dtype d) {
+  switch (d) {
+  case CM_F64:
+  case CM_I64: return 8;
+  case CM_F32:
+  case CM_I32: return 4;
+  case CM_BF16:
+  case CM_F16: return 2;
+  default: return 1;
+  }
+}
+
+static attn_plan plan_attention(const cm_kernel *k, int first, const cm_cuda_render_opts *o) {
+  attn_plan p;
+  memset(&p, 0, sizeof p);
+  const cm_kstage *s0 = &k->stages[first];
+  if ((s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD) ||
+      (o && o->no_templates))
+    return p;
+  cm_err e = {0};
+  if (cm_kattn_check(k, first, &e) != CM_OK) return p;
+  const cm_kattn *a = &s0->attn;
+  p.span = a->span;
+  p.nb = a->nb;
+  p.rows = a->rows;
+  p.rowwise = a->br < a->rows;
+  p.batch = prod(s0->dom, a->nb);
+  /* bytes of shared memory per query row (16-byte aligned slices) */
+  size_t per_row = 0;
+  for (int i = 0; i < a->n_local; i++)
+    per_row += (size_t)a->local_row[i] * dt_size(k->buffers[a->local[i]].dtype);
+  per_row += 16 * (size_t)a->n_local;
+  if (p.rowwise) {
+    int64_t br = (int64_t)(ATTN_SMEM / (per_row ? per_row : 1));
+    if (br > ATTN_MAX_ROWS) br = ATTN_MAX_ROWS;
+    if (br > p.rows) br = p.rows;
+    if (br < 1) return p;
+    /* even blocks: no short last block when the rows split evenly enough */
+    int64_t nrb = (p.rows + br - 1) / br;
+    br = (p.rows + nrb - 1) / nrb;
+    p.br = (int)br;
+    p.nrb = (int)nrb;
+  } else {
+    if ((double)p.rows * (double)per_row > ATTN_SMEM) return p;
+    p.br = (int)p.rows;
+    p.nrb = 1;
+  }
+  /* the slices, 16-element aligned; fewer rows while they overflow the budget */
+  for (;;) {
+    double total = 0;
+    for (int i = 0; i < a->n_local; i++) {
+      p.slot_elems[i] = (int64_t)p.br * a->local_row[i];
+      if (p.slot_elems[i] % 16) p.slot_elems[i] += 16 - p.slot_elems[i] % 16;
+      total += (double)p.slot_elems[i] * (double)dt_size(k->buffers[a->local[i]].dtype);
+    }
+    if (total <= ATTN_SMEM) break;
+    if (!p.rowwise || p.br == 1) return p;
+    p.br--;
+    p.nrb = (int)((p.rows + p.br - 1) / p.br);
+  }
+  if ((double)p.batch * p.nrb > 2147483647.0) return p;
+  p.ok = true;
+  return p;
+}
+
+/* One stage of the span inside the fused function: the block's points, a
+ * thread per point with a serial reduction, then a barrier. */
+static void render_span_stage(rctx *c, const attn_plan *p) {
+  const cm_kstage *s = c->s;
+  sbuf *o = c->o;
+  int nb = p->nb;
+  int64_t inner = prod(s->dom + nb + (p->rowwise ? 1 : 0), s->n_dom - nb - (p->rowwise ? 1 : 0));
+  sb_printf(o, "  { // stage %d \"%s\"\n", c->si, s->name);
+  if (p->rowwise)
+    sb_printf(o, "  const long long np_ = (long long)rb_ * %lldLL;\n", (long long)inner);
+  else
+    sb_printf(o, "  const long long np_ = %lldLL;\n", (long long)inner);
+  sb_printf(o, "  for (long long p = threadIdx.x; p < np_; p += %d) {\n", ATTN_THREADS);
+  for (int v = 0; v < nb; v++) sb_printf(o, "    const long long v%d = bv%d_;\n", v, v);
+  if (p->rowwise) {
+    sb_printf(o, "    const long long pr_ = p / %lldLL, pi_ = p %% %lldLL;\n", (long long)inner,
+              (long long)inner);
+    sb_printf(o, "    const long long v%d = row0_ + pr_;\n", nb);
+    decompose(c, "    ", "pi_", nb + 1, s->dom + nb + 1, s->n_dom - nb - 1);
+  } else {
+    decompose(c, "    ", "p", nb, s->dom + nb, s->n_dom - nb);
+  }
+  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+  clear_mark(c);
+  if (s->n_red > 0) mark_from(c, s->body);
+  for (int i = 0; i < s->n_stores; i++) {
+    mark_from(c, s->stores[i].index);
+    mark_from(c, s->stores[i].value);
+  }
+  emit_marked(c, "    ", "acc", 0, 0);
+  if (s->n_red > 0) {
+    char init[128], comb[256], body[256], bname[32];
+    acc_init(s, init, sizeof init);
+    sb_printf(o, "    %s acc = %s;\n", ctype(s->acc_dtype), init);
+    sb_printf(o, "    for (long long q = 0; q < %lldLL; q++) {\n",
+              (long long)prod(s->red, s->n_red));
+    decompose(c, "      ", "q", s->n_dom, s->red, s->n_red);
+    clear_mark(c);
+    mark_from(c, s->body);
+    emit_marked(c, "      ", "acc", 1, -1);
+    snprintf(bname, sizeof bname, "e%d", s->body);
+    cast_code(body, sizeof body, s->exprs[s->body].dtype, s->acc_dtype, bname);
+    acc_combine(s, "acc", body, comb, sizeof comb);
+    sb_printf(o, "      acc = %s;\n    }\n", comb);
+    for (int e = 0; e < s->n_exprs; e++)
+      if (c->usered[e]) c->done[e] = false;
+  }
+  emit_stores(c, "    ", "acc");
+  sb_printf(o, "  }\n  __syncthreads();\n  }\n");
+}
+
+/* The span from stage `first` as one function (named after the first stage);
+ * the span's other stages get empty functions. */
+static cm_status render_attention(const cm_kernel *k, int first, const attn_plan *p, sbuf *o,
+                                  const bool *written, cm_err *err) {
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  rctx c0;
+  cm_status st = rctx_open(&c0, k, first, o, err);
+  if (st == CM_OK) {
+    sb_printf(o, "// stages %d..%d (attention %s, fused: %d query rows per block)\n", first,
+              first + p->span - 1, s0->tmpl == CM_KT_ATTENTION_FWD ? "forward" : "backward", p->br);
+    char bounds[64];
+    launch_bounds(ATTN_THREADS, bounds, sizeof bounds);
+    signature(&c0, written, bounds);
+  }
+  rctx_close(&c0);
+  if (st != CM_OK) return st;
+  for (int i = 0; i < a->n_local; i++)
+    sb_printf(o, "  __shared__ __align__(16) %s sl%d_[%lld];\n",
+              stype(k->buffers[a->local[i]].dtype), i, (long long)p->slot_elems[i]);
+  sb_printf(o, "  const long long blk_ = blockIdx.x;\n");
+  sb_printf(o, "  const long long bi_ = blk_ / %d, row0_ = (blk_ %% %d) * %d;\n", p->nrb, p->nrb,
+            p->br);
+  if (p->rowwise)
+    sb_printf(o, "  const long long rb_ = %lldLL - row0_ < %d ? %lldLL - row0_ : %d;\n",
+              (long long)p->rows, p->br, (long long)p->rows, p->br);
+  for (int i = 0; i < a->n_local; i++)
+    sb_printf(o, "  const long long lb%d_ = (bi_ * %lldLL + row0_) * %lldLL;\n", i,
+              (long long)p->rows, (long long)a->local_row[i]);
+  /* the batch vars, shared by every stage of the span */
+  if (p->nb > 0) {
+    sb_printf(o, "  {\n");
+    rctx cb;
+    st = rctx_open(&cb, k, first, o, err);
+    if (st == CM_OK) decompose(&cb, "  ", "bi_", 0, s0->dom, p->nb);
+    rctx_close(&cb);
+    for (int v = 0; v < p->nb && st == CM_OK; v++)
+      sb_printf(o, "  const long long bv%d_ = v%d;\n", v, v);
+  }
+  int *local = malloc(sizeof(int) * (size_t)(k->n_buffers + 1));
+  if (!local) return cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
+  for (int b = 0; b < k->n_buffers; b++) local[b] = -1;
+  for (int i = 0; i < a->n_local; i++) local[a->local[i]] = i;
+  for (int si = first; si < first + p->span && st == CM_OK; si++) {
+    rctx c;
+    st = rctx_open(&c, k, si, o, err);
+    c.local = local;
+    if (st == CM_OK) render_span_stage(&c, p);
+    if (st == CM_OK) st = c.st;
+    rctx_close(&c);
+  }
+  free(local);
+  if (p->nb > 0) sb_printf(o, "  }\n");
+  sb_printf(o, "}\n\n");
+  for (int si = first + 1; si < first + p->span && st == CM_OK; si++) {
+    rctx c;
+    st = rctx_open(&c, k, si, o, err);
+    if (st == CM_OK) {
+      sb_printf(o, "// stage %d \"%s\" (runs in stage %d)\n", si, k->stages[si].name, first);
+      signature(&c, written, "");
+      sb_printf(o, "}\n\n");
+    }
+    rctx_close(&c);
+  }
+  return st;
+}
+
 cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool with_prelude,
                          char **source, cm_err *err) {
   if (!k || !source) return cm_errorf(err, CM_EINVALID, "cm_render_cuda: no kernel or no output");
@@ -1131,14 +1504,16 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
   sb_printf(&sb, "// kernel %s: %d buffers, %d stages\n", k->name, k->n_buffers, k->n_stages);
   cm_status st = CM_OK;
   for (int i = 0; i < k->n_stages && st == CM_OK; i++) {
+    attn_plan ap = plan_attention(k, i, o);
+    if (ap.ok) {
+      st = render_attention(k, i, &ap, &sb, written, err);
+      i += ap.span - 1;
+      continue;
+    }
     const cm_kstage *s = &k->stages[i];
-    size_t ne = (size_t)(s->n_exprs > 0 ? s->n_exprs : 1);
-    rctx c = {k, i, s, &sb, err, calloc(ne, 1), calloc(ne, 1), calloc(ne, 1), calloc(ne, 1), CM_OK};
-    if (!c.done || !c.mark || !c.usered || !c.useacc)
-      st = cm_errorf(err, CM_EINTERNAL, "kernel %s stage %d: out of memory", k->name, i);
-    else if (s->n_exprs < 0 || (s->n_exprs && !s->exprs))
-      st = fail(&c, -1, "malformed expression array");
-    else if (check_stage(&c) == CM_OK) {
+    rctx c;
+    st = rctx_open(&c, k, i, &sb, err);
+    if (st == CM_OK) {
       gemm_plan p = plan_gemm(s, o);
       if (p.ok && check_gemm_operands(&c) != CM_OK) {
         st = c.st;
@@ -1152,10 +1527,7 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
       }
     }
     if (st == CM_OK) st = c.st;
-    free(c.done);
-    free(c.mark);
-    free(c.usered);
-    free(c.useacc);
+    rctx_close(&c);
   }
   free(written);
   if (st == CM_OK && sb.oom) st = cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
@@ -1180,6 +1552,19 @@ cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda
   cm_cuda_launch l = {{1, 1, 1}, {1, 1, 1}, 0};
   if (!k || stage < 0 || stage >= k->n_stages) return l;
   const cm_kstage *s = &k->stages[stage];
+  /* inside a fused attention span: the first stage runs it all, the others nothing */
+  for (int f = 0; f <= stage; f++) {
+    const cm_kstage *sf = &k->stages[f];
+    if (sf->tmpl != CM_KT_ATTENTION_FWD && sf->tmpl != CM_KT_ATTENTION_BWD) continue;
+    if (stage >= f + sf->attn.span) continue;
+    attn_plan ap = plan_attention(k, f, o);
+    if (!ap.ok) break;
+    if (stage == f) {
+      l.grid[0] = (unsigned)(ap.batch * ap.nrb);
+      l.block[0] = ATTN_THREADS;
+    }
+    return l;
+  }
   gemm_plan p = plan_gemm(s, o);
   if (p.ok) {
     int64_t gx = (p.N + p.nc - 1) / p.nc, gy = (p.M + p.mc - 1) / p.mc;

@@ -109,6 +109,7 @@ typedef struct gpu_prog {
   CUdeviceptr *source; /* per node of g: its own buffer (sources) */
   CUdeviceptr *consts; /* per kernel buffer (flattened) when CONST */
   double compile_ms;
+  int fused_spans; /* attention spans rendered as one fused kernel */
 } gpu_prog;
 
 static bool prog_build(const cm_graph *g0, const char *arch, gpu_prog *p) {
@@ -141,6 +142,8 @@ static bool prog_build(const cm_graph *g0, const char *arch, gpu_prog *p) {
     return false;
   }
   p->compile_ms = cubin.compile_ms;
+  for (const char *q = src ? strstr(src, ", fused: ") : NULL; q; q = strstr(q + 1, ", fused: "))
+    p->fused_spans++;
   free(src);
   CU(cu.module_load(&p->module, cubin.data));
   cm_cubin_free(&cubin);
@@ -281,8 +284,8 @@ static bool check_graph(const char *what, const cm_graph *g, cm_tensor *src, con
       if (!prog_run(&p)) return false;
     ms = 1e3 * (now() - t0) / time_steps;
   }
-  printf("%-36s %5d kernels  worst rel err %.2e (%s)  %s  nvrtc %.0f ms", what, p.kp.n_kernels,
-         worst, worst_name, ok ? "ok" : "MISMATCH", p.compile_ms);
+  printf("%-36s %5d kernels (%d fused attention)  worst rel err %.2e (%s)  %s  nvrtc %.0f ms", what,
+         p.kp.n_kernels, p.fused_spans, worst, worst_name, ok ? "ok" : "MISMATCH", p.compile_ms);
   if (ms > 0) printf("  %.3f ms/run", ms);
   printf("\n");
   for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&ref[i]);
@@ -388,6 +391,37 @@ static bool check_small(const char *arch, int64_t M, int64_t N, int64_t K) {
   return ok;
 }
 
+/* Multi-head self-attention at odd shapes, forward and backward (the gradient
+ * of sum(y*y) with respect to x and the weights): the fused attention spans of
+ * the CUDA renderer (a block per batch item and query rows, locals in shared
+ * memory), with row counts that leave a short last block of rows. */
+static bool check_attention(const char *arch, int64_t n, int64_t T, int64_t D, int heads) {
+  cm_graph *g = cm_graph_new();
+  int64_t xd[3] = {n, T, D};
+  int x = cm_input(g, "x", CM_F32, 3, xd);
+  int y = cm_nn_attention(g, x, heads, true, "attn");
+  int sq = cm_binary(g, CM_OP_MUL, y, y, "sq");
+  int axes[3] = {0, 1, 2};
+  int loss = cm_reduce(g, CM_OP_REDUCE_SUM, sq, 3, axes, false, "loss");
+  cm_err err = {0};
+  int wrt[2] = {x, cm_graph_find(g, "attn.qkv.weight")}, grads[2] = {-1, -1};
+  int n_wrt = wrt[1] >= 0 ? 2 : 1;
+  if (g->error.status || cm_autodiff(g, loss, n_wrt, wrt, grads, &err) ||
+      cm_graph_add_output(g, y, &err) || cm_graph_add_output(g, grads[0], &err) ||
+      (n_wrt == 2 && cm_graph_add_output(g, grads[1], &err)))
+    return fprintf(stderr, "attention graph: %s %s\n", g->error.msg, err.msg), false;
+  cm_tensor *t = calloc((size_t)g->n_nodes, sizeof *t);
+  bind_sources(g, NULL, NULL, t);
+  char what[96];
+  snprintf(what, sizeof what, "attention n%lld T%lld D%lld h%d fwd+bwd", (long long)n, (long long)T,
+           (long long)D, heads);
+  bool ok = check_graph(what, g, t, arch, 0);
+  for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&t[i]);
+  free(t);
+  cm_graph_free(g);
+  return ok;
+}
+
 int main(void) {
   char arch[16];
   if (!load_driver(arch, sizeof arch)) {
@@ -399,6 +433,12 @@ int main(void) {
       {1, 1, 1}, {7, 13, 5}, {97, 31, 129}, {130, 260, 300}, {512, 384, 1536}};
   for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
     if (!check_small(arch, shapes[i][0], shapes[i][1], shapes[i][2])) failures++;
+  static const int64_t attn_shapes[][4] = {
+      {1, 1, 8, 1}, {2, 65, 32, 2}, {3, 197, 48, 3}, {1, 50, 64, 4}};
+  for (size_t i = 0; i < sizeof attn_shapes / sizeof attn_shapes[0]; i++)
+    if (!check_attention(arch, attn_shapes[i][0], attn_shapes[i][1], attn_shapes[i][2],
+                         (int)attn_shapes[i][3]))
+      failures++;
   if (!check_variant("models/cmae_vit_tiny_fmnist.json", NULL, 0, 8, arch)) failures++;
   if (!check_variant("models/cmae_convvit_tiny_fmnist.json", NULL, 0, 8, arch)) failures++;
   if (!check_variant("models/cmae_vit_base.json", test_shrunk_vit, TEST_SHRUNK_VIT_N, 2, arch))

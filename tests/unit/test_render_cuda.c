@@ -387,7 +387,8 @@ static void test_deterministic_and_append(void) {
   CHECK(cm_render_cuda(&k, &o, false, &s3, &err) == CM_OK);
   CHECK(s3 && strncmp(s3, "// head\n", 8) == 0);
   CHECK(s3 && strstr(s3, "cmaec CUDA prelude") == NULL);
-  CHECK(s3 && strstr(s3, "extern \"C\" __global__ void __launch_bounds__(128) t_det_s1(") != NULL);
+  CHECK(s3 &&
+        strstr(s3, "extern \"C\" __global__ void __launch_bounds__(128, 4) t_det_s1(") != NULL);
   /* arch below sm_80: no tensor cores, FMA instead */
   cm_cuda_render_opts old = {"sm_75", false};
   char *s4 = render_all(&k, 1, &old);

@@ -1,0 +1,803 @@
+/* tests/unit/test_nvrtc_variants.c — every kernel of every shipped variant's
+ * training step compiles through NVRTC for sm_80 and sm_90, and no template
+ * kernel (GEMM, attention) spills registers; the fused attention spans of the
+ * CUDA renderer compute what the kernel IR says.
+ *
+ * Each variant's step is built at its full size at batch 2 (the kernel
+ * structure does not depend on the batch), optimized, lowered for CUDA and
+ * rendered kernel by kernel. Kernels whose CUDA text is the same up to the
+ * kernel's name are compiled once (a transformer's blocks repeat, and the
+ * variants share many kernels), PER_PROGRAM per NVRTC program, on two threads.
+ *
+ * The fused attention spans (forward and backward, at odd shapes) run on the
+ * host: their CUDA C compiled by the host's C++ compiler under a small CUDA
+ * shim, a block's threads as pthreads, against cm_kernel_interpret.
+ *
+ * Skips (exit 77) only when NVRTC cannot be loaded. CMAEC_TEST_QUICK=1 (the
+ * sanitizer build): the host part only. Environment for debugging:
+ * CMAEC_NVRTC_VARIANTS=a,b (substrings of the model paths to keep),
+ * CMAEC_NVRTC_DUMP=DIR (write each compiled program there),
+ * CMAEC_NVRTC_RENDER_ONLY=1 (count the unique kernels, compile nothing). */
+#include "../test.h"
+#include "../model_step.h"
+#include "codegen/codegen.h"
+#include "models/models.h"
+
+#include <ctype.h>
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <time.h>
+
+#define PER_PROGRAM 50
+#define N_THREADS 2
+#define BATCH 2
+#define NAME_MARK "@K@" /* stands for the kernel's name in the deduplicated text */
+
+static const char *const VARIANTS[] = {
+    "models/cmae_vit_tiny_fmnist.json", "models/cmae_convvit_tiny_fmnist.json",
+    "models/cmae_vit_small.json",       "models/cmae_vit_base.json",
+    "models/mae_vit_base.json",         "models/cmae_convvit_base.json",
+    "models/cmae_vit_large.json"};
+#define N_VARIANTS ((int)(sizeof VARIANTS / sizeof VARIANTS[0]))
+static const char *const ARCHS[] = {"sm_80", "sm_90"};
+#define N_ARCHS 2
+
+/* One distinct stage function for one arch, and what ptxas said of it. The
+ * unit of deduplication is a stage's function with its name replaced by
+ * NAME_MARK and only the buffer parameters it uses, renumbered in order (the
+ * unused ones change neither the code nor the registers; the optimizer's
+ * kernels have hundreds of buffers and stages, each summing a few). */
+typedef struct ukernel {
+  char *text;
+  uint64_t hash;
+  bool templated;           /* a GEMM or attention stage */
+  cm_cuda_kernel_info info; /* after the compile (registers -1: not found) */
+  int variant;              /* where it was first seen */
+  char origin[96];          /* kernel and stage */
+} ukernel;
+
+typedef struct arch_set {
+  int n, cap;
+  ukernel *u;
+  int *table; /* open addressing on hash: index + 1, 0 empty */
+  int table_cap;
+} arch_set;
+
+static arch_set sets[N_ARCHS];
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static uint64_t fnv1a(const char *s) {
+  uint64_t h = 1469598103934665603ull;
+  for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+  return h;
+}
+
+/* s with every occurrence of from replaced by to (malloc'ed). */
+static char *replace_all(const char *s, const char *from, const char *to) {
+  size_t lf = strlen(from), lt = strlen(to), n = 0;
+  for (const char *p = strstr(s, from); p; p = strstr(p + lf, from)) n++;
+  char *out = malloc(strlen(s) + n * (lt > lf ? lt - lf : 0) + 1), *w = out;
+  if (!out) return NULL;
+  for (const char *p = s;;) {
+    const char *q = strstr(p, from);
+    size_t len = q ? (size_t)(q - p) : strlen(p);
+    memcpy(w, p, len);
+    w += len;
+    if (!q) break;
+    memcpy(w, to, lt);
+    w += lt;
+    p = q + lf;
+  }
+  *w = 0;
+  return out;
+}
+
+static void table_grow(arch_set *a) {
+  int cap = a->table_cap ? a->table_cap * 2 : 1024;
+  int *t = calloc((size_t)cap, sizeof *t);
+  if (!t) abort();
+  for (int i = 0; i < a->n; i++) {
+    size_t h = (size_t)(a->u[i].hash % (uint64_t)cap);
+    while (t[h]) h = (h + 1) % (size_t)cap;
+    t[h] = i + 1;
+  }
+  free(a->table);
+  a->table = t;
+  a->table_cap = cap;
+}
+
+/* The unit id of text in a (added if new; takes ownership of text). */
+static int intern(arch_set *a, char *text, bool templated, const char *origin, int variant,
+                  bool *is_new) {
+  uint64_t h = fnv1a(text);
+  if (2 * (a->n + 1) > a->table_cap) table_grow(a);
+  size_t slot = (size_t)(h % (uint64_t)a->table_cap);
+  for (; a->table[slot]; slot = (slot + 1) % (size_t)a->table_cap) {
+    ukernel *u = &a->u[a->table[slot] - 1];
+    if (u->hash == h && strcmp(u->text, text) == 0) {
+      free(text);
+      *is_new = false;
+      u->templated |= templated;
+      return a->table[slot] - 1;
+    }
+  }
+  if (a->n == a->cap) {
+    a->cap = a->cap ? a->cap * 2 : 256;
+    a->u = realloc(a->u, (size_t)a->cap * sizeof *a->u);
+    if (!a->u) abort();
+  }
+  ukernel *u = &a->u[a->n];
+  memset(u, 0, sizeof *u);
+  u->text = text;
+  u->hash = h;
+  u->templated = templated;
+  u->info.registers = -1;
+  u->variant = variant;
+  snprintf(u->origin, sizeof u->origin, "%s", origin);
+  a->table[slot] = a->n + 1;
+  *is_new = true;
+  return a->n++;
+}
+
+/* Whether buffer parameter b<j> is used in body ("b<j>[" not inside a longer name). */
+static bool param_used(const char *body, int j) {
+  char pat[32];
+  int len = snprintf(pat, sizeof pat, "b%d[", j);
+  for (const char *p = strstr(body, pat); p; p = strstr(p + len, pat))
+    if (p == body || !(isalnum((unsigned char)p[-1]) || p[-1] == '_')) return true;
+  return false;
+}
+
+/* The normalized text of the stage function at fn (up to fn_end): name ->
+ * NAME_MARK, unused buffer parameters dropped, the rest renamed q0, q1, ...
+ * *n_params: the parameters it had. NULL when it is not of the renderer's form. */
+static char *normalize_stage(const char *fn, size_t fn_len, const char *fname, int *n_params) {
+  char *f = malloc(fn_len + 1);
+  if (!f) return NULL;
+  memcpy(f, fn, fn_len);
+  f[fn_len] = 0;
+  char *open = strstr(f, fname), *close = open ? strstr(open, ") {\n") : NULL;
+  if (!open || !close) return free(f), NULL;
+  const char *body = close + 4;
+  size_t cap = fn_len * 2 + 64, len = 0;
+  char *out = malloc(cap);
+  if (!out) return free(f), NULL;
+  len += (size_t)snprintf(out, cap, "%.*s%s(", (int)(open - f), f, NAME_MARK);
+  /* parameters: "[const ]T *b<j>" separated by ", " */
+  char *params = open + strlen(fname) + 1;
+  *close = 0;
+  int kept = 0;
+  *n_params = 0;
+  for (char *tok = params; tok && *tok;) {
+    char *sep = strstr(tok, ", ");
+    if (sep) *sep = 0;
+    char *star = strrchr(tok, '*');
+    int j = star && star[1] == 'b' ? atoi(star + 2) : -1;
+    (*n_params)++;
+    if (j >= 0 && param_used(body, j)) {
+      len += (size_t)snprintf(out + len, cap - len, "%s%.*sq%d", kept ? ", " : "",
+                              (int)(star + 1 - tok), tok, kept);
+      kept++;
+    }
+    tok = sep ? sep + 2 : NULL;
+  }
+  len += (size_t)snprintf(out + len, cap - len, ") {\n");
+  /* the body with the kept buffers renamed (renumbered in parameter order) */
+  char *renamed = strdup(body);
+  kept = 0;
+  for (int j = 0; j < *n_params && renamed; j++) {
+    if (!param_used(body, j)) continue;
+    char from[32], to[32];
+    snprintf(from, sizeof from, "b%d[", j);
+    snprintf(to, sizeof to, "q%d@[", kept++); /* '@' keeps q<n> apart from a later b<n> */
+    char *r = replace_all(renamed, from, to);
+    free(renamed);
+    renamed = r;
+  }
+  char *clean = renamed ? replace_all(renamed, "@[", "[") : NULL;
+  free(renamed);
+  if (!clean || len + strlen(clean) + 1 > cap) {
+    free(clean), free(out), free(f);
+    return NULL;
+  }
+  memcpy(out + len, clean, strlen(clean) + 1);
+  free(clean);
+  free(f);
+  return out;
+}
+
+/* ---- compiling the unique stages, many per program, on two threads ------ */
+
+static cm_nvrtc *nvrtc;
+static const char *prelude; /* the renderer's prelude alone */
+
+typedef struct job {
+  int arch, first, count;
+  double ms;
+  bool ok;
+  char error[600];
+} job;
+
+static job *jobs;
+static int n_jobs, next_job;
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* The program holding units [first, first + count) of arch a; unit u is named "u<u>". */
+static char *program_text(int a, int first, int count) {
+  size_t cap = strlen(prelude) + 1, len = 0;
+  for (int i = first; i < first + count; i++) cap += strlen(sets[a].u[i].text) + 256;
+  char *p = malloc(cap);
+  if (!p) return NULL;
+  len += (size_t)snprintf(p, cap, "%s", prelude);
+  for (int i = first; i < first + count; i++) {
+    char name[32];
+    snprintf(name, sizeof name, "u%d", i);
+    char *t = replace_all(sets[a].u[i].text, NAME_MARK, name);
+    if (!t) {
+      free(p);
+      return NULL;
+    }
+    len += (size_t)snprintf(p + len, cap - len, "// %s %s\n%s\n", VARIANTS[sets[a].u[i].variant],
+                            sets[a].u[i].origin, t);
+    free(t);
+  }
+  return p;
+}
+
+static bool compile_range(int a, int first, int count, double *ms, char *error, size_t esize) {
+  char *src = program_text(a, first, count);
+  if (!src) {
+    snprintf(error, esize, "out of memory");
+    return false;
+  }
+  char fname[64];
+  snprintf(fname, sizeof fname, "variants_%s_%d.cu", ARCHS[a], first);
+  const char *dump = getenv("CMAEC_NVRTC_DUMP");
+  if (dump && dump[0]) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dump, fname);
+    FILE *f = fopen(path, "w");
+    if (f) fputs(src, f), fclose(f);
+  }
+  if (getenv("CMAEC_NVRTC_RENDER_ONLY")) {
+    free(src);
+    *ms = 0;
+    return true;
+  }
+  cm_cubin cb;
+  cm_err err = {0};
+  cm_status st = cm_nvrtc_compile(nvrtc, src, fname, ARCHS[a], NULL, 0, &cb, &err);
+  free(src);
+  *ms = cb.compile_ms;
+  if (st != CM_OK) {
+    snprintf(error, esize, "%s", err.msg);
+    cm_cubin_free(&cb);
+    return false;
+  }
+  for (int i = first; i < first + count; i++) {
+    char fn[32];
+    snprintf(fn, sizeof fn, "u%d", i);
+    const cm_cuda_kernel_info *ki = cm_cubin_kernel(&cb, fn);
+    if (ki) sets[a].u[i].info = *ki;
+  }
+  cm_cubin_free(&cb);
+  return true;
+}
+
+static void *worker(void *arg) {
+  (void)arg;
+  for (;;) {
+    pthread_mutex_lock(&job_lock);
+    int j = next_job < n_jobs ? next_job++ : -1;
+    pthread_mutex_unlock(&job_lock);
+    if (j < 0) return NULL;
+    job *b = &jobs[j];
+    b->ok = compile_range(b->arch, b->first, b->count, &b->ms, b->error, sizeof b->error);
+  }
+}
+
+/* ---- building and rendering a variant ----------------------------------- */
+
+typedef struct variant_stats {
+  int kernels, stages, unique[N_ARCHS], fresh[N_ARCHS], max_params;
+  double build_s, render_s;
+  int *ids[N_ARCHS]; /* per stage (all kernels in order): its unit id */
+} variant_stats;
+
+static variant_stats vstats[N_VARIANTS];
+
+static bool wanted(const char *path) {
+  const char *f = getenv("CMAEC_NVRTC_VARIANTS");
+  if (!f || !f[0]) return true;
+  char buf[512];
+  snprintf(buf, sizeof buf, "%s", f);
+  for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ","))
+    if (strstr(path, tok)) return true;
+  return false;
+}
+
+static void collect_variant(int v) {
+  const char *path = VARIANTS[v];
+  variant_stats *vs = &vstats[v];
+  double t0 = now_s();
+  cm_model_config cfg;
+  cm_err err = {0};
+  CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
+  cm_model_build_opts bo = {BATCH, 1, CM_F32};
+  cm_model m;
+  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
+  if (!m.g) return;
+  cm_optim_config oc = test_model_optim();
+  cm_graph *step = NULL;
+  cm_train_step_info info;
+  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
+            err.msg);
+  cm_model_free(&m);
+  if (!step) return;
+  cm_pass_state ps = {step, NULL};
+  cm_status st = cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err);
+  CHECK_MSG(st == CM_OK && ps.plan, "%s: %s", path, err.msg);
+  cm_kprogram prog = {0};
+  cm_lower_opts lo = {CM_TARGET_CUDA, false};
+  if (st == CM_OK && ps.plan) {
+    st = cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err);
+    CHECK_MSG(st == CM_OK, "%s: lowering: %s", path, err.msg);
+  }
+  vs->build_s = now_s() - t0;
+  t0 = now_s();
+  vs->kernels = prog.n_kernels;
+  for (int i = 0; i < prog.n_kernels; i++) vs->stages += prog.kernels[i].n_stages;
+  for (int a = 0; a < N_ARCHS && st == CM_OK; a++) {
+    cm_cuda_render_opts ro = {ARCHS[a], false};
+    vs->ids[a] = calloc((size_t)vs->stages + 1, sizeof *vs->ids[a]);
+    int at = 0;
+    for (int i = 0; i < prog.n_kernels && st == CM_OK; i++) {
+      const cm_kernel *k = &prog.kernels[i];
+      char *src = NULL;
+      st = cm_render_cuda(k, &ro, false, &src, &err);
+      CHECK_MSG(st == CM_OK, "%s %s: render for %s: %s", path, k->name, ARCHS[a], err.msg);
+      if (st != CM_OK) break;
+      /* one unit per stage function, in stage order */
+      const char *fn = strstr(src, "extern \"C\" __global__ void ");
+      for (int s = 0; s < k->n_stages; s++) {
+        const char *next = fn ? strstr(fn + 1, "extern \"C\" __global__ void ") : NULL;
+        size_t len = fn ? (next ? (size_t)(next - fn) : strlen(fn)) : 0;
+        char fname[96], origin[96];
+        snprintf(fname, sizeof fname, "%s_s%d", k->name, s);
+        snprintf(origin, sizeof origin, "%s stage %d", k->name, s);
+        int n_params = 0;
+        char *norm = fn ? normalize_stage(fn, len, fname, &n_params) : NULL;
+        CHECK_MSG(norm != NULL, "%s %s: stage %d not found in the rendered text", path, k->name, s);
+        if (!norm) break;
+        if (n_params > vs->max_params) vs->max_params = n_params;
+        bool is_new;
+        int id = intern(&sets[a], norm, k->stages[s].tmpl != CM_KT_NONE, origin, v, &is_new);
+        vs->ids[a][at++] = id;
+        vs->fresh[a] += is_new;
+        fn = next;
+      }
+      free(src);
+    }
+    bool *seen = calloc((size_t)sets[a].n + 1, 1);
+    for (int i = 0; i < at; i++)
+      if (!seen[vs->ids[a][i]]) seen[vs->ids[a][i]] = true, vs->unique[a]++;
+    free(seen);
+  }
+  vs->render_s = now_s() - t0;
+  /* CUDA 12.1+ passes up to 32764 bytes of kernel parameters (sm_70 and later) */
+  CHECK_MSG(vs->max_params * 8 <= 32764, "%s: a stage takes %d pointers", path, vs->max_params);
+  cm_kprogram_free(&prog);
+  cm_plan_free(ps.plan);
+  cm_graph_free(ps.g);
+}
+
+static void test_every_variant_through_nvrtc(void) {
+  double t_all = now_s();
+  for (int v = 0; v < N_VARIANTS; v++)
+    if (wanted(VARIANTS[v])) collect_variant(v);
+  char *pre = NULL;
+  cm_kernel empty;
+  cm_kernel_init(&empty, "none");
+  cm_err err = {0};
+  CHECK(cm_render_cuda(&empty, NULL, true, &pre, &err) == CM_OK);
+  cm_kernel_free(&empty);
+  prelude = pre ? pre : "";
+  /* jobs: arch-major, PER_PROGRAM units each */
+  int total = 0;
+  for (int a = 0; a < N_ARCHS; a++) total += (sets[a].n + PER_PROGRAM - 1) / PER_PROGRAM;
+  jobs = calloc((size_t)total + 1, sizeof *jobs);
+  const char *only_arch = getenv("CMAEC_NVRTC_ARCH"); /* debugging: one arch */
+  for (int a = 0; a < N_ARCHS; a++)
+    for (int f = 0; f < sets[a].n && (!only_arch || !strcmp(only_arch, ARCHS[a])); f += PER_PROGRAM)
+      jobs[n_jobs++] =
+          (job){a, f, sets[a].n - f < PER_PROGRAM ? sets[a].n - f : PER_PROGRAM, 0, false, ""};
+  double t_compile = now_s();
+  pthread_t th[N_THREADS];
+  for (int t = 0; t < N_THREADS; t++) pthread_create(&th[t], NULL, worker, NULL);
+  for (int t = 0; t < N_THREADS; t++) pthread_join(th[t], NULL);
+  t_compile = now_s() - t_compile;
+  double arch_ms[N_ARCHS] = {0};
+  for (int j = 0; j < n_jobs; j++) {
+    arch_ms[jobs[j].arch] += jobs[j].ms;
+    CHECK_MSG(jobs[j].ok, "%s", jobs[j].error);
+    if (jobs[j].ok) continue;
+    /* name the units that fail on their own */
+    for (int i = jobs[j].first; i < jobs[j].first + jobs[j].count; i++) {
+      double ms;
+      char e[600];
+      const ukernel *u = &sets[jobs[j].arch].u[i];
+      if (!compile_range(jobs[j].arch, i, 1, &ms, e, sizeof e))
+        fprintf(stderr, "  fails alone: %s %s (unit u%d): %s\n", VARIANTS[u->variant], u->origin, i,
+                e);
+    }
+  }
+  /* every stage found; no template stage spills */
+  int max_regs[N_ARCHS] = {0}, spilling[N_ARCHS] = {0};
+  bool render_only = getenv("CMAEC_NVRTC_RENDER_ONLY") != NULL;
+  for (int a = 0; a < N_ARCHS; a++) {
+    if (render_only || (only_arch && strcmp(only_arch, ARCHS[a]))) continue;
+    for (int i = 0; i < sets[a].n; i++) {
+      const ukernel *u = &sets[a].u[i];
+      const cm_cuda_kernel_info *ki = &u->info;
+      int spill = ki->spill_store_bytes + ki->spill_load_bytes;
+      if (ki->registers > max_regs[a]) max_regs[a] = ki->registers;
+      spilling[a] += spill > 0;
+      CHECK_MSG(ki->registers >= 0, "%s: no ptxas report for %s (%s)", VARIANTS[u->variant],
+                u->origin, ARCHS[a]);
+      CHECK_MSG(!u->templated || spill == 0,
+                "%s: %s (template) spills %d bytes for %s (%d registers)", VARIANTS[u->variant],
+                u->origin, spill, ARCHS[a], ki->registers);
+      if (spill > 0 && !u->templated)
+        fprintf(stderr, "  note: %s %s (generic) spills %d bytes for %s\n", VARIANTS[u->variant],
+                u->origin, spill, ARCHS[a]);
+    }
+  }
+  /* per variant: kernels, unique stage functions, max registers, spills */
+  for (int v = 0; v < N_VARIANTS; v++) {
+    variant_stats *vs = &vstats[v];
+    if (!vs->ids[0]) continue;
+    for (int a = 0; a < N_ARCHS; a++) {
+      int mr = 0, sp = 0, tmpl = 0;
+      bool *seen = calloc((size_t)sets[a].n + 1, 1);
+      for (int i = 0; i < vs->stages; i++) {
+        int id = vs->ids[a][i];
+        if (seen[id]) continue;
+        seen[id] = true;
+        const ukernel *u = &sets[a].u[id];
+        if (u->info.registers > mr) mr = u->info.registers;
+        sp += u->info.spill_store_bytes + u->info.spill_load_bytes > 0;
+        tmpl += u->templated;
+      }
+      free(seen);
+      fprintf(stderr,
+              "  %-38s %s: %4d kernels, %4d stages -> %4d unique (%4d new, %3d templates), "
+              "max %3d registers, %d spill; <= %d params; built %.1f s, rendered %.1f s\n",
+              VARIANTS[v], ARCHS[a], vs->kernels, vs->stages, vs->unique[a], vs->fresh[a], tmpl, mr,
+              sp, vs->max_params, vs->build_s, vs->render_s);
+      CHECK(vs->unique[a] > 0 && vs->unique[a] <= vs->stages);
+    }
+    free(vs->ids[0]);
+    free(vs->ids[1]);
+  }
+  for (int a = 0; a < N_ARCHS; a++) {
+    fprintf(stderr,
+            "  %s: %d unique stage functions in %d programs, NVRTC %.1f s (summed over "
+            "programs), max %d registers, %d spill\n",
+            ARCHS[a], sets[a].n, (sets[a].n + PER_PROGRAM - 1) / PER_PROGRAM, arch_ms[a] / 1e3,
+            max_regs[a], spilling[a]);
+    CHECK(sets[a].n > 0);
+  }
+  fprintf(stderr, "  compiled on %d threads in %.1f s; %.1f s in all\n", N_THREADS, t_compile,
+          now_s() - t_all);
+  for (int a = 0; a < N_ARCHS; a++) {
+    for (int i = 0; i < sets[a].n; i++) free(sets[a].u[i].text);
+    free(sets[a].u);
+    free(sets[a].table);
+  }
+  free(jobs);
+  free(pre);
+}
+
+/* ---- the fused attention rendering, run on the host ----------------------
+ *
+ * No GPU here: the CUDA C of each fused attention span is compiled by the
+ * host's C++ compiler under a small CUDA shim (a block's threads are
+ * pthreads, __syncthreads a barrier, __shared__ arrays static) and run block
+ * after block; every buffer the span writes outside its shared memory must
+ * match the kernel IR interpreter running the span's stages. */
+
+static const char *const EMU_SHIM =
+    "#include <cmath>\n#include <cstring>\n#include <pthread.h>\nusing namespace std;\n"
+    "struct cm_dim3 { unsigned x, y, z; };\n"
+    "static thread_local cm_dim3 threadIdx, blockIdx;\n"
+    "static cm_dim3 blockDim, gridDim;\n"
+    "#define __global__\n#define __device__\n#define __forceinline__ inline\n"
+    "#define __launch_bounds__(...)\n#define __shared__ static\n"
+    "#define __align__(n) __attribute__((aligned(n)))\n"
+    "#define asm(...) ((void)0)\n"
+    "static pthread_barrier_t cm_bar;\n"
+    "static inline void __syncthreads() { pthread_barrier_wait(&cm_bar); }\n"
+    "static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }\n"
+    "static inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }\n"
+    "static inline double __longlong_as_double(long long i) { double d; memcpy(&d, &i, 8); "
+    "return d; }\n"
+    "static inline int __clzll(long long x) { return x ? __builtin_clzll((unsigned long long)x) "
+    ": 64; }\n"
+    "template <class T> static T atomicAdd(T *p, T v) { return __atomic_fetch_add(p, v, "
+    "__ATOMIC_SEQ_CST); }\n"
+    "static pthread_mutex_t cm_atomic_mu = PTHREAD_MUTEX_INITIALIZER;\n"
+    "static inline float atomicAdd(float *p, float v) { pthread_mutex_lock(&cm_atomic_mu); "
+    "float o = *p; *p = o + v; pthread_mutex_unlock(&cm_atomic_mu); return o; }\n"
+    "static inline double atomicAdd(double *p, double v) { pthread_mutex_lock(&cm_atomic_mu); "
+    "double o = *p; *p = o + v; pthread_mutex_unlock(&cm_atomic_mu); return o; }\n"
+    "static inline unsigned atomicCAS(unsigned *p, unsigned c, unsigned v) {\n"
+    "  __atomic_compare_exchange_n(p, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);\n"
+    "  return c;\n}\n";
+
+static const char *emu_ctype(cm_dtype d) {
+  switch (d) {
+  case CM_F32: return "float";
+  case CM_F64: return "double";
+  case CM_BF16: return "cm_bf16_t";
+  case CM_F16: return "cm_f16_t";
+  case CM_I32: return "int";
+  case CM_I64: return "long long";
+  default: return "unsigned char";
+  }
+}
+
+/* Whether the host shim can run kernel k: no warp shuffles, no inline PTX. */
+static bool emu_runnable(const char *src) {
+  return !strstr(src, "__shfl") && !strstr(src, "asm volatile");
+}
+
+typedef struct emu_prog {
+  void *handle;
+  int (*run)(int, void **, unsigned, unsigned, unsigned, unsigned);
+  int *first_fn; /* per kernel: index of its stage 0 in the table; -1: not runnable */
+} emu_prog;
+
+/* Compiles the runnable kernels of p with the host's C++ compiler under the
+ * shim: one table entry per stage. false when no compiler (*skipped) or on
+ * failure (a CHECK says which). */
+static bool emu_build(const cm_kprogram *p, emu_prog *e, bool *skipped) {
+  memset(e, 0, sizeof *e);
+  *skipped = false;
+  e->first_fn = calloc((size_t)p->n_kernels + 1, sizeof *e->first_fn);
+  char dir[] = "/tmp/cmaec_emu_XXXXXX";
+  if (!e->first_fn || !mkdtemp(dir)) return false;
+  char cpp[256], so[256], cmd[1024];
+  snprintf(cpp, sizeof cpp, "%s/k.cpp", dir);
+  snprintf(so, sizeof so, "%s/k.so", dir);
+  FILE *f = fopen(cpp, "w");
+  if (!f) return false;
+  char *pre = NULL;
+  cm_kernel empty;
+  cm_kernel_init(&empty, "none");
+  cm_err err = {0};
+  cm_cuda_render_opts ro = {"sm_80", false};
+  CHECK(cm_render_cuda(&empty, &ro, true, &pre, &err) == CM_OK);
+  cm_kernel_free(&empty);
+  fprintf(f, "%s%s\n", EMU_SHIM, pre ? pre : "");
+  free(pre);
+  int n_fn = 0;
+  for (int i = 0; i < p->n_kernels; i++) {
+    const cm_kernel *k = &p->kernels[i];
+    char *src = NULL;
+    e->first_fn[i] = -1;
+    if (cm_render_cuda(k, &ro, false, &src, &err) != CM_OK || !emu_runnable(src)) {
+      free(src);
+      continue;
+    }
+    fprintf(f, "%s\n", src);
+    free(src);
+    for (int st = 0; st < k->n_stages; st++) {
+      fprintf(f, "static void cm_call_%d(void **b) { %s_s%d(", n_fn + st, k->name, st);
+      for (int b = 0; b < k->n_buffers; b++)
+        fprintf(f, "%s(%s *)b[%d]", b ? ", " : "", emu_ctype(k->buffers[b].dtype), b);
+      fprintf(f, "); }\n");
+    }
+    e->first_fn[i] = n_fn;
+    n_fn += k->n_stages;
+  }
+  fprintf(f, "static void (*const cm_fns[])(void **) = {");
+  for (int i = 0; i < n_fn; i++) fprintf(f, "%scm_call_%d", i ? ", " : "", i);
+  fprintf(f, "%s};\n", n_fn ? "" : "0");
+  fprintf(
+      f, "static int cm_fn_;\nstatic void **cm_bufs_;\n"
+         "static void *cm_emu_thread(void *p) {\n  size_t *a = (size_t *)p;\n"
+         "  threadIdx.x = (unsigned)a[0];\n  blockIdx.x = (unsigned)a[1];\n"
+         "  blockIdx.y = (unsigned)a[2];\n  blockIdx.z = (unsigned)a[3];\n"
+         "  cm_fns[cm_fn_](cm_bufs_);\n  return 0;\n}\n"
+         "extern \"C\" int cm_emu_run(int fn, void **bufs, unsigned gx, unsigned gy, unsigned gz,\n"
+         "                            unsigned block) {\n"
+         "  cm_fn_ = fn; cm_bufs_ = bufs;\n"
+         "  blockDim.x = block; blockDim.y = blockDim.z = 1;\n"
+         "  gridDim.x = gx; gridDim.y = gy; gridDim.z = gz;\n"
+         "  if (block > 1024) return 1;\n"
+         "  pthread_barrier_init(&cm_bar, 0, block);\n"
+         "  static pthread_t th[1024];\n  static size_t args[1024][4];\n"
+         "  for (unsigned z = 0; z < gz; z++)\n  for (unsigned y = 0; y < gy; y++)\n"
+         "  for (unsigned x = 0; x < gx; x++) {\n"
+         "    for (unsigned t = 0; t < block; t++) {\n"
+         "      args[t][0] = t; args[t][1] = x; args[t][2] = y; args[t][3] = z;\n"
+         "      if (pthread_create(&th[t], 0, cm_emu_thread, args[t])) return 1;\n    }\n"
+         "    for (unsigned t = 0; t < block; t++) pthread_join(th[t], 0);\n  }\n"
+         "  pthread_barrier_destroy(&cm_bar);\n  return 0;\n}\n");
+  fclose(f);
+  snprintf(cmd, sizeof cmd, "c++ -std=c++17 -O1 -w -shared -fPIC -o %s %s -lpthread 2>%s/log.txt",
+           so, cpp, dir);
+  if (system(cmd) != 0) {
+    *skipped = system("c++ --version > /dev/null 2>&1") != 0;
+    CHECK_MSG(*skipped, "the host compile of the CUDA shim failed (see %s)", dir);
+    return false;
+  }
+  e->handle = dlopen(so, RTLD_NOW | RTLD_LOCAL);
+  CHECK_MSG(e->handle != NULL, "%s: %s", so, dlerror());
+  void *sym = e->handle ? dlsym(e->handle, "cm_emu_run") : NULL;
+  memcpy(&e->run, &sym, sizeof sym);
+  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+  if (sym && system(cmd) != 0) fprintf(stderr, "  (left %s)\n", dir);
+  return sym != NULL;
+}
+
+/* Runs kernel ki's stages in order, as the CUDA launches would. */
+CM_NO_SANITIZE_FUNCTION static bool emu_run_kernel(const emu_prog *e, const cm_kernel *k, int ki,
+                                                   void **bufs) {
+  cm_cuda_render_opts ro = {"sm_80", false};
+  for (int st = 0; st < k->n_stages; st++) {
+    cm_cuda_launch l = cm_cuda_stage_launch(k, st, &ro);
+    /* grid-stride loops cover any grid: keep the host's thread count sane */
+    unsigned gx = l.grid[0];
+    bool strided =
+        l.block[0] == 256 && l.grid[1] == 1 && l.grid[2] == 1 &&
+        !(k->stages[st].tmpl == CM_KT_ATTENTION_FWD || k->stages[st].tmpl == CM_KT_ATTENTION_BWD);
+    if (strided && gx > 4) gx = 4;
+    if (e->run(e->first_fn[ki] + st, bufs, gx, l.grid[1], l.grid[2], l.block[0]) != 0) return false;
+  }
+  return true;
+}
+
+static void emu_void_free(void **b, int n) {
+  for (int i = 0; i < n; i++) free(b[i]);
+  free(b);
+}
+
+static void emu_free(emu_prog *e) {
+  if (e->handle) dlclose(e->handle);
+  free(e->first_fn);
+  memset(e, 0, sizeof *e);
+}
+
+static uint64_t emu_rng = 0x9e3779b97f4a7c15ull;
+static double emu_uniform(void) {
+  emu_rng = emu_rng * 6364136223846793005ull + 1442695040888963407ull;
+  return (double)(emu_rng >> 11) * 0x1p-53;
+}
+
+/* Every runnable kernel of p on the host against the interpreter, from the
+ * same random buffers; every float buffer it writes (but a fused span's
+ * shared-memory locals) must agree to 1e-5 of its scale. */
+static void emu_check_program(const cm_kprogram *p, int *kernels, int *spans, int *compared) {
+  emu_prog e;
+  bool skipped;
+  if (!emu_build(p, &e, &skipped)) {
+    if (skipped) fprintf(stderr, "  no host C++ compiler: the host runs are skipped\n");
+    emu_free(&e);
+    return;
+  }
+  for (int ki = 0; ki < p->n_kernels; ki++) {
+    const cm_kernel *k = &p->kernels[ki];
+    if (e.first_fn[ki] < 0) continue;
+    cm_cuda_render_opts ro = {"sm_80", false};
+    bool fused =
+        k->n_stages > 1 &&
+        (k->stages[0].tmpl == CM_KT_ATTENTION_FWD || k->stages[0].tmpl == CM_KT_ATTENTION_BWD) &&
+        cm_cuda_stage_launch(k, 0, &ro).block[0] == 256;
+    void **ref = calloc((size_t)k->n_buffers + 1, sizeof *ref);
+    void **emu = calloc((size_t)k->n_buffers + 1, sizeof *emu);
+    for (int b = 0; b < k->n_buffers; b++) {
+      size_t bytes = (size_t)k->buffers[b].numel * cm_dtype_size(k->buffers[b].dtype);
+      ref[b] = malloc(bytes + 8);
+      emu[b] = malloc(bytes + 8);
+      if (k->buffers[b].dtype == CM_F32)
+        for (int64_t x = 0; x < k->buffers[b].numel; x++)
+          ((float *)ref[b])[x] = (float)(emu_uniform() * 2 - 1);
+      else
+        memset(ref[b], 0, bytes);
+      memcpy(emu[b], ref[b], bytes);
+    }
+    cm_err err = {0};
+    CHECK_MSG(cm_kernel_interpret(k, ref, &err) == CM_OK, "%s", err.msg);
+    CHECK_MSG(emu_run_kernel(&e, k, ki, emu), "%s: the host run failed", k->name);
+    (*kernels)++;
+    *spans += fused;
+    for (int b = 0; b < k->n_buffers; b++) {
+      bool local = false;
+      for (int i = 0; fused && i < k->stages[0].attn.n_local; i++)
+        local |= k->stages[0].attn.local[i] == b;
+      if (local || k->buffers[b].dtype != CM_F32 || k->buffers[b].kind == CM_KBUF_SCRATCH) continue;
+      double m = 0, d = 0;
+      for (int64_t x = 0; x < k->buffers[b].numel; x++) {
+        double r = ((float *)ref[b])[x], v = ((float *)emu[b])[x];
+        m = fabs(r) > m ? fabs(r) : m;
+        if (isnan(v) || fabs(r - v) > d) d = isnan(v) ? INFINITY : fabs(r - v);
+      }
+      CHECK_MSG(d <= 1e-5 * (m > 1 ? m : 1), "%s b%d: CUDA (host) vs interpreter: %g of %g",
+                k->name, b, d, m);
+      (*compared)++;
+    }
+    emu_void_free(ref, k->n_buffers);
+    emu_void_free(emu, k->n_buffers);
+  }
+  emu_free(&e);
+}
+
+/* Attention (forward and backward) at odd shapes: every kernel the shim can
+ * run (fused attention spans, FMA GEMMs, thread-per-point stages) on the host
+ * against the interpreter. */
+static void test_cuda_kernels_on_host(void) {
+  static const int64_t shapes[][4] = {{2, 13, 24, 3}, {2, 70, 16, 2}, {3, 5, 8, 2}};
+  int kernels = 0, spans = 0, compared = 0;
+  for (int si = 0; si < 3; si++) {
+    cm_graph *g = cm_graph_new();
+    int64_t xd[3] = {shapes[si][0], shapes[si][1], shapes[si][2]};
+    int x = cm_input(g, "x", CM_F32, 3, xd);
+    int y = cm_nn_attention(g, x, (int)shapes[si][3], true, "attn");
+    int sq = cm_binary(g, CM_OP_MUL, y, y, "sq");
+    int axes[3] = {0, 1, 2};
+    int loss = cm_reduce(g, CM_OP_REDUCE_SUM, sq, 3, axes, false, "loss");
+    cm_err err = {0};
+    int grad = -1;
+    CHECK_MSG(!g->error.status && cm_autodiff(g, loss, 1, &x, &grad, &err) == CM_OK, "%s %s",
+              g->error.msg, err.msg);
+    CHECK(cm_graph_add_output(g, y, &err) == CM_OK && cm_graph_add_output(g, grad, &err) == CM_OK);
+    cm_pass_state ps = {g, NULL};
+    CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s",
+              err.msg);
+    cm_kprogram prog = {0};
+    cm_lower_opts lo = {CM_TARGET_CUDA, false};
+    CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err) == CM_OK, "%s", err.msg);
+    emu_check_program(&prog, &kernels, &spans, &compared);
+    cm_kprogram_free(&prog);
+    cm_plan_free(ps.plan);
+    cm_graph_free(ps.g);
+  }
+  fprintf(stderr, "  %d kernels (%d fused attention spans) run on the host, %d buffers compared\n",
+          kernels, spans, compared);
+  CHECK(spans >= 6 && kernels >= 12);
+}
+
+int main(int argc, char **argv) {
+  cm_err err = {0};
+  const char *only = argc > 1 ? argv[1] : NULL;
+  if (cm_nvrtc_load(&nvrtc, &err) != CM_OK) {
+    fprintf(stderr, "skipped: %s\n", err.msg);
+    return 77;
+  }
+  fprintf(stderr, "NVRTC %s\n", cm_nvrtc_version(nvrtc));
+  int before = test_failures;
+  if (!only || !strcmp(only, "test_cuda_kernels_on_host")) test_cuda_kernels_on_host();
+  fprintf(stderr, "%-40s %s\n", "test_cuda_kernels_on_host",
+          test_failures == before ? "ok" : "FAILED");
+  before = test_failures;
+  /* quick mode (the sanitizer build): the host part only */
+  const char *q = getenv("CMAEC_TEST_QUICK");
+  bool quick = q && q[0] == '1';
+  if ((!only && !quick) || (only && !strcmp(only, "test_every_variant_through_nvrtc"))) {
+    test_every_variant_through_nvrtc();
+    fprintf(stderr, "%-40s %s\n", "test_every_variant_through_nvrtc",
+            test_failures == before ? "ok" : "FAILED");
+  } else if (quick) {
+    fprintf(stderr, "%-40s skipped (CMAEC_TEST_QUICK)\n", "test_every_variant_through_nvrtc");
+  }
+  cm_nvrtc_unload(nvrtc);
+  fprintf(stderr, "%d checks, %d failures\n", test_checks, test_failures);
+  return test_failures ? 1 : 0;
+}
