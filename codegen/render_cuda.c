@@ -788,6 +788,12 @@ static void signature(rctx *c, const bool *written, const char *bounds) {
   sb_printf(c->o, ") {\n");
 }
 
+/* The reduction counter's C type: int when the extent (plus a block of
+ * threads' stride) fits, so the counter and its div/mod stay 32-bit. */
+static const char *red_counter_type(int64_t extent) {
+  return extent < INT32_MAX - 4096 ? "int" : "long long";
+}
+
 /* long long v<first>.. v<first+n-1> from the linear index lin (row-major);
  * 32-bit division where the extents allow (64-bit division is slow on GPUs) */
 static void decompose(rctx *c, const char *indent, const char *lin, int first, const int64_t *ext,
@@ -896,13 +902,17 @@ static void render_generic(rctx *c, const bool *written) {
   }
   acc_init(s, init, sizeof init);
   sb_printf(o, "    %s acc = %s;\n", at, init);
+  /* an int counter where the extent allows: NVRTC 13.0 crashes (SIGSEGV in
+   * nvrtcCompileProgram) on a long long counter whose value is split by an
+   * unsigned div/mod by a constant that is not a power of two */
+  const char *qt = red_counter_type(rext);
   if (rs == RED_BLOCK)
-    sb_printf(o, "    for (long long q = threadIdx.x; q < %lldLL; q += %d) {\n", (long long)rext,
+    sb_printf(o, "    for (%s q = threadIdx.x; q < %lldLL; q += %d) {\n", qt, (long long)rext,
               GENERIC_THREADS);
   else if (rs == RED_WARP)
-    sb_printf(o, "    for (long long q = lane_; q < %lldLL; q += 32) {\n", (long long)rext);
+    sb_printf(o, "    for (%s q = lane_; q < %lldLL; q += 32) {\n", qt, (long long)rext);
   else
-    sb_printf(o, "    for (long long q = 0; q < %lldLL; q++) {\n", (long long)rext);
+    sb_printf(o, "    for (%s q = 0; q < %lldLL; q++) {\n", qt, (long long)rext);
   decompose(c, "      ", "q", s->n_dom, s->red, s->n_red);
   clear_mark(c);
   mark_from(c, s->body);
@@ -1403,8 +1413,8 @@ static void render_span_stage(rctx *c, const attn_plan *p) {
     char init[128], comb[256], body[256], bname[32];
     acc_init(s, init, sizeof init);
     sb_printf(o, "    %s acc = %s;\n", ctype(s->acc_dtype), init);
-    sb_printf(o, "    for (long long q = 0; q < %lldLL; q++) {\n",
-              (long long)prod(s->red, s->n_red));
+    sb_printf(o, "    for (%s q = 0; q < %lldLL; q++) {\n",
+              red_counter_type(prod(s->red, s->n_red)), (long long)prod(s->red, s->n_red));
     decompose(c, "      ", "q", s->n_dom, s->red, s->n_red);
     clear_mark(c);
     mark_from(c, s->body);

@@ -419,7 +419,12 @@ static void test_every_variant_through_nvrtc(void) {
           (job){a, f, sets[a].n - f < PER_PROGRAM ? sets[a].n - f : PER_PROGRAM, 0, false, ""};
   double t_compile = now_s();
   pthread_t th[N_THREADS];
-  for (int t = 0; t < N_THREADS; t++) pthread_create(&th[t], NULL, worker, NULL);
+  /* NVRTC's front end recurses deeply on long kernels: more than the default 8 MiB */
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, (size_t)256 << 20);
+  for (int t = 0; t < N_THREADS; t++) CHECK(pthread_create(&th[t], &attr, worker, NULL) == 0);
+  pthread_attr_destroy(&attr);
   for (int t = 0; t < N_THREADS; t++) pthread_join(th[t], NULL);
   t_compile = now_s() - t_compile;
   double arch_ms[N_ARCHS] = {0};
