@@ -3,13 +3,13 @@
 # default variant (models/cmae_vit_tiny_fmnist.json) on Fashion-MNIST on the CPU for a
 # few minutes, then compares its frozen encoder with a randomly initialized one and with
 # raw pixels (kNN and linear probe on the test split), and draws the pictures.
-# Environment: CMAEC_RUN_OUT (default runs/quickstart), CMAEC_RUN_STEPS (default 200).
+# Environment: CMAEC_RUN_OUT (default runs/quickstart), CMAEC_RUN_STEPS (default 400).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash scripts/build.sh --only cmaec
 out=${CMAEC_RUN_OUT:-runs/quickstart}
-steps=${CMAEC_RUN_STEPS:-200}
+steps=${CMAEC_RUN_STEPS:-400}
 batch=128
 rm -rf "$out" # a fresh run each time (train --resume DIR continues one instead)
 # A short schedule: one epoch over steps x batch images spread over the training split,
