@@ -274,8 +274,8 @@ static void test_random_graphs(void) {
   double worst = 0;
   int n = 0;
   /* CMAEC_TEST_QUICK (the sanitizer build): fewer graphs, same generator */
-  int want = getenv("CMAEC_TEST_QUICK") ? 100 : 300;
-  for (int i = 0; i < 1200 && n < want; i++) {
+  int want = getenv("CMAEC_TEST_QUICK") ? 100 : 2000;
+  for (int i = 0; i < 4 * want && n < want; i++) {
     rng = 777 + (uint64_t)i * 31;
     cm_graph *g = cm_graph_new();
     int blocks = (int)pick(1, 3);
