@@ -1130,6 +1130,49 @@ static void emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0,
   c->vars[c->s->n_dom] = NULL;
 }
 
+/* The micro-kernel's k loop over packed panels (A: mr values per k, B: nr =
+ * nv vectors per k): mr x nv vector accumulators start at init[] and take one
+ * broadcast A value times each B vector per k; out[] holds their values after
+ * the loop (the loop runs at least once). */
+static void emit_fma_kloop(rctx *c, LLVMValueRef apan, LLVMValueRef bpan, int64_t mr, int64_t nv,
+                           int64_t nr, LLVMValueRef kend, const char *name, LLVMValueRef *init,
+                           LLVMValueRef *nacc) {
+  LLVMBuilderRef B = c->B;
+  int W = c->W;
+  char exit_name[48];
+  snprintf(exit_name, sizeof exit_name, "%s.exit", name);
+  LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
+  loop Kk = loop_begin(c, name, ci64(c, 0));
+  LLVMValueRef phis[64], bv[8];
+  for (int64_t i = 0; i < mr * nv; i++) {
+    phis[i] = LLVMBuildPhi(B, c->vty, "acc");
+    LLVMAddIncoming(phis[i], &init[i], &pre, 1);
+  }
+  for (int64_t v = 0; v < nv; v++) {
+    LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, ci64(c, nr), ""), ci64(c, v * W), "");
+    bv[v] = LLVMBuildLoad2(B, c->vty, fptr(c, bpan, off, "bp"), "bvec");
+    LLVMSetAlignment(bv[v], 4);
+  }
+  for (int64_t r = 0; r < mr; r++) {
+    LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, ci64(c, mr), ""), ci64(c, r), "");
+    LLVMValueRef a = LLVMBuildLoad2(B, c->f32, fptr(c, apan, off, "ap"), "a");
+    LLVMValueRef ins =
+        LLVMBuildInsertElement(B, LLVMGetPoison(c->vty), a, LLVMConstInt(c->i32, 0, 0), "");
+    LLVMValueRef splat =
+        LLVMBuildShuffleVector(B, ins, LLVMGetPoison(c->vty),
+                               LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "a.bcast");
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef args[3] = {splat, bv[v], phis[r * nv + v]};
+      LLVMTypeRef vt = c->vty;
+      nacc[r * nv + v] = intrin(c, "llvm.fmuladd", &vt, 1, args, 3, "fma");
+    }
+  }
+  LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
+  for (int64_t i = 0; i < mr * nv; i++) LLVMAddIncoming(phis[i], &nacc[i], &latch, 1);
+  loop_end(c, &Kk, kend, exit_name);
+  if (c->unroll > 1) unroll_last_loop(c, latch, (unsigned)c->unroll);
+}
+
 static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   const cm_kstage *s = c->s;
   LLVMBuilderRef B = c->B;
@@ -1200,36 +1243,8 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
     LLVMBasicBlockRef from[2] = {bfirst, bload};
     LLVMAddIncoming(acc0[i], in, from, 2);
   }
-  LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
-  loop Kk = loop_begin(c, "kk", ci64(c, 0));
-  LLVMValueRef phis[64], nacc[64], bv[8];
-  for (int64_t i = 0; i < mr * nv; i++) {
-    phis[i] = LLVMBuildPhi(B, c->vty, "acc");
-    LLVMAddIncoming(phis[i], &acc0[i], &pre, 1);
-  }
-  for (int64_t v = 0; v < nv; v++) {
-    LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, ci64(c, nr), ""), ci64(c, v * W), "");
-    bv[v] = LLVMBuildLoad2(B, c->vty, fptr(c, bpan, off, "bp"), "bvec");
-    LLVMSetAlignment(bv[v], 4);
-  }
-  for (int64_t r = 0; r < mr; r++) {
-    LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, ci64(c, mr), ""), ci64(c, r), "");
-    LLVMValueRef a = LLVMBuildLoad2(B, c->f32, fptr(c, apan, off, "ap"), "a");
-    LLVMValueRef ins =
-        LLVMBuildInsertElement(B, LLVMGetPoison(c->vty), a, LLVMConstInt(c->i32, 0, 0), "");
-    LLVMValueRef splat =
-        LLVMBuildShuffleVector(B, ins, LLVMGetPoison(c->vty),
-                               LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "a.bcast");
-    for (int64_t v = 0; v < nv; v++) {
-      LLVMValueRef args[3] = {splat, bv[v], phis[r * nv + v]};
-      LLVMTypeRef vt = c->vty;
-      nacc[r * nv + v] = intrin(c, "llvm.fmuladd", &vt, 1, args, 3, "fma");
-    }
-  }
-  LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
-  for (int64_t i = 0; i < mr * nv; i++) LLVMAddIncoming(phis[i], &nacc[i], &latch, 1);
-  loop_end(c, &Kk, kcur, "kk.exit");
-  if (c->unroll > 1) unroll_last_loop(c, latch, (unsigned)c->unroll);
+  LLVMValueRef nacc[64];
+  emit_fma_kloop(c, apan, bpan, mr, nv, nr, kcur, "kk", acc0, nacc);
   for (int64_t r = 0; r < mr; r++)
     for (int64_t v = 0; v < nv; v++) {
       LLVMValueRef off = LLVMBuildAdd(B, cbase, ci64(c, r * nc + v * W), "");
@@ -1328,36 +1343,9 @@ static void attn_microkernel(rctx *c, const attn_plan *p, LLVMValueRef Ap, LLVMV
   LLVMValueRef bpan = fptr(c, Bp, LLVMBuildMul(B, Jr.iv, ci64(c, K * nr), ""), "bpanel");
   LLVMValueRef cbase = LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, ci64(c, mr * ldc), ""),
                                     LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), "cbase");
-  LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
-  loop Kk = loop_begin(c, "at.kk", ci64(c, 0));
-  LLVMValueRef phis[64], nacc[64], bv[8], vzero = LLVMConstNull(c->vty);
-  for (int64_t i = 0; i < mr * nv; i++) {
-    phis[i] = LLVMBuildPhi(B, c->vty, "acc");
-    LLVMAddIncoming(phis[i], &vzero, &pre, 1);
-  }
-  for (int64_t v = 0; v < nv; v++) {
-    LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, ci64(c, nr), ""), ci64(c, v * W), "");
-    bv[v] = LLVMBuildLoad2(B, c->vty, fptr(c, bpan, off, "bp"), "bvec");
-    LLVMSetAlignment(bv[v], 4);
-  }
-  for (int64_t r = 0; r < mr; r++) {
-    LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, ci64(c, mr), ""), ci64(c, r), "");
-    LLVMValueRef a = LLVMBuildLoad2(B, c->f32, fptr(c, apan, off, "ap"), "a");
-    LLVMValueRef ins =
-        LLVMBuildInsertElement(B, LLVMGetPoison(c->vty), a, LLVMConstInt(c->i32, 0, 0), "");
-    LLVMValueRef splat =
-        LLVMBuildShuffleVector(B, ins, LLVMGetPoison(c->vty),
-                               LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "a.bcast");
-    for (int64_t v = 0; v < nv; v++) {
-      LLVMValueRef args[3] = {splat, bv[v], phis[r * nv + v]};
-      LLVMTypeRef vt = c->vty;
-      nacc[r * nv + v] = intrin(c, "llvm.fmuladd", &vt, 1, args, 3, "fma");
-    }
-  }
-  LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
-  for (int64_t i = 0; i < mr * nv; i++) LLVMAddIncoming(phis[i], &nacc[i], &latch, 1);
-  loop_end(c, &Kk, ci64(c, K), "at.kk.exit");
-  if (c->unroll > 1) unroll_last_loop(c, latch, (unsigned)c->unroll);
+  LLVMValueRef zeros[64], nacc[64];
+  for (int64_t i = 0; i < mr * nv; i++) zeros[i] = LLVMConstNull(c->vty);
+  emit_fma_kloop(c, apan, bpan, mr, nv, nr, ci64(c, K), "at.kk", zeros, nacc);
   for (int64_t r = 0; r < mr; r++)
     for (int64_t v = 0; v < nv; v++) {
       LLVMValueRef off = LLVMBuildAdd(B, cbase, ci64(c, r * ldc + v * W), "");
