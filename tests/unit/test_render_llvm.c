@@ -5,6 +5,7 @@
  * vectorized asm, and a GEMM GFLOP/s figure. */
 #include "codegen/codegen.h"
 #include "tests/test.h"
+#include "tests/llvm_kernels.h"
 
 #include <llvm-c/Core.h>
 #include <math.h>
@@ -19,48 +20,6 @@ static double urand(double lo, double hi) {
   rng_state ^= rng_state >> 7;
   rng_state ^= rng_state << 17;
   return lo + (hi - lo) * (double)(rng_state >> 11) / 9007199254740992.0;
-}
-
-static cm_jit *new_jit(void) {
-  cm_jit_opts o = {NULL, 3, NULL, NULL, 512};
-  cm_jit *j = NULL;
-  cm_err err = {0};
-  cm_status st = cm_jit_create(&j, &o, &err);
-  CHECK_MSG(st == CM_OK, "%s", err.msg);
-  return j;
-}
-
-static int module_counter;
-
-/* Renders k into a fresh module of j's context and JITs it; fns[i] = stage i. */
-static bool jit_kernel(cm_jit *j, cm_kernel *k, const cm_llvm_render_opts *o,
-                       cm_cpu_stage_fn *fns) {
-  char mname[64];
-  snprintf(mname, sizeof mname, "m%d", module_counter++);
-  /* symbols are unique per JIT: one suffix per module */
-  size_t len = strcspn(k->name, "_");
-  snprintf(k->name + len, sizeof k->name - len, "_%d", module_counter);
-  LLVMModuleRef m = LLVMModuleCreateWithNameInContext(mname, cm_jit_context(j));
-  cm_err err = {0};
-  cm_status st = cm_render_llvm(k, m, o, &err);
-  CHECK_MSG(st == CM_OK, "render %s: %s", k->name, err.msg);
-  if (st != CM_OK) {
-    LLVMDisposeModule(m);
-    return false;
-  }
-  st = cm_jit_add_module(j, m, &err);
-  CHECK_MSG(st == CM_OK, "add %s: %s", k->name, err.msg);
-  if (st != CM_OK) return false;
-  for (int i = 0; i < k->n_stages; i++) {
-    char name[96];
-    void *addr = NULL;
-    snprintf(name, sizeof name, "%s_s%d", k->name, i);
-    st = cm_jit_lookup(j, name, &addr, &err);
-    CHECK_MSG(st == CM_OK, "lookup %s: %s", name, err.msg);
-    if (st != CM_OK) return false;
-    fns[i] = (cm_cpu_stage_fn)addr;
-  }
-  return true;
 }
 
 /* Runs every stage over its work items in 3 ranges (like 3 threads, serially). */
@@ -204,7 +163,7 @@ static double ref_binary(cm_op op, double a, double b) {
 }
 
 static void test_float_ops(void) {
-  cm_jit *j = new_jit();
+  cm_jit *j = test_new_jit();
   if (!j) return;
   const cm_dtype dts[] = {CM_F32, CM_F64, CM_BF16, CM_F16};
   const int64_t n = 37;
@@ -250,7 +209,7 @@ static void test_float_ops(void) {
     }
     cm_cpu_stage_fn fns[1];
     cm_llvm_render_opts ro = {16, false};
-    if (jit_kernel(j, &k, &ro, fns)) {
+    if (test_jit_kernel(j, &k, &ro, fns)) {
       int64_t items = generic_items(&k.stages[0]);
       run_stages(&k, fns, bufs, &items, NULL);
       int bad = 0;
@@ -305,7 +264,7 @@ static int64_t ref_int(cm_op op, int64_t a, int64_t b, cm_dtype dt) {
 }
 
 static void test_int_ops(void) {
-  cm_jit *j = new_jit();
+  cm_jit *j = test_new_jit();
   if (!j) return;
   const cm_op ops[] = {CM_OP_NEG, CM_OP_ABS, CM_OP_RELU, CM_OP_ADD, CM_OP_SUB,
                        CM_OP_MUL, CM_OP_MAX, CM_OP_MIN,  CM_OP_DIV};
@@ -357,7 +316,7 @@ static void test_int_ops(void) {
         ((int64_t *)data[ba])[i] = A[i], ((int64_t *)data[bb])[i] = Bv[i];
     }
     cm_cpu_stage_fn fns[1];
-    if (jit_kernel(j, &k, NULL, fns)) {
+    if (test_jit_kernel(j, &k, NULL, fns)) {
       int64_t items = n;
       run_stages(&k, fns, bufs, &items, NULL);
       int bad = 0;
@@ -402,7 +361,7 @@ static double ref_cast(double v, cm_dtype from, cm_dtype to) {
 }
 
 static void test_casts(void) {
-  cm_jit *j = new_jit();
+  cm_jit *j = test_new_jit();
   if (!j) return;
   /* the last two round differently when rounded twice (through f32) to bf16 / f16 */
   const double vals[] = {-2.5,
@@ -447,7 +406,7 @@ static void test_casts(void) {
   for (int d = 0; d < CM_DTYPE_COUNT; d++)
     for (int64_t i = 0; i < n; i++) set_elem(data[in[d]], d, i, ref_cast(vals[i], CM_F64, d));
   cm_cpu_stage_fn fns[CM_DTYPE_COUNT];
-  if (jit_kernel(j, &k, NULL, fns)) {
+  if (test_jit_kernel(j, &k, NULL, fns)) {
     int64_t items[CM_DTYPE_COUNT];
     for (int d = 0; d < CM_DTYPE_COUNT; d++) items[d] = n;
     run_stages(&k, fns, bufs, items, NULL);
@@ -472,7 +431,7 @@ static void test_casts(void) {
 /* ---- reductions --------------------------------------------------------------- */
 
 static void test_reductions(void) {
-  cm_jit *j = new_jit();
+  cm_jit *j = test_new_jit();
   if (!j) return;
   /* x[5,7,37]: s1[a,c] = sum_b x; s2[a] = max_{b,c} x (row 2 has a NaN); bf16 sum of a
    * bf16 copy; i32 sum and max */
@@ -537,7 +496,7 @@ static void test_reductions(void) {
   uint16_t s5b[Cn];
   bufs[6] = (char *)s5b;
   cm_cpu_stage_fn fns[5];
-  if (jit_kernel(j, &k, NULL, fns)) {
+  if (test_jit_kernel(j, &k, NULL, fns)) {
     int64_t items[5];
     for (int i = 0; i < 5; i++) items[i] = generic_items(&k.stages[i]);
     run_stages(&k, fns, bufs, items, NULL);
@@ -597,7 +556,7 @@ static void test_reductions(void) {
     for (int i = 0; i < 3 * L; i++) f[i] = (float)urand(-1, 1), g[i] = urand(-1, 1);
     char *bl[] = {(char *)f, (char *)g, (char *)rf, (char *)rg};
     cm_cpu_stage_fn fl[2];
-    if (!jit_kernel(j, &kl, NULL, fl)) {
+    if (!test_jit_kernel(j, &kl, NULL, fl)) {
       bad++;
     } else {
       int64_t items[2] = {3, 3};
@@ -700,7 +659,7 @@ static void check_gemm(cm_jit *j, const gemm_case *g) {
     char *bufs[] = {(char *)A, (char *)Bm, (char *)bias, (char *)C};
     cm_cpu_stage_fn fn[1];
     cm_llvm_render_opts ro = {g->width ? g->width : 16, !templ};
-    if (jit_kernel(j, &k, &ro, fn)) {
+    if (test_jit_kernel(j, &k, &ro, fn)) {
       int64_t items = templ ? gemm_items(g, t) : g->batch * g->M * g->N;
       run_stages(&k, fn, bufs, &items, ws);
       int bad = 0;
@@ -737,7 +696,7 @@ static void check_gemm(cm_jit *j, const gemm_case *g) {
 }
 
 static void test_gemm(void) {
-  cm_jit *j = new_jit();
+  cm_jit *j = test_new_jit();
   if (!j) return;
   const cm_kgemm_tiles small = {12, 64, 16, 6, 32};
   const gemm_case cases[] = {
@@ -775,7 +734,7 @@ CM_NO_SANITIZE_FUNCTION static void run_one(cm_cpu_stage_fn f, char *const *bufs
 }
 
 static void test_stage_shapes(void) {
-  cm_jit *j = new_jit();
+  cm_jit *j = test_new_jit();
   if (!j) return;
   enum { P = 3, Q = 5, R = 7, NI = 29 };
   cm_kernel k;
@@ -829,7 +788,7 @@ static void test_stage_shapes(void) {
   for (int t = 0; t < NI; t++) idx[t] = (int32_t)urand(0, 1000);
   char *bufs[] = {(char *)x, (char *)y, (char *)z, (char *)h, (char *)idx, (char *)flag};
   cm_cpu_stage_fn fns[5];
-  if (jit_kernel(j, &k, NULL, fns)) {
+  if (test_jit_kernel(j, &k, NULL, fns)) {
     int bad = 0;
     for (int st = 0; st < 3; st++) {
       memset(y, 0, sizeof y);
@@ -861,7 +820,7 @@ static void test_stage_shapes(void) {
 /* ---- errors ------------------------------------------------------------------- */
 
 static void test_errors(void) {
-  cm_jit *j = new_jit();
+  cm_jit *j = test_new_jit();
   if (!j) return;
   LLVMModuleRef m = LLVMModuleCreateWithNameInContext("bad", cm_jit_context(j));
   cm_kernel k;
@@ -901,14 +860,8 @@ static void test_errors(void) {
 
 /* ---- asm: vectorized elementwise stage and the micro-kernel ------------------------ */
 
-static int count(const char *text, const char *what) {
-  int n = 0;
-  for (const char *p = strstr(text, what); p; p = strstr(p + 1, what)) n++;
-  return n;
-}
-
 static void test_asm(void) {
-  cm_jit *j = new_jit();
+  cm_jit *j = test_new_jit();
   if (!j) return;
   cm_kernel k;
   cm_kernel_init(&k, "kaxpy");
@@ -941,7 +894,9 @@ static void test_asm(void) {
       memcpy(t0, s0, len);
       t0[len] = 0;
       CHECK_MSG(strstr(t0, "zmm") != NULL, "elementwise stage not vectorized:\n%s", t0);
-      CHECK_MSG(count(t0, "vfmadd") + count(t0, "vaddps\t%zmm") + count(t0, "vaddps\t(") > 0,
+      CHECK_MSG(test_count(t0, "vfmadd") + test_count(t0, "vaddps\t%zmm") +
+                        test_count(t0, "vaddps\t(") >
+                    0,
                 "no vector add/fma in the elementwise stage:\n%s", t0);
       free(t0);
       const char *e1 = strstr(s1, ".Lfunc_end");
@@ -949,7 +904,9 @@ static void test_asm(void) {
       char *t1 = malloc(len + 1);
       memcpy(t1, s1, len);
       t1[len] = 0;
-      CHECK_MSG(count(t1, "vaddps\t%zmm") + count(t1, "vaddps\t(") + count(t1, "vaddps\t%ymm") > 0,
+      CHECK_MSG(test_count(t1, "vaddps\t%zmm") + test_count(t1, "vaddps\t(") +
+                        test_count(t1, "vaddps\t%ymm") >
+                    0,
                 "float sum not vectorized:\n%s", t1);
       free(t1);
     }
@@ -982,10 +939,10 @@ static void test_asm(void) {
         char *loop_text = malloc(len + 1);
         memcpy(loop_text, lab, len);
         loop_text[len] = 0;
-        int fmas = count(loop_text, "vfmadd231ps\t%zmm");
+        int fmas = test_count(loop_text, "vfmadd231ps\t%zmm");
         CHECK_MSG(fmas >= 96, "%d register zmm FMAs in the micro-kernel loop", fmas);
-        CHECK_MSG(count(loop_text, "(%rsp)") == 0, "stack access in the micro-kernel loop:\n%s",
-                  loop_text);
+        CHECK_MSG(test_count(loop_text, "(%rsp)") == 0,
+                  "stack access in the micro-kernel loop:\n%s", loop_text);
         free(loop_text);
       }
     }
@@ -1005,9 +962,10 @@ static void test_asm(void) {
   CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
   text = NULL;
   if (cm_jit_render(j, m, CM_JIT_TEXT_ASM, &text, &err) == CM_OK) {
-    CHECK_MSG(count(text, "vscatter") == 0, "scatter in the B^T GEMM (%d)",
-              count(text, "vscatter"));
-    CHECK_MSG(count(text, "vunpck") + count(text, "vperm") + count(text, "vshuf") >= 16,
+    CHECK_MSG(test_count(text, "vscatter") == 0, "scatter in the B^T GEMM (%d)",
+              test_count(text, "vscatter"));
+    CHECK_MSG(test_count(text, "vunpck") + test_count(text, "vperm") + test_count(text, "vshuf") >=
+                  16,
               "no in-register transpose in the B^T pack");
   } else {
     CHECK_MSG(false, "%s", err.msg);
@@ -1035,7 +993,7 @@ CM_NO_SANITIZE_FUNCTION static double time_gemm(cm_cpu_stage_fn fn, char *const 
 }
 
 static void test_gemm_perf(void) {
-  cm_jit *j = new_jit();
+  cm_jit *j = test_new_jit();
   if (!j) return;
   gemm_case g = {1, 384, 384, 1536, false, false, false, false, false, {0}, false, 0, 0};
   cm_kernel k;
@@ -1047,7 +1005,7 @@ static void test_gemm_perf(void) {
   char *bufs[] = {(char *)A, (char *)Bm, (char *)bias, (char *)C};
   cm_cpu_stage_fn fn[1];
   cm_llvm_render_opts ro = {16, false};
-  if (jit_kernel(j, &k, &ro, fn)) {
+  if (test_jit_kernel(j, &k, &ro, fn)) {
     double s = time_gemm(fn[0], bufs, gemm_items(&g, &default_tiles), ws);
     double gf = 2.0 * 384 * 384 * 1536 / s * 1e-9;
     printf("gemm 384x384x1536 f32, one thread: %.3f ms, %.1f GFLOP/s\n", s * 1e3, gf);

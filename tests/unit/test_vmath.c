@@ -6,41 +6,11 @@
  * reduction (sum over the leading axes) matches plain C at odd shapes. */
 #include "codegen/codegen.h"
 #include "tests/test.h"
+#include "tests/llvm_kernels.h"
 
 #include <float.h>
 #include <llvm-c/Core.h>
 #include <stdint.h>
-
-static cm_jit *new_jit(void) {
-  cm_jit_opts o = {NULL, 3, NULL, NULL, 512};
-  cm_jit *j = NULL;
-  cm_err err = {0};
-  CHECK_MSG(cm_jit_create(&j, &o, &err) == CM_OK, "%s", err.msg);
-  return j;
-}
-
-static bool jit_kernel(cm_jit *j, cm_kernel *k, cm_cpu_stage_fn *fns) {
-  LLVMModuleRef m = LLVMModuleCreateWithNameInContext(k->name, cm_jit_context(j));
-  cm_err err = {0};
-  cm_llvm_render_opts ro = {0, false};
-  cm_status st = cm_render_llvm(k, m, &ro, &err);
-  CHECK_MSG(st == CM_OK, "render %s: %s", k->name, err.msg);
-  if (st != CM_OK) {
-    LLVMDisposeModule(m);
-    return false;
-  }
-  st = cm_jit_add_module(j, m, &err);
-  CHECK_MSG(st == CM_OK, "%s", err.msg);
-  for (int i = 0; st == CM_OK && i < k->n_stages; i++) {
-    char name[96];
-    void *addr = NULL;
-    snprintf(name, sizeof name, "%s_s%d", k->name, i);
-    st = cm_jit_lookup(j, name, &addr, &err);
-    CHECK_MSG(st == CM_OK, "%s", err.msg);
-    memcpy(&fns[i], &addr, sizeof addr);
-  }
-  return st == CM_OK;
-}
 
 CM_NO_SANITIZE_FUNCTION static void run_split(cm_cpu_stage_fn f, char *const *bufs, int64_t n) {
   /* three ranges, like threads would get */
@@ -79,7 +49,7 @@ static double ref(cm_op op, double x) {
 }
 
 static void test_sweep(void) {
-  cm_jit *j = new_jit();
+  cm_jit *j = test_new_jit();
   if (!j) return;
   static const float edges[] = {
       0.0f,       -0.0f,     FLT_MIN,    -FLT_MIN,    1e-45f,      -1e-45f,  1e-40f,
@@ -109,7 +79,7 @@ static void test_sweep(void) {
   for (int o = 0; o < 4; o++)
     s->stores[s->n_stores++] = (cm_kstore){bo[o], v, cm_kx_op(s, ops[o], CM_F32, x, -1, -1)};
   cm_cpu_stage_fn fn;
-  if (jit_kernel(j, &k, &fn)) {
+  if (test_jit_kernel(j, &k, NULL, &fn)) {
     char *bufs[5] = {(char *)in, (char *)out[0], (char *)out[1], (char *)out[2], (char *)out[3]};
     run_split(fn, bufs, n);
     for (int o = 0; o < 4; o++) {
@@ -136,16 +106,10 @@ static void test_sweep(void) {
   cm_jit_destroy(j);
 }
 
-static int count(const char *text, const char *what) {
-  int n = 0;
-  for (const char *p = strstr(text, what); p; p = strstr(p + 1, what)) n++;
-  return n;
-}
-
 /* GELU's shape: x * 0.5 * (1 + erf(x / sqrt 2)) and exp/tanh/log: no libm call left, and
  * vector fused multiply-adds in the loop. */
 static void test_vectorized(void) {
-  cm_jit *j = new_jit();
+  cm_jit *j = test_new_jit();
   if (!j) return;
   cm_kernel k;
   cm_kernel_init(&k, "kgelu");
@@ -165,9 +129,9 @@ static void test_vectorized(void) {
   CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
   char *text = NULL;
   if (cm_jit_render(j, m, CM_JIT_TEXT_ASM, &text, &err) == CM_OK) {
-    CHECK(count(text, "erff") == 0 && count(text, "tanhf") == 0 && count(text, "expf") == 0 &&
-          count(text, "logf") == 0);
-    CHECK_MSG(count(text, "zmm") > 20 || count(text, "ymm") > 20, "no vector code");
+    CHECK(test_count(text, "erff") == 0 && test_count(text, "tanhf") == 0 &&
+          test_count(text, "expf") == 0 && test_count(text, "logf") == 0);
+    CHECK_MSG(test_count(text, "zmm") > 20 || test_count(text, "ymm") > 20, "no vector code");
     free(text);
   } else {
     CHECK_MSG(false, "%s", err.msg);
@@ -181,7 +145,7 @@ static void test_vectorized(void) {
  * (a bias gradient's shape, with a per-row value as layernorm's gradient has), and max of
  * the same; runs of columns split across ranges. */
 static void test_column_reduction(void) {
-  cm_jit *j = new_jit();
+  cm_jit *j = test_new_jit();
   if (!j) return;
   static const int64_t shapes[][3] = {
       {3, 5, 7}, {1, 1, 4}, {4, 13, 257}, {2, 65, 512}, {7, 3, 300}};
@@ -216,7 +180,7 @@ static void test_column_reduction(void) {
       s->stores[s->n_stores++] = (cm_kstore){
           bo, jv, cm_kx_op(s, CM_OP_ADD, CM_F32, cm_kx_acc(s), cm_kx_load(s, &k, bx, jv), -1)};
       cm_cpu_stage_fn fn;
-      if (jit_kernel(j, &k, &fn)) {
+      if (test_jit_kernel(j, &k, NULL, &fn)) {
         char *bufs[3] = {(char *)x, (char *)y, (char *)out};
         run_split(fn, bufs, N);
         int bad = 0;
