@@ -252,8 +252,26 @@ typedef struct cm_kattn {
   int n_local;  /* buffers kept per thread by a fused rendering */
   int local[CM_KATTN_MAX_LOCAL];
   int64_t local_row[CM_KATTN_MAX_LOCAL]; /* X: elements per (batch item, query row) */
-  int64_t ws_bytes; /* CPU workspace of the fused rendering (cm_kattn_workspace) */
+  int64_t ws_bytes; /* CPU workspace of the fused rendering (cm_kattn_workspace, or
+                       cm_kattn_stream_workspace when stream) */
+  /* Online-softmax streaming (forward spans only; set by the lowering when the
+   * span is exactly S = gemm (stage first), m = rowmax(f(S)), E = exp(g(S) - m),
+   * l = rowsum(E), [P = E / l], O = gemm(E / l or P, V), every role f32 and
+   * every access to S, m, E, l, P at its canonical (batch, row[, key]) index)
+   * and bc < the key extent: a renderer may then run, per query block, the key
+   * blocks of bc with a running max and sum (flash attention), and write the
+   * values the graph keeps (keep) from the final m and l in a second pass. */
+  bool stream;
+  int st_max, st_exp, st_sum, st_p, st_out; /* stage indices (st_p -1 when absent) */
+  int buf_s, buf_m, buf_e, buf_l, buf_p;    /* the roles' buffers (buf_p -1 when absent) */
+  unsigned keep; /* CM_KATTN_KEEP_* bits: roles stored into buffers that are not local */
 } cm_kattn;
+
+#define CM_KATTN_KEEP_S 1u
+#define CM_KATTN_KEEP_M 2u
+#define CM_KATTN_KEEP_E 4u
+#define CM_KATTN_KEEP_L 8u
+#define CM_KATTN_KEEP_P 16u
 
 typedef struct cm_kgemm_tiles {
   int mc, nc, kc; /* cache blocking: A block mc x kc, B panel kc x nc (multiples of mr/nr) */
@@ -369,6 +387,15 @@ cm_status cm_kernel_verify(const cm_kernel *k, cm_err *err);
  * the span. Returns the total bytes (0 when the span is not well-formed). */
 int64_t cm_kattn_workspace(const cm_kernel *k, int first, int mr, int nr, int64_t *local_off,
                            int64_t *pack_off);
+/* The CPU workspace of a streaming forward span (attn.stream) starting at
+ * stage `first` (register block mr x nr), floats 64-byte aligned in this
+ * order: packed Q (round_up(br, mr) x d), packed K or V block
+ * (max(d x round_up(bc, nr), bc x round_up(dv, nr))), the S tile
+ * (round_up(br, mr) x round_up(bc, nr)), packed E (round_up(br, mr) x bc), the
+ * O accumulator (round_up(br, mr) x round_up(dv, nr)), then m, l and the
+ * rescale factors (round_up(br, mr) each); off[0..7] receive the byte offsets
+ * (NULL: not wanted). Returns the total bytes (0 when not streaming). */
+int64_t cm_kattn_stream_workspace(const cm_kernel *k, int first, int mr, int nr, int64_t *off);
 /* Checks the span invariants of the attention template on stage `first`
  * (cm_kernel_verify calls it; the lowering uses it to keep only spans that
  * hold). Errors name the kernel, stage and the rule broken. */
@@ -392,6 +419,8 @@ void cm_kprogram_free(cm_kprogram *p);
 typedef struct cm_lower_opts {
   cm_target target;
   bool no_templates; /* generic loop nests only (for differential tests) */
+  int attn_bc;       /* > 0: the key block of attention spans (tests of the streaming
+                        template); 0: the lowering's choice */
 } cm_lower_opts;
 
 /* Lowers one group of a scheduled and memory-planned plan (memplan has run:

@@ -11,6 +11,7 @@
  * marked as a fused attention span where cm_kattn_check holds (mark_attention). */
 #include "codegen.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -713,6 +714,365 @@ static int attn_br(int64_t rows, int mr) {
   return br >= rows ? (int)rows : (int)br;
 }
 
+/* ---- online-softmax streaming (forward spans) ---- */
+
+/* The affine form of i64 expression e: coef[v] per variable plus *c0; false
+ * when e is not affine (div, mod, select, ...). */
+static bool attn_aff(const cm_kstage *s, int e, int64_t *coef, int64_t *c0) {
+  if (e < 0 || e >= s->n_exprs) return false;
+  const cm_kexpr *x = &s->exprs[e];
+  memset(coef, 0, sizeof(int64_t) * CM_KMAX_VARS);
+  *c0 = 0;
+  if (x->dtype != CM_I64) return false;
+  if (x->kind == CM_KX_CONST)
+    return fabs(x->value) < 9e15 ? (*c0 = (int64_t)x->value, true) : false;
+  if (x->kind == CM_KX_VAR) {
+    if (x->var < 0 || x->var >= CM_KMAX_VARS) return false;
+    coef[x->var] = 1;
+    return true;
+  }
+  if (x->kind != CM_KX_OP || x->a < 0 || x->b < 0) return false;
+  int64_t ca[CM_KMAX_VARS], cb[CM_KMAX_VARS], a0, b0;
+  if (!attn_aff(s, x->a, ca, &a0) || !attn_aff(s, x->b, cb, &b0)) return false;
+  bool ok = true;
+  switch (x->op) {
+  case CM_OP_ADD:
+  case CM_OP_SUB: {
+    int64_t sg = x->op == CM_OP_ADD ? 1 : -1;
+    for (int v = 0; v < CM_KMAX_VARS; v++) coef[v] = ca[v] + sg * cb[v];
+    *c0 = a0 + sg * b0;
+    return true;
+  }
+  case CM_OP_MUL: {
+    const int64_t *lin = ca, *cst = cb;
+    int64_t l0 = a0, m = b0;
+    for (int v = 0; v < CM_KMAX_VARS; v++) ok &= cb[v] == 0;
+    if (!ok) {
+      ok = true;
+      for (int v = 0; v < CM_KMAX_VARS; v++) ok &= ca[v] == 0;
+      if (!ok) return false;
+      lin = cb, cst = ca, l0 = b0, m = a0;
+    }
+    (void)cst;
+    for (int v = 0; v < CM_KMAX_VARS; v++) coef[v] = lin[v] * m;
+    *c0 = l0 * m;
+    return true;
+  }
+  default: return false;
+  }
+}
+
+/* Whether index e of stage s is the canonical element of a value laid out
+ * [batch..., rows, X]: (B * rows + v{rv}) * X + v{cv} (cv < 0 when X == 1),
+ * B the linear batch index over dom0[0..nb). Variables of extent 1 are 0. */
+static bool attn_canon(const cm_kstage *s, int e, const int64_t *dom0, int nb, int64_t rows, int rv,
+                       int cv, int64_t X) {
+  int64_t coef[CM_KMAX_VARS], c0;
+  if (!attn_aff(s, e, coef, &c0) || c0 != 0) return false;
+  int64_t want[CM_KMAX_VARS] = {0}, st = rows * X;
+  for (int v = nb - 1; v >= 0; v--) want[v] = st, st *= dom0[v];
+  want[rv] += X;
+  if (cv >= 0) want[cv] += 1;
+  for (int v = 0; v < s->n_dom + s->n_red; v++) {
+    int64_t ext = v < s->n_dom ? s->dom[v] : s->red[v - s->n_dom];
+    if (ext > 1 && coef[v] != want[v]) return false;
+  }
+  return true;
+}
+
+typedef struct fa_match {
+  const cm_kernel *k;
+  const int64_t *dom0; /* the first stage's batch extents */
+  int nb;
+  int64_t rows, keys, bat;
+} fa_match;
+
+/* The batch vars of stage s (its row var follows them): n_dom - 2 for the
+ * [batch, rows, keys or columns] stages, and for row statistics laid out
+ * [batch, rows, 1]; n_dom - 1 for [batch, rows]. They must be the first
+ * stage's batch, or all of extent 1 when that batch is one item (the
+ * simplifier drops unit axes from some stages only). -1 when neither. */
+static int fa_nbs(const cm_kstage *s, const int64_t *dom0, int nb, bool stat) {
+  int n = s->n_dom - 2;
+  if (stat && !(s->n_dom >= 2 && s->dom[s->n_dom - 1] == 1)) n = s->n_dom - 1;
+  if (n < 0) return -1;
+  int64_t bat = 1, sb = 1;
+  for (int v = 0; v < nb; v++) bat *= dom0[v];
+  for (int v = 0; v < n; v++) sb *= s->dom[v];
+  if (n == nb && (nb == 0 || !memcmp(s->dom, dom0, sizeof(int64_t) * (size_t)nb))) return n;
+  return bat == 1 && sb == 1 ? n : -1;
+}
+
+/* Every load in stage s (batch vars nbs) of one of bufs[0..n) reads f32 at
+ * its canonical index (X = xs[i]; key or column var cv). */
+static bool fa_loads_ok(const fa_match *m, const cm_kstage *s, int nbs, const int *bufs,
+                        const int64_t *xs, int n, int cv) {
+  for (int e = 0; e < s->n_exprs; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    if (x->kind != CM_KX_LOAD) continue;
+    for (int i = 0; i < n; i++) {
+      if (x->buf != bufs[i]) continue;
+      if (x->dtype != CM_F32 || m->k->buffers[x->buf].dtype != CM_F32 ||
+          !attn_canon(s, x->a, s->dom, nbs, m->rows, nbs, xs[i] > 1 ? cv : -1, xs[i]))
+        return false;
+    }
+  }
+  return true;
+}
+
+/* Whether stage s loads only buffers of bufs[0..n). */
+static bool fa_loads_only(const cm_kstage *s, const int *bufs, int n) {
+  for (int e = 0; e < s->n_exprs; e++) {
+    if (s->exprs[e].kind != CM_KX_LOAD) continue;
+    bool ok = false;
+    for (int i = 0; i < n; i++) ok |= s->exprs[e].buf == bufs[i];
+    if (!ok) return false;
+  }
+  return true;
+}
+
+/* Stage s is [batch, rows(, 1)] with one f32 store of ACC into a buffer at
+ * its canonical row index, reducing over the keys; returns the buffer. */
+static int fa_row_stat(const fa_match *m, const cm_kstage *s, cm_kreduce op, int *nbs) {
+  *nbs = fa_nbs(s, m->dom0, m->nb, true);
+  if (*nbs < 0 || s->n_red != 1 || s->red_op != op || s->red[0] != m->keys ||
+      s->acc_dtype != CM_F32 || s->accumulate || s->n_stores != 1 || s->tmpl != CM_KT_NONE ||
+      s->dom[*nbs] != m->rows)
+    return -1;
+  const cm_kstore *st = &s->stores[0];
+  const cm_kexpr *v = &s->exprs[st->value];
+  if (v->kind != CM_KX_ACC || v->dtype != CM_F32 || m->k->buffers[st->buf].dtype != CM_F32 ||
+      !attn_canon(s, st->index, s->dom, *nbs, m->rows, *nbs, -1, 1))
+    return -1;
+  return st->buf;
+}
+
+/* Stage s is [batch, rows, keys] elementwise with one f32 store at the
+ * canonical index; returns the buffer. */
+static int fa_tile_store(const fa_match *m, const cm_kstage *s, int *nbs) {
+  *nbs = fa_nbs(s, m->dom0, m->nb, false);
+  if (*nbs < 0 || s->n_red != 0 || s->dom[*nbs] != m->rows || s->dom[*nbs + 1] != m->keys ||
+      s->accumulate || s->n_stores != 1 || s->tmpl != CM_KT_NONE)
+    return -1;
+  const cm_kstore *st = &s->stores[0];
+  if (s->exprs[st->value].dtype != CM_F32 || m->k->buffers[st->buf].dtype != CM_F32 ||
+      !attn_canon(s, st->index, s->dom, *nbs, m->rows, *nbs, *nbs + 1, m->keys))
+    return -1;
+  return st->buf;
+}
+
+/* Expression e is E / l (or E * (1 / l), E * recip(l)) as loads of eb and lb. */
+static bool fa_is_norm(const cm_kstage *s, int e, int eb, int lb) {
+  const cm_kexpr *x = &s->exprs[e];
+#define FA_LOAD(id, b) (s->exprs[id].kind == CM_KX_LOAD && s->exprs[id].buf == (b))
+  if (x->kind != CM_KX_OP || x->dtype != CM_F32) return false;
+  if (x->op == CM_OP_DIV) return FA_LOAD(x->a, eb) && FA_LOAD(x->b, lb);
+  if (x->op != CM_OP_MUL) return false;
+  for (int side = 0; side < 2; side++) {
+    int ea = side ? x->b : x->a, rl = side ? x->a : x->b;
+    const cm_kexpr *r = &s->exprs[rl];
+    if (!FA_LOAD(ea, eb) || r->kind != CM_KX_OP || r->dtype != CM_F32) continue;
+    double one;
+    if (r->op == CM_OP_RECIP && FA_LOAD(r->a, lb)) return true;
+    if (r->op == CM_OP_DIV && cm_kx_is_const(s, r->a, &one) && one == 1 && FA_LOAD(r->b, lb))
+      return true;
+  }
+  return false;
+#undef FA_LOAD
+}
+
+/* Whether the cone of expression e loads buffer b (operands have smaller ids:
+ * one downward sweep). */
+static bool fa_cone_loads(const cm_kstage *s, int e, int b) {
+  if (e < 0 || e >= s->n_exprs) return false;
+  bool *in = calloc((size_t)e + 1, sizeof *in), hit = false;
+  if (!in) abort();
+  in[e] = true;
+  for (int i = e; i >= 0 && !hit; i--) {
+    if (!in[i]) continue;
+    const cm_kexpr *x = &s->exprs[i];
+    hit = x->kind == CM_KX_LOAD && x->buf == b;
+    int ops[3] = {x->a, x->b, x->c};
+    for (int j = 0; j < 3; j++)
+      if (ops[j] >= 0 && ops[j] < i && x->kind != CM_KX_VAR && x->kind != CM_KX_CONST)
+        in[ops[j]] = true;
+  }
+  free(in);
+  return hit;
+}
+
+/* Recognises the softmax structure of forward span a (first stage `first`):
+ * S, max, exp, sum, then O and an optional P in either order; fills the
+ * roles. False (a untouched) when the span is anything else. */
+static bool fa_match_span(const cm_kernel *k, int first, cm_kattn *a) {
+  const cm_kstage *s0 = &k->stages[first];
+  int nb = a->nb;
+  if (a->span != 5 && a->span != 6) return false;
+  if (s0->n_dom != nb + 2 || s0->n_red != 1 || s0->acc_dtype != CM_F32 || s0->n_stores != 1 ||
+      s0->dom[nb] != a->rows)
+    return false;
+  fa_match m = {k, s0->dom, nb, a->rows, s0->dom[nb + 1], 1};
+  if (m.keys < 2) return false;
+  /* S: one store of a function of ACC alone (a scale, a cast) at the canonical index */
+  const cm_kstore *ss = &s0->stores[0];
+  int sb = ss->buf;
+  if (s0->exprs[ss->value].dtype != CM_F32 || k->buffers[sb].dtype != CM_F32 ||
+      !attn_canon(s0, ss->index, s0->dom, nb, m.rows, nb, nb + 1, m.keys))
+    return false;
+  for (int e = 0; e < s0->n_exprs; e++)
+    if (s0->exprs[e].kind == CM_KX_LOAD && fa_cone_loads(s0, ss->value, s0->exprs[e].buf))
+      return false;
+  int nbs;
+  int64_t xs[2] = {m.keys, 1};
+  /* m = rowmax(f(S)) */
+  const cm_kstage *sm = &k->stages[first + 1];
+  int mb = fa_row_stat(&m, sm, CM_KRED_MAX, &nbs);
+  int bl[2] = {sb, -1};
+  if (mb < 0 || !fa_loads_only(sm, bl, 1) || !fa_loads_ok(&m, sm, nbs, bl, xs, 1, sm->n_dom))
+    return false;
+  /* E = exp(g(S) - m) */
+  const cm_kstage *se = &k->stages[first + 2];
+  int eb = fa_tile_store(&m, se, &nbs);
+  bl[1] = mb;
+  if (eb < 0 || !fa_loads_only(se, bl, 2) || !fa_loads_ok(&m, se, nbs, bl, xs, 2, nbs + 1))
+    return false;
+  const cm_kexpr *ev = &se->exprs[se->stores[0].value];
+  if (ev->kind != CM_KX_OP || ev->op != CM_OP_EXP) return false;
+  const cm_kexpr *sub = &se->exprs[ev->a];
+  if (sub->kind != CM_KX_OP || sub->op != CM_OP_SUB || sub->dtype != CM_F32 ||
+      se->exprs[sub->b].kind != CM_KX_LOAD || se->exprs[sub->b].buf != mb ||
+      fa_cone_loads(se, sub->a, mb))
+    return false;
+  /* l = rowsum(E) */
+  const cm_kstage *sl = &k->stages[first + 3];
+  int lb = fa_row_stat(&m, sl, CM_KRED_SUM, &nbs);
+  const cm_kexpr *lbody = lb >= 0 ? &sl->exprs[sl->body] : NULL;
+  if (!lbody || lbody->kind != CM_KX_LOAD || lbody->buf != eb || !fa_loads_only(sl, &eb, 1) ||
+      !fa_loads_ok(&m, sl, nbs, &eb, xs, 1, sl->n_dom))
+    return false;
+  /* O = (E / l or P) V, and P = E / l before or after it */
+  int so_i = -1, sp = -1, pb = -1;
+  for (int si = first + 4; si < first + a->span; si++) {
+    if (k->stages[si].tmpl == CM_KT_GEMM && so_i < 0)
+      so_i = si;
+    else if (sp < 0)
+      sp = si;
+    else
+      return false;
+  }
+  if (so_i < 0) return false;
+  int el[2] = {eb, lb};
+  if (sp >= 0) {
+    const cm_kstage *sq = &k->stages[sp];
+    pb = fa_tile_store(&m, sq, &nbs);
+    if (pb < 0 || !fa_is_norm(sq, sq->stores[0].value, eb, lb) || !fa_loads_only(sq, el, 2) ||
+        !fa_loads_ok(&m, sq, nbs, el, xs, 2, nbs + 1))
+      return false;
+  }
+  const cm_kstage *so = &k->stages[so_i];
+  nbs = fa_nbs(so, s0->dom, nb, false);
+  if (nbs < 0 || so->n_red != 1 || so->red_op != CM_KRED_SUM || so->acc_dtype != CM_F32 ||
+      so->red[0] != m.keys || so->dom[nbs] != m.rows || so->accumulate || so->gemm_a < 0 ||
+      so->gemm_b < 0)
+    return false;
+  int roles[5] = {sb, mb, eb, lb, pb};
+  if (pb >= 0 && sp < so_i && so->exprs[so->gemm_a].kind == CM_KX_LOAD &&
+      so->exprs[so->gemm_a].buf == pb) {
+    if (!fa_loads_ok(&m, so, nbs, &pb, xs, 1, so->n_dom)) return false;
+    for (int e = 0; e < so->n_exprs; e++) /* P read only as gemm_a */
+      if (e != so->gemm_a && so->exprs[e].kind == CM_KX_LOAD && so->exprs[e].buf == pb)
+        return false;
+  } else if (!fa_is_norm(so, so->gemm_a, eb, lb) ||
+             !fa_loads_ok(&m, so, nbs, el, xs, 2, so->n_dom)) {
+    return false;
+  }
+  /* the operand V, the epilogue and the stores touch no role except through gemm_a */
+  for (int r = 0; r < 5; r++) {
+    if (roles[r] < 0) continue;
+    for (int q = r + 1; q < 5; q++)
+      if (roles[q] == roles[r]) return false;
+    if (fa_cone_loads(so, so->gemm_b, roles[r])) return false;
+    for (int j = 0; j < so->n_stores; j++)
+      if (so->stores[j].buf == roles[r] || fa_cone_loads(so, so->stores[j].value, roles[r]) ||
+          fa_cone_loads(so, so->stores[j].index, roles[r]))
+        return false;
+  }
+  for (int j = 0; j < so->n_stores; j++)
+    for (int si = first; si < first + a->span; si++)
+      for (int e = 0; e < k->stages[si].n_exprs; e++)
+        if (k->stages[si].exprs[e].kind == CM_KX_LOAD &&
+            k->stages[si].exprs[e].buf == so->stores[j].buf)
+          return false;
+  a->st_max = first + 1, a->st_exp = first + 2, a->st_sum = first + 3;
+  a->st_p = sp, a->st_out = so_i;
+  a->buf_s = sb, a->buf_m = mb, a->buf_e = eb, a->buf_l = lb, a->buf_p = pb;
+  a->keep = 0;
+  for (int r = 0; r < 5; r++) {
+    if (roles[r] < 0) continue;
+    bool loc = false;
+    for (int i = 0; i < a->n_local; i++) loc |= a->local[i] == roles[r];
+    if (!loc) a->keep |= 1u << r;
+  }
+  return true;
+}
+
+static int64_t fa_up(int64_t v, int64_t m) {
+  return (v + m - 1) / m * m;
+}
+
+int64_t cm_kattn_stream_workspace(const cm_kernel *k, int first, int mr, int nr, int64_t *off) {
+  if (!k || first < 0 || first >= k->n_stages || mr < 1 || nr < 1) return 0;
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream || a->st_out < first ||
+      a->st_out >= k->n_stages || a->bc < 1 || s0->n_red != 1 || s0->n_dom < 2)
+    return 0;
+  const cm_kstage *so = &k->stages[a->st_out];
+  if (so->n_dom < 2) return 0;
+  int64_t br = a->br < a->rows ? a->br : a->rows, brp = fa_up(br, mr);
+  int64_t d = s0->red[0], dv = so->dom[so->n_dom - 1], bc = a->bc;
+  int64_t sz[8] = {brp * d,
+                   d * fa_up(bc, nr) > bc * fa_up(dv, nr) ? d * fa_up(bc, nr) : bc * fa_up(dv, nr),
+                   brp * fa_up(bc, nr),
+                   brp * bc,
+                   brp * fa_up(dv, nr),
+                   brp,
+                   brp,
+                   brp};
+  int64_t o = 0;
+  for (int i = 0; i < 8; i++) {
+    if (off) off[i] = o;
+    o += fa_up(4 * sz[i], 64);
+  }
+  return o + 64;
+}
+
+/* The key block: forced by the options, else whole key rows while the span's
+ * tiles of br x keys fit a per-thread budget (L2-sized), else 64 keys. */
+static void fa_choose(cm_kernel *k, int first, const cm_lower_opts *o, int mr, int nr) {
+  cm_kstage *s0 = &k->stages[first];
+  cm_kattn *a = &s0->attn;
+  a->stream = false;
+  a->st_max = a->st_exp = a->st_sum = a->st_p = a->st_out = -1;
+  a->buf_s = a->buf_m = a->buf_e = a->buf_l = a->buf_p = -1;
+  a->keep = 0;
+  int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : a->rows;
+  a->bc = (int)keys;
+  if (s0->tmpl != CM_KT_ATTENTION_FWD) return;
+  int64_t bc = keys;
+  if (o && o->attn_bc > 0)
+    bc = o->attn_bc < keys ? o->attn_bc : keys;
+  else if (a->ws_bytes > ((int64_t)512 << 10))
+    bc = 64 < keys ? 64 : keys;
+  if (bc >= keys) return;
+  cm_kattn t = *a;
+  if (!fa_match_span(k, first, &t)) return;
+  t.stream = true;
+  t.bc = (int)bc;
+  *a = t;
+  a->ws_bytes = cm_kattn_stream_workspace(k, first, mr, nr, NULL);
+}
+
 /* Marks the longest span of an attention group's stages, from its first GEMM
  * stage, that fuses (cm_kattn_check holds); row blocks when every stage is
  * local to the query row, else whole batch items. Leaves the kernel as is when
@@ -765,6 +1125,7 @@ static void mark_attention(cm_kernel *k, const cm_lower_opts *o) {
       cm_err e;
       if (cm_kattn_check(k, first, &e) == CM_OK) {
         s0->attn.ws_bytes = cm_kattn_workspace(k, first, mr, nr, NULL, NULL);
+        fa_choose(k, first, o, mr, nr);
         return;
       }
     }

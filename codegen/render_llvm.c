@@ -1518,6 +1518,393 @@ static void render_attention(rctx *c, const char *fname, const attn_plan *p) {
   free(ioff), free(saved), free(memo);
 }
 
+/* ---- attention span, streaming (online softmax over key blocks) -----------
+ *
+ * A forward span the lowering matched (cm_kattn.stream: S, m, E, l, [P], O)
+ * with bc < keys. Per work item (batch item) and block of br query rows: Q
+ * packed once; for each block of bc keys, S_j = Q K_j^T (packed micro-kernel,
+ * then the S stage's epilogue), m_new = max(m, rowmax(f(S_j))), alpha =
+ * exp(m - m_new), E_j = the E stage's value at m_new (packed as the A operand
+ * of P V), l = alpha l + rowsum(E_j), O = alpha O + E_j V_j (the rescale in the
+ * micro-kernel's accumulator init); finally O / l goes through the O stage's
+ * epilogue. Roles the graph keeps (cm_kattn.keep) are written from the final
+ * m and l: m and l per row, S, E and P by a second pass over the key blocks
+ * recomputing S_j. The role loads of each stage are not evaluated: they take
+ * the tile's values (the lowering proved every such load canonical). Workspace:
+ * cm_kattn_stream_workspace, O(br (bc + d)), independent of the keys. */
+
+typedef struct fa_plan {
+  int first, nb, mr, nr;
+  int64_t rows, keys, br, nblk, bc, nkb, d, dv, brp, ldc, ldo;
+  int64_t off[8];
+  const cm_kattn *a;
+  const cm_kstage *sS, *sM, *sE, *sL, *sP, *sO;
+} fa_plan;
+
+static bool fa_plan_of(rctx *c, int first, fa_plan *p) {
+  const cm_kernel *k = c->k;
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  cm_err e;
+  if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream || cm_kernel_verify(k, &e) != CM_OK)
+    return false;
+  int end = first + a->span;
+  int st[5] = {a->st_max, a->st_exp, a->st_sum, a->st_out, a->st_p};
+  for (int i = 0; i < 5; i++)
+    if ((st[i] <= first || st[i] >= end) && !(i == 4 && st[i] == -1)) return false;
+  int bf[5] = {a->buf_s, a->buf_m, a->buf_e, a->buf_l, a->buf_p};
+  for (int i = 0; i < 5; i++)
+    if ((bf[i] < 0 || bf[i] >= k->n_buffers) && !(i == 4 && bf[i] == -1 && a->st_p == -1))
+      return false;
+  memset(p, 0, sizeof *p);
+  p->first = first, p->nb = a->nb, p->a = a;
+  p->mr = s0->tiles.mr, p->nr = s0->tiles.nr;
+  int W = c->W;
+  if (p->mr < 1 || p->nr < W || p->nr % W || p->nr / W > 8 || p->mr * (p->nr / W) > 32)
+    return false;
+  p->sS = s0, p->sM = &k->stages[a->st_max], p->sE = &k->stages[a->st_exp];
+  p->sL = &k->stages[a->st_sum], p->sO = &k->stages[a->st_out];
+  p->sP = a->st_p >= 0 ? &k->stages[a->st_p] : NULL;
+  if (s0->n_dom != p->nb + 2 || s0->n_red != 1 || p->sO->n_dom < 2 || p->sO->n_red != 1 ||
+      p->sO->gemm_a < 0 || p->sO->gemm_b < 0 || s0->gemm_a < 0 || s0->gemm_b < 0 ||
+      p->sM->n_red != 1 || p->sL->n_red != 1 || p->sE->n_stores != 1 ||
+      (p->sP && p->sP->n_stores != 1) || s0->n_stores != 1)
+    return false;
+  p->rows = a->rows, p->keys = s0->dom[p->nb + 1];
+  p->br = a->br < a->rows ? a->br : a->rows;
+  p->nblk = (p->rows + p->br - 1) / p->br;
+  p->bc = a->bc;
+  if (p->bc < 1 || p->bc >= p->keys) return false;
+  p->nkb = (p->keys + p->bc - 1) / p->bc;
+  p->d = s0->red[0], p->dv = p->sO->dom[p->sO->n_dom - 1];
+  p->brp = (p->br + p->mr - 1) / p->mr * p->mr;
+  p->ldc = (p->bc + p->nr - 1) / p->nr * p->nr;
+  p->ldo = (p->dv + p->nr - 1) / p->nr * p->nr;
+  /* rows of a block other than the last are whole panels */
+  if (p->br < p->rows && p->br % p->mr) return false;
+  int64_t ws = cm_kattn_stream_workspace(k, first, p->mr, p->nr, p->off);
+  return ws > 0 && ws <= a->ws_bytes;
+}
+
+static LLVMValueRef fa_f32p(rctx *c, LLVMValueRef ws, int64_t byte_off, const char *name) {
+  LLVMValueRef off = ci64(c, byte_off);
+  return LLVMBuildInBoundsGEP2(c->B, c->i8, ws, &off, 1, name);
+}
+
+static LLVMValueRef fa_ld(rctx *c, LLVMValueRef base, LLVMValueRef idx, const char *name) {
+  LLVMValueRef v = LLVMBuildLoad2(c->B, c->f32, fptr(c, base, idx, "fa.p"), name);
+  LLVMSetAlignment(v, 4);
+  return v;
+}
+
+static void fa_st(rctx *c, LLVMValueRef base, LLVMValueRef idx, LLVMValueRef v) {
+  LLVMSetAlignment(LLVMBuildStore(c->B, v, fptr(c, base, idx, "fa.p")), 4);
+}
+
+static LLVMValueRef fa_splat(rctx *c, LLVMValueRef x) {
+  LLVMValueRef ins =
+      LLVMBuildInsertElement(c->B, LLVMGetPoison(c->vty), x, LLVMConstInt(c->i32, 0, 0), "");
+  return LLVMBuildShuffleVector(c->B, ins, LLVMGetPoison(c->vty),
+                                LLVMConstNull(LLVMVectorType(c->i32, (unsigned)c->W)), "splat");
+}
+
+/* The batch vars of a role stage (the lowering's rule, fa_nbs in lower.c):
+ * its row var follows them. Stages other than the first may have unit batch
+ * axes of their own when the batch is one item. */
+static int fa_stage_nb(const cm_kstage *s, bool stat) {
+  if (stat && !(s->n_dom >= 2 && s->dom[s->n_dom - 1] == 1)) return s->n_dom - 1;
+  return s->n_dom - 2;
+}
+
+enum { FA_NONE = -1, FA_COL = -2, FA_RED = -3 };
+
+/* Stage s at query row `row` and, for cv FA_COL (the var after the row) or
+ * FA_RED (the reduction var), col: batch vars from bv (all 0 when the stage's
+ * batch axes are not the span's), every other var 0; memo cleared, loads of
+ * bufs[i] take vals[i]. Returns the stage's row var. */
+static int fa_point(rctx *c, const fa_plan *p, const cm_kstage *s, const LLVMValueRef *bv,
+                    LLVMValueRef row, int cv, LLVMValueRef col, const int *bufs,
+                    const LLVMValueRef *vals, int n) {
+  c->s = s;
+  c->stage = (int)(s - c->k->stages);
+  int nbs = fa_stage_nb(s, s == p->sM || s == p->sL);
+  for (int v = 0; v < CM_KMAX_VARS; v++) c->vars[v] = v < s->n_dom + s->n_red ? ci64(c, 0) : NULL;
+  if (nbs == p->nb)
+    for (int v = 0; v < p->nb; v++) c->vars[v] = bv[v];
+  if (row) c->vars[nbs] = row;
+  if (cv == FA_COL) c->vars[nbs + 1] = col;
+  if (cv == FA_RED) c->vars[s->n_dom] = col;
+  reset_memo(c);
+  for (int e = 0; e < s->n_exprs; e++)
+    for (int i = 0; i < n; i++)
+      if (s->exprs[e].kind == CM_KX_LOAD && s->exprs[e].buf == bufs[i]) c->memo[e] = vals[i];
+  return nbs;
+}
+
+/* Store j of the current stage with value v (its index evaluated at the current point). */
+static void fa_store(rctx *c, int j, LLVMValueRef v) {
+  const cm_kstore *x = &c->s->stores[j];
+  LLVMValueRef idx = convert(c, emit(c, x->index), c->s->exprs[x->index].dtype, CM_I64);
+  if (!c->failed) store_buf(c, x->buf, idx, v, c->s->exprs[x->value].dtype, false);
+}
+
+/* C (ldc floats a row) = [alpha[row] * C +] packed A panels [0, mpan) x packed
+ * B panels [0, npan) over k < kend (panel strides kstr). */
+static void fa_microkernel(rctx *c, const fa_plan *p, LLVMValueRef Ap, LLVMValueRef Bp,
+                           LLVMValueRef Ct, LLVMValueRef mpan, LLVMValueRef npan, int64_t kstr,
+                           LLVMValueRef kend, int64_t ldc, LLVMValueRef alpha) {
+  LLVMBuilderRef B = c->B;
+  int64_t mr = p->mr, nr = p->nr, W = c->W, nv = nr / W;
+  loop Jr = loop_begin(c, "fa.jr", ci64(c, 0));
+  loop Ir = loop_begin(c, "fa.ir", ci64(c, 0));
+  LLVMValueRef apan = fptr(c, Ap, LLVMBuildMul(B, Ir.iv, ci64(c, kstr * mr), ""), "apanel");
+  LLVMValueRef bpan = fptr(c, Bp, LLVMBuildMul(B, Jr.iv, ci64(c, kstr * nr), ""), "bpanel");
+  LLVMValueRef cbase = LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, ci64(c, mr * ldc), ""),
+                                    LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), "cbase");
+  LLVMValueRef init[64], nacc[64];
+  for (int64_t r = 0; r < mr; r++) {
+    LLVMValueRef sa = NULL;
+    if (alpha)
+      sa = fa_splat(c,
+                    fa_ld(c, alpha,
+                          LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, ci64(c, mr), ""), ci64(c, r), ""),
+                          "alpha"));
+    for (int64_t v = 0; v < nv; v++) {
+      if (!alpha) {
+        init[r * nv + v] = LLVMConstNull(c->vty);
+        continue;
+      }
+      LLVMValueRef off = LLVMBuildAdd(B, cbase, ci64(c, r * ldc + v * W), "");
+      LLVMValueRef old = LLVMBuildLoad2(B, c->vty, fptr(c, Ct, off, "cp"), "cold");
+      LLVMSetAlignment(old, 4);
+      init[r * nv + v] = LLVMBuildFMul(B, sa, old, "cscaled");
+    }
+  }
+  emit_fma_kloop(c, apan, bpan, mr, nv, nr, kend, "fa.kk", init, nacc);
+  for (int64_t r = 0; r < mr; r++)
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef off = LLVMBuildAdd(B, cbase, ci64(c, r * ldc + v * W), "");
+      LLVMValueRef st = LLVMBuildStore(B, nacc[r * nv + v], fptr(c, Ct, off, "cp"));
+      LLVMSetAlignment(st, 4);
+    }
+  loop_end(c, &Ir, mpan, "fa.ir.exit");
+  loop_end(c, &Jr, npan, "fa.jr.exit");
+}
+
+/* The S tile of query rows [i0, i0 + mrows) x keys [j0, j0 + bcur) into St
+ * (the S stage's store values; also stored to its buffer when kept). */
+static void fa_scores(rctx *c, const fa_plan *p, const LLVMValueRef *bv, LLVMValueRef i0,
+                      LLVMValueRef mrows, LLVMValueRef mpan, LLVMValueRef j0, LLVMValueRef bcur,
+                      LLVMValueRef Qp, LLVMValueRef Kp, LLVMValueRef St, bool keep_s) {
+  LLVMBuilderRef B = c->B;
+  fa_point(c, p, p->sS, bv, NULL, FA_NONE, NULL, NULL, NULL, 0);
+  LLVMValueRef npan =
+      LLVMBuildSDiv(B, LLVMBuildAdd(B, bcur, ci64(c, p->nr - 1), ""), ci64(c, p->nr), "fa.kpan");
+  emit_pack(c, "fa.packK", p->sS->gemm_b, p->nb + 1, j0, p->keys, npan, p->nr, p->d, ci64(c, 0),
+            ci64(c, p->d), Kp);
+  fa_microkernel(c, p, Qp, Kp, St, mpan, npan, p->d, ci64(c, p->d), p->ldc, NULL);
+  loop Li = loop_begin(c, "fa.s.i", ci64(c, 0));
+  loop Lj = loop_begin(c, "fa.s.j", ci64(c, 0));
+  LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Li.iv, ci64(c, p->ldc), ""), Lj.iv, "");
+  fa_point(c, p, p->sS, bv, LLVMBuildAdd(B, i0, Li.iv, "i"), FA_COL,
+           LLVMBuildAdd(B, j0, Lj.iv, "j"), NULL, NULL, 0);
+  c->acc = fa_ld(c, St, off, "c");
+  LLVMValueRef v = emit(c, p->sS->stores[0].value);
+  if (keep_s) fa_store(c, 0, v);
+  fa_st(c, St, off, convert(c, v, p->sS->exprs[p->sS->stores[0].value].dtype, CM_F32));
+  c->acc = NULL;
+  loop_end(c, &Lj, bcur, "fa.s.j.exit");
+  loop_end(c, &Li, mrows, "fa.s.i.exit");
+}
+
+static void render_attention_stream(rctx *c, const char *fname, const fa_plan *p) {
+  const cm_kernel *k = c->k;
+  const cm_kattn *a = p->a;
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  begin_function(c, fname, &begin, &end, &ws, &done);
+  int max_exprs = 1;
+  for (int si = p->first; si < p->first + a->span; si++)
+    if (k->stages[si].n_exprs > max_exprs) max_exprs = k->stages[si].n_exprs;
+  LLVMValueRef *memo = calloc((size_t)max_exprs, sizeof *memo), *saved_memo = c->memo;
+  if (!memo) {
+    c->failed = true;
+    c->fail_status = cm_errorf(c->err, CM_EINTERNAL, "cm_render_llvm: out of memory");
+    LLVMBuildBr(B, done);
+    LLVMPositionBuilderAtEnd(B, done);
+    LLVMBuildRetVoid(B);
+    return;
+  }
+  c->memo = memo;
+  LLVMValueRef Qp = fa_f32p(c, ws, p->off[0], "fa.Q"), KVp = fa_f32p(c, ws, p->off[1], "fa.KV");
+  LLVMValueRef St = fa_f32p(c, ws, p->off[2], "fa.S"), Ep = fa_f32p(c, ws, p->off[3], "fa.E");
+  LLVMValueRef Oa = fa_f32p(c, ws, p->off[4], "fa.O"), Mv = fa_f32p(c, ws, p->off[5], "fa.m");
+  LLVMValueRef Lv = fa_f32p(c, ws, p->off[6], "fa.l"), Av = fa_f32p(c, ws, p->off[7], "fa.alpha");
+  LLVMValueRef zero = LLVMConstReal(c->f32, 0), ninf = LLVMConstReal(c->f32, -INFINITY);
+  int64_t npv = p->ldo / p->nr;
+  /* rows of packed E past the last block's rows feed only discarded O rows:
+     keep them finite */
+  loop Z = loop_begin(c, "fa.zero", ci64(c, 0));
+  fa_st(c, Ep, Z.iv, zero);
+  loop_end(c, &Z, ci64(c, p->brp * p->bc), "fa.zero.exit");
+  loop Z2 = loop_begin(c, "fa.zero2", ci64(c, 0));
+  fa_st(c, Av, Z2.iv, zero);
+  loop_end(c, &Z2, ci64(c, p->brp), "fa.zero2.exit");
+
+  loop Wl = loop_begin(c, "fa.w", begin);
+  LLVMValueRef bv[CM_KMAX_VARS], rest = Wl.iv;
+  for (int v = p->nb - 1; v >= 0; v--) {
+    if (v == 0) {
+      bv[v] = rest;
+    } else {
+      bv[v] = LLVMBuildSRem(B, rest, ci64(c, p->sS->dom[v]), "b");
+      rest = LLVMBuildSDiv(B, rest, ci64(c, p->sS->dom[v]), "");
+    }
+  }
+  loop Qb = loop_begin(c, "fa.qblk", ci64(c, 0));
+  LLVMValueRef i0 = LLVMBuildMul(B, Qb.iv, ci64(c, p->br), "fa.i0");
+  LLVMValueRef mrows = smin(c, LLVMBuildSub(B, ci64(c, p->rows), i0, ""), ci64(c, p->br), "fa.m");
+  LLVMValueRef mpan =
+      LLVMBuildSDiv(B, LLVMBuildAdd(B, mrows, ci64(c, p->mr - 1), ""), ci64(c, p->mr), "fa.mpan");
+  fa_point(c, p, p->sS, bv, NULL, FA_NONE, NULL, NULL, NULL, 0);
+  emit_pack(c, "fa.packQ", p->sS->gemm_a, p->nb, i0, p->rows, mpan, p->mr, p->d, ci64(c, 0),
+            ci64(c, p->d), Qp);
+  loop R0 = loop_begin(c, "fa.init", ci64(c, 0));
+  fa_st(c, Mv, R0.iv, ninf);
+  fa_st(c, Lv, R0.iv, zero);
+  loop_end(c, &R0, ci64(c, p->brp), "fa.init.exit");
+  loop O0 = loop_begin(c, "fa.init.o", ci64(c, 0));
+  fa_st(c, Oa, O0.iv, zero);
+  loop_end(c, &O0, ci64(c, p->brp * p->ldo), "fa.init.o.exit");
+
+  /* pass 1: running max, sum and O over the key blocks */
+  loop Kb = loop_begin(c, "fa.kblk", ci64(c, 0));
+  LLVMValueRef j0 = LLVMBuildMul(B, Kb.iv, ci64(c, p->bc), "fa.j0");
+  LLVMValueRef bcur = smin(c, LLVMBuildSub(B, ci64(c, p->keys), j0, ""), ci64(c, p->bc), "fa.bc");
+  fa_scores(c, p, bv, i0, mrows, mpan, j0, bcur, Qp, KVp, St, false);
+  {
+    loop Li = loop_begin(c, "fa.r", ci64(c, 0));
+    LLVMValueRef row = LLVMBuildAdd(B, i0, Li.iv, "i");
+    LLVMValueRef sbase = LLVMBuildMul(B, Li.iv, ci64(c, p->ldc), "");
+    /* row max of f(S) over the block */
+    LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
+    loop Lj = loop_begin(c, "fa.max", ci64(c, 0));
+    LLVMValueRef mx = LLVMBuildPhi(B, c->f32, "mx");
+    LLVMAddIncoming(mx, &ninf, &pre, 1);
+    LLVMValueRef sv = fa_ld(c, St, LLVMBuildAdd(B, sbase, Lj.iv, ""), "s");
+    fa_point(c, p, p->sM, bv, row, FA_RED, LLVMBuildAdd(B, j0, Lj.iv, "j"), &a->buf_s, &sv, 1);
+    LLVMValueRef bval = convert(c, emit(c, p->sM->body), p->sM->exprs[p->sM->body].dtype, CM_F32);
+    LLVMValueRef args[2] = {mx, bval};
+    LLVMValueRef nmx = intrin(c, "llvm.maximum", &c->f32, 1, args, 2, "max");
+    LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
+    LLVMAddIncoming(mx, &nmx, &latch, 1);
+    loop_end(c, &Lj, bcur, "fa.max.exit");
+    LLVMValueRef m_old = fa_ld(c, Mv, Li.iv, "m.old");
+    LLVMValueRef a2[2] = {m_old, nmx};
+    LLVMValueRef m_new = intrin(c, "llvm.maximum", &c->f32, 1, a2, 2, "m.new");
+    LLVMValueRef first = LLVMBuildFCmp(B, LLVMRealOEQ, m_old, ninf, "fa.first");
+    LLVMValueRef alpha =
+        LLVMBuildSelect(B, first, zero, vexp(c, LLVMBuildFSub(B, m_old, m_new, "")), "alpha");
+    fa_st(c, Mv, Li.iv, m_new);
+    fa_st(c, Av, Li.iv, alpha);
+    /* E at m_new, packed as the A operand of E V; its row sum */
+    LLVMValueRef ebase = LLVMBuildAdd(
+        B, LLVMBuildMul(B, LLVMBuildSDiv(B, Li.iv, ci64(c, p->mr), ""), ci64(c, p->bc * p->mr), ""),
+        LLVMBuildSRem(B, Li.iv, ci64(c, p->mr), ""), "ebase");
+    pre = LLVMGetInsertBlock(B);
+    loop Le = loop_begin(c, "fa.exp", ci64(c, 0));
+    LLVMValueRef rs = LLVMBuildPhi(B, c->f32, "rs");
+    LLVMAddIncoming(rs, &zero, &pre, 1);
+    LLVMValueRef sv2 = fa_ld(c, St, LLVMBuildAdd(B, sbase, Le.iv, ""), "s");
+    int eb2[2] = {a->buf_s, a->buf_m};
+    LLVMValueRef ev2[2] = {sv2, m_new};
+    fa_point(c, p, p->sE, bv, row, FA_COL, LLVMBuildAdd(B, j0, Le.iv, "j"), eb2, ev2, 2);
+    int ve = p->sE->stores[0].value;
+    LLVMValueRef ev = convert(c, emit(c, ve), p->sE->exprs[ve].dtype, CM_F32);
+    LLVMValueRef nrs = LLVMBuildFAdd(B, rs, ev, "rs.next");
+    set_fast(nrs);
+    fa_st(c, Ep, LLVMBuildAdd(B, ebase, LLVMBuildMul(B, Le.iv, ci64(c, p->mr), ""), ""), ev);
+    latch = LLVMGetInsertBlock(B);
+    LLVMAddIncoming(rs, &nrs, &latch, 1);
+    loop_end(c, &Le, bcur, "fa.exp.exit");
+    LLVMValueRef l_old = fa_ld(c, Lv, Li.iv, "l.old");
+    fa_st(c, Lv, Li.iv, LLVMBuildFAdd(B, LLVMBuildFMul(B, alpha, l_old, ""), nrs, "l.new"));
+    loop_end(c, &Li, mrows, "fa.r.exit");
+  }
+  int onb = fa_point(c, p, p->sO, bv, NULL, FA_NONE, NULL, NULL, NULL, 0);
+  emit_pack(c, "fa.packV", p->sO->gemm_b, onb + 1, ci64(c, 0), p->dv, ci64(c, npv), p->nr, p->bc,
+            j0, bcur, KVp);
+  fa_microkernel(c, p, Ep, KVp, Oa, mpan, ci64(c, npv), p->bc, bcur, p->ldo, Av);
+  loop_end(c, &Kb, ci64(c, p->nkb), "fa.kblk.exit");
+
+  /* O / l through the O stage's epilogue */
+  {
+    loop Li = loop_begin(c, "fa.o.i", ci64(c, 0));
+    loop Lc = loop_begin(c, "fa.o.c", ci64(c, 0));
+    fa_point(c, p, p->sO, bv, LLVMBuildAdd(B, i0, Li.iv, "i"), FA_COL, Lc.iv, NULL, NULL, 0);
+    LLVMValueRef o =
+        fa_ld(c, Oa, LLVMBuildAdd(B, LLVMBuildMul(B, Li.iv, ci64(c, p->ldo), ""), Lc.iv, ""), "o");
+    c->acc = LLVMBuildFDiv(B, o, fa_ld(c, Lv, Li.iv, "l"), "o.l");
+    emit_stores(c);
+    c->acc = NULL;
+    loop_end(c, &Lc, ci64(c, p->dv), "fa.o.c.exit");
+    loop_end(c, &Li, mrows, "fa.o.i.exit");
+  }
+  /* the row statistics the graph keeps */
+  for (int r = 0; r < 2; r++) {
+    if (!(a->keep & (r ? CM_KATTN_KEEP_L : CM_KATTN_KEEP_M))) continue;
+    const cm_kstage *s = r ? p->sL : p->sM;
+    loop Li = loop_begin(c, r ? "fa.keep.l" : "fa.keep.m", ci64(c, 0));
+    fa_point(c, p, s, bv, LLVMBuildAdd(B, i0, Li.iv, "i"), FA_NONE, NULL, NULL, NULL, 0);
+    c->acc = fa_ld(c, r ? Lv : Mv, Li.iv, "stat");
+    emit_stores(c);
+    c->acc = NULL;
+    loop_end(c, &Li, mrows, r ? "fa.keep.l.exit" : "fa.keep.m.exit");
+  }
+  /* pass 2: S, E, P from the final m and l, recomputing S per key block */
+  if (a->keep & (CM_KATTN_KEEP_S | CM_KATTN_KEEP_E | CM_KATTN_KEEP_P)) {
+    loop K2 = loop_begin(c, "fa.kblk2", ci64(c, 0));
+    LLVMValueRef j2 = LLVMBuildMul(B, K2.iv, ci64(c, p->bc), "fa.j0");
+    LLVMValueRef bc2 = smin(c, LLVMBuildSub(B, ci64(c, p->keys), j2, ""), ci64(c, p->bc), "fa.bc");
+    fa_scores(c, p, bv, i0, mrows, mpan, j2, bc2, Qp, KVp, St, a->keep & CM_KATTN_KEEP_S);
+    if (a->keep & (CM_KATTN_KEEP_E | CM_KATTN_KEEP_P)) {
+      loop Li = loop_begin(c, "fa.k2.i", ci64(c, 0));
+      LLVMValueRef row = LLVMBuildAdd(B, i0, Li.iv, "i");
+      LLVMValueRef mfin = fa_ld(c, Mv, Li.iv, "m"), lfin = fa_ld(c, Lv, Li.iv, "l");
+      loop Lj = loop_begin(c, "fa.k2.j", ci64(c, 0));
+      LLVMValueRef col = LLVMBuildAdd(B, j2, Lj.iv, "j");
+      LLVMValueRef sv = fa_ld(
+          c, St, LLVMBuildAdd(B, LLVMBuildMul(B, Li.iv, ci64(c, p->ldc), ""), Lj.iv, ""), "s");
+      int eb2[2] = {a->buf_s, a->buf_m};
+      LLVMValueRef ev2[2] = {sv, mfin};
+      fa_point(c, p, p->sE, bv, row, FA_COL, col, eb2, ev2, 2);
+      int ve = p->sE->stores[0].value;
+      LLVMValueRef ev = emit(c, ve);
+      if (a->keep & CM_KATTN_KEEP_E) fa_store(c, 0, ev);
+      ev = convert(c, ev, p->sE->exprs[ve].dtype, CM_F32);
+      if (p->sP && (a->keep & CM_KATTN_KEEP_P)) {
+        int pb2[2] = {a->buf_e, a->buf_l};
+        LLVMValueRef pv2[2] = {ev, lfin};
+        fa_point(c, p, p->sP, bv, row, FA_COL, col, pb2, pv2, 2);
+        fa_store(c, 0, emit(c, p->sP->stores[0].value));
+      }
+      loop_end(c, &Lj, bc2, "fa.k2.j.exit");
+      loop_end(c, &Li, mrows, "fa.k2.i.exit");
+    }
+    loop_end(c, &K2, ci64(c, p->nkb), "fa.kblk2.exit");
+  }
+  c->s = p->sS;
+  c->stage = p->first;
+  loop_end(c, &Qb, ci64(c, p->nblk), "fa.qblk.exit");
+  loop_end(c, &Wl, end, "fa.w.exit");
+  LLVMBuildBr(B, done);
+  LLVMPositionBuilderAtEnd(B, done);
+  LLVMBuildRetVoid(B);
+  c->memo = saved_memo;
+  free(memo);
+}
+
 /* A stage inside a fused span: its work ran in the span's first stage. */
 static void render_nothing(rctx *c, const char *fname) {
   LLVMValueRef begin, end, ws;
@@ -1631,6 +2018,16 @@ cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_rend
       render_nothing(&c, fname);
       free(c.memo);
       c.memo = NULL;
+      continue;
+    }
+    fa_plan fp;
+    if (s->tmpl == CM_KT_ATTENTION_FWD && !(o && o->no_templates) && s->attn.stream &&
+        fa_plan_of(&c, si, &fp)) {
+      render_attention_stream(&c, fname, &fp);
+      attn_end = si + s->attn.span;
+      free(c.memo);
+      c.memo = NULL;
+      if (c.failed) st = c.fail_status;
       continue;
     }
     attn_plan ap;

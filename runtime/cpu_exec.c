@@ -268,7 +268,7 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
   }
 
   double t0 = now_ms();
-  cm_lower_opts lo = {CM_TARGET_CPU, opts->no_templates};
+  cm_lower_opts lo = {CM_TARGET_CPU, opts->no_templates, opts->attn_bc};
   st = cm_lower_plan(rg, p, &lo, &pr->kp, err);
   if (st != CM_OK) goto fail;
   pr->stats.lower_ms = now_ms() - t0;

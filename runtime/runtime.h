@@ -31,6 +31,7 @@ typedef struct cm_cpu_opts {
   bool no_templates;     /* generic loop nests only */
   bool profile;          /* time every kernel (cm_cpu_program_profile) */
   int opt_level;         /* 0: 3 */
+  int attn_bc;           /* > 0: force the attention key block (cm_lower_opts.attn_bc; tests) */
 } cm_cpu_opts;
 
 typedef struct cm_cpu_stats {

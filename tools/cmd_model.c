@@ -749,7 +749,7 @@ int cmd_compile(int argc, char **argv) {
     goto done;
   }
   double t0 = now_seconds();
-  cm_lower_opts lo = {target, opts[7].given};
+  cm_lower_opts lo = {target, opts[7].given, 0};
   if (cm_lower_plan(g, plan, &lo, &prog, &err)) {
     rc = cli_report(&err, path);
     goto done;

@@ -11,6 +11,7 @@
 #include "models/models.h"
 #include "runtime/runtime.h"
 
+#include <llvm-c/Core.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -41,7 +42,7 @@ typedef struct shape {
 
 /* y = softmax(q k^T / sqrt(dim)) v over inputs q, k, v [n, heads, tokens, dim];
  * with backward: loss = sum(y * dO) and the gradients of q, k, v as outputs. */
-static cm_graph *attention_graph(shape sh, bool backward) {
+static cm_graph *attention_graph_ex(shape sh, bool backward, bool keep_p) {
   cm_graph *g = cm_graph_new();
   int64_t d[4] = {sh.n, sh.heads, sh.tokens, sh.dim};
   int q = cm_input(g, "q", CM_F32, 4, d), k = cm_input(g, "k", CM_F32, 4, d);
@@ -49,10 +50,12 @@ static cm_graph *attention_graph(shape sh, bool backward) {
   int s = cm_matmul(g, q, k, false, true, "scores");
   s = cm_binary_bcast(g, CM_OP_MUL, s, cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)sh.dim)),
                       "scaled");
-  int y = cm_matmul(g, cm_nn_softmax(g, s), v, false, false, "y");
+  int p = cm_nn_softmax(g, s);
+  int y = cm_matmul(g, p, v, false, false, "y");
   cm_err err = {0};
   CHECK_MSG(cm_graph_error(g) == NULL, "%s", cm_graph_error(g));
   CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
+  if (keep_p) CHECK(cm_graph_add_output(g, p, &err) == CM_OK);
   if (backward) {
     int dout = cm_input(g, "dO", CM_F32, 4, d);
     int axes[4] = {0, 1, 2, 3};
@@ -66,29 +69,76 @@ static cm_graph *attention_graph(shape sh, bool backward) {
   return g;
 }
 
+static cm_graph *attention_graph(shape sh, bool backward) {
+  return attention_graph_ex(sh, backward, false);
+}
+
 typedef struct span_count {
   int fwd, bwd;
-  int64_t scratch_fwd, fused_fwd; /* over kernels with a forward span */
-  int max_blocks;                 /* query blocks per batch item, the most seen */
+  int64_t scratch_fwd, fused_fwd;  /* over kernels with a forward span */
+  int max_blocks;                  /* query blocks per batch item, the most seen */
+  int stream;                      /* forward spans marked for streaming */
+  bool stream_ir;                  /* their rendering has the key-block loop */
+  int64_t stream_ws, whole_row_ws; /* the streaming workspace; the whole-row path's */
+  unsigned keep;                   /* roles kept by the streaming spans */
 } span_count;
 
+/* Renders k and looks for the streaming key-block loop in the IR. */
+static bool renders_streaming(const cm_kernel *k) {
+  LLVMContextRef ctx = LLVMContextCreate();
+  LLVMModuleRef m = LLVMModuleCreateWithNameInContext("attn", ctx);
+  cm_err err = {0};
+  cm_llvm_render_opts ro = {0, false};
+  bool found = false;
+  if (cm_render_llvm(k, m, &ro, &err) == CM_OK) {
+    char *ir = LLVMPrintModuleToString(m);
+    found = strstr(ir, "fa.kblk") != NULL;
+    LLVMDisposeMessage(ir);
+  } else {
+    CHECK_MSG(false, "render: %s", err.msg);
+  }
+  LLVMDisposeModule(m);
+  LLVMContextDispose(ctx);
+  return found;
+}
+
+static span_count count_spans_bc(const cm_graph *g, const char *what, int bc);
 static span_count count_spans(const cm_graph *g, const char *what) {
+  return count_spans_bc(g, what, 0);
+}
+
+static span_count count_spans_bc(const cm_graph *g, const char *what, int bc) {
   span_count r = {0};
   cm_err err = {0};
   cm_pass_state s = {cm_graph_clone(g), NULL};
   CHECK_MSG(cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s: %s",
             what, err.msg);
-  cm_lower_opts lo = {CM_TARGET_CPU, false};
+  cm_lower_opts lo = {CM_TARGET_CPU, false, bc};
   cm_kprogram kp;
   CHECK_MSG(cm_lower_plan(s.g, s.plan, &lo, &kp, &err) == CM_OK, "%s: %s", what, err.msg);
   for (int i = 0; i < kp.n_kernels; i++) {
     const cm_kernel *k = &kp.kernels[i];
-    if (getenv("ATTN_DUMP") && k->kind == CM_GROUP_ATTENTION) cm_kernel_print(k, stderr);
+    if (getenv("ATTN_DUMP") && (bc > 0 || !strcmp(getenv("ATTN_DUMP"), "all")) &&
+        k->kind == CM_GROUP_ATTENTION)
+      cm_kernel_print(k, stderr);
     for (int si = 0; si < k->n_stages; si++) {
       const cm_kstage *st = &k->stages[si];
       if (st->tmpl != CM_KT_ATTENTION_FWD && st->tmpl != CM_KT_ATTENTION_BWD) continue;
       CHECK_MSG(cm_kattn_check(k, si, &err) == CM_OK, "%s: %s", what, err.msg);
-      CHECK(st->attn.ws_bytes >= cm_kattn_workspace(k, si, st->tiles.mr, st->tiles.nr, NULL, NULL));
+      if (st->attn.stream) {
+        CHECK(st->tmpl == CM_KT_ATTENTION_FWD);
+        CHECK(st->attn.bc >= 1 && st->attn.bc < st->dom[st->attn.nb + 1]);
+        CHECK(st->attn.ws_bytes ==
+              cm_kattn_stream_workspace(k, si, st->tiles.mr, st->tiles.nr, NULL));
+        r.stream++;
+        r.keep |= st->attn.keep;
+        r.stream_ws = st->attn.ws_bytes;
+        r.whole_row_ws = cm_kattn_workspace(k, si, st->tiles.mr, st->tiles.nr, NULL, NULL);
+        r.stream_ir = renders_streaming(k);
+      } else {
+        CHECK(st->attn.ws_bytes >=
+              cm_kattn_workspace(k, si, st->tiles.mr, st->tiles.nr, NULL, NULL));
+      }
       CHECK(cm_kstage_workspace_bytes(st, CM_TARGET_CPU) == st->attn.ws_bytes);
       int blocks = (int)((st->attn.rows + st->attn.br - 1) / st->attn.br);
       if (blocks > r.max_blocks) r.max_blocks = blocks;
@@ -109,7 +159,14 @@ static span_count count_spans(const cm_graph *g, const char *what) {
 }
 
 /* The executor against the oracle; returns the worst relative error. */
+static double run_check_bc(const cm_graph *g, const char *what, bool no_templates, int bc,
+                           double tol);
 static double run_check(const cm_graph *g, const char *what, bool no_templates) {
+  return run_check_bc(g, what, no_templates, 0, 1e-4);
+}
+
+static double run_check_bc(const cm_graph *g, const char *what, bool no_templates, int bc,
+                           double tol) {
   cm_err err = {0};
   cm_tensor *src = calloc((size_t)g->n_nodes, sizeof *src);
   const cm_tensor **ptr = calloc((size_t)g->n_nodes, sizeof *ptr);
@@ -125,7 +182,7 @@ static double run_check(const cm_graph *g, const char *what, bool no_templates) 
   cm_tensor *v = calloc((size_t)g->n_nodes, sizeof *v);
   cm_eval_opts eo = {CM_PRECISION_NATIVE};
   CHECK_MSG(cm_eval(g, ptr, v, &eo, &err) == CM_OK, "%s: eval: %s", what, err.msg);
-  cm_cpu_opts o = {2, "", no_templates, false, 0};
+  cm_cpu_opts o = {2, "", no_templates, false, 0, bc};
   cm_cpu_program *pr = NULL;
   double worst = INFINITY;
   CHECK_MSG(cm_cpu_program_build(g, NULL, &o, &pr, &err) == CM_OK, "%s: %s", what, err.msg);
@@ -137,7 +194,7 @@ static double run_check(const cm_graph *g, const char *what, bool no_templates) 
     worst = 0;
     for (int j = 0; j < g->n_outputs; j++) {
       double e = rel_err(&out[j], &v[g->outputs[j]]);
-      CHECK_MSG(e <= 1e-4, "%s: output %d (%s): rel err %g", what, j, g->nodes[g->outputs[j]].name,
+      CHECK_MSG(e <= tol, "%s: output %d (%s): rel err %g", what, j, g->nodes[g->outputs[j]].name,
                 e);
       worst = fmax(worst, e);
       cm_tensor_free(&out[j]);
@@ -205,7 +262,7 @@ static void test_verify_and_print(void) {
   cm_err err = {0};
   cm_pass_state s = {cm_graph_clone(g), NULL};
   CHECK(cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK);
-  cm_lower_opts lo = {CM_TARGET_CPU, false};
+  cm_lower_opts lo = {CM_TARGET_CPU, false, 0};
   cm_kprogram kp;
   CHECK_MSG(cm_lower_plan(s.g, s.plan, &lo, &kp, &err) == CM_OK, "%s", err.msg);
   int checked = 0;
@@ -272,5 +329,74 @@ static void test_verify_and_print(void) {
   cm_graph_free(g);
 }
 
-TEST_MAIN({"shapes", test_shapes}, {"generic_reading", test_generic_reading},
-          {"verify_and_print", test_verify_and_print})
+/* Online-softmax streaming: forced key blocks (1, 7, 16, 64; not dividing N)
+ * on the forward graph alone (inference: only O leaves the group) and with P
+ * kept as an output (training), vs the oracle; the spans must be marked for
+ * streaming, render the key-block loop and need a workspace below one
+ * br x keys tile. The forward+backward graph fuses dV into the forward span
+ * (a contraction over the query rows): it must stay on the whole-row path. */
+static void test_streaming(void) {
+  typedef struct scase {
+    shape sh;
+    int bc;
+  } scase;
+  const scase cases[] = {
+      {{1, 1, 2, 1}, 1},    {{2, 3, 65, 5}, 7}, {{1, 4, 197, 64}, 64}, {{2, 1, 197, 16}, 16},
+      {{1, 3, 65, 32}, 64}, {{3, 1, 13, 3}, 1}, {{1, 4, 50, 64}, 7},   {{2, 3, 97, 1}, 16},
+      {{1, 1, 197, 8}, 7},  {{1, 3, 2, 64}, 1},
+  };
+  int n = (int)(sizeof cases / sizeof cases[0]);
+  unsigned keep_seen = 0;
+  for (int i = 0; i < n; i++) {
+    shape sh = cases[i].sh;
+    for (int mode = 0; mode < 2; mode++) {
+      char what[128];
+      snprintf(what, sizeof what, "stream %s n=%lld heads=%lld N=%lld d=%lld bc=%d",
+               mode ? "fwd keep P" : "fwd", (long long)sh.n, (long long)sh.heads,
+               (long long)sh.tokens, (long long)sh.dim, cases[i].bc);
+      cm_graph *g = attention_graph_ex(sh, false, mode == 1);
+      span_count c = count_spans_bc(g, what, cases[i].bc);
+      CHECK_MSG(c.fwd == 1 && c.stream == 1, "%s: %d forward spans, %d streaming", what, c.fwd,
+                c.stream);
+      CHECK_MSG(c.stream_ir, "%s: the rendering has no key-block loop", what);
+      if (mode == 1) CHECK_MSG(c.keep & CM_KATTN_KEEP_P, "%s: P not kept", what);
+      keep_seen |= c.keep;
+      double e = run_check_bc(g, what, false, cases[i].bc, 1e-5);
+      printf("  %-58s ws %lld (whole rows %lld) keep %#x, rel err %.2g\n", what,
+             (long long)c.stream_ws, (long long)c.whole_row_ws, c.keep, e);
+      cm_graph_free(g);
+    }
+  }
+  CHECK(keep_seen & CM_KATTN_KEEP_P);
+  /* the streaming workspace does not grow with the keys (same query block) */
+  int64_t ws[2];
+  for (int i = 0; i < 2; i++) {
+    shape sl = {2, 1, i ? 800 : 400, 16};
+    cm_graph *gl = attention_graph_ex(sl, false, true);
+    span_count cl = count_spans_bc(gl, i ? "N=800 bc=64" : "N=400 bc=64", 64);
+    CHECK(cl.stream == 1 && cl.stream_ir);
+    ws[i] = cl.stream_ws;
+    printf("  N=%d bc=64: streaming workspace %lld, whole rows %lld\n", i ? 800 : 400,
+           (long long)cl.stream_ws, (long long)cl.whole_row_ws);
+    CHECK_MSG(cl.stream_ws * 4 < cl.whole_row_ws, "N=%d: workspace %lld vs %lld", i ? 800 : 400,
+              (long long)cl.stream_ws, (long long)cl.whole_row_ws);
+    cm_graph_free(gl);
+  }
+  CHECK(ws[0] == ws[1]);
+  /* forward+backward: not a softmax-only span, whole rows */
+  shape sh = {2, 3, 65, 8};
+  cm_graph *g = attention_graph(sh, true);
+  span_count c = count_spans_bc(g, "fwd+bwd bc=7", 7);
+  CHECK(c.fwd == 1 && c.bwd == 1 && c.stream == 0);
+  CHECK(run_check_bc(g, "fwd+bwd bc=7", false, 7, 1e-4) <= 1e-4);
+  cm_graph_free(g);
+  /* without a forced block, ViT-sized rows keep whole key rows (bc = keys) */
+  shape sv = {1, 3, 197, 64};
+  g = attention_graph(sv, false);
+  c = count_spans(g, "default bc");
+  CHECK(c.fwd == 1 && c.stream == 0);
+  cm_graph_free(g);
+}
+
+TEST_MAIN({"shapes", test_shapes}, {"streaming", test_streaming},
+          {"generic_reading", test_generic_reading}, {"verify_and_print", test_verify_and_print})

@@ -50,7 +50,7 @@ static bool unlowered(cm_status s, const cm_err *err) {
 static cm_status exec_graph(const cm_graph *g, const cm_tensor *const *src, int threads,
                             const char *cache, cm_tensor *out, cm_tensor *st, cm_cpu_stats *stats,
                             cm_err *err) {
-  cm_cpu_opts o = {threads, cache, false, true, 0};
+  cm_cpu_opts o = {threads, cache, false, true, 0, 0};
   cm_cpu_program *pr = NULL;
   cm_status s = cm_cpu_program_build(g, NULL, &o, &pr, err);
   if (s != CM_OK) return s;
@@ -398,7 +398,7 @@ static void test_errors(void) {
   int x, s;
   cm_graph *g = small_graph(&x, &s);
   cm_err err = {0};
-  cm_cpu_opts o = {1, "", false, false, 0};
+  cm_cpu_opts o = {1, "", false, false, 0, 0};
   cm_cpu_program *pr = NULL;
   CHECK_MSG(cm_cpu_program_build(g, NULL, &o, &pr, &err) == CM_OK, "%s", err.msg);
   if (!pr) {
@@ -429,7 +429,7 @@ static void test_errors(void) {
   }
   cm_cpu_program_free(pr);
   setenv("CMAEC_THREADS", "abc", 1);
-  cm_cpu_opts o0 = {0, "", false, false, 0};
+  cm_cpu_opts o0 = {0, "", false, false, 0, 0};
   pr = NULL;
   CHECK(cm_cpu_program_build(g, NULL, &o0, &pr, &err) == CM_EINVALID && !pr);
   CHECK_MSG(strstr(err.msg, "CMAEC_THREADS"), "%s", err.msg);
