@@ -324,6 +324,8 @@ typedef struct rctx {
   cm_status st;
   const int
       *local; /* fused attention span: per buffer, its shared-memory slot or -1 (NULL: none) */
+  const char *const *subst; /* streaming attention: per buffer, NULL or the C expression a
+                               load of it reads (the tile's value at the current point) */
 } rctx;
 
 static cm_status fail(rctx *c, int e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -431,7 +433,9 @@ static void operand(const rctx *c, int id, cm_dtype to, char *out, size_t size) 
 /* Element `index` (an expression id) of buffer b: global memory, or the
  * block's shared-memory slice of a local buffer of a fused attention span. */
 static void elem_ref(const rctx *c, int b, int index, char *out, size_t size) {
-  if (c->local && c->local[b] >= 0)
+  if (c->subst && c->subst[b])
+    snprintf(out, size, "%s", c->subst[b]);
+  else if (c->local && c->local[b] >= 0)
     snprintf(out, size, "sl%d_[(e%d) - lb%d_]", c->local[b], index, c->local[b]);
   else
     snprintf(out, size, "b%d[e%d]", b, index);
@@ -1497,6 +1501,318 @@ static cm_status render_attention(const cm_kernel *k, int first, const attn_plan
   return st;
 }
 
+/* ---- streaming attention (online softmax over key blocks) ------------------
+ *
+ * A forward span the lowering matched for streaming (cm_kattn.stream): one
+ * block of 256 threads per (batch item, block of BR query rows). The block's
+ * Q rows go to shared memory once; per block of BC keys, K_j^T is staged in
+ * shared memory, S_j = Q K_j^T (a thread per score, then the S stage's
+ * epilogue), one thread per row keeps the running max m, the rescale factor
+ * alpha = exp(m_old - m_new) and the running sum l, overwriting S_j with
+ * E_j = the E stage's value at m_new; V_j is staged over K_j and O = alpha O +
+ * E_j V_j (a thread per output). Finally O / l runs through the O stage's
+ * epilogue; the roles the graph keeps are written from the final m and l (S,
+ * E, P by a second pass over the key blocks). Shared memory: BR (D + BC + DV
+ * + 3) + max(D BC, BC DV) floats, at most 48 KiB. */
+
+#define FA_SMEM_FLOATS (48 * 1024 / 4)
+
+typedef struct fa_cplan {
+  bool ok;
+  int nb, br, bc, nrb, nkb;
+  int64_t rows, keys, d, dv, batch, kvn;
+  const cm_kstage *sS, *sM, *sE, *sL, *sP, *sO;
+  int iS, iM, iE, iL, iP, iO;
+} fa_cplan;
+
+/* The batch vars of a role stage (the lowering's rule: its row var follows). */
+static int fa_cuda_stage_nb(const cm_kstage *s, bool stat) {
+  if (stat && !(s->n_dom >= 2 && s->dom[s->n_dom - 1] == 1)) return s->n_dom - 1;
+  return s->n_dom - 2;
+}
+
+static fa_cplan plan_stream(const cm_kernel *k, int first, const cm_cuda_render_opts *o) {
+  fa_cplan p;
+  memset(&p, 0, sizeof p);
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream || (o && o->no_templates)) return p;
+  cm_err e = {0};
+  if (cm_kernel_verify(k, &e) != CM_OK) return p;
+  int end = first + a->span, st[4] = {a->st_max, a->st_exp, a->st_sum, a->st_out};
+  for (int i = 0; i < 4; i++)
+    if (st[i] <= first || st[i] >= end) return p;
+  if (a->st_p != -1 && (a->st_p <= first || a->st_p >= end)) return p;
+  int bf[4] = {a->buf_s, a->buf_m, a->buf_e, a->buf_l};
+  for (int i = 0; i < 4; i++)
+    if (bf[i] < 0 || bf[i] >= k->n_buffers) return p;
+  if ((a->st_p >= 0) != (a->buf_p >= 0) || a->buf_p >= k->n_buffers) return p;
+  p.nb = a->nb;
+  p.iS = first, p.iM = a->st_max, p.iE = a->st_exp, p.iL = a->st_sum, p.iO = a->st_out;
+  p.iP = a->st_p;
+  p.sS = s0, p.sM = &k->stages[p.iM], p.sE = &k->stages[p.iE], p.sL = &k->stages[p.iL];
+  p.sO = &k->stages[p.iO], p.sP = p.iP >= 0 ? &k->stages[p.iP] : NULL;
+  if (s0->n_dom != p.nb + 2 || s0->n_red != 1 || s0->n_stores != 1 || p.sO->n_dom < 2 ||
+      p.sO->n_red != 1 || p.sM->n_red != 1 || p.sL->n_red != 1 || p.sE->n_stores != 1 ||
+      (p.sP && p.sP->n_stores != 1) || s0->gemm_a < 0 || s0->gemm_b < 0 || p.sO->gemm_b < 0)
+    return p;
+  p.rows = a->rows, p.keys = s0->dom[p.nb + 1], p.d = s0->red[0];
+  p.dv = p.sO->dom[p.sO->n_dom - 1];
+  p.batch = prod(s0->dom, p.nb);
+  int64_t bc = a->bc < 64 ? a->bc : 64, br = p.rows < 64 ? p.rows : 64;
+  if (bc < 1 || p.keys < 2) return p;
+  for (;;) {
+    int64_t kvn = p.d * bc > bc * p.dv ? p.d * bc : bc * p.dv;
+    double fl = (double)br * (double)(p.d + bc + p.dv + 3) + (double)kvn;
+    if (fl <= FA_SMEM_FLOATS) {
+      p.kvn = kvn;
+      break;
+    }
+    if (br > 1)
+      br = br / 2;
+    else if (bc > 1)
+      bc = bc / 2;
+    else
+      return p;
+  }
+  int64_t nrb = (p.rows + br - 1) / br;
+  br = (p.rows + nrb - 1) / nrb;
+  p.br = (int)br, p.bc = (int)bc, p.nrb = (int)nrb;
+  p.nkb = (int)((p.keys + bc - 1) / bc);
+  if ((double)p.batch * p.nrb > 2147483647.0) return p;
+  p.ok = true;
+  return p;
+}
+
+/* Opens a C scope for one point of stage c->s: its vars (batch from bv<i>_
+ * when the stage's batch axes are the span's, else 0; the row var = row, the
+ * var after it = col, the reduction var = red; NULL or any other var: 0). */
+static void fa_cuda_point(rctx *c, const fa_cplan *p, const char *ind, const char *row,
+                          const char *col, const char *red) {
+  const cm_kstage *s = c->s;
+  int nbs = fa_cuda_stage_nb(s, s == p->sM || s == p->sL);
+  sb_printf(c->o, "%s{\n", ind);
+  for (int v = 0; v < s->n_dom + s->n_red; v++) {
+    const char *val = "0";
+    char bvn[24];
+    if (v < nbs && nbs == p->nb) {
+      snprintf(bvn, sizeof bvn, "bv%d_", v);
+      val = bvn;
+    }
+    if (v == nbs && row) val = row;
+    if (v == nbs + 1 && v < s->n_dom && col) val = col;
+    if (v == s->n_dom && red) val = red;
+    sb_printf(c->o, "%s  const long long v%d = (long long)(%s); (void)v%d;\n", ind, v, val, v);
+  }
+  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+}
+
+/* The K_j^T tile (fkv_[k * BC + j]) of the current key block, then a barrier. */
+static void fa_cuda_ktile(rctx *cS, const fa_cplan *p) {
+  sbuf *o = cS->o;
+  sb_printf(o, "  for (int p_ = tid_; p_ < %lld * bc_; p_ += 256) {\n", (long long)p->d);
+  sb_printf(o, "    const int k_ = p_ / bc_, j_ = p_ %% bc_;\n");
+  fa_cuda_point(cS, p, "    ", "0", "j0_ + j_", "k_");
+  emit_tree(cS, p->sS->gemm_b, "      ", "acc");
+  sb_printf(o, "      fkv_[k_ * %d + j_] = (float)(e%d);\n    }\n  }\n  __syncthreads();\n", p->bc,
+            p->sS->gemm_b);
+}
+
+/* The S value at (r_, j_) of the block: acc = Q K^T, then the S stage's
+ * store value (stored too when kept), left in float sv_. */
+static void fa_cuda_score(rctx *cS, const fa_cplan *p, const char *ind, bool keep) {
+  sbuf *o = cS->o;
+  sb_printf(o, "%sfloat acc = 0.f;\n", ind);
+  sb_printf(
+      o, "%sfor (int k_ = 0; k_ < %lld; k_++) acc += fq_[r_ * %lld + k_] * fkv_[k_ * %d + j_];\n",
+      ind, (long long)p->d, (long long)p->d, p->bc);
+  sb_printf(o, "%sfloat sv_;\n", ind);
+  fa_cuda_point(cS, p, ind, "row0_ + r_", "j0_ + j_", NULL);
+  char in2[32];
+  snprintf(in2, sizeof in2, "%s  ", ind);
+  int val = p->sS->stores[0].value;
+  if (keep)
+    emit_stores(cS, in2, "acc");
+  else
+    emit_tree(cS, val, in2, "acc");
+  sb_printf(o, "%s  sv_ = (float)(e%d);\n%s}\n", ind, val, ind);
+}
+
+/* The span from stage `first` as one streaming function; the span's other
+ * stages get empty functions. */
+static cm_status render_stream(const cm_kernel *k, int first, const fa_cplan *p, sbuf *o,
+                               const bool *written, cm_err *err) {
+  const cm_kattn *a = &k->stages[first].attn;
+  rctx cS, cM, cE, cL, cO, cP;
+  memset(&cS, 0, sizeof cS), memset(&cM, 0, sizeof cM), memset(&cE, 0, sizeof cE);
+  memset(&cL, 0, sizeof cL), memset(&cO, 0, sizeof cO), memset(&cP, 0, sizeof cP);
+  cm_status st = rctx_open(&cS, k, p->iS, o, err);
+  if (st == CM_OK) st = rctx_open(&cM, k, p->iM, o, err);
+  if (st == CM_OK) st = rctx_open(&cE, k, p->iE, o, err);
+  if (st == CM_OK) st = rctx_open(&cL, k, p->iL, o, err);
+  if (st == CM_OK) st = rctx_open(&cO, k, p->iO, o, err);
+  if (st == CM_OK && p->sP) st = rctx_open(&cP, k, p->iP, o, err);
+  const char **sub = calloc((size_t)k->n_buffers + 1, sizeof *sub);
+  if (st == CM_OK && !sub) st = cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
+  if (st == CM_OK) {
+    int BR = p->br, BC = p->bc;
+    long long D = (long long)p->d, DV = (long long)p->dv;
+    char sidx[64];
+    snprintf(sidx, sizeof sidx, "fs_[r_ * %d + j_]", BC);
+    sb_printf(o,
+              "// stages %d..%d (attention forward, streaming: %d query rows x %d keys per "
+              "step, %d key blocks)\n",
+              first, first + a->span - 1, BR, BC, p->nkb);
+    char bounds[64];
+    launch_bounds(256, bounds, sizeof bounds);
+    signature(&cS, written, bounds);
+    sb_printf(o, "  __shared__ __align__(16) float fq_[%lld];\n", (long long)BR * D);
+    sb_printf(o, "  __shared__ __align__(16) float fkv_[%lld];\n", (long long)p->kvn);
+    sb_printf(o, "  __shared__ __align__(16) float fs_[%d];\n", BR * BC);
+    sb_printf(o, "  __shared__ __align__(16) float fo_[%lld];\n", (long long)BR * DV);
+    sb_printf(o, "  __shared__ float fm_[%d], fl_[%d], fa_[%d];\n", BR, BR, BR);
+    sb_printf(o, "  const long long blk_ = blockIdx.x;\n");
+    sb_printf(o, "  const long long bi_ = blk_ / %d, row0_ = (blk_ %% %d) * %d;\n", p->nrb, p->nrb,
+              BR);
+    sb_printf(o, "  const int rb_ = %lldLL - row0_ < %d ? (int)(%lldLL - row0_) : %d;\n",
+              (long long)p->rows, BR, (long long)p->rows, BR);
+    sb_printf(o, "  const int tid_ = threadIdx.x;\n  (void)bi_;\n  {\n");
+    if (p->nb > 0) {
+      decompose(&cS, "  ", "bi_", 0, p->sS->dom, p->nb);
+      for (int v = 0; v < p->nb; v++) sb_printf(o, "  const long long bv%d_ = v%d;\n", v, v);
+    }
+    /* Q rows of the block */
+    sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += 256) {\n", D);
+    sb_printf(o, "    const int r_ = p_ / %lld, k_ = p_ %% %lld;\n", D, D);
+    fa_cuda_point(&cS, p, "    ", "row0_ + r_", NULL, "k_");
+    emit_tree(&cS, p->sS->gemm_a, "      ", "acc");
+    sb_printf(o, "      fq_[r_ * %lld + k_] = (float)(e%d);\n    }\n  }\n", D, p->sS->gemm_a);
+    sb_printf(o,
+              "  for (int p_ = tid_; p_ < %d; p_ += 256) { fm_[p_] = -CM_INFF; fl_[p_] = 0.f; "
+              "fa_[p_] = 0.f; }\n",
+              BR);
+    sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) fo_[p_] = 0.f;\n",
+              (long long)BR * DV);
+    sb_printf(o, "  __syncthreads();\n");
+    /* pass 1: running max, sum and O */
+    sb_printf(o, "  for (int kb_ = 0; kb_ < %d; kb_++) {\n", p->nkb);
+    sb_printf(o, "  const long long j0_ = (long long)kb_ * %d;\n", BC);
+    sb_printf(o, "  const int bc_ = %lldLL - j0_ < %d ? (int)(%lldLL - j0_) : %d;\n",
+              (long long)p->keys, BC, (long long)p->keys, BC);
+    fa_cuda_ktile(&cS, p);
+    sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * bc_; p_ += 256) {\n");
+    sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n");
+    fa_cuda_score(&cS, p, "    ", false);
+    sb_printf(o, "    %s = sv_;\n  }\n  __syncthreads();\n", sidx);
+    /* one thread per row: max, rescale, E and its sum */
+    sb_printf(o, "  for (int r_ = tid_; r_ < rb_; r_ += 256) {\n    float mx_ = -CM_INFF;\n");
+    sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
+    sub[a->buf_s] = sidx;
+    cM.subst = sub;
+    fa_cuda_point(&cM, p, "      ", "row0_ + r_", NULL, "j0_ + j_");
+    emit_tree(&cM, p->sM->body, "        ", "acc");
+    sb_printf(o, "        mx_ = cm_accmax(mx_, (float)(e%d));\n      }\n    }\n", p->sM->body);
+    sb_printf(o, "    const float mo_ = fm_[r_], mn_ = cm_accmax(mo_, mx_);\n");
+    sb_printf(o, "    const float al_ = mo_ == -CM_INFF ? 0.f : expf(mo_ - mn_);\n");
+    sb_printf(o, "    float rs_ = 0.f;\n    for (int j_ = 0; j_ < bc_; j_++) {\n");
+    sub[a->buf_m] = "mn_";
+    cE.subst = sub;
+    fa_cuda_point(&cE, p, "      ", "row0_ + r_", "j0_ + j_", NULL);
+    int ev = p->sE->stores[0].value;
+    emit_tree(&cE, ev, "        ", "acc");
+    sb_printf(o, "        const float ev_ = (float)(e%d);\n        %s = ev_;\n", ev, sidx);
+    sb_printf(o, "        rs_ += ev_;\n      }\n    }\n");
+    sb_printf(o, "    fl_[r_] = al_ * fl_[r_] + rs_;\n    fm_[r_] = mn_;\n    fa_[r_] = al_;\n");
+    sb_printf(o, "  }\n  __syncthreads();\n");
+    sub[a->buf_s] = sub[a->buf_m] = NULL;
+    /* V_j over K_j, then O = alpha O + E_j V_j */
+    sb_printf(o, "  for (int p_ = tid_; p_ < bc_ * %lld; p_ += 256) {\n", DV);
+    sb_printf(o, "    const int j_ = p_ / %lld, c_ = p_ %% %lld;\n", DV, DV);
+    fa_cuda_point(&cO, p, "    ", "0", "c_", "j0_ + j_");
+    emit_tree(&cO, p->sO->gemm_b, "      ", "acc");
+    sb_printf(o, "      fkv_[p_] = (float)(e%d);\n    }\n  }\n  __syncthreads();\n", p->sO->gemm_b);
+    sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += 256) {\n", DV);
+    sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", DV, DV);
+    sb_printf(o, "    float o_ = fa_[r_] * fo_[p_];\n");
+    sb_printf(
+        o, "    for (int j_ = 0; j_ < bc_; j_++) o_ += fs_[r_ * %d + j_] * fkv_[j_ * %lld + c_];\n",
+        BC, DV);
+    sb_printf(o, "    fo_[p_] = o_;\n  }\n  __syncthreads();\n  }\n");
+    /* O / l through the O stage's epilogue */
+    sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += 256) {\n", DV);
+    sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", DV, DV);
+    sb_printf(o, "    const float acc = fo_[p_] / fl_[r_];\n");
+    fa_cuda_point(&cO, p, "    ", "row0_ + r_", "c_", NULL);
+    emit_stores(&cO, "      ", "acc");
+    sb_printf(o, "    }\n  }\n");
+    /* the row statistics the graph keeps */
+    for (int r = 0; r < 2; r++) {
+      if (!(a->keep & (r ? CM_KATTN_KEEP_L : CM_KATTN_KEEP_M))) continue;
+      rctx *cr = r ? &cL : &cM;
+      cr->subst = NULL;
+      sb_printf(o, "  for (int r_ = tid_; r_ < rb_; r_ += 256) {\n");
+      sb_printf(o, "    const float acc = %s[r_];\n", r ? "fl_" : "fm_");
+      fa_cuda_point(cr, p, "    ", "row0_ + r_", NULL, NULL);
+      emit_stores(cr, "      ", "acc");
+      sb_printf(o, "    }\n  }\n");
+    }
+    /* pass 2: S, E, P from the final m and l */
+    if (a->keep & (CM_KATTN_KEEP_S | CM_KATTN_KEEP_E | CM_KATTN_KEEP_P)) {
+      sb_printf(o, "  __syncthreads();\n");
+      sb_printf(o, "  for (int kb_ = 0; kb_ < %d; kb_++) {\n", p->nkb);
+      sb_printf(o, "  const long long j0_ = (long long)kb_ * %d;\n", BC);
+      sb_printf(o, "  const int bc_ = %lldLL - j0_ < %d ? (int)(%lldLL - j0_) : %d;\n",
+                (long long)p->keys, BC, (long long)p->keys, BC);
+      fa_cuda_ktile(&cS, p);
+      sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * bc_; p_ += 256) {\n");
+      sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n");
+      fa_cuda_score(&cS, p, "    ", (a->keep & CM_KATTN_KEEP_S) != 0);
+      if (a->keep & (CM_KATTN_KEEP_E | CM_KATTN_KEEP_P)) {
+        sub[a->buf_s] = "sv_";
+        sub[a->buf_m] = "fm_[r_]";
+        cE.subst = sub;
+        sb_printf(o, "    float ev_;\n");
+        fa_cuda_point(&cE, p, "    ", "row0_ + r_", "j0_ + j_", NULL);
+        if (a->keep & CM_KATTN_KEEP_E)
+          emit_stores(&cE, "      ", "acc");
+        else
+          emit_tree(&cE, ev, "      ", "acc");
+        sb_printf(o, "      ev_ = (float)(e%d);\n    }\n", ev);
+        sub[a->buf_s] = sub[a->buf_m] = NULL;
+        if (p->sP && (a->keep & CM_KATTN_KEEP_P)) {
+          sub[a->buf_e] = "ev_";
+          sub[a->buf_l] = "fl_[r_]";
+          cP.subst = sub;
+          fa_cuda_point(&cP, p, "    ", "row0_ + r_", "j0_ + j_", NULL);
+          emit_stores(&cP, "      ", "acc");
+          sb_printf(o, "    }\n");
+          sub[a->buf_e] = sub[a->buf_l] = NULL;
+        }
+      }
+      sb_printf(o, "  }\n  __syncthreads();\n  }\n");
+    }
+    sb_printf(o, "  }\n}\n\n");
+    int stc[4] = {cS.st, cM.st, cE.st, cL.st};
+    for (int i = 0; i < 4 && st == CM_OK; i++) st = stc[i];
+    if (st == CM_OK) st = cO.st;
+    if (st == CM_OK && p->sP) st = cP.st;
+  }
+  free(sub);
+  rctx_close(&cS), rctx_close(&cM), rctx_close(&cE), rctx_close(&cL), rctx_close(&cO);
+  if (p->sP) rctx_close(&cP);
+  for (int si = first + 1; si < first + a->span && st == CM_OK; si++) {
+    rctx c;
+    st = rctx_open(&c, k, si, o, err);
+    if (st == CM_OK) {
+      sb_printf(o, "// stage %d \"%s\" (runs in stage %d)\n", si, k->stages[si].name, first);
+      signature(&c, written, "");
+      sb_printf(o, "}\n\n");
+    }
+    rctx_close(&c);
+  }
+  return st;
+}
+
 cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool with_prelude,
                          char **source, cm_err *err) {
   if (!k || !source) return cm_errorf(err, CM_EINVALID, "cm_render_cuda: no kernel or no output");
@@ -1514,6 +1830,12 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
   sb_printf(&sb, "// kernel %s: %d buffers, %d stages\n", k->name, k->n_buffers, k->n_stages);
   cm_status st = CM_OK;
   for (int i = 0; i < k->n_stages && st == CM_OK; i++) {
+    fa_cplan fp = plan_stream(k, i, o);
+    if (fp.ok) {
+      st = render_stream(k, i, &fp, &sb, written, err);
+      i += k->stages[i].attn.span - 1;
+      continue;
+    }
     attn_plan ap = plan_attention(k, i, o);
     if (ap.ok) {
       st = render_attention(k, i, &ap, &sb, written, err);
@@ -1567,6 +1889,14 @@ cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda
     const cm_kstage *sf = &k->stages[f];
     if (sf->tmpl != CM_KT_ATTENTION_FWD && sf->tmpl != CM_KT_ATTENTION_BWD) continue;
     if (stage >= f + sf->attn.span) continue;
+    fa_cplan fp = plan_stream(k, f, o);
+    if (fp.ok) {
+      if (stage == f) {
+        l.grid[0] = (unsigned)(fp.batch * fp.nrb);
+        l.block[0] = 256;
+      }
+      return l;
+    }
     attn_plan ap = plan_attention(k, f, o);
     if (!ap.ok) break;
     if (stage == f) {

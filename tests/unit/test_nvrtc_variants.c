@@ -779,6 +779,84 @@ static void test_cuda_kernels_on_host(void) {
   CHECK(spans >= 6 && kernels >= 12);
 }
 
+/* Streaming attention (cm_kattn.stream, forced key blocks of 1, 7 and 16 that
+ * do not divide N): the forward graph alone (only O leaves the group) and
+ * with P kept as an output, on the host under the shim against the
+ * interpreter; the streaming functions also compile through NVRTC for sm_80
+ * and sm_90 without spills. */
+static void test_streaming_attention(void) {
+  static const int64_t shapes[][5] = {
+      /* n, heads, tokens, dim, bc */
+      {2, 3, 13, 5, 7}, {1, 2, 37, 16, 16}, {2, 1, 5, 3, 1}, {1, 1, 70, 8, 16}, {1, 4, 65, 64, 7},
+  };
+  int kernels = 0, spans = 0, compared = 0, streams = 0, compiled = 0;
+  for (int si = 0; si < 5; si++) {
+    for (int keep_p = 0; keep_p < 2; keep_p++) {
+      cm_graph *g = cm_graph_new();
+      int64_t d[4] = {shapes[si][0], shapes[si][1], shapes[si][2], shapes[si][3]};
+      int q = cm_input(g, "q", CM_F32, 4, d), k = cm_input(g, "k", CM_F32, 4, d);
+      int v = cm_input(g, "v", CM_F32, 4, d);
+      int sc = cm_matmul(g, q, k, false, true, "scores");
+      sc = cm_binary_bcast(g, CM_OP_MUL, sc,
+                           cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)d[3])), "scaled");
+      int pr = cm_nn_softmax(g, sc);
+      int y = cm_matmul(g, pr, v, false, false, "y");
+      cm_err err = {0};
+      CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
+      if (keep_p) CHECK(cm_graph_add_output(g, pr, &err) == CM_OK);
+      cm_pass_state ps = {g, NULL};
+      CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s",
+                err.msg);
+      cm_kprogram prog = {0};
+      cm_lower_opts lo = {CM_TARGET_CUDA, false, (int)shapes[si][4]};
+      CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err) == CM_OK, "%s", err.msg);
+      for (int ki = 0; ki < prog.n_kernels; ki++) {
+        const cm_kernel *kk = &prog.kernels[ki];
+        if (kk->n_stages == 0 || !kk->stages[0].attn.stream ||
+            kk->stages[0].tmpl != CM_KT_ATTENTION_FWD)
+          continue;
+        streams++;
+        cm_cuda_render_opts ro = {"sm_80", false};
+        char *src = NULL;
+        CHECK_MSG(cm_render_cuda(kk, &ro, true, &src, &err) == CM_OK, "%s", err.msg);
+        CHECK_MSG(src && strstr(src, "streaming"), "%s: not rendered as a streaming span",
+                  kk->name);
+        char fn[96];
+        snprintf(fn, sizeof fn, "%s_s0", kk->name);
+        for (int a = 0; a < 2 && src; a++) {
+          const char *arch = a ? "sm_90" : "sm_80";
+          cm_cubin cub;
+          memset(&cub, 0, sizeof cub);
+          cm_status cs = cm_nvrtc_compile(nvrtc, src, "stream.cu", arch, NULL, 0, &cub, &err);
+          CHECK_MSG(cs == CM_OK, "%s %s: %s", kk->name, arch, err.msg);
+          const cm_cuda_kernel_info *ki2 = cs == CM_OK ? cm_cubin_kernel(&cub, fn) : NULL;
+          CHECK_MSG(ki2 != NULL, "%s %s: no kernel %s", kk->name, arch, fn);
+          if (ki2) {
+            CHECK_MSG(ki2->spill_store_bytes == 0 && ki2->spill_load_bytes == 0,
+                      "%s %s: spills %d/%d bytes (%d registers)", kk->name, arch,
+                      ki2->spill_store_bytes, ki2->spill_load_bytes, ki2->registers);
+            if (si == 4 && keep_p)
+              fprintf(stderr, "  %s %s: %d registers, %d bytes shared\n", fn, arch, ki2->registers,
+                      ki2->shared_bytes);
+            compiled++;
+          }
+          cm_cubin_free(&cub);
+        }
+        free(src);
+      }
+      emu_check_program(&prog, &kernels, &spans, &compared);
+      cm_kprogram_free(&prog);
+      cm_plan_free(ps.plan);
+      cm_graph_free(ps.g);
+    }
+  }
+  fprintf(stderr,
+          "  streaming: %d spans, %d NVRTC compiles; %d kernels (%d fused) run on the host, %d "
+          "buffers compared\n",
+          streams, compiled, kernels, spans, compared);
+  CHECK(streams == 10 && compiled == 20 && spans >= 10 && compared >= 15);
+}
+
 int main(int argc, char **argv) {
   cm_err err = {0};
   const char *only = argc > 1 ? argv[1] : NULL;
@@ -790,6 +868,10 @@ int main(int argc, char **argv) {
   int before = test_failures;
   if (!only || !strcmp(only, "test_cuda_kernels_on_host")) test_cuda_kernels_on_host();
   fprintf(stderr, "%-40s %s\n", "test_cuda_kernels_on_host",
+          test_failures == before ? "ok" : "FAILED");
+  before = test_failures;
+  if (!only || !strcmp(only, "test_streaming_attention")) test_streaming_attention();
+  fprintf(stderr, "%-40s %s\n", "test_streaming_attention",
           test_failures == before ? "ok" : "FAILED");
   before = test_failures;
   /* quick mode (the sanitizer build): the host part only */
