@@ -1824,10 +1824,15 @@ static void render_attention_stream(rctx *c, const char *fname, const fa_plan *p
     LLVMValueRef ev = convert(c, emit(c, ve), p->sE->exprs[ve].dtype, CM_F32);
     LLVMValueRef nrs = LLVMBuildFAdd(B, rs, ev, "rs.next");
     set_fast(nrs);
-    fa_st(c, Ep, LLVMBuildAdd(B, ebase, LLVMBuildMul(B, Le.iv, ci64(c, p->mr), ""), ""), ev);
+    /* in place (contiguous: the loop vectorizes), packed below */
+    fa_st(c, St, LLVMBuildAdd(B, sbase, Le.iv, ""), ev);
     latch = LLVMGetInsertBlock(B);
     LLVMAddIncoming(rs, &nrs, &latch, 1);
     loop_end(c, &Le, bcur, "fa.exp.exit");
+    loop Lp = loop_begin(c, "fa.packE", ci64(c, 0));
+    fa_st(c, Ep, LLVMBuildAdd(B, ebase, LLVMBuildMul(B, Lp.iv, ci64(c, p->mr), ""), ""),
+          fa_ld(c, St, LLVMBuildAdd(B, sbase, Lp.iv, ""), "e"));
+    loop_end(c, &Lp, bcur, "fa.packE.exit");
     LLVMValueRef l_old = fa_ld(c, Lv, Li.iv, "l.old");
     fa_st(c, Lv, Li.iv, LLVMBuildFAdd(B, LLVMBuildFMul(B, alpha, l_old, ""), nrs, "l.new"));
     loop_end(c, &Li, mrows, "fa.r.exit");
