@@ -396,6 +396,11 @@ int64_t cm_kattn_workspace(const cm_kernel *k, int first, int mr, int nr, int64_
  * rescale factors (round_up(br, mr) each); off[0..7] receive the byte offsets
  * (NULL: not wanted). Returns the total bytes (0 when not streaming). */
 int64_t cm_kattn_stream_workspace(const cm_kernel *k, int first, int mr, int nr, int64_t *off);
+/* Checks a streaming span (attn.stream on stage `first`): the span invariants,
+ * 1 <= bc < keys, and that the recorded roles and keep bits are the ones the
+ * lowering's matcher finds (renderers stream only spans that pass). Errors
+ * name the kernel, stage and rule. */
+cm_status cm_kattn_stream_check(const cm_kernel *k, int first, cm_err *err);
 /* Checks the span invariants of the attention template on stage `first`
  * (cm_kernel_verify calls it; the lowering uses it to keep only spans that
  * hold). Errors name the kernel, stage and the rule broken. */

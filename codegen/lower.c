@@ -1016,6 +1016,39 @@ static bool fa_match_span(const cm_kernel *k, int first, cm_kattn *a) {
   return true;
 }
 
+cm_status cm_kattn_stream_check(const cm_kernel *k, int first, cm_err *err) {
+  if (!k || first < 0 || first >= k->n_stages)
+    return cm_errorf(err, CM_EINVALID, "cm_kattn_stream_check: no kernel or stage %d out of range",
+                     first);
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream)
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: not a streaming forward attention span (template %d, "
+                     "stream %d)",
+                     k->name, first, (int)s0->tmpl, (int)a->stream);
+  cm_status st = cm_kattn_check(k, first, err);
+  if (st != CM_OK) return st;
+  int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : 0;
+  if (a->bc < 1 || a->bc >= keys)
+    return cm_errorf(err, CM_EINVALID, "kernel %s stage %d: key block bc %d not in [1, %lld)",
+                     k->name, first, a->bc, (long long)keys);
+  cm_kattn t = *a;
+  if (!fa_match_span(k, first, &t))
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: the span is not S, max, exp, sum, [P], O of a softmax "
+                     "with canonical role indices",
+                     k->name, first);
+  if (t.st_max != a->st_max || t.st_exp != a->st_exp || t.st_sum != a->st_sum ||
+      t.st_p != a->st_p || t.st_out != a->st_out || t.buf_s != a->buf_s || t.buf_m != a->buf_m ||
+      t.buf_e != a->buf_e || t.buf_l != a->buf_l || t.buf_p != a->buf_p || t.keep != a->keep)
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: the recorded streaming roles (stages, buffers, keep) "
+                     "differ from the span's",
+                     k->name, first);
+  return CM_OK;
+}
+
 static int64_t fa_up(int64_t v, int64_t m) {
   return (v + m - 1) / m * m;
 }

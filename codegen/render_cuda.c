@@ -1538,7 +1538,7 @@ static fa_cplan plan_stream(const cm_kernel *k, int first, const cm_cuda_render_
   const cm_kattn *a = &s0->attn;
   if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream || (o && o->no_templates)) return p;
   cm_err e = {0};
-  if (cm_kernel_verify(k, &e) != CM_OK) return p;
+  if (cm_kernel_verify(k, &e) != CM_OK || cm_kattn_stream_check(k, first, &e) != CM_OK) return p;
   int end = first + a->span, st[4] = {a->st_max, a->st_exp, a->st_sum, a->st_out};
   for (int i = 0; i < 4; i++)
     if (st[i] <= first || st[i] >= end) return p;

@@ -1546,7 +1546,8 @@ static bool fa_plan_of(rctx *c, int first, fa_plan *p) {
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
   cm_err e;
-  if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream || cm_kernel_verify(k, &e) != CM_OK)
+  if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream || cm_kernel_verify(k, &e) != CM_OK ||
+      cm_kattn_stream_check(k, first, &e) != CM_OK)
     return false;
   int end = first + a->span;
   int st[5] = {a->st_max, a->st_exp, a->st_sum, a->st_out, a->st_p};

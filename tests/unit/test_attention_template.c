@@ -378,6 +378,7 @@ static void test_streaming(void) {
     ws[i] = cl.stream_ws;
     printf("  N=%d bc=64: streaming workspace %lld, whole rows %lld\n", i ? 800 : 400,
            (long long)cl.stream_ws, (long long)cl.whole_row_ws);
+    fflush(stdout);
     CHECK_MSG(cl.stream_ws * 4 < cl.whole_row_ws, "N=%d: workspace %lld vs %lld", i ? 800 : 400,
               (long long)cl.stream_ws, (long long)cl.whole_row_ws);
     cm_graph_free(gl);
@@ -398,5 +399,53 @@ static void test_streaming(void) {
   cm_graph_free(g);
 }
 
+/* The streaming roles are re-checked before a renderer streams: wrong roles,
+ * keep bits or a key block outside [1, keys) are errors naming the kernel and
+ * stage, and such a span renders on the whole-row path. */
+static void test_stream_check(void) {
+  shape sh = {2, 3, 23, 8};
+  cm_graph *g = attention_graph_ex(sh, false, true);
+  cm_err err = {0};
+  cm_pass_state s = {cm_graph_clone(g), NULL};
+  CHECK(cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK);
+  cm_lower_opts lo = {CM_TARGET_CPU, false, 5};
+  cm_kprogram kp;
+  CHECK_MSG(cm_lower_plan(s.g, s.plan, &lo, &kp, &err) == CM_OK, "%s", err.msg);
+  int checked = 0;
+  for (int i = 0; i < kp.n_kernels; i++) {
+    cm_kernel *k = &kp.kernels[i];
+    if (k->n_stages == 0 || !k->stages[0].attn.stream) continue;
+    cm_kattn *a = &k->stages[0].attn, saved = *a;
+    CHECK_MSG(cm_kattn_stream_check(k, 0, &err) == CM_OK, "%s", err.msg);
+    CHECK(a->bc == 5 && a->st_p >= 0 && a->buf_p >= 0 && (a->keep & CM_KATTN_KEEP_P));
+    CHECK(renders_streaming(k));
+    a->buf_m = saved.buf_l;
+    CHECK(cm_kattn_stream_check(k, 0, &err) == CM_EINVALID);
+    CHECK_STR_CONTAINS(err.msg, k->name);
+    CHECK_STR_CONTAINS(err.msg, "roles");
+    CHECK(!renders_streaming(k));
+    *a = saved;
+    a->keep = 0;
+    CHECK(cm_kattn_stream_check(k, 0, &err) == CM_EINVALID);
+    *a = saved;
+    a->bc = (int)sh.tokens;
+    CHECK(cm_kattn_stream_check(k, 0, &err) == CM_EINVALID);
+    CHECK_STR_CONTAINS(err.msg, "key block");
+    *a = saved;
+    a->st_p = -1;
+    CHECK(cm_kattn_stream_check(k, 0, &err) == CM_EINVALID);
+    CHECK(!renders_streaming(k));
+    *a = saved;
+    CHECK(cm_kattn_stream_check(k, 0, &err) == CM_OK);
+    checked++;
+  }
+  CHECK(checked == 1);
+  cm_kprogram_free(&kp);
+  cm_plan_free(s.plan);
+  cm_graph_free(s.g);
+  cm_graph_free(g);
+}
+
 TEST_MAIN({"shapes", test_shapes}, {"streaming", test_streaming},
-          {"generic_reading", test_generic_reading}, {"verify_and_print", test_verify_and_print})
+          {"stream_check", test_stream_check}, {"generic_reading", test_generic_reading},
+          {"verify_and_print", test_verify_and_print})
