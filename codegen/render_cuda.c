@@ -1513,7 +1513,9 @@ static cm_status render_attention(const cm_kernel *k, int first, const attn_plan
  * E_j V_j (a thread per output). Finally O / l runs through the O stage's
  * epilogue; the roles the graph keeps are written from the final m and l (S,
  * E, P by a second pass over the key blocks). Shared memory: BR (D + BC + DV
- * + 3) + max(D BC, BC DV) floats, at most 48 KiB. */
+ * + 3) + max(D BC, BC DV) floats, at most 48 KiB; rows of S_j are BC + 1
+ * floats apart (the per-row phase reads a column per thread: no bank
+ * conflicts). */
 
 #define FA_SMEM_FLOATS (48 * 1024 / 4)
 
@@ -1563,7 +1565,7 @@ static fa_cplan plan_stream(const cm_kernel *k, int first, const cm_cuda_render_
   if (bc < 1 || p.keys < 2) return p;
   for (;;) {
     int64_t kvn = p.d * bc > bc * p.dv ? p.d * bc : bc * p.dv;
-    double fl = (double)br * (double)(p.d + bc + p.dv + 3) + (double)kvn;
+    double fl = (double)br * (double)(p.d + bc + 1 + p.dv + 3) + (double)kvn;
     if (fl <= FA_SMEM_FLOATS) {
       p.kvn = kvn;
       break;
@@ -1658,7 +1660,7 @@ static cm_status render_stream(const cm_kernel *k, int first, const fa_cplan *p,
     int BR = p->br, BC = p->bc;
     long long D = (long long)p->d, DV = (long long)p->dv;
     char sidx[64];
-    snprintf(sidx, sizeof sidx, "fs_[r_ * %d + j_]", BC);
+    snprintf(sidx, sizeof sidx, "fs_[r_ * %d + j_]", BC + 1);
     sb_printf(o,
               "// stages %d..%d (attention forward, streaming: %d query rows x %d keys per "
               "step, %d key blocks)\n",
@@ -1668,7 +1670,7 @@ static cm_status render_stream(const cm_kernel *k, int first, const fa_cplan *p,
     signature(&cS, written, bounds);
     sb_printf(o, "  __shared__ __align__(16) float fq_[%lld];\n", (long long)BR * D);
     sb_printf(o, "  __shared__ __align__(16) float fkv_[%lld];\n", (long long)p->kvn);
-    sb_printf(o, "  __shared__ __align__(16) float fs_[%d];\n", BR * BC);
+    sb_printf(o, "  __shared__ __align__(16) float fs_[%d];\n", BR * (BC + 1));
     sb_printf(o, "  __shared__ __align__(16) float fo_[%lld];\n", (long long)BR * DV);
     sb_printf(o, "  __shared__ float fm_[%d], fl_[%d], fa_[%d];\n", BR, BR, BR);
     sb_printf(o, "  const long long blk_ = blockIdx.x;\n");
@@ -1736,7 +1738,7 @@ static cm_status render_stream(const cm_kernel *k, int first, const fa_cplan *p,
     sb_printf(o, "    float o_ = fa_[r_] * fo_[p_];\n");
     sb_printf(
         o, "    for (int j_ = 0; j_ < bc_; j_++) o_ += fs_[r_ * %d + j_] * fkv_[j_ * %lld + c_];\n",
-        BC, DV);
+        BC + 1, DV);
     sb_printf(o, "    fo_[p_] = o_;\n  }\n  __syncthreads();\n  }\n");
     /* O / l through the O stage's epilogue */
     sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += 256) {\n", DV);
