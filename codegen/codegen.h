@@ -217,6 +217,7 @@ typedef enum cm_ktemplate {
 } cm_ktemplate;
 
 #define CM_KATTN_MAX_LOCAL 8
+#define CM_KATTN_MAX_SPAN 16
 
 /* The span of an attention template. Invariants (cm_kernel_verify):
  * - span >= 2 and the span lies inside the kernel; no stage of it accumulates
@@ -265,7 +266,22 @@ typedef struct cm_kattn {
   int st_max, st_exp, st_sum, st_p, st_out; /* stage indices (st_p -1 when absent) */
   int buf_s, buf_m, buf_e, buf_l, buf_p;    /* the roles' buffers (buf_p -1 when absent) */
   unsigned keep; /* CM_KATTN_KEEP_* bits: roles stored into buffers that are not local */
+  /* Backward spans (stream on a CM_KT_ATTENTION_BWD span, br == rows): each
+   * stage's role over the key var j (CM_KATTN_ROLE_*): the first stage a
+   * GEMM tile (i, j) over its own reduction (dP = dO V^T), elementwise tiles
+   * (i, j) (dS), row reductions over j (rowsum(dP o P)), GEMMs over rows i
+   * reducing over j (dQ = dS K: accumulated over key blocks) and GEMMs over
+   * rows j reducing over i (dK = dS^T Q, dV = P^T dO: complete per key
+   * block). Local buffers are tiles (local_row == keys) or row statistics (1). */
+  signed char role[CM_KATTN_MAX_SPAN];
 } cm_kattn;
+
+enum {
+  CM_KATTN_ROLE_TILE = 1,      /* [batch, i, j]: a GEMM (first stage) or elementwise */
+  CM_KATTN_ROLE_ROWRED = 2,    /* [batch, i(, 1)] reducing over j */
+  CM_KATTN_ROLE_GEMM_ROWS = 3, /* [batch, i, c] reducing over j */
+  CM_KATTN_ROLE_GEMM_KEYS = 4, /* [batch, j, c] reducing over i */
+};
 
 #define CM_KATTN_KEEP_S 1u
 #define CM_KATTN_KEEP_M 2u
@@ -401,6 +417,17 @@ int64_t cm_kattn_stream_workspace(const cm_kernel *k, int first, int mr, int nr,
  * lowering's matcher finds (renderers stream only spans that pass). Errors
  * name the kernel, stage and rule. */
 cm_status cm_kattn_stream_check(const cm_kernel *k, int first, cm_err *err);
+/* The CPU workspace of a streaming backward span (register block mr x nr),
+ * 64-byte aligned regions: fixed[0] the packed A of the first stage
+ * (round_up(rows, mr) x d), fixed[1] a packed A block, fixed[2] a packed B
+ * block, fixed[3] the C tile; per local buffer (local_off[i]) a tile of
+ * round_up(rows, mr) x round_up(bc, nr) or a row statistic of round_up(rows, mr);
+ * per stage of the span (stage_off[r], r = stage - first; 0 when none) the
+ * accumulator of a row GEMM (round_up(rows, mr) x round_up(C, nr)) or the
+ * packed B of a key GEMM (rows x round_up(C, nr)). NULL: not wanted. Returns
+ * the total bytes (0 when not a streaming backward span). */
+int64_t cm_kattn_bwd_stream_workspace(const cm_kernel *k, int first, int mr, int nr,
+                                      int64_t fixed[4], int64_t *local_off, int64_t *stage_off);
 /* Checks the span invariants of the attention template on stage `first`
  * (cm_kernel_verify calls it; the lowering uses it to keep only spans that
  * hold). Errors name the kernel, stage and the rule broken. */

@@ -1016,12 +1016,242 @@ static bool fa_match_span(const cm_kernel *k, int first, cm_kattn *a) {
   return true;
 }
 
+static int64_t fa_up(int64_t v, int64_t m) {
+  return (v + m - 1) / m * m;
+}
+
+/* ---- backward streaming ---- */
+
+/* Which local buffer b is (index into a->local), or -1. */
+static int fb_local(const cm_kattn *a, int b) {
+  for (int i = 0; i < a->n_local; i++)
+    if (a->local[i] == b) return i;
+  return -1;
+}
+
+/* Whether any stage of [first, end) stores into buffer b. */
+static bool fb_span_writes(const cm_kernel *k, int first, int end, int b) {
+  for (int si = first; si < end; si++)
+    for (int j = 0; j < k->stages[si].n_stores; j++)
+      if (k->stages[si].stores[j].buf == b) return true;
+  return false;
+}
+
+/* Every load of stage s: a local tile at its canonical index with key var cv
+ * (row var rv), a local row statistic at its canonical row, or a buffer the
+ * span never writes. Row statistics refused when !stats. */
+static bool fb_loads_ok(const cm_kernel *k, int first, int end, const cm_kattn *a,
+                        const cm_kstage *s, int nbs, int rv, int cv, bool stats) {
+  for (int e = 0; e < s->n_exprs; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    if (x->kind != CM_KX_LOAD) continue;
+    int li = fb_local(a, x->buf);
+    if (li < 0) {
+      if (fb_span_writes(k, first, end, x->buf)) return false;
+      continue;
+    }
+    if (x->dtype != CM_F32 || k->buffers[x->buf].dtype != CM_F32) return false;
+    int64_t X = a->local_row[li];
+    int64_t keys = k->stages[first].dom[a->nb + 1];
+    if (X == 1) {
+      if (!stats || !attn_canon(s, x->a, s->dom, nbs, a->rows, rv, -1, 1)) return false;
+    } else if (X != keys || cv < 0 || !attn_canon(s, x->a, s->dom, nbs, a->rows, rv, cv, X)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+/* Whether the cone of expression e of s loads a local buffer of a. */
+static bool fb_cone_local(const cm_kstage *s, int e, const cm_kattn *a) {
+  for (int i = 0; i < a->n_local; i++)
+    if (fa_cone_loads(s, e, a->local[i])) return true;
+  return false;
+}
+
+/* A GEMM of the backward span (not the first stage): its operand gemm_b and
+ * its epilogue read no local buffer, its stores go to buffers the span never
+ * reads, and gemm_a is a local tile at the canonical index with (row var,
+ * key var) = (rv, cv), or reads no local buffer. */
+static bool fb_gemm_ok(const cm_kernel *k, int first, int end, const cm_kattn *a,
+                       const cm_kstage *s, int nbs, int rv, int cv) {
+  if (fb_cone_local(s, s->gemm_b, a)) return false;
+  const cm_kexpr *ga = &s->exprs[s->gemm_a];
+  if (ga->kind == CM_KX_LOAD && fb_local(a, ga->buf) >= 0) {
+    int li = fb_local(a, ga->buf);
+    if (ga->dtype != CM_F32 || k->buffers[ga->buf].dtype != CM_F32 ||
+        a->local_row[li] != k->stages[first].dom[a->nb + 1] ||
+        !attn_canon(s, ga->a, s->dom, nbs, a->rows, rv, cv, a->local_row[li]))
+      return false;
+  } else if (fb_cone_local(s, s->gemm_a, a)) {
+    return false;
+  }
+  for (int j = 0; j < s->n_stores; j++) {
+    const cm_kstore *st = &s->stores[j];
+    if (fb_local(a, st->buf) >= 0 || fb_cone_local(s, st->value, a) ||
+        fb_cone_local(s, st->index, a))
+      return false;
+    for (int si = first; si < end; si++)
+      for (int e = 0; e < k->stages[si].n_exprs; e++)
+        if (k->stages[si].exprs[e].kind == CM_KX_LOAD && k->stages[si].exprs[e].buf == st->buf)
+          return false;
+  }
+  return true;
+}
+
+/* Recognises a backward span that streams over key blocks and fills a->role. */
+static bool fb_match_span(const cm_kernel *k, int first, cm_kattn *a) {
+  const cm_kstage *s0 = &k->stages[first];
+  int nb = a->nb, end = first + a->span;
+  if (a->span > CM_KATTN_MAX_SPAN || a->br < a->rows || s0->n_dom != nb + 2 || s0->n_red != 1 ||
+      s0->acc_dtype != CM_F32 || s0->n_stores != 1 || s0->dom[nb] != a->rows)
+    return false;
+  int64_t keys = s0->dom[nb + 1];
+  if (keys < 2) return false;
+  fa_match m = {k, s0->dom, nb, a->rows, keys, 1};
+  for (int i = 0; i < a->n_local; i++)
+    if ((a->local_row[i] != keys && a->local_row[i] != 1) ||
+        k->buffers[a->local[i]].dtype != CM_F32)
+      return false;
+  /* every local written by exactly one stage of the span, with one store */
+  for (int i = 0; i < a->n_local; i++) {
+    int writers = 0;
+    for (int si = first; si < end; si++)
+      for (int j = 0; j < k->stages[si].n_stores; j++)
+        writers += k->stages[si].stores[j].buf == a->local[i];
+    if (writers != 1) return false;
+  }
+  signed char role[CM_KATTN_MAX_SPAN];
+  memset(role, 0, sizeof role);
+  bool dep_stat[CM_KATTN_MAX_LOCAL] = {false};
+  for (int si = first; si < end; si++) {
+    const cm_kstage *s = &k->stages[si];
+    int r = si - first, nbs, b;
+    if (r == 0) {
+      const cm_kstore *ss = &s->stores[0];
+      if (fb_local(a, ss->buf) < 0 || a->local_row[fb_local(a, ss->buf)] != keys ||
+          s->exprs[ss->value].dtype != CM_F32 || s->gemm_a < 0 || s->gemm_b < 0 ||
+          !attn_canon(s, ss->index, s->dom, nb, a->rows, nb, nb + 1, keys) ||
+          fb_cone_local(s, ss->value, a) || fb_cone_local(s, s->gemm_a, a) ||
+          fb_cone_local(s, s->gemm_b, a))
+        return false;
+      for (int e = 0; e < s->n_exprs; e++)
+        if (s->exprs[e].kind == CM_KX_LOAD && fa_cone_loads(s, ss->value, s->exprs[e].buf))
+          return false;
+      role[r] = CM_KATTN_ROLE_TILE;
+    } else if (s->n_red == 0) {
+      b = fa_tile_store(&m, s, &nbs);
+      if (b < 0 || fb_local(a, b) < 0 || a->local_row[fb_local(a, b)] != keys ||
+          !fb_loads_ok(k, first, end, a, s, nbs, nbs, nbs + 1, true))
+        return false;
+      int li = fb_local(a, b);
+      for (int e = 0; e < s->n_exprs; e++) {
+        if (s->exprs[e].kind != CM_KX_LOAD) continue;
+        int lj = fb_local(a, s->exprs[e].buf);
+        if (lj >= 0 && (a->local_row[lj] == 1 || dep_stat[lj])) dep_stat[li] = true;
+      }
+      role[r] = CM_KATTN_ROLE_TILE;
+    } else if (s->tmpl != CM_KT_GEMM) {
+      b = fa_row_stat(&m, s, s->red_op, &nbs);
+      if (b < 0 || fb_local(a, b) < 0 || a->local_row[fb_local(a, b)] != 1 ||
+          !fb_loads_ok(k, first, end, a, s, nbs, nbs, s->n_dom, false))
+        return false;
+      for (int e = 0; e < s->n_exprs; e++) {
+        if (s->exprs[e].kind != CM_KX_LOAD) continue;
+        int lj = fb_local(a, s->exprs[e].buf);
+        if (lj >= 0 && dep_stat[lj]) return false;
+      }
+      role[r] = CM_KATTN_ROLE_ROWRED;
+    } else {
+      nbs = fa_nbs(s, s0->dom, nb, false);
+      if (nbs < 0 || s->n_dom != nbs + 2 || s->n_red != 1 || s->red_op != CM_KRED_SUM ||
+          s->acc_dtype != CM_F32 || s->accumulate || s->gemm_a < 0 || s->gemm_b < 0)
+        return false;
+      if (s->dom[nbs] == a->rows && s->red[0] == keys &&
+          fb_gemm_ok(k, first, end, a, s, nbs, nbs, s->n_dom))
+        role[r] = CM_KATTN_ROLE_GEMM_ROWS;
+      else if (s->dom[nbs] == keys && s->red[0] == a->rows &&
+               fb_gemm_ok(k, first, end, a, s, nbs, s->n_dom, nbs))
+        role[r] = CM_KATTN_ROLE_GEMM_KEYS;
+      else
+        return false;
+    }
+  }
+  memcpy(a->role, role, sizeof role);
+  return true;
+}
+
+int64_t cm_kattn_bwd_stream_workspace(const cm_kernel *k, int first, int mr, int nr,
+                                      int64_t fixed[4], int64_t *local_off, int64_t *stage_off) {
+  if (!k || first < 0 || first >= k->n_stages || mr < 1 || nr < 1) return 0;
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  if (s0->tmpl != CM_KT_ATTENTION_BWD || !a->stream || a->span < 2 || a->span > CM_KATTN_MAX_SPAN ||
+      first + a->span > k->n_stages || s0->n_red != 1 || s0->n_dom < 2 || a->bc < 1 ||
+      a->n_local < 0 || a->n_local > CM_KATTN_MAX_LOCAL)
+    return 0;
+  int64_t rows = a->rows, rp = fa_up(rows, mr), bc = a->bc, ldt = fa_up(bc, nr);
+  int64_t bcm = fa_up(bc, mr), d = s0->red[0];
+  int64_t am = 0, bm = d * ldt, cm = rp * ldt;
+  int64_t o = 0;
+  for (int r = 0; r < a->span; r++) {
+    const cm_kstage *s = &k->stages[first + r];
+    if (stage_off) stage_off[r] = 0;
+    if (a->role[r] != CM_KATTN_ROLE_GEMM_ROWS && a->role[r] != CM_KATTN_ROLE_GEMM_KEYS) continue;
+    if (s->n_dom < 2) return 0;
+    int64_t cp = fa_up(s->dom[s->n_dom - 1], nr);
+    if (a->role[r] == CM_KATTN_ROLE_GEMM_ROWS) {
+      am = am > rp * bc ? am : rp * bc;
+      bm = bm > bc * cp ? bm : bc * cp;
+    } else {
+      am = am > bcm * rows ? am : bcm * rows;
+      cm = cm > bcm * cp ? cm : bcm * cp;
+    }
+  }
+  int64_t sz[4] = {rp * d, am, bm, cm};
+  for (int i = 0; i < 4; i++) {
+    if (fixed) fixed[i] = o;
+    o += fa_up(4 * (sz[i] > 0 ? sz[i] : 1), 64);
+  }
+  for (int i = 0; i < a->n_local; i++) {
+    if (local_off) local_off[i] = o;
+    o += fa_up(4 * (a->local_row[i] == 1 ? rp : rp * ldt), 64);
+  }
+  for (int r = 0; r < a->span; r++) {
+    const cm_kstage *s = &k->stages[first + r];
+    if (a->role[r] != CM_KATTN_ROLE_GEMM_ROWS && a->role[r] != CM_KATTN_ROLE_GEMM_KEYS) continue;
+    int64_t cp = fa_up(s->dom[s->n_dom - 1], nr);
+    if (stage_off) stage_off[r] = o;
+    o += fa_up(4 * (a->role[r] == CM_KATTN_ROLE_GEMM_ROWS ? rp * cp : rows * cp), 64);
+  }
+  return o + 64;
+}
+
 cm_status cm_kattn_stream_check(const cm_kernel *k, int first, cm_err *err) {
   if (!k || first < 0 || first >= k->n_stages)
     return cm_errorf(err, CM_EINVALID, "cm_kattn_stream_check: no kernel or stage %d out of range",
                      first);
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
+  if (s0->tmpl == CM_KT_ATTENTION_BWD && a->stream) {
+    cm_status st = cm_kattn_check(k, first, err);
+    if (st != CM_OK) return st;
+    int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : 0;
+    if (a->bc < 1 || a->bc >= keys)
+      return cm_errorf(err, CM_EINVALID, "kernel %s stage %d: key block bc %d not in [1, %lld)",
+                       k->name, first, a->bc, (long long)keys);
+    cm_kattn t = *a;
+    if (!fb_match_span(k, first, &t))
+      return cm_errorf(err, CM_EINVALID,
+                       "kernel %s stage %d: the backward span is not key-block streamable (tiles, "
+                       "row reductions, GEMMs over rows or keys at canonical indices)",
+                       k->name, first);
+    if (memcmp(t.role, a->role, sizeof t.role))
+      return cm_errorf(err, CM_EINVALID,
+                       "kernel %s stage %d: the recorded stage roles differ from the span's",
+                       k->name, first);
+    return CM_OK;
+  }
   if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream)
     return cm_errorf(err, CM_EINVALID,
                      "kernel %s stage %d: not a streaming forward attention span (template %d, "
@@ -1047,10 +1277,6 @@ cm_status cm_kattn_stream_check(const cm_kernel *k, int first, cm_err *err) {
                      "differ from the span's",
                      k->name, first);
   return CM_OK;
-}
-
-static int64_t fa_up(int64_t v, int64_t m) {
-  return (v + m - 1) / m * m;
 }
 
 int64_t cm_kattn_stream_workspace(const cm_kernel *k, int first, int mr, int nr, int64_t *off) {
@@ -1089,9 +1315,9 @@ static void fa_choose(cm_kernel *k, int first, const cm_lower_opts *o, int mr, i
   a->st_max = a->st_exp = a->st_sum = a->st_p = a->st_out = -1;
   a->buf_s = a->buf_m = a->buf_e = a->buf_l = a->buf_p = -1;
   a->keep = 0;
+  memset(a->role, 0, sizeof a->role);
   int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : a->rows;
   a->bc = (int)keys;
-  if (s0->tmpl != CM_KT_ATTENTION_FWD) return;
   int64_t bc = keys;
   if (o && o->attn_bc > 0)
     bc = o->attn_bc < keys ? o->attn_bc : keys;
@@ -1099,6 +1325,14 @@ static void fa_choose(cm_kernel *k, int first, const cm_lower_opts *o, int mr, i
     bc = 64 < keys ? 64 : keys;
   if (bc >= keys) return;
   cm_kattn t = *a;
+  if (s0->tmpl == CM_KT_ATTENTION_BWD) {
+    if (!fb_match_span(k, first, &t)) return;
+    t.stream = true;
+    t.bc = (int)bc;
+    *a = t;
+    a->ws_bytes = cm_kattn_bwd_stream_workspace(k, first, mr, nr, NULL, NULL, NULL);
+    return;
+  }
   if (!fa_match_span(k, first, &t)) return;
   t.stream = true;
   t.bc = (int)bc;

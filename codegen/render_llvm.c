@@ -1651,11 +1651,11 @@ static void fa_store(rctx *c, int j, LLVMValueRef v) {
 
 /* C (ldc floats a row) = [alpha[row] * C +] packed A panels [0, mpan) x packed
  * B panels [0, npan) over k < kend (panel strides kstr). */
-static void fa_microkernel(rctx *c, const fa_plan *p, LLVMValueRef Ap, LLVMValueRef Bp,
+static void fa_microkernel(rctx *c, int64_t mr, int64_t nr, LLVMValueRef Ap, LLVMValueRef Bp,
                            LLVMValueRef Ct, LLVMValueRef mpan, LLVMValueRef npan, int64_t kstr,
-                           LLVMValueRef kend, int64_t ldc, LLVMValueRef alpha) {
+                           LLVMValueRef kend, int64_t ldc, LLVMValueRef alpha, bool accum) {
   LLVMBuilderRef B = c->B;
-  int64_t mr = p->mr, nr = p->nr, W = c->W, nv = nr / W;
+  int64_t W = c->W, nv = nr / W;
   loop Jr = loop_begin(c, "fa.jr", ci64(c, 0));
   loop Ir = loop_begin(c, "fa.ir", ci64(c, 0));
   LLVMValueRef apan = fptr(c, Ap, LLVMBuildMul(B, Ir.iv, ci64(c, kstr * mr), ""), "apanel");
@@ -1671,14 +1671,14 @@ static void fa_microkernel(rctx *c, const fa_plan *p, LLVMValueRef Ap, LLVMValue
                           LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, ci64(c, mr), ""), ci64(c, r), ""),
                           "alpha"));
     for (int64_t v = 0; v < nv; v++) {
-      if (!alpha) {
+      if (!alpha && !accum) {
         init[r * nv + v] = LLVMConstNull(c->vty);
         continue;
       }
       LLVMValueRef off = LLVMBuildAdd(B, cbase, ci64(c, r * ldc + v * W), "");
       LLVMValueRef old = LLVMBuildLoad2(B, c->vty, fptr(c, Ct, off, "cp"), "cold");
       LLVMSetAlignment(old, 4);
-      init[r * nv + v] = LLVMBuildFMul(B, sa, old, "cscaled");
+      init[r * nv + v] = alpha ? LLVMBuildFMul(B, sa, old, "cscaled") : old;
     }
   }
   emit_fma_kloop(c, apan, bpan, mr, nv, nr, kend, "fa.kk", init, nacc);
@@ -1703,7 +1703,7 @@ static void fa_scores(rctx *c, const fa_plan *p, const LLVMValueRef *bv, LLVMVal
       LLVMBuildSDiv(B, LLVMBuildAdd(B, bcur, ci64(c, p->nr - 1), ""), ci64(c, p->nr), "fa.kpan");
   emit_pack(c, "fa.packK", p->sS->gemm_b, p->nb + 1, j0, p->keys, npan, p->nr, p->d, ci64(c, 0),
             ci64(c, p->d), Kp);
-  fa_microkernel(c, p, Qp, Kp, St, mpan, npan, p->d, ci64(c, p->d), p->ldc, NULL);
+  fa_microkernel(c, p->mr, p->nr, Qp, Kp, St, mpan, npan, p->d, ci64(c, p->d), p->ldc, NULL, false);
   loop Li = loop_begin(c, "fa.s.i", ci64(c, 0));
   loop Lj = loop_begin(c, "fa.s.j", ci64(c, 0));
   LLVMValueRef off = LLVMBuildAdd(B, LLVMBuildMul(B, Li.iv, ci64(c, p->ldc), ""), Lj.iv, "");
@@ -1841,7 +1841,7 @@ static void render_attention_stream(rctx *c, const char *fname, const fa_plan *p
   int onb = fa_point(c, p, p->sO, bv, NULL, FA_NONE, NULL, NULL, NULL, 0);
   emit_pack(c, "fa.packV", p->sO->gemm_b, onb + 1, ci64(c, 0), p->dv, ci64(c, npv), p->nr, p->bc,
             j0, bcur, KVp);
-  fa_microkernel(c, p, Ep, KVp, Oa, mpan, ci64(c, npv), p->bc, bcur, p->ldo, Av);
+  fa_microkernel(c, p->mr, p->nr, Ep, KVp, Oa, mpan, ci64(c, npv), p->bc, bcur, p->ldo, Av, false);
   loop_end(c, &Kb, ci64(c, p->nkb), "fa.kblk.exit");
 
   /* O / l through the O stage's epilogue */
@@ -1904,6 +1904,322 @@ static void render_attention_stream(rctx *c, const char *fname, const fa_plan *p
   c->stage = p->first;
   loop_end(c, &Qb, ci64(c, p->nblk), "fa.qblk.exit");
   loop_end(c, &Wl, end, "fa.w.exit");
+  LLVMBuildBr(B, done);
+  LLVMPositionBuilderAtEnd(B, done);
+  LLVMBuildRetVoid(B);
+  c->memo = saved_memo;
+  free(memo);
+}
+
+/* ---- attention backward span, streaming over key blocks ------------------
+ *
+ * A backward span the lowering marked (cm_kattn.stream, roles in attn.role):
+ * per work item (batch item, all query rows), the first stage's A operand
+ * (dO) packed once, and the B operand of every GEMM over key rows (Q for dK,
+ * dO for dV) packed once. Pass 1 over the key blocks computes the tiles the
+ * row reductions need and accumulates the reductions (rowsum(dP o P));
+ * pass 2 recomputes every tile for the block (dP_j, dS_j), accumulates the
+ * GEMMs over query rows (dQ += dS_j K_j) and completes the GEMMs over key rows
+ * for the block (dK_j = dS_j^T Q, dV_j = P_j^T dO) through their epilogues;
+ * the accumulated GEMMs' epilogues run at the end. Local tiles hold
+ * rows x bc, so the workspace is O(rows (bc + d)). Loads of local buffers
+ * are not evaluated: their slots take the tile's values. */
+
+typedef struct fb_plan {
+  int first, span, nb, mr, nr;
+  int64_t rows, keys, bc, nkb, d, rp, ldt;
+  int64_t fixed[4], local_off[CM_KATTN_MAX_LOCAL], stage_off[CM_KATTN_MAX_SPAN];
+  bool dep_stat[CM_KATTN_MAX_LOCAL];
+  const cm_kattn *a;
+} fb_plan;
+
+static int fb_local_of(const cm_kattn *a, int b) {
+  for (int i = 0; i < a->n_local; i++)
+    if (a->local[i] == b) return i;
+  return -1;
+}
+
+static bool fb_plan_of(rctx *c, int first, fb_plan *p) {
+  const cm_kernel *k = c->k;
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  cm_err e;
+  if (s0->tmpl != CM_KT_ATTENTION_BWD || !a->stream || cm_kernel_verify(k, &e) != CM_OK ||
+      cm_kattn_stream_check(k, first, &e) != CM_OK)
+    return false;
+  memset(p, 0, sizeof *p);
+  p->first = first, p->span = a->span, p->nb = a->nb, p->a = a;
+  p->mr = s0->tiles.mr, p->nr = s0->tiles.nr;
+  int W = c->W;
+  if (p->mr < 1 || p->nr < W || p->nr % W || p->nr / W > 8 || p->mr * (p->nr / W) > 32)
+    return false;
+  p->rows = a->rows, p->keys = s0->dom[p->nb + 1], p->bc = a->bc, p->d = s0->red[0];
+  p->nkb = (p->keys + p->bc - 1) / p->bc;
+  p->rp = (p->rows + p->mr - 1) / p->mr * p->mr;
+  p->ldt = (p->bc + p->nr - 1) / p->nr * p->nr;
+  /* tiles that depend on a row statistic (directly or through a tile) wait for pass 2 */
+  for (int r = 0; r < p->span; r++) {
+    const cm_kstage *s = &k->stages[first + r];
+    if (a->role[r] != CM_KATTN_ROLE_TILE || s->n_stores != 1) continue;
+    int li = fb_local_of(a, s->stores[0].buf);
+    if (li < 0) return false;
+    for (int x = 0; x < s->n_exprs; x++) {
+      if (s->exprs[x].kind != CM_KX_LOAD) continue;
+      int lj = fb_local_of(a, s->exprs[x].buf);
+      if (lj >= 0 && (a->local_row[lj] == 1 || p->dep_stat[lj])) p->dep_stat[li] = true;
+    }
+  }
+  int64_t ws =
+      cm_kattn_bwd_stream_workspace(k, first, p->mr, p->nr, p->fixed, p->local_off, p->stage_off);
+  return ws > 0 && ws <= a->ws_bytes;
+}
+
+/* Stage s at query row `row` (var nbs) and key or column var (nbs + 1) col and
+ * reduction var red; batch vars from bv when the stage's batch axes are the
+ * span's; memo cleared; loads of local tiles take tile[ii * ldt + jj], of row
+ * statistics stat[ii]. Returns nbs. */
+static int fb_point(rctx *c, const fb_plan *p, const cm_kstage *s, bool stat,
+                    const LLVMValueRef *bv, LLVMValueRef row, LLVMValueRef col, LLVMValueRef red,
+                    LLVMValueRef *lbase, LLVMValueRef ii, LLVMValueRef jj) {
+  c->s = s;
+  c->stage = (int)(s - c->k->stages);
+  int nbs = fa_stage_nb(s, stat);
+  for (int v = 0; v < CM_KMAX_VARS; v++) c->vars[v] = v < s->n_dom + s->n_red ? ci64(c, 0) : NULL;
+  if (nbs == p->nb)
+    for (int v = 0; v < p->nb; v++) c->vars[v] = bv[v];
+  if (row) c->vars[nbs] = row;
+  if (col && nbs + 1 < s->n_dom) c->vars[nbs + 1] = col;
+  if (red && s->n_red > 0) c->vars[s->n_dom] = red;
+  reset_memo(c);
+  if (!lbase) return nbs;
+  const cm_kattn *a = p->a;
+  LLVMValueRef tix = NULL;
+  for (int e = 0; e < s->n_exprs; e++) {
+    if (s->exprs[e].kind != CM_KX_LOAD) continue;
+    int li = fb_local_of(a, s->exprs[e].buf);
+    if (li < 0) continue;
+    if (a->local_row[li] == 1) {
+      c->memo[e] = fa_ld(c, lbase[li], ii, "stat");
+    } else {
+      if (!tix) tix = LLVMBuildAdd(c->B, LLVMBuildMul(c->B, ii, ci64(c, p->ldt), ""), jj, "tix");
+      c->memo[e] = fa_ld(c, lbase[li], tix, "tile");
+    }
+  }
+  return nbs;
+}
+
+/* Tile stage r for the key block [j0, j0 + bcur): every query row. */
+static void fb_tile(rctx *c, const fb_plan *p, int r, const LLVMValueRef *bv, LLVMValueRef *lbase,
+                    LLVMValueRef A0, LLVMValueRef Bp, LLVMValueRef Ct, LLVMValueRef j0,
+                    LLVMValueRef bcur) {
+  LLVMBuilderRef B = c->B;
+  const cm_kstage *s = &c->k->stages[p->first + r];
+  int li = fb_local_of(p->a, s->stores[0].buf);
+  int val = s->stores[0].value;
+  if (r == 0) {
+    fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
+    LLVMValueRef npan =
+        LLVMBuildSDiv(B, LLVMBuildAdd(B, bcur, ci64(c, p->nr - 1), ""), ci64(c, p->nr), "fb.kpan");
+    emit_pack(c, "fb.packB0", s->gemm_b, p->nb + 1, j0, p->keys, npan, p->nr, p->d, ci64(c, 0),
+              ci64(c, p->d), Bp);
+    fa_microkernel(c, p->mr, p->nr, A0, Bp, Ct, ci64(c, p->rp / p->mr), npan, p->d, ci64(c, p->d),
+                   p->ldt, NULL, false);
+  }
+  loop Li = loop_begin(c, "fb.t.i", ci64(c, 0));
+  loop Lj = loop_begin(c, "fb.t.j", ci64(c, 0));
+  LLVMValueRef row = Li.iv, col = LLVMBuildAdd(B, j0, Lj.iv, "j");
+  LLVMValueRef tix = LLVMBuildAdd(B, LLVMBuildMul(B, Li.iv, ci64(c, p->ldt), ""), Lj.iv, "");
+  if (r == 0) {
+    fb_point(c, p, s, false, bv, row, col, NULL, NULL, NULL, NULL);
+    c->acc = fa_ld(c, Ct, tix, "c");
+  } else {
+    fb_point(c, p, s, false, bv, row, col, NULL, lbase, Li.iv, Lj.iv);
+  }
+  LLVMValueRef v = convert(c, emit(c, val), s->exprs[val].dtype, CM_F32);
+  c->acc = NULL;
+  fa_st(c, lbase[li], tix, v);
+  loop_end(c, &Lj, bcur, "fb.t.j.exit");
+  loop_end(c, &Li, ci64(c, p->rows), "fb.t.i.exit");
+}
+
+static void render_attention_bwd_stream(rctx *c, const char *fname, const fb_plan *p) {
+  const cm_kernel *k = c->k;
+  const cm_kattn *a = p->a;
+  const cm_kstage *s0 = &k->stages[p->first];
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  begin_function(c, fname, &begin, &end, &ws, &done);
+  int max_exprs = 1;
+  for (int si = p->first; si < p->first + p->span; si++)
+    if (k->stages[si].n_exprs > max_exprs) max_exprs = k->stages[si].n_exprs;
+  LLVMValueRef *memo = calloc((size_t)max_exprs, sizeof *memo), *saved_memo = c->memo;
+  if (!memo) {
+    c->failed = true;
+    c->fail_status = cm_errorf(c->err, CM_EINTERNAL, "cm_render_llvm: out of memory");
+    LLVMBuildBr(B, done);
+    LLVMPositionBuilderAtEnd(B, done);
+    LLVMBuildRetVoid(B);
+    return;
+  }
+  c->memo = memo;
+  LLVMValueRef A0 = fa_f32p(c, ws, p->fixed[0], "fb.A0"), Ap = fa_f32p(c, ws, p->fixed[1], "fb.A");
+  LLVMValueRef Bp = fa_f32p(c, ws, p->fixed[2], "fb.B"), Ct = fa_f32p(c, ws, p->fixed[3], "fb.C");
+  LLVMValueRef lbase[CM_KATTN_MAX_LOCAL], sbase[CM_KATTN_MAX_SPAN];
+  for (int i = 0; i < a->n_local; i++) lbase[i] = fa_f32p(c, ws, p->local_off[i], "fb.local");
+  for (int r = 0; r < p->span; r++)
+    sbase[r] = p->stage_off[r] > 0 ? fa_f32p(c, ws, p->stage_off[r], "fb.stage") : NULL;
+
+  loop Wl = loop_begin(c, "fb.w", begin);
+  LLVMValueRef bv[CM_KMAX_VARS], rest = Wl.iv;
+  for (int v = p->nb - 1; v >= 0; v--) {
+    if (v == 0) {
+      bv[v] = rest;
+    } else {
+      bv[v] = LLVMBuildSRem(B, rest, ci64(c, s0->dom[v]), "b");
+      rest = LLVMBuildSDiv(B, rest, ci64(c, s0->dom[v]), "");
+    }
+  }
+  /* once per batch item: A of the first stage, B of the key GEMMs, zero accumulators and
+     reduction starts */
+  fb_point(c, p, s0, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
+  emit_pack(c, "fb.packA0", s0->gemm_a, p->nb, ci64(c, 0), p->rows, ci64(c, p->rp / p->mr), p->mr,
+            p->d, ci64(c, 0), ci64(c, p->d), A0);
+  for (int r = 0; r < p->span; r++) {
+    const cm_kstage *s = &k->stages[p->first + r];
+    if (a->role[r] == CM_KATTN_ROLE_GEMM_KEYS) {
+      int64_t C = s->dom[s->n_dom - 1], cp = (C + p->nr - 1) / p->nr * p->nr;
+      int nbs = fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
+      emit_pack(c, "fb.packBk", s->gemm_b, nbs + 1, ci64(c, 0), C, ci64(c, cp / p->nr), p->nr,
+                p->rows, ci64(c, 0), ci64(c, p->rows), sbase[r]);
+    } else if (a->role[r] == CM_KATTN_ROLE_GEMM_ROWS) {
+      int64_t C = s->dom[s->n_dom - 1], cp = (C + p->nr - 1) / p->nr * p->nr;
+      loop Z = loop_begin(c, "fb.zero", ci64(c, 0));
+      fa_st(c, sbase[r], Z.iv, LLVMConstReal(c->f32, 0));
+      loop_end(c, &Z, ci64(c, p->rp * cp), "fb.zero.exit");
+    } else if (a->role[r] == CM_KATTN_ROLE_ROWRED) {
+      c->s = s;
+      int li = fb_local_of(a, s->stores[0].buf);
+      loop Z = loop_begin(c, "fb.init", ci64(c, 0));
+      fa_st(c, lbase[li], Z.iv, convert(c, reduce_init(c), s->acc_dtype, CM_F32));
+      loop_end(c, &Z, ci64(c, p->rp), "fb.init.exit");
+    }
+  }
+  for (int pass = 0; pass < 2 && !c->failed; pass++) {
+    loop Kb = loop_begin(c, pass ? "fb.kblk2" : "fb.kblk", ci64(c, 0));
+    LLVMValueRef j0 = LLVMBuildMul(B, Kb.iv, ci64(c, p->bc), "fb.j0");
+    LLVMValueRef bcur = smin(c, LLVMBuildSub(B, ci64(c, p->keys), j0, ""), ci64(c, p->bc), "fb.bc");
+    for (int r = 0; r < p->span && !c->failed; r++) {
+      const cm_kstage *s = &k->stages[p->first + r];
+      int role = a->role[r];
+      if (role == CM_KATTN_ROLE_TILE) {
+        int li = fb_local_of(a, s->stores[0].buf);
+        if (pass == 0 && p->dep_stat[li]) continue;
+        fb_tile(c, p, r, bv, lbase, A0, Bp, Ct, j0, bcur);
+      } else if (role == CM_KATTN_ROLE_ROWRED && pass == 0) {
+        int li = fb_local_of(a, s->stores[0].buf);
+        loop Li = loop_begin(c, "fb.r.i", ci64(c, 0));
+        c->s = s;
+        LLVMValueRef acc0 = convert(c, fa_ld(c, lbase[li], Li.iv, "acc0"), CM_F32, s->acc_dtype);
+        LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
+        loop Lj = loop_begin(c, "fb.r.j", ci64(c, 0));
+        LLVMValueRef acc = LLVMBuildPhi(B, val_type(c, s->acc_dtype), "acc");
+        LLVMAddIncoming(acc, &acc0, &pre, 1);
+        fb_point(c, p, s, true, bv, Li.iv, NULL, LLVMBuildAdd(B, j0, Lj.iv, "j"), lbase, Li.iv,
+                 Lj.iv);
+        LLVMValueRef bval = convert(c, emit(c, s->body), s->exprs[s->body].dtype, s->acc_dtype);
+        LLVMValueRef nacc = reduce_step(c, acc, bval);
+        LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
+        LLVMAddIncoming(acc, &nacc, &latch, 1);
+        loop_end(c, &Lj, bcur, "fb.r.j.exit");
+        fa_st(c, lbase[li], Li.iv, convert(c, nacc, s->acc_dtype, CM_F32));
+        loop_end(c, &Li, ci64(c, p->rows), "fb.r.i.exit");
+      } else if (role == CM_KATTN_ROLE_GEMM_ROWS && pass == 1) {
+        int64_t C = s->dom[s->n_dom - 1], cp = (C + p->nr - 1) / p->nr * p->nr;
+        int nbs = fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
+        const cm_kexpr *ga = &s->exprs[s->gemm_a];
+        int li = ga->kind == CM_KX_LOAD ? fb_local_of(a, ga->buf) : -1;
+        if (li >= 0) {
+          loop Li = loop_begin(c, "fb.pa.i", ci64(c, 0));
+          LLVMValueRef abase =
+              LLVMBuildAdd(B,
+                           LLVMBuildMul(B, LLVMBuildSDiv(B, Li.iv, ci64(c, p->mr), ""),
+                                        ci64(c, p->bc * p->mr), ""),
+                           LLVMBuildSRem(B, Li.iv, ci64(c, p->mr), ""), "abase");
+          LLVMValueRef tb = LLVMBuildMul(B, Li.iv, ci64(c, p->ldt), "");
+          loop Lj = loop_begin(c, "fb.pa.j", ci64(c, 0));
+          fa_st(c, Ap, LLVMBuildAdd(B, abase, LLVMBuildMul(B, Lj.iv, ci64(c, p->mr), ""), ""),
+                fa_ld(c, lbase[li], LLVMBuildAdd(B, tb, Lj.iv, ""), "t"));
+          loop_end(c, &Lj, bcur, "fb.pa.j.exit");
+          loop_end(c, &Li, ci64(c, p->rows), "fb.pa.i.exit");
+        } else {
+          emit_pack(c, "fb.packAr", s->gemm_a, nbs, ci64(c, 0), p->rows, ci64(c, p->rp / p->mr),
+                    p->mr, p->bc, j0, bcur, Ap);
+        }
+        fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
+        emit_pack(c, "fb.packBr", s->gemm_b, nbs + 1, ci64(c, 0), C, ci64(c, cp / p->nr), p->nr,
+                  p->bc, j0, bcur, Bp);
+        fa_microkernel(c, p->mr, p->nr, Ap, Bp, sbase[r], ci64(c, p->rp / p->mr),
+                       ci64(c, cp / p->nr), p->bc, bcur, cp, NULL, true);
+      } else if (role == CM_KATTN_ROLE_GEMM_KEYS && pass == 1) {
+        int64_t C = s->dom[s->n_dom - 1], cp = (C + p->nr - 1) / p->nr * p->nr;
+        int nbs = fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
+        LLVMValueRef mpan = LLVMBuildSDiv(B, LLVMBuildAdd(B, bcur, ci64(c, p->mr - 1), ""),
+                                          ci64(c, p->mr), "fb.mpan");
+        const cm_kexpr *ga = &s->exprs[s->gemm_a];
+        int li = ga->kind == CM_KX_LOAD ? fb_local_of(a, ga->buf) : -1;
+        if (li >= 0) {
+          loop Lj = loop_begin(c, "fb.pk.j", ci64(c, 0));
+          LLVMValueRef abase =
+              LLVMBuildAdd(B,
+                           LLVMBuildMul(B, LLVMBuildSDiv(B, Lj.iv, ci64(c, p->mr), ""),
+                                        ci64(c, p->rows * p->mr), ""),
+                           LLVMBuildSRem(B, Lj.iv, ci64(c, p->mr), ""), "abase");
+          loop Li = loop_begin(c, "fb.pk.i", ci64(c, 0));
+          fa_st(c, Ap, LLVMBuildAdd(B, abase, LLVMBuildMul(B, Li.iv, ci64(c, p->mr), ""), ""),
+                fa_ld(c, lbase[li],
+                      LLVMBuildAdd(B, LLVMBuildMul(B, Li.iv, ci64(c, p->ldt), ""), Lj.iv, ""),
+                      "t"));
+          loop_end(c, &Li, ci64(c, p->rows), "fb.pk.i.exit");
+          loop_end(c, &Lj, bcur, "fb.pk.j.exit");
+        } else {
+          emit_pack(c, "fb.packAk", s->gemm_a, nbs, j0, p->keys, mpan, p->mr, p->rows, ci64(c, 0),
+                    ci64(c, p->rows), Ap);
+        }
+        fa_microkernel(c, p->mr, p->nr, Ap, sbase[r], Ct, mpan, ci64(c, cp / p->nr), p->rows,
+                       ci64(c, p->rows), cp, NULL, false);
+        loop Lj = loop_begin(c, "fb.ek.j", ci64(c, 0));
+        loop Lc = loop_begin(c, "fb.ek.c", ci64(c, 0));
+        fb_point(c, p, s, false, bv, LLVMBuildAdd(B, j0, Lj.iv, "j"), Lc.iv, NULL, NULL, NULL,
+                 NULL);
+        c->acc =
+            fa_ld(c, Ct, LLVMBuildAdd(B, LLVMBuildMul(B, Lj.iv, ci64(c, cp), ""), Lc.iv, ""), "c");
+        emit_stores(c);
+        c->acc = NULL;
+        loop_end(c, &Lc, ci64(c, C), "fb.ek.c.exit");
+        loop_end(c, &Lj, bcur, "fb.ek.j.exit");
+      }
+    }
+    loop_end(c, &Kb, ci64(c, p->nkb), pass ? "fb.kblk2.exit" : "fb.kblk.exit");
+  }
+  /* the epilogues of the GEMMs accumulated over the key blocks */
+  for (int r = 0; r < p->span && !c->failed; r++) {
+    const cm_kstage *s = &k->stages[p->first + r];
+    if (a->role[r] != CM_KATTN_ROLE_GEMM_ROWS) continue;
+    int64_t C = s->dom[s->n_dom - 1], cp = (C + p->nr - 1) / p->nr * p->nr;
+    loop Li = loop_begin(c, "fb.er.i", ci64(c, 0));
+    loop Lc = loop_begin(c, "fb.er.c", ci64(c, 0));
+    fb_point(c, p, s, false, bv, Li.iv, Lc.iv, NULL, NULL, NULL, NULL);
+    c->acc = fa_ld(c, sbase[r], LLVMBuildAdd(B, LLVMBuildMul(B, Li.iv, ci64(c, cp), ""), Lc.iv, ""),
+                   "c");
+    emit_stores(c);
+    c->acc = NULL;
+    loop_end(c, &Lc, ci64(c, C), "fb.er.c.exit");
+    loop_end(c, &Li, ci64(c, p->rows), "fb.er.i.exit");
+  }
+  c->s = s0;
+  c->stage = p->first;
+  loop_end(c, &Wl, end, "fb.w.exit");
   LLVMBuildBr(B, done);
   LLVMPositionBuilderAtEnd(B, done);
   LLVMBuildRetVoid(B);
@@ -2024,6 +2340,16 @@ cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_rend
       render_nothing(&c, fname);
       free(c.memo);
       c.memo = NULL;
+      continue;
+    }
+    fb_plan bp;
+    if (s->tmpl == CM_KT_ATTENTION_BWD && !(o && o->no_templates) && s->attn.stream &&
+        fb_plan_of(&c, si, &bp)) {
+      render_attention_bwd_stream(&c, fname, &bp);
+      attn_end = si + s->attn.span;
+      free(c.memo);
+      c.memo = NULL;
+      if (c.failed) st = c.fail_status;
       continue;
     }
     fa_plan fp;

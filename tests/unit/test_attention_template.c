@@ -81,10 +81,13 @@ typedef struct span_count {
   bool stream_ir;                  /* their rendering has the key-block loop */
   int64_t stream_ws, whole_row_ws; /* the streaming workspace; the whole-row path's */
   unsigned keep;                   /* roles kept by the streaming spans */
+  int stream_bwd;                  /* backward spans marked for streaming */
+  bool stream_bwd_ir;              /* their rendering has the two key-block passes */
+  int64_t bwd_ws, bwd_whole_ws;    /* the streaming backward workspace; the whole-row path's */
 } span_count;
 
-/* Renders k and looks for the streaming key-block loop in the IR. */
-static bool renders_streaming(const cm_kernel *k) {
+/* Renders k and looks for what in the IR. */
+static bool renders_with(const cm_kernel *k, const char *what) {
   LLVMContextRef ctx = LLVMContextCreate();
   LLVMModuleRef m = LLVMModuleCreateWithNameInContext("attn", ctx);
   cm_err err = {0};
@@ -92,7 +95,7 @@ static bool renders_streaming(const cm_kernel *k) {
   bool found = false;
   if (cm_render_llvm(k, m, &ro, &err) == CM_OK) {
     char *ir = LLVMPrintModuleToString(m);
-    found = strstr(ir, "fa.kblk") != NULL;
+    found = strstr(ir, what) != NULL;
     LLVMDisposeMessage(ir);
   } else {
     CHECK_MSG(false, "render: %s", err.msg);
@@ -100,6 +103,11 @@ static bool renders_streaming(const cm_kernel *k) {
   LLVMDisposeModule(m);
   LLVMContextDispose(ctx);
   return found;
+}
+
+/* The streaming forward rendering's key-block loop. */
+static bool renders_streaming(const cm_kernel *k) {
+  return renders_with(k, "fa.kblk");
 }
 
 static span_count count_spans_bc(const cm_graph *g, const char *what, int bc);
@@ -125,7 +133,16 @@ static span_count count_spans_bc(const cm_graph *g, const char *what, int bc) {
       const cm_kstage *st = &k->stages[si];
       if (st->tmpl != CM_KT_ATTENTION_FWD && st->tmpl != CM_KT_ATTENTION_BWD) continue;
       CHECK_MSG(cm_kattn_check(k, si, &err) == CM_OK, "%s: %s", what, err.msg);
-      if (st->attn.stream) {
+      if (st->attn.stream && st->tmpl == CM_KT_ATTENTION_BWD) {
+        CHECK(st->attn.bc >= 1 && st->attn.bc < st->dom[st->attn.nb + 1]);
+        CHECK(st->attn.ws_bytes == cm_kattn_bwd_stream_workspace(k, si, st->tiles.mr,
+                                                                 st->tiles.nr, NULL, NULL, NULL));
+        CHECK_MSG(cm_kattn_stream_check(k, si, &err) == CM_OK, "%s: %s", what, err.msg);
+        r.stream_bwd++;
+        r.bwd_ws = st->attn.ws_bytes;
+        r.bwd_whole_ws = cm_kattn_workspace(k, si, st->tiles.mr, st->tiles.nr, NULL, NULL);
+        r.stream_bwd_ir = renders_with(k, "fb.kblk2");
+      } else if (st->attn.stream) {
         CHECK(st->tmpl == CM_KT_ATTENTION_FWD);
         CHECK(st->attn.bc >= 1 && st->attn.bc < st->dom[st->attn.nb + 1]);
         CHECK(st->attn.ws_bytes ==
@@ -384,17 +401,50 @@ static void test_streaming(void) {
     cm_graph_free(gl);
   }
   CHECK(ws[0] == ws[1]);
-  /* forward+backward: not a softmax-only span, whole rows */
-  shape sh = {2, 3, 65, 8};
-  cm_graph *g = attention_graph(sh, true);
-  span_count c = count_spans_bc(g, "fwd+bwd bc=7", 7);
-  CHECK(c.fwd == 1 && c.bwd == 1 && c.stream == 0);
-  CHECK(run_check_bc(g, "fwd+bwd bc=7", false, 7, 1e-4) <= 1e-4);
-  cm_graph_free(g);
+  /* forward+backward: the forward span holds dV = P^T dO (a contraction over the
+     query rows): not a softmax-only span, whole rows; the backward span streams */
+  const scase bcases[] = {
+      {{2, 3, 65, 8}, 7},  {{1, 1, 2, 1}, 1},   {{2, 4, 197, 64}, 64}, {{1, 3, 50, 5}, 16},
+      {{3, 1, 13, 32}, 1}, {{1, 2, 97, 16}, 7}, {{1, 1, 197, 3}, 16},
+  };
+  int nbw = (int)(sizeof bcases / sizeof bcases[0]);
+  for (int i = 0; i < nbw; i++) {
+    shape sb = bcases[i].sh;
+    char what[128];
+    snprintf(what, sizeof what, "stream fwd+bwd n=%lld heads=%lld N=%lld d=%lld bc=%d",
+             (long long)sb.n, (long long)sb.heads, (long long)sb.tokens, (long long)sb.dim,
+             bcases[i].bc);
+    cm_graph *gb = attention_graph(sb, true);
+    span_count cb = count_spans_bc(gb, what, bcases[i].bc);
+    CHECK_MSG(cb.fwd == 1 && cb.bwd == 1 && cb.stream == 0 && cb.stream_bwd == 1,
+              "%s: spans fwd %d bwd %d, streaming fwd %d bwd %d", what, cb.fwd, cb.bwd, cb.stream,
+              cb.stream_bwd);
+    CHECK_MSG(cb.stream_bwd_ir, "%s: the backward rendering has no key-block passes", what);
+    double e = run_check_bc(gb, what, false, bcases[i].bc, 1e-5);
+    printf("  %-58s bwd ws %lld (whole rows %lld), rel err %.2g\n", what, (long long)cb.bwd_ws,
+           (long long)cb.bwd_whole_ws, e);
+    fflush(stdout);
+    cm_graph_free(gb);
+  }
+  /* the streaming backward workspace grows with the rows only (all query rows are
+     one block), the whole-row one with rows x keys */
+  for (int i = 0; i < 2; i++) {
+    shape sl = {1, 1, i ? 800 : 400, 16};
+    cm_graph *gl = attention_graph(sl, true);
+    span_count cl = count_spans_bc(gl, "bwd N=400/800 bc=64", 64);
+    CHECK(cl.stream_bwd == 1 && cl.stream_bwd_ir);
+    ws[i] = cl.bwd_ws;
+    printf("  N=%d bc=64: streaming backward workspace %lld, whole rows %lld\n", i ? 800 : 400,
+           (long long)cl.bwd_ws, (long long)cl.bwd_whole_ws);
+    fflush(stdout);
+    CHECK(cl.bwd_ws * (i ? 4 : 2) < cl.bwd_whole_ws);
+    cm_graph_free(gl);
+  }
+  CHECK(ws[1] < ws[0] * 2 + 4096);
   /* without a forced block, ViT-sized rows keep whole key rows (bc = keys) */
   shape sv = {1, 3, 197, 64};
-  g = attention_graph(sv, false);
-  c = count_spans(g, "default bc");
+  cm_graph *g = attention_graph(sv, false);
+  span_count c = count_spans(g, "default bc");
   CHECK(c.fwd == 1 && c.stream == 0);
   cm_graph_free(g);
 }
