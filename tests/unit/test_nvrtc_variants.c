@@ -789,9 +789,9 @@ static void test_streaming_attention(void) {
       /* n, heads, tokens, dim, bc */
       {2, 3, 13, 5, 7}, {1, 2, 37, 16, 16}, {2, 1, 5, 3, 1}, {1, 1, 70, 8, 16}, {1, 4, 65, 64, 7},
   };
-  int kernels = 0, spans = 0, compared = 0, streams = 0, compiled = 0;
+  int kernels = 0, spans = 0, compared = 0, streams = 0, compiled = 0, bwd_streams = 0;
   for (int si = 0; si < 5; si++) {
-    for (int keep_p = 0; keep_p < 2; keep_p++) {
+    for (int keep_p = 0; keep_p < 3; keep_p++) {
       cm_graph *g = cm_graph_new();
       int64_t d[4] = {shapes[si][0], shapes[si][1], shapes[si][2], shapes[si][3]};
       int q = cm_input(g, "q", CM_F32, 4, d), k = cm_input(g, "k", CM_F32, 4, d);
@@ -803,7 +803,18 @@ static void test_streaming_attention(void) {
       int y = cm_matmul(g, pr, v, false, false, "y");
       cm_err err = {0};
       CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
-      if (keep_p) CHECK(cm_graph_add_output(g, pr, &err) == CM_OK);
+      if (keep_p == 1) CHECK(cm_graph_add_output(g, pr, &err) == CM_OK);
+      if (keep_p == 2) {
+        /* with the backward: its span is marked for (CPU) streaming, CUDA renders it
+           on the whole-row path */
+        int dout = cm_input(g, "dO", CM_F32, 4, d);
+        int axes[4] = {0, 1, 2, 3};
+        int loss = cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, dout, NULL), 4, axes,
+                             false, "loss");
+        int wrt[3] = {q, k, v}, grads[3];
+        CHECK_MSG(cm_autodiff(g, loss, 3, wrt, grads, &err) == CM_OK, "%s", err.msg);
+        for (int i = 0; i < 3; i++) CHECK(cm_graph_add_output(g, grads[i], &err) == CM_OK);
+      }
       cm_pass_state ps = {g, NULL};
       CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s",
                 err.msg);
@@ -812,6 +823,9 @@ static void test_streaming_attention(void) {
       CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err) == CM_OK, "%s", err.msg);
       for (int ki = 0; ki < prog.n_kernels; ki++) {
         const cm_kernel *kk = &prog.kernels[ki];
+        if (kk->n_stages > 0 && kk->stages[0].attn.stream &&
+            kk->stages[0].tmpl == CM_KT_ATTENTION_BWD)
+          bwd_streams++;
         if (kk->n_stages == 0 || !kk->stages[0].attn.stream ||
             kk->stages[0].tmpl != CM_KT_ATTENTION_FWD)
           continue;
@@ -851,10 +865,11 @@ static void test_streaming_attention(void) {
     }
   }
   fprintf(stderr,
-          "  streaming: %d spans, %d NVRTC compiles; %d kernels (%d fused) run on the host, %d "
-          "buffers compared\n",
-          streams, compiled, kernels, spans, compared);
+          "  streaming: %d spans (%d backward spans marked), %d NVRTC compiles; %d kernels (%d "
+          "fused) run on the host, %d buffers compared\n",
+          streams, bwd_streams, compiled, kernels, spans, compared);
   CHECK(streams == 10 && compiled == 20 && spans >= 10 && compared >= 15);
+  CHECK(bwd_streams >= 4);
 }
 
 int main(int argc, char **argv) {
