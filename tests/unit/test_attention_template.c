@@ -135,8 +135,8 @@ static span_count count_spans_bc(const cm_graph *g, const char *what, int bc) {
       CHECK_MSG(cm_kattn_check(k, si, &err) == CM_OK, "%s: %s", what, err.msg);
       if (st->attn.stream && st->tmpl == CM_KT_ATTENTION_BWD) {
         CHECK(st->attn.bc >= 1 && st->attn.bc < st->dom[st->attn.nb + 1]);
-        CHECK(st->attn.ws_bytes == cm_kattn_bwd_stream_workspace(k, si, st->tiles.mr,
-                                                                 st->tiles.nr, NULL, NULL, NULL));
+        CHECK(st->attn.ws_bytes ==
+              cm_kattn_bwd_stream_workspace(k, si, st->tiles.mr, st->tiles.nr, NULL, NULL, NULL));
         CHECK_MSG(cm_kattn_stream_check(k, si, &err) == CM_OK, "%s: %s", what, err.msg);
         r.stream_bwd++;
         r.bwd_ws = st->attn.ws_bytes;
@@ -487,6 +487,37 @@ static void test_stream_check(void) {
     CHECK(!renders_streaming(k));
     *a = saved;
     CHECK(cm_kattn_stream_check(k, 0, &err) == CM_OK);
+    checked++;
+  }
+  CHECK(checked == 1);
+  cm_kprogram_free(&kp);
+  cm_plan_free(s.plan);
+  cm_graph_free(s.g);
+  cm_graph_free(g);
+  /* a backward span: its stage roles are re-derived */
+  g = attention_graph(sh, true);
+  s.g = cm_graph_clone(g);
+  s.plan = NULL;
+  CHECK(cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK);
+  CHECK_MSG(cm_lower_plan(s.g, s.plan, &lo, &kp, &err) == CM_OK, "%s", err.msg);
+  checked = 0;
+  for (int i = 0; i < kp.n_kernels; i++) {
+    cm_kernel *k = &kp.kernels[i];
+    if (k->n_stages == 0 || !k->stages[0].attn.stream || k->stages[0].tmpl != CM_KT_ATTENTION_BWD)
+      continue;
+    cm_kattn *a = &k->stages[0].attn, saved = *a;
+    CHECK_MSG(cm_kattn_stream_check(k, 0, &err) == CM_OK, "%s", err.msg);
+    CHECK(renders_with(k, "fb.kblk2"));
+    int last = a->span - 1;
+    a->role[last] = a->role[last] == CM_KATTN_ROLE_GEMM_KEYS ? CM_KATTN_ROLE_GEMM_ROWS
+                                                             : CM_KATTN_ROLE_GEMM_KEYS;
+    CHECK(cm_kattn_stream_check(k, 0, &err) == CM_EINVALID);
+    CHECK_STR_CONTAINS(err.msg, "roles");
+    CHECK(!renders_with(k, "fb.kblk2"));
+    *a = saved;
+    a->bc = 0;
+    CHECK(cm_kattn_stream_check(k, 0, &err) == CM_EINVALID);
+    *a = saved;
     checked++;
   }
   CHECK(checked == 1);
