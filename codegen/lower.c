@@ -717,9 +717,10 @@ static int attn_br(int64_t rows, int mr) {
 /* ---- online-softmax streaming (forward spans) ---- */
 
 /* The affine form of i64 expression e: coef[v] per variable plus *c0; false
- * when e is not affine (div, mod, select, ...). */
-static bool attn_aff(const cm_kstage *s, int e, int64_t *coef, int64_t *c0) {
-  if (e < 0 || e >= s->n_exprs) return false;
+ * when e is not affine (div, mod, select, ...), overflows, or the walk
+ * exceeds *budget nodes (shared subexpressions are walked again). */
+static bool attn_aff_walk(const cm_kstage *s, int e, int64_t *coef, int64_t *c0, int *budget) {
+  if (e < 0 || e >= s->n_exprs || --*budget < 0) return false;
   const cm_kexpr *x = &s->exprs[e];
   memset(coef, 0, sizeof(int64_t) * CM_KMAX_VARS);
   *c0 = 0;
@@ -733,33 +734,35 @@ static bool attn_aff(const cm_kstage *s, int e, int64_t *coef, int64_t *c0) {
   }
   if (x->kind != CM_KX_OP || x->a < 0 || x->b < 0) return false;
   int64_t ca[CM_KMAX_VARS], cb[CM_KMAX_VARS], a0, b0;
-  if (!attn_aff(s, x->a, ca, &a0) || !attn_aff(s, x->b, cb, &b0)) return false;
-  bool ok = true;
+  if (!attn_aff_walk(s, x->a, ca, &a0, budget) || !attn_aff_walk(s, x->b, cb, &b0, budget))
+    return false;
+  bool bad = false;
   switch (x->op) {
   case CM_OP_ADD:
-  case CM_OP_SUB: {
-    int64_t sg = x->op == CM_OP_ADD ? 1 : -1;
-    for (int v = 0; v < CM_KMAX_VARS; v++) coef[v] = ca[v] + sg * cb[v];
-    *c0 = a0 + sg * b0;
-    return true;
-  }
+  case CM_OP_SUB:
+    for (int v = 0; v < CM_KMAX_VARS; v++)
+      bad |= x->op == CM_OP_ADD ? __builtin_add_overflow(ca[v], cb[v], &coef[v])
+                                : __builtin_sub_overflow(ca[v], cb[v], &coef[v]);
+    bad |= x->op == CM_OP_ADD ? __builtin_add_overflow(a0, b0, c0)
+                              : __builtin_sub_overflow(a0, b0, c0);
+    return !bad;
   case CM_OP_MUL: {
-    const int64_t *lin = ca, *cst = cb;
-    int64_t l0 = a0, m = b0;
-    for (int v = 0; v < CM_KMAX_VARS; v++) ok &= cb[v] == 0;
-    if (!ok) {
-      ok = true;
-      for (int v = 0; v < CM_KMAX_VARS; v++) ok &= ca[v] == 0;
-      if (!ok) return false;
-      lin = cb, cst = ca, l0 = b0, m = a0;
-    }
-    (void)cst;
-    for (int v = 0; v < CM_KMAX_VARS; v++) coef[v] = lin[v] * m;
-    *c0 = l0 * m;
-    return true;
+    bool a_const = true, b_const = true;
+    for (int v = 0; v < CM_KMAX_VARS; v++) a_const &= ca[v] == 0, b_const &= cb[v] == 0;
+    if (!a_const && !b_const) return false;
+    const int64_t *lin = b_const ? ca : cb;
+    int64_t l0 = b_const ? a0 : b0, m = b_const ? b0 : a0;
+    for (int v = 0; v < CM_KMAX_VARS; v++) bad |= __builtin_mul_overflow(lin[v], m, &coef[v]);
+    bad |= __builtin_mul_overflow(l0, m, c0);
+    return !bad;
   }
   default: return false;
   }
+}
+
+static bool attn_aff(const cm_kstage *s, int e, int64_t *coef, int64_t *c0) {
+  int budget = 4096;
+  return attn_aff_walk(s, e, coef, c0, &budget);
 }
 
 /* Whether index e of stage s is the canonical element of a value laid out
@@ -784,7 +787,7 @@ typedef struct fa_match {
   const cm_kernel *k;
   const int64_t *dom0; /* the first stage's batch extents */
   int nb;
-  int64_t rows, keys, bat;
+  int64_t rows, keys;
 } fa_match;
 
 /* The batch vars of stage s (its row var follows them): n_dom - 2 for the
@@ -911,7 +914,7 @@ static bool fa_match_span(const cm_kernel *k, int first, cm_kattn *a) {
   if (s0->n_dom != nb + 2 || s0->n_red != 1 || s0->acc_dtype != CM_F32 || s0->n_stores != 1 ||
       s0->dom[nb] != a->rows)
     return false;
-  fa_match m = {k, s0->dom, nb, a->rows, s0->dom[nb + 1], 1};
+  fa_match m = {k, s0->dom, nb, a->rows, s0->dom[nb + 1]};
   if (m.keys < 2) return false;
   /* S: one store of a function of ACC alone (a scale, a cast) at the canonical index */
   const cm_kstore *ss = &s0->stores[0];
@@ -1108,7 +1111,7 @@ static bool fb_match_span(const cm_kernel *k, int first, cm_kattn *a) {
     return false;
   int64_t keys = s0->dom[nb + 1];
   if (keys < 2) return false;
-  fa_match m = {k, s0->dom, nb, a->rows, keys, 1};
+  fa_match m = {k, s0->dom, nb, a->rows, keys};
   for (int i = 0; i < a->n_local; i++)
     if ((a->local_row[i] != keys && a->local_row[i] != 1) ||
         k->buffers[a->local[i]].dtype != CM_F32)
