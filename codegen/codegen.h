@@ -255,13 +255,14 @@ typedef struct cm_kattn {
   int64_t local_row[CM_KATTN_MAX_LOCAL]; /* X: elements per (batch item, query row) */
   int64_t ws_bytes; /* CPU workspace of the fused rendering (cm_kattn_workspace, or
                        cm_kattn_stream_workspace when stream) */
-  /* Online-softmax streaming (forward spans only; set by the lowering when the
-   * span is exactly S = gemm (stage first), m = rowmax(f(S)), E = exp(g(S) - m),
+  /* Streaming over key blocks of bc < the key extent (set by the lowering;
+   * cm_kattn_stream_check re-derives the roles). Forward spans: the span is
+   * exactly S = gemm (stage first), m = rowmax(f(S)), E = exp(g(S) - m),
    * l = rowsum(E), [P = E / l], O = gemm(E / l or P, V), every role f32 and
-   * every access to S, m, E, l, P at its canonical (batch, row[, key]) index)
-   * and bc < the key extent: a renderer may then run, per query block, the key
-   * blocks of bc with a running max and sum (flash attention), and write the
-   * values the graph keeps (keep) from the final m and l in a second pass. */
+   * every access to S, m, E, l, P at its canonical (batch, row[, key]) index;
+   * a renderer may then run, per query block, the key blocks with a running
+   * max and sum (flash attention), and write the values the graph keeps
+   * (keep) from the final m and l in a second pass. Backward spans: see role. */
   bool stream;
   int st_max, st_exp, st_sum, st_p, st_out; /* stage indices (st_p -1 when absent) */
   int buf_s, buf_m, buf_e, buf_l, buf_p;    /* the roles' buffers (buf_p -1 when absent) */
