@@ -1512,10 +1512,11 @@ static cm_status render_attention(const cm_kernel *k, int first, const attn_plan
  * E_j = the E stage's value at m_new; V_j is staged over K_j and O = alpha O +
  * E_j V_j (a thread per output). Finally O / l runs through the O stage's
  * epilogue; the roles the graph keeps are written from the final m and l (S,
- * E, P by a second pass over the key blocks). Shared memory: BR (D + BC + DV
- * + 3) + max(D BC, BC DV) floats, at most 48 KiB; rows of S_j are BC + 1
+ * E, P by a second pass over the key blocks). Shared memory: BR (D + BC + 1 +
+ * DV + 3) + max(D BC, BC DV) floats, at most 48 KiB; rows of S_j are BC + 1
  * floats apart (the per-row phase reads a column per thread: no bank
- * conflicts). */
+ * conflicts). Backward spans marked for streaming render on the whole-row
+ * path (render_attention) or stage by stage. */
 
 #define FA_SMEM_FLOATS (48 * 1024 / 4)
 
