@@ -280,6 +280,13 @@ static void gemm_tiles(cm_kstage *s, const cm_lower_opts *o) {
   if (t.mc > round_up(M, t.mr)) t.mc = round_up(M, t.mr);
   if (t.nc > round_up(Nn, t.nr)) t.nc = round_up(Nn, t.nr);
   if (t.kc > K) t.kc = (int)K;
+  /* K up to 512 in one slice: the C tile then never goes through memory
+     between slices, and consecutive row blocks share one packed B panel;
+     longer K in even slices of about 256 */
+  if (!o || o->target != CM_TARGET_CUDA) {
+    int64_t slices = (K + 255) / 256;
+    t.kc = K <= 512 ? (int)K : (int)((K + slices - 1) / slices);
+  }
   /* a GEMM of few blocks (a weight gradient: small M x N, long K) would leave
      threads idle: smaller blocks until there are 4 (each block repacks its
      operands: not more), while a block keeps 2x2 register blocks; then the

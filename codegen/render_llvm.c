@@ -1173,6 +1173,42 @@ static void emit_fma_kloop(rctx *c, LLVMValueRef apan, LLVMValueRef bpan, int64_
   if (c->unroll > 1) unroll_last_loop(c, latch, (unsigned)c->unroll);
 }
 
+static LLVMMetadataRef self_md(rctx *c, LLVMMetadataRef extra);
+
+/* The stage's stores for the rows x cols in-bounds elements of a tile of the C
+ * tile (from element (ti0, tj0); its ACC at cbase, row stride nc). A row of nr
+ * columns (the whole tile's width) has a constant trip count: vectorized
+ * without a remainder. */
+static void emit_micro_epilogue(rctx *c, LLVMValueRef Ct, LLVMValueRef cbase, LLVMValueRef ti0,
+                                LLVMValueRef tj0, LLVMValueRef rows, LLVMValueRef cols, int64_t nc,
+                                int64_t nr, const LLVMValueRef *ws_md) {
+  LLVMBuilderRef B = c->B;
+  const cm_kstage *s = c->s;
+  int iv = s->n_dom - 2, jv = s->n_dom - 1;
+  loop Er = loop_begin(c, "epi.r", ci64(c, 0));
+  c->vars[iv] = LLVMBuildAdd(B, ti0, Er.iv, "i");
+  LLVMValueRef rbase = LLVMBuildAdd(B, cbase, LLVMBuildMul(B, Er.iv, ci64(c, nc), ""), "crow");
+  LLVMValueRef whole = LLVMBuildICmp(B, LLVMIntEQ, cols, ci64(c, nr), "wholerow");
+  LLVMBasicBlockRef bw = new_block(c, "epi.whole"), be = new_block(c, "epi.edge"),
+                    bj = new_block(c, "epi.rnext");
+  LLVMBuildCondBr(B, whole, bw, be);
+  for (int edge = 0; edge < 2; edge++) {
+    LLVMPositionBuilderAtEnd(B, edge ? be : bw);
+    loop Ej = loop_begin(c, edge ? "epi.je" : "epi.j", ci64(c, 0));
+    c->vars[jv] = LLVMBuildAdd(B, tj0, Ej.iv, "j");
+    c->acc = LLVMBuildLoad2(B, c->f32, fptr(c, Ct, LLVMBuildAdd(B, rbase, Ej.iv, ""), "cp"), "c");
+    if (ws_md[0]) {
+      LLVMSetMetadata(c->acc, LLVMGetMDKindIDInContext(c->C, "alias.scope", 11), ws_md[0]);
+      LLVMSetMetadata(c->acc, LLVMGetMDKindIDInContext(c->C, "noalias", 7), ws_md[1]);
+    }
+    emit_stores(c);
+    loop_end(c, &Ej, edge ? cols : ci64(c, nr), edge ? "epi.je.exit" : "epi.j.exit");
+    LLVMBuildBr(B, bj);
+  }
+  LLVMPositionBuilderAtEnd(B, bj);
+  loop_end(c, &Er, rows, "epi.r.exit");
+}
+
 static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   const cm_kstage *s = c->s;
   LLVMBuilderRef B = c->B;
@@ -1182,14 +1218,33 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   LLVMValueRef begin, end, ws;
   LLVMBasicBlockRef done;
   begin_function(c, fname, &begin, &end, &ws, &done);
+  /* two alias scopes: the workspace never overlaps the kernel's buffers, so the
+     epilogue's C tile loads and the output stores vectorize without checks */
+  LLVMValueRef ws_md[2] = {NULL, NULL};
+  LLVMValueRef *scope = calloc((size_t)c->k->n_buffers + 1, sizeof *scope);
+  LLVMValueRef *noalias = calloc((size_t)c->k->n_buffers + 1, sizeof *noalias);
+  if (scope && noalias) {
+    LLVMMetadataRef dom = self_md(c, NULL), sws = self_md(c, dom), sbuf = self_md(c, dom);
+    ws_md[0] = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, &sws, 1));
+    ws_md[1] = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, &sbuf, 1));
+    for (int b = 0; b < c->k->n_buffers; b++) scope[b] = ws_md[1], noalias[b] = ws_md[0];
+    c->md_scope = scope, c->md_noalias = noalias;
+  }
   LLVMValueRef Bp = ws;
   LLVMValueRef Ap = fptr(c, ws, ci64(c, kc * nc), "Ap");
   LLVMValueRef Ct = fptr(c, ws, ci64(c, kc * nc + mc * kc), "Ct");
+  /* items run row blocks fastest: consecutive items of a thread share their B
+     panel, which one kc slice (K <= kc) packs once for all of them */
+  bool one_slice = g->K <= kc;
+  LLVMBasicBlockRef wpre = LLVMGetInsertBlock(B);
   loop Wl = loop_begin(c, "w", begin);
-  LLVMValueRef nblk = LLVMBuildSRem(B, Wl.iv, ci64(c, g->nblocks), "nblk");
-  LLVMValueRef t = LLVMBuildSDiv(B, Wl.iv, ci64(c, g->nblocks), "");
-  LLVMValueRef mblk = LLVMBuildSRem(B, t, ci64(c, g->mblocks), "mblk");
-  LLVMValueRef rest = LLVMBuildSDiv(B, t, ci64(c, g->mblocks), "batch");
+  LLVMValueRef bkey_prev = LLVMBuildPhi(B, c->i64, "bkey.prev");
+  LLVMValueRef minus1 = ci64(c, -1);
+  LLVMAddIncoming(bkey_prev, &minus1, &wpre, 1);
+  LLVMValueRef mblk = LLVMBuildSRem(B, Wl.iv, ci64(c, g->mblocks), "mblk");
+  LLVMValueRef t = LLVMBuildSDiv(B, Wl.iv, ci64(c, g->mblocks), "bkey");
+  LLVMValueRef nblk = LLVMBuildSRem(B, t, ci64(c, g->nblocks), "nblk");
+  LLVMValueRef rest = LLVMBuildSDiv(B, t, ci64(c, g->nblocks), "batch");
   for (int v = g->nb - 1; v >= 0; v--) {
     if (v == 0) {
       c->vars[v] = rest;
@@ -1212,7 +1267,16 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   LLVMValueRef k0 = LLVMBuildMul(B, Kl.iv, ci64(c, kc), "k0");
   LLVMValueRef kcur = smin(c, LLVMBuildSub(B, ci64(c, g->K), k0, ""), ci64(c, kc), "kcur");
   LLVMValueRef first = LLVMBuildICmp(B, LLVMIntEQ, Kl.iv, ci64(c, 0), "first");
-  emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bp);
+  if (one_slice) {
+    LLVMBasicBlockRef bpack = new_block(c, "packB.new"), bkeep = new_block(c, "packB.keep");
+    LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntNE, t, bkey_prev, "newB"), bpack, bkeep);
+    LLVMPositionBuilderAtEnd(B, bpack);
+    emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bp);
+    LLVMBuildBr(B, bkeep);
+    LLVMPositionBuilderAtEnd(B, bkeep);
+  } else {
+    emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bp);
+  }
   emit_pack(c, "packA", s->gemm_a, iv, i0, g->M, mpan, mr, kc, k0, kcur, Ap);
 
   /* B micro-panel (kc x nr) stays in L1 while the A block streams from L2 */
@@ -1251,24 +1315,29 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
       LLVMValueRef st = LLVMBuildStore(B, nacc[r * nv + v], fptr(c, Ct, off, "cp"));
       LLVMSetAlignment(st, 4);
     }
+  if (one_slice) /* the micro-tile's epilogue while its sums are in L1 */
+    emit_micro_epilogue(c, Ct, cbase,
+                        LLVMBuildAdd(B, i0, LLVMBuildMul(B, Ir.iv, ci64(c, mr), ""), "ti0"),
+                        LLVMBuildAdd(B, j0, LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), "tj0"),
+                        smin(c, LLVMBuildSub(B, mrem, LLVMBuildMul(B, Ir.iv, ci64(c, mr), ""), ""),
+                             ci64(c, mr), "trows"),
+                        smin(c, LLVMBuildSub(B, nrem, LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), ""),
+                             ci64(c, nr), "tcols"),
+                        nc, nr, ws_md);
   loop_end(c, &Ir, mpan, "ir.exit");
   loop_end(c, &Jr, npan, "jr.exit");
   loop_end(c, &Kl, ci64(c, (g->K + kc - 1) / kc), "kslice.exit");
-
-  /* epilogue: the stage's stores per in-bounds element with ACC from the C tile */
-  loop Ei = loop_begin(c, "epi.i", ci64(c, 0));
-  loop Ej = loop_begin(c, "epi.j", ci64(c, 0));
-  c->vars[iv] = LLVMBuildAdd(B, i0, Ei.iv, "i");
-  c->vars[jv] = LLVMBuildAdd(B, j0, Ej.iv, "j");
-  LLVMValueRef coff = LLVMBuildAdd(B, LLVMBuildMul(B, Ei.iv, ci64(c, nc), ""), Ej.iv, "");
-  c->acc = LLVMBuildLoad2(B, c->f32, fptr(c, Ct, coff, "cp"), "c");
-  emit_stores(c);
-  loop_end(c, &Ej, nrem, "epi.j.exit");
-  loop_end(c, &Ei, mrem, "epi.i.exit");
+  /* several slices: one pass over the C tile (stores within a slice would
+     evict the B micro-panel from L1) */
+  if (!one_slice) emit_micro_epilogue(c, Ct, ci64(c, 0), i0, j0, mrem, nrem, nc, nc, ws_md);
+  LLVMBasicBlockRef wlatch = LLVMGetInsertBlock(B);
+  LLVMAddIncoming(bkey_prev, &t, &wlatch, 1);
   loop_end(c, &Wl, end, "w.exit");
   LLVMBuildBr(B, done);
   LLVMPositionBuilderAtEnd(B, done);
   LLVMBuildRetVoid(B);
+  c->md_scope = c->md_noalias = NULL;
+  free(scope), free(noalias);
 }
 
 /* ---- attention span (fused) ------------------------------------------------
