@@ -646,6 +646,23 @@ static void unroll_last_loop(rctx *c, LLVMBasicBlockRef latch, unsigned count) {
                   LLVMMetadataAsValue(c->C, id));
 }
 
+/* Keeps the loop vectorizer off the loop just closed (latch: its back edge's block). */
+static void no_vectorize_loop(rctx *c, LLVMBasicBlockRef latch) {
+  LLVMValueRef br = LLVMGetBasicBlockTerminator(latch);
+  if (!br) return;
+  LLVMMetadataRef tmp = LLVMTemporaryMDNode(c->C, NULL, 0);
+  LLVMMetadataRef ops[2] = {
+      LLVMMDStringInContext2(c->C, "llvm.loop.vectorize.enable", 26),
+      LLVMValueAsMetadata(LLVMConstInt(c->i1, 0, 0)),
+  };
+  LLVMMetadataRef off = LLVMMDNodeInContext2(c->C, ops, 2);
+  LLVMMetadataRef id_ops[2] = {tmp, off};
+  LLVMMetadataRef id = LLVMMDNodeInContext2(c->C, id_ops, 2);
+  LLVMMetadataReplaceAllUsesWith(tmp, id);
+  LLVMSetMetadata(br, LLVMGetMDKindIDInContext(c->C, "llvm.loop", 9),
+                  LLVMMetadataAsValue(c->C, id));
+}
+
 static LLVMValueRef smin(rctx *c, LLVMValueRef a, LLVMValueRef b, const char *name) {
   return LLVMBuildSelect(c->B, LLVMBuildICmp(c->B, LLVMIntSLT, a, b, ""), a, b, name);
 }
@@ -1036,6 +1053,34 @@ static void transpose_block(rctx *c, LLVMValueRef *v) {
   }
 }
 
+/* Output vector t of R rows x W k (v[l]: row l's W k) laid out k-major
+ * (element g = t W + q is row g % R at k g / R), correct in the lanes whose
+ * row is in [lo, hi) (the others undefined): a tree of two-source shuffles. */
+static LLVMValueRef pick_rows(rctx *c, LLVMValueRef *v, int R, int t, int lo, int hi) {
+  int W = c->W;
+  LLVMValueRef mask[32], a, b;
+  int mid = hi - lo <= 2 ? lo + 1 : (lo + hi) / 2;
+  bool leaves = hi - lo <= 2;
+  if (leaves) {
+    a = v[lo];
+    b = hi - lo == 2 ? v[lo + 1] : LLVMGetPoison(c->vty);
+  } else {
+    a = pick_rows(c, v, R, t, lo, mid);
+    b = pick_rows(c, v, R, t, mid, hi);
+  }
+  for (int q = 0; q < W; q++) {
+    int g = t * W + q, row = g % R, kk = g / R;
+    int from = leaves ? kk : q;
+    if (row >= lo && row < mid)
+      mask[q] = LLVMConstInt(c->i32, (unsigned)from, 0);
+    else if (row >= mid && row < hi)
+      mask[q] = LLVMConstInt(c->i32, (unsigned)(W + from), 0);
+    else
+      mask[q] = LLVMGetUndef(c->i32);
+  }
+  return LLVMBuildShuffleVector(c->B, a, b, LLVMConstVector(mask, (unsigned)W), "rows");
+}
+
 /* Packs panels [0, npan) of R rows (r0 + p*R + l, vars: row var rv, k var kv)
  * x k [0, kcur) of operand e: dst[p*kc*R + kk*R + l], zero for rows at or
  * beyond lim. Whole panels skip the clamp; the lane loop is unrolled so that
@@ -1055,7 +1100,7 @@ static void emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0,
   LLVMBasicBlockRef bfast = new_block(c, "pack.whole"), bslow = new_block(c, "pack.edge"),
                     bjoin = new_block(c, "pack.next");
   LLVMBuildCondBr(B, whole, bfast, bslow);
-  bool kvec = k_contiguous(c, e) && R % c->W == 0;
+  bool kvec = k_contiguous(c, e) && (R % c->W == 0 || R < c->W);
   for (int edge = 0; edge < 2; edge++) {
     LLVMPositionBuilderAtEnd(B, edge ? bslow : bfast);
     LLVMValueRef kstart = ci64(c, 0);
@@ -1070,6 +1115,25 @@ static void emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0,
       loop Lc = loop_begin(c, nm, ci64(c, 0));
       LLVMValueRef kkb = LLVMBuildMul(B, Lc.iv, ci64(c, c->W), "kkb");
       c->vars[c->s->n_dom] = LLVMBuildAdd(B, k0, kkb, "k");
+      if (R < c->W) {
+        /* R rows of W k: R vector loads, shuffled into the R vectors of W panel rows */
+        LLVMValueRef v[32];
+        for (int l = 0; l < R; l++) {
+          c->vars[rv] = LLVMBuildAdd(B, pr0, ci64(c, l), "row");
+          reset_memo(c);
+          const cm_kexpr *x = &c->s->exprs[e];
+          LLVMValueRef idx = convert(c, emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
+          v[l] = LLVMBuildLoad2(B, c->vty, buf_gep(c, x->buf, idx), "krow");
+          LLVMSetAlignment(v[l], 4);
+        }
+        for (int t = 0; t < R; t++) {
+          LLVMValueRef off =
+              LLVMBuildAdd(B, LLVMBuildMul(B, kkb, ci64(c, R), ""), ci64(c, t * c->W), "");
+          LLVMValueRef st =
+              LLVMBuildStore(B, pick_rows(c, v, (int)R, t, 0, (int)R), fptr(c, pdst, off, "dst"));
+          LLVMSetAlignment(st, 4);
+        }
+      }
       for (int64_t g = 0; g < R / c->W; g++) {
         LLVMValueRef v[32];
         for (int l = 0; l < c->W; l++) {
@@ -1121,7 +1185,11 @@ static void emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0,
       LLVMSetAlignment(st, 4);
     }
     snprintf(nm, sizeof nm, "%s.k.exit", name);
+    LLVMBasicBlockRef klatch = LLVMGetInsertBlock(B);
     loop_end(c, &Lk, kcur, nm);
+    /* one k per iteration, the lanes merged into vectors (SLP): vectorizing
+       across k instead gathers and scatters */
+    no_vectorize_loop(c, klatch);
     LLVMBuildBr(B, bjoin);
   }
   LLVMPositionBuilderAtEnd(B, bjoin);
