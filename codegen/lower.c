@@ -277,6 +277,11 @@ static void gemm_tiles(cm_kstage *s, const cm_lower_opts *o) {
     t = avx512 ? (cm_kgemm_tiles){240, 512, 128, 6, 64} : (cm_kgemm_tiles){240, 256, 128, 6, 16};
   }
   int64_t M = s->dom[s->n_dom - 2], Nn = s->dom[s->n_dom - 1], K = s->red[0];
+  /* one kc slice (K <= 512, below): a B panel of up to 1 MiB (K x nc floats, nc
+     at most 1024) is packed once for consecutive row blocks; wider panels pack A
+     fewer times */
+  if ((!o || o->target != CM_TARGET_CUDA) && K <= 512)
+    t.nc = (int)(K <= 256 ? 1024 : (262144 / K) / t.nr * t.nr);
   if (t.mc > round_up(M, t.mr)) t.mc = round_up(M, t.mr);
   if (t.nc > round_up(Nn, t.nr)) t.nc = round_up(Nn, t.nr);
   if (t.kc > K) t.kc = (int)K;
