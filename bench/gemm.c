@@ -63,8 +63,9 @@ int main(int argc, char **argv) {
       return 2;
     }
   }
-  if (!json) printf("%-20s %6s %6s %6s %10s %8s %10s %8s\n", "gemm", "M", "N", "K", "GFLOP/s", "of peak",
-                   "kernel", "of peak");
+  if (!json)
+    printf("%-20s %6s %6s %6s %10s %8s %10s %8s\n", "gemm", "M", "N", "K", "GFLOP/s", "of peak",
+           "kernel", "of peak");
   if (json) printf("{\"peak_gflops\": %.1f, \"rows\": [", peak);
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
     const shape *sh = &shapes[s];
