@@ -1277,6 +1277,12 @@ static void emit_micro_epilogue(rctx *c, LLVMValueRef Ct, LLVMValueRef cbase, LL
   loop_end(c, &Er, rows, "epi.r.exit");
 }
 
+/* Per work item (a row block x column block, row blocks fastest) and kc slice:
+ * pack B (kc x nc) and A (mc x kc), then for each B micro-panel, each A
+ * micro-panel: the micro-kernel into the C tile. With one slice (K <= kc)
+ * consecutive items of a call with the same column block reuse the packed B,
+ * and each micro-tile's epilogue runs right after its k loop; with several,
+ * one epilogue pass over the C tile follows the last slice. */
 static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   const cm_kstage *s = c->s;
   LLVMBuilderRef B = c->B;
