@@ -95,7 +95,12 @@ CM_NO_SANITIZE_FUNCTION static void run_case(const gcase *c) {
     for (int i = 0; i < n; i++) {
       parts += strstr(sp[i].stage->name, "_kpart") != NULL;
       sums += strstr(sp[i].stage->name, "_ksum") != NULL;
-      gemms += sp[i].stage->tmpl == CM_KT_GEMM;
+      if (sp[i].stage->tmpl != CM_KT_GEMM) continue;
+      gemms++;
+      /* K up to 512 runs in one kc slice (the shared-B, per-micro-tile epilogue path) */
+      int64_t k = sp[i].stage->red[0];
+      CHECK_MSG((sp[i].stage->tiles.kc == k) == (k <= 512), "K %lld in slices of %d", (long long)k,
+                sp[i].stage->tiles.kc);
     }
     CHECK_MSG(gemms == 1, "%d GEMM stages", gemms);
     CHECK_MSG(parts == (c->split ? 1 : 0) && sums == parts,
