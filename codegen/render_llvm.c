@@ -5,9 +5,10 @@
  * Values in expressions: f32/bf16/f16 as float (bf16/f16 rounded after each
  * op), f64 as double, i32/i64 as i32/i64, bool as i1 (i8 0/1 in memory).
  *
- * GEMM workspace (floats, from ws): packed B [nc/nr panels][kc][nr], then
+ * GEMM workspace (floats, from ws): packed B [nc/nr panels][kc][nr] per kc
+ * slice (all ceil(K/kc) slices when they take at most 4 MiB, else one), then
  * packed A [mc/mr panels][kc][mr], then the C tile [mc][nc] that carries the
- * sums across kc slices: 4 * (kc*nc + mc*kc + mc*nc) bytes. Tiles left 0 by the
+ * sums across kc slices: 4 * (B + mc*kc + mc*nc) bytes. Tiles left 0 by the
  * lowering default to mr 6, nr 4W (2W when W < 16), mc 240, nc 512, kc 128 (W:
  * vector width).
  *
@@ -1243,6 +1244,14 @@ static void emit_fma_kloop(rctx *c, LLVMValueRef apan, LLVMValueRef bpan, int64_
 
 static LLVMMetadataRef self_md(rctx *c, LLVMMetadataRef extra);
 
+/* Floats of packed B in the workspace: every kc slice of a column block (kept
+ * for the following items with the same block) when they take at most 4 MiB,
+ * else one slice. cm_kstage_workspace_bytes (kernel.c) sizes it the same way. */
+static int64_t gemm_b_floats(int64_t K, int64_t kc, int64_t nc) {
+  int64_t all = (K + kc - 1) / kc * kc * nc;
+  return all * 4 <= ((int64_t)4 << 20) ? all : kc * nc;
+}
+
 /* The stage's stores for the rows x cols in-bounds elements of a tile of the C
  * tile (from element (ti0, tj0); its ACC at cbase, row stride nc). A row of nr
  * columns (the whole tile's width) has a constant trip count: vectorized
@@ -1304,12 +1313,15 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
     for (int b = 0; b < c->k->n_buffers; b++) scope[b] = ws_md[1], noalias[b] = ws_md[0];
     c->md_scope = scope, c->md_noalias = noalias;
   }
-  LLVMValueRef Bp = ws;
-  LLVMValueRef Ap = fptr(c, ws, ci64(c, kc * nc), "Ap");
-  LLVMValueRef Ct = fptr(c, ws, ci64(c, kc * nc + mc * kc), "Ct");
-  /* items run row blocks fastest: consecutive items of a thread share their B
-     panel, which one kc slice (K <= kc) packs once for all of them */
+  /* items run row blocks fastest: consecutive items of a call share their B
+     panel (every kc slice of it, when they fit the workspace), packed once for
+     all of them */
   bool one_slice = g->K <= kc;
+  int64_t bfl = gemm_b_floats(g->K, kc, nc);
+  bool cache_b = bfl > kc * nc || one_slice;
+  LLVMValueRef Bp = ws;
+  LLVMValueRef Ap = fptr(c, ws, ci64(c, bfl), "Ap");
+  LLVMValueRef Ct = fptr(c, ws, ci64(c, bfl + mc * kc), "Ct");
   LLVMBasicBlockRef wpre = LLVMGetInsertBlock(B);
   loop Wl = loop_begin(c, "w", begin);
   LLVMValueRef bkey_prev = LLVMBuildPhi(B, c->i64, "bkey.prev");
@@ -1341,11 +1353,13 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   LLVMValueRef k0 = LLVMBuildMul(B, Kl.iv, ci64(c, kc), "k0");
   LLVMValueRef kcur = smin(c, LLVMBuildSub(B, ci64(c, g->K), k0, ""), ci64(c, kc), "kcur");
   LLVMValueRef first = LLVMBuildICmp(B, LLVMIntEQ, Kl.iv, ci64(c, 0), "first");
-  if (one_slice) {
+  LLVMValueRef Bs = Bp; /* this slice's packed B */
+  if (cache_b) {
+    Bs = fptr(c, Bp, LLVMBuildMul(B, Kl.iv, ci64(c, kc * nc), ""), "Bslice");
     LLVMBasicBlockRef bpack = new_block(c, "packB.new"), bkeep = new_block(c, "packB.keep");
     LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntNE, t, bkey_prev, "newB"), bpack, bkeep);
     LLVMPositionBuilderAtEnd(B, bpack);
-    emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bp);
+    emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bs);
     LLVMBuildBr(B, bkeep);
     LLVMPositionBuilderAtEnd(B, bkeep);
   } else {
@@ -1357,7 +1371,7 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   loop Jr = loop_begin(c, "jr", ci64(c, 0));
   loop Ir = loop_begin(c, "ir", ci64(c, 0));
   LLVMValueRef apan = fptr(c, Ap, LLVMBuildMul(B, Ir.iv, ci64(c, kc * mr), ""), "apanel");
-  LLVMValueRef bpan = fptr(c, Bp, LLVMBuildMul(B, Jr.iv, ci64(c, kc * nr), ""), "bpanel");
+  LLVMValueRef bpan = fptr(c, Bs, LLVMBuildMul(B, Jr.iv, ci64(c, kc * nr), ""), "bpanel");
   LLVMValueRef cbase = LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, ci64(c, mr * nc), ""),
                                     LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), "cbase");
   /* the first kc slice starts from zero, later ones from the C tile */
