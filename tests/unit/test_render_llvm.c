@@ -724,6 +724,8 @@ static void test_gemm(void) {
       /* 8-wide vectors: 8 x 8 transposes, 3 accumulators per row */
       {1, 41, 50, 70, false, false, true, true, false, {24, 48, 32, 8, 24}, false, 8, 0},
       {1, 19, 33, 17, false, true, true, false, false, {0}, false, 8, 0},
+      /* 6 rows of row-major A under the width: packed 8 k at a time through shuffles */
+      {1, 43, 29, 37, false, false, false, true, false, {18, 32, 16, 6, 16}, false, 8, 0},
       /* B^T with a k stride of 2: packed element by element */
       {2, 21, 40, 37, false, false, true, true, false, {16, 32, 16, 16, 32}, false, 0, 2},
   };
