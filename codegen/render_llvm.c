@@ -5,9 +5,10 @@
  * Values in expressions: f32/bf16/f16 as float (bf16/f16 rounded after each
  * op), f64 as double, i32/i64 as i32/i64, bool as i1 (i8 0/1 in memory).
  *
- * GEMM workspace (floats, from ws): packed B [nc/nr panels][kc][nr], then
+ * GEMM workspace (floats, from ws): packed B [nc/nr panels][kc][nr] per kc
+ * slice (all ceil(K/kc) slices when they take at most 4 MiB, else one), then
  * packed A [mc/mr panels][kc][mr], then the C tile [mc][nc] that carries the
- * sums across kc slices: 4 * (kc*nc + mc*kc + mc*nc) bytes. Tiles left 0 by the
+ * sums across kc slices: 4 * (B + mc*kc + mc*nc) bytes. Tiles left 0 by the
  * lowering default to mr 6, nr 4W (2W when W < 16), mc 240, nc 512, kc 128 (W:
  * vector width).
  *
@@ -646,6 +647,23 @@ static void unroll_last_loop(rctx *c, LLVMBasicBlockRef latch, unsigned count) {
                   LLVMMetadataAsValue(c->C, id));
 }
 
+/* Keeps the loop vectorizer off the loop just closed (latch: its back edge's block). */
+static void no_vectorize_loop(rctx *c, LLVMBasicBlockRef latch) {
+  LLVMValueRef br = LLVMGetBasicBlockTerminator(latch);
+  if (!br) return;
+  LLVMMetadataRef tmp = LLVMTemporaryMDNode(c->C, NULL, 0);
+  LLVMMetadataRef ops[2] = {
+      LLVMMDStringInContext2(c->C, "llvm.loop.vectorize.enable", 26),
+      LLVMValueAsMetadata(LLVMConstInt(c->i1, 0, 0)),
+  };
+  LLVMMetadataRef off = LLVMMDNodeInContext2(c->C, ops, 2);
+  LLVMMetadataRef id_ops[2] = {tmp, off};
+  LLVMMetadataRef id = LLVMMDNodeInContext2(c->C, id_ops, 2);
+  LLVMMetadataReplaceAllUsesWith(tmp, id);
+  LLVMSetMetadata(br, LLVMGetMDKindIDInContext(c->C, "llvm.loop", 9),
+                  LLVMMetadataAsValue(c->C, id));
+}
+
 static LLVMValueRef smin(rctx *c, LLVMValueRef a, LLVMValueRef b, const char *name) {
   return LLVMBuildSelect(c->B, LLVMBuildICmp(c->B, LLVMIntSLT, a, b, ""), a, b, name);
 }
@@ -1036,6 +1054,34 @@ static void transpose_block(rctx *c, LLVMValueRef *v) {
   }
 }
 
+/* Output vector t of R rows x W k (v[l]: row l's W k) laid out k-major
+ * (element g = t W + q is row g % R at k g / R), correct in the lanes whose
+ * row is in [lo, hi) (the others undefined): a tree of two-source shuffles. */
+static LLVMValueRef pick_rows(rctx *c, LLVMValueRef *v, int R, int t, int lo, int hi) {
+  int W = c->W;
+  LLVMValueRef mask[32], a, b;
+  int mid = hi - lo <= 2 ? lo + 1 : (lo + hi) / 2;
+  bool leaves = hi - lo <= 2;
+  if (leaves) {
+    a = v[lo];
+    b = hi - lo == 2 ? v[lo + 1] : LLVMGetPoison(c->vty);
+  } else {
+    a = pick_rows(c, v, R, t, lo, mid);
+    b = pick_rows(c, v, R, t, mid, hi);
+  }
+  for (int q = 0; q < W; q++) {
+    int g = t * W + q, row = g % R, kk = g / R;
+    int from = leaves ? kk : q;
+    if (row >= lo && row < mid)
+      mask[q] = LLVMConstInt(c->i32, (unsigned)from, 0);
+    else if (row >= mid && row < hi)
+      mask[q] = LLVMConstInt(c->i32, (unsigned)(W + from), 0);
+    else
+      mask[q] = LLVMGetUndef(c->i32);
+  }
+  return LLVMBuildShuffleVector(c->B, a, b, LLVMConstVector(mask, (unsigned)W), "rows");
+}
+
 /* Packs panels [0, npan) of R rows (r0 + p*R + l, vars: row var rv, k var kv)
  * x k [0, kcur) of operand e: dst[p*kc*R + kk*R + l], zero for rows at or
  * beyond lim. Whole panels skip the clamp; the lane loop is unrolled so that
@@ -1055,7 +1101,7 @@ static void emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0,
   LLVMBasicBlockRef bfast = new_block(c, "pack.whole"), bslow = new_block(c, "pack.edge"),
                     bjoin = new_block(c, "pack.next");
   LLVMBuildCondBr(B, whole, bfast, bslow);
-  bool kvec = k_contiguous(c, e) && R % c->W == 0;
+  bool kvec = k_contiguous(c, e) && (R % c->W == 0 || R < c->W);
   for (int edge = 0; edge < 2; edge++) {
     LLVMPositionBuilderAtEnd(B, edge ? bslow : bfast);
     LLVMValueRef kstart = ci64(c, 0);
@@ -1070,6 +1116,25 @@ static void emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0,
       loop Lc = loop_begin(c, nm, ci64(c, 0));
       LLVMValueRef kkb = LLVMBuildMul(B, Lc.iv, ci64(c, c->W), "kkb");
       c->vars[c->s->n_dom] = LLVMBuildAdd(B, k0, kkb, "k");
+      if (R < c->W) {
+        /* R rows of W k: R vector loads, shuffled into the R vectors of W panel rows */
+        LLVMValueRef v[32];
+        for (int l = 0; l < R; l++) {
+          c->vars[rv] = LLVMBuildAdd(B, pr0, ci64(c, l), "row");
+          reset_memo(c);
+          const cm_kexpr *x = &c->s->exprs[e];
+          LLVMValueRef idx = convert(c, emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
+          v[l] = LLVMBuildLoad2(B, c->vty, buf_gep(c, x->buf, idx), "krow");
+          LLVMSetAlignment(v[l], 4);
+        }
+        for (int t = 0; t < R; t++) {
+          LLVMValueRef off =
+              LLVMBuildAdd(B, LLVMBuildMul(B, kkb, ci64(c, R), ""), ci64(c, t * c->W), "");
+          LLVMValueRef st =
+              LLVMBuildStore(B, pick_rows(c, v, (int)R, t, 0, (int)R), fptr(c, pdst, off, "dst"));
+          LLVMSetAlignment(st, 4);
+        }
+      }
       for (int64_t g = 0; g < R / c->W; g++) {
         LLVMValueRef v[32];
         for (int l = 0; l < c->W; l++) {
@@ -1121,7 +1186,11 @@ static void emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0,
       LLVMSetAlignment(st, 4);
     }
     snprintf(nm, sizeof nm, "%s.k.exit", name);
+    LLVMBasicBlockRef klatch = LLVMGetInsertBlock(B);
     loop_end(c, &Lk, kcur, nm);
+    /* one k per iteration, the lanes merged into vectors (SLP): vectorizing
+       across k instead gathers and scatters */
+    no_vectorize_loop(c, klatch);
     LLVMBuildBr(B, bjoin);
   }
   LLVMPositionBuilderAtEnd(B, bjoin);
@@ -1173,6 +1242,56 @@ static void emit_fma_kloop(rctx *c, LLVMValueRef apan, LLVMValueRef bpan, int64_
   if (c->unroll > 1) unroll_last_loop(c, latch, (unsigned)c->unroll);
 }
 
+static LLVMMetadataRef self_md(rctx *c, LLVMMetadataRef extra);
+
+/* Floats of packed B in the workspace: every kc slice of a column block (kept
+ * for the following items with the same block) when they take at most 4 MiB,
+ * else one slice. cm_kstage_workspace_bytes (kernel.c) sizes it the same way. */
+static int64_t gemm_b_floats(int64_t K, int64_t kc, int64_t nc) {
+  int64_t all = (K + kc - 1) / kc * kc * nc;
+  return all * 4 <= ((int64_t)4 << 20) ? all : kc * nc;
+}
+
+/* The stage's stores for the rows x cols in-bounds elements of a tile of the C
+ * tile (from element (ti0, tj0); its ACC at cbase, row stride nc). A row of nr
+ * columns (the whole tile's width) has a constant trip count: vectorized
+ * without a remainder. */
+static void emit_micro_epilogue(rctx *c, LLVMValueRef Ct, LLVMValueRef cbase, LLVMValueRef ti0,
+                                LLVMValueRef tj0, LLVMValueRef rows, LLVMValueRef cols, int64_t nc,
+                                int64_t nr, const LLVMValueRef *ws_md) {
+  LLVMBuilderRef B = c->B;
+  const cm_kstage *s = c->s;
+  int iv = s->n_dom - 2, jv = s->n_dom - 1;
+  loop Er = loop_begin(c, "epi.r", ci64(c, 0));
+  c->vars[iv] = LLVMBuildAdd(B, ti0, Er.iv, "i");
+  LLVMValueRef rbase = LLVMBuildAdd(B, cbase, LLVMBuildMul(B, Er.iv, ci64(c, nc), ""), "crow");
+  LLVMValueRef whole = LLVMBuildICmp(B, LLVMIntEQ, cols, ci64(c, nr), "wholerow");
+  LLVMBasicBlockRef bw = new_block(c, "epi.whole"), be = new_block(c, "epi.edge"),
+                    bj = new_block(c, "epi.rnext");
+  LLVMBuildCondBr(B, whole, bw, be);
+  for (int edge = 0; edge < 2; edge++) {
+    LLVMPositionBuilderAtEnd(B, edge ? be : bw);
+    loop Ej = loop_begin(c, edge ? "epi.je" : "epi.j", ci64(c, 0));
+    c->vars[jv] = LLVMBuildAdd(B, tj0, Ej.iv, "j");
+    c->acc = LLVMBuildLoad2(B, c->f32, fptr(c, Ct, LLVMBuildAdd(B, rbase, Ej.iv, ""), "cp"), "c");
+    if (ws_md[0]) {
+      LLVMSetMetadata(c->acc, LLVMGetMDKindIDInContext(c->C, "alias.scope", 11), ws_md[0]);
+      LLVMSetMetadata(c->acc, LLVMGetMDKindIDInContext(c->C, "noalias", 7), ws_md[1]);
+    }
+    emit_stores(c);
+    loop_end(c, &Ej, edge ? cols : ci64(c, nr), edge ? "epi.je.exit" : "epi.j.exit");
+    LLVMBuildBr(B, bj);
+  }
+  LLVMPositionBuilderAtEnd(B, bj);
+  loop_end(c, &Er, rows, "epi.r.exit");
+}
+
+/* Per work item (a row block x column block, row blocks fastest) and kc slice:
+ * pack B (kc x nc) and A (mc x kc), then for each B micro-panel, each A
+ * micro-panel: the micro-kernel into the C tile. With one slice (K <= kc)
+ * consecutive items of a call with the same column block reuse the packed B,
+ * and each micro-tile's epilogue runs right after its k loop; with several,
+ * one epilogue pass over the C tile follows the last slice. */
 static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   const cm_kstage *s = c->s;
   LLVMBuilderRef B = c->B;
@@ -1182,14 +1301,36 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   LLVMValueRef begin, end, ws;
   LLVMBasicBlockRef done;
   begin_function(c, fname, &begin, &end, &ws, &done);
+  /* two alias scopes: the workspace never overlaps the kernel's buffers, so the
+     epilogue's C tile loads and the output stores vectorize without checks */
+  LLVMValueRef ws_md[2] = {NULL, NULL};
+  LLVMValueRef *scope = calloc((size_t)c->k->n_buffers + 1, sizeof *scope);
+  LLVMValueRef *noalias = calloc((size_t)c->k->n_buffers + 1, sizeof *noalias);
+  if (scope && noalias) {
+    LLVMMetadataRef dom = self_md(c, NULL), sws = self_md(c, dom), sbuf = self_md(c, dom);
+    ws_md[0] = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, &sws, 1));
+    ws_md[1] = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, &sbuf, 1));
+    for (int b = 0; b < c->k->n_buffers; b++) scope[b] = ws_md[1], noalias[b] = ws_md[0];
+    c->md_scope = scope, c->md_noalias = noalias;
+  }
+  /* items run row blocks fastest: consecutive items of a call share their B
+     panel (every kc slice of it, when they fit the workspace), packed once for
+     all of them */
+  bool one_slice = g->K <= kc;
+  int64_t bfl = gemm_b_floats(g->K, kc, nc);
+  bool cache_b = bfl > kc * nc || one_slice;
   LLVMValueRef Bp = ws;
-  LLVMValueRef Ap = fptr(c, ws, ci64(c, kc * nc), "Ap");
-  LLVMValueRef Ct = fptr(c, ws, ci64(c, kc * nc + mc * kc), "Ct");
+  LLVMValueRef Ap = fptr(c, ws, ci64(c, bfl), "Ap");
+  LLVMValueRef Ct = fptr(c, ws, ci64(c, bfl + mc * kc), "Ct");
+  LLVMBasicBlockRef wpre = LLVMGetInsertBlock(B);
   loop Wl = loop_begin(c, "w", begin);
-  LLVMValueRef nblk = LLVMBuildSRem(B, Wl.iv, ci64(c, g->nblocks), "nblk");
-  LLVMValueRef t = LLVMBuildSDiv(B, Wl.iv, ci64(c, g->nblocks), "");
-  LLVMValueRef mblk = LLVMBuildSRem(B, t, ci64(c, g->mblocks), "mblk");
-  LLVMValueRef rest = LLVMBuildSDiv(B, t, ci64(c, g->mblocks), "batch");
+  LLVMValueRef bkey_prev = LLVMBuildPhi(B, c->i64, "bkey.prev");
+  LLVMValueRef minus1 = ci64(c, -1);
+  LLVMAddIncoming(bkey_prev, &minus1, &wpre, 1);
+  LLVMValueRef mblk = LLVMBuildSRem(B, Wl.iv, ci64(c, g->mblocks), "mblk");
+  LLVMValueRef t = LLVMBuildSDiv(B, Wl.iv, ci64(c, g->mblocks), "bkey");
+  LLVMValueRef nblk = LLVMBuildSRem(B, t, ci64(c, g->nblocks), "nblk");
+  LLVMValueRef rest = LLVMBuildSDiv(B, t, ci64(c, g->nblocks), "batch");
   for (int v = g->nb - 1; v >= 0; v--) {
     if (v == 0) {
       c->vars[v] = rest;
@@ -1212,14 +1353,25 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   LLVMValueRef k0 = LLVMBuildMul(B, Kl.iv, ci64(c, kc), "k0");
   LLVMValueRef kcur = smin(c, LLVMBuildSub(B, ci64(c, g->K), k0, ""), ci64(c, kc), "kcur");
   LLVMValueRef first = LLVMBuildICmp(B, LLVMIntEQ, Kl.iv, ci64(c, 0), "first");
-  emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bp);
+  LLVMValueRef Bs = Bp; /* this slice's packed B */
+  if (cache_b) {
+    Bs = fptr(c, Bp, LLVMBuildMul(B, Kl.iv, ci64(c, kc * nc), ""), "Bslice");
+    LLVMBasicBlockRef bpack = new_block(c, "packB.new"), bkeep = new_block(c, "packB.keep");
+    LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntNE, t, bkey_prev, "newB"), bpack, bkeep);
+    LLVMPositionBuilderAtEnd(B, bpack);
+    emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bs);
+    LLVMBuildBr(B, bkeep);
+    LLVMPositionBuilderAtEnd(B, bkeep);
+  } else {
+    emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bp);
+  }
   emit_pack(c, "packA", s->gemm_a, iv, i0, g->M, mpan, mr, kc, k0, kcur, Ap);
 
   /* B micro-panel (kc x nr) stays in L1 while the A block streams from L2 */
   loop Jr = loop_begin(c, "jr", ci64(c, 0));
   loop Ir = loop_begin(c, "ir", ci64(c, 0));
   LLVMValueRef apan = fptr(c, Ap, LLVMBuildMul(B, Ir.iv, ci64(c, kc * mr), ""), "apanel");
-  LLVMValueRef bpan = fptr(c, Bp, LLVMBuildMul(B, Jr.iv, ci64(c, kc * nr), ""), "bpanel");
+  LLVMValueRef bpan = fptr(c, Bs, LLVMBuildMul(B, Jr.iv, ci64(c, kc * nr), ""), "bpanel");
   LLVMValueRef cbase = LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, ci64(c, mr * nc), ""),
                                     LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), "cbase");
   /* the first kc slice starts from zero, later ones from the C tile */
@@ -1251,24 +1403,29 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
       LLVMValueRef st = LLVMBuildStore(B, nacc[r * nv + v], fptr(c, Ct, off, "cp"));
       LLVMSetAlignment(st, 4);
     }
+  if (one_slice) /* the micro-tile's epilogue while its sums are in L1 */
+    emit_micro_epilogue(c, Ct, cbase,
+                        LLVMBuildAdd(B, i0, LLVMBuildMul(B, Ir.iv, ci64(c, mr), ""), "ti0"),
+                        LLVMBuildAdd(B, j0, LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), "tj0"),
+                        smin(c, LLVMBuildSub(B, mrem, LLVMBuildMul(B, Ir.iv, ci64(c, mr), ""), ""),
+                             ci64(c, mr), "trows"),
+                        smin(c, LLVMBuildSub(B, nrem, LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), ""),
+                             ci64(c, nr), "tcols"),
+                        nc, nr, ws_md);
   loop_end(c, &Ir, mpan, "ir.exit");
   loop_end(c, &Jr, npan, "jr.exit");
   loop_end(c, &Kl, ci64(c, (g->K + kc - 1) / kc), "kslice.exit");
-
-  /* epilogue: the stage's stores per in-bounds element with ACC from the C tile */
-  loop Ei = loop_begin(c, "epi.i", ci64(c, 0));
-  loop Ej = loop_begin(c, "epi.j", ci64(c, 0));
-  c->vars[iv] = LLVMBuildAdd(B, i0, Ei.iv, "i");
-  c->vars[jv] = LLVMBuildAdd(B, j0, Ej.iv, "j");
-  LLVMValueRef coff = LLVMBuildAdd(B, LLVMBuildMul(B, Ei.iv, ci64(c, nc), ""), Ej.iv, "");
-  c->acc = LLVMBuildLoad2(B, c->f32, fptr(c, Ct, coff, "cp"), "c");
-  emit_stores(c);
-  loop_end(c, &Ej, nrem, "epi.j.exit");
-  loop_end(c, &Ei, mrem, "epi.i.exit");
+  /* several slices: one pass over the C tile (stores within a slice would
+     evict the B micro-panel from L1) */
+  if (!one_slice) emit_micro_epilogue(c, Ct, ci64(c, 0), i0, j0, mrem, nrem, nc, nc, ws_md);
+  LLVMBasicBlockRef wlatch = LLVMGetInsertBlock(B);
+  LLVMAddIncoming(bkey_prev, &t, &wlatch, 1);
   loop_end(c, &Wl, end, "w.exit");
   LLVMBuildBr(B, done);
   LLVMPositionBuilderAtEnd(B, done);
   LLVMBuildRetVoid(B);
+  c->md_scope = c->md_noalias = NULL;
+  free(scope), free(noalias);
 }
 
 /* ---- attention span (fused) ------------------------------------------------

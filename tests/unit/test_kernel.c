@@ -137,7 +137,8 @@ static void test_gemm(void) {
     }
   CHECK(bad == 0);
   CHECK(cm_kstage_work_items(&k.stages[0]) == 2 * 2);
-  CHECK(cm_kstage_workspace_bytes(&k.stages[0], CM_TARGET_CPU) == 128 + 128 + 64 + 64);
+  /* packed A 4 x 8, packed B 8 x 4 for each of the 2 kc slices of K = 13, the C tile 4 x 4 */
+  CHECK(cm_kstage_workspace_bytes(&k.stages[0], CM_TARGET_CPU) == 128 + 2 * 128 + 64 + 64);
   CHECK(cm_kstage_workspace_bytes(&k.stages[0], CM_TARGET_CUDA) == 0);
   /* GEMM rule: gemm_a must not use j */
   int save_a = s->gemm_a, save_body = s->body;

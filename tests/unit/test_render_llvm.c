@@ -633,8 +633,13 @@ static void build_gemm(cm_kernel *k, const gemm_case *g, bool templ) {
 static int64_t gemm_items(const gemm_case *g, const cm_kgemm_tiles *t) {
   return g->batch * ((g->M + t->mc - 1) / t->mc) * ((g->N + t->nc - 1) / t->nc);
 }
-static int64_t gemm_ws(const cm_kgemm_tiles *t) {
-  return 4 * ((int64_t)t->kc * t->nc + (int64_t)t->mc * t->kc + (int64_t)t->mc * t->nc);
+/* the contract's size (cm_kstage_workspace_bytes: B packed for every kc slice of K
+ * when small enough) */
+static int64_t gemm_ws(const cm_kgemm_tiles *t, int64_t K) {
+  cm_kstage s;
+  memset(&s, 0, sizeof s);
+  s.tmpl = CM_KT_GEMM, s.n_red = 1, s.red[0] = K, s.tiles = *t;
+  return cm_kstage_workspace_bytes(&s, CM_TARGET_CPU);
 }
 /* the renderer's defaults (mc, nc, kc alike for every vector width) */
 static const cm_kgemm_tiles default_tiles = {240, 512, 128, 6, 64};
@@ -655,7 +660,7 @@ static void check_gemm(cm_jit *j, const gemm_case *g) {
     for (int64_t i = 0; i < g->N; i++) bias[i] = (float)urand(-1, 1);
     for (int64_t i = 0; i < nc; i++) C[i] = NAN;
     const cm_kgemm_tiles *t = g->tiles.mr ? &g->tiles : &default_tiles;
-    char *ws = aligned_alloc(64, (size_t)gemm_ws(t));
+    char *ws = aligned_alloc(64, (size_t)gemm_ws(t, g->K));
     char *bufs[] = {(char *)A, (char *)Bm, (char *)bias, (char *)C};
     cm_cpu_stage_fn fn[1];
     cm_llvm_render_opts ro = {g->width ? g->width : 16, !templ};
@@ -719,6 +724,8 @@ static void test_gemm(void) {
       /* 8-wide vectors: 8 x 8 transposes, 3 accumulators per row */
       {1, 41, 50, 70, false, false, true, true, false, {24, 48, 32, 8, 24}, false, 8, 0},
       {1, 19, 33, 17, false, true, true, false, false, {0}, false, 8, 0},
+      /* 6 rows of row-major A under the width: packed 8 k at a time through shuffles */
+      {1, 43, 29, 37, false, false, false, true, false, {18, 32, 16, 6, 16}, false, 8, 0},
       /* B^T with a k stride of 2: packed element by element */
       {2, 21, 40, 37, false, false, true, true, false, {16, 32, 16, 16, 32}, false, 0, 2},
   };
@@ -1001,7 +1008,7 @@ static void test_gemm_perf(void) {
   float *A = malloc(384 * 1536 * 4), *Bm = malloc(1536 * 384 * 4), *bias = calloc(384, 4),
         *C = malloc(384 * 384 * 4);
   for (int i = 0; i < 384 * 1536; i++) A[i] = (float)urand(-1, 1), Bm[i] = (float)urand(-1, 1);
-  char *ws = aligned_alloc(64, (size_t)gemm_ws(&default_tiles));
+  char *ws = aligned_alloc(64, (size_t)gemm_ws(&default_tiles, g.K));
   char *bufs[] = {(char *)A, (char *)Bm, (char *)bias, (char *)C};
   cm_cpu_stage_fn fn[1];
   cm_llvm_render_opts ro = {16, false};
