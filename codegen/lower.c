@@ -480,6 +480,49 @@ static void conv_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
   ix[0] = vn, ix[1] = vo, ix[2] = oh, ix[3] = ow;
 }
 
+/* conv2d_grad_weight with groups == 1 as a GEMM: dom = [O, C*KH*KW], red =
+ * [N*OH*OW]; A = dY[n, o, oh, ow] (k-contiguous within an image), B = the
+ * input patch im2col(X)[(n, oh, ow), (c, u, v)] (zero outside by SELECT). The
+ * generic reduction walks X with a stride per (u, v) and runs one output
+ * element per work item: a few GFLOP/s. ix receives the weight's OIHW index
+ * expressions. */
+static void conv_grad_weight_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
+  const cm_node *n = N(c, id);
+  const cm_type *x = &N(c, n->inputs[0])->type, *y = &N(c, n->inputs[1])->type, *w = &n->type;
+  const cm_attrs *at = &n->attrs;
+  int64_t C = x->dims[1], H = x->dims[2], W = x->dims[3], KH = w->dims[2], KW = w->dims[3];
+  int64_t OH = y->dims[2], OW = y->dims[3], P = OH * OW;
+  s->n_dom = 2;
+  s->dom[0] = w->dims[0], s->dom[1] = C * KH * KW;
+  s->n_red = 1;
+  s->red[0] = y->dims[0] * P;
+  int vo = cm_kx_var(s, 0), vj = cm_kx_var(s, 1), vk = cm_kx_var(s, 2);
+  int vn = cm_kx_idiv(s, vk, cm_kx_iconst(s, P)), vp = cm_kx_imod(s, vk, cm_kx_iconst(s, P));
+  int oh = cm_kx_idiv(s, vp, cm_kx_iconst(s, OW)), ow = cm_kx_imod(s, vp, cm_kx_iconst(s, OW));
+  int vc = cm_kx_idiv(s, vj, cm_kx_iconst(s, KH * KW));
+  int r = cm_kx_imod(s, vj, cm_kx_iconst(s, KH * KW));
+  int vu = cm_kx_idiv(s, r, cm_kx_iconst(s, KW)), vv = cm_kx_imod(s, r, cm_kx_iconst(s, KW));
+  int vh = cm_kx_iadd(s,
+                      cm_kx_iadd(s, cm_kx_imul(s, oh, cm_kx_iconst(s, at->stride[0])),
+                                 cm_kx_iconst(s, -at->padding[0])),
+                      cm_kx_imul(s, vu, cm_kx_iconst(s, at->dilation[0])));
+  int vw = cm_kx_iadd(s,
+                      cm_kx_iadd(s, cm_kx_imul(s, ow, cm_kx_iconst(s, at->stride[1])),
+                                 cm_kx_iconst(s, -at->padding[1])),
+                      cm_kx_imul(s, vv, cm_kx_iconst(s, at->dilation[1])));
+  int ok = band(s, in_range(s, vh, H), in_range(s, vw, W));
+  int xi[4] = {vn, vc, clamp(s, vh, H), clamp(s, vw, W)}, yi[4] = {vn, vo, oh, ow};
+  int a = value(c, s, n->inputs[1], yi), b = value(c, s, n->inputs[0], xi);
+  if (a < 0 || b < 0) return;
+  b = cm_kx_op(s, CM_OP_SELECT, x->dtype, ok, b, cm_kx_const(s, x->dtype, 0));
+  s->body = cm_kx_op(s, CM_OP_MUL, w->dtype, a, b, -1);
+  s->tmpl = CM_KT_GEMM;
+  s->gemm_a = a;
+  s->gemm_b = b;
+  gemm_tiles(s, c->o);
+  ix[0] = vo, ix[1] = vc, ix[2] = vu, ix[3] = vv;
+}
+
 /* A stage computing materialized node id into buffer b. */
 static cm_status lower_materialized(lctx *c, int id, int b, const int *eo, const int *eb,
                                     int n_eo) {
@@ -539,6 +582,11 @@ static cm_status lower_materialized(lctx *c, int id, int b, const int *eo, const
     s->body = value(c, s, n->inputs[0], in);
   } else if (n->op == CM_OP_CONV2D && n->attrs.groups <= 1) {
     conv_gemm(c, s, id, dv);
+  } else if (n->op == CM_OP_CONV2D_GRAD_WEIGHT && n->attrs.groups <= 1 &&
+             (!c->o || !c->o->no_templates) && s->acc_dtype == CM_F32) {
+    /* (f64: the CPU renders a GEMM stage generic, but cpu_exec counts its work items as
+       GEMM blocks; the generic reduction keeps the two in agreement) */
+    conv_grad_weight_gemm(c, s, id, dv);
   } else if (n->op != CM_OP_MATMUL) {
     s->body = conv_body(c, s, id, dv);
   } else {
