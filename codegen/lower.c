@@ -1011,17 +1011,32 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
       dv[d] = cm_kx_var(s, d);
     }
     int stage_written[CM_KMAX_STORES], n_sw = 0;
+    /* outputs of another shape but as many elements (a [B*T, D] and a [B, T, D] view
+       of one value, as GELU's forward and its saved copy are) join the stage, indexed
+       by the same linear position: the data is read once and LLVM merges the equal
+       loads and math. Not when the group assigns a state (a source buffer read at
+       another position in the stage that writes it). */
+    bool any_source = false;
+    for (int j = 0; j < gr->n_outputs; j++)
+      any_source |= out->buffers[out_buf[j]].kind == CM_KBUF_SOURCE;
     for (int j = i; j < gr->n_outputs && c.st == CM_OK; j++) {
       int oj = gr->outputs[j];
       const cm_type *tj = &g->nodes[oj].type;
-      if (done[j] || tj->rank != t->rank ||
-          memcmp(tj->dims, t->dims, sizeof(int64_t) * (size_t)t->rank))
+      bool same =
+          tj->rank == t->rank && !memcmp(tj->dims, t->dims, sizeof(int64_t) * (size_t)t->rank);
+      if (done[j] ||
+          (!same && (any_source || tj->rank < 1 || cm_type_numel(tj) != cm_type_numel(t))))
         continue;
       if (is_mat(&c, oj) && c.buf_of[oj] == out_buf[j]) continue;
       if (s->n_stores == CM_KMAX_STORES) break;
-      int v = value(&c, s, oj, dv);
+      int dvj[CM_MAX_RANK];
+      if (same)
+        memcpy(dvj, dv, sizeof dvj);
+      else
+        delinear(s, tj, linear(s, t, dv), dvj);
+      int v = value(&c, s, oj, dvj);
       if (v < 0) break;
-      s->stores[s->n_stores++] = (cm_kstore){out_buf[j], linear(s, t, dv), v};
+      s->stores[s->n_stores++] = (cm_kstore){out_buf[j], linear(s, tj, dvj), v};
       out->buffers[out_buf[j]].written = true;
       if (out->buffers[out_buf[j]].kind == CM_KBUF_SOURCE) stage_written[n_sw++] = out_buf[j];
       done[j] = true;

@@ -1026,7 +1026,10 @@ static void render_generic(rctx *c, const char *fname) {
   LLVMValueRef begin, end, ws;
   LLVMBasicBlockRef done;
   begin_function(c, fname, &begin, &end, &ws, &done);
-  stage_scopes(c);
+  /* not for reductions: their loops have no stores, and the scopes only move LLVM's
+     choice of how to sum (the order of an f32 sum, which a step's tiny, cancelling
+     gradients amplify past the f32 oracle's rounding) */
+  if (s->n_red == 0) stage_scopes(c);
   loop W = loop_begin(c, "w", begin);
   /* work item -> parallel vars, row-major */
   LLVMValueRef rest = W.iv;
