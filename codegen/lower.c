@@ -897,6 +897,78 @@ static void lower_shared(lctx *c, int id, const int *out_buf) {
   c->buf_of[id] = b;
 }
 
+/* Whether every materialized node that output value id depends on within the
+ * group has its stage already (its buffer set). */
+static bool cone_ready(lctx *c, int id, char *seen) {
+  if (seen[id] || c->buf_of[id] >= 0) return true;
+  seen[id] = 1;
+  if (is_mat(c, id)) return false;
+  const cm_node *n = N(c, id);
+  for (int k = 0; k < n->n_inputs; k++)
+    if (!cone_ready(c, n->inputs[k], seen)) return false;
+  return true;
+}
+
+/* One stage storing group output i and every later output not done of the same
+ * elements; early: before the group's other materialized nodes, so only outputs
+ * whose cone is ready. */
+static void output_stage(lctx *c, int i, const int *out_buf, bool *done, bool early) {
+  const cm_graph *g = c->g;
+  const cm_group *gr = c->gr;
+  cm_kernel *out = c->k;
+  int id = gr->outputs[i];
+  const cm_type *t = &g->nodes[id].type;
+  char name[64];
+  snprintf(name, sizeof name, "s%d_out", out->n_stages);
+  cm_kstage *s = cm_kernel_add_stage(out, name);
+  c->n_memo = 0;
+  s->n_dom = t->rank;
+  int dv[CM_MAX_RANK];
+  for (int d = 0; d < t->rank; d++) {
+    s->dom[d] = t->dims[d];
+    dv[d] = cm_kx_var(s, d);
+  }
+  int stage_written[CM_KMAX_STORES], n_sw = 0;
+  /* outputs of another shape but as many elements (a [B*T, D] and a [B, T, D] view
+     of one value, as GELU's forward and its saved copy are) join the stage, indexed
+     by the same linear position: the data is read once and LLVM merges the equal
+     loads and math. Not when the group assigns a state (a source buffer read at
+     another position in the stage that writes it). */
+  bool any_source = false;
+  for (int j = 0; j < gr->n_outputs; j++)
+    any_source |= out->buffers[out_buf[j]].kind == CM_KBUF_SOURCE;
+  char *seen = early ? calloc((size_t)g->n_nodes, 1) : NULL;
+  if (early && !seen) abort();
+  for (int j = i; j < gr->n_outputs && c->st == CM_OK; j++) {
+    int oj = gr->outputs[j];
+    const cm_type *tj = &g->nodes[oj].type;
+    bool same =
+        tj->rank == t->rank && !memcmp(tj->dims, t->dims, sizeof(int64_t) * (size_t)t->rank);
+    if (done[j] || (!same && (any_source || tj->rank < 1 || cm_type_numel(tj) != cm_type_numel(t))))
+      continue;
+    if (is_mat(c, oj) && c->buf_of[oj] == out_buf[j]) continue;
+    if (early) {
+      memset(seen, 0, (size_t)g->n_nodes);
+      if (is_mat(c, oj) || !cone_ready(c, oj, seen)) continue;
+    }
+    if (s->n_stores == CM_KMAX_STORES) break;
+    int dvj[CM_MAX_RANK];
+    if (same)
+      memcpy(dvj, dv, sizeof dvj);
+    else
+      delinear(s, tj, linear(s, t, dv), dvj);
+    int v = value(c, s, oj, dvj);
+    if (v < 0) break;
+    s->stores[s->n_stores++] = (cm_kstore){out_buf[j], linear(s, tj, dvj), v};
+    out->buffers[out_buf[j]].written = true;
+    if (out->buffers[out_buf[j]].kind == CM_KBUF_SOURCE) stage_written[n_sw++] = out_buf[j];
+    done[j] = true;
+  }
+  free(seen);
+  for (int w = 0; w < n_sw; w++) c->written[stage_written[w]] = true;
+  finish_stage(s);
+}
+
 cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const cm_lower_opts *o,
                          cm_kernel *out, cm_err *err) {
   if (!g || !p || !out || group < 0 || group >= p->n_groups || !p->offset)
@@ -966,6 +1038,25 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
       lower_shared(&c, id, out_buf);
       continue;
     }
+    /* a reduction of a group output (a bias gradient of the stored input gradient):
+       the output's stage first, and the reduction reads the one stored array instead
+       of recomputing the value from all of its operands */
+    if ((n->op == CM_OP_REDUCE_SUM || n->op == CM_OP_REDUCE_MAX) && !(o && o->no_templates) &&
+        !is_mat(&c, n->inputs[0]) && c.buf_of[n->inputs[0]] < 0) {
+      bool src = false;
+      int jx = -1;
+      for (int j = 0; j < gr->n_outputs; j++) {
+        src |= out->buffers[out_buf[j]].kind == CM_KBUF_SOURCE;
+        if (gr->outputs[j] == n->inputs[0] && !done[j]) jx = j;
+      }
+      char *seen = jx >= 0 && !src ? calloc((size_t)g->n_nodes, 1) : NULL;
+      if (seen && cone_ready(&c, n->inputs[0], seen)) {
+        output_stage(&c, jx, out_buf, done, true);
+        if (done[jx]) c.buf_of[n->inputs[0]] = out_buf[jx];
+      }
+      free(seen);
+      if (c.st != CM_OK) break;
+    }
     int eo[CM_KMAX_STORES], eb[CM_KMAX_STORES];
     int ne = find_epilogue(&c, id, out_buf, done, eo, eb);
     if (ne > 0 && lower_materialized(&c, id, -1, eo, eb, ne) == CM_OK) {
@@ -999,50 +1090,7 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   for (int i = 0; i < gr->n_outputs && c.st == CM_OK; i++) {
     int id = gr->outputs[i];
     if (done[i] || (is_mat(&c, id) && c.buf_of[id] == out_buf[i])) continue;
-    const cm_type *t = &g->nodes[id].type;
-    char name[64];
-    snprintf(name, sizeof name, "s%d_out", out->n_stages);
-    cm_kstage *s = cm_kernel_add_stage(out, name);
-    c.n_memo = 0;
-    s->n_dom = t->rank;
-    int dv[CM_MAX_RANK];
-    for (int d = 0; d < t->rank; d++) {
-      s->dom[d] = t->dims[d];
-      dv[d] = cm_kx_var(s, d);
-    }
-    int stage_written[CM_KMAX_STORES], n_sw = 0;
-    /* outputs of another shape but as many elements (a [B*T, D] and a [B, T, D] view
-       of one value, as GELU's forward and its saved copy are) join the stage, indexed
-       by the same linear position: the data is read once and LLVM merges the equal
-       loads and math. Not when the group assigns a state (a source buffer read at
-       another position in the stage that writes it). */
-    bool any_source = false;
-    for (int j = 0; j < gr->n_outputs; j++)
-      any_source |= out->buffers[out_buf[j]].kind == CM_KBUF_SOURCE;
-    for (int j = i; j < gr->n_outputs && c.st == CM_OK; j++) {
-      int oj = gr->outputs[j];
-      const cm_type *tj = &g->nodes[oj].type;
-      bool same =
-          tj->rank == t->rank && !memcmp(tj->dims, t->dims, sizeof(int64_t) * (size_t)t->rank);
-      if (done[j] ||
-          (!same && (any_source || tj->rank < 1 || cm_type_numel(tj) != cm_type_numel(t))))
-        continue;
-      if (is_mat(&c, oj) && c.buf_of[oj] == out_buf[j]) continue;
-      if (s->n_stores == CM_KMAX_STORES) break;
-      int dvj[CM_MAX_RANK];
-      if (same)
-        memcpy(dvj, dv, sizeof dvj);
-      else
-        delinear(s, tj, linear(s, t, dv), dvj);
-      int v = value(&c, s, oj, dvj);
-      if (v < 0) break;
-      s->stores[s->n_stores++] = (cm_kstore){out_buf[j], linear(s, tj, dvj), v};
-      out->buffers[out_buf[j]].written = true;
-      if (out->buffers[out_buf[j]].kind == CM_KBUF_SOURCE) stage_written[n_sw++] = out_buf[j];
-      done[j] = true;
-    }
-    for (int w = 0; w < n_sw; w++) c.written[stage_written[w]] = true;
-    finish_stage(s);
+    output_stage(&c, i, out_buf, done, false);
   }
   free(done);
   free(out_buf);

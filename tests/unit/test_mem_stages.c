@@ -366,6 +366,24 @@ static void test_graphs(void) {
     free_sources(g, t, src);
     cm_graph_free(g);
   }
+  /* the reduction of a group output reads the stored output: its stage comes first */
+  {
+    int64_t d[3] = {5, 13, 263};
+    cm_graph *g = cm_graph_new();
+    int x = cm_input(g, "x", CM_F32, 3, d), y = cm_input(g, "y", CM_F32, 3, d);
+    int e = cm_unary(g, CM_OP_ERF, cm_binary(g, CM_OP_MUL, x, y, NULL), NULL);
+    int ax[2] = {0, 1};
+    cm_graph_add_output(g, e, NULL);
+    cm_graph_add_output(g, cm_reduce(g, CM_OP_REDUCE_SUM, e, 2, ax, false, NULL), NULL);
+    CHECK_MSG(cm_graph_error(g) == NULL, "%s", cm_graph_error(g));
+    cm_tensor *t = calloc((size_t)g->n_nodes, sizeof *t);
+    const cm_tensor **src = calloc((size_t)g->n_nodes, sizeof *src);
+    fill_sources(g, t, src);
+    check_vs_oracle(g, src, false, "s1_reduce_sum", 1e-5, "reduction of an output");
+    CHECK_MSG(n_matching == 1, "reduction of an output: not after the output's stage");
+    free_sources(g, t, src);
+    cm_graph_free(g);
+  }
   /* AdamW-like: p -= lr * m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps); t a state */
   for (int shape = 0; shape < 2; shape++) {
     int64_t d[2] = {shape ? 1 : 7, shape ? 263 : 131}, one[1] = {1};
