@@ -1,7 +1,7 @@
 /* codegen/lower.c — plan groups to the kernel IR.
  *
  * Materialized nodes (reductions, matmul) get a stage each; the remaining group
- * outputs get one stage per distinct shape. Everything else is inlined into
+ * outputs get one stage per element count (output_stage). Everything else is inlined into
  * the expressions of the stage that needs it (value()), memoized per stage on
  * (node, index expressions) because the graphs are DAGs. Not lowered yet:
  * conv2d as a generic reduction (no GEMM template yet); epilogues
