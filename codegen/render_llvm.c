@@ -40,8 +40,11 @@ typedef struct rctx {
                          (local buffers of a fused attention span) */
   LLVMValueRef *md_scope, *md_noalias; /* per buffer, NULL or alias.scope / noalias lists */
   LLVMValueRef vars[CM_KMAX_VARS];
-  LLVMValueRef acc;   /* CM_KX_ACC in store values */
-  LLVMValueRef *memo; /* per evaluation point */
+  LLVMValueRef acc;     /* CM_KX_ACC in store values */
+  LLVMValueRef *memo;   /* per evaluation point */
+  bool select_branches; /* a SELECT of loads on a condition not varying along inner_var
+                           branches (render_generic) */
+  int inner_var;
   cm_err *err;
   cm_status fail_status;
   bool failed;
@@ -462,6 +465,58 @@ static LLVMValueRef emit_float_unary(rctx *c, int e, cm_op op, LLVMValueRef a, b
   }
 }
 
+static void mark_deps(const cm_kstage *s, int e, bool *seen);
+static LLVMBasicBlockRef new_block(rctx *c, const char *name);
+
+/* Whether SELECT e should branch: its condition is the same along the inner
+ * loop (a concat along an outer axis, padding of an outer axis) and an operand
+ * loads memory. The loop is then unswitched and each half loads only its own
+ * input (a SELECT reads every input of a concat). */
+static bool select_branches(rctx *c, const cm_kexpr *x) {
+  const cm_kstage *s = c->s;
+  if (!c->select_branches || x->a < 0 || x->b < 0 || x->c < 0 ||
+      (cm_kx_vars_used(s, x->a) & (1u << c->inner_var)))
+    return false;
+  bool *seen = calloc((size_t)s->n_exprs + 1, sizeof *seen);
+  if (!seen) return false;
+  mark_deps(s, x->b, seen);
+  mark_deps(s, x->c, seen);
+  bool load = false;
+  for (int i = 0; i < s->n_exprs && !load; i++) load = seen[i] && s->exprs[i].kind == CM_KX_LOAD;
+  free(seen);
+  return load;
+}
+
+/* cond ? a : b as two blocks and a phi; values first computed inside one block
+ * do not dominate the rest, so the memo is restored after each. */
+static LLVMValueRef emit_select_branch(rctx *c, int e, const cm_kexpr *x) {
+  LLVMBuilderRef B = c->B;
+  size_t sz = sizeof(LLVMValueRef) * (size_t)c->s->n_exprs;
+  LLVMValueRef *saved = malloc(sz ? sz : 1);
+  if (!saved) return fail_expr(c, e, "out of memory");
+  LLVMValueRef cond = operand(c, e, x->a, CM_BOOL);
+  memcpy(saved, c->memo, sz);
+  LLVMBasicBlockRef tb = new_block(c, "sel.t"), fb = new_block(c, "sel.f"),
+                    mb = new_block(c, "sel.m");
+  LLVMBuildCondBr(B, cond, tb, fb);
+  LLVMPositionBuilderAtEnd(B, tb);
+  LLVMValueRef a = operand(c, e, x->b, x->dtype);
+  LLVMBasicBlockRef tend = LLVMGetInsertBlock(B);
+  LLVMBuildBr(B, mb);
+  memcpy(c->memo, saved, sz);
+  LLVMPositionBuilderAtEnd(B, fb);
+  LLVMValueRef b = operand(c, e, x->c, x->dtype);
+  LLVMBasicBlockRef fend = LLVMGetInsertBlock(B);
+  LLVMBuildBr(B, mb);
+  memcpy(c->memo, saved, sz);
+  free(saved);
+  LLVMPositionBuilderAtEnd(B, mb);
+  LLVMValueRef phi = LLVMBuildPhi(B, LLVMTypeOf(a), "sel");
+  LLVMAddIncoming(phi, &a, &tend, 1);
+  LLVMAddIncoming(phi, &b, &fend, 1);
+  return phi;
+}
+
 static LLVMValueRef emit_op(rctx *c, int e, const cm_kexpr *x) {
   LLVMBuilderRef B = c->B;
   cm_dtype dt = x->dtype;
@@ -471,6 +526,7 @@ static LLVMValueRef emit_op(rctx *c, int e, const cm_kexpr *x) {
     return convert(c, emit(c, x->a), c->s->exprs[x->a].dtype, dt);
   }
   if (op == CM_OP_SELECT) {
+    if (select_branches(c, x)) return emit_select_branch(c, e, x);
     LLVMValueRef cond = operand(c, e, x->a, CM_BOOL);
     LLVMValueRef a = operand(c, e, x->b, dt), b = operand(c, e, x->c, dt);
     return LLVMBuildSelect(B, cond, a, b, "sel");
@@ -1030,6 +1086,8 @@ static void render_generic(rctx *c, const char *fname) {
      choice of how to sum (the order of an f32 sum, which a step's tiny, cancelling
      gradients amplify past the f32 oracle's rounding) */
   if (s->n_red == 0) stage_scopes(c);
+  c->select_branches = s->n_red == 0 && np < s->n_dom && !s->accumulate;
+  c->inner_var = s->n_dom - 1;
   loop W = loop_begin(c, "w", begin);
   /* work item -> parallel vars, row-major */
   LLVMValueRef rest = W.iv;
@@ -1062,6 +1120,7 @@ static void render_generic(rctx *c, const char *fname) {
   LLVMPositionBuilderAtEnd(c->B, done);
   LLVMBuildRetVoid(c->B);
   free_scopes(c);
+  c->select_branches = false;
 }
 
 /* ---- GEMM template ------------------------------------------------------ */

@@ -4,7 +4,8 @@
  * oracle, with and without templates), column reductions (row counts 1 and
  * primes, more than 256 columns, sum and max; rendered on their own path and
  * run over odd work-item ranges), elementwise stages whose every var is
- * parallel (rendered as vectorized runs) and an AdamW-like update with pow
+ * parallel (rendered as vectorized runs), a concat and padding along an outer
+ * axis (SELECTs rendered as branches), and an AdamW-like update with pow
  * (edge cases of pow included) against the oracle. */
 #include "codegen/codegen.h"
 #include "runtime/runtime.h"
@@ -333,6 +334,78 @@ static void test_elementwise_runs(void) {
   cm_jit_destroy(j);
 }
 
+/* A concat along an outer axis (three [P, 4, R] inputs into [P, 12, R]) and a
+ * padded outer axis: the SELECTs branch (their condition is the same along the
+ * inner loop), the halves vectorize, every element is right. */
+static void test_select_branches(void) {
+  cm_jit *j = test_new_jit();
+  if (!j) return;
+  enum { P = 5, H = 4, R = 37 };
+  cm_kernel k;
+  cm_kernel_init(&k, "kcat");
+  int bin[3];
+  for (int i = 0; i < 3; i++)
+    bin[i] = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_F32, P * H * R, -1, 0);
+  int bo = cm_kernel_add_buffer(&k, CM_KBUF_ARENA, CM_F32, P * (3 * H + 2) * R, -1, 0);
+  cm_kstage *s = cm_kernel_add_stage(&k, "cat");
+  /* out[p, h, r] for h < 3H + 2: 0 for h = 0 and h = 3H + 1 (padding), else the concat at h - 1 */
+  s->n_dom = 3, s->dom[0] = P, s->dom[1] = 3 * H + 2, s->dom[2] = R, s->n_parallel = 1;
+  int vp = cm_kx_var(s, 0), vh = cm_kx_var(s, 1), vr = cm_kx_var(s, 2);
+  int hc = cm_kx_iadd(s, vh, cm_kx_iconst(s, -1));
+  int v = -1;
+  for (int i = 2; i >= 0; i--) {
+    int hi = cm_kx_iadd(s, hc, cm_kx_iconst(s, -i * H));
+    hi = cm_kx_op(s, CM_OP_MIN, CM_I64, cm_kx_op(s, CM_OP_MAX, CM_I64, hi, cm_kx_iconst(s, 0), -1),
+                  cm_kx_iconst(s, H - 1), -1);
+    int idx = cm_kx_iadd(
+        s,
+        cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vp, cm_kx_iconst(s, H)), hi), cm_kx_iconst(s, R)),
+        vr);
+    int x = cm_kx_load(s, &k, bin[i], idx);
+    v = v < 0
+            ? x
+            : cm_kx_op(s, CM_OP_SELECT, CM_F32,
+                       cm_kx_op(s, CM_OP_LT, CM_BOOL, hc, cm_kx_iconst(s, (i + 1) * H), -1), x, v);
+  }
+  int inside =
+      cm_kx_op(s, CM_OP_SELECT, CM_BOOL, cm_kx_op(s, CM_OP_LE, CM_BOOL, cm_kx_iconst(s, 0), hc, -1),
+               cm_kx_op(s, CM_OP_LT, CM_BOOL, hc, cm_kx_iconst(s, 3 * H), -1),
+               cm_kx_op(s, CM_OP_LE, CM_BOOL, cm_kx_iconst(s, 0), hc, -1));
+  v = cm_kx_op(s, CM_OP_SELECT, CM_F32, inside, v, cm_kx_const(s, CM_F32, 0));
+  int oi =
+      cm_kx_iadd(s,
+                 cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vp, cm_kx_iconst(s, 3 * H + 2)), vh),
+                            cm_kx_iconst(s, R)),
+                 vr);
+  s->stores[s->n_stores++] = (cm_kstore){bo, oi, cm_kx_op(s, CM_OP_MUL, CM_F32, v, v, -1)};
+  char *ir = render_text(j, &k);
+  CHECK_MSG(ir && strstr(ir, "sel.t"), "concat: the SELECTs do not branch");
+  free(ir);
+  char *opt = optimized_text(j, &k);
+  CHECK_MSG(opt && strstr(opt, " x float>"), "concat: not vectorized");
+  free(opt);
+  static float in[3][P * H * R], out[P * (3 * H + 2) * R];
+  for (int i = 0; i < 3; i++)
+    for (int e = 0; e < P * H * R; e++) in[i][e] = (float)urand(-2, 2);
+  char *bufs[] = {(char *)in[0], (char *)in[1], (char *)in[2], (char *)out};
+  cm_cpu_stage_fn fn[1];
+  if (test_jit_kernel(j, &k, NULL, fn)) {
+    int64_t cuts[2] = {2, 3};
+    run_cuts(fn[0], bufs, P, cuts, 2);
+    int bad = 0;
+    for (int p = 0; p < P; p++)
+      for (int h = 0; h < 3 * H + 2; h++)
+        for (int r = 0; r < R; r++) {
+          int c = h - 1;
+          float x = c < 0 || c >= 3 * H ? 0 : in[c / H][(p * H + c % H) * R + r];
+          bad += out[(p * (3 * H + 2) + h) * R + r] != x * x;
+        }
+    CHECK_MSG(bad == 0, "concat: %d wrong elements", bad);
+  }
+  cm_kernel_free(&k);
+  cm_jit_destroy(j);
+}
+
 /* ---- graphs against the oracle -------------------------------------------- */
 
 /* Bias-gradient-like column sums (and a max) of elementwise expressions over
@@ -384,6 +457,49 @@ static void test_graphs(void) {
     free_sources(g, t, src);
     cm_graph_free(g);
   }
+  /* pow per element at its edges (negative bases with integer and fractional
+     exponents, zeros, infinities, NaN) against the oracle, element by element */
+  {
+    static const float pa[][2] = {{-2, 3},        {-2, 2},        {-2, 0.5f},     {0, 0},
+                                  {0, -1},        {-0.0f, -3},    {0, 2.5f},      {1, NAN},
+                                  {NAN, 0},       {INFINITY, -2}, {-INFINITY, 3}, {0.5f, INFINITY},
+                                  {2, -INFINITY}, {-1, INFINITY}, {1e-30f, 2},    {3.7f, 1.3f},
+                                  {1e10f, 4}};
+    enum { NP = sizeof pa / sizeof pa[0] };
+    int64_t d[1] = {NP};
+    cm_graph *g = cm_graph_new();
+    int a = cm_input(g, "a", CM_F32, 1, d), b = cm_input(g, "b", CM_F32, 1, d);
+    cm_graph_add_output(g, cm_binary(g, CM_OP_POW, a, b, NULL), NULL);
+    cm_tensor *t = calloc((size_t)g->n_nodes, sizeof *t);
+    const cm_tensor **src = calloc((size_t)g->n_nodes, sizeof *src);
+    fill_sources(g, t, src);
+    for (int i = 0; i < NP; i++)
+      cm_tensor_set_f64(&t[a], i, pa[i][0]), cm_tensor_set_f64(&t[b], i, pa[i][1]);
+    cm_err err = {0};
+    cm_tensor *v = calloc((size_t)g->n_nodes, sizeof *v);
+    cm_eval_opts eo = {CM_PRECISION_NATIVE};
+    CHECK_MSG(cm_eval(g, src, v, &eo, &err) == CM_OK, "pow: eval: %s", err.msg);
+    cm_cpu_opts o = {2, "", false, false, 0};
+    cm_cpu_program *pr = NULL;
+    cm_tensor out = {0};
+    if (cm_cpu_program_build(g, NULL, &o, &pr, &err) == CM_OK &&
+        cm_cpu_program_run(pr, (cm_tensor *const *)src, &out, &err) == CM_OK) {
+      for (int i = 0; i < NP; i++) {
+        double got = cm_tensor_get_f64(&out, i), want = cm_tensor_get_f64(&v[g->outputs[0]], i);
+        bool ok = isnan(want) ? isnan(got) : got == want || fabs(got - want) <= 1e-6 * fabs(want);
+        CHECK_MSG(ok && signbit(got) == signbit(want), "pow(%g, %g) = %g, oracle %g",
+                  (double)pa[i][0], (double)pa[i][1], got, want);
+      }
+    } else {
+      CHECK_MSG(false, "pow: %s", err.msg);
+    }
+    cm_tensor_free(&out);
+    cm_cpu_program_free(pr);
+    for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&v[i]);
+    free(v);
+    free_sources(g, t, src);
+    cm_graph_free(g);
+  }
   /* AdamW-like: p -= lr * m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps); t a state */
   for (int shape = 0; shape < 2; shape++) {
     int64_t d[2] = {shape ? 1 : 7, shape ? 263 : 131}, one[1] = {1};
@@ -418,4 +534,4 @@ static void test_graphs(void) {
 }
 
 TEST_MAIN(TEST(test_conv_grad_weight), TEST(test_column_reductions), TEST(test_elementwise_runs),
-          TEST(test_graphs))
+          TEST(test_select_branches), TEST(test_graphs))
