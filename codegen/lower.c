@@ -1,7 +1,7 @@
 /* codegen/lower.c — plan groups to the kernel IR.
  *
  * Materialized nodes (reductions, matmul) get a stage each; the remaining group
- * outputs get one stage per distinct shape. Everything else is inlined into
+ * outputs get one stage per element count (output_stage). Everything else is inlined into
  * the expressions of the stage that needs it (value()), memoized per stage on
  * (node, index expressions) because the graphs are DAGs. Not lowered yet:
  * conv2d as a generic reduction (no GEMM template yet); epilogues
@@ -621,6 +621,49 @@ static void conv_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
   ix[0] = vn, ix[1] = vo, ix[2] = oh, ix[3] = ow;
 }
 
+/* conv2d_grad_weight with groups == 1 as a GEMM: dom = [O, C*KH*KW], red =
+ * [N*OH*OW]; A = dY[n, o, oh, ow] (k-contiguous within an image), B = the
+ * input patch im2col(X)[(n, oh, ow), (c, u, v)] (zero outside by SELECT). The
+ * generic reduction walks X with a stride per (u, v) and runs one output
+ * element per work item: a few GFLOP/s. ix receives the weight's OIHW index
+ * expressions. */
+static void conv_grad_weight_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
+  const cm_node *n = N(c, id);
+  const cm_type *x = &N(c, n->inputs[0])->type, *y = &N(c, n->inputs[1])->type, *w = &n->type;
+  const cm_attrs *at = &n->attrs;
+  int64_t C = x->dims[1], H = x->dims[2], W = x->dims[3], KH = w->dims[2], KW = w->dims[3];
+  int64_t OH = y->dims[2], OW = y->dims[3], P = OH * OW;
+  s->n_dom = 2;
+  s->dom[0] = w->dims[0], s->dom[1] = C * KH * KW;
+  s->n_red = 1;
+  s->red[0] = y->dims[0] * P;
+  int vo = cm_kx_var(s, 0), vj = cm_kx_var(s, 1), vk = cm_kx_var(s, 2);
+  int vn = cm_kx_idiv(s, vk, cm_kx_iconst(s, P)), vp = cm_kx_imod(s, vk, cm_kx_iconst(s, P));
+  int oh = cm_kx_idiv(s, vp, cm_kx_iconst(s, OW)), ow = cm_kx_imod(s, vp, cm_kx_iconst(s, OW));
+  int vc = cm_kx_idiv(s, vj, cm_kx_iconst(s, KH * KW));
+  int r = cm_kx_imod(s, vj, cm_kx_iconst(s, KH * KW));
+  int vu = cm_kx_idiv(s, r, cm_kx_iconst(s, KW)), vv = cm_kx_imod(s, r, cm_kx_iconst(s, KW));
+  int vh = cm_kx_iadd(s,
+                      cm_kx_iadd(s, cm_kx_imul(s, oh, cm_kx_iconst(s, at->stride[0])),
+                                 cm_kx_iconst(s, -at->padding[0])),
+                      cm_kx_imul(s, vu, cm_kx_iconst(s, at->dilation[0])));
+  int vw = cm_kx_iadd(s,
+                      cm_kx_iadd(s, cm_kx_imul(s, ow, cm_kx_iconst(s, at->stride[1])),
+                                 cm_kx_iconst(s, -at->padding[1])),
+                      cm_kx_imul(s, vv, cm_kx_iconst(s, at->dilation[1])));
+  int ok = band(s, in_range(s, vh, H), in_range(s, vw, W));
+  int xi[4] = {vn, vc, clamp(s, vh, H), clamp(s, vw, W)}, yi[4] = {vn, vo, oh, ow};
+  int a = value(c, s, n->inputs[1], yi), b = value(c, s, n->inputs[0], xi);
+  if (a < 0 || b < 0) return;
+  b = cm_kx_op(s, CM_OP_SELECT, x->dtype, ok, b, cm_kx_const(s, x->dtype, 0));
+  s->body = cm_kx_op(s, CM_OP_MUL, w->dtype, a, b, -1);
+  s->tmpl = CM_KT_GEMM;
+  s->gemm_a = a;
+  s->gemm_b = b;
+  gemm_tiles(s, c->o);
+  ix[0] = vo, ix[1] = vc, ix[2] = vu, ix[3] = vv;
+}
+
 /* A stage computing materialized node id into buffer b. */
 static cm_status lower_materialized(lctx *c, int id, int b, const int *eo, const int *eb,
                                     int n_eo) {
@@ -680,6 +723,11 @@ static cm_status lower_materialized(lctx *c, int id, int b, const int *eo, const
     s->body = value(c, s, n->inputs[0], in);
   } else if (n->op == CM_OP_CONV2D && n->attrs.groups <= 1) {
     conv_gemm(c, s, id, dv);
+  } else if (n->op == CM_OP_CONV2D_GRAD_WEIGHT && n->attrs.groups <= 1 &&
+             (!c->o || !c->o->no_templates) && s->acc_dtype == CM_F32) {
+    /* (f64: the CPU renders a GEMM stage generic, but cpu_exec counts its work items as
+       GEMM blocks; the generic reduction keeps the two in agreement) */
+    conv_grad_weight_gemm(c, s, id, dv);
   } else if (n->op != CM_OP_MATMUL) {
     s->body = conv_body(c, s, id, dv);
   } else {
@@ -1620,6 +1668,78 @@ static void lower_shared(lctx *c, int id, const int *out_buf) {
   c->buf_of[id] = b;
 }
 
+/* Whether every materialized node that output value id depends on within the
+ * group has its stage already (its buffer set). */
+static bool cone_ready(lctx *c, int id, char *seen) {
+  if (seen[id] || c->buf_of[id] >= 0) return true;
+  seen[id] = 1;
+  if (is_mat(c, id)) return false;
+  const cm_node *n = N(c, id);
+  for (int k = 0; k < n->n_inputs; k++)
+    if (!cone_ready(c, n->inputs[k], seen)) return false;
+  return true;
+}
+
+/* One stage storing group output i and every later output not done of the same
+ * elements; early: before the group's other materialized nodes, so only outputs
+ * whose cone is ready. */
+static void output_stage(lctx *c, int i, const int *out_buf, bool *done, bool early) {
+  const cm_graph *g = c->g;
+  const cm_group *gr = c->gr;
+  cm_kernel *out = c->k;
+  int id = gr->outputs[i];
+  const cm_type *t = &g->nodes[id].type;
+  char name[64];
+  snprintf(name, sizeof name, "s%d_out", out->n_stages);
+  cm_kstage *s = cm_kernel_add_stage(out, name);
+  c->n_memo = 0;
+  s->n_dom = t->rank;
+  int dv[CM_MAX_RANK];
+  for (int d = 0; d < t->rank; d++) {
+    s->dom[d] = t->dims[d];
+    dv[d] = cm_kx_var(s, d);
+  }
+  int stage_written[CM_KMAX_STORES], n_sw = 0;
+  /* outputs of another shape but as many elements (a [B*T, D] and a [B, T, D] view
+     of one value, as GELU's forward and its saved copy are) join the stage, indexed
+     by the same linear position: the data is read once and LLVM merges the equal
+     loads and math. Not when the group assigns a state (a source buffer read at
+     another position in the stage that writes it). */
+  bool any_source = false;
+  for (int j = 0; j < gr->n_outputs; j++)
+    any_source |= out->buffers[out_buf[j]].kind == CM_KBUF_SOURCE;
+  char *seen = early ? calloc((size_t)g->n_nodes, 1) : NULL;
+  if (early && !seen) abort();
+  for (int j = i; j < gr->n_outputs && c->st == CM_OK; j++) {
+    int oj = gr->outputs[j];
+    const cm_type *tj = &g->nodes[oj].type;
+    bool same =
+        tj->rank == t->rank && !memcmp(tj->dims, t->dims, sizeof(int64_t) * (size_t)t->rank);
+    if (done[j] || (!same && (any_source || tj->rank < 1 || cm_type_numel(tj) != cm_type_numel(t))))
+      continue;
+    if (is_mat(c, oj) && c->buf_of[oj] == out_buf[j]) continue;
+    if (early) {
+      memset(seen, 0, (size_t)g->n_nodes);
+      if (is_mat(c, oj) || !cone_ready(c, oj, seen)) continue;
+    }
+    if (s->n_stores == CM_KMAX_STORES) break;
+    int dvj[CM_MAX_RANK];
+    if (same)
+      memcpy(dvj, dv, sizeof dvj);
+    else
+      delinear(s, tj, linear(s, t, dv), dvj);
+    int v = value(c, s, oj, dvj);
+    if (v < 0) break;
+    s->stores[s->n_stores++] = (cm_kstore){out_buf[j], linear(s, tj, dvj), v};
+    out->buffers[out_buf[j]].written = true;
+    if (out->buffers[out_buf[j]].kind == CM_KBUF_SOURCE) stage_written[n_sw++] = out_buf[j];
+    done[j] = true;
+  }
+  free(seen);
+  for (int w = 0; w < n_sw; w++) c->written[stage_written[w]] = true;
+  finish_stage(s);
+}
+
 cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const cm_lower_opts *o,
                          cm_kernel *out, cm_err *err) {
   if (!g || !p || !out || group < 0 || group >= p->n_groups || !p->offset)
@@ -1689,6 +1809,25 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
       lower_shared(&c, id, out_buf);
       continue;
     }
+    /* a reduction of a group output (a bias gradient of the stored input gradient):
+       the output's stage first, and the reduction reads the one stored array instead
+       of recomputing the value from all of its operands */
+    if ((n->op == CM_OP_REDUCE_SUM || n->op == CM_OP_REDUCE_MAX) && !(o && o->no_templates) &&
+        !is_mat(&c, n->inputs[0]) && c.buf_of[n->inputs[0]] < 0) {
+      bool src = false;
+      int jx = -1;
+      for (int j = 0; j < gr->n_outputs; j++) {
+        src |= out->buffers[out_buf[j]].kind == CM_KBUF_SOURCE;
+        if (gr->outputs[j] == n->inputs[0] && !done[j]) jx = j;
+      }
+      char *seen = jx >= 0 && !src ? calloc((size_t)g->n_nodes, 1) : NULL;
+      if (seen && cone_ready(&c, n->inputs[0], seen)) {
+        output_stage(&c, jx, out_buf, done, true);
+        if (done[jx]) c.buf_of[n->inputs[0]] = out_buf[jx];
+      }
+      free(seen);
+      if (c.st != CM_OK) break;
+    }
     int eo[CM_KMAX_STORES], eb[CM_KMAX_STORES];
     int ne = find_epilogue(&c, id, out_buf, done, eo, eb);
     if (ne > 0 && lower_materialized(&c, id, -1, eo, eb, ne) == CM_OK) {
@@ -1722,35 +1861,7 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   for (int i = 0; i < gr->n_outputs && c.st == CM_OK; i++) {
     int id = gr->outputs[i];
     if (done[i] || (is_mat(&c, id) && c.buf_of[id] == out_buf[i])) continue;
-    const cm_type *t = &g->nodes[id].type;
-    char name[64];
-    snprintf(name, sizeof name, "s%d_out", out->n_stages);
-    cm_kstage *s = cm_kernel_add_stage(out, name);
-    c.n_memo = 0;
-    s->n_dom = t->rank;
-    int dv[CM_MAX_RANK];
-    for (int d = 0; d < t->rank; d++) {
-      s->dom[d] = t->dims[d];
-      dv[d] = cm_kx_var(s, d);
-    }
-    int stage_written[CM_KMAX_STORES], n_sw = 0;
-    for (int j = i; j < gr->n_outputs && c.st == CM_OK; j++) {
-      int oj = gr->outputs[j];
-      const cm_type *tj = &g->nodes[oj].type;
-      if (done[j] || tj->rank != t->rank ||
-          memcmp(tj->dims, t->dims, sizeof(int64_t) * (size_t)t->rank))
-        continue;
-      if (is_mat(&c, oj) && c.buf_of[oj] == out_buf[j]) continue;
-      if (s->n_stores == CM_KMAX_STORES) break;
-      int v = value(&c, s, oj, dv);
-      if (v < 0) break;
-      s->stores[s->n_stores++] = (cm_kstore){out_buf[j], linear(s, t, dv), v};
-      out->buffers[out_buf[j]].written = true;
-      if (out->buffers[out_buf[j]].kind == CM_KBUF_SOURCE) stage_written[n_sw++] = out_buf[j];
-      done[j] = true;
-    }
-    for (int w = 0; w < n_sw; w++) c.written[stage_written[w]] = true;
-    finish_stage(s);
+    output_stage(&c, i, out_buf, done, false);
   }
   free(done);
   free(out_buf);

@@ -41,8 +41,11 @@ typedef struct rctx {
                          (local buffers of a fused attention span) */
   LLVMValueRef *md_scope, *md_noalias; /* per buffer, NULL or alias.scope / noalias lists */
   LLVMValueRef vars[CM_KMAX_VARS];
-  LLVMValueRef acc;   /* CM_KX_ACC in store values */
-  LLVMValueRef *memo; /* per evaluation point */
+  LLVMValueRef acc;     /* CM_KX_ACC in store values */
+  LLVMValueRef *memo;   /* per evaluation point */
+  bool select_branches; /* a SELECT of loads on a condition not varying along inner_var
+                           branches (render_generic) */
+  int inner_var;
   cm_err *err;
   cm_status fail_status;
   bool failed;
@@ -463,6 +466,58 @@ static LLVMValueRef emit_float_unary(rctx *c, int e, cm_op op, LLVMValueRef a, b
   }
 }
 
+static void mark_deps(const cm_kstage *s, int e, bool *seen);
+static LLVMBasicBlockRef new_block(rctx *c, const char *name);
+
+/* Whether SELECT e should branch: its condition is the same along the inner
+ * loop (a concat along an outer axis, padding of an outer axis) and an operand
+ * loads memory. The loop is then unswitched and each half loads only its own
+ * input (a SELECT reads every input of a concat). */
+static bool select_branches(rctx *c, const cm_kexpr *x) {
+  const cm_kstage *s = c->s;
+  if (!c->select_branches || x->a < 0 || x->b < 0 || x->c < 0 ||
+      (cm_kx_vars_used(s, x->a) & (1u << c->inner_var)))
+    return false;
+  bool *seen = calloc((size_t)s->n_exprs + 1, sizeof *seen);
+  if (!seen) return false;
+  mark_deps(s, x->b, seen);
+  mark_deps(s, x->c, seen);
+  bool load = false;
+  for (int i = 0; i < s->n_exprs && !load; i++) load = seen[i] && s->exprs[i].kind == CM_KX_LOAD;
+  free(seen);
+  return load;
+}
+
+/* cond ? a : b as two blocks and a phi; values first computed inside one block
+ * do not dominate the rest, so the memo is restored after each. */
+static LLVMValueRef emit_select_branch(rctx *c, int e, const cm_kexpr *x) {
+  LLVMBuilderRef B = c->B;
+  size_t sz = sizeof(LLVMValueRef) * (size_t)c->s->n_exprs;
+  LLVMValueRef *saved = malloc(sz ? sz : 1);
+  if (!saved) return fail_expr(c, e, "out of memory");
+  LLVMValueRef cond = operand(c, e, x->a, CM_BOOL);
+  memcpy(saved, c->memo, sz);
+  LLVMBasicBlockRef tb = new_block(c, "sel.t"), fb = new_block(c, "sel.f"),
+                    mb = new_block(c, "sel.m");
+  LLVMBuildCondBr(B, cond, tb, fb);
+  LLVMPositionBuilderAtEnd(B, tb);
+  LLVMValueRef a = operand(c, e, x->b, x->dtype);
+  LLVMBasicBlockRef tend = LLVMGetInsertBlock(B);
+  LLVMBuildBr(B, mb);
+  memcpy(c->memo, saved, sz);
+  LLVMPositionBuilderAtEnd(B, fb);
+  LLVMValueRef b = operand(c, e, x->c, x->dtype);
+  LLVMBasicBlockRef fend = LLVMGetInsertBlock(B);
+  LLVMBuildBr(B, mb);
+  memcpy(c->memo, saved, sz);
+  free(saved);
+  LLVMPositionBuilderAtEnd(B, mb);
+  LLVMValueRef phi = LLVMBuildPhi(B, LLVMTypeOf(a), "sel");
+  LLVMAddIncoming(phi, &a, &tend, 1);
+  LLVMAddIncoming(phi, &b, &fend, 1);
+  return phi;
+}
+
 static LLVMValueRef emit_op(rctx *c, int e, const cm_kexpr *x) {
   LLVMBuilderRef B = c->B;
   cm_dtype dt = x->dtype;
@@ -472,6 +527,7 @@ static LLVMValueRef emit_op(rctx *c, int e, const cm_kexpr *x) {
     return convert(c, emit(c, x->a), c->s->exprs[x->a].dtype, dt);
   }
   if (op == CM_OP_SELECT) {
+    if (select_branches(c, x)) return emit_select_branch(c, e, x);
     LLVMValueRef cond = operand(c, e, x->a, CM_BOOL);
     LLVMValueRef a = operand(c, e, x->b, dt), b = operand(c, e, x->c, dt);
     return LLVMBuildSelect(B, cond, a, b, "sel");
@@ -849,6 +905,9 @@ static LLVMValueRef reduce_init(rctx *c) {
       t, at == CM_I32 ? (unsigned long long)(int64_t)INT32_MIN : (unsigned long long)INT64_MIN, 1);
 }
 
+static void stage_scopes(rctx *c);
+static void free_scopes(rctx *c);
+
 /* Column reductions: work items in runs of up to CR_TILE consecutive columns
  * (innermost domain var); the run's accumulators live in a stack array and the
  * column loop is innermost inside the reduction nest, so the loads are
@@ -860,6 +919,7 @@ static void render_column_reduction(rctx *c, const char *fname) {
   LLVMValueRef begin, end, ws;
   LLVMBasicBlockRef done;
   LLVMValueRef fn = begin_function(c, fname, &begin, &end, &ws, &done);
+  stage_scopes(c);
   int nd = s->n_dom, dv = nd - 1;
   int64_t D = s->dom[dv];
   /* f32 sums accumulate in double here: a column sums one row at a time (no
@@ -932,6 +992,98 @@ static void render_column_reduction(rctx *c, const char *fname) {
   LLVMBuildBr(B, done);
   LLVMPositionBuilderAtEnd(B, done);
   LLVMBuildRetVoid(B);
+  free_scopes(c);
+}
+
+static LLVMMetadataRef self_md(rctx *c, LLVMMetadataRef extra);
+
+/* One alias scope per buffer the stage touches. Distinct kernel buffers never
+ * share memory (memplan keeps every buffer of a group apart; sources, consts
+ * and scratch have their own), so the vectorizer needs no runtime overlap
+ * checks (it gives up past a few pairs, and a short inner loop is then fully
+ * unrolled scalar) and loads of loop-invariant scalars hoist out of the loop. */
+static void stage_scopes(rctx *c) {
+  const cm_kstage *s = c->s;
+  int nb = c->k->n_buffers;
+  c->md_scope = c->md_noalias = NULL;
+  int *slot = malloc(sizeof(int) * ((size_t)nb + 1));
+  LLVMMetadataRef *sc = malloc(sizeof *sc * ((size_t)nb + 1));
+  LLVMMetadataRef *others = malloc(sizeof *others * ((size_t)nb + 1));
+  LLVMValueRef *scope = calloc((size_t)nb + 1, sizeof *scope);
+  LLVMValueRef *noalias = calloc((size_t)nb + 1, sizeof *noalias);
+  if (!slot || !sc || !others || !scope || !noalias) goto out;
+  for (int b = 0; b < nb; b++) slot[b] = -1;
+  int used = 0;
+  for (int e = 0; e < s->n_exprs; e++)
+    if (s->exprs[e].kind == CM_KX_LOAD && s->exprs[e].buf >= 0 && s->exprs[e].buf < nb &&
+        slot[s->exprs[e].buf] < 0)
+      slot[s->exprs[e].buf] = used++;
+  for (int i = 0; i < s->n_stores; i++)
+    if (slot[s->stores[i].buf] < 0) slot[s->stores[i].buf] = used++;
+  if (used < 2) goto out;
+  LLVMMetadataRef dom = self_md(c, NULL);
+  for (int i = 0; i < used; i++) sc[i] = self_md(c, dom);
+  for (int b = 0; b < nb; b++) {
+    if (slot[b] < 0) continue;
+    int n = 0;
+    for (int i = 0; i < used; i++)
+      if (i != slot[b]) others[n++] = sc[i];
+    scope[b] = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, &sc[slot[b]], 1));
+    noalias[b] = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, others, (size_t)n));
+  }
+  c->md_scope = scope, c->md_noalias = noalias;
+  scope = noalias = NULL;
+out:
+  free(slot), free(sc), free(others), free(scope), free(noalias);
+}
+
+static void free_scopes(rctx *c) {
+  free(c->md_scope), free(c->md_noalias);
+  c->md_scope = c->md_noalias = NULL;
+}
+
+/* Every domain var parallel and no reduction (an update over a small
+ * tensor): a work item is one element, so the items of [begin, end) run as
+ * rows of the innermost var, a counted loop the vectorizer widens, instead of
+ * a div/mod per element. */
+static void render_elementwise_runs(rctx *c, const char *fname) {
+  const cm_kstage *s = c->s;
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  begin_function(c, fname, &begin, &end, &ws, &done);
+  stage_scopes(c);
+  int nd = s->n_dom, dv = nd - 1;
+  loop W = loop_begin(c, "w", begin);
+  LLVMValueRef rest = W.iv;
+  for (int v = nd - 1; v >= 0; v--) {
+    char nm[16];
+    snprintf(nm, sizeof nm, "v%d", v);
+    if (v == 0) {
+      c->vars[v] = rest;
+    } else {
+      c->vars[v] = LLVMBuildSRem(B, rest, ci64(c, s->dom[v]), nm);
+      rest = LLVMBuildSDiv(B, rest, ci64(c, s->dom[v]), "");
+    }
+  }
+  LLVMValueRef d0 = c->vars[dv];
+  LLVMValueRef len = smin(c, LLVMBuildSub(B, end, W.iv, ""),
+                          LLVMBuildSub(B, ci64(c, s->dom[dv]), d0, ""), "runlen");
+  loop R = loop_begin(c, "run", ci64(c, 0));
+  c->vars[dv] = LLVMBuildAdd(B, d0, R.iv, "vrun");
+  c->acc = NULL;
+  emit_stores(c);
+  loop_end(c, &R, len, "run.exit");
+  LLVMValueRef next = LLVMBuildAdd(B, W.iv, len, "wnext");
+  LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
+  LLVMBasicBlockRef wexit = new_block(c, "w.exit");
+  LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntSLT, next, end, ""), W.header, wexit);
+  LLVMAddIncoming(W.iv, &next, &latch, 1);
+  LLVMPositionBuilderAtEnd(B, wexit);
+  LLVMBuildBr(B, done);
+  LLVMPositionBuilderAtEnd(B, done);
+  LLVMBuildRetVoid(B);
+  free_scopes(c);
 }
 
 static void render_generic(rctx *c, const char *fname) {
@@ -940,10 +1092,20 @@ static void render_generic(rctx *c, const char *fname) {
     render_column_reduction(c, fname);
     return;
   }
+  int np = s->n_parallel < 0 ? 0 : s->n_parallel;
+  if (s->n_red == 0 && np == s->n_dom && np >= 1 && s->dom[np - 1] > 1 && !s->accumulate) {
+    render_elementwise_runs(c, fname);
+    return;
+  }
   LLVMValueRef begin, end, ws;
   LLVMBasicBlockRef done;
   begin_function(c, fname, &begin, &end, &ws, &done);
-  int np = s->n_parallel < 0 ? 0 : s->n_parallel;
+  /* not for reductions: their loops have no stores, and the scopes only move LLVM's
+     choice of how to sum (the order of an f32 sum, which a step's tiny, cancelling
+     gradients amplify past the f32 oracle's rounding) */
+  if (s->n_red == 0) stage_scopes(c);
+  c->select_branches = s->n_red == 0 && np < s->n_dom && !s->accumulate;
+  c->inner_var = s->n_dom - 1;
   loop W = loop_begin(c, "w", begin);
   /* work item -> parallel vars, row-major */
   LLVMValueRef rest = W.iv;
@@ -975,6 +1137,8 @@ static void render_generic(rctx *c, const char *fname) {
   LLVMBuildBr(c->B, done);
   LLVMPositionBuilderAtEnd(c->B, done);
   LLVMBuildRetVoid(c->B);
+  free_scopes(c);
+  c->select_branches = false;
 }
 
 /* ---- GEMM template ------------------------------------------------------ */
