@@ -74,7 +74,7 @@ CM_NO_SANITIZE_FUNCTION static void run_case(const gcase *c) {
   cm_eval_opts eo = {CM_PRECISION_NATIVE};
   CHECK_MSG(cm_eval(g, srcp, want, &eo, &err) == CM_OK, "eval: %s", err.msg);
   for (int threads = 1; threads <= 2; threads++) {
-    cm_cpu_opts opts = {threads, "", false, true, 0};
+    cm_cpu_opts opts = {threads, "", false, true, 0, 0};
     cm_cpu_program *pr = NULL;
     cm_status st = cm_cpu_program_build(g, NULL, &opts, &pr, &err);
     CHECK_MSG(st == CM_OK, "build: %s", err.msg);
