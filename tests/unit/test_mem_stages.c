@@ -50,7 +50,7 @@ static int check_vs_oracle(const cm_graph *g, const cm_tensor *const *src, bool 
   cm_tensor *v = calloc((size_t)g->n_nodes, sizeof *v);
   cm_eval_opts eo = {CM_PRECISION_NATIVE};
   CHECK_MSG(cm_eval(g, src, v, &eo, &err) == CM_OK, "%s: eval: %s", what, err.msg);
-  cm_cpu_opts o = {2, "", no_templates, true, 0};
+  cm_cpu_opts o = {2, "", no_templates, true, 0, 0};
   cm_cpu_program *pr = NULL;
   int tmpl = -1;
   cm_status st = cm_cpu_program_build(g, NULL, &o, &pr, &err);
@@ -479,7 +479,7 @@ static void test_graphs(void) {
     cm_tensor *v = calloc((size_t)g->n_nodes, sizeof *v);
     cm_eval_opts eo = {CM_PRECISION_NATIVE};
     CHECK_MSG(cm_eval(g, src, v, &eo, &err) == CM_OK, "pow: eval: %s", err.msg);
-    cm_cpu_opts o = {2, "", false, false, 0};
+    cm_cpu_opts o = {2, "", false, false, 0, 0};
     cm_cpu_program *pr = NULL;
     cm_tensor out = {0};
     if (cm_cpu_program_build(g, NULL, &o, &pr, &err) == CM_OK &&
