@@ -473,6 +473,22 @@ CM_NO_SANITIZE_FUNCTION static void run_stage(cm_cpu_stage_fn fn, char *const *b
   }
 }
 
+const void *cm_cpu_program_output(const cm_cpu_program *pr, int j) {
+  if (j < 0 || j >= pr->g->n_outputs) return NULL;
+  int id = pr->out_id[j];
+  const cm_node *n = &pr->rg->nodes[id];
+  if (is_source(n)) return pr->src_ptr[id];
+  if (n->op == CM_OP_ASSIGN) return pr->src_ptr[n->inputs[0]];
+  /* the arena buffer of the kernel that writes it */
+  for (int i = 0; i < pr->kp.n_kernels; i++) {
+    const cm_kernel *k = &pr->kp.kernels[i];
+    for (int b = 0; b < k->n_buffers; b++)
+      if (k->buffers[b].node == id && k->buffers[b].kind == CM_KBUF_ARENA && k->buffers[b].written)
+        return pr->arena + k->buffers[b].offset;
+  }
+  return NULL;
+}
+
 cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
                              cm_err *err) {
   const cm_graph *rg = pr->rg, *g = pr->g;
@@ -512,35 +528,18 @@ cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_t
       pr->prof[i].runs++;
     }
   }
+  if (!outputs) return CM_OK;
   for (int j = 0; j < g->n_outputs; j++) memset(&outputs[j], 0, sizeof outputs[j]);
   for (int j = 0; j < g->n_outputs; j++) {
     const cm_node *on = &g->nodes[g->outputs[j]];
-    int id = pr->out_id[j];
-    const cm_node *n = &rg->nodes[id];
-    const char *src = NULL;
+    const cm_node *n = &rg->nodes[pr->out_id[j]];
+    const char *src = cm_cpu_program_output(pr, j);
     void *tmp = NULL;
-    if (is_source(n))
-      src = pr->src_ptr[id];
-    else if (n->op == CM_OP_ASSIGN)
-      src = pr->src_ptr[n->inputs[0]];
-    else {
-      /* find the arena buffer through the kernel that writes it */
-      for (int i = 0; i < pr->kp.n_kernels && !src; i++) {
-        const cm_kernel *k = &pr->kp.kernels[i];
-        for (int b = 0; b < k->n_buffers; b++)
-          if (k->buffers[b].node == id && k->buffers[b].kind == CM_KBUF_ARENA &&
-              k->buffers[b].written) {
-            src = pr->arena + k->buffers[b].offset;
-            break;
-          }
-      }
-      if (!src && n->op == CM_OP_CONST) {
-        cm_kbuffer kb = {CM_KBUF_CONST, n->type.dtype, cm_type_numel(&n->type), id, 0, 1, 0};
-        if (n->attrs.data) {
-          tmp = cm_kernel_const_data(rg, &kb, err);
-          src = tmp;
-        }
-      }
+    if (!src && n->op == CM_OP_CONST && n->attrs.data) {
+      cm_kbuffer kb = {
+          CM_KBUF_CONST, n->type.dtype, cm_type_numel(&n->type), pr->out_id[j], 0, 1, 0};
+      tmp = cm_kernel_const_data(rg, &kb, err);
+      src = tmp;
     }
     cm_status st = cm_tensor_alloc(&outputs[j], on->type, err);
     if (st == CM_OK && !src && n->op == CM_OP_CONST && !n->attrs.data) {

@@ -56,9 +56,15 @@ const cm_graph *cm_cpu_program_graph(const cm_cpu_program *pr);
  * build, NULL for non-sources) gives every input, param and state with
  * exactly its type; states whose assign the graph holds are updated in place
  * (also params, as the oracle's assign values). outputs[j] receives graph
- * output j (allocated; the caller frees with cm_tensor_free). */
+ * output j (allocated; the caller frees with cm_tensor_free). outputs may be
+ * NULL: nothing is copied out (a large output costs a copy and fresh pages
+ * per run), and cm_cpu_program_output reads each output where it lies. */
 cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
                              cm_err *err);
+/* Graph output j of the last run where the program keeps it (the arena, or a
+ * source it was assigned to), valid until the next run or free; NULL for an
+ * output that is a constant, or j out of range. Its type is graph output j's. */
+const void *cm_cpu_program_output(const cm_cpu_program *pr, int j);
 void cm_cpu_program_stats(const cm_cpu_program *pr, cm_cpu_stats *out);
 /* With opts->profile: per kernel, total ms over all runs and the number of runs. */
 typedef struct cm_kernel_profile {

@@ -427,6 +427,14 @@ static void test_errors(void) {
               cm_tensor_get_f64(&out[0], 0), want);
     cm_tensor_free(&out[0]);
   }
+  /* outputs NULL: nothing copied; the output is read where the program keeps it */
+  CHECK_MSG(cm_cpu_program_run(pr, srcs, NULL, &err) == CM_OK, "%s", err.msg);
+  const float *kept = cm_cpu_program_output(pr, 0);
+  double want3 = 0;
+  for (int i = 0; i < 15; i++) want3 += 3 * tanh(0.1 * i - 0.5);
+  CHECK_MSG(kept && fabs(kept[0] - want3) < 1e-4, "run 3 kept output: %g vs %g",
+            kept ? kept[0] : -1.0, want3);
+  CHECK(cm_cpu_program_output(pr, 1) == NULL && cm_cpu_program_output(pr, -1) == NULL);
   cm_cpu_program_free(pr);
   setenv("CMAEC_THREADS", "abc", 1);
   cm_cpu_opts o0 = {0, "", false, false, 0, 0};
