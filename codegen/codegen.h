@@ -487,6 +487,11 @@ typedef struct cm_llvm_render_opts {
  * runs the whole span per batch item (workspace: attn.ws_bytes), the other
  * stages' functions return at once; a span that does not fit the renderer's
  * tiles renders generic. */
+/* True when the LLVM renderer (templates on) renders stage s with the packed
+ * GEMM: its work items are then GEMM blocks, else the generic ones. A
+ * contraction accumulating in another dtype than f32 keeps CM_KT_GEMM (CUDA
+ * renders it) but renders here as a loop nest. */
+bool cm_llvm_stage_is_gemm(const cm_kstage *s);
 /* Adds the kernel's stage functions to module m (in the module's context). */
 cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_render_opts *o,
                          cm_err *err);

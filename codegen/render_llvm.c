@@ -2590,6 +2590,10 @@ static bool check_vars(const cm_kstage *s, int e, uint32_t allowed) {
   return (cm_kx_vars_used(s, e) & ~allowed) == 0;
 }
 
+bool cm_llvm_stage_is_gemm(const cm_kstage *s) {
+  return s->tmpl == CM_KT_GEMM && s->acc_dtype == CM_F32;
+}
+
 cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_render_opts *o,
                          cm_err *err) {
   rctx c;
@@ -2693,7 +2697,7 @@ cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_rend
       if (c.failed) st = c.fail_status;
       continue;
     }
-    bool templ = s->tmpl == CM_KT_GEMM && !(o && o->no_templates) && s->acc_dtype == CM_F32;
+    bool templ = !(o && o->no_templates) && cm_llvm_stage_is_gemm(s);
     if (s->tmpl == CM_KT_GEMM && !(o && o->no_templates)) {
       int nd = s->n_dom;
       uint32_t batch = nd >= 2 ? (1u << (nd - 2)) - 1 : 0;

@@ -76,7 +76,7 @@ static cm_kgemm_tiles tiles_of(const cm_kstage *s, int W) {
 /* Work items per the renderer's contract (codegen.h): computed here because
  * cm_kstage_work_items may still be a stub in kernel.c. */
 static int64_t work_items(const cm_kstage *s, bool gemm, int W) {
-  if (gemm && s->tmpl == CM_KT_GEMM && s->n_dom >= 2) {
+  if (gemm && cm_llvm_stage_is_gemm(s) && s->n_dom >= 2) {
     cm_kgemm_tiles t = tiles_of(s, W);
     int64_t n = 1;
     for (int d = 0; d < s->n_dom - 2; d++) n *= s->dom[d];
@@ -90,7 +90,7 @@ static int64_t work_items(const cm_kstage *s, bool gemm, int W) {
 
 static int64_t ws_bytes(const cm_kstage *s, bool gemm, int W) {
   int64_t b = cm_kstage_workspace_bytes(s, CM_TARGET_CPU);
-  if (gemm && s->tmpl == CM_KT_GEMM) {
+  if (gemm && cm_llvm_stage_is_gemm(s)) {
     cm_kgemm_tiles t = tiles_of(s, W);
     int64_t mine = 4 * ((int64_t)t.kc * t.nc + (int64_t)t.mc * t.kc + (int64_t)t.mc * t.nc);
     if (mine > b) b = mine;
