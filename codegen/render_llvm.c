@@ -1482,7 +1482,10 @@ static void attn_microkernel(rctx *c, const attn_plan *p, const attn_direct *d, 
                                     LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), "cbase");
   LLVMValueRef zeros[64], nacc[64];
   for (int64_t i = 0; i < mr * nv; i++) zeros[i] = LLVMConstNull(c->vty);
-  emit_fma_kloop(c, apan, bpan, mr, nv, nr, ci64(c, K), "at.kk", zeros, nacc);
+  char kname[48]; /* the register block in the loop's name (tests read it) */
+  snprintf(kname, sizeof kname, "at.kk.m%lldn%lld%s", (long long)mr, (long long)nr,
+           d ? ".direct" : "");
+  emit_fma_kloop(c, apan, bpan, mr, nv, nr, ci64(c, K), kname, zeros, nacc);
   if (d)
     attn_store_direct(c, p, d, LLVMBuildMul(B, Ir.iv, ci64(c, mr), ""),
                       LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), mr, nv, nacc);
