@@ -1499,6 +1499,86 @@ static void attn_microkernel(rctx *c, const attn_plan *p, const attn_direct *d, 
   loop_end(c, &Jr, ci64(c, npan), "at.jr.exit");
 }
 
+/* emit_pack's layout (panels of R rows x K, zero rows at or beyond lim) for
+ * an operand contiguous along k with R not a multiple of W: per group of up
+ * to W rows of a panel and W consecutive k, one vector load per row (rows
+ * past lim clamped, then zeroed), a W x W transpose, and per k one store of
+ * the group's lanes (masked when the group is short); the K % W last k
+ * element by element. */
+static void attn_pack_kt(rctx *c, const char *name, int e, int rv, LLVMValueRef r0, int64_t lim,
+                         LLVMValueRef npan, int64_t R, int64_t K, LLVMValueRef dst) {
+  LLVMBuilderRef B = c->B;
+  const cm_kexpr *x = &c->s->exprs[e];
+  int W = c->W, kv = c->s->n_dom;
+  int64_t ngr = (R + W - 1) / W, nch = K / W;
+  char nm[48];
+  snprintf(nm, sizeof nm, "%s.kt.panel", name);
+  loop Lp = loop_begin(c, nm, ci64(c, 0));
+  LLVMValueRef pr0 = LLVMBuildAdd(B, r0, LLVMBuildMul(B, Lp.iv, ci64(c, R), ""), "pr0");
+  LLVMValueRef pdst = fptr(c, dst, LLVMBuildMul(B, Lp.iv, ci64(c, K * R), ""), "pdst");
+  LLVMValueRef rows[64], inb[64];
+  for (int64_t l = 0; l < R; l++) {
+    LLVMValueRef row = LLVMBuildAdd(B, pr0, ci64(c, l), "row");
+    inb[l] = LLVMBuildICmp(B, LLVMIntSLT, row, ci64(c, lim), "inb");
+    rows[l] = smin(c, row, ci64(c, lim - 1), "rowc");
+  }
+  if (nch > 0) {
+    snprintf(nm, sizeof nm, "%s.kt.kv", name);
+    loop Lc = loop_begin(c, nm, ci64(c, 0));
+    LLVMValueRef kkb = LLVMBuildMul(B, Lc.iv, ci64(c, W), "kkb");
+    c->vars[kv] = kkb;
+    for (int64_t g = 0; g < ngr; g++) {
+      int64_t cnt = R - g * W < W ? R - g * W : W;
+      LLVMValueRef v[32];
+      for (int l = 0; l < W; l++) {
+        if (l >= cnt) {
+          v[l] = LLVMConstNull(c->vty);
+          continue;
+        }
+        c->vars[rv] = rows[g * W + l];
+        reset_memo(c);
+        LLVMValueRef idx = convert(c, emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
+        LLVMValueRef ld = LLVMBuildLoad2(B, c->vty, buf_gep(c, x->buf, idx), "krow");
+        LLVMSetAlignment(ld, 4);
+        set_scopes(c, x->buf, ld);
+        v[l] = LLVMBuildSelect(B, inb[g * W + l], ld, LLVMConstNull(c->vty), "krow.z");
+      }
+      transpose_block(c, v);
+      LLVMValueRef mk[32];
+      for (int l = 0; l < W; l++) mk[l] = LLVMConstInt(c->i1, l < cnt, 0);
+      LLVMValueRef mask = LLVMConstVector(mk, (unsigned)W);
+      for (int t = 0; t < W; t++) {
+        LLVMValueRef off =
+            LLVMBuildAdd(B, LLVMBuildMul(B, LLVMBuildAdd(B, kkb, ci64(c, t), ""), ci64(c, R), ""),
+                         ci64(c, g * W), "");
+        LLVMValueRef ptr = fptr(c, pdst, off, "dst");
+        if (cnt == W) {
+          LLVMSetAlignment(LLVMBuildStore(B, v[t], ptr), 4);
+        } else {
+          LLVMTypeRef tys[2] = {c->vty, c->ptr};
+          LLVMValueRef args[4] = {v[t], ptr, LLVMConstInt(c->i32, 4, 0), mask};
+          intrin(c, "llvm.masked.store", tys, 2, args, 4, "");
+        }
+      }
+    }
+    snprintf(nm, sizeof nm, "%s.kt.kv.exit", name);
+    loop_end(c, &Lc, ci64(c, nch), nm);
+  }
+  for (int64_t k = nch * W; k < K; k++) {
+    c->vars[kv] = ci64(c, k);
+    for (int64_t l = 0; l < R; l++) {
+      c->vars[rv] = rows[l];
+      reset_memo(c);
+      LLVMValueRef val = convert(c, emit(c, e), c->s->exprs[e].dtype, CM_F32);
+      val = LLVMBuildSelect(B, inb[l], val, LLVMConstReal(c->f32, 0), "a");
+      LLVMSetAlignment(LLVMBuildStore(B, val, fptr(c, pdst, ci64(c, k * R + l), "dst")), 4);
+    }
+  }
+  snprintf(nm, sizeof nm, "%s.kt.panel.exit", name);
+  loop_end(c, &Lp, npan, nm);
+  c->vars[kv] = NULL;
+}
+
 /* One GEMM stage of the span for query rows [i0, i0 + mrows). */
 static void attn_gemm_block(rctx *c, const attn_plan *p, LLVMValueRef wsp, LLVMValueRef i0,
                             LLVMValueRef mrows) {
@@ -1515,7 +1595,10 @@ static void attn_gemm_block(rctx *c, const attn_plan *p, LLVMValueRef wsp, LLVMV
       LLVMBuildSDiv(B, LLVMBuildAdd(B, mrows, ci64(c, mr - 1), ""), ci64(c, mr), "at.mpan");
   emit_pack(c, "at.packB", s->gemm_b, jv, ci64(c, 0), N, ci64(c, npan), nr, K, ci64(c, 0),
             ci64(c, K), Bp);
-  emit_pack(c, "at.packA", s->gemm_a, iv, i0, M, mpan, mr, K, ci64(c, 0), ci64(c, K), Ap);
+  if (k_contiguous(c, s->gemm_a) && mr % c->W && mr <= 64)
+    attn_pack_kt(c, "at.packA", s->gemm_a, iv, i0, M, mpan, mr, K, Ap);
+  else
+    emit_pack(c, "at.packA", s->gemm_a, iv, i0, M, mpan, mr, K, ci64(c, 0), ci64(c, K), Ap);
   attn_direct d;
   if (attn_direct_of(c, p, &d)) {
     d.i0 = i0, d.mrows = mrows;

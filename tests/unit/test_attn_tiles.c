@@ -6,7 +6,9 @@
  * (N = 1, 2, 7, 13, 21, 50, 65, 97; head dim 1, 3, 5, 16, 32, 64; one or more
  * query blocks) the rendering must take those paths, the S = Q K^T stage of a
  * 65-token span must pad its columns no more than the span's block does, and
- * the executor must agree with the oracle cm_eval on every output. */
+ * the executor must agree with the oracle cm_eval on every output. A operands
+ * contiguous along k packed into panels of rows that are not whole vectors go
+ * through transposed W x W blocks (at.packA.kt): taken at least once. */
 #include "../test.h"
 #include "codegen/codegen.h"
 #include "models/models.h"
@@ -58,6 +60,7 @@ static cm_graph *attention_graph(shape sh) {
 
 typedef struct found {
   int spans;        /* whole-row spans rendered */
+  int packs_kt;     /* spans packing an operand contiguous along k by transposed blocks */
   int direct, tile; /* micro-kernel loops storing straight / into the C tile */
   int first_mr, first_nr, span_nr;
   int64_t first_cols; /* the first stage's columns (keys) */
@@ -71,6 +74,7 @@ static void scan_ir(const cm_kernel *k, found *f) {
   cm_llvm_render_opts ro = {0, false};
   CHECK_MSG(cm_render_llvm(k, m, &ro, &err) == CM_OK, "render: %s", err.msg);
   char *ir = LLVMPrintModuleToString(m);
+  f->packs_kt += strstr(ir, "at.packA.kt.kv") != NULL;
   bool first = true;
   for (const char *p = strstr(ir, "at.kk.m"); p; p = strstr(p + 1, "at.kk.m")) {
     /* the loop's header block, once per stage */
@@ -108,7 +112,7 @@ static found scan(const cm_graph *g, const char *what) {
       found one = {0};
       scan_ir(k, &one);
       f.spans++;
-      f.direct += one.direct, f.tile += one.tile;
+      f.direct += one.direct, f.tile += one.tile, f.packs_kt += one.packs_kt;
       if (st->tmpl == CM_KT_ATTENTION_FWD && !f.first_nr) {
         f.first_mr = one.first_mr, f.first_nr = one.first_nr;
         f.span_nr = st->tiles.nr;
@@ -183,7 +187,7 @@ static void test_tiles_and_direct_stores(void) {
       {2, 1, 2, 5, true},   {1, 1, 1, 3, true},
   };
   int n = (int)(sizeof shapes / sizeof shapes[0]);
-  int spans = 0, direct = 0, narrowed = 0;
+  int spans = 0, direct = 0, narrowed = 0, packs_kt = 0;
   for (int i = 0; i < n; i++) {
     shape sh = shapes[i];
     char what[96];
@@ -205,7 +209,7 @@ static void test_tiles_and_direct_stores(void) {
                 (long long)cols, (long long)pad, (long long)span_pad);
       narrowed += pad < span_pad;
     }
-    spans += f.spans, direct += f.direct;
+    spans += f.spans, direct += f.direct, packs_kt += f.packs_kt;
     double e = run_check(g, what);
     printf(
         "  %-36s spans %d, k loops direct %d tile %d, S block %dx%d (span nr %d), rel err %.2g\n",
@@ -216,6 +220,8 @@ static void test_tiles_and_direct_stores(void) {
   CHECK(direct >= n - 1);
   /* 65 keys with the span's 64-wide block pad to 128: a narrower one was taken */
   CHECK(narrowed >= 1);
+  /* Q (rows of head-dim floats) packed into row panels that are not whole vectors */
+  CHECK(packs_kt >= 1);
 }
 
 TEST_MAIN({"tiles_and_direct_stores", test_tiles_and_direct_stores})
