@@ -1608,11 +1608,76 @@ typedef struct attn_plan {
   bool rowwise;
   int64_t local_off[CM_KATTN_MAX_LOCAL], pack_off;
   int64_t am, bm; /* floats of packed A, packed B */
+  /* per stage of the span (GEMM stages): its micro-kernel's register block */
+  int smr[CM_KATTN_MAX_SPAN], snr[CM_KATTN_MAX_SPAN];
 } attn_plan;
 
 static bool attn_is_gemm(const attn_plan *p, const cm_kstage *s, int si) {
   return (si == p->first || s->tmpl == CM_KT_GEMM) && s->n_red == 1 && s->n_dom == p->nb + 2 &&
          s->red_op == CM_KRED_SUM && s->acc_dtype == CM_F32 && s->gemm_a >= 0 && s->gemm_b >= 0;
+}
+
+/* Estimated cycles of an m x n x K GEMM stage of the span with an mr x nr
+ * register block: per k step the FMAs (two a cycle), the loads of the
+ * broadcasts and B vectors, and the FMA latency when there are few
+ * accumulators; per block its C tile stores; per element its epilogue. The
+ * padding of the last row and column panels is paid in full (a 65-column S
+ * with nr = 64 does twice the work of nr = 16 x 5). */
+static double attn_tile_cost(int64_t m, int64_t n, int64_t K, int mr, int nr, int W) {
+  double nv = nr / W, acc = mr * nv;
+  double per_k = fmax(fmax(acc / 2, (mr + nv) / 2), 4) + 0.5;
+  double blocks = (double)((m + mr - 1) / mr) * (double)((n + nr - 1) / nr);
+  return blocks * (K * per_k + acc + 8);
+}
+
+/* Floats of packed A, packed B and C tile the span's GEMM stages need with
+ * register blocks mr[], nr[] (per stage of the span); returns the bytes of
+ * workspace the rendering then uses. */
+static int64_t attn_pack_need(rctx *c, const attn_plan *p, const int *mr, const int *nr,
+                              int64_t *am, int64_t *bm) {
+  int64_t a = 0, b = 0, cm = 0;
+  for (int si = p->first; si < p->first + p->span; si++) {
+    const cm_kstage *s = &c->k->stages[si];
+    int i = si - p->first;
+    if (!attn_is_gemm(p, s, si)) continue;
+    int64_t m = p->rowwise ? p->br : s->dom[p->nb], n = s->dom[p->nb + 1], K = s->red[0];
+    int64_t mp = (m + mr[i] - 1) / mr[i] * mr[i], np = (n + nr[i] - 1) / nr[i] * nr[i];
+    if (mp * K > a) a = mp * K;
+    if (K * np > b) b = K * np;
+    if (mp * np > cm) cm = mp * np;
+  }
+  *am = a, *bm = b;
+  return p->pack_off + 4 * ((a + 15) / 16 * 16 + (b + 15) / 16 * 16 + cm);
+}
+
+/* Every GEMM stage of the span gets the register block that suits its own
+ * shape (S is rows x keys over the head dim; P V is rows x head dim over the
+ * keys), stage by stage as long as the packing and C tiles still fit the
+ * workspace the lowering sized (ws_bytes, for the span's tiles). */
+static void attn_stage_tiles(rctx *c, attn_plan *p, int64_t ws_bytes) {
+  const cm_kernel *k = c->k;
+  int W = c->W;
+  int64_t am, bm;
+  for (int si = p->first; si < p->first + p->span; si++) {
+    const cm_kstage *s = &k->stages[si];
+    int i = si - p->first;
+    if (!attn_is_gemm(p, s, si)) continue;
+    int64_t m = p->rowwise ? p->br : s->dom[p->nb], n = s->dom[p->nb + 1], K = s->red[0];
+    double best = attn_tile_cost(m, n, K, p->mr, p->nr, W);
+    int keep_mr = p->smr[i], keep_nr = p->snr[i];
+    for (int nv = 1; nv <= 4; nv++)
+      for (int mr = 1; mr <= 16 && mr * nv + nv <= 31; mr++) {
+        /* rows of a block other than the last stay whole panels */
+        if (p->rowwise && p->br % mr) continue;
+        double cost = attn_tile_cost(m, n, K, mr, nv * W, W);
+        if (cost >= best * 0.98) continue;
+        p->smr[i] = mr, p->snr[i] = nv * W;
+        if (attn_pack_need(c, p, p->smr, p->snr, &am, &bm) <= ws_bytes)
+          best = cost, keep_mr = mr, keep_nr = nv * W;
+        p->smr[i] = keep_mr, p->snr[i] = keep_nr;
+      }
+  }
+  attn_pack_need(c, p, p->smr, p->snr, &p->am, &p->bm);
 }
 
 /* Whether the span from stage first fuses with this renderer (else: generic). */
@@ -1636,10 +1701,12 @@ static bool attn_plan_of(rctx *c, int first, attn_plan *p) {
   if (p->rowwise && p->br % p->mr) return false;
   int64_t ws = cm_kattn_workspace(k, first, p->mr, p->nr, p->local_off, &p->pack_off);
   if (ws <= 0 || ws > a->ws_bytes) return false;
+  if (p->span > CM_KATTN_MAX_SPAN) return false;
   for (int si = first; si < first + p->span; si++) {
     const cm_kstage *s = &k->stages[si];
     if ((si == first || s->tmpl == CM_KT_GEMM) && !attn_is_gemm(p, s, si)) return false;
     if (s->n_dom + s->n_red > CM_KMAX_VARS || s->n_stores > CM_KMAX_STORES) return false;
+    p->smr[si - first] = p->mr, p->snr[si - first] = p->nr;
     if (attn_is_gemm(p, s, si)) {
       int64_t m = p->rowwise ? p->br : s->dom[p->nb];
       int64_t mp = (m + p->mr - 1) / p->mr * p->mr;
@@ -1648,16 +1715,86 @@ static bool attn_plan_of(rctx *c, int first, attn_plan *p) {
       if (s->red[0] * np > p->bm) p->bm = s->red[0] * np;
     }
   }
+  attn_stage_tiles(c, p, a->ws_bytes);
   return true;
 }
 
-/* C tile (ldc floats per row) = packed A panels [0, mpan) x packed B panels
- * [0, npan) over K. */
-static void attn_microkernel(rctx *c, const attn_plan *p, LLVMValueRef Ap, LLVMValueRef Bp,
-                             LLVMValueRef Ct, LLVMValueRef mpan, int64_t npan, int64_t K,
-                             int64_t ldc) {
+/* A GEMM stage of the span whose only store is its accumulator, f32, at an
+ * index contiguous along the column var: the micro-kernel stores its
+ * registers there (masked at the last row and column panels) instead of
+ * going through the C tile and a scalar epilogue. */
+typedef struct attn_direct {
+  int buf, index; /* the store's buffer and index expression */
+  int64_t ci, n;  /* index step per row; columns */
+  LLVMValueRef i0, mrows;
+} attn_direct;
+
+static bool attn_direct_of(rctx *c, const attn_plan *p, attn_direct *d) {
+  const cm_kstage *s = c->s;
+  if (s->n_stores != 1 || s->accumulate) return false;
+  const cm_kstore *st = &s->stores[0];
+  if (st->value < 0 || st->value >= s->n_exprs || st->buf < 0 || st->buf >= c->k->n_buffers)
+    return false;
+  const cm_kexpr *v = &s->exprs[st->value];
+  int64_t cj;
+  if (v->kind != CM_KX_ACC || v->dtype != CM_F32 || c->k->buffers[st->buf].dtype != CM_F32 ||
+      !lin_coef(s, st->index, p->nb + 1, &cj) || cj != 1 ||
+      !lin_coef(s, st->index, p->nb, &d->ci) || (cm_kx_vars_used(s, st->index) >> s->n_dom) != 0)
+    return false;
+  d->buf = st->buf, d->index = st->index, d->n = s->dom[p->nb + 1];
+  return true;
+}
+
+/* The micro-kernel's registers of block (row rb, column cb) straight to the
+ * stage's store (attn_direct): lanes past the columns or rows masked off. */
+static void attn_store_direct(rctx *c, const attn_plan *p, const attn_direct *d, LLVMValueRef rb,
+                              LLVMValueRef cb, int64_t mr, int64_t nv, LLVMValueRef *acc) {
   LLVMBuilderRef B = c->B;
-  int64_t mr = p->mr, nr = p->nr, W = c->W, nv = nr / W;
+  int W = c->W;
+  c->vars[p->nb] = LLVMBuildAdd(B, d->i0, rb, "at.drow");
+  c->vars[p->nb + 1] = cb;
+  reset_memo(c);
+  LLVMValueRef idx = convert(c, emit(c, d->index), c->s->exprs[d->index].dtype, CM_I64);
+  if (c->failed) return;
+  if (c->ioff && c->ioff[d->buf]) idx = LLVMBuildSub(B, idx, c->ioff[d->buf], "at.idx");
+  LLVMTypeRef mty = LLVMVectorType(c->i1, (unsigned)W);
+  LLVMValueRef lanes[32];
+  for (int l = 0; l < W; l++) lanes[l] = ci64(c, l);
+  LLVMValueRef lane = LLVMConstVector(lanes, (unsigned)W);
+  LLVMTypeRef vi64 = LLVMVectorType(c->i64, (unsigned)W);
+  for (int64_t v = 0; v < nv; v++) {
+    LLVMValueRef col = LLVMBuildAdd(B, cb, ci64(c, v * W), "");
+    LLVMValueRef ins =
+        LLVMBuildInsertElement(B, LLVMGetPoison(vi64), col, LLVMConstInt(c->i32, 0, 0), "");
+    LLVMValueRef cs = LLVMBuildShuffleVector(
+        B, ins, LLVMGetPoison(vi64), LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "");
+    LLVMValueRef ins2 = LLVMBuildInsertElement(B, LLVMGetPoison(vi64), ci64(c, d->n),
+                                               LLVMConstInt(c->i32, 0, 0), "");
+    LLVMValueRef ns = LLVMBuildShuffleVector(
+        B, ins2, LLVMGetPoison(vi64), LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "");
+    LLVMValueRef cmask =
+        LLVMBuildICmp(B, LLVMIntSLT, LLVMBuildAdd(B, cs, lane, ""), ns, "at.cmask");
+    for (int64_t r = 0; r < mr; r++) {
+      LLVMValueRef rin =
+          LLVMBuildICmp(B, LLVMIntSLT, LLVMBuildAdd(B, rb, ci64(c, r), ""), d->mrows, "");
+      LLVMValueRef m = LLVMBuildSelect(B, rin, cmask, LLVMConstNull(mty), "at.mask");
+      LLVMValueRef off = LLVMBuildAdd(B, idx, ci64(c, r * d->ci + v * W), "");
+      /* not inbounds: masked-off lanes of the last panels may point past the buffer */
+      LLVMValueRef ptr = LLVMBuildGEP2(B, c->f32, c->bases[d->buf], &off, 1, "at.dp");
+      LLVMTypeRef tys[2] = {c->vty, c->ptr};
+      LLVMValueRef args[4] = {acc[r * nv + v], ptr, LLVMConstInt(c->i32, 4, 0), m};
+      set_scopes(c, d->buf, intrin(c, "llvm.masked.store", tys, 2, args, 4, ""));
+    }
+  }
+}
+
+/* C tile (ldc floats per row) = packed A panels [0, mpan) x packed B panels
+ * [0, npan) over K; with d, the stage's store instead (attn_store_direct). */
+static void attn_microkernel(rctx *c, const attn_plan *p, const attn_direct *d, int64_t mr,
+                             int64_t nr, LLVMValueRef Ap, LLVMValueRef Bp, LLVMValueRef Ct,
+                             LLVMValueRef mpan, int64_t npan, int64_t K, int64_t ldc) {
+  LLVMBuilderRef B = c->B;
+  int64_t W = c->W, nv = nr / W;
   loop Jr = loop_begin(c, "at.jr", ci64(c, 0));
   loop Ir = loop_begin(c, "at.ir", ci64(c, 0));
   LLVMValueRef apan = fptr(c, Ap, LLVMBuildMul(B, Ir.iv, ci64(c, K * mr), ""), "apanel");
@@ -1666,8 +1803,14 @@ static void attn_microkernel(rctx *c, const attn_plan *p, LLVMValueRef Ap, LLVMV
                                     LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), "cbase");
   LLVMValueRef zeros[64], nacc[64];
   for (int64_t i = 0; i < mr * nv; i++) zeros[i] = LLVMConstNull(c->vty);
-  emit_fma_kloop(c, apan, bpan, mr, nv, nr, ci64(c, K), "at.kk", zeros, nacc);
-  for (int64_t r = 0; r < mr; r++)
+  char kname[48]; /* the register block in the loop's name (tests read it) */
+  snprintf(kname, sizeof kname, "at.kk.m%lldn%lld%s", (long long)mr, (long long)nr,
+           d ? ".direct" : "");
+  emit_fma_kloop(c, apan, bpan, mr, nv, nr, ci64(c, K), kname, zeros, nacc);
+  if (d)
+    attn_store_direct(c, p, d, LLVMBuildMul(B, Ir.iv, ci64(c, mr), ""),
+                      LLVMBuildMul(B, Jr.iv, ci64(c, nr), ""), mr, nv, nacc);
+  for (int64_t r = 0; r < mr && !d; r++)
     for (int64_t v = 0; v < nv; v++) {
       LLVMValueRef off = LLVMBuildAdd(B, cbase, ci64(c, r * ldc + v * W), "");
       LLVMValueRef st = LLVMBuildStore(B, nacc[r * nv + v], fptr(c, Ct, off, "cp"));
@@ -1677,23 +1820,113 @@ static void attn_microkernel(rctx *c, const attn_plan *p, LLVMValueRef Ap, LLVMV
   loop_end(c, &Jr, ci64(c, npan), "at.jr.exit");
 }
 
+/* emit_pack's layout (panels of R rows x K, zero rows at or beyond lim) for
+ * an operand contiguous along k with R not a multiple of W: per group of up
+ * to W rows of a panel and W consecutive k, one vector load per row (rows
+ * past lim clamped, then zeroed), a W x W transpose, and per k one store of
+ * the group's lanes (masked when the group is short); the K % W last k
+ * element by element. */
+static void attn_pack_kt(rctx *c, const char *name, int e, int rv, LLVMValueRef r0, int64_t lim,
+                         LLVMValueRef npan, int64_t R, int64_t K, LLVMValueRef dst) {
+  LLVMBuilderRef B = c->B;
+  const cm_kexpr *x = &c->s->exprs[e];
+  int W = c->W, kv = c->s->n_dom;
+  int64_t ngr = (R + W - 1) / W, nch = K / W;
+  char nm[48];
+  snprintf(nm, sizeof nm, "%s.kt.panel", name);
+  loop Lp = loop_begin(c, nm, ci64(c, 0));
+  LLVMValueRef pr0 = LLVMBuildAdd(B, r0, LLVMBuildMul(B, Lp.iv, ci64(c, R), ""), "pr0");
+  LLVMValueRef pdst = fptr(c, dst, LLVMBuildMul(B, Lp.iv, ci64(c, K * R), ""), "pdst");
+  LLVMValueRef rows[64], inb[64];
+  for (int64_t l = 0; l < R; l++) {
+    LLVMValueRef row = LLVMBuildAdd(B, pr0, ci64(c, l), "row");
+    inb[l] = LLVMBuildICmp(B, LLVMIntSLT, row, ci64(c, lim), "inb");
+    rows[l] = smin(c, row, ci64(c, lim - 1), "rowc");
+  }
+  if (nch > 0) {
+    snprintf(nm, sizeof nm, "%s.kt.kv", name);
+    loop Lc = loop_begin(c, nm, ci64(c, 0));
+    LLVMValueRef kkb = LLVMBuildMul(B, Lc.iv, ci64(c, W), "kkb");
+    c->vars[kv] = kkb;
+    for (int64_t g = 0; g < ngr; g++) {
+      int64_t cnt = R - g * W < W ? R - g * W : W;
+      LLVMValueRef v[32];
+      for (int l = 0; l < W; l++) {
+        if (l >= cnt) {
+          v[l] = LLVMConstNull(c->vty);
+          continue;
+        }
+        c->vars[rv] = rows[g * W + l];
+        reset_memo(c);
+        LLVMValueRef idx = convert(c, emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
+        LLVMValueRef ld = LLVMBuildLoad2(B, c->vty, buf_gep(c, x->buf, idx), "krow");
+        LLVMSetAlignment(ld, 4);
+        set_scopes(c, x->buf, ld);
+        v[l] = LLVMBuildSelect(B, inb[g * W + l], ld, LLVMConstNull(c->vty), "krow.z");
+      }
+      transpose_block(c, v);
+      LLVMValueRef mk[32];
+      for (int l = 0; l < W; l++) mk[l] = LLVMConstInt(c->i1, l < cnt, 0);
+      LLVMValueRef mask = LLVMConstVector(mk, (unsigned)W);
+      for (int t = 0; t < W; t++) {
+        LLVMValueRef off =
+            LLVMBuildAdd(B, LLVMBuildMul(B, LLVMBuildAdd(B, kkb, ci64(c, t), ""), ci64(c, R), ""),
+                         ci64(c, g * W), "");
+        LLVMValueRef ptr = fptr(c, pdst, off, "dst");
+        if (cnt == W) {
+          LLVMSetAlignment(LLVMBuildStore(B, v[t], ptr), 4);
+        } else {
+          LLVMTypeRef tys[2] = {c->vty, c->ptr};
+          LLVMValueRef args[4] = {v[t], ptr, LLVMConstInt(c->i32, 4, 0), mask};
+          intrin(c, "llvm.masked.store", tys, 2, args, 4, "");
+        }
+      }
+    }
+    snprintf(nm, sizeof nm, "%s.kt.kv.exit", name);
+    loop_end(c, &Lc, ci64(c, nch), nm);
+  }
+  for (int64_t k = nch * W; k < K; k++) {
+    c->vars[kv] = ci64(c, k);
+    for (int64_t l = 0; l < R; l++) {
+      c->vars[rv] = rows[l];
+      reset_memo(c);
+      LLVMValueRef val = convert(c, emit(c, e), c->s->exprs[e].dtype, CM_F32);
+      val = LLVMBuildSelect(B, inb[l], val, LLVMConstReal(c->f32, 0), "a");
+      LLVMSetAlignment(LLVMBuildStore(B, val, fptr(c, pdst, ci64(c, k * R + l), "dst")), 4);
+    }
+  }
+  snprintf(nm, sizeof nm, "%s.kt.panel.exit", name);
+  loop_end(c, &Lp, npan, nm);
+  c->vars[kv] = NULL;
+}
+
 /* One GEMM stage of the span for query rows [i0, i0 + mrows). */
 static void attn_gemm_block(rctx *c, const attn_plan *p, LLVMValueRef wsp, LLVMValueRef i0,
                             LLVMValueRef mrows) {
   const cm_kstage *s = c->s;
   LLVMBuilderRef B = c->B;
   int iv = p->nb, jv = p->nb + 1;
+  int64_t mr = p->smr[c->stage - p->first], nr = p->snr[c->stage - p->first];
   int64_t M = s->dom[iv], N = s->dom[jv], K = s->red[0];
-  int64_t npan = (N + p->nr - 1) / p->nr, ldc = npan * p->nr;
+  int64_t npan = (N + nr - 1) / nr, ldc = npan * nr;
   LLVMValueRef Ap = fptr(c, wsp, ci64(c, 0), "at.Ap");
   LLVMValueRef Bp = fptr(c, wsp, ci64(c, (p->am + 15) / 16 * 16), "at.Bp");
   LLVMValueRef Ct = fptr(c, wsp, ci64(c, (p->am + 15) / 16 * 16 + (p->bm + 15) / 16 * 16), "at.Ct");
   LLVMValueRef mpan =
-      LLVMBuildSDiv(B, LLVMBuildAdd(B, mrows, ci64(c, p->mr - 1), ""), ci64(c, p->mr), "at.mpan");
-  emit_pack(c, "at.packB", s->gemm_b, jv, ci64(c, 0), N, ci64(c, npan), p->nr, K, ci64(c, 0),
+      LLVMBuildSDiv(B, LLVMBuildAdd(B, mrows, ci64(c, mr - 1), ""), ci64(c, mr), "at.mpan");
+  emit_pack(c, "at.packB", s->gemm_b, jv, ci64(c, 0), N, ci64(c, npan), nr, K, ci64(c, 0),
             ci64(c, K), Bp);
-  emit_pack(c, "at.packA", s->gemm_a, iv, i0, M, mpan, p->mr, K, ci64(c, 0), ci64(c, K), Ap);
-  attn_microkernel(c, p, Ap, Bp, Ct, mpan, npan, K, ldc);
+  if (k_contiguous(c, s->gemm_a) && mr % c->W && mr <= 64)
+    attn_pack_kt(c, "at.packA", s->gemm_a, iv, i0, M, mpan, mr, K, Ap);
+  else
+    emit_pack(c, "at.packA", s->gemm_a, iv, i0, M, mpan, mr, K, ci64(c, 0), ci64(c, K), Ap);
+  attn_direct d;
+  if (attn_direct_of(c, p, &d)) {
+    d.i0 = i0, d.mrows = mrows;
+    attn_microkernel(c, p, &d, mr, nr, Ap, Bp, Ct, mpan, npan, K, ldc);
+    return;
+  }
+  attn_microkernel(c, p, NULL, mr, nr, Ap, Bp, Ct, mpan, npan, K, ldc);
   loop Ei = loop_begin(c, "at.epi.i", ci64(c, 0));
   loop Ej = loop_begin(c, "at.epi.j", ci64(c, 0));
   c->vars[iv] = LLVMBuildAdd(B, i0, Ei.iv, "i");

@@ -1,0 +1,113 @@
+/* Attention alone on the CPU executor: forward + backward of
+ * y = softmax(q k^T / sqrt(d)) v with loss = sum(y * dO), inputs [n, heads,
+ * tokens, dim] (the default: the Fashion-MNIST ViT's 64 x 4 heads x 65 tokens x
+ * 32). Prints ms per step, the attention kernels' ms and GFLOP/s, and the
+ * stages that took more than 2 % of a step (a fused span's time is its first
+ * stage's). --threads 1 keeps OpenMP's barriers out of the figures on a busy
+ * machine.
+ *   attn [--n N] [--heads H] [--tokens T] [--dim D] [--steps S] [--threads T] */
+#include "ir/ir.h"
+#include "models/models.h"
+#include "runtime/runtime.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static double now_ms(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
+
+int main(int argc, char **argv) {
+  int64_t n = 64, heads = 4, tokens = 65, dim = 32;
+  int steps = 20, threads = 0;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!strcmp(argv[i], "--n"))
+      n = atoll(argv[i + 1]);
+    else if (!strcmp(argv[i], "--heads"))
+      heads = atoll(argv[i + 1]);
+    else if (!strcmp(argv[i], "--tokens"))
+      tokens = atoll(argv[i + 1]);
+    else if (!strcmp(argv[i], "--dim"))
+      dim = atoll(argv[i + 1]);
+    else if (!strcmp(argv[i], "--steps"))
+      steps = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--threads"))
+      threads = atoi(argv[i + 1]);
+    else {
+      fprintf(stderr,
+              "usage: attn [--n N] [--heads H] [--tokens T] [--dim D] [--steps S] [--threads T]\n");
+      return 2;
+    }
+  }
+  cm_graph *g = cm_graph_new();
+  int64_t d[4] = {n, heads, tokens, dim};
+  int q = cm_input(g, "q", CM_F32, 4, d), k = cm_input(g, "k", CM_F32, 4, d);
+  int v = cm_input(g, "v", CM_F32, 4, d);
+  int s = cm_matmul(g, q, k, false, true, "scores");
+  s = cm_binary_bcast(g, CM_OP_MUL, s, cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)dim)),
+                      "scaled");
+  int y = cm_matmul(g, cm_nn_softmax(g, s), v, false, false, "y");
+  cm_err err = {0};
+  cm_graph_add_output(g, y, &err);
+  int dout = cm_input(g, "dO", CM_F32, 4, d);
+  int axes[4] = {0, 1, 2, 3};
+  int loss = cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, dout, NULL), 4, axes, false,
+                       "loss");
+  int wrt[3] = {q, k, v}, grads[3];
+  if (cm_autodiff(g, loss, 3, wrt, grads, &err) != CM_OK)
+    return fprintf(stderr, "%s\n", err.msg), 1;
+  for (int i = 0; i < 3; i++) cm_graph_add_output(g, grads[i], &err);
+  if (cm_graph_verify(g, &err) != CM_OK) return fprintf(stderr, "%s\n", err.msg), 1;
+  cm_tensor *src = calloc((size_t)g->n_nodes, sizeof *src);
+  cm_tensor **sp = calloc((size_t)g->n_nodes, sizeof *sp);
+  uint64_t r = 42;
+  for (int i = 0; i < g->n_nodes; i++) {
+    if (g->nodes[i].op != CM_OP_INPUT) continue;
+    cm_tensor_alloc(&src[i], g->nodes[i].type, NULL);
+    for (int64_t e = 0; e < cm_type_numel(&g->nodes[i].type); e++) {
+      r = r * 6364136223846793005ull + 1442695040888963407ull;
+      cm_tensor_set_f64(&src[i], e, ((double)(r >> 11) * 0x1p-53) * 2 - 1);
+    }
+    sp[i] = &src[i];
+  }
+  cm_cpu_opts o = {threads, "", false, true, 0, 0};
+  cm_cpu_program *pr = NULL;
+  if (cm_cpu_program_build(g, NULL, &o, &pr, &err) != CM_OK)
+    return fprintf(stderr, "%s\n", err.msg), 1;
+  cm_tensor *out = calloc((size_t)g->n_outputs, sizeof *out);
+  cm_cpu_program_run(pr, sp, out, &err); /* warm-up */
+  for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&out[j]);
+  const cm_kernel_profile *prof;
+  int np = cm_cpu_program_profile(pr, &prof);
+  double *base = calloc((size_t)np + 1, sizeof *base);
+  for (int i = 0; i < np; i++) base[i] = prof[i].total_ms;
+  double t0 = now_ms();
+  for (int st = 0; st < steps; st++) {
+    if (cm_cpu_program_run(pr, sp, out, &err) != CM_OK) return fprintf(stderr, "%s\n", err.msg), 1;
+    for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&out[j]);
+  }
+  double wall = (now_ms() - t0) / steps;
+  np = cm_cpu_program_profile(pr, &prof);
+  printf("n %lld heads %lld tokens %lld dim %lld: %.3f ms/step\n", (long long)n, (long long)heads,
+         (long long)tokens, (long long)dim, wall);
+  for (int i = 0; i < np; i++) {
+    double ms = (prof[i].total_ms - base[i]) / steps;
+    if (prof[i].kind == CM_GROUP_ATTENTION || ms > 0.05 * wall)
+      printf("  %-60.60s %8.3f ms %7.1f GFLOP/s%s\n", prof[i].name, ms, prof[i].flops / ms * 1e-6,
+             prof[i].kind == CM_GROUP_ATTENTION ? "  [attn]" : "");
+  }
+  const cm_stage_profile *sp0;
+  int ns = cm_cpu_program_stage_profile(pr, &sp0);
+  for (int i = 0; i < ns; i++)
+    if (sp0[i].total_ms / (sp0[i].runs ? sp0[i].runs : 1) > 0.02 * wall)
+      printf("    %s s%d %-20.20s n_dom %d tmpl %d: %8.3f ms/run (runs %d)\n", sp0[i].kernel,
+             sp0[i].stage_index, sp0[i].stage->name, sp0[i].stage->n_dom, (int)sp0[i].stage->tmpl,
+             sp0[i].total_ms / (sp0[i].runs ? sp0[i].runs : 1), sp0[i].runs);
+  cm_cpu_program_free(pr);
+  return 0;
+}
