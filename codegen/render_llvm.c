@@ -769,6 +769,27 @@ static LLVMValueRef begin_function(rctx *c, const char *name, LLVMValueRef *begi
   return fn;
 }
 
+/* Ends the function begin_function opened: the body falls through to done. */
+static void end_function(rctx *c, LLVMBasicBlockRef done) {
+  LLVMBuildBr(c->B, done);
+  LLVMPositionBuilderAtEnd(c->B, done);
+  LLVMBuildRetVoid(c->B);
+}
+
+/* An expression memo for every stage of a span (NULL when out of memory: the
+ * error is recorded in c). */
+static LLVMValueRef *span_memo(rctx *c, int first, int span) {
+  int max_exprs = 1;
+  for (int si = first; si < first + span; si++)
+    if (c->k->stages[si].n_exprs > max_exprs) max_exprs = c->k->stages[si].n_exprs;
+  LLVMValueRef *memo = calloc((size_t)max_exprs, sizeof *memo);
+  if (!memo) {
+    c->failed = true;
+    c->fail_status = cm_errorf(c->err, CM_EINTERNAL, "cm_render_llvm: out of memory");
+  }
+  return memo;
+}
+
 /* Stores of one iteration: every value first, then every store. */
 static void emit_stores(rctx *c) {
   const cm_kstage *s = c->s;
@@ -989,9 +1010,7 @@ static void render_column_reduction(rctx *c, const char *fname) {
   LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntSLT, next, end, ""), Wl.header, wexit);
   LLVMAddIncoming(Wl.iv, &next, &latch, 1);
   LLVMPositionBuilderAtEnd(B, wexit);
-  LLVMBuildBr(B, done);
-  LLVMPositionBuilderAtEnd(B, done);
-  LLVMBuildRetVoid(B);
+  end_function(c, done);
   free_scopes(c);
 }
 
@@ -1080,9 +1099,7 @@ static void render_elementwise_runs(rctx *c, const char *fname) {
   LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntSLT, next, end, ""), W.header, wexit);
   LLVMAddIncoming(W.iv, &next, &latch, 1);
   LLVMPositionBuilderAtEnd(B, wexit);
-  LLVMBuildBr(B, done);
-  LLVMPositionBuilderAtEnd(B, done);
-  LLVMBuildRetVoid(B);
+  end_function(c, done);
   free_scopes(c);
 }
 
@@ -1134,9 +1151,7 @@ static void render_generic(rctx *c, const char *fname) {
     loop_end(c, &L[v], ci64(c, s->dom[v]), nm);
   }
   loop_end(c, &W, end, "w.exit");
-  LLVMBuildBr(c->B, done);
-  LLVMPositionBuilderAtEnd(c->B, done);
-  LLVMBuildRetVoid(c->B);
+  end_function(c, done);
   free_scopes(c);
   c->select_branches = false;
 }
@@ -1585,9 +1600,7 @@ static void render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   LLVMBasicBlockRef wlatch = LLVMGetInsertBlock(B);
   LLVMAddIncoming(bkey_prev, &t, &wlatch, 1);
   loop_end(c, &Wl, end, "w.exit");
-  LLVMBuildBr(B, done);
-  LLVMPositionBuilderAtEnd(B, done);
-  LLVMBuildRetVoid(B);
+  end_function(c, done);
   c->md_scope = c->md_noalias = NULL;
   free(scope), free(noalias);
 }
@@ -1980,17 +1993,14 @@ static void render_attention(rctx *c, const char *fname, const attn_plan *p) {
   begin_function(c, fname, &begin, &end, &ws, &done);
   LLVMValueRef *ioff = calloc((size_t)k->n_buffers + 1, sizeof *ioff);
   LLVMValueRef *saved = malloc(sizeof *saved * ((size_t)k->n_buffers + 1));
-  int max_exprs = 1;
-  for (int si = p->first; si < p->first + p->span; si++)
-    if (k->stages[si].n_exprs > max_exprs) max_exprs = k->stages[si].n_exprs;
-  LLVMValueRef *memo = calloc((size_t)max_exprs, sizeof *memo);
+  LLVMValueRef *memo = span_memo(c, p->first, p->span);
   if (!ioff || !saved || !memo) {
     free(ioff), free(saved), free(memo);
-    c->failed = true;
-    c->fail_status = cm_errorf(c->err, CM_EINTERNAL, "cm_render_llvm: out of memory");
-    LLVMBuildBr(B, done);
-    LLVMPositionBuilderAtEnd(B, done);
-    LLVMBuildRetVoid(B);
+    if (!c->failed) {
+      c->failed = true;
+      c->fail_status = cm_errorf(c->err, CM_EINTERNAL, "cm_render_llvm: out of memory");
+    }
+    end_function(c, done);
     return;
   }
   memcpy(saved, c->bases, sizeof *saved * (size_t)k->n_buffers);
@@ -2062,9 +2072,7 @@ static void render_attention(rctx *c, const char *fname, const attn_plan *p) {
   c->stage = p->first;
   loop_end(c, &Qb, ci64(c, p->nblk), "at.qblk.exit");
   loop_end(c, &Wl, end, "at.w.exit");
-  LLVMBuildBr(B, done);
-  LLVMPositionBuilderAtEnd(B, done);
-  LLVMBuildRetVoid(B);
+  end_function(c, done);
   memcpy(c->bases, saved, sizeof *saved * (size_t)k->n_buffers);
   c->memo = saved_memo;
   c->md_scope = c->md_noalias = NULL;
@@ -2273,22 +2281,14 @@ static void fa_scores(rctx *c, const fa_plan *p, const LLVMValueRef *bv, LLVMVal
 }
 
 static void render_attention_stream(rctx *c, const char *fname, const fa_plan *p) {
-  const cm_kernel *k = c->k;
   const cm_kattn *a = p->a;
   LLVMBuilderRef B = c->B;
   LLVMValueRef begin, end, ws;
   LLVMBasicBlockRef done;
   begin_function(c, fname, &begin, &end, &ws, &done);
-  int max_exprs = 1;
-  for (int si = p->first; si < p->first + a->span; si++)
-    if (k->stages[si].n_exprs > max_exprs) max_exprs = k->stages[si].n_exprs;
-  LLVMValueRef *memo = calloc((size_t)max_exprs, sizeof *memo), *saved_memo = c->memo;
+  LLVMValueRef *memo = span_memo(c, p->first, a->span), *saved_memo = c->memo;
   if (!memo) {
-    c->failed = true;
-    c->fail_status = cm_errorf(c->err, CM_EINTERNAL, "cm_render_llvm: out of memory");
-    LLVMBuildBr(B, done);
-    LLVMPositionBuilderAtEnd(B, done);
-    LLVMBuildRetVoid(B);
+    end_function(c, done);
     return;
   }
   c->memo = memo;
@@ -2458,9 +2458,7 @@ static void render_attention_stream(rctx *c, const char *fname, const fa_plan *p
   c->stage = p->first;
   loop_end(c, &Qb, ci64(c, p->nblk), "fa.qblk.exit");
   loop_end(c, &Wl, end, "fa.w.exit");
-  LLVMBuildBr(B, done);
-  LLVMPositionBuilderAtEnd(B, done);
-  LLVMBuildRetVoid(B);
+  end_function(c, done);
   c->memo = saved_memo;
   free(memo);
 }
@@ -2604,16 +2602,9 @@ static void render_attention_bwd_stream(rctx *c, const char *fname, const fb_pla
   LLVMValueRef begin, end, ws;
   LLVMBasicBlockRef done;
   begin_function(c, fname, &begin, &end, &ws, &done);
-  int max_exprs = 1;
-  for (int si = p->first; si < p->first + p->span; si++)
-    if (k->stages[si].n_exprs > max_exprs) max_exprs = k->stages[si].n_exprs;
-  LLVMValueRef *memo = calloc((size_t)max_exprs, sizeof *memo), *saved_memo = c->memo;
+  LLVMValueRef *memo = span_memo(c, p->first, p->span), *saved_memo = c->memo;
   if (!memo) {
-    c->failed = true;
-    c->fail_status = cm_errorf(c->err, CM_EINTERNAL, "cm_render_llvm: out of memory");
-    LLVMBuildBr(B, done);
-    LLVMPositionBuilderAtEnd(B, done);
-    LLVMBuildRetVoid(B);
+    end_function(c, done);
     return;
   }
   c->memo = memo;
@@ -2774,9 +2765,7 @@ static void render_attention_bwd_stream(rctx *c, const char *fname, const fb_pla
   c->s = s0;
   c->stage = p->first;
   loop_end(c, &Wl, end, "fb.w.exit");
-  LLVMBuildBr(B, done);
-  LLVMPositionBuilderAtEnd(B, done);
-  LLVMBuildRetVoid(B);
+  end_function(c, done);
   c->memo = saved_memo;
   free(memo);
 }
@@ -2786,9 +2775,7 @@ static void render_nothing(rctx *c, const char *fname) {
   LLVMValueRef begin, end, ws;
   LLVMBasicBlockRef done;
   begin_function(c, fname, &begin, &end, &ws, &done);
-  LLVMBuildBr(c->B, done);
-  LLVMPositionBuilderAtEnd(c->B, done);
-  LLVMBuildRetVoid(c->B);
+  end_function(c, done);
 }
 
 static int host_width(void) {
