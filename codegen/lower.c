@@ -457,6 +457,14 @@ static int clamp(cm_kstage *s, int e, int64_t hi) {
   return cm_kx_op(s, CM_OP_MIN, CM_I64, e, cm_kx_iconst(s, hi - 1), -1);
 }
 
+/* The input coordinate along spatial axis `axis` (0: h, 1: w) that output
+ * position out reads through kernel tap: out * stride - padding + tap * dilation. */
+static int conv_tap(cm_kstage *s, const cm_attrs *at, int axis, int out, int tap) {
+  int pos = cm_kx_imul(s, out, cm_kx_iconst(s, at->stride[axis]));
+  pos = cm_kx_iadd(s, pos, cm_kx_iconst(s, -at->padding[axis]));
+  return cm_kx_iadd(s, pos, cm_kx_imul(s, tap, cm_kx_iconst(s, at->dilation[axis])));
+}
+
 /* conv2d and its adjoints as a reduction (ir/eval.c's bilinear form): the
  * output's own index is the domain, the other three of (n|o|c,u,v|i,j) reduced. */
 static int conv_body(lctx *c, cm_kstage *s, int id, const int *dv) {
@@ -517,14 +525,8 @@ static int conv_body(lctx *c, cm_kstage *s, int id, const int *dv) {
   }
   s->n_red = 3;
   if (vh < 0) {
-    vh = cm_kx_iadd(s,
-                    cm_kx_iadd(s, cm_kx_imul(s, vi, cm_kx_iconst(s, at->stride[0])),
-                               cm_kx_iconst(s, -at->padding[0])),
-                    cm_kx_imul(s, vu, cm_kx_iconst(s, at->dilation[0])));
-    vw = cm_kx_iadd(s,
-                    cm_kx_iadd(s, cm_kx_imul(s, vj, cm_kx_iconst(s, at->stride[1])),
-                               cm_kx_iconst(s, -at->padding[1])),
-                    cm_kx_imul(s, vv, cm_kx_iconst(s, at->dilation[1])));
+    vh = conv_tap(s, at, 0, vi, vu);
+    vw = conv_tap(s, at, 1, vj, vv);
     ok = band(s, in_range(s, vh, H), in_range(s, vw, W));
     vh = clamp(s, vh, H), vw = clamp(s, vw, W);
   }
@@ -598,14 +600,8 @@ static void conv_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
   int vc = cm_kx_idiv(s, vk, cm_kx_iconst(s, KH * KW));
   int r = cm_kx_imod(s, vk, cm_kx_iconst(s, KH * KW));
   int vu = cm_kx_idiv(s, r, cm_kx_iconst(s, KW)), vv = cm_kx_imod(s, r, cm_kx_iconst(s, KW));
-  int vh = cm_kx_iadd(s,
-                      cm_kx_iadd(s, cm_kx_imul(s, oh, cm_kx_iconst(s, at->stride[0])),
-                                 cm_kx_iconst(s, -at->padding[0])),
-                      cm_kx_imul(s, vu, cm_kx_iconst(s, at->dilation[0])));
-  int vw = cm_kx_iadd(s,
-                      cm_kx_iadd(s, cm_kx_imul(s, ow, cm_kx_iconst(s, at->stride[1])),
-                                 cm_kx_iconst(s, -at->padding[1])),
-                      cm_kx_imul(s, vv, cm_kx_iconst(s, at->dilation[1])));
+  int vh = conv_tap(s, at, 0, oh, vu);
+  int vw = conv_tap(s, at, 1, ow, vv);
   int ok = band(s, in_range(s, vh, H), in_range(s, vw, W));
   int xi[4] = {vn, vc, clamp(s, vh, H), clamp(s, vw, W)}, wi[4] = {vo, vc, vu, vv};
   int a = value(c, s, n->inputs[0], xi), b = value(c, s, n->inputs[1], wi);
@@ -643,14 +639,8 @@ static void conv_grad_weight_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
   int vc = cm_kx_idiv(s, vj, cm_kx_iconst(s, KH * KW));
   int r = cm_kx_imod(s, vj, cm_kx_iconst(s, KH * KW));
   int vu = cm_kx_idiv(s, r, cm_kx_iconst(s, KW)), vv = cm_kx_imod(s, r, cm_kx_iconst(s, KW));
-  int vh = cm_kx_iadd(s,
-                      cm_kx_iadd(s, cm_kx_imul(s, oh, cm_kx_iconst(s, at->stride[0])),
-                                 cm_kx_iconst(s, -at->padding[0])),
-                      cm_kx_imul(s, vu, cm_kx_iconst(s, at->dilation[0])));
-  int vw = cm_kx_iadd(s,
-                      cm_kx_iadd(s, cm_kx_imul(s, ow, cm_kx_iconst(s, at->stride[1])),
-                                 cm_kx_iconst(s, -at->padding[1])),
-                      cm_kx_imul(s, vv, cm_kx_iconst(s, at->dilation[1])));
+  int vh = conv_tap(s, at, 0, oh, vu);
+  int vw = conv_tap(s, at, 1, ow, vv);
   int ok = band(s, in_range(s, vh, H), in_range(s, vw, W));
   int xi[4] = {vn, vc, clamp(s, vh, H), clamp(s, vw, W)}, yi[4] = {vn, vo, oh, ow};
   int a = value(c, s, n->inputs[1], yi), b = value(c, s, n->inputs[0], xi);
