@@ -805,8 +805,7 @@ static void test_streaming_attention(void) {
       CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
       if (keep_p == 1) CHECK(cm_graph_add_output(g, pr, &err) == CM_OK);
       if (keep_p == 2) {
-        /* with the backward: its span is marked for (CPU) streaming, CUDA renders it
-           on the whole-row path */
+        /* with the backward: its span streams too (render_stream_bwd) */
         int dout = cm_input(g, "dO", CM_F32, 4, d);
         int axes[4] = {0, 1, 2, 3};
         int loss = cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, dout, NULL), 4, axes,
@@ -823,18 +822,20 @@ static void test_streaming_attention(void) {
       CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err) == CM_OK, "%s", err.msg);
       for (int ki = 0; ki < prog.n_kernels; ki++) {
         const cm_kernel *kk = &prog.kernels[ki];
-        if (kk->n_stages > 0 && kk->stages[0].attn.stream &&
-            kk->stages[0].tmpl == CM_KT_ATTENTION_BWD)
-          bwd_streams++;
-        if (kk->n_stages == 0 || !kk->stages[0].attn.stream ||
-            kk->stages[0].tmpl != CM_KT_ATTENTION_FWD)
-          continue;
-        streams++;
+        if (kk->n_stages == 0 || !kk->stages[0].attn.stream) continue;
+        bool bwd = kk->stages[0].tmpl == CM_KT_ATTENTION_BWD;
+        if (!bwd && kk->stages[0].tmpl != CM_KT_ATTENTION_FWD) continue;
         cm_cuda_render_opts ro = {"sm_80", false};
         char *src = NULL;
         CHECK_MSG(cm_render_cuda(kk, &ro, true, &src, &err) == CM_OK, "%s", err.msg);
-        CHECK_MSG(src && strstr(src, "streaming"), "%s: not rendered as a streaming span",
-                  kk->name);
+        const char *mark = bwd ? "attention backward, streaming" : "attention forward, streaming";
+        CHECK_MSG(src && strstr(src, mark), "%s (shape %d): not rendered as a streaming span",
+                  kk->name, si);
+        CHECK(cm_cuda_stage_launch(kk, 0, &ro).block[0] == 256);
+        if (bwd)
+          bwd_streams++;
+        else
+          streams++;
         char fn[96];
         snprintf(fn, sizeof fn, "%s_s0", kk->name);
         for (int a = 0; a < 2 && src; a++) {
@@ -868,8 +869,7 @@ static void test_streaming_attention(void) {
           "  streaming: %d spans (%d backward spans marked), %d NVRTC compiles; %d kernels (%d "
           "fused) run on the host, %d buffers compared\n",
           streams, bwd_streams, compiled, kernels, spans, compared);
-  CHECK(streams == 10 && compiled == 20 && spans >= 10 && compared >= 15);
-  CHECK(bwd_streams >= 4);
+  CHECK(streams == 10 && bwd_streams == 5 && compiled == 30 && spans >= 10 && compared >= 15);
 }
 
 int main(int argc, char **argv) {
