@@ -1515,8 +1515,7 @@ static cm_status render_attention(const cm_kernel *k, int first, const attn_plan
  * E, P by a second pass over the key blocks). Shared memory: BR (D + BC + 1 +
  * DV + 3) + max(D BC, BC DV) floats, at most 48 KiB; rows of S_j are BC + 1
  * floats apart (the per-row phase reads a column per thread: no bank
- * conflicts). Backward spans marked for streaming render on the whole-row
- * path (render_attention) or stage by stage. */
+ * conflicts). Backward spans marked for streaming: render_stream_bwd. */
 
 #define FA_SMEM_FLOATS (48 * 1024 / 4)
 
@@ -1816,6 +1815,296 @@ static cm_status render_stream(const cm_kernel *k, int first, const fa_cplan *p,
   return st;
 }
 
+/* ---- streaming attention backward ------------------------------------------
+ *
+ * A backward span the lowering marked for streaming (cm_kattn.stream, roles
+ * in attn.role), mirroring the CPU's: one block of 256 threads per batch item
+ * (all query rows: dK_j and dV_j need every row, so no atomics across blocks
+ * and no second accumulation buffer). Per key block of BC keys, pass 1
+ * computes the tiles the row reductions need and accumulates those
+ * reductions (rowsum(dP o P)); pass 2 recomputes every tile (dP_j, dS_j),
+ * accumulates the GEMMs over query rows (dQ += dS_j K_j) and completes the
+ * GEMMs over key rows (dK_j = dS_j^T Q, dV_j = P_j^T dO) through their
+ * epilogues. Shared memory: the local tiles (rows x BC each), the row
+ * statistics (rows each) and the dQ-like accumulators (rows x C each), at
+ * most 48 KiB: BC shrinks to fit, and spans whose accumulators alone do not
+ * fit keep the stage-by-stage path. Operands outside the span are read from
+ * global memory per use. */
+
+typedef struct fb_cplan {
+  bool ok;
+  int nb, bc, nkb, span;
+  int64_t rows, keys, d, batch;
+  int64_t acc_off[CM_KATTN_MAX_SPAN]; /* GEMM_ROWS accumulators: float offset in fbacc_ */
+  int64_t acc_floats;
+} fb_cplan;
+
+static int fb_cuda_local(const cm_kattn *a, int b) {
+  for (int i = 0; i < a->n_local; i++)
+    if (a->local[i] == b) return i;
+  return -1;
+}
+
+static fb_cplan plan_stream_bwd(const cm_kernel *k, int first, const cm_cuda_render_opts *o) {
+  fb_cplan p;
+  memset(&p, 0, sizeof p);
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  if (s0->tmpl != CM_KT_ATTENTION_BWD || !a->stream || (o && o->no_templates)) return p;
+  cm_err e = {0};
+  if (cm_kernel_verify(k, &e) != CM_OK || cm_kattn_stream_check(k, first, &e) != CM_OK) return p;
+  if (a->span < 2 || a->span > CM_KATTN_MAX_SPAN || first + a->span > k->n_stages ||
+      a->n_local < 1 || a->n_local > CM_KATTN_MAX_LOCAL || a->nb != s0->n_dom - 2 ||
+      s0->n_red != 1 || s0->gemm_a < 0 || s0->gemm_b < 0 || a->role[0] != CM_KATTN_ROLE_TILE)
+    return p;
+  p.nb = a->nb, p.span = a->span, p.rows = a->rows, p.keys = s0->dom[p.nb + 1];
+  p.d = s0->red[0], p.batch = prod(s0->dom, p.nb);
+  int ntile = 0, nstat = 0;
+  for (int i = 0; i < a->n_local; i++) {
+    if (a->local[i] < 0 || a->local[i] >= k->n_buffers) return p;
+    if (a->local_row[i] == 1)
+      nstat++;
+    else
+      ntile++;
+  }
+  for (int r = 0; r < p.span; r++) {
+    const cm_kstage *s = &k->stages[first + r];
+    int role = a->role[r];
+    p.acc_off[r] = -1;
+    if (role == CM_KATTN_ROLE_TILE || role == CM_KATTN_ROLE_ROWRED) {
+      if (s->n_stores != 1 || fb_cuda_local(a, s->stores[0].buf) < 0) return p;
+      if (role == CM_KATTN_ROLE_ROWRED && s->n_red != 1) return p;
+    } else if (role == CM_KATTN_ROLE_GEMM_ROWS || role == CM_KATTN_ROLE_GEMM_KEYS) {
+      if (s->n_dom < 2 || s->n_red != 1 || s->gemm_a < 0 || s->gemm_b < 0) return p;
+      if (role == CM_KATTN_ROLE_GEMM_ROWS) {
+        p.acc_off[r] = p.acc_floats;
+        p.acc_floats += p.rows * s->dom[s->n_dom - 1];
+      }
+    } else {
+      return p;
+    }
+  }
+  int64_t bc = a->bc < 64 ? a->bc : 64;
+  if (bc < 1 || p.keys < 2) return p;
+  for (;;) {
+    double fl = (double)p.acc_floats + (double)nstat * (double)p.rows +
+                (double)ntile * (double)p.rows * (double)bc;
+    if (fl <= FA_SMEM_FLOATS) break;
+    if (bc == 1) return p;
+    bc = bc / 2;
+  }
+  p.bc = (int)bc;
+  p.nkb = (int)((p.keys + bc - 1) / bc);
+  if ((double)p.batch > 2147483647.0) return p;
+  p.ok = true;
+  return p;
+}
+
+/* Opens a C scope for one point of stage c->s (batch vars from bv<i>_ when
+ * the stage's are the span's, the row var, the var after it, the reduction
+ * var; NULL: 0). */
+static void fb_cuda_point(rctx *c, int nb, bool stat, const char *ind, const char *row,
+                          const char *col, const char *red) {
+  const cm_kstage *s = c->s;
+  int nbs = fa_cuda_stage_nb(s, stat);
+  sb_printf(c->o, "%s{\n", ind);
+  for (int v = 0; v < s->n_dom + s->n_red; v++) {
+    const char *val = "0";
+    char bvn[24];
+    if (v < nbs && nbs == nb) {
+      snprintf(bvn, sizeof bvn, "bv%d_", v);
+      val = bvn;
+    }
+    if (v == nbs && row) val = row;
+    if (v == nbs + 1 && v < s->n_dom && col) val = col;
+    if (v == s->n_dom && red) val = red;
+    sb_printf(c->o, "%s  const long long v%d = (long long)(%s); (void)v%d;\n", ind, v, val, v);
+  }
+  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+}
+
+static void fb_cuda_block_head(sbuf *o, const fb_cplan *p) {
+  sb_printf(o, "  for (int kb_ = 0; kb_ < %d; kb_++) {\n", p->nkb);
+  sb_printf(o, "  const long long j0_ = (long long)kb_ * %d;\n", p->bc);
+  sb_printf(o, "  const int bc_ = %lldLL - j0_ < %d ? (int)(%lldLL - j0_) : %d;\n",
+            (long long)p->keys, p->bc, (long long)p->keys, p->bc);
+}
+
+static cm_status render_stream_bwd(const cm_kernel *k, int first, const fb_cplan *p, sbuf *o,
+                                   const bool *written, cm_err *err) {
+  const cm_kattn *a = &k->stages[first].attn;
+  rctx cs[CM_KATTN_MAX_SPAN];
+  memset(cs, 0, sizeof cs);
+  cm_status st = CM_OK;
+  int opened = 0;
+  for (int r = 0; r < p->span && st == CM_OK; r++, opened++)
+    st = rctx_open(&cs[r], k, first + r, o, err);
+  char **sub = calloc((size_t)k->n_buffers + 1, sizeof *sub);
+  if (st == CM_OK && !sub) st = cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
+  for (int i = 0; st == CM_OK && i < a->n_local; i++) {
+    char t[64];
+    if (a->local_row[i] == 1)
+      snprintf(t, sizeof t, "fbl%d_[r_]", i);
+    else
+      snprintf(t, sizeof t, "fbl%d_[r_ * %d + j_]", i, p->bc);
+    sub[a->local[i]] = malloc(strlen(t) + 1);
+    if (!sub[a->local[i]]) {
+      st = cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
+      break;
+    }
+    memcpy(sub[a->local[i]], t, strlen(t) + 1);
+  }
+  if (st == CM_OK) {
+    long long R = (long long)p->rows;
+    int BC = p->bc;
+    for (int r = 0; r < p->span; r++) cs[r].subst = (const char *const *)sub;
+    sb_printf(o,
+              "// stages %d..%d (attention backward, streaming: %lld query rows x %d keys per "
+              "step, %d key blocks, two passes)\n",
+              first, first + a->span - 1, R, BC, p->nkb);
+    char bounds[64];
+    launch_bounds(256, bounds, sizeof bounds);
+    signature(&cs[0], written, bounds);
+    for (int i = 0; i < a->n_local; i++)
+      sb_printf(o, "  __shared__ __align__(16) float fbl%d_[%lld];\n", i,
+                a->local_row[i] == 1 ? R : R * BC);
+    if (p->acc_floats > 0)
+      sb_printf(o, "  __shared__ __align__(16) float fbacc_[%lld];\n", (long long)p->acc_floats);
+    sb_printf(o, "  const long long bi_ = blockIdx.x;\n  const int tid_ = threadIdx.x;\n");
+    sb_printf(o, "  (void)bi_;\n  {\n");
+    if (p->nb > 0) {
+      decompose(&cs[0], "  ", "bi_", 0, k->stages[first].dom, p->nb);
+      for (int v = 0; v < p->nb; v++) sb_printf(o, "  const long long bv%d_ = v%d;\n", v, v);
+    }
+    /* reduction starts and zero accumulators */
+    for (int r = 0; r < p->span; r++) {
+      const cm_kstage *s = cs[r].s;
+      if (a->role[r] == CM_KATTN_ROLE_ROWRED) {
+        char init[96];
+        acc_init(s, init, sizeof init);
+        int li = fb_cuda_local(a, s->stores[0].buf);
+        sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) fbl%d_[p_] = (float)(%s);\n", R,
+                  li, init);
+      }
+    }
+    if (p->acc_floats > 0)
+      sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) fbacc_[p_] = 0.f;\n",
+                (long long)p->acc_floats);
+    sb_printf(o, "  __syncthreads();\n");
+    /* tiles that depend on a row statistic (directly or through a tile) wait for pass 2 */
+    bool dep[CM_KATTN_MAX_LOCAL] = {false};
+    for (int r = 0; r < p->span; r++) {
+      const cm_kstage *s = cs[r].s;
+      if (a->role[r] != CM_KATTN_ROLE_TILE) continue;
+      int li = fb_cuda_local(a, s->stores[0].buf);
+      for (int x = 0; x < s->n_exprs; x++) {
+        if (s->exprs[x].kind != CM_KX_LOAD) continue;
+        int lj = fb_cuda_local(a, s->exprs[x].buf);
+        if (lj >= 0 && (a->local_row[lj] == 1 || dep[lj])) dep[li] = true;
+      }
+    }
+    for (int pass = 0; pass < 2; pass++) {
+      sb_printf(o, "  // pass %d\n", pass + 1);
+      fb_cuda_block_head(o, p);
+      for (int r = 0; r < p->span; r++) {
+        rctx *c = &cs[r];
+        const cm_kstage *s = c->s;
+        int role = a->role[r];
+        if (role == CM_KATTN_ROLE_TILE) {
+          int li = fb_cuda_local(a, s->stores[0].buf);
+          if (pass == 0 && dep[li]) continue;
+          int val = s->stores[0].value;
+          sb_printf(o, "  for (int p_ = tid_; p_ < %lld * bc_; p_ += 256) {\n", R);
+          sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n    float acc = 0.f;\n");
+          if (r == 0) {
+            sb_printf(o, "    for (int k_ = 0; k_ < %lld; k_++) {\n", (long long)p->d);
+            fb_cuda_point(c, p->nb, false, "      ", "r_", "j0_ + j_", "k_");
+            emit_tree(c, s->gemm_a, "        ", "acc");
+            emit_tree(c, s->gemm_b, "        ", "acc");
+            sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n", s->gemm_a,
+                      s->gemm_b);
+          }
+          fb_cuda_point(c, p->nb, false, "    ", "r_", "j0_ + j_", NULL);
+          emit_tree(c, val, "      ", "acc");
+          sb_printf(o, "      const float tv_ = (float)(e%d);\n", val);
+          sb_printf(o, "      fbl%d_[r_ * %d + j_] = tv_;\n    }\n  }\n", li, BC);
+          sb_printf(o, "  __syncthreads();\n");
+        } else if (role == CM_KATTN_ROLE_ROWRED && pass == 0) {
+          int li = fb_cuda_local(a, s->stores[0].buf);
+          char comb[256];
+          sb_printf(o, "  for (int r_ = tid_; r_ < %lld; r_ += 256) {\n", R);
+          sb_printf(o, "    %s acc_ = (%s)fbl%d_[r_];\n", ctype(s->acc_dtype), ctype(s->acc_dtype),
+                    li);
+          sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
+          fb_cuda_point(c, p->nb, true, "      ", "r_", NULL, "j0_ + j_");
+          emit_tree(c, s->body, "        ", "acc_");
+          char bv[96];
+          snprintf(bv, sizeof bv, "(%s)(e%d)", ctype(s->acc_dtype), s->body);
+          acc_combine(s, "acc_", bv, comb, sizeof comb);
+          sb_printf(o, "        acc_ = %s;\n      }\n    }\n", comb);
+          sb_printf(o, "    fbl%d_[r_] = (float)acc_;\n  }\n  __syncthreads();\n", li);
+        } else if (role == CM_KATTN_ROLE_GEMM_ROWS && pass == 1) {
+          long long C = (long long)s->dom[s->n_dom - 1];
+          sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) {\n", R * C);
+          sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", C, C);
+          sb_printf(o, "    float acc = fbacc_[%lld + p_];\n", (long long)p->acc_off[r]);
+          sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
+          fb_cuda_point(c, p->nb, false, "      ", "r_", "c_", "j0_ + j_");
+          emit_tree(c, s->gemm_a, "        ", "acc");
+          emit_tree(c, s->gemm_b, "        ", "acc");
+          sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n", s->gemm_a,
+                    s->gemm_b);
+          sb_printf(o, "    fbacc_[%lld + p_] = acc;\n  }\n", (long long)p->acc_off[r]);
+        } else if (role == CM_KATTN_ROLE_GEMM_KEYS && pass == 1) {
+          long long C = (long long)s->dom[s->n_dom - 1];
+          sb_printf(o, "  for (int p_ = tid_; p_ < bc_ * %lld; p_ += 256) {\n", C);
+          sb_printf(o, "    const int j_ = p_ / %lld, c_ = p_ %% %lld;\n    float acc = 0.f;\n", C,
+                    C);
+          sb_printf(o, "    for (int r_ = 0; r_ < %lld; r_++) {\n", R);
+          fb_cuda_point(c, p->nb, false, "      ", "j0_ + j_", "c_", "r_");
+          emit_tree(c, s->gemm_a, "        ", "acc");
+          emit_tree(c, s->gemm_b, "        ", "acc");
+          sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n", s->gemm_a,
+                    s->gemm_b);
+          fb_cuda_point(c, p->nb, false, "    ", "j0_ + j_", "c_", NULL);
+          emit_stores(c, "      ", "acc");
+          sb_printf(o, "    }\n  }\n");
+        }
+      }
+      sb_printf(o, "  __syncthreads();\n  }\n");
+    }
+    /* the epilogues of the GEMMs accumulated over the key blocks */
+    for (int r = 0; r < p->span; r++) {
+      if (a->role[r] != CM_KATTN_ROLE_GEMM_ROWS) continue;
+      rctx *c = &cs[r];
+      long long C = (long long)c->s->dom[c->s->n_dom - 1];
+      sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) {\n", R * C);
+      sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", C, C);
+      sb_printf(o, "    const float acc = fbacc_[%lld + p_];\n", (long long)p->acc_off[r]);
+      fb_cuda_point(c, p->nb, false, "    ", "r_", "c_", NULL);
+      emit_stores(c, "      ", "acc");
+      sb_printf(o, "    }\n  }\n");
+    }
+    sb_printf(o, "  }\n}\n\n");
+    for (int r = 0; r < p->span && st == CM_OK; r++) st = cs[r].st;
+  }
+  if (sub)
+    for (int b = 0; b < k->n_buffers; b++) free(sub[b]);
+  free(sub);
+  for (int r = 0; r < opened; r++) rctx_close(&cs[r]);
+  for (int si = first + 1; si < first + a->span && st == CM_OK; si++) {
+    rctx c;
+    st = rctx_open(&c, k, si, o, err);
+    if (st == CM_OK) {
+      sb_printf(o, "// stage %d \"%s\" (runs in stage %d)\n", si, k->stages[si].name, first);
+      signature(&c, written, "");
+      sb_printf(o, "}\n\n");
+    }
+    rctx_close(&c);
+  }
+  return st;
+}
+
 cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool with_prelude,
                          char **source, cm_err *err) {
   if (!k || !source) return cm_errorf(err, CM_EINVALID, "cm_render_cuda: no kernel or no output");
@@ -1837,6 +2126,12 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
     if (fp.ok) {
       st = render_stream(k, i, &fp, &sb, written, err);
       i += k->stages[i].attn.span - 1;
+      continue;
+    }
+    fb_cplan bp = plan_stream_bwd(k, i, o);
+    if (bp.ok) {
+      st = render_stream_bwd(k, i, &bp, &sb, written, err);
+      i += bp.span - 1;
       continue;
     }
     attn_plan ap = plan_attention(k, i, o);
@@ -1896,6 +2191,14 @@ cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda
     if (fp.ok) {
       if (stage == f) {
         l.grid[0] = (unsigned)(fp.batch * fp.nrb);
+        l.block[0] = 256;
+      }
+      return l;
+    }
+    fb_cplan bp = plan_stream_bwd(k, f, o);
+    if (bp.ok) {
+      if (stage == f) {
+        l.grid[0] = (unsigned)bp.batch;
         l.block[0] = 256;
       }
       return l;

@@ -689,6 +689,8 @@ static double emu_uniform(void) {
 /* Every runnable kernel of p on the host against the interpreter, from the
  * same random buffers; every float buffer it writes (but a fused span's
  * shared-memory locals) must agree to 1e-5 of its scale. */
+static int emu_bwd_stream_runs; /* streaming backward spans run (render_stream_bwd) */
+
 static void emu_check_program(const cm_kprogram *p, int *kernels, int *spans, int *compared) {
   emu_prog e;
   bool skipped;
@@ -723,6 +725,8 @@ static void emu_check_program(const cm_kprogram *p, int *kernels, int *spans, in
     CHECK_MSG(emu_run_kernel(&e, k, ki, emu), "%s: the host run failed", k->name);
     (*kernels)++;
     *spans += fused;
+    emu_bwd_stream_runs +=
+        fused && k->stages[0].tmpl == CM_KT_ATTENTION_BWD && k->stages[0].attn.stream;
     for (int b = 0; b < k->n_buffers; b++) {
       bool local = false;
       for (int i = 0; fused && i < k->stages[0].attn.n_local; i++)
@@ -787,10 +791,12 @@ static void test_cuda_kernels_on_host(void) {
 static void test_streaming_attention(void) {
   static const int64_t shapes[][5] = {
       /* n, heads, tokens, dim, bc */
-      {2, 3, 13, 5, 7}, {1, 2, 37, 16, 16}, {2, 1, 5, 3, 1}, {1, 1, 70, 8, 16}, {1, 4, 65, 64, 7},
+      {2, 3, 13, 5, 7},  {1, 2, 37, 16, 16}, {2, 1, 5, 3, 1},    {1, 1, 70, 8, 16},
+      {1, 4, 65, 64, 7}, {1, 3, 2, 1, 1},    {1, 1, 197, 4, 64}, {2, 3, 13, 64, 1},
   };
+  enum { NSHAPES = sizeof shapes / sizeof shapes[0] };
   int kernels = 0, spans = 0, compared = 0, streams = 0, compiled = 0, bwd_streams = 0;
-  for (int si = 0; si < 5; si++) {
+  for (int si = 0; si < NSHAPES; si++) {
     for (int keep_p = 0; keep_p < 3; keep_p++) {
       cm_graph *g = cm_graph_new();
       int64_t d[4] = {shapes[si][0], shapes[si][1], shapes[si][2], shapes[si][3]};
@@ -805,8 +811,7 @@ static void test_streaming_attention(void) {
       CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
       if (keep_p == 1) CHECK(cm_graph_add_output(g, pr, &err) == CM_OK);
       if (keep_p == 2) {
-        /* with the backward: its span is marked for (CPU) streaming, CUDA renders it
-           on the whole-row path */
+        /* with the backward: its span streams too (render_stream_bwd) */
         int dout = cm_input(g, "dO", CM_F32, 4, d);
         int axes[4] = {0, 1, 2, 3};
         int loss = cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, dout, NULL), 4, axes,
@@ -823,18 +828,20 @@ static void test_streaming_attention(void) {
       CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err) == CM_OK, "%s", err.msg);
       for (int ki = 0; ki < prog.n_kernels; ki++) {
         const cm_kernel *kk = &prog.kernels[ki];
-        if (kk->n_stages > 0 && kk->stages[0].attn.stream &&
-            kk->stages[0].tmpl == CM_KT_ATTENTION_BWD)
-          bwd_streams++;
-        if (kk->n_stages == 0 || !kk->stages[0].attn.stream ||
-            kk->stages[0].tmpl != CM_KT_ATTENTION_FWD)
-          continue;
-        streams++;
+        if (kk->n_stages == 0 || !kk->stages[0].attn.stream) continue;
+        bool bwd = kk->stages[0].tmpl == CM_KT_ATTENTION_BWD;
+        if (!bwd && kk->stages[0].tmpl != CM_KT_ATTENTION_FWD) continue;
         cm_cuda_render_opts ro = {"sm_80", false};
         char *src = NULL;
         CHECK_MSG(cm_render_cuda(kk, &ro, true, &src, &err) == CM_OK, "%s", err.msg);
-        CHECK_MSG(src && strstr(src, "streaming"), "%s: not rendered as a streaming span",
-                  kk->name);
+        const char *mark = bwd ? "attention backward, streaming" : "attention forward, streaming";
+        CHECK_MSG(src && strstr(src, mark), "%s (shape %d): not rendered as a streaming span",
+                  kk->name, si);
+        CHECK(cm_cuda_stage_launch(kk, 0, &ro).block[0] == 256);
+        if (bwd)
+          bwd_streams++;
+        else
+          streams++;
         char fn[96];
         snprintf(fn, sizeof fn, "%s_s0", kk->name);
         for (int a = 0; a < 2 && src; a++) {
@@ -868,8 +875,10 @@ static void test_streaming_attention(void) {
           "  streaming: %d spans (%d backward spans marked), %d NVRTC compiles; %d kernels (%d "
           "fused) run on the host, %d buffers compared\n",
           streams, bwd_streams, compiled, kernels, spans, compared);
-  CHECK(streams == 10 && compiled == 20 && spans >= 10 && compared >= 15);
-  CHECK(bwd_streams >= 4);
+  CHECK(streams == 2 * NSHAPES && bwd_streams == NSHAPES && compiled == 6 * NSHAPES &&
+        spans >= 2 * NSHAPES && compared >= 3 * NSHAPES);
+  CHECK_MSG(emu_bwd_stream_runs == NSHAPES, "%d streaming backward spans run on the host",
+            emu_bwd_stream_runs);
 }
 
 int main(int argc, char **argv) {
