@@ -10,6 +10,7 @@
  * contiguous along k packed into panels of rows that are not whole vectors go
  * through transposed W x W blocks (at.packA.kt): taken at least once. */
 #include "../test.h"
+#include "../tensor_compare.h"
 #include "codegen/codegen.h"
 #include "models/models.h"
 #include "runtime/runtime.h"
@@ -127,16 +128,7 @@ static found scan(const cm_graph *g, const char *what) {
 }
 
 static double rel_err(const cm_tensor *x, const cm_tensor *y) {
-  if (!x->data || !y->data || !cm_type_equal(&x->type, &y->type)) return INFINITY;
-  double d = 0, m = 0;
-  int64_t n = cm_type_numel(&y->type);
-  for (int64_t i = 0; i < n; i++) {
-    double a = cm_tensor_get_f64(x, i), b = cm_tensor_get_f64(y, i);
-    if (isnan(a) || isnan(b)) return INFINITY;
-    d = fmax(d, fabs(a - b));
-    m = fmax(m, fabs(b));
-  }
-  return d / fmax(m, 1e-30);
+  return test_rel_err(x, y, false);
 }
 
 /* The executor (fused rendering) against the oracle; the worst relative error. */

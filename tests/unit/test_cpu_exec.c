@@ -3,6 +3,7 @@
  * conv incl. depthwise, stride and padding, state updates), 1 vs 2 threads,
  * every shipped model's training step, argument errors and the object cache. */
 #include "../test.h"
+#include "../tensor_compare.h"
 #include "../model_step.h"
 #include "models/models.h"
 #include "runtime/runtime.h"
@@ -22,17 +23,7 @@ static int64_t pick(int64_t lo, int64_t hi) { /* lo..hi inclusive */
 }
 
 static double rel_err(const cm_tensor *x, const cm_tensor *y) {
-  if (!x->data || !y->data || !cm_type_equal(&x->type, &y->type)) return INFINITY;
-  double d = 0, m = 0;
-  int64_t n = cm_type_numel(&y->type);
-  for (int64_t i = 0; i < n; i++) {
-    double a = cm_tensor_get_f64(x, i), b = cm_tensor_get_f64(y, i);
-    if (isnan(a) != isnan(b)) return INFINITY;
-    if (isnan(a)) continue;
-    d = fmax(d, fabs(a - b));
-    m = fmax(m, fabs(b));
-  }
-  return d / fmax(m, 1e-30);
+  return test_rel_err(x, y, true);
 }
 
 static char cache_dir[256];

@@ -5,6 +5,7 @@
  * micro-tile), several slices, and the shuffled pack of row-major A (6 rows
  * of 16 k). Odd shapes: 1, primes, K not a multiple of anything. */
 #include "../test.h"
+#include "../tensor_compare.h"
 #include "runtime/runtime.h"
 
 #include <math.h>
@@ -25,15 +26,7 @@ typedef struct gcase {
 
 /* Max |got - want| over the max |want| (the oracle's scale). */
 static double rel_err(const cm_tensor *x, const cm_tensor *y) {
-  if (!x->data || !y->data || !cm_type_equal(&x->type, &y->type)) return INFINITY;
-  double d = 0, m = 0;
-  for (int64_t i = 0; i < cm_type_numel(&y->type); i++) {
-    double a = cm_tensor_get_f64(x, i), b = cm_tensor_get_f64(y, i);
-    if (isnan(a) || isnan(b)) return INFINITY;
-    d = fmax(d, fabs(a - b));
-    m = fmax(m, fabs(b));
-  }
-  return d / fmax(m, 1e-30);
+  return test_rel_err(x, y, false);
 }
 
 CM_NO_SANITIZE_FUNCTION static void run_case(const gcase *c) {

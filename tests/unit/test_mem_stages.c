@@ -10,6 +10,7 @@
 #include "codegen/codegen.h"
 #include "runtime/runtime.h"
 #include "tests/test.h"
+#include "tests/tensor_compare.h"
 #include "tests/llvm_kernels.h"
 
 #include <llvm-c/Core.h>
@@ -26,17 +27,7 @@ static double urand(double lo, double hi) {
 
 /* max |x - y| / max(1e-30, max |y|), NaN where one side only */
 static double rel_err(const cm_tensor *x, const cm_tensor *y) {
-  if (!x->data || !y->data || !cm_type_equal(&x->type, &y->type)) return INFINITY;
-  double d = 0, m = 0;
-  int64_t n = cm_type_numel(&y->type);
-  for (int64_t i = 0; i < n; i++) {
-    double a = cm_tensor_get_f64(x, i), b = cm_tensor_get_f64(y, i);
-    if (isnan(a) != isnan(b) || (isinf(b) && a != b)) return INFINITY;
-    if (isnan(a) || isinf(b)) continue;
-    d = fmax(d, fabs(a - b));
-    m = fmax(m, fabs(b));
-  }
-  return d / fmax(m, 1e-30);
+  return test_rel_err(x, y, true);
 }
 
 /* Runs g on 2 threads (profiled) and compares outputs and assigned states
