@@ -1586,18 +1586,19 @@ static fa_cplan plan_stream(const cm_kernel *k, int first, const cm_cuda_render_
   return p;
 }
 
-/* Opens a C scope for one point of stage c->s: its vars (batch from bv<i>_
+/* Opens a C scope for one point of stage c->s of a span with nb batch vars
+ * (stat: the stage computes a row statistic): its vars (batch from bv<i>_
  * when the stage's batch axes are the span's, else 0; the row var = row, the
  * var after it = col, the reduction var = red; NULL or any other var: 0). */
-static void fa_cuda_point(rctx *c, const fa_cplan *p, const char *ind, const char *row,
+static void fb_cuda_point(rctx *c, int nb, bool stat, const char *ind, const char *row,
                           const char *col, const char *red) {
   const cm_kstage *s = c->s;
-  int nbs = fa_cuda_stage_nb(s, s == p->sM || s == p->sL);
+  int nbs = fa_cuda_stage_nb(s, stat);
   sb_printf(c->o, "%s{\n", ind);
   for (int v = 0; v < s->n_dom + s->n_red; v++) {
     const char *val = "0";
     char bvn[24];
-    if (v < nbs && nbs == p->nb) {
+    if (v < nbs && nbs == nb) {
       snprintf(bvn, sizeof bvn, "bv%d_", v);
       val = bvn;
     }
@@ -1607,6 +1608,12 @@ static void fa_cuda_point(rctx *c, const fa_cplan *p, const char *ind, const cha
     sb_printf(c->o, "%s  const long long v%d = (long long)(%s); (void)v%d;\n", ind, v, val, v);
   }
   memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+}
+
+/* The same for a forward span: its row statistics are the max and sum stages. */
+static void fa_cuda_point(rctx *c, const fa_cplan *p, const char *ind, const char *row,
+                          const char *col, const char *red) {
+  fb_cuda_point(c, p->nb, c->s == p->sM || c->s == p->sL, ind, row, col, red);
 }
 
 /* The K_j^T tile (fkv_[k * BC + j]) of the current key block, then a barrier. */
@@ -1898,29 +1905,6 @@ static fb_cplan plan_stream_bwd(const cm_kernel *k, int first, const cm_cuda_ren
   if ((double)p.batch > 2147483647.0) return p;
   p.ok = true;
   return p;
-}
-
-/* Opens a C scope for one point of stage c->s (batch vars from bv<i>_ when
- * the stage's are the span's, the row var, the var after it, the reduction
- * var; NULL: 0). */
-static void fb_cuda_point(rctx *c, int nb, bool stat, const char *ind, const char *row,
-                          const char *col, const char *red) {
-  const cm_kstage *s = c->s;
-  int nbs = fa_cuda_stage_nb(s, stat);
-  sb_printf(c->o, "%s{\n", ind);
-  for (int v = 0; v < s->n_dom + s->n_red; v++) {
-    const char *val = "0";
-    char bvn[24];
-    if (v < nbs && nbs == nb) {
-      snprintf(bvn, sizeof bvn, "bv%d_", v);
-      val = bvn;
-    }
-    if (v == nbs && row) val = row;
-    if (v == nbs + 1 && v < s->n_dom && col) val = col;
-    if (v == s->n_dom && red) val = red;
-    sb_printf(c->o, "%s  const long long v%d = (long long)(%s); (void)v%d;\n", ind, v, val, v);
-  }
-  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
 }
 
 static void fb_cuda_block_head(sbuf *o, const fb_cplan *p) {

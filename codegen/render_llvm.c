@@ -2887,31 +2887,25 @@ cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_rend
       c.memo = NULL;
       continue;
     }
+    /* an attention span renders whole into its first stage's function */
+    bool tmpl_on = !(o && o->no_templates);
+    bool fwd = s->tmpl == CM_KT_ATTENTION_FWD, bwd = s->tmpl == CM_KT_ATTENTION_BWD;
+    int span = 0;
     fb_plan bp;
-    if (s->tmpl == CM_KT_ATTENTION_BWD && !(o && o->no_templates) && s->attn.stream &&
-        fb_plan_of(&c, si, &bp)) {
-      render_attention_bwd_stream(&c, fname, &bp);
-      attn_end = si + s->attn.span;
-      free(c.memo);
-      c.memo = NULL;
-      if (c.failed) st = c.fail_status;
-      continue;
-    }
     fa_plan fp;
-    if (s->tmpl == CM_KT_ATTENTION_FWD && !(o && o->no_templates) && s->attn.stream &&
-        fa_plan_of(&c, si, &fp)) {
-      render_attention_stream(&c, fname, &fp);
-      attn_end = si + s->attn.span;
-      free(c.memo);
-      c.memo = NULL;
-      if (c.failed) st = c.fail_status;
-      continue;
-    }
     attn_plan ap;
-    if ((s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD) &&
-        !(o && o->no_templates) && attn_plan_of(&c, si, &ap)) {
+    if (tmpl_on && bwd && s->attn.stream && fb_plan_of(&c, si, &bp)) {
+      render_attention_bwd_stream(&c, fname, &bp);
+      span = s->attn.span;
+    } else if (tmpl_on && fwd && s->attn.stream && fa_plan_of(&c, si, &fp)) {
+      render_attention_stream(&c, fname, &fp);
+      span = s->attn.span;
+    } else if (tmpl_on && (fwd || bwd) && attn_plan_of(&c, si, &ap)) {
       render_attention(&c, fname, &ap);
-      attn_end = si + ap.span;
+      span = ap.span;
+    }
+    if (span > 0) {
+      attn_end = si + span;
       free(c.memo);
       c.memo = NULL;
       if (c.failed) st = c.fail_status;
