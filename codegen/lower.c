@@ -582,14 +582,34 @@ static cm_status lower_scatter(lctx *c, int id, int b) {
   return c->st;
 }
 
+/* The input patch value both GEMM lowerings of conv2d contract over: node
+ * n's input 0 (x, N C H W) at image vn, output pixel (oh, ow) and the patch
+ * element flattened in tap = (c * KH + u) * KW + v, zero outside by SELECT;
+ * cuv receives (c, u, v). -1 when x has no value here. */
+static int conv_patch(lctx *c, cm_kstage *s, const cm_node *n, int64_t KH, int64_t KW, int vn,
+                      int oh, int ow, int tap, int cuv[3]) {
+  const cm_type *x = &N(c, n->inputs[0])->type;
+  int64_t H = x->dims[2], W = x->dims[3];
+  int vc = cm_kx_idiv(s, tap, cm_kx_iconst(s, KH * KW));
+  int r = cm_kx_imod(s, tap, cm_kx_iconst(s, KH * KW));
+  int vu = cm_kx_idiv(s, r, cm_kx_iconst(s, KW)), vv = cm_kx_imod(s, r, cm_kx_iconst(s, KW));
+  int vh = conv_tap(s, &n->attrs, 0, oh, vu);
+  int vw = conv_tap(s, &n->attrs, 1, ow, vv);
+  int ok = band(s, in_range(s, vh, H), in_range(s, vw, W));
+  int xi[4] = {vn, vc, clamp(s, vh, H), clamp(s, vw, W)};
+  cuv[0] = vc, cuv[1] = vu, cuv[2] = vv;
+  int a = value(c, s, n->inputs[0], xi);
+  if (a < 0) return -1;
+  return cm_kx_op(s, CM_OP_SELECT, x->dtype, ok, a, cm_kx_const(s, x->dtype, 0));
+}
+
 /* conv2d with groups == 1 as an implicit GEMM: dom = [N, OH*OW, O], red =
  * [C*KH*KW]; A = the input patch (zero outside by SELECT), B = the weight.
  * ix receives the output's NCHW index expressions. */
 static void conv_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
   const cm_node *n = N(c, id);
   const cm_type *x = &N(c, n->inputs[0])->type, *w = &N(c, n->inputs[1])->type, *y = &n->type;
-  const cm_attrs *at = &n->attrs;
-  int64_t C = x->dims[1], H = x->dims[2], W = x->dims[3], KH = w->dims[2], KW = w->dims[3];
+  int64_t C = x->dims[1], KH = w->dims[2], KW = w->dims[3];
   int64_t OW = y->dims[3];
   s->n_dom = 3;
   s->dom[0] = y->dims[0], s->dom[1] = y->dims[2] * OW, s->dom[2] = y->dims[1];
@@ -597,16 +617,11 @@ static void conv_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
   s->red[0] = C * KH * KW;
   int vn = cm_kx_var(s, 0), vp = cm_kx_var(s, 1), vo = cm_kx_var(s, 2), vk = cm_kx_var(s, 3);
   int oh = cm_kx_idiv(s, vp, cm_kx_iconst(s, OW)), ow = cm_kx_imod(s, vp, cm_kx_iconst(s, OW));
-  int vc = cm_kx_idiv(s, vk, cm_kx_iconst(s, KH * KW));
-  int r = cm_kx_imod(s, vk, cm_kx_iconst(s, KH * KW));
-  int vu = cm_kx_idiv(s, r, cm_kx_iconst(s, KW)), vv = cm_kx_imod(s, r, cm_kx_iconst(s, KW));
-  int vh = conv_tap(s, at, 0, oh, vu);
-  int vw = conv_tap(s, at, 1, ow, vv);
-  int ok = band(s, in_range(s, vh, H), in_range(s, vw, W));
-  int xi[4] = {vn, vc, clamp(s, vh, H), clamp(s, vw, W)}, wi[4] = {vo, vc, vu, vv};
-  int a = value(c, s, n->inputs[0], xi), b = value(c, s, n->inputs[1], wi);
+  int cuv[3];
+  int a = conv_patch(c, s, n, KH, KW, vn, oh, ow, vk, cuv);
+  int wi[4] = {vo, cuv[0], cuv[1], cuv[2]};
+  int b = value(c, s, n->inputs[1], wi);
   if (a < 0 || b < 0) return;
-  a = cm_kx_op(s, CM_OP_SELECT, x->dtype, ok, a, cm_kx_const(s, x->dtype, 0));
   s->body = cm_kx_op(s, CM_OP_MUL, y->dtype, a, b, -1);
   if (!c->o || !c->o->no_templates) {
     s->tmpl = CM_KT_GEMM;
@@ -626,8 +641,7 @@ static void conv_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
 static void conv_grad_weight_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
   const cm_node *n = N(c, id);
   const cm_type *x = &N(c, n->inputs[0])->type, *y = &N(c, n->inputs[1])->type, *w = &n->type;
-  const cm_attrs *at = &n->attrs;
-  int64_t C = x->dims[1], H = x->dims[2], W = x->dims[3], KH = w->dims[2], KW = w->dims[3];
+  int64_t C = x->dims[1], KH = w->dims[2], KW = w->dims[3];
   int64_t OH = y->dims[2], OW = y->dims[3], P = OH * OW;
   s->n_dom = 2;
   s->dom[0] = w->dims[0], s->dom[1] = C * KH * KW;
@@ -636,22 +650,16 @@ static void conv_grad_weight_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
   int vo = cm_kx_var(s, 0), vj = cm_kx_var(s, 1), vk = cm_kx_var(s, 2);
   int vn = cm_kx_idiv(s, vk, cm_kx_iconst(s, P)), vp = cm_kx_imod(s, vk, cm_kx_iconst(s, P));
   int oh = cm_kx_idiv(s, vp, cm_kx_iconst(s, OW)), ow = cm_kx_imod(s, vp, cm_kx_iconst(s, OW));
-  int vc = cm_kx_idiv(s, vj, cm_kx_iconst(s, KH * KW));
-  int r = cm_kx_imod(s, vj, cm_kx_iconst(s, KH * KW));
-  int vu = cm_kx_idiv(s, r, cm_kx_iconst(s, KW)), vv = cm_kx_imod(s, r, cm_kx_iconst(s, KW));
-  int vh = conv_tap(s, at, 0, oh, vu);
-  int vw = conv_tap(s, at, 1, ow, vv);
-  int ok = band(s, in_range(s, vh, H), in_range(s, vw, W));
-  int xi[4] = {vn, vc, clamp(s, vh, H), clamp(s, vw, W)}, yi[4] = {vn, vo, oh, ow};
-  int a = value(c, s, n->inputs[1], yi), b = value(c, s, n->inputs[0], xi);
+  int yi[4] = {vn, vo, oh, ow}, cuv[3];
+  int a = value(c, s, n->inputs[1], yi);
+  int b = conv_patch(c, s, n, KH, KW, vn, oh, ow, vj, cuv);
   if (a < 0 || b < 0) return;
-  b = cm_kx_op(s, CM_OP_SELECT, x->dtype, ok, b, cm_kx_const(s, x->dtype, 0));
   s->body = cm_kx_op(s, CM_OP_MUL, w->dtype, a, b, -1);
   s->tmpl = CM_KT_GEMM;
   s->gemm_a = a;
   s->gemm_b = b;
   gemm_tiles(s, c->o);
-  ix[0] = vo, ix[1] = vc, ix[2] = vu, ix[3] = vv;
+  ix[0] = vo, ix[1] = cuv[0], ix[2] = cuv[1], ix[3] = cuv[2];
 }
 
 /* A stage computing materialized node id into buffer b. */
