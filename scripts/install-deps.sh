@@ -24,14 +24,23 @@ if ! python3 -c 'import numpy, safetensors, jax' 2>/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 15 --break-system-packages numpy safetensors jax
 fi
 
-# CPU-only PyTorch for the encoder export test (tests/reference/export_torch.py
-# loads the exported file into a PyTorch ViT with strict key matching).
-if ! python3 -c 'import torch' 2>/dev/null; then
-  echo "install-deps: pip install torch (CPU)"
-  torch_index=(--index-url https://download.pytorch.org/whl/cpu)
-  # Not fatal: without torch the test runs the same ViT in numpy (set
-  # CMAEC_REQUIRE_TORCH=1 to make the test insist on torch).
-  python3 -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 15 "${torch_index[@]}" torch ||
-    python3 -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 15 --break-system-packages "${torch_index[@]}" torch ||
-    echo "install-deps: warning: could not install torch; export_torch.py falls back to numpy" >&2
+# PyTorch and timm for the encoder interop test (tests/cli/export_torch.sh loads the
+# exported encoder into timm's VisionTransformer with strict keys). From the default
+# index, pinned so the timm names and constructor stay as tested. PyPI has no CPU-only
+# torch for Linux: torch pulls the CUDA libraries it links against (about 3 GB of wheels,
+# 5.4 GB installed, 2.5 min on the reference machine). A failed install fails this script.
+torch_pkgs=(torch==2.15.0 torchvision==0.29.2 timm==1.0.31)
+if ! python3 -c 'import torch, timm; from timm.models.vision_transformer import VisionTransformer' 2>/dev/null; then
+  echo "install-deps: pip install ${torch_pkgs[*]} (about 3 GB of wheels)"
+  pip_torch=(python3 -m pip install --quiet --disable-pip-version-check --progress-bar off --retries 3 --timeout 60)
+  if ! "${pip_torch[@]}" "${torch_pkgs[@]}"; then
+    "${pip_torch[@]}" --break-system-packages "${torch_pkgs[@]}" || {
+      echo "install-deps: error: could not install ${torch_pkgs[*]} (the interop test needs them)" >&2
+      exit 1
+    }
+  fi
+  python3 -c 'import torch, timm; from timm.models.vision_transformer import VisionTransformer' || {
+    echo "install-deps: error: torch and timm were installed but do not import" >&2
+    exit 1
+  }
 fi
