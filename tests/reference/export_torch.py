@@ -1,186 +1,135 @@
-"""tests/reference/export_torch.py — the encoder export loads into a plain PyTorch ViT.
+"""tests/reference/export_torch.py — cmaec's encoder export runs in timm's VisionTransformer.
 
-Usage: python3 export_torch.py ENCODER.safetensors IMAGES.safetensors FEATURES.safetensors POOL
+Usage: python3 export_torch.py CASE [CASE ...]
+  CASE = ENCODER.safetensors,IMAGES.safetensors,FEATURES.safetensors,POOL
+         (prefix "!" for a case that must be rejected: a corrupted export)
 
 ENCODER is `cmaec export CKPT --encoder`'s file; IMAGES holds "img" [n, C, S, S]
-(f32) and FEATURES cmaec's features of them ("features" [n, d], from
-`cmaec eval CKPT --features-of IMAGES -o FEATURES --pool POOL`). A minimal
-timm-style ViT (patch embed conv, cls token, fixed pos embed, pre-norm blocks,
-final norm) is built from the shapes and the config in the metadata, loaded
-with load_state_dict(strict=True), run on the images and pooled like cmaec;
-the features must agree to 1e-4 relative (max abs difference over max abs
-value). Without torch (a machine where scripts/install-deps.sh could not
-install it) the same model runs in numpy, keeping the strict key check,
-unless CMAEC_REQUIRE_TORCH=1.
+(f32) and FEATURES cmaec's features of them ("features" [n, D], from
+`cmaec eval CKPT --features-of IMAGES -o FEATURES --pool POOL`).
+
+For each case a timm.models.vision_transformer.VisionTransformer is built from
+the config in the export's metadata alone (image size, in_chans, patch, width,
+depth, heads, mlp_ratio, qkv_bias, ln_eps, final_norm; class token, learned
+pos_embed slot for the cls token, exact GELU, global_pool "avg" for
+POOL=mean (patch tokens only) and "token" for POOL=cls, no fc_norm, no head),
+the export is loaded with load_state_dict(strict=True), and
+forward_head(forward_features(img), pre_logits=True) is compared with cmaec's
+features. timm runs in float64 (the reference) and in float32 (what a user
+runs); both must agree with cmaec's float32 features to
+
+    max |cmaec - timm| <= 1e-5   (absolute, over every image and feature)
+
+on features of magnitude O(1) (the test's are up to about 5; the script prints
+the largest |feature| beside the difference).
+
+torch and timm are required: without them this exits 1 (scripts/install-deps.sh
+installs them). A "!" case passes only when strict loading or the comparison
+rejects it; the script exits non-zero if any case is not as expected.
 """
 
 import json
-import os
 import sys
+from functools import partial
 
 import numpy as np
+import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+TOL = 1e-5
 
 
-def read(path):
-    with safe_open(path, framework="numpy") as f:
+def encoder_config(meta):
+    cfg = json.loads(meta["config"])
+    data = cfg["data"] if "data" in cfg else {k[5:]: v for k, v in cfg.items() if k.startswith("data.")}
+    enc = cfg["encoder"] if "encoder" in cfg else {k[8:]: v for k, v in cfg.items() if k.startswith("encoder.")}
+    return data, enc
+
+
+def timm_vit(data, enc, pool):
+    """timm's ViT from cmaec's config (nothing read from the tensors' shapes)."""
+    return VisionTransformer(
+        img_size=data["image_size"],
+        patch_size=enc["patch"],
+        in_chans=data["in_chans"],
+        num_classes=0,
+        global_pool={"mean": "avg", "cls": "token"}[pool],
+        embed_dim=enc["width"],
+        depth=enc["depth"],
+        num_heads=enc["heads"],
+        mlp_ratio=enc["mlp_ratio"],
+        qkv_bias=enc["qkv_bias"],
+        class_token=True,
+        pos_embed="learn",
+        no_embed_class=False,
+        final_norm=enc["final_norm"],
+        fc_norm=False,
+        norm_layer=partial(nn.LayerNorm, eps=enc["ln_eps"]),
+        act_layer=nn.GELU,
+    )
+
+
+def run_case(enc_path, img_path, feat_path, pool):
+    """Returns (max error, feature scale, what) or raises with why the case fails."""
+    with safe_open(enc_path, framework="np") as f:
         meta = f.metadata() or {}
-    return load_file(path), meta
-
-
-def expected_keys(depth, final_norm):
-    keys = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
-    for i in range(depth):
-        for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
-            keys |= {f"blocks.{i}.{m}.weight", f"blocks.{i}.{m}.bias"}
-    if final_norm:
-        keys |= {"norm.weight", "norm.bias"}
-    return keys
-
-
-def torch_features(sd, cfg, img, pool):
-    import torch
-    from torch import nn
-
-    D = sd["cls_token"].shape[-1]
-    C = cfg["data"]["in_chans"] if "data" in cfg else cfg["data.in_chans"]
-    enc = cfg["encoder"] if "encoder" in cfg else {k[8:]: v for k, v in cfg.items() if k.startswith("encoder.")}
-    p, depth, heads, eps = enc["patch"], enc["depth"], enc["heads"], enc["ln_eps"]
-    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
-
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(D, 3 * D, bias=True)
-            self.proj = nn.Linear(D, D)
-
-        def forward(self, x):
-            B, T, _ = x.shape
-            qkv = self.qkv(x).reshape(B, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            a = (q @ k.transpose(-2, -1)) * (D // heads) ** -0.5
-            x = (a.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, D)
-            return self.proj(x)
-
-    class Mlp(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(D, hidden)
-            self.act = nn.GELU()
-            self.fc2 = nn.Linear(hidden, D)
-
-        def forward(self, x):
-            return self.fc2(self.act(self.fc1(x)))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm1 = nn.LayerNorm(D, eps=eps)
-            self.attn = Attention()
-            self.norm2 = nn.LayerNorm(D, eps=eps)
-            self.mlp = Mlp()
-
-        def forward(self, x):
-            x = x + self.attn(self.norm1(x))
-            return x + self.mlp(self.norm2(x))
-
-    class PatchEmbed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Conv2d(C, D, kernel_size=p, stride=p)
-
-        def forward(self, x):
-            return self.proj(x).flatten(2).transpose(1, 2)
-
-    class ViT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.patch_embed = PatchEmbed()
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-            self.pos_embed = nn.Parameter(torch.zeros(sd["pos_embed"].shape), requires_grad=False)
-            self.blocks = nn.ModuleList([Block() for _ in range(depth)])
-            self.norm = nn.LayerNorm(D, eps=eps) if "norm.weight" in sd else nn.Identity()
-
-        def forward(self, x):
-            x = self.patch_embed(x) + self.pos_embed[:, 1:]
-            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-            x = torch.cat([cls, x], dim=1)
-            for b in self.blocks:
-                x = b(x)
-            return self.norm(x)
-
-    model = ViT().double()
-    model.load_state_dict({k: torch.from_numpy(v.astype(np.float64)) for k, v in sd.items()}, strict=True)
-    with torch.no_grad():
-        x = model(torch.from_numpy(img.astype(np.float64)))
-    x = x[:, 0] if pool == "cls" else x[:, 1:].mean(dim=1)
-    return x.numpy()
-
-
-def numpy_features(sd, cfg, img, pool):
-    from math import erf, sqrt
-
-    enc = cfg["encoder"] if "encoder" in cfg else {k[8:]: v for k, v in cfg.items() if k.startswith("encoder.")}
-    p, depth, heads, eps = enc["patch"], enc["depth"], enc["heads"], enc["ln_eps"]
-    w = {k: v.astype(np.float64) for k, v in sd.items()}
-    D = w["cls_token"].shape[-1]
-    n, C, S, _ = img.shape
-    g = S // p
-    x = img.astype(np.float64).reshape(n, C, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(n, g * g, C * p * p)
-    x = x @ w["patch_embed.proj.weight"].reshape(D, -1).T + w["patch_embed.proj.bias"]
-    x = x + w["pos_embed"][:, 1:]
-    cls = np.broadcast_to(w["cls_token"] + w["pos_embed"][:, :1], (n, 1, D))
-    x = np.concatenate([cls, x], axis=1)
-
-    def ln(x, name):
-        m = x.mean(-1, keepdims=True)
-        v = ((x - m) ** 2).mean(-1, keepdims=True)
-        return (x - m) / np.sqrt(v + eps) * w[name + ".weight"] + w[name + ".bias"]
-
-    def lin(x, name):
-        return x @ w[name + ".weight"].T + w[name + ".bias"]
-
-    gelu = np.vectorize(lambda v: 0.5 * v * (1 + erf(v / sqrt(2))))
-    T, hd = x.shape[1], D // heads
-    for i in range(depth):
-        b = f"blocks.{i}."
-        qkv = lin(ln(x, b + "norm1"), b + "attn.qkv").reshape(n, T, 3, heads, hd).transpose(2, 0, 3, 1, 4)
-        a = qkv[0] @ qkv[1].transpose(0, 1, 3, 2) * hd**-0.5
-        a = np.exp(a - a.max(-1, keepdims=True))
-        a /= a.sum(-1, keepdims=True)
-        x = x + lin((a @ qkv[2]).transpose(0, 2, 1, 3).reshape(n, T, D), b + "attn.proj")
-        x = x + lin(gelu(lin(ln(x, b + "norm2"), b + "mlp.fc1")), b + "mlp.fc2")
-    if "norm.weight" in w:
-        x = ln(x, "norm")
-    return x[:, 0] if pool == "cls" else x[:, 1:].mean(axis=1)
+    sd = load_file(enc_path)
+    for k, v in sd.items():
+        if v.dtype != np.float32:
+            raise ValueError(f"{k}: dtype {v.dtype}, expected float32")
+    data, enc = encoder_config(meta)
+    img = load_file(img_path)["img"]
+    ref = load_file(feat_path)["features"].astype(np.float64)
+    errs = {}
+    for dtype in (torch.float64, torch.float32):
+        model = timm_vit(data, enc, pool).to(dtype).eval()
+        # strict: a missing, renamed, extra or reshaped key raises here
+        model.load_state_dict({k: torch.from_numpy(v).to(dtype) for k, v in sd.items()}, strict=True)
+        with torch.no_grad():
+            x = model.forward_head(model.forward_features(torch.from_numpy(img).to(dtype)), pre_logits=True)
+        got = x.double().numpy()
+        if got.shape != ref.shape:
+            raise ValueError(f"timm features {got.shape}, cmaec's {ref.shape}")
+        errs[str(dtype)[6:]] = (float(np.abs(got - ref).max()), float(np.abs(got).max()))
+    return errs, len(sd)
 
 
 def main():
-    enc_path, img_path, feat_path, pool = sys.argv[1:5]
-    sd, meta = read(enc_path)
-    cfg = json.loads(meta["config"])
-    enc = cfg["encoder"] if "encoder" in cfg else {k[8:]: v for k, v in cfg.items() if k.startswith("encoder.")}
-    for k, v in sd.items():
-        assert v.dtype == np.float32, f"{k}: dtype {v.dtype}, expected float32"
-    want = expected_keys(enc["depth"], enc["final_norm"])
-    if set(sd) != want:
-        sys.exit(f"export_torch: keys differ: missing {sorted(want - set(sd))}, unexpected {sorted(set(sd) - want)}")
-    img = load_file(img_path)["img"]
-    ref = load_file(feat_path)["features"].astype(np.float64)
-    try:
-        import torch  # noqa: F401
+    cases = sys.argv[1:]
+    if not cases:
+        sys.exit(__doc__)
+    wrong = 0
+    for case in cases:
+        expect_fail = case.startswith("!")
+        enc_path, img_path, feat_path, pool = case.lstrip("!").split(",")
+        name = f"{enc_path.rsplit('/', 1)[-1]} pool {pool}"
+        try:
+            errs, n = run_case(enc_path, img_path, feat_path, pool)
+            over = [f"{d} max |diff| {e:.3g} > {TOL:g}" for d, (e, s) in errs.items() if not e <= TOL]
+            detail = ", ".join(f"{d} max |diff| {e:.3g} (max |feature| {s:.3g})" for d, (e, s) in errs.items())
+            why = "features differ: " + "; ".join(over) if over else None
+        except (RuntimeError, ValueError, KeyError) as e:
+            n, detail, why = 0, "", f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
+        if expect_fail and why:
+            print(f"export_torch: {name}: rejected as it must be: {why}")
+        elif expect_fail:
+            print(f"export_torch: FAIL: {name}: a corrupted export was accepted ({detail})")
+            wrong += 1
+        elif why:
+            print(f"export_torch: FAIL: {name}: {why}")
+            wrong += 1
+        else:
+            print(f"export_torch: {name}: timm {timm_version()} strict load of {n} tensors, {detail}")
+    sys.exit(1 if wrong else 0)
 
-        got, how = torch_features(sd, cfg, img, pool), "torch"
-    except ImportError:
-        if os.environ.get("CMAEC_REQUIRE_TORCH") == "1":
-            sys.exit("export_torch: torch is not installed and CMAEC_REQUIRE_TORCH=1")
-        got, how = numpy_features(sd, cfg, img, pool), "numpy (torch is not installed)"
-    assert got.shape == ref.shape, f"features shape {got.shape} vs cmaec's {ref.shape}"
-    err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)
-    print(f"export_torch: {how}: {len(sd)} tensors, features {ref.shape}, pool {pool}, max rel error {err:.3g}")
-    if not err <= 1e-4:
-        sys.exit(f"export_torch: max relative error {err:.3g} > 1e-4")
+
+def timm_version():
+    import timm
+
+    return timm.__version__
 
 
 if __name__ == "__main__":
