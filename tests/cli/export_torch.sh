@@ -95,23 +95,27 @@ t = load_file(src)
 def bad(name, edit):
     u = dict(t)
     edit(u)
-    save_file(u, f"{out}/bad-{name}.safetensors", metadata=meta)
-def rename(u, a, b): u[b] = u.pop(a)
-def swap_qk(u):  # the q and k rows of one qkv weight
-    w = u["blocks.1.attn.qkv.weight"]; d = w.shape[1]
-    u["blocks.1.attn.qkv.weight"] = np.concatenate([w[d:2 * d], w[:d], w[2 * d:]])
-def swap_heads(u):  # two heads' rows of the attention output projection's input
-    w = u["blocks.0.attn.proj.weight"]; d = w.shape[1]; h = d // 4
-    u["blocks.0.attn.proj.weight"] = np.ascontiguousarray(np.concatenate([w[:, h:2 * h], w[:, :h], w[:, 2 * h:]], 1))
+    save_file({k: np.ascontiguousarray(v) for k, v in u.items()}, f"{out}/bad-{name}.safetensors", metadata=meta)
+def rename(u, a, b):
+    u[b] = u.pop(a)
+def put(k, f):
+    return lambda u: u.__setitem__(k, f(u[k]))
+def swap_norms(u):  # norm1 and norm2 weights of one block
+    rename(u, "blocks.0.norm1.weight", "x")
+    rename(u, "blocks.0.norm2.weight", "blocks.0.norm1.weight")
+    rename(u, "x", "blocks.0.norm2.weight")
+d = t["cls_token"].shape[-1]
+h = d // 4  # one head's width in a
 bad("renamed", lambda u: rename(u, "blocks.2.mlp.fc1.weight", "blocks.2.mlp.fc_1.weight"))
 bad("missing", lambda u: u.pop("norm.bias"))
-bad("extra", lambda u: u.__setitem__("head.weight", np.zeros((10, 128), np.float32)))
-bad("transposed", lambda u: u.__setitem__("blocks.3.attn.proj.weight", np.ascontiguousarray(u["blocks.3.attn.proj.weight"].T)))
-bad("qk-swapped", swap_qk)
-bad("heads-swapped", swap_heads)
-bad("norms-swapped", lambda u: (rename(u, "blocks.0.norm1.weight", "x"), rename(u, "blocks.0.norm2.weight", "blocks.0.norm1.weight"), rename(u, "x", "blocks.0.norm2.weight")))
-bad("pos-shifted", lambda u: u.__setitem__("pos_embed", np.roll(u["pos_embed"], 1, axis=1)))
-bad("f64", lambda u: u.__setitem__("cls_token", u["cls_token"].astype(np.float64)))
+bad("extra", lambda u: u.__setitem__("head.weight", np.zeros((10, d), np.float32)))
+bad("transposed", put("blocks.3.attn.proj.weight", lambda w: w.T))
+# the q and k rows of one qkv weight; two heads' columns of one output projection
+bad("qk-swapped", put("blocks.1.attn.qkv.weight", lambda w: np.concatenate([w[d:2 * d], w[:d], w[2 * d:]])))
+bad("heads-swapped", put("blocks.0.attn.proj.weight", lambda w: np.concatenate([w[:, h:2 * h], w[:, :h], w[:, 2 * h:]], 1)))
+bad("norms-swapped", swap_norms)
+bad("pos-shifted", put("pos_embed", lambda p: np.roll(p, 1, axis=1)))
+bad("f64", put("cls_token", lambda c: c.astype(np.float64)))
 EOF
 img=$tmp/img1.safetensors
 for c in renamed missing extra transposed qk-swapped heads-swapped norms-swapped pos-shifted f64; do
