@@ -21,6 +21,7 @@ typedef struct eval_ctx {
   const cm_tensor *const *sources;
   cm_tensor *values;
   cm_precision precision;
+  cm_tensor *bounds; /* NULL, or n_nodes forward error bounds (F64 precision) */
   cm_err *err;
 } eval_ctx;
 
@@ -648,6 +649,477 @@ static cm_status eval_collective(eval_ctx *c, int id) {
   return eval_copy_of_input(c, id, 0);
 }
 
+/* ---- forward error bounds ---------------------------------------------- */
+
+/* A bound on how far a conforming evaluation of the graph in its own dtypes
+ * may be from the exact value, which the F64 oracle stands in for (its own
+ * error is 2^29 times smaller). The model of a conforming evaluation (what the
+ * backends promise, docs/ops.md "Error bounds"):
+ *  - every float result is rounded to its dtype (unit roundoff u = 2^-p), or
+ *    kept wider; exact ops (neg, abs, relu, max, movement) add nothing;
+ *  - a sum of n terms (reduce_sum, matmul, conv, scatter_add) accumulates in
+ *    f32 or wider, in any order, with or without FMA: error at most
+ *    gamma_n = n u / (1 - n u) times the sum of |terms| (Higham, Accuracy and
+ *    Stability of Numerical Algorithms, 2nd ed., (3.5) and Sec. 4.2);
+ *  - div, recip and sqrt within 2 u (a reciprocal times x, as simplified
+ *    kernels compute x/c); rsqrt within 3 u; exp, log, tanh, erf and pow
+ *    within FN_ROUNDINGS u (the inline f32 functions measure <= 2 ulp of the
+ *    rounded result, test_vmath; an ulp is at most 2 u);
+ *  - values below the smallest normal may be flushed: an absolute slack of
+ *    one smallest normal per rounding.
+ * An input error e propagates through an op exactly, by evaluating the op at
+ * the ends of the interval [x - e, x + e] (every unary op is monotone on its
+ * domain; binary ops are monotone in each operand where the divisor or base
+ * keeps its sign): the bound holds for any error, not only to first order.
+ * A comparison or float-to-int cast whose interval straddles its threshold
+ * may flip: its bound is the jump, and select then takes the distance
+ * between its branches. */
+
+#define FN_ROUNDINGS 8.0
+
+static double unit_roundoff(cm_dtype dt) {
+  return ldexp(1.0, -significand_bits(dt));
+}
+/* Sums of narrower floats accumulate in f32 (CPU loops, tensor-core mma). */
+static double accum_roundoff(cm_dtype dt) {
+  return dt == CM_F64 ? ldexp(1.0, -53) : ldexp(1.0, -24);
+}
+static double smallest_normal(cm_dtype dt) {
+  switch (dt) {
+  case CM_F64: return 0x1p-1022;
+  case CM_F16: return 0x1p-14;
+  default: return 0x1p-126; /* f32, bf16 */
+  }
+}
+static double gamma_n(double n, double u) {
+  double nu = n * u;
+  return nu < 0.5 ? nu / (1 - nu) : INFINITY;
+}
+
+static double bnd(const eval_ctx *c, int node, int64_t i) {
+  return cm_tensor_get_f64(&c->bounds[node], i);
+}
+static double val(const eval_ctx *c, int node, int64_t i) {
+  return get_real(&c->values[node], i);
+}
+
+/* The bound of a float result y that the op computes from inputs already
+ * off by at most prop, with `roundings` roundings of unit u on the way. */
+static double rounded(cm_dtype dt, double y, double prop, double roundings) {
+  if (!cm_dtype_is_float(dt)) return prop;
+  double u = unit_roundoff(dt);
+  return prop + roundings * u * (fabs(y) + prop) + (roundings > 0 ? smallest_normal(dt) : 0);
+}
+
+/* max |f(z) - f(x)| over z in [x - e, x + e] for a monotone f; the interval
+ * ends must lie in f's domain, or the bound is infinite. */
+static double spread1(cm_op op, double x, double e) {
+  if (e == 0) return 0;
+  double y = unary_real(op, x), lo = unary_real(op, x - e), hi = unary_real(op, x + e);
+  double d = fmax(fabs(lo - y), fabs(hi - y));
+  if (op == CM_OP_SQRT && x - e < 0) d = fmax(d, y); /* sqrt's domain ends at 0 */
+  if ((op == CM_OP_RECIP || op == CM_OP_RSQRT || op == CM_OP_LOG) && x - e <= 0 && x + e >= 0)
+    return INFINITY;
+  return isnan(d) ? INFINITY : d;
+}
+
+static double unary_roundings(cm_op op) {
+  switch (op) {
+  case CM_OP_NEG:
+  case CM_OP_ABS:
+  case CM_OP_RELU:
+  case CM_OP_STOP_GRADIENT: return 0;
+  case CM_OP_SQRT:
+  case CM_OP_RECIP: return 2;
+  case CM_OP_RSQRT: return 3;
+  case CM_OP_CAST: return 1;
+  default: return FN_ROUNDINGS; /* exp log tanh erf */
+  }
+}
+
+/* The jump of trunc (float -> int, saturating like float_to_int) over
+ * [x - e, x + e]. */
+static double trunc_spread(double x, double e, cm_dtype dt) {
+  if (e == 0) return 0;
+  double t = (double)float_to_int(x, dt);
+  return fmax(fabs((double)float_to_int(x - e, dt) - t), fabs((double)float_to_int(x + e, dt) - t));
+}
+
+static void bound_unary(eval_ctx *c, int id) {
+  const cm_node *n = &c->g->nodes[id];
+  int x = n->inputs[0];
+  cm_dtype dt = n->type.dtype, xdt = c->g->nodes[x].type.dtype;
+  int64_t numel = cm_type_numel(&n->type);
+  for (int64_t i = 0; i < numel; i++) {
+    double v = val(c, x, i), e = bnd(c, x, i), y = val(c, id, i), b;
+    if (n->op == CM_OP_CAST || n->op == CM_OP_STOP_GRADIENT) {
+      if (is_int(dt) && cm_dtype_is_float(xdt))
+        b = trunc_spread(v, e, dt);
+      else if (dt == CM_BOOL)
+        b = e == 0 ? 0 : (v - e <= 0 && v + e >= 0) ? 1 : 0;
+      else if (n->op == CM_OP_CAST && cm_dtype_is_float(dt) &&
+               (is_int(xdt) || xdt == CM_BOOL || significand_bits(dt) < significand_bits(xdt)))
+        b = rounded(dt, y, e, 1);
+      else
+        b = e;
+    } else if (!cm_dtype_is_float(dt)) {
+      b = e == 0 ? 0 : fabs(unary_real(n->op, v + e) - y) + fabs(unary_real(n->op, v - e) - y);
+    } else {
+      b = rounded(dt, y, spread1(n->op, v, e), unary_roundings(n->op));
+    }
+    cm_tensor_set_f64(&c->bounds[id], i, b);
+  }
+}
+
+/* max |op(a', b') - op(a, b)| over the operand intervals: the corners, and
+ * a zero base for pow (where x^even has its minimum). */
+static double spread2(cm_op op, double a, double ea, double b, double eb) {
+  if (ea == 0 && eb == 0) return 0;
+  switch (op) {
+  case CM_OP_ADD:
+  case CM_OP_SUB: return ea + eb;
+  case CM_OP_MUL: return fabs(a) * eb + fabs(b) * ea + ea * eb;
+  case CM_OP_MAX:
+  case CM_OP_MIN: return fmax(ea, eb);
+  case CM_OP_DIV:
+    if (b - eb <= 0 && b + eb >= 0) return INFINITY;
+    break;
+  case CM_OP_POW:
+    if (eb > 0 && a - ea <= 0) return INFINITY; /* a varying exponent needs a positive base */
+    break;
+  default: break;
+  }
+  double y = binary_real(op, a, b), d = 0;
+  const double as[3] = {a - ea, a + ea, 0}, bs[2] = {b - eb, b + eb};
+  int n_a = op == CM_OP_POW && a - ea < 0 && a + ea > 0 ? 3 : 2;
+  for (int i = 0; i < n_a; i++)
+    for (int j = 0; j < 2; j++) d = fmax(d, fabs(binary_real(op, as[i], bs[j]) - y));
+  return isnan(d) ? INFINITY : d;
+}
+
+/* Can the comparison flip when each operand moves within its bound? */
+static bool compare_uncertain(cm_op op, double a, double ea, double b, double eb) {
+  if (ea == 0 && eb == 0) return false;
+  double gap = a - b, slack = ea + eb;
+  if (op == CM_OP_EQ || op == CM_OP_NE) return fabs(gap) <= slack;
+  return fabs(gap) <= slack; /* lt, le: the sign of a - b can change */
+}
+
+static void bound_binary(eval_ctx *c, int id) {
+  const cm_node *n = &c->g->nodes[id];
+  int a = n->inputs[0], b = n->inputs[1];
+  cm_dtype dt = n->type.dtype;
+  int64_t numel = cm_type_numel(&n->type);
+  double roundings = n->op == CM_OP_MAX || n->op == CM_OP_MIN ? 0
+                     : n->op == CM_OP_DIV                     ? 2
+                     : n->op == CM_OP_POW                     ? FN_ROUNDINGS
+                                                              : 1;
+  for (int64_t i = 0; i < numel; i++) {
+    double va = val(c, a, i), ea = bnd(c, a, i), vb = val(c, b, i), eb = bnd(c, b, i), r;
+    if (compare_op(n->op)) {
+      r = compare_uncertain(n->op, va, ea, vb, eb) ? 1 : 0;
+    } else {
+      double y = val(c, id, i), k = roundings;
+      /* pow computed as exp(b log a) loses |b log a| more roundings */
+      if (n->op == CM_OP_POW && va > 0) k += fabs(vb * log(va));
+      r = rounded(dt, y, spread2(n->op, va, ea, vb, eb), k);
+    }
+    cm_tensor_set_f64(&c->bounds[id], i, r);
+  }
+}
+
+static void bound_select(eval_ctx *c, int id) {
+  const cm_node *n = &c->g->nodes[id];
+  int cond = n->inputs[0], a = n->inputs[1], b = n->inputs[2];
+  int64_t numel = cm_type_numel(&n->type);
+  for (int64_t i = 0; i < numel; i++) {
+    double ea = bnd(c, a, i), eb = bnd(c, b, i), r;
+    if (bnd(c, cond, i) == 0)
+      r = val(c, cond, i) != 0 ? ea : eb;
+    else /* either branch may be taken */
+      r = fabs(val(c, a, i) - val(c, b, i)) + fmax(ea, eb);
+    cm_tensor_set_f64(&c->bounds[id], i, r);
+  }
+}
+
+/* A sum's bound: what its terms carry plus gamma_n of the sum of |terms|
+ * (each term widened by its own bound). */
+static double sum_bound(cm_dtype dt, double y, double n_terms, double abs_sum, double prop) {
+  if (!cm_dtype_is_float(dt)) return prop;
+  double acc = gamma_n(n_terms, accum_roundoff(dt)) * (abs_sum + prop);
+  double store = significand_bits(dt) < 24 ? 1 : 0; /* bf16/f16 store after an f32 sum */
+  return rounded(dt, y, prop + acc, store) + n_terms * smallest_normal(dt);
+}
+
+static cm_status bound_reduce(eval_ctx *c, int id) {
+  const cm_node *n = &c->g->nodes[id];
+  int x = n->inputs[0];
+  const cm_type *xt = &c->g->nodes[x].type;
+  int64_t out_numel = cm_type_numel(&n->type), numel = cm_type_numel(xt);
+  /* the same output map as eval_reduce */
+  bool reduced[CM_MAX_RANK] = {false};
+  for (int k = 0; k < n->attrs.n_axes && k < CM_MAX_RANK; k++) {
+    int ax = normalize_axis(n->attrs.axes[k], xt->rank);
+    if (ax >= 0 && ax < xt->rank) reduced[ax] = true;
+  }
+  cm_type ot = n->type;
+  int64_t out_strides[CM_MAX_RANK], map[CM_MAX_RANK], coords[CM_MAX_RANK];
+  cm_type_strides(&ot, out_strides);
+  for (int ax = 0, oa = 0; ax < xt->rank; ax++) {
+    map[ax] = reduced[ax] ? 0 : out_strides[oa];
+    if (!reduced[ax] || n->attrs.keepdims) oa++;
+  }
+  double *abs_sum = calloc((size_t)out_numel, sizeof *abs_sum);
+  double *prop = calloc((size_t)out_numel, sizeof *prop);
+  if (!abs_sum || !prop) {
+    free(abs_sum), free(prop);
+    return node_fail(c, id, CM_EINTERNAL, "out of memory");
+  }
+  bool is_max = n->op == CM_OP_REDUCE_MAX;
+  for (int64_t i = 0; i < numel; i++) {
+    unravel(i, xt, coords);
+    int64_t o = 0;
+    for (int ax = 0; ax < xt->rank; ax++) o += coords[ax] * map[ax];
+    double e = bnd(c, x, i);
+    if (is_max) {
+      prop[o] = fmax(prop[o], e); /* max is 1-Lipschitz in the sup norm */
+    } else {
+      prop[o] += e;
+      abs_sum[o] += fabs(val(c, x, i));
+    }
+  }
+  double terms = out_numel ? (double)(numel / out_numel) : 0;
+  for (int64_t o = 0; o < out_numel; o++)
+    cm_tensor_set_f64(&c->bounds[id], o,
+                      is_max ? prop[o]
+                             : sum_bound(n->type.dtype, val(c, id, o), terms, abs_sum[o], prop[o]));
+  free(abs_sum), free(prop);
+  return CM_OK;
+}
+
+/* Movement ops carry each element's bound with it; pad's fill value and a
+ * concat or gather are exact copies. Recomputes the source index like
+ * eval_movement/eval_concat/eval_gather. */
+static void bound_movement(eval_ctx *c, int id) {
+  const cm_node *n = &c->g->nodes[id];
+  const cm_attrs *at = &n->attrs;
+  int x = n->inputs[0];
+  const cm_type *xt = &c->g->nodes[x].type, *ot = &n->type;
+  int64_t numel = cm_type_numel(ot), coords[CM_MAX_RANK], src[CM_MAX_RANK];
+  int rank = ot->rank, xrank = xt->rank;
+  double fill =
+      cm_dtype_is_float(ot->dtype) ? fabs(cm_round_to_dtype(at->value, ot->dtype) - at->value) : 0;
+  for (int64_t i = 0; i < numel; i++) {
+    unravel(i, ot, coords);
+    bool inside = true;
+    int64_t si = i;
+    switch (n->op) {
+    case CM_OP_PERMUTE:
+      for (int k = 0; k < rank; k++) src[at->perm[k]] = coords[k];
+      si = ravel(src, xt);
+      break;
+    case CM_OP_BROADCAST:
+      for (int k = 0; k < xrank; k++) src[k] = xt->dims[k] == 1 ? 0 : coords[k + rank - xrank];
+      si = ravel(src, xt);
+      break;
+    case CM_OP_SLICE:
+      for (int k = 0; k < rank; k++) src[k] = at->start[k] + coords[k] * at->step[k];
+      si = ravel(src, xt);
+      break;
+    case CM_OP_PAD:
+      for (int k = 0; k < rank; k++) {
+        src[k] = coords[k] - at->lo[k];
+        if (src[k] < 0 || src[k] >= xt->dims[k]) inside = false;
+      }
+      if (inside) si = ravel(src, xt);
+      break;
+    case CM_OP_CONCAT: {
+      int axis = normalize_axis(at->axis, rank), k = 0;
+      x = n->inputs[0];
+      while (coords[axis] >= c->g->nodes[x].type.dims[axis] && k + 1 < n->n_inputs) {
+        coords[axis] -= c->g->nodes[x].type.dims[axis];
+        x = n->inputs[++k];
+      }
+      si = ravel(coords, &c->g->nodes[x].type);
+      break;
+    }
+    case CM_OP_GATHER: {
+      int axis = normalize_axis(at->axis, c->g->nodes[n->inputs[0]].type.rank);
+      int index = n->inputs[1];
+      if (bnd(c, index, i) != 0) { /* an uncertain index may fetch any element */
+        cm_tensor_set_f64(&c->bounds[id], i, INFINITY);
+        continue;
+      }
+      coords[axis] = cm_tensor_get_i64(&c->values[index], i);
+      si = ravel(coords, xt);
+      break;
+    }
+    default: break; /* reshape, copies: same row-major order */
+    }
+    cm_tensor_set_f64(&c->bounds[id], i, inside ? bnd(c, x, si) : fill);
+  }
+}
+
+static cm_status bound_scatter_add(eval_ctx *c, int id) {
+  const cm_node *n = &c->g->nodes[id];
+  int base = n->inputs[0], index = n->inputs[1], upd = n->inputs[2];
+  const cm_type *bt = &c->g->nodes[base].type, *it = &c->g->nodes[index].type;
+  int axis = normalize_axis(n->attrs.axis, bt->rank);
+  int64_t out_numel = cm_type_numel(&n->type), numel = cm_type_numel(it), coords[CM_MAX_RANK];
+  double *abs_sum = calloc((size_t)out_numel, sizeof *abs_sum);
+  double *prop = calloc((size_t)out_numel, sizeof *prop);
+  double *terms = calloc((size_t)out_numel, sizeof *terms);
+  if (!abs_sum || !prop || !terms) {
+    free(abs_sum), free(prop), free(terms);
+    return node_fail(c, id, CM_EINTERNAL, "out of memory");
+  }
+  for (int64_t o = 0; o < out_numel; o++)
+    abs_sum[o] = fabs(val(c, base, o)), prop[o] = bnd(c, base, o), terms[o] = 1;
+  bool uncertain = false;
+  for (int64_t i = 0; i < numel; i++) {
+    uncertain |= bnd(c, index, i) != 0;
+    unravel(i, it, coords);
+    coords[axis] = cm_tensor_get_i64(&c->values[index], i);
+    int64_t o = ravel(coords, bt);
+    abs_sum[o] += fabs(val(c, upd, i)), prop[o] += bnd(c, upd, i), terms[o] += 1;
+  }
+  for (int64_t o = 0; o < out_numel; o++)
+    cm_tensor_set_f64(&c->bounds[id], o,
+                      uncertain
+                          ? INFINITY
+                          : sum_bound(n->type.dtype, val(c, id, o), terms[o], abs_sum[o], prop[o]));
+  free(abs_sum), free(prop), free(terms);
+  return CM_OK;
+}
+
+static void bound_matmul(eval_ctx *c, int id) {
+  const cm_node *n = &c->g->nodes[id];
+  int ia = n->inputs[0], ib = n->inputs[1];
+  const cm_tensor *a = &c->values[ia], *b = &c->values[ib];
+  const cm_tensor *ea = &c->bounds[ia], *eb = &c->bounds[ib];
+  int ra = a->type.rank, rb = b->type.rank, r = n->type.rank;
+  bool ta = n->attrs.transpose_a, tb = n->attrs.transpose_b;
+  int64_t sa[CM_MAX_RANK], sb[CM_MAX_RANK], coords[CM_MAX_RANK];
+  cm_type_strides(&a->type, sa);
+  cm_type_strides(&b->type, sb);
+  int64_t a_m = ta ? sa[ra - 1] : sa[ra - 2], a_k = ta ? sa[ra - 2] : sa[ra - 1];
+  int64_t b_k = tb ? sb[rb - 1] : sb[rb - 2], b_n = tb ? sb[rb - 2] : sb[rb - 1];
+  int64_t K = ta ? a->type.dims[ra - 2] : a->type.dims[ra - 1];
+  int64_t numel = cm_type_numel(&n->type);
+  for (int64_t i = 0; i < numel; i++) {
+    unravel(i, &n->type, coords);
+    int64_t ao = batch_offset(a, coords, r) + coords[r - 2] * a_m;
+    int64_t bo = batch_offset(b, coords, r) + coords[r - 1] * b_n;
+    double abs_sum = 0, prop = 0;
+    for (int64_t k = 0; k < K; k++) {
+      double x = fabs(get_real(a, ao + k * a_k)), y = fabs(get_real(b, bo + k * b_k));
+      double ex = cm_tensor_get_f64(ea, ao + k * a_k), ey = cm_tensor_get_f64(eb, bo + k * b_k);
+      abs_sum += x * y;
+      prop += x * ey + y * ex + ex * ey;
+    }
+    cm_tensor_set_f64(&c->bounds[id], i,
+                      sum_bound(n->type.dtype, val(c, id, i), (double)K, abs_sum, prop));
+  }
+}
+
+/* conv_accumulate's loops, summing per output |term|, the terms' carried
+ * bounds and their count (taps in the padding are not terms). */
+static void bound_conv(eval_ctx *c, int id) {
+  const cm_node *n = &c->g->nodes[id];
+  int i0 = n->inputs[0], i1 = n->inputs[1];
+  const cm_tensor *in0 = &c->values[i0], *in1 = &c->values[i1];
+  const cm_tensor *e0 = &c->bounds[i0], *e1 = &c->bounds[i1];
+  const cm_type *x = &in0->type, *w = &in1->type, *y = &n->type;
+  if (n->op == CM_OP_CONV2D_GRAD_INPUT) x = &n->type, w = &in1->type, y = &in0->type;
+  if (n->op == CM_OP_CONV2D_GRAD_WEIGHT) x = &in0->type, w = &n->type, y = &in1->type;
+  conv_geom q = conv_geom_make(x, w, y, &n->attrs);
+  int64_t numel = cm_type_numel(&n->type);
+  double *abs_sum = calloc((size_t)numel, sizeof *abs_sum);
+  double *prop = calloc((size_t)numel, sizeof *prop);
+  double *terms = calloc((size_t)numel, sizeof *terms);
+  if (abs_sum && prop && terms)
+    for (int64_t nb = 0; nb < q.N; nb++)
+      for (int64_t o = 0; o < q.O; o++)
+        for (int64_t i = 0; i < q.OH; i++)
+          for (int64_t j = 0; j < q.OW; j++)
+            for (int64_t ch = 0; ch < q.Cg; ch++)
+              for (int64_t u = 0; u < q.KH; u++)
+                for (int64_t v = 0; v < q.KW; v++) {
+                  int64_t h = i * q.sh - q.ph + u * q.dh, wc = j * q.sw - q.pw + v * q.dw;
+                  if (h < 0 || h >= q.H || wc < 0 || wc >= q.W) continue;
+                  int64_t cin = (o / q.Og) * q.Cg + ch;
+                  int64_t xi = ((nb * q.C + cin) * q.H + h) * q.W + wc;
+                  int64_t wi = ((o * q.Cg + ch) * q.KH + u) * q.KW + v;
+                  int64_t yi = ((nb * q.O + o) * q.OH + i) * q.OW + j;
+                  int64_t k0, k1, out;
+                  switch (n->op) {
+                  case CM_OP_CONV2D: k0 = xi, k1 = wi, out = yi; break;
+                  case CM_OP_CONV2D_GRAD_INPUT: k0 = yi, k1 = wi, out = xi; break;
+                  default: k0 = xi, k1 = yi, out = wi; break;
+                  }
+                  double p = fabs(get_real(in0, k0)), r = fabs(get_real(in1, k1));
+                  double ep = cm_tensor_get_f64(e0, k0), er = cm_tensor_get_f64(e1, k1);
+                  abs_sum[out] += p * r;
+                  prop[out] += p * er + r * ep + ep * er;
+                  terms[out] += 1;
+                }
+  for (int64_t i = 0; i < numel; i++)
+    cm_tensor_set_f64(&c->bounds[id], i,
+                      abs_sum && prop && terms
+                          ? sum_bound(n->type.dtype, val(c, id, i), terms[i], abs_sum[i], prop[i])
+                          : INFINITY);
+  free(abs_sum), free(prop), free(terms);
+}
+
+/* Sources and constants are exact once rounded to their dtype. */
+static void bound_exact_after_rounding(eval_ctx *c, int id) {
+  const cm_node *n = &c->g->nodes[id];
+  int64_t numel = cm_type_numel(&n->type);
+  for (int64_t i = 0; i < numel; i++) {
+    double v = val(c, id, i);
+    double r = cm_dtype_is_float(n->type.dtype) ? fabs(cm_round_to_dtype(v, n->type.dtype) - v) : 0;
+    cm_tensor_set_f64(&c->bounds[id], i, isnan(r) ? 0 : r);
+  }
+}
+
+static void bound_copy(eval_ctx *c, int id, int k) {
+  int x = c->g->nodes[id].inputs[k];
+  int64_t numel = cm_type_numel(&c->g->nodes[id].type);
+  for (int64_t i = 0; i < numel; i++) cm_tensor_set_f64(&c->bounds[id], i, bnd(c, x, i));
+}
+
+static cm_status bound_node(eval_ctx *c, int id) {
+  const cm_node *n = &c->g->nodes[id];
+  cm_type bt = n->type;
+  bt.dtype = CM_F64;
+  cm_status st = cm_tensor_alloc(&c->bounds[id], bt, c->err);
+  if (st) return st;
+  switch (cm_op_get_info(n->op)->category) {
+  case CM_CAT_SOURCE: bound_exact_after_rounding(c, id); return CM_OK;
+  case CM_CAT_MOVEMENT:
+    if (n->op == CM_OP_SCATTER_ADD) return bound_scatter_add(c, id);
+    bound_movement(c, id);
+    return CM_OK;
+  case CM_CAT_REDUCE: return bound_reduce(c, id);
+  case CM_CAT_CONTRACTION:
+    if (n->op == CM_OP_MATMUL)
+      bound_matmul(c, id);
+    else
+      bound_conv(c, id);
+    return CM_OK;
+  case CM_CAT_COLLECTIVE: bound_copy(c, id, 0); return CM_OK;
+  case CM_CAT_UPDATE: bound_copy(c, id, 1); return CM_OK;
+  default: break;
+  }
+  if (n->op == CM_OP_SELECT)
+    bound_select(c, id);
+  else if (n->n_inputs == 1)
+    bound_unary(c, id);
+  else
+    bound_binary(c, id);
+  return CM_OK;
+}
+
 /* ---- driver ------------------------------------------------------------ */
 
 /* The oracle trusts a verified graph, but an unverified one must not make it
@@ -742,18 +1214,36 @@ static cm_status eval_node(eval_ctx *c, int id) {
   return node_fail(c, id, CM_EINTERNAL, "the oracle has no rule for this op");
 }
 
-cm_status cm_eval(const cm_graph *g, const cm_tensor *const *sources, cm_tensor *values,
-                  const cm_eval_opts *opts, cm_err *err) {
+static cm_status eval_graph(const cm_graph *g, const cm_tensor *const *sources, cm_tensor *values,
+                            const cm_eval_opts *opts, cm_tensor *bounds, cm_err *err) {
   if (!g || (!values && g->n_nodes > 0))
     return cm_errorf(err, CM_EINTERNAL, "cm_eval: graph and values are required");
-  eval_ctx c = {g, sources, values, opts ? opts->precision : CM_PRECISION_NATIVE, err};
+  eval_ctx c = {g, sources, values, opts ? opts->precision : CM_PRECISION_NATIVE, bounds, err};
   if (g->n_nodes > 0) memset(values, 0, sizeof *values * (size_t)g->n_nodes);
+  if (c.bounds && g->n_nodes > 0) memset(c.bounds, 0, sizeof *c.bounds * (size_t)g->n_nodes);
   for (int id = 0; id < g->n_nodes; id++) {
     cm_status st = eval_node(&c, id);
+    if (st == CM_OK && c.bounds) st = bound_node(&c, id);
     if (st == CM_OK) continue;
-    for (int k = 0; k <= id; k++) cm_tensor_free(&values[k]);
+    for (int k = 0; k <= id; k++) {
+      cm_tensor_free(&values[k]);
+      if (c.bounds) cm_tensor_free(&c.bounds[k]);
+    }
     memset(values, 0, sizeof *values * (size_t)g->n_nodes);
     return st;
   }
   return CM_OK;
+}
+
+cm_status cm_eval(const cm_graph *g, const cm_tensor *const *sources, cm_tensor *values,
+                  const cm_eval_opts *opts, cm_err *err) {
+  return eval_graph(g, sources, values, opts, NULL, err);
+}
+
+cm_status cm_eval_bounded(const cm_graph *g, const cm_tensor *const *sources, cm_tensor *values,
+                          cm_tensor *bounds, cm_err *err) {
+  if (!bounds && g && g->n_nodes > 0)
+    return cm_errorf(err, CM_EINTERNAL, "cm_eval_bounded: bounds are required");
+  cm_eval_opts o = {CM_PRECISION_F64};
+  return eval_graph(g, sources, values, &o, bounds, err);
 }

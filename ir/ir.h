@@ -356,5 +356,14 @@ typedef struct cm_eval_opts {
  * freed. */
 cm_status cm_eval(const cm_graph *g, const cm_tensor *const *sources, cm_tensor *values,
                   const cm_eval_opts *opts, cm_err *err);
+/* cm_eval in F64 precision that also fills bounds (g->n_nodes entries): for
+ * every node an f64 tensor of its shape whose elements bound how far any
+ * conforming evaluation of the graph in its own dtypes (f32, bf16, ...) may
+ * land from the value computed here, whatever its summation order, vector
+ * width or FMA contraction: a forward error bound propagated node by node
+ * (docs/ops.md, "Error bounds"). The backends are tested against it. The
+ * caller frees values and bounds with cm_tensor_free. */
+cm_status cm_eval_bounded(const cm_graph *g, const cm_tensor *const *sources, cm_tensor *values,
+                          cm_tensor *bounds, cm_err *err);
 
 #endif

@@ -166,6 +166,15 @@ cm_status cm_plan_verify(const cm_graph *g, const cm_plan *p, cm_err *err);
  * (only group outputs and graph outputs are kept; other entries left empty). */
 cm_status cm_plan_eval(const cm_graph *g, const cm_plan *p, const cm_tensor *const *sources,
                        cm_tensor *values, const cm_eval_opts *opts, cm_err *err);
+/* Evaluates group gi alone in F64 with forward error bounds (cm_eval_bounded)
+ * that start from exact inputs: its fed sources from sources[v], its other
+ * inputs from values[v] (node ids of g: what another evaluator, e.g. a
+ * backend, computed). On success values[v] and bounds[v] hold every output v
+ * of the group (replacing what was there). How a backend's kernel is checked
+ * on its own inputs, with no error carried in from the kernels before it. */
+cm_status cm_plan_eval_group_bounded(const cm_graph *g, const cm_plan *p, int gi,
+                                     const cm_tensor *const *sources, cm_tensor *values,
+                                     cm_tensor *bounds, cm_err *err);
 /* Prints the plan: one line per group in order (kind, nodes, inputs, outputs,
  * and offsets when planned), then the arena figures. */
 void cm_plan_print(const cm_graph *g, const cm_plan *p, FILE *out);

@@ -521,27 +521,40 @@ static int copy_node(cm_graph *sub, const cm_graph *g, int v, const int *map, cm
 /* Evaluates sub with the given sources and moves the values of wanted[] (ids
  * in g, mapped by map) into values. */
 static cm_status eval_sub(const cm_graph *sub, const cm_tensor **sub_sources, const int *wanted,
-                          int n_wanted, const int *map, cm_tensor *values, const cm_eval_opts *opts,
-                          cm_err *err) {
+                          int n_wanted, const int *map, cm_tensor *values, cm_tensor *bounds,
+                          const cm_eval_opts *opts, cm_err *err) {
   cm_tensor *sub_values = calloc((size_t)sub->n_nodes + 1, sizeof *sub_values);
-  if (!sub_values) return cm_errorf(err, CM_EINTERNAL, "plan-eval: out of memory");
-  cm_status st = cm_eval(sub, sub_sources, sub_values, opts, err);
+  cm_tensor *sub_bounds = bounds ? calloc((size_t)sub->n_nodes + 1, sizeof *sub_bounds) : NULL;
+  if (!sub_values || (bounds && !sub_bounds)) {
+    free(sub_values), free(sub_bounds);
+    return cm_errorf(err, CM_EINTERNAL, "plan-eval: out of memory");
+  }
+  cm_status st = bounds ? cm_eval_bounded(sub, sub_sources, sub_values, sub_bounds, err)
+                        : cm_eval(sub, sub_sources, sub_values, opts, err);
   if (!st) {
     for (int k = 0; k < n_wanted; k++) {
       int v = wanted[k];
       cm_tensor_free(&values[v]);
       values[v] = sub_values[map[v]];
       sub_values[map[v]].data = NULL;
+      if (bounds) {
+        cm_tensor_free(&bounds[v]);
+        bounds[v] = sub_bounds[map[v]];
+        sub_bounds[map[v]].data = NULL;
+      }
     }
-    for (int i = 0; i < sub->n_nodes; i++) cm_tensor_free(&sub_values[i]);
+    for (int i = 0; i < sub->n_nodes; i++) {
+      cm_tensor_free(&sub_values[i]);
+      if (sub_bounds) cm_tensor_free(&sub_bounds[i]);
+    }
   }
-  free(sub_values);
+  free(sub_values), free(sub_bounds);
   return st;
 }
 
 static cm_status eval_group(const cm_graph *g, const cm_plan *p, int gi,
-                            const cm_tensor *const *sources, cm_tensor *values, int *map,
-                            const cm_eval_opts *opts, cm_err *err) {
+                            const cm_tensor *const *sources, cm_tensor *values, cm_tensor *bounds,
+                            int *map, const cm_eval_opts *opts, cm_err *err) {
   const cm_group *gr = &p->groups[gi];
   cm_graph *sub = cm_graph_new();
   int cap = gr->n_inputs + gr->n_nodes + 1;
@@ -604,7 +617,8 @@ static cm_status eval_group(const cm_graph *g, const cm_plan *p, int gi,
       st = cm_errorf(err, CM_EINVALID, "plan-eval: group %d: output %d is not one of its nodes", gi,
                      v);
   }
-  if (!st) st = eval_sub(sub, sub_sources, gr->outputs, gr->n_outputs, map, values, opts, err);
+  if (!st)
+    st = eval_sub(sub, sub_sources, gr->outputs, gr->n_outputs, map, values, bounds, opts, err);
   if (st) cm_err_prefix(err, "group %d (%s): ", gi, cm_group_kind_name(gr->kind));
   /* reset the map for the next group */
   for (int k = 0; k < gr->n_inputs; k++)
@@ -640,7 +654,8 @@ static cm_status eval_source_outputs(const cm_graph *g, const cm_tensor *const *
     sub_sources[id] = sources ? sources[v] : NULL;
     wanted[n_wanted++] = v;
   }
-  if (!st && n_wanted) st = eval_sub(sub, sub_sources, wanted, n_wanted, map, values, opts, err);
+  if (!st && n_wanted)
+    st = eval_sub(sub, sub_sources, wanted, n_wanted, map, values, NULL, opts, err);
   for (int k = 0; k < n_wanted; k++) map[wanted[k]] = -1;
   cm_graph_free(sub);
   free(wanted);
@@ -667,11 +682,28 @@ cm_status cm_plan_eval(const cm_graph *g, const cm_plan *p, const cm_tensor *con
     if (gi < 0 || gi >= p->n_groups)
       st = cm_errorf(err, CM_EINVALID, "plan-eval: order[%d] = %d is not a group", k, gi);
     else
-      st = eval_group(g, p, gi, sources, values, map, opts, err);
+      st = eval_group(g, p, gi, sources, values, NULL, map, opts, err);
   }
   free(map);
   if (st)
     for (int v = 0; v < n; v++) cm_tensor_free(&values[v]);
+  return st;
+}
+
+cm_status cm_plan_eval_group_bounded(const cm_graph *g, const cm_plan *p, int gi,
+                                     const cm_tensor *const *sources, cm_tensor *values,
+                                     cm_tensor *bounds, cm_err *err) {
+  if (!g || !p || !values || !bounds)
+    return cm_errorf(err, CM_EINTERNAL, "plan-eval: graph, plan, values and bounds are required");
+  if (p->n_nodes != g->n_nodes || gi < 0 || gi >= p->n_groups)
+    return cm_errorf(err, CM_EINVALID, "plan-eval: group %d of a plan for %d nodes (graph: %d)", gi,
+                     p->n_nodes, g->n_nodes);
+  int *map = malloc(sizeof(int) * ((size_t)g->n_nodes + 1));
+  if (!map) return cm_errorf(err, CM_EINTERNAL, "plan-eval: out of memory");
+  for (int v = 0; v < g->n_nodes; v++) map[v] = -1;
+  cm_eval_opts o = {CM_PRECISION_F64};
+  cm_status st = eval_group(g, p, gi, sources, values, bounds, map, &o, err);
+  free(map);
   return st;
 }
 

@@ -475,7 +475,11 @@ CM_NO_SANITIZE_FUNCTION static void run_stage(cm_cpu_stage_fn fn, char *const *b
 
 const void *cm_cpu_program_output(const cm_cpu_program *pr, int j) {
   if (j < 0 || j >= pr->g->n_outputs) return NULL;
-  int id = pr->out_id[j];
+  return cm_cpu_program_value(pr, pr->out_id[j]);
+}
+
+const void *cm_cpu_program_value(const cm_cpu_program *pr, int id) {
+  if (id < 0 || id >= pr->rg->n_nodes) return NULL;
   const cm_node *n = &pr->rg->nodes[id];
   if (is_source(n)) return pr->src_ptr[id];
   if (n->op == CM_OP_ASSIGN) return pr->src_ptr[n->inputs[0]];

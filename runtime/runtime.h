@@ -65,6 +65,12 @@ cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_t
  * source it was assigned to), valid until the next run or free; NULL for an
  * output that is a constant, or j out of range. Its type is graph output j's. */
 const void *cm_cpu_program_output(const cm_cpu_program *pr, int j);
+/* Where node v of the program's graph (cm_cpu_program_graph) lies after the
+ * last run: a source's or an assigned state's buffer, or the arena buffer of
+ * the kernel that writes it (valid until a later buffer of the memory plan
+ * reuses the place: all of them with a plan that reuses none); NULL for a
+ * value no kernel writes to memory. */
+const void *cm_cpu_program_value(const cm_cpu_program *pr, int v);
 void cm_cpu_program_stats(const cm_cpu_program *pr, cm_cpu_stats *out);
 /* With opts->profile: per kernel, total ms over all runs and the number of runs. */
 typedef struct cm_kernel_profile {
