@@ -445,9 +445,11 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
         t.cfg.name, (long long)r->n_params, (long long)r->dataset_size,
         (long long)r->steps_per_epoch, t.cfg.optimizer.batch, (long long)start + 1,
         (long long)r->total_steps, (long long)sched.total_iters);
-    fprintf(o->log, "lr peak %.4g (base %.4g x %d / 256), warmup %lld steps; backend %s",
+    fprintf(o->log,
+            "lr peak %.4g (base %.4g x %d / 256), warmup %lld steps; %d data worker%s; backend %s",
             sched.peak_lr, t.cfg.optimizer.base_lr, t.cfg.optimizer.batch,
-            (long long)sched.warmup_iters, o->backend == CM_TRAIN_REF ? "ref" : "cpu");
+            (long long)sched.warmup_iters, t.cfg.train.workers, t.cfg.train.workers == 1 ? "" : "s",
+            o->backend == CM_TRAIN_REF ? "ref" : "cpu");
     if (t.prog) {
       cm_cpu_stats cs;
       cm_cpu_program_stats(t.prog, &cs);

@@ -122,7 +122,8 @@ int cmd_pretrain(int argc, char **argv) {
     case 4: o.batch = (int)v; break;
     case 8: o.threads = (int)v; break;
     case 10: o.log_every = v; break;
-    default: o.keep = (int)v; break;
+    case 14: o.keep = (int)v; break;
+    default: break; /* --workers, --ckpt-every: config keys, set below */
     }
   }
   if (opts[2].given && opts[3].given) {

@@ -1,0 +1,67 @@
+# tests/cli/train_inputs.sh CMAEC SOURCE_ROOT — cmaec train's options and the
+# inputs it must refuse early: each option lands where it should, progress
+# lines, resume below the checkpoint, the output directory, image sizes and
+# the worker count (a tiny CMAE variant on the ref backend, a small folder).
+set -u
+cmaec=$1
+root=$2
+. "$root/tests/cli/lib.bash"
+
+# pngs DIR N SIDE: N gray SIDE x SIDE PNGs in 3 classes (a bright box on noise)
+pngs() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import os, random, struct, sys, zlib
+random.seed(5)
+root, n, side = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def chunk(t, d):
+    return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+for k in range(n):
+    d = os.path.join(root, "c%d" % (k % 3))
+    os.makedirs(d, exist_ok=True)
+    y0, x0 = random.randrange(side // 2), random.randrange(side // 2)
+    rows = b""
+    for y in range(side):
+        rows += b"\0" + bytes((160 if y0 <= y < y0 + side // 2 and x0 <= x < x0 + side // 2 else 0)
+                              + random.randrange(90) for x in range(side))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    open(os.path.join(d, "%02d.png" % k), "wb").write(png)
+PY
+}
+pngs "$tmp/folder" 21 28
+
+model="$root/models/cmae_vit_tiny_fmnist.json"
+tiny=(--set encoder.width=16 --set encoder.depth=1 --set encoder.heads=2
+  --set pixel_decoder.width=16 --set pixel_decoder.depth=1 --set pixel_decoder.heads=2
+  --set feature_decoder.width=16 --set feature_decoder.depth=1 --set feature_decoder.heads=2
+  --set projector.hidden=32 --set projector.out=16 --set predictor.hidden=32
+  --set predictor.out=16 --set data.image_size=16 --set data.master_size=20
+  --set schedule.warmup_epochs=0 --set optimizer.base_lr=0.1
+  --batch 8 --backend ref --data "$tmp/folder" --seed 11)
+
+# checkpoints RUN: the steps of the checkpoints kept in RUN, ascending
+checkpoints() {
+  ls "$1" | sed -n 's/^ckpt-\([0-9]*\)\.safetensors$/\1/p' | sort -n | tr '\n' ' '
+}
+
+# --- each option lands where it should: --ckpt-every N and --workers N used to set --keep N
+expect_ok "$cmaec" train "$model" "${tiny[@]}" --steps 4 --ckpt-every 1 --out "$tmp/ce"
+[ "$(checkpoints "$tmp/ce")" = "2 3 4 " ] ||
+  bad "--ckpt-every 1: kept checkpoints $(checkpoints "$tmp/ce"), expected the default --keep 3"
+expect_ok "$cmaec" train "$model" "${tiny[@]}" --steps 4 --workers 1 --set train.ckpt_every=1 \
+  --out "$tmp/wk"
+[ "$(checkpoints "$tmp/wk")" = "2 3 4 " ] ||
+  bad "--workers 1: kept checkpoints $(checkpoints "$tmp/wk"), expected the default --keep 3"
+grep -q "1 data worker" "$tmp/out" || bad "--workers 1: not reported: $(head -c 400 "$tmp/out")"
+expect_ok "$cmaec" train "$model" "${tiny[@]}" --steps 4 --ckpt-every 2 --keep 1 --workers 3 \
+  --out "$tmp/kp"
+[ "$(checkpoints "$tmp/kp")" = "4 " ] || bad "--keep 1: kept checkpoints $(checkpoints "$tmp/kp")"
+grep -q "3 data workers" "$tmp/out" || bad "--workers 3: not reported: $(head -c 400 "$tmp/out")"
+python3 - "$tmp/kp/ckpt-4.safetensors" <<'PY' || bad "--ckpt-every 2 --workers 3: not in the checkpoint's config"
+import json, struct, sys
+f = open(sys.argv[1], "rb")
+n = struct.unpack("<Q", f.read(8))[0]
+cfg = json.loads(json.loads(f.read(n))["__metadata__"]["config"])
+sys.exit(not (cfg["train"]["ckpt_every"] == 2 and cfg["train"]["workers"] == 3))
+PY
+finish
