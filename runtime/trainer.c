@@ -532,7 +532,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
     r->loss_rc = lrc;
     r->loss_ct = lct;
     r->images_per_s = ips;
-    if (o->log) cm_progress_update(&prog, step, loss);
+    if (o->log) cm_progress_update(&prog, step - 1, loss); /* 0-based: the step just run */
     bool stopping = o->stop && *o->stop;
     if (stopping || step == r->total_steps ||
         (t.cfg.train.ckpt_every > 0 && step % t.cfg.train.ckpt_every == 0)) {

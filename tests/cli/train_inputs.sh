@@ -64,4 +64,16 @@ n = struct.unpack("<Q", f.read(8))[0]
 cfg = json.loads(json.loads(f.read(n))["__metadata__"]["config"])
 sys.exit(not (cfg["train"]["ckpt_every"] == 2 and cfg["train"]["workers"] == 3))
 PY
+# --- progress: "step k/N" with the loss of step k (as metrics.jsonl has it), one line per step
+if expect_ok "$cmaec" train "$model" "${tiny[@]}" --steps 3 --log-every 1 --out "$tmp/pr"; then
+  python3 - "$tmp/out" "$tmp/pr/metrics.jsonl" <<'PY' || bad "progress lines: $(grep '^step' "$tmp/out")"
+import json, re, sys
+lines = [l for l in open(sys.argv[1]) if l.startswith("step ")]
+rows = [json.loads(l) for l in open(sys.argv[2])]
+got = [(int(m.group(1)), int(m.group(2)), float(m.group(3)))
+       for m in (re.match(r"step (\d+)/(\d+)  loss (\S+)", l) for l in lines)]
+want = [(r["step"], 3, round(r["loss"], 4)) for r in rows]
+sys.exit(not (len(rows) == 3 and got == want))
+PY
+fi
 finish
