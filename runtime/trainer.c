@@ -393,6 +393,17 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
   return make_dirs(o->out_dir, err);
 }
 
+/* A resumed run goes on past its checkpoint's step: --steps below it would run backwards. */
+static cm_status check_resume_steps(const cm_train_opts *o, const char *ckpt, long long step,
+                                    cm_err *err) {
+  if (o->steps > 0 && o->steps < step)
+    return cm_errorf(err, CM_EINVALID,
+                     "cannot resume: --steps %lld is below step %lld of the checkpoint %s (give "
+                     "--steps above %lld to train on, or a new --out)",
+                     (long long)o->steps, step, ckpt, step);
+  return CM_OK;
+}
+
 cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   memset(r, 0, sizeof *r);
   trainer t = {0};
@@ -404,6 +415,12 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   /* a missing checkpoint is found before the (slow) build */
   cm_status st = o->resume && o->out_dir ? cm_checkpoint_latest(o->out_dir, &ckpt, err) : CM_OK;
   if (st) cm_err_prefix(err, "cannot resume: ");
+  /* --steps below the checkpoint, found before the build from its name (ckpt-<step>);
+   * its metadata is checked again after the restore */
+  const char *base = ckpt ? strrchr(ckpt, '/') : NULL;
+  long long named = -1;
+  if (!st && base && sscanf(base, "/ckpt-%lld.safetensors", &named) == 1)
+    st = check_resume_steps(o, ckpt, named, err);
   if (!st) st = setup(&t, r, err);
   if (st) goto done;
 
@@ -420,6 +437,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   if (o->resume) {
     if ((st = restore(&t, ckpt, &meta, err))) goto done;
     start = meta.step;
+    if ((st = check_resume_steps(o, ckpt, start, err))) goto done;
   }
   /* iterations per epoch: floor(n / global batch) (drop_last) */
   r->steps_per_epoch = r->dataset_size / t.cfg.optimizer.batch;
@@ -434,6 +452,19 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   if ((st = cm_schedule_from_config(&t.cfg, r->steps_per_epoch, &sched, err))) goto done;
   r->total_steps = o->steps > 0 ? o->steps : sched.total_iters;
   r->first_step = r->last_step = start;
+  if (start > r->total_steps) {
+    st = cm_errorf(err, CM_EINVALID,
+                   "cannot resume: %s is at step %lld, past the schedule's last step %lld", ckpt,
+                   (long long)start, (long long)r->total_steps);
+    goto done;
+  }
+  if (o->resume && start == r->total_steps) {
+    if (o->log)
+      fprintf(o->log, "nothing to run: %s is at step %lld, the last step of the run\n", ckpt,
+              (long long)start);
+    snprintf(r->checkpoint, sizeof r->checkpoint, "%s", ckpt);
+    goto done;
+  }
   snprintf(t.metrics_path, sizeof t.metrics_path, "%s/metrics.jsonl", o->out_dir);
   if ((st = cm_metrics_open(t.metrics_path, start + 1, &t.metrics, err))) goto done;
 

@@ -76,4 +76,11 @@ want = [(r["step"], 3, round(r["loss"], 4)) for r in rows]
 sys.exit(not (len(rows) == 3 and got == want))
 PY
 fi
+# --- resume with --steps below the checkpoint's step: exit 2 saying so; at it: nothing to run
+expect_fail 2 "--steps 2 is below step 4 of the checkpoint" "$cmaec" train "$model" "${tiny[@]}" \
+  --steps 2 --resume "$tmp/ce"
+[ "$(checkpoints "$tmp/ce")" = "2 3 4 " ] || bad "resume below: checkpoints changed"
+if expect_ok "$cmaec" train "$model" "${tiny[@]}" --steps 4 --resume "$tmp/ce"; then
+  grep -q "nothing to run" "$tmp/out" || bad "resume at the step: $(cat "$tmp/out")"
+fi
 finish
