@@ -14,8 +14,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 enum { N_SCALARS = 5, N_BATCH_INPUTS = 5 };
 static const char *const scalar_names[N_SCALARS] = {"lr", "beta1", "beta2", "step", "momentum"};
@@ -46,7 +48,21 @@ static cm_status make_dirs(const char *dir, cm_err *err) {
   }
   struct stat st;
   if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
-    return cm_errorf(err, CM_EINVALID, "cm_train: %s is not a directory", dir);
+    return cm_errorf(err, CM_EINVALID, "cm_train: output directory %s: not a directory", dir);
+  /* a file can be created, written and removed there (checkpoints are written the same way) */
+  char probe[1100];
+  snprintf(probe, sizeof probe, "%s/.cmaec-write-probe-%ld", dir, (long)getpid());
+  int fd = open(probe, O_WRONLY | O_CREAT | O_TRUNC, 0666);
+  bool wrote = fd >= 0 && write(fd, "x", 1) == 1;
+  int e = errno;
+  if (fd >= 0) {
+    wrote = (close(fd) == 0) && wrote;
+    e = wrote ? 0 : errno;
+    if (unlink(probe) != 0 && wrote) wrote = false, e = errno;
+  }
+  if (!wrote)
+    return cm_errorf(err, CM_EINVALID, "cm_train: output directory %s: cannot write there: %s", dir,
+                     strerror(e));
   return CM_OK;
 }
 
@@ -307,6 +323,8 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     t->cfg.schedule.epochs = (int)o->epochs;
   }
   if (cm_model_config_validate(&t->cfg, err)) return cm_err_prefix(err, "%s: ", o->model_path);
+  /* the output directory before anything slow (the data, the compile) */
+  if (make_dirs(o->out_dir, err)) return err->status;
 
   /* data */
   bool fmnist = !o->data || strcmp(o->data, "fashion-mnist") == 0;
@@ -390,7 +408,7 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     co.threads = o->threads;
     if (cm_cpu_program_build(g, NULL, &co, &t->prog, err)) return err->status;
   }
-  return make_dirs(o->out_dir, err);
+  return CM_OK;
 }
 
 /* A resumed run goes on past its checkpoint's step: --steps below it would run backwards. */

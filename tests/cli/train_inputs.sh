@@ -83,4 +83,15 @@ expect_fail 2 "--steps 2 is below step 4 of the checkpoint" "$cmaec" train "$mod
 if expect_ok "$cmaec" train "$model" "${tiny[@]}" --steps 4 --resume "$tmp/ce"; then
   grep -q "nothing to run" "$tmp/out" || bad "resume at the step: $(cat "$tmp/out")"
 fi
+# --- an unusable --out is found first: before the data (a missing folder) and before the
+# compile (CMAEC_THREADS=x fails there), exit 2 naming the path
+touch "$tmp/file"
+expect_fail 2 "$tmp/file/run" env CMAEC_THREADS=x "$cmaec" train "$model" "${tiny[@]}" --steps 1 \
+  --backend cpu --data "$tmp/no_such_folder" --out "$tmp/file/run"
+expect_fail 2 "output directory $tmp/file: not a directory" env CMAEC_THREADS=x "$cmaec" train "$model" \
+  "${tiny[@]}" --steps 1 --backend cpu --data "$tmp/no_such_folder" --out "$tmp/file"
+expect_fail 2 "/proc/cmaec-run" env CMAEC_THREADS=x "$cmaec" train "$model" "${tiny[@]}" \
+  --steps 1 --backend cpu --out /proc/cmaec-run
+expect_fail 2 "/proc/self: cannot write there" env CMAEC_THREADS=x "$cmaec" train "$model" "${tiny[@]}" \
+  --steps 1 --backend cpu --out /proc/self
 finish
