@@ -14,6 +14,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #define DATA_MAX_WARNINGS 5
@@ -111,8 +112,16 @@ static uint32_t be32(const unsigned char *p) {
 static cm_status idx_read(const char *path, int rank, uint32_t *shape, uint8_t **data,
                           cm_err *err) {
   *data = NULL;
-  gzFile f = gzopen(path, "rb");
-  if (!f) return cm_errorf(err, CM_EINVALID, "%s: cannot open: %s", path, strerror(errno));
+  /* a regular file (a FIFO would block, a device never end); the dims below cap the data */
+  int fd;
+  size_t size;
+  cm_status ost = cm_file_open_regular(path, &fd, &size, err);
+  if (ost) return ost;
+  gzFile f = gzdopen(fd, "rb");
+  if (!f) {
+    close(fd);
+    return cm_errorf(err, CM_EINVALID, "%s: cannot open: %s", path, strerror(errno));
+  }
   unsigned char hdr[4 + 4 * 3];
   cm_status st = gz_read_all(f, hdr, 4 + 4 * (size_t)rank, path, "the IDX header", err);
   if (st) goto done;
