@@ -335,6 +335,10 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     return cm_errorf(err, CM_EINVALID, "%s: dataset has %d channels but data.in_chans is %d",
                      fmnist ? "fashion-mnist" : o->data, cm_dataset_channels(t->data),
                      t->cfg.data.in_chans);
+  if (t->cfg.train.limit > cm_dataset_size(t->data))
+    return cm_errorf(err, CM_EINVALID, "train.limit: %d is more than the %lld images of %s",
+                     t->cfg.train.limit, (long long)cm_dataset_size(t->data),
+                     fmnist ? "fashion-mnist" : o->data);
   if (t->cfg.train.limit > 0 && cm_dataset_subset(t->data, t->cfg.train.limit, err))
     return err->status;
   r->dataset_size = cm_dataset_size(t->data);

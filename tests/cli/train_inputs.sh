@@ -94,4 +94,8 @@ expect_fail 2 "/proc/cmaec-run" env CMAEC_THREADS=x "$cmaec" train "$model" "${t
   --steps 1 --backend cpu --out /proc/cmaec-run
 expect_fail 2 "/proc/self: cannot write there" env CMAEC_THREADS=x "$cmaec" train "$model" "${tiny[@]}" \
   --steps 1 --backend cpu --out /proc/self
+# --- train.limit above the dataset is an error, not a silent cap
+expect_fail 2 "train.limit: 22 is more than the 21 images of $tmp/folder" "$cmaec" train "$model" \
+  "${tiny[@]}" --steps 1 --set train.limit=22 --out "$tmp/lim"
+expect_ok "$cmaec" train "$model" "${tiny[@]}" --steps 1 --set train.limit=21 --out "$tmp/lim"
 finish
