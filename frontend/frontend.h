@@ -84,6 +84,7 @@ void cm_file_unmap(const uint8_t *data, size_t len);
 /* ---- model variants (frontend/model_config.c) --------------------------- */
 
 #define CM_MODEL_MAX_STAGES 3
+#define CM_MAX_WORKERS 64 /* train.workers: data loader threads */
 
 /* Every hyper-parameter of a CMAE variant, by component. The defaults are the
  * official cmae_vit_base configuration (CMAE.md); each field is one key of
@@ -105,6 +106,7 @@ typedef struct cm_model_config {
     double jitter_prob, brightness, contrast, saturation, hue; /* 0.8, 0.4, 0.4, 0.4, 0.1 */
     double grayscale_prob;                                     /* 0.2 */
     double blur_prob, blur_sigma_min, blur_sigma_max;          /* 0.5, 0.1, 2.0 */
+    int max_pixels; /* image folders: the largest image decoded, h x w (2^25) */
   } data;
   struct {
     char kind[16]; /* "block" (official: 2x2 blocks) | "random" (MAE) */

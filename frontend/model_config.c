@@ -73,6 +73,10 @@ typedef struct key_default {
     .n = {0.1})                                                                                    \
   X("data.blur_sigma_max", NUMBER, data.blur_sigma_max, "Gaussian blur: largest radius (px)",      \
     .n = {2.0})                                                                                    \
+  X("data.max_pixels", INT, data.max_pixels,                                                       \
+    "image folders: the largest image decoded (height x width), checked from its header; "         \
+    "each data worker needs up to about 11 bytes per pixel of it",                                 \
+    .n = {33554432})                                                                               \
   X("mask.kind", STRING, mask.kind,                                                                \
     "block (official CMAE: block x block patch groups) or random (MAE)", .s = "block")             \
   X("mask.ratio", NUMBER, mask.ratio, "fraction of masked tokens (or blocks), in [0, 1)",          \
@@ -796,6 +800,7 @@ cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
     return cm_errorf(err, CM_EINVALID, "data.saturation: %g is outside [0, 1]", c->data.saturation);
   if (!(c->data.hue >= 0 && c->data.hue <= 0.5))
     return cm_errorf(err, CM_EINVALID, "data.hue: %g is outside [0, 0.5]", c->data.hue);
+  POSITIVE_INT(data.max_pixels, "data.max_pixels");
   if (!(c->data.blur_sigma_min > 0 && c->data.blur_sigma_min <= c->data.blur_sigma_max))
     return cm_errorf(err, CM_EINVALID,
                      "data.blur_sigma_min: need 0 < data.blur_sigma_min %g <= "
@@ -914,8 +919,9 @@ cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
                      shown(c->train.views, sb, sizeof sb));
   if (c->train.limit < 0)
     return cm_errorf(err, CM_EINVALID, "train.limit: must not be negative, got %d", c->train.limit);
-  if (c->train.workers < 1 || c->train.workers > 256)
-    return cm_errorf(err, CM_EINVALID, "train.workers: %d is outside [1, 256]", c->train.workers);
+  if (c->train.workers < 1 || c->train.workers > CM_MAX_WORKERS)
+    return cm_errorf(err, CM_EINVALID, "train.workers: %d is outside [1, %d]", c->train.workers,
+                     CM_MAX_WORKERS);
   if (c->train.ckpt_every < 0)
     return cm_errorf(err, CM_EINVALID, "train.ckpt_every: must not be negative, got %d",
                      c->train.ckpt_every);

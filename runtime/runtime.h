@@ -127,6 +127,18 @@ int cm_dataset_channels(const cm_dataset *d);
  * counted once in cm_dataset_skipped and warned about on stderr (the first 5). */
 cm_status cm_dataset_get(const cm_dataset *d, int64_t i, cm_image *out, cm_err *err);
 int64_t cm_dataset_skipped(const cm_dataset *d);
+/* The largest image an image folder decodes, h x w pixels (default
+ * CM_DEFAULT_MAX_PIXELS; the trainer sets data.max_pixels). It is checked from the
+ * file's header before decoding, and the file's size against
+ * cm_image_file_max_bytes; an image over either is an error naming the file, its
+ * size and the limit — not a corrupt file to skip: the loader stops with it. */
+#define CM_DEFAULT_MAX_PIXELS ((int64_t)1 << 25)
+void cm_dataset_set_max_pixels(cm_dataset *d, int64_t max_pixels);
+/* The largest image file read: 8 bytes per pixel (16-bit RGBA stored raw) + 16 MiB. */
+int64_t cm_image_file_max_bytes(int64_t max_pixels);
+/* The most memory one loader worker takes to decode an image of max_pixels: the
+ * file and the decoded pixels, or the decoded and the converted ones. */
+int64_t cm_image_decode_bytes(int64_t max_pixels);
 /* Keeps n samples spread evenly over d (sample floor(i * size / n) becomes i),
  * so every class of a class-sorted folder stays; n >= size keeps all. */
 cm_status cm_dataset_subset(cm_dataset *d, int64_t n, cm_err *err);

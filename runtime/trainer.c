@@ -169,7 +169,7 @@ static cm_status init_sources(trainer *t, cm_err *err) {
 /* The first key (group.key) whose value differs between two config JSONs,
  * ignoring the keys that do not change the run's numbers; "" when none. */
 static void config_diff(const char *a_json, const char *b_json, char *out, size_t size) {
-  static const char *const ignored[] = {"train.workers", "train.ckpt_every"};
+  static const char *const ignored[] = {"train.workers", "train.ckpt_every", "data.max_pixels"};
   cJSON *a = cJSON_Parse(a_json), *b = cJSON_Parse(b_json);
   out[0] = 0;
   if (!a || !b) {
@@ -307,8 +307,33 @@ static double out_value(const cm_tensor **out, int j) {
   return j < 0 ? 0.0 : cm_tensor_get_f64(out[j], 0);
 }
 
+/* The data workers: at most 4 per CPU core (decoding is CPU-bound; more only take
+ * memory) and, for an image folder, their decode memory (cm_image_decode_bytes at
+ * data.max_pixels each) at most half of the machine's. */
+static cm_status check_workers(const cm_model_config *c, bool folder, cm_err *err) {
+  int w = c->train.workers;
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (folder && pages > 0 && page > 0) {
+    double need = (double)w * (double)cm_image_decode_bytes(c->data.max_pixels);
+    double half = (double)pages * (double)page / 2;
+    if (need > half)
+      return cm_errorf(err, CM_EINVALID,
+                       "train.workers: %d workers could take %.1f GiB of decode memory at "
+                       "data.max_pixels %d, more than half of this machine's %.1f GiB (lower "
+                       "train.workers or data.max_pixels)",
+                       w, need / (1 << 30), c->data.max_pixels, 2 * half / (1 << 30));
+  }
+  if (cores > 0 && w > 4 * cores)
+    return cm_errorf(err, CM_EINVALID,
+                     "train.workers: %d is more than 4 per CPU core (%ld on this machine's %ld)", w,
+                     4 * cores, cores);
+  return CM_OK;
+}
+
 static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
   const cm_train_opts *o = t->o;
+  cm_status st;
   if (!o->model_path || !o->out_dir)
     return cm_errorf(err, CM_EINVALID, "cm_train: a model path and an output directory are needed");
   if (o->steps < 0 || o->epochs < 0 || o->batch < 0)
@@ -331,6 +356,8 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
   if (fmnist ? cm_dataset_open_fmnist(NULL, true, &t->data, err)
              : cm_dataset_open_folder(o->data, t->cfg.data.in_chans, &t->data, err))
     return err->status;
+  if (!fmnist) cm_dataset_set_max_pixels(t->data, t->cfg.data.max_pixels);
+  if ((st = check_workers(&t->cfg, !fmnist, err))) return st;
   if (cm_dataset_channels(t->data) != t->cfg.data.in_chans)
     return cm_errorf(err, CM_EINVALID, "%s: dataset has %d channels but data.in_chans is %d",
                      fmnist ? "fashion-mnist" : o->data, cm_dataset_channels(t->data),

@@ -98,4 +98,42 @@ expect_fail 2 "/proc/self: cannot write there" env CMAEC_THREADS=x "$cmaec" trai
 expect_fail 2 "train.limit: 22 is more than the 21 images of $tmp/folder" "$cmaec" train "$model" \
   "${tiny[@]}" --steps 1 --set train.limit=22 --out "$tmp/lim"
 expect_ok "$cmaec" train "$model" "${tiny[@]}" --steps 1 --set train.limit=21 --out "$tmp/lim"
+# --- image size: data.max_pixels, checked from the header before decoding (exit 2 naming the
+# file, its size and the limit); the files are small, the limit is made smaller
+pngs "$tmp/big" 6 28
+pngs "$tmp/big_one" 1 40
+mv "$tmp/big_one/c0/00.png" "$tmp/big/c1/zz.png"
+expect_fail 2 "$tmp/big/c1/zz.png: 40x40 = 1600 pixels, more than data.max_pixels 1000" \
+  "$cmaec" train "$model" "${tiny[@]}" --data "$tmp/big" --batch 4 --steps 3 \
+  --set data.max_pixels=1000 --out "$tmp/mp"
+expect_ok "$cmaec" train "$model" "${tiny[@]}" --data "$tmp/big" --batch 4 --steps 3 \
+  --set data.max_pixels=1600 --out "$tmp/mp2"
+# a PNG whose header says 10000x10000 and whose data is missing: refused from the header, under
+# the default limit (it would be a corrupt file, found only while decoding, otherwise)
+python3 - "$tmp/big/c2/huge.png" <<'PY'
+import struct, sys, zlib
+def chunk(t, d):
+    return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+hdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 10000, 10000, 8, 2, 0, 0, 0))
+idat = chunk(b"IDAT", zlib.compress(b"\0" * 100))
+open(sys.argv[1], "wb").write(b"\x89PNG\r\n\x1a\n" + hdr + idat + chunk(b"IEND", b""))
+PY
+expect_fail 2 "$tmp/big/c2/huge.png: 10000x10000 = 100000000 pixels, more than data.max_pixels 33554432" \
+  "$cmaec" train "$model" "${tiny[@]}" --data "$tmp/big" --batch 4 --steps 3 --out "$tmp/mp3"
+rm "$tmp/big/c2/huge.png"
+
+# --- workers: at most 64, at most 4 per CPU core, and their decode memory at most half the machine's
+expect_fail 2 "--workers 65: not an integer in [1, 64]" "$cmaec" train "$model" "${tiny[@]}" \
+  --workers 65 --steps 1 --out "$tmp/w"
+expect_fail 2 "train.workers: 65 is outside [1, 64]" "$cmaec" train "$model" "${tiny[@]}" \
+  --set train.workers=65 --steps 1 --out "$tmp/w"
+cores=$(getconf _NPROCESSORS_ONLN)
+if [ $((4 * cores + 1)) -le 64 ]; then
+  expect_fail 2 "train.workers: $((4 * cores + 1)) is more than 4 per CPU core" "$cmaec" train \
+    "$model" "${tiny[@]}" --workers $((4 * cores + 1)) --set data.max_pixels=1000 --steps 1 \
+    --out "$tmp/w"
+fi
+expect_fail 2 "of decode memory at data.max_pixels 2147483647, more than half of this machine's" \
+  "$cmaec" train "$model" "${tiny[@]}" --workers 64 --set data.max_pixels=2147483647 --steps 1 \
+  --out "$tmp/w"
 finish
