@@ -65,6 +65,24 @@ cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_t
  * source it was assigned to), valid until the next run or free; NULL for an
  * output that is a constant, or j out of range. Its type is graph output j's. */
 const void *cm_cpu_program_output(const cm_cpu_program *pr, int j);
+/* Where a run first produces a non-finite value, in execution order: a float
+ * source (graph order), else the first kernel whose outputs hold one (within a
+ * kernel, the earliest node; a state's new value is named by its assign). */
+typedef struct cm_nonfinite {
+  bool found;
+  char tensor[128]; /* the node holding it */
+  const char *op;   /* its op: "param", "state", "input" for a source */
+  char kernel[64];  /* the kernel that wrote it; "" for a source */
+  char inputs[256]; /* the node's inputs, comma-separated */
+  int64_t index;    /* its first non-finite element */
+  double value;
+} cm_nonfinite;
+/* Runs the program once as cm_cpu_program_run does (states updated in place),
+ * checking each kernel's outputs after it runs and stopping at the first
+ * non-finite one. For diagnosis (a step that went non-finite): it reads every
+ * value written, so it is slower than a run. */
+cm_status cm_cpu_program_first_nonfinite(cm_cpu_program *pr, cm_tensor *const *sources,
+                                         cm_nonfinite *out, cm_err *err);
 void cm_cpu_program_stats(const cm_cpu_program *pr, cm_cpu_stats *out);
 /* With opts->profile: per kernel, total ms over all runs and the number of runs. */
 typedef struct cm_kernel_profile {

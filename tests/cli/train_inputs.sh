@@ -136,4 +136,17 @@ fi
 expect_fail 2 "of decode memory at data.max_pixels 2147483647, more than half of this machine's" \
   "$cmaec" train "$model" "${tiny[@]}" --workers 64 --set data.max_pixels=2147483647 --steps 1 \
   --out "$tmp/w"
+# --- a step gone non-finite names the first non-finite tensor in execution order with its
+# producing op (a computed value, not the params the update has spoilt by then): from the
+# reference evaluator's values, and on the CPU backend by replaying the step from the last
+# checkpoint with every kernel's outputs checked
+nan_re='first non-finite tensor in execution order: [^ ]+ = [a-z_0-9]+\([^)]*\), element [0-9]+ = -?(nan|inf)'
+expect_fail 2 "step 2: non-finite" "$cmaec" train "$model" "${tiny[@]}" --steps 20 \
+  --set optimizer.base_lr=1e30 --out "$tmp/nan_ref"
+grep -qE "$nan_re" "$tmp/err" || bad "non-finite, ref: $(cat "$tmp/err")"
+expect_fail 2 "step 2: non-finite" "$cmaec" train "$model" "${tiny[@]}" --steps 20 \
+  --set optimizer.base_lr=1e30 --backend cpu --ckpt-every 1 --out "$tmp/nan_cpu"
+grep -qE "$nan_re, in kernel k[0-9]+_[a-z]+$" "$tmp/err" || bad "non-finite, cpu: $(cat "$tmp/err")"
+grep -q "replaying steps 2..2 from $tmp/nan_cpu/ckpt-1.safetensors" "$tmp/out" ||
+  bad "non-finite, cpu: no replay from the checkpoint: $(tail -c 300 "$tmp/out")"
 finish
