@@ -61,12 +61,30 @@ cm_status cm_safetensors_save(const char *path, const cm_tensor_set *s, cm_err *
 /* Line and column (1-based) of a byte offset in text, for syntax errors. */
 void cm_text_line_col(const char *text, size_t offset, int *line, int *col);
 
-/* Reads a whole file (malloc'd, NUL-terminated, *len without the NUL). */
+/* ---- bounded file reads (frontend/files.c; docs/cli.md "Limits") --------- */
+
+/* Every reader takes regular files only (a directory, FIFO, device or socket is
+ * refused before it is read) up to its format's cap, and an error names the
+ * file and the cap. */
+#define CM_MAX_TEXT_FILE_BYTES ((size_t)64 << 20) /* graph JSON, text IR, model variant files */
+/* Opens path read-only when it is a regular file: the descriptor and its size. */
+cm_status cm_file_open_regular(const char *path, int *fd, size_t *size, cm_err *err);
+/* Reads a whole regular file of at most max bytes (malloc'd, NUL-terminated, *len
+ * without the NUL); what names the kind of file in the message ("a metrics file"). */
+cm_status cm_read_file_max(const char *path, size_t max, const char *what, char **data, size_t *len,
+                           cm_err *err);
+/* cm_read_file_max with the cap of a graph or model file, CM_MAX_TEXT_FILE_BYTES. */
 cm_status cm_read_file(const char *path, char **data, size_t *len, cm_err *err);
+/* Maps a regular file read-only (NULL and 0 for an empty one), for formats whose
+ * header says how much of the file to read (safetensors): only the bytes looked at
+ * are read. Release with cm_file_unmap. */
+cm_status cm_file_map(const char *path, const uint8_t **data, size_t *len, cm_err *err);
+void cm_file_unmap(const uint8_t *data, size_t len);
 
 /* ---- model variants (frontend/model_config.c) --------------------------- */
 
 #define CM_MODEL_MAX_STAGES 3
+#define CM_MAX_WORKERS 64 /* train.workers: data loader threads */
 
 /* Every hyper-parameter of a CMAE variant, by component. The defaults are the
  * official cmae_vit_base configuration (CMAE.md); each field is one key of
@@ -88,6 +106,7 @@ typedef struct cm_model_config {
     double jitter_prob, brightness, contrast, saturation, hue; /* 0.8, 0.4, 0.4, 0.4, 0.1 */
     double grayscale_prob;                                     /* 0.2 */
     double blur_prob, blur_sigma_min, blur_sigma_max;          /* 0.5, 0.1, 2.0 */
+    int max_pixels; /* image folders: the largest image decoded, h x w (2^25) */
   } data;
   struct {
     char kind[16]; /* "block" (official: 2x2 blocks) | "random" (MAE) */

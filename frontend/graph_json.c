@@ -1000,44 +1000,7 @@ char *cm_graph_to_json(const cm_graph *g) {
 
 /* ---- files ------------------------------------------------------------- */
 
-cm_status cm_read_file(const char *path, char **data, size_t *len, cm_err *err) {
-  *data = NULL;
-  *len = 0;
-  FILE *f = fopen(path, "rb");
-  if (!f) return cm_errorf(err, CM_EINVALID, "%s: cannot open: %s", path, strerror(errno));
-  size_t cap = 4096, n = 0;
-  char *buf = malloc(cap);
-  while (buf) {
-    if (n + 1 >= cap) {
-      char *bigger = cap > SIZE_MAX / 2 ? NULL : realloc(buf, cap * 2);
-      if (!bigger) {
-        free(buf);
-        buf = NULL;
-        break;
-      }
-      buf = bigger;
-      cap *= 2;
-    }
-    size_t got = fread(buf + n, 1, cap - 1 - n, f);
-    n += got;
-    if (got == 0) break;
-  }
-  if (!buf) {
-    fclose(f);
-    return cm_errorf(err, CM_EINTERNAL, "%s: out of memory reading the file", path);
-  }
-  if (ferror(f)) {
-    int e = errno;
-    free(buf);
-    fclose(f);
-    return cm_errorf(err, CM_EINVALID, "%s: cannot read: %s", path, strerror(e));
-  }
-  fclose(f);
-  buf[n] = '\0';
-  *data = buf;
-  *len = n;
-  return CM_OK;
-}
+/* cm_read_file (bounded, regular files only) is in frontend/files.c. */
 
 cm_status cm_graph_load(const char *path, cm_graph **out, cm_err *err) {
   *out = NULL;

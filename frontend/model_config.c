@@ -73,6 +73,10 @@ typedef struct key_default {
     .n = {0.1})                                                                                    \
   X("data.blur_sigma_max", NUMBER, data.blur_sigma_max, "Gaussian blur: largest radius (px)",      \
     .n = {2.0})                                                                                    \
+  X("data.max_pixels", INT, data.max_pixels,                                                       \
+    "image folders: the largest image decoded (height x width), checked from its header; "         \
+    "each data worker needs up to about 11 bytes per pixel of it",                                 \
+    .n = {33554432})                                                                               \
   X("mask.kind", STRING, mask.kind,                                                                \
     "block (official CMAE: block x block patch groups) or random (MAE)", .s = "block")             \
   X("mask.ratio", NUMBER, mask.ratio, "fraction of masked tokens (or blocks), in [0, 1)",          \
@@ -278,8 +282,17 @@ static cm_status unknown_key(const char *key, cm_err *err) {
 
 /* ---- values -------------------------------------------------------------- */
 
+/* cJSON reads a number beyond double range (1e400) as an infinity, and prints it as null. */
+static cm_status out_of_range(const cJSON *item, const char *what, cm_err *err) {
+  if (cJSON_IsNumber(item) && !isfinite(item->valuedouble))
+    return cm_errorf(err, CM_EINVALID, "%s: the number is out of range (magnitude over 1.8e308)",
+                     what);
+  return CM_OK;
+}
+
 static cm_status json_to_int(const cJSON *item, const char *what, int *out, cm_err *err) {
   char vb[96];
+  if (out_of_range(item, what, err)) return CM_EINVALID;
   if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble) ||
       item->valuedouble != floor(item->valuedouble))
     return cm_errorf(err, CM_EINVALID, "%s: expected an integer, got %s", what,
@@ -294,6 +307,7 @@ static cm_status json_to_int(const cJSON *item, const char *what, int *out, cm_e
 
 static cm_status json_to_number(const cJSON *item, const char *what, double *out, cm_err *err) {
   char vb[96];
+  if (out_of_range(item, what, err)) return CM_EINVALID;
   if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble))
     return cm_errorf(err, CM_EINVALID, "%s: expected a number, got %s", what,
                      json_shown(item, vb, sizeof vb));
@@ -391,29 +405,84 @@ void cm_model_config_default(cm_model_config *c) {
 
 /* ---- files ---------------------------------------------------------------- */
 
-/* One member of a variant file: a key, or a component object of keys. */
-static cm_status apply_member(cm_model_config *c, const cJSON *member, cm_err *err) {
-  char kb[160], vb[96];
-  const char *name = member->string;
-  const key_entry *e = find_key(name);
-  if (e) return apply_value(c, e, member, err);
-  if (!is_component(name)) return unknown_key(name, err);
-  if (!cJSON_IsObject(member))
-    return cm_errorf(err, CM_EINVALID, "%s: expected an object of %s.* keys, got %s",
-                     shown(name, kb, sizeof kb), name, json_shown(member, vb, sizeof vb));
-  for (const cJSON *m = member->child; m; m = m->next) {
-    for (const cJSON *prev = member->child; prev != m; prev = prev->next)
+/* Which member of one layer (a file, or the --set flags) set each key, in which
+ * form: a key may be written dotted ("encoder.depth") or inside its section
+ * ("encoder": {"depth": ...}), and one layer setting it both ways is ambiguous. */
+enum { FORM_NONE, FORM_DOTTED, FORM_SECTION };
+typedef struct key_setters {
+  unsigned char form[N_KEYS];
+  char by[N_KEYS][200]; /* the setter as shown: "\"encoder.depth\": 4", "--set encoder={...}" */
+  bool conflict;        /* the last error was a key set twice (its message names both) */
+} key_setters;
+
+static cm_status record_setter(key_setters *ks, const key_entry *e, int form, const char *by,
+                               cm_err *err) {
+  if (!ks) return CM_OK;
+  int i = (int)(e - key_table);
+  if (ks->form[i] != FORM_NONE && ks->form[i] != form) {
+    const char *dotted = form == FORM_DOTTED ? by : ks->by[i];
+    const char *section = form == FORM_SECTION ? by : ks->by[i];
+    ks->conflict = true;
+    return cm_errorf(err, CM_EINVALID, "%s: set twice, as %s and in %s (keep one)", e->key, dotted,
+                     section);
+  }
+  ks->form[i] = (unsigned char)form;
+  snprintf(ks->by[i], sizeof ks->by[i], "%s", by);
+  return CM_OK;
+}
+
+/* "encoder: a section, not a key: ..." naming the section's keys. */
+static cm_status not_a_key(const char *name, const cJSON *got, cm_err *err) {
+  char keys[700], nb[64], vb[96];
+  size_t used = 0, n = strlen(name);
+  keys[0] = '\0';
+  for (int i = 0; i < N_KEYS && used + 40 < sizeof keys; i++)
+    if (strncmp(key_table[i].key, name, n) == 0 && key_table[i].key[n] == '.')
+      used += (size_t)snprintf(keys + used, sizeof keys - used, "%s%s", used ? ", " : "",
+                               key_table[i].key + n + 1);
+  shown(name, nb, sizeof nb);
+  return cm_errorf(
+      err, CM_EINVALID,
+      "%s: a section, not a key: set one of its keys (%s) as %s.KEY, or give an object "
+      "of them; got %s",
+      nb, keys, nb, json_shown(got, vb, sizeof vb));
+}
+
+/* The keys of a section object ("encoder": {"depth": 6}); by shows the setter. */
+static cm_status apply_section(cm_model_config *c, const char *name, const cJSON *obj,
+                               key_setters *ks, const char *by, cm_err *err) {
+  char kb[160];
+  if (!cJSON_IsObject(obj)) return not_a_key(name, obj, err);
+  for (const cJSON *m = obj->child; m; m = m->next) {
+    for (const cJSON *prev = obj->child; prev != m; prev = prev->next)
       if (strcmp(prev->string, m->string) == 0)
         return cm_errorf(err, CM_EINVALID, "%s.%s: duplicate key", name,
                          shown(m->string, kb, sizeof kb));
     char full[256];
     snprintf(full, sizeof full, "%s.%s", name, m->string);
-    e = find_key(full);
+    const key_entry *e = find_key(full);
     if (!e) return unknown_key(full, err);
     cm_status st = apply_value(c, e, m, err);
+    if (!st) st = record_setter(ks, e, FORM_SECTION, by, err);
     if (st) return st;
   }
   return CM_OK;
+}
+
+/* One member of a variant file: a key, or a component object of keys. */
+static cm_status apply_member(cm_model_config *c, const cJSON *member, key_setters *ks,
+                              cm_err *err) {
+  char by[200], nb[96], vb[96];
+  const char *name = member->string;
+  snprintf(by, sizeof by, "\"%s\": %s", shown(name, nb, sizeof nb),
+           json_shown(member, vb, sizeof vb));
+  const key_entry *e = find_key(name);
+  if (e) {
+    cm_status st = apply_value(c, e, member, err);
+    return st ? st : record_setter(ks, e, FORM_DOTTED, by, err);
+  }
+  if (!is_component(name)) return unknown_key(name, err);
+  return apply_section(c, name, member, ks, by, err);
 }
 
 /* The path of "extends" target, relative to the directory of the including file. */
@@ -443,6 +512,8 @@ static cm_status load_base(const char *path, const cJSON *extends, extends_chain
   if (!cJSON_IsString(extends))
     return cm_errorf(err, CM_EINVALID, "%s: extends: expected a file name, got %s", path,
                      json_shown(extends, vb, sizeof vb));
+  if (!extends->valuestring[0])
+    return cm_errorf(err, CM_EINVALID, "%s: extends: must name a file, got \"\"", path);
   char *base = relative_to(path, extends->valuestring);
   if (!base) return cm_errorf(err, CM_EINTERNAL, "%s: out of memory", path);
   char *real = realpath(base, NULL);
@@ -482,6 +553,7 @@ static cm_status load_file(const char *path, extends_chain *chain, cm_model_conf
   char *text = NULL;
   size_t len = 0;
   cJSON *root = NULL;
+  key_setters *setters = NULL;
   cm_status st = cm_read_file(path, &text, &len, err);
   if (st) goto done;
   if (memchr(text, '\0', len)) {
@@ -523,21 +595,30 @@ static cm_status load_file(const char *path, extends_chain *chain, cm_model_conf
   } else {
     cm_model_config_default(c);
   }
+  setters = calloc(1, sizeof *setters);
+  if (!setters) {
+    st = cm_errorf(err, CM_EINTERNAL, "%s: out of memory", path);
+    goto done;
+  }
   for (const cJSON *m = root->child; m; m = m->next) {
     if (strcmp(m->string, "extends") == 0) continue;
-    st = apply_member(c, m, err);
+    st = apply_member(c, m, setters, err);
     if (st) {
       cm_err_prefix(err, "%s: ", path);
       goto done;
     }
   }
 done:
+  free(setters);
   cJSON_Delete(root);
   free(text);
   chain->n--;
   free(chain->real[chain->n]);
   return st;
 }
+
+static cm_status config_set(cm_model_config *c, const char *assignment, key_setters *ks,
+                            cm_err *err);
 
 cm_status cm_model_config_load(const char *path, const char *const *overrides, int n_overrides,
                                cm_model_config *out, cm_err *err) {
@@ -547,8 +628,11 @@ cm_status cm_model_config_load(const char *path, const char *const *overrides, i
   extends_chain chain = {0};
   cm_status st = load_file(path, &chain, &c, err);
   if (st) return st;
-  for (int i = 0; i < n_overrides; i++)
-    if ((st = cm_model_config_set(&c, overrides[i], err))) return st;
+  key_setters *setters = n_overrides > 0 ? calloc(1, sizeof *setters) : NULL;
+  if (n_overrides > 0 && !setters) return cm_errorf(err, CM_EINTERNAL, "--set: out of memory");
+  for (int i = 0; i < n_overrides && !st; i++) st = config_set(&c, overrides[i], setters, err);
+  free(setters);
+  if (st) return st;
   if ((st = cm_model_config_validate(&c, err))) {
     cm_err_prefix(err, "%s: ", path);
     return st;
@@ -559,10 +643,12 @@ cm_status cm_model_config_load(const char *path, const char *const *overrides, i
 
 /* ---- --set ----------------------------------------------------------------- */
 
-cm_status cm_model_config_set(cm_model_config *c, const char *assignment, cm_err *err) {
+/* One --set; setters (may be NULL) records the keys it sets and their form. */
+static cm_status config_set(cm_model_config *c, const char *assignment, key_setters *ks,
+                            cm_err *err) {
   cm_err local;
   if (!err) err = &local;
-  char ab[256];
+  char ab[256], by[200];
   const char *eq = strchr(assignment, '=');
   if (!eq || eq == assignment)
     return cm_errorf(err, CM_EINVALID, "--set %s: expected KEY=VALUE",
@@ -573,9 +659,19 @@ cm_status cm_model_config_set(cm_model_config *c, const char *assignment, cm_err
   memcpy(key, assignment, klen);
   key[klen] = '\0';
   const char *text = eq + 1;
+  snprintf(by, sizeof by, "--set %s", shown(assignment, ab, sizeof ab));
   cm_status st;
   const key_entry *e = find_key(key);
-  if (!e) {
+  if (!e && is_component(key)) {
+    /* a section: a JSON object of its keys, applied to a copy so a failure changes nothing */
+    cJSON *value = cJSON_ParseWithOpts(text, NULL, 1);
+    if (!value) value = cJSON_CreateString(text);
+    if (!value) return cm_errorf(err, CM_EINTERNAL, "--set: out of memory");
+    cm_model_config copy = *c;
+    st = apply_section(&copy, key, value, ks, by, err);
+    if (!st) *c = copy;
+    cJSON_Delete(value);
+  } else if (!e) {
     st = unknown_key(key, err);
   } else {
     cJSON *value = cJSON_ParseWithOpts(text, NULL, 1);
@@ -586,10 +682,17 @@ cm_status cm_model_config_set(cm_model_config *c, const char *assignment, cm_err
       if (!value) return cm_errorf(err, CM_EINTERNAL, "--set: out of memory");
     }
     st = apply_value(c, e, value, err);
+    if (!st) st = record_setter(ks, e, FORM_DOTTED, by, err);
     cJSON_Delete(value);
   }
-  if (st) cm_err_prefix(err, "--set %s: ", shown(assignment, ab, sizeof ab));
+  /* a conflict between two flags names both itself */
+  if (st && !(ks && ks->conflict))
+    cm_err_prefix(err, "--set %s: ", shown(assignment, ab, sizeof ab));
   return st;
+}
+
+cm_status cm_model_config_set(cm_model_config *c, const char *assignment, cm_err *err) {
+  return config_set(c, assignment, NULL, err);
 }
 
 /* ---- validation ------------------------------------------------------------ */
@@ -697,6 +800,7 @@ cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
     return cm_errorf(err, CM_EINVALID, "data.saturation: %g is outside [0, 1]", c->data.saturation);
   if (!(c->data.hue >= 0 && c->data.hue <= 0.5))
     return cm_errorf(err, CM_EINVALID, "data.hue: %g is outside [0, 0.5]", c->data.hue);
+  POSITIVE_INT(data.max_pixels, "data.max_pixels");
   if (!(c->data.blur_sigma_min > 0 && c->data.blur_sigma_min <= c->data.blur_sigma_max))
     return cm_errorf(err, CM_EINVALID,
                      "data.blur_sigma_min: need 0 < data.blur_sigma_min %g <= "
@@ -815,8 +919,9 @@ cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
                      shown(c->train.views, sb, sizeof sb));
   if (c->train.limit < 0)
     return cm_errorf(err, CM_EINVALID, "train.limit: must not be negative, got %d", c->train.limit);
-  if (c->train.workers < 1 || c->train.workers > 256)
-    return cm_errorf(err, CM_EINVALID, "train.workers: %d is outside [1, 256]", c->train.workers);
+  if (c->train.workers < 1 || c->train.workers > CM_MAX_WORKERS)
+    return cm_errorf(err, CM_EINVALID, "train.workers: %d is outside [1, %d]", c->train.workers,
+                     CM_MAX_WORKERS);
   if (c->train.ckpt_every < 0)
     return cm_errorf(err, CM_EINVALID, "train.ckpt_every: must not be negative, got %d",
                      c->train.ckpt_every);

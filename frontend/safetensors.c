@@ -597,20 +597,21 @@ cm_status cm_safetensors_parse(const uint8_t *buf, size_t len, cm_tensor_set *ou
   return st;
 }
 
-/* cm_read_file (declared in frontend.h) lives in frontend/graph_json.c. */
-
+/* The file is mapped, not read: the header (at most ST_MAX_HEADER bytes) is checked
+ * first, then the tensors' byte ranges must tile the rest of the file exactly, so
+ * only a file whose size the header accounts for has its data touched. */
 cm_status cm_safetensors_load(const char *path, cm_tensor_set *out, cm_err *err) {
   cm_tensor_set_init(out);
-  char *data;
+  const uint8_t *data;
   size_t len;
-  cm_status st = cm_read_file(path, &data, &len, err);
+  cm_status st = cm_file_map(path, &data, &len, err);
   if (st) return st;
-  st = parse_image((const uint8_t *)data, len, out, err);
+  st = parse_image(data, len, out, err);
   if (st) {
     cm_tensor_set_free(out);
     cm_err_prefix(err, "%s: ", path);
   }
-  free(data);
+  cm_file_unmap(data, len);
   return st;
 }
 

@@ -321,11 +321,11 @@ cm_status cm_checkpoint_load(const char *path, cm_tensor_set *tensors, cm_checkp
                              cm_err *err) {
   memset(meta, 0, sizeof *meta);
   cm_tensor_set_init(tensors);
-  char *buf;
+  const uint8_t *buf;
   size_t len;
-  cm_status st = cm_read_file(path, &buf, &len, err);
+  cm_status st = cm_file_map(path, &buf, &len, err); /* safetensors: sizes from its header */
   if (st) return st;
-  st = cm_safetensors_parse((const uint8_t *)buf, len, tensors, err);
+  st = cm_safetensors_parse(buf, len, tensors, err);
   if (!st) {
     /* the parser has checked the header length lies inside the file */
     uint64_t hl = 0;
@@ -333,8 +333,7 @@ cm_status cm_checkpoint_load(const char *path, cm_tensor_set *tensors, cm_checkp
     const char *want = meta_get(tensors, "data_crc32");
     char got[16];
     snprintf(got, sizeof got, "%08lx",
-             (unsigned long)crc_update(crc32(0L, Z_NULL, 0), (const uint8_t *)buf + 8 + hl,
-                                       len - 8 - (size_t)hl));
+             (unsigned long)crc_update(crc32(0L, Z_NULL, 0), buf + 8 + hl, len - 8 - (size_t)hl));
     if (!want)
       st = cm_errorf(err, CM_EINVALID, "metadata data_crc32 is missing");
     else if (strcmp(want, got) != 0)
@@ -343,7 +342,7 @@ cm_status cm_checkpoint_load(const char *path, cm_tensor_set *tensors, cm_checkp
     else
       st = read_meta(tensors, meta, err);
   }
-  free(buf);
+  cm_file_unmap(buf, len);
   if (st) {
     cm_tensor_set_free(tensors);
     cm_checkpoint_meta_free(meta);
@@ -482,8 +481,7 @@ cm_status cm_checkpoint_latest(const char *dir, char **path, cm_err *err) {
   *path = NULL;
   char *lp = join(dir, "latest");
   if (!lp) return cm_errorf(err, CM_EINTERNAL, "%s: out of memory", dir);
-  FILE *f = fopen(lp, "rb");
-  if (!f && errno == ENOENT) {
+  if (access(lp, F_OK) != 0 && errno == ENOENT) {
     /* no pointer yet (or a pre-pointer layout): the highest step present */
     free(lp);
     int64_t *steps;
@@ -501,15 +499,15 @@ cm_status cm_checkpoint_latest(const char *dir, char **path, cm_err *err) {
     *path = join(dir, name);
     return *path ? CM_OK : cm_errorf(err, CM_EINTERNAL, "%s: out of memory", dir);
   }
-  if (!f) {
-    cm_status st = cm_errorf(err, CM_EINVALID, "%s: cannot open: %s", lp, strerror(errno));
+  char *text = NULL, line[256] = "";
+  size_t k = 0;
+  cm_status rst = cm_read_file_max(lp, sizeof line - 1, "a latest pointer", &text, &k, err);
+  if (rst) {
     free(lp);
-    return st;
+    return rst;
   }
-  char line[256] = "";
-  size_t k = fread(line, 1, sizeof line - 1, f);
-  fclose(f);
-  line[k] = '\0';
+  memcpy(line, text, k + 1);
+  free(text);
   while (k > 0 && (line[k - 1] == '\n' || line[k - 1] == '\r' || line[k - 1] == ' '))
     line[--k] = '\0';
   if (k == 0 || strchr(line, '/') || strlen(line) != k || strcmp(line, ".") == 0 ||

@@ -5,6 +5,7 @@
 #include "runtime.h"
 
 #include <llvm-c/Core.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -575,4 +576,104 @@ int cm_cpu_program_profile(const cm_cpu_program *pr, const cm_kernel_profile **o
 int cm_cpu_program_stage_profile(const cm_cpu_program *pr, const cm_stage_profile **out) {
   *out = pr->profile ? pr->sprof : NULL;
   return pr->profile ? pr->n_sprof : 0;
+}
+
+/* ---- diagnosis: the first non-finite value of a run ------------------------ */
+
+/* The first non-finite element of n values of dtype at p, or -1 (-1 too for a
+ * non-float dtype). */
+static int64_t first_nonfinite_elem(cm_dtype dtype, const void *p, int64_t n, double *value) {
+  if (!p || !cm_dtype_is_float(dtype)) return -1;
+  cm_tensor view = {{dtype, 1, {n}}, (void *)p};
+  for (int64_t e = 0; e < n; e++) {
+    double v = cm_tensor_get_f64(&view, e);
+    if (!isfinite(v)) {
+      *value = v;
+      return e;
+    }
+  }
+  return -1;
+}
+
+static void describe(const cm_graph *g, int id, const char *kernel, int64_t index, double value,
+                     cm_nonfinite *out) {
+  const cm_node *n = &g->nodes[id];
+  out->found = true;
+  snprintf(out->tensor, sizeof out->tensor, "%s", n->name);
+  out->op = cm_op_get_info(n->op)->name;
+  snprintf(out->kernel, sizeof out->kernel, "%s", kernel);
+  size_t used = 0;
+  out->inputs[0] = '\0';
+  for (int k = 0; k < n->n_inputs && used + 8 < sizeof out->inputs; k++)
+    used += (size_t)snprintf(out->inputs + used, sizeof out->inputs - used, "%s%s", k ? ", " : "",
+                             g->nodes[n->inputs[k]].name);
+  out->index = index;
+  out->value = value;
+}
+
+cm_status cm_cpu_program_first_nonfinite(cm_cpu_program *pr, cm_tensor *const *sources,
+                                         cm_nonfinite *out, cm_err *err) {
+  memset(out, 0, sizeof *out);
+  out->index = -1;
+  const cm_graph *rg = pr->rg, *g = pr->g;
+  /* the sources, in graph order */
+  for (int i = 0; i < rg->n_nodes; i++) {
+    int o = pr->orig_of[i];
+    if (o < 0) continue;
+    const cm_node *n = &g->nodes[o];
+    const cm_tensor *t = sources ? sources[o] : NULL;
+    if (!t || !t->data)
+      return cm_errorf(err, CM_EINVALID, "source \"%s\" (%s): not given", n->name,
+                       cm_op_get_info(n->op)->name);
+    if (!cm_type_equal(&t->type, &n->type)) {
+      char a[96], b[96];
+      return cm_errorf(err, CM_EINVALID, "source \"%s\": given %s, expected %s", n->name,
+                       cm_type_str(&t->type, a, sizeof a), cm_type_str(&n->type, b, sizeof b));
+    }
+    pr->src_ptr[i] = t->data;
+  }
+  for (int i = 0; i < rg->n_nodes; i++) {
+    if (pr->orig_of[i] < 0) continue;
+    double v;
+    int64_t e = first_nonfinite_elem(rg->nodes[i].type.dtype, pr->src_ptr[i],
+                                     cm_type_numel(&rg->nodes[i].type), &v);
+    if (e >= 0) {
+      describe(g, pr->orig_of[i], "", e, v, out);
+      return CM_OK;
+    }
+  }
+  /* then each kernel's outputs as it runs: within a kernel, the earliest node wins */
+  for (int i = 0; i < pr->kp.n_kernels; i++) {
+    const cm_kernel *k = &pr->kp.kernels[i];
+    char **bufs = pr->ks[i].bufs;
+    for (int b = 0; b < k->n_buffers; b++)
+      if (k->buffers[b].kind == CM_KBUF_SOURCE) bufs[b] = pr->src_ptr[k->buffers[b].node];
+    for (int s = 0; s < k->n_stages; s++)
+      run_stage(pr->ks[i].fns[s], bufs, &k->stages[s], pr->items[i][s], pr->ws, pr->ws_stride,
+                pr->threads);
+    int best = -1;
+    int64_t best_e = -1;
+    double best_v = 0;
+    for (int b = 0; b < k->n_buffers; b++) {
+      const cm_kbuffer *kb = &k->buffers[b];
+      if (!kb->written || (kb->kind != CM_KBUF_ARENA && kb->kind != CM_KBUF_SOURCE)) continue;
+      /* a written source is a state's new value: named by the assign that writes it */
+      int producer = kb->node;
+      for (int q = 0; kb->kind == CM_KBUF_SOURCE && q < rg->n_nodes; q++)
+        if (rg->nodes[q].op == CM_OP_ASSIGN && rg->nodes[q].inputs[0] == kb->node) producer = q;
+      if (producer < 0 || (best >= 0 && producer >= best)) continue;
+      double v;
+      int64_t e = first_nonfinite_elem(kb->dtype, bufs[b], kb->numel, &v);
+      if (e >= 0) {
+        best = producer;
+        best_e = e;
+        best_v = v;
+      }
+    }
+    if (best >= 0) {
+      describe(rg, best, k->name, best_e, best_v, out);
+      return CM_OK;
+    }
+  }
+  return CM_OK;
 }

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #define DATA_MAX_WARNINGS 5
@@ -42,12 +43,29 @@ struct cm_dataset {
   char **paths;
   atomic_uchar *bad;
   atomic_llong skipped;
+  int64_t max_pixels; /* the largest image decoded (h x w) */
 };
 
 static cm_dataset *ds_new(void) {
   cm_dataset *d = calloc(1, sizeof *d);
-  if (d) atomic_init(&d->skipped, 0);
+  if (d) {
+    atomic_init(&d->skipped, 0);
+    d->max_pixels = CM_DEFAULT_MAX_PIXELS;
+  }
   return d;
+}
+
+void cm_dataset_set_max_pixels(cm_dataset *d, int64_t max_pixels) {
+  d->max_pixels = max_pixels > 0 ? max_pixels : CM_DEFAULT_MAX_PIXELS;
+}
+
+int64_t cm_image_file_max_bytes(int64_t max_pixels) {
+  return 8 * max_pixels + ((int64_t)16 << 20);
+}
+
+int64_t cm_image_decode_bytes(int64_t max_pixels) {
+  /* the file with 3 bytes per decoded pixel, or 3 decoded and 3 converted ones */
+  return cm_image_file_max_bytes(max_pixels) + 3 * max_pixels;
 }
 
 void cm_dataset_free(cm_dataset *d) {
@@ -111,8 +129,16 @@ static uint32_t be32(const unsigned char *p) {
 static cm_status idx_read(const char *path, int rank, uint32_t *shape, uint8_t **data,
                           cm_err *err) {
   *data = NULL;
-  gzFile f = gzopen(path, "rb");
-  if (!f) return cm_errorf(err, CM_EINVALID, "%s: cannot open: %s", path, strerror(errno));
+  /* a regular file (a FIFO would block, a device never end); the dims below cap the data */
+  int fd;
+  size_t size;
+  cm_status ost = cm_file_open_regular(path, &fd, &size, err);
+  if (ost) return ost;
+  gzFile f = gzdopen(fd, "rb");
+  if (!f) {
+    close(fd);
+    return cm_errorf(err, CM_EINVALID, "%s: cannot open: %s", path, strerror(errno));
+  }
   unsigned char hdr[4 + 4 * 3];
   cm_status st = gz_read_all(f, hdr, 4 + 4 * (size_t)rank, path, "the IDX header", err);
   if (st) goto done;
@@ -366,50 +392,50 @@ cm_status cm_dataset_open_folder(const char *dir, int chans, cm_dataset **out, c
 
 /* ---- decoders -------------------------------------------------------------- */
 
-static cm_status read_file(const char *path, unsigned char **buf, size_t *len, cm_err *err) {
+/* The whole image file, regular files only; *limit is set when it is over the cap. */
+static cm_status read_file(const char *path, int64_t max_pixels, unsigned char **buf, size_t *len,
+                           bool *limit, cm_err *err) {
   *buf = NULL;
-  FILE *f = fopen(path, "rb");
-  if (!f) return cm_errorf(err, CM_EINVALID, "%s: cannot open: %s", path, strerror(errno));
-  size_t cap = 1 << 16, n = 0;
-  unsigned char *b = malloc(cap);
-  while (b) {
-    size_t r = fread(b + n, 1, cap - n, f);
-    n += r;
-    if (n < cap) break;
-    if (cap >= ((size_t)1 << 31)) {
-      free(b);
-      fclose(f);
-      return cm_errorf(err, CM_EINVALID, "%s: image file larger than 2 GiB", path);
-    }
-    unsigned char *nb = realloc(b, cap * 2);
-    if (!nb) {
-      free(b);
-      b = NULL;
-      break;
-    }
-    b = nb;
-    cap *= 2;
+  *len = 0;
+  int64_t cap = cm_image_file_max_bytes(max_pixels);
+  struct stat sb;
+  if (stat(path, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_size > cap) {
+    *limit = true;
+    return cm_errorf(err, CM_EINVALID,
+                     "%s: a %lld-byte image file, more than the %lld bytes data.max_pixels %lld "
+                     "allows (8 per pixel + 16 MiB)",
+                     path, (long long)sb.st_size, (long long)cap, (long long)max_pixels);
   }
-  bool rerr = ferror(f);
-  fclose(f);
-  if (!b) return cm_errorf(err, CM_EINTERNAL, "%s: out of memory reading", path);
-  if (rerr) {
-    free(b);
-    return cm_errorf(err, CM_EINVALID, "%s: read error", path);
-  }
-  *buf = b;
-  *len = n;
-  return CM_OK;
+  char *data;
+  cm_status st = cm_read_file_max(path, (size_t)cap, "an image file", &data, len, err);
+  *buf = (unsigned char *)data;
+  return st;
+}
+
+/* An image's header size against the limit, before anything is decoded. */
+static cm_status check_pixels(const char *path, uint64_t w, uint64_t h, int64_t max_pixels,
+                              bool *limit, cm_err *err) {
+  if (w * h <= (uint64_t)max_pixels) return CM_OK;
+  *limit = true;
+  return cm_errorf(err, CM_EINVALID,
+                   "%s: %llux%llu = %llu pixels, more than data.max_pixels %lld (raise it with "
+                   "--set data.max_pixels=N, or shrink the image)",
+                   path, (unsigned long long)w, (unsigned long long)h, (unsigned long long)(w * h),
+                   (long long)max_pixels);
 }
 
 /* libpng's simplified API catches its own longjmp and reports through the return value. */
-static cm_status decode_png(const char *path, const unsigned char *buf, size_t len, cm_image *im,
-                            cm_err *err) {
+static cm_status decode_png(const char *path, const unsigned char *buf, size_t len,
+                            int64_t max_pixels, cm_image *im, bool *limit, cm_err *err) {
   png_image pi;
   memset(&pi, 0, sizeof pi);
   pi.version = PNG_IMAGE_VERSION;
   if (!png_image_begin_read_from_memory(&pi, buf, len))
     return cm_errorf(err, CM_EINVALID, "%s: corrupt PNG: %s", path, pi.message);
+  if (check_pixels(path, pi.width, pi.height, max_pixels, limit, err)) {
+    png_image_free(&pi);
+    return CM_EINVALID;
+  }
   if (pi.width < 1 || pi.height < 1 || pi.width > 16384 || pi.height > 16384) {
     png_image_free(&pi);
     return cm_errorf(err, CM_EINVALID, "%s: PNG size %ux%u out of [1, 16384]", path, pi.width,
@@ -457,8 +483,8 @@ static void jpeg_on_message(j_common_ptr cinfo, int level) {
   }
 }
 
-static cm_status decode_jpeg(const char *path, const unsigned char *buf, size_t len, cm_image *im,
-                             cm_err *err) {
+static cm_status decode_jpeg(const char *path, const unsigned char *buf, size_t len,
+                             int64_t max_pixels, cm_image *im, bool *limit, cm_err *err) {
   struct jpeg_decompress_struct cinfo;
   jpeg_guard g;
   memset(&g, 0, sizeof g);
@@ -474,6 +500,10 @@ static cm_status decode_jpeg(const char *path, const unsigned char *buf, size_t 
   jpeg_create_decompress(&cinfo);
   jpeg_mem_src(&cinfo, buf, (unsigned long)len);
   jpeg_read_header(&cinfo, TRUE);
+  if (check_pixels(path, cinfo.image_width, cinfo.image_height, max_pixels, limit, err)) {
+    jpeg_destroy_decompress(&cinfo);
+    return CM_EINVALID;
+  }
   bool gray = cinfo.jpeg_color_space == JCS_GRAYSCALE;
   cinfo.out_color_space = gray ? JCS_GRAYSCALE : JCS_RGB;
   jpeg_start_decompress(&cinfo);
@@ -558,8 +588,11 @@ cm_status cm_dataset_subset(cm_dataset *d, int64_t n, cm_err *err) {
   return CM_OK;
 }
 
-cm_status cm_dataset_get(const cm_dataset *dc, int64_t i, cm_image *im, cm_err *err) {
+/* cm_dataset_get; *limit is set when the image is over the size limits (not corrupt). */
+static cm_status dataset_get(const cm_dataset *dc, int64_t i, cm_image *im, bool *limit,
+                             cm_err *err) {
   cm_dataset *d = (cm_dataset *)dc; /* only the atomic bad/skipped bookkeeping changes */
+  *limit = false;
   memset(im, 0, sizeof *im);
   if (i < 0 || i >= d->n)
     return cm_errorf(err, CM_EINVALID, "dataset: sample %lld out of [0, %lld)", (long long)i,
@@ -579,12 +612,12 @@ cm_status cm_dataset_get(const cm_dataset *dc, int64_t i, cm_image *im, cm_err *
     return cm_errorf(err, CM_EINVALID, "%s: skipped: found corrupt before", path);
   unsigned char *buf = NULL;
   size_t len = 0;
-  cm_status st = read_file(path, &buf, &len, err);
+  cm_status st = read_file(path, d->max_pixels, &buf, &len, limit, err);
   if (!st) {
     if (len >= 8 && !memcmp(buf, "\x89PNG\r\n\x1a\n", 8))
-      st = decode_png(path, buf, len, im, err);
+      st = decode_png(path, buf, len, d->max_pixels, im, limit, err);
     else if (len >= 3 && buf[0] == 0xFF && buf[1] == 0xD8 && buf[2] == 0xFF)
-      st = decode_jpeg(path, buf, len, im, err);
+      st = decode_jpeg(path, buf, len, d->max_pixels, im, limit, err);
     else
       st = cm_errorf(err, CM_EINVALID, "%s: neither a PNG nor a JPEG (bad signature)", path);
   }
@@ -592,7 +625,7 @@ cm_status cm_dataset_get(const cm_dataset *dc, int64_t i, cm_image *im, cm_err *
   if (!st) st = to_chans(im, d->chans, path, err);
   if (st) {
     cm_image_free(im);
-    if (st == CM_EINVALID && atomic_exchange(&d->bad[i], 1) == 0) {
+    if (st == CM_EINVALID && !*limit && atomic_exchange(&d->bad[i], 1) == 0) {
       long long k = atomic_fetch_add(&d->skipped, 1);
       if (k < DATA_MAX_WARNINGS)
         fprintf(stderr, "cmaec: warning: skipping %s\n", err ? err->msg : path);
@@ -601,6 +634,11 @@ cm_status cm_dataset_get(const cm_dataset *dc, int64_t i, cm_image *im, cm_err *
     }
   }
   return st;
+}
+
+cm_status cm_dataset_get(const cm_dataset *d, int64_t i, cm_image *im, cm_err *err) {
+  bool limit;
+  return dataset_get(d, i, im, &limit, err);
 }
 
 /* ---- the loader ---------------------------------------------------------------- */
@@ -664,9 +702,10 @@ static cm_status fill_sample(cm_loader *l, slot *s, int j, int64_t epoch, int64_
   cm_status st = CM_EINVALID;
   for (int64_t t = 0; t < n; t++, use = (use + 1) % n) {
     cm_err e2;
-    st = cm_dataset_get(l->d, use, &im, &e2);
+    bool limit;
+    st = dataset_get(l->d, use, &im, &limit, &e2);
     if (st == CM_OK) break;
-    if (st != CM_EINVALID) {
+    if (st != CM_EINVALID || limit) { /* an image over the limits stops the run */
       if (err) *err = e2;
       return st;
     }
@@ -734,12 +773,12 @@ cm_status cm_loader_create(const cm_dataset *d, const cm_loader_opts *o, cm_load
                            cm_err *err) {
   *out = NULL;
   if (cm_views_check(&o->views, err)) return err ? err->status : CM_EINVALID;
-  if (o->batch < 1 || o->workers < 1 || o->workers > 256 || o->depth < 0 || o->depth > 4 ||
-      (o->depth > 0 && o->depth < 2))
+  if (o->batch < 1 || o->workers < 1 || o->workers > CM_MAX_WORKERS || o->depth < 0 ||
+      o->depth > 4 || (o->depth > 0 && o->depth < 2))
     return cm_errorf(
         err, CM_EINVALID,
-        "loader: batch %d must be >= 1, workers %d in [1, 256], depth %d 0 or in [2, 4]", o->batch,
-        o->workers, o->depth);
+        "loader: batch %d must be >= 1, workers %d in [1, %d], depth %d 0 or in [2, 4]", o->batch,
+        o->workers, CM_MAX_WORKERS, o->depth);
   if (o->world < 1 || o->rank < 0 || o->rank >= o->world || o->epochs < 0 || o->epoch0 < 0)
     return cm_errorf(err, CM_EINVALID,
                      "loader: rank %d of world %d must be in [0, world); epochs, epoch0 >= 0",

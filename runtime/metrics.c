@@ -11,6 +11,13 @@
 #include <time.h>
 #include <unistd.h>
 
+/* metrics.jsonl: one row of about 250 bytes per step, so a million steps fit */
+#define METRICS_MAX_BYTES ((size_t)1 << 30)
+
+static cm_status read_metrics_file(const char *path, char **text, size_t *len, cm_err *err) {
+  return cm_read_file_max(path, METRICS_MAX_BYTES, "a metrics file", text, len, err);
+}
+
 struct cm_metrics_writer {
   FILE *f;
   char *path;
@@ -23,10 +30,8 @@ struct cm_metrics_writer {
 static cm_status repair(const char *path, int64_t resume_step, cm_err *err) {
   char *text;
   size_t len;
-  FILE *probe = fopen(path, "rb");
-  if (!probe) return CM_OK; /* a new file */
-  fclose(probe);
-  cm_status st = cm_read_file(path, &text, &len, err);
+  if (access(path, F_OK) != 0 && errno == ENOENT) return CM_OK; /* a new file */
+  cm_status st = read_metrics_file(path, &text, &len, err);
   if (st) return st;
   char *keep = malloc(len + 1);
   if (!keep) {
@@ -178,7 +183,7 @@ cm_status cm_metrics_read(const char *path, cm_metrics_table *out, cm_err *err) 
   memset(out, 0, sizeof *out);
   char *text;
   size_t len;
-  cm_status st = cm_read_file(path, &text, &len, err);
+  cm_status st = read_metrics_file(path, &text, &len, err);
   if (st) return st;
   int64_t n_lines = 0;
   for (size_t i = 0; i < len; i++) n_lines += text[i] == '\n';

@@ -9,6 +9,7 @@
 #include <setjmp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 cm_status cm_image_alloc(cm_image *im, int width, int height, int channels, uint8_t fill,
                          cm_err *err) {
@@ -80,8 +81,15 @@ cm_status cm_png_write(const char *path, const cm_image *im, cm_err *err) {
 
 cm_status cm_png_read(const char *path, cm_image *out, cm_err *err) {
   memset(out, 0, sizeof *out);
-  FILE *f = fopen(path, "rb");
-  if (!f) return cm_errorf(err, CM_EINVALID, "%s: cannot open: %s", path, strerror(errno));
+  int fd;
+  size_t size;
+  cm_status ost = cm_file_open_regular(path, &fd, &size, err);
+  if (ost) return ost;
+  FILE *f = fdopen(fd, "rb");
+  if (!f) {
+    close(fd);
+    return cm_errorf(err, CM_EINTERNAL, "%s: cannot open: %s", path, strerror(errno));
+  }
   png_ctx ctx = {.msg = ""};
   png_structp png =
       png_create_read_struct(PNG_LIBPNG_VER_STRING, &ctx, on_png_error, on_png_warning);

@@ -71,6 +71,24 @@ const void *cm_cpu_program_output(const cm_cpu_program *pr, int j);
  * reuses the place: all of them with a plan that reuses none); NULL for a
  * value no kernel writes to memory. */
 const void *cm_cpu_program_value(const cm_cpu_program *pr, int v);
+/* Where a run first produces a non-finite value, in execution order: a float
+ * source (graph order), else the first kernel whose outputs hold one (within a
+ * kernel, the earliest node; a state's new value is named by its assign). */
+typedef struct cm_nonfinite {
+  bool found;
+  char tensor[128]; /* the node holding it */
+  const char *op;   /* its op: "param", "state", "input" for a source */
+  char kernel[64];  /* the kernel that wrote it; "" for a source */
+  char inputs[256]; /* the node's inputs, comma-separated */
+  int64_t index;    /* its first non-finite element */
+  double value;
+} cm_nonfinite;
+/* Runs the program once as cm_cpu_program_run does (states updated in place),
+ * checking each kernel's outputs after it runs and stopping at the first
+ * non-finite one. For diagnosis (a step that went non-finite): it reads every
+ * value written, so it is slower than a run. */
+cm_status cm_cpu_program_first_nonfinite(cm_cpu_program *pr, cm_tensor *const *sources,
+                                         cm_nonfinite *out, cm_err *err);
 void cm_cpu_program_stats(const cm_cpu_program *pr, cm_cpu_stats *out);
 /* With opts->profile: per kernel, total ms over all runs and the number of runs. */
 typedef struct cm_kernel_profile {
@@ -133,6 +151,18 @@ int cm_dataset_channels(const cm_dataset *d);
  * counted once in cm_dataset_skipped and warned about on stderr (the first 5). */
 cm_status cm_dataset_get(const cm_dataset *d, int64_t i, cm_image *out, cm_err *err);
 int64_t cm_dataset_skipped(const cm_dataset *d);
+/* The largest image an image folder decodes, h x w pixels (default
+ * CM_DEFAULT_MAX_PIXELS; the trainer sets data.max_pixels). It is checked from the
+ * file's header before decoding, and the file's size against
+ * cm_image_file_max_bytes; an image over either is an error naming the file, its
+ * size and the limit — not a corrupt file to skip: the loader stops with it. */
+#define CM_DEFAULT_MAX_PIXELS ((int64_t)1 << 25)
+void cm_dataset_set_max_pixels(cm_dataset *d, int64_t max_pixels);
+/* The largest image file read: 8 bytes per pixel (16-bit RGBA stored raw) + 16 MiB. */
+int64_t cm_image_file_max_bytes(int64_t max_pixels);
+/* The most memory one loader worker takes to decode an image of max_pixels: the
+ * file and the decoded pixels, or the decoded and the converted ones. */
+int64_t cm_image_decode_bytes(int64_t max_pixels);
 /* Keeps n samples spread evenly over d (sample floor(i * size / n) becomes i),
  * so every class of a class-sorted folder stays; n >= size keeps all. */
 cm_status cm_dataset_subset(cm_dataset *d, int64_t n, cm_err *err);

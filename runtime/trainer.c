@@ -14,8 +14,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 enum { N_SCALARS = 5, N_BATCH_INPUTS = 5 };
 static const char *const scalar_names[N_SCALARS] = {"lr", "beta1", "beta2", "step", "momentum"};
@@ -46,7 +48,21 @@ static cm_status make_dirs(const char *dir, cm_err *err) {
   }
   struct stat st;
   if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
-    return cm_errorf(err, CM_EINVALID, "cm_train: %s is not a directory", dir);
+    return cm_errorf(err, CM_EINVALID, "cm_train: output directory %s: not a directory", dir);
+  /* a file can be created, written and removed there (checkpoints are written the same way) */
+  char probe[1100];
+  snprintf(probe, sizeof probe, "%s/.cmaec-write-probe-%ld", dir, (long)getpid());
+  int fd = open(probe, O_WRONLY | O_CREAT | O_TRUNC, 0666);
+  bool wrote = fd >= 0 && write(fd, "x", 1) == 1;
+  int e = errno;
+  if (fd >= 0) {
+    wrote = (close(fd) == 0) && wrote;
+    e = wrote ? 0 : errno;
+    if (unlink(probe) != 0 && wrote) wrote = false, e = errno;
+  }
+  if (!wrote)
+    return cm_errorf(err, CM_EINVALID, "cm_train: output directory %s: cannot write there: %s", dir,
+                     strerror(e));
   return CM_OK;
 }
 
@@ -124,7 +140,8 @@ static cm_status init_sources(trainer *t, cm_err *err) {
   for (int i = 0; i < g->n_nodes; i++) {
     const cm_node *n = &g->nodes[i];
     if (n->op != CM_OP_PARAM && n->op != CM_OP_STATE && n->op != CM_OP_INPUT) continue;
-    if (cm_tensor_alloc(&t->src[i], n->type, err)) return CM_EINTERNAL;
+    if (!t->src[i].data && cm_tensor_alloc(&t->src[i], n->type, err)) return CM_EINTERNAL;
+    memset(t->src[i].data, 0, cm_type_nbytes(&n->type)); /* again when a step is replayed */
     t->bound[i] = &t->src[i];
     if (n->op == CM_OP_PARAM && n->attrs.init.kind != CM_INIT_NONE &&
         cm_init_tensor(&t->src[i], &n->attrs.init, (uint64_t)t->cfg.train.seed, n->name, err))
@@ -153,7 +170,7 @@ static cm_status init_sources(trainer *t, cm_err *err) {
 /* The first key (group.key) whose value differs between two config JSONs,
  * ignoring the keys that do not change the run's numbers; "" when none. */
 static void config_diff(const char *a_json, const char *b_json, char *out, size_t size) {
-  static const char *const ignored[] = {"train.workers", "train.ckpt_every"};
+  static const char *const ignored[] = {"train.workers", "train.ckpt_every", "data.max_pixels"};
   cJSON *a = cJSON_Parse(a_json), *b = cJSON_Parse(b_json);
   out[0] = 0;
   if (!a || !b) {
@@ -273,26 +290,167 @@ static cm_status run_step(trainer *t, const cm_tensor **out, cm_err *err) {
   return CM_OK;
 }
 
-/* The first non-finite tensor among the outputs and the new params/states, in graph order. */
-static const char *first_nonfinite(trainer *t, const cm_tensor **out) {
-  const cm_graph *g = t->sg;
-  double bad;
-  for (int i = 0; i < g->n_nodes; i++) {
-    const cm_node *n = &g->nodes[i];
-    for (int j = 0; j < g->n_outputs; j++)
-      if (g->outputs[j] == i && tensor_nonfinite(out[j], &bad)) return n->name;
-    if ((n->op == CM_OP_PARAM || n->op == CM_OP_STATE) && tensor_nonfinite(&t->src[i], &bad))
-      return n->name;
-  }
-  return "(none)";
-}
-
 static double out_value(const cm_tensor **out, int j) {
   return j < 0 ? 0.0 : cm_tensor_get_f64(out[j], 0);
 }
 
+/* The data workers: at most 4 per CPU core (decoding is CPU-bound; more only take
+ * memory) and, for an image folder, their decode memory (cm_image_decode_bytes at
+ * data.max_pixels each) at most half of the machine's. */
+static cm_status check_workers(const cm_model_config *c, bool folder, cm_err *err) {
+  int w = c->train.workers;
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (folder && pages > 0 && page > 0) {
+    double need = (double)w * (double)cm_image_decode_bytes(c->data.max_pixels);
+    double half = (double)pages * (double)page / 2;
+    if (need > half)
+      return cm_errorf(err, CM_EINVALID,
+                       "train.workers: %d workers could take %.1f GiB of decode memory at "
+                       "data.max_pixels %d, more than half of this machine's %.1f GiB (lower "
+                       "train.workers or data.max_pixels)",
+                       w, need / (1 << 30), c->data.max_pixels, 2 * half / (1 << 30));
+  }
+  if (cores > 0 && w > 4 * cores)
+    return cm_errorf(err, CM_EINVALID,
+                     "train.workers: %d is more than 4 per CPU core (%ld on this machine's %ld)", w,
+                     4 * cores, cores);
+  return CM_OK;
+}
+
+/* Step inputs: the batch and the step's scalars (lr, betas, step, momentum). */
+static cm_status prepare_step(trainer *t, const cm_schedule *sched, int64_t step, const cm_batch *b,
+                              double sv[N_SCALARS], cm_err *err) {
+  if (b->n != t->cfg.optimizer.batch)
+    return cm_errorf(err, CM_EINTERNAL, "cm_train: step %lld: the loader gave %d samples, not %d",
+                     (long long)step, b->n, t->cfg.optimizer.batch);
+  cm_status st = copy_batch(t, b, err);
+  if (st) return st;
+  sv[0] = cm_schedule_lr(sched, step - 1);
+  sv[1] = t->cfg.optimizer.beta1;
+  sv[2] = t->cfg.optimizer.beta2;
+  sv[3] = (double)step;
+  sv[4] = cm_schedule_momentum(sched, step - 1);
+  for (int k = 0; k < N_SCALARS; k++)
+    if (t->scalar_id[k] >= 0) cm_tensor_set_f64(&t->src[t->scalar_id[k]], 0, sv[k]);
+  return CM_OK;
+}
+
+/* "NAME = op(INPUTS), element E = V" (+ the kernel), or a source "NAME (param), ...". */
+static void nonfinite_str(const cm_nonfinite *nf, char *out, size_t size) {
+  bool source = !nf->kernel[0] && (strcmp(nf->op, "param") == 0 || strcmp(nf->op, "state") == 0 ||
+                                   strcmp(nf->op, "input") == 0);
+  if (source)
+    snprintf(out, size, "%s (%s), element %lld = %g", nf->tensor, nf->op, (long long)nf->index,
+             nf->value);
+  else
+    snprintf(out, size, "%s = %s(%s), element %lld = %g%s%s", nf->tensor, nf->op, nf->inputs,
+             (long long)nf->index, nf->value, nf->kernel[0] ? ", in kernel " : "", nf->kernel);
+}
+
+/* The reference evaluator kept every value of the step: the first non-finite one in
+ * node order (the order it evaluates them), sources first as they were bound. */
+static void nonfinite_ref(trainer *t, cm_nonfinite *nf) {
+  const cm_graph *g = t->sg;
+  memset(nf, 0, sizeof *nf);
+  for (int i = 0; i < g->n_nodes; i++) {
+    double v;
+    if (!tensor_nonfinite(&t->values[i], &v)) continue;
+    const cm_node *n = &g->nodes[i];
+    nf->found = true;
+    snprintf(nf->tensor, sizeof nf->tensor, "%s", n->name);
+    nf->op = cm_op_get_info(n->op)->name;
+    size_t used = 0;
+    for (int k = 0; k < n->n_inputs && used + 8 < sizeof nf->inputs; k++)
+      used += (size_t)snprintf(nf->inputs + used, sizeof nf->inputs - used, "%s%s", k ? ", " : "",
+                               g->nodes[n->inputs[k]].name);
+    int64_t numel = cm_type_numel(&n->type);
+    for (nf->index = 0; nf->index < numel; nf->index++)
+      if (!isfinite(cm_tensor_get_f64(&t->values[i], nf->index))) break;
+    nf->value = v;
+    return;
+  }
+}
+
+/* The CPU executor keeps no intermediate value and has updated the states in place,
+ * so step `step` is run again from the state it started from — the last checkpoint
+ * this run wrote or resumed from (else the initial state), replayed up to it; the
+ * run is deterministic, so the step goes non-finite the same way — checking every
+ * kernel's outputs (cm_cpu_program_first_nonfinite). A replay estimated at over
+ * five minutes is skipped. Only a failed run pays for this. */
+static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_schedule *sched,
+                          int64_t step, const char *base_ckpt, double step_s, char *out,
+                          size_t size) {
+  cm_err err = {0};
+  cm_checkpoint_meta meta = {0};
+  cm_loader *l = NULL;
+  int64_t base = 0;
+  cm_status st = CM_OK;
+  if (base_ckpt && base_ckpt[0]) {
+    /* its step, from the name, to size the replay before loading anything */
+    const char *name = strrchr(base_ckpt, '/');
+    long long s = -1;
+    if (!name || sscanf(name, "/ckpt-%lld.safetensors", &s) != 1 || s < 0 || s >= step) {
+      snprintf(out, size, "not located (checkpoint %s is not before step %lld)", base_ckpt,
+               (long long)step);
+      return;
+    }
+    base = s;
+  }
+  int64_t n = step - 1 - base;
+  if (n > 20 && (double)n * step_s > 300) {
+    snprintf(out, size,
+             "not located (it would replay the %lld steps since %s; checkpoint more often with "
+             "--ckpt-every to locate it)",
+             (long long)n, base ? "the last checkpoint" : "the start");
+    return;
+  }
+  if (t->o->log) {
+    fprintf(t->o->log,
+            "locating the first non-finite value of step %lld: replaying steps %lld..%lld "
+            "from %s\n",
+            (long long)step, (long long)base + 1, (long long)step, base ? base_ckpt : "the start");
+    fflush(t->o->log);
+  }
+  if (base) {
+    st = restore(t, base_ckpt, &meta, &err);
+    if (!st && meta.step != base)
+      st = cm_errorf(&err, CM_EINVALID, "%s: holds step %lld", base_ckpt, (long long)meta.step);
+  } else {
+    st = init_sources(t, &err);
+  }
+  cm_loader_opts lo = *lo0;
+  int64_t spe = cm_loader_steps_per_epoch(t->loader);
+  lo.epoch0 = base / spe;
+  if (!st) st = cm_loader_create(t->data, &lo, &l, &err);
+  cm_batch b;
+  for (int64_t k = 0; k < base % spe && !st; k++) st = cm_loader_next(l, &b, &err);
+  double sv[N_SCALARS];
+  const cm_tensor **outs = calloc((size_t)t->sg->n_outputs + 1, sizeof *outs);
+  if (!outs && !st) st = cm_errorf(&err, CM_EINTERNAL, "out of memory");
+  for (int64_t k = base + 1; k < step && !st; k++) {
+    st = cm_loader_next(l, &b, &err);
+    if (!st) st = prepare_step(t, sched, k, &b, sv, &err);
+    if (!st) st = run_step(t, outs, &err);
+  }
+  cm_nonfinite nf = {0};
+  if (!st) st = cm_loader_next(l, &b, &err);
+  if (!st) st = prepare_step(t, sched, step, &b, sv, &err);
+  if (!st) st = cm_cpu_program_first_nonfinite(t->prog, (cm_tensor *const *)t->bound, &nf, &err);
+  if (st)
+    snprintf(out, size, "not located (the replay failed: %s)", err.msg);
+  else if (!nf.found)
+    snprintf(out, size, "not located (the replayed step %lld stayed finite)", (long long)step);
+  else
+    nonfinite_str(&nf, out, size);
+  free(outs);
+  cm_loader_free(l);
+  cm_checkpoint_meta_free(&meta);
+}
+
 static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
   const cm_train_opts *o = t->o;
+  cm_status st;
   if (!o->model_path || !o->out_dir)
     return cm_errorf(err, CM_EINVALID, "cm_train: a model path and an output directory are needed");
   if (o->steps < 0 || o->epochs < 0 || o->batch < 0)
@@ -307,16 +465,24 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     t->cfg.schedule.epochs = (int)o->epochs;
   }
   if (cm_model_config_validate(&t->cfg, err)) return cm_err_prefix(err, "%s: ", o->model_path);
+  /* the output directory before anything slow (the data, the compile) */
+  if (make_dirs(o->out_dir, err)) return err->status;
 
   /* data */
   bool fmnist = !o->data || strcmp(o->data, "fashion-mnist") == 0;
   if (fmnist ? cm_dataset_open_fmnist(NULL, true, &t->data, err)
              : cm_dataset_open_folder(o->data, t->cfg.data.in_chans, &t->data, err))
     return err->status;
+  if (!fmnist) cm_dataset_set_max_pixels(t->data, t->cfg.data.max_pixels);
+  if ((st = check_workers(&t->cfg, !fmnist, err))) return st;
   if (cm_dataset_channels(t->data) != t->cfg.data.in_chans)
     return cm_errorf(err, CM_EINVALID, "%s: dataset has %d channels but data.in_chans is %d",
                      fmnist ? "fashion-mnist" : o->data, cm_dataset_channels(t->data),
                      t->cfg.data.in_chans);
+  if (t->cfg.train.limit > cm_dataset_size(t->data))
+    return cm_errorf(err, CM_EINVALID, "train.limit: %d is more than the %lld images of %s",
+                     t->cfg.train.limit, (long long)cm_dataset_size(t->data),
+                     fmnist ? "fashion-mnist" : o->data);
   if (t->cfg.train.limit > 0 && cm_dataset_subset(t->data, t->cfg.train.limit, err))
     return err->status;
   r->dataset_size = cm_dataset_size(t->data);
@@ -390,7 +556,18 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     co.threads = o->threads;
     if (cm_cpu_program_build(g, NULL, &co, &t->prog, err)) return err->status;
   }
-  return make_dirs(o->out_dir, err);
+  return CM_OK;
+}
+
+/* A resumed run goes on past its checkpoint's step: --steps below it would run backwards. */
+static cm_status check_resume_steps(const cm_train_opts *o, const char *ckpt, long long step,
+                                    cm_err *err) {
+  if (o->steps > 0 && o->steps < step)
+    return cm_errorf(err, CM_EINVALID,
+                     "cannot resume: --steps %lld is below step %lld of the checkpoint %s (give "
+                     "--steps above %lld to train on, or a new --out)",
+                     (long long)o->steps, step, ckpt, step);
+  return CM_OK;
 }
 
 cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
@@ -404,6 +581,12 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   /* a missing checkpoint is found before the (slow) build */
   cm_status st = o->resume && o->out_dir ? cm_checkpoint_latest(o->out_dir, &ckpt, err) : CM_OK;
   if (st) cm_err_prefix(err, "cannot resume: ");
+  /* --steps below the checkpoint, found before the build from its name (ckpt-<step>);
+   * its metadata is checked again after the restore */
+  const char *base = ckpt ? strrchr(ckpt, '/') : NULL;
+  long long named = -1;
+  if (!st && base && sscanf(base, "/ckpt-%lld.safetensors", &named) == 1)
+    st = check_resume_steps(o, ckpt, named, err);
   if (!st) st = setup(&t, r, err);
   if (st) goto done;
 
@@ -420,6 +603,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   if (o->resume) {
     if ((st = restore(&t, ckpt, &meta, err))) goto done;
     start = meta.step;
+    if ((st = check_resume_steps(o, ckpt, start, err))) goto done;
   }
   /* iterations per epoch: floor(n / global batch) (drop_last) */
   r->steps_per_epoch = r->dataset_size / t.cfg.optimizer.batch;
@@ -434,6 +618,19 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   if ((st = cm_schedule_from_config(&t.cfg, r->steps_per_epoch, &sched, err))) goto done;
   r->total_steps = o->steps > 0 ? o->steps : sched.total_iters;
   r->first_step = r->last_step = start;
+  if (start > r->total_steps) {
+    st = cm_errorf(err, CM_EINVALID,
+                   "cannot resume: %s is at step %lld, past the schedule's last step %lld", ckpt,
+                   (long long)start, (long long)r->total_steps);
+    goto done;
+  }
+  if (o->resume && start == r->total_steps) {
+    if (o->log)
+      fprintf(o->log, "nothing to run: %s is at step %lld, the last step of the run\n", ckpt,
+              (long long)start);
+    snprintf(r->checkpoint, sizeof r->checkpoint, "%s", ckpt);
+    goto done;
+  }
   snprintf(t.metrics_path, sizeof t.metrics_path, "%s/metrics.jsonl", o->out_dir);
   if ((st = cm_metrics_open(t.metrics_path, start + 1, &t.metrics, err))) goto done;
 
@@ -445,9 +642,11 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
         t.cfg.name, (long long)r->n_params, (long long)r->dataset_size,
         (long long)r->steps_per_epoch, t.cfg.optimizer.batch, (long long)start + 1,
         (long long)r->total_steps, (long long)sched.total_iters);
-    fprintf(o->log, "lr peak %.4g (base %.4g x %d / 256), warmup %lld steps; backend %s",
+    fprintf(o->log,
+            "lr peak %.4g (base %.4g x %d / 256), warmup %lld steps; %d data worker%s; backend %s",
             sched.peak_lr, t.cfg.optimizer.base_lr, t.cfg.optimizer.batch,
-            (long long)sched.warmup_iters, o->backend == CM_TRAIN_REF ? "ref" : "cpu");
+            (long long)sched.warmup_iters, t.cfg.train.workers, t.cfg.train.workers == 1 ? "" : "s",
+            o->backend == CM_TRAIN_REF ? "ref" : "cpu");
     if (t.prog) {
       cm_cpu_stats cs;
       cm_cpu_program_stats(t.prog, &cs);
@@ -475,17 +674,8 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   for (int64_t step = start + 1; step <= r->total_steps && !st; step++) {
     double t0 = now_s();
     if ((st = cm_loader_next(t.loader, &b, err))) break;
-    if (b.n != t.cfg.optimizer.batch) {
-      st = cm_errorf(err, CM_EINTERNAL, "cm_train: step %lld: the loader gave %d samples, not %d",
-                     (long long)step, b.n, t.cfg.optimizer.batch);
-      break;
-    }
-    if ((st = copy_batch(&t, &b, err))) break;
-    double sv[N_SCALARS] = {cm_schedule_lr(&sched, step - 1), t.cfg.optimizer.beta1,
-                            t.cfg.optimizer.beta2, (double)step,
-                            cm_schedule_momentum(&sched, step - 1)};
-    for (int k = 0; k < N_SCALARS; k++)
-      if (t.scalar_id[k] >= 0) cm_tensor_set_f64(&t.src[t.scalar_id[k]], 0, sv[k]);
+    double sv[N_SCALARS];
+    if ((st = prepare_step(&t, &sched, step, &b, sv, err))) break;
     if ((st = run_step(&t, out, err))) {
       cm_err_prefix(err, "step %lld: ", (long long)step);
       break;
@@ -502,8 +692,23 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
                  : strcmp(which, "loss_ct") == 0 ? lct
                  : strcmp(which, "loss") == 0    ? loss
                                                  : gn;
-      st = cm_errorf(err, CM_EINVALID, "step %lld: non-finite %s (%g); first non-finite tensor: %s",
-                     (long long)step, which, v, first_nonfinite(&t, out));
+      char where[600];
+      if (o->backend == CM_TRAIN_REF) {
+        cm_nonfinite nf;
+        nonfinite_ref(&t, &nf);
+        if (nf.found)
+          nonfinite_str(&nf, where, sizeof where);
+        else
+          snprintf(where, sizeof where, "not located");
+      } else {
+        double step_s = step > start + 1 ? (now_s() - t_run) / (double)(step - 1 - start) : 1;
+        nonfinite_cpu(&t, &lo, &sched, step, r->checkpoint[0] ? r->checkpoint : ckpt, step_s, where,
+                      sizeof where);
+      }
+      st =
+          cm_errorf(err, CM_EINVALID,
+                    "step %lld: non-finite %s (%g); first non-finite tensor in execution order: %s",
+                    (long long)step, which, v, where);
       break;
     }
     double ms = 1e3 * (now_s() - t0);
@@ -530,7 +735,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
     r->loss_rc = lrc;
     r->loss_ct = lct;
     r->images_per_s = ips;
-    if (o->log) cm_progress_update(&prog, step, loss);
+    if (o->log) cm_progress_update(&prog, step - 1, loss); /* 0-based: the step just run */
     bool stopping = o->stop && *o->stop;
     if (stopping || step == r->total_steps ||
         (t.cfg.train.ckpt_every > 0 && step % t.cfg.train.ckpt_every == 0)) {

@@ -117,7 +117,8 @@ static bool file_exists(const char *dir, const char *name) {
 
 /* --data: "fashion-mnist" (the system's copy), a directory with the IDX
  * files, or an image folder with train/ and test/. */
-static int open_split(const char *data, bool train, int chans, cm_dataset **out) {
+static int open_split(const char *data, bool train, int chans, int64_t max_pixels,
+                      cm_dataset **out) {
   cm_err err = {0};
   cm_status st;
   const char *place = data ? data : "fashion-mnist";
@@ -129,6 +130,7 @@ static int open_split(const char *data, bool train, int chans, cm_dataset **out)
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", data, train ? "train" : "test");
     st = cm_dataset_open_folder(path, chans, out, &err);
+    if (!st) cm_dataset_set_max_pixels(*out, max_pixels);
   }
   return st ? cli_report(&err, place) : EXIT_OK;
 }
@@ -271,8 +273,8 @@ int cmd_eval(int argc, char **argv) {
   int32_t *trl = NULL, *tel = NULL;
   int64_t ntr = 0, nte = 0;
   cm_err err = {0};
-  if ((rc = open_split(opts[1].value, true, c.cfg.data.in_chans, &dtr)) ||
-      (rc = open_split(opts[1].value, false, c.cfg.data.in_chans, &dte)))
+  if ((rc = open_split(opts[1].value, true, c.cfg.data.in_chans, c.cfg.data.max_pixels, &dtr)) ||
+      (rc = open_split(opts[1].value, false, c.cfg.data.in_chans, c.cfg.data.max_pixels, &dte)))
     goto done;
   if (cm_eval_views(dtr, &c.cfg, train_limit, &trv, &trl, &ntr, &err) ||
       cm_eval_views(dte, &c.cfg, test_limit, &tev, &tel, &nte, &err)) {
@@ -384,7 +386,8 @@ int cmd_recon(int argc, char **argv) {
   int64_t got = 0;
   cm_image *tiles = NULL, grid = {0};
   cm_err err = {0};
-  if ((rc = open_split(opts[3].value, false, c.cfg.data.in_chans, &d))) goto done;
+  if ((rc = open_split(opts[3].value, false, c.cfg.data.in_chans, c.cfg.data.max_pixels, &d)))
+    goto done;
   if (cm_eval_views(d, &c.cfg, n, &views, &labels, &got, &err)) {
     rc = cli_report(&err, opts[3].value ? opts[3].value : "fashion-mnist");
     goto done;

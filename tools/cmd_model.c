@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
 
@@ -639,11 +640,18 @@ static void extents_str(const int64_t *d, int n, char *buf, size_t size) {
 /* The graph to compile: a variant's training step (through the default
  * pipeline) or a graph file's graph; *plan gets the pipeline's plan. */
 static int compile_input(model_cmd *mc, const char *path, int batch, cm_graph **g, cm_plan **plan) {
-  FILE *f = fopen(path, "rb");
+  /* sniff the head (regular files only: a FIFO is not opened for good); the readers
+   * below report a file that cannot be read */
+  int fd;
+  size_t size;
   char head[4096] = {0};
-  size_t n = f ? fread(head, 1, sizeof head - 1, f) : 0;
-  if (f) fclose(f);
-  head[n] = 0;
+  ssize_t n = 0;
+  cm_err oerr = {0};
+  if (cm_file_open_regular(path, &fd, &size, &oerr) == CM_OK) {
+    n = read(fd, head, sizeof head - 1);
+    close(fd);
+  }
+  head[n > 0 ? n : 0] = 0;
   int rc;
   if (strstr(head, "\"nodes\"")) {
     if ((rc = cli_load_graph(path, g))) return rc;

@@ -105,8 +105,8 @@ int cmd_pretrain(int argc, char **argv) {
   static const struct {
     int opt;
     int64_t max;
-  } ints[] = {{2, 1000000}, {3, INT64_C(1) << 40},  {4, 1 << 20},    {8, 4096},
-              {9, 256},     {10, INT64_C(1) << 40}, {13, INT32_MAX}, {14, 1000000}};
+  } ints[] = {{2, 1000000},        {3, INT64_C(1) << 40},  {4, 1 << 20},    {8, 4096},
+              {9, CM_MAX_WORKERS}, {10, INT64_C(1) << 40}, {13, INT32_MAX}, {14, 1000000}};
   for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++) {
     cli_option *op = &opts[ints[k].opt];
     if (!op->given) continue;
@@ -122,7 +122,8 @@ int cmd_pretrain(int argc, char **argv) {
     case 4: o.batch = (int)v; break;
     case 8: o.threads = (int)v; break;
     case 10: o.log_every = v; break;
-    default: o.keep = (int)v; break;
+    case 14: o.keep = (int)v; break;
+    default: break; /* --workers, --ckpt-every: config keys, set below */
     }
   }
   if (opts[2].given && opts[3].given) {

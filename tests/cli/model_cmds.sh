@@ -114,6 +114,13 @@ expect_fail 2 "encoder.dpeth" "$cmaec" summary "$base" --set encoder.dpeth=3
 expect_fail 2 "encoder.depth" "$cmaec" build "$base" -o "$tmp/x.json" --set encoder.depth=six
 expect_fail 2 "encoder.heads" "$cmaec" summary "$base" --set encoder.heads=7
 expect_fail 2 "--set" "$cmaec" summary "$base" --set
+expect_fail 2 "encoder: a section, not a key: set one of its keys (patch, width, depth" \
+  "$cmaec" summary "$base" --set encoder=5
+expect_fail 2 "mask.ratio: the number is out of range" "$cmaec" summary "$base" --set mask.ratio=1e400
+expect_fail 2 "encoder.depth: set twice, as --set encoder.depth=4 and in --set encoder={\"depth\":6}" \
+  "$cmaec" summary "$base" --set encoder.depth=4 --set 'encoder={"depth":6}'
+printf '{"extends": ""}\n' >"$tmp/extends_empty.json"
+expect_fail 2 "extends: must name a file" "$cmaec" summary "$tmp/extends_empty.json"
 expect_fail 2 "--batch" "$cmaec" summary "$base" --batch 0
 expect_fail 2 "--ranks" "$cmaec" build "$base" -o "$tmp/x.json" --ranks x
 expect_fail 2 "optimizer.batch" "$cmaec" build "$base" -o "$tmp/x.json" --ranks 3

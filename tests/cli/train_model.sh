@@ -97,7 +97,7 @@ else
 fi
 
 # a huge lr: exit 2, one line naming the step and the first non-finite tensor
-expect_fail 2 "first non-finite tensor: " "$cmaec" train "$model" "${tiny[@]}" --steps 20 \
+expect_fail 2 "first non-finite tensor in execution order: " "$cmaec" train "$model" "${tiny[@]}" --steps 20 \
   --set optimizer.base_lr=1e30 --out "$tmp/nan"
 grep -q "step [0-9]*: non-finite loss" "$tmp/err" || bad "non-finite: $(cat "$tmp/err")"
 

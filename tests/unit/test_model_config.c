@@ -334,14 +334,19 @@ static void test_set_errors(void) {
       "encoder.dpeth=6",
       "--set encoder.dpeth=6: encoder.dpeth: unknown key (did you mean encoder.depth?)");
   expect_set_fails("tempreature=0.1", "tempreature: unknown key");
-  expect_set_fails("encoder=6", "encoder: unknown key");
+  expect_set_fails("encoder=6",
+                   "--set encoder=6: encoder: a section, not a key: set one of its "
+                   "keys (patch, width, depth, heads, mlp_ratio, qkv_bias, final_norm, "
+                   "ln_eps, stage_widths, stage_depths, stage_patches) as "
+                   "encoder.KEY, or give an object of them; got 6");
   expect_set_fails("encoder.depth=six",
                    "--set encoder.depth=six: encoder.depth: expected an integer, got \"six\"");
   expect_set_fails("encoder.depth=6.5", "encoder.depth: expected an integer, got 6.5");
   expect_set_fails("encoder.depth=", "encoder.depth: expected an integer, got \"\"");
   expect_set_fails("encoder.depth=true", "encoder.depth: expected an integer, got true");
   expect_set_fails("encoder.depth=3000000000", "encoder.depth: 3000000000 is out of the int range");
-  expect_set_fails("loss.temperature=1e999", "loss.temperature: expected a number");
+  expect_set_fails("loss.temperature=1e999",
+                   "loss.temperature: the number is out of range (magnitude over 1.8e308)");
   expect_set_fails("contrastive=yes", "contrastive: expected true or false, got \"yes\"");
   expect_set_fails("contrastive=1", "contrastive: expected true or false, got 1");
   expect_set_fails("arch=a_string_longer_than_15", "arch: \"a_string_longer_than_15\" is too long");
@@ -571,7 +576,8 @@ static void test_malformed_strings(void) {
   expect_load_fails("{\"extends\": \"missing/base.json\"}", "extends: cannot open");
   expect_load_fails("{\"extends\": \"bad.json\"}", "extends: cycle");
   expect_load_fails("{\"extends\": null}", "extends: expected a file name, got null");
-  expect_load_fails("{\"data\": [1]}", "data: expected an object of data.* keys, got [1]");
+  expect_load_fails("{\"data\": [1]}",
+                    "data: a section, not a key: set one of its keys (dataset, ");
   expect_load_fails("{\"encoder\": {\"heads\": 5}}",
                     "encoder.heads: 5 does not divide encoder.width 768");
   expect_load_fails("{\"data\": {\"master_size\": 250}}",
@@ -615,7 +621,7 @@ static void test_key_table(void) {
   const cm_model_key *keys;
   int n = cm_model_config_keys(&keys);
   /* Every field of cm_model_config except pixel_decoder.enabled (always on). */
-  CHECK(n == 74);
+  CHECK(n == 75);
   static const char *const types[] = {"int", "number", "bool", "string", "int[3]", "number[3]"};
   for (int i = 0; i < n; i++) {
     bool type_ok = false;
@@ -670,8 +676,62 @@ static void test_docs_list_every_key(void) {
   free(docs);
 }
 
-TEST_MAIN(TEST(test_defaults_match_cmae_md), TEST(test_shipped_variants_load),
-          TEST(test_extends_chain_and_override_order), TEST(test_set_each_type),
-          TEST(test_set_errors), TEST(test_validation_rules), TEST(test_to_json_round_trip),
-          TEST(test_malformed_files), TEST(test_malformed_strings), TEST(test_key_table),
-          TEST(test_docs_list_every_key))
+/* Messages that say what is wrong: a section given a value, a number beyond
+ * double range, an empty "extends"; and a key set twice in one layer (a file, or
+ * the --set flags) in its dotted and its section form is an error naming both. */
+static void test_sections_ranges_and_conflicts(void) {
+  expect_set_fails("mask.ratio=1e400",
+                   "--set mask.ratio=1e400: mask.ratio: the number is out of range (magnitude "
+                   "over 1.8e308)");
+  expect_set_fails("encoder.depth=-1e400", "encoder.depth: the number is out of range");
+  expect_set_fails("data.mean=[1,1e999,3]", "data.mean[1]: the number is out of range");
+  expect_set_fails("mask={\"ratio\": 2e308}", "mask.ratio: the number is out of range");
+  expect_set_fails("mask=\"block\"", "mask: a section, not a key: set one of its keys (kind, "
+                                     "ratio, block) as mask.KEY, or give an object of them; got "
+                                     "\"block\"");
+  expect_set_fails("mask={\"rate\": 0.5}", "mask.rate: unknown key (did you mean mask.ratio?)");
+  expect_set_fails("mask={\"ratio\": 0.5, \"ratio\": 0.6}", "mask.ratio: duplicate key");
+  expect_load_fails("{\"mask\": {\"ratio\": 1e400}}",
+                    "mask.ratio: the number is out of range (magnitude over 1.8e308)");
+  expect_load_fails("{\"extends\": \"\"}", "extends: must name a file, got \"\"");
+  expect_load_fails("{\"mask\": 0.5}", "mask: a section, not a key: set one of its keys");
+
+  /* a section object through --set sets the keys it names, and only those */
+  cm_model_config c;
+  cm_model_config_default(&c);
+  cm_err err = {0};
+  CHECK_MSG(cm_model_config_set(&c, "encoder={\"depth\": 6, \"heads\": 6}", &err) == CM_OK, "%s",
+            err.msg);
+  CHECK(c.encoder.depth == 6 && c.encoder.heads == 6 && c.encoder.width == 768);
+
+  /* one file: the dotted and the nested form of a key */
+  expect_load_fails("{\"encoder.depth\": 4, \"encoder\": {\"depth\": 6}}",
+                    "encoder.depth: set twice, as \"encoder.depth\": 4 and in \"encoder\": "
+                    "{\"depth\":6}");
+  expect_load_fails("{\"encoder\": {\"depth\": 6}, \"encoder.depth\": 6}",
+                    "encoder.depth: set twice, as \"encoder.depth\": 6 and in \"encoder\"");
+  /* a base and the file extending it may set one key in either form */
+  write_tmp("conflict_base.json", "{\"encoder\": {\"depth\": 6}}");
+  const char *sub =
+      write_tmp("conflict_sub.json", "{\"extends\": \"conflict_base.json\", \"encoder.depth\": 4}");
+  CHECK_MSG(cm_model_config_load(sub, NULL, 0, &c, &err) == CM_OK, "%s", err.msg);
+  CHECK(c.encoder.depth == 4);
+  /* --set: the same form again is a later override (the last wins) ... */
+  const char *same[] = {"encoder.depth=3", "encoder.depth=5", "encoder={\"heads\": 4}",
+                        "encoder={\"heads\": 8}"};
+  CHECK_MSG(cm_model_config_load(sub, same, 4, &c, &err) == CM_OK, "%s", err.msg);
+  CHECK(c.encoder.depth == 5 && c.encoder.heads == 8);
+  /* ... but both forms of one key are an error naming both flags */
+  const char *mixed[] = {"encoder.depth=3", "name=x", "encoder={\"depth\": 5}"};
+  cm_status st = cm_model_config_load(sub, mixed, 3, &c, &err);
+  expect_invalid(st, &err,
+                 "encoder.depth: set twice, as --set encoder.depth=3 and in --set "
+                 "encoder={\"depth\": 5}",
+                 "--set in both forms");
+}
+
+TEST_MAIN(TEST(test_defaults_match_cmae_md), TEST(test_sections_ranges_and_conflicts),
+          TEST(test_shipped_variants_load), TEST(test_extends_chain_and_override_order),
+          TEST(test_set_each_type), TEST(test_set_errors), TEST(test_validation_rules),
+          TEST(test_to_json_round_trip), TEST(test_malformed_files), TEST(test_malformed_strings),
+          TEST(test_key_table), TEST(test_docs_list_every_key))
