@@ -230,10 +230,9 @@ typedef struct entry {
   const char *name;
   cm_op op;
   int n_inputs;
-  int *inputs;     /* entry indices */
-  int id;          /* graph node id once added, else -1 */
-  int mark;        /* topological sort: 0 unseen, 1 on the stack, 2 done */
-  int assigned_by; /* entry index of the assign that targets this entry, else -1 */
+  int *inputs; /* entry indices */
+  int id;      /* graph node id once added, else -1 */
+  int mark;    /* topological sort: 0 unseen, 1 on the stack, 2 done */
 } entry;
 
 typedef struct reader {
@@ -492,7 +491,6 @@ static cm_status collect_entries(reader *r, const cJSON *root, cm_err *err) {
       e->section = sections[s];
       e->index = index;
       e->id = -1;
-      e->assigned_by = -1;
       place_of(e, place, sizeof place);
       if (!cJSON_IsObject(obj))
         return cm_errorf(err, CM_EINVALID, "%s: expected an object, got %s", place, json_kind(obj));
@@ -642,17 +640,6 @@ static cm_status add_entry(cm_graph *g, reader *r, int idx, cm_err *err) {
                      info->name, info->arity < 0 ? "at least " : "",
                      info->arity < 0 ? 1 : info->arity,
                      info->arity == 1 || info->arity < 0 ? "" : "s", e->n_inputs);
-  if (e->op == CM_OP_ASSIGN) {
-    entry *target = &r->entries[e->inputs[0]];
-    if (target->assigned_by >= 0) {
-      char other[64];
-      place_of(&r->entries[target->assigned_by], other, sizeof other);
-      return cm_errorf(err, CM_EINVALID,
-                       "%s \"%s\" (assign): \"%s\" is already assigned by %s \"%s\"", place,
-                       e->name, target->name, other, r->entries[target->assigned_by].name);
-    }
-    target->assigned_by = idx;
-  }
   if (parse_attrs(g, r, e, &attrs, &data, err)) {
     free(data);
     return err ? err->status : CM_EINVALID;
@@ -670,6 +657,27 @@ static cm_status add_entry(cm_graph *g, reader *r, int idx, cm_err *err) {
   if (inputs != ids) free(inputs);
   free(data);
   if (e->id < 0) return cm_err_prefix(err, "%s ", place);
+  return CM_OK;
+}
+
+static cm_status add_outputs(const cJSON *root, cm_graph *g, cm_err *err) {
+  char q[80];
+  const cJSON *outputs = cJSON_GetObjectItemCaseSensitive(root, "outputs");
+  if (!outputs) return CM_OK;
+  if (!cJSON_IsArray(outputs))
+    return cm_errorf(err, CM_EINVALID, "outputs: expected an array of names, got %s",
+                     json_kind(outputs));
+  int k = 0;
+  for (const cJSON *x = outputs->child; x; x = x->next, k++) {
+    char p[64];
+    snprintf(p, sizeof p, "outputs[%d]", k);
+    const char *s = NULL;
+    if (get_string(x, p, &s, err)) return CM_EINVALID;
+    int id = cm_graph_find(g, s);
+    if (id < 0)
+      return cm_errorf(err, CM_EINVALID, "%s: no value named %s", p, quoted(s, q, sizeof q));
+    if (cm_graph_add_output(g, id, err)) return cm_err_prefix(err, "%s: ", p);
+  }
   return CM_OK;
 }
 
@@ -712,27 +720,22 @@ static cm_status build_graph(const cJSON *root, cm_graph *g, cm_err *err) {
     if (strcmp(r.entries[i].section, "nodes") != 0) st = add_entry(g, &r, i, err);
   for (int i = 0; i < n_order && !st; i++) st = add_entry(g, &r, order[i], err);
   free(order);
-  reader_free(&r);
-  if (st) return st;
-
-  const cJSON *outputs = cJSON_GetObjectItemCaseSensitive(root, "outputs");
-  if (outputs) {
-    if (!cJSON_IsArray(outputs))
-      return cm_errorf(err, CM_EINVALID, "outputs: expected an array of names, got %s",
-                       json_kind(outputs));
-    int k = 0;
-    for (const cJSON *x = outputs->child; x; x = x->next, k++) {
-      char p[64];
-      snprintf(p, sizeof p, "outputs[%d]", k);
-      const char *s = NULL;
-      if (get_string(x, p, &s, err)) return CM_EINVALID;
-      int id = cm_graph_find(g, s);
-      if (id < 0)
-        return cm_errorf(err, CM_EINVALID, "%s: no value named %s", p, quoted(s, q, sizeof q));
-      if (cm_graph_add_output(g, id, err)) return cm_err_prefix(err, "%s: ", p);
-    }
+  if (!st) st = add_outputs(root, g, err);
+  /* Every entry was checked as it was added; the rules of the whole graph are
+   * the verifier's, as for every reader. Its error names the entry. */
+  if (!st) {
+    int bad = -1;
+    st = cm_graph_verify_at(g, &bad, err);
+    for (int i = 0; st && bad >= 0 && i < r.n_entries; i++)
+      if (r.entries[i].id == bad) {
+        char place[64];
+        place_of(&r.entries[i], place, sizeof place);
+        cm_err_prefix(err, "%s \"%s\" (%s): ", place, r.entries[i].name,
+                      cm_op_name(r.entries[i].op));
+      }
   }
-  return cm_graph_verify(g, err);
+  reader_free(&r);
+  return st;
 }
 
 void cm_text_line_col(const char *text, size_t offset, int *line, int *col) {

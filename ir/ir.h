@@ -309,6 +309,10 @@ cm_status cm_infer_type(const cm_graph *g, cm_op op, const int *inputs, int n_in
  * types equal to inference, outputs, assign targets (a param or state, at most
  * one assign each). Errors name the node: "nodes[3] \"qk\" (matmul): ...". */
 cm_status cm_graph_verify(const cm_graph *g, cm_err *err);
+/* cm_graph_verify for readers that name nodes their own way (a line, a JSON
+ * path): err holds the rule alone and *bad_node (if not NULL) the node it is
+ * about, or -1 when the error names no node ("outputs[k]: ..."). */
+cm_status cm_graph_verify_at(const cm_graph *g, int *bad_node, cm_err *err);
 /* Names: [A-Za-z0-9_.:/-] characters, or a '%' followed by digits for builder names. */
 bool cm_name_is_valid(const char *name);
 

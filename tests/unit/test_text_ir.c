@@ -495,6 +495,35 @@ static void test_malformed(void) {
   }
 }
 
+/* A text is verified as a whole graph, as graph JSON is: rules that no single
+ * line breaks (one assign per state) are errors naming the line, and what parses
+ * verifies. */
+static void test_whole_graph_verified(void) {
+  const char *twice = "s: f32[2] = state {init=zeros}\n"
+                      "x: f32[2] = input\n"
+                      "a1: f32[2] = assign(s, x)\n"
+                      "a2: f32[2] = assign(s, x)\n"
+                      "outputs(a1, a2)\n";
+  static cm_graph sentinel;
+  cm_graph *g = &sentinel;
+  cm_err err = {0};
+  CHECK(cm_graph_parse(twice, &g, &err) == CM_EINVALID);
+  CHECK(g == NULL);
+  CHECK_STR_CONTAINS(err.msg, "line 4: \"a2\" (assign): \"s\" is already assigned by \"a1\"");
+  CHECK(strchr(err.msg, '\n') == NULL);
+  /* one assign per target is fine, and a parsed graph always verifies */
+  const char *once = "s: f32[2] = state {init=zeros}\n"
+                     "t: f32[2] = state {init=zeros}\n"
+                     "x: f32[2] = input\n"
+                     "a1: f32[2] = assign(s, x)\n"
+                     "a2: f32[2] = assign(t, x)\n"
+                     "outputs(a1, a2)\n";
+  g = NULL;
+  CHECK_MSG(cm_graph_parse(once, &g, &err) == CM_OK, "%s", err.msg);
+  CHECK(g && cm_graph_verify(g, &err) == CM_OK);
+  cm_graph_free(g);
+}
+
 /* Every prefix of a valid text, and single-byte mutations of it, fail cleanly or
  * parse (no crash, no leak: run under ASan). */
 static void test_truncations_and_mutations(void) {
@@ -613,4 +642,4 @@ static void test_dot(void) {
 
 TEST_MAIN(TEST(test_every_op_round_trips), TEST(test_builder_names), TEST(test_random_data_exact),
           TEST(test_canonical_text), TEST(test_lenient_input), TEST(test_malformed),
-          TEST(test_truncations_and_mutations), TEST(test_dot))
+          TEST(test_truncations_and_mutations), TEST(test_whole_graph_verified), TEST(test_dot))
