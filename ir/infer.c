@@ -44,6 +44,7 @@ static cm_status infer_source(cm_op op, const cm_attrs *a, cm_type *out, cm_err 
   if (op == CM_OP_PARAM && !cm_dtype_is_float(a->dtype))
     return cm_errorf(err, CM_EINVALID, "a param must have a float dtype, not %s",
                      cm_dtype_name(a->dtype));
+  if (op == CM_OP_PARAM || op == CM_OP_STATE) return cm_init_check(&a->init, out, err);
   return CM_OK;
 }
 

@@ -339,6 +339,10 @@ double cm_uniform01(uint32_t bits);
  * from the stream (seed, cm_hash_str(name)). CM_INIT_NONE is an error. */
 cm_status cm_init_tensor(cm_tensor *t, const cm_init *init, uint64_t seed, const char *name,
                          cm_err *err);
+/* Whether init can fill a tensor of type (the rule cm_init_tensor applies; the
+ * builder, the verifier and so every reader apply it to params and state).
+ * CM_INIT_NONE passes: the tensor is supplied. err reads "init <kind>: <rule>". */
+cm_status cm_init_check(const cm_init *init, const cm_type *type, cm_err *err);
 
 /* ---- the oracle (ir/eval.c) -------------------------------------------- */
 

@@ -20,4 +20,13 @@ for c in check print run; do
 done
 expect_fail 2 "already assigned" "$cmaec" print --json "$tmp/assign2.ir"
 
+# Initializers: `check` applies the rule `run` does (one rule, one message).
+for f in init_negative_std:"init normal: std must be >= 0, got -1" \
+  init_uniform_backwards:"init uniform: low 1 > high 0" \
+  init_sincos_rank1:"init sincos_2d needs a float [..., rows, D], got f32[16]"; do
+  for c in check run; do
+    expect_fail 2 "${f#*:}" "$cmaec" $c "$root/tests/malformed/${f%%:*}.json"
+  done
+done
+
 finish

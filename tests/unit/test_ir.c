@@ -333,6 +333,70 @@ static void test_const_data(void) {
   cm_graph_free(g);
 }
 
+/* Initializers are checked where they enter (builder, verifier, every reader) by
+ * the rule cm_init_tensor applies at run time: one rule, one message. */
+static void test_init_checked(void) {
+  int64_t d1[1] = {4}, d2[2] = {4, 8}, d3[3] = {1, 5, 8};
+  struct {
+    cm_dtype dt;
+    int rank;
+    const int64_t *dims;
+    cm_init init;
+    const char *expect; /* NULL: accepted */
+  } cases[] = {
+      {CM_F32, 1, d1, {CM_INIT_NORMAL, 0, -1}, "init normal: std must be >= 0, got -1"},
+      {CM_F32, 1, d1, {CM_INIT_TRUNC_NORMAL, 0, -0.5}, "std must be >= 0, got -0.5"},
+      {CM_F32, 1, d1, {CM_INIT_UNIFORM, 1, 0}, "init uniform: low 1 > high 0"},
+      {CM_F32, 1, d1, {CM_INIT_SINCOS_2D, 0, 0}, "init sincos_2d needs a float [..., rows, D]"},
+      {CM_F32, 3, d3, {CM_INIT_SINCOS_2D, 0, 0}, "needs rows = cls (0) + a square grid"},
+      {CM_F32, 3, d3, {CM_INIT_SINCOS_2D, 1, 0}, NULL},
+      {CM_F32, 1, d1, {CM_INIT_XAVIER_UNIFORM, 1, 0}, "init xavier_uniform needs rank >= 2"},
+      {CM_F32, 2, d2, {CM_INIT_XAVIER_UNIFORM, 1, 0}, NULL},
+      {CM_F32, 1, d1, {CM_INIT_TORCH_DEFAULT, 0, 0}, "needs fan_in"},
+      {CM_F32, 1, d1, {CM_INIT_TORCH_DEFAULT, 8, 0}, NULL},
+      {CM_F32, 1, d1, {CM_INIT_NORMAL, INFINITY, 1}, "parameters must be finite"},
+      {CM_I32, 1, d1, {CM_INIT_NORMAL, 0, 1}, "init normal needs a float dtype, got i32[4]"},
+      {CM_I32, 1, d1, {CM_INIT_ONES, 0, 0}, NULL},
+      {CM_F32, 1, d1, {CM_INIT_NONE, 0, 0}, NULL},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    /* the builder (a state: params must be float) */
+    cm_graph *g = cm_graph_new();
+    int s = cm_state(g, "s", cases[i].dt, cases[i].rank, cases[i].dims, cases[i].init);
+    if (cases[i].expect) {
+      CHECK_MSG(s < 0 && cm_graph_error(g), "case %zu accepted", i);
+      if (cm_graph_error(g)) {
+        CHECK_STR_CONTAINS(cm_graph_error(g), "\"s\" (state): ");
+        CHECK_STR_CONTAINS(cm_graph_error(g), cases[i].expect);
+      }
+    } else {
+      CHECK_MSG(s >= 0, "case %zu: %s", i, cm_graph_error(g));
+    }
+    cm_graph_free(g);
+    /* the verifier, on a node changed after it was built */
+    g = cm_graph_new();
+    int z =
+        cm_state(g, "z", cases[i].dt, cases[i].rank, cases[i].dims, (cm_init){CM_INIT_ZEROS, 0, 0});
+    CHECK(z >= 0);
+    if (z >= 0) g->nodes[z].attrs.init = cases[i].init;
+    cm_err err = {0};
+    cm_status st = cm_graph_verify(g, &err);
+    CHECK_MSG(st == (cases[i].expect ? CM_EINVALID : CM_OK), "case %zu: %s", i, err.msg);
+    if (cases[i].expect && st) CHECK_STR_CONTAINS(err.msg, cases[i].expect);
+    /* the run-time rule agrees */
+    if (cases[i].init.kind != CM_INIT_NONE) {
+      cm_tensor t;
+      CHECK(cm_tensor_alloc(&t, cm_type_make(cases[i].dt, cases[i].rank, cases[i].dims), NULL) ==
+            CM_OK);
+      st = cm_init_tensor(&t, &cases[i].init, 0, "s", &err);
+      CHECK_MSG(st == (cases[i].expect ? CM_EINVALID : CM_OK), "case %zu: %s", i, err.msg);
+      if (cases[i].expect && st) CHECK_STR_CONTAINS(err.msg, cases[i].expect);
+      cm_tensor_free(&t);
+    }
+    cm_graph_free(g);
+  }
+}
+
 TEST_MAIN(TEST(test_dtypes), TEST(test_bf16), TEST(test_f16), TEST(test_round_to_dtype),
           TEST(test_op_table), TEST(test_inference), TEST(test_builder_sticky_and_bcast),
-          TEST(test_many_nodes_and_clone), TEST(test_const_data))
+          TEST(test_many_nodes_and_clone), TEST(test_const_data), TEST(test_init_checked))
