@@ -89,6 +89,12 @@ uint16_t cm_f64_to_bf16(double d);
 /* Rounds a double to the nearest value representable in dt (for floats) or
  * truncates toward zero and saturates, NaN giving 0 (for ints); bool: x != 0. */
 double cm_round_to_dtype(double x, cm_dtype dt);
+/* Whether x is a value of dt: for i32 and i64 an integer in range, for bool 0 or
+ * 1; every double for the float dtypes (rounded to them, NaN and inf kept). Graph
+ * values (const value and data, pad value, init constant) must fit: the builder,
+ * the verifier and the readers reject the others. When x does not fit, why
+ * receives "<x> is outside <dtype> (<range>)". */
+bool cm_value_fits(double x, cm_dtype dt, char *why, size_t size);
 
 /* ---- tensors ----------------------------------------------------------- */
 

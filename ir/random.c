@@ -220,7 +220,12 @@ cm_status cm_init_check(const cm_init *init, const cm_type *type, cm_err *err) {
   case CM_INIT_NONE:
   case CM_INIT_ZEROS:
   case CM_INIT_ONES: return CM_OK;
-  case CM_INIT_CONSTANT: return CM_OK;
+  case CM_INIT_CONSTANT: {
+    char why[160];
+    if (!cm_value_fits(init->a, type->dtype, why, sizeof why))
+      return cm_errorf(err, CM_EINVALID, "init constant: value %s", why);
+    return CM_OK;
+  }
   case CM_INIT_SINCOS_2D: {
     int64_t cls, side;
     if (!cm_dtype_is_float(type->dtype) || type->rank < 2)

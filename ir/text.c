@@ -777,6 +777,8 @@ static cm_status parse_attrs(parser *ps, cm_op op, int in_rank, cm_attrs *a, dou
     ps->p += n;
     if (!accept(ps, '='))
       return fail_at(ps, ps->p, "expected '=' after attribute \"%s\"", attr_keys[key].name);
+    if ((key == K_VALUE && seen[K_DATA]) || (key == K_DATA && seen[K_VALUE]))
+      return fail_at(ps, at, "\"value\" and \"data\" are both given (a const takes one)");
     cm_status st = parse_attr_value(ps, (attr_key)key, in_rank, a, data);
     if (st) return st;
     if (accept(ps, '}')) return CM_OK;
@@ -977,6 +979,7 @@ cm_status cm_graph_parse(const char *text, cm_graph **out, cm_err *err) {
   int last_line = 0, outputs_line = 0;
   int *node_line = NULL, cap_lines = 0; /* the line of each node, for the verifier's errors */
   const char *s = text;
+  if (strncmp(s, "\xef\xbb\xbf", 3) == 0) s += 3; /* a UTF-8 byte-order mark */
   for (int lineno = 1; *s; lineno++) {
     const char *nl = strchr(s, '\n');
     const char *eol = nl ? nl : s + strlen(s);

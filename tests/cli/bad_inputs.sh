@@ -29,4 +29,24 @@ for f in init_negative_std:"init normal: std must be >= 0, got -1" \
   done
 done
 
+# Values outside their dtype are rejected on load, by every command and backend
+# alike (the oracle saturated i32 3e9 to INT_MAX, the CPU wrapped it).
+echo '{"format": "cmaec.graph/1", "nodes": [{"name": "c", "op": "const", "dtype": "i32",
+  "shape": [2], "data": [1, 3e9]}], "outputs": ["c"]}' >"$tmp/big.json"
+for b in ref cpu; do
+  expect_fail 2 "nodes[0].data[1]: 3000000000 is outside i32" \
+    env CMAEC_CACHE_DIR= "$cmaec" run "$tmp/big.json" --backend $b
+done
+cat >"$tmp/big.ir" <<'IR'
+c: i32[] = const {value=3e9}
+outputs(c)
+IR
+expect_fail 2 'line 1: "c" (const): value 3000000000 is outside i32' "$cmaec" run "$tmp/big.ir"
+
+# A UTF-8 byte-order mark before '{' is graph JSON, and is read as such.
+printf '\xef\xbb\xbf{"format": "cmaec.graph/1", "inputs": [{"name": "x", "dtype": "f32", "shape": [2]}], "outputs": ["x"]}\n' >"$tmp/bom.json"
+expect_ok "$cmaec" check "$tmp/bom.json"
+grep -q "ok: 1 nodes, 1 outputs" "$tmp/out" || bad "check bom.json: $(cat "$tmp/out")"
+
+
 finish
