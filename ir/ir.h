@@ -370,5 +370,11 @@ typedef struct cm_eval_opts {
  * freed. */
 cm_status cm_eval(const cm_graph *g, const cm_tensor *const *sources, cm_tensor *values,
                   const cm_eval_opts *opts, cm_err *err);
+/* The error every backend gives for a gather or scatter_add index outside its
+ * axis: node id of g, the index, its flat position in the index tensor (input 1)
+ * and the axis length: CM_EINVALID, "nodes[<id>] \"<name>\" (<op>): index <v>
+ * at [<coordinates>] outside [0, <dim>)". */
+cm_status cm_index_error(cm_err *err, const cm_graph *g, int id, int64_t index, int64_t pos,
+                         int64_t dim);
 
 #endif

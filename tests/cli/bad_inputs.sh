@@ -48,5 +48,28 @@ printf '\xef\xbb\xbf{"format": "cmaec.graph/1", "inputs": [{"name": "x", "dtype"
 expect_ok "$cmaec" check "$tmp/bom.json"
 grep -q "ok: 1 nodes, 1 outputs" "$tmp/out" || bad "check bom.json: $(cat "$tmp/out")"
 
+# gather/scatter_add indices from the user's file outside the axis: exit 2 with
+# one message on every backend (the CPU clamped them and printed garbage).
+cat >"$tmp/gather.json" <<'JSON'
+{"format": "cmaec.graph/1",
+ "inputs": [{"name": "x", "dtype": "f32", "shape": [2, 3]}, {"name": "fi", "dtype": "f32", "shape": [2, 2]},
+            {"name": "u", "dtype": "f32", "shape": [2, 2]}],
+ "nodes": [{"name": "i", "op": "cast", "inputs": ["fi"], "dtype": "i32"},
+           {"name": "g", "op": "gather", "inputs": ["x", "i"], "axis": 1},
+           {"name": "s", "op": "scatter_add", "inputs": ["x", "i", "u"], "axis": 1}],
+ "outputs": ["g", "s"]}
+JSON
+python3 "$root/tests/cli/st.py" write "$tmp/ok.st" x:2x3:1,2,3,4,5,6 fi:2x2:0,2,1,0 u:2x2:1,1,1,1
+python3 "$root/tests/cli/st.py" write "$tmp/past.st" x:2x3:1,2,3,4,5,6 fi:2x2:0,2,1,7 u:2x2:1,1,1,1
+python3 "$root/tests/cli/st.py" write "$tmp/neg.st" x:2x3:1,2,3,4,5,6 fi:2x2:0,-1,1,0 u:2x2:1,1,1,1
+for b in ref cpu; do
+  if expect_ok env CMAEC_CACHE_DIR= "$cmaec" run "$tmp/gather.json" --inputs "$tmp/ok.st" --backend $b; then
+    grep -q "^g: f32\[2,2\] = 1 3 5 4$" "$tmp/out" || bad "$b: gather output: $(cat "$tmp/out")"
+  fi
+  expect_fail 2 'nodes[4] "g" (gather): index 7 at [1,1] outside [0, 3)' \
+    env CMAEC_CACHE_DIR= "$cmaec" run "$tmp/gather.json" --inputs "$tmp/past.st" --backend $b
+  expect_fail 2 'nodes[4] "g" (gather): index -1 at [0,1] outside [0, 3)' \
+    env CMAEC_CACHE_DIR= "$cmaec" run "$tmp/gather.json" --inputs "$tmp/neg.st" --backend $b
+done
 
 finish
