@@ -324,6 +324,10 @@ typedef enum cm_kbuf_kind {
   CM_KBUF_CONST,   /* a const node with explicit data (data points into the graph's attrs,
                       as f64; the kernel reads it converted to dtype, see cm_kernel_const_data) */
   CM_KBUF_SCRATCH, /* a value internal to the group, materialized between stages */
+  CM_KBUF_STATUS,  /* i64 words the executor reads after the kernel: the range check of a
+                      gather or scatter_add index (node), offset 0: numel - the position of the
+                      first index outside its axis (0: none); offset 1: [that index, its
+                      position]. The lowering inserts the stages that write them. */
 } cm_kbuf_kind;
 
 typedef struct cm_kbuffer {

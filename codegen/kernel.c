@@ -753,6 +753,7 @@ static const char *kbuf_kind_name(cm_kbuf_kind k) {
   case CM_KBUF_SOURCE: return "source";
   case CM_KBUF_CONST: return "const";
   case CM_KBUF_SCRATCH: return "scratch";
+  case CM_KBUF_STATUS: return "status";
   }
   return "?";
 }

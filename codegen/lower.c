@@ -31,11 +31,27 @@ typedef struct lctx {
   int n_memo, cap_memo;
   int acc_node; /* epilogue: this node's value is the stage's ACC */
   int acc_dv[CM_MAX_RANK];
-  bool acc_fail; /* an epilogue read acc_node at another index */
-  bool *shared;  /* per node: an attention value materialized once (mark_shared) */
+  bool acc_fail;           /* an epilogue read acc_node at another index */
+  bool *shared;            /* per node: an attention value materialized once (mark_shared) */
+  struct index_check *chk; /* gather/scatter_add index checks, in the order found */
+  int n_chk, cap_chk;
   cm_err *err;
   cm_status st;
 } lctx;
+
+/* The check of one gather or scatter_add index (checked once per kernel): two
+ * stages built when the node is first lowered, inserted at the end before
+ * `stage`, the first stage that reads the index. find: a MAX reduction over the
+ * index (one compare per element) into status buffer key: numel - the position
+ * of the first index outside [0, dim) in row-major order, 0 when none. value:
+ * that index and its position in the node's index tensor into status buffer val
+ * ([0] index, [1] position). The executor reads key after the kernel and
+ * reports like the oracle (cm_index_error); the stage reading the index clamps
+ * it, so a bad index never reads or writes out of bounds. */
+typedef struct index_check {
+  int node, stage;
+  cm_kstage find, value;
+} index_check;
 
 static const cm_node *N(const lctx *c, int id) {
   return &c->g->nodes[id];
@@ -84,6 +100,8 @@ static void delinear(cm_kstage *s, const cm_type *t, int lin, int *idx) {
 }
 
 static int value(lctx *c, cm_kstage *s, int id, const int *idx);
+static void index_check_of(lctx *c, int id);
+static void drop_index_checks(lctx *c, int si);
 
 static int value_in(lctx *c, cm_kstage *s, int id, const int *idx) {
   const cm_node *n = N(c, id);
@@ -193,6 +211,7 @@ static int value_in(lctx *c, cm_kstage *s, int id, const int *idx) {
   case CM_OP_GATHER: {
     const cm_type *it = &N(c, n->inputs[0])->type;
     int axis = n->attrs.axis < 0 ? n->attrs.axis + it->rank : n->attrs.axis;
+    index_check_of(c, id);
     int j = value(c, s, n->inputs[1], idx);
     if (j < 0) return -1;
     if (N(c, n->inputs[1])->type.dtype != CM_I64) j = cm_kx_op(s, CM_OP_CAST, CM_I64, j, -1, -1);
@@ -546,6 +565,150 @@ static int conv_body(lctx *c, cm_kstage *s, int id, const int *dv) {
                 : cm_kx_op(s, CM_OP_SELECT, n->type.dtype, ok, m, cm_kx_const(s, n->type.dtype, 0));
 }
 
+static void init_stage(cm_kstage *s, const char *name) {
+  memset(s, 0, sizeof *s);
+  snprintf(s->name, sizeof s->name, "%s", name);
+  s->body = -1;
+  s->gemm_a = s->gemm_b = -1;
+  s->acc_dtype = CM_F32;
+}
+
+/* i64 value of index node id at idx, or -1. */
+static int index_value(lctx *c, cm_kstage *s, int id, const int *idx) {
+  int j = value(c, s, id, idx);
+  if (j >= 0 && N(c, id)->type.dtype != CM_I64) j = cm_kx_op(s, CM_OP_CAST, CM_I64, j, -1, -1);
+  return j;
+}
+
+/* Builds the check of node id's index (see index_check) unless the kernel has it. */
+static void index_check_of(lctx *c, int id) {
+  for (int i = 0; i < c->n_chk; i++)
+    if (c->chk[i].node == id) return;
+  const cm_node *n = N(c, id);
+  const cm_type *data = &N(c, n->inputs[0])->type; /* x of gather, base of scatter_add */
+  int64_t dim = data->dims[n->attrs.axis < 0 ? n->attrs.axis + data->rank : n->attrs.axis];
+  /* The index through the broadcasts and reshapes computed here: the first bad
+   * element of a broadcast is its input's first, at coordinate 0 on the new
+   * axes, so [n, K] ids broadcast to [n, K, D] are checked once per id. */
+  int chain[16], n_chain = 0, inner = n->inputs[1];
+  chain[n_chain++] = inner;
+  while (n_chain < 16 && c->buf_of[inner] < 0 && !is_mat(c, inner) &&
+         (N(c, inner)->op == CM_OP_BROADCAST || N(c, inner)->op == CM_OP_RESHAPE)) {
+    inner = N(c, inner)->inputs[0];
+    chain[n_chain++] = inner;
+  }
+  const cm_type *ti = &N(c, inner)->type, *to = &N(c, n->inputs[1])->type;
+  int64_t numel = cm_type_numel(ti);
+  int key = cm_kernel_add_buffer(c->k, CM_KBUF_STATUS, CM_I64, 1, id, 0);
+  int val = cm_kernel_add_buffer(c->k, CM_KBUF_STATUS, CM_I64, 2, id, 1);
+  c->k->buffers[key].written = c->k->buffers[key].read = true;
+  c->k->buffers[val].written = true;
+  index_check ck;
+  memset(&ck, 0, sizeof ck);
+  ck.node = id;
+  ck.stage = c->k->n_stages - 1;
+  /* the stage being built keeps its memo and epilogue state (an index may
+   * hold a gather: its check is built, and listed, first) */
+  memo *saved = c->memo;
+  int saved_n = c->n_memo, saved_cap = c->cap_memo, saved_acc = c->acc_node;
+  c->memo = NULL, c->n_memo = c->cap_memo = 0, c->acc_node = -1;
+  char name[64];
+  /* find: max over the index of (numel - position) where it is out of range */
+  cm_kstage *f = &ck.find;
+  snprintf(name, sizeof name, "check_%.40s", n->name);
+  init_stage(f, name);
+  int iv[CM_MAX_RANK];
+  f->n_red = ti->rank;
+  for (int a = 0; a < ti->rank; a++) f->red[a] = ti->dims[a], iv[a] = cm_kx_var(f, a);
+  int j = index_value(c, f, inner, iv);
+  if (j >= 0) {
+    int lt = cm_kx_op(f, CM_OP_LT, CM_BOOL, j, cm_kx_iconst(f, 0), -1);
+    int ge = cm_kx_op(f, CM_OP_LE, CM_BOOL, cm_kx_iconst(f, dim), j, -1);
+    int bad = cm_kx_op(f, CM_OP_SELECT, CM_BOOL, lt, lt, ge);
+    int k = cm_kx_op(f, CM_OP_SUB, CM_I64, cm_kx_iconst(f, numel), linear(f, ti, iv), -1);
+    int body = cm_kx_op(f, CM_OP_SELECT, CM_I64, bad, k, cm_kx_iconst(f, 0));
+    if (ti->rank > 0) {
+      f->red_op = CM_KRED_MAX;
+      f->acc_dtype = CM_I64;
+      f->body = body;
+      body = cm_kx_acc(f);
+    }
+    f->stores[f->n_stores++] = (cm_kstore){key, cm_kx_iconst(f, 0), body};
+  }
+  finish_stage(f);
+  /* value: the index at that position (the last one when none) and the position
+   * in the node's index tensor */
+  c->n_memo = 0;
+  cm_kstage *v = &ck.value;
+  snprintf(name, sizeof name, "check_%.40s_at", n->name);
+  init_stage(v, name);
+  int pos = cm_kx_op(v, CM_OP_SUB, CM_I64, cm_kx_iconst(v, numel),
+                     cm_kx_load(v, c->k, key, cm_kx_iconst(v, 0)), -1);
+  pos = cm_kx_op(v, CM_OP_MIN, CM_I64, pos, cm_kx_iconst(v, numel - 1), -1);
+  int at[CM_MAX_RANK], up[CM_MAX_RANK];
+  delinear(v, ti, pos, at);
+  j = index_value(c, v, inner, at);
+  for (int q = n_chain - 2; q >= 0; q--) { /* coordinates back up the chain */
+    const cm_node *m = N(c, chain[q]);
+    const cm_type *tc = &N(c, chain[q + 1])->type;
+    if (m->op == CM_OP_RESHAPE) {
+      delinear(v, &m->type, linear(v, tc, at), up);
+    } else {
+      int off = m->type.rank - tc->rank;
+      for (int a = 0; a < m->type.rank; a++) up[a] = a < off ? cm_kx_iconst(v, 0) : at[a - off];
+    }
+    memcpy(at, up, sizeof at);
+  }
+  if (j >= 0) {
+    v->stores[v->n_stores++] = (cm_kstore){val, cm_kx_iconst(v, 0), j};
+    v->stores[v->n_stores++] = (cm_kstore){val, cm_kx_iconst(v, 1), linear(v, to, at)};
+  }
+  finish_stage(v);
+  free(c->memo);
+  c->memo = saved, c->n_memo = saved_n, c->cap_memo = saved_cap, c->acc_node = saved_acc;
+  if (c->st == CM_OK && (f->n_stores != 1 || v->n_stores != 2))
+    fail(c, CM_EINTERNAL, id, "no index value for its range check");
+  if (c->n_chk == c->cap_chk) {
+    c->cap_chk = c->cap_chk ? 2 * c->cap_chk : 4;
+    index_check *grown = realloc(c->chk, sizeof *grown * (size_t)c->cap_chk);
+    if (!grown) abort();
+    c->chk = grown;
+  }
+  c->chk[c->n_chk++] = ck;
+}
+
+/* Drops the checks found while building stage si (a stage given up). */
+static void drop_index_checks(lctx *c, int si) {
+  int w = 0;
+  for (int i = 0; i < c->n_chk; i++) {
+    if (c->chk[i].stage == si) {
+      free(c->chk[i].find.exprs);
+      free(c->chk[i].value.exprs);
+    } else {
+      c->chk[w++] = c->chk[i];
+    }
+  }
+  c->n_chk = w;
+}
+
+/* Moves every check's two stages in front of its stage (the kernel owns them then). */
+static void insert_index_checks(lctx *c) {
+  cm_kernel *k = c->k;
+  for (int i = c->n_chk - 1; i >= 0; i--) {
+    index_check *ck = &c->chk[i];
+    int at = ck->stage < 0 ? 0 : ck->stage > k->n_stages ? k->n_stages : ck->stage;
+    cm_kernel_add_stage(k, "");
+    cm_kernel_add_stage(k, "");
+    memmove(&k->stages[at + 2], &k->stages[at], sizeof(cm_kstage) * (size_t)(k->n_stages - 2 - at));
+    k->stages[at] = ck->find;
+    k->stages[at + 1] = ck->value;
+    /* checks found earlier sit at or before this one's place: they move with it */
+    for (int e = 0; e < i; e++)
+      if (c->chk[e].stage >= at) c->chk[e].stage += 2;
+  }
+  c->n_chk = 0;
+}
+
 /* scatter_add: a stage copying the base into b, then an accumulate stage over
  * the updates (index clamped into range). */
 static cm_status lower_scatter(lctx *c, int id, int b) {
@@ -564,6 +727,7 @@ static cm_status lower_scatter(lctx *c, int id, int b) {
     int v = value(c, s, n->inputs[pass ? 2 : 0], dv), at;
     if (v < 0) return fail(c, CM_EINTERNAL, id, "no value");
     if (pass) {
+      index_check_of(c, id);
       int j = value(c, s, n->inputs[1], dv);
       if (j < 0) return fail(c, CM_EINTERNAL, id, "no index");
       if (N(c, n->inputs[1])->type.dtype != CM_I64) j = cm_kx_op(s, CM_OP_CAST, CM_I64, j, -1, -1);
@@ -782,6 +946,7 @@ static cm_status lower_materialized(lctx *c, int id, int b, const int *eo, const
       c->n_memo = 0;
       free(s->exprs);
       c->k->n_stages--;
+      drop_index_checks(c, c->k->n_stages);
       return CM_EINTERNAL;
     }
     for (int i = 0; i < n_eo; i++) c->k->buffers[eb[i]].written = true;
@@ -1861,6 +2026,9 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
     if (done[i] || (is_mat(&c, id) && c.buf_of[id] == out_buf[i])) continue;
     output_stage(&c, i, out_buf, done, false);
   }
+  if (c.st == CM_OK) insert_index_checks(&c);
+  for (int i = 0; i < c.n_chk; i++) free(c.chk[i].find.exprs), free(c.chk[i].value.exprs);
+  free(c.chk);
   free(done);
   free(out_buf);
   free(c.shared);

@@ -835,10 +835,13 @@ static void acc_init(const cm_kstage *s, char *out, size_t size) {
 
 static void acc_combine(const cm_kstage *s, const char *acc, const char *v, char *out,
                         size_t size) {
-  if (s->red_op == CM_KRED_MAX)
+  /* an int body may be narrowed to int where its range allows: widen it to the
+   * accumulator, or cm_accmax(long long, int) is ambiguous */
+  if (is_intdt(s->acc_dtype))
+    snprintf(out, size, "%s(%s, (%s)(%s))", s->red_op == CM_KRED_MAX ? "cm_accmax" : "cm_add", acc,
+             ctype(s->acc_dtype), v);
+  else if (s->red_op == CM_KRED_MAX)
     snprintf(out, size, "cm_accmax(%s, %s)", acc, v);
-  else if (is_intdt(s->acc_dtype))
-    snprintf(out, size, "cm_add(%s, %s)", acc, v);
   else
     snprintf(out, size, "(%s + %s)", acc, v);
 }

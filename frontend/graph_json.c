@@ -69,6 +69,10 @@ static cm_status get_int(const cJSON *item, const char *path, int64_t lo, int64_
 /* A number; non-finite values are written as the strings "nan", "inf", "-inf". */
 static cm_status get_number(const cJSON *item, const char *path, double *out, cm_err *err) {
   if (cJSON_IsNumber(item)) {
+    /* a literal past the double range (1e400) parses as inf: say so, not inf */
+    if (!isfinite(item->valuedouble))
+      return cm_errorf(err, CM_EINVALID,
+                       "%s: the number overflows to infinity (write \"inf\" or \"-inf\")", path);
     *out = item->valuedouble;
     return CM_OK;
   }
@@ -230,10 +234,9 @@ typedef struct entry {
   const char *name;
   cm_op op;
   int n_inputs;
-  int *inputs;     /* entry indices */
-  int id;          /* graph node id once added, else -1 */
-  int mark;        /* topological sort: 0 unseen, 1 on the stack, 2 done */
-  int assigned_by; /* entry index of the assign that targets this entry, else -1 */
+  int *inputs; /* entry indices */
+  int id;      /* graph node id once added, else -1 */
+  int mark;    /* topological sort: 0 unseen, 1 on the stack, 2 done */
 } entry;
 
 typedef struct reader {
@@ -450,6 +453,23 @@ static cm_status parse_attrs(const cm_graph *g, const reader *r, const entry *e,
           e->name, info->name, attrs->n_data, cm_type_str(&t, ts, sizeof ts), numel);
     }
   }
+  /* Values outside their dtype, named by their path (the builder applies the
+   * same rule, cm_value_fits, naming the node). */
+  if (given[K_VALUE] && given[K_DATA])
+    return cm_errorf(err, CM_EINVALID,
+                     "%s \"%s\" (%s): \"value\" and \"data\" are both given (a const takes one)",
+                     place, e->name, info->name);
+  cm_dtype vdt =
+      e->op == CM_OP_PAD ? g->nodes[r->entries[e->inputs[0]].id].type.dtype : attrs->dtype;
+  char why[160];
+  if (given[K_VALUE] && !cm_value_fits(attrs->value, vdt, why, sizeof why))
+    return cm_errorf(err, CM_EINVALID, "%s.value: %s", place, why);
+  for (int64_t i = 0; given[K_DATA] && i < attrs->n_data; i++)
+    if (!cm_value_fits(attrs->data[i], vdt, why, sizeof why))
+      return cm_errorf(err, CM_EINVALID, "%s.data[%" PRId64 "]: %s", place, i, why);
+  if (given[K_INIT] && attrs->init.kind == CM_INIT_CONSTANT &&
+      !cm_value_fits(attrs->init.a, vdt, why, sizeof why))
+    return cm_errorf(err, CM_EINVALID, "%s.init.value: %s", place, why);
   return CM_OK;
 }
 
@@ -492,7 +512,6 @@ static cm_status collect_entries(reader *r, const cJSON *root, cm_err *err) {
       e->section = sections[s];
       e->index = index;
       e->id = -1;
-      e->assigned_by = -1;
       place_of(e, place, sizeof place);
       if (!cJSON_IsObject(obj))
         return cm_errorf(err, CM_EINVALID, "%s: expected an object, got %s", place, json_kind(obj));
@@ -642,17 +661,6 @@ static cm_status add_entry(cm_graph *g, reader *r, int idx, cm_err *err) {
                      info->name, info->arity < 0 ? "at least " : "",
                      info->arity < 0 ? 1 : info->arity,
                      info->arity == 1 || info->arity < 0 ? "" : "s", e->n_inputs);
-  if (e->op == CM_OP_ASSIGN) {
-    entry *target = &r->entries[e->inputs[0]];
-    if (target->assigned_by >= 0) {
-      char other[64];
-      place_of(&r->entries[target->assigned_by], other, sizeof other);
-      return cm_errorf(err, CM_EINVALID,
-                       "%s \"%s\" (assign): \"%s\" is already assigned by %s \"%s\"", place,
-                       e->name, target->name, other, r->entries[target->assigned_by].name);
-    }
-    target->assigned_by = idx;
-  }
   if (parse_attrs(g, r, e, &attrs, &data, err)) {
     free(data);
     return err ? err->status : CM_EINVALID;
@@ -670,6 +678,27 @@ static cm_status add_entry(cm_graph *g, reader *r, int idx, cm_err *err) {
   if (inputs != ids) free(inputs);
   free(data);
   if (e->id < 0) return cm_err_prefix(err, "%s ", place);
+  return CM_OK;
+}
+
+static cm_status add_outputs(const cJSON *root, cm_graph *g, cm_err *err) {
+  char q[80];
+  const cJSON *outputs = cJSON_GetObjectItemCaseSensitive(root, "outputs");
+  if (!outputs) return CM_OK;
+  if (!cJSON_IsArray(outputs))
+    return cm_errorf(err, CM_EINVALID, "outputs: expected an array of names, got %s",
+                     json_kind(outputs));
+  int k = 0;
+  for (const cJSON *x = outputs->child; x; x = x->next, k++) {
+    char p[64];
+    snprintf(p, sizeof p, "outputs[%d]", k);
+    const char *s = NULL;
+    if (get_string(x, p, &s, err)) return CM_EINVALID;
+    int id = cm_graph_find(g, s);
+    if (id < 0)
+      return cm_errorf(err, CM_EINVALID, "%s: no value named %s", p, quoted(s, q, sizeof q));
+    if (cm_graph_add_output(g, id, err)) return cm_err_prefix(err, "%s: ", p);
+  }
   return CM_OK;
 }
 
@@ -712,27 +741,22 @@ static cm_status build_graph(const cJSON *root, cm_graph *g, cm_err *err) {
     if (strcmp(r.entries[i].section, "nodes") != 0) st = add_entry(g, &r, i, err);
   for (int i = 0; i < n_order && !st; i++) st = add_entry(g, &r, order[i], err);
   free(order);
-  reader_free(&r);
-  if (st) return st;
-
-  const cJSON *outputs = cJSON_GetObjectItemCaseSensitive(root, "outputs");
-  if (outputs) {
-    if (!cJSON_IsArray(outputs))
-      return cm_errorf(err, CM_EINVALID, "outputs: expected an array of names, got %s",
-                       json_kind(outputs));
-    int k = 0;
-    for (const cJSON *x = outputs->child; x; x = x->next, k++) {
-      char p[64];
-      snprintf(p, sizeof p, "outputs[%d]", k);
-      const char *s = NULL;
-      if (get_string(x, p, &s, err)) return CM_EINVALID;
-      int id = cm_graph_find(g, s);
-      if (id < 0)
-        return cm_errorf(err, CM_EINVALID, "%s: no value named %s", p, quoted(s, q, sizeof q));
-      if (cm_graph_add_output(g, id, err)) return cm_err_prefix(err, "%s: ", p);
-    }
+  if (!st) st = add_outputs(root, g, err);
+  /* Every entry was checked as it was added; the rules of the whole graph are
+   * the verifier's, as for every reader. Its error names the entry. */
+  if (!st) {
+    int bad = -1;
+    st = cm_graph_verify_at(g, &bad, err);
+    for (int i = 0; st && bad >= 0 && i < r.n_entries; i++)
+      if (r.entries[i].id == bad) {
+        char place[64];
+        place_of(&r.entries[i], place, sizeof place);
+        cm_err_prefix(err, "%s \"%s\" (%s): ", place, r.entries[i].name,
+                      cm_op_name(r.entries[i].op));
+      }
   }
-  return cm_graph_verify(g, err);
+  reader_free(&r);
+  return st;
 }
 
 void cm_text_line_col(const char *text, size_t offset, int *line, int *col) {
@@ -748,9 +772,74 @@ void cm_text_line_col(const char *text, size_t offset, int *line, int *col) {
   }
 }
 
+/* cJSON decodes the escape \u0000 into a NUL that ends the C string: "x\u0000y"
+ * would read as "x". Finds the first such escape in a (syntactically valid) JSON
+ * text and writes the path of the value or key that holds it into path. */
+static bool find_nul_escape(const char *s, size_t len, char *path, size_t size) {
+  enum { MAX_DEPTH = 32 };
+  struct frame {
+    bool array, want_key;
+    int index;
+    const char *key; /* the raw key text, escapes as written */
+    size_t key_len;
+  } st[MAX_DEPTH];
+  int depth = 0; /* frames past MAX_DEPTH are counted, not kept */
+  for (size_t i = 0; i < len; i++) {
+    char c = s[i];
+    struct frame *top = depth > 0 && depth <= MAX_DEPTH ? &st[depth - 1] : NULL;
+    if (c == '{' || c == '[') {
+      if (depth < MAX_DEPTH) st[depth] = (struct frame){c == '[', c == '{', 0, NULL, 0};
+      depth++;
+    } else if (c == '}' || c == ']') {
+      depth--;
+    } else if (c == ',' && top) {
+      if (top->array)
+        top->index++;
+      else
+        top->want_key = true;
+    } else if (c == '"') {
+      size_t start = ++i;
+      bool nul = false;
+      for (; i < len && s[i] != '"'; i++)
+        if (s[i] == '\\' && i + 1 < len) {
+          nul |= s[i + 1] == 'u' && i + 5 < len && memcmp(s + i + 2, "0000", 4) == 0;
+          i++;
+        }
+      bool is_key = top && !top->array && top->want_key;
+      if (is_key) {
+        top->key = s + start;
+        top->key_len = i - start;
+        top->want_key = false;
+      }
+      if (!nul) continue;
+      /* the path of the enclosing containers, then this value's key or index */
+      size_t n = 0;
+      path[0] = '\0';
+      int kept = depth < MAX_DEPTH ? depth : MAX_DEPTH;
+      for (int d = 0; d < kept && n + 1 < size; d++) {
+        const struct frame *f = &st[d];
+        bool last = d == kept - 1;
+        if (last && is_key) break; /* a key: the object's own path */
+        if (f->array)
+          n += (size_t)snprintf(path + n, size - n, "[%d]", f->index);
+        else if (f->key)
+          n += (size_t)snprintf(path + n, size - n, "%s%.*s", n ? "." : "",
+                                (int)(f->key_len > 40 ? 40 : f->key_len), f->key);
+        if (n >= size) n = size - 1;
+      }
+      if (depth > MAX_DEPTH && n + 4 < size) snprintf(path + n, size - n, "...");
+      if (!path[0]) snprintf(path, size, "(root)");
+      return true;
+    }
+  }
+  return false;
+}
+
 cm_status cm_graph_from_json(const char *text, size_t len, cm_graph **out, cm_err *err) {
   *out = NULL;
   if (!text) len = 0;
+  /* a UTF-8 byte-order mark, as some editors write, is not part of the document */
+  if (len >= 3 && memcmp(text, "\xef\xbb\xbf", 3) == 0) text += 3, len -= 3;
   if (len == 0)
     return cm_errorf(err, CM_EINVALID, "(root): empty document, expected a JSON object");
   const char *nul = memchr(text, '\0', len);
@@ -777,7 +866,13 @@ cm_status cm_graph_from_json(const char *text, size_t len, cm_graph **out, cm_er
     return cm_errorf(err, CM_EINVALID, "(root): JSON syntax error near line %d column %d%s", line,
                      col, at >= len ? " (unexpected end of input)" : "");
   }
+  char path[200];
+  bool has_nul = find_nul_escape(copy, len, path, sizeof path);
   free(copy);
+  if (has_nul) {
+    cJSON_Delete(root);
+    return cm_errorf(err, CM_EINVALID, "%s: \\u0000 (NUL) in a string: not allowed", path);
+  }
   cm_graph *g = cm_graph_new();
   if (!g) {
     cJSON_Delete(root);
@@ -1008,7 +1103,7 @@ cm_status cm_graph_load(const char *path, cm_graph **out, cm_err *err) {
   size_t len;
   cm_status st = cm_read_file(path, &text, &len, err);
   if (st) return st;
-  size_t i = 0;
+  size_t i = len >= 3 && memcmp(text, "\xef\xbb\xbf", 3) == 0 ? 3 : 0; /* a byte-order mark */
   while (i < len && (text[i] == ' ' || text[i] == '\t' || text[i] == '\n' || text[i] == '\r')) i++;
   /* Text IR never starts with '[' or '"' and is never blank: those go to the
    * JSON reader too, whose messages fit them better. */

@@ -436,25 +436,31 @@ static cm_status eval_concat(eval_ctx *c, int id) {
   return CM_OK;
 }
 
+cm_status cm_index_error(cm_err *err, const cm_graph *g, int id, int64_t index, int64_t pos,
+                         int64_t dim) {
+  const cm_node *n = &g->nodes[id];
+  const cm_type *t = &g->nodes[n->inputs[1]].type;
+  int64_t coords[CM_MAX_RANK];
+  unravel(pos, t, coords);
+  char where[160];
+  size_t len = 0;
+  where[len++] = '[';
+  for (int k = 0; k < t->rank && len < sizeof where - 24; k++)
+    len += (size_t)snprintf(where + len, sizeof where - len, "%s%lld", k ? "," : "",
+                            (long long)coords[k]);
+  snprintf(where + len, sizeof where - len, "]");
+  return cm_errorf(err, CM_EINVALID, "nodes[%d] \"%s\" (%s): index %lld at %s outside [0, %lld)",
+                   id, n->name ? n->name : "", cm_op_name(n->op), (long long)index, where,
+                   (long long)dim);
+}
+
 /* The index of gather/scatter_add at flat position i, checked against [0, dim). */
 static cm_status checked_index(eval_ctx *c, int id, const cm_tensor *index, int64_t i, int64_t dim,
                                int64_t *out) {
   int64_t v = cm_tensor_get_i64(index, i);
-  if (v >= 0 && v < dim) {
-    *out = v;
-    return CM_OK;
-  }
-  int64_t coords[CM_MAX_RANK];
-  unravel(i, &index->type, coords);
-  char where[160];
-  size_t len = 0;
-  where[len++] = '[';
-  for (int k = 0; k < index->type.rank && len < sizeof where - 24; k++)
-    len += (size_t)snprintf(where + len, sizeof where - len, "%s%lld", k ? "," : "",
-                            (long long)coords[k]);
-  snprintf(where + len, sizeof where - len, "]");
-  return node_fail(c, id, CM_EINVALID, "index %lld at %s outside [0, %lld)", (long long)v, where,
-                   (long long)dim);
+  *out = v >= 0 && v < dim ? v : 0;
+  if (v >= 0 && v < dim) return CM_OK;
+  return cm_index_error(c->err, c->g, id, v, i, dim);
 }
 
 static cm_status eval_gather(eval_ctx *c, int id) {

@@ -2,6 +2,7 @@
  * gives the result type. Messages name the operand types and the rule. */
 #include "ir.h"
 
+#include <math.h>
 #include <string.h>
 
 static const char *tstr(const cm_type *t, char *buf) {
@@ -34,6 +35,17 @@ static cm_status infer_source(cm_op op, const cm_attrs *a, cm_type *out, cm_err 
     return cm_errorf(err, CM_EINVALID, "data has %lld elements but shape %s has %lld",
                      (long long)a->n_data, tstr(out, (char[128]){0}),
                      (long long)cm_type_numel(out));
+  if (op == CM_OP_CONST) {
+    char why[160];
+    if (a->data && (a->value != 0 || signbit(a->value)))
+      return cm_errorf(err, CM_EINVALID,
+                       "\"value\" and \"data\" are both given (a const takes one)");
+    for (int64_t i = 0; a->data && i < a->n_data; i++)
+      if (!cm_value_fits(a->data[i], a->dtype, why, sizeof why))
+        return cm_errorf(err, CM_EINVALID, "data[%lld]: %s", (long long)i, why);
+    if (!a->data && !cm_value_fits(a->value, a->dtype, why, sizeof why))
+      return cm_errorf(err, CM_EINVALID, "value %s", why);
+  }
   if (op == CM_OP_IOTA &&
       (a->axis < 0 || a->axis >= (a->rank ? a->rank : 1) || (a->rank == 0 && a->axis != 0)))
     return cm_errorf(err, CM_EINVALID, "axis %d outside [0, %d)", a->axis, a->rank);
@@ -44,6 +56,7 @@ static cm_status infer_source(cm_op op, const cm_attrs *a, cm_type *out, cm_err 
   if (op == CM_OP_PARAM && !cm_dtype_is_float(a->dtype))
     return cm_errorf(err, CM_EINVALID, "a param must have a float dtype, not %s",
                      cm_dtype_name(a->dtype));
+  if (op == CM_OP_PARAM || op == CM_OP_STATE) return cm_init_check(&a->init, out, err);
   return CM_OK;
 }
 
@@ -215,11 +228,18 @@ static cm_status infer_pad(const cm_type *x, const cm_attrs *a, cm_type *out, cm
   char b0[128];
   *out = *x;
   for (int i = 0; i < x->rank; i++) {
-    if (a->lo[i] < 0 || a->hi[i] < 0 || a->lo[i] > CM_MAX_ELEMENTS || a->hi[i] > CM_MAX_ELEMENTS)
-      return cm_errorf(err, CM_EINVALID, "%s: axis %d: padding lo %lld, hi %lld must be >= 0",
-                       tstr(x, b0), i, (long long)a->lo[i], (long long)a->hi[i]);
+    for (int side = 0; side < 2; side++) {
+      int64_t v = side ? a->hi[i] : a->lo[i];
+      if (v < 0 || v > CM_MAX_ELEMENTS)
+        return cm_errorf(err, CM_EINVALID,
+                         "%s: padding %s %lld on axis %d is out of range [0, 2^40]", tstr(x, b0),
+                         side ? "hi" : "lo", (long long)v, i);
+    }
     out->dims[i] = x->dims[i] + a->lo[i] + a->hi[i];
   }
+  char why[160];
+  if (!cm_value_fits(a->value, x->dtype, why, sizeof why))
+    return cm_errorf(err, CM_EINVALID, "%s: value %s", tstr(x, b0), why);
   return check_shape(out->rank, out->dims, "result", err);
 }
 

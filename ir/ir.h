@@ -89,6 +89,12 @@ uint16_t cm_f64_to_bf16(double d);
 /* Rounds a double to the nearest value representable in dt (for floats) or
  * truncates toward zero and saturates, NaN giving 0 (for ints); bool: x != 0. */
 double cm_round_to_dtype(double x, cm_dtype dt);
+/* Whether x is a value of dt: for i32 and i64 an integer in range, for bool 0 or
+ * 1; every double for the float dtypes (rounded to them, NaN and inf kept). Graph
+ * values (const value and data, pad value, init constant) must fit: the builder,
+ * the verifier and the readers reject the others. When x does not fit, why
+ * receives "<x> is outside <dtype> (<range>)". */
+bool cm_value_fits(double x, cm_dtype dt, char *why, size_t size);
 
 /* ---- tensors ----------------------------------------------------------- */
 
@@ -309,6 +315,10 @@ cm_status cm_infer_type(const cm_graph *g, cm_op op, const int *inputs, int n_in
  * types equal to inference, outputs, assign targets (a param or state, at most
  * one assign each). Errors name the node: "nodes[3] \"qk\" (matmul): ...". */
 cm_status cm_graph_verify(const cm_graph *g, cm_err *err);
+/* cm_graph_verify for readers that name nodes their own way (a line, a JSON
+ * path): err holds the rule alone and *bad_node (if not NULL) the node it is
+ * about, or -1 when the error names no node ("outputs[k]: ..."). */
+cm_status cm_graph_verify_at(const cm_graph *g, int *bad_node, cm_err *err);
 /* Names: [A-Za-z0-9_.:/-] characters, or a '%' followed by digits for builder names. */
 bool cm_name_is_valid(const char *name);
 
@@ -335,6 +345,10 @@ double cm_uniform01(uint32_t bits);
  * from the stream (seed, cm_hash_str(name)). CM_INIT_NONE is an error. */
 cm_status cm_init_tensor(cm_tensor *t, const cm_init *init, uint64_t seed, const char *name,
                          cm_err *err);
+/* Whether init can fill a tensor of type (the rule cm_init_tensor applies; the
+ * builder, the verifier and so every reader apply it to params and state).
+ * CM_INIT_NONE passes: the tensor is supplied. err reads "init <kind>: <rule>". */
+cm_status cm_init_check(const cm_init *init, const cm_type *type, cm_err *err);
 
 /* ---- the oracle (ir/eval.c) -------------------------------------------- */
 
@@ -365,5 +379,12 @@ cm_status cm_eval(const cm_graph *g, const cm_tensor *const *sources, cm_tensor 
  * caller frees values and bounds with cm_tensor_free. */
 cm_status cm_eval_bounded(const cm_graph *g, const cm_tensor *const *sources, cm_tensor *values,
                           cm_tensor *bounds, cm_err *err);
+
+/* The error every backend gives for a gather or scatter_add index outside its
+ * axis: node id of g, the index, its flat position in the index tensor (input 1)
+ * and the axis length: CM_EINVALID, "nodes[<id>] \"<name>\" (<op>): index <v>
+ * at [<coordinates>] outside [0, <dim>)". */
+cm_status cm_index_error(cm_err *err, const cm_graph *g, int id, int64_t index, int64_t pos,
+                         int64_t dim);
 
 #endif

@@ -146,23 +146,25 @@ static double receptive_field(const cm_type *t) {
   return r;
 }
 
+/* The sin-cos grid of a [..., rows, D] tensor: cls leading rows, then a
+ * side x side grid; false when the shape does not fit (cm_init_check says why). */
+static bool sincos_layout(const cm_type *type, double a, int64_t *cls_out, int64_t *side_out) {
+  if (!cm_dtype_is_float(type->dtype) || type->rank < 2) return false;
+  int64_t d = type->dims[type->rank - 1], rows = type->dims[type->rank - 2];
+  int64_t cls = a >= 0 && a <= (double)rows ? (int64_t)a : -1, side = 0;
+  while (cls >= 0 && (side + 1) * (side + 1) <= rows - cls) side++;
+  if (cls < 0 || a != (double)cls || side * side != rows - cls || d % 4) return false;
+  *cls_out = cls;
+  *side_out = side;
+  return true;
+}
+
 /* CMAE's fixed 2-D sin-cos embedding: for grid position t = (a, b) on a
  * side x side grid, with D4 = D/4 and w_k = 1/10000^(k/D4):
  * [sin(a w), cos(a w), sin(b w), cos(b w)]; the first `cls` rows are zero. */
-static cm_status init_sincos_2d(cm_tensor *t, const cm_init *init, const char *shown,
-                                const char *tbuf, cm_err *err) {
+static void init_sincos_2d(cm_tensor *t, int64_t cls, int64_t side) {
   const cm_type *type = &t->type;
-  if (!cm_dtype_is_float(type->dtype) || type->rank < 2)
-    return cm_errorf(err, CM_EINVALID,
-                     "\"%s\": init sincos_2d needs a float [..., rows, D], got %s", shown, tbuf);
   int64_t d = type->dims[type->rank - 1], rows = type->dims[type->rank - 2];
-  int64_t cls = init->a >= 0 && init->a <= (double)rows ? (int64_t)init->a : -1, side = 0;
-  while (cls >= 0 && (side + 1) * (side + 1) <= rows - cls) side++;
-  if (cls < 0 || init->a != (double)cls || side * side != rows - cls || d % 4)
-    return cm_errorf(err, CM_EINVALID,
-                     "\"%s\": init sincos_2d: %s needs rows = cls (%g) + a square grid and D %% 4 "
-                     "== 0",
-                     shown, tbuf, init->a);
   int64_t d4 = d / 4, n = cm_type_numel(type);
   for (int64_t i = 0; i < n; i++) {
     int64_t row = (i / d) % rows, col = i % d;
@@ -175,6 +177,86 @@ static cm_status init_sincos_2d(cm_tensor *t, const cm_init *init, const char *s
     }
     cm_tensor_set_f64(t, i, v);
   }
+}
+
+/* Uniform bounds of xavier_uniform and torch_default from the shape. */
+static cm_status fan_bounds(const cm_init *init, const cm_type *type, const char *tbuf, double *low,
+                            double *high, cm_err *err) {
+  if (init->kind == CM_INIT_XAVIER_UNIFORM) {
+    if (type->rank < 2)
+      return cm_errorf(err, CM_EINVALID,
+                       "init xavier_uniform needs rank >= 2 (fan_in and fan_out), got %s", tbuf);
+    double r = receptive_field(type);
+    double fan_in = (double)type->dims[1] * r, fan_out = (double)type->dims[0] * r;
+    if (init->b != 0) fan_out = (double)type->dims[0]; /* the 2-D view [dims[0], dims[1] * r] */
+    if (fan_in + fan_out <= 0)
+      return cm_errorf(err, CM_EINVALID, "init xavier_uniform: zero fans for %s", tbuf);
+    *high = fabs(init->a) * sqrt(6.0 / (fan_in + fan_out));
+    *low = -*high;
+    return CM_OK;
+  }
+  double fan_in; /* CM_INIT_TORCH_DEFAULT */
+  if (init->a > 0) {
+    fan_in = init->a;
+  } else if (type->rank >= 2) {
+    fan_in = (double)type->dims[1] * receptive_field(type);
+  } else {
+    return cm_errorf(
+        err, CM_EINVALID,
+        "init torch_default on %s needs fan_in (the weight's, as init attribute a) > 0", tbuf);
+  }
+  if (fan_in <= 0)
+    return cm_errorf(err, CM_EINVALID, "init torch_default: zero fan_in for %s", tbuf);
+  *high = 1.0 / sqrt(fan_in);
+  *low = -*high;
+  return CM_OK;
+}
+
+cm_status cm_init_check(const cm_init *init, const cm_type *type, cm_err *err) {
+  char tbuf[96];
+  cm_type_str(type, tbuf, sizeof tbuf);
+  const char *kind = cm_init_kind_name(init->kind);
+  switch (init->kind) {
+  case CM_INIT_NONE:
+  case CM_INIT_ZEROS:
+  case CM_INIT_ONES: return CM_OK;
+  case CM_INIT_CONSTANT: {
+    char why[160];
+    if (!cm_value_fits(init->a, type->dtype, why, sizeof why))
+      return cm_errorf(err, CM_EINVALID, "init constant: value %s", why);
+    return CM_OK;
+  }
+  case CM_INIT_SINCOS_2D: {
+    int64_t cls, side;
+    if (!cm_dtype_is_float(type->dtype) || type->rank < 2)
+      return cm_errorf(err, CM_EINVALID, "init sincos_2d needs a float [..., rows, D], got %s",
+                       tbuf);
+    if (!sincos_layout(type, init->a, &cls, &side))
+      return cm_errorf(err, CM_EINVALID,
+                       "init sincos_2d: %s needs rows = cls (%g) + a square grid and D %% 4 == 0",
+                       tbuf, init->a);
+    return CM_OK;
+  }
+  case CM_INIT_NORMAL:
+  case CM_INIT_TRUNC_NORMAL:
+  case CM_INIT_UNIFORM:
+  case CM_INIT_XAVIER_UNIFORM:
+  case CM_INIT_TORCH_DEFAULT: break;
+  default: return cm_errorf(err, CM_EINVALID, "unknown init kind %d", (int)init->kind);
+  }
+  /* Random kinds only. */
+  if (!cm_dtype_is_float(type->dtype))
+    return cm_errorf(err, CM_EINVALID, "init %s needs a float dtype, got %s", kind, tbuf);
+  if (!isfinite(init->a) || !isfinite(init->b))
+    return cm_errorf(err, CM_EINVALID, "init %s: parameters must be finite, got %g, %g", kind,
+                     init->a, init->b);
+  if ((init->kind == CM_INIT_NORMAL || init->kind == CM_INIT_TRUNC_NORMAL) && init->b < 0)
+    return cm_errorf(err, CM_EINVALID, "init %s: std must be >= 0, got %g", kind, init->b);
+  if (init->kind == CM_INIT_UNIFORM && init->a > init->b)
+    return cm_errorf(err, CM_EINVALID, "init uniform: low %g > high %g", init->a, init->b);
+  double low, high;
+  if (init->kind == CM_INIT_XAVIER_UNIFORM || init->kind == CM_INIT_TORCH_DEFAULT)
+    return fan_bounds(init, type, tbuf, &low, &high, err);
   return CM_OK;
 }
 
@@ -195,6 +277,10 @@ cm_status cm_init_tensor(cm_tensor *t, const cm_init *init, uint64_t seed, const
   if (n > 0 && !t->data)
     return cm_errorf(err, CM_EINTERNAL, "\"%s\": init %s: tensor %s has no data", shown, kind,
                      tbuf);
+  if (init->kind == CM_INIT_NONE)
+    return cm_errorf(err, CM_EINVALID, "\"%s\": init none: the tensor must be supplied", shown);
+  /* the rule the builder and the verifier apply to the node */
+  if (cm_init_check(init, type, err)) return cm_err_prefix(err, "\"%s\": ", shown);
 
   switch (init->kind) {
   case CM_INIT_ZEROS:
@@ -204,32 +290,19 @@ cm_status cm_init_tensor(cm_tensor *t, const cm_init *init, uint64_t seed, const
     for (int64_t i = 0; i < n; i++) cm_tensor_set_f64(t, i, v);
     return CM_OK;
   }
-  case CM_INIT_SINCOS_2D: return init_sincos_2d(t, init, shown, tbuf, err);
-  case CM_INIT_NORMAL:
-  case CM_INIT_TRUNC_NORMAL:
-  case CM_INIT_UNIFORM:
-  case CM_INIT_XAVIER_UNIFORM:
-  case CM_INIT_TORCH_DEFAULT: break;
-  default:
-    if (init->kind == CM_INIT_NONE)
-      return cm_errorf(err, CM_EINVALID, "\"%s\": init none: the tensor must be supplied", shown);
-    return cm_errorf(err, CM_EINVALID, "\"%s\": unknown init kind %d", shown, (int)init->kind);
+  case CM_INIT_SINCOS_2D: {
+    int64_t cls = 0, side = 0;
+    sincos_layout(type, init->a, &cls, &side);
+    init_sincos_2d(t, cls, side);
+    return CM_OK;
+  }
+  default: break;
   }
 
-  /* Random kinds only. */
-  if (!cm_dtype_is_float(type->dtype))
-    return cm_errorf(err, CM_EINVALID, "\"%s\": init %s needs a float dtype, got %s", shown, kind,
-                     tbuf);
-  if (!isfinite(init->a) || !isfinite(init->b))
-    return cm_errorf(err, CM_EINVALID, "\"%s\": init %s: parameters must be finite, got %g, %g",
-                     shown, kind, init->a, init->b);
+  /* Random kinds. */
   uint64_t stream = cm_hash_str(shown);
-
   if (init->kind == CM_INIT_NORMAL || init->kind == CM_INIT_TRUNC_NORMAL) {
     double mean = init->a, std = init->b;
-    if (std < 0)
-      return cm_errorf(err, CM_EINVALID, "\"%s\": init %s: std must be >= 0, got %g", shown, kind,
-                       std);
     for (int64_t i = 0; i < n; i++) {
       double z = init->kind == CM_INIT_NORMAL ? standard_normal(seed, stream, i)
                                               : truncated_standard_normal(seed, stream, i);
@@ -237,45 +310,9 @@ cm_status cm_init_tensor(cm_tensor *t, const cm_init *init, uint64_t seed, const
     }
     return CM_OK;
   }
-
-  double low, high;
-  if (init->kind == CM_INIT_UNIFORM) {
-    low = init->a;
-    high = init->b;
-    if (low > high)
-      return cm_errorf(err, CM_EINVALID, "\"%s\": init uniform: low %g > high %g", shown, low,
-                       high);
-  } else if (init->kind == CM_INIT_XAVIER_UNIFORM) {
-    if (type->rank < 2)
-      return cm_errorf(err, CM_EINVALID,
-                       "\"%s\": init xavier_uniform needs rank >= 2 (fan_in and fan_out), got %s",
-                       shown, tbuf);
-    double r = receptive_field(type);
-    double fan_in = (double)type->dims[1] * r, fan_out = (double)type->dims[0] * r;
-    if (init->b != 0) fan_out = (double)type->dims[0]; /* the 2-D view [dims[0], dims[1] * r] */
-    if (fan_in + fan_out <= 0)
-      return cm_errorf(err, CM_EINVALID, "\"%s\": init xavier_uniform: zero fans for %s", shown,
-                       tbuf);
-    high = fabs(init->a) * sqrt(6.0 / (fan_in + fan_out));
-    low = -high;
-  } else { /* CM_INIT_TORCH_DEFAULT */
-    double fan_in;
-    if (init->a > 0) {
-      fan_in = init->a;
-    } else if (type->rank >= 2) {
-      fan_in = (double)type->dims[1] * receptive_field(type);
-    } else {
-      return cm_errorf(err, CM_EINVALID,
-                       "\"%s\": init torch_default on %s needs fan_in (the weight's, as init "
-                       "attribute a) > 0",
-                       shown, tbuf);
-    }
-    if (fan_in <= 0)
-      return cm_errorf(err, CM_EINVALID, "\"%s\": init torch_default: zero fan_in for %s", shown,
-                       tbuf);
-    high = 1.0 / sqrt(fan_in);
-    low = -high;
-  }
+  double low = init->a, high = init->b; /* CM_INIT_UNIFORM */
+  if (init->kind != CM_INIT_UNIFORM && fan_bounds(init, type, tbuf, &low, &high, err))
+    return cm_err_prefix(err, "\"%s\": ", shown);
   for (int64_t i = 0; i < n; i++) cm_tensor_set_f64(t, i, uniform_draw(seed, stream, i, low, high));
   return CM_OK;
 }

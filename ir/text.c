@@ -777,6 +777,8 @@ static cm_status parse_attrs(parser *ps, cm_op op, int in_rank, cm_attrs *a, dou
     ps->p += n;
     if (!accept(ps, '='))
       return fail_at(ps, ps->p, "expected '=' after attribute \"%s\"", attr_keys[key].name);
+    if ((key == K_VALUE && seen[K_DATA]) || (key == K_DATA && seen[K_VALUE]))
+      return fail_at(ps, at, "\"value\" and \"data\" are both given (a const takes one)");
     cm_status st = parse_attr_value(ps, (attr_key)key, in_rank, a, data);
     if (st) return st;
     if (accept(ps, '}')) return CM_OK;
@@ -974,8 +976,10 @@ cm_status cm_graph_parse(const char *text, cm_graph **out, cm_err *err) {
   double_buf data = {NULL, 0, 0, NULL};
   cm_status st = CM_OK;
   bool have_outputs = false;
-  int last_line = 0;
+  int last_line = 0, outputs_line = 0;
+  int *node_line = NULL, cap_lines = 0; /* the line of each node, for the verifier's errors */
   const char *s = text;
+  if (strncmp(s, "\xef\xbb\xbf", 3) == 0) s += 3; /* a UTF-8 byte-order mark */
   for (int lineno = 1; *s; lineno++) {
     const char *nl = strchr(s, '\n');
     const char *eol = nl ? nl : s + strlen(s);
@@ -1001,14 +1005,36 @@ cm_status cm_graph_parse(const char *text, cm_graph **out, cm_err *err) {
     if (token_is(word, n, "outputs") && accept(&ps, '(')) {
       st = parse_outputs_line(&ps, &ids);
       have_outputs = true;
+      outputs_line = lineno;
     } else {
       ps.p = word;
       st = parse_node_line(&ps, &ids, &data);
+      if (st == CM_OK && g->n_nodes > cap_lines) {
+        int cap = cap_lines ? 2 * cap_lines : 64;
+        int *v = realloc(node_line, sizeof(int) * (size_t)cap);
+        if (!v)
+          st = cm_errorf(err, CM_EINTERNAL, "line %d: out of memory", lineno);
+        else
+          node_line = v, cap_lines = cap;
+      }
+      if (st == CM_OK) node_line[g->n_nodes - 1] = lineno;
     }
     if (st) break;
   }
   if (st == CM_OK && !have_outputs)
     st = cm_errorf(err, CM_EINVALID, "line %d: missing the final outputs(...) line", last_line);
+  /* Each line was checked as it was added; the rules of the whole graph (one
+   * assign per target) are the verifier's, as for every reader. */
+  if (st == CM_OK) {
+    int bad = -1;
+    st = cm_graph_verify_at(g, &bad, err);
+    if (st && bad >= 0)
+      cm_err_prefix(err, "line %d: \"%s\" (%s): ", node_line[bad], g->nodes[bad].name,
+                    cm_op_name(g->nodes[bad].op));
+    else if (st)
+      cm_err_prefix(err, "line %d: ", outputs_line);
+  }
+  free(node_line);
   free(ids.v);
   free(data.v);
   if (st) {

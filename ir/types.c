@@ -213,6 +213,44 @@ double cm_round_to_dtype(double x, cm_dtype dt) {
   }
 }
 
+/* Shortest of %.15g, %.16g, %.17g that reads back as x ("nan", "inf" as such). */
+static void shortest(double x, char *buf, size_t size) {
+  if (isnan(x)) {
+    snprintf(buf, size, "nan");
+    return;
+  }
+  for (int prec = 15; prec <= 17; prec++) {
+    snprintf(buf, size, "%.*g", prec, x);
+    if (prec == 17 || strtod(buf, NULL) == x) return;
+  }
+}
+
+bool cm_value_fits(double x, cm_dtype dt, char *why, size_t size) {
+  bool ok;
+  const char *range;
+  switch (dt) {
+  case CM_I32:
+    ok = x == trunc(x) && x >= -2147483648.0 && x <= 2147483647.0;
+    range = "an integer in [-2147483648, 2147483647]";
+    break;
+  case CM_I64: /* 2^63 is the first double past INT64_MAX */
+    ok = x == trunc(x) && x >= -9223372036854775808.0 && x < 9223372036854775808.0;
+    range = "an integer in [-2^63, 2^63)";
+    break;
+  case CM_BOOL:
+    ok = x == 0 || x == 1;
+    range = "0 or 1";
+    break;
+  default: return true; /* floats take any double, rounded to the dtype */
+  }
+  if (!ok && why && size) {
+    char v[40];
+    shortest(x, v, sizeof v);
+    snprintf(why, size, "%s is outside %s (%s)", v, cm_dtype_name(dt), range);
+  }
+  return ok;
+}
+
 /* ---- tensors ----------------------------------------------------------- */
 
 cm_status cm_tensor_alloc(cm_tensor *t, cm_type type, cm_err *err) {

@@ -16,8 +16,15 @@
 typedef struct cpu_kernel {
   int n_stages;
   cm_cpu_stage_fn *fns;
-  char **bufs; /* per buffer; SOURCE entries bound at run time */
+  char **bufs;               /* per buffer; SOURCE entries bound at run time */
+  int first_check, n_checks; /* its index checks in cm_cpu_program.checks */
 } cpu_kernel;
+
+/* A gather/scatter_add index check of a kernel: its STATUS words (codegen.h). */
+typedef struct cpu_check {
+  int node; /* in rg */
+  const int64_t *key, *val;
+} cpu_check;
 
 struct cm_cpu_program {
   const cm_graph *g; /* as passed to build */
@@ -28,6 +35,9 @@ struct cm_cpu_program {
   cm_jit *jit;
   cpu_kernel *ks;
   char *arena, *scratch, *ws;
+  int64_t *status; /* the STATUS words of every kernel */
+  cpu_check *checks;
+  int n_checks;
   int64_t ws_stride;
   void **consts;
   int n_consts;
@@ -158,6 +168,8 @@ void cm_cpu_program_free(cm_cpu_program *pr) {
   if (pr->jit) cm_jit_destroy(pr->jit);
   free(pr->arena);
   free(pr->scratch);
+  free(pr->status);
+  free(pr->checks);
   free(pr->ws);
   free(pr->orig_of);
   free(pr->out_id);
@@ -400,11 +412,40 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
                    (long long)pr->kp.arena_bytes);
     goto fail;
   }
+  int64_t n_status = 0;
+  int n_checks = 0;
+  for (int i = 0; i < nk; i++)
+    for (int b = 0; b < pr->kp.kernels[i].n_buffers; b++)
+      if (pr->kp.kernels[i].buffers[b].kind == CM_KBUF_STATUS) {
+        n_status += pr->kp.kernels[i].buffers[b].numel;
+        n_checks += pr->kp.kernels[i].buffers[b].offset == 0;
+      }
+  pr->status = calloc((size_t)n_status + 1, sizeof *pr->status);
+  pr->checks = calloc((size_t)n_checks + 1, sizeof *pr->checks);
+  if (!pr->status || !pr->checks) {
+    st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+    goto fail;
+  }
+  n_status = 0;
   for (int i = 0; i < nk; i++) {
     const cm_kernel *k = &pr->kp.kernels[i];
+    pr->ks[i].first_check = pr->n_checks;
     for (int b = 0; b < k->n_buffers; b++) {
       const cm_kbuffer *kb = &k->buffers[b];
       switch (kb->kind) {
+      case CM_KBUF_STATUS: {
+        int64_t *w = pr->status + n_status;
+        n_status += kb->numel;
+        pr->ks[i].bufs[b] = (char *)w;
+        int c = pr->ks[i].first_check;
+        while (c < pr->n_checks && pr->checks[c].node != kb->node) c++;
+        if (c == pr->n_checks) pr->checks[pr->n_checks++].node = kb->node;
+        if (kb->offset == 0)
+          pr->checks[c].key = w;
+        else
+          pr->checks[c].val = w;
+        break;
+      }
       case CM_KBUF_ARENA: pr->ks[i].bufs[b] = pr->arena + kb->offset; break;
       case CM_KBUF_SCRATCH: pr->ks[i].bufs[b] = pr->scratch + kb->offset; break;
       case CM_KBUF_SOURCE: break;
@@ -430,6 +471,13 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
       }
       }
     }
+    pr->ks[i].n_checks = pr->n_checks - pr->ks[i].first_check;
+    for (int c = pr->ks[i].first_check; c < pr->n_checks; c++)
+      if (!pr->checks[c].key || !pr->checks[c].val) {
+        st = cm_errorf(err, CM_EINTERNAL, "kernel %s: an index check lacks a status buffer",
+                       k->name);
+        goto fail;
+      }
   }
   cm_jit_stats js;
   cm_jit_get_stats(pr->jit, &js);
@@ -494,6 +542,22 @@ const void *cm_cpu_program_value(const cm_cpu_program *pr, int id) {
   return NULL;
 }
 
+/* The oracle's error (cm_index_error) for a failed check, naming the node of
+ * the graph given to build when the optimized graph kept it (by name). */
+static cm_status index_error(const cm_cpu_program *pr, const cpu_check *c, cm_err *err) {
+  const cm_graph *rg = pr->rg, *g = pr->g;
+  const cm_node *n = &rg->nodes[c->node];
+  const cm_type *data = &rg->nodes[n->inputs[0]].type;
+  int axis = n->attrs.axis < 0 ? n->attrs.axis + data->rank : n->attrs.axis;
+  int id = cm_graph_find(g, n->name);
+  if (id >= 0 &&
+      (g->nodes[id].op != n->op || g->nodes[id].n_inputs != n->n_inputs ||
+       !cm_type_equal(&g->nodes[g->nodes[id].inputs[1]].type, &rg->nodes[n->inputs[1]].type)))
+    id = -1;
+  return cm_index_error(err, id >= 0 ? g : rg, id >= 0 ? id : c->node, c->val[0], c->val[1],
+                        data->dims[axis]);
+}
+
 cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
                              cm_err *err) {
   const cm_graph *rg = pr->rg, *g = pr->g;
@@ -512,6 +576,7 @@ cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_t
     }
     pr->src_ptr[i] = t->data;
   }
+  int bad = -1; /* the failed index check of the first node in graph order */
   for (int i = 0; i < pr->kp.n_kernels; i++) {
     const cm_kernel *k = &pr->kp.kernels[i];
     char **bufs = pr->ks[i].bufs;
@@ -532,7 +597,13 @@ cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_t
       pr->prof[i].total_ms += now_ms() - t0;
       pr->prof[i].runs++;
     }
+    /* indices were clamped where used: the run goes on, memory safe, so that the
+     * error names the first node in graph order, as the oracle's does */
+    for (int c = pr->ks[i].first_check; c < pr->ks[i].first_check + pr->ks[i].n_checks; c++)
+      if (*pr->checks[c].key != 0 && (bad < 0 || pr->checks[c].node < pr->checks[bad].node))
+        bad = c;
   }
+  if (bad >= 0) return index_error(pr, &pr->checks[bad], err);
   if (!outputs) return CM_OK;
   for (int j = 0; j < g->n_outputs; j++) memset(&outputs[j], 0, sizeof outputs[j]);
   for (int j = 0; j < g->n_outputs; j++) {

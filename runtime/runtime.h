@@ -58,7 +58,12 @@ const cm_graph *cm_cpu_program_graph(const cm_cpu_program *pr);
  * (also params, as the oracle's assign values). outputs[j] receives graph
  * output j (allocated; the caller frees with cm_tensor_free). outputs may be
  * NULL: nothing is copied out (a large output costs a copy and fresh pages
- * per run), and cm_cpu_program_output reads each output where it lies. */
+ * per run), and cm_cpu_program_output reads each output where it lies. A
+ * gather or scatter_add index outside its axis is CM_EINVALID with the
+ * oracle's message (cm_index_error, the first such node in graph order), found
+ * after the run: the kernels clamp such an index where they use it, so nothing
+ * outside a buffer is touched, but the outputs are garbage and the states the
+ * graph assigns are updated. */
 cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
                              cm_err *err);
 /* Graph output j of the last run where the program keeps it (the arena, or a

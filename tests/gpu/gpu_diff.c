@@ -163,6 +163,10 @@ static bool prog_build(const cm_graph *g0, const char *arch, gpu_prog *p) {
       CU(cu.get_function(&p->fns[f++], p->module, name));
     }
     for (int j = 0; j < k->n_buffers; j++, b++) {
+      if (k->buffers[j].kind == CM_KBUF_STATUS) { /* index checks: written, not read here */
+        CU(cu.mem_alloc(&p->consts[b], (size_t)k->buffers[j].numel * sizeof(int64_t)));
+        continue;
+      }
       if (k->buffers[j].kind != CM_KBUF_CONST) continue;
       void *data = cm_kernel_const_data(p->g, &k->buffers[j], &err);
       if (!data) return fprintf(stderr, "const: %s\n", err.msg), false;
@@ -196,7 +200,8 @@ static bool prog_run(gpu_prog *p) {
       case CM_KBUF_ARENA: ptr[j] = p->arena + (CUdeviceptr)kb->offset; break;
       case CM_KBUF_SCRATCH: ptr[j] = p->scratch + (CUdeviceptr)kb->offset; break;
       case CM_KBUF_SOURCE: ptr[j] = p->source[kb->node]; break;
-      case CM_KBUF_CONST: ptr[j] = p->consts[b + j]; break;
+      case CM_KBUF_CONST:
+      case CM_KBUF_STATUS: ptr[j] = p->consts[b + j]; break;
       }
       args[j] = &ptr[j];
     }

@@ -393,6 +393,50 @@ static void test_errors(void) {
        "nodes[0].dtype: unknown dtype \"f8\""},
       {"{\"format\": \"cmaec.graph/1\"} trailing",
        "(root): JSON syntax error near line 1 column 29"},
+      /* values outside their dtype, named by their path */
+      {HEAD "\"nodes\": [{\"name\": \"c\", \"op\": \"const\", \"dtype\": \"i32\", \"shape\": [2], "
+            "\"data\": [1, 3e9]}]}",
+       "nodes[0].data[1]: 3000000000 is outside i32 (an integer in [-2147483648, 2147483647])"},
+      {HEAD "\"nodes\": [{\"name\": \"c\", \"op\": \"const\", \"dtype\": \"i32\", "
+            "\"value\": \"nan\"}]}",
+       "nodes[0].value: nan is outside i32"},
+      {HEAD "\"nodes\": [{\"name\": \"c\", \"op\": \"const\", \"dtype\": \"i32\", "
+            "\"value\": 1.5}]}",
+       "nodes[0].value: 1.5 is outside i32"},
+      {HEAD "\"nodes\": [{\"name\": \"c\", \"op\": \"const\", \"dtype\": \"i64\", "
+            "\"value\": 1e19}]}",
+       "nodes[0].value: 1e+19 is outside i64"},
+      {HEAD "\"nodes\": [{\"name\": \"c\", \"op\": \"const\", \"dtype\": \"bool\", "
+            "\"shape\": [2], \"data\": [0, 2]}]}",
+       "nodes[0].data[1]: 2 is outside bool (0 or 1)"},
+      {HEAD "\"nodes\": [{\"name\": \"c\", \"op\": \"const\", \"dtype\": \"bool\", "
+            "\"value\": 0.5}]}",
+       "nodes[0].value: 0.5 is outside bool"},
+      {HEAD "\"nodes\": [{\"name\": \"xi\", \"op\": \"cast\", \"inputs\": [\"x\"], "
+            "\"dtype\": \"i32\"}, {\"name\": \"p\", \"op\": \"pad\", \"inputs\": [\"xi\"], "
+            "\"lo\": [1, 0], \"value\": 0.25}]}",
+       "nodes[1].value: 0.25 is outside i32"},
+      {HEAD "\"state\": [{\"name\": \"s\", \"dtype\": \"i32\", \"shape\": [2], "
+            "\"init\": {\"kind\": \"constant\", \"value\": 3e9}}]}",
+       "state[0].init.value: 3000000000 is outside i32"},
+      {HEAD "\"nodes\": [{\"name\": \"c\", \"op\": \"const\", \"dtype\": \"f32\", "
+            "\"shape\": [2], \"value\": 1, \"data\": [1, 2]}]}",
+       "nodes[0] \"c\" (const): \"value\" and \"data\" are both given"},
+      {HEAD "\"nodes\": [{\"name\": \"c\", \"op\": \"const\", \"dtype\": \"f32\", "
+            "\"value\": 1e400}]}",
+       "nodes[0].value: the number overflows to infinity (write \"inf\" or \"-inf\")"},
+      {HEAD "\"nodes\": [{\"name\": \"c\", \"op\": \"const\", \"dtype\": \"f64\", "
+            "\"shape\": [2], \"data\": [1, -1e400]}]}",
+       "nodes[0].data[1]: the number overflows to infinity"},
+      {HEAD "\"nodes\": [{\"name\": \"p\", \"op\": \"pad\", \"inputs\": [\"x\"], "
+            "\"hi\": [0, 9007199254740992]}]}",
+       "padding hi 9007199254740992 on axis 1 is out of range [0, 2^40]"},
+      /* a NUL escape would end the C string: "x\u0000y" read as "x" */
+      {HEAD "\"nodes\": [{\"name\": \"y\\u0000z\", \"op\": \"neg\", \"inputs\": [\"x\"]}]}",
+       "nodes[0].name: \\u0000 (NUL) in a string"},
+      {HEAD "\"nodes\": [{\"name\": \"y\", \"op\": \"neg\", \"inputs\": [\"x\\u0000\"]}]}",
+       "nodes[0].inputs[0]: \\u0000 (NUL) in a string"},
+      {"{\"format\": \"cmaec.graph/1\", \"x\\u0000\": 1}", "(root): \\u0000 (NUL) in a string"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     cm_graph *g = (cm_graph *)&test_failures; /* must be reset to NULL */
@@ -410,6 +454,17 @@ static void test_errors(void) {
   cm_err err = {0};
   CHECK(cm_graph_from_json(buf, 7, &g, &err) == CM_EINVALID);
   CHECK_STR_CONTAINS(err.msg, "(root): unknown key \"a\"");
+  /* An escaped backslash before "u0000" is no NUL; the name is then invalid. */
+  const char *esc = HEAD "\"nodes\": [{\"name\": \"y\\\\u0000\", \"op\": \"neg\", "
+                         "\"inputs\": [\"x\"]}]}";
+  CHECK(cm_graph_from_json(esc, strlen(esc), &g, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "nodes[0].name: invalid name \"y\\x5cu0000\"");
+  /* A UTF-8 byte-order mark before the document is skipped. */
+  const char *bom = "\xef\xbb\xbf" HEAD "\"outputs\": [\"x\"]}";
+  CHECK_MSG(cm_graph_from_json(bom, strlen(bom), &g, &err) == CM_OK, "%s", err.msg);
+  CHECK(g && g->n_nodes == 1);
+  cm_graph_free(g);
+  g = NULL;
   /* Names with control characters are escaped, keeping the message on one line. */
   const char *ctl = "{\"format\": \"a\\nb\"}";
   CHECK(cm_graph_from_json(ctl, strlen(ctl), &g, &err) == CM_EINVALID);
@@ -442,6 +497,20 @@ static void test_files(void) {
     if (back) check_same_graph(g, back);
     cm_graph_free(back);
   }
+
+  /* A byte-order mark before '{' is still graph JSON (not text IR). */
+  f = fopen(path, "w");
+  if (f) {
+    fputs("\xef\xbb\xbf\n{\"format\": \"cmaec.graph/1\", \"inputs\": [{\"name\": \"x\", "
+          "\"dtype\": \"f32\", \"shape\": [2]}], \"outputs\": [\"x\"]}\n",
+          f);
+    fclose(f);
+  }
+  back = NULL;
+  CHECK_MSG(cm_graph_load(path, &back, &err) == CM_OK, "%s", err.msg);
+  CHECK(back && back->n_nodes == 1 && back->n_outputs == 1);
+  cm_graph_free(back);
+  back = NULL;
 
   /* Errors carry the path. */
   const char *bad = "{\"format\": \"cmaec.graph/1\", \"outputs\": [\"nothing\"]}";

@@ -333,6 +333,169 @@ static void test_const_data(void) {
   cm_graph_free(g);
 }
 
+/* Initializers are checked where they enter (builder, verifier, every reader) by
+ * the rule cm_init_tensor applies at run time: one rule, one message. */
+static void test_init_checked(void) {
+  int64_t d1[1] = {4}, d2[2] = {4, 8}, d3[3] = {1, 5, 8};
+  struct {
+    cm_dtype dt;
+    int rank;
+    const int64_t *dims;
+    cm_init init;
+    const char *expect; /* NULL: accepted */
+  } cases[] = {
+      {CM_F32, 1, d1, {CM_INIT_NORMAL, 0, -1}, "init normal: std must be >= 0, got -1"},
+      {CM_F32, 1, d1, {CM_INIT_TRUNC_NORMAL, 0, -0.5}, "std must be >= 0, got -0.5"},
+      {CM_F32, 1, d1, {CM_INIT_UNIFORM, 1, 0}, "init uniform: low 1 > high 0"},
+      {CM_F32, 1, d1, {CM_INIT_SINCOS_2D, 0, 0}, "init sincos_2d needs a float [..., rows, D]"},
+      {CM_F32, 3, d3, {CM_INIT_SINCOS_2D, 0, 0}, "needs rows = cls (0) + a square grid"},
+      {CM_F32, 3, d3, {CM_INIT_SINCOS_2D, 1, 0}, NULL},
+      {CM_F32, 1, d1, {CM_INIT_XAVIER_UNIFORM, 1, 0}, "init xavier_uniform needs rank >= 2"},
+      {CM_F32, 2, d2, {CM_INIT_XAVIER_UNIFORM, 1, 0}, NULL},
+      {CM_F32, 1, d1, {CM_INIT_TORCH_DEFAULT, 0, 0}, "needs fan_in"},
+      {CM_F32, 1, d1, {CM_INIT_TORCH_DEFAULT, 8, 0}, NULL},
+      {CM_F32, 1, d1, {CM_INIT_NORMAL, INFINITY, 1}, "parameters must be finite"},
+      {CM_I32, 1, d1, {CM_INIT_NORMAL, 0, 1}, "init normal needs a float dtype, got i32[4]"},
+      {CM_I32, 1, d1, {CM_INIT_ONES, 0, 0}, NULL},
+      {CM_F32, 1, d1, {CM_INIT_NONE, 0, 0}, NULL},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    /* the builder (a state: params must be float) */
+    cm_graph *g = cm_graph_new();
+    int s = cm_state(g, "s", cases[i].dt, cases[i].rank, cases[i].dims, cases[i].init);
+    if (cases[i].expect) {
+      CHECK_MSG(s < 0 && cm_graph_error(g), "case %zu accepted", i);
+      if (cm_graph_error(g)) {
+        CHECK_STR_CONTAINS(cm_graph_error(g), "\"s\" (state): ");
+        CHECK_STR_CONTAINS(cm_graph_error(g), cases[i].expect);
+      }
+    } else {
+      CHECK_MSG(s >= 0, "case %zu: %s", i, cm_graph_error(g));
+    }
+    cm_graph_free(g);
+    /* the verifier, on a node changed after it was built */
+    g = cm_graph_new();
+    int z =
+        cm_state(g, "z", cases[i].dt, cases[i].rank, cases[i].dims, (cm_init){CM_INIT_ZEROS, 0, 0});
+    CHECK(z >= 0);
+    if (z >= 0) g->nodes[z].attrs.init = cases[i].init;
+    cm_err err = {0};
+    cm_status st = cm_graph_verify(g, &err);
+    CHECK_MSG(st == (cases[i].expect ? CM_EINVALID : CM_OK), "case %zu: %s", i, err.msg);
+    if (cases[i].expect && st) CHECK_STR_CONTAINS(err.msg, cases[i].expect);
+    /* the run-time rule agrees */
+    if (cases[i].init.kind != CM_INIT_NONE) {
+      cm_tensor t;
+      CHECK(cm_tensor_alloc(&t, cm_type_make(cases[i].dt, cases[i].rank, cases[i].dims), NULL) ==
+            CM_OK);
+      st = cm_init_tensor(&t, &cases[i].init, 0, "s", &err);
+      CHECK_MSG(st == (cases[i].expect ? CM_EINVALID : CM_OK), "case %zu: %s", i, err.msg);
+      if (cases[i].expect && st) CHECK_STR_CONTAINS(err.msg, cases[i].expect);
+      cm_tensor_free(&t);
+    }
+    cm_graph_free(g);
+  }
+}
+
+/* Values enter the graph as doubles (const value and data, pad value, init
+ * constant); one outside its dtype is an error where it enters, not a value the
+ * backends round each their own way (i32 3e9: INT_MAX on the oracle, wrapped on
+ * the CPU). Floats take any double (rounded to the dtype, NaN and inf kept). */
+static void test_values_checked(void) {
+  struct {
+    cm_dtype dt;
+    double v;
+    const char *expect; /* NULL: accepted */
+  } cases[] = {
+      {CM_I32, 3e9, "value 3000000000 is outside i32"},
+      {CM_I32, -2147483649.0, "value -2147483649 is outside i32"},
+      {CM_I32, NAN, "value nan is outside i32"},
+      {CM_I32, 1.5, "value 1.5 is outside i32"},
+      {CM_I32, INFINITY, "value inf is outside i32"},
+      {CM_I64, 1e19, "value 1e+19 is outside i64"},
+      {CM_I64, 9223372036854775808.0, "e+18 is outside i64"},
+      {CM_BOOL, 2, "value 2 is outside bool"},
+      {CM_BOOL, 0.5, "value 0.5 is outside bool"},
+      {CM_BOOL, -1, "value -1 is outside bool"},
+      {CM_I32, 2147483647.0, NULL},
+      {CM_I32, -2147483648.0, NULL},
+      {CM_I64, -9223372036854775808.0, NULL},
+      {CM_I64, 4611686018427387904.0, NULL},
+      {CM_BOOL, 1, NULL},
+      {CM_BOOL, -0.0, NULL},
+      {CM_F32, 1e300, NULL},
+      {CM_F16, NAN, NULL},
+      {CM_BF16, -INFINITY, NULL},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    const char *want = cases[i].expect;
+    int64_t d2[1] = {2};
+    /* const value */
+    cm_graph *g = cm_graph_new();
+    int c = cm_const_fill(g, "c", cases[i].dt, 1, d2, cases[i].v);
+    CHECK_MSG((c >= 0) == !want, "case %zu: %s", i, cm_graph_error(g));
+    if (want && cm_graph_error(g)) CHECK_STR_CONTAINS(cm_graph_error(g), want);
+    cm_graph_free(g);
+    /* const data: the element is named */
+    g = cm_graph_new();
+    double data[2] = {0, cases[i].v};
+    c = cm_const_data(g, "c", cases[i].dt, 1, d2, data);
+    CHECK_MSG((c >= 0) == !want, "case %zu: %s", i, cm_graph_error(g));
+    if (want && cm_graph_error(g)) {
+      CHECK_STR_CONTAINS(cm_graph_error(g), "\"c\" (const): data[1]: ");
+      CHECK_STR_CONTAINS(cm_graph_error(g), strncmp(want, "value ", 6) ? want : want + 6);
+    }
+    cm_graph_free(g);
+    /* pad value, in the input's dtype */
+    g = cm_graph_new();
+    int x = cm_input(g, "x", cases[i].dt, 1, d2);
+    int64_t lo[1] = {1}, hi[1] = {0};
+    int p = cm_pad(g, x, lo, hi, cases[i].v, "p");
+    CHECK_MSG((p >= 0) == !want, "case %zu: %s", i, cm_graph_error(g));
+    if (want && cm_graph_error(g)) CHECK_STR_CONTAINS(cm_graph_error(g), want);
+    cm_graph_free(g);
+    /* init constant of a state, here and in cm_init_tensor */
+    g = cm_graph_new();
+    cm_init init = {CM_INIT_CONSTANT, cases[i].v, 0};
+    int st = cm_state(g, "s", cases[i].dt, 1, d2, init);
+    CHECK_MSG((st >= 0) == !want, "case %zu: %s", i, cm_graph_error(g));
+    if (want && cm_graph_error(g)) {
+      CHECK_STR_CONTAINS(cm_graph_error(g), "init constant: ");
+      CHECK_STR_CONTAINS(cm_graph_error(g), want);
+    }
+    cm_graph_free(g);
+    /* the verifier, on a value changed after the node was built */
+    g = cm_graph_new();
+    c = cm_const_fill(g, "c", cases[i].dt, 1, d2, 0);
+    if (c >= 0) g->nodes[c].attrs.value = cases[i].v;
+    cm_err err = {0};
+    CHECK_MSG((cm_graph_verify(g, &err) == CM_OK) == !want, "case %zu: %s", i, err.msg);
+    if (want) CHECK_STR_CONTAINS(err.msg, want);
+    cm_graph_free(g);
+  }
+  /* value and data are one or the other */
+  cm_graph *g = cm_graph_new();
+  cm_attrs a;
+  cm_attrs_default(&a);
+  double v[2] = {1, 2};
+  a.rank = 1, a.shape[0] = 2, a.data = v, a.n_data = 2, a.value = 3;
+  CHECK_STR_CONTAINS(try_add(g, CM_OP_CONST, "k", NULL, 0, &a), "\"value\" and \"data\"");
+  /* pad sizes past 2^40 are out of range, not "negative" */
+  int64_t d1[1] = {2}, lo[1] = {0}, hi[1] = {(int64_t)1 << 53};
+  int x = cm_input(g, "x", CM_F32, 1, d1);
+  cm_attrs pa;
+  cm_attrs_default(&pa);
+  pa.lo[0] = lo[0], pa.hi[0] = hi[0];
+  const char *msg = try_add(g, CM_OP_PAD, "p", &x, 1, &pa);
+  CHECK_STR_CONTAINS(msg, "padding hi 9007199254740992 on axis 0 is out of range [0, 2^40]");
+  CHECK(strstr(msg, ">= 0") == NULL);
+  pa.hi[0] = -1;
+  CHECK_STR_CONTAINS(try_add(g, CM_OP_PAD, "p", &x, 1, &pa),
+                     "padding hi -1 on axis 0 is out of range [0, 2^40]");
+  cm_graph_free(g);
+}
+
 TEST_MAIN(TEST(test_dtypes), TEST(test_bf16), TEST(test_f16), TEST(test_round_to_dtype),
           TEST(test_op_table), TEST(test_inference), TEST(test_builder_sticky_and_bcast),
-          TEST(test_many_nodes_and_clone), TEST(test_const_data))
+          TEST(test_many_nodes_and_clone), TEST(test_const_data), TEST(test_init_checked),
+          TEST(test_values_checked))

@@ -274,6 +274,7 @@ static double run_case(const cm_graph *g0, const char *what, bool no_templates, 
       if (kb->kind == CM_KBUF_ARENA) bufs[b] = arena + kb->offset;
       if (kb->kind == CM_KBUF_SCRATCH) bufs[b] = scratch + kb->offset;
       if (kb->kind == CM_KBUF_SOURCE) bufs[b] = live[kb->node].data;
+      if (kb->kind == CM_KBUF_STATUS) bufs[b] = consts[b] = calloc((size_t)kb->numel, 8);
       if (kb->kind == CM_KBUF_CONST) {
         const cm_node *cn = &g->nodes[kb->node];
         consts[b] = malloc(cm_dtype_size(kb->dtype) * (size_t)kb->numel + 8);

@@ -281,13 +281,19 @@ static void test_fills_all_dtypes(void) {
   for (int dt = 0; dt < CM_DTYPE_COUNT; dt++) {
     cm_tensor t = make((cm_dtype)dt, 2, dims);
     memset(t.data, 0x5a, cm_type_nbytes(&t.type)); /* garbage the fill must overwrite */
-    cm_init z = {CM_INIT_ZEROS, 0, 0}, o = {CM_INIT_ONES, 0, 0}, c = {CM_INIT_CONSTANT, -7.75, 0};
+    /* a constant must be a value of the dtype: -7.75 is no i32 (nor a bool) */
+    double want = cm_dtype_is_float((cm_dtype)dt) ? -7.75 : dt == CM_BOOL ? 1.0 : -7.0;
+    cm_init z = {CM_INIT_ZEROS, 0, 0}, o = {CM_INIT_ONES, 0, 0}, c = {CM_INIT_CONSTANT, want, 0};
     CHECK(cm_init_tensor(&t, &z, 1, "t", &err) == CM_OK);
     for (int i = 0; i < 15; i++) CHECK(cm_tensor_get_f64(&t, i) == 0.0);
     CHECK(cm_init_tensor(&t, &o, 1, "t", &err) == CM_OK);
     for (int i = 0; i < 15; i++) CHECK(cm_tensor_get_f64(&t, i) == 1.0);
     CHECK(cm_init_tensor(&t, &c, 1, "t", &err) == CM_OK);
-    double want = cm_dtype_is_float((cm_dtype)dt) ? -7.75 : dt == CM_BOOL ? 1.0 : -7.0;
+    cm_init frac = {CM_INIT_CONSTANT, -7.75, 0};
+    cm_status fst = cm_init_tensor(&t, &frac, 1, "t", &err);
+    CHECK(fst == (cm_dtype_is_float((cm_dtype)dt) ? CM_OK : CM_EINVALID));
+    if (fst) CHECK_STR_CONTAINS(err.msg, "\"t\": init constant: value -7.75 is outside");
+    CHECK(cm_init_tensor(&t, &c, 1, "t", &err) == CM_OK);
     for (int i = 0; i < 15; i++)
       CHECK_MSG(cm_tensor_get_f64(&t, i) == want, "%s: %g", cm_dtype_name((cm_dtype)dt),
                 cm_tensor_get_f64(&t, i));

@@ -379,6 +379,12 @@ static void test_lenient_input(void) {
   free(out);
   cm_graph_free(g);
 
+  /* a UTF-8 byte-order mark before the first line is skipped */
+  CHECK_MSG(cm_graph_parse("\xef\xbb\xbfx: f32[2] = input\noutputs(x)\n", &g, &err) == CM_OK, "%s",
+            err.msg);
+  CHECK(g && g->n_nodes == 1);
+  cm_graph_free(g);
+
   /* a node may be named "outputs"; an empty graph is one outputs() line */
   CHECK(cm_graph_parse("outputs: f32[1] = input\noutputs(outputs)\n", &g, &err) == CM_OK);
   CHECK(g && g->n_nodes == 1 && g->n_outputs == 1);
@@ -475,6 +481,23 @@ static void test_malformed(void) {
       {"x: f32[4,8] = input\noutputs(x)\ny: f32[4,8] = exp(x)\n", "line 3:1: nothing may follow"},
       /* a reference to a later line (SSA) */
       {"y: f32[4,8] = exp(x)\nx: f32[4,8] = input\noutputs(y)\n", "no value named \"x\""},
+      /* values outside their dtype; value and data together */
+      {"c: i32[] = const {value=3e9}\noutputs(c)\n",
+       "line 1: \"c\" (const): value 3000000000 is outside i32"},
+      {"c: i64[2] = const {data=[0, 1e19]}\noutputs(c)\n",
+       "line 1: \"c\" (const): data[1]: 1e+19 is outside i64"},
+      {"c: bool[] = const {value=0.5}\noutputs(c)\n", "value 0.5 is outside bool"},
+      {"c: i32[] = const {value=nan}\noutputs(c)\n", "value nan is outside i32"},
+      {"c: f32[2] = const {value=1, data=[1,2]}\noutputs(c)\n",
+       "line 1:29: \"value\" and \"data\" are both given"},
+      {"c: f32[2] = const {data=[1,2], value=0}\noutputs(c)\n", "are both given"},
+      {"s: i32[] = state {init=constant(value=1.5)}\noutputs(s)\n",
+       "line 1: \"s\" (state): init constant: value 1.5 is outside i32"},
+      {"x: f32[2] = input\np: f32[2] = pad(x) {hi=[9007199254740992]}\noutputs(p)\n",
+       "padding hi 9007199254740992 on axis 0 is out of range [0, 2^40]"},
+      /* initializers: the rule run applies */
+      {"w: f32[4] = param {init=normal(std=-1)}\noutputs(w)\n",
+       "line 1: \"w\" (param): init normal: std must be >= 0, got -1"},
       /* inference errors from the builder keep the line */
       {"x: f32[4,8] = input\ny: f32[4,8] = slice(x) {stop=[5,8]}\noutputs(y)\n",
        "line 2: \"y\" (slice): f32[4,8]: axis 0"},
@@ -493,6 +516,35 @@ static void test_malformed(void) {
     CHECK_MSG(strchr(err.msg, '\n') == NULL, "case %d: message has a newline", i);
     if (st == CM_OK) cm_graph_free(g);
   }
+}
+
+/* A text is verified as a whole graph, as graph JSON is: rules that no single
+ * line breaks (one assign per state) are errors naming the line, and what parses
+ * verifies. */
+static void test_whole_graph_verified(void) {
+  const char *twice = "s: f32[2] = state {init=zeros}\n"
+                      "x: f32[2] = input\n"
+                      "a1: f32[2] = assign(s, x)\n"
+                      "a2: f32[2] = assign(s, x)\n"
+                      "outputs(a1, a2)\n";
+  static cm_graph sentinel;
+  cm_graph *g = &sentinel;
+  cm_err err = {0};
+  CHECK(cm_graph_parse(twice, &g, &err) == CM_EINVALID);
+  CHECK(g == NULL);
+  CHECK_STR_CONTAINS(err.msg, "line 4: \"a2\" (assign): \"s\" is already assigned by \"a1\"");
+  CHECK(strchr(err.msg, '\n') == NULL);
+  /* one assign per target is fine, and a parsed graph always verifies */
+  const char *once = "s: f32[2] = state {init=zeros}\n"
+                     "t: f32[2] = state {init=zeros}\n"
+                     "x: f32[2] = input\n"
+                     "a1: f32[2] = assign(s, x)\n"
+                     "a2: f32[2] = assign(t, x)\n"
+                     "outputs(a1, a2)\n";
+  g = NULL;
+  CHECK_MSG(cm_graph_parse(once, &g, &err) == CM_OK, "%s", err.msg);
+  CHECK(g && cm_graph_verify(g, &err) == CM_OK);
+  cm_graph_free(g);
 }
 
 /* Every prefix of a valid text, and single-byte mutations of it, fail cleanly or
@@ -613,4 +665,4 @@ static void test_dot(void) {
 
 TEST_MAIN(TEST(test_every_op_round_trips), TEST(test_builder_names), TEST(test_random_data_exact),
           TEST(test_canonical_text), TEST(test_lenient_input), TEST(test_malformed),
-          TEST(test_truncations_and_mutations), TEST(test_dot))
+          TEST(test_truncations_and_mutations), TEST(test_whole_graph_verified), TEST(test_dot))
