@@ -60,7 +60,10 @@ typedef struct {
  * A test binary's arguments pick what it runs (none: everything):
  *   NAME          the TEST(NAME), all of its cases
  *   NAME:A,B      the TEST(NAME), only its cases A and B (a test asks test_case_wanted("A"))
- * so that one binary can be registered as several ctest entries. An argument
+ *   -NAME         every TEST but NAME (when no argument selects one)
+ * so that one binary can be registered as several ctest entries (the heavy
+ * TESTs one entry each, and "-HEAVY1 -HEAVY2" the rest: a TEST added later
+ * is not left out). Arguments that leave nothing to run exit 2. An argument
  * that names no test, or a case its test never asks about, fails the run:
  * a selection that checks nothing does not pass. */
 #define TEST_MAX_CASES 32
@@ -84,11 +87,6 @@ static inline bool test_case_wanted(const char *name) {
 /* True when the running test was given a case list (NAME:A,B). */
 static inline bool test_cases_selected(void) {
   return test_sel_.list != NULL;
-}
-/* CMAEC_TEST_LONG=1 (scripts/test.sh --long): exhaustive sweeps instead of their fixed sample. */
-static inline bool test_long(void) {
-  const char *e = getenv("CMAEC_TEST_LONG");
-  return e && *e && strcmp(e, "0") != 0;
 }
 
 static inline int test_select_cases_(const char *list) {
@@ -119,30 +117,41 @@ static inline int test_unseen_cases_(const char *test) {
   int main(int argc, char **argv) {                                                                \
     test_case cases[] = {__VA_ARGS__};                                                             \
     int n = (int)(sizeof cases / sizeof cases[0]);                                                 \
+    bool any_positive_ = false;                                                                    \
+    int ran_ = 0;                                                                                  \
     for (int a_ = 1; a_ < argc; a_++) {                                                            \
-      size_t len_ = strcspn(argv[a_], ":");                                                        \
+      const char *arg_ = argv[a_] + (argv[a_][0] == '-');                                          \
+      size_t len_ = strcspn(arg_, ":");                                                            \
       bool known_ = false;                                                                         \
       for (int i = 0; i < n; i++)                                                                  \
-        known_ |= strlen(cases[i].name) == len_ && !memcmp(cases[i].name, argv[a_], len_);         \
-      if (!known_) {                                                                               \
-        fprintf(stderr, "%s: no test \"%.*s\"; tests:", argv[0], (int)len_, argv[a_]);             \
+        known_ |= strlen(cases[i].name) == len_ && !memcmp(cases[i].name, arg_, len_);             \
+      if (!known_ || (argv[a_][0] == '-' && arg_[len_])) {                                         \
+        fprintf(stderr, "%s: no test \"%s\" (NAME, NAME:CASE,... or -NAME); tests:", argv[0],      \
+                argv[a_]);                                                                         \
         for (int i = 0; i < n; i++) fprintf(stderr, " %s", cases[i].name);                         \
         fputc('\n', stderr);                                                                       \
         return 2;                                                                                  \
       }                                                                                            \
+      any_positive_ |= argv[a_][0] != '-';                                                         \
     }                                                                                              \
     for (int i = 0; i < n; i++) {                                                                  \
-      bool run_ = argc < 2;                                                                        \
+      bool run_ = !any_positive_;                                                                  \
       const char *list_ = NULL;                                                                    \
       for (int a_ = 1; a_ < argc; a_++) {                                                          \
-        size_t len_ = strcspn(argv[a_], ":");                                                      \
-        if (strlen(cases[i].name) != len_ || memcmp(cases[i].name, argv[a_], len_)) continue;      \
+        const char *arg_ = argv[a_] + (argv[a_][0] == '-');                                        \
+        size_t len_ = strcspn(arg_, ":");                                                          \
+        if (strlen(cases[i].name) != len_ || memcmp(cases[i].name, arg_, len_)) continue;          \
+        if (argv[a_][0] == '-') {                                                                  \
+          run_ = run_ && any_positive_;                                                            \
+          continue;                                                                                \
+        }                                                                                          \
         run_ = true;                                                                               \
-        list_ = argv[a_][len_] == ':' ? argv[a_] + len_ + 1 : NULL;                                \
+        list_ = arg_[len_] == ':' ? arg_ + len_ + 1 : NULL;                                        \
       }                                                                                            \
       if (!run_) continue;                                                                         \
+      ran_++;                                                                                      \
       if (test_select_cases_(list_) != 0) {                                                        \
-        fprintf(stderr, "%s: bad case list \"%s\" (1..%d names, comma-separated)\n",              \
+        fprintf(stderr, "%s: bad case list \"%s\" (1..%d names, comma-separated)\n",               \
                 cases[i].name, list_, TEST_MAX_CASES);                                             \
         return 2;                                                                                  \
       }                                                                                            \
@@ -150,6 +159,10 @@ static inline int test_unseen_cases_(const char *test) {
       cases[i].fn();                                                                               \
       test_failures += test_unseen_cases_(cases[i].name);                                          \
       fprintf(stderr, "%-40s %s\n", cases[i].name, test_failures == before ? "ok" : "FAILED");     \
+    }                                                                                              \
+    if (ran_ == 0) {                                                                               \
+      fprintf(stderr, "%s: the arguments leave no test to run\n", argv[0]);                        \
+      return 2;                                                                                    \
     }                                                                                              \
     fprintf(stderr, "%d checks, %d failures\n", test_checks, test_failures);                       \
     return test_failures ? 1 : 0;                                                                  \
