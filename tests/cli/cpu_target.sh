@@ -6,7 +6,6 @@ set -u
 cmaec=$1
 root=$2
 . "$root/tests/cli/lib.bash"
-st="python3 $root/tests/cli/st.py"
 export CMAEC_CACHE_DIR="$tmp/cache"
 mlp=("$root/examples/mlp.json" --inputs "$root/examples/mlp_inputs.safetensors")
 
