@@ -415,6 +415,7 @@ static void check_variant(const char *path, const char *const *ov, int n_ov) {
   CHECK_MSG(cm_cpu_target_resolve(NULL, NULL, &target, &err) == CM_OK, "%s", err.msg);
   if (step && !target.runnable) {
     compile_step(step, path);
+    cm_graph_free(step);
   } else if (step) {
     cm_tensor *t = calloc((size_t)step->n_nodes, sizeof *t);
     const cm_tensor **src = calloc((size_t)step->n_nodes, sizeof *src);
