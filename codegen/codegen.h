@@ -30,6 +30,37 @@ void *cm_dlopen_first(const char *const *names, char *why_buf, size_t why_size);
 /* Where NVRTC is looked for, in order (NULL-terminated). */
 extern const char *const cm_nvrtc_library_names[];
 
+/* ---- the CPU target (codegen/cpu_target.c) ------------------------------
+ *
+ * The CPU the LLVM backend generates code for: the host's, or the LLVM CPU
+ * named by $CMAEC_CPU (x86-64 hosts: "x86-64", "x86-64-v2", "x86-64-v3",
+ * "x86-64-v4", "skylake-avx512", "znver3", "znver4", "znver5", ...; unset, ""
+ * or "native": the host). A named CPU brings the features LLVM's X86 target
+ * parser gives it (what clang -march=NAME enables), not the host's; its code
+ * runs here only where the host has every one of them. The JIT, the lowering's
+ * GEMM tiles, the renderer's vector width and the CPU executor all follow it. */
+#define CM_CPU_ENV "CMAEC_CPU"
+typedef struct cm_cpu_target {
+  char cpu[64];        /* the LLVM CPU name */
+  char host_cpu[64];   /* the host's, for messages */
+  char source[96];     /* where the name came from: "CMAEC_CPU=x86-64-v4", "CPU znver4" */
+  bool forced;         /* a named CPU, not the host */
+  int vector_bits;     /* the widest vectors: 512 (AVX-512), 256 (AVX), 128 */
+  bool runnable;       /* the host has every enabled feature */
+  char missing[256];   /* !runnable: the features the host lacks, "avx512f,avx512bw,..." */
+  char features[2048]; /* the enabled features, "+a,+b,..." */
+} cm_cpu_target;
+/* cpu NULL: $CMAEC_CPU. features NULL: the CPU's own (or the host's); else
+ * "+a,-b" applied on top. An unknown name is CM_EINVALID naming where it came
+ * from and every name LLVM knows. */
+cm_status cm_cpu_target_resolve(const char *cpu, const char *features, cm_cpu_target *out,
+                                cm_err *err);
+/* f32 lanes per vector of $CMAEC_CPU's target (the host's when unset or not a
+ * CPU name): the default of the renderer and the lowering. */
+int cm_cpu_target_lanes(void);
+/* CM_EINVALID: "<what>: CMAEC_CPU=X needs F, which this host (H) lacks: ..." */
+cm_status cm_cpu_target_not_runnable(const cm_cpu_target *t, const char *what, cm_err *err);
+
 /* ---- the LLVM JIT (codegen/llvm_jit.c) ---------------------------------- */
 
 /* One ORC LLJIT for the host CPU, with an optional on-disk object cache. Not
@@ -39,10 +70,12 @@ typedef struct cm_jit cm_jit;
 typedef struct cm_jit_opts {
   const char *cache_dir; /* NULL: no disk cache; created (mkdir -p) if missing */
   int opt_level;         /* 0..3: "default<On>" and the code generator's level */
-  const char *cpu;       /* NULL: the host CPU (LLVMGetHostCPUName) */
-  const char *features;  /* NULL: host features if cpu is NULL, else the CPU's defaults */
+  const char *cpu;       /* NULL: $CMAEC_CPU, else the host CPU (cm_cpu_target) */
+  const char *features;  /* NULL: host features for the host, else the CPU's defaults */
   int vector_width;      /* x86: 0 or 512: prefer 512-bit vectors where AVX-512 exists
                             (LLVM tunes Intel cores for 256); 256: prefer 256-bit */
+  bool compile_only;     /* a CPU whose code this host cannot run is accepted (its
+                            objects are made and linked; nothing may call them) */
 } cm_jit_opts;
 typedef struct cm_jit_stats {
   int modules;              /* modules added successfully */
@@ -53,6 +86,7 @@ typedef struct cm_jit_stats {
   double compile_ms;        /* verify + passes + code generation */
   double cache_load_ms;     /* reading and checking cache files on hits */
   double lookup_ms;         /* lookups, including linking objects on first use */
+  int64_t object_bytes;     /* size of the objects added (compiled or loaded) */
 } cm_jit_stats;
 typedef enum cm_jit_text { CM_JIT_TEXT_IR, CM_JIT_TEXT_ASM } cm_jit_text;
 
@@ -68,6 +102,7 @@ cm_status cm_jit_create(cm_jit **out, const cm_jit_opts *opts, cm_err *err); /* 
 void cm_jit_destroy(cm_jit *j);
 LLVMContextRef cm_jit_context(cm_jit *j); /* owned by the JIT */
 const char *cm_jit_target_description(const cm_jit *j);
+const cm_cpu_target *cm_jit_target(const cm_jit *j); /* the CPU it compiles for */
 /* Verifies, optimizes ("default<On>") and compiles the module for the host, or
  * loads its object from the cache (key: BLAKE3 of the IR text, LLVM version,
  * triple, CPU, features, opt level); takes ownership, also on error. */
@@ -458,7 +493,7 @@ typedef struct cm_lower_opts {
   bool no_templates; /* generic loop nests only (for differential tests) */
   int attn_bc;       /* > 0: the key block of attention spans (tests of the streaming
                         template); 0: the lowering's choice */
-} cm_lower_opts;
+} cm_lower_opts;     /* CPU GEMM register tiles follow cm_cpu_target_lanes() */
 
 /* Lowers one group of a scheduled and memory-planned plan (memplan has run:
  * p->offset is set). Every node kind a group can hold is lowered; errors name
@@ -483,7 +518,7 @@ int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target t);
 
 typedef struct cm_llvm_render_opts {
   int vector_width;  /* elements per vector on the innermost axis (f32): 16 with AVX-512,
-                        8 with AVX2; 0: the host's */
+                        8 with AVX2, 4 with SSE; 0: cm_cpu_target_lanes() */
   bool no_templates; /* render GEMM stages as generic loop nests */
 } cm_llvm_render_opts;
 

@@ -1,5 +1,6 @@
 /* codegen/llvm_jit.c — the LLVM JIT of the CPU backend: one ORC LLJIT for the host CPU, modules
- * optimized with the new pass manager and compiled to objects by a host-tuned target machine, and
+ * optimized with the new pass manager and compiled to objects by a target machine tuned for the
+ * host (or the CPU $CMAEC_CPU names), and
  * an optional on-disk cache of those objects keyed by content.
  *
  * Every module takes the same path: verify -> set host triple and data layout -> key -> (cache
@@ -7,12 +8,16 @@
  * to the LLJIT with LLVMOrcLLJITAddObjectFile. So code loaded from the cache is byte for byte what
  * a fresh compile produces. Symbols of the process (libm, libc) resolve in JIT'd code.
  *
+ * The CPU is the host's or the one $CMAEC_CPU names (cm_cpu_target, codegen/cpu_target.c); a
+ * CPU whose features the host lacks is refused unless the JIT is created compile_only.
+ *
  * Cache files: <cache_dir>/<key>.cmobj, key = BLAKE3 (hex) of the length-prefixed fields (format
- * tag, LLVM version, triple, CPU, features, opt level, module IR text after the triple and data
- * layout are set). Content: an 88-byte header (magic "CMJITOB\1", header version, header size,
- * payload size, the key, BLAKE3 of the payload), then the ELF object. A file that fails any check
- * is counted as rejected, recompiled and rewritten. Writes go to a mkstemp file in the same
- * directory, then rename(2): readers in other processes see the old file or the new, never half.
+ * tag, LLVM version, triple, CPU, features (a named CPU's implied features, then the feature
+ * string), opt level, module IR text after the triple and data layout are set). Content: an 88-byte
+ * header (magic "CMJITOB\1", header version, header size, payload size, the key, BLAKE3 of the
+ * payload), then the ELF object. A file that fails any check is counted as rejected, recompiled and
+ * rewritten. Writes go to a mkstemp file in the same directory, then rename(2): readers in other
+ * processes see the old file or the new, never half.
  *
  * The API is declared in codegen/codegen.h.
  */
@@ -47,6 +52,8 @@ struct cm_jit {
   LLVMContextRef context;
   int opt_level;
   char *triple, *cpu, *features, *description, *cache_dir;
+  char *key_features; /* the cache key's features: a named CPU's implied ones, then features */
+  cm_cpu_target target;
   char llvm_version[32];
   char cache_error[512];
   char session_error[512]; /* last error ORC reported outside a call's result (link failures) */
@@ -172,7 +179,7 @@ static void session_error_reporter(void *ctx, LLVMErrorRef e) {
 cm_status cm_jit_create(cm_jit **out, const cm_jit_opts *opts, cm_err *err) {
   if (!out) return cm_errorf(err, CM_EINVALID, "cm_jit_create: no output pointer");
   *out = NULL;
-  cm_jit_opts o = {NULL, 3, NULL, NULL, 0};
+  cm_jit_opts o = {NULL, 3, NULL, NULL, 0, false};
   if (opts) o = *opts;
   if (o.opt_level < 0 || o.opt_level > 3)
     return cm_errorf(err, CM_EINVALID, "cm_jit_create: opt_level %d is not in 0..3", o.opt_level);
@@ -206,12 +213,23 @@ cm_status cm_jit_create(cm_jit **out, const cm_jit_opts *opts, cm_err *err) {
     if (!(j->cache_dir = dup_str(o.cache_dir))) goto oom;
   }
 
+  /* The CPU: o.cpu, else $CMAEC_CPU, else the host. A named CPU gets its own features (an empty
+   * feature string: LLVM's defaults for it), the host its detected ones. */
+  if ((st = cm_cpu_target_resolve(o.cpu, o.features, &j->target, err))) {
+    cm_err_prefix(err, "cm_jit_create: ");
+    goto fail;
+  }
+  if (!j->target.runnable && !o.compile_only) {
+    st = cm_cpu_target_not_runnable(&j->target, "cm_jit_create", err);
+    goto fail;
+  }
   char *def_triple = LLVMGetDefaultTargetTriple();
   j->triple = take_message(LLVMNormalizeTargetTriple(def_triple));
   LLVMDisposeMessage(def_triple);
-  j->cpu = o.cpu ? dup_str(o.cpu) : take_message(LLVMGetHostCPUName());
-  j->features = o.features ? dup_str(o.features)
-                           : (o.cpu ? dup_str("") : take_message(LLVMGetHostCPUFeatures()));
+  j->cpu = j->target.forced ? dup_str(j->target.cpu) : take_message(LLVMGetHostCPUName());
+  j->features = o.features
+                    ? dup_str(o.features)
+                    : (j->target.forced ? dup_str("") : take_message(LLVMGetHostCPUFeatures()));
   if (!j->triple || !j->cpu || !j->features) goto oom;
   if (strncmp(j->triple, "x86_64", 6) == 0) {
     /* The preferred vector width is a tuning feature of the x86 target: in the feature string it
@@ -244,14 +262,25 @@ cm_status cm_jit_create(cm_jit **out, const cm_jit_opts *opts, cm_err *err) {
   }
   j->layout = LLVMCreateTargetDataLayout(j->tm);
 
-  char *en = enabled_features(j->features);
+  /* A named CPU's features are implied by its name, not spelled out in the feature string: the
+   * key lists them anyway, so that objects for two CPUs never share a key. */
+  size_t kn = strlen(j->target.features) + strlen(j->features) + 2;
+  if (!(j->key_features = malloc(kn))) goto oom;
+  if (j->target.forced)
+    snprintf(j->key_features, kn, "%s;%s", j->target.features, j->features);
+  else
+    snprintf(j->key_features, kn, "%s", j->features);
+  char *en = j->target.forced ? dup_str(j->target.features) : enabled_features(j->features);
   if (!en) goto oom;
-  size_t dn = strlen(j->triple) + strlen(j->cpu) + strlen(en) + 32;
+  size_t dn = strlen(j->triple) + strlen(j->cpu) + strlen(en) + 64;
   j->description = malloc(dn);
   if (j->description)
-    snprintf(j->description, dn, "%s %s O%d%s%s%s", j->triple, j->cpu[0] ? j->cpu : "generic",
-             o.opt_level, strstr(j->features, "-prefer-256-bit") ? " vec512" : "", en[0] ? " " : "",
-             en);
+    snprintf(j->description, dn, "%s %s O%d%s%s%s%s", j->triple, j->cpu[0] ? j->cpu : "generic",
+             o.opt_level,
+             strstr(j->features, "-prefer-256-bit") && j->target.vector_bits >= 512 ? " vec512"
+                                                                                    : "",
+             j->target.runnable ? "" : " (compile only: not runnable on this host)",
+             en[0] ? " " : "", en);
   free(en);
   if (!j->description) goto oom;
 
@@ -295,6 +324,7 @@ void cm_jit_destroy(cm_jit *j) {
   free(j->cpu);
   free(j->features);
   free(j->description);
+  free(j->key_features);
   free(j->cache_dir);
   free(j);
 }
@@ -305,6 +335,10 @@ LLVMContextRef cm_jit_context(cm_jit *j) {
 
 const char *cm_jit_target_description(const cm_jit *j) {
   return j ? j->description : "";
+}
+
+const cm_cpu_target *cm_jit_target(const cm_jit *j) {
+  return j ? &j->target : NULL;
 }
 
 void cm_jit_get_stats(const cm_jit *j, cm_jit_stats *out) {
@@ -369,7 +403,7 @@ static void prepare_module(cm_jit *j, LLVMModuleRef m) {
 
 static void module_key_bytes(cm_jit *j, LLVMModuleRef m, uint8_t out[LLVM_BLAKE3_OUT_LEN]) {
   char *ir = LLVMPrintModuleToString(m);
-  key_bytes(ir, j->llvm_version, j->triple, j->cpu, j->features, j->opt_level, out);
+  key_bytes(ir, j->llvm_version, j->triple, j->cpu, j->key_features, j->opt_level, out);
   LLVMDisposeMessage(ir);
 }
 
@@ -625,6 +659,7 @@ cm_status cm_jit_add_module(cm_jit *j, LLVMModuleRef module, cm_err *err) {
   } else {
     j->stats.cache_hits++;
   }
+  size_t obj_size = LLVMGetBufferSize(obj);
   LLVMErrorRef e = LLVMOrcLLJITAddObjectFile(j->lljit, LLVMOrcLLJITGetMainJITDylib(j->lljit),
                                              obj); /* owns obj */
   obj = NULL;
@@ -633,6 +668,7 @@ cm_status cm_jit_add_module(cm_jit *j, LLVMModuleRef module, cm_err *err) {
     goto done;
   }
   j->stats.modules++;
+  j->stats.object_bytes += (int64_t)obj_size;
 done:
   if (obj) LLVMDisposeMemoryBuffer(obj);
   free(path);

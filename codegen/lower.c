@@ -289,12 +289,10 @@ static void gemm_tiles(cm_kstage *s, const cm_lower_opts *o) {
     t = (cm_kgemm_tiles){64, 64, 16, 32, 32};
   } else {
     /* a 6 x 64 register block (24 zmm accumulators) measured best on AVX-512;
-       6 x 16 with AVX2's 16 registers */
-    bool avx512 = false;
-#if defined(__x86_64__) || defined(__i386__)
-    avx512 = __builtin_cpu_supports("avx512f");
-#endif
-    t = avx512 ? (cm_kgemm_tiles){240, 512, 128, 6, 64} : (cm_kgemm_tiles){240, 256, 128, 6, 16};
+       6 x 2 vectors with AVX2's (or SSE's) 16 registers */
+    int W = cm_cpu_target_lanes(); /* the renderer's, also under $CMAEC_CPU */
+    t = W >= 16 ? (cm_kgemm_tiles){240, 512, 128, 6, 64}
+                : (cm_kgemm_tiles){240, 256, 128, 6, W >= 8 ? 16 : 2 * W};
   }
   int64_t M = s->dom[s->n_dom - 2], Nn = s->dom[s->n_dom - 1], K = s->red[0];
   /* one kc slice (K <= 512, below): a B panel of up to 1 MiB (K x nc floats, nc

@@ -2778,14 +2778,6 @@ static void render_nothing(rctx *c, const char *fname) {
   end_function(c, done);
 }
 
-static int host_width(void) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return 16;
-#endif
-  return 8;
-}
-
 /* The tiles a GEMM stage renders with: the stage's when set, else defaults
  * (6 x 4 zmm accumulators with AVX-512, measured best on the AVX-512 host;
  * 6 x 2 vectors otherwise, which fits 16 registers). */
@@ -2831,7 +2823,7 @@ cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_rend
   c.i32 = LLVMInt32TypeInContext(c.C);
   c.i64 = LLVMInt64TypeInContext(c.C);
   c.ptr = LLVMPointerTypeInContext(c.C, 0);
-  c.W = o && o->vector_width > 0 ? o->vector_width : host_width();
+  c.W = o && o->vector_width > 0 ? o->vector_width : cm_cpu_target_lanes();
   if (c.W != 4 && c.W != 8 && c.W != 16 && c.W != 32)
     return cm_errorf(err, CM_EINVALID, "cm_render_llvm: kernel %s: vector_width %d is not 4..32",
                      k->name, c.W);

@@ -44,9 +44,11 @@ struct cm_cpu_program {
   int *out_id;    /* per output of g: its node in rg */
   int *orig_of;   /* per node of rg: the node of g with the same name (sources), or -1 */
   char **src_ptr; /* per node of rg: bound source data during a run */
-  int threads, W;
+  int threads, W; /* W: the f32 lanes the renderer is told to use (the target CPU's), so that
+                     the work-item and workspace figures below match the rendered GEMM tiles */
   bool profile, gemm;
-  int64_t **items; /* per kernel, per stage: work items */
+  cm_cpu_target target; /* the host, or $CMAEC_CPU's CPU; run refuses one the host cannot run */
+  int64_t **items;      /* per kernel, per stage: work items */
   cm_cpu_stats stats;
   cm_kernel_profile *prof;
   char (*keys)[65];        /* per kernel: the content key of its rendered module */
@@ -60,16 +62,6 @@ static double now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
-/* The vector width the renderer is told to use, so that the work-item and
- * workspace figures below match the rendered GEMM tiles. */
-static int host_width(void) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return 16;
-#endif
-  return 8;
 }
 
 static cm_kgemm_tiles tiles_of(const cm_kstage *s, int W) {
@@ -192,8 +184,8 @@ static void *aligned(int64_t bytes) {
   return p;
 }
 
-cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
-                               cm_cpu_program **out, cm_err *err) {
+static cm_status build(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
+                       bool compile_only, cm_cpu_program **out, cm_err *err) {
   *out = NULL;
   cm_cpu_opts defaults = {0};
   if (!opts) opts = &defaults;
@@ -201,10 +193,15 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
   if (!pr) return cm_errorf(err, CM_EINTERNAL, "out of memory");
   pr->g = g;
   pr->profile = opts->profile;
-  pr->W = host_width();
   pr->gemm = !opts->no_templates;
   cm_status st = resolve_threads(opts, &pr->threads, err);
   if (st != CM_OK) goto fail;
+  if ((st = cm_cpu_target_resolve(NULL, NULL, &pr->target, err)) != CM_OK) goto fail;
+  if (!pr->target.runnable && !compile_only) {
+    st = cm_cpu_target_not_runnable(&pr->target, "cpu backend", err);
+    goto fail;
+  }
+  pr->W = pr->target.vector_bits / 32;
   const cm_plan *p = plan;
   if (!plan) {
     cm_pass_state s = {cm_graph_clone(g), NULL};
@@ -291,6 +288,8 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
   jo.cache_dir = cache_dir_of(opts, cbuf, sizeof cbuf);
   jo.opt_level = opts->opt_level > 0 ? opts->opt_level : 3;
   jo.vector_width = pr->W == 16 ? 512 : 0;
+  jo.cpu = pr->target.forced ? pr->target.cpu : NULL;
+  jo.compile_only = compile_only;
   st = cm_jit_create(&pr->jit, &jo, err);
   if (st != CM_OK) goto fail;
   cm_llvm_render_opts ro = {pr->W, opts->no_templates};
@@ -483,6 +482,10 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
   cm_jit_get_stats(pr->jit, &js);
   pr->stats.cache_hits = js.cache_hits;
   pr->stats.cache_misses = js.cache_misses;
+  pr->stats.jit_modules = js.modules;
+  pr->stats.object_bytes = js.object_bytes;
+  pr->stats.vector_bits = pr->target.vector_bits;
+  pr->stats.runnable = pr->target.runnable;
   pr->stats.arena_bytes = pr->kp.arena_bytes;
   pr->stats.scratch_bytes = pr->kp.max_scratch_bytes;
   pr->stats.workspace_bytes = pr->ws_stride * pr->threads;
@@ -492,6 +495,16 @@ cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_
 fail:
   cm_cpu_program_free(pr);
   return st;
+}
+
+cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
+                               cm_cpu_program **out, cm_err *err) {
+  return build(g, plan, opts, false, out, err);
+}
+
+cm_status cm_cpu_program_compile(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
+                                 cm_cpu_program **out, cm_err *err) {
+  return build(g, plan, opts, true, out, err);
 }
 
 const cm_graph *cm_cpu_program_graph(const cm_cpu_program *pr) {
@@ -560,6 +573,7 @@ static cm_status index_error(const cm_cpu_program *pr, const cpu_check *c, cm_er
 
 cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
                              cm_err *err) {
+  if (!pr->target.runnable) return cm_cpu_target_not_runnable(&pr->target, "cpu backend", err);
   const cm_graph *rg = pr->rg, *g = pr->g;
   for (int i = 0; i < rg->n_nodes; i++) {
     int o = pr->orig_of[i];

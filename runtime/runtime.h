@@ -41,6 +41,10 @@ typedef struct cm_cpu_stats {
   int cache_hits, cache_misses;
   int64_t arena_bytes, scratch_bytes, workspace_bytes;
   int threads;
+  int jit_modules;      /* modules compiled or loaded: one per distinct kernel */
+  int64_t object_bytes; /* their objects' size */
+  int vector_bits;      /* of the target CPU (cm_cpu_target) */
+  bool runnable;        /* false: built compile_only for a CPU this host cannot run */
 } cm_cpu_stats;
 
 /* Builds the program for g (which must verify) from its plan; when plan is
@@ -48,6 +52,11 @@ typedef struct cm_cpu_stats {
  * of g first (the program keeps what it needs; g must outlive it). */
 cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
                                cm_cpu_program **out, cm_err *err);
+/* Builds refuse a $CMAEC_CPU whose features this host lacks (cm_cpu_target);
+ * cm_cpu_program_compile builds for it all the same (every kernel compiled and
+ * linked, stats filled), and then cm_cpu_program_run refuses to run it. */
+cm_status cm_cpu_program_compile(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
+                                 cm_cpu_program **out, cm_err *err);
 void cm_cpu_program_free(cm_cpu_program *pr);
 /* The graph the program runs (g itself, or the optimized copy when built
  * without a plan: its node ids differ, its sources and outputs keep their names). */

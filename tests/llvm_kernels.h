@@ -12,7 +12,7 @@
 #include <string.h>
 
 static inline cm_jit *test_new_jit(void) {
-  cm_jit_opts o = {NULL, 3, NULL, NULL, 512};
+  cm_jit_opts o = {NULL, 3, NULL, NULL, 512, false};
   cm_jit *j = NULL;
   cm_err err = {0};
   cm_status st = cm_jit_create(&j, &o, &err);

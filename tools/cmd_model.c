@@ -577,12 +577,14 @@ static const char usage_compile[] =
     "default pass pipeline, lowers every kernel to the kernel IR and renders it for the\n"
     "target. --emit is a comma-separated list (default: the target's code and stats):\n"
     "  kir    DIR/kernels.kir         the kernel IR\n"
-    "  llvm   DIR/kernels.ll, .opt.ll, .s  LLVM IR as rendered, after O3, host assembly (cpu)\n"
+    "  llvm   DIR/kernels.ll, .opt.ll, .s  LLVM IR as rendered, after O3, assembly (cpu)\n"
     "  cuda   DIR/kernels.cu, kernels.ARCH.cubin  CUDA C and its CUBIN from NVRTC (cuda)\n"
     "  stats  DIR/stats.tsv           one row per stage: kernel, kind, template, domain,\n"
     "                                 reduction, work items, FLOPs; with cuda also registers,\n"
     "                                 shared memory, stack and spill bytes from ptxas\n"
-    "--arch (cuda) defaults to sm_90. The CUBIN needs NVRTC (no GPU).\n";
+    "--arch (cuda) defaults to sm_90. The CUBIN needs NVRTC (no GPU).\n"
+    "--target cpu compiles for the host CPU, or for the LLVM CPU named by CMAEC_CPU\n"
+    "(x86-64-v3, x86-64-v4, skylake-avx512, znver4, ...), which need not be this host's.\n";
 
 typedef struct emit_set {
   bool kir, llvm, cuda, stats;
@@ -749,6 +751,13 @@ int cmd_compile(int argc, char **argv) {
     rc = EXIT_INVALID;
     goto done;
   }
+  if (target == CM_TARGET_CPU) { /* a bad CMAEC_CPU is reported before any work */
+    cm_cpu_target ct;
+    if (cm_cpu_target_resolve(NULL, NULL, &ct, &err)) {
+      rc = cli_report(&err, "cmaec compile");
+      goto done;
+    }
+  }
   const char *path = pos[0];
   if ((rc = compile_input(&mc, path, batch, &g, &plan))) goto done;
   if (mkdir(dir, 0777) != 0 && errno != EEXIST) {
@@ -783,7 +792,7 @@ int cmd_compile(int argc, char **argv) {
     if (rc) goto done;
   }
   if (emit.llvm) {
-    cm_jit_opts jo = {NULL, 3, NULL, NULL, 512};
+    cm_jit_opts jo = {NULL, 3, NULL, NULL, 512, true}; /* $CMAEC_CPU may name any CPU */
     if (cm_jit_create(&jit, &jo, &err)) {
       rc = cli_report(&err, "cmaec compile");
       goto done;

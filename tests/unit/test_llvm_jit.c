@@ -1,6 +1,7 @@
 /* tests/unit/test_llvm_jit.c — the LLVM JIT (codegen/llvm_jit.c): host target, O3 compile and
  * AVX-512 vectorization of an axpy loop built with the LLVM C API, lookups and their errors,
- * invalid modules, and the object cache (hit/miss, key components, corrupted files). */
+ * invalid modules, the object cache (hit/miss, key components, corrupted files), and CPUs named
+ * by CMAEC_CPU (codegen/cpu_target.c: vector width, cache key, unknown names, compile only). */
 #include "codegen/codegen.h"
 #include "tests/test.h"
 
@@ -159,17 +160,17 @@ static void test_create_and_description(void) {
   fprintf(stderr, "  target: %.160s...\n", d);
   cm_jit_destroy(j);
 
-  cm_jit_opts bad = {NULL, 4, NULL, NULL, 0};
+  cm_jit_opts bad = {NULL, 4, NULL, NULL, 0, false};
   CHECK(cm_jit_create(&j, &bad, &err) == CM_EINVALID);
   CHECK(j == NULL);
   CHECK_STR_CONTAINS(err.msg, "opt_level 4");
-  cm_jit_opts width = {NULL, 3, NULL, NULL, 128};
+  cm_jit_opts width = {NULL, 3, NULL, NULL, 128, false};
   CHECK(cm_jit_create(&j, &width, &err) == CM_EINVALID);
   CHECK_STR_CONTAINS(err.msg, "vector_width 128");
-  cm_jit_opts empty = {"", 3, NULL, NULL, 0};
+  cm_jit_opts empty = {"", 3, NULL, NULL, 0, false};
   CHECK(cm_jit_create(&j, &empty, &err) == CM_EINVALID);
   CHECK_STR_CONTAINS(err.msg, "cache_dir");
-  cm_jit_opts under_file = {"/proc/self/status/cache", 3, NULL, NULL, 0};
+  cm_jit_opts under_file = {"/proc/self/status/cache", 3, NULL, NULL, 0, false};
   CHECK(cm_jit_create(&j, &under_file, &err) == CM_EINVALID);
   CHECK_STR_CONTAINS(err.msg, "/proc/self/status/cache");
   CHECK(j == NULL);
@@ -220,7 +221,7 @@ static void test_axpy_o3_vectorized(void) {
   cm_jit_destroy(j);
 
   /* vector_width 256: the same loop with 256-bit vectors only. */
-  cm_jit_opts o256 = {NULL, 3, NULL, NULL, 256};
+  cm_jit_opts o256 = {NULL, 3, NULL, NULL, 256, false};
   CHECK(cm_jit_create(&j, &o256, &err) == CM_OK);
   if (!j) return;
   CHECK(strstr(cm_jit_target_description(j), "vec512") == NULL);
@@ -239,7 +240,7 @@ static void test_other_context_and_levels(void) {
   /* A module from the caller's own context, at every optimization level. */
   LLVMContextRef ctx = LLVMContextCreate();
   for (int level = 0; level <= 3; level++) {
-    cm_jit_opts o = {NULL, level, NULL, NULL, 0};
+    cm_jit_opts o = {NULL, level, NULL, NULL, 0, false};
     cm_jit *j = NULL;
     cm_err err = {0};
     CHECK(cm_jit_create(&j, &o, &err) == CM_OK);
@@ -507,21 +508,21 @@ static void test_cache_hits_and_misses(void) {
   if (!cache_root[0]) return;
   char dir[512];
   snprintf(dir, sizeof dir, "%s/nested/objects", cache_root); /* created by cm_jit_create */
-  cm_jit_opts o3 = {dir, 3, NULL, NULL, 0};
+  cm_jit_opts o3 = {dir, 3, NULL, NULL, 0, false};
   EXPECT(&o3, 0, 0, 1, 0); /* first time: compiled and stored */
   EXPECT(&o3, 0, 1, 0, 0); /* same IR in a new JIT: loaded */
   EXPECT(&o3, 7, 0, 1, 0); /* different IR: compiled */
   EXPECT(&o3, 8, 0, 1, 0); /* different constant, different IR */
   EXPECT(&o3, 7, 1, 0, 0);
-  cm_jit_opts o2 = {dir, 2, NULL, NULL, 0};
+  cm_jit_opts o2 = {dir, 2, NULL, NULL, 0, false};
   EXPECT(&o2, 0, 0, 1, 0); /* same IR, another opt level */
   EXPECT(&o2, 0, 1, 0, 0);
-  cm_jit_opts v3 = {dir, 3, "x86-64-v3", NULL, 0};
+  cm_jit_opts v3 = {dir, 3, "x86-64-v3", NULL, 0, false};
   EXPECT(&v3, 0, 0, 1, 0); /* same IR, another CPU */
-  cm_jit_opts v3f = {dir, 3, "x86-64-v3", "-fma", 0};
+  cm_jit_opts v3f = {dir, 3, "x86-64-v3", "-fma", 0, false};
   EXPECT(&v3f, 0, 0, 1, 0); /* same IR and CPU, other features */
   EXPECT(&v3f, 0, 1, 0, 0);
-  cm_jit_opts w256 = {dir, 3, NULL, NULL, 256};
+  cm_jit_opts w256 = {dir, 3, NULL, NULL, 256, false};
   EXPECT(&w256, 0, 0, 1, 0); /* same IR, host CPU, 256-bit vectors */
   int tmp = 0;
   CHECK(count_files(dir, &tmp) == 7);
@@ -546,7 +547,7 @@ static void test_cache_corruption(void) {
   make_cache_root();
   CHECK(cache_root[0] != 0);
   if (!cache_root[0]) return;
-  cm_jit_opts o = {cache_root, 3, NULL, NULL, 0};
+  cm_jit_opts o = {cache_root, 3, NULL, NULL, 0, false};
   EXPECT(&o, 0, 0, 1, 0);
   char path[600];
   axpy_cache_file(&o, path, sizeof path);
@@ -615,7 +616,7 @@ static void test_cache_corruption(void) {
   {
     char gone[600];
     snprintf(gone, sizeof gone, "%s/gone", cache_root);
-    cm_jit_opts og = {gone, 3, NULL, NULL, 0};
+    cm_jit_opts og = {gone, 3, NULL, NULL, 0, false};
     cm_jit *j = NULL;
     cm_err err = {0};
     CHECK(cm_jit_create(&j, &og, &err) == CM_OK);
@@ -645,7 +646,7 @@ static void test_cache_several_processes(void) {
   make_cache_root();
   CHECK(cache_root[0] != 0);
   if (!cache_root[0]) return;
-  cm_jit_opts o = {cache_root, 1, NULL, NULL, 0};
+  cm_jit_opts o = {cache_root, 1, NULL, NULL, 0, false};
   enum { PROCS = 3, KERNELS = 12 };
   pid_t pids[PROCS];
   for (int p = 0; p < PROCS; p++) {
@@ -679,7 +680,7 @@ static void test_cache_timing(void) {
   CHECK(cache_root[0] != 0);
   if (!cache_root[0]) return;
   double best_fresh = 1e30, best_cached = 1e30, best_fresh_compile = 1e30, best_load = 1e30;
-  cm_jit_opts o = {cache_root, 3, NULL, NULL, 0};
+  cm_jit_opts o = {cache_root, 3, NULL, NULL, 0, false};
   for (int rep = 0; rep < 5; rep++) {
     for (int pass = 0; pass < 2; pass++) {
       if (pass == 0) { /* empty the cache: fresh */
@@ -720,7 +721,170 @@ static void test_cache_timing(void) {
   remove_tree(cache_root);
 }
 
+/* ---- CMAEC_CPU: a named target CPU ----------------------------------------------------- */
+
+#if defined(__x86_64__)
+/* The axpy loop's assembly under the JIT as created now (CMAEC_CPU set by the caller). */
+static char *axpy_asm(cm_jit *j) {
+  LLVMModuleRef m = build_axpy(cm_jit_context(j), "axpy");
+  char *text = NULL;
+  cm_err err = {0};
+  CHECK_MSG(cm_jit_render(j, m, CM_JIT_TEXT_ASM, &text, &err) == CM_OK, "%s", err.msg);
+  LLVMDisposeModule(m);
+  return text;
+}
+
+static void axpy_key(cm_jit *j, char key[65]) {
+  LLVMModuleRef m = build_axpy(cm_jit_context(j), "axpy");
+  cm_jit_module_key(j, m, key);
+  LLVMDisposeModule(m);
+}
+
+static void test_forced_cpu(void) {
+  cm_err err = {0};
+  cm_jit *j = NULL;
+  char host_key[65] = "", key[3][65] = {"", "", ""};
+  CHECK(cm_jit_create(&j, NULL, &err) == CM_OK);
+  if (j) axpy_key(j, host_key);
+  cm_jit_destroy(j);
+  char *host_features = LLVMGetHostCPUFeatures();
+  bool host_avx512 = strstr(host_features, "+avx512f") && strstr(host_features, "+avx512bw") &&
+                     strstr(host_features, "+avx512vl") && strstr(host_features, "+avx512dq") &&
+                     strstr(host_features, "+avx512cd");
+  bool host_avx2 = strstr(host_features, "+avx2") && strstr(host_features, "+fma") &&
+                   strstr(host_features, "+bmi2") && strstr(host_features, "+movbe");
+  LLVMDisposeMessage(host_features);
+
+  /* The vector width follows the named CPU, not the host: x86-64 (v1) has SSE2 only, v3 AVX2,
+   * v4 and skylake-avx512 AVX-512. */
+  static const struct {
+    const char *cpu;
+    int bits;
+    const char *vreg, *not_vreg; /* in the axpy loop's assembly, and not */
+  } cpus[] = {{"x86-64", 128, "%xmm", "%ymm"},
+              {"x86-64-v3", 256, "%ymm", "%zmm"},
+              {"x86-64-v4", 512, "%zmm", NULL},
+              {"skylake-avx512", 512, "%zmm", NULL}};
+  for (int c = 0; c < 4; c++) {
+    setenv("CMAEC_CPU", cpus[c].cpu, 1);
+    cm_cpu_target t;
+    CHECK_MSG(cm_cpu_target_resolve(NULL, NULL, &t, &err) == CM_OK, "%s", err.msg);
+    CHECK_MSG(t.forced && !strcmp(t.cpu, cpus[c].cpu) && t.vector_bits == cpus[c].bits,
+              "%s: cpu %s, %d-bit vectors", cpus[c].cpu, t.cpu, t.vector_bits);
+    CHECK_MSG(cm_cpu_target_lanes() == cpus[c].bits / 32, "%s: %d lanes", cpus[c].cpu,
+              cm_cpu_target_lanes());
+    bool want_runnable = cpus[c].bits == 128 || (cpus[c].bits == 256 ? host_avx2 : host_avx512);
+    CHECK_MSG(t.runnable == want_runnable, "%s: runnable %d (missing \"%s\")", cpus[c].cpu,
+              t.runnable, t.missing);
+    if (cpus[c].bits == 512) CHECK_STR_CONTAINS(t.features, "+avx512");
+    /* Without compile_only, a CPU the host cannot run is refused, naming CMAEC_CPU and what the
+     * host lacks; with it, its code is made and linked. */
+    memset(&err, 0, sizeof err);
+    cm_status st = cm_jit_create(&j, NULL, &err);
+    CHECK_MSG(st == (t.runnable ? CM_OK : CM_EINVALID), "%s: %s", cpus[c].cpu, err.msg);
+    if (!t.runnable) {
+      CHECK(j == NULL);
+      CHECK_STR_CONTAINS(err.msg, "CMAEC_CPU=");
+      CHECK_STR_CONTAINS(err.msg, cpus[c].cpu);
+      CHECK_STR_CONTAINS(err.msg, "avx512");
+      cm_jit_opts co = {NULL, 3, NULL, NULL, 0, true};
+      CHECK_MSG(cm_jit_create(&j, &co, &err) == CM_OK, "%s", err.msg);
+    }
+    if (!j) continue;
+    CHECK_MSG(cm_jit_target(j)->vector_bits == cpus[c].bits && cm_jit_target(j)->forced,
+              "%s: the JIT's target: %d bits", cpus[c].cpu, cm_jit_target(j)->vector_bits);
+    const char *d = cm_jit_target_description(j);
+    CHECK_MSG(strstr(d, cpus[c].cpu) && !strstr(d, ",-"), "description \"%s\"", d);
+    char *text = axpy_asm(j);
+    if (text) {
+      CHECK_MSG(strstr(text, cpus[c].vreg) != NULL, "%s: no %s in the axpy loop", cpus[c].cpu,
+                cpus[c].vreg);
+      if (cpus[c].not_vreg)
+        CHECK_MSG(strstr(text, cpus[c].not_vreg) == NULL, "%s: %s in the axpy loop", cpus[c].cpu,
+                  cpus[c].not_vreg);
+    }
+    free(text);
+    if (c < 3) axpy_key(j, key[c]);
+    /* The object is made (and linked) either way; only a runnable one is called. */
+    CHECK(cm_jit_add_module(j, build_axpy(cm_jit_context(j), "axpy"), &err) == CM_OK);
+    void *addr = NULL;
+    CHECK_MSG(cm_jit_lookup(j, "axpy", &addr, &err) == CM_OK, "%s", err.msg);
+    cm_jit_stats s;
+    cm_jit_get_stats(j, &s);
+    CHECK_MSG(s.modules == 1 && s.object_bytes > 64, "%s: %d modules, %lld bytes", cpus[c].cpu,
+              s.modules, (long long)s.object_bytes);
+    if (addr && t.runnable) {
+      axpy_fn f;
+      memcpy(&f, &addr, sizeof f);
+      CHECK_MSG(check_axpy(f, 1037) == 0, "%s", cpus[c].cpu);
+    } else if (!t.runnable) {
+      fprintf(stderr, "  %s: compiled (%lld bytes of code), not run: this host lacks %s\n",
+              cpus[c].cpu, (long long)s.object_bytes, t.missing);
+    }
+    cm_jit_destroy(j);
+    j = NULL;
+  }
+
+  /* Objects for different CPUs never share a cache key, nor with the host's. */
+  for (int a = 0; a < 3; a++) {
+    CHECK_MSG(key[a][0] && strcmp(key[a], host_key) != 0, "%s: the host's key", cpus[a].cpu);
+    for (int b = 0; b < a; b++)
+      CHECK_MSG(strcmp(key[a], key[b]) != 0, "%s and %s: one key", cpus[a].cpu, cpus[b].cpu);
+  }
+  /* The same CPU named by CMAEC_CPU or by cm_jit_opts: the same key. */
+  unsetenv("CMAEC_CPU");
+  cm_jit_opts named = {NULL, 3, "x86-64-v3", NULL, 0, true};
+  char k[65] = "";
+  CHECK(cm_jit_create(&j, &named, &err) == CM_OK);
+  if (j) axpy_key(j, k);
+  cm_jit_destroy(j);
+  j = NULL;
+  CHECK(strcmp(k, key[1]) == 0);
+
+  /* An unknown name: an error naming CMAEC_CPU and the names LLVM knows; nothing is created. */
+  setenv("CMAEC_CPU", "znver99", 1);
+  memset(&err, 0, sizeof err);
+  CHECK(cm_jit_create(&j, NULL, &err) == CM_EINVALID && j == NULL);
+  CHECK_STR_CONTAINS(err.msg, "CMAEC_CPU=znver99");
+  CHECK_STR_CONTAINS(err.msg, "x86-64-v3");
+  CHECK_STR_CONTAINS(err.msg, "znver4");
+  CHECK(strchr(err.msg, '\n') == NULL);
+  cm_cpu_target t;
+  CHECK(cm_cpu_target_resolve(NULL, NULL, &t, &err) == CM_EINVALID);
+  cm_jit_opts bad = {NULL, 3, "no-such-cpu", NULL, 0, true}; /* compile_only does not excuse it */
+  CHECK(cm_jit_create(&j, &bad, &err) == CM_EINVALID && j == NULL);
+  CHECK_STR_CONTAINS(err.msg, "no-such-cpu");
+
+  /* native (or empty): the host, as if unset. */
+  for (int q = 0; q < 2; q++) {
+    setenv("CMAEC_CPU", q ? "" : "native", 1);
+    CHECK(cm_cpu_target_resolve(NULL, NULL, &t, &err) == CM_OK && !t.forced && t.runnable);
+    CHECK(cm_jit_create(&j, NULL, &err) == CM_OK);
+    if (j) {
+      axpy_key(j, k);
+      CHECK(strcmp(k, host_key) == 0);
+      char *cpu = LLVMGetHostCPUName();
+      CHECK_STR_CONTAINS(cm_jit_target_description(j), cpu);
+      LLVMDisposeMessage(cpu);
+    }
+    cm_jit_destroy(j);
+    j = NULL;
+  }
+  unsetenv("CMAEC_CPU");
+}
+#else
+static void test_forced_cpu(void) { /* CMAEC_CPU names x86-64 CPUs only */
+  setenv("CMAEC_CPU", "x86-64-v3", 1);
+  cm_cpu_target t;
+  cm_err err = {0};
+  CHECK(cm_cpu_target_resolve(NULL, NULL, &t, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "x86-64 hosts only");
+  unsetenv("CMAEC_CPU");
+}
+#endif
+
 TEST_MAIN(TEST(test_create_and_description), TEST(test_axpy_o3_vectorized),
           TEST(test_other_context_and_levels), TEST(test_lookup_and_errors),
           TEST(test_cache_key_components), TEST(test_cache_hits_and_misses),
-          TEST(test_cache_corruption), TEST(test_cache_several_processes), TEST(test_cache_timing))
+          TEST(test_cache_corruption), TEST(test_cache_several_processes), TEST(test_cache_timing),
+          TEST(test_forced_cpu))

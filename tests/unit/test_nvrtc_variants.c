@@ -14,7 +14,8 @@
  * shim, a block's threads as pthreads, against cm_kernel_interpret.
  *
  * Skips (exit 77) only when NVRTC cannot be loaded. CMAEC_TEST_QUICK=1 (the
- * sanitizer build): the host part only. Environment for debugging:
+ * sanitizer build): the host part only. The argument names one test (ctest
+ * runs the variants one entry each, with CMAEC_NVRTC_VARIANTS).
  * CMAEC_NVRTC_VARIANTS=a,b (substrings of the model paths to keep),
  * CMAEC_NVRTC_DUMP=DIR (write each compiled program there),
  * CMAEC_NVRTC_RENDER_ONLY=1 (count the unique kernels, compile nothing). */
@@ -884,19 +885,32 @@ static void test_streaming_attention(void) {
 int main(int argc, char **argv) {
   cm_err err = {0};
   const char *only = argc > 1 ? argv[1] : NULL;
+  if (argc > 2 || (only && strcmp(only, "test_cuda_kernels_on_host") &&
+                   strcmp(only, "test_streaming_attention") &&
+                   strcmp(only, "test_every_variant_through_nvrtc"))) {
+    fprintf(stderr,
+            "%s: no test \"%s\"; tests: test_cuda_kernels_on_host test_streaming_attention "
+            "test_every_variant_through_nvrtc\n",
+            argv[0], argv[argc - 1]);
+    return 2;
+  }
   if (cm_nvrtc_load(&nvrtc, &err) != CM_OK) {
     fprintf(stderr, "skipped: %s\n", err.msg);
     return 77;
   }
   fprintf(stderr, "NVRTC %s\n", cm_nvrtc_version(nvrtc));
   int before = test_failures;
-  if (!only || !strcmp(only, "test_cuda_kernels_on_host")) test_cuda_kernels_on_host();
-  fprintf(stderr, "%-40s %s\n", "test_cuda_kernels_on_host",
-          test_failures == before ? "ok" : "FAILED");
+  if (!only || !strcmp(only, "test_cuda_kernels_on_host")) {
+    test_cuda_kernels_on_host();
+    fprintf(stderr, "%-40s %s\n", "test_cuda_kernels_on_host",
+            test_failures == before ? "ok" : "FAILED");
+  }
   before = test_failures;
-  if (!only || !strcmp(only, "test_streaming_attention")) test_streaming_attention();
-  fprintf(stderr, "%-40s %s\n", "test_streaming_attention",
-          test_failures == before ? "ok" : "FAILED");
+  if (!only || !strcmp(only, "test_streaming_attention")) {
+    test_streaming_attention();
+    fprintf(stderr, "%-40s %s\n", "test_streaming_attention",
+            test_failures == before ? "ok" : "FAILED");
+  }
   before = test_failures;
   /* quick mode (the sanitizer build): the host part only */
   const char *q = getenv("CMAEC_TEST_QUICK");
