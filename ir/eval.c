@@ -713,11 +713,16 @@ static double val(const eval_ctx *c, int node, int64_t i) {
 }
 
 /* The bound of a float result y that the op computes from inputs already
- * off by at most prop, with `roundings` roundings of unit u on the way. */
+ * off by at most prop, with `roundings` roundings of unit u on the way. A
+ * result that may reach past the largest finite value of dt overflows to
+ * +-inf (IEEE 754 round to nearest: at 2^128 (1 - 2^-25) in f32), at any
+ * distance from y, which the f64 value does not show: its bound is infinite
+ * (pow(1e10, 4) is 1e40 here, inf in f32). */
 static double rounded(cm_dtype dt, double y, double prop, double roundings) {
   if (!cm_dtype_is_float(dt)) return prop;
   double u = unit_roundoff(dt);
-  return prop + roundings * u * (fabs(y) + prop) + (roundings > 0 ? smallest_normal(dt) : 0);
+  double b = prop + roundings * u * (fabs(y) + prop) + (roundings > 0 ? smallest_normal(dt) : 0);
+  return isinf(cm_round_to_dtype(fabs(y) + b, dt)) ? INFINITY : b;
 }
 
 /* max |f(z) - f(x)| over z in [x - e, x + e] for a monotone f; the interval
