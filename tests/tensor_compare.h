@@ -39,8 +39,9 @@ static inline double test_rel_err(const cm_tensor *x, const cm_tensor *y, bool s
  * (cm_eval_bounded). ratio: the worst |got - ref| / bound over the elements
  * (got is within the bound iff ratio <= 1; a difference where the bound is 0
  * gives INFINITY); at: where. spread: the largest bound over the largest |ref|
- * (how tight the bound is: near 1 it no longer tells a bug from rounding).
- * NaN must meet NaN and an infinite ref an equal got. */
+ * (how tight the bound is: near 1 it no longer tells a bug from rounding;
+ * INFINITY where a result may overflow). NaN must meet NaN and an infinite ref
+ * an equal got. */
 typedef struct test_bounded {
   double ratio, diff, bound, scale, spread;
   int64_t at;
@@ -61,7 +62,7 @@ static inline test_bounded test_check_bounded(const cm_tensor *got, const cm_ten
     if (isnan(a) || isnan(b) || isinf(b))
       q = (isnan(a) && isnan(b)) || a == b ? 0 : INFINITY;
     else
-      q = d == 0 ? 0 : d / e; /* e == 0: INFINITY */
+      q = d == 0 || isinf(e) ? 0 : d / e; /* e == 0: INFINITY; e infinite: anything */
     if (!(q <= r.ratio)) r.ratio = q, r.diff = d, r.bound = e, r.at = i;
     if (!isnan(b) && !isinf(b)) r.scale = fmax(r.scale, fabs(b));
     if (!isnan(e)) max_bound = fmax(max_bound, e);
@@ -86,8 +87,8 @@ static inline test_bounded test_check_node(const cm_tensor *got, const cm_tensor
 /* ---- the tally: what a test's bounded comparisons saw -------------------- */
 
 typedef struct test_tally {
-  int compared;
-  double worst, loosest; /* the largest ratio and the largest spread */
+  int compared, unbounded; /* unbounded: tensors with an infinite bound (overflow) */
+  double worst, loosest;   /* the largest ratio and the largest finite spread */
   char worst_at[96], loosest_at[96];
 } test_tally;
 
@@ -104,22 +105,32 @@ static inline test_bounded test_tally_add(test_bounded r, const char *what) {
     t->worst = r.ratio;
     snprintf(t->worst_at, sizeof t->worst_at, "%s", what);
   }
-  if (r.spread > t->loosest) {
+  t->unbounded += isinf(r.spread);
+  if (isfinite(r.spread) && r.spread > t->loosest) {
     t->loosest = r.spread;
     snprintf(t->loosest_at, sizeof t->loosest_at, "%s", what);
   }
   return r;
 }
 
-/* Prints the tally (the worst |got - f64| / bound and the loosest bound over
- * its tensor's scale) to stderr and starts a new one. */
+/* Prints the tally (the worst |got - f64| / bound, the loosest finite bound
+ * over its tensor's scale, how many tensors had an infinite one) to stderr
+ * and starts a new one. */
 static inline void test_tally_report(const char *what) {
   test_tally *t = test_tally_get();
   fprintf(stderr,
           "%s: %d tensors against their error bounds, worst |got - f64| / bound %.3g (%s); "
-          "largest bound / scale %.2g (%s)\n",
-          what, t->compared, t->worst, t->worst_at, t->loosest, t->loosest_at);
+          "largest finite bound / scale %.2g (%s); %d with an infinite bound\n",
+          what, t->compared, t->worst, t->worst_at, t->loosest, t->loosest_at, t->unbounded);
   memset(t, 0, sizeof *t);
+}
+
+/* A tensor over caller-owned data (a backend's buffer): never cm_tensor_free it. */
+static inline cm_tensor test_view(cm_type type, const void *data) {
+  cm_tensor t;
+  t.type = type;
+  t.data = (void *)data;
+  return t;
 }
 
 /* ---- a whole graph against the bounded oracle ----------------------------- */
