@@ -537,6 +537,12 @@ static const double *f64_elems(const cm_tensor *t) {
   return t->type.dtype == CM_F64 ? (const double *)t->data : NULL;
 }
 
+static bool all_zero(const double *p, int64_t n) {
+  for (int64_t i = 0; i < n; i++)
+    if (p[i] != 0) return false;
+  return true;
+}
+
 static cm_status eval_matmul(eval_ctx *c, int id) {
   const cm_node *n = &c->g->nodes[id];
   cm_tensor *out = &c->values[id];
@@ -553,6 +559,24 @@ static cm_status eval_matmul(eval_ctx *c, int id) {
   int64_t numel = cm_type_numel(&out->type);
   bool ints = is_int(out->type.dtype);
   const double *pa = f64_elems(a), *pb = f64_elems(b);
+  int64_t N = out->type.dims[r - 1];
+  double *acc = !ints && pa && pb && b_n == 1 ? calloc((size_t)N, sizeof *acc) : NULL;
+  if (acc) { /* b's rows contiguous: a row of sums at a time, each still summed in k order */
+    for (int64_t i0 = 0; i0 < numel; i0 += N) {
+      unravel(i0, &out->type, coords);
+      const double *ar = pa + batch_offset(a, coords, r) + coords[r - 2] * a_m;
+      const double *br = pb + batch_offset(b, coords, r);
+      for (int64_t j = 0; j < N; j++) acc[j] = 0;
+      for (int64_t k = 0; k < K; k++) {
+        double x = ar[k * a_k];
+        const double *bk = br + k * b_k;
+        for (int64_t j = 0; j < N; j++) acc[j] += x * bk[j];
+      }
+      for (int64_t j = 0; j < N; j++) put_real(out, i0 + j, acc[j]);
+    }
+    free(acc);
+    return CM_OK;
+  }
   for (int64_t i = 0; i < numel; i++) {
     unravel(i, &out->type, coords);
     int64_t m = coords[r - 2], col = coords[r - 1];
@@ -1021,6 +1045,34 @@ static void bound_matmul(eval_ctx *c, int id) {
   int64_t K = ta ? a->type.dims[ra - 2] : a->type.dims[ra - 1];
   int64_t numel = cm_type_numel(&n->type);
   const double *pa = f64_elems(a), *pb = f64_elems(b), *pea = f64_elems(ea), *peb = f64_elems(eb);
+  int64_t N = n->type.dims[r - 1];
+  double *acc = pa && pb && pea && peb && b_n == 1 ? calloc(2 * (size_t)N, sizeof *acc) : NULL;
+  if (acc) { /* as eval_matmul: a row at a time; exact operands carry nothing */
+    double *abs_sum = acc, *prop = acc + N;
+    bool exact = all_zero(pea, cm_type_numel(&ea->type)) && all_zero(peb, cm_type_numel(&eb->type));
+    for (int64_t i0 = 0; i0 < numel; i0 += N) {
+      unravel(i0, &n->type, coords);
+      int64_t ao = batch_offset(a, coords, r) + coords[r - 2] * a_m,
+              bo = batch_offset(b, coords, r);
+      for (int64_t j = 0; j < 2 * N; j++) acc[j] = 0;
+      for (int64_t k = 0; k < K; k++) {
+        double x = fabs(pa[ao + k * a_k]), ex = pea[ao + k * a_k];
+        const double *bk = pb + bo + k * b_k, *ebk = peb + bo + k * b_k;
+        for (int64_t j = 0; j < N; j++) abs_sum[j] += x * fabs(bk[j]);
+        if (!exact)
+          for (int64_t j = 0; j < N; j++) {
+            double y = fabs(bk[j]), ey = ebk[j];
+            prop[j] += x * ey + y * ex + ex * ey;
+          }
+      }
+      for (int64_t j = 0; j < N; j++)
+        cm_tensor_set_f64(
+            &c->bounds[id], i0 + j,
+            sum_bound(n->type.dtype, val(c, id, i0 + j), (double)K, abs_sum[j], prop[j]));
+    }
+    free(acc);
+    return;
+  }
   for (int64_t i = 0; i < numel; i++) {
     unravel(i, &n->type, coords);
     int64_t ao = batch_offset(a, coords, r) + coords[r - 2] * a_m;
