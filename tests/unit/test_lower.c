@@ -319,8 +319,11 @@ static double run_case(const cm_graph *g0, const char *what, bool no_templates, 
       int v = gr->inputs[j];
       const cm_node *u = &g->nodes[v];
       bool fed = u->op == CM_OP_INPUT || u->op == CM_OP_PARAM || u->op == CM_OP_STATE;
-      CHECK(fed || s.plan->offset[v] >= 0);
-      if (!fed && s.plan->offset[v] < 0) continue;
+      if (!fed && s.plan->offset[v] < 0) {
+        CHECK_MSG(false, "%s: kernel %s reads \"%s\", which has no place in the arena", what,
+                  k->name, u->name);
+        continue;
+      }
       cm_tensor cur = fed ? live[v] : test_view(u->type, arena + s.plan->offset[v]);
       const cm_tensor *was = fed ? &src[v] : &written[v];
       CHECK_MSG(was->data && !memcmp(cur.data, was->data, cm_type_nbytes(&u->type)),
