@@ -1046,10 +1046,12 @@ static void bound_matmul(eval_ctx *c, int id) {
   int64_t numel = cm_type_numel(&n->type);
   const double *pa = f64_elems(a), *pb = f64_elems(b), *pea = f64_elems(ea), *peb = f64_elems(eb);
   int64_t N = n->type.dims[r - 1];
+  /* exact operands carry nothing */
+  bool exact = pa && pb && pea && peb && all_zero(pea, cm_type_numel(&ea->type)) &&
+               all_zero(peb, cm_type_numel(&eb->type));
   double *acc = pa && pb && pea && peb && b_n == 1 ? calloc(2 * (size_t)N, sizeof *acc) : NULL;
-  if (acc) { /* as eval_matmul: a row at a time; exact operands carry nothing */
+  if (acc) { /* as eval_matmul: a row at a time */
     double *abs_sum = acc, *prop = acc + N;
-    bool exact = all_zero(pea, cm_type_numel(&ea->type)) && all_zero(peb, cm_type_numel(&eb->type));
     for (int64_t i0 = 0; i0 < numel; i0 += N) {
       unravel(i0, &n->type, coords);
       int64_t ao = batch_offset(a, coords, r) + coords[r - 2] * a_m,
@@ -1078,7 +1080,9 @@ static void bound_matmul(eval_ctx *c, int id) {
     int64_t ao = batch_offset(a, coords, r) + coords[r - 2] * a_m;
     int64_t bo = batch_offset(b, coords, r) + coords[r - 1] * b_n;
     double abs_sum = 0, prop = 0;
-    if (pa && pb && pea && peb)
+    if (exact)
+      for (int64_t k = 0; k < K; k++) abs_sum += fabs(pa[ao + k * a_k]) * fabs(pb[bo + k * b_k]);
+    else if (pa && pb && pea && peb)
       for (int64_t k = 0; k < K; k++) {
         double x = fabs(pa[ao + k * a_k]), y = fabs(pb[bo + k * b_k]);
         double ex = pea[ao + k * a_k], ey = peb[bo + k * b_k];
