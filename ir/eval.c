@@ -536,6 +536,19 @@ static int64_t batch_offset(const cm_tensor *t, const int64_t *out_coords, int o
   return off;
 }
 
+/* The elements of an f64 tensor (every float value in F64 precision, every
+ * bound), or NULL: the matmul loops read them directly, the same values in the
+ * same order as get_real / cm_tensor_get_f64, several times faster. */
+static const double *f64_elems(const cm_tensor *t) {
+  return t->type.dtype == CM_F64 ? (const double *)t->data : NULL;
+}
+
+static bool all_zero(const double *p, int64_t n) {
+  for (int64_t i = 0; i < n; i++)
+    if (p[i] != 0) return false;
+  return true;
+}
+
 static cm_status eval_matmul(eval_ctx *c, int id) {
   const cm_node *n = &c->g->nodes[id];
   cm_tensor *out = &c->values[id];
@@ -551,6 +564,25 @@ static cm_status eval_matmul(eval_ctx *c, int id) {
   int64_t K = ta ? a->type.dims[ra - 2] : a->type.dims[ra - 1];
   int64_t numel = cm_type_numel(&out->type);
   bool ints = is_int(out->type.dtype);
+  const double *pa = f64_elems(a), *pb = f64_elems(b);
+  int64_t N = out->type.dims[r - 1];
+  double *acc = !ints && pa && pb && b_n == 1 ? calloc((size_t)N, sizeof *acc) : NULL;
+  if (acc) { /* b's rows contiguous: a row of sums at a time, each still summed in k order */
+    for (int64_t i0 = 0; i0 < numel; i0 += N) {
+      unravel(i0, &out->type, coords);
+      const double *ar = pa + batch_offset(a, coords, r) + coords[r - 2] * a_m;
+      const double *br = pb + batch_offset(b, coords, r);
+      for (int64_t j = 0; j < N; j++) acc[j] = 0;
+      for (int64_t k = 0; k < K; k++) {
+        double x = ar[k * a_k];
+        const double *bk = br + k * b_k;
+        for (int64_t j = 0; j < N; j++) acc[j] += x * bk[j];
+      }
+      for (int64_t j = 0; j < N; j++) put_real(out, i0 + j, acc[j]);
+    }
+    free(acc);
+    return CM_OK;
+  }
   for (int64_t i = 0; i < numel; i++) {
     unravel(i, &out->type, coords);
     int64_t m = coords[r - 2], col = coords[r - 1];
@@ -558,13 +590,14 @@ static cm_status eval_matmul(eval_ctx *c, int id) {
     int64_t bo = batch_offset(b, coords, r) + col * b_n;
     double sum = 0;
     uint64_t isum = 0;
-    for (int64_t k = 0; k < K; k++) {
-      if (ints)
+    if (ints)
+      for (int64_t k = 0; k < K; k++)
         isum += (uint64_t)cm_tensor_get_i64(a, ao + k * a_k) *
                 (uint64_t)cm_tensor_get_i64(b, bo + k * b_k);
-      else
-        sum += get_real(a, ao + k * a_k) * get_real(b, bo + k * b_k);
-    }
+    else if (pa && pb)
+      for (int64_t k = 0; k < K; k++) sum += pa[ao + k * a_k] * pb[bo + k * b_k];
+    else
+      for (int64_t k = 0; k < K; k++) sum += get_real(a, ao + k * a_k) * get_real(b, bo + k * b_k);
     if (ints)
       put_int(out, i, wrap_int(isum, CM_I64));
     else
@@ -710,11 +743,16 @@ static double val(const eval_ctx *c, int node, int64_t i) {
 }
 
 /* The bound of a float result y that the op computes from inputs already
- * off by at most prop, with `roundings` roundings of unit u on the way. */
+ * off by at most prop, with `roundings` roundings of unit u on the way. A
+ * result that may reach past the largest finite value of dt overflows to
+ * +-inf (IEEE 754 round to nearest: at 2^128 (1 - 2^-25) in f32), at any
+ * distance from y, which the f64 value does not show: its bound is infinite
+ * (pow(1e10, 4) is 1e40 here, inf in f32). */
 static double rounded(cm_dtype dt, double y, double prop, double roundings) {
   if (!cm_dtype_is_float(dt)) return prop;
   double u = unit_roundoff(dt);
-  return prop + roundings * u * (fabs(y) + prop) + (roundings > 0 ? smallest_normal(dt) : 0);
+  double b = prop + roundings * u * (fabs(y) + prop) + (roundings > 0 ? smallest_normal(dt) : 0);
+  return isinf(cm_round_to_dtype(fabs(y) + b, dt)) ? INFINITY : b;
 }
 
 /* max |f(z) - f(x)| over z in [x - e, x + e] for a monotone f; the interval
@@ -1012,17 +1050,58 @@ static void bound_matmul(eval_ctx *c, int id) {
   int64_t b_k = tb ? sb[rb - 1] : sb[rb - 2], b_n = tb ? sb[rb - 2] : sb[rb - 1];
   int64_t K = ta ? a->type.dims[ra - 2] : a->type.dims[ra - 1];
   int64_t numel = cm_type_numel(&n->type);
+  const double *pa = f64_elems(a), *pb = f64_elems(b), *pea = f64_elems(ea), *peb = f64_elems(eb);
+  int64_t N = n->type.dims[r - 1];
+  /* exact operands carry nothing */
+  bool exact = pa && pb && pea && peb && all_zero(pea, cm_type_numel(&ea->type)) &&
+               all_zero(peb, cm_type_numel(&eb->type));
+  double *acc = pa && pb && pea && peb && b_n == 1 ? calloc(2 * (size_t)N, sizeof *acc) : NULL;
+  if (acc) { /* as eval_matmul: a row at a time */
+    double *abs_sum = acc, *prop = acc + N;
+    for (int64_t i0 = 0; i0 < numel; i0 += N) {
+      unravel(i0, &n->type, coords);
+      int64_t ao = batch_offset(a, coords, r) + coords[r - 2] * a_m,
+              bo = batch_offset(b, coords, r);
+      for (int64_t j = 0; j < 2 * N; j++) acc[j] = 0;
+      for (int64_t k = 0; k < K; k++) {
+        double x = fabs(pa[ao + k * a_k]), ex = pea[ao + k * a_k];
+        const double *bk = pb + bo + k * b_k, *ebk = peb + bo + k * b_k;
+        for (int64_t j = 0; j < N; j++) abs_sum[j] += x * fabs(bk[j]);
+        if (!exact)
+          for (int64_t j = 0; j < N; j++) {
+            double y = fabs(bk[j]), ey = ebk[j];
+            prop[j] += x * ey + y * ex + ex * ey;
+          }
+      }
+      for (int64_t j = 0; j < N; j++)
+        cm_tensor_set_f64(
+            &c->bounds[id], i0 + j,
+            sum_bound(n->type.dtype, val(c, id, i0 + j), (double)K, abs_sum[j], prop[j]));
+    }
+    free(acc);
+    return;
+  }
   for (int64_t i = 0; i < numel; i++) {
     unravel(i, &n->type, coords);
     int64_t ao = batch_offset(a, coords, r) + coords[r - 2] * a_m;
     int64_t bo = batch_offset(b, coords, r) + coords[r - 1] * b_n;
     double abs_sum = 0, prop = 0;
-    for (int64_t k = 0; k < K; k++) {
-      double x = fabs(get_real(a, ao + k * a_k)), y = fabs(get_real(b, bo + k * b_k));
-      double ex = cm_tensor_get_f64(ea, ao + k * a_k), ey = cm_tensor_get_f64(eb, bo + k * b_k);
-      abs_sum += x * y;
-      prop += x * ey + y * ex + ex * ey;
-    }
+    if (exact)
+      for (int64_t k = 0; k < K; k++) abs_sum += fabs(pa[ao + k * a_k]) * fabs(pb[bo + k * b_k]);
+    else if (pa && pb && pea && peb)
+      for (int64_t k = 0; k < K; k++) {
+        double x = fabs(pa[ao + k * a_k]), y = fabs(pb[bo + k * b_k]);
+        double ex = pea[ao + k * a_k], ey = peb[bo + k * b_k];
+        abs_sum += x * y;
+        prop += x * ey + y * ex + ex * ey;
+      }
+    else
+      for (int64_t k = 0; k < K; k++) {
+        double x = fabs(get_real(a, ao + k * a_k)), y = fabs(get_real(b, bo + k * b_k));
+        double ex = cm_tensor_get_f64(ea, ao + k * a_k), ey = cm_tensor_get_f64(eb, bo + k * b_k);
+        abs_sum += x * y;
+        prop += x * ey + y * ex + ex * ey;
+      }
     cm_tensor_set_f64(&c->bounds[id], i,
                       sum_bound(n->type.dtype, val(c, id, i), (double)K, abs_sum, prop));
   }

@@ -1,9 +1,10 @@
 /* The CPU GEMM paths of the lowering and the LLVM renderer against the oracle
- * (cm_eval) through the whole executor: the K split of long GEMMs with few
- * blocks (a partial-sum GEMM over [S, .., M, N] and a sum over S), K in one kc
- * slice (one packed B panel shared by consecutive row blocks, the epilogue per
- * micro-tile), several slices, and the shuffled pack of row-major A (6 rows
- * of 16 k). Odd shapes: 1, primes, K not a multiple of anything. */
+ * through the whole executor, each output within its forward error bound
+ * (cm_eval_bounded: any f32 summation order, with or without FMA): the K split of long GEMMs with
+ * few blocks (a partial-sum GEMM over [S, .., M, N] and a sum over S), K in one kc slice (one
+ * packed B panel shared by consecutive row blocks, the epilogue per micro-tile), several slices,
+ * and the shuffled pack of row-major A (6 rows of 16 k). Odd shapes: 1, primes, K not a multiple of
+ * anything. */
 #include "../test.h"
 #include "../tensor_compare.h"
 #include "runtime/runtime.h"
@@ -23,11 +24,6 @@ typedef struct gcase {
   bool ta, tb, epilogue;  /* epilogue: relu(C + bias[j]) */
   bool split;             /* the K split is expected */
 } gcase;
-
-/* Max |got - want| over the max |want| (the oracle's scale). */
-static double rel_err(const cm_tensor *x, const cm_tensor *y) {
-  return test_rel_err(x, y, false);
-}
 
 CM_NO_SANITIZE_FUNCTION static void run_case(const gcase *c) {
   cm_graph *g = cm_graph_new();
@@ -63,9 +59,8 @@ CM_NO_SANITIZE_FUNCTION static void run_case(const gcase *c) {
       cm_tensor_set_f64(&src[ins[i]], e, uniform());
     srcp[ins[i]] = bound[ins[i]] = &src[ins[i]];
   }
-  cm_tensor *want = calloc((size_t)g->n_nodes, sizeof *want);
-  cm_eval_opts eo = {CM_PRECISION_NATIVE};
-  CHECK_MSG(cm_eval(g, srcp, want, &eo, &err) == CM_OK, "eval: %s", err.msg);
+  test_oracle want;
+  CHECK_MSG(test_oracle_eval(&want, g, srcp, &err) == CM_OK, "eval: %s", err.msg);
   for (int threads = 1; threads <= 2; threads++) {
     cm_cpu_opts opts = {threads, "", false, true, 0, 0};
     cm_cpu_program *pr = NULL;
@@ -76,10 +71,13 @@ CM_NO_SANITIZE_FUNCTION static void run_case(const gcase *c) {
     st = cm_cpu_program_run(pr, bound, &out, &err);
     CHECK_MSG(st == CM_OK, "run: %s", err.msg);
     if (st == CM_OK) {
-      double e = rel_err(&out, &want[g->outputs[0]]);
-      CHECK_MSG(e <= 1e-5, "%lldx[%lldx%lld|%lld] ta %d tb %d epi %d, %d threads: rel err %g",
-                (long long)c->batch, (long long)c->M, (long long)c->N, (long long)c->K, c->ta,
-                c->tb, c->epilogue, threads, e);
+      char what[96];
+      snprintf(what, sizeof what, "%lldx[%lldx%lld|%lld] ta %d tb %d epi %d, %d threads",
+               (long long)c->batch, (long long)c->M, (long long)c->N, (long long)c->K, c->ta, c->tb,
+               c->epilogue, threads);
+      test_bounded e = test_oracle_check(&want, g->outputs[0], &out, what);
+      CHECK_MSG(e.ratio <= 1, "%s: |cpu - f64| = %g at [%lld] exceeds its error bound %g", what,
+                e.diff, (long long)e.at, e.bound);
       cm_tensor_free(&out);
     }
     /* the split shows as a partial-sum GEMM stage and its sum */
@@ -101,8 +99,9 @@ CM_NO_SANITIZE_FUNCTION static void run_case(const gcase *c) {
               (long long)c->M, (long long)c->N, (long long)c->K, parts, sums, c->split);
     cm_cpu_program_free(pr);
   }
-  for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&src[i]), cm_tensor_free(&want[i]);
-  free(src), free(srcp), free(bound), free(want);
+  for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&src[i]);
+  test_oracle_free(&want);
+  free(src), free(srcp), free(bound);
   cm_graph_free(g);
 }
 
@@ -121,6 +120,7 @@ static void test_k_split(void) {
       {0, 961, 20, 1024, false, false, false, false},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) run_case(&cases[i]);
+  test_tally_report("k_split");
 }
 
 static void test_slices(void) {
@@ -138,6 +138,7 @@ static void test_slices(void) {
       {3, 17, 19, 23, false, false, true, false},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) run_case(&cases[i]);
+  test_tally_report("slices");
 }
 
 TEST_MAIN({"k_split", test_k_split}, {"slices", test_slices})

@@ -2,10 +2,14 @@
  * steps through the default pipeline, lowered (with and without templates) and
  * run kernel by kernel by a small serial interpreter in this test (the
  * library's cm_kernel_interpret has not landed yet) over a real arena, source
- * buffers and scratch; graph outputs and new states must equal cm_eval's.
+ * buffers and scratch. Each kernel is checked on its own inputs: every output
+ * within its forward error bound (cm_plan_eval_group_bounded on the inputs
+ * the kernel read), and every input exactly what the kernel that wrote it
+ * left there (sources: not yet updated), so the arena's reuse is checked too.
  * Structure: a GEMM stage with the template and a reduction stage exist. */
 #include "../test.h"
 #include "../model_step.h"
+#include "../tensor_compare.h"
 #include "codegen/codegen.h"
 #include "frontend/frontend.h"
 #include "models/models.h"
@@ -244,8 +248,7 @@ static double run_case(const cm_graph *g0, const char *what, bool no_templates, 
   if (st) goto out;
   CHECK(prog.n_kernels == s.plan->n_order);
   int n = g->n_nodes;
-  cm_tensor *src = calloc((size_t)n, sizeof *src), *want = calloc((size_t)n, sizeof *want),
-            *live = calloc((size_t)n, sizeof *live);
+  cm_tensor *src = calloc((size_t)n, sizeof *src), *live = calloc((size_t)n, sizeof *live);
   const cm_tensor **sources = calloc((size_t)n, sizeof *sources);
   for (int v = 0; v < n; v++) {
     cm_op op = g->nodes[v].op;
@@ -259,13 +262,16 @@ static double run_case(const cm_graph *g0, const char *what, bool no_templates, 
       cm_tensor_copy(&live[v], &src[v], NULL);
     }
   }
-  cm_eval_opts opts = {CM_PRECISION_NATIVE};
-  st = cm_eval(g, sources, want, &opts, &err);
-  CHECK_MSG(st == CM_OK, "%s: eval: %s", what, err.msg);
   char *arena = calloc((size_t)prog.arena_bytes + 64, 1);
   char *scratch = calloc((size_t)prog.max_scratch_bytes + 64, 1);
+  /* per node: each group output as its kernel left it; a kernel's inputs as it read them */
+  cm_tensor *written = calloc((size_t)n, sizeof *written), *in = calloc((size_t)n, sizeof *in);
+  cm_tensor *vals = calloc((size_t)n, sizeof *vals), *got = calloc((size_t)n, sizeof *got);
+  const cm_tensor **in_src = calloc((size_t)n, sizeof *in_src);
+  worst = 0;
   for (int i = 0; i < prog.n_kernels && !st; i++) {
     const cm_kernel *k = &prog.kernels[i];
+    const cm_group *gr = &s.plan->groups[k->group];
     void **bufs = calloc((size_t)k->n_buffers + 1, sizeof *bufs);
     void **consts = calloc((size_t)k->n_buffers + 1, sizeof *consts);
     for (int b = 0; b < k->n_buffers; b++) {
@@ -295,7 +301,6 @@ static double run_case(const cm_graph *g0, const char *what, bool no_templates, 
               ks->tiles.kc >= 1 && ks->tiles.kc <= ks->red[0]);
     }
     if (k->kind == CM_GROUP_UPDATE) { /* one stage per distinct output shape */
-      const cm_group *gr = &s.plan->groups[k->group];
       int shapes = 0, reds = 0;
       for (int o = 0; o < gr->n_outputs; o++) {
         bool seen = false;
@@ -310,39 +315,60 @@ static double run_case(const cm_graph *g0, const char *what, bool no_templates, 
       ls->update_kernels++;
       ls->update_stages += k->n_stages;
     }
+    /* the inputs: what their producers wrote (sources: as bound), kept for the oracle */
+    for (int j = 0; j < gr->n_inputs; j++) {
+      int v = gr->inputs[j];
+      const cm_node *u = &g->nodes[v];
+      bool fed = u->op == CM_OP_INPUT || u->op == CM_OP_PARAM || u->op == CM_OP_STATE;
+      if (!fed && s.plan->offset[v] < 0) {
+        CHECK_MSG(false, "%s: kernel %s reads \"%s\", which has no place in the arena", what,
+                  k->name, u->name);
+        continue;
+      }
+      cm_tensor cur = fed ? live[v] : test_view(u->type, arena + s.plan->offset[v]);
+      const cm_tensor *was = fed ? &src[v] : &written[v];
+      CHECK_MSG(was->data && !memcmp(cur.data, was->data, cm_type_nbytes(&u->type)),
+                "%s: kernel %s reads \"%s\", changed since it was %s", what, k->name, u->name,
+                fed ? "bound" : "written");
+      cm_tensor_copy(&in[v], &cur, NULL);
+      if (fed)
+        in_src[v] = &in[v];
+      else
+        vals[v] = in[v];
+    }
     interpret(k, bufs);
+    for (int j = 0; j < gr->n_outputs; j++) {
+      int v = gr->outputs[j];
+      const cm_node *u = &g->nodes[v];
+      got[v] = u->op == CM_OP_ASSIGN ? live[u->inputs[0]]
+                                     : test_view(u->type, arena + s.plan->offset[v]);
+      cm_tensor_copy(&written[v], &got[v], NULL);
+    }
+    int at = -1;
+    char label[96];
+    snprintf(label, sizeof label, "%s (%s)", what, no_templates ? "no templates" : "templates");
+    test_bounded r = test_check_group(g, s.plan, k->group, in_src, vals, got, label, &at, &err);
+    CHECK_MSG(r.ratio <= 1,
+              "%s: kernel %s, output %s: |kernel - f64| = %g at [%lld] exceeds its error bound %g "
+              "(%s)",
+              label, k->name, at >= 0 ? g->nodes[at].name : "?", r.diff, (long long)r.at, r.bound,
+              isinf(r.ratio) && r.at < 0 ? err.msg : "");
+    worst = fmax(worst, r.ratio);
+    for (int j = 0; j < gr->n_inputs; j++) {
+      int v = gr->inputs[j];
+      cm_tensor_free(&in[v]);
+      memset(&vals[v], 0, sizeof vals[v]);
+      in_src[v] = NULL;
+    }
     for (int b = 0; b < k->n_buffers; b++) free(consts[b]);
     free(consts);
     free(bufs);
   }
-  if (!st) {
-    worst = 0;
-    for (int v = 0; v < n; v++) {
-      bool is_out = false;
-      for (int o = 0; o < g->n_outputs; o++) is_out |= g->outputs[o] == v;
-      bool is_assign = g->nodes[v].op == CM_OP_ASSIGN;
-      if (!is_out && !is_assign) continue;
-      const cm_type *t = &g->nodes[v].type;
-      cm_tensor got;
-      if (is_assign) {
-        got = live[g->nodes[v].inputs[0]];
-      } else {
-        got.type = *t;
-        got.data = arena + s.plan->offset[v];
-      }
-      double m = 1e-30, d = 0;
-      for (int64_t e = 0; e < cm_type_numel(t); e++) {
-        double a = cm_tensor_get_f64(&got, e), b = cm_tensor_get_f64(&want[v], e);
-        if (fabs(b) > m) m = fabs(b);
-        if (!(fabs(a - b) <= d)) d = isnan(a - b) ? INFINITY : fabs(a - b);
-      }
-      if (d / m > worst) worst = d / m;
-    }
-  }
   free(arena), free(scratch);
   for (int v = 0; v < n; v++)
-    cm_tensor_free(&src[v]), cm_tensor_free(&want[v]), cm_tensor_free(&live[v]);
-  free(src), free(want), free(live), free(sources);
+    cm_tensor_free(&src[v]), cm_tensor_free(&live[v]), cm_tensor_free(&written[v]);
+  free(src), free(live), free(sources), free(written), free(in), free(vals), free(got),
+      free(in_src);
   cm_kprogram_free(&prog);
 out:
   cm_plan_free(s.plan);
@@ -366,8 +392,7 @@ static int check_graph(cm_graph *g, const char *what, bool expect_gemm, bool exp
   for (int nt = 0; nt < 2; nt++) {
     lower_stats ls = {0};
     double worst = run_case(g, what, nt, &ls);
-    CHECK_MSG(worst >= 0 && worst <= (bound_graph ? 1e-4 : 1e-9),
-              "%s (%s): kernels differ from cm_eval by %.3g", what,
+    CHECK_MSG(worst >= 0 && worst <= 1, "%s (%s): worst |kernel - f64| / bound %.3g", what,
               nt ? "no templates" : "templates", worst);
     CHECK(ls.stages > 0);
     if (!nt) gemm = ls.gemm_stages;
@@ -573,11 +598,14 @@ static void lower_variant(const char *path, const char *const *ov, int n_ov, boo
 }
 
 static void test_model_variants_lower(void) {
-  /* Opt-in: this serial interpreter needs ~1 min per tiny variant. Known gap:
-   * the loss matches but gradients/new states of the f32 variants differ by
-   * 2e-4 (grad_norm) to 1e-3 relative, up to 0.3 for parameters whose true
-   * gradient is ~0 (qkv bias) where AdamW's normalization amplifies rounding;
-   * not yet shown to be rounding only. */
+  /* Opt-in: this serial interpreter needs minutes per tiny variant. The
+   * gradients and new states of the f32 variants differ from the f64 oracle
+   * by up to 1e-3 relative (0.3 for parameters whose true gradient is ~0,
+   * where AdamW's normalization amplifies rounding): rounding only, checked
+   * kernel by kernel, every output within its error bound (worst ratio 0.9997,
+   * a single correctly rounded add just above a power of two). Known gap: the
+   * update kernels have more stages than distinct output shapes here
+   * (k250_update: 25 stages for 12 shapes). */
   bool eval_models = getenv("CMAEC_LOWER_EVAL_MODELS") != NULL;
   lower_variant("models/cmae_vit_tiny_fmnist.json", NULL, 0, eval_models);
   lower_variant("models/cmae_convvit_tiny_fmnist.json", NULL, 0, eval_models);
@@ -586,6 +614,10 @@ static void test_model_variants_lower(void) {
   lower_variant("models/cmae_convvit_base.json", test_shrunk_convvit, TEST_SHRUNK_CONVVIT_N, false);
 }
 
+static void test_report(void) {
+  test_tally_report("lower");
+}
+
 TEST_MAIN(TEST(test_model_variants_lower), TEST(test_conv_train_step), TEST(test_movement),
           TEST(test_mlp_forward), TEST(test_mlp_train_step), TEST(test_batched_matmul),
-          TEST(test_attention_train_step))
+          TEST(test_attention_train_step), TEST(test_report))
