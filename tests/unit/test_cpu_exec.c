@@ -328,16 +328,18 @@ static void random_block(cm_graph *g) {
   block(g, uniform());
 }
 
-/* The graphs of seeds 0..1999, in two cases: seeds_0_999 (CI) and seeds_1000_1999
- * (scripts/test.sh --long); CMAEC_TEST_QUICK (the sanitizer build): the first 100 of each. */
+/* The graphs of seeds 0..1999 in four cases of 500 (ctest: seeds_0_499 and seeds_500_999 in CI,
+ * the others with scripts/test.sh --long); CMAEC_TEST_QUICK (the sanitizer build): the first 50
+ * of each. */
 static void test_random_graphs(void) {
   double worst = 0;
   int n = 0, tried = 0, skipped_before = n_skipped;
   bool quick = getenv("CMAEC_TEST_QUICK") != NULL;
-  static const char *const parts[2] = {"seeds_0_999", "seeds_1000_1999"};
-  for (int part = 0; part < 2; part++) {
+  static const char *const parts[4] = {"seeds_0_499", "seeds_500_999", "seeds_1000_1499",
+                                       "seeds_1500_1999"};
+  for (int part = 0; part < 4; part++) {
     if (!test_case_wanted(parts[part])) continue;
-    for (int i = 1000 * part; i < 1000 * part + (quick ? 100 : 1000); i++) {
+    for (int i = 500 * part; i < 500 * part + (quick ? 50 : 500); i++) {
       rng = 777 + (uint64_t)i * 31;
       tried++;
       cm_graph *g = cm_graph_new();
