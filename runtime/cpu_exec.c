@@ -571,9 +571,8 @@ static cm_status index_error(const cm_cpu_program *pr, const cpu_check *c, cm_er
                         data->dims[axis]);
 }
 
-cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
-                             cm_err *err) {
-  if (!pr->target.runnable) return cm_cpu_target_not_runnable(&pr->target, "cpu backend", err);
+/* Points the program at every source it reads, checking each is given with its node's type. */
+static cm_status bind_sources(cm_cpu_program *pr, cm_tensor *const *sources, cm_err *err) {
   const cm_graph *rg = pr->rg, *g = pr->g;
   for (int i = 0; i < rg->n_nodes; i++) {
     int o = pr->orig_of[i];
@@ -590,6 +589,15 @@ cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_t
     }
     pr->src_ptr[i] = t->data;
   }
+  return CM_OK;
+}
+
+cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
+                             cm_err *err) {
+  if (!pr->target.runnable) return cm_cpu_target_not_runnable(&pr->target, "cpu backend", err);
+  const cm_graph *rg = pr->rg, *g = pr->g;
+  cm_status bound = bind_sources(pr, sources, err);
+  if (bound != CM_OK) return bound;
   int bad = -1; /* the failed index check of the first node in graph order */
   for (int i = 0; i < pr->kp.n_kernels; i++) {
     const cm_kernel *k = &pr->kp.kernels[i];
@@ -702,21 +710,8 @@ cm_status cm_cpu_program_first_nonfinite(cm_cpu_program *pr, cm_tensor *const *s
   out->index = -1;
   const cm_graph *rg = pr->rg, *g = pr->g;
   /* the sources, in graph order */
-  for (int i = 0; i < rg->n_nodes; i++) {
-    int o = pr->orig_of[i];
-    if (o < 0) continue;
-    const cm_node *n = &g->nodes[o];
-    const cm_tensor *t = sources ? sources[o] : NULL;
-    if (!t || !t->data)
-      return cm_errorf(err, CM_EINVALID, "source \"%s\" (%s): not given", n->name,
-                       cm_op_get_info(n->op)->name);
-    if (!cm_type_equal(&t->type, &n->type)) {
-      char a[96], b[96];
-      return cm_errorf(err, CM_EINVALID, "source \"%s\": given %s, expected %s", n->name,
-                       cm_type_str(&t->type, a, sizeof a), cm_type_str(&n->type, b, sizeof b));
-    }
-    pr->src_ptr[i] = t->data;
-  }
+  cm_status bound = bind_sources(pr, sources, err);
+  if (bound != CM_OK) return bound;
   for (int i = 0; i < rg->n_nodes; i++) {
     if (pr->orig_of[i] < 0) continue;
     double v;
