@@ -21,8 +21,8 @@ typedef struct cm_component {
   char detail[512];
 } cm_component;
 
-void cm_probe_llvm(cm_component *out);
-void cm_probe_nvrtc(cm_component *out);
+void cm_compiler_find_llvm(cm_component *out);
+void cm_compiler_find_nvrtc(cm_component *out);
 
 /* dlopen the first loadable of the NULL-terminated names; on failure *why holds
  * the last dlerror() (copied into why_buf). */
@@ -121,7 +121,7 @@ void cm_jit_cache_key(const char *ir_text, const char *llvm_version, const char 
 /* ---- NVRTC (codegen/nvrtc.c), loaded with dlopen at run time ---------- */
 
 typedef struct cm_nvrtc cm_nvrtc;
-/* Loads NVRTC (the names of cm_probe_nvrtc, or only $CMAEC_NVRTC_LIBRARY when set);
+/* Loads NVRTC (the names of cm_compiler_find_nvrtc, or only $CMAEC_NVRTC_LIBRARY when set);
  * CM_EINVALID "NVRTC not found: <dlerror>" when absent. */
 cm_status cm_nvrtc_load(cm_nvrtc **out, cm_err *err);
 void cm_nvrtc_unload(cm_nvrtc *n);

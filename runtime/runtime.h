@@ -9,12 +9,12 @@
 
 #include "../codegen/codegen.h"
 
-void cm_probe_cuda(cm_component *out);
-void cm_probe_nccl(cm_component *out);
-void cm_probe_mpi(cm_component *out);
+void cm_library_find_cuda(cm_component *out);
+void cm_library_find_nccl(cm_component *out);
+void cm_library_find_mpi(cm_component *out);
 
 /* Fills up to max components (LLVM, NVRTC, CUDA driver, NCCL, MPI); returns the count. */
-int cm_probe_all(cm_component *out, int max);
+int cm_library_find_all(cm_component *out, int max);
 
 /* ---- the CPU executor (runtime/cpu_exec.c) ------------------------------ */
 
@@ -267,7 +267,7 @@ int64_t cm_loader_steps_per_epoch(const cm_loader *l);
 /* Stops and joins the workers at any point. */
 void cm_loader_free(cm_loader *l);
 
-/* ---- trainer support (schedule.c, metrics.c, checkpoint.c, probe_eval.c,
+/* ---- trainer support (lr_schedule.c, metrics.c, checkpoint.c, evaluation.c,
  * picture.c) ---------------------------------------------------------------- */
 
 #include "../frontend/frontend.h"

@@ -244,7 +244,7 @@ int main(int argc, char **argv) {
                   {"step", cmd_step},       {"build-step", cmd_build_step},
                   {"summary", cmd_summary}, {"build", cmd_build},
                   {"opt", cmd_opt},         {"compile", cmd_compile},
-                  {"train", cmd_pretrain},  {"eval", cmd_eval},
+                  {"train", cmd_train},     {"eval", cmd_eval},
                   {"recon", cmd_recon},     {"plot", cmd_plot},
                   {"export", cmd_export}};
   for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)

@@ -56,7 +56,7 @@ int cmd_grad(int argc, char **argv);
 int cmd_step(int argc, char **argv);
 int cmd_build_step(int argc, char **argv);
 int cmd_summary(int argc, char **argv);
-int cmd_pretrain(int argc, char **argv); /* cmaec train */
+int cmd_train(int argc, char **argv); /* cmaec train */
 int cmd_opt(int argc, char **argv);
 int cmd_build(int argc, char **argv);
 int cmd_compile(int argc, char **argv);

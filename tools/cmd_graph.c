@@ -238,7 +238,7 @@ int cmd_info(int argc, char **argv) {
   if (opts[0].given) return fputs(usage_info, stdout), EXIT_OK;
   printf("cmaec %s\n", CMAEC_VERSION);
   cm_component comps[8];
-  int n = cm_probe_all(comps, 8);
+  int n = cm_library_find_all(comps, 8);
   for (int i = 0; i < n; i++)
     printf("  %-12s %-9s %s\n", comps[i].name, comps[i].found ? "found" : "not found",
            comps[i].detail);

@@ -1,4 +1,4 @@
-/* codegen/probe.c — which compilers are available, and why not where not. */
+/* codegen/compilers.c — which compilers are available, and why not where not. */
 #include "codegen.h"
 
 #include <dlfcn.h>
@@ -17,7 +17,7 @@ void *cm_dlopen_first(const char *const *names, char *why_buf, size_t why_size) 
   return NULL;
 }
 
-void cm_probe_llvm(cm_component *out) {
+void cm_compiler_find_llvm(cm_component *out) {
   out->name = "LLVM";
   unsigned major, minor, patch;
   LLVMGetVersion(&major, &minor, &patch);
@@ -38,7 +38,7 @@ const char *const cm_nvrtc_library_names[] = {"libnvrtc.so.13",
 
 typedef int (*nvrtc_version_fn)(int *, int *);
 
-void cm_probe_nvrtc(cm_component *out) {
+void cm_compiler_find_nvrtc(cm_component *out) {
   out->name = "NVRTC";
   char why[400];
   void *h = cm_dlopen_first(cm_nvrtc_library_names, why, sizeof why);

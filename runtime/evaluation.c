@@ -1,4 +1,4 @@
-/* runtime/probe_eval.c — evaluating frozen features: weighted kNN (the
+/* runtime/evaluation.c — evaluating frozen features: weighted kNN (the
  * InstDisc/DINO rule) and a linear probe (softmax regression trained here).
  * Both are deterministic: fixed iteration orders, fixed tie rules, and a
  * fixed-seed shuffle for mini-batches. */

@@ -1,4 +1,4 @@
-/* runtime/probe.c — the CUDA driver, NCCL and MPI, found (or not) at run time. */
+/* runtime/libraries.c — the CUDA driver, NCCL and MPI, found (or not) at run time. */
 #include "runtime.h"
 
 #include <dlfcn.h>
@@ -14,7 +14,7 @@ typedef int (*cu_version_fn)(int *);
 /* CUdevice_attribute values from cuda.h (stable across CUDA versions). */
 enum { CU_ATTR_CC_MAJOR = 75, CU_ATTR_CC_MINOR = 76 };
 
-void cm_probe_cuda(cm_component *out) {
+void cm_library_find_cuda(cm_component *out) {
   out->name = "CUDA driver";
   static const char *const names[] = {"libcuda.so.1", "libcuda.so", NULL};
   char why[400];
@@ -68,7 +68,7 @@ void cm_probe_cuda(cm_component *out) {
 
 typedef int (*nccl_version_fn)(int *);
 
-void cm_probe_nccl(cm_component *out) {
+void cm_library_find_nccl(cm_component *out) {
   out->name = "NCCL";
   static const char *const names[] = {"libnccl.so.2", "libnccl.so",
                                       "/usr/local/cuda/lib64/libnccl.so.2", NULL};
@@ -96,7 +96,7 @@ void cm_probe_nccl(cm_component *out) {
 
 typedef int (*mpi_libversion_fn)(char *, int *);
 
-void cm_probe_mpi(cm_component *out) {
+void cm_library_find_mpi(cm_component *out) {
   out->name = "MPI";
   static const char *const names[] = {"libmpi.so.40", "libmpi.so.12", "libmpi.so", NULL};
   char why[400];
@@ -123,9 +123,9 @@ void cm_probe_mpi(cm_component *out) {
   /* Kept loaded: the runtime uses it later, and unloading hides its allocations from LSan. */
 }
 
-int cm_probe_all(cm_component *out, int max) {
-  void (*probes[])(cm_component *) = {cm_probe_llvm, cm_probe_nvrtc, cm_probe_cuda, cm_probe_nccl,
-                                      cm_probe_mpi};
+int cm_library_find_all(cm_component *out, int max) {
+  void (*probes[])(cm_component *) = {cm_compiler_find_llvm, cm_compiler_find_nvrtc, cm_library_find_cuda, cm_library_find_nccl,
+                                      cm_library_find_mpi};
   int n = 0;
   for (size_t i = 0; i < sizeof probes / sizeof probes[0] && n < max; i++) {
     memset(&out[n], 0, sizeof out[n]);

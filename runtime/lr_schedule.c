@@ -1,4 +1,4 @@
-/* runtime/schedule.c — the per-iteration learning-rate and EMA-momentum
+/* runtime/lr_schedule.c — the per-iteration learning-rate and EMA-momentum
  * schedules of CMAE pre-training (CMAE.md §4, §8: mmengine LinearLR warmup then
  * CosineAnnealingLR, both converted to iterations). */
 #include "runtime.h"

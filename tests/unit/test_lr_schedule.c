@@ -1,4 +1,4 @@
-/* tests/unit/test_schedule.c — lr and momentum schedules against the
+/* tests/unit/test_lr_schedule.c — lr and momentum schedules against the
  * published formulas (mmengine LinearLR + CosineAnnealingLR per iteration,
  * the CMAE momentum hook), and metrics.jsonl / progress output. */
 #include "../../runtime/runtime.h"
@@ -6,7 +6,7 @@
 
 #include <unistd.h>
 
-/* mmengine closed forms, written out independently of schedule.c */
+/* mmengine closed forms, written out independently of runtime/lr_schedule.c */
 static double ref_lr(double peak, double f0, double eta_min, int64_t w, int64_t total, int64_t t) {
   if (t < w) return peak * (f0 + (1.0 - f0) * (double)t / (double)w);
   double tmax = (double)(total - w);
