@@ -30,7 +30,13 @@ void *cm_dlopen_first(const char *const *names, char *why_buf, size_t why_size);
 /* Where NVRTC is looked for, in order (NULL-terminated). */
 extern const char *const cm_nvrtc_library_names[];
 
-/* ---- the CPU target (codegen/cpu_target.c) ------------------------------
+/* ---- the target (codegen/target.c) --------------------------------------
+ *
+ * What code is generated for, in one description (cm_target) that lowering,
+ * both renderers, the JIT, the compile API and the backends read; nothing else
+ * derives vector widths, tile defaults or device limits.
+ *
+ * The CPU part
  *
  * The CPU the LLVM backend generates code for: the host's, or the LLVM CPU
  * named by $CMAEC_CPU (x86-64 hosts: "x86-64", "x86-64-v2", "x86-64-v3",
@@ -55,11 +61,46 @@ typedef struct cm_cpu_target {
  * from and every name LLVM knows. */
 cm_status cm_cpu_target_resolve(const char *cpu, const char *features, cm_cpu_target *out,
                                 cm_err *err);
-/* f32 lanes per vector of $CMAEC_CPU's target (the host's when unset or not a
- * CPU name): the default of the renderer and the lowering. */
-int cm_cpu_target_lanes(void);
 /* CM_EINVALID: "<what>: CMAEC_CPU=X needs F, which this host (H) lacks: ..." */
 cm_status cm_cpu_target_not_runnable(const cm_cpu_target *t, const char *what, cm_err *err);
+
+typedef enum cm_target_kind { CM_TARGET_CPU, CM_TARGET_CUDA } cm_target_kind;
+
+typedef struct cm_kgemm_tiles {
+  int mc, nc, kc; /* cache blocking: A block mc x kc, B panel kc x nc (multiples of mr/nr) */
+  int mr, nr;     /* register block of the micro-kernel (CPU) / warp tile (CUDA) */
+} cm_kgemm_tiles;
+
+typedef struct cm_target {
+  cm_target_kind kind;
+  char arch[64];       /* CPU: the LLVM CPU name; CUDA: "sm_80", "sm_90" */
+  int vector_lanes;    /* f32 lanes per vector: 16 (AVX-512), 8 (AVX), 4; CUDA: 1 */
+  cm_cpu_target cpu;   /* CPU: the resolved CPU (features, runnable, where it came from) */
+  cm_kgemm_tiles gemm; /* GEMM tile defaults before they are fitted to a problem */
+  /* CUDA devices of this arch (0 on CPUs) */
+  int sm;                      /* 80, 90, ... */
+  int warp_size;               /* 32 */
+  int max_threads_per_block;   /* 1024 */
+  int max_regs_per_thread;     /* 255 */
+  int regs_per_sm;             /* 65536 */
+  int64_t shared_bytes_static; /* per block without the opt-in attribute: 48 KiB */
+  int64_t shared_bytes_max;    /* per block with cuFuncSetAttribute's opt-in */
+  bool mma_bf16;               /* tensor-core mma.sync for bf16/f16 operands (sm_80+) */
+} cm_target;
+
+/* The CPU target: cpu NULL takes $CMAEC_CPU (unset, "" or "native": the host);
+ * features as cm_cpu_target_resolve. Errors as cm_cpu_target_resolve. */
+cm_status cm_target_cpu(const char *cpu, const char *features, cm_target *out, cm_err *err);
+/* $CMAEC_CPU's target, or the host's when that name is not valid (the error is
+ * reported where a program is built): the default wherever no target is given. */
+void cm_target_host(cm_target *out);
+/* A CUDA target: arch "sm_XY" (XY >= 70), limits of that compute capability.
+ * Anything else is CM_EINVALID naming the arch. */
+cm_status cm_target_cuda(const char *arch, cm_target *out, cm_err *err);
+/* The CPU GEMM tile defaults for vectors of `lanes` f32 (cm_target.gemm). */
+cm_kgemm_tiles cm_cpu_gemm_defaults(int lanes);
+/* One line: "cpu znver4 (CMAEC_CPU=znver4), 16 f32 lanes, GEMM tiles mc 240 ..." */
+void cm_target_print(const cm_target *t, FILE *out);
 
 /* ---- the LLVM JIT (codegen/llvm_jit.c) ---------------------------------- */
 
@@ -325,11 +366,6 @@ enum {
 #define CM_KATTN_KEEP_L 8u
 #define CM_KATTN_KEEP_P 16u
 
-typedef struct cm_kgemm_tiles {
-  int mc, nc, kc; /* cache blocking: A block mc x kc, B panel kc x nc (multiples of mr/nr) */
-  int mr, nr;     /* register block of the micro-kernel (CPU) / warp tile (CUDA) */
-} cm_kgemm_tiles;
-
 typedef struct cm_kstage {
   char name[64];
   int n_dom;
@@ -393,8 +429,6 @@ typedef struct cm_kprogram {
   int64_t arena_bytes;       /* the plan's arena */
   int64_t max_scratch_bytes; /* the largest kernel scratch */
 } cm_kprogram;
-
-typedef enum cm_target { CM_TARGET_CPU, CM_TARGET_CUDA } cm_target;
 
 /* Builders for kernels (used by the lowering and by tests). Expression
  * builders return the new expression's id, folding constants and identities
@@ -489,11 +523,11 @@ void cm_kprogram_free(cm_kprogram *p);
 /* ---- lowering (codegen/lower.c) ------------------------------------------ */
 
 typedef struct cm_lower_opts {
-  cm_target target;
-  bool no_templates; /* generic loop nests only (for differential tests) */
-  int attn_bc;       /* > 0: the key block of attention spans (tests of the streaming
-                        template); 0: the lowering's choice */
-} cm_lower_opts;     /* CPU GEMM register tiles follow cm_cpu_target_lanes() */
+  const cm_target *target; /* NULL: cm_target_host() */
+  bool no_templates;       /* generic loop nests only (for differential tests) */
+  int attn_bc;             /* > 0: the key block of attention spans (tests of the streaming
+                              template); 0: the lowering's choice */
+} cm_lower_opts;
 
 /* Lowers one group of a scheduled and memory-planned plan (memplan has run:
  * p->offset is set). Every node kind a group can hold is lowered; errors name
@@ -514,12 +548,13 @@ cm_status cm_lower_plan(const cm_graph *g, const cm_plan *p, const cm_lower_opts
  * aligned (GEMM packing). bufs[i] is buffer i's base address. */
 typedef void (*cm_cpu_stage_fn)(char *const *bufs, int64_t begin, int64_t end, char *ws);
 int64_t cm_kstage_work_items(const cm_kstage *s);
-int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target t);
+int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target_kind t);
 
 typedef struct cm_llvm_render_opts {
-  int vector_width;  /* elements per vector on the innermost axis (f32): 16 with AVX-512,
-                        8 with AVX2, 4 with SSE; 0: cm_cpu_target_lanes() */
-  bool no_templates; /* render GEMM stages as generic loop nests */
+  int vector_width;        /* elements per vector on the innermost axis (f32), overriding
+                              the target's vector_lanes (tests); 0: the target's */
+  bool no_templates;       /* render GEMM stages as generic loop nests */
+  const cm_target *target; /* NULL: cm_target_host() */
 } cm_llvm_render_opts;
 
 /* Attention spans (CM_KT_ATTENTION_*) render fused: the first stage's function

@@ -871,7 +871,7 @@ int64_t cm_kstage_work_items(const cm_kstage *s) {
   return n;
 }
 
-int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target t) {
+int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target_kind t) {
   if (t == CM_TARGET_CPU && (s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD))
     return s->attn.ws_bytes > 0 ? s->attn.ws_bytes : 0;
   if (t != CM_TARGET_CPU || s->tmpl != CM_KT_GEMM) return 0;

@@ -284,29 +284,20 @@ static int round_up(int64_t v, int m) {
 }
 
 static void gemm_tiles(cm_kstage *s, const cm_lower_opts *o) {
-  cm_kgemm_tiles t;
-  if (o && o->target == CM_TARGET_CUDA) {
-    t = (cm_kgemm_tiles){64, 64, 16, 32, 32};
-  } else {
-    /* a 6 x 64 register block (24 zmm accumulators) measured best on AVX-512;
-       6 x 2 vectors with AVX2's (or SSE's) 16 registers */
-    int W = cm_cpu_target_lanes(); /* the renderer's, also under $CMAEC_CPU */
-    t = W >= 16 ? (cm_kgemm_tiles){240, 512, 128, 6, 64}
-                : (cm_kgemm_tiles){240, 256, 128, 6, W >= 8 ? 16 : 2 * W};
-  }
+  cm_kgemm_tiles t = o->target->gemm;
+  bool cuda = o->target->kind == CM_TARGET_CUDA;
   int64_t M = s->dom[s->n_dom - 2], Nn = s->dom[s->n_dom - 1], K = s->red[0];
   /* one kc slice (K <= 512, below): a B panel of up to 1 MiB (K x nc floats, nc
      at most 1024) is packed once for consecutive row blocks; wider panels pack A
      fewer times */
-  if ((!o || o->target != CM_TARGET_CUDA) && K <= 512)
-    t.nc = (int)(K <= 256 ? 1024 : (262144 / K) / t.nr * t.nr);
+  if (!cuda && K <= 512) t.nc = (int)(K <= 256 ? 1024 : (262144 / K) / t.nr * t.nr);
   if (t.mc > round_up(M, t.mr)) t.mc = round_up(M, t.mr);
   if (t.nc > round_up(Nn, t.nr)) t.nc = round_up(Nn, t.nr);
   if (t.kc > K) t.kc = (int)K;
   /* K up to 512 in one slice: the C tile then never goes through memory
      between slices, and consecutive row blocks share one packed B panel;
      longer K in even slices of about 256 */
-  if (!o || o->target != CM_TARGET_CUDA) {
+  if (!cuda) {
     int64_t slices = (K + 255) / 256;
     t.kc = K <= 512 ? (int)K : (int)((K + slices - 1) / slices);
   }
@@ -314,7 +305,7 @@ static void gemm_tiles(cm_kstage *s, const cm_lower_opts *o) {
      threads idle: smaller blocks until there are 4 (each block repacks its
      operands: not more), while a block keeps 2x2 register blocks; then the
      blocks are evened out so that no thread gets a larger share */
-  if (!o || o->target != CM_TARGET_CUDA) {
+  if (!cuda) {
     int64_t batch = 1;
     for (int d = 0; d < s->n_dom - 2; d++) batch *= s->dom[d];
     for (int guard = 0; guard < 8; guard++) {
@@ -1905,6 +1896,13 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
                          cm_kernel *out, cm_err *err) {
   if (!g || !p || !out || group < 0 || group >= p->n_groups || !p->offset)
     return cm_errorf(err, CM_EINTERNAL, "cm_lower_group: bad arguments (group %d)", group);
+  cm_target host;
+  cm_lower_opts resolved = o ? *o : (cm_lower_opts){0};
+  if (!resolved.target) {
+    cm_target_host(&host);
+    resolved.target = &host;
+  }
+  o = &resolved;
   const cm_group *gr = &p->groups[group];
   char kname[64];
   snprintf(kname, sizeof kname, "k%d_%s", group, cm_group_kind_name(gr->kind));
@@ -2033,8 +2031,8 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   free(c.buf_of);
   free(c.written);
   free(c.memo);
-  if (c.st == CM_OK && gr->kind != CM_GROUP_ATTENTION && !(o && o->no_templates) &&
-      !(o && o->target == CM_TARGET_CUDA))
+  if (c.st == CM_OK && gr->kind != CM_GROUP_ATTENTION && !o->no_templates &&
+      o->target->kind != CM_TARGET_CUDA)
     for (int si = 0; si < out->n_stages; si++) {
       int S = k_split_of(&out->stages[si]);
       if (S > 0) split_k_stage(out, si++, S, o);
@@ -2051,6 +2049,13 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
 cm_status cm_lower_plan(const cm_graph *g, const cm_plan *p, const cm_lower_opts *o,
                         cm_kprogram *out, cm_err *err) {
   if (!g || !p || !out) return cm_errorf(err, CM_EINTERNAL, "cm_lower_plan: bad arguments");
+  cm_target host;
+  cm_lower_opts resolved = o ? *o : (cm_lower_opts){0};
+  if (!resolved.target) {
+    cm_target_host(&host);
+    resolved.target = &host;
+  }
+  o = &resolved;
   memset(out, 0, sizeof *out);
   out->arena_bytes = p->arena_bytes;
   out->kernels = calloc((size_t)p->n_order + 1, sizeof *out->kernels);

@@ -2778,18 +2778,11 @@ static void render_nothing(rctx *c, const char *fname) {
   end_function(c, done);
 }
 
-/* The tiles a GEMM stage renders with: the stage's when set, else defaults
- * (6 x 4 zmm accumulators with AVX-512, measured best on the AVX-512 host;
- * 6 x 2 vectors otherwise, which fits 16 registers). */
+/* The tiles a GEMM stage renders with: the stage's when set (the lowering's
+ * plan), else the target's defaults for W lanes (hand-built kernels). */
 static cm_kgemm_tiles gemm_tiles(const cm_kstage *s, int W) {
   cm_kgemm_tiles t = s->tiles;
-  if (t.mr <= 0 || t.nr <= 0 || t.mc <= 0 || t.nc <= 0 || t.kc <= 0) {
-    t.mr = 6;
-    t.nr = W >= 16 ? 4 * W : 2 * W;
-    t.mc = 240;
-    t.nc = 512;
-    t.kc = 128;
-  }
+  if (t.mr <= 0 || t.nr <= 0 || t.mc <= 0 || t.nc <= 0 || t.kc <= 0) t = cm_cpu_gemm_defaults(W);
   return t;
 }
 
@@ -2823,7 +2816,13 @@ cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_rend
   c.i32 = LLVMInt32TypeInContext(c.C);
   c.i64 = LLVMInt64TypeInContext(c.C);
   c.ptr = LLVMPointerTypeInContext(c.C, 0);
-  c.W = o && o->vector_width > 0 ? o->vector_width : cm_cpu_target_lanes();
+  cm_target host;
+  const cm_target *target = o ? o->target : NULL;
+  if (!target) {
+    cm_target_host(&host);
+    target = &host;
+  }
+  c.W = o && o->vector_width > 0 ? o->vector_width : target->vector_lanes;
   if (c.W != 4 && c.W != 8 && c.W != 16 && c.W != 32)
     return cm_errorf(err, CM_EINVALID, "cm_render_llvm: kernel %s: vector_width %d is not 4..32",
                      k->name, c.W);

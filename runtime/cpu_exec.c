@@ -47,8 +47,8 @@ struct cm_cpu_program {
   int threads, W; /* W: the f32 lanes the renderer is told to use (the target CPU's), so that
                      the work-item and workspace figures below match the rendered GEMM tiles */
   bool profile, gemm;
-  cm_cpu_target target; /* the host, or $CMAEC_CPU's CPU; run refuses one the host cannot run */
-  int64_t **items;      /* per kernel, per stage: work items */
+  cm_target target; /* the host, or $CMAEC_CPU's CPU; run refuses one the host cannot run */
+  int64_t **items;  /* per kernel, per stage: work items */
   cm_cpu_stats stats;
   cm_kernel_profile *prof;
   char (*keys)[65];        /* per kernel: the content key of its rendered module */
@@ -66,13 +66,7 @@ static double now_ms(void) {
 
 static cm_kgemm_tiles tiles_of(const cm_kstage *s, int W) {
   cm_kgemm_tiles t = s->tiles;
-  if (t.mr <= 0 || t.nr <= 0 || t.mc <= 0 || t.nc <= 0 || t.kc <= 0) {
-    t.mr = 6;
-    t.nr = 2 * W;
-    t.mc = 96;
-    t.nc = 16 * t.nr;
-    t.kc = 256;
-  }
+  if (t.mr <= 0 || t.nr <= 0 || t.mc <= 0 || t.nc <= 0 || t.kc <= 0) t = cm_cpu_gemm_defaults(W);
   return t;
 }
 
@@ -196,12 +190,12 @@ static cm_status build(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts
   pr->gemm = !opts->no_templates;
   cm_status st = resolve_threads(opts, &pr->threads, err);
   if (st != CM_OK) goto fail;
-  if ((st = cm_cpu_target_resolve(NULL, NULL, &pr->target, err)) != CM_OK) goto fail;
-  if (!pr->target.runnable && !compile_only) {
-    st = cm_cpu_target_not_runnable(&pr->target, "cpu backend", err);
+  if ((st = cm_target_cpu(NULL, NULL, &pr->target, err)) != CM_OK) goto fail;
+  if (!pr->target.cpu.runnable && !compile_only) {
+    st = cm_cpu_target_not_runnable(&pr->target.cpu, "cpu backend", err);
     goto fail;
   }
-  pr->W = pr->target.vector_bits / 32;
+  pr->W = pr->target.vector_lanes;
   const cm_plan *p = plan;
   if (!plan) {
     cm_pass_state s = {cm_graph_clone(g), NULL};
@@ -278,7 +272,7 @@ static cm_status build(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts
   }
 
   double t0 = now_ms();
-  cm_lower_opts lo = {CM_TARGET_CPU, opts->no_templates, opts->attn_bc};
+  cm_lower_opts lo = {&pr->target, opts->no_templates, opts->attn_bc};
   st = cm_lower_plan(rg, p, &lo, &pr->kp, err);
   if (st != CM_OK) goto fail;
   pr->stats.lower_ms = now_ms() - t0;
@@ -288,11 +282,11 @@ static cm_status build(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts
   jo.cache_dir = cache_dir_of(opts, cbuf, sizeof cbuf);
   jo.opt_level = opts->opt_level > 0 ? opts->opt_level : 3;
   jo.vector_width = pr->W == 16 ? 512 : 0;
-  jo.cpu = pr->target.forced ? pr->target.cpu : NULL;
+  jo.cpu = pr->target.cpu.forced ? pr->target.cpu.cpu : NULL;
   jo.compile_only = compile_only;
   st = cm_jit_create(&pr->jit, &jo, err);
   if (st != CM_OK) goto fail;
-  cm_llvm_render_opts ro = {pr->W, opts->no_templates};
+  cm_llvm_render_opts ro = {pr->W, opts->no_templates, &pr->target};
   int nk = pr->kp.n_kernels;
   pr->ks = calloc((size_t)nk + 1, sizeof *pr->ks);
   pr->prof = calloc((size_t)nk + 1, sizeof *pr->prof);
@@ -484,8 +478,8 @@ static cm_status build(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts
   pr->stats.cache_misses = js.cache_misses;
   pr->stats.jit_modules = js.modules;
   pr->stats.object_bytes = js.object_bytes;
-  pr->stats.vector_bits = pr->target.vector_bits;
-  pr->stats.runnable = pr->target.runnable;
+  pr->stats.vector_bits = pr->target.cpu.vector_bits;
+  pr->stats.runnable = pr->target.cpu.runnable;
   pr->stats.arena_bytes = pr->kp.arena_bytes;
   pr->stats.scratch_bytes = pr->kp.max_scratch_bytes;
   pr->stats.workspace_bytes = pr->ws_stride * pr->threads;
@@ -594,7 +588,8 @@ static cm_status bind_sources(cm_cpu_program *pr, cm_tensor *const *sources, cm_
 
 cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
                              cm_err *err) {
-  if (!pr->target.runnable) return cm_cpu_target_not_runnable(&pr->target, "cpu backend", err);
+  if (!pr->target.cpu.runnable)
+    return cm_cpu_target_not_runnable(&pr->target.cpu, "cpu backend", err);
   const cm_graph *rg = pr->rg, *g = pr->g;
   cm_status bound = bind_sources(pr, sources, err);
   if (bound != CM_OK) return bound;

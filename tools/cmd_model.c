@@ -712,7 +712,7 @@ int cmd_compile(int argc, char **argv) {
     rc = EXIT_INVALID;
     goto done;
   }
-  cm_target target;
+  cm_target_kind target;
   if (!strcmp(opts[3].value, "cpu"))
     target = CM_TARGET_CPU;
   else if (!strcmp(opts[3].value, "cuda"))
@@ -751,12 +751,11 @@ int cmd_compile(int argc, char **argv) {
     rc = EXIT_INVALID;
     goto done;
   }
-  if (target == CM_TARGET_CPU) { /* a bad CMAEC_CPU is reported before any work */
-    cm_cpu_target ct;
-    if (cm_cpu_target_resolve(NULL, NULL, &ct, &err)) {
-      rc = cli_report(&err, "cmaec compile");
-      goto done;
-    }
+  cm_target tgt; /* a bad CMAEC_CPU is reported before any work */
+  if (target == CM_TARGET_CPU ? cm_target_cpu(NULL, NULL, &tgt, &err)
+                              : cm_target_cuda(arch, &tgt, &err)) {
+    rc = cli_report(&err, "cmaec compile");
+    goto done;
   }
   const char *path = pos[0];
   if ((rc = compile_input(&mc, path, batch, &g, &plan))) goto done;
@@ -766,7 +765,7 @@ int cmd_compile(int argc, char **argv) {
     goto done;
   }
   double t0 = now_seconds();
-  cm_lower_opts lo = {target, opts[7].given, 0};
+  cm_lower_opts lo = {&tgt, opts[7].given, 0};
   if (cm_lower_plan(g, plan, &lo, &prog, &err)) {
     rc = cli_report(&err, path);
     goto done;
@@ -798,7 +797,7 @@ int cmd_compile(int argc, char **argv) {
       goto done;
     }
     module = LLVMModuleCreateWithNameInContext("cmaec_kernels", cm_jit_context(jit));
-    cm_llvm_render_opts ro = {0, opts[7].given};
+    cm_llvm_render_opts ro = {0, opts[7].given, &tgt};
     t0 = now_seconds();
     for (int i = 0; i < prog.n_kernels; i++)
       if (cm_render_llvm(&prog.kernels[i], module, &ro, &err)) {

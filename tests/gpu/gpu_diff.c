@@ -126,7 +126,9 @@ static bool prog_build(const cm_graph *g0, const char *arch, gpu_prog *p) {
   }
   p->g = s.g;
   p->plan = s.plan;
-  cm_lower_opts lo = {CM_TARGET_CUDA, false, 0};
+  cm_target cuda_target;
+  cm_target_cuda("sm_80", &cuda_target, NULL);
+  cm_lower_opts lo = {&cuda_target, false, 0};
   if (cm_lower_plan(p->g, p->plan, &lo, &p->kp, &err)) {
     fprintf(stderr, "lower: %s\n", err.msg);
     return false;

@@ -80,7 +80,7 @@ static bool renders_with(const cm_kernel *k, const char *what) {
   LLVMContextRef ctx = LLVMContextCreate();
   LLVMModuleRef m = LLVMModuleCreateWithNameInContext("attn", ctx);
   cm_err err = {0};
-  cm_llvm_render_opts ro = {0, false};
+  cm_llvm_render_opts ro = {0, false, NULL};
   bool found = false;
   if (cm_render_llvm(k, m, &ro, &err) == CM_OK) {
     char *ir = LLVMPrintModuleToString(m);
@@ -110,7 +110,7 @@ static span_count count_spans_bc(const cm_graph *g, const char *what, int bc) {
   cm_pass_state s = {cm_graph_clone(g), NULL};
   CHECK_MSG(cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s: %s",
             what, err.msg);
-  cm_lower_opts lo = {CM_TARGET_CPU, false, bc};
+  cm_lower_opts lo = {NULL, false, bc};
   cm_kprogram kp;
   CHECK_MSG(cm_lower_plan(s.g, s.plan, &lo, &kp, &err) == CM_OK, "%s: %s", what, err.msg);
   for (int i = 0; i < kp.n_kernels; i++) {
@@ -266,7 +266,7 @@ static void test_verify_and_print(void) {
   cm_err err = {0};
   cm_pass_state s = {cm_graph_clone(g), NULL};
   CHECK(cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK);
-  cm_lower_opts lo = {CM_TARGET_CPU, false, 0};
+  cm_lower_opts lo = {NULL, false, 0};
   cm_kprogram kp;
   CHECK_MSG(cm_lower_plan(s.g, s.plan, &lo, &kp, &err) == CM_OK, "%s", err.msg);
   int checked = 0;
@@ -445,7 +445,7 @@ static void test_stream_check(void) {
   cm_err err = {0};
   cm_pass_state s = {cm_graph_clone(g), NULL};
   CHECK(cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK);
-  cm_lower_opts lo = {CM_TARGET_CPU, false, 5};
+  cm_lower_opts lo = {NULL, false, 5};
   cm_kprogram kp;
   CHECK_MSG(cm_lower_plan(s.g, s.plan, &lo, &kp, &err) == CM_OK, "%s", err.msg);
   int checked = 0;

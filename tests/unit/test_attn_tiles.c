@@ -73,7 +73,7 @@ static void scan_ir(const cm_kernel *k, found *f) {
   LLVMContextRef ctx = LLVMContextCreate();
   LLVMModuleRef m = LLVMModuleCreateWithNameInContext("attn", ctx);
   cm_err err = {0};
-  cm_llvm_render_opts ro = {0, false};
+  cm_llvm_render_opts ro = {0, false, NULL};
   CHECK_MSG(cm_render_llvm(k, m, &ro, &err) == CM_OK, "render: %s", err.msg);
   char *ir = LLVMPrintModuleToString(m);
   f->packs_kt += strstr(ir, "at.packA.kt.kv") != NULL;
@@ -102,7 +102,7 @@ static found scan(const cm_graph *g, const char *what) {
   cm_pass_state s = {cm_graph_clone(g), NULL};
   CHECK_MSG(cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s: %s",
             what, err.msg);
-  cm_lower_opts lo = {CM_TARGET_CPU, false, 0};
+  cm_lower_opts lo = {NULL, false, 0};
   cm_kprogram kp;
   CHECK_MSG(cm_lower_plan(s.g, s.plan, &lo, &kp, &err) == CM_OK, "%s: %s", what, err.msg);
   for (int i = 0; i < kp.n_kernels; i++) {

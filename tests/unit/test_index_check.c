@@ -235,7 +235,9 @@ static void test_cuda_source(void) {
   CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s",
             err.msg);
   cm_kprogram kp;
-  cm_lower_opts lo = {CM_TARGET_CUDA, false, 0};
+  cm_target cuda_target;
+  cm_target_cuda("sm_80", &cuda_target, NULL);
+  cm_lower_opts lo = {&cuda_target, false, 0};
   CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &kp, &err) == CM_OK, "%s", err.msg);
   char *src = NULL;
   int checks = 0;

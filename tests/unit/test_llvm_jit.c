@@ -797,8 +797,12 @@ static void test_forced_cpu(void) {
     CHECK_MSG(cm_cpu_target_resolve(NULL, NULL, &t, &err) == CM_OK, "%s", err.msg);
     CHECK_MSG(t.forced && !strcmp(t.cpu, cpus[c].cpu) && t.vector_bits == cpus[c].bits,
               "%s: cpu %s, %d-bit vectors", cpus[c].cpu, t.cpu, t.vector_bits);
-    CHECK_MSG(cm_cpu_target_lanes() == cpus[c].bits / 32, "%s: %d lanes", cpus[c].cpu,
-              cm_cpu_target_lanes());
+    cm_target host;
+    cm_target_host(&host);
+    CHECK_MSG(host.kind == CM_TARGET_CPU && host.vector_lanes == cpus[c].bits / 32 &&
+                  host.gemm.nr % host.vector_lanes == 0 && !strcmp(host.arch, cpus[c].cpu),
+              "%s: %d lanes, nr %d, arch %s", cpus[c].cpu, host.vector_lanes, host.gemm.nr,
+              host.arch);
     bool want_runnable = cpus[c].bits == 128 || (cpus[c].bits == 256 ? host_avx2 : host_avx512);
     CHECK_MSG(t.runnable == want_runnable, "%s: runnable %d (missing \"%s\")", cpus[c].cpu,
               t.runnable, t.missing);

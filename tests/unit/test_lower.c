@@ -241,7 +241,7 @@ static double run_case(const cm_graph *g0, const char *what, bool no_templates, 
   double worst = -1;
   if (st) goto out;
   const cm_graph *g = s.g;
-  cm_lower_opts lo = {CM_TARGET_CPU, no_templates, 0};
+  cm_lower_opts lo = {NULL, no_templates, 0};
   cm_kprogram prog;
   st = cm_lower_plan(g, s.plan, &lo, &prog, &err);
   CHECK_MSG(st == CM_OK, "%s: lower: %s", what, err.msg);
@@ -567,7 +567,7 @@ static void lower_variant(const char *path, const char *const *ov, int n_ov, boo
   cm_pass_state s = {step ? cm_graph_clone(step) : NULL, NULL};
   if (step && cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK) {
     for (int nt = 0; nt < 2; nt++) {
-      cm_lower_opts lo = {CM_TARGET_CPU, nt, 0};
+      cm_lower_opts lo = {NULL, nt, 0};
       cm_kprogram prog;
       cm_status st = cm_lower_plan(s.g, s.plan, &lo, &prog, &err);
       CHECK_MSG(st == CM_OK, "%s: lower: %s", path, err.msg);

@@ -347,7 +347,9 @@ static void collect_variant(int v) {
   cm_status st = cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err);
   CHECK_MSG(st == CM_OK && ps.plan, "%s: %s", path, err.msg);
   cm_kprogram prog = {0};
-  cm_lower_opts lo = {CM_TARGET_CUDA, false, 0};
+  cm_target cuda_target;
+  cm_target_cuda("sm_80", &cuda_target, NULL);
+  cm_lower_opts lo = {&cuda_target, false, 0};
   if (st == CM_OK && ps.plan) {
     st = cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err);
     CHECK_MSG(st == CM_OK, "%s: lowering: %s", path, err.msg);
@@ -814,7 +816,9 @@ static void test_cuda_kernels_on_host(void) {
     CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s",
               err.msg);
     cm_kprogram prog = {0};
-    cm_lower_opts lo = {CM_TARGET_CUDA, false, 0};
+    cm_target cuda_target;
+    cm_target_cuda("sm_80", &cuda_target, NULL);
+    cm_lower_opts lo = {&cuda_target, false, 0};
     CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err) == CM_OK, "%s", err.msg);
     emu_check_program(ps.g, ps.plan, &prog, &kernels, &spans, &compared);
     cm_kprogram_free(&prog);
@@ -868,7 +872,9 @@ static void test_streaming_attention(void) {
       CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s",
                 err.msg);
       cm_kprogram prog = {0};
-      cm_lower_opts lo = {CM_TARGET_CUDA, false, (int)shapes[si][4]};
+      cm_target cuda_target;
+      cm_target_cuda("sm_80", &cuda_target, NULL);
+      cm_lower_opts lo = {&cuda_target, false, (int)shapes[si][4]};
       CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err) == CM_OK, "%s", err.msg);
       for (int ki = 0; ki < prog.n_kernels; ki++) {
         const cm_kernel *kk = &prog.kernels[ki];

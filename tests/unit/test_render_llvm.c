@@ -197,7 +197,7 @@ static void test_float_ops(void) {
       set_elem(data[bb], dt, i, i % 5 == 0 ? get_elem(data[ba], dt, i) : urand(-2, 2));
     }
     cm_cpu_stage_fn fns[1];
-    cm_llvm_render_opts ro = {16, false};
+    cm_llvm_render_opts ro = {16, false, NULL};
     if (test_jit_kernel(j, &k, &ro, fns)) {
       int64_t items = generic_items(&k.stages[0]);
       run_stages(&k, fns, bufs, &items, NULL);
@@ -699,7 +699,7 @@ static void check_gemm(cm_jit *j, const gemm_case *g) {
     char *ws = aligned_alloc(64, (size_t)gemm_ws(t, g->K));
     char *bufs[] = {(char *)A, (char *)Bm, (char *)bias, (char *)C};
     cm_cpu_stage_fn fn[1];
-    cm_llvm_render_opts ro = {g->width ? g->width : 16, !templ};
+    cm_llvm_render_opts ro = {g->width ? g->width : 16, !templ, NULL};
     if (test_jit_kernel(j, &k, &ro, fn)) {
       int64_t items = templ ? gemm_items(g, t) : g->batch * g->M * g->N;
       run_stages(&k, fn, bufs, &items, ws);
@@ -927,7 +927,7 @@ static void test_asm(void) {
   add_store(s, bo, r, cm_kx_acc(s));
   LLVMModuleRef m = LLVMModuleCreateWithNameInContext("asm", cm_jit_context(j));
   cm_err err = {0};
-  cm_llvm_render_opts ro = {W, false};
+  cm_llvm_render_opts ro = {W, false, NULL};
   CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
   char *text = NULL;
   if (cm_jit_render(j, m, CM_JIT_TEXT_ASM, &text, &err) == CM_OK) {
@@ -1050,7 +1050,7 @@ static void test_gemm_perf(void) {
   char *ws = aligned_alloc(64, (size_t)gemm_ws(&default_tiles, g.K));
   char *bufs[] = {(char *)A, (char *)Bm, (char *)bias, (char *)C};
   cm_cpu_stage_fn fn[1];
-  cm_llvm_render_opts ro = {16, false};
+  cm_llvm_render_opts ro = {16, false, NULL};
   if (test_jit_kernel(j, &k, &ro, fn)) {
     double s = time_gemm(fn[0], bufs, gemm_items(&g, &default_tiles), ws);
     double gf = 2.0 * 384 * 384 * 1536 / s * 1e-9;

@@ -125,7 +125,7 @@ static void test_vectorized(void) {
   s->stores[s->n_stores++] = (cm_kstore){bo, v, t};
   LLVMModuleRef m = LLVMModuleCreateWithNameInContext("asm", cm_jit_context(j));
   cm_err err = {0};
-  cm_llvm_render_opts ro = {16, false};
+  cm_llvm_render_opts ro = {16, false, NULL};
   CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
   char *text = NULL;
   if (cm_jit_render(j, m, CM_JIT_TEXT_ASM, &text, &err) == CM_OK) {

@@ -1,5 +1,6 @@
-/* codegen/cpu_target.c — which CPU the LLVM backend generates code for: the host, or the LLVM
- * CPU name in $CMAEC_CPU (see codegen.h, cm_cpu_target).
+/* codegen/target.c — what code is generated for (codegen.h, cm_target): the CPU the LLVM
+ * backend compiles for (the host, or the LLVM CPU name in $CMAEC_CPU), its vector width and GEMM
+ * tile defaults; a CUDA arch and its device limits.
  *
  * LLVM's C API can name the host CPU and its features (LLVMGetHostCPUName/-Features), and
  * LLVMCreateTargetMachine accepts any CPU name, but it neither validates a name (an unknown one
@@ -125,23 +126,6 @@ static int widest_vector(const char *enabled) {
     if (*p == ',') p++;
   }
   return bits;
-}
-
-int cm_cpu_target_lanes(void) {
-  cm_cpu_target t;
-  if (cm_cpu_target_resolve(NULL, NULL, &t, NULL) != CM_OK) {
-    pthread_once(&host_once, read_host);
-    char en[sizeof host_features] = "";
-    for (const char *p = host_features; *p;) { /* the host's, as a fallback */
-      const char *e = strchr(p, ',');
-      size_t len = e ? (size_t)(e - p) : strlen(p);
-      if (len > 1 && p[0] == '+') append(en, sizeof en, ",", p, len);
-      p += len;
-      if (*p == ',') p++;
-    }
-    return widest_vector(en) / 32;
-  }
-  return t.vector_bits / 32;
 }
 
 /* The names LLVM knows, for the error message. */
@@ -271,4 +255,78 @@ cm_status cm_cpu_target_not_runnable(const cm_cpu_target *t, const char *what, c
                    "%s: %s needs %s, which this host (%s) lacks: its kernels can be compiled "
                    "(cmaec compile) but not run here",
                    what, t->source, t->missing, t->host_cpu);
+}
+
+/* ---- cm_target ------------------------------------------------------------ */
+
+/* A 6 x 64 register block (24 zmm accumulators) measured best on AVX-512; 6 x 2
+ * vectors with AVX2's (or SSE's) 16 registers. */
+cm_kgemm_tiles cm_cpu_gemm_defaults(int lanes) {
+  if (lanes >= 16) return (cm_kgemm_tiles){240, 512, 128, 6, 4 * lanes};
+  return (cm_kgemm_tiles){240, 256, 128, 6, 2 * lanes};
+}
+
+static void cpu_fill(cm_target *out) {
+  out->kind = CM_TARGET_CPU;
+  snprintf(out->arch, sizeof out->arch, "%s", out->cpu.cpu);
+  out->vector_lanes = out->cpu.vector_bits / 32;
+  out->gemm = cm_cpu_gemm_defaults(out->vector_lanes);
+}
+
+cm_status cm_target_cpu(const char *cpu, const char *features, cm_target *out, cm_err *err) {
+  memset(out, 0, sizeof *out);
+  cm_status st = cm_cpu_target_resolve(cpu, features, &out->cpu, err);
+  if (st != CM_OK) return st;
+  cpu_fill(out);
+  return CM_OK;
+}
+
+void cm_target_host(cm_target *out) {
+  if (cm_target_cpu(NULL, NULL, out, NULL) == CM_OK) return;
+  memset(out, 0, sizeof *out); /* an invalid $CMAEC_CPU: the host itself */
+  (void)cm_cpu_target_resolve("native", NULL, &out->cpu, NULL);
+  cpu_fill(out);
+}
+
+cm_status cm_target_cuda(const char *arch, cm_target *out, cm_err *err) {
+  memset(out, 0, sizeof *out);
+  int sm = 0, used = 0;
+  if (!arch || sscanf(arch, "sm_%d%n", &sm, &used) != 1 ||
+      (arch[used] && strcmp(arch + used, "a")) || sm < 70 || sm > 199)
+    return cm_errorf(err, CM_EINVALID, "CUDA target \"%s\": expected sm_XY or sm_XYa, XY >= 70",
+                     arch ? arch : "(null)");
+  out->kind = CM_TARGET_CUDA;
+  snprintf(out->arch, sizeof out->arch, "%s", arch);
+  out->sm = sm;
+  out->vector_lanes = 1;
+  out->gemm = (cm_kgemm_tiles){64, 64, 16, 32, 32};
+  out->warp_size = 32;
+  out->max_threads_per_block = 1024;
+  out->max_regs_per_thread = 255;
+  out->regs_per_sm = 65536;
+  out->shared_bytes_static = 48 * 1024;
+  /* the opt-in maximum per block (CUDA C Programming Guide, compute capabilities) */
+  out->shared_bytes_max = sm >= 90   ? 227 * 1024
+                          : sm == 80 ? 163 * 1024
+                          : sm >= 86 ? 99 * 1024
+                          : sm == 75 ? 64 * 1024
+                                     : 96 * 1024;
+  out->mma_bf16 = sm >= 80;
+  return CM_OK;
+}
+
+void cm_target_print(const cm_target *t, FILE *out) {
+  const cm_kgemm_tiles *g = &t->gemm;
+  if (t->kind == CM_TARGET_CPU)
+    fprintf(out, "cpu %s (%s), %d f32 lanes%s", t->arch, t->cpu.source, t->vector_lanes,
+            t->cpu.runnable ? "" : ", not runnable here");
+  else
+    fprintf(out,
+            "cuda %s, warp %d, %d threads/block, %d regs/thread, shared %lld KiB (%lld KiB "
+            "opt-in)%s",
+            t->arch, t->warp_size, t->max_threads_per_block, t->max_regs_per_thread,
+            (long long)(t->shared_bytes_static / 1024), (long long)(t->shared_bytes_max / 1024),
+            t->mma_bf16 ? ", bf16/f16 mma" : "");
+  fprintf(out, "; GEMM tiles mc %d nc %d kc %d, register block %d x %d\n", g->mc, g->nc, g->kc,
+          g->mr, g->nr);
 }
