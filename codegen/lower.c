@@ -1,15 +1,19 @@
 /* codegen/lower.c — plan groups to the kernel IR.
  *
- * Materialized nodes (reductions, matmul) get a stage each; the remaining group
- * outputs get one stage per element count (output_stage). Everything else is inlined into
- * the expressions of the stage that needs it (value()), memoized per stage on
- * (node, index expressions) because the graphs are DAGs. Not lowered yet:
- * conv2d as a generic reduction (no GEMM template yet); epilogues
- * (elementwise outputs of one contraction/reduction with no other use) are fused into its stage.
+ * Materialized nodes (reductions, matmul, conv2d and its gradients) get a stage
+ * each; the remaining group outputs get one stage per element count
+ * (output_stage). Everything else is inlined into the expressions of the stage
+ * that needs it (value()), memoized per stage on (node, index expressions)
+ * because the graphs are DAGs. Contractions (matmul; conv2d and
+ * conv2d_grad_weight with groups == 1 through im2col) become GEMM stages
+ * (gemm.c: cm_gemm_mark, and the K split of long ones); grouped convolutions
+ * and conv2d_grad_input are generic reductions. Epilogues (elementwise outputs
+ * of one contraction/reduction with no other use) are fused into its stage.
  * Attention groups: values over the score rows with several consumers get a
  * stage of their own (mark_shared), and the stages from the first GEMM on are
- * marked as a fused attention span where cm_kattn_check holds (mark_attention). */
-#include "codegen.h"
+ * marked as a fused attention span where cm_kattn_check holds (attention.c:
+ * cm_attn_mark). */
+#include "lower_internal.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -266,7 +270,7 @@ static cm_dtype acc_of(cm_dtype dt) {
   return CM_F32;
 }
 
-static void finish_stage(cm_kstage *s) {
+void cm_lower_finish_stage(cm_kstage *s) {
   s->n_parallel = s->n_dom;
   int64_t prod = 1;
   for (int i = 0; i < s->n_dom; i++) {
@@ -277,180 +281,6 @@ static void finish_stage(cm_kstage *s) {
     }
   }
   if (s->accumulate) s->n_parallel = 0;
-}
-
-static int round_up(int64_t v, int m) {
-  return (int)((v + m - 1) / m * m);
-}
-
-static void gemm_tiles(cm_kstage *s, const cm_lower_opts *o) {
-  cm_kgemm_tiles t = o->target->gemm;
-  bool cuda = o->target->kind == CM_TARGET_CUDA;
-  int64_t M = s->dom[s->n_dom - 2], Nn = s->dom[s->n_dom - 1], K = s->red[0];
-  /* one kc slice (K <= 512, below): a B panel of up to 1 MiB (K x nc floats, nc
-     at most 1024) is packed once for consecutive row blocks; wider panels pack A
-     fewer times */
-  if (!cuda && K <= 512) t.nc = (int)(K <= 256 ? 1024 : (262144 / K) / t.nr * t.nr);
-  if (t.mc > round_up(M, t.mr)) t.mc = round_up(M, t.mr);
-  if (t.nc > round_up(Nn, t.nr)) t.nc = round_up(Nn, t.nr);
-  if (t.kc > K) t.kc = (int)K;
-  /* K up to 512 in one slice: the C tile then never goes through memory
-     between slices, and consecutive row blocks share one packed B panel;
-     longer K in even slices of about 256 */
-  if (!cuda) {
-    int64_t slices = (K + 255) / 256;
-    t.kc = K <= 512 ? (int)K : (int)((K + slices - 1) / slices);
-  }
-  /* a GEMM of few blocks (a weight gradient: small M x N, long K) would leave
-     threads idle: smaller blocks until there are 4 (each block repacks its
-     operands: not more), while a block keeps 2x2 register blocks; then the
-     blocks are evened out so that no thread gets a larger share */
-  if (!cuda) {
-    int64_t batch = 1;
-    for (int d = 0; d < s->n_dom - 2; d++) batch *= s->dom[d];
-    for (int guard = 0; guard < 8; guard++) {
-      int64_t blocks = batch * ((M + t.mc - 1) / t.mc) * ((Nn + t.nc - 1) / t.nc);
-      if (blocks >= 4) break;
-      if (t.nc >= 4 * t.nr && t.nc >= t.mc / t.mr * t.nr / 2)
-        t.nc = round_up(t.nc / 2, t.nr);
-      else if (t.mc >= 4 * t.mr)
-        t.mc = round_up(t.mc / 2, t.mr);
-      else
-        break;
-    }
-    int64_t mb = (M + t.mc - 1) / t.mc, nb = (Nn + t.nc - 1) / t.nc;
-    t.mc = round_up((M + mb - 1) / mb, t.mr);
-    t.nc = round_up((Nn + nb - 1) / nb, t.nr);
-  }
-  s->tiles = t;
-}
-
-/* ---- K split of a long GEMM with few blocks (CPU) ----------------------------
- *
- * A weight gradient (X^T dY: small M x N, K = batch x tokens) has too few
- * blocks to occupy the threads with blocks large enough to amortize packing.
- * Its stage becomes two: a GEMM over [S, batch.., M, N] whose split var s takes
- * k in [s K/S, (s + 1) K/S) into partial sums P (scratch), then a reduction
- * over s of P with the original stores (the epilogue, ACC = the sum). */
-
-/* Copies expression e of stage from into stage to: var v becomes expression
- * vmap[v], ACC becomes to's ACC. cmap (per expression of from: its copy) starts at -1. */
-static int copy_expr(cm_kstage *to, const cm_kernel *k, const cm_kstage *from, int e,
-                     const int *vmap, int *cmap) {
-  if (e < 0) return -1;
-  if (cmap[e] >= 0) return cmap[e];
-  const cm_kexpr *x = &from->exprs[e];
-  int r = -1;
-  switch (x->kind) {
-  case CM_KX_CONST: r = cm_kx_const(to, x->dtype, x->value); break;
-  case CM_KX_VAR: r = vmap[x->var]; break;
-  case CM_KX_ACC: r = cm_kx_acc(to); break;
-  case CM_KX_LOAD: r = cm_kx_load(to, k, x->buf, copy_expr(to, k, from, x->a, vmap, cmap)); break;
-  case CM_KX_MOD:
-    r = cm_kx_mod(to, copy_expr(to, k, from, x->a, vmap, cmap),
-                  copy_expr(to, k, from, x->b, vmap, cmap));
-    break;
-  case CM_KX_OP: {
-    int a = copy_expr(to, k, from, x->a, vmap, cmap);
-    int b = copy_expr(to, k, from, x->b, vmap, cmap);
-    int c = copy_expr(to, k, from, x->c, vmap, cmap);
-    r = cm_kx_op(to, x->op, x->dtype, a, b, c);
-    break;
-  }
-  }
-  cmap[e] = r;
-  return r;
-}
-
-/* The split factor S for GEMM stage s (0: no split): only for long K that
- * divides evenly, when the stage would have fewer than 4 blocks of the usual
- * size; the smallest S giving at least 4 blocks of at most 528 x 512. */
-static int k_split_of(const cm_kstage *s) {
-  if (s->tmpl != CM_KT_GEMM || s->accumulate || s->acc_dtype != CM_F32 || s->n_red != 1 ||
-      s->n_dom < 2 || s->n_dom + 1 + s->n_red > CM_KMAX_VARS)
-    return 0;
-  int64_t M = s->dom[s->n_dom - 2], Nn = s->dom[s->n_dom - 1], K = s->red[0], batch = 1;
-  for (int d = 0; d < s->n_dom - 2; d++) batch *= s->dom[d];
-  if (K < 1024 || batch * ((M + 239) / 240) * ((Nn + 511) / 512) >= 4) return 0;
-  int64_t blocks = batch * ((M + 527) / 528) * ((Nn + 511) / 512);
-  for (int S = 2; S <= 8; S++)
-    if (K % S == 0 && K / S >= 256 && blocks * S >= 4) return S;
-  return 0;
-}
-
-/* Splits stage si of k (k_split_of > 0); the new stages are si and si + 1. */
-static void split_k_stage(cm_kernel *k, int si, int S, const cm_lower_opts *o) {
-  cm_kstage old = k->stages[si];
-  int nd = old.n_dom;
-  int64_t K = old.red[0], Kp = K / S, mn = 1;
-  for (int d = 0; d < nd; d++) mn *= old.dom[d];
-  int P = cm_kernel_add_buffer(k, CM_KBUF_SCRATCH, CM_F32, S * mn, -1, k->scratch_bytes);
-  k->buffers[P].read = k->buffers[P].written = true;
-  k->scratch_bytes += (S * mn * 4 + 63) / 64 * 64;
-  int *cmap = malloc(sizeof(int) * (size_t)(old.n_exprs > 0 ? old.n_exprs : 1));
-  if (!cmap) abort();
-  int vmap[CM_KMAX_VARS];
-  char name[64];
-
-  /* partial sums: dom [S, old dom..], red [K / S] */
-  snprintf(name, sizeof name, "%.54s_kpart", old.name);
-  cm_kstage *a = cm_kernel_add_stage(k, name);
-  a->n_dom = nd + 1;
-  a->dom[0] = S;
-  for (int d = 0; d < nd; d++) a->dom[d + 1] = old.dom[d], vmap[d] = cm_kx_var(a, d + 1);
-  a->n_red = 1;
-  a->red[0] = Kp;
-  a->red_op = CM_KRED_SUM;
-  a->acc_dtype = CM_F32;
-  vmap[nd] =
-      cm_kx_iadd(a, cm_kx_imul(a, cm_kx_var(a, 0), cm_kx_iconst(a, Kp)), cm_kx_var(a, nd + 1));
-  for (int e = 0; e < old.n_exprs; e++) cmap[e] = -1;
-  a->gemm_a = copy_expr(a, k, &old, old.gemm_a, vmap, cmap);
-  a->gemm_b = copy_expr(a, k, &old, old.gemm_b, vmap, cmap);
-  a->body = cm_kx_op(a, CM_OP_MUL, CM_F32, a->gemm_a, a->gemm_b, -1);
-  int lin = cm_kx_var(a, 0);
-  for (int d = 0; d < nd; d++)
-    lin = cm_kx_iadd(a, cm_kx_imul(a, lin, cm_kx_iconst(a, old.dom[d])), cm_kx_var(a, d + 1));
-  a->stores[a->n_stores++] = (cm_kstore){P, lin, cm_kx_acc(a)};
-  a->tmpl = CM_KT_GEMM;
-  gemm_tiles(a, o);
-  /* blocks as large as the caches allow: each packs its operands once per slice */
-  int64_t M = old.dom[nd - 2], Nn = old.dom[nd - 1];
-  int64_t mb = (M + 527) / 528, nb = (Nn + 511) / 512;
-  a->tiles.mc = round_up((M + mb - 1) / mb, a->tiles.mr);
-  a->tiles.nc = round_up((Nn + nb - 1) / nb, a->tiles.nr);
-  finish_stage(a);
-
-  /* the sum over s and the original stores */
-  snprintf(name, sizeof name, "%.54s_ksum", old.name);
-  cm_kstage *b = cm_kernel_add_stage(k, name);
-  b->n_dom = nd;
-  for (int d = 0; d < nd; d++) b->dom[d] = old.dom[d], vmap[d] = cm_kx_var(b, d);
-  b->n_red = 1;
-  b->red[0] = S;
-  b->red_op = CM_KRED_SUM;
-  b->acc_dtype = CM_F32;
-  lin = cm_kx_var(b, nd);
-  for (int d = 0; d < nd; d++)
-    lin = cm_kx_iadd(b, cm_kx_imul(b, lin, cm_kx_iconst(b, old.dom[d])), cm_kx_var(b, d));
-  b->body = cm_kx_load(b, k, P, lin);
-  vmap[nd] = -1;
-  for (int e = 0; e < old.n_exprs; e++) cmap[e] = -1;
-  for (int i = 0; i < old.n_stores; i++)
-    b->stores[b->n_stores++] =
-        (cm_kstore){old.stores[i].buf, copy_expr(b, k, &old, old.stores[i].index, vmap, cmap),
-                    copy_expr(b, k, &old, old.stores[i].value, vmap, cmap)};
-  finish_stage(b);
-  free(cmap);
-
-  /* the two new stages take the old one's place */
-  int n = k->n_stages;
-  cm_kstage na = k->stages[n - 2], nbs = k->stages[n - 1];
-  free(old.exprs);
-  memmove(&k->stages[si + 2], &k->stages[si + 1], sizeof(cm_kstage) * (size_t)(n - 3 - si));
-  k->stages[si] = na;
-  k->stages[si + 1] = nbs;
-  k->n_stages = n - 1;
 }
 
 static int band(cm_kstage *s, int a, int b) {
@@ -624,7 +454,7 @@ static void index_check_of(lctx *c, int id) {
     }
     f->stores[f->n_stores++] = (cm_kstore){key, cm_kx_iconst(f, 0), body};
   }
-  finish_stage(f);
+  cm_lower_finish_stage(f);
   /* value: the index at that position (the last one when none) and the position
    * in the node's index tensor */
   c->n_memo = 0;
@@ -652,7 +482,7 @@ static void index_check_of(lctx *c, int id) {
     v->stores[v->n_stores++] = (cm_kstore){val, cm_kx_iconst(v, 0), j};
     v->stores[v->n_stores++] = (cm_kstore){val, cm_kx_iconst(v, 1), linear(v, to, at)};
   }
-  finish_stage(v);
+  cm_lower_finish_stage(v);
   free(c->memo);
   c->memo = saved, c->n_memo = saved_n, c->cap_memo = saved_cap, c->acc_node = saved_acc;
   if (c->st == CM_OK && (f->n_stores != 1 || v->n_stores != 2))
@@ -729,7 +559,7 @@ static cm_status lower_scatter(lctx *c, int id, int b) {
       at = linear(s, t, dv);
     }
     s->stores[s->n_stores++] = (cm_kstore){b, at, v};
-    finish_stage(s);
+    cm_lower_finish_stage(s);
   }
   c->k->buffers[b].written = true;
   return c->st;
@@ -777,10 +607,7 @@ static void conv_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
   if (a < 0 || b < 0) return;
   s->body = cm_kx_op(s, CM_OP_MUL, y->dtype, a, b, -1);
   if (!c->o || !c->o->no_templates) {
-    s->tmpl = CM_KT_GEMM;
-    s->gemm_a = a;
-    s->gemm_b = b;
-    gemm_tiles(s, c->o);
+    cm_gemm_mark(s, a, b, c->o);
   }
   ix[0] = vn, ix[1] = vo, ix[2] = oh, ix[3] = ow;
 }
@@ -808,10 +635,7 @@ static void conv_grad_weight_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
   int b = conv_patch(c, s, n, KH, KW, vn, oh, ow, vj, cuv);
   if (a < 0 || b < 0) return;
   s->body = cm_kx_op(s, CM_OP_MUL, w->dtype, a, b, -1);
-  s->tmpl = CM_KT_GEMM;
-  s->gemm_a = a;
-  s->gemm_b = b;
-  gemm_tiles(s, c->o);
+  cm_gemm_mark(s, a, b, c->o);
   ix[0] = vo, ix[1] = cuv[0], ix[2] = cuv[1], ix[3] = cuv[2];
 }
 
@@ -908,10 +732,7 @@ static cm_status lower_materialized(lctx *c, int id, int b, const int *eo, const
     if (c->st != CM_OK) return c->st;
     s->body = cm_kx_op(s, CM_OP_MUL, t->dtype, a, bb, -1);
     if (!c->o || !c->o->no_templates) {
-      s->tmpl = CM_KT_GEMM;
-      s->gemm_a = a;
-      s->gemm_b = bb;
-      gemm_tiles(s, c->o);
+      cm_gemm_mark(s, a, bb, c->o);
     }
   }
   if (c->st != CM_OK || s->body < 0) return fail(c, CM_EINTERNAL, id, "no body");
@@ -940,7 +761,7 @@ static cm_status lower_materialized(lctx *c, int id, int b, const int *eo, const
     }
     for (int i = 0; i < n_eo; i++) c->k->buffers[eb[i]].written = true;
   }
-  finish_stage(s);
+  cm_lower_finish_stage(s);
   return CM_OK;
 }
 
@@ -1011,736 +832,6 @@ static int find_epilogue(lctx *c, int h, const int *out_buf, const bool *done, i
   }
   free(ing), free(dep), free(in_u), free(stack);
   return ne;
-}
-
-/* ---- attention spans ------------------------------------------------------- */
-
-/* Whether stages [first, end) access buffer b, and whether any stage outside does. */
-static void attn_uses(const cm_kernel *k, int b, int first, int end, bool *in, bool *out) {
-  *in = *out = false;
-  for (int si = 0; si < k->n_stages; si++) {
-    const cm_kstage *s = &k->stages[si];
-    bool hit = false;
-    for (int e = 0; e < s->n_exprs && !hit; e++)
-      hit = s->exprs[e].kind == CM_KX_LOAD && s->exprs[e].buf == b;
-    for (int j = 0; j < s->n_stores && !hit; j++) hit = s->stores[j].buf == b;
-    if (!hit) continue;
-    if (si >= first && si < end)
-      *in = true;
-    else
-      *out = true;
-  }
-}
-
-/* The softmax scale: a constant factor of the first load of S in the stage after the first. */
-static double attn_scale(const cm_kernel *k, int first) {
-  if (first + 1 >= k->n_stages) return 0;
-  const cm_kstage *s = &k->stages[first + 1];
-  for (int e = 0; e < s->n_exprs; e++) {
-    const cm_kexpr *x = &s->exprs[e];
-    if (x->kind != CM_KX_OP || x->op != CM_OP_MUL || x->b < 0) continue;
-    double v;
-    if (s->exprs[x->a].kind == CM_KX_LOAD && cm_kx_is_const(s, x->b, &v)) return v;
-  }
-  return 0;
-}
-
-/* Query rows per block: about 48 rows (an S tile of 48 x N floats stays in L2
- * with N ~ 200), split evenly, a multiple of the register block's rows. */
-static int attn_br(int64_t rows, int mr) {
-  int64_t nblk = (rows + 47) / 48;
-  int64_t br = (rows + nblk - 1) / nblk;
-  br = (br + mr - 1) / mr * mr;
-  return br >= rows ? (int)rows : (int)br;
-}
-
-/* ---- online-softmax streaming (forward spans) ---- */
-
-/* The affine form of i64 expression e: coef[v] per variable plus *c0; false
- * when e is not affine (div, mod, select, ...), overflows, or the walk
- * exceeds *budget nodes (shared subexpressions are walked again). */
-static bool attn_aff_walk(const cm_kstage *s, int e, int64_t *coef, int64_t *c0, int *budget) {
-  if (e < 0 || e >= s->n_exprs || --*budget < 0) return false;
-  const cm_kexpr *x = &s->exprs[e];
-  memset(coef, 0, sizeof(int64_t) * CM_KMAX_VARS);
-  *c0 = 0;
-  if (x->dtype != CM_I64) return false;
-  if (x->kind == CM_KX_CONST)
-    return fabs(x->value) < 9e15 ? (*c0 = (int64_t)x->value, true) : false;
-  if (x->kind == CM_KX_VAR) {
-    if (x->var < 0 || x->var >= CM_KMAX_VARS) return false;
-    coef[x->var] = 1;
-    return true;
-  }
-  if (x->kind != CM_KX_OP || x->a < 0 || x->b < 0) return false;
-  int64_t ca[CM_KMAX_VARS], cb[CM_KMAX_VARS], a0, b0;
-  if (!attn_aff_walk(s, x->a, ca, &a0, budget) || !attn_aff_walk(s, x->b, cb, &b0, budget))
-    return false;
-  bool bad = false;
-  switch (x->op) {
-  case CM_OP_ADD:
-  case CM_OP_SUB:
-    for (int v = 0; v < CM_KMAX_VARS; v++)
-      bad |= x->op == CM_OP_ADD ? __builtin_add_overflow(ca[v], cb[v], &coef[v])
-                                : __builtin_sub_overflow(ca[v], cb[v], &coef[v]);
-    bad |= x->op == CM_OP_ADD ? __builtin_add_overflow(a0, b0, c0)
-                              : __builtin_sub_overflow(a0, b0, c0);
-    return !bad;
-  case CM_OP_MUL: {
-    bool a_const = true, b_const = true;
-    for (int v = 0; v < CM_KMAX_VARS; v++) a_const &= ca[v] == 0, b_const &= cb[v] == 0;
-    if (!a_const && !b_const) return false;
-    const int64_t *lin = b_const ? ca : cb;
-    int64_t l0 = b_const ? a0 : b0, m = b_const ? b0 : a0;
-    for (int v = 0; v < CM_KMAX_VARS; v++) bad |= __builtin_mul_overflow(lin[v], m, &coef[v]);
-    bad |= __builtin_mul_overflow(l0, m, c0);
-    return !bad;
-  }
-  default: return false;
-  }
-}
-
-static bool attn_aff(const cm_kstage *s, int e, int64_t *coef, int64_t *c0) {
-  int budget = 4096;
-  return attn_aff_walk(s, e, coef, c0, &budget);
-}
-
-/* Whether index e of stage s is the canonical element of a value laid out
- * [batch..., rows, X]: (B * rows + v{rv}) * X + v{cv} (cv < 0 when X == 1),
- * B the linear batch index over dom0[0..nb). Variables of extent 1 are 0. */
-static bool attn_canon(const cm_kstage *s, int e, const int64_t *dom0, int nb, int64_t rows, int rv,
-                       int cv, int64_t X) {
-  int64_t coef[CM_KMAX_VARS], c0;
-  if (!attn_aff(s, e, coef, &c0) || c0 != 0) return false;
-  int64_t want[CM_KMAX_VARS] = {0}, st = rows * X;
-  for (int v = nb - 1; v >= 0; v--) want[v] = st, st *= dom0[v];
-  want[rv] += X;
-  if (cv >= 0) want[cv] += 1;
-  for (int v = 0; v < s->n_dom + s->n_red; v++) {
-    int64_t ext = v < s->n_dom ? s->dom[v] : s->red[v - s->n_dom];
-    if (ext > 1 && coef[v] != want[v]) return false;
-  }
-  return true;
-}
-
-typedef struct fa_match {
-  const cm_kernel *k;
-  const int64_t *dom0; /* the first stage's batch extents */
-  int nb;
-  int64_t rows, keys;
-} fa_match;
-
-/* The batch vars of stage s (its row var follows them): n_dom - 2 for the
- * [batch, rows, keys or columns] stages, and for row statistics laid out
- * [batch, rows, 1]; n_dom - 1 for [batch, rows]. They must be the first
- * stage's batch, or all of extent 1 when that batch is one item (the
- * simplifier drops unit axes from some stages only). -1 when neither. */
-static int fa_nbs(const cm_kstage *s, const int64_t *dom0, int nb, bool stat) {
-  int n = s->n_dom - 2;
-  if (stat && !(s->n_dom >= 2 && s->dom[s->n_dom - 1] == 1)) n = s->n_dom - 1;
-  if (n < 0) return -1;
-  int64_t bat = 1, sb = 1;
-  for (int v = 0; v < nb; v++) bat *= dom0[v];
-  for (int v = 0; v < n; v++) sb *= s->dom[v];
-  if (n == nb && (nb == 0 || !memcmp(s->dom, dom0, sizeof(int64_t) * (size_t)nb))) return n;
-  return bat == 1 && sb == 1 ? n : -1;
-}
-
-/* Every load in stage s (batch vars nbs) of one of bufs[0..n) reads f32 at
- * its canonical index (X = xs[i]; key or column var cv). */
-static bool fa_loads_ok(const fa_match *m, const cm_kstage *s, int nbs, const int *bufs,
-                        const int64_t *xs, int n, int cv) {
-  for (int e = 0; e < s->n_exprs; e++) {
-    const cm_kexpr *x = &s->exprs[e];
-    if (x->kind != CM_KX_LOAD) continue;
-    for (int i = 0; i < n; i++) {
-      if (x->buf != bufs[i]) continue;
-      if (x->dtype != CM_F32 || m->k->buffers[x->buf].dtype != CM_F32 ||
-          !attn_canon(s, x->a, s->dom, nbs, m->rows, nbs, xs[i] > 1 ? cv : -1, xs[i]))
-        return false;
-    }
-  }
-  return true;
-}
-
-/* Whether stage s loads only buffers of bufs[0..n). */
-static bool fa_loads_only(const cm_kstage *s, const int *bufs, int n) {
-  for (int e = 0; e < s->n_exprs; e++) {
-    if (s->exprs[e].kind != CM_KX_LOAD) continue;
-    bool ok = false;
-    for (int i = 0; i < n; i++) ok |= s->exprs[e].buf == bufs[i];
-    if (!ok) return false;
-  }
-  return true;
-}
-
-/* Stage s is [batch, rows(, 1)] with one f32 store of ACC into a buffer at
- * its canonical row index, reducing over the keys; returns the buffer. */
-static int fa_row_stat(const fa_match *m, const cm_kstage *s, cm_kreduce op, int *nbs) {
-  *nbs = fa_nbs(s, m->dom0, m->nb, true);
-  if (*nbs < 0 || s->n_red != 1 || s->red_op != op || s->red[0] != m->keys ||
-      s->acc_dtype != CM_F32 || s->accumulate || s->n_stores != 1 || s->tmpl != CM_KT_NONE ||
-      s->dom[*nbs] != m->rows)
-    return -1;
-  const cm_kstore *st = &s->stores[0];
-  const cm_kexpr *v = &s->exprs[st->value];
-  if (v->kind != CM_KX_ACC || v->dtype != CM_F32 || m->k->buffers[st->buf].dtype != CM_F32 ||
-      !attn_canon(s, st->index, s->dom, *nbs, m->rows, *nbs, -1, 1))
-    return -1;
-  return st->buf;
-}
-
-/* Stage s is [batch, rows, keys] elementwise with one f32 store at the
- * canonical index; returns the buffer. */
-static int fa_tile_store(const fa_match *m, const cm_kstage *s, int *nbs) {
-  *nbs = fa_nbs(s, m->dom0, m->nb, false);
-  if (*nbs < 0 || s->n_red != 0 || s->dom[*nbs] != m->rows || s->dom[*nbs + 1] != m->keys ||
-      s->accumulate || s->n_stores != 1 || s->tmpl != CM_KT_NONE)
-    return -1;
-  const cm_kstore *st = &s->stores[0];
-  if (s->exprs[st->value].dtype != CM_F32 || m->k->buffers[st->buf].dtype != CM_F32 ||
-      !attn_canon(s, st->index, s->dom, *nbs, m->rows, *nbs, *nbs + 1, m->keys))
-    return -1;
-  return st->buf;
-}
-
-/* Expression e is E / l (or E * (1 / l), E * recip(l)) as loads of eb and lb. */
-static bool fa_is_norm(const cm_kstage *s, int e, int eb, int lb) {
-  const cm_kexpr *x = &s->exprs[e];
-#define FA_LOAD(id, b) (s->exprs[id].kind == CM_KX_LOAD && s->exprs[id].buf == (b))
-  if (x->kind != CM_KX_OP || x->dtype != CM_F32) return false;
-  if (x->op == CM_OP_DIV) return FA_LOAD(x->a, eb) && FA_LOAD(x->b, lb);
-  if (x->op != CM_OP_MUL) return false;
-  for (int side = 0; side < 2; side++) {
-    int ea = side ? x->b : x->a, rl = side ? x->a : x->b;
-    const cm_kexpr *r = &s->exprs[rl];
-    if (!FA_LOAD(ea, eb) || r->kind != CM_KX_OP || r->dtype != CM_F32) continue;
-    double one;
-    if (r->op == CM_OP_RECIP && FA_LOAD(r->a, lb)) return true;
-    if (r->op == CM_OP_DIV && cm_kx_is_const(s, r->a, &one) && one == 1 && FA_LOAD(r->b, lb))
-      return true;
-  }
-  return false;
-#undef FA_LOAD
-}
-
-/* Whether the cone of expression e loads buffer b (operands have smaller ids:
- * one downward sweep). */
-static bool fa_cone_loads(const cm_kstage *s, int e, int b) {
-  if (e < 0 || e >= s->n_exprs) return false;
-  bool *in = calloc((size_t)e + 1, sizeof *in), hit = false;
-  if (!in) abort();
-  in[e] = true;
-  for (int i = e; i >= 0 && !hit; i--) {
-    if (!in[i]) continue;
-    const cm_kexpr *x = &s->exprs[i];
-    hit = x->kind == CM_KX_LOAD && x->buf == b;
-    int ops[3] = {x->a, x->b, x->c};
-    for (int j = 0; j < 3; j++)
-      if (ops[j] >= 0 && ops[j] < i && x->kind != CM_KX_VAR && x->kind != CM_KX_CONST)
-        in[ops[j]] = true;
-  }
-  free(in);
-  return hit;
-}
-
-/* Recognises the softmax structure of forward span a (first stage `first`):
- * S, max, exp, sum, then O and an optional P in either order; fills the
- * roles. False (a untouched) when the span is anything else. */
-static bool fa_match_span(const cm_kernel *k, int first, cm_kattn *a) {
-  const cm_kstage *s0 = &k->stages[first];
-  int nb = a->nb;
-  if (a->span != 5 && a->span != 6) return false;
-  if (s0->n_dom != nb + 2 || s0->n_red != 1 || s0->acc_dtype != CM_F32 || s0->n_stores != 1 ||
-      s0->dom[nb] != a->rows)
-    return false;
-  fa_match m = {k, s0->dom, nb, a->rows, s0->dom[nb + 1]};
-  if (m.keys < 2) return false;
-  /* S: one store of a function of ACC alone (a scale, a cast) at the canonical index */
-  const cm_kstore *ss = &s0->stores[0];
-  int sb = ss->buf;
-  if (s0->exprs[ss->value].dtype != CM_F32 || k->buffers[sb].dtype != CM_F32 ||
-      !attn_canon(s0, ss->index, s0->dom, nb, m.rows, nb, nb + 1, m.keys))
-    return false;
-  for (int e = 0; e < s0->n_exprs; e++)
-    if (s0->exprs[e].kind == CM_KX_LOAD && fa_cone_loads(s0, ss->value, s0->exprs[e].buf))
-      return false;
-  int nbs;
-  int64_t xs[2] = {m.keys, 1};
-  /* m = rowmax(f(S)) */
-  const cm_kstage *sm = &k->stages[first + 1];
-  int mb = fa_row_stat(&m, sm, CM_KRED_MAX, &nbs);
-  int bl[2] = {sb, -1};
-  if (mb < 0 || !fa_loads_only(sm, bl, 1) || !fa_loads_ok(&m, sm, nbs, bl, xs, 1, sm->n_dom))
-    return false;
-  /* E = exp(g(S) - m) */
-  const cm_kstage *se = &k->stages[first + 2];
-  int eb = fa_tile_store(&m, se, &nbs);
-  bl[1] = mb;
-  if (eb < 0 || !fa_loads_only(se, bl, 2) || !fa_loads_ok(&m, se, nbs, bl, xs, 2, nbs + 1))
-    return false;
-  const cm_kexpr *ev = &se->exprs[se->stores[0].value];
-  if (ev->kind != CM_KX_OP || ev->op != CM_OP_EXP) return false;
-  const cm_kexpr *sub = &se->exprs[ev->a];
-  if (sub->kind != CM_KX_OP || sub->op != CM_OP_SUB || sub->dtype != CM_F32 ||
-      se->exprs[sub->b].kind != CM_KX_LOAD || se->exprs[sub->b].buf != mb ||
-      fa_cone_loads(se, sub->a, mb))
-    return false;
-  /* l = rowsum(E) */
-  const cm_kstage *sl = &k->stages[first + 3];
-  int lb = fa_row_stat(&m, sl, CM_KRED_SUM, &nbs);
-  const cm_kexpr *lbody = lb >= 0 ? &sl->exprs[sl->body] : NULL;
-  if (!lbody || lbody->kind != CM_KX_LOAD || lbody->buf != eb || !fa_loads_only(sl, &eb, 1) ||
-      !fa_loads_ok(&m, sl, nbs, &eb, xs, 1, sl->n_dom))
-    return false;
-  /* O = (E / l or P) V, and P = E / l before or after it */
-  int so_i = -1, sp = -1, pb = -1;
-  for (int si = first + 4; si < first + a->span; si++) {
-    if (k->stages[si].tmpl == CM_KT_GEMM && so_i < 0)
-      so_i = si;
-    else if (sp < 0)
-      sp = si;
-    else
-      return false;
-  }
-  if (so_i < 0) return false;
-  int el[2] = {eb, lb};
-  if (sp >= 0) {
-    const cm_kstage *sq = &k->stages[sp];
-    pb = fa_tile_store(&m, sq, &nbs);
-    if (pb < 0 || !fa_is_norm(sq, sq->stores[0].value, eb, lb) || !fa_loads_only(sq, el, 2) ||
-        !fa_loads_ok(&m, sq, nbs, el, xs, 2, nbs + 1))
-      return false;
-  }
-  const cm_kstage *so = &k->stages[so_i];
-  nbs = fa_nbs(so, s0->dom, nb, false);
-  if (nbs < 0 || so->n_red != 1 || so->red_op != CM_KRED_SUM || so->acc_dtype != CM_F32 ||
-      so->red[0] != m.keys || so->dom[nbs] != m.rows || so->accumulate || so->gemm_a < 0 ||
-      so->gemm_b < 0)
-    return false;
-  int roles[5] = {sb, mb, eb, lb, pb};
-  if (pb >= 0 && sp < so_i && so->exprs[so->gemm_a].kind == CM_KX_LOAD &&
-      so->exprs[so->gemm_a].buf == pb) {
-    if (!fa_loads_ok(&m, so, nbs, &pb, xs, 1, so->n_dom)) return false;
-    for (int e = 0; e < so->n_exprs; e++) /* P read only as gemm_a */
-      if (e != so->gemm_a && so->exprs[e].kind == CM_KX_LOAD && so->exprs[e].buf == pb)
-        return false;
-  } else if (!fa_is_norm(so, so->gemm_a, eb, lb) ||
-             !fa_loads_ok(&m, so, nbs, el, xs, 2, so->n_dom)) {
-    return false;
-  }
-  /* the operand V, the epilogue and the stores touch no role except through gemm_a */
-  for (int r = 0; r < 5; r++) {
-    if (roles[r] < 0) continue;
-    for (int q = r + 1; q < 5; q++)
-      if (roles[q] == roles[r]) return false;
-    if (fa_cone_loads(so, so->gemm_b, roles[r])) return false;
-    for (int j = 0; j < so->n_stores; j++)
-      if (so->stores[j].buf == roles[r] || fa_cone_loads(so, so->stores[j].value, roles[r]) ||
-          fa_cone_loads(so, so->stores[j].index, roles[r]))
-        return false;
-  }
-  for (int j = 0; j < so->n_stores; j++)
-    for (int si = first; si < first + a->span; si++)
-      for (int e = 0; e < k->stages[si].n_exprs; e++)
-        if (k->stages[si].exprs[e].kind == CM_KX_LOAD &&
-            k->stages[si].exprs[e].buf == so->stores[j].buf)
-          return false;
-  a->st_max = first + 1, a->st_exp = first + 2, a->st_sum = first + 3;
-  a->st_p = sp, a->st_out = so_i;
-  a->buf_s = sb, a->buf_m = mb, a->buf_e = eb, a->buf_l = lb, a->buf_p = pb;
-  a->keep = 0;
-  for (int r = 0; r < 5; r++) {
-    if (roles[r] < 0) continue;
-    bool loc = false;
-    for (int i = 0; i < a->n_local; i++) loc |= a->local[i] == roles[r];
-    if (!loc) a->keep |= 1u << r;
-  }
-  return true;
-}
-
-static int64_t fa_up(int64_t v, int64_t m) {
-  return (v + m - 1) / m * m;
-}
-
-/* ---- backward streaming ---- */
-
-/* Which local buffer b is (index into a->local), or -1. */
-static int fb_local(const cm_kattn *a, int b) {
-  for (int i = 0; i < a->n_local; i++)
-    if (a->local[i] == b) return i;
-  return -1;
-}
-
-/* Whether any stage of [first, end) stores into buffer b. */
-static bool fb_span_writes(const cm_kernel *k, int first, int end, int b) {
-  for (int si = first; si < end; si++)
-    for (int j = 0; j < k->stages[si].n_stores; j++)
-      if (k->stages[si].stores[j].buf == b) return true;
-  return false;
-}
-
-/* Every load of stage s: a local tile at its canonical index with key var cv
- * (row var rv), a local row statistic at its canonical row, or a buffer the
- * span never writes. Row statistics refused when !stats. */
-static bool fb_loads_ok(const cm_kernel *k, int first, int end, const cm_kattn *a,
-                        const cm_kstage *s, int nbs, int rv, int cv, bool stats) {
-  for (int e = 0; e < s->n_exprs; e++) {
-    const cm_kexpr *x = &s->exprs[e];
-    if (x->kind != CM_KX_LOAD) continue;
-    int li = fb_local(a, x->buf);
-    if (li < 0) {
-      if (fb_span_writes(k, first, end, x->buf)) return false;
-      continue;
-    }
-    if (x->dtype != CM_F32 || k->buffers[x->buf].dtype != CM_F32) return false;
-    int64_t X = a->local_row[li];
-    int64_t keys = k->stages[first].dom[a->nb + 1];
-    if (X == 1) {
-      if (!stats || !attn_canon(s, x->a, s->dom, nbs, a->rows, rv, -1, 1)) return false;
-    } else if (X != keys || cv < 0 || !attn_canon(s, x->a, s->dom, nbs, a->rows, rv, cv, X)) {
-      return false;
-    }
-  }
-  return true;
-}
-
-/* Whether the cone of expression e of s loads a local buffer of a. */
-static bool fb_cone_local(const cm_kstage *s, int e, const cm_kattn *a) {
-  for (int i = 0; i < a->n_local; i++)
-    if (fa_cone_loads(s, e, a->local[i])) return true;
-  return false;
-}
-
-/* A GEMM of the backward span (not the first stage): its operand gemm_b and
- * its epilogue read no local buffer, its stores go to buffers the span never
- * reads, and gemm_a is a local tile at the canonical index with (row var,
- * key var) = (rv, cv), or reads no local buffer. */
-static bool fb_gemm_ok(const cm_kernel *k, int first, int end, const cm_kattn *a,
-                       const cm_kstage *s, int nbs, int rv, int cv) {
-  if (fb_cone_local(s, s->gemm_b, a)) return false;
-  const cm_kexpr *ga = &s->exprs[s->gemm_a];
-  if (ga->kind == CM_KX_LOAD && fb_local(a, ga->buf) >= 0) {
-    int li = fb_local(a, ga->buf);
-    if (ga->dtype != CM_F32 || k->buffers[ga->buf].dtype != CM_F32 ||
-        a->local_row[li] != k->stages[first].dom[a->nb + 1] ||
-        !attn_canon(s, ga->a, s->dom, nbs, a->rows, rv, cv, a->local_row[li]))
-      return false;
-  } else if (fb_cone_local(s, s->gemm_a, a)) {
-    return false;
-  }
-  for (int j = 0; j < s->n_stores; j++) {
-    const cm_kstore *st = &s->stores[j];
-    if (fb_local(a, st->buf) >= 0 || fb_cone_local(s, st->value, a) ||
-        fb_cone_local(s, st->index, a))
-      return false;
-    for (int si = first; si < end; si++)
-      for (int e = 0; e < k->stages[si].n_exprs; e++)
-        if (k->stages[si].exprs[e].kind == CM_KX_LOAD && k->stages[si].exprs[e].buf == st->buf)
-          return false;
-  }
-  return true;
-}
-
-/* Recognises a backward span that streams over key blocks and fills a->role. */
-static bool fb_match_span(const cm_kernel *k, int first, cm_kattn *a) {
-  const cm_kstage *s0 = &k->stages[first];
-  int nb = a->nb, end = first + a->span;
-  if (a->span > CM_KATTN_MAX_SPAN || a->br < a->rows || s0->n_dom != nb + 2 || s0->n_red != 1 ||
-      s0->acc_dtype != CM_F32 || s0->n_stores != 1 || s0->dom[nb] != a->rows)
-    return false;
-  int64_t keys = s0->dom[nb + 1];
-  if (keys < 2) return false;
-  fa_match m = {k, s0->dom, nb, a->rows, keys};
-  for (int i = 0; i < a->n_local; i++)
-    if ((a->local_row[i] != keys && a->local_row[i] != 1) ||
-        k->buffers[a->local[i]].dtype != CM_F32)
-      return false;
-  /* every local written by exactly one stage of the span, with one store */
-  for (int i = 0; i < a->n_local; i++) {
-    int writers = 0;
-    for (int si = first; si < end; si++)
-      for (int j = 0; j < k->stages[si].n_stores; j++)
-        writers += k->stages[si].stores[j].buf == a->local[i];
-    if (writers != 1) return false;
-  }
-  signed char role[CM_KATTN_MAX_SPAN];
-  memset(role, 0, sizeof role);
-  bool dep_stat[CM_KATTN_MAX_LOCAL] = {false};
-  for (int si = first; si < end; si++) {
-    const cm_kstage *s = &k->stages[si];
-    int r = si - first, nbs, b;
-    if (r == 0) {
-      const cm_kstore *ss = &s->stores[0];
-      if (fb_local(a, ss->buf) < 0 || a->local_row[fb_local(a, ss->buf)] != keys ||
-          s->exprs[ss->value].dtype != CM_F32 || s->gemm_a < 0 || s->gemm_b < 0 ||
-          !attn_canon(s, ss->index, s->dom, nb, a->rows, nb, nb + 1, keys) ||
-          fb_cone_local(s, ss->value, a) || fb_cone_local(s, s->gemm_a, a) ||
-          fb_cone_local(s, s->gemm_b, a))
-        return false;
-      for (int e = 0; e < s->n_exprs; e++)
-        if (s->exprs[e].kind == CM_KX_LOAD && fa_cone_loads(s, ss->value, s->exprs[e].buf))
-          return false;
-      role[r] = CM_KATTN_ROLE_TILE;
-    } else if (s->n_red == 0) {
-      b = fa_tile_store(&m, s, &nbs);
-      if (b < 0 || fb_local(a, b) < 0 || a->local_row[fb_local(a, b)] != keys ||
-          !fb_loads_ok(k, first, end, a, s, nbs, nbs, nbs + 1, true))
-        return false;
-      int li = fb_local(a, b);
-      for (int e = 0; e < s->n_exprs; e++) {
-        if (s->exprs[e].kind != CM_KX_LOAD) continue;
-        int lj = fb_local(a, s->exprs[e].buf);
-        if (lj >= 0 && (a->local_row[lj] == 1 || dep_stat[lj])) dep_stat[li] = true;
-      }
-      role[r] = CM_KATTN_ROLE_TILE;
-    } else if (s->tmpl != CM_KT_GEMM) {
-      b = fa_row_stat(&m, s, s->red_op, &nbs);
-      if (b < 0 || fb_local(a, b) < 0 || a->local_row[fb_local(a, b)] != 1 ||
-          !fb_loads_ok(k, first, end, a, s, nbs, nbs, s->n_dom, false))
-        return false;
-      for (int e = 0; e < s->n_exprs; e++) {
-        if (s->exprs[e].kind != CM_KX_LOAD) continue;
-        int lj = fb_local(a, s->exprs[e].buf);
-        if (lj >= 0 && dep_stat[lj]) return false;
-      }
-      role[r] = CM_KATTN_ROLE_ROWRED;
-    } else {
-      nbs = fa_nbs(s, s0->dom, nb, false);
-      if (nbs < 0 || s->n_dom != nbs + 2 || s->n_red != 1 || s->red_op != CM_KRED_SUM ||
-          s->acc_dtype != CM_F32 || s->accumulate || s->gemm_a < 0 || s->gemm_b < 0)
-        return false;
-      if (s->dom[nbs] == a->rows && s->red[0] == keys &&
-          fb_gemm_ok(k, first, end, a, s, nbs, nbs, s->n_dom))
-        role[r] = CM_KATTN_ROLE_GEMM_ROWS;
-      else if (s->dom[nbs] == keys && s->red[0] == a->rows &&
-               fb_gemm_ok(k, first, end, a, s, nbs, s->n_dom, nbs))
-        role[r] = CM_KATTN_ROLE_GEMM_KEYS;
-      else
-        return false;
-    }
-  }
-  memcpy(a->role, role, sizeof role);
-  return true;
-}
-
-int64_t cm_kattn_bwd_stream_workspace(const cm_kernel *k, int first, int mr, int nr,
-                                      int64_t fixed[4], int64_t *local_off, int64_t *stage_off) {
-  if (!k || first < 0 || first >= k->n_stages || mr < 1 || nr < 1) return 0;
-  const cm_kstage *s0 = &k->stages[first];
-  const cm_kattn *a = &s0->attn;
-  if (s0->tmpl != CM_KT_ATTENTION_BWD || !a->stream || a->span < 2 || a->span > CM_KATTN_MAX_SPAN ||
-      first + a->span > k->n_stages || s0->n_red != 1 || s0->n_dom < 2 || a->bc < 1 ||
-      a->n_local < 0 || a->n_local > CM_KATTN_MAX_LOCAL)
-    return 0;
-  int64_t rows = a->rows, rp = fa_up(rows, mr), bc = a->bc, ldt = fa_up(bc, nr);
-  int64_t bcm = fa_up(bc, mr), d = s0->red[0];
-  int64_t am = 0, bm = d * ldt, cm = rp * ldt;
-  int64_t o = 0;
-  for (int r = 0; r < a->span; r++) {
-    const cm_kstage *s = &k->stages[first + r];
-    if (stage_off) stage_off[r] = 0;
-    if (a->role[r] != CM_KATTN_ROLE_GEMM_ROWS && a->role[r] != CM_KATTN_ROLE_GEMM_KEYS) continue;
-    if (s->n_dom < 2) return 0;
-    int64_t cp = fa_up(s->dom[s->n_dom - 1], nr);
-    if (a->role[r] == CM_KATTN_ROLE_GEMM_ROWS) {
-      am = am > rp * bc ? am : rp * bc;
-      bm = bm > bc * cp ? bm : bc * cp;
-    } else {
-      am = am > bcm * rows ? am : bcm * rows;
-      cm = cm > bcm * cp ? cm : bcm * cp;
-    }
-  }
-  int64_t sz[4] = {rp * d, am, bm, cm};
-  for (int i = 0; i < 4; i++) {
-    if (fixed) fixed[i] = o;
-    o += fa_up(4 * (sz[i] > 0 ? sz[i] : 1), 64);
-  }
-  for (int i = 0; i < a->n_local; i++) {
-    if (local_off) local_off[i] = o;
-    o += fa_up(4 * (a->local_row[i] == 1 ? rp : rp * ldt), 64);
-  }
-  for (int r = 0; r < a->span; r++) {
-    const cm_kstage *s = &k->stages[first + r];
-    if (a->role[r] != CM_KATTN_ROLE_GEMM_ROWS && a->role[r] != CM_KATTN_ROLE_GEMM_KEYS) continue;
-    int64_t cp = fa_up(s->dom[s->n_dom - 1], nr);
-    if (stage_off) stage_off[r] = o;
-    o += fa_up(4 * (a->role[r] == CM_KATTN_ROLE_GEMM_ROWS ? rp * cp : rows * cp), 64);
-  }
-  return o + 64;
-}
-
-cm_status cm_kattn_stream_check(const cm_kernel *k, int first, cm_err *err) {
-  if (!k || first < 0 || first >= k->n_stages)
-    return cm_errorf(err, CM_EINVALID, "cm_kattn_stream_check: no kernel or stage %d out of range",
-                     first);
-  const cm_kstage *s0 = &k->stages[first];
-  const cm_kattn *a = &s0->attn;
-  if (s0->tmpl == CM_KT_ATTENTION_BWD && a->stream) {
-    cm_status st = cm_kattn_check(k, first, err);
-    if (st != CM_OK) return st;
-    int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : 0;
-    if (a->bc < 1 || a->bc >= keys)
-      return cm_errorf(err, CM_EINVALID, "kernel %s stage %d: key block bc %d not in [1, %lld)",
-                       k->name, first, a->bc, (long long)keys);
-    cm_kattn t = *a;
-    if (!fb_match_span(k, first, &t))
-      return cm_errorf(err, CM_EINVALID,
-                       "kernel %s stage %d: the backward span is not key-block streamable (tiles, "
-                       "row reductions, GEMMs over rows or keys at canonical indices)",
-                       k->name, first);
-    if (memcmp(t.role, a->role, sizeof t.role))
-      return cm_errorf(err, CM_EINVALID,
-                       "kernel %s stage %d: the recorded stage roles differ from the span's",
-                       k->name, first);
-    return CM_OK;
-  }
-  if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream)
-    return cm_errorf(err, CM_EINVALID,
-                     "kernel %s stage %d: not a streaming forward attention span (template %d, "
-                     "stream %d)",
-                     k->name, first, (int)s0->tmpl, (int)a->stream);
-  cm_status st = cm_kattn_check(k, first, err);
-  if (st != CM_OK) return st;
-  int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : 0;
-  if (a->bc < 1 || a->bc >= keys)
-    return cm_errorf(err, CM_EINVALID, "kernel %s stage %d: key block bc %d not in [1, %lld)",
-                     k->name, first, a->bc, (long long)keys);
-  cm_kattn t = *a;
-  if (!fa_match_span(k, first, &t))
-    return cm_errorf(err, CM_EINVALID,
-                     "kernel %s stage %d: the span is not S, max, exp, sum, [P], O of a softmax "
-                     "with canonical role indices",
-                     k->name, first);
-  if (t.st_max != a->st_max || t.st_exp != a->st_exp || t.st_sum != a->st_sum ||
-      t.st_p != a->st_p || t.st_out != a->st_out || t.buf_s != a->buf_s || t.buf_m != a->buf_m ||
-      t.buf_e != a->buf_e || t.buf_l != a->buf_l || t.buf_p != a->buf_p || t.keep != a->keep)
-    return cm_errorf(err, CM_EINVALID,
-                     "kernel %s stage %d: the recorded streaming roles (stages, buffers, keep) "
-                     "differ from the span's",
-                     k->name, first);
-  return CM_OK;
-}
-
-int64_t cm_kattn_stream_workspace(const cm_kernel *k, int first, int mr, int nr, int64_t *off) {
-  if (!k || first < 0 || first >= k->n_stages || mr < 1 || nr < 1) return 0;
-  const cm_kstage *s0 = &k->stages[first];
-  const cm_kattn *a = &s0->attn;
-  if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream || a->st_out < first ||
-      a->st_out >= k->n_stages || a->bc < 1 || s0->n_red != 1 || s0->n_dom < 2)
-    return 0;
-  const cm_kstage *so = &k->stages[a->st_out];
-  if (so->n_dom < 2) return 0;
-  int64_t br = a->br < a->rows ? a->br : a->rows, brp = fa_up(br, mr);
-  int64_t d = s0->red[0], dv = so->dom[so->n_dom - 1], bc = a->bc;
-  int64_t sz[8] = {brp * d,
-                   d * fa_up(bc, nr) > bc * fa_up(dv, nr) ? d * fa_up(bc, nr) : bc * fa_up(dv, nr),
-                   brp * fa_up(bc, nr),
-                   brp * bc,
-                   brp * fa_up(dv, nr),
-                   brp,
-                   brp,
-                   brp};
-  int64_t o = 0;
-  for (int i = 0; i < 8; i++) {
-    if (off) off[i] = o;
-    o += fa_up(4 * sz[i], 64);
-  }
-  return o + 64;
-}
-
-/* The key block: forced by the options, else whole key rows while the span's
- * tiles of br x keys fit a per-thread budget (L2-sized), else 64 keys. */
-static void fa_choose(cm_kernel *k, int first, const cm_lower_opts *o, int mr, int nr) {
-  cm_kstage *s0 = &k->stages[first];
-  cm_kattn *a = &s0->attn;
-  a->stream = false;
-  a->st_max = a->st_exp = a->st_sum = a->st_p = a->st_out = -1;
-  a->buf_s = a->buf_m = a->buf_e = a->buf_l = a->buf_p = -1;
-  a->keep = 0;
-  memset(a->role, 0, sizeof a->role);
-  int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : a->rows;
-  a->bc = (int)keys;
-  int64_t bc = keys;
-  if (o && o->attn_bc > 0)
-    bc = o->attn_bc < keys ? o->attn_bc : keys;
-  else if (a->ws_bytes > ((int64_t)512 << 10))
-    bc = 64 < keys ? 64 : keys;
-  if (bc >= keys) return;
-  cm_kattn t = *a;
-  if (s0->tmpl == CM_KT_ATTENTION_BWD) {
-    if (!fb_match_span(k, first, &t)) return;
-    t.stream = true;
-    t.bc = (int)bc;
-    *a = t;
-    a->ws_bytes = cm_kattn_bwd_stream_workspace(k, first, mr, nr, NULL, NULL, NULL);
-    return;
-  }
-  if (!fa_match_span(k, first, &t)) return;
-  t.stream = true;
-  t.bc = (int)bc;
-  *a = t;
-  a->ws_bytes = cm_kattn_stream_workspace(k, first, mr, nr, NULL);
-}
-
-/* Marks the longest span of an attention group's stages, from its first GEMM
- * stage, that fuses (cm_kattn_check holds); row blocks when every stage is
- * local to the query row, else whole batch items. Leaves the kernel as is when
- * no span holds. */
-static void mark_attention(cm_kernel *k, const cm_lower_opts *o) {
-  if (o && o->no_templates) return;
-  int first = -1;
-  for (int si = 0; si < k->n_stages && first < 0; si++)
-    if (k->stages[si].tmpl == CM_KT_GEMM) first = si;
-  if (first < 0) return;
-  cm_kstage *s0 = &k->stages[first];
-  if (s0->n_dom < 2 || s0->red_op != CM_KRED_SUM) return;
-  cm_kstage saved = *s0;
-  int nb = s0->n_dom - 2;
-  int64_t rows = s0->dom[nb];
-  int mr = s0->tiles.mr > 0 ? s0->tiles.mr : 6, nr = s0->tiles.nr > 0 ? s0->tiles.nr : 16;
-  int n_max = 0;
-  for (int end = k->n_stages; end >= first + 2; end--) {
-    cm_kattn a;
-    memset(&a, 0, sizeof a);
-    a.span = end - first;
-    a.nb = nb;
-    a.rows = rows;
-    a.bc = (int)(rows < 64 ? rows : 64);
-    a.scale = attn_scale(k, first);
-    int64_t bat = 1;
-    for (int v = 0; v < nb; v++) bat *= s0->dom[v];
-    bool ok = true;
-    for (int b = 0; b < k->n_buffers && ok; b++) {
-      if (k->buffers[b].kind != CM_KBUF_SCRATCH) continue;
-      bool in, out;
-      attn_uses(k, b, first, end, &in, &out);
-      if (!in || out) continue;
-      if (a.n_local == CM_KATTN_MAX_LOCAL || k->buffers[b].numel % (bat * rows)) {
-        ok = false;
-        break;
-      }
-      a.local_row[a.n_local] = k->buffers[b].numel / (bat * rows);
-      a.local[a.n_local++] = b;
-    }
-    if (!ok || a.n_local == 0) continue;
-    n_max = 0;
-    for (int si = first; si < end; si++) n_max += k->stages[si].red_op == CM_KRED_MAX;
-    for (int pass = 0; pass < 2; pass++) {
-      a.br = pass == 0 ? attn_br(rows, mr) : (int)rows;
-      if (pass == 1 && a.br == attn_br(rows, mr)) break;
-      s0->tmpl = n_max > 0 ? CM_KT_ATTENTION_FWD : CM_KT_ATTENTION_BWD;
-      s0->attn = a;
-      s0->n_parallel = nb;
-      cm_err e;
-      if (cm_kattn_check(k, first, &e) == CM_OK) {
-        s0->attn.ws_bytes = cm_kattn_workspace(k, first, mr, nr, NULL, NULL);
-        fa_choose(k, first, o, mr, nr);
-        return;
-      }
-    }
-    *s0 = saved;
-  }
 }
 
 /* Values of an attention group over the score rows (N x N per batch item)
@@ -1816,7 +907,7 @@ static void lower_shared(lctx *c, int id, const int *out_buf) {
   }
   s->stores[s->n_stores++] = (cm_kstore){b, linear(s, t, dv), v};
   c->k->buffers[b].written = true;
-  finish_stage(s);
+  cm_lower_finish_stage(s);
   c->buf_of[id] = b;
 }
 
@@ -1889,7 +980,7 @@ static void output_stage(lctx *c, int i, const int *out_buf, bool *done, bool ea
   }
   free(seen);
   for (int w = 0; w < n_sw; w++) c->written[stage_written[w]] = true;
-  finish_stage(s);
+  cm_lower_finish_stage(s);
 }
 
 cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const cm_lower_opts *o,
@@ -2033,14 +1124,11 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   free(c.memo);
   if (c.st == CM_OK && gr->kind != CM_GROUP_ATTENTION && !o->no_templates &&
       o->target->kind != CM_TARGET_CUDA)
-    for (int si = 0; si < out->n_stages; si++) {
-      int S = k_split_of(&out->stages[si]);
-      if (S > 0) split_k_stage(out, si++, S, o);
-    }
+    cm_gemm_split_k(out, o);
   /* flattened-then-unflattened indices become affine: the renderers vectorize them */
   for (int i = 0; i < out->n_stages && c.st == CM_OK; i++)
     c.st = cm_kstage_simplify(&out->stages[i], err);
-  if (c.st == CM_OK && gr->kind == CM_GROUP_ATTENTION) mark_attention(out, o);
+  if (c.st == CM_OK && gr->kind == CM_GROUP_ATTENTION) cm_attn_mark(out, o);
   if (c.st == CM_OK) c.st = cm_kernel_verify(out, err);
   if (c.st != CM_OK) cm_kernel_free(out);
   return c.st;

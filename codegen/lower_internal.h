@@ -1,0 +1,22 @@
+/* codegen/lower_internal.h — what lower.c shares with the kernel templates
+ * it calls (gemm.c, attention.c). Private to codegen/. */
+#ifndef CM_LOWER_INTERNAL_H
+#define CM_LOWER_INTERNAL_H
+
+#include "codegen.h"
+
+/* Sets the stage's n_parallel: the leading domain axes giving >= 1024 work
+ * items (0 for an accumulating stage). */
+void cm_lower_finish_stage(cm_kstage *s);
+
+/* gemm.c: marks stage s as a GEMM (operands a over (batch, i, k), b over
+ * (batch, k, j)) with the default plan; splits the K of long GEMMs with few
+ * blocks (CPU). */
+void cm_gemm_mark(cm_kstage *s, int a, int b, const cm_lower_opts *o);
+void cm_gemm_split_k(cm_kernel *k, const cm_lower_opts *o);
+
+/* attention.c: marks the fused attention span of an attention group's kernel
+ * and computes its plan; leaves the kernel as is when no span holds. */
+void cm_attn_mark(cm_kernel *k, const cm_lower_opts *o);
+
+#endif
