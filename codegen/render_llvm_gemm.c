@@ -1,0 +1,457 @@
+/* codegen/render_llvm_gemm.c — the GEMM template's LLVM rendering: a packed,
+ * register-blocked GEMM per CM_KT_GEMM stage (plan: the stage's tiles, from
+ * gemm.c), and the packing and FMA k-loop the attention spans reuse. */
+#include "render_llvm.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- GEMM template ------------------------------------------------------ */
+
+LLVMValueRef rl_fptr(rctx *c, LLVMValueRef base, LLVMValueRef idx, const char *name) {
+  return LLVMBuildInBoundsGEP2(c->B, c->f32, base, &idx, 1, name);
+}
+
+/* The coefficient of var kv in i64 expression e when e is affine in kv (terms
+ * without kv may be anything); false when kv enters otherwise. */
+bool rl_lin_coef(const cm_kstage *s, int e, int kv, int64_t *coef) {
+  if (e < 0 || e >= s->n_exprs) return false;
+  if (!(cm_kx_vars_used(s, e) & (1u << kv))) {
+    *coef = 0;
+    return true;
+  }
+  const cm_kexpr *x = &s->exprs[e];
+  if (x->dtype != CM_I64) return false;
+  if (x->kind == CM_KX_VAR) {
+    *coef = 1;
+    return true;
+  }
+  if (x->kind != CM_KX_OP || x->a < 0 || x->b < 0) return false;
+  int64_t ca, cb;
+  double v;
+  switch (x->op) {
+  case CM_OP_ADD:
+  case CM_OP_SUB:
+    if (!rl_lin_coef(s, x->a, kv, &ca) || !rl_lin_coef(s, x->b, kv, &cb)) return false;
+    return x->op == CM_OP_ADD ? !__builtin_add_overflow(ca, cb, coef)
+                              : !__builtin_sub_overflow(ca, cb, coef);
+  case CM_OP_MUL:
+    /* constants beyond 2^53 are not exact integers: not worth the analysis */
+    if (cm_kx_is_const(s, x->b, &v) && fabs(v) < 9e15 && rl_lin_coef(s, x->a, kv, &ca))
+      return !__builtin_mul_overflow(ca, (int64_t)v, coef);
+    if (cm_kx_is_const(s, x->a, &v) && fabs(v) < 9e15 && rl_lin_coef(s, x->b, kv, &cb))
+      return !__builtin_mul_overflow(cb, (int64_t)v, coef);
+    return false;
+  default: return false;
+  }
+}
+
+/* Whether operand e is a plain f32 load contiguous along k: then W
+ * consecutive k of a row are one vector load. */
+bool rl_k_contiguous(rctx *c, int e) {
+  const cm_kstage *s = c->s;
+  const cm_kexpr *x = &s->exprs[e];
+  int64_t coef;
+  return x->kind == CM_KX_LOAD && x->dtype == CM_F32 && x->buf >= 0 && x->buf < c->k->n_buffers &&
+         c->k->buffers[x->buf].dtype == CM_F32 && rl_lin_coef(s, x->a, s->n_dom, &coef) &&
+         coef == 1;
+}
+
+/* v[0..W) rows of a W x W block, transposed in place: log2(W) rounds of the
+ * perfect shuffle (zip of row i with row i + W/2). */
+void rl_transpose_block(rctx *c, LLVMValueRef *v) {
+  int W = c->W;
+  LLVMValueRef lo[32], hi[32], n[32];
+  for (int i = 0; i < W / 2; i++) {
+    lo[2 * i] = LLVMConstInt(c->i32, (unsigned)i, 0);
+    lo[2 * i + 1] = LLVMConstInt(c->i32, (unsigned)(i + W), 0);
+    hi[2 * i] = LLVMConstInt(c->i32, (unsigned)(i + W / 2), 0);
+    hi[2 * i + 1] = LLVMConstInt(c->i32, (unsigned)(i + W / 2 + W), 0);
+  }
+  LLVMValueRef mlo = LLVMConstVector(lo, (unsigned)W), mhi = LLVMConstVector(hi, (unsigned)W);
+  for (int round = 1; round < W; round *= 2) {
+    for (int i = 0; i < W / 2; i++) {
+      n[2 * i] = LLVMBuildShuffleVector(c->B, v[i], v[i + W / 2], mlo, "zlo");
+      n[2 * i + 1] = LLVMBuildShuffleVector(c->B, v[i], v[i + W / 2], mhi, "zhi");
+    }
+    for (int i = 0; i < W; i++) v[i] = n[i];
+  }
+}
+
+/* Output vector t of R rows x W k (v[l]: row l's W k) laid out k-major
+ * (element g = t W + q is row g % R at k g / R), correct in the lanes whose
+ * row is in [lo, hi) (the others undefined): a tree of two-source shuffles. */
+static LLVMValueRef pick_rows(rctx *c, LLVMValueRef *v, int R, int t, int lo, int hi) {
+  int W = c->W;
+  LLVMValueRef mask[32], a, b;
+  int mid = hi - lo <= 2 ? lo + 1 : (lo + hi) / 2;
+  bool leaves = hi - lo <= 2;
+  if (leaves) {
+    a = v[lo];
+    b = hi - lo == 2 ? v[lo + 1] : LLVMGetPoison(c->vty);
+  } else {
+    a = pick_rows(c, v, R, t, lo, mid);
+    b = pick_rows(c, v, R, t, mid, hi);
+  }
+  for (int q = 0; q < W; q++) {
+    int g = t * W + q, row = g % R, kk = g / R;
+    int from = leaves ? kk : q;
+    if (row >= lo && row < mid)
+      mask[q] = LLVMConstInt(c->i32, (unsigned)from, 0);
+    else if (row >= mid && row < hi)
+      mask[q] = LLVMConstInt(c->i32, (unsigned)(W + from), 0);
+    else
+      mask[q] = LLVMGetUndef(c->i32);
+  }
+  return LLVMBuildShuffleVector(c->B, a, b, LLVMConstVector(mask, (unsigned)W), "rows");
+}
+
+/* Packs panels [0, npan) of R rows (r0 + p*R + l, vars: row var rv, k var kv)
+ * x k [0, kcur) of operand e: dst[p*kc*R + kk*R + l], zero for rows at or
+ * beyond lim. Whole panels skip the clamp; the lane loop is unrolled so that
+ * rows contiguous in memory become vector loads and every panel row one
+ * contiguous store. */
+void rl_emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0, int64_t lim,
+                  LLVMValueRef npan, int64_t R, int64_t kc, LLVMValueRef k0, LLVMValueRef kcur,
+                  LLVMValueRef dst) {
+  LLVMBuilderRef B = c->B;
+  char nm[48];
+  snprintf(nm, sizeof nm, "%s.panel", name);
+  loop Lp = rl_loop_begin(c, nm, rl_ci64(c, 0));
+  LLVMValueRef pr0 = LLVMBuildAdd(B, r0, LLVMBuildMul(B, Lp.iv, rl_ci64(c, R), ""), "pr0");
+  LLVMValueRef pdst = rl_fptr(c, dst, LLVMBuildMul(B, Lp.iv, rl_ci64(c, kc * R), ""), "pdst");
+  LLVMValueRef whole = LLVMBuildICmp(B, LLVMIntSLE, LLVMBuildAdd(B, pr0, rl_ci64(c, R), ""),
+                                     rl_ci64(c, lim), "whole");
+  LLVMBasicBlockRef bfast = rl_new_block(c, "pack.whole"), bslow = rl_new_block(c, "pack.edge"),
+                    bjoin = rl_new_block(c, "pack.next");
+  LLVMBuildCondBr(B, whole, bfast, bslow);
+  bool kvec = rl_k_contiguous(c, e) && (R % c->W == 0 || R < c->W);
+  for (int edge = 0; edge < 2; edge++) {
+    LLVMPositionBuilderAtEnd(B, edge ? bslow : bfast);
+    LLVMValueRef kstart = rl_ci64(c, 0);
+    if (!edge && kvec) {
+      /* W k at a time: W vector loads per W rows, transposed into W panel rows */
+      LLVMValueRef nch = LLVMBuildSDiv(B, kcur, rl_ci64(c, c->W), "kchunks");
+      kstart = LLVMBuildMul(B, nch, rl_ci64(c, c->W), "kstart");
+      LLVMBasicBlockRef bvec = rl_new_block(c, "pack.vec"),
+                        bafter = rl_new_block(c, "pack.vec.done");
+      LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntSGT, nch, rl_ci64(c, 0), ""), bvec, bafter);
+      LLVMPositionBuilderAtEnd(B, bvec);
+      snprintf(nm, sizeof nm, "%s.kv", name);
+      loop Lc = rl_loop_begin(c, nm, rl_ci64(c, 0));
+      LLVMValueRef kkb = LLVMBuildMul(B, Lc.iv, rl_ci64(c, c->W), "kkb");
+      c->vars[c->s->n_dom] = LLVMBuildAdd(B, k0, kkb, "k");
+      if (R < c->W) {
+        /* R rows of W k: R vector loads, shuffled into the R vectors of W panel rows */
+        LLVMValueRef v[32];
+        for (int l = 0; l < R; l++) {
+          c->vars[rv] = LLVMBuildAdd(B, pr0, rl_ci64(c, l), "row");
+          rl_reset_memo(c);
+          const cm_kexpr *x = &c->s->exprs[e];
+          LLVMValueRef idx = rl_convert(c, rl_emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
+          v[l] = LLVMBuildLoad2(B, c->vty, rl_buf_gep(c, x->buf, idx), "krow");
+          LLVMSetAlignment(v[l], 4);
+        }
+        for (int t = 0; t < R; t++) {
+          LLVMValueRef off =
+              LLVMBuildAdd(B, LLVMBuildMul(B, kkb, rl_ci64(c, R), ""), rl_ci64(c, t * c->W), "");
+          LLVMValueRef st = LLVMBuildStore(B, pick_rows(c, v, (int)R, t, 0, (int)R),
+                                           rl_fptr(c, pdst, off, "dst"));
+          LLVMSetAlignment(st, 4);
+        }
+      }
+      for (int64_t g = 0; g < R / c->W; g++) {
+        LLVMValueRef v[32];
+        for (int l = 0; l < c->W; l++) {
+          c->vars[rv] = LLVMBuildAdd(B, pr0, rl_ci64(c, g * c->W + l), "row");
+          rl_reset_memo(c);
+          const cm_kexpr *x = &c->s->exprs[e];
+          LLVMValueRef idx = rl_convert(c, rl_emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
+          v[l] = LLVMBuildLoad2(B, c->vty, rl_buf_gep(c, x->buf, idx), "krow");
+          LLVMSetAlignment(v[l], 4);
+        }
+        rl_transpose_block(c, v);
+        for (int t = 0; t < c->W; t++) {
+          LLVMValueRef off = LLVMBuildAdd(
+              B, LLVMBuildMul(B, LLVMBuildAdd(B, kkb, rl_ci64(c, t), ""), rl_ci64(c, R), ""),
+              rl_ci64(c, g * c->W), "");
+          LLVMValueRef st = LLVMBuildStore(B, v[t], rl_fptr(c, pdst, off, "dst"));
+          LLVMSetAlignment(st, 4);
+        }
+      }
+      snprintf(nm, sizeof nm, "%s.kv.exit", name);
+      rl_loop_end(c, &Lc, nch, nm);
+      LLVMBuildBr(B, bafter);
+      LLVMPositionBuilderAtEnd(B, bafter);
+      LLVMBasicBlockRef brest = rl_new_block(c, "pack.rest");
+      LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntSLT, kstart, kcur, ""), brest, bjoin);
+      LLVMPositionBuilderAtEnd(B, brest);
+    }
+    snprintf(nm, sizeof nm, "%s.k", name);
+    loop Lk = rl_loop_begin(c, nm, kstart);
+    c->vars[c->s->n_dom] = LLVMBuildAdd(B, k0, Lk.iv, "k");
+    LLVMValueRef rowdst = rl_fptr(c, pdst, LLVMBuildMul(B, Lk.iv, rl_ci64(c, R), ""), "rowdst");
+    /* every lane's value before any store: the loads may then be merged */
+    LLVMValueRef vals[64];
+    for (int64_t l = 0; l < R; l++) {
+      LLVMValueRef row = LLVMBuildAdd(B, pr0, rl_ci64(c, l), "row");
+      LLVMValueRef inb = NULL;
+      if (edge) {
+        inb = LLVMBuildICmp(B, LLVMIntSLT, row, rl_ci64(c, lim), "inb");
+        row = rl_smin(c, row, rl_ci64(c, lim - 1), "rowc");
+      }
+      c->vars[rv] = row;
+      rl_reset_memo(c);
+      LLVMValueRef v = rl_convert(c, rl_emit(c, e), c->s->exprs[e].dtype, CM_F32);
+      if (edge) v = LLVMBuildSelect(B, inb, v, LLVMConstReal(c->f32, 0), "a");
+      vals[l] = v;
+    }
+    for (int64_t l = 0; l < R; l++) {
+      LLVMValueRef st = LLVMBuildStore(B, vals[l], rl_fptr(c, rowdst, rl_ci64(c, l), "dst"));
+      LLVMSetAlignment(st, 4);
+    }
+    snprintf(nm, sizeof nm, "%s.k.exit", name);
+    LLVMBasicBlockRef klatch = LLVMGetInsertBlock(B);
+    rl_loop_end(c, &Lk, kcur, nm);
+    /* one k per iteration, the lanes merged into vectors (SLP): vectorizing
+       across k instead gathers and scatters */
+    rl_no_vectorize_loop(c, klatch);
+    LLVMBuildBr(B, bjoin);
+  }
+  LLVMPositionBuilderAtEnd(B, bjoin);
+  snprintf(nm, sizeof nm, "%s.panel.exit", name);
+  rl_loop_end(c, &Lp, npan, nm);
+  c->vars[c->s->n_dom] = NULL;
+}
+
+/* The micro-kernel's k loop over packed panels (A: mr values per k, B: nr =
+ * nv vectors per k): mr x nv vector accumulators start at init[] and take one
+ * broadcast A value times each B vector per k; out[] holds their values after
+ * the loop (the loop runs at least once). */
+void rl_emit_fma_kloop(rctx *c, LLVMValueRef apan, LLVMValueRef bpan, int64_t mr, int64_t nv,
+                       int64_t nr, LLVMValueRef kend, const char *name, LLVMValueRef *init,
+                       LLVMValueRef *nacc) {
+  LLVMBuilderRef B = c->B;
+  int W = c->W;
+  char exit_name[48];
+  snprintf(exit_name, sizeof exit_name, "%s.exit", name);
+  LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
+  loop Kk = rl_loop_begin(c, name, rl_ci64(c, 0));
+  LLVMValueRef phis[64], bv[8];
+  for (int64_t i = 0; i < mr * nv; i++) {
+    phis[i] = LLVMBuildPhi(B, c->vty, "acc");
+    LLVMAddIncoming(phis[i], &init[i], &pre, 1);
+  }
+  for (int64_t v = 0; v < nv; v++) {
+    LLVMValueRef off =
+        LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, rl_ci64(c, nr), ""), rl_ci64(c, v * W), "");
+    bv[v] = LLVMBuildLoad2(B, c->vty, rl_fptr(c, bpan, off, "bp"), "bvec");
+    LLVMSetAlignment(bv[v], 4);
+  }
+  for (int64_t r = 0; r < mr; r++) {
+    LLVMValueRef off =
+        LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, rl_ci64(c, mr), ""), rl_ci64(c, r), "");
+    LLVMValueRef a = LLVMBuildLoad2(B, c->f32, rl_fptr(c, apan, off, "ap"), "a");
+    LLVMValueRef ins =
+        LLVMBuildInsertElement(B, LLVMGetPoison(c->vty), a, LLVMConstInt(c->i32, 0, 0), "");
+    LLVMValueRef splat =
+        LLVMBuildShuffleVector(B, ins, LLVMGetPoison(c->vty),
+                               LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "a.bcast");
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef args[3] = {splat, bv[v], phis[r * nv + v]};
+      LLVMTypeRef vt = c->vty;
+      nacc[r * nv + v] = rl_intrin(c, "llvm.fmuladd", &vt, 1, args, 3, "fma");
+    }
+  }
+  LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
+  for (int64_t i = 0; i < mr * nv; i++) LLVMAddIncoming(phis[i], &nacc[i], &latch, 1);
+  rl_loop_end(c, &Kk, kend, exit_name);
+  if (c->unroll > 1) rl_unroll_last_loop(c, latch, (unsigned)c->unroll);
+}
+
+
+/* Floats of packed B in the workspace: every kc slice of a column block (kept
+ * for the following items with the same block) when they take at most 4 MiB,
+ * else one slice. cm_kstage_workspace_bytes (kernel.c) sizes it the same way. */
+static int64_t gemm_b_floats(int64_t K, int64_t kc, int64_t nc) {
+  int64_t all = (K + kc - 1) / kc * kc * nc;
+  return all * 4 <= ((int64_t)4 << 20) ? all : kc * nc;
+}
+
+/* The stage's stores for the rows x cols in-bounds elements of a tile of the C
+ * tile (from element (ti0, tj0); its ACC at cbase, row stride nc). A row of nr
+ * columns (the whole tile's width) has a constant trip count: vectorized
+ * without a remainder. */
+static void emit_micro_epilogue(rctx *c, LLVMValueRef Ct, LLVMValueRef cbase, LLVMValueRef ti0,
+                                LLVMValueRef tj0, LLVMValueRef rows, LLVMValueRef cols, int64_t nc,
+                                int64_t nr, const LLVMValueRef *ws_md) {
+  LLVMBuilderRef B = c->B;
+  const cm_kstage *s = c->s;
+  int iv = s->n_dom - 2, jv = s->n_dom - 1;
+  loop Er = rl_loop_begin(c, "epi.r", rl_ci64(c, 0));
+  c->vars[iv] = LLVMBuildAdd(B, ti0, Er.iv, "i");
+  LLVMValueRef rbase = LLVMBuildAdd(B, cbase, LLVMBuildMul(B, Er.iv, rl_ci64(c, nc), ""), "crow");
+  LLVMValueRef whole = LLVMBuildICmp(B, LLVMIntEQ, cols, rl_ci64(c, nr), "wholerow");
+  LLVMBasicBlockRef bw = rl_new_block(c, "epi.whole"), be = rl_new_block(c, "epi.edge"),
+                    bj = rl_new_block(c, "epi.rnext");
+  LLVMBuildCondBr(B, whole, bw, be);
+  for (int edge = 0; edge < 2; edge++) {
+    LLVMPositionBuilderAtEnd(B, edge ? be : bw);
+    loop Ej = rl_loop_begin(c, edge ? "epi.je" : "epi.j", rl_ci64(c, 0));
+    c->vars[jv] = LLVMBuildAdd(B, tj0, Ej.iv, "j");
+    c->acc =
+        LLVMBuildLoad2(B, c->f32, rl_fptr(c, Ct, LLVMBuildAdd(B, rbase, Ej.iv, ""), "cp"), "c");
+    if (ws_md[0]) {
+      LLVMSetMetadata(c->acc, LLVMGetMDKindIDInContext(c->C, "alias.scope", 11), ws_md[0]);
+      LLVMSetMetadata(c->acc, LLVMGetMDKindIDInContext(c->C, "noalias", 7), ws_md[1]);
+    }
+    rl_emit_stores(c);
+    rl_loop_end(c, &Ej, edge ? cols : rl_ci64(c, nr), edge ? "epi.je.exit" : "epi.j.exit");
+    LLVMBuildBr(B, bj);
+  }
+  LLVMPositionBuilderAtEnd(B, bj);
+  rl_loop_end(c, &Er, rows, "epi.r.exit");
+}
+
+/* Per work item (a row block x column block, row blocks fastest) and kc slice:
+ * pack B (kc x nc) and A (mc x kc), then for each B micro-panel, each A
+ * micro-panel: the micro-kernel into the C tile. With one slice (K <= kc)
+ * consecutive items of a call with the same column block reuse the packed B,
+ * and each micro-tile's epilogue runs right after its k loop; with several,
+ * one epilogue pass over the C tile follows the last slice. */
+void rl_render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
+  const cm_kstage *s = c->s;
+  LLVMBuilderRef B = c->B;
+  int64_t mc = g->t.mc, nc = g->t.nc, kc = g->t.kc, mr = g->t.mr, nr = g->t.nr, W = c->W;
+  int64_t nv = nr / W;
+  int iv = s->n_dom - 2, jv = s->n_dom - 1;
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  rl_begin_function(c, fname, &begin, &end, &ws, &done);
+  /* two alias scopes: the workspace never overlaps the kernel's buffers, so the
+     epilogue's C tile loads and the output stores vectorize without checks */
+  LLVMValueRef ws_md[2] = {NULL, NULL};
+  LLVMValueRef *scope = calloc((size_t)c->k->n_buffers + 1, sizeof *scope);
+  LLVMValueRef *noalias = calloc((size_t)c->k->n_buffers + 1, sizeof *noalias);
+  if (scope && noalias) {
+    LLVMMetadataRef dom = rl_self_md(c, NULL), sws = rl_self_md(c, dom), sbuf = rl_self_md(c, dom);
+    ws_md[0] = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, &sws, 1));
+    ws_md[1] = LLVMMetadataAsValue(c->C, LLVMMDNodeInContext2(c->C, &sbuf, 1));
+    for (int b = 0; b < c->k->n_buffers; b++) scope[b] = ws_md[1], noalias[b] = ws_md[0];
+    c->md_scope = scope, c->md_noalias = noalias;
+  }
+  /* items run row blocks fastest: consecutive items of a call share their B
+     panel (every kc slice of it, when they fit the workspace), packed once for
+     all of them */
+  bool one_slice = g->K <= kc;
+  int64_t bfl = gemm_b_floats(g->K, kc, nc);
+  bool cache_b = bfl > kc * nc || one_slice;
+  LLVMValueRef Bp = ws;
+  LLVMValueRef Ap = rl_fptr(c, ws, rl_ci64(c, bfl), "Ap");
+  LLVMValueRef Ct = rl_fptr(c, ws, rl_ci64(c, bfl + mc * kc), "Ct");
+  LLVMBasicBlockRef wpre = LLVMGetInsertBlock(B);
+  loop Wl = rl_loop_begin(c, "w", begin);
+  LLVMValueRef bkey_prev = LLVMBuildPhi(B, c->i64, "bkey.prev");
+  LLVMValueRef minus1 = rl_ci64(c, -1);
+  LLVMAddIncoming(bkey_prev, &minus1, &wpre, 1);
+  LLVMValueRef mblk = LLVMBuildSRem(B, Wl.iv, rl_ci64(c, g->mblocks), "mblk");
+  LLVMValueRef t = LLVMBuildSDiv(B, Wl.iv, rl_ci64(c, g->mblocks), "bkey");
+  LLVMValueRef nblk = LLVMBuildSRem(B, t, rl_ci64(c, g->nblocks), "nblk");
+  LLVMValueRef rest = LLVMBuildSDiv(B, t, rl_ci64(c, g->nblocks), "batch");
+  for (int v = g->nb - 1; v >= 0; v--) {
+    if (v == 0) {
+      c->vars[v] = rest;
+    } else {
+      c->vars[v] = LLVMBuildSRem(B, rest, rl_ci64(c, s->dom[v]), "b");
+      rest = LLVMBuildSDiv(B, rest, rl_ci64(c, s->dom[v]), "");
+    }
+  }
+  LLVMValueRef i0 = LLVMBuildMul(B, mblk, rl_ci64(c, mc), "i0");
+  LLVMValueRef j0 = LLVMBuildMul(B, nblk, rl_ci64(c, nc), "j0");
+  LLVMValueRef mrem =
+      rl_smin(c, LLVMBuildSub(B, rl_ci64(c, g->M), i0, ""), rl_ci64(c, mc), "mrows");
+  LLVMValueRef nrem =
+      rl_smin(c, LLVMBuildSub(B, rl_ci64(c, g->N), j0, ""), rl_ci64(c, nc), "ncols");
+  /* rows/cols rounded up to whole panels */
+  LLVMValueRef mpan =
+      LLVMBuildSDiv(B, LLVMBuildAdd(B, mrem, rl_ci64(c, mr - 1), ""), rl_ci64(c, mr), "mpanels");
+  LLVMValueRef npan =
+      LLVMBuildSDiv(B, LLVMBuildAdd(B, nrem, rl_ci64(c, nr - 1), ""), rl_ci64(c, nr), "npanels");
+
+  loop Kl = rl_loop_begin(c, "kslice", rl_ci64(c, 0));
+  LLVMValueRef k0 = LLVMBuildMul(B, Kl.iv, rl_ci64(c, kc), "k0");
+  LLVMValueRef kcur = rl_smin(c, LLVMBuildSub(B, rl_ci64(c, g->K), k0, ""), rl_ci64(c, kc), "kcur");
+  LLVMValueRef first = LLVMBuildICmp(B, LLVMIntEQ, Kl.iv, rl_ci64(c, 0), "first");
+  LLVMValueRef Bs = Bp; /* this slice's packed B */
+  if (cache_b) {
+    Bs = rl_fptr(c, Bp, LLVMBuildMul(B, Kl.iv, rl_ci64(c, kc * nc), ""), "Bslice");
+    LLVMBasicBlockRef bpack = rl_new_block(c, "packB.new"), bkeep = rl_new_block(c, "packB.keep");
+    LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntNE, t, bkey_prev, "newB"), bpack, bkeep);
+    LLVMPositionBuilderAtEnd(B, bpack);
+    rl_emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bs);
+    LLVMBuildBr(B, bkeep);
+    LLVMPositionBuilderAtEnd(B, bkeep);
+  } else {
+    rl_emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bp);
+  }
+  rl_emit_pack(c, "packA", s->gemm_a, iv, i0, g->M, mpan, mr, kc, k0, kcur, Ap);
+
+  /* B micro-panel (kc x nr) stays in L1 while the A block streams from L2 */
+  loop Jr = rl_loop_begin(c, "jr", rl_ci64(c, 0));
+  loop Ir = rl_loop_begin(c, "ir", rl_ci64(c, 0));
+  LLVMValueRef apan = rl_fptr(c, Ap, LLVMBuildMul(B, Ir.iv, rl_ci64(c, kc * mr), ""), "apanel");
+  LLVMValueRef bpan = rl_fptr(c, Bs, LLVMBuildMul(B, Jr.iv, rl_ci64(c, kc * nr), ""), "bpanel");
+  LLVMValueRef cbase = LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, rl_ci64(c, mr * nc), ""),
+                                    LLVMBuildMul(B, Jr.iv, rl_ci64(c, nr), ""), "cbase");
+  /* the first kc slice starts from zero, later ones from the C tile */
+  LLVMValueRef acc0[64], prev[64];
+  LLVMBasicBlockRef bload = rl_new_block(c, "cload"), bjoin = rl_new_block(c, "cinit");
+  LLVMBasicBlockRef bfirst = LLVMGetInsertBlock(B);
+  LLVMBuildCondBr(B, first, bjoin, bload);
+  LLVMPositionBuilderAtEnd(B, bload);
+  for (int64_t r = 0; r < mr; r++)
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef off = LLVMBuildAdd(B, cbase, rl_ci64(c, r * nc + v * W), "");
+      prev[r * nv + v] = LLVMBuildLoad2(B, c->vty, rl_fptr(c, Ct, off, "cp"), "cprev");
+      LLVMSetAlignment(prev[r * nv + v], 4);
+    }
+  LLVMBuildBr(B, bjoin);
+  LLVMPositionBuilderAtEnd(B, bjoin);
+  LLVMValueRef vzero = LLVMConstNull(c->vty);
+  for (int64_t i = 0; i < mr * nv; i++) {
+    acc0[i] = LLVMBuildPhi(B, c->vty, "cinit");
+    LLVMValueRef in[2] = {vzero, prev[i]};
+    LLVMBasicBlockRef from[2] = {bfirst, bload};
+    LLVMAddIncoming(acc0[i], in, from, 2);
+  }
+  LLVMValueRef nacc[64];
+  rl_emit_fma_kloop(c, apan, bpan, mr, nv, nr, kcur, "kk", acc0, nacc);
+  for (int64_t r = 0; r < mr; r++)
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef off = LLVMBuildAdd(B, cbase, rl_ci64(c, r * nc + v * W), "");
+      LLVMValueRef st = LLVMBuildStore(B, nacc[r * nv + v], rl_fptr(c, Ct, off, "cp"));
+      LLVMSetAlignment(st, 4);
+    }
+  if (one_slice) /* the micro-tile's epilogue while its sums are in L1 */
+    emit_micro_epilogue(
+        c, Ct, cbase, LLVMBuildAdd(B, i0, LLVMBuildMul(B, Ir.iv, rl_ci64(c, mr), ""), "ti0"),
+        LLVMBuildAdd(B, j0, LLVMBuildMul(B, Jr.iv, rl_ci64(c, nr), ""), "tj0"),
+        rl_smin(c, LLVMBuildSub(B, mrem, LLVMBuildMul(B, Ir.iv, rl_ci64(c, mr), ""), ""),
+                rl_ci64(c, mr), "trows"),
+        rl_smin(c, LLVMBuildSub(B, nrem, LLVMBuildMul(B, Jr.iv, rl_ci64(c, nr), ""), ""),
+                rl_ci64(c, nr), "tcols"),
+        nc, nr, ws_md);
+  rl_loop_end(c, &Ir, mpan, "ir.exit");
+  rl_loop_end(c, &Jr, npan, "jr.exit");
+  rl_loop_end(c, &Kl, rl_ci64(c, (g->K + kc - 1) / kc), "kslice.exit");
+  /* several slices: one pass over the C tile (stores within a slice would
+     evict the B micro-panel from L1) */
+  if (!one_slice) emit_micro_epilogue(c, Ct, rl_ci64(c, 0), i0, j0, mrem, nrem, nc, nc, ws_md);
+  LLVMBasicBlockRef wlatch = LLVMGetInsertBlock(B);
+  LLVMAddIncoming(bkey_prev, &t, &wlatch, 1);
+  rl_loop_end(c, &Wl, end, "w.exit");
+  rl_end_function(c, done);
+  c->md_scope = c->md_noalias = NULL;
+  free(scope), free(noalias);
+}
