@@ -208,9 +208,13 @@ void cm_gemm_split_k(cm_kernel *k, const cm_lower_opts *o) {
 
 /* ---- what the rendered CPU function expects ---------------------------------- */
 
+/* Exact for the CPU rendering of a lowered stage with templates on: a GEMM
+ * stage renders as the packed GEMM when its accumulator is f32
+ * (cm_llvm_stage_is_gemm), else as a generic loop nest. */
 int64_t cm_kstage_work_items(const cm_kstage *s) {
   int64_t n = 1;
-  if (s->tmpl == CM_KT_GEMM && s->n_dom >= 2 && s->tiles.mc > 0 && s->tiles.nc > 0) {
+  if (s->tmpl == CM_KT_GEMM && s->acc_dtype == CM_F32 && s->n_dom >= 2 && s->tiles.mc > 0 &&
+      s->tiles.nc > 0) {
     for (int v = 0; v < s->n_dom - 2; v++) n *= s->dom[v];
     int64_t m = s->dom[s->n_dom - 2], nn = s->dom[s->n_dom - 1];
     return n * ((m + s->tiles.mc - 1) / s->tiles.mc) * ((nn + s->tiles.nc - 1) / s->tiles.nc);
@@ -222,7 +226,7 @@ int64_t cm_kstage_work_items(const cm_kstage *s) {
 int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target_kind t) {
   if (t == CM_TARGET_CPU && (s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD))
     return s->attn.ws_bytes > 0 ? s->attn.ws_bytes : 0;
-  if (t != CM_TARGET_CPU || s->tmpl != CM_KT_GEMM) return 0;
+  if (t != CM_TARGET_CPU || s->tmpl != CM_KT_GEMM || s->acc_dtype != CM_F32) return 0;
   /* packed A block, packed B panel and the C tile (render_llvm.c's layout): B
      for every kc slice when they take at most 4 MiB (render_llvm.c, gemm_b_floats) */
   int64_t a = (int64_t)s->tiles.mc * s->tiles.kc * 4, b = (int64_t)s->tiles.kc * s->tiles.nc * 4;

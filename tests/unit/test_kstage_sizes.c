@@ -1,0 +1,109 @@
+/* cm_kstage_work_items and cm_kstage_workspace_bytes are exactly what the CPU
+ * executor sizes its launches and per-thread workspaces by: on every stage of
+ * the lowered training step of the fmnist variants (ViT and ConvViT; GEMMs,
+ * K-split GEMMs, attention spans, generic stages), with templates and without,
+ * they equal the executor's own formulas (runtime/cpu_exec.c's work_items and
+ * ws_bytes, copied here as the expectation), so the executor can call them. */
+#include "../test.h"
+#include "../model_step.h"
+#include "codegen/codegen.h"
+#include "models/models.h"
+#include "passes/passes.h"
+
+#include <stdint.h>
+#include <string.h>
+
+/* runtime/cpu_exec.c (tiles_of, work_items, ws_bytes), verbatim but for names */
+static cm_kgemm_tiles exec_tiles(const cm_kstage *s, int W) {
+  cm_kgemm_tiles t = s->tiles;
+  if (t.mr <= 0 || t.nr <= 0 || t.mc <= 0 || t.nc <= 0 || t.kc <= 0) t = cm_cpu_gemm_defaults(W);
+  return t;
+}
+static int64_t exec_work_items(const cm_kstage *s, bool gemm, int W) {
+  if (gemm && cm_llvm_stage_is_gemm(s) && s->n_dom >= 2) {
+    cm_kgemm_tiles t = exec_tiles(s, W);
+    int64_t n = 1;
+    for (int d = 0; d < s->n_dom - 2; d++) n *= s->dom[d];
+    return n * ((s->dom[s->n_dom - 2] + t.mc - 1) / t.mc) *
+           ((s->dom[s->n_dom - 1] + t.nc - 1) / t.nc);
+  }
+  int64_t n = 1;
+  for (int d = 0; d < s->n_parallel && d < s->n_dom; d++) n *= s->dom[d];
+  return n;
+}
+static int64_t exec_ws_bytes(const cm_kstage *s, bool gemm, int W) {
+  int64_t b = cm_kstage_workspace_bytes(s, CM_TARGET_CPU);
+  if (gemm && cm_llvm_stage_is_gemm(s)) {
+    cm_kgemm_tiles t = exec_tiles(s, W);
+    int64_t mine = 4 * ((int64_t)t.kc * t.nc + (int64_t)t.mc * t.kc + (int64_t)t.mc * t.nc);
+    if (mine > b) b = mine;
+  }
+  return b;
+}
+
+typedef struct counts {
+  int stages, gemm, ksplit, attn;
+} counts;
+
+static void check_variant(const char *path, bool templates, counts *n) {
+  cm_model_config cfg;
+  cm_err err = {0};
+  CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
+  cm_model_build_opts bo = {2, 1, CM_F32};
+  cm_model m;
+  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
+  if (!m.g) return;
+  cm_optim_config oc = test_model_optim();
+  cm_graph *step = NULL;
+  cm_train_step_info info;
+  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
+            err.msg);
+  cm_model_free(&m);
+  if (!step) return;
+  cm_pass_state s = {cm_graph_clone(step), NULL};
+  cm_graph_free(step);
+  CHECK_MSG(cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s: %s",
+            path, err.msg);
+  cm_target tgt;
+  cm_target_host(&tgt);
+  cm_lower_opts lo = {&tgt, !templates, 0};
+  cm_kprogram kp;
+  CHECK_MSG(cm_lower_plan(s.g, s.plan, &lo, &kp, &err) == CM_OK, "%s: %s", path, err.msg);
+  for (int i = 0; i < kp.n_kernels; i++)
+    for (int j = 0; j < kp.kernels[i].n_stages; j++) {
+      const cm_kstage *st = &kp.kernels[i].stages[j];
+      int64_t items = exec_work_items(st, templates, tgt.vector_lanes);
+      int64_t ws = exec_ws_bytes(st, templates, tgt.vector_lanes);
+      CHECK_MSG(cm_kstage_work_items(st) == items,
+                "%s kernel %s stage %s: work items %lld, want %lld", path, kp.kernels[i].name,
+                st->name, (long long)cm_kstage_work_items(st), (long long)items);
+      CHECK_MSG(cm_kstage_workspace_bytes(st, CM_TARGET_CPU) == ws,
+                "%s kernel %s stage %s: workspace %lld, want %lld", path, kp.kernels[i].name,
+                st->name, (long long)cm_kstage_workspace_bytes(st, CM_TARGET_CPU), (long long)ws);
+      n->stages++;
+      n->gemm += cm_llvm_stage_is_gemm(st);
+      n->ksplit += strstr(st->name, "_kpart") != NULL;
+      n->attn += st->tmpl == CM_KT_ATTENTION_FWD || st->tmpl == CM_KT_ATTENTION_BWD;
+    }
+  cm_kprogram_free(&kp);
+  cm_graph_free(s.g);
+  cm_plan_free(s.plan);
+}
+
+static void test_templates(void) {
+  counts n = {0};
+  check_variant("models/cmae_vit_tiny_fmnist.json", true, &n);
+  check_variant("models/cmae_convvit_tiny_fmnist.json", true, &n);
+  /* the comparison covered every kind of stage */
+  CHECK(n.stages > 100 && n.gemm > 10 && n.attn > 0);
+  fprintf(stderr, "%d stages, %d GEMM, %d K-split, %d attention spans\n", n.stages, n.gemm,
+          n.ksplit, n.attn);
+}
+
+static void test_no_templates(void) {
+  counts n = {0};
+  check_variant("models/cmae_vit_tiny_fmnist.json", false, &n);
+  CHECK(n.stages > 100 && n.attn == 0);
+}
+
+TEST_MAIN({"templates", test_templates}, {"no_templates", test_no_templates})
