@@ -957,6 +957,91 @@ int64_t cm_kattn_stream_workspace(const cm_kernel *k, int first, int mr, int nr,
   return o + 64;
 }
 
+/* Estimated cycles of an m x n x K GEMM stage of the span with an mr x nr
+ * register block: per k step the FMAs (two a cycle), the loads of the
+ * broadcasts and B vectors, and the FMA latency when there are few
+ * accumulators; per block its C tile stores; per element its epilogue. The
+ * padding of the last row and column panels is paid in full (a 65-column S
+ * with nr = 64 does twice the work of nr = 16 x 5). */
+static double attn_tile_cost(int64_t m, int64_t n, int64_t K, int mr, int nr, int W) {
+  double nv = nr / W, acc = mr * nv;
+  double per_k = fmax(fmax(acc / 2, (mr + nv) / 2), 4) + 0.5;
+  double blocks = (double)((m + mr - 1) / mr) * (double)((n + nr - 1) / nr);
+  return blocks * (K * per_k + acc + 8);
+}
+
+/* Whether stage s (the span's first when first) is one of the span's GEMM stages. */
+static bool attn_is_gemm_stage(const cm_kattn *a, const cm_kstage *s, bool first) {
+  return (first || s->tmpl == CM_KT_GEMM) && s->n_red == 1 && s->n_dom == a->nb + 2 &&
+         s->red_op == CM_KRED_SUM && s->acc_dtype == CM_F32 && s->gemm_a >= 0 && s->gemm_b >= 0;
+}
+
+int64_t cm_kattn_pack_need(const cm_kernel *k, int first, const int *mr, const int *nr, int64_t *am,
+                           int64_t *bm) {
+  const cm_kattn *a = &k->stages[first].attn;
+  int64_t pack_off = 0;
+  cm_kattn_workspace(k, first, 1, 1, NULL, &pack_off);
+  bool rowwise = a->br < a->rows;
+  int64_t br = rowwise ? a->br : a->rows;
+  int64_t fa = 0, fb = 0, fc = 0;
+  for (int si = first; si < first + a->span; si++) {
+    const cm_kstage *s = &k->stages[si];
+    int i = si - first;
+    if (!attn_is_gemm_stage(a, s, si == first)) continue;
+    int64_t m = rowwise ? br : s->dom[a->nb], n = s->dom[a->nb + 1], K = s->red[0];
+    int64_t mp = (m + mr[i] - 1) / mr[i] * mr[i], np = (n + nr[i] - 1) / nr[i] * nr[i];
+    if (mp * K > fa) fa = mp * K;
+    if (K * np > fb) fb = K * np;
+    if (mp * np > fc) fc = mp * np;
+  }
+  *am = fa, *bm = fb;
+  return pack_off + 4 * ((fa + 15) / 16 * 16 + (fb + 15) / 16 * 16 + fc);
+}
+
+/* The register block of each GEMM stage of a whole-row span (a->mr, a->nr):
+ * the one that suits its own shape (S is rows x keys over the head dim; P V is
+ * rows x head dim over the keys), stage by stage as long as the packing and C
+ * tiles still fit the workspace sized for the span's tiles (ws_bytes). Left 0
+ * (the first stage's tiles everywhere) when those tiles do not suit W lanes. */
+static void attn_plan_tiles(cm_kernel *k, int first, int W) {
+  cm_kstage *s0 = &k->stages[first];
+  cm_kattn *a = &s0->attn;
+  a->lanes = 0;
+  memset(a->mr, 0, sizeof a->mr);
+  memset(a->nr, 0, sizeof a->nr);
+  int mr0 = s0->tiles.mr, nr0 = s0->tiles.nr;
+  if (W < 1 || a->span > CM_KATTN_MAX_SPAN || mr0 < 1 || nr0 < W || nr0 % W || nr0 / W > 8 ||
+      mr0 * (nr0 / W) > 32)
+    return;
+  bool rowwise = a->br < a->rows;
+  int64_t br = rowwise ? a->br : a->rows;
+  if (rowwise && br % mr0) return;
+  int smr[CM_KATTN_MAX_SPAN], snr[CM_KATTN_MAX_SPAN];
+  for (int i = 0; i < a->span; i++) smr[i] = mr0, snr[i] = nr0;
+  int64_t am, bm;
+  for (int si = first; si < first + a->span; si++) {
+    const cm_kstage *s = &k->stages[si];
+    int i = si - first;
+    if (!attn_is_gemm_stage(a, s, si == first)) continue;
+    int64_t m = rowwise ? br : s->dom[a->nb], n = s->dom[a->nb + 1], K = s->red[0];
+    double best = attn_tile_cost(m, n, K, mr0, nr0, W);
+    int keep_mr = smr[i], keep_nr = snr[i];
+    for (int nv = 1; nv <= 4; nv++)
+      for (int mr = 1; mr <= 16 && mr * nv + nv <= 31; mr++) {
+        /* rows of a block other than the last stay whole panels */
+        if (rowwise && br % mr) continue;
+        double cost = attn_tile_cost(m, n, K, mr, nv * W, W);
+        if (cost >= best * 0.98) continue;
+        smr[i] = mr, snr[i] = nv * W;
+        if (cm_kattn_pack_need(k, first, smr, snr, &am, &bm) <= a->ws_bytes)
+          best = cost, keep_mr = mr, keep_nr = nv * W;
+        smr[i] = keep_mr, snr[i] = keep_nr;
+      }
+    a->mr[i] = (short)smr[i], a->nr[i] = (short)snr[i];
+  }
+  a->lanes = W;
+}
+
 /* The key block: forced by the options, else whole key rows while the span's
  * tiles of br x keys fit a per-thread budget (L2-sized), else 64 keys. */
 static void attn_choose_key_block(cm_kernel *k, int first, const cm_lower_opts *o, int mr, int nr) {
@@ -1044,6 +1129,7 @@ void cm_attn_mark(cm_kernel *k, const cm_lower_opts *o) {
       if (cm_kattn_check(k, first, &e) == CM_OK) {
         s0->attn.ws_bytes = cm_kattn_workspace(k, first, mr, nr, NULL, NULL);
         attn_choose_key_block(k, first, o, mr, nr);
+        attn_plan_tiles(k, first, o && o->target ? o->target->vector_lanes : 0);
         return;
       }
     }

@@ -351,6 +351,13 @@ typedef struct cm_kattn {
    * rows j reducing over i (dK = dS^T Q, dV = P^T dO: complete per key
    * block). Local buffers are tiles (local_row == keys) or row statistics (1). */
   signed char role[CM_KATTN_MAX_SPAN];
+  /* Whole-row rendering (CPU): the register block of each GEMM stage of the
+   * span (tunable; index: stage - first; 0 where not a GEMM stage or not
+   * planned), chosen by attention.c's cost model for vectors of `lanes` f32
+   * within ws_bytes; a renderer with another vector width uses the first
+   * stage's tiles for every stage. */
+  int lanes;
+  short mr[CM_KATTN_MAX_SPAN], nr[CM_KATTN_MAX_SPAN];
 } cm_kattn;
 
 enum {
@@ -477,6 +484,12 @@ cm_status cm_kernel_verify(const cm_kernel *k, cm_err *err);
  * the span. Returns the total bytes (0 when the span is not well-formed). */
 int64_t cm_kattn_workspace(const cm_kernel *k, int first, int mr, int nr, int64_t *local_off,
                            int64_t *pack_off);
+/* The floats of packed A (*am) and packed B (*bm) the whole-row rendering of
+ * the span at `first` needs with register blocks mr[i] x nr[i] per stage of
+ * the span; returns the workspace bytes it then uses (pack_off + A, B and the
+ * C tile). */
+int64_t cm_kattn_pack_need(const cm_kernel *k, int first, const int *mr, const int *nr, int64_t *am,
+                           int64_t *bm);
 /* The CPU workspace of a streaming forward span (attn.stream) starting at
  * stage `first` (register block mr x nr), floats 64-byte aligned in this
  * order: packed Q (round_up(br, mr) x d), packed K or V block

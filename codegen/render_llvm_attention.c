@@ -32,69 +32,6 @@ static bool attn_is_gemm(const attn_plan *p, const cm_kstage *s, int si) {
          s->red_op == CM_KRED_SUM && s->acc_dtype == CM_F32 && s->gemm_a >= 0 && s->gemm_b >= 0;
 }
 
-/* Estimated cycles of an m x n x K GEMM stage of the span with an mr x nr
- * register block: per k step the FMAs (two a cycle), the loads of the
- * broadcasts and B vectors, and the FMA latency when there are few
- * accumulators; per block its C tile stores; per element its epilogue. The
- * padding of the last row and column panels is paid in full (a 65-column S
- * with nr = 64 does twice the work of nr = 16 x 5). */
-static double attn_tile_cost(int64_t m, int64_t n, int64_t K, int mr, int nr, int W) {
-  double nv = nr / W, acc = mr * nv;
-  double per_k = fmax(fmax(acc / 2, (mr + nv) / 2), 4) + 0.5;
-  double blocks = (double)((m + mr - 1) / mr) * (double)((n + nr - 1) / nr);
-  return blocks * (K * per_k + acc + 8);
-}
-
-/* Floats of packed A, packed B and C tile the span's GEMM stages need with
- * register blocks mr[], nr[] (per stage of the span); returns the bytes of
- * workspace the rendering then uses. */
-static int64_t attn_pack_need(rctx *c, const attn_plan *p, const int *mr, const int *nr,
-                              int64_t *am, int64_t *bm) {
-  int64_t a = 0, b = 0, cm = 0;
-  for (int si = p->first; si < p->first + p->span; si++) {
-    const cm_kstage *s = &c->k->stages[si];
-    int i = si - p->first;
-    if (!attn_is_gemm(p, s, si)) continue;
-    int64_t m = p->rowwise ? p->br : s->dom[p->nb], n = s->dom[p->nb + 1], K = s->red[0];
-    int64_t mp = (m + mr[i] - 1) / mr[i] * mr[i], np = (n + nr[i] - 1) / nr[i] * nr[i];
-    if (mp * K > a) a = mp * K;
-    if (K * np > b) b = K * np;
-    if (mp * np > cm) cm = mp * np;
-  }
-  *am = a, *bm = b;
-  return p->pack_off + 4 * ((a + 15) / 16 * 16 + (b + 15) / 16 * 16 + cm);
-}
-
-/* Every GEMM stage of the span gets the register block that suits its own
- * shape (S is rows x keys over the head dim; P V is rows x head dim over the
- * keys), stage by stage as long as the packing and C tiles still fit the
- * workspace the lowering sized (ws_bytes, for the span's tiles). */
-static void attn_stage_tiles(rctx *c, attn_plan *p, int64_t ws_bytes) {
-  const cm_kernel *k = c->k;
-  int W = c->W;
-  int64_t am, bm;
-  for (int si = p->first; si < p->first + p->span; si++) {
-    const cm_kstage *s = &k->stages[si];
-    int i = si - p->first;
-    if (!attn_is_gemm(p, s, si)) continue;
-    int64_t m = p->rowwise ? p->br : s->dom[p->nb], n = s->dom[p->nb + 1], K = s->red[0];
-    double best = attn_tile_cost(m, n, K, p->mr, p->nr, W);
-    int keep_mr = p->smr[i], keep_nr = p->snr[i];
-    for (int nv = 1; nv <= 4; nv++)
-      for (int mr = 1; mr <= 16 && mr * nv + nv <= 31; mr++) {
-        /* rows of a block other than the last stay whole panels */
-        if (p->rowwise && p->br % mr) continue;
-        double cost = attn_tile_cost(m, n, K, mr, nv * W, W);
-        if (cost >= best * 0.98) continue;
-        p->smr[i] = mr, p->snr[i] = nv * W;
-        if (attn_pack_need(c, p, p->smr, p->snr, &am, &bm) <= ws_bytes)
-          best = cost, keep_mr = mr, keep_nr = nv * W;
-        p->smr[i] = keep_mr, p->snr[i] = keep_nr;
-      }
-  }
-  attn_pack_need(c, p, p->smr, p->snr, &p->am, &p->bm);
-}
-
 /* Whether the span from stage first fuses with this renderer (else: generic). */
 static bool attn_plan_of(rctx *c, int first, attn_plan *p) {
   const cm_kernel *k = c->k;
@@ -130,7 +67,11 @@ static bool attn_plan_of(rctx *c, int first, attn_plan *p) {
       if (s->red[0] * np > p->bm) p->bm = s->red[0] * np;
     }
   }
-  attn_stage_tiles(c, p, a->ws_bytes);
+  /* the register blocks of the span's GEMM stages: the plan's (attention.c) */
+  if (a->lanes == W)
+    for (int i = 0; i < p->span; i++)
+      if (a->mr[i] > 0 && a->nr[i] > 0) p->smr[i] = a->mr[i], p->snr[i] = a->nr[i];
+  cm_kattn_pack_need(k, first, p->smr, p->snr, &p->am, &p->bm);
   return true;
 }
 
