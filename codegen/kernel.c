@@ -459,6 +459,34 @@ static const char *kbuf_kind_name(cm_kbuf_kind k) {
   return "?";
 }
 
+/* The rest of an attention span's plan: per-stage register blocks (whole-row
+ * rendering), and when streaming the key block's roles. */
+static void print_attn_plan(bool bwd, const cm_kattn *a, FILE *out) {
+  int span = a->span < CM_KATTN_MAX_SPAN ? a->span : CM_KATTN_MAX_SPAN;
+  if (a->lanes > 0) {
+    fprintf(out, "  stage tiles (%d lanes)", a->lanes);
+    for (int i = 0; i < span; i++)
+      if (a->mr[i] > 0) fprintf(out, " +%d:%dx%d", i, a->mr[i], a->nr[i]);
+    fprintf(out, "\n");
+  }
+  if (!a->stream) return;
+  if (bwd) {
+    static const char *const names[] = {"-", "tile", "rowred", "gemm_rows", "gemm_keys"};
+    fprintf(out, "  stream bc %d roles", a->bc);
+    for (int i = 0; i < span; i++)
+      fprintf(out, " %s", a->role[i] >= 0 && a->role[i] <= 4 ? names[(int)a->role[i]] : "?");
+    fprintf(out, "\n");
+    return;
+  }
+  fprintf(out,
+          "  stream bc %d stages max %d exp %d sum %d p %d out %d buffers s b%d m b%d e b%d l b%d "
+          "p b%d keep%s%s%s%s%s\n",
+          a->bc, a->st_max, a->st_exp, a->st_sum, a->st_p, a->st_out, a->buf_s, a->buf_m, a->buf_e,
+          a->buf_l, a->buf_p, a->keep & CM_KATTN_KEEP_S ? " s" : "",
+          a->keep & CM_KATTN_KEEP_M ? " m" : "", a->keep & CM_KATTN_KEEP_E ? " e" : "",
+          a->keep & CM_KATTN_KEEP_L ? " l" : "", a->keep & CM_KATTN_KEEP_P ? " p" : "");
+}
+
 void cm_kernel_print(const cm_kernel *k, FILE *out) {
   fprintf(out, "kernel %s (group %d) scratch %lld\n", k->name, k->group,
           (long long)k->scratch_bytes);
@@ -479,9 +507,17 @@ void cm_kernel_print(const cm_kernel *k, FILE *out) {
       fprintf(out, "] acc %s", cm_dtype_name(s->acc_dtype));
     }
     fprintf(out, " parallel %d\n", s->n_parallel);
-    if (s->tmpl == CM_KT_GEMM)
-      fprintf(out, "  gemm a=%%%d b=%%%d tiles mc=%d nc=%d kc=%d mr=%d nr=%d\n", s->gemm_a,
-              s->gemm_b, s->tiles.mc, s->tiles.nc, s->tiles.kc, s->tiles.mr, s->tiles.nr);
+    if (s->tmpl == CM_KT_GEMM) {
+      fprintf(out, "  gemm a=%%%d b=%%%d tiles mc=%d nc=%d kc=%d mr=%d nr=%d", s->gemm_a, s->gemm_b,
+              s->tiles.mc, s->tiles.nc, s->tiles.kc, s->tiles.mr, s->tiles.nr);
+      size_t nl = strlen(s->name);
+      if (nl > 6 && !strcmp(s->name + nl - 6, "_kpart"))
+        fprintf(out, " ksplit %lld", (long long)s->dom[0]);
+      fprintf(out, "\n");
+    }
+    if (s->tmpl != CM_KT_NONE)
+      fprintf(out, "  cpu work items %lld workspace %lld\n", (long long)cm_kstage_work_items(s),
+              (long long)cm_kstage_workspace_bytes(s, CM_TARGET_CPU));
     if (s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD) {
       const cm_kattn *a = &s->attn;
       fprintf(out,
@@ -493,6 +529,7 @@ void cm_kernel_print(const cm_kernel *k, FILE *out) {
       for (int i = 0; i < a->n_local && i < CM_KATTN_MAX_LOCAL; i++)
         fprintf(out, " b%d(row %lld)", a->local[i], (long long)a->local_row[i]);
       fprintf(out, "\n");
+      print_attn_plan(s->tmpl == CM_KT_ATTENTION_BWD, a, out);
     }
     for (int e = 0; e < s->n_exprs; e++) {
       const cm_kexpr *x = &s->exprs[e];

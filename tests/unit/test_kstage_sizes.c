@@ -11,6 +11,8 @@
 #include "passes/passes.h"
 
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* runtime/cpu_exec.c (tiles_of, work_items, ws_bytes), verbatim but for names */
@@ -80,6 +82,22 @@ static void check_variant(const char *path, bool templates, counts *n) {
       CHECK_MSG(cm_kstage_workspace_bytes(st, CM_TARGET_CPU) == ws,
                 "%s kernel %s stage %s: workspace %lld, want %lld", path, kp.kernels[i].name,
                 st->name, (long long)cm_kstage_workspace_bytes(st, CM_TARGET_CPU), (long long)ws);
+      /* the printer shows the plan */
+      if (st->tmpl != CM_KT_NONE && templates) {
+        char *text = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&text, &len);
+        cm_kernel_print(&kp.kernels[i], f);
+        fclose(f);
+        char want[96];
+        snprintf(want, sizeof want, "  cpu work items %lld workspace %lld\n", (long long)items,
+                 (long long)ws);
+        CHECK_STR_CONTAINS(text, want);
+        if (strstr(st->name, "_kpart")) CHECK_STR_CONTAINS(text, " ksplit ");
+        if (st->tmpl == CM_KT_ATTENTION_FWD && !st->attn.stream)
+          CHECK_STR_CONTAINS(text, "stage tiles (");
+        free(text);
+      }
       n->stages++;
       n->gemm += cm_llvm_stage_is_gemm(st);
       n->ksplit += strstr(st->name, "_kpart") != NULL;
