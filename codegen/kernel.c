@@ -226,21 +226,11 @@ static int op_arity(cm_op op) {
                      s->name, ei, rule_);                                                          \
   } while (0)
 
-static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
+/* The expressions of stage si: kinds, operands in range and before their
+ * use, dtypes. */
+static cm_status verify_exprs(const cm_kernel *k, int si, cm_err *err) {
   const cm_kstage *s = &k->stages[si];
-  int ei = -1;
-  int nv = s->n_dom + s->n_red;
-  if (s->n_dom < 0 || s->n_red < 0 || nv > CM_KMAX_VARS)
-    KFAIL("n_dom + n_red = %d exceeds CM_KMAX_VARS (%d)", nv, CM_KMAX_VARS);
-  for (int v = 0; v < nv; v++) {
-    int64_t e = v < s->n_dom ? s->dom[v] : s->red[v - s->n_dom];
-    if (e < 1) KFAIL("extent of var %d is %lld, must be >= 1", v, (long long)e);
-  }
-  if (s->n_parallel < 0 || s->n_parallel > s->n_dom)
-    KFAIL("n_parallel %d out of range [0, n_dom=%d]", s->n_parallel, s->n_dom);
-  if (s->accumulate && s->n_parallel != 0) KFAIL("accumulate stage needs n_parallel == 0");
-  if (s->n_exprs < 0 || (s->n_exprs > 0 && !s->exprs)) KFAIL("no expression array");
-  if (s->n_stores < 0 || s->n_stores > CM_KMAX_STORES) KFAIL("bad store count %d", s->n_stores);
+  int ei = -1, nv = s->n_dom + s->n_red;
   for (ei = 0; ei < s->n_exprs; ei++) {
     const cm_kexpr *e = &s->exprs[ei];
     int ops[3] = {e->a, e->b, e->c};
@@ -301,6 +291,58 @@ static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
       }
     }
   }
+  return CM_OK;
+}
+
+/* Why GEMM stage s breaks the template's rules (NULL: it does not); vm: the
+ * vars each expression uses. */
+static const char *gemm_rule(const cm_kstage *s, const uint32_t *vm) {
+  const char *why = NULL;
+  const cm_kgemm_tiles *t = &s->tiles;
+  if (s->n_dom < 2)
+    why = "GEMM needs n_dom >= 2";
+  else if (s->n_red != 1)
+    why = "GEMM needs n_red == 1";
+  else if (s->red_op != CM_KRED_SUM)
+    why = "GEMM needs SUM";
+  else if (s->gemm_a < 0 || s->gemm_a >= s->n_exprs || s->gemm_b < 0 || s->gemm_b >= s->n_exprs)
+    why = "GEMM operands out of range";
+  else if (s->exprs[s->body].kind != CM_KX_OP || s->exprs[s->body].op != CM_OP_MUL ||
+           s->exprs[s->body].a != s->gemm_a || s->exprs[s->body].b != s->gemm_b)
+    why = "GEMM body must be MUL(gemm_a, gemm_b)";
+  else {
+    uint32_t batch = (1u << (s->n_dom - 2)) - 1;
+    uint32_t ma = batch | 1u << (s->n_dom - 2) | 1u << s->n_dom;
+    uint32_t mb = batch | 1u << (s->n_dom - 1) | 1u << s->n_dom;
+    if (vm[s->gemm_a] & ~ma)
+      why = "gemm_a uses a var other than batch, i, k";
+    else if (vm[s->gemm_b] & ~mb)
+      why = "gemm_b uses a var other than batch, k, j";
+    else if (t->mc <= 0 || t->nc <= 0 || t->kc <= 0 || t->mr <= 0 || t->nr <= 0)
+      why = "GEMM tiles must be positive";
+    else if (t->mc % t->mr || t->nc % t->nr)
+      why = "GEMM tiles: mc % mr and nc % nr must be 0";
+  }
+  return why;
+}
+
+static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
+  const cm_kstage *s = &k->stages[si];
+  int ei = -1;
+  int nv = s->n_dom + s->n_red;
+  if (s->n_dom < 0 || s->n_red < 0 || nv > CM_KMAX_VARS)
+    KFAIL("n_dom + n_red = %d exceeds CM_KMAX_VARS (%d)", nv, CM_KMAX_VARS);
+  for (int v = 0; v < nv; v++) {
+    int64_t e = v < s->n_dom ? s->dom[v] : s->red[v - s->n_dom];
+    if (e < 1) KFAIL("extent of var %d is %lld, must be >= 1", v, (long long)e);
+  }
+  if (s->n_parallel < 0 || s->n_parallel > s->n_dom)
+    KFAIL("n_parallel %d out of range [0, n_dom=%d]", s->n_parallel, s->n_dom);
+  if (s->accumulate && s->n_parallel != 0) KFAIL("accumulate stage needs n_parallel == 0");
+  if (s->n_exprs < 0 || (s->n_exprs > 0 && !s->exprs)) KFAIL("no expression array");
+  if (s->n_stores < 0 || s->n_stores > CM_KMAX_STORES) KFAIL("bad store count %d", s->n_stores);
+  cm_status vs = verify_exprs(k, si, err);
+  if (vs != CM_OK) return vs;
   ei = -1;
   /* where reduction vars and ACC may appear */
   uint32_t redmask = 0;
@@ -371,32 +413,7 @@ static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
   /* an attention span's first stage is its first GEMM */
   if (s->tmpl == CM_KT_GEMM || s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD) {
     ei = s->body;
-    const char *why = NULL;
-    const cm_kgemm_tiles *t = &s->tiles;
-    if (s->n_dom < 2)
-      why = "GEMM needs n_dom >= 2";
-    else if (s->n_red != 1)
-      why = "GEMM needs n_red == 1";
-    else if (s->red_op != CM_KRED_SUM)
-      why = "GEMM needs SUM";
-    else if (s->gemm_a < 0 || s->gemm_a >= s->n_exprs || s->gemm_b < 0 || s->gemm_b >= s->n_exprs)
-      why = "GEMM operands out of range";
-    else if (s->exprs[s->body].kind != CM_KX_OP || s->exprs[s->body].op != CM_OP_MUL ||
-             s->exprs[s->body].a != s->gemm_a || s->exprs[s->body].b != s->gemm_b)
-      why = "GEMM body must be MUL(gemm_a, gemm_b)";
-    else {
-      uint32_t batch = (1u << (s->n_dom - 2)) - 1;
-      uint32_t ma = batch | 1u << (s->n_dom - 2) | 1u << s->n_dom;
-      uint32_t mb = batch | 1u << (s->n_dom - 1) | 1u << s->n_dom;
-      if (vm[s->gemm_a] & ~ma)
-        why = "gemm_a uses a var other than batch, i, k";
-      else if (vm[s->gemm_b] & ~mb)
-        why = "gemm_b uses a var other than batch, k, j";
-      else if (t->mc <= 0 || t->nc <= 0 || t->kc <= 0 || t->mr <= 0 || t->nr <= 0)
-        why = "GEMM tiles must be positive";
-      else if (t->mc % t->mr || t->nc % t->nr)
-        why = "GEMM tiles: mc % mr and nc % nr must be 0";
-    }
+    const char *why = gemm_rule(s, vm);
     if (why) {
       st = cm_errorf(err, CM_EINVALID, "kernel %s stage %d (%s) expr %d: %s", k->name, si, s->name,
                      ei, why);
