@@ -619,66 +619,21 @@ static void fa_scores(rctx *c, const fa_plan *p, const LLVMValueRef *bv, LLVMVal
   rl_loop_end(c, &Li, mrows, "fa.s.i.exit");
 }
 
-static void render_attention_stream(rctx *c, const char *fname, const fa_plan *p) {
+/* The workspace regions of a streaming forward span (cm_kattn_stream_workspace). */
+typedef struct fa_ws {
+  LLVMValueRef Q, KV, S, E, O, m, l, alpha;
+} fa_ws;
+
+/* Pass 1 for key block [j0, j0 + bcur) of query block i0 (mrows rows): per row
+ * the block's max of f(S), the new running max and the rescale factor alpha,
+ * E at the new max (packed as the A operand of E V) and the running sum. */
+static void fa_block_softmax(rctx *c, const fa_plan *p, const fa_ws *w, const LLVMValueRef *bv,
+                             LLVMValueRef i0, LLVMValueRef mrows, LLVMValueRef j0,
+                             LLVMValueRef bcur) {
   const cm_kattn *a = p->a;
   LLVMBuilderRef B = c->B;
-  LLVMValueRef begin, end, ws;
-  LLVMBasicBlockRef done;
-  rl_begin_function(c, fname, &begin, &end, &ws, &done);
-  LLVMValueRef *memo = rl_span_memo(c, p->first, a->span), *saved_memo = c->memo;
-  if (!memo) {
-    rl_end_function(c, done);
-    return;
-  }
-  c->memo = memo;
-  LLVMValueRef Qp = fa_f32p(c, ws, p->off[0], "fa.Q"), KVp = fa_f32p(c, ws, p->off[1], "fa.KV");
-  LLVMValueRef St = fa_f32p(c, ws, p->off[2], "fa.S"), Ep = fa_f32p(c, ws, p->off[3], "fa.E");
-  LLVMValueRef Oa = fa_f32p(c, ws, p->off[4], "fa.O"), Mv = fa_f32p(c, ws, p->off[5], "fa.m");
-  LLVMValueRef Lv = fa_f32p(c, ws, p->off[6], "fa.l"), Av = fa_f32p(c, ws, p->off[7], "fa.alpha");
+  LLVMValueRef St = w->S, Ep = w->E, Mv = w->m, Lv = w->l, Av = w->alpha;
   LLVMValueRef zero = LLVMConstReal(c->f32, 0), ninf = LLVMConstReal(c->f32, -INFINITY);
-  int64_t npv = p->ldo / p->nr;
-  /* rows of packed E past the last block's rows feed only discarded O rows:
-     keep them finite */
-  loop Z = rl_loop_begin(c, "fa.zero", rl_ci64(c, 0));
-  fa_st(c, Ep, Z.iv, zero);
-  rl_loop_end(c, &Z, rl_ci64(c, p->brp * p->bc), "fa.zero.exit");
-  loop Z2 = rl_loop_begin(c, "fa.zero2", rl_ci64(c, 0));
-  fa_st(c, Av, Z2.iv, zero);
-  rl_loop_end(c, &Z2, rl_ci64(c, p->brp), "fa.zero2.exit");
-
-  loop Wl = rl_loop_begin(c, "fa.w", begin);
-  LLVMValueRef bv[CM_KMAX_VARS], rest = Wl.iv;
-  for (int v = p->nb - 1; v >= 0; v--) {
-    if (v == 0) {
-      bv[v] = rest;
-    } else {
-      bv[v] = LLVMBuildSRem(B, rest, rl_ci64(c, p->sS->dom[v]), "b");
-      rest = LLVMBuildSDiv(B, rest, rl_ci64(c, p->sS->dom[v]), "");
-    }
-  }
-  loop Qb = rl_loop_begin(c, "fa.qblk", rl_ci64(c, 0));
-  LLVMValueRef i0 = LLVMBuildMul(B, Qb.iv, rl_ci64(c, p->br), "fa.i0");
-  LLVMValueRef mrows =
-      rl_smin(c, LLVMBuildSub(B, rl_ci64(c, p->rows), i0, ""), rl_ci64(c, p->br), "fa.m");
-  LLVMValueRef mpan = LLVMBuildSDiv(B, LLVMBuildAdd(B, mrows, rl_ci64(c, p->mr - 1), ""),
-                                    rl_ci64(c, p->mr), "fa.mpan");
-  fa_point(c, p, p->sS, bv, NULL, FA_NONE, NULL, NULL, NULL, 0);
-  rl_emit_pack(c, "fa.packQ", p->sS->gemm_a, p->nb, i0, p->rows, mpan, p->mr, p->d, rl_ci64(c, 0),
-               rl_ci64(c, p->d), Qp);
-  loop R0 = rl_loop_begin(c, "fa.init", rl_ci64(c, 0));
-  fa_st(c, Mv, R0.iv, ninf);
-  fa_st(c, Lv, R0.iv, zero);
-  rl_loop_end(c, &R0, rl_ci64(c, p->brp), "fa.init.exit");
-  loop O0 = rl_loop_begin(c, "fa.init.o", rl_ci64(c, 0));
-  fa_st(c, Oa, O0.iv, zero);
-  rl_loop_end(c, &O0, rl_ci64(c, p->brp * p->ldo), "fa.init.o.exit");
-
-  /* pass 1: running max, sum and O over the key blocks */
-  loop Kb = rl_loop_begin(c, "fa.kblk", rl_ci64(c, 0));
-  LLVMValueRef j0 = LLVMBuildMul(B, Kb.iv, rl_ci64(c, p->bc), "fa.j0");
-  LLVMValueRef bcur =
-      rl_smin(c, LLVMBuildSub(B, rl_ci64(c, p->keys), j0, ""), rl_ci64(c, p->bc), "fa.bc");
-  fa_scores(c, p, bv, i0, mrows, mpan, j0, bcur, Qp, KVp, St, false);
   {
     loop Li = rl_loop_begin(c, "fa.r", rl_ci64(c, 0));
     LLVMValueRef row = LLVMBuildAdd(B, i0, Li.iv, "i");
@@ -736,13 +691,16 @@ static void render_attention_stream(rctx *c, const char *fname, const fa_plan *p
     fa_st(c, Lv, Li.iv, LLVMBuildFAdd(B, LLVMBuildFMul(B, alpha, l_old, ""), nrs, "l.new"));
     rl_loop_end(c, &Li, mrows, "fa.r.exit");
   }
-  int onb = fa_point(c, p, p->sO, bv, NULL, FA_NONE, NULL, NULL, NULL, 0);
-  rl_emit_pack(c, "fa.packV", p->sO->gemm_b, onb + 1, rl_ci64(c, 0), p->dv, rl_ci64(c, npv), p->nr,
-               p->bc, j0, bcur, KVp);
-  fa_microkernel(c, p->mr, p->nr, Ep, KVp, Oa, mpan, rl_ci64(c, npv), p->bc, bcur, p->ldo, Av,
-                 false);
-  rl_loop_end(c, &Kb, rl_ci64(c, p->nkb), "fa.kblk.exit");
+}
 
+/* After the key blocks of query block i0: O / l through the O stage's
+ * epilogue, the row statistics the graph keeps, and pass 2 (S, E, P from the
+ * final m and l) when the graph keeps them. */
+static void fa_block_outputs(rctx *c, const fa_plan *p, const fa_ws *w, const LLVMValueRef *bv,
+                             LLVMValueRef i0, LLVMValueRef mrows, LLVMValueRef mpan) {
+  const cm_kattn *a = p->a;
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef Qp = w->Q, KVp = w->KV, St = w->S, Oa = w->O, Mv = w->m, Lv = w->l;
   /* O / l through the O stage's epilogue */
   {
     loop Li = rl_loop_begin(c, "fa.o.i", rl_ci64(c, 0));
@@ -800,6 +758,78 @@ static void render_attention_stream(rctx *c, const char *fname, const fa_plan *p
     }
     rl_loop_end(c, &K2, rl_ci64(c, p->nkb), "fa.kblk2.exit");
   }
+}
+
+static void render_attention_stream(rctx *c, const char *fname, const fa_plan *p) {
+  const cm_kattn *a = p->a;
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef begin, end, ws;
+  LLVMBasicBlockRef done;
+  rl_begin_function(c, fname, &begin, &end, &ws, &done);
+  LLVMValueRef *memo = rl_span_memo(c, p->first, a->span), *saved_memo = c->memo;
+  if (!memo) {
+    rl_end_function(c, done);
+    return;
+  }
+  c->memo = memo;
+  LLVMValueRef Qp = fa_f32p(c, ws, p->off[0], "fa.Q"), KVp = fa_f32p(c, ws, p->off[1], "fa.KV");
+  LLVMValueRef St = fa_f32p(c, ws, p->off[2], "fa.S"), Ep = fa_f32p(c, ws, p->off[3], "fa.E");
+  LLVMValueRef Oa = fa_f32p(c, ws, p->off[4], "fa.O"), Mv = fa_f32p(c, ws, p->off[5], "fa.m");
+  LLVMValueRef Lv = fa_f32p(c, ws, p->off[6], "fa.l"), Av = fa_f32p(c, ws, p->off[7], "fa.alpha");
+  fa_ws w = {Qp, KVp, St, Ep, Oa, Mv, Lv, Av};
+  LLVMValueRef zero = LLVMConstReal(c->f32, 0), ninf = LLVMConstReal(c->f32, -INFINITY);
+  int64_t npv = p->ldo / p->nr;
+  /* rows of packed E past the last block's rows feed only discarded O rows:
+     keep them finite */
+  loop Z = rl_loop_begin(c, "fa.zero", rl_ci64(c, 0));
+  fa_st(c, Ep, Z.iv, zero);
+  rl_loop_end(c, &Z, rl_ci64(c, p->brp * p->bc), "fa.zero.exit");
+  loop Z2 = rl_loop_begin(c, "fa.zero2", rl_ci64(c, 0));
+  fa_st(c, Av, Z2.iv, zero);
+  rl_loop_end(c, &Z2, rl_ci64(c, p->brp), "fa.zero2.exit");
+
+  loop Wl = rl_loop_begin(c, "fa.w", begin);
+  LLVMValueRef bv[CM_KMAX_VARS], rest = Wl.iv;
+  for (int v = p->nb - 1; v >= 0; v--) {
+    if (v == 0) {
+      bv[v] = rest;
+    } else {
+      bv[v] = LLVMBuildSRem(B, rest, rl_ci64(c, p->sS->dom[v]), "b");
+      rest = LLVMBuildSDiv(B, rest, rl_ci64(c, p->sS->dom[v]), "");
+    }
+  }
+  loop Qb = rl_loop_begin(c, "fa.qblk", rl_ci64(c, 0));
+  LLVMValueRef i0 = LLVMBuildMul(B, Qb.iv, rl_ci64(c, p->br), "fa.i0");
+  LLVMValueRef mrows =
+      rl_smin(c, LLVMBuildSub(B, rl_ci64(c, p->rows), i0, ""), rl_ci64(c, p->br), "fa.m");
+  LLVMValueRef mpan = LLVMBuildSDiv(B, LLVMBuildAdd(B, mrows, rl_ci64(c, p->mr - 1), ""),
+                                    rl_ci64(c, p->mr), "fa.mpan");
+  fa_point(c, p, p->sS, bv, NULL, FA_NONE, NULL, NULL, NULL, 0);
+  rl_emit_pack(c, "fa.packQ", p->sS->gemm_a, p->nb, i0, p->rows, mpan, p->mr, p->d, rl_ci64(c, 0),
+               rl_ci64(c, p->d), Qp);
+  loop R0 = rl_loop_begin(c, "fa.init", rl_ci64(c, 0));
+  fa_st(c, Mv, R0.iv, ninf);
+  fa_st(c, Lv, R0.iv, zero);
+  rl_loop_end(c, &R0, rl_ci64(c, p->brp), "fa.init.exit");
+  loop O0 = rl_loop_begin(c, "fa.init.o", rl_ci64(c, 0));
+  fa_st(c, Oa, O0.iv, zero);
+  rl_loop_end(c, &O0, rl_ci64(c, p->brp * p->ldo), "fa.init.o.exit");
+
+  /* pass 1: running max, sum and O over the key blocks */
+  loop Kb = rl_loop_begin(c, "fa.kblk", rl_ci64(c, 0));
+  LLVMValueRef j0 = LLVMBuildMul(B, Kb.iv, rl_ci64(c, p->bc), "fa.j0");
+  LLVMValueRef bcur =
+      rl_smin(c, LLVMBuildSub(B, rl_ci64(c, p->keys), j0, ""), rl_ci64(c, p->bc), "fa.bc");
+  fa_scores(c, p, bv, i0, mrows, mpan, j0, bcur, Qp, KVp, St, false);
+  fa_block_softmax(c, p, &w, bv, i0, mrows, j0, bcur);
+  int onb = fa_point(c, p, p->sO, bv, NULL, FA_NONE, NULL, NULL, NULL, 0);
+  rl_emit_pack(c, "fa.packV", p->sO->gemm_b, onb + 1, rl_ci64(c, 0), p->dv, rl_ci64(c, npv), p->nr,
+               p->bc, j0, bcur, KVp);
+  fa_microkernel(c, p->mr, p->nr, Ep, KVp, Oa, mpan, rl_ci64(c, npv), p->bc, bcur, p->ldo, Av,
+                 false);
+  rl_loop_end(c, &Kb, rl_ci64(c, p->nkb), "fa.kblk.exit");
+
+  fa_block_outputs(c, p, &w, bv, i0, mrows, mpan);
   c->s = p->sS;
   c->stage = p->first;
   rl_loop_end(c, &Qb, rl_ci64(c, p->nblk), "fa.qblk.exit");
