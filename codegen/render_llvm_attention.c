@@ -971,6 +971,121 @@ static void fb_tile(rctx *c, const fb_plan *p, int r, const LLVMValueRef *bv, LL
   rl_loop_end(c, &Li, rl_ci64(c, p->rows), "fb.t.i.exit");
 }
 
+/* The workspace regions of a streaming backward span
+ * (cm_kattn_bwd_stream_workspace): the first stage's packed A, packed A and B
+ * of the GEMMs, the C tile, each local's and each stage's base. */
+typedef struct fb_ws {
+  LLVMValueRef A0, A, B, C;
+  LLVMValueRef *lbase, *sbase;
+} fb_ws;
+
+/* Stage r (a row reduction over the key var) for key block [j0, j0 + bcur). */
+static void fb_rowred(rctx *c, const fb_plan *p, int r, const LLVMValueRef *bv, const fb_ws *w,
+                      LLVMValueRef j0, LLVMValueRef bcur) {
+  const cm_kattn *a = p->a;
+  const cm_kstage *s = &c->k->stages[p->first + r];
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef *lbase = w->lbase;
+  int li = fb_local_of(a, s->stores[0].buf);
+  loop Li = rl_loop_begin(c, "fb.r.i", rl_ci64(c, 0));
+  c->s = s;
+  LLVMValueRef acc0 = rl_convert(c, fa_ld(c, lbase[li], Li.iv, "acc0"), CM_F32, s->acc_dtype);
+  LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
+  loop Lj = rl_loop_begin(c, "fb.r.j", rl_ci64(c, 0));
+  LLVMValueRef acc = LLVMBuildPhi(B, rl_val_type(c, s->acc_dtype), "acc");
+  LLVMAddIncoming(acc, &acc0, &pre, 1);
+  fb_point(c, p, s, true, bv, Li.iv, NULL, LLVMBuildAdd(B, j0, Lj.iv, "j"), lbase, Li.iv, Lj.iv);
+  LLVMValueRef bval = rl_convert(c, rl_emit(c, s->body), s->exprs[s->body].dtype, s->acc_dtype);
+  LLVMValueRef nacc = rl_reduce_step(c, acc, bval);
+  LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
+  LLVMAddIncoming(acc, &nacc, &latch, 1);
+  rl_loop_end(c, &Lj, bcur, "fb.r.j.exit");
+  fa_st(c, lbase[li], Li.iv, rl_convert(c, nacc, s->acc_dtype, CM_F32));
+  rl_loop_end(c, &Li, rl_ci64(c, p->rows), "fb.r.i.exit");
+}
+
+/* Stage r (a GEMM over rows i reducing over keys j: accumulated over the key
+ * blocks into its stage buffer) for key block [j0, j0 + bcur). */
+static void fb_gemm_rows(rctx *c, const fb_plan *p, int r, const LLVMValueRef *bv, const fb_ws *w,
+                         LLVMValueRef j0, LLVMValueRef bcur) {
+  const cm_kattn *a = p->a;
+  const cm_kstage *s = &c->k->stages[p->first + r];
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef *lbase = w->lbase, *sbase = w->sbase;
+  LLVMValueRef Ap = w->A, Bp = w->B;
+  int64_t C = s->dom[s->n_dom - 1], cp = (C + p->nr - 1) / p->nr * p->nr;
+  int nbs = fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
+  const cm_kexpr *ga = &s->exprs[s->gemm_a];
+  int li = ga->kind == CM_KX_LOAD ? fb_local_of(a, ga->buf) : -1;
+  if (li >= 0) {
+    loop Li = rl_loop_begin(c, "fb.pa.i", rl_ci64(c, 0));
+    LLVMValueRef abase =
+        LLVMBuildAdd(B,
+                     LLVMBuildMul(B, LLVMBuildSDiv(B, Li.iv, rl_ci64(c, p->mr), ""),
+                                  rl_ci64(c, p->bc * p->mr), ""),
+                     LLVMBuildSRem(B, Li.iv, rl_ci64(c, p->mr), ""), "abase");
+    LLVMValueRef tb = LLVMBuildMul(B, Li.iv, rl_ci64(c, p->ldt), "");
+    loop Lj = rl_loop_begin(c, "fb.pa.j", rl_ci64(c, 0));
+    fa_st(c, Ap, LLVMBuildAdd(B, abase, LLVMBuildMul(B, Lj.iv, rl_ci64(c, p->mr), ""), ""),
+          fa_ld(c, lbase[li], LLVMBuildAdd(B, tb, Lj.iv, ""), "t"));
+    rl_loop_end(c, &Lj, bcur, "fb.pa.j.exit");
+    rl_loop_end(c, &Li, rl_ci64(c, p->rows), "fb.pa.i.exit");
+  } else {
+    rl_emit_pack(c, "fb.packAr", s->gemm_a, nbs, rl_ci64(c, 0), p->rows, rl_ci64(c, p->rp / p->mr),
+                 p->mr, p->bc, j0, bcur, Ap);
+  }
+  fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
+  rl_emit_pack(c, "fb.packBr", s->gemm_b, nbs + 1, rl_ci64(c, 0), C, rl_ci64(c, cp / p->nr), p->nr,
+               p->bc, j0, bcur, Bp);
+  fa_microkernel(c, p->mr, p->nr, Ap, Bp, sbase[r], rl_ci64(c, p->rp / p->mr),
+                 rl_ci64(c, cp / p->nr), p->bc, bcur, cp, NULL, true);
+}
+
+/* Stage r (a GEMM over keys j reducing over rows i: complete per key block,
+ * through its epilogue) for key block [j0, j0 + bcur). */
+static void fb_gemm_keys(rctx *c, const fb_plan *p, int r, const LLVMValueRef *bv, const fb_ws *w,
+                         LLVMValueRef j0, LLVMValueRef bcur) {
+  const cm_kattn *a = p->a;
+  const cm_kstage *s = &c->k->stages[p->first + r];
+  LLVMBuilderRef B = c->B;
+  LLVMValueRef *lbase = w->lbase, *sbase = w->sbase;
+  LLVMValueRef Ap = w->A, Ct = w->C;
+  int64_t C = s->dom[s->n_dom - 1], cp = (C + p->nr - 1) / p->nr * p->nr;
+  int nbs = fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
+  LLVMValueRef mpan = LLVMBuildSDiv(B, LLVMBuildAdd(B, bcur, rl_ci64(c, p->mr - 1), ""),
+                                    rl_ci64(c, p->mr), "fb.mpan");
+  const cm_kexpr *ga = &s->exprs[s->gemm_a];
+  int li = ga->kind == CM_KX_LOAD ? fb_local_of(a, ga->buf) : -1;
+  if (li >= 0) {
+    loop Lj = rl_loop_begin(c, "fb.pk.j", rl_ci64(c, 0));
+    LLVMValueRef abase =
+        LLVMBuildAdd(B,
+                     LLVMBuildMul(B, LLVMBuildSDiv(B, Lj.iv, rl_ci64(c, p->mr), ""),
+                                  rl_ci64(c, p->rows * p->mr), ""),
+                     LLVMBuildSRem(B, Lj.iv, rl_ci64(c, p->mr), ""), "abase");
+    loop Li = rl_loop_begin(c, "fb.pk.i", rl_ci64(c, 0));
+    fa_st(c, Ap, LLVMBuildAdd(B, abase, LLVMBuildMul(B, Li.iv, rl_ci64(c, p->mr), ""), ""),
+          fa_ld(c, lbase[li],
+                LLVMBuildAdd(B, LLVMBuildMul(B, Li.iv, rl_ci64(c, p->ldt), ""), Lj.iv, ""), "t"));
+    rl_loop_end(c, &Li, rl_ci64(c, p->rows), "fb.pk.i.exit");
+    rl_loop_end(c, &Lj, bcur, "fb.pk.j.exit");
+  } else {
+    rl_emit_pack(c, "fb.packAk", s->gemm_a, nbs, j0, p->keys, mpan, p->mr, p->rows, rl_ci64(c, 0),
+                 rl_ci64(c, p->rows), Ap);
+  }
+  fa_microkernel(c, p->mr, p->nr, Ap, sbase[r], Ct, mpan, rl_ci64(c, cp / p->nr), p->rows,
+                 rl_ci64(c, p->rows), cp, NULL, false);
+  loop Lj = rl_loop_begin(c, "fb.ek.j", rl_ci64(c, 0));
+  loop Lc = rl_loop_begin(c, "fb.ek.c", rl_ci64(c, 0));
+  fb_point(c, p, s, false, bv, LLVMBuildAdd(B, j0, Lj.iv, "j"), Lc.iv, NULL, NULL, NULL, NULL);
+  c->acc =
+      fa_ld(c, Ct, LLVMBuildAdd(B, LLVMBuildMul(B, Lj.iv, rl_ci64(c, cp), ""), Lc.iv, ""), "c");
+  rl_emit_stores(c);
+  c->acc = NULL;
+  rl_loop_end(c, &Lc, rl_ci64(c, C), "fb.ek.c.exit");
+  rl_loop_end(c, &Lj, bcur, "fb.ek.j.exit");
+}
+
 static void render_attention_bwd_stream(rctx *c, const char *fname, const fb_plan *p) {
   const cm_kernel *k = c->k;
   const cm_kattn *a = p->a;
@@ -991,6 +1106,7 @@ static void render_attention_bwd_stream(rctx *c, const char *fname, const fb_pla
   for (int i = 0; i < a->n_local; i++) lbase[i] = fa_f32p(c, ws, p->local_off[i], "fb.local");
   for (int r = 0; r < p->span; r++)
     sbase[r] = p->stage_off[r] > 0 ? fa_f32p(c, ws, p->stage_off[r], "fb.stage") : NULL;
+  fb_ws w = {A0, Ap, Bp, Ct, lbase, sbase};
 
   loop Wl = rl_loop_begin(c, "fb.w", begin);
   LLVMValueRef bv[CM_KMAX_VARS], rest = Wl.iv;
@@ -1040,88 +1156,11 @@ static void render_attention_bwd_stream(rctx *c, const char *fname, const fb_pla
         if (pass == 0 && p->dep_stat[li]) continue;
         fb_tile(c, p, r, bv, lbase, A0, Bp, Ct, j0, bcur);
       } else if (role == CM_KATTN_ROLE_ROWRED && pass == 0) {
-        int li = fb_local_of(a, s->stores[0].buf);
-        loop Li = rl_loop_begin(c, "fb.r.i", rl_ci64(c, 0));
-        c->s = s;
-        LLVMValueRef acc0 = rl_convert(c, fa_ld(c, lbase[li], Li.iv, "acc0"), CM_F32, s->acc_dtype);
-        LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
-        loop Lj = rl_loop_begin(c, "fb.r.j", rl_ci64(c, 0));
-        LLVMValueRef acc = LLVMBuildPhi(B, rl_val_type(c, s->acc_dtype), "acc");
-        LLVMAddIncoming(acc, &acc0, &pre, 1);
-        fb_point(c, p, s, true, bv, Li.iv, NULL, LLVMBuildAdd(B, j0, Lj.iv, "j"), lbase, Li.iv,
-                 Lj.iv);
-        LLVMValueRef bval =
-            rl_convert(c, rl_emit(c, s->body), s->exprs[s->body].dtype, s->acc_dtype);
-        LLVMValueRef nacc = rl_reduce_step(c, acc, bval);
-        LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
-        LLVMAddIncoming(acc, &nacc, &latch, 1);
-        rl_loop_end(c, &Lj, bcur, "fb.r.j.exit");
-        fa_st(c, lbase[li], Li.iv, rl_convert(c, nacc, s->acc_dtype, CM_F32));
-        rl_loop_end(c, &Li, rl_ci64(c, p->rows), "fb.r.i.exit");
+        fb_rowred(c, p, r, bv, &w, j0, bcur);
       } else if (role == CM_KATTN_ROLE_GEMM_ROWS && pass == 1) {
-        int64_t C = s->dom[s->n_dom - 1], cp = (C + p->nr - 1) / p->nr * p->nr;
-        int nbs = fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
-        const cm_kexpr *ga = &s->exprs[s->gemm_a];
-        int li = ga->kind == CM_KX_LOAD ? fb_local_of(a, ga->buf) : -1;
-        if (li >= 0) {
-          loop Li = rl_loop_begin(c, "fb.pa.i", rl_ci64(c, 0));
-          LLVMValueRef abase =
-              LLVMBuildAdd(B,
-                           LLVMBuildMul(B, LLVMBuildSDiv(B, Li.iv, rl_ci64(c, p->mr), ""),
-                                        rl_ci64(c, p->bc * p->mr), ""),
-                           LLVMBuildSRem(B, Li.iv, rl_ci64(c, p->mr), ""), "abase");
-          LLVMValueRef tb = LLVMBuildMul(B, Li.iv, rl_ci64(c, p->ldt), "");
-          loop Lj = rl_loop_begin(c, "fb.pa.j", rl_ci64(c, 0));
-          fa_st(c, Ap, LLVMBuildAdd(B, abase, LLVMBuildMul(B, Lj.iv, rl_ci64(c, p->mr), ""), ""),
-                fa_ld(c, lbase[li], LLVMBuildAdd(B, tb, Lj.iv, ""), "t"));
-          rl_loop_end(c, &Lj, bcur, "fb.pa.j.exit");
-          rl_loop_end(c, &Li, rl_ci64(c, p->rows), "fb.pa.i.exit");
-        } else {
-          rl_emit_pack(c, "fb.packAr", s->gemm_a, nbs, rl_ci64(c, 0), p->rows,
-                       rl_ci64(c, p->rp / p->mr), p->mr, p->bc, j0, bcur, Ap);
-        }
-        fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
-        rl_emit_pack(c, "fb.packBr", s->gemm_b, nbs + 1, rl_ci64(c, 0), C, rl_ci64(c, cp / p->nr),
-                     p->nr, p->bc, j0, bcur, Bp);
-        fa_microkernel(c, p->mr, p->nr, Ap, Bp, sbase[r], rl_ci64(c, p->rp / p->mr),
-                       rl_ci64(c, cp / p->nr), p->bc, bcur, cp, NULL, true);
+        fb_gemm_rows(c, p, r, bv, &w, j0, bcur);
       } else if (role == CM_KATTN_ROLE_GEMM_KEYS && pass == 1) {
-        int64_t C = s->dom[s->n_dom - 1], cp = (C + p->nr - 1) / p->nr * p->nr;
-        int nbs = fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
-        LLVMValueRef mpan = LLVMBuildSDiv(B, LLVMBuildAdd(B, bcur, rl_ci64(c, p->mr - 1), ""),
-                                          rl_ci64(c, p->mr), "fb.mpan");
-        const cm_kexpr *ga = &s->exprs[s->gemm_a];
-        int li = ga->kind == CM_KX_LOAD ? fb_local_of(a, ga->buf) : -1;
-        if (li >= 0) {
-          loop Lj = rl_loop_begin(c, "fb.pk.j", rl_ci64(c, 0));
-          LLVMValueRef abase =
-              LLVMBuildAdd(B,
-                           LLVMBuildMul(B, LLVMBuildSDiv(B, Lj.iv, rl_ci64(c, p->mr), ""),
-                                        rl_ci64(c, p->rows * p->mr), ""),
-                           LLVMBuildSRem(B, Lj.iv, rl_ci64(c, p->mr), ""), "abase");
-          loop Li = rl_loop_begin(c, "fb.pk.i", rl_ci64(c, 0));
-          fa_st(c, Ap, LLVMBuildAdd(B, abase, LLVMBuildMul(B, Li.iv, rl_ci64(c, p->mr), ""), ""),
-                fa_ld(c, lbase[li],
-                      LLVMBuildAdd(B, LLVMBuildMul(B, Li.iv, rl_ci64(c, p->ldt), ""), Lj.iv, ""),
-                      "t"));
-          rl_loop_end(c, &Li, rl_ci64(c, p->rows), "fb.pk.i.exit");
-          rl_loop_end(c, &Lj, bcur, "fb.pk.j.exit");
-        } else {
-          rl_emit_pack(c, "fb.packAk", s->gemm_a, nbs, j0, p->keys, mpan, p->mr, p->rows,
-                       rl_ci64(c, 0), rl_ci64(c, p->rows), Ap);
-        }
-        fa_microkernel(c, p->mr, p->nr, Ap, sbase[r], Ct, mpan, rl_ci64(c, cp / p->nr), p->rows,
-                       rl_ci64(c, p->rows), cp, NULL, false);
-        loop Lj = rl_loop_begin(c, "fb.ek.j", rl_ci64(c, 0));
-        loop Lc = rl_loop_begin(c, "fb.ek.c", rl_ci64(c, 0));
-        fb_point(c, p, s, false, bv, LLVMBuildAdd(B, j0, Lj.iv, "j"), Lc.iv, NULL, NULL, NULL,
-                 NULL);
-        c->acc = fa_ld(c, Ct,
-                       LLVMBuildAdd(B, LLVMBuildMul(B, Lj.iv, rl_ci64(c, cp), ""), Lc.iv, ""), "c");
-        rl_emit_stores(c);
-        c->acc = NULL;
-        rl_loop_end(c, &Lc, rl_ci64(c, C), "fb.ek.c.exit");
-        rl_loop_end(c, &Lj, bcur, "fb.ek.j.exit");
+        fb_gemm_keys(c, p, r, bv, &w, j0, bcur);
       }
     }
     rl_loop_end(c, &Kb, rl_ci64(c, p->nkb), pass ? "fb.kblk2.exit" : "fb.kblk.exit");
