@@ -12,7 +12,10 @@
  *   cm_kattn.br   query rows per block (attn_br: ~48 rows, a multiple of mr)
  *   cm_kattn.bc   key block when streaming (attn_choose_key_block: whole key rows
  *                 while the tiles fit 512 KiB, else 64; cm_lower_opts.attn_bc)
- *   the register block mr x nr of the span's GEMMs (the first stage's tiles) */
+ *   cm_kattn.mr[i], .nr[i]  the register block of each GEMM stage of a whole-row
+ *                 span (attn_plan_tiles: the cheapest by attn_tile_cost within
+ *                 ws_bytes, for cm_kattn.lanes); streaming spans use the first
+ *                 stage's tiles (cm_kstage.tiles.mr, .nr) */
 #include "lower_internal.h"
 
 #include <math.h>

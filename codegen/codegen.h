@@ -205,7 +205,8 @@ const cm_cuda_kernel_info *cm_cubin_kernel(const cm_cubin *c, const char *name);
 /* Parses a ptxas -v log into kernel infos; *out is malloc'ed (NULL when none). */
 cm_status cm_ptxas_parse(const char *log, cm_cuda_kernel_info **out, int *n_out, cm_err *err);
 
-/* ---- the kernel IR (codegen/kernel.c) ------------------------------------
+/* ---- the kernel IR (codegen/kernel.c; cm_kstage_simplify in kernel_simplify.c;
+ * the templates' checks, plans and sizes in gemm.c and attention.c) ---------
  *
  * A kernel is what one fusion group (cm_group) becomes: buffers plus stages
  * run in order. A stage is a loop nest over an iteration domain with an

@@ -227,8 +227,8 @@ int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target_kind t) {
   if (t == CM_TARGET_CPU && (s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD))
     return s->attn.ws_bytes > 0 ? s->attn.ws_bytes : 0;
   if (t != CM_TARGET_CPU || s->tmpl != CM_KT_GEMM || s->acc_dtype != CM_F32) return 0;
-  /* packed A block, packed B panel and the C tile (render_llvm.c's layout): B
-     for every kc slice when they take at most 4 MiB (render_llvm.c, gemm_b_floats) */
+  /* packed A block, packed B panel and the C tile (render_llvm_gemm.c's layout): B
+     for every kc slice when they take at most 4 MiB (render_llvm_gemm.c, gemm_b_floats) */
   int64_t a = (int64_t)s->tiles.mc * s->tiles.kc * 4, b = (int64_t)s->tiles.kc * s->tiles.nc * 4;
   if (s->n_red == 1 && s->tiles.kc > 0) {
     int64_t all = (s->red[0] + s->tiles.kc - 1) / s->tiles.kc * b;

@@ -508,7 +508,7 @@ static LLVMValueRef fa_splat(rctx *c, LLVMValueRef x) {
                                 LLVMConstNull(LLVMVectorType(c->i32, (unsigned)c->W)), "splat");
 }
 
-/* The batch vars of a role stage (the lowering's rule, fa_nbs in lower.c):
+/* The batch vars of a role stage (the lowering's rule, attn_fwd_nbs in attention.c):
  * its row var follows them. Stages other than the first may have unit batch
  * axes of their own when the batch is one item. */
 static int fa_stage_nb(const cm_kstage *s, bool stat) {

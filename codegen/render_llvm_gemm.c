@@ -270,10 +270,9 @@ void rl_emit_fma_kloop(rctx *c, LLVMValueRef apan, LLVMValueRef bpan, int64_t mr
   if (c->unroll > 1) rl_unroll_last_loop(c, latch, (unsigned)c->unroll);
 }
 
-
 /* Floats of packed B in the workspace: every kc slice of a column block (kept
  * for the following items with the same block) when they take at most 4 MiB,
- * else one slice. cm_kstage_workspace_bytes (kernel.c) sizes it the same way. */
+ * else one slice. cm_kstage_workspace_bytes (gemm.c) sizes it the same way. */
 static int64_t gemm_b_floats(int64_t K, int64_t kc, int64_t nc) {
   int64_t all = (K + kc - 1) / kc * kc * nc;
   return all * 4 <= ((int64_t)4 << 20) ? all : kc * nc;
