@@ -18,7 +18,7 @@ typedef struct cpu_kernel {
   int n_stages;
   cm_cpu_stage_fn *fns;
   char **bufs;               /* per buffer; SOURCE entries bound at run time */
-  int first_check, n_checks; /* its index checks in cm_cpu_program.checks */
+  int first_check, n_checks; /* its index checks in cpu_state.checks */
 } cpu_kernel;
 
 /* A gather/scatter_add index check of a kernel: its STATUS words (codegen.h). */
@@ -40,7 +40,8 @@ typedef struct cpu_state {
   int n_consts;
   int threads, W; /* W: the f32 lanes the renderer is told to use (the target CPU's), so that
                      the work-item and workspace figures below match the rendered GEMM tiles */
-  bool profile, gemm;
+  bool profile, gemm, no_templates;
+  int opt_level;
   cm_kgemm_tiles tiles; /* the target's GEMM tile defaults */
   int64_t **items;      /* per kernel, per stage: work items */
   cm_kernel_profile *prof;
@@ -181,6 +182,11 @@ static cm_status cpu_compile(cm_program *p, const cm_compile_opts *opts, cm_prog
     return cm_cpu_target_not_runnable(&target->cpu, "cpu backend", err);
   pr->W = target->vector_lanes;
   pr->tiles = target->gemm;
+  pr->no_templates = opts->no_templates;
+  pr->opt_level = opts->opt_level > 0 ? opts->opt_level : 3;
+  stats->threads = pr->threads;
+  stats->vector_bits = target->cpu.vector_bits;
+  if (opts->render_only && opts->compile_only) return CM_OK; /* cpu_emit renders on demand */
   char cbuf[4096];
   cm_jit_opts jo = {0};
   jo.cache_dir = cache_dir_of(opts, cbuf, sizeof cbuf);
@@ -460,13 +466,47 @@ static const void *cpu_buffer(const cm_program *p, int k, int b) {
 static int cpu_profile(const cm_program *p, const cm_kernel_profile **out) {
   const cpu_state *pr = cm_program_impl(p);
   *out = pr->profile ? pr->prof : NULL;
-  return pr->profile ? cm_program_kernels(p)->n_kernels : 0;
+  return pr->profile && pr->prof ? cm_program_kernels(p)->n_kernels : 0;
 }
 
 static int cpu_stage_profile(const cm_program *p, const cm_stage_profile **out) {
   const cpu_state *pr = cm_program_impl(p);
   *out = pr->profile ? pr->sprof : NULL;
-  return pr->profile ? pr->n_sprof : 0;
+  return pr->profile && pr->sprof ? pr->n_sprof : 0;
+}
+
+/* Renders kernel k (k < 0: all of them, in one module "cmaec_kernels") and
+ * writes its LLVM IR, optimized IR or assembly (a JIT made for the purpose:
+ * the program's own holds the compiled code, not the modules). */
+static cm_status cpu_emit(const cm_program *p, int k, cm_emit what, FILE *out, cm_err *err) {
+  const cpu_state *pr = cm_program_impl(p);
+  const cm_target *target = cm_program_target(p);
+  const cm_kprogram *kp = cm_program_kernels(p);
+  if (what != CM_EMIT_SOURCE && what != CM_EMIT_OPT_IR && what != CM_EMIT_ASM)
+    return cm_errorf(err, CM_EINVALID, "cpu backend: nothing to emit of kind %d", (int)what);
+  cm_jit_opts jo = {NULL, pr->opt_level, NULL, NULL, 512, true}; /* $CMAEC_CPU may name any CPU */
+  jo.cpu = target->cpu.forced ? target->cpu.cpu : NULL;
+  cm_jit *jit = NULL;
+  cm_status st = cm_jit_create(&jit, &jo, err);
+  if (st != CM_OK) return st;
+  LLVMModuleRef m = LLVMModuleCreateWithNameInContext("cmaec_kernels", cm_jit_context(jit));
+  cm_llvm_render_opts ro = {0, pr->no_templates, target};
+  for (int i = k < 0 ? 0 : k; st == CM_OK && i < (k < 0 ? kp->n_kernels : k + 1); i++)
+    st = cm_render_llvm(&kp->kernels[i], m, &ro, err);
+  char *text = NULL;
+  if (st == CM_OK && what == CM_EMIT_SOURCE) {
+    char *ir = LLVMPrintModuleToString(m);
+    if (fputs(ir, out) < 0) st = cm_errorf(err, CM_EINVALID, "cpu backend: cannot write the IR");
+    LLVMDisposeMessage(ir);
+  } else if (st == CM_OK) {
+    st = cm_jit_render(jit, m, what == CM_EMIT_ASM ? CM_JIT_TEXT_ASM : CM_JIT_TEXT_IR, &text, err);
+    if (st == CM_OK && fputs(text, out) < 0)
+      st = cm_errorf(err, CM_EINVALID, "cpu backend: cannot write the text");
+  }
+  free(text);
+  LLVMDisposeModule(m);
+  cm_jit_destroy(jit);
+  return st;
 }
 
 const cm_backend cm_backend_cpu = {
@@ -479,6 +519,6 @@ const cm_backend cm_backend_cpu = {
     .buffer = cpu_buffer,
     .profile = cpu_profile,
     .stage_profile = cpu_stage_profile,
-    .emit = NULL,
+    .emit = cpu_emit,
     .free = cpu_free,
 };

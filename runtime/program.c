@@ -110,12 +110,9 @@ cm_status cm_compile(const cm_graph *g, const cm_target *target, const cm_compil
     pr->target = *target;
   else if ((st = cm_target_cpu(NULL, NULL, &pr->target, err)) != CM_OK)
     goto fail;
-  pr->be = opts->backend ? opts->backend : &cm_backend_cpu;
-  if (!opts->backend && pr->target.kind == CM_TARGET_CUDA) {
-    st = cm_errorf(err, CM_EINVALID, "cm_compile: no backend for target %s", pr->target.arch);
-    pr->be = NULL;
-    goto fail;
-  }
+  pr->be = opts->backend                       ? opts->backend
+           : pr->target.kind == CM_TARGET_CUDA ? &cm_backend_cuda
+                                               : &cm_backend_cpu;
   const cm_plan *p = opts->plan;
   if (!p) {
     cm_pass_state s = {cm_graph_clone(g), NULL};
@@ -309,18 +306,17 @@ int cm_program_stage_profile(const cm_program *pr, const cm_stage_profile **out)
   return pr->be->stage_profile ? pr->be->stage_profile(pr, out) : 0;
 }
 
-cm_status cm_program_emit(const cm_program *pr, cm_emit what, FILE *out, cm_err *err) {
-  for (int i = 0; i < pr->kp.n_kernels; i++) {
-    if (what == CM_EMIT_KERNEL_IR) {
+cm_status cm_program_emit(const cm_program *pr, int k, cm_emit what, FILE *out, cm_err *err) {
+  if (k >= pr->kp.n_kernels)
+    return cm_errorf(err, CM_EINVALID, "cm_program_emit: kernel %d of %d", k, pr->kp.n_kernels);
+  if (what == CM_EMIT_KERNEL_IR) {
+    for (int i = k < 0 ? 0 : k; i < (k < 0 ? pr->kp.n_kernels : k + 1); i++)
       cm_kernel_print(&pr->kp.kernels[i], out);
-      continue;
-    }
-    if (!pr->be->emit)
-      return cm_errorf(err, CM_EINVALID, "%s backend: nothing to emit of that kind", pr->be->name);
-    cm_status st = pr->be->emit(pr, i, what, out, err);
-    if (st != CM_OK) return st;
+    return CM_OK;
   }
-  return CM_OK;
+  if (!pr->be->emit)
+    return cm_errorf(err, CM_EINVALID, "%s backend: nothing to emit", pr->be->name);
+  return pr->be->emit(pr, k, what, out, err);
 }
 
 /* ---- diagnosis: the first non-finite value of a run ------------------------ */
@@ -405,38 +401,4 @@ cm_status cm_program_first_nonfinite(cm_program *pr, cm_tensor *const *sources, 
   }
   if (pr->be->download) return pr->be->download(pr, err);
   return CM_OK;
-}
-
-/* ---- deprecated: the CPU executor's former entry points ------------------- */
-
-cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
-                               cm_cpu_program **out, cm_err *err) {
-  cm_compile_opts o = {0};
-  if (opts) {
-    o.threads = opts->threads;
-    o.cache_dir = opts->cache_dir;
-    o.no_templates = opts->no_templates;
-    o.profile = opts->profile;
-    o.opt_level = opts->opt_level;
-    o.attn_bc = opts->attn_bc;
-  }
-  o.plan = plan;
-  o.compile_only = false;
-  return cm_compile(g, NULL, &o, out, err);
-}
-
-cm_status cm_cpu_program_compile(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
-                                 cm_cpu_program **out, cm_err *err) {
-  cm_compile_opts o = {0};
-  if (opts) {
-    o.threads = opts->threads;
-    o.cache_dir = opts->cache_dir;
-    o.no_templates = opts->no_templates;
-    o.profile = opts->profile;
-    o.opt_level = opts->opt_level;
-    o.attn_bc = opts->attn_bc;
-  }
-  o.plan = plan;
-  o.compile_only = true;
-  return cm_compile(g, NULL, &o, out, err);
 }

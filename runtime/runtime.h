@@ -31,7 +31,9 @@ typedef struct cm_backend cm_backend;
 typedef enum cm_emit {
   CM_EMIT_KERNEL_IR, /* the kernel IR (cm_kernel_print), every backend */
   CM_EMIT_SOURCE,    /* the rendered text: LLVM IR (cpu), CUDA C (cuda) */
-  CM_EMIT_ASM,       /* the machine code as text: assembly (cpu), PTX (cuda) */
+  CM_EMIT_OPT_IR,    /* cpu: the LLVM IR after the JIT's optimization pipeline */
+  CM_EMIT_ASM,       /* cpu: the machine code as assembly */
+  CM_EMIT_BINARY,    /* cuda: the program's CUBIN (whole program only) */
 } cm_emit;
 
 typedef struct cm_compile_opts {
@@ -44,6 +46,8 @@ typedef struct cm_compile_opts {
   int attn_bc;               /* > 0: force the attention key block (cm_lower_opts.attn_bc; tests) */
   bool compile_only;         /* compile every kernel, allocate nothing; the program cannot run (its
                                 target need not run here: a $CMAEC_CPU this host lacks, a GPU) */
+  bool render_only;          /* with compile_only: render every kernel, compile none (what
+                                cm_program_emit writes is then all the program holds) */
   const cm_plan *plan;       /* NULL: the default pipeline's passes run on a copy of the graph */
   const cm_backend *backend; /* NULL: the target's (cm_backend_cpu, cm_backend_cuda) */
   void *backend_opts;        /* given to backend->compile as is (NULL for the built-in ones) */
@@ -141,9 +145,9 @@ typedef struct cm_stage_profile {
   double flops; /* per run, as cm_kernel_profile counts them */
 } cm_stage_profile;
 int cm_program_stage_profile(const cm_program *pr, const cm_stage_profile **out);
-/* Writes what was compiled, kernel by kernel, to out (cm_emit): CM_EINVALID
- * when the backend has no such text. */
-cm_status cm_program_emit(const cm_program *pr, cm_emit what, FILE *out, cm_err *err);
+/* Writes what was compiled for kernel k (k < 0: the whole program, as one
+ * unit) to out (cm_emit): CM_EINVALID when the backend has no such text. */
+cm_status cm_program_emit(const cm_program *pr, int k, cm_emit what, FILE *out, cm_err *err);
 
 /* ---- the backend table ---------------------------------------------------
  * A backend is one cm_backend filled in: cm_compile lowers the plan for the
@@ -184,14 +188,20 @@ struct cm_backend {
   /* Per-kernel and per-stage times with opts->profile; NULL: none kept. */
   int (*profile)(const cm_program *pr, const cm_kernel_profile **out);
   int (*stage_profile)(const cm_program *pr, const cm_stage_profile **out);
-  /* Writes kernel k's text of kind what (not CM_EMIT_KERNEL_IR, which is
-   * generic); NULL or CM_EINVALID: the backend has none. */
+  /* Writes kernel k's text of kind what (k < 0: the whole program as one
+   * unit; never CM_EMIT_KERNEL_IR, which is generic); CM_EINVALID naming the
+   * kind when the backend has none. NULL: it has none at all. */
   cm_status (*emit)(const cm_program *pr, int k, cm_emit what, FILE *out, cm_err *err);
   /* Frees the backend's state (cm_program_impl); called once, also after a
    * failed compile or alloc_arena. Required. */
   void (*free)(cm_program *pr);
 };
-extern const cm_backend cm_backend_cpu;
+extern const cm_backend cm_backend_cpu;  /* runtime/backend_cpu.c: LLVM JIT, OpenMP */
+extern const cm_backend cm_backend_cuda; /* runtime/backend_cuda.c: CUDA C + NVRTC, compile
+                                            only until issue 15 (the rest is CM_EINVALID) */
+/* The CUBIN of a program compiled by cm_backend_cuda (not render_only), with
+ * ptxas's report per kernel, and the NVRTC version that made it; NULL else. */
+const cm_cubin *cm_program_cubin(const cm_program *pr, const char **nvrtc_version);
 void cm_program_set_impl(cm_program *pr, void *impl);
 void *cm_program_impl(const cm_program *pr);
 /* The host data of source node v of cm_program_graph(pr) during a run; NULL
@@ -201,29 +211,6 @@ char *cm_program_source(const cm_program *pr, int v);
  * index, its flat position (the STATUS words' values). */
 cm_status cm_program_index_error(const cm_program *pr, int v, int64_t index, int64_t pos,
                                  cm_err *err);
-
-/* ---- deprecated: the CPU executor's former names (until callers move) ---- */
-typedef cm_program cm_cpu_program;
-typedef cm_program_stats cm_cpu_stats;
-typedef struct cm_cpu_opts {
-  int threads;
-  const char *cache_dir;
-  bool no_templates, profile;
-  int opt_level, attn_bc;
-} cm_cpu_opts;
-cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
-                               cm_cpu_program **out, cm_err *err);
-cm_status cm_cpu_program_compile(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
-                                 cm_cpu_program **out, cm_err *err);
-#define cm_cpu_program_free cm_program_free
-#define cm_cpu_program_graph cm_program_graph
-#define cm_cpu_program_run cm_program_run
-#define cm_cpu_program_output cm_program_output
-#define cm_cpu_program_value cm_program_value
-#define cm_cpu_program_first_nonfinite cm_program_first_nonfinite
-#define cm_cpu_program_stats cm_program_stats_get
-#define cm_cpu_program_profile cm_program_profile
-#define cm_cpu_program_stage_profile cm_program_stage_profile
 
 /* ---- data: datasets, views and masks, the loader ------------------------ */
 /* runtime/data.c (datasets, loader) and runtime/views.c (CMAE.md §1-§2);
@@ -540,7 +527,7 @@ void cm_image_text(cm_image *im, int x, int y, const char *text, int scale, cons
 #include <signal.h> /* sig_atomic_t */
 
 typedef enum cm_train_backend {
-  CM_TRAIN_CPU = 0, /* cm_cpu_program (the default) */
+  CM_TRAIN_CPU = 0, /* cm_compile for the CPU (the default) */
   CM_TRAIN_REF,     /* the reference evaluator cm_eval (tiny tests) */
 } cm_train_backend;
 
@@ -596,7 +583,7 @@ typedef struct cm_encoder cm_encoder;
 typedef struct cm_encoder_opts {
   int batch; /* images per graph run (>= 1) */
   cm_pool pool;
-  bool reference; /* run on the reference evaluator cm_eval, not cm_cpu_program */
+  bool reference; /* run on the reference evaluator cm_eval, not cm_compile's program */
   uint64_t seed;  /* params absent from `params` (all when it is NULL) come from their init */
 } cm_encoder_opts;
 
