@@ -15,6 +15,7 @@ struct cm_program {
   cm_graph *own_g;   /* the optimized copy (NULL when built from a plan) */
   const cm_graph *rg;
   cm_plan *own_plan;
+  const cm_plan *plan; /* opts->plan or own_plan */
   cm_kprogram kp;
   cm_target target;
   const cm_backend *be;
@@ -133,6 +134,7 @@ cm_status cm_compile(const cm_graph *g, const cm_target *target, const cm_compil
   } else {
     pr->rg = g;
   }
+  pr->plan = p;
   if ((st = map_sources_and_outputs(pr, err)) != CM_OK) goto fail;
 
   double t0 = now_ms();
@@ -161,6 +163,10 @@ const cm_graph *cm_program_graph(const cm_program *pr) {
 
 const cm_kprogram *cm_program_kernels(const cm_program *pr) {
   return &pr->kp;
+}
+
+const cm_plan *cm_program_plan(const cm_program *pr) {
+  return pr->plan;
 }
 
 const cm_target *cm_program_target(const cm_program *pr) {

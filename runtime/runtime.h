@@ -2,8 +2,10 @@
  *
  * Defines (so far): probes of the run-time libraries loaded with dlopen — the
  * CUDA driver (and its GPUs), NCCL and MPI — and the report `cmaec info`
- * prints; the CPU executor (runtime/cpu_exec.c). Comm, data and the trainer
- * come with their issues. */
+ * prints; execution: cm_compile, the one driver from a graph to running code,
+ * cm_program and the cm_backend table a backend fills in (runtime/program.c;
+ * the CPU backend runtime/backend_cpu.c, the compile-only CUDA backend
+ * runtime/backend_cuda.c). Comm, data and the trainer come with their issues. */
 #ifndef CMAEC_RUNTIME_H
 #define CMAEC_RUNTIME_H
 
@@ -79,6 +81,7 @@ void cm_program_free(cm_program *pr);
  * without a plan: its node ids differ, its sources and outputs keep their names). */
 const cm_graph *cm_program_graph(const cm_program *pr);
 const cm_kprogram *cm_program_kernels(const cm_program *pr);
+const cm_plan *cm_program_plan(const cm_program *pr); /* the plan it was lowered from */
 const cm_target *cm_program_target(const cm_program *pr);
 const cm_backend *cm_program_backend(const cm_program *pr);
 /* Runs one evaluation. sources[i] (indexed by node id of g as passed to
