@@ -1,6 +1,6 @@
 /* runtime/features.c — the frozen online encoder as a feature extractor,
  * reconstruction pictures and the encoder export (docs/evaluation.md). */
-#include "runtime.h"
+#include "training.h"
 
 #include "../models/models.h"
 

@@ -3,7 +3,7 @@
  * seed and the step number (params from their seeded initializers, the
  * loader's draws keyed by (seed, epoch, index), the schedules by step), so a
  * run resumed from a checkpoint continues bitwise as if never stopped. */
-#include "runtime.h"
+#include "training.h"
 
 #include "../models/models.h"
 #include "../passes/passes.h"
