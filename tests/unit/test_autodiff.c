@@ -2,6 +2,7 @@
  * every differentiable op over random shapes with broadcasting and size-1 axes,
  * composite layers built from primitives, and hundreds of random graphs. */
 #include "../test.h"
+#include "../testlib.h"
 #include "frontend/frontend.h"
 #include "passes/passes.h"
 
@@ -14,19 +15,18 @@ typedef struct {
   double lo[4096], hi[4096]; /* value range per source node */
   bool is_int[4096];
   int64_t int_bound[4096];
-  uint64_t rng;
+  test_rng rng;
   bool allow_zero_gradient; /* e.g. max of tiny shapes: one side may never win */
 } harness;
 
 static double next_uniform(harness *h) {
-  h->rng = h->rng * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(h->rng >> 11) * 0x1p-53;
+  return test_uniform(&h->rng);
 }
 
 static void harness_init(harness *h, uint64_t seed) {
   memset(h, 0, sizeof *h);
   h->g = cm_graph_new();
-  h->rng = seed * 2654435761ull + 12345;
+  h->rng.s = seed * 2654435761ull + 12345;
 }
 
 /* A float param with values uniform in [lo, hi) (kept away from 0 when lo > 0);

@@ -3,16 +3,16 @@
  * and a transformer block's training step, a verified plan whose group-by-group
  * evaluation equals the oracle. */
 #include "../test.h"
+#include "../testlib.h"
 #include "frontend/frontend.h"
 #include "models/models.h"
 #include "passes/passes.h"
 
 #include <stdint.h>
 
-static uint64_t rng_state = 12345;
+static test_rng rng_state = {12345};
 static double next_uniform(void) {
-  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng_state >> 11) * 0x1p-53;
+  return test_uniform(&rng_state);
 }
 
 static int bcast_to(cm_graph *g, int x, int like) {
@@ -441,7 +441,7 @@ static int random_graph(cm_graph *g, int n_ops) {
 static void test_random_graphs(void) {
   int fused_total = 0, nodes_total = 0;
   for (int i = 0; i < 300; i++) {
-    rng_state = 1000 + (uint64_t)i;
+    rng_state.s = 1000 + (uint64_t)i;
     cm_graph *g = cm_graph_new();
     int loss = random_graph(g, 4 + i % 16);
     CHECK_MSG(cm_graph_error(g) == NULL, "graph %d: %s", i, cm_graph_error(g));

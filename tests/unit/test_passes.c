@@ -3,14 +3,14 @@
  * rewrites (constants, identities, duplicates, movement chains, transposes,
  * casts, dead code), and on a training step. */
 #include "../test.h"
+#include "../testlib.h"
 #include "passes/passes.h"
 
 #include <stdint.h>
 
-static uint64_t rng_state;
+static test_rng rng_state;
 static double uniform(void) {
-  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng_state >> 11) * 0x1p-53;
+  return test_uniform(&rng_state);
 }
 static int pick(int n) {
   return (int)(uniform() * n);
@@ -135,7 +135,7 @@ static bool same_bits(const cm_tensor *a, const cm_tensor *b) {
 static void check_pipeline(const char *pipeline, int n_graphs) {
   int rewritten = 0, removed_nodes = 0;
   for (int t = 0; t < n_graphs; t++) {
-    rng_state = 1000003ull * (uint64_t)t + 17;
+    rng_state.s = 1000003ull * (uint64_t)t + 17;
     cm_graph *g = random_graph(6 + t % 20);
     CHECK_MSG(cm_graph_error(g) == NULL, "%s", cm_graph_error(g));
     cm_tensor inputs[3], before[3] = {{{0}, 0}}, after[3] = {{{0}, 0}};
@@ -246,7 +246,7 @@ static void test_training_step(void) {
   const cm_tensor **src2 = calloc((size_t)s.g->n_nodes, sizeof *src2);
   cm_tensor t[16];
   int nt = 0;
-  rng_state = 99;
+  rng_state.s = 99;
   for (int i = 0; i < step->n_nodes; i++) {
     const cm_node *n = &step->nodes[i];
     if (n->op != CM_OP_INPUT && n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;
