@@ -5,6 +5,7 @@
 #include "frontend/frontend.h"
 #include "runtime/runtime.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 
 #include <jpeglib.h>
 #include <png.h>
@@ -13,12 +14,9 @@
 #include <unistd.h>
 #include <zlib.h>
 
-static uint64_t rs = 0x9E3779B97F4A7C15ull;
-static uint32_t rnd(void) { /* xorshift64*: fixed-seed test data */
-  rs ^= rs >> 12;
-  rs ^= rs << 25;
-  rs ^= rs >> 27;
-  return (uint32_t)((rs * 2685821657736338717ull) >> 32);
+static test_rng rs = {0x9E3779B97F4A7C15ull};
+static uint32_t rnd(void) { /* fixed-seed test data */
+  return test_u32(&rs);
 }
 
 static char tmpdir[256];
