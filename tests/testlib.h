@@ -186,4 +186,68 @@ static inline cm_graph *test_random_graph(test_rng *r, int max_blocks) {
   return g;
 }
 
+/* ---- growing a graph op by op over a pool of values ---------------------- */
+
+/* The values a graph grows from: 2-D nodes of one float dtype (sources and
+ * what test_random_op added). */
+typedef struct test_pool {
+  int ids[256];
+  int n;
+} test_pool;
+
+enum {
+  TEST_OPS_COLLECTIVES = 1, /* all_reduce / all_gather on one rank among the ops */
+};
+
+/* Adds one random op over two values of the pool, and its result to the pool
+ * (or nothing, when the draw does not fit their shapes): binary, unary (exp
+ * only of tanh-bounded values), a @ a^T scaled by 0.5/n and squashed (so
+ * tanh stays away from saturation: tiny gradients drown in finite-difference
+ * noise) then sliced and padded back to a's shape, a reduction broadcast
+ * back, a select, a strided slice of a concat, or (flags) a collective. */
+static inline void test_random_op(test_rng *rg, cm_graph *g, test_pool *p, unsigned flags) {
+  if (p->n >= 250) return;
+  int a = p->ids[(int)(test_uniform(rg) * p->n)], b = p->ids[(int)(test_uniform(rg) * p->n)];
+  const cm_type ta = g->nodes[a].type; /* a copy: nodes may move */
+  bool same = cm_shape_equal(&ta, &g->nodes[b].type), two = ta.rank == 2;
+  int y = -1;
+  double r = test_uniform(rg);
+  if (r < 0.35) {
+    static const cm_op bin[] = {CM_OP_ADD, CM_OP_SUB, CM_OP_MUL, CM_OP_MAX, CM_OP_MIN};
+    if (same) y = cm_binary(g, bin[(int)(test_uniform(rg) * 5)], a, b, NULL);
+  } else if (r < 0.6) {
+    static const cm_op un[] = {CM_OP_TANH, CM_OP_ERF, CM_OP_NEG, CM_OP_EXP, CM_OP_ABS};
+    cm_op op = un[(int)(test_uniform(rg) * 5)];
+    if (op == CM_OP_EXP) a = cm_unary(g, CM_OP_TANH, a, NULL);
+    y = cm_unary(g, op, a, NULL);
+  } else if (r < 0.7 && two) {
+    int perm[2] = {1, 0};
+    y = cm_matmul(g, a, cm_permute(g, a, perm, NULL), false, false, NULL); /* [m,n] x [n,m] */
+    const cm_type ty = g->nodes[y].type;
+    int k = cm_const_fill(g, NULL, ty.dtype, 2, ty.dims, 0.5 / (double)ta.dims[1]);
+    y = cm_unary(g, CM_OP_TANH, cm_binary(g, CM_OP_MUL, y, k, NULL), NULL);
+    int64_t s0[2] = {0, 0}, s1[2] = {ta.dims[0], ta.dims[0] < ta.dims[1] ? ta.dims[0] : ta.dims[1]};
+    y = cm_slice(g, y, s0, s1, NULL, NULL);
+    int64_t lo[2] = {0, 0}, hi[2] = {0, ta.dims[1] - s1[1]};
+    y = cm_pad(g, y, lo, hi, 0.25, NULL);
+  } else if (r < 0.8 && two) {
+    int ax = test_uniform(rg) < 0.5 ? 0 : 1;
+    cm_op ro = test_uniform(rg) < 0.5 ? CM_OP_REDUCE_SUM : CM_OP_REDUCE_MAX;
+    y = cm_broadcast(g, cm_reduce(g, ro, a, 1, &ax, true, NULL), 2, ta.dims, NULL);
+  } else if (r < 0.9) {
+    if (same)
+      y = cm_select(g, cm_binary(g, CM_OP_LT, a, b, NULL), a, cm_unary(g, CM_OP_TANH, b, NULL),
+                    NULL);
+  } else if ((flags & TEST_OPS_COLLECTIVES) && test_uniform(rg) < 0.5) {
+    y = test_uniform(rg) < 0.5 ? cm_all_reduce(g, a, CM_MODE_SUM, 1, NULL)
+                               : cm_all_gather(g, a, 0, 1, NULL);
+  } else if (two) {
+    int in[2] = {a, a};
+    int c = cm_concat(g, 2, in, 1, NULL);
+    int64_t s0[2] = {0, 1}, s1[2] = {ta.dims[0], 2 * ta.dims[1]}, st[2] = {1, 2};
+    y = cm_slice(g, c, s0, s1, st, NULL);
+  }
+  if (y >= 0) p->ids[p->n++] = y;
+}
+
 #endif
