@@ -197,17 +197,61 @@ typedef struct test_pool {
 
 enum {
   TEST_OPS_COLLECTIVES = 1, /* all_reduce / all_gather on one rank among the ops */
+  TEST_OPS_REDUNDANT = 2,   /* half the ops add redundancy for simplify, CSE and DCE */
 };
+
+/* What TEST_OPS_REDUNDANT adds: a repeated expression, a reshape chain back
+ * to the shape, a cast round trip (widening, or narrowing: that one must
+ * stay), all-constant arithmetic, dead code, a select of equal values, a
+ * double permute, a division. Returns the value added, or -1. */
+static inline int test_redundant_op_(test_rng *rg, cm_graph *g, int a, int b) {
+  const cm_type ta = g->nodes[a].type;
+  bool same = cm_shape_equal(&ta, &g->nodes[b].type), two = ta.rank == 2;
+  switch (test_int(rg, 0, 7)) {
+  case 0:
+    if (!same) return -1;
+    return cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, a, b, NULL),
+                     cm_binary(g, CM_OP_MUL, a, b, NULL), NULL);
+  case 1: {
+    int64_t flat[1] = {cm_type_numel(&ta)};
+    return cm_reshape(g, cm_reshape(g, a, 1, flat, NULL), ta.rank, ta.dims, NULL);
+  }
+  case 2: {
+    cm_dtype mid = test_uniform(rg) < 0.5 ? CM_F64 : CM_F16;
+    return cm_cast(g, cm_cast(g, a, mid, NULL), ta.dtype, NULL);
+  }
+  case 3: {
+    int k = cm_const_fill(g, NULL, ta.dtype, ta.rank, ta.dims, test_uniform(rg));
+    return cm_binary(g, CM_OP_ADD, a, cm_unary(g, CM_OP_EXP, k, NULL), NULL);
+  }
+  case 4: cm_unary(g, CM_OP_EXP, a, NULL); return -1;
+  case 5:
+    if (!same) return -1;
+    return cm_select(g, cm_binary(g, CM_OP_LT, a, b, NULL), a, a, NULL);
+  case 6: {
+    if (!two) return -1;
+    int perm[2] = {1, 0};
+    return cm_permute(g, cm_permute(g, a, perm, NULL), perm, NULL);
+  }
+  default: return same ? cm_binary(g, CM_OP_DIV, a, b, NULL) : -1;
+  }
+}
 
 /* Adds one random op over two values of the pool, and its result to the pool
  * (or nothing, when the draw does not fit their shapes): binary, unary (exp
  * only of tanh-bounded values), a @ a^T scaled by 0.5/n and squashed (so
  * tanh stays away from saturation: tiny gradients drown in finite-difference
  * noise) then sliced and padded back to a's shape, a reduction broadcast
- * back, a select, a strided slice of a concat, or (flags) a collective. */
+ * back, a select, a strided slice of a concat, or (flags) a collective or
+ * a redundancy (test_redundant_op_). */
 static inline void test_random_op(test_rng *rg, cm_graph *g, test_pool *p, unsigned flags) {
   if (p->n >= 250) return;
   int a = p->ids[(int)(test_uniform(rg) * p->n)], b = p->ids[(int)(test_uniform(rg) * p->n)];
+  if ((flags & TEST_OPS_REDUNDANT) && test_uniform(rg) < 0.5) {
+    int y = test_redundant_op_(rg, g, a, b);
+    if (y >= 0) p->ids[p->n++] = y;
+    return;
+  }
   const cm_type ta = g->nodes[a].type; /* a copy: nodes may move */
   bool same = cm_shape_equal(&ta, &g->nodes[b].type), two = ta.rank == 2;
   int y = -1;
