@@ -8,6 +8,7 @@
  * 197; head dim 1, 5, 32, 64; heads 1, 3, 4; query blocks not dividing N). Also the verifier's span
  * rules and the printer. */
 #include "../test.h"
+#include "../testlib.h"
 #include "../tensor_compare.h"
 #include "codegen/codegen.h"
 #include "models/models.h"
@@ -19,10 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static uint64_t rng = 20261127;
+static test_rng rng = {20261127};
 static double uniform(void) {
-  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng >> 11) * 0x1p-53;
+  return test_uniform(&rng);
 }
 
 typedef struct shape {

@@ -11,6 +11,7 @@
  * contiguous along k packed into panels of rows that are not whole vectors go
  * through transposed W x W blocks (at.packA.kt): taken at least once. */
 #include "../test.h"
+#include "../testlib.h"
 #include "../tensor_compare.h"
 #include "codegen/codegen.h"
 #include "models/models.h"
@@ -23,10 +24,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static uint64_t rng = 0x5eed2026;
+static test_rng rng = {0x5eed2026};
 static double uniform(void) {
-  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng >> 11) * 0x1p-53;
+  return test_uniform(&rng);
 }
 
 typedef struct shape {

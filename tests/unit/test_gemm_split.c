@@ -6,6 +6,7 @@
  * and the shuffled pack of row-major A (6 rows of 16 k). Odd shapes: 1, primes, K not a multiple of
  * anything. */
 #include "../test.h"
+#include "../testlib.h"
 #include "../tensor_compare.h"
 #include "runtime/runtime.h"
 
@@ -13,10 +14,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static test_rng rng = {0x9e3779b97f4a7c15ull};
 static double uniform(void) { /* [-1, 1) */
-  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-  return (double)(rng >> 11) * 0x1p-52 - 1.0;
+  return test_uniform(&rng) * 2.0 - 1.0;
 }
 
 typedef struct gcase {

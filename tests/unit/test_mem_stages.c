@@ -13,6 +13,7 @@
 #include "codegen/codegen.h"
 #include "runtime/runtime.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 #include "tests/tensor_compare.h"
 #include "tests/llvm_kernels.h"
 
@@ -20,12 +21,9 @@
 #include <math.h>
 #include <stdint.h>
 
-static uint64_t rng_state = 0x2545f4914f6cdd1dull;
+static test_rng rng_state = {0x2545f4914f6cdd1dull};
 static double urand(double lo, double hi) {
-  rng_state ^= rng_state << 13;
-  rng_state ^= rng_state >> 7;
-  rng_state ^= rng_state << 17;
-  return lo + (hi - lo) * (double)(rng_state >> 11) / 9007199254740992.0;
+  return test_uniform_in(&rng_state, lo, hi);
 }
 
 /* got within node v's bound (a failure names the element and the figures). */

@@ -21,6 +21,7 @@
  * CMAEC_NVRTC_DUMP=DIR (write each compiled program there),
  * CMAEC_NVRTC_RENDER_ONLY=1 (count the unique kernels, compile nothing). */
 #include "../test.h"
+#include "../testlib.h"
 #include "../model_step.h"
 #include "../tensor_compare.h"
 #include "codegen/codegen.h"
@@ -693,10 +694,9 @@ static void emu_free(emu_prog *e) {
   memset(e, 0, sizeof *e);
 }
 
-static uint64_t emu_rng = 0x9e3779b97f4a7c15ull;
+static test_rng emu_rng = {0x9e3779b97f4a7c15ull};
 static double emu_uniform(void) {
-  emu_rng = emu_rng * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(emu_rng >> 11) * 0x1p-53;
+  return test_uniform(&emu_rng);
 }
 
 /* Every runnable kernel of p (lowered from plan pl of g) on the host, each
