@@ -319,18 +319,18 @@ static cm_status check_workers(const cm_model_config *c, bool folder, cm_err *er
 }
 
 /* Step inputs: the batch and the step's scalars (lr, betas, step, momentum). */
-static cm_status prepare_step(trainer *t, const cm_schedule *sched, int64_t step, const cm_batch *b,
-                              double sv[N_SCALARS], cm_err *err) {
+static cm_status prepare_step(trainer *t, const cm_lr_schedule *sched, int64_t step,
+                              const cm_batch *b, double sv[N_SCALARS], cm_err *err) {
   if (b->n != t->cfg.optimizer.batch)
     return cm_errorf(err, CM_EINTERNAL, "cm_train: step %lld: the loader gave %d samples, not %d",
                      (long long)step, b->n, t->cfg.optimizer.batch);
   cm_status st = copy_batch(t, b, err);
   if (st) return st;
-  sv[0] = cm_schedule_lr(sched, step - 1);
+  sv[0] = cm_lr_schedule_lr(sched, step - 1);
   sv[1] = t->cfg.optimizer.beta1;
   sv[2] = t->cfg.optimizer.beta2;
   sv[3] = (double)step;
-  sv[4] = cm_schedule_momentum(sched, step - 1);
+  sv[4] = cm_lr_schedule_momentum(sched, step - 1);
   for (int k = 0; k < N_SCALARS; k++)
     if (t->scalar_id[k] >= 0) cm_tensor_set_f64(&t->src[t->scalar_id[k]], 0, sv[k]);
   return CM_OK;
@@ -378,7 +378,7 @@ static void nonfinite_ref(trainer *t, cm_nonfinite *nf) {
  * run is deterministic, so the step goes non-finite the same way — checking every
  * kernel's outputs (cm_cpu_program_first_nonfinite). A replay estimated at over
  * five minutes is skipped. Only a failed run pays for this. */
-static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_schedule *sched,
+static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_lr_schedule *sched,
                           int64_t step, const char *base_ckpt, double step_s, char *out,
                           size_t size) {
   cm_err err = {0};
@@ -580,7 +580,7 @@ typedef struct step_values {
  * CPU backend's replay from ckpt; the run started after step `start` at time
  * t_run); CM_OK when all are finite. */
 static cm_status check_finite(trainer *t, const step_values *sv, const cm_loader_opts *lo,
-                              const cm_schedule *sched, int64_t step, const char *ckpt,
+                              const cm_lr_schedule *sched, int64_t step, const char *ckpt,
                               int64_t start, double t_run, cm_err *err) {
   double loss = sv->loss, lrc = sv->rc, lct = sv->ct, gn = sv->gn;
   const char *which = !isfinite(lrc)    ? "loss_rc"
@@ -635,7 +635,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   memset(r, 0, sizeof *r);
   trainer t = {0};
   t.o = o;
-  cm_schedule sched;
+  cm_lr_schedule sched;
   cm_checkpoint_meta meta = {0};
   int64_t start = 0;
   char *ckpt = NULL;
@@ -676,7 +676,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
                   (long long)cm_loader_steps_per_epoch(t.loader), (long long)r->steps_per_epoch);
     goto done;
   }
-  if ((st = cm_schedule_from_config(&t.cfg, r->steps_per_epoch, &sched, err))) goto done;
+  if ((st = cm_lr_schedule_from_config(&t.cfg, r->steps_per_epoch, &sched, err))) goto done;
   r->total_steps = o->steps > 0 ? o->steps : sched.total_iters;
   r->first_step = r->last_step = start;
   if (start > r->total_steps) {
