@@ -2,9 +2,12 @@
  *
  * Defines: discovery of the run-time libraries loaded with dlopen — the CUDA
  * driver (and its GPUs), NCCL and MPI — and the report `cmaec info` prints
- * (runtime/libraries.c); the CPU executor (runtime/cpu_exec.c). The training
- * half (data, views, trainer, checkpoints, metrics, evaluation, pictures) is
- * runtime/training.h, which includes this header. */
+ * (runtime/libraries.c); execution: cm_compile, the one driver from a graph to
+ * running code, cm_program and the cm_backend table a backend fills in
+ * (runtime/program.c; the CPU backend runtime/backend_cpu.c, the compile-only
+ * CUDA backend runtime/backend_cuda.c). The training half (data, views,
+ * trainer, checkpoints, metrics, evaluation, pictures) is runtime/training.h,
+ * which includes this header. */
 #ifndef CMAEC_RUNTIME_H
 #define CMAEC_RUNTIME_H
 
@@ -17,25 +20,44 @@ void cm_library_find_mpi(cm_component *out);
 /* Fills up to max components (LLVM, NVRTC, CUDA driver, NCCL, MPI); returns the count. */
 int cm_library_find_all(cm_component *out, int max);
 
-/* ---- the CPU executor (runtime/cpu_exec.c) ------------------------------ */
+/* ---- compiling and running programs (runtime/program.c) ----------------- */
 
-/* A compiled program for the host CPU: the graph's kernels (lowered, rendered
- * with the LLVM renderer, JIT-compiled through the on-disk cache), ordered
- * steps over one arena, run with OpenMP splitting each stage's work items.
- * Threads: opts->threads, else $CMAEC_THREADS, else omp_get_max_threads(). */
-typedef struct cm_cpu_program cm_cpu_program;
+/* A program: a graph's plan lowered to kernels (cm_kprogram) for a target,
+ * compiled by a backend, run over the backend's arena. cm_compile is the one
+ * driver from a graph to running code: every tool, the trainer, the benches and
+ * the tests go through it. The generic cm_program_* functions bind and check
+ * sources, find outputs and values, and search non-finite values; what is
+ * target-specific goes through the program's cm_backend table. */
+typedef struct cm_program cm_program;
+typedef struct cm_backend cm_backend;
 
-typedef struct cm_cpu_opts {
-  int threads;           /* 0: $CMAEC_THREADS or OpenMP's default */
-  const char *cache_dir; /* object cache; NULL: $CMAEC_CACHE_DIR, else
-                            $XDG_CACHE_HOME/cmaec or ~/.cache/cmaec; "" disables it */
-  bool no_templates;     /* generic loop nests only */
-  bool profile;          /* time every kernel (cm_cpu_program_profile) */
-  int opt_level;         /* 0: 3 */
-  int attn_bc;           /* > 0: force the attention key block (cm_lower_opts.attn_bc; tests) */
-} cm_cpu_opts;
+/* What cmaec compile prints of a compiled program (cm_program_emit). */
+typedef enum cm_emit {
+  CM_EMIT_KERNEL_IR, /* the kernel IR (cm_kernel_print), every backend */
+  CM_EMIT_SOURCE,    /* the rendered text: LLVM IR (cpu), CUDA C (cuda) */
+  CM_EMIT_OPT_IR,    /* cpu: the LLVM IR after the JIT's optimization pipeline */
+  CM_EMIT_ASM,       /* cpu: the machine code as assembly */
+  CM_EMIT_BINARY,    /* cuda: the program's CUBIN (whole program only) */
+} cm_emit;
 
-typedef struct cm_cpu_stats {
+typedef struct cm_compile_opts {
+  int threads;               /* CPU: 0: $CMAEC_THREADS or OpenMP's default */
+  const char *cache_dir;     /* CPU object cache; NULL: $CMAEC_CACHE_DIR, else
+                                $XDG_CACHE_HOME/cmaec or ~/.cache/cmaec; "" disables it */
+  bool no_templates;         /* generic loop nests only */
+  bool profile;              /* time every kernel (cm_program_profile) */
+  int opt_level;             /* 0: 3 */
+  int attn_bc;               /* > 0: force the attention key block (cm_lower_opts.attn_bc; tests) */
+  bool compile_only;         /* compile every kernel, allocate nothing; the program cannot run (its
+                                target need not run here: a $CMAEC_CPU this host lacks, a GPU) */
+  bool render_only;          /* with compile_only: render every kernel, compile none (what
+                                cm_program_emit writes is then all the program holds) */
+  const cm_plan *plan;       /* NULL: the default pipeline's passes run on a copy of the graph */
+  const cm_backend *backend; /* NULL: the target's (cm_backend_cpu, cm_backend_cuda) */
+  void *backend_opts;        /* given to backend->compile as is (NULL for the built-in ones) */
+} cm_compile_opts;
+
+typedef struct cm_program_stats {
   int n_kernels, n_stages;
   int n_distinct_kernels; /* compiled once each: the others repeat one (same code, other name) */
   double lower_ms, render_ms, jit_ms; /* building the program */
@@ -43,49 +65,51 @@ typedef struct cm_cpu_stats {
   int64_t arena_bytes, scratch_bytes, workspace_bytes;
   int threads;
   int jit_modules;      /* modules compiled or loaded: one per distinct kernel */
-  int64_t object_bytes; /* their objects' size */
+  int64_t object_bytes; /* their objects' size (CPU objects, CUDA CUBINs) */
   int vector_bits;      /* of the target CPU (cm_cpu_target) */
-  bool runnable;        /* false: built compile_only for a CPU this host cannot run */
-} cm_cpu_stats;
+  bool runnable;        /* false: compile_only, or a target this host cannot run */
+} cm_program_stats;
 
-/* Builds the program for g (which must verify) from its plan; when plan is
- * NULL the default pipeline's fuse, schedule and memplan are run on a copy
- * of g first (the program keeps what it needs; g must outlive it). */
-cm_status cm_cpu_program_build(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
-                               cm_cpu_program **out, cm_err *err);
-/* Builds refuse a $CMAEC_CPU whose features this host lacks (cm_cpu_target);
- * cm_cpu_program_compile builds for it all the same (every kernel compiled and
- * linked, stats filled), and then cm_cpu_program_run refuses to run it. */
-cm_status cm_cpu_program_compile(const cm_graph *g, const cm_plan *plan, const cm_cpu_opts *opts,
-                                 cm_cpu_program **out, cm_err *err);
-void cm_cpu_program_free(cm_cpu_program *pr);
+/* Compiles g (which must verify) for target (NULL: cm_target_cpu(NULL, NULL):
+ * the host or $CMAEC_CPU) through opts->backend or the target's backend. When
+ * opts->plan is NULL the default pipeline's fuse, schedule and memplan are run
+ * on a copy of g first (the program keeps what it needs; g and the plan must
+ * outlive it). A CPU target this host cannot run is refused unless
+ * opts->compile_only. */
+cm_status cm_compile(const cm_graph *g, const cm_target *target, const cm_compile_opts *opts,
+                     cm_program **out, cm_err *err);
+void cm_program_free(cm_program *pr);
 /* The graph the program runs (g itself, or the optimized copy when built
  * without a plan: its node ids differ, its sources and outputs keep their names). */
-const cm_graph *cm_cpu_program_graph(const cm_cpu_program *pr);
+const cm_graph *cm_program_graph(const cm_program *pr);
+const cm_kprogram *cm_program_kernels(const cm_program *pr);
+const cm_plan *cm_program_plan(const cm_program *pr); /* the plan it was lowered from */
+const cm_target *cm_program_target(const cm_program *pr);
+const cm_backend *cm_program_backend(const cm_program *pr);
 /* Runs one evaluation. sources[i] (indexed by node id of g as passed to
- * build, NULL for non-sources) gives every input, param and state with
+ * cm_compile, NULL for non-sources) gives every input, param and state with
  * exactly its type; states whose assign the graph holds are updated in place
  * (also params, as the oracle's assign values). outputs[j] receives graph
  * output j (allocated; the caller frees with cm_tensor_free). outputs may be
  * NULL: nothing is copied out (a large output costs a copy and fresh pages
- * per run), and cm_cpu_program_output reads each output where it lies. A
+ * per run), and cm_program_output reads each output where it lies. A
  * gather or scatter_add index outside its axis is CM_EINVALID with the
  * oracle's message (cm_index_error, the first such node in graph order), found
  * after the run: the kernels clamp such an index where they use it, so nothing
  * outside a buffer is touched, but the outputs are garbage and the states the
  * graph assigns are updated. */
-cm_status cm_cpu_program_run(cm_cpu_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
-                             cm_err *err);
+cm_status cm_program_run(cm_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
+                         cm_err *err);
 /* Graph output j of the last run where the program keeps it (the arena, or a
  * source it was assigned to), valid until the next run or free; NULL for an
  * output that is a constant, or j out of range. Its type is graph output j's. */
-const void *cm_cpu_program_output(const cm_cpu_program *pr, int j);
-/* Where node v of the program's graph (cm_cpu_program_graph) lies after the
+const void *cm_program_output(const cm_program *pr, int j);
+/* Where node v of the program's graph (cm_program_graph) lies after the
  * last run: a source's or an assigned state's buffer, or the arena buffer of
  * the kernel that writes it (valid until a later buffer of the memory plan
  * reuses the place: all of them with a plan that reuses none); NULL for a
  * value no kernel writes to memory. */
-const void *cm_cpu_program_value(const cm_cpu_program *pr, int v);
+const void *cm_program_value(const cm_program *pr, int v);
 /* Where a run first produces a non-finite value, in execution order: a float
  * source (graph order), else the first kernel whose outputs hold one (within a
  * kernel, the earliest node; a state's new value is named by its assign). */
@@ -98,13 +122,13 @@ typedef struct cm_nonfinite {
   int64_t index;    /* its first non-finite element */
   double value;
 } cm_nonfinite;
-/* Runs the program once as cm_cpu_program_run does (states updated in place),
- * checking each kernel's outputs after it runs and stopping at the first
- * non-finite one. For diagnosis (a step that went non-finite): it reads every
- * value written, so it is slower than a run. */
-cm_status cm_cpu_program_first_nonfinite(cm_cpu_program *pr, cm_tensor *const *sources,
-                                         cm_nonfinite *out, cm_err *err);
-void cm_cpu_program_stats(const cm_cpu_program *pr, cm_cpu_stats *out);
+/* Runs the program once as cm_program_run does (states updated in place),
+ * one kernel at a time, checking each kernel's outputs after it runs and
+ * stopping at the first non-finite one. For diagnosis (a step that went
+ * non-finite): it reads every value written, so it is slower than a run. */
+cm_status cm_program_first_nonfinite(cm_program *pr, cm_tensor *const *sources, cm_nonfinite *out,
+                                     cm_err *err);
+void cm_program_stats_get(const cm_program *pr, cm_program_stats *out);
 /* With opts->profile: per kernel, total ms over all runs and the number of runs. */
 typedef struct cm_kernel_profile {
   const char *name;
@@ -113,7 +137,7 @@ typedef struct cm_kernel_profile {
   int runs;
   double flops; /* per run, counted from the kernel's stages (2 per multiply-add) */
 } cm_kernel_profile;
-int cm_cpu_program_profile(const cm_cpu_program *pr, const cm_kernel_profile **out);
+int cm_program_profile(const cm_program *pr, const cm_kernel_profile **out);
 /* With opts->profile: per stage of every kernel (kernels in order, stages in
  * order), total ms over all runs and the number of runs. */
 typedef struct cm_stage_profile {
@@ -125,6 +149,72 @@ typedef struct cm_stage_profile {
   int runs;
   double flops; /* per run, as cm_kernel_profile counts them */
 } cm_stage_profile;
-int cm_cpu_program_stage_profile(const cm_cpu_program *pr, const cm_stage_profile **out);
+int cm_program_stage_profile(const cm_program *pr, const cm_stage_profile **out);
+/* Writes what was compiled for kernel k (k < 0: the whole program, as one
+ * unit) to out (cm_emit): CM_EINVALID when the backend has no such text. */
+cm_status cm_program_emit(const cm_program *pr, int k, cm_emit what, FILE *out, cm_err *err);
+
+/* ---- the backend table ---------------------------------------------------
+ * A backend is one cm_backend filled in: cm_compile lowers the plan for the
+ * target (cm_program_kernels), then calls compile and (unless compile_only)
+ * alloc_arena; cm_program_run binds and checks the sources, then calls upload,
+ * run(0, n_kernels) and download; cm_program_first_nonfinite calls run one
+ * kernel at a time and reads buffers through buffer; cm_program_free calls
+ * free. The backend keeps its state with cm_program_set_impl. Every entry
+ * returns errors as cm_err naming the kernel or buffer; none may exit. */
+struct cm_backend {
+  const char *name; /* "cpu", "cuda": in messages */
+  /* Renders and compiles every kernel of cm_program_kernels(pr) for
+   * cm_program_target(pr) (its constants: cm_kernel_const_data on
+   * cm_program_graph(pr)). Fills what it knows of *stats (render/jit ms,
+   * cache, modules, object bytes, threads, vector_bits, runnable). Refuses a
+   * target this host cannot run unless opts->compile_only. Required. */
+  cm_status (*compile)(cm_program *pr, const cm_compile_opts *opts, cm_program_stats *stats,
+                       cm_err *err);
+  /* Allocates the memory the kernels run over: the plan's arena
+   * (cm_kprogram.arena_bytes), scratch, workspace, status words, constants;
+   * fills stats' arena/scratch/workspace bytes. Required. */
+  cm_status (*alloc_arena)(cm_program *pr, cm_program_stats *stats, cm_err *err);
+  /* Before a run, with every source bound (cm_program_source): makes them
+   * readable by the kernels (a device copy). NULL: the kernels read host memory. */
+  cm_status (*upload)(cm_program *pr, cm_err *err);
+  /* Runs kernels [first, last) in order, SOURCE buffers at cm_program_source.
+   * After them, a failed gather/scatter_add index check among them is
+   * returned as cm_program_index_error of the first such node in graph order.
+   * Required. */
+  cm_status (*run)(cm_program *pr, int first, int last, cm_err *err);
+  /* After a run: writes the states the graph assigns back to their sources'
+   * host memory. NULL: the kernels wrote them in place. */
+  cm_status (*download)(cm_program *pr, cm_err *err);
+  /* Host memory holding buffer b of kernel k after the last run (copied from
+   * the device when it lives there), valid until the next run; NULL when it
+   * is not kept. Required. */
+  const void *(*buffer)(const cm_program *pr, int k, int b);
+  /* Per-kernel and per-stage times with opts->profile; NULL: none kept. */
+  int (*profile)(const cm_program *pr, const cm_kernel_profile **out);
+  int (*stage_profile)(const cm_program *pr, const cm_stage_profile **out);
+  /* Writes kernel k's text of kind what (k < 0: the whole program as one
+   * unit; never CM_EMIT_KERNEL_IR, which is generic); CM_EINVALID naming the
+   * kind when the backend has none. NULL: it has none at all. */
+  cm_status (*emit)(const cm_program *pr, int k, cm_emit what, FILE *out, cm_err *err);
+  /* Frees the backend's state (cm_program_impl); called once, also after a
+   * failed compile or alloc_arena. Required. */
+  void (*free)(cm_program *pr);
+};
+extern const cm_backend cm_backend_cpu;  /* runtime/backend_cpu.c: LLVM JIT, OpenMP */
+extern const cm_backend cm_backend_cuda; /* runtime/backend_cuda.c: CUDA C + NVRTC, compile
+                                            only until issue 15 (the rest is CM_EINVALID) */
+/* The CUBIN of a program compiled by cm_backend_cuda (not render_only), with
+ * ptxas's report per kernel, and the NVRTC version that made it; NULL else. */
+const cm_cubin *cm_program_cubin(const cm_program *pr, const char **nvrtc_version);
+void cm_program_set_impl(cm_program *pr, void *impl);
+void *cm_program_impl(const cm_program *pr);
+/* The host data of source node v of cm_program_graph(pr) during a run; NULL
+ * for any other node. */
+char *cm_program_source(const cm_program *pr, int v);
+/* The oracle's error for a failed index check of node v of cm_program_graph:
+ * index, its flat position (the STATUS words' values). */
+cm_status cm_program_index_error(const cm_program *pr, int v, int64_t index, int64_t pos,
+                                 cm_err *err);
 
 #endif

@@ -329,7 +329,7 @@ void cm_image_text(cm_image *im, int x, int y, const char *text, int scale, cons
 /* ---- trainer (runtime/trainer.c; docs/training.md) ----------------------- */
 
 typedef enum cm_train_backend {
-  CM_TRAIN_CPU = 0, /* cm_cpu_program (the default) */
+  CM_TRAIN_CPU = 0, /* cm_compile for the CPU (the default) */
   CM_TRAIN_REF,     /* the reference evaluator cm_eval (tiny tests) */
 } cm_train_backend;
 
@@ -385,7 +385,7 @@ typedef struct cm_encoder cm_encoder;
 typedef struct cm_encoder_opts {
   int batch; /* images per graph run (>= 1) */
   cm_pool pool;
-  bool reference; /* run on the reference evaluator cm_eval, not cm_cpu_program */
+  bool reference; /* run on the reference evaluator cm_eval, not cm_compile's program */
   uint64_t seed;  /* params absent from `params` (all when it is NULL) come from their init */
 } cm_encoder_opts;
 
