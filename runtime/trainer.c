@@ -319,18 +319,18 @@ static cm_status check_workers(const cm_model_config *c, bool folder, cm_err *er
 }
 
 /* Step inputs: the batch and the step's scalars (lr, betas, step, momentum). */
-static cm_status prepare_step(trainer *t, const cm_schedule *sched, int64_t step, const cm_batch *b,
-                              double sv[N_SCALARS], cm_err *err) {
+static cm_status prepare_step(trainer *t, const cm_lr_schedule *sched, int64_t step,
+                              const cm_batch *b, double sv[N_SCALARS], cm_err *err) {
   if (b->n != t->cfg.optimizer.batch)
     return cm_errorf(err, CM_EINTERNAL, "cm_train: step %lld: the loader gave %d samples, not %d",
                      (long long)step, b->n, t->cfg.optimizer.batch);
   cm_status st = copy_batch(t, b, err);
   if (st) return st;
-  sv[0] = cm_schedule_lr(sched, step - 1);
+  sv[0] = cm_lr_schedule_lr(sched, step - 1);
   sv[1] = t->cfg.optimizer.beta1;
   sv[2] = t->cfg.optimizer.beta2;
   sv[3] = (double)step;
-  sv[4] = cm_schedule_momentum(sched, step - 1);
+  sv[4] = cm_lr_schedule_momentum(sched, step - 1);
   for (int k = 0; k < N_SCALARS; k++)
     if (t->scalar_id[k] >= 0) cm_tensor_set_f64(&t->src[t->scalar_id[k]], 0, sv[k]);
   return CM_OK;
@@ -378,7 +378,7 @@ static void nonfinite_ref(trainer *t, cm_nonfinite *nf) {
  * run is deterministic, so the step goes non-finite the same way — checking every
  * kernel's outputs (cm_program_first_nonfinite). A replay estimated at over
  * five minutes is skipped. Only a failed run pays for this. */
-static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_schedule *sched,
+static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_lr_schedule *sched,
                           int64_t step, const char *base_ckpt, double step_s, char *out,
                           size_t size) {
   cm_err err = {0};
@@ -570,11 +570,72 @@ static cm_status check_resume_steps(const cm_train_opts *o, const char *ckpt, lo
   return CM_OK;
 }
 
+/* A step's metrics outputs. */
+typedef struct step_values {
+  double loss, rc, ct, gn;
+} step_values;
+
+/* CM_EINVALID naming the first non-finite metric of the step and where the run
+ * first produced a non-finite tensor (the reference evaluator's walk, or the
+ * CPU backend's replay from ckpt; the run started after step `start` at time
+ * t_run); CM_OK when all are finite. */
+static cm_status check_finite(trainer *t, const step_values *sv, const cm_loader_opts *lo,
+                              const cm_lr_schedule *sched, int64_t step, const char *ckpt,
+                              int64_t start, double t_run, cm_err *err) {
+  double loss = sv->loss, lrc = sv->rc, lct = sv->ct, gn = sv->gn;
+  const char *which = !isfinite(lrc)    ? "loss_rc"
+                      : !isfinite(lct)  ? "loss_ct"
+                      : !isfinite(loss) ? "loss"
+                      : !isfinite(gn)   ? "grad_norm"
+                                        : NULL;
+  if (!which) return CM_OK;
+  double v = strcmp(which, "loss_rc") == 0   ? lrc
+             : strcmp(which, "loss_ct") == 0 ? lct
+             : strcmp(which, "loss") == 0    ? loss
+                                             : gn;
+  char where[600];
+  if (t->o->backend == CM_TRAIN_REF) {
+    cm_nonfinite nf;
+    nonfinite_ref(t, &nf);
+    if (nf.found)
+      nonfinite_str(&nf, where, sizeof where);
+    else
+      snprintf(where, sizeof where, "not located");
+  } else {
+    double step_s = step > start + 1 ? (now_s() - t_run) / (double)(step - 1 - start) : 1;
+    nonfinite_cpu(t, lo, sched, step, ckpt, step_s, where, sizeof where);
+  }
+  return cm_errorf(err, CM_EINVALID,
+                   "step %lld: non-finite %s (%g); first non-finite tensor in execution order: %s",
+                   (long long)step, which, v, where);
+}
+
+/* One metrics.jsonl row for the step just run (sc: the step's scalars, lr first). */
+static cm_status write_metrics(trainer *t, int64_t step, const cm_batch *b, const double *sc,
+                               const step_values *v, double ips, double ms, cm_err *err) {
+  cm_metrics_row row = {0};
+  row.step = step;
+  row.epoch = b->epoch;
+  row.loss_rc = v->rc;
+  row.loss_ct = v->ct;
+  row.loss = v->loss;
+  row.lr = sc[0];
+  row.momentum = sc[4];
+  row.images_per_s = ips;
+  row.step_ms = ms;
+  const char *xn[1] = {"grad_norm"};
+  double xv[1] = {v->gn};
+  row.n_extra = 1;
+  row.extra_names = xn;
+  row.extra_values = xv;
+  return cm_metrics_write(t->metrics, &row, err);
+}
+
 cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   memset(r, 0, sizeof *r);
   trainer t = {0};
   t.o = o;
-  cm_schedule sched;
+  cm_lr_schedule sched;
   cm_checkpoint_meta meta = {0};
   int64_t start = 0;
   char *ckpt = NULL;
@@ -615,7 +676,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
                   (long long)cm_loader_steps_per_epoch(t.loader), (long long)r->steps_per_epoch);
     goto done;
   }
-  if ((st = cm_schedule_from_config(&t.cfg, r->steps_per_epoch, &sched, err))) goto done;
+  if ((st = cm_lr_schedule_from_config(&t.cfg, r->steps_per_epoch, &sched, err))) goto done;
   r->total_steps = o->steps > 0 ? o->steps : sched.total_iters;
   r->first_step = r->last_step = start;
   if (start > r->total_steps) {
@@ -680,62 +741,21 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
       cm_err_prefix(err, "step %lld: ", (long long)step);
       break;
     }
-    double loss = out_value(out, t.out_loss), lrc = out_value(out, t.out_rc),
-           lct = out_value(out, t.out_ct), gn = out_value(out, t.out_gn);
-    const char *which = !isfinite(lrc)    ? "loss_rc"
-                        : !isfinite(lct)  ? "loss_ct"
-                        : !isfinite(loss) ? "loss"
-                        : !isfinite(gn)   ? "grad_norm"
-                                          : NULL;
-    if (which) {
-      double v = strcmp(which, "loss_rc") == 0   ? lrc
-                 : strcmp(which, "loss_ct") == 0 ? lct
-                 : strcmp(which, "loss") == 0    ? loss
-                                                 : gn;
-      char where[600];
-      if (o->backend == CM_TRAIN_REF) {
-        cm_nonfinite nf;
-        nonfinite_ref(&t, &nf);
-        if (nf.found)
-          nonfinite_str(&nf, where, sizeof where);
-        else
-          snprintf(where, sizeof where, "not located");
-      } else {
-        double step_s = step > start + 1 ? (now_s() - t_run) / (double)(step - 1 - start) : 1;
-        nonfinite_cpu(&t, &lo, &sched, step, r->checkpoint[0] ? r->checkpoint : ckpt, step_s, where,
-                      sizeof where);
-      }
-      st =
-          cm_errorf(err, CM_EINVALID,
-                    "step %lld: non-finite %s (%g); first non-finite tensor in execution order: %s",
-                    (long long)step, which, v, where);
+    step_values v = {out_value(out, t.out_loss), out_value(out, t.out_rc), out_value(out, t.out_ct),
+                     out_value(out, t.out_gn)};
+    if ((st = check_finite(&t, &v, &lo, &sched, step, r->checkpoint[0] ? r->checkpoint : ckpt,
+                           start, t_run, err)))
       break;
-    }
     double ms = 1e3 * (now_s() - t0);
     images += b.n;
     double ips = (double)images / (now_s() - t_run);
-    cm_metrics_row row = {0};
-    row.step = step;
-    row.epoch = b.epoch;
-    row.loss_rc = lrc;
-    row.loss_ct = lct;
-    row.loss = loss;
-    row.lr = sv[0];
-    row.momentum = sv[4];
-    row.images_per_s = ips;
-    row.step_ms = ms;
-    const char *xn[1] = {"grad_norm"};
-    double xv[1] = {gn};
-    row.n_extra = 1;
-    row.extra_names = xn;
-    row.extra_values = xv;
-    if ((st = cm_metrics_write(t.metrics, &row, err))) break;
+    if ((st = write_metrics(&t, step, &b, sv, &v, ips, ms, err))) break;
     r->last_step = step;
-    r->loss = loss;
-    r->loss_rc = lrc;
-    r->loss_ct = lct;
+    r->loss = v.loss;
+    r->loss_rc = v.rc;
+    r->loss_ct = v.ct;
     r->images_per_s = ips;
-    if (o->log) cm_progress_update(&prog, step - 1, loss); /* 0-based: the step just run */
+    if (o->log) cm_progress_update(&prog, step - 1, v.loss); /* 0-based: the step just run */
     bool stopping = o->stop && *o->stop;
     if (stopping || step == r->total_steps ||
         (t.cfg.train.ckpt_every > 0 && step % t.cfg.train.ckpt_every == 0)) {

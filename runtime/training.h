@@ -161,25 +161,26 @@ void cm_loader_free(cm_loader *l);
 /* ---- trainer support (lr_schedule.c, metrics.c, checkpoint.c, evaluation.c,
  * picture.c) ---------------------------------------------------------------- */
 
-/* Per-iteration schedules (mmengine semantics, CMAE.md §4 and §8). Iteration
+/* Per-iteration lr and momentum schedules, cm_lr_schedule (not the graph pass
+ * passes/schedule.c; mmengine semantics, CMAE.md §4 and §8). Iteration
  * t is 0-based: the value used by the t-th optimizer step.
  *   peak = base_lr * global_batch / 256 (the linear scaling rule)
  *   t < W:  lr = peak * (f0 + (1 - f0) * t / W)        (LinearLR, f0 = 1e-4)
  *   t >= W: lr = eta_min + (peak - eta_min) * (1 + cos(pi (t - W) / (T - W))) / 2
  *   momentum(t) = m_end - (m_end - m_base) * (cos(pi t / T) + 1) / 2
  * with W = warmup iterations and T = total iterations; t >= T holds the last value. */
-typedef struct cm_schedule {
+typedef struct cm_lr_schedule {
   double peak_lr, min_lr, warmup_start_factor;
   int64_t warmup_iters, total_iters;
   double momentum_base, momentum_end;
-} cm_schedule;
+} cm_lr_schedule;
 
 /* From a config's optimizer.* and schedule.* keys (epochs converted to
  * iterations with iters_per_epoch). Errors: non-positive sizes, warmup >= total. */
-cm_status cm_schedule_from_config(const cm_model_config *c, int64_t iters_per_epoch,
-                                  cm_schedule *out, cm_err *err);
-double cm_schedule_lr(const cm_schedule *s, int64_t t);
-double cm_schedule_momentum(const cm_schedule *s, int64_t t);
+cm_status cm_lr_schedule_from_config(const cm_model_config *c, int64_t iters_per_epoch,
+                                     cm_lr_schedule *out, cm_err *err);
+double cm_lr_schedule_lr(const cm_lr_schedule *s, int64_t t);
+double cm_lr_schedule_momentum(const cm_lr_schedule *s, int64_t t);
 
 /* Metrics: metrics.jsonl, one JSON object per step, appended and flushed per
  * line. Non-finite values are written as null (read back as NaN). */
