@@ -1,7 +1,7 @@
 /* runtime/lr_schedule.c — the per-iteration learning-rate and EMA-momentum
  * schedules of CMAE pre-training (CMAE.md §4, §8: mmengine LinearLR warmup then
  * CosineAnnealingLR, both converted to iterations). */
-#include "runtime.h"
+#include "training.h"
 
 #include <math.h>
 

@@ -3,7 +3,7 @@
  * seed and the step number (params from their seeded initializers, the
  * loader's draws keyed by (seed, epoch, index), the schedules by step), so a
  * run resumed from a checkpoint continues bitwise as if never stopped. */
-#include "runtime.h"
+#include "training.h"
 
 #include "../models/models.h"
 #include "../passes/passes.h"
@@ -93,7 +93,7 @@ typedef struct trainer {
   const cm_tensor **bound; /* for cm_eval */
   cm_tensor *values;       /* ref backend: every node's value */
   cm_tensor *outs;         /* cpu backend: graph outputs */
-  cm_cpu_program *prog;
+  cm_program *prog;
   cm_dataset *data;
   cm_loader *loader;
   cm_metrics_writer *metrics;
@@ -119,7 +119,7 @@ static void trainer_free(trainer *t) {
   free(t->outs);
   free(t->ckpt_names);
   free(t->ckpt_tensors);
-  cm_cpu_program_free(t->prog);
+  cm_program_free(t->prog);
   cm_loader_free(t->loader);
   cm_dataset_free(t->data);
   cm_metrics_close(t->metrics);
@@ -285,7 +285,7 @@ static cm_status run_step(trainer *t, const cm_tensor **out, cm_err *err) {
     return CM_OK;
   }
   for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&t->outs[j]);
-  if (cm_cpu_program_run(t->prog, (cm_tensor *const *)t->bound, t->outs, err)) return err->status;
+  if (cm_program_run(t->prog, (cm_tensor *const *)t->bound, t->outs, err)) return err->status;
   for (int j = 0; j < g->n_outputs; j++) out[j] = &t->outs[j];
   return CM_OK;
 }
@@ -376,7 +376,7 @@ static void nonfinite_ref(trainer *t, cm_nonfinite *nf) {
  * so step `step` is run again from the state it started from — the last checkpoint
  * this run wrote or resumed from (else the initial state), replayed up to it; the
  * run is deterministic, so the step goes non-finite the same way — checking every
- * kernel's outputs (cm_cpu_program_first_nonfinite). A replay estimated at over
+ * kernel's outputs (cm_program_first_nonfinite). A replay estimated at over
  * five minutes is skipped. Only a failed run pays for this. */
 static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_schedule *sched,
                           int64_t step, const char *base_ckpt, double step_s, char *out,
@@ -436,7 +436,7 @@ static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_schedu
   cm_nonfinite nf = {0};
   if (!st) st = cm_loader_next(l, &b, &err);
   if (!st) st = prepare_step(t, sched, step, &b, sv, &err);
-  if (!st) st = cm_cpu_program_first_nonfinite(t->prog, (cm_tensor *const *)t->bound, &nf, &err);
+  if (!st) st = cm_program_first_nonfinite(t->prog, (cm_tensor *const *)t->bound, &nf, &err);
   if (st)
     snprintf(out, size, "not located (the replay failed: %s)", err.msg);
   else if (!nf.found)
@@ -552,9 +552,9 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     if (n->op == CM_OP_PARAM && !target) r->n_params += cm_type_numel(&n->type);
   }
   if (o->backend == CM_TRAIN_CPU) {
-    cm_cpu_opts co = {0};
+    cm_compile_opts co = {0};
     co.threads = o->threads;
-    if (cm_cpu_program_build(g, NULL, &co, &t->prog, err)) return err->status;
+    if (cm_compile(g, NULL, &co, &t->prog, err)) return err->status;
   }
   return CM_OK;
 }
@@ -648,8 +648,8 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
             (long long)sched.warmup_iters, t.cfg.train.workers, t.cfg.train.workers == 1 ? "" : "s",
             o->backend == CM_TRAIN_REF ? "ref" : "cpu");
     if (t.prog) {
-      cm_cpu_stats cs;
-      cm_cpu_program_stats(t.prog, &cs);
+      cm_program_stats cs;
+      cm_program_stats_get(t.prog, &cs);
       fprintf(o->log, " (%d threads)", cs.threads);
     }
     fprintf(o->log, "; metrics %s, checkpoints %s/ckpt-<step>.safetensors\n", t.metrics_path,

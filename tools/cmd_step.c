@@ -288,7 +288,7 @@ int cmd_step(int argc, char **argv) {
 
   cm_graph *g = NULL, *sg = NULL;
   cm_tensor *values = NULL, *outs = NULL;
-  cm_cpu_program *pr = NULL;
+  cm_program *pr = NULL;
   cm_tensor scalars[5] = {{{0}, 0}};
   cli_sources src = {0};
   cm_err err = {0};
@@ -336,7 +336,7 @@ int cmd_step(int argc, char **argv) {
       rc = (fprintf(stderr, "cmaec step: out of memory\n"), EXIT_INTERNAL);
       goto done;
     }
-    if (cm_cpu_program_build(sg, NULL, NULL, &pr, &err)) {
+    if (cm_compile(sg, NULL, NULL, &pr, &err)) {
       rc = cli_report(&err, pos[0]);
       goto done;
     }
@@ -345,7 +345,7 @@ int cmd_step(int argc, char **argv) {
     set_scalar(&scalars[3], (double)t);
     if (cpu) {
       /* the executor writes every assign into its state in place */
-      if (cm_cpu_program_run(pr, (cm_tensor *const *)src.bound, outs, &err)) {
+      if (cm_program_run(pr, (cm_tensor *const *)src.bound, outs, &err)) {
         rc = cli_report(&err, pos[0]);
         goto done;
       }
@@ -401,7 +401,7 @@ int cmd_step(int argc, char **argv) {
     if (!rc && !quiet) printf("saved params and optimizer state to %s\n", opts[14].value);
   }
 done:
-  cm_cpu_program_free(pr);
+  cm_program_free(pr);
   free(outs);
   for (int k = 0; k < 5; k++) cm_tensor_free(&scalars[k]);
   cli_sources_free(&src);

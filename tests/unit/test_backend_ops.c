@@ -3,7 +3,7 @@
  * For each op, each dtype (f32, bf16, f16, i32, i64, bool) and a few random
  * shapes, a small graph applying the op to random sources (never zeros) runs
  * through fuse, schedule and memplan, then on
- *   - the CPU backend (LLVM JIT; one adapter function, run_cpu), and
+ *   - the CPU backend (cm_compile and cm_program_run: one adapter, run_cpu), and
  *   - the kernel-IR interpreter (cm_lower_plan, then cm_kernel_interpret),
  * and every output and assigned state must lie within the forward error bound
  * of the oracle (cm_eval_bounded): exact for integers and bool.
@@ -358,21 +358,21 @@ typedef struct run_result {
 } run_result;
 
 /* The CPU backend: g with plan p on copies of src. The one place this test
- * calls the CPU program API. */
+ * calls the compile API. */
 static cm_status run_cpu(const cm_graph *g, const cm_plan *p, const cm_tensor *const *src,
                          run_result *r, cm_err *err) {
-  cm_cpu_opts o = {1, "", false, false, 0, 0};
-  cm_cpu_program *pr = NULL;
-  cm_status s = cm_cpu_program_build(g, p, &o, &pr, err);
+  cm_compile_opts o = {.threads = 1, .cache_dir = "", .plan = p};
+  cm_program *pr = NULL;
+  cm_status s = cm_compile(g, NULL, &o, &pr, err);
   cm_tensor **ptr = calloc((size_t)g->n_nodes, sizeof *ptr);
   for (int i = 0; s == CM_OK && i < g->n_nodes; i++)
     if (src[i]) {
       cm_tensor_copy(&r->st[i], src[i], NULL);
       ptr[i] = &r->st[i];
     }
-  if (s == CM_OK) s = cm_cpu_program_run(pr, ptr, r->out, err);
+  if (s == CM_OK) s = cm_program_run(pr, ptr, r->out, err);
   free(ptr);
-  cm_cpu_program_free(pr);
+  cm_program_free(pr);
   return s;
 }
 

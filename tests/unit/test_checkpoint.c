@@ -2,7 +2,7 @@
  * metadata, torn/corrupt files rejected naming the file, leftover temp files
  * ignored, pruning, and a writer SIGKILLed mid-write leaving the last good
  * checkpoint loadable. */
-#include "../../runtime/runtime.h"
+#include "../../runtime/training.h"
 #include "../test.h"
 #include "../testlib.h"
 

@@ -30,11 +30,11 @@ static char models_cache[256];
 /* Runs g on the executor (threads) with copies of src; out[j] receives the
  * outputs, st[i] the sources after the run (states updated). */
 static cm_status exec_graph(const cm_graph *g, const cm_tensor *const *src, int threads,
-                            const char *cache, cm_tensor *out, cm_tensor *st, cm_cpu_stats *stats,
-                            cm_err *err) {
-  cm_cpu_opts o = {threads, cache, false, true, 0, 0};
-  cm_cpu_program *pr = NULL;
-  cm_status s = cm_cpu_program_build(g, NULL, &o, &pr, err);
+                            const char *cache, cm_tensor *out, cm_tensor *st,
+                            cm_program_stats *stats, cm_err *err) {
+  cm_compile_opts o = {.threads = threads, .cache_dir = cache, .profile = true};
+  cm_program *pr = NULL;
+  cm_status s = cm_compile(g, NULL, &o, &pr, err);
   if (s != CM_OK) return s;
   cm_tensor **ptr = calloc((size_t)g->n_nodes, sizeof *ptr);
   for (int i = 0; i < g->n_nodes; i++)
@@ -42,13 +42,13 @@ static cm_status exec_graph(const cm_graph *g, const cm_tensor *const *src, int 
       cm_tensor_copy(&st[i], src[i], NULL);
       ptr[i] = &st[i];
     }
-  s = cm_cpu_program_run(pr, ptr, out, err);
-  if (stats) cm_cpu_program_stats(pr, stats);
+  s = cm_program_run(pr, ptr, out, err);
+  if (stats) cm_program_stats_get(pr, stats);
   const cm_kernel_profile *prof;
-  int np = cm_cpu_program_profile(pr, &prof);
+  int np = cm_program_profile(pr, &prof);
   for (int i = 0; i < np && s == CM_OK; i++) CHECK(prof[i].runs == 1);
   free(ptr);
-  cm_cpu_program_free(pr);
+  cm_program_free(pr);
   return s;
 }
 
@@ -147,14 +147,14 @@ static double check_step(const cm_graph *g, const cm_tensor *const *src, const c
     cm_tensor_copy(&state[v], src[o], NULL);
     ptr[v] = &state[v];
   }
-  cm_cpu_opts o = {0, cache, false, false, 0, 0};
-  cm_cpu_program *pr = NULL;
-  s = cm_cpu_program_build(rg, p, &o, &pr, &err);
+  cm_compile_opts o = {.cache_dir = cache, .plan = p};
+  cm_program *pr = NULL;
+  s = cm_compile(rg, NULL, &o, &pr, &err);
   CHECK_MSG(s == CM_OK, "%s: build: %s", what, err.msg);
-  if (s == CM_OK) s = cm_cpu_program_run(pr, ptr, NULL, &err);
+  if (s == CM_OK) s = cm_program_run(pr, ptr, NULL, &err);
   CHECK_MSG(s == CM_OK, "%s: run: %s", what, err.msg);
-  cm_cpu_stats stats = {0};
-  if (pr) cm_cpu_program_stats(pr, &stats);
+  cm_program_stats stats = {0};
+  if (pr) cm_program_stats_get(pr, &stats);
   /* every variant repeats blocks: their kernels are compiled once */
   CHECK_MSG(stats.n_distinct_kernels > 0 && stats.n_distinct_kernels < stats.n_kernels,
             "%s: %d distinct of %d kernels", what, stats.n_distinct_kernels, stats.n_kernels);
@@ -163,7 +163,7 @@ static double check_step(const cm_graph *g, const cm_tensor *const *src, const c
   for (int gi = 0; s == CM_OK && gi < p->n_groups; gi++)
     for (int k = 0; k < p->groups[gi].n_outputs; k++) {
       int v = p->groups[gi].outputs[k];
-      tensor_from(&got[v], rg->nodes[v].type, cm_cpu_program_value(pr, v));
+      tensor_from(&got[v], rg->nodes[v].type, cm_program_value(pr, v));
     }
   /* each kernel alone on the backend's inputs */
   cm_tensor *val = calloc((size_t)n, sizeof *val), *bnd = calloc((size_t)n, sizeof *bnd);
@@ -207,7 +207,7 @@ static double check_step(const cm_graph *g, const cm_tensor *const *src, const c
     CHECK_MSG(s2 == CM_OK, "%s: with the default plan: %s", what, err.msg);
     for (int j = 0; s2 == CM_OK && j < g->n_outputs; j++) {
       int v = cm_graph_find(rg, g->nodes[g->outputs[j]].name);
-      const void *mine = v >= 0 ? cm_cpu_program_value(pr, v) : NULL;
+      const void *mine = v >= 0 ? cm_program_value(pr, v) : NULL;
       CHECK_MSG(mine && !memcmp(mine, out[j].data, cm_type_nbytes(&out[j].type)),
                 "%s: output %s differs with the default memory plan", what,
                 g->nodes[g->outputs[j]].name);
@@ -224,7 +224,7 @@ static double check_step(const cm_graph *g, const cm_tensor *const *src, const c
   for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&st2[i]);
   for (int v = 0; v < n; v++) cm_tensor_free(&got[v]), cm_tensor_free(&state[v]);
   free(out), free(st2), free(got), free(val), free(bnd), free(state), free(ptr), free(rsrc);
-  cm_cpu_program_free(pr);
+  cm_program_free(pr);
   cm_graph_free(ps.g);
   cm_plan_free(ps.plan);
   return worst;
@@ -332,17 +332,18 @@ static void test_threads_agree(void) {
  * and running must be refused with an error naming CMAEC_CPU. Nothing is
  * compared with the oracle, and the test says so. */
 static void compile_step(const cm_graph *g, const char *what) {
-  cm_cpu_opts o = {1, "", false, false, 0, 0};
-  cm_cpu_program *pr = NULL;
+  cm_compile_opts o = {.threads = 1, .cache_dir = ""};
+  cm_program *pr = NULL;
   cm_err err = {0};
-  CHECK_MSG(cm_cpu_program_build(g, NULL, &o, &pr, &err) == CM_EINVALID && !pr,
+  CHECK_MSG(cm_compile(g, NULL, &o, &pr, &err) == CM_EINVALID && !pr,
             "%s: build for a CPU the host cannot run: %s", what, err.msg);
   CHECK_MSG(strstr(err.msg, "CMAEC_CPU") != NULL, "%s: %s", what, err.msg);
-  cm_status s = cm_cpu_program_compile(g, NULL, &o, &pr, &err);
+  o.compile_only = true;
+  cm_status s = cm_compile(g, NULL, &o, &pr, &err);
   CHECK_MSG(s == CM_OK, "%s: compile: %s", what, err.msg);
   if (s != CM_OK) return;
-  cm_cpu_stats st;
-  cm_cpu_program_stats(pr, &st);
+  cm_program_stats st;
+  cm_program_stats_get(pr, &st);
   CHECK_MSG(!st.runnable && st.n_distinct_kernels > 0 && st.n_distinct_kernels < st.n_kernels,
             "%s: runnable %d, %d distinct of %d kernels", what, st.runnable, st.n_distinct_kernels,
             st.n_kernels);
@@ -352,14 +353,14 @@ static void compile_step(const cm_graph *g, const char *what) {
   CHECK_MSG(st.object_bytes >= 64 * (int64_t)st.jit_modules, "%s: %lld bytes of objects", what,
             (long long)st.object_bytes);
   memset(&err, 0, sizeof err);
-  CHECK(cm_cpu_program_run(pr, NULL, NULL, &err) == CM_EINVALID);
+  CHECK(cm_program_run(pr, NULL, NULL, &err) == CM_EINVALID);
   CHECK_MSG(strstr(err.msg, "CMAEC_CPU") && strstr(err.msg, "lacks"), "run: %s", err.msg);
   fprintf(stderr,
           "  %s: %d kernels (%d distinct) compiled for CMAEC_CPU=%s (%d-bit vectors), %lld bytes "
           "of code; NOT RUN, NOT COMPARED: %s\n",
           what, st.n_kernels, st.n_distinct_kernels, getenv("CMAEC_CPU"), st.vector_bits,
           (long long)st.object_bytes, err.msg);
-  cm_cpu_program_free(pr);
+  cm_program_free(pr);
 }
 
 static void check_variant(const char *path, const char *const *ov, int n_ov) {
@@ -467,9 +468,9 @@ static void test_errors(void) {
   int x, s;
   cm_graph *g = small_graph(&x, &s);
   cm_err err = {0};
-  cm_cpu_opts o = {1, "", false, false, 0, 0};
-  cm_cpu_program *pr = NULL;
-  CHECK_MSG(cm_cpu_program_build(g, NULL, &o, &pr, &err) == CM_OK, "%s", err.msg);
+  cm_compile_opts o = {.threads = 1, .cache_dir = ""};
+  cm_program *pr = NULL;
+  CHECK_MSG(cm_compile(g, NULL, &o, &pr, &err) == CM_OK, "%s", err.msg);
   if (!pr) {
     cm_graph_free(g);
     return;
@@ -482,14 +483,14 @@ static void test_errors(void) {
   for (int i = 0; i < 15; i++) cm_tensor_set_f64(&tx, i, 0.1 * i - 0.5);
   cm_tensor *srcs[8] = {0};
   srcs[x] = &tx;
-  CHECK(cm_cpu_program_run(pr, srcs, out, &err) == CM_EINVALID);
+  CHECK(cm_program_run(pr, srcs, out, &err) == CM_EINVALID);
   CHECK_MSG(strstr(err.msg, "\"s\""), "missing source: %s", err.msg);
   srcs[s] = &bad;
-  CHECK(cm_cpu_program_run(pr, srcs, out, &err) == CM_EINVALID);
+  CHECK(cm_program_run(pr, srcs, out, &err) == CM_EINVALID);
   CHECK_MSG(strstr(err.msg, "\"s\"") && strstr(err.msg, "f32[3,5]"), "wrong type: %s", err.msg);
   srcs[s] = &ts;
   for (int run = 1; run <= 2; run++) { /* the state accumulates in place */
-    CHECK_MSG(cm_cpu_program_run(pr, srcs, out, &err) == CM_OK, "%s", err.msg);
+    CHECK_MSG(cm_program_run(pr, srcs, out, &err) == CM_OK, "%s", err.msg);
     double want = 0;
     for (int i = 0; i < 15; i++) want += run * tanh(0.1 * i - 0.5);
     CHECK_MSG(fabs(cm_tensor_get_f64(&out[0], 0) - want) < 1e-4, "run %d: %g vs %g", run,
@@ -497,29 +498,29 @@ static void test_errors(void) {
     cm_tensor_free(&out[0]);
   }
   /* outputs NULL: nothing copied; the output is read where the program keeps it */
-  CHECK_MSG(cm_cpu_program_run(pr, srcs, NULL, &err) == CM_OK, "%s", err.msg);
-  const float *kept = cm_cpu_program_output(pr, 0);
+  CHECK_MSG(cm_program_run(pr, srcs, NULL, &err) == CM_OK, "%s", err.msg);
+  const float *kept = cm_program_output(pr, 0);
   double want3 = 0;
   for (int i = 0; i < 15; i++) want3 += 3 * tanh(0.1 * i - 0.5);
   CHECK_MSG(kept && fabs(kept[0] - want3) < 1e-4, "run 3 kept output: %g vs %g",
             kept ? kept[0] : -1.0, want3);
-  CHECK(cm_cpu_program_output(pr, 1) == NULL && cm_cpu_program_output(pr, -1) == NULL);
-  cm_cpu_program_free(pr);
+  CHECK(cm_program_output(pr, 1) == NULL && cm_program_output(pr, -1) == NULL);
+  cm_program_free(pr);
   setenv("CMAEC_THREADS", "abc", 1);
-  cm_cpu_opts o0 = {0, "", false, false, 0, 0};
+  cm_compile_opts o0 = {.cache_dir = ""};
   pr = NULL;
-  CHECK(cm_cpu_program_build(g, NULL, &o0, &pr, &err) == CM_EINVALID && !pr);
+  CHECK(cm_compile(g, NULL, &o0, &pr, &err) == CM_EINVALID && !pr);
   CHECK_MSG(strstr(err.msg, "CMAEC_THREADS"), "%s", err.msg);
   setenv("CMAEC_THREADS", "0", 1);
-  CHECK(cm_cpu_program_build(g, NULL, &o0, &pr, &err) == CM_EINVALID && !pr);
+  CHECK(cm_compile(g, NULL, &o0, &pr, &err) == CM_EINVALID && !pr);
   setenv("CMAEC_THREADS", "2", 1);
-  CHECK(cm_cpu_program_build(g, NULL, &o0, &pr, &err) == CM_OK && pr);
+  CHECK(cm_compile(g, NULL, &o0, &pr, &err) == CM_OK && pr);
   if (pr) {
-    cm_cpu_stats st;
-    cm_cpu_program_stats(pr, &st);
+    cm_program_stats st;
+    cm_program_stats_get(pr, &st);
     CHECK(st.threads == 2 && st.n_kernels >= 1);
   }
-  cm_cpu_program_free(pr);
+  cm_program_free(pr);
   unsetenv("CMAEC_THREADS");
   cm_tensor_free(&tx), cm_tensor_free(&ts), cm_tensor_free(&bad);
   cm_graph_free(g);
@@ -537,7 +538,7 @@ static void test_cache(void) {
   cm_tensor *t = calloc((size_t)g->n_nodes, sizeof *t);
   const cm_tensor **src = calloc((size_t)g->n_nodes, sizeof *src);
   test_fill_sources(&rng, g, t, src);
-  cm_cpu_stats s1, s2;
+  cm_program_stats s1, s2;
   cm_err err = {0};
   for (int pass = 0; pass < 2; pass++) {
     cm_tensor *o = calloc((size_t)g->n_outputs + 1, sizeof *o);

@@ -3,7 +3,7 @@
  * image folder of PNG/JPEG files with corrupt ones, and the loader's
  * determinism across worker counts, shards, partial batches and shutdown. */
 #include "frontend/frontend.h"
-#include "runtime/runtime.h"
+#include "runtime/training.h"
 #include "tests/test.h"
 #include "tests/testlib.h"
 

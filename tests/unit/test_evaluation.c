@@ -1,7 +1,7 @@
 /* tests/unit/test_evaluation.c — kNN (cosine, k, exp(sim/T) votes, tie
  * rules) and the linear probe on synthetic features: separable Gaussian
  * clusters (> 95%), random labels (about chance), a hand-computed example. */
-#include "../../runtime/runtime.h"
+#include "../../runtime/training.h"
 #include "../test.h"
 #include "../testlib.h"
 

@@ -4,7 +4,7 @@
  * equal to the eval views, kNN/probe accuracies on a tiny image folder,
  * reconstructions and the encoder export's names and values. */
 #include "../../models/models.h"
-#include "../../runtime/runtime.h"
+#include "../../runtime/training.h"
 #include "../test.h"
 #include "../testlib.h"
 

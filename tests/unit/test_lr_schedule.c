@@ -1,7 +1,7 @@
 /* tests/unit/test_lr_schedule.c — lr and momentum schedules against the
  * published formulas (mmengine LinearLR + CosineAnnealingLR per iteration,
  * the CMAE momentum hook), and metrics.jsonl / progress output. */
-#include "../../runtime/runtime.h"
+#include "../../runtime/training.h"
 #include "../test.h"
 
 #include <unistd.h>

@@ -1,7 +1,7 @@
 /* tests/unit/test_picture.c — PNG grids read back exactly (through libpng's
  * own simplified reader, independent of cm_png_read), the 5x7 font, and
  * line plots having the series colour where a known line passes. */
-#include "../../runtime/runtime.h"
+#include "../../runtime/training.h"
 #include "../test.h"
 #include "../testlib.h"
 

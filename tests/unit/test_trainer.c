@@ -4,7 +4,7 @@
  * online twins, a huge lr stops naming the step and tensor, a stop request
  * saves a checkpoint, bad options are CM_EINVALID. On the ref backend and the
  * cpu backend. */
-#include "../../runtime/runtime.h"
+#include "../../runtime/training.h"
 #include "../test.h"
 #include "../testlib.h"
 

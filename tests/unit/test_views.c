@@ -4,7 +4,7 @@
  * determinism in (seed, epoch, index), the RRC and eval modes, the bicubic
  * resize, colour augmentations and option errors. */
 #include "frontend/frontend.h"
-#include "runtime/runtime.h"
+#include "runtime/training.h"
 #include "tests/test.h"
 #include "tests/testlib.h"
 
