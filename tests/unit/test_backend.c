@@ -6,6 +6,7 @@
  * for sm_80 and sm_90 with ptxas's report per kernel, and a run that says
  * execution is not there yet. */
 #include "../test.h"
+#include "../testlib.h"
 #include "../tensor_compare.h"
 #include "runtime/runtime.h"
 
@@ -117,13 +118,12 @@ static const cm_backend interp_backend = {
 
 /* ---- random small graphs ------------------------------------------------- */
 
-static uint64_t rng = 7;
+static test_rng rng = {7};
 static double uniform(void) {
-  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng >> 11) * 0x1p-53;
+  return test_uniform(&rng);
 }
 static int64_t pick(int64_t lo, int64_t hi) {
-  return lo + (int64_t)(uniform() * (double)(hi - lo + 1));
+  return test_int(&rng, lo, hi);
 }
 
 /* One of: elementwise, a (transposed) matmul with bias, a reduction, a state update. */
@@ -158,7 +158,7 @@ static void random_block(cm_graph *g) {
 }
 
 static cm_graph *random_graph(uint64_t seed, cm_tensor *t, const cm_tensor **src, int max_nodes) {
-  rng = seed;
+  rng.s = seed;
   cm_graph *g = cm_graph_new();
   int blocks = (int)pick(1, 3);
   for (int b = 0; b < blocks; b++) random_block(g);
