@@ -1,5 +1,5 @@
 /* tests/testlib.h — what the tests share to make random data: ONE random
- * generator (test_rng) and ONE random-graph generator (test_random_block).
+ * generator (test_rng) and ONE random-graph generator, used at two grains.
  *
  * test_rng is a 64-bit linear congruential generator (Knuth's MMIX constants,
  * as in PCG): state' = state * 6364136223846793005 + 1442695040888963407, and
@@ -9,10 +9,15 @@
  * reproducible, not cryptographic. Seed it by value (test_rng r = {seed}); the
  * stream of a seed never changes (tests depend on it).
  *
- * The random-graph generator builds small graphs of the kinds every backend
- * must handle (elementwise, movement, reductions, batched/transposed matmul
- * with bias, conv2d incl. depthwise, stride and padding, state updates), each
- * block with one output; tests compare them against the oracle (cm_eval). */
+ * The random-graph generator:
+ *  - by blocks (test_random_block, test_random_graph): independent small
+ *    graphs of the kinds every backend must handle (elementwise, movement,
+ *    reductions, batched/transposed matmul with bias, conv2d incl. depthwise,
+ *    stride and padding, state updates), each with one output: the backend
+ *    tests (test_cpu_exec, test_backend) compare them with the oracle;
+ *  - op by op (test_random_op over a test_pool): one connected graph of 2-D
+ *    values, for the pass tests (test_fuse, test_plan with collectives,
+ *    test_passes with redundancy) and finite differences (test_autodiff). */
 #ifndef CMAEC_TESTLIB_H
 #define CMAEC_TESTLIB_H
 

@@ -6,6 +6,7 @@
  * for sm_80 and sm_90 with ptxas's report per kernel, and a run that says
  * execution is not there yet. */
 #include "../test.h"
+#include "../testlib.h"
 #include "../tensor_compare.h"
 #include "runtime/runtime.h"
 
@@ -117,51 +118,19 @@ static const cm_backend interp_backend = {
 
 /* ---- random small graphs ------------------------------------------------- */
 
-static uint64_t rng = 7;
+static test_rng rng = {7};
 static double uniform(void) {
-  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng >> 11) * 0x1p-53;
+  return test_uniform(&rng);
 }
 static int64_t pick(int64_t lo, int64_t hi) {
-  return lo + (int64_t)(uniform() * (double)(hi - lo + 1));
-}
-
-/* One of: elementwise, a (transposed) matmul with bias, a reduction, a state update. */
-static void random_block(cm_graph *g) {
-  double r = uniform();
-  int y;
-  if (r < 0.25) {
-    int64_t d[2] = {pick(1, 6), pick(1, 19)};
-    int x = cm_input(g, NULL, CM_F32, 2, d), z = cm_input(g, NULL, CM_F32, 2, d);
-    y = cm_binary(g, CM_OP_MUL, cm_unary(g, CM_OP_TANH, x, NULL), z, NULL);
-    y = cm_binary(g, CM_OP_MAX, y, x, NULL);
-  } else if (r < 0.6) {
-    int64_t m = pick(1, 21), k = pick(1, 23), n = pick(1, 17);
-    bool tb = uniform() < 0.5;
-    int64_t ad[2] = {m, k}, bd[2] = {tb ? n : k, tb ? k : n}, cd[1] = {n};
-    int a = cm_input(g, NULL, CM_F32, 2, ad), b = cm_input(g, NULL, CM_F32, 2, bd);
-    y = cm_matmul(g, a, b, false, tb, NULL);
-    y = cm_binary_bcast(g, CM_OP_ADD, y, cm_input(g, NULL, CM_F32, 1, cd), NULL);
-  } else if (r < 0.8) {
-    int64_t d[3] = {pick(1, 4), pick(1, 7), pick(1, 29)};
-    int x = cm_input(g, NULL, CM_F32, 3, d), ax = (int)pick(0, 2);
-    y = cm_reduce(g, uniform() < 0.5 ? CM_OP_REDUCE_SUM : CM_OP_REDUCE_MAX, x, 1, &ax, false, NULL);
-  } else {
-    int64_t d[2] = {pick(1, 5), pick(1, 13)};
-    cm_init init = {CM_INIT_ZEROS, 0, 0};
-    int s = cm_state(g, NULL, CM_F32, 2, d, init), x = cm_input(g, NULL, CM_F32, 2, d);
-    int nv = cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, s, x, NULL), x, NULL);
-    cm_assign(g, s, nv, NULL);
-    y = cm_unary(g, CM_OP_EXP, nv, NULL);
-  }
-  cm_graph_add_output(g, y, NULL);
+  return test_int(&rng, lo, hi);
 }
 
 static cm_graph *random_graph(uint64_t seed, cm_tensor *t, const cm_tensor **src, int max_nodes) {
-  rng = seed;
+  rng.s = seed;
   cm_graph *g = cm_graph_new();
   int blocks = (int)pick(1, 3);
-  for (int b = 0; b < blocks; b++) random_block(g);
+  for (int b = 0; b < blocks; b++) test_random_block(&rng, g); /* testlib.h's blocks */
   CHECK_MSG(!cm_graph_error(g) && g->n_nodes <= max_nodes, "seed %llu: %s",
             (unsigned long long)seed, cm_graph_error(g) ? cm_graph_error(g) : "too many nodes");
   for (int i = 0; i < g->n_nodes && i < max_nodes; i++) {

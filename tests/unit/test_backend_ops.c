@@ -3,7 +3,7 @@
  * For each op, each dtype (f32, bf16, f16, i32, i64, bool) and a few random
  * shapes, a small graph applying the op to random sources (never zeros) runs
  * through fuse, schedule and memplan, then on
- *   - the CPU backend (LLVM JIT; one adapter function, run_cpu), and
+ *   - the CPU backend (cm_compile and cm_program_run: one adapter, run_cpu), and
  *   - the kernel-IR interpreter (cm_lower_plan, then cm_kernel_interpret),
  * and every output and assigned state must lie within the forward error bound
  * of the oracle (cm_eval_bounded): exact for integers and bool.
