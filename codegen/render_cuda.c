@@ -821,45 +821,29 @@ void cu_acc_combine(const cm_kstage *s, const char *acc, const char *v, char *ou
 
 /* ---- generic stages ----------------------------------------------------- */
 
-#define PAR_RED_MIN 64 /* reductions at least this long are split across threads */
-#define GENERIC_THREADS 256
-#define WARPS_PER_BLOCK (GENERIC_THREADS / 32)
-#define GRID_CAP 1048576u
-
-/* Who computes one domain point: a thread (serial reduction), a warp (shuffle
- * reduction: rows of moderate length, many rows), or a block of 256 threads
- * (long reductions, or too few points to fill the GPU warp by warp). */
-typedef enum red_strategy { RED_THREAD, RED_WARP, RED_BLOCK } red_strategy;
-
-static red_strategy strategy(const cm_kstage *s) {
-  if (s->n_red == 0) return RED_THREAD;
-  int64_t rext = cu_prod(s->red, s->n_red), points = cu_prod(s->dom, s->n_dom);
-  if (rext < PAR_RED_MIN) return RED_THREAD;
-  if (rext >= 2048 || points < 512) return RED_BLOCK;
-  return RED_WARP;
-}
-
-static void render_generic(rctx *c, const bool *written) {
+/* A thread, a warp or a block per domain point, as the plan says (render_cuda_plan.c). */
+static void render_generic(rctx *c, const cm_kcuda_plan *pl, const bool *written) {
   const cm_kstage *s = c->s;
   sbuf *o = c->o;
   int64_t points = cu_prod(s->dom, s->n_dom), rext = cu_prod(s->red, s->n_red);
-  red_strategy rs = strategy(s);
+  cm_kcuda_red rs = pl->red;
+  const int threads = (int)pl->block[0], warps = threads / 32;
   const char *at = cu_ctype(s->acc_dtype);
   char init[128], comb[256], body[256];
   char bounds[64] = "";
-  if (rs != RED_THREAD) cu_launch_bounds(GENERIC_THREADS, bounds, sizeof bounds);
+  if (rs != CM_KCUDA_RED_THREAD) cu_launch_bounds(threads, bounds, sizeof bounds);
   cu_signature(c, written, bounds);
-  if (rs == RED_BLOCK) {
-    cu_sb_printf(o, "  __shared__ %s cm_part[%d];\n", at, WARPS_PER_BLOCK);
+  if (rs == CM_KCUDA_RED_BLOCK) {
+    cu_sb_printf(o, "  __shared__ %s cm_part[%d];\n", at, warps);
     cu_sb_printf(o, "  for (long long p = blockIdx.x; p < %lldLL; p += gridDim.x) {\n",
                  (long long)points);
-  } else if (rs == RED_WARP) {
+  } else if (rs == CM_KCUDA_RED_WARP) {
     cu_sb_printf(
         o,
         "  const int lane_ = threadIdx.x & 31;\n"
         "  for (long long p = (long long)blockIdx.x * %d + (threadIdx.x >> 5); p < %lldLL;\n"
         "       p += (long long)gridDim.x * %d) {\n",
-        WARPS_PER_BLOCK, (long long)points, WARPS_PER_BLOCK);
+        warps, (long long)points, warps);
   } else {
     cu_sb_printf(
         o,
@@ -888,10 +872,10 @@ static void render_generic(rctx *c, const bool *written) {
    * nvrtcCompileProgram) on a long long counter whose value is split by an
    * unsigned div/mod by a constant that is not a power of two */
   const char *qt = cu_red_counter_type(rext);
-  if (rs == RED_BLOCK)
+  if (rs == CM_KCUDA_RED_BLOCK)
     cu_sb_printf(o, "    for (%s q = threadIdx.x; q < %lldLL; q += %d) {\n", qt, (long long)rext,
-                 GENERIC_THREADS);
-  else if (rs == RED_WARP)
+                 threads);
+  else if (rs == CM_KCUDA_RED_WARP)
     cu_sb_printf(o, "    for (%s q = lane_; q < %lldLL; q += 32) {\n", qt, (long long)rext);
   else
     cu_sb_printf(o, "    for (%s q = 0; q < %lldLL; q++) {\n", qt, (long long)rext);
@@ -907,14 +891,14 @@ static void render_generic(rctx *c, const bool *written) {
   /* loop-local declarations leave scope */
   for (int e = 0; e < s->n_exprs; e++)
     if (c->usered[e]) c->done[e] = false;
-  if (rs == RED_THREAD) {
+  if (rs == CM_KCUDA_RED_THREAD) {
     cu_emit_stores(c, "    ", "acc");
     cu_sb_printf(o, "  }\n}\n\n");
     return;
   }
   cu_acc_combine(s, "acc", "__shfl_down_sync(0xffffffffu, acc, o_)", comb, sizeof comb);
   cu_sb_printf(o, "    for (int o_ = 16; o_ > 0; o_ >>= 1) acc = %s;\n", comb);
-  if (rs == RED_WARP) {
+  if (rs == CM_KCUDA_RED_WARP) {
     cu_sb_printf(o, "    if (lane_ == 0) {\n");
     cu_emit_stores(c, "      ", "acc");
     cu_sb_printf(o, "    }\n  }\n}\n\n");
@@ -928,7 +912,7 @@ static void render_generic(rctx *c, const bool *written) {
                "      for (int o_ = 16; o_ > 0; o_ >>= 1) acc = %s;\n"
                "    }\n"
                "    if (threadIdx.x == 0) {\n",
-               WARPS_PER_BLOCK, init, comb);
+               warps, init, comb);
   cu_emit_stores(c, "      ", "acc");
   /* cm_part is reused by the next point */
   cu_sb_printf(o, "    }\n    __syncthreads();\n  }\n}\n\n");
@@ -989,45 +973,41 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
   buffers_written(k, written);
   if (with_prelude) cu_sb_printf(&sb, "%s", PRELUDE);
   cu_sb_printf(&sb, "// kernel %s: %d buffers, %d stages\n", k->name, k->n_buffers, k->n_stages);
-  cm_status st = CM_OK;
+  cm_kcuda_plan *plans = NULL;
+  cm_status st = cu_plans_for(k, o, &plans, err);
   for (int i = 0; i < k->n_stages && st == CM_OK; i++) {
-    fa_cplan fp = cu_plan_stream(k, i, o);
-    if (fp.ok) {
-      st = cu_render_stream(k, i, &fp, &sb, written, err);
-      i += k->stages[i].attn.span - 1;
-      continue;
-    }
-    fb_cplan bp = cu_plan_stream_bwd(k, i, o);
-    if (bp.ok) {
-      st = cu_render_stream_bwd(k, i, &bp, &sb, written, err);
-      i += bp.span - 1;
-      continue;
-    }
-    attn_plan ap = cu_plan_attention(k, i, o);
-    if (ap.ok) {
-      st = cu_render_attention(k, i, &ap, &sb, written, err);
-      i += ap.span - 1;
+    const cm_kcuda_plan *pl = &plans[i];
+    if (pl->kind == CM_KCUDA_ATTN_STREAM || pl->kind == CM_KCUDA_ATTN_STREAM_BWD ||
+        pl->kind == CM_KCUDA_ATTN_FUSED) {
+      if (pl->kind == CM_KCUDA_ATTN_STREAM)
+        st = cu_render_stream(k, i, &pl->attn, &sb, written, err);
+      else if (pl->kind == CM_KCUDA_ATTN_STREAM_BWD)
+        st = cu_render_stream_bwd(k, i, &pl->attn, &sb, written, err);
+      else
+        st = cu_render_attention(k, i, &pl->attn, &sb, written, err);
+      i += pl->attn.span - 1;
       continue;
     }
     const cm_kstage *s = &k->stages[i];
     rctx c;
     st = cu_rctx_open(&c, k, i, &sb, err);
     if (st == CM_OK) {
-      gemm_plan p = cu_plan_gemm(s, o);
-      if (p.ok && cu_check_gemm_operands(&c) != CM_OK) {
+      bool gemm = pl->kind == CM_KCUDA_GEMM;
+      if (gemm && cu_check_gemm_operands(&c) != CM_OK) {
         st = c.st;
       } else {
         cu_sb_printf(&sb, "// stage %d \"%s\"%s\n", i, s->name,
-                     p.ok ? (p.mma ? " (GEMM, tensor cores)" : " (GEMM, FMA)") : "");
-        if (p.ok)
-          cu_render_gemm(&c, &p, written);
+                     gemm ? (pl->gemm.mma ? " (GEMM, tensor cores)" : " (GEMM, FMA)") : "");
+        if (gemm)
+          cu_render_gemm(&c, &pl->gemm, written);
         else
-          render_generic(&c, written);
+          render_generic(&c, pl, written);
       }
     }
     if (st == CM_OK) st = c.st;
     cu_rctx_close(&c);
   }
+  free(plans);
   free(written);
   if (st == CM_OK && sb.oom) st = cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
   if (st != CM_OK) {
@@ -1050,51 +1030,13 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
 cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda_render_opts *o) {
   cm_cuda_launch l = {{1, 1, 1}, {1, 1, 1}, 0};
   if (!k || stage < 0 || stage >= k->n_stages) return l;
-  const cm_kstage *s = &k->stages[stage];
-  /* inside a fused attention span: the first stage runs it all, the others nothing */
-  for (int f = 0; f <= stage; f++) {
-    const cm_kstage *sf = &k->stages[f];
-    if (sf->tmpl != CM_KT_ATTENTION_FWD && sf->tmpl != CM_KT_ATTENTION_BWD) continue;
-    if (stage >= f + sf->attn.span) continue;
-    fa_cplan fp = cu_plan_stream(k, f, o);
-    if (fp.ok) {
-      if (stage == f) {
-        l.grid[0] = (unsigned)(fp.batch * fp.nrb);
-        l.block[0] = 256;
-      }
-      return l;
-    }
-    fb_cplan bp = cu_plan_stream_bwd(k, f, o);
-    if (bp.ok) {
-      if (stage == f) {
-        l.grid[0] = (unsigned)bp.batch;
-        l.block[0] = 256;
-      }
-      return l;
-    }
-    attn_plan ap = cu_plan_attention(k, f, o);
-    if (!ap.ok) break;
-    if (stage == f) {
-      l.grid[0] = (unsigned)(ap.batch * ap.nrb);
-      l.block[0] = ATTN_THREADS;
-    }
-    return l;
-  }
-  gemm_plan p = cu_plan_gemm(s, o);
-  if (p.ok) {
-    int64_t gx = (p.N + p.nc - 1) / p.nc, gy = (p.M + p.mc - 1) / p.mc;
-    l.grid[0] = (unsigned)(gx < 2147483647 ? gx : 2147483647);
-    l.grid[1] = (unsigned)(gy < 65535 ? gy : 65535);
-    l.grid[2] = (unsigned)(p.batch < 65535 ? p.batch : 65535);
-    l.block[0] = (unsigned)p.threads;
-    return l;
-  }
-  int64_t points = cu_prod(s->dom, s->n_dom);
-  red_strategy rs = strategy(s);
-  int64_t per_block = rs == RED_BLOCK ? 1 : rs == RED_WARP ? WARPS_PER_BLOCK : GENERIC_THREADS;
-  int64_t g = (points + per_block - 1) / per_block;
-  if (g < 1) g = 1;
-  l.grid[0] = (unsigned)(g < GRID_CAP ? g : GRID_CAP);
-  l.block[0] = GENERIC_THREADS;
+  cm_kcuda_plan *plans = NULL;
+  cm_err err = {0};
+  if (cu_plans_for(k, o, &plans, &err) != CM_OK) return l;
+  const cm_kcuda_plan *p = &plans[stage];
+  memcpy(l.grid, p->grid, sizeof l.grid);
+  memcpy(l.block, p->block, sizeof l.block);
+  l.shared_bytes = p->shared_dynamic;
+  free(plans);
   return l;
 }

@@ -59,64 +59,37 @@ const char *cu_red_counter_type(int64_t extent);
 void cu_signature(rctx *c, const bool *written, const char *bounds);
 const char *cu_stype(cm_dtype d);
 
+/* ---- render_cuda_plan.c: the stage plans ---------------------------------- */
+
+#define CU_GENERIC_THREADS 256 /* generic stages: threads per block */
+#define CU_ATTN_THREADS 256    /* attention spans: threads per block */
+
+/* The plans of k's stages for o's target, one per stage in *out (the caller frees it): k's own
+ * when every stage has one for this target (and o asks for templates), else computed here. */
+cm_status cu_plans_for(const cm_kernel *k, const cm_cuda_render_opts *o, cm_kcuda_plan **out,
+                       cm_err *err);
+
 /* ---- render_cuda_gemm.c ---------------------------------------------------- */
 
-typedef struct gemm_plan {
-  bool ok;
-  bool mma;
-  bool bf16; /* mma operand type */
-  int mc, nc, kc, mr, nr;
-  int warps, threads;
-  int lr, lc, tm, tn; /* FMA: lanes as lr x lc, each a tm x tn micro tile */
-  cm_dtype t;         /* FMA operand/accumulator dtype (f32 or f64) */
-  int64_t batch, M, N, K;
-} gemm_plan;
-
+/* The tiled GEMM plan of stage s for target t; false when the stage is no GEMM the template
+ * renders. */
+bool cu_plan_gemm(const cm_kstage *s, const cm_target *t, cm_kcuda_gemm *out);
 cm_status cu_check_gemm_operands(rctx *c);
-gemm_plan cu_plan_gemm(const cm_kstage *s, const cm_cuda_render_opts *o);
-void cu_render_gemm(rctx *c, const gemm_plan *p, const bool *written);
+void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, const bool *written);
 
 /* ---- render_cuda_attention.c ------------------------------------------------ */
 
-#define ATTN_THREADS 256
-
-/* A fused rendering of an attention span: one block per (batch item, block of
- * br query rows) runs every stage of the span restricted to its rows, the
- * local buffers in shared memory (the per-row slices when the span is
- * row-local, else the whole batch item's), a barrier between stages. */
-typedef struct attn_plan {
-  bool ok;
-  bool rowwise;
-  int span, nb;
-  int64_t rows, batch;
-  int br, nrb;                            /* query rows per block, blocks per batch item */
-  int64_t slot_elems[CM_KATTN_MAX_LOCAL]; /* shared elements of each local per block */
-} attn_plan;
-
-typedef struct fa_cplan {
-  bool ok;
-  int nb, br, bc, nrb, nkb;
-  int64_t rows, keys, d, dv, batch, kvn;
-  const cm_kstage *sS, *sM, *sE, *sL, *sP, *sO;
-  int iS, iM, iE, iL, iP, iO;
-} fa_cplan;
-
-typedef struct fb_cplan {
-  bool ok;
-  int nb, bc, nkb, span;
-  int64_t rows, keys, d, batch;
-  int64_t acc_off[CM_KATTN_MAX_SPAN]; /* GEMM_ROWS accumulators: float offset in fbacc_ */
-  int64_t acc_floats;
-} fb_cplan;
-
-attn_plan cu_plan_attention(const cm_kernel *k, int first, const cm_cuda_render_opts *o);
-fa_cplan cu_plan_stream(const cm_kernel *k, int first, const cm_cuda_render_opts *o);
-fb_cplan cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_cuda_render_opts *o);
-cm_status cu_render_attention(const cm_kernel *k, int first, const attn_plan *p, sbuf *o,
+/* The span from stage `first`, for target t: fused (cu_plan_attention), streaming forward and
+ * backward; false when that skeleton does not apply or does not fit. */
+bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out);
+bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out);
+bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out);
+size_t cu_dt_size(cm_dtype d);
+cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn *p, sbuf *o,
                               const bool *written, cm_err *err);
-cm_status cu_render_stream(const cm_kernel *k, int first, const fa_cplan *p, sbuf *o,
+cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p, sbuf *o,
                            const bool *written, cm_err *err);
-cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const fb_cplan *p, sbuf *o,
+cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_attn *p, sbuf *o,
                                const bool *written, cm_err *err);
 
 #endif

@@ -8,10 +8,9 @@
 
 /* ---- fused attention spans ------------------------------------------------ */
 
-#define ATTN_SMEM (48 * 1024) /* static shared memory of one block */
 #define ATTN_MAX_ROWS 64
 
-static size_t dt_size(cm_dtype d) {
+size_t cu_dt_size(cm_dtype d) {
   switch (d) {
   case CM_F64:
   case CM_I64: return 8;
@@ -23,15 +22,14 @@ static size_t dt_size(cm_dtype d) {
   }
 }
 
-attn_plan cu_plan_attention(const cm_kernel *k, int first, const cm_cuda_render_opts *o) {
-  attn_plan p;
+bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+  cm_kcuda_attn p;
+  const double smem = (double)t->shared_bytes_static;
   memset(&p, 0, sizeof p);
   const cm_kstage *s0 = &k->stages[first];
-  if ((s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD) ||
-      (o && o->no_templates))
-    return p;
+  if (s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD) return false;
   cm_err e = {0};
-  if (cm_kattn_check(k, first, &e) != CM_OK) return p;
+  if (cm_kattn_check(k, first, &e) != CM_OK) return false;
   const cm_kattn *a = &s0->attn;
   p.span = a->span;
   p.nb = a->nb;
@@ -41,20 +39,20 @@ attn_plan cu_plan_attention(const cm_kernel *k, int first, const cm_cuda_render_
   /* bytes of shared memory per query row (16-byte aligned slices) */
   size_t per_row = 0;
   for (int i = 0; i < a->n_local; i++)
-    per_row += (size_t)a->local_row[i] * dt_size(k->buffers[a->local[i]].dtype);
+    per_row += (size_t)a->local_row[i] * cu_dt_size(k->buffers[a->local[i]].dtype);
   per_row += 16 * (size_t)a->n_local;
   if (p.rowwise) {
-    int64_t br = (int64_t)(ATTN_SMEM / (per_row ? per_row : 1));
+    int64_t br = (int64_t)((size_t)t->shared_bytes_static / (per_row ? per_row : 1));
     if (br > ATTN_MAX_ROWS) br = ATTN_MAX_ROWS;
     if (br > p.rows) br = p.rows;
-    if (br < 1) return p;
+    if (br < 1) return false;
     /* even blocks: no short last block when the rows split evenly enough */
     int64_t nrb = (p.rows + br - 1) / br;
     br = (p.rows + nrb - 1) / nrb;
     p.br = (int)br;
     p.nrb = (int)nrb;
   } else {
-    if ((double)p.rows * (double)per_row > ATTN_SMEM) return p;
+    if ((double)p.rows * (double)per_row > smem) return false;
     p.br = (int)p.rows;
     p.nrb = 1;
   }
@@ -64,21 +62,21 @@ attn_plan cu_plan_attention(const cm_kernel *k, int first, const cm_cuda_render_
     for (int i = 0; i < a->n_local; i++) {
       p.slot_elems[i] = (int64_t)p.br * a->local_row[i];
       if (p.slot_elems[i] % 16) p.slot_elems[i] += 16 - p.slot_elems[i] % 16;
-      total += (double)p.slot_elems[i] * (double)dt_size(k->buffers[a->local[i]].dtype);
+      total += (double)p.slot_elems[i] * (double)cu_dt_size(k->buffers[a->local[i]].dtype);
     }
-    if (total <= ATTN_SMEM) break;
-    if (!p.rowwise || p.br == 1) return p;
+    if (total <= smem) break;
+    if (!p.rowwise || p.br == 1) return false;
     p.br--;
     p.nrb = (int)((p.rows + p.br - 1) / p.br);
   }
-  if ((double)p.batch * p.nrb > 2147483647.0) return p;
-  p.ok = true;
-  return p;
+  if ((double)p.batch * p.nrb > 2147483647.0) return false;
+  *out = p;
+  return true;
 }
 
 /* One stage of the span inside the fused function: the block's points, a
  * thread per point with a serial reduction, then a barrier. */
-static void render_span_stage(rctx *c, const attn_plan *p) {
+static void render_span_stage(rctx *c, const cm_kcuda_attn *p) {
   const cm_kstage *s = c->s;
   sbuf *o = c->o;
   int nb = p->nb;
@@ -88,7 +86,7 @@ static void render_span_stage(rctx *c, const attn_plan *p) {
     cu_sb_printf(o, "  const long long np_ = (long long)rb_ * %lldLL;\n", (long long)inner);
   else
     cu_sb_printf(o, "  const long long np_ = %lldLL;\n", (long long)inner);
-  cu_sb_printf(o, "  for (long long p = threadIdx.x; p < np_; p += %d) {\n", ATTN_THREADS);
+  cu_sb_printf(o, "  for (long long p = threadIdx.x; p < np_; p += %d) {\n", CU_ATTN_THREADS);
   for (int v = 0; v < nb; v++) cu_sb_printf(o, "    const long long v%d = bv%d_;\n", v, v);
   if (p->rowwise) {
     cu_sb_printf(o, "    const long long pr_ = p / %lldLL, pi_ = p %% %lldLL;\n", (long long)inner,
@@ -130,7 +128,7 @@ static void render_span_stage(rctx *c, const attn_plan *p) {
 
 /* The span from stage `first` as one function (named after the first stage);
  * the span's other stages get empty functions. */
-cm_status cu_render_attention(const cm_kernel *k, int first, const attn_plan *p, sbuf *o,
+cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn *p, sbuf *o,
                               const bool *written, cm_err *err) {
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
@@ -141,7 +139,7 @@ cm_status cu_render_attention(const cm_kernel *k, int first, const attn_plan *p,
                  first + p->span - 1, s0->tmpl == CM_KT_ATTENTION_FWD ? "forward" : "backward",
                  p->br);
     char bounds[64];
-    cu_launch_bounds(ATTN_THREADS, bounds, sizeof bounds);
+    cu_launch_bounds(CU_ATTN_THREADS, bounds, sizeof bounds);
     cu_signature(&c0, written, bounds);
   }
   cu_rctx_close(&c0);
@@ -212,7 +210,24 @@ cm_status cu_render_attention(const cm_kernel *k, int first, const attn_plan *p,
  * floats apart (the per-row phase reads a column per thread: no bank
  * conflicts). Backward spans marked for streaming: render_stream_bwd. */
 
-#define FA_SMEM_FLOATS (48 * 1024 / 4)
+/* The streaming forward plan with the span's role stages (from cm_kattn). */
+typedef struct fa_cplan {
+  int nb, br, bc, nrb, nkb;
+  int64_t rows, keys, d, dv, batch, kvn;
+  const cm_kstage *sS, *sM, *sE, *sL, *sP, *sO;
+  int iS, iM, iE, iL, iP, iO;
+} fa_cplan;
+
+/* The role stages of the forward span from stage first. */
+static void fa_roles(const cm_kernel *k, int first, fa_cplan *p) {
+  const cm_kattn *a = &k->stages[first].attn;
+  p->nb = a->nb;
+  p->iS = first, p->iM = a->st_max, p->iE = a->st_exp, p->iL = a->st_sum, p->iO = a->st_out;
+  p->iP = a->st_p;
+  p->sS = &k->stages[first], p->sM = &k->stages[p->iM], p->sE = &k->stages[p->iE];
+  p->sL = &k->stages[p->iL], p->sO = &k->stages[p->iO];
+  p->sP = p->iP >= 0 ? &k->stages[p->iP] : NULL;
+}
 
 /* The batch vars of a role stage (the lowering's rule: its row var follows). */
 static int fa_cuda_stage_nb(const cm_kstage *s, bool stat) {
@@ -220,40 +235,38 @@ static int fa_cuda_stage_nb(const cm_kstage *s, bool stat) {
   return s->n_dom - 2;
 }
 
-fa_cplan cu_plan_stream(const cm_kernel *k, int first, const cm_cuda_render_opts *o) {
+bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
   fa_cplan p;
+  const double smem_floats = (double)(t->shared_bytes_static / 4);
   memset(&p, 0, sizeof p);
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
-  if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream || (o && o->no_templates)) return p;
+  if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream) return false;
   cm_err e = {0};
-  if (cm_kernel_verify(k, &e) != CM_OK || cm_kattn_stream_check(k, first, &e) != CM_OK) return p;
+  if (cm_kernel_verify(k, &e) != CM_OK || cm_kattn_stream_check(k, first, &e) != CM_OK)
+    return false;
   int end = first + a->span, st[4] = {a->st_max, a->st_exp, a->st_sum, a->st_out};
   for (int i = 0; i < 4; i++)
-    if (st[i] <= first || st[i] >= end) return p;
-  if (a->st_p != -1 && (a->st_p <= first || a->st_p >= end)) return p;
+    if (st[i] <= first || st[i] >= end) return false;
+  if (a->st_p != -1 && (a->st_p <= first || a->st_p >= end)) return false;
   int bf[4] = {a->buf_s, a->buf_m, a->buf_e, a->buf_l};
   for (int i = 0; i < 4; i++)
-    if (bf[i] < 0 || bf[i] >= k->n_buffers) return p;
-  if ((a->st_p >= 0) != (a->buf_p >= 0) || a->buf_p >= k->n_buffers) return p;
-  p.nb = a->nb;
-  p.iS = first, p.iM = a->st_max, p.iE = a->st_exp, p.iL = a->st_sum, p.iO = a->st_out;
-  p.iP = a->st_p;
-  p.sS = s0, p.sM = &k->stages[p.iM], p.sE = &k->stages[p.iE], p.sL = &k->stages[p.iL];
-  p.sO = &k->stages[p.iO], p.sP = p.iP >= 0 ? &k->stages[p.iP] : NULL;
+    if (bf[i] < 0 || bf[i] >= k->n_buffers) return false;
+  if ((a->st_p >= 0) != (a->buf_p >= 0) || a->buf_p >= k->n_buffers) return false;
+  fa_roles(k, first, &p);
   if (s0->n_dom != p.nb + 2 || s0->n_red != 1 || s0->n_stores != 1 || p.sO->n_dom < 2 ||
       p.sO->n_red != 1 || p.sM->n_red != 1 || p.sL->n_red != 1 || p.sE->n_stores != 1 ||
       (p.sP && p.sP->n_stores != 1) || s0->gemm_a < 0 || s0->gemm_b < 0 || p.sO->gemm_b < 0)
-    return p;
+    return false;
   p.rows = a->rows, p.keys = s0->dom[p.nb + 1], p.d = s0->red[0];
   p.dv = p.sO->dom[p.sO->n_dom - 1];
   p.batch = cu_prod(s0->dom, p.nb);
   int64_t bc = a->bc < 64 ? a->bc : 64, br = p.rows < 64 ? p.rows : 64;
-  if (bc < 1 || p.keys < 2) return p;
+  if (bc < 1 || p.keys < 2) return false;
   for (;;) {
     int64_t kvn = p.d * bc > bc * p.dv ? p.d * bc : bc * p.dv;
     double fl = (double)br * (double)(p.d + bc + 1 + p.dv + 3) + (double)kvn;
-    if (fl <= FA_SMEM_FLOATS) {
+    if (fl <= smem_floats) {
       p.kvn = kvn;
       break;
     }
@@ -262,15 +275,18 @@ fa_cplan cu_plan_stream(const cm_kernel *k, int first, const cm_cuda_render_opts
     else if (bc > 1)
       bc = bc / 2;
     else
-      return p;
+      return false;
   }
   int64_t nrb = (p.rows + br - 1) / br;
   br = (p.rows + nrb - 1) / nrb;
   p.br = (int)br, p.bc = (int)bc, p.nrb = (int)nrb;
   p.nkb = (int)((p.keys + bc - 1) / bc);
-  if ((double)p.batch * p.nrb > 2147483647.0) return p;
-  p.ok = true;
-  return p;
+  if ((double)p.batch * p.nrb > 2147483647.0) return false;
+  memset(out, 0, sizeof *out);
+  out->span = a->span, out->nb = p.nb, out->rows = p.rows, out->batch = p.batch;
+  out->br = p.br, out->nrb = p.nrb, out->bc = p.bc, out->nkb = p.nkb;
+  out->keys = p.keys, out->d = p.d, out->dv = p.dv, out->kvn = p.kvn;
+  return true;
 }
 
 /* Opens a C scope for one point of stage c->s of a span with nb batch vars
@@ -336,8 +352,15 @@ static void fa_cuda_score(rctx *cS, const fa_cplan *p, const char *ind, bool kee
 
 /* The span from stage `first` as one streaming function; the span's other
  * stages get empty functions. */
-cm_status cu_render_stream(const cm_kernel *k, int first, const fa_cplan *p, sbuf *o,
+cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *pa, sbuf *o,
                            const bool *written, cm_err *err) {
+  fa_cplan fp;
+  memset(&fp, 0, sizeof fp);
+  fa_roles(k, first, &fp);
+  fp.br = pa->br, fp.bc = pa->bc, fp.nrb = pa->nrb, fp.nkb = pa->nkb;
+  fp.rows = pa->rows, fp.keys = pa->keys, fp.d = pa->d, fp.dv = pa->dv, fp.batch = pa->batch;
+  fp.kvn = pa->kvn;
+  const fa_cplan *p = &fp;
   const cm_kattn *a = &k->stages[first].attn;
   rctx cS, cM, cE, cL, cO, cP;
   memset(&cS, 0, sizeof cS), memset(&cM, 0, sizeof cM), memset(&cE, 0, sizeof cE);
@@ -533,23 +556,25 @@ static int fb_cuda_local(const cm_kattn *a, int b) {
   return -1;
 }
 
-fb_cplan cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_cuda_render_opts *o) {
-  fb_cplan p;
+bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+  cm_kcuda_attn p;
+  const double smem_floats = (double)(t->shared_bytes_static / 4);
   memset(&p, 0, sizeof p);
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
-  if (s0->tmpl != CM_KT_ATTENTION_BWD || !a->stream || (o && o->no_templates)) return p;
+  if (s0->tmpl != CM_KT_ATTENTION_BWD || !a->stream) return false;
   cm_err e = {0};
-  if (cm_kernel_verify(k, &e) != CM_OK || cm_kattn_stream_check(k, first, &e) != CM_OK) return p;
+  if (cm_kernel_verify(k, &e) != CM_OK || cm_kattn_stream_check(k, first, &e) != CM_OK)
+    return false;
   if (a->span < 2 || a->span > CM_KATTN_MAX_SPAN || first + a->span > k->n_stages ||
       a->n_local < 1 || a->n_local > CM_KATTN_MAX_LOCAL || a->nb != s0->n_dom - 2 ||
       s0->n_red != 1 || s0->gemm_a < 0 || s0->gemm_b < 0 || a->role[0] != CM_KATTN_ROLE_TILE)
-    return p;
+    return false;
   p.nb = a->nb, p.span = a->span, p.rows = a->rows, p.keys = s0->dom[p.nb + 1];
   p.d = s0->red[0], p.batch = cu_prod(s0->dom, p.nb);
   int ntile = 0, nstat = 0;
   for (int i = 0; i < a->n_local; i++) {
-    if (a->local[i] < 0 || a->local[i] >= k->n_buffers) return p;
+    if (a->local[i] < 0 || a->local[i] >= k->n_buffers) return false;
     if (a->local_row[i] == 1)
       nstat++;
     else
@@ -560,42 +585,42 @@ fb_cplan cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_cuda_render_
     int role = a->role[r];
     p.acc_off[r] = -1;
     if (role == CM_KATTN_ROLE_TILE || role == CM_KATTN_ROLE_ROWRED) {
-      if (s->n_stores != 1 || fb_cuda_local(a, s->stores[0].buf) < 0) return p;
-      if (role == CM_KATTN_ROLE_ROWRED && s->n_red != 1) return p;
+      if (s->n_stores != 1 || fb_cuda_local(a, s->stores[0].buf) < 0) return false;
+      if (role == CM_KATTN_ROLE_ROWRED && s->n_red != 1) return false;
     } else if (role == CM_KATTN_ROLE_GEMM_ROWS || role == CM_KATTN_ROLE_GEMM_KEYS) {
-      if (s->n_dom < 2 || s->n_red != 1 || s->gemm_a < 0 || s->gemm_b < 0) return p;
+      if (s->n_dom < 2 || s->n_red != 1 || s->gemm_a < 0 || s->gemm_b < 0) return false;
       if (role == CM_KATTN_ROLE_GEMM_ROWS) {
         p.acc_off[r] = p.acc_floats;
         p.acc_floats += p.rows * s->dom[s->n_dom - 1];
       }
     } else {
-      return p;
+      return false;
     }
   }
   int64_t bc = a->bc < 64 ? a->bc : 64;
-  if (bc < 1 || p.keys < 2) return p;
+  if (bc < 1 || p.keys < 2) return false;
   for (;;) {
     double fl = (double)p.acc_floats + (double)nstat * (double)p.rows +
                 (double)ntile * (double)p.rows * (double)bc;
-    if (fl <= FA_SMEM_FLOATS) break;
-    if (bc == 1) return p;
+    if (fl <= smem_floats) break;
+    if (bc == 1) return false;
     bc = bc / 2;
   }
   p.bc = (int)bc;
   p.nkb = (int)((p.keys + bc - 1) / bc);
-  if ((double)p.batch > 2147483647.0) return p;
-  p.ok = true;
-  return p;
+  if ((double)p.batch > 2147483647.0) return false;
+  *out = p;
+  return true;
 }
 
-static void fb_cuda_block_head(sbuf *o, const fb_cplan *p) {
+static void fb_cuda_block_head(sbuf *o, const cm_kcuda_attn *p) {
   cu_sb_printf(o, "  for (int kb_ = 0; kb_ < %d; kb_++) {\n", p->nkb);
   cu_sb_printf(o, "  const long long j0_ = (long long)kb_ * %d;\n", p->bc);
   cu_sb_printf(o, "  const int bc_ = %lldLL - j0_ < %d ? (int)(%lldLL - j0_) : %d;\n",
                (long long)p->keys, p->bc, (long long)p->keys, p->bc);
 }
 
-cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const fb_cplan *p, sbuf *o,
+cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_attn *p, sbuf *o,
                                const bool *written, cm_err *err) {
   const cm_kattn *a = &k->stages[first].attn;
   rctx cs[CM_KATTN_MAX_SPAN];

@@ -7,15 +7,9 @@
 
 /* ---- GEMM stages -------------------------------------------------------- */
 
-static int arch_num(const cm_cuda_render_opts *o) {
-  const char *a = o && o->arch ? o->arch : "sm_80";
-  if (strncmp(a, "sm_", 3) == 0) return atoi(a + 3);
-  return 80;
-}
-
 /* FMA lanes: lr x lc == 32 with mr % lr == 0 and nr % lc == 0, micro tile
  * closest to square; false when none fits a sane register budget. */
-static bool fma_lanes(gemm_plan *p) {
+static bool fma_lanes(cm_kcuda_gemm *p) {
   static const int opts[] = {4, 8, 2, 16, 1, 32};
   int best = -1, best_cost = 1 << 30;
   for (int i = 0; i < 6; i++) {
@@ -37,24 +31,24 @@ static bool fma_lanes(gemm_plan *p) {
   return true;
 }
 
-gemm_plan cu_plan_gemm(const cm_kstage *s, const cm_cuda_render_opts *o) {
-  gemm_plan p;
+bool cu_plan_gemm(const cm_kstage *s, const cm_target *tg, cm_kcuda_gemm *out) {
+  cm_kcuda_gemm p;
   memset(&p, 0, sizeof p);
   /* an attention span's first stage is its first GEMM (rendered alone when the span is not fused)
    */
   bool gemm_like =
       s->tmpl == CM_KT_GEMM || s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD;
-  if (!gemm_like || (o && o->no_templates)) return p;
-  if (s->n_dom < 2 || s->n_red != 1 || s->red_op != CM_KRED_SUM || s->accumulate) return p;
+  if (!gemm_like) return false;
+  if (s->n_dom < 2 || s->n_red != 1 || s->red_op != CM_KRED_SUM || s->accumulate) return false;
   if (s->gemm_a < 0 || s->gemm_a >= s->n_exprs || s->gemm_b < 0 || s->gemm_b >= s->n_exprs)
-    return p;
-  if (s->acc_dtype != CM_F32 && s->acc_dtype != CM_F64) return p;
+    return false;
+  if (s->acc_dtype != CM_F32 && s->acc_dtype != CM_F64) return false;
   /* the template's meaning needs body = MUL(A, B); anything else keeps the loop nest */
   const cm_kexpr *body = s->body >= 0 && s->body < s->n_exprs ? &s->exprs[s->body] : NULL;
   if (!body || body->kind != CM_KX_OP || body->op != CM_OP_MUL ||
       !((body->a == s->gemm_a && body->b == s->gemm_b) ||
         (body->a == s->gemm_b && body->b == s->gemm_a)))
-    return p;
+    return false;
   p.batch = cu_prod(s->dom, s->n_dom - 2);
   p.M = s->dom[s->n_dom - 2];
   p.N = s->dom[s->n_dom - 1];
@@ -62,7 +56,7 @@ gemm_plan cu_plan_gemm(const cm_kstage *s, const cm_cuda_render_opts *o) {
   cm_kgemm_tiles t = s->tiles;
   if (t.mc <= 0 || t.nc <= 0 || t.kc <= 0 || t.mr <= 0 || t.nr <= 0 || t.mc % t.mr || t.nc % t.nr ||
       (t.mc / t.mr) * (t.nc / t.nr) > 16 || t.kc > 64)
-    t = (cm_kgemm_tiles){64, 64, 16, 32, 32};
+    t = tg->gemm;
   p.mc = t.mc;
   p.nc = t.nc;
   p.kc = t.kc;
@@ -70,7 +64,7 @@ gemm_plan cu_plan_gemm(const cm_kstage *s, const cm_cuda_render_opts *o) {
   p.nr = t.nr;
   cm_dtype da = s->exprs[s->gemm_a].dtype, db = s->exprs[s->gemm_b].dtype;
   bool want_mma =
-      da == db && (da == CM_BF16 || da == CM_F16) && s->acc_dtype == CM_F32 && arch_num(o) >= 80;
+      da == db && (da == CM_BF16 || da == CM_F16) && s->acc_dtype == CM_F32 && tg->mma_bf16;
   /* tensor cores need warp tiles of whole 16x8 fragments, at most 16 of them per warp */
   if (want_mma && (p.mr % 16 || p.nr % 8 || (p.mr / 16) * (p.nr / 8) > 16)) {
     p.mc = p.nc = 64;
@@ -87,11 +81,12 @@ gemm_plan cu_plan_gemm(const cm_kstage *s, const cm_cuda_render_opts *o) {
     p.mr = p.nr = 32;
     fma_lanes(&p);
   }
-  /* static shared memory stays under 48 KiB */
+  /* static shared memory stays within the target's limit */
+  size_t smem = (size_t)tg->shared_bytes_static;
   size_t esz = p.mma ? 2 : (p.t == CM_F64 ? 8 : 4);
-  while (p.kc > 16 && (size_t)(p.kc + 8) * (size_t)(p.mc + p.nc) * esz > 48 * 1024) p.kc /= 2;
+  while (p.kc > 16 && (size_t)(p.kc + 8) * (size_t)(p.mc + p.nc) * esz > smem) p.kc /= 2;
   if (p.mma) p.kc = p.kc < 16 ? 16 : p.kc / 16 * 16;
-  if ((size_t)(p.kc + 8) * (size_t)(p.mc + p.nc) * esz > 48 * 1024) {
+  if ((size_t)(p.kc + 8) * (size_t)(p.mc + p.nc) * esz > smem) {
     p.mc = p.nc = 64;
     p.kc = p.mma ? 32 : 16;
     p.mr = p.nr = 32;
@@ -99,8 +94,8 @@ gemm_plan cu_plan_gemm(const cm_kstage *s, const cm_cuda_render_opts *o) {
   }
   p.warps = (p.mc / p.mr) * (p.nc / p.nr);
   p.threads = p.warps * 32;
-  p.ok = true;
-  return p;
+  *out = p;
+  return true;
 }
 
 cm_status cu_check_gemm_operands(rctx *c) {
@@ -118,7 +113,7 @@ cm_status cu_check_gemm_operands(rctx *c) {
 
 /* Emits operand X's evaluation for shared-memory element (row r_, col c_ of
  * the tile) into "val_" (tile dtype); vars i/j and k come from the tile origin. */
-static void emit_operand_load(rctx *c, const gemm_plan *p, bool is_a, const char *store_fmt) {
+static void emit_operand_load(rctx *c, const cm_kcuda_gemm *p, bool is_a, const char *store_fmt) {
   const cm_kstage *s = c->s;
   sbuf *o = c->o;
   int root = is_a ? s->gemm_a : s->gemm_b;
@@ -156,7 +151,7 @@ static void emit_operand_load(rctx *c, const gemm_plan *p, bool is_a, const char
   memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
 }
 
-void cu_render_gemm(rctx *c, const gemm_plan *p, const bool *written) {
+void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, const bool *written) {
   const cm_kstage *s = c->s;
   sbuf *o = c->o;
   int nb = s->n_dom - 2, iv = s->n_dom - 2, jv = s->n_dom - 1;

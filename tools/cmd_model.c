@@ -823,7 +823,7 @@ int cmd_compile(int argc, char **argv) {
     printf("  llvm: %s/kernels.ll, kernels.opt.ll, kernels.s for %s (%.0f ms)\n", dir,
            cm_jit_target_description(jit), 1e3 * (now_seconds() - t0));
   }
-  cm_cuda_render_opts co = {arch, opts[7].given};
+  cm_cuda_render_opts co = {target == CM_TARGET_CUDA ? &tgt : NULL, opts[7].given};
   if (emit.cuda || (emit.stats && target == CM_TARGET_CUDA)) {
     for (int i = 0; i < prog.n_kernels; i++)
       if (cm_render_cuda(&prog.kernels[i], &co, i == 0, &cuda_src, &err)) {

@@ -134,7 +134,9 @@ static bool prog_build(const cm_graph *g0, const char *arch, gpu_prog *p) {
     return false;
   }
   char *src = NULL;
-  cm_cuda_render_opts ro = {arch, false};
+  cm_target rt;
+  if (cm_target_cuda(arch, &rt, &err)) return fprintf(stderr, "target: %s\n", err.msg), false;
+  cm_cuda_render_opts ro = {&rt, false};
   for (int i = 0; i < p->kp.n_kernels; i++)
     if (cm_render_cuda(&p->kp.kernels[i], &ro, i == 0, &src, &err)) {
       fprintf(stderr, "render: %s\n", err.msg);

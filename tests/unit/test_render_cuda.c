@@ -275,6 +275,20 @@ static cm_nvrtc *need_nvrtc(void) {
   return nvrtc;
 }
 
+/* The CUDA target of one of the archs these tests use. */
+static const cm_target *cuda_target(const char *arch) {
+  static cm_target ts[3];
+  static const char *const names[3] = {"sm_75", "sm_80", "sm_90"};
+  for (int i = 0; i < 3; i++)
+    if (strcmp(arch, names[i]) == 0) {
+      cm_err err = {0};
+      CHECK_MSG(cm_target_cuda(arch, &ts[i], &err) == CM_OK, "%s", err.msg);
+      return &ts[i];
+    }
+  CHECK_MSG(false, "no target for %s", arch);
+  return NULL;
+}
+
 static char *render_all(cm_kernel *ks, int n, const cm_cuda_render_opts *o) {
   char *src = NULL;
   for (int i = 0; i < n; i++) {
@@ -294,7 +308,7 @@ static void test_compile_all(void) {
   build_gemms(&ks[4], "t_gemm_generic");
   static const char *const archs[] = {"sm_80", "sm_90"};
   for (int a = 0; a < 2; a++) {
-    cm_cuda_render_opts o = {archs[a], false};
+    cm_cuda_render_opts o = {cuda_target(archs[a]), false};
     char *src = NULL;
     for (int i = 0; i < 5; i++) {
       cm_cuda_render_opts oi = o;
@@ -378,7 +392,7 @@ static void test_compile_all(void) {
 static void test_deterministic_and_append(void) {
   cm_kernel k;
   build_gemms(&k, "t_det");
-  cm_cuda_render_opts o = {"sm_90", false};
+  cm_cuda_render_opts o = {cuda_target("sm_90"), false};
   char *s1 = render_all(&k, 1, &o), *s2 = render_all(&k, 1, &o);
   CHECK(s1 && s2 && strcmp(s1, s2) == 0);
   /* appending without a prelude keeps the first text as a prefix */
@@ -390,7 +404,7 @@ static void test_deterministic_and_append(void) {
   CHECK(s3 &&
         strstr(s3, "extern \"C\" __global__ void __launch_bounds__(128, 4) t_det_s1(") != NULL);
   /* arch below sm_80: no tensor cores, FMA instead */
-  cm_cuda_render_opts old = {"sm_75", false};
+  cm_cuda_render_opts old = {cuda_target("sm_75"), false};
   char *s4 = render_all(&k, 1, &old);
   CHECK(s4 && strstr(s4, "mma.sync") == NULL);
   CHECK(s4 && strstr(s4, "(GEMM, FMA)") != NULL);
@@ -404,7 +418,7 @@ static void test_deterministic_and_append(void) {
 static void test_launch(void) {
   cm_kernel k;
   build_gemms(&k, "t_launch");
-  cm_cuda_render_opts o = {"sm_80", false};
+  cm_cuda_render_opts o = {cuda_target("sm_80"), false};
   /* gemm_f32_odd: batch 2, M 130, N 260, 64x64 blocks of 4 warps */
   cm_cuda_launch l = cm_cuda_stage_launch(&k, 1, &o);
   CHECK(l.grid[0] == 5 && l.grid[1] == 3 && l.grid[2] == 2);
@@ -419,7 +433,7 @@ static void test_launch(void) {
   l = cm_cuda_stage_launch(&k, 6, &o);
   CHECK(l.grid[0] == 2 && l.grid[1] == 1 && l.grid[2] == 2 && l.block[0] == 128);
   /* generic reading of the same stage: 67600 rows of K = 300, a warp per row */
-  cm_cuda_render_opts gen = {"sm_80", true};
+  cm_cuda_render_opts gen = {cuda_target("sm_80"), true};
   l = cm_cuda_stage_launch(&k, 1, &gen);
   CHECK(l.grid[0] == (2 * 130 * 260 + 7) / 8 && l.block[0] == 256);
   /* gemm_f32_bt: 561 rows of K = 129: warps; with K = 3000, a block per row */
@@ -483,7 +497,7 @@ static void test_launch(void) {
 }
 
 static void test_errors(void) {
-  cm_cuda_render_opts o = {"sm_90", false};
+  cm_cuda_render_opts o = {cuda_target("sm_90"), false};
   cm_err err = {0};
   char *src = NULL;
   /* accumulate into a bool buffer */
@@ -532,7 +546,7 @@ static void test_errors(void) {
   CHECK_STR_CONTAINS(err.msg, "GEMM operand A");
   CHECK_STR_CONTAINS(err.msg, "gemm_f32_tiny");
   /* without templates the same stage is a plain loop nest: fine */
-  cm_cuda_render_opts nt = {"sm_90", true};
+  cm_cuda_render_opts nt = {cuda_target("sm_90"), true};
   CHECK(cm_render_cuda(&g, &nt, true, &src, &err) == CM_OK);
   CHECK(src && strstr(src, "GEMM") == NULL);
   free(src);
