@@ -1,10 +1,16 @@
-/* tests/unit/test_render_cuda.c — the CUDA C renderer (codegen/render_cuda.c): hand-built
+/* tests/unit/test_render_cuda.c — the CUDA C renderer (codegen/render_cuda*.c): hand-built
  * kernels covering every elementwise op on every dtype, short and long reductions (both
  * strategies), accumulate stages, and GEMM stages (f32 FMA at odd shapes, bf16/f16 tensor
  * cores) all compiled by NVRTC for sm_80 and sm_90 in one source per arch; kernel names,
- * spills and registers from ptxas; launch shapes; determinism; errors. No GPU: compile only. */
+ * spills and registers from ptxas; launch shapes; determinism; errors; the stage plans
+ * (cm_kcuda_plan: stored, printed, read by the renderer and the launch) of GEMM and attention
+ * stages. No GPU: compile only. */
 #include "codegen/codegen.h"
+#include "models/models.h"
 #include "tests/test.h"
+
+#include <math.h>
+#include <stdio.h>
 
 #include <stdint.h>
 
@@ -553,5 +559,132 @@ static void test_errors(void) {
   cm_kernel_free(&g);
 }
 
+/* The text cm_kcuda_plan_print writes for p. */
+static char *plan_text(const cm_kcuda_plan *p) {
+  char *text = NULL;
+  size_t size = 0;
+  FILE *f = open_memstream(&text, &size);
+  CHECK(f != NULL);
+  if (!f) return NULL;
+  cm_kcuda_plan_print(p, f);
+  fclose(f);
+  return text;
+}
+
+/* The plan of every stage, stored by cm_cuda_plan_kernel: printed; read by the renderer and the
+ * launch (a changed plan changes both); a kernel planned for another arch is planned afresh. */
+static void test_plan_gemm(void) {
+  cm_kernel k;
+  build_gemms(&k, "t_plan");
+  cm_err err = {0};
+  cm_cuda_render_opts o = {cuda_target("sm_80"), false};
+  char *unplanned = render_all(&k, 1, &o);
+  CHECK(cm_cuda_plan_kernel(&k, cuda_target("sm_80"), &err) == CM_OK);
+  char *planned = render_all(&k, 1, &o);
+  CHECK(unplanned && planned && strcmp(unplanned, planned) == 0);
+  /* gemm_f32_odd: batch 2, M 130, N 260, K 300; 64x64 blocks of 32x32 warp tiles */
+  char *t1 = plan_text(&k.stages[1].cuda);
+  CHECK_STR_CONTAINS(t1, "cuda sm_80 gemm fma f32 lanes 4x8 micro 8x4: block 64x64 k 16 warp "
+                         "32x32 (4 warps), batch 2 M 130 N 260 K 300; grid 5x3x2 block 128x1x1");
+  /* As_[16][68] + Bs_[16][68] floats */
+  CHECK_STR_CONTAINS(t1, "shared 8704+0");
+  /* gemm_f16_bt: f16 operands on tensor cores */
+  char *t4 = plan_text(&k.stages[4].cuda);
+  CHECK_STR_CONTAINS(t4, "cuda sm_80 gemm mma f16: block 64x128");
+  /* the kernel IR's text carries the plans */
+  char *kir = NULL;
+  size_t size = 0;
+  FILE *f = open_memstream(&kir, &size);
+  cm_kernel_print(&k, f);
+  fclose(f);
+  CHECK(kir && t1 && strstr(kir, t1) != NULL);
+  /* the launch reads the plan: a plan with another grid launches that grid */
+  k.stages[1].cuda.grid[0] = 7;
+  CHECK(cm_cuda_stage_launch(&k, 1, &o).grid[0] == 7);
+  /* planned for sm_80: sm_75 (no tensor cores) plans afresh, FMA */
+  cm_cuda_render_opts old = {cuda_target("sm_75"), false};
+  CHECK(cm_cuda_stage_launch(&k, 1, &old).grid[0] == 5);
+  char *s75 = render_all(&k, 1, &old);
+  CHECK(s75 && strstr(s75, "mma.sync") == NULL);
+  /* a CPU target is refused, naming the kernel */
+  cm_target cpu;
+  cm_target_host(&cpu);
+  cm_err e2 = {0};
+  CHECK(cm_cuda_plan_kernel(&k, &cpu, &e2) == CM_EINVALID);
+  CHECK_STR_CONTAINS(e2.msg, "t_plan");
+  cm_cuda_render_opts bad = {&cpu, false};
+  char *src = NULL;
+  CHECK(cm_render_cuda(&k, &bad, true, &src, &e2) == CM_EINVALID && src == NULL);
+  free(unplanned), free(planned), free(t1), free(t4), free(kir), free(s75);
+  cm_kernel_free(&k);
+}
+
+/* y = softmax(q k^T / sqrt(16)) v over q, k, v [1, 2, 50, 16], with its backward, lowered for
+ * sm_80: the spans' plans are printed, their other stages run in the span's function. */
+static void test_plan_attention(void) {
+  cm_graph *g = cm_graph_new();
+  int64_t d[4] = {1, 2, 50, 16};
+  int q = cm_input(g, "q", CM_F32, 4, d), kk = cm_input(g, "k", CM_F32, 4, d);
+  int v = cm_input(g, "v", CM_F32, 4, d);
+  int s = cm_matmul(g, q, kk, false, true, "scores");
+  s = cm_binary_bcast(g, CM_OP_MUL, s, cm_const_scalar(g, NULL, CM_F32, 0.25), "scaled");
+  int y = cm_matmul(g, cm_nn_softmax(g, s), v, false, false, "y");
+  cm_err err = {0};
+  CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
+  int dout = cm_input(g, "dO", CM_F32, 4, d), axes[4] = {0, 1, 2, 3};
+  int loss = cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, dout, NULL), 4, axes, false,
+                       "loss");
+  int wrt[3] = {q, kk, v}, grads[3];
+  CHECK_MSG(cm_autodiff(g, loss, 3, wrt, grads, &err) == CM_OK, "%s", err.msg);
+  for (int i = 0; i < 3; i++) CHECK(cm_graph_add_output(g, grads[i], &err) == CM_OK);
+  cm_pass_state ps = {g, NULL};
+  CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s",
+            err.msg);
+  cm_lower_opts lo = {cuda_target("sm_80"), false, 0};
+  cm_kprogram kp;
+  CHECK_MSG(cm_lower_plan(ps.g, ps.plan, &lo, &kp, &err) == CM_OK, "%s", err.msg);
+  int spans = 0;
+  cm_cuda_render_opts o = {cuda_target("sm_80"), false};
+  for (int i = 0; i < kp.n_kernels; i++) {
+    const cm_kernel *k = &kp.kernels[i];
+    for (int si = 0; si < k->n_stages; si++) {
+      const cm_kstage *st = &k->stages[si];
+      CHECK(st->cuda.kind != CM_KCUDA_NONE && st->cuda.sm == 80);
+      if (st->tmpl != CM_KT_ATTENTION_FWD && st->tmpl != CM_KT_ATTENTION_BWD) continue;
+      char *text = plan_text(&st->cuda);
+      /* a block per (batch item, head): all 50 rows fit; shared memory: the forward keeps S
+       * (50 x 50 floats, 2512 with 16-element alignment) and the row max and sum (64 each); the
+       * backward two 50 x 50 tiles and one row statistic */
+      if (st->tmpl == CM_KT_ATTENTION_FWD)
+        CHECK_STR_CONTAINS(text, "cuda sm_80 attention fused: 8 stages, 50 query rows per block "
+                                 "(whole batch item), 1 row blocks; grid 2x1x1 block 256x1x1 "
+                                 "shared 10560+0");
+      else
+        CHECK_STR_CONTAINS(text, "cuda sm_80 attention fused: 5 stages, 50 query rows per block "
+                                 "(whole batch item), 1 row blocks; grid 2x1x1 block 256x1x1 "
+                                 "shared 20352+0");
+      CHECK(st->cuda.block[0] == 256 && st->cuda.grid[0] >= 2);
+      CHECK(st->cuda.shared_static > 0 && st->cuda.shared_static <= 48 * 1024);
+      cm_cuda_launch l = cm_cuda_stage_launch(k, si, &o);
+      CHECK(l.grid[0] == st->cuda.grid[0] && l.block[0] == 256);
+      for (int j = si + 1; j < si + st->cuda.attn.span; j++) {
+        char *in = plan_text(&k->stages[j].cuda);
+        char want[64];
+        snprintf(want, sizeof want, "in the span of stage %d", si);
+        CHECK_STR_CONTAINS(in, want);
+        CHECK(cm_cuda_stage_launch(k, j, &o).grid[0] == 1);
+        free(in);
+      }
+      free(text);
+      spans++;
+      si += st->cuda.attn.span - 1;
+    }
+  }
+  CHECK(spans == 2); /* forward and backward */
+  cm_kprogram_free(&kp);
+  cm_plan_free(ps.plan);
+  cm_graph_free(ps.g);
+}
+
 TEST_MAIN(TEST(test_compile_all), TEST(test_deterministic_and_append), TEST(test_launch),
-          TEST(test_errors))
+          TEST(test_errors), TEST(test_plan_gemm), TEST(test_plan_attention))
