@@ -320,6 +320,8 @@ static void test_compile_all(void) {
       cm_cuda_render_opts oi = o;
       oi.no_templates = i == 4;
       cm_err err = {0};
+      /* stored plans for this arch (the generic reading plans for itself) */
+      if (i < 4) CHECK(cm_cuda_plan_kernel(&ks[i], o.target, &err) == CM_OK);
       cm_status st = cm_render_cuda(&ks[i], &oi, i == 0, &src, &err);
       CHECK_MSG(st == CM_OK, "%s: %s", ks[i].name, err.msg);
     }
@@ -363,6 +365,11 @@ static void test_compile_all(void) {
         if (!ki) continue;
         CHECK_MSG(ki->registers > 0 && ki->registers <= 255, "%s %s: %d registers", archs[a], name,
                   ki->registers);
+        /* the plan's static shared memory is what ptxas allocates */
+        if (i < 4)
+          CHECK_MSG(ki->shared_bytes == ks[i].stages[s].cuda.shared_static,
+                    "%s %s: %d B of shared memory, planned %lld", archs[a], name, ki->shared_bytes,
+                    (long long)ks[i].stages[s].cuda.shared_static);
         bool templated = i == 3;
         if (templated) {
           CHECK_MSG(ki->spill_store_bytes == 0 && ki->spill_load_bytes == 0, "%s %s: spills %d/%d",
