@@ -74,6 +74,23 @@ bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcu
   return true;
 }
 
+/* The span's other stages: empty functions (the first stage's function runs them). */
+static cm_status span_stubs(const cm_kernel *k, int first, int span, sbuf *o, const bool *written,
+                            cm_err *err) {
+  cm_status st = CM_OK;
+  for (int si = first + 1; si < first + span && st == CM_OK; si++) {
+    rctx c;
+    st = cu_rctx_open(&c, k, si, o, err);
+    if (st == CM_OK) {
+      cu_sb_printf(o, "// stage %d \"%s\" (runs in stage %d)\n", si, k->stages[si].name, first);
+      cu_signature(&c, written, "");
+      cu_sb_printf(o, "}\n\n");
+    }
+    cu_rctx_close(&c);
+  }
+  return st;
+}
+
 /* One stage of the span inside the fused function: the block's points, a
  * thread per point with a serial reduction, then a barrier. */
 static void render_span_stage(rctx *c, const cm_kcuda_attn *p) {
@@ -181,16 +198,7 @@ cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn
   free(local);
   if (p->nb > 0) cu_sb_printf(o, "  }\n");
   cu_sb_printf(o, "}\n\n");
-  for (int si = first + 1; si < first + p->span && st == CM_OK; si++) {
-    rctx c;
-    st = cu_rctx_open(&c, k, si, o, err);
-    if (st == CM_OK) {
-      cu_sb_printf(o, "// stage %d \"%s\" (runs in stage %d)\n", si, k->stages[si].name, first);
-      cu_signature(&c, written, "");
-      cu_sb_printf(o, "}\n\n");
-    }
-    cu_rctx_close(&c);
-  }
+  if (st == CM_OK) st = span_stubs(k, first, p->span, o, written, err);
   return st;
 }
 
@@ -350,6 +358,98 @@ static void fa_cuda_score(rctx *cS, const fa_cplan *p, const char *ind, bool kee
   cu_sb_printf(o, "%s  sv_ = (float)(e%d);\n%s}\n", ind, val, ind);
 }
 
+/* Pass 1 over the key blocks: S_j, the running max and sum, E_j and O. */
+static void fa_pass1(rctx *cS, rctx *cM, rctx *cE, rctx *cO, const fa_cplan *p, const char **sub,
+                     const char *sidx) {
+  sbuf *o = cS->o;
+  const cm_kattn *a = &p->sS->attn;
+  int BC = p->bc;
+  long long DV = (long long)p->dv;
+  cu_sb_printf(o, "  for (int kb_ = 0; kb_ < %d; kb_++) {\n", p->nkb);
+  cu_sb_printf(o, "  const long long j0_ = (long long)kb_ * %d;\n", BC);
+  cu_sb_printf(o, "  const int bc_ = %lldLL - j0_ < %d ? (int)(%lldLL - j0_) : %d;\n",
+               (long long)p->keys, BC, (long long)p->keys, BC);
+  fa_cuda_ktile(cS, p);
+  cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * bc_; p_ += 256) {\n");
+  cu_sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n");
+  fa_cuda_score(cS, p, "    ", false);
+  cu_sb_printf(o, "    %s = sv_;\n  }\n  __syncthreads();\n", sidx);
+  /* one thread per row: max, rescale, E and its sum */
+  cu_sb_printf(o, "  for (int r_ = tid_; r_ < rb_; r_ += 256) {\n    float mx_ = -CM_INFF;\n");
+  cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
+  sub[a->buf_s] = sidx;
+  cM->subst = sub;
+  fa_cuda_point(cM, p, "      ", "row0_ + r_", NULL, "j0_ + j_");
+  cu_emit_tree(cM, p->sM->body, "        ", "acc");
+  cu_sb_printf(o, "        mx_ = cm_accmax(mx_, (float)(e%d));\n      }\n    }\n", p->sM->body);
+  cu_sb_printf(o, "    const float mo_ = fm_[r_], mn_ = cm_accmax(mo_, mx_);\n");
+  cu_sb_printf(o, "    const float al_ = mo_ == -CM_INFF ? 0.f : expf(mo_ - mn_);\n");
+  cu_sb_printf(o, "    float rs_ = 0.f;\n    for (int j_ = 0; j_ < bc_; j_++) {\n");
+  sub[a->buf_m] = "mn_";
+  cE->subst = sub;
+  fa_cuda_point(cE, p, "      ", "row0_ + r_", "j0_ + j_", NULL);
+  int ev = p->sE->stores[0].value;
+  cu_emit_tree(cE, ev, "        ", "acc");
+  cu_sb_printf(o, "        const float ev_ = (float)(e%d);\n        %s = ev_;\n", ev, sidx);
+  cu_sb_printf(o, "        rs_ += ev_;\n      }\n    }\n");
+  cu_sb_printf(o, "    fl_[r_] = al_ * fl_[r_] + rs_;\n    fm_[r_] = mn_;\n    fa_[r_] = al_;\n");
+  cu_sb_printf(o, "  }\n  __syncthreads();\n");
+  sub[a->buf_s] = sub[a->buf_m] = NULL;
+  /* V_j over K_j, then O = alpha O + E_j V_j */
+  cu_sb_printf(o, "  for (int p_ = tid_; p_ < bc_ * %lld; p_ += 256) {\n", DV);
+  cu_sb_printf(o, "    const int j_ = p_ / %lld, c_ = p_ %% %lld;\n", DV, DV);
+  fa_cuda_point(cO, p, "    ", "0", "c_", "j0_ + j_");
+  cu_emit_tree(cO, p->sO->gemm_b, "      ", "acc");
+  cu_sb_printf(o, "      fkv_[p_] = (float)(e%d);\n    }\n  }\n  __syncthreads();\n",
+               p->sO->gemm_b);
+  cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += 256) {\n", DV);
+  cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", DV, DV);
+  cu_sb_printf(o, "    float o_ = fa_[r_] * fo_[p_];\n");
+  cu_sb_printf(
+      o, "    for (int j_ = 0; j_ < bc_; j_++) o_ += fs_[r_ * %d + j_] * fkv_[j_ * %lld + c_];\n",
+      BC + 1, DV);
+  cu_sb_printf(o, "    fo_[p_] = o_;\n  }\n  __syncthreads();\n  }\n");
+}
+
+/* Pass 2 over the key blocks: the S, E and P the graph keeps, from the final m and l. */
+static void fa_pass2(rctx *cS, rctx *cE, rctx *cP, const fa_cplan *p, const char **sub) {
+  sbuf *o = cS->o;
+  const cm_kattn *a = &p->sS->attn;
+  int BC = p->bc, ev = p->sE->stores[0].value;
+  cu_sb_printf(o, "  __syncthreads();\n");
+  cu_sb_printf(o, "  for (int kb_ = 0; kb_ < %d; kb_++) {\n", p->nkb);
+  cu_sb_printf(o, "  const long long j0_ = (long long)kb_ * %d;\n", BC);
+  cu_sb_printf(o, "  const int bc_ = %lldLL - j0_ < %d ? (int)(%lldLL - j0_) : %d;\n",
+               (long long)p->keys, BC, (long long)p->keys, BC);
+  fa_cuda_ktile(cS, p);
+  cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * bc_; p_ += 256) {\n");
+  cu_sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n");
+  fa_cuda_score(cS, p, "    ", (a->keep & CM_KATTN_KEEP_S) != 0);
+  if (a->keep & (CM_KATTN_KEEP_E | CM_KATTN_KEEP_P)) {
+    sub[a->buf_s] = "sv_";
+    sub[a->buf_m] = "fm_[r_]";
+    cE->subst = sub;
+    cu_sb_printf(o, "    float ev_;\n");
+    fa_cuda_point(cE, p, "    ", "row0_ + r_", "j0_ + j_", NULL);
+    if (a->keep & CM_KATTN_KEEP_E)
+      cu_emit_stores(cE, "      ", "acc");
+    else
+      cu_emit_tree(cE, ev, "      ", "acc");
+    cu_sb_printf(o, "      ev_ = (float)(e%d);\n    }\n", ev);
+    sub[a->buf_s] = sub[a->buf_m] = NULL;
+    if (p->sP && (a->keep & CM_KATTN_KEEP_P)) {
+      sub[a->buf_e] = "ev_";
+      sub[a->buf_l] = "fl_[r_]";
+      cP->subst = sub;
+      fa_cuda_point(cP, p, "    ", "row0_ + r_", "j0_ + j_", NULL);
+      cu_emit_stores(cP, "      ", "acc");
+      cu_sb_printf(o, "    }\n");
+      sub[a->buf_e] = sub[a->buf_l] = NULL;
+    }
+  }
+  cu_sb_printf(o, "  }\n  __syncthreads();\n  }\n");
+}
+
 /* The span from stage `first` as one streaming function; the span's other
  * stages get empty functions. */
 cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *pa, sbuf *o,
@@ -413,51 +513,7 @@ cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p
     cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) fo_[p_] = 0.f;\n",
                  (long long)BR * DV);
     cu_sb_printf(o, "  __syncthreads();\n");
-    /* pass 1: running max, sum and O */
-    cu_sb_printf(o, "  for (int kb_ = 0; kb_ < %d; kb_++) {\n", p->nkb);
-    cu_sb_printf(o, "  const long long j0_ = (long long)kb_ * %d;\n", BC);
-    cu_sb_printf(o, "  const int bc_ = %lldLL - j0_ < %d ? (int)(%lldLL - j0_) : %d;\n",
-                 (long long)p->keys, BC, (long long)p->keys, BC);
-    fa_cuda_ktile(&cS, p);
-    cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * bc_; p_ += 256) {\n");
-    cu_sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n");
-    fa_cuda_score(&cS, p, "    ", false);
-    cu_sb_printf(o, "    %s = sv_;\n  }\n  __syncthreads();\n", sidx);
-    /* one thread per row: max, rescale, E and its sum */
-    cu_sb_printf(o, "  for (int r_ = tid_; r_ < rb_; r_ += 256) {\n    float mx_ = -CM_INFF;\n");
-    cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
-    sub[a->buf_s] = sidx;
-    cM.subst = sub;
-    fa_cuda_point(&cM, p, "      ", "row0_ + r_", NULL, "j0_ + j_");
-    cu_emit_tree(&cM, p->sM->body, "        ", "acc");
-    cu_sb_printf(o, "        mx_ = cm_accmax(mx_, (float)(e%d));\n      }\n    }\n", p->sM->body);
-    cu_sb_printf(o, "    const float mo_ = fm_[r_], mn_ = cm_accmax(mo_, mx_);\n");
-    cu_sb_printf(o, "    const float al_ = mo_ == -CM_INFF ? 0.f : expf(mo_ - mn_);\n");
-    cu_sb_printf(o, "    float rs_ = 0.f;\n    for (int j_ = 0; j_ < bc_; j_++) {\n");
-    sub[a->buf_m] = "mn_";
-    cE.subst = sub;
-    fa_cuda_point(&cE, p, "      ", "row0_ + r_", "j0_ + j_", NULL);
-    int ev = p->sE->stores[0].value;
-    cu_emit_tree(&cE, ev, "        ", "acc");
-    cu_sb_printf(o, "        const float ev_ = (float)(e%d);\n        %s = ev_;\n", ev, sidx);
-    cu_sb_printf(o, "        rs_ += ev_;\n      }\n    }\n");
-    cu_sb_printf(o, "    fl_[r_] = al_ * fl_[r_] + rs_;\n    fm_[r_] = mn_;\n    fa_[r_] = al_;\n");
-    cu_sb_printf(o, "  }\n  __syncthreads();\n");
-    sub[a->buf_s] = sub[a->buf_m] = NULL;
-    /* V_j over K_j, then O = alpha O + E_j V_j */
-    cu_sb_printf(o, "  for (int p_ = tid_; p_ < bc_ * %lld; p_ += 256) {\n", DV);
-    cu_sb_printf(o, "    const int j_ = p_ / %lld, c_ = p_ %% %lld;\n", DV, DV);
-    fa_cuda_point(&cO, p, "    ", "0", "c_", "j0_ + j_");
-    cu_emit_tree(&cO, p->sO->gemm_b, "      ", "acc");
-    cu_sb_printf(o, "      fkv_[p_] = (float)(e%d);\n    }\n  }\n  __syncthreads();\n",
-                 p->sO->gemm_b);
-    cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += 256) {\n", DV);
-    cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", DV, DV);
-    cu_sb_printf(o, "    float o_ = fa_[r_] * fo_[p_];\n");
-    cu_sb_printf(
-        o, "    for (int j_ = 0; j_ < bc_; j_++) o_ += fs_[r_ * %d + j_] * fkv_[j_ * %lld + c_];\n",
-        BC + 1, DV);
-    cu_sb_printf(o, "    fo_[p_] = o_;\n  }\n  __syncthreads();\n  }\n");
+    fa_pass1(&cS, &cM, &cE, &cO, p, sub, sidx);
     /* O / l through the O stage's epilogue */
     cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += 256) {\n", DV);
     cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", DV, DV);
@@ -476,41 +532,8 @@ cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p
       cu_emit_stores(cr, "      ", "acc");
       cu_sb_printf(o, "    }\n  }\n");
     }
-    /* pass 2: S, E, P from the final m and l */
-    if (a->keep & (CM_KATTN_KEEP_S | CM_KATTN_KEEP_E | CM_KATTN_KEEP_P)) {
-      cu_sb_printf(o, "  __syncthreads();\n");
-      cu_sb_printf(o, "  for (int kb_ = 0; kb_ < %d; kb_++) {\n", p->nkb);
-      cu_sb_printf(o, "  const long long j0_ = (long long)kb_ * %d;\n", BC);
-      cu_sb_printf(o, "  const int bc_ = %lldLL - j0_ < %d ? (int)(%lldLL - j0_) : %d;\n",
-                   (long long)p->keys, BC, (long long)p->keys, BC);
-      fa_cuda_ktile(&cS, p);
-      cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * bc_; p_ += 256) {\n");
-      cu_sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n");
-      fa_cuda_score(&cS, p, "    ", (a->keep & CM_KATTN_KEEP_S) != 0);
-      if (a->keep & (CM_KATTN_KEEP_E | CM_KATTN_KEEP_P)) {
-        sub[a->buf_s] = "sv_";
-        sub[a->buf_m] = "fm_[r_]";
-        cE.subst = sub;
-        cu_sb_printf(o, "    float ev_;\n");
-        fa_cuda_point(&cE, p, "    ", "row0_ + r_", "j0_ + j_", NULL);
-        if (a->keep & CM_KATTN_KEEP_E)
-          cu_emit_stores(&cE, "      ", "acc");
-        else
-          cu_emit_tree(&cE, ev, "      ", "acc");
-        cu_sb_printf(o, "      ev_ = (float)(e%d);\n    }\n", ev);
-        sub[a->buf_s] = sub[a->buf_m] = NULL;
-        if (p->sP && (a->keep & CM_KATTN_KEEP_P)) {
-          sub[a->buf_e] = "ev_";
-          sub[a->buf_l] = "fl_[r_]";
-          cP.subst = sub;
-          fa_cuda_point(&cP, p, "    ", "row0_ + r_", "j0_ + j_", NULL);
-          cu_emit_stores(&cP, "      ", "acc");
-          cu_sb_printf(o, "    }\n");
-          sub[a->buf_e] = sub[a->buf_l] = NULL;
-        }
-      }
-      cu_sb_printf(o, "  }\n  __syncthreads();\n  }\n");
-    }
+    if (a->keep & (CM_KATTN_KEEP_S | CM_KATTN_KEEP_E | CM_KATTN_KEEP_P))
+      fa_pass2(&cS, &cE, &cP, p, sub);
     cu_sb_printf(o, "  }\n}\n\n");
     int stc[4] = {cS.st, cM.st, cE.st, cL.st};
     for (int i = 0; i < 4 && st == CM_OK; i++) st = stc[i];
@@ -521,16 +544,7 @@ cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p
   cu_rctx_close(&cS), cu_rctx_close(&cM), cu_rctx_close(&cE), cu_rctx_close(&cL),
       cu_rctx_close(&cO);
   if (p->sP) cu_rctx_close(&cP);
-  for (int si = first + 1; si < first + a->span && st == CM_OK; si++) {
-    rctx c;
-    st = cu_rctx_open(&c, k, si, o, err);
-    if (st == CM_OK) {
-      cu_sb_printf(o, "// stage %d \"%s\" (runs in stage %d)\n", si, k->stages[si].name, first);
-      cu_signature(&c, written, "");
-      cu_sb_printf(o, "}\n\n");
-    }
-    cu_rctx_close(&c);
-  }
+  if (st == CM_OK) st = span_stubs(k, first, a->span, o, written, err);
   return st;
 }
 
@@ -620,6 +634,75 @@ static void fb_cuda_block_head(sbuf *o, const cm_kcuda_attn *p) {
                (long long)p->keys, p->bc, (long long)p->keys, p->bc);
 }
 
+/* Role stage r of the backward span in pass 0 or 1 of a key block. */
+static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, int pass,
+                    const bool *dep) {
+  sbuf *o = c->o;
+  long long R = (long long)p->rows;
+  int BC = p->bc;
+  const cm_kstage *s = c->s;
+  int role = a->role[r];
+  if (role == CM_KATTN_ROLE_TILE) {
+    int li = fb_cuda_local(a, s->stores[0].buf);
+    if (pass == 0 && dep[li]) return;
+    int val = s->stores[0].value;
+    cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld * bc_; p_ += 256) {\n", R);
+    cu_sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n    float acc = 0.f;\n");
+    if (r == 0) {
+      cu_sb_printf(o, "    for (int k_ = 0; k_ < %lld; k_++) {\n", (long long)p->d);
+      fb_cuda_point(c, p->nb, false, "      ", "r_", "j0_ + j_", "k_");
+      cu_emit_tree(c, s->gemm_a, "        ", "acc");
+      cu_emit_tree(c, s->gemm_b, "        ", "acc");
+      cu_sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n", s->gemm_a,
+                   s->gemm_b);
+    }
+    fb_cuda_point(c, p->nb, false, "    ", "r_", "j0_ + j_", NULL);
+    cu_emit_tree(c, val, "      ", "acc");
+    cu_sb_printf(o, "      const float tv_ = (float)(e%d);\n", val);
+    cu_sb_printf(o, "      fbl%d_[r_ * %d + j_] = tv_;\n    }\n  }\n", li, BC);
+    cu_sb_printf(o, "  __syncthreads();\n");
+  } else if (role == CM_KATTN_ROLE_ROWRED && pass == 0) {
+    int li = fb_cuda_local(a, s->stores[0].buf);
+    char comb[256];
+    cu_sb_printf(o, "  for (int r_ = tid_; r_ < %lld; r_ += 256) {\n", R);
+    cu_sb_printf(o, "    %s acc_ = (%s)fbl%d_[r_];\n", cu_ctype(s->acc_dtype),
+                 cu_ctype(s->acc_dtype), li);
+    cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
+    fb_cuda_point(c, p->nb, true, "      ", "r_", NULL, "j0_ + j_");
+    cu_emit_tree(c, s->body, "        ", "acc_");
+    char bv[96];
+    snprintf(bv, sizeof bv, "(%s)(e%d)", cu_ctype(s->acc_dtype), s->body);
+    cu_acc_combine(s, "acc_", bv, comb, sizeof comb);
+    cu_sb_printf(o, "        acc_ = %s;\n      }\n    }\n", comb);
+    cu_sb_printf(o, "    fbl%d_[r_] = (float)acc_;\n  }\n  __syncthreads();\n", li);
+  } else if (role == CM_KATTN_ROLE_GEMM_ROWS && pass == 1) {
+    long long C = (long long)s->dom[s->n_dom - 1];
+    cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) {\n", R * C);
+    cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", C, C);
+    cu_sb_printf(o, "    float acc = fbacc_[%lld + p_];\n", (long long)p->acc_off[r]);
+    cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
+    fb_cuda_point(c, p->nb, false, "      ", "r_", "c_", "j0_ + j_");
+    cu_emit_tree(c, s->gemm_a, "        ", "acc");
+    cu_emit_tree(c, s->gemm_b, "        ", "acc");
+    cu_sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n", s->gemm_a,
+                 s->gemm_b);
+    cu_sb_printf(o, "    fbacc_[%lld + p_] = acc;\n  }\n", (long long)p->acc_off[r]);
+  } else if (role == CM_KATTN_ROLE_GEMM_KEYS && pass == 1) {
+    long long C = (long long)s->dom[s->n_dom - 1];
+    cu_sb_printf(o, "  for (int p_ = tid_; p_ < bc_ * %lld; p_ += 256) {\n", C);
+    cu_sb_printf(o, "    const int j_ = p_ / %lld, c_ = p_ %% %lld;\n    float acc = 0.f;\n", C, C);
+    cu_sb_printf(o, "    for (int r_ = 0; r_ < %lld; r_++) {\n", R);
+    fb_cuda_point(c, p->nb, false, "      ", "j0_ + j_", "c_", "r_");
+    cu_emit_tree(c, s->gemm_a, "        ", "acc");
+    cu_emit_tree(c, s->gemm_b, "        ", "acc");
+    cu_sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n", s->gemm_a,
+                 s->gemm_b);
+    fb_cuda_point(c, p->nb, false, "    ", "j0_ + j_", "c_", NULL);
+    cu_emit_stores(c, "      ", "acc");
+    cu_sb_printf(o, "    }\n  }\n");
+  }
+}
+
 cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_attn *p, sbuf *o,
                                const bool *written, cm_err *err) {
   const cm_kattn *a = &k->stages[first].attn;
@@ -697,69 +780,7 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
       cu_sb_printf(o, "  // pass %d\n", pass + 1);
       fb_cuda_block_head(o, p);
       for (int r = 0; r < p->span; r++) {
-        rctx *c = &cs[r];
-        const cm_kstage *s = c->s;
-        int role = a->role[r];
-        if (role == CM_KATTN_ROLE_TILE) {
-          int li = fb_cuda_local(a, s->stores[0].buf);
-          if (pass == 0 && dep[li]) continue;
-          int val = s->stores[0].value;
-          cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld * bc_; p_ += 256) {\n", R);
-          cu_sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n    float acc = 0.f;\n");
-          if (r == 0) {
-            cu_sb_printf(o, "    for (int k_ = 0; k_ < %lld; k_++) {\n", (long long)p->d);
-            fb_cuda_point(c, p->nb, false, "      ", "r_", "j0_ + j_", "k_");
-            cu_emit_tree(c, s->gemm_a, "        ", "acc");
-            cu_emit_tree(c, s->gemm_b, "        ", "acc");
-            cu_sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n",
-                         s->gemm_a, s->gemm_b);
-          }
-          fb_cuda_point(c, p->nb, false, "    ", "r_", "j0_ + j_", NULL);
-          cu_emit_tree(c, val, "      ", "acc");
-          cu_sb_printf(o, "      const float tv_ = (float)(e%d);\n", val);
-          cu_sb_printf(o, "      fbl%d_[r_ * %d + j_] = tv_;\n    }\n  }\n", li, BC);
-          cu_sb_printf(o, "  __syncthreads();\n");
-        } else if (role == CM_KATTN_ROLE_ROWRED && pass == 0) {
-          int li = fb_cuda_local(a, s->stores[0].buf);
-          char comb[256];
-          cu_sb_printf(o, "  for (int r_ = tid_; r_ < %lld; r_ += 256) {\n", R);
-          cu_sb_printf(o, "    %s acc_ = (%s)fbl%d_[r_];\n", cu_ctype(s->acc_dtype),
-                       cu_ctype(s->acc_dtype), li);
-          cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
-          fb_cuda_point(c, p->nb, true, "      ", "r_", NULL, "j0_ + j_");
-          cu_emit_tree(c, s->body, "        ", "acc_");
-          char bv[96];
-          snprintf(bv, sizeof bv, "(%s)(e%d)", cu_ctype(s->acc_dtype), s->body);
-          cu_acc_combine(s, "acc_", bv, comb, sizeof comb);
-          cu_sb_printf(o, "        acc_ = %s;\n      }\n    }\n", comb);
-          cu_sb_printf(o, "    fbl%d_[r_] = (float)acc_;\n  }\n  __syncthreads();\n", li);
-        } else if (role == CM_KATTN_ROLE_GEMM_ROWS && pass == 1) {
-          long long C = (long long)s->dom[s->n_dom - 1];
-          cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) {\n", R * C);
-          cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", C, C);
-          cu_sb_printf(o, "    float acc = fbacc_[%lld + p_];\n", (long long)p->acc_off[r]);
-          cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
-          fb_cuda_point(c, p->nb, false, "      ", "r_", "c_", "j0_ + j_");
-          cu_emit_tree(c, s->gemm_a, "        ", "acc");
-          cu_emit_tree(c, s->gemm_b, "        ", "acc");
-          cu_sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n",
-                       s->gemm_a, s->gemm_b);
-          cu_sb_printf(o, "    fbacc_[%lld + p_] = acc;\n  }\n", (long long)p->acc_off[r]);
-        } else if (role == CM_KATTN_ROLE_GEMM_KEYS && pass == 1) {
-          long long C = (long long)s->dom[s->n_dom - 1];
-          cu_sb_printf(o, "  for (int p_ = tid_; p_ < bc_ * %lld; p_ += 256) {\n", C);
-          cu_sb_printf(o, "    const int j_ = p_ / %lld, c_ = p_ %% %lld;\n    float acc = 0.f;\n",
-                       C, C);
-          cu_sb_printf(o, "    for (int r_ = 0; r_ < %lld; r_++) {\n", R);
-          fb_cuda_point(c, p->nb, false, "      ", "j0_ + j_", "c_", "r_");
-          cu_emit_tree(c, s->gemm_a, "        ", "acc");
-          cu_emit_tree(c, s->gemm_b, "        ", "acc");
-          cu_sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n",
-                       s->gemm_a, s->gemm_b);
-          fb_cuda_point(c, p->nb, false, "    ", "j0_ + j_", "c_", NULL);
-          cu_emit_stores(c, "      ", "acc");
-          cu_sb_printf(o, "    }\n  }\n");
-        }
+        fb_role(&cs[r], p, a, r, pass, dep);
       }
       cu_sb_printf(o, "  __syncthreads();\n  }\n");
     }
@@ -782,15 +803,6 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
     for (int b = 0; b < k->n_buffers; b++) free(sub[b]);
   free(sub);
   for (int r = 0; r < opened; r++) cu_rctx_close(&cs[r]);
-  for (int si = first + 1; si < first + a->span && st == CM_OK; si++) {
-    rctx c;
-    st = cu_rctx_open(&c, k, si, o, err);
-    if (st == CM_OK) {
-      cu_sb_printf(o, "// stage %d \"%s\" (runs in stage %d)\n", si, k->stages[si].name, first);
-      cu_signature(&c, written, "");
-      cu_sb_printf(o, "}\n\n");
-    }
-    cu_rctx_close(&c);
-  }
+  if (st == CM_OK) st = span_stubs(k, first, a->span, o, written, err);
   return st;
 }
