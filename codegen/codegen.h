@@ -400,6 +400,7 @@ typedef struct cm_kcuda_gemm {
 
 typedef struct cm_kcuda_attn {
   int span, nb;        /* stages in the span, batch vars */
+  int threads;         /* per block */
   int64_t rows, batch; /* query rows, batch items */
   bool rowwise;        /* fused: blocks of br query rows (else a whole batch item) */
   int br, nrb;         /* query rows per block, row blocks per batch item */

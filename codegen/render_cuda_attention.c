@@ -103,7 +103,7 @@ static void render_span_stage(rctx *c, const cm_kcuda_attn *p) {
     cu_sb_printf(o, "  const long long np_ = (long long)rb_ * %lldLL;\n", (long long)inner);
   else
     cu_sb_printf(o, "  const long long np_ = %lldLL;\n", (long long)inner);
-  cu_sb_printf(o, "  for (long long p = threadIdx.x; p < np_; p += %d) {\n", CU_ATTN_THREADS);
+  cu_sb_printf(o, "  for (long long p = threadIdx.x; p < np_; p += %d) {\n", p->threads);
   for (int v = 0; v < nb; v++) cu_sb_printf(o, "    const long long v%d = bv%d_;\n", v, v);
   if (p->rowwise) {
     cu_sb_printf(o, "    const long long pr_ = p / %lldLL, pi_ = p %% %lldLL;\n", (long long)inner,
@@ -156,7 +156,7 @@ cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn
                  first + p->span - 1, s0->tmpl == CM_KT_ATTENTION_FWD ? "forward" : "backward",
                  p->br);
     char bounds[64];
-    cu_launch_bounds(CU_ATTN_THREADS, bounds, sizeof bounds);
+    cu_launch_bounds(p->threads, bounds, sizeof bounds);
     cu_signature(&c0, written, bounds);
   }
   cu_rctx_close(&c0);
@@ -220,7 +220,7 @@ cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn
 
 /* The streaming forward plan with the span's role stages (from cm_kattn). */
 typedef struct fa_cplan {
-  int nb, br, bc, nrb, nkb;
+  int nb, br, bc, nrb, nkb, threads;
   int64_t rows, keys, d, dv, batch, kvn;
   const cm_kstage *sS, *sM, *sE, *sL, *sP, *sO;
   int iS, iM, iE, iL, iP, iO;
@@ -330,7 +330,8 @@ static void fa_cuda_point(rctx *c, const fa_cplan *p, const char *ind, const cha
 /* The K_j^T tile (fkv_[k * BC + j]) of the current key block, then a barrier. */
 static void fa_cuda_ktile(rctx *cS, const fa_cplan *p) {
   sbuf *o = cS->o;
-  cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld * bc_; p_ += 256) {\n", (long long)p->d);
+  cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld * bc_; p_ += %d) {\n", (long long)p->d,
+               p->threads);
   cu_sb_printf(o, "    const int k_ = p_ / bc_, j_ = p_ %% bc_;\n");
   fa_cuda_point(cS, p, "    ", "0", "j0_ + j_", "k_");
   cu_emit_tree(cS, p->sS->gemm_b, "      ", "acc");
@@ -370,12 +371,13 @@ static void fa_pass1(rctx *cS, rctx *cM, rctx *cE, rctx *cO, const fa_cplan *p, 
   cu_sb_printf(o, "  const int bc_ = %lldLL - j0_ < %d ? (int)(%lldLL - j0_) : %d;\n",
                (long long)p->keys, BC, (long long)p->keys, BC);
   fa_cuda_ktile(cS, p);
-  cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * bc_; p_ += 256) {\n");
+  cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * bc_; p_ += %d) {\n", p->threads);
   cu_sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n");
   fa_cuda_score(cS, p, "    ", false);
   cu_sb_printf(o, "    %s = sv_;\n  }\n  __syncthreads();\n", sidx);
   /* one thread per row: max, rescale, E and its sum */
-  cu_sb_printf(o, "  for (int r_ = tid_; r_ < rb_; r_ += 256) {\n    float mx_ = -CM_INFF;\n");
+  cu_sb_printf(o, "  for (int r_ = tid_; r_ < rb_; r_ += %d) {\n    float mx_ = -CM_INFF;\n",
+               p->threads);
   cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
   sub[a->buf_s] = sidx;
   cM->subst = sub;
@@ -396,13 +398,13 @@ static void fa_pass1(rctx *cS, rctx *cM, rctx *cE, rctx *cO, const fa_cplan *p, 
   cu_sb_printf(o, "  }\n  __syncthreads();\n");
   sub[a->buf_s] = sub[a->buf_m] = NULL;
   /* V_j over K_j, then O = alpha O + E_j V_j */
-  cu_sb_printf(o, "  for (int p_ = tid_; p_ < bc_ * %lld; p_ += 256) {\n", DV);
+  cu_sb_printf(o, "  for (int p_ = tid_; p_ < bc_ * %lld; p_ += %d) {\n", DV, p->threads);
   cu_sb_printf(o, "    const int j_ = p_ / %lld, c_ = p_ %% %lld;\n", DV, DV);
   fa_cuda_point(cO, p, "    ", "0", "c_", "j0_ + j_");
   cu_emit_tree(cO, p->sO->gemm_b, "      ", "acc");
   cu_sb_printf(o, "      fkv_[p_] = (float)(e%d);\n    }\n  }\n  __syncthreads();\n",
                p->sO->gemm_b);
-  cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += 256) {\n", DV);
+  cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += %d) {\n", DV, p->threads);
   cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", DV, DV);
   cu_sb_printf(o, "    float o_ = fa_[r_] * fo_[p_];\n");
   cu_sb_printf(
@@ -422,7 +424,7 @@ static void fa_pass2(rctx *cS, rctx *cE, rctx *cP, const fa_cplan *p, const char
   cu_sb_printf(o, "  const int bc_ = %lldLL - j0_ < %d ? (int)(%lldLL - j0_) : %d;\n",
                (long long)p->keys, BC, (long long)p->keys, BC);
   fa_cuda_ktile(cS, p);
-  cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * bc_; p_ += 256) {\n");
+  cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * bc_; p_ += %d) {\n", p->threads);
   cu_sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n");
   fa_cuda_score(cS, p, "    ", (a->keep & CM_KATTN_KEEP_S) != 0);
   if (a->keep & (CM_KATTN_KEEP_E | CM_KATTN_KEEP_P)) {
@@ -459,7 +461,7 @@ cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p
   fa_roles(k, first, &fp);
   fp.br = pa->br, fp.bc = pa->bc, fp.nrb = pa->nrb, fp.nkb = pa->nkb;
   fp.rows = pa->rows, fp.keys = pa->keys, fp.d = pa->d, fp.dv = pa->dv, fp.batch = pa->batch;
-  fp.kvn = pa->kvn;
+  fp.kvn = pa->kvn, fp.threads = pa->threads;
   const fa_cplan *p = &fp;
   const cm_kattn *a = &k->stages[first].attn;
   rctx cS, cM, cE, cL, cO, cP;
@@ -483,7 +485,7 @@ cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p
                  "step, %d key blocks)\n",
                  first, first + a->span - 1, BR, BC, p->nkb);
     char bounds[64];
-    cu_launch_bounds(256, bounds, sizeof bounds);
+    cu_launch_bounds(p->threads, bounds, sizeof bounds);
     cu_signature(&cS, written, bounds);
     cu_sb_printf(o, "  __shared__ __align__(16) float fq_[%lld];\n", (long long)BR * D);
     cu_sb_printf(o, "  __shared__ __align__(16) float fkv_[%lld];\n", (long long)p->kvn);
@@ -501,21 +503,21 @@ cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p
       for (int v = 0; v < p->nb; v++) cu_sb_printf(o, "  const long long bv%d_ = v%d;\n", v, v);
     }
     /* Q rows of the block */
-    cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += 256) {\n", D);
+    cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += %d) {\n", D, p->threads);
     cu_sb_printf(o, "    const int r_ = p_ / %lld, k_ = p_ %% %lld;\n", D, D);
     fa_cuda_point(&cS, p, "    ", "row0_ + r_", NULL, "k_");
     cu_emit_tree(&cS, p->sS->gemm_a, "      ", "acc");
     cu_sb_printf(o, "      fq_[r_ * %lld + k_] = (float)(e%d);\n    }\n  }\n", D, p->sS->gemm_a);
     cu_sb_printf(o,
-                 "  for (int p_ = tid_; p_ < %d; p_ += 256) { fm_[p_] = -CM_INFF; fl_[p_] = 0.f; "
+                 "  for (int p_ = tid_; p_ < %d; p_ += %d) { fm_[p_] = -CM_INFF; fl_[p_] = 0.f; "
                  "fa_[p_] = 0.f; }\n",
-                 BR);
-    cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) fo_[p_] = 0.f;\n",
-                 (long long)BR * DV);
+                 BR, p->threads);
+    cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += %d) fo_[p_] = 0.f;\n",
+                 (long long)BR * DV, p->threads);
     cu_sb_printf(o, "  __syncthreads();\n");
     fa_pass1(&cS, &cM, &cE, &cO, p, sub, sidx);
     /* O / l through the O stage's epilogue */
-    cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += 256) {\n", DV);
+    cu_sb_printf(o, "  for (int p_ = tid_; p_ < rb_ * %lld; p_ += %d) {\n", DV, p->threads);
     cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", DV, DV);
     cu_sb_printf(o, "    const float acc = fo_[p_] / fl_[r_];\n");
     fa_cuda_point(&cO, p, "    ", "row0_ + r_", "c_", NULL);
@@ -526,7 +528,7 @@ cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p
       if (!(a->keep & (r ? CM_KATTN_KEEP_L : CM_KATTN_KEEP_M))) continue;
       rctx *cr = r ? &cL : &cM;
       cr->subst = NULL;
-      cu_sb_printf(o, "  for (int r_ = tid_; r_ < rb_; r_ += 256) {\n");
+      cu_sb_printf(o, "  for (int r_ = tid_; r_ < rb_; r_ += %d) {\n", p->threads);
       cu_sb_printf(o, "    const float acc = %s[r_];\n", r ? "fl_" : "fm_");
       fa_cuda_point(cr, p, "    ", "row0_ + r_", NULL, NULL);
       cu_emit_stores(cr, "      ", "acc");
@@ -646,7 +648,7 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
     int li = fb_cuda_local(a, s->stores[0].buf);
     if (pass == 0 && dep[li]) return;
     int val = s->stores[0].value;
-    cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld * bc_; p_ += 256) {\n", R);
+    cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld * bc_; p_ += %d) {\n", R, p->threads);
     cu_sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n    float acc = 0.f;\n");
     if (r == 0) {
       cu_sb_printf(o, "    for (int k_ = 0; k_ < %lld; k_++) {\n", (long long)p->d);
@@ -664,7 +666,7 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
   } else if (role == CM_KATTN_ROLE_ROWRED && pass == 0) {
     int li = fb_cuda_local(a, s->stores[0].buf);
     char comb[256];
-    cu_sb_printf(o, "  for (int r_ = tid_; r_ < %lld; r_ += 256) {\n", R);
+    cu_sb_printf(o, "  for (int r_ = tid_; r_ < %lld; r_ += %d) {\n", R, p->threads);
     cu_sb_printf(o, "    %s acc_ = (%s)fbl%d_[r_];\n", cu_ctype(s->acc_dtype),
                  cu_ctype(s->acc_dtype), li);
     cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
@@ -677,7 +679,7 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
     cu_sb_printf(o, "    fbl%d_[r_] = (float)acc_;\n  }\n  __syncthreads();\n", li);
   } else if (role == CM_KATTN_ROLE_GEMM_ROWS && pass == 1) {
     long long C = (long long)s->dom[s->n_dom - 1];
-    cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) {\n", R * C);
+    cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += %d) {\n", R * C, p->threads);
     cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", C, C);
     cu_sb_printf(o, "    float acc = fbacc_[%lld + p_];\n", (long long)p->acc_off[r]);
     cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
@@ -689,7 +691,7 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
     cu_sb_printf(o, "    fbacc_[%lld + p_] = acc;\n  }\n", (long long)p->acc_off[r]);
   } else if (role == CM_KATTN_ROLE_GEMM_KEYS && pass == 1) {
     long long C = (long long)s->dom[s->n_dom - 1];
-    cu_sb_printf(o, "  for (int p_ = tid_; p_ < bc_ * %lld; p_ += 256) {\n", C);
+    cu_sb_printf(o, "  for (int p_ = tid_; p_ < bc_ * %lld; p_ += %d) {\n", C, p->threads);
     cu_sb_printf(o, "    const int j_ = p_ / %lld, c_ = p_ %% %lld;\n    float acc = 0.f;\n", C, C);
     cu_sb_printf(o, "    for (int r_ = 0; r_ < %lld; r_++) {\n", R);
     fb_cuda_point(c, p->nb, false, "      ", "j0_ + j_", "c_", "r_");
@@ -736,7 +738,7 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
                  "step, %d key blocks, two passes)\n",
                  first, first + a->span - 1, R, BC, p->nkb);
     char bounds[64];
-    cu_launch_bounds(256, bounds, sizeof bounds);
+    cu_launch_bounds(p->threads, bounds, sizeof bounds);
     cu_signature(&cs[0], written, bounds);
     for (int i = 0; i < a->n_local; i++)
       cu_sb_printf(o, "  __shared__ __align__(16) float fbl%d_[%lld];\n", i,
@@ -756,13 +758,13 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
         char init[96];
         cu_acc_init(s, init, sizeof init);
         int li = fb_cuda_local(a, s->stores[0].buf);
-        cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) fbl%d_[p_] = (float)(%s);\n",
-                     R, li, init);
+        cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += %d) fbl%d_[p_] = (float)(%s);\n", R,
+                     p->threads, li, init);
       }
     }
     if (p->acc_floats > 0)
-      cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) fbacc_[p_] = 0.f;\n",
-                   (long long)p->acc_floats);
+      cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += %d) fbacc_[p_] = 0.f;\n",
+                   (long long)p->acc_floats, p->threads);
     cu_sb_printf(o, "  __syncthreads();\n");
     /* tiles that depend on a row statistic (directly or through a tile) wait for pass 2 */
     bool dep[CM_KATTN_MAX_LOCAL] = {false};
@@ -789,7 +791,7 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
       if (a->role[r] != CM_KATTN_ROLE_GEMM_ROWS) continue;
       rctx *c = &cs[r];
       long long C = (long long)c->s->dom[c->s->n_dom - 1];
-      cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += 256) {\n", R * C);
+      cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += %d) {\n", R * C, p->threads);
       cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", C, C);
       cu_sb_printf(o, "    const float acc = fbacc_[%lld + p_];\n", (long long)p->acc_off[r]);
       fb_cuda_point(c, p->nb, false, "    ", "r_", "c_", NULL);

@@ -90,7 +90,8 @@ static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_pl
     memset(&p->attn, 0, sizeof p->attn);
     return false;
   }
-  p->block[0] = CU_ATTN_THREADS;
+  p->attn.threads = CU_ATTN_THREADS;
+  p->block[0] = (unsigned)p->attn.threads;
   p->shared_static = attn_shared_bytes(k, i, p);
   return true;
 }
