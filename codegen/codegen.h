@@ -647,7 +647,8 @@ typedef struct cm_cuda_render_opts {
  * renderer plans kernels without plans (or planned for another target) itself, without storing
  * them. */
 cm_status cm_cuda_plan_kernel(cm_kernel *k, const cm_target *t, cm_err *err);
-/* One line: "cuda gemm mma bf16 block 64x64 k 32 warp 32x32 threads 128 grid 5x3x2 ..." */
+/* One line, e.g. "cuda sm_80 gemm mma bf16: block 64x64 k 32 warp 32x32 (4 warps), batch 1 M 130
+ * N 260 K 300; grid 5x3x1 block 128x1x1 shared 10240+0" (shared: static+dynamic bytes). */
 void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out);
 
 /* CUDA C for the kernel: one extern "C" __global__ function per stage named

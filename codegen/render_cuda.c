@@ -1,11 +1,15 @@
 /* codegen/render_cuda.c — the kernel IR to CUDA C for NVRTC: one __global__
- * function per stage. Generic stages become grid-stride loops (a thread per
- * domain point with a serial reduction; for reductions of 64 or more, a warp
- * per point with shuffles, or a block per point with a tree reduction when the
- * reduction is long or the points few); GEMM stages become shared-memory tiled
- * kernels (register-tiled FMA, or tensor-core mma.sync for bf16/f16 operands).
- * Arithmetic follows ir/eval.c: bf16/f16 values live in float registers and are
- * rounded after every op; ints wrap; no fast-math intrinsics. */
+ * function per stage, rendered as its plan says (stage->cuda, made by
+ * render_cuda_plan.c). This file: the prelude, expressions and stores, stage
+ * checks, generic stages and the entry points (cm_render_cuda,
+ * cm_cuda_stage_launch). Generic stages become grid-stride loops (a thread per
+ * domain point with a serial reduction, a warp per point with shuffles, or a
+ * block per point with a tree reduction); GEMM stages (render_cuda_gemm.c)
+ * become shared-memory tiled kernels (register-tiled FMA, or tensor-core
+ * mma.sync for bf16/f16 operands); attention spans (render_cuda_attention.c)
+ * one fused or streaming function. Arithmetic follows ir/eval.c: bf16/f16
+ * values live in float registers and are rounded after every op; ints wrap; no
+ * fast-math intrinsics. */
 #include "render_cuda.h"
 
 #include <math.h>
