@@ -39,8 +39,10 @@ static void plan_generic(const cm_kstage *s, const cm_target *t, cm_kcuda_plan *
   if (g < 1) g = 1;
   p->grid[0] = (unsigned)(g < GRID_CAP ? g : GRID_CAP);
   p->block[0] = (unsigned)threads;
-  if (p->red == CM_KCUDA_RED_BLOCK)
-    p->shared_static = (int64_t)warps * (int64_t)cu_dt_size(s->acc_dtype);
+  /* cm_part[warps] of the accumulator's register type (cu_ctype) */
+  cm_dtype a = s->acc_dtype;
+  int64_t acc_bytes = a == CM_F64 || a == CM_I64 ? 8 : a == CM_BOOL ? 1 : 4;
+  if (p->red == CM_KCUDA_RED_BLOCK) p->shared_static = (int64_t)warps * acc_bytes;
 }
 
 /* ---- templates ------------------------------------------------------------------ */
