@@ -1,7 +1,8 @@
 /* codegen/render_cuda.h — private to the CUDA renderer (render_cuda.c: prelude, expressions,
- * generic stages, entry points; render_cuda_gemm.c: GEMM stages; render_cuda_attention.c: fused
- * and streaming attention spans): the output buffer, the per-stage renderer state, the template
- * plans and the pieces the template files share. */
+ * generic stages, entry points; render_cuda_plan.c: the stage plans; render_cuda_gemm.c: GEMM
+ * stages and their plan; render_cuda_attention.c: fused and streaming attention spans and their
+ * plans): the output buffer, the per-stage renderer state, the planners and the pieces the
+ * files share. */
 #ifndef CMAEC_RENDER_CUDA_H
 #define CMAEC_RENDER_CUDA_H
 
