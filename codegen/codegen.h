@@ -419,6 +419,7 @@ typedef struct cm_kcuda_plan {
   unsigned grid[3], block[3]; /* launch configuration ({1,1,1} for CM_KCUDA_IN_SPAN) */
   int64_t shared_static;      /* bytes of static shared memory per block */
   unsigned shared_dynamic;    /* bytes of dynamic shared memory per block */
+  int min_blocks;             /* __launch_bounds__'s blocks per SM */
   cm_kcuda_red red;           /* CM_KCUDA_GENERIC */
   cm_kcuda_gemm gemm;         /* CM_KCUDA_GEMM */
   cm_kcuda_attn attn;         /* CM_KCUDA_ATTN_* */

@@ -752,12 +752,9 @@ static cm_status check_stage(rctx *c) {
   return narrow_ints(c);
 }
 
-/* __launch_bounds__ with the blocks per SM that leave 128 registers a thread:
- * given only the block size, ptxas aims at 64 registers and spills GEMM tiles
- * that need a few more (and -maxrregcount does not stop it on sm_80). */
-void cu_launch_bounds(int threads, char *out, size_t size) {
-  int min_blocks = 65536 / (threads * 128);
-  snprintf(out, size, "__launch_bounds__(%d, %d) ", threads, min_blocks < 1 ? 1 : min_blocks);
+/* __launch_bounds__ with the plan's blocks per SM (cm_kcuda_plan.min_blocks). */
+void cu_launch_bounds(int threads, int min_blocks, char *out, size_t size) {
+  snprintf(out, size, "__launch_bounds__(%d, %d) ", threads, min_blocks);
 }
 
 void cu_signature(rctx *c, const bool *written, const char *bounds) {
@@ -835,7 +832,7 @@ static void render_generic(rctx *c, const cm_kcuda_plan *pl, const bool *written
   const char *at = cu_ctype(s->acc_dtype);
   char init[128], comb[256], body[256];
   char bounds[64] = "";
-  if (rs != CM_KCUDA_RED_THREAD) cu_launch_bounds(threads, bounds, sizeof bounds);
+  if (rs != CM_KCUDA_RED_THREAD) cu_launch_bounds(threads, pl->min_blocks, bounds, sizeof bounds);
   cu_signature(c, written, bounds);
   if (rs == CM_KCUDA_RED_BLOCK) {
     cu_sb_printf(o, "  __shared__ %s cm_part[%d];\n", at, warps);
@@ -984,11 +981,11 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
     if (pl->kind == CM_KCUDA_ATTN_STREAM || pl->kind == CM_KCUDA_ATTN_STREAM_BWD ||
         pl->kind == CM_KCUDA_ATTN_FUSED) {
       if (pl->kind == CM_KCUDA_ATTN_STREAM)
-        st = cu_render_stream(k, i, &pl->attn, &sb, written, err);
+        st = cu_render_stream(k, i, &pl->attn, pl->min_blocks, &sb, written, err);
       else if (pl->kind == CM_KCUDA_ATTN_STREAM_BWD)
-        st = cu_render_stream_bwd(k, i, &pl->attn, &sb, written, err);
+        st = cu_render_stream_bwd(k, i, &pl->attn, pl->min_blocks, &sb, written, err);
       else
-        st = cu_render_attention(k, i, &pl->attn, &sb, written, err);
+        st = cu_render_attention(k, i, &pl->attn, pl->min_blocks, &sb, written, err);
       i += pl->attn.span - 1;
       continue;
     }
@@ -1003,7 +1000,7 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
         cu_sb_printf(&sb, "// stage %d \"%s\"%s\n", i, s->name,
                      gemm ? (pl->gemm.mma ? " (GEMM, tensor cores)" : " (GEMM, FMA)") : "");
         if (gemm)
-          cu_render_gemm(&c, &pl->gemm, written);
+          cu_render_gemm(&c, &pl->gemm, pl->min_blocks, written);
         else
           render_generic(&c, pl, written);
       }

@@ -51,7 +51,7 @@ void cu_emit_marked(rctx *c, const char *indent, const char *accname, int want_r
 void cu_emit_stores(rctx *c, const char *indent, const char *accname);
 void cu_emit_tree(rctx *c, int root, const char *indent, const char *accname);
 cm_status cu_fail(rctx *c, int e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-void cu_launch_bounds(int threads, char *out, size_t size);
+void cu_launch_bounds(int threads, int min_blocks, char *out, size_t size);
 void cu_mark_from(rctx *c, int root);
 int64_t cu_prod(const int64_t *d, int n);
 void cu_rctx_close(rctx *c);
@@ -76,7 +76,7 @@ cm_status cu_plans_for(const cm_kernel *k, const cm_cuda_render_opts *o, cm_kcud
  * renders. */
 bool cu_plan_gemm(const cm_kstage *s, const cm_target *t, cm_kcuda_gemm *out);
 cm_status cu_check_gemm_operands(rctx *c);
-void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, const bool *written);
+void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool *written);
 
 /* ---- render_cuda_attention.c ------------------------------------------------ */
 
@@ -86,11 +86,11 @@ bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcu
 bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out);
 bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out);
 size_t cu_dt_size(cm_dtype d);
-cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn *p, sbuf *o,
-                              const bool *written, cm_err *err);
-cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p, sbuf *o,
-                           const bool *written, cm_err *err);
-cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_attn *p, sbuf *o,
-                               const bool *written, cm_err *err);
+cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn *p, int min_blocks,
+                              sbuf *o, const bool *written, cm_err *err);
+cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p, int min_blocks,
+                           sbuf *o, const bool *written, cm_err *err);
+cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_attn *p,
+                               int min_blocks, sbuf *o, const bool *written, cm_err *err);
 
 #endif

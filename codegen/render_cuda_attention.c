@@ -145,8 +145,8 @@ static void render_span_stage(rctx *c, const cm_kcuda_attn *p) {
 
 /* The span from stage `first` as one function (named after the first stage);
  * the span's other stages get empty functions. */
-cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn *p, sbuf *o,
-                              const bool *written, cm_err *err) {
+cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn *p, int min_blocks,
+                              sbuf *o, const bool *written, cm_err *err) {
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
   rctx c0;
@@ -156,7 +156,7 @@ cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn
                  first + p->span - 1, s0->tmpl == CM_KT_ATTENTION_FWD ? "forward" : "backward",
                  p->br);
     char bounds[64];
-    cu_launch_bounds(p->threads, bounds, sizeof bounds);
+    cu_launch_bounds(p->threads, min_blocks, bounds, sizeof bounds);
     cu_signature(&c0, written, bounds);
   }
   cu_rctx_close(&c0);
@@ -454,8 +454,8 @@ static void fa_pass2(rctx *cS, rctx *cE, rctx *cP, const fa_cplan *p, const char
 
 /* The span from stage `first` as one streaming function; the span's other
  * stages get empty functions. */
-cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *pa, sbuf *o,
-                           const bool *written, cm_err *err) {
+cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *pa, int min_blocks,
+                           sbuf *o, const bool *written, cm_err *err) {
   fa_cplan fp;
   memset(&fp, 0, sizeof fp);
   fa_roles(k, first, &fp);
@@ -485,7 +485,7 @@ cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p
                  "step, %d key blocks)\n",
                  first, first + a->span - 1, BR, BC, p->nkb);
     char bounds[64];
-    cu_launch_bounds(p->threads, bounds, sizeof bounds);
+    cu_launch_bounds(p->threads, min_blocks, bounds, sizeof bounds);
     cu_signature(&cS, written, bounds);
     cu_sb_printf(o, "  __shared__ __align__(16) float fq_[%lld];\n", (long long)BR * D);
     cu_sb_printf(o, "  __shared__ __align__(16) float fkv_[%lld];\n", (long long)p->kvn);
@@ -705,8 +705,8 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
   }
 }
 
-cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_attn *p, sbuf *o,
-                               const bool *written, cm_err *err) {
+cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_attn *p,
+                               int min_blocks, sbuf *o, const bool *written, cm_err *err) {
   const cm_kattn *a = &k->stages[first].attn;
   rctx cs[CM_KATTN_MAX_SPAN];
   memset(cs, 0, sizeof cs);
@@ -738,7 +738,7 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
                  "step, %d key blocks, two passes)\n",
                  first, first + a->span - 1, R, BC, p->nkb);
     char bounds[64];
-    cu_launch_bounds(p->threads, bounds, sizeof bounds);
+    cu_launch_bounds(p->threads, min_blocks, bounds, sizeof bounds);
     cu_signature(&cs[0], written, bounds);
     for (int i = 0; i < a->n_local; i++)
       cu_sb_printf(o, "  __shared__ __align__(16) float fbl%d_[%lld];\n", i,

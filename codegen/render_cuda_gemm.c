@@ -151,12 +151,12 @@ static void emit_operand_load(rctx *c, const cm_kcuda_gemm *p, bool is_a, const 
   memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
 }
 
-void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, const bool *written) {
+void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool *written) {
   const cm_kstage *s = c->s;
   sbuf *o = c->o;
   int nb = s->n_dom - 2, iv = s->n_dom - 2, jv = s->n_dom - 1;
   char bounds[64];
-  cu_launch_bounds(p->threads, bounds, sizeof bounds);
+  cu_launch_bounds(p->threads, min_blocks, bounds, sizeof bounds);
   cu_signature(c, written, bounds);
   if (p->mma) {
     cu_sb_printf(o, "  __shared__ __align__(16) unsigned short As_[%d][%d];\n", p->mc, p->kc + 8);

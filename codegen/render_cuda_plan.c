@@ -16,6 +16,16 @@
 #define BLOCK_POINTS_MAX 512 /* ... or when fewer points than this leave warps idle */
 #define GRID_CAP 1048576u
 
+/* __launch_bounds__: the blocks per SM that leave this many registers a thread. Given only the
+ * block size, ptxas aims at 64 registers and spills GEMM tiles that need a few more (and
+ * -maxrregcount does not stop it on sm_80). */
+#define LAUNCH_REGS_PER_THREAD 128
+
+static int launch_min_blocks(const cm_target *t, unsigned threads) {
+  int64_t b = (int64_t)t->regs_per_sm / ((int64_t)threads * LAUNCH_REGS_PER_THREAD);
+  return b < 1 ? 1 : (int)b;
+}
+
 /* Who computes one domain point: a thread (serial reduction), a warp (shuffle
  * reduction: rows of moderate length, many rows), or a block of 256 threads
  * (long reductions, or too few points to fill the GPU warp by warp). */
@@ -115,9 +125,11 @@ static void plan_stages(const cm_kernel *k, const cm_target *t, bool no_template
     for (int d = 0; d < 3; d++) p->grid[d] = p->block[d] = 1;
     if (stage_malformed(s)) {
       p->kind = CM_KCUDA_GENERIC;
+      p->min_blocks = 1;
       continue;
     }
     if (!no_templates && plan_span(k, i, t, p)) {
+      p->min_blocks = launch_min_blocks(t, p->block[0]);
       for (int j = i + 1; j < i + p->attn.span && j < k->n_stages; j++) {
         plans[j].kind = CM_KCUDA_IN_SPAN;
         plans[j].sm = t->sm;
@@ -134,6 +146,7 @@ static void plan_stages(const cm_kernel *k, const cm_target *t, bool no_template
       memset(&p->gemm, 0, sizeof p->gemm);
       plan_generic(s, t, p);
     }
+    p->min_blocks = launch_min_blocks(t, p->block[0]);
   }
 }
 
