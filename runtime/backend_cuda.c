@@ -43,7 +43,7 @@ static cm_status cuda_compile(cm_program *p, const cm_compile_opts *opts, cm_pro
   cm_program_set_impl(p, cs);
   cs->begin = calloc((size_t)kp->n_kernels + 1, sizeof *cs->begin);
   if (!cs->begin) return cm_errorf(err, CM_EINTERNAL, "out of memory");
-  cm_cuda_render_opts ro = {t->arch, opts->no_templates};
+  cm_cuda_render_opts ro = {t, opts->no_templates};
   double t0 = now_ms();
   for (int i = 0; i < kp->n_kernels; i++) {
     size_t at = cs->source ? strlen(cs->source) : 0;

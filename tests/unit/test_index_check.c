@@ -241,7 +241,7 @@ static void test_cuda_source(void) {
   CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &kp, &err) == CM_OK, "%s", err.msg);
   char *src = NULL;
   int checks = 0;
-  cm_cuda_render_opts ro = {"sm_80", false};
+  cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
   for (int i = 0; ps.plan && i < kp.n_kernels; i++) {
     for (int b = 0; b < kp.kernels[i].n_buffers; b++)
       checks +=

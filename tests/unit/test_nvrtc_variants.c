@@ -600,7 +600,7 @@ static bool emu_build(const cm_kprogram *p, emu_prog *e, bool *skipped) {
   cm_kernel empty;
   cm_kernel_init(&empty, "none");
   cm_err err = {0};
-  cm_cuda_render_opts ro = {"sm_80", false};
+  cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
   CHECK(cm_render_cuda(&empty, &ro, true, &pre, &err) == CM_OK);
   cm_kernel_free(&empty);
   fprintf(f, "%s%s\n", EMU_SHIM, pre ? pre : "");
@@ -669,7 +669,7 @@ static bool emu_build(const cm_kprogram *p, emu_prog *e, bool *skipped) {
 /* Runs kernel ki's stages in order, as the CUDA launches would. */
 CM_NO_SANITIZE_FUNCTION static bool emu_run_kernel(const emu_prog *e, const cm_kernel *k, int ki,
                                                    void **bufs) {
-  cm_cuda_render_opts ro = {"sm_80", false};
+  cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
   for (int st = 0; st < k->n_stages; st++) {
     cm_cuda_launch l = cm_cuda_stage_launch(k, st, &ro);
     /* grid-stride loops cover any grid: keep the host's thread count sane */
@@ -723,7 +723,7 @@ static void emu_check_program(const cm_graph *g, const cm_plan *pl, const cm_kpr
     const cm_kernel *k = &p->kernels[ki];
     if (e.first_fn[ki] < 0) continue;
     const cm_group *gr = &pl->groups[k->group];
-    cm_cuda_render_opts ro = {"sm_80", false};
+    cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
     bool fused =
         k->n_stages > 1 &&
         (k->stages[0].tmpl == CM_KT_ATTENTION_FWD || k->stages[0].tmpl == CM_KT_ATTENTION_BWD) &&
@@ -886,7 +886,7 @@ static void test_streaming_attention(void) {
         if (kk->n_stages == 0 || !kk->stages[0].attn.stream) continue;
         bool bwd = kk->stages[0].tmpl == CM_KT_ATTENTION_BWD;
         if (!bwd && kk->stages[0].tmpl != CM_KT_ATTENTION_FWD) continue;
-        cm_cuda_render_opts ro = {"sm_80", false};
+        cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
         char *src = NULL;
         CHECK_MSG(cm_render_cuda(kk, &ro, true, &src, &err) == CM_OK, "%s", err.msg);
         const char *mark = bwd ? "attention backward, streaming" : "attention forward, streaming";
