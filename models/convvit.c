@@ -160,15 +160,6 @@ static int convvit_map_to_tokens(cm_graph *g, int x) {
   return cm_permute(g, cm_reshape(g, x, 3, flat, NULL), to_tokens, NULL);
 }
 
-/* take_along_axis(x [n, L, D], ids [n, T] broadcast over D, axis 1) -> [n, T, D]. */
-static int convvit_gather_tokens(cm_graph *g, int x, int ids) {
-  if (x < 0 || ids < 0) return x < 0 ? -1 : x;
-  cm_type xt = g->nodes[x].type, it = g->nodes[ids].type;
-  int64_t col[3] = {it.dims[0], it.dims[1], 1}, full[3] = {it.dims[0], it.dims[1], xt.dims[2]};
-  int index = cm_broadcast(g, cm_reshape(g, ids, 3, col, NULL), 3, full, NULL);
-  return cm_gather(g, x, index, 1, NULL);
-}
-
 /* Checks the config and the operands against each other; -1 (graph error set) on a mismatch. */
 static int convvit_check(cm_graph *g, const cm_model_config *cfg, int img, int ids_keep, int mask,
                          const char *prefix, int64_t *grid_out) {
@@ -284,7 +275,7 @@ int cm_convvit_encoder(cm_graph *g, const cm_model_config *cfg, int img, int ids
   int64_t pos_dims[3] = {1, tokens, width};
   int pos = cm_param(g, name, dt, 3, pos_dims, (cm_init){CM_INIT_SINCOS_2D, 0, 0});
   x = cm_binary_bcast(g, CM_OP_ADD, x, pos, NULL);
-  x = convvit_gather_tokens(g, x, ids_keep);
+  if (ids_keep >= 0) x = cm_nn_gather_tokens(g, x, ids_keep);
   for (int b = 0; b < depths[2]; b++) {
     if (!convvit_name(g, name, sizeof name, prefix, "blocks3.%d", b)) return -1;
     x = convvit_transformer_block(g, x, cfg, name);
@@ -298,7 +289,8 @@ int cm_convvit_encoder(cm_graph *g, const cm_model_config *cfg, int img, int ids
     int k = (int)repeat[s];
     int side = cm_nn_conv2d(g, stage_out[s], width, k, k, 0, 1, true, name,
                             cm_nn_init_torch_default(0), convvit_conv_bias_init(widths[s], k));
-    side = convvit_gather_tokens(g, convvit_map_to_tokens(g, side), ids_keep);
+    side = convvit_map_to_tokens(g, side);
+    if (ids_keep >= 0) side = cm_nn_gather_tokens(g, side, ids_keep);
     sum = cm_binary(g, CM_OP_ADD, sum, side, NULL);
   }
   if (!convvit_name(g, name, sizeof name, prefix, "norm")) return -1;
