@@ -23,7 +23,6 @@
  * default (the bias bound uses the weight's fan_in). */
 #include "models.h"
 
-#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -117,35 +116,6 @@ static int convvit_cblock(cm_graph *g, int x, int keep, int hidden, const char *
   return cm_binary(g, CM_OP_ADD, x, h, NULL);
 }
 
-/* Multi-head self-attention of x [n, T, D] (timm Attention: fused qkv, scale d_head^-0.5). */
-static int convvit_attention(cm_graph *g, int x, int heads, bool qkv_bias, const char *name) {
-  char buf[256];
-  if (x < 0) return -1;
-  cm_type t = g->nodes[x].type;
-  int64_t n = t.dims[0], tokens = t.dims[1], width = t.dims[2], head_dim = width / heads;
-  if (!convvit_name(g, buf, sizeof buf, name, "qkv")) return -1;
-  int qkv =
-      cm_nn_linear(g, x, (int)(3 * width), qkv_bias, buf, cm_nn_init_xavier(), cm_nn_init_zeros());
-  int64_t split[5] = {n, tokens, 3, heads, head_dim};
-  static const int qkv_perm[5] = {2, 0, 3, 1, 4}; /* -> [3, n, heads, T, head_dim] */
-  qkv = cm_permute(g, cm_reshape(g, qkv, 5, split, NULL), qkv_perm, NULL);
-  int parts[3];
-  int64_t per_head[4] = {n, heads, tokens, head_dim};
-  for (int i = 0; i < 3; i++) {
-    int64_t start[5] = {i, 0, 0, 0, 0}, stop[5] = {i + 1, n, heads, tokens, head_dim};
-    parts[i] = cm_reshape(g, cm_slice(g, qkv, start, stop, NULL, NULL), 4, per_head, NULL);
-  }
-  int scores = cm_matmul(g, parts[0], parts[1], false, true, NULL);
-  int scale = cm_const_scalar(g, NULL, t.dtype, 1.0 / sqrt((double)head_dim));
-  scores = cm_binary_bcast(g, CM_OP_MUL, scores, scale, NULL);
-  int y = cm_matmul(g, cm_nn_softmax(g, scores), parts[2], false, false, NULL);
-  static const int merge_perm[4] = {0, 2, 1, 3}; /* -> [n, T, heads, head_dim] */
-  int64_t merged[3] = {n, tokens, width};
-  y = cm_reshape(g, cm_permute(g, y, merge_perm, NULL), 3, merged, NULL);
-  if (!convvit_name(g, buf, sizeof buf, name, "proj")) return -1;
-  return cm_nn_linear(g, y, (int)width, true, buf, cm_nn_init_xavier(), cm_nn_init_zeros());
-}
-
 /* Pre-norm transformer block (ConvMAE/timm Block, no layer scale). */
 static int convvit_transformer_block(cm_graph *g, int x, const cm_model_config *cfg,
                                      const char *name) {
@@ -156,7 +126,7 @@ static int convvit_transformer_block(cm_graph *g, int x, const cm_model_config *
   if (!convvit_name(g, buf, sizeof buf, name, "norm1")) return -1;
   int h = cm_nn_layer_norm(g, x, cfg->encoder.ln_eps, buf);
   if (!convvit_name(g, buf, sizeof buf, name, "attn")) return -1;
-  h = convvit_attention(g, h, cfg->encoder.heads, cfg->encoder.qkv_bias, buf);
+  h = cm_nn_attention(g, h, cfg->encoder.heads, cfg->encoder.qkv_bias, buf);
   x = cm_binary(g, CM_OP_ADD, x, h, NULL);
   if (!convvit_name(g, buf, sizeof buf, name, "norm2")) return -1;
   h = cm_nn_layer_norm(g, x, cfg->encoder.ln_eps, buf);

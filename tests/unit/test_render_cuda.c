@@ -8,6 +8,7 @@
 #include "codegen/codegen.h"
 #include "models/models.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -18,12 +19,9 @@ static const cm_dtype ALL[] = {CM_F32, CM_F64, CM_BF16, CM_F16, CM_I32, CM_I64, 
 #define N_ALL 7
 #define EW_N 37
 
-static uint64_t rng = 0x9e3779b97f4a7c15ull;
-static double rnd(void) { /* xorshift64*, uniform in [-1, 1) */
-  rng ^= rng >> 12;
-  rng ^= rng << 25;
-  rng ^= rng >> 27;
-  return (double)((rng * 0x2545f4914f6cdd1dull) >> 11) / 4503599627370496.0 - 1.0;
+static test_rng rng = {0x9e3779b97f4a7c15ull};
+static double rnd(void) { /* uniform in [-1, 1) */
+  return test_uniform(&rng) * 2.0 - 1.0;
 }
 
 static bool is_flt(cm_dtype d) {
