@@ -795,7 +795,7 @@ int cmd_compile(int argc, char **argv) {
     printf("  llvm: %s/kernels.ll, kernels.opt.ll, kernels.s for %s (%.0f ms)\n", dir,
            cm_jit_target_description(jit), 1e3 * (now_seconds() - t0));
   }
-  cm_cuda_render_opts co = {&tgt, opts[7].given};
+  cm_cuda_render_opts co = {target == CM_TARGET_CUDA ? &tgt : NULL, opts[7].given};
   const char *nvrtc_version = "";
   const cm_cubin *cubin = nvrtc ? cm_program_cubin(pr, &nvrtc_version) : NULL;
   if (nvrtc && !cubin) {
