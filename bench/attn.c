@@ -75,24 +75,23 @@ int main(int argc, char **argv) {
     }
     sp[i] = &src[i];
   }
-  cm_cpu_opts o = {threads, "", false, true, 0, 0};
-  cm_cpu_program *pr = NULL;
-  if (cm_cpu_program_build(g, NULL, &o, &pr, &err) != CM_OK)
-    return fprintf(stderr, "%s\n", err.msg), 1;
+  cm_compile_opts o = {.threads = threads, .cache_dir = "", .profile = true};
+  cm_program *pr = NULL;
+  if (cm_compile(g, NULL, &o, &pr, &err) != CM_OK) return fprintf(stderr, "%s\n", err.msg), 1;
   cm_tensor *out = calloc((size_t)g->n_outputs, sizeof *out);
-  cm_cpu_program_run(pr, sp, out, &err); /* warm-up */
+  cm_program_run(pr, sp, out, &err); /* warm-up */
   for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&out[j]);
   const cm_kernel_profile *prof;
-  int np = cm_cpu_program_profile(pr, &prof);
+  int np = cm_program_profile(pr, &prof);
   double *base = calloc((size_t)np + 1, sizeof *base);
   for (int i = 0; i < np; i++) base[i] = prof[i].total_ms;
   double t0 = now_ms();
   for (int st = 0; st < steps; st++) {
-    if (cm_cpu_program_run(pr, sp, out, &err) != CM_OK) return fprintf(stderr, "%s\n", err.msg), 1;
+    if (cm_program_run(pr, sp, out, &err) != CM_OK) return fprintf(stderr, "%s\n", err.msg), 1;
     for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&out[j]);
   }
   double wall = (now_ms() - t0) / steps;
-  np = cm_cpu_program_profile(pr, &prof);
+  np = cm_program_profile(pr, &prof);
   printf("n %lld heads %lld tokens %lld dim %lld: %.3f ms/step\n", (long long)n, (long long)heads,
          (long long)tokens, (long long)dim, wall);
   for (int i = 0; i < np; i++) {
@@ -102,12 +101,12 @@ int main(int argc, char **argv) {
              prof[i].kind == CM_GROUP_ATTENTION ? "  [attn]" : "");
   }
   const cm_stage_profile *sp0;
-  int ns = cm_cpu_program_stage_profile(pr, &sp0);
+  int ns = cm_program_stage_profile(pr, &sp0);
   for (int i = 0; i < ns; i++)
     if (sp0[i].total_ms / (sp0[i].runs ? sp0[i].runs : 1) > 0.02 * wall)
       printf("    %s s%d %-20.20s n_dom %d tmpl %d: %8.3f ms/run (runs %d)\n", sp0[i].kernel,
              sp0[i].stage_index, sp0[i].stage->name, sp0[i].stage->n_dom, (int)sp0[i].stage->tmpl,
              sp0[i].total_ms / (sp0[i].runs ? sp0[i].runs : 1), sp0[i].runs);
-  cm_cpu_program_free(pr);
+  cm_program_free(pr);
   return 0;
 }

@@ -6,8 +6,8 @@
  * repeated runs. GFLOP/s = 2 M N K / time; `of peak` divides by --peak GFLOP/s
  * (bench/gemm.sh passes the FP32 FMA peak that build/bench/peak measured in
  * the same run). The timed runs leave the output in the program's arena
- * (cm_cpu_program_run with outputs NULL, as a caller reading it through
- * cm_cpu_program_output would): copying M N floats into a fresh tensor per
+ * (cm_program_run with outputs NULL, as a caller reading it through
+ * cm_program_output would): copying M N floats into a fresh tensor per
  * run costs 2-3 ms at K = 384, on one thread, for page faults and the copy.
  * `kernel` is the kernels' own time from the executor's profile.
  *
@@ -93,17 +93,17 @@ int main(int argc, char **argv) {
         cm_tensor_set_f64(&src[t], e, uniform() - 0.5);
     bound[x] = &src[0];
     bound[w] = &src[1];
-    cm_cpu_opts o = {0};
+    cm_compile_opts o = {0};
     o.threads = threads;
     o.profile = true;
-    cm_cpu_program *pr = NULL;
-    if (cm_cpu_program_build(g, NULL, &o, &pr, &err)) {
+    cm_program *pr = NULL;
+    if (cm_compile(g, NULL, &o, &pr, &err)) {
       fprintf(stderr, "gemm: %s\n", err.msg);
       return 1;
     }
     cm_tensor out;
     memset(&out, 0, sizeof out);
-    if (cm_cpu_program_run(pr, bound, &out, &err)) { /* warm-up */
+    if (cm_program_run(pr, bound, &out, &err)) { /* warm-up */
       fprintf(stderr, "gemm: %s\n", err.msg);
       return 1;
     }
@@ -111,7 +111,7 @@ int main(int argc, char **argv) {
     int runs = 0;
     double t0 = now(), t;
     do {
-      if (cm_cpu_program_run(pr, bound, NULL, &err)) {
+      if (cm_program_run(pr, bound, NULL, &err)) {
         fprintf(stderr, "gemm: %s\n", err.msg);
         return 1;
       }
@@ -122,13 +122,13 @@ int main(int argc, char **argv) {
     double gflops = flop * runs / t * 1e-9;
     /* the kernels alone (without the output's copy out of the arena); the warm-up is a run */
     const cm_kernel_profile *kp = NULL;
-    int nk = cm_cpu_program_profile(pr, &kp);
+    int nk = cm_program_profile(pr, &kp);
     double kms = 0;
     int kruns = 0;
     for (int q = 0; q < nk; q++) kms += kp[q].total_ms, kruns = kp[q].runs;
     double kgflops = kms > 0 ? flop * kruns / (kms * 1e-3) * 1e-9 : 0;
-    cm_cpu_stats st;
-    cm_cpu_program_stats(pr, &st);
+    cm_program_stats st;
+    cm_program_stats_get(pr, &st);
     if (json)
       printf("%s{\"gemm\": \"%s\", \"m\": %lld, \"n\": %lld, \"k\": %lld, \"gflops\": %.1f, "
              "\"of_peak\": %.3f, \"kernel_gflops\": %.1f, \"threads\": %d}",
@@ -138,7 +138,7 @@ int main(int argc, char **argv) {
       printf("%-20s %6lld %6lld %6lld %10.1f %7.1f%% %10.1f %7.1f%%\n", sh->what, (long long)sh->m,
              (long long)sh->n, (long long)sh->k, gflops, peak > 0 ? 100 * gflops / peak : 0,
              kgflops, peak > 0 ? 100 * kgflops / peak : 0);
-    cm_cpu_program_free(pr);
+    cm_program_free(pr);
     cm_tensor_free(&src[0]);
     cm_tensor_free(&src[1]);
     cm_graph_free(g);

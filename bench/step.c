@@ -137,12 +137,12 @@ int main(int argc, char **argv) {
     fprintf(stderr, "%s: %s\n", path, err.msg);
     return 1;
   }
-  cm_cpu_opts o = {0};
+  cm_compile_opts o = {0};
   o.threads = threads;
   o.profile = true;
-  cm_cpu_program *pr = NULL;
+  cm_program *pr = NULL;
   double t_build = now();
-  if (cm_cpu_program_build(step, NULL, &o, &pr, &err)) {
+  if (cm_compile(step, NULL, &o, &pr, &err)) {
     fprintf(stderr, "%s: %s\n", path, err.msg);
     return 1;
   }
@@ -191,29 +191,29 @@ int main(int argc, char **argv) {
   }
   cm_tensor outs[16];
   int n_out = step->n_outputs < 16 ? step->n_outputs : 16;
-  if (cm_cpu_program_run(pr, bound, outs, &err)) { /* warm-up */
+  if (cm_program_run(pr, bound, outs, &err)) { /* warm-up */
     fprintf(stderr, "%s: %s\n", path, err.msg);
     return 1;
   }
   for (int j = 0; j < n_out; j++) cm_tensor_free(&outs[j]);
   const cm_kernel_profile *prof;
-  int n_prof = cm_cpu_program_profile(pr, &prof);
+  int n_prof = cm_program_profile(pr, &prof);
   cm_kernel_profile *base = malloc(sizeof *base * (size_t)(n_prof ? n_prof : 1));
   memcpy(base, prof, sizeof *base * (size_t)n_prof);
   const cm_stage_profile *sprof;
-  int n_sprof = cm_cpu_program_stage_profile(pr, &sprof);
+  int n_sprof = cm_program_stage_profile(pr, &sprof);
   cm_stage_profile *sbase = malloc(sizeof *sbase * (size_t)(n_sprof ? n_sprof : 1));
   memcpy(sbase, sprof, sizeof *sbase * (size_t)n_sprof);
   double t0 = now();
   for (int s = 0; s < steps; s++) {
-    if (cm_cpu_program_run(pr, bound, outs, &err)) {
+    if (cm_program_run(pr, bound, outs, &err)) {
       fprintf(stderr, "%s: step %d: %s\n", path, s, err.msg);
       return 1;
     }
     for (int j = 0; j < n_out; j++) cm_tensor_free(&outs[j]);
   }
   double dt = (now() - t0) / steps;
-  n_prof = cm_cpu_program_profile(pr, &prof);
+  n_prof = cm_program_profile(pr, &prof);
   double flops = 0, kernel_ms = 0;
   cm_kernel_profile *rows = malloc(sizeof *rows * (size_t)(n_prof ? n_prof : 1));
   for (int i = 0; i < n_prof; i++) {
@@ -222,8 +222,8 @@ int main(int argc, char **argv) {
     flops += prof[i].flops;
     kernel_ms += rows[i].total_ms;
   }
-  cm_cpu_stats st;
-  cm_cpu_program_stats(pr, &st);
+  cm_program_stats st;
+  cm_program_stats_get(pr, &st);
   printf("%s: batch %d, %d steps on %d threads; build %.2f s (%d kernels, %d distinct, %d "
          "stages, cache %d hits %d misses)\n",
          cfg.name, batch, steps, st.threads, t_build, st.n_kernels, st.n_distinct_kernels,
@@ -241,7 +241,7 @@ int main(int argc, char **argv) {
   free(rows);
   free(base);
   if (top_stages > 0) {
-    n_sprof = cm_cpu_program_stage_profile(pr, &sprof);
+    n_sprof = cm_program_stage_profile(pr, &sprof);
     cm_stage_profile *srows = malloc(sizeof *srows * (size_t)(n_sprof ? n_sprof : 1));
     for (int i = 0; i < n_sprof; i++) {
       srows[i] = sprof[i];
@@ -269,7 +269,7 @@ int main(int argc, char **argv) {
   for (int i = 0; i < step->n_nodes; i++) cm_tensor_free(&t[i]);
   free(t);
   free(bound);
-  cm_cpu_program_free(pr);
+  cm_program_free(pr);
   cm_graph_free(step);
   cm_model_free(&m);
   return 0;

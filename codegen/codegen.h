@@ -374,6 +374,65 @@ enum {
 #define CM_KATTN_KEEP_L 8u
 #define CM_KATTN_KEEP_P 16u
 
+/* The CUDA renderer's plan of one stage (codegen/render_cuda_plan.c): every choice the CUDA
+ * emitter makes, computed once from the stage and the cm_target's limits by
+ * cm_cuda_plan_kernel; the emitter and cm_cuda_stage_launch only read it. Each field is
+ * tunable; the planner's values are the cost model's defaults. */
+typedef enum cm_kcuda_kind {
+  CM_KCUDA_NONE = 0,        /* not planned */
+  CM_KCUDA_GENERIC,         /* grid-stride loop over the domain points */
+  CM_KCUDA_GEMM,            /* shared-memory tiled GEMM: register-tiled FMA or mma.sync */
+  CM_KCUDA_ATTN_FUSED,      /* attention span in one function, local buffers in shared memory */
+  CM_KCUDA_ATTN_STREAM,     /* attention forward span, online softmax over key blocks */
+  CM_KCUDA_ATTN_STREAM_BWD, /* attention backward span, two passes over key blocks */
+  CM_KCUDA_IN_SPAN,         /* runs inside the function of an earlier stage's span: empty */
+} cm_kcuda_kind;
+
+/* generic stages: who computes one domain point */
+typedef enum cm_kcuda_red {
+  CM_KCUDA_RED_THREAD = 0, /* a thread, serial reduction (or none) */
+  CM_KCUDA_RED_WARP,       /* a warp, shuffle reduction */
+  CM_KCUDA_RED_BLOCK,      /* a block, tree reduction through shared memory */
+} cm_kcuda_red;
+
+typedef struct cm_kcuda_gemm {
+  bool mma;           /* tensor-core mma.sync m16n8k16 (bf16/f16 operands) */
+  bool bf16;          /* mma operand type: bf16, else f16 */
+  int mc, nc, kc;     /* block tile mc x nc, k tile kc */
+  int mr, nr;         /* warp tile */
+  int warps, threads; /* per block: (mc / mr) * (nc / nr) warps */
+  int lr, lc, tm, tn; /* FMA: a warp's lanes as lr x lc, each a tm x tn micro tile */
+  cm_dtype t;         /* FMA operand/accumulator dtype (f32 or f64) */
+  int64_t batch, M, N, K;
+} cm_kcuda_gemm;
+
+typedef struct cm_kcuda_attn {
+  int span, nb;        /* stages in the span, batch vars */
+  int threads;         /* per block */
+  int64_t rows, batch; /* query rows, batch items */
+  bool rowwise;        /* fused: blocks of br query rows (else a whole batch item) */
+  int br, nrb;         /* query rows per block, row blocks per batch item */
+  int bc, nkb;         /* streaming: keys per step, key blocks */
+  int64_t keys, d, dv; /* streaming: keys, Q/K width, V width */
+  int64_t kvn;         /* streaming forward: floats of the K/V tile */
+  int64_t slot_elems[CM_KATTN_MAX_LOCAL]; /* fused: shared elements of each local buffer */
+  int64_t acc_off[CM_KATTN_MAX_SPAN];     /* streaming backward: accumulator offsets (floats) */
+  int64_t acc_floats;                     /* streaming backward: accumulator floats */
+} cm_kcuda_attn;
+
+typedef struct cm_kcuda_plan {
+  cm_kcuda_kind kind;
+  int sm;                     /* the target it was planned for (cm_target.sm) */
+  int first;                  /* CM_KCUDA_IN_SPAN: the span's first stage */
+  unsigned grid[3], block[3]; /* launch configuration ({1,1,1} for CM_KCUDA_IN_SPAN) */
+  int64_t shared_static;      /* bytes of static shared memory per block */
+  unsigned shared_dynamic;    /* bytes of dynamic shared memory per block */
+  int min_blocks;             /* __launch_bounds__'s blocks per SM */
+  cm_kcuda_red red;           /* CM_KCUDA_GENERIC */
+  cm_kcuda_gemm gemm;         /* CM_KCUDA_GEMM */
+  cm_kcuda_attn attn;         /* CM_KCUDA_ATTN_* */
+} cm_kcuda_plan;
+
 typedef struct cm_kstage {
   char name[64];
   int n_dom;
@@ -395,6 +454,8 @@ typedef struct cm_kstage {
   int gemm_a, gemm_b; /* CM_KT_GEMM operand expressions */
   cm_kgemm_tiles tiles;
   cm_kattn attn; /* CM_KT_ATTENTION_FWD / _BWD (first stage of the span) */
+  /* CUDA targets: the renderer's plan (cm_cuda_plan_kernel) */
+  cm_kcuda_plan cuda;
 } cm_kstage;
 
 typedef enum cm_kbuf_kind {
@@ -584,7 +645,7 @@ bool cm_llvm_stage_is_gemm(const cm_kstage *s);
 cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_render_opts *o,
                          cm_err *err);
 
-/* ---- the CUDA renderer (codegen/render_cuda.c) -------------------------- */
+/* ---- the CUDA renderer (codegen/render_cuda*.c) ------------------------- */
 
 typedef struct cm_cuda_launch {
   unsigned grid[3], block[3];
@@ -592,9 +653,18 @@ typedef struct cm_cuda_launch {
 } cm_cuda_launch;
 
 typedef struct cm_cuda_render_opts {
-  const char *arch; /* "sm_80", "sm_90": tensor-core mma for bf16/f16 GEMM operands */
-  bool no_templates;
+  const cm_target *target; /* a CUDA target (cm_target_cuda); NULL: sm_80 */
+  bool no_templates;       /* every stage a generic loop nest */
 } cm_cuda_render_opts;
+
+/* Plans every stage of a lowered kernel for CUDA target t (stage->cuda): the skeleton, tiles,
+ * threads, grid and shared memory, within t's limits. Lowering calls it for CUDA targets; the
+ * renderer plans kernels without plans (or planned for another target) itself, without storing
+ * them. */
+cm_status cm_cuda_plan_kernel(cm_kernel *k, const cm_target *t, cm_err *err);
+/* One line, e.g. "cuda sm_80 gemm mma bf16: block 64x64 k 32 warp 32x32 (4 warps), batch 1 M 130
+ * N 260 K 300; grid 5x3x1 block 128x1x1 shared 10240+0" (shared: static+dynamic bytes). */
+void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out);
 
 /* CUDA C for the kernel: one extern "C" __global__ function per stage named
  * "<kernel>_s<stage index>" taking one pointer per kernel buffer, in buffer

@@ -569,6 +569,10 @@ void cm_kernel_print(const cm_kernel *k, FILE *out) {
     for (int j = 0; j < s->n_stores; j++)
       fprintf(out, "  store b%d[%%%d] %s %%%d\n", s->stores[j].buf, s->stores[j].index,
               s->accumulate ? "+=" : "=", s->stores[j].value);
+    if (s->cuda.kind != CM_KCUDA_NONE) { /* planned for a CUDA target */
+      fprintf(out, "  ");
+      cm_kcuda_plan_print(&s->cuda, out);
+    }
   }
 }
 

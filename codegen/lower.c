@@ -1129,6 +1129,8 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   for (int i = 0; i < out->n_stages && c.st == CM_OK; i++)
     c.st = cm_kstage_simplify(&out->stages[i], err);
   if (c.st == CM_OK && gr->kind == CM_GROUP_ATTENTION) cm_attn_mark(out, o);
+  if (c.st == CM_OK && o->target->kind == CM_TARGET_CUDA)
+    c.st = cm_cuda_plan_kernel(out, o->target, err);
   if (c.st == CM_OK) c.st = cm_kernel_verify(out, err);
   if (c.st != CM_OK) cm_kernel_free(out);
   return c.st;

@@ -315,6 +315,27 @@ static cm_status parse_init(const cJSON *item, const char *path, cm_init *out, c
   return CM_OK;
 }
 
+/* The "data" attribute f (path p): an array of numbers into a malloc'd *data
+ * (freed by the caller), which attrs->data points to. */
+static cm_status parse_data(const cJSON *f, const char *p, cm_attrs *attrs, double **data,
+                            cm_err *err) {
+  if (!cJSON_IsArray(f))
+    return cm_errorf(err, CM_EINVALID, "%s: expected an array of numbers, got %s", p, json_kind(f));
+  cm_status st = CM_OK;
+  int count = cJSON_GetArraySize(f);
+  *data = malloc(sizeof(double) * (size_t)(count ? count : 1));
+  if (!*data) return cm_errorf(err, CM_EINTERNAL, "%s: out of memory", p);
+  int i = 0;
+  for (const cJSON *x = f->child; x && !st; x = x->next, i++) {
+    char pi[220];
+    snprintf(pi, sizeof pi, "%s[%d]", p, i);
+    st = get_number(x, pi, &(*data)[i], err);
+  }
+  attrs->data = *data;
+  attrs->n_data = count;
+  return st;
+}
+
 /* Reads the attributes of entry e into attrs; *data receives const data
  * (malloc'd, freed by the caller). Per-axis arrays are checked against the
  * rank of the first input, which is already in the graph. */
@@ -363,25 +384,7 @@ static cm_status parse_attrs(const cm_graph *g, const reader *r, const entry *e,
     case K_SHAPE: st = get_shape(f, p, &attrs->rank, attrs->shape, err); break;
     case K_INIT: st = parse_init(f, p, &attrs->init, err); break;
     case K_VALUE: st = get_number(f, p, &attrs->value, err); break;
-    case K_DATA: {
-      if (!cJSON_IsArray(f)) {
-        st = cm_errorf(err, CM_EINVALID, "%s: expected an array of numbers, got %s", p,
-                       json_kind(f));
-        break;
-      }
-      int count = cJSON_GetArraySize(f);
-      *data = malloc(sizeof(double) * (size_t)(count ? count : 1));
-      if (!*data) return cm_errorf(err, CM_EINTERNAL, "%s: out of memory", p);
-      int i = 0;
-      for (const cJSON *x = f->child; x && !st; x = x->next, i++) {
-        char pi[220];
-        snprintf(pi, sizeof pi, "%s[%d]", p, i);
-        st = get_number(x, pi, &(*data)[i], err);
-      }
-      attrs->data = *data;
-      attrs->n_data = count;
-      break;
-    }
+    case K_DATA: st = parse_data(f, p, attrs, data, err); break;
     case K_AXIS:
       if (!(st = get_int(f, p, INT32_MIN, INT32_MAX, &one, err))) attrs->axis = (int)one;
       break;

@@ -751,18 +751,10 @@ static cm_status check_transformer(const char *part, int width, int depth, int h
   return CM_OK;
 }
 
-cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
-  static const char *const archs[] = {"vit", "convvit"};
-  static const char *const kinds[] = {"block", "random"};
+/* The data.* keys. */
+static cm_status validate_data(const cm_model_config *c, cm_err *err) {
   static const char *const datasets[] = {"imagenet", "fashion-mnist", "folder"};
   char sb[96];
-  if (!c->name[0]) return cm_errorf(err, CM_EINVALID, "name: must not be empty");
-  if (!one_of(c->arch, archs, 2))
-    return cm_errorf(err, CM_EINVALID, "arch: \"%s\" is not one of vit, convvit",
-                     shown(c->arch, sb, sizeof sb));
-  bool convvit = strcmp(c->arch, "convvit") == 0;
-
-  /* data */
   if (!one_of(c->data.dataset, datasets, 3))
     return cm_errorf(err, CM_EINVALID,
                      "data.dataset: \"%s\" is not one of imagenet, fashion-mnist, folder",
@@ -806,43 +798,62 @@ cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
                      "data.blur_sigma_min: need 0 < data.blur_sigma_min %g <= "
                      "data.blur_sigma_max %g",
                      c->data.blur_sigma_min, c->data.blur_sigma_max);
+  return CM_OK;
+}
+
+/* ConvViT's three stages: widths, depths, patch sizes multiplying to encoder.patch. */
+static cm_status validate_convvit_stages(const cm_model_config *c, cm_err *err) {
+  long product = 1;
+  for (int s = 0; s < CM_MODEL_MAX_STAGES; s++) {
+    if (c->encoder.stage_widths[s] < 1)
+      return cm_errorf(err, CM_EINVALID, "encoder.stage_widths[%d]: must be positive, got %d", s,
+                       c->encoder.stage_widths[s]);
+    if (c->encoder.stage_depths[s] < 0)
+      return cm_errorf(err, CM_EINVALID, "encoder.stage_depths[%d]: must not be negative, got %d",
+                       s, c->encoder.stage_depths[s]);
+    if (c->encoder.stage_patches[s] < 1)
+      return cm_errorf(err, CM_EINVALID, "encoder.stage_patches[%d]: must be positive, got %d", s,
+                       c->encoder.stage_patches[s]);
+    product *= c->encoder.stage_patches[s];
+  }
+  if (c->encoder.stage_depths[2] < 1)
+    return cm_errorf(err, CM_EINVALID,
+                     "encoder.stage_depths[2]: the transformer stage needs a block, got %d",
+                     c->encoder.stage_depths[2]);
+  if (product != c->encoder.patch)
+    return cm_errorf(err, CM_EINVALID,
+                     "encoder.stage_patches: product %d x %d x %d = %ld is not encoder.patch %d",
+                     c->encoder.stage_patches[0], c->encoder.stage_patches[1],
+                     c->encoder.stage_patches[2], product, c->encoder.patch);
+  if (c->encoder.stage_widths[2] != c->encoder.width)
+    return cm_errorf(err, CM_EINVALID, "encoder.stage_widths[2]: %d is not encoder.width %d",
+                     c->encoder.stage_widths[2], c->encoder.width);
+  return CM_OK;
+}
+
+cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
+  static const char *const archs[] = {"vit", "convvit"};
+  static const char *const kinds[] = {"block", "random"};
+  char sb[96];
+  if (!c->name[0]) return cm_errorf(err, CM_EINVALID, "name: must not be empty");
+  if (!one_of(c->arch, archs, 2))
+    return cm_errorf(err, CM_EINVALID, "arch: \"%s\" is not one of vit, convvit",
+                     shown(c->arch, sb, sizeof sb));
+  bool convvit = strcmp(c->arch, "convvit") == 0;
+
+  cm_status st = validate_data(c, err);
+  if (st) return st;
 
   /* encoder */
   POSITIVE_INT(encoder.patch, "encoder.patch");
-  cm_status st = check_transformer("encoder", c->encoder.width, convvit ? 1 : c->encoder.depth,
-                                   c->encoder.heads, c->encoder.mlp_ratio, true, err);
+  st = check_transformer("encoder", c->encoder.width, convvit ? 1 : c->encoder.depth,
+                         c->encoder.heads, c->encoder.mlp_ratio, true, err);
   if (st) return st;
   if (c->data.image_size % c->encoder.patch)
     return cm_errorf(err, CM_EINVALID, "encoder.patch: %d does not divide data.image_size %d",
                      c->encoder.patch, c->data.image_size);
   POSITIVE_NUM(encoder.ln_eps, "encoder.ln_eps");
-  if (convvit) {
-    long product = 1;
-    for (int s = 0; s < CM_MODEL_MAX_STAGES; s++) {
-      if (c->encoder.stage_widths[s] < 1)
-        return cm_errorf(err, CM_EINVALID, "encoder.stage_widths[%d]: must be positive, got %d", s,
-                         c->encoder.stage_widths[s]);
-      if (c->encoder.stage_depths[s] < 0)
-        return cm_errorf(err, CM_EINVALID, "encoder.stage_depths[%d]: must not be negative, got %d",
-                         s, c->encoder.stage_depths[s]);
-      if (c->encoder.stage_patches[s] < 1)
-        return cm_errorf(err, CM_EINVALID, "encoder.stage_patches[%d]: must be positive, got %d", s,
-                         c->encoder.stage_patches[s]);
-      product *= c->encoder.stage_patches[s];
-    }
-    if (c->encoder.stage_depths[2] < 1)
-      return cm_errorf(err, CM_EINVALID,
-                       "encoder.stage_depths[2]: the transformer stage needs a block, got %d",
-                       c->encoder.stage_depths[2]);
-    if (product != c->encoder.patch)
-      return cm_errorf(err, CM_EINVALID,
-                       "encoder.stage_patches: product %d x %d x %d = %ld is not encoder.patch %d",
-                       c->encoder.stage_patches[0], c->encoder.stage_patches[1],
-                       c->encoder.stage_patches[2], product, c->encoder.patch);
-    if (c->encoder.stage_widths[2] != c->encoder.width)
-      return cm_errorf(err, CM_EINVALID, "encoder.stage_widths[2]: %d is not encoder.width %d",
-                       c->encoder.stage_widths[2], c->encoder.width);
-  }
+  if (convvit && (st = validate_convvit_stages(c, err))) return st;
 
   /* mask */
   int grid = c->data.image_size / c->encoder.patch;

@@ -23,7 +23,6 @@
  * default (the bias bound uses the weight's fan_in). */
 #include "models.h"
 
-#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -117,35 +116,6 @@ static int convvit_cblock(cm_graph *g, int x, int keep, int hidden, const char *
   return cm_binary(g, CM_OP_ADD, x, h, NULL);
 }
 
-/* Multi-head self-attention of x [n, T, D] (timm Attention: fused qkv, scale d_head^-0.5). */
-static int convvit_attention(cm_graph *g, int x, int heads, bool qkv_bias, const char *name) {
-  char buf[256];
-  if (x < 0) return -1;
-  cm_type t = g->nodes[x].type;
-  int64_t n = t.dims[0], tokens = t.dims[1], width = t.dims[2], head_dim = width / heads;
-  if (!convvit_name(g, buf, sizeof buf, name, "qkv")) return -1;
-  int qkv =
-      cm_nn_linear(g, x, (int)(3 * width), qkv_bias, buf, cm_nn_init_xavier(), cm_nn_init_zeros());
-  int64_t split[5] = {n, tokens, 3, heads, head_dim};
-  static const int qkv_perm[5] = {2, 0, 3, 1, 4}; /* -> [3, n, heads, T, head_dim] */
-  qkv = cm_permute(g, cm_reshape(g, qkv, 5, split, NULL), qkv_perm, NULL);
-  int parts[3];
-  int64_t per_head[4] = {n, heads, tokens, head_dim};
-  for (int i = 0; i < 3; i++) {
-    int64_t start[5] = {i, 0, 0, 0, 0}, stop[5] = {i + 1, n, heads, tokens, head_dim};
-    parts[i] = cm_reshape(g, cm_slice(g, qkv, start, stop, NULL, NULL), 4, per_head, NULL);
-  }
-  int scores = cm_matmul(g, parts[0], parts[1], false, true, NULL);
-  int scale = cm_const_scalar(g, NULL, t.dtype, 1.0 / sqrt((double)head_dim));
-  scores = cm_binary_bcast(g, CM_OP_MUL, scores, scale, NULL);
-  int y = cm_matmul(g, cm_nn_softmax(g, scores), parts[2], false, false, NULL);
-  static const int merge_perm[4] = {0, 2, 1, 3}; /* -> [n, T, heads, head_dim] */
-  int64_t merged[3] = {n, tokens, width};
-  y = cm_reshape(g, cm_permute(g, y, merge_perm, NULL), 3, merged, NULL);
-  if (!convvit_name(g, buf, sizeof buf, name, "proj")) return -1;
-  return cm_nn_linear(g, y, (int)width, true, buf, cm_nn_init_xavier(), cm_nn_init_zeros());
-}
-
 /* Pre-norm transformer block (ConvMAE/timm Block, no layer scale). */
 static int convvit_transformer_block(cm_graph *g, int x, const cm_model_config *cfg,
                                      const char *name) {
@@ -156,7 +126,7 @@ static int convvit_transformer_block(cm_graph *g, int x, const cm_model_config *
   if (!convvit_name(g, buf, sizeof buf, name, "norm1")) return -1;
   int h = cm_nn_layer_norm(g, x, cfg->encoder.ln_eps, buf);
   if (!convvit_name(g, buf, sizeof buf, name, "attn")) return -1;
-  h = convvit_attention(g, h, cfg->encoder.heads, cfg->encoder.qkv_bias, buf);
+  h = cm_nn_attention(g, h, cfg->encoder.heads, cfg->encoder.qkv_bias, buf);
   x = cm_binary(g, CM_OP_ADD, x, h, NULL);
   if (!convvit_name(g, buf, sizeof buf, name, "norm2")) return -1;
   h = cm_nn_layer_norm(g, x, cfg->encoder.ln_eps, buf);
@@ -188,15 +158,6 @@ static int convvit_map_to_tokens(cm_graph *g, int x) {
   int64_t flat[3] = {t.dims[0], t.dims[1], t.dims[2] * t.dims[3]};
   static const int to_tokens[3] = {0, 2, 1};
   return cm_permute(g, cm_reshape(g, x, 3, flat, NULL), to_tokens, NULL);
-}
-
-/* take_along_axis(x [n, L, D], ids [n, T] broadcast over D, axis 1) -> [n, T, D]. */
-static int convvit_gather_tokens(cm_graph *g, int x, int ids) {
-  if (x < 0 || ids < 0) return x < 0 ? -1 : x;
-  cm_type xt = g->nodes[x].type, it = g->nodes[ids].type;
-  int64_t col[3] = {it.dims[0], it.dims[1], 1}, full[3] = {it.dims[0], it.dims[1], xt.dims[2]};
-  int index = cm_broadcast(g, cm_reshape(g, ids, 3, col, NULL), 3, full, NULL);
-  return cm_gather(g, x, index, 1, NULL);
 }
 
 /* Checks the config and the operands against each other; -1 (graph error set) on a mismatch. */
@@ -314,7 +275,7 @@ int cm_convvit_encoder(cm_graph *g, const cm_model_config *cfg, int img, int ids
   int64_t pos_dims[3] = {1, tokens, width};
   int pos = cm_param(g, name, dt, 3, pos_dims, (cm_init){CM_INIT_SINCOS_2D, 0, 0});
   x = cm_binary_bcast(g, CM_OP_ADD, x, pos, NULL);
-  x = convvit_gather_tokens(g, x, ids_keep);
+  if (ids_keep >= 0) x = cm_nn_gather_tokens(g, x, ids_keep);
   for (int b = 0; b < depths[2]; b++) {
     if (!convvit_name(g, name, sizeof name, prefix, "blocks3.%d", b)) return -1;
     x = convvit_transformer_block(g, x, cfg, name);
@@ -328,7 +289,8 @@ int cm_convvit_encoder(cm_graph *g, const cm_model_config *cfg, int img, int ids
     int k = (int)repeat[s];
     int side = cm_nn_conv2d(g, stage_out[s], width, k, k, 0, 1, true, name,
                             cm_nn_init_torch_default(0), convvit_conv_bias_init(widths[s], k));
-    side = convvit_gather_tokens(g, convvit_map_to_tokens(g, side), ids_keep);
+    side = convvit_map_to_tokens(g, side);
+    if (ids_keep >= 0) side = cm_nn_gather_tokens(g, side, ids_keep);
     sum = cm_binary(g, CM_OP_ADD, sum, side, NULL);
   }
   if (!convvit_name(g, name, sizeof name, prefix, "norm")) return -1;

@@ -52,7 +52,11 @@ int cm_nn_conv2d(cm_graph *g, int x, int out_channels, int kernel, int stride, i
 /* [n, C, H, W] -> [n, (H/p)(W/p), p*p*C], the per-patch vector ordered
  * (py*p + px)*C + c as the official patchify (CMAE.md §5). */
 int cm_nn_patchify(cm_graph *g, int img, int patch);
-/* Multi-head self-attention of mmcv's MultiheadAttention on x [n, T, D]:
+/* x [n, L, D] -> x[:, ids, :] with ids int [n, K] (take_along_axis over the
+ * tokens, ids broadcast over D): the visible tokens of a masked sequence. */
+int cm_nn_gather_tokens(cm_graph *g, int x, int ids);
+/* Multi-head self-attention of mmcv's MultiheadAttention on x [n, T, D] (the
+ * same graph as timm's Attention, which ConvViT's blocks use):
  * params "<name>.qkv" (Linear D -> 3D, bias when qkv_bias) and "<name>.proj"
  * (Linear D -> D, bias), both xavier_uniform with zero bias; scores scaled by
  * head_dim^-0.5. */

@@ -230,6 +230,20 @@ int cm_nn_patchify(cm_graph *g, int img, int patch) {
   return cm_reshape(g, cm_permute(g, cm_reshape(g, img, 6, split, NULL), perm, NULL), 3, out, NULL);
 }
 
+/* x [n, L, D] -> x[:, ids, :] (models.h). */
+int cm_nn_gather_tokens(cm_graph *g, int x, int ids) {
+  if (x < 0 || ids < 0 || g->error.status != CM_OK) return -1;
+  cm_type tx = g->nodes[x].type, ti = g->nodes[ids].type;
+  if (ti.rank != 2 || ti.dims[0] != tx.dims[0] || !cm_dtype_is_int(ti.dtype)) {
+    char a[96], b[96];
+    return cm_graph_fail(g, "token gather: ids %s do not index tokens %s (want int [n, K])",
+                         cm_type_str(&ti, b, sizeof b), cm_type_str(&tx, a, sizeof a));
+  }
+  int64_t col[3] = {ti.dims[0], ti.dims[1], 1}, full[3] = {ti.dims[0], ti.dims[1], tx.dims[2]};
+  int idx = cm_broadcast(g, cm_reshape(g, ids, 3, col, NULL), 3, full, NULL);
+  return cm_gather(g, x, idx, 1, NULL);
+}
+
 int cm_nn_attention(cm_graph *g, int x, int heads, bool qkv_bias, const char *name) {
   if (!nn_ok(g, x)) return -1;
   cm_type t = g->nodes[x].type;

@@ -35,20 +35,6 @@ static bool vit_name(cm_graph *g, char *buf, const char *prefix, const char *fmt
   return true;
 }
 
-/* x [n, L, D] -> x[:, ids, :] with ids i32 [n, K] (take_along_axis over tokens). */
-static int vit_gather_tokens(cm_graph *g, int x, int ids) {
-  if (x < 0 || ids < 0 || g->error.status != CM_OK) return -1;
-  cm_type tx = g->nodes[x].type, ti = g->nodes[ids].type;
-  if (ti.rank != 2 || ti.dims[0] != tx.dims[0] || !cm_dtype_is_int(ti.dtype)) {
-    char a[96], b[96];
-    return cm_graph_fail(g, "token gather: ids %s do not index tokens %s (want int [n, K])",
-                         cm_type_str(&ti, b, sizeof b), cm_type_str(&tx, a, sizeof a));
-  }
-  int64_t col[3] = {ti.dims[0], ti.dims[1], 1}, full[3] = {ti.dims[0], ti.dims[1], tx.dims[2]};
-  int idx = cm_broadcast(g, cm_reshape(g, ids, 3, col, NULL), 3, full, NULL);
-  return cm_gather(g, x, idx, 1, NULL);
-}
-
 /* x[:, lo:hi, :] of x [n, T, D]. */
 static int vit_tokens(cm_graph *g, int x, int64_t lo, int64_t hi) {
   if (x < 0 || g->error.status != CM_OK) return -1;
@@ -98,7 +84,7 @@ int cm_vit_encoder(cm_graph *g, const cm_model_config *cfg, int img, int ids_kee
   int64_t pd[3] = {1, 1 + L, width};
   int pos = cm_param(g, buf, t.dtype, 3, pd, (cm_init){CM_INIT_SINCOS_2D, 1.0, 0.0});
   x = cm_binary_bcast(g, CM_OP_ADD, x, vit_tokens(g, pos, 1, 1 + L), NULL);
-  if (ids_keep >= 0) x = vit_gather_tokens(g, x, ids_keep);
+  if (ids_keep >= 0) x = cm_nn_gather_tokens(g, x, ids_keep);
 
   /* cls + pos_embed[:, :1] as the official forward (the slot is zero, kept for checkpoints). */
   if (!vit_name(g, buf, prefix, "cls_token")) return -1;
@@ -148,7 +134,7 @@ int cm_mae_decoder(cm_graph *g, const cm_model_config *cfg, int width, int depth
     int parts[2] = {seq, cm_broadcast(g, mask_token, 3, mn, NULL)};
     seq = cm_concat(g, 2, parts, 1, NULL);
   }
-  seq = vit_gather_tokens(g, seq, ids_restore);
+  seq = cm_nn_gather_tokens(g, seq, ids_restore);
   if (has_cls) {
     int parts[2] = {vit_tokens(g, x, 0, 1), seq};
     seq = cm_concat(g, 2, parts, 1, NULL);

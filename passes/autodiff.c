@@ -54,6 +54,122 @@ static int scale(cm_graph *g, int a, double s) {
   return a < 0 ? -1 : mul(g, a, fill_like(g, type_of(g, a), s));
 }
 
+/* The adjoint of slice: dy spread back to the input's shape (zeros between the
+ * steps and around the window). */
+static int vjp_slice(vjp_ctx *c, const cm_node *n, int dy, const cm_type *tx) {
+  cm_graph *g = c->g;
+  /* Spread each axis back: interleave step-1 zeros (reshape + pad), then pad the ends. */
+  int cur = dy;
+  for (int a = 0; a < tx->rank && cur >= 0; a++) {
+    int64_t start = n->attrs.start[a], step = n->attrs.step[a];
+    const cm_type tc_value = type_of(g, cur), *tc = &tc_value;
+    int64_t len = tc->dims[a];
+    if (step > 1 && len > 1) {
+      int r = tc->rank;
+      if (r + 1 > CM_MAX_RANK) { /* no room for the helper axis */
+        cm_errorf(c->err, CM_EINVALID, "slice with step on a rank-6 tensor is not differentiable");
+        return -1;
+      }
+      int64_t dims[CM_MAX_RANK];
+      for (int i = 0, j = 0; i < r; i++) {
+        dims[j++] = tc->dims[i];
+        if (i == a) dims[j++] = 1;
+      }
+      int spread = cm_reshape(g, cur, r + 1, dims, NULL);
+      int64_t lo[CM_MAX_RANK] = {0}, hi[CM_MAX_RANK] = {0};
+      hi[a + 1] = step - 1;
+      spread = cm_pad(g, spread, lo, hi, 0, NULL);
+      int64_t flat[CM_MAX_RANK];
+      for (int i = 0; i < r; i++) flat[i] = i == a ? len * step : tc->dims[i];
+      cur = cm_reshape(g, spread, r, flat, NULL);
+      int64_t s0[CM_MAX_RANK] = {0}, s1[CM_MAX_RANK];
+      for (int i = 0; i < r; i++) s1[i] = i == a ? (len - 1) * step + 1 : tc->dims[i];
+      cur = cm_slice(g, cur, s0, s1, NULL, NULL);
+      len = (len - 1) * step + 1;
+    }
+    int64_t lo[CM_MAX_RANK] = {0}, hi[CM_MAX_RANK] = {0};
+    lo[a] = start;
+    hi[a] = tx->dims[a] - start - len;
+    if (lo[a] || hi[a]) cur = cm_pad(g, cur, lo, hi, 0, NULL);
+  }
+  return cur;
+}
+
+/* The adjoint of matmul for input k. */
+static int vjp_matmul(cm_graph *g, const cm_node *n, int k, int dy, int x, int b, int y,
+                      const cm_type *tx) {
+  bool ta = n->attrs.transpose_a, tb = n->attrs.transpose_b;
+  int d;
+  cm_type tb_type = type_of(g, b), ty = type_of(g, y);
+  if (k == 1 && tb_type.rank == 2 && tx->rank > 2 && !ta) {
+    /* A weight shared across the batch (x @ W): fold the batch into rows and
+     * take one [K, N] matmul, instead of a per-batch product summed later. */
+    int64_t rows = cm_type_numel(tx) / tx->dims[tx->rank - 1];
+    int64_t a2[2] = {rows, tx->dims[tx->rank - 1]}, d2[2] = {rows, ty.dims[ty.rank - 1]};
+    int x2 = cm_reshape(g, x, 2, a2, NULL), dy2 = cm_reshape(g, dy, 2, d2, NULL);
+    return tb ? cm_matmul(g, dy2, x2, true, false, NULL) : cm_matmul(g, x2, dy2, true, false, NULL);
+  }
+  if (k == 0)
+    d = ta ? cm_matmul(g, b, dy, tb, true, NULL) : cm_matmul(g, dy, b, false, !tb, NULL);
+  else
+    d = tb ? cm_matmul(g, dy, x, true, ta, NULL) : cm_matmul(g, x, dy, !ta, false, NULL);
+  return sum_to(g, d, type_of(g, n->inputs[k]));
+}
+
+/* The adjoint of the conv2d family for input k: another member of the family. */
+static int vjp_conv(cm_graph *g, const cm_node *n, int k, int dy, int x, int b) {
+  /* conv2d(x, w) is bilinear; its two adjoint ops are the partial transposes,
+   * so the family is closed under differentiation. */
+  cm_attrs a = n->attrs;
+  cm_op op;
+  int in[2];
+  const cm_type target_value = type_of(g, n->inputs[k]), *target = &target_value;
+  if (n->op == CM_OP_CONV2D) {
+    op = k == 0 ? CM_OP_CONV2D_GRAD_INPUT : CM_OP_CONV2D_GRAD_WEIGHT;
+    in[0] = k == 0 ? dy : x;
+    in[1] = k == 0 ? b : dy;
+  } else if (n->op == CM_OP_CONV2D_GRAD_INPUT) { /* inputs (dy', w) */
+    op = k == 0 ? CM_OP_CONV2D : CM_OP_CONV2D_GRAD_WEIGHT;
+    in[0] = dy;
+    in[1] = k == 0 ? b : x;
+  } else { /* conv2d_grad_weight(x, dy'): inputs (x, dy') */
+    op = k == 0 ? CM_OP_CONV2D_GRAD_INPUT : CM_OP_CONV2D;
+    in[0] = k == 0 ? b : x;
+    in[1] = dy;
+  }
+  a.rank = target->rank;
+  memcpy(a.shape, target->dims, sizeof a.shape);
+  if (g->error.status) return -1;
+  cm_err e;
+  int id = cm_graph_add(g, op, NULL, in, 2, &a, &e);
+  if (id < 0) g->error = e;
+  return id;
+}
+
+/* The adjoint of all_gather: this rank's slice of the summed dy. */
+static int vjp_all_gather(vjp_ctx *c, const cm_node *n, int dy, const cm_type *tx) {
+  cm_graph *g = c->g;
+  if (n->attrs.ranks == 1) return dy;
+  /* Every rank's loss reads every rank's x: dx = this rank's slice of the
+   * sum over ranks of dy, i.e. gather(all_reduce(dy), iota + rank * len). The
+   * rank comes from the graph input "rank" (i32[], bound by the runtime). */
+  int rank = cm_graph_find(g, "rank");
+  if (rank < 0) rank = cm_input(g, "rank", CM_I32, 0, NULL);
+  cm_type tr = type_of(g, rank);
+  if (g->nodes[rank].op != CM_OP_INPUT || tr.dtype != CM_I32 || tr.rank != 0) {
+    cm_errorf(c->err, CM_EINVALID,
+              "the gradient of all_gather needs \"rank\" to be an i32[] input");
+    return -1;
+  }
+  int axis = n->attrs.axis;
+  int64_t len = tx->dims[axis];
+  int sum = cm_all_reduce(g, dy, CM_MODE_SUM, n->attrs.ranks, NULL);
+  int idx = cm_iota(g, NULL, CM_I32, tx->rank, tx->dims, axis);
+  int offset = cm_binary(g, CM_OP_MUL, rank, cm_const_scalar(g, NULL, CM_I32, (double)len), NULL);
+  idx = cm_binary(g, CM_OP_ADD, idx, cm_broadcast(g, offset, tx->rank, tx->dims, NULL), NULL);
+  return cm_gather(g, sum, idx, axis, NULL);
+}
+
 /* The adjoint of input k of node ctx->node, -2 when the op passes no gradient
  * to that input (an error if that input needs one), -1 on a builder failure. */
 static int vjp(vjp_ctx *c, int k) {
@@ -147,44 +263,7 @@ static int vjp(vjp_ctx *c, int k) {
     return cm_permute(g, dy, inverse, NULL);
   }
   case CM_OP_BROADCAST: return sum_to(g, dy, *tx);
-  case CM_OP_SLICE: {
-    /* Spread each axis back: interleave step-1 zeros (reshape + pad), then pad the ends. */
-    int cur = dy;
-    for (int a = 0; a < tx->rank && cur >= 0; a++) {
-      int64_t start = n->attrs.start[a], step = n->attrs.step[a];
-      const cm_type tc_value = type_of(g, cur), *tc = &tc_value;
-      int64_t len = tc->dims[a];
-      if (step > 1 && len > 1) {
-        int r = tc->rank;
-        if (r + 1 > CM_MAX_RANK) { /* no room for the helper axis */
-          cm_errorf(c->err, CM_EINVALID,
-                    "slice with step on a rank-6 tensor is not differentiable");
-          return -1;
-        }
-        int64_t dims[CM_MAX_RANK];
-        for (int i = 0, j = 0; i < r; i++) {
-          dims[j++] = tc->dims[i];
-          if (i == a) dims[j++] = 1;
-        }
-        int spread = cm_reshape(g, cur, r + 1, dims, NULL);
-        int64_t lo[CM_MAX_RANK] = {0}, hi[CM_MAX_RANK] = {0};
-        hi[a + 1] = step - 1;
-        spread = cm_pad(g, spread, lo, hi, 0, NULL);
-        int64_t flat[CM_MAX_RANK];
-        for (int i = 0; i < r; i++) flat[i] = i == a ? len * step : tc->dims[i];
-        cur = cm_reshape(g, spread, r, flat, NULL);
-        int64_t s0[CM_MAX_RANK] = {0}, s1[CM_MAX_RANK];
-        for (int i = 0; i < r; i++) s1[i] = i == a ? (len - 1) * step + 1 : tc->dims[i];
-        cur = cm_slice(g, cur, s0, s1, NULL, NULL);
-        len = (len - 1) * step + 1;
-      }
-      int64_t lo[CM_MAX_RANK] = {0}, hi[CM_MAX_RANK] = {0};
-      lo[a] = start;
-      hi[a] = tx->dims[a] - start - len;
-      if (lo[a] || hi[a]) cur = cm_pad(g, cur, lo, hi, 0, NULL);
-    }
-    return cur;
-  }
+  case CM_OP_SLICE: return vjp_slice(c, n, dy, tx);
   case CM_OP_CONCAT: {
     int64_t s0[CM_MAX_RANK] = {0}, s1[CM_MAX_RANK];
     const cm_type ty_value = type_of(g, y), *ty = &ty_value;
@@ -209,80 +288,15 @@ static int vjp(vjp_ctx *c, int k) {
     if (k == 0) return dy;
     if (k == 1) return -2;
     return cm_gather(g, dy, b, n->attrs.axis, NULL);
-  case CM_OP_MATMUL: {
-    bool ta = n->attrs.transpose_a, tb = n->attrs.transpose_b;
-    int d;
-    cm_type tb_type = type_of(g, b), ty = type_of(g, y);
-    if (k == 1 && tb_type.rank == 2 && tx->rank > 2 && !ta) {
-      /* A weight shared across the batch (x @ W): fold the batch into rows and
-       * take one [K, N] matmul, instead of a per-batch product summed later. */
-      int64_t rows = cm_type_numel(tx) / tx->dims[tx->rank - 1];
-      int64_t a2[2] = {rows, tx->dims[tx->rank - 1]}, d2[2] = {rows, ty.dims[ty.rank - 1]};
-      int x2 = cm_reshape(g, x, 2, a2, NULL), dy2 = cm_reshape(g, dy, 2, d2, NULL);
-      return tb ? cm_matmul(g, dy2, x2, true, false, NULL)
-                : cm_matmul(g, x2, dy2, true, false, NULL);
-    }
-    if (k == 0)
-      d = ta ? cm_matmul(g, b, dy, tb, true, NULL) : cm_matmul(g, dy, b, false, !tb, NULL);
-    else
-      d = tb ? cm_matmul(g, dy, x, true, ta, NULL) : cm_matmul(g, x, dy, !ta, false, NULL);
-    return sum_to(g, d, type_of(g, n->inputs[k]));
-  }
+  case CM_OP_MATMUL: return vjp_matmul(g, n, k, dy, x, b, y, tx);
   case CM_OP_CONV2D:
   case CM_OP_CONV2D_GRAD_INPUT:
-  case CM_OP_CONV2D_GRAD_WEIGHT: {
-    /* conv2d(x, w) is bilinear; its two adjoint ops are the partial transposes,
-     * so the family is closed under differentiation. */
-    cm_attrs a = n->attrs;
-    cm_op op;
-    int in[2];
-    const cm_type target_value = type_of(g, n->inputs[k]), *target = &target_value;
-    if (n->op == CM_OP_CONV2D) {
-      op = k == 0 ? CM_OP_CONV2D_GRAD_INPUT : CM_OP_CONV2D_GRAD_WEIGHT;
-      in[0] = k == 0 ? dy : x;
-      in[1] = k == 0 ? b : dy;
-    } else if (n->op == CM_OP_CONV2D_GRAD_INPUT) { /* inputs (dy', w) */
-      op = k == 0 ? CM_OP_CONV2D : CM_OP_CONV2D_GRAD_WEIGHT;
-      in[0] = dy;
-      in[1] = k == 0 ? b : x;
-    } else { /* conv2d_grad_weight(x, dy'): inputs (x, dy') */
-      op = k == 0 ? CM_OP_CONV2D_GRAD_INPUT : CM_OP_CONV2D;
-      in[0] = k == 0 ? b : x;
-      in[1] = dy;
-    }
-    a.rank = target->rank;
-    memcpy(a.shape, target->dims, sizeof a.shape);
-    if (g->error.status) return -1;
-    cm_err e;
-    int id = cm_graph_add(g, op, NULL, in, 2, &a, &e);
-    if (id < 0) g->error = e;
-    return id;
-  }
+  case CM_OP_CONV2D_GRAD_WEIGHT: return vjp_conv(g, n, k, dy, x, b);
   case CM_OP_ALL_REDUCE:
     /* The global loss sums the ranks' losses, so each rank's x feeds every rank's y. */
     if (n->attrs.ranks == 1) return dy;
     return cm_all_reduce(g, dy, n->attrs.mode, n->attrs.ranks, NULL);
-  case CM_OP_ALL_GATHER: {
-    if (n->attrs.ranks == 1) return dy;
-    /* Every rank's loss reads every rank's x: dx = this rank's slice of the
-     * sum over ranks of dy, i.e. gather(all_reduce(dy), iota + rank * len). The
-     * rank comes from the graph input "rank" (i32[], bound by the runtime). */
-    int rank = cm_graph_find(g, "rank");
-    if (rank < 0) rank = cm_input(g, "rank", CM_I32, 0, NULL);
-    cm_type tr = type_of(g, rank);
-    if (g->nodes[rank].op != CM_OP_INPUT || tr.dtype != CM_I32 || tr.rank != 0) {
-      cm_errorf(c->err, CM_EINVALID,
-                "the gradient of all_gather needs \"rank\" to be an i32[] input");
-      return -1;
-    }
-    int axis = n->attrs.axis;
-    int64_t len = tx->dims[axis];
-    int sum = cm_all_reduce(g, dy, CM_MODE_SUM, n->attrs.ranks, NULL);
-    int idx = cm_iota(g, NULL, CM_I32, tx->rank, tx->dims, axis);
-    int offset = cm_binary(g, CM_OP_MUL, rank, cm_const_scalar(g, NULL, CM_I32, (double)len), NULL);
-    idx = cm_binary(g, CM_OP_ADD, idx, cm_broadcast(g, offset, tx->rank, tx->dims, NULL), NULL);
-    return cm_gather(g, sum, idx, axis, NULL);
-  }
+  case CM_OP_ALL_GATHER: return vjp_all_gather(c, n, dy, tx);
   case CM_OP_ASSIGN: return k == 1 ? dy : -2;
   default: return -2;
   }

@@ -63,6 +63,112 @@ static char *name_join(char *buf, size_t size, const char *a, const char *b) {
   return buf;
 }
 
+/* One AdamW step of param p with gradient gr (torch.optim.AdamW: decoupled
+ * decay, bias-corrected moments): assigns p and its two moments and returns
+ * p's new value. ok >= 0: the update applies only where ok (a finite step). */
+static int adamw_update(cm_graph *g, const cm_optim_config *cfg, int p, int gr, int lr, int beta1,
+                        int beta2, int step, int ok, cm_train_step_info *info) {
+  char nb[600];
+  cm_init zero_init = {CM_INIT_ZEROS, 0, 0};
+  const char *pname = g->nodes[p].name; /* names do not move */
+  cm_type pt = g->nodes[p].type;
+  cm_dtype dt = pt.dtype;
+  bool decay = cfg->weight_decay != 0 && !name_matches(pname, cfg->no_decay);
+  if (decay) info->n_decay++;
+  int m = cm_state(g, name_join(nb, sizeof nb, "optimizer.exp_avg.", pname), dt, pt.rank, pt.dims,
+                   zero_init);
+  int v = cm_state(g, name_join(nb, sizeof nb, "optimizer.exp_avg_sq.", pname), dt, pt.rank,
+                   pt.dims, zero_init);
+  int b1 = scalar_as(g, beta1, dt), b2 = scalar_as(g, beta2, dt),
+      one = cm_const_scalar(g, NULL, dt, 1);
+  int lr_t = scalar_as(g, lr, dt), t = scalar_as(g, step, dt);
+  /* m' = b1 m + (1 - b1) g ; v' = b2 v + (1 - b2) g^2 */
+  int m_new =
+      cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, m, bcast_scalar(g, b1, m), NULL),
+                cm_binary(g, CM_OP_MUL, gr,
+                          bcast_scalar(g, cm_binary(g, CM_OP_SUB, one, b1, NULL), gr), NULL),
+                NULL);
+  int g2 = cm_binary(g, CM_OP_MUL, gr, gr, NULL);
+  int v_new =
+      cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, v, bcast_scalar(g, b2, v), NULL),
+                cm_binary(g, CM_OP_MUL, g2,
+                          bcast_scalar(g, cm_binary(g, CM_OP_SUB, one, b2, NULL), g2), NULL),
+                NULL);
+  /* step_size = lr / (1 - b1^t); denom = sqrt(v') / sqrt(1 - b2^t) + eps */
+  int bc1 = cm_binary(g, CM_OP_SUB, one, cm_binary(g, CM_OP_POW, b1, t, NULL), NULL);
+  int bc2 = cm_binary(g, CM_OP_SUB, one, cm_binary(g, CM_OP_POW, b2, t, NULL), NULL);
+  int step_size = cm_binary(g, CM_OP_DIV, lr_t, bc1, NULL);
+  int denom = cm_binary(g, CM_OP_DIV, cm_unary(g, CM_OP_SQRT, v_new, NULL),
+                        bcast_scalar(g, cm_unary(g, CM_OP_SQRT, bc2, NULL), v_new), NULL);
+  denom = cm_binary(g, CM_OP_ADD, denom, scalar_like(g, denom, cfg->eps), NULL);
+  int p_dec = p;
+  if (decay) { /* p <- p (1 - lr wd), before the Adam step as PyTorch */
+    int f = cm_binary(
+        g, CM_OP_SUB, one,
+        cm_binary(g, CM_OP_MUL, lr_t, cm_const_scalar(g, NULL, dt, cfg->weight_decay), NULL), NULL);
+    p_dec = cm_binary(g, CM_OP_MUL, p, bcast_scalar(g, f, p), NULL);
+  }
+  int upd = cm_binary(g, CM_OP_MUL, cm_binary(g, CM_OP_DIV, m_new, denom, NULL),
+                      bcast_scalar(g, step_size, m_new), NULL);
+  int p_new = cm_binary(g, CM_OP_SUB, p_dec, upd, NULL);
+  if (ok >= 0) { /* skip the whole update on a non-finite gradient */
+    int okp = bcast_scalar(g, ok, p);
+    p_new = cm_select(g, okp, p_new, p, NULL);
+    m_new = cm_select(g, okp, m_new, m, NULL);
+    v_new = cm_select(g, okp, v_new, v, NULL);
+  }
+  cm_assign(g, p, p_new, name_join(nb, sizeof nb, "update/", pname));
+  cm_assign(g, m, m_new, name_join(nb, sizeof nb, "update/optimizer.exp_avg.", pname));
+  cm_assign(g, v, v_new, name_join(nb, sizeof nb, "update/optimizer.exp_avg_sq.", pname));
+  return p_new;
+}
+
+/* The EMA update of param i when it is a target: t <- m t + (1 - m) o, o the
+ * online param's updated value (new_value[o], or o itself when it is frozen). */
+static cm_status ema_update(cm_graph *g, const cm_optim_config *cfg, int i, int n0,
+                            const int *new_value, int momentum, cm_err *err) {
+  char online[512], nb[600];
+  const cm_node node = g->nodes[i]; /* a copy: adding nodes may move g->nodes */
+  const cm_node *n = &node;
+  if (n->op != CM_OP_PARAM || !ema_online_name(cfg, n->name, online, sizeof online)) return CM_OK;
+  int o = cm_graph_find(g, online);
+  if (o < 0 || o >= n0 || g->nodes[o].op != CM_OP_PARAM) {
+    return cm_errorf(err, CM_EINVALID, "build-step: EMA target \"%s\" has no online param \"%s\"",
+                     n->name, online);
+  }
+  if (!cm_type_equal(&g->nodes[o].type, &n->type)) {
+    char a[128], b[128];
+    return cm_errorf(
+        err, CM_EINVALID, "build-step: EMA target \"%s\" is %s but online \"%s\" is %s", n->name,
+        cm_type_str(&n->type, a, sizeof a), online, cm_type_str(&g->nodes[o].type, b, sizeof b));
+  }
+  int ov = new_value[o] >= 0 ? new_value[o] : o;
+  cm_dtype dt = n->type.dtype;
+  int mm = scalar_as(g, momentum, dt);
+  int one_m = cm_binary(g, CM_OP_SUB, cm_const_scalar(g, NULL, dt, 1), mm, NULL);
+  int t_new = cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, i, bcast_scalar(g, mm, i), NULL),
+                        cm_binary(g, CM_OP_MUL, ov, bcast_scalar(g, one_m, ov), NULL), NULL);
+  cm_assign(g, i, t_new, name_join(nb, sizeof nb, "update/", n->name));
+  return CM_OK;
+}
+
+/* Loss-scale bookkeeping (GradScaler: x2 after growth_interval good steps, /2
+ * on overflow); returns the "skipped" output (1 when the step was skipped). */
+static int loss_scale_update(cm_graph *g, const cm_optim_config *cfg, int scale, int good, int ok) {
+  int one = cm_const_scalar(g, NULL, CM_F32, 1), zero = cm_const_scalar(g, NULL, CM_F32, 0);
+  int good1 = cm_binary(g, CM_OP_ADD, good, one, NULL);
+  int grow =
+      cm_binary(g, CM_OP_LE, cm_const_scalar(g, NULL, CM_F32, cfg->growth_interval), good1, NULL);
+  int scale_ok =
+      cm_select(g, grow, cm_binary(g, CM_OP_MUL, scale, cm_const_scalar(g, NULL, CM_F32, 2), NULL),
+                scale, NULL);
+  int scale_bad = cm_binary(g, CM_OP_MUL, scale, cm_const_scalar(g, NULL, CM_F32, 0.5), NULL);
+  cm_assign(g, scale, cm_select(g, ok, scale_ok, scale_bad, NULL), "update/loss_scale");
+  int good_ok = cm_select(g, grow, zero, good1, NULL);
+  cm_assign(g, good, cm_select(g, ok, good_ok, zero, NULL), "update/loss_scale_good_steps");
+  return cm_select(g, ok, zero, one, "skipped");
+}
+
 cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_config *cfg,
                               cm_graph **out, cm_train_step_info *info, cm_err *err) {
   *out = NULL;
@@ -81,7 +187,7 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
     goto done;
   }
   memset(info, 0, sizeof *info);
-  char online[512], nb[600];
+  char online[512];
   /* Which params train: not frozen, not an EMA target, not already assigned. */
   for (int i = 0; i < n0; i++) {
     new_value[i] = -1;
@@ -162,106 +268,20 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
 
   /* AdamW, as torch.optim.AdamW (decoupled decay, bias-corrected moments). */
   for (int j = 0; j < n_train; j++) {
-    int p = trainable[j], gr = grads[j];
-    const char *pname = g->nodes[p].name; /* names do not move */
-    cm_type pt = g->nodes[p].type;
-    cm_dtype dt = pt.dtype;
-    bool decay = cfg->weight_decay != 0 && !name_matches(pname, cfg->no_decay);
-    if (decay) info->n_decay++;
-    int m = cm_state(g, name_join(nb, sizeof nb, "optimizer.exp_avg.", pname), dt, pt.rank, pt.dims,
-                     zero_init);
-    int v = cm_state(g, name_join(nb, sizeof nb, "optimizer.exp_avg_sq.", pname), dt, pt.rank,
-                     pt.dims, zero_init);
-    int b1 = scalar_as(g, beta1, dt), b2 = scalar_as(g, beta2, dt),
-        one = cm_const_scalar(g, NULL, dt, 1);
-    int lr_t = scalar_as(g, lr, dt), t = scalar_as(g, step, dt);
-    /* m' = b1 m + (1 - b1) g ; v' = b2 v + (1 - b2) g^2 */
-    int m_new =
-        cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, m, bcast_scalar(g, b1, m), NULL),
-                  cm_binary(g, CM_OP_MUL, gr,
-                            bcast_scalar(g, cm_binary(g, CM_OP_SUB, one, b1, NULL), gr), NULL),
-                  NULL);
-    int g2 = cm_binary(g, CM_OP_MUL, gr, gr, NULL);
-    int v_new =
-        cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, v, bcast_scalar(g, b2, v), NULL),
-                  cm_binary(g, CM_OP_MUL, g2,
-                            bcast_scalar(g, cm_binary(g, CM_OP_SUB, one, b2, NULL), g2), NULL),
-                  NULL);
-    /* step_size = lr / (1 - b1^t); denom = sqrt(v') / sqrt(1 - b2^t) + eps */
-    int bc1 = cm_binary(g, CM_OP_SUB, one, cm_binary(g, CM_OP_POW, b1, t, NULL), NULL);
-    int bc2 = cm_binary(g, CM_OP_SUB, one, cm_binary(g, CM_OP_POW, b2, t, NULL), NULL);
-    int step_size = cm_binary(g, CM_OP_DIV, lr_t, bc1, NULL);
-    int denom = cm_binary(g, CM_OP_DIV, cm_unary(g, CM_OP_SQRT, v_new, NULL),
-                          bcast_scalar(g, cm_unary(g, CM_OP_SQRT, bc2, NULL), v_new), NULL);
-    denom = cm_binary(g, CM_OP_ADD, denom, scalar_like(g, denom, cfg->eps), NULL);
-    int p_dec = p;
-    if (decay) { /* p <- p (1 - lr wd), before the Adam step as PyTorch */
-      int f = cm_binary(
-          g, CM_OP_SUB, one,
-          cm_binary(g, CM_OP_MUL, lr_t, cm_const_scalar(g, NULL, dt, cfg->weight_decay), NULL),
-          NULL);
-      p_dec = cm_binary(g, CM_OP_MUL, p, bcast_scalar(g, f, p), NULL);
-    }
-    int upd = cm_binary(g, CM_OP_MUL, cm_binary(g, CM_OP_DIV, m_new, denom, NULL),
-                        bcast_scalar(g, step_size, m_new), NULL);
-    int p_new = cm_binary(g, CM_OP_SUB, p_dec, upd, NULL);
-    if (ok >= 0) { /* skip the whole update on a non-finite gradient */
-      int okp = bcast_scalar(g, ok, p);
-      p_new = cm_select(g, okp, p_new, p, NULL);
-      m_new = cm_select(g, okp, m_new, m, NULL);
-      v_new = cm_select(g, okp, v_new, v, NULL);
-    }
-    cm_assign(g, p, p_new, name_join(nb, sizeof nb, "update/", pname));
-    cm_assign(g, m, m_new, name_join(nb, sizeof nb, "update/optimizer.exp_avg.", pname));
-    cm_assign(g, v, v_new, name_join(nb, sizeof nb, "update/optimizer.exp_avg_sq.", pname));
-    new_value[p] = p_new;
+    int p = trainable[j];
+    new_value[p] = adamw_update(g, cfg, p, grads[j], lr, beta1, beta2, step, ok, info);
     if (cm_graph_error(g)) goto builder_failed;
   }
 
   /* EMA of the targets from the updated online params: t <- m t + (1 - m) o. */
   for (int i = 0; i < n0 && info->n_ema; i++) {
-    const cm_node node = g->nodes[i]; /* a copy: adding nodes may move g->nodes */
-    const cm_node *n = &node;
-    if (n->op != CM_OP_PARAM || !ema_online_name(cfg, n->name, online, sizeof online)) continue;
-    int o = cm_graph_find(g, online);
-    if (o < 0 || o >= n0 || g->nodes[o].op != CM_OP_PARAM) {
-      st = cm_errorf(err, CM_EINVALID, "build-step: EMA target \"%s\" has no online param \"%s\"",
-                     n->name, online);
-      goto done;
-    }
-    if (!cm_type_equal(&g->nodes[o].type, &n->type)) {
-      char a[128], b[128];
-      st = cm_errorf(
-          err, CM_EINVALID, "build-step: EMA target \"%s\" is %s but online \"%s\" is %s", n->name,
-          cm_type_str(&n->type, a, sizeof a), online, cm_type_str(&g->nodes[o].type, b, sizeof b));
-      goto done;
-    }
-    int ov = new_value[o] >= 0 ? new_value[o] : o;
-    cm_dtype dt = n->type.dtype;
-    int mm = scalar_as(g, momentum, dt);
-    int one_m = cm_binary(g, CM_OP_SUB, cm_const_scalar(g, NULL, dt, 1), mm, NULL);
-    int t_new = cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, i, bcast_scalar(g, mm, i), NULL),
-                          cm_binary(g, CM_OP_MUL, ov, bcast_scalar(g, one_m, ov), NULL), NULL);
-    cm_assign(g, i, t_new, name_join(nb, sizeof nb, "update/", n->name));
+    if ((st = ema_update(g, cfg, i, n0, new_value, momentum, err))) goto done;
     if (cm_graph_error(g)) goto builder_failed;
   }
 
   /* Loss-scale bookkeeping (GradScaler: x2 after growth_interval good steps, /2 on overflow). */
   int skipped = -1;
-  if (cfg->loss_scaling) {
-    int one = cm_const_scalar(g, NULL, CM_F32, 1), zero = cm_const_scalar(g, NULL, CM_F32, 0);
-    int good1 = cm_binary(g, CM_OP_ADD, good, one, NULL);
-    int grow =
-        cm_binary(g, CM_OP_LE, cm_const_scalar(g, NULL, CM_F32, cfg->growth_interval), good1, NULL);
-    int scale_ok = cm_select(
-        g, grow, cm_binary(g, CM_OP_MUL, scale, cm_const_scalar(g, NULL, CM_F32, 2), NULL), scale,
-        NULL);
-    int scale_bad = cm_binary(g, CM_OP_MUL, scale, cm_const_scalar(g, NULL, CM_F32, 0.5), NULL);
-    cm_assign(g, scale, cm_select(g, ok, scale_ok, scale_bad, NULL), "update/loss_scale");
-    int good_ok = cm_select(g, grow, zero, good1, NULL);
-    cm_assign(g, good, cm_select(g, ok, good_ok, zero, NULL), "update/loss_scale_good_steps");
-    skipped = cm_select(g, ok, zero, one, "skipped");
-  }
+  if (cfg->loss_scaling) skipped = loss_scale_update(g, cfg, scale, good, ok);
 
   /* Metrics: the forward graph's outputs, then grad_norm (and loss_scale, skipped). */
   g->n_outputs = 0;

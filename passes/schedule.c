@@ -1,4 +1,5 @@
-/* passes/schedule.c — the order in which groups run.
+/* passes/schedule.c — the order in which groups run (the learning-rate schedule
+ * is another thing: runtime/lr_schedule.c).
  *
  * A list scheduler over the group dependence graph. A group depends on the
  * groups computing its inputs and, for in-place updates, the group holding an

@@ -10,7 +10,7 @@
  * several copies of the model; serializing it to memory first would double the
  * peak). The file goes to "<path>.tmp", is fsync'ed and renamed over path, and
  * the directory is fsync'ed so the rename itself survives a power loss. */
-#include "runtime.h"
+#include "training.h"
 
 #include <cjson/cJSON.h>
 #include <dirent.h>

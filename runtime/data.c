@@ -1,7 +1,7 @@
 /* runtime/data.c — datasets (Fashion-MNIST IDX files, image folders of PNG
  * and JPEG) and the prefetching loader: per-epoch Philox permutation, rank
  * shards, worker threads filling a ring of batches (docs/data.md). */
-#include "runtime/runtime.h"
+#include "runtime/training.h"
 
 #include <dirent.h>
 #include <errno.h>

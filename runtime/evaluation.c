@@ -2,7 +2,7 @@
  * InstDisc/DINO rule) and a linear probe (softmax regression trained here).
  * Both are deterministic: fixed iteration orders, fixed tie rules, and a
  * fixed-seed shuffle for mini-batches. */
-#include "runtime.h"
+#include "training.h"
 
 #include <math.h>
 #include <stdlib.h>

@@ -1,6 +1,6 @@
 /* runtime/features.c — the frozen online encoder as a feature extractor,
  * reconstruction pictures and the encoder export (docs/evaluation.md). */
-#include "runtime.h"
+#include "training.h"
 
 #include "../models/models.h"
 
@@ -118,7 +118,7 @@ struct cm_encoder {
   cm_tensor *src;       /* per node: bound sources */
   const cm_tensor **cs; /* per node: pointers for cm_eval / export */
   cm_tensor **ms;       /* per node: mutable pointers for the CPU executor */
-  cm_cpu_program *pr;   /* NULL: reference evaluator */
+  cm_program *pr;       /* NULL: reference evaluator */
   char fallback[256];   /* why the CPU executor is not used ("" when asked for ref) */
 };
 
@@ -128,7 +128,7 @@ static bool is_vit(const cm_model_config *cfg) {
 
 void cm_encoder_free(cm_encoder *e) {
   if (!e) return;
-  if (e->pr) cm_cpu_program_free(e->pr);
+  if (e->pr) cm_program_free(e->pr);
   if (e->src && e->g)
     for (int i = 0; i < e->g->n_nodes; i++) cm_tensor_free(&e->src[i]);
   free(e->src);
@@ -209,10 +209,10 @@ cm_status cm_encoder_create(const cm_model_config *cfg, const cm_tensor_set *par
     if (e->src[i].data) e->cs[i] = e->ms[i] = &e->src[i];
   if (!opts->reference) {
     cm_err ce = {0};
-    cm_cpu_opts co = {0};
+    cm_compile_opts co = {0};
     /* An executor that cannot build this graph (not there yet) is not fatal:
      * the reference evaluator computes the same features, slower. */
-    if (cm_cpu_program_build(e->g, NULL, &co, &e->pr, &ce)) {
+    if (cm_compile(e->g, NULL, &co, &e->pr, &ce)) {
       e->pr = NULL;
       snprintf(e->fallback, sizeof e->fallback, "%s", ce.msg);
     }
@@ -272,7 +272,7 @@ static cm_status run_batch(cm_encoder *e, cm_tensor *in, const float *img, int n
   cm_status st;
   if (e->pr) {
     e->ms[e->img] = in;
-    st = cm_cpu_program_run(e->pr, e->ms, &result, err);
+    st = cm_program_run(e->pr, e->ms, &result, err);
     e->ms[e->img] = &e->src[e->img];
   } else {
     st = run_reference(e, in, &result, err);

@@ -1,12 +1,12 @@
 /* runtime/lr_schedule.c — the per-iteration learning-rate and EMA-momentum
  * schedules of CMAE pre-training (CMAE.md §4, §8: mmengine LinearLR warmup then
  * CosineAnnealingLR, both converted to iterations). */
-#include "runtime.h"
+#include "training.h"
 
 #include <math.h>
 
-cm_status cm_schedule_from_config(const cm_model_config *c, int64_t iters_per_epoch,
-                                  cm_schedule *out, cm_err *err) {
+cm_status cm_lr_schedule_from_config(const cm_model_config *c, int64_t iters_per_epoch,
+                                     cm_lr_schedule *out, cm_err *err) {
   if (iters_per_epoch < 1)
     return cm_errorf(err, CM_EINVALID, "schedule: iterations per epoch %lld must be >= 1",
                      (long long)iters_per_epoch);
@@ -38,7 +38,7 @@ cm_status cm_schedule_from_config(const cm_model_config *c, int64_t iters_per_ep
   return CM_OK;
 }
 
-double cm_schedule_lr(const cm_schedule *s, int64_t t) {
+double cm_lr_schedule_lr(const cm_lr_schedule *s, int64_t t) {
   if (t < 0) t = 0;
   if (s->total_iters > 0 && t >= s->total_iters) t = s->total_iters - 1;
   int64_t w = s->warmup_iters;
@@ -52,7 +52,7 @@ double cm_schedule_lr(const cm_schedule *s, int64_t t) {
   return s->min_lr + (s->peak_lr - s->min_lr) * (1.0 + c) / 2.0;
 }
 
-double cm_schedule_momentum(const cm_schedule *s, int64_t t) {
+double cm_lr_schedule_momentum(const cm_lr_schedule *s, int64_t t) {
   if (t < 0) t = 0;
   if (t > s->total_iters) t = s->total_iters;
   double k = s->total_iters > 0 ? (double)t / (double)s->total_iters : 1.0;

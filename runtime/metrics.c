@@ -1,7 +1,7 @@
 /* runtime/metrics.c — the training log: metrics.jsonl (append-only, one
  * flushed JSON object per step, so a crash loses at most the line being
  * written), its reader for plots, and the progress line. */
-#include "runtime.h"
+#include "training.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

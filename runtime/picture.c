@@ -1,7 +1,7 @@
 /* runtime/picture.c — images out: PNG files (libpng), tile grids for
  * `cmaec recon`, and line plots of training curves drawn with a built-in
  * 5x7 bitmap font (no font files, no plotting library). */
-#include "runtime.h"
+#include "training.h"
 
 #include <errno.h>
 #include <math.h>

@@ -3,7 +3,7 @@
  * seed and the step number (params from their seeded initializers, the
  * loader's draws keyed by (seed, epoch, index), the schedules by step), so a
  * run resumed from a checkpoint continues bitwise as if never stopped. */
-#include "runtime.h"
+#include "training.h"
 
 #include "../models/models.h"
 #include "../passes/passes.h"
@@ -93,7 +93,7 @@ typedef struct trainer {
   const cm_tensor **bound; /* for cm_eval */
   cm_tensor *values;       /* ref backend: every node's value */
   cm_tensor *outs;         /* cpu backend: graph outputs */
-  cm_cpu_program *prog;
+  cm_program *prog;
   cm_dataset *data;
   cm_loader *loader;
   cm_metrics_writer *metrics;
@@ -119,7 +119,7 @@ static void trainer_free(trainer *t) {
   free(t->outs);
   free(t->ckpt_names);
   free(t->ckpt_tensors);
-  cm_cpu_program_free(t->prog);
+  cm_program_free(t->prog);
   cm_loader_free(t->loader);
   cm_dataset_free(t->data);
   cm_metrics_close(t->metrics);
@@ -285,7 +285,7 @@ static cm_status run_step(trainer *t, const cm_tensor **out, cm_err *err) {
     return CM_OK;
   }
   for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&t->outs[j]);
-  if (cm_cpu_program_run(t->prog, (cm_tensor *const *)t->bound, t->outs, err)) return err->status;
+  if (cm_program_run(t->prog, (cm_tensor *const *)t->bound, t->outs, err)) return err->status;
   for (int j = 0; j < g->n_outputs; j++) out[j] = &t->outs[j];
   return CM_OK;
 }
@@ -319,18 +319,18 @@ static cm_status check_workers(const cm_model_config *c, bool folder, cm_err *er
 }
 
 /* Step inputs: the batch and the step's scalars (lr, betas, step, momentum). */
-static cm_status prepare_step(trainer *t, const cm_schedule *sched, int64_t step, const cm_batch *b,
-                              double sv[N_SCALARS], cm_err *err) {
+static cm_status prepare_step(trainer *t, const cm_lr_schedule *sched, int64_t step,
+                              const cm_batch *b, double sv[N_SCALARS], cm_err *err) {
   if (b->n != t->cfg.optimizer.batch)
     return cm_errorf(err, CM_EINTERNAL, "cm_train: step %lld: the loader gave %d samples, not %d",
                      (long long)step, b->n, t->cfg.optimizer.batch);
   cm_status st = copy_batch(t, b, err);
   if (st) return st;
-  sv[0] = cm_schedule_lr(sched, step - 1);
+  sv[0] = cm_lr_schedule_lr(sched, step - 1);
   sv[1] = t->cfg.optimizer.beta1;
   sv[2] = t->cfg.optimizer.beta2;
   sv[3] = (double)step;
-  sv[4] = cm_schedule_momentum(sched, step - 1);
+  sv[4] = cm_lr_schedule_momentum(sched, step - 1);
   for (int k = 0; k < N_SCALARS; k++)
     if (t->scalar_id[k] >= 0) cm_tensor_set_f64(&t->src[t->scalar_id[k]], 0, sv[k]);
   return CM_OK;
@@ -376,9 +376,9 @@ static void nonfinite_ref(trainer *t, cm_nonfinite *nf) {
  * so step `step` is run again from the state it started from — the last checkpoint
  * this run wrote or resumed from (else the initial state), replayed up to it; the
  * run is deterministic, so the step goes non-finite the same way — checking every
- * kernel's outputs (cm_cpu_program_first_nonfinite). A replay estimated at over
+ * kernel's outputs (cm_program_first_nonfinite). A replay estimated at over
  * five minutes is skipped. Only a failed run pays for this. */
-static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_schedule *sched,
+static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_lr_schedule *sched,
                           int64_t step, const char *base_ckpt, double step_s, char *out,
                           size_t size) {
   cm_err err = {0};
@@ -436,7 +436,7 @@ static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_schedu
   cm_nonfinite nf = {0};
   if (!st) st = cm_loader_next(l, &b, &err);
   if (!st) st = prepare_step(t, sched, step, &b, sv, &err);
-  if (!st) st = cm_cpu_program_first_nonfinite(t->prog, (cm_tensor *const *)t->bound, &nf, &err);
+  if (!st) st = cm_program_first_nonfinite(t->prog, (cm_tensor *const *)t->bound, &nf, &err);
   if (st)
     snprintf(out, size, "not located (the replay failed: %s)", err.msg);
   else if (!nf.found)
@@ -552,9 +552,9 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     if (n->op == CM_OP_PARAM && !target) r->n_params += cm_type_numel(&n->type);
   }
   if (o->backend == CM_TRAIN_CPU) {
-    cm_cpu_opts co = {0};
+    cm_compile_opts co = {0};
     co.threads = o->threads;
-    if (cm_cpu_program_build(g, NULL, &co, &t->prog, err)) return err->status;
+    if (cm_compile(g, NULL, &co, &t->prog, err)) return err->status;
   }
   return CM_OK;
 }
@@ -570,11 +570,72 @@ static cm_status check_resume_steps(const cm_train_opts *o, const char *ckpt, lo
   return CM_OK;
 }
 
+/* A step's metrics outputs. */
+typedef struct step_values {
+  double loss, rc, ct, gn;
+} step_values;
+
+/* CM_EINVALID naming the first non-finite metric of the step and where the run
+ * first produced a non-finite tensor (the reference evaluator's walk, or the
+ * CPU backend's replay from ckpt; the run started after step `start` at time
+ * t_run); CM_OK when all are finite. */
+static cm_status check_finite(trainer *t, const step_values *sv, const cm_loader_opts *lo,
+                              const cm_lr_schedule *sched, int64_t step, const char *ckpt,
+                              int64_t start, double t_run, cm_err *err) {
+  double loss = sv->loss, lrc = sv->rc, lct = sv->ct, gn = sv->gn;
+  const char *which = !isfinite(lrc)    ? "loss_rc"
+                      : !isfinite(lct)  ? "loss_ct"
+                      : !isfinite(loss) ? "loss"
+                      : !isfinite(gn)   ? "grad_norm"
+                                        : NULL;
+  if (!which) return CM_OK;
+  double v = strcmp(which, "loss_rc") == 0   ? lrc
+             : strcmp(which, "loss_ct") == 0 ? lct
+             : strcmp(which, "loss") == 0    ? loss
+                                             : gn;
+  char where[600];
+  if (t->o->backend == CM_TRAIN_REF) {
+    cm_nonfinite nf;
+    nonfinite_ref(t, &nf);
+    if (nf.found)
+      nonfinite_str(&nf, where, sizeof where);
+    else
+      snprintf(where, sizeof where, "not located");
+  } else {
+    double step_s = step > start + 1 ? (now_s() - t_run) / (double)(step - 1 - start) : 1;
+    nonfinite_cpu(t, lo, sched, step, ckpt, step_s, where, sizeof where);
+  }
+  return cm_errorf(err, CM_EINVALID,
+                   "step %lld: non-finite %s (%g); first non-finite tensor in execution order: %s",
+                   (long long)step, which, v, where);
+}
+
+/* One metrics.jsonl row for the step just run (sc: the step's scalars, lr first). */
+static cm_status write_metrics(trainer *t, int64_t step, const cm_batch *b, const double *sc,
+                               const step_values *v, double ips, double ms, cm_err *err) {
+  cm_metrics_row row = {0};
+  row.step = step;
+  row.epoch = b->epoch;
+  row.loss_rc = v->rc;
+  row.loss_ct = v->ct;
+  row.loss = v->loss;
+  row.lr = sc[0];
+  row.momentum = sc[4];
+  row.images_per_s = ips;
+  row.step_ms = ms;
+  const char *xn[1] = {"grad_norm"};
+  double xv[1] = {v->gn};
+  row.n_extra = 1;
+  row.extra_names = xn;
+  row.extra_values = xv;
+  return cm_metrics_write(t->metrics, &row, err);
+}
+
 cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   memset(r, 0, sizeof *r);
   trainer t = {0};
   t.o = o;
-  cm_schedule sched;
+  cm_lr_schedule sched;
   cm_checkpoint_meta meta = {0};
   int64_t start = 0;
   char *ckpt = NULL;
@@ -615,7 +676,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
                   (long long)cm_loader_steps_per_epoch(t.loader), (long long)r->steps_per_epoch);
     goto done;
   }
-  if ((st = cm_schedule_from_config(&t.cfg, r->steps_per_epoch, &sched, err))) goto done;
+  if ((st = cm_lr_schedule_from_config(&t.cfg, r->steps_per_epoch, &sched, err))) goto done;
   r->total_steps = o->steps > 0 ? o->steps : sched.total_iters;
   r->first_step = r->last_step = start;
   if (start > r->total_steps) {
@@ -648,8 +709,8 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
             (long long)sched.warmup_iters, t.cfg.train.workers, t.cfg.train.workers == 1 ? "" : "s",
             o->backend == CM_TRAIN_REF ? "ref" : "cpu");
     if (t.prog) {
-      cm_cpu_stats cs;
-      cm_cpu_program_stats(t.prog, &cs);
+      cm_program_stats cs;
+      cm_program_stats_get(t.prog, &cs);
       fprintf(o->log, " (%d threads)", cs.threads);
     }
     fprintf(o->log, "; metrics %s, checkpoints %s/ckpt-<step>.safetensors\n", t.metrics_path,
@@ -680,62 +741,21 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
       cm_err_prefix(err, "step %lld: ", (long long)step);
       break;
     }
-    double loss = out_value(out, t.out_loss), lrc = out_value(out, t.out_rc),
-           lct = out_value(out, t.out_ct), gn = out_value(out, t.out_gn);
-    const char *which = !isfinite(lrc)    ? "loss_rc"
-                        : !isfinite(lct)  ? "loss_ct"
-                        : !isfinite(loss) ? "loss"
-                        : !isfinite(gn)   ? "grad_norm"
-                                          : NULL;
-    if (which) {
-      double v = strcmp(which, "loss_rc") == 0   ? lrc
-                 : strcmp(which, "loss_ct") == 0 ? lct
-                 : strcmp(which, "loss") == 0    ? loss
-                                                 : gn;
-      char where[600];
-      if (o->backend == CM_TRAIN_REF) {
-        cm_nonfinite nf;
-        nonfinite_ref(&t, &nf);
-        if (nf.found)
-          nonfinite_str(&nf, where, sizeof where);
-        else
-          snprintf(where, sizeof where, "not located");
-      } else {
-        double step_s = step > start + 1 ? (now_s() - t_run) / (double)(step - 1 - start) : 1;
-        nonfinite_cpu(&t, &lo, &sched, step, r->checkpoint[0] ? r->checkpoint : ckpt, step_s, where,
-                      sizeof where);
-      }
-      st =
-          cm_errorf(err, CM_EINVALID,
-                    "step %lld: non-finite %s (%g); first non-finite tensor in execution order: %s",
-                    (long long)step, which, v, where);
+    step_values v = {out_value(out, t.out_loss), out_value(out, t.out_rc), out_value(out, t.out_ct),
+                     out_value(out, t.out_gn)};
+    if ((st = check_finite(&t, &v, &lo, &sched, step, r->checkpoint[0] ? r->checkpoint : ckpt,
+                           start, t_run, err)))
       break;
-    }
     double ms = 1e3 * (now_s() - t0);
     images += b.n;
     double ips = (double)images / (now_s() - t_run);
-    cm_metrics_row row = {0};
-    row.step = step;
-    row.epoch = b.epoch;
-    row.loss_rc = lrc;
-    row.loss_ct = lct;
-    row.loss = loss;
-    row.lr = sv[0];
-    row.momentum = sv[4];
-    row.images_per_s = ips;
-    row.step_ms = ms;
-    const char *xn[1] = {"grad_norm"};
-    double xv[1] = {gn};
-    row.n_extra = 1;
-    row.extra_names = xn;
-    row.extra_values = xv;
-    if ((st = cm_metrics_write(t.metrics, &row, err))) break;
+    if ((st = write_metrics(&t, step, &b, sv, &v, ips, ms, err))) break;
     r->last_step = step;
-    r->loss = loss;
-    r->loss_rc = lrc;
-    r->loss_ct = lct;
+    r->loss = v.loss;
+    r->loss_rc = v.rc;
+    r->loss_ct = v.ct;
     r->images_per_s = ips;
-    if (o->log) cm_progress_update(&prog, step - 1, loss); /* 0-based: the step just run */
+    if (o->log) cm_progress_update(&prog, step - 1, v.loss); /* 0-based: the step just run */
     bool stopping = o->stop && *o->stop;
     if (stopping || step == r->total_steps ||
         (t.cfg.train.ckpt_every > 0 && step % t.cfg.train.ckpt_every == 0)) {

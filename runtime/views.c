@@ -4,7 +4,7 @@
  * token mask. Every draw is Philox(seed; epoch, index, draw). */
 #include "frontend/frontend.h"
 #include "models/models.h"
-#include "runtime/runtime.h"
+#include "runtime/training.h"
 
 #include <math.h>
 #include <stdlib.h>

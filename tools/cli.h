@@ -4,7 +4,7 @@
 #define CMAEC_CLI_H
 
 #include "../frontend/frontend.h"
-#include "../runtime/runtime.h"
+#include "../runtime/training.h"
 
 enum { EXIT_OK = 0, EXIT_INTERNAL = 1, EXIT_INVALID = 2 };
 

@@ -178,17 +178,17 @@ int cmd_run(int argc, char **argv) {
   }
   if ((rc = cli_bind_sources(g, pos[0], in_path, seed, NULL, &src))) goto done;
   if (cpu) {
-    cm_cpu_program *pr = NULL;
+    cm_program *pr = NULL;
     cm_tensor *outs = calloc((size_t)g->n_outputs + 1, sizeof *outs);
-    if (!outs || cm_cpu_program_build(g, NULL, NULL, &pr, &err) ||
-        cm_cpu_program_run(pr, (cm_tensor *const *)src.bound, outs, &err)) {
-      cm_cpu_program_free(pr);
+    if (!outs || cm_compile(g, NULL, NULL, &pr, &err) ||
+        cm_program_run(pr, (cm_tensor *const *)src.bound, outs, &err)) {
+      cm_program_free(pr);
       free(outs);
       rc = outs ? cli_report(&err, pos[0])
                 : (fprintf(stderr, "cmaec run: out of memory\n"), EXIT_INTERNAL);
       goto done;
     }
-    cm_cpu_program_free(pr);
+    cm_program_free(pr);
     /* the printing below reads values[] as after cm_eval; an output listed twice keeps one copy */
     for (int k = 0; k < g->n_outputs; k++) {
       if (values[g->outputs[k]].data)

@@ -611,14 +611,18 @@ static bool parse_emit(const char *s, emit_set *e) {
   return true;
 }
 
-static int write_text(const char *dir, const char *file, const char *text, size_t size) {
+/* Writes what the program emits (cm_program_emit, the whole program) to DIR/file. */
+static int write_emit(const cm_program *pr, const char *dir, const char *file, cm_emit what,
+                      const char *where) {
   char path[4096];
   snprintf(path, sizeof path, "%s/%s", dir, file);
   FILE *f = fopen(path, "wb");
-  bool ok = f && fwrite(text, 1, size, f) == size;
-  if (f && fclose(f) != 0) ok = false;
-  if (!ok) return fprintf(stderr, "%s: cannot write\n", path), EXIT_INVALID;
-  return EXIT_OK;
+  if (!f) return fprintf(stderr, "%s: cannot write\n", path), EXIT_INVALID;
+  cm_err err = {0};
+  cm_status st = cm_program_emit(pr, -1, what, f, &err);
+  if (fclose(f) != 0 && st == CM_OK)
+    return fprintf(stderr, "%s: cannot write\n", path), EXIT_INVALID;
+  return st == CM_OK ? EXIT_OK : cli_report(&err, where);
 }
 
 static double stage_flops(const cm_kstage *s) {
@@ -690,12 +694,8 @@ int cmd_compile(int argc, char **argv) {
   int n_pos, batch = 0;
   cm_graph *g = NULL;
   cm_plan *plan = NULL;
-  cm_kprogram prog = {0};
-  char *cuda_src = NULL;
-  cm_nvrtc *nvrtc = NULL;
-  cm_cubin cubin = {0};
+  cm_program *pr = NULL;
   cm_jit *jit = NULL;
-  LLVMModuleRef module = NULL;
   FILE *stats = NULL;
   cm_err err = {0};
   if (!cli_parse(mc.argc, mc.argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "compile")) {
@@ -765,91 +765,58 @@ int cmd_compile(int argc, char **argv) {
     goto done;
   }
   double t0 = now_seconds();
-  cm_lower_opts lo = {&tgt, opts[7].given, 0};
-  if (cm_lower_plan(g, plan, &lo, &prog, &err)) {
+  /* compiled only: the CPU's kernels are rendered where emitted, CUDA's through NVRTC when
+   * its code or its resource figures are asked for */
+  bool nvrtc = target == CM_TARGET_CUDA && (emit.cuda || emit.stats);
+  cm_compile_opts copts = {
+      .no_templates = opts[7].given, .compile_only = true, .render_only = !nvrtc, .plan = plan};
+  if (cm_compile(g, &tgt, &copts, &pr, &err)) {
     rc = cli_report(&err, path);
     goto done;
   }
-  double t_lower = now_seconds() - t0;
-  int n_stages = 0;
-  for (int i = 0; i < prog.n_kernels; i++) n_stages += prog.kernels[i].n_stages;
+  cm_program_stats pst;
+  cm_program_stats_get(pr, &pst);
+  const cm_kprogram *prog = cm_program_kernels(pr);
   printf("%s: %d kernels, %d stages, arena %.1f MiB, scratch %.1f MiB (lowered in %.0f ms)\n", path,
-         prog.n_kernels, n_stages, (double)prog.arena_bytes / 1048576.0,
-         (double)prog.max_scratch_bytes / 1048576.0, 1e3 * t_lower);
-  if (emit.kir) {
-    char *text = NULL;
-    size_t size = 0;
-    FILE *mem = open_memstream(&text, &size);
-    if (!mem) {
-      rc = EXIT_INTERNAL;
-      goto done;
-    }
-    for (int i = 0; i < prog.n_kernels; i++) cm_kernel_print(&prog.kernels[i], mem);
-    fclose(mem);
-    rc = write_text(dir, "kernels.kir", text, size);
-    free(text);
-    if (rc) goto done;
-  }
+         prog->n_kernels, pst.n_stages, (double)prog->arena_bytes / 1048576.0,
+         (double)prog->max_scratch_bytes / 1048576.0, pst.lower_ms);
+  if (emit.kir && (rc = write_emit(pr, dir, "kernels.kir", CM_EMIT_KERNEL_IR, path))) goto done;
   if (emit.llvm) {
     cm_jit_opts jo = {NULL, 3, NULL, NULL, 512, true}; /* $CMAEC_CPU may name any CPU */
-    if (cm_jit_create(&jit, &jo, &err)) {
+    if (cm_jit_create(&jit, &jo, &err)) {              /* for its description of the target */
       rc = cli_report(&err, "cmaec compile");
       goto done;
     }
-    module = LLVMModuleCreateWithNameInContext("cmaec_kernels", cm_jit_context(jit));
-    cm_llvm_render_opts ro = {0, opts[7].given, &tgt};
     t0 = now_seconds();
-    for (int i = 0; i < prog.n_kernels; i++)
-      if (cm_render_llvm(&prog.kernels[i], module, &ro, &err)) {
-        rc = cli_report(&err, path);
-        goto done;
-      }
-    char *ir = LLVMPrintModuleToString(module);
-    rc = write_text(dir, "kernels.ll", ir, strlen(ir));
-    LLVMDisposeMessage(ir);
-    if (rc) goto done;
-    char *opt = NULL, *asm_text = NULL;
-    if (cm_jit_render(jit, module, CM_JIT_TEXT_ASM, &asm_text, &err) ||
-        cm_jit_render(jit, module, CM_JIT_TEXT_IR, &opt, &err)) {
-      free(asm_text);
-      rc = cli_report(&err, path);
+    if ((rc = write_emit(pr, dir, "kernels.ll", CM_EMIT_SOURCE, path)) ||
+        (rc = write_emit(pr, dir, "kernels.s", CM_EMIT_ASM, path)) ||
+        (rc = write_emit(pr, dir, "kernels.opt.ll", CM_EMIT_OPT_IR, path)))
       goto done;
-    }
-    rc = write_text(dir, "kernels.opt.ll", opt, strlen(opt));
-    if (!rc) rc = write_text(dir, "kernels.s", asm_text, strlen(asm_text));
-    free(opt);
-    free(asm_text);
-    if (rc) goto done;
     printf("  llvm: %s/kernels.ll, kernels.opt.ll, kernels.s for %s (%.0f ms)\n", dir,
            cm_jit_target_description(jit), 1e3 * (now_seconds() - t0));
   }
-  cm_cuda_render_opts co = {arch, opts[7].given};
-  if (emit.cuda || (emit.stats && target == CM_TARGET_CUDA)) {
-    for (int i = 0; i < prog.n_kernels; i++)
-      if (cm_render_cuda(&prog.kernels[i], &co, i == 0, &cuda_src, &err)) {
-        rc = cli_report(&err, path);
-        goto done;
-      }
-    if (emit.cuda && (rc = write_text(dir, "kernels.cu", cuda_src ? cuda_src : "",
-                                      cuda_src ? strlen(cuda_src) : 0)))
+  cm_cuda_render_opts co = {target == CM_TARGET_CUDA ? &tgt : NULL, opts[7].given};
+  const char *nvrtc_version = "";
+  const cm_cubin *cubin = nvrtc ? cm_program_cubin(pr, &nvrtc_version) : NULL;
+  if (nvrtc && !cubin) {
+    fprintf(stderr, "cmaec compile: the CUDA backend made no CUBIN\n");
+    rc = EXIT_INTERNAL;
+    goto done;
+  }
+  if (emit.cuda) {
+    char name[64];
+    snprintf(name, sizeof name, "kernels.%s.cubin", arch);
+    if ((rc = write_emit(pr, dir, "kernels.cu", CM_EMIT_SOURCE, path)) ||
+        (rc = write_emit(pr, dir, name, CM_EMIT_BINARY, path)))
       goto done;
-    if (cm_nvrtc_load(&nvrtc, &err) ||
-        cm_nvrtc_compile(nvrtc, cuda_src ? cuda_src : "", "kernels.cu", arch, NULL, 0, &cubin,
-                         &err)) {
-      rc = cli_report(&err, "cmaec compile");
-      goto done;
-    }
-    if (emit.cuda) {
-      char name[64];
-      snprintf(name, sizeof name, "kernels.%s.cubin", arch);
-      if ((rc = write_text(dir, name, cubin.data, cubin.size))) goto done;
-    }
+  }
+  if (cubin) {
     int spills = 0;
-    for (int i = 0; i < cubin.n_kernels; i++)
-      spills += cubin.kernels[i].spill_store_bytes + cubin.kernels[i].spill_load_bytes > 0;
+    for (int i = 0; i < cubin->n_kernels; i++)
+      spills += cubin->kernels[i].spill_store_bytes + cubin->kernels[i].spill_load_bytes > 0;
     printf("  cuda: %d kernels compiled by NVRTC %s for %s in %.0f ms, %zu bytes of CUBIN, "
            "%d with spills\n",
-           cubin.n_kernels, cm_nvrtc_version(nvrtc), arch, cubin.compile_ms, cubin.size, spills);
+           cubin->n_kernels, nvrtc_version, arch, cubin->compile_ms, cubin->size, spills);
   }
   if (emit.stats) {
     char spath[4096];
@@ -865,8 +832,8 @@ int cmd_compile(int argc, char **argv) {
                 ? "\tregisters\tshared_bytes\tstack_bytes\tspill_bytes\tgrid\tblock"
                 : "");
     double total_flops = 0;
-    for (int i = 0; i < prog.n_kernels; i++) {
-      const cm_kernel *k = &prog.kernels[i];
+    for (int i = 0; i < prog->n_kernels; i++) {
+      const cm_kernel *k = &prog->kernels[i];
       for (int s = 0; s < k->n_stages; s++) {
         const cm_kstage *st = &k->stages[s];
         char dom[128], red[128];
@@ -880,7 +847,7 @@ int cmd_compile(int argc, char **argv) {
         if (target == CM_TARGET_CUDA) {
           char fn[160];
           snprintf(fn, sizeof fn, "%s_s%d", k->name, s);
-          const cm_cuda_kernel_info *ki = cm_cubin_kernel(&cubin, fn);
+          const cm_cuda_kernel_info *ki = cm_cubin_kernel(cubin, fn);
           cm_cuda_launch l = cm_cuda_stage_launch(k, s, &co);
           fprintf(stats, "\t%d\t%d\t%d\t%d\t%ux%ux%u\t%ux%ux%u", ki ? ki->registers : -1,
                   ki ? ki->shared_bytes + (int)l.shared_bytes : -1, ki ? ki->stack_bytes : -1,
@@ -901,12 +868,8 @@ int cmd_compile(int argc, char **argv) {
   }
 done:
   if (stats) fclose(stats);
-  if (module) LLVMDisposeModule(module);
   cm_jit_destroy(jit);
-  cm_cubin_free(&cubin);
-  cm_nvrtc_unload(nvrtc);
-  free(cuda_src);
-  cm_kprogram_free(&prog);
+  cm_program_free(pr);
   cm_plan_free(plan);
   cm_graph_free(g);
   model_cmd_free(&mc);

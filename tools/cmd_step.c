@@ -243,6 +243,60 @@ static void set_scalar(cm_tensor *t, double v) {
   cm_tensor_set_f64(t, 0, v);
 }
 
+/* cmaec step's numbers: --steps, --lr, --seed, --beta1/--beta2, --momentum. */
+typedef struct step_numbers {
+  uint64_t steps, seed;
+  double lr, beta1, beta2, momentum;
+} step_numbers;
+
+/* Reads them from opts (indices of cmd_step's table) into v; EXIT_INVALID (reported) on a bad
+ * value. */
+static int read_step_numbers(const cli_option *opts, step_numbers *v) {
+  v->steps = 0;
+  v->seed = 0;
+  v->lr = 0;
+  v->beta1 = 0.9;
+  v->beta2 = 0.95;
+  v->momentum = 0.996;
+  if (!cli_parse_u64(opts[2].value, &v->steps) || v->steps < 1 || v->steps > 100000000)
+    return fprintf(stderr, "cmaec step: --steps %s: not a positive integer\n", opts[2].value),
+           EXIT_INVALID;
+  if (!cli_parse_double(opts[3].value, &v->lr) || v->lr < 0)
+    return fprintf(stderr, "cmaec step: --lr %s: not a number >= 0\n", opts[3].value), EXIT_INVALID;
+  if (opts[5].given && !cli_parse_u64(opts[5].value, &v->seed))
+    return fprintf(stderr, "cmaec step: --seed %s: not a non-negative integer\n", opts[5].value),
+           EXIT_INVALID;
+  if ((opts[6].given &&
+       (!cli_parse_double(opts[6].value, &v->beta1) || v->beta1 < 0 || v->beta1 >= 1)) ||
+      (opts[7].given &&
+       (!cli_parse_double(opts[7].value, &v->beta2) || v->beta2 < 0 || v->beta2 >= 1)))
+    return fprintf(stderr, "cmaec step: --beta1/--beta2 must be in [0, 1)\n"), EXIT_INVALID;
+  if (opts[12].given &&
+      (!cli_parse_double(opts[12].value, &v->momentum) || v->momentum < 0 || v->momentum > 1))
+    return fprintf(stderr, "cmaec step: --momentum %s: not in [0, 1]\n", opts[12].value),
+           EXIT_INVALID;
+  return EXIT_OK;
+}
+
+/* --save: the step graph's params and optimizer state (every param and state
+ * tensor, by name) to a safetensors file; the exit code. */
+static int save_state(const cm_graph *sg, const cli_sources *src, const char *path, bool quiet) {
+  int rc = EXIT_OK;
+  cm_err err = {0};
+  cm_tensor_set out;
+  cm_tensor_set_init(&out);
+  for (int i = 0; i < sg->n_nodes && !rc; i++) {
+    cm_op op = sg->nodes[i].op;
+    if ((op == CM_OP_PARAM || op == CM_OP_STATE) &&
+        cm_tensor_set_add(&out, sg->nodes[i].name, &src->tensors[i], &err))
+      rc = cli_report(&err, path);
+  }
+  if (!rc && cm_safetensors_save(path, &out, &err)) rc = cli_report(&err, path);
+  cm_tensor_set_free(&out);
+  if (!rc && !quiet) printf("saved params and optimizer state to %s\n", path);
+  return rc;
+}
+
 int cmd_step(int argc, char **argv) {
   cli_option opts[] = {{"--help", false, NULL, false},         {"--loss", true, NULL, false},
                        {"--steps", true, NULL, false},         {"--lr", true, NULL, false},
@@ -264,31 +318,19 @@ int cmd_step(int argc, char **argv) {
   if (opts[0].given) return fputs(usage_step, stdout), EXIT_OK;
   if (n_pos != 1 || !opts[1].given || !opts[2].given || !opts[3].given)
     return fputs(usage_step, stderr), EXIT_INVALID;
-  uint64_t steps = 0, seed = 0;
-  double lr = 0, beta1 = 0.9, beta2 = 0.95, momentum = 0.996;
-  if (!cli_parse_u64(opts[2].value, &steps) || steps < 1 || steps > 100000000)
-    return fprintf(stderr, "cmaec step: --steps %s: not a positive integer\n", opts[2].value),
-           EXIT_INVALID;
-  if (!cli_parse_double(opts[3].value, &lr) || lr < 0)
-    return fprintf(stderr, "cmaec step: --lr %s: not a number >= 0\n", opts[3].value), EXIT_INVALID;
-  if (opts[5].given && !cli_parse_u64(opts[5].value, &seed))
-    return fprintf(stderr, "cmaec step: --seed %s: not a non-negative integer\n", opts[5].value),
-           EXIT_INVALID;
-  if ((opts[6].given && (!cli_parse_double(opts[6].value, &beta1) || beta1 < 0 || beta1 >= 1)) ||
-      (opts[7].given && (!cli_parse_double(opts[7].value, &beta2) || beta2 < 0 || beta2 >= 1)))
-    return fprintf(stderr, "cmaec step: --beta1/--beta2 must be in [0, 1)\n"), EXIT_INVALID;
-  if (opts[12].given &&
-      (!cli_parse_double(opts[12].value, &momentum) || momentum < 0 || momentum > 1))
-    return fprintf(stderr, "cmaec step: --momentum %s: not in [0, 1]\n", opts[12].value),
-           EXIT_INVALID;
+  step_numbers num;
+  int rc = read_step_numbers(opts, &num);
+  if (rc) return rc;
+  uint64_t steps = num.steps, seed = num.seed;
+  double lr = num.lr, beta1 = num.beta1, beta2 = num.beta2, momentum = num.momentum;
   bool quiet = opts[15].given;
   optim_options oo;
-  int rc = read_optim_options(opts, N_OPTS(opts), "step", &oo);
+  rc = read_optim_options(opts, N_OPTS(opts), "step", &oo);
   if (rc) return rc;
 
   cm_graph *g = NULL, *sg = NULL;
   cm_tensor *values = NULL, *outs = NULL;
-  cm_cpu_program *pr = NULL;
+  cm_program *pr = NULL;
   cm_tensor scalars[5] = {{{0}, 0}};
   cli_sources src = {0};
   cm_err err = {0};
@@ -336,7 +378,7 @@ int cmd_step(int argc, char **argv) {
       rc = (fprintf(stderr, "cmaec step: out of memory\n"), EXIT_INTERNAL);
       goto done;
     }
-    if (cm_cpu_program_build(sg, NULL, NULL, &pr, &err)) {
+    if (cm_compile(sg, NULL, NULL, &pr, &err)) {
       rc = cli_report(&err, pos[0]);
       goto done;
     }
@@ -345,7 +387,7 @@ int cmd_step(int argc, char **argv) {
     set_scalar(&scalars[3], (double)t);
     if (cpu) {
       /* the executor writes every assign into its state in place */
-      if (cm_cpu_program_run(pr, (cm_tensor *const *)src.bound, outs, &err)) {
+      if (cm_program_run(pr, (cm_tensor *const *)src.bound, outs, &err)) {
         rc = cli_report(&err, pos[0]);
         goto done;
       }
@@ -386,22 +428,9 @@ int cmd_step(int argc, char **argv) {
     for (int i = 0; i < sg->n_nodes; i++) cm_tensor_free(&values[i]);
     if (rc) goto done;
   }
-  if (opts[14].given) {
-    cm_tensor_set out;
-    cm_tensor_set_init(&out);
-    for (int i = 0; i < sg->n_nodes && !rc; i++) {
-      cm_op op = sg->nodes[i].op;
-      if ((op == CM_OP_PARAM || op == CM_OP_STATE) &&
-          cm_tensor_set_add(&out, sg->nodes[i].name, &src.tensors[i], &err))
-        rc = cli_report(&err, opts[14].value);
-    }
-    if (!rc && cm_safetensors_save(opts[14].value, &out, &err))
-      rc = cli_report(&err, opts[14].value);
-    cm_tensor_set_free(&out);
-    if (!rc && !quiet) printf("saved params and optimizer state to %s\n", opts[14].value);
-  }
+  if (opts[14].given) rc = save_state(sg, &src, opts[14].value, quiet);
 done:
-  cm_cpu_program_free(pr);
+  cm_program_free(pr);
   free(outs);
   for (int k = 0; k < 5; k++) cm_tensor_free(&scalars[k]);
   cli_sources_free(&src);

@@ -43,6 +43,64 @@ static bool parse_int(const char *s, int64_t max, int64_t *out) {
   return true;
 }
 
+/* The integer options (--epochs, --steps, --batch, --threads, --workers,
+ * --log-every, --ckpt-every, --keep) into o; false (reported) when one is out of range. */
+static bool int_options(cli_option *opts, cm_train_opts *o) {
+  int64_t v = 0;
+  static const struct {
+    int opt;
+    int64_t max;
+  } ints[] = {{2, 1000000},        {3, INT64_C(1) << 40},  {4, 1 << 20},    {8, 4096},
+              {9, CM_MAX_WORKERS}, {10, INT64_C(1) << 40}, {13, INT32_MAX}, {14, 1000000}};
+  for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++) {
+    cli_option *op = &opts[ints[k].opt];
+    if (!op->given) continue;
+    if (!parse_int(op->value, ints[k].max, &v) || v < 1) {
+      fprintf(stderr, "cmaec train: %s %s: not an integer in [1, %lld]\n", op->name, op->value,
+              (long long)ints[k].max);
+      return false;
+    }
+    switch (ints[k].opt) {
+    case 2: o->epochs = v; break;
+    case 3: o->steps = v; break;
+    case 4: o->batch = (int)v; break;
+    case 8: o->threads = (int)v; break;
+    case 10: o->log_every = v; break;
+    case 14: o->keep = (int)v; break;
+    default: break; /* --workers, --ckpt-every: config keys, set below */
+    }
+  }
+  return true;
+}
+
+/* --seed, --views, --workers and --ckpt-every as config keys (train.*, so
+ * checkpoints record them): "key=value" strings in set_buf appended to sets;
+ * false (reported) on a bad value. */
+static bool config_key_options(const cli_option *opts, const char **sets, int *n_sets,
+                               char set_buf[4][64]) {
+  static const struct {
+    int opt;
+    const char *key;
+  } keys[] = {
+      {11, "train.seed"}, {12, "train.views"}, {9, "train.workers"}, {13, "train.ckpt_every"}};
+  for (int q = 0; q < 4; q++) {
+    const cli_option *op = &opts[keys[q].opt];
+    if (!op->given) continue;
+    uint64_t u;
+    if (keys[q].opt == 11 && (!cli_parse_u64(op->value, &u) || u > INT32_MAX)) {
+      fprintf(stderr, "cmaec train: --seed %s: not an integer in [0, %d]\n", op->value, INT32_MAX);
+      return false;
+    }
+    if (keys[q].opt == 12 && strcmp(op->value, "shift") != 0 && strcmp(op->value, "rrc") != 0) {
+      fprintf(stderr, "cmaec train: --views %s: expected shift or rrc\n", op->value);
+      return false;
+    }
+    snprintf(set_buf[q], sizeof set_buf[q], "%s=%s", keys[q].key, op->value);
+    sets[(*n_sets)++] = set_buf[q];
+  }
+  return true;
+}
+
 int cmd_train(int argc, char **argv) {
   const char **sets = malloc(sizeof(char *) * (size_t)(argc + 5));
   char **args = malloc(sizeof(char *) * (size_t)(argc + 1));
@@ -101,30 +159,9 @@ int cmd_train(int argc, char **argv) {
   o.log = stdout;
   o.progress_tty = -1;
   o.stop = &stop_flag;
-  int64_t v = 0;
-  static const struct {
-    int opt;
-    int64_t max;
-  } ints[] = {{2, 1000000},        {3, INT64_C(1) << 40},  {4, 1 << 20},    {8, 4096},
-              {9, CM_MAX_WORKERS}, {10, INT64_C(1) << 40}, {13, INT32_MAX}, {14, 1000000}};
-  for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++) {
-    cli_option *op = &opts[ints[k].opt];
-    if (!op->given) continue;
-    if (!parse_int(op->value, ints[k].max, &v) || v < 1) {
-      fprintf(stderr, "cmaec train: %s %s: not an integer in [1, %lld]\n", op->name, op->value,
-              (long long)ints[k].max);
-      rc = EXIT_INVALID;
-      goto out;
-    }
-    switch (ints[k].opt) {
-    case 2: o.epochs = v; break;
-    case 3: o.steps = v; break;
-    case 4: o.batch = (int)v; break;
-    case 8: o.threads = (int)v; break;
-    case 10: o.log_every = v; break;
-    case 14: o.keep = (int)v; break;
-    default: break; /* --workers, --ckpt-every: config keys, set below */
-    }
+  if (!int_options(opts, &o)) {
+    rc = EXIT_INVALID;
+    goto out;
   }
   if (opts[2].given && opts[3].given) {
     fprintf(stderr, "cmaec train: give --epochs or --steps, not both\n");
@@ -133,27 +170,9 @@ int cmd_train(int argc, char **argv) {
   }
   /* the run's settings are config keys (train.*), so checkpoints record them */
   char set_buf[4][64];
-  static const struct {
-    int opt;
-    const char *key;
-  } keys[] = {
-      {11, "train.seed"}, {12, "train.views"}, {9, "train.workers"}, {13, "train.ckpt_every"}};
-  for (int q = 0; q < 4; q++) {
-    cli_option *op = &opts[keys[q].opt];
-    if (!op->given) continue;
-    uint64_t u;
-    if (keys[q].opt == 11 && (!cli_parse_u64(op->value, &u) || u > INT32_MAX)) {
-      fprintf(stderr, "cmaec train: --seed %s: not an integer in [0, %d]\n", op->value, INT32_MAX);
-      rc = EXIT_INVALID;
-      goto out;
-    }
-    if (keys[q].opt == 12 && strcmp(op->value, "shift") != 0 && strcmp(op->value, "rrc") != 0) {
-      fprintf(stderr, "cmaec train: --views %s: expected shift or rrc\n", op->value);
-      rc = EXIT_INVALID;
-      goto out;
-    }
-    snprintf(set_buf[q], sizeof set_buf[q], "%s=%s", keys[q].key, op->value);
-    sets[n_sets++] = set_buf[q];
+  if (!config_key_options(opts, sets, &n_sets, set_buf)) {
+    rc = EXIT_INVALID;
+    goto out;
   }
   o.overrides = sets;
   o.n_overrides = n_sets;

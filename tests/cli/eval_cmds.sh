@@ -57,7 +57,7 @@ EOF
   if expect_ok "$cmaec" recon "$tmp/run2" -o "$tmp/recon1.png" --n 1 --seed 5; then check_png "$tmp/recon1.png" 388x128; fi
   expect_fail 2 "--scale" "$cmaec" recon "$tmp/run2" -o "$tmp/x.png" --scale 0
 else
-  echo "skip: eval and recon (dataset-fashion-mnist is not installed: scripts/install-deps.sh)"
+  bad "eval and recon: dataset-fashion-mnist is not installed (scripts/install-deps.sh)"
 fi
 
 # ---- eval on an image folder (DIR/train, DIR/test), no Fashion-MNIST needed ------------

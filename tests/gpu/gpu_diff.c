@@ -104,9 +104,10 @@ static double uniform(void) {
 
 /* A program on the device: the lowered kernels of g's plan and their buffers. */
 typedef struct gpu_prog {
-  cm_graph *g; /* optimized copy */
-  cm_plan *plan;
-  cm_kprogram kp;
+  cm_program *prog;  /* compiled only (cm_compile): this driver launches its kernels */
+  const cm_graph *g; /* optimized copy */
+  const cm_plan *plan;
+  const cm_kprogram *kp;
   CUmodule module;
   CUfunction *fns; /* per kernel, per stage (flattened) */
   CUdeviceptr arena, scratch;
@@ -119,50 +120,41 @@ typedef struct gpu_prog {
 static bool prog_build(const cm_graph *g0, const char *arch, gpu_prog *p) {
   memset(p, 0, sizeof *p);
   cm_err err = {0};
-  cm_pass_state s = {cm_graph_clone(g0), NULL};
-  if (cm_pipeline_run(&s, cm_default_pipeline, NULL, NULL, 0, NULL, &err)) {
-    fprintf(stderr, "pipeline: %s\n", err.msg);
-    return false;
-  }
-  p->g = s.g;
-  p->plan = s.plan;
   cm_target cuda_target;
-  cm_target_cuda("sm_80", &cuda_target, NULL);
-  cm_lower_opts lo = {&cuda_target, false, 0};
-  if (cm_lower_plan(p->g, p->plan, &lo, &p->kp, &err)) {
-    fprintf(stderr, "lower: %s\n", err.msg);
+  if (cm_target_cuda(arch, &cuda_target, &err)) return fprintf(stderr, "%s\n", err.msg), false;
+  cm_compile_opts co = {.compile_only = true};
+  if (cm_compile(g0, &cuda_target, &co, &p->prog, &err)) {
+    fprintf(stderr, "compile: %s\n", err.msg);
     return false;
   }
+  p->g = cm_program_graph(p->prog);
+  p->plan = cm_program_plan(p->prog);
+  p->kp = cm_program_kernels(p->prog);
   char *src = NULL;
-  cm_cuda_render_opts ro = {arch, false};
-  for (int i = 0; i < p->kp.n_kernels; i++)
-    if (cm_render_cuda(&p->kp.kernels[i], &ro, i == 0, &src, &err)) {
-      fprintf(stderr, "render: %s\n", err.msg);
-      return false;
-    }
-  cm_nvrtc *nv = NULL;
-  cm_cubin cubin = {0};
-  if (cm_nvrtc_load(&nv, &err) ||
-      cm_nvrtc_compile(nv, src ? src : "", "kernels.cu", arch, NULL, 0, &cubin, &err)) {
-    fprintf(stderr, "nvrtc: %s\n", err.msg);
-    return false;
+  size_t src_size = 0;
+  FILE *mem = open_memstream(&src, &src_size);
+  if (!mem || cm_program_emit(p->prog, -1, CM_EMIT_SOURCE, mem, &err)) {
+    if (mem) fclose(mem);
+    free(src);
+    return fprintf(stderr, "emit: %s\n", err.msg), false;
   }
-  p->compile_ms = cubin.compile_ms;
+  fclose(mem);
+  const cm_cubin *cubin = cm_program_cubin(p->prog, NULL);
+  if (!cubin) return fprintf(stderr, "compile: no CUBIN\n"), false;
+  p->compile_ms = cubin->compile_ms;
   for (const char *q = src ? strstr(src, ", fused: ") : NULL; q; q = strstr(q + 1, ", fused: "))
     p->fused_spans++;
   free(src);
-  CU(cu.module_load(&p->module, cubin.data));
-  cm_cubin_free(&cubin);
-  cm_nvrtc_unload(nv);
+  CU(cu.module_load(&p->module, cubin->data));
   int n_fns = 0, n_bufs = 0;
-  for (int i = 0; i < p->kp.n_kernels; i++)
-    n_fns += p->kp.kernels[i].n_stages, n_bufs += p->kp.kernels[i].n_buffers;
+  for (int i = 0; i < p->kp->n_kernels; i++)
+    n_fns += p->kp->kernels[i].n_stages, n_bufs += p->kp->kernels[i].n_buffers;
   p->fns = calloc((size_t)n_fns + 1, sizeof *p->fns);
   p->consts = calloc((size_t)n_bufs + 1, sizeof *p->consts);
   p->source = calloc((size_t)p->g->n_nodes, sizeof *p->source);
   int f = 0, b = 0;
-  for (int i = 0; i < p->kp.n_kernels; i++) {
-    const cm_kernel *k = &p->kp.kernels[i];
+  for (int i = 0; i < p->kp->n_kernels; i++) {
+    const cm_kernel *k = &p->kp->kernels[i];
     for (int s2 = 0; s2 < k->n_stages; s2++) {
       char name[160];
       snprintf(name, sizeof name, "%s_s%d", k->name, s2);
@@ -182,9 +174,9 @@ static bool prog_build(const cm_graph *g0, const char *arch, gpu_prog *p) {
       free(data);
     }
   }
-  CU(cu.mem_alloc(&p->arena, (size_t)(p->kp.arena_bytes > 0 ? p->kp.arena_bytes : 64)));
+  CU(cu.mem_alloc(&p->arena, (size_t)(p->kp->arena_bytes > 0 ? p->kp->arena_bytes : 64)));
   CU(cu.mem_alloc(&p->scratch,
-                  (size_t)(p->kp.max_scratch_bytes > 0 ? p->kp.max_scratch_bytes : 64)));
+                  (size_t)(p->kp->max_scratch_bytes > 0 ? p->kp->max_scratch_bytes : 64)));
   for (int i = 0; i < p->g->n_nodes; i++) {
     cm_op op = p->g->nodes[i].op;
     if (op == CM_OP_INPUT || op == CM_OP_PARAM || op == CM_OP_STATE)
@@ -230,7 +222,7 @@ static bool download(const gpu_prog *p, int v, cm_tensor *out) {
 
 /* Before kernel ki: its inputs, each what its producer wrote. */
 static bool check_before(gpu_prog *p, int ki, run_check *rc) {
-  const cm_group *gr = &p->plan->groups[p->kp.kernels[ki].group];
+  const cm_group *gr = &p->plan->groups[p->kp->kernels[ki].group];
   for (int j = 0; j < gr->n_inputs; j++) {
     int v = gr->inputs[j];
     const cm_node *u = &p->g->nodes[v];
@@ -240,7 +232,7 @@ static bool check_before(gpu_prog *p, int ki, run_check *rc) {
     if (!was || !was->data ||
         memcmp(was->data, rc->in[v].data, cm_type_nbytes(&rc->in[v].type)) != 0) {
       fprintf(stderr, "%s: kernel %s reads %s, changed since it was %s\n", rc->what,
-              p->kp.kernels[ki].name, u->name, is_fed(u) ? "uploaded" : "written");
+              p->kp->kernels[ki].name, u->name, is_fed(u) ? "uploaded" : "written");
       rc->ok = false;
     }
     if (is_fed(u))
@@ -253,7 +245,7 @@ static bool check_before(gpu_prog *p, int ki, run_check *rc) {
 
 /* After kernel ki: its outputs within their bounds on the inputs it read. */
 static bool check_after(gpu_prog *p, int ki, run_check *rc) {
-  const cm_kernel *k = &p->kp.kernels[ki];
+  const cm_kernel *k = &p->kp->kernels[ki];
   const cm_group *gr = &p->plan->groups[k->group];
   for (int j = 0; j < gr->n_outputs; j++) {
     int v = gr->outputs[j];
@@ -291,8 +283,8 @@ static bool check_after(gpu_prog *p, int ki, run_check *rc) {
 /* Runs every kernel; with rc, kernel by kernel, each checked. */
 static bool prog_run(gpu_prog *p, run_check *rc) {
   int f = 0, b = 0;
-  for (int i = 0; i < p->kp.n_kernels; i++) {
-    const cm_kernel *k = &p->kp.kernels[i];
+  for (int i = 0; i < p->kp->n_kernels; i++) {
+    const cm_kernel *k = &p->kp->kernels[i];
     if (rc && !check_before(p, i, rc)) return false;
     CUdeviceptr ptr[256];
     void *args[256];
@@ -360,7 +352,7 @@ static bool check_graph(const char *what, const cm_graph *g, cm_tensor *src, con
   }
   printf("%-36s %5d kernels (%d fused attention)  worst |gpu - f64| / bound %.3g (%s)  %s  nvrtc "
          "%.0f ms",
-         what, p.kp.n_kernels, p.fused_spans, rc.worst, rc.worst_at, ok ? "ok" : "MISMATCH",
+         what, p.kp->n_kernels, p.fused_spans, rc.worst, rc.worst_at, ok ? "ok" : "MISMATCH",
          p.compile_ms);
   if (ms > 0) printf("  %.3f ms/run", ms);
   printf("\n");

@@ -8,6 +8,7 @@
  * 197; head dim 1, 5, 32, 64; heads 1, 3, 4; query blocks not dividing N). Also the verifier's span
  * rules and the printer. */
 #include "../test.h"
+#include "../testlib.h"
 #include "../tensor_compare.h"
 #include "codegen/codegen.h"
 #include "models/models.h"
@@ -19,10 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static uint64_t rng = 20261127;
+static test_rng rng = {20261127};
 static double uniform(void) {
-  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng >> 11) * 0x1p-53;
+  return test_uniform(&rng);
 }
 
 typedef struct shape {
@@ -185,15 +185,15 @@ static double run_check_bc(const cm_graph *g, const char *what, bool no_template
   }
   test_oracle v;
   CHECK_MSG(test_oracle_eval(&v, g, ptr, &err) == CM_OK, "%s: eval: %s", what, err.msg);
-  cm_cpu_opts o = {2, "", no_templates, false, 0, bc};
-  cm_cpu_program *pr = NULL;
+  cm_compile_opts o = {.threads = 2, .cache_dir = "", .no_templates = no_templates, .attn_bc = bc};
+  cm_program *pr = NULL;
   double worst = INFINITY;
-  CHECK_MSG(cm_cpu_program_build(g, NULL, &o, &pr, &err) == CM_OK, "%s: %s", what, err.msg);
+  CHECK_MSG(cm_compile(g, NULL, &o, &pr, &err) == CM_OK, "%s: %s", what, err.msg);
   if (pr) {
     cm_tensor *out = calloc((size_t)g->n_outputs, sizeof *out);
     cm_tensor **sp = calloc((size_t)g->n_nodes, sizeof *sp);
     for (int i = 0; i < g->n_nodes; i++) sp[i] = ptr[i] ? &src[i] : NULL;
-    CHECK_MSG(cm_cpu_program_run(pr, sp, out, &err) == CM_OK, "%s: %s", what, err.msg);
+    CHECK_MSG(cm_program_run(pr, sp, out, &err) == CM_OK, "%s: %s", what, err.msg);
     worst = 0;
     for (int j = 0; j < g->n_outputs; j++) {
       test_bounded e = test_oracle_check(&v, g->outputs[j], &out[j], what);
@@ -205,7 +205,7 @@ static double run_check_bc(const cm_graph *g, const char *what, bool no_template
     }
     free(out);
     free(sp);
-    cm_cpu_program_free(pr);
+    cm_program_free(pr);
   }
   for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&src[i]);
   test_oracle_free(&v);

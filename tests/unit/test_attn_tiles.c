@@ -11,6 +11,7 @@
  * contiguous along k packed into panels of rows that are not whole vectors go
  * through transposed W x W blocks (at.packA.kt): taken at least once. */
 #include "../test.h"
+#include "../testlib.h"
 #include "../tensor_compare.h"
 #include "codegen/codegen.h"
 #include "models/models.h"
@@ -23,10 +24,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static uint64_t rng = 0x5eed2026;
+static test_rng rng = {0x5eed2026};
 static double uniform(void) {
-  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng >> 11) * 0x1p-53;
+  return test_uniform(&rng);
 }
 
 typedef struct shape {
@@ -146,13 +146,13 @@ static double run_check(const cm_graph *g, const char *what) {
   }
   test_oracle v;
   CHECK_MSG(test_oracle_eval(&v, g, ptr, &err) == CM_OK, "%s: eval: %s", what, err.msg);
-  cm_cpu_opts o = {2, "", false, false, 0, 0};
-  cm_cpu_program *pr = NULL;
+  cm_compile_opts o = {.threads = 2, .cache_dir = ""};
+  cm_program *pr = NULL;
   double worst = INFINITY;
-  CHECK_MSG(cm_cpu_program_build(g, NULL, &o, &pr, &err) == CM_OK, "%s: %s", what, err.msg);
+  CHECK_MSG(cm_compile(g, NULL, &o, &pr, &err) == CM_OK, "%s: %s", what, err.msg);
   if (pr) {
     cm_tensor *out = calloc((size_t)g->n_outputs, sizeof *out);
-    CHECK_MSG(cm_cpu_program_run(pr, sp, out, &err) == CM_OK, "%s: %s", what, err.msg);
+    CHECK_MSG(cm_program_run(pr, sp, out, &err) == CM_OK, "%s: %s", what, err.msg);
     worst = 0;
     for (int j = 0; j < g->n_outputs; j++) {
       test_bounded e = test_oracle_check(&v, g->outputs[j], &out[j], what);
@@ -163,7 +163,7 @@ static double run_check(const cm_graph *g, const char *what) {
       cm_tensor_free(&out[j]);
     }
     free(out);
-    cm_cpu_program_free(pr);
+    cm_program_free(pr);
   }
   for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&src[i]);
   test_oracle_free(&v);

@@ -2,6 +2,7 @@
  * every differentiable op over random shapes with broadcasting and size-1 axes,
  * composite layers built from primitives, and hundreds of random graphs. */
 #include "../test.h"
+#include "../testlib.h"
 #include "frontend/frontend.h"
 #include "passes/passes.h"
 
@@ -14,19 +15,18 @@ typedef struct {
   double lo[4096], hi[4096]; /* value range per source node */
   bool is_int[4096];
   int64_t int_bound[4096];
-  uint64_t rng;
+  test_rng rng;
   bool allow_zero_gradient; /* e.g. max of tiny shapes: one side may never win */
 } harness;
 
 static double next_uniform(harness *h) {
-  h->rng = h->rng * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(h->rng >> 11) * 0x1p-53;
+  return test_uniform(&h->rng);
 }
 
 static void harness_init(harness *h, uint64_t seed) {
   memset(h, 0, sizeof *h);
   h->g = cm_graph_new();
-  h->rng = seed * 2654435761ull + 12345;
+  h->rng.s = seed * 2654435761ull + 12345;
 }
 
 /* A float param with values uniform in [lo, hi) (kept away from 0 when lo > 0);
@@ -547,63 +547,21 @@ static void test_composites(void) {
 
 /* ---- random graphs ------------------------------------------------------ */
 
-/* Grows a random well-typed graph of float ops from a few params; every
- * shape-changing op is followed so the graph stays connected to the loss. */
+/* Grows a random well-typed graph of float ops from a few params
+ * (testlib.h's test_random_op); the loss reads several late values. */
 static int random_graph(harness *h, int n_ops) {
   cm_graph *g = h->g;
-  int pool[256], np = 0;
+  test_pool pool = {{0}, 0};
   int64_t d[2];
   random_dims(h, 2, d);
   d[0]++, d[1]++;
-  for (int i = 0; i < 3; i++) pool[np++] = param(h, 2, d, 0.5, 1.5);
-  for (int s = 0; s < n_ops && np < 250; s++) {
-    int a = pool[(int)(next_uniform(h) * np)], b = pool[(int)(next_uniform(h) * np)];
-    const cm_type ta_value = g->nodes[a].type, *ta = &ta_value; /* nodes may move */
-    int y = -1;
-    double r = next_uniform(h);
-    if (r < 0.35) {
-      static const cm_op bin[] = {CM_OP_ADD, CM_OP_SUB, CM_OP_MUL, CM_OP_MAX, CM_OP_MIN};
-      if (cm_shape_equal(ta, &g->nodes[b].type))
-        y = cm_binary(g, bin[(int)(next_uniform(h) * 5)], a, b, NULL);
-    } else if (r < 0.6) {
-      static const cm_op un[] = {CM_OP_TANH, CM_OP_ERF, CM_OP_NEG, CM_OP_EXP, CM_OP_ABS};
-      cm_op op = un[(int)(next_uniform(h) * 5)];
-      /* exp only of tanh-bounded values, to keep magnitudes tame */
-      if (op == CM_OP_EXP) a = cm_unary(g, CM_OP_TANH, a, NULL);
-      y = cm_unary(g, op, a, NULL);
-    } else if (r < 0.7 && ta->rank == 2) {
-      int perm[2] = {1, 0};
-      int at = cm_permute(g, a, perm, NULL);
-      y = cm_matmul(g, a, at, false, false, NULL); /* [m,n] x [n,m] */
-      /* scaled so tanh stays away from saturation (tiny gradients drown in FD noise) */
-      y = cm_binary(g, CM_OP_MUL, y, scalar(g, y, 0.5 / (double)ta->dims[1]), NULL);
-      y = cm_unary(g, CM_OP_TANH, y, NULL);
-      int64_t s0[2] = {0, 0},
-              s1[2] = {ta->dims[0], ta->dims[0] < ta->dims[1] ? ta->dims[0] : ta->dims[1]};
-      y = cm_slice(g, y, s0, s1, NULL, NULL);
-      int64_t lo[2] = {0, 0}, hi[2] = {0, ta->dims[1] - s1[1]};
-      y = cm_pad(g, y, lo, hi, 0.25, NULL);
-    } else if (r < 0.8 && ta->rank == 2) {
-      int ax = next_uniform(h) < 0.5 ? 0 : 1;
-      y = cm_reduce(g, next_uniform(h) < 0.5 ? CM_OP_REDUCE_SUM : CM_OP_REDUCE_MAX, a, 1, &ax, true,
-                    NULL);
-      y = cm_broadcast(g, y, 2, ta->dims, NULL);
-    } else if (r < 0.9) {
-      int cond = cm_binary(g, CM_OP_LT, a, b, NULL);
-      if (cm_shape_equal(ta, &g->nodes[b].type))
-        y = cm_select(g, cond, a, cm_unary(g, CM_OP_TANH, b, NULL), NULL);
-    } else {
-      int in[2] = {a, a};
-      int c = cm_concat(g, 2, in, 1, NULL);
-      int64_t s0[2] = {0, 1}, s1[2] = {ta->dims[0], 2 * ta->dims[1]}, st[2] = {1, 2};
-      y = cm_slice(g, c, s0, s1, st, NULL);
-    }
-    if (y >= 0) pool[np++] = y;
-  }
+  for (int i = 0; i < 3; i++) pool.ids[pool.n++] = param(h, 2, d, 0.5, 1.5);
+  for (int s = 0; s < n_ops; s++) test_random_op(&h->rng, g, &pool, 0);
+  const int *ids = pool.ids, np = pool.n;
   /* the loss sums several late values so most of the graph matters */
   int loss = -1;
   for (int k = np - 1; k >= np - 3 && k >= 0; k--) {
-    int l = weighted_loss(h, pool[k]);
+    int l = weighted_loss(h, ids[k]);
     loss = loss < 0 ? l : cm_binary(g, CM_OP_ADD, loss, l, NULL);
   }
   return loss;

@@ -2,8 +2,9 @@
  * metadata, torn/corrupt files rejected naming the file, leftover temp files
  * ignored, pruning, and a writer SIGKILLed mid-write leaving the last good
  * checkpoint loadable. */
-#include "../../runtime/runtime.h"
+#include "../../runtime/training.h"
 #include "../test.h"
+#include "../testlib.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -13,12 +14,9 @@
 #include <time.h>
 #include <unistd.h>
 
-static uint64_t rng_state;
-static uint64_t next_u64(void) { /* splitmix64 */
-  uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
+static test_rng rng_state;
+static uint64_t next_u64(void) {
+  return test_u64(&rng_state);
 }
 
 static void fill_random(cm_tensor *t) {
@@ -74,7 +72,7 @@ static void make_tensors(cm_tensor *ts) {
 }
 
 static void test_roundtrip(void) {
-  rng_state = 11;
+  rng_state.s = 11;
   char dir[] = "/tmp/cmaec_ckpt_XXXXXX";
   make_dir(dir);
   cm_tensor ts[NT];
@@ -154,7 +152,7 @@ static void test_roundtrip(void) {
 }
 
 static void test_torn_and_corrupt(void) {
-  rng_state = 12;
+  rng_state.s = 12;
   char dir[] = "/tmp/cmaec_ckpt_XXXXXX";
   make_dir(dir);
   cm_tensor ts[NT];
@@ -216,7 +214,7 @@ static void test_torn_and_corrupt(void) {
 }
 
 static void test_leftover_tmp_latest_and_keep(void) {
-  rng_state = 13;
+  rng_state.s = 13;
   char dir[] = "/tmp/cmaec_ckpt_XXXXXX";
   make_dir(dir);
   cm_tensor ts[NT];

@@ -16,15 +16,15 @@
 #include "models/models.h"
 #include "passes/passes.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 
 #include <stdint.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-static uint64_t rng_state = 0x2545f4914f6cdd1dull;
+static test_rng rng_state = {0x2545f4914f6cdd1dull};
 static double uniform(void) {
-  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng_state >> 11) * 0x1p-53;
+  return test_uniform(&rng_state);
 }
 
 static bool has_prefix_in(const char *name, const char *const *prefixes) {

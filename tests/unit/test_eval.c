@@ -2,6 +2,7 @@
  * and independent formulas: every op, dtype paths, rounding, errors. */
 #include "ir/ir.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 
 #include <stdint.h>
 
@@ -9,12 +10,11 @@
 
 /* ---- helpers ----------------------------------------------------------- */
 
-static uint64_t lcg_state = 0x2545F4914F6CDD1DULL;
+static test_rng lcg_state = {0x2545F4914F6CDD1DULL};
 
 /* Uniform in [-1, 1), never 0. */
 static double rnd(void) {
-  lcg_state = lcg_state * 6364136223846793005ULL + 1442695040888963407ULL;
-  double v = 2.0 * ((double)(lcg_state >> 11) / 9007199254740992.0) - 1.0;
+  double v = 2.0 * test_uniform(&lcg_state) - 1.0;
   return v == 0 ? 0.5 : v;
 }
 

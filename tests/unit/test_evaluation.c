@@ -1,16 +1,13 @@
 /* tests/unit/test_evaluation.c — kNN (cosine, k, exp(sim/T) votes, tie
  * rules) and the linear probe on synthetic features: separable Gaussian
  * clusters (> 95%), random labels (about chance), a hand-computed example. */
-#include "../../runtime/runtime.h"
+#include "../../runtime/training.h"
 #include "../test.h"
+#include "../testlib.h"
 
-static uint64_t rng_state;
-static double uniform(void) { /* splitmix64 -> [0, 1) */
-  uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return (double)(z >> 11) / 9007199254740992.0;
+static test_rng rng_state;
+static double uniform(void) {
+  return test_uniform(&rng_state);
 }
 static double gauss(void) {
   double u = uniform(), v = uniform();
@@ -28,7 +25,7 @@ static void clusters(const double *centres, int classes, int d, int64_t n, doubl
 }
 
 static void test_gaussian_clusters(void) {
-  rng_state = 2024;
+  rng_state.s = 2024;
   enum { C = 5, D = 17, NTR = 503, NTE = 211 };
   double centres[C * D];
   for (int i = 0; i < C * D; i++) centres[i] = 4 * gauss() + 1.5;
@@ -62,7 +59,7 @@ static void test_gaussian_clusters(void) {
 }
 
 static void test_random_labels(void) {
-  rng_state = 7;
+  rng_state.s = 7;
   enum { C = 4, D = 9, NTR = 800, NTE = 600 };
   static float xtr[NTR * D], xte[NTE * D];
   static int32_t ytr[NTR], yte[NTE];

@@ -4,19 +4,17 @@
  * equal to the eval views, kNN/probe accuracies on a tiny image folder,
  * reconstructions and the encoder export's names and values. */
 #include "../../models/models.h"
-#include "../../runtime/runtime.h"
+#include "../../runtime/training.h"
 #include "../test.h"
+#include "../testlib.h"
 
 #include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-static uint64_t rng_state = 12345;
-static double next_unit(void) { /* splitmix64 -> [0, 1) */
-  uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return (double)((z ^ (z >> 31)) >> 11) / 9007199254740992.0;
+static test_rng rng_state = {12345};
+static double next_unit(void) {
+  return test_uniform(&rng_state);
 }
 
 /* A tiny ViT: 12x12 gray images, 4x4 patches (3x3 grid), width 12, 3 heads. */

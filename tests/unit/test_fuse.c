@@ -3,16 +3,16 @@
  * and a transformer block's training step, a verified plan whose group-by-group
  * evaluation equals the oracle. */
 #include "../test.h"
+#include "../testlib.h"
 #include "frontend/frontend.h"
 #include "models/models.h"
 #include "passes/passes.h"
 
 #include <stdint.h>
 
-static uint64_t rng_state = 12345;
+static test_rng rng_state = {12345};
 static double next_uniform(void) {
-  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng_state >> 11) * 0x1p-53;
+  return test_uniform(&rng_state);
 }
 
 static int bcast_to(cm_graph *g, int x, int like) {
@@ -374,66 +374,21 @@ static void test_transformer_block(void) {
   }
 }
 
-/* ---- random graphs (as tests/unit/test_autodiff.c grows them) -------------- */
+/* ---- random graphs (testlib.h's, as test_autodiff and test_plan grow them) -- */
 
 static int random_graph(cm_graph *g, int n_ops) {
-  int pool[256], np = 0;
+  test_pool pool = {{0}, 0};
   int64_t d[2] = {2 + (int64_t)(next_uniform() * 3), 2 + (int64_t)(next_uniform() * 3)};
-  for (int i = 0; i < 3; i++) pool[np++] = param(g, NULL, 2, d);
-  for (int s = 0; s < n_ops && np < 250; s++) {
-    int a = pool[(int)(next_uniform() * np)], b = pool[(int)(next_uniform() * np)];
-    const cm_type ta = g->nodes[a].type;
-    int y = -1;
-    double r = next_uniform();
-    if (r < 0.3) {
-      static const cm_op bin[] = {CM_OP_ADD, CM_OP_SUB, CM_OP_MUL, CM_OP_MAX, CM_OP_MIN};
-      if (cm_shape_equal(&ta, &g->nodes[b].type))
-        y = cm_binary(g, bin[(int)(next_uniform() * 5)], a, b, NULL);
-    } else if (r < 0.5) {
-      static const cm_op un[] = {CM_OP_TANH, CM_OP_ERF, CM_OP_NEG, CM_OP_EXP, CM_OP_ABS};
-      cm_op op = un[(int)(next_uniform() * 5)];
-      if (op == CM_OP_EXP) a = cm_unary(g, CM_OP_TANH, a, NULL);
-      y = cm_unary(g, op, a, NULL);
-    } else if (r < 0.6) {
-      int perm[2] = {1, 0};
-      y = cm_matmul(g, a, cm_permute(g, a, perm, NULL), false, false, NULL);
-      y = cm_unary(g, CM_OP_TANH, y, NULL);
-      int64_t s0[2] = {0, 0},
-              s1[2] = {ta.dims[0], ta.dims[0] < ta.dims[1] ? ta.dims[0] : ta.dims[1]};
-      y = cm_slice(g, y, s0, s1, NULL, NULL);
-      int64_t lo[2] = {0, 0}, hi[2] = {0, ta.dims[1] - s1[1]};
-      y = cm_pad(g, y, lo, hi, 0.25, NULL);
-    } else if (r < 0.75) {
-      int ax = next_uniform() < 0.5 ? 0 : 1;
-      y = cm_reduce(g, next_uniform() < 0.5 ? CM_OP_REDUCE_SUM : CM_OP_REDUCE_MAX, a, 1, &ax, true,
-                    NULL);
-      if (next_uniform() < 0.5) y = cm_unary(g, CM_OP_EXP, cm_unary(g, CM_OP_TANH, y, NULL), NULL);
-      y = cm_broadcast(g, y, 2, ta.dims, NULL);
-      if (next_uniform() < 0.5) y = cm_binary(g, CM_OP_SUB, a, y, NULL);
-    } else if (r < 0.85) {
-      int cond = cm_binary(g, CM_OP_LT, a, b, NULL);
-      if (cm_shape_equal(&ta, &g->nodes[b].type))
-        y = cm_select(g, cond, a, cm_unary(g, CM_OP_TANH, b, NULL), NULL);
-    } else if (r < 0.92) {
-      int in[2] = {a, a};
-      int c = cm_concat(g, 2, in, 1, NULL);
-      int64_t s0[2] = {0, 1}, s1[2] = {ta.dims[0], 2 * ta.dims[1]}, st[2] = {1, 2};
-      y = cm_slice(g, c, s0, s1, st, NULL);
-    } else {
-      int axes[2] = {0, 1};
-      int t = cm_reduce(g, CM_OP_REDUCE_SUM, a, 2, axes, false, NULL);
-      y = cm_binary(g, CM_OP_MUL, b,
-                    cm_broadcast(g, cm_unary(g, CM_OP_TANH, t, NULL), 2, ta.dims, NULL), NULL);
-    }
-    if (y >= 0) pool[np++] = y;
-  }
+  for (int i = 0; i < 3; i++) pool.ids[pool.n++] = param(g, NULL, 2, d);
+  for (int s = 0; s < n_ops; s++) test_random_op(&rng_state, g, &pool, 0);
+  const int *ids = pool.ids, np = pool.n;
   int loss = -1;
   for (int k = np - 1; k >= np - 3 && k >= 0; k--) {
-    int l = weighted_sum(g, pool[k], NULL);
+    int l = weighted_sum(g, ids[k], NULL);
     loss = loss < 0 ? l : cm_binary(g, CM_OP_ADD, loss, l, NULL);
   }
   /* a few intermediate values are outputs too */
-  for (int k = 3; k < np; k += 5) cm_graph_add_output(g, pool[k], NULL);
+  for (int k = 3; k < np; k += 5) cm_graph_add_output(g, ids[k], NULL);
   cm_graph_add_output(g, loss, NULL);
   return loss;
 }
@@ -441,7 +396,7 @@ static int random_graph(cm_graph *g, int n_ops) {
 static void test_random_graphs(void) {
   int fused_total = 0, nodes_total = 0;
   for (int i = 0; i < 300; i++) {
-    rng_state = 1000 + (uint64_t)i;
+    rng_state.s = 1000 + (uint64_t)i;
     cm_graph *g = cm_graph_new();
     int loss = random_graph(g, 4 + i % 16);
     CHECK_MSG(cm_graph_error(g) == NULL, "graph %d: %s", i, cm_graph_error(g));
@@ -472,10 +427,9 @@ static void model_counts(const char *config, int batch, const char *what) {
   cm_err err = {0};
   char path[512];
   snprintf(path, sizeof path, "models/%s", config); /* tests run in the source tree */
-  if (cm_model_config_load(path, NULL, 0, &cfg, &err)) {
-    fprintf(stderr, "%s: skipped: %s\n", what, err.msg);
-    return;
-  }
+  cm_status loaded = cm_model_config_load(path, NULL, 0, &cfg, &err);
+  CHECK_MSG(loaded == CM_OK, "%s: %s", what, err.msg); /* a shipped config: a failure, not a skip */
+  if (loaded != CM_OK) return;
   cm_model_build_opts opts = {batch, 1, CM_F32};
   cm_model m;
   memset(&m, 0, sizeof m);

@@ -6,6 +6,7 @@
  * and the shuffled pack of row-major A (6 rows of 16 k). Odd shapes: 1, primes, K not a multiple of
  * anything. */
 #include "../test.h"
+#include "../testlib.h"
 #include "../tensor_compare.h"
 #include "runtime/runtime.h"
 
@@ -13,10 +14,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static test_rng rng = {0x9e3779b97f4a7c15ull};
 static double uniform(void) { /* [-1, 1) */
-  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-  return (double)(rng >> 11) * 0x1p-52 - 1.0;
+  return test_uniform(&rng) * 2.0 - 1.0;
 }
 
 typedef struct gcase {
@@ -62,13 +62,13 @@ CM_NO_SANITIZE_FUNCTION static void run_case(const gcase *c) {
   test_oracle want;
   CHECK_MSG(test_oracle_eval(&want, g, srcp, &err) == CM_OK, "eval: %s", err.msg);
   for (int threads = 1; threads <= 2; threads++) {
-    cm_cpu_opts opts = {threads, "", false, true, 0, 0};
-    cm_cpu_program *pr = NULL;
-    cm_status st = cm_cpu_program_build(g, NULL, &opts, &pr, &err);
+    cm_compile_opts opts = {.threads = threads, .cache_dir = "", .profile = true};
+    cm_program *pr = NULL;
+    cm_status st = cm_compile(g, NULL, &opts, &pr, &err);
     CHECK_MSG(st == CM_OK, "build: %s", err.msg);
     if (st != CM_OK) break;
     cm_tensor out;
-    st = cm_cpu_program_run(pr, bound, &out, &err);
+    st = cm_program_run(pr, bound, &out, &err);
     CHECK_MSG(st == CM_OK, "run: %s", err.msg);
     if (st == CM_OK) {
       char what[96];
@@ -82,7 +82,7 @@ CM_NO_SANITIZE_FUNCTION static void run_case(const gcase *c) {
     }
     /* the split shows as a partial-sum GEMM stage and its sum */
     const cm_stage_profile *sp = NULL;
-    int n = cm_cpu_program_stage_profile(pr, &sp), parts = 0, sums = 0, gemms = 0;
+    int n = cm_program_stage_profile(pr, &sp), parts = 0, sums = 0, gemms = 0;
     for (int i = 0; i < n; i++) {
       parts += strstr(sp[i].stage->name, "_kpart") != NULL;
       sums += strstr(sp[i].stage->name, "_ksum") != NULL;
@@ -97,7 +97,7 @@ CM_NO_SANITIZE_FUNCTION static void run_case(const gcase *c) {
     CHECK_MSG(parts == (c->split ? 1 : 0) && sums == parts,
               "[%lldx%lld|%lld]: %d partial-sum stages, %d sums (split expected: %d)",
               (long long)c->M, (long long)c->N, (long long)c->K, parts, sums, c->split);
-    cm_cpu_program_free(pr);
+    cm_program_free(pr);
   }
   for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&src[i]);
   test_oracle_free(&want);

@@ -2,6 +2,7 @@
  * formatting, topological sorting, and error messages for malformed input. */
 #include "frontend/frontend.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 
 #include <stdint.h>
 #include <unistd.h>
@@ -250,7 +251,7 @@ static void test_numbers_are_shortest(void) {
 
 /* Random graphs of elementwise ops with random constant data. */
 static void test_round_trip_random(void) {
-  uint64_t state = 0x9e3779b97f4a7c15ull;
+  test_rng state = {0x9e3779b97f4a7c15ull};
   for (int round = 0; round < 20; round++) {
     cm_graph *g = cm_graph_new();
     int64_t dims[] = {3, 2};
@@ -258,16 +259,14 @@ static void test_round_trip_random(void) {
     ids[n++] = cm_input(g, "x", CM_F32, 2, dims);
     double data[6];
     for (int i = 0; i < 6; i++) {
-      state = state * 6364136223846793005ull + 1442695040888963407ull;
-      data[i] = ((double)(state >> 11) / 9007199254740992.0 - 0.5) * 1e3;
+      data[i] = (test_uniform(&state) - 0.5) * 1e3;
     }
     ids[n++] = cm_const_data(g, NULL, CM_F32, 2, dims, data);
     while (n < 16) {
-      state = state * 6364136223846793005ull + 1442695040888963407ull;
-      int a = ids[(state >> 33) % (uint64_t)n], b = ids[(state >> 40) % (uint64_t)n];
-      cm_op op = (state >> 50) % 2 ? CM_OP_ADD : CM_OP_MUL;
-      ids[n++] =
-          (state >> 45) % 3 ? cm_binary(g, op, a, b, NULL) : cm_unary(g, CM_OP_TANH, a, NULL);
+      uint64_t bits = test_rng_next(&state);
+      int a = ids[(bits >> 33) % (uint64_t)n], b = ids[(bits >> 40) % (uint64_t)n];
+      cm_op op = (bits >> 50) % 2 ? CM_OP_ADD : CM_OP_MUL;
+      ids[n++] = (bits >> 45) % 3 ? cm_binary(g, op, a, b, NULL) : cm_unary(g, CM_OP_TANH, a, NULL);
     }
     cm_graph_add_output(g, ids[15], NULL);
     CHECK(cm_graph_error(g) == NULL);
@@ -540,9 +539,8 @@ static void test_files(void) {
   cm_graph_free(g);
 }
 
-static double next_uniform(uint64_t *state) {
-  *state = *state * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(*state >> 11) / 9007199254740992.0 * 2.0 - 1.0;
+static double next_uniform(test_rng *r) {
+  return test_uniform(r) * 2.0 - 1.0;
 }
 
 /* examples/mlp.json computes what it says: relu(x W1^T + b1) W2^T + b2 and
@@ -554,7 +552,7 @@ static void test_mlp_example_values(void) {
     CHECK_MSG(false, "%s", err.msg);
     return;
   }
-  uint64_t rng = 12345;
+  test_rng rng = {12345};
   cm_tensor *src = calloc((size_t)g->n_nodes, sizeof(cm_tensor));
   const cm_tensor **srcp = calloc((size_t)g->n_nodes, sizeof(cm_tensor *));
   cm_tensor *values = calloc((size_t)g->n_nodes, sizeof(cm_tensor));
@@ -610,7 +608,7 @@ static void test_ops_tour_values(void) {
     CHECK_MSG(false, "%s", err.msg);
     return;
   }
-  uint64_t rng = 777;
+  test_rng rng = {777};
   cm_tensor *src = calloc((size_t)g->n_nodes, sizeof(cm_tensor));
   const cm_tensor **srcp = calloc((size_t)g->n_nodes, sizeof(cm_tensor *));
   cm_tensor *v = calloc((size_t)g->n_nodes, sizeof(cm_tensor));

@@ -58,9 +58,9 @@ static run_result run_oracle(const cm_graph *g, const double *const *vals) {
 static run_result run_cpu(const cm_graph *g, const double *const *vals, int threads, int runs) {
   run_result r;
   memset(&r, 0, sizeof r);
-  cm_cpu_opts o = {threads, "", false, false, 0, 0};
-  cm_cpu_program *pr = NULL;
-  r.st = cm_cpu_program_build(g, NULL, &o, &pr, &r.err);
+  cm_compile_opts o = {.threads = threads, .cache_dir = ""};
+  cm_program *pr = NULL;
+  r.st = cm_compile(g, NULL, &o, &pr, &r.err);
   CHECK_MSG(r.st == CM_OK, "build: %s", r.err.msg);
   if (r.st) return r;
   cm_tensor *src = make_sources(g, vals);
@@ -68,7 +68,7 @@ static run_result run_cpu(const cm_graph *g, const double *const *vals, int thre
   for (int i = 0; i < g->n_nodes; i++) ptr[i] = src[i].data ? &src[i] : NULL;
   cm_tensor *outs = calloc((size_t)g->n_outputs + 1, sizeof *outs);
   for (int k = 0; k < runs; k++) {
-    r.st = cm_cpu_program_run(pr, ptr, outs, &r.err);
+    r.st = cm_program_run(pr, ptr, outs, &r.err);
     if (r.st == CM_OK && k + 1 < runs)
       for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&outs[j]);
   }
@@ -79,7 +79,7 @@ static run_result run_cpu(const cm_graph *g, const double *const *vals, int thre
   free(outs);
   free(ptr);
   free_sources(g, src);
-  cm_cpu_program_free(pr);
+  cm_program_free(pr);
   return r;
 }
 
@@ -138,16 +138,16 @@ static void test_gather(void) {
     check_both(g, v_two, "index 3 at [0,1] outside [0, 3)", "two bad");
     if (dt == CM_I64) check_both(g, v_huge, "index 17179869184 at [1,1] outside [0, 3)", "2^34");
     /* a program that failed runs again: the next run with good indices is fine */
-    cm_cpu_opts o = {1, "", false, false, 0, 0};
-    cm_cpu_program *pr = NULL;
+    cm_compile_opts o = {.threads = 1, .cache_dir = ""};
+    cm_program *pr = NULL;
     cm_err err = {0};
-    CHECK(cm_cpu_program_build(g, NULL, &o, &pr, &err) == CM_OK);
+    CHECK(cm_compile(g, NULL, &o, &pr, &err) == CM_OK);
     if (pr) {
       cm_tensor *bad = make_sources(g, v_past), *good = make_sources(g, v_ok);
       cm_tensor *pb[2] = {&bad[0], &bad[1]}, *pg[2] = {&good[0], &good[1]};
       cm_tensor out[1];
-      CHECK(cm_cpu_program_run(pr, pb, out, &err) == CM_EINVALID);
-      cm_status again = cm_cpu_program_run(pr, pg, out, &err);
+      CHECK(cm_program_run(pr, pb, out, &err) == CM_EINVALID);
+      cm_status again = cm_program_run(pr, pg, out, &err);
       CHECK(again == CM_OK);
       if (again == CM_OK) { /* err still holds the first run's error */
         CHECK(cm_tensor_get_f64(&out[0], 1) == 3 && cm_tensor_get_f64(&out[0], 2) == 5);
@@ -155,7 +155,7 @@ static void test_gather(void) {
       }
       free_sources(g, bad);
       free_sources(g, good);
-      cm_cpu_program_free(pr);
+      cm_program_free(pr);
     }
     cm_graph_free(g);
   }
@@ -241,7 +241,7 @@ static void test_cuda_source(void) {
   CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &kp, &err) == CM_OK, "%s", err.msg);
   char *src = NULL;
   int checks = 0;
-  cm_cuda_render_opts ro = {"sm_80", false};
+  cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
   for (int i = 0; ps.plan && i < kp.n_kernels; i++) {
     for (int b = 0; b < kp.kernels[i].n_buffers; b++)
       checks +=

@@ -3,13 +3,13 @@
  * printer. */
 #include "codegen/codegen.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 
 #include <stdint.h>
 
-static uint64_t rng = 0x9E3779B97F4A7C15u;
+static test_rng rng = {0x9E3779B97F4A7C15u};
 static double urand(void) { /* in [-1, 1) */
-  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-  return (double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0;
+  return test_uniform(&rng) * 2.0 - 1.0;
 }
 
 /* x[i*c + j] -> exp(x) * 2 + y[j] over a 7 x 13 domain */

@@ -4,6 +4,7 @@
  * by CMAEC_CPU (codegen/cpu_target.c: vector width, cache key, unknown names, compile only). */
 #include "codegen/codegen.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 #include "tests/tensor_compare.h"
 
 #include <dirent.h>
@@ -93,12 +94,9 @@ static double now_ms(void) {
   return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
 }
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15u;
+static test_rng rng_state = {0x9e3779b97f4a7c15u};
 static float rand_float(void) {
-  rng_state ^= rng_state << 13;
-  rng_state ^= rng_state >> 7;
-  rng_state ^= rng_state << 17;
-  return (float)((rng_state >> 40) & 0xffffff) / (float)0x1000000 * 2.0f - 1.0f;
+  return (float)(test_u32(&rng_state) >> 8) / (float)0x1000000 * 2.0f - 1.0f;
 }
 
 /* Runs the JIT'd axpy on n random values: y + a x within the forward error bound

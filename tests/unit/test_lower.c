@@ -8,6 +8,7 @@
  * left there (sources: not yet updated), so the arena's reuse is checked too.
  * Structure: a GEMM stage with the template and a reduction stage exist. */
 #include "../test.h"
+#include "../testlib.h"
 #include "../model_step.h"
 #include "../tensor_compare.h"
 #include "codegen/codegen.h"
@@ -18,10 +19,9 @@
 #include <math.h>
 #include <stdint.h>
 
-static uint64_t rng_state = 777;
+static test_rng rng_state = {777};
 static double next_uniform(void) {
-  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng_state >> 11) * 0x1p-53;
+  return test_uniform(&rng_state);
 }
 
 static int bcast_to(cm_graph *g, int x, int like) {

@@ -1,7 +1,7 @@
 /* tests/unit/test_lr_schedule.c — lr and momentum schedules against the
  * published formulas (mmengine LinearLR + CosineAnnealingLR per iteration,
  * the CMAE momentum hook), and metrics.jsonl / progress output. */
-#include "../../runtime/runtime.h"
+#include "../../runtime/training.h"
 #include "../test.h"
 
 #include <unistd.h>
@@ -17,33 +17,33 @@ static double ref_lr(double peak, double f0, double eta_min, int64_t w, int64_t 
 static void test_lr_default_config(void) {
   cm_model_config c;
   cm_model_config_default(&c);
-  cm_schedule s;
+  cm_lr_schedule s;
   cm_err err = {0};
-  CHECK(cm_schedule_from_config(&c, 313, &s, &err) == CM_OK);
+  CHECK(cm_lr_schedule_from_config(&c, 313, &s, &err) == CM_OK);
   /* linear scaling rule: 1.5e-4 * 4096 / 256 = 2.4e-3 (CMAE.md §8) */
   CHECK_NEAR(s.peak_lr, 2.4e-3, 1e-15);
   CHECK(s.warmup_iters == 40 * 313);
   CHECK(s.total_iters == 300 * 313);
   int64_t w = s.warmup_iters, T = s.total_iters;
-  CHECK_NEAR(cm_schedule_lr(&s, 0), 2.4e-3 * 1e-4, 1e-12);
-  CHECK_NEAR(cm_schedule_lr(&s, 1), 2.4e-3 * (1e-4 + (1 - 1e-4) / (double)w), 1e-12);
-  CHECK_NEAR(cm_schedule_lr(&s, w / 2), 2.4e-3 * (1e-4 + (1 - 1e-4) * 0.5), 1e-12);
-  CHECK_NEAR(cm_schedule_lr(&s, w - 1), 2.4e-3 * (1e-4 + (1 - 1e-4) * (double)(w - 1) / (double)w),
-             1e-12);
-  CHECK_NEAR(cm_schedule_lr(&s, w), 2.4e-3, 1e-12); /* cosine starts at the peak */
-  CHECK_NEAR(cm_schedule_lr(&s, w + (T - w) / 2), 1.2e-3, 1e-12);
-  CHECK_NEAR(cm_schedule_lr(&s, T - 1), ref_lr(2.4e-3, 1e-4, 0, w, T, T - 1), 1e-14);
-  CHECK(cm_schedule_lr(&s, T - 1) > 0 && cm_schedule_lr(&s, T - 1) < 1e-9);
-  CHECK(cm_schedule_lr(&s, T + 100) == cm_schedule_lr(&s, T - 1));
+  CHECK_NEAR(cm_lr_schedule_lr(&s, 0), 2.4e-3 * 1e-4, 1e-12);
+  CHECK_NEAR(cm_lr_schedule_lr(&s, 1), 2.4e-3 * (1e-4 + (1 - 1e-4) / (double)w), 1e-12);
+  CHECK_NEAR(cm_lr_schedule_lr(&s, w / 2), 2.4e-3 * (1e-4 + (1 - 1e-4) * 0.5), 1e-12);
+  CHECK_NEAR(cm_lr_schedule_lr(&s, w - 1),
+             2.4e-3 * (1e-4 + (1 - 1e-4) * (double)(w - 1) / (double)w), 1e-12);
+  CHECK_NEAR(cm_lr_schedule_lr(&s, w), 2.4e-3, 1e-12); /* cosine starts at the peak */
+  CHECK_NEAR(cm_lr_schedule_lr(&s, w + (T - w) / 2), 1.2e-3, 1e-12);
+  CHECK_NEAR(cm_lr_schedule_lr(&s, T - 1), ref_lr(2.4e-3, 1e-4, 0, w, T, T - 1), 1e-14);
+  CHECK(cm_lr_schedule_lr(&s, T - 1) > 0 && cm_lr_schedule_lr(&s, T - 1) < 1e-9);
+  CHECK(cm_lr_schedule_lr(&s, T + 100) == cm_lr_schedule_lr(&s, T - 1));
   /* monotone up in warmup, down after */
   for (int64_t t = 1; t < T; t += 997) {
-    double a = cm_schedule_lr(&s, t - 1), b = cm_schedule_lr(&s, t);
+    double a = cm_lr_schedule_lr(&s, t - 1), b = cm_lr_schedule_lr(&s, t);
     CHECK_MSG(t <= w ? b > a : b <= a, "t=%lld", (long long)t);
     CHECK_NEAR(b, ref_lr(2.4e-3, 1e-4, 0, w, T, t), 1e-13);
   }
   /* CMAE default: momentum constant 0.996 */
-  CHECK_NEAR(cm_schedule_momentum(&s, 0), 0.996, 1e-15);
-  CHECK_NEAR(cm_schedule_momentum(&s, T / 3), 0.996, 1e-15);
+  CHECK_NEAR(cm_lr_schedule_momentum(&s, 0), 0.996, 1e-15);
+  CHECK_NEAR(cm_lr_schedule_momentum(&s, T / 3), 0.996, 1e-15);
 }
 
 static void test_lr_eta_min_and_no_warmup(void) {
@@ -54,52 +54,52 @@ static void test_lr_eta_min_and_no_warmup(void) {
   c.schedule.epochs = 7;
   c.schedule.warmup_epochs = 0;
   c.schedule.min_lr = 1e-5;
-  cm_schedule s;
+  cm_lr_schedule s;
   cm_err err = {0};
-  CHECK(cm_schedule_from_config(&c, 13, &s, &err) == CM_OK);
+  CHECK(cm_lr_schedule_from_config(&c, 13, &s, &err) == CM_OK);
   CHECK_NEAR(s.peak_lr, 3.75e-4, 1e-15);
   CHECK(s.warmup_iters == 0 && s.total_iters == 91);
-  CHECK_NEAR(cm_schedule_lr(&s, 0), 3.75e-4, 1e-15); /* warmup 0: straight into cosine */
+  CHECK_NEAR(cm_lr_schedule_lr(&s, 0), 3.75e-4, 1e-15); /* warmup 0: straight into cosine */
   for (int64_t t = 0; t < 91; t += 7)
-    CHECK_NEAR(cm_schedule_lr(&s, t), ref_lr(3.75e-4, 1e-4, 1e-5, 0, 91, t), 1e-15);
-  CHECK(cm_schedule_lr(&s, 90) > 1e-5);
-  CHECK(cm_schedule_lr(&s, 90) < 1e-5 + 1e-6);
+    CHECK_NEAR(cm_lr_schedule_lr(&s, t), ref_lr(3.75e-4, 1e-4, 1e-5, 0, 91, t), 1e-15);
+  CHECK(cm_lr_schedule_lr(&s, 90) > 1e-5);
+  CHECK(cm_lr_schedule_lr(&s, 90) < 1e-5 + 1e-6);
 
   /* warmup of one iteration: t=0 uses the start factor, t=1 the peak */
   c.schedule.warmup_epochs = 1;
-  CHECK(cm_schedule_from_config(&c, 1, &s, &err) == CM_OK);
-  CHECK_NEAR(cm_schedule_lr(&s, 0), 3.75e-4 * 1e-4, 1e-15);
-  CHECK_NEAR(cm_schedule_lr(&s, 1), 3.75e-4, 1e-15);
+  CHECK(cm_lr_schedule_from_config(&c, 1, &s, &err) == CM_OK);
+  CHECK_NEAR(cm_lr_schedule_lr(&s, 0), 3.75e-4 * 1e-4, 1e-15);
+  CHECK_NEAR(cm_lr_schedule_lr(&s, 1), 3.75e-4, 1e-15);
 
   /* errors */
   c.schedule.warmup_epochs = 7;
-  CHECK(cm_schedule_from_config(&c, 13, &s, &err) == CM_EINVALID);
+  CHECK(cm_lr_schedule_from_config(&c, 13, &s, &err) == CM_EINVALID);
   CHECK_STR_CONTAINS(err.msg, "warmup_epochs");
   c.schedule.warmup_epochs = 1;
-  CHECK(cm_schedule_from_config(&c, 0, &s, &err) == CM_EINVALID);
+  CHECK(cm_lr_schedule_from_config(&c, 0, &s, &err) == CM_EINVALID);
   c.optimizer.batch = 0;
-  CHECK(cm_schedule_from_config(&c, 5, &s, &err) == CM_EINVALID);
+  CHECK(cm_lr_schedule_from_config(&c, 5, &s, &err) == CM_EINVALID);
   CHECK_STR_CONTAINS(err.msg, "optimizer.batch");
 }
 
 static void test_momentum_ramp(void) {
-  cm_schedule s = {.peak_lr = 1,
-                   .warmup_start_factor = 1e-4,
-                   .warmup_iters = 3,
-                   .total_iters = 1000,
-                   .momentum_base = 0.99,
-                   .momentum_end = 1.0};
+  cm_lr_schedule s = {.peak_lr = 1,
+                      .warmup_start_factor = 1e-4,
+                      .warmup_iters = 3,
+                      .total_iters = 1000,
+                      .momentum_base = 0.99,
+                      .momentum_end = 1.0};
   const double pi = 3.14159265358979323846;
   int64_t ks[] = {0, 1, 250, 499, 500, 501, 999, 1000};
   for (int i = 0; i < 8; i++) {
     double k = (double)ks[i];
     double ref = 1.0 - (1.0 - 0.99) * (cos(pi * k / 1000) + 1) / 2;
-    CHECK_NEAR(cm_schedule_momentum(&s, ks[i]), ref, 1e-15);
+    CHECK_NEAR(cm_lr_schedule_momentum(&s, ks[i]), ref, 1e-15);
   }
-  CHECK_NEAR(cm_schedule_momentum(&s, 0), 0.99, 1e-15);
-  CHECK_NEAR(cm_schedule_momentum(&s, 500), 0.995, 1e-15);
-  CHECK_NEAR(cm_schedule_momentum(&s, 1000), 1.0, 1e-15);
-  CHECK_NEAR(cm_schedule_momentum(&s, 5000), 1.0, 1e-15);
+  CHECK_NEAR(cm_lr_schedule_momentum(&s, 0), 0.99, 1e-15);
+  CHECK_NEAR(cm_lr_schedule_momentum(&s, 500), 0.995, 1e-15);
+  CHECK_NEAR(cm_lr_schedule_momentum(&s, 1000), 1.0, 1e-15);
+  CHECK_NEAR(cm_lr_schedule_momentum(&s, 5000), 1.0, 1e-15);
 }
 
 static void test_metrics_roundtrip(void) {

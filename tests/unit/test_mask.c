@@ -1,13 +1,13 @@
 /* Tests of the host-side masks (models/mask.c) against CMAE.md §2. */
 #include "../../models/models.h"
 #include "../test.h"
+#include "../testlib.h"
 
 #include <stdint.h>
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static test_rng rng_state = {0x9e3779b97f4a7c15ull};
 static double next_u(void) {
-  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng_state >> 11) / 9007199254740992.0;
+  return test_uniform(&rng_state);
 }
 
 /* Rank of element i among u[0..n) in a stable ascending order. */

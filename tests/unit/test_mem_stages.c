@@ -13,6 +13,7 @@
 #include "codegen/codegen.h"
 #include "runtime/runtime.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 #include "tests/tensor_compare.h"
 #include "tests/llvm_kernels.h"
 
@@ -20,12 +21,9 @@
 #include <math.h>
 #include <stdint.h>
 
-static uint64_t rng_state = 0x2545f4914f6cdd1dull;
+static test_rng rng_state = {0x2545f4914f6cdd1dull};
 static double urand(double lo, double hi) {
-  rng_state ^= rng_state << 13;
-  rng_state ^= rng_state >> 7;
-  rng_state ^= rng_state << 17;
-  return lo + (hi - lo) * (double)(rng_state >> 11) / 9007199254740992.0;
+  return test_uniform_in(&rng_state, lo, hi);
 }
 
 /* got within node v's bound (a failure names the element and the figures). */
@@ -45,10 +43,11 @@ static int check_vs_oracle(const cm_graph *g, const cm_tensor *const *src, bool 
   cm_err err = {0};
   test_oracle v;
   CHECK_MSG(test_oracle_eval(&v, g, src, &err) == CM_OK, "%s: eval: %s", what, err.msg);
-  cm_cpu_opts o = {2, "", no_templates, true, 0, 0};
-  cm_cpu_program *pr = NULL;
+  cm_compile_opts o = {
+      .threads = 2, .cache_dir = "", .no_templates = no_templates, .profile = true};
+  cm_program *pr = NULL;
   int tmpl = -1;
-  cm_status st = cm_cpu_program_build(g, NULL, &o, &pr, &err);
+  cm_status st = cm_compile(g, NULL, &o, &pr, &err);
   CHECK_MSG(st == CM_OK, "%s: build: %s", what, err.msg);
   if (st == CM_OK) {
     cm_tensor *out = calloc((size_t)g->n_outputs + 1, sizeof *out);
@@ -59,14 +58,14 @@ static int check_vs_oracle(const cm_graph *g, const cm_tensor *const *src, bool 
         cm_tensor_copy(&copy[i], src[i], NULL);
         ptr[i] = &copy[i];
       }
-    st = cm_cpu_program_run(pr, ptr, out, &err);
+    st = cm_program_run(pr, ptr, out, &err);
     CHECK_MSG(st == CM_OK, "%s: run: %s", what, err.msg);
     for (int j = 0; j < g->n_outputs && st == CM_OK; j++)
       expect_bounded(&v, g->outputs[j], &out[j], what);
     for (int i = 0; i < g->n_nodes && st == CM_OK; i++)
       if (g->nodes[i].op == CM_OP_ASSIGN) expect_bounded(&v, i, &copy[g->nodes[i].inputs[0]], what);
     const cm_stage_profile *sp;
-    int n = cm_cpu_program_stage_profile(pr, &sp);
+    int n = cm_program_stage_profile(pr, &sp);
     size_t ls = strlen(stage_suffix);
     for (int i = 0; i < n; i++) {
       size_t ln = strlen(sp[i].stage->name);
@@ -77,7 +76,7 @@ static int check_vs_oracle(const cm_graph *g, const cm_tensor *const *src, bool 
     for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&out[j]);
     for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&copy[i]);
     free(out), free(copy), free(ptr);
-    cm_cpu_program_free(pr);
+    cm_program_free(pr);
   }
   test_oracle_free(&v);
   return tmpl;
@@ -500,11 +499,11 @@ static void test_graphs(void) {
     cm_err err = {0};
     test_oracle v;
     CHECK_MSG(test_oracle_eval(&v, g, src, &err) == CM_OK, "pow: eval: %s", err.msg);
-    cm_cpu_opts o = {2, "", false, false, 0, 0};
-    cm_cpu_program *pr = NULL;
+    cm_compile_opts o = {.threads = 2, .cache_dir = ""};
+    cm_program *pr = NULL;
     cm_tensor out = {0};
-    if (cm_cpu_program_build(g, NULL, &o, &pr, &err) == CM_OK &&
-        cm_cpu_program_run(pr, (cm_tensor *const *)src, &out, &err) == CM_OK) {
+    if (cm_compile(g, NULL, &o, &pr, &err) == CM_OK &&
+        cm_program_run(pr, (cm_tensor *const *)src, &out, &err) == CM_OK) {
       /* finite results within their bounds, NaN and infinities exact, an f64
          value beyond f32's range the infinity it rounds to; and the sign */
       int y = g->outputs[0];
@@ -520,7 +519,7 @@ static void test_graphs(void) {
       CHECK_MSG(false, "pow: %s", err.msg);
     }
     cm_tensor_free(&out);
-    cm_cpu_program_free(pr);
+    cm_program_free(pr);
     test_oracle_free(&v);
     free_sources(g, t, src);
     cm_graph_free(g);

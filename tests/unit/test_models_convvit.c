@@ -3,6 +3,7 @@
  * pixels), agreement with a plain-C reference of the ConvMAE forward, gradients
  * against finite differences, and the ConvViT-B parameter count. */
 #include "../test.h"
+#include "../testlib.h"
 #include "models/models.h"
 #include "passes/passes.h"
 
@@ -56,10 +57,9 @@ static built build(const cm_model_config *c, int batch, int n_keep, bool masked,
   return b;
 }
 
-static uint64_t lcg_state = 12345;
+static test_rng lcg_state = {12345};
 static double uniform_pm1(void) {
-  lcg_state = lcg_state * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(lcg_state >> 11) * 0x1p-53 * 2 - 1;
+  return test_uniform(&lcg_state) * 2 - 1;
 }
 
 /* Source values: params from their initializers, except that LayerNorm weights
@@ -79,7 +79,7 @@ static values make_values(const cm_graph *g, const cm_tensor *img, const cm_tens
                           const cm_tensor *mask) {
   values v = {calloc((size_t)g->n_nodes, sizeof(cm_tensor)),
               calloc((size_t)g->n_nodes, sizeof(cm_tensor *)), g->n_nodes};
-  uint64_t saved = lcg_state;
+  uint64_t saved = lcg_state.s;
   for (int i = 0; i < g->n_nodes; i++) {
     const cm_node *nd = &g->nodes[i];
     if (nd->op == CM_OP_PARAM) {
@@ -89,7 +89,7 @@ static values make_values(const cm_graph *g, const cm_tensor *img, const cm_tens
                 err.msg);
       if (is_affine_or_bias(nd->name)) {
         /* values depend on the name only, so two graphs get the same params */
-        lcg_state = cm_hash_str(nd->name);
+        lcg_state.s = cm_hash_str(nd->name);
         int64_t cnt = cm_type_numel(&nd->type);
         bool ln_weight = strstr(nd->name, ".weight") != NULL;
         for (int64_t e = 0; e < cnt; e++)
@@ -102,7 +102,7 @@ static values make_values(const cm_graph *g, const cm_tensor *img, const cm_tens
       if (strcmp(nd->name, "mask") == 0) v.sources[i] = mask;
     }
   }
-  lcg_state = saved;
+  lcg_state.s = saved;
   return v;
 }
 

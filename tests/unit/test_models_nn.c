@@ -4,13 +4,13 @@
 #include "../../models/models.h"
 #include "../../passes/passes.h"
 #include "../test.h"
+#include "../testlib.h"
 
 #include <stdint.h>
 
-static uint64_t rng_state = 0x2545f4914f6cdd1dull;
+static test_rng rng_state = {0x2545f4914f6cdd1dull};
 static double next_u(void) {
-  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng_state >> 11) / 9007199254740992.0;
+  return test_uniform(&rng_state);
 }
 static double next_sym(void) {
   return 2.0 * next_u() - 1.0;

@@ -6,13 +6,13 @@
 #include "../../models/models.h"
 #include "../../passes/passes.h"
 #include "../test.h"
+#include "../testlib.h"
 
 #include <stdint.h>
 
-static uint64_t rng_state = 0x853c49e6748fea9bull;
+static test_rng rng_state = {0x853c49e6748fea9bull};
 static double next_u(void) {
-  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng_state >> 11) / 9007199254740992.0;
+  return test_uniform(&rng_state);
 }
 
 /* The official config shrunk: 8x8 images, patch 2 (a 4x4 grid, 2x2 blocks of 4 cells). */

@@ -1,4 +1,4 @@
-/* cm_cpu_program_first_nonfinite: the first non-finite value of a run in
+/* cm_program_first_nonfinite: the first non-finite value of a run in
  * execution order — a source, else the first kernel output — with the node
  * that holds it and its producing op; nothing when every value is finite. */
 #include "../test.h"
@@ -24,7 +24,7 @@ static const char graph_text[] = "x: f32[4,8] = input\n"
 
 typedef struct fixture {
   cm_graph *g;
-  cm_cpu_program *pr;
+  cm_program *pr;
   cm_tensor src[16];
   cm_tensor *bound[16];
 } fixture;
@@ -35,8 +35,8 @@ static bool setup(fixture *f) {
   CHECK_MSG(cm_graph_parse(graph_text, &f->g, &err) == CM_OK, "%s", err.msg);
   if (!f->g) return false;
   CHECK(f->g->n_nodes <= 16);
-  cm_cpu_opts o = {1, "", false, false, 0, 0}; /* no object cache */
-  CHECK_MSG(cm_cpu_program_build(f->g, NULL, &o, &f->pr, &err) == CM_OK, "%s", err.msg);
+  cm_compile_opts o = {.threads = 1, .cache_dir = ""}; /* no object cache */
+  CHECK_MSG(cm_compile(f->g, NULL, &o, &f->pr, &err) == CM_OK, "%s", err.msg);
   if (!f->pr) return false;
   for (int i = 0; i < f->g->n_nodes; i++) {
     cm_op op = f->g->nodes[i].op;
@@ -49,7 +49,7 @@ static bool setup(fixture *f) {
 
 static void teardown(fixture *f) {
   for (int i = 0; i < 16; i++) cm_tensor_free(&f->src[i]);
-  cm_cpu_program_free(f->pr);
+  cm_program_free(f->pr);
   cm_graph_free(f->g);
 }
 
@@ -66,7 +66,7 @@ static void fill(cm_tensor *t, double v) {
 static void expect(fixture *f, const char *tensor, const char *op) {
   cm_nonfinite nf;
   cm_err err = {0};
-  cm_status st = cm_cpu_program_first_nonfinite(f->pr, f->bound, &nf, &err);
+  cm_status st = cm_program_first_nonfinite(f->pr, f->bound, &nf, &err);
   CHECK_MSG(st == CM_OK, "%s", err.msg);
   if (!tensor) {
     CHECK_MSG(!nf.found, "all finite, but %s (%s) was reported", nf.tensor, nf.op);
@@ -116,7 +116,7 @@ static void test_arguments(void) {
   cm_err err = {0};
   cm_tensor *x = f.bound[cm_graph_find(f.g, "x")];
   f.bound[cm_graph_find(f.g, "x")] = NULL;
-  CHECK(cm_cpu_program_first_nonfinite(f.pr, f.bound, &nf, &err) == CM_EINVALID);
+  CHECK(cm_program_first_nonfinite(f.pr, f.bound, &nf, &err) == CM_EINVALID);
   CHECK_STR_CONTAINS(err.msg, "source \"x\"");
   f.bound[cm_graph_find(f.g, "x")] = x;
   teardown(&f);

@@ -21,10 +21,12 @@
  * CMAEC_NVRTC_DUMP=DIR (write each compiled program there),
  * CMAEC_NVRTC_RENDER_ONLY=1 (count the unique kernels, compile nothing). */
 #include "../test.h"
+#include "../testlib.h"
 #include "../model_step.h"
 #include "../tensor_compare.h"
 #include "codegen/codegen.h"
 #include "models/models.h"
+#include "runtime/runtime.h"
 
 #include <ctype.h>
 #include <dlfcn.h>
@@ -346,28 +348,35 @@ static void collect_variant(int v) {
   cm_pass_state ps = {step, NULL};
   cm_status st = cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err);
   CHECK_MSG(st == CM_OK && ps.plan, "%s: %s", path, err.msg);
-  cm_kprogram prog = {0};
-  cm_target cuda_target;
-  cm_target_cuda("sm_80", &cuda_target, NULL);
-  cm_lower_opts lo = {&cuda_target, false, 0};
-  if (st == CM_OK && ps.plan) {
-    st = cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err);
-    CHECK_MSG(st == CM_OK, "%s: lowering: %s", path, err.msg);
+  /* the plan once; each arch's program lowers and renders it (cm_compile, rendered only) */
+  cm_program *pr[N_ARCHS] = {NULL};
+  for (int a = 0; a < N_ARCHS && st == CM_OK && ps.plan; a++) {
+    cm_target cuda_target;
+    cm_compile_opts co = {.compile_only = true, .render_only = true, .plan = ps.plan};
+    st = cm_target_cuda(ARCHS[a], &cuda_target, &err);
+    if (st == CM_OK) st = cm_compile(ps.g, &cuda_target, &co, &pr[a], &err);
+    CHECK_MSG(st == CM_OK, "%s: compile for %s: %s", path, ARCHS[a], err.msg);
   }
+  const cm_kprogram *prog = pr[0] ? cm_program_kernels(pr[0]) : &(cm_kprogram){0};
   vs->build_s = now_s() - t0;
   t0 = now_s();
-  vs->kernels = prog.n_kernels;
-  for (int i = 0; i < prog.n_kernels; i++) vs->stages += prog.kernels[i].n_stages;
+  vs->kernels = prog->n_kernels;
+  for (int i = 0; i < prog->n_kernels; i++) vs->stages += prog->kernels[i].n_stages;
   for (int a = 0; a < N_ARCHS && st == CM_OK; a++) {
-    cm_cuda_render_opts ro = {ARCHS[a], false};
     vs->ids[a] = calloc((size_t)vs->stages + 1, sizeof *vs->ids[a]);
     int at = 0;
-    for (int i = 0; i < prog.n_kernels && st == CM_OK; i++) {
-      const cm_kernel *k = &prog.kernels[i];
+    for (int i = 0; i < prog->n_kernels && st == CM_OK; i++) {
+      const cm_kernel *k = &prog->kernels[i];
       char *src = NULL;
-      st = cm_render_cuda(k, &ro, false, &src, &err);
+      size_t src_size = 0;
+      FILE *mem = open_memstream(&src, &src_size);
+      st = mem ? cm_program_emit(pr[a], i, CM_EMIT_SOURCE, mem, &err) : CM_EINTERNAL;
+      if (mem) fclose(mem);
       CHECK_MSG(st == CM_OK, "%s %s: render for %s: %s", path, k->name, ARCHS[a], err.msg);
-      if (st != CM_OK) break;
+      if (st != CM_OK) {
+        free(src);
+        break;
+      }
       /* one unit per stage function, in stage order */
       const char *fn = strstr(src, "extern \"C\" __global__ void ");
       for (int s = 0; s < k->n_stages; s++) {
@@ -397,7 +406,7 @@ static void collect_variant(int v) {
   vs->render_s = now_s() - t0;
   /* CUDA 12.1+ passes up to 32764 bytes of kernel parameters (sm_70 and later) */
   CHECK_MSG(vs->max_params * 8 <= 32764, "%s: a stage takes %d pointers", path, vs->max_params);
-  cm_kprogram_free(&prog);
+  for (int a = 0; a < N_ARCHS; a++) cm_program_free(pr[a]);
   cm_plan_free(ps.plan);
   cm_graph_free(ps.g);
 }
@@ -591,7 +600,7 @@ static bool emu_build(const cm_kprogram *p, emu_prog *e, bool *skipped) {
   cm_kernel empty;
   cm_kernel_init(&empty, "none");
   cm_err err = {0};
-  cm_cuda_render_opts ro = {"sm_80", false};
+  cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
   CHECK(cm_render_cuda(&empty, &ro, true, &pre, &err) == CM_OK);
   cm_kernel_free(&empty);
   fprintf(f, "%s%s\n", EMU_SHIM, pre ? pre : "");
@@ -660,7 +669,7 @@ static bool emu_build(const cm_kprogram *p, emu_prog *e, bool *skipped) {
 /* Runs kernel ki's stages in order, as the CUDA launches would. */
 CM_NO_SANITIZE_FUNCTION static bool emu_run_kernel(const emu_prog *e, const cm_kernel *k, int ki,
                                                    void **bufs) {
-  cm_cuda_render_opts ro = {"sm_80", false};
+  cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
   for (int st = 0; st < k->n_stages; st++) {
     cm_cuda_launch l = cm_cuda_stage_launch(k, st, &ro);
     /* grid-stride loops cover any grid: keep the host's thread count sane */
@@ -685,10 +694,9 @@ static void emu_free(emu_prog *e) {
   memset(e, 0, sizeof *e);
 }
 
-static uint64_t emu_rng = 0x9e3779b97f4a7c15ull;
+static test_rng emu_rng = {0x9e3779b97f4a7c15ull};
 static double emu_uniform(void) {
-  emu_rng = emu_rng * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(emu_rng >> 11) * 0x1p-53;
+  return test_uniform(&emu_rng);
 }
 
 /* Every runnable kernel of p (lowered from plan pl of g) on the host, each
@@ -715,7 +723,7 @@ static void emu_check_program(const cm_graph *g, const cm_plan *pl, const cm_kpr
     const cm_kernel *k = &p->kernels[ki];
     if (e.first_fn[ki] < 0) continue;
     const cm_group *gr = &pl->groups[k->group];
-    cm_cuda_render_opts ro = {"sm_80", false};
+    cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
     bool fused =
         k->n_stages > 1 &&
         (k->stages[0].tmpl == CM_KT_ATTENTION_FWD || k->stages[0].tmpl == CM_KT_ATTENTION_BWD) &&
@@ -812,18 +820,16 @@ static void test_cuda_kernels_on_host(void) {
     CHECK_MSG(!g->error.status && cm_autodiff(g, loss, 1, &x, &grad, &err) == CM_OK, "%s %s",
               g->error.msg, err.msg);
     CHECK(cm_graph_add_output(g, y, &err) == CM_OK && cm_graph_add_output(g, grad, &err) == CM_OK);
-    cm_pass_state ps = {g, NULL};
-    CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s",
-              err.msg);
-    cm_kprogram prog = {0};
     cm_target cuda_target;
     cm_target_cuda("sm_80", &cuda_target, NULL);
-    cm_lower_opts lo = {&cuda_target, false, 0};
-    CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err) == CM_OK, "%s", err.msg);
-    emu_check_program(ps.g, ps.plan, &prog, &kernels, &spans, &compared);
-    cm_kprogram_free(&prog);
-    cm_plan_free(ps.plan);
-    cm_graph_free(ps.g);
+    cm_compile_opts co = {.compile_only = true, .render_only = true};
+    cm_program *cp = NULL;
+    CHECK_MSG(cm_compile(g, &cuda_target, &co, &cp, &err) == CM_OK, "%s", err.msg);
+    if (cp)
+      emu_check_program(cm_program_graph(cp), cm_program_plan(cp), cm_program_kernels(cp), &kernels,
+                        &spans, &compared);
+    cm_program_free(cp);
+    cm_graph_free(g);
   }
   fprintf(stderr, "  %d kernels (%d fused attention spans) run on the host, %d outputs compared\n",
           kernels, spans, compared);
@@ -868,20 +874,19 @@ static void test_streaming_attention(void) {
         CHECK_MSG(cm_autodiff(g, loss, 3, wrt, grads, &err) == CM_OK, "%s", err.msg);
         for (int i = 0; i < 3; i++) CHECK(cm_graph_add_output(g, grads[i], &err) == CM_OK);
       }
-      cm_pass_state ps = {g, NULL};
-      CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s",
-                err.msg);
-      cm_kprogram prog = {0};
       cm_target cuda_target;
       cm_target_cuda("sm_80", &cuda_target, NULL);
-      cm_lower_opts lo = {&cuda_target, false, (int)shapes[si][4]};
-      CHECK_MSG(ps.plan && cm_lower_plan(ps.g, ps.plan, &lo, &prog, &err) == CM_OK, "%s", err.msg);
-      for (int ki = 0; ki < prog.n_kernels; ki++) {
-        const cm_kernel *kk = &prog.kernels[ki];
+      cm_compile_opts co = {
+          .attn_bc = (int)shapes[si][4], .compile_only = true, .render_only = true};
+      cm_program *cp = NULL;
+      CHECK_MSG(cm_compile(g, &cuda_target, &co, &cp, &err) == CM_OK, "%s", err.msg);
+      const cm_kprogram *prog = cp ? cm_program_kernels(cp) : &(cm_kprogram){0};
+      for (int ki = 0; ki < prog->n_kernels; ki++) {
+        const cm_kernel *kk = &prog->kernels[ki];
         if (kk->n_stages == 0 || !kk->stages[0].attn.stream) continue;
         bool bwd = kk->stages[0].tmpl == CM_KT_ATTENTION_BWD;
         if (!bwd && kk->stages[0].tmpl != CM_KT_ATTENTION_FWD) continue;
-        cm_cuda_render_opts ro = {"sm_80", false};
+        cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
         char *src = NULL;
         CHECK_MSG(cm_render_cuda(kk, &ro, true, &src, &err) == CM_OK, "%s", err.msg);
         const char *mark = bwd ? "attention backward, streaming" : "attention forward, streaming";
@@ -915,10 +920,11 @@ static void test_streaming_attention(void) {
         }
         free(src);
       }
-      emu_check_program(ps.g, ps.plan, &prog, &kernels, &spans, &compared);
-      cm_kprogram_free(&prog);
-      cm_plan_free(ps.plan);
-      cm_graph_free(ps.g);
+      if (cp)
+        emu_check_program(cm_program_graph(cp), cm_program_plan(cp), prog, &kernels, &spans,
+                          &compared);
+      cm_program_free(cp);
+      cm_graph_free(g);
     }
   }
   fprintf(stderr,

@@ -3,20 +3,21 @@
  * rewrites (constants, identities, duplicates, movement chains, transposes,
  * casts, dead code), and on a training step. */
 #include "../test.h"
+#include "../testlib.h"
 #include "passes/passes.h"
 
 #include <stdint.h>
 
-static uint64_t rng_state;
+static test_rng rng_state;
 static double uniform(void) {
-  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng_state >> 11) * 0x1p-53;
+  return test_uniform(&rng_state);
 }
 static int pick(int n) {
   return (int)(uniform() * n);
 }
 
-/* A random f32 graph over [m, k] values, with deliberate redundancy. */
+/* A random f32 graph over [m, k] values, with deliberate redundancy
+ * (testlib.h's test_random_op with TEST_OPS_REDUNDANT). */
 static cm_graph *random_graph(int n_ops) {
   cm_graph *g = cm_graph_new();
   int64_t d[2] = {2 + pick(3), 2 + pick(3)};
@@ -27,77 +28,12 @@ static cm_graph *random_graph(int n_ops) {
   pool[np++] = cm_const_data(g, NULL, CM_F32, 2, d, data);
   pool[np++] = cm_const_fill(g, NULL, CM_F32, 2, d, 1.0);
   pool[np++] = cm_const_fill(g, NULL, CM_F32, 2, d, -0.0);
-  for (int s = 0; s < n_ops && np < 500; s++) {
-    int a = pool[pick(np)], b = pool[pick(np)];
-    cm_type ta = g->nodes[a].type;
-    int y = -1;
-    switch (pick(11)) {
-    case 0: { /* binary, sometimes with an identity operand */
-      static const cm_op ops[] = {CM_OP_ADD, CM_OP_SUB, CM_OP_MUL, CM_OP_MAX, CM_OP_DIV};
-      cm_op op = ops[pick(5)];
-      if (cm_shape_equal(&ta, &g->nodes[b].type)) y = cm_binary(g, op, a, b, NULL);
-      break;
-    }
-    case 1: { /* unary */
-      static const cm_op ops[] = {CM_OP_TANH, CM_OP_NEG, CM_OP_ABS, CM_OP_EXP, CM_OP_ERF};
-      cm_op op = ops[pick(5)];
-      if (op == CM_OP_EXP) a = cm_unary(g, CM_OP_TANH, a, NULL);
-      y = cm_unary(g, op, a, NULL);
-      break;
-    }
-    case 2: /* the same expression twice: CSE */
-      if (cm_shape_equal(&ta, &g->nodes[b].type)) {
-        int u = cm_binary(g, CM_OP_MUL, a, b, NULL), v = cm_binary(g, CM_OP_MUL, a, b, NULL);
-        y = cm_binary(g, CM_OP_ADD, u, v, NULL);
-      }
-      break;
-    case 3: { /* a reshape chain back to the shape */
-      int64_t flat[1] = {ta.dims[0] * ta.dims[1]};
-      y = cm_reshape(g, cm_reshape(g, a, 1, flat, NULL), 2, ta.dims, NULL);
-      break;
-    }
-    case 4: { /* a transpose into a matmul */
-      int perm[2] = {1, 0};
-      int at = cm_permute(g, a, perm, NULL);
-      int m = cm_matmul(g, at, a, false, false, NULL); /* [k, k] */
-      int64_t s0[2] = {0, 0},
-              s1[2] = {ta.dims[0] < ta.dims[1] ? ta.dims[0] : ta.dims[1], ta.dims[1]};
-      m = cm_slice(g, cm_unary(g, CM_OP_TANH, m, NULL), s0, s1, NULL, NULL);
-      int64_t lo[2] = {0, 0}, hi[2] = {ta.dims[0] - s1[0], 0};
-      y = cm_pad(g, m, lo, hi, 0.5, NULL);
-      break;
-    }
-    case 5: /* casts: widening round trip, and a narrowing one that must stay */
-      y = pick(2) ? cm_cast(g, cm_cast(g, a, CM_F64, NULL), CM_F32, NULL)
-                  : cm_cast(g, cm_cast(g, a, CM_F16, NULL), CM_F32, NULL);
-      break;
-    case 6: { /* all-constant arithmetic: folding */
-      int k = cm_const_fill(g, NULL, CM_F32, 2, ta.dims, uniform());
-      int c2 = cm_unary(g, CM_OP_EXP, k, NULL);
-      y = cm_binary(g, CM_OP_ADD, a, c2, NULL);
-      break;
-    }
-    case 7: { /* a broadcast of a reduction */
-      int ax = pick(2);
-      int r = cm_reduce(g, pick(2) ? CM_OP_REDUCE_SUM : CM_OP_REDUCE_MAX, a, 1, &ax, true, NULL);
-      y = cm_broadcast(g, r, 2, ta.dims, NULL);
-      break;
-    }
-    case 8: { /* select, sometimes of equal values */
-      int cond = cm_binary(g, CM_OP_LT, a, b, NULL);
-      if (cm_shape_equal(&ta, &g->nodes[b].type)) y = cm_select(g, cond, a, pick(2) ? a : b, NULL);
-      break;
-    }
-    case 9: { /* dead code */ cm_unary(g, CM_OP_EXP, a, NULL); break;
-    }
-    default: { /* permute twice */
-      int perm[2] = {1, 0};
-      y = cm_permute(g, cm_permute(g, a, perm, NULL), perm, NULL);
-      break;
-    }
-    }
-    if (y >= 0) pool[np++] = y;
-  }
+  test_pool p;
+  p.n = np;
+  memcpy(p.ids, pool, sizeof(int) * (size_t)np);
+  for (int s = 0; s < n_ops; s++) test_random_op(&rng_state, g, &p, TEST_OPS_REDUNDANT);
+  memcpy(pool, p.ids, sizeof(int) * (size_t)p.n);
+  np = p.n;
   for (int k = 0; k < 3; k++) cm_graph_add_output(g, pool[np - 1 - k], NULL);
   return g;
 }
@@ -135,7 +71,7 @@ static bool same_bits(const cm_tensor *a, const cm_tensor *b) {
 static void check_pipeline(const char *pipeline, int n_graphs) {
   int rewritten = 0, removed_nodes = 0;
   for (int t = 0; t < n_graphs; t++) {
-    rng_state = 1000003ull * (uint64_t)t + 17;
+    rng_state.s = 1000003ull * (uint64_t)t + 17;
     cm_graph *g = random_graph(6 + t % 20);
     CHECK_MSG(cm_graph_error(g) == NULL, "%s", cm_graph_error(g));
     cm_tensor inputs[3], before[3] = {{{0}, 0}}, after[3] = {{{0}, 0}};
@@ -246,7 +182,7 @@ static void test_training_step(void) {
   const cm_tensor **src2 = calloc((size_t)s.g->n_nodes, sizeof *src2);
   cm_tensor t[16];
   int nt = 0;
-  rng_state = 99;
+  rng_state.s = 99;
   for (int i = 0; i < step->n_nodes; i++) {
     const cm_node *n = &step->nodes[i];
     if (n->op != CM_OP_INPUT && n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;

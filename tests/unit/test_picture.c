@@ -1,18 +1,16 @@
 /* tests/unit/test_picture.c — PNG grids read back exactly (through libpng's
  * own simplified reader, independent of cm_png_read), the 5x7 font, and
  * line plots having the series colour where a known line passes. */
-#include "../../runtime/runtime.h"
+#include "../../runtime/training.h"
 #include "../test.h"
+#include "../testlib.h"
 
 #include <png.h>
 #include <unistd.h>
 
-static uint64_t rng_state;
+static test_rng rng_state;
 static uint8_t rnd8(void) {
-  uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return (uint8_t)((z ^ (z >> 31)) >> 56);
+  return (uint8_t)(test_u32(&rng_state) >> 24);
 }
 
 /* libpng's simplified API, as an independent reader */
@@ -40,7 +38,7 @@ static void tmp_png(char *path) {
 }
 
 static void test_grid_png(void) {
-  rng_state = 5;
+  rng_state.s = 5;
   enum { R = 3, C = 4, TW = 5, TH = 7, GAP = 2 };
   cm_image tiles[R * C];
   cm_err err = {0};

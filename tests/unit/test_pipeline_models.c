@@ -5,16 +5,16 @@
  * ImageNet-size variants are evaluated with their widths and image shrunk by
  * --set (same modules, same wiring) and verified at full size. */
 #include "../test.h"
+#include "../testlib.h"
 #include "../model_step.h"
 #include "models/models.h"
 #include "passes/passes.h"
 
 #include <stdint.h>
 
-static uint64_t rng = 12345;
+static test_rng rng = {12345};
 static double uniform(void) {
-  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng >> 11) * 0x1p-53;
+  return test_uniform(&rng);
 }
 
 static bool same_bits(const cm_tensor *a, const cm_tensor *b) {
@@ -61,7 +61,7 @@ static void check_variant(const char *path, const char *const *overrides, int n_
     cm_tensor *t1 = calloc((size_t)step->n_nodes, sizeof *t1);
     const cm_tensor **src1 = calloc((size_t)step->n_nodes, sizeof *src1);
     const cm_tensor **src2 = calloc((size_t)s.g->n_nodes, sizeof *src2);
-    rng = 4242;
+    rng.s = 4242;
     test_bind_step(step, &cfg, &m, t1, src1, uniform);
     for (int i = 0; i < step->n_nodes; i++)
       if (src1[i]) {

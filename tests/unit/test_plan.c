@@ -4,6 +4,7 @@
  * evaluation equal to the oracle bit for bit on an MLP training step and on
  * hundreds of random graphs with state updates, unfused and fused. */
 #include "../test.h"
+#include "../testlib.h"
 #include "frontend/frontend.h"
 #include "models/models.h"
 #include "passes/passes.h"
@@ -12,10 +13,9 @@
 
 /* ---- helpers ------------------------------------------------------------- */
 
-static uint64_t rng_state;
+static test_rng rng_state;
 static double next_uniform(void) {
-  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rng_state >> 11) * 0x1p-53;
+  return test_uniform(&rng_state);
 }
 
 static bool is_fed(cm_op op) {
@@ -482,50 +482,14 @@ static void test_checker_groups(void) {
 
 /* A random graph of float ops over params, states and an input (dtype dt),
  * with collectives, several outputs and assigns to some states and params. */
-/* Adds one random op over the pool's values (or nothing when the draw does not fit). */
-static void random_op(cm_graph *g, int *pool, int *n_pool, cm_dtype dt) {
-  int np = *n_pool;
-  if (np >= 250) return;
-  int a = pool[(int)(next_uniform() * np)], b = pool[(int)(next_uniform() * np)];
-  const cm_type ta = g->nodes[a].type;
-  bool same = cm_shape_equal(&ta, &g->nodes[b].type);
-  int y = -1;
-  double r = next_uniform();
-  if (r < 0.3) {
-    static const cm_op bin[] = {CM_OP_ADD, CM_OP_SUB, CM_OP_MUL, CM_OP_MAX, CM_OP_MIN};
-    if (same) y = cm_binary(g, bin[(int)(next_uniform() * 5)], a, b, NULL);
-  } else if (r < 0.5) {
-    static const cm_op un[] = {CM_OP_TANH, CM_OP_ERF, CM_OP_NEG, CM_OP_EXP, CM_OP_ABS};
-    cm_op op = un[(int)(next_uniform() * 5)];
-    if (op == CM_OP_EXP) a = cm_unary(g, CM_OP_TANH, a, NULL);
-    y = cm_unary(g, op, a, NULL);
-  } else if (r < 0.6 && ta.rank == 2) {
-    int perm[2] = {1, 0};
-    y = cm_matmul(g, a, cm_permute(g, a, perm, NULL), false, false, NULL);
-    y = cm_binary_bcast(g, CM_OP_MUL, y, cm_const_scalar(g, NULL, dt, 0.25), NULL);
-    int64_t s0[2] = {0, 0}, s1[2] = {ta.dims[0], ta.dims[0] < ta.dims[1] ? ta.dims[0] : ta.dims[1]};
-    y = cm_slice(g, y, s0, s1, NULL, NULL);
-    int64_t lo[2] = {0, 0}, hi[2] = {0, ta.dims[1] - s1[1]};
-    y = cm_pad(g, y, lo, hi, 0.25, NULL);
-  } else if (r < 0.7 && ta.rank == 2) {
-    int ax = next_uniform() < 0.5 ? 0 : 1;
-    y = cm_reduce(g, next_uniform() < 0.5 ? CM_OP_REDUCE_SUM : CM_OP_REDUCE_MAX, a, 1, &ax, true,
-                  NULL);
-    y = cm_broadcast(g, y, 2, ta.dims, NULL);
-  } else if (r < 0.8) {
-    y = next_uniform() < 0.5 ? cm_all_reduce(g, a, CM_MODE_SUM, 1, NULL)
-                             : cm_all_gather(g, a, 0, 1, NULL);
-  } else if (r < 0.9) {
-    if (same) y = cm_select(g, cm_binary(g, CM_OP_LT, a, b, NULL), a, b, NULL);
-  } else {
-    int in[2] = {a, b};
-    if (same) {
-      int c = cm_concat(g, 2, in, 1, NULL);
-      int64_t s0[2] = {0, 1}, s1[2] = {ta.dims[0], 2 * ta.dims[1]}, st[2] = {1, 2};
-      y = cm_slice(g, c, s0, s1, st, NULL);
-    }
-  }
-  if (y >= 0) pool[(*n_pool)++] = y;
+/* Adds one random op over the pool's values (testlib.h's test_random_op, with
+ * collectives; nothing when the draw does not fit). */
+static void random_op(cm_graph *g, int *pool, int *n_pool) {
+  test_pool p;
+  p.n = *n_pool;
+  memcpy(p.ids, pool, sizeof(int) * (size_t)p.n);
+  test_random_op(&rng_state, g, &p, TEST_OPS_COLLECTIVES);
+  if (p.n > *n_pool) pool[(*n_pool)++] = p.ids[p.n - 1];
 }
 
 static cm_graph *random_graph(int n_ops, cm_dtype dt) {
@@ -541,7 +505,7 @@ static cm_graph *random_graph(int n_ops, cm_dtype dt) {
     pool[np++] = states[n_states++] = cm_state(g, name, dt, 2, d, ones);
   }
   pool[np++] = cm_input(g, "x", dt, 2, d);
-  for (int s = 0; s < n_ops; s++) random_op(g, pool, &np, dt);
+  for (int s = 0; s < n_ops; s++) random_op(g, pool, &np);
   /* updates: some states and params get a computed value of their shape */
   for (int k = 0; k < n_states; k++) {
     if (next_uniform() < 0.3) continue;
@@ -561,7 +525,7 @@ static cm_graph *random_graph(int n_ops, cm_dtype dt) {
   /* more work after the updates in node order, reading the old states */
   for (int k = 0; k < n_states; k++)
     if (next_uniform() < 0.5) pool[np++] = cm_unary(g, CM_OP_TANH, states[k], NULL);
-  for (int s = 0; s < 4; s++) random_op(g, pool, &np, dt);
+  for (int s = 0; s < 4; s++) random_op(g, pool, &np);
   /* outputs: the last values, a random one, sometimes a source */
   cm_graph_add_output(g, pool[np - 1], NULL);
   for (int k = 0; k < 2; k++) {
@@ -650,7 +614,7 @@ static void test_random_graphs(void) {
   int n_graphs = 300, bad_graphs = 0, n_fused_groups = 0, n_fused_nodes = 0;
   int64_t arena = 0, unplanned = 0;
   for (int i = 0; i < n_graphs; i++) {
-    rng_state = 7000 + (uint64_t)i * 7919;
+    rng_state.s = 7000 + (uint64_t)i * 7919;
     cm_dtype dt = i % 2 ? CM_F32 : CM_F64;
     cm_graph *g = random_graph(4 + i % 20, dt);
     char what[64];

@@ -1,10 +1,17 @@
-/* tests/unit/test_render_cuda.c — the CUDA C renderer (codegen/render_cuda.c): hand-built
+/* tests/unit/test_render_cuda.c — the CUDA C renderer (codegen/render_cuda*.c): hand-built
  * kernels covering every elementwise op on every dtype, short and long reductions (both
  * strategies), accumulate stages, and GEMM stages (f32 FMA at odd shapes, bf16/f16 tensor
  * cores) all compiled by NVRTC for sm_80 and sm_90 in one source per arch; kernel names,
- * spills and registers from ptxas; launch shapes; determinism; errors. No GPU: compile only. */
+ * spills and registers from ptxas; launch shapes; determinism; errors; the stage plans
+ * (cm_kcuda_plan: stored, printed, read by the renderer and the launch) of GEMM and attention
+ * stages. No GPU: compile only. */
 #include "codegen/codegen.h"
+#include "models/models.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
+
+#include <math.h>
+#include <stdio.h>
 
 #include <stdint.h>
 
@@ -12,12 +19,9 @@ static const cm_dtype ALL[] = {CM_F32, CM_F64, CM_BF16, CM_F16, CM_I32, CM_I64, 
 #define N_ALL 7
 #define EW_N 37
 
-static uint64_t rng = 0x9e3779b97f4a7c15ull;
-static double rnd(void) { /* xorshift64*, uniform in [-1, 1) */
-  rng ^= rng >> 12;
-  rng ^= rng << 25;
-  rng ^= rng >> 27;
-  return (double)((rng * 0x2545f4914f6cdd1dull) >> 11) / 4503599627370496.0 - 1.0;
+static test_rng rng = {0x9e3779b97f4a7c15ull};
+static double rnd(void) { /* uniform in [-1, 1) */
+  return test_uniform(&rng) * 2.0 - 1.0;
 }
 
 static bool is_flt(cm_dtype d) {
@@ -275,6 +279,20 @@ static cm_nvrtc *need_nvrtc(void) {
   return nvrtc;
 }
 
+/* The CUDA target of one of the archs these tests use. */
+static const cm_target *cuda_target(const char *arch) {
+  static cm_target ts[3];
+  static const char *const names[3] = {"sm_75", "sm_80", "sm_90"};
+  for (int i = 0; i < 3; i++)
+    if (strcmp(arch, names[i]) == 0) {
+      cm_err err = {0};
+      CHECK_MSG(cm_target_cuda(arch, &ts[i], &err) == CM_OK, "%s", err.msg);
+      return &ts[i];
+    }
+  CHECK_MSG(false, "no target for %s", arch);
+  return NULL;
+}
+
 static char *render_all(cm_kernel *ks, int n, const cm_cuda_render_opts *o) {
   char *src = NULL;
   for (int i = 0; i < n; i++) {
@@ -294,12 +312,14 @@ static void test_compile_all(void) {
   build_gemms(&ks[4], "t_gemm_generic");
   static const char *const archs[] = {"sm_80", "sm_90"};
   for (int a = 0; a < 2; a++) {
-    cm_cuda_render_opts o = {archs[a], false};
+    cm_cuda_render_opts o = {cuda_target(archs[a]), false};
     char *src = NULL;
     for (int i = 0; i < 5; i++) {
       cm_cuda_render_opts oi = o;
       oi.no_templates = i == 4;
       cm_err err = {0};
+      /* stored plans for this arch (the generic reading plans for itself) */
+      if (i < 4) CHECK(cm_cuda_plan_kernel(&ks[i], o.target, &err) == CM_OK);
       cm_status st = cm_render_cuda(&ks[i], &oi, i == 0, &src, &err);
       CHECK_MSG(st == CM_OK, "%s: %s", ks[i].name, err.msg);
     }
@@ -343,6 +363,11 @@ static void test_compile_all(void) {
         if (!ki) continue;
         CHECK_MSG(ki->registers > 0 && ki->registers <= 255, "%s %s: %d registers", archs[a], name,
                   ki->registers);
+        /* the plan's static shared memory is what ptxas allocates */
+        if (i < 4)
+          CHECK_MSG(ki->shared_bytes == ks[i].stages[s].cuda.shared_static,
+                    "%s %s: %d B of shared memory, planned %lld", archs[a], name, ki->shared_bytes,
+                    (long long)ks[i].stages[s].cuda.shared_static);
         bool templated = i == 3;
         if (templated) {
           CHECK_MSG(ki->spill_store_bytes == 0 && ki->spill_load_bytes == 0, "%s %s: spills %d/%d",
@@ -378,7 +403,7 @@ static void test_compile_all(void) {
 static void test_deterministic_and_append(void) {
   cm_kernel k;
   build_gemms(&k, "t_det");
-  cm_cuda_render_opts o = {"sm_90", false};
+  cm_cuda_render_opts o = {cuda_target("sm_90"), false};
   char *s1 = render_all(&k, 1, &o), *s2 = render_all(&k, 1, &o);
   CHECK(s1 && s2 && strcmp(s1, s2) == 0);
   /* appending without a prelude keeps the first text as a prefix */
@@ -390,7 +415,7 @@ static void test_deterministic_and_append(void) {
   CHECK(s3 &&
         strstr(s3, "extern \"C\" __global__ void __launch_bounds__(128, 4) t_det_s1(") != NULL);
   /* arch below sm_80: no tensor cores, FMA instead */
-  cm_cuda_render_opts old = {"sm_75", false};
+  cm_cuda_render_opts old = {cuda_target("sm_75"), false};
   char *s4 = render_all(&k, 1, &old);
   CHECK(s4 && strstr(s4, "mma.sync") == NULL);
   CHECK(s4 && strstr(s4, "(GEMM, FMA)") != NULL);
@@ -404,7 +429,7 @@ static void test_deterministic_and_append(void) {
 static void test_launch(void) {
   cm_kernel k;
   build_gemms(&k, "t_launch");
-  cm_cuda_render_opts o = {"sm_80", false};
+  cm_cuda_render_opts o = {cuda_target("sm_80"), false};
   /* gemm_f32_odd: batch 2, M 130, N 260, 64x64 blocks of 4 warps */
   cm_cuda_launch l = cm_cuda_stage_launch(&k, 1, &o);
   CHECK(l.grid[0] == 5 && l.grid[1] == 3 && l.grid[2] == 2);
@@ -419,7 +444,7 @@ static void test_launch(void) {
   l = cm_cuda_stage_launch(&k, 6, &o);
   CHECK(l.grid[0] == 2 && l.grid[1] == 1 && l.grid[2] == 2 && l.block[0] == 128);
   /* generic reading of the same stage: 67600 rows of K = 300, a warp per row */
-  cm_cuda_render_opts gen = {"sm_80", true};
+  cm_cuda_render_opts gen = {cuda_target("sm_80"), true};
   l = cm_cuda_stage_launch(&k, 1, &gen);
   CHECK(l.grid[0] == (2 * 130 * 260 + 7) / 8 && l.block[0] == 256);
   /* gemm_f32_bt: 561 rows of K = 129: warps; with K = 3000, a block per row */
@@ -483,7 +508,7 @@ static void test_launch(void) {
 }
 
 static void test_errors(void) {
-  cm_cuda_render_opts o = {"sm_90", false};
+  cm_cuda_render_opts o = {cuda_target("sm_90"), false};
   cm_err err = {0};
   char *src = NULL;
   /* accumulate into a bool buffer */
@@ -532,12 +557,156 @@ static void test_errors(void) {
   CHECK_STR_CONTAINS(err.msg, "GEMM operand A");
   CHECK_STR_CONTAINS(err.msg, "gemm_f32_tiny");
   /* without templates the same stage is a plain loop nest: fine */
-  cm_cuda_render_opts nt = {"sm_90", true};
+  cm_cuda_render_opts nt = {cuda_target("sm_90"), true};
   CHECK(cm_render_cuda(&g, &nt, true, &src, &err) == CM_OK);
   CHECK(src && strstr(src, "GEMM") == NULL);
   free(src);
   cm_kernel_free(&g);
 }
 
+/* The text cm_kcuda_plan_print writes for p. */
+static char *plan_text(const cm_kcuda_plan *p) {
+  char *text = NULL;
+  size_t size = 0;
+  FILE *f = open_memstream(&text, &size);
+  CHECK(f != NULL);
+  if (!f) return NULL;
+  cm_kcuda_plan_print(p, f);
+  fclose(f);
+  return text;
+}
+
+/* The plan of every stage, stored by cm_cuda_plan_kernel: printed; read by the renderer and the
+ * launch (a changed plan changes both); a kernel planned for another arch is planned afresh. */
+static void test_plan_gemm(void) {
+  cm_kernel k;
+  build_gemms(&k, "t_plan");
+  cm_err err = {0};
+  cm_cuda_render_opts o = {cuda_target("sm_80"), false};
+  char *unplanned = render_all(&k, 1, &o);
+  CHECK(cm_cuda_plan_kernel(&k, cuda_target("sm_80"), &err) == CM_OK);
+  char *planned = render_all(&k, 1, &o);
+  CHECK(unplanned && planned && strcmp(unplanned, planned) == 0);
+  /* gemm_f32_odd: batch 2, M 130, N 260, K 300; 64x64 blocks of 32x32 warp tiles */
+  char *t1 = plan_text(&k.stages[1].cuda);
+  CHECK_STR_CONTAINS(t1, "cuda sm_80 gemm fma f32 lanes 4x8 micro 8x4: block 64x64 k 16 warp "
+                         "32x32 (4 warps), batch 2 M 130 N 260 K 300; grid 5x3x2 block 128x1x1");
+  /* As_[16][68] + Bs_[16][68] floats */
+  CHECK_STR_CONTAINS(t1, "shared 8704+0");
+  /* gemm_f16_bt: f16 operands on tensor cores */
+  char *t4 = plan_text(&k.stages[4].cuda);
+  CHECK_STR_CONTAINS(t4, "cuda sm_80 gemm mma f16: block 64x128");
+  /* the kernel IR's text carries the plans */
+  char *kir = NULL;
+  size_t size = 0;
+  FILE *f = open_memstream(&kir, &size);
+  cm_kernel_print(&k, f);
+  fclose(f);
+  CHECK(kir && t1 && strstr(kir, t1) != NULL);
+  /* the launch reads the plan: a plan with another grid launches that grid */
+  k.stages[1].cuda.grid[0] = 7;
+  CHECK(cm_cuda_stage_launch(&k, 1, &o).grid[0] == 7);
+  /* planned for sm_80: sm_75 (no tensor cores) plans afresh, FMA */
+  cm_cuda_render_opts old = {cuda_target("sm_75"), false};
+  CHECK(cm_cuda_stage_launch(&k, 1, &old).grid[0] == 5);
+  char *s75 = render_all(&k, 1, &old);
+  CHECK(s75 && strstr(s75, "mma.sync") == NULL);
+  /* a CPU target is refused, naming the kernel */
+  cm_target cpu;
+  cm_target_host(&cpu);
+  cm_err e2 = {0};
+  CHECK(cm_cuda_plan_kernel(&k, &cpu, &e2) == CM_EINVALID);
+  CHECK_STR_CONTAINS(e2.msg, "t_plan");
+  cm_cuda_render_opts bad = {&cpu, false};
+  char *src = NULL;
+  CHECK(cm_render_cuda(&k, &bad, true, &src, &e2) == CM_EINVALID && src == NULL);
+  free(unplanned), free(planned), free(t1), free(t4), free(kir), free(s75);
+  cm_kernel_free(&k);
+}
+
+/* y = softmax(q k^T / sqrt(16)) v over q, k, v [1, 2, 50, 16] (with its backward when
+ * backward), lowered for sm_80 with key blocks of bc (0: the lowering's choice): the spans'
+ * plans print as want[0..n_want) in order, their other stages run in the span's function. */
+static void check_attention_plans(bool backward, int bc, const char *const *want, int n_want) {
+  cm_graph *g = cm_graph_new();
+  int64_t d[4] = {1, 2, 50, 16};
+  int q = cm_input(g, "q", CM_F32, 4, d), kk = cm_input(g, "k", CM_F32, 4, d);
+  int v = cm_input(g, "v", CM_F32, 4, d);
+  int s = cm_matmul(g, q, kk, false, true, "scores");
+  s = cm_binary_bcast(g, CM_OP_MUL, s, cm_const_scalar(g, NULL, CM_F32, 0.25), "scaled");
+  int y = cm_matmul(g, cm_nn_softmax(g, s), v, false, false, "y");
+  cm_err err = {0};
+  CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
+  if (backward) {
+    int dout = cm_input(g, "dO", CM_F32, 4, d), axes[4] = {0, 1, 2, 3};
+    int loss = cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, dout, NULL), 4, axes,
+                         false, "loss");
+    int wrt[3] = {q, kk, v}, grads[3];
+    CHECK_MSG(cm_autodiff(g, loss, 3, wrt, grads, &err) == CM_OK, "%s", err.msg);
+    for (int i = 0; i < 3; i++) CHECK(cm_graph_add_output(g, grads[i], &err) == CM_OK);
+  }
+  cm_pass_state ps = {g, NULL};
+  CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK, "%s",
+            err.msg);
+  cm_lower_opts lo = {cuda_target("sm_80"), false, bc};
+  cm_kprogram kp;
+  CHECK_MSG(cm_lower_plan(ps.g, ps.plan, &lo, &kp, &err) == CM_OK, "%s", err.msg);
+  int spans = 0;
+  cm_cuda_render_opts o = {cuda_target("sm_80"), false};
+  for (int i = 0; i < kp.n_kernels; i++) {
+    const cm_kernel *k = &kp.kernels[i];
+    for (int si = 0; si < k->n_stages; si++) {
+      const cm_kstage *st = &k->stages[si];
+      CHECK(st->cuda.kind != CM_KCUDA_NONE && st->cuda.sm == 80);
+      if (st->tmpl != CM_KT_ATTENTION_FWD && st->tmpl != CM_KT_ATTENTION_BWD) continue;
+      char *text = plan_text(&st->cuda);
+      if (getenv("PLAN_PRINT")) fprintf(stderr, "%s", text);
+      CHECK_MSG(spans < n_want && text && strstr(text, want[spans]), "span %d: %s", spans, text);
+      CHECK(st->cuda.shared_static > 0 && st->cuda.shared_static <= 48 * 1024);
+      cm_cuda_launch l = cm_cuda_stage_launch(k, si, &o);
+      CHECK(l.grid[0] == st->cuda.grid[0] && l.block[0] == 256);
+      for (int j = si + 1; j < si + st->cuda.attn.span; j++) {
+        char *in = plan_text(&k->stages[j].cuda);
+        char span_of[64];
+        snprintf(span_of, sizeof span_of, "in the span of stage %d", si);
+        CHECK_STR_CONTAINS(in, span_of);
+        CHECK(cm_cuda_stage_launch(k, j, &o).grid[0] == 1);
+        free(in);
+      }
+      free(text);
+      spans++;
+      si += st->cuda.attn.span - 1;
+    }
+  }
+  CHECK(spans == n_want);
+  cm_kprogram_free(&kp);
+  cm_plan_free(ps.plan);
+  cm_graph_free(ps.g);
+}
+
+static void test_plan_attention(void) {
+  /* a block per (batch item, head): all 50 rows fit; shared memory: the forward keeps S (50 x 50
+   * floats, 2512 with 16-element alignment) and the row max and sum (64 each); the backward two
+   * 50 x 50 tiles and one row statistic */
+  const char *const fused[] = {
+      "cuda sm_80 attention fused: 8 stages, 50 query rows per block (whole batch item), 1 row "
+      "blocks; grid 2x1x1 block 256x1x1 shared 10560+0",
+      "cuda sm_80 attention fused: 5 stages, 50 query rows per block (whole batch item), 1 row "
+      "blocks; grid 2x1x1 block 256x1x1 shared 20352+0"};
+  check_attention_plans(true, 0, fused, 2);
+  /* key blocks of 16 over 50 keys: 4; the forward streams with all 50 rows in one block, in
+   * br (d + bc + 1 + dv + 3) + max(d bc, bc dv) = 50 * 52 + 256 floats */
+  const char *const stream[] = {
+      "cuda sm_80 attention stream: 5 stages, br 50 bc 16, 1 row blocks, 4 key blocks, d 16 dv 16; "
+      "grid 2x1x1 block 256x1x1 shared 11424+0"};
+  check_attention_plans(false, 16, stream, 1);
+  /* with the backward, the forward keeps its whole rows (fused, as above); the backward streams:
+   * dQ's accumulator (50 x 16 floats), two 50 x 16 tiles and one row statistic: 2450 floats */
+  const char *const stream_bwd[] = {
+      fused[0], "cuda sm_80 attention stream backward: 5 stages, 50 rows, bc 16, 4 key blocks, 800 "
+                "accumulator floats; grid 2x1x1 block 256x1x1 shared 9800+0"};
+  check_attention_plans(true, 16, stream_bwd, 2);
+}
+
 TEST_MAIN(TEST(test_compile_all), TEST(test_deterministic_and_append), TEST(test_launch),
-          TEST(test_errors))
+          TEST(test_errors), TEST(test_plan_gemm), TEST(test_plan_attention))

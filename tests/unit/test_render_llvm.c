@@ -8,6 +8,7 @@
  * integers, comparisons and stores are exact. */
 #include "codegen/codegen.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 #include "tests/llvm_kernels.h"
 #include "tests/tensor_compare.h"
 
@@ -18,12 +19,9 @@
 
 /* ---- helpers ------------------------------------------------------------- */
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static test_rng rng_state = {0x9e3779b97f4a7c15ull};
 static double urand(double lo, double hi) {
-  rng_state ^= rng_state << 13;
-  rng_state ^= rng_state >> 7;
-  rng_state ^= rng_state << 17;
-  return lo + (hi - lo) * (double)(rng_state >> 11) / 9007199254740992.0;
+  return test_uniform_in(&rng_state, lo, hi);
 }
 
 /* Runs every stage over its work items in 3 ranges (like 3 threads, serially). */

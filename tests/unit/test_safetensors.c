@@ -3,17 +3,15 @@
  * malformed images that must fail with a one-line message. */
 #include "frontend/frontend.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 
 #include <stdint.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15u;
-static uint64_t rnd(void) { /* xorshift64* */
-  rng_state ^= rng_state >> 12;
-  rng_state ^= rng_state << 25;
-  rng_state ^= rng_state >> 27;
-  return rng_state * 0x2545f4914f6cdd1du;
+static test_rng rng_state = {0x9e3779b97f4a7c15u};
+static uint64_t rnd(void) {
+  return test_u64(&rng_state);
 }
 
 /* An image: 8-byte LE header_len, then header, then data. */

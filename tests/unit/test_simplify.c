@@ -4,16 +4,16 @@
  * after (the interpreter), and the patterns it exists for lose their div/mod. */
 #include "codegen/codegen.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 
 #include <stdint.h>
 
-static uint64_t rng = 0x2545f4914f6cdd1dull;
+static test_rng rng = {0x2545f4914f6cdd1dull};
 static uint64_t next(void) {
-  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-  return rng;
+  return test_u64(&rng);
 }
 static int64_t irand(int64_t lo, int64_t hi) { /* [lo, hi] */
-  return lo + (int64_t)(next() % (uint64_t)(hi - lo + 1));
+  return test_int(&rng, lo, hi);
 }
 
 enum { IN_N = 997 };

@@ -1,6 +1,7 @@
 /* tests/unit/test_text_ir.c — the text IR printer and parser, and the dot writer. */
 #include "ir/ir.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 
 #include <stdint.h>
 
@@ -300,11 +301,10 @@ static void test_random_data_exact(void) {
   cm_graph *g = cm_graph_new();
   enum { N = 64 };
   double data[N];
-  uint64_t s = 0x9e3779b97f4a7c15ull;
+  test_rng r = {0x9e3779b97f4a7c15ull};
   for (int i = 0; i < N; i++) {
-    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-    double m = (double)(s >> 11) / 9007199254740992.0; /* [0,1) with 53 bits */
-    int e = (int)(s % 200) - 100;
+    double m = test_uniform(&r); /* [0,1) with 53 bits */
+    int e = (int)test_int(&r, -100, 99);
     data[i] = (i % 2 ? -1 : 1) * ldexp(m + 0.5, e);
   }
   data[3] = 5e-324; /* the smallest subnormal */
@@ -573,11 +573,10 @@ static void test_truncations_and_mutations(void) {
     }
   }
   const char junk[] = "=:,[](){}#-%.e9xq \n";
-  uint64_t s = 12345;
+  test_rng r = {12345};
   for (int trial = 0; trial < 400; trial++) {
     memcpy(copy, text, len + 1);
-    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-    copy[s % len] = junk[(s >> 20) % (sizeof junk - 1)];
+    copy[test_int(&r, 0, (int64_t)len - 1)] = junk[test_int(&r, 0, (int64_t)sizeof junk - 2)];
     cm_graph *g = NULL;
     cm_err err = {0};
     cm_status st = cm_graph_parse(copy, &g, &err);

@@ -4,8 +4,9 @@
  * online twins, a huge lr stops naming the step and tensor, a stop request
  * saves a checkpoint, bad options are CM_EINVALID. On the ref backend and the
  * cpu backend. */
-#include "../../runtime/runtime.h"
+#include "../../runtime/training.h"
 #include "../test.h"
+#include "../testlib.h"
 
 #include <dirent.h>
 #include <math.h>
@@ -24,12 +25,9 @@ static const char *const tiny[] = {
 };
 enum { N_TINY = (int)(sizeof tiny / sizeof tiny[0]) };
 
-static uint64_t rng_state = 12345;
-static uint64_t next_u64(void) { /* splitmix64 */
-  uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
+static test_rng rng_state = {12345};
+static uint64_t next_u64(void) {
+  return test_u64(&rng_state);
 }
 
 static void remove_tree(const char *dir) {

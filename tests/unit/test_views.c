@@ -4,17 +4,15 @@
  * determinism in (seed, epoch, index), the RRC and eval modes, the bicubic
  * resize, colour augmentations and option errors. */
 #include "frontend/frontend.h"
-#include "runtime/runtime.h"
+#include "runtime/training.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 
 #include <stdint.h>
 
-static uint64_t rs = 0x2545F4914F6CDD1Dull;
-static uint32_t rnd(void) { /* xorshift64*: fixed-seed test data */
-  rs ^= rs >> 12;
-  rs ^= rs << 25;
-  rs ^= rs >> 27;
-  return (uint32_t)((rs * 2685821657736338717ull) >> 32);
+static test_rng rs = {0x2545F4914F6CDD1Dull};
+static uint32_t rnd(void) { /* fixed-seed test data */
+  return test_u32(&rs);
 }
 
 static cm_image random_image(int h, int w, int c) {

@@ -6,6 +6,7 @@
  * reduction (sum over the leading axes) matches plain C at odd shapes. */
 #include "codegen/codegen.h"
 #include "tests/test.h"
+#include "tests/testlib.h"
 #include "tests/llvm_kernels.h"
 
 #include <float.h>
@@ -149,16 +150,16 @@ static void test_column_reduction(void) {
   if (!j) return;
   static const int64_t shapes[][3] = {
       {3, 5, 7}, {1, 1, 4}, {4, 13, 257}, {2, 65, 512}, {7, 3, 300}};
-  uint64_t rng = 12345;
+  test_rng rng = {12345};
   for (int sh = 0; sh < 5; sh++) {
     for (int mx = 0; mx < 2; mx++) {
       int64_t A = shapes[sh][0], Bn = shapes[sh][1], N = shapes[sh][2], tot = A * Bn * N;
       float *x = malloc(sizeof(float) * (size_t)tot), *y = malloc(sizeof(float) * (size_t)tot);
       float *out = malloc(sizeof(float) * (size_t)N);
       for (int64_t i = 0; i < tot; i++) {
-        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-        x[i] = (float)((double)(rng >> 11) / 9007199254740992.0 * 4 - 2);
-        y[i] = (float)((double)(rng & 0xffff) / 65536.0 - 0.5);
+        uint64_t bits = test_u64(&rng);
+        x[i] = (float)((double)(bits >> 11) / 9007199254740992.0 * 4 - 2);
+        y[i] = (float)((double)(bits & 0xffff) / 65536.0 - 0.5);
       }
       cm_kernel k;
       cm_kernel_init(&k, mx ? "kcolmax" : "kcolsum");

@@ -1,0 +1,240 @@
+/* codegen/render_cuda_plan.c — the CUDA plan of every stage of a kernel (codegen.h,
+ * cm_kcuda_plan): which skeleton renders it (an attention span's streaming or fused function, a
+ * tiled GEMM, a generic grid-stride loop), its tiles, threads, grid and shared memory, from the
+ * cm_target's limits. The templates compute their own parts (cu_plan_gemm in render_cuda_gemm.c,
+ * cu_plan_attention/_stream/_stream_bwd in render_cuda_attention.c); the renderer and
+ * cm_cuda_stage_launch read the result and derive nothing themselves. */
+#include "render_cuda.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- generic stages: the cost model ------------------------------------------ */
+
+#define PAR_RED_MIN 64       /* reductions at least this long are split across threads */
+#define BLOCK_RED_MIN 2048   /* ... across a block from this length */
+#define BLOCK_POINTS_MAX 512 /* ... or when fewer points than this leave warps idle */
+#define GRID_CAP 1048576u
+
+/* __launch_bounds__: the blocks per SM that leave this many registers a thread. Given only the
+ * block size, ptxas aims at 64 registers and spills GEMM tiles that need a few more (and
+ * -maxrregcount does not stop it on sm_80). */
+#define LAUNCH_REGS_PER_THREAD 128
+
+static int launch_min_blocks(const cm_target *t, unsigned threads) {
+  int64_t b = (int64_t)t->regs_per_sm / ((int64_t)threads * LAUNCH_REGS_PER_THREAD);
+  return b < 1 ? 1 : (int)b;
+}
+
+/* Who computes one domain point: a thread (serial reduction), a warp (shuffle
+ * reduction: rows of moderate length, many rows), or a block of 256 threads
+ * (long reductions, or too few points to fill the GPU warp by warp). */
+static cm_kcuda_red generic_red(const cm_kstage *s) {
+  if (s->n_red == 0) return CM_KCUDA_RED_THREAD;
+  int64_t rext = cu_prod(s->red, s->n_red), points = cu_prod(s->dom, s->n_dom);
+  if (rext < PAR_RED_MIN) return CM_KCUDA_RED_THREAD;
+  if (rext >= BLOCK_RED_MIN || points < BLOCK_POINTS_MAX) return CM_KCUDA_RED_BLOCK;
+  return CM_KCUDA_RED_WARP;
+}
+
+static void plan_generic(const cm_kstage *s, const cm_target *t, cm_kcuda_plan *p) {
+  p->kind = CM_KCUDA_GENERIC;
+  p->red = generic_red(s);
+  int threads = CU_GENERIC_THREADS, warps = threads / t->warp_size;
+  int64_t points = cu_prod(s->dom, s->n_dom);
+  int64_t per_block = p->red == CM_KCUDA_RED_BLOCK  ? 1
+                      : p->red == CM_KCUDA_RED_WARP ? warps
+                                                    : threads;
+  int64_t g = (points + per_block - 1) / per_block;
+  if (g < 1) g = 1;
+  p->grid[0] = (unsigned)(g < GRID_CAP ? g : GRID_CAP);
+  p->block[0] = (unsigned)threads;
+  /* cm_part[warps] of the accumulator's register type (cu_ctype) */
+  cm_dtype a = s->acc_dtype;
+  int64_t acc_bytes = a == CM_F64 || a == CM_I64 ? 8 : a == CM_BOOL ? 1 : 4;
+  if (p->red == CM_KCUDA_RED_BLOCK) p->shared_static = (int64_t)warps * acc_bytes;
+}
+
+/* ---- templates ------------------------------------------------------------------ */
+
+static void plan_gemm_launch(cm_kcuda_plan *p) {
+  const cm_kcuda_gemm *g = &p->gemm;
+  int64_t gx = (g->N + g->nc - 1) / g->nc, gy = (g->M + g->mc - 1) / g->mc;
+  p->grid[0] = (unsigned)(gx < 2147483647 ? gx : 2147483647);
+  p->grid[1] = (unsigned)(gy < 65535 ? gy : 65535);
+  p->grid[2] = (unsigned)(g->batch < 65535 ? g->batch : 65535);
+  p->block[0] = (unsigned)g->threads;
+  size_t esz = g->mma ? 2 : (g->t == CM_F64 ? 8 : 4);
+  p->shared_static = g->mma ? (int64_t)esz * (g->mc + g->nc) * (g->kc + 8)
+                            : (int64_t)esz * g->kc * (g->mc + 4 + g->nc + 4);
+}
+
+static int64_t attn_shared_bytes(const cm_kernel *k, int first, const cm_kcuda_plan *p) {
+  const cm_kattn *a = &k->stages[first].attn;
+  const cm_kcuda_attn *q = &p->attn;
+  int64_t b = 0;
+  if (p->kind == CM_KCUDA_ATTN_FUSED) {
+    for (int i = 0; i < a->n_local; i++)
+      b += q->slot_elems[i] * (int64_t)cu_dt_size(k->buffers[a->local[i]].dtype);
+  } else if (p->kind == CM_KCUDA_ATTN_STREAM) {
+    b = 4 * (q->br * q->d + q->kvn + (int64_t)q->br * (q->bc + 1) + q->br * q->dv + 3 * q->br);
+  } else {
+    for (int i = 0; i < a->n_local; i++)
+      b += 4 * (a->local_row[i] == 1 ? q->rows : q->rows * q->bc);
+    b += 4 * q->acc_floats;
+  }
+  return b;
+}
+
+/* The span from stage i, when one of the attention skeletons takes it (the order the renderer
+ * has always tried them in: streaming forward, streaming backward, fused). */
+static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_plan *p) {
+  if (cu_plan_stream(k, i, t, &p->attn)) {
+    p->kind = CM_KCUDA_ATTN_STREAM;
+    p->grid[0] = (unsigned)(p->attn.batch * p->attn.nrb);
+  } else if (cu_plan_stream_bwd(k, i, t, &p->attn)) {
+    p->kind = CM_KCUDA_ATTN_STREAM_BWD;
+    p->grid[0] = (unsigned)p->attn.batch;
+  } else if (cu_plan_attention(k, i, t, &p->attn)) {
+    p->kind = CM_KCUDA_ATTN_FUSED;
+    p->grid[0] = (unsigned)(p->attn.batch * p->attn.nrb);
+  } else {
+    memset(&p->attn, 0, sizeof p->attn);
+    return false;
+  }
+  p->attn.threads = CU_ATTN_THREADS;
+  p->block[0] = (unsigned)p->attn.threads;
+  p->shared_static = attn_shared_bytes(k, i, p);
+  return true;
+}
+
+static bool stage_malformed(const cm_kstage *s) {
+  return s->n_dom < 0 || s->n_dom > CM_KMAX_VARS || s->n_red < 0 || s->n_red > CM_KMAX_VARS ||
+         s->n_exprs < 0 || (s->n_exprs && !s->exprs);
+}
+
+/* plans[i] for every stage of k (a malformed stage gets a generic plan: the renderer reports
+ * it). */
+static void plan_stages(const cm_kernel *k, const cm_target *t, bool no_templates,
+                        cm_kcuda_plan *plans) {
+  memset(plans, 0, sizeof *plans * (size_t)k->n_stages);
+  for (int i = 0; i < k->n_stages; i++) {
+    const cm_kstage *s = &k->stages[i];
+    cm_kcuda_plan *p = &plans[i];
+    p->sm = t->sm;
+    for (int d = 0; d < 3; d++) p->grid[d] = p->block[d] = 1;
+    if (stage_malformed(s)) {
+      p->kind = CM_KCUDA_GENERIC;
+      p->min_blocks = 1;
+      continue;
+    }
+    if (!no_templates && plan_span(k, i, t, p)) {
+      p->min_blocks = launch_min_blocks(t, p->block[0]);
+      for (int j = i + 1; j < i + p->attn.span && j < k->n_stages; j++) {
+        plans[j].kind = CM_KCUDA_IN_SPAN;
+        plans[j].sm = t->sm;
+        plans[j].first = i;
+        for (int d = 0; d < 3; d++) plans[j].grid[d] = plans[j].block[d] = 1;
+      }
+      i += p->attn.span - 1;
+      continue;
+    }
+    if (!no_templates && cu_plan_gemm(s, t, &p->gemm)) {
+      p->kind = CM_KCUDA_GEMM;
+      plan_gemm_launch(p);
+    } else {
+      memset(&p->gemm, 0, sizeof p->gemm);
+      plan_generic(s, t, p);
+    }
+    p->min_blocks = launch_min_blocks(t, p->block[0]);
+  }
+}
+
+static cm_status check_target(const cm_kernel *k, const cm_target *t, cm_err *err) {
+  if (t->kind != CM_TARGET_CUDA || t->sm <= 0 || t->warp_size != 32 || t->shared_bytes_static <= 0)
+    return cm_errorf(err, CM_EINVALID, "kernel %s: the CUDA renderer needs a CUDA target, not %s",
+                     k->name, t->arch);
+  return CM_OK;
+}
+
+cm_status cm_cuda_plan_kernel(cm_kernel *k, const cm_target *t, cm_err *err) {
+  if (!k || !t) return cm_errorf(err, CM_EINVALID, "cm_cuda_plan_kernel: no kernel or no target");
+  if (k->n_stages < 0 || (k->n_stages && !k->stages))
+    return cm_errorf(err, CM_EINVALID, "kernel %s: malformed stage array", k->name);
+  cm_status st = check_target(k, t, err);
+  if (st != CM_OK) return st;
+  cm_kcuda_plan *plans = malloc(sizeof *plans * (size_t)(k->n_stages + 1));
+  if (!plans) return cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
+  plan_stages(k, t, false, plans);
+  for (int i = 0; i < k->n_stages; i++) k->stages[i].cuda = plans[i];
+  free(plans);
+  return CM_OK;
+}
+
+cm_status cu_plans_for(const cm_kernel *k, const cm_cuda_render_opts *o, cm_kcuda_plan **out,
+                       cm_err *err) {
+  *out = NULL;
+  cm_target def;
+  const cm_target *t = o ? o->target : NULL;
+  if (!t) {
+    cm_status st = cm_target_cuda("sm_80", &def, err);
+    if (st != CM_OK) return st;
+    t = &def;
+  }
+  cm_status st = check_target(k, t, err);
+  if (st != CM_OK) return st;
+  cm_kcuda_plan *plans = malloc(sizeof *plans * (size_t)(k->n_stages + 1));
+  if (!plans) return cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
+  bool nt = o && o->no_templates, stored = !nt;
+  for (int i = 0; i < k->n_stages && stored; i++)
+    stored = k->stages[i].cuda.kind != CM_KCUDA_NONE && k->stages[i].cuda.sm == t->sm;
+  if (stored)
+    for (int i = 0; i < k->n_stages; i++) plans[i] = k->stages[i].cuda;
+  else
+    plan_stages(k, t, nt, plans);
+  *out = plans;
+  return CM_OK;
+}
+
+/* ---- printing --------------------------------------------------------------------- */
+
+void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out) {
+  static const char *const red[] = {"thread", "warp", "block"};
+  const cm_kcuda_gemm *g = &p->gemm;
+  const cm_kcuda_attn *a = &p->attn;
+  fprintf(out, "cuda sm_%d ", p->sm);
+  switch (p->kind) {
+  case CM_KCUDA_NONE: fprintf(out, "unplanned\n"); return;
+  case CM_KCUDA_IN_SPAN: fprintf(out, "in the span of stage %d\n", p->first); return;
+  case CM_KCUDA_GENERIC: fprintf(out, "generic: a %s per point", red[p->red]); break;
+  case CM_KCUDA_GEMM:
+    if (g->mma)
+      fprintf(out, "gemm mma %s", g->bf16 ? "bf16" : "f16");
+    else
+      fprintf(out, "gemm fma %s lanes %dx%d micro %dx%d", cm_dtype_name(g->t), g->lr, g->lc, g->tm,
+              g->tn);
+    fprintf(out, ": block %dx%d k %d warp %dx%d (%d warps), batch %lld M %lld N %lld K %lld", g->mc,
+            g->nc, g->kc, g->mr, g->nr, g->warps, (long long)g->batch, (long long)g->M,
+            (long long)g->N, (long long)g->K);
+    break;
+  case CM_KCUDA_ATTN_FUSED:
+    fprintf(out, "attention fused: %d stages, %d query rows per block%s, %d row blocks", a->span,
+            a->br, a->rowwise ? "" : " (whole batch item)", a->nrb);
+    break;
+  case CM_KCUDA_ATTN_STREAM:
+    fprintf(out,
+            "attention stream: %d stages, br %d bc %d, %d row blocks, %d key blocks, d %lld dv "
+            "%lld",
+            a->span, a->br, a->bc, a->nrb, a->nkb, (long long)a->d, (long long)a->dv);
+    break;
+  case CM_KCUDA_ATTN_STREAM_BWD:
+    fprintf(out,
+            "attention stream backward: %d stages, %lld rows, bc %d, %d key blocks, %lld "
+            "accumulator floats",
+            a->span, (long long)a->rows, a->bc, a->nkb, (long long)a->acc_floats);
+    break;
+  }
+  fprintf(out, "; grid %ux%ux%u block %ux%ux%u shared %lld+%u\n", p->grid[0], p->grid[1],
+          p->grid[2], p->block[0], p->block[1], p->block[2], (long long)p->shared_static,
+          p->shared_dynamic);
+}
