@@ -42,7 +42,6 @@ typedef struct cpu_state {
                      the work-item and workspace figures below match the rendered GEMM tiles */
   bool profile, gemm, no_templates;
   int opt_level;
-  cm_kgemm_tiles tiles; /* the target's GEMM tile defaults */
   int64_t **items;      /* per kernel, per stage: work items */
   cm_kernel_profile *prof;
   char (*keys)[65];        /* per kernel: the content key of its rendered module */
@@ -56,37 +55,6 @@ static double now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
-static cm_kgemm_tiles tiles_of(const cm_kstage *s, const cm_kgemm_tiles *defaults) {
-  cm_kgemm_tiles t = s->tiles;
-  if (t.mr <= 0 || t.nr <= 0 || t.mc <= 0 || t.nc <= 0 || t.kc <= 0) t = *defaults;
-  return t;
-}
-
-/* Work items per the renderer's contract (codegen.h): computed here because
- * cm_kstage_work_items may still be a stub in kernel.c. */
-static int64_t work_items(const cm_kstage *s, const cpu_state *cs) {
-  if (cs->gemm && cm_llvm_stage_is_gemm(s) && s->n_dom >= 2) {
-    cm_kgemm_tiles t = tiles_of(s, &cs->tiles);
-    int64_t n = 1;
-    for (int d = 0; d < s->n_dom - 2; d++) n *= s->dom[d];
-    return n * ((s->dom[s->n_dom - 2] + t.mc - 1) / t.mc) *
-           ((s->dom[s->n_dom - 1] + t.nc - 1) / t.nc);
-  }
-  int64_t n = 1;
-  for (int d = 0; d < s->n_parallel && d < s->n_dom; d++) n *= s->dom[d];
-  return n;
-}
-
-static int64_t ws_bytes(const cm_kstage *s, const cpu_state *cs) {
-  int64_t b = cm_kstage_workspace_bytes(s, CM_TARGET_CPU);
-  if (cs->gemm && cm_llvm_stage_is_gemm(s)) {
-    cm_kgemm_tiles t = tiles_of(s, &cs->tiles);
-    int64_t mine = 4 * ((int64_t)t.kc * t.nc + (int64_t)t.mc * t.kc + (int64_t)t.mc * t.nc);
-    if (mine > b) b = mine;
-  }
-  return b;
 }
 
 static cm_status resolve_threads(const cm_compile_opts *o, int *out, cm_err *err) {
@@ -181,7 +149,6 @@ static cm_status cpu_compile(cm_program *p, const cm_compile_opts *opts, cm_prog
   if (!target->cpu.runnable && !opts->compile_only)
     return cm_cpu_target_not_runnable(&target->cpu, "cpu backend", err);
   pr->W = target->vector_lanes;
-  pr->tiles = target->gemm;
   pr->no_templates = opts->no_templates;
   pr->opt_level = opts->opt_level > 0 ? opts->opt_level : 3;
   stats->threads = pr->threads;
@@ -274,8 +241,9 @@ static cm_status cpu_compile(cm_program *p, const cm_compile_opts *opts, cm_prog
       if (st != CM_OK) return st;
       memcpy(&pr->ks[i].fns[s], &addr, sizeof addr);
       const cm_kstage *ks = &k->stages[s];
-      pr->items[i][s] = work_items(ks, pr);
-      int64_t w = ws_bytes(ks, pr);
+      /* the plan's sizes: the rendered function expects exactly these */
+      pr->items[i][s] = cm_kstage_work_items(ks);
+      int64_t w = cm_kstage_workspace_bytes(ks, CM_TARGET_CPU);
       if (w > ws_max) ws_max = w;
       cm_stage_profile *sp = &pr->sprof[pr->sprof_first[i] + s];
       sp->kernel = k->name;

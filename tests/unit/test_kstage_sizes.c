@@ -2,8 +2,9 @@
  * executor sizes its launches and per-thread workspaces by: on every stage of
  * the lowered training step of the fmnist variants (ViT and ConvViT; GEMMs,
  * K-split GEMMs, attention spans, generic stages), with templates and without,
- * they equal the executor's own formulas (runtime/cpu_exec.c's work_items and
- * ws_bytes, copied here as the expectation), so the executor can call them. */
+ * they equal the formulas the executor used before it called them
+ * (runtime/cpu_exec.c's work_items and ws_bytes, frozen here as the
+ * expectation: the rendered functions' contract has not changed). */
 #include "../test.h"
 #include "../model_step.h"
 #include "codegen/codegen.h"
