@@ -42,7 +42,7 @@ typedef struct cpu_state {
                      the work-item and workspace figures below match the rendered GEMM tiles */
   bool profile, gemm, no_templates;
   int opt_level;
-  int64_t **items;      /* per kernel, per stage: work items */
+  int64_t **items; /* per kernel, per stage: work items */
   cm_kernel_profile *prof;
   char (*keys)[65];        /* per kernel: the content key of its rendered module */
   int *first_of;           /* per kernel: the first kernel with the same key (whose code it runs) */
