@@ -8,7 +8,7 @@
  * to the LLJIT with LLVMOrcLLJITAddObjectFile. So code loaded from the cache is byte for byte what
  * a fresh compile produces. Symbols of the process (libm, libc) resolve in JIT'd code.
  *
- * The CPU is the host's or the one $CMAEC_CPU names (cm_cpu_target, codegen/cpu_target.c); a
+ * The CPU is the host's or the one $CMAEC_CPU names (cm_cpu_target, codegen/target.c); a
  * CPU whose features the host lacks is refused unless the JIT is created compile_only.
  *
  * Cache files: <cache_dir>/<key>.cmobj, key = BLAKE3 (hex) of the length-prefixed fields (format

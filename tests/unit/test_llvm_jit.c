@@ -1,7 +1,7 @@
 /* tests/unit/test_llvm_jit.c — the LLVM JIT (codegen/llvm_jit.c): host target, O3 compile and
  * AVX-512 vectorization of an axpy loop built with the LLVM C API, lookups and their errors,
  * invalid modules, the object cache (hit/miss, key components, corrupted files), and CPUs named
- * by CMAEC_CPU (codegen/cpu_target.c: vector width, cache key, unknown names, compile only). */
+ * by CMAEC_CPU (codegen/target.c: vector width, cache key, unknown names, compile only). */
 #include "codegen/codegen.h"
 #include "tests/test.h"
 #include "tests/testlib.h"
