@@ -78,46 +78,56 @@ static void describe_stage(const cm_kstage *s, char *buf, size_t size) {
     n += (size_t)snprintf(buf + n, size - n, "%s", tags[i]);
 }
 
-int main(int argc, char **argv) {
-  const char *path = "models/cmae_vit_tiny_fmnist.json";
-  int batch = 0, steps = 10, threads = 0, top = 12, top_stages = 0;
-  double peak = 0;
-  const char *sets[64] = {0};
-  int n_sets = 0;
+typedef struct bench_opts {
+  const char *path;
+  int batch, steps, threads, top, top_stages;
+  double peak;
+  const char *sets[64];
+  int n_sets;
+} bench_opts;
+
+/* The command line into *o; false (after the usage) on a bad argument. */
+static bool parse_args(int argc, char **argv, bench_opts *o) {
+  *o = (bench_opts){.path = "models/cmae_vit_tiny_fmnist.json", .steps = 10, .top = 12};
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--batch") && i + 1 < argc)
-      batch = atoi(argv[++i]);
+      o->batch = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
-      steps = atoi(argv[++i]);
+      o->steps = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--threads") && i + 1 < argc)
-      threads = atoi(argv[++i]);
+      o->threads = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--peak") && i + 1 < argc)
-      peak = atof(argv[++i]);
+      o->peak = atof(argv[++i]);
     else if (!strcmp(argv[i], "--top") && i + 1 < argc)
-      top = atoi(argv[++i]);
+      o->top = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--stages") && i + 1 < argc)
-      top_stages = atoi(argv[++i]);
-    else if (!strcmp(argv[i], "--set") && i + 1 < argc && n_sets < 64)
-      sets[n_sets++] = argv[++i];
+      o->top_stages = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--set") && i + 1 < argc && o->n_sets < 64)
+      o->sets[o->n_sets++] = argv[++i];
     else if (argv[i][0] != '-')
-      path = argv[i];
+      o->path = argv[i];
     else {
       fprintf(stderr, "usage: step [MODEL.json] [--batch N] [--steps N] [--threads N] "
                       "[--peak GFLOPS] [--top N] [--stages N] [--set KEY=VALUE ...]\n");
-      return 2;
+      return false;
     }
   }
+  return true;
+}
+
+/* The variant's training step (AdamW, EMA) compiled with profiling; o->batch defaults to the
+ * config's. Returns the exit status: 0, 2 for a bad config, 1 for a failed build. */
+static int build_program(bench_opts *o, cm_model_config *cfg, cm_model *m, cm_graph **step,
+                         cm_program **pr, double *t_build) {
   cm_err err = {0};
-  cm_model_config cfg;
-  if (cm_model_config_load(path, sets, n_sets, &cfg, &err)) {
+  if (cm_model_config_load(o->path, o->sets, o->n_sets, cfg, &err)) {
     fprintf(stderr, "%s\n", err.msg);
     return 2;
   }
-  if (batch <= 0) batch = cfg.optimizer.batch;
-  cm_model_build_opts bo = {batch, 1, CM_F32};
-  cm_model m;
-  if (cm_model_build(&cfg, &bo, &m, &err)) {
-    fprintf(stderr, "%s: %s\n", path, err.msg);
+  if (o->batch <= 0) o->batch = cfg->optimizer.batch;
+  cm_model_build_opts bo = {o->batch, 1, CM_F32};
+  if (cm_model_build(cfg, &bo, m, &err)) {
+    fprintf(stderr, "%s: %s\n", o->path, err.msg);
     return 1;
   }
   cm_optim_config oc;
@@ -131,26 +141,27 @@ int main(int argc, char **argv) {
   }
   oc.ema = pairs;
   oc.n_ema = n_pairs;
-  cm_graph *step = NULL;
   cm_train_step_info info;
-  if (cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err)) {
-    fprintf(stderr, "%s: %s\n", path, err.msg);
+  if (cm_build_train_step(m->g, m->loss, &oc, step, &info, &err)) {
+    fprintf(stderr, "%s: %s\n", o->path, err.msg);
     return 1;
   }
-  cm_compile_opts o = {0};
-  o.threads = threads;
-  o.profile = true;
-  cm_program *pr = NULL;
-  double t_build = now();
-  if (cm_compile(step, NULL, &o, &pr, &err)) {
-    fprintf(stderr, "%s: %s\n", path, err.msg);
+  cm_compile_opts co = {0};
+  co.threads = o->threads;
+  co.profile = true;
+  *t_build = now();
+  if (cm_compile(*step, NULL, &co, pr, &err)) {
+    fprintf(stderr, "%s: %s\n", o->path, err.msg);
     return 1;
   }
-  t_build = now() - t_build;
+  *t_build = now() - *t_build;
+  return 0;
+}
 
-  /* sources: images uniform in [-2, 2], masks sampled per sample, params initialized */
-  cm_tensor *t = calloc((size_t)step->n_nodes, sizeof *t);
-  cm_tensor **bound = calloc((size_t)step->n_nodes, sizeof *bound);
+/* Sources: images uniform in [-2, 2], masks sampled per sample, params initialized; t[i]
+ * holds source i's tensor, bound[i] points at it. */
+static void bind_sources(const cm_graph *step, const cm_model_config *cfg, const cm_model *m,
+                         int batch, cm_tensor *t, cm_tensor **bound) {
   for (int i = 0; i < step->n_nodes; i++) {
     const cm_node *n = &step->nodes[i];
     if (n->op != CM_OP_INPUT && n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;
@@ -172,53 +183,73 @@ int main(int argc, char **argv) {
     else if (!strcmp(n->name, "step"))
       cm_tensor_set_f64(&t[i], 0, 1);
   }
-  int grid = cfg.data.image_size / cfg.encoder.patch, L = grid * grid;
-  int n_noise = cm_mask_noise_count(cfg.mask.kind, cfg.mask.block, grid);
+  int grid = cfg->data.image_size / cfg->encoder.patch, L = grid * grid;
+  int n_noise = cm_mask_noise_count(cfg->mask.kind, cfg->mask.block, grid);
   double *u = malloc(sizeof(double) * (size_t)n_noise);
   int32_t *keep = malloc(sizeof(int32_t) * (size_t)L),
           *restore = malloc(sizeof(int32_t) * (size_t)L);
   float *mask = malloc(sizeof(float) * (size_t)L);
   for (int b = 0; b < batch; b++) {
     for (int k = 0; k < n_noise; k++) u[k] = uniform();
-    int kept =
-        cm_mask_sample(cfg.mask.kind, cfg.mask.ratio, cfg.mask.block, grid, u, keep, restore, mask);
-    for (int k = 0; k < kept && m.ids_keep >= 0; k++)
-      cm_tensor_set_i64(&t[m.ids_keep], (int64_t)b * kept + k, keep[k]);
+    int kept = cm_mask_sample(cfg->mask.kind, cfg->mask.ratio, cfg->mask.block, grid, u, keep,
+                              restore, mask);
+    for (int k = 0; k < kept && m->ids_keep >= 0; k++)
+      cm_tensor_set_i64(&t[m->ids_keep], (int64_t)b * kept + k, keep[k]);
     for (int k = 0; k < L; k++) {
-      if (m.ids_restore >= 0) cm_tensor_set_i64(&t[m.ids_restore], (int64_t)b * L + k, restore[k]);
-      if (m.mask >= 0) cm_tensor_set_f64(&t[m.mask], (int64_t)b * L + k, mask[k]);
+      if (m->ids_restore >= 0)
+        cm_tensor_set_i64(&t[m->ids_restore], (int64_t)b * L + k, restore[k]);
+      if (m->mask >= 0) cm_tensor_set_f64(&t[m->mask], (int64_t)b * L + k, mask[k]);
     }
   }
+  free(u);
+  free(keep);
+  free(restore);
+  free(mask);
+}
+
+/* One warm-up step, the profiles after it (*base, *sbase), then o->steps timed steps: *dt the
+ * seconds per step. Returns false (said) when a step fails. */
+static bool time_steps(const bench_opts *o, cm_program *pr, cm_tensor **bound, int n_outputs,
+                       cm_kernel_profile **base, cm_stage_profile **sbase, double *dt) {
+  cm_err err = {0};
   cm_tensor outs[16];
-  int n_out = step->n_outputs < 16 ? step->n_outputs : 16;
+  int n_out = n_outputs < 16 ? n_outputs : 16;
   if (cm_program_run(pr, bound, outs, &err)) { /* warm-up */
-    fprintf(stderr, "%s: %s\n", path, err.msg);
-    return 1;
+    fprintf(stderr, "%s: %s\n", o->path, err.msg);
+    return false;
   }
   for (int j = 0; j < n_out; j++) cm_tensor_free(&outs[j]);
   const cm_kernel_profile *prof;
   int n_prof = cm_program_profile(pr, &prof);
-  cm_kernel_profile *base = malloc(sizeof *base * (size_t)(n_prof ? n_prof : 1));
-  memcpy(base, prof, sizeof *base * (size_t)n_prof);
+  *base = malloc(sizeof **base * (size_t)(n_prof ? n_prof : 1));
+  memcpy(*base, prof, sizeof **base * (size_t)n_prof);
   const cm_stage_profile *sprof;
   int n_sprof = cm_program_stage_profile(pr, &sprof);
-  cm_stage_profile *sbase = malloc(sizeof *sbase * (size_t)(n_sprof ? n_sprof : 1));
-  memcpy(sbase, sprof, sizeof *sbase * (size_t)n_sprof);
+  *sbase = malloc(sizeof **sbase * (size_t)(n_sprof ? n_sprof : 1));
+  memcpy(*sbase, sprof, sizeof **sbase * (size_t)n_sprof);
   double t0 = now();
-  for (int s = 0; s < steps; s++) {
+  for (int s = 0; s < o->steps; s++) {
     if (cm_program_run(pr, bound, outs, &err)) {
-      fprintf(stderr, "%s: step %d: %s\n", path, s, err.msg);
-      return 1;
+      fprintf(stderr, "%s: step %d: %s\n", o->path, s, err.msg);
+      return false;
     }
     for (int j = 0; j < n_out; j++) cm_tensor_free(&outs[j]);
   }
-  double dt = (now() - t0) / steps;
-  n_prof = cm_program_profile(pr, &prof);
+  *dt = (now() - t0) / o->steps;
+  return true;
+}
+
+/* The step's figures and the --top kernels by time per step; returns the kernels' ms per
+ * step. */
+static double print_kernels(const bench_opts *o, const char *name, const cm_program *pr,
+                            const cm_kernel_profile *base, double dt, double t_build) {
+  const cm_kernel_profile *prof;
+  int n_prof = cm_program_profile(pr, &prof);
   double flops = 0, kernel_ms = 0;
   cm_kernel_profile *rows = malloc(sizeof *rows * (size_t)(n_prof ? n_prof : 1));
   for (int i = 0; i < n_prof; i++) {
     rows[i] = prof[i];
-    rows[i].total_ms = (prof[i].total_ms - base[i].total_ms) / steps;
+    rows[i].total_ms = (prof[i].total_ms - base[i].total_ms) / o->steps;
     flops += prof[i].flops;
     kernel_ms += rows[i].total_ms;
   }
@@ -226,46 +257,69 @@ int main(int argc, char **argv) {
   cm_program_stats_get(pr, &st);
   printf("%s: batch %d, %d steps on %d threads; build %.2f s (%d kernels, %d distinct, %d "
          "stages, cache %d hits %d misses)\n",
-         cfg.name, batch, steps, st.threads, t_build, st.n_kernels, st.n_distinct_kernels,
+         name, o->batch, o->steps, st.threads, t_build, st.n_kernels, st.n_distinct_kernels,
          st.n_stages, st.cache_hits, st.cache_misses);
-  printf("step %.2f ms, %.1f images/s, %.3f GFLOP per step, %.1f GFLOP/s", 1e3 * dt, batch / dt,
+  printf("step %.2f ms, %.1f images/s, %.3f GFLOP per step, %.1f GFLOP/s", 1e3 * dt, o->batch / dt,
          flops * 1e-9, flops * 1e-9 / dt);
-  if (peak > 0) printf(", %.1f%% of peak %.1f GFLOP/s", 100 * flops * 1e-9 / dt / peak, peak);
+  if (o->peak > 0)
+    printf(", %.1f%% of peak %.1f GFLOP/s", 100 * flops * 1e-9 / dt / o->peak, o->peak);
   printf("\nkernels: %.2f ms of the step (the rest: binding, output copies)\n", kernel_ms);
   qsort(rows, (size_t)n_prof, sizeof *rows, by_time);
   printf("%-28s %-12s %9s %6s %9s\n", "kernel", "kind", "ms/step", "share", "GFLOP/s");
-  for (int i = 0; i < n_prof && i < top; i++)
+  for (int i = 0; i < n_prof && i < o->top; i++)
     printf("%-28s %-12s %9.3f %5.1f%% %9.1f\n", rows[i].name, cm_group_kind_name(rows[i].kind),
            rows[i].total_ms, 100 * rows[i].total_ms / (kernel_ms > 0 ? kernel_ms : 1),
            rows[i].total_ms > 0 ? rows[i].flops * 1e-6 / rows[i].total_ms : 0);
   free(rows);
-  free(base);
-  if (top_stages > 0) {
-    n_sprof = cm_program_stage_profile(pr, &sprof);
-    cm_stage_profile *srows = malloc(sizeof *srows * (size_t)(n_sprof ? n_sprof : 1));
-    for (int i = 0; i < n_sprof; i++) {
-      srows[i] = sprof[i];
-      srows[i].total_ms = (sprof[i].total_ms - sbase[i].total_ms) / steps;
-    }
-    qsort(srows, (size_t)n_sprof, sizeof *srows, by_stage_time);
-    printf("\n%-22s %-24s %9s %6s %8s %6s  %s\n", "stage", "name", "ms/step", "share", "GFLOP/s",
-           "items", "shape");
-    for (int i = 0; i < n_sprof && i < top_stages; i++) {
-      char id[48], shape[160];
-      snprintf(id, sizeof id, "%s_s%d", srows[i].kernel, srows[i].stage_index);
-      describe_stage(srows[i].stage, shape, sizeof shape);
-      printf("%-22s %-24.24s %9.3f %5.1f%% %8.1f %6lld  %s\n", id, srows[i].stage->name,
-             srows[i].total_ms, 100 * srows[i].total_ms / (kernel_ms > 0 ? kernel_ms : 1),
-             srows[i].total_ms > 0 ? srows[i].flops * 1e-6 / srows[i].total_ms : 0,
-             (long long)srows[i].work_items, shape);
-    }
-    free(srows);
+  return kernel_ms;
+}
+
+/* --stages N: the N stages that took the most time per step, with their shapes. */
+static void print_stages(const bench_opts *o, const cm_program *pr, const cm_stage_profile *sbase,
+                         double kernel_ms) {
+  const cm_stage_profile *sprof;
+  int n_sprof = cm_program_stage_profile(pr, &sprof);
+  cm_stage_profile *srows = malloc(sizeof *srows * (size_t)(n_sprof ? n_sprof : 1));
+  for (int i = 0; i < n_sprof; i++) {
+    srows[i] = sprof[i];
+    srows[i].total_ms = (sprof[i].total_ms - sbase[i].total_ms) / o->steps;
   }
+  qsort(srows, (size_t)n_sprof, sizeof *srows, by_stage_time);
+  printf("\n%-22s %-24s %9s %6s %8s %6s  %s\n", "stage", "name", "ms/step", "share", "GFLOP/s",
+         "items", "shape");
+  for (int i = 0; i < n_sprof && i < o->top_stages; i++) {
+    char id[48], shape[160];
+    snprintf(id, sizeof id, "%s_s%d", srows[i].kernel, srows[i].stage_index);
+    describe_stage(srows[i].stage, shape, sizeof shape);
+    printf("%-22s %-24.24s %9.3f %5.1f%% %8.1f %6lld  %s\n", id, srows[i].stage->name,
+           srows[i].total_ms, 100 * srows[i].total_ms / (kernel_ms > 0 ? kernel_ms : 1),
+           srows[i].total_ms > 0 ? srows[i].flops * 1e-6 / srows[i].total_ms : 0,
+           (long long)srows[i].work_items, shape);
+  }
+  free(srows);
+}
+
+int main(int argc, char **argv) {
+  bench_opts o;
+  if (!parse_args(argc, argv, &o)) return 2;
+  cm_model_config cfg;
+  cm_model m;
+  cm_graph *step = NULL;
+  cm_program *pr = NULL;
+  double t_build = 0;
+  int rc = build_program(&o, &cfg, &m, &step, &pr, &t_build);
+  if (rc) return rc;
+  cm_tensor *t = calloc((size_t)step->n_nodes, sizeof *t);
+  cm_tensor **bound = calloc((size_t)step->n_nodes, sizeof *bound);
+  bind_sources(step, &cfg, &m, o.batch, t, bound);
+  cm_kernel_profile *base = NULL;
+  cm_stage_profile *sbase = NULL;
+  double dt = 0;
+  if (!time_steps(&o, pr, bound, step->n_outputs, &base, &sbase, &dt)) return 1;
+  double kernel_ms = print_kernels(&o, cfg.name, pr, base, dt, t_build);
+  free(base);
+  if (o.top_stages > 0) print_stages(&o, pr, sbase, kernel_ms);
   free(sbase);
-  free(u);
-  free(keep);
-  free(restore);
-  free(mask);
   for (int i = 0; i < step->n_nodes; i++) cm_tensor_free(&t[i]);
   free(t);
   free(bound);

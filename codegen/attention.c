@@ -880,6 +880,20 @@ int64_t cm_kattn_bwd_stream_workspace(const cm_kernel *k, int first, int mr, int
   return o + 64;
 }
 
+/* What every streaming span needs (forward or backward): cm_kattn_check's span and a key
+ * block bc in [1, keys). */
+static cm_status attn_stream_check_span(const cm_kernel *k, int first, cm_err *err) {
+  const cm_kstage *s0 = &k->stages[first];
+  const cm_kattn *a = &s0->attn;
+  cm_status st = cm_kattn_check(k, first, err);
+  if (st != CM_OK) return st;
+  int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : 0;
+  if (a->bc < 1 || a->bc >= keys)
+    return cm_errorf(err, CM_EINVALID, "kernel %s stage %d: key block bc %d not in [1, %lld)",
+                     k->name, first, a->bc, (long long)keys);
+  return CM_OK;
+}
+
 cm_status cm_kattn_stream_check(const cm_kernel *k, int first, cm_err *err) {
   if (!k || first < 0 || first >= k->n_stages)
     return cm_errorf(err, CM_EINVALID, "cm_kattn_stream_check: no kernel or stage %d out of range",
@@ -887,12 +901,8 @@ cm_status cm_kattn_stream_check(const cm_kernel *k, int first, cm_err *err) {
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
   if (s0->tmpl == CM_KT_ATTENTION_BWD && a->stream) {
-    cm_status st = cm_kattn_check(k, first, err);
+    cm_status st = attn_stream_check_span(k, first, err);
     if (st != CM_OK) return st;
-    int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : 0;
-    if (a->bc < 1 || a->bc >= keys)
-      return cm_errorf(err, CM_EINVALID, "kernel %s stage %d: key block bc %d not in [1, %lld)",
-                       k->name, first, a->bc, (long long)keys);
     cm_kattn t = *a;
     if (!attn_bwd_match_span(k, first, &t))
       return cm_errorf(err, CM_EINVALID,
@@ -910,12 +920,8 @@ cm_status cm_kattn_stream_check(const cm_kernel *k, int first, cm_err *err) {
                      "kernel %s stage %d: not a streaming forward attention span (template %d, "
                      "stream %d)",
                      k->name, first, (int)s0->tmpl, (int)a->stream);
-  cm_status st = cm_kattn_check(k, first, err);
+  cm_status st = attn_stream_check_span(k, first, err);
   if (st != CM_OK) return st;
-  int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : 0;
-  if (a->bc < 1 || a->bc >= keys)
-    return cm_errorf(err, CM_EINVALID, "kernel %s stage %d: key block bc %d not in [1, %lld)",
-                     k->name, first, a->bc, (long long)keys);
   cm_kattn t = *a;
   if (!attn_fwd_match_span(k, first, &t))
     return cm_errorf(err, CM_EINVALID,

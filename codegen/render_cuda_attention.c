@@ -243,16 +243,22 @@ static int fa_cuda_stage_nb(const cm_kstage *s, bool stat) {
   return s->n_dom - 2;
 }
 
+/* Whether stage first of k opens a valid streaming span of template tmpl (the kernel verifies
+ * and cm_kattn_stream_check accepts the span). */
+static bool cu_stream_span(const cm_kernel *k, int first, cm_ktemplate tmpl) {
+  const cm_kstage *s0 = &k->stages[first];
+  if (s0->tmpl != tmpl || !s0->attn.stream) return false;
+  cm_err e = {0};
+  return cm_kernel_verify(k, &e) == CM_OK && cm_kattn_stream_check(k, first, &e) == CM_OK;
+}
+
 bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
   fa_cplan p;
   const double smem_floats = (double)(t->shared_bytes_static / 4);
   memset(&p, 0, sizeof p);
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
-  if (s0->tmpl != CM_KT_ATTENTION_FWD || !a->stream) return false;
-  cm_err e = {0};
-  if (cm_kernel_verify(k, &e) != CM_OK || cm_kattn_stream_check(k, first, &e) != CM_OK)
-    return false;
+  if (!cu_stream_span(k, first, CM_KT_ATTENTION_FWD)) return false;
   int end = first + a->span, st[4] = {a->st_max, a->st_exp, a->st_sum, a->st_out};
   for (int i = 0; i < 4; i++)
     if (st[i] <= first || st[i] >= end) return false;
@@ -578,10 +584,7 @@ bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kc
   memset(&p, 0, sizeof p);
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
-  if (s0->tmpl != CM_KT_ATTENTION_BWD || !a->stream) return false;
-  cm_err e = {0};
-  if (cm_kernel_verify(k, &e) != CM_OK || cm_kattn_stream_check(k, first, &e) != CM_OK)
-    return false;
+  if (!cu_stream_span(k, first, CM_KT_ATTENTION_BWD)) return false;
   if (a->span < 2 || a->span > CM_KATTN_MAX_SPAN || first + a->span > k->n_stages ||
       a->n_local < 1 || a->n_local > CM_KATTN_MAX_LOCAL || a->nb != s0->n_dom - 2 ||
       s0->n_red != 1 || s0->gemm_a < 0 || s0->gemm_b < 0 || a->role[0] != CM_KATTN_ROLE_TILE)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what is missing, builds the
 # release build (gcc) and the sanitizer build (clang-19, ASan+UBSan, libFuzzer),
-# runs every test in both, runs each fuzz target for a fixed time, and checks formatting.
+# runs every test in both, runs each fuzz target for a fixed time, and checks formatting
+# and source lengths.
 #
 # Every phase runs even when an earlier one failed (a phase that needs a failed
 # build is reported as not run, and counts as a failure); each prints its wall
@@ -99,6 +100,10 @@ format_check() {
   # shellcheck disable=SC2086
   clang-format --dry-run -Werror $files
 }
+# no function over 150 lines, no file over 1500 (scripts/check_lengths.allow lists the debts)
+length_check() {
+  python3 scripts/check_lengths.py --self-test && python3 scripts/check_lengths.py
+}
 
 phase "install (scripts/install-deps.sh)" bash scripts/install-deps.sh
 
@@ -119,6 +124,7 @@ else
 fi
 
 phase "formatting (clang-format)" format_check
+phase "source lengths (scripts/check_lengths.py)" length_check
 
 total=$(($(date +%s) - start))
 echo

@@ -682,133 +682,122 @@ static int compile_input(model_cmd *mc, const char *path, int batch, cm_graph **
   return st ? cli_report(&err, path) : EXIT_OK;
 }
 
-int cmd_compile(int argc, char **argv) {
-  model_cmd mc;
-  int rc = split_sets(argc, argv, "compile", &mc);
-  if (rc) return model_cmd_free(&mc), rc;
+/* What `cmaec compile` was asked for. */
+typedef struct compile_args {
+  bool help, no_templates;
+  const char *path, *dir, *target_name, *arch;
+  cm_target_kind target;
+  emit_set emit;
+  int batch;
+} compile_args;
+
+/* Option parsing: fills *a, or reports a bad invocation (EXIT_INVALID). */
+static int compile_parse_args(model_cmd *mc, compile_args *a) {
   cli_option opts[] = {{"--help", false, NULL, false},  {"-o", true, NULL, false},
                        {"--output", true, NULL, false}, {"--target", true, NULL, false},
                        {"--arch", true, NULL, false},   {"--emit", true, NULL, false},
                        {"--batch", true, NULL, false},  {"--no-templates", false, NULL, false}};
   const char *pos[1];
-  int n_pos, batch = 0;
-  cm_graph *g = NULL;
-  cm_plan *plan = NULL;
-  cm_program *pr = NULL;
-  cm_jit *jit = NULL;
-  FILE *stats = NULL;
-  cm_err err = {0};
-  if (!cli_parse(mc.argc, mc.argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "compile")) {
-    rc = EXIT_INVALID;
-    goto done;
-  }
-  if (opts[0].given) {
-    fputs(usage_compile, stdout);
-    goto done;
-  }
-  const char *dir = opts[1].given ? opts[1].value : opts[2].value;
-  if (n_pos != 1 || !dir || !opts[3].given) {
-    fputs(usage_compile, stderr);
-    rc = EXIT_INVALID;
-    goto done;
-  }
-  cm_target_kind target;
+  int n_pos;
+  memset(a, 0, sizeof *a);
+  if (!cli_parse(mc->argc, mc->argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "compile"))
+    return EXIT_INVALID;
+  if (opts[0].given) return a->help = true, EXIT_OK;
+  a->dir = opts[1].given ? opts[1].value : opts[2].value;
+  if (n_pos != 1 || !a->dir || !opts[3].given) return fputs(usage_compile, stderr), EXIT_INVALID;
+  a->target_name = opts[3].value;
   if (!strcmp(opts[3].value, "cpu"))
-    target = CM_TARGET_CPU;
+    a->target = CM_TARGET_CPU;
   else if (!strcmp(opts[3].value, "cuda"))
-    target = CM_TARGET_CUDA;
+    a->target = CM_TARGET_CUDA;
   else {
     fprintf(stderr, "cmaec compile: --target %s: unknown target (cpu, cuda)\n", opts[3].value);
-    rc = EXIT_INVALID;
-    goto done;
+    return EXIT_INVALID;
   }
-  const char *arch = opts[4].given ? opts[4].value : "sm_90";
-  if (opts[4].given && target != CM_TARGET_CUDA) {
+  a->arch = opts[4].given ? opts[4].value : "sm_90";
+  if (opts[4].given && a->target != CM_TARGET_CUDA) {
     fprintf(stderr, "cmaec compile: --arch applies to --target cuda only\n");
-    rc = EXIT_INVALID;
-    goto done;
+    return EXIT_INVALID;
   }
-  if (strcmp(arch, "sm_80") && strcmp(arch, "sm_90") && strcmp(arch, "sm_90a")) {
-    fprintf(stderr, "cmaec compile: --arch %s: unsupported (sm_80, sm_90, sm_90a)\n", arch);
-    rc = EXIT_INVALID;
-    goto done;
+  if (strcmp(a->arch, "sm_80") && strcmp(a->arch, "sm_90") && strcmp(a->arch, "sm_90a")) {
+    fprintf(stderr, "cmaec compile: --arch %s: unsupported (sm_80, sm_90, sm_90a)\n", a->arch);
+    return EXIT_INVALID;
   }
-  emit_set emit = {false, target == CM_TARGET_CPU, target == CM_TARGET_CUDA, true};
-  if (opts[5].given && !parse_emit(opts[5].value, &emit)) {
+  a->emit = (emit_set){false, a->target == CM_TARGET_CPU, a->target == CM_TARGET_CUDA, true};
+  if (opts[5].given && !parse_emit(opts[5].value, &a->emit)) {
     fprintf(stderr, "cmaec compile: --emit %s: a comma-separated list of kir, llvm, cuda, stats\n",
             opts[5].value);
-    rc = EXIT_INVALID;
-    goto done;
+    return EXIT_INVALID;
   }
-  if ((emit.llvm && target != CM_TARGET_CPU) || (emit.cuda && target != CM_TARGET_CUDA)) {
+  if ((a->emit.llvm && a->target != CM_TARGET_CPU) ||
+      (a->emit.cuda && a->target != CM_TARGET_CUDA)) {
     fprintf(stderr, "cmaec compile: --emit %s does not match --target %s\n",
-            emit.llvm ? "llvm" : "cuda", opts[3].value);
-    rc = EXIT_INVALID;
-    goto done;
+            a->emit.llvm ? "llvm" : "cuda", opts[3].value);
+    return EXIT_INVALID;
   }
-  if (opts[6].given && !parse_count(opts[6].value, &batch)) {
+  if (opts[6].given && !parse_count(opts[6].value, &a->batch)) {
     fprintf(stderr, "cmaec compile: --batch %s: not an integer in [1, 1000000]\n", opts[6].value);
-    rc = EXIT_INVALID;
-    goto done;
+    return EXIT_INVALID;
   }
-  cm_target tgt; /* a bad CMAEC_CPU is reported before any work */
-  if (target == CM_TARGET_CPU ? cm_target_cpu(NULL, NULL, &tgt, &err)
-                              : cm_target_cuda(arch, &tgt, &err)) {
-    rc = cli_report(&err, "cmaec compile");
-    goto done;
-  }
-  const char *path = pos[0];
-  if ((rc = compile_input(&mc, path, batch, &g, &plan))) goto done;
-  if (mkdir(dir, 0777) != 0 && errno != EEXIST) {
-    fprintf(stderr, "%s: cannot create the directory: %s\n", dir, strerror(errno));
-    rc = EXIT_INVALID;
-    goto done;
-  }
-  double t0 = now_seconds();
-  /* compiled only: the CPU's kernels are rendered where emitted, CUDA's through NVRTC when
-   * its code or its resource figures are asked for */
-  bool nvrtc = target == CM_TARGET_CUDA && (emit.cuda || emit.stats);
+  a->no_templates = opts[7].given;
+  a->path = pos[0];
+  return EXIT_OK;
+}
+
+/* The target: a bad CMAEC_CPU is reported before any work. */
+static int compile_target(const compile_args *a, cm_target *tgt) {
+  cm_err err = {0};
+  if (a->target == CM_TARGET_CPU ? cm_target_cpu(NULL, NULL, tgt, &err)
+                                 : cm_target_cuda(a->arch, tgt, &err))
+    return cli_report(&err, "cmaec compile");
+  return EXIT_OK;
+}
+
+/* Compiles g for tgt (compiled only: the CPU's kernels are rendered where emitted, CUDA's
+ * through NVRTC when its code or its resource figures are asked for) and prints its sizes. */
+static int compile_program(const compile_args *a, cm_graph *g, cm_plan *plan, const cm_target *tgt,
+                           bool nvrtc, cm_program **pr) {
+  cm_err err = {0};
   cm_compile_opts copts = {
-      .no_templates = opts[7].given, .compile_only = true, .render_only = !nvrtc, .plan = plan};
-  if (cm_compile(g, &tgt, &copts, &pr, &err)) {
-    rc = cli_report(&err, path);
-    goto done;
-  }
+      .no_templates = a->no_templates, .compile_only = true, .render_only = !nvrtc, .plan = plan};
+  if (cm_compile(g, tgt, &copts, pr, &err)) return cli_report(&err, a->path);
   cm_program_stats pst;
-  cm_program_stats_get(pr, &pst);
-  const cm_kprogram *prog = cm_program_kernels(pr);
-  printf("%s: %d kernels, %d stages, arena %.1f MiB, scratch %.1f MiB (lowered in %.0f ms)\n", path,
-         prog->n_kernels, pst.n_stages, (double)prog->arena_bytes / 1048576.0,
+  cm_program_stats_get(*pr, &pst);
+  const cm_kprogram *prog = cm_program_kernels(*pr);
+  printf("%s: %d kernels, %d stages, arena %.1f MiB, scratch %.1f MiB (lowered in %.0f ms)\n",
+         a->path, prog->n_kernels, pst.n_stages, (double)prog->arena_bytes / 1048576.0,
          (double)prog->max_scratch_bytes / 1048576.0, pst.lower_ms);
-  if (emit.kir && (rc = write_emit(pr, dir, "kernels.kir", CM_EMIT_KERNEL_IR, path))) goto done;
-  if (emit.llvm) {
-    cm_jit_opts jo = {NULL, 3, NULL, NULL, 512, true}; /* $CMAEC_CPU may name any CPU */
-    if (cm_jit_create(&jit, &jo, &err)) {              /* for its description of the target */
-      rc = cli_report(&err, "cmaec compile");
-      goto done;
-    }
-    t0 = now_seconds();
-    if ((rc = write_emit(pr, dir, "kernels.ll", CM_EMIT_SOURCE, path)) ||
-        (rc = write_emit(pr, dir, "kernels.s", CM_EMIT_ASM, path)) ||
-        (rc = write_emit(pr, dir, "kernels.opt.ll", CM_EMIT_OPT_IR, path)))
-      goto done;
-    printf("  llvm: %s/kernels.ll, kernels.opt.ll, kernels.s for %s (%.0f ms)\n", dir,
+  return EXIT_OK;
+}
+
+/* --emit llvm: LLVM IR as rendered, after O3, and assembly. */
+static int compile_emit_llvm(const compile_args *a, const cm_program *pr) {
+  cm_err err = {0};
+  cm_jit *jit = NULL;
+  cm_jit_opts jo = {NULL, 3, NULL, NULL, 512, true}; /* $CMAEC_CPU may name any CPU */
+  if (cm_jit_create(&jit, &jo, &err))                /* for its description of the target */
+    return cli_report(&err, "cmaec compile");
+  double t0 = now_seconds();
+  int rc;
+  if (!(rc = write_emit(pr, a->dir, "kernels.ll", CM_EMIT_SOURCE, a->path)) &&
+      !(rc = write_emit(pr, a->dir, "kernels.s", CM_EMIT_ASM, a->path)) &&
+      !(rc = write_emit(pr, a->dir, "kernels.opt.ll", CM_EMIT_OPT_IR, a->path)))
+    printf("  llvm: %s/kernels.ll, kernels.opt.ll, kernels.s for %s (%.0f ms)\n", a->dir,
            cm_jit_target_description(jit), 1e3 * (now_seconds() - t0));
-  }
-  cm_cuda_render_opts co = {target == CM_TARGET_CUDA ? &tgt : NULL, opts[7].given};
-  const char *nvrtc_version = "";
-  const cm_cubin *cubin = nvrtc ? cm_program_cubin(pr, &nvrtc_version) : NULL;
-  if (nvrtc && !cubin) {
-    fprintf(stderr, "cmaec compile: the CUDA backend made no CUBIN\n");
-    rc = EXIT_INTERNAL;
-    goto done;
-  }
-  if (emit.cuda) {
+  cm_jit_destroy(jit);
+  return rc;
+}
+
+/* --emit cuda: the CUDA C and its CUBIN; then NVRTC's figures when it ran. */
+static int compile_emit_cuda(const compile_args *a, const cm_program *pr, const cm_cubin *cubin,
+                             const char *nvrtc_version) {
+  int rc;
+  if (a->emit.cuda) {
     char name[64];
-    snprintf(name, sizeof name, "kernels.%s.cubin", arch);
-    if ((rc = write_emit(pr, dir, "kernels.cu", CM_EMIT_SOURCE, path)) ||
-        (rc = write_emit(pr, dir, name, CM_EMIT_BINARY, path)))
-      goto done;
+    snprintf(name, sizeof name, "kernels.%s.cubin", a->arch);
+    if ((rc = write_emit(pr, a->dir, "kernels.cu", CM_EMIT_SOURCE, a->path)) ||
+        (rc = write_emit(pr, a->dir, name, CM_EMIT_BINARY, a->path)))
+      return rc;
   }
   if (cubin) {
     int spills = 0;
@@ -816,59 +805,97 @@ int cmd_compile(int argc, char **argv) {
       spills += cubin->kernels[i].spill_store_bytes + cubin->kernels[i].spill_load_bytes > 0;
     printf("  cuda: %d kernels compiled by NVRTC %s for %s in %.0f ms, %zu bytes of CUBIN, "
            "%d with spills\n",
-           cubin->n_kernels, nvrtc_version, arch, cubin->compile_ms, cubin->size, spills);
+           cubin->n_kernels, nvrtc_version, a->arch, cubin->compile_ms, cubin->size, spills);
   }
-  if (emit.stats) {
-    char spath[4096];
-    snprintf(spath, sizeof spath, "%s/stats.tsv", dir);
-    stats = fopen(spath, "w");
-    if (!stats) {
-      fprintf(stderr, "%s: cannot write\n", spath);
-      rc = EXIT_INVALID;
-      goto done;
-    }
-    fprintf(stats, "kernel\tstage\tkind\ttemplate\tdomain\treduction\twork_items\tflops%s\n",
-            target == CM_TARGET_CUDA
-                ? "\tregisters\tshared_bytes\tstack_bytes\tspill_bytes\tgrid\tblock"
-                : "");
-    double total_flops = 0;
-    for (int i = 0; i < prog->n_kernels; i++) {
-      const cm_kernel *k = &prog->kernels[i];
-      for (int s = 0; s < k->n_stages; s++) {
-        const cm_kstage *st = &k->stages[s];
-        char dom[128], red[128];
-        extents_str(st->dom, st->n_dom, dom, sizeof dom);
-        extents_str(st->red, st->n_red, red, sizeof red);
-        double fl = stage_flops(st);
-        total_flops += fl;
-        fprintf(stats, "%s\t%d\t%s\t%s\t%s\t%s\t%lld\t%.0f", k->name, s,
-                cm_group_kind_name(k->kind), st->tmpl == CM_KT_GEMM ? "gemm" : "-", dom, red,
-                (long long)cm_kstage_work_items(st), fl);
-        if (target == CM_TARGET_CUDA) {
-          char fn[160];
-          snprintf(fn, sizeof fn, "%s_s%d", k->name, s);
-          const cm_cuda_kernel_info *ki = cm_cubin_kernel(cubin, fn);
-          cm_cuda_launch l = cm_cuda_stage_launch(k, s, &co);
-          fprintf(stats, "\t%d\t%d\t%d\t%d\t%ux%ux%u\t%ux%ux%u", ki ? ki->registers : -1,
-                  ki ? ki->shared_bytes + (int)l.shared_bytes : -1, ki ? ki->stack_bytes : -1,
-                  ki ? ki->spill_store_bytes + ki->spill_load_bytes : -1, l.grid[0], l.grid[1],
-                  l.grid[2], l.block[0], l.block[1], l.block[2]);
-        }
-        fputc('\n', stats);
-      }
-    }
-    if (fclose(stats) != 0) {
-      stats = NULL;
-      fprintf(stderr, "%s: cannot write\n", spath);
-      rc = EXIT_INVALID;
-      goto done;
-    }
-    stats = NULL;
-    printf("  stats: %s (%.3f GFLOP in contractions per step)\n", spath, total_flops * 1e-9);
+  return EXIT_OK;
+}
+
+/* One stats.tsv row: a stage's shape and work; with cuda its resources and launch. */
+static double stats_row(FILE *f, const cm_kernel *k, int s, const cm_cubin *cubin,
+                        const cm_cuda_render_opts *co) {
+  const cm_kstage *st = &k->stages[s];
+  char dom[128], red[128];
+  extents_str(st->dom, st->n_dom, dom, sizeof dom);
+  extents_str(st->red, st->n_red, red, sizeof red);
+  double fl = stage_flops(st);
+  fprintf(f, "%s\t%d\t%s\t%s\t%s\t%s\t%lld\t%.0f", k->name, s, cm_group_kind_name(k->kind),
+          st->tmpl == CM_KT_GEMM ? "gemm" : "-", dom, red, (long long)cm_kstage_work_items(st), fl);
+  if (co) {
+    char fn[160];
+    snprintf(fn, sizeof fn, "%s_s%d", k->name, s);
+    const cm_cuda_kernel_info *ki = cm_cubin_kernel(cubin, fn);
+    cm_cuda_launch l = cm_cuda_stage_launch(k, s, co);
+    fprintf(f, "\t%d\t%d\t%d\t%d\t%ux%ux%u\t%ux%ux%u", ki ? ki->registers : -1,
+            ki ? ki->shared_bytes + (int)l.shared_bytes : -1, ki ? ki->stack_bytes : -1,
+            ki ? ki->spill_store_bytes + ki->spill_load_bytes : -1, l.grid[0], l.grid[1], l.grid[2],
+            l.block[0], l.block[1], l.block[2]);
   }
+  fputc('\n', f);
+  return fl;
+}
+
+/* --emit stats: DIR/stats.tsv, one row per stage. */
+static int compile_emit_stats(const compile_args *a, const cm_program *pr, const cm_target *tgt,
+                              const cm_cubin *cubin) {
+  bool cuda = a->target == CM_TARGET_CUDA;
+  cm_cuda_render_opts co = {cuda ? tgt : NULL, a->no_templates};
+  const cm_kprogram *prog = cm_program_kernels(pr);
+  char spath[4096];
+  snprintf(spath, sizeof spath, "%s/stats.tsv", a->dir);
+  FILE *stats = fopen(spath, "w");
+  if (!stats) return fprintf(stderr, "%s: cannot write\n", spath), EXIT_INVALID;
+  fprintf(stats, "kernel\tstage\tkind\ttemplate\tdomain\treduction\twork_items\tflops%s\n",
+          cuda ? "\tregisters\tshared_bytes\tstack_bytes\tspill_bytes\tgrid\tblock" : "");
+  double total_flops = 0;
+  for (int i = 0; i < prog->n_kernels; i++)
+    for (int s = 0; s < prog->kernels[i].n_stages; s++)
+      total_flops += stats_row(stats, &prog->kernels[i], s, cubin, cuda ? &co : NULL);
+  if (fclose(stats) != 0) return fprintf(stderr, "%s: cannot write\n", spath), EXIT_INVALID;
+  printf("  stats: %s (%.3f GFLOP in contractions per step)\n", spath, total_flops * 1e-9);
+  return EXIT_OK;
+}
+
+/* Emit: what --emit asks for, in DIR. */
+static int compile_emit(const compile_args *a, const cm_program *pr, const cm_target *tgt,
+                        bool nvrtc) {
+  int rc;
+  if (a->emit.kir && (rc = write_emit(pr, a->dir, "kernels.kir", CM_EMIT_KERNEL_IR, a->path)))
+    return rc;
+  if (a->emit.llvm && (rc = compile_emit_llvm(a, pr))) return rc;
+  const char *nvrtc_version = "";
+  const cm_cubin *cubin = nvrtc ? cm_program_cubin(pr, &nvrtc_version) : NULL;
+  if (nvrtc && !cubin) {
+    fprintf(stderr, "cmaec compile: the CUDA backend made no CUBIN\n");
+    return EXIT_INTERNAL;
+  }
+  if ((rc = compile_emit_cuda(a, pr, cubin, nvrtc_version))) return rc;
+  return a->emit.stats ? compile_emit_stats(a, pr, tgt, cubin) : EXIT_OK;
+}
+
+int cmd_compile(int argc, char **argv) {
+  model_cmd mc;
+  int rc = split_sets(argc, argv, "compile", &mc);
+  if (rc) return model_cmd_free(&mc), rc;
+  compile_args a;
+  cm_graph *g = NULL;
+  cm_plan *plan = NULL;
+  cm_program *pr = NULL;
+  cm_target tgt;
+  if ((rc = compile_parse_args(&mc, &a)) || a.help) {
+    if (a.help) fputs(usage_compile, stdout);
+    goto done;
+  }
+  if ((rc = compile_target(&a, &tgt))) goto done;
+  if ((rc = compile_input(&mc, a.path, a.batch, &g, &plan))) goto done;
+  if (mkdir(a.dir, 0777) != 0 && errno != EEXIST) {
+    fprintf(stderr, "%s: cannot create the directory: %s\n", a.dir, strerror(errno));
+    rc = EXIT_INVALID;
+    goto done;
+  }
+  bool nvrtc = a.target == CM_TARGET_CUDA && (a.emit.cuda || a.emit.stats);
+  if ((rc = compile_program(&a, g, plan, &tgt, nvrtc, &pr))) goto done;
+  rc = compile_emit(&a, pr, &tgt, nvrtc);
 done:
-  if (stats) fclose(stats);
-  cm_jit_destroy(jit);
   cm_program_free(pr);
   cm_plan_free(plan);
   cm_graph_free(g);

@@ -15,6 +15,7 @@
 #include "runtime/runtime.h"
 #include "tests/model_step.h"
 #include "tests/tensor_compare.h"
+#include "tests/testlib.h"
 
 #include <dlfcn.h>
 #include <math.h>
@@ -96,15 +97,12 @@ static double now(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static uint64_t rng = 88172645463325252ull;
-static double uniform(void) {
-  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-  return (double)(rng >> 11) * (1.0 / 9007199254740992.0);
-}
+static test_rng rng = {88172645463325252ull};
 
 /* A program on the device: the lowered kernels of g's plan and their buffers. */
 typedef struct gpu_prog {
   cm_program *prog;  /* compiled only (cm_compile): this driver launches its kernels */
+  cm_target target;  /* the CUDA target it was compiled for (the device's arch) */
   const cm_graph *g; /* optimized copy */
   const cm_plan *plan;
   const cm_kprogram *kp;
@@ -120,10 +118,9 @@ typedef struct gpu_prog {
 static bool prog_build(const cm_graph *g0, const char *arch, gpu_prog *p) {
   memset(p, 0, sizeof *p);
   cm_err err = {0};
-  cm_target cuda_target;
-  if (cm_target_cuda(arch, &cuda_target, &err)) return fprintf(stderr, "%s\n", err.msg), false;
+  if (cm_target_cuda(arch, &p->target, &err)) return fprintf(stderr, "%s\n", err.msg), false;
   cm_compile_opts co = {.compile_only = true};
-  if (cm_compile(g0, &cuda_target, &co, &p->prog, &err)) {
+  if (cm_compile(g0, &p->target, &co, &p->prog, &err)) {
     fprintf(stderr, "compile: %s\n", err.msg);
     return false;
   }
@@ -301,7 +298,7 @@ static bool prog_run(gpu_prog *p, run_check *rc) {
       args[j] = &ptr[j];
     }
     for (int s = 0; s < k->n_stages; s++) {
-      cm_cuda_render_opts ro = {NULL, false};
+      cm_cuda_render_opts ro = {&p->target, false};
       cm_cuda_launch l = cm_cuda_stage_launch(k, s, &ro);
       CU(cu.launch(p->fns[f++], l.grid[0], l.grid[1], l.grid[2], l.block[0], l.block[1], l.block[2],
                    l.shared_bytes, NULL, args, NULL));
@@ -380,7 +377,7 @@ static void bind_sources(const cm_graph *g, const cm_model_config *cfg, const cm
     else if (!strcmp(n->name, "step"))
       cm_tensor_set_f64(&t[i], 0, 1);
     else if (cm_dtype_is_float(n->type.dtype))
-      for (int64_t e = 0; e < cnt; e++) cm_tensor_set_f64(&t[i], e, uniform() * 4 - 2);
+      for (int64_t e = 0; e < cnt; e++) cm_tensor_set_f64(&t[i], e, test_uniform(&rng) * 4 - 2);
   }
   if (!m) return;
   int grid = cfg->data.image_size / cfg->encoder.patch, L = grid * grid;
@@ -391,7 +388,7 @@ static void bind_sources(const cm_graph *g, const cm_model_config *cfg, const cm
           *restore = malloc(sizeof(int32_t) * (size_t)L);
   float *mask = malloc(sizeof(float) * (size_t)L);
   for (int b = 0; b < batch; b++) {
-    for (int k = 0; k < n_noise; k++) u[k] = uniform();
+    for (int k = 0; k < n_noise; k++) u[k] = test_uniform(&rng);
     int kept = cm_mask_sample(cfg->mask.kind, cfg->mask.ratio, cfg->mask.block, grid, u, keep,
                               restore, mask);
     for (int k = 0; k < kept && m->ids_keep >= 0; k++)

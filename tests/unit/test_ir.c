@@ -120,15 +120,8 @@ static const char *try_add(cm_graph *g, cm_op op, const char *name, const int *i
   return err.msg;
 }
 
-static void test_inference(void) {
-  cm_graph *g = cm_graph_new();
-  int64_t d48[2] = {4, 8}, d164[2] = {16, 4}, d84[2] = {8, 4};
-  int a = cm_input(g, "a", CM_F32, 2, d48);
-  int b = cm_input(g, "b", CM_F32, 2, d164);
-  int c = cm_input(g, "c", CM_F32, 2, d84);
-  int ia = cm_input(g, "ia", CM_I32, 2, d48);
-  CHECK(cm_graph_error(g) == NULL);
-
+/* Matmul and elementwise inference and their errors. */
+static void infer_binary(cm_graph *g, int a, int b, int c, int ia) {
   int in[3] = {a, b};
   CHECK_STR_CONTAINS(try_add(g, CM_OP_MATMUL, "qk", in, 2, NULL),
                      "\"qk\" (matmul): f32[4,8] x f32[16,4]: inner dimensions 8 and 16 differ");
@@ -153,7 +146,10 @@ static void test_inference(void) {
   in[0] = a, in[1] = a, in[2] = a;
   CHECK_STR_CONTAINS(try_add(g, CM_OP_SELECT, "sel2", in, 3, NULL),
                      "condition f32[4,8] is not bool");
+}
 
+/* Reductions, reshape and permute. */
+static void infer_shapes(cm_graph *g, int a) {
   cm_attrs at;
   cm_attrs_default(&at);
   at.n_axes = 2, at.axes[0] = -1, at.axes[1] = 0;
@@ -186,7 +182,12 @@ static void test_inference(void) {
   cm_attrs_default(&at);
   at.perm[0] = 0, at.perm[1] = 0;
   CHECK_STR_CONTAINS(try_add(g, CM_OP_PERMUTE, "p2", &a, 1, &at), "not a permutation");
+}
 
+/* Broadcast, slice, concat, pad, gather and scatter. */
+static void infer_movement(cm_graph *g, int a, int c) {
+  cm_attrs at;
+  int in[3];
   int64_t one8[2] = {1, 8}, d348[3] = {3, 4, 8};
   int row = cm_input(g, "row", CM_F32, 2, one8);
   int bc = cm_broadcast(g, row, 3, d348, "bc");
@@ -230,7 +231,12 @@ static void test_inference(void) {
   in[1] = x3;
   CHECK_STR_CONTAINS(try_add(g, CM_OP_GATHER, "ga2", in, 2, &(cm_attrs){.axis = 1}),
                      "not an integer tensor");
+}
 
+/* Grouped conv2d and its gradients. */
+static void infer_conv(cm_graph *g) {
+  cm_attrs at;
+  int in[3];
   int64_t xd[4] = {2, 6, 9, 9}, wd[4] = {4, 3, 3, 3};
   int x = cm_input(g, "x", CM_F32, 4, xd);
   int w = cm_input(g, "w", CM_F32, 4, wd);
@@ -254,7 +260,22 @@ static void test_inference(void) {
   in[1] = x;
   CHECK_STR_CONTAINS(try_add(g, CM_OP_CONV2D_GRAD_WEIGHT, "gw2", in, 2, &at),
                      "does not match the conv2d output");
+}
 
+static void test_inference(void) {
+  cm_graph *g = cm_graph_new();
+  int64_t d48[2] = {4, 8}, d164[2] = {16, 4}, d84[2] = {8, 4};
+  int a = cm_input(g, "a", CM_F32, 2, d48);
+  int b = cm_input(g, "b", CM_F32, 2, d164);
+  int c = cm_input(g, "c", CM_F32, 2, d84);
+  int ia = cm_input(g, "ia", CM_I32, 2, d48);
+  CHECK(cm_graph_error(g) == NULL);
+  infer_binary(g, a, b, c, ia);
+  infer_shapes(g, a);
+  infer_movement(g, a, c);
+  infer_conv(g);
+
+  int in[3];
   int ag = cm_all_gather(g, a, 0, 4, "ag");
   CHECK(ag >= 0 && g->nodes[ag].type.dims[0] == 16);
   int ar = cm_all_reduce(g, a, CM_MODE_MEAN, 2, "ar");

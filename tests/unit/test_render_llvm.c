@@ -413,6 +413,55 @@ static void test_casts(void) {
 
 /* ---- reductions --------------------------------------------------------------- */
 
+/* A sum over every length 1..37, f32 and f64, in one kernel per length. */
+static void reduce_every_length(cm_jit *j) {
+  int bad = 0;
+  for (int L = 1; L <= 37; L++) {
+    cm_kernel kl;
+    cm_kernel_init(&kl, "ksum");
+    int in32 = cm_kernel_add_buffer(&kl, CM_KBUF_ARENA, CM_F32, 3 * L, -1, 0);
+    int in64 = cm_kernel_add_buffer(&kl, CM_KBUF_ARENA, CM_F64, 3 * L, -1, 0);
+    int o32 = cm_kernel_add_buffer(&kl, CM_KBUF_ARENA, CM_F32, 3, -1, 0);
+    int o64 = cm_kernel_add_buffer(&kl, CM_KBUF_ARENA, CM_F64, 3, -1, 0);
+    for (int t = 0; t < 2; t++) {
+      cm_kstage *st = cm_kernel_add_stage(&kl, t ? "f64" : "f32");
+      st->n_dom = 1, st->dom[0] = 3, st->n_parallel = 1;
+      st->n_red = 1, st->red[0] = L, st->acc_dtype = t ? CM_F64 : CM_F32;
+      int r = cm_kx_var(st, 0), q = cm_kx_var(st, 1);
+      st->body = cm_kx_load(st, &kl, t ? in64 : in32,
+                            cm_kx_iadd(st, cm_kx_imul(st, r, cm_kx_iconst(st, L)), q));
+      add_store(st, t ? o64 : o32, r, cm_kx_acc(st));
+    }
+    float f[3 * 37], rf[3];
+    double g[3 * 37], rg[3];
+    for (int i = 0; i < 3 * L; i++) f[i] = (float)urand(-1, 1), g[i] = urand(-1, 1);
+    char *bl[] = {(char *)f, (char *)g, (char *)rf, (char *)rg};
+    cm_cpu_stage_fn fl[2];
+    if (!test_jit_kernel(j, &kl, NULL, fl)) {
+      bad++;
+    } else {
+      int64_t items[2] = {3, 3};
+      run_stages(&kl, fl, bl, items, NULL);
+      /* row sums of [3, L] in f32 and f64 */
+      cm_graph *gr = cm_graph_new();
+      int64_t d[2] = {3, L};
+      int x32 = cm_input(gr, "x32", CM_F32, 2, d), x64 = cm_input(gr, "x64", CM_F64, 2, d), ax = 1;
+      int nodes[2] = {cm_reduce(gr, CM_OP_REDUCE_SUM, x32, 1, &ax, false, "sum_f32"),
+                      cm_reduce(gr, CM_OP_REDUCE_SUM, x64, 1, &ax, false, "sum_f64")};
+      cm_tensor t32 = test_view(gr->nodes[x32].type, f), t64 = test_view(gr->nodes[x64].type, g);
+      cm_tensor got[2] = {test_view(type1(CM_F32, 3), rf), test_view(type1(CM_F64, 3), rg)};
+      const cm_tensor *src[8] = {0};
+      src[x32] = &t32, src[x64] = &t64;
+      char what[32];
+      snprintf(what, sizeof what, "sums over %d", L);
+      check_bounded(gr, src, 2, nodes, got, what);
+      cm_graph_free(gr);
+    }
+    cm_kernel_free(&kl);
+  }
+  CHECK_MSG(bad == 0, "sums over 1..37: %d mismatches", bad);
+}
+
 static void test_reductions(void) {
   cm_jit *j = test_new_jit();
   if (!j) return;
@@ -522,53 +571,7 @@ static void test_reductions(void) {
   cm_kernel_free(&k);
   free(x);
   free(xi);
-
-  /* a sum over every length 1..37, f32 and f64, in one kernel per length */
-  int bad = 0;
-  for (int L = 1; L <= 37; L++) {
-    cm_kernel kl;
-    cm_kernel_init(&kl, "ksum");
-    int in32 = cm_kernel_add_buffer(&kl, CM_KBUF_ARENA, CM_F32, 3 * L, -1, 0);
-    int in64 = cm_kernel_add_buffer(&kl, CM_KBUF_ARENA, CM_F64, 3 * L, -1, 0);
-    int o32 = cm_kernel_add_buffer(&kl, CM_KBUF_ARENA, CM_F32, 3, -1, 0);
-    int o64 = cm_kernel_add_buffer(&kl, CM_KBUF_ARENA, CM_F64, 3, -1, 0);
-    for (int t = 0; t < 2; t++) {
-      cm_kstage *st = cm_kernel_add_stage(&kl, t ? "f64" : "f32");
-      st->n_dom = 1, st->dom[0] = 3, st->n_parallel = 1;
-      st->n_red = 1, st->red[0] = L, st->acc_dtype = t ? CM_F64 : CM_F32;
-      int r = cm_kx_var(st, 0), q = cm_kx_var(st, 1);
-      st->body = cm_kx_load(st, &kl, t ? in64 : in32,
-                            cm_kx_iadd(st, cm_kx_imul(st, r, cm_kx_iconst(st, L)), q));
-      add_store(st, t ? o64 : o32, r, cm_kx_acc(st));
-    }
-    float f[3 * 37], rf[3];
-    double g[3 * 37], rg[3];
-    for (int i = 0; i < 3 * L; i++) f[i] = (float)urand(-1, 1), g[i] = urand(-1, 1);
-    char *bl[] = {(char *)f, (char *)g, (char *)rf, (char *)rg};
-    cm_cpu_stage_fn fl[2];
-    if (!test_jit_kernel(j, &kl, NULL, fl)) {
-      bad++;
-    } else {
-      int64_t items[2] = {3, 3};
-      run_stages(&kl, fl, bl, items, NULL);
-      /* row sums of [3, L] in f32 and f64 */
-      cm_graph *gr = cm_graph_new();
-      int64_t d[2] = {3, L};
-      int x32 = cm_input(gr, "x32", CM_F32, 2, d), x64 = cm_input(gr, "x64", CM_F64, 2, d), ax = 1;
-      int nodes[2] = {cm_reduce(gr, CM_OP_REDUCE_SUM, x32, 1, &ax, false, "sum_f32"),
-                      cm_reduce(gr, CM_OP_REDUCE_SUM, x64, 1, &ax, false, "sum_f64")};
-      cm_tensor t32 = test_view(gr->nodes[x32].type, f), t64 = test_view(gr->nodes[x64].type, g);
-      cm_tensor got[2] = {test_view(type1(CM_F32, 3), rf), test_view(type1(CM_F64, 3), rg)};
-      const cm_tensor *src[8] = {0};
-      src[x32] = &t32, src[x64] = &t64;
-      char what[32];
-      snprintf(what, sizeof what, "sums over %d", L);
-      check_bounded(gr, src, 2, nodes, got, what);
-      cm_graph_free(gr);
-    }
-    cm_kernel_free(&kl);
-  }
-  CHECK_MSG(bad == 0, "sums over 1..37: %d mismatches", bad);
+  reduce_every_length(j);
   cm_jit_destroy(j);
 }
 
