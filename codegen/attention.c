@@ -966,6 +966,23 @@ int64_t cm_kattn_stream_workspace(const cm_kernel *k, int first, int mr, int nr,
   return o + 64;
 }
 
+void cm_kattn_layout(cm_kernel *k, int first, int mr, int nr) {
+  if (!k || first < 0 || first >= k->n_stages) return;
+  cm_kattn *a = &k->stages[first].attn;
+  a->whole_bytes = a->pack_off = 0;
+  memset(a->local_off, 0, sizeof a->local_off);
+  memset(a->stream_off, 0, sizeof a->stream_off);
+  memset(a->bwd_fixed, 0, sizeof a->bwd_fixed);
+  memset(a->bwd_local_off, 0, sizeof a->bwd_local_off);
+  memset(a->stage_off, 0, sizeof a->stage_off);
+  a->whole_bytes = cm_kattn_workspace(k, first, mr, nr, a->local_off, &a->pack_off);
+  if (!a->stream) return;
+  if (k->stages[first].tmpl == CM_KT_ATTENTION_BWD)
+    cm_kattn_bwd_stream_workspace(k, first, mr, nr, a->bwd_fixed, a->bwd_local_off, a->stage_off);
+  else
+    cm_kattn_stream_workspace(k, first, mr, nr, a->stream_off);
+}
+
 /* Estimated cycles of an m x n x K GEMM stage of the span with an mr x nr
  * register block: per k step the FMAs (two a cycle), the loads of the
  * broadcasts and B vectors, and the FMA latency when there are few
@@ -1139,6 +1156,7 @@ void cm_attn_mark(cm_kernel *k, const cm_lower_opts *o) {
         s0->attn.ws_bytes = cm_kattn_workspace(k, first, mr, nr, NULL, NULL);
         attn_choose_key_block(k, first, o, mr, nr);
         attn_plan_tiles(k, first, o && o->target ? o->target->vector_lanes : 0);
+        cm_kattn_layout(k, first, mr, nr);
         return;
       }
     }

@@ -359,6 +359,18 @@ typedef struct cm_kattn {
    * stage's tiles for every stage. */
   int lanes;
   short mr[CM_KATTN_MAX_SPAN], nr[CM_KATTN_MAX_SPAN];
+  /* The CPU workspace layout (byte offsets), computed once by cm_attn_mark
+   * (cm_kattn_layout) for the first stage's register block tiles.mr x tiles.nr;
+   * the renderers only read it. Whole rows (cm_kattn_workspace): whole_bytes the
+   * total (0: the span has no whole-row layout), local_off[i] each local buffer,
+   * pack_off the GEMM packing area. Streaming forward (cm_kattn_stream_workspace):
+   * stream_off[0..7] packed Q, packed K/V, S, packed E, O, m, l, alpha. Streaming
+   * backward (cm_kattn_bwd_stream_workspace): bwd_fixed[0..3], bwd_local_off[i],
+   * stage_off[r]. The streaming total is ws_bytes. */
+  int64_t whole_bytes;
+  int64_t local_off[CM_KATTN_MAX_LOCAL], pack_off;
+  int64_t stream_off[8];
+  int64_t bwd_fixed[4], bwd_local_off[CM_KATTN_MAX_LOCAL], stage_off[CM_KATTN_MAX_SPAN];
 } cm_kattn;
 
 enum {
@@ -577,6 +589,12 @@ cm_status cm_kattn_stream_check(const cm_kernel *k, int first, cm_err *err);
  * the total bytes (0 when not a streaming backward span). */
 int64_t cm_kattn_bwd_stream_workspace(const cm_kernel *k, int first, int mr, int nr,
                                       int64_t fixed[4], int64_t *local_off, int64_t *stage_off);
+/* Fills the workspace layout of the attention span at `first` (cm_kattn's
+ * whole_bytes, local_off, pack_off, stream_off, bwd_fixed, bwd_local_off,
+ * stage_off) from the layout functions above with register block mr x nr: the
+ * whole-row layout always, the streaming one of the span's template when
+ * attn.stream. */
+void cm_kattn_layout(cm_kernel *k, int first, int mr, int nr);
 /* Checks the span invariants of the attention template on stage `first`
  * (cm_kernel_verify calls it; the lowering uses it to keep only spans that
  * hold). Errors name the kernel, stage and the rule broken. */

@@ -477,7 +477,8 @@ static const char *kbuf_kind_name(cm_kbuf_kind k) {
 }
 
 /* The rest of an attention span's plan: per-stage register blocks (whole-row
- * rendering), and when streaming the key block's roles. */
+ * rendering), the workspace layouts (byte offsets), and when streaming the key
+ * block's roles. */
 static void print_attn_plan(bool bwd, const cm_kattn *a, FILE *out) {
   int span = a->span < CM_KATTN_MAX_SPAN ? a->span : CM_KATTN_MAX_SPAN;
   if (a->lanes > 0) {
@@ -486,8 +487,21 @@ static void print_attn_plan(bool bwd, const cm_kattn *a, FILE *out) {
       if (a->mr[i] > 0) fprintf(out, " +%d:%dx%d", i, a->mr[i], a->nr[i]);
     fprintf(out, "\n");
   }
+  int nl = a->n_local < 0 ? 0 : a->n_local < CM_KATTN_MAX_LOCAL ? a->n_local : CM_KATTN_MAX_LOCAL;
+  fprintf(out, "  whole-row workspace %lld local", (long long)a->whole_bytes);
+  for (int i = 0; i < nl; i++) fprintf(out, " @%lld", (long long)a->local_off[i]);
+  fprintf(out, " pack @%lld\n", (long long)a->pack_off);
   if (!a->stream) return;
   if (bwd) {
+    fprintf(out, "  stream workspace fixed @%lld @%lld @%lld @%lld local",
+            (long long)a->bwd_fixed[0], (long long)a->bwd_fixed[1], (long long)a->bwd_fixed[2],
+            (long long)a->bwd_fixed[3]);
+    for (int i = 0; i < nl; i++) fprintf(out, " @%lld", (long long)a->bwd_local_off[i]);
+    fprintf(out, " stages");
+    for (int i = 0; i < span; i++)
+      if (a->stage_off[i] > 0) fprintf(out, " +%d@%lld", i, (long long)a->stage_off[i]);
+    fprintf(out, "\n");
+
     static const char *const names[] = {"-", "tile", "rowred", "gemm_rows", "gemm_keys"};
     fprintf(out, "  stream bc %d roles", a->bc);
     for (int i = 0; i < span; i++)
@@ -495,6 +509,12 @@ static void print_attn_plan(bool bwd, const cm_kattn *a, FILE *out) {
     fprintf(out, "\n");
     return;
   }
+  fprintf(
+      out,
+      "  stream workspace q @%lld kv @%lld s @%lld e @%lld o @%lld m @%lld l @%lld alpha @%lld\n",
+      (long long)a->stream_off[0], (long long)a->stream_off[1], (long long)a->stream_off[2],
+      (long long)a->stream_off[3], (long long)a->stream_off[4], (long long)a->stream_off[5],
+      (long long)a->stream_off[6], (long long)a->stream_off[7]);
   fprintf(out,
           "  stream bc %d stages max %d exp %d sum %d p %d out %d buffers s b%d m b%d e b%d l b%d "
           "p b%d keep%s%s%s%s%s\n",

@@ -983,6 +983,138 @@ static void output_stage(lctx *c, int i, const int *out_buf, bool *done, bool ea
   cm_lower_finish_stage(s);
 }
 
+/* Clears the per-buffer "written" marks, sized for the kernel's buffers (+ extra bytes). */
+static void reset_written(lctx *c, size_t extra) {
+  c->written = realloc(c->written, sizeof(bool) * (size_t)c->k->n_buffers + extra);
+  if (!c->written) abort();
+  memset(c->written, 0, sizeof(bool) * (size_t)c->k->n_buffers);
+}
+
+/* The group's inputs (and consts with data inside it) get their buffers. */
+static void bind_inputs(lctx *c) {
+  const cm_graph *g = c->g;
+  const cm_group *gr = c->gr;
+  cm_kernel *out = c->k;
+  for (int i = 0; i < gr->n_inputs && c->st == CM_OK; i++) {
+    int id = gr->inputs[i];
+    const cm_node *n = &g->nodes[id];
+    int64_t numel = cm_type_numel(&n->type);
+    if (n->op == CM_OP_INPUT || n->op == CM_OP_PARAM || n->op == CM_OP_STATE)
+      c->buf_of[id] = source_buf(out, n->type.dtype, numel, id);
+    else if (n->op == CM_OP_ASSIGN)
+      c->buf_of[id] = source_buf(out, n->type.dtype, numel, n->inputs[0]);
+    else if (n->op == CM_OP_CONST && n->attrs.data)
+      c->buf_of[id] = cm_kernel_add_buffer(out, CM_KBUF_CONST, n->type.dtype, numel, id, 0);
+    else if (c->p->offset[id] < 0)
+      fail(c, CM_EINTERNAL, id, "group input has no arena offset");
+    else
+      c->buf_of[id] =
+          cm_kernel_add_buffer(out, CM_KBUF_ARENA, n->type.dtype, numel, id, c->p->offset[id]);
+  }
+  /* consts with data inside the group read their own buffer too */
+  for (int i = 0; i < gr->n_nodes && c->st == CM_OK; i++) {
+    int id = gr->nodes[i];
+    const cm_node *n = &g->nodes[id];
+    if (n->op == CM_OP_CONST && n->attrs.data && c->buf_of[id] < 0)
+      c->buf_of[id] =
+          cm_kernel_add_buffer(out, CM_KBUF_CONST, n->type.dtype, cm_type_numel(&n->type), id, 0);
+  }
+}
+
+/* The group's outputs get their buffers (out_buf[i] for output i). */
+static void bind_outputs(lctx *c, int *out_buf) {
+  const cm_group *gr = c->gr;
+  for (int i = 0; i < gr->n_outputs && c->st == CM_OK; i++) {
+    int id = gr->outputs[i];
+    const cm_node *n = &c->g->nodes[id];
+    int64_t numel = cm_type_numel(&n->type);
+    if (n->op == CM_OP_ASSIGN)
+      out_buf[i] = source_buf(c->k, n->type.dtype, numel, n->inputs[0]);
+    else if (c->p->offset[id] < 0)
+      fail(c, CM_EINTERNAL, id, "group output has no arena offset");
+    else
+      out_buf[i] =
+          cm_kernel_add_buffer(c->k, CM_KBUF_ARENA, n->type.dtype, numel, id, c->p->offset[id]);
+  }
+}
+
+/* A reduction of a group output (a bias gradient of the stored input gradient):
+ * the output's stage first, and the reduction reads the one stored array instead
+ * of recomputing the value from all of its operands. */
+static void output_before_reduction(lctx *c, const cm_node *n, int *out_buf, bool *done) {
+  const cm_group *gr = c->gr;
+  bool src = false;
+  int jx = -1;
+  for (int j = 0; j < gr->n_outputs; j++) {
+    src |= c->k->buffers[out_buf[j]].kind == CM_KBUF_SOURCE;
+    if (gr->outputs[j] == n->inputs[0] && !done[j]) jx = j;
+  }
+  char *seen = jx >= 0 && !src ? calloc((size_t)c->g->n_nodes, 1) : NULL;
+  if (seen && cone_ready(c, n->inputs[0], seen)) {
+    output_stage(c, jx, out_buf, done, true);
+    if (done[jx]) c->buf_of[n->inputs[0]] = out_buf[jx];
+  }
+  free(seen);
+}
+
+/* Lowers materialized node id: with the group outputs it computes as epilogue
+ * stores when it has some, else into its output or a new scratch buffer. */
+static void lower_node(lctx *c, int id, int *out_buf, bool *done) {
+  const cm_group *gr = c->gr;
+  cm_kernel *out = c->k;
+  const cm_node *n = &c->g->nodes[id];
+  reset_written(c, 0);
+  if (c->shared && c->shared[id]) {
+    lower_shared(c, id, out_buf);
+    return;
+  }
+  if ((n->op == CM_OP_REDUCE_SUM || n->op == CM_OP_REDUCE_MAX) && !(c->o && c->o->no_templates) &&
+      !is_mat(c, n->inputs[0]) && c->buf_of[n->inputs[0]] < 0) {
+    output_before_reduction(c, n, out_buf, done);
+    if (c->st != CM_OK) return;
+  }
+  int eo[CM_KMAX_STORES], eb[CM_KMAX_STORES];
+  int ne = find_epilogue(c, id, out_buf, done, eo, eb);
+  if (ne > 0 && lower_materialized(c, id, -1, eo, eb, ne) == CM_OK) {
+    for (int e = 0; e < ne; e++) {
+      c->buf_of[eo[e]] = eb[e];
+      for (int j = 0; j < gr->n_outputs; j++)
+        if (gr->outputs[j] == eo[e]) done[j] = true;
+    }
+    return;
+  }
+  if (c->st != CM_OK) return;
+  int b = -1;
+  for (int j = 0; j < gr->n_outputs; j++)
+    if (gr->outputs[j] == id) b = out_buf[j];
+  if (b < 0) {
+    int64_t bytes = cm_type_numel(&n->type) * (int64_t)cm_dtype_size(n->type.dtype);
+    b = cm_kernel_add_buffer(out, CM_KBUF_SCRATCH, n->type.dtype, cm_type_numel(&n->type), id,
+                             out->scratch_bytes);
+    out->scratch_bytes += (bytes + 63) / 64 * 64;
+  }
+  reset_written(c, 0);
+  lower_materialized(c, id, b, NULL, NULL, 0);
+  c->buf_of[id] = b;
+}
+
+/* The kernel's stages once lowered: split-K GEMMs, simplified indices, the
+ * attention span and the CUDA plans, then the verifier. */
+static cm_status finish_kernel(cm_kernel *out, const cm_group *gr, const cm_lower_opts *o,
+                               cm_err *err) {
+  cm_status st = CM_OK;
+  if (gr->kind != CM_GROUP_ATTENTION && !o->no_templates && o->target->kind != CM_TARGET_CUDA)
+    cm_gemm_split_k(out, o);
+  /* flattened-then-unflattened indices become affine: the renderers vectorize them */
+  for (int i = 0; i < out->n_stages && st == CM_OK; i++)
+    st = cm_kstage_simplify(&out->stages[i], err);
+  if (st == CM_OK && gr->kind == CM_GROUP_ATTENTION) cm_attn_mark(out, o);
+  if (st == CM_OK && o->target->kind == CM_TARGET_CUDA)
+    st = cm_cuda_plan_kernel(out, o->target, err);
+  if (st == CM_OK) st = cm_kernel_verify(out, err);
+  return st;
+}
+
 cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const cm_lower_opts *o,
                          cm_kernel *out, cm_err *err) {
   if (!g || !p || !out || group < 0 || group >= p->n_groups || !p->offset)
@@ -1006,108 +1138,18 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   c.buf_of = calloc((size_t)g->n_nodes, sizeof(int));
   if (!c.buf_of) return cm_errorf(err, CM_EINTERNAL, "out of memory");
   for (int i = 0; i < g->n_nodes; i++) c.buf_of[i] = -1;
-  for (int i = 0; i < gr->n_inputs && c.st == CM_OK; i++) {
-    int id = gr->inputs[i];
-    const cm_node *n = &g->nodes[id];
-    int64_t numel = cm_type_numel(&n->type);
-    if (n->op == CM_OP_INPUT || n->op == CM_OP_PARAM || n->op == CM_OP_STATE)
-      c.buf_of[id] = source_buf(out, n->type.dtype, numel, id);
-    else if (n->op == CM_OP_ASSIGN)
-      c.buf_of[id] = source_buf(out, n->type.dtype, numel, n->inputs[0]);
-    else if (n->op == CM_OP_CONST && n->attrs.data)
-      c.buf_of[id] = cm_kernel_add_buffer(out, CM_KBUF_CONST, n->type.dtype, numel, id, 0);
-    else if (p->offset[id] < 0)
-      fail(&c, CM_EINTERNAL, id, "group input has no arena offset");
-    else
-      c.buf_of[id] =
-          cm_kernel_add_buffer(out, CM_KBUF_ARENA, n->type.dtype, numel, id, p->offset[id]);
-  }
-  /* consts with data inside the group read their own buffer too */
-  for (int i = 0; i < gr->n_nodes && c.st == CM_OK; i++) {
-    int id = gr->nodes[i];
-    const cm_node *n = &g->nodes[id];
-    if (n->op == CM_OP_CONST && n->attrs.data && c.buf_of[id] < 0)
-      c.buf_of[id] =
-          cm_kernel_add_buffer(out, CM_KBUF_CONST, n->type.dtype, cm_type_numel(&n->type), id, 0);
-  }
+  bind_inputs(&c);
   int *out_buf = calloc((size_t)gr->n_outputs + 1, sizeof(int));
   if (!out_buf) abort();
-  for (int i = 0; i < gr->n_outputs && c.st == CM_OK; i++) {
-    int id = gr->outputs[i];
-    const cm_node *n = &g->nodes[id];
-    int64_t numel = cm_type_numel(&n->type);
-    if (n->op == CM_OP_ASSIGN)
-      out_buf[i] = source_buf(out, n->type.dtype, numel, n->inputs[0]);
-    else if (p->offset[id] < 0)
-      fail(&c, CM_EINTERNAL, id, "group output has no arena offset");
-    else
-      out_buf[i] =
-          cm_kernel_add_buffer(out, CM_KBUF_ARENA, n->type.dtype, numel, id, p->offset[id]);
-  }
+  bind_outputs(&c, out_buf);
   bool *done = calloc((size_t)gr->n_outputs + 1, sizeof(bool));
   if (!done) abort();
   if (c.st == CM_OK && gr->kind == CM_GROUP_ATTENTION && !(o && o->no_templates)) mark_shared(&c);
   /* materialized nodes, in topological order */
-  for (int i = 0; i < gr->n_nodes && c.st == CM_OK; i++) {
-    int id = gr->nodes[i];
-    const cm_node *n = &g->nodes[id];
-    if (!is_mat(&c, id)) continue;
-    c.written = realloc(c.written, sizeof(bool) * (size_t)out->n_buffers);
-    if (!c.written) abort();
-    memset(c.written, 0, sizeof(bool) * (size_t)out->n_buffers);
-    if (c.shared && c.shared[id]) {
-      lower_shared(&c, id, out_buf);
-      continue;
-    }
-    /* a reduction of a group output (a bias gradient of the stored input gradient):
-       the output's stage first, and the reduction reads the one stored array instead
-       of recomputing the value from all of its operands */
-    if ((n->op == CM_OP_REDUCE_SUM || n->op == CM_OP_REDUCE_MAX) && !(o && o->no_templates) &&
-        !is_mat(&c, n->inputs[0]) && c.buf_of[n->inputs[0]] < 0) {
-      bool src = false;
-      int jx = -1;
-      for (int j = 0; j < gr->n_outputs; j++) {
-        src |= out->buffers[out_buf[j]].kind == CM_KBUF_SOURCE;
-        if (gr->outputs[j] == n->inputs[0] && !done[j]) jx = j;
-      }
-      char *seen = jx >= 0 && !src ? calloc((size_t)g->n_nodes, 1) : NULL;
-      if (seen && cone_ready(&c, n->inputs[0], seen)) {
-        output_stage(&c, jx, out_buf, done, true);
-        if (done[jx]) c.buf_of[n->inputs[0]] = out_buf[jx];
-      }
-      free(seen);
-      if (c.st != CM_OK) break;
-    }
-    int eo[CM_KMAX_STORES], eb[CM_KMAX_STORES];
-    int ne = find_epilogue(&c, id, out_buf, done, eo, eb);
-    if (ne > 0 && lower_materialized(&c, id, -1, eo, eb, ne) == CM_OK) {
-      for (int e = 0; e < ne; e++) {
-        c.buf_of[eo[e]] = eb[e];
-        for (int j = 0; j < gr->n_outputs; j++)
-          if (gr->outputs[j] == eo[e]) done[j] = true;
-      }
-      continue;
-    }
-    if (c.st != CM_OK) break;
-    int b = -1;
-    for (int j = 0; j < gr->n_outputs; j++)
-      if (gr->outputs[j] == id) b = out_buf[j];
-    if (b < 0) {
-      int64_t bytes = cm_type_numel(&n->type) * (int64_t)cm_dtype_size(n->type.dtype);
-      b = cm_kernel_add_buffer(out, CM_KBUF_SCRATCH, n->type.dtype, cm_type_numel(&n->type), id,
-                               out->scratch_bytes);
-      out->scratch_bytes += (bytes + 63) / 64 * 64;
-    }
-    c.written = realloc(c.written, sizeof(bool) * (size_t)out->n_buffers);
-    if (!c.written) abort();
-    memset(c.written, 0, sizeof(bool) * (size_t)out->n_buffers);
-    lower_materialized(&c, id, b, NULL, NULL, 0);
-    c.buf_of[id] = b;
-  }
+  for (int i = 0; i < gr->n_nodes && c.st == CM_OK; i++)
+    if (is_mat(&c, gr->nodes[i])) lower_node(&c, gr->nodes[i], out_buf, done);
   /* remaining outputs: one stage per distinct shape */
-  c.written = realloc(c.written, sizeof(bool) * (size_t)out->n_buffers + 1);
-  if (!c.written) abort();
-  memset(c.written, 0, sizeof(bool) * (size_t)out->n_buffers);
+  reset_written(&c, 1);
   for (int i = 0; i < gr->n_outputs && c.st == CM_OK; i++) {
     int id = gr->outputs[i];
     if (done[i] || (is_mat(&c, id) && c.buf_of[id] == out_buf[i])) continue;
@@ -1122,16 +1164,7 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   free(c.buf_of);
   free(c.written);
   free(c.memo);
-  if (c.st == CM_OK && gr->kind != CM_GROUP_ATTENTION && !o->no_templates &&
-      o->target->kind != CM_TARGET_CUDA)
-    cm_gemm_split_k(out, o);
-  /* flattened-then-unflattened indices become affine: the renderers vectorize them */
-  for (int i = 0; i < out->n_stages && c.st == CM_OK; i++)
-    c.st = cm_kstage_simplify(&out->stages[i], err);
-  if (c.st == CM_OK && gr->kind == CM_GROUP_ATTENTION) cm_attn_mark(out, o);
-  if (c.st == CM_OK && o->target->kind == CM_TARGET_CUDA)
-    c.st = cm_cuda_plan_kernel(out, o->target, err);
-  if (c.st == CM_OK) c.st = cm_kernel_verify(out, err);
+  if (c.st == CM_OK) c.st = finish_kernel(out, gr, o, err);
   if (c.st != CM_OK) cm_kernel_free(out);
   return c.st;
 }

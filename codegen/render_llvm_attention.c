@@ -51,8 +51,10 @@ static bool attn_plan_of(rctx *c, int first, attn_plan *p) {
   /* rows of a block other than the last are whole panels: packing never reads
      a row of the next block */
   if (p->rowwise && p->br % p->mr) return false;
-  int64_t ws = cm_kattn_workspace(k, first, p->mr, p->nr, p->local_off, &p->pack_off);
-  if (ws <= 0 || ws > a->ws_bytes) return false;
+  /* the workspace layout: the plan's (cm_kattn_layout, for tiles.mr x tiles.nr) */
+  if (a->whole_bytes <= 0 || a->whole_bytes > a->ws_bytes) return false;
+  memcpy(p->local_off, a->local_off, sizeof p->local_off);
+  p->pack_off = a->pack_off;
   if (p->span > CM_KATTN_MAX_SPAN) return false;
   for (int si = first; si < first + p->span; si++) {
     const cm_kstage *s = &k->stages[si];
@@ -430,7 +432,7 @@ static void render_attention(rctx *c, const char *fname, const attn_plan *p) {
  * m and l: m and l per row, S, E and P by a second pass over the key blocks
  * recomputing S_j. The role loads of each stage are not evaluated: they take
  * the tile's values (the lowering proved every such load canonical). Workspace:
- * cm_kattn_stream_workspace, O(br (bc + d)), independent of the keys. */
+ * cm_kattn_stream_workspace (the plan's stream_off), O(br (bc + d)), independent of the keys. */
 
 typedef struct fa_plan {
   int first, nb, mr, nr;
@@ -482,8 +484,9 @@ static bool fa_plan_of(rctx *c, int first, fa_plan *p) {
   p->ldo = (p->dv + p->nr - 1) / p->nr * p->nr;
   /* rows of a block other than the last are whole panels */
   if (p->br < p->rows && p->br % p->mr) return false;
-  int64_t ws = cm_kattn_stream_workspace(k, first, p->mr, p->nr, p->off);
-  return ws > 0 && ws <= a->ws_bytes;
+  /* the workspace layout: the plan's (cm_kattn_layout; its total is ws_bytes) */
+  memcpy(p->off, a->stream_off, sizeof p->off);
+  return a->ws_bytes > 0;
 }
 
 static LLVMValueRef fa_f32p(rctx *c, LLVMValueRef ws, int64_t byte_off, const char *name) {
@@ -897,9 +900,11 @@ static bool fb_plan_of(rctx *c, int first, fb_plan *p) {
       if (lj >= 0 && (a->local_row[lj] == 1 || p->dep_stat[lj])) p->dep_stat[li] = true;
     }
   }
-  int64_t ws =
-      cm_kattn_bwd_stream_workspace(k, first, p->mr, p->nr, p->fixed, p->local_off, p->stage_off);
-  return ws > 0 && ws <= a->ws_bytes;
+  /* the workspace layout: the plan's (cm_kattn_layout; its total is ws_bytes) */
+  memcpy(p->fixed, a->bwd_fixed, sizeof p->fixed);
+  memcpy(p->local_off, a->bwd_local_off, sizeof p->local_off);
+  memcpy(p->stage_off, a->stage_off, sizeof p->stage_off);
+  return a->ws_bytes > 0;
 }
 
 /* Stage s at query row `row` (var nbs) and key or column var (nbs + 1) col and

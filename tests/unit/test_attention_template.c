@@ -127,6 +127,9 @@ static span_count count_spans_bc(const cm_graph *g, const char *what, int bc) {
         CHECK(st->attn.ws_bytes ==
               cm_kattn_bwd_stream_workspace(k, si, st->tiles.mr, st->tiles.nr, NULL, NULL, NULL));
         CHECK_MSG(cm_kattn_stream_check(k, si, &err) == CM_OK, "%s: %s", what, err.msg);
+        int64_t fixed[4];
+        cm_kattn_bwd_stream_workspace(k, si, st->tiles.mr, st->tiles.nr, fixed, NULL, NULL);
+        CHECK(!memcmp(fixed, st->attn.bwd_fixed, sizeof fixed));
         r.stream_bwd++;
         r.bwd_ws = st->attn.ws_bytes;
         r.bwd_whole_ws = cm_kattn_workspace(k, si, st->tiles.mr, st->tiles.nr, NULL, NULL);
@@ -136,6 +139,9 @@ static span_count count_spans_bc(const cm_graph *g, const char *what, int bc) {
         CHECK(st->attn.bc >= 1 && st->attn.bc < st->dom[st->attn.nb + 1]);
         CHECK(st->attn.ws_bytes ==
               cm_kattn_stream_workspace(k, si, st->tiles.mr, st->tiles.nr, NULL));
+        int64_t off[8];
+        cm_kattn_stream_workspace(k, si, st->tiles.mr, st->tiles.nr, off);
+        CHECK(!memcmp(off, st->attn.stream_off, sizeof off));
         r.stream++;
         r.keep |= st->attn.keep;
         r.stream_ws = st->attn.ws_bytes;
@@ -287,6 +293,7 @@ static void test_verify_and_print(void) {
     CHECK_STR_CONTAINS(text, st->tmpl == CM_KT_ATTENTION_FWD ? "attention fwd span"
                                                              : "attention bwd span");
     CHECK_STR_CONTAINS(text, "local b");
+    CHECK_STR_CONTAINS(text, "whole-row workspace");
     free(text);
     cm_kattn saved = st->attn;
     st->attn.span = k->n_stages + 1;
