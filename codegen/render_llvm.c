@@ -215,7 +215,6 @@ void rl_store_buf(rctx *c, int buf, LLVMValueRef idx, LLVMValueRef v, cm_dtype v
 
 /* ---- expressions ------------------------------------------------------ */
 
-
 static LLVMValueRef fail_expr(rctx *c, int e, const char *rule) {
   if (!c->failed)
     c->fail_status =
@@ -837,7 +836,6 @@ LLVMValueRef rl_emit_reduction(rctx *c) {
   return nv;
 }
 
-
 /* Marks in seen[] the expressions e depends on (e included). */
 static void mark_deps(const cm_kstage *s, int e, bool *seen) {
   if (e < 0 || e >= s->n_exprs || seen[e]) return;
@@ -989,7 +987,6 @@ static void render_column_reduction(rctx *c, const char *fname) {
   rl_end_function(c, done);
   free_scopes(c);
 }
-
 
 /* One alias scope per buffer the stage touches. Distinct kernel buffers never
  * share memory (memplan keeps every buffer of a group apart; sources, consts

@@ -124,7 +124,8 @@ void cm_library_find_mpi(cm_component *out) {
 }
 
 int cm_library_find_all(cm_component *out, int max) {
-  void (*probes[])(cm_component *) = {cm_compiler_find_llvm, cm_compiler_find_nvrtc, cm_library_find_cuda, cm_library_find_nccl,
+  void (*probes[])(cm_component *) = {cm_compiler_find_llvm, cm_compiler_find_nvrtc,
+                                      cm_library_find_cuda, cm_library_find_nccl,
                                       cm_library_find_mpi};
   int n = 0;
   for (size_t i = 0; i < sizeof probes / sizeof probes[0] && n < max; i++) {
