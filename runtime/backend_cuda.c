@@ -1,8 +1,8 @@
-/* runtime/backend_cuda.c — the CUDA backend (cm_backend_cuda), compile only
- * for now: a program's kernels rendered to CUDA C (cm_render_cuda, the prelude
- * once, before the first kernel) and compiled by NVRTC to one CUBIN for the
- * target's arch, with ptxas's resource report per kernel. Allocating, uploading,
- * running and downloading are CM_EINVALID until CUDA execution arrives (issue 15). */
+/* runtime/backend_cuda.c — the CUDA backend (cm_backend_cuda): a program's
+ * kernels built as modules (cm_cuda_build_program: each distinct kernel once,
+ * by a cm_cuda_compiler, through the on-disk cache) and run through a
+ * cm_cuda_driver. The whole program's CUDA C (prelude once, every kernel under
+ * its own name) is rendered for cm_program_emit. */
 #include "runtime.h"
 
 #include <stdlib.h>
@@ -13,9 +13,9 @@ typedef struct cuda_state {
   char *source;  /* the whole program: prelude, then every kernel */
   size_t *begin; /* per kernel (and one past the last): its text in source; the prelude is
                     source[0, begin[0]) */
-  cm_nvrtc *nvrtc;
-  cm_cubin cubin;
-  bool compiled; /* cubin holds the program's CUBIN (not render_only) */
+  const cm_cuda_compiler *compiler;
+  cm_cuda_build build;
+  bool compiled; /* build holds the program's modules (not render_only) */
 } cuda_state;
 
 static double now_ms(void) {
@@ -37,7 +37,6 @@ static cm_status cuda_compile(cm_program *p, const cm_compile_opts *opts, cm_pro
   const cm_kprogram *kp = cm_program_kernels(p);
   if (t->kind != CM_TARGET_CUDA)
     return cm_errorf(err, CM_EINVALID, "cuda backend: the target is not a CUDA GPU (%s)", t->arch);
-  if (!opts->compile_only) return not_yet("cm_compile without compile_only", err);
   cuda_state *cs = calloc(1, sizeof *cs);
   if (!cs) return cm_errorf(err, CM_EINTERNAL, "out of memory");
   cm_program_set_impl(p, cs);
@@ -61,14 +60,23 @@ static cm_status cuda_compile(cm_program *p, const cm_compile_opts *opts, cm_pro
   stats->render_ms = now_ms() - t0;
   stats->n_distinct_kernels = kp->n_kernels;
   if (opts->render_only) return CM_OK;
-  cm_status st = cm_nvrtc_load(&cs->nvrtc, err);
+  const cm_cuda_backend_opts *bo = opts->backend_opts;
+  cs->compiler = bo ? bo->compiler : NULL;
+  cm_status st = cs->compiler ? CM_OK : cm_cuda_compiler_nvrtc(&cs->compiler, err);
+  char cbuf[4096];
+  const char *cache = cm_cache_dir(opts->cache_dir, cbuf, sizeof cbuf);
   if (st == CM_OK)
-    st = cm_nvrtc_compile(cs->nvrtc, cs->source, "kernels.cu", t->arch, NULL, 0, &cs->cubin, err);
+    st = cm_cuda_build_program(kp, t, opts->no_templates, cs->compiler, cache,
+                               bo ? bo->compile_threads : 0, &cs->build, err);
   cs->compiled = st == CM_OK;
   if (st != CM_OK) return st;
-  stats->jit_ms = cs->cubin.compile_ms;
-  stats->jit_modules = 1;
-  stats->object_bytes = (int64_t)cs->cubin.size;
+  stats->jit_ms = cs->build.compile_ms;
+  stats->jit_modules = cs->build.n_modules;
+  stats->n_distinct_kernels = cs->build.n_modules;
+  stats->cache_hits = cs->build.cache_hits;
+  stats->cache_misses = cs->build.cache_misses;
+  stats->object_bytes = cs->build.image_bytes;
+  if (!opts->compile_only) return not_yet("cm_compile without compile_only", err);
   return CM_OK;
 }
 
@@ -106,13 +114,14 @@ static cm_status cuda_emit(const cm_program *p, int k, cm_emit what, FILE *out, 
       return cm_errorf(err, CM_EINVALID, "cuda backend: cannot write the CUDA C");
     return CM_OK;
   }
-  if (what == CM_EMIT_BINARY && k < 0 && cs->compiled) {
-    if (fwrite(cs->cubin.data, 1, cs->cubin.size, out) != cs->cubin.size)
-      return cm_errorf(err, CM_EINVALID, "cuda backend: cannot write the CUBIN");
+  if (what == CM_EMIT_BINARY && k >= 0 && cs->compiled) {
+    const cm_cubin *img = &cs->build.modules[cs->build.module_of[k]].image;
+    if (fwrite(img->data, 1, img->size, out) != img->size)
+      return cm_errorf(err, CM_EINVALID, "cuda backend: cannot write the module of kernel %d", k);
     return CM_OK;
   }
   return cm_errorf(err, CM_EINVALID, "cuda backend: nothing to emit of kind %d%s", (int)what,
-                   what == CM_EMIT_BINARY ? " (the CUBIN is one for the whole program, made "
+                   what == CM_EMIT_BINARY ? " (one module per kernel: give the kernel; made "
                                             "unless render_only)"
                                           : "");
 }
@@ -122,18 +131,21 @@ static void cuda_free(cm_program *p) {
   if (!cs) return;
   free(cs->source);
   free(cs->begin);
-  cm_cubin_free(&cs->cubin);
-  if (cs->nvrtc) cm_nvrtc_unload(cs->nvrtc);
+  cm_cuda_build_free(&cs->build);
   free(cs);
   cm_program_set_impl(p, NULL);
 }
 
-const cm_cubin *cm_program_cubin(const cm_program *p, const char **nvrtc_version) {
+const cm_cuda_build *cm_program_cuda_build(const cm_program *p) {
   if (cm_program_backend(p) != &cm_backend_cuda) return NULL;
   const cuda_state *cs = cm_program_impl(p);
-  if (!cs || !cs->compiled) return NULL;
-  if (nvrtc_version) *nvrtc_version = cm_nvrtc_version(cs->nvrtc);
-  return &cs->cubin;
+  return cs && cs->compiled ? &cs->build : NULL;
+}
+
+const cm_cuda_compiler *cm_program_cuda_compiler(const cm_program *p) {
+  if (cm_program_backend(p) != &cm_backend_cuda) return NULL;
+  const cuda_state *cs = cm_program_impl(p);
+  return cs && cs->compiled ? cs->compiler : NULL;
 }
 
 const cm_backend cm_backend_cuda = {

@@ -279,11 +279,15 @@ static cm_status copy_output(const cm_program *pr, int j, cm_tensor *out, cm_err
   return st;
 }
 
-cm_status cm_program_run(cm_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
-                         cm_err *err) {
+cm_status cm_program_start(cm_program *pr, cm_tensor *const *sources, cm_err *err) {
   cm_status st = bind_sources(pr, sources, err);
   if (st != CM_OK) return st;
-  if ((st = pr->be->run(pr, 0, pr->kp.n_kernels, err)) != CM_OK) return st;
+  return pr->be->run(pr, 0, pr->kp.n_kernels, err);
+}
+
+cm_status cm_program_finish(cm_program *pr, cm_tensor *outputs, cm_err *err) {
+  cm_status st;
+  if (pr->be->finish && (st = pr->be->finish(pr, err)) != CM_OK) return st;
   if (pr->be->download && (st = pr->be->download(pr, err)) != CM_OK) return st;
   if (!outputs) return CM_OK;
   const cm_graph *g = pr->g;
@@ -296,6 +300,27 @@ cm_status cm_program_run(cm_program *pr, cm_tensor *const *sources, cm_tensor *o
     }
   }
   return CM_OK;
+}
+
+cm_status cm_program_run(cm_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
+                         cm_err *err) {
+  cm_status st = cm_program_start(pr, sources, err);
+  if (st != CM_OK) return st;
+  return cm_program_finish(pr, outputs, err);
+}
+
+cm_status cm_program_prefetch(cm_program *pr, cm_tensor *const *sources, cm_err *err) {
+  if (!pr->be->prefetch) return CM_OK;
+  return pr->be->prefetch(pr, sources, err);
+}
+
+cm_status cm_program_states_download(cm_program *pr, cm_err *err) {
+  if (!pr->be->states_download) return CM_OK;
+  return pr->be->states_download(pr, err);
+}
+
+void cm_program_states_changed(cm_program *pr) {
+  if (pr->be->states_changed) pr->be->states_changed(pr);
 }
 
 void cm_program_stats_get(const cm_program *pr, cm_program_stats *out) {

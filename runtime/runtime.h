@@ -20,6 +20,165 @@ void cm_library_find_mpi(cm_component *out);
 /* Fills up to max components (LLVM, NVRTC, CUDA driver, NCCL, MPI); returns the count. */
 int cm_library_find_all(cm_component *out, int max);
 
+/* ---- the CUDA driver API as a table (runtime/cuda_driver.c) ---------------
+ *
+ * Everything cmaec asks of the CUDA driver goes through one cm_cuda_driver:
+ * cm_cuda_driver_load fills it from libcuda.so.1 (dlopen, once per process);
+ * the emulated device of the tests (tests/emu/, a test target, never a user
+ * backend) fills a second one over host memory. Entries have the driver's
+ * signatures (CUresult is int, 0 = CUDA_SUCCESS; handles are void *; device
+ * pointers cm_cu_ptr) and the driver's semantics. */
+typedef unsigned long long cm_cu_ptr; /* CUdeviceptr */
+
+/* CUdevice_attribute, CUfunction_attribute, stream and capture flags used (cuda.h values). */
+enum {
+  CM_CU_ATTR_MAX_THREADS_PER_BLOCK = 1,
+  CM_CU_ATTR_MULTIPROCESSOR_COUNT = 16,
+  CM_CU_ATTR_CC_MAJOR = 75,
+  CM_CU_ATTR_CC_MINOR = 76,
+  CM_CU_ATTR_MAX_SHARED_PER_BLOCK_OPTIN = 97,
+  CM_CU_FUNC_MAX_DYNAMIC_SHARED_BYTES = 8,
+  CM_CU_STREAM_NON_BLOCKING = 1,
+  CM_CU_EVENT_DEFAULT = 0,
+  CM_CU_EVENT_DISABLE_TIMING = 2,
+  CM_CU_CAPTURE_MODE_THREAD_LOCAL = 1,
+};
+
+typedef struct cm_cuda_driver {
+  const char *name; /* "libcuda.so.1", "emulated": in messages */
+  int (*init)(unsigned flags);
+  int (*driver_get_version)(int *version);
+  int (*device_get_count)(int *count);
+  int (*device_get)(int *device, int ordinal);
+  int (*device_get_name)(char *name, int len, int device);
+  int (*device_total_mem)(size_t *bytes, int device);
+  int (*device_get_attribute)(int *value, int attribute, int device);
+  int (*primary_ctx_retain)(void **ctx, int device);
+  int (*primary_ctx_release)(int device);
+  int (*ctx_set_current)(void *ctx);
+  int (*ctx_synchronize)(void);
+  int (*mem_get_info)(size_t *free_bytes, size_t *total_bytes);
+  int (*mem_alloc)(cm_cu_ptr *ptr, size_t bytes);
+  int (*mem_free)(cm_cu_ptr ptr);
+  int (*mem_alloc_host)(void **ptr, size_t bytes); /* pinned */
+  int (*mem_free_host)(void *ptr);
+  int (*memcpy_htod_async)(cm_cu_ptr dst, const void *src, size_t bytes, void *stream);
+  int (*memcpy_dtoh_async)(void *dst, cm_cu_ptr src, size_t bytes, void *stream);
+  int (*memcpy_dtod_async)(cm_cu_ptr dst, cm_cu_ptr src, size_t bytes, void *stream);
+  int (*memset_d8_async)(cm_cu_ptr dst, unsigned char value, size_t bytes, void *stream);
+  int (*stream_create)(void **stream, unsigned flags);
+  int (*stream_destroy)(void *stream);
+  int (*stream_synchronize)(void *stream);
+  int (*stream_wait_event)(void *stream, void *event, unsigned flags);
+  int (*event_create)(void **event, unsigned flags);
+  int (*event_destroy)(void *event);
+  int (*event_record)(void *event, void *stream);
+  int (*event_synchronize)(void *event);
+  int (*event_elapsed_time)(float *ms, void *start, void *end);
+  int (*module_load_data)(void **module, const void *image);
+  int (*module_unload)(void *module);
+  int (*module_get_function)(void **function, void *module, const char *name);
+  int (*func_set_attribute)(void *function, int attribute, int value);
+  int (*launch_kernel)(void *function, unsigned grid_x, unsigned grid_y, unsigned grid_z,
+                       unsigned block_x, unsigned block_y, unsigned block_z, unsigned shared_bytes,
+                       void *stream, void **params, void **extra);
+  int (*stream_begin_capture)(void *stream, int mode);
+  int (*stream_end_capture)(void *stream, void **graph);
+  int (*graph_instantiate)(void **exec, void *graph, unsigned long long flags);
+  int (*graph_launch)(void *exec, void *stream);
+  int (*graph_exec_destroy)(void *exec);
+  int (*graph_destroy)(void *graph);
+  int (*get_error_name)(int result, const char **name);
+  int (*get_error_string)(int result, const char **text);
+} cm_cuda_driver;
+
+/* Loads the CUDA driver ($CMAEC_CUDA_DRIVER_LIBRARY, else libcuda.so.1) once
+ * per process and calls cuInit(0); CM_EINVALID "CUDA driver not found: ..." or
+ * naming the failing call when there is no driver or no usable GPU. */
+cm_status cm_cuda_driver_load(const cm_cuda_driver **out, cm_err *err);
+/* CM_OK for result 0; else CM_EINTERNAL "WHAT: CUDA_ERROR_NAME (the driver's
+ * text)". what names the call and its subject (a kernel, its grid). */
+cm_status cm_cuda_check(const cm_cuda_driver *d, int result, const char *what, cm_err *err);
+
+/* One GPU as cmaec sees it. */
+typedef struct cm_cuda_device {
+  int ordinal; /* as the driver numbers them (after CUDA_VISIBLE_DEVICES) */
+  char name[128];
+  int64_t total_bytes;
+  int cc_major, cc_minor, sms;
+  int shared_optin; /* bytes of shared memory a block may opt in to */
+  char arch[16];    /* what cmaec compiles for it: sm_80, sm_90 (cm_cuda_arch_for) */
+} cm_cuda_device;
+/* Fills up to max devices of d; returns how many there are (0 on error, *err says why). */
+int cm_cuda_devices(const cm_cuda_driver *d, cm_cuda_device *out, int max, cm_err *err);
+/* The arch cmaec compiles for a GPU of compute capability major.minor: sm_90 for
+ * 9.x and later, sm_80 for 8.x, else "sm_MAJORMINOR". */
+void cm_cuda_arch_for(int major, int minor, char *arch, size_t size);
+
+/* ---- compiling CUDA C to module images (runtime/cuda_build.c) ------------
+ *
+ * A compiler turns one CUDA C translation unit into the image a driver's
+ * module_load_data takes: NVRTC's CUBIN for the real driver, a host shared
+ * object for the emulated device. Its name goes into the cache key. */
+typedef struct cm_cuda_compiler {
+  const char *name;         /* e.g. "nvrtc 13.0", "emulated c++ 12.2 -O1": in the cache key */
+  const char *image_suffix; /* cache files' suffix: "cubin", "so" */
+  /* Compiles source for arch into out (data/size: the image; log and kernels: ptxas's
+   * report when there is one). Called from several threads at once. */
+  cm_status (*compile)(void *self, const char *source, const char *name, const char *arch,
+                       cm_cubin *out, cm_err *err);
+  void *self;
+} cm_cuda_compiler;
+/* The NVRTC compiler (cm_nvrtc_load once per process); CM_EINVALID when NVRTC is absent. */
+cm_status cm_cuda_compiler_nvrtc(const cm_cuda_compiler **out, cm_err *err);
+
+/* What cm_backend_cuda takes in cm_compile_opts.backend_opts (NULL: all defaults). */
+typedef enum cm_cuda_graphs { CM_CUDA_GRAPHS_ON = 0, CM_CUDA_GRAPHS_OFF = 1 } cm_cuda_graphs;
+typedef struct cm_cuda_backend_opts {
+  const cm_cuda_driver *driver;     /* NULL: cm_cuda_driver_load */
+  const cm_cuda_compiler *compiler; /* NULL: cm_cuda_compiler_nvrtc */
+  int device;                       /* the driver's ordinal (0: the first visible GPU) */
+  cm_cuda_graphs graphs;            /* the step captured once as a CUDA graph and replayed */
+  int compile_threads;              /* parallel compiles; 0: every core */
+} cm_cuda_backend_opts;
+
+/* A program's kernels built for a CUDA target: each distinct kernel (kernels that
+ * differ only in their name share one) rendered under the name CM_CUDA_MODULE_KERNEL
+ * (its stage functions "cmk_s0", "cmk_s1", ...), with the prelude, as one translation
+ * unit, compiled by the compiler on `threads` threads, or loaded from the on-disk cache
+ * (key: the source, the compiler's name, the options and the arch; the image only,
+ * never PTX; written atomically, so processes may share it). */
+#define CM_CUDA_MODULE_KERNEL "cmk"
+typedef struct cm_cuda_module {
+  char key[65];   /* the cache key (hex) */
+  cm_cubin image; /* what the compiler made (or the cache held): image, ptxas report */
+  bool cached;    /* loaded from the cache */
+  int kernel;     /* the first kernel of the program it serves */
+} cm_cuda_module;
+typedef struct cm_cuda_build {
+  int n_modules;
+  cm_cuda_module *modules;
+  int *module_of; /* per kernel of the program: its module */
+  int cache_hits, cache_misses, cache_write_failures;
+  double render_ms, compile_ms; /* wall times: rendering every kernel; compiling or loading */
+  int threads;                  /* compile threads used */
+  int64_t image_bytes;
+} cm_cuda_build;
+/* Builds every kernel of kp for target t (a CUDA target) with compiler c. cache_dir:
+ * the cache's root ("cuda" under it holds the images; NULL or "": no cache); threads
+ * 0: every core. Errors name the kernel and the compiler's first error line. */
+cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool no_templates,
+                                const cm_cuda_compiler *c, const char *cache_dir, int threads,
+                                cm_cuda_build *out, cm_err *err);
+void cm_cuda_build_free(cm_cuda_build *b);
+/* The CUDA C of kernel k as its module holds it (prelude, then the kernel under
+ * CM_CUDA_MODULE_KERNEL; *source malloc'ed). */
+cm_status cm_cuda_module_source(const cm_kernel *k, const cm_target *t, bool no_templates,
+                                char **source, cm_err *err);
+/* The cache root cm_compile uses: opts->cache_dir, else $CMAEC_CACHE_DIR, else
+ * $XDG_CACHE_HOME/cmaec or ~/.cache/cmaec; NULL when disabled (""). */
+const char *cm_cache_dir(const char *given, char *buf, size_t size);
+
 /* ---- compiling and running programs (runtime/program.c) ----------------- */
 
 /* A program: a graph's plan lowered to kernels (cm_kprogram) for a target,
@@ -54,7 +213,10 @@ typedef struct cm_compile_opts {
                                 cm_program_emit writes is then all the program holds) */
   const cm_plan *plan;       /* NULL: the default pipeline's passes run on a copy of the graph */
   const cm_backend *backend; /* NULL: the target's (cm_backend_cpu, cm_backend_cuda) */
-  void *backend_opts;        /* given to backend->compile as is (NULL for the built-in ones) */
+  void *backend_opts;        /* given to backend->compile as is (NULL for the built-in ones;
+                                cm_backend_cuda: a cm_cuda_backend_opts) */
+  bool resident_states;      /* device backends: params and states stay on the device between
+                                runs (cm_program_states_download, cm_program_states_changed) */
 } cm_compile_opts;
 
 typedef struct cm_program_stats {
@@ -100,6 +262,25 @@ const cm_backend *cm_program_backend(const cm_program *pr);
  * graph assigns are updated. */
 cm_status cm_program_run(cm_program *pr, cm_tensor *const *sources, cm_tensor *outputs,
                          cm_err *err);
+/* cm_program_run in two halves, so that a caller can work while a device runs:
+ * cm_program_start binds the sources and enqueues the run (the CPU backend runs
+ * it there); cm_program_finish waits for it and copies the outputs (as
+ * cm_program_run; outputs may be NULL). Between the two, cm_program_prefetch
+ * gives the next run's sources: their inputs (CM_OP_INPUT) are uploaded on a
+ * copy stream while this run goes on, and the next cm_program_start with the
+ * same tensors uploads them no more (the CPU backend: nothing to do). */
+cm_status cm_program_start(cm_program *pr, cm_tensor *const *sources, cm_err *err);
+cm_status cm_program_finish(cm_program *pr, cm_tensor *outputs, cm_err *err);
+cm_status cm_program_prefetch(cm_program *pr, cm_tensor *const *sources, cm_err *err);
+/* With opts->resident_states (device backends): params and states are uploaded
+ * by the first run and stay on the device; the host tensors bound at the last
+ * run are stale until cm_program_states_download copies every source back to
+ * them (for a checkpoint, an evaluation, the end of training), and after the
+ * caller writes them it calls cm_program_states_changed, so that the next run
+ * uploads them again. Without resident_states, and on the CPU backend, both do
+ * nothing: every run leaves the host tensors current. */
+cm_status cm_program_states_download(cm_program *pr, cm_err *err);
+void cm_program_states_changed(cm_program *pr);
 /* Graph output j of the last run where the program keeps it (the arena, or a
  * source it was assigned to), valid until the next run or free; NULL for an
  * output that is a constant, or j out of range. Its type is graph output j's. */
@@ -190,6 +371,16 @@ struct cm_backend {
    * the device when it lives there), valid until the next run; NULL when it
    * is not kept. Required. */
   const void *(*buffer)(const cm_program *pr, int k, int b);
+  /* Device backends that run asynchronously: run enqueues, finish waits for the
+   * enqueued work (then the index checks and download follow). NULL: run is synchronous. */
+  cm_status (*finish)(cm_program *pr, cm_err *err);
+  /* cm_program_prefetch with the sources bound (cm_program_source gives the
+   * next run's inputs). NULL: nothing to do. */
+  cm_status (*prefetch)(cm_program *pr, cm_tensor *const *sources, cm_err *err);
+  /* resident_states: copy every source back to the host tensors bound at the last run;
+   * mark them to be uploaded again. NULL: states are never resident. */
+  cm_status (*states_download)(cm_program *pr, cm_err *err);
+  void (*states_changed)(cm_program *pr);
   /* Per-kernel and per-stage times with opts->profile; NULL: none kept. */
   int (*profile)(const cm_program *pr, const cm_kernel_profile **out);
   int (*stage_profile)(const cm_program *pr, const cm_stage_profile **out);
@@ -202,11 +393,13 @@ struct cm_backend {
   void (*free)(cm_program *pr);
 };
 extern const cm_backend cm_backend_cpu;  /* runtime/backend_cpu.c: LLVM JIT, OpenMP */
-extern const cm_backend cm_backend_cuda; /* runtime/backend_cuda.c: CUDA C + NVRTC, compile
-                                            only until issue 15 (the rest is CM_EINVALID) */
-/* The CUBIN of a program compiled by cm_backend_cuda (not render_only), with
- * ptxas's report per kernel, and the NVRTC version that made it; NULL else. */
-const cm_cubin *cm_program_cubin(const cm_program *pr, const char **nvrtc_version);
+extern const cm_backend cm_backend_cuda; /* runtime/backend_cuda.c: CUDA C through a
+                                            cm_cuda_compiler, run through a cm_cuda_driver */
+/* The modules of a program compiled by cm_backend_cuda (not render_only), with
+ * ptxas's report per stage function; NULL else. */
+const cm_cuda_build *cm_program_cuda_build(const cm_program *pr);
+/* The compiler that built them (its name: "nvrtc 13.0"); NULL else. */
+const cm_cuda_compiler *cm_program_cuda_compiler(const cm_program *pr);
 void cm_program_set_impl(cm_program *pr, void *impl);
 void *cm_program_impl(const cm_program *pr);
 /* The host data of source node v of cm_program_graph(pr) during a run; NULL

@@ -788,31 +788,47 @@ static int compile_emit_llvm(const compile_args *a, const cm_program *pr) {
   return rc;
 }
 
-/* --emit cuda: the CUDA C and its CUBIN; then NVRTC's figures when it ran. */
-static int compile_emit_cuda(const compile_args *a, const cm_program *pr, const cm_cubin *cubin,
-                             const char *nvrtc_version) {
+/* --emit cuda: the CUDA C, and DIR/cubin.ARCH/KERNEL.cubin for each distinct kernel (the
+ * first kernel it serves names it); then the compiler's figures when it ran. */
+static int compile_emit_cuda(const compile_args *a, const cm_program *pr,
+                             const cm_cuda_build *build) {
   int rc;
-  if (a->emit.cuda) {
-    char name[64];
-    snprintf(name, sizeof name, "kernels.%s.cubin", a->arch);
-    if ((rc = write_emit(pr, a->dir, "kernels.cu", CM_EMIT_SOURCE, a->path)) ||
-        (rc = write_emit(pr, a->dir, name, CM_EMIT_BINARY, a->path)))
-      return rc;
+  if (a->emit.cuda && (rc = write_emit(pr, a->dir, "kernels.cu", CM_EMIT_SOURCE, a->path)))
+    return rc;
+  if (!build) return EXIT_OK;
+  const cm_kprogram *kp = cm_program_kernels(pr);
+  char sub[4096];
+  snprintf(sub, sizeof sub, "%s/cubin.%s", a->dir, a->arch);
+  if (a->emit.cuda && mkdir(sub, 0777) != 0 && errno != EEXIST)
+    return fprintf(stderr, "%s: cannot create the directory: %s\n", sub, strerror(errno)),
+           EXIT_INVALID;
+  int spills = 0, functions = 0;
+  for (int m = 0; m < build->n_modules; m++) {
+    const cm_cuda_module *mod = &build->modules[m];
+    functions += mod->image.n_kernels;
+    for (int i = 0; i < mod->image.n_kernels; i++)
+      spills +=
+          mod->image.kernels[i].spill_store_bytes + mod->image.kernels[i].spill_load_bytes > 0;
+    if (!a->emit.cuda) continue;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s.cubin", sub, kp->kernels[mod->kernel].name);
+    FILE *f = fopen(path, "wb");
+    bool ok = f && fwrite(mod->image.data, 1, mod->image.size, f) == mod->image.size;
+    if ((f && fclose(f) != 0) || !ok)
+      return fprintf(stderr, "%s: cannot write\n", path), EXIT_INVALID;
   }
-  if (cubin) {
-    int spills = 0;
-    for (int i = 0; i < cubin->n_kernels; i++)
-      spills += cubin->kernels[i].spill_store_bytes + cubin->kernels[i].spill_load_bytes > 0;
-    printf("  cuda: %d kernels compiled by NVRTC %s for %s in %.0f ms, %zu bytes of CUBIN, "
-           "%d with spills\n",
-           cubin->n_kernels, nvrtc_version, a->arch, cubin->compile_ms, cubin->size, spills);
-  }
+  const cm_cuda_compiler *c = cm_program_cuda_compiler(pr);
+  printf("  cuda: %d distinct kernels (%d functions) for %s by %s on %d thread%s in %.0f ms "
+         "(%d from the cache, %d compiled), %lld bytes of CUBIN, %d with spills\n",
+         build->n_modules, functions, a->arch, c ? c->name : "?", build->threads,
+         build->threads == 1 ? "" : "s", build->compile_ms, build->cache_hits, build->cache_misses,
+         (long long)build->image_bytes, spills);
   return EXIT_OK;
 }
 
 /* One stats.tsv row: a stage's shape and work; with cuda its resources and launch. */
 static double stats_row(FILE *f, const cm_kernel *k, int s, const cm_cubin *cubin,
-                        const cm_cuda_render_opts *co) {
+                        const cm_cuda_render_opts *co) { /* cubin: the kernel's module */
   const cm_kstage *st = &k->stages[s];
   char dom[128], red[128];
   extents_str(st->dom, st->n_dom, dom, sizeof dom);
@@ -822,8 +838,8 @@ static double stats_row(FILE *f, const cm_kernel *k, int s, const cm_cubin *cubi
           st->tmpl == CM_KT_GEMM ? "gemm" : "-", dom, red, (long long)cm_kstage_work_items(st), fl);
   if (co) {
     char fn[160];
-    snprintf(fn, sizeof fn, "%s_s%d", k->name, s);
-    const cm_cuda_kernel_info *ki = cm_cubin_kernel(cubin, fn);
+    snprintf(fn, sizeof fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, s);
+    const cm_cuda_kernel_info *ki = cubin ? cm_cubin_kernel(cubin, fn) : NULL;
     cm_cuda_launch l = cm_cuda_stage_launch(k, s, co);
     fprintf(f, "\t%d\t%d\t%d\t%d\t%ux%ux%u\t%ux%ux%u", ki ? ki->registers : -1,
             ki ? ki->shared_bytes + (int)l.shared_bytes : -1, ki ? ki->stack_bytes : -1,
@@ -836,7 +852,7 @@ static double stats_row(FILE *f, const cm_kernel *k, int s, const cm_cubin *cubi
 
 /* --emit stats: DIR/stats.tsv, one row per stage. */
 static int compile_emit_stats(const compile_args *a, const cm_program *pr, const cm_target *tgt,
-                              const cm_cubin *cubin) {
+                              const cm_cuda_build *build) {
   bool cuda = a->target == CM_TARGET_CUDA;
   cm_cuda_render_opts co = {cuda ? tgt : NULL, a->no_templates};
   const cm_kprogram *prog = cm_program_kernels(pr);
@@ -849,7 +865,9 @@ static int compile_emit_stats(const compile_args *a, const cm_program *pr, const
   double total_flops = 0;
   for (int i = 0; i < prog->n_kernels; i++)
     for (int s = 0; s < prog->kernels[i].n_stages; s++)
-      total_flops += stats_row(stats, &prog->kernels[i], s, cubin, cuda ? &co : NULL);
+      total_flops +=
+          stats_row(stats, &prog->kernels[i], s,
+                    build ? &build->modules[build->module_of[i]].image : NULL, cuda ? &co : NULL);
   if (fclose(stats) != 0) return fprintf(stderr, "%s: cannot write\n", spath), EXIT_INVALID;
   printf("  stats: %s (%.3f GFLOP in contractions per step)\n", spath, total_flops * 1e-9);
   return EXIT_OK;
@@ -862,14 +880,13 @@ static int compile_emit(const compile_args *a, const cm_program *pr, const cm_ta
   if (a->emit.kir && (rc = write_emit(pr, a->dir, "kernels.kir", CM_EMIT_KERNEL_IR, a->path)))
     return rc;
   if (a->emit.llvm && (rc = compile_emit_llvm(a, pr))) return rc;
-  const char *nvrtc_version = "";
-  const cm_cubin *cubin = nvrtc ? cm_program_cubin(pr, &nvrtc_version) : NULL;
-  if (nvrtc && !cubin) {
-    fprintf(stderr, "cmaec compile: the CUDA backend made no CUBIN\n");
+  const cm_cuda_build *build = nvrtc ? cm_program_cuda_build(pr) : NULL;
+  if (nvrtc && !build) {
+    fprintf(stderr, "cmaec compile: the CUDA backend made no modules\n");
     return EXIT_INTERNAL;
   }
-  if ((rc = compile_emit_cuda(a, pr, cubin, nvrtc_version))) return rc;
-  return a->emit.stats ? compile_emit_stats(a, pr, tgt, cubin) : EXIT_OK;
+  if ((rc = compile_emit_cuda(a, pr, build))) return rc;
+  return a->emit.stats ? compile_emit_stats(a, pr, tgt, build) : EXIT_OK;
 }
 
 int cmd_compile(int argc, char **argv) {

@@ -106,8 +106,8 @@ typedef struct gpu_prog {
   const cm_graph *g; /* optimized copy */
   const cm_plan *plan;
   const cm_kprogram *kp;
-  CUmodule module;
-  CUfunction *fns; /* per kernel, per stage (flattened) */
+  CUmodule *modules; /* per module of the build */
+  CUfunction *fns;   /* per kernel, per stage (flattened) */
   CUdeviceptr arena, scratch;
   CUdeviceptr *source; /* per node of g: its own buffer (sources) */
   CUdeviceptr *consts; /* per kernel buffer (flattened) when CONST */
@@ -136,13 +136,15 @@ static bool prog_build(const cm_graph *g0, const char *arch, gpu_prog *p) {
     return fprintf(stderr, "emit: %s\n", err.msg), false;
   }
   fclose(mem);
-  const cm_cubin *cubin = cm_program_cubin(p->prog, NULL);
-  if (!cubin) return fprintf(stderr, "compile: no CUBIN\n"), false;
-  p->compile_ms = cubin->compile_ms;
+  const cm_cuda_build *build = cm_program_cuda_build(p->prog);
+  if (!build) return fprintf(stderr, "compile: no modules\n"), false;
+  p->compile_ms = build->compile_ms;
   for (const char *q = src ? strstr(src, ", fused: ") : NULL; q; q = strstr(q + 1, ", fused: "))
     p->fused_spans++;
   free(src);
-  CU(cu.module_load(&p->module, cubin->data));
+  p->modules = calloc((size_t)build->n_modules + 1, sizeof *p->modules);
+  for (int m = 0; m < build->n_modules; m++)
+    CU(cu.module_load(&p->modules[m], build->modules[m].image.data));
   int n_fns = 0, n_bufs = 0;
   for (int i = 0; i < p->kp->n_kernels; i++)
     n_fns += p->kp->kernels[i].n_stages, n_bufs += p->kp->kernels[i].n_buffers;
@@ -154,8 +156,8 @@ static bool prog_build(const cm_graph *g0, const char *arch, gpu_prog *p) {
     const cm_kernel *k = &p->kp->kernels[i];
     for (int s2 = 0; s2 < k->n_stages; s2++) {
       char name[160];
-      snprintf(name, sizeof name, "%s_s%d", k->name, s2);
-      CU(cu.get_function(&p->fns[f++], p->module, name));
+      snprintf(name, sizeof name, "%s_s%d", CM_CUDA_MODULE_KERNEL, s2);
+      CU(cu.get_function(&p->fns[f++], p->modules[build->module_of[i]], name));
     }
     for (int j = 0; j < k->n_buffers; j++, b++) {
       if (k->buffers[j].kind == CM_KBUF_STATUS) { /* index checks: written, not read here */

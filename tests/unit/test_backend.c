@@ -280,22 +280,35 @@ static void test_cuda_compile_only(void) {
     CHECK_MSG(kp->n_kernels >= 2 && entries == stages, "%s: %d entries for %d stages", archs[a],
               entries, stages);
     free(text);
-    const cm_cubin *cb = cm_program_cubin(pr, NULL);
+    const cm_cuda_build *cb = cm_program_cuda_build(pr);
     if (have_nvrtc) {
-      CHECK_MSG(cb && cb->size > 64 && !memcmp(cb->data, "\177ELF", 4) && cb->n_kernels == stages,
-                "%s: CUBIN %zu bytes, %d kernels for %d stages", archs[a], cb ? cb->size : 0,
-                cb ? cb->n_kernels : -1, stages);
-      for (int i = 0; cb && i < kp->n_kernels; i++) {
-        char fn[160];
-        snprintf(fn, sizeof fn, "%s_s0", kp->kernels[i].name);
-        const cm_cuda_kernel_info *ki = cm_cubin_kernel(cb, fn);
-        CHECK_MSG(ki && ki->registers > 0, "%s: no ptxas report for %s", archs[a], fn);
+      int functions = 0;
+      int64_t bytes = 0;
+      for (int m = 0; cb && m < cb->n_modules; m++) {
+        const cm_cubin *img = &cb->modules[m].image;
+        CHECK_MSG(img->size > 64 && !memcmp(img->data, "\177ELF", 4), "%s: module %d: %zu bytes",
+                  archs[a], m, img->size);
+        functions += img->n_kernels;
+        bytes += (int64_t)img->size;
       }
+      for (int i = 0; cb && i < kp->n_kernels; i++) {
+        const cm_cubin *img = &cb->modules[cb->module_of[i]].image;
+        CHECK_MSG(img->n_kernels == kp->kernels[i].n_stages,
+                  "%s: kernel %s: %d functions for %d stages", archs[a], kp->kernels[i].name,
+                  img->n_kernels, kp->kernels[i].n_stages);
+        char fn[160];
+        snprintf(fn, sizeof fn, "%s_s0", CM_CUDA_MODULE_KERNEL);
+        const cm_cuda_kernel_info *ki = cm_cubin_kernel(img, fn);
+        CHECK_MSG(ki && ki->registers > 0, "%s: no ptxas report for %s", archs[a],
+                  kp->kernels[i].name);
+      }
+      CHECK_MSG(cb && cb->n_modules >= 1 && cb->n_modules <= kp->n_kernels,
+                "%s: %d modules for %d kernels", archs[a], cb ? cb->n_modules : -1, kp->n_kernels);
       cm_program_stats ps;
       cm_program_stats_get(pr, &ps);
-      CHECK(cb && ps.object_bytes == (int64_t)cb->size && !ps.runnable);
-      fprintf(stderr, "  %s: %d kernels, %zu bytes of CUBIN\n", archs[a], kp->n_kernels,
-              cb ? cb->size : 0);
+      CHECK(cb && ps.object_bytes == bytes && !ps.runnable);
+      fprintf(stderr, "  %s: %d kernels, %d modules, %d functions, %lld bytes of CUBIN\n", archs[a],
+              kp->n_kernels, cb ? cb->n_modules : 0, functions, (long long)bytes);
     } else {
       CHECK(cb == NULL);
     }
