@@ -186,9 +186,30 @@ static void rewrite_dynamic_shared(emu_text *t, const char *s) {
 
 /* ---- the host compiler -------------------------------------------------------- */
 
-static const char *const CXX_FLAGS[] = {
-    "-std=c++17", "-O1", "-fPIC", "-shared", "-w", "-fvisibility=hidden", "-DCMAEC_EMULATED"};
-static const char *const ASAN_FLAGS[] = {"-fsanitize=address", "-fno-omit-frame-pointer"};
+/* -mfma where the host has it: CUDA's fma() is one instruction there, a libm
+ * call (the GEMMs' inner loop) without; contraction stays off, as ISO C++ says. */
+static const char *emu_flags[16];
+static int n_emu_flags;
+
+static void make_flags(void) {
+  static const char *const BASE[] = {"-std=c++17",
+                                     "-O1",
+                                     "-fPIC",
+                                     "-shared",
+                                     "-w",
+                                     "-fvisibility=hidden",
+                                     "-ffp-contract=off",
+                                     "-DCMAEC_EMULATED"};
+  for (size_t i = 0; i < sizeof BASE / sizeof *BASE; i++) emu_flags[n_emu_flags++] = BASE[i];
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("fma")) emu_flags[n_emu_flags++] = "-mfma";
+#endif
+  if (CMAEC_EMU_SANITIZE) {
+    emu_flags[n_emu_flags++] = "-fsanitize=address";
+    emu_flags[n_emu_flags++] = "-fno-omit-frame-pointer";
+  }
+}
 
 static char emu_name[512];
 static pthread_once_t emu_name_once = PTHREAD_ONCE_INIT;
@@ -232,10 +253,8 @@ static void make_name(void) {
   uint64_t h = fnv1a(shim ? shim : "", shim_bytes, 0xcbf29ce484222325ull);
   free(shim);
   size_t n = (size_t)snprintf(emu_name, sizeof emu_name, "emulated %s", version);
-  for (size_t i = 0; i < sizeof CXX_FLAGS / sizeof *CXX_FLAGS && n < sizeof emu_name; i++)
-    n += (size_t)snprintf(emu_name + n, sizeof emu_name - n, " %s", CXX_FLAGS[i]);
-  for (size_t i = 0; CMAEC_EMU_SANITIZE && i < 2 && n < sizeof emu_name; i++)
-    n += (size_t)snprintf(emu_name + n, sizeof emu_name - n, " %s", ASAN_FLAGS[i]);
+  for (int i = 0; i < n_emu_flags && n < sizeof emu_name; i++)
+    n += (size_t)snprintf(emu_name + n, sizeof emu_name - n, " %s", emu_flags[i]);
   if (n < sizeof emu_name)
     snprintf(emu_name + n, sizeof emu_name - n, " shim %016llx", (unsigned long long)h);
 }
@@ -250,8 +269,7 @@ static int run_cxx(const char *dir) {
   const char *argv[32];
   int n = 0;
   argv[n++] = CMAEC_EMU_CXX;
-  for (size_t i = 0; i < sizeof CXX_FLAGS / sizeof *CXX_FLAGS; i++) argv[n++] = CXX_FLAGS[i];
-  for (size_t i = 0; CMAEC_EMU_SANITIZE && i < 2; i++) argv[n++] = ASAN_FLAGS[i];
+  for (int i = 0; i < n_emu_flags; i++) argv[n++] = emu_flags[i];
   argv[n++] = "-include";
   argv[n++] = EMU_SHIM_PATH;
   argv[n++] = "-x";
@@ -401,6 +419,7 @@ static cm_status emu_compile(void *self, const char *source, const char *name, c
 static cm_cuda_compiler emu_compiler_table = {NULL, "so", emu_compile, NULL};
 
 static void init_compiler(void) {
+  make_flags();
   make_name();
   emu_compiler_table.name = emu_name;
 }

@@ -28,6 +28,13 @@ static double now_s(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* this thread's CPU time: the machine is shared, wall time says little */
+static double cpu_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
 /* ---- building and loading modules ------------------------------------------ */
 
 typedef struct emu_mod {
@@ -441,7 +448,316 @@ static void test_atomics(void) {
   mod_free(&m);
 }
 
+/* ---- the prelude's helpers: f16 conversions and the tensor-core mma ------------------ */
+
+static const char *const K_PRELUDE_USERS =
+    "extern \"C\" __global__ void f16_round(const float *in, unsigned short *h, float *back,\n"
+    "                                      const int *n) {\n"
+    "  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < *n; i += blockDim.x * gridDim.x) {\n"
+    "    h[i] = cm_f2h(in[i]);\n"
+    "    back[i] = cm_rh(in[i]);\n"
+    "  }\n"
+    "}\n"
+    "extern \"C\" __global__ void h2f_all(float *out) {\n"
+    "  const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+    "  out[i] = cm_h2f((cm_f16_t)i);\n"
+    "}\n"
+    "// one m16n8k16 tile per warp: A 16x16 row-major, B 16x8 (B[k * 8 + n]), C and D 16x8\n"
+    "extern \"C\" __global__ void mma_tiles(const unsigned short *A, const unsigned short *B,\n"
+    "                                      const float *C, float *D, const int *bf16) {\n"
+    "  const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, q = lane & "
+    "3u;\n"
+    "  A += w * 256;\n  B += w * 128;\n  C += w * 128;\n  D += w * 128;\n"
+    "  unsigned a[4], b[2];\n"
+    "  float d[4];\n"
+    "  a[0] = cm_pack16(A[g * 16 + 2 * q], A[g * 16 + 2 * q + 1]);\n"
+    "  a[1] = cm_pack16(A[(g + 8) * 16 + 2 * q], A[(g + 8) * 16 + 2 * q + 1]);\n"
+    "  a[2] = cm_pack16(A[g * 16 + 2 * q + 8], A[g * 16 + 2 * q + 9]);\n"
+    "  a[3] = cm_pack16(A[(g + 8) * 16 + 2 * q + 8], A[(g + 8) * 16 + 2 * q + 9]);\n"
+    "  b[0] = cm_pack16(B[(2 * q) * 8 + g], B[(2 * q + 1) * 8 + g]);\n"
+    "  b[1] = cm_pack16(B[(2 * q + 8) * 8 + g], B[(2 * q + 9) * 8 + g]);\n"
+    "  for (int h = 0; h < 4; h++) d[h] = C[(g + (h >> 1) * 8) * 8 + 2 * q + (h & 1)];\n"
+    "  if (*bf16) cm_mma_16816<true>(d, a, b);\n"
+    "  else cm_mma_16816<false>(d, a, b);\n"
+    "  for (int h = 0; h < 4; h++) D[(g + (h >> 1) * 8) * 8 + 2 * q + (h & 1)] = d[h];\n"
+    "}\n";
+
+static bool build_with_prelude(const char *kernels, emu_mod *m) {
+  char *pre = prelude(), *src = pre ? concat(pre, kernels) : NULL;
+  bool ok = src && mod_build(src, m);
+  free(pre);
+  free(src);
+  return ok;
+}
+
+/* The value of half h, from its fields. */
+static double ref_h2f(unsigned h) {
+  double sign = h & 0x8000u ? -1 : 1;
+  unsigned e = (h >> 10) & 31u, m = h & 1023u;
+  if (e == 31) return m ? NAN : sign * INFINITY;
+  return sign * (e ? ldexp(1024 + m, (int)e - 25) : ldexp(m, -24));
+}
+
+/* x rounded to the nearest half (ties to even) by arithmetic in double: the
+ * quantum of x's binade, nearbyint, then the fields of the result. */
+static unsigned ref_f2h(float x) {
+  if (isnan(x)) return signbit(x) ? 0xfe00u : 0x7e00u;
+  unsigned s = signbit(x) ? 0x8000u : 0;
+  double a = fabs((double)x);
+  if (a >= 65520.0) return s | 0x7c00u;
+  int e;
+  frexp(a, &e);
+  double q = a < 0x1p-14 ? 0x1p-24 : ldexp(1.0, e - 11);
+  double r = nearbyint(a / q) * q;
+  if (r < 0x1p-14) return s | (unsigned)(r / 0x1p-24);
+  frexp(r, &e);
+  return s | (unsigned)(e + 14) << 10 | ((unsigned)(r / ldexp(1.0, e - 11)) - 1024u);
+}
+
+static float bits_float(uint32_t b) {
+  float f;
+  memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+static void test_f16_conversions(void) {
+  emu_mod m;
+  if (!build_with_prelude(K_PRELUDE_USERS, &m)) return;
+  /* every half to float */
+  float *all = malloc(65536 * sizeof *all);
+  void *hargs[] = {&all};
+  CHECK(mod_run(&m, "h2f_all", 256, 1, 1, 256, 1, 1, 0, hargs) == 0);
+  int bad = 0;
+  for (unsigned h = 0; h < 65536; h++) {
+    double want = ref_h2f(h);
+    bool same = isnan(want) ? isnan(all[h]) : all[h] == want && !signbit(all[h]) == !signbit(want);
+    bad += !same;
+  }
+  CHECK_MSG(bad == 0, "%d of 65536 halves decoded wrong", bad);
+  /* floats to half: random bits near and far from the half range, ties between
+   * neighbouring halves, halves themselves, and the edges */
+  enum { N = 40000 };
+  float *in = malloc(N * sizeof *in), *back = malloc(N * sizeof *back);
+  unsigned short *h = malloc(N * sizeof *h);
+  test_rng rng = {1234};
+  static const float edges[] = {0.0f,      -0.0f,        65504.0f,        65519.996f, 65520.0f,
+                                -65520.0f, 0x1p-25f,     0x1.000002p-25f, 0x1.8p-24f, 0x1.4p-23f,
+                                0x1p-14f,  0x1.ffcp-15f, 1e-10f,          INFINITY,   -INFINITY,
+                                NAN,       -NAN,         3.4e38f,         1.0f};
+  int n_edges = (int)(sizeof edges / sizeof *edges);
+  for (int i = 0; i < N; i++) {
+    uint32_t r = test_u32(&rng);
+    int kind = i < n_edges ? -1 : i % 4;
+    if (kind < 0) {
+      in[i] = edges[i];
+    } else if (kind == 0) { /* exponents from 2^-27 to 2^18 */
+      uint32_t e = 100 + test_u32(&rng) % 46;
+      in[i] = bits_float((r & 0x807fffffu) | e << 23);
+    } else if (kind == 1) { /* a tie between two neighbours */
+      unsigned a = test_u32(&rng) % 0x7bff;
+      in[i] = (float)((ref_h2f(a) + ref_h2f(a + 1)) / 2) * (r & 1 ? -1 : 1);
+    } else if (kind == 2) {
+      unsigned a = test_u32(&rng) & 0xffffu;
+      in[i] = (a & 0x7c00u) == 0x7c00u ? 1.5f : (float)ref_h2f(a);
+    } else {
+      in[i] = bits_float(r);
+    }
+  }
+  int n = N;
+  void *args[] = {&in, &h, &back, &(const int *){&n}};
+  CHECK(mod_run(&m, "f16_round", 8, 1, 1, 128, 1, 1, 0, args) == 0);
+  bad = 0;
+  for (int i = 0; i < N; i++) {
+    unsigned want = ref_f2h(in[i]);
+    double want_back = isnan(in[i]) ? NAN : ref_h2f(want);
+    bool ok = h[i] == want && (isnan(want_back) ? isnan(back[i]) : back[i] == want_back);
+    if (!ok && bad++ < 5)
+      fprintf(stderr, "  %a: half %04x (back %a), want %04x (%a)\n", in[i], h[i], back[i], want,
+              want_back);
+  }
+  CHECK_MSG(bad == 0, "%d of %d floats rounded to half wrong", bad, N);
+  free(all);
+  free(in);
+  free(back);
+  free(h);
+  mod_free(&m);
+}
+
+static void test_mma(void) {
+  emu_mod m;
+  if (!build_with_prelude(K_PRELUDE_USERS, &m)) return;
+  test_rng rng = {99};
+  for (int bf16 = 0; bf16 < 2; bf16++) {
+    /* two warps, two tiles; eighths times eighths sum exactly in f32 */
+    unsigned short A[2 * 256], B[2 * 128];
+    float Af[2 * 256], Bf[2 * 128], C[2 * 128], D[2 * 128];
+    for (int i = 0; i < 2 * 256; i++) {
+      Af[i] = (float)test_int(&rng, -64, 64) / 8;
+      uint32_t bits;
+      memcpy(&bits, &Af[i], sizeof bits);
+      A[i] = bf16 ? (unsigned short)(bits >> 16) : (unsigned short)ref_f2h(Af[i]);
+    }
+    for (int i = 0; i < 2 * 128; i++) {
+      Bf[i] = (float)test_int(&rng, -64, 64) / 8;
+      uint32_t bits;
+      memcpy(&bits, &Bf[i], sizeof bits);
+      B[i] = bf16 ? (unsigned short)(bits >> 16) : (unsigned short)ref_f2h(Bf[i]);
+      C[i] = (float)test_int(&rng, -1024, 1024) / 64;
+    }
+    void *args[] = {&(const unsigned short *){A}, &(const unsigned short *){B}, &(const float *){C},
+                    &(float *){D}, &(const int *){&bf16}};
+    CHECK(mod_run(&m, "mma_tiles", 1, 1, 1, 64, 1, 1, 0, args) == 0);
+    int bad = 0;
+    for (int w = 0; w < 2; w++)
+      for (int r = 0; r < 16; r++)
+        for (int c = 0; c < 8; c++) {
+          double want = C[w * 128 + r * 8 + c];
+          for (int k = 0; k < 16; k++)
+            want += (double)Af[w * 256 + r * 16 + k] * Bf[w * 128 + k * 8 + c];
+          bad += D[w * 128 + r * 8 + c] != want;
+        }
+    CHECK_MSG(bad == 0, "%s: %d of 256 mma results differ from the scalar product",
+              bf16 ? "bf16" : "f16", bad);
+  }
+  mod_free(&m);
+}
+
+/* Two builds of one module, and two runs of each, give the same bits (float
+ * sums whose order matters). */
+static void test_deterministic(void) {
+  emu_mod m1, m2;
+  if (!mod_build(K_WARP, &m1)) return;
+  if (!mod_build(K_WARP, &m2)) {
+    mod_free(&m1);
+    return;
+  }
+  test_rng rng = {3};
+  float f[256];
+  for (int i = 0; i < 256; i++) f[i] = (float)test_uniform_in(&rng, -1, 1) * 1e3f;
+  float prefix[3][256];
+  double sum[3][256];
+  const emu_mod *mods[3] = {&m1, &m2, &m1};
+  for (int r = 0; r < 3; r++) {
+    void *args[] = {&(const float *){f}, &(double *){sum[r]}, &(float *){prefix[r]}};
+    CHECK(mod_run(mods[r], "warp_sums", 2, 1, 1, 128, 1, 1, 0, args) == 0);
+  }
+  CHECK(!memcmp(sum[0], sum[1], sizeof sum[0]) && !memcmp(sum[0], sum[2], sizeof sum[0]));
+  CHECK(!memcmp(prefix[0], prefix[1], sizeof prefix[0]) &&
+        !memcmp(prefix[0], prefix[2], sizeof prefix[0]));
+  mod_free(&m1);
+  mod_free(&m2);
+}
+
 /* ---- real kernels ---------------------------------------------------------------- */
+
+/* bf16 bits of f, rounded to nearest even (f finite) */
+static unsigned short ref_f2bf(float f) {
+  uint32_t b;
+  memcpy(&b, &f, sizeof b);
+  return (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+/* C = A B (M x K by K x N) as the CUDA backend renders it for sm_90: f32 (FMA
+ * tiles) or bf16 (mma.sync tiles), run under the shim against the product in
+ * double (eighths: exact in f32, so the bf16 result is its rounding). Returns the
+ * GEMM stage's GFLOP/s. */
+static double run_gemm(cm_dtype dt, int M, int N, int K) {
+  cm_graph *g = cm_graph_new();
+  int64_t ad[2] = {M, K}, bd[2] = {K, N};
+  int a = cm_input(g, "a", dt, 2, ad), b = cm_input(g, "b", dt, 2, bd);
+  int c = cm_matmul(g, a, b, false, false, "c");
+  cm_err err = {0};
+  CHECK(cm_graph_add_output(g, c, &err) == CM_OK);
+  cm_target t;
+  CHECK(cm_target_cuda("sm_90", &t, &err) == CM_OK);
+  cm_compile_opts co = {.compile_only = true, .render_only = true};
+  cm_program *pr = NULL;
+  CHECK_MSG(cm_compile(g, &t, &co, &pr, &err) == CM_OK, "%s", err.msg);
+  const cm_kprogram *kp = pr ? cm_program_kernels(pr) : NULL;
+  const cm_graph *pg = pr ? cm_program_graph(pr) : NULL;
+  CHECK(kp && kp->n_kernels == 1);
+  double gflops = 0;
+  if (!kp || kp->n_kernels != 1) goto done;
+  const cm_kernel *k = &kp->kernels[0];
+  char *src = NULL;
+  CHECK(cm_cuda_module_source(k, &t, false, &src, &err) == CM_OK);
+  CHECK(src && strstr(src, dt == CM_BF16 ? "cm_mma_16816<true>(acc_" : "(GEMM, FMA)"));
+  emu_mod m;
+  bool built = src && mod_build(src, &m);
+  free(src);
+  if (!built) goto done;
+  CHECK(m.params(CM_CUDA_MODULE_KERNEL "_s0") == k->n_buffers);
+  int na = cm_graph_find(pg, "a"), nbn = cm_graph_find(pg, "b"), nc = cm_graph_find(pg, "c");
+  test_rng rng = {(uint64_t)(M * 7 + N)};
+  double *av = malloc((size_t)M * K * sizeof *av), *bv = malloc((size_t)K * N * sizeof *bv);
+  for (int64_t x = 0; x < (int64_t)M * K; x++) av[x] = (double)test_int(&rng, -64, 64) / 8;
+  for (int64_t x = 0; x < (int64_t)K * N; x++) bv[x] = (double)test_int(&rng, -64, 64) / 8;
+  void **bufs = calloc((size_t)k->n_buffers, sizeof *bufs),
+       **args = calloc((size_t)k->n_buffers, sizeof *args);
+  void *cbuf = NULL;
+  for (int bi = 0; bi < k->n_buffers; bi++) {
+    const cm_kbuffer *kb = &k->buffers[bi];
+    size_t es = cm_dtype_size(kb->dtype);
+    bufs[bi] = kb->kind == CM_KBUF_CONST ? cm_kernel_const_data(pg, kb, &err)
+                                         : calloc((size_t)kb->numel + 1, es);
+    args[bi] = &bufs[bi];
+    const double *from = kb->node == na ? av : kb->node == nbn ? bv : NULL;
+    for (int64_t x = 0; from && x < kb->numel; x++) {
+      if (kb->dtype == CM_BF16)
+        ((unsigned short *)bufs[bi])[x] = ref_f2bf((float)from[x]);
+      else
+        ((float *)bufs[bi])[x] = (float)from[x];
+    }
+    if (kb->node == nc) cbuf = bufs[bi];
+  }
+  CHECK(cbuf != NULL);
+  cm_cuda_render_opts ro = {&t, false};
+  double gemm_s = 0;
+  for (int st = 0; st < k->n_stages; st++) {
+    cm_cuda_launch l = cm_cuda_stage_launch(k, st, &ro);
+    char fn[32];
+    snprintf(fn, sizeof fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, st);
+    /* the best of 3 runs (the machine is shared) */
+    double best = 1e30;
+    for (int rep = 0; rep < 3; rep++) {
+      double s0 = cpu_s();
+      CHECK(m.launch(fn, l.grid, l.block, l.shared_bytes, args) == 0);
+      best = fmin(best, cpu_s() - s0);
+    }
+    if (k->stages[st].cuda.kind == CM_KCUDA_GEMM) gemm_s += best;
+  }
+  gflops = gemm_s > 0 ? 2.0 * M * N * K / gemm_s / 1e9 : 0;
+  int bad = 0;
+  for (int i = 0; cbuf && i < M; i++)
+    for (int j = 0; j < N; j++) {
+      double want = 0;
+      for (int x = 0; x < K; x++) want += av[(int64_t)i * K + x] * bv[(int64_t)x * N + j];
+      int64_t at = (int64_t)i * N + j;
+      bool ok = dt == CM_BF16 ? ((unsigned short *)cbuf)[at] == ref_f2bf((float)want)
+                              : ((float *)cbuf)[at] == (float)want;
+      if (!ok && bad++ < 3) fprintf(stderr, "  C[%d][%d] wrong (want %g)\n", i, j, want);
+    }
+  CHECK_MSG(bad == 0, "%s GEMM %dx%dx%d: %d of %d wrong", cm_dtype_name(dt), M, N, K, bad, M * N);
+  for (int bi = 0; bi < k->n_buffers; bi++) free(bufs[bi]);
+  free(bufs);
+  free(args);
+  free(av);
+  free(bv);
+  mod_free(&m);
+done:
+  cm_program_free(pr);
+  cm_graph_free(g);
+  return gflops;
+}
+
+static void test_real_gemms(void) {
+  run_gemm(CM_F32, 130, 72, 96);
+  run_gemm(CM_BF16, 130, 72, 96);
+  double f32 = run_gemm(CM_F32, 256, 256, 256), bf16 = run_gemm(CM_BF16, 256, 256, 256);
+  fprintf(stderr, "  256^3 GEMM emulated (CPU time): f32 %.2f GFLOP/s, bf16 (mma) %.2f GFLOP/s\n",
+          f32, bf16);
+  CHECK(f32 > 0 && bf16 > 0);
+}
 
 /* Every distinct kernel of a tiny variant's training step (batch 2) built as the
  * CUDA backend builds them (cm_cuda_build_program, one module per distinct kernel)
@@ -489,10 +805,7 @@ static void test_tiny_variants(void) {
   compile_variant("models/cmae_convvit_tiny_fmnist.json");
 }
 
-static void test_touch(void) {
-  CHECK(prelude != NULL && concat != NULL);
-}
-
 TEST_MAIN(TEST(test_indexing_3d), TEST(test_barriers_and_shared),
           TEST(test_launch_limits_and_deadlock), TEST(test_shuffles), TEST(test_votes),
-          TEST(test_atomics), TEST(test_touch), TEST(test_tiny_variants))
+          TEST(test_atomics), TEST(test_f16_conversions), TEST(test_mma), TEST(test_deterministic),
+          TEST(test_real_gemms), TEST(test_tiny_variants))
