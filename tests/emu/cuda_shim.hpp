@@ -36,7 +36,13 @@ extern "C" void __sanitizer_finish_switch_fiber(void *fake_stack_save, const voi
                                                 size_t *size_old);
 extern "C" void __asan_unpoison_memory_region(void const volatile *addr, size_t size);
 #endif
-#if !defined(__x86_64__)
+/* the hand-written switch on x86-64 (CM_EMU_UCONTEXT: ucontext's, to compare) */
+#if defined(__x86_64__) && !defined(CM_EMU_UCONTEXT)
+#define CM_EMU_SWITCH_ASM 1
+#else
+#define CM_EMU_SWITCH_ASM 0
+#endif
+#if !CM_EMU_SWITCH_ASM
 #include <ucontext.h>
 #endif
 
@@ -286,13 +292,14 @@ static inline void __threadfence_block() {
 enum cm_emu_fiber_state { CM_EMU_READY, CM_EMU_WAIT_BLOCK, CM_EMU_WAIT_WARP, CM_EMU_DONE };
 struct cm_emu_fiber {
   void *sp; /* the saved stack pointer while switched out */
-#if !defined(__x86_64__)
+#if !CM_EMU_SWITCH_ASM
   ucontext_t uc;
 #endif
   char *stack_lo;
   size_t stack_bytes;
   void *asan_fake_stack;
   int state;
+  bool released; /* its stack given back (cm_emu_release_stacks): reset before use */
   unsigned wait_gen;
   unsigned tid, warp, lane;
   uint3 idx;
@@ -323,7 +330,7 @@ struct cm_emu_state {
   int n_stack_maps;
   cm_emu_fiber *cur;
   void *sched_sp;
-#if !defined(__x86_64__)
+#if !CM_EMU_SWITCH_ASM
   ucontext_t sched_uc;
 #endif
   void *sched_fake_stack;
@@ -343,7 +350,7 @@ static thread_local cm_emu_state *cm_emu_st;
 static cm_emu_state *cm_emu_all_states;
 static pthread_mutex_t cm_emu_states_mu = PTHREAD_MUTEX_INITIALIZER;
 
-#if defined(__x86_64__)
+#if CM_EMU_SWITCH_ASM
 /* Saves the callee-saved registers on the current stack, stores its pointer in
  * *save, switches to stack `to` and restores what is saved there. No signal
  * mask syscall (swapcontext's), which would dominate a barrier's cost. */
@@ -368,7 +375,7 @@ static void cm_emu_fiber_reset(cm_emu_fiber *f) {
 #ifdef CM_EMU_ASAN
   __asan_unpoison_memory_region(f->stack_lo, f->stack_bytes);
 #endif
-#if defined(__x86_64__)
+#if CM_EMU_SWITCH_ASM
   uintptr_t top = ((uintptr_t)f->stack_lo + f->stack_bytes) & ~(uintptr_t)15;
   void **sp = (void **)(top - 64);
   for (int i = 0; i < 6; i++) sp[i] = 0; /* r15 r14 r13 r12 rbx rbp */
@@ -391,7 +398,7 @@ static void cm_emu_resume(cm_emu_state *st, cm_emu_fiber *f) {
 #ifdef CM_EMU_ASAN
   __sanitizer_start_switch_fiber(&st->sched_fake_stack, f->stack_lo, f->stack_bytes);
 #endif
-#if defined(__x86_64__)
+#if CM_EMU_SWITCH_ASM
   cm_emu_switch(&st->sched_sp, f->sp);
 #else
   swapcontext(&st->sched_uc, &f->uc);
@@ -406,7 +413,7 @@ static void cm_emu_yield(cm_emu_state *st, cm_emu_fiber *f) {
 #ifdef CM_EMU_ASAN
   __sanitizer_start_switch_fiber(&f->asan_fake_stack, st->sched_stack_lo, st->sched_stack_bytes);
 #endif
-#if defined(__x86_64__)
+#if CM_EMU_SWITCH_ASM
   cm_emu_switch(&f->sp, st->sched_sp);
 #else
   swapcontext(&f->uc, &st->sched_uc);
@@ -676,6 +683,16 @@ static bool cm_emu_run_block(cm_emu_state *st, unsigned n) {
   }
 }
 
+/* After a launch the stacks' pages go back to the kernel (lazily, MADV_FREE:
+ * reclaimed only under memory pressure): each module keeps fibers of its own per
+ * OS thread, and a program has hundreds of modules. A released fiber starts
+ * afresh (cm_emu_fiber_reset) when a launch next needs it. */
+static void cm_emu_release_stacks(cm_emu_state *st) {
+  for (int m = 0; m < st->n_stack_maps; m++)
+    madvise(st->stack_maps[m], st->stack_map_bytes[m], MADV_FREE);
+  for (unsigned i = 0; i < st->n_fibers; i++) st->fibers[i].released = true;
+}
+
 #define CM_EMU_EXPORT extern "C" __attribute__((visibility("default")))
 
 CM_EMU_EXPORT int cm_emu_params(const char *name) {
@@ -704,6 +721,8 @@ CM_EMU_EXPORT int cm_emu_launch(const char *name, const unsigned grid[3], const 
   }
   for (unsigned i = 0; i < n; i++) {
     cm_emu_fiber *f = &st->fibers[i];
+    if (f->released) cm_emu_fiber_reset(f);
+    f->released = false;
     f->tid = i;
     f->warp = i / 32;
     f->lane = i % 32;
@@ -713,13 +732,15 @@ CM_EMU_EXPORT int cm_emu_launch(const char *name, const unsigned grid[3], const 
   st->params = params;
   blockDim = dim3(block[0], block[1], block[2]);
   gridDim = dim3(grid[0], grid[1], grid[2]);
-  for (unsigned z = 0; z < grid[2]; z++)
-    for (unsigned y = 0; y < grid[1]; y++)
-      for (unsigned x = 0; x < grid[0]; x++) {
+  int rc = 0;
+  for (unsigned z = 0; z < grid[2] && !rc; z++)
+    for (unsigned y = 0; y < grid[1] && !rc; y++)
+      for (unsigned x = 0; x < grid[0] && !rc; x++) {
         blockIdx = {x, y, z};
-        if (!cm_emu_run_block(st, n)) return 719;
+        if (!cm_emu_run_block(st, n)) rc = 719;
       }
-  return 0;
+  cm_emu_release_stacks(st);
+  return rc;
 }
 
 __attribute__((destructor)) static void cm_emu_unload() {

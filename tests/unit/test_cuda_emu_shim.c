@@ -171,6 +171,14 @@ static const char *const K_BASIC =
     "  if (threadIdx.x < 16) __syncthreads();\n"
     "  else __syncwarp();\n"
     "  out[threadIdx.x] = 1;\n"
+    "}\n"
+    "extern \"C\" __global__ void barrier_loop(int *out, const int *iters) {\n"
+    "  int v = threadIdx.x;\n"
+    "  for (int i = 0; i < *iters; i++) {\n"
+    "    v += i;\n"
+    "    __syncthreads();\n"
+    "  }\n"
+    "  out[blockIdx.x * blockDim.x + threadIdx.x] = v;\n"
     "}\n";
 
 static const char *const K_WARP =
@@ -230,7 +238,7 @@ static void test_indexing_3d(void) {
   if (!mod_build(K_BASIC, &m)) return;
   CHECK(m.params("index3d") == 1 && m.params("block_sum") == 3 && m.params("transpose") == 3);
   CHECK(m.params("nope") == -1);
-  CHECK(m.image.n_kernels == 6 && !strcmp(m.image.kernels[0].name, "index3d") &&
+  CHECK(m.image.n_kernels == 7 && !strcmp(m.image.kernels[0].name, "index3d") &&
         !strcmp(m.image.kernels[5].name, "stuck") && m.image.kernels[1].registers == -1);
   const unsigned g[3] = {3, 2, 2}, b[3] = {4, 3, 2};
   unsigned nb = g[0] * g[1] * g[2], nt = b[0] * b[1] * b[2];
@@ -329,6 +337,38 @@ static void test_launch_limits_and_deadlock(void) {
   memset(out, 0, 2048 * 8 * sizeof *out);
   CHECK(mod_run(&m, "index3d", 1, 1, 1, 64, 1, 1, 0, args) == 0);
   CHECK(out[8 * 63] == 63 && out[8 * 63 + 6] == 640101);
+  free(out);
+  mod_free(&m);
+}
+
+/* What a thread costs: in a block without barriers (two switches: start, end),
+ * and per __syncthreads (two switches: out, back in). */
+static void test_switch_costs(void) {
+  emu_mod m;
+  if (!mod_build(K_BASIC, &m)) return;
+  enum { BLOCKS = 64, THREADS = 256, ITERS = 200 };
+  int *out = calloc(BLOCKS * THREADS, sizeof *out), iters = ITERS, zero = 0;
+  void *args[] = {&out, &(const int *){&iters}}, *args0[] = {&out, &(const int *){&zero}};
+  double best = 1e30, best0 = 1e30;
+  for (int rep = 0; rep < 3; rep++) {
+    double t0 = cpu_s();
+    CHECK(mod_run(&m, "barrier_loop", BLOCKS, 1, 1, THREADS, 1, 1, 0, args) == 0);
+    double t1 = cpu_s();
+    CHECK(mod_run(&m, "barrier_loop", BLOCKS, 1, 1, THREADS, 1, 1, 0, args0) == 0);
+    best = fmin(best, t1 - t0);
+    best0 = fmin(best0, cpu_s() - t1);
+  }
+  int bad = 0;
+  for (int i = 0; i < BLOCKS * THREADS; i++) bad += out[i] != i % THREADS;
+  CHECK(bad == 0);
+  CHECK(mod_run(&m, "barrier_loop", BLOCKS, 1, 1, THREADS, 1, 1, 0, args) == 0);
+  bad = 0;
+  for (int i = 0; i < BLOCKS * THREADS; i++) bad += out[i] != i % THREADS + ITERS * (ITERS - 1) / 2;
+  CHECK(bad == 0);
+  double threads = (double)BLOCKS * THREADS;
+  fprintf(stderr,
+          "  CPU time: %.1f ns a thread without barriers, %.1f ns a thread's __syncthreads\n",
+          best0 / threads * 1e9, (best - best0) / (threads * ITERS) * 1e9);
   free(out);
   mod_free(&m);
 }
@@ -788,14 +828,19 @@ static void compile_variant(const char *path) {
   const cm_cuda_build *b = pr ? cm_program_cuda_build(pr) : NULL;
   CHECK(b && b->n_modules > 10);
   int functions = 0;
+  double module_ms = 0;
   for (int i = 0; b && i < b->n_modules; i++) {
     const cm_cubin *im = &b->modules[i].image;
     functions += im->n_kernels;
+    module_ms += im->compile_ms;
     CHECK(im->n_kernels >= 1 && !strcmp(im->kernels[0].name, CM_CUDA_MODULE_KERNEL "_s0"));
   }
   if (b)
-    fprintf(stderr, "  %s: %d modules (%d functions), %.1f s (compile %.1f s on %d threads)\n",
-            path, b->n_modules, functions, now_s() - t0, b->compile_ms / 1e3, b->threads);
+    fprintf(stderr,
+            "  %s: %d modules (%d functions), %.1f s (compile %.1f s on %d threads, %.2f s a "
+            "module)\n",
+            path, b->n_modules, functions, now_s() - t0, b->compile_ms / 1e3, b->threads,
+            module_ms / 1e3 / b->n_modules);
   cm_program_free(pr);
   cm_graph_free(step);
 }
@@ -806,6 +851,6 @@ static void test_tiny_variants(void) {
 }
 
 TEST_MAIN(TEST(test_indexing_3d), TEST(test_barriers_and_shared),
-          TEST(test_launch_limits_and_deadlock), TEST(test_shuffles), TEST(test_votes),
-          TEST(test_atomics), TEST(test_f16_conversions), TEST(test_mma), TEST(test_deterministic),
-          TEST(test_real_gemms), TEST(test_tiny_variants))
+          TEST(test_launch_limits_and_deadlock), TEST(test_switch_costs), TEST(test_shuffles),
+          TEST(test_votes), TEST(test_atomics), TEST(test_f16_conversions), TEST(test_mma),
+          TEST(test_deterministic), TEST(test_real_gemms), TEST(test_tiny_variants))
