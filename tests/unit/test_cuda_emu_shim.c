@@ -18,6 +18,7 @@
 
 #include <dlfcn.h>
 #include <pthread.h>
+#include <sys/wait.h>
 #include <stdint.h>
 #include <time.h>
 #include <unistd.h>
@@ -369,6 +370,62 @@ static void test_switch_costs(void) {
   fprintf(stderr,
           "  CPU time: %.1f ns a thread without barriers, %.1f ns a thread's __syncthreads\n",
           best0 / threads * 1e9, (best - best0) / (threads * ITERS) * 1e9);
+  free(out);
+  mod_free(&m);
+}
+
+/* Under AddressSanitizer (CMAEC_SANITIZE) modules are instrumented too: a kernel
+ * writing one past its allocation is reported (in a child process, whose report
+ * the parent reads). Elsewhere the same kernel runs in bounds. */
+#if defined(__SANITIZE_ADDRESS__)
+#define EMU_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define EMU_TEST_ASAN 1
+#endif
+#endif
+static void test_out_of_bounds(void) {
+  emu_mod m;
+  if (!mod_build("extern \"C\" __global__ void past_end(int *out, const int *n) {\n"
+                 "  out[blockIdx.x * blockDim.x + threadIdx.x + *n] = 1;\n"
+                 "}\n",
+                 &m))
+    return;
+  int *out = calloc(64, sizeof *out);
+#ifdef EMU_TEST_ASAN
+  char log[] = "/tmp/cmaec_emu_asan_XXXXXX";
+  int fd = mkstemp(log);
+  CHECK(fd >= 0);
+  fflush(NULL);
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(fd, 2);
+    int one = 1; /* out[64]: one past the end */
+    void *args[] = {&out, &(const int *){&one}};
+    mod_run(&m, "past_end", 1, 1, 1, 64, 1, 1, 0, args);
+    _exit(0);
+  }
+  int status = 0;
+  CHECK(pid > 0 && waitpid(pid, &status, 0) == pid);
+  CHECK_MSG(WIFEXITED(status) && WEXITSTATUS(status) != 0, "the child exited with status %d",
+            status);
+  size_t size = 0;
+  char *report = NULL;
+  FILE *f = lseek(fd, 0, SEEK_SET) == 0 ? fdopen(fd, "r") : NULL;
+  if (f) {
+    report = calloc(1, 65536);
+    size = report ? fread(report, 1, 65535, f) : 0;
+    fclose(f);
+  }
+  CHECK(size > 0 && report && strstr(report, "heap-buffer-overflow") != NULL);
+  free(report);
+  unlink(log);
+#else
+  int zero = 0;
+  void *args[] = {&out, &(const int *){&zero}};
+  CHECK(mod_run(&m, "past_end", 1, 1, 1, 64, 1, 1, 0, args) == 0);
+  for (int i = 0; i < 64; i++) CHECK(out[i] == 1);
+#endif
   free(out);
   mod_free(&m);
 }
@@ -851,6 +908,6 @@ static void test_tiny_variants(void) {
 }
 
 TEST_MAIN(TEST(test_indexing_3d), TEST(test_barriers_and_shared),
-          TEST(test_launch_limits_and_deadlock), TEST(test_switch_costs), TEST(test_shuffles),
-          TEST(test_votes), TEST(test_atomics), TEST(test_f16_conversions), TEST(test_mma),
-          TEST(test_deterministic), TEST(test_real_gemms), TEST(test_tiny_variants))
+          TEST(test_launch_limits_and_deadlock), TEST(test_switch_costs), TEST(test_out_of_bounds),
+          TEST(test_shuffles), TEST(test_votes), TEST(test_atomics), TEST(test_f16_conversions),
+          TEST(test_mma), TEST(test_deterministic), TEST(test_real_gemms), TEST(test_tiny_variants))
