@@ -150,10 +150,23 @@ static int scan_globals(const char *s, cm_cuda_kernel_info **out) {
 /* Appends source to t with each `extern __shared__ [__align__(A)] T NAME[];` (the
  * dynamic shared memory, declared in a function) made `T *const NAME = (T *)
  * cm_emu_dynamic_shared();`. */
+static bool in_line_comment(const char *begin, const char *at) {
+  const char *l = at;
+  while (l > begin && l[-1] != '\n') l--;
+  for (; l + 1 < at; l++)
+    if (l[0] == '/' && l[1] == '/') return true;
+  return false;
+}
+
 static void rewrite_dynamic_shared(emu_text *t, const char *s) {
   static const char KEY[] = "extern __shared__";
-  const char *at;
+  const char *begin = s, *at;
   while ((at = strstr(s, KEY)) != NULL) {
+    if (in_line_comment(begin, at)) {
+      text_add(t, s, (size_t)(at - s) + sizeof KEY - 1);
+      s = at + sizeof KEY - 1;
+      continue;
+    }
     const char *semi = strchr(at, ';'), *open = semi ? memchr(at, '[', (size_t)(semi - at)) : NULL;
     if (!open) break;
     text_add(t, s, (size_t)(at - s));

@@ -156,6 +156,7 @@ static const char *const K_BASIC =
     "j];\n"
     "}\n"
     "extern \"C\" __global__ void dyn_reverse(const float *in, float *out) {\n"
+    "  // a comment naming extern __shared__ is left as it is\n"
     "  extern __shared__ float dyn[];\n"
     "  const unsigned n = blockDim.x, t = threadIdx.x;\n"
     "  dyn[t] = in[blockIdx.x * n + t];\n"
@@ -235,6 +236,13 @@ static const char *const K_ATOMICS =
 /* ---- indexing, barriers, shared memory -------------------------------------------- */
 
 static void test_indexing_3d(void) {
+  /* the name (in the cache key): the compiler's version, the flags, the shim's hash */
+  const cm_cuda_compiler *c = emu_compiler();
+  CHECK(c == emu_compiler() && !strcmp(c->image_suffix, "so"));
+  CHECK(!strncmp(c->name, "emulated ", 9) && strlen(c->name) > 40);
+  CHECK_STR_CONTAINS(c->name, " -std=c++17 -O1 ");
+  CHECK_STR_CONTAINS(c->name, " -DCMAEC_EMULATED");
+  CHECK_STR_CONTAINS(c->name, " shim ");
   emu_mod m;
   if (!mod_build(K_BASIC, &m)) return;
   CHECK(m.params("index3d") == 1 && m.params("block_sum") == 3 && m.params("transpose") == 3);
@@ -890,7 +898,14 @@ static void compile_variant(const char *path) {
     const cm_cubin *im = &b->modules[i].image;
     functions += im->n_kernels;
     module_ms += im->compile_ms;
+    /* the scanner found one function per stage, in order */
+    const cm_kernel *k = &cm_program_kernels(pr)->kernels[b->modules[i].kernel];
+    CHECK_MSG(im->n_kernels == k->n_stages, "%s: %d functions for %d stages", k->name,
+              im->n_kernels, k->n_stages);
     CHECK(im->n_kernels >= 1 && !strcmp(im->kernels[0].name, CM_CUDA_MODULE_KERNEL "_s0"));
+    char last[32];
+    snprintf(last, sizeof last, "%s_s%d", CM_CUDA_MODULE_KERNEL, k->n_stages - 1);
+    CHECK(!strcmp(im->kernels[im->n_kernels - 1].name, last));
   }
   if (b)
     fprintf(stderr,
