@@ -45,29 +45,23 @@ typedef struct emu_mod {
   cm_cubin image;
 } emu_mod;
 
-/* Compiles src through emu_compiler() and loads the image's shared object. */
-static bool mod_build(const char *src, emu_mod *m) {
-  memset(m, 0, sizeof *m);
-  const cm_cuda_compiler *c = emu_compiler();
-  cm_err err = {0};
-  cm_status st = c->compile(c->self, src, "test_module", "sm_90", &m->image, &err);
-  CHECK_MSG(st == CM_OK, "%s\n%.4000s", err.msg, m->image.log ? m->image.log : "");
-  if (st != CM_OK) return false;
+/* Loads a module image (header checked) through a temporary file. */
+static bool mod_load(const cm_cubin *image, emu_mod *m) {
   emu_image_header h;
-  CHECK(m->image.size > sizeof h);
-  if (m->image.size <= sizeof h) return false;
-  memcpy(&h, m->image.data, sizeof h);
+  CHECK(image->size > sizeof h);
+  if (image->size <= sizeof h) return false;
+  memcpy(&h, image->data, sizeof h);
   CHECK(!memcmp(h.magic, EMU_IMAGE_MAGIC, sizeof h.magic));
-  CHECK(h.so_bytes == m->image.size - sizeof h);
+  CHECK(h.so_bytes == image->size - sizeof h);
   char path[] = "/tmp/cmaec_emu_test_XXXXXX";
   int fd = mkstemp(path);
   CHECK(fd >= 0);
   if (fd < 0) return false;
-  bool wrote = write(fd, (char *)m->image.data + sizeof h, h.so_bytes) == (ssize_t)h.so_bytes;
+  bool wrote = write(fd, (char *)image->data + sizeof h, h.so_bytes) == (ssize_t)h.so_bytes;
   close(fd);
   CHECK(wrote);
   m->handle = wrote ? dlopen(path, RTLD_NOW | RTLD_LOCAL) : NULL;
-  CHECK_MSG(m->handle != NULL, "%s", dlerror());
+  CHECK_MSG(m->handle != NULL, "%s", wrote ? dlerror() : "not written");
   unlink(path);
   if (!m->handle) return false;
   void *p = dlsym(m->handle, EMU_MODULE_PARAMS_SYMBOL),
@@ -76,6 +70,16 @@ static bool mod_build(const char *src, emu_mod *m) {
   memcpy(&m->params, &p, sizeof p);
   memcpy(&m->launch, &l, sizeof l);
   return p && l;
+}
+
+/* Compiles src through emu_compiler() and loads the image's shared object. */
+static bool mod_build(const char *src, emu_mod *m) {
+  memset(m, 0, sizeof *m);
+  const cm_cuda_compiler *c = emu_compiler();
+  cm_err err = {0};
+  cm_status st = c->compile(c->self, src, "test_module", "sm_90", &m->image, &err);
+  CHECK_MSG(st == CM_OK, "%s\n%.4000s", err.msg, m->image.log ? m->image.log : "");
+  return st == CM_OK && mod_load(&m->image, m);
 }
 
 static void mod_free(emu_mod *m) {
@@ -864,6 +868,61 @@ static void test_real_gemms(void) {
   CHECK(f32 > 0 && bf16 > 0);
 }
 
+/* Every kernel of the program once, as a step launches them, each on buffers of
+ * its own (floats uniform in [-1, 1], integers zero: indices stay in bounds):
+ * what an emulated step costs. Returns the CPU seconds of the launches. */
+static double run_step(const cm_program *pr, const cm_cuda_build *b, const cm_target *t,
+                       const char **slowest, double *slowest_s) {
+  const cm_kprogram *kp = cm_program_kernels(pr);
+  const cm_graph *g = cm_program_graph(pr);
+  emu_mod *mods = calloc((size_t)b->n_modules, sizeof *mods);
+  bool loaded = mods != NULL;
+  for (int i = 0; loaded && i < b->n_modules; i++)
+    loaded = mod_load(&b->modules[i].image, &mods[i]);
+  double total = 0;
+  *slowest_s = 0;
+  test_rng rng = {17};
+  cm_cuda_render_opts ro = {t, false};
+  for (int ki = 0; loaded && ki < kp->n_kernels; ki++) {
+    const cm_kernel *k = &kp->kernels[ki];
+    void **bufs = calloc((size_t)k->n_buffers + 1, sizeof *bufs);
+    void **args = calloc((size_t)k->n_buffers + 1, sizeof *args);
+    cm_err err = {0};
+    for (int bi = 0; bi < k->n_buffers; bi++) {
+      const cm_kbuffer *kb = &k->buffers[bi];
+      bufs[bi] = kb->kind == CM_KBUF_CONST
+                     ? cm_kernel_const_data(g, kb, &err)
+                     : calloc((size_t)kb->numel + 1, cm_dtype_size(kb->dtype));
+      CHECK_MSG(bufs[bi] != NULL, "%s b%d: %s", k->name, bi, err.msg);
+      args[bi] = &bufs[bi];
+      if (kb->kind != CM_KBUF_CONST && bufs[bi] && kb->dtype == CM_F32)
+        for (int64_t x = 0; x < kb->numel; x++)
+          ((float *)bufs[bi])[x] = (float)test_uniform_in(&rng, -1, 1);
+    }
+    double t0 = cpu_s();
+    for (int st = 0; st < k->n_stages; st++) {
+      cm_cuda_launch l = cm_cuda_stage_launch(k, st, &ro);
+      char fn[32];
+      snprintf(fn, sizeof fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, st);
+      int rc = mods[b->module_of[ki]].launch(fn, l.grid, l.block, l.shared_bytes, args);
+      CHECK_MSG(rc == 0, "%s stage %d: CUresult %d", k->name, st, rc);
+    }
+    double dt = cpu_s() - t0;
+    total += dt;
+    if (dt > *slowest_s) {
+      *slowest_s = dt;
+      *slowest = k->name;
+    }
+    for (int bi = 0; bi < k->n_buffers; bi++) free(bufs[bi]);
+    free(bufs);
+    free(args);
+  }
+  for (int i = 0; mods && i < b->n_modules; i++)
+    if (mods[i].handle) dlclose(mods[i].handle);
+  free(mods);
+  return total;
+}
+
 /* Every distinct kernel of a tiny variant's training step (batch 2) built as the
  * CUDA backend builds them (cm_cuda_build_program, one module per distinct kernel)
  * by emu_compiler(): a missing intrinsic or a construct the shim lacks fails here. */
@@ -913,6 +972,13 @@ static void compile_variant(const char *path) {
             "module)\n",
             path, b->n_modules, functions, now_s() - t0, b->compile_ms / 1e3, b->threads,
             module_ms / 1e3 / b->n_modules);
+  if (b) {
+    const char *slowest = "";
+    double slowest_s = 0, step_s = run_step(pr, b, &t, &slowest, &slowest_s);
+    fprintf(stderr, "  %s: one step emulated in %.2f s of CPU (the slowest kernel %s: %.2f s)\n",
+            path, step_s, slowest, slowest_s);
+    CHECK(step_s > 0);
+  }
   cm_program_free(pr);
   cm_graph_free(step);
 }
