@@ -79,21 +79,6 @@ static cm_status resolve_threads(const cm_compile_opts *o, int *out, cm_err *err
   return CM_OK;
 }
 
-static const char *cache_dir_of(const cm_compile_opts *o, char *buf, size_t size) {
-  if (o && o->cache_dir) return *o->cache_dir ? o->cache_dir : NULL;
-  const char *e = getenv("CMAEC_CACHE_DIR");
-  if (e) return *e ? e : NULL;
-  const char *x = getenv("XDG_CACHE_HOME");
-  if (x && *x) {
-    snprintf(buf, size, "%s/cmaec", x);
-    return buf;
-  }
-  const char *h = getenv("HOME");
-  if (!h || !*h) return NULL;
-  snprintf(buf, size, "%s/.cache/cmaec", h);
-  return buf;
-}
-
 static void cpu_free(cm_program *p) {
   cpu_state *pr = cm_program_impl(p);
   if (!pr) return;
@@ -156,7 +141,7 @@ static cm_status cpu_compile(cm_program *p, const cm_compile_opts *opts, cm_prog
   if (opts->render_only && opts->compile_only) return CM_OK; /* cpu_emit renders on demand */
   char cbuf[4096];
   cm_jit_opts jo = {0};
-  jo.cache_dir = cache_dir_of(opts, cbuf, sizeof cbuf);
+  jo.cache_dir = cm_cache_dir(opts->cache_dir, cbuf, sizeof cbuf);
   jo.opt_level = opts->opt_level > 0 ? opts->opt_level : 3;
   jo.vector_width = pr->W == 16 ? 512 : 0;
   jo.cpu = target->cpu.forced ? target->cpu.cpu : NULL;

@@ -158,15 +158,20 @@ typedef struct cm_cuda_module {
 typedef struct cm_cuda_build {
   int n_modules;
   cm_cuda_module *modules;
-  int *module_of; /* per kernel of the program: its module */
-  int cache_hits, cache_misses, cache_write_failures;
+  int *module_of;               /* per kernel of the program: its module */
+  int cache_hits, cache_misses; /* misses: modules compiled (every one when there is no cache) */
+  int cache_rejected;           /* misses whose file failed a check (then overwritten) */
+  int cache_write_failures;     /* compiled modules that could not be stored */
   double render_ms, compile_ms; /* wall times: rendering every kernel; compiling or loading */
   int threads;                  /* compile threads used */
   int64_t image_bytes;
 } cm_cuda_build;
 /* Builds every kernel of kp for target t (a CUDA target) with compiler c. cache_dir:
  * the cache's root ("cuda" under it holds the images; NULL or "": no cache); threads
- * 0: every core. Errors name the kernel and the compiler's first error line. */
+ * 0: every core (modules are rendered serially, then loaded or compiled in parallel,
+ * largest first). Errors name the kernel and the compiler's first error line (of the
+ * first failing module in module order). A cache that cannot be read or written is
+ * not an error: the modules are compiled (cache_write_failures counts them). */
 cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool no_templates,
                                 const cm_cuda_compiler *c, const char *cache_dir, int threads,
                                 cm_cuda_build *out, cm_err *err);
