@@ -106,19 +106,20 @@ static cm_status build(const small_program *sp, const cm_cuda_compiler *c, const
 /* ---- the fake compiler: the image is the source's bytes ---- */
 
 static atomic_int fake_compiles;
-static pthread_t fake_threads[8];
-static atomic_int fake_n_threads;
+static pthread_mutex_t fake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_t fake_threads[8]; /* the distinct threads that compiled (under fake_lock) */
+static int fake_n_threads;
 
 static cm_status fake_compile(void *self, const char *source, const char *name, const char *arch,
                               cm_cubin *out, cm_err *err) {
   (void)self, (void)name, (void)arch, (void)err;
   memset(out, 0, sizeof *out);
   atomic_fetch_add(&fake_compiles, 1);
-  pthread_t me = pthread_self();
+  pthread_mutex_lock(&fake_lock);
   bool seen = false;
-  int n = atomic_load(&fake_n_threads);
-  for (int i = 0; i < n && i < 8; i++) seen |= pthread_equal(fake_threads[i], me) != 0;
-  if (!seen && n < 8) fake_threads[atomic_fetch_add(&fake_n_threads, 1) % 8] = me;
+  for (int i = 0; i < fake_n_threads; i++) seen |= pthread_equal(fake_threads[i], pthread_self());
+  if (!seen && fake_n_threads < 8) fake_threads[fake_n_threads++] = pthread_self();
+  pthread_mutex_unlock(&fake_lock);
   usleep(20000); /* long enough for the other thread to take the next module */
   out->size = strlen(source);
   out->data = malloc(out->size);
@@ -138,11 +139,11 @@ static void test_fake_cache_and_threads(void) {
   cm_err err = {0};
   cm_cuda_build cold, warm, one;
   atomic_store(&fake_compiles, 0);
-  atomic_store(&fake_n_threads, 0);
+  fake_n_threads = 0;
   CHECK_MSG(build(&sp, &fake_compiler, root, 2, &cold, &err) == CM_OK, "%s", err.msg);
   /* the two layers share a module; every module compiled once, on both threads */
   CHECK(cold.n_modules >= 2 && cold.n_modules < sp.kp.n_kernels);
-  CHECK(cold.threads == 2 && atomic_load(&fake_n_threads) == 2);
+  CHECK(cold.threads == 2 && fake_n_threads == 2);
   CHECK(cold.cache_misses == cold.n_modules && cold.cache_hits == 0);
   CHECK(atomic_load(&fake_compiles) == cold.n_modules);
   CHECK(cold.cache_write_failures == 0 && cold.cache_rejected == 0);
