@@ -20,7 +20,9 @@
  *   - stream capture records launches, device copies, memsets and event records
  *     into a graph; a host copy, a synchronize of the capturing stream or a wait
  *     on an event recorded outside the capture is CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
- *     and invalidates the capture.
+ *     and invalidates the capture; so is an allocation or a free while a capture
+ *     of mode global (from any thread) or thread-local (from its thread) runs.
+ *     Captures do not span streams: no event-based fork and join.
  * One mutex guards the whole state; kernels run under it, on the thread that waits. */
 #define _GNU_SOURCE
 #include "tests/emu/emu.h"
@@ -131,7 +133,9 @@ typedef struct emu_stream {
   emu_op *head, *tail;
   long done_id; /* the id of the last op run (ops run in id order) */
   emu_capture capture;
-  emu_graph *graph; /* while capturing */
+  int capture_mode;         /* CUstreamCaptureMode: 0 global, 1 thread-local, 2 relaxed */
+  pthread_t capture_thread; /* the thread that began the capture */
+  emu_graph *graph;         /* while capturing */
 } emu_stream;
 
 typedef struct emu_event {
@@ -362,6 +366,21 @@ static void capture_invalidate(emu_stream *s) {
   s->capture = CAPTURE_INVALIDATED;
   ops_free(s->graph->head);
   s->graph->head = s->graph->tail = NULL;
+}
+
+/* Whether the calling thread may not make "potentially unsafe" calls (memory
+ * allocation and release) because of a capture under way, as cuStreamBeginCapture's
+ * mode says; such a call invalidates those captures. */
+static bool unsafe_call_in_capture(void) {
+  bool refused = false;
+  for (emu_stream *s = context.streams; s; s = s->next)
+    if (s->capture == CAPTURE_ACTIVE &&
+        (s->capture_mode == 0 ||
+         (s->capture_mode == 1 && pthread_equal(s->capture_thread, pthread_self())))) {
+      capture_invalidate(s);
+      refused = true;
+    }
+  return refused;
 }
 
 /* Puts op at the end of s's queue, or of its capture. Takes op (frees it on error). */
@@ -642,6 +661,7 @@ static int emu_mem_get_info(size_t *free_bytes, size_t *total_bytes) {
 static int mem_alloc(cm_cu_ptr *ptr, size_t bytes) {
   int rc = need_context();
   if (rc) return rc;
+  if (unsafe_call_in_capture()) return EMU_CAPTURE_UNSUPPORTED;
   if (bytes == 0) return EMU_INVALID_VALUE;
   if (bytes > EMU_TOTAL_BYTES - context.device_bytes) return EMU_OUT_OF_MEMORY;
   void *p = NULL;
@@ -666,6 +686,7 @@ static int emu_mem_alloc(cm_cu_ptr *ptr, size_t bytes) {
 static int mem_free(cm_cu_ptr ptr) {
   int rc = need_context();
   if (rc) return rc;
+  if (unsafe_call_in_capture()) return EMU_CAPTURE_UNSUPPORTED;
   long i = table_find_base(&context.device, (uintptr_t)ptr);
   if (i < 0) return EMU_INVALID_VALUE;
   rc = run_all();
@@ -682,6 +703,7 @@ static int emu_mem_free(cm_cu_ptr ptr) {
 static int mem_alloc_host(void **ptr, size_t bytes) {
   int rc = need_context();
   if (rc) return rc;
+  if (unsafe_call_in_capture()) return EMU_CAPTURE_UNSUPPORTED;
   if (bytes == 0) return EMU_INVALID_VALUE;
   void *p = NULL;
   if (posix_memalign(&p, EMU_ALIGN, bytes) != 0) return EMU_OUT_OF_MEMORY;
@@ -701,6 +723,7 @@ static int emu_mem_alloc_host(void **ptr, size_t bytes) {
 static int mem_free_host(void *ptr) {
   int rc = need_context();
   if (rc) return rc;
+  if (unsafe_call_in_capture()) return EMU_CAPTURE_UNSUPPORTED;
   long i = table_find_base(&context.host, (uintptr_t)ptr);
   if (i < 0) return EMU_INVALID_VALUE;
   rc = run_all();
@@ -879,7 +902,12 @@ static int event_synchronize(void *event) {
   if (rc) return rc;
   emu_event *e = find_event(event);
   if (!e) return EMU_INVALID_HANDLE;
-  if (!e->record_stream || e->captured_in) return EMU_SUCCESS;
+  if (e->captured_in) { /* the record is part of a capture under way */
+    for (emu_stream *s = context.streams; s; s = s->next)
+      if (s->graph == e->captured_in) capture_invalidate(s);
+    return EMU_CAPTURE_UNSUPPORTED;
+  }
+  if (!e->record_stream) return EMU_SUCCESS;
   return run_stream(e->record_stream, e->record_id);
 }
 
@@ -1087,6 +1115,8 @@ static int stream_begin_capture(void *stream, int mode) {
   s->graph = calloc(1, sizeof *s->graph);
   if (!s->graph) return EMU_OUT_OF_MEMORY;
   s->capture = CAPTURE_ACTIVE;
+  s->capture_mode = mode;
+  s->capture_thread = pthread_self();
   return EMU_SUCCESS;
 }
 
@@ -1100,6 +1130,10 @@ static int stream_end_capture(void *stream, void **graph) {
   emu_stream *s = find_stream(stream);
   if (!s) return EMU_INVALID_HANDLE;
   if (s->capture == CAPTURE_NONE) return EMU_ILLEGAL_STATE;
+  if (s->capture_mode != 2 && !pthread_equal(s->capture_thread, pthread_self())) {
+    capture_invalidate(s);
+    return EMU_CAPTURE_WRONG_THREAD;
+  }
   emu_graph *g = s->graph;
   bool invalidated = s->capture == CAPTURE_INVALIDATED;
   s->graph = NULL;
@@ -1158,6 +1192,8 @@ static int graph_launch(void *exec, void *stream) {
   emu_graph *x = find_graph(exec, true);
   emu_stream *s = find_stream(stream);
   if (!x || !s) return EMU_INVALID_HANDLE;
+  for (emu_op *op = x->head; op; op = op->next) /* a module unloaded since the capture */
+    if (op->kind == OP_LAUNCH && !find_function(op->function)) return EMU_INVALID_HANDLE;
   for (emu_op *op = x->head; op && !rc; op = op->next) {
     emu_op *copy = op_clone(op);
     rc = copy ? enqueue(s, copy) : EMU_OUT_OF_MEMORY;

@@ -439,13 +439,38 @@ static void test_graph_replay(void) {
   CHECK(eager[0] == ((((-8 + 1) * 2 + 1 + 1) * 2 + 1 + 1) * 2 + 1));
   CHECK_RC(d->graph_exec_destroy(exec), 0);
   CHECK_RC(d->graph_launch(exec, s), 400);
+  /* a replay whose module was unloaded since the capture */
+  CHECK_RC(d->stream_begin_capture(s, CM_CU_CAPTURE_MODE_THREAD_LOCAL), 0);
+  step(add, scale, b, cb, N, s);
+  CHECK_RC(d->stream_end_capture(s, &graph), 0);
+  CHECK_RC(d->graph_instantiate(&exec, graph, 0), 0);
+  CHECK_RC(d->module_unload(m), 0);
+  CHECK_RC(d->graph_launch(exec, s), 400);
   CHECK_RC(d->stream_destroy(s), 0);
   close_context();
 }
 
+/* A second thread during a capture: allocates, or ends the capture. */
+typedef struct capture_peer {
+  void *ctx, *stream;
+  bool end;
+  int alloc_rc, end_rc;
+} capture_peer;
+
+static void *capture_peer_work(void *arg) {
+  capture_peer *peer = arg;
+  peer->alloc_rc = d->ctx_set_current(peer->ctx);
+  cm_cu_ptr p = 0;
+  if (!peer->alloc_rc) peer->alloc_rc = d->mem_alloc(&p, 16);
+  if (!peer->alloc_rc) peer->alloc_rc = d->mem_free(p);
+  void *graph = NULL;
+  if (peer->end) peer->end_rc = d->stream_end_capture(peer->stream, &graph);
+  return NULL;
+}
+
 /* What the real driver refuses inside a capture, and the capture it invalidates. */
 static void test_capture_invalidated(void) {
-  open_context();
+  void *ctx = open_context();
   void *m = load_module();
   void *add = function(m, "add_one");
   void *s = NULL, *graph = NULL;
@@ -470,6 +495,31 @@ static void test_capture_invalidated(void) {
   /* a context synchronize while a stream captures */
   CHECK_RC(d->stream_begin_capture(s, CM_CU_CAPTURE_MODE_THREAD_LOCAL), 0);
   CHECK_RC(d->ctx_synchronize(), 900);
+  CHECK_RC(d->stream_end_capture(s, &graph), 901);
+  /* an allocation by the capturing thread (thread-local mode); another thread may allocate */
+  CHECK_RC(d->stream_begin_capture(s, CM_CU_CAPTURE_MODE_THREAD_LOCAL), 0);
+  capture_peer peer = {.ctx = ctx, .stream = s};
+  pthread_t t;
+  CHECK(pthread_create(&t, NULL, capture_peer_work, &peer) == 0);
+  pthread_join(t, NULL);
+  CHECK_RC(peer.alloc_rc, 0);
+  CHECK_RC(launch_xn(add, p, 4, s), 0); /* the peer's allocation left the capture alone */
+  cm_cu_ptr q = 0;
+  CHECK_RC(d->mem_alloc(&q, 16), 900);
+  CHECK_RC(d->stream_end_capture(s, &graph), 901);
+  /* an event recorded in the capture, synchronized */
+  void *e = NULL;
+  CHECK_RC(d->event_create(&e, 0), 0);
+  CHECK_RC(d->stream_begin_capture(s, CM_CU_CAPTURE_MODE_THREAD_LOCAL), 0);
+  CHECK_RC(d->event_record(e, s), 0);
+  CHECK_RC(d->event_synchronize(e), 900);
+  CHECK_RC(d->stream_end_capture(s, &graph), 901);
+  /* a capture ended by another thread */
+  CHECK_RC(d->stream_begin_capture(s, CM_CU_CAPTURE_MODE_THREAD_LOCAL), 0);
+  peer.end = true;
+  CHECK(pthread_create(&t, NULL, capture_peer_work, &peer) == 0);
+  pthread_join(t, NULL);
+  CHECK_RC(peer.end_rc, 905);
   CHECK_RC(d->stream_end_capture(s, &graph), 901);
   /* the stream works as before once the capture ended */
   CHECK_RC(d->memcpy_htod_async(p, host, sizeof host, s), 0);
