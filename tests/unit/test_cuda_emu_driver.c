@@ -8,19 +8,35 @@
 #include "tests/test.h"
 
 #include <pthread.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TEST_ASAN 1
+#endif
+#endif
+#ifdef TEST_ASAN
+/* the module instrumented too, so that a kernel's stores are checked */
+#define MODULE_FLAGS "-O1 -shared -fPIC -fsanitize=address -fno-omit-frame-pointer"
+#else
+#define MODULE_FLAGS "-O1 -shared -fPIC"
+#endif
 
 static const cm_cuda_driver *d;
 
 /* The test module: add_one(x, n) adds 1 to x[0..n), scale2(x, n) doubles them (one element
  * per thread of the grid), store_config(x) writes the shared bytes and the thread count,
- * fail() fails. */
+ * fail() fails, write_past(x, n) stores x[n]. */
 static const char *MODULE_SOURCE =
     "#include <cstdint>\n"
     "#include <cstring>\n"
     "extern \"C\" int cm_emu_params(const char *name) {\n"
     "  if (!strcmp(name, \"add_one\") || !strcmp(name, \"scale2\")) return 2;\n"
     "  if (!strcmp(name, \"store_config\")) return 1;\n"
+    "  if (!strcmp(name, \"write_past\")) return 2;\n"
     "  if (!strcmp(name, \"fail\")) return 0;\n"
     "  return -1;\n"
     "}\n"
@@ -41,6 +57,11 @@ static const char *MODULE_SOURCE =
     "    return 0;\n"
     "  }\n"
     "  if (!strcmp(name, \"fail\")) return 1;\n"
+    "  if (!strcmp(name, \"write_past\")) {\n"
+    "    float *x = *(float **)params[0];\n"
+    "    x[*(uint64_t *)params[1]] = 1;\n"
+    "    return 0;\n"
+    "  }\n"
     "  return 500;\n"
     "}\n";
 
@@ -60,7 +81,7 @@ static unsigned char *build_image(void) {
   fputs(MODULE_SOURCE, f);
   fclose(f);
   const char *cxx = getenv("CMAEC_EMU_CXX");
-  snprintf(cmd, sizeof cmd, "%s -O1 -shared -fPIC -o %s %s", cxx && *cxx ? cxx : "c++", so, src);
+  snprintf(cmd, sizeof cmd, "%s " MODULE_FLAGS " -o %s %s", cxx && *cxx ? cxx : "c++", so, src);
   CHECK_MSG(system(cmd) == 0, "%s", cmd);
   f = fopen(so, "rb");
   CHECK(f != NULL);
@@ -602,7 +623,47 @@ static void test_threads(void) {
   image = NULL;
 }
 
+#ifdef TEST_ASAN
+/* Device memory is exactly the bytes asked: AddressSanitizer stops a kernel that stores one
+ * float past its buffer (in a child process, which the report ends). */
+static void test_asan_sees_overrun(void) {
+  CHECK(build_image() != NULL);
+  int pipe_fd[2];
+  CHECK(pipe(pipe_fd) == 0);
+  fflush(stderr);
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(pipe_fd[1], 2);
+    open_context();
+    void *m = load_module();
+    void *f = function(m, "write_past");
+    cm_cu_ptr p = 0;
+    int rc = d->mem_alloc(&p, 10 * sizeof(float));
+    if (!rc) rc = launch_xn(f, p, 10, NULL);
+    if (!rc) rc = d->stream_synchronize(NULL);
+    _exit(rc == 0 ? 0 : 3); /* reached only when nothing saw the store */
+  }
+  close(pipe_fd[1]);
+  char report[65536];
+  size_t got = 0;
+  ssize_t n;
+  while (got < sizeof report - 1 &&
+         (n = read(pipe_fd[0], report + got, sizeof report - 1 - got)) > 0)
+    got += (size_t)n;
+  report[got] = 0;
+  close(pipe_fd[0]);
+  int status = 0;
+  CHECK(waitpid(pid, &status, 0) == pid);
+  CHECK_MSG(!WIFEXITED(status) || WEXITSTATUS(status) != 0, "the overrun went unseen");
+  CHECK_STR_CONTAINS(report, "heap-buffer-overflow");
+}
+#define TEST_ASAN_CASES , TEST(test_asan_sees_overrun)
+#else
+#define TEST_ASAN_CASES
+#endif
+
 TEST_MAIN(TEST(test_init_and_context), TEST(test_device), TEST(test_memory), TEST(test_deferred),
           TEST(test_queue_order), TEST(test_cross_stream_wait), TEST(test_event_timing),
           TEST(test_launch_checks), TEST(test_launch_failure), TEST(test_graph_replay),
-          TEST(test_capture_invalidated), TEST(test_module_images), TEST(test_threads))
+          TEST(test_capture_invalidated), TEST(test_module_images),
+          TEST(test_threads) TEST_ASAN_CASES)
