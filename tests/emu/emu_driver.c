@@ -320,7 +320,10 @@ static int run_launch(const emu_op *op) {
   const emu_function *f = op->function;
   int rc = f->module->launch(f->name, op->grid, op->block, op->shared, argv);
   counters.launches++;
-  return rc == 0 ? EMU_SUCCESS : EMU_LAUNCH_FAILED;
+  /* an illegal address the module saw stays what it is; any other failure is the
+   * driver's unspecified launch failure */
+  if (rc == EMU_SUCCESS || rc == EMU_ILLEGAL_ADDRESS) return rc;
+  return EMU_LAUNCH_FAILED;
 }
 
 /* Runs s's queue in order up to the op until_id (inclusive); waits run the
@@ -404,8 +407,8 @@ static int enqueue(emu_stream *s, emu_op *op) {
   return EMU_SUCCESS;
 }
 
-/* Enqueues a copy or memset after checking the device ends against the allocation
- * table. A host end (dst or src NULL in device_dst/device_src) is the caller's. */
+/* Enqueues a copy or memset after checking its device ends against the allocation
+ * table; a host end (dst_device or src_device false) is the caller's memory, unchecked. */
 static int enqueue_copy(emu_op_kind kind, void *dst, bool dst_device, const void *src,
                         bool src_device, size_t bytes, unsigned char value, void *stream) {
   int rc = need_context();
