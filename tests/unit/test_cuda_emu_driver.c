@@ -29,7 +29,7 @@ static const cm_cuda_driver *d;
 
 /* The test module: add_one(x, n) adds 1 to x[0..n), scale2(x, n) doubles them (one element
  * per thread of the grid), store_config(x) writes the shared bytes and the thread count,
- * fail() fails, write_past(x, n) stores x[n]. */
+ * fail(code) returns code, write_past(x, n) stores x[n]. */
 static const char *MODULE_SOURCE =
     "#include <cstdint>\n"
     "#include <cstring>\n"
@@ -37,7 +37,7 @@ static const char *MODULE_SOURCE =
     "  if (!strcmp(name, \"add_one\") || !strcmp(name, \"scale2\")) return 2;\n"
     "  if (!strcmp(name, \"store_config\")) return 1;\n"
     "  if (!strcmp(name, \"write_past\")) return 2;\n"
-    "  if (!strcmp(name, \"fail\")) return 0;\n"
+    "  if (!strcmp(name, \"fail\")) return 1;\n"
     "  return -1;\n"
     "}\n"
     "extern \"C\" int cm_emu_launch(const char *name, const unsigned grid[3],\n"
@@ -56,7 +56,7 @@ static const char *MODULE_SOURCE =
     "    x[1] = (float)threads;\n"
     "    return 0;\n"
     "  }\n"
-    "  if (!strcmp(name, \"fail\")) return 1;\n"
+    "  if (!strcmp(name, \"fail\")) return (int)*(uint64_t *)params[0];\n"
     "  if (!strcmp(name, \"write_past\")) {\n"
     "    float *x = *(float **)params[0];\n"
     "    x[*(uint64_t *)params[1]] = 1;\n"
@@ -399,14 +399,23 @@ static void test_launch_failure(void) {
   void *fail = function(m, "fail");
   cm_cu_ptr p = 0;
   CHECK_RC(d->mem_alloc(&p, 16), 0);
-  CHECK_RC(d->launch_kernel(fail, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, NULL), 0);
+  uint64_t code = 1; /* the module's CUDA_ERROR_INVALID_VALUE */
+  void *params[] = {&code};
+  CHECK_RC(d->launch_kernel(fail, 1, 1, 1, 1, 1, 1, 0, NULL, params, NULL), 0);
   CHECK_RC(d->stream_synchronize(NULL), 719);
   CHECK_RC(d->memset_d8_async(p, 0, 16, NULL), 719);
   CHECK_RC(d->ctx_synchronize(), 719);
   close_context();
   open_context(); /* a new context: the error went with the old one */
+  m = load_module();
+  fail = function(m, "fail");
   CHECK_RC(d->mem_alloc(&p, 16), 0);
-  CHECK_RC(d->mem_free(p), 0);
+  code = 700; /* an illegal address stays one */
+  CHECK_RC(d->launch_kernel(fail, 1, 1, 1, 1, 1, 1, 0, NULL, params, NULL), 0);
+  code = 0;
+  CHECK_RC(d->launch_kernel(fail, 1, 1, 1, 1, 1, 1, 0, NULL, params, NULL), 0);
+  CHECK_RC(d->ctx_synchronize(), 700);
+  CHECK_RC(d->mem_free(p), 700);
   close_context();
 }
 
