@@ -18,11 +18,13 @@
  *   - a failing kernel makes the context's error sticky (CUDA_ERROR_LAUNCH_FAILED
  *     from then on, until the primary context is released for the last time);
  *   - stream capture records launches, device copies, memsets and event records
- *     into a graph; a host copy, a synchronize of the capturing stream or a wait
- *     on an event recorded outside the capture is CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
- *     and invalidates the capture; so is an allocation or a free while a capture
- *     of mode global (from any thread) or thread-local (from its thread) runs.
- *     Captures do not span streams: no event-based fork and join.
+ *     into a graph; a host copy, a synchronize of the capturing stream, an
+ *     allocation or a free while a capture of mode global (from any thread) or
+ *     thread-local (from its thread) runs is CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+ *     and invalidates the capture, as do a wait on an event recorded outside it
+ *     (CUDA_ERROR_STREAM_CAPTURE_ISOLATION: captures do not span streams here, no
+ *     fork and join) and a synchronize of an event recorded inside it
+ *     (CUDA_ERROR_CAPTURED_EVENT).
  * One mutex guards the whole state; kernels run under it, on the thread that waits. */
 #define _GNU_SOURCE
 #include "tests/emu/emu.h"
@@ -54,7 +56,9 @@ enum {
   EMU_LAUNCH_FAILED = 719,
   EMU_CAPTURE_UNSUPPORTED = 900,
   EMU_CAPTURE_INVALIDATED = 901,
-  EMU_CAPTURE_WRONG_THREAD = 905,
+  EMU_CAPTURE_ISOLATION = 905,
+  EMU_CAPTURED_EVENT = 907,
+  EMU_CAPTURE_WRONG_THREAD = 908,
 };
 
 /* The emulated device's figures. */
@@ -833,7 +837,7 @@ static int stream_wait_event(void *stream, void *event, unsigned flags) {
   if (s->capture == CAPTURE_ACTIVE) {
     if (e->captured_in == s->graph) return EMU_SUCCESS; /* the stream's own order */
     capture_invalidate(s);
-    return EMU_CAPTURE_UNSUPPORTED;
+    return EMU_CAPTURE_ISOLATION; /* work outside the capture: no fork and join here */
   }
   if (!e->record_stream || e->captured_in) return EMU_SUCCESS;
   emu_op *op = op_new(OP_WAIT, 0);
@@ -908,7 +912,7 @@ static int event_synchronize(void *event) {
   if (e->captured_in) { /* the record is part of a capture under way */
     for (emu_stream *s = context.streams; s; s = s->next)
       if (s->graph == e->captured_in) capture_invalidate(s);
-    return EMU_CAPTURE_UNSUPPORTED;
+    return EMU_CAPTURED_EVENT;
   }
   if (!e->record_stream) return EMU_SUCCESS;
   return run_stream(e->record_stream, e->record_id);
@@ -1269,6 +1273,12 @@ static const struct {
     {903, "CUDA_ERROR_STREAM_CAPTURE_UNMATCHED",
      "capture was not ended in the same stream as it began"},
     {904, "CUDA_ERROR_STREAM_CAPTURE_UNJOINED", "capturing stream has unjoined work"},
+    {EMU_CAPTURE_ISOLATION, "CUDA_ERROR_STREAM_CAPTURE_ISOLATION",
+     "dependency created on uncaptured work in another stream"},
+    {906, "CUDA_ERROR_STREAM_CAPTURE_IMPLICIT",
+     "operation would make the legacy stream depend on a capturing blocking stream"},
+    {EMU_CAPTURED_EVENT, "CUDA_ERROR_CAPTURED_EVENT",
+     "operation not permitted on an event last recorded in a capturing stream"},
     {EMU_CAPTURE_WRONG_THREAD, "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD",
      "attempt to terminate a thread-local capture sequence from another thread"},
     {999, "CUDA_ERROR_UNKNOWN", "unknown error"},

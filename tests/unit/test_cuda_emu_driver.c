@@ -542,14 +542,26 @@ static void test_capture_invalidated(void) {
   CHECK_RC(d->event_create(&e, 0), 0);
   CHECK_RC(d->stream_begin_capture(s, CM_CU_CAPTURE_MODE_THREAD_LOCAL), 0);
   CHECK_RC(d->event_record(e, s), 0);
-  CHECK_RC(d->event_synchronize(e), 900);
+  CHECK_RC(d->event_synchronize(e), 907);
   CHECK_RC(d->stream_end_capture(s, &graph), 901);
+  /* a wait on work outside the capture */
+  CHECK_RC(d->event_record(e, NULL), 0);
+  CHECK_RC(d->stream_begin_capture(s, CM_CU_CAPTURE_MODE_THREAD_LOCAL), 0);
+  CHECK_RC(d->stream_wait_event(s, e, 0), 905);
+  CHECK_RC(d->stream_end_capture(s, &graph), 901);
+  /* a wait on a record of the same capture is the stream's own order */
+  CHECK_RC(d->stream_begin_capture(s, CM_CU_CAPTURE_MODE_THREAD_LOCAL), 0);
+  CHECK_RC(d->event_record(e, s), 0);
+  CHECK_RC(d->stream_wait_event(s, e, 0), 0);
+  CHECK_RC(d->stream_end_capture(s, &graph), 0);
+  CHECK(graph != NULL);
+  CHECK_RC(d->graph_destroy(graph), 0);
   /* a capture ended by another thread */
   CHECK_RC(d->stream_begin_capture(s, CM_CU_CAPTURE_MODE_THREAD_LOCAL), 0);
   peer.end = true;
   CHECK(pthread_create(&t, NULL, capture_peer_work, &peer) == 0);
   pthread_join(t, NULL);
-  CHECK_RC(peer.end_rc, 905);
+  CHECK_RC(peer.end_rc, 908);
   CHECK_RC(d->stream_end_capture(s, &graph), 901);
   /* the stream works as before once the capture ended */
   CHECK_RC(d->memcpy_htod_async(p, host, sizeof host, s), 0);
