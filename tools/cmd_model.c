@@ -849,8 +849,9 @@ static int compile_emit_cuda(const compile_args *a, const cm_program *pr,
                                                          build->modules[slowest].image.compile_ms))
       slowest = m;
   if (slowest >= 0)
-    printf("; slowest module: %s, %.0f ms", kp->kernels[build->modules[slowest].kernel].name,
-           build->modules[slowest].image.compile_ms);
+    printf("; slowest module: %s stages %d..%d, %.0f ms",
+           kp->kernels[build->modules[slowest].kernel].name, build->modules[slowest].stage_begin,
+           build->modules[slowest].stage_end - 1, build->modules[slowest].image.compile_ms);
   if (build->cache_rejected) printf(", %d damaged or stale files replaced", build->cache_rejected);
   if (build->cache_write_failures)
     printf(", %d modules could not be stored", build->cache_write_failures);
