@@ -1,8 +1,8 @@
 /* runtime/cuda_build.c — a program's kernels built for a CUDA target: each
  * distinct kernel rendered under one name (CM_CUDA_MODULE_KERNEL) with the
- * prelude and compiled as its own module by a cm_cuda_compiler (NVRTC, or the
- * emulated device's host compiler), on several threads, through an on-disk
- * cache of module images.
+ * prelude and compiled as its own module (a very large one split into parts
+ * at its stages) by a cm_cuda_compiler (NVRTC, or the emulated device's host
+ * compiler), on several threads, through an on-disk cache of module images.
  *
  * The cache: <root>/cuda/<key>.<image_suffix>, key = 128 bits of hash (hex) of
  * the key material (a format tag, the compiler's name, its options, the arch
