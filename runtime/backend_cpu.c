@@ -5,6 +5,7 @@
  * Threads: opts->threads, else $CMAEC_THREADS, else omp_get_max_threads(). */
 #include "runtime.h"
 
+#if CMAEC_HAVE_LLVM
 #include <llvm-c/Core.h>
 #include <math.h>
 #include <stdlib.h>
@@ -475,3 +476,33 @@ const cm_backend cm_backend_cpu = {
     .emit = cpu_emit,
     .free = cpu_free,
 };
+
+bool cm_have_cpu_backend(void) {
+  return true;
+}
+
+#else /* !CMAEC_HAVE_LLVM */
+
+/* This build has no LLVM: the table exists so that every caller gets the same clean refusal,
+ * at compile time, naming the build. */
+static cm_status cpu_unavailable(cm_program *pr, const cm_compile_opts *opts,
+                                 cm_program_stats *stats, cm_err *err) {
+  return cm_errorf(err, CM_EINVALID, "%s", CM_NO_CPU_BACKEND_MESSAGE);
+}
+static const void *cpu_no_buffer(const cm_program *pr, int k, int b) {
+  return NULL;
+}
+static void cpu_nothing_to_free(cm_program *pr) {}
+
+const cm_backend cm_backend_cpu = {
+    .name = "cpu",
+    .compile = cpu_unavailable,
+    .buffer = cpu_no_buffer,
+    .free = cpu_nothing_to_free,
+};
+
+bool cm_have_cpu_backend(void) {
+  return false;
+}
+
+#endif /* CMAEC_HAVE_LLVM */

@@ -407,7 +407,13 @@ struct cm_backend {
    * failed compile or alloc_arena. Required. */
   void (*free)(cm_program *pr);
 };
-extern const cm_backend cm_backend_cpu;  /* runtime/backend_cpu.c: LLVM JIT, OpenMP */
+extern const cm_backend cm_backend_cpu; /* runtime/backend_cpu.c: LLVM JIT, OpenMP */
+/* False in a build without LLVM (-DCMAEC_LLVM=OFF): cm_backend_cpu's compile then fails with
+ * CM_NO_CPU_BACKEND_MESSAGE; --backend auto picks cuda or ref there. */
+bool cm_have_cpu_backend(void);
+#define CM_NO_CPU_BACKEND_MESSAGE                                                                  \
+  "this cmaec was built without LLVM (-DCMAEC_LLVM=OFF): the cpu backend is unavailable; use "     \
+  "--backend cuda or ref"
 extern const cm_backend cm_backend_cuda; /* runtime/backend_cuda.c: CUDA C through a
                                             cm_cuda_compiler, run through a cm_cuda_driver */
 /* The modules of a program compiled by cm_backend_cuda (not render_only), with

@@ -7,7 +7,6 @@
 #include "../passes/passes.h"
 
 #include <errno.h>
-#include <llvm-c/Core.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -781,6 +780,10 @@ static int compile_program(const compile_args *a, cm_graph *g, cm_plan *plan, co
 
 /* --emit llvm: LLVM IR as rendered, after O3, and assembly. */
 static int compile_emit_llvm(const compile_args *a, const cm_program *pr) {
+#if !CMAEC_HAVE_LLVM
+  fprintf(stderr, "cmaec compile: --emit llvm: %s\n", CM_NO_CPU_BACKEND_MESSAGE);
+  return EXIT_INVALID;
+#else
   cm_err err = {0};
   cm_jit *jit = NULL;
   cm_jit_opts jo = {NULL, 3, NULL, NULL, 512, true}; /* $CMAEC_CPU may name any CPU */
@@ -795,6 +798,7 @@ static int compile_emit_llvm(const compile_args *a, const cm_program *pr) {
            cm_jit_target_description(jit), 1e3 * (now_seconds() - t0));
   cm_jit_destroy(jit);
   return rc;
+#endif
 }
 
 /* --emit cuda: the CUDA C, and DIR/cubin.ARCH/KERNEL.cubin for each distinct kernel (the
