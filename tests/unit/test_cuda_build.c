@@ -415,7 +415,7 @@ static void test_nvrtc_compile_error(void) {
   cm_cuda_build b, probe;
   CHECK_MSG(build(&sp, &fake_compiler, NULL, 1, &probe, &err) == CM_OK, "%s", err.msg);
   int last = probe.n_modules - 1;
-  if (last >= 1) { /* the later module in module order is the larger one's sibling */
+  if (last >= 1) { /* break the last two modules: the error must name the earlier one */
     broken_kernels[0] = sp.kp.kernels[probe.modules[last].kernel].name;
     broken_kernels[1] = sp.kp.kernels[probe.modules[last - 1].kernel].name;
   }
