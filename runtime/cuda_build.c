@@ -687,6 +687,7 @@ cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool 
   double t0 = now_ms();
   st = render_and_dedup(kp, t, no_templates, src, distinct_of, first, &n_distinct, err);
   if (st == CM_OK) st = make_modules(kp, src, distinct_of, first, n_distinct, out, &msrc, err);
+  out->n_distinct = n_distinct;
   out->render_ms = now_ms() - t0;
   if (st != CM_OK) goto done;
   int nm = out->n_modules;

@@ -172,6 +172,7 @@ typedef struct cm_cuda_build {
   double render_ms, compile_ms; /* wall times: rendering every kernel; compiling or loading */
   int threads;                  /* compile threads used */
   int64_t image_bytes;
+  int n_distinct; /* distinct kernels (n_modules counts a split kernel's parts) */
 } cm_cuda_build;
 /* Builds every kernel of kp for target t (a CUDA target) with compiler c. cache_dir:
  * the cache's root ("cuda" under it holds the images; NULL or "": no cache); threads

@@ -838,14 +838,12 @@ static int compile_emit_cuda(const compile_args *a, const cm_program *pr,
   const cm_cuda_compiler *c = cm_program_cuda_compiler(pr);
   char cbuf[4096];
   const char *cache = cm_cache_dir(a->cache_dir, cbuf, sizeof cbuf);
-  int distinct = 0;
-  for (int m = 0; m < build->n_modules; m++) distinct += build->modules[m].stage_begin == 0;
   printf("  cuda: %d distinct kernels in %d modules (%d functions) for %s by %s: %d from the "
          "cache, %d compiled on %d thread%s in %.0f ms (rendered in %.0f ms); %lld bytes of CUBIN, "
          "%d with spills\n",
-         distinct, build->n_modules, functions, a->arch, c ? c->name : "?", build->cache_hits,
-         build->cache_misses, build->threads, build->threads == 1 ? "" : "s", build->compile_ms,
-         build->render_ms, (long long)build->image_bytes, spills);
+         build->n_distinct, build->n_modules, functions, a->arch, c ? c->name : "?",
+         build->cache_hits, build->cache_misses, build->threads, build->threads == 1 ? "" : "s",
+         build->compile_ms, build->render_ms, (long long)build->image_bytes, spills);
   printf("  cache: %s%s", cache ? cache : "off", cache ? "/cuda" : "");
   int slowest = -1; /* the compile's critical path: no schedule finishes before it */
   for (int m = 0; m < build->n_modules; m++)

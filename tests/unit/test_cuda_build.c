@@ -212,6 +212,7 @@ static void test_fake_split(void) {
   }
   CHECK_MSG(split.n_modules == stages && stages > whole.n_modules, "%d modules, %d stages",
             split.n_modules, stages);
+  CHECK(whole.n_distinct == whole.n_modules && split.n_distinct == whole.n_distinct);
   check_stage_modules(&sp, &whole);
   check_stage_modules(&sp, &split);
   cm_cuda_build_free(&whole), cm_cuda_build_free(&split);
