@@ -149,22 +149,30 @@ typedef struct cm_cuda_backend_opts {
  * (key: the source, the compiler's name, the options and the arch; the image only,
  * never PTX; written atomically, so processes may share it). */
 #define CM_CUDA_MODULE_KERNEL "cmk"
+/* A kernel whose module source exceeds the part size ($CMAEC_CUDA_PART_BYTES, else this;
+ * 0: never) is split at stage boundaries into several modules ("parts"), each the prelude
+ * and some of its stage functions, compiled in parallel: cm_cuda_stage_module says which
+ * module holds a stage's function. */
+#define CM_CUDA_PART_BYTES ((size_t)512 * 1024)
 typedef struct cm_cuda_module {
-  char key[65];   /* the cache key (hex) */
-  cm_cubin image; /* what the compiler made (or the cache held): image, ptxas report */
-  bool cached;    /* loaded from the cache */
-  int kernel;     /* the first kernel of the program it serves */
+  char key[65];               /* the cache key (hex) */
+  cm_cubin image;             /* what the compiler made (or the cache held): image, ptxas report */
+  bool cached;                /* loaded from the cache */
+  int kernel;                 /* the first kernel of the program it serves */
+  int stage_begin, stage_end; /* the stage functions it holds ([0, n_stages) unless split) */
 } cm_cuda_module;
 typedef struct cm_cuda_build {
   int n_modules;
   cm_cuda_module *modules;
-  int *module_of;               /* per kernel of the program: its module */
+  int *module_of; /* per kernel of the program: its (first) module; a split kernel's parts
+                     are the modules after it, in stage order */
   int cache_hits, cache_misses; /* misses: modules compiled (every one when there is no cache) */
   int cache_rejected;           /* misses whose file failed a check (then overwritten) */
   int cache_write_failures;     /* compiled modules that could not be stored */
   double render_ms, compile_ms; /* wall times: rendering every kernel; compiling or loading */
   int threads;                  /* compile threads used */
   int64_t image_bytes;
+  int n_distinct; /* distinct kernels (n_modules counts a split kernel's parts) */
 } cm_cuda_build;
 /* Builds every kernel of kp for target t (a CUDA target) with compiler c. cache_dir:
  * the cache's root ("cuda" under it holds the images; NULL or "": no cache); threads
@@ -176,6 +184,9 @@ cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool 
                                 const cm_cuda_compiler *c, const char *cache_dir, int threads,
                                 cm_cuda_build *out, cm_err *err);
 void cm_cuda_build_free(cm_cuda_build *b);
+/* The module of b whose image defines stage `stage` of kernel `kernel` (its function
+ * CM_CUDA_MODULE_KERNEL "_s<stage>"): module_of[kernel] unless the kernel was split. */
+int cm_cuda_stage_module(const cm_cuda_build *b, int kernel, int stage);
 /* The CUDA C of kernel k as its module holds it (prelude, then the kernel under
  * CM_CUDA_MODULE_KERNEL; *source malloc'ed). */
 cm_status cm_cuda_module_source(const cm_kernel *k, const cm_target *t, bool no_templates,
