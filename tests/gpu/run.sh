@@ -75,10 +75,10 @@ fake_gpu_diff() {
   echo "cmae_vit_tiny_fmnist.json b4             31 kernels (2 fused attention)  worst |gpu - f64| / bound 0.21 (k3_gemm out)  ok  nvrtc 1200 ms  0.512 ms/run"
   echo "gemm+bias+relu 127x65x33                  1 kernels (0 fused attention)  worst |gpu - f64| / bound 0.05 (k0 out)  ok  nvrtc 100 ms"
 }
-fake_train() { # $1: the CPU run's metrics.jsonl, perturbed a little as a GPU's would be
+fake_train() { # $1: the CPU run's metrics.jsonl, scaled as a GPU's might be (by default 1.001)
   mkdir -p "$2"
-  awk '{ if (match($0, /"loss":[-0-9.eE+]+/)) { v = substr($0, RSTART + 7, RLENGTH - 7);
-         $0 = substr($0, 1, RSTART + 6) sprintf("%.6g", v * 1.001) substr($0, RSTART + RLENGTH) }
+  awk -v scale="${CMAEC_GPU_FAKE_LOSS_SCALE:-1.001}" '{ if (match($0, /"loss":[-0-9.eE+]+/)) { v = substr($0, RSTART + 7, RLENGTH - 7);
+         $0 = substr($0, 1, RSTART + 6) sprintf("%.9g", v * scale) substr($0, RSTART + RLENGTH) }
          print }' "$1" >"$2/metrics.jsonl"
 }
 fake_step() { # $1: on|off
