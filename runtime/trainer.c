@@ -712,6 +712,29 @@ static cm_status write_metrics(trainer *t, int64_t step, const cm_batch *b, cons
   return cm_metrics_write(t->metrics, &row, err);
 }
 
+/* The run's header: the data, the schedule, the backend (and on CUDA the compile figures). */
+static void print_header(const trainer *t, const cm_train_result *r, const cm_lr_schedule *sched,
+                         int64_t start) {
+  fprintf(t->o->log,
+          "training %s: %lld params, %lld images (%lld steps/epoch at batch %d), steps %lld..%lld "
+          "of %lld\n",
+          t->cfg.name, (long long)r->n_params, (long long)r->dataset_size,
+          (long long)r->steps_per_epoch, t->cfg.optimizer.batch, (long long)start + 1,
+          (long long)r->total_steps, (long long)sched->total_iters);
+  fprintf(t->o->log,
+          "lr peak %.4g (base %.4g x %d / 256), warmup %lld steps; %d data worker%s; backend %s",
+          sched->peak_lr, t->cfg.optimizer.base_lr, t->cfg.optimizer.batch,
+          (long long)sched->warmup_iters, t->cfg.train.workers,
+          t->cfg.train.workers == 1 ? "" : "s", t->backend.description);
+  cm_program_stats cs = {0};
+  if (t->prog) cm_program_stats_get(t->prog, &cs);
+  if (t->backend.kind == CM_BACKEND_CPU) fprintf(t->o->log, ", %d threads", cs.threads);
+  fprintf(t->o->log, "; metrics %s, checkpoints %s/ckpt-<step>.safetensors\n", t->metrics_path,
+          t->o->out_dir);
+  if (t->backend.kind == CM_BACKEND_CUDA) print_compile_figures(t->prog, &cs, t->o->log);
+  fflush(t->o->log);
+}
+
 cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   memset(r, 0, sizeof *r);
   trainer t = {0};
@@ -776,27 +799,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   snprintf(t.metrics_path, sizeof t.metrics_path, "%s/metrics.jsonl", o->out_dir);
   if ((st = cm_metrics_open(t.metrics_path, start + 1, &t.metrics, err))) goto done;
 
-  if (o->log) {
-    fprintf(
-        o->log,
-        "training %s: %lld params, %lld images (%lld steps/epoch at batch %d), steps %lld..%lld "
-        "of %lld\n",
-        t.cfg.name, (long long)r->n_params, (long long)r->dataset_size,
-        (long long)r->steps_per_epoch, t.cfg.optimizer.batch, (long long)start + 1,
-        (long long)r->total_steps, (long long)sched.total_iters);
-    fprintf(o->log,
-            "lr peak %.4g (base %.4g x %d / 256), warmup %lld steps; %d data worker%s; backend %s",
-            sched.peak_lr, t.cfg.optimizer.base_lr, t.cfg.optimizer.batch,
-            (long long)sched.warmup_iters, t.cfg.train.workers, t.cfg.train.workers == 1 ? "" : "s",
-            t.backend.description);
-    cm_program_stats cs = {0};
-    if (t.prog) cm_program_stats_get(t.prog, &cs);
-    if (t.backend.kind == CM_BACKEND_CPU) fprintf(o->log, ", %d threads", cs.threads);
-    fprintf(o->log, "; metrics %s, checkpoints %s/ckpt-<step>.safetensors\n", t.metrics_path,
-            o->out_dir);
-    if (t.backend.kind == CM_BACKEND_CUDA) print_compile_figures(t.prog, &cs, o->log);
-    fflush(o->log);
-  }
+  if (o->log) print_header(&t, r, &sched, start);
 
   cm_progress prog;
   cm_progress_init(&prog, o->log ? o->log : stdout, r->total_steps,

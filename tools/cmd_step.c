@@ -319,8 +319,8 @@ int cmd_step(int argc, char **argv) {
   step_numbers num;
   if ((rc = read_step_numbers(opts, &num))) return rc;
   cm_backend_choice choice;
-  cm_err berr = {0};
-  if (cm_backend_resolve(&req, &choice, &berr)) return cli_report(&berr, "cmaec step");
+  cm_err err = {0};
+  if (cm_backend_resolve(&req, &choice, &err)) return cli_report(&err, "cmaec step");
   bool compiled = choice.kind != CM_BACKEND_REF;
   uint64_t steps = num.steps, seed = num.seed;
   double lr = num.lr, beta1 = num.beta1, beta2 = num.beta2, momentum = num.momentum;
@@ -334,7 +334,6 @@ int cmd_step(int argc, char **argv) {
   cm_program *pr = NULL;
   cm_tensor scalars[5] = {{{0}, 0}};
   cli_sources src = {0};
-  cm_err err = {0};
   if ((rc = cli_load_graph(pos[0], &g))) goto done;
   int loss = cli_node(g, pos[0], opts[1].value);
   if (loss < 0) {
