@@ -91,7 +91,9 @@ cm_status cm_backend_resolve(const cm_backend_request *req, cm_backend_choice *o
                      (int)req->kind);
   const cm_cuda_driver *d = req->driver;
   cm_err lerr = {0};
-  cm_status st = d ? CM_OK : cm_cuda_driver_load(&d, &lerr);
+  /* a driver given (the tests' emulated one) is initialized as the loader does its own */
+  cm_status st =
+      d ? cm_cuda_check(d, d->init(0), "cuInit(0)", &lerr) : cm_cuda_driver_load(&d, &lerr);
   if (!st) st = resolve_cuda(req, d, out, &lerr);
   if (req->kind == CM_BACKEND_CUDA || st == CM_OK) {
     if (st) *err = lerr;

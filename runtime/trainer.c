@@ -626,15 +626,15 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
   return CM_OK;
 }
 
-/* The CUDA build of the step: cold (something compiled) or warm (all from the cache). */
+/* The CUDA build of the step: cold (some module compiled) or warm (all from the cache). */
 static void print_compile_figures(const cm_program *pr, const cm_program_stats *cs, FILE *log) {
   const cm_cuda_build *b = cm_program_cuda_build(pr);
   const cm_cuda_compiler *c = cm_program_cuda_compiler(pr);
-  int hits = b ? b->cache_hits : cs->cache_hits, misses = b ? b->cache_misses : cs->cache_misses;
+  int modules = b ? b->n_modules : cs->jit_modules, hits = b ? b->cache_hits : cs->cache_hits;
   fprintf(log,
           "compile (%s): %d kernels, %d modules: %d from the cache, %d compiled by %s; lower "
           "%.0f ms, render %.0f ms, compile %.0f ms; %.1f MiB of images\n",
-          misses ? "cold" : "warm", cs->n_kernels, b ? b->n_modules : cs->jit_modules, hits, misses,
+          hits < modules ? "cold" : "warm", cs->n_kernels, modules, hits, modules - hits,
           c ? c->name : "?", cs->lower_ms, b ? b->render_ms : cs->render_ms,
           b ? b->compile_ms : cs->jit_ms,
           (double)(b ? b->image_bytes : cs->object_bytes) / (1 << 20));
