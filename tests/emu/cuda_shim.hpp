@@ -371,10 +371,17 @@ __asm__(".text\n"
 static void cm_emu_fiber_main();
 
 /* Sets f to start cm_emu_fiber_main on its next resume. */
+/* The stacks lie side by side in one mapping above one guard page (a guard page
+ * each would split it into two mappings a fiber, and a program's hundreds of
+ * modules would pass the kernel's limit on mappings, vm.max_map_count): a canary
+ * at each stack's low end, checked after every block, catches an overflow. */
+#define CM_EMU_CANARY 0x5ca1ab1ec0ffee11ull
+#define CM_EMU_CANARY_WORDS 8
 static void cm_emu_fiber_reset(cm_emu_fiber *f) {
 #ifdef CM_EMU_ASAN
   __asan_unpoison_memory_region(f->stack_lo, f->stack_bytes);
 #endif
+  for (int w = 0; w < CM_EMU_CANARY_WORDS; w++) ((uint64_t *)f->stack_lo)[w] = CM_EMU_CANARY;
 #if CM_EMU_SWITCH_ASM
   uintptr_t top = ((uintptr_t)f->stack_lo + f->stack_bytes) & ~(uintptr_t)15;
   void **sp = (void **)(top - 64);
@@ -668,22 +675,29 @@ static cm_emu_state *cm_emu_thread_state() {
 /* Stacks for fibers up to n: one mapping, each stack above a guard page. */
 static bool cm_emu_grow(cm_emu_state *st, unsigned n) {
   if (n <= st->n_fibers) return true;
-  size_t page = (size_t)sysconf(_SC_PAGESIZE), each = CM_EMU_STACK_BYTES + page;
-  size_t bytes = each * (n - st->n_fibers);
+  size_t page = (size_t)sysconf(_SC_PAGESIZE);
+  size_t bytes = page + (size_t)CM_EMU_STACK_BYTES * (n - st->n_fibers);
   char *map = (char *)mmap(0, bytes, PROT_READ | PROT_WRITE,
                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (map == MAP_FAILED) return false;
+  mprotect(map, page, PROT_NONE); /* below the lowest stack: an overflow there faults */
   st->stack_maps[st->n_stack_maps] = map;
   st->stack_map_bytes[st->n_stack_maps++] = bytes;
   for (unsigned i = st->n_fibers; i < n; i++) {
-    char *lo = map + (i - st->n_fibers) * each;
-    mprotect(lo, page, PROT_NONE); /* an overflow faults instead of corrupting a neighbour */
     cm_emu_fiber *f = &st->fibers[i];
-    f->stack_lo = lo + page;
+    f->stack_lo = map + page + (size_t)(i - st->n_fibers) * CM_EMU_STACK_BYTES;
     f->stack_bytes = CM_EMU_STACK_BYTES;
     cm_emu_fiber_reset(f);
   }
   st->n_fibers = n;
+  return true;
+}
+
+/* Whether fibers [0, n) kept their stacks' canaries (an overflow writes there first). */
+static bool cm_emu_canaries_intact(const cm_emu_state *st, unsigned n) {
+  for (unsigned i = 0; i < n; i++)
+    for (int w = 0; w < CM_EMU_CANARY_WORDS; w++)
+      if (((const uint64_t *)st->fibers[i].stack_lo)[w] != CM_EMU_CANARY) return false;
   return true;
 }
 
@@ -739,7 +753,8 @@ CM_EMU_EXPORT int cm_emu_params(const char *name) {
 }
 
 /* CUresult: 0; 1 (CUDA_ERROR_INVALID_VALUE): a bad extent; 2 (OUT_OF_MEMORY);
- * 500 (NOT_FOUND): no such function; 719 (LAUNCH_FAILED): a deadlock. */
+ * 500 (NOT_FOUND): no such function; 719 (LAUNCH_FAILED): a deadlock, or a
+ * thread that overflowed its stack (CM_EMU_STACK_BYTES). */
 CM_EMU_EXPORT int cm_emu_launch(const char *name, const unsigned grid[3], const unsigned block[3],
                                 unsigned shared_bytes, void **params) {
   const cm_emu_entry *e = cm_emu_find(name);
@@ -775,7 +790,7 @@ CM_EMU_EXPORT int cm_emu_launch(const char *name, const unsigned grid[3], const 
     for (unsigned y = 0; y < grid[1] && !rc; y++)
       for (unsigned x = 0; x < grid[0] && !rc; x++) {
         blockIdx = {x, y, z};
-        if (!cm_emu_run_block(st, n)) rc = 719;
+        if (!cm_emu_run_block(st, n) || !cm_emu_canaries_intact(st, n)) rc = 719;
       }
   cm_emu_release_stacks(st);
   return rc;
