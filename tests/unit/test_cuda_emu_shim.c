@@ -548,7 +548,8 @@ static void test_atomics(void) {
   unsigned counter = 0;
   void *args[] = {&(float *){&f}, &(double *){&d},        &(int *){&i}, &(unsigned long long *){&u},
                   &(int *){&mx},  &(unsigned *){&counter}};
-  /* two OS threads launch the same module at once: 2 x 32 blocks x 256 threads */
+  /* two OS threads launch the same module at once (its launches take turns, on
+   * the same statics): 2 x 32 blocks x 256 threads */
   atomics_run runs[2] = {{&m, args, -1}, {&m, args, -1}};
   pthread_t th[2];
   for (int k = 0; k < 2; k++) CHECK(pthread_create(&th[k], NULL, atomics_thread, &runs[k]) == 0);
