@@ -57,9 +57,8 @@ extern "C" void __asan_unpoison_memory_region(void const volatile *addr, size_t 
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 /* one block of a module runs at a time (cm_emu_launch holds the module's lock): a
- * block's shared arrays are the function's statics. No thread_local anywhere: with
- * a program's hundreds of modules loaded, glibc's __tls_get_addr takes its slow
- * path on every access, and a GEMM's shared-memory loads became 15x slower. */
+ * block's shared arrays are the function's statics. No thread_local anywhere:
+ * from a dlopen'ed module each access to one may call __tls_get_addr. */
 #define __shared__ static
 #define __constant__
 #define warpSize 32

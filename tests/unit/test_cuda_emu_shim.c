@@ -885,7 +885,7 @@ static void test_real_gemms(void) {
  * its own (floats uniform in [-1, 1], integers zero: indices stay in bounds):
  * what an emulated step costs. Returns the CPU seconds of the launches. */
 static double run_step(const cm_program *pr, const cm_cuda_build *b, const cm_target *t,
-                       const char **slowest, double *slowest_s) {
+                       char *slowest, double *slowest_s) {
   const cm_kprogram *kp = cm_program_kernels(pr);
   const cm_graph *g = cm_program_graph(pr);
   emu_mod *mods = calloc((size_t)b->n_modules, sizeof *mods);
@@ -924,8 +924,10 @@ static double run_step(const cm_program *pr, const cm_cuda_build *b, const cm_ta
     double dt = cpu_s() - t0;
     total += dt;
     if (dt > *slowest_s) {
+      cm_cuda_launch l = cm_cuda_stage_launch(k, 0, &ro);
       *slowest_s = dt;
-      *slowest = k->name;
+      snprintf(slowest, 96, "%s (%d stages, the first %ux%ux%u blocks of %u)", k->name, k->n_stages,
+               l.grid[0], l.grid[1], l.grid[2], l.block[0] * l.block[1] * l.block[2]);
     }
     for (int bi = 0; bi < k->n_buffers; bi++) free(bufs[bi]);
     free(bufs);
@@ -991,8 +993,8 @@ static void compile_variant(const char *path) {
             path, b->n_modules, functions, now_s() - t0, b->compile_ms / 1e3, b->threads,
             module_ms / 1e3 / b->n_modules);
   if (b) {
-    const char *slowest = "";
-    double slowest_s = 0, step_s = run_step(pr, b, &t, &slowest, &slowest_s);
+    char slowest[96] = "";
+    double slowest_s = 0, step_s = run_step(pr, b, &t, slowest, &slowest_s);
     fprintf(stderr, "  %s: one step emulated in %.2f s of CPU (the slowest kernel %s: %.2f s)\n",
             path, step_s, slowest, slowest_s);
     CHECK(step_s > 0);
