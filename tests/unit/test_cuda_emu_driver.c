@@ -12,6 +12,7 @@
 
 #include <pthread.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -647,6 +648,33 @@ static void test_threads(void) {
   image = NULL;
 }
 
+/* What a launch costs the emulated driver (enqueue, parameter copy, run) with a kernel that
+ * does almost nothing: printed, and every launch counted. */
+static void test_launch_overhead(void) {
+  open_context();
+  void *m = load_module();
+  void *store = function(m, "store_config");
+  cm_cu_ptr p = 0;
+  CHECK_RC(d->mem_alloc(&p, 2 * sizeof(float)), 0);
+  void *params[] = {&p};
+  enum { LAUNCHES = 20000 };
+  emu_counters c0, c1;
+  emu_counters_get(&c0);
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  int rc = 0;
+  for (int i = 0; i < LAUNCHES && !rc; i++)
+    rc = d->launch_kernel(store, 1, 1, 1, 1, 1, 1, 0, NULL, params, NULL);
+  CHECK_RC(rc, 0);
+  CHECK_RC(d->stream_synchronize(NULL), 0);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  emu_counters_get(&c1);
+  CHECK(c1.launches - c0.launches == LAUNCHES);
+  double us = ((double)(t1.tv_sec - t0.tv_sec) * 1e6 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e3);
+  fprintf(stderr, "  %d launches enqueued and run: %.2f us each\n", LAUNCHES, us / LAUNCHES);
+  close_context();
+}
+
 /* ---- rendered CUDA C through the emulated compiler ------------------------ */
 
 enum { ROWS = 8, ROW_LEN = 250, N_X = ROWS * ROW_LEN };
@@ -799,4 +827,4 @@ TEST_MAIN(TEST(test_init_and_context), TEST(test_device), TEST(test_memory), TES
           TEST(test_queue_order), TEST(test_cross_stream_wait), TEST(test_event_timing),
           TEST(test_launch_checks), TEST(test_launch_failure), TEST(test_graph_replay),
           TEST(test_capture_invalidated), TEST(test_module_images), TEST(test_threads),
-          TEST(test_rendered_cuda) TEST_ASAN_CASES)
+          TEST(test_launch_overhead), TEST(test_rendered_cuda) TEST_ASAN_CASES)
