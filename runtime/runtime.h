@@ -433,4 +433,51 @@ char *cm_program_source(const cm_program *pr, int v);
 cm_status cm_program_index_error(const cm_program *pr, int v, int64_t index, int64_t pos,
                                  cm_err *err);
 
+/* ---- choosing a backend (runtime/backend_select.c) ----------------------
+ *
+ * Every place a backend is chosen (run, step, train, eval, the benches) goes
+ * through cm_backend_resolve: --backend auto|cpu|cuda|ref, --device N,
+ * --cuda-graphs on|off become the target, backend options and a description
+ * that cm_compile and the run's header line take. */
+typedef enum cm_backend_kind {
+  CM_BACKEND_AUTO = 0, /* cuda when the driver loads and has the device, else cpu */
+  CM_BACKEND_CPU,      /* LLVM JIT on this host */
+  CM_BACKEND_CUDA,     /* a GPU through the CUDA driver */
+  CM_BACKEND_REF,      /* the reference evaluator cm_eval (no cm_compile) */
+} cm_backend_kind;
+
+typedef struct cm_backend_request {
+  cm_backend_kind kind;
+  int device;            /* the driver's ordinal (--device) */
+  cm_cuda_graphs graphs; /* --cuda-graphs */
+  /* tests: the emulated device (tests/emu/emu.h); NULL: cm_cuda_driver_load, NVRTC */
+  const cm_cuda_driver *driver;
+  const cm_cuda_compiler *compiler;
+} cm_backend_request;
+
+typedef struct cm_backend_choice {
+  cm_backend_kind kind;      /* cpu, cuda or ref: never auto */
+  cm_target target;          /* cpu: the host's ($CMAEC_CPU); cuda: the device's arch */
+  cm_cuda_backend_opts cuda; /* cuda: cm_compile_opts.backend_opts points here */
+  cm_cuda_device device;     /* cuda: the GPU chosen */
+  char description[256];     /* "cuda 0 (NAME, sm_90, 132 SMs)", "cpu (auto: no CUDA driver)" */
+} cm_backend_choice;
+
+/* "auto", "cpu", "cuda", "ref" (ref only when ref_allowed); CM_EINVALID naming
+ * what is available otherwise. */
+cm_status cm_backend_parse(const char *name, bool ref_allowed, cm_backend_kind *out, cm_err *err);
+/* "on" / "off". */
+cm_status cm_backend_parse_graphs(const char *value, cm_cuda_graphs *out, cm_err *err);
+/* "N" >= 0. */
+cm_status cm_backend_parse_device(const char *value, int *out, cm_err *err);
+/* Resolves req: cuda loads the driver (CM_EINVALID "CUDA driver not found: ..."
+ * without one) and checks the device is there; auto takes cuda when both hold,
+ * else cpu, and says why in the description. */
+cm_status cm_backend_resolve(const cm_backend_request *req, cm_backend_choice *out, cm_err *err);
+/* Points co at the choice (backend_opts; cuda: resident_states is the caller's)
+ * and returns the target to give cm_compile (NULL: the CPU default). The choice
+ * must outlive the compile. */
+const cm_target *cm_backend_compile_opts(cm_backend_choice *c, cm_compile_opts *co);
+const char *cm_backend_kind_name(cm_backend_kind k);
+
 #endif
