@@ -16,6 +16,7 @@
  * machines build without it. */
 #include "runtime.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -306,6 +307,26 @@ static bool make_dirs(const char *path) {
   if (mkdir(buf, 0777) != 0 && errno != EEXIST) return false;
   struct stat stt;
   return stat(buf, &stt) == 0 && S_ISDIR(stt.st_mode);
+}
+
+/* A temporary file older than this was left by a process that died while writing it. */
+#define CACHE_STALE_TEMP_SECONDS 3600
+
+/* Removes such leftovers from dir (a store takes milliseconds: a younger one may be in use). */
+static void remove_stale_temps(const char *dir) {
+  DIR *d = opendir(dir);
+  if (!d) return;
+  time_t now = time(NULL);
+  for (struct dirent *e = readdir(d); e; e = readdir(d)) {
+    if (strncmp(e->d_name, ".tmp-", 5) != 0) continue;
+    char path[4400];
+    struct stat stt;
+    if (snprintf(path, sizeof path, "%s/%s", dir, e->d_name) < (int)sizeof path &&
+        lstat(path, &stt) == 0 && S_ISREG(stt.st_mode) &&
+        now - stt.st_mtime > CACHE_STALE_TEMP_SECONDS)
+      unlink(path);
+  }
+  closedir(d);
 }
 
 /* ---- building ---------------------------------------------------------------- */
@@ -716,6 +737,7 @@ cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool 
   t0 = now_ms();
   bool unusable = w.dir && !make_dirs(w.dir); /* then every compiled module fails to be stored */
   if (unusable) w.dir = NULL;
+  if (w.dir) remove_stale_temps(w.dir);
   st = run_workers(&w, thread_count(threads, nm), err);
   out->compile_ms = now_ms() - t0;
   if (st == CM_OK) st = collect(&w, unusable, err);
