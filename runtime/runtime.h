@@ -372,10 +372,13 @@ struct cm_backend {
    * is not kept. Required. */
   const void *(*buffer)(const cm_program *pr, int k, int b);
   /* Device backends that run asynchronously: run enqueues, finish waits for the
-   * enqueued work (then the index checks and download follow). NULL: run is synchronous. */
+   * enqueued work and returns the index error of run's kernels (the states the run
+   * assigned reach the host all the same: by download). cm_program_first_nonfinite
+   * calls it after each kernel. NULL: run is synchronous. */
   cm_status (*finish)(cm_program *pr, cm_err *err);
-  /* cm_program_prefetch with the sources bound (cm_program_source gives the
-   * next run's inputs). NULL: nothing to do. */
+  /* cm_program_prefetch: sources[v] (by node v of cm_program_graph, checked; NULL
+   * but for the inputs) are the next run's inputs; the sources of a run going on
+   * stay bound. NULL: nothing to do. */
   cm_status (*prefetch)(cm_program *pr, cm_tensor *const *sources, cm_err *err);
   /* resident_states: copy every source back to the host tensors bound at the last run;
    * mark them to be uploaded again. NULL: states are never resident. */
