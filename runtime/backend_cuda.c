@@ -155,7 +155,9 @@ static cm_status open_device(cuda_state *cs, const cm_cuda_backend_opts *bo, con
   if (st != CM_OK) return cm_err_prefix(err, "cuda backend: ");
   const cm_cuda_driver *d = cs->d;
   int ordinal = bo ? bo->device : 0, count = 0;
-  if ((st = ck(cs, d->device_get_count(&count), err, "cuDeviceGetCount (%s)", d->name)) != CM_OK)
+  /* cm_cuda_driver_load has called it; a driver given in the options may not have */
+  if ((st = ck(cs, d->init(0), err, "cuInit (%s)", d->name)) ||
+      (st = ck(cs, d->device_get_count(&count), err, "cuDeviceGetCount (%s)", d->name)))
     return st;
   if (ordinal < 0 || ordinal >= count)
     return cm_errorf(err, CM_EINVALID, "cuda backend: device %d: the driver (%s) sees %d device%s",

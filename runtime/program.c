@@ -340,6 +340,19 @@ cm_status cm_program_run(cm_program *pr, cm_tensor *const *sources, cm_tensor *o
   return cm_program_finish(pr, outputs, err);
 }
 
+cm_status cm_program_run_stepwise(cm_program *pr, cm_tensor *const *sources, cm_program_visit visit,
+                                  void *ctx, cm_err *err) {
+  cm_status st = not_in_flight(pr, "cm_program_run_stepwise", err);
+  if (st == CM_OK) st = bind_sources(pr, sources, err);
+  for (int k = 0; st == CM_OK && k <= pr->kp.n_kernels; k++) {
+    if ((st = visit(pr, k, ctx, err)) != CM_OK || k == pr->kp.n_kernels) break;
+    if ((st = pr->be->run(pr, k, k + 1, err)) == CM_OK && pr->be->finish)
+      st = pr->be->finish(pr, err);
+  }
+  if (st == CM_OK && pr->be->download) st = pr->be->download(pr, err);
+  return st;
+}
+
 cm_status cm_program_prefetch(cm_program *pr, cm_tensor *const *sources, cm_err *err) {
   if (!pr->be->prefetch) return CM_OK;
   if (!pr->runnable)

@@ -309,6 +309,15 @@ typedef struct cm_nonfinite {
  * non-finite): it reads every value written, so it is slower than a run. */
 cm_status cm_program_first_nonfinite(cm_program *pr, cm_tensor *const *sources, cm_nonfinite *out,
                                      cm_err *err);
+/* Runs the program once as cm_program_run does (states updated in place), one
+ * kernel at a time: visit(pr, k, ctx, err) is called before kernel k runs and
+ * once after the last (k = n_kernels); in between, cm_program_value reads what
+ * the kernels run so far left (a source: its value as the kernels see it). A
+ * visit's error stops the run and is returned. For kernel-by-kernel checks
+ * (tests/gpu/gpu_diff.c); slower than a run. */
+typedef cm_status (*cm_program_visit)(cm_program *pr, int kernel, void *ctx, cm_err *err);
+cm_status cm_program_run_stepwise(cm_program *pr, cm_tensor *const *sources,
+                                  cm_program_visit visit, void *ctx, cm_err *err);
 void cm_program_stats_get(const cm_program *pr, cm_program_stats *out);
 /* With opts->profile: per kernel, total ms over all runs and the number of runs. */
 typedef struct cm_kernel_profile {
