@@ -12,7 +12,14 @@
 
 #include "../passes/passes.h"
 
+/* CMAEC_HAVE_LLVM (the build's CMAEC_LLVM option): 0 leaves out everything that needs LLVM:
+ * the JIT, the LLVM renderer and the LLVM types in their declarations. */
+#ifndef CMAEC_HAVE_LLVM
+#error "CMAEC_HAVE_LLVM is not defined: link the target with cmaec_lib (CMakeLists.txt)"
+#endif
+#if CMAEC_HAVE_LLVM
 #include <llvm-c/Types.h>
+#endif
 
 /* What a probe found: found, and a one-line detail (version, or why not). */
 typedef struct cm_component {
@@ -102,6 +109,7 @@ cm_kgemm_tiles cm_cpu_gemm_defaults(int lanes);
 /* One line: "cpu znver4 (CMAEC_CPU=znver4), 16 f32 lanes, GEMM tiles mc 240 ..." */
 void cm_target_print(const cm_target *t, FILE *out);
 
+#if CMAEC_HAVE_LLVM
 /* ---- the LLVM JIT (codegen/llvm_jit.c) ---------------------------------- */
 
 /* One ORC LLJIT for the host CPU, with an optional on-disk object cache. Not
@@ -131,6 +139,8 @@ typedef struct cm_jit_stats {
 } cm_jit_stats;
 typedef enum cm_jit_text { CM_JIT_TEXT_IR, CM_JIT_TEXT_ASM } cm_jit_text;
 
+#endif /* CMAEC_HAVE_LLVM */
+
 /* Calls into JIT'd code under clang's -fsanitize=function must come from a
  * function marked so (JIT'd code carries no signature word). */
 #if defined(__clang__)
@@ -138,6 +148,8 @@ typedef enum cm_jit_text { CM_JIT_TEXT_IR, CM_JIT_TEXT_ASM } cm_jit_text;
 #else
 #define CM_NO_SANITIZE_FUNCTION
 #endif
+
+#if CMAEC_HAVE_LLVM
 
 cm_status cm_jit_create(cm_jit **out, const cm_jit_opts *opts, cm_err *err); /* opts NULL: O3 */
 void cm_jit_destroy(cm_jit *j);
@@ -158,6 +170,7 @@ cm_status cm_jit_render(cm_jit *j, LLVMModuleRef module, cm_jit_text what, char 
 void cm_jit_module_key(cm_jit *j, LLVMModuleRef module, char key[65]); /* sets triple/layout */
 void cm_jit_cache_key(const char *ir_text, const char *llvm_version, const char *triple,
                       const char *cpu, const char *features, int opt_level, char key[65]);
+#endif /* CMAEC_HAVE_LLVM */
 
 /* ---- NVRTC (codegen/nvrtc.c), loaded with dlopen at run time ---------- */
 
@@ -643,6 +656,7 @@ typedef void (*cm_cpu_stage_fn)(char *const *bufs, int64_t begin, int64_t end, c
 int64_t cm_kstage_work_items(const cm_kstage *s);
 int64_t cm_kstage_workspace_bytes(const cm_kstage *s, cm_target_kind t);
 
+#if CMAEC_HAVE_LLVM
 typedef struct cm_llvm_render_opts {
   int vector_width;        /* elements per vector on the innermost axis (f32), overriding
                               the target's vector_lanes (tests); 0: the target's */
@@ -662,6 +676,7 @@ bool cm_llvm_stage_is_gemm(const cm_kstage *s);
 /* Adds the kernel's stage functions to module m (in the module's context). */
 cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_render_opts *o,
                          cm_err *err);
+#endif /* CMAEC_HAVE_LLVM */
 
 /* ---- the CUDA renderer (codegen/render_cuda*.c) ------------------------- */
 

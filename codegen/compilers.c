@@ -2,9 +2,11 @@
 #include "codegen.h"
 
 #include <dlfcn.h>
+#include <string.h>
+#if CMAEC_HAVE_LLVM
 #include <llvm-c/Core.h>
 #include <llvm-c/TargetMachine.h>
-#include <string.h>
+#endif
 
 void *cm_dlopen_first(const char *const *names, char *why_buf, size_t why_size) {
   if (why_size) why_buf[0] = 0;
@@ -19,6 +21,11 @@ void *cm_dlopen_first(const char *const *names, char *why_buf, size_t why_size) 
 
 void cm_compiler_find_llvm(cm_component *out) {
   out->name = "LLVM";
+#if !CMAEC_HAVE_LLVM
+  out->found = false;
+  snprintf(out->detail, sizeof out->detail,
+           "not in this build (-DCMAEC_LLVM=OFF): no cpu backend; use --backend cuda or ref");
+#else
   unsigned major, minor, patch;
   LLVMGetVersion(&major, &minor, &patch);
   char *cpu = LLVMGetHostCPUName();
@@ -26,6 +33,7 @@ void cm_compiler_find_llvm(cm_component *out) {
   snprintf(out->detail, sizeof out->detail, "%u.%u.%u (linked; host CPU %s)", major, minor, patch,
            cpu ? cpu : "?");
   LLVMDisposeMessage(cpu);
+#endif
 }
 
 const char *const cm_nvrtc_library_names[] = {"libnvrtc.so.13",

@@ -15,13 +15,16 @@
  * the host target still works. */
 #include "codegen.h"
 
+#if CMAEC_HAVE_LLVM
 #include <llvm-c/Core.h>
 #include <llvm-c/TargetMachine.h>
+#endif
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#if CMAEC_HAVE_LLVM
 typedef struct llvm_string_ref {
   const char *data;
   size_t size;
@@ -55,6 +58,7 @@ static void ref_vec_init(llvm_ref_vec *v) {
 static void ref_vec_free(llvm_ref_vec *v) {
   if (v->begin != v->inline_elems) free(v->begin); /* grown by LLVM with malloc */
 }
+#endif
 
 /* ---- the host, read once ---------------------------------------------------- */
 
@@ -63,6 +67,7 @@ static char host_cpu[64];
 static char host_features[4096]; /* LLVMGetHostCPUFeatures: "+a,-b,..." */
 static char host_triple[128];
 
+#if CMAEC_HAVE_LLVM
 static void read_host(void) {
   char *cpu = LLVMGetHostCPUName(), *f = LLVMGetHostCPUFeatures();
   char *triple = LLVMGetDefaultTargetTriple();
@@ -73,6 +78,40 @@ static void read_host(void) {
   LLVMDisposeMessage(f);
   LLVMDisposeMessage(triple);
 }
+#else
+/* Without LLVM nothing is generated for the host CPU; its description (cmaec info, the target
+ * the CPU lowering would use) comes from cpuid through the compiler's builtins, named by its
+ * x86-64 microarchitecture level. */
+static void read_host(void) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  static const char *const feats[] = {"sse4.2", "popcnt",  "avx",      "avx2",     "fma",
+                                      "bmi2",   "avx512f", "avx512bw", "avx512dq", "avx512vl"};
+  /* __builtin_cpu_supports takes string literals only */
+  const int has[] = {__builtin_cpu_supports("sse4.2"),   __builtin_cpu_supports("popcnt"),
+                     __builtin_cpu_supports("avx"),      __builtin_cpu_supports("avx2"),
+                     __builtin_cpu_supports("fma"),      __builtin_cpu_supports("bmi2"),
+                     __builtin_cpu_supports("avx512f"),  __builtin_cpu_supports("avx512bw"),
+                     __builtin_cpu_supports("avx512dq"), __builtin_cpu_supports("avx512vl")};
+  size_t len = 0;
+  for (size_t i = 0; i < sizeof feats / sizeof *feats; i++)
+    if (has[i] && len + strlen(feats[i]) + 3 < sizeof host_features)
+      len += (size_t)snprintf(host_features + len, sizeof host_features - len, "%s+%s",
+                              len ? "," : "", feats[i]);
+  int level = has[0] && has[1] ? 2 : 1;
+  if (level == 2 && has[2] && has[3] && has[4] && has[5]) level = 3;
+  if (level == 3 && has[6] && has[7] && has[8] && has[9]) level = 4;
+  if (level == 1)
+    snprintf(host_cpu, sizeof host_cpu, "x86-64");
+  else
+    snprintf(host_cpu, sizeof host_cpu, "x86-64-v%d", level);
+  snprintf(host_triple, sizeof host_triple, "x86_64-unknown-linux-gnu");
+#else
+  snprintf(host_cpu, sizeof host_cpu, "generic");
+  snprintf(host_triple, sizeof host_triple, "unknown");
+#endif
+}
+#endif
 
 /* Is "+name" (want_plus) or "-name" in the comma-separated list? */
 static bool list_has(const char *list, char sign, const char *name, size_t n) {
@@ -128,6 +167,7 @@ static int widest_vector(const char *enabled) {
   return bits;
 }
 
+#if CMAEC_HAVE_LLVM
 /* The names LLVM knows, for the error message. */
 static void known_cpus(char *buf, size_t size) {
   buf[0] = 0;
@@ -140,6 +180,7 @@ static void known_cpus(char *buf, size_t size) {
     if (!append(buf, size, ", ", r[i].data, r[i].size)) break;
   ref_vec_free(&v);
 }
+#endif
 
 cm_status cm_cpu_target_resolve(const char *cpu, const char *features, cm_cpu_target *out,
                                 cm_err *err) {
@@ -167,6 +208,12 @@ cm_status cm_cpu_target_resolve(const char *cpu, const char *features, cm_cpu_ta
                        "%s: naming a CPU is supported on x86-64 hosts only (this is %s); unset "
                        "%s or set it to native",
                        who, host_triple, CM_CPU_ENV);
+#if !CMAEC_HAVE_LLVM
+    return cm_errorf(err, CM_EINVALID,
+                     "%s: this cmaec was built without LLVM (-DCMAEC_LLVM=OFF), which names and "
+                     "checks CPUs; unset %s or set it to native",
+                     who, CM_CPU_ENV);
+#else
     if (!cm_llvm_x86_parse_arch || !cm_llvm_x86_cpu_features)
       return cm_errorf(err, CM_EINVALID,
                        "%s: this LLVM does not export its X86 target parser "
@@ -184,6 +231,7 @@ cm_status cm_cpu_target_resolve(const char *cpu, const char *features, cm_cpu_ta
     }
     memcpy(out->cpu, name, n + 1);
     out->forced = true;
+#endif
   }
 
   /* The enabled features: the host's, or those the named CPU implies; then the caller's. */
@@ -200,6 +248,7 @@ cm_status cm_cpu_target_resolve(const char *cpu, const char *features, cm_cpu_ta
       if (*p == ',') p++;
     }
   } else {
+#if CMAEC_HAVE_LLVM
     llvm_ref_vec v;
     ref_vec_init(&v);
     cm_llvm_x86_cpu_features((llvm_string_ref){out->cpu, strlen(out->cpu)}, &v, true);
@@ -219,6 +268,7 @@ cm_status cm_cpu_target_resolve(const char *cpu, const char *features, cm_cpu_ta
       p += len;
       if (*p == ',') p++;
     }
+#endif
   }
   if (overflow)
     return cm_errorf(err, CM_EINTERNAL, "%s: its feature list exceeds %zu characters", who,

@@ -5,6 +5,7 @@
  * Threads: opts->threads, else $CMAEC_THREADS, else omp_get_max_threads(). */
 #include "runtime.h"
 
+#if CMAEC_HAVE_LLVM
 #include <llvm-c/Core.h>
 #include <math.h>
 #include <stdlib.h>
@@ -79,21 +80,6 @@ static cm_status resolve_threads(const cm_compile_opts *o, int *out, cm_err *err
   return CM_OK;
 }
 
-static const char *cache_dir_of(const cm_compile_opts *o, char *buf, size_t size) {
-  if (o && o->cache_dir) return *o->cache_dir ? o->cache_dir : NULL;
-  const char *e = getenv("CMAEC_CACHE_DIR");
-  if (e) return *e ? e : NULL;
-  const char *x = getenv("XDG_CACHE_HOME");
-  if (x && *x) {
-    snprintf(buf, size, "%s/cmaec", x);
-    return buf;
-  }
-  const char *h = getenv("HOME");
-  if (!h || !*h) return NULL;
-  snprintf(buf, size, "%s/.cache/cmaec", h);
-  return buf;
-}
-
 static void cpu_free(cm_program *p) {
   cpu_state *pr = cm_program_impl(p);
   if (!pr) return;
@@ -156,7 +142,7 @@ static cm_status cpu_compile(cm_program *p, const cm_compile_opts *opts, cm_prog
   if (opts->render_only && opts->compile_only) return CM_OK; /* cpu_emit renders on demand */
   char cbuf[4096];
   cm_jit_opts jo = {0};
-  jo.cache_dir = cache_dir_of(opts, cbuf, sizeof cbuf);
+  jo.cache_dir = cm_cache_dir(opts->cache_dir, cbuf, sizeof cbuf);
   jo.opt_level = opts->opt_level > 0 ? opts->opt_level : 3;
   jo.vector_width = pr->W == 16 ? 512 : 0;
   jo.cpu = target->cpu.forced ? target->cpu.cpu : NULL;
@@ -490,3 +476,33 @@ const cm_backend cm_backend_cpu = {
     .emit = cpu_emit,
     .free = cpu_free,
 };
+
+bool cm_have_cpu_backend(void) {
+  return true;
+}
+
+#else /* !CMAEC_HAVE_LLVM */
+
+/* This build has no LLVM: the table exists so that every caller gets the same clean refusal,
+ * at compile time, naming the build. */
+static cm_status cpu_unavailable(cm_program *pr, const cm_compile_opts *opts,
+                                 cm_program_stats *stats, cm_err *err) {
+  return cm_errorf(err, CM_EINVALID, "%s", CM_NO_CPU_BACKEND_MESSAGE);
+}
+static const void *cpu_no_buffer(const cm_program *pr, int k, int b) {
+  return NULL;
+}
+static void cpu_nothing_to_free(cm_program *pr) {}
+
+const cm_backend cm_backend_cpu = {
+    .name = "cpu",
+    .compile = cpu_unavailable,
+    .buffer = cpu_no_buffer,
+    .free = cpu_nothing_to_free,
+};
+
+bool cm_have_cpu_backend(void) {
+  return false;
+}
+
+#endif /* CMAEC_HAVE_LLVM */

@@ -1,13 +1,35 @@
 /* runtime/cuda_build.c — a program's kernels built for a CUDA target: each
  * distinct kernel rendered under one name (CM_CUDA_MODULE_KERNEL) with the
  * prelude and compiled as its own module by a cm_cuda_compiler (NVRTC, or the
- * emulated device's host compiler). */
+ * emulated device's host compiler), on several threads, through an on-disk
+ * cache of module images.
+ *
+ * The cache: <root>/cuda/<key>.<image_suffix>, key = 128 bits of hash (hex) of
+ * the key material (a format tag, the compiler's name, its options, the arch
+ * and the module's whole source). A file holds a header (magic, format
+ * version, sizes, a checksum), the key material itself, the image and the
+ * compiler's log (ptxas's report; never PTX). A load compares the stored key
+ * material byte for byte, so a hash collision is a miss, never a wrong module;
+ * a file failing any check is a miss and is overwritten. Files are written to
+ * a unique temporary name in the same directory, fsync'ed and renamed, so
+ * processes sharing the cache see whole files only. No LLVM here: the GPU
+ * machines build without it. */
 #include "runtime.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
+
+#ifndef CMAEC_CUDA_INCLUDE_DIR
+#define CMAEC_CUDA_INCLUDE_DIR "/usr/local/cuda/include"
+#endif
 
 static double now_ms(void) {
   struct timespec ts;
@@ -36,6 +58,9 @@ static cm_nvrtc *nvrtc_lib;
 static cm_err nvrtc_err;
 static cm_status nvrtc_status;
 static char nvrtc_name[64];
+/* What cm_nvrtc_compile passes besides the arch (codegen/nvrtc.c): in the cache key, so a
+ * different include dir (another toolkit's headers) is another module. */
+static char nvrtc_options[700];
 static pthread_once_t nvrtc_once = PTHREAD_ONCE_INIT;
 
 static cm_status nvrtc_compile(void *self, const char *source, const char *name, const char *arch,
@@ -49,6 +74,10 @@ static void load_nvrtc(void) {
   nvrtc_status = cm_nvrtc_load(&nvrtc_lib, &nvrtc_err);
   if (nvrtc_status != CM_OK) return;
   snprintf(nvrtc_name, sizeof nvrtc_name, "nvrtc %s", cm_nvrtc_version(nvrtc_lib));
+  const char *inc = getenv("CMAEC_CUDA_INCLUDE_DIR");
+  snprintf(nvrtc_options, sizeof nvrtc_options,
+           "-default-device --std=c++17 -I%s --ptxas-options=-v",
+           inc && inc[0] ? inc : CMAEC_CUDA_INCLUDE_DIR);
   nvrtc_compiler.name = nvrtc_name;
   nvrtc_compiler.self = nvrtc_lib;
   /* kept loaded for the process, as the driver is */
@@ -63,6 +92,213 @@ cm_status cm_cuda_compiler_nvrtc(const cm_cuda_compiler **out, cm_err *err) {
   }
   *out = &nvrtc_compiler;
   return CM_OK;
+}
+
+/* Options a compiler applies that its name does not say (NVRTC's fixed list; other
+ * compilers carry their flags in their name). */
+static const char *compiler_options(const cm_cuda_compiler *c) {
+  return c == &nvrtc_compiler ? nvrtc_options : "";
+}
+
+/* ---- hashing ------------------------------------------------------------------ */
+
+/* FNV-1a over 64-bit words with an xorshift after each multiply (every step a bijection,
+ * so any single changed word changes the result), then a murmur3 finalizer. Two
+ * instances with other bases and primes make the 128-bit file name. */
+static uint64_t hash_bytes(const void *data, size_t n, uint64_t basis, uint64_t prime) {
+  const unsigned char *p = data;
+  uint64_t h = basis ^ (uint64_t)n;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    memcpy(&w, p + i, 8);
+    h = (h ^ w) * prime;
+    h ^= h >> 29;
+  }
+  uint64_t tail = 0;
+  memcpy(&tail, p + i, n - i);
+  h = (h ^ tail) * prime;
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdull;
+  h ^= h >> 33;
+  h *= 0xc4ceb9fe1a85ec53ull;
+  return h ^ (h >> 33);
+}
+
+static uint64_t hash_a(const void *data, size_t n) {
+  return hash_bytes(data, n, 0xcbf29ce484222325ull, 0x100000001b3ull);
+}
+
+static uint64_t hash_b(const void *data, size_t n) {
+  return hash_bytes(data, n, 0x6a09e667f3bcc909ull, 0x9e3779b97f4a7c15ull);
+}
+
+/* ---- the cache file ------------------------------------------------------------ */
+
+#define CACHE_MAGIC "CMCUMOD\0"
+#define CACHE_FORMAT_VERSION 1u
+#define CACHE_KEY_TAG "cmaec cuda module cache 1"
+/* A file larger than this is not read (it cannot be one of ours). */
+#define CACHE_MAX_FILE_BYTES ((uint64_t)1 << 31)
+
+typedef struct cache_header {
+  char magic[8];
+  uint32_t version;
+  uint32_t header_bytes; /* sizeof(cache_header): another layout is a miss */
+  uint64_t key_bytes, image_bytes, log_bytes;
+  uint64_t checksum; /* hash_a of everything after the header */
+} cache_header;
+
+/* The key material of one module (malloc'ed; *len its length). */
+static char *key_material(const cm_cuda_compiler *c, const char *arch, const char *source,
+                          size_t *len) {
+  const char *opts = compiler_options(c);
+  size_t src_len = strlen(source);
+  size_t cap = strlen(CACHE_KEY_TAG) + strlen(c->name) + strlen(opts) + strlen(arch) + src_len + 96;
+  char *m = malloc(cap);
+  if (!m) return NULL;
+  int head = snprintf(m, cap, "%s\ncompiler %s\noptions %s\narch %s\nsource %zu\n", CACHE_KEY_TAG,
+                      c->name, opts, arch, src_len);
+  memcpy(m + head, source, src_len + 1);
+  *len = (size_t)head + src_len;
+  return m;
+}
+
+static void key_hex(const char *material, size_t len, char key[65]) {
+  snprintf(key, 65, "%016llx%016llx", (unsigned long long)hash_a(material, len),
+           (unsigned long long)hash_b(material, len));
+}
+
+static bool read_all(int fd, void *buf, size_t n) {
+  char *p = buf;
+  while (n > 0) {
+    ssize_t r = read(fd, p, n);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= (size_t)r;
+  }
+  return true;
+}
+
+static bool write_all(int fd, const void *buf, size_t n) {
+  const char *p = buf;
+  while (n > 0) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return false;
+    p += w;
+    n -= (size_t)w;
+  }
+  return true;
+}
+
+typedef enum cache_lookup { CACHE_ABSENT, CACHE_HIT, CACHE_REJECTED } cache_lookup;
+
+/* Checks a cache file's whole content against the key material; on success moves its
+ * image and log into out. */
+static cache_lookup cache_parse(const char *file, size_t size, const char *material, size_t mlen,
+                                cm_cubin *out) {
+  cache_header h;
+  if (size < sizeof h) return CACHE_REJECTED;
+  memcpy(&h, file, sizeof h);
+  const char *body = file + sizeof h;
+  uint64_t body_bytes = size - sizeof h;
+  if (memcmp(h.magic, CACHE_MAGIC, sizeof h.magic) != 0 || h.version != CACHE_FORMAT_VERSION ||
+      h.header_bytes != sizeof h || h.key_bytes != mlen || h.image_bytes == 0 ||
+      h.image_bytes > body_bytes || h.log_bytes > body_bytes ||
+      h.key_bytes + h.image_bytes + h.log_bytes != body_bytes)
+    return CACHE_REJECTED;
+  if (memcmp(body, material, mlen) != 0 || hash_a(body, body_bytes) != h.checksum)
+    return CACHE_REJECTED;
+  out->data = malloc(h.image_bytes);
+  out->log = malloc(h.log_bytes + 1);
+  if (!out->data || !out->log) {
+    cm_cubin_free(out);
+    return CACHE_ABSENT; /* out of memory: compile instead */
+  }
+  memcpy(out->data, body + mlen, h.image_bytes);
+  memcpy(out->log, body + mlen + h.image_bytes, h.log_bytes);
+  out->log[h.log_bytes] = 0;
+  out->size = h.image_bytes;
+  if (cm_ptxas_parse(out->log, &out->kernels, &out->n_kernels, NULL) != CM_OK) {
+    cm_cubin_free(out);
+    return CACHE_ABSENT;
+  }
+  return CACHE_HIT;
+}
+
+static cache_lookup cache_load(const char *path, const char *material, size_t mlen, cm_cubin *out) {
+  memset(out, 0, sizeof *out);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return errno == ENOENT ? CACHE_ABSENT : CACHE_REJECTED;
+  struct stat stt;
+  cache_lookup r = CACHE_REJECTED;
+  char *file = NULL;
+  if (fstat(fd, &stt) == 0 && S_ISREG(stt.st_mode) &&
+      (uint64_t)stt.st_size >= sizeof(cache_header) &&
+      (uint64_t)stt.st_size <= CACHE_MAX_FILE_BYTES) {
+    size_t size = (size_t)stt.st_size;
+    file = malloc(size);
+    if (!file)
+      r = CACHE_ABSENT;
+    else if (read_all(fd, file, size))
+      r = cache_parse(file, size, material, mlen, out);
+  }
+  free(file);
+  close(fd);
+  return r;
+}
+
+static atomic_uint temp_counter;
+
+/* Writes a module's file atomically: a unique temporary name in the same directory (pid,
+ * worker, counter), fsync, rename over path. False when anything fails (nothing is left). */
+static bool cache_store(const char *dir, const char *path, int worker, const char *material,
+                        size_t mlen, const cm_cubin *img) {
+  char tmp[4200];
+  unsigned serial = atomic_fetch_add(&temp_counter, 1u);
+  int n = snprintf(tmp, sizeof tmp, "%s/.tmp-%ld-%d-%u", dir, (long)getpid(), worker, serial);
+  if (n < 0 || (size_t)n >= sizeof tmp) return false;
+  size_t log_len = img->log ? strlen(img->log) : 0;
+  cache_header h;
+  memset(&h, 0, sizeof h);
+  memcpy(h.magic, CACHE_MAGIC, sizeof h.magic);
+  h.version = CACHE_FORMAT_VERSION;
+  h.header_bytes = sizeof h;
+  h.key_bytes = mlen;
+  h.image_bytes = img->size;
+  h.log_bytes = log_len;
+  size_t body_len = mlen + img->size + log_len;
+  char *body = malloc(body_len ? body_len : 1);
+  if (!body) return false;
+  memcpy(body, material, mlen);
+  memcpy(body + mlen, img->data, img->size);
+  if (log_len) memcpy(body + mlen + img->size, img->log, log_len);
+  h.checksum = hash_a(body, body_len);
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  bool ok =
+      fd >= 0 && write_all(fd, &h, sizeof h) && write_all(fd, body, body_len) && fsync(fd) == 0;
+  free(body);
+  if (fd >= 0 && close(fd) != 0) ok = false;
+  if (ok && rename(tmp, path) == 0) return true;
+  if (fd >= 0) unlink(tmp);
+  return false;
+}
+
+/* mkdir -p; true when path is a directory afterwards. */
+static bool make_dirs(const char *path) {
+  char buf[4096];
+  if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf) return false;
+  for (char *p = buf + 1; *p; p++) {
+    if (*p != '/') continue;
+    *p = 0;
+    if (mkdir(buf, 0777) != 0 && errno != EEXIST) return false;
+    *p = '/';
+  }
+  if (mkdir(buf, 0777) != 0 && errno != EEXIST) return false;
+  struct stat stt;
+  return stat(buf, &stt) == 0 && S_ISDIR(stt.st_mode);
 }
 
 /* ---- building ---------------------------------------------------------------- */
@@ -90,51 +326,214 @@ void cm_cuda_build_free(cm_cuda_build *b) {
   memset(b, 0, sizeof *b);
 }
 
-cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool no_templates,
-                                const cm_cuda_compiler *c, const char *cache_dir, int threads,
-                                cm_cuda_build *out, cm_err *err) {
-  (void)cache_dir, (void)threads;
-  memset(out, 0, sizeof *out);
-  int nk = kp->n_kernels;
-  char **src = calloc((size_t)nk + 1, sizeof *src);
-  out->modules = calloc((size_t)nk + 1, sizeof *out->modules);
-  out->module_of = calloc((size_t)nk + 1, sizeof *out->module_of);
-  if (!src || !out->modules || !out->module_of) {
-    free(src);
-    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+/* What the compile threads share: the modules to make, the next one to take, and
+ * per module its outcome. */
+typedef struct build_work {
+  const cm_kprogram *kp;
+  const cm_target *t;
+  const cm_cuda_compiler *c;
+  const char *dir; /* <root>/cuda, or NULL: no cache */
+  char **src;      /* per kernel */
+  cm_cuda_build *out;
+  int *order; /* modules, largest source first */
+  atomic_int next;
+  atomic_int first_failed; /* the first failed module in module order (n_modules: none);
+                              modules after it are not built */
+  cm_status *status;       /* per module */
+  cm_err *errs;            /* per module */
+  bool *rejected, *write_failed;
+} build_work;
+
+typedef struct build_worker {
+  build_work *w;
+  int index;
+} build_worker;
+
+/* Loads module m from the cache or compiles it (and stores it). */
+static void build_module(build_work *w, int m, int worker) {
+  cm_cuda_module *mod = &w->out->modules[m];
+  const cm_kernel *k = &w->kp->kernels[mod->kernel];
+  const char *source = w->src[mod->kernel];
+  size_t mlen = 0;
+  char *material = key_material(w->c, w->t->arch, source, &mlen);
+  if (!material) {
+    w->status[m] = cm_errorf(&w->errs[m], CM_EINTERNAL, "kernel %s: out of memory", k->name);
+    return;
   }
-  cm_status st = CM_OK;
+  key_hex(material, mlen, mod->key);
+  char path[4200];
+  bool cache = w->dir && snprintf(path, sizeof path, "%s/%s.%s", w->dir, mod->key,
+                                  w->c->image_suffix) < (int)sizeof path;
   double t0 = now_ms();
+  cache_lookup found = cache ? cache_load(path, material, mlen, &mod->image) : CACHE_ABSENT;
+  if (found == CACHE_HIT) {
+    mod->cached = true;
+    mod->image.compile_ms = now_ms() - t0;
+    free(material);
+    return;
+  }
+  w->rejected[m] = found == CACHE_REJECTED;
+  char name[96];
+  snprintf(name, sizeof name, "%s.cu", k->name);
+  cm_status st = w->c->compile(w->c->self, source, name, w->t->arch, &mod->image, &w->errs[m]);
+  if (st != CM_OK) {
+    cm_err_prefix(&w->errs[m], "kernel %s (%s): ", k->name, w->c->name);
+  } else if (!mod->image.data || mod->image.size == 0) {
+    st = cm_errorf(&w->errs[m], CM_EINTERNAL, "kernel %s (%s): the compiler made an empty image",
+                   k->name, w->c->name);
+  } else if (w->dir) {
+    w->write_failed[m] = !cache || !cache_store(w->dir, path, worker, material, mlen, &mod->image);
+  }
+  w->status[m] = st;
+  free(material);
+}
+
+static void *build_thread(void *arg) {
+  build_worker *bw = arg;
+  build_work *w = bw->w;
+  for (;;) {
+    int i = atomic_fetch_add(&w->next, 1);
+    if (i >= w->out->n_modules) break;
+    int m = w->order[i];
+    if (m > atomic_load(&w->first_failed)) continue;
+    build_module(w, m, bw->index);
+    int first = atomic_load(&w->first_failed);
+    while (w->status[m] != CM_OK && m < first &&
+           !atomic_compare_exchange_weak(&w->first_failed, &first, m)) {
+    }
+  }
+  return NULL;
+}
+
+typedef struct module_size {
+  size_t source_bytes;
+  int module;
+} module_size;
+
+static int larger_source_first(const void *a, const void *b) {
+  const module_size *x = a, *y = b;
+  if (x->source_bytes != y->source_bytes) return x->source_bytes > y->source_bytes ? -1 : 1;
+  return x->module - y->module;
+}
+
+/* Renders every kernel (src[i]) and gives each its module: kernels whose sources are
+ * equal share one (compared by hash, then text). */
+static cm_status render_and_dedup(const cm_kprogram *kp, const cm_target *t, bool no_templates,
+                                  char **src, cm_cuda_build *out, cm_err *err) {
+  int nk = kp->n_kernels;
+  uint64_t *hash = calloc((size_t)nk + 1, sizeof *hash);
+  if (!hash) return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  cm_status st = CM_OK;
   for (int i = 0; i < nk && st == CM_OK; i++) {
     st = cm_cuda_module_source(&kp->kernels[i], t, no_templates, &src[i], err);
     if (st != CM_OK) break;
+    hash[i] = hash_a(src[i], strlen(src[i]));
     out->module_of[i] = -1;
-    for (int q = 0; q < i; q++)
-      if (out->module_of[q] >= 0 && out->modules[out->module_of[q]].kernel == q &&
-          strcmp(src[q], src[i]) == 0) {
-        out->module_of[i] = out->module_of[q];
+    for (int m = 0; m < out->n_modules; m++) {
+      int q = out->modules[m].kernel;
+      if (hash[q] == hash[i] && strcmp(src[q], src[i]) == 0) {
+        out->module_of[i] = m;
         break;
       }
+    }
     if (out->module_of[i] < 0) {
       out->module_of[i] = out->n_modules;
       out->modules[out->n_modules++].kernel = i;
     }
   }
+  free(hash);
+  return st;
+}
+
+/* The threads to use: threads, or every core for 0; at most one per module. */
+static int thread_count(int threads, int n_modules) {
+  long n = threads > 0 ? threads : sysconf(_SC_NPROCESSORS_ONLN);
+  if (n < 1) n = 1;
+  if (n > n_modules) n = n_modules > 0 ? n_modules : 1;
+  return (int)n;
+}
+
+/* Runs the modules on w's threads (the caller's among them); joins them all. */
+static cm_status run_workers(build_work *w, int threads, cm_err *err) {
+  int n = w->out->n_modules;
+  module_size *sizes = calloc((size_t)n + 1, sizeof *sizes);
+  pthread_t *tid = calloc((size_t)threads, sizeof *tid);
+  build_worker *bw = calloc((size_t)threads, sizeof *bw);
+  if (!sizes || !tid || !bw) {
+    free(sizes), free(tid), free(bw);
+    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  }
+  for (int m = 0; m < n; m++)
+    sizes[m] = (module_size){strlen(w->src[w->out->modules[m].kernel]), m};
+  qsort(sizes, (size_t)n, sizeof *sizes, larger_source_first);
+  for (int m = 0; m < n; m++) w->order[m] = sizes[m].module;
+  free(sizes);
+  int started = 1; /* worker 0 is this thread */
+  for (int i = 0; i < threads; i++) bw[i] = (build_worker){w, i};
+  for (int i = 1; i < threads; i++) {
+    if (pthread_create(&tid[i], NULL, build_thread, &bw[i]) != 0) break;
+    started++;
+  }
+  build_thread(&bw[0]);
+  for (int i = 1; i < started; i++) pthread_join(tid[i], NULL);
+  w->out->threads = started;
+  free(tid), free(bw);
+  return CM_OK;
+}
+
+cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool no_templates,
+                                const cm_cuda_compiler *c, const char *cache_dir, int threads,
+                                cm_cuda_build *out, cm_err *err) {
+  memset(out, 0, sizeof *out);
+  if (!c || !c->compile || !c->name || !c->image_suffix || threads < 0)
+    return cm_errorf(err, CM_EINVALID, "cm_cuda_build_program: %s",
+                     threads < 0 ? "threads < 0" : "the compiler lacks a name, suffix or compile");
+  int nk = kp->n_kernels;
+  char **src = calloc((size_t)nk + 1, sizeof *src);
+  out->modules = calloc((size_t)nk + 1, sizeof *out->modules);
+  out->module_of = calloc((size_t)nk + 1, sizeof *out->module_of);
+  build_work w = {.kp = kp, .t = t, .c = c, .src = src, .out = out, .first_failed = nk};
+  w.order = calloc((size_t)nk + 1, sizeof *w.order);
+  w.status = calloc((size_t)nk + 1, sizeof *w.status);
+  w.errs = calloc((size_t)nk + 1, sizeof *w.errs);
+  w.rejected = calloc((size_t)nk + 1, sizeof *w.rejected);
+  w.write_failed = calloc((size_t)nk + 1, sizeof *w.write_failed);
+  char dir[4096];
+  cm_status st = CM_OK;
+  if (!src || !out->modules || !out->module_of || !w.order || !w.status || !w.errs || !w.rejected ||
+      !w.write_failed) {
+    st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+    goto done;
+  }
+  double t0 = now_ms();
+  st = render_and_dedup(kp, t, no_templates, src, out, err);
   out->render_ms = now_ms() - t0;
+  if (st != CM_OK) goto done;
+  if (cache_dir && *cache_dir && snprintf(dir, sizeof dir, "%s/cuda", cache_dir) < (int)sizeof dir)
+    w.dir = dir;
   t0 = now_ms();
-  out->threads = 1;
+  bool unusable = w.dir && !make_dirs(w.dir); /* then every compiled module fails to be stored */
+  if (unusable) w.dir = NULL;
+  st = run_workers(&w, thread_count(threads, out->n_modules), err);
+  out->compile_ms = now_ms() - t0;
+  for (int m = 0; m < out->n_modules && st == CM_OK; m++)
+    if (w.status[m] != CM_OK) {
+      *err = w.errs[m];
+      st = w.status[m];
+    }
   for (int m = 0; m < out->n_modules && st == CM_OK; m++) {
-    cm_cuda_module *mod = &out->modules[m];
-    const cm_kernel *k = &kp->kernels[mod->kernel];
-    char name[96];
-    snprintf(name, sizeof name, "%s.cu", k->name);
-    st = c->compile(c->self, src[mod->kernel], name, t->arch, &mod->image, err);
-    if (st != CM_OK) cm_err_prefix(err, "kernel %s (%s): ", k->name, c->name);
+    const cm_cuda_module *mod = &out->modules[m];
+    if (!mod->image.data) /* not reached: a failure stops the build before */
+      st = cm_errorf(err, CM_EINTERNAL, "kernel %s: no image", kp->kernels[mod->kernel].name);
+    out->cache_hits += mod->cached;
+    out->cache_misses += !mod->cached;
+    out->cache_rejected += w.rejected[m];
+    out->cache_write_failures += unusable ? !mod->cached : w.write_failed[m];
     out->image_bytes += (int64_t)mod->image.size;
   }
-  out->compile_ms = now_ms() - t0;
-  for (int i = 0; i < nk; i++) free(src[i]);
-  free(src);
+done:
+  for (int i = 0; i < nk && src; i++) free(src[i]);
+  free(src), free(w.order), free(w.status), free(w.errs), free(w.rejected), free(w.write_failed);
   if (st != CM_OK) cm_cuda_build_free(out);
   return st;
 }

@@ -158,15 +158,20 @@ typedef struct cm_cuda_module {
 typedef struct cm_cuda_build {
   int n_modules;
   cm_cuda_module *modules;
-  int *module_of; /* per kernel of the program: its module */
-  int cache_hits, cache_misses, cache_write_failures;
+  int *module_of;               /* per kernel of the program: its module */
+  int cache_hits, cache_misses; /* misses: modules compiled (every one when there is no cache) */
+  int cache_rejected;           /* misses whose file failed a check (then overwritten) */
+  int cache_write_failures;     /* compiled modules that could not be stored */
   double render_ms, compile_ms; /* wall times: rendering every kernel; compiling or loading */
   int threads;                  /* compile threads used */
   int64_t image_bytes;
 } cm_cuda_build;
 /* Builds every kernel of kp for target t (a CUDA target) with compiler c. cache_dir:
  * the cache's root ("cuda" under it holds the images; NULL or "": no cache); threads
- * 0: every core. Errors name the kernel and the compiler's first error line. */
+ * 0: every core (modules are rendered serially, then loaded or compiled in parallel,
+ * largest first). Errors name the kernel and the compiler's first error line (of the
+ * first failing module in module order). A cache that cannot be read or written is
+ * not an error: the modules are compiled (cache_write_failures counts them). */
 cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool no_templates,
                                 const cm_cuda_compiler *c, const char *cache_dir, int threads,
                                 cm_cuda_build *out, cm_err *err);
@@ -404,7 +409,13 @@ struct cm_backend {
    * failed compile or alloc_arena. Required. */
   void (*free)(cm_program *pr);
 };
-extern const cm_backend cm_backend_cpu;  /* runtime/backend_cpu.c: LLVM JIT, OpenMP */
+extern const cm_backend cm_backend_cpu; /* runtime/backend_cpu.c: LLVM JIT, OpenMP */
+/* False in a build without LLVM (-DCMAEC_LLVM=OFF): cm_backend_cpu's compile then fails with
+ * CM_NO_CPU_BACKEND_MESSAGE; --backend auto picks cuda or ref there. */
+bool cm_have_cpu_backend(void);
+#define CM_NO_CPU_BACKEND_MESSAGE                                                                  \
+  "this cmaec was built without LLVM (-DCMAEC_LLVM=OFF): the cpu backend is unavailable; use "     \
+  "--backend cuda or ref"
 extern const cm_backend cm_backend_cuda; /* runtime/backend_cuda.c: CUDA C through a
                                             cm_cuda_compiler, run through a cm_cuda_driver */
 /* The modules of a program compiled by cm_backend_cuda (not render_only), with

@@ -7,7 +7,6 @@
 #include "../passes/passes.h"
 
 #include <errno.h>
-#include <llvm-c/Core.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -571,7 +570,7 @@ done:
 static const char usage_compile[] =
     "usage: cmaec compile MODEL.json|GRAPH.json --target cpu|cuda -o DIR\n"
     "                     [--arch sm_80|sm_90|sm_90a] [--emit LIST] [--set KEY=VALUE ...]\n"
-    "                     [--batch N] [--no-templates]\n"
+    "                     [--batch N] [--no-templates] [--cache-dir DIR]\n"
     "\n"
     "Compiles a variant's training step (or a graph file: JSON with \"nodes\") through the\n"
     "default pass pipeline, lowers every kernel to the kernel IR and renders it for the\n"
@@ -582,7 +581,10 @@ static const char usage_compile[] =
     "  stats  DIR/stats.tsv           one row per stage: kernel, kind, template, domain,\n"
     "                                 reduction, work items, FLOPs; with cuda also registers,\n"
     "                                 shared memory, stack and spill bytes from ptxas\n"
-    "--arch (cuda) defaults to sm_90. The CUBIN needs NVRTC (no GPU).\n"
+    "--arch (cuda) defaults to sm_90. The CUBIN needs NVRTC (no GPU). Each distinct kernel\n"
+    "is its own module, compiled on every core, or loaded from the module cache: DIR/cuda\n"
+    "under --cache-dir DIR, else $CMAEC_CACHE_DIR, else $XDG_CACHE_HOME/cmaec, else\n"
+    "~/.cache/cmaec (\"\" disables it); a second compile of the same code compiles nothing.\n"
     "--target cpu compiles for the host CPU, or for the LLVM CPU named by CMAEC_CPU\n"
     "(x86-64-v3, x86-64-v4, skylake-avx512, znver4, ...), which need not be this host's.\n";
 
@@ -686,6 +688,7 @@ static int compile_input(model_cmd *mc, const char *path, int batch, cm_graph **
 typedef struct compile_args {
   bool help, no_templates;
   const char *path, *dir, *target_name, *arch;
+  const char *cache_dir; /* NULL: cm_cache_dir's default */
   cm_target_kind target;
   emit_set emit;
   int batch;
@@ -693,10 +696,11 @@ typedef struct compile_args {
 
 /* Option parsing: fills *a, or reports a bad invocation (EXIT_INVALID). */
 static int compile_parse_args(model_cmd *mc, compile_args *a) {
-  cli_option opts[] = {{"--help", false, NULL, false},  {"-o", true, NULL, false},
-                       {"--output", true, NULL, false}, {"--target", true, NULL, false},
-                       {"--arch", true, NULL, false},   {"--emit", true, NULL, false},
-                       {"--batch", true, NULL, false},  {"--no-templates", false, NULL, false}};
+  cli_option opts[] = {{"--help", false, NULL, false},    {"-o", true, NULL, false},
+                       {"--output", true, NULL, false},   {"--target", true, NULL, false},
+                       {"--arch", true, NULL, false},     {"--emit", true, NULL, false},
+                       {"--batch", true, NULL, false},    {"--no-templates", false, NULL, false},
+                       {"--cache-dir", true, NULL, false}};
   const char *pos[1];
   int n_pos;
   memset(a, 0, sizeof *a);
@@ -740,6 +744,7 @@ static int compile_parse_args(model_cmd *mc, compile_args *a) {
     return EXIT_INVALID;
   }
   a->no_templates = opts[7].given;
+  a->cache_dir = opts[8].given ? opts[8].value : NULL;
   a->path = pos[0];
   return EXIT_OK;
 }
@@ -758,8 +763,11 @@ static int compile_target(const compile_args *a, cm_target *tgt) {
 static int compile_program(const compile_args *a, cm_graph *g, cm_plan *plan, const cm_target *tgt,
                            bool nvrtc, cm_program **pr) {
   cm_err err = {0};
-  cm_compile_opts copts = {
-      .no_templates = a->no_templates, .compile_only = true, .render_only = !nvrtc, .plan = plan};
+  cm_compile_opts copts = {.cache_dir = a->cache_dir,
+                           .no_templates = a->no_templates,
+                           .compile_only = true,
+                           .render_only = !nvrtc,
+                           .plan = plan};
   if (cm_compile(g, tgt, &copts, pr, &err)) return cli_report(&err, a->path);
   cm_program_stats pst;
   cm_program_stats_get(*pr, &pst);
@@ -772,6 +780,10 @@ static int compile_program(const compile_args *a, cm_graph *g, cm_plan *plan, co
 
 /* --emit llvm: LLVM IR as rendered, after O3, and assembly. */
 static int compile_emit_llvm(const compile_args *a, const cm_program *pr) {
+#if !CMAEC_HAVE_LLVM
+  fprintf(stderr, "cmaec compile: --emit llvm: %s\n", CM_NO_CPU_BACKEND_MESSAGE);
+  return EXIT_INVALID;
+#else
   cm_err err = {0};
   cm_jit *jit = NULL;
   cm_jit_opts jo = {NULL, 3, NULL, NULL, 512, true}; /* $CMAEC_CPU may name any CPU */
@@ -786,6 +798,7 @@ static int compile_emit_llvm(const compile_args *a, const cm_program *pr) {
            cm_jit_target_description(jit), 1e3 * (now_seconds() - t0));
   cm_jit_destroy(jit);
   return rc;
+#endif
 }
 
 /* --emit cuda: the CUDA C, and DIR/cubin.ARCH/KERNEL.cubin for each distinct kernel (the
@@ -818,11 +831,26 @@ static int compile_emit_cuda(const compile_args *a, const cm_program *pr,
       return fprintf(stderr, "%s: cannot write\n", path), EXIT_INVALID;
   }
   const cm_cuda_compiler *c = cm_program_cuda_compiler(pr);
-  printf("  cuda: %d distinct kernels (%d functions) for %s by %s on %d thread%s in %.0f ms "
-         "(%d from the cache, %d compiled), %lld bytes of CUBIN, %d with spills\n",
-         build->n_modules, functions, a->arch, c ? c->name : "?", build->threads,
-         build->threads == 1 ? "" : "s", build->compile_ms, build->cache_hits, build->cache_misses,
-         (long long)build->image_bytes, spills);
+  char cbuf[4096];
+  const char *cache = cm_cache_dir(a->cache_dir, cbuf, sizeof cbuf);
+  printf("  cuda: %d distinct kernels (%d functions) for %s by %s: %d from the cache, %d compiled "
+         "on %d thread%s in %.0f ms (rendered in %.0f ms); %lld bytes of CUBIN, %d with spills\n",
+         build->n_modules, functions, a->arch, c ? c->name : "?", build->cache_hits,
+         build->cache_misses, build->threads, build->threads == 1 ? "" : "s", build->compile_ms,
+         build->render_ms, (long long)build->image_bytes, spills);
+  printf("  cache: %s%s", cache ? cache : "off", cache ? "/cuda" : "");
+  int slowest = -1; /* the compile's critical path: no schedule finishes before it */
+  for (int m = 0; m < build->n_modules; m++)
+    if (!build->modules[m].cached && (slowest < 0 || build->modules[m].image.compile_ms >
+                                                         build->modules[slowest].image.compile_ms))
+      slowest = m;
+  if (slowest >= 0)
+    printf("; slowest module: %s, %.0f ms", kp->kernels[build->modules[slowest].kernel].name,
+           build->modules[slowest].image.compile_ms);
+  if (build->cache_rejected) printf(", %d damaged or stale files replaced", build->cache_rejected);
+  if (build->cache_write_failures)
+    printf(", %d modules could not be stored", build->cache_write_failures);
+  putchar('\n');
   return EXIT_OK;
 }
 
