@@ -66,16 +66,46 @@ static const char *const PRELUDE =
     "  return (cm_bf16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);\n"
     "}\n"
     "__device__ __forceinline__ float cm_rbf(float f) { return cm_bf2f(cm_f2bf(f)); }\n"
+    /* CMAEC_EMULATED (tests/emu): the host C++ compiler builds the module, so
+     * what PTX computes is written out in C++ with the same results */
     "__device__ __forceinline__ float cm_h2f(cm_f16_t h) {\n"
+    "#ifdef CMAEC_EMULATED\n"
+    "  unsigned s = (unsigned)(h >> 15) << 31, e = (h >> 10) & 31u, m = h & 1023u;\n"
+    "  if (e == 0) return s ? -ldexpf((float)m, -24) : ldexpf((float)m, -24);\n"
+    "  if (e == 31) return __int_as_float((int)(s | 0x7f800000u | (m << 13) | (m ? 0x400000u : "
+    "0u)));\n"
+    "  return __int_as_float((int)(s | ((e + 112u) << 23) | (m << 13)));\n"
+    "#else\n"
     "  float f;\n"
     "  asm(\"cvt.f32.f16 %0, %1;\" : \"=f\"(f) : \"h\"(h));\n"
     "  return f;\n"
+    "#endif\n"
     "}\n"
     "__device__ __forceinline__ cm_f16_t cm_f2h(float f) {\n"
     "  if (isnan(f)) return signbit(f) ? 0xfe00u : 0x7e00u;\n"
+    "#ifdef CMAEC_EMULATED\n"
+    "  unsigned x = (unsigned)__float_as_int(f), s = (x >> 16) & 0x8000u;\n"
+    "  x &= 0x7fffffffu;\n"
+    "  if (x >= 0x477ff000u) return (cm_f16_t)(s | 0x7c00u); /* from 65520 up: inf */\n"
+    "  unsigned h, rem, half;\n"
+    "  if (x < 0x38800000u) { /* a subnormal half: units of 2^-24 */\n"
+    "    if (x <= 0x33000000u) return (cm_f16_t)s;\n"
+    "    unsigned m = (x & 0x7fffffu) | 0x800000u, sh = 126u - (x >> 23);\n"
+    "    h = m >> sh;\n"
+    "    rem = m & ((1u << sh) - 1u);\n"
+    "    half = 1u << (sh - 1u);\n"
+    "  } else {\n"
+    "    h = (x - 0x38000000u) >> 13;\n"
+    "    rem = x & 0x1fffu;\n"
+    "    half = 0x1000u;\n"
+    "  }\n"
+    "  if (rem > half || (rem == half && (h & 1u))) h++;\n"
+    "  return (cm_f16_t)(s | h);\n"
+    "#else\n"
     "  cm_f16_t h;\n"
     "  asm(\"cvt.rn.f16.f32 %0, %1;\" : \"=h\"(h) : \"f\"(f));\n"
     "  return h;\n"
+    "#endif\n"
     "}\n"
     "__device__ __forceinline__ float cm_rh(float f) {\n"
     "  return isnan(f) ? f : cm_h2f(cm_f2h(f));\n"
@@ -200,6 +230,48 @@ static const char *const PRELUDE =
     "}\n"
     "__device__ __forceinline__ unsigned cm_pack16(unsigned short lo, unsigned short hi) {\n"
     "  return (unsigned)lo | ((unsigned)hi << 16);\n"
+    "}\n\n";
+
+/* The tensor-core helper, in the prelude of targets that have mma.sync (sm_80+). */
+static const char *const PRELUDE_MMA =
+    "// d += A B over one m16n8k16 tile (A row-major, B column-major, bf16 or f16, f32\n"
+    "// accumulators), each lane holding its fragments in PTX's layout (g = lane / 4,\n"
+    "// q = lane % 4): a {A[g][2q..], A[g+8][2q..], A[g][2q+8..], A[g+8][2q+8..]},\n"
+    "// b {B[2q..][g], B[2q+8..][g]}, d {D[g][2q], D[g][2q+1], D[g+8][2q], D[g+8][2q+1]}\n"
+    "template <bool BF16>\n"
+    "__device__ __forceinline__ void cm_mma_16816(float *d, const unsigned *a, const unsigned *b) "
+    "{\n"
+    "#ifdef CMAEC_EMULATED\n"
+    "  unsigned mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]}, all[32][6];\n"
+    "  cm_emu_warp_gather(mine, all);\n"
+    "  const unsigned g = cm_emu_lane() >> 2, q = cm_emu_lane() & 3u;\n"
+    "  for (unsigned h = 0; h < 4; h++) {\n"
+    "    const unsigned row = g + (h >> 1) * 8u, col = 2u * q + (h & 1u);\n"
+    "    float acc = d[h];\n"
+    "    for (unsigned k = 0; k < 16; k++) {\n"
+    "      const unsigned aw = all[(row & 7u) * 4u + ((k & 7u) >> 1)][(row >> 3) + 2u * (k >> "
+    "3)];\n"
+    "      const unsigned bw = all[col * 4u + ((k & 7u) >> 1)][4u + (k >> 3)];\n"
+    "      const unsigned short ah = (unsigned short)(aw >> (16u * (k & 1u)));\n"
+    "      const unsigned short bh = (unsigned short)(bw >> (16u * (k & 1u)));\n"
+    "      acc = fmaf(BF16 ? cm_bf2f(ah) : cm_h2f(ah), BF16 ? cm_bf2f(bh) : cm_h2f(bh), acc);\n"
+    "    }\n"
+    "    d[h] = acc;\n"
+    "  }\n"
+    "#else\n"
+    "  if constexpr (BF16)\n"
+    "    asm volatile(\"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 \"\n"
+    "                 \"{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n\"\n"
+    "                 : \"+f\"(d[0]), \"+f\"(d[1]), \"+f\"(d[2]), \"+f\"(d[3])\n"
+    "                 : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"r\"(b[0]), "
+    "\"r\"(b[1]));\n"
+    "  else\n"
+    "    asm volatile(\"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 \"\n"
+    "                 \"{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n\"\n"
+    "                 : \"+f\"(d[0]), \"+f\"(d[1]), \"+f\"(d[2]), \"+f\"(d[3])\n"
+    "                 : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"r\"(b[0]), "
+    "\"r\"(b[1]));\n"
+    "#endif\n"
     "}\n\n";
 
 /* ---- dtypes ------------------------------------------------------------- */
@@ -972,7 +1044,10 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
   bool *written = calloc((size_t)k->n_buffers + 1, sizeof *written);
   if (!written) return cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
   buffers_written(k, written);
-  if (with_prelude) cu_sb_printf(&sb, "%s", PRELUDE);
+  if (with_prelude) {
+    cu_sb_printf(&sb, "%s", PRELUDE);
+    if (!o || !o->target || o->target->mma_bf16) cu_sb_printf(&sb, "%s", PRELUDE_MMA);
+  }
   cu_sb_printf(&sb, "// kernel %s: %d buffers, %d stages\n", k->name, k->n_buffers, k->n_stages);
   cm_kcuda_plan *plans = NULL;
   cm_status st = cu_plans_for(k, o, &plans, err);

@@ -214,39 +214,31 @@ void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool 
                     p->mma ? "%sBs_[ii_][kk_] = val_;\n" : "%sBs_[kk_][ii_] = val_;\n");
   cu_sb_printf(o, "      __syncthreads();\n");
   if (p->mma) {
-    const char *ty = p->bf16 ? "bf16" : "f16";
-    cu_sb_printf(
-        o,
-        "#pragma unroll\n"
-        "      for (int ks_ = 0; ks_ < %d; ks_ += 16) {\n"
-        "        unsigned af_[%d][4], bf_[%d][2];\n"
-        "#pragma unroll\n"
-        "        for (int x_ = 0; x_ < %d; x_++) {\n"
-        "          const int r_ = wm_ * %d + x_ * 16 + g_;\n"
-        "          af_[x_][0] = *(const unsigned *)&As_[r_][ks_ + 2 * q_];\n"
-        "          af_[x_][1] = *(const unsigned *)&As_[r_ + 8][ks_ + 2 * q_];\n"
-        "          af_[x_][2] = *(const unsigned *)&As_[r_][ks_ + 2 * q_ + 8];\n"
-        "          af_[x_][3] = *(const unsigned *)&As_[r_ + 8][ks_ + 2 * q_ + 8];\n"
-        "        }\n"
-        "#pragma unroll\n"
-        "        for (int y_ = 0; y_ < %d; y_++) {\n"
-        "          const int cidx_ = wn_ * %d + y_ * 8 + g_;\n"
-        "          bf_[y_][0] = *(const unsigned *)&Bs_[cidx_][ks_ + 2 * q_];\n"
-        "          bf_[y_][1] = *(const unsigned *)&Bs_[cidx_][ks_ + 2 * q_ + 8];\n"
-        "        }\n"
-        "#pragma unroll\n"
-        "        for (int x_ = 0; x_ < %d; x_++)\n"
-        "#pragma unroll\n"
-        "          for (int y_ = 0; y_ < %d; y_++)\n"
-        "            asm volatile(\"mma.sync.aligned.m16n8k16.row.col.f32.%s.%s.f32 \"\n"
-        "                         \"{%%0,%%1,%%2,%%3}, {%%4,%%5,%%6,%%7}, {%%8,%%9}, "
-        "{%%0,%%1,%%2,%%3};\\n\"\n"
-        "                         : \"+f\"(acc_[x_][y_][0]), \"+f\"(acc_[x_][y_][1]),\n"
-        "                           \"+f\"(acc_[x_][y_][2]), \"+f\"(acc_[x_][y_][3])\n"
-        "                         : \"r\"(af_[x_][0]), \"r\"(af_[x_][1]), \"r\"(af_[x_][2]),\n"
-        "                           \"r\"(af_[x_][3]), \"r\"(bf_[y_][0]), \"r\"(bf_[y_][1]));\n"
-        "      }\n",
-        p->kc, fm, fn, fm, p->mr, fn, p->nr, fm, fn, ty, ty);
+    cu_sb_printf(o,
+                 "#pragma unroll\n"
+                 "      for (int ks_ = 0; ks_ < %d; ks_ += 16) {\n"
+                 "        unsigned af_[%d][4], bf_[%d][2];\n"
+                 "#pragma unroll\n"
+                 "        for (int x_ = 0; x_ < %d; x_++) {\n"
+                 "          const int r_ = wm_ * %d + x_ * 16 + g_;\n"
+                 "          af_[x_][0] = *(const unsigned *)&As_[r_][ks_ + 2 * q_];\n"
+                 "          af_[x_][1] = *(const unsigned *)&As_[r_ + 8][ks_ + 2 * q_];\n"
+                 "          af_[x_][2] = *(const unsigned *)&As_[r_][ks_ + 2 * q_ + 8];\n"
+                 "          af_[x_][3] = *(const unsigned *)&As_[r_ + 8][ks_ + 2 * q_ + 8];\n"
+                 "        }\n"
+                 "#pragma unroll\n"
+                 "        for (int y_ = 0; y_ < %d; y_++) {\n"
+                 "          const int cidx_ = wn_ * %d + y_ * 8 + g_;\n"
+                 "          bf_[y_][0] = *(const unsigned *)&Bs_[cidx_][ks_ + 2 * q_];\n"
+                 "          bf_[y_][1] = *(const unsigned *)&Bs_[cidx_][ks_ + 2 * q_ + 8];\n"
+                 "        }\n"
+                 "#pragma unroll\n"
+                 "        for (int x_ = 0; x_ < %d; x_++)\n"
+                 "#pragma unroll\n"
+                 "          for (int y_ = 0; y_ < %d; y_++)\n"
+                 "            cm_mma_16816<%s>(acc_[x_][y_], af_[x_], bf_[y_]);\n"
+                 "      }\n",
+                 p->kc, fm, fn, fm, p->mr, fn, p->nr, fm, fn, p->bf16 ? "true" : "false");
   } else {
     cu_sb_printf(
         o,

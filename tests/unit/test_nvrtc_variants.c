@@ -10,8 +10,8 @@
  * variants share many kernels), PER_PROGRAM per NVRTC program, on two threads.
  *
  * The fused attention spans (forward and backward, at odd shapes) run on the
- * host: their CUDA C compiled by the host's C++ compiler under a small CUDA
- * shim, a block's threads as pthreads, each kernel's outputs within their
+ * host: their CUDA C compiled by the emulated device's compiler (tests/emu, the
+ * host's C++ compiler under the CUDA shim), each kernel's outputs within their
  * forward error bounds on its own inputs (cm_plan_eval_group_bounded).
  *
  * Skips (exit 77) only when NVRTC cannot be loaded. CMAEC_TEST_QUICK=1 (the
@@ -27,12 +27,14 @@
 #include "codegen/codegen.h"
 #include "models/models.h"
 #include "runtime/runtime.h"
+#include "tests/emu/emu.h"
 
 #include <ctype.h>
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <time.h>
+#include <unistd.h>
 
 #define PER_PROGRAM 50
 #define N_THREADS 2
@@ -525,162 +527,67 @@ static void test_every_variant_through_nvrtc(void) {
 
 /* ---- the fused attention rendering, run on the host ----------------------
  *
- * No GPU here: the CUDA C of each fused attention span is compiled by the
- * host's C++ compiler under a small CUDA shim (a block's threads are
- * pthreads, __syncthreads a barrier, __shared__ arrays static) and run block
- * after block; every output of the kernel's group must lie within its error
- * bound, the oracle run on the same inputs (emu_check_program). */
-
-static const char *const EMU_SHIM =
-    "#include <cmath>\n#include <cstring>\n#include <pthread.h>\nusing namespace std;\n"
-    "struct cm_dim3 { unsigned x, y, z; };\n"
-    "static thread_local cm_dim3 threadIdx, blockIdx;\n"
-    "static cm_dim3 blockDim, gridDim;\n"
-    "#define __global__\n#define __device__\n#define __forceinline__ inline\n"
-    "#define __launch_bounds__(...)\n#define __shared__ static\n"
-    "#define __align__(n) __attribute__((aligned(n)))\n"
-    "#define asm(...) ((void)0)\n"
-    "static pthread_barrier_t cm_bar;\n"
-    "static inline void __syncthreads() { pthread_barrier_wait(&cm_bar); }\n"
-    "static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }\n"
-    "static inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }\n"
-    "static inline double __longlong_as_double(long long i) { double d; memcpy(&d, &i, 8); "
-    "return d; }\n"
-    "static inline int __clzll(long long x) { return x ? __builtin_clzll((unsigned long long)x) "
-    ": 64; }\n"
-    "template <class T> static T atomicAdd(T *p, T v) { return __atomic_fetch_add(p, v, "
-    "__ATOMIC_SEQ_CST); }\n"
-    "static pthread_mutex_t cm_atomic_mu = PTHREAD_MUTEX_INITIALIZER;\n"
-    "static inline float atomicAdd(float *p, float v) { pthread_mutex_lock(&cm_atomic_mu); "
-    "float o = *p; *p = o + v; pthread_mutex_unlock(&cm_atomic_mu); return o; }\n"
-    "static inline double atomicAdd(double *p, double v) { pthread_mutex_lock(&cm_atomic_mu); "
-    "double o = *p; *p = o + v; pthread_mutex_unlock(&cm_atomic_mu); return o; }\n"
-    "static inline unsigned atomicCAS(unsigned *p, unsigned c, unsigned v) {\n"
-    "  __atomic_compare_exchange_n(p, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);\n"
-    "  return c;\n}\n";
-
-static const char *emu_ctype(cm_dtype d) {
-  switch (d) {
-  case CM_F32: return "float";
-  case CM_F64: return "double";
-  case CM_BF16: return "cm_bf16_t";
-  case CM_F16: return "cm_f16_t";
-  case CM_I32: return "int";
-  case CM_I64: return "long long";
-  default: return "unsigned char";
-  }
-}
-
-/* Whether the host shim can run kernel k: no warp shuffles, no inline PTX. */
-static bool emu_runnable(const char *src) {
-  return !strstr(src, "__shfl") && !strstr(src, "asm volatile");
-}
+ * No GPU here: the CUDA C of every kernel of a program is compiled, as one
+ * module, by the emulated CUDA device's compiler (tests/emu: the host C++
+ * compiler under tests/emu/cuda_shim.hpp, a block's threads as fibers, warp
+ * shuffles and the prelude's mma helper emulated) and run block after block;
+ * every output of the kernel's group must lie within its error bound, the
+ * oracle run on the same inputs (emu_check_program). */
 
 typedef struct emu_prog {
   void *handle;
-  int (*run)(int, void **, unsigned, unsigned, unsigned, unsigned);
-  int *first_fn; /* per kernel: index of its stage 0 in the table; -1: not runnable */
+  emu_module_launch_fn launch;
 } emu_prog;
 
-/* Compiles the runnable kernels of p with the host's C++ compiler under the
- * shim: one table entry per stage. false when no compiler (*skipped) or on
- * failure (a CHECK says which). */
-static bool emu_build(const cm_kprogram *p, emu_prog *e, bool *skipped) {
+/* Compiles every kernel of p (one function per stage) with emu_compiler() and
+ * loads the module; false on failure (a CHECK says which). */
+static bool emu_build(const cm_kprogram *p, emu_prog *e) {
   memset(e, 0, sizeof *e);
-  *skipped = false;
-  e->first_fn = calloc((size_t)p->n_kernels + 1, sizeof *e->first_fn);
-  char dir[] = "/tmp/cmaec_emu_XXXXXX";
-  if (!e->first_fn || !mkdtemp(dir)) return false;
-  char cpp[256], so[256], cmd[1024];
-  snprintf(cpp, sizeof cpp, "%s/k.cpp", dir);
-  snprintf(so, sizeof so, "%s/k.so", dir);
-  FILE *f = fopen(cpp, "w");
-  if (!f) return false;
-  char *pre = NULL;
-  cm_kernel empty;
-  cm_kernel_init(&empty, "none");
-  cm_err err = {0};
   cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
-  CHECK(cm_render_cuda(&empty, &ro, true, &pre, &err) == CM_OK);
-  cm_kernel_free(&empty);
-  fprintf(f, "%s%s\n", EMU_SHIM, pre ? pre : "");
-  free(pre);
-  int n_fn = 0;
-  for (int i = 0; i < p->n_kernels; i++) {
-    const cm_kernel *k = &p->kernels[i];
-    char *src = NULL;
-    e->first_fn[i] = -1;
-    if (cm_render_cuda(k, &ro, false, &src, &err) != CM_OK || !emu_runnable(src)) {
-      free(src);
-      continue;
-    }
-    fprintf(f, "%s\n", src);
-    free(src);
-    for (int st = 0; st < k->n_stages; st++) {
-      fprintf(f, "static void cm_call_%d(void **b) { %s_s%d(", n_fn + st, k->name, st);
-      for (int b = 0; b < k->n_buffers; b++)
-        fprintf(f, "%s(%s *)b[%d]", b ? ", " : "", emu_ctype(k->buffers[b].dtype), b);
-      fprintf(f, "); }\n");
-    }
-    e->first_fn[i] = n_fn;
-    n_fn += k->n_stages;
-  }
-  fprintf(f, "static void (*const cm_fns[])(void **) = {");
-  for (int i = 0; i < n_fn; i++) fprintf(f, "%scm_call_%d", i ? ", " : "", i);
-  fprintf(f, "%s};\n", n_fn ? "" : "0");
-  fprintf(
-      f, "static int cm_fn_;\nstatic void **cm_bufs_;\n"
-         "static void *cm_emu_thread(void *p) {\n  size_t *a = (size_t *)p;\n"
-         "  threadIdx.x = (unsigned)a[0];\n  blockIdx.x = (unsigned)a[1];\n"
-         "  blockIdx.y = (unsigned)a[2];\n  blockIdx.z = (unsigned)a[3];\n"
-         "  cm_fns[cm_fn_](cm_bufs_);\n  return 0;\n}\n"
-         "extern \"C\" int cm_emu_run(int fn, void **bufs, unsigned gx, unsigned gy, unsigned gz,\n"
-         "                            unsigned block) {\n"
-         "  cm_fn_ = fn; cm_bufs_ = bufs;\n"
-         "  blockDim.x = block; blockDim.y = blockDim.z = 1;\n"
-         "  gridDim.x = gx; gridDim.y = gy; gridDim.z = gz;\n"
-         "  if (block > 1024) return 1;\n"
-         "  pthread_barrier_init(&cm_bar, 0, block);\n"
-         "  static pthread_t th[1024];\n  static size_t args[1024][4];\n"
-         "  for (unsigned z = 0; z < gz; z++)\n  for (unsigned y = 0; y < gy; y++)\n"
-         "  for (unsigned x = 0; x < gx; x++) {\n"
-         "    for (unsigned t = 0; t < block; t++) {\n"
-         "      args[t][0] = t; args[t][1] = x; args[t][2] = y; args[t][3] = z;\n"
-         "      if (pthread_create(&th[t], 0, cm_emu_thread, args[t])) return 1;\n    }\n"
-         "    for (unsigned t = 0; t < block; t++) pthread_join(th[t], 0);\n  }\n"
-         "  pthread_barrier_destroy(&cm_bar);\n  return 0;\n}\n");
-  fclose(f);
-  snprintf(cmd, sizeof cmd, "c++ -std=c++17 -O1 -w -shared -fPIC -o %s %s -lpthread 2>%s/log.txt",
-           so, cpp, dir);
-  if (system(cmd) != 0) {
-    *skipped = system("c++ --version > /dev/null 2>&1") != 0;
-    CHECK_MSG(*skipped, "the host compile of the CUDA shim failed (see %s)", dir);
-    return false;
-  }
-  e->handle = dlopen(so, RTLD_NOW | RTLD_LOCAL);
-  CHECK_MSG(e->handle != NULL, "%s: %s", so, dlerror());
-  void *sym = e->handle ? dlsym(e->handle, "cm_emu_run") : NULL;
-  memcpy(&e->run, &sym, sizeof sym);
-  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-  if (sym && system(cmd) != 0) fprintf(stderr, "  (left %s)\n", dir);
+  char *src = NULL;
+  cm_err err = {0};
+  for (int i = 0; i < p->n_kernels; i++)
+    CHECK_MSG(cm_render_cuda(&p->kernels[i], &ro, i == 0, &src, &err) == CM_OK, "%s: %s",
+              p->kernels[i].name, err.msg);
+  if (!src) return false;
+  const cm_cuda_compiler *c = emu_compiler();
+  cm_cubin img;
+  cm_status st = c->compile(c->self, src, "attention_on_host", "sm_80", &img, &err);
+  free(src);
+  CHECK_MSG(st == CM_OK, "%s", err.msg);
+  char path[] = "/tmp/cmaec_emu_XXXXXX";
+  int fd = st == CM_OK ? mkstemp(path) : -1;
+  size_t so_bytes = img.size - sizeof(emu_image_header);
+  bool wrote = fd >= 0 && write(fd, (char *)img.data + sizeof(emu_image_header), so_bytes) ==
+                              (ssize_t)so_bytes;
+  if (fd >= 0) close(fd);
+  cm_cubin_free(&img);
+  e->handle = wrote ? dlopen(path, RTLD_NOW | RTLD_LOCAL) : NULL;
+  CHECK_MSG(e->handle != NULL, "%s: %s", path, wrote ? dlerror() : "not written");
+  if (fd >= 0) unlink(path);
+  void *sym = e->handle ? dlsym(e->handle, EMU_MODULE_LAUNCH_SYMBOL) : NULL;
+  memcpy(&e->launch, &sym, sizeof sym);
   return sym != NULL;
 }
 
-/* Runs kernel ki's stages in order, as the CUDA launches would. */
-CM_NO_SANITIZE_FUNCTION static bool emu_run_kernel(const emu_prog *e, const cm_kernel *k, int ki,
-                                                   void **bufs) {
+/* Runs kernel k's stages in order, as the CUDA launches would. */
+static bool emu_run_kernel(const emu_prog *e, const cm_kernel *k, void **bufs) {
   cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
-  for (int st = 0; st < k->n_stages; st++) {
+  void **args = calloc((size_t)k->n_buffers + 1, sizeof *args);
+  if (!args) return false;
+  for (int b = 0; b < k->n_buffers; b++) args[b] = &bufs[b];
+  bool ok = true;
+  for (int st = 0; st < k->n_stages && ok; st++) {
     cm_cuda_launch l = cm_cuda_stage_launch(k, st, &ro);
-    /* grid-stride loops cover any grid: keep the host's thread count sane */
-    unsigned gx = l.grid[0];
-    bool strided =
-        l.block[0] == 256 && l.grid[1] == 1 && l.grid[2] == 1 &&
-        !(k->stages[st].tmpl == CM_KT_ATTENTION_FWD || k->stages[st].tmpl == CM_KT_ATTENTION_BWD);
-    if (strided && gx > 4) gx = 4;
-    if (e->run(e->first_fn[ki] + st, bufs, gx, l.grid[1], l.grid[2], l.block[0]) != 0) return false;
+    char fn[96];
+    snprintf(fn, sizeof fn, "%s_s%d", k->name, st);
+    int rc = e->launch(fn, l.grid, l.block, l.shared_bytes, args);
+    CHECK_MSG(rc == 0, "%s: launch %ux%ux%u x %ux%ux%u: CUresult %d", fn, l.grid[0], l.grid[1],
+              l.grid[2], l.block[0], l.block[1], l.block[2], rc);
+    ok = rc == 0;
   }
-  return true;
+  free(args);
+  return ok;
 }
 
 static void emu_void_free(void **b, int n) {
@@ -690,7 +597,6 @@ static void emu_void_free(void **b, int n) {
 
 static void emu_free(emu_prog *e) {
   if (e->handle) dlclose(e->handle);
-  free(e->first_fn);
   memset(e, 0, sizeof *e);
 }
 
@@ -709,9 +615,7 @@ static int emu_bwd_stream_runs; /* streaming backward spans run (render_stream_b
 static void emu_check_program(const cm_graph *g, const cm_plan *pl, const cm_kprogram *p,
                               int *kernels, int *spans, int *compared) {
   emu_prog e;
-  bool skipped;
-  if (!emu_build(p, &e, &skipped)) {
-    if (skipped) fprintf(stderr, "  no host C++ compiler: the host runs are skipped\n");
+  if (!emu_build(p, &e)) {
     emu_free(&e);
     return;
   }
@@ -721,7 +625,6 @@ static void emu_check_program(const cm_graph *g, const cm_plan *pl, const cm_kpr
   const cm_tensor **src = calloc((size_t)n, sizeof *src);
   for (int ki = 0; ki < p->n_kernels; ki++) {
     const cm_kernel *k = &p->kernels[ki];
-    if (e.first_fn[ki] < 0) continue;
     const cm_group *gr = &pl->groups[k->group];
     cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
     bool fused =
@@ -763,7 +666,7 @@ static void emu_check_program(const cm_graph *g, const cm_plan *pl, const cm_kpr
         if (bytes == cm_type_nbytes(&in[kb->node].type)) memcpy(emu[b], in[kb->node].data, bytes);
       }
     }
-    CHECK_MSG(emu_run_kernel(&e, k, ki, emu), "%s: the host run failed", k->name);
+    CHECK_MSG(emu_run_kernel(&e, k, emu), "%s: the host run failed", k->name);
     (*kernels)++;
     *spans += fused;
     emu_bwd_stream_runs +=
@@ -801,9 +704,9 @@ static void emu_check_program(const cm_graph *g, const cm_plan *pl, const cm_kpr
   emu_free(&e);
 }
 
-/* Attention (forward and backward) at odd shapes: every kernel the shim can
- * run (fused attention spans, FMA GEMMs, thread-per-point stages) on the host
- * against the bounded oracle. */
+/* Attention (forward and backward) at odd shapes: every kernel (fused
+ * attention spans, GEMMs, warp-shuffle reductions, thread-per-point stages) on
+ * the host against the bounded oracle. */
 static void test_cuda_kernels_on_host(void) {
   static const int64_t shapes[][4] = {{2, 13, 24, 3}, {2, 70, 16, 2}, {3, 5, 8, 2}};
   int kernels = 0, spans = 0, compared = 0;

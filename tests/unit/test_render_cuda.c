@@ -326,6 +326,8 @@ static void test_compile_all(void) {
     if (!src) continue;
     CHECK_STR_CONTAINS(src, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32");
     CHECK_STR_CONTAINS(src, "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32");
+    CHECK_STR_CONTAINS(src, "cm_mma_16816<true>(acc_[x_][y_], af_[x_], bf_[y_]);");
+    CHECK_STR_CONTAINS(src, "cm_mma_16816<false>(acc_[x_][y_], af_[x_], bf_[y_]);");
     CHECK_STR_CONTAINS(src, "__shfl_down_sync");
     CHECK_STR_CONTAINS(src, "if (lane_ == 0) {");       /* a warp per row */
     CHECK_STR_CONTAINS(src, "if (threadIdx.x == 0) {"); /* a block per row */
