@@ -4,8 +4,8 @@
  * driver (and its GPUs), NCCL and MPI — and the report `cmaec info` prints
  * (runtime/libraries.c); execution: cm_compile, the one driver from a graph to
  * running code, cm_program and the cm_backend table a backend fills in
- * (runtime/program.c; the CPU backend runtime/backend_cpu.c, the compile-only
- * CUDA backend runtime/backend_cuda.c). The training half (data, views,
+ * (runtime/program.c; the CPU backend runtime/backend_cpu.c, the CUDA backend
+ * runtime/backend_cuda.c). The training half (data, views,
  * trainer, checkpoints, metrics, evaluation, pictures) is runtime/training.h,
  * which includes this header. */
 #ifndef CMAEC_RUNTIME_H
