@@ -693,8 +693,12 @@ static void test_out_of_bounds_write(void) {
   cm_err err = {0};
   CHECK_MSG(c->compile(c->self, source, "oob.cu", t.arch, &img, &err) == CM_OK, "%s", err.msg);
   fflush(stderr);
+  int pipe_fd[2];
+  CHECK(pipe(pipe_fd) == 0);
   pid_t child = fork();
-  if (child == 0) {
+  if (child == 0) { /* its stderr (the sanitizer's report) goes to the parent */
+    close(pipe_fd[0]);
+    dup2(pipe_fd[1], 2);
     void *ctx = NULL, *mod = NULL, *fn = NULL;
     cm_cu_ptr buf = 0;
     int dev = 0;
@@ -708,10 +712,23 @@ static void test_out_of_bounds_write(void) {
       _exit(4);
     _exit(0);
   }
+  close(pipe_fd[1]);
+  static char report[1 << 16], sink[4096];
+  size_t got = 0, cap = sizeof report - 1;
+  for (ssize_t r = 1; r > 0;) { /* the report's start kept, the rest drained */
+    r = got < cap ? read(pipe_fd[0], report + got, cap - got) : read(pipe_fd[0], sink, sizeof sink);
+    if (r > 0 && got < cap) got += (size_t)r;
+  }
+  report[got] = 0;
+  close(pipe_fd[0]);
   int status = 0;
   CHECK(child > 0 && waitpid(child, &status, 0) == child);
   bool died = !(WIFEXITED(status) && (WEXITSTATUS(status) == 0 || WEXITSTATUS(status) >= 3));
   CHECK_MSG(died, "the out-of-bounds write was not caught (child status %d)", status);
+  CHECK_MSG(strstr(report, "heap-buffer-overflow") && strstr(report, "WRITE of size 4"),
+            "the child's report: %.300s", report);
+  fprintf(stderr, "  a kernel writing one float past its allocation: caught (%s)\n",
+          strstr(report, "heap-buffer-overflow") ? "AddressSanitizer: heap-buffer-overflow" : "?");
   cm_cubin_free(&img);
 }
 
