@@ -5,7 +5,10 @@
  * stages that took more than 2 % of a step (a fused span's time is its first
  * stage's). --threads 1 keeps OpenMP's barriers out of the figures on a busy
  * machine.
- *   attn [--n N] [--heads H] [--tokens T] [--dim D] [--steps S] [--threads T] */
+ * --backend cuda (auto: when there is a GPU) runs it there: the kernel and stage
+ * figures come from the CPU backend's profile only.
+ *   attn [--n N] [--heads H] [--tokens T] [--dim D] [--steps S] [--threads T]
+ *        [--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off] */
 #include "ir/ir.h"
 #include "models/models.h"
 #include "runtime/runtime.h"
@@ -22,11 +25,31 @@ static double now_ms(void) {
   return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
 }
 
+/* --backend auto|cpu|cuda, --device N, --cuda-graphs on|off at argv[*i] into req: true
+ * when argv[*i] was one of them (*i moved past its value; *bad when the value is wrong). */
+static bool backend_arg(int argc, char **argv, int *i, cm_backend_request *req, bool *bad) {
+  const char *a = argv[*i];
+  bool ours = !strcmp(a, "--backend") || !strcmp(a, "--device") || !strcmp(a, "--cuda-graphs");
+  if (!ours || *i + 1 >= argc) return false;
+  const char *v = argv[++*i];
+  cm_err err = {0};
+  cm_status st = !strcmp(a, "--backend")  ? cm_backend_parse(v, false, &req->kind, &err)
+                 : !strcmp(a, "--device") ? cm_backend_parse_device(v, &req->device, &err)
+                                          : cm_backend_parse_graphs(v, &req->graphs, &err);
+  if (st) fprintf(stderr, "%s\n", err.msg), *bad = true;
+  return true;
+}
+
 int main(int argc, char **argv) {
   int64_t n = 64, heads = 4, tokens = 65, dim = 32;
   int steps = 20, threads = 0;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (!strcmp(argv[i], "--n"))
+  cm_backend_request req = {0};
+  bool bad = false;
+  for (int i = 1; i + 1 < argc && !bad; i += 2) {
+    int at = i;
+    if (backend_arg(argc, argv, &at, &req, &bad))
+      continue;
+    else if (!strcmp(argv[i], "--n"))
       n = atoll(argv[i + 1]);
     else if (!strcmp(argv[i], "--heads"))
       heads = atoll(argv[i + 1]);
@@ -40,10 +63,15 @@ int main(int argc, char **argv) {
       threads = atoi(argv[i + 1]);
     else {
       fprintf(stderr,
-              "usage: attn [--n N] [--heads H] [--tokens T] [--dim D] [--steps S] [--threads T]\n");
+              "usage: attn [--n N] [--heads H] [--tokens T] [--dim D] [--steps S] [--threads T] "
+              "[--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off]\n");
       return 2;
     }
   }
+  cm_backend_choice choice;
+  cm_err berr = {0};
+  if (bad) return 2;
+  if (cm_backend_resolve(&req, &choice, &berr)) return fprintf(stderr, "attn: %s\n", berr.msg), 2;
   cm_graph *g = cm_graph_new();
   int64_t d[4] = {n, heads, tokens, dim};
   int q = cm_input(g, "q", CM_F32, 4, d), k = cm_input(g, "k", CM_F32, 4, d);
@@ -75,9 +103,11 @@ int main(int argc, char **argv) {
     }
     sp[i] = &src[i];
   }
-  cm_compile_opts o = {.threads = threads, .cache_dir = "", .profile = true};
+  cm_compile_opts o = {
+      .threads = threads, .cache_dir = "", .profile = choice.kind == CM_BACKEND_CPU};
+  const cm_target *target = cm_backend_compile_opts(&choice, &o);
   cm_program *pr = NULL;
-  if (cm_compile(g, NULL, &o, &pr, &err) != CM_OK) return fprintf(stderr, "%s\n", err.msg), 1;
+  if (cm_compile(g, target, &o, &pr, &err) != CM_OK) return fprintf(stderr, "%s\n", err.msg), 1;
   cm_tensor *out = calloc((size_t)g->n_outputs, sizeof *out);
   cm_program_run(pr, sp, out, &err); /* warm-up */
   for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&out[j]);
@@ -92,8 +122,8 @@ int main(int argc, char **argv) {
   }
   double wall = (now_ms() - t0) / steps;
   np = cm_program_profile(pr, &prof);
-  printf("n %lld heads %lld tokens %lld dim %lld: %.3f ms/step\n", (long long)n, (long long)heads,
-         (long long)tokens, (long long)dim, wall);
+  printf("n %lld heads %lld tokens %lld dim %lld: %.3f ms/step on %s\n", (long long)n,
+         (long long)heads, (long long)tokens, (long long)dim, wall, choice.description);
   for (int i = 0; i < np; i++) {
     double ms = (prof[i].total_ms - base[i]) / steps;
     if (prof[i].kind == CM_GROUP_ATTENTION || ms > 0.05 * wall)

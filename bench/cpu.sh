@@ -9,5 +9,5 @@ cmake --build build -j2 --target bench_gemm bench_step >/dev/null
 bash bench/build.sh >/dev/null
 peak=$(build/bench/peak --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["peak_fp32_gflops"])')
 echo "FP32 FMA peak, all cores: $peak GFLOP/s (build/bench/peak)"
-build/bench/gemm --peak "$peak"
-build/bench/step "$@" --peak "$peak"
+build/bench/gemm --peak "$peak" --backend cpu
+build/bench/step --backend cpu "$@" --peak "$peak"

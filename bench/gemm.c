@@ -9,9 +9,12 @@
  * (cm_program_run with outputs NULL, as a caller reading it through
  * cm_program_output would): copying M N floats into a fresh tensor per
  * run costs 2-3 ms at K = 384, on one thread, for page faults and the copy.
- * `kernel` is the kernels' own time from the executor's profile.
+ * `kernel` is the kernels' own time from the executor's profile (CPU only).
+ * --backend cuda (auto: when there is a GPU) times them on the GPU, the operands
+ * uploaded once (cm_program_prefetch), as the trainer's batches are.
  *
- * usage: build/bench/gemm [--peak GFLOPS] [--threads N] [--seconds S] [--json] */
+ * usage: build/bench/gemm [--peak GFLOPS] [--threads N] [--seconds S] [--json]
+ *                         [--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off] */
 #include "runtime/runtime.h"
 
 #include <stdio.h>
@@ -48,12 +51,30 @@ static double uniform(void) {
   return (double)(rng >> 11) * (1.0 / 9007199254740992.0);
 }
 
+/* --backend auto|cpu|cuda, --device N, --cuda-graphs on|off at argv[*i] into req: true
+ * when argv[*i] was one of them (*i moved past its value; *bad when the value is wrong). */
+static bool backend_arg(int argc, char **argv, int *i, cm_backend_request *req, bool *bad) {
+  const char *a = argv[*i];
+  bool ours = !strcmp(a, "--backend") || !strcmp(a, "--device") || !strcmp(a, "--cuda-graphs");
+  if (!ours || *i + 1 >= argc) return false;
+  const char *v = argv[++*i];
+  cm_err err = {0};
+  cm_status st = !strcmp(a, "--backend")  ? cm_backend_parse(v, false, &req->kind, &err)
+                 : !strcmp(a, "--device") ? cm_backend_parse_device(v, &req->device, &err)
+                                          : cm_backend_parse_graphs(v, &req->graphs, &err);
+  if (st) fprintf(stderr, "%s\n", err.msg), *bad = true;
+  return true;
+}
+
 int main(int argc, char **argv) {
   double peak = 0, seconds = 1.0;
   int threads = 0;
-  bool json = false;
-  for (int i = 1; i < argc; i++) {
-    if (!strcmp(argv[i], "--peak") && i + 1 < argc)
+  bool json = false, bad = false;
+  cm_backend_request req = {0};
+  for (int i = 1; i < argc && !bad; i++) {
+    if (backend_arg(argc, argv, &i, &req, &bad))
+      continue;
+    else if (!strcmp(argv[i], "--peak") && i + 1 < argc)
       peak = atof(argv[++i]);
     else if (!strcmp(argv[i], "--threads") && i + 1 < argc)
       threads = atoi(argv[++i]);
@@ -62,10 +83,16 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--json"))
       json = true;
     else {
-      fprintf(stderr, "usage: gemm [--peak GFLOPS] [--threads N] [--seconds S] [--json]\n");
+      fprintf(stderr, "usage: gemm [--peak GFLOPS] [--threads N] [--seconds S] [--json] "
+                      "[--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off]\n");
       return 2;
     }
   }
+  cm_backend_choice choice;
+  cm_err berr = {0};
+  if (bad) return 2;
+  if (cm_backend_resolve(&req, &choice, &berr)) return fprintf(stderr, "gemm: %s\n", berr.msg), 2;
+  if (!json) printf("backend %s\n", choice.description);
   if (!json)
     printf("%-20s %6s %6s %6s %10s %8s %10s %8s\n", "gemm", "M", "N", "K", "GFLOP/s", "of peak",
            "kernel", "of peak");
@@ -95,15 +122,18 @@ int main(int argc, char **argv) {
     bound[w] = &src[1];
     cm_compile_opts o = {0};
     o.threads = threads;
-    o.profile = true;
+    o.profile = choice.kind == CM_BACKEND_CPU;
+    const cm_target *target = cm_backend_compile_opts(&choice, &o);
     cm_program *pr = NULL;
-    if (cm_compile(g, NULL, &o, &pr, &err)) {
+    if (cm_compile(g, target, &o, &pr, &err)) {
       fprintf(stderr, "gemm: %s\n", err.msg);
       return 1;
     }
     cm_tensor out;
     memset(&out, 0, sizeof out);
-    if (cm_program_run(pr, bound, &out, &err)) { /* warm-up */
+    /* warm-up; the prefetch keeps the operands on a device for the timed runs */
+    if (cm_program_start(pr, bound, &err) || cm_program_prefetch(pr, bound, &err) ||
+        cm_program_finish(pr, &out, &err)) {
       fprintf(stderr, "gemm: %s\n", err.msg);
       return 1;
     }
@@ -131,9 +161,9 @@ int main(int argc, char **argv) {
     cm_program_stats_get(pr, &st);
     if (json)
       printf("%s{\"gemm\": \"%s\", \"m\": %lld, \"n\": %lld, \"k\": %lld, \"gflops\": %.1f, "
-             "\"of_peak\": %.3f, \"kernel_gflops\": %.1f, \"threads\": %d}",
+             "\"of_peak\": %.3f, \"kernel_gflops\": %.1f, \"threads\": %d, \"backend\": \"%s\"}",
              s ? ", " : "", sh->what, (long long)sh->m, (long long)sh->n, (long long)sh->k, gflops,
-             peak > 0 ? gflops / peak : 0, kgflops, st.threads);
+             peak > 0 ? gflops / peak : 0, kgflops, st.threads, cm_backend_kind_name(choice.kind));
     else
       printf("%-20s %6lld %6lld %6lld %10.1f %7.1f%% %10.1f %7.1f%%\n", sh->what, (long long)sh->m,
              (long long)sh->n, (long long)sh->k, gflops, peak > 0 ? 100 * gflops / peak : 0,

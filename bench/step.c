@@ -1,4 +1,4 @@
-/* bench/step.c — one training step of a model variant on the CPU backend.
+/* bench/step.c — one training step of a model variant on the CPU or a GPU.
  *
  * Builds the variant's training step (AdamW, EMA, as `cmaec build --train`),
  * compiles it with the CPU backend (default pipeline, kernel IR, LLVM JIT,
@@ -8,10 +8,15 @@
  * reduction stages whose body is a product), GFLOP/s and its fraction of
  * --peak, then the kernels that took the most time (--top), and with
  * --stages N the N stages that took the most time, each with its loop shape
- * and what in its expressions may keep it from vectorizing.
+ * and what in its expressions may keep it from vectorizing. --backend cuda
+ * (auto: when there is a GPU) runs it as the trainer does: params and optimizer
+ * state resident on the device, the batch prefetched, the step replayed as one
+ * CUDA graph unless --cuda-graphs off; the kernel table needs a profile, which
+ * only the CPU backend gives.
  *
  * usage: build/bench/step [MODEL.json] [--batch N] [--steps N] [--threads N]
- *                         [--peak GFLOPS] [--top N] [--stages N] [--set KEY=VALUE ...] */
+ *                         [--peak GFLOPS] [--top N] [--stages N] [--set KEY=VALUE ...]
+ *                         [--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off] */
 #include "models/models.h"
 #include "runtime/runtime.h"
 
@@ -84,13 +89,25 @@ typedef struct bench_opts {
   double peak;
   const char *sets[64];
   int n_sets;
+  cm_backend_request backend;
+  cm_backend_choice choice;
 } bench_opts;
 
 /* The command line into *o; false (after the usage) on a bad argument. */
 static bool parse_args(int argc, char **argv, bench_opts *o) {
   *o = (bench_opts){.path = "models/cmae_vit_tiny_fmnist.json", .steps = 10, .top = 12};
+  cm_err err = {0};
   for (int i = 1; i < argc; i++) {
-    if (!strcmp(argv[i], "--batch") && i + 1 < argc)
+    if (!strcmp(argv[i], "--backend") && i + 1 < argc) {
+      if (cm_backend_parse(argv[++i], false, &o->backend.kind, &err))
+        return fprintf(stderr, "step: %s\n", err.msg), false;
+    } else if (!strcmp(argv[i], "--device") && i + 1 < argc) {
+      if (cm_backend_parse_device(argv[++i], &o->backend.device, &err))
+        return fprintf(stderr, "step: %s\n", err.msg), false;
+    } else if (!strcmp(argv[i], "--cuda-graphs") && i + 1 < argc) {
+      if (cm_backend_parse_graphs(argv[++i], &o->backend.graphs, &err))
+        return fprintf(stderr, "step: %s\n", err.msg), false;
+    } else if (!strcmp(argv[i], "--batch") && i + 1 < argc)
       o->batch = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
       o->steps = atoi(argv[++i]);
@@ -108,10 +125,13 @@ static bool parse_args(int argc, char **argv, bench_opts *o) {
       o->path = argv[i];
     else {
       fprintf(stderr, "usage: step [MODEL.json] [--batch N] [--steps N] [--threads N] "
-                      "[--peak GFLOPS] [--top N] [--stages N] [--set KEY=VALUE ...]\n");
+                      "[--peak GFLOPS] [--top N] [--stages N] [--set KEY=VALUE ...] "
+                      "[--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off]\n");
       return false;
     }
   }
+  if (cm_backend_resolve(&o->backend, &o->choice, &err))
+    return fprintf(stderr, "step: %s\n", err.msg), false;
   return true;
 }
 
@@ -148,9 +168,11 @@ static int build_program(bench_opts *o, cm_model_config *cfg, cm_model *m, cm_gr
   }
   cm_compile_opts co = {0};
   co.threads = o->threads;
-  co.profile = true;
+  co.profile = o->choice.kind == CM_BACKEND_CPU; /* a GPU step runs unprofiled, as in training */
+  co.resident_states = true;
+  const cm_target *target = cm_backend_compile_opts(&o->choice, &co);
   *t_build = now();
-  if (cm_compile(*step, NULL, &co, pr, &err)) {
+  if (cm_compile(*step, target, &co, pr, &err)) {
     fprintf(stderr, "%s: %s\n", o->path, err.msg);
     return 1;
   }
@@ -229,7 +251,9 @@ static bool time_steps(const bench_opts *o, cm_program *pr, cm_tensor **bound, i
   memcpy(*sbase, sprof, sizeof **sbase * (size_t)n_sprof);
   double t0 = now();
   for (int s = 0; s < o->steps; s++) {
-    if (cm_program_run(pr, bound, outs, &err)) {
+    /* as the trainer: the next batch (here the same tensors) uploaded while the step runs */
+    if (cm_program_start(pr, bound, &err) || cm_program_prefetch(pr, bound, &err) ||
+        cm_program_finish(pr, outs, &err)) {
       fprintf(stderr, "%s: step %d: %s\n", o->path, s, err.msg);
       return false;
     }
@@ -255,15 +279,25 @@ static double print_kernels(const bench_opts *o, const char *name, const cm_prog
   }
   cm_program_stats st;
   cm_program_stats_get(pr, &st);
-  printf("%s: batch %d, %d steps on %d threads; build %.2f s (%d kernels, %d distinct, %d "
+  char where[300];
+  if (o->choice.kind == CM_BACKEND_CPU)
+    snprintf(where, sizeof where, "%s, %d threads", o->choice.description, st.threads);
+  else
+    snprintf(where, sizeof where, "%s", o->choice.description);
+  printf("%s: batch %d, %d steps on %s; build %.2f s (%d kernels, %d distinct, %d "
          "stages, cache %d hits %d misses)\n",
-         name, o->batch, o->steps, st.threads, t_build, st.n_kernels, st.n_distinct_kernels,
-         st.n_stages, st.cache_hits, st.cache_misses);
+         name, o->batch, o->steps, where, t_build, st.n_kernels, st.n_distinct_kernels, st.n_stages,
+         st.cache_hits, st.cache_misses);
   printf("step %.2f ms, %.1f images/s, %.3f GFLOP per step, %.1f GFLOP/s", 1e3 * dt, o->batch / dt,
          flops * 1e-9, flops * 1e-9 / dt);
   if (o->peak > 0)
     printf(", %.1f%% of peak %.1f GFLOP/s", 100 * flops * 1e-9 / dt / o->peak, o->peak);
-  printf("\nkernels: %.2f ms of the step (the rest: binding, output copies)\n", kernel_ms);
+  printf("\n");
+  if (n_prof == 0) { /* no profile (a GPU backend): the step time is all there is */
+    free(rows);
+    return 0;
+  }
+  printf("kernels: %.2f ms of the step (the rest: binding, output copies)\n", kernel_ms);
   qsort(rows, (size_t)n_prof, sizeof *rows, by_time);
   printf("%-28s %-12s %9s %6s %9s\n", "kernel", "kind", "ms/step", "share", "GFLOP/s");
   for (int i = 0; i < n_prof && i < o->top; i++)

@@ -24,7 +24,7 @@ void cm_compiler_find_llvm(cm_component *out) {
 #if !CMAEC_HAVE_LLVM
   out->found = false;
   snprintf(out->detail, sizeof out->detail,
-           "not in this build (-DCMAEC_LLVM=OFF): no cpu backend; use --backend cuda or ref");
+           "left out of this build (-DCMAEC_LLVM=OFF): no cpu backend; use --backend cuda or ref");
 #else
   unsigned major, minor, patch;
   LLVMGetVersion(&major, &minor, &patch);

@@ -1,8 +1,8 @@
 /* runtime/cuda_build.c — a program's kernels built for a CUDA target: each
  * distinct kernel rendered under one name (CM_CUDA_MODULE_KERNEL) with the
- * prelude and compiled as its own module by a cm_cuda_compiler (NVRTC, or the
- * emulated device's host compiler), on several threads, through an on-disk
- * cache of module images.
+ * prelude and compiled as its own module (a very large one split into parts
+ * at its stages) by a cm_cuda_compiler (NVRTC, or the emulated device's host
+ * compiler), on several threads, through an on-disk cache of module images.
  *
  * The cache: <root>/cuda/<key>.<image_suffix>, key = 128 bits of hash (hex) of
  * the key material (a format tag, the compiler's name, its options, the arch
@@ -326,6 +326,93 @@ void cm_cuda_build_free(cm_cuda_build *b) {
   memset(b, 0, sizeof *b);
 }
 
+/* ---- splitting a large module --------------------------------------------------
+ *
+ * One kernel can be most of a program's compile: the optimizer's reduction over every
+ * parameter of ViT-B renders to 4.5 MB (317 stage functions of 886 parameters each) and
+ * takes NVRTC 24 s alone. A kernel whose module source exceeds the part size is split at
+ * its stages' comment lines ("// stage N", "// stages A..B") into translation units of at
+ * most that size (the prelude and the kernel's banner, then whole stages), compiled in
+ * parallel as modules of their own. */
+
+typedef struct module_part {
+  size_t begin, end;          /* the stages' text in the kernel's source */
+  int stage_begin, stage_end; /* the stage functions it defines */
+} module_part;
+
+/* The stage number N of the next stage function in [*p, end): a line `extern "C" __global__
+ * ... cmk_sN(`; -1 when none. Moves *p past it. */
+static int next_stage_function(const char **p, const char *end) {
+  static const char line[] = "\nextern \"C\" __global__ ", fn[] = " " CM_CUDA_MODULE_KERNEL "_s";
+  for (const char *q = strstr(*p, line); q && q < end; q = strstr(q + 1, line)) {
+    const char *eol = strchr(q + 1, '\n');
+    const char *f = strstr(q + 1, fn);
+    if (!f || (eol && f > eol)) continue;
+    const char *d = f + sizeof fn - 1;
+    int n = 0, digits = 0;
+    while (*d >= '0' && *d <= '9' && digits < 9) n = n * 10 + (*d++ - '0'), digits++;
+    if (digits == 0 || *d != '(') continue;
+    *p = d;
+    return n;
+  }
+  return -1;
+}
+
+/* Splits src (a module of n_stages stage functions) into at most max parts of at most
+ * limit bytes each (a larger stage alone); *head: the bytes every part starts with.
+ * Returns the count, or 1 (the whole source, parts[0]) when src is small enough or its
+ * stages cannot be told apart. */
+static int split_module(const char *src, int n_stages, size_t limit, module_part *parts, int max,
+                        size_t *head) {
+  size_t len = strlen(src);
+  parts[0] = (module_part){0, len, 0, n_stages};
+  *head = 0;
+  const char *banner = strstr(src, "\n// kernel " CM_CUDA_MODULE_KERNEL ":");
+  const char *first = banner ? strstr(banner, "\n// stage") : NULL;
+  if (limit == 0 || len <= limit || !first || max < 2) return 1;
+  size_t h = (size_t)(first + 1 - src);
+  int n = 0, next_stage = 0;
+  const char *chunk = first + 1;
+  while (*chunk) {
+    const char *after = strstr(chunk + 1, "\n// stage");
+    const char *end = after ? after + 1 : src + len;
+    int lo = -1, hi = -1;
+    for (const char *p = chunk;;) {
+      int stage = next_stage_function(&p, end);
+      if (stage < 0) break;
+      if (stage != next_stage) return 1; /* not the stages in order: keep it whole */
+      lo = lo < 0 ? stage : lo;
+      hi = stage;
+      next_stage++;
+    }
+    if (lo < 0) return 1;
+    size_t bytes = (size_t)(end - chunk), b = (size_t)(chunk - src);
+    if (n > 0 && h + (parts[n - 1].end - parts[n - 1].begin) + bytes <= limit) {
+      parts[n - 1].end = b + bytes;
+      parts[n - 1].stage_end = hi + 1;
+    } else {
+      if (n == max) return 1;
+      parts[n++] = (module_part){b, b + bytes, lo, hi + 1};
+    }
+    chunk = end;
+  }
+  if (next_stage != n_stages || n < 2) {
+    parts[0] = (module_part){0, len, 0, n_stages};
+    return 1;
+  }
+  *head = h;
+  return n;
+}
+
+/* The part size: $CMAEC_CUDA_PART_BYTES (0: never split), else CM_CUDA_PART_BYTES. */
+static size_t part_bytes(void) {
+  const char *e = getenv("CMAEC_CUDA_PART_BYTES");
+  if (!e || !*e) return CM_CUDA_PART_BYTES;
+  char *end = NULL;
+  unsigned long long v = strtoull(e, &end, 10);
+  return end && !*end ? (size_t)v : CM_CUDA_PART_BYTES;
+}
+
 /* What the compile threads share: the modules to make, the next one to take, and
  * per module its outcome. */
 typedef struct build_work {
@@ -333,7 +420,7 @@ typedef struct build_work {
   const cm_target *t;
   const cm_cuda_compiler *c;
   const char *dir; /* <root>/cuda, or NULL: no cache */
-  char **src;      /* per kernel */
+  char **src;      /* per module: its whole translation unit */
   cm_cuda_build *out;
   int *order; /* modules, largest source first */
   atomic_int next;
@@ -349,15 +436,27 @@ typedef struct build_worker {
   int index;
 } build_worker;
 
+/* "kernel NAME" and, for a part of a split kernel, its stages. */
+static void module_title(const build_work *w, int m, char *buf, size_t size) {
+  const cm_cuda_module *mod = &w->out->modules[m];
+  const cm_kernel *k = &w->kp->kernels[mod->kernel];
+  if (mod->stage_begin == 0 && mod->stage_end == k->n_stages)
+    snprintf(buf, size, "kernel %s", k->name);
+  else
+    snprintf(buf, size, "kernel %s stages %d..%d", k->name, mod->stage_begin, mod->stage_end - 1);
+}
+
 /* Loads module m from the cache or compiles it (and stores it). */
 static void build_module(build_work *w, int m, int worker) {
   cm_cuda_module *mod = &w->out->modules[m];
   const cm_kernel *k = &w->kp->kernels[mod->kernel];
-  const char *source = w->src[mod->kernel];
+  const char *source = w->src[m];
+  char title[200];
+  module_title(w, m, title, sizeof title);
   size_t mlen = 0;
   char *material = key_material(w->c, w->t->arch, source, &mlen);
   if (!material) {
-    w->status[m] = cm_errorf(&w->errs[m], CM_EINTERNAL, "kernel %s: out of memory", k->name);
+    w->status[m] = cm_errorf(&w->errs[m], CM_EINTERNAL, "%s: out of memory", title);
     return;
   }
   key_hex(material, mlen, mod->key);
@@ -374,13 +473,16 @@ static void build_module(build_work *w, int m, int worker) {
   }
   w->rejected[m] = found == CACHE_REJECTED;
   char name[96];
-  snprintf(name, sizeof name, "%s.cu", k->name);
+  if (mod->stage_begin == 0)
+    snprintf(name, sizeof name, "%s.cu", k->name);
+  else
+    snprintf(name, sizeof name, "%s.s%d.cu", k->name, mod->stage_begin);
   cm_status st = w->c->compile(w->c->self, source, name, w->t->arch, &mod->image, &w->errs[m]);
   if (st != CM_OK) {
-    cm_err_prefix(&w->errs[m], "kernel %s (%s): ", k->name, w->c->name);
+    cm_err_prefix(&w->errs[m], "%s (%s): ", title, w->c->name);
   } else if (!mod->image.data || mod->image.size == 0) {
-    st = cm_errorf(&w->errs[m], CM_EINTERNAL, "kernel %s (%s): the compiler made an empty image",
-                   k->name, w->c->name);
+    st = cm_errorf(&w->errs[m], CM_EINTERNAL, "%s (%s): the compiler made an empty image", title,
+                   w->c->name);
   } else if (w->dir) {
     w->write_failed[m] = !cache || !cache_store(w->dir, path, worker, material, mlen, &mod->image);
   }
@@ -416,33 +518,95 @@ static int larger_source_first(const void *a, const void *b) {
   return x->module - y->module;
 }
 
-/* Renders every kernel (src[i]) and gives each its module: kernels whose sources are
- * equal share one (compared by hash, then text). */
+/* Renders every kernel (src[i]) and gives each its distinct kernel (*distinct_of, and
+ * first[d] the first kernel of distinct d): kernels whose sources are equal share one
+ * (compared by hash, then text). */
 static cm_status render_and_dedup(const cm_kprogram *kp, const cm_target *t, bool no_templates,
-                                  char **src, cm_cuda_build *out, cm_err *err) {
+                                  char **src, int *distinct_of, int *first, int *n_distinct,
+                                  cm_err *err) {
   int nk = kp->n_kernels;
   uint64_t *hash = calloc((size_t)nk + 1, sizeof *hash);
   if (!hash) return cm_errorf(err, CM_EINTERNAL, "out of memory");
   cm_status st = CM_OK;
+  *n_distinct = 0;
   for (int i = 0; i < nk && st == CM_OK; i++) {
     st = cm_cuda_module_source(&kp->kernels[i], t, no_templates, &src[i], err);
     if (st != CM_OK) break;
     hash[i] = hash_a(src[i], strlen(src[i]));
-    out->module_of[i] = -1;
-    for (int m = 0; m < out->n_modules; m++) {
-      int q = out->modules[m].kernel;
+    distinct_of[i] = -1;
+    for (int d = 0; d < *n_distinct; d++) {
+      int q = first[d];
       if (hash[q] == hash[i] && strcmp(src[q], src[i]) == 0) {
-        out->module_of[i] = m;
+        distinct_of[i] = d;
         break;
       }
     }
-    if (out->module_of[i] < 0) {
-      out->module_of[i] = out->n_modules;
-      out->modules[out->n_modules++].kernel = i;
+    if (distinct_of[i] < 0) {
+      distinct_of[i] = *n_distinct;
+      first[(*n_distinct)++] = i;
     }
   }
   free(hash);
   return st;
+}
+
+/* The modules of the distinct kernels (first[0..n_distinct)), each split by split_module:
+ * out->modules, out->module_of (per kernel: its first module) and *msrc (per module: its
+ * translation unit, malloc'ed). */
+static cm_status make_modules(const cm_kprogram *kp, char **src, const int *distinct_of,
+                              const int *first, int n_distinct, cm_cuda_build *out, char ***msrc,
+                              cm_err *err) {
+  size_t limit = part_bytes();
+  int cap = n_distinct + 1, max_parts = 1;
+  for (int d = 0; d < n_distinct; d++) {
+    size_t len = strlen(src[first[d]]);
+    int parts = limit ? (int)(len / limit) + 2 : 1; /* a bound: greedy parts are over half full */
+    max_parts = parts * 2 > max_parts ? parts * 2 : max_parts;
+    cap += parts * 2;
+  }
+  out->modules = calloc((size_t)cap, sizeof *out->modules);
+  *msrc = calloc((size_t)cap, sizeof **msrc);
+  int *first_module = calloc((size_t)n_distinct + 1, sizeof *first_module);
+  module_part *parts = calloc((size_t)max_parts, sizeof *parts);
+  if (!out->modules || !*msrc || !first_module || !parts) {
+    free(first_module), free(parts);
+    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  }
+  cm_status st = CM_OK;
+  for (int d = 0; d < n_distinct && st == CM_OK; d++) {
+    const char *s = src[first[d]];
+    size_t head = 0;
+    int np = split_module(s, kp->kernels[first[d]].n_stages, limit, parts, max_parts, &head);
+    first_module[d] = out->n_modules;
+    for (int p = 0; p < np && st == CM_OK; p++) {
+      int m = out->n_modules++;
+      cm_cuda_module *mod = &out->modules[m];
+      mod->kernel = first[d];
+      mod->stage_begin = parts[p].stage_begin;
+      mod->stage_end = parts[p].stage_end;
+      size_t body = parts[p].end - parts[p].begin;
+      char *t = (*msrc)[m] = malloc(head + body + 1);
+      if (!t) {
+        st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+        break;
+      }
+      memcpy(t, s, head);
+      memcpy(t + head, s + parts[p].begin, body);
+      t[head + body] = 0;
+    }
+  }
+  for (int i = 0; i < kp->n_kernels && st == CM_OK; i++)
+    out->module_of[i] = first_module[distinct_of[i]];
+  free(first_module), free(parts);
+  return st;
+}
+
+int cm_cuda_stage_module(const cm_cuda_build *b, int kernel, int stage) {
+  int m = b->module_of[kernel];
+  while (m + 1 < b->n_modules && stage >= b->modules[m].stage_end &&
+         b->modules[m + 1].kernel == b->modules[m].kernel)
+    m++;
+  return m;
 }
 
 /* The threads to use: threads, or every core for 0; at most one per module. */
@@ -463,8 +627,7 @@ static cm_status run_workers(build_work *w, int threads, cm_err *err) {
     free(sizes), free(tid), free(bw);
     return cm_errorf(err, CM_EINTERNAL, "out of memory");
   }
-  for (int m = 0; m < n; m++)
-    sizes[m] = (module_size){strlen(w->src[w->out->modules[m].kernel]), m};
+  for (int m = 0; m < n; m++) sizes[m] = (module_size){strlen(w->src[m]), m};
   qsort(sizes, (size_t)n, sizeof *sizes, larger_source_first);
   for (int m = 0; m < n; m++) w->order[m] = sizes[m].module;
   free(sizes);
@@ -481,6 +644,27 @@ static cm_status run_workers(build_work *w, int threads, cm_err *err) {
   return CM_OK;
 }
 
+/* Counts the outcome into out (the first failure in module order is the error). */
+static cm_status collect(const build_work *w, bool unusable, cm_err *err) {
+  cm_cuda_build *out = w->out;
+  for (int m = 0; m < out->n_modules; m++)
+    if (w->status[m] != CM_OK) {
+      *err = w->errs[m];
+      return w->status[m];
+    }
+  for (int m = 0; m < out->n_modules; m++) {
+    const cm_cuda_module *mod = &out->modules[m];
+    if (!mod->image.data) /* not reached: a failure stops the build before */
+      return cm_errorf(err, CM_EINTERNAL, "kernel %s: no image", w->kp->kernels[mod->kernel].name);
+    out->cache_hits += mod->cached;
+    out->cache_misses += !mod->cached;
+    out->cache_rejected += w->rejected[m];
+    out->cache_write_failures += unusable ? !mod->cached : w->write_failed[m];
+    out->image_bytes += (int64_t)mod->image.size;
+  }
+  return CM_OK;
+}
+
 cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool no_templates,
                                 const cm_cuda_compiler *c, const char *cache_dir, int threads,
                                 cm_cuda_build *out, cm_err *err) {
@@ -488,52 +672,49 @@ cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool 
   if (!c || !c->compile || !c->name || !c->image_suffix || threads < 0)
     return cm_errorf(err, CM_EINVALID, "cm_cuda_build_program: %s",
                      threads < 0 ? "threads < 0" : "the compiler lacks a name, suffix or compile");
-  int nk = kp->n_kernels;
-  char **src = calloc((size_t)nk + 1, sizeof *src);
-  out->modules = calloc((size_t)nk + 1, sizeof *out->modules);
+  int nk = kp->n_kernels, n_distinct = 0;
+  char **src = calloc((size_t)nk + 1, sizeof *src), **msrc = NULL;
+  int *distinct_of = calloc((size_t)nk + 1, sizeof *distinct_of);
+  int *first = calloc((size_t)nk + 1, sizeof *first);
   out->module_of = calloc((size_t)nk + 1, sizeof *out->module_of);
-  build_work w = {.kp = kp, .t = t, .c = c, .src = src, .out = out, .first_failed = nk};
-  w.order = calloc((size_t)nk + 1, sizeof *w.order);
-  w.status = calloc((size_t)nk + 1, sizeof *w.status);
-  w.errs = calloc((size_t)nk + 1, sizeof *w.errs);
-  w.rejected = calloc((size_t)nk + 1, sizeof *w.rejected);
-  w.write_failed = calloc((size_t)nk + 1, sizeof *w.write_failed);
+  build_work w = {.kp = kp, .t = t, .c = c, .out = out};
   char dir[4096];
   cm_status st = CM_OK;
-  if (!src || !out->modules || !out->module_of || !w.order || !w.status || !w.errs || !w.rejected ||
-      !w.write_failed) {
+  if (!src || !distinct_of || !first || !out->module_of) {
     st = cm_errorf(err, CM_EINTERNAL, "out of memory");
     goto done;
   }
   double t0 = now_ms();
-  st = render_and_dedup(kp, t, no_templates, src, out, err);
+  st = render_and_dedup(kp, t, no_templates, src, distinct_of, first, &n_distinct, err);
+  if (st == CM_OK) st = make_modules(kp, src, distinct_of, first, n_distinct, out, &msrc, err);
+  out->n_distinct = n_distinct;
   out->render_ms = now_ms() - t0;
   if (st != CM_OK) goto done;
+  int nm = out->n_modules;
+  w.src = msrc;
+  w.first_failed = nm;
+  w.order = calloc((size_t)nm + 1, sizeof *w.order);
+  w.status = calloc((size_t)nm + 1, sizeof *w.status);
+  w.errs = calloc((size_t)nm + 1, sizeof *w.errs);
+  w.rejected = calloc((size_t)nm + 1, sizeof *w.rejected);
+  w.write_failed = calloc((size_t)nm + 1, sizeof *w.write_failed);
+  if (!w.order || !w.status || !w.errs || !w.rejected || !w.write_failed) {
+    st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+    goto done;
+  }
   if (cache_dir && *cache_dir && snprintf(dir, sizeof dir, "%s/cuda", cache_dir) < (int)sizeof dir)
     w.dir = dir;
   t0 = now_ms();
   bool unusable = w.dir && !make_dirs(w.dir); /* then every compiled module fails to be stored */
   if (unusable) w.dir = NULL;
-  st = run_workers(&w, thread_count(threads, out->n_modules), err);
+  st = run_workers(&w, thread_count(threads, nm), err);
   out->compile_ms = now_ms() - t0;
-  for (int m = 0; m < out->n_modules && st == CM_OK; m++)
-    if (w.status[m] != CM_OK) {
-      *err = w.errs[m];
-      st = w.status[m];
-    }
-  for (int m = 0; m < out->n_modules && st == CM_OK; m++) {
-    const cm_cuda_module *mod = &out->modules[m];
-    if (!mod->image.data) /* not reached: a failure stops the build before */
-      st = cm_errorf(err, CM_EINTERNAL, "kernel %s: no image", kp->kernels[mod->kernel].name);
-    out->cache_hits += mod->cached;
-    out->cache_misses += !mod->cached;
-    out->cache_rejected += w.rejected[m];
-    out->cache_write_failures += unusable ? !mod->cached : w.write_failed[m];
-    out->image_bytes += (int64_t)mod->image.size;
-  }
+  if (st == CM_OK) st = collect(&w, unusable, err);
 done:
   for (int i = 0; i < nk && src; i++) free(src[i]);
-  free(src), free(w.order), free(w.status), free(w.errs), free(w.rejected), free(w.write_failed);
+  for (int m = 0; m < out->n_modules && msrc; m++) free(msrc[m]);
+  free(src), free(msrc), free(distinct_of), free(first);
+  free(w.order), free(w.status), free(w.errs), free(w.rejected), free(w.write_failed);
   if (st != CM_OK) cm_cuda_build_free(out);
   return st;
 }

@@ -115,11 +115,12 @@ static cm_status bind_params(const cm_graph *g, const cm_tensor_set *params, uin
 struct cm_encoder {
   cm_graph *g;
   int img, out, dim, batch;
-  cm_tensor *src;       /* per node: bound sources */
-  const cm_tensor **cs; /* per node: pointers for cm_eval / export */
-  cm_tensor **ms;       /* per node: mutable pointers for the CPU executor */
-  cm_program *pr;       /* NULL: reference evaluator */
-  char fallback[256];   /* why the CPU executor is not used ("" when asked for ref) */
+  cm_tensor *src;            /* per node: bound sources */
+  const cm_tensor **cs;      /* per node: pointers for cm_eval / export */
+  cm_tensor **ms;            /* per node: mutable pointers for the CPU executor */
+  cm_program *pr;            /* NULL: reference evaluator */
+  cm_backend_choice backend; /* what pr was compiled for (outlives it) */
+  char fallback[256];        /* why the CPU executor is not used ("" when asked for ref) */
 };
 
 static bool is_vit(const cm_model_config *cfg) {
@@ -207,13 +208,29 @@ cm_status cm_encoder_create(const cm_model_config *cfg, const cm_tensor_set *par
   }
   for (int i = 0; i < e->g->n_nodes; i++)
     if (e->src[i].data) e->cs[i] = e->ms[i] = &e->src[i];
-  if (!opts->reference) {
+  if (opts->backend) {
+    e->backend = *opts->backend;
+  } else {
+    e->backend.kind = opts->reference ? CM_BACKEND_REF : CM_BACKEND_CPU;
+    cm_target_host(&e->backend.target);
+    snprintf(e->backend.description, sizeof e->backend.description, "%s",
+             opts->reference ? "ref" : "cpu");
+  }
+  if (!opts->reference && e->backend.kind != CM_BACKEND_REF) {
     cm_err ce = {0};
     cm_compile_opts co = {0};
-    /* An executor that cannot build this graph (not there yet) is not fatal:
-     * the reference evaluator computes the same features, slower. */
-    if (cm_compile(e->g, NULL, &co, &e->pr, &ce)) {
+    co.resident_states = true; /* the params stay on a device between batches */
+    const cm_target *target = cm_backend_compile_opts(&e->backend, &co);
+    /* A CPU executor that cannot build this graph (not there yet) is not fatal:
+     * the reference evaluator computes the same features, slower. A GPU asked
+     * for is not replaced. */
+    if (cm_compile(e->g, target, &co, &e->pr, &ce)) {
       e->pr = NULL;
+      if (e->backend.kind == CM_BACKEND_CUDA) {
+        *err = ce;
+        cm_encoder_free(e);
+        return cm_err_prefix(err, "encoder on cuda: ");
+      }
       snprintf(e->fallback, sizeof e->fallback, "%s", ce.msg);
     }
   }
@@ -232,6 +249,9 @@ const cm_tensor *const *cm_encoder_params(const cm_encoder *e) {
 }
 bool cm_encoder_uses_reference(const cm_encoder *e) {
   return e->pr == NULL;
+}
+const char *cm_encoder_backend(const cm_encoder *e) {
+  return e->pr ? e->backend.description : "ref";
 }
 const char *cm_encoder_fallback_reason(const cm_encoder *e) {
   return e->fallback[0] ? e->fallback : NULL;

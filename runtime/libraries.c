@@ -4,66 +4,34 @@
 #include <dlfcn.h>
 #include <string.h>
 
-typedef int (*cu_init_fn)(unsigned);
-typedef int (*cu_count_fn)(int *);
-typedef int (*cu_device_fn)(int *, int);
-typedef int (*cu_name_fn)(char *, int, int);
-typedef int (*cu_attr_fn)(int *, int, int);
-typedef int (*cu_version_fn)(int *);
-
-/* CUdevice_attribute values from cuda.h (stable across CUDA versions). */
-enum { CU_ATTR_CC_MAJOR = 75, CU_ATTR_CC_MINOR = 76 };
-
 void cm_library_find_cuda(cm_component *out) {
   out->name = "CUDA driver";
-  static const char *const names[] = {"libcuda.so.1", "libcuda.so", NULL};
-  char why[400];
-  void *h = cm_dlopen_first(names, why, sizeof why);
-  if (!h) {
+  const cm_cuda_driver *d = NULL;
+  cm_err err = {0};
+  if (cm_cuda_driver_load(&d, &err)) {
     out->found = false;
-    snprintf(out->detail, sizeof out->detail, "not found: %s (no NVIDIA driver here)", why);
+    const char *why = err.msg;
+    if (strncmp(why, "CUDA driver not found: ", 23) == 0) why += 23; /* the row names it */
+    snprintf(out->detail, sizeof out->detail, "%s", why);
     return;
   }
-  cu_init_fn init;
-  cu_count_fn count;
-  cu_device_fn device;
-  cu_name_fn name;
-  cu_attr_fn attr;
-  cu_version_fn version;
-  *(void **)&init = dlsym(h, "cuInit");
-  *(void **)&count = dlsym(h, "cuDeviceGetCount");
-  *(void **)&device = dlsym(h, "cuDeviceGet");
-  *(void **)&name = dlsym(h, "cuDeviceGetName");
-  *(void **)&attr = dlsym(h, "cuDeviceGetAttribute");
-  *(void **)&version = dlsym(h, "cuDriverGetVersion");
-  int rc, n = 0, v = 0;
-  if (!init || !count || !device || !name || !attr || !version) {
+  enum { MAX_DEVICES = 16 };
+  cm_cuda_device devs[MAX_DEVICES];
+  int n = cm_cuda_devices(d, devs, MAX_DEVICES, &err), v = 0;
+  if (n == 0) {
     out->found = false;
-    snprintf(out->detail, sizeof out->detail, "libcuda loaded but lacks driver API symbols");
-  } else if ((rc = init(0)) != 0) {
-    out->found = false;
-    snprintf(out->detail, sizeof out->detail, "cuInit failed with CUresult %d (no usable GPU)", rc);
-  } else if ((rc = count(&n)) != 0 || n == 0) {
-    out->found = false;
-    snprintf(out->detail, sizeof out->detail, "driver loaded but no GPU (CUresult %d)", rc);
-  } else {
-    out->found = true;
-    version(&v);
-    size_t len =
-        (size_t)snprintf(out->detail, sizeof out->detail, "driver %d.%d, %d GPU%s:", v / 1000,
-                         (v % 1000) / 10, n, n == 1 ? "" : "s");
-    for (int i = 0; i < n && len < sizeof out->detail; i++) {
-      int dev = 0, major = 0, minor = 0;
-      char gpu[128] = "?";
-      device(&dev, i);
-      name(gpu, sizeof gpu, dev);
-      attr(&major, CU_ATTR_CC_MAJOR, dev);
-      attr(&minor, CU_ATTR_CC_MINOR, dev);
-      len += (size_t)snprintf(out->detail + len, sizeof out->detail - len, " [%d] %s (sm_%d%d)", i,
-                              gpu, major, minor);
-    }
+    snprintf(out->detail, sizeof out->detail, "driver loaded but no GPU (%s)",
+             err.status ? err.msg : "the driver counts none");
+    return;
   }
-  /* Kept loaded: the runtime uses it later, and unloading hides its allocations from LSan. */
+  out->found = true;
+  if (d->driver_get_version) d->driver_get_version(&v);
+  size_t len =
+      (size_t)snprintf(out->detail, sizeof out->detail, "driver %d.%d, %d GPU%s:", v / 1000,
+                       (v % 1000) / 10, n, n == 1 ? "" : "s");
+  for (int i = 0; i < n && i < MAX_DEVICES && len < sizeof out->detail; i++)
+    len += (size_t)snprintf(out->detail + len, sizeof out->detail - len, " [%d] %s (sm_%d%d)", i,
+                            devs[i].name, devs[i].cc_major, devs[i].cc_minor);
 }
 
 typedef int (*nccl_version_fn)(int *);

@@ -149,22 +149,30 @@ typedef struct cm_cuda_backend_opts {
  * (key: the source, the compiler's name, the options and the arch; the image only,
  * never PTX; written atomically, so processes may share it). */
 #define CM_CUDA_MODULE_KERNEL "cmk"
+/* A kernel whose module source exceeds the part size ($CMAEC_CUDA_PART_BYTES, else this;
+ * 0: never) is split at stage boundaries into several modules ("parts"), each the prelude
+ * and some of its stage functions, compiled in parallel: cm_cuda_stage_module says which
+ * module holds a stage's function. */
+#define CM_CUDA_PART_BYTES ((size_t)512 * 1024)
 typedef struct cm_cuda_module {
-  char key[65];   /* the cache key (hex) */
-  cm_cubin image; /* what the compiler made (or the cache held): image, ptxas report */
-  bool cached;    /* loaded from the cache */
-  int kernel;     /* the first kernel of the program it serves */
+  char key[65];               /* the cache key (hex) */
+  cm_cubin image;             /* what the compiler made (or the cache held): image, ptxas report */
+  bool cached;                /* loaded from the cache */
+  int kernel;                 /* the first kernel of the program it serves */
+  int stage_begin, stage_end; /* the stage functions it holds ([0, n_stages) unless split) */
 } cm_cuda_module;
 typedef struct cm_cuda_build {
   int n_modules;
   cm_cuda_module *modules;
-  int *module_of;               /* per kernel of the program: its module */
+  int *module_of; /* per kernel of the program: its (first) module; a split kernel's parts
+                     are the modules after it, in stage order */
   int cache_hits, cache_misses; /* misses: modules compiled (every one when there is no cache) */
   int cache_rejected;           /* misses whose file failed a check (then overwritten) */
   int cache_write_failures;     /* compiled modules that could not be stored */
   double render_ms, compile_ms; /* wall times: rendering every kernel; compiling or loading */
   int threads;                  /* compile threads used */
   int64_t image_bytes;
+  int n_distinct; /* distinct kernels (n_modules counts a split kernel's parts) */
 } cm_cuda_build;
 /* Builds every kernel of kp for target t (a CUDA target) with compiler c. cache_dir:
  * the cache's root ("cuda" under it holds the images; NULL or "": no cache); threads
@@ -176,6 +184,9 @@ cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool 
                                 const cm_cuda_compiler *c, const char *cache_dir, int threads,
                                 cm_cuda_build *out, cm_err *err);
 void cm_cuda_build_free(cm_cuda_build *b);
+/* The module of b whose image defines stage `stage` of kernel `kernel` (its function
+ * CM_CUDA_MODULE_KERNEL "_s<stage>"): module_of[kernel] unless the kernel was split. */
+int cm_cuda_stage_module(const cm_cuda_build *b, int kernel, int stage);
 /* The CUDA C of kernel k as its module holds it (prelude, then the kernel under
  * CM_CUDA_MODULE_KERNEL; *source malloc'ed). */
 cm_status cm_cuda_module_source(const cm_kernel *k, const cm_target *t, bool no_templates,
@@ -432,5 +443,52 @@ char *cm_program_source(const cm_program *pr, int v);
  * index, its flat position (the STATUS words' values). */
 cm_status cm_program_index_error(const cm_program *pr, int v, int64_t index, int64_t pos,
                                  cm_err *err);
+
+/* ---- choosing a backend (runtime/backend_select.c) ----------------------
+ *
+ * Every place a backend is chosen (run, step, train, eval, the benches) goes
+ * through cm_backend_resolve: --backend auto|cpu|cuda|ref, --device N,
+ * --cuda-graphs on|off become the target, backend options and a description
+ * that cm_compile and the run's header line take. */
+typedef enum cm_backend_kind {
+  CM_BACKEND_AUTO = 0, /* cuda when the driver loads and has the device, else cpu */
+  CM_BACKEND_CPU,      /* LLVM JIT on this host */
+  CM_BACKEND_CUDA,     /* a GPU through the CUDA driver */
+  CM_BACKEND_REF,      /* the reference evaluator cm_eval (no cm_compile) */
+} cm_backend_kind;
+
+typedef struct cm_backend_request {
+  cm_backend_kind kind;
+  int device;            /* the driver's ordinal (--device) */
+  cm_cuda_graphs graphs; /* --cuda-graphs */
+  /* tests: the emulated device (tests/emu/emu.h); NULL: cm_cuda_driver_load, NVRTC */
+  const cm_cuda_driver *driver;
+  const cm_cuda_compiler *compiler;
+} cm_backend_request;
+
+typedef struct cm_backend_choice {
+  cm_backend_kind kind;      /* cpu, cuda or ref: never auto */
+  cm_target target;          /* cpu: the host's ($CMAEC_CPU); cuda: the device's arch */
+  cm_cuda_backend_opts cuda; /* cuda: cm_compile_opts.backend_opts points here */
+  cm_cuda_device device;     /* cuda: the GPU chosen */
+  char description[256];     /* "cuda 0 (NAME, sm_90, 132 SMs)", "cpu (auto: no CUDA driver)" */
+} cm_backend_choice;
+
+/* "auto", "cpu", "cuda", "ref" (ref only when ref_allowed); CM_EINVALID naming
+ * what is available otherwise. */
+cm_status cm_backend_parse(const char *name, bool ref_allowed, cm_backend_kind *out, cm_err *err);
+/* "on" / "off". */
+cm_status cm_backend_parse_graphs(const char *value, cm_cuda_graphs *out, cm_err *err);
+/* "N" >= 0. */
+cm_status cm_backend_parse_device(const char *value, int *out, cm_err *err);
+/* Resolves req: cuda loads the driver (CM_EINVALID "CUDA driver not found: ..."
+ * without one) and checks the device is there; auto takes cuda when both hold,
+ * else cpu, and says why in the description. */
+cm_status cm_backend_resolve(const cm_backend_request *req, cm_backend_choice *out, cm_err *err);
+/* Points co at the choice (backend_opts; cuda: resident_states is the caller's)
+ * and returns the target to give cm_compile (NULL: the CPU default). The choice
+ * must outlive the compile. */
+const cm_target *cm_backend_compile_opts(cm_backend_choice *c, cm_compile_opts *co);
+const char *cm_backend_kind_name(cm_backend_kind k);
 
 #endif

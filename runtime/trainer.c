@@ -89,10 +89,12 @@ typedef struct trainer {
   cm_model_config cfg;
   cm_model model;
   cm_graph *sg;
-  cm_tensor *src;          /* per node of sg: params, states, inputs */
-  const cm_tensor **bound; /* for cm_eval */
-  cm_tensor *values;       /* ref backend: every node's value */
-  cm_tensor *outs;         /* cpu backend: graph outputs */
+  cm_tensor *src;             /* per node of sg: params, states, inputs (inputs of slot 0) */
+  cm_tensor *src_next;        /* per node: the inputs of slot 1 (the next step's, while one runs) */
+  const cm_tensor **bound[2]; /* per input slot, for cm_eval and cm_program_start */
+  cm_backend_choice backend;  /* what the program was compiled for (outlives it) */
+  cm_tensor *values;          /* ref backend: every node's value */
+  cm_tensor *outs;            /* cpu backend: graph outputs */
   cm_program *prog;
   cm_dataset *data;
   cm_loader *loader;
@@ -109,12 +111,15 @@ static void trainer_free(trainer *t) {
   if (t->sg) {
     for (int i = 0; i < t->sg->n_nodes; i++) {
       cm_tensor_free(&t->src[i]);
+      if (t->src_next) cm_tensor_free(&t->src_next[i]);
       if (t->values) cm_tensor_free(&t->values[i]);
     }
     for (int j = 0; t->outs && j < t->sg->n_outputs; j++) cm_tensor_free(&t->outs[j]);
   }
   free(t->src);
-  free(t->bound);
+  free(t->src_next);
+  free(t->bound[0]);
+  free(t->bound[1]);
   free(t->values);
   free(t->outs);
   free(t->ckpt_names);
@@ -142,7 +147,13 @@ static cm_status init_sources(trainer *t, cm_err *err) {
     if (n->op != CM_OP_PARAM && n->op != CM_OP_STATE && n->op != CM_OP_INPUT) continue;
     if (!t->src[i].data && cm_tensor_alloc(&t->src[i], n->type, err)) return CM_EINTERNAL;
     memset(t->src[i].data, 0, cm_type_nbytes(&n->type)); /* again when a step is replayed */
-    t->bound[i] = &t->src[i];
+    t->bound[0][i] = t->bound[1][i] = &t->src[i];
+    if (n->op == CM_OP_INPUT) {
+      if (!t->src_next[i].data && cm_tensor_alloc(&t->src_next[i], n->type, err))
+        return CM_EINTERNAL;
+      memset(t->src_next[i].data, 0, cm_type_nbytes(&n->type));
+      t->bound[1][i] = &t->src_next[i];
+    }
     if (n->op == CM_OP_PARAM && n->attrs.init.kind != CM_INIT_NONE &&
         cm_init_tensor(&t->src[i], &n->attrs.init, (uint64_t)t->cfg.train.seed, n->name, err))
       return err->status;
@@ -164,6 +175,7 @@ static cm_status init_sources(trainer *t, cm_err *err) {
       break;
     }
   }
+  if (t->prog) cm_program_states_changed(t->prog); /* a replay starts over */
   return CM_OK;
 }
 
@@ -227,10 +239,13 @@ static cm_status restore(trainer *t, const char *path, cm_checkpoint_meta *meta,
       memcpy(t->src[i].data, v->data, cm_type_nbytes(&n->type));
   }
   cm_tensor_set_free(&set);
+  if (t->prog) cm_program_states_changed(t->prog); /* the device copies are stale now */
   return st;
 }
 
 static cm_status save(trainer *t, int64_t step, cm_train_result *r, cm_err *err) {
+  /* the checkpoint holds host tensors, so that it resumes on any backend */
+  if (t->prog && cm_program_states_download(t->prog, err)) return err->status;
   cm_checkpoint_meta meta = {0};
   meta.step = step;
   meta.epoch = step / cm_loader_steps_per_epoch(t->loader);
@@ -249,7 +264,12 @@ static cm_status save(trainer *t, int64_t step, cm_train_result *r, cm_err *err)
   return st;
 }
 
-static cm_status copy_batch(trainer *t, const cm_batch *b, cm_err *err) {
+/* Input node id of slot `slot` (0, 1). */
+static cm_tensor *input_tensor(trainer *t, int slot, int id) {
+  return slot ? &t->src_next[id] : &t->src[id];
+}
+
+static cm_status copy_batch(trainer *t, int slot, const cm_batch *b, cm_err *err) {
   const void *arrays[N_BATCH_INPUTS] = {b->img, b->img_t, b->ids_keep, b->ids_restore, b->mask};
   for (int k = 0; k < N_BATCH_INPUTS; k++) {
     int id = t->batch_id[k];
@@ -264,30 +284,45 @@ static cm_status copy_batch(trainer *t, const cm_batch *b, cm_err *err) {
       return cm_errorf(err, CM_EINTERNAL,
                        "cm_train: loader batch array %s has %zu bytes, the step input wants %zu",
                        batch_names[k], arrays[k] ? got : 0, want);
-    memcpy(t->src[id].data, arrays[k], want);
+    memcpy(input_tensor(t, slot, id)->data, arrays[k], want);
   }
   return CM_OK;
 }
 
-/* Runs one step; afterwards out[j] is graph output j (owned by t). */
-static cm_status run_step(trainer *t, const cm_tensor **out, cm_err *err) {
+/* Starts one step on the inputs of `slot`: the reference evaluator runs it
+ * whole; a program is started (cm_program_start), finish_step waits for it. */
+static cm_status start_step(trainer *t, int slot, cm_err *err) {
   const cm_graph *g = t->sg;
-  if (t->o->backend == CM_TRAIN_REF) {
+  if (t->backend.kind == CM_BACKEND_REF) {
     for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&t->values[i]);
     cm_eval_opts eo = {CM_PRECISION_NATIVE};
-    if (cm_eval(g, t->bound, t->values, &eo, err)) return err->status;
+    if (cm_eval(g, t->bound[slot], t->values, &eo, err)) return err->status;
     for (int i = 0; i < g->n_nodes; i++) {
       if (g->nodes[i].op != CM_OP_ASSIGN) continue;
       cm_tensor *target = &t->src[g->nodes[i].inputs[0]];
       memcpy(target->data, t->values[i].data, cm_type_nbytes(&target->type));
     }
+    return CM_OK;
+  }
+  return cm_program_start(t->prog, (cm_tensor *const *)t->bound[slot], err);
+}
+
+/* Waits for the step start_step began; afterwards out[j] is graph output j (owned by t). */
+static cm_status finish_step(trainer *t, const cm_tensor **out, cm_err *err) {
+  const cm_graph *g = t->sg;
+  if (t->backend.kind == CM_BACKEND_REF) {
     for (int j = 0; j < g->n_outputs; j++) out[j] = &t->values[g->outputs[j]];
     return CM_OK;
   }
   for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&t->outs[j]);
-  if (cm_program_run(t->prog, (cm_tensor *const *)t->bound, t->outs, err)) return err->status;
+  if (cm_program_finish(t->prog, t->outs, err)) return err->status;
   for (int j = 0; j < g->n_outputs; j++) out[j] = &t->outs[j];
   return CM_OK;
+}
+
+static cm_status run_step(trainer *t, int slot, const cm_tensor **out, cm_err *err) {
+  cm_status st = start_step(t, slot, err);
+  return st ? st : finish_step(t, out, err);
 }
 
 static double out_value(const cm_tensor **out, int j) {
@@ -319,12 +354,12 @@ static cm_status check_workers(const cm_model_config *c, bool folder, cm_err *er
 }
 
 /* Step inputs: the batch and the step's scalars (lr, betas, step, momentum). */
-static cm_status prepare_step(trainer *t, const cm_lr_schedule *sched, int64_t step,
+static cm_status prepare_step(trainer *t, int slot, const cm_lr_schedule *sched, int64_t step,
                               const cm_batch *b, double sv[N_SCALARS], cm_err *err) {
   if (b->n != t->cfg.optimizer.batch)
     return cm_errorf(err, CM_EINTERNAL, "cm_train: step %lld: the loader gave %d samples, not %d",
                      (long long)step, b->n, t->cfg.optimizer.batch);
-  cm_status st = copy_batch(t, b, err);
+  cm_status st = copy_batch(t, slot, b, err);
   if (st) return st;
   sv[0] = cm_lr_schedule_lr(sched, step - 1);
   sv[1] = t->cfg.optimizer.beta1;
@@ -332,8 +367,18 @@ static cm_status prepare_step(trainer *t, const cm_lr_schedule *sched, int64_t s
   sv[3] = (double)step;
   sv[4] = cm_lr_schedule_momentum(sched, step - 1);
   for (int k = 0; k < N_SCALARS; k++)
-    if (t->scalar_id[k] >= 0) cm_tensor_set_f64(&t->src[t->scalar_id[k]], 0, sv[k]);
+    if (t->scalar_id[k] >= 0) cm_tensor_set_f64(input_tensor(t, slot, t->scalar_id[k]), 0, sv[k]);
   return CM_OK;
+}
+
+/* The batch of step `step` from the loader into input slot `slot` (with the
+ * step's scalars sv), uploaded ahead when the backend can (cm_program_prefetch). */
+static cm_status next_batch(trainer *t, int slot, const cm_lr_schedule *sched, int64_t step,
+                            cm_batch *b, double sv[N_SCALARS], cm_err *err) {
+  cm_status st = cm_loader_next(t->loader, b, err);
+  if (!st) st = prepare_step(t, slot, sched, step, b, sv, err);
+  if (!st && t->prog) st = cm_program_prefetch(t->prog, (cm_tensor *const *)t->bound[slot], err);
+  return st;
 }
 
 /* "NAME = op(INPUTS), element E = V" (+ the kernel), or a source "NAME (param), ...". */
@@ -430,13 +475,15 @@ static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_lr_sch
   if (!outs && !st) st = cm_errorf(&err, CM_EINTERNAL, "out of memory");
   for (int64_t k = base + 1; k < step && !st; k++) {
     st = cm_loader_next(l, &b, &err);
-    if (!st) st = prepare_step(t, sched, k, &b, sv, &err);
-    if (!st) st = run_step(t, outs, &err);
+    if (!st) st = prepare_step(t, 0, sched, k, &b, sv, &err);
+    if (!st) st = run_step(t, 0, outs, &err);
   }
   cm_nonfinite nf = {0};
   if (!st) st = cm_loader_next(l, &b, &err);
-  if (!st) st = prepare_step(t, sched, step, &b, sv, &err);
-  if (!st) st = cm_program_first_nonfinite(t->prog, (cm_tensor *const *)t->bound, &nf, &err);
+  if (!st) st = prepare_step(t, 0, sched, step, &b, sv, &err);
+  /* the search reads the states from the host */
+  if (!st) st = cm_program_states_download(t->prog, &err);
+  if (!st) st = cm_program_first_nonfinite(t->prog, (cm_tensor *const *)t->bound[0], &nf, &err);
   if (st)
     snprintf(out, size, "not located (the replay failed: %s)", err.msg);
   else if (!nf.found)
@@ -446,6 +493,20 @@ static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_lr_sch
   free(outs);
   cm_loader_free(l);
   cm_checkpoint_meta_free(&meta);
+}
+
+/* The backend opts asks for (cm_backend_resolve). */
+static cm_status choose_backend(trainer *t, cm_train_result *r, cm_err *err) {
+  const cm_train_opts *o = t->o;
+  static const cm_backend_kind kinds[] = {CM_BACKEND_CPU, CM_BACKEND_REF, CM_BACKEND_CUDA,
+                                          CM_BACKEND_AUTO};
+  if ((unsigned)o->backend >= sizeof kinds / sizeof kinds[0])
+    return cm_errorf(err, CM_EINVALID, "cm_train: unknown backend %d", (int)o->backend);
+  cm_backend_request req = {kinds[o->backend], o->device, o->cuda_graphs, o->cuda_driver,
+                            o->cuda_compiler};
+  if (cm_backend_resolve(&req, &t->backend, err)) return err->status;
+  snprintf(r->backend, sizeof r->backend, "%s", t->backend.description);
+  return CM_OK;
 }
 
 static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
@@ -465,7 +526,8 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     t->cfg.schedule.epochs = (int)o->epochs;
   }
   if (cm_model_config_validate(&t->cfg, err)) return cm_err_prefix(err, "%s: ", o->model_path);
-  /* the output directory before anything slow (the data, the compile) */
+  /* the backend and the output directory before anything slow (the data, the compile) */
+  if ((st = choose_backend(t, r, err))) return st;
   if (make_dirs(o->out_dir, err)) return err->status;
 
   /* data */
@@ -511,14 +573,17 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
   cm_train_step_info info;
   if (cm_build_train_step(t->model.g, t->model.loss, &oc, &t->sg, &info, err)) return err->status;
   const cm_graph *g = t->sg;
+  bool ref = t->backend.kind == CM_BACKEND_REF;
   t->src = calloc((size_t)g->n_nodes + 1, sizeof *t->src);
-  t->bound = calloc((size_t)g->n_nodes + 1, sizeof *t->bound);
+  t->src_next = calloc((size_t)g->n_nodes + 1, sizeof *t->src_next);
+  t->bound[0] = calloc((size_t)g->n_nodes + 1, sizeof *t->bound[0]);
+  t->bound[1] = calloc((size_t)g->n_nodes + 1, sizeof *t->bound[1]);
   t->ckpt_names = calloc((size_t)g->n_nodes + 1, sizeof *t->ckpt_names);
   t->ckpt_tensors = calloc((size_t)g->n_nodes + 1, sizeof *t->ckpt_tensors);
   t->outs = calloc((size_t)g->n_outputs + 1, sizeof *t->outs);
-  if (o->backend == CM_TRAIN_REF) t->values = calloc((size_t)g->n_nodes + 1, sizeof *t->values);
-  if (!t->src || !t->bound || !t->ckpt_names || !t->ckpt_tensors || !t->outs ||
-      (o->backend == CM_TRAIN_REF && !t->values))
+  if (ref) t->values = calloc((size_t)g->n_nodes + 1, sizeof *t->values);
+  if (!t->src || !t->src_next || !t->bound[0] || !t->bound[1] || !t->ckpt_names ||
+      !t->ckpt_tensors || !t->outs || (ref && !t->values))
     return cm_errorf(err, CM_EINTERNAL, "cm_train: out of memory");
   for (int k = 0; k < N_SCALARS; k++) t->scalar_id[k] = cm_graph_find(g, scalar_names[k]);
   for (int k = 0; k < N_BATCH_INPUTS; k++) t->batch_id[k] = cm_graph_find(g, batch_names[k]);
@@ -551,12 +616,28 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
       target |= has_prefix(n->name, cm_model_ema_target_prefixes[k]);
     if (n->op == CM_OP_PARAM && !target) r->n_params += cm_type_numel(&n->type);
   }
-  if (o->backend == CM_TRAIN_CPU) {
+  if (!ref) {
     cm_compile_opts co = {0};
     co.threads = o->threads;
-    if (cm_compile(g, NULL, &co, &t->prog, err)) return err->status;
+    co.resident_states = true; /* params and optimizer state stay on a device between steps */
+    const cm_target *target = cm_backend_compile_opts(&t->backend, &co);
+    if (cm_compile(g, target, &co, &t->prog, err)) return err->status;
   }
   return CM_OK;
+}
+
+/* The CUDA build of the step: cold (some module compiled) or warm (all from the cache). */
+static void print_compile_figures(const cm_program *pr, const cm_program_stats *cs, FILE *log) {
+  const cm_cuda_build *b = cm_program_cuda_build(pr);
+  const cm_cuda_compiler *c = cm_program_cuda_compiler(pr);
+  int modules = b ? b->n_modules : cs->jit_modules, hits = b ? b->cache_hits : cs->cache_hits;
+  fprintf(log,
+          "compile (%s): %d kernels, %d modules: %d from the cache, %d compiled by %s; lower "
+          "%.0f ms, render %.0f ms, compile %.0f ms; %.1f MiB of images\n",
+          hits < modules ? "cold" : "warm", cs->n_kernels, modules, hits, modules - hits,
+          c ? c->name : "?", cs->lower_ms, b ? b->render_ms : cs->render_ms,
+          b ? b->compile_ms : cs->jit_ms,
+          (double)(b ? b->image_bytes : cs->object_bytes) / (1 << 20));
 }
 
 /* A resumed run goes on past its checkpoint's step: --steps below it would run backwards. */
@@ -594,7 +675,7 @@ static cm_status check_finite(trainer *t, const step_values *sv, const cm_loader
              : strcmp(which, "loss") == 0    ? loss
                                              : gn;
   char where[600];
-  if (t->o->backend == CM_TRAIN_REF) {
+  if (t->backend.kind == CM_BACKEND_REF) {
     cm_nonfinite nf;
     nonfinite_ref(t, &nf);
     if (nf.found)
@@ -629,6 +710,29 @@ static cm_status write_metrics(trainer *t, int64_t step, const cm_batch *b, cons
   row.extra_names = xn;
   row.extra_values = xv;
   return cm_metrics_write(t->metrics, &row, err);
+}
+
+/* The run's header: the data, the schedule, the backend (and on CUDA the compile figures). */
+static void print_header(const trainer *t, const cm_train_result *r, const cm_lr_schedule *sched,
+                         int64_t start) {
+  fprintf(t->o->log,
+          "training %s: %lld params, %lld images (%lld steps/epoch at batch %d), steps %lld..%lld "
+          "of %lld\n",
+          t->cfg.name, (long long)r->n_params, (long long)r->dataset_size,
+          (long long)r->steps_per_epoch, t->cfg.optimizer.batch, (long long)start + 1,
+          (long long)r->total_steps, (long long)sched->total_iters);
+  fprintf(t->o->log,
+          "lr peak %.4g (base %.4g x %d / 256), warmup %lld steps; %d data worker%s; backend %s",
+          sched->peak_lr, t->cfg.optimizer.base_lr, t->cfg.optimizer.batch,
+          (long long)sched->warmup_iters, t->cfg.train.workers,
+          t->cfg.train.workers == 1 ? "" : "s", t->backend.description);
+  cm_program_stats cs = {0};
+  if (t->prog) cm_program_stats_get(t->prog, &cs);
+  if (t->backend.kind == CM_BACKEND_CPU) fprintf(t->o->log, ", %d threads", cs.threads);
+  fprintf(t->o->log, "; metrics %s, checkpoints %s/ckpt-<step>.safetensors\n", t->metrics_path,
+          t->o->out_dir);
+  if (t->backend.kind == CM_BACKEND_CUDA) print_compile_figures(t->prog, &cs, t->o->log);
+  fflush(t->o->log);
 }
 
 cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
@@ -695,28 +799,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   snprintf(t.metrics_path, sizeof t.metrics_path, "%s/metrics.jsonl", o->out_dir);
   if ((st = cm_metrics_open(t.metrics_path, start + 1, &t.metrics, err))) goto done;
 
-  if (o->log) {
-    fprintf(
-        o->log,
-        "training %s: %lld params, %lld images (%lld steps/epoch at batch %d), steps %lld..%lld "
-        "of %lld\n",
-        t.cfg.name, (long long)r->n_params, (long long)r->dataset_size,
-        (long long)r->steps_per_epoch, t.cfg.optimizer.batch, (long long)start + 1,
-        (long long)r->total_steps, (long long)sched.total_iters);
-    fprintf(o->log,
-            "lr peak %.4g (base %.4g x %d / 256), warmup %lld steps; %d data worker%s; backend %s",
-            sched.peak_lr, t.cfg.optimizer.base_lr, t.cfg.optimizer.batch,
-            (long long)sched.warmup_iters, t.cfg.train.workers, t.cfg.train.workers == 1 ? "" : "s",
-            o->backend == CM_TRAIN_REF ? "ref" : "cpu");
-    if (t.prog) {
-      cm_program_stats cs;
-      cm_program_stats_get(t.prog, &cs);
-      fprintf(o->log, " (%d threads)", cs.threads);
-    }
-    fprintf(o->log, "; metrics %s, checkpoints %s/ckpt-<step>.safetensors\n", t.metrics_path,
-            o->out_dir);
-    fflush(o->log);
-  }
+  if (o->log) print_header(&t, r, &sched, start);
 
   cm_progress prog;
   cm_progress_init(&prog, o->log ? o->log : stdout, r->total_steps,
@@ -732,13 +815,29 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
     st = cm_loader_next(t.loader, &b, err);
   double t_run = now_s();
   int64_t images = 0;
-  for (int64_t step = start + 1; step <= r->total_steps && !st; step++) {
+  /* two input slots: step k runs on slot k % 2 while the next batch fills the other */
+  cm_batch batch[2];
+  double sv[2][N_SCALARS];
+  int slot = 0;
+  if (!st) st = next_batch(&t, 0, &sched, start + 1, &batch[0], sv[0], err);
+  for (int64_t step = start + 1; step <= r->total_steps && !st; step++, slot ^= 1) {
     double t0 = now_s();
-    if ((st = cm_loader_next(t.loader, &b, err))) break;
-    double sv[N_SCALARS];
-    if ((st = prepare_step(&t, &sched, step, &b, sv, err))) break;
-    if ((st = run_step(&t, out, err))) {
+    if ((st = start_step(&t, slot, err))) {
       cm_err_prefix(err, "step %lld: ", (long long)step);
+      break;
+    }
+    /* the next batch is read and uploaded while this step runs */
+    cm_err next_err = {0};
+    cm_status next_st =
+        step < r->total_steps
+            ? next_batch(&t, slot ^ 1, &sched, step + 1, &batch[slot ^ 1], sv[slot ^ 1], &next_err)
+            : CM_OK;
+    if ((st = finish_step(&t, out, err))) {
+      cm_err_prefix(err, "step %lld: ", (long long)step);
+      break;
+    }
+    if ((st = next_st)) {
+      *err = next_err;
       break;
     }
     step_values v = {out_value(out, t.out_loss), out_value(out, t.out_rc), out_value(out, t.out_ct),
@@ -747,9 +846,9 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
                            start, t_run, err)))
       break;
     double ms = 1e3 * (now_s() - t0);
-    images += b.n;
+    images += batch[slot].n;
     double ips = (double)images / (now_s() - t_run);
-    if ((st = write_metrics(&t, step, &b, sv, &v, ips, ms, err))) break;
+    if ((st = write_metrics(&t, step, &batch[slot], sv[slot], &v, ips, ms, err))) break;
     r->last_step = step;
     r->loss = v.loss;
     r->loss_rc = v.rc;
@@ -768,6 +867,8 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   }
   if (o->log) cm_progress_finish(&prog);
   free(out);
+  /* the host tensors hold the run's final state */
+  if (!st && t.prog) st = cm_program_states_download(t.prog, err);
   if (!st && r->last_step == start && start < r->total_steps && !r->interrupted)
     st = cm_errorf(err, CM_EINTERNAL, "cm_train: no step ran");
 done:

@@ -331,6 +331,8 @@ void cm_image_text(cm_image *im, int x, int y, const char *text, int scale, cons
 typedef enum cm_train_backend {
   CM_TRAIN_CPU = 0, /* cm_compile for the CPU (the default) */
   CM_TRAIN_REF,     /* the reference evaluator cm_eval (tiny tests) */
+  CM_TRAIN_CUDA,    /* cm_compile for a GPU: params and optimizer state resident there */
+  CM_TRAIN_AUTO,    /* CUDA when the driver loads and has the device, else the CPU */
 } cm_train_backend;
 
 typedef struct cm_train_opts {
@@ -345,7 +347,13 @@ typedef struct cm_train_opts {
   const char *out_dir; /* metrics.jsonl and checkpoints (created) */
   bool resume;         /* continue from out_dir/latest */
   cm_train_backend backend;
-  int threads;                 /* cpu backend; 0: its default */
+  int threads;                /* cpu backend; 0: its default */
+  int device;                 /* cuda: the driver's ordinal */
+  cm_cuda_graphs cuda_graphs; /* cuda: the step replayed as one CUDA graph (default on) */
+  /* cuda, tests only: the driver and compiler to use (the emulated device of
+   * tests/emu/emu.h); NULL: the CUDA driver and NVRTC */
+  const cm_cuda_driver *cuda_driver;
+  const cm_cuda_compiler *cuda_compiler;
   int64_t log_every;           /* progress lines when not a terminal; 0: 10 */
   int keep;                    /* checkpoints kept (0: 3) */
   FILE *log;                   /* the start/end report and progress; NULL: silent */
@@ -359,6 +367,7 @@ typedef struct cm_train_result {
   double loss, loss_rc, loss_ct, images_per_s; /* of the last step; images/s over the run */
   bool interrupted;                            /* stopped by *opts->stop */
   char checkpoint[512];                        /* the last checkpoint written ("" if none) */
+  char backend[256]; /* the backend it ran on (cm_backend_choice.description) */
 } cm_train_result;
 
 /* Trains a variant: builds its training step at the local batch, runs it
@@ -387,13 +396,17 @@ typedef struct cm_encoder_opts {
   cm_pool pool;
   bool reference; /* run on the reference evaluator cm_eval, not cm_compile's program */
   uint64_t seed;  /* params absent from `params` (all when it is NULL) come from their init */
+  /* where cm_compile's program runs (cm_backend_resolve; copied): NULL: the CPU;
+   * kind ref: as reference; cuda: params resident on the device */
+  const cm_backend_choice *backend;
 } cm_encoder_opts;
 
 /* Builds the encoder graph: input "img" f32 [batch, C, S, S], output
  * "features" f32 [batch, d]. params NULL: every param from its initializer
  * with seed (the random-init baseline); otherwise every param must be there
  * by name with the node's exact type (an error names the first missing one).
- * When the CPU executor cannot build the program, falls back to cm_eval. */
+ * When the CPU executor cannot build the program, falls back to cm_eval (on
+ * CUDA that is an error: a GPU was asked for). */
 cm_status cm_encoder_create(const cm_model_config *cfg, const cm_tensor_set *params,
                             const cm_encoder_opts *opts, cm_encoder **out, cm_err *err);
 void cm_encoder_free(cm_encoder *e);
@@ -402,6 +415,8 @@ const cm_graph *cm_encoder_graph(const cm_encoder *e);
 /* The bound source tensors, indexed by node id (NULL for non-params). */
 const cm_tensor *const *cm_encoder_params(const cm_encoder *e);
 bool cm_encoder_uses_reference(const cm_encoder *e);
+/* Where it runs: "ref", or the backend's description ("cpu", "cuda 0 (...)"). */
+const char *cm_encoder_backend(const cm_encoder *e);
 /* Why the CPU executor could not build the program (NULL when it did, or the
  * reference evaluator was asked for). */
 const char *cm_encoder_fallback_reason(const cm_encoder *e);

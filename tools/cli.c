@@ -200,12 +200,59 @@ void cli_print_tensor(const char *name, const cm_tensor *t) {
   printf("\n");
 }
 
+const char cli_backend_usage[] =
+    "  --backend auto        CUDA when the driver loads and sees the GPU, else the CPU (default)\n"
+    "  --backend cpu         the CPU executor: fused kernels JIT-compiled with LLVM, run on\n"
+    "                        $CMAEC_THREADS threads (default: all), objects cached in\n"
+    "                        $CMAEC_CACHE_DIR (default ~/.cache/cmaec; empty: no cache)\n"
+    "  --backend cuda        an NVIDIA GPU through the CUDA driver (libcuda.so.1); CUBINs\n"
+    "                        cached in $CMAEC_CACHE_DIR/cuda\n"
+    "  --device N            the GPU (default 0; after CUDA_VISIBLE_DEVICES)\n"
+    "  --cuda-graphs on|off  replay the step as one CUDA graph (default on)\n";
+
+int cli_backend_request(const cli_option *backend, const cli_option *device,
+                        const cli_option *graphs, bool ref_allowed, cm_backend_kind default_kind,
+                        const char *command, cm_backend_request *req) {
+  memset(req, 0, sizeof *req);
+  req->kind = default_kind;
+  cm_err err = {0};
+  char place[64];
+  snprintf(place, sizeof place, "cmaec %s", command);
+  if (backend && backend->given && cm_backend_parse(backend->value, ref_allowed, &req->kind, &err))
+    return cli_report(&err, place);
+  if (device && device->given && cm_backend_parse_device(device->value, &req->device, &err))
+    return cli_report(&err, place);
+  if (graphs && graphs->given && cm_backend_parse_graphs(graphs->value, &req->graphs, &err))
+    return cli_report(&err, place);
+  bool cuda_options = (device && device->given) || (graphs && graphs->given);
+  if (cuda_options && (req->kind == CM_BACKEND_CPU || req->kind == CM_BACKEND_REF)) {
+    fprintf(stderr, "cmaec %s: %s applies to --backend cuda (or auto), not %s\n", command,
+            device && device->given ? "--device" : "--cuda-graphs",
+            cm_backend_kind_name(req->kind));
+    return EXIT_INVALID;
+  }
+  return EXIT_OK;
+}
+
+int cli_backend(const cli_option *backend, const cli_option *device, const cli_option *graphs,
+                bool ref_allowed, cm_backend_kind default_kind, const char *command,
+                cm_backend_choice *out) {
+  cm_backend_request req;
+  int rc = cli_backend_request(backend, device, graphs, ref_allowed, default_kind, command, &req);
+  if (rc) return rc;
+  cm_err err = {0};
+  char place[64];
+  snprintf(place, sizeof place, "cmaec %s", command);
+  if (cm_backend_resolve(&req, out, &err)) return cli_report(&err, place);
+  return EXIT_OK;
+}
+
 static const char usage_main[] =
     "usage: cmaec <command> [options]\n"
     "\n"
     "cmaec builds CMAE model variants and other dataflow graphs, differentiates and\n"
     "optimizes them, compiles them to kernels (LLVM JIT for the CPU, CUDA C through\n"
-    "NVRTC), and runs them on the reference evaluator or the CPU backend.\n"
+    "NVRTC), and runs them on the reference evaluator, the CPU or an NVIDIA GPU.\n"
     "\n"
     "commands:\n"
     "  check GRAPH        verify a graph (JSON or text IR) and print a summary\n"

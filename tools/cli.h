@@ -47,6 +47,22 @@ void cli_sources_free(cli_sources *s);
 
 void cli_print_tensor(const char *name, const cm_tensor *t);
 
+/* --backend auto|cpu|cuda[|ref], --device N, --cuda-graphs on|off of a command
+ * (device and graphs NULL where it has none). Parses them into *req (kind:
+ * default_kind when --backend is absent); --device or --cuda-graphs with an
+ * explicit cpu/ref backend is an error. Returns 0 or the exit code after
+ * printing one line "cmaec COMMAND: ...". */
+int cli_backend_request(const cli_option *backend, const cli_option *device,
+                        const cli_option *graphs, bool ref_allowed, cm_backend_kind default_kind,
+                        const char *command, cm_backend_request *req);
+/* cli_backend_request, then cm_backend_resolve: "--backend cuda" without a
+ * driver is exit 2 with the loader's message. */
+int cli_backend(const cli_option *backend, const cli_option *device, const cli_option *graphs,
+                bool ref_allowed, cm_backend_kind default_kind, const char *command,
+                cm_backend_choice *out);
+/* The usage lines of --backend, --device and --cuda-graphs. */
+extern const char cli_backend_usage[];
+
 int cmd_check(int argc, char **argv);
 int cmd_print(int argc, char **argv);
 int cmd_dot(int argc, char **argv);

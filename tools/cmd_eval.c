@@ -17,7 +17,8 @@
 
 static const char usage_eval[] =
     "usage: cmaec eval CKPT [--data fashion-mnist|DIR] [--train-limit N] [--test-limit N]\n"
-    "                  [--pool mean|cls] [--baselines] [--backend cpu|ref] [--batch N] [--json]\n"
+    "                  [--pool mean|cls] [--baselines] [--batch N] [--json]\n"
+    "                  [--backend auto|cpu|cuda|ref] [--device N] [--cuda-graphs on|off]\n"
     "       cmaec eval CKPT --features-of IN.safetensors -o OUT.safetensors [--pool ...]\n"
     "\n"
     "Evaluates the frozen online encoder of a checkpoint (a file, or a training OUT\n"
@@ -29,7 +30,8 @@ static const char usage_eval[] =
     "--batch: images per graph run (default 16).\n"
     "DIR: a directory with the Fashion-MNIST IDX files, or an image folder with\n"
     "train/ and test/ class subdirectories. --features-of writes the features\n"
-    "(\"features\" [n, d]) of the images in IN's \"img\" tensor [n, C, S, S].\n";
+    "(\"features\" [n, d]) of the images in IN's \"img\" tensor [n, C, S, S].\n"
+    "The features are computed on the chosen backend (ref: the reference evaluator):\n";
 
 static const char usage_recon[] =
     "usage: cmaec recon CKPT -o RECON.png [--n N] [--data fashion-mnist|DIR] [--seed S]\n"
@@ -156,7 +158,7 @@ static int score(const float *tr, const int32_t *trl, int64_t ntr, const float *
 static int encoder_scores(const loaded_ckpt *c, const cm_tensor_set *params,
                           const cm_encoder_opts *eo, const float *trv, const int32_t *trl,
                           int64_t ntr, const float *tev, const int32_t *tel, int64_t nte,
-                          int classes, scores *s, bool *reference) {
+                          int classes, scores *s, const char **backend) {
   cm_err err = {0};
   cm_encoder *e = NULL;
   float *ftr = NULL, *fte = NULL;
@@ -165,7 +167,9 @@ static int encoder_scores(const loaded_ckpt *c, const cm_tensor_set *params,
       cm_encoder_features(e, trv, ntr, &ftr, &err) || cm_encoder_features(e, tev, nte, &fte, &err))
     rc = cli_report(&err, c->path);
   if (!rc) {
-    *reference = cm_encoder_uses_reference(e);
+    *backend = cm_encoder_uses_reference(e) ? "ref"
+               : eo->backend                ? eo->backend->description
+                                            : "cpu";
     const char *why = cm_encoder_fallback_reason(e);
     if (why) fprintf(stderr, "cmaec eval: note: using the reference evaluator: %s\n", why);
     rc = score(ftr, trl, ntr, fte, tel, nte, cm_encoder_dim(e), classes, s);
@@ -234,11 +238,13 @@ int cmd_eval(int argc, char **argv) {
                        {"--json", false, NULL, false},
                        {"--batch", true, NULL, false},
                        {"--features-of", true, NULL, false},
-                       {"-o", true, NULL, false}};
+                       {"-o", true, NULL, false},
+                       {"--device", true, NULL, false},
+                       {"--cuda-graphs", true, NULL, false}};
   const char *pos[1];
   int n_pos;
   if (!cli_parse(argc, argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "eval")) return EXIT_INVALID;
-  if (opts[0].given) return fputs(usage_eval, stdout), EXIT_OK;
+  if (opts[0].given) return fputs(usage_eval, stdout), fputs(cli_backend_usage, stdout), EXIT_OK;
   if (n_pos != 1) return fputs(usage_eval, stderr), EXIT_INVALID;
   int64_t train_limit = 1000, test_limit = 1000, batch = 16;
   if (opts[2].given && !parse_count(opts[2].value, 1, INT64_MAX / 2, &train_limit))
@@ -252,16 +258,16 @@ int cmd_eval(int argc, char **argv) {
            EXIT_INVALID;
   cm_encoder_opts eo = {.batch = (int)batch, .seed = 0};
   if (parse_pool(opts[4].value, &eo.pool)) return EXIT_INVALID;
-  if (opts[6].given && strcmp(opts[6].value, "ref") == 0)
-    eo.reference = true;
-  else if (opts[6].given && strcmp(opts[6].value, "cpu") != 0)
-    return fprintf(stderr, "cmaec eval: --backend %s: expected cpu or ref\n", opts[6].value),
-           EXIT_INVALID;
   if (opts[9].given != opts[10].given)
     return fprintf(stderr, "cmaec eval: --features-of and -o go together\n"), EXIT_INVALID;
+  cm_backend_choice choice;
+  int rc = cli_backend(&opts[6], &opts[11], &opts[12], true, CM_BACKEND_AUTO, "eval", &choice);
+  if (rc) return rc;
+  eo.backend = &choice;
+  eo.reference = choice.kind == CM_BACKEND_REF;
 
   loaded_ckpt c;
-  int rc = load_ckpt(pos[0], "eval", &c);
+  rc = load_ckpt(pos[0], "eval", &c);
   if (rc) return loaded_free(&c), rc;
   if (opts[9].given) {
     rc = features_of(&c, &eo, opts[9].value, opts[10].value);
@@ -284,14 +290,15 @@ int cmd_eval(int argc, char **argv) {
   int classes = cm_dataset_n_classes(dtr);
   if (cm_dataset_n_classes(dte) > classes) classes = cm_dataset_n_classes(dte);
   scores s[3];
-  bool reference = true, ref2 = true;
+  const char *backend = "ref", *backend2 = "ref";
   const char *rows[3] = {"pretrained", "random init", "raw pixels"};
   int n_rows = opts[5].given ? 3 : 1;
   if ((rc = encoder_scores(&c, &c.tensors, &eo, trv, trl, ntr, tev, tel, nte, classes, &s[0],
-                           &reference)))
+                           &backend)))
     goto done;
   if (n_rows == 3) {
-    if ((rc = encoder_scores(&c, NULL, &eo, trv, trl, ntr, tev, tel, nte, classes, &s[1], &ref2)))
+    if ((rc = encoder_scores(&c, NULL, &eo, trv, trl, ntr, tev, tel, nte, classes, &s[1],
+                             &backend2)))
       goto done;
     int S = c.cfg.data.image_size, d = c.cfg.data.in_chans * S * S;
     if ((rc = score(trv, trl, ntr, tev, tel, nte, d, classes, &s[2]))) goto done;
@@ -305,7 +312,7 @@ int cmd_eval(int argc, char **argv) {
     cJSON_AddNumberToObject(o, "n_train", (double)ntr);
     cJSON_AddNumberToObject(o, "n_test", (double)nte);
     cJSON_AddStringToObject(o, "pool", eo.pool == CM_POOL_CLS ? "cls" : "mean");
-    cJSON_AddStringToObject(o, "backend", reference ? "ref" : "cpu");
+    cJSON_AddStringToObject(o, "backend", backend);
     for (int r = 0; r < n_rows; r++) {
       cJSON *row = cJSON_AddObjectToObject(o, keys[r]);
       cJSON_AddNumberToObject(row, "knn_top1", s[r].knn);
@@ -323,7 +330,7 @@ int cmd_eval(int argc, char **argv) {
   } else {
     printf("checkpoint %s (step %lld), %s; %lld train / %lld test images, pool %s, backend %s\n",
            c.path, (long long)c.meta.step, c.cfg.name, (long long)ntr, (long long)nte,
-           eo.pool == CM_POOL_CLS ? "cls" : "mean", reference ? "ref" : "cpu");
+           eo.pool == CM_POOL_CLS ? "cls" : "mean", backend);
     printf("%-12s %8s %8s\n", "features", "kNN", "linear");
     for (int r = 0; r < n_rows; r++)
       printf("%-12s %7.2f%% %7.2f%%\n", rows[r], 100 * s[r].knn, 100 * s[r].probe);

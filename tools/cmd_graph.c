@@ -27,24 +27,23 @@ static const char usage_dot[] = "usage: cmaec dot GRAPH\n"
 
 static const char usage_run[] =
     "usage: cmaec run GRAPH [--inputs IN.safetensors] [--outputs OUT.safetensors]\n"
-    "                 [--backend ref|cpu] [--seed N] [--precision native|f64] [--quiet]\n"
+    "                 [--backend auto|cpu|cuda|ref] [--device N] [--cuda-graphs on|off]\n"
+    "                 [--seed N] [--precision native|f64] [--quiet]\n"
     "\n"
     "Evaluates GRAPH. Every input node is read from IN (by name, exact dtype and shape).\n"
     "Params and state are read from IN when present there, else initialized from their\n"
     "initializer with --seed (default 0); one with no initializer must be in IN.\n"
     "Outputs are written to OUT under their node names (and printed unless --quiet).\n"
-    "  --backend ref         the reference evaluator (default)\n"
-    "  --backend cpu         the CPU executor: fused kernels JIT-compiled with LLVM, run\n"
-    "                        on $CMAEC_THREADS threads (default: all), objects cached in\n"
-    "                        $CMAEC_CACHE_DIR (default ~/.cache/cmaec; empty: no cache)\n"
+    "  --backend ref         the reference evaluator (the default with --precision f64)\n"
     "  --precision native    each value in its node's dtype (default)\n"
-    "  --precision f64       floating values kept in f64 (outputs written as f64)\n";
+    "  --precision f64       floating values kept in f64 (outputs written as f64; ref only)\n";
 
 static const char usage_info[] = "usage: cmaec info\n"
                                  "\n"
                                  "Prints the version and, for each of LLVM, NVRTC, the CUDA\n"
-                                 "driver (and GPUs), NCCL and MPI, whether it was found, and\n"
-                                 "why not where not.\n";
+                                 "driver, NCCL and MPI, whether it was found, and why not\n"
+                                 "where not; then the CUDA devices (ordinal, name, memory,\n"
+                                 "compute capability, SMs, the arch kernels are compiled for).\n";
 
 int cmd_check(int argc, char **argv) {
   cli_option opts[] = {{"--help", false, NULL, false}};
@@ -127,23 +126,18 @@ int cmd_dot(int argc, char **argv) {
 }
 
 int cmd_run(int argc, char **argv) {
-  cli_option opts[] = {{"--help", false, NULL, false},   {"--inputs", true, NULL, false},
-                       {"--outputs", true, NULL, false}, {"--backend", true, NULL, false},
-                       {"--seed", true, NULL, false},    {"--precision", true, NULL, false},
-                       {"--quiet", false, NULL, false}};
+  cli_option opts[] = {{"--help", false, NULL, false},      {"--inputs", true, NULL, false},
+                       {"--outputs", true, NULL, false},    {"--backend", true, NULL, false},
+                       {"--seed", true, NULL, false},       {"--precision", true, NULL, false},
+                       {"--quiet", false, NULL, false},     {"--device", true, NULL, false},
+                       {"--cuda-graphs", true, NULL, false}};
   const char *pos[1];
   int n_pos;
   if (!cli_parse(argc, argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "run")) return EXIT_INVALID;
-  if (opts[0].given) return fputs(usage_run, stdout), EXIT_OK;
+  if (opts[0].given) return fputs(usage_run, stdout), fputs(cli_backend_usage, stdout), EXIT_OK;
   if (n_pos != 1) return fputs(usage_run, stderr), EXIT_INVALID;
   const char *in_path = opts[1].value, *out_path = opts[2].value;
   bool quiet = opts[6].given;
-  bool cpu = opts[3].given && strcmp(opts[3].value, "cpu") == 0;
-  if (opts[3].given && !cpu && strcmp(opts[3].value, "ref") != 0) {
-    fprintf(stderr, "cmaec run: --backend %s: unknown backend (available: ref, cpu)\n",
-            opts[3].value);
-    return EXIT_INVALID;
-  }
   uint64_t seed = 0;
   if (opts[4].given && !cli_parse_u64(opts[4].value, &seed)) {
     fprintf(stderr, "cmaec run: --seed %s: not a non-negative integer\n", opts[4].value);
@@ -157,15 +151,23 @@ int cmd_run(int argc, char **argv) {
       fprintf(stderr, "cmaec run: --precision %s: use native or f64\n", opts[5].value);
       return EXIT_INVALID;
     }
-    if (cpu && eval_opts.precision == CM_PRECISION_F64) {
-      fprintf(stderr, "cmaec run: --precision f64 needs --backend ref\n");
-      return EXIT_INVALID;
-    }
   }
+  bool f64 = eval_opts.precision == CM_PRECISION_F64;
+  cm_backend_request req;
+  int rc = cli_backend_request(&opts[3], &opts[7], &opts[8], true,
+                               f64 ? CM_BACKEND_REF : CM_BACKEND_AUTO, "run", &req);
+  if (rc) return rc;
+  if (f64 && req.kind != CM_BACKEND_REF) {
+    fprintf(stderr, "cmaec run: --precision f64 needs --backend ref\n");
+    return EXIT_INVALID;
+  }
+  cm_backend_choice choice;
+  cm_err berr = {0};
+  if (cm_backend_resolve(&req, &choice, &berr)) return cli_report(&berr, "cmaec run");
+  bool compiled = choice.kind != CM_BACKEND_REF;
 
   cm_graph *g;
-  int rc = cli_load_graph(pos[0], &g);
-  if (rc) return rc;
+  if ((rc = cli_load_graph(pos[0], &g))) return rc;
   cm_err err = {0};
   cli_sources src;
   cm_tensor_set outputs;
@@ -177,10 +179,12 @@ int cmd_run(int argc, char **argv) {
     goto done_graph;
   }
   if ((rc = cli_bind_sources(g, pos[0], in_path, seed, NULL, &src))) goto done;
-  if (cpu) {
+  if (compiled) {
     cm_program *pr = NULL;
     cm_tensor *outs = calloc((size_t)g->n_outputs + 1, sizeof *outs);
-    if (!outs || cm_compile(g, NULL, NULL, &pr, &err) ||
+    cm_compile_opts co = {0};
+    const cm_target *target = cm_backend_compile_opts(&choice, &co);
+    if (!outs || cm_compile(g, target, &co, &pr, &err) ||
         cm_program_run(pr, (cm_tensor *const *)src.bound, outs, &err)) {
       cm_program_free(pr);
       free(outs);
@@ -230,6 +234,31 @@ done_graph:
   return rc;
 }
 
+/* The GPUs --backend cuda can run on (--device N), or why there are none. */
+static void print_cuda_devices(void) {
+  const cm_cuda_driver *d = NULL;
+  cm_err err = {0};
+  if (cm_cuda_driver_load(&d, &err)) {
+    printf("CUDA devices: none (%s); --backend auto runs on the CPU\n", err.msg);
+    return;
+  }
+  enum { MAX_DEVICES = 64 };
+  cm_cuda_device devs[MAX_DEVICES];
+  int n = cm_cuda_devices(d, devs, MAX_DEVICES, &err);
+  if (n == 0) {
+    printf("CUDA devices: none (%s); --backend auto runs on the CPU\n",
+           err.status ? err.msg : "the driver sees no GPU");
+    return;
+  }
+  printf("CUDA devices (--device N; CUDA_VISIBLE_DEVICES=%s):\n",
+         getenv("CUDA_VISIBLE_DEVICES") ? getenv("CUDA_VISIBLE_DEVICES") : "unset");
+  for (int i = 0; i < n && i < MAX_DEVICES; i++)
+    printf("  [%d] %s: %.1f GiB, compute capability %d.%d, %d SMs, %d KiB shared per block; "
+           "kernels compiled for %s\n",
+           devs[i].ordinal, devs[i].name, (double)devs[i].total_bytes / (1 << 30), devs[i].cc_major,
+           devs[i].cc_minor, devs[i].sms, devs[i].shared_optin / 1024, devs[i].arch);
+}
+
 int cmd_info(int argc, char **argv) {
   cli_option opts[] = {{"--help", false, NULL, false}};
   const char *pos[1];
@@ -242,5 +271,6 @@ int cmd_info(int argc, char **argv) {
   for (int i = 0; i < n; i++)
     printf("  %-12s %-9s %s\n", comps[i].name, comps[i].found ? "found" : "not found",
            comps[i].detail);
+  print_cuda_devices();
   return EXIT_OK;
 }

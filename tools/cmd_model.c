@@ -802,7 +802,8 @@ static int compile_emit_llvm(const compile_args *a, const cm_program *pr) {
 }
 
 /* --emit cuda: the CUDA C, and DIR/cubin.ARCH/KERNEL.cubin for each distinct kernel (the
- * first kernel it serves names it); then the compiler's figures when it ran. */
+ * first kernel it serves names it; the later parts of a split one KERNEL.sSTAGE.cubin); then
+ * the compiler's figures when it ran. */
 static int compile_emit_cuda(const compile_args *a, const cm_program *pr,
                              const cm_cuda_build *build) {
   int rc;
@@ -824,7 +825,11 @@ static int compile_emit_cuda(const compile_args *a, const cm_program *pr,
           mod->image.kernels[i].spill_store_bytes + mod->image.kernels[i].spill_load_bytes > 0;
     if (!a->emit.cuda) continue;
     char path[4096];
-    snprintf(path, sizeof path, "%s/%s.cubin", sub, kp->kernels[mod->kernel].name);
+    if (mod->stage_begin == 0) /* a split kernel's later parts: NAME.sSTAGE.cubin */
+      snprintf(path, sizeof path, "%s/%s.cubin", sub, kp->kernels[mod->kernel].name);
+    else
+      snprintf(path, sizeof path, "%s/%s.s%d.cubin", sub, kp->kernels[mod->kernel].name,
+               mod->stage_begin);
     FILE *f = fopen(path, "wb");
     bool ok = f && fwrite(mod->image.data, 1, mod->image.size, f) == mod->image.size;
     if ((f && fclose(f) != 0) || !ok)
@@ -833,11 +838,12 @@ static int compile_emit_cuda(const compile_args *a, const cm_program *pr,
   const cm_cuda_compiler *c = cm_program_cuda_compiler(pr);
   char cbuf[4096];
   const char *cache = cm_cache_dir(a->cache_dir, cbuf, sizeof cbuf);
-  printf("  cuda: %d distinct kernels (%d functions) for %s by %s: %d from the cache, %d compiled "
-         "on %d thread%s in %.0f ms (rendered in %.0f ms); %lld bytes of CUBIN, %d with spills\n",
-         build->n_modules, functions, a->arch, c ? c->name : "?", build->cache_hits,
-         build->cache_misses, build->threads, build->threads == 1 ? "" : "s", build->compile_ms,
-         build->render_ms, (long long)build->image_bytes, spills);
+  printf("  cuda: %d distinct kernels in %d modules (%d functions) for %s by %s: %d from the "
+         "cache, %d compiled on %d thread%s in %.0f ms (rendered in %.0f ms); %lld bytes of CUBIN, "
+         "%d with spills\n",
+         build->n_distinct, build->n_modules, functions, a->arch, c ? c->name : "?",
+         build->cache_hits, build->cache_misses, build->threads, build->threads == 1 ? "" : "s",
+         build->compile_ms, build->render_ms, (long long)build->image_bytes, spills);
   printf("  cache: %s%s", cache ? cache : "off", cache ? "/cuda" : "");
   int slowest = -1; /* the compile's critical path: no schedule finishes before it */
   for (int m = 0; m < build->n_modules; m++)
@@ -845,8 +851,9 @@ static int compile_emit_cuda(const compile_args *a, const cm_program *pr,
                                                          build->modules[slowest].image.compile_ms))
       slowest = m;
   if (slowest >= 0)
-    printf("; slowest module: %s, %.0f ms", kp->kernels[build->modules[slowest].kernel].name,
-           build->modules[slowest].image.compile_ms);
+    printf("; slowest module: %s stages %d..%d, %.0f ms",
+           kp->kernels[build->modules[slowest].kernel].name, build->modules[slowest].stage_begin,
+           build->modules[slowest].stage_end - 1, build->modules[slowest].image.compile_ms);
   if (build->cache_rejected) printf(", %d damaged or stale files replaced", build->cache_rejected);
   if (build->cache_write_failures)
     printf(", %d modules could not be stored", build->cache_write_failures);
@@ -856,7 +863,7 @@ static int compile_emit_cuda(const compile_args *a, const cm_program *pr,
 
 /* One stats.tsv row: a stage's shape and work; with cuda its resources and launch. */
 static double stats_row(FILE *f, const cm_kernel *k, int s, const cm_cubin *cubin,
-                        const cm_cuda_render_opts *co) { /* cubin: the kernel's module */
+                        const cm_cuda_render_opts *co) { /* cubin: the stage's module */
   const cm_kstage *st = &k->stages[s];
   char dom[128], red[128];
   extents_str(st->dom, st->n_dom, dom, sizeof dom);
@@ -895,7 +902,8 @@ static int compile_emit_stats(const compile_args *a, const cm_program *pr, const
     for (int s = 0; s < prog->kernels[i].n_stages; s++)
       total_flops +=
           stats_row(stats, &prog->kernels[i], s,
-                    build ? &build->modules[build->module_of[i]].image : NULL, cuda ? &co : NULL);
+                    build ? &build->modules[cm_cuda_stage_module(build, i, s)].image : NULL,
+                    cuda ? &co : NULL);
   if (fclose(stats) != 0) return fprintf(stderr, "%s: cannot write\n", spath), EXIT_INVALID;
   printf("  stats: %s (%.3f GFLOP in contractions per step)\n", spath, total_flops * 1e-9);
   return EXIT_OK;

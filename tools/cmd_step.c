@@ -25,16 +25,14 @@ static const char usage_step[] =
     "                  [--seed N] [--beta1 B] [--beta2 B] [--weight-decay W] [--clip X]\n"
     "                  [--loss-scaling] [--ema ONLINE_PREFIX:TARGET_PREFIX] [--momentum M]\n"
     "                  [--frozen SUBSTRING,...] [--save OUT.safetensors] [--quiet]\n"
-    "                  [--backend ref|cpu]\n"
+    "                  [--backend auto|cpu|cuda|ref] [--device N] [--cuda-graphs on|off]\n"
     "\n"
     "Builds the training step of GRAPH (AdamW as torch.optim.AdamW; defaults: betas\n"
     "0.9, 0.95, weight decay 0.05 except names containing ln, bias, pos_embed,\n"
-    "mask_token, cls_token) and runs N steps on the reference evaluator with the same\n"
+    "mask_token, cls_token) and runs N steps on the chosen backend with the same\n"
     "inputs, printing the loss of each step. Params come from IN or their initializer\n"
     "(--seed). --save writes the final params and optimizer state.\n"
-    "  --backend ref   the reference evaluator (default)\n"
-    "  --backend cpu   the CPU executor (JIT-compiled kernels, $CMAEC_THREADS threads,\n"
-    "                  objects cached in $CMAEC_CACHE_DIR); states updated in place\n";
+    "  --backend ref         the reference evaluator\n";
 
 static const char usage_build_step[] =
     "usage: cmaec build-step GRAPH --loss NAME -o STEP.json [--weight-decay W] [--clip X]\n"
@@ -306,21 +304,24 @@ int cmd_step(int argc, char **argv) {
                        {"--loss-scaling", false, NULL, false}, {"--ema", true, NULL, false},
                        {"--momentum", true, NULL, false},      {"--frozen", true, NULL, false},
                        {"--save", true, NULL, false},          {"--quiet", false, NULL, false},
-                       {"--backend", true, NULL, false}};
+                       {"--backend", true, NULL, false},       {"--device", true, NULL, false},
+                       {"--cuda-graphs", true, NULL, false}};
   const char *pos[1];
   int n_pos;
   if (!cli_parse(argc, argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "step")) return EXIT_INVALID;
-  bool cpu = opts[16].given && strcmp(opts[16].value, "cpu") == 0;
-  if (opts[16].given && !cpu && strcmp(opts[16].value, "ref") != 0)
-    return fprintf(stderr, "cmaec step: --backend %s: unknown backend (available: ref, cpu)\n",
-                   opts[16].value),
-           EXIT_INVALID;
-  if (opts[0].given) return fputs(usage_step, stdout), EXIT_OK;
+  cm_backend_request req;
+  int rc =
+      cli_backend_request(&opts[16], &opts[17], &opts[18], true, CM_BACKEND_AUTO, "step", &req);
+  if (rc) return rc;
+  if (opts[0].given) return fputs(usage_step, stdout), fputs(cli_backend_usage, stdout), EXIT_OK;
   if (n_pos != 1 || !opts[1].given || !opts[2].given || !opts[3].given)
     return fputs(usage_step, stderr), EXIT_INVALID;
   step_numbers num;
-  int rc = read_step_numbers(opts, &num);
-  if (rc) return rc;
+  if ((rc = read_step_numbers(opts, &num))) return rc;
+  cm_backend_choice choice;
+  cm_err err = {0};
+  if (cm_backend_resolve(&req, &choice, &err)) return cli_report(&err, "cmaec step");
+  bool compiled = choice.kind != CM_BACKEND_REF;
   uint64_t steps = num.steps, seed = num.seed;
   double lr = num.lr, beta1 = num.beta1, beta2 = num.beta2, momentum = num.momentum;
   bool quiet = opts[15].given;
@@ -333,7 +334,6 @@ int cmd_step(int argc, char **argv) {
   cm_program *pr = NULL;
   cm_tensor scalars[5] = {{{0}, 0}};
   cli_sources src = {0};
-  cm_err err = {0};
   if ((rc = cli_load_graph(pos[0], &g))) goto done;
   int loss = cli_node(g, pos[0], opts[1].value);
   if (loss < 0) {
@@ -369,23 +369,28 @@ int cmd_step(int argc, char **argv) {
     goto done;
   }
   if (!quiet)
-    printf("training %d params (%d with weight decay, %d frozen, %d EMA targets), %llu steps\n",
-           info.n_trainable, info.n_decay, info.n_frozen, info.n_ema, (unsigned long long)steps);
+    printf("training %d params (%d with weight decay, %d frozen, %d EMA targets), %llu steps; "
+           "backend %s\n",
+           info.n_trainable, info.n_decay, info.n_frozen, info.n_ema, (unsigned long long)steps,
+           choice.description);
   cm_eval_opts eval_opts = {CM_PRECISION_NATIVE};
-  if (cpu) {
+  if (compiled) {
     outs = calloc((size_t)sg->n_outputs + 1, sizeof *outs);
     if (!outs) {
       rc = (fprintf(stderr, "cmaec step: out of memory\n"), EXIT_INTERNAL);
       goto done;
     }
-    if (cm_compile(sg, NULL, NULL, &pr, &err)) {
+    /* states are not resident: each run leaves them updated in src, as on the CPU */
+    cm_compile_opts co = {0};
+    const cm_target *target = cm_backend_compile_opts(&choice, &co);
+    if (cm_compile(sg, target, &co, &pr, &err)) {
       rc = cli_report(&err, pos[0]);
       goto done;
     }
   }
   for (uint64_t t = 1; t <= steps; t++) {
     set_scalar(&scalars[3], (double)t);
-    if (cpu) {
+    if (compiled) {
       /* the executor writes every assign into its state in place */
       if (cm_program_run(pr, (cm_tensor *const *)src.bound, outs, &err)) {
         rc = cli_report(&err, pos[0]);
@@ -420,7 +425,7 @@ int cmd_step(int argc, char **argv) {
     }
     /* The step's side effects: each assign writes its target. */
     for (int i = 0; i < sg->n_nodes; i++) {
-      if (sg->nodes[i].op == CM_OP_ASSIGN && !cpu) {
+      if (sg->nodes[i].op == CM_OP_ASSIGN && !compiled) {
         cm_tensor *target = &src.tensors[sg->nodes[i].inputs[0]];
         memcpy(target->data, values[i].data, cm_type_nbytes(&target->type));
       }

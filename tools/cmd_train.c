@@ -12,19 +12,21 @@
 
 static const char usage_train[] =
     "usage: cmaec train MODEL.json [--data fashion-mnist|DIR] [--epochs N | --steps N]\n"
-    "                   [--batch B] [--out DIR] [--resume DIR] [--backend cpu|ref]\n"
-    "                   [--threads N] [--workers N] [--log-every N] [--seed N]\n"
+    "                   [--batch B] [--out DIR] [--resume DIR] [--backend auto|cpu|cuda|ref]\n"
+    "                   [--device N] [--cuda-graphs on|off] [--threads N] [--workers N]\n"
+    "                   [--log-every N] [--seed N]\n"
     "                   [--views shift|rrc] [--ckpt-every N] [--keep N] [--set KEY=VALUE ...]\n"
     "\n"
     "Pretrains the variant on Fashion-MNIST (default) or an image folder DIR/<class>/<file>:\n"
     "builds its training step (AdamW, EMA targets) at the batch B (default optimizer.batch;\n"
-    "the lr scales with it), runs it on the CPU backend (default) or the reference\n"
-    "evaluator (ref), logs DIR/metrics.jsonl (one row per step) and writes checkpoints\n"
+    "the lr scales with it), runs it on the chosen backend (below; ref: the reference\n"
+    "evaluator), logs DIR/metrics.jsonl (one row per step) and writes checkpoints\n"
     "DIR/ckpt-<step>.safetensors every --ckpt-every steps (default: only at the end; the\n"
     "newest --keep, default 3, are kept; DIR/latest names the newest). --epochs N sets\n"
     "schedule.epochs; --steps N stops after step N (the schedule stays the config's).\n"
     "--resume DIR continues from DIR/latest exactly where it stopped (params, moments,\n"
-    "EMA params, schedule and data order), with the same MODEL and --set flags.\n"
+    "EMA params, schedule and data order), with the same MODEL and --set flags, on any\n"
+    "backend (a checkpoint holds host tensors).\n"
     "Ctrl-C finishes the current step, saves a checkpoint and exits with 130.\n"
     "Default --out: runs/<variant>. Exit codes: 0 ok, 1 internal failure, 2 invalid input\n"
     "(also a non-finite loss), 130 interrupted.\n";
@@ -127,14 +129,15 @@ int cmd_train(int argc, char **argv) {
   }
   args[n_args] = NULL;
   cli_option opts[] = {
-      {"--help", false, NULL, false},     {"--data", true, NULL, false},
-      {"--epochs", true, NULL, false},    {"--steps", true, NULL, false},
-      {"--batch", true, NULL, false},     {"--out", true, NULL, false},
-      {"--resume", true, NULL, false},    {"--backend", true, NULL, false},
-      {"--threads", true, NULL, false},   {"--workers", true, NULL, false},
-      {"--log-every", true, NULL, false}, {"--seed", true, NULL, false},
-      {"--views", true, NULL, false},     {"--ckpt-every", true, NULL, false},
-      {"--keep", true, NULL, false},
+      {"--help", false, NULL, false},       {"--data", true, NULL, false},
+      {"--epochs", true, NULL, false},      {"--steps", true, NULL, false},
+      {"--batch", true, NULL, false},       {"--out", true, NULL, false},
+      {"--resume", true, NULL, false},      {"--backend", true, NULL, false},
+      {"--threads", true, NULL, false},     {"--workers", true, NULL, false},
+      {"--log-every", true, NULL, false},   {"--seed", true, NULL, false},
+      {"--views", true, NULL, false},       {"--ckpt-every", true, NULL, false},
+      {"--keep", true, NULL, false},        {"--device", true, NULL, false},
+      {"--cuda-graphs", true, NULL, false},
   };
   const char *pos[1];
   int n_pos;
@@ -144,6 +147,7 @@ int cmd_train(int argc, char **argv) {
   }
   if (opts[0].given) {
     fputs(usage_train, stdout);
+    fputs(cli_backend_usage, stdout);
     goto out;
   }
   if (n_pos != 1) {
@@ -176,17 +180,19 @@ int cmd_train(int argc, char **argv) {
   }
   o.overrides = sets;
   o.n_overrides = n_sets;
-  if (opts[7].given) {
-    if (strcmp(opts[7].value, "cpu") == 0) {
-      o.backend = CM_TRAIN_CPU;
-    } else if (strcmp(opts[7].value, "ref") == 0) {
-      o.backend = CM_TRAIN_REF;
-    } else {
-      fprintf(stderr, "cmaec train: --backend %s: expected cpu or ref\n", opts[7].value);
-      rc = EXIT_INVALID;
-      goto out;
-    }
-  }
+  /* resolved here too, so that a missing driver stops the run before the data loads */
+  cm_backend_choice choice;
+  if ((rc = cli_backend(&opts[7], &opts[15], &opts[16], true, CM_BACKEND_AUTO, "train", &choice)))
+    goto out;
+  cm_backend_request req;
+  cli_backend_request(&opts[7], &opts[15], &opts[16], true, CM_BACKEND_AUTO, "train", &req);
+  static const cm_train_backend train_kinds[] = {[CM_BACKEND_AUTO] = CM_TRAIN_AUTO,
+                                                 [CM_BACKEND_CPU] = CM_TRAIN_CPU,
+                                                 [CM_BACKEND_CUDA] = CM_TRAIN_CUDA,
+                                                 [CM_BACKEND_REF] = CM_TRAIN_REF};
+  o.backend = train_kinds[req.kind];
+  o.device = req.device;
+  o.cuda_graphs = req.graphs;
   char def_out[512];
   if (opts[6].given) {
     if (opts[5].given && strcmp(opts[5].value, opts[6].value) != 0) {

@@ -38,7 +38,7 @@ CMAEC_THREADS=abc expect_fail 2 'CMAEC_THREADS' "$cmaec" run "$root/examples/mlp
   --inputs "$root/examples/mlp_inputs.safetensors" --backend cpu
 CMAEC_THREADS=0 expect_fail 2 'CMAEC_THREADS' "$cmaec" step "$root/examples/mlp.json" --loss loss \
   --steps 1 --lr 0.02 --inputs "$tmp/data.safetensors" --backend cpu
-expect_fail 2 'available: ref, cpu' "$cmaec" run "$root/examples/mlp.json" --backend gpu
-expect_fail 2 'available: ref, cpu' "$cmaec" step "$root/examples/mlp.json" --loss loss --steps 1 \
+expect_fail 2 'available: auto, cpu, cuda, ref' "$cmaec" run "$root/examples/mlp.json" --backend gpu
+expect_fail 2 'available: auto, cpu, cuda, ref' "$cmaec" step "$root/examples/mlp.json" --loss loss --steps 1 \
   --lr 0.1 --backend tpu
 finish

@@ -7,8 +7,8 @@ cmaec=$1
 root=$2
 . "$root/tests/cli/lib.bash"
 
-# the cuda line: "N distinct kernels ...: H from the cache, M compiled on T threads ..."
-counts() { sed -n 's/.* \([0-9]*\) distinct kernels.*: \([0-9]*\) from the cache, \([0-9]*\) compiled on \([0-9]*\) thread.*/\1 \2 \3 \4/p' "$tmp/out"; }
+# the cuda line: "D distinct kernels in N modules ...: H from the cache, M compiled on T threads"
+counts() { sed -n 's/.* [0-9]* distinct kernels in \([0-9]*\) modules.*: \([0-9]*\) from the cache, \([0-9]*\) compiled on \([0-9]*\) thread.*/\1 \2 \3 \4/p' "$tmp/out"; }
 
 expect_ok "$cmaec" compile "$root/examples/mlp.json" --target cuda -o "$tmp/cold" --cache-dir "$tmp/c"
 read -r n hits compiled threads <<<"$(counts)"
@@ -31,4 +31,13 @@ expect_ok "$cmaec" compile "$root/examples/mlp.json" --target cuda -o "$tmp/off"
 read -r n4 hits compiled threads <<<"$(counts)"
 [ "$hits" = 0 ] && [ "$compiled" = "${n:-x}" ] || bad "--cache-dir \"\": $(cat "$tmp/out")"
 grep -q "^  cache: off\($\|;\)" "$tmp/out" || bad "--cache-dir \"\": $(cat "$tmp/out")"
+
+# kernels split into one module per stage (CMAEC_CUDA_PART_BYTES): more modules, a CUBIN per
+# part, the same ptxas figures per stage
+CMAEC_CUDA_PART_BYTES=1 expect_ok "$cmaec" compile "$root/examples/mlp.json" --target cuda \
+  -o "$tmp/split" --cache-dir "$tmp/c"
+read -r n5 hits compiled threads <<<"$(counts)"
+[ "${n5:-0}" -gt "${n:-0}" ] && [ "$compiled" -ge 1 ] || bad "split: $(cat "$tmp/out")"
+[ "$(ls "$tmp/split/cubin.sm_90" | wc -l)" = "${n5:-x}" ] || bad "split: $(ls "$tmp/split/cubin.sm_90")"
+diff "$tmp/cold/stats.tsv" "$tmp/split/stats.tsv" >/dev/null || bad "split: stats differ"
 finish

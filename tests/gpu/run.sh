@@ -21,6 +21,7 @@
 # Environment: CMAEC_GPU_CARRY (default .gpu), CMAEC_GPU_BUILD (default build-gpu),
 # CMAEC_GPU_LOGS (default $OUT/gpu-logs when $OUT is set, else a temporary folder).
 set -uo pipefail
+set -a # the parts run in a child bash (under timeout): it sees every variable below
 cd "$(dirname "$0")/../.."
 root=$PWD
 dry=0
@@ -58,7 +59,7 @@ run_part() {
   local t0 rc
   t0=$(date +%s.%N)
   echo "== $name: $* (timeout ${secs} s)"
-  timeout --kill-after=5 "$secs" "$@" >"$logs/$name.log" 2>&1
+  timeout --kill-after=5 "$secs" bash -c '"$@"' "$name" "$@" >"$logs/$name.log" 2>&1
   rc=$?
   awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }' >"$work/$name.secs"
   tail -n 3 "$logs/$name.log" | sed 's/^/   /'
@@ -74,10 +75,10 @@ fake_gpu_diff() {
   echo "cmae_vit_tiny_fmnist.json b4             31 kernels (2 fused attention)  worst |gpu - f64| / bound 0.21 (k3_gemm out)  ok  nvrtc 1200 ms  0.512 ms/run"
   echo "gemm+bias+relu 127x65x33                  1 kernels (0 fused attention)  worst |gpu - f64| / bound 0.05 (k0 out)  ok  nvrtc 100 ms"
 }
-fake_train() { # $1: the CPU run's metrics.jsonl, perturbed a little as a GPU's would be
+fake_train() { # $1: the CPU run's metrics.jsonl, scaled as a GPU's might be (by default 1.001)
   mkdir -p "$2"
-  awk '{ if (match($0, /"loss":[-0-9.eE+]+/)) { v = substr($0, RSTART + 7, RLENGTH - 7);
-         $0 = substr($0, 1, RSTART + 6) sprintf("%.6g", v * 1.001) substr($0, RSTART + RLENGTH) }
+  awk -v scale="${CMAEC_GPU_FAKE_LOSS_SCALE:-1.001}" '{ if (match($0, /"loss":[-0-9.eE+]+/)) { v = substr($0, RSTART + 7, RLENGTH - 7);
+         $0 = substr($0, 1, RSTART + 6) sprintf("%.9g", v * scale) substr($0, RSTART + RLENGTH) }
          print }' "$1" >"$2/metrics.jsonl"
 }
 fake_step() { # $1: on|off
@@ -85,6 +86,7 @@ fake_step() { # $1: on|off
   if [ "$1" = on ]; then echo "step 88.20 ms, 725.6 images/s"; else echo "step 97.45 ms, 656.7 images/s"; fi
 }
 
+export -f fake_gpu_diff fake_train fake_step
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null ||
   echo "(no nvidia-smi)"
 [ -d "$carry/deps" ] || echo "run.sh: $carry/deps missing: run tests/gpu/prepare.sh and carry .gpu" >&2
@@ -103,6 +105,7 @@ configure() {
     -DJPEG_LIBRARY_RELEASE="$libdir/libjpeg.a" &&
     cmake --build "$build" -j"$(nproc)" --target cmaec gpu_diff bench_step
 }
+export -f configure
 if run_part build 240 configure; then
   row build ok "LLVM off, $(nproc) jobs, $(secs_of build) s"
 else
@@ -132,6 +135,7 @@ train_cuda() {
   CMAEC_FMNIST_DIR=$carry/fashion-mnist "$build/cmaec" train models/cmae_vit_tiny_fmnist.json \
     --backend cuda --steps "$steps" --seed "$seed" --out "$work/train-cuda"
 }
+export -f train_cuda
 if [ ! -f "$cpu_metrics" ]; then
   row train FAILED "no CPU losses ($cpu_metrics): run prepare.sh without --no-cpu-run"
 else
@@ -207,6 +211,7 @@ compile() {
   "$build/cmaec" compile "$model" --target cuda --arch sm_90 --cache-dir "$cache" \
     -o "$work/compile-$1"
 }
+export -f compile
 rm -rf "$cache"
 run_part compile_cold 120 compile cold
 rc_cold=$?

@@ -4,7 +4,7 @@
  * threads give the same images; a compile error names its kernel, the first in module order).
  * The fake compiler's tests (its image: the source's bytes) need no NVRTC; the rest skip with
  * exit 77 only when NVRTC cannot be loaded. */
-#define _XOPEN_SOURCE 700 /* nftw */
+#define _GNU_SOURCE /* nftw, memmem */
 #include "codegen/codegen.h"
 #include "models/models.h"
 #include "runtime/runtime.h"
@@ -168,6 +168,57 @@ static void test_fake_cache_and_threads(void) {
   small_program_free(&sp);
 }
 
+/* ---- kernels split into parts ---- */
+
+/* Builds sp with every kernel split into one module per stage ($CMAEC_CUDA_PART_BYTES=1). */
+static cm_status build_split(const small_program *sp, const cm_cuda_compiler *c, int threads,
+                             cm_cuda_build *out, cm_err *err) {
+  setenv("CMAEC_CUDA_PART_BYTES", "1", 1);
+  cm_status st = build(sp, c, NULL, threads, out, err);
+  unsetenv("CMAEC_CUDA_PART_BYTES");
+  return st;
+}
+
+/* Every stage's function is in the module cm_cuda_stage_module names, and only there. */
+static void check_stage_modules(const small_program *sp, const cm_cuda_build *b) {
+  for (int i = 0; i < sp->kp.n_kernels; i++)
+    for (int s = 0; s < sp->kp.kernels[i].n_stages; s++) {
+      int m = cm_cuda_stage_module(b, i, s);
+      const cm_cuda_module *mod = &b->modules[m];
+      char fn[64];
+      snprintf(fn, sizeof fn, " %s_s%d(", CM_CUDA_MODULE_KERNEL, s);
+      int holders = 0;
+      for (int q = b->module_of[i]; q < b->n_modules && b->modules[q].kernel == mod->kernel; q++)
+        holders +=
+            memmem(b->modules[q].image.data, b->modules[q].image.size, fn, strlen(fn)) != NULL;
+      CHECK_MSG(m >= b->module_of[i] && s >= mod->stage_begin && s < mod->stage_end &&
+                    memmem(mod->image.data, mod->image.size, fn, strlen(fn)) && holders == 1,
+                "kernel %d stage %d: module %d holds [%d, %d), %d holders", i, s, m,
+                mod->stage_begin, mod->stage_end, holders);
+    }
+}
+
+static void test_fake_split(void) {
+  small_program sp;
+  if (!small_program_make(&sp)) return;
+  cm_err err = {0};
+  cm_cuda_build whole, split;
+  CHECK_MSG(build(&sp, &fake_compiler, NULL, 2, &whole, &err) == CM_OK, "%s", err.msg);
+  CHECK_MSG(build_split(&sp, &fake_compiler, 2, &split, &err) == CM_OK, "%s", err.msg);
+  int stages = 0;
+  for (int m = 0; m < whole.n_modules; m++) {
+    CHECK(whole.modules[m].stage_begin == 0);
+    stages += sp.kp.kernels[whole.modules[m].kernel].n_stages;
+  }
+  CHECK_MSG(split.n_modules == stages && stages > whole.n_modules, "%d modules, %d stages",
+            split.n_modules, stages);
+  CHECK(whole.n_distinct == whole.n_modules && split.n_distinct == whole.n_distinct);
+  check_stage_modules(&sp, &whole);
+  check_stage_modules(&sp, &split);
+  cm_cuda_build_free(&whole), cm_cuda_build_free(&split);
+  small_program_free(&sp);
+}
+
 /* ---- damaged cache files ---- */
 
 typedef enum damage { TRUNCATED, FLIPPED_BYTE, OTHER_SOURCE, NOT_A_CACHE_FILE } damage;
@@ -268,6 +319,30 @@ static void test_nvrtc_damaged_files(void) {
   check_damaged_files(nvrtc);
 }
 
+/* Split modules define the same functions with the same resources. */
+static void test_nvrtc_split(void) {
+  small_program sp;
+  if (!small_program_make(&sp)) return;
+  cm_err err = {0};
+  cm_cuda_build whole, split;
+  CHECK_MSG(build(&sp, nvrtc, NULL, 2, &whole, &err) == CM_OK, "%s", err.msg);
+  CHECK_MSG(build_split(&sp, nvrtc, 2, &split, &err) == CM_OK, "%s", err.msg);
+  CHECK(split.n_modules > whole.n_modules);
+  for (int i = 0; i < sp.kp.n_kernels; i++)
+    for (int s = 0; s < sp.kp.kernels[i].n_stages; s++) {
+      char fn[64];
+      snprintf(fn, sizeof fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, s);
+      const cm_cubin *a = &whole.modules[cm_cuda_stage_module(&whole, i, s)].image;
+      const cm_cubin *b = &split.modules[cm_cuda_stage_module(&split, i, s)].image;
+      const cm_cuda_kernel_info *ka = cm_cubin_kernel(a, fn), *kb = cm_cubin_kernel(b, fn);
+      CHECK_MSG(ka && kb && b->n_kernels == 1 && ka->registers == kb->registers &&
+                    ka->shared_bytes == kb->shared_bytes,
+                "kernel %d %s: %d functions in its part", i, fn, b->n_kernels);
+    }
+  cm_cuda_build_free(&whole), cm_cuda_build_free(&split);
+  small_program_free(&sp);
+}
+
 static void test_nvrtc_threads(void) {
   small_program sp;
   if (!small_program_make(&sp)) return;
@@ -341,7 +416,7 @@ static void test_nvrtc_compile_error(void) {
   cm_cuda_build b, probe;
   CHECK_MSG(build(&sp, &fake_compiler, NULL, 1, &probe, &err) == CM_OK, "%s", err.msg);
   int last = probe.n_modules - 1;
-  if (last >= 1) { /* the later module in module order is the larger one's sibling */
+  if (last >= 1) { /* break the last two modules: the error must name the earlier one */
     broken_kernels[0] = sp.kp.kernels[probe.modules[last].kernel].name;
     broken_kernels[1] = sp.kp.kernels[probe.modules[last - 1].kernel].name;
   }
@@ -366,10 +441,11 @@ int main(int argc, char **argv) {
     fprintf(stderr, "%s: takes no arguments\n", argv[0]);
     return 2;
   }
-  test_case fake[] = {TEST(test_fake_cache_and_threads), TEST(test_fake_damaged_files)};
-  test_case real[] = {TEST(test_nvrtc_cache), TEST(test_nvrtc_damaged_files),
-                      TEST(test_nvrtc_threads), TEST(test_nvrtc_two_processes),
-                      TEST(test_nvrtc_compile_error)};
+  test_case fake[] = {TEST(test_fake_cache_and_threads), TEST(test_fake_split),
+                      TEST(test_fake_damaged_files)};
+  test_case real[] = {TEST(test_nvrtc_cache),         TEST(test_nvrtc_damaged_files),
+                      TEST(test_nvrtc_split),         TEST(test_nvrtc_threads),
+                      TEST(test_nvrtc_two_processes), TEST(test_nvrtc_compile_error)};
   for (size_t i = 0; i < sizeof fake / sizeof fake[0]; i++) {
     int before = test_failures;
     fake[i].fn();
