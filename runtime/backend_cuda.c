@@ -258,8 +258,9 @@ static cm_status load_modules(cuda_state *cs, const cm_kprogram *kp, const cm_ta
     r->host_run = calloc((size_t)k->n_buffers + 1, sizeof *r->host_run);
     if (!r->fns || !r->launch || !r->ptrs || !r->args || !r->host || !r->host_run) return oom(err);
     for (int b = 0; b < k->n_buffers; b++) r->args[b] = &r->ptrs[b];
-    void *module = cs->modules[cs->build.module_of[i]];
     for (int s = 0; s < k->n_stages; s++) {
+      /* a large kernel's stages may lie in several modules (cuda_build.c splits them) */
+      void *module = cs->modules[cm_cuda_stage_module(&cs->build, i, s)];
       r->launch[s] = cm_cuda_stage_launch(k, s, &ro);
       if (k->stages[s].cuda.kind == CM_KCUDA_IN_SPAN) continue; /* its function returns at once */
       char fn[64];

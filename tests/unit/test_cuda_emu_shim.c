@@ -961,7 +961,11 @@ static void compile_variant(const char *path) {
     const cm_kernel *k = &cm_program_kernels(pr)->kernels[b->modules[i].kernel];
     CHECK_MSG(im->n_kernels == k->n_stages, "%s: %d functions for %d stages", k->name,
               im->n_kernels, k->n_stages);
-    CHECK(im->n_kernels >= 1 && !strcmp(im->kernels[0].name, CM_CUDA_MODULE_KERNEL "_s0"));
+    /* a large kernel split into parts (cuda_build.c): a part starts at its stage_begin */
+    char first[64];
+    snprintf(first, sizeof first, "%s_s%d", CM_CUDA_MODULE_KERNEL, b->modules[i].stage_begin);
+    CHECK_MSG(im->n_kernels >= 1 && !strcmp(im->kernels[0].name, first), "module %d: %s, not %s",
+              i, im->n_kernels ? im->kernels[0].name : "no function", first);
     char last[32];
     snprintf(last, sizeof last, "%s_s%d", CM_CUDA_MODULE_KERNEL, k->n_stages - 1);
     CHECK(!strcmp(im->kernels[im->n_kernels - 1].name, last));
