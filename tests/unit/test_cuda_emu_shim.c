@@ -833,7 +833,9 @@ static void compile_variant(const char *path) {
     const cm_cubin *im = &b->modules[i].image;
     functions += im->n_kernels;
     module_ms += im->compile_ms;
-    CHECK(im->n_kernels >= 1 && !strcmp(im->kernels[0].name, CM_CUDA_MODULE_KERNEL "_s0"));
+    char first_fn[64]; /* a split kernel's later parts start at their first stage */
+    snprintf(first_fn, sizeof first_fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, b->modules[i].stage_begin);
+    CHECK(im->n_kernels >= 1 && !strcmp(im->kernels[0].name, first_fn));
   }
   if (b)
     fprintf(stderr,
