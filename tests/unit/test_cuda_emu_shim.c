@@ -904,7 +904,8 @@ static double run_step(const cm_program *pr, const cm_cuda_build *b, const cm_ta
       cm_cuda_launch l = cm_cuda_stage_launch(k, st, &ro);
       char fn[32];
       snprintf(fn, sizeof fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, st);
-      int rc = mods[b->module_of[ki]].launch(fn, l.grid, l.block, l.shared_bytes, args);
+      int rc =
+          mods[cm_cuda_stage_module(b, ki, st)].launch(fn, l.grid, l.block, l.shared_bytes, args);
       CHECK_MSG(rc == 0, "%s stage %d: CUresult %d", k->name, st, rc);
     }
     double dt = cpu_s() - t0;
@@ -957,18 +958,17 @@ static void compile_variant(const char *path) {
     const cm_cubin *im = &b->modules[i].image;
     functions += im->n_kernels;
     module_ms += im->compile_ms;
-    /* the scanner found one function per stage, in order */
+    /* the scanner found one function per stage the module holds (a split kernel's parts hold
+       some of its stages), in order */
     const cm_kernel *k = &cm_program_kernels(pr)->kernels[b->modules[i].kernel];
-    CHECK_MSG(im->n_kernels == k->n_stages, "%s: %d functions for %d stages", k->name,
-              im->n_kernels, k->n_stages);
-    /* a large kernel split into parts (cuda_build.c): a part starts at its stage_begin */
-    char first[64];
-    snprintf(first, sizeof first, "%s_s%d", CM_CUDA_MODULE_KERNEL, b->modules[i].stage_begin);
-    CHECK_MSG(im->n_kernels >= 1 && !strcmp(im->kernels[0].name, first), "module %d: %s, not %s",
-              i, im->n_kernels ? im->kernels[0].name : "no function", first);
-    char last[32];
-    snprintf(last, sizeof last, "%s_s%d", CM_CUDA_MODULE_KERNEL, k->n_stages - 1);
-    CHECK(!strcmp(im->kernels[im->n_kernels - 1].name, last));
+    int first = b->modules[i].stage_begin, end = b->modules[i].stage_end;
+    CHECK_MSG(im->n_kernels == end - first, "%s: %d functions for stages %d..%d", k->name,
+              im->n_kernels, first, end - 1);
+    char first_fn[32], last_fn[32];
+    snprintf(first_fn, sizeof first_fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, first);
+    snprintf(last_fn, sizeof last_fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, end - 1);
+    CHECK(im->n_kernels >= 1 && !strcmp(im->kernels[0].name, first_fn) &&
+          !strcmp(im->kernels[im->n_kernels - 1].name, last_fn));
   }
   if (b)
     fprintf(stderr,
