@@ -16,6 +16,7 @@
  * machines build without it. */
 #include "runtime.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -34,6 +35,13 @@
 static double now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+/* The calling thread's CPU time: what a module's compile costs, however loaded the machine. */
+static double thread_cpu_ms(void) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0) return 0;
   return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
@@ -301,6 +309,26 @@ static bool make_dirs(const char *path) {
   return stat(buf, &stt) == 0 && S_ISDIR(stt.st_mode);
 }
 
+/* A temporary file older than this was left by a process that died while writing it. */
+#define CACHE_STALE_TEMP_SECONDS 3600
+
+/* Removes such leftovers from dir (a store takes milliseconds: a younger one may be in use). */
+static void remove_stale_temps(const char *dir) {
+  DIR *d = opendir(dir);
+  if (!d) return;
+  time_t now = time(NULL);
+  for (struct dirent *e = readdir(d); e; e = readdir(d)) {
+    if (strncmp(e->d_name, ".tmp-", 5) != 0) continue;
+    char path[4400];
+    struct stat stt;
+    if (snprintf(path, sizeof path, "%s/%s", dir, e->d_name) < (int)sizeof path &&
+        lstat(path, &stt) == 0 && S_ISREG(stt.st_mode) &&
+        now - stt.st_mtime > CACHE_STALE_TEMP_SECONDS)
+      unlink(path);
+  }
+  closedir(d);
+}
+
 /* ---- building ---------------------------------------------------------------- */
 
 cm_status cm_cuda_module_source(const cm_kernel *k, const cm_target *t, bool no_templates,
@@ -477,7 +505,9 @@ static void build_module(build_work *w, int m, int worker) {
     snprintf(name, sizeof name, "%s.cu", k->name);
   else
     snprintf(name, sizeof name, "%s.s%d.cu", k->name, mod->stage_begin);
+  double cpu0 = thread_cpu_ms();
   cm_status st = w->c->compile(w->c->self, source, name, w->t->arch, &mod->image, &w->errs[m]);
+  mod->cpu_ms = thread_cpu_ms() - cpu0;
   if (st != CM_OK) {
     cm_err_prefix(&w->errs[m], "%s (%s): ", title, w->c->name);
   } else if (!mod->image.data || mod->image.size == 0) {
@@ -707,6 +737,7 @@ cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool 
   t0 = now_ms();
   bool unusable = w.dir && !make_dirs(w.dir); /* then every compiled module fails to be stored */
   if (unusable) w.dir = NULL;
+  if (w.dir) remove_stale_temps(w.dir);
   st = run_workers(&w, thread_count(threads, nm), err);
   out->compile_ms = now_ms() - t0;
   if (st == CM_OK) st = collect(&w, unusable, err);

@@ -160,6 +160,7 @@ typedef struct cm_cuda_module {
   bool cached;                /* loaded from the cache */
   int kernel;                 /* the first kernel of the program it serves */
   int stage_begin, stage_end; /* the stage functions it holds ([0, n_stages) unless split) */
+  double cpu_ms;              /* the compiling thread's CPU time for it (0 when cached) */
 } cm_cuda_module;
 typedef struct cm_cuda_build {
   int n_modules;

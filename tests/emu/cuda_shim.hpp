@@ -308,7 +308,7 @@ struct cm_emu_fiber {
 /* A warp collective's slot: one lane's posted value, tagged with the warp's
  * generation so a lane that exited (or never existed) is told apart. */
 struct cm_emu_slot {
-  unsigned long long words[4];
+  unsigned long long words[6]; /* an mma's fragments and accumulators: 10 words */
   unsigned gen;
 };
 
@@ -568,10 +568,9 @@ static unsigned __activemask() {
     if (cm_emu_warp_slot(gen, l)) bits |= 1u << l;
   return bits;
 }
-/* Every lane's N words (lanes that did not post: zeros): what an mma.sync's
- * fragments are, seen from one lane. */
+/* Every lane's N words (lanes that did not post: zeros). */
 template <int N> static void cm_emu_warp_gather(const unsigned (&mine)[N], unsigned (&all)[32][N]) {
-  static_assert(N * sizeof(unsigned) <= sizeof(cm_emu_slot::words), "fragments fit a slot");
+  static_assert(N * sizeof(unsigned) <= sizeof(cm_emu_slot::words), "the words fit a slot");
   unsigned gen = cm_emu_warp_post(mine, sizeof mine);
   for (unsigned l = 0; l < 32; l++) {
     const cm_emu_slot *s = cm_emu_warp_slot(gen, l);
@@ -580,6 +579,45 @@ template <int N> static void cm_emu_warp_gather(const unsigned (&mine)[N], unsig
     else
       memset(all[l], 0, sizeof all[l]);
   }
+}
+
+/* A warp-wide operation computed once: each lane posts N words; the last lane to
+ * arrive runs combine over every lane's words (zeros for lanes that did not
+ * post), which writes each lane's M words of result; each lane gets its own.
+ * What an mma.sync is: one tile product shared by the warp's 32 lanes. */
+template <int N, int M>
+static void cm_emu_warp_compute(const unsigned (&mine)[N], unsigned (&result)[M],
+                                void (*combine)(const unsigned (*in)[N], unsigned (*out)[M])) {
+  static_assert(N * sizeof(unsigned) <= sizeof(cm_emu_slot::words) &&
+                    M * sizeof(unsigned) <= sizeof(cm_emu_slot::words),
+                "the words fit a slot");
+  cm_emu_state *st = cm_emu_st;
+  cm_emu_fiber *f = st->cur;
+  unsigned w = f->warp, gen = st->warp_gen[w];
+  cm_emu_slot *s = &st->slots[gen & 1][f->tid];
+  memcpy(s->words, mine, sizeof mine);
+  s->gen = gen;
+  if (++st->warp_arrived[w] == st->warp_live[w]) {
+    unsigned in[32][N], out[32][M];
+    for (unsigned l = 0; l < 32; l++) {
+      const cm_emu_slot *o = cm_emu_warp_slot(gen, l);
+      if (o)
+        memcpy(in[l], o->words, sizeof in[l]);
+      else
+        memset(in[l], 0, sizeof in[l]);
+    }
+    combine(in, out);
+    /* the results replace the posts: every lane has posted, none reads them again */
+    for (unsigned l = 0; l < 32; l++)
+      if (cm_emu_warp_slot(gen, l))
+        memcpy(st->slots[gen & 1][w * 32 + l].words, out[l], sizeof out[l]);
+    cm_emu_release_warp(st, w);
+  } else {
+    f->state = CM_EMU_WAIT_WARP;
+    f->wait_gen = gen;
+    cm_emu_yield(st, f);
+  }
+  memcpy(result, s->words, sizeof result);
 }
 
 /* The dynamic shared memory of the running launch (`extern __shared__`, which

@@ -150,10 +150,23 @@ static int scan_globals(const char *s, cm_cuda_kernel_info **out) {
 /* Appends source to t with each `extern __shared__ [__align__(A)] T NAME[];` (the
  * dynamic shared memory, declared in a function) made `T *const NAME = (T *)
  * cm_emu_dynamic_shared();`. */
+static bool in_line_comment(const char *begin, const char *at) {
+  const char *l = at;
+  while (l > begin && l[-1] != '\n') l--;
+  for (; l + 1 < at; l++)
+    if (l[0] == '/' && l[1] == '/') return true;
+  return false;
+}
+
 static void rewrite_dynamic_shared(emu_text *t, const char *s) {
   static const char KEY[] = "extern __shared__";
-  const char *at;
+  const char *begin = s, *at;
   while ((at = strstr(s, KEY)) != NULL) {
+    if (in_line_comment(begin, at)) {
+      text_add(t, s, (size_t)(at - s) + sizeof KEY - 1);
+      s = at + sizeof KEY - 1;
+      continue;
+    }
     const char *semi = strchr(at, ';'), *open = semi ? memchr(at, '[', (size_t)(semi - at)) : NULL;
     if (!open) break;
     text_add(t, s, (size_t)(at - s));
@@ -259,24 +272,14 @@ static void make_name(void) {
     snprintf(emu_name + n, sizeof emu_name - n, " shim %016llx", (unsigned long long)h);
 }
 
-/* Runs the host compiler on dir/module.cpp into dir/module.so, its output in
- * dir/log.txt; the exit status (-1: not started). */
-static int run_cxx(const char *dir) {
-  char src[4096], so[4096], log[4096];
-  snprintf(src, sizeof src, "%s/module.cpp", dir);
-  snprintf(so, sizeof so, "%s/module.so", dir);
-  snprintf(log, sizeof log, "%s/log.txt", dir);
-  const char *argv[32];
+/* Runs the host compiler with the flags, then args, its output in log; the
+ * exit status (-1: not started). */
+static int spawn_cxx(const char *const *args, int n_args, const char *log) {
+  const char *argv[40];
   int n = 0;
   argv[n++] = CMAEC_EMU_CXX;
   for (int i = 0; i < n_emu_flags; i++) argv[n++] = emu_flags[i];
-  argv[n++] = "-include";
-  argv[n++] = EMU_SHIM_PATH;
-  argv[n++] = "-x";
-  argv[n++] = "c++";
-  argv[n++] = src;
-  argv[n++] = "-o";
-  argv[n++] = so;
+  for (int i = 0; i < n_args && n < 39; i++) argv[n++] = args[i];
   argv[n] = NULL;
   posix_spawn_file_actions_t fa;
   if (posix_spawn_file_actions_init(&fa)) return -1;
@@ -290,6 +293,61 @@ static int run_cxx(const char *dir) {
   while (waitpid(pid, &status, 0) < 0)
     if (errno != EINTR) return -1;
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* ---- the shim, precompiled ------------------------------------------------------
+ *
+ * Parsing the shim's C++ headers is about half of a small module's compile: GCC
+ * builds it once per process as a precompiled header in a private directory
+ * (the .gch beside a copy of the shim, which -include then finds), removed at
+ * exit. Elsewhere (clang), or when that fails, modules include the shim itself. */
+static char pch_dir[4096];
+static const char *shim_include = EMU_SHIM_PATH;
+static char shim_copy[4096];
+static pthread_once_t pch_once = PTHREAD_ONCE_INIT;
+
+static void remove_pch(void) {
+  static const char *const FILES[] = {"cuda_shim.hpp", "cuda_shim.hpp.gch", "pch.log"};
+  char path[4200];
+  for (size_t i = 0; i < sizeof FILES / sizeof *FILES; i++) {
+    snprintf(path, sizeof path, "%s/%s", pch_dir, FILES[i]);
+    unlink(path);
+  }
+  rmdir(pch_dir);
+}
+
+static void make_pch(void) {
+  if (strstr(emu_name, "clang")) return;
+  const char *tmp = getenv("TMPDIR");
+  snprintf(pch_dir, sizeof pch_dir, "%s/cmaec_emu_pch_XXXXXX", tmp && *tmp ? tmp : "/tmp");
+  if (!mkdtemp(pch_dir)) return;
+  size_t bytes = 0;
+  char *shim = read_file(EMU_SHIM_PATH, &bytes);
+  char gch[4200], log[4200];
+  snprintf(shim_copy, sizeof shim_copy, "%s/cuda_shim.hpp", pch_dir);
+  snprintf(gch, sizeof gch, "%s.gch", shim_copy);
+  snprintf(log, sizeof log, "%s/pch.log", pch_dir);
+  FILE *f = shim ? fopen(shim_copy, "wb") : NULL;
+  bool ok = f && fwrite(shim, 1, bytes, f) == bytes;
+  if (f && fclose(f)) ok = false;
+  free(shim);
+  const char *args[] = {"-x", "c++-header", shim_copy, "-o", gch};
+  if (ok && spawn_cxx(args, 5, log) == 0 && atexit(remove_pch) == 0) {
+    shim_include = shim_copy;
+    return;
+  }
+  remove_pch();
+}
+
+/* Compiles dir/module.cpp into dir/module.so, the output in dir/log.txt. */
+static int run_cxx(const char *dir) {
+  pthread_once(&pch_once, make_pch);
+  char src[4096], so[4096], log[4096];
+  snprintf(src, sizeof src, "%s/module.cpp", dir);
+  snprintf(so, sizeof so, "%s/module.so", dir);
+  snprintf(log, sizeof log, "%s/log.txt", dir);
+  const char *args[] = {"-include", shim_include, "-x", "c++", src, "-o", so};
+  return spawn_cxx(args, 7, log);
 }
 
 static void first_error_line(const char *log, char *out, size_t size) {

@@ -10,11 +10,13 @@
 #include "runtime/runtime.h"
 #include "tests/test.h"
 
+#include <fcntl.h>
 #include <ftw.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- a small program: tanh(x W1) and tanh(z W2) (one module), softmax(x) ---- */
@@ -157,7 +159,19 @@ static void test_fake_cache_and_threads(void) {
     CHECK(strlen(mod->key) == 32 && !mod->cached);
     free(src);
   }
+  /* temporary files: one a dead process left two hours ago goes, a fresh one stays */
+  char old_tmp[200], new_tmp[200];
+  snprintf(old_tmp, sizeof old_tmp, "%s/cuda/.tmp-1-0-0", root);
+  snprintf(new_tmp, sizeof new_tmp, "%s/cuda/.tmp-1-0-1", root);
+  FILE *f1 = fopen(old_tmp, "w"), *f2 = fopen(new_tmp, "w");
+  CHECK(f1 && f2);
+  if (f1) fclose(f1);
+  if (f2) fclose(f2);
+  struct timespec two_hours_ago[2] = {{time(NULL) - 7200, 0}, {time(NULL) - 7200, 0}};
+  CHECK(utimensat(AT_FDCWD, old_tmp, two_hours_ago, 0) == 0);
   CHECK_MSG(build(&sp, &fake_compiler, root, 0, &warm, &err) == CM_OK, "%s", err.msg);
+  CHECK(access(old_tmp, F_OK) != 0 && access(new_tmp, F_OK) == 0);
+  unlink(new_tmp);
   CHECK(warm.cache_hits == warm.n_modules && warm.cache_misses == 0);
   CHECK(atomic_load(&fake_compiles) == cold.n_modules); /* nothing compiled */
   CHECK(same_images(&cold, &warm) && warm.modules[0].cached);

@@ -18,6 +18,7 @@
 
 #include <dlfcn.h>
 #include <pthread.h>
+#include <sys/wait.h>
 #include <stdint.h>
 #include <time.h>
 #include <unistd.h>
@@ -44,29 +45,23 @@ typedef struct emu_mod {
   cm_cubin image;
 } emu_mod;
 
-/* Compiles src through emu_compiler() and loads the image's shared object. */
-static bool mod_build(const char *src, emu_mod *m) {
-  memset(m, 0, sizeof *m);
-  const cm_cuda_compiler *c = emu_compiler();
-  cm_err err = {0};
-  cm_status st = c->compile(c->self, src, "test_module", "sm_90", &m->image, &err);
-  CHECK_MSG(st == CM_OK, "%s\n%.4000s", err.msg, m->image.log ? m->image.log : "");
-  if (st != CM_OK) return false;
+/* Loads a module image (header checked) through a temporary file. */
+static bool mod_load(const cm_cubin *image, emu_mod *m) {
   emu_image_header h;
-  CHECK(m->image.size > sizeof h);
-  if (m->image.size <= sizeof h) return false;
-  memcpy(&h, m->image.data, sizeof h);
+  CHECK(image->size > sizeof h);
+  if (image->size <= sizeof h) return false;
+  memcpy(&h, image->data, sizeof h);
   CHECK(!memcmp(h.magic, EMU_IMAGE_MAGIC, sizeof h.magic));
-  CHECK(h.so_bytes == m->image.size - sizeof h);
+  CHECK(h.so_bytes == image->size - sizeof h);
   char path[] = "/tmp/cmaec_emu_test_XXXXXX";
   int fd = mkstemp(path);
   CHECK(fd >= 0);
   if (fd < 0) return false;
-  bool wrote = write(fd, (char *)m->image.data + sizeof h, h.so_bytes) == (ssize_t)h.so_bytes;
+  bool wrote = write(fd, (char *)image->data + sizeof h, h.so_bytes) == (ssize_t)h.so_bytes;
   close(fd);
   CHECK(wrote);
   m->handle = wrote ? dlopen(path, RTLD_NOW | RTLD_LOCAL) : NULL;
-  CHECK_MSG(m->handle != NULL, "%s", dlerror());
+  CHECK_MSG(m->handle != NULL, "%s", wrote ? dlerror() : "not written");
   unlink(path);
   if (!m->handle) return false;
   void *p = dlsym(m->handle, EMU_MODULE_PARAMS_SYMBOL),
@@ -75,6 +70,16 @@ static bool mod_build(const char *src, emu_mod *m) {
   memcpy(&m->params, &p, sizeof p);
   memcpy(&m->launch, &l, sizeof l);
   return p && l;
+}
+
+/* Compiles src through emu_compiler() and loads the image's shared object. */
+static bool mod_build(const char *src, emu_mod *m) {
+  memset(m, 0, sizeof *m);
+  const cm_cuda_compiler *c = emu_compiler();
+  cm_err err = {0};
+  cm_status st = c->compile(c->self, src, "test_module", "sm_90", &m->image, &err);
+  CHECK_MSG(st == CM_OK, "%s\n%.4000s", err.msg, m->image.log ? m->image.log : "");
+  return st == CM_OK && mod_load(&m->image, m);
 }
 
 static void mod_free(emu_mod *m) {
@@ -155,6 +160,7 @@ static const char *const K_BASIC =
     "j];\n"
     "}\n"
     "extern \"C\" __global__ void dyn_reverse(const float *in, float *out) {\n"
+    "  // a comment naming extern __shared__ is left as it is\n"
     "  extern __shared__ float dyn[];\n"
     "  const unsigned n = blockDim.x, t = threadIdx.x;\n"
     "  dyn[t] = in[blockIdx.x * n + t];\n"
@@ -234,6 +240,13 @@ static const char *const K_ATOMICS =
 /* ---- indexing, barriers, shared memory -------------------------------------------- */
 
 static void test_indexing_3d(void) {
+  /* the name (in the cache key): the compiler's version, the flags, the shim's hash */
+  const cm_cuda_compiler *c = emu_compiler();
+  CHECK(c == emu_compiler() && !strcmp(c->image_suffix, "so"));
+  CHECK(!strncmp(c->name, "emulated ", 9) && strlen(c->name) > 40);
+  CHECK_STR_CONTAINS(c->name, " -std=c++17 -O1 ");
+  CHECK_STR_CONTAINS(c->name, " -DCMAEC_EMULATED");
+  CHECK_STR_CONTAINS(c->name, " shim ");
   emu_mod m;
   if (!mod_build(K_BASIC, &m)) return;
   CHECK(m.params("index3d") == 1 && m.params("block_sum") == 3 && m.params("transpose") == 3);
@@ -369,6 +382,62 @@ static void test_switch_costs(void) {
   fprintf(stderr,
           "  CPU time: %.1f ns a thread without barriers, %.1f ns a thread's __syncthreads\n",
           best0 / threads * 1e9, (best - best0) / (threads * ITERS) * 1e9);
+  free(out);
+  mod_free(&m);
+}
+
+/* Under AddressSanitizer (CMAEC_SANITIZE) modules are instrumented too: a kernel
+ * writing one past its allocation is reported (in a child process, whose report
+ * the parent reads). Elsewhere the same kernel runs in bounds. */
+#if defined(__SANITIZE_ADDRESS__)
+#define EMU_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define EMU_TEST_ASAN 1
+#endif
+#endif
+static void test_out_of_bounds(void) {
+  emu_mod m;
+  if (!mod_build("extern \"C\" __global__ void past_end(int *out, const int *n) {\n"
+                 "  out[blockIdx.x * blockDim.x + threadIdx.x + *n] = 1;\n"
+                 "}\n",
+                 &m))
+    return;
+  int *out = calloc(64, sizeof *out);
+#ifdef EMU_TEST_ASAN
+  char log[] = "/tmp/cmaec_emu_asan_XXXXXX";
+  int fd = mkstemp(log);
+  CHECK(fd >= 0);
+  fflush(NULL);
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(fd, 2);
+    int one = 1; /* out[64]: one past the end */
+    void *args[] = {&out, &(const int *){&one}};
+    mod_run(&m, "past_end", 1, 1, 1, 64, 1, 1, 0, args);
+    _exit(0);
+  }
+  int status = 0;
+  CHECK(pid > 0 && waitpid(pid, &status, 0) == pid);
+  CHECK_MSG(WIFEXITED(status) && WEXITSTATUS(status) != 0, "the child exited with status %d",
+            status);
+  size_t size = 0;
+  char *report = NULL;
+  FILE *f = lseek(fd, 0, SEEK_SET) == 0 ? fdopen(fd, "r") : NULL;
+  if (f) {
+    report = calloc(1, 65536);
+    size = report ? fread(report, 1, 65535, f) : 0;
+    fclose(f);
+  }
+  CHECK(size > 0 && report && strstr(report, "heap-buffer-overflow") != NULL);
+  free(report);
+  unlink(log);
+#else
+  int zero = 0;
+  void *args[] = {&out, &(const int *){&zero}};
+  CHECK(mod_run(&m, "past_end", 1, 1, 1, 64, 1, 1, 0, args) == 0);
+  for (int i = 0; i < 64; i++) CHECK(out[i] == 1);
+#endif
   free(out);
   mod_free(&m);
 }
@@ -799,6 +868,61 @@ static void test_real_gemms(void) {
   CHECK(f32 > 0 && bf16 > 0);
 }
 
+/* Every kernel of the program once, as a step launches them, each on buffers of
+ * its own (floats uniform in [-1, 1], integers zero: indices stay in bounds):
+ * what an emulated step costs. Returns the CPU seconds of the launches. */
+static double run_step(const cm_program *pr, const cm_cuda_build *b, const cm_target *t,
+                       const char **slowest, double *slowest_s) {
+  const cm_kprogram *kp = cm_program_kernels(pr);
+  const cm_graph *g = cm_program_graph(pr);
+  emu_mod *mods = calloc((size_t)b->n_modules, sizeof *mods);
+  bool loaded = mods != NULL;
+  for (int i = 0; loaded && i < b->n_modules; i++)
+    loaded = mod_load(&b->modules[i].image, &mods[i]);
+  double total = 0;
+  *slowest_s = 0;
+  test_rng rng = {17};
+  cm_cuda_render_opts ro = {t, false};
+  for (int ki = 0; loaded && ki < kp->n_kernels; ki++) {
+    const cm_kernel *k = &kp->kernels[ki];
+    void **bufs = calloc((size_t)k->n_buffers + 1, sizeof *bufs);
+    void **args = calloc((size_t)k->n_buffers + 1, sizeof *args);
+    cm_err err = {0};
+    for (int bi = 0; bi < k->n_buffers; bi++) {
+      const cm_kbuffer *kb = &k->buffers[bi];
+      bufs[bi] = kb->kind == CM_KBUF_CONST
+                     ? cm_kernel_const_data(g, kb, &err)
+                     : calloc((size_t)kb->numel + 1, cm_dtype_size(kb->dtype));
+      CHECK_MSG(bufs[bi] != NULL, "%s b%d: %s", k->name, bi, err.msg);
+      args[bi] = &bufs[bi];
+      if (kb->kind != CM_KBUF_CONST && bufs[bi] && kb->dtype == CM_F32)
+        for (int64_t x = 0; x < kb->numel; x++)
+          ((float *)bufs[bi])[x] = (float)test_uniform_in(&rng, -1, 1);
+    }
+    double t0 = cpu_s();
+    for (int st = 0; st < k->n_stages; st++) {
+      cm_cuda_launch l = cm_cuda_stage_launch(k, st, &ro);
+      char fn[32];
+      snprintf(fn, sizeof fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, st);
+      int rc = mods[b->module_of[ki]].launch(fn, l.grid, l.block, l.shared_bytes, args);
+      CHECK_MSG(rc == 0, "%s stage %d: CUresult %d", k->name, st, rc);
+    }
+    double dt = cpu_s() - t0;
+    total += dt;
+    if (dt > *slowest_s) {
+      *slowest_s = dt;
+      *slowest = k->name;
+    }
+    for (int bi = 0; bi < k->n_buffers; bi++) free(bufs[bi]);
+    free(bufs);
+    free(args);
+  }
+  for (int i = 0; mods && i < b->n_modules; i++)
+    if (mods[i].handle) dlclose(mods[i].handle);
+  free(mods);
+  return total;
+}
+
 /* Every distinct kernel of a tiny variant's training step (batch 2) built as the
  * CUDA backend builds them (cm_cuda_build_program, one module per distinct kernel)
  * by emu_compiler(): a missing intrinsic or a construct the shim lacks fails here. */
@@ -833,7 +957,14 @@ static void compile_variant(const char *path) {
     const cm_cubin *im = &b->modules[i].image;
     functions += im->n_kernels;
     module_ms += im->compile_ms;
+    /* the scanner found one function per stage, in order */
+    const cm_kernel *k = &cm_program_kernels(pr)->kernels[b->modules[i].kernel];
+    CHECK_MSG(im->n_kernels == k->n_stages, "%s: %d functions for %d stages", k->name,
+              im->n_kernels, k->n_stages);
     CHECK(im->n_kernels >= 1 && !strcmp(im->kernels[0].name, CM_CUDA_MODULE_KERNEL "_s0"));
+    char last[32];
+    snprintf(last, sizeof last, "%s_s%d", CM_CUDA_MODULE_KERNEL, k->n_stages - 1);
+    CHECK(!strcmp(im->kernels[im->n_kernels - 1].name, last));
   }
   if (b)
     fprintf(stderr,
@@ -841,6 +972,13 @@ static void compile_variant(const char *path) {
             "module)\n",
             path, b->n_modules, functions, now_s() - t0, b->compile_ms / 1e3, b->threads,
             module_ms / 1e3 / b->n_modules);
+  if (b) {
+    const char *slowest = "";
+    double slowest_s = 0, step_s = run_step(pr, b, &t, &slowest, &slowest_s);
+    fprintf(stderr, "  %s: one step emulated in %.2f s of CPU (the slowest kernel %s: %.2f s)\n",
+            path, step_s, slowest, slowest_s);
+    CHECK(step_s > 0);
+  }
   cm_program_free(pr);
   cm_graph_free(step);
 }
@@ -851,6 +989,6 @@ static void test_tiny_variants(void) {
 }
 
 TEST_MAIN(TEST(test_indexing_3d), TEST(test_barriers_and_shared),
-          TEST(test_launch_limits_and_deadlock), TEST(test_switch_costs), TEST(test_shuffles),
-          TEST(test_votes), TEST(test_atomics), TEST(test_f16_conversions), TEST(test_mma),
-          TEST(test_deterministic), TEST(test_real_gemms), TEST(test_tiny_variants))
+          TEST(test_launch_limits_and_deadlock), TEST(test_switch_costs), TEST(test_out_of_bounds),
+          TEST(test_shuffles), TEST(test_votes), TEST(test_atomics), TEST(test_f16_conversions),
+          TEST(test_mma), TEST(test_deterministic), TEST(test_real_gemms), TEST(test_tiny_variants))
