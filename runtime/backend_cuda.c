@@ -259,11 +259,12 @@ static cm_status load_modules(cuda_state *cs, const cm_kprogram *kp, const cm_ta
     if (!r->fns || !r->launch || !r->ptrs || !r->args || !r->host || !r->host_run) return oom(err);
     for (int b = 0; b < k->n_buffers; b++) r->args[b] = &r->ptrs[b];
     for (int s = 0; s < k->n_stages; s++) {
-      void *module = cs->modules[cm_cuda_stage_module(&cs->build, i, s)]; /* split kernels */
       r->launch[s] = cm_cuda_stage_launch(k, s, &ro);
       if (k->stages[s].cuda.kind == CM_KCUDA_IN_SPAN) continue; /* its function returns at once */
       char fn[64];
       snprintf(fn, sizeof fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, s);
+      void *module =
+          cs->modules[cm_cuda_stage_module(&cs->build, i, s)]; /* a split kernel's part */
       if ((st = ck(cs, d->module_get_function(&r->fns[s], module, fn), err,
                    "cuModuleGetFunction(%s, kernel %s stage %d)", fn, k->name, s)))
         return st;
@@ -832,11 +833,13 @@ static cm_status cuda_emit(const cm_program *p, int k, cm_emit what, FILE *out, 
     return CM_OK;
   }
   if (what == CM_EMIT_BINARY && k >= 0 && cs->compiled) {
-    const cm_cuda_module *mod = &cs->build.modules[cs->build.module_of[k]];
-    if (mod->stage_end < cm_program_kernels(p)->kernels[k].n_stages)
+    int m = cs->build.module_of[k];
+    const cm_cuda_module *mod = &cs->build.modules[m];
+    int n_stages = cm_program_kernels(p)->kernels[k].n_stages;
+    if (mod->stage_begin != 0 || mod->stage_end != n_stages)
       return cm_errorf(err, CM_EINVALID,
-                       "cuda backend: kernel %d is split into several modules (their images: "
-                       "cm_program_cuda_build)",
+                       "cuda backend: kernel %d is built as several modules (its stages split "
+                       "into parts): cm_program_cuda_build holds them",
                        k);
     const cm_cubin *img = &mod->image;
     if (fwrite(img->data, 1, img->size, out) != img->size)
