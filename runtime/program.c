@@ -21,6 +21,7 @@ struct cm_program {
   const cm_backend *be;
   void *impl;     /* the backend's state */
   bool runnable;  /* compiled and allocated: cm_program_run may run it */
+  bool in_flight; /* started, not yet finished */
   int *out_id;    /* per output of g: its node in rg */
   int *orig_of;   /* per node of rg: the node of g with the same name (sources), or -1 */
   char **src_ptr; /* per node of rg: bound source data during a run */
@@ -195,11 +196,27 @@ const void *cm_program_output(const cm_program *pr, int j) {
   return cm_program_value(pr, pr->out_id[j]);
 }
 
+/* The backend's host copy of source v as a kernel sees it; NULL when no kernel reads it. */
+static const void *source_on_device(const cm_program *pr, int v) {
+  for (int i = 0; i < pr->kp.n_kernels; i++) {
+    const cm_kernel *k = &pr->kp.kernels[i];
+    for (int b = 0; b < k->n_buffers; b++)
+      if (k->buffers[b].node == v && k->buffers[b].kind == CM_KBUF_SOURCE)
+        return pr->be->buffer(pr, i, b);
+  }
+  return NULL;
+}
+
 const void *cm_program_value(const cm_program *pr, int id) {
   if (id < 0 || id >= pr->rg->n_nodes) return NULL;
   const cm_node *n = &pr->rg->nodes[id];
-  if (is_source(n)) return pr->src_ptr[id];
-  if (n->op == CM_OP_ASSIGN) return pr->src_ptr[n->inputs[0]];
+  int src = is_source(n) ? id : n->op == CM_OP_ASSIGN ? n->inputs[0] : -1;
+  /* a device backend (one that uploads) holds a source's current value on the device */
+  if (src >= 0 && pr->runnable && pr->be->upload) {
+    const void *dev = source_on_device(pr, src);
+    if (dev) return dev;
+  }
+  if (src >= 0) return pr->src_ptr[src];
   if (!pr->runnable) return NULL;
   /* the arena buffer of the kernel that writes it */
   for (int i = 0; i < pr->kp.n_kernels; i++) {
@@ -279,15 +296,29 @@ static cm_status copy_output(const cm_program *pr, int j, cm_tensor *out, cm_err
   return st;
 }
 
+static cm_status not_in_flight(const cm_program *pr, const char *what, cm_err *err) {
+  if (!pr->in_flight) return CM_OK;
+  return cm_errorf(err, CM_EINVALID,
+                   "%s: the run started before is not finished "
+                   "(cm_program_finish first)",
+                   what);
+}
+
 cm_status cm_program_start(cm_program *pr, cm_tensor *const *sources, cm_err *err) {
-  cm_status st = bind_sources(pr, sources, err);
+  cm_status st = not_in_flight(pr, "cm_program_start", err);
+  if (st == CM_OK) st = bind_sources(pr, sources, err);
   if (st != CM_OK) return st;
-  return pr->be->run(pr, 0, pr->kp.n_kernels, err);
+  st = pr->be->run(pr, 0, pr->kp.n_kernels, err);
+  /* a synchronous backend's run has finished (its index error included) */
+  pr->in_flight = st == CM_OK && pr->be->finish;
+  return st;
 }
 
 cm_status cm_program_finish(cm_program *pr, cm_tensor *outputs, cm_err *err) {
   cm_status st;
-  if (pr->be->finish && (st = pr->be->finish(pr, err)) != CM_OK) return st;
+  bool was = pr->in_flight;
+  pr->in_flight = false;
+  if (was && (st = pr->be->finish(pr, err)) != CM_OK) return st;
   if (pr->be->download && (st = pr->be->download(pr, err)) != CM_OK) return st;
   if (!outputs) return CM_OK;
   const cm_graph *g = pr->g;
@@ -309,9 +340,45 @@ cm_status cm_program_run(cm_program *pr, cm_tensor *const *sources, cm_tensor *o
   return cm_program_finish(pr, outputs, err);
 }
 
+cm_status cm_program_run_stepwise(cm_program *pr, cm_tensor *const *sources, cm_program_visit visit,
+                                  void *ctx, cm_err *err) {
+  cm_status st = not_in_flight(pr, "cm_program_run_stepwise", err);
+  if (st == CM_OK) st = bind_sources(pr, sources, err);
+  for (int k = 0; st == CM_OK && k <= pr->kp.n_kernels; k++) {
+    if ((st = visit(pr, k, ctx, err)) != CM_OK || k == pr->kp.n_kernels) break;
+    if ((st = pr->be->run(pr, k, k + 1, err)) == CM_OK && pr->be->finish)
+      st = pr->be->finish(pr, err);
+  }
+  if (st == CM_OK && pr->be->download) st = pr->be->download(pr, err);
+  return st;
+}
+
 cm_status cm_program_prefetch(cm_program *pr, cm_tensor *const *sources, cm_err *err) {
   if (!pr->be->prefetch) return CM_OK;
-  return pr->be->prefetch(pr, sources, err);
+  if (!pr->runnable)
+    return cm_errorf(err, CM_EINVALID, "%s backend: the program was compiled only (compile_only)",
+                     pr->be->name);
+  /* the next run's inputs, checked as cm_program_start checks them, by node of the
+   * program's graph; the sources of the run going on stay bound */
+  const cm_graph *rg = pr->rg, *g = pr->g;
+  cm_tensor **next = calloc((size_t)rg->n_nodes + 1, sizeof *next);
+  if (!next) return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  cm_status st = CM_OK;
+  for (int i = 0; i < rg->n_nodes && st == CM_OK; i++) {
+    int o = pr->orig_of[i];
+    if (o < 0 || rg->nodes[i].op != CM_OP_INPUT) continue;
+    const cm_node *n = &g->nodes[o];
+    cm_tensor *t = sources ? sources[o] : NULL;
+    if (!t || !t->data)
+      st = cm_errorf(err, CM_EINVALID, "cm_program_prefetch: input \"%s\": not given", n->name);
+    else if (!cm_type_equal(&t->type, &n->type))
+      st = cm_errorf(err, CM_EINVALID, "cm_program_prefetch: input \"%s\": not of its type",
+                     n->name);
+    next[i] = t;
+  }
+  if (st == CM_OK) st = pr->be->prefetch(pr, next, err);
+  free(next);
+  return st;
 }
 
 cm_status cm_program_states_download(cm_program *pr, cm_err *err) {
@@ -389,7 +456,8 @@ cm_status cm_program_first_nonfinite(cm_program *pr, cm_tensor *const *sources, 
   out->index = -1;
   const cm_graph *rg = pr->rg, *g = pr->g;
   /* the sources, in graph order */
-  cm_status st = bind_sources(pr, sources, err);
+  cm_status st = not_in_flight(pr, "cm_program_first_nonfinite", err);
+  if (st == CM_OK) st = bind_sources(pr, sources, err);
   if (st != CM_OK) return st;
   for (int i = 0; i < rg->n_nodes; i++) {
     if (pr->orig_of[i] < 0) continue;
@@ -405,6 +473,7 @@ cm_status cm_program_first_nonfinite(cm_program *pr, cm_tensor *const *sources, 
   for (int i = 0; i < pr->kp.n_kernels; i++) {
     const cm_kernel *k = &pr->kp.kernels[i];
     if ((st = pr->be->run(pr, i, i + 1, err)) != CM_OK) return st;
+    if (pr->be->finish && (st = pr->be->finish(pr, err)) != CM_OK) return st;
     int best = -1;
     int64_t best_e = -1;
     double best_v = 0;

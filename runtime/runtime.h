@@ -4,8 +4,8 @@
  * driver (and its GPUs), NCCL and MPI — and the report `cmaec info` prints
  * (runtime/libraries.c); execution: cm_compile, the one driver from a graph to
  * running code, cm_program and the cm_backend table a backend fills in
- * (runtime/program.c; the CPU backend runtime/backend_cpu.c, the compile-only
- * CUDA backend runtime/backend_cuda.c). The training half (data, views,
+ * (runtime/program.c; the CPU backend runtime/backend_cpu.c, the CUDA backend
+ * runtime/backend_cuda.c). The training half (data, views,
  * trainer, checkpoints, metrics, evaluation, pictures) is runtime/training.h,
  * which includes this header. */
 #ifndef CMAEC_RUNTIME_H
@@ -160,6 +160,7 @@ typedef struct cm_cuda_module {
   bool cached;                /* loaded from the cache */
   int kernel;                 /* the first kernel of the program it serves */
   int stage_begin, stage_end; /* the stage functions it holds ([0, n_stages) unless split) */
+  double cpu_ms;              /* the compiling thread's CPU time for it (0 when cached) */
 } cm_cuda_module;
 typedef struct cm_cuda_build {
   int n_modules;
@@ -325,6 +326,15 @@ typedef struct cm_nonfinite {
  * non-finite): it reads every value written, so it is slower than a run. */
 cm_status cm_program_first_nonfinite(cm_program *pr, cm_tensor *const *sources, cm_nonfinite *out,
                                      cm_err *err);
+/* Runs the program once as cm_program_run does (states updated in place), one
+ * kernel at a time: visit(pr, k, ctx, err) is called before kernel k runs and
+ * once after the last (k = n_kernels); in between, cm_program_value reads what
+ * the kernels run so far left (a source: its value as the kernels see it). A
+ * visit's error stops the run and is returned. For kernel-by-kernel checks
+ * (tests/gpu/gpu_diff.c); slower than a run. */
+typedef cm_status (*cm_program_visit)(cm_program *pr, int kernel, void *ctx, cm_err *err);
+cm_status cm_program_run_stepwise(cm_program *pr, cm_tensor *const *sources, cm_program_visit visit,
+                                  void *ctx, cm_err *err);
 void cm_program_stats_get(const cm_program *pr, cm_program_stats *out);
 /* With opts->profile: per kernel, total ms over all runs and the number of runs. */
 typedef struct cm_kernel_profile {
@@ -388,10 +398,13 @@ struct cm_backend {
    * is not kept. Required. */
   const void *(*buffer)(const cm_program *pr, int k, int b);
   /* Device backends that run asynchronously: run enqueues, finish waits for the
-   * enqueued work (then the index checks and download follow). NULL: run is synchronous. */
+   * enqueued work and returns the index error of run's kernels (the states the run
+   * assigned reach the host all the same: by download). cm_program_first_nonfinite
+   * calls it after each kernel. NULL: run is synchronous. */
   cm_status (*finish)(cm_program *pr, cm_err *err);
-  /* cm_program_prefetch with the sources bound (cm_program_source gives the
-   * next run's inputs). NULL: nothing to do. */
+  /* cm_program_prefetch: sources[v] (by node v of cm_program_graph, checked; NULL
+   * but for the inputs) are the next run's inputs; the sources of a run going on
+   * stay bound. NULL: nothing to do. */
   cm_status (*prefetch)(cm_program *pr, cm_tensor *const *sources, cm_err *err);
   /* resident_states: copy every source back to the host tensors bound at the last run;
    * mark them to be uploaded again. NULL: states are never resident. */

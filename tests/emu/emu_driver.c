@@ -8,15 +8,17 @@
  *   - device memory is posix_memalign of exactly the bytes asked (256-byte
  *     aligned as cuMemAlloc), so AddressSanitizer sees a kernel stepping past
  *     its allocation; copies are checked against the allocation table when
- *     they are enqueued;
+ *     they are enqueued; freeing memory or unloading a module first runs the
+ *     queued work (cudaFree synchronizes too), so no queued op outlives them;
  *   - nothing runs at enqueue: a stream is a queue that runs when the host
  *     waits (stream, event or context synchronize), so a backend that reads
  *     results before it waits reads stale data. A host-to-device copy reads its
  *     source when it runs, as a copy from pinned memory does;
  *   - the NULL stream (and CU_STREAM_LEGACY, CU_STREAM_PER_THREAD) is one more
  *     queue of its own: it does not synchronize with the other streams;
- *   - a failing kernel makes the context's error sticky (CUDA_ERROR_LAUNCH_FAILED
- *     from then on, until the primary context is released for the last time);
+ *   - a failing kernel makes the context's error sticky (CUDA_ERROR_LAUNCH_FAILED,
+ *     or CUDA_ERROR_ILLEGAL_ADDRESS when the module says so, from every call
+ *     until the primary context's last release destroys it and all in it);
  *   - stream capture records launches, device copies, memsets and event records
  *     into a graph; a host copy, a synchronize of the capturing stream, an
  *     allocation or a free while a capture of mode global (from any thread) or

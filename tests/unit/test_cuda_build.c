@@ -10,11 +10,13 @@
 #include "runtime/runtime.h"
 #include "tests/test.h"
 
+#include <fcntl.h>
 #include <ftw.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- a small program: tanh(x W1) and tanh(z W2) (one module), softmax(x) ---- */
@@ -124,7 +126,12 @@ static cm_status fake_compile(void *self, const char *source, const char *name, 
   out->size = strlen(source);
   out->data = malloc(out->size);
   out->log = calloc(1, 1);
-  if (!out->data || !out->log) return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  out->kernels = calloc(1, sizeof *out->kernels); /* what a compiler without ptxas reports */
+  if (!out->data || !out->log || !out->kernels)
+    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  out->n_kernels = 1;
+  snprintf(out->kernels[0].name, sizeof out->kernels[0].name, "%s", name);
+  out->kernels[0].registers = (int)(out->size % 97) + 1;
   memcpy(out->data, source, out->size);
   return CM_OK;
 }
@@ -157,10 +164,26 @@ static void test_fake_cache_and_threads(void) {
     CHECK(strlen(mod->key) == 32 && !mod->cached);
     free(src);
   }
+  /* temporary files: one a dead process left two hours ago goes, a fresh one stays */
+  char old_tmp[200], new_tmp[200];
+  snprintf(old_tmp, sizeof old_tmp, "%s/cuda/.tmp-1-0-0", root);
+  snprintf(new_tmp, sizeof new_tmp, "%s/cuda/.tmp-1-0-1", root);
+  FILE *f1 = fopen(old_tmp, "w"), *f2 = fopen(new_tmp, "w");
+  CHECK(f1 && f2);
+  if (f1) fclose(f1);
+  if (f2) fclose(f2);
+  struct timespec two_hours_ago[2] = {{time(NULL) - 7200, 0}, {time(NULL) - 7200, 0}};
+  CHECK(utimensat(AT_FDCWD, old_tmp, two_hours_ago, 0) == 0);
   CHECK_MSG(build(&sp, &fake_compiler, root, 0, &warm, &err) == CM_OK, "%s", err.msg);
+  CHECK(access(old_tmp, F_OK) != 0 && access(new_tmp, F_OK) == 0);
+  unlink(new_tmp);
   CHECK(warm.cache_hits == warm.n_modules && warm.cache_misses == 0);
   CHECK(atomic_load(&fake_compiles) == cold.n_modules); /* nothing compiled */
   CHECK(same_images(&cold, &warm) && warm.modules[0].cached);
+  for (int m = 0; m < cold.n_modules; m++) /* the compiler's kernel infos come back from a hit */
+    CHECK(warm.modules[m].image.n_kernels == 1 &&
+          !memcmp(warm.modules[m].image.kernels, cold.modules[m].image.kernels,
+                  sizeof *cold.modules[m].image.kernels));
   CHECK_MSG(build(&sp, &fake_compiler, "", 1, &one, &err) == CM_OK, "%s", err.msg);
   CHECK(one.threads == 1 && one.cache_misses == one.n_modules && same_images(&cold, &one));
   cm_cuda_build_free(&cold), cm_cuda_build_free(&warm), cm_cuda_build_free(&one);

@@ -2,13 +2,17 @@
  * own: the order of init and context, memory and its bounds, deferred stream queues and event
  * waits across streams, event timing, launch checks, a failing kernel's sticky error, capture
  * and replay, module images. The modules are made here: a small C++ source exporting
- * cm_emu_params and cm_emu_launch by hand, built with the host C++ compiler. */
+ * cm_emu_params and cm_emu_launch by hand, built with the host C++ compiler; and, through
+ * emu_compiler(), the CUDA C the renderer makes for a kernel (an elementwise stage and a
+ * row reduction), run eagerly and replayed from a capture. */
 #define _GNU_SOURCE
 #include "tests/emu/emu.h"
+#include "codegen/codegen.h"
 #include "tests/test.h"
 
 #include <pthread.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -644,6 +648,142 @@ static void test_threads(void) {
   image = NULL;
 }
 
+/* What a launch costs the emulated driver (enqueue, parameter copy, run) with a kernel that
+ * does almost nothing: printed, and every launch counted. */
+static void test_launch_overhead(void) {
+  open_context();
+  void *m = load_module();
+  void *store = function(m, "store_config");
+  cm_cu_ptr p = 0;
+  CHECK_RC(d->mem_alloc(&p, 2 * sizeof(float)), 0);
+  void *params[] = {&p};
+  enum { LAUNCHES = 20000 };
+  emu_counters c0, c1;
+  emu_counters_get(&c0);
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  int rc = 0;
+  for (int i = 0; i < LAUNCHES && !rc; i++)
+    rc = d->launch_kernel(store, 1, 1, 1, 1, 1, 1, 0, NULL, params, NULL);
+  CHECK_RC(rc, 0);
+  CHECK_RC(d->stream_synchronize(NULL), 0);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  emu_counters_get(&c1);
+  CHECK(c1.launches - c0.launches == LAUNCHES);
+  double us = ((double)(t1.tv_sec - t0.tv_sec) * 1e6 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e3);
+  fprintf(stderr, "  %d launches enqueued and run: %.2f us each\n", LAUNCHES, us / LAUNCHES);
+  close_context();
+}
+
+/* ---- rendered CUDA C through the emulated compiler ------------------------ */
+
+enum { ROWS = 8, ROW_LEN = 250, N_X = ROWS * ROW_LEN };
+
+/* stage 0: y = x * 2 + 1; stage 1: out[i] = sum of row i of y (a block-wide reduction) */
+static void build_rendered_kernel(cm_kernel *k) {
+  cm_kernel_init(k, "t_emu");
+  int x = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, N_X, -1, 0);
+  int y = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, N_X, -1, 0);
+  int out = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, ROWS, -1, 0);
+  cm_kstage *s = cm_kernel_add_stage(k, "scale");
+  s->n_dom = 1;
+  s->dom[0] = N_X;
+  s->n_parallel = 1;
+  int v = cm_kx_var(s, 0);
+  int ld = cm_kx_load(s, k, x, v);
+  s->stores[0] =
+      (cm_kstore){y, v,
+                  cm_kx_op(s, CM_OP_ADD, CM_F32,
+                           cm_kx_op(s, CM_OP_MUL, CM_F32, ld, cm_kx_const(s, CM_F32, 2), -1),
+                           cm_kx_const(s, CM_F32, 1), -1)};
+  s->n_stores = 1;
+  s = cm_kernel_add_stage(k, "rowsum");
+  s->n_dom = 1;
+  s->dom[0] = ROWS;
+  s->n_parallel = 1;
+  s->n_red = 1;
+  s->red[0] = ROW_LEN;
+  s->red_op = CM_KRED_SUM;
+  s->acc_dtype = CM_F32;
+  int idx =
+      cm_kx_iadd(s, cm_kx_imul(s, cm_kx_var(s, 0), cm_kx_iconst(s, ROW_LEN)), cm_kx_var(s, 1));
+  s->body = cm_kx_load(s, k, y, idx);
+  s->stores[0] = (cm_kstore){out, cm_kx_var(s, 0), cm_kx_acc(s)};
+  s->n_stores = 1;
+}
+
+/* Runs the kernel's stages on stream s (eagerly, or into its capture). */
+static void launch_rendered(const cm_kernel *k, const cm_cuda_render_opts *ro, void *const *fns,
+                            void **args, void *s) {
+  for (int i = 0; i < k->n_stages; i++) {
+    cm_cuda_launch l = cm_cuda_stage_launch(k, i, ro);
+    CHECK_RC(d->launch_kernel(fns[i], l.grid[0], l.grid[1], l.grid[2], l.block[0], l.block[1],
+                              l.block[2], l.shared_bytes, s, args, NULL),
+             0);
+  }
+}
+
+static void test_rendered_cuda(void) {
+  open_context();
+  cm_err err = {0};
+  cm_target t;
+  CHECK_MSG(cm_target_cuda("sm_80", &t, &err) == CM_OK, "%s", err.msg);
+  cm_kernel k;
+  build_rendered_kernel(&k);
+  cm_cuda_render_opts ro = {&t, false};
+  char *source = NULL;
+  CHECK_MSG(cm_cuda_module_source(&k, &t, false, &source, &err) == CM_OK, "%s", err.msg);
+  const cm_cuda_compiler *c = emu_compiler();
+  cm_cubin img = {0};
+  CHECK_MSG(source && c->compile(c->self, source, "t_emu.cu", "sm_80", &img, &err) == CM_OK, "%s",
+            err.msg);
+  void *m = NULL, *fns[2] = {NULL, NULL};
+  CHECK_RC(img.data ? d->module_load_data(&m, img.data) : 200, 0);
+  if (m) {
+    fns[0] = function(m, CM_CUDA_MODULE_KERNEL "_s0");
+    fns[1] = function(m, CM_CUDA_MODULE_KERNEL "_s1");
+  }
+  float x[N_X], y[N_X], out[ROWS], replayed[ROWS];
+  for (int i = 0; i < N_X; i++) x[i] = (float)((i * 37) % 101) / 16.0f - 3.0f;
+  cm_cu_ptr bufs[3] = {0};
+  CHECK_RC(d->mem_alloc(&bufs[0], sizeof x), 0);
+  CHECK_RC(d->mem_alloc(&bufs[1], sizeof y), 0);
+  CHECK_RC(d->mem_alloc(&bufs[2], sizeof out), 0);
+  void *args[3] = {&bufs[0], &bufs[1], &bufs[2]};
+  void *s = NULL, *graph = NULL, *exec = NULL;
+  CHECK_RC(d->stream_create(&s, 0), 0);
+  if (fns[0] && fns[1]) {
+    CHECK_RC(d->memcpy_htod_async(bufs[0], x, sizeof x, s), 0);
+    launch_rendered(&k, &ro, fns, args, s);
+    CHECK_RC(d->memcpy_dtoh_async(y, bufs[1], sizeof y, s), 0);
+    CHECK_RC(d->memcpy_dtoh_async(out, bufs[2], sizeof out, s), 0);
+    CHECK_RC(d->stream_synchronize(s), 0);
+    bool ys = true;
+    for (int i = 0; i < N_X; i++) ys &= y[i] == x[i] * 2 + 1;
+    CHECK(ys);
+    for (int r = 0; r < ROWS; r++) {
+      double want = 0;
+      for (int j = 0; j < ROW_LEN; j++) want += (double)x[r * ROW_LEN + j] * 2 + 1;
+      CHECK_NEAR(out[r], want, 1e-5);
+    }
+    /* the same stages captured and replayed over a zeroed output */
+    CHECK_RC(d->stream_begin_capture(s, CM_CU_CAPTURE_MODE_THREAD_LOCAL), 0);
+    launch_rendered(&k, &ro, fns, args, s);
+    CHECK_RC(d->stream_end_capture(s, &graph), 0);
+    CHECK_RC(d->graph_instantiate(&exec, graph, 0), 0);
+    CHECK_RC(d->memset_d8_async(bufs[2], 0, sizeof out, s), 0);
+    CHECK_RC(d->graph_launch(exec, s), 0);
+    CHECK_RC(d->memcpy_dtoh_async(replayed, bufs[2], sizeof out, s), 0);
+    CHECK_RC(d->stream_synchronize(s), 0);
+    CHECK(memcmp(out, replayed, sizeof out) == 0);
+  }
+  CHECK_RC(d->stream_destroy(s), 0);
+  close_context();
+  cm_cubin_free(&img);
+  free(source);
+  cm_kernel_free(&k);
+}
+
 #ifdef TEST_ASAN
 /* Device memory is exactly the bytes asked: AddressSanitizer stops a kernel that stores one
  * float past its buffer (in a child process, which the report ends). */
@@ -686,5 +826,5 @@ static void test_asan_sees_overrun(void) {
 TEST_MAIN(TEST(test_init_and_context), TEST(test_device), TEST(test_memory), TEST(test_deferred),
           TEST(test_queue_order), TEST(test_cross_stream_wait), TEST(test_event_timing),
           TEST(test_launch_checks), TEST(test_launch_failure), TEST(test_graph_replay),
-          TEST(test_capture_invalidated), TEST(test_module_images),
-          TEST(test_threads) TEST_ASAN_CASES)
+          TEST(test_capture_invalidated), TEST(test_module_images), TEST(test_threads),
+          TEST(test_launch_overhead), TEST(test_rendered_cuda) TEST_ASAN_CASES)
