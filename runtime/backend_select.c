@@ -81,6 +81,8 @@ static cm_status resolve_cuda(const cm_backend_request *req, const cm_cuda_drive
 cm_status cm_backend_resolve(const cm_backend_request *req, cm_backend_choice *out, cm_err *err) {
   memset(out, 0, sizeof *out);
   out->kind = req->kind;
+  if (req->kind == CM_BACKEND_CPU && !cm_have_cpu_backend())
+    return cm_errorf(err, CM_EINVALID, "--backend cpu: %s", CM_NO_CPU_BACKEND_MESSAGE);
   if (req->kind == CM_BACKEND_CPU || req->kind == CM_BACKEND_REF) {
     cm_target_host(&out->target);
     snprintf(out->description, sizeof out->description, "%s", cm_backend_kind_name(req->kind));
@@ -103,16 +105,17 @@ cm_status cm_backend_resolve(const cm_backend_request *req, cm_backend_choice *o
     }
     return st;
   }
-  /* auto without a usable GPU: the CPU, saying why */
+  /* auto without a usable GPU: the CPU (the oracle in a build without LLVM), saying why */
   const char *why = !d && strncmp(lerr.msg, "CUDA driver not found", 21) == 0 ? "no CUDA driver"
                     : !d                                    ? "CUDA driver unusable"
                     : strstr(lerr.msg, "sees no GPU")       ? "no CUDA GPU"
                     : strncmp(lerr.msg, "--device", 8) == 0 ? "no such CUDA device"
                                                             : "CUDA unusable";
   memset(out, 0, sizeof *out);
-  out->kind = CM_BACKEND_CPU;
+  out->kind = cm_have_cpu_backend() ? CM_BACKEND_CPU : CM_BACKEND_REF;
   cm_target_host(&out->target);
-  snprintf(out->description, sizeof out->description, "cpu (auto: %s)", why);
+  snprintf(out->description, sizeof out->description, "%s (auto: %s)",
+           cm_backend_kind_name(out->kind), why);
   return CM_OK;
 }
 

@@ -7,13 +7,13 @@
  * The cache: <root>/cuda/<key>.<image_suffix>, key = 128 bits of hash (hex) of
  * the key material (a format tag, the compiler's name, its options, the arch
  * and the module's whole source). A file holds a header (magic, format
- * version, sizes, a checksum), the key material itself, the image and the
- * compiler's log (ptxas's report; never PTX). A load compares the stored key
- * material byte for byte, so a hash collision is a miss, never a wrong module;
- * a file failing any check is a miss and is overwritten. Files are written to
- * a unique temporary name in the same directory, fsync'ed and renamed, so
- * processes sharing the cache see whole files only. No LLVM here: the GPU
- * machines build without it. */
+ * version, sizes, a checksum), the key material itself, the image, the
+ * compiler's log (ptxas's report; never PTX) and the kernel infos it reported.
+ * A load compares the stored key material byte for byte, so a hash collision
+ * is a miss, never a wrong module; a file failing any check is a miss and is
+ * overwritten. Files are written to a unique temporary name in the same
+ * directory, fsync'ed and renamed, so processes sharing the cache see whole
+ * files only. No LLVM here: the GPU machines build without it. */
 #include "runtime.h"
 
 #include <dirent.h>
@@ -144,7 +144,7 @@ static uint64_t hash_b(const void *data, size_t n) {
 /* ---- the cache file ------------------------------------------------------------ */
 
 #define CACHE_MAGIC "CMCUMOD\0"
-#define CACHE_FORMAT_VERSION 1u
+#define CACHE_FORMAT_VERSION 2u
 #define CACHE_KEY_TAG "cmaec cuda module cache 1"
 /* A file larger than this is not read (it cannot be one of ours). */
 #define CACHE_MAX_FILE_BYTES ((uint64_t)1 << 31)
@@ -153,6 +153,8 @@ typedef struct cache_header {
   char magic[8];
   uint32_t version;
   uint32_t header_bytes; /* sizeof(cache_header): another layout is a miss */
+  uint32_t info_bytes;   /* sizeof(cm_cuda_kernel_info), likewise */
+  uint32_t n_kernels;    /* the image's functions as the compiler reported them */
   uint64_t key_bytes, image_bytes, log_bytes;
   uint64_t checksum; /* hash_a of everything after the header */
 } cache_header;
@@ -212,16 +214,19 @@ static cache_lookup cache_parse(const char *file, size_t size, const char *mater
   memcpy(&h, file, sizeof h);
   const char *body = file + sizeof h;
   uint64_t body_bytes = size - sizeof h;
+  uint64_t info_total = (uint64_t)h.n_kernels * h.info_bytes;
   if (memcmp(h.magic, CACHE_MAGIC, sizeof h.magic) != 0 || h.version != CACHE_FORMAT_VERSION ||
-      h.header_bytes != sizeof h || h.key_bytes != mlen || h.image_bytes == 0 ||
-      h.image_bytes > body_bytes || h.log_bytes > body_bytes ||
-      h.key_bytes + h.image_bytes + h.log_bytes != body_bytes)
+      h.header_bytes != sizeof h || h.info_bytes != sizeof(cm_cuda_kernel_info) ||
+      h.key_bytes != mlen || h.image_bytes == 0 || h.image_bytes > body_bytes ||
+      h.log_bytes > body_bytes || info_total > body_bytes ||
+      h.key_bytes + h.image_bytes + h.log_bytes + info_total != body_bytes)
     return CACHE_REJECTED;
   if (memcmp(body, material, mlen) != 0 || hash_a(body, body_bytes) != h.checksum)
     return CACHE_REJECTED;
   out->data = malloc(h.image_bytes);
   out->log = malloc(h.log_bytes + 1);
-  if (!out->data || !out->log) {
+  out->kernels = malloc(info_total + 1);
+  if (!out->data || !out->log || !out->kernels) {
     cm_cubin_free(out);
     return CACHE_ABSENT; /* out of memory: compile instead */
   }
@@ -229,10 +234,8 @@ static cache_lookup cache_parse(const char *file, size_t size, const char *mater
   memcpy(out->log, body + mlen + h.image_bytes, h.log_bytes);
   out->log[h.log_bytes] = 0;
   out->size = h.image_bytes;
-  if (cm_ptxas_parse(out->log, &out->kernels, &out->n_kernels, NULL) != CM_OK) {
-    cm_cubin_free(out);
-    return CACHE_ABSENT;
-  }
+  if (info_total) memcpy(out->kernels, body + mlen + h.image_bytes + h.log_bytes, info_total);
+  out->n_kernels = (int)h.n_kernels;
   return CACHE_HIT;
 }
 
@@ -277,12 +280,16 @@ static bool cache_store(const char *dir, const char *path, int worker, const cha
   h.key_bytes = mlen;
   h.image_bytes = img->size;
   h.log_bytes = log_len;
-  size_t body_len = mlen + img->size + log_len;
+  h.info_bytes = sizeof(cm_cuda_kernel_info);
+  h.n_kernels = img->n_kernels > 0 && img->kernels ? (uint32_t)img->n_kernels : 0;
+  size_t info_total = (size_t)h.n_kernels * sizeof(cm_cuda_kernel_info);
+  size_t body_len = mlen + img->size + log_len + info_total;
   char *body = malloc(body_len ? body_len : 1);
   if (!body) return false;
   memcpy(body, material, mlen);
   memcpy(body + mlen, img->data, img->size);
   if (log_len) memcpy(body + mlen + img->size, img->log, log_len);
+  if (info_total) memcpy(body + mlen + img->size + log_len, img->kernels, info_total);
   h.checksum = hash_a(body, body_len);
   int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   bool ok =

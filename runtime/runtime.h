@@ -333,8 +333,8 @@ cm_status cm_program_first_nonfinite(cm_program *pr, cm_tensor *const *sources, 
  * visit's error stops the run and is returned. For kernel-by-kernel checks
  * (tests/gpu/gpu_diff.c); slower than a run. */
 typedef cm_status (*cm_program_visit)(cm_program *pr, int kernel, void *ctx, cm_err *err);
-cm_status cm_program_run_stepwise(cm_program *pr, cm_tensor *const *sources,
-                                  cm_program_visit visit, void *ctx, cm_err *err);
+cm_status cm_program_run_stepwise(cm_program *pr, cm_tensor *const *sources, cm_program_visit visit,
+                                  void *ctx, cm_err *err);
 void cm_program_stats_get(const cm_program *pr, cm_program_stats *out);
 /* With opts->profile: per kernel, total ms over all runs and the number of runs. */
 typedef struct cm_kernel_profile {

@@ -5,7 +5,8 @@
  * thread; a block's threads are fibers (a hand-written x86-64 context switch, or
  * ucontext elsewhere) that yield at __syncthreads and at warp collectives, so a
  * block runs on one core with CUDA's semantics for barriers, shared memory,
- * shuffles, votes and atomics. The module's source is followed by the table of
+ * shuffles, votes and atomics. Launches of one module take turns (a lock);
+ * modules run concurrently. The module's source is followed by the table of
  * its __global__ functions (cm_emu_table, written by emu_compiler.c); the module
  * exports cm_emu_params and cm_emu_launch. */
 #ifndef CMAEC_EMU_CUDA_SHIM_HPP
@@ -55,9 +56,11 @@ extern "C" void __asan_unpoison_memory_region(void const volatile *addr, size_t 
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-/* one block runs at a time per OS thread: a block's shared arrays are the
- * function's statics, one copy per OS thread so two launches may run at once */
-#define __shared__ static thread_local
+/* one block of a module runs at a time (cm_emu_launch holds the module's lock): a
+ * block's shared arrays are the function's statics. No thread_local anywhere: with
+ * a program's hundreds of modules loaded, glibc's __tls_get_addr takes its slow
+ * path on every access, and a GEMM's shared-memory loads became 15x slower. */
+#define __shared__ static
 #define __constant__
 #define warpSize 32
 
@@ -68,8 +71,8 @@ struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-static thread_local uint3 threadIdx, blockIdx;
-static thread_local dim3 blockDim, gridDim;
+static uint3 threadIdx, blockIdx;
+static dim3 blockDim, gridDim;
 
 struct __align__(8) float2 {
   float x, y;
@@ -320,7 +323,7 @@ struct cm_emu_entry {
 
 #define CM_EMU_MAX_THREADS 1024
 #define CM_EMU_STACK_BYTES (128u << 10)
-/* Per OS thread and module: the fibers (grown to the largest block seen; their
+/* Per module: the fibers (grown to the largest block seen; their
  * stacks reused by every block), the block's barrier and the warps' rendezvous. */
 struct cm_emu_state {
   cm_emu_fiber fibers[CM_EMU_MAX_THREADS];
@@ -344,11 +347,9 @@ struct cm_emu_state {
   cm_emu_slot slots[2][CM_EMU_MAX_THREADS];
   unsigned char *dynamic_shared;
   size_t dynamic_shared_bytes;
-  cm_emu_state *next; /* the module's registry (freed when it is unloaded) */
 };
-static thread_local cm_emu_state *cm_emu_st;
-static cm_emu_state *cm_emu_all_states;
-static pthread_mutex_t cm_emu_states_mu = PTHREAD_MUTEX_INITIALIZER;
+static cm_emu_state *cm_emu_st;
+static pthread_mutex_t cm_emu_launch_mu = PTHREAD_MUTEX_INITIALIZER; /* one launch at a time */
 
 #if CM_EMU_SWITCH_ASM
 /* Saves the callee-saved registers on the current stack, stores its pointer in
@@ -371,10 +372,17 @@ __asm__(".text\n"
 static void cm_emu_fiber_main();
 
 /* Sets f to start cm_emu_fiber_main on its next resume. */
+/* The stacks lie side by side in one mapping above one guard page (a guard page
+ * each would split it into two mappings a fiber, and a program's hundreds of
+ * modules would pass the kernel's limit on mappings, vm.max_map_count): a canary
+ * at each stack's low end, checked after every block, catches an overflow. */
+#define CM_EMU_CANARY 0x5ca1ab1ec0ffee11ull
+#define CM_EMU_CANARY_WORDS 8
 static void cm_emu_fiber_reset(cm_emu_fiber *f) {
 #ifdef CM_EMU_ASAN
   __asan_unpoison_memory_region(f->stack_lo, f->stack_bytes);
 #endif
+  for (int w = 0; w < CM_EMU_CANARY_WORDS; w++) ((uint64_t *)f->stack_lo)[w] = CM_EMU_CANARY;
 #if CM_EMU_SWITCH_ASM
   uintptr_t top = ((uintptr_t)f->stack_lo + f->stack_bytes) & ~(uintptr_t)15;
   void **sp = (void **)(top - 64);
@@ -652,14 +660,10 @@ static const cm_emu_entry *cm_emu_find(const char *name) {
   return 0;
 }
 
-static cm_emu_state *cm_emu_thread_state() {
+static cm_emu_state *cm_emu_module_state() {
   if (cm_emu_st) return cm_emu_st;
   cm_emu_state *st = (cm_emu_state *)calloc(1, sizeof *st);
   if (!st) return 0;
-  pthread_mutex_lock(&cm_emu_states_mu);
-  st->next = cm_emu_all_states;
-  cm_emu_all_states = st;
-  pthread_mutex_unlock(&cm_emu_states_mu);
   for (int p = 0; p < 2; p++)
     for (int t = 0; t < CM_EMU_MAX_THREADS; t++) st->slots[p][t].gen = ~0u;
   return cm_emu_st = st;
@@ -668,22 +672,29 @@ static cm_emu_state *cm_emu_thread_state() {
 /* Stacks for fibers up to n: one mapping, each stack above a guard page. */
 static bool cm_emu_grow(cm_emu_state *st, unsigned n) {
   if (n <= st->n_fibers) return true;
-  size_t page = (size_t)sysconf(_SC_PAGESIZE), each = CM_EMU_STACK_BYTES + page;
-  size_t bytes = each * (n - st->n_fibers);
+  size_t page = (size_t)sysconf(_SC_PAGESIZE);
+  size_t bytes = page + (size_t)CM_EMU_STACK_BYTES * (n - st->n_fibers);
   char *map = (char *)mmap(0, bytes, PROT_READ | PROT_WRITE,
                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (map == MAP_FAILED) return false;
+  mprotect(map, page, PROT_NONE); /* below the lowest stack: an overflow there faults */
   st->stack_maps[st->n_stack_maps] = map;
   st->stack_map_bytes[st->n_stack_maps++] = bytes;
   for (unsigned i = st->n_fibers; i < n; i++) {
-    char *lo = map + (i - st->n_fibers) * each;
-    mprotect(lo, page, PROT_NONE); /* an overflow faults instead of corrupting a neighbour */
     cm_emu_fiber *f = &st->fibers[i];
-    f->stack_lo = lo + page;
+    f->stack_lo = map + page + (size_t)(i - st->n_fibers) * CM_EMU_STACK_BYTES;
     f->stack_bytes = CM_EMU_STACK_BYTES;
     cm_emu_fiber_reset(f);
   }
   st->n_fibers = n;
+  return true;
+}
+
+/* Whether fibers [0, n) kept their stacks' canaries (an overflow writes there first). */
+static bool cm_emu_canaries_intact(const cm_emu_state *st, unsigned n) {
+  for (unsigned i = 0; i < n; i++)
+    for (int w = 0; w < CM_EMU_CANARY_WORDS; w++)
+      if (((const uint64_t *)st->fibers[i].stack_lo)[w] != CM_EMU_CANARY) return false;
   return true;
 }
 
@@ -739,7 +750,10 @@ CM_EMU_EXPORT int cm_emu_params(const char *name) {
 }
 
 /* CUresult: 0; 1 (CUDA_ERROR_INVALID_VALUE): a bad extent; 2 (OUT_OF_MEMORY);
- * 500 (NOT_FOUND): no such function; 719 (LAUNCH_FAILED): a deadlock. */
+ * 500 (NOT_FOUND): no such function; 719 (LAUNCH_FAILED): a deadlock, or a
+ * thread that overflowed its stack (CM_EMU_STACK_BYTES). */
+static int cm_emu_launch_locked(const cm_emu_entry *e, const unsigned grid[3],
+                                const unsigned block[3], unsigned shared_bytes, void **params);
 CM_EMU_EXPORT int cm_emu_launch(const char *name, const unsigned grid[3], const unsigned block[3],
                                 unsigned shared_bytes, void **params) {
   const cm_emu_entry *e = cm_emu_find(name);
@@ -748,8 +762,16 @@ CM_EMU_EXPORT int cm_emu_launch(const char *name, const unsigned grid[3], const 
   if (!grid[0] || !grid[1] || !grid[2] || !threads || threads > CM_EMU_MAX_THREADS ||
       block[2] > 64 || grid[1] > 65535 || grid[2] > 65535)
     return 1;
-  unsigned n = (unsigned)threads;
-  cm_emu_state *st = cm_emu_thread_state();
+  pthread_mutex_lock(&cm_emu_launch_mu);
+  int rc = cm_emu_launch_locked(e, grid, block, shared_bytes, params);
+  pthread_mutex_unlock(&cm_emu_launch_mu);
+  return rc;
+}
+
+static int cm_emu_launch_locked(const cm_emu_entry *e, const unsigned grid[3],
+                                const unsigned block[3], unsigned shared_bytes, void **params) {
+  unsigned n = block[0] * block[1] * block[2];
+  cm_emu_state *st = cm_emu_module_state();
   if (!st || !cm_emu_grow(st, n)) return 2;
   if (shared_bytes > st->dynamic_shared_bytes) {
     free(st->dynamic_shared);
@@ -775,22 +797,19 @@ CM_EMU_EXPORT int cm_emu_launch(const char *name, const unsigned grid[3], const 
     for (unsigned y = 0; y < grid[1] && !rc; y++)
       for (unsigned x = 0; x < grid[0] && !rc; x++) {
         blockIdx = {x, y, z};
-        if (!cm_emu_run_block(st, n)) rc = 719;
+        if (!cm_emu_run_block(st, n) || !cm_emu_canaries_intact(st, n)) rc = 719;
       }
   cm_emu_release_stacks(st);
   return rc;
 }
 
 __attribute__((destructor)) static void cm_emu_unload() {
-  pthread_mutex_lock(&cm_emu_states_mu);
-  for (cm_emu_state *st = cm_emu_all_states, *next; st; st = next) {
-    next = st->next;
-    for (int m = 0; m < st->n_stack_maps; m++) munmap(st->stack_maps[m], st->stack_map_bytes[m]);
-    free(st->dynamic_shared);
-    free(st);
-  }
-  cm_emu_all_states = 0;
-  pthread_mutex_unlock(&cm_emu_states_mu);
+  cm_emu_state *st = cm_emu_st;
+  if (!st) return;
+  for (int m = 0; m < st->n_stack_maps; m++) munmap(st->stack_maps[m], st->stack_map_bytes[m]);
+  free(st->dynamic_shared);
+  free(st);
+  cm_emu_st = 0;
 }
 
 #endif

@@ -212,10 +212,12 @@ compile() {
     -o "$work/compile-$1"
 }
 export -f compile
+cold_secs=120 warm_secs=30
+[ "$dry" = 1 ] && cold_secs=900 warm_secs=120 # 2 shared cores here, not 16
 rm -rf "$cache"
-run_part compile_cold 120 compile cold
+run_part compile_cold "$cold_secs" compile cold
 rc_cold=$?
-run_part compile_warm 30 compile warm
+run_part compile_warm "$warm_secs" compile warm
 rc_warm=$?
 if [ "$rc_cold" = 0 ] && [ "$rc_warm" = 0 ]; then
   row compile ok "$(basename "$model" .json) sm_90 on $(nproc) cores: cold $(secs_of compile_cold) s (target 10), warm $(secs_of compile_warm) s (target 0.5)"

@@ -126,7 +126,12 @@ static cm_status fake_compile(void *self, const char *source, const char *name, 
   out->size = strlen(source);
   out->data = malloc(out->size);
   out->log = calloc(1, 1);
-  if (!out->data || !out->log) return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  out->kernels = calloc(1, sizeof *out->kernels); /* what a compiler without ptxas reports */
+  if (!out->data || !out->log || !out->kernels)
+    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  out->n_kernels = 1;
+  snprintf(out->kernels[0].name, sizeof out->kernels[0].name, "%s", name);
+  out->kernels[0].registers = (int)(out->size % 97) + 1;
   memcpy(out->data, source, out->size);
   return CM_OK;
 }
@@ -175,6 +180,10 @@ static void test_fake_cache_and_threads(void) {
   CHECK(warm.cache_hits == warm.n_modules && warm.cache_misses == 0);
   CHECK(atomic_load(&fake_compiles) == cold.n_modules); /* nothing compiled */
   CHECK(same_images(&cold, &warm) && warm.modules[0].cached);
+  for (int m = 0; m < cold.n_modules; m++) /* the compiler's kernel infos come back from a hit */
+    CHECK(warm.modules[m].image.n_kernels == 1 &&
+          !memcmp(warm.modules[m].image.kernels, cold.modules[m].image.kernels,
+                  sizeof *cold.modules[m].image.kernels));
   CHECK_MSG(build(&sp, &fake_compiler, "", 1, &one, &err) == CM_OK, "%s", err.msg);
   CHECK(one.threads == 1 && one.cache_misses == one.n_modules && same_images(&cold, &one));
   cm_cuda_build_free(&cold), cm_cuda_build_free(&warm), cm_cuda_build_free(&one);

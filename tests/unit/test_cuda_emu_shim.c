@@ -178,6 +178,15 @@ static const char *const K_BASIC =
     "  else __syncwarp();\n"
     "  out[threadIdx.x] = 1;\n"
     "}\n"
+    "// thread 1 needs more stack than a fiber has (thread 0, the lowest stack, is done)\n"
+    "__device__ __noinline__ int deep_frame() {\n"
+    "  volatile char big[160 << 10];\n"
+    "  for (int i = 0; i < (160 << 10); i++) big[i] = (char)i;\n"
+    "  return big[12345];\n"
+    "}\n"
+    "extern \"C\" __global__ void deep(int *out) {\n"
+    "  if (threadIdx.x == 1) out[0] = deep_frame();\n"
+    "}\n"
     "extern \"C\" __global__ void barrier_loop(int *out, const int *iters) {\n"
     "  int v = threadIdx.x;\n"
     "  for (int i = 0; i < *iters; i++) {\n"
@@ -251,7 +260,7 @@ static void test_indexing_3d(void) {
   if (!mod_build(K_BASIC, &m)) return;
   CHECK(m.params("index3d") == 1 && m.params("block_sum") == 3 && m.params("transpose") == 3);
   CHECK(m.params("nope") == -1);
-  CHECK(m.image.n_kernels == 7 && !strcmp(m.image.kernels[0].name, "index3d") &&
+  CHECK(m.image.n_kernels == 8 && !strcmp(m.image.kernels[0].name, "index3d") &&
         !strcmp(m.image.kernels[5].name, "stuck") && m.image.kernels[1].registers == -1);
   const unsigned g[3] = {3, 2, 2}, b[3] = {4, 3, 2};
   unsigned nb = g[0] * g[1] * g[2], nt = b[0] * b[1] * b[2];
@@ -346,7 +355,10 @@ static void test_launch_limits_and_deadlock(void) {
   int set = 0;
   for (int i = 0; i < 32; i++) set += flags[i];
   CHECK(set == 0);
-  /* the stuck fibers were reset: the next launch runs */
+  /* a thread past its stack: its canary tells */
+  void *dargs[] = {&(int *){flags}};
+  CHECK(mod_run(&m, "deep", 1, 1, 1, 2, 1, 1, 0, dargs) == 719);
+  /* the stuck fibers and the overflowed stack were reset: the next launch runs */
   memset(out, 0, 2048 * 8 * sizeof *out);
   CHECK(mod_run(&m, "index3d", 1, 1, 1, 64, 1, 1, 0, args) == 0);
   CHECK(out[8 * 63] == 63 && out[8 * 63 + 6] == 640101);
@@ -536,7 +548,8 @@ static void test_atomics(void) {
   unsigned counter = 0;
   void *args[] = {&(float *){&f}, &(double *){&d},        &(int *){&i}, &(unsigned long long *){&u},
                   &(int *){&mx},  &(unsigned *){&counter}};
-  /* two OS threads launch the same module at once: 2 x 32 blocks x 256 threads */
+  /* two OS threads launch the same module at once (its launches take turns, on
+   * the same statics): 2 x 32 blocks x 256 threads */
   atomics_run runs[2] = {{&m, args, -1}, {&m, args, -1}};
   pthread_t th[2];
   for (int k = 0; k < 2; k++) CHECK(pthread_create(&th[k], NULL, atomics_thread, &runs[k]) == 0);
@@ -904,7 +917,8 @@ static double run_step(const cm_program *pr, const cm_cuda_build *b, const cm_ta
       cm_cuda_launch l = cm_cuda_stage_launch(k, st, &ro);
       char fn[32];
       snprintf(fn, sizeof fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, st);
-      int rc = mods[b->module_of[ki]].launch(fn, l.grid, l.block, l.shared_bytes, args);
+      int rc =
+          mods[cm_cuda_stage_module(b, ki, st)].launch(fn, l.grid, l.block, l.shared_bytes, args);
       CHECK_MSG(rc == 0, "%s stage %d: CUresult %d", k->name, st, rc);
     }
     double dt = cpu_s() - t0;
@@ -957,14 +971,18 @@ static void compile_variant(const char *path) {
     const cm_cubin *im = &b->modules[i].image;
     functions += im->n_kernels;
     module_ms += im->compile_ms;
-    /* the scanner found one function per stage, in order */
-    const cm_kernel *k = &cm_program_kernels(pr)->kernels[b->modules[i].kernel];
-    CHECK_MSG(im->n_kernels == k->n_stages, "%s: %d functions for %d stages", k->name,
-              im->n_kernels, k->n_stages);
-    CHECK(im->n_kernels >= 1 && !strcmp(im->kernels[0].name, CM_CUDA_MODULE_KERNEL "_s0"));
-    char last[32];
-    snprintf(last, sizeof last, "%s_s%d", CM_CUDA_MODULE_KERNEL, k->n_stages - 1);
-    CHECK(!strcmp(im->kernels[im->n_kernels - 1].name, last));
+    /* the scanner found one function per stage the module holds, in order (a large
+     * kernel is split at its stages into parts) */
+    const cm_cuda_module *mo = &b->modules[i];
+    const cm_kernel *k = &cm_program_kernels(pr)->kernels[mo->kernel];
+    CHECK_MSG(im->n_kernels == mo->stage_end - mo->stage_begin && im->n_kernels >= 1,
+              "%s: %d functions for stages [%d, %d)", k->name, im->n_kernels, mo->stage_begin,
+              mo->stage_end);
+    char first[32], last[32];
+    snprintf(first, sizeof first, "%s_s%d", CM_CUDA_MODULE_KERNEL, mo->stage_begin);
+    snprintf(last, sizeof last, "%s_s%d", CM_CUDA_MODULE_KERNEL, mo->stage_end - 1);
+    CHECK(im->n_kernels >= 1 && !strcmp(im->kernels[0].name, first) &&
+          !strcmp(im->kernels[im->n_kernels - 1].name, last));
   }
   if (b)
     fprintf(stderr,

@@ -3,10 +3,16 @@
  * epoch boundary, on an image folder), EMA targets start as copies of their
  * online twins, a huge lr stops naming the step and tensor, a stop request
  * saves a checkpoint, bad options are CM_EINVALID. On the ref backend and the
- * cpu backend. */
+ * cpu backend. On the emulated CUDA device (tests/emu/emu.h): a checkpoint
+ * written there resumes on the CPU and the reverse, the huge lr is located,
+ * encoder features equal the reference's. Auto without a driver trains on the
+ * CPU and says so. */
 #include "../../runtime/training.h"
+#include "../emu/emu.h"
 #include "../test.h"
 #include "../testlib.h"
+
+#include <stdlib.h>
 
 #include <dirent.h>
 #include <math.h>
@@ -77,6 +83,7 @@ typedef struct run_cfg {
   const char *extra[4];
   cm_views_mode views;
   volatile sig_atomic_t *stop;
+  bool emulated; /* backend CM_TRAIN_CUDA on the emulated device */
 } run_cfg;
 
 static cm_status run(const run_cfg *c, cm_train_result *r, cm_err *err) {
@@ -98,6 +105,11 @@ static cm_status run(const run_cfg *c, cm_train_result *r, cm_err *err) {
   o.resume = c->resume;
   o.backend = c->backend;
   o.stop = c->stop;
+  if (c->emulated) {
+    o.backend = CM_TRAIN_CUDA;
+    o.cuda_driver = emu_driver();
+    o.cuda_compiler = emu_compiler();
+  }
   return cm_train(&o, r, err);
 }
 
@@ -288,10 +300,12 @@ static void test_nonfinite(void) {
   char data[512], out[512];
   snprintf(data, sizeof data, "%s/folder", tmp_root);
   snprintf(out, sizeof out, "%s/nan", tmp_root);
-  for (int b = 0; b < n_backends; b++) {
+  /* the ref and cpu backends, then the emulated device (states downloaded for the search) */
+  for (int b = 0; b <= n_backends; b++) {
     run_cfg c = {.out = out,
                  .data = data,
-                 .backend = backends[b],
+                 .backend = b < n_backends ? backends[b] : CM_TRAIN_CPU,
+                 .emulated = b == n_backends,
                  .steps = 6,
                  .extra = {"optimizer.base_lr=1e30"}};
     cm_train_result r;
@@ -377,7 +391,124 @@ static void test_bad_options(void) {
   remove_tree(out);
 }
 
+/* The losses of metrics.jsonl in dir, rows [0, n). */
+static void read_losses(const char *dir, double *loss, int n) {
+  char path[600];
+  snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+  cm_metrics_table t = {0};
+  cm_err err = {0};
+  CHECK_MSG(cm_metrics_read(path, &t, &err) == CM_OK, "%s", err.msg);
+  CHECK_MSG(t.n_rows == n, "%s: %lld rows, expected %d", path, (long long)t.n_rows, n);
+  int c = cm_metrics_column(&t, "loss");
+  for (int i = 0; i < n; i++) loss[i] = i < t.n_rows ? t.values[i * t.n_cols + c] : NAN;
+  cm_metrics_table_free(&t);
+}
+
+/* The bound between two backends' losses: the kernels differ (order of sums,
+ * fused exp/log), so the f32 losses of a few steps agree to ~1e-5 relative. */
+static void check_losses_close(const double *a, const double *b, int n, const char *what) {
+  for (int i = 0; i < n; i++)
+    CHECK_MSG(isfinite(a[i]) && fabs(a[i] - b[i]) <= 1e-4 * fabs(a[i]),
+              "%s: step %d loss %.9g vs the CPU's %.9g", what, i + 1, b[i], a[i]);
+}
+
+/* Checkpoints hold host tensors: 2 steps on one backend, then 2 more resumed on
+ * the other, give the losses of 4 straight CPU steps (cpu -> cuda and cuda -> cpu). */
+static void test_cross_backend_resume(void) {
+  char data[512], cpu[512], mixed[512];
+  snprintf(data, sizeof data, "%s/folder", tmp_root);
+  snprintf(cpu, sizeof cpu, "%s/cpu4", tmp_root);
+  snprintf(mixed, sizeof mixed, "%s/mixed", tmp_root);
+  cm_train_result r;
+  cm_err err = {0};
+  run_cfg c = {.out = cpu, .data = data, .backend = CM_TRAIN_CPU, .steps = 4};
+  CHECK_MSG(run(&c, &r, &err) == CM_OK, "cpu: %s", err.msg);
+  double want[4], got[4];
+  read_losses(cpu, want, 4);
+  for (int first_on_cuda = 1; first_on_cuda >= 0; first_on_cuda--) {
+    run_cfg m = {.out = mixed, .data = data, .backend = CM_TRAIN_CPU, .steps = 2};
+    m.emulated = first_on_cuda;
+    CHECK_MSG(run(&m, &r, &err) == CM_OK, "first half: %s", err.msg);
+    CHECK(r.last_step == 2);
+    CHECK_MSG(strncmp(r.backend, first_on_cuda ? "cuda 0 (" : "cpu", 4) == 0, "ran on %s",
+              r.backend);
+    m.emulated = !first_on_cuda;
+    m.steps = 4;
+    m.resume = true;
+    CHECK_MSG(run(&m, &r, &err) == CM_OK, "resumed half: %s", err.msg);
+    CHECK(r.first_step == 2 && r.last_step == 4);
+    read_losses(mixed, got, 4);
+    check_losses_close(want, got, 4, first_on_cuda ? "cuda -> cpu" : "cpu -> cuda");
+    remove_tree(mixed);
+  }
+  remove_tree(cpu);
+}
+
+/* Encoder features (cmaec eval) on the emulated device equal the reference evaluator's. */
+static void test_features_on_device(void) {
+  const char *ov[N_TINY];
+  for (int i = 0; i < N_TINY; i++) ov[i] = tiny[i];
+  cm_model_config cfg;
+  cm_err err = {0};
+  CHECK_MSG(cm_model_config_load(MODEL, ov, N_TINY, &cfg, &err) == CM_OK, "%s", err.msg);
+  cm_backend_request req = {CM_BACKEND_CUDA, 0, CM_CUDA_GRAPHS_ON, emu_driver(), emu_compiler()};
+  cm_backend_choice choice;
+  CHECK_MSG(cm_backend_resolve(&req, &choice, &err) == CM_OK, "%s", err.msg);
+  enum { N = 3 };
+  int S = cfg.data.image_size, C = cfg.data.in_chans;
+  float *views = malloc(sizeof(float) * N * (size_t)(C * S * S));
+  for (int i = 0; i < N * C * S * S; i++) views[i] = (float)(next_u64() % 2001) / 1000.0f - 1.0f;
+  cm_encoder_opts on_device = {.batch = 2, .pool = CM_POOL_MEAN, .seed = 3, .backend = &choice};
+  cm_encoder_opts on_ref = {.batch = 2, .pool = CM_POOL_MEAN, .seed = 3, .reference = true};
+  cm_encoder *ed = NULL, *er = NULL;
+  float *fd = NULL, *fr = NULL;
+  CHECK_MSG(cm_encoder_create(&cfg, NULL, &on_device, &ed, &err) == CM_OK, "%s", err.msg);
+  CHECK_MSG(cm_encoder_create(&cfg, NULL, &on_ref, &er, &err) == CM_OK, "%s", err.msg);
+  if (ed && er) {
+    CHECK_MSG(strncmp(cm_encoder_backend(ed), "cuda 0 (", 8) == 0, "ran on %s",
+              cm_encoder_backend(ed));
+    CHECK_MSG(cm_encoder_features(ed, views, N, &fd, &err) == CM_OK, "%s", err.msg);
+    CHECK_MSG(cm_encoder_features(er, views, N, &fr, &err) == CM_OK, "%s", err.msg);
+  }
+  int d = ed ? cm_encoder_dim(ed) : 0;
+  double worst = 0, scale = 0;
+  for (int i = 0; fd && fr && i < N * d; i++) {
+    worst = fmax(worst, fabs((double)fd[i] - fr[i]));
+    scale = fmax(scale, fabs((double)fr[i]));
+  }
+  CHECK(fd && fr && d > 0 && scale > 0);
+  CHECK_MSG(worst <= 1e-4 * scale, "device features differ from ref by %g (scale %g)", worst,
+            scale);
+  free(fd);
+  free(fr);
+  free(views);
+  cm_encoder_free(ed);
+  cm_encoder_free(er);
+}
+
+/* Without a CUDA driver (setup points $CMAEC_CUDA_DRIVER_LIBRARY nowhere), auto
+ * trains on the CPU and says why; cuda is CM_EINVALID naming the driver. */
+static void test_auto_without_driver(void) {
+  char data[512], out[512];
+  snprintf(data, sizeof data, "%s/folder", tmp_root);
+  snprintf(out, sizeof out, "%s/auto", tmp_root);
+  cm_train_result r;
+  cm_err err = {0};
+  run_cfg c = {.out = out, .data = data, .backend = CM_TRAIN_AUTO, .steps = 1};
+  CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
+  CHECK_MSG(strcmp(r.backend, "cpu (auto: no CUDA driver)") == 0, "auto ran on %s", r.backend);
+  CHECK(r.last_step == 1);
+  remove_tree(out);
+  c.backend = CM_TRAIN_CUDA;
+  CHECK(run(&c, &r, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, "CUDA driver not found");
+  struct stat st;
+  CHECK_MSG(stat(out, &st) != 0, "%s was created without a driver", out);
+}
+
 static void setup(void) {
+  /* no real GPU in these tests, also on a GPU machine: the emulated one is passed explicitly */
+  setenv("CMAEC_CUDA_DRIVER_LIBRARY", "/nonexistent/cmaec-test/libcuda.so.1", 1);
   snprintf(tmp_root, sizeof tmp_root, "/tmp/cmaec_trainer_XXXXXX");
   CHECK(mkdtemp(tmp_root) != NULL);
   char p[512];
@@ -393,4 +524,5 @@ static void teardown(void) {
 
 TEST_MAIN(TEST(setup), TEST(test_loss_falls), TEST(test_resume_bitwise),
           TEST(test_ema_starts_as_copy), TEST(test_nonfinite), TEST(test_stop_saves),
-          TEST(test_bad_options), TEST(teardown))
+          TEST(test_bad_options), TEST(test_cross_backend_resume), TEST(test_features_on_device),
+          TEST(test_auto_without_driver), TEST(teardown))
