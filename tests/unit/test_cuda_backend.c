@@ -801,6 +801,30 @@ static double check_kernels(const cm_program *pr, const char *what, const cm_gra
   return worst;
 }
 
+/* What compiling gpu (over the spied driver) asked of the driver: one device allocation,
+ * every module loaded once, the dynamic shared memory opt-in for exactly the stages whose
+ * plan needs more than the static limit. */
+static void check_loading(const cm_program *gpu) {
+  const cm_kprogram *kp = cm_program_kernels(gpu);
+  const cm_target *t = cm_program_target(gpu);
+  const cm_cuda_build *b = cm_program_cuda_build(gpu);
+  cm_cuda_render_opts ro = {t, false};
+  int opt_in = 0;
+  for (int i = 0; i < kp->n_kernels; i++)
+    for (int s = 0; s < kp->kernels[i].n_stages; s++) {
+      const cm_kstage *st = &kp->kernels[i].stages[s];
+      unsigned dyn = cm_cuda_stage_launch(&kp->kernels[i], s, &ro).shared_bytes;
+      opt_in += st->cuda.kind != CM_KCUDA_IN_SPAN && dyn > 0 &&
+                (int64_t)dyn + st->cuda.shared_static > t->shared_bytes_static;
+    }
+  CHECK_MSG(b && spied.mem_alloc == 1 && spied.module_load == b->n_modules &&
+                spied.set_attribute == opt_in,
+            "%d device allocations, %d modules loaded of %d, %d opt-ins for %d stages",
+            spied.mem_alloc, spied.module_load, b ? b->n_modules : -1, spied.set_attribute, opt_in);
+  fprintf(stderr, "  %d modules loaded, %d stages opted in to more dynamic shared memory\n",
+          spied.module_load, opt_in);
+}
+
 /* Three steps of models/cmae_vit_tiny_fmnist.json (batch 2) on the emulated device (the
  * CUDA graph replayed, states resident) and on the CPU backend, both from the device's states
  * each step: every kernel within its derived error bound on its own inputs
@@ -849,9 +873,10 @@ static void test_model_steps(void) {
     gpu_ptr[v] = &cur[v];
   }
   cm_program *gpu = NULL, *cpu = NULL;
-  emu_run_opts ro = {CM_CUDA_GRAPHS_ON, true, false, p, NULL};
+  emu_run_opts ro = {CM_CUDA_GRAPHS_ON, true, false, p, spy_driver()};
   CHECK_MSG(p && compile_emu(rg, &ro, &gpu, &err) == CM_OK, "emulated device: %s", err.msg);
   double t_compile = now_s() - t0;
+  if (gpu) check_loading(gpu);
   cm_compile_opts co = {.cache_dir = "", .plan = p};
   if (have_cpu) CHECK_MSG(p && cm_compile(rg, NULL, &co, &cpu, &err) == CM_OK, "cpu: %s", err.msg);
   double worst_kernel = 0, worst_cpu = 0, t_run = 0, t_oracle = 0;
