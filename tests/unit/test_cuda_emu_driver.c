@@ -84,8 +84,7 @@ static unsigned char *build_image(void) {
   if (!f) return NULL;
   fputs(MODULE_SOURCE, f);
   fclose(f);
-  const char *cxx = getenv("CMAEC_EMU_CXX");
-  snprintf(cmd, sizeof cmd, "%s " MODULE_FLAGS " -o %s %s", cxx && *cxx ? cxx : "c++", so, src);
+  snprintf(cmd, sizeof cmd, "'%s' " MODULE_FLAGS " -o %s %s", CMAEC_EMU_CXX, so, src);
   CHECK_MSG(system(cmd) == 0, "%s", cmd);
   f = fopen(so, "rb");
   CHECK(f != NULL);
