@@ -230,4 +230,20 @@ cm_status cm_pass_fuse(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
 cm_status cm_pass_schedule(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
 cm_status cm_pass_memplan(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
 
+/* ---- mixed precision (passes/autocast.c) ------------------------------------
+ * Autocast in the style of torch.autocast, target-independent, on any graph (the training
+ * step after autodiff and the optimizer included). Every contraction (matmul, conv2d,
+ * conv2d_grad_input, conv2d_grad_weight) whose operands are f32 becomes
+ *   cast(OP(cast(a, low), cast(b, low)), f32)
+ * so its operands are rounded to `low` (bf16 or f16), it accumulates in f32 or wider and its
+ * result is rounded to `low` once, as torch's are. Everything else (LayerNorm/BatchNorm
+ * statistics, softmax, losses, the InfoNCE logits, reductions, the optimizer, params and
+ * states) stays f32. The same f32 value cast for several contractions is cast once (the
+ * forward's activation and the backward's weight gradient share it). A graph whose
+ * contractions are already low precision is left as is. n_rewritten (may be NULL) receives
+ * the contractions rewritten. */
+cm_status cm_autocast(cm_graph **g, cm_dtype low, int *n_rewritten, cm_err *err);
+/* The pass "autocast": cm_autocast with bf16. */
+cm_status cm_pass_autocast(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
+
 #endif
