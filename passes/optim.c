@@ -155,11 +155,13 @@ static cm_status ema_update(cm_graph *g, const cm_optim_config *cfg, int i, int 
 
 /* Loss-scale bookkeeping (GradScaler: x2 after growth_interval good steps, /2
  * on overflow; a fixed scale, good < 0, stays) and the count of applied steps
- * (steps_done <- step when ok); returns the "skipped" output (1 when the step was skipped). */
+ * (steps_done <- step when ok); returns the "skipped" output (1 when the step was skipped)
+ * and *new_scale, the scale after the step (the output "new_loss_scale"). */
 static int loss_scale_update(cm_graph *g, const cm_optim_config *cfg, int scale, int good, int ok,
-                             int steps_done, int step) {
+                             int steps_done, int step, int *new_scale) {
   int one = cm_const_scalar(g, NULL, CM_F32, 1), zero = cm_const_scalar(g, NULL, CM_F32, 0);
   cm_assign(g, steps_done, cm_select(g, ok, step, steps_done, NULL), "update/optimizer.step");
+  *new_scale = scale; /* fixed: the constant "new_loss_scale" */
   if (good < 0) return cm_select(g, ok, zero, one, "skipped");
   int good1 = cm_binary(g, CM_OP_ADD, good, one, NULL);
   int grow =
@@ -168,7 +170,8 @@ static int loss_scale_update(cm_graph *g, const cm_optim_config *cfg, int scale,
       cm_select(g, grow, cm_binary(g, CM_OP_MUL, scale, cm_const_scalar(g, NULL, CM_F32, 2), NULL),
                 scale, NULL);
   int scale_bad = cm_binary(g, CM_OP_MUL, scale, cm_const_scalar(g, NULL, CM_F32, 0.5), NULL);
-  cm_assign(g, scale, cm_select(g, ok, scale_ok, scale_bad, NULL), "update/loss_scale");
+  *new_scale = cm_select(g, ok, scale_ok, scale_bad, "new_loss_scale");
+  cm_assign(g, scale, *new_scale, "update/loss_scale");
   int good_ok = cm_select(g, grow, zero, good1, NULL);
   cm_assign(g, good, cm_select(g, ok, good_ok, zero, NULL), "update/loss_scale_good_steps");
   return cm_select(g, ok, zero, one, "skipped");
@@ -230,7 +233,7 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
   int scale = -1, good = -1, target_loss = loss;
   cm_init scale_init = {CM_INIT_CONSTANT, cfg->init_loss_scale, 0};
   if (cfg->loss_scaling && cfg->fixed_loss_scale) {
-    scale = cm_const_scalar(g, "loss_scale", CM_F32, cfg->init_loss_scale);
+    scale = cm_const_scalar(g, "new_loss_scale", CM_F32, cfg->init_loss_scale);
   } else if (cfg->loss_scaling) {
     scale = cm_state(g, "loss_scale", CM_F32, 0, NULL, scale_init);
     good = cm_state(g, "loss_scale_good_steps", CM_F32, 0, NULL, zero_init);
@@ -295,10 +298,11 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
   }
 
   /* Loss-scale bookkeeping (GradScaler: x2 after growth_interval good steps, /2 on overflow). */
-  int skipped =
-      cfg->loss_scaling ? loss_scale_update(g, cfg, scale, good, ok, steps_done, step) : -1;
+  int new_scale = -1, skipped = cfg->loss_scaling ? loss_scale_update(g, cfg, scale, good, ok,
+                                                                      steps_done, step, &new_scale)
+                                                  : -1;
 
-  /* Metrics: the forward graph's outputs, then grad_norm (and loss_scale, skipped). */
+  /* Metrics: the forward graph's outputs, then grad_norm (and new_loss_scale, skipped). */
   g->n_outputs = 0;
   for (int k = 0; k < fwd->n_outputs; k++) cm_graph_add_output(g, fwd->outputs[k], NULL);
   bool loss_is_output = false;
@@ -306,7 +310,7 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
   if (!loss_is_output) cm_graph_add_output(g, loss, NULL);
   cm_graph_add_output(g, grad_norm, NULL);
   if (cfg->loss_scaling) {
-    cm_graph_add_output(g, scale, NULL);
+    cm_graph_add_output(g, new_scale, NULL);
     cm_graph_add_output(g, skipped, NULL);
   }
   if (cm_graph_error(g)) goto builder_failed;

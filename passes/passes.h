@@ -85,7 +85,8 @@ typedef struct cm_train_step_info {
  *   every target from its updated online twin;
  * - outputs: the forward graph's outputs (and the loss), "grad_norm" (global L2
  *   norm of the unscaled gradients, before clipping), and with loss scaling
- *   "loss_scale" and "skipped" (1 when a non-finite gradient skipped the step). */
+ *   "new_loss_scale" (the scale after the step, as GradScaler.get_scale() after
+ *   update()) and "skipped" (1 when a non-finite gradient skipped the step). */
 cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_config *cfg,
                               cm_graph **out, cm_train_step_info *info, cm_err *err);
 

@@ -139,7 +139,7 @@ static int output_index(const cm_graph *g, const char *name) {
   return -1;
 }
 
-/* Sources: params from their seeded initializers, AdamW moments zero, then
+/* Sources: params and states from their seeded initializers (AdamW moments zero), then
  * every EMA target a copy of its online twin (CMAE.md §4). */
 static cm_status init_sources(trainer *t, cm_err *err) {
   const cm_graph *g = t->sg;
@@ -155,7 +155,8 @@ static cm_status init_sources(trainer *t, cm_err *err) {
       memset(t->src_next[i].data, 0, cm_type_nbytes(&n->type));
       t->bound[1][i] = &t->src_next[i];
     }
-    if (n->op == CM_OP_PARAM && n->attrs.init.kind != CM_INIT_NONE &&
+    /* states too: the loss scale starts at its constant, not zero */
+    if (n->op != CM_OP_INPUT && n->attrs.init.kind != CM_INIT_NONE &&
         cm_init_tensor(&t->src[i], &n->attrs.init, (uint64_t)t->cfg.train.seed, n->name, err))
       return err->status;
   }
@@ -657,7 +658,7 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
   t->out_rc = output_index(g, "loss_rc");
   t->out_ct = output_index(g, "loss_ct");
   t->out_gn = output_index(g, "grad_norm");
-  t->out_scale = output_index(g, "loss_scale");
+  t->out_scale = output_index(g, "new_loss_scale");
   t->out_skipped = output_index(g, "skipped");
   if (t->out_loss < 0 || t->out_rc < 0)
     return cm_errorf(err, CM_EINTERNAL, "cm_train: the training step has no loss/loss_rc output");

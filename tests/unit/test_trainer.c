@@ -296,6 +296,69 @@ static void test_ema_starts_as_copy(void) {
   remove_tree(out);
 }
 
+/* train.precision=f16 on each backend: the loss scale state starts at 2^16 (not zero, as
+ * the other states), metrics.jsonl has loss_scale and skipped, the checkpoint holds the scale
+ * and the resolved precision; a resumed run continues the scale bitwise. */
+static void test_f16_loss_scale(void) {
+  char data[512], out[512], half[512], path[600];
+  snprintf(data, sizeof data, "%s/folder", tmp_root);
+  snprintf(out, sizeof out, "%s/f16", tmp_root);
+  snprintf(half, sizeof half, "%s/f16half", tmp_root);
+  for (int b = 0; b < n_backends; b++) {
+    run_cfg c = {.out = out, .data = data, .backend = backends[b], .steps = 2};
+    c.extra[0] = "train.precision=f16";
+    cm_train_result r;
+    cm_err err = {0};
+    CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
+    run_cfg h = c;
+    h.out = half, h.steps = 1;
+    CHECK_MSG(run(&h, &r, &err) == CM_OK, "%s", err.msg);
+    h.steps = 2, h.resume = true;
+    CHECK_MSG(run(&h, &r, &err) == CM_OK, "resumed: %s", err.msg);
+    cm_metrics_table t[2] = {{0}, {0}};
+    for (int k = 0; k < 2; k++) {
+      snprintf(path, sizeof path, "%s/metrics.jsonl", k ? half : out);
+      CHECK_MSG(cm_metrics_read(path, &t[k], &err) == CM_OK, "%s", err.msg);
+    }
+    int cs = cm_metrics_column(&t[0], "loss_scale"), ck = cm_metrics_column(&t[0], "skipped");
+    CHECK(cs >= 0 && ck >= 0 && t[0].n_rows == 2 && t[1].n_rows == 2);
+    if (cs >= 0 && ck >= 0 && t[0].n_rows == 2) {
+      double s1 = t[0].values[cs], s2 = t[0].values[t[0].n_cols + cs], k1 = t[0].values[ck];
+      double k2 = t[0].values[t[0].n_cols + ck];
+      /* the scale after each step: from 2^16, halved by a skipped step, else kept */
+      CHECK_MSG(s1 == (k1 ? 32768 : 65536), "after step 1 (skipped %g): loss scale %g", k1, s1);
+      CHECK((k1 == 0 || k1 == 1) && (k2 == 0 || k2 == 1));
+      CHECK(s2 == (k2 ? s1 / 2 : s1));
+      for (int i = 0; i < 2 && t[1].n_rows == 2; i++)
+        for (int j = 0; j < t[0].n_cols; j++) {
+          const char *col = t[0].cols[j];
+          if (!strcmp(col, "images_per_s") || !strcmp(col, "step_ms")) continue;
+          int c1 = cm_metrics_column(&t[1], col);
+          double va = t[0].values[i * t[0].n_cols + j];
+          double vb = c1 >= 0 ? t[1].values[i * t[1].n_cols + c1] : NAN;
+          CHECK_MSG((isnan(va) && isnan(vb)) || va == vb, "row %d %s: %.17g vs %.17g resumed", i,
+                    col, va, vb);
+        }
+    }
+    cm_metrics_table_free(&t[0]);
+    cm_metrics_table_free(&t[1]);
+    cm_tensor_set s;
+    cm_tensor_set_init(&s);
+    cm_checkpoint_meta m = {0};
+    snprintf(path, sizeof path, "%s/ckpt-2.safetensors", out);
+    CHECK_MSG(cm_checkpoint_load(path, &s, &m, &err) == CM_OK, "%s", err.msg);
+    const cm_tensor *scale = cm_tensor_set_get(&s, "loss_scale");
+    CHECK(scale && cm_tensor_get_f64(scale, 0) >= 16384);
+    cm_model_config saved;
+    CHECK(m.config_json && cm_model_config_from_json_text(m.config_json, &saved, &err) == CM_OK);
+    CHECK(!strcmp(saved.train.precision, "f16") && !strcmp(saved.train.loss_scale, "dynamic"));
+    cm_checkpoint_meta_free(&m);
+    cm_tensor_set_free(&s);
+    remove_tree(out);
+    remove_tree(half);
+  }
+}
+
 static void test_nonfinite(void) {
   char data[512], out[512];
   snprintf(data, sizeof data, "%s/folder", tmp_root);
@@ -524,6 +587,6 @@ static void teardown(void) {
 }
 
 TEST_MAIN(TEST(setup), TEST(test_loss_falls), TEST(test_resume_bitwise),
-          TEST(test_ema_starts_as_copy), TEST(test_nonfinite), TEST(test_stop_saves),
-          TEST(test_bad_options), TEST(test_cross_backend_resume), TEST(test_features_on_device),
-          TEST(test_auto_without_driver), TEST(teardown))
+          TEST(test_ema_starts_as_copy), TEST(test_f16_loss_scale), TEST(test_nonfinite),
+          TEST(test_stop_saves), TEST(test_bad_options), TEST(test_cross_backend_resume),
+          TEST(test_features_on_device), TEST(test_auto_without_driver), TEST(teardown))
