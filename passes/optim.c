@@ -218,8 +218,7 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
   int lr = cm_input(g, "lr", CM_F32, 0, NULL);
   int beta1 = cm_input(g, "beta1", CM_F32, 0, NULL);
   int beta2 = cm_input(g, "beta2", CM_F32, 0, NULL);
-  /* With loss scaling the step count is a state that skipped steps leave alone, as
-   * torch.optim.AdamW's under GradScaler (no host round trip decides a skip). */
+  /* loss scaling: a state counts the applied steps (no host round trip decides a skip) */
   cm_init zero_init = {CM_INIT_ZEROS, 0, 0};
   int steps_done =
       cfg->loss_scaling ? cm_state(g, "optimizer.step", CM_F32, 0, NULL, zero_init) : -1;
@@ -298,9 +297,9 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
   }
 
   /* Loss-scale bookkeeping (GradScaler: x2 after growth_interval good steps, /2 on overflow). */
-  int new_scale = -1, skipped = cfg->loss_scaling ? loss_scale_update(g, cfg, scale, good, ok,
-                                                                      steps_done, step, &new_scale)
-                                                  : -1;
+  int new_scale = -1, skipped = -1;
+  if (cfg->loss_scaling)
+    skipped = loss_scale_update(g, cfg, scale, good, ok, steps_done, step, &new_scale);
 
   /* Metrics: the forward graph's outputs, then grad_norm (and new_loss_scale, skipped). */
   g->n_outputs = 0;
