@@ -86,6 +86,7 @@ static bool tensor_nonfinite(const cm_tensor *t, double *bad) {
 
 typedef struct trainer {
   const cm_train_opts *o;
+  const char *resume_ckpt; /* the checkpoint a resumed run continues (NULL: a fresh run) */
   cm_model_config cfg;
   cm_graph *sg;
   cm_tensor *src;             /* per node of sg: params, states, inputs (inputs of slot 0) */
@@ -581,6 +582,19 @@ static cm_status choose_backend(trainer *t, cm_train_result *r, cm_err *err) {
  * the config (so the checkpoint and a resume compare the resolved values). */
 static cm_status resolve_precision(trainer *t, cm_err *err) {
   cm_model_config *c = &t->cfg;
+  if (t->resume_ckpt && strcmp(c->train.precision, "auto") == 0) {
+    /* auto continues in the checkpoint's precision, whichever backend trained it */
+    cm_tensor_set set;
+    cm_tensor_set_init(&set);
+    cm_checkpoint_meta meta = {0};
+    cm_model_config saved;
+    cm_status st = cm_checkpoint_load(t->resume_ckpt, &set, &meta, err);
+    if (!st && meta.config_json && !cm_model_config_from_json_text(meta.config_json, &saved, err))
+      snprintf(c->train.precision, sizeof c->train.precision, "%s", saved.train.precision);
+    cm_checkpoint_meta_free(&meta);
+    cm_tensor_set_free(&set);
+    if (st) return st;
+  }
   if (cm_train_precision_resolve(c->train.precision, t->backend.kind, &t->precision, err))
     return err->status;
   snprintf(c->train.precision, sizeof c->train.precision, "%s", cm_dtype_name(t->precision));
@@ -827,6 +841,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   long long named = -1;
   if (!st && base && sscanf(base, "/ckpt-%lld.safetensors", &named) == 1)
     st = check_resume_steps(o, ckpt, named, err);
+  t.resume_ckpt = o->resume ? ckpt : NULL;
   if (!st) st = setup(&t, r, err);
   if (st) goto done;
 

@@ -298,7 +298,8 @@ static void test_ema_starts_as_copy(void) {
 
 /* train.precision=f16 on each backend: the loss scale state starts at 2^16 (not zero, as
  * the other states), metrics.jsonl has loss_scale and skipped, the checkpoint holds the scale
- * and the resolved precision; a resumed run continues the scale bitwise. */
+ * and the resolved precision; a run resumed with train.precision auto continues in f16,
+ * bitwise. */
 static void test_f16_loss_scale(void) {
   char data[512], out[512], half[512], path[600];
   snprintf(data, sizeof data, "%s/folder", tmp_root);
@@ -314,6 +315,7 @@ static void test_f16_loss_scale(void) {
     h.out = half, h.steps = 1;
     CHECK_MSG(run(&h, &r, &err) == CM_OK, "%s", err.msg);
     h.steps = 2, h.resume = true;
+    h.extra[0] = NULL; /* auto continues in the checkpoint's precision */
     CHECK_MSG(run(&h, &r, &err) == CM_OK, "resumed: %s", err.msg);
     cm_metrics_table t[2] = {{0}, {0}};
     for (int k = 0; k < 2; k++) {
