@@ -117,13 +117,27 @@ static int build_model(const char *path, const cm_model_config *cfg, int batch, 
   return EXIT_OK;
 }
 
-static int build_step(const char *path, const cm_model *m, cm_graph **step,
-                      cm_train_step_info *info) {
+/* The training step; with train.precision bf16 or f16 (not auto: these commands name no
+ * backend) autocast as cm_train runs it (docs/training.md "Precision"). */
+static int build_step(const char *path, const cm_model_config *cfg, const cm_model *m,
+                      cm_graph **step, cm_train_step_info *info) {
   cm_optim_config oc;
   cm_ema_pair pairs[8];
   model_optim_config(&oc, pairs);
   cm_err err = {0};
-  if (cm_build_train_step(m->g, m->loss, &oc, step, info, &err)) return cli_report(&err, path);
+  cm_dtype low = CM_F32;
+  bool explicit_low = strcmp(cfg->train.precision, "auto") != 0;
+  if (explicit_low && cm_train_precision_resolve(cfg->train.precision, CM_BACKEND_REF, &low, &err))
+    return cli_report(&err, path);
+  double fixed = 0;
+  if (cm_model_config_loss_scale(cfg, cm_dtype_name(low), &oc.loss_scaling, &fixed, &err))
+    return cli_report(&err, path);
+  oc.loss_scaling |= fixed > 0, oc.fixed_loss_scale = fixed > 0;
+  if (fixed > 0) oc.init_loss_scale = fixed;
+  oc.growth_interval = cfg->train.loss_scale_growth;
+  if (cm_build_train_step(m->g, m->loss, &oc, step, info, &err) ||
+      (low != CM_F32 && cm_autocast(step, low, NULL, &err)))
+    return cli_report(&err, path);
   return EXIT_OK;
 }
 
@@ -363,7 +377,7 @@ int cmd_summary(int argc, char **argv) {
   if ((rc = build_model(path, &cfg, batch, 1, &model))) goto done;
   double t1 = now_seconds();
   cm_train_step_info info;
-  if ((rc = build_step(path, &model, &step, &info))) goto done;
+  if ((rc = build_step(path, &cfg, &model, &step, &info))) goto done;
   double t2 = now_seconds();
 
   model_costs c;
@@ -517,7 +531,7 @@ int cmd_build(int argc, char **argv) {
   }
   if ((rc = build_model(path, &cfg, batch, ranks, &model))) goto done;
   cm_train_step_info info = {0};
-  if (opts[3].given && (rc = build_step(path, &model, &step, &info))) goto done;
+  if (opts[3].given && (rc = build_step(path, &cfg, &model, &step, &info))) goto done;
   if (step && !opts[7].given) {
     /* The training step goes through the default pipeline, as the backends run it. */
     cm_pass_state s = {step, NULL};
@@ -672,7 +686,7 @@ static int compile_input(model_cmd *mc, const char *path, int batch, cm_graph **
       return rc;
     }
     cm_train_step_info info = {0};
-    rc = build_step(path, &model, g, &info);
+    rc = build_step(path, &cfg, &model, g, &info);
     cm_model_free(&model);
     if (rc) return rc;
   }

@@ -22,6 +22,14 @@ for run in "bf16 ref" "f16 cpu --loss-scaling"; do
   awk -v a="$first" -v b="$last" 'BEGIN { exit !(a > 0 && b * 100 <= a) }' ||
     bad "$precision on $backend: loss went from $first to $last, not 100x lower"
 done
+# build --train: an explicit train.precision autocasts the step as train runs it; auto stays f32
+for precision in bf16 auto; do
+  expect_ok "$cmaec" build "$root/models/cmae_vit_tiny_fmnist.json" --train --no-opt --batch 2 \
+    --set train.precision=$precision -o "$tmp/step-$precision.json" || continue
+  n=$(grep -c '"bf16"' "$tmp/step-$precision.json")
+  if [ $precision = bf16 ] && [ "$n" -eq 0 ]; then bad "build --train bf16: no bf16 value"; fi
+  if [ $precision = auto ] && [ "$n" -ne 0 ]; then bad "build --train auto: $n bf16 values"; fi
+done
 expect_fail 2 "--precision f64: expected f32, bf16 or f16" "$cmaec" step "$root/examples/mlp.json" \
   --loss loss --steps 1 --lr 0.02 --precision f64
 expect_fail 2 'train.precision: "fp8" is not one of auto, f32, bf16, f16' "$cmaec" train \
