@@ -324,7 +324,7 @@ static void test_random_op_graphs(void) {
   check_random("random op-by-op graphs", 200, true);
 }
 
-/* A shipped variant's training step (ImageNet-size ones shrunk), as `cmaec
+/* A shipped variant's training step, shrunk, as `cmaec
  * build --train` makes it with test_cpu_exec's sources; NULL on failure. */
 static cm_graph *variant_step(const char *name, const char *const *ov, int n_ov, cm_tensor **owned,
                               const cm_tensor ***ordered) {
@@ -367,8 +367,9 @@ static void test_model_steps(void) {
     int n_ov;
     bool ci; /* run when no case is selected (the others are ctest entries labelled long) */
   } variants[] = {
-      {"cmae_vit_tiny_fmnist", NULL, 0, false},
-      {"cmae_convvit_tiny_fmnist", NULL, 0, false},
+      /* the tiny ones keep their images, patches and masks; widths and depths shrunk */
+      {"cmae_vit_tiny_fmnist", test_shrunk_vit + 3, TEST_SHRUNK_VIT_N - 3, false},
+      {"cmae_convvit_tiny_fmnist", test_shrunk_convvit + 3, TEST_SHRUNK_CONVVIT_N - 3, false},
       {"cmae_vit_base", test_shrunk_vit, TEST_SHRUNK_VIT_N, true},
       {"cmae_vit_small", test_shrunk_vit, TEST_SHRUNK_VIT_N, false},
       {"cmae_vit_large", test_shrunk_vit, TEST_SHRUNK_VIT_N, false},
