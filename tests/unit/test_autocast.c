@@ -19,10 +19,10 @@
  * op by op: a @ a^T) and on every shipped variant's training step, shrunk
  * (tests/model_step.h), at every node of G (found in A by name: every node
  * is given one first). Bounds carried end to end through a whole step grow
- * with depth and stop at poles (the first softmax's division once its sum's
- * interval reaches 0, AdamW's division by sqrt(v) + eps): elements with an
- * infinite bound are counted, not checked, each step reports where its bounds
- * first became infinite, and asserts that it checked some. */
+ * with depth and become infinite at a pole (the first softmax's exp or
+ * division, a LayerNorm's rsqrt; AdamW's division inherits it): elements with
+ * an infinite bound are counted, not checked, each step reports where its
+ * bounds first became infinite, and asserts that it checked some. */
 #include "../test.h"
 #include "../testlib.h"
 #include "../model_step.h"
