@@ -58,6 +58,34 @@ bool rl_k_contiguous(rctx *c, int e) {
          coef == 1;
 }
 
+/* Whether operand e is a plain f32 or bf16 load contiguous along k (the pack's
+ * vector path: W consecutive k of a row are one vector load, bf16 widened). */
+static bool k_contiguous_load(rctx *c, int e) {
+  const cm_kexpr *x = &c->s->exprs[e];
+  if (x->kind != CM_KX_LOAD || x->dtype != CM_BF16 || x->buf < 0 || x->buf >= c->k->n_buffers ||
+      c->k->buffers[x->buf].dtype != CM_BF16)
+    return rl_k_contiguous(c, e);
+  int64_t coef;
+  return rl_lin_coef(c->s, x->a, c->s->n_dom, &coef) && coef == 1;
+}
+
+/* W consecutive k of load e at the current vars as floats (bf16 widened: exact). */
+static LLVMValueRef load_krow(rctx *c, int e) {
+  LLVMBuilderRef B = c->B;
+  const cm_kexpr *x = &c->s->exprs[e];
+  LLVMValueRef idx = rl_convert(c, rl_emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
+  bool bf16 = x->dtype == CM_BF16;
+  LLVMTypeRef lt = bf16 ? LLVMVectorType(c->i16, (unsigned)c->W) : c->vty;
+  LLVMValueRef v = LLVMBuildLoad2(B, lt, rl_buf_gep(c, x->buf, idx), "krow");
+  LLVMSetAlignment(v, bf16 ? 2 : 4);
+  if (!bf16) return v;
+  LLVMTypeRef wt = LLVMVectorType(c->i32, (unsigned)c->W);
+  LLVMValueRef sh[32];
+  for (int i = 0; i < c->W; i++) sh[i] = LLVMConstInt(c->i32, 16, 0);
+  v = LLVMBuildShl(B, LLVMBuildZExt(B, v, wt, ""), LLVMConstVector(sh, (unsigned)c->W), "");
+  return LLVMBuildBitCast(B, v, c->vty, "krow.f");
+}
+
 /* v[0..W) rows of a W x W block, transposed in place: log2(W) rounds of the
  * perfect shuffle (zip of row i with row i + W/2). */
 void rl_transpose_block(rctx *c, LLVMValueRef *v) {
@@ -126,7 +154,7 @@ void rl_emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0, int
   LLVMBasicBlockRef bfast = rl_new_block(c, "pack.whole"), bslow = rl_new_block(c, "pack.edge"),
                     bjoin = rl_new_block(c, "pack.next");
   LLVMBuildCondBr(B, whole, bfast, bslow);
-  bool kvec = rl_k_contiguous(c, e) && (R % c->W == 0 || R < c->W);
+  bool kvec = k_contiguous_load(c, e) && (R % c->W == 0 || R < c->W);
   for (int edge = 0; edge < 2; edge++) {
     LLVMPositionBuilderAtEnd(B, edge ? bslow : bfast);
     LLVMValueRef kstart = rl_ci64(c, 0);
@@ -148,10 +176,7 @@ void rl_emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0, int
         for (int l = 0; l < R; l++) {
           c->vars[rv] = LLVMBuildAdd(B, pr0, rl_ci64(c, l), "row");
           rl_reset_memo(c);
-          const cm_kexpr *x = &c->s->exprs[e];
-          LLVMValueRef idx = rl_convert(c, rl_emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
-          v[l] = LLVMBuildLoad2(B, c->vty, rl_buf_gep(c, x->buf, idx), "krow");
-          LLVMSetAlignment(v[l], 4);
+          v[l] = load_krow(c, e);
         }
         for (int t = 0; t < R; t++) {
           LLVMValueRef off =
@@ -166,10 +191,7 @@ void rl_emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0, int
         for (int l = 0; l < c->W; l++) {
           c->vars[rv] = LLVMBuildAdd(B, pr0, rl_ci64(c, g * c->W + l), "row");
           rl_reset_memo(c);
-          const cm_kexpr *x = &c->s->exprs[e];
-          LLVMValueRef idx = rl_convert(c, rl_emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
-          v[l] = LLVMBuildLoad2(B, c->vty, rl_buf_gep(c, x->buf, idx), "krow");
-          LLVMSetAlignment(v[l], 4);
+          v[l] = load_krow(c, e);
         }
         rl_transpose_block(c, v);
         for (int t = 0; t < c->W; t++) {
