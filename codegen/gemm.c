@@ -144,6 +144,7 @@ static void split_k_stage(cm_kernel *k, int si, int S, const cm_lower_opts *o) {
   for (int e = 0; e < old.n_exprs; e++) cmap[e] = -1;
   a->gemm_a = copy_expr(a, k, &old, old.gemm_a, vmap, cmap);
   a->gemm_b = copy_expr(a, k, &old, old.gemm_b, vmap, cmap);
+  /* the product as the unsplit stage's: in f32, bf16/f16 operands widened (exact) */
   a->body = cm_lower_product(a, a->gemm_a, a->gemm_b);
   int lin = cm_kx_var(a, 0);
   for (int d = 0; d < nd; d++)

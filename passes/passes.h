@@ -61,6 +61,7 @@ typedef struct cm_optim_config {
   bool loss_scaling;      /* dynamic loss scaling, skipping non-finite steps */
   double init_loss_scale; /* 65536 */
   int growth_interval;    /* good steps before the scale doubles (2000) */
+  bool fixed_loss_scale;  /* loss_scaling at init_loss_scale always (still skipping non-finite) */
 } cm_optim_config;
 
 void cm_optim_config_default(cm_optim_config *c);
@@ -72,9 +73,12 @@ typedef struct cm_train_step_info {
 /* Builds the training step (state, batch, scalars) -> (state', metrics) from a
  * forward graph and its scalar loss:
  * - runtime scalar inputs (f32[]): "lr", "beta1", "beta2", "step" (t >= 1, for
- *   bias correction) and, when there are EMA targets, "momentum";
+ *   bias correction; with loss scaling the state "optimizer.step" counts the
+ *   applied steps instead) and, when there are EMA targets, "momentum";
  * - state per trained param p: "optimizer.exp_avg.<p>", "optimizer.exp_avg_sq.<p>"
- *   (zeros); with loss scaling "loss_scale" and "loss_scale_good_steps";
+ *   (zeros); with dynamic loss scaling "loss_scale" and "loss_scale_good_steps";
+ * - with loss scaling, a step whose unscaled gradients are not all finite keeps
+ *   every param, moment, EMA target and the step count as they were;
  * - updates as assign nodes named "update/<state name>": AdamW exactly as
  *   torch.optim.AdamW (p <- p(1 - lr wd); m, v moments; p <- p - lr/(1-b1^t) *
  *   m / (sqrt(v)/sqrt(1-b2^t) + eps)), then EMA t <- m t + (1-m) o_new of
