@@ -389,9 +389,9 @@ int cmd_step(int argc, char **argv) {
   }
   if (!quiet)
     printf("training %d params (%d with weight decay, %d frozen, %d EMA targets), %llu steps; "
-           "backend %s, precision %s\n",
+           "precision %s; backend %s\n",
            info.n_trainable, info.n_decay, info.n_frozen, info.n_ema, (unsigned long long)steps,
-           choice.description, cm_dtype_name(low));
+           cm_dtype_name(low), choice.description);
   cm_eval_opts eval_opts = {CM_PRECISION_NATIVE};
   if (compiled) {
     outs = calloc((size_t)sg->n_outputs + 1, sizeof *outs);

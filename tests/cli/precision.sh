@@ -16,7 +16,7 @@ for run in "bf16 ref" "f16 cpu --loss-scaling"; do
   expect_ok "$cmaec" step "$root/examples/mlp.json" --loss loss --steps 300 --lr 0.02 \
     --weight-decay 0 --inputs "$tmp/data.safetensors" --seed 1 --precision "$precision" \
     --backend "$backend" "$@" || continue
-  grep -q "precision $precision\$" "$tmp/out" || bad "$precision: the header does not say so"
+  grep -q "; precision $precision; backend $backend" "$tmp/out" || bad "$precision: the header does not say so"
   first=$(awk '/^step 1 /{print $4}' "$tmp/out")
   last=$(awk '/^step 300 /{print $4}' "$tmp/out")
   awk -v a="$first" -v b="$last" 'BEGIN { exit !(a > 0 && b * 100 <= a) }' ||
