@@ -154,9 +154,13 @@ static cm_status ema_update(cm_graph *g, const cm_optim_config *cfg, int i, int 
 }
 
 /* Loss-scale bookkeeping (GradScaler: x2 after growth_interval good steps, /2
- * on overflow); returns the "skipped" output (1 when the step was skipped). */
-static int loss_scale_update(cm_graph *g, const cm_optim_config *cfg, int scale, int good, int ok) {
+ * on overflow; a fixed scale, good < 0, stays) and the count of applied steps
+ * (steps_done <- step when ok); returns the "skipped" output (1 when the step was skipped). */
+static int loss_scale_update(cm_graph *g, const cm_optim_config *cfg, int scale, int good, int ok,
+                             int steps_done, int step) {
   int one = cm_const_scalar(g, NULL, CM_F32, 1), zero = cm_const_scalar(g, NULL, CM_F32, 0);
+  cm_assign(g, steps_done, cm_select(g, ok, step, steps_done, NULL), "update/optimizer.step");
+  if (good < 0) return cm_select(g, ok, zero, one, "skipped");
   int good1 = cm_binary(g, CM_OP_ADD, good, one, NULL);
   int grow =
       cm_binary(g, CM_OP_LE, cm_const_scalar(g, NULL, CM_F32, cfg->growth_interval), good1, NULL);
@@ -291,13 +295,8 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
   }
 
   /* Loss-scale bookkeeping (GradScaler: x2 after growth_interval good steps, /2 on overflow). */
-  int skipped = -1;
-  if (cfg->loss_scaling && good >= 0) skipped = loss_scale_update(g, cfg, scale, good, ok);
-  if (cfg->loss_scaling && good < 0)
-    skipped = cm_select(g, ok, cm_const_scalar(g, NULL, CM_F32, 0),
-                        cm_const_scalar(g, NULL, CM_F32, 1), "skipped");
-  if (steps_done >= 0)
-    cm_assign(g, steps_done, cm_select(g, ok, step, steps_done, NULL), "update/optimizer.step");
+  int skipped =
+      cfg->loss_scaling ? loss_scale_update(g, cfg, scale, good, ok, steps_done, step) : -1;
 
   /* Metrics: the forward graph's outputs, then grad_norm (and loss_scale, skipped). */
   g->n_outputs = 0;

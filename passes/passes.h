@@ -245,7 +245,10 @@ cm_status cm_pass_memplan(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
  * states) stays f32. The same f32 value cast for several contractions is cast once (the
  * forward's activation and the backward's weight gradient share it). A graph whose
  * contractions are already low precision is left as is. n_rewritten (may be NULL) receives
- * the contractions rewritten. */
+ * the contractions rewritten. On success *g is the rewritten graph (the old one freed; the same
+ * object when nothing was rewritten); names: "<operand>.bf16" for an operand's cast,
+ * "<contraction>.bf16" for the low contraction, and the contraction's own name on its f32 result,
+ * so outputs keep their names. Errors: low not bf16 or f16 (CM_EINVALID), *g unchanged. */
 cm_status cm_autocast(cm_graph **g, cm_dtype low, int *n_rewritten, cm_err *err);
 /* The pass "autocast": cm_autocast with bf16. */
 cm_status cm_pass_autocast(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);

@@ -297,6 +297,29 @@ static int save_state(const cm_graph *sg, const cli_sources *src, const char *pa
   return rc;
 }
 
+/* The step's scalar inputs (those it has) bound to scalars[k]; ids[k] = -1 when absent. */
+static int bind_scalars(const cm_graph *sg, const char *const *names, int ids[5],
+                        cm_tensor scalars[5], cli_sources *src) {
+  cm_err err = {0};
+  for (int k = 0; k < 5; k++) {
+    ids[k] = cm_graph_find(sg, names[k]);
+    if (ids[k] < 0) continue;
+    if (cm_tensor_alloc(&scalars[k], sg->nodes[ids[k]].type, &err))
+      return cli_report(&err, "cmaec step");
+    src->bound[ids[k]] = &scalars[k];
+  }
+  return EXIT_OK;
+}
+
+/* --precision f32|bf16|f16 (default f32); false (reported) otherwise. */
+static bool parse_precision(const cli_option *op, cm_dtype *low) {
+  const char *v = op->given ? op->value : "f32";
+  *low = !strcmp(v, "bf16") ? CM_BF16 : !strcmp(v, "f16") ? CM_F16 : CM_F32;
+  if (*low == CM_F32 && strcmp(v, "f32") != 0)
+    return fprintf(stderr, "cmaec step: --precision %s: expected f32, bf16 or f16\n", v), false;
+  return true;
+}
+
 int cmd_step(int argc, char **argv) {
   cli_option opts[] = {{"--help", false, NULL, false},         {"--loss", true, NULL, false},
                        {"--steps", true, NULL, false},         {"--lr", true, NULL, false},
@@ -312,15 +335,7 @@ int cmd_step(int argc, char **argv) {
   int n_pos;
   if (!cli_parse(argc, argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "step")) return EXIT_INVALID;
   cm_dtype low = CM_F32;
-  if (opts[19].given && strcmp(opts[19].value, "f32") != 0) {
-    low = strcmp(opts[19].value, "bf16") == 0  ? CM_BF16
-          : strcmp(opts[19].value, "f16") == 0 ? CM_F16
-                                               : CM_F32;
-    if (low == CM_F32)
-      return fprintf(stderr, "cmaec step: --precision %s: expected f32, bf16 or f16\n",
-                     opts[19].value),
-             EXIT_INVALID;
-  }
+  if (!parse_precision(&opts[19], &low)) return EXIT_INVALID;
   cm_backend_request req;
   int rc =
       cli_backend_request(&opts[16], &opts[17], &opts[18], true, CM_BACKEND_AUTO, "step", &req);
@@ -361,16 +376,7 @@ int cmd_step(int argc, char **argv) {
   static const char *const scalar_names[] = {"lr", "beta1", "beta2", "step", "momentum", NULL};
   if ((rc = cli_bind_sources(sg, pos[0], opts[4].value, seed, scalar_names, &src))) goto done;
   int scalar_ids[5];
-  for (int k = 0; k < 5; k++) {
-    scalar_ids[k] = cm_graph_find(sg, scalar_names[k]);
-    if (scalar_ids[k] >= 0) {
-      if (cm_tensor_alloc(&scalars[k], sg->nodes[scalar_ids[k]].type, &err)) {
-        rc = cli_report(&err, "cmaec step");
-        goto done;
-      }
-      src.bound[scalar_ids[k]] = &scalars[k];
-    }
-  }
+  if ((rc = bind_scalars(sg, scalar_names, scalar_ids, scalars, &src))) goto done;
   set_scalar(&scalars[0], lr);
   set_scalar(&scalars[1], beta1);
   set_scalar(&scalars[2], beta2);
