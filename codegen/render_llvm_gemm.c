@@ -349,7 +349,9 @@ static void emit_pack_pairs(rctx *c, const char *name, int e, int rv, LLVMValueR
     LLVMSetAlignment(st, 4);
   }
   snprintf(nm, sizeof nm, "%s.kp.exit", name);
+  LLVMBasicBlockRef klatch = LLVMGetInsertBlock(B);
   rl_loop_end(c, &Lk, npairs, nm);
+  rl_no_vectorize_loop(c, klatch); /* the lanes merge into vectors (SLP), as rl_emit_pack's */
   snprintf(nm, sizeof nm, "%s.panel.exit", name);
   rl_loop_end(c, &Lp, npan, nm);
   c->vars[kvar] = NULL;
