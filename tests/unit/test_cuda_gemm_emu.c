@@ -1,0 +1,315 @@
+/* tests/unit/test_cuda_gemm_emu.c — the tensor-core GEMM pipeline on the emulated CUDA device
+ * (tests/emu/emu.h). First the prelude's PTX helpers (codegen/render_cuda.c PRELUDE_TILES),
+ * each in a tiny kernel against a scalar reference of the PTX ISA's definition: ldmatrix (x1,
+ * x2, x4, .trans), cp.async with its groups and zero-fill, bf16x2/f16x2 packing, and an
+ * m16n8k16 mma fed by ldmatrix fragments in both B layouts. */
+#define _GNU_SOURCE
+#include "../test.h"
+#include "../testlib.h"
+#include "codegen/codegen.h"
+#include "runtime/runtime.h"
+#include "tests/emu/emu.h"
+
+#include <dlfcn.h>
+#include <stdint.h>
+#include <unistd.h>
+
+/* ---- modules: built by emu_compiler(), loaded here -------------------------------------- */
+
+typedef struct emu_mod {
+  void *handle;
+  emu_module_launch_fn launch;
+  cm_cubin image;
+} emu_mod;
+
+static bool mod_load(emu_mod *m) {
+  emu_image_header h;
+  CHECK(m->image.size > sizeof h);
+  if (m->image.size <= sizeof h) return false;
+  memcpy(&h, m->image.data, sizeof h);
+  CHECK(!memcmp(h.magic, EMU_IMAGE_MAGIC, sizeof h.magic));
+  char path[] = "/tmp/cmaec_gemm_emu_XXXXXX";
+  int fd = mkstemp(path);
+  CHECK(fd >= 0);
+  if (fd < 0) return false;
+  bool wrote = write(fd, (char *)m->image.data + sizeof h, h.so_bytes) == (ssize_t)h.so_bytes;
+  close(fd);
+  m->handle = wrote ? dlopen(path, RTLD_NOW | RTLD_LOCAL) : NULL;
+  CHECK_MSG(m->handle != NULL, "%s", wrote ? dlerror() : "not written");
+  unlink(path);
+  void *l = m->handle ? dlsym(m->handle, EMU_MODULE_LAUNCH_SYMBOL) : NULL;
+  CHECK(l != NULL);
+  if (l) memcpy(&m->launch, &l, sizeof l);
+  return l != NULL;
+}
+
+static bool mod_build(const char *src, emu_mod *m) {
+  memset(m, 0, sizeof *m);
+  const cm_cuda_compiler *c = emu_compiler();
+  cm_err err = {0};
+  cm_status st = c->compile(c->self, src, "gemm_test", "sm_80", &m->image, &err);
+  CHECK_MSG(st == CM_OK, "%s\n%.4000s", err.msg, m->image.log ? m->image.log : "");
+  return st == CM_OK && mod_load(m);
+}
+
+static void mod_free(emu_mod *m) {
+  if (m->handle) dlclose(m->handle);
+  cm_cubin_free(&m->image);
+  memset(m, 0, sizeof *m);
+}
+
+static int mod_run(const emu_mod *m, const char *name, unsigned blocks, unsigned threads,
+                   void **args) {
+  unsigned grid[3] = {blocks, 1, 1}, block[3] = {threads, 1, 1};
+  return m->launch(name, grid, block, 0, args);
+}
+
+/* kernels after the renderer's sm_80 prelude (which has the tensor-core helpers) */
+static bool build_with_prelude(const char *kernels, emu_mod *m) {
+  cm_kernel empty;
+  cm_kernel_init(&empty, "none");
+  cm_target t;
+  cm_err err = {0};
+  char *pre = NULL;
+  CHECK(cm_target_cuda("sm_80", &t, &err) == CM_OK);
+  cm_cuda_render_opts ro = {&t, false};
+  CHECK_MSG(cm_render_cuda(&empty, &ro, true, &pre, &err) == CM_OK, "%s", err.msg);
+  cm_kernel_free(&empty);
+  if (!pre) return false;
+  size_t np = strlen(pre), nk = strlen(kernels);
+  char *src = malloc(np + nk + 1);
+  bool ok = false;
+  if (src) {
+    memcpy(src, pre, np);
+    memcpy(src + np, kernels, nk + 1);
+    ok = mod_build(src, m);
+  }
+  free(pre);
+  free(src);
+  return ok;
+}
+
+/* bf16 bits of finite f, to nearest even */
+static unsigned ref_f2bf(float f) {
+  uint32_t b;
+  memcpy(&b, &f, sizeof b);
+  return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+}
+static float bf2f(unsigned h) {
+  uint32_t b = h << 16;
+  float f;
+  memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+/* ---- the helpers ---------------------------------------------------------------------- */
+
+static const char *const K_HELPERS =
+    /* a 32 x 40 tile of b16 (80-byte rows: 16-byte aligned) in shared memory; lane l passes
+     * row (perm[l] & 7) + 8 ((l >> 3) & 1) at column 8 (l >> 4) + 8 * colblk: matrices 0..3 are
+     * the 16 x 16 block's quarters (rows within a matrix permuted by perm). out[l * 4 + i] */
+    "extern \"C\" __global__ void ldm(const unsigned short *in, const int *perm, const int *mode,\n"
+    "                                 unsigned *out) {\n"
+    "  __shared__ __align__(16) unsigned short t[32][40];\n"
+    "  for (int i = threadIdx.x; i < 32 * 40; i += blockDim.x) t[i / 40][i % 40] = in[i];\n"
+    "  __syncthreads();\n"
+    "  const int l = threadIdx.x & 31, w = threadIdx.x >> 5;\n"
+    "  const unsigned short *row = &t[w * 16 + (perm[l] & 7) + 8 * ((l >> 3) & 1)][8 * (l >> "
+    "4) + 8 * w];\n"
+    "  unsigned r[4] = {0, 0, 0, 0};\n"
+    "  switch (*mode) {\n"
+    "  case 0: cm_ldmatrix<4, false>(r, row); break;\n"
+    "  case 1: cm_ldmatrix<4, true>(r, row); break;\n"
+    "  case 2: cm_ldmatrix<2, false>(r, row); break;\n"
+    "  case 3: cm_ldmatrix<2, true>(r, row); break;\n"
+    "  case 4: cm_ldmatrix<1, false>(r, row); break;\n"
+    "  default: cm_ldmatrix<1, true>(r, row); break;\n"
+    "  }\n"
+    "  for (int i = 0; i < 4; i++) out[threadIdx.x * 4 + i] = r[i];\n"
+    "}\n"
+    /* thread t: group 0 copies src[t] (16 bytes) into a, group 1 src[t + n] into b (src_bytes
+     * 0 for odd t: zeros); seen[t] = {a and b before any wait, a after wait<1>, b after
+     * wait<0>} as their first words, the buffers preset to 0xffffffff */
+    "extern \"C\" __global__ void cpa(const uint4 *src, unsigned *seen) {\n"
+    "  __shared__ __align__(16) uint4 a[64], b[64];\n"
+    "  const int t = threadIdx.x, n = blockDim.x;\n"
+    "  a[t] = b[t] = make_uint4(~0u, ~0u, ~0u, ~0u);\n"
+    "  cm_cp_async16(&a[t], &src[t], 16);\n"
+    "  cm_cp_async_commit();\n"
+    "  cm_cp_async16(&b[t], &src[t + n], t & 1 ? 0 : 16);\n"
+    "  cm_cp_async_commit();\n"
+    "  seen[t * 8 + 0] = a[t].x;\n"
+    "  seen[t * 8 + 1] = b[t].x;\n"
+    "  cm_cp_async_wait<1>();\n"
+    "  seen[t * 8 + 2] = a[t].x;\n"
+    "  seen[t * 8 + 3] = a[t].w;\n"
+    "  cm_cp_async_wait<0>();\n"
+    "  seen[t * 8 + 4] = b[t].x;\n"
+    "  seen[t * 8 + 5] = b[t].y;\n"
+    "  seen[t * 8 + 6] = b[t].z;\n"
+    "  seen[t * 8 + 7] = b[t].w;\n"
+    "}\n"
+    "extern \"C\" __global__ void pack(const float *in, const int *n, unsigned *bf, unsigned *h,\n"
+    "                                  unsigned short *h1) {\n"
+    "  for (int i = threadIdx.x; 2 * i + 1 < *n; i += blockDim.x) {\n"
+    "    bf[i] = cm_pack_bf16x2(in[2 * i], in[2 * i + 1]);\n"
+    "    h[i] = cm_pack_f16x2(in[2 * i], in[2 * i + 1]);\n"
+    "    h1[2 * i] = cm_f2h(in[2 * i]);\n"
+    "    h1[2 * i + 1] = cm_f2h(in[2 * i + 1]);\n"
+    "  }\n"
+    "}\n"
+    /* D = A B + C for a 16x16 A (row-major) and a 16x8 B given as Bt[n][k] (bt = 1) or
+     * B[k][n], fragments by ldmatrix from shared memory: A x4, B x2 (B[k][n]: .trans) */
+    "extern \"C\" __global__ void mma_ldm(const unsigned short *A, const unsigned short *B,\n"
+    "                                     const int *bt, const float *C, float *D) {\n"
+    "  __shared__ __align__(16) unsigned short As[16][24], Bs[16][24];\n"
+    "  const int l = threadIdx.x, g = l >> 2, q = l & 3;\n"
+    "  for (int i = l; i < 256; i += 32) As[i / 16][i % 16] = A[i];\n"
+    "  for (int i = l; i < 128; i += 32)\n"
+    "    if (*bt) Bs[i / 16][i % 16] = B[i];\n"
+    "    else Bs[i / 8][i % 8] = B[i];\n"
+    "  __syncthreads();\n"
+    "  unsigned a[4], b[2];\n"
+    "  cm_ldmatrix<4, false>(a, &As[(l & 7) + 8 * ((l >> 3) & 1)][8 * (l >> 4)]);\n"
+    "  if (*bt) cm_ldmatrix<2, false>(b, &Bs[l & 7][8 * ((l >> 3) & 1)]);\n"
+    "  else cm_ldmatrix<2, true>(b, &Bs[(l & 7) + 8 * ((l >> 3) & 1)][0]);\n"
+    "  float d[4];\n"
+    "  for (int h = 0; h < 4; h++) d[h] = C[(g + (h >> 1) * 8) * 8 + 2 * q + (h & 1)];\n"
+    "  cm_mma_16816<true>(d, a, b);\n"
+    "  for (int h = 0; h < 4; h++) D[(g + (h >> 1) * 8) * 8 + 2 * q + (h & 1)] = d[h];\n"
+    "}\n";
+
+/* ldmatrix in every width, plain and transposed, two warps on two blocks of the tile */
+static void test_ldmatrix(emu_mod *m) {
+  unsigned short in[32 * 40];
+  for (int i = 0; i < 32 * 40; i++) in[i] = (unsigned short)(i * 7 + 3);
+  int perm[32];
+  for (int l = 0; l < 32; l++) perm[l] = (l * 5 + 3) & 7; /* rows out of order */
+  unsigned out[64 * 4];
+  for (int mode = 0; mode < 6; mode++) {
+    int nmat = mode < 2 ? 4 : mode < 4 ? 2 : 1;
+    bool trans = mode & 1;
+    memset(out, 0, sizeof out);
+    void *args[] = {&(const unsigned short *){in}, &(const int *){perm}, &(const int *){&mode},
+                    &(unsigned *){out}};
+    CHECK(mod_run(m, "ldm", 1, 64, args) == 0);
+    int bad = 0;
+    for (int w = 0; w < 2; w++)
+      for (int l = 0; l < 32; l++)
+        for (int i = 0; i < nmat; i++) {
+          /* matrix i's row r is what lane 8i + r passed */
+          int g = l >> 2, c = 2 * (l & 3), want[2];
+          for (int e = 0; e < 2; e++) {
+            int r = trans ? c + e : g, col = trans ? g : c + e, lane = 8 * i + r;
+            int trow = w * 16 + (perm[lane] & 7) + 8 * ((lane >> 3) & 1);
+            int tcol = 8 * (lane >> 4) + 8 * w + col;
+            want[e] = in[trow * 40 + tcol];
+          }
+          unsigned got = out[(w * 32 + l) * 4 + i];
+          bad += got != ((unsigned)want[0] | (unsigned)want[1] << 16);
+        }
+    CHECK_MSG(bad == 0, "ldmatrix x%d%s: %d registers differ from the PTX definition", nmat,
+              trans ? ".trans" : "", bad);
+  }
+}
+
+/* cp.async lands at the wait that covers its group; src_bytes 0 zero-fills */
+static void test_cp_async(emu_mod *m) {
+  enum { T = 64 };
+  unsigned src[2 * T * 4], seen[T * 8];
+  for (int i = 0; i < 2 * T * 4; i++) src[i] = 0x1000u + (unsigned)i;
+  void *args[] = {&(const unsigned *){src}, &(unsigned *){seen}};
+  CHECK(mod_run(m, "cpa", 1, T, args) == 0);
+  int early = 0, bad = 0;
+  for (int t = 0; t < T; t++) {
+    const unsigned *s = &seen[t * 8];
+    /* the emulator lands copies only at the wait: a read before it sees the old contents */
+    early += s[0] != ~0u || s[1] != ~0u;
+    bad += s[2] != src[t * 4] || s[3] != src[t * 4 + 3];
+    for (int e = 0; e < 4; e++) bad += s[4 + e] != (t & 1 ? 0u : src[(T + t) * 4 + e]);
+  }
+  CHECK_MSG(early == 0, "%d threads saw a copy land before its wait", early);
+  CHECK_MSG(bad == 0, "%d threads saw wrong data after the waits", bad);
+}
+
+/* two floats to bf16x2 and f16x2: ties, overflow, subnormals, NaN (canonical 0x7fff) */
+static void test_pack(emu_mod *m) {
+  enum { N = 4096 };
+  float in[N];
+  static const float edges[] = {0.0f,     -0.0f,        1.0f,      0x1.008p0f,  0x1.018p0f,
+                                -3.0e38f, 3.3961e38f,   3.4e38f,   INFINITY,    -INFINITY,
+                                NAN,      -NAN,         0x1p-133f, 0x1.8p-134f, 65504.0f,
+                                65520.0f, 0x1.ffcp-15f, 0x1p-25f};
+  int ne = (int)(sizeof edges / sizeof *edges);
+  test_rng rng = {17};
+  for (int i = 0; i < N; i++) {
+    uint32_t r = test_u32(&rng);
+    if (i < ne)
+      in[i] = edges[i];
+    else if (i % 2) /* a bf16 tie */
+      in[i] = (bf2f(r >> 16 & 0x7eff) + bf2f((r >> 16 & 0x7eff) + 1)) / 2;
+    else
+      memcpy(&in[i], &r, sizeof r);
+  }
+  unsigned bf[N / 2], h[N / 2];
+  unsigned short h1[N];
+  int n = N;
+  void *args[] = {&(const float *){in}, &(const int *){&n}, &(unsigned *){bf}, &(unsigned *){h},
+                  &(unsigned short *){h1}};
+  CHECK(mod_run(m, "pack", 1, 128, args) == 0);
+  int bad_bf = 0, bad_h = 0;
+  for (int i = 0; i < N; i++) {
+    unsigned got_bf = bf[i / 2] >> (16 * (i & 1)) & 0xffffu;
+    unsigned got_h = h[i / 2] >> (16 * (i & 1)) & 0xffffu;
+    unsigned want_bf = isnan(in[i]) ? 0x7fffu : ref_f2bf(in[i]);
+    bad_bf += got_bf != want_bf;
+    /* f16: the prelude's cm_f2h (tested against the fields in test_cuda_emu_shim), but a NaN
+     * is the canonical 0x7fff */
+    bad_h += got_h != (isnan(in[i]) ? 0x7fffu : h1[i]);
+  }
+  CHECK_MSG(bad_bf == 0, "%d of %d floats packed to bf16 wrong", bad_bf, N);
+  CHECK_MSG(bad_h == 0, "%d of %d floats packed to f16 wrong", bad_h, N);
+}
+
+/* an mma fed by ldmatrix equals the scalar product (eighths: exact in f32), B either layout */
+static void test_mma_from_ldmatrix(emu_mod *m) {
+  test_rng rng = {5};
+  float Af[256], Bf[128], C[128], D[128];
+  unsigned short A[256], B[128], Bt[128];
+  for (int i = 0; i < 256; i++) {
+    Af[i] = (float)test_int(&rng, -64, 64) / 8;
+    A[i] = (unsigned short)ref_f2bf(Af[i]);
+  }
+  for (int k = 0; k < 16; k++)
+    for (int n = 0; n < 8; n++) {
+      Bf[k * 8 + n] = (float)test_int(&rng, -64, 64) / 8;
+      B[k * 8 + n] = Bt[n * 16 + k] = (unsigned short)ref_f2bf(Bf[k * 8 + n]);
+    }
+  for (int i = 0; i < 128; i++) C[i] = (float)test_int(&rng, -512, 512) / 64;
+  for (int bt = 0; bt < 2; bt++) {
+    void *args[] = {&(const unsigned short *){A}, &(const unsigned short *){bt ? Bt : B},
+                    &(const int *){&bt}, &(const float *){C}, &(float *){D}};
+    CHECK(mod_run(m, "mma_ldm", 1, 32, args) == 0);
+    int bad = 0;
+    for (int r = 0; r < 16; r++)
+      for (int c = 0; c < 8; c++) {
+        double want = C[r * 8 + c];
+        for (int k = 0; k < 16; k++) want += (double)Af[r * 16 + k] * Bf[k * 8 + c];
+        bad += D[r * 8 + c] != want;
+      }
+    CHECK_MSG(bad == 0, "B %s: %d of 128 results differ from the scalar product",
+              bt ? "[n][k]" : "[k][n] (.trans)", bad);
+  }
+}
+
+static void test_helpers(void) {
+  emu_mod m;
+  if (!build_with_prelude(K_HELPERS, &m)) return;
+  test_ldmatrix(&m);
+  test_cp_async(&m);
+  test_pack(&m);
+  test_mma_from_ldmatrix(&m);
+  mod_free(&m);
+}
+
+TEST_MAIN(TEST(test_helpers))
