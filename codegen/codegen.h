@@ -425,10 +425,21 @@ typedef struct cm_kcuda_gemm {
   bool bf16;          /* mma operand type: bf16, else f16 */
   int mc, nc, kc;     /* block tile mc x nc, k tile kc */
   int mr, nr;         /* warp tile */
-  int warps, threads; /* per block: (mc / mr) * (nc / nr) warps */
+  int warps, threads; /* per block: (mc / mr) * (nc / nr) warps (times split_k with mma) */
   int lr, lc, tm, tn; /* FMA: a warp's lanes as lr x lc, each a tm x tn micro tile */
   cm_dtype t;         /* FMA operand/accumulator dtype (f32 or f64) */
   int64_t batch, M, N, K;
+  /* mma (render_cuda_mma.c), each tunable (powers of two; cu_mma_plan_valid derives mc, nc,
+   * warps, threads): mc = warps_m * mr, nc = warps_n * nr */
+  int warps_m, warps_n;
+  int split_k;           /* warp groups per block that share each k tile's 16-deep steps; their
+                            sums meet in shared memory before the epilogue */
+  int stages;            /* cp.async ring depth: k tiles in flight (2..8) */
+  bool swizzle;          /* XOR-swizzled shared rows (else padded by 16 bytes) */
+  bool a_outer_k;        /* A's shared tile is [k][m] (ldmatrix.trans), else [m][k] */
+  bool b_outer_k;        /* B's shared tile is [k][n] (ldmatrix.trans), else [n][k] */
+  bool a_async, b_async; /* operand copied by cp.async (a plain load, 16-byte chunks along the
+                            tile's rows); else evaluated (its prologue) into registers */
 } cm_kcuda_gemm;
 
 typedef struct cm_kcuda_attn {

@@ -64,9 +64,10 @@ static void plan_gemm_launch(cm_kcuda_plan *p) {
   p->grid[1] = (unsigned)(gy < 65535 ? gy : 65535);
   p->grid[2] = (unsigned)(g->batch < 65535 ? g->batch : 65535);
   p->block[0] = (unsigned)g->threads;
-  size_t esz = g->mma ? 2 : (g->t == CM_F64 ? 8 : 4);
-  p->shared_static = g->mma ? (int64_t)esz * (g->mc + g->nc) * (g->kc + 8)
-                            : (int64_t)esz * g->kc * (g->mc + 4 + g->nc + 4);
+  size_t esz = g->t == CM_F64 ? 8 : 4;
+  /* mma: the ring in dynamic shared memory (opted in beyond 48 KiB) */
+  p->shared_static = g->mma ? 0 : (int64_t)esz * g->kc * (g->mc + 4 + g->nc + 4);
+  p->shared_dynamic = g->mma ? (unsigned)cu_mma_shared_bytes(g) : 0;
 }
 
 static int64_t attn_shared_bytes(const cm_kernel *k, int first, const cm_kcuda_plan *p) {
@@ -216,6 +217,11 @@ void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out) {
     fprintf(out, ": block %dx%d k %d warp %dx%d (%d warps), batch %lld M %lld N %lld K %lld", g->mc,
             g->nc, g->kc, g->mr, g->nr, g->warps, (long long)g->batch, (long long)g->M,
             (long long)g->N, (long long)g->K);
+    if (g->mma)
+      fprintf(out, ", warps %dx%d split_k %d stages %d %s, A %s %s, B %s %s", g->warps_m,
+              g->warps_n, g->split_k, g->stages, g->swizzle ? "swizzled" : "padded",
+              g->a_outer_k ? "[k][m]" : "[m][k]", g->a_async ? "cp.async" : "prologue",
+              g->b_outer_k ? "[k][n]" : "[n][k]", g->b_async ? "cp.async" : "prologue");
     break;
   case CM_KCUDA_ATTN_FUSED:
     fprintf(out, "attention fused: %d stages, %d query rows per block%s, %d row blocks", a->span,
