@@ -709,6 +709,10 @@ cm_status cm_cuda_plan_kernel(cm_kernel *k, const cm_target *t, cm_err *err);
 /* One line, e.g. "cuda sm_80 gemm mma bf16: block 64x64 k 32 warp 32x32 (4 warps), batch 1 M 130
  * N 260 K 300; grid 5x3x1 block 128x1x1 shared 10240+0" (shared: static+dynamic bytes). */
 void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out);
+/* The K split (cm_gemm_split_k: S partial GEMMs into scratch, then a sum stage with the
+ * original stores) of a bf16/f16 GEMM stage for CUDA target t, when even the largest tensor-core
+ * tiles leave SMs idle over a long K (weight gradients); 0: none (render_cuda_mma.c). */
+int cm_cuda_gemm_k_split(const cm_kstage *s, const cm_target *t);
 
 /* CUDA C for the kernel: one extern "C" __global__ function per stage named
  * "<kernel>_s<stage index>" taking one pointer per kernel buffer, in buffer

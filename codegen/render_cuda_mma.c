@@ -199,6 +199,25 @@ static const mma_shape *pick_shape(const cm_kcuda_gemm *p) {
   return best;
 }
 
+int cm_cuda_gemm_k_split(const cm_kstage *s, const cm_target *t) {
+  if (!t || t->kind != CM_TARGET_CUDA || !t->mma_bf16 || s->gemm_a < 0 || s->gemm_a >= s->n_exprs ||
+      s->gemm_b < 0 || s->gemm_b >= s->n_exprs)
+    return 0;
+  cm_dtype da = s->exprs[s->gemm_a].dtype, db = s->exprs[s->gemm_b].dtype;
+  if (da != db || (da != CM_BF16 && da != CM_F16)) return 0;
+  int64_t M = s->dom[s->n_dom - 2], N = s->dom[s->n_dom - 1], K = s->red[0];
+  int64_t blocks = cu_prod(s->dom, s->n_dom - 2) * ((M + 127) / 128) * ((N + 127) / 128);
+  if (blocks >= MMA_TARGET_BLOCKS || K < 2048) return 0;
+  /* the fewest parts that fill the SMs with the largest tiles, each part K >= 512 long */
+  int best = 0;
+  for (int S = 2; S <= 16; S++) {
+    if (K % S || K / S < 512) continue;
+    best = S;
+    if (blocks * S >= MMA_TARGET_BLOCKS) break;
+  }
+  return best;
+}
+
 bool cu_plan_mma(const cm_kstage *s, const cm_target *t, cm_kcuda_gemm *p) {
   cm_dtype dt = p->bf16 ? CM_BF16 : CM_F16;
   int iv = s->n_dom - 2, jv = s->n_dom - 1;

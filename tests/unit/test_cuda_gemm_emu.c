@@ -335,7 +335,9 @@ typedef struct gemm_case {
 } gemm_case;
 
 /* What the template's plans for the program's GEMM stages chose (summed over cases). */
-static struct { int gemms, async_operands, prologue_operands, split, outer_k, batched; } seen;
+static struct {
+  int gemms, async_operands, prologue_operands, split, outer_k, batched, k_parts;
+} seen;
 
 static void note_plans(const cm_program *pr) {
   const cm_kprogram *kp = cm_program_kernels(pr);
@@ -344,6 +346,7 @@ static void note_plans(const cm_program *pr) {
       const cm_kcuda_plan *p = &kp->kernels[i].stages[s].cuda;
       if (p->kind != CM_KCUDA_GEMM || !p->gemm.mma) continue;
       seen.gemms++;
+      seen.k_parts += strstr(kp->kernels[i].stages[s].name, "_kpart") != NULL;
       seen.async_operands += p->gemm.a_async + p->gemm.b_async;
       seen.prologue_operands += !p->gemm.a_async + !p->gemm.b_async;
       seen.split += p->gemm.split_k > 1;
@@ -450,20 +453,22 @@ static void test_template(void) {
       {1, 72, 48, 64, false, false, false, true}, /* B [K][N]: cp.async, [k][n] */
       {3, 33, 17, 40, false, true, false, false}, /* batched, attention-shaped */
       {2, 65, 24, 16, true, true, true, false},
-      {1, 64, 64, 1024, false, true, false, false}, /* few blocks, long K: split-K */
+      {1, 64, 64, 1024, false, true, false, false}, /* few blocks, long K: split-K in blocks */
+      /* a weight gradient's shape (Xt dY): K split by the lowering, partial sums in scratch */
+      {1, 40, 24, 4096, true, false, false, true},
   };
   int n = (int)(sizeof cases / sizeof *cases);
   memset(&seen, 0, sizeof seen);
   run_cases(cases, n);
   fprintf(stderr,
           "  %d tensor-core GEMM stages: %d operands by cp.async, %d by prologue, %d split-K, "
-          "%d k-outer tiles, %d batched\n",
+          "%d k-outer tiles, %d batched, %d partial sums of a K split\n",
           seen.gemms, seen.async_operands, seen.prologue_operands, seen.split, seen.outer_k,
-          seen.batched);
+          seen.batched, seen.k_parts);
   /* every path of the template ran */
   CHECK(seen.gemms >= n);
   CHECK(seen.async_operands > 0 && seen.prologue_operands > 0 && seen.split > 0 &&
-        seen.outer_k > 0 && seen.batched > 0);
+        seen.outer_k > 0 && seen.batched > 0 && seen.k_parts > 0);
 }
 
 TEST_MAIN(TEST(test_helpers), TEST(test_template))
