@@ -706,6 +706,11 @@ typedef struct cm_cuda_render_opts {
  * renderer plans kernels without plans (or planned for another target) itself, without storing
  * them. */
 cm_status cm_cuda_plan_kernel(cm_kernel *k, const cm_target *t, cm_err *err);
+/* After a tuner changed the tunable fields of stage `stage`'s tensor-core GEMM plan (warps_m,
+ * warps_n, mr, nr, kc, split_k, stages, swizzle, a_async/b_async to false): checks them and
+ * derives the rest (mc, nc, warps, threads, grid, block, dynamic shared memory, launch bounds).
+ * CM_EINVALID naming the kernel, stage and rule when they make no template for t. */
+cm_status cm_cuda_plan_refit(cm_kernel *k, int stage, const cm_target *t, cm_err *err);
 /* One line, e.g. "cuda sm_80 gemm mma bf16: block 64x64 k 32 warp 32x32 (4 warps), batch 1 M 130
  * N 260 K 300; grid 5x3x1 block 128x1x1 shared 10240+0" (shared: static+dynamic bytes). */
 void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out);

@@ -172,6 +172,30 @@ cm_status cm_cuda_plan_kernel(cm_kernel *k, const cm_target *t, cm_err *err) {
   return CM_OK;
 }
 
+cm_status cm_cuda_plan_refit(cm_kernel *k, int stage, const cm_target *t, cm_err *err) {
+  if (!k || !t || stage < 0 || stage >= k->n_stages)
+    return cm_errorf(err, CM_EINVALID, "cm_cuda_plan_refit: no kernel, target or stage");
+  cm_status st = check_target(k, t, err);
+  if (st != CM_OK) return st;
+  cm_kcuda_plan *p = &k->stages[stage].cuda;
+  if (p->kind != CM_KCUDA_GEMM || !p->gemm.mma || p->sm != t->sm)
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: not a tensor-core GEMM plan for sm_%d (plan it first)",
+                     k->name, stage, t->sm);
+  if (!cu_mma_plan_valid(&p->gemm, t))
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: tensor-core GEMM plan warps %dx%d of %dx%d, k %d, split "
+                     "%d, %d stages: no template (powers of two, warp tiles >= 16, 16 <= k <= 64, "
+                     "k / 16 a multiple of the split, 2..8 stages, within %d threads and %lld B of "
+                     "shared memory)",
+                     k->name, stage, p->gemm.warps_m, p->gemm.warps_n, p->gemm.mr, p->gemm.nr,
+                     p->gemm.kc, p->gemm.split_k, p->gemm.stages, t->max_threads_per_block,
+                     (long long)t->shared_bytes_max);
+  plan_gemm_launch(p);
+  p->min_blocks = launch_min_blocks(t, p->block[0]);
+  return CM_OK;
+}
+
 cm_status cu_plans_for(const cm_kernel *k, const cm_cuda_render_opts *o, cm_kcuda_plan **out,
                        cm_err *err) {
   *out = NULL;

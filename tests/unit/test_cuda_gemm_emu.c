@@ -471,4 +471,164 @@ static void test_template(void) {
         seen.outer_k > 0 && seen.batched > 0 && seen.k_parts > 0);
 }
 
-TEST_MAIN(TEST(test_helpers), TEST(test_template))
+/* ---- tunable plan fields ---------------------------------------------------------------- */
+
+/* The GEMM kernel of program pr with its stage-0 plan changed by tweak (then refit), rendered,
+ * built and run under the shim on buffers of its own; the output (node out of graph g) within
+ * the oracle's bound v/bnd. Returns false when the refit refused the plan. */
+static bool run_tuned(const cm_program *pr, const cm_graph *g, const cm_tensor *const *src, int out,
+                      const cm_tensor *v, const cm_tensor *bnd, const char *what,
+                      void (*tweak)(cm_kcuda_gemm *)) {
+  const cm_kprogram *kp = cm_program_kernels(pr);
+  const cm_graph *pg = cm_program_graph(pr);
+  CHECK(kp && kp->n_kernels == 1);
+  if (!kp || kp->n_kernels != 1) return false;
+  cm_kernel k = kp->kernels[0]; /* a shallow copy whose stage array is our own */
+  cm_kstage *stages = malloc(sizeof *stages * (size_t)k.n_stages);
+  memcpy(stages, k.stages, sizeof *stages * (size_t)k.n_stages);
+  k.stages = stages;
+  cm_target t;
+  cm_err err = {0};
+  CHECK(cm_target_cuda("sm_80", &t, &err) == CM_OK);
+  CHECK(stages[0].cuda.kind == CM_KCUDA_GEMM && stages[0].cuda.gemm.mma);
+  tweak(&stages[0].cuda.gemm);
+  bool refit = cm_cuda_plan_refit(&k, 0, &t, &err) == CM_OK;
+  char *text = NULL;
+  size_t size = 0;
+  FILE *f = open_memstream(&text, &size);
+  cm_kcuda_plan_print(&stages[0].cuda, f);
+  fclose(f);
+  fprintf(stderr, "  %s: %s", what, refit ? text : err.msg);
+  if (!refit) fputc('\n', stderr);
+  free(text);
+  char *csrc = NULL;
+  emu_mod m;
+  bool built =
+      refit && cm_cuda_module_source(&k, &t, false, &csrc, &err) == CM_OK && mod_build(csrc, &m);
+  CHECK_MSG(!refit || built, "%s: %s", what, err.msg);
+  free(csrc);
+  if (!built) {
+    free(stages);
+    return refit;
+  }
+  void **bufs = calloc((size_t)k.n_buffers, sizeof *bufs),
+       **args = calloc((size_t)k.n_buffers, sizeof *args);
+  int out_buf = -1;
+  for (int bi = 0; bi < k.n_buffers; bi++) {
+    const cm_kbuffer *kb = &k.buffers[bi];
+    size_t es = cm_dtype_size(kb->dtype);
+    bufs[bi] = kb->kind == CM_KBUF_CONST
+                   ? cm_kernel_const_data(pg, kb, &err)
+                   : aligned_alloc(64, ((size_t)kb->numel * es + 64) / 64 * 64);
+    args[bi] = &bufs[bi];
+    if (kb->kind != CM_KBUF_CONST) memset(bufs[bi], 0, ((size_t)kb->numel * es + 64) / 64 * 64);
+    int node = kb->node >= 0 ? cm_graph_find(g, pg->nodes[kb->node].name) : -1;
+    if (node >= 0 && src[node]) memcpy(bufs[bi], src[node]->data, (size_t)kb->numel * es);
+    if (node == out) out_buf = bi;
+  }
+  CHECK(out_buf >= 0);
+  cm_cuda_render_opts ro = {&t, false};
+  for (int st = 0; st < k.n_stages; st++) {
+    cm_cuda_launch l = cm_cuda_stage_launch(&k, st, &ro);
+    char fn[32];
+    snprintf(fn, sizeof fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, st);
+    CHECK(m.launch(fn, l.grid, l.block, l.shared_bytes, args) == 0);
+  }
+  if (out_buf >= 0) {
+    cm_tensor got = {0};
+    cm_type gt = v[out].type; /* the oracle's values are f64: the output's shape in its dtype */
+    gt.dtype = k.buffers[out_buf].dtype;
+    CHECK(cm_tensor_alloc(&got, gt, NULL) == CM_OK);
+    memcpy(got.data, bufs[out_buf], cm_type_nbytes(&got.type));
+    test_bounded b = test_check_bounded(&got, &v[out], &bnd[out]);
+    CHECK_MSG(b.ratio <= 1, "%s: |gpu - f64| = %g at [%lld] exceeds its bound %g", what, b.diff,
+              (long long)b.at, b.bound);
+    cm_tensor_free(&got);
+  }
+  for (int bi = 0; bi < k.n_buffers; bi++) free(bufs[bi]);
+  free(bufs);
+  free(args);
+  mod_free(&m);
+  free(stages);
+  return true;
+}
+
+static void tweak_none(cm_kcuda_gemm *p) {
+  (void)p;
+}
+static void tweak_padded(cm_kcuda_gemm *p) {
+  p->swizzle = false;
+  p->stages = 3;
+}
+static void tweak_deep_k(cm_kcuda_gemm *p) {
+  p->kc = 64;
+  p->stages = 2;
+  p->split_k = 4;
+}
+static void tweak_narrow_warps(cm_kcuda_gemm *p) {
+  p->warps_m = 1;
+  p->warps_n = 2;
+  p->mr = 32;
+  p->nr = 16;
+  p->split_k = 2;
+}
+static void tweak_registers(cm_kcuda_gemm *p) {
+  p->a_async = p->b_async = false;
+  p->warps_m = 4;
+  p->warps_n = 1;
+  p->mr = 16;
+  p->nr = 64;
+}
+static void tweak_bad(cm_kcuda_gemm *p) {
+  p->mr = 24;
+}
+
+/* One GEMM (97 x 40 x 136, A bf16 by cp.async, B^T cast from f32 in the prologue) lowered once,
+ * then rendered and run with each tuner's change of its plan: every valid one within the
+ * oracle's bound, an invalid one refused. */
+static void test_tunables(void) {
+  cm_graph *g = cm_graph_new();
+  int64_t ad[2] = {97, 136}, bd[2] = {40, 136};
+  int a = cm_input(g, "a", CM_BF16, 2, ad), b = cm_input(g, "b", CM_F32, 2, bd);
+  int c = cm_matmul(g, a, cm_cast(g, b, CM_BF16, "b16"), false, true, "c");
+  cm_err err = {0};
+  CHECK(cm_graph_add_output(g, c, &err) == CM_OK);
+  test_rng r = {99};
+  cm_tensor *t = calloc((size_t)g->n_nodes, sizeof *t), *v = calloc((size_t)g->n_nodes, sizeof *v),
+            *bnd = calloc((size_t)g->n_nodes, sizeof *bnd);
+  const cm_tensor **src = calloc((size_t)g->n_nodes, sizeof *src);
+  test_fill_sources(&r, g, t, src);
+  CHECK(cm_eval_bounded(g, src, v, bnd, &err) == CM_OK);
+  cm_target tg;
+  CHECK(cm_target_cuda("sm_80", &tg, &err) == CM_OK);
+  cm_compile_opts co = {.compile_only = true, .render_only = true};
+  cm_program *pr = NULL;
+  CHECK_MSG(cm_compile(g, &tg, &co, &pr, &err) == CM_OK, "%s", err.msg);
+  if (pr) {
+    static const struct {
+      const char *what;
+      void (*tweak)(cm_kcuda_gemm *);
+    } tunings[] = {{"default", tweak_none},
+                   {"padded rows, 3 stages", tweak_padded},
+                   {"k 64, 2 stages, split 4", tweak_deep_k},
+                   {"1x2 warps of 32x16, split 2", tweak_narrow_warps},
+                   {"both operands through registers, 4x1 warps of 16x64", tweak_registers}};
+    for (size_t i = 0; i < sizeof tunings / sizeof *tunings; i++)
+      CHECK_MSG(run_tuned(pr, g, src, c, v, bnd, tunings[i].what, tunings[i].tweak), "%s refused",
+                tunings[i].what);
+    CHECK(!run_tuned(pr, g, src, c, v, bnd, "warp tile 24 rows", tweak_bad));
+  }
+  cm_program_free(pr);
+  for (int i = 0; i < g->n_nodes; i++) {
+    cm_tensor_free(&t[i]);
+    cm_tensor_free(&v[i]);
+    cm_tensor_free(&bnd[i]);
+  }
+  free(t);
+  free(v);
+  free(bnd);
+  free(src);
+  cm_graph_free(g);
+}
+
+TEST_MAIN(TEST(test_helpers), TEST(test_template), TEST(test_tunables))
