@@ -253,9 +253,27 @@ typedef struct operand_view {
   const char *origin; /* m0_ or n0_ */
   int64_t ext;        /* M or N */
   mma_tile t;
-  int64_t coef[CM_KMAX_VARS], c0; /* async: the load's affine index */
+  bool f32_vec; /* a prologue that is a cast of an f32 load, 4-element aligned along the rows:
+                   whole chunks read as two float4 */
+  int64_t coef[CM_KMAX_VARS], c0; /* async, f32_vec: the load's affine index */
   int buf;
 } operand_view;
+
+/* Whether root is CAST(LOAD of f32) to dt whose index is affine, contiguous along inner_var and
+ * 4-element aligned otherwise (v gets the load's form). */
+static bool f32_cast_operand(const cm_kstage *s, int root, cm_dtype dt, int inner_var,
+                             operand_view *v) {
+  const cm_kexpr *x = &s->exprs[root];
+  if (x->kind != CM_KX_OP || x->op != CM_OP_CAST || x->dtype != dt || x->a < 0) return false;
+  const cm_kexpr *l = &s->exprs[x->a];
+  if (l->kind != CM_KX_LOAD || l->dtype != CM_F32 || !lin_form(s, l->a, v->coef, &v->c0))
+    return false;
+  if (v->coef[inner_var] != 1 || v->c0 % 4) return false;
+  for (int i = 0; i < CM_KMAX_VARS; i++)
+    if (i != inner_var && v->coef[i] % 4) return false;
+  v->buf = l->buf;
+  return true;
+}
 
 static void emit_batch_base(rctx *c, const operand_view *v, const char *name) {
   cu_sb_printf(c->o, "      const long long %s = %lldLL", name, (long long)v->c0);
@@ -305,6 +323,23 @@ static void emit_load_tile(rctx *c, const cm_kcuda_gemm *p, const operand_view *
                  row_ext, col_ext, v->buf, base, (long long)v->coef[row_var],
                  (long long)v->coef[col_var], al);
   } else {
+    if (v->f32_vec) {
+      const char *base = v->is_a ? "abase_" : "bbase_", *al = v->is_a ? "aal_" : "bal_";
+      cu_sb_printf(o,
+                   "          const long long left_ = row_ < %lldLL ? %lldLL - col_ : 0;\n"
+                   "          if (%s && left_ >= 8) { /* a whole chunk: two 16-byte loads */\n"
+                   "            const float4 *p_ = (const float4 *)(b%d + %s + %lldLL * row_ + "
+                   "col_);\n"
+                   "            const float4 u_ = p_[0], w_ = p_[1];\n"
+                   "            *(uint4 *)dst_ = make_uint4(%s(u_.x, u_.y), %s(u_.z, u_.w), "
+                   "%s(w_.x, w_.y), %s(w_.z, w_.w));\n"
+                   "          } else {\n",
+                   row_ext, col_ext, al, v->buf, base, (long long)v->coef[row_var],
+                   p->bf16 ? "cm_pack_bf16x2" : "cm_pack_f16x2",
+                   p->bf16 ? "cm_pack_bf16x2" : "cm_pack_f16x2",
+                   p->bf16 ? "cm_pack_bf16x2" : "cm_pack_f16x2",
+                   p->bf16 ? "cm_pack_bf16x2" : "cm_pack_f16x2");
+    }
     cu_sb_printf(o,
                  "          float x_[8];\n"
                  "#pragma unroll\n"
@@ -327,6 +362,7 @@ static void emit_load_tile(rctx *c, const cm_kcuda_gemm *p, const operand_view *
                  p->bf16 ? "cm_pack_bf16x2" : "cm_pack_f16x2",
                  p->bf16 ? "cm_pack_bf16x2" : "cm_pack_f16x2");
     memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+    if (v->f32_vec) cu_sb_printf(o, "          }\n");
   }
   cu_sb_printf(o, "        }\n");
 }
@@ -431,7 +467,11 @@ static bool operand_view_of(rctx *c, const cm_kcuda_gemm *p, bool is_a, operand_
   v->async = is_a ? p->a_async : p->b_async;
   v->outer_k = is_a ? p->a_outer_k : p->b_outer_k;
   v->t = tile_of(p, is_a);
-  if (!v->async) return true;
+  if (!v->async) {
+    v->f32_vec =
+        f32_cast_operand(s, v->root, p->bf16 ? CM_BF16 : CM_F16, v->outer_k ? v->rv : s->n_dom, v);
+    return true;
+  }
   bool outer_k;
   if (!async_operand(s, v->root, v->rv, p->bf16 ? CM_BF16 : CM_F16, &outer_k) ||
       outer_k != v->outer_k)
@@ -528,11 +568,11 @@ void cu_render_mma(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool *
                p->warps_n, p->warps_n);
   emit_block_loops(c, p);
   memset(c->done, 0, (size_t)c->s->n_exprs * sizeof *c->done);
-  if (va.async) {
+  if (va.async || va.f32_vec) {
     emit_batch_base(c, &va, "abase_");
     cu_sb_printf(o, "      const bool aal_ = ((unsigned long long)b%d & 15ull) == 0;\n", va.buf);
   }
-  if (vb.async) {
+  if (vb.async || vb.f32_vec) {
     emit_batch_base(c, &vb, "bbase_");
     cu_sb_printf(o, "      const bool bal_ = ((unsigned long long)b%d & 15ull) == 0;\n", vb.buf);
   }

@@ -277,6 +277,8 @@ static const gemm_spec GEMMS[] = {
     {"gemm_vitb_dgrad", 1, 25216, 768, 3072, CM_BF16, false, {0}, true, false},
     {"gemm_vitb_wgrad", 1, 768, 3072, 25216, CM_BF16, false, {0}, true, true},
     {"gemm_vitb_qk", 1536, 197, 197, 64, CM_BF16, true, {0}, true, false},
+    /* operands through registers at full size: A scaled and cast, B cast from f32 (float4) */
+    {"gemm_vitb_fc1_prologue", 1, 25216, 3072, 768, CM_BF16, true, {0}, false, false},
     /* a long K over few blocks: split-K */
     {"gemm_bf16_split", 1, 64, 64, 4096, CM_BF16, true, {0}, true, false},
 };
