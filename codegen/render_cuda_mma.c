@@ -510,7 +510,67 @@ static void emit_block_loops(rctx *c, const cm_kcuda_gemm *p) {
   cu_sb_printf(o, "      __syncthreads();\n");
 }
 
+/* The paired store of a stage with one store, to a 2- or 4-byte float buffer at an affine index
+ * with j's coefficient 1 and every other even: a thread's accumulators (h, h + 1) are columns j,
+ * j + 1 (j even), one 4- or 8-byte store. false: the stage is not of that form. */
+static bool emit_epilogue_pairs(rctx *c, const cm_kcuda_gemm *p) {
+  const cm_kstage *s = c->s;
+  int iv = s->n_dom - 2, jv = s->n_dom - 1;
+  if (s->n_stores != 1 || s->accumulate) return false;
+  const cm_kstore *st = &s->stores[0];
+  cm_dtype bd = c->k->buffers[st->buf].dtype;
+  int64_t coef[CM_KMAX_VARS], c0;
+  if ((bd != CM_BF16 && bd != CM_F16 && bd != CM_F32) || !lin_form(s, st->index, coef, &c0) ||
+      coef[jv] != 1 || c0 % 2)
+    return false;
+  for (int v = 0; v < CM_KMAX_VARS; v++)
+    if (v != jv && coef[v] % 2) return false;
+  sbuf *o = c->o;
+  cu_sb_printf(o,
+               "#pragma unroll\n      for (int x_ = 0; x_ < %d; x_++)\n"
+               "#pragma unroll\n      for (int y_ = 0; y_ < %d; y_++)\n"
+               "#pragma unroll\n      for (int hp_ = 0; hp_ < 2; hp_++) {\n"
+               "        const long long v%d = m0_ + wm_ * %d + x_ * 16 + g_ + hp_ * 8;\n"
+               "        const long long j0_ = n0_ + wn_ * %d + y_ * 8 + 2 * q_;\n"
+               "        if (%sv%d < %lldLL && j0_ < %lldLL) {\n"
+               "          float r_[2];\n"
+               "#pragma unroll\n"
+               "          for (int e_ = 0; e_ < 2; e_++) {\n"
+               "            const long long v%d = j0_ + e_;\n"
+               "            const float acc = acc_[x_][y_][hp_ * 2 + e_];\n",
+               p->mr / 16, p->nr / 8, iv, p->mr, p->nr, p->split_k > 1 ? "ks_ == 0 && " : "", iv,
+               (long long)p->M, (long long)p->N, jv);
+  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+  cu_emit_tree(c, st->value, "            ", "acc");
+  char v[32], cv[256];
+  snprintf(v, sizeof v, "e%d", st->value);
+  cu_cast_code(cv, sizeof cv, s->exprs[st->value].dtype, bd, v);
+  cu_sb_printf(o, "            r_[e_] = %s;\n          }\n", cv);
+  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+  cu_sb_printf(o, "          const long long at_ = %lldLL + %lldLL * v%d", (long long)c0,
+               (long long)coef[iv], iv);
+  for (int b = 0; b < s->n_dom - 2; b++)
+    if (coef[b]) cu_sb_printf(o, " + %lldLL * v%d", (long long)coef[b], b);
+  cu_sb_printf(o, " + j0_;\n");
+  const char *conv = bd == CM_BF16 ? "cm_f2bf" : "cm_f2h";
+  if (bd == CM_F32)
+    cu_sb_printf(o,
+                 "          if (j0_ + 1 < %lldLL) *(float2 *)(b%d + at_) = make_float2(r_[0], "
+                 "r_[1]);\n"
+                 "          else b%d[at_] = r_[0];\n",
+                 (long long)p->N, st->buf, st->buf);
+  else
+    cu_sb_printf(o,
+                 "          if (j0_ + 1 < %lldLL) *(unsigned *)(b%d + at_) = cm_pack16(%s(r_[0]), "
+                 "%s(r_[1]));\n"
+                 "          else b%d[at_] = %s(r_[0]);\n",
+                 (long long)p->N, st->buf, conv, conv, st->buf, conv);
+  cu_sb_printf(o, "        }\n      }\n");
+  return true;
+}
+
 static void emit_epilogue(rctx *c, const cm_kcuda_gemm *p) {
+  if (emit_epilogue_pairs(c, p)) return;
   const cm_kstage *s = c->s;
   int iv = s->n_dom - 2, jv = s->n_dom - 1;
   cu_sb_printf(c->o,
