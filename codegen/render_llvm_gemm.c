@@ -58,10 +58,14 @@ bool rl_k_contiguous(rctx *c, int e) {
          coef == 1;
 }
 
-/* Whether operand e is a plain f32 or bf16 load contiguous along k (the pack's
- * vector path: W consecutive k of a row are one vector load, bf16 widened). */
+/* Whether operand e is a plain f32 or bf16 load contiguous along k, or such
+ * an f32 load cast to bf16 (autocast's prologue): the pack's vector path, W
+ * consecutive k of a row in one vector load (bf16 widened, the cast rounded). */
 static bool k_contiguous_load(rctx *c, int e) {
   const cm_kexpr *x = &c->s->exprs[e];
+  if (x->kind == CM_KX_OP && x->op == CM_OP_CAST && x->dtype == CM_BF16 && x->a >= 0 &&
+      c->s->exprs[x->a].dtype == CM_F32)
+    return rl_k_contiguous(c, x->a);
   if (x->kind != CM_KX_LOAD || x->dtype != CM_BF16 || x->buf < 0 || x->buf >= c->k->n_buffers ||
       c->k->buffers[x->buf].dtype != CM_BF16)
     return rl_k_contiguous(c, e);
@@ -69,21 +73,39 @@ static bool k_contiguous_load(rctx *c, int e) {
   return rl_lin_coef(c->s, x->a, c->s->n_dom, &coef) && coef == 1;
 }
 
-/* W consecutive k of load e at the current vars as floats (bf16 widened: exact). */
+/* A vector of i32 lanes, all v. */
+static LLVMValueRef splat_i32(rctx *c, uint32_t v) {
+  LLVMValueRef l[32];
+  for (int i = 0; i < c->W; i++) l[i] = LLVMConstInt(c->i32, v, 0);
+  return LLVMConstVector(l, (unsigned)c->W);
+}
+
+/* W consecutive k of operand e (k_contiguous_load) at the current vars as
+ * floats: bf16 widened (exact); an f32 cast to bf16 rounded to nearest even,
+ * NaN quieted, as rl_convert rounds one value. */
 static LLVMValueRef load_krow(rctx *c, int e) {
   LLVMBuilderRef B = c->B;
   const cm_kexpr *x = &c->s->exprs[e];
+  bool cast = x->kind == CM_KX_OP;
+  if (cast) x = &c->s->exprs[x->a];
   LLVMValueRef idx = rl_convert(c, rl_emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
   bool bf16 = x->dtype == CM_BF16;
   LLVMTypeRef lt = bf16 ? LLVMVectorType(c->i16, (unsigned)c->W) : c->vty;
   LLVMValueRef v = LLVMBuildLoad2(B, lt, rl_buf_gep(c, x->buf, idx), "krow");
   LLVMSetAlignment(v, bf16 ? 2 : 4);
-  if (!bf16) return v;
   LLVMTypeRef wt = LLVMVectorType(c->i32, (unsigned)c->W);
-  LLVMValueRef sh[32];
-  for (int i = 0; i < c->W; i++) sh[i] = LLVMConstInt(c->i32, 16, 0);
-  v = LLVMBuildShl(B, LLVMBuildZExt(B, v, wt, ""), LLVMConstVector(sh, (unsigned)c->W), "");
-  return LLVMBuildBitCast(B, v, c->vty, "krow.f");
+  if (bf16) {
+    v = LLVMBuildShl(B, LLVMBuildZExt(B, v, wt, ""), splat_i32(c, 16), "");
+    return LLVMBuildBitCast(B, v, c->vty, "krow.f");
+  }
+  if (!cast) return v;
+  LLVMValueRef bits = LLVMBuildBitCast(B, v, wt, "");
+  LLVMValueRef lsb =
+      LLVMBuildAnd(B, LLVMBuildLShr(B, bits, splat_i32(c, 16), ""), splat_i32(c, 1), "");
+  LLVMValueRef rnd = LLVMBuildAdd(B, bits, LLVMBuildAdd(B, lsb, splat_i32(c, 0x7fff), ""), "");
+  LLVMValueRef quiet = LLVMBuildOr(B, bits, splat_i32(c, 0x400000), "");
+  LLVMValueRef r = LLVMBuildSelect(B, LLVMBuildFCmp(B, LLVMRealUNO, v, v, ""), quiet, rnd, "");
+  return LLVMBuildBitCast(B, LLVMBuildAnd(B, r, splat_i32(c, 0xffff0000u), ""), c->vty, "krow.bf");
 }
 
 /* v[0..W) rows of a W x W block, transposed in place: log2(W) rounds of the
@@ -349,7 +371,9 @@ static void emit_pack_pairs(rctx *c, const char *name, int e, int rv, LLVMValueR
     LLVMSetAlignment(st, 4);
   }
   snprintf(nm, sizeof nm, "%s.kp.exit", name);
+  LLVMBasicBlockRef klatch = LLVMGetInsertBlock(B);
   rl_loop_end(c, &Lk, npairs, nm);
+  rl_no_vectorize_loop(c, klatch); /* the lanes merge into vectors (SLP), as rl_emit_pack's */
   snprintf(nm, sizeof nm, "%s.panel.exit", name);
   rl_loop_end(c, &Lp, npan, nm);
   c->vars[kvar] = NULL;
