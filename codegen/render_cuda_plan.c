@@ -122,7 +122,7 @@ static bool plan_rows(const cm_kernel *k, int i, const cm_target *t, const cm_kc
     return false;
   }
   p->kind = CM_KCUDA_ROWS;
-  cu_rows_launch(k, i, &p->rows, p->grid, p->block, &p->shared_static);
+  cu_rows_launch(k, &p->rows, p->grid, p->block, &p->shared_static);
   p->min_blocks = launch_min_blocks(t, p->block[0]);
   return true;
 }

@@ -171,7 +171,7 @@ static int64_t stage_stride(const cm_kstage *s, int b, int r0, int n, int64_t ro
 /* Whether every buffer the first `span` stages of p write, and more than one of them
  * accesses, is accessed in the row's own slice with one row stride; *stride_of (may be NULL)
  * receives that stride for buffer `want`. */
-static bool span_local(const cm_kernel *k, int first, int span, const cm_kcuda_rows *p, int want,
+static bool span_local(const cm_kernel *k, int span, const cm_kcuda_rows *p, int want,
                        int64_t *stride_of) {
   for (int w = 0; w < span; w++) {
     const cm_kstage *sw = &k->stages[p->stage[w]];
@@ -232,13 +232,13 @@ static bool stages_commute(const cm_kstage *a, const cm_kstage *b) {
 
 /* Stage s as member `span` of p (rows p->rows): its row vars, when some run of them keeps
  * every shared buffer row-local; false when none does. */
-static bool join_span(const cm_kernel *k, int first, int j, int span, cm_kcuda_rows *p) {
+static bool join_span(const cm_kernel *k, int j, int span, cm_kcuda_rows *p) {
   int r0 = 0, n = 0;
   p->stage[span] = (short)j;
   for (int nth = 0; row_run(&k->stages[j], p->rows, nth, &r0, &n); nth++) {
     p->row_var[span] = (signed char)r0;
     p->n_row_vars[span] = (signed char)n;
-    if (span_local(k, first, span + 1, p, -1, NULL)) return true;
+    if (span_local(k, span + 1, p, -1, NULL)) return true;
   }
   return false;
 }
@@ -263,7 +263,7 @@ static int span_extend(const cm_kernel *k, int first, int64_t rows, const bool *
       joins = work <= ROWS_WORK_MAX && (rows > 1 || total + work <= ROWS_SINGLE_MAX);
     }
     for (int i = 0; i < n_skipped && joins; i++) joins = stages_commute(&k->stages[skipped[i]], s);
-    joins = joins && join_span(k, first, j, span, p);
+    joins = joins && join_span(k, j, span, p);
     if (!joins) {
       if (j == first || n_skipped == ROWS_MAX_SKIPPED) break;
       skipped[n_skipped++] = j;
@@ -297,7 +297,7 @@ static int stat_index(const cm_kcuda_rows *p, int b) {
 
 /* Row statistics: buffers of one element per row that only uniform stages of the span write
  * and a later stage reads; from their first writer on, the span reads a register. */
-static void plan_stats(const cm_kernel *k, int first, cm_kcuda_rows *p) {
+static void plan_stats(const cm_kernel *k, cm_kcuda_rows *p) {
   for (int w = 0; w < p->span; w++) {
     const cm_kstage *sw = &k->stages[p->stage[w]];
     for (int i = 0; i < sw->n_stores && p->n_stats < CM_KCUDA_ROWS_MAX_STATS; i++) {
@@ -310,7 +310,7 @@ static void plan_stats(const cm_kernel *k, int first, cm_kcuda_rows *p) {
         read_later |= j > w && stage_reads(s, b);
       }
       int64_t C = -1;
-      span_local(k, first, p->span, p, b, &C);
+      span_local(k, p->span, p, b, &C);
       if (!ok || !read_later || !(C == 1 || (p->rows == 1 && C == 0))) continue;
       p->stat_buf[p->n_stats] = b;
       p->stat_from[p->n_stats++] = (signed char)w;
@@ -319,29 +319,29 @@ static void plan_stats(const cm_kernel *k, int first, cm_kcuda_rows *p) {
 }
 
 /* Whether stage j reads buffer b from memory (not from a statistic's register). */
-static bool reads_memory(const cm_kernel *k, int first, const cm_kcuda_rows *p, int j, int b) {
+static bool reads_memory(const cm_kernel *k, const cm_kcuda_rows *p, int j, int b) {
   int si = stat_index(p, b);
   return stage_reads(&k->stages[p->stage[j]], b) && !(si >= 0 && p->stat_from[si] < j);
 }
 
 /* Stage j after stage a with no barrier between them races when one writes what the other
  * accesses through memory (a cooperative reduction's own barrier ends its reads). */
-static bool stages_race(const cm_kernel *k, int first, const cm_kcuda_rows *p, int a, int j) {
+static bool stages_race(const cm_kernel *k, const cm_kcuda_rows *p, int a, int j) {
   const cm_kstage *sa = &k->stages[p->stage[a]], *sj = &k->stages[p->stage[j]];
   bool a_synced = p->mode[a] == CM_KCUDA_ROWS_UNIFORM && sa->n_red > 0;
   for (int b = 0; b < k->n_buffers; b++) {
     bool wa = stage_writes(sa, b), wj = stage_writes(sj, b);
-    if (wa && (wj || reads_memory(k, first, p, j, b))) return true;
-    if (wj && !a_synced && reads_memory(k, first, p, a, b)) return true;
+    if (wa && (wj || reads_memory(k, p, j, b))) return true;
+    if (wj && !a_synced && reads_memory(k, p, a, b)) return true;
   }
   return false;
 }
 
-static void plan_syncs(const cm_kernel *k, int first, cm_kcuda_rows *p) {
+static void plan_syncs(const cm_kernel *k, cm_kcuda_rows *p) {
   int since = 0; /* the first stage after the last barrier */
   for (int j = 1; j < p->span; j++) {
     bool race = false;
-    for (int a = since; a < j && !race; a++) race = stages_race(k, first, p, a, j);
+    for (int a = since; a < j && !race; a++) race = stages_race(k, p, a, j);
     p->sync_before[j] = race;
     if (race) since = j;
   }
@@ -368,8 +368,8 @@ bool cu_plan_rows(const cm_kernel *k, int first, const cm_target *t, const bool 
   if (!best.span) return false;
   for (int j = 0; j < best.span; j++)
     best.mode[j] = stage_mode(&k->stages[best.stage[j]], best.rows);
-  plan_stats(k, first, &best);
-  plan_syncs(k, first, &best);
+  plan_stats(k, &best);
+  plan_syncs(k, &best);
   best.warp = best.row_work <= ROWS_WARP_MAX;
   best.threads = ROWS_THREADS;
   best.rows_per_block = best.warp ? ROWS_THREADS / t->warp_size : 1;
@@ -379,8 +379,8 @@ bool cu_plan_rows(const cm_kernel *k, int first, const cm_target *t, const bool 
 
 /* The launch and shared memory of a rows plan (a partial per warp and accumulator type in
  * block mode). */
-void cu_rows_launch(const cm_kernel *k, int first, const cm_kcuda_rows *r, unsigned grid[3],
-                    unsigned block[3], int64_t *shared) {
+void cu_rows_launch(const cm_kernel *k, const cm_kcuda_rows *r, unsigned grid[3], unsigned block[3],
+                    int64_t *shared) {
   int64_t g = (r->rows + r->rows_per_block - 1) / r->rows_per_block;
   grid[0] = (unsigned)(g < ROWS_GRID_CAP ? g : ROWS_GRID_CAP);
   block[0] = (unsigned)r->threads;
@@ -565,7 +565,7 @@ cm_status cu_render_span_stub(const cm_kernel *k, int si, int first, sbuf *o, co
 
 /* The function head: partials, the thread's place in its row, the row loop, the statistics'
  * registers. */
-static void rows_head(const cm_kernel *k, int first, const cm_kcuda_rows *p, sbuf *o) {
+static void rows_head(const cm_kernel *k, const cm_kcuda_rows *p, sbuf *o) {
   if (!p->warp) {
     bool used[4] = {false, false, false, false};
     static const char *const type[4] = {"float", "double", "int", "long long"};
@@ -614,7 +614,7 @@ cm_status cu_render_rows(const cm_kernel *k, int first, const cm_kcuda_rows *p, 
   const char **subst = calloc((size_t)k->n_buffers + 1, sizeof *subst);
   char names[CM_KCUDA_ROWS_MAX_STATS][24];
   if (!subst) return cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
-  rows_head(k, first, p, o);
+  rows_head(k, p, o);
   for (int j = 0; j < p->span && st == CM_OK; j++) {
     if (p->sync_before[j])
       cu_sb_printf(o, "    %s;\n", p->warp ? "__syncwarp()" : "__syncthreads()");
