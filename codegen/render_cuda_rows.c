@@ -596,10 +596,42 @@ static void rows_head(const cm_kernel *k, const cm_kcuda_rows *p, sbuf *o) {
                  p->stat_buf[i]);
 }
 
+/* A plan the renderer can follow (a stored or tuned one may be anything): members in order
+ * inside the kernel, each a stage that fits with row vars inside its domain, threads whole
+ * warps, a warp per row exactly when rows_per_block warps fill the block. */
+static cm_status check_plan(const cm_kernel *k, int first, const cm_kcuda_rows *p, cm_err *err) {
+  const char *rule = NULL;
+  if (p->span < 1 || p->span > CM_KCUDA_ROWS_MAX_SPAN || p->stage[0] != first || p->rows < 1)
+    rule = "its members do not start at this stage";
+  else if (p->threads < 32 || p->threads > 1024 || p->threads % 32 ||
+           (p->warp ? p->rows_per_block * 32 != p->threads : p->rows_per_block != 1))
+    rule = "threads and rows per block disagree";
+  else if (p->n_stats < 0 || p->n_stats > CM_KCUDA_ROWS_MAX_STATS)
+    rule = "too many statistics";
+  for (int j = 0; j < p->span && !rule; j++) {
+    int si = p->stage[j], r0 = p->row_var[j], n = p->n_row_vars[j];
+    if (si < first || si >= k->n_stages || (j && si <= p->stage[j - 1]))
+      rule = "its members are not stages of the kernel in order";
+    else if (!stage_fits(&k->stages[si]) || r0 < 0 || n < 0 || r0 + n > k->stages[si].n_dom ||
+             cu_prod(k->stages[si].dom + r0, n) != p->rows || p->mode[j] < 0 || p->mode[j] > 2 ||
+             (p->mode[j] == CM_KCUDA_ROWS_UNIFORM && stage_points(&k->stages[si], p->rows) != 1))
+      rule = "a member's row vars or mode do not fit it";
+  }
+  for (int i = 0; i < p->n_stats && !rule; i++)
+    if (p->stat_buf[i] < 0 || p->stat_buf[i] >= k->n_buffers ||
+        k->buffers[p->stat_buf[i]].numel != p->rows)
+      rule = "a statistic is not one element per row";
+  if (!rule) return CM_OK;
+  return cm_errorf(err, CM_EINVALID, "kernel %s stage %d: the row span's plan: %s", k->name, first,
+                   rule);
+}
+
 cm_status cu_render_rows(const cm_kernel *k, int first, const cm_kcuda_rows *p, int min_blocks,
                          sbuf *o, const bool *written, cm_err *err) {
+  cm_status st = check_plan(k, first, p, err);
+  if (st != CM_OK) return st;
   rctx c0;
-  cm_status st = cu_rctx_open(&c0, k, first, o, err);
+  st = cu_rctx_open(&c0, k, first, o, err);
   if (st == CM_OK) {
     cu_sb_printf(o, "// stages");
     for (int j = 0; j < p->span; j++) cu_sb_printf(o, "%s %d", j ? "," : "", p->stage[j]);

@@ -5,7 +5,8 @@
  * kernel's row statistics and the stages that read them in one launch. The training steps of
  * cmae_vit_base and cmae_vit_tiny_fmnist (batch 2) lowered for CUDA: launches with and without
  * the row spans, every LayerNorm/softmax kernel's statistics and their readers in one launch.
- * The row functions through NVRTC for sm_80 and sm_90: no spills. */
+ * The row functions through NVRTC for sm_80 and sm_90: no spills. A plan the renderer cannot
+ * follow is an error. */
 #include "../test.h"
 #include "../testlib.h"
 #include "../tensor_compare.h"
@@ -451,7 +452,50 @@ static void test_rows_through_nvrtc(void) {
   cm_nvrtc_unload(nv);
 }
 
-TEST_MAIN({"test_rows_emulated", test_rows_emulated},
+/* ---- a plan the renderer refuses --------------------------------------------------- */
+
+/* A row span's plan changed into one the renderer cannot follow: an error naming the kernel,
+ * the stage and the rule, never a rendering. */
+static void test_plan_errors(void) {
+  cm_graph *g = row_graph(OP_LN, 13, 197, CM_F32);
+  cm_target t;
+  cm_err err = {0};
+  CHECK(cm_target_cuda("sm_80", &t, &err) == CM_OK);
+  cm_compile_opts co = {.compile_only = true, .render_only = true};
+  cm_program *pr = NULL;
+  CHECK_MSG(cm_compile(g, &t, &co, &pr, &err) == CM_OK, "%s", err.msg);
+  const cm_kprogram *kp = pr ? cm_program_kernels(pr) : &(cm_kprogram){0};
+  int tried = 0;
+  for (int i = 0; i < kp->n_kernels; i++) {
+    const cm_kernel *k = &kp->kernels[i];
+    for (int s = 0; s < k->n_stages; s++) {
+      if (k->stages[s].cuda.kind != CM_KCUDA_ROWS) continue;
+      cm_kernel bad = *k;
+      bad.stages = malloc(sizeof *bad.stages * (size_t)k->n_stages);
+      cm_kcuda_rows *r = &bad.stages[s].cuda.rows;
+      for (int c = 0; c < 3; c++) {
+        memcpy(bad.stages, k->stages, sizeof *bad.stages * (size_t)k->n_stages);
+        if (c == 0) r->threads = 48;
+        if (c == 1) r->stage[1] = (short)k->n_stages;
+        if (c == 2) r->n_row_vars[0] = (signed char)(k->stages[s].n_dom + 1);
+        cm_cuda_render_opts ro = {&t, false};
+        char *src = NULL;
+        cm_err e = {0};
+        CHECK_MSG(cm_render_cuda(&bad, &ro, false, &src, &e) == CM_EINVALID &&
+                      strstr(e.msg, "row span's plan") && strstr(e.msg, k->name),
+                  "case %d: %s", c, e.msg);
+        free(src);
+        tried++;
+      }
+      free(bad.stages);
+    }
+  }
+  CHECK(tried >= 3);
+  cm_program_free(pr);
+  cm_graph_free(g);
+}
+
+TEST_MAIN({"test_plan_errors", test_plan_errors}, {"test_rows_emulated", test_rows_emulated},
           {"test_rows_emulated_all", test_rows_emulated_all},
           {"test_step_launches", test_step_launches},
           {"test_rows_through_nvrtc", test_rows_through_nvrtc})
