@@ -46,8 +46,10 @@ bool cu_plan_gemm(const cm_kstage *s, const cm_target *tg, cm_kcuda_gemm *out) {
   /* the template's meaning needs body = MUL(A, B); anything else keeps the loop nest */
   const cm_kexpr *body = s->body >= 0 && s->body < s->n_exprs ? &s->exprs[s->body] : NULL;
   if (!body || body->kind != CM_KX_OP || body->op != CM_OP_MUL ||
-      !((body->a == s->gemm_a && body->b == s->gemm_b) ||
-        (body->a == s->gemm_b && body->b == s->gemm_a)))
+      !((cm_kx_is_gemm_factor(s, body->a, s->gemm_a) &&
+         cm_kx_is_gemm_factor(s, body->b, s->gemm_b)) ||
+        (cm_kx_is_gemm_factor(s, body->a, s->gemm_b) &&
+         cm_kx_is_gemm_factor(s, body->b, s->gemm_a))))
     return false;
   p.batch = cu_prod(s->dom, s->n_dom - 2);
   p.M = s->dom[s->n_dom - 2];
