@@ -3,8 +3,9 @@
  * row lengths and row counts, with f32 and with bf16 outputs (the casts in the row function's
  * stores), run on the emulated device: every output within the oracle's bound, and each
  * kernel's row statistics and the stages that read them in one launch. The training steps of
- * cmae_vit_base and cmae_vit_tiny_fmnist (batch 2) lowered for CUDA: launches with and without
- * the row spans, every LayerNorm/softmax kernel's statistics and their readers in one launch.
+ * cmae_vit_base and cmae_vit_tiny_fmnist (batch 2, f32 and after autocast) lowered for CUDA:
+ * launches with and without the row spans, every LayerNorm/softmax kernel's statistics and
+ * their readers in one launch.
  * The row functions through NVRTC for sm_80 and sm_90: no spills. A plan the renderer cannot
  * follow is an error. */
 #include "../test.h"
@@ -334,8 +335,8 @@ static void test_rows_emulated_all(void) {
 
 /* ---- the training steps' launches ---------------------------------------------------- */
 
-/* A variant's training step (batch 2) lowered and rendered for sm_90. */
-static cm_program *step_program(const char *path) {
+/* A variant's training step (batch 2; bf16: after autocast) lowered and rendered for sm_90. */
+static cm_program *step_program(const char *path, bool bf16) {
   cm_model_config cfg;
   cm_err err = {0};
   CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
@@ -349,6 +350,10 @@ static cm_program *step_program(const char *path) {
   CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
             err.msg);
   cm_model_free(&m);
+  int rewritten = 0;
+  if (step && bf16)
+    CHECK_MSG(cm_autocast(&step, CM_BF16, &rewritten, &err) == CM_OK && rewritten > 0, "%s: %s",
+              path, err.msg);
   cm_target t;
   CHECK(cm_target_cuda("sm_90", &t, &err) == CM_OK);
   cm_compile_opts co = {.compile_only = true, .render_only = true};
@@ -363,9 +368,12 @@ static cm_program *step_program(const char *path) {
 static void test_step_launches(void) {
   static const char *const variants[] = {"models/cmae_vit_base.json",
                                          "models/cmae_vit_tiny_fmnist.json"};
-  for (int v = 0; v < 2; v++) {
-    if (!test_case_wanted(v ? "cmae_vit_tiny_fmnist" : "cmae_vit_base")) continue;
-    cm_program *pr = step_program(variants[v]);
+  static const char *const cases[] = {"cmae_vit_base", "cmae_vit_tiny_fmnist"};
+  for (int c = 0; c < 4; c++) {
+    int v = c / 2;
+    bool bf16 = c % 2;
+    if (!test_case_wanted(cases[v])) continue;
+    cm_program *pr = step_program(variants[v], bf16);
     if (!pr) continue;
     const cm_kprogram *kp = cm_program_kernels(pr);
     int after = 0, before = 0, spans = 0, row_kernels = 0;
@@ -386,9 +394,9 @@ static void test_step_launches(void) {
               "%s: %d row spans, launches %d -> %d, %d LayerNorm/softmax kernels", variants[v],
               spans, before, after, row_kernels);
     fprintf(stderr,
-            "  %s (batch 2): %d launches per step without row spans, %d with (%d spans); %d "
+            "  %s (batch 2, %s): %d launches per step without row spans, %d with (%d spans); %d "
             "LayerNorm/softmax kernels, each one launch\n",
-            variants[v], before, after, spans, row_kernels);
+            variants[v], bf16 ? "bf16 autocast" : "f32", before, after, spans, row_kernels);
     cm_program_free(pr);
   }
 }
