@@ -456,6 +456,7 @@ typedef struct cm_kcuda_attn {
  * the row wrote. */
 #define CM_KCUDA_ROWS_MAX_SPAN 16
 #define CM_KCUDA_ROWS_MAX_STATS 8
+#define CM_KCUDA_ROWS_MAX_CACHED 4
 
 enum {
   CM_KCUDA_ROWS_UNIFORM = 0, /* one point per row: every thread computes it (reducing
@@ -481,6 +482,14 @@ typedef struct cm_kcuda_rows {
                   uniform stages; later stages of the span read the register */
   int stat_buf[CM_KCUDA_ROWS_MAX_STATS];
   signed char stat_from[CM_KCUDA_ROWS_MAX_STATS]; /* the first stage (span index) writing it */
+  /* Row slices kept in registers: a buffer one member writes a thread per point and later
+   * members read at the same points (the same thread: its point p or reduction step q is the
+   * element's place in the row); those members loop over their points by register slot. */
+  int n_cached;
+  int cached_buf[CM_KCUDA_ROWS_MAX_CACHED];
+  signed char cached_from[CM_KCUDA_ROWS_MAX_CACHED]; /* the member writing it */
+  int64_t cached_points;                             /* points per row of every cached slice */
+  bool unrolled[CM_KCUDA_ROWS_MAX_SPAN];             /* per member: loops by register slot */
 } cm_kcuda_rows;
 
 typedef struct cm_kcuda_plan {

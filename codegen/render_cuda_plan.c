@@ -268,10 +268,10 @@ void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out) {
     int syncs = 0;
     for (int j = 0; j < r->span; j++) syncs += r->sync_before[j];
     fprintf(out,
-            "rows: %d stages, %lld rows, a %s per row, %lld work per row, %d statistics in "
-            "registers, %d barriers",
+            "rows: %d stages, %lld rows, a %s per row, %lld work per row, %d statistics and %d "
+            "row slices in registers, %d barriers",
             r->span, (long long)r->rows, r->warp ? "warp" : "block", (long long)r->row_work,
-            r->n_stats, syncs);
+            r->n_stats, r->n_cached, syncs);
     break;
   }
   case CM_KCUDA_ATTN_STREAM_BWD:

@@ -17,7 +17,8 @@
 #define ROWS_WORK_MAX 65536  /* per row and stage: points x reduction extent */
 #define ROWS_SINGLE_MAX 4096 /* a span of one row runs on one block: only this much work */
 #define ROWS_GRID_CAP 1048576
-#define ROWS_MAX_SKIPPED 8 /* stages left out of a span that later members may pass */
+#define ROWS_MAX_SKIPPED 8      /* stages left out of a span that later members may pass */
+#define ROWS_CACHE_MAX_SLOTS 32 /* registers per thread for one cached row slice */
 #define AFF_BUDGET 4096
 
 /* ---- the affine form of an index ---------------------------------------------- */
@@ -319,9 +320,97 @@ static void plan_stats(const cm_kernel *k, cm_kcuda_rows *p) {
 }
 
 /* Whether stage j reads buffer b from memory (not from a statistic's register). */
+static int cached_index(const cm_kcuda_rows *p, int b) {
+  for (int i = 0; i < p->n_cached; i++)
+    if (p->cached_buf[i] == b) return i;
+  return -1;
+}
+
+/* Whether stage j reads buffer b from memory (not from a statistic's or a slice's registers). */
 static bool reads_memory(const cm_kernel *k, const cm_kcuda_rows *p, int j, int b) {
-  int si = stat_index(p, b);
-  return stage_reads(&k->stages[p->stage[j]], b) && !(si >= 0 && p->stat_from[si] < j);
+  int si = stat_index(p, b), ci = cached_index(p, b);
+  return stage_reads(&k->stages[p->stage[j]], b) && !(si >= 0 && p->stat_from[si] < j) &&
+         !(ci >= 0 && p->cached_from[ci] < j);
+}
+
+/* Whether index e of member j is C * row + the member's own place in the row + *c0: its point
+ * p (the non-row domain vars, row-major) or, with `steps`, its reduction step q (the reduction
+ * vars, row-major), the same c0 for every access (*c0 INT64_MIN: not yet known). */
+static bool at_own_place(const cm_kstage *s, const cm_kcuda_rows *p, int j, int e, bool steps,
+                         int64_t *c0) {
+  raff f;
+  int budget = AFF_BUDGET, r0 = p->row_var[j], r1 = r0 + p->n_row_vars[j];
+  if (!raff_of(s, e, &f, &budget)) return false;
+  int64_t stride = 1;
+  for (int v = s->n_dom + s->n_red - 1; v >= 0; v--) {
+    bool place = steps ? v >= s->n_dom : v < s->n_dom && (v < r0 || v >= r1);
+    bool row = v < s->n_dom && v >= r0 && v < r1;
+    if (place) {
+      if (var_extent(s, v) > 1 && f.c[v] != stride) return false;
+      stride *= var_extent(s, v);
+    } else if (!row && var_extent(s, v) > 1 && f.c[v] != 0) {
+      return false;
+    }
+  }
+  if (*c0 != INT64_MIN && *c0 != f.c0) return false;
+  *c0 = f.c0;
+  return true;
+}
+
+/* Whether every load of b in member j is at its own place (see at_own_place). */
+static bool loads_at_own_place(const cm_kstage *s, const cm_kcuda_rows *p, int j, int b, bool steps,
+                               int64_t *c0) {
+  for (int e = 0; e < s->n_exprs; e++)
+    if (s->exprs[e].kind == CM_KX_LOAD && s->exprs[e].buf == b &&
+        !at_own_place(s, p, j, s->exprs[e].a, steps, c0))
+      return false;
+  return true;
+}
+
+/* Whether buffer b, stored once by member w (a thread per point), can stay in registers: every
+ * later member reading it reads at its own place, over as many places, and none writes it. */
+static bool cacheable(const cm_kernel *k, const cm_kcuda_rows *p, int w, int b) {
+  const cm_kstage *sw = &k->stages[p->stage[w]];
+  int64_t pts = stage_points(sw, p->rows), c0 = INT64_MIN, T = p->warp ? 32 : p->threads;
+  int stores = 0, index = -1, readers = 0;
+  for (int i = 0; i < sw->n_stores; i++)
+    if (sw->stores[i].buf == b) stores++, index = sw->stores[i].index;
+  if (stores != 1 || (pts + T - 1) / T > ROWS_CACHE_MAX_SLOTS ||
+      (p->n_cached && pts != p->cached_points) || !at_own_place(sw, p, w, index, false, &c0))
+    return false;
+  for (int j = w + 1; j < p->span; j++) {
+    const cm_kstage *s = &k->stages[p->stage[j]];
+    if (stage_writes(s, b)) return false;
+    if (!stage_reads(s, b)) continue;
+    readers++;
+    bool points =
+        p->mode[j] == CM_KCUDA_ROWS_POINTS && s->n_red == 0 && stage_points(s, p->rows) == pts;
+    bool steps =
+        p->mode[j] == CM_KCUDA_ROWS_UNIFORM && s->n_red > 0 && cu_prod(s->red, s->n_red) == pts;
+    if (!(points || steps) || !loads_at_own_place(s, p, j, b, steps, &c0)) return false;
+  }
+  return readers > 0;
+}
+
+/* Row slices kept in registers (cm_kcuda_rows.cached_buf). */
+static void plan_cache(const cm_kernel *k, cm_kcuda_rows *p) {
+  for (int w = 0; w < p->span; w++) {
+    const cm_kstage *sw = &k->stages[p->stage[w]];
+    if (p->mode[w] != CM_KCUDA_ROWS_POINTS || sw->n_red > 0) continue;
+    for (int i = 0; i < sw->n_stores && p->n_cached < CM_KCUDA_ROWS_MAX_CACHED; i++) {
+      int b = sw->stores[i].buf;
+      if (stat_index(p, b) >= 0 || cached_index(p, b) >= 0 || !cacheable(k, p, w, b)) continue;
+      p->cached_points = stage_points(sw, p->rows);
+      p->cached_buf[p->n_cached] = b;
+      p->cached_from[p->n_cached++] = (signed char)w;
+    }
+  }
+  for (int j = 0; j < p->span; j++) {
+    const cm_kstage *s = &k->stages[p->stage[j]];
+    for (int i = 0; i < p->n_cached; i++)
+      p->unrolled[j] |=
+          (p->cached_from[i] == j) || (p->cached_from[i] < j && stage_reads(s, p->cached_buf[i]));
+  }
 }
 
 /* Stage j after stage a with no barrier between them races when one writes what the other
@@ -369,10 +458,11 @@ bool cu_plan_rows(const cm_kernel *k, int first, const cm_target *t, const bool 
   for (int j = 0; j < best.span; j++)
     best.mode[j] = stage_mode(&k->stages[best.stage[j]], best.rows);
   plan_stats(k, &best);
-  plan_syncs(k, &best);
   best.warp = best.row_work <= ROWS_WARP_MAX;
   best.threads = ROWS_THREADS;
   best.rows_per_block = best.warp ? ROWS_THREADS / t->warp_size : 1;
+  plan_cache(k, &best);
+  plan_syncs(k, &best);
   *out = best;
   return true;
 }
@@ -407,7 +497,7 @@ static const char *part_name(cm_dtype a) {
 /* The row's threads reduce into acc: each its share of the reduction, then a butterfly of
  * shuffles (every lane ends with the same value), and with a block per row the warps'
  * partials combined in one order by every thread. */
-static void emit_coop_reduce(rctx *c, const cm_kcuda_rows *p, const char *ind) {
+static void emit_coop_reduce(rctx *c, const cm_kcuda_rows *p, bool unrolled, const char *ind) {
   const cm_kstage *s = c->s;
   sbuf *o = c->o;
   char init[128], comb[256], body[256], bname[32], ind2[32], pv[32];
@@ -415,8 +505,15 @@ static void emit_coop_reduce(rctx *c, const cm_kcuda_rows *p, const char *ind) {
   int64_t rext = cu_prod(s->red, s->n_red);
   cu_acc_init(s, init, sizeof init);
   cu_sb_printf(o, "%s%s acc = %s;\n", ind, cu_ctype(s->acc_dtype), init);
-  cu_sb_printf(o, "%sfor (%s q = tid_; q < %lldLL; q += %d) {\n", ind, cu_red_counter_type(rext),
-               (long long)rext, p->warp ? 32 : p->threads);
+  int T = p->warp ? 32 : p->threads;
+  if (unrolled) /* by register slot: step q of the row is slot q / T of thread q % T */
+    cu_sb_printf(o,
+                 "%s#pragma unroll\n%sfor (int i_ = 0; i_ < %lld; i_++) {\n"
+                 "%s  const int q = tid_ + i_ * %d;\n%s  if (q < %lld) {\n",
+                 ind, ind, (long long)((rext + T - 1) / T), ind, T, ind, (long long)rext);
+  else
+    cu_sb_printf(o, "%sfor (%s q = tid_; q < %lldLL; q += %d) {\n", ind, cu_red_counter_type(rext),
+                 (long long)rext, T);
   cu_decompose(c, ind2, "q", s->n_dom, s->red, s->n_red);
   cu_clear_mark(c);
   cu_mark_from(c, s->body);
@@ -425,6 +522,7 @@ static void emit_coop_reduce(rctx *c, const cm_kcuda_rows *p, const char *ind) {
   cu_cast_code(body, sizeof body, s->exprs[s->body].dtype, s->acc_dtype, bname);
   cu_acc_combine(s, "acc", body, comb, sizeof comb);
   cu_sb_printf(o, "%sacc = %s;\n%s}\n", ind2, comb, ind);
+  if (unrolled) cu_sb_printf(o, "%s}\n", ind);
   for (int e = 0; e < s->n_exprs; e++)
     if (c->usered[e]) c->done[e] = false;
   cu_acc_combine(s, "acc", "__shfl_xor_sync(0xffffffffu, acc, o_)", comb, sizeof comb);
@@ -510,9 +608,14 @@ static void render_row_stage(rctx *c, const cm_kcuda_rows *p, int j) {
     for (int v = 0; v < s->n_dom; v++)
       if (v < r0 || v >= r1) cu_sb_printf(o, "    const long long v%d = 0;\n", v);
   } else {
-    if (mode == CM_KCUDA_ROWS_POINTS)
-      cu_sb_printf(o, "    for (int p_ = tid_; p_ < %lld; p_ += %d) {\n", (long long)pts,
-                   p->warp ? 32 : p->threads);
+    int T = p->warp ? 32 : p->threads;
+    if (mode == CM_KCUDA_ROWS_POINTS && p->unrolled[j]) /* point p_ is slot p_ / T */
+      cu_sb_printf(o,
+                   "    #pragma unroll\n    for (int i_ = 0; i_ < %lld; i_++) {\n"
+                   "    const int p_ = tid_ + i_ * %d;\n    if (p_ < %lld) {\n",
+                   (long long)((pts + T - 1) / T), T, (long long)pts);
+    else if (mode == CM_KCUDA_ROWS_POINTS)
+      cu_sb_printf(o, "    for (int p_ = tid_; p_ < %lld; p_ += %d) {\n", (long long)pts, T);
     else
       cu_sb_printf(o, "    for (int p_ = 0; p_ < %lld; p_++) {\n", (long long)pts);
     ind = "      ";
@@ -535,8 +638,14 @@ static void render_row_stage(rctx *c, const cm_kcuda_rows *p, int j) {
   if (mode == CM_KCUDA_ROWS_POINTS) {
     if (s->n_red > 0) emit_serial_reduce(c, ind);
     cu_emit_stores(c, ind, "acc");
+    for (int i = 0; i < s->n_stores; i++) {
+      int ci = cached_index(p, s->stores[i].buf);
+      if (ci >= 0 && p->cached_from[ci] == j)
+        cu_sb_printf(o, "%src%d_[i_] = sv%d;\n", ind, s->stores[i].buf, i);
+    }
+    if (p->unrolled[j]) cu_sb_printf(o, "    }\n");
   } else {
-    if (s->n_red > 0) emit_coop_reduce(c, p, ind);
+    if (s->n_red > 0) emit_coop_reduce(c, p, p->unrolled[j], ind);
     if (mode == CM_KCUDA_ROWS_UNIFORM) {
       emit_lead_stores(c, p, ind);
     } else {
@@ -594,6 +703,10 @@ static void rows_head(const cm_kernel *k, const cm_kcuda_rows *p, sbuf *o) {
   for (int i = 0; i < p->n_stats; i++)
     cu_sb_printf(o, "    %s rg%d_ = 0;\n", cu_stype(k->buffers[p->stat_buf[i]].dtype),
                  p->stat_buf[i]);
+  int64_t T = p->warp ? 32 : p->threads;
+  for (int i = 0; i < p->n_cached; i++)
+    cu_sb_printf(o, "    %s rc%d_[%lld];\n", cu_stype(k->buffers[p->cached_buf[i]].dtype),
+                 p->cached_buf[i], (long long)((p->cached_points + T - 1) / T));
 }
 
 /* A plan the renderer can follow (a stored or tuned one may be anything): members in order
@@ -616,6 +729,22 @@ static cm_status check_plan(const cm_kernel *k, int first, const cm_kcuda_rows *
              cu_prod(k->stages[si].dom + r0, n) != p->rows || p->mode[j] < 0 || p->mode[j] > 2 ||
              (p->mode[j] == CM_KCUDA_ROWS_UNIFORM && stage_points(&k->stages[si], p->rows) != 1))
       rule = "a member's row vars or mode do not fit it";
+  }
+  int64_t T = p->warp ? 32 : p->threads;
+  if (!rule && (p->n_cached < 0 || p->n_cached > CM_KCUDA_ROWS_MAX_CACHED ||
+                (p->n_cached &&
+                 (p->cached_points < 1 || (p->cached_points + T - 1) / T > ROWS_CACHE_MAX_SLOTS))))
+    rule = "its cached row slices do not fit";
+  for (int i = 0; i < p->n_cached && !rule; i++)
+    if (p->cached_buf[i] < 0 || p->cached_buf[i] >= k->n_buffers || p->cached_from[i] < 0 ||
+        p->cached_from[i] >= p->span)
+      rule = "a cached row slice is not a buffer a member writes";
+  for (int j = 0; j < p->span && !rule; j++) {
+    const cm_kstage *s = &k->stages[p->stage[j]];
+    int64_t places =
+        p->mode[j] == CM_KCUDA_ROWS_UNIFORM ? cu_prod(s->red, s->n_red) : stage_points(s, p->rows);
+    if (p->unrolled[j] && (p->mode[j] == CM_KCUDA_ROWS_COOP || places != p->cached_points))
+      rule = "a member looping by register slot has another number of places";
   }
   for (int i = 0; i < p->n_stats && !rule; i++)
     if (p->stat_buf[i] < 0 || p->stat_buf[i] >= k->n_buffers ||
@@ -644,7 +773,7 @@ cm_status cu_render_rows(const cm_kernel *k, int first, const cm_kcuda_rows *p, 
   cu_rctx_close(&c0);
   if (st != CM_OK) return st;
   const char **subst = calloc((size_t)k->n_buffers + 1, sizeof *subst);
-  char names[CM_KCUDA_ROWS_MAX_STATS][24];
+  char names[CM_KCUDA_ROWS_MAX_STATS][24], cnames[CM_KCUDA_ROWS_MAX_CACHED][32];
   if (!subst) return cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", k->name);
   rows_head(k, p, o);
   for (int j = 0; j < p->span && st == CM_OK; j++) {
@@ -654,6 +783,11 @@ cm_status cu_render_rows(const cm_kernel *k, int first, const cm_kcuda_rows *p, 
       if (p->stat_from[i] < j) {
         snprintf(names[i], sizeof names[i], "rg%d_", p->stat_buf[i]);
         subst[p->stat_buf[i]] = names[i];
+      }
+    for (int i = 0; i < p->n_cached; i++)
+      if (p->cached_from[i] < j) {
+        snprintf(cnames[i], sizeof cnames[i], "rc%d_[i_]", p->cached_buf[i]);
+        subst[p->cached_buf[i]] = cnames[i];
       }
     rctx c;
     st = cu_rctx_open(&c, k, p->stage[j], o, err);

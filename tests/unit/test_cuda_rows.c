@@ -62,8 +62,13 @@ static cm_graph *row_graph(row_op op, int64_t n, int64_t len, cm_dtype out) {
   cm_graph *g = cm_graph_new();
   int64_t d[2] = {n, len};
   int x = cm_input(g, "x", CM_F32, 2, d), w = cm_input(g, "w", CM_F32, 2, d), y = -1;
+  int residual = -1;
   switch (op) {
-  case OP_LN: y = cm_nn_layer_norm(g, x, 1e-5, "ln"); break;
+  case OP_LN: /* of a residual sum kept as an output, as a transformer block's: the row
+                  function writes it, then reads it back from registers */
+    residual = cm_binary(g, CM_OP_ADD, x, w, "residual");
+    y = cm_nn_layer_norm(g, residual, 1e-5, "ln");
+    break;
   case OP_SOFTMAX: y = cm_nn_softmax(g, x); break;
   case OP_LOG_SOFTMAX: y = log_softmax(g, x); break;
   default: y = cm_nn_batch_norm(g, x, 1e-5, 1, "bn"); break;
@@ -81,9 +86,10 @@ static cm_graph *row_graph(row_op op, int64_t n, int64_t len, cm_dtype out) {
   cm_err err = {0};
   CHECK_MSG(cm_graph_error(g) == NULL, "%s: %s", op_name[op], cm_graph_error(g));
   CHECK_MSG(cm_autodiff(g, loss, n_wrt, wrt, grads, &err) == CM_OK, "%s: %s", op_name[op], err.msg);
-  int outs[4] = {y, grads[0], grads[1], grads[2]};
-  for (int i = 0; i < 1 + n_wrt; i++) {
-    int o = out == CM_F32 ? outs[i] : cm_cast(g, outs[i], out, NULL);
+  int outs[5] = {y, grads[0], grads[1], grads[2], residual};
+  if (residual >= 0) outs[1 + n_wrt] = residual;
+  for (int i = 0; i < 1 + n_wrt + (residual >= 0); i++) {
+    int o = out == CM_F32 || outs[i] == residual ? outs[i] : cm_cast(g, outs[i], out, NULL);
     CHECK(cm_graph_add_output(g, o, &err) == CM_OK);
   }
   CHECK_MSG(cm_graph_verify(g, &err) == CM_OK, "%s: %s", op_name[op], err.msg);
@@ -229,7 +235,7 @@ static void free_tensors(cm_tensor *t, int n) {
 static void check_plans(const cm_program *pr, row_op op, int64_t n, int64_t len, cm_dtype out,
                         const char *what) {
   const cm_kprogram *kp = cm_program_kernels(pr);
-  int spans = 0, stats = 0, bf16_stores = 0, multi = 0;
+  int spans = 0, stats = 0, bf16_stores = 0, multi = 0, cached = 0;
   int64_t shape[2] = {op == OP_BN ? len : n, op == OP_BN ? n : len};
   for (int i = 0; i < kp->n_kernels; i++) {
     const cm_kernel *k = &kp->kernels[i];
@@ -239,6 +245,7 @@ static void check_plans(const cm_program *pr, row_op op, int64_t n, int64_t len,
     multi += fn >= 0 && k->n_stages > 1;
     for (int s = 0; s < k->n_stages; s++) {
       spans += k->stages[s].cuda.kind == CM_KCUDA_ROWS;
+      cached += k->stages[s].cuda.kind == CM_KCUDA_ROWS ? k->stages[s].cuda.rows.n_cached : 0;
       for (int j = 0; j < k->stages[s].n_stores && fn >= 0 && runner(k, s) == fn; j++)
         bf16_stores += k->buffers[k->stages[s].stores[j].buf].dtype == CM_BF16;
     }
@@ -248,6 +255,12 @@ static void check_plans(const cm_program *pr, row_op op, int64_t n, int64_t len,
   CHECK_MSG(stats > 0 && spans >= (multi > 0), "%s: %d row spans, %d statistics", what, spans,
             stats);
   CHECK_MSG(out != CM_BF16 || bf16_stores > 0, "%s: no bf16 store with the statistics", what);
+  /* the residual sum a LayerNorm's row function writes is read back from registers while a
+   * thread's share of the row fits 32 of them (rows up to 1024 a warp, 8192 a block) */
+  if (op == OP_LN && len > 1 && len <= 8192)
+    CHECK_MSG(cached > 0, "%s: the residual sum is not kept in registers", what);
+  if (getenv("CMAEC_TEST_VERBOSE"))
+    for (int i = 0; i < kp->n_kernels; i++) cm_kernel_print(&kp->kernels[i], stderr);
 }
 
 /* op at n x len on the emulated device: every output within its bound; the plans checked.
@@ -403,8 +416,8 @@ static void test_step_launches(void) {
 
 /* ---- NVRTC ---------------------------------------------------------------------------- */
 
-/* The row functions of op's programs at len 197 (a warp per row, f32) and 3000 (a block per
- * row, bf16 outputs) compiled for sm_80 and sm_90: none spills. */
+/* The row functions of op's programs at len 768 (a warp per row, f32; a LayerNorm row slice of 24
+ * registers) and 3000 (a block per row, bf16 outputs) compiled for sm_80 and sm_90: none spills. */
 static void test_rows_through_nvrtc(void) {
   cm_nvrtc *nv = NULL;
   cm_err err = {0};
@@ -419,7 +432,7 @@ static void test_rows_through_nvrtc(void) {
     CHECK(cm_target_cuda(archs[a], &t, &err) == CM_OK);
     for (int op = 0; op < N_OPS; op++)
       for (int big = 0; big < 2; big++) {
-        cm_graph *g = row_graph((row_op)op, big ? 5 : 13, big ? 3000 : 197, big ? CM_BF16 : CM_F32);
+        cm_graph *g = row_graph((row_op)op, big ? 5 : 13, big ? 3000 : 768, big ? CM_BF16 : CM_F32);
         cm_compile_opts co = {.compile_only = true, .render_only = true};
         cm_program *pr = NULL;
         CHECK_MSG(cm_compile(g, &t, &co, &pr, &err) == CM_OK, "%s", err.msg);
