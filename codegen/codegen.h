@@ -413,6 +413,7 @@ typedef enum cm_kcuda_kind {
   CM_KCUDA_ATTN_STREAM,     /* attention forward span, online softmax over key blocks */
   CM_KCUDA_ATTN_STREAM_BWD, /* attention backward span, two passes over key blocks */
   CM_KCUDA_IN_SPAN,         /* runs inside the function of an earlier stage's span: empty */
+  CM_KCUDA_ROWS,            /* a span of row stages in one function, a warp or block per row */
 } cm_kcuda_kind;
 
 /* generic stages: who computes one domain point */
@@ -458,6 +459,50 @@ typedef struct cm_kcuda_attn {
   int64_t acc_floats;                     /* streaming backward: accumulator floats */
 } cm_kcuda_attn;
 
+/* A span of row stages (render_cuda_rows.c): every stage of the span runs over the same rows (each
+ * stage's row vars, a run of its domain vars whose extents multiply to `rows`), and every buffer
+ * the span writes and more than one of its stages accesses is accessed only in the row's own slice
+ * (index = high + C*row + low, 0 <= low < C, high a multiple of C*rows). So one warp or block per
+ * row may run the stages in order, with a barrier only where a stage reads what another thread of
+ * the row wrote. */
+#define CM_KCUDA_ROWS_MAX_SPAN 16
+#define CM_KCUDA_ROWS_MAX_STATS 8
+#define CM_KCUDA_ROWS_MAX_CACHED 4
+
+enum {
+  CM_KCUDA_ROWS_UNIFORM = 0, /* one point per row: every thread computes it (reducing
+                                cooperatively), the first thread stores */
+  CM_KCUDA_ROWS_POINTS,      /* a thread per point of the row, serial reduction */
+  CM_KCUDA_ROWS_COOP,        /* the row's points one after another, each reduced cooperatively */
+};
+
+typedef struct cm_kcuda_rows {
+  int span; /* stages in the span: stage[0] (this one) .. stage[span - 1] */
+  short stage[CM_KCUDA_ROWS_MAX_SPAN]; /* in order; the stages between them that are not in it
+                                          commute with the later ones and run after the span */
+  int64_t rows;                        /* rows of the span */
+  bool warp; /* a warp per row (at most 1024 points or reduction steps a stage), else a block */
+  int rows_per_block; /* warps per block with a warp per row, else 1 */
+  int threads;        /* per block */
+  int64_t row_work;   /* the most points x reduction extent one stage has per row */
+  signed char row_var[CM_KCUDA_ROWS_MAX_SPAN];    /* per stage: its first row var */
+  signed char n_row_vars[CM_KCUDA_ROWS_MAX_SPAN]; /* per stage: its row vars (0 when rows == 1) */
+  signed char mode[CM_KCUDA_ROWS_MAX_SPAN];       /* per stage: CM_KCUDA_ROWS_* */
+  bool sync_before[CM_KCUDA_ROWS_MAX_SPAN];       /* per stage: a barrier before it */
+  int n_stats; /* row statistics kept in registers: one element per row, written only by
+                  uniform stages; later stages of the span read the register */
+  int stat_buf[CM_KCUDA_ROWS_MAX_STATS];
+  signed char stat_from[CM_KCUDA_ROWS_MAX_STATS]; /* the first stage (span index) writing it */
+  /* Row slices kept in registers: a buffer one member writes a thread per point and later
+   * members read at the same points (the same thread: its point p or reduction step q is the
+   * element's place in the row); those members loop over their points by register slot. */
+  int n_cached;
+  int cached_buf[CM_KCUDA_ROWS_MAX_CACHED];
+  signed char cached_from[CM_KCUDA_ROWS_MAX_CACHED]; /* the member writing it */
+  int64_t cached_points;                             /* points per row of every cached slice */
+  bool unrolled[CM_KCUDA_ROWS_MAX_SPAN];             /* per member: loops by register slot */
+} cm_kcuda_rows;
+
 typedef struct cm_kcuda_plan {
   cm_kcuda_kind kind;
   int sm;                     /* the target it was planned for (cm_target.sm) */
@@ -469,6 +514,7 @@ typedef struct cm_kcuda_plan {
   cm_kcuda_red red;           /* CM_KCUDA_GENERIC */
   cm_kcuda_gemm gemm;         /* CM_KCUDA_GEMM */
   cm_kcuda_attn attn;         /* CM_KCUDA_ATTN_* */
+  cm_kcuda_rows rows;         /* CM_KCUDA_ROWS */
 } cm_kcuda_plan;
 
 typedef struct cm_kstage {

@@ -1174,6 +1174,12 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
       i += pl->attn.span - 1;
       continue;
     }
+    if (pl->kind == CM_KCUDA_ROWS || pl->kind == CM_KCUDA_IN_SPAN) { /* row spans */
+      st = pl->kind == CM_KCUDA_ROWS
+               ? cu_render_rows(k, i, &pl->rows, pl->min_blocks, &sb, written, err)
+               : cu_render_span_stub(k, i, pl->first, &sb, written, err);
+      continue;
+    }
     const cm_kstage *s = &k->stages[i];
     rctx c;
     st = cu_rctx_open(&c, k, i, &sb, err);

@@ -102,4 +102,20 @@ cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p
 cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_attn *p,
                                int min_blocks, sbuf *o, const bool *written, cm_err *err);
 
+/* ---- render_cuda_rows.c ------------------------------------------------------ */
+
+/* The span of row stages from stage `first` for target t (cm_kcuda_rows), leaving out the
+ * stages claimed[] by earlier spans; false when fewer than two stages, or none with a
+ * reduction, form one. */
+bool cu_plan_rows(const cm_kernel *k, int first, const cm_target *t, const bool *claimed,
+                  cm_kcuda_rows *out);
+/* Its grid, block and static shared memory. */
+void cu_rows_launch(const cm_kernel *k, const cm_kcuda_rows *r, unsigned grid[3], unsigned block[3],
+                    int64_t *shared);
+/* The empty function of stage si, which runs in stage first's. */
+cm_status cu_render_span_stub(const cm_kernel *k, int si, int first, sbuf *o, const bool *written,
+                              cm_err *err);
+cm_status cu_render_rows(const cm_kernel *k, int first, const cm_kcuda_rows *p, int min_blocks,
+                         sbuf *o, const bool *written, cm_err *err);
+
 #endif

@@ -2,7 +2,8 @@
  * cm_kcuda_plan): which skeleton renders it (an attention span's streaming or fused function, a
  * tiled GEMM, a generic grid-stride loop), its tiles, threads, grid and shared memory, from the
  * cm_target's limits. The templates compute their own parts (cu_plan_gemm in render_cuda_gemm.c,
- * cu_plan_attention/_stream/_stream_bwd in render_cuda_attention.c); the renderer and
+ * cu_plan_attention/_stream/_stream_bwd in render_cuda_attention.c, cu_plan_rows in
+ * render_cuda_rows.c: spans of row stages in one function); the renderer and
  * cm_cuda_stage_launch read the result and derive nothing themselves. */
 #include "render_cuda.h"
 
@@ -109,6 +110,36 @@ static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_pl
   return true;
 }
 
+/* A span of row stages from stage i (render_cuda_rows.c), of stages no earlier span has. */
+static bool plan_rows(const cm_kernel *k, int i, const cm_target *t, const cm_kcuda_plan *plans,
+                      cm_kcuda_plan *p) {
+  bool *claimed = calloc((size_t)k->n_stages + 1, sizeof *claimed);
+  bool ok = claimed != NULL;
+  for (int j = 0; ok && j < k->n_stages; j++) claimed[j] = plans[j].kind == CM_KCUDA_IN_SPAN;
+  ok = ok && cu_plan_rows(k, i, t, claimed, &p->rows);
+  free(claimed);
+  if (!ok) {
+    memset(&p->rows, 0, sizeof p->rows);
+    return false;
+  }
+  p->kind = CM_KCUDA_ROWS;
+  cu_rows_launch(k, &p->rows, p->grid, p->block, &p->shared_static);
+  p->min_blocks = launch_min_blocks(t, p->block[0]);
+  return true;
+}
+
+/* The span's other members run in the function of its first stage. */
+static void mark_in_span(cm_kcuda_plan *plans, int first, const cm_kcuda_rows *r,
+                         const cm_target *t) {
+  for (int m = 1; m < r->span; m++) {
+    cm_kcuda_plan *q = &plans[r->stage[m]];
+    q->kind = CM_KCUDA_IN_SPAN;
+    q->sm = t->sm;
+    q->first = first;
+    for (int d = 0; d < 3; d++) q->grid[d] = q->block[d] = 1;
+  }
+}
+
 static bool stage_malformed(const cm_kstage *s) {
   return s->n_dom < 0 || s->n_dom > CM_KMAX_VARS || s->n_red < 0 || s->n_red > CM_KMAX_VARS ||
          s->n_exprs < 0 || (s->n_exprs && !s->exprs);
@@ -122,6 +153,7 @@ static void plan_stages(const cm_kernel *k, const cm_target *t, bool no_template
   for (int i = 0; i < k->n_stages; i++) {
     const cm_kstage *s = &k->stages[i];
     cm_kcuda_plan *p = &plans[i];
+    if (p->kind == CM_KCUDA_IN_SPAN) continue; /* a member of an earlier row span */
     p->sm = t->sm;
     for (int d = 0; d < 3; d++) p->grid[d] = p->block[d] = 1;
     if (stage_malformed(s)) {
@@ -138,6 +170,10 @@ static void plan_stages(const cm_kernel *k, const cm_target *t, bool no_template
         for (int d = 0; d < 3; d++) plans[j].grid[d] = plans[j].block[d] = 1;
       }
       i += p->attn.span - 1;
+      continue;
+    }
+    if (!no_templates && plan_rows(k, i, t, plans, p)) {
+      mark_in_span(plans, i, &p->rows, t);
       continue;
     }
     if (!no_templates && cu_plan_gemm(s, t, &p->gemm)) {
@@ -257,6 +293,17 @@ void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out) {
             "%lld",
             a->span, a->br, a->bc, a->nrb, a->nkb, (long long)a->d, (long long)a->dv);
     break;
+  case CM_KCUDA_ROWS: {
+    const cm_kcuda_rows *r = &p->rows;
+    int syncs = 0;
+    for (int j = 0; j < r->span; j++) syncs += r->sync_before[j];
+    fprintf(out,
+            "rows: %d stages, %lld rows, a %s per row, %lld work per row, %d statistics and %d "
+            "row slices in registers, %d barriers",
+            r->span, (long long)r->rows, r->warp ? "warp" : "block", (long long)r->row_work,
+            r->n_stats, r->n_cached, syncs);
+    break;
+  }
   case CM_KCUDA_ATTN_STREAM_BWD:
     fprintf(out,
             "attention stream backward: %d stages, %lld rows, bc %d, %d key blocks, %lld "
