@@ -977,16 +977,103 @@ static void test_flash_attention(void) {
         compared >= 2 * ran);
 }
 
+/* Every attention span of every shipped variant's training step (batch 2), lowered for sm_80
+ * in f32 and after autocast (bf16): the forward spans by plan (flash on tensor cores, scalar
+ * streaming, fused) and the backward spans; every forward span must stream (flash for bf16).
+ * The tiny variants' forward spans of each distinct shape also run on the host under the shim,
+ * within their bounds on their inputs. */
+static void variant_spans(const char *path, bool bf16, bool host, int *fwd, int *fwd_flash,
+                          int *fwd_stream, int *bwd, int *bwd_stream) {
+  cm_model_config cfg;
+  cm_err err = {0};
+  CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
+  cm_model_build_opts bo = {BATCH, 1, CM_F32};
+  cm_model m;
+  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
+  if (!m.g) return;
+  cm_optim_config oc = test_model_optim();
+  cm_graph *step = NULL;
+  cm_train_step_info info;
+  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
+            err.msg);
+  cm_model_free(&m);
+  if (!step) return;
+  if (bf16) CHECK_MSG(cm_autocast(&step, CM_BF16, NULL, &err) == CM_OK, "%s: %s", path, err.msg);
+  cm_pass_state ps = {step, NULL};
+  cm_status st = cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err);
+  CHECK_MSG(st == CM_OK && ps.plan, "%s: %s", path, err.msg);
+  cm_target t;
+  cm_target_cuda("sm_80", &t, NULL);
+  cm_lower_opts lo = {&t, false, 0};
+  cm_kprogram kp;
+  memset(&kp, 0, sizeof kp);
+  if (st == CM_OK && ps.plan)
+    CHECK_MSG(cm_lower_plan(ps.g, ps.plan, &lo, &kp, &err) == CM_OK, "%s: %s", path, err.msg);
+  /* host: the forward spans of distinct shapes (at most 3) also run on the emulated device */
+  cm_kprogram sub = {0, calloc(4, sizeof(cm_kernel)), 0, 0};
+  for (int i = 0; i < kp.n_kernels; i++) {
+    const cm_kstage *s0 = kp.kernels[i].n_stages ? &kp.kernels[i].stages[0] : NULL;
+    if (!s0 || (s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD)) continue;
+    bool seen = false;
+    for (int j = 0; j < sub.n_kernels; j++)
+      seen |= sub.kernels[j].stages[0].attn.rows == s0->attn.rows &&
+              sub.kernels[j].stages[0].red[0] == s0->red[0];
+    if (host && sub.kernels && !seen && sub.n_kernels < 3 && s0->tmpl == CM_KT_ATTENTION_FWD)
+      sub.kernels[sub.n_kernels++] = kp.kernels[i];
+    if (s0->tmpl == CM_KT_ATTENTION_FWD) {
+      (*fwd)++;
+      *fwd_flash += s0->cuda.kind == CM_KCUDA_ATTN_FLASH;
+      *fwd_stream += s0->cuda.kind == CM_KCUDA_ATTN_STREAM;
+    } else {
+      (*bwd)++;
+      *bwd_stream += s0->cuda.kind == CM_KCUDA_ATTN_STREAM_BWD;
+    }
+  }
+  if (sub.n_kernels) {
+    int kernels = 0, spans = 0, compared = 0;
+    emu_check_program(ps.g, ps.plan, &sub, &kernels, &spans, &compared);
+    fprintf(stderr, "  %s %s: %d forward spans run on the host, %d outputs compared\n", path,
+            bf16 ? "bf16" : "f32", kernels, compared);
+    CHECK(kernels == sub.n_kernels && compared >= sub.n_kernels);
+  }
+  free(sub.kernels); /* a view of kp's kernels */
+  cm_kprogram_free(&kp);
+  cm_plan_free(ps.plan);
+  cm_graph_free(ps.g);
+}
+
+static void test_variant_attention_spans(void) {
+  double t0 = now_s();
+  for (int v = 0; v < N_VARIANTS; v++) {
+    if (!wanted(VARIANTS[v])) continue;
+    for (int bf16 = 0; bf16 < 2; bf16++) {
+      int fwd = 0, flash = 0, stream = 0, bwd = 0, bwd_stream = 0;
+      /* the tiny variants' spans run on the emulated device too */
+      variant_spans(VARIANTS[v], bf16, strstr(VARIANTS[v], "tiny") != NULL, &fwd, &flash, &stream,
+                    &bwd, &bwd_stream);
+      fprintf(stderr,
+              "  %-36s %s: %d forward spans (%d flash, %d streaming), %d backward (%d "
+              "streaming)\n",
+              VARIANTS[v], bf16 ? "bf16" : "f32 ", fwd, flash, stream, bwd, bwd_stream);
+      CHECK_MSG(fwd > 0 && (bf16 ? flash : stream) == fwd, "%s %s: %d of %d forward spans %s",
+                VARIANTS[v], bf16 ? "bf16" : "f32", bf16 ? flash : stream, fwd,
+                bf16 ? "flash" : "streaming");
+    }
+  }
+  fprintf(stderr, "  %.1f s\n", now_s() - t0);
+}
+
 int main(int argc, char **argv) {
   cm_err err = {0};
   const char *only = argc > 1 ? argv[1] : NULL;
   if (argc > 2 ||
       (only && strcmp(only, "test_cuda_kernels_on_host") &&
        strcmp(only, "test_streaming_attention") && strcmp(only, "test_flash_attention") &&
+       strcmp(only, "test_variant_attention_spans") &&
        strcmp(only, "test_every_variant_through_nvrtc"))) {
     fprintf(stderr,
             "%s: no test \"%s\"; tests: test_cuda_kernels_on_host test_streaming_attention "
-            "test_flash_attention "
+            "test_flash_attention test_variant_attention_spans "
             "test_every_variant_through_nvrtc\n",
             argv[0], argv[argc - 1]);
     return 2;
@@ -1012,6 +1099,12 @@ int main(int argc, char **argv) {
   if (!only || !strcmp(only, "test_flash_attention")) {
     test_flash_attention();
     fprintf(stderr, "%-40s %s\n", "test_flash_attention",
+            test_failures == before ? "ok" : "FAILED");
+  }
+  before = test_failures;
+  if (only && !strcmp(only, "test_variant_attention_spans")) {
+    test_variant_attention_spans();
+    fprintf(stderr, "%-40s %s\n", "test_variant_attention_spans",
             test_failures == before ? "ok" : "FAILED");
   }
   before = test_failures;
