@@ -896,7 +896,7 @@ static int flash_nvrtc(const cm_kernel *kk, const char *src, bool print) {
                 "%s %s: spills %d/%d bytes, stack %d (%d registers)", kk->name, ARCHS[a],
                 ki->spill_store_bytes, ki->spill_load_bytes, ki->stack_bytes, ki->registers);
       if (print)
-        fprintf(stderr, "  flash %s %s: %d registers, %d bytes shared\n", fn, ARCHS[a],
+        fprintf(stderr, "  attention %s %s: %d registers, %d bytes shared\n", fn, ARCHS[a],
                 ki->registers, ki->shared_bytes);
       compiled++;
     }
@@ -984,7 +984,7 @@ static void test_flash_attention(void) {
  * The tiny variants' forward spans of each distinct shape also run on the host under the shim,
  * within their bounds on their inputs. */
 static void variant_spans(const char *path, bool bf16, bool host, int *fwd, int *fwd_flash,
-                          int *fwd_stream, int *bwd, int *bwd_stream) {
+                          int *fwd_stream, int *bwd, int *bwd_stream, int *bwd_mma) {
   cm_model_config cfg;
   cm_err err = {0};
   CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
@@ -1010,17 +1010,35 @@ static void variant_spans(const char *path, bool bf16, bool host, int *fwd, int 
   memset(&kp, 0, sizeof kp);
   if (st == CM_OK && ps.plan)
     CHECK_MSG(cm_lower_plan(ps.g, ps.plan, &lo, &kp, &err) == CM_OK, "%s: %s", path, err.msg);
-  /* host: the forward spans of distinct shapes (at most 3) also run on the emulated device */
-  cm_kprogram sub = {0, calloc(4, sizeof(cm_kernel)), 0, 0};
+  /* host: the forward and backward spans of distinct shapes (at most 3 each) also run on the
+   * emulated device */
+  cm_kprogram sub = {0, calloc(6, sizeof(cm_kernel)), 0, 0};
+  int picked[2] = {0, 0};
   for (int i = 0; i < kp.n_kernels; i++) {
     const cm_kstage *s0 = kp.kernels[i].n_stages ? &kp.kernels[i].stages[0] : NULL;
     if (!s0 || (s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD)) continue;
-    bool seen = false;
+    bool seen = false, is_fwd = s0->tmpl == CM_KT_ATTENTION_FWD;
     for (int j = 0; j < sub.n_kernels; j++)
-      seen |= sub.kernels[j].stages[0].attn.rows == s0->attn.rows &&
+      seen |= sub.kernels[j].stages[0].tmpl == s0->tmpl &&
+              sub.kernels[j].stages[0].attn.rows == s0->attn.rows &&
               sub.kernels[j].stages[0].red[0] == s0->red[0];
-    if (host && sub.kernels && !seen && sub.n_kernels < 3 && s0->tmpl == CM_KT_ATTENTION_FWD)
+    bool pick = host && sub.kernels && !seen && picked[is_fwd] < 3;
+    if (pick) {
       sub.kernels[sub.n_kernels++] = kp.kernels[i];
+      picked[is_fwd]++;
+    }
+    /* bf16 backward spans rendered fused: their GEMM stages on tensor cores (the picked ones
+     * through NVRTC: no spills, no stack) */
+    if (bf16 && !is_fwd && s0->cuda.kind == CM_KCUDA_ATTN_FUSED) {
+      cm_cuda_render_opts ro = {&t, false};
+      char *src = NULL;
+      CHECK_MSG(cm_render_cuda(&kp.kernels[i], &ro, true, &src, &err) == CM_OK, "%s", err.msg);
+      bool mma = src && strstr(src, "(tensor cores)") && strstr(src, "cm_mma_16816<true>(acc_");
+      CHECK_MSG(mma, "%s %s: a bf16 backward span without tensor cores", path, kp.kernels[i].name);
+      *bwd_mma += mma;
+      if (pick && src) CHECK(flash_nvrtc(&kp.kernels[i], src, true) == 2);
+      free(src);
+    }
     if (s0->tmpl == CM_KT_ATTENTION_FWD) {
       (*fwd)++;
       *fwd_flash += s0->cuda.kind == CM_KCUDA_ATTN_FLASH;
@@ -1033,8 +1051,10 @@ static void variant_spans(const char *path, bool bf16, bool host, int *fwd, int 
   if (sub.n_kernels) {
     int kernels = 0, spans = 0, compared = 0;
     emu_check_program(ps.g, ps.plan, &sub, &kernels, &spans, &compared);
-    fprintf(stderr, "  %s %s: %d forward spans run on the host, %d outputs compared\n", path,
-            bf16 ? "bf16" : "f32", kernels, compared);
+    fprintf(stderr,
+            "  %s %s: %d forward and %d backward spans run on the host, %d outputs "
+            "compared\n",
+            path, bf16 ? "bf16" : "f32", picked[1], picked[0], compared);
     CHECK(kernels == sub.n_kernels && compared >= sub.n_kernels);
   }
   free(sub.kernels); /* a view of kp's kernels */
@@ -1048,14 +1068,14 @@ static void test_variant_attention_spans(void) {
   for (int v = 0; v < N_VARIANTS; v++) {
     if (!wanted(VARIANTS[v])) continue;
     for (int bf16 = 0; bf16 < 2; bf16++) {
-      int fwd = 0, flash = 0, stream = 0, bwd = 0, bwd_stream = 0;
+      int fwd = 0, flash = 0, stream = 0, bwd = 0, bwd_stream = 0, bwd_mma = 0;
       /* the tiny variants' spans run on the emulated device too */
       variant_spans(VARIANTS[v], bf16, strstr(VARIANTS[v], "tiny") != NULL, &fwd, &flash, &stream,
-                    &bwd, &bwd_stream);
+                    &bwd, &bwd_stream, &bwd_mma);
       fprintf(stderr,
               "  %-36s %s: %d forward spans (%d flash, %d streaming), %d backward (%d "
-              "streaming)\n",
-              VARIANTS[v], bf16 ? "bf16" : "f32 ", fwd, flash, stream, bwd, bwd_stream);
+              "streaming, %d fused with tensor cores)\n",
+              VARIANTS[v], bf16 ? "bf16" : "f32 ", fwd, flash, stream, bwd, bwd_stream, bwd_mma);
       CHECK_MSG(fwd > 0 && (bf16 ? flash : stream) == fwd, "%s %s: %d of %d forward spans %s",
                 VARIANTS[v], bf16 ? "bf16" : "f32", bf16 ? flash : stream, fwd,
                 bf16 ? "flash" : "streaming");
