@@ -444,8 +444,9 @@ typedef struct cm_kcuda_attn {
   int64_t slot_elems[CM_KATTN_MAX_LOCAL]; /* fused: shared elements of each local buffer */
   int64_t acc_off[CM_KATTN_MAX_SPAN];     /* streaming backward: accumulator offsets (floats) */
   int64_t acc_floats;                     /* streaming backward: accumulator floats */
-  int dp, dvp; /* flash: d padded to the mma's k (16), dv to 16 (zeros in shared memory) */
-  bool mma;    /* fused: GEMM stages with bf16 operands on tensor cores (mma.sync m16n8k16) */
+  int dp, dvp;     /* flash: d padded to the mma's k (16), dv to 16 (zeros in shared memory) */
+  bool mma;        /* fused: GEMM stages with bf16 operands on tensor cores (mma.sync m16n8k16) */
+  bool dyn_shared; /* fused: the local buffers in dynamic shared memory (above the static 48 KiB) */
 } cm_kcuda_attn;
 
 typedef struct cm_kcuda_plan {

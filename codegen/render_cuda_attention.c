@@ -22,9 +22,11 @@ size_t cu_dt_size(cm_dtype d) {
   }
 }
 
-bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+/* The fused plan within smem bytes of shared memory per block. */
+static bool plan_fused(const cm_kernel *k, int first, const cm_target *t, int64_t smem_bytes,
+                       cm_kcuda_attn *out) {
   cm_kcuda_attn p;
-  const double smem = (double)t->shared_bytes_static;
+  const double smem = (double)smem_bytes;
   memset(&p, 0, sizeof p);
   const cm_kstage *s0 = &k->stages[first];
   if (s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD) return false;
@@ -42,7 +44,7 @@ bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcu
     per_row += (size_t)a->local_row[i] * cu_dt_size(k->buffers[a->local[i]].dtype);
   per_row += 16 * (size_t)a->n_local;
   if (p.rowwise) {
-    int64_t br = (int64_t)((size_t)t->shared_bytes_static / (per_row ? per_row : 1));
+    int64_t br = (int64_t)((size_t)smem_bytes / (per_row ? per_row : 1));
     if (br > ATTN_MAX_ROWS) br = ATTN_MAX_ROWS;
     if (br > p.rows) br = p.rows;
     if (br < 1) return false;
@@ -72,6 +74,18 @@ bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcu
   if ((double)p.batch * p.nrb > 2147483647.0) return false;
   p.mma = t->mma_bf16;
   *out = p;
+  return true;
+}
+
+bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+  if (plan_fused(k, first, t, t->shared_bytes_static, out)) return true;
+  /* a whole batch item whose tiles need more than the static 48 KiB (the 197-token backward
+   * in bf16: dP and dS, 76 KiB each): dynamic shared memory up to the opt-in limit */
+  const cm_kattn *a = &k->stages[first].attn;
+  if (a->br < a->rows || t->shared_bytes_max <= t->shared_bytes_static ||
+      !plan_fused(k, first, t, t->shared_bytes_max, out))
+    return false;
+  out->dyn_shared = true;
   return true;
 }
 
@@ -241,9 +255,19 @@ cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn
   }
   cu_rctx_close(&c0);
   if (st != CM_OK) return st;
-  for (int i = 0; i < a->n_local; i++)
-    cu_sb_printf(o, "  __shared__ __align__(16) %s sl%d_[%lld];\n",
-                 cu_stype(k->buffers[a->local[i]].dtype), i, (long long)p->slot_elems[i]);
+  if (p->dyn_shared) { /* the slots one after another in dynamic shared memory */
+    int64_t off = 0;
+    cu_sb_printf(o, "  extern __shared__ __align__(16) unsigned char dsm_[];\n");
+    for (int i = 0; i < a->n_local; i++) {
+      const char *ty = cu_stype(k->buffers[a->local[i]].dtype);
+      cu_sb_printf(o, "  %s *const sl%d_ = (%s *)(dsm_ + %lld);\n", ty, i, ty, (long long)off);
+      off += p->slot_elems[i] * (int64_t)cu_dt_size(k->buffers[a->local[i]].dtype);
+    }
+  } else {
+    for (int i = 0; i < a->n_local; i++)
+      cu_sb_printf(o, "  __shared__ __align__(16) %s sl%d_[%lld];\n",
+                   cu_stype(k->buffers[a->local[i]].dtype), i, (long long)p->slot_elems[i]);
+  }
   cu_sb_printf(o, "  const long long blk_ = blockIdx.x;\n");
   cu_sb_printf(o, "  const long long bi_ = blk_ / %d, row0_ = (blk_ %% %d) * %d;\n", p->nrb, p->nrb,
                p->br);

@@ -112,6 +112,10 @@ static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_pl
   p->attn.threads = threads;
   p->block[0] = (unsigned)p->attn.threads;
   p->shared_static = attn_shared_bytes(k, i, p);
+  if (p->kind == CM_KCUDA_ATTN_FUSED && p->attn.dyn_shared) {
+    p->shared_dynamic = (unsigned)p->shared_static;
+    p->shared_static = 0;
+  }
   return true;
 }
 
