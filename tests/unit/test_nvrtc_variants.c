@@ -1093,6 +1093,11 @@ static void test_variant_attention_spans(void) {
       CHECK_MSG(fwd > 0 && (bf16 ? flash : stream) == fwd, "%s %s: %d of %d forward spans %s",
                 VARIANTS[v], bf16 ? "bf16" : "f32", bf16 ? flash : stream, fwd,
                 bf16 ? "flash" : "streaming");
+      /* bf16: every backward span one fused function on tensor cores (197 tokens included) */
+      CHECK_MSG(!bf16 || (bwd > 0 && bwd_mma == bwd),
+                "%s: %d of %d bf16 backward spans fused on "
+                "tensor cores",
+                VARIANTS[v], bwd_mma, bwd);
     }
   }
   fprintf(stderr, "  %.1f s\n", now_s() - t0);
