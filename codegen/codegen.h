@@ -412,6 +412,7 @@ typedef enum cm_kcuda_kind {
   CM_KCUDA_ATTN_FUSED,      /* attention span in one function, local buffers in shared memory */
   CM_KCUDA_ATTN_STREAM,     /* attention forward span, online softmax over key blocks */
   CM_KCUDA_ATTN_STREAM_BWD, /* attention backward span, two passes over key blocks */
+  CM_KCUDA_ATTN_FLASH,      /* attention forward span, online softmax on tensor cores (bf16) */
   CM_KCUDA_IN_SPAN,         /* runs inside the function of an earlier stage's span: empty */
   CM_KCUDA_ROWS,            /* a span of row stages in one function, a warp or block per row */
 } cm_kcuda_kind;
@@ -457,6 +458,9 @@ typedef struct cm_kcuda_attn {
   int64_t slot_elems[CM_KATTN_MAX_LOCAL]; /* fused: shared elements of each local buffer */
   int64_t acc_off[CM_KATTN_MAX_SPAN];     /* streaming backward: accumulator offsets (floats) */
   int64_t acc_floats;                     /* streaming backward: accumulator floats */
+  int dp, dvp;     /* flash: d padded to the mma's k (16), dv to 16 (zeros in shared memory) */
+  bool mma;        /* fused: GEMM stages with bf16 operands on tensor cores (mma.sync m16n8k16) */
+  bool dyn_shared; /* fused: the local buffers in dynamic shared memory (above the static 48 KiB) */
 } cm_kcuda_attn;
 
 /* A span of row stages (render_cuda_rows.c): every stage of the span runs over the same rows (each

@@ -22,9 +22,11 @@ size_t cu_dt_size(cm_dtype d) {
   }
 }
 
-bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+/* The fused plan within smem bytes of shared memory per block. */
+static bool plan_fused(const cm_kernel *k, int first, const cm_target *t, int64_t smem_bytes,
+                       cm_kcuda_attn *out) {
   cm_kcuda_attn p;
-  const double smem = (double)t->shared_bytes_static;
+  const double smem = (double)smem_bytes;
   memset(&p, 0, sizeof p);
   const cm_kstage *s0 = &k->stages[first];
   if (s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD) return false;
@@ -42,7 +44,7 @@ bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcu
     per_row += (size_t)a->local_row[i] * cu_dt_size(k->buffers[a->local[i]].dtype);
   per_row += 16 * (size_t)a->n_local;
   if (p.rowwise) {
-    int64_t br = (int64_t)((size_t)t->shared_bytes_static / (per_row ? per_row : 1));
+    int64_t br = (int64_t)((size_t)smem_bytes / (per_row ? per_row : 1));
     if (br > ATTN_MAX_ROWS) br = ATTN_MAX_ROWS;
     if (br > p.rows) br = p.rows;
     if (br < 1) return false;
@@ -70,13 +72,26 @@ bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcu
     p.nrb = (int)((p.rows + p.br - 1) / p.br);
   }
   if ((double)p.batch * p.nrb > 2147483647.0) return false;
+  p.mma = t->mma_bf16;
   *out = p;
   return true;
 }
 
+bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+  if (plan_fused(k, first, t, t->shared_bytes_static, out)) return true;
+  /* a whole batch item whose tiles need more than the static 48 KiB (the 197-token backward
+   * in bf16: dP and dS, 76 KiB each): dynamic shared memory up to the opt-in limit */
+  const cm_kattn *a = &k->stages[first].attn;
+  if (a->br < a->rows || t->shared_bytes_max <= t->shared_bytes_static ||
+      !plan_fused(k, first, t, t->shared_bytes_max, out))
+    return false;
+  out->dyn_shared = true;
+  return true;
+}
+
 /* The span's other stages: empty functions (the first stage's function runs them). */
-static cm_status span_stubs(const cm_kernel *k, int first, int span, sbuf *o, const bool *written,
-                            cm_err *err) {
+cm_status cu_span_stubs(const cm_kernel *k, int first, int span, sbuf *o, const bool *written,
+                        cm_err *err) {
   cm_status st = CM_OK;
   for (int si = first + 1; si < first + span && st == CM_OK; si++) {
     rctx c;
@@ -91,12 +106,91 @@ static cm_status span_stubs(const cm_kernel *k, int first, int span, sbuf *o, co
   return st;
 }
 
+/* Whether stage s of a fused span runs on tensor cores: a GEMM [batch, i, j] over one k whose
+ * body is gemm_a * gemm_b, both bf16 (autocast), accumulated in f32. */
+static bool span_stage_mma(const cm_kstage *s, const cm_kcuda_attn *p) {
+  if (!p->mma || s->n_red != 1 || s->red_op != CM_KRED_SUM || s->acc_dtype != CM_F32 ||
+      s->n_dom != p->nb + 2 || s->gemm_a < 0 || s->gemm_b < 0 || s->accumulate ||
+      s->gemm_a >= s->n_exprs || s->gemm_b >= s->n_exprs || s->body < 0 || s->body >= s->n_exprs)
+    return false;
+  const cm_kexpr *b = &s->exprs[s->body];
+  return b->kind == CM_KX_OP && b->op == CM_OP_MUL && b->a == s->gemm_a && b->b == s->gemm_b &&
+         s->exprs[s->gemm_a].dtype == CM_BF16 && s->exprs[s->gemm_b].dtype == CM_BF16;
+}
+
+/* One mma operand register (two bf16): the operand expression e at k = kk_ and kk_ + 1 (0 where
+ * cond fails, x_ the half). */
+static void span_mma_operand(rctx *c, const cm_kcuda_attn *p, int e, const char *cond,
+                             const char *row, const char *col, const char *dst) {
+  sbuf *o = c->o;
+  cu_sb_printf(o, "        {\n        unsigned short h_[2];\n");
+  cu_sb_printf(o, "        for (int x_ = 0; x_ < 2; x_++) {\n          float val_ = 0.f;\n");
+  cu_sb_printf(o, "          if (%s) {\n", cond);
+  cu_attn_point(c, p->nb, false, "          ", row, col, "kk_ + x_");
+  cu_emit_tree(c, e, "            ", "acc");
+  cu_sb_printf(o, "            val_ = (float)(e%d);\n          }\n          }\n", e);
+  cu_sb_printf(o, "          h_[x_] = cm_f2bf(val_);\n        }\n");
+  cu_sb_printf(o, "        %s = cm_pack16(h_[0], h_[1]);\n        }\n", dst);
+}
+
+/* A GEMM stage of the span on tensor cores: the block's warps take the 16 x 8 tiles of the
+ * block's M rows x N columns in turn; each lane evaluates its fragments' operand expressions
+ * (bf16) at their points, mma.sync m16n8k16 accumulates in f32, the stores run per element. */
+static void render_span_stage_mma(rctx *c, const cm_kcuda_attn *p) {
+  const cm_kstage *s = c->s;
+  sbuf *o = c->o;
+  int nb = p->nb;
+  long long M = (long long)s->dom[nb], N = (long long)s->dom[nb + 1], K = (long long)s->red[0];
+  cu_sb_printf(o, "  { // stage %d \"%s\" (tensor cores)\n", c->si, s->name);
+  char rows[48];
+  if (p->rowwise)
+    snprintf(rows, sizeof rows, "(int)rb_");
+  else
+    snprintf(rows, sizeof rows, "%lld", M);
+  cu_sb_printf(o,
+               "  const int m_ = %s, w_ = threadIdx.x >> 5, g_ = (threadIdx.x & 31) >> 2, "
+               "q_ = threadIdx.x & 3;\n",
+               rows);
+  const char *r0 = p->rowwise ? "row0_ + " : "";
+  char rowa[64], rowe[64], cond[160];
+  snprintf(rowa, sizeof rowa, "%s(mi_ * 16 + g_ + (r_ & 1) * 8)", r0);
+  snprintf(rowe, sizeof rowe, "%s(mi_ * 16 + g_ + (h_ >> 1) * 8)", r0);
+  long long nt = (N + 7) / 8;
+  cu_sb_printf(o, "  const int nt_ = (m_ + 15) / 16 * %lld;\n", nt);
+  cu_sb_printf(o, "  for (int tile_ = w_; tile_ < nt_; tile_ += %d) {\n", p->threads / 32);
+  cu_sb_printf(o, "    const int mi_ = tile_ / %lld, ni_ = tile_ %% %lld;\n", nt, nt);
+  cu_sb_printf(o, "    float acc_[4] = {0.f, 0.f, 0.f, 0.f};\n");
+  cu_sb_printf(o, "    for (int k0_ = 0; k0_ < %lld; k0_ += 16) {\n", K);
+  cu_sb_printf(o, "      unsigned a_[4], b_[2];\n");
+  cu_sb_printf(o, "      for (int r_ = 0; r_ < 4; r_++) {\n");
+  cu_sb_printf(o, "        const int kk_ = k0_ + 2 * q_ + (r_ >> 1) * 8;\n");
+  snprintf(cond, sizeof cond, "mi_ * 16 + g_ + (r_ & 1) * 8 < m_ && kk_ + x_ < %lld", K);
+  span_mma_operand(c, p, s->gemm_a, cond, rowa, "0", "a_[r_]");
+  cu_sb_printf(o, "      }\n      for (int r_ = 0; r_ < 2; r_++) {\n");
+  cu_sb_printf(o, "        const int kk_ = k0_ + 2 * q_ + r_ * 8;\n");
+  snprintf(cond, sizeof cond, "ni_ * 8 + g_ < %lld && kk_ + x_ < %lld", N, K);
+  span_mma_operand(c, p, s->gemm_b, cond, "0", "ni_ * 8 + g_", "b_[r_]");
+  cu_sb_printf(o, "      }\n      cm_mma_16816<true>(acc_, a_, b_);\n    }\n");
+  cu_sb_printf(o, "    for (int h_ = 0; h_ < 4; h_++) {\n");
+  cu_sb_printf(o, "      const int i_ = mi_ * 16 + g_ + (h_ >> 1) * 8, j_ = ni_ * 8 + 2 * q_ + "
+                  "(h_ & 1);\n");
+  cu_sb_printf(o, "      if (i_ < m_ && j_ < %lld) {\n      const float acc = acc_[h_];\n", N);
+  cu_attn_point(c, nb, false, "      ", rowe, "j_", NULL);
+  cu_emit_stores(c, "        ", "acc");
+  cu_sb_printf(o, "      }\n      }\n    }\n  }\n  __syncthreads();\n  }\n");
+}
+
 /* One stage of the span inside the fused function: the block's points, a
- * thread per point with a serial reduction, then a barrier. */
+ * thread per point with a serial reduction, then a barrier (GEMM stages with bf16 operands:
+ * render_span_stage_mma). */
 static void render_span_stage(rctx *c, const cm_kcuda_attn *p) {
   const cm_kstage *s = c->s;
   sbuf *o = c->o;
   int nb = p->nb;
+  if (span_stage_mma(s, p)) {
+    render_span_stage_mma(c, p);
+    return;
+  }
   int64_t inner = cu_prod(s->dom + nb + (p->rowwise ? 1 : 0), s->n_dom - nb - (p->rowwise ? 1 : 0));
   cu_sb_printf(o, "  { // stage %d \"%s\"\n", c->si, s->name);
   if (p->rowwise)
@@ -161,9 +255,19 @@ cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn
   }
   cu_rctx_close(&c0);
   if (st != CM_OK) return st;
-  for (int i = 0; i < a->n_local; i++)
-    cu_sb_printf(o, "  __shared__ __align__(16) %s sl%d_[%lld];\n",
-                 cu_stype(k->buffers[a->local[i]].dtype), i, (long long)p->slot_elems[i]);
+  if (p->dyn_shared) { /* the slots one after another in dynamic shared memory */
+    int64_t off = 0;
+    cu_sb_printf(o, "  extern __shared__ __align__(16) unsigned char dsm_[];\n");
+    for (int i = 0; i < a->n_local; i++) {
+      const char *ty = cu_stype(k->buffers[a->local[i]].dtype);
+      cu_sb_printf(o, "  %s *const sl%d_ = (%s *)(dsm_ + %lld);\n", ty, i, ty, (long long)off);
+      off += p->slot_elems[i] * (int64_t)cu_dt_size(k->buffers[a->local[i]].dtype);
+    }
+  } else {
+    for (int i = 0; i < a->n_local; i++)
+      cu_sb_printf(o, "  __shared__ __align__(16) %s sl%d_[%lld];\n",
+                   cu_stype(k->buffers[a->local[i]].dtype), i, (long long)p->slot_elems[i]);
+  }
   cu_sb_printf(o, "  const long long blk_ = blockIdx.x;\n");
   cu_sb_printf(o, "  const long long bi_ = blk_ / %d, row0_ = (blk_ %% %d) * %d;\n", p->nrb, p->nrb,
                p->br);
@@ -198,7 +302,7 @@ cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn
   free(local);
   if (p->nb > 0) cu_sb_printf(o, "  }\n");
   cu_sb_printf(o, "}\n\n");
-  if (st == CM_OK) st = span_stubs(k, first, p->span, o, written, err);
+  if (st == CM_OK) st = cu_span_stubs(k, first, p->span, o, written, err);
   return st;
 }
 
@@ -252,9 +356,8 @@ static bool cu_stream_span(const cm_kernel *k, int first, cm_ktemplate tmpl) {
   return cm_kernel_verify(k, &e) == CM_OK && cm_kattn_stream_check(k, first, &e) == CM_OK;
 }
 
-bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+bool cu_stream_shape(const cm_kernel *k, int first, cm_kcuda_attn *out) {
   fa_cplan p;
-  const double smem_floats = (double)(t->shared_bytes_static / 4);
   memset(&p, 0, sizeof p);
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
@@ -275,8 +378,23 @@ bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_
   p.rows = a->rows, p.keys = s0->dom[p.nb + 1], p.d = s0->red[0];
   p.dv = p.sO->dom[p.sO->n_dom - 1];
   p.batch = cu_prod(s0->dom, p.nb);
+  if (a->bc < 1 || p.keys < 2) return false;
+  memset(out, 0, sizeof *out);
+  out->span = a->span, out->nb = p.nb, out->rows = p.rows, out->batch = p.batch;
+  out->keys = p.keys, out->d = p.d, out->dv = p.dv, out->bc = a->bc;
+  return true;
+}
+
+bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+  fa_cplan p;
+  const double smem_floats = (double)(t->shared_bytes_static / 4);
+  memset(&p, 0, sizeof p);
+  const cm_kattn *a = &k->stages[first].attn;
+  cm_kcuda_attn sh;
+  /* f32 scores only: the loads of a bf16 S (autocast) read the tile as bits (cu_plan_flash) */
+  if (!cu_stream_shape(k, first, &sh) || k->buffers[a->buf_s].dtype != CM_F32) return false;
+  p.nb = sh.nb, p.rows = sh.rows, p.batch = sh.batch, p.keys = sh.keys, p.d = sh.d, p.dv = sh.dv;
   int64_t bc = a->bc < 64 ? a->bc : 64, br = p.rows < 64 ? p.rows : 64;
-  if (bc < 1 || p.keys < 2) return false;
   for (;;) {
     int64_t kvn = p.d * bc > bc * p.dv ? p.d * bc : bc * p.dv;
     double fl = (double)br * (double)(p.d + bc + 1 + p.dv + 3) + (double)kvn;
@@ -307,8 +425,8 @@ bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_
  * (stat: the stage computes a row statistic): its vars (batch from bv<i>_
  * when the stage's batch axes are the span's, else 0; the row var = row, the
  * var after it = col, the reduction var = red; NULL or any other var: 0). */
-static void fb_cuda_point(rctx *c, int nb, bool stat, const char *ind, const char *row,
-                          const char *col, const char *red) {
+void cu_attn_point(rctx *c, int nb, bool stat, const char *ind, const char *row, const char *col,
+                   const char *red) {
   const cm_kstage *s = c->s;
   int nbs = fa_cuda_stage_nb(s, stat);
   cu_sb_printf(c->o, "%s{\n", ind);
@@ -330,7 +448,7 @@ static void fb_cuda_point(rctx *c, int nb, bool stat, const char *ind, const cha
 /* The same for a forward span: its row statistics are the max and sum stages. */
 static void fa_cuda_point(rctx *c, const fa_cplan *p, const char *ind, const char *row,
                           const char *col, const char *red) {
-  fb_cuda_point(c, p->nb, c->s == p->sM || c->s == p->sL, ind, row, col, red);
+  cu_attn_point(c, p->nb, c->s == p->sM || c->s == p->sL, ind, row, col, red);
 }
 
 /* The K_j^T tile (fkv_[k * BC + j]) of the current key block, then a barrier. */
@@ -552,7 +670,7 @@ cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p
   cu_rctx_close(&cS), cu_rctx_close(&cM), cu_rctx_close(&cE), cu_rctx_close(&cL),
       cu_rctx_close(&cO);
   if (p->sP) cu_rctx_close(&cP);
-  if (st == CM_OK) st = span_stubs(k, first, a->span, o, written, err);
+  if (st == CM_OK) st = cu_span_stubs(k, first, a->span, o, written, err);
   return st;
 }
 
@@ -655,13 +773,13 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
     cu_sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n    float acc = 0.f;\n");
     if (r == 0) {
       cu_sb_printf(o, "    for (int k_ = 0; k_ < %lld; k_++) {\n", (long long)p->d);
-      fb_cuda_point(c, p->nb, false, "      ", "r_", "j0_ + j_", "k_");
+      cu_attn_point(c, p->nb, false, "      ", "r_", "j0_ + j_", "k_");
       cu_emit_tree(c, s->gemm_a, "        ", "acc");
       cu_emit_tree(c, s->gemm_b, "        ", "acc");
       cu_sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n", s->gemm_a,
                    s->gemm_b);
     }
-    fb_cuda_point(c, p->nb, false, "    ", "r_", "j0_ + j_", NULL);
+    cu_attn_point(c, p->nb, false, "    ", "r_", "j0_ + j_", NULL);
     cu_emit_tree(c, val, "      ", "acc");
     cu_sb_printf(o, "      const float tv_ = (float)(e%d);\n", val);
     cu_sb_printf(o, "      fbl%d_[r_ * %d + j_] = tv_;\n    }\n  }\n", li, BC);
@@ -673,7 +791,7 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
     cu_sb_printf(o, "    %s acc_ = (%s)fbl%d_[r_];\n", cu_ctype(s->acc_dtype),
                  cu_ctype(s->acc_dtype), li);
     cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
-    fb_cuda_point(c, p->nb, true, "      ", "r_", NULL, "j0_ + j_");
+    cu_attn_point(c, p->nb, true, "      ", "r_", NULL, "j0_ + j_");
     cu_emit_tree(c, s->body, "        ", "acc_");
     char bv[96];
     snprintf(bv, sizeof bv, "(%s)(e%d)", cu_ctype(s->acc_dtype), s->body);
@@ -686,7 +804,7 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
     cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", C, C);
     cu_sb_printf(o, "    float acc = fbacc_[%lld + p_];\n", (long long)p->acc_off[r]);
     cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
-    fb_cuda_point(c, p->nb, false, "      ", "r_", "c_", "j0_ + j_");
+    cu_attn_point(c, p->nb, false, "      ", "r_", "c_", "j0_ + j_");
     cu_emit_tree(c, s->gemm_a, "        ", "acc");
     cu_emit_tree(c, s->gemm_b, "        ", "acc");
     cu_sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n", s->gemm_a,
@@ -697,12 +815,12 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
     cu_sb_printf(o, "  for (int p_ = tid_; p_ < bc_ * %lld; p_ += %d) {\n", C, p->threads);
     cu_sb_printf(o, "    const int j_ = p_ / %lld, c_ = p_ %% %lld;\n    float acc = 0.f;\n", C, C);
     cu_sb_printf(o, "    for (int r_ = 0; r_ < %lld; r_++) {\n", R);
-    fb_cuda_point(c, p->nb, false, "      ", "j0_ + j_", "c_", "r_");
+    cu_attn_point(c, p->nb, false, "      ", "j0_ + j_", "c_", "r_");
     cu_emit_tree(c, s->gemm_a, "        ", "acc");
     cu_emit_tree(c, s->gemm_b, "        ", "acc");
     cu_sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n", s->gemm_a,
                  s->gemm_b);
-    fb_cuda_point(c, p->nb, false, "    ", "j0_ + j_", "c_", NULL);
+    cu_attn_point(c, p->nb, false, "    ", "j0_ + j_", "c_", NULL);
     cu_emit_stores(c, "      ", "acc");
     cu_sb_printf(o, "    }\n  }\n");
   }
@@ -797,7 +915,7 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
       cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += %d) {\n", R * C, p->threads);
       cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", C, C);
       cu_sb_printf(o, "    const float acc = fbacc_[%lld + p_];\n", (long long)p->acc_off[r]);
-      fb_cuda_point(c, p->nb, false, "    ", "r_", "c_", NULL);
+      cu_attn_point(c, p->nb, false, "    ", "r_", "c_", NULL);
       cu_emit_stores(c, "      ", "acc");
       cu_sb_printf(o, "    }\n  }\n");
     }
@@ -808,6 +926,6 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
     for (int b = 0; b < k->n_buffers; b++) free(sub[b]);
   free(sub);
   for (int r = 0; r < opened; r++) cu_rctx_close(&cs[r]);
-  if (st == CM_OK) st = span_stubs(k, first, a->span, o, written, err);
+  if (st == CM_OK) st = cu_span_stubs(k, first, a->span, o, written, err);
   return st;
 }
