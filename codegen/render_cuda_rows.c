@@ -392,8 +392,11 @@ static bool cacheable(const cm_kernel *k, const cm_kcuda_rows *p, int w, int b) 
   return readers > 0;
 }
 
-/* Row slices kept in registers (cm_kcuda_rows.cached_buf). */
+/* Row slices kept in registers (cm_kcuda_rows.cached_buf). Not in a span of one row: it is
+ * small by construction, and its members are whole kernels' stages (the optimizer's norms over
+ * thousands of buffers), where 24 more registers spilled. */
 static void plan_cache(const cm_kernel *k, cm_kcuda_rows *p) {
+  if (p->rows == 1) return;
   for (int w = 0; w < p->span; w++) {
     const cm_kstage *sw = &k->stages[p->stage[w]];
     if (p->mode[w] != CM_KCUDA_ROWS_POINTS || sw->n_red > 0) continue;
