@@ -215,7 +215,7 @@ int main(int argc, char **argv) {
            (long long)s->k, s->ta, s->tb, s->count);
     double ms = 0;
     if (!o.list && time_shape(&o, &choice, s, &ms))
-      printf(" %10.4f %8.2f", ms, 2e-9 * (double)s->m * (double)s->n * (double)s->k / ms);
+      printf(" %10.5f %8.2f", ms, 2e-9 * (double)s->m * (double)s->n * (double)s->k / ms);
     else if (!o.list)
       printf(" %10s %8s", "FAILED", "-"), failed++;
     putchar('\n');
