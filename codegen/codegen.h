@@ -425,10 +425,21 @@ typedef struct cm_kcuda_gemm {
   bool bf16;          /* mma operand type: bf16, else f16 */
   int mc, nc, kc;     /* block tile mc x nc, k tile kc */
   int mr, nr;         /* warp tile */
-  int warps, threads; /* per block: (mc / mr) * (nc / nr) warps */
+  int warps, threads; /* per block: (mc / mr) * (nc / nr) warps (times split_k with mma) */
   int lr, lc, tm, tn; /* FMA: a warp's lanes as lr x lc, each a tm x tn micro tile */
   cm_dtype t;         /* FMA operand/accumulator dtype (f32 or f64) */
   int64_t batch, M, N, K;
+  /* mma (render_cuda_mma.c), each tunable (powers of two; cu_mma_plan_valid derives mc, nc,
+   * warps, threads): mc = warps_m * mr, nc = warps_n * nr */
+  int warps_m, warps_n;
+  int split_k;           /* warp groups per block that share each k tile's 16-deep steps; their
+                            sums meet in shared memory before the epilogue */
+  int stages;            /* cp.async ring depth: k tiles in flight (2..8) */
+  bool swizzle;          /* XOR-swizzled shared rows (else padded by 16 bytes) */
+  bool a_outer_k;        /* A's shared tile is [k][m] (ldmatrix.trans), else [m][k] */
+  bool b_outer_k;        /* B's shared tile is [k][n] (ldmatrix.trans), else [n][k] */
+  bool a_async, b_async; /* operand copied by cp.async (a plain load, 16-byte chunks along the
+                            tile's rows); else evaluated (its prologue) into registers */
 } cm_kcuda_gemm;
 
 typedef struct cm_kcuda_attn {
@@ -695,9 +706,18 @@ typedef struct cm_cuda_render_opts {
  * renderer plans kernels without plans (or planned for another target) itself, without storing
  * them. */
 cm_status cm_cuda_plan_kernel(cm_kernel *k, const cm_target *t, cm_err *err);
+/* After a tuner changed the tunable fields of stage `stage`'s tensor-core GEMM plan (warps_m,
+ * warps_n, mr, nr, kc, split_k, stages, swizzle, a_async/b_async to false): checks them and
+ * derives the rest (mc, nc, warps, threads, grid, block, dynamic shared memory, launch bounds).
+ * CM_EINVALID naming the kernel, stage and rule when they make no template for t. */
+cm_status cm_cuda_plan_refit(cm_kernel *k, int stage, const cm_target *t, cm_err *err);
 /* One line, e.g. "cuda sm_80 gemm mma bf16: block 64x64 k 32 warp 32x32 (4 warps), batch 1 M 130
  * N 260 K 300; grid 5x3x1 block 128x1x1 shared 10240+0" (shared: static+dynamic bytes). */
 void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out);
+/* The K split (cm_gemm_split_k: S partial GEMMs into scratch, then a sum stage with the
+ * original stores) of a bf16/f16 GEMM stage for CUDA target t, when even the largest tensor-core
+ * tiles leave SMs idle over a long K (weight gradients); 0: none (render_cuda_mma.c). */
+int cm_cuda_gemm_k_split(const cm_kstage *s, const cm_target *t);
 
 /* CUDA C for the kernel: one extern "C" __global__ function per stage named
  * "<kernel>_s<stage index>" taking one pointer per kernel buffer, in buffer

@@ -102,10 +102,11 @@ static int copy_expr(cm_kstage *to, const cm_kernel *k, const cm_kstage *from, i
 /* The split factor S for GEMM stage s (0: no split): only for long K that
  * divides evenly, when the stage would have fewer than 4 blocks of the usual
  * size; the smallest S giving at least 4 blocks of at most 528 x 512. */
-static int k_split_of(const cm_kstage *s) {
+static int k_split_of(const cm_kstage *s, const cm_target *t) {
   if (s->tmpl != CM_KT_GEMM || s->accumulate || s->acc_dtype != CM_F32 || s->n_red != 1 ||
       s->n_dom < 2 || s->n_dom + 1 + s->n_red > CM_KMAX_VARS)
     return 0;
+  if (t && t->kind == CM_TARGET_CUDA) return cm_cuda_gemm_k_split(s, t);
   int64_t M = s->dom[s->n_dom - 2], Nn = s->dom[s->n_dom - 1], K = s->red[0], batch = 1;
   for (int d = 0; d < s->n_dom - 2; d++) batch *= s->dom[d];
   if (K < 1024 || batch * ((M + 239) / 240) * ((Nn + 511) / 512) >= 4) return 0;
@@ -144,7 +145,8 @@ static void split_k_stage(cm_kernel *k, int si, int S, const cm_lower_opts *o) {
   for (int e = 0; e < old.n_exprs; e++) cmap[e] = -1;
   a->gemm_a = copy_expr(a, k, &old, old.gemm_a, vmap, cmap);
   a->gemm_b = copy_expr(a, k, &old, old.gemm_b, vmap, cmap);
-  a->body = cm_kx_op(a, CM_OP_MUL, CM_F32, a->gemm_a, a->gemm_b, -1);
+  /* the product in the operands' dtype, as the unsplit stage's (bf16 operands: bf16) */
+  a->body = cm_kx_op(a, CM_OP_MUL, old.exprs[old.body].dtype, a->gemm_a, a->gemm_b, -1);
   int lin = cm_kx_var(a, 0);
   for (int d = 0; d < nd; d++)
     lin = cm_kx_iadd(a, cm_kx_imul(a, lin, cm_kx_iconst(a, old.dom[d])), cm_kx_var(a, d + 1));
@@ -201,7 +203,7 @@ void cm_gemm_mark(cm_kstage *s, int a, int b, const cm_lower_opts *o) {
 
 void cm_gemm_split_k(cm_kernel *k, const cm_lower_opts *o) {
   for (int si = 0; si < k->n_stages; si++) {
-    int S = k_split_of(&k->stages[si]);
+    int S = k_split_of(&k->stages[si], o ? o->target : NULL);
     if (S > 0) split_k_stage(k, si++, S, o);
   }
 }

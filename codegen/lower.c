@@ -1103,8 +1103,7 @@ static void lower_node(lctx *c, int id, int *out_buf, bool *done) {
 static cm_status finish_kernel(cm_kernel *out, const cm_group *gr, const cm_lower_opts *o,
                                cm_err *err) {
   cm_status st = CM_OK;
-  if (gr->kind != CM_GROUP_ATTENTION && !o->no_templates && o->target->kind != CM_TARGET_CUDA)
-    cm_gemm_split_k(out, o);
+  if (gr->kind != CM_GROUP_ATTENTION && !o->no_templates) cm_gemm_split_k(out, o);
   /* flattened-then-unflattened indices become affine: the renderers vectorize them */
   for (int i = 0; i < out->n_stages && st == CM_OK; i++)
     st = cm_kstage_simplify(&out->stages[i], err);

@@ -297,6 +297,90 @@ static const char *const PRELUDE_MMA =
     "#endif\n"
     "}\n\n";
 
+/* The tensor-core GEMM pipeline's PTX (sm_80+), each under CMAEC_EMULATED the shim's exact
+ * version (tests/emu/cuda_shim.hpp): ldmatrix, cp.async with its groups, bf16x2/f16x2 packing. */
+static const char *const PRELUDE_TILES =
+    "// ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16: lane 8i + r passes row r of 8x8\n"
+    "// matrix i (16 bytes, 16-byte aligned, shared memory); r[i] of lane l holds matrix i's\n"
+    "// (l/4, 2(l%4)..+1), or with TRANS its (2(l%4)..+1, l/4): an mma A/B fragment\n"
+    "template <int N, bool TRANS>\n"
+    "__device__ __forceinline__ void cm_ldmatrix(unsigned *r, const void *row) {\n"
+    "#ifdef CMAEC_EMULATED\n"
+    "  cm_emu_ldmatrix<N, TRANS>(r, row);\n"
+    "#else\n"
+    "  const unsigned a = (unsigned)__cvta_generic_to_shared(row);\n"
+    "  if constexpr (N == 4 && TRANS)\n"
+    "    asm volatile(\"ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\\n\"\n"
+    "                 : \"=r\"(r[0]), \"=r\"(r[1]), \"=r\"(r[2]), \"=r\"(r[3]) : \"r\"(a));\n"
+    "  else if constexpr (N == 4)\n"
+    "    asm volatile(\"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\\n\"\n"
+    "                 : \"=r\"(r[0]), \"=r\"(r[1]), \"=r\"(r[2]), \"=r\"(r[3]) : \"r\"(a));\n"
+    "  else if constexpr (N == 2 && TRANS)\n"
+    "    asm volatile(\"ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\\n\"\n"
+    "                 : \"=r\"(r[0]), \"=r\"(r[1]) : \"r\"(a));\n"
+    "  else if constexpr (N == 2)\n"
+    "    asm volatile(\"ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\\n\"\n"
+    "                 : \"=r\"(r[0]), \"=r\"(r[1]) : \"r\"(a));\n"
+    "  else if constexpr (TRANS)\n"
+    "    asm volatile(\"ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\\n\"\n"
+    "                 : \"=r\"(r[0]) : \"r\"(a));\n"
+    "  else\n"
+    "    asm volatile(\"ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\\n\"\n"
+    "                 : \"=r\"(r[0]) : \"r\"(a));\n"
+    "#endif\n"
+    "}\n"
+    "// cp.async.cg 16 bytes global -> shared (both 16-byte aligned): src_bytes (0 or 16; 0\n"
+    "// reads nothing) copied, the rest zero-filled; visible after the wait_group covering it\n"
+    "__device__ __forceinline__ void cm_cp_async16(void *dst, const void *src, int src_bytes) {\n"
+    "#ifdef CMAEC_EMULATED\n"
+    "  cm_emu_cp_async16(dst, src, (unsigned)src_bytes);\n"
+    "#else\n"
+    "  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);\n"
+    "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16, %2;\\n\" ::\"r\"(d), \"l\"(src),\n"
+    "               \"r\"(src_bytes) : \"memory\");\n"
+    "#endif\n"
+    "}\n"
+    "// closes the group of this thread's cp.async issued since the last commit\n"
+    "__device__ __forceinline__ void cm_cp_async_commit() {\n"
+    "#ifdef CMAEC_EMULATED\n"
+    "  cm_emu_cp_async_commit();\n"
+    "#else\n"
+    "  asm volatile(\"cp.async.commit_group;\\n\" ::: \"memory\");\n"
+    "#endif\n"
+    "}\n"
+    "// waits until at most PENDING of this thread's newest groups are in flight\n"
+    "template <int PENDING> __device__ __forceinline__ void cm_cp_async_wait() {\n"
+    "#ifdef CMAEC_EMULATED\n"
+    "  cm_emu_cp_async_wait(PENDING);\n"
+    "#else\n"
+    "  asm volatile(\"cp.async.wait_group %0;\\n\" ::\"n\"(PENDING) : \"memory\");\n"
+    "#endif\n"
+    "}\n"
+    "// two floats rounded (to nearest even) into one register: lo in bits 0-15, hi in 16-31;\n"
+    "// a NaN becomes the canonical 0x7fff (cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32)\n"
+    "__device__ __forceinline__ unsigned cm_pack_bf16x2(float lo, float hi) {\n"
+    "#ifdef CMAEC_EMULATED\n"
+    "  const unsigned l = isnan(lo) ? 0x7fffu : cm_f2bf(lo), h = isnan(hi) ? 0x7fffu : "
+    "cm_f2bf(hi);\n"
+    "  return l | h << 16;\n"
+    "#else\n"
+    "  unsigned r;\n"
+    "  asm(\"cvt.rn.bf16x2.f32 %0, %1, %2;\" : \"=r\"(r) : \"f\"(hi), \"f\"(lo));\n"
+    "  return r;\n"
+    "#endif\n"
+    "}\n"
+    "__device__ __forceinline__ unsigned cm_pack_f16x2(float lo, float hi) {\n"
+    "#ifdef CMAEC_EMULATED\n"
+    "  const unsigned l = isnan(lo) ? 0x7fffu : cm_f2h(lo), h = isnan(hi) ? 0x7fffu : "
+    "cm_f2h(hi);\n"
+    "  return l | h << 16;\n"
+    "#else\n"
+    "  unsigned r;\n"
+    "  asm(\"cvt.rn.f16x2.f32 %0, %1, %2;\" : \"=r\"(r) : \"f\"(hi), \"f\"(lo));\n"
+    "  return r;\n"
+    "#endif\n"
+    "}\n\n";
+
 /* ---- dtypes ------------------------------------------------------------- */
 
 static bool is_intdt(cm_dtype d) {
@@ -1069,7 +1153,10 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
   buffers_written(k, written);
   if (with_prelude) {
     cu_sb_printf(&sb, "%s", PRELUDE);
-    if (!o || !o->target || o->target->mma_bf16) cu_sb_printf(&sb, "%s", PRELUDE_MMA);
+    if (!o || !o->target || o->target->mma_bf16) {
+      cu_sb_printf(&sb, "%s", PRELUDE_MMA);
+      cu_sb_printf(&sb, "%s", PRELUDE_TILES);
+    }
   }
   cu_sb_printf(&sb, "// kernel %s: %d buffers, %d stages\n", k->name, k->n_buffers, k->n_stages);
   cm_kcuda_plan *plans = NULL;

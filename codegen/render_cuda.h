@@ -77,6 +77,15 @@ cm_status cu_plans_for(const cm_kernel *k, const cm_cuda_render_opts *o, cm_kcud
 bool cu_plan_gemm(const cm_kstage *s, const cm_target *t, cm_kcuda_gemm *out);
 cm_status cu_check_gemm_operands(rctx *c);
 void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool *written);
+/* ---- render_cuda_mma.c: the tensor-core template ------------------------------------ */
+/* Fills the mma fields of p (batch, M, N, K, bf16 set) from the cost model; false when no
+ * configuration fits t. */
+bool cu_plan_mma(const cm_kstage *s, const cm_target *t, cm_kcuda_gemm *p);
+/* Whether p's tunable mma fields make a template (derives mc, nc, warps, threads). */
+bool cu_mma_plan_valid(cm_kcuda_gemm *p, const cm_target *t);
+/* The dynamic shared memory of the mma template: the ring, or the split-K sums. */
+int64_t cu_mma_shared_bytes(const cm_kcuda_gemm *p);
+void cu_render_mma(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool *written);
 
 /* ---- render_cuda_attention.c ------------------------------------------------ */
 

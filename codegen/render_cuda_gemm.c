@@ -1,5 +1,6 @@
-/* codegen/render_cuda_gemm.c — GEMM stages to CUDA C: shared-memory tiled kernels, register-tiled
- * FMA for f32/f64, tensor-core mma.sync for bf16/f16 operands (render_cuda.h). */
+/* codegen/render_cuda_gemm.c — GEMM stages to CUDA C: which stages the templates take, and the
+ * shared-memory tiled kernel with register-tiled FMA for f32/f64 (bf16/f16 operands on sm_80+:
+ * the tensor-core template, render_cuda_mma.c). */
 #include "render_cuda.h"
 
 #include <stdlib.h>
@@ -31,6 +32,17 @@ static bool fma_lanes(cm_kcuda_gemm *p) {
   return true;
 }
 
+/* Whether expression e is operand x, or x cast to the accumulator's dtype (a widening of a
+ * narrower float, exact). */
+static bool is_operand(const cm_kstage *s, int e, int x) {
+  if (e == x) return true;
+  if (e < 0 || e >= s->n_exprs || x < 0 || x >= s->n_exprs) return false;
+  const cm_kexpr *c = &s->exprs[e];
+  cm_dtype xd = s->exprs[x].dtype;
+  return c->kind == CM_KX_OP && c->op == CM_OP_CAST && c->a == x && c->dtype == s->acc_dtype &&
+         (xd == CM_BF16 || xd == CM_F16 || (xd == CM_F32 && c->dtype == CM_F64));
+}
+
 bool cu_plan_gemm(const cm_kstage *s, const cm_target *tg, cm_kcuda_gemm *out) {
   cm_kcuda_gemm p;
   memset(&p, 0, sizeof p);
@@ -43,11 +55,12 @@ bool cu_plan_gemm(const cm_kstage *s, const cm_target *tg, cm_kcuda_gemm *out) {
   if (s->gemm_a < 0 || s->gemm_a >= s->n_exprs || s->gemm_b < 0 || s->gemm_b >= s->n_exprs)
     return false;
   if (s->acc_dtype != CM_F32 && s->acc_dtype != CM_F64) return false;
-  /* the template's meaning needs body = MUL(A, B); anything else keeps the loop nest */
+  /* the template's meaning needs body = MUL(A, B) (either operand possibly widened to the
+   * accumulator's dtype first: exact); anything else keeps the loop nest */
   const cm_kexpr *body = s->body >= 0 && s->body < s->n_exprs ? &s->exprs[s->body] : NULL;
   if (!body || body->kind != CM_KX_OP || body->op != CM_OP_MUL ||
-      !((body->a == s->gemm_a && body->b == s->gemm_b) ||
-        (body->a == s->gemm_b && body->b == s->gemm_a)))
+      !((is_operand(s, body->a, s->gemm_a) && is_operand(s, body->b, s->gemm_b)) ||
+        (is_operand(s, body->a, s->gemm_b) && is_operand(s, body->b, s->gemm_a))))
     return false;
   p.batch = cu_prod(s->dom, s->n_dom - 2);
   p.M = s->dom[s->n_dom - 2];
@@ -65,17 +78,18 @@ bool cu_plan_gemm(const cm_kstage *s, const cm_target *tg, cm_kcuda_gemm *out) {
   cm_dtype da = s->exprs[s->gemm_a].dtype, db = s->exprs[s->gemm_b].dtype;
   bool want_mma =
       da == db && (da == CM_BF16 || da == CM_F16) && s->acc_dtype == CM_F32 && tg->mma_bf16;
-  /* tensor cores need warp tiles of whole 16x8 fragments, at most 16 of them per warp */
-  if (want_mma && (p.mr % 16 || p.nr % 8 || (p.mr / 16) * (p.nr / 8) > 16)) {
-    p.mc = p.nc = 64;
-    p.kc = 32;
-    p.mr = p.nr = 32;
+  if (want_mma) {
+    cm_kcuda_gemm q = p;
+    q.mma = true;
+    q.bf16 = da == CM_BF16;
+    q.t = CM_F32;
+    if (cu_plan_mma(s, tg, &q)) {
+      *out = q;
+      return true;
+    }
   }
-  p.mma = want_mma;
-  p.bf16 = da == CM_BF16;
-  if (p.mma) p.kc = (p.kc + 15) / 16 * 16;
   p.t = s->acc_dtype;
-  if (!p.mma && !fma_lanes(&p)) {
+  if (!fma_lanes(&p)) {
     p.mc = p.nc = 64;
     p.kc = 16;
     p.mr = p.nr = 32;
@@ -83,14 +97,13 @@ bool cu_plan_gemm(const cm_kstage *s, const cm_target *tg, cm_kcuda_gemm *out) {
   }
   /* static shared memory stays within the target's limit */
   size_t smem = (size_t)tg->shared_bytes_static;
-  size_t esz = p.mma ? 2 : (p.t == CM_F64 ? 8 : 4);
+  size_t esz = p.t == CM_F64 ? 8 : 4;
   while (p.kc > 16 && (size_t)(p.kc + 8) * (size_t)(p.mc + p.nc) * esz > smem) p.kc /= 2;
-  if (p.mma) p.kc = p.kc < 16 ? 16 : p.kc / 16 * 16;
   if ((size_t)(p.kc + 8) * (size_t)(p.mc + p.nc) * esz > smem) {
     p.mc = p.nc = 64;
-    p.kc = p.mma ? 32 : 16;
+    p.kc = 16;
     p.mr = p.nr = 32;
-    if (!p.mma) fma_lanes(&p);
+    fma_lanes(&p);
   }
   p.warps = (p.mc / p.mr) * (p.nc / p.nr);
   p.threads = p.warps * 32;
@@ -130,20 +143,14 @@ static void emit_operand_load(rctx *c, const cm_kcuda_gemm *p, bool is_a, const 
     cu_sb_printf(o, "        const int kk_ = t_ / %d, ii_ = t_ %% %d;\n", inner, inner);
   cu_sb_printf(o, "        const long long v%d = %s + ii_, v%d = k0_ + kk_;\n", iv,
                is_a ? "m0_" : "n0_", kv);
-  const char *tt = p->mma ? "unsigned short" : cu_ctype(p->t);
-  cu_sb_printf(o, "        %s val_ = 0;\n", tt);
+  cu_sb_printf(o, "        %s val_ = 0;\n", cu_ctype(p->t));
   cu_sb_printf(o, "        if (v%d < %lldLL && v%d < %lldLL) {\n", iv,
                (long long)(is_a ? p->M : p->N), kv, (long long)p->K);
   cu_emit_tree(c, root, "          ", "acc");
   char v[32], cv[256];
   snprintf(v, sizeof v, "e%d", root);
-  if (p->mma) {
-    cu_cast_code(cv, sizeof cv, s->exprs[root].dtype, p->bf16 ? CM_BF16 : CM_F16, v);
-    cu_sb_printf(o, "          val_ = %s(%s);\n", p->bf16 ? "cm_f2bf" : "cm_f2h", cv);
-  } else {
-    cu_cast_code(cv, sizeof cv, s->exprs[root].dtype, p->t, v);
-    cu_sb_printf(o, "          val_ = %s;\n", cv);
-  }
+  cu_cast_code(cv, sizeof cv, s->exprs[root].dtype, p->t, v);
+  cu_sb_printf(o, "          val_ = %s;\n", cv);
   cu_sb_printf(o, "        }\n");
   cu_sb_printf(o, store_fmt, "        ");
   cu_sb_printf(o, "      }\n");
@@ -152,27 +159,23 @@ static void emit_operand_load(rctx *c, const cm_kcuda_gemm *p, bool is_a, const 
 }
 
 void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool *written) {
+  if (p->mma) {
+    cu_render_mma(c, p, min_blocks, written);
+    return;
+  }
   const cm_kstage *s = c->s;
   sbuf *o = c->o;
   int nb = s->n_dom - 2, iv = s->n_dom - 2, jv = s->n_dom - 1;
   char bounds[64];
   cu_launch_bounds(p->threads, min_blocks, bounds, sizeof bounds);
   cu_signature(c, written, bounds);
-  if (p->mma) {
-    cu_sb_printf(o, "  __shared__ __align__(16) unsigned short As_[%d][%d];\n", p->mc, p->kc + 8);
-    cu_sb_printf(o, "  __shared__ __align__(16) unsigned short Bs_[%d][%d];\n", p->nc, p->kc + 8);
-  } else {
-    cu_sb_printf(o, "  __shared__ %s As_[%d][%d];\n", cu_ctype(p->t), p->kc, p->mc + 4);
-    cu_sb_printf(o, "  __shared__ %s Bs_[%d][%d];\n", cu_ctype(p->t), p->kc, p->nc + 4);
-  }
+  cu_sb_printf(o, "  __shared__ %s As_[%d][%d];\n", cu_ctype(p->t), p->kc, p->mc + 4);
+  cu_sb_printf(o, "  __shared__ %s Bs_[%d][%d];\n", cu_ctype(p->t), p->kc, p->nc + 4);
   cu_sb_printf(o,
                "  const int warp_ = threadIdx.x >> 5, lane_ = threadIdx.x & 31;\n"
                "  const int wm_ = warp_ / %d, wn_ = warp_ %% %d;\n",
                p->nc / p->nr, p->nc / p->nr);
-  if (p->mma)
-    cu_sb_printf(o, "  const int g_ = lane_ >> 2, q_ = lane_ & 3;\n");
-  else
-    cu_sb_printf(o, "  const int lr_ = lane_ / %d, lc_ = lane_ %% %d;\n", p->lc, p->lc);
+  cu_sb_printf(o, "  const int lr_ = lane_ / %d, lc_ = lane_ %% %d;\n", p->lc, p->lc);
   /* a block loop only where the grid cannot cover the dimension (launch caps) */
   int64_t gy = (p->M + p->mc - 1) / p->mc, gx = (p->N + p->nc - 1) / p->nc;
   if (nb == 0)
@@ -195,88 +198,42 @@ void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool 
                  (long long)gx);
   cu_sb_printf(o, "      const long long m0_ = by_ * %d, n0_ = bx_ * %d;\n", p->mc, p->nc);
   memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
-  int fm = p->mr / 16, fn = p->nr / 8;
-  if (p->mma)
-    cu_sb_printf(o, "      float acc_[%d][%d][4];\n", fm, fn);
-  else
-    cu_sb_printf(o, "      %s acc_[%d][%d];\n", cu_ctype(p->t), p->tm, p->tn);
+  cu_sb_printf(o, "      %s acc_[%d][%d];\n", cu_ctype(p->t), p->tm, p->tn);
   cu_sb_printf(o,
                "#pragma unroll\n      for (int x_ = 0; x_ < %d; x_++)\n"
-               "#pragma unroll\n        for (int y_ = 0; y_ < %d; y_++)%s = 0;\n",
-               p->mma ? fm : p->tm, p->mma ? fn : p->tn,
-               p->mma ? " acc_[x_][y_][0] = acc_[x_][y_][1] = acc_[x_][y_][2] = acc_[x_][y_][3]"
-                      : " acc_[x_][y_]");
+               "#pragma unroll\n        for (int y_ = 0; y_ < %d; y_++) acc_[x_][y_] = 0;\n",
+               p->tm, p->tn);
   cu_sb_printf(o, "#pragma unroll 1\n      for (long long k0_ = 0; k0_ < %lldLL; k0_ += %d) {\n",
                (long long)p->K, p->kc);
   cu_sb_printf(o, "      __syncthreads();\n");
-  emit_operand_load(c, p, true, p->mma ? "%sAs_[ii_][kk_] = val_;\n" : "%sAs_[kk_][ii_] = val_;\n");
-  emit_operand_load(c, p, false,
-                    p->mma ? "%sBs_[ii_][kk_] = val_;\n" : "%sBs_[kk_][ii_] = val_;\n");
+  emit_operand_load(c, p, true, "%sAs_[kk_][ii_] = val_;\n");
+  emit_operand_load(c, p, false, "%sBs_[kk_][ii_] = val_;\n");
   cu_sb_printf(o, "      __syncthreads();\n");
-  if (p->mma) {
-    cu_sb_printf(o,
-                 "#pragma unroll\n"
-                 "      for (int ks_ = 0; ks_ < %d; ks_ += 16) {\n"
-                 "        unsigned af_[%d][4], bf_[%d][2];\n"
-                 "#pragma unroll\n"
-                 "        for (int x_ = 0; x_ < %d; x_++) {\n"
-                 "          const int r_ = wm_ * %d + x_ * 16 + g_;\n"
-                 "          af_[x_][0] = *(const unsigned *)&As_[r_][ks_ + 2 * q_];\n"
-                 "          af_[x_][1] = *(const unsigned *)&As_[r_ + 8][ks_ + 2 * q_];\n"
-                 "          af_[x_][2] = *(const unsigned *)&As_[r_][ks_ + 2 * q_ + 8];\n"
-                 "          af_[x_][3] = *(const unsigned *)&As_[r_ + 8][ks_ + 2 * q_ + 8];\n"
-                 "        }\n"
-                 "#pragma unroll\n"
-                 "        for (int y_ = 0; y_ < %d; y_++) {\n"
-                 "          const int cidx_ = wn_ * %d + y_ * 8 + g_;\n"
-                 "          bf_[y_][0] = *(const unsigned *)&Bs_[cidx_][ks_ + 2 * q_];\n"
-                 "          bf_[y_][1] = *(const unsigned *)&Bs_[cidx_][ks_ + 2 * q_ + 8];\n"
-                 "        }\n"
-                 "#pragma unroll\n"
-                 "        for (int x_ = 0; x_ < %d; x_++)\n"
-                 "#pragma unroll\n"
-                 "          for (int y_ = 0; y_ < %d; y_++)\n"
-                 "            cm_mma_16816<%s>(acc_[x_][y_], af_[x_], bf_[y_]);\n"
-                 "      }\n",
-                 p->kc, fm, fn, fm, p->mr, fn, p->nr, fm, fn, p->bf16 ? "true" : "false");
-  } else {
-    cu_sb_printf(
-        o,
-        "#pragma unroll\n"
-        "      for (int kk_ = 0; kk_ < %d; kk_++) {\n"
-        "        %s a_[%d], b_[%d];\n"
-        "#pragma unroll\n"
-        "        for (int x_ = 0; x_ < %d; x_++) a_[x_] = As_[kk_][wm_ * %d + x_ * %d + lr_];\n"
-        "#pragma unroll\n"
-        "        for (int y_ = 0; y_ < %d; y_++) b_[y_] = Bs_[kk_][wn_ * %d + y_ * %d + lc_];\n"
-        "#pragma unroll\n"
-        "        for (int x_ = 0; x_ < %d; x_++)\n"
-        "#pragma unroll\n"
-        "          for (int y_ = 0; y_ < %d; y_++) acc_[x_][y_] = fma(a_[x_], b_[y_], "
-        "acc_[x_][y_]);\n"
-        "      }\n",
-        p->kc, cu_ctype(p->t), p->tm, p->tn, p->tm, p->mr, p->lr, p->tn, p->nr, p->lc, p->tm,
-        p->tn);
-  }
+  cu_sb_printf(
+      o,
+      "#pragma unroll\n"
+      "      for (int kk_ = 0; kk_ < %d; kk_++) {\n"
+      "        %s a_[%d], b_[%d];\n"
+      "#pragma unroll\n"
+      "        for (int x_ = 0; x_ < %d; x_++) a_[x_] = As_[kk_][wm_ * %d + x_ * %d + lr_];\n"
+      "#pragma unroll\n"
+      "        for (int y_ = 0; y_ < %d; y_++) b_[y_] = Bs_[kk_][wn_ * %d + y_ * %d + lc_];\n"
+      "#pragma unroll\n"
+      "        for (int x_ = 0; x_ < %d; x_++)\n"
+      "#pragma unroll\n"
+      "          for (int y_ = 0; y_ < %d; y_++) acc_[x_][y_] = fma(a_[x_], b_[y_], "
+      "acc_[x_][y_]);\n"
+      "      }\n",
+      p->kc, cu_ctype(p->t), p->tm, p->tn, p->tm, p->mr, p->lr, p->tn, p->nr, p->lc, p->tm, p->tn);
   cu_sb_printf(o, "      }\n"); /* k loop */
-  /* epilogue: element (x_, y_[, h_]) of the thread's tile is C[i][j] */
-  if (p->mma)
-    cu_sb_printf(o,
-                 "#pragma unroll\n      for (int x_ = 0; x_ < %d; x_++)\n"
-                 "#pragma unroll\n      for (int y_ = 0; y_ < %d; y_++)\n"
-                 "#pragma unroll\n      for (int h_ = 0; h_ < 4; h_++) {\n"
-                 "        const long long v%d = m0_ + wm_ * %d + x_ * 16 + g_ + (h_ >> 1) * 8;\n"
-                 "        const long long v%d = n0_ + wn_ * %d + y_ * 8 + 2 * q_ + (h_ & 1);\n"
-                 "        const float acc = acc_[x_][y_][h_];\n",
-                 fm, fn, iv, p->mr, jv, p->nr);
-  else
-    cu_sb_printf(o,
-                 "#pragma unroll\n      for (int x_ = 0; x_ < %d; x_++)\n"
-                 "#pragma unroll\n      for (int y_ = 0; y_ < %d; y_++) {\n"
-                 "        const long long v%d = m0_ + wm_ * %d + x_ * %d + lr_;\n"
-                 "        const long long v%d = n0_ + wn_ * %d + y_ * %d + lc_;\n"
-                 "        const %s acc = acc_[x_][y_];\n",
-                 p->tm, p->tn, iv, p->mr, p->lr, jv, p->nr, p->lc, cu_ctype(p->t));
+  /* epilogue: element (x_, y_) of the thread's tile is C[i][j] */
+  cu_sb_printf(o,
+               "#pragma unroll\n      for (int x_ = 0; x_ < %d; x_++)\n"
+               "#pragma unroll\n      for (int y_ = 0; y_ < %d; y_++) {\n"
+               "        const long long v%d = m0_ + wm_ * %d + x_ * %d + lr_;\n"
+               "        const long long v%d = n0_ + wn_ * %d + y_ * %d + lc_;\n"
+               "        const %s acc = acc_[x_][y_];\n",
+               p->tm, p->tn, iv, p->mr, p->lr, jv, p->nr, p->lc, cu_ctype(p->t));
   cu_sb_printf(o, "        if (v%d < %lldLL && v%d < %lldLL) {\n", iv, (long long)p->M, jv,
                (long long)p->N);
   memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);

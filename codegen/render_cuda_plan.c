@@ -64,9 +64,10 @@ static void plan_gemm_launch(cm_kcuda_plan *p) {
   p->grid[1] = (unsigned)(gy < 65535 ? gy : 65535);
   p->grid[2] = (unsigned)(g->batch < 65535 ? g->batch : 65535);
   p->block[0] = (unsigned)g->threads;
-  size_t esz = g->mma ? 2 : (g->t == CM_F64 ? 8 : 4);
-  p->shared_static = g->mma ? (int64_t)esz * (g->mc + g->nc) * (g->kc + 8)
-                            : (int64_t)esz * g->kc * (g->mc + 4 + g->nc + 4);
+  size_t esz = g->t == CM_F64 ? 8 : 4;
+  /* mma: the ring in dynamic shared memory (opted in beyond 48 KiB) */
+  p->shared_static = g->mma ? 0 : (int64_t)esz * g->kc * (g->mc + 4 + g->nc + 4);
+  p->shared_dynamic = g->mma ? (unsigned)cu_mma_shared_bytes(g) : 0;
 }
 
 static int64_t attn_shared_bytes(const cm_kernel *k, int first, const cm_kcuda_plan *p) {
@@ -171,6 +172,30 @@ cm_status cm_cuda_plan_kernel(cm_kernel *k, const cm_target *t, cm_err *err) {
   return CM_OK;
 }
 
+cm_status cm_cuda_plan_refit(cm_kernel *k, int stage, const cm_target *t, cm_err *err) {
+  if (!k || !t || stage < 0 || stage >= k->n_stages)
+    return cm_errorf(err, CM_EINVALID, "cm_cuda_plan_refit: no kernel, target or stage");
+  cm_status st = check_target(k, t, err);
+  if (st != CM_OK) return st;
+  cm_kcuda_plan *p = &k->stages[stage].cuda;
+  if (p->kind != CM_KCUDA_GEMM || !p->gemm.mma || p->sm != t->sm)
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: not a tensor-core GEMM plan for sm_%d (plan it first)",
+                     k->name, stage, t->sm);
+  if (!cu_mma_plan_valid(&p->gemm, t))
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: tensor-core GEMM plan warps %dx%d of %dx%d, k %d, split "
+                     "%d, %d stages: no template (powers of two, warp tiles >= 16, 16 <= k <= 64, "
+                     "k / 16 a multiple of the split, 2..8 stages, within %d threads and %lld B of "
+                     "shared memory)",
+                     k->name, stage, p->gemm.warps_m, p->gemm.warps_n, p->gemm.mr, p->gemm.nr,
+                     p->gemm.kc, p->gemm.split_k, p->gemm.stages, t->max_threads_per_block,
+                     (long long)t->shared_bytes_max);
+  plan_gemm_launch(p);
+  p->min_blocks = launch_min_blocks(t, p->block[0]);
+  return CM_OK;
+}
+
 cm_status cu_plans_for(const cm_kernel *k, const cm_cuda_render_opts *o, cm_kcuda_plan **out,
                        cm_err *err) {
   *out = NULL;
@@ -216,6 +241,11 @@ void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out) {
     fprintf(out, ": block %dx%d k %d warp %dx%d (%d warps), batch %lld M %lld N %lld K %lld", g->mc,
             g->nc, g->kc, g->mr, g->nr, g->warps, (long long)g->batch, (long long)g->M,
             (long long)g->N, (long long)g->K);
+    if (g->mma)
+      fprintf(out, ", warps %dx%d split_k %d stages %d %s, A %s %s, B %s %s", g->warps_m,
+              g->warps_n, g->split_k, g->stages, g->swizzle ? "swizzled" : "padded",
+              g->a_outer_k ? "[k][m]" : "[m][k]", g->a_async ? "cp.async" : "prologue",
+              g->b_outer_k ? "[k][n]" : "[n][k]", g->b_async ? "cp.async" : "prologue");
     break;
   case CM_KCUDA_ATTN_FUSED:
     fprintf(out, "attention fused: %d stages, %d query rows per block%s, %d row blocks", a->span,

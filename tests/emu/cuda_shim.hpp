@@ -100,6 +100,9 @@ static inline int2 make_int2(int x, int y) {
 static inline int4 make_int4(int x, int y, int z, int w) {
   return {x, y, z, w};
 }
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
+  return {x, y, z, w};
+}
 
 /* ---- math and bit intrinsics ---------------------------------------------- */
 
@@ -346,6 +349,8 @@ struct cm_emu_state {
   cm_emu_slot slots[2][CM_EMU_MAX_THREADS];
   unsigned char *dynamic_shared;
   size_t dynamic_shared_bytes;
+  struct cm_emu_async_queue *async; /* per thread, allocated by the module's first cp.async */
+  int fault;                        /* a CUresult a helper reported (misaligned address) */
 };
 static cm_emu_state *cm_emu_st;
 static pthread_mutex_t cm_emu_launch_mu = PTHREAD_MUTEX_INITIALIZER; /* one launch at a time */
@@ -439,8 +444,11 @@ static void cm_emu_release_warp(cm_emu_state *st, unsigned w) {
   st->warp_gen[w]++;
 }
 
-/* A thread that returned counts as arrived at every later barrier. */
+static void cm_emu_async_complete(cm_emu_state *st, unsigned tid, int keep_groups);
+
+/* A thread that returned counts as arrived at every later barrier; its copies in flight land. */
 static void cm_emu_thread_exit(cm_emu_state *st, cm_emu_fiber *f) {
+  cm_emu_async_complete(st, f->tid, -1);
   f->state = CM_EMU_DONE;
   st->block_live--;
   if (st->block_arrived && st->block_arrived == st->block_live) cm_emu_release_block(st);
@@ -627,6 +635,107 @@ static void cm_emu_warp_compute(const unsigned (&mine)[N], unsigned (&result)[M]
   memcpy(result, s->words, sizeof result);
 }
 
+/* ---- the tensor-core pipeline's PTX (the prelude's cm_ldmatrix, cm_cp_async*) -------- */
+
+/* A fault a helper found (CUDA would stop the kernel): the launch returns it. */
+static void cm_emu_fault(int curesult) {
+  if (!cm_emu_st->fault) cm_emu_st->fault = curesult;
+}
+#define CM_EMU_MISALIGNED 716 /* CUDA_ERROR_MISALIGNED_ADDRESS */
+
+/* ldmatrix.sync.aligned.m8n8.xNMAT[.trans].shared.b16, the warp's load done at once by the
+ * last lane to arrive (no lane's later store can reach it): lane 8i + r names row r of matrix
+ * i (8 b16, 16-byte aligned); register i of lane l gets matrix i's elements (l / 4, 2 (l % 4))
+ * and (l / 4, 2 (l % 4) + 1), or with TRANS (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4). */
+template <int NMAT, bool TRANS>
+static void cm_emu_ldmatrix_warp(const unsigned (*in)[2], unsigned (*out)[NMAT]) {
+  const unsigned short *rows[NMAT][8];
+  for (int i = 0; i < NMAT; i++)
+    for (int r = 0; r < 8; r++) {
+      const unsigned *w = in[i * 8 + r];
+      uintptr_t a = (uintptr_t)w[0] | (uintptr_t)w[1] << 32;
+      static const unsigned short none[8] = {0};
+      if (a % 16 || !a) cm_emu_fault(CM_EMU_MISALIGNED); /* !a: that lane did not take part */
+      rows[i][r] = a && a % 16 == 0 ? (const unsigned short *)a : none;
+    }
+  for (unsigned l = 0; l < 32; l++)
+    for (int i = 0; i < NMAT; i++) {
+      unsigned g = l >> 2, c = 2 * (l & 3u);
+      unsigned short lo = TRANS ? rows[i][c][g] : rows[i][g][c];
+      unsigned short hi = TRANS ? rows[i][c + 1][g] : rows[i][g][c + 1];
+      out[l][i] = (unsigned)lo | (unsigned)hi << 16;
+    }
+}
+template <int NMAT, bool TRANS> static void cm_emu_ldmatrix(unsigned *r, const void *row) {
+  uintptr_t a = (uintptr_t)row;
+  const unsigned mine[2] = {(unsigned)a, (unsigned)(a >> 32)};
+  unsigned res[NMAT];
+  cm_emu_warp_compute<2, NMAT>(mine, res, cm_emu_ldmatrix_warp<NMAT, TRANS>);
+  for (int i = 0; i < NMAT; i++) r[i] = res[i];
+}
+
+/* cp.async: each thread's copies wait in its queue, tagged with the group commit_group will
+ * close, and land (src_bytes copied, the rest of the 16 zeroed) at the wait_group that covers
+ * them, at the thread's exit, or when the queue is full (the oldest first): a kernel that reads
+ * its shared tile before waiting sees the old contents, as it may on a GPU. */
+#define CM_EMU_ASYNC_MAX 64
+struct cm_emu_async_copy {
+  void *dst;
+  const void *src;
+  unsigned src_bytes, group;
+};
+struct cm_emu_async_queue {
+  cm_emu_async_copy copies[CM_EMU_ASYNC_MAX];
+  unsigned n, head; /* a ring: n copies from head */
+  unsigned committed;
+};
+static void cm_emu_async_land(const cm_emu_async_copy *c) {
+  memcpy(c->dst, c->src, c->src_bytes);
+  memset((char *)c->dst + c->src_bytes, 0, 16 - c->src_bytes);
+}
+/* Lands thread tid's copies of every group but the newest keep_groups (-1: all, the open one
+ * too). Groups close in issue order, so those are a prefix of the ring. */
+static void cm_emu_async_complete(cm_emu_state *st, unsigned tid, int keep_groups) {
+  if (!st->async) return;
+  cm_emu_async_queue *q = &st->async[tid];
+  while (q->n) {
+    const cm_emu_async_copy *c = &q->copies[q->head];
+    if (keep_groups >= 0 && c->group + (unsigned)keep_groups >= q->committed) break;
+    cm_emu_async_land(c);
+    q->head = (q->head + 1) % CM_EMU_ASYNC_MAX;
+    q->n--;
+  }
+  if (keep_groups < 0) q->committed = 0;
+}
+static void cm_emu_cp_async16(void *dst, const void *src, unsigned src_bytes) {
+  cm_emu_state *st = cm_emu_st;
+  if ((uintptr_t)dst % 16 || (src_bytes && (uintptr_t)src % 16) || src_bytes > 16) {
+    cm_emu_fault(CM_EMU_MISALIGNED);
+    return;
+  }
+  if (!st->async) {
+    st->async = (cm_emu_async_queue *)calloc(CM_EMU_MAX_THREADS, sizeof *st->async);
+    if (!st->async) {
+      cm_emu_fault(2); /* CUDA_ERROR_OUT_OF_MEMORY */
+      return;
+    }
+  }
+  cm_emu_async_queue *q = &st->async[st->cur->tid];
+  if (q->n == CM_EMU_ASYNC_MAX) { /* full: the oldest lands now */
+    cm_emu_async_land(&q->copies[q->head]);
+    q->head = (q->head + 1) % CM_EMU_ASYNC_MAX;
+    q->n--;
+  }
+  q->copies[(q->head + q->n++) % CM_EMU_ASYNC_MAX] = {dst, src, src_bytes, q->committed};
+}
+static void cm_emu_cp_async_commit() {
+  cm_emu_state *st = cm_emu_st;
+  if (st->async) st->async[st->cur->tid].committed++;
+}
+static void cm_emu_cp_async_wait(int keep_groups) {
+  cm_emu_async_complete(cm_emu_st, cm_emu_st->cur->tid, keep_groups);
+}
+
 /* The dynamic shared memory of the running launch (`extern __shared__`, which
  * emu_compiler.c rewrites into a pointer to this). */
 static unsigned char *cm_emu_dynamic_shared() {
@@ -772,6 +881,9 @@ static int cm_emu_launch_locked(const cm_emu_entry *e, const unsigned grid[3],
   unsigned n = block[0] * block[1] * block[2];
   cm_emu_state *st = cm_emu_module_state();
   if (!st || !cm_emu_grow(st, n)) return 2;
+  st->fault = 0;
+  for (unsigned i = 0; st->async && i < n; i++) /* what a failed launch left in flight */
+    st->async[i].n = st->async[i].committed = 0;
   if (shared_bytes > st->dynamic_shared_bytes) {
     free(st->dynamic_shared);
     st->dynamic_shared = (unsigned char *)aligned_alloc(16, (shared_bytes + 15) / 16 * 16);
@@ -797,6 +909,7 @@ static int cm_emu_launch_locked(const cm_emu_entry *e, const unsigned grid[3],
       for (unsigned x = 0; x < grid[0] && !rc; x++) {
         blockIdx = {x, y, z};
         if (!cm_emu_run_block(st, n) || !cm_emu_canaries_intact(st, n)) rc = 719;
+        if (!rc && st->fault) rc = st->fault;
       }
   cm_emu_release_stacks(st);
   return rc;
@@ -807,6 +920,7 @@ __attribute__((destructor)) static void cm_emu_unload() {
   if (!st) return;
   for (int m = 0; m < st->n_stack_maps; m++) munmap(st->stack_maps[m], st->stack_map_bytes[m]);
   free(st->dynamic_shared);
+  free(st->async);
   free(st);
   cm_emu_st = 0;
 }

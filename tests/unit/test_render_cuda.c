@@ -189,14 +189,17 @@ typedef struct gemm_spec {
   cm_dtype op_dt;    /* operand dtype after the prologue cast */
   bool b_transposed; /* B stored as [N, K] */
   cm_kgemm_tiles tiles;
+  bool plain;        /* operands are loads of op_dt buffers (no prologue) */
+  bool a_transposed; /* A stored as [K, M] */
 } gemm_spec;
 
 /* C[b,i,j] = relu(sum_k (0.75 A(b,i,k)) B(b,k,j) + bias[j]) + R[b,i,j], operands cast to op_dt
  * (a prologue), B optionally stored transposed. */
 static void add_gemm(cm_kernel *k, const gemm_spec *g) {
   int64_t B = g->batch;
-  int a = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, B * g->M * g->K, -1, 0);
-  int b = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, B * g->K * g->N, -1, 0);
+  cm_dtype in_dt = g->plain ? g->op_dt : CM_F32;
+  int a = cm_kernel_add_buffer(k, CM_KBUF_ARENA, in_dt, B * g->M * g->K, -1, 0);
+  int b = cm_kernel_add_buffer(k, CM_KBUF_ARENA, in_dt, B * g->K * g->N, -1, 0);
   int bias = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, g->N, -1, 0);
   int res = cm_kernel_add_buffer(k, CM_KBUF_ARENA, g->op_dt, B * g->M * g->N, -1, 0);
   int c = cm_kernel_add_buffer(k, CM_KBUF_ARENA, g->op_dt, B * g->M * g->N, -1, 0);
@@ -216,10 +219,16 @@ static void add_gemm(cm_kernel *k, const gemm_spec *g) {
   s->tiles = g->tiles;
   int vb = batched ? cm_kx_var(s, 0) : cm_kx_iconst(s, 0);
   int vi = cm_kx_var(s, nb), vj = cm_kx_var(s, nb + 1), vk = cm_kx_var(s, nb + 2);
-  int ai = cm_kx_iadd(s,
-                      cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vb, cm_kx_iconst(s, g->M)), vi),
-                                 cm_kx_iconst(s, g->K)),
-                      vk);
+  int ai =
+      g->a_transposed
+          ? cm_kx_iadd(s,
+                       cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vb, cm_kx_iconst(s, g->K)), vk),
+                                  cm_kx_iconst(s, g->M)),
+                       vi)
+          : cm_kx_iadd(s,
+                       cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vb, cm_kx_iconst(s, g->M)), vi),
+                                  cm_kx_iconst(s, g->K)),
+                       vk);
   int bi =
       g->b_transposed
           ? cm_kx_iadd(s,
@@ -232,9 +241,14 @@ static void add_gemm(cm_kernel *k, const gemm_spec *g) {
                        vj);
   int la = cm_kx_load(s, k, a, ai), lb = cm_kx_load(s, k, b, bi);
   /* prologue: A scaled, both cast to the operand dtype */
-  int pa = cm_kx_op(s, CM_OP_MUL, CM_F32, la, cm_kx_const(s, CM_F32, 0.75), -1);
-  s->gemm_a = g->op_dt == CM_F32 ? pa : cm_kx_op(s, CM_OP_CAST, g->op_dt, pa, -1, -1);
-  s->gemm_b = g->op_dt == CM_F32 ? lb : cm_kx_op(s, CM_OP_CAST, g->op_dt, lb, -1, -1);
+  if (g->plain) {
+    s->gemm_a = la;
+    s->gemm_b = lb;
+  } else {
+    int pa = cm_kx_op(s, CM_OP_MUL, CM_F32, la, cm_kx_const(s, CM_F32, 0.75), -1);
+    s->gemm_a = g->op_dt == CM_F32 ? pa : cm_kx_op(s, CM_OP_CAST, g->op_dt, pa, -1, -1);
+    s->gemm_b = g->op_dt == CM_F32 ? lb : cm_kx_op(s, CM_OP_CAST, g->op_dt, lb, -1, -1);
+  }
   s->body = cm_kx_op(s, CM_OP_MUL, g->op_dt, s->gemm_a, s->gemm_b, -1);
   int ci = cm_kx_iadd(s,
                       cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vb, cm_kx_iconst(s, g->M)), vi),
@@ -250,13 +264,21 @@ static void add_gemm(cm_kernel *k, const gemm_spec *g) {
 }
 
 static const gemm_spec GEMMS[] = {
-    {"gemm_f32_tiny", 1, 7, 13, 5, CM_F32, false, {64, 64, 16, 32, 32}},
-    {"gemm_f32_odd", 2, 130, 260, 300, CM_F32, false, {64, 64, 16, 32, 32}},
-    {"gemm_f32_bt", 1, 33, 17, 129, CM_F32, true, {128, 64, 16, 64, 32}},
-    {"gemm_bf16", 3, 130, 260, 300, CM_BF16, false, {64, 64, 16, 32, 32}},
-    {"gemm_f16_bt", 1, 7, 13, 5, CM_F16, true, {64, 128, 32, 32, 64}},
-    {"gemm_bad_tiles", 1, 19, 23, 31, CM_F32, false, {48, 0, 7, 5, 3}},
-    {"gemm_f64", 2, 31, 47, 65, CM_F64, true, {32, 32, 16, 16, 16}},
+    {"gemm_f32_tiny", 1, 7, 13, 5, CM_F32, false, {64, 64, 16, 32, 32}, false, false},
+    {"gemm_f32_odd", 2, 130, 260, 300, CM_F32, false, {64, 64, 16, 32, 32}, false, false},
+    {"gemm_f32_bt", 1, 33, 17, 129, CM_F32, true, {128, 64, 16, 64, 32}, false, false},
+    {"gemm_bf16", 3, 130, 260, 300, CM_BF16, false, {64, 64, 16, 32, 32}, false, false},
+    {"gemm_f16_bt", 1, 7, 13, 5, CM_F16, true, {64, 128, 32, 32, 64}, false, false},
+    {"gemm_bad_tiles", 1, 19, 23, 31, CM_F32, false, {48, 0, 7, 5, 3}, false, false},
+    {"gemm_f64", 2, 31, 47, 65, CM_F64, true, {32, 32, 16, 16, 16}, false, false},
+    /* ViT-B/16 at batch 128 (25216 tokens), bf16 operands read by cp.async: X Wq^T, dY W
+     * (fc2's input gradient), X^T dY (fc1's weight gradient), and attention's Q K^T per head */
+    {"gemm_vitb_qkv", 1, 25216, 2304, 768, CM_BF16, true, {0}, true, false},
+    {"gemm_vitb_dgrad", 1, 25216, 768, 3072, CM_BF16, false, {0}, true, false},
+    {"gemm_vitb_wgrad", 1, 768, 3072, 25216, CM_BF16, false, {0}, true, true},
+    {"gemm_vitb_qk", 1536, 197, 197, 64, CM_BF16, true, {0}, true, false},
+    /* a long K over few blocks: split-K */
+    {"gemm_bf16_split", 1, 64, 64, 4096, CM_BF16, true, {0}, true, false},
 };
 #define N_GEMMS (int)(sizeof GEMMS / sizeof GEMMS[0])
 
@@ -354,7 +376,7 @@ static void test_compile_all(void) {
         fprintf(stderr, "  source written to %s\n", dump ? dump : "render_cuda_failed.cu");
       }
     }
-    int expected = 0;
+    int expected = 0, gemm_mma = 0;
     for (int i = 0; i < 5; i++) {
       for (int s = 0; s < ks[i].n_stages; s++) {
         char name[160];
@@ -374,9 +396,20 @@ static void test_compile_all(void) {
         if (templated) {
           CHECK_MSG(ki->spill_store_bytes == 0 && ki->spill_load_bytes == 0, "%s %s: spills %d/%d",
                     archs[a], name, ki->spill_store_bytes, ki->spill_load_bytes);
-          CHECK_MSG(ki->shared_bytes > 0, "%s %s: no shared memory", archs[a], name);
           cm_cuda_launch l = cm_cuda_stage_launch(&ks[i], s, &o);
-          CHECK(l.shared_bytes == 0);
+          const cm_kcuda_plan *pl = &ks[i].stages[s].cuda;
+          /* FMA: static tiles; tensor cores: the ring in dynamic shared memory (opted in) */
+          if (pl->gemm.mma) {
+            CHECK_MSG(ki->shared_bytes == 0 && l.shared_bytes > 0 &&
+                          l.shared_bytes == pl->shared_dynamic &&
+                          l.shared_bytes <= o.target->shared_bytes_max,
+                      "%s %s: %d B static, %u B dynamic shared memory", archs[a], name,
+                      ki->shared_bytes, l.shared_bytes);
+            gemm_mma++;
+          } else {
+            CHECK_MSG(ki->shared_bytes > 0, "%s %s: no shared memory", archs[a], name);
+            CHECK(l.shared_bytes == 0);
+          }
           CHECK(ki->shared_bytes <= 48 * 1024);
           CHECK(l.block[0] % 32 == 0 && l.block[0] <= 1024);
         }
@@ -393,6 +426,8 @@ static void test_compile_all(void) {
               w1 ? ", first: " : "", w1 ? (int)strcspn(w1, "\n") : 0, w1 ? w1 : "");
       CHECK(warnings == 0); /* unused helpers or variables would show up here */
       CHECK_MSG(cb.n_kernels == expected, "%d kernels, expected %d", cb.n_kernels, expected);
+      /* the bf16/f16 GEMMs (all but the f32 and f64 ones) on tensor cores */
+      CHECK_MSG(gemm_mma == N_GEMMS - 5, "%s: %d GEMMs on tensor cores", archs[a], gemm_mma);
       fprintf(stderr, "  %s: %d kernels, %zu-byte source, compiled in %.0f ms\n", archs[a],
               cb.n_kernels, strlen(src), cb.compile_ms);
     }
@@ -461,25 +496,37 @@ static void test_launch(void) {
   l = cm_cuda_stage_launch(&k, 0, &gen); /* K = 5: a thread per point */
   CHECK(l.grid[0] == 1 && l.block[0] == 256);
   CHECK(cm_cuda_stage_launch(&k, 99, &o).grid[0] == 1);
-  /* bf16 operands with warp tiles too big for mma fragments: tensor cores with 64x64 blocks
-   * of 32x32 warp tiles; a huge block tile is clamped to fit static shared memory */
+  /* bf16 operands: tensor cores whatever the (CPU-style) tile hints, launched as planned
+   * (warps x 32 threads, a block per mc x nc tile, the ring in dynamic shared memory); f32: a
+   * huge block tile is clamped to fit static shared memory */
   cm_kernel big;
   cm_kernel_init(&big, "t_big_tiles");
-  gemm_spec g1 = {"bf16_big", 1, 300, 200, 100, CM_BF16, false, {128, 128, 64, 64, 64}};
-  gemm_spec g2 = {"bf16_tall", 1, 300, 200, 100, CM_BF16, false, {2048, 8, 48, 128, 8}};
-  gemm_spec g3 = {"f32_wide", 1, 300, 200, 100, CM_F32, false, {32, 2048, 64, 32, 128}};
+  gemm_spec g1 = {"bf16_big", 1,    300, 200, 100, CM_BF16, false, {128, 128, 64, 64, 64},
+                  false,      false};
+  gemm_spec g2 = {"bf16_tall",           1,     300,  200, 100, CM_BF16, false,
+                  {2048, 8, 48, 128, 8}, false, false};
+  gemm_spec g3 = {"f32_wide", 1,    300, 200, 100, CM_F32, false, {32, 2048, 64, 32, 128},
+                  false,      false};
   add_gemm(&big, &g1);
   add_gemm(&big, &g2);
   add_gemm(&big, &g3);
   char *src = render_all(&big, 1, &o);
   CHECK(src && strstr(src, "// stage 0 \"bf16_big\" (GEMM, tensor cores)") != NULL);
   CHECK(src && strstr(src, "// stage 1 \"bf16_tall\" (GEMM, tensor cores)") != NULL);
-  l = cm_cuda_stage_launch(&big, 0, &o);
-  CHECK(l.block[0] == 128 && l.grid[0] == 4 && l.grid[1] == 5);
-  for (int i = 1; i < 3; i++) {
+  for (int i = 0; i < 2; i++) {
+    cm_kcuda_plan p;
+    cm_err perr = {0};
+    CHECK(cm_cuda_plan_kernel(&big, o.target, &perr) == CM_OK);
+    p = big.stages[i].cuda;
     l = cm_cuda_stage_launch(&big, i, &o);
-    CHECK(l.block[0] >= 32 && l.block[0] <= 1024 && l.shared_bytes == 0);
+    CHECK(p.kind == CM_KCUDA_GEMM && p.gemm.mma);
+    CHECK(l.block[0] == (unsigned)p.gemm.threads && p.gemm.threads == 32 * p.gemm.warps);
+    CHECK(l.grid[0] == (unsigned)((200 + p.gemm.nc - 1) / p.gemm.nc) &&
+          l.grid[1] == (unsigned)((300 + p.gemm.mc - 1) / p.gemm.mc));
+    CHECK(l.shared_bytes == p.shared_dynamic && l.shared_bytes > 0);
   }
+  l = cm_cuda_stage_launch(&big, 2, &o);
+  CHECK(l.block[0] >= 32 && l.block[0] <= 1024 && l.shared_bytes == 0);
   if (src && need_nvrtc()) {
     cm_cubin cb;
     cm_err err = {0};
@@ -489,7 +536,8 @@ static void test_launch(void) {
       char name[64];
       snprintf(name, sizeof name, "t_big_tiles_s%d", i);
       const cm_cuda_kernel_info *ki = cm_cubin_kernel(&cb, name);
-      CHECK(ki && ki->shared_bytes <= 48 * 1024 && ki->spill_store_bytes == 0);
+      CHECK(ki && ki->shared_bytes <= 48 * 1024 && ki->spill_store_bytes == 0 &&
+            ki->spill_load_bytes == 0);
       if (ki)
         fprintf(stderr, "  sm_80 %s: %d regs, %d B smem, spills %d/%d\n", name, ki->registers,
                 ki->shared_bytes, ki->spill_store_bytes, ki->spill_load_bytes);
@@ -597,7 +645,11 @@ static void test_plan_gemm(void) {
   CHECK_STR_CONTAINS(t1, "shared 8704+0");
   /* gemm_f16_bt: f16 operands on tensor cores */
   char *t4 = plan_text(&k.stages[4].cuda);
-  CHECK_STR_CONTAINS(t4, "cuda sm_80 gemm mma f16: block 64x128");
+  /* (M 7, N 13, K 5: the smallest block tile, one k tile: a ring of 2; each A and B tile 32 rows
+   * of 32 f16 = 2 KiB) */
+  CHECK_STR_CONTAINS(t4, "cuda sm_80 gemm mma f16: block 32x32 k 32 warp 16x16 (4 warps), batch 1 "
+                         "M 7 N 13 K 5, warps 2x2 split_k 1 stages 2 swizzled, A [m][k] prologue, "
+                         "B [n][k] prologue; grid 1x1x1 block 128x1x1 shared 0+8192");
   /* the kernel IR's text carries the plans */
   char *kir = NULL;
   size_t size = 0;
