@@ -436,7 +436,18 @@ typedef struct attn_fwd_match {
   const int64_t *dom0; /* the first stage's batch extents */
   int nb;
   int64_t rows, keys;
+  int s_buf; /* the scores: f32, or bf16 after autocast (a matmul's bf16 result) */
 } attn_fwd_match;
+
+/* Expression e without autocast's rounding of a GEMM operand: the f32 operand
+ * of a cast to bf16, else e. */
+static int attn_uncast(const cm_kstage *s, int e) {
+  const cm_kexpr *x = &s->exprs[e];
+  if (x->kind == CM_KX_OP && x->op == CM_OP_CAST && x->dtype == CM_BF16 && x->a >= 0 &&
+      s->exprs[x->a].dtype == CM_F32)
+    return x->a;
+  return e;
+}
 
 /* The batch vars of stage s (its row var follows them): n_dom - 2 for the
  * [batch, rows, keys or columns] stages, and for row statistics laid out
@@ -454,8 +465,8 @@ static int attn_fwd_nbs(const cm_kstage *s, const int64_t *dom0, int nb, bool st
   return bat == 1 && sb == 1 ? n : -1;
 }
 
-/* Every load in stage s (batch vars nbs) of one of bufs[0..n) reads f32 at
- * its canonical index (X = xs[i]; key or column var cv). */
+/* Every load in stage s (batch vars nbs) of one of bufs[0..n) reads f32 (the
+ * scores: f32 or bf16) at its canonical index (X = xs[i]; key or column var cv). */
 static bool attn_fwd_loads_ok(const attn_fwd_match *m, const cm_kstage *s, int nbs, const int *bufs,
                               const int64_t *xs, int n, int cv) {
   for (int e = 0; e < s->n_exprs; e++) {
@@ -463,7 +474,9 @@ static bool attn_fwd_loads_ok(const attn_fwd_match *m, const cm_kstage *s, int n
     if (x->kind != CM_KX_LOAD) continue;
     for (int i = 0; i < n; i++) {
       if (x->buf != bufs[i]) continue;
-      if (x->dtype != CM_F32 || m->k->buffers[x->buf].dtype != CM_F32 ||
+      cm_dtype bd = m->k->buffers[x->buf].dtype;
+      bool dt_ok = bd == CM_F32 || (bd == CM_BF16 && x->buf == m->s_buf);
+      if (x->dtype != bd || !dt_ok ||
           !attn_canon(s, x->a, s->dom, nbs, m->rows, nbs, xs[i] > 1 ? cv : -1, xs[i]))
         return false;
     }
@@ -562,12 +575,14 @@ static bool attn_fwd_match_span(const cm_kernel *k, int first, cm_kattn *a) {
   if (s0->n_dom != nb + 2 || s0->n_red != 1 || s0->acc_dtype != CM_F32 || s0->n_stores != 1 ||
       s0->dom[nb] != a->rows)
     return false;
-  attn_fwd_match m = {k, s0->dom, nb, a->rows, s0->dom[nb + 1]};
-  if (m.keys < 2) return false;
-  /* S: one store of a function of ACC alone (a scale, a cast) at the canonical index */
   const cm_kstore *ss = &s0->stores[0];
   int sb = ss->buf;
-  if (s0->exprs[ss->value].dtype != CM_F32 || k->buffers[sb].dtype != CM_F32 ||
+  attn_fwd_match m = {k, s0->dom, nb, a->rows, s0->dom[nb + 1], sb};
+  if (m.keys < 2) return false;
+  /* S: one store of a function of ACC alone (a scale, a cast) at the canonical index, into
+   * f32 or (autocast) bf16 */
+  cm_dtype sbd = k->buffers[sb].dtype;
+  if (s0->exprs[ss->value].dtype != CM_F32 || (sbd != CM_F32 && sbd != CM_BF16) ||
       !attn_canon(s0, ss->index, s0->dom, nb, m.rows, nb, nb + 1, m.keys))
     return false;
   for (int e = 0; e < s0->n_exprs; e++)
@@ -629,13 +644,12 @@ static bool attn_fwd_match_span(const cm_kernel *k, int first, cm_kattn *a) {
       so->gemm_b < 0)
     return false;
   int roles[5] = {sb, mb, eb, lb, pb};
-  if (pb >= 0 && sp < so_i && so->exprs[so->gemm_a].kind == CM_KX_LOAD &&
-      so->exprs[so->gemm_a].buf == pb) {
+  int ga = attn_uncast(so, so->gemm_a); /* P, or its bf16 rounding (autocast) */
+  if (pb >= 0 && sp < so_i && so->exprs[ga].kind == CM_KX_LOAD && so->exprs[ga].buf == pb) {
     if (!attn_fwd_loads_ok(&m, so, nbs, &pb, xs, 1, so->n_dom)) return false;
     for (int e = 0; e < so->n_exprs; e++) /* P read only as gemm_a */
-      if (e != so->gemm_a && so->exprs[e].kind == CM_KX_LOAD && so->exprs[e].buf == pb)
-        return false;
-  } else if (!attn_fwd_is_norm(so, so->gemm_a, eb, lb) ||
+      if (e != ga && so->exprs[e].kind == CM_KX_LOAD && so->exprs[e].buf == pb) return false;
+  } else if (!attn_fwd_is_norm(so, ga, eb, lb) ||
              !attn_fwd_loads_ok(&m, so, nbs, el, xs, 2, so->n_dom)) {
     return false;
   }
@@ -761,7 +775,7 @@ static bool attn_bwd_match_span(const cm_kernel *k, int first, cm_kattn *a) {
     return false;
   int64_t keys = s0->dom[nb + 1];
   if (keys < 2) return false;
-  attn_fwd_match m = {k, s0->dom, nb, a->rows, keys};
+  attn_fwd_match m = {k, s0->dom, nb, a->rows, keys, -1};
   for (int i = 0; i < a->n_local; i++)
     if ((a->local_row[i] != keys && a->local_row[i] != 1) ||
         k->buffers[a->local[i]].dtype != CM_F32)
@@ -888,9 +902,11 @@ static cm_status attn_stream_check_span(const cm_kernel *k, int first, cm_err *e
   cm_status st = cm_kattn_check(k, first, err);
   if (st != CM_OK) return st;
   int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : 0;
-  if (a->bc < 1 || a->bc >= keys)
+  /* one key block (bc == keys) only forward: the backward's two passes need bc < keys */
+  int64_t top = s0->tmpl == CM_KT_ATTENTION_FWD ? keys + 1 : keys;
+  if (a->bc < 1 || a->bc >= top)
     return cm_errorf(err, CM_EINVALID, "kernel %s stage %d: key block bc %d not in [1, %lld)",
-                     k->name, first, a->bc, (long long)keys);
+                     k->name, first, a->bc, (long long)top);
   return CM_OK;
 }
 
@@ -1081,11 +1097,15 @@ static void attn_choose_key_block(cm_kernel *k, int first, const cm_lower_opts *
   int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : a->rows;
   a->bc = (int)keys;
   int64_t bc = keys;
+  /* CUDA: a forward span always streams (flash attention: key blocks of at most 64, one block
+   * when the keys fit it), so no block keeps whole score rows on chip */
+  bool cuda_fwd = o && o->target && o->target->kind == CM_TARGET_CUDA &&
+                  s0->tmpl == CM_KT_ATTENTION_FWD && !(o->attn_bc > 0);
   if (o && o->attn_bc > 0)
     bc = o->attn_bc < keys ? o->attn_bc : keys;
-  else if (a->ws_bytes > ((int64_t)512 << 10))
+  else if (a->ws_bytes > ((int64_t)512 << 10) || cuda_fwd)
     bc = 64 < keys ? 64 : keys;
-  if (bc >= keys) return;
+  if (bc >= keys && !cuda_fwd) return;
   cm_kattn t = *a;
   if (s0->tmpl == CM_KT_ATTENTION_BWD) {
     if (!attn_bwd_match_span(k, first, &t)) return;
@@ -1096,16 +1116,74 @@ static void attn_choose_key_block(cm_kernel *k, int first, const cm_lower_opts *
     return;
   }
   if (!attn_fwd_match_span(k, first, &t)) return;
+  /* the CPU's streaming rendering takes f32 spans only (autocast's bf16 scores and GEMM
+   * operands keep the whole-row rendering there) */
+  bool cuda = o && o->target && o->target->kind == CM_TARGET_CUDA;
+  const cm_kstage *so = &k->stages[t.st_out];
+  if (!cuda && (k->buffers[t.buf_s].dtype != CM_F32 || attn_uncast(so, so->gemm_a) != so->gemm_a))
+    return;
   t.stream = true;
   t.bc = (int)bc;
   *a = t;
   a->ws_bytes = cm_kattn_stream_workspace(k, first, mr, nr, NULL);
 }
 
+/* Marks the span of stages [first, end) when cm_kattn_check holds for it (row blocks when every
+ * stage is local to the query row, else whole batch items) and, with want_stream, the span
+ * streams; else leaves the kernel as it was. */
+static bool attn_try_span(cm_kernel *k, const cm_lower_opts *o, int first, int end, int mr, int nr,
+                          bool want_stream) {
+  cm_kstage *s0 = &k->stages[first];
+  cm_kstage saved = *s0;
+  int nb = s0->n_dom - 2;
+  int64_t rows = s0->dom[nb];
+  cm_kattn a;
+  memset(&a, 0, sizeof a);
+  a.span = end - first;
+  a.nb = nb;
+  a.rows = rows;
+  a.bc = (int)(rows < 64 ? rows : 64);
+  a.scale = attn_scale(k, first);
+  int64_t bat = 1;
+  for (int v = 0; v < nb; v++) bat *= s0->dom[v];
+  for (int b = 0; b < k->n_buffers; b++) {
+    if (k->buffers[b].kind != CM_KBUF_SCRATCH) continue;
+    bool in, out;
+    attn_uses(k, b, first, end, &in, &out);
+    if (!in || out) continue;
+    if (a.n_local == CM_KATTN_MAX_LOCAL || k->buffers[b].numel % (bat * rows)) return false;
+    a.local_row[a.n_local] = k->buffers[b].numel / (bat * rows);
+    a.local[a.n_local++] = b;
+  }
+  if (a.n_local == 0) return false;
+  int n_max = 0;
+  for (int si = first; si < end; si++) n_max += k->stages[si].red_op == CM_KRED_MAX;
+  for (int pass = 0; pass < 2; pass++) {
+    a.br = pass == 0 ? attn_br(rows, mr) : (int)rows;
+    if (pass == 1 && a.br == attn_br(rows, mr)) break;
+    s0->tmpl = n_max > 0 ? CM_KT_ATTENTION_FWD : CM_KT_ATTENTION_BWD;
+    s0->attn = a;
+    s0->n_parallel = nb;
+    cm_err e;
+    if (cm_kattn_check(k, first, &e) == CM_OK) {
+      s0->attn.ws_bytes = cm_kattn_workspace(k, first, mr, nr, NULL, NULL);
+      attn_choose_key_block(k, first, o, mr, nr);
+      if (want_stream && !s0->attn.stream) break;
+      attn_plan_tiles(k, first, o && o->target ? o->target->vector_lanes : 0);
+      cm_kattn_layout(k, first, mr, nr);
+      return true;
+    }
+  }
+  *s0 = saved;
+  return false;
+}
+
 /* Marks the longest span of an attention group's stages, from its first GEMM
- * stage, that fuses (cm_kattn_check holds); row blocks when every stage is
- * local to the query row, else whole batch items. Leaves the kernel as is when
- * no span holds. */
+ * stage, that fuses (cm_kattn_check holds). For CUDA, a forward span that
+ * streams comes first: the softmax's 5 or 6 stages (S, max, exp, sum, [P], O)
+ * alone when the longest span holds more (a training step's forward group also
+ * computes a GEMM with P and copies of the row sum for the backward; they run
+ * as stages of their own). Leaves the kernel as is when no span holds. */
 void cm_attn_mark(cm_kernel *k, const cm_lower_opts *o) {
   if (o && o->no_templates) return;
   int first = -1;
@@ -1114,52 +1192,10 @@ void cm_attn_mark(cm_kernel *k, const cm_lower_opts *o) {
   if (first < 0) return;
   cm_kstage *s0 = &k->stages[first];
   if (s0->n_dom < 2 || s0->red_op != CM_KRED_SUM) return;
-  cm_kstage saved = *s0;
-  int nb = s0->n_dom - 2;
-  int64_t rows = s0->dom[nb];
   int mr = s0->tiles.mr > 0 ? s0->tiles.mr : 6, nr = s0->tiles.nr > 0 ? s0->tiles.nr : 16;
-  int n_max = 0;
-  for (int end = k->n_stages; end >= first + 2; end--) {
-    cm_kattn a;
-    memset(&a, 0, sizeof a);
-    a.span = end - first;
-    a.nb = nb;
-    a.rows = rows;
-    a.bc = (int)(rows < 64 ? rows : 64);
-    a.scale = attn_scale(k, first);
-    int64_t bat = 1;
-    for (int v = 0; v < nb; v++) bat *= s0->dom[v];
-    bool ok = true;
-    for (int b = 0; b < k->n_buffers && ok; b++) {
-      if (k->buffers[b].kind != CM_KBUF_SCRATCH) continue;
-      bool in, out;
-      attn_uses(k, b, first, end, &in, &out);
-      if (!in || out) continue;
-      if (a.n_local == CM_KATTN_MAX_LOCAL || k->buffers[b].numel % (bat * rows)) {
-        ok = false;
-        break;
-      }
-      a.local_row[a.n_local] = k->buffers[b].numel / (bat * rows);
-      a.local[a.n_local++] = b;
-    }
-    if (!ok || a.n_local == 0) continue;
-    n_max = 0;
-    for (int si = first; si < end; si++) n_max += k->stages[si].red_op == CM_KRED_MAX;
-    for (int pass = 0; pass < 2; pass++) {
-      a.br = pass == 0 ? attn_br(rows, mr) : (int)rows;
-      if (pass == 1 && a.br == attn_br(rows, mr)) break;
-      s0->tmpl = n_max > 0 ? CM_KT_ATTENTION_FWD : CM_KT_ATTENTION_BWD;
-      s0->attn = a;
-      s0->n_parallel = nb;
-      cm_err e;
-      if (cm_kattn_check(k, first, &e) == CM_OK) {
-        s0->attn.ws_bytes = cm_kattn_workspace(k, first, mr, nr, NULL, NULL);
-        attn_choose_key_block(k, first, o, mr, nr);
-        attn_plan_tiles(k, first, o && o->target ? o->target->vector_lanes : 0);
-        cm_kattn_layout(k, first, mr, nr);
-        return;
-      }
-    }
-    *s0 = saved;
-  }
+  bool cuda = o && o->target && o->target->kind == CM_TARGET_CUDA;
+  for (int len = 6; cuda && len >= 5; len--)
+    if (first + len <= k->n_stages && attn_try_span(k, o, first, first + len, mr, nr, true)) return;
+  for (int end = k->n_stages; end >= first + 2; end--)
+    if (attn_try_span(k, o, first, end, mr, nr, false)) return;
 }

@@ -411,6 +411,7 @@ typedef enum cm_kcuda_kind {
   CM_KCUDA_ATTN_STREAM,     /* attention forward span, online softmax over key blocks */
   CM_KCUDA_ATTN_STREAM_BWD, /* attention backward span, two passes over key blocks */
   CM_KCUDA_IN_SPAN,         /* runs inside the function of an earlier stage's span: empty */
+  CM_KCUDA_ATTN_FLASH,      /* attention forward span, online softmax on tensor cores (bf16) */
 } cm_kcuda_kind;
 
 /* generic stages: who computes one domain point */
@@ -454,6 +455,7 @@ typedef struct cm_kcuda_attn {
   int64_t slot_elems[CM_KATTN_MAX_LOCAL]; /* fused: shared elements of each local buffer */
   int64_t acc_off[CM_KATTN_MAX_SPAN];     /* streaming backward: accumulator offsets (floats) */
   int64_t acc_floats;                     /* streaming backward: accumulator floats */
+  int dp, dvp; /* flash: d padded to the mma's k (16), dv to 16 (zeros in shared memory) */
 } cm_kcuda_attn;
 
 typedef struct cm_kcuda_plan {

@@ -95,6 +95,23 @@ bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcu
 bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out);
 bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out);
 size_t cu_dt_size(cm_dtype d);
+/* The shape of a streaming forward span (cm_kattn.stream, roles checked): span, nb, rows, batch,
+ * keys, d, dv and the lowering's bc; false when stage first opens none. */
+bool cu_stream_shape(const cm_kernel *k, int first, cm_kcuda_attn *out);
+/* Opens a C scope for one point of stage c->s of an attention span with nb batch vars (stat: a
+ * row statistic): its batch vars from bv<i>_, the row var = row, the next var = col, the
+ * reduction var = red (NULL: 0). */
+void cu_attn_point(rctx *c, int nb, bool stat, const char *ind, const char *row, const char *col,
+                   const char *red);
+/* Empty functions for the span's stages after the first (its function runs them). */
+cm_status cu_span_stubs(const cm_kernel *k, int first, int span, sbuf *o, const bool *written,
+                        cm_err *err);
+/* ---- render_cuda_flash.c ------------------------------------------------------- */
+/* Flash attention forward on tensor cores: a streaming forward span whose GEMM operands are bf16
+ * (autocast), on a target with mma.sync; false otherwise (render_cuda_flash.c). */
+bool cu_plan_flash(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out);
+cm_status cu_render_flash(const cm_kernel *k, int first, const cm_kcuda_attn *p, int min_blocks,
+                          sbuf *o, const bool *written, cm_err *err);
 cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn *p, int min_blocks,
                               sbuf *o, const bool *written, cm_err *err);
 cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p, int min_blocks,

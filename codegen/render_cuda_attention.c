@@ -75,8 +75,8 @@ bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcu
 }
 
 /* The span's other stages: empty functions (the first stage's function runs them). */
-static cm_status span_stubs(const cm_kernel *k, int first, int span, sbuf *o, const bool *written,
-                            cm_err *err) {
+cm_status cu_span_stubs(const cm_kernel *k, int first, int span, sbuf *o, const bool *written,
+                        cm_err *err) {
   cm_status st = CM_OK;
   for (int si = first + 1; si < first + span && st == CM_OK; si++) {
     rctx c;
@@ -198,7 +198,7 @@ cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn
   free(local);
   if (p->nb > 0) cu_sb_printf(o, "  }\n");
   cu_sb_printf(o, "}\n\n");
-  if (st == CM_OK) st = span_stubs(k, first, p->span, o, written, err);
+  if (st == CM_OK) st = cu_span_stubs(k, first, p->span, o, written, err);
   return st;
 }
 
@@ -252,9 +252,8 @@ static bool cu_stream_span(const cm_kernel *k, int first, cm_ktemplate tmpl) {
   return cm_kernel_verify(k, &e) == CM_OK && cm_kattn_stream_check(k, first, &e) == CM_OK;
 }
 
-bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+bool cu_stream_shape(const cm_kernel *k, int first, cm_kcuda_attn *out) {
   fa_cplan p;
-  const double smem_floats = (double)(t->shared_bytes_static / 4);
   memset(&p, 0, sizeof p);
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
@@ -275,8 +274,23 @@ bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_
   p.rows = a->rows, p.keys = s0->dom[p.nb + 1], p.d = s0->red[0];
   p.dv = p.sO->dom[p.sO->n_dom - 1];
   p.batch = cu_prod(s0->dom, p.nb);
+  if (a->bc < 1 || p.keys < 2) return false;
+  memset(out, 0, sizeof *out);
+  out->span = a->span, out->nb = p.nb, out->rows = p.rows, out->batch = p.batch;
+  out->keys = p.keys, out->d = p.d, out->dv = p.dv, out->bc = a->bc;
+  return true;
+}
+
+bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+  fa_cplan p;
+  const double smem_floats = (double)(t->shared_bytes_static / 4);
+  memset(&p, 0, sizeof p);
+  const cm_kattn *a = &k->stages[first].attn;
+  cm_kcuda_attn sh;
+  /* f32 scores only: the loads of a bf16 S (autocast) read the tile as bits (cu_plan_flash) */
+  if (!cu_stream_shape(k, first, &sh) || k->buffers[a->buf_s].dtype != CM_F32) return false;
+  p.nb = sh.nb, p.rows = sh.rows, p.batch = sh.batch, p.keys = sh.keys, p.d = sh.d, p.dv = sh.dv;
   int64_t bc = a->bc < 64 ? a->bc : 64, br = p.rows < 64 ? p.rows : 64;
-  if (bc < 1 || p.keys < 2) return false;
   for (;;) {
     int64_t kvn = p.d * bc > bc * p.dv ? p.d * bc : bc * p.dv;
     double fl = (double)br * (double)(p.d + bc + 1 + p.dv + 3) + (double)kvn;
@@ -307,8 +321,8 @@ bool cu_plan_stream(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_
  * (stat: the stage computes a row statistic): its vars (batch from bv<i>_
  * when the stage's batch axes are the span's, else 0; the row var = row, the
  * var after it = col, the reduction var = red; NULL or any other var: 0). */
-static void fb_cuda_point(rctx *c, int nb, bool stat, const char *ind, const char *row,
-                          const char *col, const char *red) {
+void cu_attn_point(rctx *c, int nb, bool stat, const char *ind, const char *row, const char *col,
+                   const char *red) {
   const cm_kstage *s = c->s;
   int nbs = fa_cuda_stage_nb(s, stat);
   cu_sb_printf(c->o, "%s{\n", ind);
@@ -330,7 +344,7 @@ static void fb_cuda_point(rctx *c, int nb, bool stat, const char *ind, const cha
 /* The same for a forward span: its row statistics are the max and sum stages. */
 static void fa_cuda_point(rctx *c, const fa_cplan *p, const char *ind, const char *row,
                           const char *col, const char *red) {
-  fb_cuda_point(c, p->nb, c->s == p->sM || c->s == p->sL, ind, row, col, red);
+  cu_attn_point(c, p->nb, c->s == p->sM || c->s == p->sL, ind, row, col, red);
 }
 
 /* The K_j^T tile (fkv_[k * BC + j]) of the current key block, then a barrier. */
@@ -552,7 +566,7 @@ cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p
   cu_rctx_close(&cS), cu_rctx_close(&cM), cu_rctx_close(&cE), cu_rctx_close(&cL),
       cu_rctx_close(&cO);
   if (p->sP) cu_rctx_close(&cP);
-  if (st == CM_OK) st = span_stubs(k, first, a->span, o, written, err);
+  if (st == CM_OK) st = cu_span_stubs(k, first, a->span, o, written, err);
   return st;
 }
 
@@ -655,13 +669,13 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
     cu_sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n    float acc = 0.f;\n");
     if (r == 0) {
       cu_sb_printf(o, "    for (int k_ = 0; k_ < %lld; k_++) {\n", (long long)p->d);
-      fb_cuda_point(c, p->nb, false, "      ", "r_", "j0_ + j_", "k_");
+      cu_attn_point(c, p->nb, false, "      ", "r_", "j0_ + j_", "k_");
       cu_emit_tree(c, s->gemm_a, "        ", "acc");
       cu_emit_tree(c, s->gemm_b, "        ", "acc");
       cu_sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n", s->gemm_a,
                    s->gemm_b);
     }
-    fb_cuda_point(c, p->nb, false, "    ", "r_", "j0_ + j_", NULL);
+    cu_attn_point(c, p->nb, false, "    ", "r_", "j0_ + j_", NULL);
     cu_emit_tree(c, val, "      ", "acc");
     cu_sb_printf(o, "      const float tv_ = (float)(e%d);\n", val);
     cu_sb_printf(o, "      fbl%d_[r_ * %d + j_] = tv_;\n    }\n  }\n", li, BC);
@@ -673,7 +687,7 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
     cu_sb_printf(o, "    %s acc_ = (%s)fbl%d_[r_];\n", cu_ctype(s->acc_dtype),
                  cu_ctype(s->acc_dtype), li);
     cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
-    fb_cuda_point(c, p->nb, true, "      ", "r_", NULL, "j0_ + j_");
+    cu_attn_point(c, p->nb, true, "      ", "r_", NULL, "j0_ + j_");
     cu_emit_tree(c, s->body, "        ", "acc_");
     char bv[96];
     snprintf(bv, sizeof bv, "(%s)(e%d)", cu_ctype(s->acc_dtype), s->body);
@@ -686,7 +700,7 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
     cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", C, C);
     cu_sb_printf(o, "    float acc = fbacc_[%lld + p_];\n", (long long)p->acc_off[r]);
     cu_sb_printf(o, "    for (int j_ = 0; j_ < bc_; j_++) {\n");
-    fb_cuda_point(c, p->nb, false, "      ", "r_", "c_", "j0_ + j_");
+    cu_attn_point(c, p->nb, false, "      ", "r_", "c_", "j0_ + j_");
     cu_emit_tree(c, s->gemm_a, "        ", "acc");
     cu_emit_tree(c, s->gemm_b, "        ", "acc");
     cu_sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n", s->gemm_a,
@@ -697,12 +711,12 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
     cu_sb_printf(o, "  for (int p_ = tid_; p_ < bc_ * %lld; p_ += %d) {\n", C, p->threads);
     cu_sb_printf(o, "    const int j_ = p_ / %lld, c_ = p_ %% %lld;\n    float acc = 0.f;\n", C, C);
     cu_sb_printf(o, "    for (int r_ = 0; r_ < %lld; r_++) {\n", R);
-    fb_cuda_point(c, p->nb, false, "      ", "j0_ + j_", "c_", "r_");
+    cu_attn_point(c, p->nb, false, "      ", "j0_ + j_", "c_", "r_");
     cu_emit_tree(c, s->gemm_a, "        ", "acc");
     cu_emit_tree(c, s->gemm_b, "        ", "acc");
     cu_sb_printf(o, "        acc += (float)(e%d) * (float)(e%d);\n      }\n    }\n", s->gemm_a,
                  s->gemm_b);
-    fb_cuda_point(c, p->nb, false, "    ", "j0_ + j_", "c_", NULL);
+    cu_attn_point(c, p->nb, false, "    ", "j0_ + j_", "c_", NULL);
     cu_emit_stores(c, "      ", "acc");
     cu_sb_printf(o, "    }\n  }\n");
   }
@@ -797,7 +811,7 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
       cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld; p_ += %d) {\n", R * C, p->threads);
       cu_sb_printf(o, "    const int r_ = p_ / %lld, c_ = p_ %% %lld;\n", C, C);
       cu_sb_printf(o, "    const float acc = fbacc_[%lld + p_];\n", (long long)p->acc_off[r]);
-      fb_cuda_point(c, p->nb, false, "    ", "r_", "c_", NULL);
+      cu_attn_point(c, p->nb, false, "    ", "r_", "c_", NULL);
       cu_emit_stores(c, "      ", "acc");
       cu_sb_printf(o, "    }\n  }\n");
     }
@@ -808,6 +822,6 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
     for (int b = 0; b < k->n_buffers; b++) free(sub[b]);
   free(sub);
   for (int r = 0; r < opened; r++) cu_rctx_close(&cs[r]);
-  if (st == CM_OK) st = span_stubs(k, first, a->span, o, written, err);
+  if (st == CM_OK) st = cu_span_stubs(k, first, a->span, o, written, err);
   return st;
 }

@@ -77,6 +77,8 @@ static int64_t attn_shared_bytes(const cm_kernel *k, int first, const cm_kcuda_p
   if (p->kind == CM_KCUDA_ATTN_FUSED) {
     for (int i = 0; i < a->n_local; i++)
       b += q->slot_elems[i] * (int64_t)cu_dt_size(k->buffers[a->local[i]].dtype);
+  } else if (p->kind == CM_KCUDA_ATTN_FLASH) {
+    b = q->kvn; /* cu_plan_flash: the tiles' bytes */
   } else if (p->kind == CM_KCUDA_ATTN_STREAM) {
     b = 4 * (q->br * q->d + q->kvn + (int64_t)q->br * (q->bc + 1) + q->br * q->dv + 3 * q->br);
   } else {
@@ -90,7 +92,12 @@ static int64_t attn_shared_bytes(const cm_kernel *k, int first, const cm_kcuda_p
 /* The span from stage i, when one of the attention skeletons takes it (the order the renderer
  * has always tried them in: streaming forward, streaming backward, fused). */
 static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_plan *p) {
-  if (cu_plan_stream(k, i, t, &p->attn)) {
+  int threads = CU_ATTN_THREADS;
+  if (cu_plan_flash(k, i, t, &p->attn)) {
+    p->kind = CM_KCUDA_ATTN_FLASH;
+    p->grid[0] = (unsigned)(p->attn.batch * p->attn.nrb);
+    threads = p->attn.threads;
+  } else if (cu_plan_stream(k, i, t, &p->attn)) {
     p->kind = CM_KCUDA_ATTN_STREAM;
     p->grid[0] = (unsigned)(p->attn.batch * p->attn.nrb);
   } else if (cu_plan_stream_bwd(k, i, t, &p->attn)) {
@@ -103,7 +110,7 @@ static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_pl
     memset(&p->attn, 0, sizeof p->attn);
     return false;
   }
-  p->attn.threads = CU_ATTN_THREADS;
+  p->attn.threads = threads;
   p->block[0] = (unsigned)p->attn.threads;
   p->shared_static = attn_shared_bytes(k, i, p);
   return true;
@@ -250,6 +257,13 @@ void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out) {
   case CM_KCUDA_ATTN_FUSED:
     fprintf(out, "attention fused: %d stages, %d query rows per block%s, %d row blocks", a->span,
             a->br, a->rowwise ? "" : " (whole batch item)", a->nrb);
+    break;
+  case CM_KCUDA_ATTN_FLASH:
+    fprintf(
+        out,
+        "attention flash mma bf16: %d stages, br %d bc %d, %d row blocks, %d key blocks, d %lld "
+        "dv %lld",
+        a->span, a->br, a->bc, a->nrb, a->nkb, (long long)a->d, (long long)a->dv);
     break;
   case CM_KCUDA_ATTN_STREAM:
     fprintf(out,

@@ -1173,7 +1173,7 @@ static void bound_copy(eval_ctx *c, int id, int k) {
   for (int64_t i = 0; i < numel; i++) cm_tensor_set_f64(&c->bounds[id], i, bnd(c, x, i));
 }
 
-static cm_status bound_node(eval_ctx *c, int id) {
+static cm_status bound_node_op(eval_ctx *c, int id) {
   const cm_node *n = &c->g->nodes[id];
   cm_type bt = n->type;
   bt.dtype = CM_F64;
@@ -1202,6 +1202,18 @@ static cm_status bound_node(eval_ctx *c, int id) {
     bound_unary(c, id);
   else
     bound_binary(c, id);
+  return CM_OK;
+}
+
+/* A NaN bound (an interval product 0 * inf, inf - inf) means no bound: it is
+ * made infinite, so that a later max, select or comparison (fmax drops a NaN)
+ * cannot turn it into a finite one. */
+static cm_status bound_node(eval_ctx *c, int id) {
+  cm_status st = bound_node_op(c, id);
+  if (st) return st;
+  double *b = c->bounds[id].data;
+  for (int64_t i = 0, n = cm_type_numel(&c->bounds[id].type); i < n; i++)
+    if (isnan(b[i])) b[i] = INFINITY;
   return CM_OK;
 }
 

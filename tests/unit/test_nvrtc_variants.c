@@ -742,7 +742,8 @@ static void test_cuda_kernels_on_host(void) {
 
 /* Streaming attention (cm_kattn.stream, forced key blocks of 1, 7 and 16 that
  * do not divide N): the forward graph alone (only O leaves the group) and
- * with P kept as an output, on the host under the shim against the
+ * with P kept as an output, and with the backward (both spans stream), on
+ * the host under the shim against the
  * bounded oracle; the streaming functions also compile through NVRTC for sm_80
  * and sm_90 without spills. */
 static void test_streaming_attention(void) {
@@ -835,20 +836,157 @@ static void test_streaming_attention(void) {
           "fused) run on the host, %d outputs compared\n",
           streams, bwd_streams, compiled, kernels, spans, compared);
   test_tally_report("  streaming attention on the host");
-  CHECK(streams == 2 * NSHAPES && bwd_streams == NSHAPES && compiled == 6 * NSHAPES &&
+  CHECK(streams == 3 * NSHAPES && bwd_streams == NSHAPES && compiled == 8 * NSHAPES &&
         spans >= 2 * NSHAPES && compared >= 3 * NSHAPES);
   CHECK_MSG(emu_bwd_stream_runs == NSHAPES, "%d streaming backward spans run on the host",
             emu_bwd_stream_runs);
 }
 
+/* Flash attention (cu_render_flash): the attention of autocast's contract (Q, K, V and P
+ * cast to bf16 for the two matmuls, their results cast back to f32, softmax in f32), forward
+ * alone, with P kept and with the backward, at odd shapes (tokens 2, 17, 65, 197; head dims 32
+ * and 64; 3 batch items x heads): every forward span is planned as flash and renders through
+ * mma.sync; every kernel runs on the host under the shim within its bounds; the flash functions
+ * compile through NVRTC for sm_80 and sm_90 without spills. The same graphs without the casts
+ * (f32) keep the scalar streaming function on CUDA. */
+static cm_graph *flash_graph(const int64_t *d, bool bf16, int mode) {
+  cm_graph *g = cm_graph_new();
+  int q = cm_input(g, "q", CM_F32, 4, d), k = cm_input(g, "k", CM_F32, 4, d);
+  int v = cm_input(g, "v", CM_F32, 4, d);
+  int qa = bf16 ? cm_cast(g, q, CM_BF16, NULL) : q, ka = bf16 ? cm_cast(g, k, CM_BF16, NULL) : k;
+  int sc = cm_matmul(g, qa, ka, false, true, "scores");
+  if (bf16) sc = cm_cast(g, sc, CM_F32, NULL);
+  sc = cm_binary_bcast(g, CM_OP_MUL, sc, cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)d[3])),
+                       "scaled");
+  int pr = cm_nn_softmax(g, sc);
+  int pa = bf16 ? cm_cast(g, pr, CM_BF16, NULL) : pr, va = bf16 ? cm_cast(g, v, CM_BF16, NULL) : v;
+  int y = cm_matmul(g, pa, va, false, false, "y");
+  if (bf16) y = cm_cast(g, y, CM_F32, NULL);
+  cm_err err = {0};
+  CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
+  if (mode == 1) CHECK(cm_graph_add_output(g, pr, &err) == CM_OK);
+  if (mode == 2) {
+    int dout = cm_input(g, "dO", CM_F32, 4, d);
+    int axes[4] = {0, 1, 2, 3};
+    int loss = cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, dout, NULL), 4, axes,
+                         false, "loss");
+    int wrt[3] = {q, k, v}, grads[3];
+    CHECK_MSG(cm_autodiff(g, loss, 3, wrt, grads, &err) == CM_OK, "%s", err.msg);
+    for (int i = 0; i < 3; i++) CHECK(cm_graph_add_output(g, grads[i], &err) == CM_OK);
+  }
+  return g;
+}
+
+/* NVRTC for sm_80 and sm_90: no spills; registers and shared memory printed once per shape. */
+static int flash_nvrtc(const cm_kernel *kk, const char *src, bool print) {
+  int compiled = 0;
+  char fn[96];
+  snprintf(fn, sizeof fn, "%s_s0", kk->name);
+  for (int a = 0; a < 2; a++) {
+    cm_err err = {0};
+    cm_cubin cub;
+    memset(&cub, 0, sizeof cub);
+    cm_status cs = cm_nvrtc_compile(nvrtc, src, "flash.cu", ARCHS[a], NULL, 0, &cub, &err);
+    CHECK_MSG(cs == CM_OK, "%s %s: %s", kk->name, ARCHS[a], err.msg);
+    const cm_cuda_kernel_info *ki = cs == CM_OK ? cm_cubin_kernel(&cub, fn) : NULL;
+    CHECK_MSG(ki != NULL, "%s %s: no kernel %s", kk->name, ARCHS[a], fn);
+    if (ki) {
+      CHECK_MSG(ki->spill_store_bytes == 0 && ki->spill_load_bytes == 0,
+                "%s %s: spills %d/%d bytes (%d registers)", kk->name, ARCHS[a],
+                ki->spill_store_bytes, ki->spill_load_bytes, ki->registers);
+      if (print)
+        fprintf(stderr, "  flash %s %s: %d registers, %d bytes shared\n", fn, ARCHS[a],
+                ki->registers, ki->shared_bytes);
+      compiled++;
+    }
+    cm_cubin_free(&cub);
+  }
+  return compiled;
+}
+
+static void test_flash_attention(void) {
+  static const int64_t shapes[][4] = {/* n, heads, tokens, dim */
+                                      {1, 3, 17, 32},
+                                      {3, 1, 65, 64},
+                                      {1, 3, 197, 32},
+                                      {3, 1, 2, 64},
+                                      {1, 3, 1, 32}};
+  enum { NSHAPES = sizeof shapes / sizeof shapes[0] };
+  /* CI runs on the host (the emulator and its C++ compiles take ~2 s a graph): the bf16 graphs
+   * at 17 tokens x 32 and 65 x 64 and the f32 training graph at 17 x 32; CMAEC_FLASH_ALL=1
+   * (the long entry) every graph. Every graph is planned and rendered either way. */
+  const char *all_env = getenv("CMAEC_FLASH_ALL");
+  bool all = all_env && all_env[0] == '1';
+  int kernels = 0, spans = 0, compared = 0, flash = 0, stream_f32 = 0, fwd = 0, compiled = 0;
+  int ran = 0;
+  double t0 = now_s();
+  for (int si = 0; si < NSHAPES; si++) {
+    for (int bf16 = 0; bf16 < 2; bf16++) {
+      for (int mode = 0; mode < 3; mode++) {
+        /* the backward: f32 only (fuse.c does not group the bf16 forward of an autodiff graph
+         * as attention) */
+        if (bf16 && mode == 2) continue;
+        bool run = all || (si == 0 && (bf16 || mode == 2)) || (si == 1 && bf16 && mode == 1);
+        cm_graph *g = flash_graph(shapes[si], bf16, mode);
+        cm_target cuda_target;
+        cm_target_cuda("sm_80", &cuda_target, NULL);
+        cm_compile_opts co = {.compile_only = true, .render_only = true};
+        cm_program *cp = NULL;
+        cm_err err = {0};
+        CHECK_MSG(cm_compile(g, &cuda_target, &co, &cp, &err) == CM_OK, "%s", err.msg);
+        const cm_kprogram *prog = cp ? cm_program_kernels(cp) : &(cm_kprogram){0};
+        for (int ki = 0; ki < prog->n_kernels; ki++) {
+          const cm_kernel *kk = &prog->kernels[ki];
+          if (kk->n_stages == 0 || kk->stages[0].tmpl != CM_KT_ATTENTION_FWD) continue;
+          fwd++;
+          cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
+          char *src = NULL;
+          CHECK_MSG(cm_render_cuda(kk, &ro, true, &src, &err) == CM_OK, "%s", err.msg);
+          bool is_flash = src && strstr(src, "attention forward, flash") &&
+                          strstr(src, "cm_mma_16816<true>(s_[t_]") &&
+                          strstr(src, "cm_mma_16816<true>(o_[t_]");
+          bool is_stream = src && strstr(src, "attention forward, streaming");
+          CHECK_MSG(bf16 ? is_flash : is_stream, "%s (shape %d, %s): rendered as neither", kk->name,
+                    si, bf16 ? "bf16 flash" : "f32 streaming");
+          CHECK(cm_cuda_stage_launch(kk, 0, &ro).block[0] == (bf16 ? 128u : 256u));
+          flash += is_flash, stream_f32 += is_stream;
+          if (is_flash && mode == 1 && (all || si < 2)) compiled += flash_nvrtc(kk, src, si < 2);
+          free(src);
+        }
+        if (cp && run) {
+          emu_check_program(cm_program_graph(cp), cm_program_plan(cp), prog, &kernels, &spans,
+                            &compared);
+          ran++;
+        }
+        cm_program_free(cp);
+        cm_graph_free(g);
+      }
+    }
+  }
+  fprintf(stderr,
+          "  flash: %d forward spans (%d flash bf16, %d streaming f32), %d NVRTC compiles; %d "
+          "graphs (%d kernels) run on the host, %d outputs compared, %.1f s\n",
+          fwd, flash, stream_f32, compiled, ran, kernels, compared, now_s() - t0);
+  test_tally_report("  flash attention on the host");
+  /* tokens 1 has no softmax span to stream; every other shape's forward span is flash (bf16)
+   * or streaming (f32) */
+  CHECK_MSG(flash == 2 * (NSHAPES - 1) && stream_f32 == 3 * (NSHAPES - 1) &&
+                fwd == flash + stream_f32,
+            "%d flash, %d streaming of %d forward spans", flash, stream_f32, fwd);
+  CHECK(compiled == (all ? 2 * (NSHAPES - 1) : 4) && ran == (all ? 5 * NSHAPES : 4) &&
+        compared >= 2 * ran);
+}
+
 int main(int argc, char **argv) {
   cm_err err = {0};
   const char *only = argc > 1 ? argv[1] : NULL;
-  if (argc > 2 || (only && strcmp(only, "test_cuda_kernels_on_host") &&
-                   strcmp(only, "test_streaming_attention") &&
-                   strcmp(only, "test_every_variant_through_nvrtc"))) {
+  if (argc > 2 ||
+      (only && strcmp(only, "test_cuda_kernels_on_host") &&
+       strcmp(only, "test_streaming_attention") && strcmp(only, "test_flash_attention") &&
+       strcmp(only, "test_every_variant_through_nvrtc"))) {
     fprintf(stderr,
             "%s: no test \"%s\"; tests: test_cuda_kernels_on_host test_streaming_attention "
+            "test_flash_attention "
             "test_every_variant_through_nvrtc\n",
             argv[0], argv[argc - 1]);
     return 2;
@@ -868,6 +1006,12 @@ int main(int argc, char **argv) {
   if (!only || !strcmp(only, "test_streaming_attention")) {
     test_streaming_attention();
     fprintf(stderr, "%-40s %s\n", "test_streaming_attention",
+            test_failures == before ? "ok" : "FAILED");
+  }
+  before = test_failures;
+  if (!only || !strcmp(only, "test_flash_attention")) {
+    test_flash_attention();
+    fprintf(stderr, "%-40s %s\n", "test_flash_attention",
             test_failures == before ? "ok" : "FAILED");
   }
   before = test_failures;

@@ -739,12 +739,13 @@ static void check_attention_plans(bool backward, int bc, const char *const *want
 }
 
 static void test_plan_attention(void) {
-  /* a block per (batch item, head): all 50 rows fit; shared memory: the forward keeps S (50 x 50
-   * floats, 2512 with 16-element alignment) and the row max and sum (64 each); the backward two
-   * 50 x 50 tiles and one row statistic */
+  /* a block per (batch item, head), all 50 rows: the forward streams on CUDA (S, max, exp, sum, P,
+   * O; one block of all 50 keys: br (d + bc + 1 + dv + 3) + max(d bc, bc dv) floats), the
+   * training group's GEMM with P and the row-sum copies run as stages of their own; the backward
+   * is fused, two 50 x 50 tiles and one row statistic */
   const char *const fused[] = {
-      "cuda sm_80 attention fused: 8 stages, 50 query rows per block (whole batch item), 1 row "
-      "blocks; grid 2x1x1 block 256x1x1 shared 10560+0",
+      "cuda sm_80 attention stream: 6 stages, br 50 bc 50, 1 row blocks, 1 key blocks, d 16 dv 16; "
+      "grid 2x1x1 block 256x1x1 shared 20400+0",
       "cuda sm_80 attention fused: 5 stages, 50 query rows per block (whole batch item), 1 row "
       "blocks; grid 2x1x1 block 256x1x1 shared 20352+0"};
   check_attention_plans(true, 0, fused, 2);
@@ -754,11 +755,13 @@ static void test_plan_attention(void) {
       "cuda sm_80 attention stream: 5 stages, br 50 bc 16, 1 row blocks, 4 key blocks, d 16 dv 16; "
       "grid 2x1x1 block 256x1x1 shared 11424+0"};
   check_attention_plans(false, 16, stream, 1);
-  /* with the backward, the forward keeps its whole rows (fused, as above); the backward streams:
+  /* with the backward: the forward's 6 softmax stages stream as above; the backward streams too:
    * dQ's accumulator (50 x 16 floats), two 50 x 16 tiles and one row statistic: 2450 floats */
   const char *const stream_bwd[] = {
-      fused[0], "cuda sm_80 attention stream backward: 5 stages, 50 rows, bc 16, 4 key blocks, 800 "
-                "accumulator floats; grid 2x1x1 block 256x1x1 shared 9800+0"};
+      "cuda sm_80 attention stream: 6 stages, br 50 bc 16, 1 row blocks, 4 key blocks, d 16 dv 16; "
+      "grid 2x1x1 block 256x1x1 shared 11424+0",
+      "cuda sm_80 attention stream backward: 5 stages, 50 rows, bc 16, 4 key blocks, 800 "
+      "accumulator floats; grid 2x1x1 block 256x1x1 shared 9800+0"};
   check_attention_plans(true, 16, stream_bwd, 2);
 }
 
