@@ -22,7 +22,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 dry=0
-[ "${1:-}" = "--dry-run" ] && dry=1
+case "${1:-}" in
+  --dry-run) dry=1 ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu/run.sh [--dry-run]" >&2; exit 2 ;;
+esac
 build=${CMAEC_GPU_BUILD:-build-gpu}
 [ -x "$build/bench/gpu_gemm" ] || build=build
 out=${CMAEC_BENCH_OUT:-$(mktemp -d)}
@@ -52,8 +56,8 @@ part() {
 }
 
 # ---- made-up cmaec GPU outputs for --dry-run (the lines the real programs print) ----------
-fake_cm_gemm() { # the listed shapes at a made-up 400 TFLOP/s
-  awk '$1 ~ /^[0-9]+$/ { ms = 2 * $3 * $4 * $5 / 400e12 * 1e3;
+fake_cm_gemm() { # the listed shapes at a made-up 400 TFLOP/s, 2 us at least (a launch)
+  awk '$1 ~ /^[0-9]+$/ { ms = 2 * $3 * $4 * $5 / 400e12 * 1e3; if (ms < 0.002) ms = 0.002;
        printf "%-3s %-5s %6s %6s %6s %2s %2s %5s %10.6f %8.2f\n", $1, $2, $3, $4, $5, $6, $7, $8, ms, 400 }
        !/^[0-9]/ { print }' "$1"
 }
@@ -77,6 +81,10 @@ if [ "$dry" = 1 ]; then
     --batch 4 --steps 2 --warmup 1 --device cpu --compile-backend aot_eager
 else
   nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 >"$out/card.txt"
+  if [ ! -s "$out/card.txt" ]; then
+    echo "bench/gpu: no GPU (nvidia-smi names none); --dry-run checks the scripts without one" >&2
+    exit 1
+  fi
   part shapes 30 "$build/bench/gpu_gemm" "$model" --batch "$batch" --list
   part cm_gemm 40 "$build/bench/gpu_gemm" "$model" --batch "$batch" --backend cuda --seconds 0.05
   part torch_gemm 25 "$py" bench/gpu/torch_peer.py gemm "$out/shapes.txt" --seconds 0.05

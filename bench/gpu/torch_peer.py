@@ -50,7 +50,7 @@ def gemm(args, device):
             parts = line.split()
             if len(parts) >= 8 and parts[0].isdigit():
                 rows.append(parts[:8])
-    print("# torch.matmul %s on %s, torch %s" % (str(args.dtype)[6:], name_of(device),
+    print("# torch.matmul %s on %s, torch %s" % (args.dtype_name, name_of(device),
                                                  torch.__version__))
     for index, role, m, n, k, ta, tb, count in rows:
         m, n, k = int(m), int(n), int(k)
@@ -77,7 +77,7 @@ def attn(args, device):
     ms = timer(step, device, args.seconds)
     print("attn n %d heads %d tokens %d dim %d %s: %.3f ms/step on %s (torch %s, "
           "F.scaled_dot_product_attention forward + backward)"
-          % (args.n, args.heads, args.tokens, args.dim, str(args.dtype)[6:], ms, name_of(device),
+          % (args.n, args.heads, args.tokens, args.dim, args.dtype_name, ms, name_of(device),
              torch.__version__))
 
 
@@ -102,6 +102,7 @@ def main():
                        help="f32: the CPU dry run (PyTorch's CPU bf16 matmul is slow without "
                        "native bf16 instructions)")
     args = ap.parse_args()
+    args.dtype_name = args.dtype
     args.dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = torch.device(args.device)
     gemm(args, device) if args.what == "gemm" else attn(args, device)
