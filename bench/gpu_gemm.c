@@ -9,8 +9,10 @@
  * Otherwise each distinct shape is compiled alone, `y = matmul(a, b)` with a and b in
  * --dtype (bf16 by default: the result bf16, as torch.matmul on bf16 tensors) on
  * --backend (cuda on a GPU machine), the operands prefetched, the result left in the
- * arena, and timed for --seconds after a warm-up run: ms per GEMM and TFLOP/s
- * (2 M N K per GEMM).
+ * arena, and timed for --seconds after a warm-up run: ms per GEMM, the kernel's own time
+ * from the profile (CUDA events around it on a GPU, as PyTorch's side times its calls),
+ * TFLOP/s (2 M N K per GEMM), and the wall time per run with the runtime's launch and
+ * synchronization.
  *
  * usage: build/bench/gpu_gemm [MODEL.json] [--batch N] [--list] [--dtype bf16|f32]
  *                             [--seconds S] [--only I] [--backend auto|cpu|cuda] [--device N]
@@ -124,9 +126,19 @@ static int step_shapes(const cm_graph *step, int loss, gemm_shape *out, int cap)
   return n;
 }
 
-/* Times one GEMM shape on the chosen backend; false (said) on failure. */
+/* The kernels' ms of the runs so far (the profile's events; 0 without a profile). */
+static double kernel_ms(const cm_program *pr) {
+  const cm_kernel_profile *kp = NULL;
+  double ms = 0;
+  for (int q = 0, n = cm_program_profile(pr, &kp); q < n; q++) ms += kp[q].total_ms;
+  return ms;
+}
+
+/* Times one GEMM shape on the chosen backend: *ms the kernels' time per GEMM from the
+ * profile (on a GPU, CUDA events around the kernels: no launch or synchronization), *wall_ms
+ * per run with the runtime's overhead; false (said) on failure. */
 static bool time_shape(const gemm_opts *o, cm_backend_choice *choice, const gemm_shape *sh,
-                       double *ms) {
+                       double *ms, double *wall_ms) {
   cm_graph *g = cm_graph_new();
   cm_dtype dt = o->bf16 ? CM_BF16 : CM_F32;
   int64_t ad[2] = {sh->ta ? sh->k : sh->m, sh->ta ? sh->m : sh->k};
@@ -151,7 +163,7 @@ static bool time_shape(const gemm_opts *o, cm_backend_choice *choice, const gemm
     }
   }
   bound[a] = &src[0], bound[b] = &src[1];
-  cm_compile_opts co = {0};
+  cm_compile_opts co = {.profile = true};
   const cm_target *target = cm_backend_compile_opts(choice, &co);
   cm_program *pr = NULL;
   bool ok = cm_compile(g, target, &co, &pr, &err) == CM_OK &&
@@ -159,14 +171,16 @@ static bool time_shape(const gemm_opts *o, cm_backend_choice *choice, const gemm
             cm_program_prefetch(pr, bound, &err) == CM_OK &&
             cm_program_finish(pr, &out, &err) == CM_OK; /* warm-up; operands stay */
   int runs = 0;
-  double t0 = now(), t = 0;
+  double t0 = now(), t = 0, k0 = ok ? kernel_ms(pr) : 0;
   while (ok && (t < o->seconds || runs < 3)) {
     ok = cm_program_run(pr, bound, NULL, &err) == CM_OK;
     runs++;
     t = now() - t0;
   }
   if (!ok) fprintf(stderr, "gpu_gemm: %s\n", err.msg);
-  *ms = runs ? 1e3 * t / runs : 0;
+  *wall_ms = runs ? 1e3 * t / runs : 0;
+  double k = ok ? kernel_ms(pr) - k0 : 0;
+  *ms = k > 0 ? k / runs : *wall_ms;
   cm_tensor_free(&out), cm_tensor_free(&src[0]), cm_tensor_free(&src[1]);
   cm_program_free(pr);
   cm_graph_free(g);
@@ -205,17 +219,18 @@ int main(int argc, char **argv) {
     return fprintf(stderr, "gpu_gemm: %s\n", err.msg), 2;
   printf("# %s batch %d: %d GEMM shapes%s%s\n", o.path, o.batch, n, o.list ? "" : " on ",
          o.list ? "" : choice.description);
-  printf("%-3s %-5s %6s %6s %6s %2s %2s %5s %10s %8s\n", "#", "role", "M", "N", "K", "ta", "tb",
-         "count", o.list ? "" : "ms", o.list ? "" : "TFLOP/s");
+  printf("%-3s %-5s %6s %6s %6s %2s %2s %5s %10s %8s %10s\n", "#", "role", "M", "N", "K", "ta",
+         "tb", "count", o.list ? "" : "ms", o.list ? "" : "TFLOP/s", o.list ? "" : "wall ms");
   int failed = 0;
   for (int i = 0; i < n; i++) {
     const gemm_shape *s = &shapes[i];
     if (o.only >= 0 && i != o.only) continue;
     printf("%-3d %-5s %6lld %6lld %6lld %2d %2d %5d", i, s->role, (long long)s->m, (long long)s->n,
            (long long)s->k, s->ta, s->tb, s->count);
-    double ms = 0;
-    if (!o.list && time_shape(&o, &choice, s, &ms))
-      printf(" %10.5f %8.2f", ms, 2e-9 * (double)s->m * (double)s->n * (double)s->k / ms);
+    double ms = 0, wall = 0;
+    if (!o.list && time_shape(&o, &choice, s, &ms, &wall))
+      printf(" %10.5f %8.2f %10.5f", ms, 2e-9 * (double)s->m * (double)s->n * (double)s->k / ms,
+             wall);
     else if (!o.list)
       printf(" %10s %8s", "FAILED", "-"), failed++;
     putchar('\n');

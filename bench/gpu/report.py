@@ -87,7 +87,8 @@ def main():
             "%.1f" % (flop / t * 1e-9) if t else "-", pct(ratio), verdict(ratio, TARGETS["gemm"])))
     gemm_ratio = pt_total / cm_total if cm_total and complete else None
     print("GEMMs of one step (each shape x its count): cmaec %.2f ms, torch %.2f ms: %s of torch "
-          "(%d of %d shapes >= 90 %%)" % (cm_total, pt_total, pct(gemm_ratio), met, len(shapes)))
+          "(%d of %d shapes >= 90 %%; cmaec: the kernel's CUDA events, torch: CUDA events around "
+          "back-to-back calls)" % (cm_total, pt_total, pct(gemm_ratio), met, len(shapes)))
 
     cm_attn = first_float(r"(?:bf16|f32): ([0-9.]+) ms/step", read(d, "cm_attn.txt"))
     pt_attn = first_float(r"(?:bf16|f32): ([0-9.]+) ms/step", read(d, "torch_attn.txt"))
