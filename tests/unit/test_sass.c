@@ -38,9 +38,9 @@ static const char *const ARCHS[] = {"sm_80", "sm_90"};
 /* Which contraction stages must show tensor-core instructions. The issue wants every one
  * (GEMM and attention). With the tensor-core GEMM template (wt-gemm) and the flash forward
  * (wt-flash) merged, every GEMM stage of the bf16 step (the backward attention products of
- * the 197-token spans among them) is mma.sync and every forward span flash: asserted. The
- * backward spans still fused (the online encoder's 69 tokens) or streamed run on FMA: listed
- * with their verdict, asserted once they have tensor cores (set this to true then). */
+ * the 197-token spans among them) is mma.sync and every forward span flash: asserted
+ * (hmma_required). The backward spans still fused (the online encoder's 69 tokens) run on
+ * FMA: listed with their verdict, asserted once they have tensor cores (set this to true). */
 #define HMMA_REQUIRED_ATTENTION false
 static double now_s(void) {
   struct timespec ts;
@@ -102,10 +102,10 @@ static bool find_cuobjdump(void) {
 
 /* ---- the kernels to check ---------------------------------------------- */
 
+/* A GEMM or attention stage: a template's (an attention span's first stage carries it; the
+ * span's other stages run inside that function), whatever the CUDA plan made of it. */
 static bool is_contraction(const cm_kstage *s) {
-  cm_kcuda_kind k = s->cuda.kind;
-  return k == CM_KCUDA_GEMM || k == CM_KCUDA_ATTN_FUSED || k == CM_KCUDA_ATTN_STREAM ||
-         k == CM_KCUDA_ATTN_STREAM_BWD || k == CM_KCUDA_ATTN_FLASH;
+  return s->tmpl != CM_KT_NONE && s->cuda.kind != CM_KCUDA_IN_SPAN;
 }
 
 static const char *plan_name(const cm_kstage *s) {
@@ -116,13 +116,15 @@ static const char *plan_name(const cm_kstage *s) {
   case CM_KCUDA_ATTN_STREAM: return "attention stream";
   case CM_KCUDA_ATTN_STREAM_BWD: return "attention stream bwd";
   case CM_KCUDA_ATTN_FLASH: return "attention flash";
-  default: return "-";
+  case CM_KCUDA_GENERIC: return "generic loop";
+  default: return "other plan";
   }
 }
 
+/* Every GEMM stage and every forward attention span; the backward spans per
+ * HMMA_REQUIRED_ATTENTION. */
 static bool hmma_required(const cm_kstage *s) {
-  return s->cuda.kind == CM_KCUDA_GEMM || s->cuda.kind == CM_KCUDA_ATTN_FLASH ||
-         HMMA_REQUIRED_ATTENTION;
+  return s->tmpl == CM_KT_GEMM || s->tmpl == CM_KT_ATTENTION_FWD || HMMA_REQUIRED_ATTENTION;
 }
 
 /* One distinct kernel: its CUDA C (without the prelude; kernel names are unique within an
@@ -292,7 +294,8 @@ static void compile_programs(void) {
 }
 
 typedef struct tally {
-  int stages, mma, fma, attention, with_tensor, spill_bad, stats_bad, tensor_bad, tensor_listed;
+  int stages, mma, fma, generic, attention, with_tensor, spill_bad, stats_bad, tensor_bad,
+      tensor_listed;
 } tally;
 
 /* One line per contraction stage of kernel k (its code: unit u) with its verdicts, counted
@@ -315,7 +318,8 @@ static void judge_kernel(const cm_kernel *k, const unit *u, const cm_target *tgt
     t->stages++;
     t->mma += st->cuda.kind == CM_KCUDA_GEMM && st->cuda.gemm.mma;
     t->fma += st->cuda.kind == CM_KCUDA_GEMM && !st->cuda.gemm.mma;
-    t->attention += st->cuda.kind != CM_KCUDA_GEMM;
+    t->attention += st->tmpl != CM_KT_GEMM && st->cuda.kind != CM_KCUDA_GEMM;
+    t->generic += st->tmpl == CM_KT_GEMM && st->cuda.kind != CM_KCUDA_GEMM;
     t->with_tensor += tensor_ok;
     t->stats_bad += !stats_ok;
     t->spill_bad += !spill_ok;
@@ -405,10 +409,10 @@ static void check_step(int batch) {
     }
     fprintf(stderr,
             "%s batch %d %s: %d contraction kernels (%d distinct), %d stages: %d GEMM mma.sync, "
-            "%d GEMM FMA, %d attention; %d with tensor-core instructions; rules failed: spill "
-            "%d, stats %d, tensor %d asserted + %d listed\n",
-            MODEL, batch, ARCHS[a], kernels, distinct, t.stages, t.mma, t.fma, t.attention,
-            t.with_tensor, t.spill_bad, t.stats_bad, t.tensor_bad, t.tensor_listed);
+            "%d GEMM FMA, %d GEMM otherwise, %d attention spans; %d with tensor-core instructions; "
+            "rules failed: spill %d, stats %d, tensor %d asserted + %d listed\n",
+            MODEL, batch, ARCHS[a], kernels, distinct, t.stages, t.mma, t.fma, t.generic,
+            t.attention, t.with_tensor, t.spill_bad, t.stats_bad, t.tensor_bad, t.tensor_listed);
     CHECK_MSG(t.stages > 0, "%s: no GEMM or attention stage in the step", ARCHS[a]);
   }
   t_sass = now_s() - t_sass;
