@@ -253,9 +253,27 @@ typedef struct operand_view {
   const char *origin; /* m0_ or n0_ */
   int64_t ext;        /* M or N */
   mma_tile t;
-  int64_t coef[CM_KMAX_VARS], c0; /* async: the load's affine index */
+  bool f32_vec; /* a prologue that is a cast of an f32 load, 4-element aligned along the rows:
+                   whole chunks read as two float4 */
+  int64_t coef[CM_KMAX_VARS], c0; /* async, f32_vec: the load's affine index */
   int buf;
 } operand_view;
+
+/* Whether root is CAST(LOAD of f32) to dt whose index is affine, contiguous along inner_var and
+ * 4-element aligned otherwise (v gets the load's form). */
+static bool f32_cast_operand(const cm_kstage *s, int root, cm_dtype dt, int inner_var,
+                             operand_view *v) {
+  const cm_kexpr *x = &s->exprs[root];
+  if (x->kind != CM_KX_OP || x->op != CM_OP_CAST || x->dtype != dt || x->a < 0) return false;
+  const cm_kexpr *l = &s->exprs[x->a];
+  if (l->kind != CM_KX_LOAD || l->dtype != CM_F32 || !lin_form(s, l->a, v->coef, &v->c0))
+    return false;
+  if (v->coef[inner_var] != 1 || v->c0 % 4) return false;
+  for (int i = 0; i < CM_KMAX_VARS; i++)
+    if (i != inner_var && v->coef[i] % 4) return false;
+  v->buf = l->buf;
+  return true;
+}
 
 static void emit_batch_base(rctx *c, const operand_view *v, const char *name) {
   cu_sb_printf(c->o, "      const long long %s = %lldLL", name, (long long)v->c0);
@@ -305,6 +323,23 @@ static void emit_load_tile(rctx *c, const cm_kcuda_gemm *p, const operand_view *
                  row_ext, col_ext, v->buf, base, (long long)v->coef[row_var],
                  (long long)v->coef[col_var], al);
   } else {
+    if (v->f32_vec) {
+      const char *base = v->is_a ? "abase_" : "bbase_", *al = v->is_a ? "aal_" : "bal_";
+      cu_sb_printf(o,
+                   "          const long long left_ = row_ < %lldLL ? %lldLL - col_ : 0;\n"
+                   "          if (%s && left_ >= 8) { /* a whole chunk: two 16-byte loads */\n"
+                   "            const float4 *p_ = (const float4 *)(b%d + %s + %lldLL * row_ + "
+                   "col_);\n"
+                   "            const float4 u_ = p_[0], w_ = p_[1];\n"
+                   "            *(uint4 *)dst_ = make_uint4(%s(u_.x, u_.y), %s(u_.z, u_.w), "
+                   "%s(w_.x, w_.y), %s(w_.z, w_.w));\n"
+                   "          } else {\n",
+                   row_ext, col_ext, al, v->buf, base, (long long)v->coef[row_var],
+                   p->bf16 ? "cm_pack_bf16x2" : "cm_pack_f16x2",
+                   p->bf16 ? "cm_pack_bf16x2" : "cm_pack_f16x2",
+                   p->bf16 ? "cm_pack_bf16x2" : "cm_pack_f16x2",
+                   p->bf16 ? "cm_pack_bf16x2" : "cm_pack_f16x2");
+    }
     cu_sb_printf(o,
                  "          float x_[8];\n"
                  "#pragma unroll\n"
@@ -327,6 +362,7 @@ static void emit_load_tile(rctx *c, const cm_kcuda_gemm *p, const operand_view *
                  p->bf16 ? "cm_pack_bf16x2" : "cm_pack_f16x2",
                  p->bf16 ? "cm_pack_bf16x2" : "cm_pack_f16x2");
     memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+    if (v->f32_vec) cu_sb_printf(o, "          }\n");
   }
   cu_sb_printf(o, "        }\n");
 }
@@ -431,7 +467,11 @@ static bool operand_view_of(rctx *c, const cm_kcuda_gemm *p, bool is_a, operand_
   v->async = is_a ? p->a_async : p->b_async;
   v->outer_k = is_a ? p->a_outer_k : p->b_outer_k;
   v->t = tile_of(p, is_a);
-  if (!v->async) return true;
+  if (!v->async) {
+    v->f32_vec =
+        f32_cast_operand(s, v->root, p->bf16 ? CM_BF16 : CM_F16, v->outer_k ? v->rv : s->n_dom, v);
+    return true;
+  }
   bool outer_k;
   if (!async_operand(s, v->root, v->rv, p->bf16 ? CM_BF16 : CM_F16, &outer_k) ||
       outer_k != v->outer_k)
@@ -470,7 +510,67 @@ static void emit_block_loops(rctx *c, const cm_kcuda_gemm *p) {
   cu_sb_printf(o, "      __syncthreads();\n");
 }
 
+/* The paired store of a stage with one store, to a 2- or 4-byte float buffer at an affine index
+ * with j's coefficient 1 and every other even: a thread's accumulators (h, h + 1) are columns j,
+ * j + 1 (j even), one 4- or 8-byte store. false: the stage is not of that form. */
+static bool emit_epilogue_pairs(rctx *c, const cm_kcuda_gemm *p) {
+  const cm_kstage *s = c->s;
+  int iv = s->n_dom - 2, jv = s->n_dom - 1;
+  if (s->n_stores != 1 || s->accumulate) return false;
+  const cm_kstore *st = &s->stores[0];
+  cm_dtype bd = c->k->buffers[st->buf].dtype;
+  int64_t coef[CM_KMAX_VARS], c0;
+  if ((bd != CM_BF16 && bd != CM_F16 && bd != CM_F32) || !lin_form(s, st->index, coef, &c0) ||
+      coef[jv] != 1 || c0 % 2)
+    return false;
+  for (int v = 0; v < CM_KMAX_VARS; v++)
+    if (v != jv && coef[v] % 2) return false;
+  sbuf *o = c->o;
+  cu_sb_printf(o,
+               "#pragma unroll\n      for (int x_ = 0; x_ < %d; x_++)\n"
+               "#pragma unroll\n      for (int y_ = 0; y_ < %d; y_++)\n"
+               "#pragma unroll\n      for (int hp_ = 0; hp_ < 2; hp_++) {\n"
+               "        const long long v%d = m0_ + wm_ * %d + x_ * 16 + g_ + hp_ * 8;\n"
+               "        const long long j0_ = n0_ + wn_ * %d + y_ * 8 + 2 * q_;\n"
+               "        if (%sv%d < %lldLL && j0_ < %lldLL) {\n"
+               "          float r_[2];\n"
+               "#pragma unroll\n"
+               "          for (int e_ = 0; e_ < 2; e_++) {\n"
+               "            const long long v%d = j0_ + e_;\n"
+               "            const float acc = acc_[x_][y_][hp_ * 2 + e_];\n",
+               p->mr / 16, p->nr / 8, iv, p->mr, p->nr, p->split_k > 1 ? "ks_ == 0 && " : "", iv,
+               (long long)p->M, (long long)p->N, jv);
+  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+  cu_emit_tree(c, st->value, "            ", "acc");
+  char v[32], cv[256];
+  snprintf(v, sizeof v, "e%d", st->value);
+  cu_cast_code(cv, sizeof cv, s->exprs[st->value].dtype, bd, v);
+  cu_sb_printf(o, "            r_[e_] = %s;\n          }\n", cv);
+  memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
+  cu_sb_printf(o, "          const long long at_ = %lldLL + %lldLL * v%d", (long long)c0,
+               (long long)coef[iv], iv);
+  for (int b = 0; b < s->n_dom - 2; b++)
+    if (coef[b]) cu_sb_printf(o, " + %lldLL * v%d", (long long)coef[b], b);
+  cu_sb_printf(o, " + j0_;\n");
+  const char *conv = bd == CM_BF16 ? "cm_f2bf" : "cm_f2h";
+  if (bd == CM_F32)
+    cu_sb_printf(o,
+                 "          if (j0_ + 1 < %lldLL) *(float2 *)(b%d + at_) = make_float2(r_[0], "
+                 "r_[1]);\n"
+                 "          else b%d[at_] = r_[0];\n",
+                 (long long)p->N, st->buf, st->buf);
+  else
+    cu_sb_printf(o,
+                 "          if (j0_ + 1 < %lldLL) *(unsigned *)(b%d + at_) = cm_pack16(%s(r_[0]), "
+                 "%s(r_[1]));\n"
+                 "          else b%d[at_] = %s(r_[0]);\n",
+                 (long long)p->N, st->buf, conv, conv, st->buf, conv);
+  cu_sb_printf(o, "        }\n      }\n");
+  return true;
+}
+
 static void emit_epilogue(rctx *c, const cm_kcuda_gemm *p) {
+  if (emit_epilogue_pairs(c, p)) return;
   const cm_kstage *s = c->s;
   int iv = s->n_dom - 2, jv = s->n_dom - 1;
   cu_sb_printf(c->o,
@@ -528,11 +628,11 @@ void cu_render_mma(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool *
                p->warps_n, p->warps_n);
   emit_block_loops(c, p);
   memset(c->done, 0, (size_t)c->s->n_exprs * sizeof *c->done);
-  if (va.async) {
+  if (va.async || va.f32_vec) {
     emit_batch_base(c, &va, "abase_");
     cu_sb_printf(o, "      const bool aal_ = ((unsigned long long)b%d & 15ull) == 0;\n", va.buf);
   }
-  if (vb.async) {
+  if (vb.async || vb.f32_vec) {
     emit_batch_base(c, &vb, "bbase_");
     cu_sb_printf(o, "      const bool bal_ = ((unsigned long long)b%d & 15ull) == 0;\n", vb.buf);
   }

@@ -191,6 +191,7 @@ typedef struct gemm_spec {
   cm_kgemm_tiles tiles;
   bool plain;        /* operands are loads of op_dt buffers (no prologue) */
   bool a_transposed; /* A stored as [K, M] */
+  bool widened;      /* body = MUL(CAST(A, f32), CAST(B, f32)): the product in the accumulator */
 } gemm_spec;
 
 /* C[b,i,j] = relu(sum_k (0.75 A(b,i,k)) B(b,k,j) + bias[j]) + R[b,i,j], operands cast to op_dt
@@ -249,7 +250,11 @@ static void add_gemm(cm_kernel *k, const gemm_spec *g) {
     s->gemm_a = g->op_dt == CM_F32 ? pa : cm_kx_op(s, CM_OP_CAST, g->op_dt, pa, -1, -1);
     s->gemm_b = g->op_dt == CM_F32 ? lb : cm_kx_op(s, CM_OP_CAST, g->op_dt, lb, -1, -1);
   }
-  s->body = cm_kx_op(s, CM_OP_MUL, g->op_dt, s->gemm_a, s->gemm_b, -1);
+  if (g->widened)
+    s->body = cm_kx_op(s, CM_OP_MUL, CM_F32, cm_kx_op(s, CM_OP_CAST, CM_F32, s->gemm_a, -1, -1),
+                       cm_kx_op(s, CM_OP_CAST, CM_F32, s->gemm_b, -1, -1), -1);
+  else
+    s->body = cm_kx_op(s, CM_OP_MUL, g->op_dt, s->gemm_a, s->gemm_b, -1);
   int ci = cm_kx_iadd(s,
                       cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, vb, cm_kx_iconst(s, g->M)), vi),
                                  cm_kx_iconst(s, g->N)),
@@ -264,21 +269,25 @@ static void add_gemm(cm_kernel *k, const gemm_spec *g) {
 }
 
 static const gemm_spec GEMMS[] = {
-    {"gemm_f32_tiny", 1, 7, 13, 5, CM_F32, false, {64, 64, 16, 32, 32}, false, false},
-    {"gemm_f32_odd", 2, 130, 260, 300, CM_F32, false, {64, 64, 16, 32, 32}, false, false},
-    {"gemm_f32_bt", 1, 33, 17, 129, CM_F32, true, {128, 64, 16, 64, 32}, false, false},
-    {"gemm_bf16", 3, 130, 260, 300, CM_BF16, false, {64, 64, 16, 32, 32}, false, false},
-    {"gemm_f16_bt", 1, 7, 13, 5, CM_F16, true, {64, 128, 32, 32, 64}, false, false},
-    {"gemm_bad_tiles", 1, 19, 23, 31, CM_F32, false, {48, 0, 7, 5, 3}, false, false},
-    {"gemm_f64", 2, 31, 47, 65, CM_F64, true, {32, 32, 16, 16, 16}, false, false},
+    {"gemm_f32_tiny", 1, 7, 13, 5, CM_F32, false, {64, 64, 16, 32, 32}, false, false, false},
+    {"gemm_f32_odd", 2, 130, 260, 300, CM_F32, false, {64, 64, 16, 32, 32}, false, false, false},
+    {"gemm_f32_bt", 1, 33, 17, 129, CM_F32, true, {128, 64, 16, 64, 32}, false, false, false},
+    {"gemm_bf16", 3, 130, 260, 300, CM_BF16, false, {64, 64, 16, 32, 32}, false, false, false},
+    {"gemm_f16_bt", 1, 7, 13, 5, CM_F16, true, {64, 128, 32, 32, 64}, false, false, false},
+    {"gemm_bad_tiles", 1, 19, 23, 31, CM_F32, false, {48, 0, 7, 5, 3}, false, false, false},
+    {"gemm_f64", 2, 31, 47, 65, CM_F64, true, {32, 32, 16, 16, 16}, false, false, false},
     /* ViT-B/16 at batch 128 (25216 tokens), bf16 operands read by cp.async: X Wq^T, dY W
      * (fc2's input gradient), X^T dY (fc1's weight gradient), and attention's Q K^T per head */
-    {"gemm_vitb_qkv", 1, 25216, 2304, 768, CM_BF16, true, {0}, true, false},
-    {"gemm_vitb_dgrad", 1, 25216, 768, 3072, CM_BF16, false, {0}, true, false},
-    {"gemm_vitb_wgrad", 1, 768, 3072, 25216, CM_BF16, false, {0}, true, true},
-    {"gemm_vitb_qk", 1536, 197, 197, 64, CM_BF16, true, {0}, true, false},
+    {"gemm_vitb_qkv", 1, 25216, 2304, 768, CM_BF16, true, {0}, true, false, false},
+    {"gemm_vitb_dgrad", 1, 25216, 768, 3072, CM_BF16, false, {0}, true, false, false},
+    {"gemm_vitb_wgrad", 1, 768, 3072, 25216, CM_BF16, false, {0}, true, true, false},
+    {"gemm_vitb_qk", 1536, 197, 197, 64, CM_BF16, true, {0}, true, false, false},
+    /* operands through registers at full size: A scaled and cast, B cast from f32 (float4) */
+    {"gemm_vitb_fc1_prologue", 1, 25216, 3072, 768, CM_BF16, true, {0}, false, false, false},
     /* a long K over few blocks: split-K */
-    {"gemm_bf16_split", 1, 64, 64, 4096, CM_BF16, true, {0}, true, false},
+    {"gemm_bf16_split", 1, 64, 64, 4096, CM_BF16, true, {0}, true, false, false},
+    /* the product written in f32 over widened operands (the CPU bf16 lowering's form) */
+    {"gemm_bf16_widened", 2, 97, 40, 136, CM_BF16, true, {0}, true, false, true},
 };
 #define N_GEMMS (int)(sizeof GEMMS / sizeof GEMMS[0])
 
@@ -501,12 +510,9 @@ static void test_launch(void) {
    * huge block tile is clamped to fit static shared memory */
   cm_kernel big;
   cm_kernel_init(&big, "t_big_tiles");
-  gemm_spec g1 = {"bf16_big", 1,    300, 200, 100, CM_BF16, false, {128, 128, 64, 64, 64},
-                  false,      false};
-  gemm_spec g2 = {"bf16_tall",           1,     300,  200, 100, CM_BF16, false,
-                  {2048, 8, 48, 128, 8}, false, false};
-  gemm_spec g3 = {"f32_wide", 1,    300, 200, 100, CM_F32, false, {32, 2048, 64, 32, 128},
-                  false,      false};
+  gemm_spec g1 = {.name = "bf16_big", 1, 300, 200, 100, CM_BF16, false, {128, 128, 64, 64, 64}};
+  gemm_spec g2 = {.name = "bf16_tall", 1, 300, 200, 100, CM_BF16, false, {2048, 8, 48, 128, 8}};
+  gemm_spec g3 = {.name = "f32_wide", 1, 300, 200, 100, CM_F32, false, {32, 2048, 64, 32, 128}};
   add_gemm(&big, &g1);
   add_gemm(&big, &g2);
   add_gemm(&big, &g3);
