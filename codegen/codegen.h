@@ -410,8 +410,8 @@ typedef enum cm_kcuda_kind {
   CM_KCUDA_ATTN_FUSED,      /* attention span in one function, local buffers in shared memory */
   CM_KCUDA_ATTN_STREAM,     /* attention forward span, online softmax over key blocks */
   CM_KCUDA_ATTN_STREAM_BWD, /* attention backward span, two passes over key blocks */
-  CM_KCUDA_IN_SPAN,         /* runs inside the function of an earlier stage's span: empty */
   CM_KCUDA_ATTN_FLASH,      /* attention forward span, online softmax on tensor cores (bf16) */
+  CM_KCUDA_IN_SPAN,         /* runs inside the function of an earlier stage's span: empty */
 } cm_kcuda_kind;
 
 /* generic stages: who computes one domain point */
@@ -456,6 +456,7 @@ typedef struct cm_kcuda_attn {
   int64_t acc_off[CM_KATTN_MAX_SPAN];     /* streaming backward: accumulator offsets (floats) */
   int64_t acc_floats;                     /* streaming backward: accumulator floats */
   int dp, dvp; /* flash: d padded to the mma's k (16), dv to 16 (zeros in shared memory) */
+  bool mma;    /* fused: GEMM stages with bf16 operands on tensor cores (mma.sync m16n8k16) */
 } cm_kcuda_attn;
 
 typedef struct cm_kcuda_plan {

@@ -70,6 +70,7 @@ bool cu_plan_attention(const cm_kernel *k, int first, const cm_target *t, cm_kcu
     p.nrb = (int)((p.rows + p.br - 1) / p.br);
   }
   if ((double)p.batch * p.nrb > 2147483647.0) return false;
+  p.mma = t->mma_bf16;
   *out = p;
   return true;
 }
@@ -91,12 +92,91 @@ cm_status cu_span_stubs(const cm_kernel *k, int first, int span, sbuf *o, const 
   return st;
 }
 
+/* Whether stage s of a fused span runs on tensor cores: a GEMM [batch, i, j] over one k whose
+ * body is gemm_a * gemm_b, both bf16 (autocast), accumulated in f32. */
+static bool span_stage_mma(const cm_kstage *s, const cm_kcuda_attn *p) {
+  if (!p->mma || s->n_red != 1 || s->red_op != CM_KRED_SUM || s->acc_dtype != CM_F32 ||
+      s->n_dom != p->nb + 2 || s->gemm_a < 0 || s->gemm_b < 0 || s->accumulate ||
+      s->gemm_a >= s->n_exprs || s->gemm_b >= s->n_exprs || s->body < 0 || s->body >= s->n_exprs)
+    return false;
+  const cm_kexpr *b = &s->exprs[s->body];
+  return b->kind == CM_KX_OP && b->op == CM_OP_MUL && b->a == s->gemm_a && b->b == s->gemm_b &&
+         s->exprs[s->gemm_a].dtype == CM_BF16 && s->exprs[s->gemm_b].dtype == CM_BF16;
+}
+
+/* One mma operand register (two bf16): the operand expression e at k = kk_ and kk_ + 1 (0 where
+ * cond fails, x_ the half). */
+static void span_mma_operand(rctx *c, const cm_kcuda_attn *p, int e, const char *cond,
+                             const char *row, const char *col, const char *dst) {
+  sbuf *o = c->o;
+  cu_sb_printf(o, "        {\n        unsigned short h_[2];\n");
+  cu_sb_printf(o, "        for (int x_ = 0; x_ < 2; x_++) {\n          float val_ = 0.f;\n");
+  cu_sb_printf(o, "          if (%s) {\n", cond);
+  cu_attn_point(c, p->nb, false, "          ", row, col, "kk_ + x_");
+  cu_emit_tree(c, e, "            ", "acc");
+  cu_sb_printf(o, "            val_ = (float)(e%d);\n          }\n          }\n", e);
+  cu_sb_printf(o, "          h_[x_] = cm_f2bf(val_);\n        }\n");
+  cu_sb_printf(o, "        %s = cm_pack16(h_[0], h_[1]);\n        }\n", dst);
+}
+
+/* A GEMM stage of the span on tensor cores: the block's warps take the 16 x 8 tiles of the
+ * block's M rows x N columns in turn; each lane evaluates its fragments' operand expressions
+ * (bf16) at their points, mma.sync m16n8k16 accumulates in f32, the stores run per element. */
+static void render_span_stage_mma(rctx *c, const cm_kcuda_attn *p) {
+  const cm_kstage *s = c->s;
+  sbuf *o = c->o;
+  int nb = p->nb;
+  long long M = (long long)s->dom[nb], N = (long long)s->dom[nb + 1], K = (long long)s->red[0];
+  cu_sb_printf(o, "  { // stage %d \"%s\" (tensor cores)\n", c->si, s->name);
+  char rows[48];
+  if (p->rowwise)
+    snprintf(rows, sizeof rows, "(int)rb_");
+  else
+    snprintf(rows, sizeof rows, "%lld", M);
+  cu_sb_printf(o,
+               "  const int m_ = %s, w_ = threadIdx.x >> 5, g_ = (threadIdx.x & 31) >> 2, "
+               "q_ = threadIdx.x & 3;\n",
+               rows);
+  const char *r0 = p->rowwise ? "row0_ + " : "";
+  char rowa[64], rowe[64], cond[160];
+  snprintf(rowa, sizeof rowa, "%s(mi_ * 16 + g_ + (r_ & 1) * 8)", r0);
+  snprintf(rowe, sizeof rowe, "%s(mi_ * 16 + g_ + (h_ >> 1) * 8)", r0);
+  long long nt = (N + 7) / 8;
+  cu_sb_printf(o, "  const int nt_ = (m_ + 15) / 16 * %lld;\n", nt);
+  cu_sb_printf(o, "  for (int tile_ = w_; tile_ < nt_; tile_ += %d) {\n", p->threads / 32);
+  cu_sb_printf(o, "    const int mi_ = tile_ / %lld, ni_ = tile_ %% %lld;\n", nt, nt);
+  cu_sb_printf(o, "    float acc_[4] = {0.f, 0.f, 0.f, 0.f};\n");
+  cu_sb_printf(o, "    for (int k0_ = 0; k0_ < %lld; k0_ += 16) {\n", K);
+  cu_sb_printf(o, "      unsigned a_[4], b_[2];\n");
+  cu_sb_printf(o, "      for (int r_ = 0; r_ < 4; r_++) {\n");
+  cu_sb_printf(o, "        const int kk_ = k0_ + 2 * q_ + (r_ >> 1) * 8;\n");
+  snprintf(cond, sizeof cond, "mi_ * 16 + g_ + (r_ & 1) * 8 < m_ && kk_ + x_ < %lld", K);
+  span_mma_operand(c, p, s->gemm_a, cond, rowa, "0", "a_[r_]");
+  cu_sb_printf(o, "      }\n      for (int r_ = 0; r_ < 2; r_++) {\n");
+  cu_sb_printf(o, "        const int kk_ = k0_ + 2 * q_ + r_ * 8;\n");
+  snprintf(cond, sizeof cond, "ni_ * 8 + g_ < %lld && kk_ + x_ < %lld", N, K);
+  span_mma_operand(c, p, s->gemm_b, cond, "0", "ni_ * 8 + g_", "b_[r_]");
+  cu_sb_printf(o, "      }\n      cm_mma_16816<true>(acc_, a_, b_);\n    }\n");
+  cu_sb_printf(o, "    for (int h_ = 0; h_ < 4; h_++) {\n");
+  cu_sb_printf(o, "      const int i_ = mi_ * 16 + g_ + (h_ >> 1) * 8, j_ = ni_ * 8 + 2 * q_ + "
+                  "(h_ & 1);\n");
+  cu_sb_printf(o, "      if (i_ < m_ && j_ < %lld) {\n      const float acc = acc_[h_];\n", N);
+  cu_attn_point(c, nb, false, "      ", rowe, "j_", NULL);
+  cu_emit_stores(c, "        ", "acc");
+  cu_sb_printf(o, "      }\n      }\n    }\n  }\n  __syncthreads();\n  }\n");
+}
+
 /* One stage of the span inside the fused function: the block's points, a
- * thread per point with a serial reduction, then a barrier. */
+ * thread per point with a serial reduction, then a barrier (GEMM stages with bf16 operands:
+ * render_span_stage_mma). */
 static void render_span_stage(rctx *c, const cm_kcuda_attn *p) {
   const cm_kstage *s = c->s;
   sbuf *o = c->o;
   int nb = p->nb;
+  if (span_stage_mma(s, p)) {
+    render_span_stage_mma(c, p);
+    return;
+  }
   int64_t inner = cu_prod(s->dom + nb + (p->rowwise ? 1 : 0), s->n_dom - nb - (p->rowwise ? 1 : 0));
   cu_sb_printf(o, "  { // stage %d \"%s\"\n", c->si, s->name);
   if (p->rowwise)

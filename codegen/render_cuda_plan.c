@@ -138,6 +138,9 @@ static void plan_stages(const cm_kernel *k, const cm_target *t, bool no_template
     }
     if (!no_templates && plan_span(k, i, t, p)) {
       p->min_blocks = launch_min_blocks(t, p->block[0]);
+      /* flash: the S and O fragments (64 floats at head dim 64) and the operand fragments need
+       * more than 128 registers a thread; 2 blocks of 4 warps per SM leave 255 */
+      if (p->kind == CM_KCUDA_ATTN_FLASH && p->min_blocks > 2) p->min_blocks = 2;
       for (int j = i + 1; j < i + p->attn.span && j < k->n_stages; j++) {
         plans[j].kind = CM_KCUDA_IN_SPAN;
         plans[j].sm = t->sm;

@@ -842,26 +842,22 @@ static void test_streaming_attention(void) {
             emu_bwd_stream_runs);
 }
 
-/* Flash attention (cu_render_flash): the attention of autocast's contract (Q, K, V and P
- * cast to bf16 for the two matmuls, their results cast back to f32, softmax in f32), forward
- * alone, with P kept and with the backward, at odd shapes (tokens 2, 17, 65, 197; head dims 32
- * and 64; 3 batch items x heads): every forward span is planned as flash and renders through
- * mma.sync; every kernel runs on the host under the shim within its bounds; the flash functions
- * compile through NVRTC for sm_80 and sm_90 without spills. The same graphs without the casts
- * (f32) keep the scalar streaming function on CUDA. */
+/* Flash attention (cu_render_flash): attention through the autocast pass (Q, K, V and P cast
+ * to bf16 for the matmuls, their results cast back to f32, softmax in f32), forward alone, with
+ * P kept and with the backward, at odd shapes (tokens 2, 17, 65, 197; head dims 32 and 64; 3
+ * batch items x heads): every forward span is planned as flash and renders through mma.sync,
+ * every fused bf16 backward span runs its GEMMs on tensor cores; the kernels run on the host
+ * under the shim within their bounds; the flash functions compile through NVRTC for sm_80 and
+ * sm_90 without spills or stack. The f32 graphs keep the scalar streaming function on CUDA. */
 static cm_graph *flash_graph(const int64_t *d, bool bf16, int mode) {
   cm_graph *g = cm_graph_new();
   int q = cm_input(g, "q", CM_F32, 4, d), k = cm_input(g, "k", CM_F32, 4, d);
   int v = cm_input(g, "v", CM_F32, 4, d);
-  int qa = bf16 ? cm_cast(g, q, CM_BF16, NULL) : q, ka = bf16 ? cm_cast(g, k, CM_BF16, NULL) : k;
-  int sc = cm_matmul(g, qa, ka, false, true, "scores");
-  if (bf16) sc = cm_cast(g, sc, CM_F32, NULL);
+  int sc = cm_matmul(g, q, k, false, true, "scores");
   sc = cm_binary_bcast(g, CM_OP_MUL, sc, cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)d[3])),
                        "scaled");
   int pr = cm_nn_softmax(g, sc);
-  int pa = bf16 ? cm_cast(g, pr, CM_BF16, NULL) : pr, va = bf16 ? cm_cast(g, v, CM_BF16, NULL) : v;
-  int y = cm_matmul(g, pa, va, false, false, "y");
-  if (bf16) y = cm_cast(g, y, CM_F32, NULL);
+  int y = cm_matmul(g, pr, v, false, false, "y");
   cm_err err = {0};
   CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
   if (mode == 1) CHECK(cm_graph_add_output(g, pr, &err) == CM_OK);
@@ -874,6 +870,8 @@ static cm_graph *flash_graph(const int64_t *d, bool bf16, int mode) {
     CHECK_MSG(cm_autodiff(g, loss, 3, wrt, grads, &err) == CM_OK, "%s", err.msg);
     for (int i = 0; i < 3; i++) CHECK(cm_graph_add_output(g, grads[i], &err) == CM_OK);
   }
+  /* bf16: the autocast pass, as on a training step (every matmul, the backward's too) */
+  if (bf16) CHECK_MSG(cm_autocast(&g, CM_BF16, NULL, &err) == CM_OK, "%s", err.msg);
   return g;
 }
 
@@ -891,11 +889,12 @@ static int flash_nvrtc(const cm_kernel *kk, const char *src, bool print) {
     const cm_cuda_kernel_info *ki = cs == CM_OK ? cm_cubin_kernel(&cub, fn) : NULL;
     CHECK_MSG(ki != NULL, "%s %s: no kernel %s", kk->name, ARCHS[a], fn);
     if (ki) {
-      CHECK_MSG(ki->spill_store_bytes == 0 && ki->spill_load_bytes == 0,
-                "%s %s: spills %d/%d bytes (%d registers)", kk->name, ARCHS[a],
-                ki->spill_store_bytes, ki->spill_load_bytes, ki->registers);
+      /* no local memory at all: the fragments live in registers */
+      CHECK_MSG(ki->spill_store_bytes == 0 && ki->spill_load_bytes == 0 && ki->stack_bytes == 0,
+                "%s %s: spills %d/%d bytes, stack %d (%d registers)", kk->name, ARCHS[a],
+                ki->spill_store_bytes, ki->spill_load_bytes, ki->stack_bytes, ki->registers);
       if (print)
-        fprintf(stderr, "  flash %s %s: %d registers, %d bytes shared\n", fn, ARCHS[a],
+        fprintf(stderr, "  attention %s %s: %d registers, %d bytes shared\n", fn, ARCHS[a],
                 ki->registers, ki->shared_bytes);
       compiled++;
     }
@@ -918,15 +917,12 @@ static void test_flash_attention(void) {
   const char *all_env = getenv("CMAEC_FLASH_ALL");
   bool all = all_env && all_env[0] == '1';
   int kernels = 0, spans = 0, compared = 0, flash = 0, stream_f32 = 0, fwd = 0, compiled = 0;
-  int ran = 0;
+  int ran = 0, bwd_mma = 0;
   double t0 = now_s();
   for (int si = 0; si < NSHAPES; si++) {
     for (int bf16 = 0; bf16 < 2; bf16++) {
       for (int mode = 0; mode < 3; mode++) {
-        /* the backward: f32 only (fuse.c does not group the bf16 forward of an autodiff graph
-         * as attention) */
-        if (bf16 && mode == 2) continue;
-        bool run = all || (si == 0 && (bf16 || mode == 2)) || (si == 1 && bf16 && mode == 1);
+        bool run = all || (si == 0 && (bf16 || mode == 2)) || (si == 1 && bf16 && mode == 2);
         cm_graph *g = flash_graph(shapes[si], bf16, mode);
         cm_target cuda_target;
         cm_target_cuda("sm_80", &cuda_target, NULL);
@@ -937,9 +933,19 @@ static void test_flash_attention(void) {
         const cm_kprogram *prog = cp ? cm_program_kernels(cp) : &(cm_kprogram){0};
         for (int ki = 0; ki < prog->n_kernels; ki++) {
           const cm_kernel *kk = &prog->kernels[ki];
+          cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
+          if (bf16 && kk->n_stages && kk->stages[0].tmpl == CM_KT_ATTENTION_BWD &&
+              kk->stages[0].cuda.kind == CM_KCUDA_ATTN_FUSED) {
+            char *src = NULL;
+            CHECK_MSG(cm_render_cuda(kk, &ro, true, &src, &err) == CM_OK, "%s", err.msg);
+            bool mma = src && strstr(src, "(tensor cores)");
+            CHECK_MSG(mma, "%s (shape %d): a bf16 backward span without tensor cores", kk->name,
+                      si);
+            bwd_mma += mma;
+            free(src);
+          }
           if (kk->n_stages == 0 || kk->stages[0].tmpl != CM_KT_ATTENTION_FWD) continue;
           fwd++;
-          cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
           char *src = NULL;
           CHECK_MSG(cm_render_cuda(kk, &ro, true, &src, &err) == CM_OK, "%s", err.msg);
           bool is_flash = src && strstr(src, "attention forward, flash") &&
@@ -964,17 +970,126 @@ static void test_flash_attention(void) {
     }
   }
   fprintf(stderr,
-          "  flash: %d forward spans (%d flash bf16, %d streaming f32), %d NVRTC compiles; %d "
-          "graphs (%d kernels) run on the host, %d outputs compared, %.1f s\n",
-          fwd, flash, stream_f32, compiled, ran, kernels, compared, now_s() - t0);
+          "  flash: %d forward spans (%d flash bf16, %d streaming f32), %d bf16 backward spans "
+          "with tensor cores, %d NVRTC compiles; %d graphs (%d kernels) run on the host, %d "
+          "outputs compared, %.1f s\n",
+          fwd, flash, stream_f32, bwd_mma, compiled, ran, kernels, compared, now_s() - t0);
   test_tally_report("  flash attention on the host");
   /* tokens 1 has no softmax span to stream; every other shape's forward span is flash (bf16)
    * or streaming (f32) */
-  CHECK_MSG(flash == 2 * (NSHAPES - 1) && stream_f32 == 3 * (NSHAPES - 1) &&
+  /* the bf16 graph with the backward: fuse.c does not group its forward as attention (a
+   * training step's forward it does: test_variant_attention_spans), so it has no forward span */
+  CHECK_MSG(flash == 2 * (NSHAPES - 1) && stream_f32 == 3 * (NSHAPES - 1) && bwd_mma >= 2 &&
                 fwd == flash + stream_f32,
             "%d flash, %d streaming of %d forward spans", flash, stream_f32, fwd);
-  CHECK(compiled == (all ? 2 * (NSHAPES - 1) : 4) && ran == (all ? 5 * NSHAPES : 4) &&
+  CHECK(compiled == (all ? 2 * (NSHAPES - 1) : 4) && ran == (all ? 6 * NSHAPES : 5) &&
         compared >= 2 * ran);
+}
+
+/* Every attention span of every shipped variant's training step (batch 2), lowered for sm_80
+ * in f32 and after autocast (bf16): the forward spans by plan (flash on tensor cores, scalar
+ * streaming, fused) and the backward spans; every forward span must stream (flash for bf16).
+ * The tiny variants' forward spans of each distinct shape also run on the host under the shim,
+ * within their bounds on their inputs. */
+static void variant_spans(const char *path, bool bf16, bool host, int *fwd, int *fwd_flash,
+                          int *fwd_stream, int *bwd, int *bwd_stream, int *bwd_mma) {
+  cm_model_config cfg;
+  cm_err err = {0};
+  CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
+  cm_model_build_opts bo = {BATCH, 1, CM_F32};
+  cm_model m;
+  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
+  if (!m.g) return;
+  cm_optim_config oc = test_model_optim();
+  cm_graph *step = NULL;
+  cm_train_step_info info;
+  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
+            err.msg);
+  cm_model_free(&m);
+  if (!step) return;
+  if (bf16) CHECK_MSG(cm_autocast(&step, CM_BF16, NULL, &err) == CM_OK, "%s: %s", path, err.msg);
+  cm_pass_state ps = {step, NULL};
+  cm_status st = cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err);
+  CHECK_MSG(st == CM_OK && ps.plan, "%s: %s", path, err.msg);
+  cm_target t;
+  cm_target_cuda("sm_80", &t, NULL);
+  cm_lower_opts lo = {&t, false, 0};
+  cm_kprogram kp;
+  memset(&kp, 0, sizeof kp);
+  if (st == CM_OK && ps.plan)
+    CHECK_MSG(cm_lower_plan(ps.g, ps.plan, &lo, &kp, &err) == CM_OK, "%s: %s", path, err.msg);
+  /* host: the forward and backward spans of distinct shapes (at most 3 each) also run on the
+   * emulated device */
+  cm_kprogram sub = {0, calloc(6, sizeof(cm_kernel)), 0, 0};
+  int picked[2] = {0, 0};
+  for (int i = 0; i < kp.n_kernels; i++) {
+    const cm_kstage *s0 = kp.kernels[i].n_stages ? &kp.kernels[i].stages[0] : NULL;
+    if (!s0 || (s0->tmpl != CM_KT_ATTENTION_FWD && s0->tmpl != CM_KT_ATTENTION_BWD)) continue;
+    bool seen = false, is_fwd = s0->tmpl == CM_KT_ATTENTION_FWD;
+    for (int j = 0; j < sub.n_kernels; j++)
+      seen |= sub.kernels[j].stages[0].tmpl == s0->tmpl &&
+              sub.kernels[j].stages[0].attn.rows == s0->attn.rows &&
+              sub.kernels[j].stages[0].red[0] == s0->red[0];
+    bool pick = host && sub.kernels && !seen && picked[is_fwd] < 3;
+    if (pick) {
+      sub.kernels[sub.n_kernels++] = kp.kernels[i];
+      picked[is_fwd]++;
+    }
+    /* bf16 backward spans rendered fused: their GEMM stages on tensor cores (the picked ones
+     * through NVRTC: no spills, no stack) */
+    if (bf16 && !is_fwd && s0->cuda.kind == CM_KCUDA_ATTN_FUSED) {
+      cm_cuda_render_opts ro = {&t, false};
+      char *src = NULL;
+      CHECK_MSG(cm_render_cuda(&kp.kernels[i], &ro, true, &src, &err) == CM_OK, "%s", err.msg);
+      bool mma = src && strstr(src, "(tensor cores)") && strstr(src, "cm_mma_16816<true>(acc_");
+      CHECK_MSG(mma, "%s %s: a bf16 backward span without tensor cores", path, kp.kernels[i].name);
+      *bwd_mma += mma;
+      if (pick && src) CHECK(flash_nvrtc(&kp.kernels[i], src, true) == 2);
+      free(src);
+    }
+    if (s0->tmpl == CM_KT_ATTENTION_FWD) {
+      (*fwd)++;
+      *fwd_flash += s0->cuda.kind == CM_KCUDA_ATTN_FLASH;
+      *fwd_stream += s0->cuda.kind == CM_KCUDA_ATTN_STREAM;
+    } else {
+      (*bwd)++;
+      *bwd_stream += s0->cuda.kind == CM_KCUDA_ATTN_STREAM_BWD;
+    }
+  }
+  if (sub.n_kernels) {
+    int kernels = 0, spans = 0, compared = 0;
+    emu_check_program(ps.g, ps.plan, &sub, &kernels, &spans, &compared);
+    fprintf(stderr,
+            "  %s %s: %d forward and %d backward spans run on the host, %d outputs "
+            "compared\n",
+            path, bf16 ? "bf16" : "f32", picked[1], picked[0], compared);
+    CHECK(kernels == sub.n_kernels && compared >= sub.n_kernels);
+  }
+  free(sub.kernels); /* a view of kp's kernels */
+  cm_kprogram_free(&kp);
+  cm_plan_free(ps.plan);
+  cm_graph_free(ps.g);
+}
+
+static void test_variant_attention_spans(void) {
+  double t0 = now_s();
+  for (int v = 0; v < N_VARIANTS; v++) {
+    if (!wanted(VARIANTS[v])) continue;
+    for (int bf16 = 0; bf16 < 2; bf16++) {
+      int fwd = 0, flash = 0, stream = 0, bwd = 0, bwd_stream = 0, bwd_mma = 0;
+      /* the tiny variants' spans run on the emulated device too */
+      variant_spans(VARIANTS[v], bf16, strstr(VARIANTS[v], "tiny") != NULL, &fwd, &flash, &stream,
+                    &bwd, &bwd_stream, &bwd_mma);
+      fprintf(stderr,
+              "  %-36s %s: %d forward spans (%d flash, %d streaming), %d backward (%d "
+              "streaming, %d fused with tensor cores)\n",
+              VARIANTS[v], bf16 ? "bf16" : "f32 ", fwd, flash, stream, bwd, bwd_stream, bwd_mma);
+      CHECK_MSG(fwd > 0 && (bf16 ? flash : stream) == fwd, "%s %s: %d of %d forward spans %s",
+                VARIANTS[v], bf16 ? "bf16" : "f32", bf16 ? flash : stream, fwd,
+                bf16 ? "flash" : "streaming");
+    }
+  }
+  fprintf(stderr, "  %.1f s\n", now_s() - t0);
 }
 
 int main(int argc, char **argv) {
@@ -983,10 +1098,11 @@ int main(int argc, char **argv) {
   if (argc > 2 ||
       (only && strcmp(only, "test_cuda_kernels_on_host") &&
        strcmp(only, "test_streaming_attention") && strcmp(only, "test_flash_attention") &&
+       strcmp(only, "test_variant_attention_spans") &&
        strcmp(only, "test_every_variant_through_nvrtc"))) {
     fprintf(stderr,
             "%s: no test \"%s\"; tests: test_cuda_kernels_on_host test_streaming_attention "
-            "test_flash_attention "
+            "test_flash_attention test_variant_attention_spans "
             "test_every_variant_through_nvrtc\n",
             argv[0], argv[argc - 1]);
     return 2;
@@ -1012,6 +1128,12 @@ int main(int argc, char **argv) {
   if (!only || !strcmp(only, "test_flash_attention")) {
     test_flash_attention();
     fprintf(stderr, "%-40s %s\n", "test_flash_attention",
+            test_failures == before ? "ok" : "FAILED");
+  }
+  before = test_failures;
+  if (only && !strcmp(only, "test_variant_attention_spans")) {
+    test_variant_attention_spans();
+    fprintf(stderr, "%-40s %s\n", "test_variant_attention_spans",
             test_failures == before ? "ok" : "FAILED");
   }
   before = test_failures;
