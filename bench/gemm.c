@@ -12,9 +12,13 @@
  * `kernel` is the kernels' own time from the executor's profile (CPU only).
  * --backend cuda (auto: when there is a GPU) times them on the GPU, the operands
  * uploaded once (cm_program_prefetch), as the trainer's batches are.
+ * --dtype bf16 times each shape three ways in one run: f32, bf16 operands in
+ * memory (`y = cast(matmul(x, w), f32)` with x, w bf16) and f32 operands cast
+ * to bf16 (what the autocast pass makes of an f32 GEMM), with the ratios to f32.
  *
  * usage: build/bench/gemm [--peak GFLOPS] [--threads N] [--seconds S] [--json]
- *                         [--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off] */
+ *                         [--dtype f32|bf16] [--backend auto|cpu|cuda] [--device N]
+ *                         [--cuda-graphs on|off] */
 #include "runtime/runtime.h"
 
 #include <stdio.h>
@@ -66,10 +70,161 @@ static bool backend_arg(int argc, char **argv, int *i, cm_backend_request *req, 
   return true;
 }
 
+/* How a row's operands are typed. */
+typedef enum operands { OPS_F32, OPS_BF16, OPS_BF16_CAST } operands;
+static const char *const operands_name[] = {"f32", "bf16", "bf16 cast"};
+
+/* The graph of one row: y = x w (f32), or cast(matmul(x, w), f32) with bf16
+ * operands stored as bf16 (OPS_BF16) or cast from f32 inputs (OPS_BF16_CAST). */
+static cm_graph *shape_graph(const shape *sh, operands ops, int *x, int *w) {
+  cm_graph *g = cm_graph_new();
+  int64_t xd[2] = {sh->ta ? sh->k : sh->m, sh->ta ? sh->m : sh->k};
+  int64_t wd[2] = {sh->tb ? sh->n : sh->k, sh->tb ? sh->k : sh->n};
+  cm_dtype in = ops == OPS_BF16 ? CM_BF16 : CM_F32;
+  *x = cm_input(g, "x", in, 2, xd);
+  *w = cm_input(g, "w", in, 2, wd);
+  int a = ops == OPS_BF16_CAST ? cm_cast(g, *x, CM_BF16, NULL) : *x;
+  int b = ops == OPS_BF16_CAST ? cm_cast(g, *w, CM_BF16, NULL) : *w;
+  int y = cm_matmul(g, a, b, sh->ta, sh->tb, ops == OPS_F32 ? "y" : "y_bf16");
+  if (ops != OPS_F32) y = cm_cast(g, y, CM_F32, "y");
+  cm_err err = {0};
+  if (g->error.status || cm_graph_add_output(g, y, &err)) {
+    fprintf(stderr, "gemm: cannot build the graph: %s\n", g->error.msg);
+    cm_graph_free(g);
+    return NULL;
+  }
+  return g;
+}
+
+typedef struct timing {
+  double gflops, kernel_gflops; /* wall clock; the kernels alone (CPU profile) */
+  int threads;
+} timing;
+
+/* Times one row for about `seconds`; false (and a message) on an error. */
+static bool time_shape(const shape *sh, operands ops, cm_backend_choice *choice, int threads,
+                       double seconds, timing *out) {
+  int x, w;
+  cm_graph *g = shape_graph(sh, ops, &x, &w);
+  if (!g) return false;
+  cm_err err = {0};
+  cm_tensor src[2];
+  memset(src, 0, sizeof src);
+  cm_tensor *bound[3] = {NULL, NULL, NULL};
+  cm_tensor_alloc(&src[0], g->nodes[x].type, NULL);
+  cm_tensor_alloc(&src[1], g->nodes[w].type, NULL);
+  for (int t = 0; t < 2; t++)
+    for (int64_t e = 0; e < cm_type_numel(&src[t].type); e++)
+      cm_tensor_set_f64(&src[t], e, uniform() - 0.5);
+  bound[x] = &src[0];
+  bound[w] = &src[1];
+  cm_compile_opts o = {0};
+  o.threads = threads;
+  o.profile = choice->kind == CM_BACKEND_CPU;
+  const cm_target *target = cm_backend_compile_opts(choice, &o);
+  cm_program *pr = NULL;
+  bool ok = cm_compile(g, target, &o, &pr, &err) == CM_OK;
+  cm_tensor y;
+  memset(&y, 0, sizeof y);
+  /* warm-up; the prefetch keeps the operands on a device for the timed runs */
+  ok = ok && !cm_program_start(pr, bound, &err) && !cm_program_prefetch(pr, bound, &err) &&
+       !cm_program_finish(pr, &y, &err);
+  cm_tensor_free(&y);
+  int runs = 0;
+  double t0 = now(), t = 0;
+  while (ok && t < seconds) {
+    ok = cm_program_run(pr, bound, NULL, &err) == CM_OK;
+    runs++;
+    t = now() - t0;
+  }
+  if (ok) {
+    double flop = 2.0 * (double)sh->m * (double)sh->n * (double)sh->k;
+    out->gflops = flop * runs / t * 1e-9;
+    /* the kernels alone (without the output's copy out of the arena); the warm-up is a run */
+    const cm_kernel_profile *kp = NULL;
+    int nk = cm_program_profile(pr, &kp);
+    double kms = 0;
+    int kruns = 0;
+    for (int q = 0; q < nk; q++) kms += kp[q].total_ms, kruns = kp[q].runs;
+    out->kernel_gflops = kms > 0 ? flop * kruns / (kms * 1e-3) * 1e-9 : 0;
+    cm_program_stats st;
+    cm_program_stats_get(pr, &st);
+    out->threads = st.threads;
+  } else {
+    fprintf(stderr, "gemm (%s): %s\n", operands_name[ops], err.msg);
+  }
+  cm_program_free(pr);
+  cm_tensor_free(&src[0]);
+  cm_tensor_free(&src[1]);
+  cm_graph_free(g);
+  return ok;
+}
+
+/* The f32 table (--dtype f32): one row per shape. */
+static bool table_f32(cm_backend_choice *choice, int threads, double seconds, double peak,
+                      bool json) {
+  if (!json)
+    printf("%-20s %6s %6s %6s %10s %8s %10s %8s\n", "gemm", "M", "N", "K", "GFLOP/s", "of peak",
+           "kernel", "of peak");
+  if (json) printf("{\"peak_gflops\": %.1f, \"dtype\": \"f32\", \"rows\": [", peak);
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+    const shape *sh = &shapes[s];
+    timing t;
+    if (!time_shape(sh, OPS_F32, choice, threads, seconds, &t)) return false;
+    if (json)
+      printf("%s{\"gemm\": \"%s\", \"m\": %lld, \"n\": %lld, \"k\": %lld, \"gflops\": %.1f, "
+             "\"of_peak\": %.3f, \"kernel_gflops\": %.1f, \"threads\": %d, \"backend\": \"%s\"}",
+             s ? ", " : "", sh->what, (long long)sh->m, (long long)sh->n, (long long)sh->k,
+             t.gflops, peak > 0 ? t.gflops / peak : 0, t.kernel_gflops, t.threads,
+             cm_backend_kind_name(choice->kind));
+    else
+      printf("%-20s %6lld %6lld %6lld %10.1f %7.1f%% %10.1f %7.1f%%\n", sh->what, (long long)sh->m,
+             (long long)sh->n, (long long)sh->k, t.gflops, peak > 0 ? 100 * t.gflops / peak : 0,
+             t.kernel_gflops, peak > 0 ? 100 * t.kernel_gflops / peak : 0);
+  }
+  if (json) printf("]}\n");
+  return true;
+}
+
+/* The bf16 table (--dtype bf16): per shape f32, bf16 and bf16-cast GFLOP/s
+ * (wall clock) and their ratios to f32. */
+static bool table_bf16(cm_backend_choice *choice, int threads, double seconds, bool json) {
+  cm_target host;
+  cm_target_host(&host);
+  const char *how = choice->kind != CM_BACKEND_CPU ? "the device's GEMM template"
+                    : host.cpu.dot_bf16
+                        ? "vdpbf16ps (AVX-512 BF16)"
+                        : "operands widened to f32, the f32 micro-kernel (no AVX-512 BF16)";
+  if (!json)
+    printf("bf16 GEMMs: %s\n%-20s %6s %6s %6s %9s %9s %6s %9s %6s\n", how, "gemm", "M", "N", "K",
+           "f32", "bf16", "ratio", "bf16cast", "ratio");
+  if (json) printf("{\"dtype\": \"bf16\", \"bf16_path\": \"%s\", \"rows\": [", how);
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+    const shape *sh = &shapes[s];
+    timing t[3];
+    for (int q = 0; q < 3; q++)
+      if (!time_shape(sh, (operands)q, choice, threads, seconds, &t[q])) return false;
+    double r = t[1].gflops / t[0].gflops, rc = t[2].gflops / t[0].gflops;
+    if (json)
+      printf("%s{\"gemm\": \"%s\", \"m\": %lld, \"n\": %lld, \"k\": %lld, \"f32_gflops\": %.1f, "
+             "\"bf16_gflops\": %.1f, \"bf16_cast_gflops\": %.1f, \"bf16_ratio\": %.3f, "
+             "\"bf16_cast_ratio\": %.3f, \"threads\": %d, \"backend\": \"%s\"}",
+             s ? ", " : "", sh->what, (long long)sh->m, (long long)sh->n, (long long)sh->k,
+             t[0].gflops, t[1].gflops, t[2].gflops, r, rc, t[0].threads,
+             cm_backend_kind_name(choice->kind));
+    else
+      printf("%-20s %6lld %6lld %6lld %9.1f %9.1f %5.2fx %9.1f %5.2fx\n", sh->what,
+             (long long)sh->m, (long long)sh->n, (long long)sh->k, t[0].gflops, t[1].gflops, r,
+             t[2].gflops, rc);
+  }
+  if (json) printf("]}\n");
+  return true;
+}
+
 int main(int argc, char **argv) {
   double peak = 0, seconds = 1.0;
   int threads = 0;
-  bool json = false, bad = false;
+  bool json = false, bad = false, bf16 = false;
   cm_backend_request req = {0};
   for (int i = 1; i < argc && !bad; i++) {
     if (backend_arg(argc, argv, &i, &req, &bad))
@@ -82,9 +237,13 @@ int main(int argc, char **argv) {
       seconds = atof(argv[++i]);
     else if (!strcmp(argv[i], "--json"))
       json = true;
+    else if (!strcmp(argv[i], "--dtype") && i + 1 < argc &&
+             (!strcmp(argv[i + 1], "f32") || !strcmp(argv[i + 1], "bf16")))
+      bf16 = !strcmp(argv[++i], "bf16");
     else {
       fprintf(stderr, "usage: gemm [--peak GFLOPS] [--threads N] [--seconds S] [--json] "
-                      "[--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off]\n");
+                      "[--dtype f32|bf16] [--backend auto|cpu|cuda] [--device N] "
+                      "[--cuda-graphs on|off]\n");
       return 2;
     }
   }
@@ -93,86 +252,7 @@ int main(int argc, char **argv) {
   if (bad) return 2;
   if (cm_backend_resolve(&req, &choice, &berr)) return fprintf(stderr, "gemm: %s\n", berr.msg), 2;
   if (!json) printf("backend %s\n", choice.description);
-  if (!json)
-    printf("%-20s %6s %6s %6s %10s %8s %10s %8s\n", "gemm", "M", "N", "K", "GFLOP/s", "of peak",
-           "kernel", "of peak");
-  if (json) printf("{\"peak_gflops\": %.1f, \"rows\": [", peak);
-  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
-    const shape *sh = &shapes[s];
-    cm_graph *g = cm_graph_new();
-    int64_t xd[2] = {sh->ta ? sh->k : sh->m, sh->ta ? sh->m : sh->k};
-    int64_t wd[2] = {sh->tb ? sh->n : sh->k, sh->tb ? sh->k : sh->n};
-    int x = cm_input(g, "x", CM_F32, 2, xd);
-    int w = cm_input(g, "w", CM_F32, 2, wd);
-    int y = cm_matmul(g, x, w, sh->ta, sh->tb, "y");
-    cm_err err = {0};
-    if (g->error.status || cm_graph_add_output(g, y, &err)) {
-      fprintf(stderr, "gemm: cannot build the graph: %s\n", g->error.msg);
-      return 1;
-    }
-    cm_tensor src[2];
-    memset(src, 0, sizeof src);
-    cm_tensor *bound[3] = {NULL, NULL, NULL};
-    cm_tensor_alloc(&src[0], g->nodes[x].type, NULL);
-    cm_tensor_alloc(&src[1], g->nodes[w].type, NULL);
-    for (int t = 0; t < 2; t++)
-      for (int64_t e = 0; e < cm_type_numel(&src[t].type); e++)
-        cm_tensor_set_f64(&src[t], e, uniform() - 0.5);
-    bound[x] = &src[0];
-    bound[w] = &src[1];
-    cm_compile_opts o = {0};
-    o.threads = threads;
-    o.profile = choice.kind == CM_BACKEND_CPU;
-    const cm_target *target = cm_backend_compile_opts(&choice, &o);
-    cm_program *pr = NULL;
-    if (cm_compile(g, target, &o, &pr, &err)) {
-      fprintf(stderr, "gemm: %s\n", err.msg);
-      return 1;
-    }
-    cm_tensor out;
-    memset(&out, 0, sizeof out);
-    /* warm-up; the prefetch keeps the operands on a device for the timed runs */
-    if (cm_program_start(pr, bound, &err) || cm_program_prefetch(pr, bound, &err) ||
-        cm_program_finish(pr, &out, &err)) {
-      fprintf(stderr, "gemm: %s\n", err.msg);
-      return 1;
-    }
-    cm_tensor_free(&out);
-    int runs = 0;
-    double t0 = now(), t;
-    do {
-      if (cm_program_run(pr, bound, NULL, &err)) {
-        fprintf(stderr, "gemm: %s\n", err.msg);
-        return 1;
-      }
-      runs++;
-      t = now() - t0;
-    } while (t < seconds);
-    double flop = 2.0 * (double)sh->m * (double)sh->n * (double)sh->k;
-    double gflops = flop * runs / t * 1e-9;
-    /* the kernels alone (without the output's copy out of the arena); the warm-up is a run */
-    const cm_kernel_profile *kp = NULL;
-    int nk = cm_program_profile(pr, &kp);
-    double kms = 0;
-    int kruns = 0;
-    for (int q = 0; q < nk; q++) kms += kp[q].total_ms, kruns = kp[q].runs;
-    double kgflops = kms > 0 ? flop * kruns / (kms * 1e-3) * 1e-9 : 0;
-    cm_program_stats st;
-    cm_program_stats_get(pr, &st);
-    if (json)
-      printf("%s{\"gemm\": \"%s\", \"m\": %lld, \"n\": %lld, \"k\": %lld, \"gflops\": %.1f, "
-             "\"of_peak\": %.3f, \"kernel_gflops\": %.1f, \"threads\": %d, \"backend\": \"%s\"}",
-             s ? ", " : "", sh->what, (long long)sh->m, (long long)sh->n, (long long)sh->k, gflops,
-             peak > 0 ? gflops / peak : 0, kgflops, st.threads, cm_backend_kind_name(choice.kind));
-    else
-      printf("%-20s %6lld %6lld %6lld %10.1f %7.1f%% %10.1f %7.1f%%\n", sh->what, (long long)sh->m,
-             (long long)sh->n, (long long)sh->k, gflops, peak > 0 ? 100 * gflops / peak : 0,
-             kgflops, peak > 0 ? 100 * kgflops / peak : 0);
-    cm_program_free(pr);
-    cm_tensor_free(&src[0]);
-    cm_tensor_free(&src[1]);
-    cm_graph_free(g);
-  }
-  if (json) printf("]}\n");
-  return 0;
+  bool ok = bf16 ? table_bf16(&choice, threads, seconds, json)
+                 : table_f32(&choice, threads, seconds, peak, json);
+  return ok ? 0 : 1;
 }

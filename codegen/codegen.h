@@ -59,6 +59,7 @@ typedef struct cm_cpu_target {
   char source[96];     /* where the name came from: "CMAEC_CPU=x86-64-v4", "CPU znver4" */
   bool forced;         /* a named CPU, not the host */
   int vector_bits;     /* the widest vectors: 512 (AVX-512), 256 (AVX), 128 */
+  bool dot_bf16;       /* 512-bit vdpbf16ps (avx512bf16): the GEMM's bf16 micro-kernel */
   bool runnable;       /* the host has every enabled feature */
   char missing[256];   /* !runnable: the features the host lacks, "avx512f,avx512bw,..." */
   char features[2048]; /* the enabled features, "+a,+b,..." */
@@ -283,7 +284,8 @@ typedef enum cm_kreduce { CM_KRED_SUM, CM_KRED_MAX } cm_kreduce;
 typedef enum cm_ktemplate {
   CM_KT_NONE,
   /* dom = [batch..., M, N] (n_dom >= 2), red = [K] (n_red == 1), red_op SUM,
-   * body = MUL(gemm_a, gemm_b) where expression gemm_a reads only the batch
+   * body = MUL(gemm_a, gemm_b) (each possibly widened by a CAST to the
+   * accumulator's dtype: cm_kx_is_gemm_factor) where expression gemm_a reads only the batch
    * vars, v{n_dom-2} (i) and the reduction var (k), and gemm_b only the batch
    * vars, k and v{n_dom-1} (j): C[b,i,j] = sum_k A(b,i,k) B(b,k,j). Operand
    * expressions may be any prologue (transposed or strided loads, casts,
@@ -563,6 +565,10 @@ int cm_kx_iconst(cm_kstage *s, int64_t v);
 bool cm_kx_is_const(const cm_kstage *s, int e, double *value);
 /* Bit mask of the variables an expression depends on (bit v for var v). */
 uint32_t cm_kx_vars_used(const cm_kstage *s, int e);
+/* Whether expression e is a GEMM body's factor for operand expression
+ * `operand`: the operand itself or the operand widened to the stage's
+ * accumulator dtype by a CAST (bf16/f16 products are taken in f32). */
+bool cm_kx_is_gemm_factor(const cm_kstage *s, int e, int operand);
 
 /* Rewrites a stage's expressions into an equal but simpler DAG: i64 index
  * arithmetic becomes affine where value ranges from the loop extents allow

@@ -145,8 +145,8 @@ static void split_k_stage(cm_kernel *k, int si, int S, const cm_lower_opts *o) {
   for (int e = 0; e < old.n_exprs; e++) cmap[e] = -1;
   a->gemm_a = copy_expr(a, k, &old, old.gemm_a, vmap, cmap);
   a->gemm_b = copy_expr(a, k, &old, old.gemm_b, vmap, cmap);
-  /* the product in the operands' dtype, as the unsplit stage's (bf16 operands: bf16) */
-  a->body = cm_kx_op(a, CM_OP_MUL, old.exprs[old.body].dtype, a->gemm_a, a->gemm_b, -1);
+  /* the product as the unsplit stage's: in f32, bf16/f16 operands widened (exact) */
+  a->body = cm_lower_product(a, a->gemm_a, a->gemm_b);
   int lin = cm_kx_var(a, 0);
   for (int d = 0; d < nd; d++)
     lin = cm_kx_iadd(a, cm_kx_imul(a, lin, cm_kx_iconst(a, old.dom[d])), cm_kx_var(a, d + 1));

@@ -185,6 +185,13 @@ int cm_kx_imod(cm_kstage *s, int a, int b) {
   return cm_kx_mod(s, a, b);
 }
 
+bool cm_kx_is_gemm_factor(const cm_kstage *s, int e, int operand) {
+  if (e == operand) return true;
+  if (e < 0 || e >= s->n_exprs) return false;
+  const cm_kexpr *x = &s->exprs[e];
+  return x->kind == CM_KX_OP && x->op == CM_OP_CAST && x->a == operand && x->dtype == s->acc_dtype;
+}
+
 uint32_t cm_kx_vars_used(const cm_kstage *s, int e) {
   if (e < 0 || e >= s->n_exprs) return 0;
   const cm_kexpr *x = &s->exprs[e];
@@ -308,8 +315,9 @@ static const char *gemm_rule(const cm_kstage *s, const uint32_t *vm) {
   else if (s->gemm_a < 0 || s->gemm_a >= s->n_exprs || s->gemm_b < 0 || s->gemm_b >= s->n_exprs)
     why = "GEMM operands out of range";
   else if (s->exprs[s->body].kind != CM_KX_OP || s->exprs[s->body].op != CM_OP_MUL ||
-           s->exprs[s->body].a != s->gemm_a || s->exprs[s->body].b != s->gemm_b)
-    why = "GEMM body must be MUL(gemm_a, gemm_b)";
+           !cm_kx_is_gemm_factor(s, s->exprs[s->body].a, s->gemm_a) ||
+           !cm_kx_is_gemm_factor(s, s->exprs[s->body].b, s->gemm_b))
+    why = "GEMM body must be MUL(gemm_a, gemm_b), each possibly widened to acc_dtype";
   else {
     uint32_t batch = (1u << (s->n_dom - 2)) - 1;
     uint32_t ma = batch | 1u << (s->n_dom - 2) | 1u << s->n_dom;

@@ -270,6 +270,16 @@ static cm_dtype acc_of(cm_dtype dt) {
   return CM_F32;
 }
 
+int cm_lower_product(cm_kstage *s, int a, int b) {
+  cm_dtype acc = s->acc_dtype, dt = s->exprs[a].dtype;
+  if (dt != acc && (dt == CM_BF16 || dt == CM_F16)) {
+    a = cm_kx_op(s, CM_OP_CAST, acc, a, -1, -1);
+    b = cm_kx_op(s, CM_OP_CAST, acc, b, -1, -1);
+    dt = acc;
+  }
+  return cm_kx_op(s, CM_OP_MUL, dt, a, b, -1);
+}
+
 void cm_lower_finish_stage(cm_kstage *s) {
   s->n_parallel = s->n_dom;
   int64_t prod = 1;
@@ -379,9 +389,9 @@ static int conv_body(lctx *c, cm_kstage *s, int id, const int *dv) {
   else
     a = value(c, s, n->inputs[0], xi), b = value(c, s, n->inputs[1], yi);
   if (a < 0 || b < 0) return -1;
-  int m = cm_kx_op(s, CM_OP_MUL, n->type.dtype, a, b, -1);
-  return ok < 0 ? m
-                : cm_kx_op(s, CM_OP_SELECT, n->type.dtype, ok, m, cm_kx_const(s, n->type.dtype, 0));
+  int m = cm_lower_product(s, a, b);
+  cm_dtype pt = s->exprs[m].dtype;
+  return ok < 0 ? m : cm_kx_op(s, CM_OP_SELECT, pt, ok, m, cm_kx_const(s, pt, 0));
 }
 
 static void init_stage(cm_kstage *s, const char *name) {
@@ -605,7 +615,7 @@ static void conv_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
   int wi[4] = {vo, cuv[0], cuv[1], cuv[2]};
   int b = value(c, s, n->inputs[1], wi);
   if (a < 0 || b < 0) return;
-  s->body = cm_kx_op(s, CM_OP_MUL, y->dtype, a, b, -1);
+  s->body = cm_lower_product(s, a, b);
   if (!c->o || !c->o->no_templates) {
     cm_gemm_mark(s, a, b, c->o);
   }
@@ -634,7 +644,7 @@ static void conv_grad_weight_gemm(lctx *c, cm_kstage *s, int id, int *ix) {
   int a = value(c, s, n->inputs[1], yi);
   int b = conv_patch(c, s, n, KH, KW, vn, oh, ow, vj, cuv);
   if (a < 0 || b < 0) return;
-  s->body = cm_kx_op(s, CM_OP_MUL, w->dtype, a, b, -1);
+  s->body = cm_lower_product(s, a, b);
   cm_gemm_mark(s, a, b, c->o);
   ix[0] = vo, ix[1] = cuv[0], ix[2] = cuv[1], ix[3] = cuv[2];
 }
@@ -730,7 +740,7 @@ static cm_status lower_materialized(lctx *c, int id, int b, const int *eo, const
     int a = value(c, s, n->inputs[0], ai);
     int bb = value(c, s, n->inputs[1], bi);
     if (c->st != CM_OK) return c->st;
-    s->body = cm_kx_op(s, CM_OP_MUL, t->dtype, a, bb, -1);
+    s->body = cm_lower_product(s, a, bb);
     if (!c->o || !c->o->no_templates) {
       cm_gemm_mark(s, a, bb, c->o);
     }

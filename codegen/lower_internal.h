@@ -9,6 +9,13 @@
  * items (0 for an accumulating stage). */
 void cm_lower_finish_stage(cm_kstage *s);
 
+/* A contraction's body a * b in the stage's accumulator dtype: bf16 and f16
+ * operands are widened to it first (a CAST each), so every product is exact
+ * in f32 (8 + 8 and 11 + 11 significant bits) and only the sum rounds
+ * (docs/ops.md, "Error bounds"). Operands of the accumulator's dtype are
+ * multiplied as they are. */
+int cm_lower_product(cm_kstage *s, int a, int b);
+
 /* gemm.c: marks stage s as a GEMM (operands a over (batch, i, k), b over
  * (batch, k, j)) with the default plan; splits the K of long GEMMs with few
  * blocks (CPU). */

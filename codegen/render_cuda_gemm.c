@@ -32,17 +32,6 @@ static bool fma_lanes(cm_kcuda_gemm *p) {
   return true;
 }
 
-/* Whether expression e is operand x, or x cast to the accumulator's dtype (a widening of a
- * narrower float, exact). */
-static bool is_operand(const cm_kstage *s, int e, int x) {
-  if (e == x) return true;
-  if (e < 0 || e >= s->n_exprs || x < 0 || x >= s->n_exprs) return false;
-  const cm_kexpr *c = &s->exprs[e];
-  cm_dtype xd = s->exprs[x].dtype;
-  return c->kind == CM_KX_OP && c->op == CM_OP_CAST && c->a == x && c->dtype == s->acc_dtype &&
-         (xd == CM_BF16 || xd == CM_F16 || (xd == CM_F32 && c->dtype == CM_F64));
-}
-
 bool cu_plan_gemm(const cm_kstage *s, const cm_target *tg, cm_kcuda_gemm *out) {
   cm_kcuda_gemm p;
   memset(&p, 0, sizeof p);
@@ -59,8 +48,10 @@ bool cu_plan_gemm(const cm_kstage *s, const cm_target *tg, cm_kcuda_gemm *out) {
    * accumulator's dtype first: exact); anything else keeps the loop nest */
   const cm_kexpr *body = s->body >= 0 && s->body < s->n_exprs ? &s->exprs[s->body] : NULL;
   if (!body || body->kind != CM_KX_OP || body->op != CM_OP_MUL ||
-      !((is_operand(s, body->a, s->gemm_a) && is_operand(s, body->b, s->gemm_b)) ||
-        (is_operand(s, body->a, s->gemm_b) && is_operand(s, body->b, s->gemm_a))))
+      !((cm_kx_is_gemm_factor(s, body->a, s->gemm_a) &&
+         cm_kx_is_gemm_factor(s, body->b, s->gemm_b)) ||
+        (cm_kx_is_gemm_factor(s, body->a, s->gemm_b) &&
+         cm_kx_is_gemm_factor(s, body->b, s->gemm_a))))
     return false;
   p.batch = cu_prod(s->dom, s->n_dom - 2);
   p.M = s->dom[s->n_dom - 2];

@@ -1184,6 +1184,9 @@ cm_status cm_render_llvm(const cm_kernel *k, LLVMModuleRef m, const cm_llvm_rend
     return cm_errorf(err, CM_EINVALID, "cm_render_llvm: kernel %s: vector_width %d is not 4..32",
                      k->name, c.W);
   c.vty = LLVMVectorType(c.f32, (unsigned)c.W);
+  c.dot_bf16 = target->kind == CM_TARGET_CPU && target->cpu.dot_bf16 && c.W == 16;
+  const char *bf = strstr(target->cpu.features, "+avx512bf16");
+  c.dot_native = c.dot_bf16 && bf && (bf[11] == ',' || bf[11] == 0);
   c.unroll = 4;
   c.bases = calloc((size_t)(k->n_buffers > 0 ? k->n_buffers : 1), sizeof *c.bases);
   if (!c.bases) return cm_errorf(err, CM_EINTERNAL, "cm_render_llvm: out of memory");

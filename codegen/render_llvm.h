@@ -20,7 +20,9 @@ typedef struct rctx {
   int stage;
   LLVMTypeRef f32, f64, f16, i1, i8, i16, i32, i64, ptr, vty;
   int W;
-  int unroll; /* GEMM k-loop unroll count */
+  int unroll;      /* GEMM k-loop unroll count */
+  bool dot_bf16;   /* bf16 GEMMs in vdpbf16ps pairs (cm_cpu_target.dot_bf16, 16 lanes) */
+  bool dot_native; /* ... with the instruction (else the same sums in generic IR) */
   LLVMValueRef *bases;
   LLVMValueRef *ioff; /* per buffer, NULL or an element offset subtracted from every index
                          (local buffers of a fused attention span) */

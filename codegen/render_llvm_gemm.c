@@ -58,6 +58,56 @@ bool rl_k_contiguous(rctx *c, int e) {
          coef == 1;
 }
 
+/* Whether operand e is a plain f32 or bf16 load contiguous along k, or such
+ * an f32 load cast to bf16 (autocast's prologue): the pack's vector path, W
+ * consecutive k of a row in one vector load (bf16 widened, the cast rounded). */
+static bool k_contiguous_load(rctx *c, int e) {
+  const cm_kexpr *x = &c->s->exprs[e];
+  if (x->kind == CM_KX_OP && x->op == CM_OP_CAST && x->dtype == CM_BF16 && x->a >= 0 &&
+      c->s->exprs[x->a].dtype == CM_F32)
+    return rl_k_contiguous(c, x->a);
+  if (x->kind != CM_KX_LOAD || x->dtype != CM_BF16 || x->buf < 0 || x->buf >= c->k->n_buffers ||
+      c->k->buffers[x->buf].dtype != CM_BF16)
+    return rl_k_contiguous(c, e);
+  int64_t coef;
+  return rl_lin_coef(c->s, x->a, c->s->n_dom, &coef) && coef == 1;
+}
+
+/* A vector of i32 lanes, all v. */
+static LLVMValueRef splat_i32(rctx *c, uint32_t v) {
+  LLVMValueRef l[32];
+  for (int i = 0; i < c->W; i++) l[i] = LLVMConstInt(c->i32, v, 0);
+  return LLVMConstVector(l, (unsigned)c->W);
+}
+
+/* W consecutive k of operand e (k_contiguous_load) at the current vars as
+ * floats: bf16 widened (exact); an f32 cast to bf16 rounded to nearest even,
+ * NaN quieted, as rl_convert rounds one value. */
+static LLVMValueRef load_krow(rctx *c, int e) {
+  LLVMBuilderRef B = c->B;
+  const cm_kexpr *x = &c->s->exprs[e];
+  bool cast = x->kind == CM_KX_OP;
+  if (cast) x = &c->s->exprs[x->a];
+  LLVMValueRef idx = rl_convert(c, rl_emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
+  bool bf16 = x->dtype == CM_BF16;
+  LLVMTypeRef lt = bf16 ? LLVMVectorType(c->i16, (unsigned)c->W) : c->vty;
+  LLVMValueRef v = LLVMBuildLoad2(B, lt, rl_buf_gep(c, x->buf, idx), "krow");
+  LLVMSetAlignment(v, bf16 ? 2 : 4);
+  LLVMTypeRef wt = LLVMVectorType(c->i32, (unsigned)c->W);
+  if (bf16) {
+    v = LLVMBuildShl(B, LLVMBuildZExt(B, v, wt, ""), splat_i32(c, 16), "");
+    return LLVMBuildBitCast(B, v, c->vty, "krow.f");
+  }
+  if (!cast) return v;
+  LLVMValueRef bits = LLVMBuildBitCast(B, v, wt, "");
+  LLVMValueRef lsb =
+      LLVMBuildAnd(B, LLVMBuildLShr(B, bits, splat_i32(c, 16), ""), splat_i32(c, 1), "");
+  LLVMValueRef rnd = LLVMBuildAdd(B, bits, LLVMBuildAdd(B, lsb, splat_i32(c, 0x7fff), ""), "");
+  LLVMValueRef quiet = LLVMBuildOr(B, bits, splat_i32(c, 0x400000), "");
+  LLVMValueRef r = LLVMBuildSelect(B, LLVMBuildFCmp(B, LLVMRealUNO, v, v, ""), quiet, rnd, "");
+  return LLVMBuildBitCast(B, LLVMBuildAnd(B, r, splat_i32(c, 0xffff0000u), ""), c->vty, "krow.bf");
+}
+
 /* v[0..W) rows of a W x W block, transposed in place: log2(W) rounds of the
  * perfect shuffle (zip of row i with row i + W/2). */
 void rl_transpose_block(rctx *c, LLVMValueRef *v) {
@@ -126,7 +176,7 @@ void rl_emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0, int
   LLVMBasicBlockRef bfast = rl_new_block(c, "pack.whole"), bslow = rl_new_block(c, "pack.edge"),
                     bjoin = rl_new_block(c, "pack.next");
   LLVMBuildCondBr(B, whole, bfast, bslow);
-  bool kvec = rl_k_contiguous(c, e) && (R % c->W == 0 || R < c->W);
+  bool kvec = k_contiguous_load(c, e) && (R % c->W == 0 || R < c->W);
   for (int edge = 0; edge < 2; edge++) {
     LLVMPositionBuilderAtEnd(B, edge ? bslow : bfast);
     LLVMValueRef kstart = rl_ci64(c, 0);
@@ -148,10 +198,7 @@ void rl_emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0, int
         for (int l = 0; l < R; l++) {
           c->vars[rv] = LLVMBuildAdd(B, pr0, rl_ci64(c, l), "row");
           rl_reset_memo(c);
-          const cm_kexpr *x = &c->s->exprs[e];
-          LLVMValueRef idx = rl_convert(c, rl_emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
-          v[l] = LLVMBuildLoad2(B, c->vty, rl_buf_gep(c, x->buf, idx), "krow");
-          LLVMSetAlignment(v[l], 4);
+          v[l] = load_krow(c, e);
         }
         for (int t = 0; t < R; t++) {
           LLVMValueRef off =
@@ -166,10 +213,7 @@ void rl_emit_pack(rctx *c, const char *name, int e, int rv, LLVMValueRef r0, int
         for (int l = 0; l < c->W; l++) {
           c->vars[rv] = LLVMBuildAdd(B, pr0, rl_ci64(c, g * c->W + l), "row");
           rl_reset_memo(c);
-          const cm_kexpr *x = &c->s->exprs[e];
-          LLVMValueRef idx = rl_convert(c, rl_emit(c, x->a), c->s->exprs[x->a].dtype, CM_I64);
-          v[l] = LLVMBuildLoad2(B, c->vty, rl_buf_gep(c, x->buf, idx), "krow");
-          LLVMSetAlignment(v[l], 4);
+          v[l] = load_krow(c, e);
         }
         rl_transpose_block(c, v);
         for (int t = 0; t < c->W; t++) {
@@ -270,6 +314,152 @@ void rl_emit_fma_kloop(rctx *c, LLVMValueRef apan, LLVMValueRef bpan, int64_t mr
   if (c->unroll > 1) rl_unroll_last_loop(c, latch, (unsigned)c->unroll);
 }
 
+/* ---- bf16 pairs for vdpbf16ps (AVX-512 BF16) ------------------------------ */
+
+/* Whether stage s runs the bf16 micro-kernel: both operands bf16 (bf16 loads,
+ * or prologues ending in a cast to bf16) on a target with 512-bit vdpbf16ps. */
+static bool gemm_dot_bf16(rctx *c) {
+  const cm_kstage *s = c->s;
+  return c->dot_bf16 && c->W == 16 && s->exprs[s->gemm_a].dtype == CM_BF16 &&
+         s->exprs[s->gemm_b].dtype == CM_BF16;
+}
+
+/* Packs panels [0, npan) of R rows x k [0, kcur) of bf16 operand e as pairs
+ * along k (the layout vdpbf16ps reads): 32-bit word dst[p*kcp*R + kp*R + l]
+ * holds the values at k = 2 kp (low half) and 2 kp + 1 (high half) of row
+ * r0 + p*R + l; zero for rows at or beyond lim and for k at or beyond kcur
+ * (an odd kcur's last pair). A bf16 value is the upper half of the float that
+ * carries it: the halves are exact. */
+static void emit_pack_pairs(rctx *c, const char *name, int e, int rv, LLVMValueRef r0, int64_t lim,
+                            LLVMValueRef npan, int64_t R, int64_t kcp, LLVMValueRef k0,
+                            LLVMValueRef kcur, LLVMValueRef dst) {
+  LLVMBuilderRef B = c->B;
+  int kvar = c->s->n_dom;
+  char nm[48];
+  snprintf(nm, sizeof nm, "%s.panel", name);
+  loop Lp = rl_loop_begin(c, nm, rl_ci64(c, 0));
+  LLVMValueRef pr0 = LLVMBuildAdd(B, r0, LLVMBuildMul(B, Lp.iv, rl_ci64(c, R), ""), "pr0");
+  LLVMValueRef pdst = rl_fptr(c, dst, LLVMBuildMul(B, Lp.iv, rl_ci64(c, kcp * R), ""), "pdst");
+  LLVMValueRef npairs =
+      LLVMBuildSDiv(B, LLVMBuildAdd(B, kcur, rl_ci64(c, 1), ""), rl_ci64(c, 2), "npairs");
+  snprintf(nm, sizeof nm, "%s.kp", name);
+  loop Lk = rl_loop_begin(c, nm, rl_ci64(c, 0));
+  LLVMValueRef zero = LLVMConstReal(c->f32, 0), hi_mask = LLVMConstInt(c->i32, 0xffff0000u, 0);
+  LLVMValueRef words[64];
+  for (int64_t l = 0; l < R; l++) {
+    LLVMValueRef row = LLVMBuildAdd(B, pr0, rl_ci64(c, l), "row");
+    LLVMValueRef inb = LLVMBuildICmp(B, LLVMIntSLT, row, rl_ci64(c, lim), "inb");
+    LLVMValueRef bits[2];
+    for (int h = 0; h < 2; h++) {
+      LLVMValueRef kk =
+          LLVMBuildAdd(B, LLVMBuildMul(B, Lk.iv, rl_ci64(c, 2), ""), rl_ci64(c, h), "kk");
+      LLVMValueRef kin = LLVMBuildICmp(B, LLVMIntSLT, kk, kcur, "kin");
+      c->vars[rv] = rl_smin(c, row, rl_ci64(c, lim - 1), "rowc");
+      c->vars[kvar] =
+          LLVMBuildAdd(B, k0, rl_smin(c, kk, LLVMBuildSub(B, kcur, rl_ci64(c, 1), ""), "kkc"), "k");
+      rl_reset_memo(c);
+      LLVMValueRef v = rl_convert(c, rl_emit(c, e), c->s->exprs[e].dtype, CM_F32);
+      v = LLVMBuildSelect(B, LLVMBuildAnd(B, inb, kin, ""), v, zero, "bfv");
+      bits[h] = LLVMBuildBitCast(B, v, c->i32, "bfbits");
+    }
+    words[l] = LLVMBuildOr(B, LLVMBuildLShr(B, bits[0], LLVMConstInt(c->i32, 16, 0), ""),
+                           LLVMBuildAnd(B, bits[1], hi_mask, ""), "pair");
+  }
+  LLVMValueRef wdst = rl_fptr(c, pdst, LLVMBuildMul(B, Lk.iv, rl_ci64(c, R), ""), "wdst");
+  for (int64_t l = 0; l < R; l++) {
+    LLVMValueRef st = LLVMBuildStore(B, words[l], rl_fptr(c, wdst, rl_ci64(c, l), "dst"));
+    LLVMSetAlignment(st, 4);
+  }
+  snprintf(nm, sizeof nm, "%s.kp.exit", name);
+  LLVMBasicBlockRef klatch = LLVMGetInsertBlock(B);
+  rl_loop_end(c, &Lk, npairs, nm);
+  rl_no_vectorize_loop(c, klatch); /* the lanes merge into vectors (SLP), as rl_emit_pack's */
+  snprintf(nm, sizeof nm, "%s.panel.exit", name);
+  rl_loop_end(c, &Lp, npan, nm);
+  c->vars[kvar] = NULL;
+}
+
+/* vdpbf16ps of 16 f32 accumulators and two vectors of 16 bf16 pairs (as i32):
+ * acc[i] += a[2i+1] b[2i+1], then += a[2i] b[2i] (Intel's pseudo-code; the
+ * products are exact). The intrinsic's operand type (i32 or bfloat vectors, by
+ * LLVM version) is read from its declaration. Without the instruction
+ * (dot_native false: a test's target on another host) the same two steps in
+ * f32 FMAs. */
+static LLVMValueRef emit_dpbf16(rctx *c, LLVMValueRef acc, LLVMValueRef a, LLVMValueRef b) {
+  LLVMBuilderRef B = c->B;
+  if (!c->dot_native) {
+    LLVMValueRef c16[16], chi[16];
+    for (int i = 0; i < 16; i++)
+      c16[i] = LLVMConstInt(c->i32, 16, 0), chi[i] = LLVMConstInt(c->i32, 0xffff0000u, 0);
+    LLVMValueRef sh = LLVMConstVector(c16, 16), hi = LLVMConstVector(chi, 16);
+    LLVMValueRef even[2], odd[2], ops[2] = {a, b};
+    for (int i = 0; i < 2; i++) {
+      even[i] = LLVMBuildBitCast(B, LLVMBuildShl(B, ops[i], sh, ""), c->vty, "even");
+      odd[i] = LLVMBuildBitCast(B, LLVMBuildAnd(B, ops[i], hi, ""), c->vty, "odd");
+    }
+    LLVMTypeRef vt = c->vty;
+    LLVMValueRef s1[3] = {odd[0], odd[1], acc};
+    LLVMValueRef r = rl_intrin(c, "llvm.fma", &vt, 1, s1, 3, "dot.odd");
+    LLVMValueRef s2[3] = {even[0], even[1], r};
+    return rl_intrin(c, "llvm.fma", &vt, 1, s2, 3, "dot");
+  }
+  static const char name[] = "llvm.x86.avx512bf16.dpbf16ps.512";
+  unsigned id = LLVMLookupIntrinsicID(name, sizeof name - 1);
+  LLVMTypeRef fty = LLVMIntrinsicGetType(c->C, id, NULL, 0);
+  LLVMTypeRef params[3];
+  LLVMGetParamTypes(fty, params);
+  LLVMValueRef args[3] = {acc, LLVMBuildBitCast(B, a, params[1], ""),
+                          LLVMBuildBitCast(B, b, params[2], "")};
+  return LLVMBuildCall2(B, fty, LLVMGetIntrinsicDeclaration(c->M, id, NULL, 0), args, 3, "dot");
+}
+
+/* The bf16 micro-kernel's loop over kpend pairs of packed panels (A: mr words
+ * per pair, B: nr words per pair, nv = nr / 16 vectors): as rl_emit_fma_kloop,
+ * one vdpbf16ps (two products per lane) per accumulator and pair. */
+static void emit_dot_kloop(rctx *c, LLVMValueRef apan, LLVMValueRef bpan, int64_t mr, int64_t nv,
+                           int64_t nr, LLVMValueRef kpend, LLVMValueRef *init, LLVMValueRef *nacc) {
+  LLVMBuilderRef B = c->B;
+  LLVMTypeRef wv = LLVMVectorType(c->i32, 16);
+  LLVMBasicBlockRef pre = LLVMGetInsertBlock(B);
+  loop Kk = rl_loop_begin(c, "kp", rl_ci64(c, 0));
+  LLVMValueRef phis[64], bv[8];
+  for (int64_t i = 0; i < mr * nv; i++) {
+    phis[i] = LLVMBuildPhi(B, c->vty, "acc");
+    LLVMAddIncoming(phis[i], &init[i], &pre, 1);
+  }
+  for (int64_t v = 0; v < nv; v++) {
+    LLVMValueRef off =
+        LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, rl_ci64(c, nr), ""), rl_ci64(c, v * 16), "");
+    bv[v] = LLVMBuildLoad2(B, wv, rl_fptr(c, bpan, off, "bp"), "bpairs");
+    LLVMSetAlignment(bv[v], 4);
+  }
+  for (int64_t r = 0; r < mr; r++) {
+    LLVMValueRef off =
+        LLVMBuildAdd(B, LLVMBuildMul(B, Kk.iv, rl_ci64(c, mr), ""), rl_ci64(c, r), "");
+    LLVMValueRef a = LLVMBuildLoad2(B, c->i32, rl_fptr(c, apan, off, "ap"), "apair");
+    LLVMValueRef ins =
+        LLVMBuildInsertElement(B, LLVMGetPoison(wv), a, LLVMConstInt(c->i32, 0, 0), "");
+    LLVMValueRef splat =
+        LLVMBuildShuffleVector(B, ins, LLVMGetPoison(wv), LLVMConstNull(wv), "a.bcast");
+    for (int64_t v = 0; v < nv; v++)
+      nacc[r * nv + v] = emit_dpbf16(c, phis[r * nv + v], splat, bv[v]);
+  }
+  LLVMBasicBlockRef latch = LLVMGetInsertBlock(B);
+  for (int64_t i = 0; i < mr * nv; i++) LLVMAddIncoming(phis[i], &nacc[i], &latch, 1);
+  rl_loop_end(c, &Kk, kpend, "kp.exit");
+  if (c->unroll > 1) rl_unroll_last_loop(c, latch, (unsigned)c->unroll);
+}
+
+/* Packs an operand's panels for the micro-kernel: bf16 pairs (dot) or floats. */
+static void pack_operand(rctx *c, bool dot, const char *name, int e, int rv, LLVMValueRef r0,
+                         int64_t lim, LLVMValueRef npan, int64_t R, int64_t kc, LLVMValueRef k0,
+                         LLVMValueRef kcur, LLVMValueRef dst) {
+  if (dot)
+    emit_pack_pairs(c, name, e, rv, r0, lim, npan, R, (kc + 1) / 2, k0, kcur, dst);
+  else
+    rl_emit_pack(c, name, e, rv, r0, lim, npan, R, kc, k0, kcur, dst);
+}
+
 /* Floats of packed B in the workspace: every kc slice of a column block (kept
  * for the following items with the same block) when they take at most 4 MiB,
  * else one slice. cm_kstage_workspace_bytes (gemm.c) sizes it the same way. */
@@ -325,6 +515,9 @@ void rl_render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   int64_t mc = g->t.mc, nc = g->t.nc, kc = g->t.kc, mr = g->t.mr, nr = g->t.nr, W = c->W;
   int64_t nv = nr / W;
   int iv = s->n_dom - 2, jv = s->n_dom - 1;
+  /* bf16 pairs: a slice's panels take kcp words per row where floats took kc */
+  bool dot = gemm_dot_bf16(c);
+  int64_t kcp = dot ? (kc + 1) / 2 : kc;
   LLVMValueRef begin, end, ws;
   LLVMBasicBlockRef done;
   rl_begin_function(c, fname, &begin, &end, &ws, &done);
@@ -383,24 +576,26 @@ void rl_render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
   LLVMValueRef kcur = rl_smin(c, LLVMBuildSub(B, rl_ci64(c, g->K), k0, ""), rl_ci64(c, kc), "kcur");
   LLVMValueRef first = LLVMBuildICmp(B, LLVMIntEQ, Kl.iv, rl_ci64(c, 0), "first");
   LLVMValueRef Bs = Bp; /* this slice's packed B */
+  LLVMBasicBlockRef bkeep = NULL;
   if (cache_b) {
     Bs = rl_fptr(c, Bp, LLVMBuildMul(B, Kl.iv, rl_ci64(c, kc * nc), ""), "Bslice");
-    LLVMBasicBlockRef bpack = rl_new_block(c, "packB.new"), bkeep = rl_new_block(c, "packB.keep");
+    LLVMBasicBlockRef bpack = rl_new_block(c, "packB.new");
+    bkeep = rl_new_block(c, "packB.keep");
     LLVMBuildCondBr(B, LLVMBuildICmp(B, LLVMIntNE, t, bkey_prev, "newB"), bpack, bkeep);
     LLVMPositionBuilderAtEnd(B, bpack);
-    rl_emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bs);
+  }
+  pack_operand(c, dot, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bs);
+  if (cache_b) {
     LLVMBuildBr(B, bkeep);
     LLVMPositionBuilderAtEnd(B, bkeep);
-  } else {
-    rl_emit_pack(c, "packB", s->gemm_b, jv, j0, g->N, npan, nr, kc, k0, kcur, Bp);
   }
-  rl_emit_pack(c, "packA", s->gemm_a, iv, i0, g->M, mpan, mr, kc, k0, kcur, Ap);
+  pack_operand(c, dot, "packA", s->gemm_a, iv, i0, g->M, mpan, mr, kc, k0, kcur, Ap);
 
   /* B micro-panel (kc x nr) stays in L1 while the A block streams from L2 */
   loop Jr = rl_loop_begin(c, "jr", rl_ci64(c, 0));
   loop Ir = rl_loop_begin(c, "ir", rl_ci64(c, 0));
-  LLVMValueRef apan = rl_fptr(c, Ap, LLVMBuildMul(B, Ir.iv, rl_ci64(c, kc * mr), ""), "apanel");
-  LLVMValueRef bpan = rl_fptr(c, Bs, LLVMBuildMul(B, Jr.iv, rl_ci64(c, kc * nr), ""), "bpanel");
+  LLVMValueRef apan = rl_fptr(c, Ap, LLVMBuildMul(B, Ir.iv, rl_ci64(c, kcp * mr), ""), "apanel");
+  LLVMValueRef bpan = rl_fptr(c, Bs, LLVMBuildMul(B, Jr.iv, rl_ci64(c, kcp * nr), ""), "bpanel");
   LLVMValueRef cbase = LLVMBuildAdd(B, LLVMBuildMul(B, Ir.iv, rl_ci64(c, mr * nc), ""),
                                     LLVMBuildMul(B, Jr.iv, rl_ci64(c, nr), ""), "cbase");
   /* the first kc slice starts from zero, later ones from the C tile */
@@ -425,7 +620,12 @@ void rl_render_gemm(rctx *c, const char *fname, const gemm_shape *g) {
     LLVMAddIncoming(acc0[i], in, from, 2);
   }
   LLVMValueRef nacc[64];
-  rl_emit_fma_kloop(c, apan, bpan, mr, nv, nr, kcur, "kk", acc0, nacc);
+  if (dot)
+    emit_dot_kloop(c, apan, bpan, mr, nv, nr,
+                   LLVMBuildSDiv(B, LLVMBuildAdd(B, kcur, rl_ci64(c, 1), ""), rl_ci64(c, 2), ""),
+                   acc0, nacc);
+  else
+    rl_emit_fma_kloop(c, apan, bpan, mr, nv, nr, kcur, "kk", acc0, nacc);
   for (int64_t r = 0; r < mr; r++)
     for (int64_t v = 0; v < nv; v++) {
       LLVMValueRef off = LLVMBuildAdd(B, cbase, rl_ci64(c, r * nc + v * W), "");

@@ -278,6 +278,7 @@ cm_status cm_cpu_target_resolve(const char *cpu, const char *features, cm_cpu_ta
     out->vector_bits = 256;
   if (features && list_has(features, '-', "avx", 3)) out->vector_bits = 128;
   if (strncmp(host_triple, "x86_64", 6) != 0) out->vector_bits = 256; /* 8 f32 lanes, as before */
+  out->dot_bf16 = out->vector_bits == 512 && list_has(en, '+', "avx512bf16", 10);
 
   /* Can this host run the code? Every enabled feature must be the host's too. */
   out->runnable = true;

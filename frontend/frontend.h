@@ -153,11 +153,14 @@ typedef struct cm_model_config {
     double momentum_base, momentum_end; /* EMA 0.996, 0.996 */
   } schedule;
   struct {
-    int seed;       /* params, views, masks and shuffling (0) */
-    char views[8];  /* "shift" (CMAE's views) | "rrc" (independent crops, ablation) */
-    int workers;    /* loader threads (2) */
-    int ckpt_every; /* steps between checkpoints; 0: only at the end */
-    int limit;      /* images of the split trained on, spread evenly; 0: all */
+    int seed;              /* params, views, masks and shuffling (0) */
+    char views[8];         /* "shift" (CMAE's views) | "rrc" (independent crops, ablation) */
+    int workers;           /* loader threads (2) */
+    int ckpt_every;        /* steps between checkpoints; 0: only at the end */
+    int limit;             /* images of the split trained on, spread evenly; 0: all */
+    char precision[8];     /* "auto" | "f32" | "bf16" | "f16" (docs/training.md) */
+    char loss_scale[24];   /* "auto" | "dynamic" | "off" | a positive number */
+    int loss_scale_growth; /* dynamic: good steps before the scale doubles (2000) */
   } train;
 } cm_model_config;
 
@@ -175,6 +178,11 @@ cm_status cm_model_config_set(cm_model_config *c, const char *assignment, cm_err
 /* Impossible combinations (heads not dividing width, image not divisible by
  * patch, shift + image > master, mask ratio outside [0, 1), ...), naming the key. */
 cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err);
+/* train.loss_scale for a run at `precision` ("f32", "bf16", "f16"): *dynamic
+ * (GradScaler-style, "dynamic", or "auto" at f16), or a fixed scale *fixed > 0,
+ * or neither (off). CM_EINVALID naming the key when it is none of those. */
+cm_status cm_model_config_loss_scale(const cm_model_config *c, const char *precision, bool *dynamic,
+                                     double *fixed, cm_err *err);
 /* The resolved config as one JSON object with every key (malloc'd). */
 char *cm_model_config_to_json(const cm_model_config *c);
 

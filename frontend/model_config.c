@@ -25,6 +25,7 @@ typedef enum key_type { KT_INT, KT_NUMBER, KT_BOOL, KT_STRING, KT_INT3, KT_NUMBE
 typedef struct key_default {
   double n[3];
   const char *s;
+  bool number_as_text; /* a string key that also takes a JSON number, stored as its text */
 } key_default;
 
 /* X(key, type, field, doc, default...) — the only list of keys. Docs must not
@@ -154,7 +155,15 @@ typedef struct key_default {
   X("train.ckpt_every", INT, train.ckpt_every,                                                     \
     "steps between checkpoints (0: only at the end of the run)", .n = {0})                         \
   X("train.limit", INT, train.limit,                                                               \
-    "train on this many images of the split, spread evenly over it (0: all)", .n = {0})
+    "train on this many images of the split, spread evenly over it (0: all)", .n = {0})            \
+  X("train.precision", STRING, train.precision,                                                    \
+    "auto (bf16 on CUDA, f32 on the CPU and ref), f32, bf16 or f16: the contractions' operands",   \
+    .s = "auto")                                                                                   \
+  X("train.loss_scale", STRING, train.loss_scale,                                                  \
+    "auto (dynamic for f16, else off), dynamic, off or a fixed positive number", .s = "auto",      \
+    .number_as_text = true)                                                                        \
+  X("train.loss_scale_growth", INT, train.loss_scale_growth,                                       \
+    "dynamic loss scaling: good steps before the scale doubles", .n = {2000})
 
 typedef struct key_entry {
   const char *key;
@@ -315,6 +324,8 @@ static cm_status json_to_number(const cJSON *item, const char *what, double *out
   return CM_OK;
 }
 
+static cJSON *exact_number(double v);
+
 /* Stores a JSON value into the field of entry e; c is unchanged on error. */
 static cm_status apply_value(cm_model_config *c, const key_entry *e, const cJSON *item,
                              cm_err *err) {
@@ -344,6 +355,17 @@ static cm_status apply_value(cm_model_config *c, const key_entry *e, const cJSON
     return CM_OK;
   }
   case KT_STRING: {
+    if (e->def.number_as_text && cJSON_IsNumber(item)) {
+      if (out_of_range(item, e->key, err)) return CM_EINVALID;
+      cJSON *text = exact_number(item->valuedouble);
+      cm_status st = text && cJSON_IsRaw(text) && strlen(text->valuestring) < e->size
+                         ? CM_OK
+                         : cm_errorf(err, CM_EINVALID, "%s: %s cannot be stored", e->key,
+                                     json_shown(item, vb, sizeof vb));
+      if (!st) snprintf(field, e->size, "%s", text->valuestring);
+      cJSON_Delete(text);
+      return st;
+    }
     if (!cJSON_IsString(item))
       return cm_errorf(err, CM_EINVALID, "%s: expected a string, got %s", e->key,
                        json_shown(item, vb, sizeof vb));
@@ -831,6 +853,48 @@ static cm_status validate_convvit_stages(const cm_model_config *c, cm_err *err) 
   return CM_OK;
 }
 
+/* train.precision and train.loss_scale (cm_model_config_loss_scale reads the latter). */
+static cm_status validate_precision(const cm_model_config *c, cm_err *err) {
+  static const char *const precisions[] = {"auto", "f32", "bf16", "f16"};
+  char sb[96];
+  if (!one_of(c->train.precision, precisions, 4))
+    return cm_errorf(err, CM_EINVALID, "train.precision: \"%s\" is not one of auto, f32, bf16, f16",
+                     shown(c->train.precision, sb, sizeof sb));
+  double fixed;
+  bool dynamic;
+  if (cm_model_config_loss_scale(c, "f32", &dynamic, &fixed, err)) return err->status;
+  if (c->train.loss_scale_growth < 1)
+    return cm_errorf(err, CM_EINVALID, "train.loss_scale_growth: must be at least 1, got %d",
+                     c->train.loss_scale_growth);
+  return CM_OK;
+}
+
+cm_status cm_model_config_loss_scale(const cm_model_config *c, const char *precision, bool *dynamic,
+                                     double *fixed, cm_err *err) {
+  const char *s = c->train.loss_scale;
+  char sb[96];
+  *dynamic = false;
+  *fixed = 0;
+  if (strcmp(s, "auto") == 0) {
+    *dynamic = strcmp(precision, "f16") == 0;
+    return CM_OK;
+  }
+  if (strcmp(s, "dynamic") == 0) {
+    *dynamic = true;
+    return CM_OK;
+  }
+  if (strcmp(s, "off") == 0) return CM_OK;
+  char *end = NULL;
+  errno = 0;
+  double v = strtod(s, &end);
+  if (end == s || *end || errno || !isfinite(v) || v <= 0)
+    return cm_errorf(err, CM_EINVALID,
+                     "train.loss_scale: \"%s\" is not auto, dynamic, off or a positive number",
+                     shown(s, sb, sizeof sb));
+  *fixed = v;
+  return CM_OK;
+}
+
 cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
   static const char *const archs[] = {"vit", "convvit"};
   static const char *const kinds[] = {"block", "random"};
@@ -936,7 +1000,7 @@ cm_status cm_model_config_validate(const cm_model_config *c, cm_err *err) {
   if (c->train.ckpt_every < 0)
     return cm_errorf(err, CM_EINVALID, "train.ckpt_every: must not be negative, got %d",
                      c->train.ckpt_every);
-  return CM_OK;
+  return validate_precision(c, err);
 }
 
 /* ---- output ------------------------------------------------------------------ */

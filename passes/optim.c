@@ -126,7 +126,7 @@ static int adamw_update(cm_graph *g, const cm_optim_config *cfg, int p, int gr, 
 /* The EMA update of param i when it is a target: t <- m t + (1 - m) o, o the
  * online param's updated value (new_value[o], or o itself when it is frozen). */
 static cm_status ema_update(cm_graph *g, const cm_optim_config *cfg, int i, int n0,
-                            const int *new_value, int momentum, cm_err *err) {
+                            const int *new_value, int momentum, int ok, cm_err *err) {
   char online[512], nb[600];
   const cm_node node = g->nodes[i]; /* a copy: adding nodes may move g->nodes */
   const cm_node *n = &node;
@@ -148,14 +148,19 @@ static cm_status ema_update(cm_graph *g, const cm_optim_config *cfg, int i, int 
   int one_m = cm_binary(g, CM_OP_SUB, cm_const_scalar(g, NULL, dt, 1), mm, NULL);
   int t_new = cm_binary(g, CM_OP_ADD, cm_binary(g, CM_OP_MUL, i, bcast_scalar(g, mm, i), NULL),
                         cm_binary(g, CM_OP_MUL, ov, bcast_scalar(g, one_m, ov), NULL), NULL);
+  if (ok >= 0) t_new = cm_select(g, bcast_scalar(g, ok, i), t_new, i, NULL); /* a skipped step */
   cm_assign(g, i, t_new, name_join(nb, sizeof nb, "update/", n->name));
   return CM_OK;
 }
 
 /* Loss-scale bookkeeping (GradScaler: x2 after growth_interval good steps, /2
- * on overflow); returns the "skipped" output (1 when the step was skipped). */
-static int loss_scale_update(cm_graph *g, const cm_optim_config *cfg, int scale, int good, int ok) {
+ * on overflow; a fixed scale, good < 0, stays) and the count of applied steps
+ * (steps_done <- step when ok); returns the "skipped" output (1 when the step was skipped). */
+static int loss_scale_update(cm_graph *g, const cm_optim_config *cfg, int scale, int good, int ok,
+                             int steps_done, int step) {
   int one = cm_const_scalar(g, NULL, CM_F32, 1), zero = cm_const_scalar(g, NULL, CM_F32, 0);
+  cm_assign(g, steps_done, cm_select(g, ok, step, steps_done, NULL), "update/optimizer.step");
+  if (good < 0) return cm_select(g, ok, zero, one, "skipped");
   int good1 = cm_binary(g, CM_OP_ADD, good, one, NULL);
   int grow =
       cm_binary(g, CM_OP_LE, cm_const_scalar(g, NULL, CM_F32, cfg->growth_interval), good1, NULL);
@@ -210,17 +215,27 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
   int lr = cm_input(g, "lr", CM_F32, 0, NULL);
   int beta1 = cm_input(g, "beta1", CM_F32, 0, NULL);
   int beta2 = cm_input(g, "beta2", CM_F32, 0, NULL);
-  int step = cm_input(g, "step", CM_F32, 0, NULL);
+  /* With loss scaling the step count is a state that skipped steps leave alone, as
+   * torch.optim.AdamW's under GradScaler (no host round trip decides a skip). */
+  cm_init zero_init = {CM_INIT_ZEROS, 0, 0};
+  int steps_done =
+      cfg->loss_scaling ? cm_state(g, "optimizer.step", CM_F32, 0, NULL, zero_init) : -1;
+  int step = steps_done >= 0
+                 ? cm_binary(g, CM_OP_ADD, steps_done, cm_const_scalar(g, NULL, CM_F32, 1), NULL)
+                 : cm_input(g, "step", CM_F32, 0, NULL);
   int momentum = info->n_ema ? cm_input(g, "momentum", CM_F32, 0, NULL) : -1;
   cm_dtype loss_dt = g->nodes[loss].type.dtype;
 
   /* Dynamic loss scaling: gradients of loss * scale, unscaled before use. */
   int scale = -1, good = -1, target_loss = loss;
   cm_init scale_init = {CM_INIT_CONSTANT, cfg->init_loss_scale, 0};
-  cm_init zero_init = {CM_INIT_ZEROS, 0, 0};
-  if (cfg->loss_scaling) {
+  if (cfg->loss_scaling && cfg->fixed_loss_scale) {
+    scale = cm_const_scalar(g, "loss_scale", CM_F32, cfg->init_loss_scale);
+  } else if (cfg->loss_scaling) {
     scale = cm_state(g, "loss_scale", CM_F32, 0, NULL, scale_init);
     good = cm_state(g, "loss_scale_good_steps", CM_F32, 0, NULL, zero_init);
+  }
+  if (cfg->loss_scaling) {
     int l = cm_reshape(g, loss, 0, NULL, NULL);
     target_loss = cm_binary(g, CM_OP_MUL, l, scalar_as(g, scale, loss_dt), "scaled_loss");
   }
@@ -275,13 +290,13 @@ cm_status cm_build_train_step(const cm_graph *fwd, int loss, const cm_optim_conf
 
   /* EMA of the targets from the updated online params: t <- m t + (1 - m) o. */
   for (int i = 0; i < n0 && info->n_ema; i++) {
-    if ((st = ema_update(g, cfg, i, n0, new_value, momentum, err))) goto done;
+    if ((st = ema_update(g, cfg, i, n0, new_value, momentum, ok, err))) goto done;
     if (cm_graph_error(g)) goto builder_failed;
   }
 
   /* Loss-scale bookkeeping (GradScaler: x2 after growth_interval good steps, /2 on overflow). */
-  int skipped = -1;
-  if (cfg->loss_scaling) skipped = loss_scale_update(g, cfg, scale, good, ok);
+  int skipped =
+      cfg->loss_scaling ? loss_scale_update(g, cfg, scale, good, ok, steps_done, step) : -1;
 
   /* Metrics: the forward graph's outputs, then grad_norm (and loss_scale, skipped). */
   g->n_outputs = 0;

@@ -61,6 +61,7 @@ typedef struct cm_optim_config {
   bool loss_scaling;      /* dynamic loss scaling, skipping non-finite steps */
   double init_loss_scale; /* 65536 */
   int growth_interval;    /* good steps before the scale doubles (2000) */
+  bool fixed_loss_scale;  /* loss_scaling at init_loss_scale always (still skipping non-finite) */
 } cm_optim_config;
 
 void cm_optim_config_default(cm_optim_config *c);
@@ -72,9 +73,12 @@ typedef struct cm_train_step_info {
 /* Builds the training step (state, batch, scalars) -> (state', metrics) from a
  * forward graph and its scalar loss:
  * - runtime scalar inputs (f32[]): "lr", "beta1", "beta2", "step" (t >= 1, for
- *   bias correction) and, when there are EMA targets, "momentum";
+ *   bias correction; with loss scaling the state "optimizer.step" counts the
+ *   applied steps instead) and, when there are EMA targets, "momentum";
  * - state per trained param p: "optimizer.exp_avg.<p>", "optimizer.exp_avg_sq.<p>"
- *   (zeros); with loss scaling "loss_scale" and "loss_scale_good_steps";
+ *   (zeros); with dynamic loss scaling "loss_scale" and "loss_scale_good_steps";
+ * - with loss scaling, a step whose unscaled gradients are not all finite keeps
+ *   every param, moment, EMA target and the step count as they were;
  * - updates as assign nodes named "update/<state name>": AdamW exactly as
  *   torch.optim.AdamW (p <- p(1 - lr wd); m, v moments; p <- p - lr/(1-b1^t) *
  *   m / (sqrt(v)/sqrt(1-b2^t) + eps)), then EMA t <- m t + (1-m) o_new of
@@ -241,7 +245,10 @@ cm_status cm_pass_memplan(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
  * states) stays f32. The same f32 value cast for several contractions is cast once (the
  * forward's activation and the backward's weight gradient share it). A graph whose
  * contractions are already low precision is left as is. n_rewritten (may be NULL) receives
- * the contractions rewritten. */
+ * the contractions rewritten. On success *g is the rewritten graph (the old one freed; the same
+ * object when nothing was rewritten); names: "<operand>.bf16" for an operand's cast,
+ * "<contraction>.bf16" for the low contraction, and the contraction's own name on its f32 result,
+ * so outputs keep their names. Errors: low not bf16 or f16 (CM_EINVALID), *g unchanged. */
 cm_status cm_autocast(cm_graph **g, cm_dtype low, int *n_rewritten, cm_err *err);
 /* The pass "autocast": cm_autocast with bf16. */
 cm_status cm_pass_autocast(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);

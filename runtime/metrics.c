@@ -128,6 +128,7 @@ cm_status cm_metrics_write(cm_metrics_writer *w, const cm_metrics_row *r, cm_err
   put_num(f, "images_per_s", r->images_per_s);
   put_num(f, "step_ms", r->step_ms);
   for (int i = 0; i < r->n_extra; i++) put_num(f, r->extra_names[i], r->extra_values[i]);
+  if (r->precision) fprintf(f, ",\"precision\":\"%s\"", r->precision); /* a fixed word */
   fputs("}\n", f);
   if (fflush(f) != 0 || ferror(f))
     return cm_errorf(err, CM_EINVALID, "%s: cannot write step %lld: %s", w->path,

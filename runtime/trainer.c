@@ -87,7 +87,6 @@ static bool tensor_nonfinite(const cm_tensor *t, double *bad) {
 typedef struct trainer {
   const cm_train_opts *o;
   cm_model_config cfg;
-  cm_model model;
   cm_graph *sg;
   cm_tensor *src;             /* per node of sg: params, states, inputs (inputs of slot 0) */
   cm_tensor *src_next;        /* per node: the inputs of slot 1 (the next step's, while one runs) */
@@ -101,6 +100,9 @@ typedef struct trainer {
   cm_metrics_writer *metrics;
   int scalar_id[N_SCALARS], batch_id[N_BATCH_INPUTS];
   int out_loss, out_rc, out_ct, out_gn; /* output indices, -1 when absent */
+  int out_scale, out_skipped;           /* with loss scaling; else -1 */
+  cm_dtype precision;                   /* train.precision, resolved */
+  int n_autocast;                       /* contractions autocast rewrote */
   int n_ckpt;
   const char **ckpt_names;
   const cm_tensor **ckpt_tensors;
@@ -129,7 +131,6 @@ static void trainer_free(trainer *t) {
   cm_dataset_free(t->data);
   cm_metrics_close(t->metrics);
   cm_graph_free(t->sg);
-  if (t->model.g) cm_model_free(&t->model);
 }
 
 static int output_index(const cm_graph *g, const char *name) {
@@ -495,6 +496,72 @@ static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_lr_sch
   cm_checkpoint_meta_free(&meta);
 }
 
+cm_status cm_train_precision_resolve(const char *precision, cm_backend_kind backend, cm_dtype *out,
+                                     cm_err *err) {
+  static const struct {
+    const char *name;
+    cm_dtype dtype;
+  } known[] = {{"f32", CM_F32}, {"bf16", CM_BF16}, {"f16", CM_F16}};
+  if (precision && strcmp(precision, "auto") == 0) {
+    /* the CPU here has no fast bf16, and the reference evaluator is the f32 oracle */
+    *out = backend == CM_BACKEND_CUDA ? CM_BF16 : CM_F32;
+    return CM_OK;
+  }
+  for (size_t k = 0; precision && k < sizeof known / sizeof known[0]; k++)
+    if (strcmp(precision, known[k].name) == 0) {
+      *out = known[k].dtype;
+      return CM_OK;
+    }
+  return cm_errorf(err, CM_EINVALID,
+                   "train.precision: \"%.32s\" is not one of auto, f32, bf16, f16",
+                   precision ? precision : "(null)");
+}
+
+cm_status cm_train_build_step(const cm_model_config *cfg, cm_dtype precision, cm_graph **step,
+                              int *n_autocast, cm_err *err) {
+  *step = NULL;
+  if (n_autocast) *n_autocast = 0;
+  if (precision != CM_F32 && precision != CM_BF16 && precision != CM_F16)
+    return cm_errorf(err, CM_EINVALID, "cm_train_build_step: precision %s is not f32, bf16 or f16",
+                     cm_dtype_name(precision));
+  cm_optim_config oc;
+  cm_optim_config_default(&oc);
+  oc.eps = cfg->optimizer.eps;
+  oc.weight_decay = cfg->optimizer.weight_decay;
+  oc.clip_norm = cfg->optimizer.clip_norm;
+  oc.frozen = cm_model_frozen_substrings;
+  bool dynamic;
+  double fixed;
+  if (cm_model_config_loss_scale(cfg, cm_dtype_name(precision), &dynamic, &fixed, err))
+    return err->status;
+  oc.loss_scaling = dynamic || fixed > 0;
+  oc.fixed_loss_scale = fixed > 0;
+  if (fixed > 0) oc.init_loss_scale = fixed;
+  oc.growth_interval = cfg->train.loss_scale_growth;
+  cm_ema_pair pairs[8];
+  int np = 0;
+  for (; np < 8 && cm_model_ema_online_prefixes[np] && cm_model_ema_target_prefixes[np]; np++) {
+    pairs[np].online_prefix = cm_model_ema_online_prefixes[np];
+    pairs[np].target_prefix = cm_model_ema_target_prefixes[np];
+  }
+  oc.n_ema = np;
+  oc.ema = pairs;
+  /* the model and its optimizer in f32 (master weights, moments, EMA targets); autocast
+   * then lowers only the contractions' operands */
+  cm_model model = {0};
+  cm_model_build_opts bo = {cfg->optimizer.batch, 1, CM_F32};
+  if (cm_model_build(cfg, &bo, &model, err)) return err->status;
+  cm_train_step_info info;
+  cm_status st = cm_build_train_step(model.g, model.loss, &oc, step, &info, err);
+  cm_model_free(&model);
+  if (!st && precision != CM_F32) st = cm_autocast(step, precision, n_autocast, err);
+  if (st) {
+    cm_graph_free(*step);
+    *step = NULL;
+  }
+  return st;
+}
+
 /* The backend opts asks for (cm_backend_resolve). */
 static cm_status choose_backend(trainer *t, cm_train_result *r, cm_err *err) {
   const cm_train_opts *o = t->o;
@@ -506,6 +573,21 @@ static cm_status choose_backend(trainer *t, cm_train_result *r, cm_err *err) {
                             o->cuda_compiler};
   if (cm_backend_resolve(&req, &t->backend, err)) return err->status;
   snprintf(r->backend, sizeof r->backend, "%s", t->backend.description);
+  return CM_OK;
+}
+
+/* train.precision and train.loss_scale resolved for the backend, written back into
+ * the config (so the checkpoint and a resume compare the resolved values). */
+static cm_status resolve_precision(trainer *t, cm_err *err) {
+  cm_model_config *c = &t->cfg;
+  if (cm_train_precision_resolve(c->train.precision, t->backend.kind, &t->precision, err))
+    return err->status;
+  snprintf(c->train.precision, sizeof c->train.precision, "%s", cm_dtype_name(t->precision));
+  bool dynamic;
+  double fixed;
+  if (cm_model_config_loss_scale(c, c->train.precision, &dynamic, &fixed, err)) return err->status;
+  if (dynamic) snprintf(c->train.loss_scale, sizeof c->train.loss_scale, "dynamic");
+  if (!dynamic && !(fixed > 0)) snprintf(c->train.loss_scale, sizeof c->train.loss_scale, "off");
   return CM_OK;
 }
 
@@ -528,6 +610,7 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
   if (cm_model_config_validate(&t->cfg, err)) return cm_err_prefix(err, "%s: ", o->model_path);
   /* the backend and the output directory before anything slow (the data, the compile) */
   if ((st = choose_backend(t, r, err))) return st;
+  if ((st = resolve_precision(t, err))) return st;
   if (make_dirs(o->out_dir, err)) return err->status;
 
   /* data */
@@ -554,24 +637,7 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
                      (long long)r->dataset_size, t->cfg.optimizer.batch);
 
   /* the step graph at the local batch (one rank) */
-  cm_model_build_opts bo = {t->cfg.optimizer.batch, 1, CM_F32};
-  if (cm_model_build(&t->cfg, &bo, &t->model, err)) return err->status;
-  cm_optim_config oc;
-  cm_optim_config_default(&oc);
-  oc.eps = t->cfg.optimizer.eps;
-  oc.weight_decay = t->cfg.optimizer.weight_decay;
-  oc.clip_norm = t->cfg.optimizer.clip_norm;
-  oc.frozen = cm_model_frozen_substrings;
-  cm_ema_pair pairs[8];
-  int np = 0;
-  for (; np < 8 && cm_model_ema_online_prefixes[np] && cm_model_ema_target_prefixes[np]; np++) {
-    pairs[np].online_prefix = cm_model_ema_online_prefixes[np];
-    pairs[np].target_prefix = cm_model_ema_target_prefixes[np];
-  }
-  oc.n_ema = np;
-  oc.ema = pairs;
-  cm_train_step_info info;
-  if (cm_build_train_step(t->model.g, t->model.loss, &oc, &t->sg, &info, err)) return err->status;
+  if (cm_train_build_step(&t->cfg, t->precision, &t->sg, &t->n_autocast, err)) return err->status;
   const cm_graph *g = t->sg;
   bool ref = t->backend.kind == CM_BACKEND_REF;
   t->src = calloc((size_t)g->n_nodes + 1, sizeof *t->src);
@@ -591,6 +657,8 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
   t->out_rc = output_index(g, "loss_rc");
   t->out_ct = output_index(g, "loss_ct");
   t->out_gn = output_index(g, "grad_norm");
+  t->out_scale = output_index(g, "loss_scale");
+  t->out_skipped = output_index(g, "skipped");
   if (t->out_loss < 0 || t->out_rc < 0)
     return cm_errorf(err, CM_EINTERNAL, "cm_train: the training step has no loss/loss_rc output");
   for (int i = 0; i < g->n_nodes; i++) {
@@ -654,6 +722,7 @@ static cm_status check_resume_steps(const cm_train_opts *o, const char *ckpt, lo
 /* A step's metrics outputs. */
 typedef struct step_values {
   double loss, rc, ct, gn;
+  double scale, skipped; /* with loss scaling */
 } step_values;
 
 /* CM_EINVALID naming the first non-finite metric of the step and where the run
@@ -664,11 +733,11 @@ static cm_status check_finite(trainer *t, const step_values *sv, const cm_loader
                               const cm_lr_schedule *sched, int64_t step, const char *ckpt,
                               int64_t start, double t_run, cm_err *err) {
   double loss = sv->loss, lrc = sv->rc, lct = sv->ct, gn = sv->gn;
-  const char *which = !isfinite(lrc)    ? "loss_rc"
-                      : !isfinite(lct)  ? "loss_ct"
-                      : !isfinite(loss) ? "loss"
-                      : !isfinite(gn)   ? "grad_norm"
-                                        : NULL;
+  const char *which = !isfinite(lrc)                      ? "loss_rc"
+                      : !isfinite(lct)                    ? "loss_ct"
+                      : !isfinite(loss)                   ? "loss"
+                      : !isfinite(gn) && sv->skipped != 1 ? "grad_norm" /* a skip is no failure */
+                                                          : NULL;
   if (!which) return CM_OK;
   double v = strcmp(which, "loss_rc") == 0   ? lrc
              : strcmp(which, "loss_ct") == 0 ? lct
@@ -704,11 +773,12 @@ static cm_status write_metrics(trainer *t, int64_t step, const cm_batch *b, cons
   row.momentum = sc[4];
   row.images_per_s = ips;
   row.step_ms = ms;
-  const char *xn[1] = {"grad_norm"};
-  double xv[1] = {v->gn};
-  row.n_extra = 1;
+  const char *xn[3] = {"grad_norm", "loss_scale", "skipped"};
+  double xv[3] = {v->gn, v->scale, v->skipped};
+  row.n_extra = t->out_scale >= 0 ? 3 : 1;
   row.extra_names = xn;
   row.extra_values = xv;
+  row.precision = cm_dtype_name(t->precision);
   return cm_metrics_write(t->metrics, &row, err);
 }
 
@@ -729,6 +799,10 @@ static void print_header(const trainer *t, const cm_train_result *r, const cm_lr
   cm_program_stats cs = {0};
   if (t->prog) cm_program_stats_get(t->prog, &cs);
   if (t->backend.kind == CM_BACKEND_CPU) fprintf(t->o->log, ", %d threads", cs.threads);
+  fprintf(t->o->log, "; precision %s", t->cfg.train.precision);
+  if (t->n_autocast) fprintf(t->o->log, " (%d contractions autocast)", t->n_autocast);
+  if (strcmp(t->cfg.train.loss_scale, "off") != 0)
+    fprintf(t->o->log, ", loss scale %s", t->cfg.train.loss_scale);
   fprintf(t->o->log, "; metrics %s, checkpoints %s/ckpt-<step>.safetensors\n", t->metrics_path,
           t->o->out_dir);
   if (t->backend.kind == CM_BACKEND_CUDA) print_compile_figures(t->prog, &cs, t->o->log);
@@ -840,8 +914,9 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
       *err = next_err;
       break;
     }
-    step_values v = {out_value(out, t.out_loss), out_value(out, t.out_rc), out_value(out, t.out_ct),
-                     out_value(out, t.out_gn)};
+    step_values v = {out_value(out, t.out_loss),  out_value(out, t.out_rc),
+                     out_value(out, t.out_ct),    out_value(out, t.out_gn),
+                     out_value(out, t.out_scale), out_value(out, t.out_skipped)};
     if ((st = check_finite(&t, &v, &lo, &sched, step, r->checkpoint[0] ? r->checkpoint : ckpt,
                            start, t_run, err)))
       break;

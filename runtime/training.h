@@ -191,6 +191,7 @@ typedef struct cm_metrics_row {
   int n_extra; /* further numeric fields, written after the fixed ones */
   const char *const *extra_names;
   const double *extra_values;
+  const char *precision; /* NULL, or "f32", "bf16", "f16": written as "precision" */
 } cm_metrics_row;
 
 typedef struct cm_metrics_writer cm_metrics_writer;
@@ -376,6 +377,18 @@ typedef struct cm_train_result {
  * CM_EINVALID naming the step and the first non-finite tensor. When *stop is
  * set it returns CM_OK with result->interrupted after saving a checkpoint. */
 cm_status cm_train(const cm_train_opts *opts, cm_train_result *result, cm_err *err);
+/* train.precision for a backend: "auto" is bf16 on CUDA (its tensor cores) and f32 on
+ * the CPU (no fast bf16 on this project's hosts) and the reference evaluator; "f32",
+ * "bf16", "f16" are themselves. CM_EINVALID naming the key otherwise. */
+cm_status cm_train_precision_resolve(const char *precision, cm_backend_kind backend, cm_dtype *out,
+                                     cm_err *err);
+/* The training step cm_train runs, at cfg's optimizer.batch: the f32 model,
+ * cm_build_train_step with CMAE's optimizer (optimizer.*, frozen params, EMA pairs,
+ * train.loss_scale at `precision`, train.loss_scale_growth), then, for bf16 or f16,
+ * cm_autocast to that precision (params, moments, EMA targets and every optimizer
+ * value stay f32). n_autocast (may be NULL) receives the contractions rewritten. */
+cm_status cm_train_build_step(const cm_model_config *cfg, cm_dtype precision, cm_graph **step,
+                              int *n_autocast, cm_err *err);
 /* ---- evaluation commands (runtime/features.c) -------------------------------
  * The frozen online encoder as a feature extractor (docs/evaluation.md): the
  * variant's encoder on the whole unmasked image (ids_keep -1, the final norm

@@ -26,12 +26,14 @@ static const char usage_step[] =
     "                  [--loss-scaling] [--ema ONLINE_PREFIX:TARGET_PREFIX] [--momentum M]\n"
     "                  [--frozen SUBSTRING,...] [--save OUT.safetensors] [--quiet]\n"
     "                  [--backend auto|cpu|cuda|ref] [--device N] [--cuda-graphs on|off]\n"
+    "                  [--precision f32|bf16|f16]\n"
     "\n"
     "Builds the training step of GRAPH (AdamW as torch.optim.AdamW; defaults: betas\n"
     "0.9, 0.95, weight decay 0.05 except names containing ln, bias, pos_embed,\n"
     "mask_token, cls_token) and runs N steps on the chosen backend with the same\n"
     "inputs, printing the loss of each step. Params come from IN or their initializer\n"
-    "(--seed). --save writes the final params and optimizer state.\n"
+    "(--seed). --save writes the final params and optimizer state. --precision bf16|f16\n"
+    "autocasts the step (the contractions' operands; everything else stays f32).\n"
     "  --backend ref         the reference evaluator\n";
 
 static const char usage_build_step[] =
@@ -295,6 +297,29 @@ static int save_state(const cm_graph *sg, const cli_sources *src, const char *pa
   return rc;
 }
 
+/* The step's scalar inputs (those it has) bound to scalars[k]; ids[k] = -1 when absent. */
+static int bind_scalars(const cm_graph *sg, const char *const *names, int ids[5],
+                        cm_tensor scalars[5], cli_sources *src) {
+  cm_err err = {0};
+  for (int k = 0; k < 5; k++) {
+    ids[k] = cm_graph_find(sg, names[k]);
+    if (ids[k] < 0) continue;
+    if (cm_tensor_alloc(&scalars[k], sg->nodes[ids[k]].type, &err))
+      return cli_report(&err, "cmaec step");
+    src->bound[ids[k]] = &scalars[k];
+  }
+  return EXIT_OK;
+}
+
+/* --precision f32|bf16|f16 (default f32); false (reported) otherwise. */
+static bool parse_precision(const cli_option *op, cm_dtype *low) {
+  const char *v = op->given ? op->value : "f32";
+  *low = !strcmp(v, "bf16") ? CM_BF16 : !strcmp(v, "f16") ? CM_F16 : CM_F32;
+  if (*low == CM_F32 && strcmp(v, "f32") != 0)
+    return fprintf(stderr, "cmaec step: --precision %s: expected f32, bf16 or f16\n", v), false;
+  return true;
+}
+
 int cmd_step(int argc, char **argv) {
   cli_option opts[] = {{"--help", false, NULL, false},         {"--loss", true, NULL, false},
                        {"--steps", true, NULL, false},         {"--lr", true, NULL, false},
@@ -305,10 +330,12 @@ int cmd_step(int argc, char **argv) {
                        {"--momentum", true, NULL, false},      {"--frozen", true, NULL, false},
                        {"--save", true, NULL, false},          {"--quiet", false, NULL, false},
                        {"--backend", true, NULL, false},       {"--device", true, NULL, false},
-                       {"--cuda-graphs", true, NULL, false}};
+                       {"--cuda-graphs", true, NULL, false},   {"--precision", true, NULL, false}};
   const char *pos[1];
   int n_pos;
   if (!cli_parse(argc, argv, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "step")) return EXIT_INVALID;
+  cm_dtype low = CM_F32;
+  if (!parse_precision(&opts[19], &low)) return EXIT_INVALID;
   cm_backend_request req;
   int rc =
       cli_backend_request(&opts[16], &opts[17], &opts[18], true, CM_BACKEND_AUTO, "step", &req);
@@ -341,23 +368,15 @@ int cmd_step(int argc, char **argv) {
     goto done;
   }
   cm_train_step_info info;
-  if (cm_build_train_step(g, loss, &oo.cfg, &sg, &info, &err)) {
+  if (cm_build_train_step(g, loss, &oo.cfg, &sg, &info, &err) ||
+      (low != CM_F32 && cm_autocast(&sg, low, NULL, &err))) {
     rc = cli_report(&err, pos[0]);
     goto done;
   }
   static const char *const scalar_names[] = {"lr", "beta1", "beta2", "step", "momentum", NULL};
   if ((rc = cli_bind_sources(sg, pos[0], opts[4].value, seed, scalar_names, &src))) goto done;
   int scalar_ids[5];
-  for (int k = 0; k < 5; k++) {
-    scalar_ids[k] = cm_graph_find(sg, scalar_names[k]);
-    if (scalar_ids[k] >= 0) {
-      if (cm_tensor_alloc(&scalars[k], sg->nodes[scalar_ids[k]].type, &err)) {
-        rc = cli_report(&err, "cmaec step");
-        goto done;
-      }
-      src.bound[scalar_ids[k]] = &scalars[k];
-    }
-  }
+  if ((rc = bind_scalars(sg, scalar_names, scalar_ids, scalars, &src))) goto done;
   set_scalar(&scalars[0], lr);
   set_scalar(&scalars[1], beta1);
   set_scalar(&scalars[2], beta2);
@@ -370,9 +389,9 @@ int cmd_step(int argc, char **argv) {
   }
   if (!quiet)
     printf("training %d params (%d with weight decay, %d frozen, %d EMA targets), %llu steps; "
-           "backend %s\n",
+           "backend %s, precision %s\n",
            info.n_trainable, info.n_decay, info.n_frozen, info.n_ema, (unsigned long long)steps,
-           choice.description);
+           choice.description, cm_dtype_name(low));
   cm_eval_opts eval_opts = {CM_PRECISION_NATIVE};
   if (compiled) {
     outs = calloc((size_t)sg->n_outputs + 1, sizeof *outs);
@@ -389,7 +408,7 @@ int cmd_step(int argc, char **argv) {
     }
   }
   for (uint64_t t = 1; t <= steps; t++) {
-    set_scalar(&scalars[3], (double)t);
+    if (scalar_ids[3] >= 0) set_scalar(&scalars[3], (double)t); /* loss scaling counts steps */
     if (compiled) {
       /* the executor writes every assign into its state in place */
       if (cm_program_run(pr, (cm_tensor *const *)src.bound, outs, &err)) {

@@ -14,7 +14,7 @@ static const char usage_train[] =
     "usage: cmaec train MODEL.json [--data fashion-mnist|DIR] [--epochs N | --steps N]\n"
     "                   [--batch B] [--out DIR] [--resume DIR] [--backend auto|cpu|cuda|ref]\n"
     "                   [--device N] [--cuda-graphs on|off] [--threads N] [--workers N]\n"
-    "                   [--log-every N] [--seed N]\n"
+    "                   [--log-every N] [--seed N] [--precision auto|f32|bf16|f16]\n"
     "                   [--views shift|rrc] [--ckpt-every N] [--keep N] [--set KEY=VALUE ...]\n"
     "\n"
     "Pretrains the variant on Fashion-MNIST (default) or an image folder DIR/<class>/<file>:\n"
@@ -27,6 +27,8 @@ static const char usage_train[] =
     "--resume DIR continues from DIR/latest exactly where it stopped (params, moments,\n"
     "EMA params, schedule and data order), with the same MODEL and --set flags, on any\n"
     "backend (a checkpoint holds host tensors).\n"
+    "--precision sets train.precision (auto: bf16 on CUDA, f32 on the CPU and ref): the\n"
+    "contractions' operands; params, AdamW moments and EMA targets stay f32.\n"
     "Ctrl-C finishes the current step, saves a checkpoint and exits with 130.\n"
     "Default --out: runs/<variant>. Exit codes: 0 ok, 1 internal failure, 2 invalid input\n"
     "(also a non-finite loss), 130 interrupted.\n";
@@ -75,17 +77,19 @@ static bool int_options(cli_option *opts, cm_train_opts *o) {
   return true;
 }
 
-/* --seed, --views, --workers and --ckpt-every as config keys (train.*, so
+/* --seed, --views, --workers, --ckpt-every and --precision as config keys (train.*, so
  * checkpoints record them): "key=value" strings in set_buf appended to sets;
  * false (reported) on a bad value. */
 static bool config_key_options(const cli_option *opts, const char **sets, int *n_sets,
-                               char set_buf[4][64]) {
+                               char set_buf[5][64]) {
   static const struct {
     int opt;
     const char *key;
   } keys[] = {
-      {11, "train.seed"}, {12, "train.views"}, {9, "train.workers"}, {13, "train.ckpt_every"}};
-  for (int q = 0; q < 4; q++) {
+      {11, "train.seed"},       {12, "train.views"},     {9, "train.workers"},
+      {13, "train.ckpt_every"}, {17, "train.precision"},
+  };
+  for (int q = 0; q < 5; q++) {
     const cli_option *op = &opts[keys[q].opt];
     if (!op->given) continue;
     uint64_t u;
@@ -137,7 +141,7 @@ int cmd_train(int argc, char **argv) {
       {"--log-every", true, NULL, false},   {"--seed", true, NULL, false},
       {"--views", true, NULL, false},       {"--ckpt-every", true, NULL, false},
       {"--keep", true, NULL, false},        {"--device", true, NULL, false},
-      {"--cuda-graphs", true, NULL, false},
+      {"--cuda-graphs", true, NULL, false}, {"--precision", true, NULL, false},
   };
   const char *pos[1];
   int n_pos;
@@ -173,7 +177,7 @@ int cmd_train(int argc, char **argv) {
     goto out;
   }
   /* the run's settings are config keys (train.*), so checkpoints record them */
-  char set_buf[4][64];
+  char set_buf[5][64];
   if (!config_key_options(opts, sets, &n_sets, set_buf)) {
     rc = EXIT_INVALID;
     goto out;

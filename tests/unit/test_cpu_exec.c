@@ -326,12 +326,57 @@ static void test_threads_agree(void) {
   }
 }
 
+/* An autocast (bf16) step's program built for a CPU with vdpbf16ps (AVX-512
+ * BF16): it has bf16 GEMM stages, and the first kernel holding one (outside
+ * attention spans, which keep their own packing) assembles to vdpbf16ps on
+ * zmm. */
+static void check_bf16_asm(const cm_program *pr, const char *what) {
+  const cm_kprogram *kp = cm_program_kernels(pr);
+  cm_cpu_target target;
+  cm_err err = {0};
+  CHECK_MSG(cm_cpu_target_resolve(NULL, NULL, &target, &err) == CM_OK, "%s", err.msg);
+  if (!target.dot_bf16) return; /* the f32 micro-kernel: nothing of its own to check */
+  int found = -1;
+  for (int i = 0; i < kp->n_kernels && found < 0; i++) {
+    const cm_kernel *k = &kp->kernels[i];
+    bool attn = false, bf16 = false;
+    for (int j = 0; j < k->n_stages; j++) {
+      const cm_kstage *s = &k->stages[j];
+      attn |= s->tmpl == CM_KT_ATTENTION_FWD || s->tmpl == CM_KT_ATTENTION_BWD;
+      bf16 |= s->tmpl == CM_KT_GEMM && s->exprs[s->gemm_a].dtype == CM_BF16 &&
+              s->exprs[s->gemm_b].dtype == CM_BF16;
+    }
+    if (bf16 && !attn) found = i;
+  }
+  CHECK_MSG(found >= 0, "%s: no kernel with a bf16 GEMM stage outside attention spans", what);
+  if (found < 0) return;
+  FILE *f = tmpfile();
+  CHECK(f != NULL);
+  if (!f) return;
+  CHECK_MSG(cm_program_emit(pr, found, CM_EMIT_ASM, f, &err) == CM_OK, "%s: emit: %s", what,
+            err.msg);
+  long len = ftell(f);
+  char *text = calloc((size_t)(len > 0 ? len : 0) + 1, 1);
+  rewind(f);
+  size_t got = fread(text, 1, (size_t)(len > 0 ? len : 0), f);
+  text[got] = 0;
+  fclose(f);
+  int dots = 0;
+  for (const char *q = strstr(text, "vdpbf16ps\t%zmm"); q; q = strstr(q + 1, "vdpbf16ps\t%zmm"))
+    dots++;
+  CHECK_MSG(dots > 0, "%s: kernel %s (bf16 GEMMs) has no vdpbf16ps on zmm", what,
+            kp->kernels[found].name);
+  fprintf(stderr, "  %s: kernel %s's bf16 GEMMs: %d vdpbf16ps (AVX-512 BF16)\n", what,
+          kp->kernels[found].name, dots);
+  free(text);
+}
+
 /* Where $CMAEC_CPU names a CPU this host cannot run (AVX-512 code on an AVX2
  * host), a step's kernels are compiled for it and linked, not run: every
  * distinct kernel must compile to an object and every stage's symbol resolve,
  * and running must be refused with an error naming CMAEC_CPU. Nothing is
  * compared with the oracle, and the test says so. */
-static void compile_step(const cm_graph *g, const char *what) {
+static void compile_step(const cm_graph *g, const char *what, bool bf16) {
   cm_compile_opts o = {.threads = 1, .cache_dir = ""};
   cm_program *pr = NULL;
   cm_err err = {0};
@@ -352,6 +397,7 @@ static void compile_step(const cm_graph *g, const char *what) {
             st.n_distinct_kernels, st.cache_hits);
   CHECK_MSG(st.object_bytes >= 64 * (int64_t)st.jit_modules, "%s: %lld bytes of objects", what,
             (long long)st.object_bytes);
+  if (bf16) check_bf16_asm(pr, what);
   memset(&err, 0, sizeof err);
   CHECK(cm_program_run(pr, NULL, NULL, &err) == CM_EINVALID);
   CHECK_MSG(strstr(err.msg, "CMAEC_CPU") && strstr(err.msg, "lacks"), "run: %s", err.msg);
@@ -363,7 +409,8 @@ static void compile_step(const cm_graph *g, const char *what) {
   cm_program_free(pr);
 }
 
-static void check_variant(const char *path, const char *const *ov, int n_ov) {
+/* low: CM_BF16 autocasts the step (cm_autocast: every contraction's operands bf16). */
+static void check_variant(const char *path, const char *const *ov, int n_ov, cm_dtype low) {
   cm_model_config cfg;
   cm_err err = {0};
   cm_status loaded = cm_model_config_load(path, ov, n_ov, &cfg, &err);
@@ -381,10 +428,15 @@ static void check_variant(const char *path, const char *const *ov, int n_ov) {
   cm_train_step_info info;
   CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
             err.msg);
+  if (step && low != CM_F32) {
+    int rewritten = 0;
+    CHECK_MSG(cm_autocast(&step, low, &rewritten, &err) == CM_OK && rewritten > 0,
+              "%s: autocast: %d contractions: %s", path, rewritten, err.msg);
+  }
   cm_cpu_target target;
   CHECK_MSG(cm_cpu_target_resolve(NULL, NULL, &target, &err) == CM_OK, "%s", err.msg);
   if (step && !target.runnable) {
-    compile_step(step, path);
+    compile_step(step, path, low == CM_BF16);
     cm_graph_free(step);
   } else if (step) {
     cm_tensor *t = calloc((size_t)step->n_nodes, sizeof *t);
@@ -408,17 +460,21 @@ static void test_models(void) {
   CHECK(mkdtemp(models_cache) != NULL);
   static const struct {
     const char *name;
+    const char *model; /* models/<model>.json */
     const char *const *ov;
     int n_ov;
-    bool quick; /* also in CMAEC_TEST_QUICK (the sanitizer build, ~10x slower) */
+    bool quick;   /* also in CMAEC_TEST_QUICK (the sanitizer build, ~10x slower) */
+    cm_dtype low; /* CM_BF16: the step autocast (bf16 GEMM operands) */
   } variants[] = {
-      {"cmae_vit_tiny_fmnist", NULL, 0, false},
-      {"cmae_convvit_tiny_fmnist", NULL, 0, false},
-      {"cmae_vit_base", test_shrunk_vit, TEST_SHRUNK_VIT_N, true},
-      {"cmae_vit_small", test_shrunk_vit, TEST_SHRUNK_VIT_N, false},
-      {"cmae_vit_large", test_shrunk_vit, TEST_SHRUNK_VIT_N, false},
-      {"mae_vit_base", test_shrunk_vit, TEST_SHRUNK_VIT_MAE, false},
-      {"cmae_convvit_base", test_shrunk_convvit, TEST_SHRUNK_CONVVIT_N, true},
+      {"cmae_vit_tiny_fmnist", "cmae_vit_tiny_fmnist", NULL, 0, false, CM_F32},
+      {"cmae_convvit_tiny_fmnist", "cmae_convvit_tiny_fmnist", NULL, 0, false, CM_F32},
+      {"cmae_vit_base", "cmae_vit_base", test_shrunk_vit, TEST_SHRUNK_VIT_N, true, CM_F32},
+      {"cmae_vit_small", "cmae_vit_small", test_shrunk_vit, TEST_SHRUNK_VIT_N, false, CM_F32},
+      {"cmae_vit_large", "cmae_vit_large", test_shrunk_vit, TEST_SHRUNK_VIT_N, false, CM_F32},
+      {"mae_vit_base", "mae_vit_base", test_shrunk_vit, TEST_SHRUNK_VIT_MAE, false, CM_F32},
+      {"cmae_convvit_base", "cmae_convvit_base", test_shrunk_convvit, TEST_SHRUNK_CONVVIT_N, true,
+       CM_F32},
+      {"cmae_vit_base_bf16", "cmae_vit_base", test_shrunk_vit, TEST_SHRUNK_VIT_N, false, CM_BF16},
   };
   /* a variant named in the selection runs in quick mode too */
   bool quick = getenv("CMAEC_TEST_QUICK") != NULL && !test_cases_selected();
@@ -431,15 +487,15 @@ static void test_models(void) {
   for (size_t i = 0; i < sizeof variants / sizeof variants[0]; i++) {
     if (!test_case_wanted(variants[i].name) || (quick && !variants[i].quick)) continue;
     char path[128];
-    snprintf(path, sizeof path, "models/%s.json", variants[i].name);
-    check_variant(path, variants[i].ov, variants[i].n_ov);
+    snprintf(path, sizeof path, "models/%s.json", variants[i].model);
+    check_variant(path, variants[i].ov, variants[i].n_ov, variants[i].low);
   }
   /* a model file that does not load fails its case once and ends it (it once went on and
      built from an uninitialized config) */
   if (test_case_wanted("bad_model_file")) {
     int before = test_failures;
     fprintf(stderr, "  (bad_model_file: one CHECK failure expected next)\n");
-    check_variant("models/no_such_variant.json", NULL, 0);
+    check_variant("models/no_such_variant.json", NULL, 0, CM_F32);
     CHECK_MSG(test_failures == before + 1, "a missing model file: %d failures, expected 1",
               test_failures - before);
     if (test_failures == before + 1) test_failures = before; /* the expected one */

@@ -621,7 +621,7 @@ static void test_key_table(void) {
   const cm_model_key *keys;
   int n = cm_model_config_keys(&keys);
   /* Every field of cm_model_config except pixel_decoder.enabled (always on). */
-  CHECK(n == 75);
+  CHECK(n == 78);
   static const char *const types[] = {"int", "number", "bool", "string", "int[3]", "number[3]"};
   for (int i = 0; i < n; i++) {
     bool type_ok = false;

@@ -586,10 +586,12 @@ typedef struct gemm_case {
   int kstep;  /* B^T rows hold B(k, j) at k * kstep (0: 1); 2 is not contiguous along k */
 } gemm_case;
 
-/* C[b,i,j] (or C[b,j,i]) = relu(sum_k A(b,i,k) B(b,k,j) + bias[j]) */
-static void build_gemm(cm_kernel *k, const gemm_case *g, bool templ) {
+/* C[b,i,j] (or C[b,j,i]) = relu(sum_k A(b,i,k) B(b,k,j) + bias[j]). dt CM_BF16:
+ * the operands of an autocast GEMM, A a bf16 buffer and B an f32 one cast to
+ * bf16 as a prologue, their products taken in f32 (the lowering's body). */
+static void build_gemm(cm_kernel *k, const gemm_case *g, bool templ, cm_dtype dt) {
   cm_kernel_init(k, "kgemm");
-  int ba = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32, g->batch * g->M * g->K, -1, 0);
+  int ba = cm_kernel_add_buffer(k, CM_KBUF_ARENA, dt, g->batch * g->M * g->K, -1, 0);
   int64_t ks = g->kstep ? g->kstep : 1;
   int bb = cm_kernel_add_buffer(k, CM_KBUF_ARENA, CM_F32,
                                 (g->bcast_b ? 1 : g->batch) * g->K * g->N * ks, -1, 0);
@@ -612,14 +614,21 @@ static void build_gemm(cm_kernel *k, const gemm_case *g, bool templ) {
                ? cm_kx_iadd(s, cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, bbase, N), vj), Ks), vks)
                : cm_kx_iadd(s, cm_kx_imul(s, cm_kx_iadd(s, cm_kx_imul(s, bbase, K), vk), N), vj);
   s->gemm_a = cm_kx_load(s, k, ba, ia);
-  if (g->two_d) /* a prologue: A scaled by 0.5 and rounded through bf16 and back */
+  if (g->two_d && dt == CM_F32) /* a prologue: A scaled by 0.5 and rounded through bf16 and back */
     s->gemm_a = cm_kx_op(s, CM_OP_CAST, CM_F32,
                          cm_kx_op(s, CM_OP_MUL, CM_BF16,
                                   cm_kx_op(s, CM_OP_CAST, CM_BF16, s->gemm_a, -1, -1),
                                   cm_kx_const(s, CM_BF16, 0.5), -1),
                          -1, -1);
+  else if (g->two_d) /* bf16 A scaled by 0.5 in bf16 */
+    s->gemm_a = cm_kx_op(s, CM_OP_MUL, CM_BF16, s->gemm_a, cm_kx_const(s, CM_BF16, 0.5), -1);
   s->gemm_b = cm_kx_load(s, k, bb, ib);
-  s->body = cm_kx_op(s, CM_OP_MUL, CM_F32, s->gemm_a, s->gemm_b, -1);
+  if (dt == CM_BF16) s->gemm_b = cm_kx_op(s, CM_OP_CAST, CM_BF16, s->gemm_b, -1, -1);
+  int fa = s->gemm_a, fb = s->gemm_b;
+  if (dt == CM_BF16)
+    fa = cm_kx_op(s, CM_OP_CAST, CM_F32, fa, -1, -1),
+    fb = cm_kx_op(s, CM_OP_CAST, CM_F32, fb, -1, -1);
+  s->body = cm_kx_op(s, CM_OP_MUL, CM_F32, fa, fb, -1);
   int val = cm_kx_acc(s);
   if (g->epilogue)
     val = cm_kx_op(s, CM_OP_RELU, CM_F32,
@@ -648,26 +657,32 @@ static const cm_kgemm_tiles default_tiles = {240, 512, 128, 6, 64};
 
 /* C against the stage's graph: matmul of A (through the bf16 prologue for two_d)
  * and B (B^T rows read every kstep-th element; one B for every batch item with
- * bcast_b), the bias and relu epilogue, the transposed store. */
-static void gemm_check(const gemm_case *c, const float *A, const float *Bm, const float *bias,
-                       const float *C, const char *what) {
+ * bcast_b), the bias and relu epilogue, the transposed store. dt CM_BF16: A is
+ * bf16, B is cast to bf16 and the bf16 matmul cast back to f32 (the kernel
+ * keeps it in f32: a conforming evaluation may keep a result wider). */
+static void gemm_check(const gemm_case *c, cm_dtype dt, const void *A, const float *Bm,
+                       const float *bias, const float *C, const char *what) {
   cm_graph *g = cm_graph_new();
   int64_t ks = c->kstep ? c->kstep : 1, bb = c->bcast_b ? 1 : c->batch;
   int64_t da[3] = {c->batch, c->trans_a ? c->K : c->M, c->trans_a ? c->M : c->K};
   int64_t db[3] = {bb, c->trans_b ? c->N : c->K, c->trans_b ? c->K * ks : c->N};
-  int ga = cm_input(g, "A", CM_F32, 3, da), gb = cm_input(g, "B", CM_F32, 3, db);
+  int ga = cm_input(g, "A", dt, 3, da), gb = cm_input(g, "B", CM_F32, 3, db);
   int gbias = cm_input(g, "bias", CM_F32, 1, &c->N);
   int a = ga, b = gb;
-  if (c->two_d)
+  if (c->two_d && dt == CM_F32)
     a = cm_cast(g,
                 cm_binary(g, CM_OP_MUL, cm_cast(g, ga, CM_BF16, NULL),
                           cm_const_fill(g, NULL, CM_BF16, 3, da, 0.5), NULL),
                 CM_F32, NULL);
+  else if (c->two_d)
+    a = cm_binary(g, CM_OP_MUL, ga, cm_const_fill(g, NULL, CM_BF16, 3, da, 0.5), NULL);
   if (ks > 1) {
     int64_t start[3] = {0, 0, 0}, stop[3] = {bb, c->N, c->K * ks}, step[3] = {1, 1, ks};
     b = cm_slice(g, gb, start, stop, step, NULL);
   }
+  if (dt == CM_BF16) b = cm_cast(g, b, CM_BF16, NULL);
   int y = cm_matmul(g, a, b, c->trans_a, c->trans_b, "AB");
+  if (dt == CM_BF16) y = cm_cast(g, y, CM_F32, "AB_f32");
   if (c->epilogue)
     y = cm_unary(g, CM_OP_RELU, cm_binary_bcast(g, CM_OP_ADD, y, gbias, NULL), "relu_AB_bias");
   int perm[3] = {0, 2, 1};
@@ -681,18 +696,27 @@ static void gemm_check(const gemm_case *c, const float *A, const float *Bm, cons
   cm_graph_free(g);
 }
 
-static void check_gemm(cm_jit *j, const gemm_case *g) {
+/* g rendered for target tg (NULL: the host) in dtype dt (build_gemm), with the
+ * template and (when small) without; run and checked against the oracle when
+ * run, else only compiled and linked. */
+static void check_gemm(cm_jit *j, const gemm_case *g, cm_dtype dt, const cm_target *tg, bool run) {
   for (int templ = 1; templ >= 0; templ--) {
-    if (!templ && g->M * g->N * g->K > 2000000) continue;
+    if (!templ && (g->M * g->N * g->K > 2000000 || !run)) continue;
     cm_kernel k;
-    build_gemm(&k, g, true); /* templ 0: the GEMM stage rendered with no_templates */
+    build_gemm(&k, g, true, dt); /* templ 0: the GEMM stage rendered with no_templates */
     int64_t na = g->batch * g->M * g->K,
             nb = (g->bcast_b ? 1 : g->batch) * g->K * g->N * (g->kstep ? g->kstep : 1);
     int64_t nc = g->batch * g->M * g->N;
     float *A = malloc((size_t)na * 4), *Bm = malloc((size_t)nb * 4),
           *bias = malloc((size_t)g->N * 4);
+    uint16_t *Ah = dt == CM_BF16 ? (uint16_t *)A : NULL; /* bf16 A: half of A's floats */
     float *C = malloc((size_t)nc * 4);
-    for (int64_t i = 0; i < na; i++) A[i] = (float)urand(-1, 1);
+    for (int64_t i = 0; i < na; i++) {
+      if (Ah)
+        Ah[i] = bf16_bits((float)urand(-1, 1));
+      else
+        A[i] = (float)urand(-1, 1);
+    }
     for (int64_t i = 0; i < nb; i++) Bm[i] = (float)urand(-1, 1);
     for (int64_t i = 0; i < g->N; i++) bias[i] = (float)urand(-1, 1);
     for (int64_t i = 0; i < nc; i++) C[i] = NAN;
@@ -700,50 +724,119 @@ static void check_gemm(cm_jit *j, const gemm_case *g) {
     char *ws = aligned_alloc(64, (size_t)gemm_ws(t, g->K));
     char *bufs[] = {(char *)A, (char *)Bm, (char *)bias, (char *)C};
     cm_cpu_stage_fn fn[1];
-    cm_llvm_render_opts ro = {g->width ? g->width : 16, !templ, NULL};
-    if (test_jit_kernel(j, &k, &ro, fn)) {
+    cm_llvm_render_opts ro = {g->width ? g->width : 16, !templ, tg};
+    if (test_jit_kernel(j, &k, &ro, fn) && run) {
       int64_t items = templ ? gemm_items(g, t) : g->batch * g->M * g->N;
       run_stages(&k, fn, bufs, &items, ws);
       char what[96];
-      snprintf(what, sizeof what, "gemm %lldx%lldx%lld batch %lld templ %d", (long long)g->M,
-               (long long)g->N, (long long)g->K, (long long)g->batch, templ);
-      gemm_check(g, A, Bm, bias, C, what);
+      snprintf(what, sizeof what, "gemm %s %lldx%lldx%lld batch %lld templ %d", cm_dtype_name(dt),
+               (long long)g->M, (long long)g->N, (long long)g->K, (long long)g->batch, templ);
+      gemm_check(g, dt, A, Bm, bias, C, what);
     }
     free(A), free(Bm), free(bias), free(C), free(ws);
     cm_kernel_free(&k);
   }
 }
 
+#define SMALL_TILES                                                                                \
+  { 12, 64, 16, 6, 32 }
+static const gemm_case gemm_cases[] = {
+    {1, 1, 1, 1, false, false, false, false, false, {0}, false, 0, 0},
+    {1, 7, 13, 5, false, false, false, true, false, SMALL_TILES, false, 0, 0},
+    {1, 97, 31, 129, false, false, false, false, false, SMALL_TILES, false, 0, 0},
+    {1, 97, 31, 129, false, false, false, false, false, {0}, false, 0, 0},
+    {1, 130, 260, 300, false, false, false, true, false, {0}, false, 0, 0},
+    {1, 130, 260, 300, false, true, true, false, false, {24, 96, 64, 6, 32}, false, 0, 0},
+    {3, 17, 19, 23, true, false, false, true, true, SMALL_TILES, false, 0, 0},
+    {2, 33, 65, 40, false, true, false, true, true, {12, 64, 16, 4, 64}, false, 0, 0},
+    {2, 9, 70, 31, true, false, true, false, true, {0}, false, 0, 0},
+    {1, 29, 47, 53, false, false, true, true, false, SMALL_TILES, true, 0, 0},
+    {1, 1, 200, 70, false, false, false, true, true, {0}, true, 0, 0},
+    /* mr, nr multiples of the width: A (row-major) and B^T are packed W k at a time
+     * (kc slices of 2 whole chunks, then 0 chunks and a remainder of 13) */
+    {1, 50, 37, 45, false, false, true, true, false, {32, 32, 32, 16, 16}, false, 0, 0},
+    {2, 35, 21, 77, true, false, true, false, true, {16, 32, 48, 16, 32}, false, 0, 0},
+    {1, 40, 45, 29, false, true, false, true, false, {16, 48, 16, 16, 48}, false, 0, 0},
+    /* 8-wide vectors: 8 x 8 transposes, 3 accumulators per row */
+    {1, 41, 50, 70, false, false, true, true, false, {24, 48, 32, 8, 24}, false, 8, 0},
+    {1, 19, 33, 17, false, true, true, false, false, {0}, false, 8, 0},
+    /* 6 rows of row-major A under the width: packed 8 k at a time through shuffles */
+    {1, 43, 29, 37, false, false, false, true, false, {18, 32, 16, 6, 16}, false, 8, 0},
+    /* B^T with a k stride of 2: packed element by element */
+    {2, 21, 40, 37, false, false, true, true, false, {16, 32, 16, 16, 32}, false, 0, 2},
+};
+#undef SMALL_TILES
+
+/* the bf16 cases: 1x1x1, 7x13x5, 97x31x129, 130x260x300 (B^T and A^T), batched, the
+ * epilogues, the two_d prologue, W k at a time and 8 lanes */
+static const int bf16_cases[] = {0, 1, 2, 4, 5, 6, 7, 9, 11, 16};
+
 static void test_gemm(void) {
   cm_jit *j = test_new_jit();
   if (!j) return;
-  const cm_kgemm_tiles small = {12, 64, 16, 6, 32};
-  const gemm_case cases[] = {
-      {1, 1, 1, 1, false, false, false, false, false, {0}, false, 0, 0},
-      {1, 7, 13, 5, false, false, false, true, false, small, false, 0, 0},
-      {1, 97, 31, 129, false, false, false, false, false, small, false, 0, 0},
-      {1, 97, 31, 129, false, false, false, false, false, {0}, false, 0, 0},
-      {1, 130, 260, 300, false, false, false, true, false, {0}, false, 0, 0},
-      {1, 130, 260, 300, false, true, true, false, false, {24, 96, 64, 6, 32}, false, 0, 0},
-      {3, 17, 19, 23, true, false, false, true, true, small, false, 0, 0},
-      {2, 33, 65, 40, false, true, false, true, true, {12, 64, 16, 4, 64}, false, 0, 0},
-      {2, 9, 70, 31, true, false, true, false, true, {0}, false, 0, 0},
-      {1, 29, 47, 53, false, false, true, true, false, small, true, 0, 0},
-      {1, 1, 200, 70, false, false, false, true, true, {0}, true, 0, 0},
-      /* mr, nr multiples of the width: A (row-major) and B^T are packed W k at a time
-       * (kc slices of 2 whole chunks, then 0 chunks and a remainder of 13) */
-      {1, 50, 37, 45, false, false, true, true, false, {32, 32, 32, 16, 16}, false, 0, 0},
-      {2, 35, 21, 77, true, false, true, false, true, {16, 32, 48, 16, 32}, false, 0, 0},
-      {1, 40, 45, 29, false, true, false, true, false, {16, 48, 16, 16, 48}, false, 0, 0},
-      /* 8-wide vectors: 8 x 8 transposes, 3 accumulators per row */
-      {1, 41, 50, 70, false, false, true, true, false, {24, 48, 32, 8, 24}, false, 8, 0},
-      {1, 19, 33, 17, false, true, true, false, false, {0}, false, 8, 0},
-      /* 6 rows of row-major A under the width: packed 8 k at a time through shuffles */
-      {1, 43, 29, 37, false, false, false, true, false, {18, 32, 16, 6, 16}, false, 8, 0},
-      /* B^T with a k stride of 2: packed element by element */
-      {2, 21, 40, 37, false, false, true, true, false, {16, 32, 16, 16, 32}, false, 0, 2},
-  };
-  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) check_gemm(j, &cases[i]);
+  /* every case in f32, the bf16 ones in bf16 (on the host: the operands widened to f32 while
+   * packing, or vdpbf16ps pairs where it has AVX-512 BF16) */
+  for (size_t i = 0; i < sizeof gemm_cases / sizeof *gemm_cases; i++)
+    check_gemm(j, &gemm_cases[i], CM_F32, NULL, true);
+  for (size_t i = 0; i < sizeof bf16_cases / sizeof *bf16_cases; i++)
+    check_gemm(j, &gemm_cases[bf16_cases[i]], CM_BF16, NULL, true);
+  /* the vdpbf16ps layout (k pairs, odd K padded) run here: a host target told to use it
+   * renders the instruction's two steps as f32 FMAs (render_llvm_gemm.c, emit_dpbf16) */
+  cm_target pairs;
+  cm_target_host(&pairs);
+  pairs.cpu.dot_bf16 = true;
+  for (size_t i = 0; i < sizeof bf16_cases / sizeof *bf16_cases; i++)
+    if (!gemm_cases[bf16_cases[i]].width)
+      check_gemm(j, &gemm_cases[bf16_cases[i]], CM_BF16, &pairs, true);
+  cm_jit_destroy(j);
+}
+
+/* The bf16 micro-kernel (vdpbf16ps pairs) for a CPU with AVX-512 BF16 (znver4):
+ * the bf16 cases compiled and linked for it, and its micro-kernel's assembly
+ * holds vdpbf16ps on zmm registers and no f32 FMA. Run and checked against the
+ * oracle only where the host has AVX-512 BF16; elsewhere nothing runs, and the
+ * test says so. */
+static void test_gemm_bf16_dot(void) {
+  cm_target tg;
+  cm_err err = {0};
+  cm_status st = cm_target_cpu("znver4", NULL, &tg, &err);
+  CHECK_MSG(st == CM_OK, "znver4: %s", err.msg);
+  if (st != CM_OK) return;
+  CHECK_MSG(tg.cpu.dot_bf16, "znver4 (%s) without 512-bit vdpbf16ps", tg.cpu.features);
+  cm_jit_opts o = {NULL, 3, "znver4", NULL, 512, true};
+  cm_jit *j = NULL;
+  CHECK_MSG(cm_jit_create(&j, &o, &err) == CM_OK, "%s", err.msg);
+  if (!j) return;
+  bool run = cm_jit_target(j)->runnable;
+  for (size_t i = 0; i < sizeof bf16_cases / sizeof *bf16_cases; i++)
+    if (!gemm_cases[bf16_cases[i]].width) /* 16 lanes: the pairs' width */
+      check_gemm(j, &gemm_cases[bf16_cases[i]], CM_BF16, &tg, run);
+  cm_kernel k;
+  gemm_case g = {1, 64, 64, 64, false, false, false, false, false, {0}, false, 0, 0};
+  build_gemm(&k, &g, true, CM_BF16);
+  LLVMModuleRef m = LLVMModuleCreateWithNameInContext("asm_gemm_bf16", cm_jit_context(j));
+  cm_llvm_render_opts ro = {16, false, &tg};
+  CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
+  char *text = NULL;
+  if (cm_jit_render(j, m, CM_JIT_TEXT_ASM, &text, &err) == CM_OK) {
+    /* 6 x 4 accumulators, one vdpbf16ps each per k pair, the loop unrolled by 4 */
+    int dots = test_count(text, "vdpbf16ps\t");
+    CHECK_MSG(dots >= 6 * 4 * 4, "%d vdpbf16ps in the bf16 GEMM, want at least 96", dots);
+    CHECK_MSG(test_count(text, "vdpbf16ps\t%zmm") == dots,
+              "vdpbf16ps on registers narrower than zmm");
+    CHECK_MSG(test_count(text, "vfmadd231ps\t%zmm") == 0, "an f32 FMA in the bf16 GEMM");
+    if (getenv("CM_DUMP_ASM")) fputs(text, stderr);
+  } else {
+    CHECK_MSG(false, "%s", err.msg);
+  }
+  free(text);
+  LLVMDisposeModule(m);
+  cm_kernel_free(&k);
+  if (!run)
+    fprintf(stderr,
+            "  bf16 GEMMs compiled and linked for znver4 (vdpbf16ps); NOT RUN, NOT COMPARED: "
+            "this host (%s) lacks %s\n",
+            cm_jit_target(j)->host_cpu, cm_jit_target(j)->missing);
   cm_jit_destroy(j);
 }
 
@@ -962,7 +1055,7 @@ static void test_asm(void) {
   cm_kernel_free(&k);
 
   gemm_case g = {1, 64, 64, 64, false, false, false, false, false, {0}, false, 0, 0};
-  build_gemm(&k, &g, true);
+  build_gemm(&k, &g, true, CM_F32);
   m = LLVMModuleCreateWithNameInContext("asm_gemm", cm_jit_context(j));
   CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
   text = NULL;
@@ -1004,7 +1097,7 @@ static void test_asm(void) {
   /* B^T (contiguous along k) is packed with vector loads and shuffles, not scatters
    * (the k remainder of a slice, under W, may gather) */
   gemm_case gt = {1, 64, 64, 100, false, false, true, false, false, {0}, false, 0, 0};
-  build_gemm(&k, &gt, true);
+  build_gemm(&k, &gt, true, CM_F32);
   m = LLVMModuleCreateWithNameInContext("asm_gemm_bt", cm_jit_context(j));
   CHECK_MSG(cm_render_llvm(&k, m, &ro, &err) == CM_OK, "%s", err.msg);
   text = NULL;
@@ -1044,7 +1137,7 @@ static void test_gemm_perf(void) {
   if (!j) return;
   gemm_case g = {1, 384, 384, 1536, false, false, false, false, false, {0}, false, 0, 0};
   cm_kernel k;
-  build_gemm(&k, &g, true);
+  build_gemm(&k, &g, true, CM_F32);
   float *A = malloc(384 * 1536 * 4), *Bm = malloc(1536 * 384 * 4), *bias = calloc(384, 4),
         *C = malloc(384 * 384 * 4);
   for (int i = 0; i < 384 * 1536; i++) A[i] = (float)urand(-1, 1), Bm[i] = (float)urand(-1, 1);
@@ -1079,5 +1172,5 @@ static void test_report(void) {
 
 TEST_MAIN({"float_ops", test_float_ops}, {"int_ops", test_int_ops}, {"casts", test_casts},
           {"reductions", test_reductions}, {"stage_shapes", test_stage_shapes}, {"gemm", test_gemm},
-          {"errors", test_errors}, {"asm", test_asm}, {"gemm_perf", test_gemm_perf},
-          {"report", test_report})
+          {"gemm_bf16_dot", test_gemm_bf16_dot}, {"errors", test_errors}, {"asm", test_asm},
+          {"gemm_perf", test_gemm_perf}, {"report", test_report})

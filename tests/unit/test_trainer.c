@@ -427,6 +427,7 @@ static void test_cross_backend_resume(void) {
   read_losses(cpu, want, 4);
   for (int first_on_cuda = 1; first_on_cuda >= 0; first_on_cuda--) {
     run_cfg m = {.out = mixed, .data = data, .backend = CM_TRAIN_CPU, .steps = 2};
+    m.extra[0] = "train.precision=f32"; /* auto would be bf16 on the device */
     m.emulated = first_on_cuda;
     CHECK_MSG(run(&m, &r, &err) == CM_OK, "first half: %s", err.msg);
     CHECK(r.last_step == 2);
