@@ -6,11 +6,17 @@
  * stage's). --threads 1 keeps OpenMP's barriers out of the figures on a busy
  * machine.
  * --backend cuda (auto: when there is a GPU) runs it there: the kernel and stage
- * figures come from the CPU backend's profile only.
+ * figures come from the CPU backend's profile only; the inputs stay on the device
+ * (cm_program_prefetch) and the gradients in its arena, as in a training step.
+ * --dtype bf16: q, k, v and dO arrive in bf16 (as a bf16 producer leaves them) and the
+ * graph goes through the autocast pass: QK^T and PV (and the backward's contractions)
+ * on bf16 operands with f32 accumulation, the softmax in f32 (the training step's
+ * attention under train.precision=bf16).
  *   attn [--n N] [--heads H] [--tokens T] [--dim D] [--steps S] [--threads T]
- *        [--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off] */
+ *        [--dtype f32|bf16] [--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off] */
 #include "ir/ir.h"
 #include "models/models.h"
+#include "passes/passes.h"
 #include "runtime/runtime.h"
 
 #include <math.h>
@@ -40,11 +46,44 @@ static bool backend_arg(int argc, char **argv, int *i, cm_backend_request *req, 
   return true;
 }
 
+/* Forward and backward of one attention, the loss sum(y * dO), q, k, v and dO [n, heads,
+ * tokens, dim]; in bf16 (see the top) through the autocast pass. NULL (said in *err) on error. */
+static cm_graph *attention_graph(int64_t n, int64_t heads, int64_t tokens, int64_t dim, bool bf16,
+                                 cm_err *err) {
+  cm_graph *g = cm_graph_new();
+  int64_t d[4] = {n, heads, tokens, dim};
+  cm_dtype in = bf16 ? CM_BF16 : CM_F32;
+  int x[4]; /* q, k, v, dO in f32 */
+  const char *names[4] = {"q", "k", "v", "dO"};
+  for (int i = 0; i < 4; i++) {
+    x[i] = cm_input(g, names[i], in, 4, d);
+    if (bf16) x[i] = cm_cast(g, x[i], CM_F32, NULL);
+  }
+  int s = cm_matmul(g, x[0], x[1], false, true, "scores");
+  s = cm_binary_bcast(g, CM_OP_MUL, s, cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)dim)),
+                      "scaled");
+  int y = cm_matmul(g, cm_nn_softmax(g, s), x[2], false, false, "y");
+  cm_graph_add_output(g, y, err);
+  int axes[4] = {0, 1, 2, 3};
+  int loss = cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, x[3], NULL), 4, axes, false,
+                       "loss");
+  int grads[3];
+  if (g->error.status) {
+    cm_errorf(err, g->error.status, "%s", g->error.msg);
+  } else if (cm_autodiff(g, loss, 3, x, grads, err) == CM_OK) {
+    for (int i = 0; i < 3; i++) cm_graph_add_output(g, grads[i], err);
+    if (cm_graph_verify(g, err) == CM_OK && (!bf16 || cm_autocast(&g, CM_BF16, NULL, err) == CM_OK))
+      return g;
+  }
+  cm_graph_free(g);
+  return NULL;
+}
+
 int main(int argc, char **argv) {
   int64_t n = 64, heads = 4, tokens = 65, dim = 32;
   int steps = 20, threads = 0;
   cm_backend_request req = {0};
-  bool bad = false;
+  bool bad = false, bf16 = false;
   for (int i = 1; i + 1 < argc && !bad; i += 2) {
     int at = i;
     if (backend_arg(argc, argv, &at, &req, &bad))
@@ -61,10 +100,13 @@ int main(int argc, char **argv) {
       steps = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--threads"))
       threads = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--dtype") &&
+             (!strcmp(argv[i + 1], "bf16") || !strcmp(argv[i + 1], "f32")))
+      bf16 = !strcmp(argv[i + 1], "bf16");
     else {
       fprintf(stderr,
               "usage: attn [--n N] [--heads H] [--tokens T] [--dim D] [--steps S] [--threads T] "
-              "[--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off]\n");
+              "[--dtype f32|bf16] [--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off]\n");
       return 2;
     }
   }
@@ -72,25 +114,9 @@ int main(int argc, char **argv) {
   cm_err berr = {0};
   if (bad) return 2;
   if (cm_backend_resolve(&req, &choice, &berr)) return fprintf(stderr, "attn: %s\n", berr.msg), 2;
-  cm_graph *g = cm_graph_new();
-  int64_t d[4] = {n, heads, tokens, dim};
-  int q = cm_input(g, "q", CM_F32, 4, d), k = cm_input(g, "k", CM_F32, 4, d);
-  int v = cm_input(g, "v", CM_F32, 4, d);
-  int s = cm_matmul(g, q, k, false, true, "scores");
-  s = cm_binary_bcast(g, CM_OP_MUL, s, cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)dim)),
-                      "scaled");
-  int y = cm_matmul(g, cm_nn_softmax(g, s), v, false, false, "y");
   cm_err err = {0};
-  cm_graph_add_output(g, y, &err);
-  int dout = cm_input(g, "dO", CM_F32, 4, d);
-  int axes[4] = {0, 1, 2, 3};
-  int loss = cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, dout, NULL), 4, axes, false,
-                       "loss");
-  int wrt[3] = {q, k, v}, grads[3];
-  if (cm_autodiff(g, loss, 3, wrt, grads, &err) != CM_OK)
-    return fprintf(stderr, "%s\n", err.msg), 1;
-  for (int i = 0; i < 3; i++) cm_graph_add_output(g, grads[i], &err);
-  if (cm_graph_verify(g, &err) != CM_OK) return fprintf(stderr, "%s\n", err.msg), 1;
+  cm_graph *g = attention_graph(n, heads, tokens, dim, bf16, &err);
+  if (!g) return fprintf(stderr, "attn: %s\n", err.msg), 1;
   cm_tensor *src = calloc((size_t)g->n_nodes, sizeof *src);
   cm_tensor **sp = calloc((size_t)g->n_nodes, sizeof *sp);
   uint64_t r = 42;
@@ -109,7 +135,11 @@ int main(int argc, char **argv) {
   cm_program *pr = NULL;
   if (cm_compile(g, target, &o, &pr, &err) != CM_OK) return fprintf(stderr, "%s\n", err.msg), 1;
   cm_tensor *out = calloc((size_t)g->n_outputs, sizeof *out);
-  cm_program_run(pr, sp, out, &err); /* warm-up */
+  /* a device keeps the inputs (prefetched once) and leaves the gradients in its arena */
+  bool device = choice.kind != CM_BACKEND_CPU;
+  if (cm_program_start(pr, sp, &err) || (device && cm_program_prefetch(pr, sp, &err)) ||
+      cm_program_finish(pr, out, &err)) /* warm-up */
+    return fprintf(stderr, "%s\n", err.msg), 1;
   for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&out[j]);
   const cm_kernel_profile *prof;
   int np = cm_program_profile(pr, &prof);
@@ -117,13 +147,15 @@ int main(int argc, char **argv) {
   for (int i = 0; i < np; i++) base[i] = prof[i].total_ms;
   double t0 = now_ms();
   for (int st = 0; st < steps; st++) {
-    if (cm_program_run(pr, sp, out, &err) != CM_OK) return fprintf(stderr, "%s\n", err.msg), 1;
-    for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&out[j]);
+    if (cm_program_run(pr, sp, device ? NULL : out, &err) != CM_OK)
+      return fprintf(stderr, "%s\n", err.msg), 1;
+    for (int j = 0; j < g->n_outputs && !device; j++) cm_tensor_free(&out[j]);
   }
   double wall = (now_ms() - t0) / steps;
   np = cm_program_profile(pr, &prof);
-  printf("n %lld heads %lld tokens %lld dim %lld: %.3f ms/step on %s\n", (long long)n,
-         (long long)heads, (long long)tokens, (long long)dim, wall, choice.description);
+  printf("n %lld heads %lld tokens %lld dim %lld %s: %.3f ms/step on %s\n", (long long)n,
+         (long long)heads, (long long)tokens, (long long)dim, bf16 ? "bf16" : "f32", wall,
+         choice.description);
   for (int i = 0; i < np; i++) {
     double ms = (prof[i].total_ms - base[i]) / steps;
     if (prof[i].kind == CM_GROUP_ATTENTION || ms > 0.05 * wall)

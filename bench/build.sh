@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the standalone bench programs (bench/peak.c) into build/bench/<name>; the ones that
-# use the library (gemm.c, step.c) are CMake targets bench_gemm, bench_step. Usage: bash bench/build.sh
+# use the library (attn.c, gemm.c, gpu_gemm.c, step.c) are CMake targets bench_attn, bench_gemm,
+# bench_gpu_gemm, bench_step; bench/gpu/ holds the GPU comparison with PyTorch (bench/README.md).
+# Usage: bash bench/build.sh
 # CC (default gcc) and CFLAGS (default -O2) may be overridden. Multi-threaded rows use OpenMP
 # (libgomp with gcc; clang needs libomp's development link, libomp-dev): without a working
 # OpenMP the programs are built single-threaded, with a warning. Benchmarks are not tests.

@@ -12,12 +12,15 @@
  * (auto: when there is a GPU) runs it as the trainer does: params and optimizer
  * state resident on the device, the batch prefetched, the step replayed as one
  * CUDA graph unless --cuda-graphs off; the kernel table needs a profile, which
- * only the CPU backend gives.
+ * only the CPU backend gives. --precision bf16 puts the step through the autocast
+ * pass (every contraction on bf16 operands with f32 accumulation; docs/passes.md).
  *
  * usage: build/bench/step [MODEL.json] [--batch N] [--steps N] [--threads N]
  *                         [--peak GFLOPS] [--top N] [--stages N] [--set KEY=VALUE ...]
+ *                         [--precision f32|bf16]
  *                         [--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off] */
 #include "models/models.h"
+#include "passes/passes.h"
 #include "runtime/runtime.h"
 
 #include <stdio.h>
@@ -89,6 +92,7 @@ typedef struct bench_opts {
   double peak;
   const char *sets[64];
   int n_sets;
+  bool bf16; /* --precision bf16 */
   cm_backend_request backend;
   cm_backend_choice choice;
 } bench_opts;
@@ -119,6 +123,9 @@ static bool parse_args(int argc, char **argv, bench_opts *o) {
       o->top = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--stages") && i + 1 < argc)
       o->top_stages = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--precision") && i + 1 < argc &&
+             (!strcmp(argv[i + 1], "bf16") || !strcmp(argv[i + 1], "f32")))
+      o->bf16 = !strcmp(argv[++i], "bf16");
     else if (!strcmp(argv[i], "--set") && i + 1 < argc && o->n_sets < 64)
       o->sets[o->n_sets++] = argv[++i];
     else if (argv[i][0] != '-')
@@ -126,7 +133,8 @@ static bool parse_args(int argc, char **argv, bench_opts *o) {
     else {
       fprintf(stderr, "usage: step [MODEL.json] [--batch N] [--steps N] [--threads N] "
                       "[--peak GFLOPS] [--top N] [--stages N] [--set KEY=VALUE ...] "
-                      "[--backend auto|cpu|cuda] [--device N] [--cuda-graphs on|off]\n");
+                      "[--precision f32|bf16] [--backend auto|cpu|cuda] [--device N] "
+                      "[--cuda-graphs on|off]\n");
       return false;
     }
   }
@@ -162,7 +170,8 @@ static int build_program(bench_opts *o, cm_model_config *cfg, cm_model *m, cm_gr
   oc.ema = pairs;
   oc.n_ema = n_pairs;
   cm_train_step_info info;
-  if (cm_build_train_step(m->g, m->loss, &oc, step, &info, &err)) {
+  if (cm_build_train_step(m->g, m->loss, &oc, step, &info, &err) ||
+      (o->bf16 && cm_autocast(step, CM_BF16, NULL, &err))) {
     fprintf(stderr, "%s: %s\n", o->path, err.msg);
     return 1;
   }
@@ -284,10 +293,10 @@ static double print_kernels(const bench_opts *o, const char *name, const cm_prog
     snprintf(where, sizeof where, "%s, %d threads", o->choice.description, st.threads);
   else
     snprintf(where, sizeof where, "%s", o->choice.description);
-  printf("%s: batch %d, %d steps on %s; build %.2f s (%d kernels, %d distinct, %d "
+  printf("%s: batch %d, %s, %d steps on %s; build %.2f s (%d kernels, %d distinct, %d "
          "stages, cache %d hits %d misses)\n",
-         name, o->batch, o->steps, where, t_build, st.n_kernels, st.n_distinct_kernels, st.n_stages,
-         st.cache_hits, st.cache_misses);
+         name, o->batch, o->bf16 ? "bf16" : "f32", o->steps, where, t_build, st.n_kernels,
+         st.n_distinct_kernels, st.n_stages, st.cache_hits, st.cache_misses);
   printf("step %.2f ms, %.1f images/s, %.3f GFLOP per step, %.1f GFLOP/s", 1e3 * dt, o->batch / dt,
          flops * 1e-9, flops * 1e-9 / dt);
   if (o->peak > 0)

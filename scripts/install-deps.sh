@@ -24,6 +24,16 @@ if ! python3 -c 'import numpy, safetensors, jax' 2>/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 15 --break-system-packages numpy safetensors jax
 fi
 
+# cuobjdump for the SASS check (tests/unit/test_sass.c, which finds it through the package's
+# metadata): the CUDA toolkit here has NVRTC and ptxas but not cuobjdump, nor the nvdisasm that
+# cuobjdump -sass runs; both come from the Python package index (bin/ inside the package).
+cuda_tools=(nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)
+if ! python3 -c 'import importlib.metadata as m; [m.distribution(p) for p in ("nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm")]' 2>/dev/null; then
+  echo "install-deps: pip install ${cuda_tools[*]}"
+  python3 -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 15 "${cuda_tools[@]}" ||
+    python3 -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 15 --break-system-packages "${cuda_tools[@]}"
+fi
+
 # PyTorch and timm for the encoder interop test (tests/cli/export_torch.sh loads the
 # exported encoder into timm's VisionTransformer with strict keys). From the default
 # index, pinned so the timm names and constructor stay as tested. PyPI has no CPU-only

@@ -4,7 +4,7 @@
 # (it fills .gpu/: the libraries, Fashion-MNIST, the CPU backend's losses), carry .gpu there,
 # then from the repository root: bash tests/gpu/run.sh
 #
-# Parts, each under its own timeout and all together under 8 minutes (RUN_SECONDS); a failing
+# Parts, each under its own timeout and all together under 9.5 minutes (RUN_SECONDS); a failing
 # part is FAILED in the table and the script goes on:
 #   build     configure with -DCMAEC_LLVM=OFF and the carried libraries, build -j$(nproc)
 #   gpu_diff  every variant's training step on the GPU against the oracle (build/tests/gpu_diff)
@@ -12,12 +12,18 @@
 #             prepare.sh computed with the same seed and data (there is no CPU backend here,
 #             and the reference evaluator would take longer than the whole budget for 50 steps)
 #   step      the ViT-B training step timed with and without CUDA graphs (bench/step)
+#   bench     cmaec against PyTorch on this card (bench/gpu/run.sh, issue 16): the step's GEMM
+#             shapes vs torch.matmul, attention vs scaled_dot_product_attention, the bf16 ViT-B
+#             step vs eager AMP and torch.compile, the fraction of the bf16 peak; its table is
+#             in $logs/bench.log, its parts' outputs in $logs/bench/
 #   compile   cmaec compile of ViT-B for sm_90, cold (empty cache) then warm
-# and one table last. Exit status: 0 when every part passed, 1 otherwise.
+# and one table last. Exit status: 0 when every part passed, 1 otherwise (bench passes when
+# every figure was measured; its targets are reported, not asserted).
 #
 # --dry-run: no GPU needed (this machine): builds for real, compiles for real (NVRTC; a
 # smaller model unless CMAEC_GPU_COMPILE_MODEL names one), and feeds the GPU parts' parsing
-# with made-up outputs (fake_*), so the parsing and the table are checked here.
+# with made-up outputs (fake_*), so the parsing and the table are checked here; bench runs
+# its PyTorch side on the CPU at tiny sizes (bench/gpu/run.sh --dry-run).
 # Environment: CMAEC_GPU_CARRY (default .gpu), CMAEC_GPU_BUILD (default build-gpu),
 # CMAEC_GPU_LOGS (default $OUT/gpu-logs when $OUT is set, else a temporary folder).
 set -uo pipefail
@@ -33,7 +39,7 @@ logs=${CMAEC_GPU_LOGS:-${OUT:+$OUT/gpu-logs}}
 mkdir -p "$logs"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-RUN_SECONDS=${RUN_SECONDS:-470}
+RUN_SECONDS=${RUN_SECONDS:-580}
 deadline=$(($(date +%s) + RUN_SECONDS))
 rows=()
 failed=0
@@ -103,7 +109,7 @@ configure() {
     -DPNG_LIBRARY_RELEASE="$libdir/libpng16.a" \
     -DJPEG_INCLUDE_DIR="$deps/include" -DJPEG_LIBRARY="$libdir/libjpeg.a" \
     -DJPEG_LIBRARY_RELEASE="$libdir/libjpeg.a" &&
-    cmake --build "$build" -j"$(nproc)" --target cmaec gpu_diff bench_step
+    cmake --build "$build" -j"$(nproc)" --target cmaec gpu_diff bench_step bench_attn bench_gpu_gemm
 }
 export -f configure
 if run_part build 240 configure; then
@@ -201,6 +207,23 @@ if [ "$rc_on" = 0 ] && [ "$rc_off" = 0 ] && [ -n "$ms_on" ] && [ -n "$ms_off" ];
     'BEGIN { printf "ViT-B: graphs on %.2f ms, off %.2f ms (x%.2f)", a, b, b / a }')"
 else
   row step FAILED "graphs on: $(why "$rc_on") ${ms_on:-no figure}; off: $(why "$rc_off") ${ms_off:-no figure} (see $logs/step_*.log)"
+fi
+
+# ---- bench/gpu: cmaec against PyTorch on this card ---------------------------------------------
+bench_secs=150
+[ "$dry" = 1 ] && bench_secs=600 # PyTorch on 2 shared cores, torch.compile's C++ included
+bench_gpu() {
+  CMAEC_GPU_BUILD=$build CMAEC_BENCH_OUT=$logs/bench BENCH_SECONDS=$bench_secs \
+    bash "$root/bench/gpu/run.sh" "$@"
+}
+export -f bench_gpu
+if [ "$dry" = 1 ]; then run_part bench $((bench_secs + 10)) bench_gpu --dry-run; else run_part bench $((bench_secs + 10)) bench_gpu; fi
+rc=$?
+summary=$(grep '^summary: ' "$logs/bench.log" | tail -1)
+if [ "$rc" = 0 ] && [ -n "$summary" ]; then
+  row bench ok "${summary#summary: }, $(secs_of bench) s"
+else
+  row bench FAILED "$(why $rc): ${summary#summary: } (see $logs/bench.log)"
 fi
 
 # ---- compile time, cold then warm ------------------------------------------------------------
