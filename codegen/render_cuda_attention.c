@@ -107,15 +107,17 @@ cm_status cu_span_stubs(const cm_kernel *k, int first, int span, sbuf *o, const 
 }
 
 /* Whether stage s of a fused span runs on tensor cores: a GEMM [batch, i, j] over one k whose
- * body is gemm_a * gemm_b, both bf16 (autocast), accumulated in f32. */
+ * body is gemm_a * gemm_b, both bf16 (autocast; each may be widened to f32 first, exact),
+ * accumulated in f32. */
 static bool span_stage_mma(const cm_kstage *s, const cm_kcuda_attn *p) {
   if (!p->mma || s->n_red != 1 || s->red_op != CM_KRED_SUM || s->acc_dtype != CM_F32 ||
       s->n_dom != p->nb + 2 || s->gemm_a < 0 || s->gemm_b < 0 || s->accumulate ||
       s->gemm_a >= s->n_exprs || s->gemm_b >= s->n_exprs || s->body < 0 || s->body >= s->n_exprs)
     return false;
   const cm_kexpr *b = &s->exprs[s->body];
-  return b->kind == CM_KX_OP && b->op == CM_OP_MUL && b->a == s->gemm_a && b->b == s->gemm_b &&
-         s->exprs[s->gemm_a].dtype == CM_BF16 && s->exprs[s->gemm_b].dtype == CM_BF16;
+  return b->kind == CM_KX_OP && b->op == CM_OP_MUL && cm_kx_is_gemm_factor(s, b->a, s->gemm_a) &&
+         cm_kx_is_gemm_factor(s, b->b, s->gemm_b) && s->exprs[s->gemm_a].dtype == CM_BF16 &&
+         s->exprs[s->gemm_b].dtype == CM_BF16;
 }
 
 /* One mma operand register (two bf16): the operand expression e at k = kk_ and kk_ + 1 (0 where

@@ -10,7 +10,7 @@
 #          vs bench/gpu/cmae_torch.py (eager AMP and torch.compile); targets >= 1.3x eager,
 #          >= 1.1x compile, >= 45 % of the card's dense bf16 peak (H100/H200 989 TFLOP/s)
 # then one table (bench/gpu/report.py), whose last line starts "summary:".
-# Each part runs under its own timeout, all under BENCH_SECONDS (default 150); a part that
+# Each part runs under its own timeout, all under BENCH_SECONDS (default 120); a part that
 # fails or times out leaves its figures missing (exit status 1), the others still run.
 # --dry-run (no GPU, this machine): the shapes listed for real at batch 2; the cmaec GPU
 # figures made up (fake_*); PyTorch's parts run for real on the CPU at tiny sizes (the GEMM
@@ -32,7 +32,7 @@ build=${CMAEC_GPU_BUILD:-build-gpu}
 out=${CMAEC_BENCH_OUT:-$(mktemp -d)}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-deadline=$(($(date +%s) + ${BENCH_SECONDS:-150}))
+deadline=$(($(date +%s) + ${BENCH_SECONDS:-120}))
 model=models/cmae_vit_base.json
 batch=128
 

@@ -4,7 +4,7 @@
 # (it fills .gpu/: the libraries, Fashion-MNIST, the CPU backend's losses), carry .gpu there,
 # then from the repository root: bash tests/gpu/run.sh
 #
-# Parts, each under its own timeout and all together under 9.5 minutes (RUN_SECONDS); a failing
+# Parts, each under its own timeout and all together under 8 minutes (RUN_SECONDS); a failing
 # part is FAILED in the table and the script goes on:
 #   build     configure with -DCMAEC_LLVM=OFF and the carried libraries, build -j$(nproc)
 #   gpu_diff  every variant's training step on the GPU against the oracle (build/tests/gpu_diff)
@@ -39,7 +39,7 @@ logs=${CMAEC_GPU_LOGS:-${OUT:+$OUT/gpu-logs}}
 mkdir -p "$logs"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-RUN_SECONDS=${RUN_SECONDS:-580}
+RUN_SECONDS=${RUN_SECONDS:-470}
 deadline=$(($(date +%s) + RUN_SECONDS))
 rows=()
 failed=0
@@ -210,7 +210,7 @@ else
 fi
 
 # ---- bench/gpu: cmaec against PyTorch on this card ---------------------------------------------
-bench_secs=150
+bench_secs=120
 [ "$dry" = 1 ] && bench_secs=600 # PyTorch on 2 shared cores, torch.compile's C++ included
 bench_gpu() {
   CMAEC_GPU_BUILD=$build CMAEC_BENCH_OUT=$logs/bench BENCH_SECONDS=$bench_secs \

@@ -37,12 +37,8 @@ static const char *const ARCHS[] = {"sm_80", "sm_90"};
 #define N_ARCHS 2
 
 /* Whether the backward attention spans (fused or streamed) must show tensor-core
- * instructions too. wt-flash renders their bf16 GEMM stages on mma.sync: on wt-flash with
- * wt-gemm all 46 spans per arch had HMMA, but with main merged (b67bb86: wt-gemm, wt-cpubf16,
- * wt-precision) the 12 fused backward spans of the online encoder (69 tokens) have none. They
- * are listed with their verdict, not asserted, until the renderer puts them on tensor cores
- * again (then set this to true). */
-#define HMMA_REQUIRED_BACKWARD false
+ * instructions too: their bf16 GEMM stages render on mma.sync (render_cuda_attention.c). */
+#define HMMA_REQUIRED_BACKWARD true
 
 static double now_s(void) {
   struct timespec ts;
