@@ -471,7 +471,9 @@ static void test_pass_in_pipeline(void) {
     cm_tensor *owned;
     const cm_tensor **sources = random_sources(r, &owned);
     evaluation before, after;
-    if (evaluate(&before, a, sources, NATIVE) & evaluate(&after, c.g, sources, NATIVE)) {
+    bool before_ok = evaluate(&before, a, sources, NATIVE); /* both run: both are freed below */
+    bool after_ok = evaluate(&after, c.g, sources, NATIVE);
+    if (before_ok && after_ok) {
       for (int o = 0; o < a->n_outputs; o++) {
         const cm_tensor *u = &before.values[a->outputs[o]], *v = &after.values[c.g->outputs[o]];
         for (int64_t i = 0; i < cm_type_numel(&u->type); i++) {
