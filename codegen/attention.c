@@ -24,97 +24,14 @@
 
 /* ---- span check and workspace layout ----------------------------------------- */
 
-/* An i64 expression as sum_v c[v] * v + c0 over the stage's vars, with the
- * ranges of the vars known (domain and reduction extents): div and mod by a
- * constant fold when the remainder part provably lies in [0, d). */
-typedef struct kaff {
-  int64_t c[CM_KMAX_VARS];
-  int64_t c0;
-} kaff;
-
-static int64_t var_ext(const cm_kstage *s, int v) {
-  return v < s->n_dom ? s->dom[v] : s->red[v - s->n_dom];
-}
-
-static void aff_range(const cm_kstage *s, const kaff *a, int64_t *lo, int64_t *hi) {
-  *lo = *hi = a->c0;
-  for (int v = 0; v < s->n_dom + s->n_red; v++) {
-    int64_t t = a->c[v] * (var_ext(s, v) - 1);
-    if (t < 0)
-      *lo += t;
-    else
-      *hi += t;
-  }
-}
-
-static bool aff_of(const cm_kstage *s, int e, kaff *out, int *budget) {
-  if (e < 0 || e >= s->n_exprs || --*budget < 0) return false;
-  const cm_kexpr *x = &s->exprs[e];
-  memset(out, 0, sizeof *out);
-  if (x->dtype != CM_I64) return false;
-  if (x->kind == CM_KX_CONST) {
-    out->c0 = (int64_t)x->value;
-    return (double)out->c0 == x->value;
-  }
-  if (x->kind == CM_KX_VAR) {
-    if (x->var < 0 || x->var >= s->n_dom + s->n_red) return false;
-    out->c[x->var] = 1;
-    return true;
-  }
-  bool is_mod = x->kind == CM_KX_MOD;
-  if (!is_mod && x->kind != CM_KX_OP) return false;
-  cm_op op = is_mod ? CM_OP_DIV : x->op; /* mod shares div's split */
-  if (op != CM_OP_ADD && op != CM_OP_SUB && op != CM_OP_MUL && op != CM_OP_DIV) return false;
-  kaff a, b;
-  if (!aff_of(s, x->a, &a, budget) || !aff_of(s, x->b, &b, budget)) return false;
-  int nv = s->n_dom + s->n_red;
-  bool bconst = true, aconst = true;
-  for (int v = 0; v < nv; v++) bconst &= b.c[v] == 0, aconst &= a.c[v] == 0;
-  if (op == CM_OP_ADD || op == CM_OP_SUB) {
-    int64_t sg = op == CM_OP_ADD ? 1 : -1;
-    for (int v = 0; v < nv; v++) out->c[v] = a.c[v] + sg * b.c[v];
-    out->c0 = a.c0 + sg * b.c0;
-    return true;
-  }
-  if (op == CM_OP_MUL) {
-    if (!aconst && !bconst) return false;
-    const kaff *f = bconst ? &a : &b;
-    int64_t m = bconst ? b.c0 : a.c0;
-    for (int v = 0; v < nv; v++) out->c[v] = f->c[v] * m;
-    out->c0 = f->c0 * m;
-    return true;
-  }
-  /* div / mod by a positive constant of a non-negative value */
-  int64_t d = b.c0, lo, hi;
-  if (!bconst || d <= 0) return false;
-  aff_range(s, &a, &lo, &hi);
-  if (lo < 0) return false;
-  kaff q, r;
-  memset(&q, 0, sizeof q);
-  memset(&r, 0, sizeof r);
-  for (int v = 0; v < nv; v++) {
-    if (a.c[v] % d == 0)
-      q.c[v] = a.c[v] / d;
-    else
-      r.c[v] = a.c[v];
-  }
-  int64_t c0q = a.c0 >= 0 ? a.c0 / d : -((-a.c0 + d - 1) / d);
-  q.c0 = c0q;
-  r.c0 = a.c0 - c0q * d;
-  aff_range(s, &r, &lo, &hi);
-  if (lo < 0 || hi >= d) return false;
-  *out = is_mod ? r : q;
-  return true;
-}
-
 /* Whether index expression e of a stage in span `a` (batch extents bdom)
  * reads only one batch item's (and, when rowwise, one query row's) slice of a
  * buffer with X elements per (batch item, row). */
 static bool attn_local_index(const cm_kstage *s, const cm_kattn *a, const int64_t *bdom, int e,
                              int64_t X, bool rowwise) {
-  kaff f;
+  cm_kaff f;
   int budget = 4096;
-  if (!aff_of(s, e, &f, &budget)) return false;
+  if (!cm_kaff_of(s, e, &f, &budget)) return false;
   int64_t stride = a->rows * X;
   for (int v = a->nb - 1; v >= 0; v--) {
     /* a batch axis of extent 1 is often indexed by the constant 0 */
@@ -129,7 +46,7 @@ static bool attn_local_index(const cm_kstage *s, const cm_kattn *a, const int64_
     lim = X;
   }
   int64_t lo, hi;
-  aff_range(s, &f, &lo, &hi);
+  cm_kaff_range(s, &f, &lo, &hi);
   return lo >= 0 && hi < lim;
 }
 

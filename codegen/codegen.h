@@ -616,6 +616,19 @@ uint32_t cm_kx_vars_used(const cm_kstage *s, int e);
  * `operand`: the operand itself or the operand widened to the stage's
  * accumulator dtype by a CAST (bf16/f16 products are taken in f32). */
 bool cm_kx_is_gemm_factor(const cm_kstage *s, int e, int operand);
+/* An i64 index expression as sum_v c[v] * v + c0 over the stage's vars (domain then
+ * reduction), their ranges known from the extents. Div and mod by a positive constant fold
+ * when the dividend is provably non-negative and the part of it that is not a multiple of
+ * the divisor provably stays in [0, d). */
+typedef struct cm_kaff {
+  int64_t c[CM_KMAX_VARS];
+  int64_t c0;
+} cm_kaff;
+/* e's affine form; false when it has none (or overflows, or *budget expressions were
+ * visited: the budget bounds the work on deep expressions). */
+bool cm_kaff_of(const cm_kstage *s, int e, cm_kaff *out, int *budget);
+/* The least and greatest value of a over the stage's var ranges. */
+void cm_kaff_range(const cm_kstage *s, const cm_kaff *a, int64_t *lo, int64_t *hi);
 
 /* Rewrites a stage's expressions into an equal but simpler DAG: i64 index
  * arithmetic becomes affine where value ranges from the loop extents allow

@@ -192,6 +192,83 @@ bool cm_kx_is_gemm_factor(const cm_kstage *s, int e, int operand) {
   return x->kind == CM_KX_OP && x->op == CM_OP_CAST && x->a == operand && x->dtype == s->acc_dtype;
 }
 
+static int64_t kaff_var_extent(const cm_kstage *s, int v) {
+  return v < s->n_dom ? s->dom[v] : s->red[v - s->n_dom];
+}
+
+void cm_kaff_range(const cm_kstage *s, const cm_kaff *a, int64_t *lo, int64_t *hi) {
+  *lo = *hi = a->c0;
+  for (int v = 0; v < s->n_dom + s->n_red; v++) {
+    int64_t t = a->c[v] * (kaff_var_extent(s, v) - 1);
+    *(t < 0 ? lo : hi) += t;
+  }
+}
+
+/* div (or mod) of a by the constant d > 0 */
+static bool kaff_divide(const cm_kstage *s, const cm_kaff *a, int64_t d, bool mod, cm_kaff *out) {
+  int64_t lo, hi;
+  cm_kaff_range(s, a, &lo, &hi);
+  if (lo < 0) return false; /* truncating division of a negative value is not affine */
+  cm_kaff q, r;
+  memset(&q, 0, sizeof q);
+  memset(&r, 0, sizeof r);
+  for (int v = 0; v < s->n_dom + s->n_red; v++) {
+    if (a->c[v] % d == 0)
+      q.c[v] = a->c[v] / d;
+    else
+      r.c[v] = a->c[v];
+  }
+  q.c0 = a->c0 >= 0 ? a->c0 / d : -((-a->c0 + d - 1) / d);
+  r.c0 = a->c0 - q.c0 * d;
+  cm_kaff_range(s, &r, &lo, &hi);
+  if (lo < 0 || hi >= d) return false;
+  *out = mod ? r : q;
+  return true;
+}
+
+bool cm_kaff_of(const cm_kstage *s, int e, cm_kaff *out, int *budget) {
+  memset(out, 0, sizeof *out);
+  if (e < 0 || e >= s->n_exprs || --*budget < 0) return false;
+  const cm_kexpr *x = &s->exprs[e];
+  int nv = s->n_dom + s->n_red;
+  if (x->dtype != CM_I64) return false;
+  if (x->kind == CM_KX_CONST) {
+    if (!(x->value < 4e18 && x->value > -4e18)) return false;
+    out->c0 = (int64_t)x->value;
+    return (double)out->c0 == x->value;
+  }
+  if (x->kind == CM_KX_VAR) {
+    if (x->var < 0 || x->var >= nv) return false;
+    out->c[x->var] = 1;
+    return true;
+  }
+  bool mod = x->kind == CM_KX_MOD;
+  cm_op op = mod ? CM_OP_DIV : x->op; /* mod shares div's split */
+  if ((!mod && x->kind != CM_KX_OP) ||
+      (op != CM_OP_ADD && op != CM_OP_SUB && op != CM_OP_MUL && op != CM_OP_DIV))
+    return false;
+  cm_kaff a, b;
+  if (!cm_kaff_of(s, x->a, &a, budget) || !cm_kaff_of(s, x->b, &b, budget)) return false;
+  bool aconst = true, bconst = true;
+  for (int v = 0; v < nv; v++) aconst &= a.c[v] == 0, bconst &= b.c[v] == 0;
+  if (op == CM_OP_ADD || op == CM_OP_SUB) {
+    int64_t sg = op == CM_OP_ADD ? 1 : -1;
+    for (int v = 0; v < nv; v++) out->c[v] = a.c[v] + sg * b.c[v];
+    out->c0 = a.c0 + sg * b.c0;
+    return true;
+  }
+  if (op == CM_OP_MUL) {
+    if (!aconst && !bconst) return false;
+    const cm_kaff *f = bconst ? &a : &b;
+    int64_t m = bconst ? b.c0 : a.c0;
+    for (int v = 0; v < nv; v++)
+      if (__builtin_mul_overflow(f->c[v], m, &out->c[v])) return false;
+    return !__builtin_mul_overflow(f->c0, m, &out->c0);
+  }
+  if (!bconst || b.c0 <= 0) return false;
+  return kaff_divide(s, &a, b.c0, mod, out);
+}
+
 uint32_t cm_kx_vars_used(const cm_kstage *s, int e) {
   if (e < 0 || e >= s->n_exprs) return 0;
   const cm_kexpr *x = &s->exprs[e];

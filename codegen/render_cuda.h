@@ -77,6 +77,8 @@ cm_status cu_plans_for(const cm_kernel *k, const cm_cuda_render_opts *o, cm_kcud
 bool cu_plan_gemm(const cm_kstage *s, const cm_target *t, cm_kcuda_gemm *out);
 cm_status cu_check_gemm_operands(rctx *c);
 void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool *written);
+/* The block loops over batch items and tiles of a GEMM stage (opens the scope of m0_, n0_). */
+void cu_emit_gemm_block_loops(rctx *c, const cm_kcuda_gemm *p);
 /* ---- render_cuda_mma.c: the tensor-core template ------------------------------------ */
 /* Fills the mma fields of p (batch, M, N, K, bf16 set) from the cost model; false when no
  * configuration fits t. */

@@ -149,25 +149,12 @@ static void emit_operand_load(rctx *c, const cm_kcuda_gemm *p, bool is_a, const 
   memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
 }
 
-void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool *written) {
-  if (p->mma) {
-    cu_render_mma(c, p, min_blocks, written);
-    return;
-  }
+/* The block's loops over batch items and tiles of a GEMM stage (a loop only where the grid
+ * cannot cover the dimension: launch caps), opening the scope where m0_, n0_ are defined. */
+void cu_emit_gemm_block_loops(rctx *c, const cm_kcuda_gemm *p) {
   const cm_kstage *s = c->s;
   sbuf *o = c->o;
-  int nb = s->n_dom - 2, iv = s->n_dom - 2, jv = s->n_dom - 1;
-  char bounds[64];
-  cu_launch_bounds(p->threads, min_blocks, bounds, sizeof bounds);
-  cu_signature(c, written, bounds);
-  cu_sb_printf(o, "  __shared__ %s As_[%d][%d];\n", cu_ctype(p->t), p->kc, p->mc + 4);
-  cu_sb_printf(o, "  __shared__ %s Bs_[%d][%d];\n", cu_ctype(p->t), p->kc, p->nc + 4);
-  cu_sb_printf(o,
-               "  const int warp_ = threadIdx.x >> 5, lane_ = threadIdx.x & 31;\n"
-               "  const int wm_ = warp_ / %d, wn_ = warp_ %% %d;\n",
-               p->nc / p->nr, p->nc / p->nr);
-  cu_sb_printf(o, "  const int lr_ = lane_ / %d, lc_ = lane_ %% %d;\n", p->lc, p->lc);
-  /* a block loop only where the grid cannot cover the dimension (launch caps) */
+  int nb = s->n_dom - 2;
   int64_t gy = (p->M + p->mc - 1) / p->mc, gx = (p->N + p->nc - 1) / p->nc;
   if (nb == 0)
     cu_sb_printf(o, "  {\n");
@@ -188,6 +175,27 @@ void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool 
     cu_sb_printf(o, "    for (long long bx_ = blockIdx.x; bx_ < %lldLL; bx_ += gridDim.x) {\n",
                  (long long)gx);
   cu_sb_printf(o, "      const long long m0_ = by_ * %d, n0_ = bx_ * %d;\n", p->mc, p->nc);
+}
+
+void cu_render_gemm(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool *written) {
+  if (p->mma) {
+    cu_render_mma(c, p, min_blocks, written);
+    return;
+  }
+  const cm_kstage *s = c->s;
+  sbuf *o = c->o;
+  int iv = s->n_dom - 2, jv = s->n_dom - 1;
+  char bounds[64];
+  cu_launch_bounds(p->threads, min_blocks, bounds, sizeof bounds);
+  cu_signature(c, written, bounds);
+  cu_sb_printf(o, "  __shared__ %s As_[%d][%d];\n", cu_ctype(p->t), p->kc, p->mc + 4);
+  cu_sb_printf(o, "  __shared__ %s Bs_[%d][%d];\n", cu_ctype(p->t), p->kc, p->nc + 4);
+  cu_sb_printf(o,
+               "  const int warp_ = threadIdx.x >> 5, lane_ = threadIdx.x & 31;\n"
+               "  const int wm_ = warp_ / %d, wn_ = warp_ %% %d;\n",
+               p->nc / p->nr, p->nc / p->nr);
+  cu_sb_printf(o, "  const int lr_ = lane_ / %d, lc_ = lane_ %% %d;\n", p->lc, p->lc);
+  cu_emit_gemm_block_loops(c, p);
   memset(c->done, 0, (size_t)s->n_exprs * sizeof *c->done);
   cu_sb_printf(o, "      %s acc_[%d][%d];\n", cu_ctype(p->t), p->tm, p->tn);
   cu_sb_printf(o,

@@ -481,35 +481,6 @@ static bool operand_view_of(rctx *c, const cm_kcuda_gemm *p, bool is_a, operand_
   return lin_form(s, x->a, v->coef, &v->c0);
 }
 
-/* The block's loops over batch items and tiles (a loop only where the grid cannot cover). */
-static void emit_block_loops(rctx *c, const cm_kcuda_gemm *p) {
-  const cm_kstage *s = c->s;
-  sbuf *o = c->o;
-  int nb = s->n_dom - 2;
-  int64_t gy = (p->M + p->mc - 1) / p->mc, gx = (p->N + p->nc - 1) / p->nc;
-  if (nb == 0)
-    cu_sb_printf(o, "  {\n");
-  else if (p->batch <= 65535)
-    cu_sb_printf(o, "  {\n    const long long bz_ = blockIdx.z;\n");
-  else
-    cu_sb_printf(o, "  for (long long bz_ = blockIdx.z; bz_ < %lldLL; bz_ += gridDim.z) {\n",
-                 (long long)p->batch);
-  cu_decompose(c, "    ", "bz_", 0, s->dom, nb);
-  if (gy <= 65535)
-    cu_sb_printf(o, "    {\n    const long long by_ = blockIdx.y;\n");
-  else
-    cu_sb_printf(o, "    for (long long by_ = blockIdx.y; by_ < %lldLL; by_ += gridDim.y) {\n",
-                 (long long)gy);
-  if (gx <= 2147483647)
-    cu_sb_printf(o, "    {\n    const long long bx_ = blockIdx.x;\n");
-  else
-    cu_sb_printf(o, "    for (long long bx_ = blockIdx.x; bx_ < %lldLL; bx_ += gridDim.x) {\n",
-                 (long long)gx);
-  cu_sb_printf(o, "      const long long m0_ = by_ * %d, n0_ = bx_ * %d;\n", p->mc, p->nc);
-  /* a block that loops reuses the ring: slow warps may still read the last tile's slots */
-  cu_sb_printf(o, "      __syncthreads();\n");
-}
-
 /* The paired store of a stage with one store, to a 2- or 4-byte float buffer at an affine index
  * with j's coefficient 1 and every other even: a thread's accumulators (h, h + 1) are columns j,
  * j + 1 (j even), one 4- or 8-byte store. false: the stage is not of that form. */
@@ -626,7 +597,9 @@ void cu_render_mma(rctx *c, const cm_kcuda_gemm *p, int min_blocks, const bool *
                "  const int wm_ = wr_ / %d, wn_ = wr_ %% %d;\n"
                "  const int g_ = lane_ >> 2, q_ = lane_ & 3;\n",
                p->warps_n, p->warps_n);
-  emit_block_loops(c, p);
+  cu_emit_gemm_block_loops(c, p);
+  /* a block that loops reuses the ring: slow warps may still read the last tile's slots */
+  cu_sb_printf(c->o, "      __syncthreads();\n");
   memset(c->done, 0, (size_t)c->s->n_exprs * sizeof *c->done);
   if (va.async || va.f32_vec) {
     emit_batch_base(c, &va, "abase_");

@@ -23,80 +23,8 @@
 
 /* ---- the affine form of an index ---------------------------------------------- */
 
-typedef struct raff {
-  int64_t c[CM_KMAX_VARS];
-  int64_t c0;
-} raff;
-
 static int64_t var_extent(const cm_kstage *s, int v) {
   return v < s->n_dom ? s->dom[v] : s->red[v - s->n_dom];
-}
-
-static void raff_range(const cm_kstage *s, const raff *a, int64_t *lo, int64_t *hi) {
-  *lo = *hi = a->c0;
-  for (int v = 0; v < s->n_dom + s->n_red; v++) {
-    int64_t t = a->c[v] * (var_extent(s, v) - 1);
-    *(t < 0 ? lo : hi) += t;
-  }
-}
-
-/* e as sum_v c[v] v + c0; div and mod by a positive constant fold when the part of the
- * dividend that is not a multiple of it provably stays in [0, d). */
-static bool raff_of(const cm_kstage *s, int e, raff *out, int *budget) {
-  memset(out, 0, sizeof *out);
-  if (e < 0 || e >= s->n_exprs || --*budget < 0) return false;
-  const cm_kexpr *x = &s->exprs[e];
-  int nv = s->n_dom + s->n_red;
-  if (x->dtype != CM_I64) return false;
-  if (x->kind == CM_KX_CONST) {
-    out->c0 = (int64_t)x->value;
-    return (double)out->c0 == x->value && x->value < 4e18 && x->value > -4e18;
-  }
-  if (x->kind == CM_KX_VAR) {
-    if (x->var < 0 || x->var >= nv) return false;
-    out->c[x->var] = 1;
-    return true;
-  }
-  bool mod = x->kind == CM_KX_MOD;
-  cm_op op = mod ? CM_OP_DIV : x->op;
-  if ((!mod && x->kind != CM_KX_OP) ||
-      (op != CM_OP_ADD && op != CM_OP_SUB && op != CM_OP_MUL && op != CM_OP_DIV))
-    return false;
-  raff a, b;
-  if (!raff_of(s, x->a, &a, budget) || !raff_of(s, x->b, &b, budget)) return false;
-  bool aconst = true, bconst = true;
-  for (int v = 0; v < nv; v++) aconst &= a.c[v] == 0, bconst &= b.c[v] == 0;
-  if (op == CM_OP_ADD || op == CM_OP_SUB) {
-    int64_t sg = op == CM_OP_ADD ? 1 : -1;
-    for (int v = 0; v < nv; v++) out->c[v] = a.c[v] + sg * b.c[v];
-    out->c0 = a.c0 + sg * b.c0;
-    return true;
-  }
-  if (op == CM_OP_MUL) {
-    if (!aconst && !bconst) return false;
-    const raff *f = bconst ? &a : &b;
-    int64_t m = bconst ? b.c0 : a.c0;
-    for (int v = 0; v < nv; v++)
-      if (__builtin_mul_overflow(f->c[v], m, &out->c[v])) return false;
-    return !__builtin_mul_overflow(f->c0, m, &out->c0);
-  }
-  int64_t d = b.c0, lo, hi;
-  if (!bconst || d <= 0) return false;
-  raff q, r;
-  memset(&q, 0, sizeof q);
-  memset(&r, 0, sizeof r);
-  for (int v = 0; v < nv; v++) {
-    if (a.c[v] % d == 0)
-      q.c[v] = a.c[v] / d;
-    else
-      r.c[v] = a.c[v];
-  }
-  q.c0 = a.c0 >= 0 ? a.c0 / d : -((-a.c0 + d - 1) / d);
-  r.c0 = a.c0 - q.c0 * d;
-  raff_range(s, &r, &lo, &hi);
-  if (lo < 0 || hi >= d) return false;
-  *out = mod ? r : q;
-  return true;
 }
 
 /* The row stride C of the access at index expression e of stage s (row vars [r0, r0 + n))
@@ -104,9 +32,9 @@ static bool raff_of(const cm_kstage *s, int e, raff *out, int *budget) {
  * multiple of C * rows, so rows never share an element. 0 with one row; -1 when unproven. */
 static int64_t row_stride(const cm_kstage *s, int e, int r0, int n, int64_t rows) {
   if (rows == 1) return 0;
-  raff f;
+  cm_kaff f;
   int budget = AFF_BUDGET;
-  if (!raff_of(s, e, &f, &budget)) return -1;
+  if (!cm_kaff_of(s, e, &f, &budget)) return -1;
   int64_t C = -1, stride = 1, block;
   for (int i = n - 1; i >= 0; i--) {
     int v = r0 + i;
@@ -123,7 +51,7 @@ static int64_t row_stride(const cm_kstage *s, int e, int r0, int n, int64_t rows
     if (f.c[v] % block == 0) f.c[v] = 0;
   f.c0 = (f.c0 % block + block) % block;
   int64_t lo, hi;
-  raff_range(s, &f, &lo, &hi);
+  cm_kaff_range(s, &f, &lo, &hi);
   return lo >= 0 && hi < C ? C : -1;
 }
 
@@ -338,9 +266,9 @@ static bool reads_memory(const cm_kernel *k, const cm_kcuda_rows *p, int j, int 
  * vars, row-major), the same c0 for every access (*c0 INT64_MIN: not yet known). */
 static bool at_own_place(const cm_kstage *s, const cm_kcuda_rows *p, int j, int e, bool steps,
                          int64_t *c0) {
-  raff f;
+  cm_kaff f;
   int budget = AFF_BUDGET, r0 = p->row_var[j], r1 = r0 + p->n_row_vars[j];
-  if (!raff_of(s, e, &f, &budget)) return false;
+  if (!cm_kaff_of(s, e, &f, &budget)) return false;
   int64_t stride = 1;
   for (int v = s->n_dom + s->n_red - 1; v >= 0; v--) {
     bool place = steps ? v >= s->n_dom : v < s->n_dom && (v < r0 || v >= r1);

@@ -81,6 +81,50 @@ static inline void test_bind_step(const cm_graph *g, const cm_model_config *cfg,
   free(restore);
   free(mask);
 }
+
+/* The default pipeline's graph (*g replaced) and plan, without buffer reuse: every kernel's
+ * outputs are still there after a run, for kernel-by-kernel checks. */
+static inline cm_plan *test_plan_without_reuse(cm_graph **g) {
+  cm_pass_state ps = {*g, NULL};
+  cm_err err = {0};
+  CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK &&
+                ps.plan && ps.plan->offset,
+            "pipeline: %s", err.msg);
+  cm_graph *rg = *g = ps.g;
+  cm_plan *p = ps.plan;
+  if (!p || !p->offset) return p;
+  int64_t end = 0;
+  for (int v = 0; v < rg->n_nodes; v++)
+    if (p->offset[v] >= 0) {
+      p->offset[v] = end;
+      end += (cm_type_nbytes(&rg->nodes[v].type) + 63) / 64 * 64;
+    }
+  p->arena_bytes = end;
+  CHECK_MSG(cm_plan_verify(rg, p, &err) == CM_OK, "the plan without reuse: %s", err.msg);
+  return p;
+}
+
+static inline char *test_cache_dir_(void) {
+  static char dir[256];
+  return dir;
+}
+
+static inline void test_remove_cache_(void) {
+  char cmd[300];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", test_cache_dir_());
+  if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", test_cache_dir_());
+}
+
+/* A fresh module cache for this process (/tmp/cmaec_NAME_XXXXXX), removed at exit. */
+static inline const char *test_module_cache(const char *name) {
+  char *dir = test_cache_dir_();
+  if (!dir[0]) {
+    snprintf(dir, 256, "/tmp/cmaec_%s_XXXXXX", name);
+    CHECK(mkdtemp(dir) != NULL);
+    atexit(test_remove_cache_);
+  }
+  return dir;
+}
 #endif
 
 /* The ImageNet-size ViT variants shrunk; the MAE variant takes the first

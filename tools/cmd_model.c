@@ -6,6 +6,8 @@
 #include "../models/models.h"
 #include "../passes/passes.h"
 
+#include <cjson/cJSON.h>
+
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -662,20 +664,21 @@ static void extents_str(const int64_t *d, int n, char *buf, size_t size) {
 /* The graph to compile: a variant's training step (through the default
  * pipeline) or a graph file's graph; *plan gets the pipeline's plan. */
 static int compile_input(model_cmd *mc, const char *path, int batch, cm_graph **g, cm_plan **plan) {
-  /* sniff the head (regular files only: a FIFO is not opened for good); the readers
-   * below report a file that cannot be read */
-  int fd;
-  size_t size;
-  char head[4096] = {0};
-  ssize_t n = 0;
-  cm_err oerr = {0};
-  if (cm_file_open_regular(path, &fd, &size, &oerr) == CM_OK) {
-    n = read(fd, head, sizeof head - 1);
-    close(fd);
+  /* a graph file is a JSON object with "nodes" (at any position: `build` and `opt -o` write
+   * "inputs" first); anything else is read as a variant, whose reader reports a file that
+   * cannot be read or parsed */
+  bool is_graph = false;
+  char *text = NULL;
+  size_t len = 0;
+  cm_err rerr = {0};
+  if (cm_read_file(path, &text, &len, &rerr) == CM_OK) {
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    is_graph = cJSON_IsObject(root) && cJSON_GetObjectItemCaseSensitive(root, "nodes");
+    cJSON_Delete(root);
   }
-  head[n > 0 ? n : 0] = 0;
+  free(text);
   int rc;
-  if (strstr(head, "\"nodes\"")) {
+  if (is_graph) {
     if ((rc = cli_load_graph(path, g))) return rc;
   } else {
     cm_model_config cfg;

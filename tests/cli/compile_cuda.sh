@@ -40,4 +40,9 @@ read -r n5 hits compiled threads <<<"$(counts)"
 [ "${n5:-0}" -gt "${n:-0}" ] && [ "$compiled" -ge 1 ] || bad "split: $(cat "$tmp/out")"
 [ "$(ls "$tmp/split/cubin.sm_90" | wc -l)" = "${n5:-x}" ] || bad "split: $(ls "$tmp/split/cubin.sm_90")"
 diff "$tmp/cold/stats.tsv" "$tmp/split/stats.tsv" >/dev/null || bad "split: stats differ"
+# a graph file whose "nodes" key comes after 4 KiB (as `cmaec build` writes ViT steps: "inputs"
+# first) is still read as a graph, not as a variant
+{ printf '{%*s' 5000 ''; tail -c +2 "$root/examples/mlp.json"; } >"$tmp/late_nodes.json"
+expect_ok "$cmaec" compile "$tmp/late_nodes.json" --target cuda -o "$tmp/late" --cache-dir "$tmp/c"
+diff "$tmp/cold/stats.tsv" "$tmp/late/stats.tsv" >/dev/null || bad "late nodes: stats differ"
 finish

@@ -31,23 +31,6 @@ static double uniform(void) {
 /* The CPU backend is built with LLVM (CMAEC_LLVM=OFF builds the oracle and CUDA backends only). */
 static const bool have_cpu = CMAEC_HAVE_LLVM;
 
-static char cache_dir[256]; /* a fresh module cache for this process, removed at exit */
-
-static void remove_cache(void) {
-  char cmd[300];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", cache_dir);
-  if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", cache_dir);
-}
-
-static const char *cache(void) {
-  if (!cache_dir[0]) {
-    snprintf(cache_dir, sizeof cache_dir, "/tmp/cmaec_test_cuda_backend_XXXXXX");
-    CHECK(mkdtemp(cache_dir) != NULL);
-    atexit(remove_cache);
-  }
-  return cache_dir;
-}
-
 static double now_s(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -133,7 +116,7 @@ static cm_status compile_emu(const cm_graph *g, const emu_run_opts *ro, cm_progr
   cm_target t = device_target();
   cm_cuda_backend_opts bo = {ro->driver ? ro->driver : emu_driver(), emu_compiler(), 0, ro->graphs,
                              0};
-  cm_compile_opts o = {.cache_dir = cache(),
+  cm_compile_opts o = {.cache_dir = test_module_cache("test_cuda_backend"),
                        .backend_opts = &bo,
                        .resident_states = ro->resident,
                        .profile = ro->profile,
@@ -613,7 +596,7 @@ static void test_errors(void) {
   cm_target dev = device_target(), other;
   CHECK(cm_target_cuda(dev.sm >= 90 ? "sm_80" : "sm_90", &other, &err) == CM_OK);
   cm_cuda_backend_opts bo = {emu_driver(), emu_compiler(), 0, CM_CUDA_GRAPHS_ON, 0};
-  cm_compile_opts o = {.cache_dir = cache(), .backend_opts = &bo};
+  cm_compile_opts o = {.cache_dir = test_module_cache("test_cuda_backend"), .backend_opts = &bo};
   cm_program *pr = NULL;
   CHECK(cm_compile(g, &other, &o, &pr, &err) == CM_EINVALID && !pr);
   CHECK_MSG(strstr(err.msg, other.arch) && strstr(err.msg, dev.arch), "%s", err.msg);
@@ -734,27 +717,6 @@ static void test_out_of_bounds_write(void) {
 
 /* ---- the default variant's training step ------------------------------------ */
 
-/* The step's plan without buffer reuse, so that every kernel's outputs are there after a run. */
-static cm_plan *plan_without_reuse(cm_graph **g) {
-  cm_pass_state ps = {*g, NULL};
-  cm_err err = {0};
-  CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK &&
-                ps.plan && ps.plan->offset,
-            "pipeline: %s", err.msg);
-  cm_graph *rg = *g = ps.g;
-  cm_plan *p = ps.plan;
-  if (!p || !p->offset) return p;
-  int64_t end = 0;
-  for (int v = 0; v < rg->n_nodes; v++)
-    if (p->offset[v] >= 0) {
-      p->offset[v] = end;
-      end += (cm_type_nbytes(&rg->nodes[v].type) + 63) / 64 * 64;
-    }
-  p->arena_bytes = end;
-  CHECK_MSG(cm_plan_verify(rg, p, &err) == CM_OK, "the plan without reuse: %s", err.msg);
-  return p;
-}
-
 /* Every kernel of the last run of pr on its own inputs (as the device left them, sources
  * `before`) within its error bound. Returns the worst |gpu - f64| / bound. */
 static double check_kernels(const cm_program *pr, const char *what, const cm_graph *rg,
@@ -857,7 +819,7 @@ static void test_model_steps(void) {
   rng.s = 4242;
   test_bind_step(step, &cfg, &m, t, src0, uniform);
   cm_graph *rg = cm_graph_clone(step);
-  cm_plan *p = plan_without_reuse(&rg);
+  cm_plan *p = test_plan_without_reuse(&rg);
   int n = rg->n_nodes;
   /* the optimized graph's sources by name: cur holds the states between steps */
   cm_tensor *cur = calloc((size_t)n, sizeof *cur), *cpu_st = calloc((size_t)n, sizeof *cpu_st);

@@ -24,23 +24,6 @@
 
 static test_rng rng = {0x70775eedu};
 
-static char cache_dir[256]; /* a fresh module cache for this process, removed at exit */
-
-static void remove_cache(void) {
-  char cmd[300];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", cache_dir);
-  if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", cache_dir);
-}
-
-static const char *cache(void) {
-  if (!cache_dir[0]) {
-    snprintf(cache_dir, sizeof cache_dir, "/tmp/cmaec_test_cuda_rows_XXXXXX");
-    CHECK(mkdtemp(cache_dir) != NULL);
-    atexit(remove_cache);
-  }
-  return cache_dir;
-}
-
 /* ---- the graphs ---------------------------------------------------------------- */
 
 typedef enum { OP_LN, OP_SOFTMAX, OP_LOG_SOFTMAX, OP_BN, N_OPS } row_op;
@@ -280,7 +263,7 @@ static double run_rows(row_op op, int64_t n, int64_t len, cm_dtype out) {
   CHECK_MSG(cm_eval_bounded(g, src, v, bnd, &err) == CM_OK, "%s: eval: %s", what, err.msg);
   cm_target target = device_target();
   cm_cuda_backend_opts bo = {emu_driver(), emu_compiler(), 0, CM_CUDA_GRAPHS_OFF, 0};
-  cm_compile_opts co = {.cache_dir = cache(), .backend_opts = &bo};
+  cm_compile_opts co = {.cache_dir = test_module_cache("test_cuda_rows"), .backend_opts = &bo};
   cm_program *pr = NULL;
   cm_status st = cm_compile(g, &target, &co, &pr, &err);
   if (st == CM_OK) st = cm_program_run(pr, (cm_tensor *const *)src, got, &err);

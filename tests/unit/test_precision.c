@@ -388,23 +388,6 @@ static void test_f16_model_step_from_config(void) {
 
 /* ---- the bf16 step of the default variant on the backends ---------------------- */
 
-static char cache_dir[256]; /* a fresh module cache for this process, removed at exit */
-
-static void remove_cache(void) {
-  char cmd[300];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", cache_dir);
-  if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", cache_dir);
-}
-
-static const char *cache(void) {
-  if (!cache_dir[0]) {
-    snprintf(cache_dir, sizeof cache_dir, "/tmp/cmaec_test_precision_XXXXXX");
-    CHECK(mkdtemp(cache_dir) != NULL);
-    atexit(remove_cache);
-  }
-  return cache_dir;
-}
-
 /* The target the emulated device runs (its compute capability's arch). */
 static bool emu_target(cm_target *t) {
   const cm_cuda_driver *d = emu_driver();
@@ -418,28 +401,6 @@ static bool emu_target(cm_target *t) {
   bool ok = cm_target_cuda(arch, t, &err) == CM_OK;
   CHECK_MSG(ok, "%s", err.msg);
   return ok;
-}
-
-/* The default pipeline's graph and plan, without buffer reuse (every kernel's outputs
- * are there after a run). */
-static cm_plan *plan_without_reuse(cm_graph **g) {
-  cm_pass_state ps = {*g, NULL};
-  cm_err err = {0};
-  CHECK_MSG(cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err) == CM_OK &&
-                ps.plan && ps.plan->offset,
-            "pipeline: %s", err.msg);
-  cm_graph *rg = *g = ps.g;
-  cm_plan *p = ps.plan;
-  if (!p || !p->offset) return p;
-  int64_t end = 0;
-  for (int v = 0; v < rg->n_nodes; v++)
-    if (p->offset[v] >= 0) {
-      p->offset[v] = end;
-      end += (cm_type_nbytes(&rg->nodes[v].type) + 63) / 64 * 64;
-    }
-  p->arena_bytes = end;
-  CHECK_MSG(cm_plan_verify(rg, p, &err) == CM_OK, "the plan without reuse: %s", err.msg);
-  return p;
 }
 
 /* Sources of g by name from those of ref (same type), else from their initializers. */
@@ -543,7 +504,7 @@ static void bf16_step_kernels(bool on_device) {
   test_bind_step(f32, &cfg, &m, t32, src32, uniform);
   cm_graph *rg = g;
   g = NULL;
-  cm_plan *p = plan_without_reuse(&rg);
+  cm_plan *p = test_plan_without_reuse(&rg);
   int n = rg->n_nodes;
   cm_tensor *t = calloc((size_t)n, sizeof *t);
   const cm_tensor **src = calloc((size_t)n, sizeof *src);
@@ -561,7 +522,8 @@ static void bf16_step_kernels(bool on_device) {
   if (p && on_device && emu_target(&target)) {
     double t1 = now_s();
     cm_cuda_backend_opts bo = {emu_driver(), emu_compiler(), 0, CM_CUDA_GRAPHS_OFF, 0};
-    cm_compile_opts co = {.cache_dir = cache(), .backend_opts = &bo, .plan = p};
+    cm_compile_opts co = {
+        .cache_dir = test_module_cache("test_precision"), .backend_opts = &bo, .plan = p};
     CHECK_MSG(cm_compile(rg, &target, &co, &gpu, &err) == CM_OK, "emulated device: %s", err.msg);
     if (gpu) worst_gpu = run_and_check(gpu, "gpu", rg, p, src);
     t_gpu = now_s() - t1;
