@@ -96,8 +96,13 @@ static bool match_forward(const fb_ctx *c, int e, attn_chain *a) {
   a->scaled = sub->inputs[0];
   a->bm = sub->inputs[1];
   const cm_node *bm = node(c, a->bm);
-  if (bm->op != CM_OP_BROADCAST) return false;
   a->m = bm->inputs[0];
+  if (bm->op == CM_OP_STOP_GRADIENT) { /* one key: nothing to broadcast */
+    a->m = a->bm;
+    a->bm = -1;
+  } else if (bm->op != CM_OP_BROADCAST) {
+    return false;
+  }
   const cm_node *m = node(c, a->m);
   if (m->op != CM_OP_STOP_GRADIENT) return false;
   const cm_node *rm = node(c, m->inputs[0]);
@@ -133,8 +138,8 @@ static bool match_forward(const fb_ctx *c, int e, attn_chain *a) {
   for (int k = c->cstart[e]; k < c->cstart[e + 1] && a->p < 0; k++) {
     const cm_node *u = node(c, c->clist[k]);
     if (u->op == CM_OP_DIV && u->inputs[0] == e &&
-        is_broadcast_of(c, u->inputs[1], a->z, &en->type))
-      a->p = c->clist[k], a->bz = u->inputs[1];
+        (u->inputs[1] == a->z || is_broadcast_of(c, u->inputs[1], a->z, &en->type)))
+      a->p = c->clist[k], a->bz = u->inputs[1] == a->z ? -1 : u->inputs[1];
   }
   if (a->p < 0) return false;
   /* o = matmul(p or cast(p, low), V) */
@@ -248,10 +253,16 @@ static int mark_d(fb_ctx *c, int ai) {
     for (int e2 = c->cstart[mul]; e2 < c->cstart[mul + 1]; e2++) {
       const cm_node *dv = node(c, c->clist[e2]);
       if (dv->op != CM_OP_DIV || dv->inputs[0] != mul ||
-          !is_broadcast_of(c, dv->inputs[1], a->z, rows))
+          (dv->inputs[1] != a->z && !is_broadcast_of(c, dv->inputs[1], a->z, rows)))
         continue;
       int neg = consumer(c, c->clist[e2], CM_OP_NEG, 0, -1);
       if (neg < 0) continue;
+      if (rows->dims[rows->rank - 1] == 1) { /* one key: simplify dropped the row sum */
+        c->d_attn[neg] = ai;
+        c->d_dout[neg] = node(c, dp)->inputs[0];
+        found++;
+        continue;
+      }
       for (int e3 = c->cstart[neg]; e3 < c->cstart[neg + 1]; e3++) {
         const cm_node *r = node(c, c->clist[e3]);
         if (r->op != CM_OP_REDUCE_SUM || r->attrs.n_axes != 1 || r->attrs.axes[0] != rows->rank - 1)
@@ -297,13 +308,14 @@ static int recompute(fb_ctx *c, cm_rewriter *r, attn_chain *a, int kind) {
   }
   case REC_E: {
     int in[2] = {recompute(c, r, a, REC_SCALED), r->map[a->m]};
-    in[1] = add_like(r, node(c, a->bm), &in[1], 1);
+    if (a->bm >= 0) in[1] = add_like(r, node(c, a->bm), &in[1], 1);
     id = add_like(r, node(c, node(c, a->e)->inputs[0]), in, 2);
     id = add_like(r, node(c, a->e), &id, 1);
     break;
   }
   case REC_P: {
-    if (a->rec_bz < 0) a->rec_bz = add_like(r, node(c, a->bz), &r->map[a->z], 1);
+    if (a->rec_bz < 0)
+      a->rec_bz = a->bz < 0 ? r->map[a->z] : add_like(r, node(c, a->bz), &r->map[a->z], 1);
     int in[2] = {recompute(c, r, a, REC_E), a->rec_bz};
     id = add_like(r, node(c, a->p), in, 2);
     break;
@@ -325,8 +337,8 @@ static int backward_read(fb_ctx *c, cm_rewriter *r, int x) {
   case USE_E: return recompute(c, r, a, REC_E);
   case USE_P: return recompute(c, r, a, REC_P);
   case USE_PB: return recompute(c, r, a, REC_PB);
-  case USE_BZ:
-    if (a->rec_bz < 0) a->rec_bz = add_like(r, node(c, a->bz), &r->map[a->z], 1);
+  case USE_BZ: /* a broadcast of z (x itself) */
+    if (a->rec_bz < 0) a->rec_bz = add_like(r, node(c, x), &r->map[a->z], 1);
     return a->rec_bz;
   default: return r->map[x];
   }
