@@ -38,6 +38,11 @@
  *      beside dP). A group that started this way but never got its second
  *      matmul is re-fused at the end with the attention rules off. Matmuls
  *      with a weight operand (a param seen through views) never take part.
+ *      The backward in flash_backward's form (a recomputed E' = exp(S'c − m)
+ *      with no row sum of its own) is formed as a whole instead, when the
+ *      placement reaches its last node: one ATTENTION group from E' forward to
+ *      dV, dQ, dK and back over the producers read only by it (dP, dS, the
+ *      broadcasts of m, z and −D/z); what reads it waits and is placed after.
  *    After a node is placed, every elementwise group whose only remaining
  *    external use is this node merges into its group (fusion into the
  *    consumer); into a contraction itself only cheap prologues merge (unary
