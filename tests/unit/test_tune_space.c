@@ -27,9 +27,6 @@
 #include <string.h>
 
 static test_rng rng = {0x7e57ull};
-__attribute__((unused)) static double uniform(void) {
-  return test_uniform(&rng);
-}
 
 /* ---- graphs, plans, kernels -------------------------------------------------------------- */
 
@@ -40,7 +37,7 @@ typedef struct lowered {
   bool ok;
 } lowered;
 
-static lowered lower_for(const cm_graph *g0, const cm_target *t) {
+static lowered lower_for(const cm_graph *g0, const cm_target *t, int attn_bc) {
   lowered L;
   memset(&L, 0, sizeof L);
   cm_err err = {0};
@@ -49,7 +46,7 @@ static lowered lower_for(const cm_graph *g0, const cm_target *t) {
   CHECK_MSG(st == CM_OK, "pipeline: %s", err.msg);
   L.g = s.g, L.plan = s.plan;
   if (st != CM_OK) return L;
-  cm_lower_opts lo = {t, false, 0};
+  cm_lower_opts lo = {t, false, attn_bc};
   st = cm_lower_plan(L.g, L.plan, &lo, &L.kp, &err);
   CHECK_MSG(st == CM_OK, "lower for %s: %s", t->arch, err.msg);
   L.ok = st == CM_OK;
@@ -166,7 +163,7 @@ static void step_spaces(int64_t stride) {
     cm_graph *g = step_graph(bf16);
     if (!g) continue;
     for (int ti = 0; ti < 3; ti++) {
-      lowered L = lower_for(g, &t[ti]);
+      lowered L = lower_for(g, &t[ti], 0);
       sweep sw = {0};
       for (int ki = 0; L.ok && ki < L.kp.n_kernels; ki++)
         for (int si = 0; si < L.kp.kernels[ki].n_stages; si++)
@@ -183,6 +180,223 @@ static void step_spaces(int64_t stride) {
   }
 }
 
+/* ---- applied points compute the same function (CPU JIT) ------------------------------------ */
+
+typedef struct jit_prog {
+  cm_jit *jit;
+  lowered L;
+  cm_cpu_stage_fn **fns; /* per kernel, per stage */
+  cm_tensor *src;        /* by node: the sources */
+  const cm_tensor **srcp;
+  test_oracle want;
+} jit_prog;
+
+static bool jit_kernel(jit_prog *P, int ki) {
+  cm_kernel *k = &P->L.kp.kernels[ki];
+  free(P->fns[ki]);
+  P->fns[ki] = calloc((size_t)k->n_stages + 1, sizeof **P->fns);
+  cm_llvm_render_opts ro = {0, false, NULL};
+  return test_jit_kernel(P->jit, k, &ro, P->fns[ki]);
+}
+
+/* Every kernel of the program, serially, on copies of the sources; every output against its
+ * forward error bound. Returns the worst |got - f64| / bound. */
+CM_NO_SANITIZE_FUNCTION static double run_prog(jit_prog *P, const char *what) {
+  const cm_graph *g = P->L.g;
+  const cm_kprogram *kp = &P->L.kp;
+  cm_err err = {0};
+  cm_tensor *st = calloc((size_t)g->n_nodes, sizeof *st);
+  for (int i = 0; i < g->n_nodes; i++)
+    if (P->srcp[i]) cm_tensor_copy(&st[i], P->srcp[i], NULL);
+  char *arena = aligned_alloc(64, (size_t)(kp->arena_bytes + 127) / 64 * 64);
+  char *scratch = aligned_alloc(64, (size_t)(kp->max_scratch_bytes + 127) / 64 * 64);
+  memset(arena, 0, (size_t)(kp->arena_bytes + 127) / 64 * 64);
+  for (int ki = 0; ki < kp->n_kernels; ki++) {
+    const cm_kernel *k = &kp->kernels[ki];
+    char **bufs = calloc((size_t)k->n_buffers + 1, sizeof *bufs);
+    void **owned = calloc((size_t)k->n_buffers + 1, sizeof *owned);
+    for (int b = 0; b < k->n_buffers; b++) {
+      const cm_kbuffer *kb = &k->buffers[b];
+      if (kb->kind == CM_KBUF_ARENA) bufs[b] = arena + kb->offset;
+      if (kb->kind == CM_KBUF_SCRATCH) bufs[b] = scratch + kb->offset;
+      if (kb->kind == CM_KBUF_SOURCE) bufs[b] = st[kb->node].data;
+      if (kb->kind == CM_KBUF_STATUS) bufs[b] = owned[b] = calloc((size_t)kb->numel + 1, 8);
+      if (kb->kind == CM_KBUF_CONST) bufs[b] = owned[b] = cm_kernel_const_data(g, kb, &err);
+    }
+    for (int si = 0; si < k->n_stages; si++) {
+      int64_t ws_bytes = cm_kstage_workspace_bytes(&k->stages[si], CM_TARGET_CPU);
+      char *ws = aligned_alloc(64, (size_t)(ws_bytes + 127) / 64 * 64);
+      P->fns[ki][si](bufs, 0, cm_kstage_work_items(&k->stages[si]), ws);
+      free(ws);
+    }
+    for (int b = 0; b < k->n_buffers; b++) free(owned[b]);
+    free(bufs), free(owned);
+  }
+  double worst = 0;
+  for (int j = 0; j < g->n_outputs; j++) {
+    int v = g->outputs[j];
+    const cm_node *u = &g->nodes[v];
+    cm_tensor got = u->op == CM_OP_ASSIGN || P->L.plan->offset[v] < 0
+                        ? st[u->op == CM_OP_ASSIGN ? u->inputs[0] : v]
+                        : test_view(u->type, arena + P->L.plan->offset[v]);
+    test_bounded e = test_oracle_check(&P->want, v, &got, what);
+    CHECK_MSG(e.ratio <= 1, "%s: %s: |cpu - f64| = %g at [%lld] exceeds its error bound %g", what,
+              u->name, e.diff, (long long)e.at, e.bound);
+    worst = fmax(worst, e.ratio);
+  }
+  for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&st[i]);
+  free(st), free(arena), free(scratch);
+  return worst;
+}
+
+static bool jit_prog_open(jit_prog *P, const cm_graph *g0, const cm_target *t, int attn_bc) {
+  memset(P, 0, sizeof *P);
+  P->L = lower_for(g0, t, attn_bc);
+  if (!P->L.ok) return false;
+  const cm_graph *g = P->L.g;
+  P->src = calloc((size_t)g->n_nodes, sizeof *P->src);
+  P->srcp = calloc((size_t)g->n_nodes, sizeof *P->srcp);
+  test_fill_sources(&rng, g, P->src, P->srcp);
+  cm_err err = {0};
+  CHECK_MSG(test_oracle_eval(&P->want, g, P->srcp, &err) == CM_OK, "oracle: %s", err.msg);
+  /* O1: the function, not its speed, is under test (and O3's compile time adds up) */
+  cm_jit_opts jo = {NULL, 1, NULL, NULL, 512, false};
+  CHECK_MSG(cm_jit_create(&P->jit, &jo, &err) == CM_OK, "%s", err.msg);
+  P->fns = calloc((size_t)P->L.kp.n_kernels, sizeof *P->fns);
+  bool ok = P->jit != NULL;
+  for (int ki = 0; ok && ki < P->L.kp.n_kernels; ki++) ok = jit_kernel(P, ki);
+  return ok;
+}
+
+static void jit_prog_close(jit_prog *P) {
+  for (int ki = 0; ki < P->L.kp.n_kernels; ki++) free(P->fns[ki]);
+  free(P->fns);
+  if (P->jit) cm_jit_destroy(P->jit);
+  test_oracle_free(&P->want);
+  for (int i = 0; P->src && i < P->L.g->n_nodes; i++) cm_tensor_free(&P->src[i]);
+  free(P->src), free(P->srcp);
+  lowered_free(&P->L);
+}
+
+/* y = relu(x w + bias) */
+static cm_graph *gemm_graph(int64_t batch, int64_t M, int64_t N, int64_t K) {
+  cm_graph *g = cm_graph_new();
+  int64_t xd[3] = {batch, M, K}, wd[3] = {batch, K, N}, bd[1] = {N};
+  int r = batch > 1 ? 3 : 2, o = batch > 1 ? 0 : 1;
+  int x = cm_input(g, "x", CM_F32, r, xd + o), w = cm_input(g, "w", CM_F32, r, wd + o);
+  int bias = cm_input(g, "bias", CM_F32, 1, bd);
+  int y = cm_matmul(g, x, w, false, false, "y");
+  y = cm_unary(g, CM_OP_RELU, cm_binary_bcast(g, CM_OP_ADD, y, bias, "yb"), "yr");
+  cm_err err = {0};
+  CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
+  return g;
+}
+
+/* y = softmax(q k^T / sqrt(dim)) v and the gradients of sum(y * dO) for q, k, v. */
+static cm_graph *attention_graph(int64_t heads, int64_t tokens, int64_t dim) {
+  cm_graph *g = cm_graph_new();
+  int64_t d[4] = {1, heads, tokens, dim};
+  int q = cm_input(g, "q", CM_F32, 4, d), k = cm_input(g, "k", CM_F32, 4, d);
+  int v = cm_input(g, "v", CM_F32, 4, d), dout = cm_input(g, "dO", CM_F32, 4, d);
+  int s = cm_matmul(g, q, k, false, true, "scores");
+  s = cm_binary_bcast(g, CM_OP_MUL, s, cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)dim)),
+                      "scaled");
+  int y = cm_matmul(g, cm_nn_softmax(g, s), v, false, false, "y");
+  cm_err err = {0};
+  CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
+  int axes[4] = {0, 1, 2, 3};
+  int loss = cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, dout, NULL), 4, axes, false,
+                       "loss");
+  int wrt[3] = {q, k, v}, grads[3];
+  CHECK_MSG(cm_autodiff(g, loss, 3, wrt, grads, &err) == CM_OK, "%s", err.msg);
+  for (int i = 0; i < 3; i++) CHECK(cm_graph_add_output(g, grads[i], &err) == CM_OK);
+  return g;
+}
+
+typedef struct jit_tally {
+  int spaces, runs, attn_spaces, gemm_spaces;
+  double worst;
+} jit_tally;
+
+/* Stage si of kernel ki under `want` applied points of its space (all: want <= 0), spread over
+ * the space, each JIT'd and run against the oracle. */
+static void jit_points(jit_prog *P, int ki, int si, const cm_target *t, int want, const char *name,
+                       jit_tally *tally) {
+  cm_kernel *k = &P->L.kp.kernels[ki];
+  cm_tune_space sp;
+  cm_err err = {0};
+  if (cm_tune_space_of(k, si, t, &sp, &err) != CM_OK || sp.n_knobs == 0) return;
+  tally->spaces++;
+  tally->attn_spaces += k->stages[si].tmpl != CM_KT_GEMM;
+  tally->gemm_spaces += k->stages[si].tmpl == CM_KT_GEMM;
+  cm_kstage saved = k->stages[si];
+  cm_cpu_stage_fn *defaults = P->fns[ki]; /* the default plan's functions, kept for the others */
+  P->fns[ki] = NULL;
+  int64_t step = want <= 0 ? 1 : sp.n_points / (4 * want) + 1;
+  int ran = 0;
+  for (int64_t i = 1; i < sp.n_points && (want <= 0 || ran < want); i += step) {
+    cm_tune_point p;
+    cm_tune_point_at(&sp, (i * 7919) % sp.n_points, &p);
+    if (cm_tune_apply(k, si, t, &p, &err) != CM_OK) continue;
+    char what[160], pt[96];
+    cm_tune_point_format(&sp, &p, pt, sizeof pt);
+    snprintf(what, sizeof what, "%s %s s%d %s", name, k->name, si, pt);
+    if (jit_kernel(P, ki)) tally->worst = fmax(tally->worst, run_prog(P, what));
+    k->stages[si] = saved;
+    ran++, tally->runs++;
+  }
+  CHECK_MSG(ran > 0, "%s %s s%d: no point besides the default applies", name, k->name, si);
+  free(P->fns[ki]);
+  P->fns[ki] = defaults;
+}
+
+static void same_function(int want) {
+  cm_target t;
+  cm_target_host(&t);
+  static const struct {
+    int64_t batch, M, N, K, heads, tokens, dim;
+    int attn_bc;
+  } cases[] = {
+      {1, 37, 45, 70, 0, 0, 0, 0}, {3, 13, 29, 300, 0, 0, 0, 0}, {1, 24, 40, 1536, 0, 0, 0, 0},
+      {0, 0, 0, 0, 2, 50, 16, 0},  {0, 0, 0, 0, 1, 61, 8, 16},
+  };
+  jit_tally tally = {0};
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+    char name[64];
+    cm_graph *g;
+    if (cases[c].heads) {
+      g = attention_graph(cases[c].heads, cases[c].tokens, cases[c].dim);
+      snprintf(name, sizeof name, "attention %lldx%lldx%lld bc %d", (long long)cases[c].heads,
+               (long long)cases[c].tokens, (long long)cases[c].dim, cases[c].attn_bc);
+    } else {
+      g = gemm_graph(cases[c].batch, cases[c].M, cases[c].N, cases[c].K);
+      snprintf(name, sizeof name, "gemm %lldx[%lldx%lldx%lld]", (long long)cases[c].batch,
+               (long long)cases[c].M, (long long)cases[c].N, (long long)cases[c].K);
+    }
+    jit_prog P;
+    if (jit_prog_open(&P, g, &t, cases[c].attn_bc)) {
+      tally.worst = fmax(tally.worst, run_prog(&P, name));
+      for (int ki = 0; ki < P.L.kp.n_kernels; ki++)
+        for (int si = 0; si < P.L.kp.kernels[ki].n_stages; si++)
+          jit_points(&P, ki, si, &t, want, name, &tally);
+    }
+    jit_prog_close(&P);
+    cm_graph_free(g);
+  }
+  printf("  %d spaces (%d GEMM, %d attention), %d tuned runs, worst error / bound %.3g\n",
+         tally.spaces, tally.gemm_spaces, tally.attn_spaces, tally.runs, tally.worst);
+  CHECK(tally.gemm_spaces >= 3);
+  CHECK(tally.attn_spaces >= 2);
+  test_tally_report("tune_space");
+}
+
+static void test_same_function(void) {
+  same_function(getenv("CMAEC_TEST_QUICK") ? 1 : 3);
+}
+static void test_same_function_all(void) {
+  same_function(0);
+}
+
 static void test_step_spaces(void) {
   step_spaces(getenv("CMAEC_TEST_QUICK") ? 11 : 3);
 }
@@ -190,4 +404,5 @@ static void test_step_spaces_all(void) {
   step_spaces(1);
 }
 
-TEST_MAIN({"step_spaces", test_step_spaces}, {"step_spaces_all", test_step_spaces_all})
+TEST_MAIN({"step_spaces", test_step_spaces}, {"step_spaces_all", test_step_spaces_all},
+          {"same_function", test_same_function}, {"same_function_all", test_same_function_all})
