@@ -316,15 +316,15 @@ static cm_status check_cpu_block(const cm_kernel *k, int si, const cm_target *t,
 }
 
 /* v clamped to cap (a block beyond the extent is the extent); refused when a smaller candidate
- * already reaches cap (the same plan twice in the space). */
+ * that is a multiple of `unit` already reaches cap (the same plan twice in the space). */
 static cm_status clamp_tile(const cm_kernel *k, int si, const cm_tune_space *sp, const char *name,
-                            int v, int64_t cap, int *out, cm_err *err) {
+                            int v, int unit, int64_t cap, int *out, cm_err *err) {
   *out = v;
   if (v <= cap) return CM_OK;
   int ki = knob_index(sp, name, strlen(name));
   for (int i = 0; ki >= 0 && i < sp->knobs[ki].n_values; i++) {
     int c = sp->knobs[ki].values[i];
-    if (c < v && c >= cap)
+    if (c < v && c >= cap && c % unit == 0)
       REFUSE("kernel %s stage %d: knob %s=%d: beyond the extent rounded up (%lld), as %s=%d",
              k->name, si, name, v, (long long)cap, name, c);
   }
@@ -345,9 +345,9 @@ static cm_status apply_cpu_gemm(cm_kernel *k, int si, const cm_target *t, const 
     REFUSE("kernel %s stage %d: knob mc=%d / nc=%d: must be multiples of mr=%d / nr=%d", k->name,
            si, mc, nc, w.mr, w.nr);
   int64_t M = s->dom[s->n_dom - 2], N = s->dom[s->n_dom - 1], K = s->red[0];
-  if ((st = clamp_tile(k, si, sp, "mc", mc, round_up(M, w.mr), &w.mc, err)) != CM_OK ||
-      (st = clamp_tile(k, si, sp, "nc", nc, round_up(N, w.nr), &w.nc, err)) != CM_OK ||
-      (st = clamp_tile(k, si, sp, "kc", value_of(sp, p, "kc", w.kc), K, &w.kc, err)) != CM_OK)
+  if ((st = clamp_tile(k, si, sp, "mc", mc, w.mr, round_up(M, w.mr), &w.mc, err)) != CM_OK ||
+      (st = clamp_tile(k, si, sp, "nc", nc, w.nr, round_up(N, w.nr), &w.nc, err)) != CM_OK ||
+      (st = clamp_tile(k, si, sp, "kc", value_of(sp, p, "kc", w.kc), 1, K, &w.kc, err)) != CM_OK)
     return st;
   cm_kgemm_tiles old = s->tiles;
   s->tiles = w;
@@ -667,14 +667,14 @@ static double blocks_per_sm(const cm_target *t, const gpu_model *g, double threa
   return b < 1 ? 1 : b;
 }
 
-/* blocks of block_time cycles (alone on an SM with enough warps to keep it busy), resident bps
- * at a time: an SM with fewer than 8 warps runs below its rate. */
+/* blocks of block_time cycles each (alone on an SM with enough warps to keep it busy), spread
+ * over the SMs (the hardware starts a block wherever one ends); an SM holding fewer than 8 warps
+ * (resident blocks x warps) runs below its rate. */
 static double waves_time(const gpu_model *g, double blocks, double bps, double warps,
                          double block_time) {
-  double resident = fmin(bps, ceil(blocks / g->sms));
-  double waves = ceil(blocks / (g->sms * resident));
-  double util = fmin(1, resident * warps / 8);
-  return waves * resident * block_time / util;
+  double per_sm = ceil(blocks / g->sms);
+  double util = fmin(1, fmin(bps, per_sm) * warps / 8);
+  return per_sm * block_time / util;
 }
 
 static double cost_cuda_gemm(const cm_kstage *s, const cm_target *t) {
@@ -697,7 +697,8 @@ static double cost_cuda_gemm(const cm_kstage *s, const cm_target *t) {
   }
   /* operands from L2 (3x the memory's rate), shared by the SMs */
   double mem = (p->mc + p->nc) * Kp * esz / (3 * g.bw / g.sms);
-  double block_time = fmax(compute, mem / hide) + Kp / p->kc * 20 + (double)p->mc * p->nc / warps;
+  double block_time =
+      fmax(compute, mem / hide) + Kp / p->kc * 20 + (double)p->mc * p->nc / p->threads * 4;
   double bps = blocks_per_sm(t, &g, p->threads, regs, smem);
   return waves_time(&g, blocks, bps, warps, block_time) + 3000;
 }

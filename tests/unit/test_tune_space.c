@@ -332,11 +332,11 @@ static void jit_points(jit_prog *P, int ki, int si, const cm_target *t, int want
   cm_kstage saved = k->stages[si];
   cm_cpu_stage_fn *defaults = P->fns[ki]; /* the default plan's functions, kept for the others */
   P->fns[ki] = NULL;
-  int64_t step = want <= 0 ? 1 : sp.n_points / (4 * want) + 1;
   int ran = 0;
-  for (int64_t i = 1; i < sp.n_points && (want <= 0 || ran < want); i += step) {
+  /* a sample: the points in a scrambled order (7919 is prime), the first `want` that apply */
+  for (int64_t i = 1; i < sp.n_points && (want <= 0 || ran < want); i++) {
     cm_tune_point p;
-    cm_tune_point_at(&sp, (i * 7919) % sp.n_points, &p);
+    cm_tune_point_at(&sp, want <= 0 ? i : (i * 7919) % sp.n_points, &p);
     if (cm_tune_apply(k, si, t, &p, &err) != CM_OK) continue;
     char what[160], pt[96];
     cm_tune_point_format(&sp, &p, pt, sizeof pt);
@@ -404,5 +404,296 @@ static void test_step_spaces_all(void) {
   step_spaces(1);
 }
 
+/* ---- format and parse ---------------------------------------------------------------------- */
+
+static bool same_point(const cm_tune_space *sp, const cm_tune_point *a, const cm_tune_point *b) {
+  for (int k = 0; k < sp->n_knobs; k++)
+    if (a->value[k] != b->value[k]) return false;
+  return true;
+}
+
+static void check_format_parse(const cm_tune_space *sp, const char *what, int *spaces) {
+  if (sp->n_knobs == 0) return;
+  (*spaces)++;
+  cm_tune_point p, q, d;
+  cm_err err = {0};
+  char text[256], bad[300];
+  cm_tune_point_default(sp, &d);
+  cm_tune_point_at(sp, 0, &p);
+  CHECK_MSG(same_point(sp, &p, &d), "%s: point 0 is not the default", what);
+  /* every point (up to 200) formats, parses back to itself, and differs from the others */
+  int64_t n = sp->n_points < 200 ? sp->n_points : 200;
+  cm_tune_point *seen = calloc((size_t)n, sizeof *seen);
+  for (int64_t i = 0; i < n; i++) {
+    cm_tune_point_at(sp, i, &p);
+    int len = cm_tune_point_format(sp, &p, text, sizeof text);
+    CHECK(len > 0 && (size_t)len < sizeof text);
+    CHECK_MSG(cm_tune_point_parse(sp, text, &q, &err) == CM_OK && same_point(sp, &p, &q),
+              "%s: \"%s\" does not parse back: %s", what, text, err.msg);
+    for (int64_t j = 0; j < i; j++)
+      CHECK_MSG(!same_point(sp, &seen[j], &p), "%s: points %lld and %lld are both %s", what,
+                (long long)j, (long long)i, text);
+    seen[i] = p;
+  }
+  free(seen);
+  /* a short buffer: the length it needs, the text cut */
+  cm_tune_point_format(sp, &d, text, sizeof text);
+  char small[4];
+  CHECK(cm_tune_point_format(sp, &d, small, sizeof small) == (int)strlen(text));
+  CHECK(strlen(small) == 3);
+  /* refused: a value that is no candidate, an unknown knob, a missing one, a repeated one */
+  const cm_tune_knob *k0 = &sp->knobs[0];
+  snprintf(bad, sizeof bad, "%s=%d", k0->name, k0->values[k0->n_values - 1] + 1);
+  CHECK(cm_tune_point_parse(sp, bad, &q, &err) == CM_EINVALID && strstr(err.msg, k0->name));
+  snprintf(bad, sizeof bad, "%s,nosuchknob=1", text);
+  CHECK(cm_tune_point_parse(sp, bad, &q, &err) == CM_EINVALID && strstr(err.msg, "nosuchknob"));
+  snprintf(bad, sizeof bad, "%s,%s=%d", text, k0->name, d.value[0]);
+  CHECK(cm_tune_point_parse(sp, bad, &q, &err) == CM_EINVALID && strstr(err.msg, "second"));
+  if (sp->n_knobs > 1) {
+    snprintf(bad, sizeof bad, "%s=%d", k0->name, d.value[0]);
+    CHECK(cm_tune_point_parse(sp, bad, &q, &err) == CM_EINVALID && strstr(err.msg, "missing"));
+  }
+  snprintf(bad, sizeof bad, "%s=", k0->name);
+  CHECK(cm_tune_point_parse(sp, bad, &q, &err) == CM_EINVALID);
+  CHECK(cm_tune_point_parse(sp, "garbage", &q, &err) == CM_EINVALID);
+  /* a point that is no candidate is refused by apply too, naming the knob (below) */
+}
+
+static void test_format_parse(void) {
+  cm_target t[3];
+  targets(t);
+  cm_graph *g = step_graph(true);
+  int spaces = 0;
+  for (int ti = 0; g && ti < 3; ti++) {
+    lowered L = lower_for(g, &t[ti], 0);
+    for (int ki = 0; L.ok && ki < L.kp.n_kernels; ki++) {
+      cm_kernel *k = &L.kp.kernels[ki];
+      for (int si = 0; si < k->n_stages; si++) {
+        cm_tune_space sp;
+        cm_err err = {0};
+        CHECK(cm_tune_space_of(k, si, &t[ti], &sp, &err) == CM_OK);
+        char what[96];
+        snprintf(what, sizeof what, "%s %s s%d", t[ti].arch, k->name, si);
+        check_format_parse(&sp, what, &spaces);
+        if (sp.n_knobs == 0) continue;
+        cm_tune_point p;
+        cm_tune_point_default(&sp, &p);
+        p.value[0] = sp.knobs[0].values[sp.knobs[0].n_values - 1] + 1;
+        CHECK(cm_tune_apply(k, si, &t[ti], &p, &err) == CM_EINVALID &&
+              strstr(err.msg, sp.knobs[0].name) && strstr(err.msg, "candidates"));
+      }
+    }
+    lowered_free(&L);
+  }
+  CHECK(spaces > 10);
+  cm_graph_free(g);
+  /* bad arguments are errors, not crashes */
+  cm_tune_space sp;
+  cm_err err = {0};
+  CHECK(cm_tune_space_of(NULL, 0, &t[0], &sp, &err) == CM_EINVALID && sp.n_knobs == 0);
+}
+
+/* ---- the structural hash -----------------------------------------------------------------------
+ */
+
+static void hash_of(const cm_kernel *k, char out[65]) {
+  cm_kernel_structural_hash(k, out);
+  CHECK(strlen(out) == 64 && strspn(out, "0123456789abcdef") == 64);
+}
+
+static void test_structural_hash(void) {
+  cm_target t[3];
+  targets(t);
+  cm_graph *g1 = step_graph(false), *g2 = step_graph(false);
+  if (!g1 || !g2) return;
+  lowered A = lower_for(g1, &t[0], 0), B = lower_for(g2, &t[0], 0), C = lower_for(g1, &t[1], 0);
+  CHECK(A.ok && B.ok && C.ok && A.kp.n_kernels == B.kp.n_kernels);
+  int twins = 0, distinct = 0;
+  char h[65], h2[65];
+  for (int i = 0; A.ok && B.ok && i < A.kp.n_kernels && i < B.kp.n_kernels; i++) {
+    hash_of(&A.kp.kernels[i], h);
+    hash_of(&B.kp.kernels[i], h2);
+    CHECK_MSG(!strcmp(h, h2), "%s: two builds hash differently", A.kp.kernels[i].name);
+    bool twin = false;
+    for (int j = 0; j < i; j++) {
+      hash_of(&A.kp.kernels[j], h2);
+      twin |= !strcmp(h, h2);
+    }
+    twins += twin, distinct += !twin;
+  }
+  /* the encoder's two blocks give equal kernels of two groups; most kernels differ */
+  printf("  %d kernels: %d distinct, %d equal to an earlier one\n", A.kp.n_kernels, distinct,
+         twins);
+  CHECK(twins >= 3);
+  CHECK(distinct > twins);
+  /* names, the group, offsets and the plan are left out; dtypes, shapes and expressions are not */
+  for (int i = 0; A.ok && i < A.kp.n_kernels; i++) {
+    cm_kernel *k = &A.kp.kernels[i];
+    hash_of(k, h);
+    cm_kernel saved = *k;
+    snprintf(k->name, sizeof k->name, "renamed");
+    k->group += 17;
+    for (int b = 0; b < k->n_buffers; b++) k->buffers[b].offset += 4096, k->buffers[b].node += 3;
+    hash_of(k, h2);
+    CHECK_MSG(!strcmp(h, h2), "%s: a name, group or offset changed the hash", saved.name);
+    for (int b = 0; b < k->n_buffers; b++) k->buffers[b].offset -= 4096, k->buffers[b].node -= 3;
+    *k = saved;
+    for (int si = 0; si < k->n_stages; si++) {
+      cm_tune_space sp;
+      cm_err err = {0};
+      cm_kstage st = k->stages[si];
+      if (cm_tune_space_of(k, si, &t[0], &sp, &err) != CM_OK || sp.n_knobs == 0) continue;
+      for (int64_t p = 1; p < sp.n_points; p++) {
+        cm_tune_point pt;
+        cm_tune_point_at(&sp, p, &pt);
+        if (cm_tune_apply(k, si, &t[0], &pt, &err) != CM_OK) continue;
+        hash_of(k, h2);
+        CHECK_MSG(!strcmp(h, h2), "%s s%d: a tuning point changed the hash", k->name, si);
+        break;
+      }
+      k->stages[si] = st;
+    }
+    cm_kbuffer b0 = k->buffers[0];
+    k->buffers[0].dtype = b0.dtype == CM_F64 ? CM_F32 : CM_F64;
+    hash_of(k, h2);
+    CHECK_MSG(strcmp(h, h2), "%s: a buffer's dtype did not change the hash", k->name);
+    k->buffers[0] = b0;
+    cm_kstage *s = &k->stages[0];
+    for (int si = 1; si < k->n_stages && s->n_dom == 0; si++) s = &k->stages[si];
+    if (s->n_dom == 0) continue;
+    s->dom[0]++;
+    hash_of(k, h2);
+    CHECK_MSG(strcmp(h, h2), "%s: a stage's shape did not change the hash", k->name);
+    s->dom[0]--;
+    int e = s->stores[0].value;
+    cm_kexpr x = s->exprs[e];
+    s->exprs[e].dtype = x.dtype == CM_F64 ? CM_F32 : CM_F64;
+    hash_of(k, h2);
+    CHECK_MSG(strcmp(h, h2), "%s: an expression's dtype did not change the hash", k->name);
+    s->exprs[e] = x;
+    hash_of(k, h2);
+    CHECK(!strcmp(h, h2));
+  }
+  /* the CUDA lowering of the same step: its CUDA plans are left out, its kernels kept */
+  int same = 0;
+  for (int i = 0; A.ok && C.ok && i < A.kp.n_kernels && i < C.kp.n_kernels; i++) {
+    hash_of(&A.kp.kernels[i], h);
+    hash_of(&C.kp.kernels[i], h2);
+    same += !strcmp(h, h2);
+  }
+  CHECK(same > 0);
+  lowered_free(&A), lowered_free(&B), lowered_free(&C);
+  cm_graph_free(g1), cm_graph_free(g2);
+}
+
+/* ---- the cost model ------------------------------------------------------------------------- */
+
+/* The cost of stage si of k under the default point with the knobs named in `knobs`
+ * ("mr=8,mc=24") changed; -1 when refused. */
+static double cost_at(cm_kernel *k, int si, const cm_target *t, const char *knobs) {
+  cm_tune_space sp;
+  cm_err err = {0};
+  if (cm_tune_space_of(k, si, t, &sp, &err) != CM_OK) return -1;
+  cm_tune_point p;
+  cm_tune_point_default(&sp, &p);
+  for (const char *c = knobs; c && *c; c += strcspn(c, ",") + (c[strcspn(c, ",")] == ',')) {
+    size_t len = strcspn(c, "=");
+    for (int i = 0; i < sp.n_knobs; i++)
+      if (strlen(sp.knobs[i].name) == len && !strncmp(sp.knobs[i].name, c, len))
+        p.value[i] = atoi(c + len + 1);
+  }
+  cm_kstage saved = k->stages[si];
+  double cost = -1;
+  if (cm_tune_apply(k, si, t, &p, &err) == CM_OK) cost = cm_tune_model_cost(k, si, t);
+  CHECK_MSG(cost >= 0, "%s s%d: %s: %s", k->name, si, knobs, err.msg);
+  k->stages[si] = saved;
+  return cost;
+}
+
+/* The first stage of L with a plan of kind `kind` (CUDA) or a GEMM template (CPU). */
+static bool find_stage(lowered *L, const cm_target *t, cm_kcuda_kind kind, int *ki, int *si) {
+  for (*ki = 0; L->ok && *ki < L->kp.n_kernels; (*ki)++)
+    for (*si = 0; *si < L->kp.kernels[*ki].n_stages; (*si)++) {
+      const cm_kstage *s = &L->kp.kernels[*ki].stages[*si];
+      if (t->kind == CM_TARGET_CUDA ? s->cuda.kind == kind : s->tmpl == CM_KT_GEMM) return true;
+    }
+  return false;
+}
+
+static void test_model_cost(void) {
+  cm_target t[3];
+  targets(t);
+  /* deterministic: twice the same, the same for a second build, finite */
+  cm_graph *g = step_graph(true);
+  for (int ti = 0; g && ti < 3; ti++) {
+    lowered A = lower_for(g, &t[ti], 0), B = lower_for(g, &t[ti], 0);
+    double total = 0;
+    for (int ki = 0; A.ok && B.ok && ki < A.kp.n_kernels; ki++)
+      for (int si = 0; si < A.kp.kernels[ki].n_stages; si++) {
+        double c = cm_tune_model_cost(&A.kp.kernels[ki], si, &t[ti]);
+        CHECK(isfinite(c) && c >= 0);
+        CHECK(c == cm_tune_model_cost(&A.kp.kernels[ki], si, &t[ti]));
+        CHECK(c == cm_tune_model_cost(&B.kp.kernels[ki], si, &t[ti]));
+        total += c;
+      }
+    CHECK(total > 0);
+    lowered_free(&A), lowered_free(&B);
+  }
+  cm_graph_free(g);
+  int ki, si;
+  /* 512 GEMMs of 33 rows: 128-row blocks pad them to 4x the work, 64-row ones to 2x */
+  cm_graph *gb = gemm_graph(512, 33, 64, 64);
+  cm_err err = {0};
+  CHECK(cm_autocast(&gb, CM_BF16, NULL, &err) == CM_OK);
+  lowered L = lower_for(gb, &t[1], 0);
+  if (find_stage(&L, &t[1], CM_KCUDA_GEMM, &ki, &si)) {
+    cm_kernel *k = &L.kp.kernels[ki];
+    CHECK(k->stages[si].cuda.gemm.mma);
+    double c64 = cost_at(k, si, &t[1], "warps_m=2,mr=32");
+    double c128 = cost_at(k, si, &t[1], "warps_m=4,mr=32");
+    printf("  mma GEMM 512x[33x64x64]: cost with 64-row blocks %.4g, with 128-row blocks %.4g\n",
+           c64, c128);
+    CHECK(c64 > 0 && c128 > c64);
+  } else {
+    CHECK_MSG(false, "no tensor-core GEMM stage for sm_80");
+  }
+  lowered_free(&L);
+  cm_graph_free(gb);
+  /* the CPU: 8-row register blocks on 17 rows (padded to 24) cost more than on 16 */
+  double cpu[2] = {0, 0};
+  char knobs[64];
+  snprintf(knobs, sizeof knobs, "mr=8,nr=%d,mc=24", t[0].vector_lanes);
+  for (int m = 0; m < 2; m++) {
+    cm_graph *gc = gemm_graph(1, 16 + m, 64, 64);
+    lowered Lc = lower_for(gc, &t[0], 0);
+    if (find_stage(&Lc, &t[0], CM_KCUDA_NONE, &ki, &si))
+      cpu[m] = cost_at(&Lc.kp.kernels[ki], si, &t[0], knobs);
+    lowered_free(&Lc);
+    cm_graph_free(gc);
+  }
+  CHECK(cpu[0] > 0 && cpu[1] > cpu[0]);
+  /* a memory-bound softmax of 216 rows of 4096 (2 rows an SM): a block of 128 threads a row has
+   * half the warps of one of 256 in flight, and is not cheaper */
+  cm_graph *gs = cm_graph_new();
+  int64_t d[2] = {216, 4096};
+  CHECK(cm_graph_add_output(gs, cm_nn_softmax(gs, cm_input(gs, "x", CM_F32, 2, d)), &err) == CM_OK);
+  for (int ti = 1; ti < 3; ti++) {
+    lowered Ls = lower_for(gs, &t[ti], 0);
+    if (find_stage(&Ls, &t[ti], CM_KCUDA_ROWS, &ki, &si)) {
+      cm_kernel *k = &Ls.kp.kernels[ki];
+      double c128 = cost_at(k, si, &t[ti], "warp=0,threads=128");
+      double c256 = cost_at(k, si, &t[ti], "warp=0,threads=256");
+      printf("  rows 216x4096 on %s: 128 threads a row %.4g, 256 %.4g\n", t[ti].arch, c128, c256);
+      CHECK(c256 > 0 && c128 >= c256);
+    } else {
+      CHECK_MSG(false, "no rows plan for the softmax on %s", t[ti].arch);
+    }
+    lowered_free(&Ls);
+  }
+  cm_graph_free(gs);
+}
+
 TEST_MAIN({"step_spaces", test_step_spaces}, {"step_spaces_all", test_step_spaces_all},
-          {"same_function", test_same_function}, {"same_function_all", test_same_function_all})
+          {"same_function", test_same_function}, {"same_function_all", test_same_function_all},
+          {"format_parse", test_format_parse}, {"structural_hash", test_structural_hash},
+          {"model_cost", test_model_cost})
