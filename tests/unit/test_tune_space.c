@@ -1,11 +1,14 @@
-/* The autotuner's spaces (codegen/tune_space.c) over the default variant's training step (shrunk:
- * tests/model_step.h), f32 and bf16 (autocast), lowered for the host CPU, sm_80 and sm_90:
+/* The autotuner's spaces (codegen/tune_space.c) over the default variant's training step
+ * (cmae_vit_tiny_fmnist at batch 64), f32 and bf16 (autocast), lowered for the host CPU, sm_80 and
+ * sm_90:
  *   - the default point reproduces the lowered plan exactly (cm_kernel_print and every stage's
- *     cm_kcuda_plan_print byte for byte), and every point of every space applies or is refused
- *     with CM_EINVALID; CUDA kernels render (cm_render_cuda) under every applied point;
+ *     cm_kcuda_plan_print byte for byte), and every point of every space (every 5th in CI)
+ *     applies or is refused with CM_EINVALID naming the kernel; CUDA kernels render
+ *     (cm_render_cuda) under a sample of the applied points;
  *   - applied points compute the same function: small GEMM and attention graphs (forward and
- *     backward) run through the LLVM JIT under a sample of each space's points (every point with
- *     --long) and each output lies within its forward error bound (cm_eval_bounded);
+ *     backward, whole-row and streaming) run through the LLVM JIT under a sample of each space's
+ *     points (every point with --long) and each output lies within its forward error bound
+ *     (cm_eval_bounded);
  *   - points format and parse back, and parsing refuses what is not in the space;
  *   - the structural hash: equal for two layers' equal kernels and across two builds, blind to
  *     names, group numbers, offsets and the plan, and changed by a dtype, a shape or an
@@ -60,16 +63,16 @@ static void lowered_free(lowered *L) {
   memset(L, 0, sizeof *L);
 }
 
-/* The default variant's training step, shrunk; bf16: autocast. NULL on failure. */
-static cm_graph *step_graph(bool bf16) {
+/* The default variant's training step (cmae_vit_tiny_fmnist) at batch `batch`; bf16: autocast.
+ * NULL on failure. */
+static cm_graph *step_graph(bool bf16, int batch) {
   cm_model_config cfg;
   cm_err err = {0};
-  if (cm_model_config_load("models/cmae_vit_base.json", test_shrunk_vit, TEST_SHRUNK_VIT_N, &cfg,
-                           &err) != CM_OK) {
+  if (cm_model_config_load("models/cmae_vit_tiny_fmnist.json", NULL, 0, &cfg, &err) != CM_OK) {
     CHECK_MSG(false, "%s", err.msg);
     return NULL;
   }
-  cm_model_build_opts bo = {2, 1, CM_F32};
+  cm_model_build_opts bo = {batch, 1, CM_F32};
   cm_model m;
   CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s", err.msg);
   if (!m.g) return NULL;
@@ -160,7 +163,7 @@ static void step_spaces(int64_t stride) {
   cm_target t[3];
   targets(t);
   for (int bf16 = 0; bf16 < 2; bf16++) {
-    cm_graph *g = step_graph(bf16);
+    cm_graph *g = step_graph(bf16, 64);
     if (!g) continue;
     for (int ti = 0; ti < 3; ti++) {
       lowered L = lower_for(g, &t[ti], 0);
@@ -391,14 +394,14 @@ static void same_function(int want) {
 }
 
 static void test_same_function(void) {
-  same_function(getenv("CMAEC_TEST_QUICK") ? 1 : 3);
+  same_function(getenv("CMAEC_TEST_QUICK") ? 1 : 2);
 }
 static void test_same_function_all(void) {
   same_function(0);
 }
 
 static void test_step_spaces(void) {
-  step_spaces(getenv("CMAEC_TEST_QUICK") ? 11 : 3);
+  step_spaces(getenv("CMAEC_TEST_QUICK") ? 17 : 5);
 }
 static void test_step_spaces_all(void) {
   step_spaces(1);
@@ -462,7 +465,7 @@ static void check_format_parse(const cm_tune_space *sp, const char *what, int *s
 static void test_format_parse(void) {
   cm_target t[3];
   targets(t);
-  cm_graph *g = step_graph(true);
+  cm_graph *g = step_graph(true, 8);
   int spaces = 0;
   for (int ti = 0; g && ti < 3; ti++) {
     lowered L = lower_for(g, &t[ti], 0);
@@ -504,7 +507,7 @@ static void hash_of(const cm_kernel *k, char out[65]) {
 static void test_structural_hash(void) {
   cm_target t[3];
   targets(t);
-  cm_graph *g1 = step_graph(false), *g2 = step_graph(false);
+  cm_graph *g1 = step_graph(false, 4), *g2 = step_graph(false, 4);
   if (!g1 || !g2) return;
   lowered A = lower_for(g1, &t[0], 0), B = lower_for(g2, &t[0], 0), C = lower_for(g1, &t[1], 0);
   CHECK(A.ok && B.ok && C.ok && A.kp.n_kernels == B.kp.n_kernels);
@@ -521,11 +524,11 @@ static void test_structural_hash(void) {
     }
     twins += twin, distinct += !twin;
   }
-  /* the encoder's two blocks give equal kernels of two groups; most kernels differ */
+  /* the encoder's blocks give equal kernels of several groups */
   printf("  %d kernels: %d distinct, %d equal to an earlier one\n", A.kp.n_kernels, distinct,
          twins);
   CHECK(twins >= 3);
-  CHECK(distinct > twins);
+  CHECK(distinct >= 3);
   /* names, the group, offsets and the plan are left out; dtypes, shapes and expressions are not */
   for (int i = 0; A.ok && i < A.kp.n_kernels; i++) {
     cm_kernel *k = &A.kp.kernels[i];
@@ -624,7 +627,7 @@ static void test_model_cost(void) {
   cm_target t[3];
   targets(t);
   /* deterministic: twice the same, the same for a second build, finite */
-  cm_graph *g = step_graph(true);
+  cm_graph *g = step_graph(true, 8);
   for (int ti = 0; g && ti < 3; ti++) {
     lowered A = lower_for(g, &t[ti], 0), B = lower_for(g, &t[ti], 0);
     double total = 0;
