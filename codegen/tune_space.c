@@ -80,7 +80,7 @@ static int cmp_int(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
-/* Adds knob `name` with the positive candidates cand[0..n) and the default def (a knob with a
+/* Adds knob `name` with the candidates (>= 0) cand[0..n) and the default def (a knob with a
  * single value is left out: nothing to choose). */
 static void add_knob(cm_tune_space *sp, const char *name, const int *cand, int n, int def) {
   if (sp->n_knobs >= CM_TUNE_MAX_KNOBS) return;
@@ -90,7 +90,7 @@ static void add_knob(cm_tune_space *sp, const char *name, const int *cand, int n
   int v[CM_TUNE_MAX_VALUES + 1], nv = 0;
   v[nv++] = def;
   for (int i = 0; i < n && nv < CM_TUNE_MAX_VALUES; i++)
-    if (cand[i] > 0) v[nv++] = cand[i];
+    if (cand[i] >= 0) v[nv++] = cand[i];
   qsort(v, (size_t)nv, sizeof *v, cmp_int);
   for (int i = 0; i < nv; i++)
     if (kn.n_values == 0 || v[i] != kn.values[kn.n_values - 1]) kn.values[kn.n_values++] = v[i];

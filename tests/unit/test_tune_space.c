@@ -13,6 +13,8 @@
  *   - the structural hash: equal for two layers' equal kernels and across two builds, blind to
  *     names, group numbers, offsets and the plan, and changed by a dtype, a shape or an
  *     expression;
+ *   - on the emulated CUDA device: an FMA GEMM and a softmax's rows plan under other tiles and
+ *     threads, within their bounds;
  *   - the cost model: deterministic, and more for a tile that pads twice the work or a rows plan
  *     with half the warps in a memory-bound stage. */
 #include "../test.h"
@@ -22,12 +24,15 @@
 #include "../model_step.h"
 #include "codegen/codegen.h"
 #include "runtime/runtime.h"
+#include "tests/emu/emu.h"
 
+#include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static test_rng rng = {0x7e57ull};
 
@@ -192,7 +197,10 @@ typedef struct jit_prog {
   cm_tensor *src;        /* by node: the sources */
   const cm_tensor **srcp;
   test_oracle want;
+  const cm_target *emu; /* non-NULL: kernels run on the emulated CUDA device for this target */
 } jit_prog;
+
+static bool emu_run_kernel(const cm_kernel *k, const cm_target *t, char **bufs, const char *what);
 
 static bool jit_kernel(jit_prog *P, int ki) {
   cm_kernel *k = &P->L.kp.kernels[ki];
@@ -226,7 +234,8 @@ CM_NO_SANITIZE_FUNCTION static double run_prog(jit_prog *P, const char *what) {
       if (kb->kind == CM_KBUF_STATUS) bufs[b] = owned[b] = calloc((size_t)kb->numel + 1, 8);
       if (kb->kind == CM_KBUF_CONST) bufs[b] = owned[b] = cm_kernel_const_data(g, kb, &err);
     }
-    for (int si = 0; si < k->n_stages; si++) {
+    if (P->emu) CHECK(emu_run_kernel(k, P->emu, bufs, what));
+    for (int si = 0; !P->emu && si < k->n_stages; si++) {
       int64_t ws_bytes = cm_kstage_workspace_bytes(&k->stages[si], CM_TARGET_CPU);
       char *ws = aligned_alloc(64, (size_t)(ws_bytes + 127) / 64 * 64);
       P->fns[ki][si](bufs, 0, cm_kstage_work_items(&k->stages[si]), ws);
@@ -243,7 +252,7 @@ CM_NO_SANITIZE_FUNCTION static double run_prog(jit_prog *P, const char *what) {
                         ? st[u->op == CM_OP_ASSIGN ? u->inputs[0] : v]
                         : test_view(u->type, arena + P->L.plan->offset[v]);
     test_bounded e = test_oracle_check(&P->want, v, &got, what);
-    CHECK_MSG(e.ratio <= 1, "%s: %s: |cpu - f64| = %g at [%lld] exceeds its error bound %g", what,
+    CHECK_MSG(e.ratio <= 1, "%s: %s: |got - f64| = %g at [%lld] exceeds its error bound %g", what,
               u->name, e.diff, (long long)e.at, e.bound);
     worst = fmax(worst, e.ratio);
   }
@@ -255,6 +264,7 @@ CM_NO_SANITIZE_FUNCTION static double run_prog(jit_prog *P, const char *what) {
 static bool jit_prog_open(jit_prog *P, const cm_graph *g0, const cm_target *t, int attn_bc) {
   memset(P, 0, sizeof *P);
   P->L = lower_for(g0, t, attn_bc);
+  if (t->kind == CM_TARGET_CUDA) P->emu = t;
   if (!P->L.ok) return false;
   const cm_graph *g = P->L.g;
   P->src = calloc((size_t)g->n_nodes, sizeof *P->src);
@@ -266,6 +276,7 @@ static bool jit_prog_open(jit_prog *P, const cm_graph *g0, const cm_target *t, i
   cm_jit_opts jo = {NULL, 1, NULL, NULL, 512, false};
   CHECK_MSG(cm_jit_create(&P->jit, &jo, &err) == CM_OK, "%s", err.msg);
   P->fns = calloc((size_t)P->L.kp.n_kernels, sizeof *P->fns);
+  if (P->emu) return true;
   bool ok = P->jit != NULL;
   for (int ki = 0; ok && ki < P->L.kp.n_kernels; ki++) ok = jit_kernel(P, ki);
   return ok;
@@ -591,12 +602,12 @@ static void test_structural_hash(void) {
 
 /* ---- the cost model ------------------------------------------------------------------------- */
 
-/* The cost of stage si of k under the default point with the knobs named in `knobs`
- * ("mr=8,mc=24") changed; -1 when refused. */
-static double cost_at(cm_kernel *k, int si, const cm_target *t, const char *knobs) {
+/* Applies to stage si of k the default point with the knobs named in `knobs` ("mr=8,mc=24")
+ * changed; false (checked) when refused. */
+static bool apply_knobs(cm_kernel *k, int si, const cm_target *t, const char *knobs) {
   cm_tune_space sp;
   cm_err err = {0};
-  if (cm_tune_space_of(k, si, t, &sp, &err) != CM_OK) return -1;
+  if (cm_tune_space_of(k, si, t, &sp, &err) != CM_OK) return false;
   cm_tune_point p;
   cm_tune_point_default(&sp, &p);
   for (const char *c = knobs; c && *c; c += strcspn(c, ",") + (c[strcspn(c, ",")] == ',')) {
@@ -605,10 +616,15 @@ static double cost_at(cm_kernel *k, int si, const cm_target *t, const char *knob
       if (strlen(sp.knobs[i].name) == len && !strncmp(sp.knobs[i].name, c, len))
         p.value[i] = atoi(c + len + 1);
   }
+  cm_status st = cm_tune_apply(k, si, t, &p, &err);
+  CHECK_MSG(st == CM_OK, "%s s%d: %s: %s", k->name, si, knobs, err.msg);
+  return st == CM_OK;
+}
+
+/* The cost of stage si of k under apply_knobs' point; -1 when refused. */
+static double cost_at(cm_kernel *k, int si, const cm_target *t, const char *knobs) {
   cm_kstage saved = k->stages[si];
-  double cost = -1;
-  if (cm_tune_apply(k, si, t, &p, &err) == CM_OK) cost = cm_tune_model_cost(k, si, t);
-  CHECK_MSG(cost >= 0, "%s s%d: %s: %s", k->name, si, knobs, err.msg);
+  double cost = apply_knobs(k, si, t, knobs) ? cm_tune_model_cost(k, si, t) : -1;
   k->stages[si] = saved;
   return cost;
 }
@@ -696,7 +712,89 @@ static void test_model_cost(void) {
   cm_graph_free(gs);
 }
 
+/* ---- the emulated CUDA device ------------------------------------------------------------- */
+
+/* Kernel k rendered for t, built by the emulated device's compiler (host C++ under the CUDA shim)
+ * and each stage launched on bufs. */
+static bool emu_run_kernel(const cm_kernel *k, const cm_target *t, char **bufs, const char *what) {
+  cm_err err = {0};
+  char *src = NULL;
+  cm_cubin image;
+  memset(&image, 0, sizeof image);
+  const cm_cuda_compiler *cc = emu_compiler();
+  bool ok = cm_cuda_module_source(k, t, false, &src, &err) == CM_OK &&
+            cc->compile(cc->self, src, "tune_space", t->arch, &image, &err) == CM_OK;
+  CHECK_MSG(ok, "%s: %s: %s", what, k->name, err.msg);
+  free(src);
+  emu_image_header h;
+  ok = ok && image.size > sizeof h;
+  if (ok) memcpy(&h, image.data, sizeof h);
+  char path[] = "/tmp/cmaec_tune_space_XXXXXX";
+  int fd = ok ? mkstemp(path) : -1;
+  ok = fd >= 0 && write(fd, (char *)image.data + sizeof h, h.so_bytes) == (ssize_t)h.so_bytes;
+  if (fd >= 0) close(fd);
+  void *handle = ok ? dlopen(path, RTLD_NOW | RTLD_LOCAL) : NULL;
+  if (fd >= 0) unlink(path);
+  void *sym = handle ? dlsym(handle, EMU_MODULE_LAUNCH_SYMBOL) : NULL;
+  emu_module_launch_fn launch = NULL;
+  if (sym) memcpy(&launch, &sym, sizeof sym);
+  CHECK_MSG(launch != NULL, "%s: %s: the module does not load", what, k->name);
+  void **args = calloc((size_t)k->n_buffers + 1, sizeof *args);
+  for (int b = 0; b < k->n_buffers; b++) args[b] = &bufs[b];
+  cm_cuda_render_opts ro = {t, false};
+  for (int si = 0; launch && si < k->n_stages; si++) {
+    cm_cuda_launch l = cm_cuda_stage_launch(k, si, &ro);
+    char fn[32];
+    snprintf(fn, sizeof fn, "%s_s%d", CM_CUDA_MODULE_KERNEL, si);
+    CHECK_MSG(launch(fn, l.grid, l.block, l.shared_bytes, args) == 0, "%s: %s", what, fn);
+  }
+  free(args);
+  if (handle) dlclose(handle);
+  cm_cubin_free(&image);
+  return launch != NULL;
+}
+
+/* A graph lowered for sm_80 with stage `kind`'s plan changed to `knobs`, run on the emulated
+ * device: every output within its bound; the same with the default plan. */
+static void emu_case(cm_graph *g, cm_kcuda_kind kind, const char *knobs, const char *plan,
+                     const char *what) {
+  cm_target t;
+  cm_err err = {0};
+  CHECK(cm_target_cuda("sm_80", &t, &err) == CM_OK);
+  jit_prog P;
+  int ki, si;
+  if (jit_prog_open(&P, g, &t, 0) && find_stage(&P.L, &t, kind, &ki, &si)) {
+    char name[160];
+    snprintf(name, sizeof name, "%s (default)", what);
+    run_prog(&P, name);
+    if (apply_knobs(&P.L.kp.kernels[ki], si, &t, knobs)) {
+      char *text = print_kernel(&P.L.kp.kernels[ki]);
+      CHECK_MSG(strstr(text, plan) != NULL, "%s: the plan is not \"%s\":\n%s", what, plan, text);
+      free(text);
+      snprintf(name, sizeof name, "%s (%s)", what, knobs);
+      run_prog(&P, name);
+    }
+  } else {
+    CHECK_MSG(false, "%s: no stage of the plan kind wanted", what);
+  }
+  jit_prog_close(&P);
+  cm_graph_free(g);
+}
+
+static void test_emulated(void) {
+  /* an f32 GEMM with an epilogue: the FMA template with other tiles */
+  emu_case(gemm_graph(1, 37, 45, 70), CM_KCUDA_GEMM, "mc=32,nc=64,kc=8,mr=16,nr=32",
+           "block 32x64 k 8 warp 16x32", "FMA GEMM");
+  /* softmax rows of 300: a warp per row by default, a block of 128 threads tuned */
+  cm_graph *g = cm_graph_new();
+  int64_t d[2] = {6, 300};
+  cm_err err = {0};
+  CHECK(cm_graph_add_output(g, cm_nn_softmax(g, cm_input(g, "x", CM_F32, 2, d)), &err) == CM_OK);
+  emu_case(g, CM_KCUDA_ROWS, "warp=0,threads=128", "a block per row", "softmax rows");
+  test_tally_report("tune_space emulated");
+}
+
 TEST_MAIN({"step_spaces", test_step_spaces}, {"step_spaces_all", test_step_spaces_all},
           {"same_function", test_same_function}, {"same_function_all", test_same_function_all},
           {"format_parse", test_format_parse}, {"structural_hash", test_structural_hash},
-          {"model_cost", test_model_cost})
+          {"model_cost", test_model_cost}, {"emulated", test_emulated})
