@@ -13,8 +13,8 @@
  *   - the structural hash: equal for two layers' equal kernels and across two builds, blind to
  *     names, group numbers, offsets and the plan, and changed by a dtype, a shape or an
  *     expression;
- *   - on the emulated CUDA device: an FMA GEMM and a softmax's rows plan under other tiles and
- *     threads, within their bounds;
+ *   - on the emulated CUDA device: an FMA GEMM, a softmax's rows plan and a row sum's generic plan
+ *     under other tiles, threads and reduction modes, within their bounds;
  *   - the cost model: deterministic, and more for a tile that pads twice the work or a rows plan
  *     with half the warps in a memory-bound stage. */
 #include "../test.h"
@@ -787,10 +787,17 @@ static void test_emulated(void) {
            "block 32x64 k 8 warp 16x32", "FMA GEMM");
   /* softmax rows of 300: a warp per row by default, a block of 128 threads tuned */
   cm_graph *g = cm_graph_new();
-  int64_t d[2] = {6, 300};
+  int64_t d[2] = {5, 300};
   cm_err err = {0};
   CHECK(cm_graph_add_output(g, cm_nn_softmax(g, cm_input(g, "x", CM_F32, 2, d)), &err) == CM_OK);
   emu_case(g, CM_KCUDA_ROWS, "warp=0,threads=128", "a block per row", "softmax rows");
+  /* a row sum of 300 over 5 rows: a block per point by default, a warp per point tuned */
+  g = cm_graph_new();
+  int axes[1] = {1};
+  int sum = cm_reduce(g, CM_OP_REDUCE_SUM, cm_input(g, "x", CM_F32, 2, d), 1, axes, false, "sum");
+  CHECK(cm_graph_add_output(g, sum, &err) == CM_OK);
+  emu_case(g, CM_KCUDA_GENERIC, "red=1,threads=128",
+           "generic: a warp per point; grid 2x1x1 block 128", "row sum");
   test_tally_report("tune_space emulated");
 }
 
