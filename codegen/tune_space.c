@@ -810,6 +810,22 @@ static double cost_cuda_rows(const cm_kernel *k, const cm_kstage *s, const cm_ta
   return fmax(compute, mem) + 3000;
 }
 
+/* A generic stage: a thread, warp or block per point (lanes), points strided over the grid; the
+ * busiest thread's steps (its share of the reduction, a shuffle or tree of log2(lanes) steps),
+ * issued 4 warp-instructions a cycle; every element read once from memory. */
+static double cost_cuda_generic(const cm_kstage *s, const cm_target *t) {
+  const cm_kcuda_plan *p = &s->cuda;
+  gpu_model g = gpu_of(t);
+  double points = prod_ext(s->dom, s->n_dom), red = fmax(1, prod_ext(s->red, s->n_red));
+  double threads = fmax(32, p->block[0]), blocks = fmax(1, p->grid[0]);
+  double lanes = p->red == CM_KCUDA_RED_BLOCK ? threads : p->red == CM_KCUDA_RED_WARP ? 32 : 1;
+  double iters = ceil(points / (blocks * fmax(1, threads / lanes)));
+  double steps = iters * (ceil(red / lanes) + (lanes > 1 ? 5 * log2(lanes) : 0) + 4);
+  double bps = blocks_per_sm(t, &g, threads, 32, (double)p->shared_static);
+  double compute = waves_time(&g, blocks, bps, threads / 32, threads / 32 * steps / 4);
+  return fmax(compute, points * red * 4 / g.bw) + 3000;
+}
+
 /* Any other planned CUDA stage: its grid's blocks, each its share of the points x reduction. */
 static double cost_cuda_other(const cm_kernel *k, int si, const cm_target *t) {
   const cm_kstage *s = &k->stages[si];
@@ -842,6 +858,7 @@ double cm_tune_model_cost(const cm_kernel *k, int stage, const cm_target *t) {
   case CM_KCUDA_IN_SPAN: return 0;
   case CM_KCUDA_GEMM: return cost_cuda_gemm(s, t);
   case CM_KCUDA_ROWS: return cost_cuda_rows(k, s, t);
+  case CM_KCUDA_GENERIC: return cost_cuda_generic(s, t);
   default: return cost_cuda_other(k, stage, t);
   }
 }

@@ -15,8 +15,8 @@
  *     expression;
  *   - on the emulated CUDA device: an FMA GEMM, a softmax's rows plan and a row sum's generic plan
  *     under other tiles, threads and reduction modes, within their bounds;
- *   - the cost model: deterministic, and more for a tile that pads twice the work or a rows plan
- *     with half the warps in a memory-bound stage. */
+ *   - the cost model: deterministic, and more for a tile that pads twice the work, a rows plan
+ *     with half the warps in a memory-bound stage, or a thread per point over a long reduction. */
 #include "../test.h"
 #include "../testlib.h"
 #include "../tensor_compare.h"
@@ -728,6 +728,25 @@ static void test_model_cost(void) {
     lowered_free(&Ls);
   }
   cm_graph_free(gs);
+  /* a row sum of 5 rows of 300: a thread per row is not cheaper than a warp per row */
+  cm_graph *gr = cm_graph_new();
+  int64_t dr[2] = {5, 300};
+  int axes[1] = {1};
+  CHECK(cm_graph_add_output(gr,
+                            cm_reduce(gr, CM_OP_REDUCE_SUM, cm_input(gr, "x", CM_F32, 2, dr), 1,
+                                      axes, false, "sum"),
+                            &err) == CM_OK);
+  lowered Lr = lower_for(gr, &t[1], 0);
+  if (find_stage(&Lr, &t[1], CM_KCUDA_GENERIC, &ki, &si)) {
+    double thread = cost_at(&Lr.kp.kernels[ki], si, &t[1], "red=0,threads=128");
+    double warp = cost_at(&Lr.kp.kernels[ki], si, &t[1], "red=1,threads=128");
+    printf("  row sum 5x300: a thread per row %.4g, a warp %.4g\n", thread, warp);
+    CHECK(warp > 0 && thread > warp);
+  } else {
+    CHECK_MSG(false, "no generic plan for the row sum");
+  }
+  lowered_free(&Lr);
+  cm_graph_free(gr);
 }
 
 /* ---- the emulated CUDA device ------------------------------------------------------------- */
