@@ -1,6 +1,6 @@
 /* The autotuner's spaces (codegen/tune_space.c) over the default variant's training step
- * (cmae_vit_tiny_fmnist at batch 64), f32 and bf16 (autocast), lowered for the host CPU, sm_80 and
- * sm_90:
+ * (cmae_vit_tiny_fmnist at batch 64), f32 and bf16 (autocast), lowered for the host CPU, znver4
+ * (AVX-512 and vdpbf16ps: applied, not run), sm_80 and sm_90:
  *   - the default point reproduces the lowered plan exactly (cm_kernel_print and every stage's
  *     cm_kcuda_plan_print byte for byte), and every point of every space (every 9th in CI)
  *     applies or is refused with CM_EINVALID naming the kernel; CUDA kernels render
@@ -181,12 +181,16 @@ static void sweep_stage(cm_kernel *k, int si, const cm_target *t, sweep *sw, int
 }
 
 static void step_spaces(int64_t stride) {
-  cm_target t[3];
+  cm_target t[4];
   targets(t);
+  /* and AVX-512 with vdpbf16ps (compiled for, not run: its 16-lane blocks and 32 registers) */
+  cm_err err = {0};
+  CHECK_MSG(cm_target_cpu("znver4", NULL, &t[3], &err) == CM_OK, "%s", err.msg);
+  CHECK(t[3].vector_lanes == 16 && t[3].cpu.dot_bf16);
   for (int bf16 = 0; bf16 < 2; bf16++) {
     cm_graph *g = step_graph(bf16, 64);
     if (!g) continue;
-    for (int ti = 0; ti < 3; ti++) {
+    for (int ti = 0; ti < 4; ti++) {
       lowered L = lower_for(g, &t[ti], 0);
       sweep sw = {0};
       for (int ki = 0; L.ok && ki < L.kp.n_kernels; ki++) {
