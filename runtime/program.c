@@ -143,6 +143,10 @@ cm_status cm_compile(const cm_graph *g, const cm_target *target, const cm_compil
   st = cm_lower_plan(pr->rg, p, &lo, &pr->kp, err);
   if (st != CM_OK) goto fail;
   pr->stats.lower_ms = now_ms() - t0;
+  /* tuned plans from the database, before anything is rendered */
+  st = cm_tune_apply_cached(&pr->kp, &pr->target, opts, &pr->stats.tuned_stages,
+                            &pr->stats.tune_ignored, err);
+  if (st != CM_OK) goto fail;
   pr->stats.n_kernels = pr->kp.n_kernels;
   for (int i = 0; i < pr->kp.n_kernels; i++) pr->stats.n_stages += pr->kp.kernels[i].n_stages;
 
@@ -156,6 +160,82 @@ cm_status cm_compile(const cm_graph *g, const cm_target *target, const cm_compil
 fail:
   cm_program_free(pr);
   return st;
+}
+
+/* Buffers k reads but never writes become sources bound by their node; the written arena
+ * buffers are packed into an arena of their own. */
+static cm_status rebind_kernel(const cm_graph *g, cm_kernel *k, int64_t *arena_bytes, cm_err *err) {
+  int64_t end = 0;
+  for (int b = 0; b < k->n_buffers; b++) {
+    cm_kbuffer *kb = &k->buffers[b];
+    if (kb->kind != CM_KBUF_ARENA) continue;
+    if (kb->written) {
+      kb->offset = end;
+      end += (kb->numel * cm_dtype_size(kb->dtype) + 63) / 64 * 64;
+      continue;
+    }
+    const cm_type *ty = kb->node >= 0 && kb->node < g->n_nodes ? &g->nodes[kb->node].type : NULL;
+    if (!ty || ty->dtype != kb->dtype || cm_type_numel(ty) != kb->numel)
+      return cm_errorf(err, CM_EINVALID,
+                       "kernel %s: buffer %d (node %d) is not its node's value: it cannot be "
+                       "bound as a source",
+                       k->name, b, kb->node);
+    kb->kind = CM_KBUF_SOURCE;
+    kb->offset = 0;
+  }
+  *arena_bytes = end;
+  return CM_OK;
+}
+
+cm_status cm_program_of_kernel(const cm_graph *g, const cm_plan *plan, cm_kernel *k,
+                               const cm_target *t, const cm_compile_opts *opts, cm_program **out,
+                               cm_err *err) {
+  *out = NULL;
+  cm_program *pr = calloc(1, sizeof *pr);
+  cm_kernel *ks = malloc(sizeof *ks);
+  if (!pr || !ks) {
+    free(pr);
+    free(ks);
+    cm_kernel_free(k);
+    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  }
+  *ks = *k;
+  memset(k, 0, sizeof *k);
+  pr->g = pr->rg = g;
+  pr->plan = plan;
+  pr->target = *t;
+  pr->kp.n_kernels = 1;
+  pr->kp.kernels = ks;
+  pr->kp.max_scratch_bytes = ks->scratch_bytes;
+  pr->be = opts->backend                       ? opts->backend
+           : pr->target.kind == CM_TARGET_CUDA ? &cm_backend_cuda
+                                               : &cm_backend_cpu;
+  pr->stats.n_kernels = 1;
+  pr->stats.n_stages = ks->n_stages;
+  cm_status st = rebind_kernel(g, ks, &pr->kp.arena_bytes, err);
+  pr->orig_of = malloc(sizeof(int) * (size_t)(g->n_nodes + 1));
+  pr->src_ptr = calloc((size_t)g->n_nodes + 1, sizeof(char *));
+  pr->out_id = calloc((size_t)g->n_outputs + 1, sizeof(int));
+  if (st == CM_OK && (!pr->orig_of || !pr->src_ptr || !pr->out_id))
+    st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+  if (st == CM_OK) {
+    for (int i = 0; i < g->n_nodes; i++) pr->orig_of[i] = -1;
+    for (int b = 0; b < ks->n_buffers; b++)
+      if (ks->buffers[b].kind == CM_KBUF_SOURCE)
+        pr->orig_of[ks->buffers[b].node] = ks->buffers[b].node;
+    for (int j = 0; j < g->n_outputs; j++) pr->out_id[j] = g->outputs[j];
+  }
+  cm_compile_opts co = *opts;
+  co.plan = plan;
+  if (st == CM_OK) st = pr->be->compile(pr, &co, &pr->stats, err);
+  if (st == CM_OK && !co.compile_only && (st = pr->be->alloc_arena(pr, &pr->stats, err)) == CM_OK)
+    pr->runnable = true;
+  if (st != CM_OK) {
+    cm_program_free(pr);
+    return st;
+  }
+  *out = pr;
+  return CM_OK;
 }
 
 const cm_graph *cm_program_graph(const cm_program *pr) {

@@ -80,5 +80,6 @@ int cmd_eval(int argc, char **argv);
 int cmd_recon(int argc, char **argv);
 int cmd_plot(int argc, char **argv);
 int cmd_export(int argc, char **argv);
+int cmd_tune(int argc, char **argv); /* tools/cli_tune.c */
 
 #endif
