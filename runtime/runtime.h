@@ -196,6 +196,52 @@ cm_status cm_cuda_module_source(const cm_kernel *k, const cm_target *t, bool no_
  * $XDG_CACHE_HOME/cmaec or ~/.cache/cmaec; NULL when disabled (""). */
 const char *cm_cache_dir(const char *given, char *buf, size_t size);
 
+/* ---- the tuning database (runtime/tuning_db.c) --------------------------
+ *
+ * The autotuner's memory (docs/runtime.md "Tuning database"): every trial and
+ * the best point per key, in one SQLite file shared by processes and ranks. A
+ * NULL cm_tune_db (caching disabled) is valid everywhere: puts do nothing,
+ * get_best finds nothing, the report says so. */
+typedef enum cm_tune_mode {
+  CM_TUNE_FROM_ENV = 0,
+  CM_TUNE_OFF,
+  CM_TUNE_CACHED,
+  CM_TUNE_SEARCH
+} cm_tune_mode;
+/* $CMAEC_TUNE = off|cached|search (unset or empty: cached); CM_EINVALID naming the variable and the
+ * allowed values. */
+cm_status cm_tune_mode_resolve(cm_tune_mode given, cm_tune_mode *out, cm_err *err);
+typedef struct cm_tune_db cm_tune_db;
+/* Opens or creates the SQLite database at path (NULL: <cm_cache_dir(NULL)>/tuning.db; caching
+ * disabled: *out = NULL and CM_OK), WAL mode, a busy timeout, so several processes and ranks share
+ * it. */
+cm_status cm_tune_db_open(const char *path, cm_tune_db **out, cm_err *err);
+void cm_tune_db_close(cm_tune_db *db);
+typedef struct cm_tune_key {
+  char kernel[65]; /* cm_kernel_structural_hash */
+  int stage;
+  char device[192]; /* cm_tune_device_id */
+  int version;      /* CM_TUNE_SPACE_VERSION */
+} cm_tune_key;
+/* CPU: "cpu <llvm cpu> <vector bits> [bf16] threads <n>"; CUDA: "cuda <gpu name> sm_<sm> driver
+ * <version>"; the emulated device (a CUDA target, gpu_name NULL): "emulated sm_<sm>". */
+void cm_tune_device_id(const cm_target *t, int threads, const char *gpu_name, int driver_version,
+                       char *out, size_t size);
+/* One candidate's outcome: ms >= 0 its median time, or failure != NULL (compile error, crash,
+ * invalid). */
+cm_status cm_tune_db_put_trial(cm_tune_db *db, const cm_tune_key *key, const char *point, double ms,
+                               const char *failure, cm_err *err);
+/* The choice after a search: the best point (ties broken by the caller, deterministically), its
+ * time and the default's; label is what the report shows ("k12_gemm s0 gemm 394x192x576"). */
+cm_status cm_tune_db_put_best(cm_tune_db *db, const cm_tune_key *key, const char *point,
+                              double best_ms, double default_ms, const char *label, cm_err *err);
+/* The best recorded for key (records of another version never match): *found false when none. */
+cm_status cm_tune_db_get_best(cm_tune_db *db, const cm_tune_key *key, char *point, size_t size,
+                              double *best_ms, bool *found, cm_err *err);
+/* cmaec tune --report: per key (device NULL: all devices), label, default ms, best ms, speedup,
+ * best point, trials, failures; then totals. */
+cm_status cm_tune_db_report(cm_tune_db *db, const char *device, FILE *out, cm_err *err);
+
 /* ---- compiling and running programs (runtime/program.c) ----------------- */
 
 /* A program: a graph's plan lowered to kernels (cm_kprogram) for a target,
