@@ -262,15 +262,6 @@ typedef enum cm_emit {
   CM_EMIT_BINARY,    /* cuda: the program's CUBIN (whole program only) */
 } cm_emit;
 
-/* Whether cm_compile uses tuned plans (runtime/tuning_db.c's cm_tune_mode_resolve; docs/runtime.md
- * "Autotuning"). */
-typedef enum cm_tune_mode {
-  CM_TUNE_FROM_ENV = 0,
-  CM_TUNE_OFF,
-  CM_TUNE_CACHED,
-  CM_TUNE_SEARCH
-} cm_tune_mode;
-
 typedef struct cm_compile_opts {
   int threads;               /* CPU: 0: $CMAEC_THREADS or OpenMP's default */
   const char *cache_dir;     /* CPU object cache; NULL: $CMAEC_CACHE_DIR, else

@@ -1,5 +1,5 @@
 /* runtime/tune_pending.h — TEMPORARY: the contract's declarations of codegen/tune_space.c
- * (helper tunespace) and runtime/tuning_db.c (helper tunedb) until their branches are merged;
+ * (helper tunespace) until their branches are merged;
  * deleted then. */
 #ifndef CMAEC_TUNE_PENDING_H
 #define CMAEC_TUNE_PENDING_H
@@ -35,23 +35,4 @@ cm_status cm_tune_point_parse(const cm_tune_space *s, const char *text, cm_tune_
 void cm_kernel_structural_hash(const cm_kernel *k, char out[65]);
 double cm_tune_model_cost(const cm_kernel *k, int stage, const cm_target *t);
 
-cm_status cm_tune_mode_resolve(cm_tune_mode given, cm_tune_mode *out, cm_err *err);
-typedef struct cm_tune_db cm_tune_db;
-cm_status cm_tune_db_open(const char *path, cm_tune_db **out, cm_err *err);
-void cm_tune_db_close(cm_tune_db *db);
-typedef struct cm_tune_key {
-  char kernel[65];
-  int stage;
-  char device[192];
-  int version;
-} cm_tune_key;
-void cm_tune_device_id(const cm_target *t, int threads, const char *gpu_name, int driver_version,
-                       char *out, size_t size);
-cm_status cm_tune_db_put_trial(cm_tune_db *db, const cm_tune_key *key, const char *point, double ms,
-                               const char *failure, cm_err *err);
-cm_status cm_tune_db_put_best(cm_tune_db *db, const cm_tune_key *key, const char *point,
-                              double best_ms, double default_ms, const char *label, cm_err *err);
-cm_status cm_tune_db_get_best(cm_tune_db *db, const cm_tune_key *key, char *point, size_t size,
-                              double *best_ms, bool *found, cm_err *err);
-cm_status cm_tune_db_report(cm_tune_db *db, const char *device, FILE *out, cm_err *err);
 #endif

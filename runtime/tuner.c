@@ -591,60 +591,133 @@ static int cmp_measured(const void *a, const void *b) {
   return x->index < y->index ? -1 : x->index > y->index; /* ties: the lower point index */
 }
 
-/* Measures the candidates of item it (point 0, the default, always) until the stage's share of
- * the budget is spent; fills m (n_m entries, in point order). */
-static cm_status measure_candidates(tune_run *r, const tune_item *it, double stage_deadline,
-                                    measured *m, int *n_m, bool *cut, cm_err *err) {
-  const cm_kernel *k = &r->kp->kernels[it->kernel];
-  int64_t n = it->space.n_points;
-  if (r->o->max_candidates > 0 && n > r->o->max_candidates) n = r->o->max_candidates;
-  double best = 0;
-  *n_m = 0;
-  *cut = false;
-  for (int64_t i = 0; i < n; i++) {
-    if (i > 0 && stage_deadline > 0 && now_s() > stage_deadline) {
-      *cut = true;
-      break;
-    }
-    progress(r, it->label, i, n);
-    cm_tune_point p;
-    cm_tune_point_at(&it->space, i, &p);
-    char text[256];
-    cm_tune_point_format(&it->space, &p, text, sizeof text);
-    cm_kernel copy;
-    cm_status st = kernel_copy(k, &copy, err);
-    if (st != CM_OK) return st;
-    trial t = {0};
-    cm_err e = {0};
-    st = cm_tune_apply(&copy, it->stage, r->ctx.t, &p, &e);
-    if (st != CM_OK) {
-      cm_kernel_free(&copy);
-      if (st != CM_EINVALID) return cm_errorf(err, st, "%s: %s: %s", it->label, text, e.msg);
-      snprintf(t.failure, sizeof t.failure, "pruned: %s", e.msg);
-      r->st->pruned++;
-    } else {
-      measure(&r->ctx, &copy, it->stage, false, best, &t);
-      r->st->candidates++;
-      if (!t.ok) r->st->failed++;
-    }
-    if ((st = record_trial(r, text, &t, err)) != CM_OK) return st;
-    if (!t.ok) continue;
-    m[(*n_m)++] = (measured){i, t.ms};
-    if (best <= 0 || t.ms < best) best = t.ms;
+/* The index of point p in cm_tune_point_at's order (mixed radix, the first knob fastest, each
+ * knob's digit counted from its default); -1 when a value is not a candidate. */
+static int64_t point_index(const cm_tune_space *s, const cm_tune_point *p) {
+  int64_t index = 0, scale = 1;
+  for (int k = 0; k < s->n_knobs; k++) {
+    const cm_tune_knob *kn = &s->knobs[k];
+    int at = -1;
+    for (int v = 0; v < kn->n_values; v++)
+      if (kn->values[v] == p->value[k]) at = v;
+    if (at < 0) return -1;
+    index += scale * ((at - kn->default_index + kn->n_values) % kn->n_values);
+    scale *= kn->n_values;
   }
+  return index;
+}
+
+/* What the search of one stage has measured. */
+typedef struct stage_search {
+  const tune_item *it;
+  double deadline; /* 0: none */
+  int64_t limit;   /* candidates at most */
+  measured *m;     /* the candidates that ran, in the order they did */
+  int n_m;
+  int64_t *tried; /* every point index tried (pruned and failed ones too) */
+  int64_t n_tried;
+  double best;
+  bool cut; /* stopped by the deadline */
+} stage_search;
+
+static bool search_over(stage_search *ss) {
+  if (ss->n_tried >= ss->limit) return true;
+  if (ss->n_tried > 0 && ss->deadline > 0 && now_s() > ss->deadline) return ss->cut = true;
+  return false;
+}
+
+/* Measures point i of the stage unless it was tried; records the trial. */
+static cm_status try_point(tune_run *r, stage_search *ss, int64_t i, cm_err *err) {
+  for (int64_t q = 0; q < ss->n_tried; q++)
+    if (ss->tried[q] == i) return CM_OK;
+  if (search_over(ss)) return CM_OK;
+  const tune_item *it = ss->it;
+  ss->tried[ss->n_tried++] = i;
+  progress(r, it->label, ss->n_tried, ss->limit);
+  cm_tune_point p;
+  cm_tune_point_at(&it->space, i, &p);
+  char text[256];
+  cm_tune_point_format(&it->space, &p, text, sizeof text);
+  cm_kernel copy;
+  cm_status st = kernel_copy(&r->kp->kernels[it->kernel], &copy, err);
+  if (st != CM_OK) return st;
+  trial t = {0};
+  cm_err e = {0};
+  st = cm_tune_apply(&copy, it->stage, r->ctx.t, &p, &e);
+  if (st != CM_OK) {
+    cm_kernel_free(&copy);
+    if (st != CM_EINVALID) return cm_errorf(err, st, "%s: %s: %s", it->label, text, e.msg);
+    snprintf(t.failure, sizeof t.failure, "pruned: %s", e.msg);
+    r->st->pruned++;
+  } else {
+    measure(&r->ctx, &copy, it->stage, false, ss->best, &t);
+    r->st->candidates++;
+    if (!t.ok) r->st->failed++;
+  }
+  if ((st = record_trial(r, text, &t, err)) != CM_OK || !t.ok) return st;
+  ss->m[ss->n_m++] = (measured){i, t.ms};
+  if (ss->best <= 0 || t.ms < ss->best) ss->best = t.ms;
   return CM_OK;
+}
+
+static int64_t best_index(const stage_search *ss) {
+  int best = 0;
+  for (int j = 1; j < ss->n_m; j++)
+    if (cmp_measured(&ss->m[j], &ss->m[best]) < 0) best = j;
+  return ss->n_m ? ss->m[best].index : 0;
+}
+
+/* Coordinate descent from the default: each knob in turn swept with the others at the best
+ * point so far, until a pass changes nothing. */
+static cm_status descend(tune_run *r, stage_search *ss, cm_err *err) {
+  const cm_tune_space *s = &ss->it->space;
+  cm_status st = try_point(r, ss, 0, err);
+  for (int64_t before = -1; st == CM_OK && before != best_index(ss) && !search_over(ss);) {
+    before = best_index(ss);
+    for (int k = 0; k < s->n_knobs && st == CM_OK; k++) {
+      cm_tune_point p;
+      cm_tune_point_at(s, best_index(ss), &p);
+      for (int v = 0; v < s->knobs[k].n_values && st == CM_OK; v++) {
+        p.value[k] = s->knobs[k].values[v];
+        st = try_point(r, ss, point_index(s, &p), err);
+      }
+    }
+  }
+  return st;
+}
+
+/* Measures candidates of item it until the limit or the stage's share of the budget: every
+ * point in order on the emulated device (a model's cost) or when they are few, else by
+ * coordinate descent. The default (point 0) always runs. */
+static cm_status measure_candidates(tune_run *r, stage_search *ss, cm_err *err) {
+  enum { EXHAUSTIVE_UP_TO = 24 };
+  int64_t n = ss->it->space.n_points;
+  if (r->ctx.emulated || n <= EXHAUSTIVE_UP_TO) {
+    cm_status st = CM_OK;
+    for (int64_t i = 0; i < n && st == CM_OK && !search_over(ss); i++)
+      st = try_point(r, ss, i, err);
+    return st;
+  }
+  return descend(r, ss, err);
 }
 
 /* Searches item it: the fastest candidate that agrees with the oracle becomes the best. */
 static cm_status search_item(tune_run *r, const tune_item *it, double stage_deadline, cm_err *err) {
   int64_t n = it->space.n_points;
   if (r->o->max_candidates > 0 && n > r->o->max_candidates) n = r->o->max_candidates;
-  measured *m = malloc(sizeof *m * (size_t)(n + 1));
-  if (!m) return cm_errorf(err, CM_EINTERNAL, "out of memory");
-  int n_m;
-  bool cut;
-  cm_status st = measure_candidates(r, it, stage_deadline, m, &n_m, &cut, err);
-  if (cut) r->st->over_budget++;
+  stage_search ss = {.it = it, .deadline = stage_deadline, .limit = n};
+  ss.m = malloc(sizeof *ss.m * (size_t)(n + 1));
+  ss.tried = malloc(sizeof *ss.tried * (size_t)(n + 1));
+  if (!ss.m || !ss.tried) {
+    free(ss.m);
+    free(ss.tried);
+    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  }
+  cm_status st = measure_candidates(r, &ss, err);
+  if (ss.cut) r->st->over_budget++;
+  measured *m = ss.m;
+  int n_m = ss.n_m;
+  free(ss.tried);
   double default_ms = n_m > 0 && m[0].index == 0 ? m[0].ms : -1;
   qsort(m, (size_t)n_m, sizeof *m, cmp_measured);
   for (int j = 0; st == CM_OK && default_ms >= 0 && j < n_m; j++) {
