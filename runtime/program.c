@@ -162,27 +162,60 @@ fail:
   return st;
 }
 
-/* Buffers k reads but never writes become sources bound by their node; the written arena
- * buffers are packed into an arena of their own. */
-static cm_status rebind_kernel(const cm_graph *g, cm_kernel *k, int64_t *arena_bytes, cm_err *err) {
+/* The graph of a one-kernel program: a node per node of g the kernel reads (an input; a state
+ * for a source it updates in place; a copy of a const), its buffers renumbered to it. Buffers
+ * k reads but never writes become sources; the arena buffers it writes (node -1) are packed into
+ * an arena of their own; its status words keep their node ids apart (they name a node only when
+ * an index is out of range, which random inputs of 0 never are). */
+static cm_status kernel_graph(const cm_graph *g, cm_kernel *k, cm_graph **out, int64_t *arena_bytes,
+                              cm_err *err) {
+  cm_graph *kg = cm_graph_new();
+  int *map = malloc(sizeof(int) * (size_t)(g->n_nodes + 1));
+  if (!kg || !map) {
+    cm_graph_free(kg);
+    free(map);
+    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  }
+  for (int v = 0; v < g->n_nodes; v++) map[v] = -1;
   int64_t end = 0;
-  for (int b = 0; b < k->n_buffers; b++) {
+  cm_status st = CM_OK;
+  for (int b = 0; b < k->n_buffers && st == CM_OK; b++) {
     cm_kbuffer *kb = &k->buffers[b];
-    if (kb->kind != CM_KBUF_ARENA) continue;
-    if (kb->written) {
+    int v = kb->node;
+    if (kb->kind == CM_KBUF_ARENA && kb->written) {
       kb->offset = end;
-      end += (kb->numel * cm_dtype_size(kb->dtype) + 63) / 64 * 64;
+      end += (kb->numel * (int64_t)cm_dtype_size(kb->dtype) + 63) / 64 * 64;
+      kb->node = -1;
       continue;
     }
-    const cm_type *ty = kb->node >= 0 && kb->node < g->n_nodes ? &g->nodes[kb->node].type : NULL;
-    if (!ty || ty->dtype != kb->dtype || cm_type_numel(ty) != kb->numel)
-      return cm_errorf(err, CM_EINVALID,
-                       "kernel %s: buffer %d (node %d) is not its node's value: it cannot be "
-                       "bound as a source",
-                       k->name, b, kb->node);
-    kb->kind = CM_KBUF_SOURCE;
-    kb->offset = 0;
+    if (kb->kind == CM_KBUF_STATUS || kb->kind == CM_KBUF_SCRATCH) continue;
+    const cm_type *ty = v >= 0 && v < g->n_nodes ? &g->nodes[v].type : NULL;
+    if (!ty || ty->dtype != kb->dtype || cm_type_numel(ty) != kb->numel) {
+      st = cm_errorf(err, CM_EINVALID,
+                     "kernel %s: buffer %d (node %d) is not its node's value: it cannot be "
+                     "bound alone",
+                     k->name, b, v);
+      break;
+    }
+    if (map[v] < 0) {
+      const cm_node *n = &g->nodes[v];
+      map[v] = kb->kind == CM_KBUF_CONST
+                   ? cm_const_data(kg, NULL, ty->dtype, ty->rank, ty->dims, n->attrs.data)
+               : kb->kind == CM_KBUF_SOURCE && kb->written
+                   ? cm_state(kg, NULL, ty->dtype, ty->rank, ty->dims, n->attrs.init)
+                   : cm_input(kg, NULL, ty->dtype, ty->rank, ty->dims);
+      if (map[v] < 0)
+        st = cm_errorf(err, CM_EINTERNAL, "kernel %s: %s", k->name, cm_graph_error(kg));
+    }
+    if (kb->kind == CM_KBUF_ARENA) kb->kind = CM_KBUF_SOURCE, kb->offset = 0;
+    kb->node = map[v];
   }
+  free(map);
+  if (st != CM_OK) {
+    cm_graph_free(kg);
+    return st;
+  }
+  *out = kg;
   *arena_bytes = end;
   return CM_OK;
 }
@@ -201,7 +234,6 @@ cm_status cm_program_of_kernel(const cm_graph *g, const cm_plan *plan, cm_kernel
   }
   *ks = *k;
   memset(k, 0, sizeof *k);
-  pr->g = pr->rg = g;
   pr->plan = plan;
   pr->target = *t;
   pr->kp.n_kernels = 1;
@@ -212,18 +244,10 @@ cm_status cm_program_of_kernel(const cm_graph *g, const cm_plan *plan, cm_kernel
                                                : &cm_backend_cpu;
   pr->stats.n_kernels = 1;
   pr->stats.n_stages = ks->n_stages;
-  cm_status st = rebind_kernel(g, ks, &pr->kp.arena_bytes, err);
-  pr->orig_of = malloc(sizeof(int) * (size_t)(g->n_nodes + 1));
-  pr->src_ptr = calloc((size_t)g->n_nodes + 1, sizeof(char *));
-  pr->out_id = calloc((size_t)g->n_outputs + 1, sizeof(int));
-  if (st == CM_OK && (!pr->orig_of || !pr->src_ptr || !pr->out_id))
-    st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+  cm_status st = kernel_graph(g, ks, &pr->own_g, &pr->kp.arena_bytes, err);
   if (st == CM_OK) {
-    for (int i = 0; i < g->n_nodes; i++) pr->orig_of[i] = -1;
-    for (int b = 0; b < ks->n_buffers; b++)
-      if (ks->buffers[b].kind == CM_KBUF_SOURCE)
-        pr->orig_of[ks->buffers[b].node] = ks->buffers[b].node;
-    for (int j = 0; j < g->n_outputs; j++) pr->out_id[j] = g->outputs[j];
+    pr->g = pr->rg = pr->own_g;
+    st = map_sources_and_outputs(pr, err);
   }
   cm_compile_opts co = *opts;
   co.plan = plan;

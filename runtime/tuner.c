@@ -14,7 +14,6 @@
  * On the emulated CUDA device a candidate's time is cm_tune_model_cost: deterministic, so the
  * tuner's tests know its choices. */
 #include "runtime.h"
-#include "tune_pending.h"
 
 #include <errno.h>
 #include <math.h>
@@ -336,12 +335,12 @@ static bool within_bounds(cm_dtype dtype, const void *got, const cm_tensor *want
   return true;
 }
 
-/* The node a written buffer holds after the run: its own, or for a state updated in place the
- * assign that writes it. */
-static int written_node(const cm_graph *g, const cm_kbuffer *kb) {
-  if (kb->kind != CM_KBUF_SOURCE) return kb->node;
+/* The node of g a written buffer holds after the run: its own, or for a state updated in place
+ * the assign that writes it. */
+static int written_node(const cm_graph *g, const cm_kbuffer *kb, int node) {
+  if (kb->kind != CM_KBUF_SOURCE) return node;
   for (int q = 0; q < g->n_nodes; q++)
-    if (g->nodes[q].op == CM_OP_ASSIGN && g->nodes[q].inputs[0] == kb->node) return q;
+    if (g->nodes[q].op == CM_OP_ASSIGN && g->nodes[q].inputs[0] == node) return q;
   return -1;
 }
 
@@ -349,35 +348,52 @@ static bool is_source_op(cm_op op) {
   return op == CM_OP_INPUT || op == CM_OP_PARAM || op == CM_OP_STATE;
 }
 
+/* The oracle's values and bounds of the kernel's group on the program's inputs: orig[b] is the
+ * node of c->g that buffer b of the one-kernel program holds. */
+static cm_status oracle_eval(const tune_ctx *c, const cm_program *pr, const int *orig,
+                             const bound_sources *bs, cm_tensor *values, cm_tensor *bounds,
+                             cm_err *err) {
+  const cm_graph *g = c->g;
+  const cm_kernel *k = &cm_program_kernels(pr)->kernels[0];
+  const cm_tensor **srcs = calloc((size_t)g->n_nodes + 1, sizeof *srcs);
+  if (!srcs) return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  cm_status st = CM_OK;
+  for (int b = 0; b < k->n_buffers && st == CM_OK; b++) {
+    int v = orig[b], kv = k->buffers[b].node;
+    if (k->buffers[b].kind != CM_KBUF_SOURCE || v < 0 || srcs[v] || values[v].data) continue;
+    if (is_source_op(g->nodes[v].op))
+      srcs[v] = bs->ptrs[kv];
+    else
+      st = cm_tensor_copy(&values[v], bs->ptrs[kv], err);
+  }
+  if (st == CM_OK && k->group < 0)
+    st = cm_errorf(err, CM_EINVALID, "kernel %s implements no group of the plan", k->name);
+  if (st == CM_OK) st = cm_plan_eval_group_bounded(g, c->plan, k->group, srcs, values, bounds, err);
+  free(srcs);
+  return st;
+}
+
 /* One run on fresh random inputs, every written buffer against the oracle's evaluation of the
  * kernel's group on the same inputs (cm_plan_eval_group_bounded) within its error bounds. */
-static void check_candidate(cm_program *pr, const tune_ctx *c, bound_sources *bs, trial *r) {
+static void check_candidate(cm_program *pr, const tune_ctx *c, const int *orig, bound_sources *bs,
+                            trial *r) {
   const cm_graph *g = c->g;
   const cm_kernel *k = &cm_program_kernels(pr)->kernels[0];
   int n = g->n_nodes;
   cm_tensor *values = calloc((size_t)n + 1, sizeof *values);
   cm_tensor *bounds = calloc((size_t)n + 1, sizeof *bounds);
-  const cm_tensor **srcs = calloc((size_t)n + 1, sizeof *srcs);
   cm_err e = {0};
-  cm_status st = values && bounds && srcs ? CM_OK : cm_errorf(&e, CM_EINTERNAL, "out of memory");
-  for (int v = 0; v < n && st == CM_OK; v++) {
-    if (!bs->ptrs[v]) continue;
-    if (is_source_op(g->nodes[v].op))
-      srcs[v] = bs->ptrs[v];
-    else
-      st = cm_tensor_copy(&values[v], bs->ptrs[v], &e);
-  }
-  if (st == CM_OK && k->group < 0)
-    st = cm_errorf(&e, CM_EINVALID, "kernel %s implements no group of the plan", k->name);
-  if (st == CM_OK) st = cm_plan_eval_group_bounded(g, c->plan, k->group, srcs, values, bounds, &e);
+  cm_status st = values && bounds ? oracle_eval(c, pr, orig, bs, values, bounds, &e)
+                                  : cm_errorf(&e, CM_EINTERNAL, "out of memory");
   if (st == CM_OK) st = cm_program_run(pr, bs->ptrs, NULL, &e);
   r->ok = st == CM_OK;
   if (st != CM_OK) snprintf(r->failure, sizeof r->failure, "oracle check: %s", e.msg);
   for (int b = 0; r->ok && b < k->n_buffers; b++) {
     const cm_kbuffer *kb = &k->buffers[b];
     if (!kb->written || (kb->kind != CM_KBUF_ARENA && kb->kind != CM_KBUF_SOURCE)) continue;
-    int v = written_node(g, kb);
-    const void *got = v >= 0 ? cm_program_value(pr, v) : NULL;
+    int v = written_node(g, kb, orig[b]);
+    const void *got = kb->kind == CM_KBUF_SOURCE ? bs->ptrs[kb->node]->data
+                                                 : cm_program_backend(pr)->buffer(pr, 0, b);
     if (v < 0 || !got || !values[v].data || cm_type_numel(&values[v].type) != kb->numel) {
       snprintf(r->failure, sizeof r->failure,
                "oracle check: buffer %d of kernel %s holds no output of its group", b, k->name);
@@ -396,7 +412,6 @@ static void check_candidate(cm_program *pr, const tune_ctx *c, bound_sources *bs
   }
   free(values);
   free(bounds);
-  free(srcs);
 }
 
 /* Compiles kernel k (owned) alone and times stage `stage` of it, or (check) checks it against
@@ -410,19 +425,28 @@ static void candidate_job(const tune_ctx *c, cm_kernel *k, int stage, bool check
   co.tune = CM_TUNE_OFF;
   cm_program *pr = NULL;
   cm_err e = {0};
+  int *orig = malloc(sizeof(int) * (size_t)(k->n_buffers + 1));
+  if (!orig) {
+    snprintf(r->failure, sizeof r->failure, "out of memory");
+    cm_kernel_free(k);
+    return;
+  }
+  for (int b = 0; b < k->n_buffers; b++) orig[b] = k->buffers[b].node;
   if (cm_program_of_kernel(c->g, c->plan, k, c->t, &co, &pr, &e) != CM_OK) {
     snprintf(r->failure, sizeof r->failure, "compile: %s", e.msg);
+    free(orig);
     return;
   }
   bound_sources bs = {0};
   if (make_sources(pr, &bs, &e) != CM_OK)
     snprintf(r->failure, sizeof r->failure, "inputs: %s", e.msg);
   else if (check)
-    check_candidate(pr, c, &bs, r);
+    check_candidate(pr, c, orig, &bs, r);
   else
     time_candidate(pr, bs.ptrs, stage, best_ms, r);
-  bound_sources_free(&bs, c->g->n_nodes);
+  bound_sources_free(&bs, cm_program_graph(pr)->n_nodes);
   cm_program_free(pr);
+  free(orig);
 }
 
 /* Reads a child's trial from fd until it closes or the deadline passes. */

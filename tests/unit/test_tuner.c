@@ -16,16 +16,20 @@
 #include <string.h>
 #include <unistd.h>
 
-/* tanh(tanh(x w1) w2): two kernels, one GEMM structure (w1, w2 both D x D). */
-static cm_graph *two_layers(int64_t m, int64_t d) {
+/* tanh(tanh(tanh(x w1) w2) w3): three GEMM kernels, the last two of one structure (both read
+ * the layer before from the arena), so two distinct tunable stages for three. */
+static cm_graph *three_layers(int64_t m, int64_t d) {
   cm_graph *g = cm_graph_new();
   int64_t xd[2] = {m, d}, wd[2] = {d, d};
-  int x = cm_input(g, "x", CM_F32, 2, xd);
-  int w1 = cm_input(g, "w1", CM_F32, 2, wd), w2 = cm_input(g, "w2", CM_F32, 2, wd);
-  int h = cm_unary(g, CM_OP_TANH, cm_matmul(g, x, w1, false, false, "h0"), "h");
-  int y = cm_unary(g, CM_OP_TANH, cm_matmul(g, h, w2, false, false, "y0"), "y");
+  int h = cm_input(g, "x", CM_F32, 2, xd);
+  for (int l = 0; l < 3; l++) {
+    char name[8];
+    snprintf(name, sizeof name, "w%d", l);
+    int w = cm_input(g, name, CM_F32, 2, wd);
+    h = cm_unary(g, CM_OP_TANH, cm_matmul(g, h, w, false, false, NULL), NULL);
+  }
   cm_err err = {0};
-  CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
+  CHECK(cm_graph_add_output(g, h, &err) == CM_OK);
   CHECK_MSG(cm_graph_verify(g, &err) == CM_OK, "%s", err.msg);
   return g;
 }
@@ -47,11 +51,12 @@ static void remove_dir(const char *d) {
 
 /* The distinct tunable stages of g's program for t (what cm_tune should search), and how many
  * stages of the program they stand for. */
+enum { MAX_ITEMS = 4 };
 typedef struct expected {
   int distinct, occurrences;
-  int kernel, stage; /* the first one */
-  char hash[65];
-  cm_tune_space space;
+  int kernel[MAX_ITEMS], stage[MAX_ITEMS], count[MAX_ITEMS]; /* the first of each */
+  char hash[MAX_ITEMS][65];
+  cm_tune_space space[MAX_ITEMS];
 } expected;
 
 static expected expect_stages(const cm_graph *g, const cm_target *t, const cm_compile_opts *co) {
@@ -71,13 +76,17 @@ static expected expect_stages(const cm_graph *g, const cm_target *t, const cm_co
       char hash[65];
       cm_kernel_structural_hash(&kp->kernels[i], hash);
       e.occurrences++;
-      if (e.distinct == 0) {
-        e.distinct = 1, e.kernel = i, e.stage = s, e.space = sp;
-        memcpy(e.hash, hash, sizeof hash);
-      } else {
-        /* this graph's tunable stages all share one structure */
-        CHECK(strcmp(hash, e.hash) == 0 && s == e.stage);
+      int q = 0;
+      while (q < e.distinct && !(strcmp(hash, e.hash[q]) == 0 && s == e.stage[q])) q++;
+      if (q < e.distinct) {
+        e.count[q]++;
+        continue;
       }
+      CHECK(e.distinct < MAX_ITEMS);
+      if (e.distinct == MAX_ITEMS) break;
+      e.kernel[q] = i, e.stage[q] = s, e.space[q] = sp, e.count[q] = 1;
+      memcpy(e.hash[q], hash, sizeof hash);
+      e.distinct++;
     }
   cm_program_free(pr);
   return e;
@@ -113,9 +122,9 @@ static int run_against_oracle(const cm_graph *g, const cm_target *t, const cm_co
   return ps.tuned_stages;
 }
 
-static cm_tune_key key_of(const expected *e, const cm_target *t, const cm_compile_opts *co) {
-  cm_tune_key key = {.stage = e->stage, .version = CM_TUNE_SPACE_VERSION};
-  memcpy(key.kernel, e->hash, sizeof key.kernel);
+static cm_tune_key key_of(const expected *e, int q, const cm_target *t, const cm_compile_opts *co) {
+  cm_tune_key key = {.stage = e->stage[q], .version = CM_TUNE_SPACE_VERSION};
+  memcpy(key.kernel, e->hash[q], sizeof key.kernel);
   cm_tune_device_for(t, co, key.device, sizeof key.device);
   return key;
 }
@@ -134,37 +143,46 @@ static void best_recorded(const char *dir, const cm_tune_key *key, char *point, 
   cm_tune_db_close(db);
 }
 
+static int64_t at_most(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+
 /* On the CPU: a few candidates measured (in forked children), the best checked and recorded; a
- * second tune finds it; the program compiled after plans both kernels so, and off does not. */
+ * second tune finds it; the program compiled after plans every kernel so, and off does not. */
 static void test_tune_cpu(void) {
-  cm_graph *g = two_layers(70, 96);
+  cm_graph *g = three_layers(70, 96);
   const char *dir = fresh_dir("cpu");
   cm_target t;
   cm_err err = {0};
   CHECK(cm_target_cpu(NULL, NULL, &t, &err) == CM_OK);
   cm_compile_opts co = {.cache_dir = dir, .threads = 2};
   expected e = expect_stages(g, &t, &co);
-  CHECK(e.distinct == 1 && e.occurrences == 2);
-  cm_tune_opts o = {.max_candidates = 4};
+  CHECK(e.distinct == 2 && e.occurrences == 3);
+  enum { LIMIT = 4 };
+  cm_tune_opts o = {.max_candidates = LIMIT};
   cm_tune_stats st;
   CHECK_MSG(cm_tune(g, &t, &co, &o, &st, &err) == CM_OK, "%s", err.msg);
-  int64_t want = e.space.n_points < 4 ? e.space.n_points : 4;
-  CHECK(st.stages_tunable == 1 && st.searched == 1 && st.from_db == 0 && st.over_budget == 0);
+  int64_t want = 0;
+  for (int q = 0; q < e.distinct; q++) want += at_most(e.space[q].n_points, LIMIT);
+  CHECK(st.stages_tunable == e.distinct && st.searched == e.distinct && st.from_db == 0);
+  CHECK(st.over_budget == 0);
   CHECK_MSG(st.candidates + st.pruned == want && st.failed == 0,
             "%d candidates, %d pruned, %d failed of %lld", st.candidates, st.pruned, st.failed,
             (long long)want);
   CHECK(st.default_ms > 0 && st.tuned_ms > 0 && st.tuned_ms <= st.default_ms);
-  cm_tune_key key = key_of(&e, &t, &co);
-  char point[256];
-  bool found;
-  best_recorded(dir, &key, point, sizeof point, &found);
-  CHECK(found);
-  cm_tune_point p;
-  CHECK_MSG(!found || cm_tune_point_parse(&e.space, point, &p, &err) == CM_OK, "%s", err.msg);
+  for (int q = 0; q < e.distinct; q++) {
+    cm_tune_key key = key_of(&e, q, &t, &co);
+    char point[256];
+    bool found;
+    best_recorded(dir, &key, point, sizeof point, &found);
+    CHECK(found);
+    cm_tune_point p;
+    CHECK_MSG(!found || cm_tune_point_parse(&e.space[q], point, &p, &err) == CM_OK, "%s", err.msg);
+  }
 
   cm_tune_stats again;
   CHECK(cm_tune(g, &t, &co, &o, &again, &err) == CM_OK);
-  CHECK(again.searched == 0 && again.from_db == 1 && again.candidates == 0);
+  CHECK(again.searched == 0 && again.from_db == e.distinct && again.candidates == 0);
 
   int ignored = -1;
   CHECK(run_against_oracle(g, &t, &co, &ignored) == e.occurrences);
@@ -186,15 +204,15 @@ static void test_tune_cpu(void) {
 
 /* A best point that no longer parses is ignored (and counted), the stage planned as lowered. */
 static void test_stale_record(void) {
-  cm_graph *g = two_layers(20, 40);
+  cm_graph *g = three_layers(20, 40);
   const char *dir = fresh_dir("stale");
   cm_target t;
   cm_err err = {0};
   CHECK(cm_target_cpu(NULL, NULL, &t, &err) == CM_OK);
   cm_compile_opts co = {.cache_dir = dir};
   expected e = expect_stages(g, &t, &co);
-  CHECK(e.distinct == 1);
-  cm_tune_key key = key_of(&e, &t, &co);
+  CHECK(e.distinct >= 1);
+  cm_tune_key key = key_of(&e, 0, &t, &co);
   char path[256];
   snprintf(path, sizeof path, "%s/tuning.db", dir);
   cm_tune_db *db = NULL;
@@ -205,15 +223,40 @@ static void test_stale_record(void) {
   }
   int ignored = -1;
   CHECK(run_against_oracle(g, &t, &co, &ignored) == 0);
-  CHECK(ignored == e.occurrences);
+  CHECK(ignored == e.count[0]);
   remove_dir(dir);
   cm_graph_free(g);
+}
+
+/* The cheapest valid candidate of item q's first n points under the cost model (ties: the lower
+ * index), each applied to a fresh lowering; *valid counts those that apply. */
+static int64_t cheapest(const cm_graph *g, const cm_target *t, const cm_compile_opts *lo,
+                        const expected *e, int q, int64_t n, double *cost, int *valid) {
+  int64_t best = -1;
+  cm_err err = {0};
+  for (int64_t i = 0; i < n; i++) {
+    cm_program *one = NULL;
+    CHECK(cm_compile(g, t, lo, &one, &err) == CM_OK);
+    if (!one) break;
+    cm_kernel *k = &((cm_kprogram *)cm_program_kernels(one))->kernels[e->kernel[q]];
+    cm_tune_point p;
+    cm_tune_point_at(&e->space[q], i, &p);
+    cm_status st = cm_tune_apply(k, e->stage[q], t, &p, &err);
+    CHECK(st == CM_OK || st == CM_EINVALID);
+    if (st == CM_OK) {
+      double c = cm_tune_model_cost(k, e->stage[q], t);
+      (*valid)++;
+      if (best < 0 || c < *cost) best = i, *cost = c;
+    }
+    cm_program_free(one);
+  }
+  return best;
 }
 
 /* The emulated device's times are the cost model's: the choice is the cheapest valid candidate
  * of the first max_candidates points, ties to the lower index. */
 static void test_tune_emulated(void) {
-  cm_graph *g = two_layers(40, 64);
+  cm_graph *g = three_layers(40, 64);
   const char *dir = fresh_dir("emu");
   cm_target t;
   cm_err err = {0};
@@ -221,55 +264,42 @@ static void test_tune_emulated(void) {
   cm_cuda_backend_opts bo = {emu_driver(), emu_compiler(), 0, CM_CUDA_GRAPHS_OFF, 1};
   cm_compile_opts co = {.cache_dir = dir, .backend_opts = &bo};
   expected e = expect_stages(g, &t, &co);
-  CHECK(e.distinct == 1 && e.occurrences == 2);
-  enum { LIMIT = 40 };
-  int64_t n = e.space.n_points < LIMIT ? e.space.n_points : LIMIT;
-  /* the expected choice, from the model over a fresh lowering */
+  CHECK(e.distinct >= 1 && e.occurrences == 3);
+  enum { LIMIT = 24 };
   cm_compile_opts lo = co;
   lo.compile_only = lo.render_only = true;
   lo.tune = CM_TUNE_OFF;
-  cm_program *pr = NULL;
-  CHECK(cm_compile(g, &t, &lo, &pr, &err) == CM_OK);
-  int64_t best = -1;
-  double best_cost = 0;
-  int valid = 0;
-  for (int64_t i = 0; pr && i < n; i++) {
-    cm_program *one = NULL;
-    CHECK(cm_compile(g, &t, &lo, &one, &err) == CM_OK);
-    if (!one) break;
-    cm_kernel *k = &((cm_kprogram *)cm_program_kernels(one))->kernels[e.kernel];
-    cm_tune_point p;
-    cm_tune_point_at(&e.space, i, &p);
-    cm_status st = cm_tune_apply(k, e.stage, &t, &p, &err);
-    CHECK(st == CM_OK || st == CM_EINVALID);
-    if (st == CM_OK) {
-      double c = cm_tune_model_cost(k, e.stage, &t);
-      valid++;
-      if (best < 0 || c < best_cost) best = i, best_cost = c;
-    }
-    cm_program_free(one);
+  int64_t best[MAX_ITEMS];
+  double cost[MAX_ITEMS], tuned = 0;
+  int valid = 0, tried = 0;
+  for (int q = 0; q < e.distinct; q++) {
+    int64_t n = at_most(e.space[q].n_points, LIMIT);
+    tried += (int)n;
+    best[q] = cheapest(g, &t, &lo, &e, q, n, &cost[q], &valid);
+    CHECK(best[q] >= 0);
+    tuned += cost[q] * e.count[q];
   }
-  cm_program_free(pr);
-  CHECK(best >= 0);
   cm_tune_opts o = {.max_candidates = LIMIT};
   cm_tune_stats st;
   CHECK_MSG(cm_tune(g, &t, &co, &o, &st, &err) == CM_OK, "%s", err.msg);
-  CHECK(st.stages_tunable == 1 && st.searched == 1 && st.failed == 0);
-  CHECK(st.candidates == valid && st.pruned == n - valid);
-  CHECK_NEAR(st.tuned_ms, 2 * best_cost, 1e-12);
-  cm_tune_key key = key_of(&e, &t, &co);
-  CHECK_STR_CONTAINS(key.device, "emulated sm_80");
-  char point[256], want[256];
-  bool found;
-  best_recorded(dir, &key, point, sizeof point, &found);
-  cm_tune_point bp;
-  cm_tune_point_at(&e.space, best, &bp);
-  cm_tune_point_format(&e.space, &bp, want, sizeof want);
-  CHECK_MSG(found && strcmp(point, want) == 0, "recorded %s, expected %s", found ? point : "none",
-            want);
+  CHECK(st.stages_tunable == e.distinct && st.searched == e.distinct && st.failed == 0);
+  CHECK(st.candidates == valid && st.pruned == tried - valid);
+  CHECK_NEAR(st.tuned_ms, tuned, 1e-12);
+  for (int q = 0; q < e.distinct; q++) {
+    cm_tune_key key = key_of(&e, q, &t, &co);
+    CHECK_STR_CONTAINS(key.device, "emulated sm_80");
+    char point[256], want[256];
+    bool found;
+    best_recorded(dir, &key, point, sizeof point, &found);
+    cm_tune_point bp;
+    cm_tune_point_at(&e.space[q], best[q], &bp);
+    cm_tune_point_format(&e.space[q], &bp, want, sizeof want);
+    CHECK_MSG(found && strcmp(point, want) == 0, "recorded %s, expected %s", found ? point : "none",
+              want);
+  }
   cm_tune_stats again;
   CHECK(cm_tune(g, &t, &co, &o, &again, &err) == CM_OK);
-  CHECK(again.searched == 0 && again.from_db == 1);
+  CHECK(again.searched == 0 && again.from_db == e.distinct);
   int ignored = -1;
   CHECK(run_against_oracle(g, &t, &co, &ignored) == e.occurrences);
   remove_dir(dir);
