@@ -280,6 +280,8 @@ typedef struct cm_compile_opts {
                                 cm_backend_cuda: a cm_cuda_backend_opts) */
   bool resident_states;      /* device backends: params and states stay on the device between
                                 runs (cm_program_states_download, cm_program_states_changed) */
+  cm_tune_mode tune;         /* FROM_ENV: $CMAEC_TUNE (default cached); cached or search: every
+                                stage the tuning database has a best point for is planned so */
 } cm_compile_opts;
 
 typedef struct cm_program_stats {
@@ -293,6 +295,8 @@ typedef struct cm_program_stats {
   int64_t object_bytes; /* their objects' size (CPU objects, CUDA CUBINs) */
   int vector_bits;      /* of the target CPU (cm_cpu_target) */
   bool runnable;        /* false: compile_only, or a target this host cannot run */
+  int tuned_stages;     /* stages planned by the tuning database's best point (cm_tune) */
+  int tune_ignored;     /* records that no longer parse or apply (ignored) */
 } cm_program_stats;
 
 /* Compiles g (which must verify) for target (NULL: cm_target_cpu(NULL, NULL):
@@ -537,5 +541,42 @@ cm_status cm_backend_resolve(const cm_backend_request *req, cm_backend_choice *o
  * must outlive the compile. */
 const cm_target *cm_backend_compile_opts(cm_backend_choice *c, cm_compile_opts *co);
 const char *cm_backend_kind_name(cm_backend_kind k);
+
+/* ---- the autotuner (runtime/tuner.c) ---------------------------------------
+ *
+ * cm_tune searches the plans of a program's tunable stages (codegen's tuning spaces) by
+ * measuring them, and records every trial and the best in the tuning database; cm_compile
+ * then applies the recorded best points (docs/runtime.md "Autotuning"). */
+typedef struct cm_tune_opts {
+  double budget_s;        /* 0: no limit */
+  bool progress;          /* a progress bar on stderr */
+  const char *db_path;    /* NULL: the default database */
+  int64_t max_candidates; /* per stage, 0: all (tests) */
+} cm_tune_opts;
+typedef struct cm_tune_stats {
+  int stages_tunable, searched, from_db, candidates, pruned, failed, over_budget;
+  double seconds, default_ms, tuned_ms; /* sums over the searched/cached stages */
+} cm_tune_stats;
+/* Tunes every distinct tunable stage of g's program for target (most expensive first by the
+ * default's measured time or cm_tune_model_cost), within the budget, recording every trial and the
+ * best in the database. co as for cm_compile. */
+cm_status cm_tune(const cm_graph *g, const cm_target *target, const cm_compile_opts *co,
+                  const cm_tune_opts *o, cm_tune_stats *st, cm_err *err);
+/* cm_compile's hook, after lowering: with co->tune resolving to cached or search, sets every
+ * tunable stage of kp whose key the database (at <cm_cache_dir>/tuning.db; none there: nothing)
+ * has to its best point; *applied counts them, *ignored the records that no longer parse or
+ * apply. Errors: a bad $CMAEC_TUNE, a database that cannot be read. */
+cm_status cm_tune_apply_cached(cm_kprogram *kp, const cm_target *t, const cm_compile_opts *co,
+                               int *applied, int *ignored, cm_err *err);
+/* The device part of a tuning key for programs compiled for t with co (CPU: its threads as the
+ * CPU backend resolves them; CUDA: the GPU and driver co's backend options name). */
+void cm_tune_device_for(const cm_target *t, const cm_compile_opts *co, char *out, size_t size);
+/* A program running kernel k alone over graph g (runtime/program.c; for measuring one kernel's
+ * plans): takes k (moved: the program frees it); every buffer k reads but does not write is bound
+ * as a source, by its node (cm_program_run's sources[v] for those nodes, with the node's type);
+ * the buffers k writes get an arena of their own. co as for cm_compile (plan and tune unused). */
+cm_status cm_program_of_kernel(const cm_graph *g, const cm_plan *plan, cm_kernel *k,
+                               const cm_target *t, const cm_compile_opts *co, cm_program **out,
+                               cm_err *err);
 
 #endif

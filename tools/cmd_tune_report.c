@@ -6,13 +6,13 @@
 #include <unistd.h>
 
 static const char usage_tune_report[] =
-    "usage: cmaec tune --report [--db PATH] [--device ID]\n"
+    "usage: cmaec tune --report [--db PATH] [--device-id ID]\n"
     "\n"
     "Prints the tuning database: per device, per tuned kernel stage its label, the default\n"
     "plan's time, the best plan's, the speedup, the best point, the trials and failures; then\n"
     "the totals. Stale records (another search-space version) are listed and ignored.\n"
-    "  --db PATH     the database (default: tuning.db in the cache root, $CMAEC_CACHE_DIR)\n"
-    "  --device ID   one device only (\"cpu znver3 256 threads 2\", \"emulated sm_90\", ...)\n"
+    "  --db PATH        the database (default: tuning.db in the cache root, $CMAEC_CACHE_DIR)\n"
+    "  --device-id ID  one device only (\"cpu znver3 256 threads 2\", \"emulated sm_90\", ...)\n"
     "$CMAEC_TUNE (off|cached|search, default cached) is checked and shown.\n";
 
 static const char *mode_name(cm_tune_mode m) {
@@ -23,7 +23,7 @@ int cmd_tune_report(int argc, char **argv) {
   cli_option opts[] = {{"--help", false, NULL, false},
                        {"--report", false, NULL, false},
                        {"--db", true, NULL, false},
-                       {"--device", true, NULL, false}};
+                       {"--device-id", true, NULL, false}};
   const int n_opts = (int)(sizeof opts / sizeof opts[0]);
   const char *pos[1];
   int n_pos;

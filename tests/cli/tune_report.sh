@@ -47,9 +47,9 @@ if expect_ok env -u CMAEC_TUNE "$cmaec" tune --report --db "$db"; then
     "total: 1 tuned stage, default 2.0000 ms, best 1.0000 ms, speedup 2.00x, 3 trials, 1 failed"
 fi
 # one device only
-if expect_ok env CMAEC_TUNE=search "$cmaec" tune --report --db "$db" --device "emulated sm_90"; then
+if expect_ok env CMAEC_TUNE=search "$cmaec" tune --report --db "$db" --device-id "emulated sm_90"; then
   expect_out "CMAEC_TUNE: search" "device emulated sm_90" "k3_attn s1"
-  grep -qF znver3 "$tmp/out" && bad "--device emulated sm_90 printed the cpu records"
+  grep -qF znver3 "$tmp/out" && bad "--device-id emulated sm_90 printed the cpu records"
 fi
 # the default file under an empty cache root: no records, and no file made
 mkdir -p "$tmp/cache"
@@ -60,8 +60,8 @@ fi
 if expect_ok env CMAEC_CACHE_DIR= "$cmaec" tune --report; then
   expect_out "caching disabled"
 fi
-if expect_ok "$cmaec" tune --help; then
-  expect_out "usage: cmaec tune --report"
+if expect_ok "$cmaec" tune --report --help; then
+  expect_out "usage: cmaec tune --report [--db PATH] [--device-id ID]"
 fi
 
 # exit 2, one line naming the cause
