@@ -552,6 +552,7 @@ typedef struct cm_tune_opts {
   bool progress;          /* a progress bar on stderr */
   const char *db_path;    /* NULL: the default database */
   int64_t max_candidates; /* per stage, 0: all (tests) */
+  int max_stages;         /* the most expensive ones only (the others as lowered), 0: all */
 } cm_tune_opts;
 typedef struct cm_tune_stats {
   int stages_tunable, searched, from_db, candidates, pruned, failed, over_budget;
