@@ -69,7 +69,7 @@ import re, sys
 u, t, t0, t1, t2, out = float(sys.argv[1]), float(sys.argv[2]), *map(float, sys.argv[3:6]), sys.argv[6]
 print(f"step: untuned {u:.1f} ms, tuned {t:.1f} ms: {u / t:.2f}x (goal 1.25x)")
 print(f"tuning: {t1 - t0:.0f} s (goal <= 180 s); second tune {t2 - t1:.1f} s:",
-      open(f"{out}/tune2.txt").read().splitlines()[-1].split(";")[0])
+      [l for l in open(f"{out}/tune2.txt") if "tunable stages" in l][0].split(";")[0])
 def rows(path):
     r = {}
     for line in open(path):

@@ -610,7 +610,7 @@ static void progress(const tune_run *r, const char *label, int64_t at, int64_t o
   for (int i = 0; i < WIDTH; i++) bar[i] = i < filled ? '#' : '.';
   bar[WIDTH] = '\0';
   bool tty = isatty(2);
-  if (!tty && at > 0) return; /* a line per stage where the bar cannot be redrawn */
+  if (!tty && at > 1) return; /* a line per stage where the bar cannot be redrawn */
   fprintf(stderr, "%stune [%s] %d/%d stages %4.0f s  %s (%lld/%lld)%s", tty ? "\r\033[K" : "", bar,
           r->done, r->total, now_s() - r->t0, label, (long long)at, (long long)of, tty ? "" : "\n");
   fflush(stderr);
@@ -659,12 +659,11 @@ typedef struct stage_search {
   int64_t *tried; /* every point index tried (pruned and failed ones too) */
   int64_t n_tried;
   double best;
-  bool cut; /* stopped by the deadline */
 } stage_search;
 
 static bool search_over(stage_search *ss) {
   if (ss->n_tried >= ss->limit) return true;
-  if (ss->n_tried > 0 && ss->deadline > 0 && now_s() > ss->deadline) return ss->cut = true;
+  if (ss->n_tried > 0 && ss->deadline > 0 && now_s() > ss->deadline) return true;
   return false;
 }
 
@@ -756,7 +755,6 @@ static cm_status search_item(tune_run *r, const tune_item *it, double stage_dead
     return cm_errorf(err, CM_EINTERNAL, "out of memory");
   }
   cm_status st = measure_candidates(r, &ss, err);
-  if (ss.cut) r->st->over_budget++;
   measured *m = ss.m;
   int n_m = ss.n_m;
   free(ss.tried);
@@ -859,7 +857,6 @@ static cm_status tune_items(tune_run *r, tune_item *items, int n, cm_err *err) {
       st = cm_tune_db_get_best(r->db, &r->key, text, sizeof text, &best_ms, &cached[i], err);
     if (cached[i]) {
       r->st->from_db++;
-      r->st->tuned_ms += best_ms * items[i].count;
       r->done++;
     } else {
       left_cost += items[i].cost;
