@@ -80,7 +80,7 @@ static int cmp_int(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
-/* Adds knob `name` with the positive candidates cand[0..n) and the default def (a knob with a
+/* Adds knob `name` with the candidates (>= 0) cand[0..n) and the default def (a knob with a
  * single value is left out: nothing to choose). */
 static void add_knob(cm_tune_space *sp, const char *name, const int *cand, int n, int def) {
   if (sp->n_knobs >= CM_TUNE_MAX_KNOBS) return;
@@ -90,7 +90,7 @@ static void add_knob(cm_tune_space *sp, const char *name, const int *cand, int n
   int v[CM_TUNE_MAX_VALUES + 1], nv = 0;
   v[nv++] = def;
   for (int i = 0; i < n && nv < CM_TUNE_MAX_VALUES; i++)
-    if (cand[i] > 0) v[nv++] = cand[i];
+    if (cand[i] >= 0) v[nv++] = cand[i];
   qsort(v, (size_t)nv, sizeof *v, cmp_int);
   for (int i = 0; i < nv; i++)
     if (kn.n_values == 0 || v[i] != kn.values[kn.n_values - 1]) kn.values[kn.n_values++] = v[i];
@@ -130,7 +130,27 @@ static void space_cpu_gemm(const cm_kstage *s, const cm_target *t, cm_tune_space
   add_knob(sp, "kc", c, cands_below(kc, 4, K, 1024, c), s->tiles.kc);
 }
 
-static void space_cpu_attn(const cm_kstage *s0, const cm_target *t, cm_tune_space *sp) {
+static bool attn_gemm_stage(const cm_kattn *a, const cm_kstage *s, bool first);
+
+/* The GEMM stages of a whole-row span after its first that get a register block of their own as
+ * knobs "mr<r>", "nr<r>" (r: the stage's place in the span): the first two of them. */
+static int attn_stage_knobs(const cm_kernel *k, int first, int *r_out) {
+  const cm_kattn *a = &k->stages[first].attn;
+  int n = 0;
+  for (int r = 1; !a->stream && r < a->span && first + r < k->n_stages && n < 2; r++)
+    if (attn_gemm_stage(a, &k->stages[first + r], false)) r_out[n++] = r;
+  return n;
+}
+
+/* Stage r's register block in the plan: its own (attention.c's cost model), else the span's. */
+static void attn_stage_block(const cm_kstage *s0, int r, int W, int *mr, int *nr) {
+  const cm_kattn *a = &s0->attn;
+  *mr = s0->tiles.mr, *nr = s0->tiles.nr;
+  if (a->lanes == W && a->mr[r] > 0 && a->nr[r] > 0) *mr = a->mr[r], *nr = a->nr[r];
+}
+
+static void space_cpu_attn(const cm_kernel *k, int first, const cm_target *t, cm_tune_space *sp) {
+  const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
   int W = t->vector_lanes, c[CM_TUNE_MAX_VALUES];
   add_knob(sp, "mr", CPU_MR, 5, s0->tiles.mr);
@@ -148,6 +168,16 @@ static void space_cpu_attn(const cm_kstage *s0, const cm_target *t, cm_tune_spac
     for (int i = 0; i < 5; i++)
       if (bc[i] < keys) c[m++] = bc[i];
     add_knob(sp, "bc", c, m, a->bc);
+  }
+  int rs[2], n = attn_stage_knobs(k, first, rs);
+  for (int i = 0; i < n; i++) {
+    int smr, snr;
+    char name[16];
+    attn_stage_block(s0, rs[i], W, &smr, &snr);
+    snprintf(name, sizeof name, "mr%d", rs[i]);
+    add_knob(sp, name, CPU_MR, 5, smr);
+    snprintf(name, sizeof name, "nr%d", rs[i]);
+    add_knob(sp, name, nr, 4, snr);
   }
 }
 
@@ -200,7 +230,7 @@ cm_status cm_tune_space_of(const cm_kernel *k, int stage, const cm_target *t, cm
   switch (kind_of(k, stage, t)) {
   case SP_NONE: break;
   case SP_CPU_GEMM: space_cpu_gemm(s, t, out); break;
-  case SP_CPU_ATTN: space_cpu_attn(s, t, out); break;
+  case SP_CPU_ATTN: space_cpu_attn(k, stage, t, out); break;
   case SP_CUDA_MMA: space_cuda_mma(&s->cuda.gemm, out); break;
   case SP_CUDA_FMA: space_cuda_fma(&s->cuda.gemm, out); break;
   case SP_CUDA_ROWS: space_cuda_rows(&s->cuda.rows, t, out); break;
@@ -300,10 +330,12 @@ static int value_of(const cm_tune_space *sp, const cm_tune_point *p, const char 
 #define REFUSE(...) return cm_errorf(err, CM_EINVALID, __VA_ARGS__)
 
 /* A register block the CPU micro-kernel takes: nr whole vectors (at most 8), mr x nr within
- * max_vectors accumulators and, with the B vectors and a broadcast, within the register file. */
+ * max_vectors accumulators and, with the B vectors and a broadcast, within regs vector registers
+ * (0: the target's). */
 static cm_status check_cpu_block(const cm_kernel *k, int si, const cm_target *t, int mr, int nr,
-                                 int max_vectors, cm_err *err) {
-  int W = t->vector_lanes, regs = cpu_vector_regs(t);
+                                 int max_vectors, int regs, cm_err *err) {
+  int W = t->vector_lanes;
+  if (regs <= 0) regs = cpu_vector_regs(t);
   if (mr < 1 || nr < W || nr % W || nr / W > 8 || mr * (nr / W) > max_vectors)
     REFUSE("kernel %s stage %d: knob mr x nr = %dx%d: nr must be 1..8 vectors of %d lanes and "
            "mr x nr at most %d vectors",
@@ -316,15 +348,15 @@ static cm_status check_cpu_block(const cm_kernel *k, int si, const cm_target *t,
 }
 
 /* v clamped to cap (a block beyond the extent is the extent); refused when a smaller candidate
- * already reaches cap (the same plan twice in the space). */
+ * that is a multiple of `unit` already reaches cap (the same plan twice in the space). */
 static cm_status clamp_tile(const cm_kernel *k, int si, const cm_tune_space *sp, const char *name,
-                            int v, int64_t cap, int *out, cm_err *err) {
+                            int v, int unit, int64_t cap, int *out, cm_err *err) {
   *out = v;
   if (v <= cap) return CM_OK;
   int ki = knob_index(sp, name, strlen(name));
   for (int i = 0; ki >= 0 && i < sp->knobs[ki].n_values; i++) {
     int c = sp->knobs[ki].values[i];
-    if (c < v && c >= cap)
+    if (c < v && c >= cap && c % unit == 0)
       REFUSE("kernel %s stage %d: knob %s=%d: beyond the extent rounded up (%lld), as %s=%d",
              k->name, si, name, v, (long long)cap, name, c);
   }
@@ -338,16 +370,16 @@ static cm_status apply_cpu_gemm(cm_kernel *k, int si, const cm_target *t, const 
   cm_kgemm_tiles w = s->tiles;
   w.mr = value_of(sp, p, "mr", w.mr);
   w.nr = value_of(sp, p, "nr", w.nr);
-  cm_status st = check_cpu_block(k, si, t, w.mr, w.nr, 64, err);
+  cm_status st = check_cpu_block(k, si, t, w.mr, w.nr, 64, 0, err);
   if (st != CM_OK) return st;
   int mc = value_of(sp, p, "mc", w.mc), nc = value_of(sp, p, "nc", w.nc);
   if (mc % w.mr || nc % w.nr)
     REFUSE("kernel %s stage %d: knob mc=%d / nc=%d: must be multiples of mr=%d / nr=%d", k->name,
            si, mc, nc, w.mr, w.nr);
   int64_t M = s->dom[s->n_dom - 2], N = s->dom[s->n_dom - 1], K = s->red[0];
-  if ((st = clamp_tile(k, si, sp, "mc", mc, round_up(M, w.mr), &w.mc, err)) != CM_OK ||
-      (st = clamp_tile(k, si, sp, "nc", nc, round_up(N, w.nr), &w.nc, err)) != CM_OK ||
-      (st = clamp_tile(k, si, sp, "kc", value_of(sp, p, "kc", w.kc), K, &w.kc, err)) != CM_OK)
+  if ((st = clamp_tile(k, si, sp, "mc", mc, w.mr, round_up(M, w.mr), &w.mc, err)) != CM_OK ||
+      (st = clamp_tile(k, si, sp, "nc", nc, w.nr, round_up(N, w.nr), &w.nc, err)) != CM_OK ||
+      (st = clamp_tile(k, si, sp, "kc", value_of(sp, p, "kc", w.kc), 1, K, &w.kc, err)) != CM_OK)
     return st;
   cm_kgemm_tiles old = s->tiles;
   s->tiles = w;
@@ -361,6 +393,39 @@ static cm_status apply_cpu_gemm(cm_kernel *k, int si, const cm_target *t, const 
   return CM_OK;
 }
 
+/* The point's register blocks of the span's later GEMM stages (knobs mr<r>, nr<r>) over the cost
+ * model's; the workspace grows when their packing needs more. */
+static cm_status apply_attn_stage_blocks(cm_kernel *k, int first, const cm_target *t,
+                                         const cm_tune_space *sp, const cm_tune_point *p,
+                                         cm_err *err) {
+  cm_kstage *s0 = &k->stages[first];
+  cm_kattn *a = &s0->attn;
+  int W = t->vector_lanes, rs[2], n = attn_stage_knobs(k, first, rs);
+  if (n == 0 || a->lanes != W) return CM_OK;
+  for (int i = 0; i < n; i++) {
+    char mname[16], nname[16];
+    int mr, nr;
+    attn_stage_block(s0, rs[i], W, &mr, &nr);
+    snprintf(mname, sizeof mname, "mr%d", rs[i]);
+    snprintf(nname, sizeof nname, "nr%d", rs[i]);
+    mr = value_of(sp, p, mname, mr), nr = value_of(sp, p, nname, nr);
+    /* attention.c's cost model searches blocks within 32 registers on every target: so do we */
+    cm_status st = check_cpu_block(k, first + rs[i], t, mr, nr, 32, 32, err);
+    if (st != CM_OK) return st;
+    if (a->br < a->rows && a->br % mr)
+      REFUSE("kernel %s stage %d: knob %s=%d: the span's blocks of br=%d rows are not whole "
+             "register blocks",
+             k->name, first + rs[i], mname, mr, a->br);
+    a->mr[rs[i]] = (short)mr, a->nr[rs[i]] = (short)nr;
+  }
+  int smr[CM_KATTN_MAX_SPAN], snr[CM_KATTN_MAX_SPAN];
+  for (int r = 0; r < a->span && r < CM_KATTN_MAX_SPAN; r++)
+    attn_stage_block(s0, r, W, &smr[r], &snr[r]);
+  int64_t am, bm, need = cm_kattn_pack_need(k, first, smr, snr, &am, &bm);
+  if (need > a->ws_bytes) a->ws_bytes = need;
+  return CM_OK;
+}
+
 static cm_status apply_cpu_attn(cm_kernel *k, int si, const cm_target *t, const cm_tune_space *sp,
                                 const cm_tune_point *p, cm_err *err) {
   cm_kstage *s0 = &k->stages[si];
@@ -369,7 +434,7 @@ static cm_status apply_cpu_attn(cm_kernel *k, int si, const cm_target *t, const 
   int mr = value_of(sp, p, "mr", s0->tiles.mr), nr = value_of(sp, p, "nr", s0->tiles.nr);
   int br = value_of(sp, p, "br", a->br), bc = value_of(sp, p, "bc", a->bc);
   /* the fused renderings take at most 32 accumulator vectors */
-  cm_status st = check_cpu_block(k, si, t, mr, nr, 32, err);
+  cm_status st = check_cpu_block(k, si, t, mr, nr, 32, 0, err);
   if (st != CM_OK) return st;
   if (br < a->rows && br % mr)
     REFUSE("kernel %s stage %d: knob br=%d: a block of fewer than %lld rows must be whole "
@@ -384,6 +449,10 @@ static cm_status apply_cpu_attn(cm_kernel *k, int si, const cm_target *t, const 
     return cm_err_prefix(err, "knob br=%d bc=%d: ", br, bc);
   }
   cm_kattn_replan(k, si, t->vector_lanes);
+  if ((st = apply_attn_stage_blocks(k, si, t, sp, p, err)) != CM_OK) {
+    *s0 = saved;
+    return st;
+  }
   bool fits = a->ws_bytes > 0 && a->ws_bytes <= WORKSPACE_BUDGET &&
               (a->stream || (a->whole_bytes > 0 && a->whole_bytes <= a->ws_bytes));
   if (!fits) {
@@ -667,14 +736,14 @@ static double blocks_per_sm(const cm_target *t, const gpu_model *g, double threa
   return b < 1 ? 1 : b;
 }
 
-/* blocks of block_time cycles (alone on an SM with enough warps to keep it busy), resident bps
- * at a time: an SM with fewer than 8 warps runs below its rate. */
+/* blocks of block_time cycles each (alone on an SM with enough warps to keep it busy), spread
+ * over the SMs (the hardware starts a block wherever one ends); an SM holding fewer than 8 warps
+ * (resident blocks x warps) runs below its rate. */
 static double waves_time(const gpu_model *g, double blocks, double bps, double warps,
                          double block_time) {
-  double resident = fmin(bps, ceil(blocks / g->sms));
-  double waves = ceil(blocks / (g->sms * resident));
-  double util = fmin(1, resident * warps / 8);
-  return waves * resident * block_time / util;
+  double per_sm = ceil(blocks / g->sms);
+  double util = fmin(1, fmin(bps, per_sm) * warps / 8);
+  return per_sm * block_time / util;
 }
 
 static double cost_cuda_gemm(const cm_kstage *s, const cm_target *t) {
@@ -697,7 +766,8 @@ static double cost_cuda_gemm(const cm_kstage *s, const cm_target *t) {
   }
   /* operands from L2 (3x the memory's rate), shared by the SMs */
   double mem = (p->mc + p->nc) * Kp * esz / (3 * g.bw / g.sms);
-  double block_time = fmax(compute, mem / hide) + Kp / p->kc * 20 + (double)p->mc * p->nc / warps;
+  double block_time =
+      fmax(compute, mem / hide) + Kp / p->kc * 20 + (double)p->mc * p->nc / p->threads * 4;
   double bps = blocks_per_sm(t, &g, p->threads, regs, smem);
   return waves_time(&g, blocks, bps, warps, block_time) + 3000;
 }

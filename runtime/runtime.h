@@ -552,10 +552,11 @@ typedef struct cm_tune_opts {
   bool progress;          /* a progress bar on stderr */
   const char *db_path;    /* NULL: the default database */
   int64_t max_candidates; /* per stage, 0: all (tests) */
+  int max_stages;         /* the most expensive ones only (the others as lowered), 0: all */
 } cm_tune_opts;
 typedef struct cm_tune_stats {
   int stages_tunable, searched, from_db, candidates, pruned, failed, over_budget;
-  double seconds, default_ms, tuned_ms; /* sums over the searched/cached stages */
+  double seconds, default_ms, tuned_ms; /* sums over the searched stages (times their kernels) */
 } cm_tune_stats;
 /* Tunes every distinct tunable stage of g's program for target (most expensive first by the
  * default's measured time or cm_tune_model_cost), within the budget, recording every trial and the

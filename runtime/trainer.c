@@ -826,6 +826,7 @@ static void print_header(const trainer *t, const cm_train_result *r, const cm_lr
   if (t->backend.kind == CM_BACKEND_CPU) fprintf(t->o->log, ", %d threads", cs.threads);
   fprintf(t->o->log, "; precision %s", t->cfg.train.precision);
   if (t->n_autocast) fprintf(t->o->log, " (%d contractions autocast)", t->n_autocast);
+  if (cs.tuned_stages > 0) fprintf(t->o->log, "; tuned plans for %d stages", cs.tuned_stages);
   if (strcmp(t->cfg.train.loss_scale, "off") != 0)
     fprintf(t->o->log, ", loss scale %s", t->cfg.train.loss_scale);
   fprintf(t->o->log, "; metrics %s, checkpoints %s/ckpt-<step>.safetensors\n", t->metrics_path,

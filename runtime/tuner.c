@@ -21,6 +21,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -137,6 +138,22 @@ static void stage_label(const cm_kernel *k, int stage, char *out, size_t size) {
 
 /* ---- the hook of cm_compile ----------------------------------------------------------- */
 
+/* mkdir -p of the directory holding path (what cannot be made, the open reports). */
+static void make_parent_dirs(const char *path) {
+  char dir[4200];
+  snprintf(dir, sizeof dir, "%s", path);
+  char *slash = strrchr(dir, '/');
+  if (!slash || slash == dir) return;
+  *slash = '\0';
+  for (char *p = dir + 1; *p; p++)
+    if (*p == '/') {
+      *p = '\0';
+      mkdir(dir, 0777);
+      *p = '/';
+    }
+  mkdir(dir, 0777);
+}
+
 static cm_status open_db(const char *given, const cm_compile_opts *co, bool must_exist,
                          cm_tune_db **db, cm_err *err) {
   *db = NULL;
@@ -148,6 +165,7 @@ static cm_status open_db(const char *given, const cm_compile_opts *co, bool must
     given = path;
   }
   if (must_exist && access(given, F_OK) != 0) return CM_OK;
+  if (!must_exist) make_parent_dirs(given);
   return cm_tune_db_open(given, db, err);
 }
 
@@ -592,7 +610,7 @@ static void progress(const tune_run *r, const char *label, int64_t at, int64_t o
   for (int i = 0; i < WIDTH; i++) bar[i] = i < filled ? '#' : '.';
   bar[WIDTH] = '\0';
   bool tty = isatty(2);
-  if (!tty && at > 0) return; /* a line per stage where the bar cannot be redrawn */
+  if (!tty && at > 1) return; /* a line per stage where the bar cannot be redrawn */
   fprintf(stderr, "%stune [%s] %d/%d stages %4.0f s  %s (%lld/%lld)%s", tty ? "\r\033[K" : "", bar,
           r->done, r->total, now_s() - r->t0, label, (long long)at, (long long)of, tty ? "" : "\n");
   fflush(stderr);
@@ -641,12 +659,11 @@ typedef struct stage_search {
   int64_t *tried; /* every point index tried (pruned and failed ones too) */
   int64_t n_tried;
   double best;
-  bool cut; /* stopped by the deadline */
 } stage_search;
 
 static bool search_over(stage_search *ss) {
   if (ss->n_tried >= ss->limit) return true;
-  if (ss->n_tried > 0 && ss->deadline > 0 && now_s() > ss->deadline) return ss->cut = true;
+  if (ss->n_tried > 0 && ss->deadline > 0 && now_s() > ss->deadline) return true;
   return false;
 }
 
@@ -738,7 +755,6 @@ static cm_status search_item(tune_run *r, const tune_item *it, double stage_dead
     return cm_errorf(err, CM_EINTERNAL, "out of memory");
   }
   cm_status st = measure_candidates(r, &ss, err);
-  if (ss.cut) r->st->over_budget++;
   measured *m = ss.m;
   int n_m = ss.n_m;
   free(ss.tried);
@@ -783,9 +799,10 @@ static int cmp_items(const void *a, const void *b) {
   return x->stage < y->stage ? -1 : x->stage > y->stage;
 }
 
-/* The distinct tunable stages of kp (by structural hash and stage), most expensive first. */
-static cm_status collect_items(const cm_kprogram *kp, const cm_target *t, tune_item **out,
-                               int *n_out, cm_err *err) {
+/* The distinct tunable stages of kp (by structural hash and stage), most expensive first; the
+ * first max_stages of them (0: all). */
+static cm_status collect_items(const cm_kprogram *kp, const cm_target *t, int max_stages,
+                               tune_item **out, int *n_out, cm_err *err) {
   int cap = 16, n = 0;
   tune_item *items = malloc(sizeof *items * (size_t)cap);
   if (!items) return cm_errorf(err, CM_EINTERNAL, "out of memory");
@@ -818,6 +835,7 @@ static cm_status collect_items(const cm_kprogram *kp, const cm_target *t, tune_i
     }
   }
   qsort(items, (size_t)n, sizeof *items, cmp_items);
+  if (max_stages > 0 && n > max_stages) n = max_stages;
   *out = items;
   *n_out = n;
   return CM_OK;
@@ -839,7 +857,6 @@ static cm_status tune_items(tune_run *r, tune_item *items, int n, cm_err *err) {
       st = cm_tune_db_get_best(r->db, &r->key, text, sizeof text, &best_ms, &cached[i], err);
     if (cached[i]) {
       r->st->from_db++;
-      r->st->tuned_ms += best_ms * items[i].count;
       r->done++;
     } else {
       left_cost += items[i].cost;
@@ -872,6 +889,9 @@ cm_status cm_tune(const cm_graph *g, const cm_target *target, const cm_compile_o
   cm_tune_opts defaults = {0};
   if (!o) o = &defaults;
   tune_run r = {.o = o, .st = st, .t0 = now_s()};
+  cm_tune_mode mode; /* a bad $CMAEC_TUNE is reported here too, whatever it would say */
+  if (cm_tune_mode_resolve(co ? co->tune : CM_TUNE_FROM_ENV, &mode, err) != CM_OK)
+    return err ? err->status : CM_EINVALID;
   if (o->budget_s > 0) r.deadline = r.t0 + o->budget_s;
   /* the program as lowered (no tuned plan), rendered by nothing */
   cm_compile_opts lo = co ? *co : (cm_compile_opts){0};
@@ -894,7 +914,7 @@ cm_status cm_tune(const cm_graph *g, const cm_target *target, const cm_compile_o
     r.ctx.fork = fork_usable();
   tune_item *items = NULL;
   int n = 0;
-  s = collect_items(r.kp, r.ctx.t, &items, &n, err);
+  s = collect_items(r.kp, r.ctx.t, o->max_stages, &items, &n, err);
   if (s == CM_OK) s = open_db(o->db_path, co, false, &r.db, err);
   if (s == CM_OK) {
     r.key.version = CM_TUNE_SPACE_VERSION;
@@ -902,7 +922,7 @@ cm_status cm_tune(const cm_graph *g, const cm_target *target, const cm_compile_o
     st->stages_tunable = r.total = n;
     s = tune_items(&r, items, n, err);
   }
-  if (o->progress && n > 0) {
+  if (o->progress && r.total > 0) {
     progress(&r, "done", 0, 0);
     fputc('\n', stderr);
   }

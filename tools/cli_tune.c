@@ -9,22 +9,24 @@
 
 static const char usage_tune[] =
     "usage: cmaec tune MODEL.json [--backend auto|cpu|cuda] [--device N] [--budget SECONDS]\n"
-    "                  [--batch N] [--threads N] [--max-candidates N] [--db PATH]\n"
-    "                  [--set KEY=VALUE ...]\n"
+    "                  [--batch N] [--threads N] [--max-candidates N] [--max-stages N]\n"
+    "                  [--db PATH] [--set KEY=VALUE ...]\n"
     "       cmaec tune --report [--db PATH] [--device-id ID]\n"
     "\n"
     "Searches the plans of every distinct tunable kernel stage of the variant's training step\n"
     "(as `cmaec train` builds it, at the batch N, default optimizer.batch; train.precision\n"
-    "resolved for the backend) on this machine: GEMM tiles and K split, attention blocks,\n"
-    "row kernels' vector width and threads; on CUDA block and warp tiles, pipeline stages,\n"
-    "split-K, threads per row. Most expensive stages first, each with its share of the\n"
+    "resolved for the backend) on this machine: the CPU's GEMM register blocks and cache\n"
+    "tiles and attention blocks; CUDA's GEMM block and warp tiles, pipeline stages, split-K\n"
+    "and row kernels' threads. Most expensive stages first, each with its share of the\n"
     "budget (default 180 s; 0: no limit), every candidate measured on random data (the CPU's\n"
     "in a forked child) and the fastest checked against the oracle. Every trial and the best\n"
     "go to the tuning database (--db, default $CMAEC_CACHE_DIR/tuning.db), keyed by the\n"
     "kernel's structure, the device (CPU, vector bits, threads; GPU, sm, driver) and the\n"
     "search-space version: a second tune searches nothing. Programs compiled later (train,\n"
     "eval, the benches) use the best plans; CMAEC_TUNE=off disables that.\n"
-    "--report prints per stage the default and best times, the speedup and the best plan.\n";
+    "--max-candidates N: at most N plans per stage; --max-stages N: only the N most\n"
+    "expensive stages. --report prints per stage the default and best times, the speedup\n"
+    "and the best plan.\n";
 
 /* Takes the repeatable --set flags out of argv (cli_parse keeps one value per option). */
 static int split_sets(int argc, char **argv, const char **sets, int *n_sets, char **args,
@@ -49,7 +51,7 @@ typedef struct tune_args {
   const char *model, *db;
   int batch, threads;
   double budget;
-  int64_t max_candidates;
+  int64_t max_candidates, max_stages;
 } tune_args;
 
 static bool parse_limit(const cli_option *o, int64_t max, int64_t *out) {
@@ -80,7 +82,7 @@ static int tune_model(const tune_args *a, const char *const *sets, int n_sets,
   cm_compile_opts co = {0};
   co.threads = a->threads;
   const cm_target *target = cm_backend_compile_opts(choice, &co);
-  cm_tune_opts to = {a->budget, true, a->db, a->max_candidates};
+  cm_tune_opts to = {a->budget, true, a->db, a->max_candidates, (int)a->max_stages};
   cm_tune_stats ts;
   printf("tune %s (batch %d, %s) on %s\n", a->model, cfg.optimizer.batch, cm_dtype_name(low),
          choice->description);
@@ -110,11 +112,12 @@ int cmd_tune(int argc, char **argv) {
     return fprintf(stderr, "cmaec tune: out of memory\n"), EXIT_INTERNAL;
   }
   if ((rc = split_sets(argc, argv, sets, &n_sets, args, &n_args))) goto out;
-  cli_option opts[] = {{"--help", false, NULL, false},          {"--backend", true, NULL, false},
-                       {"--device", true, NULL, false},         {"--budget", true, NULL, false},
-                       {"--batch", true, NULL, false},          {"--threads", true, NULL, false},
-                       {"--max-candidates", true, NULL, false}, {"--db", true, NULL, false},
-                       {"--report", false, NULL, false}};
+  cli_option opts[] = {
+      {"--help", false, NULL, false},          {"--backend", true, NULL, false},
+      {"--device", true, NULL, false},         {"--budget", true, NULL, false},
+      {"--batch", true, NULL, false},          {"--threads", true, NULL, false},
+      {"--max-candidates", true, NULL, false}, {"--db", true, NULL, false},
+      {"--report", false, NULL, false},        {"--max-stages", true, NULL, false}};
   const char *pos[1];
   int n_pos;
   if (!cli_parse(n_args, args, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "tune")) {
@@ -125,7 +128,7 @@ int cmd_tune(int argc, char **argv) {
     fputs(usage_tune, stdout);
     goto out;
   }
-  tune_args a = {n_pos ? pos[0] : NULL, opts[7].value, 0, 0, 180, 0};
+  tune_args a = {n_pos ? pos[0] : NULL, opts[7].value, 0, 0, 180, 0, 0};
   int64_t batch = 0, threads = 0;
   if (n_pos != 1) {
     fputs(usage_tune, stderr);
@@ -138,7 +141,8 @@ int cmd_tune(int argc, char **argv) {
     goto out;
   }
   if (!parse_limit(&opts[4], 1000000, &batch) || !parse_limit(&opts[5], 4096, &threads) ||
-      !parse_limit(&opts[6], INT64_C(1) << 40, &a.max_candidates)) {
+      !parse_limit(&opts[6], INT64_C(1) << 40, &a.max_candidates) ||
+      !parse_limit(&opts[9], 1000000, &a.max_stages)) {
     rc = EXIT_INVALID;
     goto out;
   }

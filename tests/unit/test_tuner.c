@@ -150,6 +150,7 @@ static int64_t at_most(int64_t a, int64_t b) {
 /* On the CPU: a few candidates measured (in forked children), the best checked and recorded; a
  * second tune finds it; the program compiled after plans every kernel so, and off does not. */
 static void test_tune_cpu(void) {
+  unsetenv("CMAEC_TUNE"); /* ctest sets it off for every other test */
   cm_graph *g = three_layers(70, 96);
   const char *dir = fresh_dir("cpu");
   cm_target t;
@@ -204,6 +205,7 @@ static void test_tune_cpu(void) {
 
 /* A best point that no longer parses is ignored (and counted), the stage planned as lowered. */
 static void test_stale_record(void) {
+  unsetenv("CMAEC_TUNE");
   cm_graph *g = three_layers(20, 40);
   const char *dir = fresh_dir("stale");
   cm_target t;
@@ -256,6 +258,7 @@ static int64_t cheapest(const cm_graph *g, const cm_target *t, const cm_compile_
 /* The emulated device's times are the cost model's: the choice is the cheapest valid candidate
  * of the first max_candidates points, ties to the lower index. */
 static void test_tune_emulated(void) {
+  unsetenv("CMAEC_TUNE");
   cm_graph *g = three_layers(40, 64);
   const char *dir = fresh_dir("emu");
   cm_target t;
