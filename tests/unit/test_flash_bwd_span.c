@@ -217,6 +217,21 @@ static bool lower_checked(const cm_graph *g, const cm_plan *p, const cm_target *
   if (kp.n_kernels == 1 && check_span(&kp.kernels[0], what) == 0) {
     stream = kp.kernels[0].stages[0].attn.stream;
     check_no_nn_buffer(g, &kp.kernels[0], sh.tokens, what);
+    const cm_kernel *k = &kp.kernels[0];
+    if (t && stream) {
+      /* f32: the scalar streaming function; bf16: a fused function of its own (the scalar one,
+       * or the tensor-core flash backward where the renderer has it) */
+      cm_kcuda_kind kind = k->stages[0].cuda.kind;
+      if (sh.bf16)
+        CHECK_MSG(kind != CM_KCUDA_NONE && kind != CM_KCUDA_GENERIC && kind != CM_KCUDA_GEMM &&
+                      kind != CM_KCUDA_ATTN_FUSED,
+                  "%s: CUDA plan kind %d", what, (int)kind);
+      else
+        CHECK_MSG(kind == CM_KCUDA_ATTN_STREAM_BWD, "%s: CUDA plan kind %d", what, (int)kind);
+      for (int si = 1; si < k->n_stages; si++)
+        CHECK_MSG(k->stages[si].cuda.kind == CM_KCUDA_IN_SPAN, "%s: stage %d not in the span", what,
+                  si);
+    }
     if (getenv("FB_DUMP") && t) {
       char *src = NULL;
       CHECK(cm_render_cuda(&kp.kernels[0], NULL, false, &src, &err) == CM_OK);
@@ -271,6 +286,10 @@ static cm_target device_target(void) {
   cm_cuda_arch_for(major, minor, arch, sizeof arch);
   cm_err err = {0};
   CHECK_MSG(cm_target_cuda(arch, &t, &err) == CM_OK, "%s", err.msg);
+  /* the opt-in shared memory the device reports (the emulated sm_80 grants 99 KiB, not 163) */
+  int optin = 0;
+  CHECK(d->device_get_attribute(&optin, CM_CU_ATTR_MAX_SHARED_PER_BLOCK_OPTIN, dev) == 0);
+  if (optin > 0 && optin < t.shared_bytes_max) t.shared_bytes_max = optin;
   return t;
 }
 
