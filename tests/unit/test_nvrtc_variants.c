@@ -606,7 +606,7 @@ static double emu_uniform(void) {
 }
 
 /* Every runnable kernel of p (lowered from plan pl of g) on the host, each
- * against the oracle on its own inputs: the group's inputs random (f32 in
+ * against the oracle on its own inputs: the group's inputs random (f32 and bf16 in
  * [-1, 1), other dtypes 0), its other buffers random garbage, consts their
  * data; every output it writes must lie within its forward error bound
  * (cm_plan_eval_group_bounded): any summation order, FMA or not. */
@@ -636,7 +636,8 @@ static void emu_check_program(const cm_graph *g, const cm_plan *pl, const cm_kpr
       int v = gr->inputs[j];
       const cm_node *u = &g->nodes[v];
       CHECK(cm_tensor_alloc(&in[v], u->type, NULL) == CM_OK);
-      if (u->type.dtype == CM_F32)
+      /* bf16 too: autocast's GEMM operands (zeros would hide any error of the products) */
+      if (u->type.dtype == CM_F32 || u->type.dtype == CM_BF16)
         for (int64_t x = 0; x < cm_type_numel(&u->type); x++)
           cm_tensor_set_f64(&in[v], x, emu_uniform() * 2 - 1);
       bool fed = u->op == CM_OP_INPUT || u->op == CM_OP_PARAM || u->op == CM_OP_STATE;
