@@ -1,0 +1,299 @@
+/* tests/unit/test_flash_bwd_span.c — the recomputed attention backward (issue 16 item 3, the
+ * flash-backward contract of docs/passes.md "Flash backward"): a backward that reads only Q, K,
+ * V, dO and the row statistics m, z, D and recomputes S' = Q Kᵀ, E' = exp(S' c − m),
+ * P' = E' / z from them. Built here as the graph the rewrite emits (f32, and bf16 through the
+ * autocast pass) in ONE attention group, it must lower to one CM_KT_ATTENTION_BWD span over every
+ * stage with the roles of cm_kattn (two GEMM tiles S' and dP, elementwise tiles, GEMM_KEYS dV and
+ * dK, GEMM_ROWS dQ, no row reduction over the keys), stream over key blocks when asked (one pass)
+ * and keep no N×N value in memory beyond a per-thread tile; it runs on the CPU (whole rows and
+ * streaming) and on the emulated CUDA device (f32: the scalar streaming function) at odd shapes,
+ * every output within the oracle's error bound (the group is the whole graph, so the end-to-end
+ * bound is the kernel's). */
+#include "../test.h"
+#include "../testlib.h"
+#include "../tensor_compare.h"
+#include "../model_step.h"
+#include "codegen/codegen.h"
+#include "passes/passes.h"
+#include "runtime/runtime.h"
+#include "tests/emu/emu.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static test_rng rng = {0xf1a5b0d5u};
+
+typedef struct bwd_shape {
+  int64_t bh, tokens, dim;
+  bool bf16;
+} bwd_shape;
+
+/* The backward of y = softmax(q kᵀ c) v for dO as the flash_backward pass writes it: the
+ * forward's row max m and row sum z and D = rowsum(dO ∘ O) are inputs ([bh, N, 1]). */
+static cm_graph *recomputed_bwd_graph(bwd_shape sh) {
+  cm_graph *g = cm_graph_new();
+  int64_t d[3] = {sh.bh, sh.tokens, sh.dim}, r[3] = {sh.bh, sh.tokens, 1};
+  int q = cm_input(g, "q", CM_F32, 3, d), k = cm_input(g, "k", CM_F32, 3, d);
+  int v = cm_input(g, "v", CM_F32, 3, d), dout = cm_input(g, "dO", CM_F32, 3, d);
+  int m = cm_input(g, "m", CM_F32, 3, r), z = cm_input(g, "z", CM_F32, 3, r);
+  int dd = cm_input(g, "D", CM_F32, 3, r);
+  int c = cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)sh.dim));
+  int s = cm_binary_bcast(g, CM_OP_MUL, cm_matmul(g, q, k, false, true, "s"), c, "sc");
+  int e = cm_unary(g, CM_OP_EXP, cm_binary_bcast(g, CM_OP_SUB, s, m, NULL), "e");
+  int p = cm_binary_bcast(g, CM_OP_DIV, e, z, "p");
+  int dp = cm_matmul(g, dout, v, false, true, "dP");
+  int ndz = cm_unary(g, CM_OP_NEG, cm_binary(g, CM_OP_DIV, dd, z, NULL), "ndz");
+  int de = cm_binary_bcast(g, CM_OP_ADD, cm_binary_bcast(g, CM_OP_DIV, dp, z, NULL), ndz, "dE");
+  int ds = cm_binary_bcast(g, CM_OP_MUL, cm_binary(g, CM_OP_MUL, de, e, NULL), c, "dS");
+  int dv = cm_matmul(g, p, dout, true, false, "dV");
+  int dq = cm_matmul(g, ds, k, false, false, "dQ");
+  int dk = cm_matmul(g, ds, q, true, false, "dK");
+  cm_err err = {0};
+  CHECK_MSG(cm_graph_error(g) == NULL, "%s", cm_graph_error(g));
+  CHECK(cm_graph_add_output(g, dq, &err) == CM_OK);
+  CHECK(cm_graph_add_output(g, dk, &err) == CM_OK);
+  CHECK(cm_graph_add_output(g, dv, &err) == CM_OK);
+  if (sh.bf16) CHECK_MSG(cm_autocast(&g, CM_BF16, NULL, &err) == CM_OK, "%s", err.msg);
+  CHECK_MSG(cm_graph_verify(g, &err) == CM_OK, "%s", err.msg);
+  return g;
+}
+
+/* The plan of the rewrite's fusion: every node in one attention group, then schedule and
+ * memplan. */
+static cm_plan *one_group_plan(cm_graph **g) {
+  cm_err err = {0};
+  cm_plan *p = NULL;
+  CHECK_MSG(cm_plan_unfused(*g, &p, &err) == CM_OK, "%s", err.msg);
+  if (!p) return NULL;
+  cm_group *g0 = &p->groups[0];
+  int n = 0;
+  for (int v = 0; v < (*g)->n_nodes; v++)
+    if (p->group_of[v] >= 0) p->group_of[v] = 0, n++;
+  for (int gi = 1; gi < p->n_groups; gi++) {
+    free(p->groups[gi].nodes), free(p->groups[gi].inputs), free(p->groups[gi].outputs);
+    memset(&p->groups[gi], 0, sizeof p->groups[gi]);
+  }
+  free(g0->nodes), free(g0->inputs), free(g0->outputs);
+  g0->kind = CM_GROUP_ATTENTION;
+  g0->nodes = malloc(sizeof(int) * (size_t)n);
+  g0->inputs = malloc(sizeof(int) * (size_t)(*g)->n_nodes);
+  g0->outputs = malloc(sizeof(int) * (size_t)(*g)->n_outputs);
+  g0->n_nodes = g0->n_inputs = 0;
+  for (int v = 0; v < (*g)->n_nodes; v++)
+    if (p->group_of[v] == 0)
+      g0->nodes[g0->n_nodes++] = v;
+    else if ((*g)->nodes[v].op == CM_OP_INPUT)
+      g0->inputs[g0->n_inputs++] = v;
+  g0->n_outputs = (*g)->n_outputs;
+  memcpy(g0->outputs, (*g)->outputs, sizeof(int) * (size_t)(*g)->n_outputs);
+  p->n_groups = 1;
+  cm_pass_state s = {*g, p};
+  CHECK_MSG(cm_pass_schedule(&s, NULL, &err) == CM_OK, "schedule: %s", err.msg);
+  CHECK_MSG(cm_pass_memplan(&s, NULL, &err) == CM_OK, "memplan: %s", err.msg);
+  CHECK_MSG(cm_plan_verify(s.g, s.plan, &err) == CM_OK, "%s", err.msg);
+  *g = s.g;
+  return s.plan;
+}
+
+/* The bwd span of kernel k: its first stage (-1: none), after checking the span and its roles:
+ * one span over every stage, two GEMM tiles (S', dP), no row reduction, dV and dK over the keys,
+ * dQ over the rows; stream_check when it streams. */
+static int check_span(const cm_kernel *k, const char *what) {
+  cm_err err = {0};
+  int first = -1, spans = 0;
+  for (int si = 0; si < k->n_stages; si++)
+    if (k->stages[si].tmpl == CM_KT_ATTENTION_BWD) first = si, spans++;
+  CHECK_MSG(spans == 1 && first == 0, "%s: %d backward spans, first at %d", what, spans, first);
+  if (first != 0) return -1;
+  const cm_kattn *a = &k->stages[0].attn;
+  CHECK_MSG(a->span == k->n_stages, "%s: the span has %d of %d stages", what, a->span, k->n_stages);
+  CHECK_MSG(cm_kattn_check(k, 0, &err) == CM_OK, "%s: %s", what, err.msg);
+  if (!a->stream) return first;
+  CHECK_MSG(cm_kattn_stream_check(k, 0, &err) == CM_OK, "%s: %s", what, err.msg);
+  int n[6] = {0};
+  for (int r = 0; r < a->span; r++)
+    if (a->role[r] >= 0 && a->role[r] < 6) n[(int)a->role[r]]++;
+  CHECK_MSG(a->role[0] == CM_KATTN_ROLE_TILE && n[CM_KATTN_ROLE_GEMM_TILE] == 1 &&
+                n[CM_KATTN_ROLE_ROWRED] == 0 && n[CM_KATTN_ROLE_GEMM_KEYS] == 2 &&
+                n[CM_KATTN_ROLE_GEMM_ROWS] == 1 && n[0] == 0,
+            "%s: roles tile %d gemm_tile %d rowred %d keys %d rows %d none %d", what,
+            n[CM_KATTN_ROLE_TILE], n[CM_KATTN_ROLE_GEMM_TILE], n[CM_KATTN_ROLE_ROWRED],
+            n[CM_KATTN_ROLE_GEMM_KEYS], n[CM_KATTN_ROLE_GEMM_ROWS], n[0]);
+  return first;
+}
+
+/* No N x N value (a graph node whose last two dims are tokens x tokens) is an arena buffer or
+ * any buffer but a local of the span: the recomputed backward keeps every N x N value in
+ * per-thread (per-block) tiles. Shapes here have head dims other than the tokens. */
+static void check_no_nn_buffer(const cm_graph *g, const cm_kernel *k, int64_t tokens,
+                               const char *what) {
+  const cm_kattn *a = &k->stages[0].attn;
+  for (int b = 0; b < k->n_buffers; b++) {
+    int v = k->buffers[b].node;
+    if (v < 0 || tokens < 2) continue;
+    const cm_type *t = &g->nodes[v].type;
+    if (t->rank < 2 || t->dims[t->rank - 1] != tokens || t->dims[t->rank - 2] != tokens) continue;
+    bool local = false;
+    for (int i = 0; i < a->n_local; i++) local |= a->local[i] == b;
+    CHECK_MSG(k->buffers[b].kind != CM_KBUF_ARENA && local, "%s: buffer b%d (node %s, N x N) is %s",
+              what, b, g->nodes[v].name, local ? "an arena buffer" : "not a span local");
+  }
+}
+
+typedef struct run_result {
+  double worst; /* |result - f64| / bound, the largest over the outputs */
+  int streamed; /* kernels whose span streams */
+} run_result;
+
+/* Compiles g with plan p for target t (NULL: the CPU) and runs it on random inputs; every
+ * output within the oracle's bound. */
+static run_result run_checked(const cm_graph *g, const cm_plan *p, const cm_target *t, int bc,
+                              const char *what) {
+  run_result res = {-1, 0};
+  int nn = g->n_nodes;
+  cm_tensor *src = calloc((size_t)nn, sizeof *src), *v = calloc((size_t)nn, sizeof *v);
+  cm_tensor *bnd = calloc((size_t)nn, sizeof *bnd),
+            *got = calloc((size_t)g->n_outputs, sizeof *got);
+  const cm_tensor **ptr = calloc((size_t)nn, sizeof *ptr);
+  for (int i = 0; i < nn; i++) {
+    const cm_node *n = &g->nodes[i];
+    if (n->op != CM_OP_INPUT) continue;
+    CHECK(cm_tensor_alloc(&src[i], n->type, NULL) == CM_OK);
+    /* q spread wider so the softmax is far from uniform; z a positive row sum */
+    bool pos = !strcmp(n->name, "z");
+    double w = !strcmp(n->name, "q") ? 3.0 : 1.0;
+    for (int64_t e = 0; e < cm_type_numel(&n->type); e++) {
+      double u = test_uniform(&rng);
+      cm_tensor_set_f64(&src[i], e, pos ? 1 + 4 * u : w * (2 * u - 1));
+    }
+    ptr[i] = &src[i];
+  }
+  cm_err err = {0};
+  CHECK_MSG(cm_eval_bounded(g, ptr, v, bnd, &err) == CM_OK, "%s: eval: %s", what, err.msg);
+  cm_compile_opts co = {.threads = 2, .cache_dir = "", .plan = p, .attn_bc = bc};
+  cm_cuda_backend_opts bo = {emu_driver(), emu_compiler(), 0, CM_CUDA_GRAPHS_OFF, 0};
+  if (t) co.backend_opts = &bo, co.cache_dir = test_module_cache("test_flash_bwd_span");
+  cm_program *pr = NULL;
+  cm_status st = cm_compile(g, t, &co, &pr, &err);
+  if (st == CM_OK) st = cm_program_run(pr, (cm_tensor *const *)ptr, got, &err);
+  CHECK_MSG(st == CM_OK, "%s: %s", what, err.msg);
+  for (int j = 0; st == CM_OK && j < g->n_outputs; j++) {
+    int node = g->outputs[j];
+    test_bounded r = test_check_bounded(&got[j], &v[node], &bnd[node]);
+    CHECK_MSG(r.ratio <= 1, "%s: output %s: |got - f64| = %g at [%lld] exceeds its bound %g", what,
+              g->nodes[node].name, r.diff, (long long)r.at, r.bound);
+    res.worst = r.ratio > res.worst ? r.ratio : res.worst;
+  }
+  for (int j = 0; j < g->n_outputs; j++) cm_tensor_free(&got[j]);
+  for (int i = 0; i < nn; i++)
+    cm_tensor_free(&src[i]), cm_tensor_free(&v[i]), cm_tensor_free(&bnd[i]);
+  cm_program_free(pr);
+  free(src), free(v), free(bnd), free(got), free(ptr);
+  return res;
+}
+
+static const bwd_shape shapes[] = {
+    {3, 1, 32, false}, {3, 17, 32, false}, {3, 65, 64, false}, {3, 197, 64, false},
+    {3, 1, 32, true},  {3, 17, 64, true},  {3, 65, 32, true},  {3, 197, 64, true},
+};
+
+/* The test case of a shape: "small" (CI), "large" (the 197-token decoder's: long). */
+static const char *shape_case(bwd_shape sh) {
+  return sh.tokens > 100 ? "large" : "small";
+}
+
+/* Lowers the one-group plan for target t with key block bc; checks its span; returns whether it
+ * streams. */
+static bool lower_checked(const cm_graph *g, const cm_plan *p, const cm_target *t, int bc,
+                          bwd_shape sh, const char *what) {
+  cm_lower_opts lo = {t, false, bc};
+  cm_kprogram kp;
+  cm_err err = {0};
+  bool stream = false;
+  CHECK_MSG(cm_lower_plan(g, p, &lo, &kp, &err) == CM_OK, "%s: %s", what, err.msg);
+  CHECK_MSG(kp.n_kernels == 1, "%s: %d kernels", what, kp.n_kernels);
+  if (kp.n_kernels == 1 && check_span(&kp.kernels[0], what) == 0) {
+    stream = kp.kernels[0].stages[0].attn.stream;
+    check_no_nn_buffer(g, &kp.kernels[0], sh.tokens, what);
+    if (getenv("FB_DUMP") && t) {
+      char *src = NULL;
+      CHECK(cm_render_cuda(&kp.kernels[0], NULL, false, &src, &err) == CM_OK);
+      for (int si = 0; si < kp.kernels[0].n_stages; si++)
+        cm_kcuda_plan_print(&kp.kernels[0].stages[si].cuda, stderr);
+      fprintf(stderr, "%s\n", src ? src : "");
+      free(src);
+    }
+  }
+  cm_kprogram_free(&kp);
+  return stream;
+}
+
+/* The CPU: whole rows (the lowering's choice at these sizes) and streaming over key blocks of
+ * 16 (one pass), every output within the oracle's bound. */
+static void test_cpu(void) {
+  for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+    bwd_shape sh = shapes[i];
+    if (!test_case_wanted(shape_case(sh))) continue;
+    cm_graph *g = recomputed_bwd_graph(sh);
+    cm_plan *p = one_group_plan(&g);
+    /* whole rows (the lowering's choice up to 65 tokens) up to 17 tokens; streaming from 17
+     * tokens: key blocks of 16, or the lowering's own choice at 197 tokens */
+    int bcs[2], n_bc = 0;
+    if (sh.tokens <= 17) bcs[n_bc++] = 0;
+    if (sh.tokens >= 17) bcs[n_bc++] = sh.tokens > 100 ? 0 : 16;
+    for (int b = 0; b < n_bc; b++) {
+      int bc = bcs[b];
+      char what[128];
+      snprintf(what, sizeof what, "cpu bh=%lld N=%lld d=%lld %s bc=%d", (long long)sh.bh,
+               (long long)sh.tokens, (long long)sh.dim, sh.bf16 ? "bf16" : "f32", bc);
+      bool stream = lower_checked(g, p, NULL, bc, sh, what);
+      if (sh.tokens >= 17 && (bc > 0 || sh.tokens > 100))
+        CHECK_MSG(stream, "%s: not streaming", what);
+      run_result r = run_checked(g, p, NULL, bc, what);
+      printf("  %-48s %s err / bound %.2g\n", what, stream ? "streaming" : "whole rows", r.worst);
+    }
+    cm_plan_free(p);
+    cm_graph_free(g);
+  }
+}
+
+static cm_target device_target(void) {
+  const cm_cuda_driver *d = emu_driver();
+  cm_target t;
+  memset(&t, 0, sizeof t);
+  int dev = 0, major = 0, minor = 0;
+  CHECK(d->init(0) == 0 && d->device_get(&dev, 0) == 0);
+  CHECK(d->device_get_attribute(&major, CM_CU_ATTR_CC_MAJOR, dev) == 0);
+  CHECK(d->device_get_attribute(&minor, CM_CU_ATTR_CC_MINOR, dev) == 0);
+  char arch[16];
+  cm_cuda_arch_for(major, minor, arch, sizeof arch);
+  cm_err err = {0};
+  CHECK_MSG(cm_target_cuda(arch, &t, &err) == CM_OK, "%s", err.msg);
+  return t;
+}
+
+/* The emulated CUDA device: the span streams (key blocks of at most 64, one pass) and renders as
+ * the scalar streaming function (f32 arithmetic; bf16 tiles kept in their dtype), every output
+ * within the oracle's bound. */
+static void test_emulated(void) {
+  cm_target t = device_target();
+  for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+    bwd_shape sh = shapes[i];
+    if (!test_case_wanted(shape_case(sh))) continue;
+    char what[128];
+    snprintf(what, sizeof what, "emulated bh=%lld N=%lld d=%lld %s", (long long)sh.bh,
+             (long long)sh.tokens, (long long)sh.dim, sh.bf16 ? "bf16" : "f32");
+    cm_graph *g = recomputed_bwd_graph(sh);
+    cm_plan *p = one_group_plan(&g);
+    bool stream = lower_checked(g, p, &t, 0, sh, what);
+    if (sh.tokens > 1) CHECK_MSG(stream, "%s: not streaming", what);
+    run_result r = run_checked(g, p, &t, 0, what);
+    printf("  %-48s %s err / bound %.2g\n", what, stream ? "streaming" : "whole rows", r.worst);
+    cm_plan_free(p);
+    cm_graph_free(g);
+  }
+}
+
+TEST_MAIN({"test_cpu", test_cpu}, {"test_emulated", test_emulated})
