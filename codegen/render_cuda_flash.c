@@ -407,6 +407,7 @@ typedef struct fb_layout {
   int cw[CM_KATTN_MAX_SPAN];                                  /* ROWS/KEYS: padded output width */
   bool dep[CM_KATTN_MAX_SPAN]; /* a tile stage reading a row reduction (pass 2 only) */
   bool two_pass;
+  bool stat_local[CM_KATTN_MAX_LOCAL]; /* written by a row reduction (else a tile) */
   fb_slot rs[2 * CM_KATTN_MAX_SPAN], ks[2 * CM_KATTN_MAX_SPAN];
   int n_rs, n_ks;
   int64_t bytes;
@@ -486,9 +487,10 @@ static bool fb_loads_ok(const cm_kernel *k, const cm_kattn *a, const cm_kstage *
 /* A GEMM on tensor cores: sum over one k of gemm_a * gemm_b (each bf16, perhaps widened to
  * f32: exact), accumulated in f32. */
 static bool fb_mma_ok(const cm_kstage *s) {
-  if ((s->tmpl != CM_KT_GEMM && s->tmpl != CM_KT_ATTENTION_BWD) || s->n_red != 1 || s->red_op != CM_KRED_SUM ||
-      s->acc_dtype != CM_F32 || s->accumulate || s->gemm_a < 0 || s->gemm_b < 0 ||
-      s->gemm_a >= s->n_exprs || s->gemm_b >= s->n_exprs || s->body < 0 || s->body >= s->n_exprs)
+  if ((s->tmpl != CM_KT_GEMM && s->tmpl != CM_KT_ATTENTION_BWD) || s->n_red != 1 ||
+      s->red_op != CM_KRED_SUM || s->acc_dtype != CM_F32 || s->accumulate || s->gemm_a < 0 ||
+      s->gemm_b < 0 || s->gemm_a >= s->n_exprs || s->gemm_b >= s->n_exprs || s->body < 0 ||
+      s->body >= s->n_exprs)
     return false;
   const cm_kexpr *b = &s->exprs[s->body];
   return b->kind == CM_KX_OP && b->op == CM_OP_MUL && cm_kx_is_gemm_factor(s, b->a, s->gemm_a) &&
@@ -636,7 +638,7 @@ static bool fb_deps(const cm_kernel *k, const cm_kattn *a, int first, fb_layout 
     bool dep = false;
     for (int e = 0; e < s->n_exprs; e++) {
       int li = s->exprs[e].kind == CM_KX_LOAD ? fb_local(a, s->exprs[e].buf) : -1;
-      if (li >= 0 && (a->local_row[li] == 1 || dep_local[li])) dep = true;
+      if (li >= 0 && (L->stat_local[li] || dep_local[li])) dep = true;
     }
     if (L->kind[r] == FB_ROWRED && dep) return false;
     if (L->kind[r] == FB_TILE_EW || L->kind[r] == FB_TILE_GEMM) {
@@ -725,6 +727,9 @@ static bool fb_layout_of(const cm_kernel *k, int first, const cm_target *t, fb_l
     gemms |= L->kind[r] == FB_ROWS || L->kind[r] == FB_KEYS;
   }
   free(reach);
+  for (int r = 0; ok && r < a->span; r++)
+    if (L->kind[r] == FB_ROWRED)
+      L->stat_local[fb_local(a, k->stages[first + r].stores[0].buf)] = true;
   if (!ok || !gemms || !fb_deps(k, a, first, L) || !fb_no_readback(k, a, first)) return false;
   L->rp = (int)up_to(L->rows, 16);
   L->mtiles = L->rp / 16;
@@ -892,7 +897,7 @@ static void fb_element(fbw_r *f, int pass) {
                   "(h_ & 1);\n");
   cu_sb_printf(o, "        const bool in_ = r_ < ROWS_ && j_ < bc_;\n");
   for (int i = 0; i < a->n_local; i++)
-    if (a->local_row[i] != 1)
+    if (!L->stat_local[i])
       cu_sb_printf(o, "        %s tl%d_ = 0;\n        (void)tl%d_;\n",
                    cu_stype(f->k->buffers[a->local[i]].dtype), i, i);
   for (int r = 0; r < L->span; r++) {
@@ -1144,7 +1149,7 @@ static cm_status fb_open(fbw_r *f, cm_err *err) {
   if (st == CM_OK && !f->sub)
     st = cm_errorf(err, CM_EINTERNAL, "kernel %s: out of memory", f->k->name);
   for (int i = 0; st == CM_OK && i < a->n_local; i++) {
-    if (a->local_row[i] == 1)
+    if (f->L->stat_local[i])
       snprintf(f->names[i], sizeof f->names[i], "st%d_[mi_][h_ >> 1]", i);
     else
       snprintf(f->names[i], sizeof f->names[i], "tl%d_", i);
