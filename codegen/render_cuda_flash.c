@@ -1,4 +1,5 @@
-/* codegen/render_cuda_flash.c — flash attention forward on tensor cores (render_cuda.h).
+/* codegen/render_cuda_flash.c — flash attention forward and backward on tensor cores
+ * (render_cuda.h; the backward below, after the forward).
  *
  * A streaming forward span (cm_kattn.stream: S = Q K^T, m = rowmax f(S), E = exp(g(S) - m),
  * l = rowsum E, [P = E / l], O = P V) whose GEMM operands are bf16 (autocast's casts: Q, K, V
