@@ -428,6 +428,8 @@ typedef enum cm_kcuda_kind {
   CM_KCUDA_ATTN_FLASH,      /* attention forward span, online softmax on tensor cores (bf16) */
   CM_KCUDA_IN_SPAN,         /* runs inside the function of an earlier stage's span: empty */
   CM_KCUDA_ROWS,            /* a span of row stages in one function, a warp or block per row */
+  CM_KCUDA_ATTN_FLASH_BWD,  /* attention backward span on tensor cores (bf16), a block per batch
+                               item, one pass over the key blocks (two with a row reduction) */
 } cm_kcuda_kind;
 
 /* generic stages: who computes one domain point */
@@ -474,6 +476,7 @@ typedef struct cm_kcuda_attn {
   int dp, dvp;     /* flash: d padded to the mma's k (16), dv to 16 (zeros in shared memory) */
   bool mma;        /* fused: GEMM stages with bf16 operands on tensor cores (mma.sync m16n8k16) */
   bool dyn_shared; /* fused: the local buffers in dynamic shared memory (above the static 48 KiB) */
+  bool bwd_two_pass; /* flash backward: a row reduction over the keys first (autodiff's form) */
 } cm_kcuda_attn;
 
 /* A span of row stages (render_cuda_rows.c): every stage of the span runs over the same rows (each
