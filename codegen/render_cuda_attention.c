@@ -698,9 +698,10 @@ static int fb_cuda_local(const cm_kattn *a, int b) {
   return -1;
 }
 
-bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+/* The plan within smem_floats of shared memory per block (false: it does not fit). */
+static bool plan_stream_bwd(const cm_kernel *k, int first, double smem_floats, bool dyn,
+                            cm_kcuda_attn *out) {
   cm_kcuda_attn p;
-  const double smem_floats = (double)(t->shared_bytes_static / 4);
   memset(&p, 0, sizeof p);
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
@@ -741,8 +742,10 @@ bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kc
   int64_t bc = a->bc < 64 ? a->bc : 64;
   if (bc < 1 || p.keys < 1) return false;
   for (;;) {
-    double fl = (double)p.acc_floats + (double)nstat * (double)p.rows +
-                (double)ntile * (double)p.rows * (double)bc;
+    /* in dynamic shared memory each local's region is rounded to 16 bytes (4 floats) */
+    int64_t al = dyn ? 4 : 1;
+    double fl = (double)p.acc_floats + (double)nstat * (double)((p.rows + al - 1) / al * al) +
+                (double)ntile * (double)((p.rows * bc + al - 1) / al * al);
     if (fl <= smem_floats) break;
     if (bc == 1) return false;
     bc = bc / 2;
@@ -751,6 +754,17 @@ bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kc
   p.nkb = (int)((p.keys + bc - 1) / bc);
   if ((double)p.batch > 2147483647.0) return false;
   *out = p;
+  return true;
+}
+
+bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+  if (plan_stream_bwd(k, first, (double)(t->shared_bytes_static / 4), false, out)) return true;
+  /* accumulators or tiles beyond the static 48 KiB (the 197-token f32 backward at head dim 64:
+   * dQ's accumulator alone is 49 KiB): dynamic shared memory up to the opt-in limit */
+  if (t->shared_bytes_max <= t->shared_bytes_static ||
+      !plan_stream_bwd(k, first, (double)(t->shared_bytes_max / 4), true, out))
+    return false;
+  out->dyn_shared = true;
   return true;
 }
 
@@ -873,11 +887,25 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
     char bounds[64];
     cu_launch_bounds(p->threads, min_blocks, bounds, sizeof bounds);
     cu_signature(&cs[0], written, bounds);
-    for (int i = 0; i < a->n_local; i++)
-      cu_sb_printf(o, "  __shared__ __align__(16) %s fbl%d_[%lld];\n",
-                   cu_stype(k->buffers[a->local[i]].dtype), i, a->local_row[i] == 1 ? R : R * BC);
-    if (p->acc_floats > 0)
-      cu_sb_printf(o, "  __shared__ __align__(16) float fbacc_[%lld];\n", (long long)p->acc_floats);
+    if (p->dyn_shared) { /* 4 bytes a slot whatever the tile's dtype, as the plan counts */
+      int64_t off = 0;
+      cu_sb_printf(o, "  extern __shared__ __align__(16) unsigned char dsm_[];\n");
+      for (int i = 0; i < a->n_local; i++) {
+        const char *ty = cu_stype(k->buffers[a->local[i]].dtype);
+        cu_sb_printf(o, "  %s *const fbl%d_ = (%s *)(dsm_ + %lld);\n", ty, i, ty, (long long)off);
+        off += 4 * (a->local_row[i] == 1 ? R : R * BC);
+        off = (off + 15) / 16 * 16;
+      }
+      if (p->acc_floats > 0)
+        cu_sb_printf(o, "  float *const fbacc_ = (float *)(dsm_ + %lld);\n", (long long)off);
+    } else {
+      for (int i = 0; i < a->n_local; i++)
+        cu_sb_printf(o, "  __shared__ __align__(16) %s fbl%d_[%lld];\n",
+                     cu_stype(k->buffers[a->local[i]].dtype), i, a->local_row[i] == 1 ? R : R * BC);
+      if (p->acc_floats > 0)
+        cu_sb_printf(o, "  __shared__ __align__(16) float fbacc_[%lld];\n",
+                     (long long)p->acc_floats);
+    }
     cu_sb_printf(o, "  const long long bi_ = blockIdx.x;\n  const int tid_ = threadIdx.x;\n");
     cu_sb_printf(o, "  (void)bi_;\n  {\n");
     if (p->nb > 0) {

@@ -83,15 +83,18 @@ static int64_t attn_shared_bytes(const cm_kernel *k, int first, const cm_kcuda_p
   } else if (p->kind == CM_KCUDA_ATTN_STREAM) {
     b = 4 * (q->br * q->d + q->kvn + (int64_t)q->br * (q->bc + 1) + q->br * q->dv + 3 * q->br);
   } else {
-    for (int i = 0; i < a->n_local; i++)
-      b += 4 * (a->local_row[i] == 1 ? q->rows : q->rows * q->bc);
+    for (int i = 0; i < a->n_local; i++) {
+      int64_t bytes = 4 * (a->local_row[i] == 1 ? q->rows : q->rows * q->bc);
+      /* dynamic shared memory: the renderer carves the regions 16-byte aligned */
+      b += q->dyn_shared ? (bytes + 15) / 16 * 16 : bytes;
+    }
     b += 4 * q->acc_floats;
   }
   return b;
 }
 
-/* The span from stage i, when one of the attention skeletons takes it (the order the renderer
- * has always tried them in: streaming forward, streaming backward, fused). */
+/* The span from stage i, when one of the attention skeletons takes it (tried in this order:
+ * flash forward and backward on tensor cores, streaming forward and backward, fused). */
 static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_plan *p) {
   int threads = CU_ATTN_THREADS;
   if (cu_plan_flash(k, i, t, &p->attn)) {
@@ -118,7 +121,8 @@ static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_pl
   p->attn.threads = threads;
   p->block[0] = (unsigned)p->attn.threads;
   p->shared_static = attn_shared_bytes(k, i, p);
-  if ((p->kind == CM_KCUDA_ATTN_FUSED || p->kind == CM_KCUDA_ATTN_FLASH_BWD) &&
+  if ((p->kind == CM_KCUDA_ATTN_FUSED || p->kind == CM_KCUDA_ATTN_STREAM_BWD ||
+       p->kind == CM_KCUDA_ATTN_FLASH_BWD) &&
       p->attn.dyn_shared) {
     p->shared_dynamic = (unsigned)p->shared_static;
     p->shared_static = 0;

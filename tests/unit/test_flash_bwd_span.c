@@ -217,6 +217,21 @@ static bool lower_checked(const cm_graph *g, const cm_plan *p, const cm_target *
   if (kp.n_kernels == 1 && check_span(&kp.kernels[0], what) == 0) {
     stream = kp.kernels[0].stages[0].attn.stream;
     check_no_nn_buffer(g, &kp.kernels[0], sh.tokens, what);
+    const cm_kernel *k = &kp.kernels[0];
+    if (t && stream) {
+      /* f32: the scalar streaming function; bf16: a fused function of its own (the scalar one,
+       * or the tensor-core flash backward where the renderer has it) */
+      cm_kcuda_kind kind = k->stages[0].cuda.kind;
+      if (sh.bf16)
+        CHECK_MSG(kind != CM_KCUDA_NONE && kind != CM_KCUDA_GENERIC && kind != CM_KCUDA_GEMM &&
+                      kind != CM_KCUDA_ATTN_FUSED,
+                  "%s: CUDA plan kind %d", what, (int)kind);
+      else
+        CHECK_MSG(kind == CM_KCUDA_ATTN_STREAM_BWD, "%s: CUDA plan kind %d", what, (int)kind);
+      for (int si = 1; si < k->n_stages; si++)
+        CHECK_MSG(k->stages[si].cuda.kind == CM_KCUDA_IN_SPAN, "%s: stage %d not in the span", what,
+                  si);
+    }
     if (getenv("FB_DUMP") && t) {
       char *src = NULL;
       CHECK(cm_render_cuda(&kp.kernels[0], NULL, false, &src, &err) == CM_OK);
@@ -271,6 +286,10 @@ static cm_target device_target(void) {
   cm_cuda_arch_for(major, minor, arch, sizeof arch);
   cm_err err = {0};
   CHECK_MSG(cm_target_cuda(arch, &t, &err) == CM_OK, "%s", err.msg);
+  /* the opt-in shared memory the device reports (the emulated sm_80 grants 99 KiB, not 163) */
+  int optin = 0;
+  CHECK(d->device_get_attribute(&optin, CM_CU_ATTR_MAX_SHARED_PER_BLOCK_OPTIN, dev) == 0);
+  if (optin > 0 && optin < t.shared_bytes_max) t.shared_bytes_max = optin;
   return t;
 }
 
@@ -296,4 +315,56 @@ static void test_emulated(void) {
   }
 }
 
-TEST_MAIN({"test_cpu", test_cpu}, {"test_emulated", test_emulated})
+/* The 197-token span (head dim 64, f32 and bf16) for sm_80 and sm_90 through NVRTC: it compiles
+ * (dynamic shared memory in f32), with no spills. */
+static void test_nvrtc(void) {
+  cm_nvrtc *nv = NULL;
+  cm_err err = {0};
+  if (cm_nvrtc_load(&nv, &err) != CM_OK) {
+    fprintf(stderr, "NVRTC absent (%s): the span functions were not compiled\n", err.msg);
+    exit(77);
+  }
+  static const char *const archs[] = {"sm_80", "sm_90"};
+  int functions = 0;
+  for (int ai = 0; ai < 2; ai++)
+    for (int low = 0; low < 2; low++) {
+      cm_target t;
+      CHECK(cm_target_cuda(archs[ai], &t, &err) == CM_OK);
+      bwd_shape sh = {3, 197, 64, low == 1};
+      cm_graph *g = recomputed_bwd_graph(sh);
+      cm_plan *p = one_group_plan(&g);
+      cm_lower_opts lo = {&t, false, 0};
+      cm_kprogram kp;
+      CHECK_MSG(cm_lower_plan(g, p, &lo, &kp, &err) == CM_OK, "%s", err.msg);
+      cm_cuda_render_opts ro = {&t, false};
+      for (int i = 0; i < kp.n_kernels; i++) {
+        const cm_kernel *k = &kp.kernels[i];
+        char *src = NULL, fn[96];
+        CHECK_MSG(cm_render_cuda(k, &ro, true, &src, &err) == CM_OK, "%s", err.msg);
+        cm_cubin cb;
+        memset(&cb, 0, sizeof cb);
+        cm_status st =
+            src ? cm_nvrtc_compile(nv, src, k->name, archs[ai], NULL, 0, &cb, &err) : CM_EINVALID;
+        CHECK_MSG(st == CM_OK, "%s %s: %s", k->name, archs[ai], err.msg);
+        snprintf(fn, sizeof fn, "%s_s0", k->name);
+        const cm_cuda_kernel_info *ki = st == CM_OK ? cm_cubin_kernel(&cb, fn) : NULL;
+        CHECK_MSG(ki && ki->spill_store_bytes == 0 && ki->spill_load_bytes == 0,
+                  "%s %s %s: %d bytes spilled", fn, low ? "bf16" : "f32", archs[ai],
+                  ki ? ki->spill_store_bytes : -1);
+        if (ki)
+          fprintf(stderr, "  %s %s %s: %d registers, shared %u+%u\n", fn, low ? "bf16" : "f32",
+                  archs[ai], ki->registers, (unsigned)k->stages[0].cuda.shared_static,
+                  k->stages[0].cuda.shared_dynamic);
+        functions += ki != NULL;
+        cm_cubin_free(&cb);
+        free(src);
+      }
+      cm_kprogram_free(&kp);
+      cm_plan_free(p);
+      cm_graph_free(g);
+    }
+  CHECK(functions == 4);
+  cm_nvrtc_unload(nv);
+}
+
+TEST_MAIN({"test_cpu", test_cpu}, {"test_emulated", test_emulated}, {"test_nvrtc", test_nvrtc})
