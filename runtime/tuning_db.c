@@ -10,11 +10,6 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#ifndef CM_TUNE_SPACE_VERSION
-/* codegen/codegen.h defines it once the tuning spaces (codegen/tune_space.c) are in */
-#define CM_TUNE_SPACE_VERSION 1
-#endif
-
 #define TUNE_ENV "CMAEC_TUNE"
 enum {
   TUNE_DB_SCHEMA = 1,      /* PRAGMA user_version of the tables below */
@@ -130,19 +125,28 @@ static cm_status pragma_text(cm_tune_db *db, const char *text, char *out, size_t
   return st;
 }
 
-/* Creates the tables in a fresh file, refuses a file of a newer schema. */
-static cm_status ensure_schema(cm_tune_db *db, cm_err *err) {
-  cm_status st = exec_sql(db, "BEGIN IMMEDIATE", "locking to create the tables", err);
-  if (st != CM_OK) return st;
-  char version[32];
-  st = pragma_text(db, "PRAGMA user_version", version, sizeof version, err);
-  int found = atoi(version);
-  if (st == CM_OK && found > TUNE_DB_SCHEMA)
+static cm_status schema_version(cm_tune_db *db, int *version, cm_err *err) {
+  char text[32];
+  cm_status st = pragma_text(db, "PRAGMA user_version", text, sizeof text, err);
+  *version = atoi(text);
+  if (st == CM_OK && *version > TUNE_DB_SCHEMA)
     st = cm_errorf(err, CM_EINVALID,
                    "tuning database %s: schema version %d, written by a newer cmaec (this one "
                    "reads version %d): use another file",
-                   db->path, found, TUNE_DB_SCHEMA);
-  if (st == CM_OK && found < TUNE_DB_SCHEMA) {
+                   db->path, *version, TUNE_DB_SCHEMA);
+  return st;
+}
+
+/* Creates the tables in a fresh file, refuses a file of a newer schema. A file that has them
+ * takes no lock here, so readers of a shared (even read-only) file never wait. */
+static cm_status ensure_schema(cm_tune_db *db, cm_err *err) {
+  int version;
+  cm_status st = schema_version(db, &version, err);
+  if (st != CM_OK || version == TUNE_DB_SCHEMA) return st;
+  st = exec_sql(db, "BEGIN IMMEDIATE", "locking to create the tables", err);
+  if (st != CM_OK) return st;
+  st = schema_version(db, &version, err); /* another process may have made them meanwhile */
+  if (st == CM_OK && version < TUNE_DB_SCHEMA) {
     char set[64];
     snprintf(set, sizeof set, "PRAGMA user_version = %d", TUNE_DB_SCHEMA);
     st = exec_sql(db, tune_db_schema, "creating the tables", err);

@@ -11,7 +11,7 @@ static const char usage_tune[] =
     "usage: cmaec tune MODEL.json [--backend auto|cpu|cuda] [--device N] [--budget SECONDS]\n"
     "                  [--batch N] [--threads N] [--max-candidates N] [--max-stages N]\n"
     "                  [--db PATH] [--set KEY=VALUE ...]\n"
-    "       cmaec tune --report [--db PATH]\n"
+    "       cmaec tune --report [--db PATH] [--device-id ID]\n"
     "\n"
     "Searches the plans of every distinct tunable kernel stage of the variant's training step\n"
     "(as `cmaec train` builds it, at the batch N, default optimizer.batch; train.precision\n"
@@ -45,15 +45,6 @@ static int split_sets(int argc, char **argv, const char **sets, int *n_sets, cha
   }
   args[*n_args] = NULL;
   return EXIT_OK;
-}
-
-static int report(const char *db_path) {
-  cm_err err = {0};
-  cm_tune_db *db = NULL;
-  if (cm_tune_db_open(db_path, &db, &err)) return cli_report(&err, "cmaec tune");
-  cm_status st = cm_tune_db_report(db, NULL, stdout, &err);
-  if (db) cm_tune_db_close(db);
-  return st ? cli_report(&err, "cmaec tune") : EXIT_OK;
 }
 
 typedef struct tune_args {
@@ -110,6 +101,8 @@ static int tune_model(const tune_args *a, const char *const *sets, int n_sets,
 }
 
 int cmd_tune(int argc, char **argv) {
+  for (int i = 2; i < argc; i++) /* the report's own options: tools/cmd_tune_report.c */
+    if (!strcmp(argv[i], "--report")) return cmd_tune_report(argc, argv);
   const char **sets = malloc(sizeof(char *) * (size_t)(argc + 1));
   char **args = malloc(sizeof(char *) * (size_t)(argc + 1));
   int n_sets, n_args, rc;
@@ -136,11 +129,6 @@ int cmd_tune(int argc, char **argv) {
     goto out;
   }
   tune_args a = {n_pos ? pos[0] : NULL, opts[7].value, 0, 0, 180, 0, 0};
-  if (opts[8].given) {
-    rc = n_pos == 0 ? report(a.db)
-                    : (fprintf(stderr, "cmaec tune: --report takes no MODEL\n"), EXIT_INVALID);
-    goto out;
-  }
   int64_t batch = 0, threads = 0;
   if (n_pos != 1) {
     fputs(usage_tune, stderr);

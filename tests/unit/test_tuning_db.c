@@ -11,10 +11,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#ifndef CM_TUNE_SPACE_VERSION
-#define CM_TUNE_SPACE_VERSION 1 /* codegen/codegen.h's, once the tuning spaces are in */
-#endif
-
 enum { WRITER_TRIALS = 200 };
 
 /* ---- scratch files ---------------------------------------------------------- */
