@@ -611,8 +611,10 @@ static void progress(const tune_run *r, const char *label, int64_t at, int64_t o
   bar[WIDTH] = '\0';
   bool tty = isatty(2);
   if (!tty && at > 1) return; /* a line per stage where the bar cannot be redrawn */
-  fprintf(stderr, "%stune [%s] %d/%d stages %4.0f s  %s (%lld/%lld)%s", tty ? "\r\033[K" : "", bar,
-          r->done, r->total, now_s() - r->t0, label, (long long)at, (long long)of, tty ? "" : "\n");
+  char count[48] = "";        /* the candidate of the stage, when one is under way */
+  if (of > 0) snprintf(count, sizeof count, " (%lld/%lld)", (long long)at, (long long)of);
+  fprintf(stderr, "%stune [%s] %d/%d stages %4.0f s  %s%s%s", tty ? "\r\033[K" : "", bar, r->done,
+          r->total, now_s() - r->t0, label, count, tty ? "" : "\n");
   fflush(stderr);
 }
 
