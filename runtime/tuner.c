@@ -441,6 +441,7 @@ static void candidate_job(const tune_ctx *c, cm_kernel *k, int stage, bool check
   co.profile = !check;
   co.compile_only = co.render_only = false;
   co.tune = CM_TUNE_OFF;
+  co.resident_states = false; /* the check reads the states it updates on the host */
   cm_program *pr = NULL;
   cm_err e = {0};
   int *orig = malloc(sizeof(int) * (size_t)(k->n_buffers + 1));
