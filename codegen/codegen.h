@@ -778,8 +778,8 @@ cm_status cm_cuda_plan_kernel(cm_kernel *k, const cm_target *t, cm_err *err);
 /* After a tuner changed the tunable fields of stage `stage`'s tensor-core GEMM plan (warps_m,
  * warps_n, mr, nr, kc, split_k, stages, swizzle, a_async/b_async to false): checks them and
  * derives the rest (mc, nc, warps, threads, grid, block, dynamic shared memory, launch bounds).
- * Likewise an FMA GEMM plan from the stage's tiles (mc, nc, kc, mr, nr) and a rows plan from its
- * warp and threads.
+ * Likewise an FMA GEMM plan from the stage's tiles (mc, nc, kc, mr, nr), a rows plan from its
+ * warp and threads, and a generic plan from its red and threads (block[0]).
  * CM_EINVALID naming the kernel, stage and rule when they make no template for t. */
 cm_status cm_cuda_plan_refit(cm_kernel *k, int stage, const cm_target *t, cm_err *err);
 /* One line, e.g. "cuda sm_80 gemm mma bf16: block 64x64 k 32 warp 32x32 (4 warps), batch 1 M 130

@@ -12,10 +12,11 @@
  *   CUDA tensor-core GEMM: warps_m, warps_n, mr, nr (warp tile), kc, stages, split_k, swizzle
  *   CUDA FMA GEMM: mc, nc, kc, mr, nr (the stage's tiles)
  *   CUDA rows span (its first stage): warp (a warp per row, else a block), threads (per block)
+ *   CUDA generic stage: red (a thread, warp or block per point), threads (per block)
  * Not knobs: the CPU K split and thread split (the K split changes the kernel's stages; the
  * executor splits work items), the CPU row kernels' vector width (a render option for the whole
- * program, not a stage field), the CUDA generic and attention stages (their renderers take fixed
- * thread counts and tiles: flash attention's br and bc are constants of render_cuda_flash.c). */
+ * program, not a stage field), the CUDA attention spans (their renderers take fixed thread counts
+ * and tiles: flash attention's br and bc are constants of render_cuda_flash.c). */
 #include "lower_internal.h"
 #include "render_cuda.h"
 
@@ -31,6 +32,7 @@ typedef enum space_kind {
   SP_CUDA_MMA,
   SP_CUDA_FMA,
   SP_CUDA_ROWS,
+  SP_CUDA_GENERIC,
 } space_kind;
 
 #define WORKSPACE_BUDGET ((int64_t)16 << 20) /* CPU per-thread workspace a point may take */
@@ -70,6 +72,7 @@ static space_kind kind_of(const cm_kernel *k, int si, const cm_target *t) {
   if (p->sm != t->sm) return SP_NONE;
   if (p->kind == CM_KCUDA_GEMM) return p->gemm.mma ? SP_CUDA_MMA : SP_CUDA_FMA;
   if (p->kind == CM_KCUDA_ROWS) return SP_CUDA_ROWS;
+  if (p->kind == CM_KCUDA_GENERIC) return SP_CUDA_GENERIC;
   return SP_NONE;
 }
 
@@ -211,6 +214,16 @@ static void space_cuda_rows(const cm_kcuda_rows *r, const cm_target *t, cm_tune_
   add_knob(sp, "threads", th, n, r->threads);
 }
 
+/* A generic stage: who computes a point (0 a thread, 1 a warp, 2 a block: only for a reduction
+ * that does not accumulate) and the threads per block. */
+static void space_cuda_generic(const cm_kstage *s, const cm_target *t, cm_tune_space *sp) {
+  static const int red[] = {CM_KCUDA_RED_THREAD, CM_KCUDA_RED_WARP, CM_KCUDA_RED_BLOCK};
+  int th[5], n = 0;
+  for (int v = 64; v <= 1024 && v <= t->max_threads_per_block; v *= 2) th[n++] = v;
+  if (s->n_red > 0 && !s->accumulate) add_knob(sp, "red", red, 3, (int)s->cuda.red);
+  add_knob(sp, "threads", th, n, (int)s->cuda.block[0]);
+}
+
 static cm_status check_args(const cm_kernel *k, int stage, const cm_target *t, const char *fn,
                             cm_err *err) {
   if (!k || !t || stage < 0 || stage >= k->n_stages || !k->stages)
@@ -234,6 +247,7 @@ cm_status cm_tune_space_of(const cm_kernel *k, int stage, const cm_target *t, cm
   case SP_CUDA_MMA: space_cuda_mma(&s->cuda.gemm, out); break;
   case SP_CUDA_FMA: space_cuda_fma(&s->cuda.gemm, out); break;
   case SP_CUDA_ROWS: space_cuda_rows(&s->cuda.rows, t, out); break;
+  case SP_CUDA_GENERIC: space_cuda_generic(s, t, out); break;
   }
   for (int i = 0; i < out->n_knobs; i++) out->n_points *= out->knobs[i].n_values;
   return CM_OK;
@@ -493,6 +507,9 @@ static cm_status apply_cuda(cm_kernel *k, int si, space_kind kind, const cm_targ
     if (w.mc == g->mc && w.nc == g->nc && w.kc == g->kc && w.mr == g->mr && w.nr == g->nr)
       return CM_OK;
     s->tiles = w;
+  } else if (kind == SP_CUDA_GENERIC) {
+    s->cuda.red = (cm_kcuda_red)value_of(sp, p, "red", (int)s->cuda.red);
+    s->cuda.block[0] = (unsigned)value_of(sp, p, "threads", (int)s->cuda.block[0]);
   } else {
     s->cuda.rows.warp = value_of(sp, p, "warp", s->cuda.rows.warp) != 0;
     s->cuda.rows.threads = value_of(sp, p, "threads", s->cuda.rows.threads);
@@ -793,6 +810,22 @@ static double cost_cuda_rows(const cm_kernel *k, const cm_kstage *s, const cm_ta
   return fmax(compute, mem) + 3000;
 }
 
+/* A generic stage: a thread, warp or block per point (lanes), points strided over the grid; the
+ * busiest thread's steps (its share of the reduction, a shuffle or tree of log2(lanes) steps),
+ * issued 4 warp-instructions a cycle; every element read once from memory. */
+static double cost_cuda_generic(const cm_kstage *s, const cm_target *t) {
+  const cm_kcuda_plan *p = &s->cuda;
+  gpu_model g = gpu_of(t);
+  double points = prod_ext(s->dom, s->n_dom), red = fmax(1, prod_ext(s->red, s->n_red));
+  double threads = fmax(32, p->block[0]), blocks = fmax(1, p->grid[0]);
+  double lanes = p->red == CM_KCUDA_RED_BLOCK ? threads : p->red == CM_KCUDA_RED_WARP ? 32 : 1;
+  double iters = ceil(points / (blocks * fmax(1, threads / lanes)));
+  double steps = iters * (ceil(red / lanes) + (lanes > 1 ? 5 * log2(lanes) : 0) + 4);
+  double bps = blocks_per_sm(t, &g, threads, 32, (double)p->shared_static);
+  double compute = waves_time(&g, blocks, bps, threads / 32, threads / 32 * steps / 4);
+  return fmax(compute, points * red * 4 / g.bw) + 3000;
+}
+
 /* Any other planned CUDA stage: its grid's blocks, each its share of the points x reduction. */
 static double cost_cuda_other(const cm_kernel *k, int si, const cm_target *t) {
   const cm_kstage *s = &k->stages[si];
@@ -825,6 +858,7 @@ double cm_tune_model_cost(const cm_kernel *k, int stage, const cm_target *t) {
   case CM_KCUDA_IN_SPAN: return 0;
   case CM_KCUDA_GEMM: return cost_cuda_gemm(s, t);
   case CM_KCUDA_ROWS: return cost_cuda_rows(k, s, t);
+  case CM_KCUDA_GENERIC: return cost_cuda_generic(s, t);
   default: return cost_cuda_other(k, stage, t);
   }
 }

@@ -27,8 +27,9 @@ int cmd_tune_report(int argc, char **argv) {
   const int n_opts = (int)(sizeof opts / sizeof opts[0]);
   const char *pos[1];
   int n_pos;
-  if (!cli_parse(argc, argv, 2, opts, n_opts, pos, 0, &n_pos, "tune")) return EXIT_INVALID;
+  if (!cli_parse(argc, argv, 2, opts, n_opts, pos, 1, &n_pos, "tune")) return EXIT_INVALID;
   if (opts[0].given) return fputs(usage_tune_report, stdout), EXIT_OK;
+  if (n_pos) return fprintf(stderr, "cmaec tune: --report takes no MODEL\n"), EXIT_INVALID;
   if (!opts[1].given) return fputs(usage_tune_report, stderr), EXIT_INVALID;
   cm_err err = {0};
   cm_tune_mode mode;

@@ -76,5 +76,6 @@ expect_fail 2 "tuning database $tmp/text.db: not a usable SQLite database" \
   "$cmaec" tune --report --db "$tmp/text.db"
 expect_fail 2 "$tmp/none.db: no such tuning database" "$cmaec" tune --report --db "$tmp/none.db"
 expect_fail 2 "unknown option --bogus" "$cmaec" tune --report --bogus
+expect_fail 2 "--report takes no MODEL" "$cmaec" tune --report "$root/models/cmae_vit_tiny_fmnist.json"
 
 finish

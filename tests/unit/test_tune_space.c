@@ -1,8 +1,8 @@
 /* The autotuner's spaces (codegen/tune_space.c) over the default variant's training step
- * (cmae_vit_tiny_fmnist at batch 64), f32 and bf16 (autocast), lowered for the host CPU, sm_80 and
- * sm_90:
+ * (cmae_vit_tiny_fmnist at batch 64), f32 and bf16 (autocast), lowered for the host CPU, znver4
+ * (AVX-512 and vdpbf16ps: applied, not run), sm_80 and sm_90:
  *   - the default point reproduces the lowered plan exactly (cm_kernel_print and every stage's
- *     cm_kcuda_plan_print byte for byte), and every point of every space (every 5th in CI)
+ *     cm_kcuda_plan_print byte for byte), and every point of every space (every 9th in CI)
  *     applies or is refused with CM_EINVALID naming the kernel; CUDA kernels render
  *     (cm_render_cuda) under a sample of the applied points;
  *   - applied points compute the same function: small GEMM and attention graphs (forward and
@@ -13,10 +13,10 @@
  *   - the structural hash: equal for two layers' equal kernels and across two builds, blind to
  *     names, group numbers, offsets and the plan, and changed by a dtype, a shape or an
  *     expression;
- *   - on the emulated CUDA device: an FMA GEMM and a softmax's rows plan under other tiles and
- *     threads, within their bounds;
- *   - the cost model: deterministic, and more for a tile that pads twice the work or a rows plan
- *     with half the warps in a memory-bound stage. */
+ *   - on the emulated CUDA device: an FMA GEMM, a softmax's rows plan and a row sum's generic plan
+ *     under other tiles, threads and reduction modes, within their bounds;
+ *   - the cost model: deterministic, and more for a tile that pads twice the work, a rows plan
+ *     with half the warps in a memory-bound stage, or a thread per point over a long reduction. */
 #include "../test.h"
 #include "../testlib.h"
 #include "../tensor_compare.h"
@@ -126,22 +126,36 @@ static bool renders(const cm_kernel *k, const cm_target *t, const char *what) {
   return st == CM_OK;
 }
 
+/* The default point of every tunable stage of k applied: the kernel prints as before. */
+static void check_defaults(cm_kernel *k, const cm_target *t) {
+  char *before = print_kernel(k);
+  for (int si = 0; si < k->n_stages; si++) {
+    cm_tune_space sp;
+    cm_tune_point p;
+    cm_err err = {0};
+    if (cm_tune_space_of(k, si, t, &sp, &err) != CM_OK || sp.n_knobs == 0) continue;
+    cm_tune_point_default(&sp, &p);
+    cm_status st = cm_tune_apply(k, si, t, &p, &err);
+    CHECK_MSG(st == CM_OK, "%s s%d on %s: the default refused: %s", k->name, si, t->arch, err.msg);
+  }
+  char *after = print_kernel(k);
+  CHECK_MSG(!strcmp(before, after), "%s on %s: the default points changed the plan:\n%s\n%s",
+            k->name, t->arch, before, after);
+  free(after);
+  free(before);
+}
+
 static void sweep_stage(cm_kernel *k, int si, const cm_target *t, sweep *sw, int64_t stride) {
   cm_tune_space sp;
   cm_err err = {0};
   CHECK_MSG(cm_tune_space_of(k, si, t, &sp, &err) == CM_OK, "%s s%d: %s", k->name, si, err.msg);
   if (sp.n_knobs == 0) return;
   sw->spaces++;
-  char *before = print_kernel(k);
+  cm_kstage *others = malloc(sizeof *others * (size_t)k->n_stages);
+  memcpy(others, k->stages, sizeof *others * (size_t)k->n_stages);
   cm_tune_point p;
-  cm_tune_point_default(&sp, &p);
   cm_kstage saved = k->stages[si];
-  cm_status st = cm_tune_apply(k, si, t, &p, &err);
-  CHECK_MSG(st == CM_OK, "%s s%d on %s: the default refused: %s", k->name, si, t->arch, err.msg);
-  char *after = print_kernel(k);
-  CHECK_MSG(!strcmp(before, after), "%s s%d on %s: the default point changed the plan:\n%s\n%s",
-            k->name, si, t->arch, before, after);
-  free(after);
+  cm_status st;
   for (int64_t i = 0; i < sp.n_points; i += stride) {
     cm_tune_point_at(&sp, i, &p);
     st = cm_tune_apply(k, si, t, &p, &err);
@@ -150,7 +164,7 @@ static void sweep_stage(cm_kernel *k, int si, const cm_target *t, sweep *sw, int
               (long long)i, (int)st, err.msg);
     if (st == CM_OK) {
       sw->applied++;
-      if (t->kind == CM_TARGET_CUDA && (sw->applied % 7 == 0 || i == 0))
+      if (t->kind == CM_TARGET_CUDA && (sw->applied % 23 == 0 || i == 0))
         sw->rendered += renders(k, t, k->name);
     } else {
       sw->refused++;
@@ -158,24 +172,32 @@ static void sweep_stage(cm_kernel *k, int si, const cm_target *t, sweep *sw, int
     }
     k->stages[si] = saved;
   }
-  char *restored = print_kernel(k);
-  CHECK_MSG(!strcmp(before, restored), "%s s%d: the sweep left the kernel changed", k->name, si);
-  free(restored);
-  free(before);
+  /* applying touched no other stage */
+  CHECK_MSG(!memcmp(k->stages, others, sizeof *others * (size_t)si) &&
+                !memcmp(k->stages + si + 1, others + si + 1,
+                        sizeof *others * (size_t)(k->n_stages - si - 1)),
+            "%s s%d: applying changed another stage", k->name, si);
+  free(others);
 }
 
 static void step_spaces(int64_t stride) {
-  cm_target t[3];
+  cm_target t[4];
   targets(t);
+  /* and AVX-512 with vdpbf16ps (compiled for, not run: its 16-lane blocks and 32 registers) */
+  cm_err err = {0};
+  CHECK_MSG(cm_target_cpu("znver4", NULL, &t[3], &err) == CM_OK, "%s", err.msg);
+  CHECK(t[3].vector_lanes == 16 && t[3].cpu.dot_bf16);
   for (int bf16 = 0; bf16 < 2; bf16++) {
     cm_graph *g = step_graph(bf16, 64);
     if (!g) continue;
-    for (int ti = 0; ti < 3; ti++) {
+    for (int ti = 0; ti < 4; ti++) {
       lowered L = lower_for(g, &t[ti], 0);
       sweep sw = {0};
-      for (int ki = 0; L.ok && ki < L.kp.n_kernels; ki++)
+      for (int ki = 0; L.ok && ki < L.kp.n_kernels; ki++) {
+        check_defaults(&L.kp.kernels[ki], &t[ti]);
         for (int si = 0; si < L.kp.kernels[ki].n_stages; si++)
           sweep_stage(&L.kp.kernels[ki], si, &t[ti], &sw, stride);
+      }
       printf("  %s %s: %lld spaces, %lld points: %lld applied, %lld refused, %lld rendered\n",
              bf16 ? "bf16" : "f32", t[ti].arch, (long long)sw.spaces, (long long)sw.points,
              (long long)sw.applied, (long long)sw.refused, (long long)sw.rendered);
@@ -412,7 +434,7 @@ static void test_same_function_all(void) {
 }
 
 static void test_step_spaces(void) {
-  step_spaces(getenv("CMAEC_TEST_QUICK") ? 17 : 5);
+  step_spaces(getenv("CMAEC_TEST_QUICK") ? 29 : 9);
 }
 static void test_step_spaces_all(void) {
   step_spaces(1);
@@ -710,6 +732,25 @@ static void test_model_cost(void) {
     lowered_free(&Ls);
   }
   cm_graph_free(gs);
+  /* a row sum of 5 rows of 300: a thread per row is not cheaper than a warp per row */
+  cm_graph *gr = cm_graph_new();
+  int64_t dr[2] = {5, 300};
+  int axes[1] = {1};
+  CHECK(cm_graph_add_output(gr,
+                            cm_reduce(gr, CM_OP_REDUCE_SUM, cm_input(gr, "x", CM_F32, 2, dr), 1,
+                                      axes, false, "sum"),
+                            &err) == CM_OK);
+  lowered Lr = lower_for(gr, &t[1], 0);
+  if (find_stage(&Lr, &t[1], CM_KCUDA_GENERIC, &ki, &si)) {
+    double thread = cost_at(&Lr.kp.kernels[ki], si, &t[1], "red=0,threads=128");
+    double warp = cost_at(&Lr.kp.kernels[ki], si, &t[1], "red=1,threads=128");
+    printf("  row sum 5x300: a thread per row %.4g, a warp %.4g\n", thread, warp);
+    CHECK(warp > 0 && thread > warp);
+  } else {
+    CHECK_MSG(false, "no generic plan for the row sum");
+  }
+  lowered_free(&Lr);
+  cm_graph_free(gr);
 }
 
 /* ---- the emulated CUDA device ------------------------------------------------------------- */
@@ -787,10 +828,17 @@ static void test_emulated(void) {
            "block 32x64 k 8 warp 16x32", "FMA GEMM");
   /* softmax rows of 300: a warp per row by default, a block of 128 threads tuned */
   cm_graph *g = cm_graph_new();
-  int64_t d[2] = {6, 300};
+  int64_t d[2] = {5, 300};
   cm_err err = {0};
   CHECK(cm_graph_add_output(g, cm_nn_softmax(g, cm_input(g, "x", CM_F32, 2, d)), &err) == CM_OK);
   emu_case(g, CM_KCUDA_ROWS, "warp=0,threads=128", "a block per row", "softmax rows");
+  /* a row sum of 300 over 5 rows: a block per point by default, a warp per point tuned */
+  g = cm_graph_new();
+  int axes[1] = {1};
+  int sum = cm_reduce(g, CM_OP_REDUCE_SUM, cm_input(g, "x", CM_F32, 2, d), 1, axes, false, "sum");
+  CHECK(cm_graph_add_output(g, sum, &err) == CM_OK);
+  emu_case(g, CM_KCUDA_GENERIC, "red=1,threads=128",
+           "generic: a warp per point; grid 2x1x1 block 128", "row sum");
   test_tally_report("tune_space emulated");
 }
 
