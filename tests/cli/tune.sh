@@ -50,7 +50,7 @@ grep -q "^device cpu " "$tmp/out" || bad "report names no CPU device: $(cat "$tm
 
 expect_fail 2 "--budget" "$cmaec" tune "$model" --budget -1
 expect_fail 2 "--max-stages" "$cmaec" tune "$model" --max-stages 0
-expect_fail 2 "unexpected argument" "$cmaec" tune "$model" --report
+expect_fail 2 "--report takes no MODEL" "$cmaec" tune "$model" --report
 expect_fail 2 "CMAEC_TUNE" env CMAEC_TUNE=sometimes "$cmaec" tune "$model" "${tiny[@]}" --backend cpu
 expect_fail 2 "--tune-budget" "$cmaec" train "$model" --tune-budget 5
 if [ "$mode" != train ]; then
