@@ -1110,6 +1110,19 @@ static void attn_choose_key_block(cm_kernel *k, int first, const cm_lower_opts *
   a->ws_bytes = cm_kattn_stream_workspace(k, first, mr, nr, NULL);
 }
 
+void cm_kattn_replan(cm_kernel *k, int first, int lanes) {
+  cm_kstage *s0 = &k->stages[first];
+  cm_kattn *a = &s0->attn;
+  int mr = s0->tiles.mr, nr = s0->tiles.nr;
+  a->ws_bytes = cm_kattn_workspace(k, first, mr, nr, NULL, NULL);
+  if (a->stream)
+    a->ws_bytes = s0->tmpl == CM_KT_ATTENTION_BWD
+                      ? cm_kattn_bwd_stream_workspace(k, first, mr, nr, NULL, NULL, NULL)
+                      : cm_kattn_stream_workspace(k, first, mr, nr, NULL);
+  attn_plan_tiles(k, first, lanes);
+  cm_kattn_layout(k, first, mr, nr);
+}
+
 /* Marks the span of stages [first, end) when cm_kattn_check holds for it (row blocks when every
  * stage is local to the query row, else whole batch items) and, with want_stream, the span
  * streams; else leaves the kernel as it was. */

@@ -795,6 +795,8 @@ cm_status cm_cuda_plan_kernel(cm_kernel *k, const cm_target *t, cm_err *err);
 /* After a tuner changed the tunable fields of stage `stage`'s tensor-core GEMM plan (warps_m,
  * warps_n, mr, nr, kc, split_k, stages, swizzle, a_async/b_async to false): checks them and
  * derives the rest (mc, nc, warps, threads, grid, block, dynamic shared memory, launch bounds).
+ * Likewise an FMA GEMM plan from the stage's tiles (mc, nc, kc, mr, nr), a rows plan from its
+ * warp and threads, and a generic plan from its red and threads (block[0]).
  * CM_EINVALID naming the kernel, stage and rule when they make no template for t. */
 cm_status cm_cuda_plan_refit(cm_kernel *k, int stage, const cm_target *t, cm_err *err);
 /* One line, e.g. "cuda sm_80 gemm mma bf16: block 64x64 k 32 warp 32x32 (4 warps), batch 1 M 130
@@ -814,5 +816,58 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
                          char **source, cm_err *err);
 /* The launch configuration of stage i of k. */
 cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda_render_opts *o);
+
+/* ---- tuning spaces (codegen/tune_space.c) --------------------------------
+ *
+ * The autotuner's view of a lowered kernel's plan: per stage, the knobs a renderer really
+ * honours, each with its candidates (the cost model's default among them), applying a point
+ * (pruning what makes no valid plan before anything is compiled), a structural hash that keys
+ * the tuning database, and a deterministic cost model (the emulated CUDA device's "time"). */
+#define CM_TUNE_SPACE_VERSION                                                                      \
+  1 /* bump when a space or a knob's meaning changes: old records are ignored */
+#define CM_TUNE_MAX_KNOBS 8
+#define CM_TUNE_MAX_VALUES 16
+typedef struct cm_tune_knob {
+  char name[16]; /* "mr", "nr", "kc", "mc", "nc", "k_split", "threads_n", "bc", "br", "warps_m",
+                    "stages", "split_k", "vec", ... */
+  int n_values;
+  int values[CM_TUNE_MAX_VALUES]; /* candidates, ascending, the default among them */
+  int default_index;              /* the cost model's choice (the plan as lowered) */
+} cm_tune_knob;
+typedef struct cm_tune_space {
+  int n_knobs; /* 0: nothing to tune in this stage */
+  cm_tune_knob knobs[CM_TUNE_MAX_KNOBS];
+  int64_t n_points; /* product of the n_values */
+} cm_tune_space;
+typedef struct cm_tune_point {
+  int value[CM_TUNE_MAX_KNOBS]; /* a value per knob (values, not indices) */
+} cm_tune_point;
+/* The tunable fields of stage `stage` of a lowered kernel for target t (CPU: GEMM tiles
+ * mr/nr/mc/nc/kc, K split, attention bc/br and register blocks, row kernels' vector width/unroll;
+ * CUDA: block/warp tiles, stages, split_k, threads per row). */
+cm_status cm_tune_space_of(const cm_kernel *k, int stage, const cm_target *t, cm_tune_space *out,
+                           cm_err *err);
+void cm_tune_point_default(const cm_tune_space *s, cm_tune_point *out);
+/* Point i of 0..n_points-1 in a fixed order, point 0 the default. */
+void cm_tune_point_at(const cm_tune_space *s, int64_t i, cm_tune_point *out);
+/* Sets the stage's tunable fields to p and re-derives what depends on them (tile clamps, attention
+ * workspace layout, CUDA launch and shared memory via cm_cuda_plan_refit...). CM_EINVALID naming
+ * kernel, stage, knob and rule when p makes no valid plan for t (too much shared memory or
+ * registers, workspace over budget, a tile the template cannot take): that is the pruning before
+ * compiling. */
+cm_status cm_tune_apply(cm_kernel *k, int stage, const cm_target *t, const cm_tune_point *p,
+                        cm_err *err);
+/* "mr=6,nr=16,kc=256" (knobs in order); parse checks names and that each value is a candidate. */
+int cm_tune_point_format(const cm_tune_space *s, const cm_tune_point *p, char *buf, size_t size);
+cm_status cm_tune_point_parse(const cm_tune_space *s, const char *text, cm_tune_point *out,
+                              cm_err *err);
+/* 64 hex chars: the kernel's stages, expressions and buffers (kinds, dtypes, sizes, numbered by
+ * first use) — names, the group number and arena offsets left out, so equal kernels of two layers
+ * or two programs hash alike. */
+void cm_kernel_structural_hash(const cm_kernel *k, char out[65]);
+/* A deterministic cost (arbitrary units, larger = slower) of stage `stage` under its current plan
+ * for target t: a roofline-style model (FLOPs / peak, bytes / bandwidth, padding waste, occupancy,
+ * launches). The emulated CUDA device's "time", so the tuner's tests are exact. */
+double cm_tune_model_cost(const cm_kernel *k, int stage, const cm_target *t);
 
 #endif

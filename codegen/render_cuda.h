@@ -137,6 +137,9 @@ bool cu_plan_rows(const cm_kernel *k, int first, const cm_target *t, const bool 
 /* Its grid, block and static shared memory. */
 void cu_rows_launch(const cm_kernel *k, const cm_kcuda_rows *r, unsigned grid[3], unsigned block[3],
                     int64_t *shared);
+/* After a tuner set r->warp and r->threads: rows per block, the row slices kept in registers and
+ * the barriers re-derived (cm_cuda_plan_refit). */
+void cu_rows_refit(const cm_kernel *k, cm_kcuda_rows *r, const cm_target *t);
 /* The empty function of stage si, which runs in stage first's. */
 cm_status cu_render_span_stub(const cm_kernel *k, int si, int first, sbuf *o, const bool *written,
                               cm_err *err);
