@@ -99,8 +99,8 @@ static int64_t attn_shared_bytes(const cm_kernel *k, int first, const cm_kcuda_p
   return b;
 }
 
-/* The span from stage i, when one of the attention skeletons takes it (the order the renderer
- * has always tried them in: streaming forward, streaming backward, fused). */
+/* The span from stage i, when one of the attention skeletons takes it (tried in this order:
+ * flash forward and backward on tensor cores, streaming forward and backward, fused). */
 static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_plan *p) {
   int threads = CU_ATTN_THREADS;
   if (cu_plan_flash(k, i, t, &p->attn)) {

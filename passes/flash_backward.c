@@ -30,7 +30,6 @@ typedef struct attn_chain {
   int pb;     /* cast(p, low) read by o, or -1 */
   int o, o32; /* matmul(p or pb, V); its f32 value (-1: o is low and never cast) */
   int n_dp;   /* dP = matmul(dO, V) {transpose_b} nodes: the backward exists */
-  int dp0;    /* the first of them */
   int rec[4]; /* new ids of the recomputed S·c, E, P, P.low (-1: not yet) */
   int rec_bz; /* new id of the recomputed broadcast of z */
 } attn_chain;
@@ -48,7 +47,7 @@ typedef struct fb_ctx {
   unsigned char *use_of; /* old node -> USE_* */
   bool *in_chain;        /* old node is part of a forward chain */
   int *d_attn;           /* old reduce_sum node replaced by -D/z -> its attention (-1) */
-  int *d_dout;           /* ... and the f32 dO (old id) it is computed from */
+  int *d_dout;           /* ... and the dO its dP reads (old id; D takes its f32 value) */
 } fb_ctx;
 
 static const cm_node *node(const fb_ctx *c, int id) {
@@ -173,7 +172,7 @@ static bool match_forward(const fb_ctx *c, int e, attn_chain *a) {
     const cm_node *u = node(c, c->clist[k]);
     if (u->op == CM_OP_MATMUL && u->inputs[1] == v && u->attrs.transpose_b &&
         !u->attrs.transpose_a && cm_shape_equal(&u->type, &en->type)) {
-      if (a->n_dp++ == 0) a->dp0 = c->clist[k];
+      a->n_dp++;
     }
   }
   for (int k = 0; k < 4; k++) a->rec[k] = -1;
