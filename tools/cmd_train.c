@@ -209,6 +209,12 @@ int cmd_train(int argc, char **argv) {
                                                  [CM_BACKEND_CUDA] = CM_TRAIN_CUDA,
                                                  [CM_BACKEND_REF] = CM_TRAIN_REF};
   o.backend = train_kinds[req.kind];
+  if (o.tune && req.kind == CM_BACKEND_REF) {
+    fprintf(stderr,
+            "cmaec train: --tune applies to the cpu and cuda backends (ref has no kernels)\n");
+    rc = EXIT_INVALID;
+    goto out;
+  }
   o.device = req.device;
   o.cuda_graphs = req.graphs;
   char def_out[512];

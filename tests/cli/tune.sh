@@ -53,6 +53,7 @@ expect_fail 2 "--max-stages" "$cmaec" tune "$model" --max-stages 0
 expect_fail 2 "--report takes no MODEL" "$cmaec" tune "$model" --report
 expect_fail 2 "CMAEC_TUNE" env CMAEC_TUNE=sometimes "$cmaec" tune "$model" "${tiny[@]}" --backend cpu
 expect_fail 2 "--tune-budget" "$cmaec" train "$model" --tune-budget 5
+expect_fail 2 "--tune applies to the cpu and cuda backends" "$cmaec" train "$model" --tune --backend ref
 if [ "$mode" != train ]; then
   echo "tune: $pass passed, $fail failed"
   [ "$fail" -eq 0 ]
