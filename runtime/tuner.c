@@ -904,6 +904,12 @@ cm_status cm_tune(const cm_graph *g, const cm_target *target, const cm_compile_o
   cm_program *pr = NULL;
   cm_status s = cm_compile(g, target, &lo, &pr, err);
   if (s != CM_OK) return s;
+  const cm_target *t = cm_program_target(pr);
+  if (t->kind == CM_TARGET_CPU && !t->cpu.runnable) {
+    s = cm_cpu_target_not_runnable(&t->cpu, "cm_tune (candidates run on this host)", err);
+    cm_program_free(pr);
+    return s;
+  }
   r.kp = cm_program_kernels(pr);
   r.ctx = (tune_ctx){cm_program_graph(pr),
                      cm_program_plan(pr),
