@@ -1,10 +1,10 @@
-/* tests/unit/test_tuner.c — the autotuner (runtime/tuner.c): cm_tune over a small graph of two
- * GEMM layers of one structure (one tunable stage, two kernels), on the CPU (measured) and on
- * the emulated CUDA device (times from cm_tune_model_cost, so the choice is known: the cheapest
- * candidate, ties to the lower point index); a second cm_tune searches nothing; cm_compile then
- * plans both kernels with the recorded point (tuned_stages) and computes the same values within
- * the oracle's bounds; a budget spent at once; CMAEC_TUNE=off and a record that no longer parses.
- */
+/* tests/unit/test_tuner.c — the autotuner (runtime/tuner.c): cm_tune over a graph of three
+ * GEMM layers, the last two of one structure (two tunable items for three stages), on the CPU
+ * (measured in forked children) and on the emulated CUDA device (times from cm_tune_model_cost,
+ * so the choice is known: the cheapest candidate, ties to the lower point index); a second
+ * cm_tune searches nothing; cm_compile then plans every stage with the recorded point
+ * (tuned_stages) and computes values within the oracle's bounds; a budget spent at once;
+ * CMAEC_TUNE=off, a bad CMAEC_TUNE, and a record that no longer parses. */
 #define _GNU_SOURCE
 #include "../test.h"
 #include "../tensor_compare.h"
