@@ -84,25 +84,32 @@ static int64_t attn_shared_bytes(const cm_kernel *k, int first, const cm_kcuda_p
   if (p->kind == CM_KCUDA_ATTN_FUSED) {
     for (int i = 0; i < a->n_local; i++)
       b += q->slot_elems[i] * (int64_t)cu_dt_size(k->buffers[a->local[i]].dtype);
-  } else if (p->kind == CM_KCUDA_ATTN_FLASH) {
-    b = q->kvn; /* cu_plan_flash: the tiles' bytes */
+  } else if (p->kind == CM_KCUDA_ATTN_FLASH || p->kind == CM_KCUDA_ATTN_FLASH_BWD) {
+    b = q->kvn; /* cu_plan_flash, cu_plan_flash_bwd: the tiles' bytes */
   } else if (p->kind == CM_KCUDA_ATTN_STREAM) {
     b = 4 * (q->br * q->d + q->kvn + (int64_t)q->br * (q->bc + 1) + q->br * q->dv + 3 * q->br);
   } else {
-    for (int i = 0; i < a->n_local; i++)
-      b += 4 * (a->local_row[i] == 1 ? q->rows : q->rows * q->bc);
+    for (int i = 0; i < a->n_local; i++) {
+      int64_t bytes = 4 * (a->local_row[i] == 1 ? q->rows : q->rows * q->bc);
+      /* dynamic shared memory: the renderer carves the regions 16-byte aligned */
+      b += q->dyn_shared ? (bytes + 15) / 16 * 16 : bytes;
+    }
     b += 4 * q->acc_floats;
   }
   return b;
 }
 
-/* The span from stage i, when one of the attention skeletons takes it (the order the renderer
- * has always tried them in: streaming forward, streaming backward, fused). */
+/* The span from stage i, when one of the attention skeletons takes it (tried in this order:
+ * flash forward and backward on tensor cores, streaming forward and backward, fused). */
 static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_plan *p) {
   int threads = CU_ATTN_THREADS;
   if (cu_plan_flash(k, i, t, &p->attn)) {
     p->kind = CM_KCUDA_ATTN_FLASH;
     p->grid[0] = (unsigned)(p->attn.batch * p->attn.nrb);
+    threads = p->attn.threads;
+  } else if (cu_plan_flash_bwd(k, i, t, &p->attn)) {
+    p->kind = CM_KCUDA_ATTN_FLASH_BWD;
+    p->grid[0] = (unsigned)p->attn.batch;
     threads = p->attn.threads;
   } else if (cu_plan_stream(k, i, t, &p->attn)) {
     p->kind = CM_KCUDA_ATTN_STREAM;
@@ -120,7 +127,9 @@ static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_pl
   p->attn.threads = threads;
   p->block[0] = (unsigned)p->attn.threads;
   p->shared_static = attn_shared_bytes(k, i, p);
-  if (p->kind == CM_KCUDA_ATTN_FUSED && p->attn.dyn_shared) {
+  if ((p->kind == CM_KCUDA_ATTN_FUSED || p->kind == CM_KCUDA_ATTN_STREAM_BWD ||
+       p->kind == CM_KCUDA_ATTN_FLASH_BWD) &&
+      p->attn.dyn_shared) {
     p->shared_dynamic = (unsigned)p->shared_static;
     p->shared_static = 0;
   }
@@ -183,6 +192,8 @@ static void plan_stages(const cm_kernel *k, const cm_target *t, bool no_template
       /* flash: the S and O fragments (64 floats at head dim 64) and the operand fragments need
        * more than 128 registers a thread; 2 blocks of 4 warps per SM leave 255 */
       if (p->kind == CM_KCUDA_ATTN_FLASH && p->min_blocks > 2) p->min_blocks = 2;
+      /* flash backward: the tile, dQ and dK/dV fragments of up to 8 warps: all 255 */
+      if (p->kind == CM_KCUDA_ATTN_FLASH_BWD) p->min_blocks = 1;
       for (int j = i + 1; j < i + p->attn.span && j < k->n_stages; j++) {
         plans[j].kind = CM_KCUDA_IN_SPAN;
         plans[j].sm = t->sm;
@@ -390,6 +401,11 @@ void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out) {
             r->n_stats, r->n_cached, syncs);
     break;
   }
+  case CM_KCUDA_ATTN_FLASH_BWD:
+    fprintf(
+        out, "attention flash backward mma bf16: %d stages, %lld rows, bc %d, %d key blocks, %s",
+        a->span, (long long)a->rows, a->bc, a->nkb, a->bwd_two_pass ? "two passes" : "one pass");
+    break;
   case CM_KCUDA_ATTN_STREAM_BWD:
     fprintf(out,
             "attention stream backward: %d stages, %lld rows, bc %d, %d key blocks, %lld "
