@@ -741,7 +741,7 @@ static cm_status descend(tune_run *r, stage_search *ss, cm_err *err) {
   const cm_tune_space *s = &ss->it->space;
   cm_status st = try_point(r, ss, 0, err);
   int64_t first[MODEL_FIRST];
-  int n_first = model_ranked(r, ss->it, first);
+  int n_first = search_over(ss) ? 0 : model_ranked(r, ss->it, first);
   for (int j = 0; j < n_first && st == CM_OK; j++) st = try_point(r, ss, first[j], err);
   for (int64_t before = -1; st == CM_OK && before != best_index(ss) && !search_over(ss);) {
     before = best_index(ss);
