@@ -711,11 +711,38 @@ static int64_t best_index(const stage_search *ss) {
   return ss->n_m ? ss->m[best].index : 0;
 }
 
-/* Coordinate descent from the default: each knob in turn swept with the others at the best
- * point so far, until a pass changes nothing. */
+/* The indices of the MODEL_FIRST valid points cm_tune_model_cost ranks cheapest (ties: the lower
+ * index) among the first MODEL_RANKED of the space, default excepted; returns how many. */
+enum { MODEL_FIRST = 3, MODEL_RANKED = 8192 };
+static int model_ranked(const tune_run *r, const tune_item *it, int64_t *best) {
+  double cost[MODEL_FIRST];
+  int n = 0;
+  int64_t points = it->space.n_points < MODEL_RANKED ? it->space.n_points : MODEL_RANKED;
+  for (int64_t i = 1; i < points; i++) {
+    cm_kernel copy;
+    cm_err e = {0};
+    cm_tune_point p;
+    cm_tune_point_at(&it->space, i, &p);
+    if (kernel_copy(&r->kp->kernels[it->kernel], &copy, &e) != CM_OK) break;
+    bool valid = cm_tune_apply(&copy, it->stage, r->ctx.t, &p, &e) == CM_OK;
+    double c = valid ? cm_tune_model_cost(&copy, it->stage, r->ctx.t) : 0;
+    cm_kernel_free(&copy);
+    if (!valid || (n == MODEL_FIRST && c >= cost[n - 1])) continue;
+    int at = n < MODEL_FIRST ? n++ : n - 1; /* insertion, keeping the earlier of equal costs */
+    while (at > 0 && cost[at - 1] > c) cost[at] = cost[at - 1], best[at] = best[at - 1], at--;
+    cost[at] = c, best[at] = i;
+  }
+  return n;
+}
+
+/* The default, the model's cheapest few, then coordinate descent from the best measured: each
+ * knob in turn swept with the others at the best point so far, until a pass changes nothing. */
 static cm_status descend(tune_run *r, stage_search *ss, cm_err *err) {
   const cm_tune_space *s = &ss->it->space;
   cm_status st = try_point(r, ss, 0, err);
+  int64_t first[MODEL_FIRST];
+  int n_first = search_over(ss) ? 0 : model_ranked(r, ss->it, first);
+  for (int j = 0; j < n_first && st == CM_OK; j++) st = try_point(r, ss, first[j], err);
   for (int64_t before = -1; st == CM_OK && before != best_index(ss) && !search_over(ss);) {
     before = best_index(ss);
     for (int k = 0; k < s->n_knobs && st == CM_OK; k++) {
@@ -731,8 +758,8 @@ static cm_status descend(tune_run *r, stage_search *ss, cm_err *err) {
 }
 
 /* Measures candidates of item it until the limit or the stage's share of the budget: every
- * point in order on the emulated device (a model's cost) or when they are few, else by
- * coordinate descent. The default (point 0) always runs. */
+ * point in order on the emulated device (a model's cost) or when they are few, else the model's
+ * cheapest few and a coordinate descent. The default (point 0) always runs. */
 static cm_status measure_candidates(tune_run *r, stage_search *ss, cm_err *err) {
   enum { EXHAUSTIVE_UP_TO = 24 };
   int64_t n = ss->it->space.n_points;
@@ -904,6 +931,12 @@ cm_status cm_tune(const cm_graph *g, const cm_target *target, const cm_compile_o
   cm_program *pr = NULL;
   cm_status s = cm_compile(g, target, &lo, &pr, err);
   if (s != CM_OK) return s;
+  const cm_target *t = cm_program_target(pr);
+  if (t->kind == CM_TARGET_CPU && !t->cpu.runnable) {
+    s = cm_cpu_target_not_runnable(&t->cpu, "cm_tune (candidates run on this host)", err);
+    cm_program_free(pr);
+    return s;
+  }
   r.kp = cm_program_kernels(pr);
   r.ctx = (tune_ctx){cm_program_graph(pr),
                      cm_program_plan(pr),

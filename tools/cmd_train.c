@@ -111,6 +111,25 @@ static bool config_key_options(const cli_option *opts, const char **sets, int *n
   return true;
 }
 
+/* --tune and --tune-budget into o; false (reported) when misused. */
+static bool tune_options(const cli_option *tune, const cli_option *budget, cm_backend_kind kind,
+                         cm_train_opts *o) {
+  o->tune = tune->given;
+  o->tune_budget_s = 180;
+  if (budget->given && (!tune->given || !cli_parse_double(budget->value, &o->tune_budget_s) ||
+                        o->tune_budget_s < 0)) {
+    fprintf(stderr, "cmaec train: --tune-budget %s: seconds >= 0 (0: no limit), with --tune\n",
+            budget->value);
+    return false;
+  }
+  if (o->tune && kind == CM_BACKEND_REF) {
+    fprintf(stderr,
+            "cmaec train: --tune applies to the cpu and cuda backends (ref has no kernels)\n");
+    return false;
+  }
+  return true;
+}
+
 int cmd_train(int argc, char **argv) {
   const char **sets = malloc(sizeof(char *) * (size_t)(argc + 5));
   char **args = malloc(sizeof(char *) * (size_t)(argc + 1));
@@ -176,15 +195,6 @@ int cmd_train(int argc, char **argv) {
     rc = EXIT_INVALID;
     goto out;
   }
-  o.tune = opts[18].given;
-  o.tune_budget_s = 180;
-  if (opts[19].given && (!opts[18].given || !cli_parse_double(opts[19].value, &o.tune_budget_s) ||
-                         o.tune_budget_s < 0)) {
-    fprintf(stderr, "cmaec train: --tune-budget %s: seconds >= 0 (0: no limit), with --tune\n",
-            opts[19].value);
-    rc = EXIT_INVALID;
-    goto out;
-  }
   if (opts[2].given && opts[3].given) {
     fprintf(stderr, "cmaec train: give --epochs or --steps, not both\n");
     rc = EXIT_INVALID;
@@ -209,6 +219,10 @@ int cmd_train(int argc, char **argv) {
                                                  [CM_BACKEND_CUDA] = CM_TRAIN_CUDA,
                                                  [CM_BACKEND_REF] = CM_TRAIN_REF};
   o.backend = train_kinds[req.kind];
+  if (!tune_options(&opts[18], &opts[19], req.kind, &o)) {
+    rc = EXIT_INVALID;
+    goto out;
+  }
   o.device = req.device;
   o.cuda_graphs = req.graphs;
   char def_out[512];

@@ -52,7 +52,13 @@ expect_fail 2 "--budget" "$cmaec" tune "$model" --budget -1
 expect_fail 2 "--max-stages" "$cmaec" tune "$model" --max-stages 0
 expect_fail 2 "--report takes no MODEL" "$cmaec" tune "$model" --report
 expect_fail 2 "CMAEC_TUNE" env CMAEC_TUNE=sometimes "$cmaec" tune "$model" "${tiny[@]}" --backend cpu
+# candidates run here: a CPU this host cannot run is refused before any search
+if ! grep -q avx512f /proc/cpuinfo; then
+  expect_fail 2 "CMAEC_CPU=x86-64-v4 needs avx512" env CMAEC_CPU=x86-64-v4 "$cmaec" tune "$model" \
+    "${tiny[@]}" --backend cpu
+fi
 expect_fail 2 "--tune-budget" "$cmaec" train "$model" --tune-budget 5
+expect_fail 2 "--tune applies to the cpu and cuda backends" "$cmaec" train "$model" --tune --backend ref
 if [ "$mode" != train ]; then
   echo "tune: $pass passed, $fail failed"
   [ "$fail" -eq 0 ]

@@ -1,9 +1,10 @@
-/* tests/unit/test_tuner.c — the autotuner (runtime/tuner.c): cm_tune over a small graph of two
- * GEMM layers of one structure (one tunable stage, two kernels), on the CPU (measured) and on
- * the emulated CUDA device (times from cm_tune_model_cost, so the choice is known: the cheapest
- * candidate, ties to the lower point index); a second cm_tune searches nothing; cm_compile then
- * plans both kernels with the recorded point (tuned_stages) and computes the same values within
- * the oracle's bounds; CMAEC_TUNE=off and a record that no longer parses. */
+/* tests/unit/test_tuner.c — the autotuner (runtime/tuner.c): cm_tune over a graph of three
+ * GEMM layers, the last two of one structure (two tunable items for three stages), on the CPU
+ * (measured in forked children) and on the emulated CUDA device (times from cm_tune_model_cost,
+ * so the choice is known: the cheapest candidate, ties to the lower point index); a second
+ * cm_tune searches nothing; cm_compile then plans every stage with the recorded point
+ * (tuned_stages) and computes values within the oracle's bounds; a budget spent at once;
+ * CMAEC_TUNE=off, a bad CMAEC_TUNE, and a record that no longer parses. */
 #define _GNU_SOURCE
 #include "../test.h"
 #include "../tensor_compare.h"
@@ -282,10 +283,15 @@ static void test_tune_emulated(void) {
     CHECK(best[q] >= 0);
     tuned += cost[q] * e.count[q];
   }
-  cm_tune_opts o = {.max_candidates = LIMIT};
+  /* a budget spent before the first item: every item over budget, nothing recorded */
+  cm_tune_opts spent = {.budget_s = 1e-9, .max_candidates = LIMIT};
   cm_tune_stats st;
+  CHECK_MSG(cm_tune(g, &t, &co, &spent, &st, &err) == CM_OK, "%s", err.msg);
+  CHECK(st.over_budget == e.distinct && st.searched == 0 && st.candidates == 0);
+  cm_tune_opts o = {.max_candidates = LIMIT};
   CHECK_MSG(cm_tune(g, &t, &co, &o, &st, &err) == CM_OK, "%s", err.msg);
   CHECK(st.stages_tunable == e.distinct && st.searched == e.distinct && st.failed == 0);
+  CHECK(st.from_db == 0 && st.over_budget == 0);
   CHECK(st.candidates == valid && st.pruned == tried - valid);
   CHECK_NEAR(st.tuned_ms, tuned, 1e-12);
   for (int q = 0; q < e.distinct; q++) {
