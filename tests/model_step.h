@@ -29,6 +29,38 @@ static inline cm_optim_config test_model_optim(void) {
 }
 
 #ifdef CHECK /* with tests/test.h */
+/* A variant's f32 training step as `cmaec build --train` builds it: the config at path with
+ * n_ov overrides ov, batch `batch`, optimizer *optim (NULL: test_model_optim()). NULL, after a
+ * failed CHECK, when a part fails. cfg and model, when not NULL, receive the config and the
+ * model's node ids (model->g freed: the step keeps the forward graph's node ids). */
+static inline cm_graph *test_build_step(const char *path, const char *const *ov, int n_ov,
+                                        int batch, const cm_optim_config *optim,
+                                        cm_model_config *cfg, cm_model *model) {
+  if (cfg) memset(cfg, 0, sizeof *cfg);
+  if (model) memset(model, 0, sizeof *model);
+  cm_model_config c;
+  cm_err err = {0};
+  if (cm_model_config_load(path, ov, n_ov, &c, &err) != CM_OK) {
+    CHECK_MSG(false, "%s", err.msg);
+    return NULL;
+  }
+  cm_model_build_opts bo = {batch, 1, CM_F32};
+  cm_model m;
+  if (cm_model_build(&c, &bo, &m, &err) != CM_OK || !m.g) {
+    CHECK_MSG(false, "%s: %s", path, err.msg);
+    return NULL;
+  }
+  cm_optim_config oc = optim ? *optim : test_model_optim();
+  cm_graph *step = NULL;
+  cm_train_step_info info;
+  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
+            err.msg);
+  cm_model_free(&m);
+  if (cfg) *cfg = c;
+  if (model) *model = m;
+  return step;
+}
+
 /* Sources for a step graph: images uniform in [-2, 2], masks sampled per
  * sample, params from their initializers, state as initialized, scalars
  * plausible. Random draws come from the caller's uniform() so each test keeps
