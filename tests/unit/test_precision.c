@@ -471,8 +471,8 @@ done:
  * it, compiled for the CPU backend (on_device false) or the emulated CUDA device: one step
  * from the same states, every kernel within its derived error bound on its own inputs.
  * optimizer.eps is 1 so that the update is a smooth function of the gradient (as in
- * test_cpu_exec). shrunk: its widths and depths shrunk (test_shrunk_vit: the same modules;
- * CI), else at its own size (long). */
+ * test_cpu_exec). shrunk: its widths and depths shrunk (test_shrunk_vit: the same modules),
+ * else at its own size (CMakeLists.txt says which entry runs which). */
 static void bf16_step_kernels(bool on_device, bool shrunk) {
   double t0 = now_s();
   const char *sets[2 + TEST_SHRUNK_VIT_N] = {"train.precision=bf16", "optimizer.eps=1"};
