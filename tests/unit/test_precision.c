@@ -471,16 +471,12 @@ done:
  * it, compiled for the CPU backend (on_device false) or the emulated CUDA device: one step
  * from the same states, every kernel within its derived error bound on its own inputs.
  * optimizer.eps is 1 so that the update is a smooth function of the gradient (as in
- * test_cpu_exec). shrunk: its widths and depths shrunk (test_shrunk_vit: the same modules),
- * else at its own size (CMakeLists.txt says which entry runs which). */
-static void bf16_step_kernels(bool on_device, bool shrunk) {
+ * test_cpu_exec). */
+static void bf16_step_kernels(bool on_device) {
   double t0 = now_s();
-  const char *sets[2 + TEST_SHRUNK_VIT_N] = {"train.precision=bf16", "optimizer.eps=1"};
-  int n_sets = 2;
-  /* the images, patches and masks its own (test_shrunk_vit's first three set the image size) */
-  for (int i = 3; shrunk && i < TEST_SHRUNK_VIT_N; i++) sets[n_sets++] = test_shrunk_vit[i];
+  static const char *const sets[] = {"train.precision=bf16", "optimizer.eps=1"};
   cm_model_config cfg;
-  if (!tiny_config(&cfg, sets, n_sets)) return;
+  if (!tiny_config(&cfg, sets, 2)) return;
   cm_err err = {0};
   cm_graph *f32 = NULL, *g = NULL;
   int n_cast = 0;
@@ -526,9 +522,9 @@ static void bf16_step_kernels(bool on_device, bool shrunk) {
     t_gpu = now_s() - t1;
   }
   fprintf(stderr,
-          "  cmae_vit_tiny_fmnist%s bf16 b2: %d contractions autocast; worst kernel / bound: cpu "
+          "  cmae_vit_tiny_fmnist bf16 b2: %d contractions autocast; worst kernel / bound: cpu "
           "%.3g (%.1f s), emulated device %.3g (%.1f s); all %.1f s\n",
-          shrunk ? " (shrunk)" : "", n_cast, worst_cpu, t_cpu, worst_gpu, t_gpu, now_s() - t0);
+          n_cast, worst_cpu, t_cpu, worst_gpu, t_gpu, now_s() - t0);
   cm_program_free(cpu);
   cm_program_free(gpu);
   for (int v = 0; v < n; v++) cm_tensor_free(&t[v]);
@@ -540,16 +536,13 @@ static void bf16_step_kernels(bool on_device, bool shrunk) {
   cm_model_free(&m);
 }
 
-/* Cases shrunk (CI) and full (long); both when none is selected. */
 static void test_bf16_step_kernels_cpu(void) {
   CHECK(have_cpu); /* the build without LLVM leaves this test out (CMakeLists.txt) */
-  if (test_case_wanted("shrunk")) bf16_step_kernels(false, true);
-  if (test_case_wanted("full")) bf16_step_kernels(false, false);
+  bf16_step_kernels(false);
 }
 
 static void test_bf16_step_kernels_emulated(void) {
-  if (test_case_wanted("shrunk")) bf16_step_kernels(true, true);
-  if (test_case_wanted("full")) bf16_step_kernels(true, false);
+  bf16_step_kernels(true);
 }
 
 TEST_MAIN(TEST(test_keys), TEST(test_step_types), TEST(test_f16_overflow_skips),
