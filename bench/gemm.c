@@ -16,9 +16,12 @@
  * memory (`y = cast(matmul(x, w), f32)` with x, w bf16) and f32 operands cast
  * to bf16 (what the autocast pass makes of an f32 GEMM), with the ratios to f32.
  *
+ * --tune S first tunes every graph's kernels (cm_tune, S seconds for them all: bench/tune.sh),
+ * so that the timed compiles use the tuned plans.
+ *
  * usage: build/bench/gemm [--peak GFLOPS] [--threads N] [--seconds S] [--json]
  *                         [--dtype f32|bf16] [--backend auto|cpu|cuda] [--device N]
- *                         [--cuda-graphs on|off] */
+ *                         [--cuda-graphs on|off] [--tune S] */
 #include "runtime/runtime.h"
 
 #include <stdio.h>
@@ -160,6 +163,30 @@ static bool time_shape(const shape *sh, operands ops, cm_backend_choice *choice,
   return ok;
 }
 
+/* --tune: every shape's graph (with each operand kind the table times) tuned before anything
+ * runs, budget seconds shared evenly. */
+static bool tune_shapes(cm_backend_choice *choice, int threads, double budget, bool bf16) {
+  int n_ops = bf16 ? 3 : 1, n = (int)(sizeof shapes / sizeof shapes[0]) * n_ops;
+  for (int i = 0; i < n; i++) {
+    int x, w;
+    cm_graph *g = shape_graph(&shapes[i / n_ops], (operands)(i % n_ops), &x, &w);
+    if (!g) return false;
+    cm_compile_opts o = {0};
+    o.threads = threads;
+    const cm_target *target = cm_backend_compile_opts(choice, &o);
+    cm_tune_opts to = {.budget_s = budget / n};
+    cm_tune_stats ts;
+    cm_err err = {0};
+    cm_status st = cm_tune(g, target, &o, &to, &ts, &err);
+    cm_graph_free(g);
+    if (st) return fprintf(stderr, "gemm --tune: %s\n", err.msg), false;
+    fprintf(stderr, "tuned %s (%s): %d searched, %d from the database, %d candidates, %.1f s\n",
+            shapes[i / n_ops].what, operands_name[i % n_ops], ts.searched, ts.from_db,
+            ts.candidates, ts.seconds);
+  }
+  return true;
+}
+
 /* The f32 table (--dtype f32): one row per shape. */
 static bool table_f32(cm_backend_choice *choice, int threads, double seconds, double peak,
                       bool json) {
@@ -222,7 +249,7 @@ static bool table_bf16(cm_backend_choice *choice, int threads, double seconds, b
 }
 
 int main(int argc, char **argv) {
-  double peak = 0, seconds = 1.0;
+  double peak = 0, seconds = 1.0, tune = -1;
   int threads = 0;
   bool json = false, bad = false, bf16 = false;
   cm_backend_request req = {0};
@@ -237,13 +264,15 @@ int main(int argc, char **argv) {
       seconds = atof(argv[++i]);
     else if (!strcmp(argv[i], "--json"))
       json = true;
+    else if (!strcmp(argv[i], "--tune") && i + 1 < argc)
+      tune = atof(argv[++i]);
     else if (!strcmp(argv[i], "--dtype") && i + 1 < argc &&
              (!strcmp(argv[i + 1], "f32") || !strcmp(argv[i + 1], "bf16")))
       bf16 = !strcmp(argv[++i], "bf16");
     else {
       fprintf(stderr, "usage: gemm [--peak GFLOPS] [--threads N] [--seconds S] [--json] "
                       "[--dtype f32|bf16] [--backend auto|cpu|cuda] [--device N] "
-                      "[--cuda-graphs on|off]\n");
+                      "[--cuda-graphs on|off] [--tune S]\n");
       return 2;
     }
   }
@@ -252,6 +281,7 @@ int main(int argc, char **argv) {
   if (bad) return 2;
   if (cm_backend_resolve(&req, &choice, &berr)) return fprintf(stderr, "gemm: %s\n", berr.msg), 2;
   if (!json) printf("backend %s\n", choice.description);
+  if (tune >= 0 && !tune_shapes(&choice, threads, tune, bf16)) return 1;
   bool ok = bf16 ? table_bf16(&choice, threads, seconds, json)
                  : table_f32(&choice, threads, seconds, peak, json);
   return ok ? 0 : 1;

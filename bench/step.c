@@ -294,9 +294,9 @@ static double print_kernels(const bench_opts *o, const char *name, const cm_prog
   else
     snprintf(where, sizeof where, "%s", o->choice.description);
   printf("%s: batch %d, %s, %d steps on %s; build %.2f s (%d kernels, %d distinct, %d "
-         "stages, cache %d hits %d misses)\n",
+         "stages, %d tuned, cache %d hits %d misses)\n",
          name, o->batch, o->bf16 ? "bf16" : "f32", o->steps, where, t_build, st.n_kernels,
-         st.n_distinct_kernels, st.n_stages, st.cache_hits, st.cache_misses);
+         st.n_distinct_kernels, st.n_stages, st.tuned_stages, st.cache_hits, st.cache_misses);
   printf("step %.2f ms, %.1f images/s, %.3f GFLOP per step, %.1f GFLOP/s", 1e3 * dt, o->batch / dt,
          flops * 1e-9, flops * 1e-9 / dt);
   if (o->peak > 0)

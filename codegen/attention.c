@@ -257,7 +257,8 @@ static void attn_uses(const cm_kernel *k, int b, int first, int end, bool *in, b
   }
 }
 
-/* The softmax scale: a constant factor of the first load of S in the stage after the first. */
+/* The softmax scale: a constant factor of the first load of S (or of its widening cast) in the
+ * stage after the first. */
 static double attn_scale(const cm_kernel *k, int first) {
   if (first + 1 >= k->n_stages) return 0;
   const cm_kstage *s = &k->stages[first + 1];
@@ -265,7 +266,10 @@ static double attn_scale(const cm_kernel *k, int first) {
     const cm_kexpr *x = &s->exprs[e];
     if (x->kind != CM_KX_OP || x->op != CM_OP_MUL || x->b < 0) continue;
     double v;
-    if (s->exprs[x->a].kind == CM_KX_LOAD && cm_kx_is_const(s, x->b, &v)) return v;
+    /* the load, or its widening (autocast's bf16 scores read as f32) */
+    const cm_kexpr *f = &s->exprs[x->a];
+    if (f->kind == CM_KX_OP && f->op == CM_OP_CAST && f->a >= 0) f = &s->exprs[f->a];
+    if (f->kind == CM_KX_LOAD && cm_kx_is_const(s, x->b, &v)) return v;
   }
   return 0;
 }
@@ -621,6 +625,12 @@ static bool attn_bwd_span_writes(const cm_kernel *k, int first, int end, int b) 
   return false;
 }
 
+/* The dtypes a local tile of a backward span may have: f32, or autocast's bf16 or f16 (S', dP,
+ * dS rounded for their GEMMs); renderers keep every tile as f32 (the widening is exact). */
+static bool attn_bwd_tile_dtype(cm_dtype t) {
+  return t == CM_F32 || t == CM_BF16 || t == CM_F16;
+}
+
 /* Every load of stage s: a local tile at its canonical index with key var cv
  * (row var rv), a local row statistic at its canonical row, or a buffer the
  * span never writes. Row statistics refused when !stats. */
@@ -634,7 +644,7 @@ static bool attn_bwd_loads_ok(const cm_kernel *k, int first, int end, const cm_k
       if (attn_bwd_span_writes(k, first, end, x->buf)) return false;
       continue;
     }
-    if (x->dtype != CM_F32 || k->buffers[x->buf].dtype != CM_F32) return false;
+    if (x->dtype != k->buffers[x->buf].dtype || !attn_bwd_tile_dtype(x->dtype)) return false;
     int64_t X = a->local_row[li];
     int64_t keys = k->stages[first].dom[a->nb + 1];
     if (X == 1) {
@@ -653,22 +663,26 @@ static bool attn_bwd_cone_local(const cm_kstage *s, int e, const cm_kattn *a) {
   return false;
 }
 
-/* A GEMM of the backward span (not the first stage): its operand gemm_b and
- * its epilogue read no local buffer, its stores go to buffers the span never
- * reads, and gemm_a is a local tile at the canonical index with (row var,
- * key var) = (rv, cv), or reads no local buffer. */
+/* A GEMM of the backward span over rows or keys (not a tile): its operand gemm_b and its
+ * epilogue read no local buffer, its stores go to buffers the span never reads, and every local
+ * buffer gemm_a's cone loads is a tile at the canonical index with (row var, key var) = (rv, cv)
+ * (gemm_a may be any expression of tiles and of buffers the span never writes: P' = E' / z,
+ * cast(P', bf16), dS). */
 static bool attn_bwd_gemm_ok(const cm_kernel *k, int first, int end, const cm_kattn *a,
                              const cm_kstage *s, int nbs, int rv, int cv) {
   if (attn_bwd_cone_local(s, s->gemm_b, a)) return false;
-  const cm_kexpr *ga = &s->exprs[s->gemm_a];
-  if (ga->kind == CM_KX_LOAD && attn_bwd_local(a, ga->buf) >= 0) {
-    int li = attn_bwd_local(a, ga->buf);
-    if (ga->dtype != CM_F32 || k->buffers[ga->buf].dtype != CM_F32 ||
+  for (int e = 0; e < s->n_exprs; e++) {
+    const cm_kexpr *x = &s->exprs[e];
+    if (x->kind != CM_KX_LOAD || !attn_fwd_cone_loads(s, s->gemm_a, x->buf)) continue;
+    int li = attn_bwd_local(a, x->buf);
+    if (li < 0) {
+      if (attn_bwd_span_writes(k, first, end, x->buf)) return false;
+      continue;
+    }
+    if (x->dtype != k->buffers[x->buf].dtype || !attn_bwd_tile_dtype(x->dtype) ||
         a->local_row[li] != k->stages[first].dom[a->nb + 1] ||
-        !attn_canon(s, ga->a, s->dom, nbs, a->rows, rv, cv, a->local_row[li]))
+        !attn_canon(s, x->a, s->dom, nbs, a->rows, rv, cv, a->local_row[li]))
       return false;
-  } else if (attn_bwd_cone_local(s, s->gemm_a, a)) {
-    return false;
   }
   for (int j = 0; j < s->n_stores; j++) {
     const cm_kstore *st = &s->stores[j];
@@ -683,6 +697,48 @@ static bool attn_bwd_gemm_ok(const cm_kernel *k, int first, int end, const cm_ka
   return true;
 }
 
+/* Stage s is a GEMM tile of the backward span: [batch, rows, keys] over its own reduction
+ * (S' = Q K^T, dP = dO V^T), the first stage's batch, one store of an epilogue of its
+ * accumulator alone (a scale, autocast's rounding) into a local tile at the canonical index, its
+ * operands reading no local buffer. */
+static bool attn_bwd_gemm_tile(const cm_kernel *k, int first, const cm_kattn *a, const cm_kstage *s,
+                               int64_t keys) {
+  int nb = a->nb;
+  if (s->n_dom != nb + 2 || s->n_red != 1 || s->red_op != CM_KRED_SUM || s->acc_dtype != CM_F32 ||
+      s->accumulate || s->n_stores != 1 || s->gemm_a < 0 || s->gemm_b < 0 ||
+      s->dom[nb] != a->rows || s->dom[nb + 1] != keys ||
+      memcmp(s->dom, k->stages[first].dom, sizeof(int64_t) * (size_t)nb))
+    return false;
+  const cm_kstore *ss = &s->stores[0];
+  int li = attn_bwd_local(a, ss->buf);
+  if (li < 0 || a->local_row[li] != keys || !attn_bwd_tile_dtype(s->exprs[ss->value].dtype) ||
+      !attn_bwd_tile_dtype(k->buffers[ss->buf].dtype) ||
+      !attn_canon(s, ss->index, s->dom, nb, a->rows, nb, nb + 1, keys) ||
+      attn_bwd_cone_local(s, ss->value, a) || attn_bwd_cone_local(s, s->gemm_a, a) ||
+      attn_bwd_cone_local(s, s->gemm_b, a))
+    return false;
+  for (int e = 0; e < s->n_exprs; e++)
+    if (s->exprs[e].kind == CM_KX_LOAD && attn_fwd_cone_loads(s, ss->value, s->exprs[e].buf))
+      return false;
+  return true;
+}
+
+/* Stage s is [batch, rows, keys] elementwise with one store at the canonical index into a
+ * buffer of a tile dtype (attn_bwd_tile_dtype; the store rounds a wider value to it); returns
+ * the buffer. */
+static int attn_bwd_tile_store(const attn_fwd_match *m, const cm_kstage *s, int *nbs) {
+  *nbs = attn_fwd_nbs(s, m->dom0, m->nb, false);
+  if (*nbs < 0 || s->n_red != 0 || s->dom[*nbs] != m->rows || s->dom[*nbs + 1] != m->keys ||
+      s->accumulate || s->n_stores != 1 || s->tmpl != CM_KT_NONE)
+    return -1;
+  const cm_kstore *st = &s->stores[0];
+  cm_dtype t = m->k->buffers[st->buf].dtype;
+  if (!attn_bwd_tile_dtype(s->exprs[st->value].dtype) || !attn_bwd_tile_dtype(t) ||
+      !attn_canon(s, st->index, s->dom, *nbs, m->rows, *nbs, *nbs + 1, m->keys))
+    return -1;
+  return st->buf;
+}
+
 /* Recognises a backward span that streams over key blocks and fills a->role. */
 static bool attn_bwd_match_span(const cm_kernel *k, int first, cm_kattn *a) {
   const cm_kstage *s0 = &k->stages[first];
@@ -693,10 +749,11 @@ static bool attn_bwd_match_span(const cm_kernel *k, int first, cm_kattn *a) {
   int64_t keys = s0->dom[nb + 1];
   if (keys < 2) return false;
   attn_fwd_match m = {k, s0->dom, nb, a->rows, keys, -1};
-  for (int i = 0; i < a->n_local; i++)
-    if ((a->local_row[i] != keys && a->local_row[i] != 1) ||
-        k->buffers[a->local[i]].dtype != CM_F32)
+  for (int i = 0; i < a->n_local; i++) {
+    cm_dtype t = k->buffers[a->local[i]].dtype;
+    if (a->local_row[i] == keys ? !attn_bwd_tile_dtype(t) : a->local_row[i] != 1 || t != CM_F32)
       return false;
+  }
   /* every local written by exactly one stage of the span, with one store */
   for (int i = 0; i < a->n_local; i++) {
     int writers = 0;
@@ -711,20 +768,11 @@ static bool attn_bwd_match_span(const cm_kernel *k, int first, cm_kattn *a) {
   for (int si = first; si < end; si++) {
     const cm_kstage *s = &k->stages[si];
     int r = si - first, nbs, b;
-    if (r == 0) {
-      const cm_kstore *ss = &s->stores[0];
-      if (attn_bwd_local(a, ss->buf) < 0 || a->local_row[attn_bwd_local(a, ss->buf)] != keys ||
-          s->exprs[ss->value].dtype != CM_F32 || s->gemm_a < 0 || s->gemm_b < 0 ||
-          !attn_canon(s, ss->index, s->dom, nb, a->rows, nb, nb + 1, keys) ||
-          attn_bwd_cone_local(s, ss->value, a) || attn_bwd_cone_local(s, s->gemm_a, a) ||
-          attn_bwd_cone_local(s, s->gemm_b, a))
-        return false;
-      for (int e = 0; e < s->n_exprs; e++)
-        if (s->exprs[e].kind == CM_KX_LOAD && attn_fwd_cone_loads(s, ss->value, s->exprs[e].buf))
-          return false;
-      role[r] = CM_KATTN_ROLE_TILE;
+    if (r == 0 || attn_bwd_gemm_tile(k, first, a, s, keys)) {
+      if (!attn_bwd_gemm_tile(k, first, a, s, keys)) return false;
+      role[r] = r == 0 ? CM_KATTN_ROLE_TILE : CM_KATTN_ROLE_GEMM_TILE;
     } else if (s->n_red == 0) {
-      b = attn_fwd_tile_store(&m, s, &nbs);
+      b = attn_bwd_tile_store(&m, s, &nbs);
       if (b < 0 || attn_bwd_local(a, b) < 0 || a->local_row[attn_bwd_local(a, b)] != keys ||
           !attn_bwd_loads_ok(k, first, end, a, s, nbs, nbs, nbs + 1, true))
         return false;
@@ -781,6 +829,10 @@ int64_t cm_kattn_bwd_stream_workspace(const cm_kernel *k, int first, int mr, int
   for (int r = 0; r < a->span; r++) {
     const cm_kstage *s = &k->stages[first + r];
     if (stage_off) stage_off[r] = 0;
+    if (a->role[r] == CM_KATTN_ROLE_GEMM_TILE && s->n_red == 1) {
+      bm = bm > s->red[0] * ldt ? bm : s->red[0] * ldt;
+      continue;
+    }
     if (a->role[r] != CM_KATTN_ROLE_GEMM_ROWS && a->role[r] != CM_KATTN_ROLE_GEMM_KEYS) continue;
     if (s->n_dom < 2) return 0;
     int64_t cp = attn_fwd_up(s->dom[s->n_dom - 1], nr);
@@ -803,6 +855,11 @@ int64_t cm_kattn_bwd_stream_workspace(const cm_kernel *k, int first, int mr, int
   }
   for (int r = 0; r < a->span; r++) {
     const cm_kstage *s = &k->stages[first + r];
+    if (a->role[r] == CM_KATTN_ROLE_GEMM_TILE && s->n_red == 1) {
+      if (stage_off) stage_off[r] = o;
+      o += attn_fwd_up(4 * rp * s->red[0], 64);
+      continue;
+    }
     if (a->role[r] != CM_KATTN_ROLE_GEMM_ROWS && a->role[r] != CM_KATTN_ROLE_GEMM_KEYS) continue;
     int64_t cp = attn_fwd_up(s->dom[s->n_dom - 1], nr);
     if (stage_off) stage_off[r] = o;
@@ -819,8 +876,12 @@ static cm_status attn_stream_check_span(const cm_kernel *k, int first, cm_err *e
   cm_status st = cm_kattn_check(k, first, err);
   if (st != CM_OK) return st;
   int64_t keys = s0->n_dom >= 2 ? s0->dom[s0->n_dom - 1] : 0;
-  /* one key block (bc == keys) only forward: the backward's two passes need bc < keys */
-  int64_t top = s0->tmpl == CM_KT_ATTENTION_FWD ? keys + 1 : keys;
+  /* one key block (bc == keys) only forward and in a backward without row reductions: the
+   * backward's two passes need bc < keys */
+  bool two_pass = false;
+  for (int r = 0; s0->tmpl == CM_KT_ATTENTION_BWD && r < a->span && r < CM_KATTN_MAX_SPAN; r++)
+    two_pass |= a->role[r] == CM_KATTN_ROLE_ROWRED;
+  int64_t top = two_pass ? keys : keys + 1;
   if (a->bc < 1 || a->bc >= top)
     return cm_errorf(err, CM_EINVALID, "kernel %s stage %d: key block bc %d not in [1, %lld)",
                      k->name, first, a->bc, (long long)top);
@@ -1015,9 +1076,14 @@ static void attn_choose_key_block(cm_kernel *k, int first, const cm_lower_opts *
   a->bc = (int)keys;
   int64_t bc = keys;
   /* CUDA: a forward span always streams (flash attention: key blocks of at most 64, one block
-   * when the keys fit it), so no block keeps whole score rows on chip */
-  bool cuda_fwd = o && o->target && o->target->kind == CM_TARGET_CUDA &&
-                  s0->tmpl == CM_KT_ATTENTION_FWD && !(o->attn_bc > 0);
+   * when the keys fit it), so no block keeps whole score rows on chip; so does a backward span
+   * without row reductions over the keys (the recomputed backward: one pass) */
+  bool cuda = o && o->target && o->target->kind == CM_TARGET_CUDA;
+  cm_kattn tb = *a;
+  bool one_pass_bwd = s0->tmpl == CM_KT_ATTENTION_BWD && attn_bwd_match_span(k, first, &tb);
+  for (int r = 0; one_pass_bwd && r < tb.span; r++)
+    one_pass_bwd = tb.role[r] != CM_KATTN_ROLE_ROWRED;
+  bool cuda_fwd = cuda && (s0->tmpl == CM_KT_ATTENTION_FWD || one_pass_bwd) && !(o->attn_bc > 0);
   if (o && o->attn_bc > 0)
     bc = o->attn_bc < keys ? o->attn_bc : keys;
   else if (a->ws_bytes > ((int64_t)512 << 10) || cuda_fwd)
@@ -1035,7 +1101,6 @@ static void attn_choose_key_block(cm_kernel *k, int first, const cm_lower_opts *
   if (!attn_fwd_match_span(k, first, &t)) return;
   /* the CPU's streaming rendering takes f32 spans only (autocast's bf16 scores and GEMM
    * operands keep the whole-row rendering there) */
-  bool cuda = o && o->target && o->target->kind == CM_TARGET_CUDA;
   const cm_kstage *so = &k->stages[t.st_out];
   if (!cuda && (k->buffers[t.buf_s].dtype != CM_F32 || attn_uncast(so, so->gemm_a) != so->gemm_a))
     return;
@@ -1043,6 +1108,19 @@ static void attn_choose_key_block(cm_kernel *k, int first, const cm_lower_opts *
   t.bc = (int)bc;
   *a = t;
   a->ws_bytes = cm_kattn_stream_workspace(k, first, mr, nr, NULL);
+}
+
+void cm_kattn_replan(cm_kernel *k, int first, int lanes) {
+  cm_kstage *s0 = &k->stages[first];
+  cm_kattn *a = &s0->attn;
+  int mr = s0->tiles.mr, nr = s0->tiles.nr;
+  a->ws_bytes = cm_kattn_workspace(k, first, mr, nr, NULL, NULL);
+  if (a->stream)
+    a->ws_bytes = s0->tmpl == CM_KT_ATTENTION_BWD
+                      ? cm_kattn_bwd_stream_workspace(k, first, mr, nr, NULL, NULL, NULL)
+                      : cm_kattn_stream_workspace(k, first, mr, nr, NULL);
+  attn_plan_tiles(k, first, lanes);
+  cm_kattn_layout(k, first, mr, nr);
 }
 
 /* Marks the span of stages [first, end) when cm_kattn_check holds for it (row blocks when every

@@ -361,11 +361,22 @@ typedef struct cm_kattn {
   unsigned keep; /* CM_KATTN_KEEP_* bits: roles stored into buffers that are not local */
   /* Backward spans (stream on a CM_KT_ATTENTION_BWD span, br == rows): each
    * stage's role over the key var j (CM_KATTN_ROLE_*): the first stage a
-   * GEMM tile (i, j) over its own reduction (dP = dO V^T), elementwise tiles
-   * (i, j) (dS), row reductions over j (rowsum(dP o P)), GEMMs over rows i
-   * reducing over j (dQ = dS K: accumulated over key blocks) and GEMMs over
-   * rows j reducing over i (dK = dS^T Q, dV = P^T dO: complete per key
-   * block). Local buffers are tiles (local_row == keys) or row statistics (1). */
+   * GEMM tile (i, j) over its own reduction (ROLE_TILE: dP = dO V^T, or S' = Q K^T
+   * of the recomputed backward), later GEMM tiles (ROLE_GEMM_TILE: its dP = dO V^T),
+   * elementwise tiles (i, j) (E' = exp(S' c - m), dS), row reductions over j
+   * (ROLE_ROWRED: rowsum(dP o P); none in the recomputed backward, whose D comes from
+   * outside), GEMMs over rows i reducing over j (dQ = dS K: accumulated over key blocks)
+   * and GEMMs over rows j reducing over i (dK = dS^T Q, dV = P^T dO: complete per key
+   * block). A GEMM tile's store is an epilogue of its accumulator alone and its operands
+   * read no local buffer; the row GEMMs' gemm_a may be any expression of local tiles at
+   * their canonical (row, key) index and of buffers the span never writes (P' = E' / z
+   * with z loaded per row, cast(P', bf16)); their gemm_b and epilogues read no local.
+   * Loads of buffers the span never writes (Q, K, V, dO, the row statistics m, z, D at
+   * [batch, i]) are plain loads, evaluated per point. Local buffers are tiles
+   * (local_row == keys; f32, or bf16/f16 after autocast: a renderer may keep them as
+   * f32, the widening is exact) or row statistics (1, f32). Without a ROWRED stage a
+   * streaming rendering makes ONE pass over the key blocks (bc == keys allowed), else
+   * two (the first accumulates the row reductions; bc < keys). */
   signed char role[CM_KATTN_MAX_SPAN];
   /* Whole-row rendering (CPU): the register block of each GEMM stage of the
    * span (tunable; index: stage - first; 0 where not a GEMM stage or not
@@ -393,6 +404,8 @@ enum {
   CM_KATTN_ROLE_ROWRED = 2,    /* [batch, i(, 1)] reducing over j */
   CM_KATTN_ROLE_GEMM_ROWS = 3, /* [batch, i, c] reducing over j */
   CM_KATTN_ROLE_GEMM_KEYS = 4, /* [batch, j, c] reducing over i */
+  CM_KATTN_ROLE_GEMM_TILE = 5, /* [batch, i, j]: a GEMM over its own reduction after the first
+                                  stage (dP = dO V^T of the recomputed backward) */
 };
 
 #define CM_KATTN_KEEP_S 1u
@@ -415,6 +428,8 @@ typedef enum cm_kcuda_kind {
   CM_KCUDA_ATTN_FLASH,      /* attention forward span, online softmax on tensor cores (bf16) */
   CM_KCUDA_IN_SPAN,         /* runs inside the function of an earlier stage's span: empty */
   CM_KCUDA_ROWS,            /* a span of row stages in one function, a warp or block per row */
+  CM_KCUDA_ATTN_FLASH_BWD,  /* attention backward span on tensor cores (bf16), a block per batch
+                               item, one pass over the key blocks (two with a row reduction) */
 } cm_kcuda_kind;
 
 /* generic stages: who computes one domain point */
@@ -461,6 +476,7 @@ typedef struct cm_kcuda_attn {
   int dp, dvp;     /* flash: d padded to the mma's k (16), dv to 16 (zeros in shared memory) */
   bool mma;        /* fused: GEMM stages with bf16 operands on tensor cores (mma.sync m16n8k16) */
   bool dyn_shared; /* fused: the local buffers in dynamic shared memory (above the static 48 KiB) */
+  bool bwd_two_pass; /* flash backward: a row reduction over the keys first (autodiff's form) */
 } cm_kcuda_attn;
 
 /* A span of row stages (render_cuda_rows.c): every stage of the span runs over the same rows (each
@@ -677,8 +693,9 @@ cm_status cm_kattn_stream_check(const cm_kernel *k, int first, cm_err *err);
  * block, fixed[3] the C tile; per local buffer (local_off[i]) a tile of
  * round_up(rows, mr) x round_up(bc, nr) or a row statistic of round_up(rows, mr);
  * per stage of the span (stage_off[r], r = stage - first; 0 when none) the
- * accumulator of a row GEMM (round_up(rows, mr) x round_up(C, nr)) or the
- * packed B of a key GEMM (rows x round_up(C, nr)). NULL: not wanted. Returns
+ * accumulator of a row GEMM (round_up(rows, mr) x round_up(C, nr)), the
+ * packed B of a key GEMM (rows x round_up(C, nr)) or the packed A of a later
+ * GEMM tile (round_up(rows, mr) x its reduction). NULL: not wanted. Returns
  * the total bytes (0 when not a streaming backward span). */
 int64_t cm_kattn_bwd_stream_workspace(const cm_kernel *k, int first, int mr, int nr,
                                       int64_t fixed[4], int64_t *local_off, int64_t *stage_off);
@@ -778,6 +795,8 @@ cm_status cm_cuda_plan_kernel(cm_kernel *k, const cm_target *t, cm_err *err);
 /* After a tuner changed the tunable fields of stage `stage`'s tensor-core GEMM plan (warps_m,
  * warps_n, mr, nr, kc, split_k, stages, swizzle, a_async/b_async to false): checks them and
  * derives the rest (mc, nc, warps, threads, grid, block, dynamic shared memory, launch bounds).
+ * Likewise an FMA GEMM plan from the stage's tiles (mc, nc, kc, mr, nr), a rows plan from its
+ * warp and threads, and a generic plan from its red and threads (block[0]).
  * CM_EINVALID naming the kernel, stage and rule when they make no template for t. */
 cm_status cm_cuda_plan_refit(cm_kernel *k, int stage, const cm_target *t, cm_err *err);
 /* One line, e.g. "cuda sm_80 gemm mma bf16: block 64x64 k 32 warp 32x32 (4 warps), batch 1 M 130
@@ -797,5 +816,58 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
                          char **source, cm_err *err);
 /* The launch configuration of stage i of k. */
 cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda_render_opts *o);
+
+/* ---- tuning spaces (codegen/tune_space.c) --------------------------------
+ *
+ * The autotuner's view of a lowered kernel's plan: per stage, the knobs a renderer really
+ * honours, each with its candidates (the cost model's default among them), applying a point
+ * (pruning what makes no valid plan before anything is compiled), a structural hash that keys
+ * the tuning database, and a deterministic cost model (the emulated CUDA device's "time"). */
+#define CM_TUNE_SPACE_VERSION                                                                      \
+  1 /* bump when a space or a knob's meaning changes: old records are ignored */
+#define CM_TUNE_MAX_KNOBS 8
+#define CM_TUNE_MAX_VALUES 16
+typedef struct cm_tune_knob {
+  char name[16]; /* "mr", "nr", "kc", "mc", "nc", "k_split", "threads_n", "bc", "br", "warps_m",
+                    "stages", "split_k", "vec", ... */
+  int n_values;
+  int values[CM_TUNE_MAX_VALUES]; /* candidates, ascending, the default among them */
+  int default_index;              /* the cost model's choice (the plan as lowered) */
+} cm_tune_knob;
+typedef struct cm_tune_space {
+  int n_knobs; /* 0: nothing to tune in this stage */
+  cm_tune_knob knobs[CM_TUNE_MAX_KNOBS];
+  int64_t n_points; /* product of the n_values */
+} cm_tune_space;
+typedef struct cm_tune_point {
+  int value[CM_TUNE_MAX_KNOBS]; /* a value per knob (values, not indices) */
+} cm_tune_point;
+/* The tunable fields of stage `stage` of a lowered kernel for target t (CPU: GEMM tiles
+ * mr/nr/mc/nc/kc, K split, attention bc/br and register blocks, row kernels' vector width/unroll;
+ * CUDA: block/warp tiles, stages, split_k, threads per row). */
+cm_status cm_tune_space_of(const cm_kernel *k, int stage, const cm_target *t, cm_tune_space *out,
+                           cm_err *err);
+void cm_tune_point_default(const cm_tune_space *s, cm_tune_point *out);
+/* Point i of 0..n_points-1 in a fixed order, point 0 the default. */
+void cm_tune_point_at(const cm_tune_space *s, int64_t i, cm_tune_point *out);
+/* Sets the stage's tunable fields to p and re-derives what depends on them (tile clamps, attention
+ * workspace layout, CUDA launch and shared memory via cm_cuda_plan_refit...). CM_EINVALID naming
+ * kernel, stage, knob and rule when p makes no valid plan for t (too much shared memory or
+ * registers, workspace over budget, a tile the template cannot take): that is the pruning before
+ * compiling. */
+cm_status cm_tune_apply(cm_kernel *k, int stage, const cm_target *t, const cm_tune_point *p,
+                        cm_err *err);
+/* "mr=6,nr=16,kc=256" (knobs in order); parse checks names and that each value is a candidate. */
+int cm_tune_point_format(const cm_tune_space *s, const cm_tune_point *p, char *buf, size_t size);
+cm_status cm_tune_point_parse(const cm_tune_space *s, const char *text, cm_tune_point *out,
+                              cm_err *err);
+/* 64 hex chars: the kernel's stages, expressions and buffers (kinds, dtypes, sizes, numbered by
+ * first use) — names, the group number and arena offsets left out, so equal kernels of two layers
+ * or two programs hash alike. */
+void cm_kernel_structural_hash(const cm_kernel *k, char out[65]);
+/* A deterministic cost (arbitrary units, larger = slower) of stage `stage` under its current plan
+ * for target t: a roofline-style model (FLOPs / peak, bytes / bandwidth, padding waste, occupancy,
+ * launches). The emulated CUDA device's "time", so the tuner's tests are exact. */
+double cm_tune_model_cost(const cm_kernel *k, int stage, const cm_target *t);
 
 #endif

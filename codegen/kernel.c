@@ -587,10 +587,11 @@ static void print_attn_plan(bool bwd, const cm_kattn *a, FILE *out) {
       if (a->stage_off[i] > 0) fprintf(out, " +%d@%lld", i, (long long)a->stage_off[i]);
     fprintf(out, "\n");
 
-    static const char *const names[] = {"-", "tile", "rowred", "gemm_rows", "gemm_keys"};
+    static const char *const names[] = {"-",         "tile",      "rowred",
+                                        "gemm_rows", "gemm_keys", "gemm_tile"};
     fprintf(out, "  stream bc %d roles", a->bc);
     for (int i = 0; i < span; i++)
-      fprintf(out, " %s", a->role[i] >= 0 && a->role[i] <= 4 ? names[(int)a->role[i]] : "?");
+      fprintf(out, " %s", a->role[i] >= 0 && a->role[i] <= 5 ? names[(int)a->role[i]] : "?");
     fprintf(out, "\n");
     return;
   }

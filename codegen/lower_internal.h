@@ -25,5 +25,9 @@ void cm_gemm_split_k(cm_kernel *k, const cm_lower_opts *o);
 /* attention.c: marks the fused attention span of an attention group's kernel
  * and computes its plan; leaves the kernel as is when no span holds. */
 void cm_attn_mark(cm_kernel *k, const cm_lower_opts *o);
+/* attention.c: after a tuner changed the span's br, bc or its first stage's register block
+ * (tiles.mr, tiles.nr): re-derives its workspace size, the per-stage register blocks for vectors
+ * of `lanes` f32 and the workspace layout, as cm_attn_mark does (tune_space.c). */
+void cm_kattn_replan(cm_kernel *k, int first, int lanes);
 
 #endif

@@ -1164,9 +1164,12 @@ cm_status cm_render_cuda(const cm_kernel *k, const cm_cuda_render_opts *o, bool 
   for (int i = 0; i < k->n_stages && st == CM_OK; i++) {
     const cm_kcuda_plan *pl = &plans[i];
     if (pl->kind == CM_KCUDA_ATTN_STREAM || pl->kind == CM_KCUDA_ATTN_STREAM_BWD ||
-        pl->kind == CM_KCUDA_ATTN_FUSED || pl->kind == CM_KCUDA_ATTN_FLASH) {
+        pl->kind == CM_KCUDA_ATTN_FUSED || pl->kind == CM_KCUDA_ATTN_FLASH ||
+        pl->kind == CM_KCUDA_ATTN_FLASH_BWD) {
       if (pl->kind == CM_KCUDA_ATTN_FLASH)
         st = cu_render_flash(k, i, &pl->attn, pl->min_blocks, &sb, written, err);
+      else if (pl->kind == CM_KCUDA_ATTN_FLASH_BWD)
+        st = cu_render_flash_bwd(k, i, &pl->attn, pl->min_blocks, &sb, written, err);
       else if (pl->kind == CM_KCUDA_ATTN_STREAM)
         st = cu_render_stream(k, i, &pl->attn, pl->min_blocks, &sb, written, err);
       else if (pl->kind == CM_KCUDA_ATTN_STREAM_BWD)

@@ -114,6 +114,12 @@ cm_status cu_span_stubs(const cm_kernel *k, int first, int span, sbuf *o, const 
 bool cu_plan_flash(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out);
 cm_status cu_render_flash(const cm_kernel *k, int first, const cm_kcuda_attn *p, int min_blocks,
                           sbuf *o, const bool *written, cm_err *err);
+/* Flash attention backward on tensor cores: a backward span whose GEMMs have bf16 operands and
+ * whose stages are tiles, row reductions and GEMMs over rows or keys at canonical indices
+ * (render_cuda_flash.c); false otherwise. */
+bool cu_plan_flash_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out);
+cm_status cu_render_flash_bwd(const cm_kernel *k, int first, const cm_kcuda_attn *p, int min_blocks,
+                              sbuf *o, const bool *written, cm_err *err);
 cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn *p, int min_blocks,
                               sbuf *o, const bool *written, cm_err *err);
 cm_status cu_render_stream(const cm_kernel *k, int first, const cm_kcuda_attn *p, int min_blocks,
@@ -131,6 +137,9 @@ bool cu_plan_rows(const cm_kernel *k, int first, const cm_target *t, const bool 
 /* Its grid, block and static shared memory. */
 void cu_rows_launch(const cm_kernel *k, const cm_kcuda_rows *r, unsigned grid[3], unsigned block[3],
                     int64_t *shared);
+/* After a tuner set r->warp and r->threads: rows per block, the row slices kept in registers and
+ * the barriers re-derived (cm_cuda_plan_refit). */
+void cu_rows_refit(const cm_kernel *k, cm_kcuda_rows *r, const cm_target *t);
 /* The empty function of stage si, which runs in stage first's. */
 cm_status cu_render_span_stub(const cm_kernel *k, int si, int first, sbuf *o, const bool *written,
                               cm_err *err);

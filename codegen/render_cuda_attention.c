@@ -698,9 +698,10 @@ static int fb_cuda_local(const cm_kattn *a, int b) {
   return -1;
 }
 
-bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+/* The plan within smem_floats of shared memory per block (false: it does not fit). */
+static bool plan_stream_bwd(const cm_kernel *k, int first, double smem_floats, bool dyn,
+                            cm_kcuda_attn *out) {
   cm_kcuda_attn p;
-  const double smem_floats = (double)(t->shared_bytes_static / 4);
   memset(&p, 0, sizeof p);
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
@@ -723,9 +724,11 @@ bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kc
     const cm_kstage *s = &k->stages[first + r];
     int role = a->role[r];
     p.acc_off[r] = -1;
-    if (role == CM_KATTN_ROLE_TILE || role == CM_KATTN_ROLE_ROWRED) {
+    if (role == CM_KATTN_ROLE_TILE || role == CM_KATTN_ROLE_ROWRED ||
+        role == CM_KATTN_ROLE_GEMM_TILE) {
       if (s->n_stores != 1 || fb_cuda_local(a, s->stores[0].buf) < 0) return false;
-      if (role == CM_KATTN_ROLE_ROWRED && s->n_red != 1) return false;
+      if (role != CM_KATTN_ROLE_TILE && s->n_red != 1) return false;
+      if (role == CM_KATTN_ROLE_GEMM_TILE && (s->gemm_a < 0 || s->gemm_b < 0)) return false;
     } else if (role == CM_KATTN_ROLE_GEMM_ROWS || role == CM_KATTN_ROLE_GEMM_KEYS) {
       if (s->n_dom < 2 || s->n_red != 1 || s->gemm_a < 0 || s->gemm_b < 0) return false;
       if (role == CM_KATTN_ROLE_GEMM_ROWS) {
@@ -737,10 +740,12 @@ bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kc
     }
   }
   int64_t bc = a->bc < 64 ? a->bc : 64;
-  if (bc < 1 || p.keys < 2) return false;
+  if (bc < 1 || p.keys < 1) return false;
   for (;;) {
-    double fl = (double)p.acc_floats + (double)nstat * (double)p.rows +
-                (double)ntile * (double)p.rows * (double)bc;
+    /* in dynamic shared memory each local's region is rounded to 16 bytes (4 floats) */
+    int64_t al = dyn ? 4 : 1;
+    double fl = (double)p.acc_floats + (double)nstat * (double)((p.rows + al - 1) / al * al) +
+                (double)ntile * (double)((p.rows * bc + al - 1) / al * al);
     if (fl <= smem_floats) break;
     if (bc == 1) return false;
     bc = bc / 2;
@@ -749,6 +754,17 @@ bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kc
   p.nkb = (int)((p.keys + bc - 1) / bc);
   if ((double)p.batch > 2147483647.0) return false;
   *out = p;
+  return true;
+}
+
+bool cu_plan_stream_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
+  if (plan_stream_bwd(k, first, (double)(t->shared_bytes_static / 4), false, out)) return true;
+  /* accumulators or tiles beyond the static 48 KiB (the 197-token f32 backward at head dim 64:
+   * dQ's accumulator alone is 49 KiB): dynamic shared memory up to the opt-in limit */
+  if (t->shared_bytes_max <= t->shared_bytes_static ||
+      !plan_stream_bwd(k, first, (double)(t->shared_bytes_max / 4), true, out))
+    return false;
+  out->dyn_shared = true;
   return true;
 }
 
@@ -767,14 +783,14 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
   int BC = p->bc;
   const cm_kstage *s = c->s;
   int role = a->role[r];
-  if (role == CM_KATTN_ROLE_TILE) {
+  if (role == CM_KATTN_ROLE_TILE || role == CM_KATTN_ROLE_GEMM_TILE) {
     int li = fb_cuda_local(a, s->stores[0].buf);
     if (pass == 0 && dep[li]) return;
     int val = s->stores[0].value;
     cu_sb_printf(o, "  for (int p_ = tid_; p_ < %lld * bc_; p_ += %d) {\n", R, p->threads);
     cu_sb_printf(o, "    const int r_ = p_ / bc_, j_ = p_ %% bc_;\n    float acc = 0.f;\n");
-    if (r == 0) {
-      cu_sb_printf(o, "    for (int k_ = 0; k_ < %lld; k_++) {\n", (long long)p->d);
+    if (r == 0 || role == CM_KATTN_ROLE_GEMM_TILE) { /* S' = Q K^T, dP = dO V^T */
+      cu_sb_printf(o, "    for (int k_ = 0; k_ < %lld; k_++) {\n", (long long)s->red[0]);
       cu_attn_point(c, p->nb, false, "      ", "r_", "j0_ + j_", "k_");
       cu_emit_tree(c, s->gemm_a, "        ", "acc");
       cu_emit_tree(c, s->gemm_b, "        ", "acc");
@@ -783,8 +799,13 @@ static void fb_role(rctx *c, const cm_kcuda_attn *p, const cm_kattn *a, int r, i
     }
     cu_attn_point(c, p->nb, false, "    ", "r_", "j0_ + j_", NULL);
     cu_emit_tree(c, val, "      ", "acc");
-    cu_sb_printf(o, "      const float tv_ = (float)(e%d);\n", val);
-    cu_sb_printf(o, "      fbl%d_[r_ * %d + j_] = tv_;\n    }\n  }\n", li, BC);
+    /* the store's rounding: the tile has its buffer's dtype (f32, or autocast's bf16) */
+    cm_dtype td = c->k->buffers[s->stores[0].buf].dtype;
+    char ev[32], cv[96];
+    snprintf(ev, sizeof ev, "e%d", val);
+    cu_cast_code(cv, sizeof cv, s->exprs[val].dtype, td, ev);
+    const char *pack = td == CM_BF16 ? "cm_f2bf" : td == CM_F16 ? "cm_f2h" : "";
+    cu_sb_printf(o, "      fbl%d_[r_ * %d + j_] = %s(%s);\n    }\n  }\n", li, BC, pack, cv);
     cu_sb_printf(o, "  __syncthreads();\n");
   } else if (role == CM_KATTN_ROLE_ROWRED && pass == 0) {
     int li = fb_cuda_local(a, s->stores[0].buf);
@@ -856,18 +877,35 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
     long long R = (long long)p->rows;
     int BC = p->bc;
     for (int r = 0; r < p->span; r++) cs[r].subst = (const char *const *)sub;
+    /* without row reductions over the keys (the recomputed backward) one pass */
+    bool two_pass = false;
+    for (int r = 0; r < p->span; r++) two_pass |= a->role[r] == CM_KATTN_ROLE_ROWRED;
     cu_sb_printf(o,
                  "// stages %d..%d (attention backward, streaming: %lld query rows x %d keys per "
-                 "step, %d key blocks, two passes)\n",
-                 first, first + a->span - 1, R, BC, p->nkb);
+                 "step, %d key blocks, %s)\n",
+                 first, first + a->span - 1, R, BC, p->nkb, two_pass ? "two passes" : "one pass");
     char bounds[64];
     cu_launch_bounds(p->threads, min_blocks, bounds, sizeof bounds);
     cu_signature(&cs[0], written, bounds);
-    for (int i = 0; i < a->n_local; i++)
-      cu_sb_printf(o, "  __shared__ __align__(16) float fbl%d_[%lld];\n", i,
-                   a->local_row[i] == 1 ? R : R * BC);
-    if (p->acc_floats > 0)
-      cu_sb_printf(o, "  __shared__ __align__(16) float fbacc_[%lld];\n", (long long)p->acc_floats);
+    if (p->dyn_shared) { /* 4 bytes a slot whatever the tile's dtype, as the plan counts */
+      int64_t off = 0;
+      cu_sb_printf(o, "  extern __shared__ __align__(16) unsigned char dsm_[];\n");
+      for (int i = 0; i < a->n_local; i++) {
+        const char *ty = cu_stype(k->buffers[a->local[i]].dtype);
+        cu_sb_printf(o, "  %s *const fbl%d_ = (%s *)(dsm_ + %lld);\n", ty, i, ty, (long long)off);
+        off += 4 * (a->local_row[i] == 1 ? R : R * BC);
+        off = (off + 15) / 16 * 16;
+      }
+      if (p->acc_floats > 0)
+        cu_sb_printf(o, "  float *const fbacc_ = (float *)(dsm_ + %lld);\n", (long long)off);
+    } else {
+      for (int i = 0; i < a->n_local; i++)
+        cu_sb_printf(o, "  __shared__ __align__(16) %s fbl%d_[%lld];\n",
+                     cu_stype(k->buffers[a->local[i]].dtype), i, a->local_row[i] == 1 ? R : R * BC);
+      if (p->acc_floats > 0)
+        cu_sb_printf(o, "  __shared__ __align__(16) float fbacc_[%lld];\n",
+                     (long long)p->acc_floats);
+    }
     cu_sb_printf(o, "  const long long bi_ = blockIdx.x;\n  const int tid_ = threadIdx.x;\n");
     cu_sb_printf(o, "  (void)bi_;\n  {\n");
     if (p->nb > 0) {
@@ -901,7 +939,7 @@ cm_status cu_render_stream_bwd(const cm_kernel *k, int first, const cm_kcuda_att
         if (lj >= 0 && (a->local_row[lj] == 1 || dep[lj])) dep[li] = true;
       }
     }
-    for (int pass = 0; pass < 2; pass++) {
+    for (int pass = two_pass ? 0 : 1; pass < 2; pass++) {
       cu_sb_printf(o, "  // pass %d\n", pass + 1);
       fb_cuda_block_head(o, p);
       for (int r = 0; r < p->span; r++) {

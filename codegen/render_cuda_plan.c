@@ -38,10 +38,9 @@ static cm_kcuda_red generic_red(const cm_kstage *s) {
   return CM_KCUDA_RED_WARP;
 }
 
-static void plan_generic(const cm_kstage *s, const cm_target *t, cm_kcuda_plan *p) {
-  p->kind = CM_KCUDA_GENERIC;
-  p->red = generic_red(s);
-  int threads = CU_GENERIC_THREADS, warps = threads / t->warp_size;
+/* The grid and shared memory of a generic plan for its red and threads (block[0]). */
+static void generic_launch(const cm_kstage *s, const cm_target *t, cm_kcuda_plan *p) {
+  int threads = (int)p->block[0], warps = threads / t->warp_size;
   int64_t points = cu_prod(s->dom, s->n_dom);
   int64_t per_block = p->red == CM_KCUDA_RED_BLOCK  ? 1
                       : p->red == CM_KCUDA_RED_WARP ? warps
@@ -53,7 +52,14 @@ static void plan_generic(const cm_kstage *s, const cm_target *t, cm_kcuda_plan *
   /* cm_part[warps] of the accumulator's register type (cu_ctype) */
   cm_dtype a = s->acc_dtype;
   int64_t acc_bytes = a == CM_F64 || a == CM_I64 ? 8 : a == CM_BOOL ? 1 : 4;
-  if (p->red == CM_KCUDA_RED_BLOCK) p->shared_static = (int64_t)warps * acc_bytes;
+  p->shared_static = p->red == CM_KCUDA_RED_BLOCK ? (int64_t)warps * acc_bytes : 0;
+}
+
+static void plan_generic(const cm_kstage *s, const cm_target *t, cm_kcuda_plan *p) {
+  p->kind = CM_KCUDA_GENERIC;
+  p->red = generic_red(s);
+  p->block[0] = CU_GENERIC_THREADS;
+  generic_launch(s, t, p);
 }
 
 /* ---- templates ------------------------------------------------------------------ */
@@ -78,25 +84,32 @@ static int64_t attn_shared_bytes(const cm_kernel *k, int first, const cm_kcuda_p
   if (p->kind == CM_KCUDA_ATTN_FUSED) {
     for (int i = 0; i < a->n_local; i++)
       b += q->slot_elems[i] * (int64_t)cu_dt_size(k->buffers[a->local[i]].dtype);
-  } else if (p->kind == CM_KCUDA_ATTN_FLASH) {
-    b = q->kvn; /* cu_plan_flash: the tiles' bytes */
+  } else if (p->kind == CM_KCUDA_ATTN_FLASH || p->kind == CM_KCUDA_ATTN_FLASH_BWD) {
+    b = q->kvn; /* cu_plan_flash, cu_plan_flash_bwd: the tiles' bytes */
   } else if (p->kind == CM_KCUDA_ATTN_STREAM) {
     b = 4 * (q->br * q->d + q->kvn + (int64_t)q->br * (q->bc + 1) + q->br * q->dv + 3 * q->br);
   } else {
-    for (int i = 0; i < a->n_local; i++)
-      b += 4 * (a->local_row[i] == 1 ? q->rows : q->rows * q->bc);
+    for (int i = 0; i < a->n_local; i++) {
+      int64_t bytes = 4 * (a->local_row[i] == 1 ? q->rows : q->rows * q->bc);
+      /* dynamic shared memory: the renderer carves the regions 16-byte aligned */
+      b += q->dyn_shared ? (bytes + 15) / 16 * 16 : bytes;
+    }
     b += 4 * q->acc_floats;
   }
   return b;
 }
 
-/* The span from stage i, when one of the attention skeletons takes it (the order the renderer
- * has always tried them in: streaming forward, streaming backward, fused). */
+/* The span from stage i, when one of the attention skeletons takes it (tried in this order:
+ * flash forward and backward on tensor cores, streaming forward and backward, fused). */
 static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_plan *p) {
   int threads = CU_ATTN_THREADS;
   if (cu_plan_flash(k, i, t, &p->attn)) {
     p->kind = CM_KCUDA_ATTN_FLASH;
     p->grid[0] = (unsigned)(p->attn.batch * p->attn.nrb);
+    threads = p->attn.threads;
+  } else if (cu_plan_flash_bwd(k, i, t, &p->attn)) {
+    p->kind = CM_KCUDA_ATTN_FLASH_BWD;
+    p->grid[0] = (unsigned)p->attn.batch;
     threads = p->attn.threads;
   } else if (cu_plan_stream(k, i, t, &p->attn)) {
     p->kind = CM_KCUDA_ATTN_STREAM;
@@ -114,7 +127,9 @@ static bool plan_span(const cm_kernel *k, int i, const cm_target *t, cm_kcuda_pl
   p->attn.threads = threads;
   p->block[0] = (unsigned)p->attn.threads;
   p->shared_static = attn_shared_bytes(k, i, p);
-  if (p->kind == CM_KCUDA_ATTN_FUSED && p->attn.dyn_shared) {
+  if ((p->kind == CM_KCUDA_ATTN_FUSED || p->kind == CM_KCUDA_ATTN_STREAM_BWD ||
+       p->kind == CM_KCUDA_ATTN_FLASH_BWD) &&
+      p->attn.dyn_shared) {
     p->shared_dynamic = (unsigned)p->shared_static;
     p->shared_static = 0;
   }
@@ -177,6 +192,8 @@ static void plan_stages(const cm_kernel *k, const cm_target *t, bool no_template
       /* flash: the S and O fragments (64 floats at head dim 64) and the operand fragments need
        * more than 128 registers a thread; 2 blocks of 4 warps per SM leave 255 */
       if (p->kind == CM_KCUDA_ATTN_FLASH && p->min_blocks > 2) p->min_blocks = 2;
+      /* flash backward: the tile, dQ and dK/dV fragments of up to 8 warps: all 255 */
+      if (p->kind == CM_KCUDA_ATTN_FLASH_BWD) p->min_blocks = 1;
       for (int j = i + 1; j < i + p->attn.span && j < k->n_stages; j++) {
         plans[j].kind = CM_KCUDA_IN_SPAN;
         plans[j].sm = t->sm;
@@ -222,15 +239,74 @@ cm_status cm_cuda_plan_kernel(cm_kernel *k, const cm_target *t, cm_err *err) {
   return CM_OK;
 }
 
+/* A generic plan with the tuner's red and threads (block[0]): its grid and shared memory. */
+static cm_status refit_generic(cm_kernel *k, int stage, const cm_target *t, cm_err *err) {
+  const cm_kstage *s = &k->stages[stage];
+  cm_kcuda_plan *p = &k->stages[stage].cuda;
+  unsigned threads = p->block[0];
+  if (threads < (unsigned)t->warp_size || threads > (unsigned)t->max_threads_per_block ||
+      threads % (unsigned)t->warp_size || (unsigned)p->red > CM_KCUDA_RED_BLOCK ||
+      ((s->n_red == 0 || s->accumulate) && p->red != CM_KCUDA_RED_THREAD))
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: generic plan with %u threads, reduction mode %d: whole "
+                     "warps, at most %d; a warp or block per point only for a reduction that "
+                     "does not accumulate",
+                     k->name, stage, threads, (int)p->red, t->max_threads_per_block);
+  generic_launch(s, t, p);
+  p->min_blocks = launch_min_blocks(t, p->block[0]);
+  return CM_OK;
+}
+
+/* A rows plan with the tuner's warp and threads: the rest re-derived (cu_rows_refit). */
+static cm_status refit_rows(cm_kernel *k, int stage, const cm_target *t, cm_err *err) {
+  cm_kcuda_plan *p = &k->stages[stage].cuda;
+  cm_kcuda_rows *r = &p->rows;
+  if (r->threads < t->warp_size || r->threads > t->max_threads_per_block ||
+      r->threads % t->warp_size)
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: rows plan with %d threads: whole warps, at most %d",
+                     k->name, stage, r->threads, t->max_threads_per_block);
+  cu_rows_refit(k, r, t);
+  cu_rows_launch(k, r, p->grid, p->block, &p->shared_static);
+  p->min_blocks = launch_min_blocks(t, p->block[0]);
+  return CM_OK;
+}
+
+/* An FMA GEMM plan from the stage's tiles (mc, nc, kc, mr, nr), which the tuner set: refused when
+ * the template would not take them as they are. */
+static cm_status refit_fma(cm_kernel *k, int stage, const cm_target *t, cm_err *err) {
+  cm_kstage *s = &k->stages[stage];
+  cm_kcuda_plan *p = &s->cuda;
+  cm_kcuda_gemm g;
+  const cm_kgemm_tiles *w = &s->tiles;
+  if (!cu_plan_gemm(s, t, &g) || g.mma || g.mc != w->mc || g.nc != w->nc || g.kc != w->kc ||
+      g.mr != w->mr || g.nr != w->nr)
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: FMA GEMM tiles %dx%d k %d warp %dx%d: no template (mc a "
+                     "multiple of mr, nc of nr, at most 16 warps, kc <= 64, a warp's lanes split "
+                     "over the warp tile, %lld B of static shared memory)",
+                     k->name, stage, w->mc, w->nc, w->kc, w->mr, w->nr,
+                     (long long)t->shared_bytes_static);
+  p->gemm = g;
+  plan_gemm_launch(p);
+  p->min_blocks = launch_min_blocks(t, p->block[0]);
+  return CM_OK;
+}
+
 cm_status cm_cuda_plan_refit(cm_kernel *k, int stage, const cm_target *t, cm_err *err) {
   if (!k || !t || stage < 0 || stage >= k->n_stages)
     return cm_errorf(err, CM_EINVALID, "cm_cuda_plan_refit: no kernel, target or stage");
   cm_status st = check_target(k, t, err);
   if (st != CM_OK) return st;
   cm_kcuda_plan *p = &k->stages[stage].cuda;
+  if (p->sm == t->sm && p->kind == CM_KCUDA_ROWS) return refit_rows(k, stage, t, err);
+  if (p->sm == t->sm && p->kind == CM_KCUDA_GENERIC) return refit_generic(k, stage, t, err);
+  if (p->sm == t->sm && p->kind == CM_KCUDA_GEMM && !p->gemm.mma)
+    return refit_fma(k, stage, t, err);
   if (p->kind != CM_KCUDA_GEMM || !p->gemm.mma || p->sm != t->sm)
     return cm_errorf(err, CM_EINVALID,
-                     "kernel %s stage %d: not a tensor-core GEMM plan for sm_%d (plan it first)",
+                     "kernel %s stage %d: not a GEMM, rows or generic plan for sm_%d (plan it "
+                     "first)",
                      k->name, stage, t->sm);
   if (!cu_mma_plan_valid(&p->gemm, t))
     return cm_errorf(err, CM_EINVALID,
@@ -325,6 +401,11 @@ void cm_kcuda_plan_print(const cm_kcuda_plan *p, FILE *out) {
             r->n_stats, r->n_cached, syncs);
     break;
   }
+  case CM_KCUDA_ATTN_FLASH_BWD:
+    fprintf(
+        out, "attention flash backward mma bf16: %d stages, %lld rows, bc %d, %d key blocks, %s",
+        a->span, (long long)a->rows, a->bc, a->nkb, a->bwd_two_pass ? "two passes" : "one pass");
+    break;
   case CM_KCUDA_ATTN_STREAM_BWD:
     fprintf(out,
             "attention stream backward: %d stages, %lld rows, bc %d, %d key blocks, %lld "

@@ -398,6 +398,18 @@ bool cu_plan_rows(const cm_kernel *k, int first, const cm_target *t, const bool 
   return true;
 }
 
+void cu_rows_refit(const cm_kernel *k, cm_kcuda_rows *r, const cm_target *t) {
+  r->rows_per_block = r->warp ? r->threads / t->warp_size : 1;
+  r->n_cached = 0;
+  r->cached_points = 0;
+  memset(r->cached_buf, 0, sizeof r->cached_buf);
+  memset(r->cached_from, 0, sizeof r->cached_from);
+  memset(r->unrolled, 0, sizeof r->unrolled);
+  memset(r->sync_before, 0, sizeof r->sync_before);
+  plan_cache(k, r);
+  plan_syncs(k, r);
+}
+
 /* The launch and shared memory of a rows plan (a partial per warp and accumulator type in
  * block mode). */
 void cu_rows_launch(const cm_kernel *k, const cm_kcuda_rows *r, unsigned grid[3], unsigned block[3],

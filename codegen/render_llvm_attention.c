@@ -932,17 +932,25 @@ static int fb_point(rctx *c, const fb_plan *p, const cm_kstage *s, bool stat,
     if (s->exprs[e].kind != CM_KX_LOAD) continue;
     int li = fb_local_of(a, s->exprs[e].buf);
     if (li < 0) continue;
+    /* tiles are kept as f32: a bf16 or f16 tile's value narrows back exactly */
     if (a->local_row[li] == 1) {
-      c->memo[e] = fa_ld(c, lbase[li], ii, "stat");
+      c->memo[e] = rl_convert(c, fa_ld(c, lbase[li], ii, "stat"), CM_F32, s->exprs[e].dtype);
     } else {
       if (!tix) tix = LLVMBuildAdd(c->B, LLVMBuildMul(c->B, ii, rl_ci64(c, p->ldt), ""), jj, "tix");
-      c->memo[e] = fa_ld(c, lbase[li], tix, "tile");
+      c->memo[e] = rl_convert(c, fa_ld(c, lbase[li], tix, "tile"), CM_F32, s->exprs[e].dtype);
     }
   }
   return nbs;
 }
 
-/* Tile stage r for the key block [j0, j0 + bcur): every query row. */
+/* Whether role stage r is a GEMM tile (the first stage, or a later GEMM tile: S', dP). */
+static bool fb_is_gemm_tile(const fb_plan *p, int r) {
+  return r == 0 || p->a->role[r] == CM_KATTN_ROLE_GEMM_TILE;
+}
+
+/* Tile stage r for the key block [j0, j0 + bcur): every query row. A GEMM tile multiplies its
+ * A packed once per batch item (A0 for the first stage, its stage region for a later one) by
+ * its B block. */
 static void fb_tile(rctx *c, const fb_plan *p, int r, const LLVMValueRef *bv, LLVMValueRef *lbase,
                     LLVMValueRef A0, LLVMValueRef Bp, LLVMValueRef Ct, LLVMValueRef j0,
                     LLVMValueRef bcur) {
@@ -950,30 +958,64 @@ static void fb_tile(rctx *c, const fb_plan *p, int r, const LLVMValueRef *bv, LL
   const cm_kstage *s = &c->k->stages[p->first + r];
   int li = fb_local_of(p->a, s->stores[0].buf);
   int val = s->stores[0].value;
-  if (r == 0) {
+  bool gemm = fb_is_gemm_tile(p, r);
+  if (gemm) {
+    int64_t K = s->red[0];
     fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
     LLVMValueRef npan = LLVMBuildSDiv(B, LLVMBuildAdd(B, bcur, rl_ci64(c, p->nr - 1), ""),
                                       rl_ci64(c, p->nr), "fb.kpan");
-    rl_emit_pack(c, "fb.packB0", s->gemm_b, p->nb + 1, j0, p->keys, npan, p->nr, p->d,
-                 rl_ci64(c, 0), rl_ci64(c, p->d), Bp);
-    fa_microkernel(c, p->mr, p->nr, A0, Bp, Ct, rl_ci64(c, p->rp / p->mr), npan, p->d,
-                   rl_ci64(c, p->d), p->ldt, NULL, false);
+    rl_emit_pack(c, "fb.packB0", s->gemm_b, p->nb + 1, j0, p->keys, npan, p->nr, K, rl_ci64(c, 0),
+                 rl_ci64(c, K), Bp);
+    fa_microkernel(c, p->mr, p->nr, A0, Bp, Ct, rl_ci64(c, p->rp / p->mr), npan, K, rl_ci64(c, K),
+                   p->ldt, NULL, false);
   }
   loop Li = rl_loop_begin(c, "fb.t.i", rl_ci64(c, 0));
   loop Lj = rl_loop_begin(c, "fb.t.j", rl_ci64(c, 0));
   LLVMValueRef row = Li.iv, col = LLVMBuildAdd(B, j0, Lj.iv, "j");
   LLVMValueRef tix = LLVMBuildAdd(B, LLVMBuildMul(B, Li.iv, rl_ci64(c, p->ldt), ""), Lj.iv, "");
-  if (r == 0) {
+  if (gemm) {
     fb_point(c, p, s, false, bv, row, col, NULL, NULL, NULL, NULL);
     c->acc = fa_ld(c, Ct, tix, "c");
   } else {
     fb_point(c, p, s, false, bv, row, col, NULL, lbase, Li.iv, Lj.iv);
   }
-  LLVMValueRef v = rl_convert(c, rl_emit(c, val), s->exprs[val].dtype, CM_F32);
+  /* the store's rounding to the tile's dtype, kept as f32 */
+  cm_dtype td = c->k->buffers[s->stores[0].buf].dtype;
+  LLVMValueRef v = rl_convert(c, rl_emit(c, val), s->exprs[val].dtype, td);
+  v = rl_convert(c, v, td, CM_F32);
   c->acc = NULL;
   fa_st(c, lbase[li], tix, v);
   rl_loop_end(c, &Lj, bcur, "fb.t.j.exit");
   rl_loop_end(c, &Li, rl_ci64(c, p->rows), "fb.t.i.exit");
+}
+
+/* Whether the cone of expression e of stage s loads a local buffer of a. */
+static bool fb_cone_local(const cm_kattn *a, const cm_kstage *s, int e) {
+  if (e < 0 || e >= s->n_exprs) return false;
+  /* out of memory: the per-point evaluation, which is right for any operand */
+  bool *in = calloc((size_t)e + 1, sizeof *in), hit = in == NULL;
+  if (in) in[e] = true;
+  for (int i = e; in && i >= 0 && !hit; i--) {
+    if (!in[i]) continue;
+    const cm_kexpr *x = &s->exprs[i];
+    hit = x->kind == CM_KX_LOAD && fb_local_of(a, x->buf) >= 0;
+    if (x->kind == CM_KX_CONST || x->kind == CM_KX_VAR || x->kind == CM_KX_ACC) continue;
+    int ops[3] = {x->a, x->b, x->c};
+    for (int j = 0; j < 3; j++)
+      if (ops[j] >= 0 && ops[j] < i) in[ops[j]] = true;
+  }
+  free(in);
+  return hit;
+}
+
+/* The A operand (gemm_a) of a row or key GEMM stage s at domain var `dv` (its row var: the query
+ * row of a row GEMM, the key of a key GEMM) and reduction var `rv`, as f32, its local tiles read
+ * at tile row ii and key jj (P' = E' / z, cast(P', bf16), dS). */
+static LLVMValueRef fb_operand_a(rctx *c, const fb_plan *p, const cm_kstage *s,
+                                 const LLVMValueRef *bv, LLVMValueRef dv, LLVMValueRef rv,
+                                 LLVMValueRef *lbase, LLVMValueRef ii, LLVMValueRef jj) {
+  fb_point(c, p, s, false, bv, dv, NULL, rv, lbase, ii, jj);
+  return rl_convert(c, rl_emit(c, s->gemm_a), s->exprs[s->gemm_a].dtype, CM_F32);
 }
 
 /* The workspace regions of a streaming backward span
@@ -1020,19 +1062,16 @@ static void fb_gemm_rows(rctx *c, const fb_plan *p, int r, const LLVMValueRef *b
   LLVMValueRef Ap = w->A, Bp = w->B;
   int64_t C = s->dom[s->n_dom - 1], cp = (C + p->nr - 1) / p->nr * p->nr;
   int nbs = fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
-  const cm_kexpr *ga = &s->exprs[s->gemm_a];
-  int li = ga->kind == CM_KX_LOAD ? fb_local_of(a, ga->buf) : -1;
-  if (li >= 0) {
+  if (fb_cone_local(a, s, s->gemm_a)) {
     loop Li = rl_loop_begin(c, "fb.pa.i", rl_ci64(c, 0));
     LLVMValueRef abase =
         LLVMBuildAdd(B,
                      LLVMBuildMul(B, LLVMBuildSDiv(B, Li.iv, rl_ci64(c, p->mr), ""),
                                   rl_ci64(c, p->bc * p->mr), ""),
                      LLVMBuildSRem(B, Li.iv, rl_ci64(c, p->mr), ""), "abase");
-    LLVMValueRef tb = LLVMBuildMul(B, Li.iv, rl_ci64(c, p->ldt), "");
     loop Lj = rl_loop_begin(c, "fb.pa.j", rl_ci64(c, 0));
     fa_st(c, Ap, LLVMBuildAdd(B, abase, LLVMBuildMul(B, Lj.iv, rl_ci64(c, p->mr), ""), ""),
-          fa_ld(c, lbase[li], LLVMBuildAdd(B, tb, Lj.iv, ""), "t"));
+          fb_operand_a(c, p, s, bv, Li.iv, LLVMBuildAdd(B, j0, Lj.iv, "j"), lbase, Li.iv, Lj.iv));
     rl_loop_end(c, &Lj, bcur, "fb.pa.j.exit");
     rl_loop_end(c, &Li, rl_ci64(c, p->rows), "fb.pa.i.exit");
   } else {
@@ -1059,19 +1098,17 @@ static void fb_gemm_keys(rctx *c, const fb_plan *p, int r, const LLVMValueRef *b
   int nbs = fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
   LLVMValueRef mpan = LLVMBuildSDiv(B, LLVMBuildAdd(B, bcur, rl_ci64(c, p->mr - 1), ""),
                                     rl_ci64(c, p->mr), "fb.mpan");
-  const cm_kexpr *ga = &s->exprs[s->gemm_a];
-  int li = ga->kind == CM_KX_LOAD ? fb_local_of(a, ga->buf) : -1;
-  if (li >= 0) {
+  if (fb_cone_local(a, s, s->gemm_a)) {
     loop Lj = rl_loop_begin(c, "fb.pk.j", rl_ci64(c, 0));
     LLVMValueRef abase =
         LLVMBuildAdd(B,
                      LLVMBuildMul(B, LLVMBuildSDiv(B, Lj.iv, rl_ci64(c, p->mr), ""),
                                   rl_ci64(c, p->rows * p->mr), ""),
                      LLVMBuildSRem(B, Lj.iv, rl_ci64(c, p->mr), ""), "abase");
+    LLVMValueRef key = LLVMBuildAdd(B, j0, Lj.iv, "j");
     loop Li = rl_loop_begin(c, "fb.pk.i", rl_ci64(c, 0));
     fa_st(c, Ap, LLVMBuildAdd(B, abase, LLVMBuildMul(B, Li.iv, rl_ci64(c, p->mr), ""), ""),
-          fa_ld(c, lbase[li],
-                LLVMBuildAdd(B, LLVMBuildMul(B, Li.iv, rl_ci64(c, p->ldt), ""), Lj.iv, ""), "t"));
+          fb_operand_a(c, p, s, bv, key, Li.iv, lbase, Li.iv, Lj.iv));
     rl_loop_end(c, &Li, rl_ci64(c, p->rows), "fb.pk.i.exit");
     rl_loop_end(c, &Lj, bcur, "fb.pk.j.exit");
   } else {
@@ -1128,9 +1165,16 @@ static void render_attention_bwd_stream(rctx *c, const char *fname, const fb_pla
   fb_point(c, p, s0, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
   rl_emit_pack(c, "fb.packA0", s0->gemm_a, p->nb, rl_ci64(c, 0), p->rows, rl_ci64(c, p->rp / p->mr),
                p->mr, p->d, rl_ci64(c, 0), rl_ci64(c, p->d), A0);
+  bool two_pass = false;
   for (int r = 0; r < p->span; r++) {
     const cm_kstage *s = &k->stages[p->first + r];
-    if (a->role[r] == CM_KATTN_ROLE_GEMM_KEYS) {
+    two_pass |= a->role[r] == CM_KATTN_ROLE_ROWRED;
+    if (a->role[r] == CM_KATTN_ROLE_GEMM_TILE) {
+      fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
+      rl_emit_pack(c, "fb.packAt", s->gemm_a, p->nb, rl_ci64(c, 0), p->rows,
+                   rl_ci64(c, p->rp / p->mr), p->mr, s->red[0], rl_ci64(c, 0),
+                   rl_ci64(c, s->red[0]), sbase[r]);
+    } else if (a->role[r] == CM_KATTN_ROLE_GEMM_KEYS) {
       int64_t C = s->dom[s->n_dom - 1], cp = (C + p->nr - 1) / p->nr * p->nr;
       int nbs = fb_point(c, p, s, false, bv, NULL, NULL, NULL, NULL, NULL, NULL);
       rl_emit_pack(c, "fb.packBk", s->gemm_b, nbs + 1, rl_ci64(c, 0), C, rl_ci64(c, cp / p->nr),
@@ -1148,7 +1192,8 @@ static void render_attention_bwd_stream(rctx *c, const char *fname, const fb_pla
       rl_loop_end(c, &Z, rl_ci64(c, p->rp), "fb.init.exit");
     }
   }
-  for (int pass = 0; pass < 2 && !c->failed; pass++) {
+  /* without row reductions over the keys (the recomputed backward) one pass */
+  for (int pass = two_pass ? 0 : 1; pass < 2 && !c->failed; pass++) {
     loop Kb = rl_loop_begin(c, pass ? "fb.kblk2" : "fb.kblk", rl_ci64(c, 0));
     LLVMValueRef j0 = LLVMBuildMul(B, Kb.iv, rl_ci64(c, p->bc), "fb.j0");
     LLVMValueRef bcur =
@@ -1156,10 +1201,10 @@ static void render_attention_bwd_stream(rctx *c, const char *fname, const fb_pla
     for (int r = 0; r < p->span && !c->failed; r++) {
       const cm_kstage *s = &k->stages[p->first + r];
       int role = a->role[r];
-      if (role == CM_KATTN_ROLE_TILE) {
+      if (role == CM_KATTN_ROLE_TILE || role == CM_KATTN_ROLE_GEMM_TILE) {
         int li = fb_local_of(a, s->stores[0].buf);
         if (pass == 0 && p->dep_stat[li]) continue;
-        fb_tile(c, p, r, bv, lbase, A0, Bp, Ct, j0, bcur);
+        fb_tile(c, p, r, bv, lbase, r == 0 ? A0 : sbase[r], Bp, Ct, j0, bcur);
       } else if (role == CM_KATTN_ROLE_ROWRED && pass == 0) {
         fb_rowred(c, p, r, bv, &w, j0, bcur);
       } else if (role == CM_KATTN_ROLE_GEMM_ROWS && pass == 1) {

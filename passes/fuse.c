@@ -38,6 +38,11 @@
  *      beside dP). A group that started this way but never got its second
  *      matmul is re-fused at the end with the attention rules off. Matmuls
  *      with a weight operand (a param seen through views) never take part.
+ *      The backward in flash_backward's form (a recomputed E' = exp(S'c − m)
+ *      with no row sum of its own) is formed as a whole instead, when the
+ *      placement reaches its last node: one ATTENTION group from E' forward to
+ *      dV, dQ, dK and back over the producers read only by it (dP, dS, the
+ *      broadcasts of m, z and −D/z); what reads it waits and is placed after.
  *    After a node is placed, every elementwise group whose only remaining
  *    external use is this node merges into its group (fusion into the
  *    consumer); into a contraction itself only cheap prologues merge (unary
@@ -552,6 +557,230 @@ static void place(fuser *f, int node) {
   merge_producers(f, node, gid);
 }
 
+/* ---- the flash attention backward ------------------------------------------ */
+
+/* The attention backward in the form passes/flash_backward.c leaves (its S, E,
+ * P recomputed from Q, K and the row statistics m, z; D = rowsum(dO∘O) outside)
+ * is one ATTENTION group, formed as a whole rather than greedily: the
+ * recomputation, dP = dO Vᵀ, dS and the three contractions dV, dQ, dK over its
+ * rows, the broadcasts of m, z and −D/z and that row statistic itself. Its
+ * anchor is a recomputed E' = exp(sub(S'·c, broadcast m)) — an exp with no row
+ * sum of its own (the forward's E has one) — whose S' is a batched matmul. */
+typedef struct flash_set {
+  int anchor;      /* E' */
+  int first, last; /* smallest and largest member id */
+  bool formed;
+} flash_set;
+
+static bool is_row_sum_of(const cm_graph *g, int r, int x) {
+  const cm_node *n = &g->nodes[r];
+  return n->op == CM_OP_REDUCE_SUM && n->inputs[0] == x && n->attrs.n_axes == 1 &&
+         n->attrs.axes[0] == g->nodes[x].type.rank - 1;
+}
+
+/* E' and its recomputation chain back to S' (members: flash[v] = s), or false. */
+static bool flash_anchor(fuser *f, int e, int s, int *flash) {
+  const cm_graph *g = f->g;
+  const cm_node *en = &g->nodes[e];
+  if (en->op != CM_OP_EXP || en->type.rank < 3) return false;
+  for (int k = f->cstart[e]; k < f->cstart[e + 1]; k++)
+    if (is_row_sum_of(g, f->clist[k], e)) return false; /* the forward's own E */
+  int sub = en->inputs[0];
+  if (g->nodes[sub].op != CM_OP_SUB) return false;
+  int chain[6], n = 0, x = g->nodes[sub].inputs[0];
+  chain[n++] = e, chain[n++] = sub;
+  if (g->nodes[x].op == CM_OP_MUL) {
+    int k = g->nodes[g->nodes[x].inputs[1]].op == CM_OP_CONST ? 0 : 1;
+    if (g->nodes[g->nodes[x].inputs[1 - k]].op != CM_OP_CONST) return false;
+    chain[n++] = x;
+    x = g->nodes[x].inputs[k];
+  }
+  if (g->nodes[x].op == CM_OP_CAST) chain[n++] = x, x = g->nodes[x].inputs[0];
+  if (!is_batched_matmul(g, x) || !cm_shape_equal(&g->nodes[x].type, &en->type)) return false;
+  chain[n++] = x;
+  for (int k = 0; k < n; k++)
+    if (flash[chain[k]] >= 0 || f->group_of[chain[k]] >= 0) return false;
+  for (int k = 0; k < n; k++) flash[chain[k]] = s;
+  return true;
+}
+
+/* Whether x may join set s given its consumers (all in s, at least one). */
+static bool consumed_by_set(const fuser *f, const int *flash, int x, int s) {
+  if (f->cstart[x + 1] == f->cstart[x]) return false;
+  for (int k = f->cstart[x]; k < f->cstart[x + 1]; k++)
+    if (flash[f->clist[k]] != s) return false;
+  return true;
+}
+
+/* A value of the rows (E's shape) or of the row statistics (one per row),
+ * computed from such values: what the backward computes per tile or per row. */
+static bool row_or_stat_value(const cm_graph *g, int x, const cm_type *rows, int64_t stat_numel) {
+  const cm_node *n = &g->nodes[x];
+  int64_t numel = cm_type_numel(&n->type);
+  cm_category cat = cm_op_get_info(n->op)->category;
+  if (numel == cm_type_numel(rows) && cm_shape_equal(&n->type, rows))
+    return cat == CM_CAT_ELEMENTWISE || n->op == CM_OP_BROADCAST || is_batched_matmul(g, x);
+  if (numel != stat_numel) return false;
+  return cat == CM_CAT_ELEMENTWISE || n->op == CM_OP_RESHAPE;
+}
+
+/* Grows set s from its anchor chain: forward through the rows' elementwise
+ * values to the contractions reading them (and their f32 casts), then back
+ * over producers whose every consumer is in the set. Returns false (members
+ * cleared) when the set is not convex or has fewer than three contractions. */
+static bool grow_flash_set(fuser *f, int *flash, int s, flash_set *fs, unsigned char *sink) {
+  const cm_graph *g = f->g;
+  const cm_type *rows = &g->nodes[fs->anchor].type;
+  int64_t stat_numel = cm_type_numel(rows) / rows->dims[rows->rank - 1];
+  int n_sinks = 0;
+  fs->first = fs->last = fs->anchor;
+  for (int v = fs->anchor + 1; v < g->n_nodes; v++) {
+    const cm_node *n = &g->nodes[v];
+    bool reads = false;
+    for (int k = 0; k < n->n_inputs; k++) reads |= flash[n->inputs[k]] == s && !sink[n->inputs[k]];
+    bool sink_cast = n->op == CM_OP_CAST && flash[n->inputs[0]] == s && sink[n->inputs[0]] == 1;
+    if ((!reads && !sink_cast) || flash[v] >= 0 || f->group_of[v] >= 0) continue;
+    if (is_batched_matmul(g, v)) {
+      flash[v] = s, sink[v] = 1, n_sinks++;
+    } else if (sink_cast) {
+      flash[v] = s, sink[v] = 2;
+    } else if (row_or_stat_value(g, v, rows, stat_numel) &&
+               cm_type_numel(&n->type) == cm_type_numel(rows)) {
+      flash[v] = s;
+    } else {
+      continue;
+    }
+    fs->last = v;
+  }
+  for (int v = fs->last; v >= 0; v--) {
+    if (flash[v] >= 0 || f->group_of[v] >= 0 || !consumed_by_set(f, flash, v, s)) continue;
+    if (!row_or_stat_value(g, v, rows, stat_numel)) continue;
+    flash[v] = s;
+    if (v < fs->first) fs->first = v;
+  }
+  /* convex: nothing outside leaves the set and comes back */
+  bool ok = n_sinks >= 3;
+  unsigned char *after = f->level; /* scratch: depends on the set from outside it */
+  for (int v = fs->first; v <= fs->last && ok; v++) {
+    after[v] = 0;
+    if (flash[v] == s) continue;
+    const cm_node *n = &g->nodes[v];
+    for (int k = 0; k < n->n_inputs; k++) {
+      int x = n->inputs[k];
+      if (x >= fs->first && (flash[x] == s || after[x])) after[v] = 1;
+    }
+    for (int k = f->cstart[v]; k < f->cstart[v + 1] && after[v]; k++)
+      if (flash[f->clist[k]] == s) ok = false;
+  }
+  for (int v = fs->first; v <= fs->last; v++) after[v] = 0;
+  if (!ok)
+    for (int v = fs->first; v <= fs->last; v++)
+      if (flash[v] == s) flash[v] = -1, sink[v] = 0;
+  return ok;
+}
+
+/* Finds the flash backward sets; flash[v] = set index or -1. */
+static int find_flash_sets(fuser *f, int *flash, flash_set **sets, unsigned char *sink) {
+  const cm_graph *g = f->g;
+  int n = 0, cap = 0;
+  *sets = NULL;
+  for (int v = 0; v < g->n_nodes; v++) flash[v] = -1, sink[v] = 0;
+  for (int v = 0; v < g->n_nodes && !f->oom; v++) {
+    if (g->nodes[v].op != CM_OP_EXP || flash[v] >= 0) continue;
+    if (n == cap) {
+      cap = cap ? 2 * cap : 16;
+      flash_set *grown = realloc(*sets, sizeof *grown * (size_t)cap);
+      if (!grown) {
+        f->oom = true;
+        break;
+      }
+      *sets = grown;
+    }
+    if (!flash_anchor(f, v, n, flash)) continue;
+    (*sets)[n] = (flash_set){v, v, v, false};
+    if (grow_flash_set(f, flash, n, &(*sets)[n], sink)) {
+      n++;
+    } else {
+      for (int u = 0; u < g->n_nodes; u++)
+        if (flash[u] == n) flash[u] = -1;
+    }
+  }
+  return n;
+}
+
+/* Places set s as one attention group (its members in order). */
+static void form_flash_group(fuser *f, const int *flash, const unsigned char *sink, int s,
+                             flash_set *fs) {
+  const cm_graph *g = f->g;
+  int gid = new_group(f, FK_ATTENTION);
+  if (gid < 0) return;
+  const cm_type *rows = &g->nodes[fs->anchor].type;
+  set_rows(&f->groups[gid], *rows, 1u << (rows->rank - 1));
+  f->groups[gid].bcast_back = true;
+  for (int v = fs->first; v <= fs->last; v++) {
+    if (flash[v] != s) continue;
+    fuse_level lv = sink[v]                                                   ? LV_OUT2
+                    : cm_type_numel(&g->nodes[v].type) == cm_type_numel(rows) ? LV_ROW
+                                                                              : LV_STAT;
+    add_to(f, v, gid, lv);
+  }
+  fs->formed = true;
+}
+
+/* Node order with the flash sets deferred: a set's members and everything
+ * reading them wait until its last member, then the set becomes a group and
+ * the waiting nodes are placed after it, in order. */
+static void place_all(fuser *f) {
+  const cm_graph *g = f->g;
+  int n = g->n_nodes;
+  int *flash = malloc(sizeof(int) * ((size_t)n + 1)),
+      *waiting = malloc(sizeof(int) * ((size_t)n + 1));
+  unsigned char *sink = malloc((size_t)n + 1), *waits = calloc((size_t)n + 1, 1);
+  flash_set *sets = NULL;
+  if (!flash || !waiting || !sink || !waits) {
+    f->oom = true;
+    free(flash), free(waiting), free(sink), free(waits);
+    return;
+  }
+  int n_sets = find_flash_sets(f, flash, &sets, sink), n_waiting = 0;
+  for (int v = 0; v < n && !f->oom; v++) {
+    if (flash[v] >= 0) {
+      if (v != sets[flash[v]].last) continue;
+      form_flash_group(f, flash, sink, flash[v], &sets[flash[v]]);
+      int kept = 0; /* place what waited, unless it waits for another set */
+      for (int i = 0; i < n_waiting; i++) {
+        int w = waiting[i];
+        bool blocked = false;
+        for (int k = 0; k < g->nodes[w].n_inputs; k++) {
+          int x = g->nodes[w].inputs[k];
+          blocked |= (flash[x] >= 0 && !sets[flash[x]].formed) || waits[x];
+        }
+        if (blocked) {
+          waiting[kept++] = w;
+        } else {
+          waits[w] = 0;
+          place(f, w);
+        }
+      }
+      n_waiting = kept;
+      continue;
+    }
+    bool wait = false;
+    for (int k = 0; k < g->nodes[v].n_inputs && n_sets; k++) {
+      int x = g->nodes[v].inputs[k];
+      wait |= (flash[x] >= 0 && !sets[flash[x]].formed) || waits[x];
+    }
+    if (wait) {
+      waits[v] = 1;
+      waiting[n_waiting++] = v;
+    } else {
+      place(f, v);
+    }
+  }
+  for (int i = 0; i < n_waiting && !f->oom; i++) place(f, waiting[i]); /* none: sets all formed */
+  free(flash), free(waiting), free(sink), free(waits), free(sets);
+}
+
 /* ---- update regions ------------------------------------------------------ */
 
 enum { REGION_NONE, REGION_NORM, REGION_OPTIMIZER, REGION_EMA, REGION_OTHER, REGION_COUNT };
@@ -975,7 +1204,7 @@ static cm_status fuse_graph(const cm_graph *g, cm_plan **out, cm_err *err) {
   f.next_key = 0;
   f.key_step = (int64_t)1 << 20;
   f.allow_attention = true;
-  for (int v = 0; v < n && !f.oom; v++) place(&f, v);
+  place_all(&f);
   int n_main = f.n_groups;
   for (int gid = 0; gid < n_main && !f.oom; gid++)
     if (!f.groups[gid].dead && find(&f, gid) == gid && !group_is_final(&f.groups[gid]))

@@ -7,7 +7,7 @@
 #include <string.h>
 #include <time.h>
 
-const char cm_default_pipeline[] = "simplify,cse,dce,fuse,schedule,memplan";
+const char cm_default_pipeline[] = "simplify,cse,dce,flash_backward,fuse,schedule,memplan";
 
 static const cm_pass_info pass_table[] = {
     /* not in the default pipeline: `-p autocast,simplify,...` asks for it */
@@ -17,6 +17,8 @@ static const cm_pass_info pass_table[] = {
      cm_pass_simplify},
     {"cse", "merge nodes computing the same value", cm_pass_cse},
     {"dce", "remove nodes that reach no output, assign or interface", cm_pass_dce},
+    {"flash_backward", "attention backward recomputes S, E, P from Q, K, m, z; D = rowsum(dO*O)",
+     cm_pass_flash_backward},
     {"fuse", "group nodes into kernels by op category", cm_pass_fuse},
     {"schedule", "order the kernels; collectives as early as possible", cm_pass_schedule},
     {"memplan", "pack intermediate buffers into one arena", cm_pass_memplan},

@@ -212,7 +212,7 @@ typedef struct cm_pass_info {
 
 /* All passes, in the default pipeline's order; NULL-terminated. */
 const cm_pass_info *cm_passes(void);
-/* "simplify,cse,dce,fuse,schedule,memplan" */
+/* "simplify,cse,dce,flash_backward,fuse,schedule,memplan" */
 extern const char cm_default_pipeline[];
 
 typedef struct cm_pipeline_opts {
@@ -253,5 +253,25 @@ cm_status cm_pass_memplan(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
 cm_status cm_autocast(cm_graph **g, cm_dtype low, int *n_rewritten, cm_err *err);
 /* The pass "autocast": cm_autocast with bf16. */
 cm_status cm_pass_autocast(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
+
+/* ---- the attention backward without N×N tensors (passes/flash_backward.c) --
+ * For every attention (S = matmul(Q, K) {transpose_b} [cast f32] [· const c], softmax over the
+ * keys with a stop-gradient max m and row sum z, O = matmul(P [cast low], V)) whose backward
+ * reads its N×N values E = exp(S·c - m), P = E / z, P's low cast or broadcasts of z, the
+ * backward's reads become a recomputation from Q, K, m and z with the forward's own ops and
+ * dtypes (so the same values, the same rounding), and autodiff's row sum over the keys
+ * reduce_sum(neg(div(mul(dP, P), broadcast z))) becomes the equal -D/z with
+ * D = reduce_sum(mul(dO, O)) {keepdims} over the head dim (dO and O in f32). A graph with no
+ * attention backward is left as is (the same object), so the pass is idempotent. Names of
+ * sources, outputs and user-named nodes are kept; dead nodes are removed afterwards. Run after
+ * cse (which would merge the recomputation back into the forward). */
+typedef struct cm_flash_backward_stats {
+  int attentions;  /* attention backwards rewritten */
+  int d_rewritten; /* ... whose row sum over the keys became -D/z */
+  int d_kept;      /* ... whose row sum did not match and stays autodiff's (two key passes) */
+} cm_flash_backward_stats;
+cm_status cm_flash_backward(cm_graph **g, cm_flash_backward_stats *stats, cm_err *err);
+/* The pass "flash_backward". */
+cm_status cm_pass_flash_backward(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
 
 #endif

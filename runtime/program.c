@@ -143,6 +143,10 @@ cm_status cm_compile(const cm_graph *g, const cm_target *target, const cm_compil
   st = cm_lower_plan(pr->rg, p, &lo, &pr->kp, err);
   if (st != CM_OK) goto fail;
   pr->stats.lower_ms = now_ms() - t0;
+  /* tuned plans from the database, before anything is rendered */
+  st = cm_tune_apply_cached(&pr->kp, &pr->target, opts, &pr->stats.tuned_stages,
+                            &pr->stats.tune_ignored, err);
+  if (st != CM_OK) goto fail;
   pr->stats.n_kernels = pr->kp.n_kernels;
   for (int i = 0; i < pr->kp.n_kernels; i++) pr->stats.n_stages += pr->kp.kernels[i].n_stages;
 
@@ -156,6 +160,106 @@ cm_status cm_compile(const cm_graph *g, const cm_target *target, const cm_compil
 fail:
   cm_program_free(pr);
   return st;
+}
+
+/* The graph of a one-kernel program: a node per node of g the kernel reads (an input; a state
+ * for a source it updates in place; a copy of a const), its buffers renumbered to it. Buffers
+ * k reads but never writes become sources; the arena buffers it writes (node -1) are packed into
+ * an arena of their own; its status words keep their node ids apart (they name a node only when
+ * an index is out of range, which random inputs of 0 never are). */
+static cm_status kernel_graph(const cm_graph *g, cm_kernel *k, cm_graph **out, int64_t *arena_bytes,
+                              cm_err *err) {
+  cm_graph *kg = cm_graph_new();
+  int *map = malloc(sizeof(int) * (size_t)(g->n_nodes + 1));
+  if (!kg || !map) {
+    cm_graph_free(kg);
+    free(map);
+    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  }
+  for (int v = 0; v < g->n_nodes; v++) map[v] = -1;
+  int64_t end = 0;
+  cm_status st = CM_OK;
+  for (int b = 0; b < k->n_buffers && st == CM_OK; b++) {
+    cm_kbuffer *kb = &k->buffers[b];
+    int v = kb->node;
+    if (kb->kind == CM_KBUF_ARENA && kb->written) {
+      kb->offset = end;
+      end += (kb->numel * (int64_t)cm_dtype_size(kb->dtype) + 63) / 64 * 64;
+      kb->node = -1;
+      continue;
+    }
+    if (kb->kind == CM_KBUF_STATUS || kb->kind == CM_KBUF_SCRATCH) continue;
+    const cm_type *ty = v >= 0 && v < g->n_nodes ? &g->nodes[v].type : NULL;
+    if (!ty || ty->dtype != kb->dtype || cm_type_numel(ty) != kb->numel) {
+      st = cm_errorf(err, CM_EINVALID,
+                     "kernel %s: buffer %d (node %d) is not its node's value: it cannot be "
+                     "bound alone",
+                     k->name, b, v);
+      break;
+    }
+    if (map[v] < 0) {
+      const cm_node *n = &g->nodes[v];
+      map[v] = kb->kind == CM_KBUF_CONST
+                   ? cm_const_data(kg, NULL, ty->dtype, ty->rank, ty->dims, n->attrs.data)
+               : kb->kind == CM_KBUF_SOURCE && kb->written
+                   ? cm_state(kg, NULL, ty->dtype, ty->rank, ty->dims, n->attrs.init)
+                   : cm_input(kg, NULL, ty->dtype, ty->rank, ty->dims);
+      if (map[v] < 0)
+        st = cm_errorf(err, CM_EINTERNAL, "kernel %s: %s", k->name, cm_graph_error(kg));
+    }
+    if (kb->kind == CM_KBUF_ARENA) kb->kind = CM_KBUF_SOURCE, kb->offset = 0;
+    kb->node = map[v];
+  }
+  free(map);
+  if (st != CM_OK) {
+    cm_graph_free(kg);
+    return st;
+  }
+  *out = kg;
+  *arena_bytes = end;
+  return CM_OK;
+}
+
+cm_status cm_program_of_kernel(const cm_graph *g, const cm_plan *plan, cm_kernel *k,
+                               const cm_target *t, const cm_compile_opts *opts, cm_program **out,
+                               cm_err *err) {
+  *out = NULL;
+  cm_program *pr = calloc(1, sizeof *pr);
+  cm_kernel *ks = malloc(sizeof *ks);
+  if (!pr || !ks) {
+    free(pr);
+    free(ks);
+    cm_kernel_free(k);
+    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  }
+  *ks = *k;
+  memset(k, 0, sizeof *k);
+  pr->plan = plan;
+  pr->target = *t;
+  pr->kp.n_kernels = 1;
+  pr->kp.kernels = ks;
+  pr->kp.max_scratch_bytes = ks->scratch_bytes;
+  pr->be = opts->backend                       ? opts->backend
+           : pr->target.kind == CM_TARGET_CUDA ? &cm_backend_cuda
+                                               : &cm_backend_cpu;
+  pr->stats.n_kernels = 1;
+  pr->stats.n_stages = ks->n_stages;
+  cm_status st = kernel_graph(g, ks, &pr->own_g, &pr->kp.arena_bytes, err);
+  if (st == CM_OK) {
+    pr->g = pr->rg = pr->own_g;
+    st = map_sources_and_outputs(pr, err);
+  }
+  cm_compile_opts co = *opts;
+  co.plan = plan;
+  if (st == CM_OK) st = pr->be->compile(pr, &co, &pr->stats, err);
+  if (st == CM_OK && !co.compile_only && (st = pr->be->alloc_arena(pr, &pr->stats, err)) == CM_OK)
+    pr->runnable = true;
+  if (st != CM_OK) {
+    cm_program_free(pr);
+    return st;
+  }
+  *out = pr;
+  return CM_OK;
 }
 
 const cm_graph *cm_program_graph(const cm_program *pr) {

@@ -196,6 +196,52 @@ cm_status cm_cuda_module_source(const cm_kernel *k, const cm_target *t, bool no_
  * $XDG_CACHE_HOME/cmaec or ~/.cache/cmaec; NULL when disabled (""). */
 const char *cm_cache_dir(const char *given, char *buf, size_t size);
 
+/* ---- the tuning database (runtime/tuning_db.c) --------------------------
+ *
+ * The autotuner's memory (docs/runtime.md "Tuning database"): every trial and
+ * the best point per key, in one SQLite file shared by processes and ranks. A
+ * NULL cm_tune_db (caching disabled) is valid everywhere: puts do nothing,
+ * get_best finds nothing, the report says so. */
+typedef enum cm_tune_mode {
+  CM_TUNE_FROM_ENV = 0,
+  CM_TUNE_OFF,
+  CM_TUNE_CACHED,
+  CM_TUNE_SEARCH
+} cm_tune_mode;
+/* $CMAEC_TUNE = off|cached|search (unset or empty: cached); CM_EINVALID naming the variable and the
+ * allowed values. */
+cm_status cm_tune_mode_resolve(cm_tune_mode given, cm_tune_mode *out, cm_err *err);
+typedef struct cm_tune_db cm_tune_db;
+/* Opens or creates the SQLite database at path (NULL: <cm_cache_dir(NULL)>/tuning.db; caching
+ * disabled: *out = NULL and CM_OK), WAL mode, a busy timeout, so several processes and ranks share
+ * it. */
+cm_status cm_tune_db_open(const char *path, cm_tune_db **out, cm_err *err);
+void cm_tune_db_close(cm_tune_db *db);
+typedef struct cm_tune_key {
+  char kernel[65]; /* cm_kernel_structural_hash */
+  int stage;
+  char device[192]; /* cm_tune_device_id */
+  int version;      /* CM_TUNE_SPACE_VERSION */
+} cm_tune_key;
+/* CPU: "cpu <llvm cpu> <vector bits> [bf16] threads <n>"; CUDA: "cuda <gpu name> sm_<sm> driver
+ * <version>"; the emulated device (a CUDA target, gpu_name NULL): "emulated sm_<sm>". */
+void cm_tune_device_id(const cm_target *t, int threads, const char *gpu_name, int driver_version,
+                       char *out, size_t size);
+/* One candidate's outcome: ms >= 0 its median time, or failure != NULL (compile error, crash,
+ * invalid). */
+cm_status cm_tune_db_put_trial(cm_tune_db *db, const cm_tune_key *key, const char *point, double ms,
+                               const char *failure, cm_err *err);
+/* The choice after a search: the best point (ties broken by the caller, deterministically), its
+ * time and the default's; label is what the report shows ("k12_gemm s0 gemm 394x192x576"). */
+cm_status cm_tune_db_put_best(cm_tune_db *db, const cm_tune_key *key, const char *point,
+                              double best_ms, double default_ms, const char *label, cm_err *err);
+/* The best recorded for key (records of another version never match): *found false when none. */
+cm_status cm_tune_db_get_best(cm_tune_db *db, const cm_tune_key *key, char *point, size_t size,
+                              double *best_ms, bool *found, cm_err *err);
+/* cmaec tune --report: per key (device NULL: all devices), label, default ms, best ms, speedup,
+ * best point, trials, failures; then totals. */
+cm_status cm_tune_db_report(cm_tune_db *db, const char *device, FILE *out, cm_err *err);
+
 /* ---- compiling and running programs (runtime/program.c) ----------------- */
 
 /* A program: a graph's plan lowered to kernels (cm_kprogram) for a target,
@@ -234,6 +280,8 @@ typedef struct cm_compile_opts {
                                 cm_backend_cuda: a cm_cuda_backend_opts) */
   bool resident_states;      /* device backends: params and states stay on the device between
                                 runs (cm_program_states_download, cm_program_states_changed) */
+  cm_tune_mode tune;         /* FROM_ENV: $CMAEC_TUNE (default cached); cached or search: every
+                                stage the tuning database has a best point for is planned so */
 } cm_compile_opts;
 
 typedef struct cm_program_stats {
@@ -247,6 +295,8 @@ typedef struct cm_program_stats {
   int64_t object_bytes; /* their objects' size (CPU objects, CUDA CUBINs) */
   int vector_bits;      /* of the target CPU (cm_cpu_target) */
   bool runnable;        /* false: compile_only, or a target this host cannot run */
+  int tuned_stages;     /* stages planned by the tuning database's best point (cm_tune) */
+  int tune_ignored;     /* records that no longer parse or apply (ignored) */
 } cm_program_stats;
 
 /* Compiles g (which must verify) for target (NULL: cm_target_cpu(NULL, NULL):
@@ -491,5 +541,43 @@ cm_status cm_backend_resolve(const cm_backend_request *req, cm_backend_choice *o
  * must outlive the compile. */
 const cm_target *cm_backend_compile_opts(cm_backend_choice *c, cm_compile_opts *co);
 const char *cm_backend_kind_name(cm_backend_kind k);
+
+/* ---- the autotuner (runtime/tuner.c) ---------------------------------------
+ *
+ * cm_tune searches the plans of a program's tunable stages (codegen's tuning spaces) by
+ * measuring them, and records every trial and the best in the tuning database; cm_compile
+ * then applies the recorded best points (docs/runtime.md "Autotuning"). */
+typedef struct cm_tune_opts {
+  double budget_s;        /* 0: no limit */
+  bool progress;          /* a progress bar on stderr */
+  const char *db_path;    /* NULL: the default database */
+  int64_t max_candidates; /* per stage, 0: all (tests) */
+  int max_stages;         /* the most expensive ones only (the others as lowered), 0: all */
+} cm_tune_opts;
+typedef struct cm_tune_stats {
+  int stages_tunable, searched, from_db, candidates, pruned, failed, over_budget;
+  double seconds, default_ms, tuned_ms; /* sums over the searched stages (times their kernels) */
+} cm_tune_stats;
+/* Tunes every distinct tunable stage of g's program for target (most expensive first by the
+ * default's measured time or cm_tune_model_cost), within the budget, recording every trial and the
+ * best in the database. co as for cm_compile. */
+cm_status cm_tune(const cm_graph *g, const cm_target *target, const cm_compile_opts *co,
+                  const cm_tune_opts *o, cm_tune_stats *st, cm_err *err);
+/* cm_compile's hook, after lowering: with co->tune resolving to cached or search, sets every
+ * tunable stage of kp whose key the database (at <cm_cache_dir>/tuning.db; none there: nothing)
+ * has to its best point; *applied counts them, *ignored the records that no longer parse or
+ * apply. Errors: a bad $CMAEC_TUNE, a database that cannot be read. */
+cm_status cm_tune_apply_cached(cm_kprogram *kp, const cm_target *t, const cm_compile_opts *co,
+                               int *applied, int *ignored, cm_err *err);
+/* The device part of a tuning key for programs compiled for t with co (CPU: its threads as the
+ * CPU backend resolves them; CUDA: the GPU and driver co's backend options name). */
+void cm_tune_device_for(const cm_target *t, const cm_compile_opts *co, char *out, size_t size);
+/* A program running kernel k alone over graph g (runtime/program.c; for measuring one kernel's
+ * plans): takes k (moved: the program frees it); every buffer k reads but does not write is bound
+ * as a source, by its node (cm_program_run's sources[v] for those nodes, with the node's type);
+ * the buffers k writes get an arena of their own. co as for cm_compile (plan and tune unused). */
+cm_status cm_program_of_kernel(const cm_graph *g, const cm_plan *plan, cm_kernel *k,
+                               const cm_target *t, const cm_compile_opts *co, cm_program **out,
+                               cm_err *err);
 
 #endif

@@ -704,6 +704,16 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     co.threads = o->threads;
     co.resident_states = true; /* params and optimizer state stay on a device between steps */
     const cm_target *target = cm_backend_compile_opts(&t->backend, &co);
+    if (o->tune) {
+      cm_tune_opts to = {.budget_s = o->tune_budget_s, .progress = o->log != NULL};
+      cm_tune_stats ts;
+      if (cm_tune(g, target, &co, &to, &ts, err)) return err->status;
+      co.tune = CM_TUNE_SEARCH; /* what it found is used whatever $CMAEC_TUNE says */
+      if (o->log)
+        fprintf(o->log,
+                "tune: %d stages: %d searched, %d from the database, %d over budget in %.0f s\n",
+                ts.stages_tunable, ts.searched, ts.from_db, ts.over_budget, ts.seconds);
+    }
     if (cm_compile(g, target, &co, &t->prog, err)) return err->status;
   }
   return CM_OK;
@@ -816,6 +826,7 @@ static void print_header(const trainer *t, const cm_train_result *r, const cm_lr
   if (t->backend.kind == CM_BACKEND_CPU) fprintf(t->o->log, ", %d threads", cs.threads);
   fprintf(t->o->log, "; precision %s", t->cfg.train.precision);
   if (t->n_autocast) fprintf(t->o->log, " (%d contractions autocast)", t->n_autocast);
+  if (cs.tuned_stages > 0) fprintf(t->o->log, "; tuned plans for %d stages", cs.tuned_stages);
   if (strcmp(t->cfg.train.loss_scale, "off") != 0)
     fprintf(t->o->log, ", loss scale %s", t->cfg.train.loss_scale);
   fprintf(t->o->log, "; metrics %s, checkpoints %s/ckpt-<step>.safetensors\n", t->metrics_path,

@@ -360,6 +360,8 @@ typedef struct cm_train_opts {
   FILE *log;                   /* the start/end report and progress; NULL: silent */
   int progress_tty;            /* as cm_progress_init: 1, 0 or -1 (ask isatty) */
   volatile sig_atomic_t *stop; /* set (e.g. by a SIGINT handler): finish the step, save, return */
+  bool tune;                   /* cm_tune the step's kernels before compiling it (train --tune) */
+  double tune_budget_s;        /* its budget; 0: no limit */
 } cm_train_opts;
 
 typedef struct cm_train_result {

@@ -267,6 +267,7 @@ static const char usage_main[] =
     "  build MODEL        write a model variant's forward graph or training step\n"
     "  compile MODEL      lower a training step to kernels and render them (LLVM IR, CUDA C)\n"
     "  train MODEL        train a model variant (data, schedule, metrics, checkpoints, resume)\n"
+    "  tune MODEL         search the training step's kernel plans; --report: the tuning database\n"
     "  eval CKPT          kNN and linear-probe accuracy of a checkpoint's frozen encoder\n"
     "  recon CKPT         picture of masked inputs and their reconstructions\n"
     "  plot OUT           loss and learning-rate curves of a training run\n"
@@ -293,7 +294,7 @@ int main(int argc, char **argv) {
                   {"opt", cmd_opt},         {"compile", cmd_compile},
                   {"train", cmd_train},     {"eval", cmd_eval},
                   {"recon", cmd_recon},     {"plot", cmd_plot},
-                  {"export", cmd_export}};
+                  {"export", cmd_export},   {"tune", cmd_tune}};
   for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
     if (strcmp(cmd, commands[i].name) == 0) return commands[i].fn(argc, argv);
   fprintf(stderr, "cmaec: unknown command \"%s\" (see cmaec --help)\n", cmd);

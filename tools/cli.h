@@ -80,5 +80,9 @@ int cmd_eval(int argc, char **argv);
 int cmd_recon(int argc, char **argv);
 int cmd_plot(int argc, char **argv);
 int cmd_export(int argc, char **argv);
+int cmd_tune(int argc, char **argv); /* tools/cli_tune.c */
+/* cmaec tune --report [--db PATH] [--device-id ID] (tools/cmd_tune_report.c): the tuning
+ * database's report; `cmaec tune` hands --report here. */
+int cmd_tune_report(int argc, char **argv);
 
 #endif

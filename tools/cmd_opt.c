@@ -10,7 +10,7 @@ static const char usage_opt[] =
     "                 [--verify-each] [--stats] [--json] [-o OUT.json]\n"
     "\n"
     "Runs the comma-separated pipeline of passes over GRAPH (default:\n"
-    "simplify,cse,dce,fuse,schedule,memplan) and prints the result as text IR,\n"
+    "simplify,cse,dce,flash_backward,fuse,schedule,memplan) and prints the result as text IR,\n"
     "followed by the plan (kernels in order, arena offsets) when the pipeline made one.\n"
     "  -p PIPELINE          passes to run, in order\n"
     "  --print-after=P      print the graph (and plan) after pass P (to stderr)\n"

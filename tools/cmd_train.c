@@ -16,6 +16,7 @@ static const char usage_train[] =
     "                   [--device N] [--cuda-graphs on|off] [--threads N] [--workers N]\n"
     "                   [--log-every N] [--seed N] [--precision auto|f32|bf16|f16]\n"
     "                   [--views shift|rrc] [--ckpt-every N] [--keep N] [--set KEY=VALUE ...]\n"
+    "                   [--tune [--tune-budget SECONDS]]\n"
     "\n"
     "Pretrains the variant on Fashion-MNIST (default) or an image folder DIR/<class>/<file>:\n"
     "builds its training step (AdamW, EMA targets) at the batch B (default optimizer.batch;\n"
@@ -29,6 +30,9 @@ static const char usage_train[] =
     "backend (a checkpoint holds host tensors).\n"
     "--precision sets train.precision (auto: bf16 on CUDA, f32 on the CPU and ref): the\n"
     "contractions' operands; params, AdamW moments and EMA targets stay f32.\n"
+    "--tune searches the step's kernel plans first (cmaec tune; default budget 180 s) and\n"
+    "trains with the best; without it the tuning database's plans are used when it has them\n"
+    "(CMAEC_TUNE=off: never).\n"
     "Ctrl-C finishes the current step, saves a checkpoint and exits with 130.\n"
     "Default --out: runs/<variant>. Exit codes: 0 ok, 1 internal failure, 2 invalid input\n"
     "(also a non-finite loss), 130 interrupted.\n";
@@ -142,6 +146,7 @@ int cmd_train(int argc, char **argv) {
       {"--views", true, NULL, false},       {"--ckpt-every", true, NULL, false},
       {"--keep", true, NULL, false},        {"--device", true, NULL, false},
       {"--cuda-graphs", true, NULL, false}, {"--precision", true, NULL, false},
+      {"--tune", false, NULL, false},       {"--tune-budget", true, NULL, false},
   };
   const char *pos[1];
   int n_pos;
@@ -168,6 +173,15 @@ int cmd_train(int argc, char **argv) {
   o.progress_tty = -1;
   o.stop = &stop_flag;
   if (!int_options(opts, &o)) {
+    rc = EXIT_INVALID;
+    goto out;
+  }
+  o.tune = opts[18].given;
+  o.tune_budget_s = 180;
+  if (opts[19].given && (!opts[18].given || !cli_parse_double(opts[19].value, &o.tune_budget_s) ||
+                         o.tune_budget_s < 0)) {
+    fprintf(stderr, "cmaec train: --tune-budget %s: seconds >= 0 (0: no limit), with --tune\n",
+            opts[19].value);
     rc = EXIT_INVALID;
     goto out;
   }

@@ -70,7 +70,7 @@ enum {
   EMU_CC_MINOR = 0,
   EMU_MAX_THREADS = 1024,
   EMU_SHARED_DEFAULT = 48 * 1024,
-  EMU_SHARED_OPTIN = 99 * 1024,
+  EMU_SHARED_OPTIN = 163 * 1024, /* compute capability 8.0 (A100): cm_target_cuda("sm_80") */
   EMU_ALIGN = 256,
   EMU_PARAM_BYTES = 8,
 };

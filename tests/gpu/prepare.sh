@@ -4,8 +4,9 @@
 # carry [".gpu"]); tests/gpu/run.sh reads it there. The GPU machines have the CUDA toolkit,
 # CMake, gcc and Python, but no LLVM, no cJSON, no network (and maybe no zlib/libpng/libjpeg
 # headers), so the folder holds:
-#   deps/     cJSON (header + its shared library, which needs only glibc 2.14), zlib, libpng
-#             and libjpeg (headers + static libraries), unpacked from Debian packages;
+#   deps/     cJSON (header + its shared library, which needs only glibc 2.14), zlib, libpng,
+#             libjpeg and SQLite (the tuning database; headers + static libraries), unpacked
+#             from Debian packages;
 #   fashion-mnist/   the four IDX files (gzip), for $CMAEC_FMNIST_DIR;
 #   cpu/      the CPU backend's 50-step training run of cmae_vit_tiny_fmnist (metrics.jsonl),
 #             the reference run.sh compares the CUDA run against (no CPU backend there).
@@ -26,7 +27,7 @@ limit_mib=64
 mkdir -p "$out/deps" "$out/debs" "$out/fashion-mnist"
 
 # ---- Debian packages: from apt's cache when there, else downloaded with apt-get ----------
-packages=(libcjson-dev libcjson1 zlib1g-dev libpng-dev libjpeg62-turbo-dev)
+packages=(libcjson-dev libcjson1 zlib1g-dev libpng-dev libjpeg62-turbo-dev libsqlite3-dev)
 for p in "${packages[@]}"; do
   deb=$(ls /var/cache/apt/archives/"${p}"_*_amd64.deb 2>/dev/null | head -1 || true)
   if [ -z "$deb" ]; then
@@ -47,8 +48,9 @@ inc=$out/deps/usr/include
 lib=$out/deps/usr/lib/x86_64-linux-gnu
 cp -f "$inc/x86_64-linux-gnu/jconfig.h" "$inc/jconfig.h"
 rm -rf "$out/deps/usr/share"
-for f in "$inc/cjson/cJSON.h" "$inc/zlib.h" "$inc/png.h" "$inc/jpeglib.h" "$lib/libz.a" \
-         "$lib/libpng16.a" "$lib/libjpeg.a" "$lib/libcjson.so.1"; do
+for f in "$inc/cjson/cJSON.h" "$inc/zlib.h" "$inc/png.h" "$inc/jpeglib.h" "$inc/sqlite3.h" \
+         "$lib/libz.a" "$lib/libpng16.a" "$lib/libjpeg.a" "$lib/libsqlite3.a" \
+         "$lib/libcjson.so.1"; do
   [ -e "$f" ] || { echo "prepare: $f missing after unpacking" >&2; exit 1; }
 done
 

@@ -108,7 +108,8 @@ configure() {
     -DPNG_PNG_INCLUDE_DIR="$deps/include" -DPNG_LIBRARY="$libdir/libpng16.a" \
     -DPNG_LIBRARY_RELEASE="$libdir/libpng16.a" \
     -DJPEG_INCLUDE_DIR="$deps/include" -DJPEG_LIBRARY="$libdir/libjpeg.a" \
-    -DJPEG_LIBRARY_RELEASE="$libdir/libjpeg.a" &&
+    -DJPEG_LIBRARY_RELEASE="$libdir/libjpeg.a" \
+    -DSQLite3_INCLUDE_DIR="$deps/include" -DSQLite3_LIBRARY="$libdir/libsqlite3.a" &&
     cmake --build "$build" -j"$(nproc)" --target cmaec gpu_diff bench_step bench_attn bench_gpu_gemm
 }
 export -f configure

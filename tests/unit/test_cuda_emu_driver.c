@@ -190,7 +190,7 @@ static void test_device(void) {
   CHECK(cm_cuda_devices(d, dev, 2, &err) == 1);
   CHECK(strcmp(dev[0].name, "cmaec emulated device") == 0);
   CHECK(dev[0].cc_major == 8 && dev[0].cc_minor == 0 && strcmp(dev[0].arch, "sm_80") == 0);
-  CHECK(dev[0].sms == 4 && dev[0].shared_optin == 99 * 1024);
+  CHECK(dev[0].sms == 4 && dev[0].shared_optin == 163 * 1024);
   CHECK(dev[0].total_bytes == (int64_t)8 << 30);
   int threads = 0;
   CHECK_RC(d->device_get_attribute(&threads, CM_CU_ATTR_MAX_THREADS_PER_BLOCK, 0), 0);
@@ -384,7 +384,7 @@ static void test_launch_checks(void) {
   CHECK_RC(d->launch_kernel(store, 1, 1, 1, 1, 1, 65, 0, NULL, params, NULL), 1);
   CHECK_RC(d->launch_kernel(store, 1, 1, 1, 32, 1, 1, 48 * 1024 + 1, NULL, params, NULL), 1);
   CHECK_RC(d->launch_kernel(store, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL), 1);
-  CHECK_RC(d->func_set_attribute(store, CM_CU_FUNC_MAX_DYNAMIC_SHARED_BYTES, 99 * 1024 + 1), 1);
+  CHECK_RC(d->func_set_attribute(store, CM_CU_FUNC_MAX_DYNAMIC_SHARED_BYTES, 163 * 1024 + 1), 1);
   CHECK_RC(d->func_set_attribute(store, CM_CU_FUNC_MAX_DYNAMIC_SHARED_BYTES, 64 * 1024), 0);
   CHECK_RC(d->launch_kernel(store, 1, 1, 1, 32, 1, 1, 64 * 1024 + 1, NULL, params, NULL), 1);
   CHECK_RC(d->launch_kernel(store, 2, 3, 1, 32, 4, 1, 64 * 1024, NULL, params, NULL), 0);

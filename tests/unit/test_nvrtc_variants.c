@@ -595,11 +595,12 @@ static double emu_uniform(void) {
 }
 
 /* Every runnable kernel of p (lowered from plan pl of g) on the host, each
- * against the oracle on its own inputs: the group's inputs random (f32 in
+ * against the oracle on its own inputs: the group's inputs random (f32 and bf16 in
  * [-1, 1), other dtypes 0), its other buffers random garbage, consts their
  * data; every output it writes must lie within its forward error bound
  * (cm_plan_eval_group_bounded): any summation order, FMA or not. */
 static int emu_bwd_stream_runs; /* streaming backward spans run (render_stream_bwd) */
+static int emu_bwd_flash_runs;  /* flash backward spans run (cu_render_flash_bwd) */
 
 static void emu_check_program(const cm_graph *g, const cm_plan *pl, const cm_kprogram *p,
                               int *kernels, int *spans, int *compared) {
@@ -624,7 +625,8 @@ static void emu_check_program(const cm_graph *g, const cm_plan *pl, const cm_kpr
       int v = gr->inputs[j];
       const cm_node *u = &g->nodes[v];
       CHECK(cm_tensor_alloc(&in[v], u->type, NULL) == CM_OK);
-      if (u->type.dtype == CM_F32)
+      /* bf16 too: autocast's GEMM operands (zeros would hide any error of the products) */
+      if (u->type.dtype == CM_F32 || u->type.dtype == CM_BF16)
         for (int64_t x = 0; x < cm_type_numel(&u->type); x++)
           cm_tensor_set_f64(&in[v], x, emu_uniform() * 2 - 1);
       bool fed = u->op == CM_OP_INPUT || u->op == CM_OP_PARAM || u->op == CM_OP_STATE;
@@ -660,6 +662,7 @@ static void emu_check_program(const cm_graph *g, const cm_plan *pl, const cm_kpr
     *spans += fused;
     emu_bwd_stream_runs +=
         fused && k->stages[0].tmpl == CM_KT_ATTENTION_BWD && k->stages[0].attn.stream;
+    emu_bwd_flash_runs += k->n_stages > 0 && k->stages[0].cuda.kind == CM_KCUDA_ATTN_FLASH_BWD;
     /* each output: the buffer of its node (an assign: of its state) */
     bool all = true;
     for (int j = 0; j < gr->n_outputs; j++) {
@@ -892,6 +895,15 @@ static int flash_nvrtc(const cm_kernel *kk, const char *src, bool print) {
   return compiled;
 }
 
+/* The flash backward's function (cu_render_flash_bwd): every product on mma.sync, the tile
+ * GEMMs (S', dP), the GEMM over rows (dQ) and those over keys (dK, dV; at one token, where rows
+ * and keys are the same single index, the planner may take them as GEMMs over rows). */
+static bool flash_bwd_source(const char *src, int64_t tokens) {
+  return strstr(src, "attention backward, flash") && strstr(src, "cm_mma_16816<true>(fg") &&
+         strstr(src, "cm_mma_16816<true>(dq") &&
+         (tokens == 1 || strstr(src, "cm_mma_16816<true>(ka_"));
+}
+
 static void test_flash_attention(void) {
   static const int64_t shapes[][4] = {/* n, heads, tokens, dim */
                                       {1, 3, 17, 32},
@@ -923,15 +935,16 @@ static void test_flash_attention(void) {
         for (int ki = 0; ki < prog->n_kernels; ki++) {
           const cm_kernel *kk = &prog->kernels[ki];
           cm_cuda_render_opts ro = {NULL, false}; /* sm_80 */
-          if (bf16 && kk->n_stages && kk->stages[0].tmpl == CM_KT_ATTENTION_BWD &&
-              kk->stages[0].cuda.kind == CM_KCUDA_ATTN_FUSED) {
+          if (bf16 && kk->n_stages && kk->stages[0].tmpl == CM_KT_ATTENTION_BWD) {
             char *src = NULL;
             CHECK_MSG(cm_render_cuda(kk, &ro, true, &src, &err) == CM_OK, "%s", err.msg);
-            bool mma = src && strstr(src, "(tensor cores)");
-            CHECK_MSG(mma, "%s (shape %d): a bf16 backward span without tensor cores", kk->name,
-                      si);
+            bool mma = src && flash_bwd_source(src, shapes[si][2]);
+            CHECK_MSG(kk->stages[0].cuda.kind == CM_KCUDA_ATTN_FLASH_BWD && mma,
+                      "%s (shape %d): a bf16 backward span not rendered as the flash backward",
+                      kk->name, si);
             bwd_mma += mma;
-            /* 197 tokens: its 76 KiB dP and dS tiles in dynamic shared memory, through NVRTC */
+            /* 197 tokens: the row operands and the dV/dK tiles in dynamic shared memory (more
+             * than the static 48 KiB), through NVRTC */
             if (shapes[si][2] == 197 && src) {
               CHECK(cm_cuda_stage_launch(kk, 0, &ro).shared_bytes > 48 * 1024);
               bwd197 += flash_nvrtc(kk, src, true);
@@ -965,15 +978,20 @@ static void test_flash_attention(void) {
   }
   fprintf(stderr,
           "  flash: %d forward spans (%d flash bf16, %d streaming f32), %d bf16 backward spans "
-          "with tensor cores, %d NVRTC compiles; %d graphs (%d kernels) run on the host, %d "
-          "outputs compared, %.1f s\n",
-          fwd, flash, stream_f32, bwd_mma, compiled, ran, kernels, compared, now_s() - t0);
+          "flash on tensor cores (%d run on the host), %d NVRTC compiles; %d graphs (%d kernels) "
+          "run on the host, %d outputs compared, %.1f s\n",
+          fwd, flash, stream_f32, bwd_mma, emu_bwd_flash_runs, compiled, ran, kernels, compared,
+          now_s() - t0);
   test_tally_report("  flash attention on the host");
   /* tokens 1 has no softmax span to stream; every other shape's forward span is flash (bf16)
    * or streaming (f32) */
   /* the bf16 graph with the backward: fuse.c does not group its forward as attention (a
    * training step's forward it does: test_variant_attention_spans), so it has no forward span */
   CHECK_MSG(bwd197 == 2, "the 197-token bf16 backward span: %d of 2 NVRTC compiles", bwd197);
+  /* the bf16 graphs with the backward that run on the host: 17 x 32 and 65 x 64 (all: every
+   * shape, one token included) */
+  CHECK_MSG(emu_bwd_flash_runs == (all ? NSHAPES : 2), "%d flash backward spans run",
+            emu_bwd_flash_runs);
   CHECK_MSG(flash == 2 * (NSHAPES - 1) && stream_f32 == 3 * (NSHAPES - 1) && bwd_mma >= 3 &&
                 fwd == flash + stream_f32,
             "%d flash, %d streaming of %d forward spans", flash, stream_f32, fwd);
@@ -1019,14 +1037,16 @@ static void variant_spans(const char *path, bool bf16, bool host, int *fwd, int 
       sub.kernels[sub.n_kernels++] = kp.kernels[i];
       picked[is_fwd]++;
     }
-    /* bf16 backward spans rendered fused: their GEMM stages on tensor cores (the picked ones
+    /* bf16 backward spans: the flash backward, every product on tensor cores (the picked ones
      * through NVRTC: no spills, no stack) */
-    if (bf16 && !is_fwd && s0->cuda.kind == CM_KCUDA_ATTN_FUSED) {
+    if (bf16 && !is_fwd) {
       cm_cuda_render_opts ro = {&t, false};
       char *src = NULL;
       CHECK_MSG(cm_render_cuda(&kp.kernels[i], &ro, true, &src, &err) == CM_OK, "%s", err.msg);
-      bool mma = src && strstr(src, "(tensor cores)") && strstr(src, "cm_mma_16816<true>(acc_");
-      CHECK_MSG(mma, "%s %s: a bf16 backward span without tensor cores", path, kp.kernels[i].name);
+      bool mma =
+          src && s0->cuda.kind == CM_KCUDA_ATTN_FLASH_BWD && flash_bwd_source(src, s0->attn.rows);
+      CHECK_MSG(mma, "%s %s: a bf16 backward span not the flash backward", path,
+                kp.kernels[i].name);
       *bwd_mma += mma;
       if (pick && src) CHECK(flash_nvrtc(&kp.kernels[i], src, true) == 2);
       free(src);
@@ -1066,14 +1086,14 @@ static void test_variant_attention_spans(void) {
                     &bwd, &bwd_stream, &bwd_mma);
       fprintf(stderr,
               "  %-36s %s: %d forward spans (%d flash, %d streaming), %d backward (%d "
-              "streaming, %d fused with tensor cores)\n",
+              "streaming, %d flash on tensor cores)\n",
               VARIANTS[v], bf16 ? "bf16" : "f32 ", fwd, flash, stream, bwd, bwd_stream, bwd_mma);
       CHECK_MSG(fwd > 0 && (bf16 ? flash : stream) == fwd, "%s %s: %d of %d forward spans %s",
                 VARIANTS[v], bf16 ? "bf16" : "f32", bf16 ? flash : stream, fwd,
                 bf16 ? "flash" : "streaming");
-      /* bf16: every backward span one fused function on tensor cores (197 tokens included) */
+      /* bf16: every backward span the flash backward (197 tokens included) */
       CHECK_MSG(!bf16 || (bwd > 0 && bwd_mma == bwd),
-                "%s: %d of %d bf16 backward spans fused on "
+                "%s: %d of %d bf16 backward spans flash on "
                 "tensor cores",
                 VARIANTS[v], bwd_mma, bwd);
     }

@@ -47,6 +47,10 @@ static void check_variant(const char *path, const char *const *overrides, int n_
             (double)s.plan->unplanned_bytes / 1e6);
   }
   if (!st && evaluate) {
+    /* the reference: the step with the attention backward in its flash form (its row sum
+     * -D/z rounds differently from autodiff's; test_flash_backward checks it against the
+     * oracle), every other pass exact */
+    CHECK_MSG(cm_flash_backward(&step, NULL, &err) == CM_OK, "%s: %s", path, err.msg);
     cm_tensor *t1 = calloc((size_t)step->n_nodes, sizeof *t1);
     const cm_tensor **src1 = calloc((size_t)step->n_nodes, sizeof *src1);
     const cm_tensor **src2 = calloc((size_t)s.g->n_nodes, sizeof *src2);

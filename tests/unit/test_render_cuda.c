@@ -745,15 +745,16 @@ static void check_attention_plans(bool backward, int bc, const char *const *want
 }
 
 static void test_plan_attention(void) {
-  /* a block per (batch item, head), all 50 rows: the forward streams on CUDA (S, max, exp, sum, P,
-   * O; one block of all 50 keys: br (d + bc + 1 + dv + 3) + max(d bc, bc dv) floats), the
-   * training group's GEMM with P and the row-sum copies run as stages of their own; the backward
-   * is fused, two 50 x 50 tiles and one row statistic */
+  /* a block per (batch item, head), all 50 rows: the forward streams on CUDA (S, max, exp, sum,
+   * O; one block of all 50 keys: br (d + bc + 1 + dv + 3) + max(d bc, bc dv) floats) and keeps
+   * only O, m and z (flash_backward); the recomputed backward (S', E', dP, dS, dV, dQ, dK) streams
+   * too, one pass over one block of 50 keys: four 50 x 50 tiles and dQ's accumulator (50 x 16),
+   * 10800 floats */
   const char *const fused[] = {
-      "cuda sm_80 attention stream: 6 stages, br 50 bc 50, 1 row blocks, 1 key blocks, d 16 dv 16; "
+      "cuda sm_80 attention stream: 5 stages, br 50 bc 50, 1 row blocks, 1 key blocks, d 16 dv 16; "
       "grid 2x1x1 block 256x1x1 shared 20400+0",
-      "cuda sm_80 attention fused: 5 stages, 50 query rows per block (whole batch item), 1 row "
-      "blocks; grid 2x1x1 block 256x1x1 shared 20352+0"};
+      "cuda sm_80 attention stream backward: 7 stages, 50 rows, bc 50, 1 key blocks, 800 "
+      "accumulator floats; grid 2x1x1 block 256x1x1 shared 43200+0"};
   check_attention_plans(true, 0, fused, 2);
   /* key blocks of 16 over 50 keys: 4; the forward streams with all 50 rows in one block, in
    * br (d + bc + 1 + dv + 3) + max(d bc, bc dv) = 50 * 52 + 256 floats */
@@ -761,13 +762,13 @@ static void test_plan_attention(void) {
       "cuda sm_80 attention stream: 5 stages, br 50 bc 16, 1 row blocks, 4 key blocks, d 16 dv 16; "
       "grid 2x1x1 block 256x1x1 shared 11424+0"};
   check_attention_plans(false, 16, stream, 1);
-  /* with the backward: the forward's 6 softmax stages stream as above; the backward streams too:
-   * dQ's accumulator (50 x 16 floats), two 50 x 16 tiles and one row statistic: 2450 floats */
+  /* with the backward: the forward streams as above; the backward over 4 key blocks: dQ's
+   * accumulator (50 x 16 floats) and four 50 x 16 tiles: 4000 floats */
   const char *const stream_bwd[] = {
-      "cuda sm_80 attention stream: 6 stages, br 50 bc 16, 1 row blocks, 4 key blocks, d 16 dv 16; "
+      "cuda sm_80 attention stream: 5 stages, br 50 bc 16, 1 row blocks, 4 key blocks, d 16 dv 16; "
       "grid 2x1x1 block 256x1x1 shared 11424+0",
-      "cuda sm_80 attention stream backward: 5 stages, 50 rows, bc 16, 4 key blocks, 800 "
-      "accumulator floats; grid 2x1x1 block 256x1x1 shared 9800+0"};
+      "cuda sm_80 attention stream backward: 7 stages, 50 rows, bc 16, 4 key blocks, 800 "
+      "accumulator floats; grid 2x1x1 block 256x1x1 shared 16000+0"};
   check_attention_plans(true, 16, stream_bwd, 2);
 }
 

@@ -36,8 +36,8 @@
 static const char *const ARCHS[] = {"sm_80", "sm_90"};
 #define N_ARCHS 2
 
-/* Whether the backward attention spans (fused or streamed) must show tensor-core
- * instructions too: their bf16 GEMM stages render on mma.sync (render_cuda_attention.c). */
+/* Whether the backward attention spans (the flash backward) must show tensor-core
+ * instructions too: all five products on mma.sync (render_cuda_flash.c). */
 #define HMMA_REQUIRED_BACKWARD true
 
 static double now_s(void) {
@@ -118,6 +118,7 @@ static const char *plan_name(const cm_kstage *s) {
   case CM_KCUDA_ATTN_STREAM: return "attention stream";
   case CM_KCUDA_ATTN_STREAM_BWD: return "attention stream bwd";
   case CM_KCUDA_ATTN_FLASH: return "attention flash";
+  case CM_KCUDA_ATTN_FLASH_BWD: return "attention flash bwd";
   case CM_KCUDA_GENERIC: return "generic loop";
   default: return "other plan";
   }
@@ -279,7 +280,7 @@ static void compile_programs(void) {
 
 typedef struct tally {
   int stages, mma, fma, generic, attention, with_tensor, spill_bad, stats_bad, tensor_bad,
-      tensor_listed;
+      tensor_listed, backward, flash_backward;
 } tally;
 
 /* One line per contraction stage of kernel k (its code: unit u) with its verdicts, counted
@@ -304,6 +305,9 @@ static void judge_kernel(const cm_kernel *k, const unit *u, const cm_target *tgt
     t->attention += st->tmpl != CM_KT_GEMM && st->cuda.kind != CM_KCUDA_GEMM;
     t->generic += st->tmpl == CM_KT_GEMM && st->cuda.kind != CM_KCUDA_GEMM;
     t->with_tensor += tensor_ok;
+    t->backward += st->tmpl == CM_KT_ATTENTION_BWD;
+    t->flash_backward +=
+        st->tmpl == CM_KT_ATTENTION_BWD && st->cuda.kind == CM_KCUDA_ATTN_FLASH_BWD;
     t->stats_bad += !stats_ok;
     t->spill_bad += !spill_ok;
     bool required = hmma_required(st);
@@ -397,6 +401,13 @@ static void check_step(int batch) {
             MODEL, batch, ARCHS[a], kernels, distinct, t.stages, t.mma, t.fma, t.generic,
             t.attention, t.with_tensor, t.spill_bad, t.stats_bad, t.tensor_bad, t.tensor_listed);
     CHECK_MSG(t.stages > 0, "%s: no GEMM or attention stage in the step", ARCHS[a]);
+    /* every backward attention span the flash backward (one launch, mma.sync for all five
+     * products, no N x N tensor in global memory) */
+    fprintf(stderr, "%s: %d of %d backward attention spans flash on tensor cores\n", ARCHS[a],
+            t.flash_backward, t.backward);
+    CHECK_MSG(t.backward > 0 && t.flash_backward == t.backward,
+              "%s: %d of %d backward attention spans flash", ARCHS[a], t.flash_backward,
+              t.backward);
   }
   t_sass = now_s() - t_sass;
   fprintf(stderr,
