@@ -9,7 +9,7 @@
 # time, and the run ends with one summary of what failed. Exit status: 0 when
 # every phase passed, 1 otherwise.
 #
-# The time rule (README "Tests", "Time"): CI stays under 20 minutes on a
+# The time rule (README "Tests", "Time"): CI aims at 20 minutes on a quiet
 # 2-core machine. A test too slow for that runs in CI at a smaller size that
 # takes every code path, its full size a ctest entry labelled "long"; the
 # sanitizer build leaves out only entries whose code another sanitizer entry
