@@ -61,6 +61,7 @@ t0=$(date +%s)
 rc=$?
 wall=$(($(date +%s) - t0))
 cp "$times/CTestTestfile.cmake" "$testfile"
+trap - EXIT
 rm -rf "$cache"
 for f in "$times"/*.time; do
   [[ -e $f ]] || continue
