@@ -28,7 +28,71 @@ static inline cm_optim_config test_model_optim(void) {
   return c;
 }
 
+/* The step's masks (ids_keep, ids_restore, mask, those it has), one cm_mask_sample per row, its
+ * noise from uniform(); t holds the step's sources by node id. Returns the number of rows whose
+ * sample keeps other than m->n_keep tokens (0: all as the model was built for). */
+static inline int test_sample_masks(const cm_graph *g, const cm_model_config *cfg,
+                                    const cm_model *m, cm_tensor *t, double (*uniform)(void)) {
+  int grid = cfg->data.image_size / cfg->encoder.patch, L = grid * grid;
+  int batch = (int)g->nodes[m->img].type.dims[0], wrong = 0;
+  int n_noise = cm_mask_noise_count(cfg->mask.kind, cfg->mask.block, grid);
+  double *u = malloc(sizeof(double) * (size_t)n_noise);
+  int32_t *keep = malloc(sizeof(int32_t) * (size_t)L),
+          *restore = malloc(sizeof(int32_t) * (size_t)L);
+  float *mask = malloc(sizeof(float) * (size_t)L);
+  for (int b = 0; b < batch; b++) {
+    for (int k = 0; k < n_noise; k++) u[k] = uniform();
+    int kept = cm_mask_sample(cfg->mask.kind, cfg->mask.ratio, cfg->mask.block, grid, u, keep,
+                              restore, mask);
+    wrong += kept != m->n_keep;
+    for (int k = 0; k < kept && m->ids_keep >= 0; k++)
+      cm_tensor_set_i64(&t[m->ids_keep], (int64_t)b * kept + k, keep[k]);
+    for (int k = 0; k < L; k++) {
+      if (m->ids_restore >= 0)
+        cm_tensor_set_i64(&t[m->ids_restore], (int64_t)b * L + k, restore[k]);
+      if (m->mask >= 0) cm_tensor_set_f64(&t[m->mask], (int64_t)b * L + k, mask[k]);
+    }
+  }
+  free(u);
+  free(keep);
+  free(restore);
+  free(mask);
+  return wrong;
+}
+
 #ifdef CHECK /* with tests/test.h */
+/* A variant's f32 training step as `cmaec build --train` builds it: the config at path with
+ * n_ov overrides ov, batch `batch`, optimizer *optim (NULL: test_model_optim()). NULL, after a
+ * failed CHECK, when a part fails. cfg and model, when not NULL, receive the config and the
+ * model's node ids (model->g freed: the step keeps the forward graph's node ids). */
+static inline cm_graph *test_build_step(const char *path, const char *const *ov, int n_ov,
+                                        int batch, const cm_optim_config *optim,
+                                        cm_model_config *cfg, cm_model *model) {
+  if (cfg) memset(cfg, 0, sizeof *cfg);
+  if (model) memset(model, 0, sizeof *model);
+  cm_model_config c;
+  cm_err err = {0};
+  if (cm_model_config_load(path, ov, n_ov, &c, &err) != CM_OK) {
+    CHECK_MSG(false, "%s", err.msg);
+    return NULL;
+  }
+  cm_model_build_opts bo = {batch, 1, CM_F32};
+  cm_model m;
+  if (cm_model_build(&c, &bo, &m, &err) != CM_OK || !m.g) {
+    CHECK_MSG(false, "%s: %s", path, err.msg);
+    return NULL;
+  }
+  cm_optim_config oc = optim ? *optim : test_model_optim();
+  cm_graph *step = NULL;
+  cm_train_step_info info;
+  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
+            err.msg);
+  cm_model_free(&m);
+  if (cfg) *cfg = c;
+  if (model) *model = m;
+  return step;
+}
+
 /* Sources for a step graph: images uniform in [-2, 2], masks sampled per
  * sample, params from their initializers, state as initialized, scalars
  * plausible. Random draws come from the caller's uniform() so each test keeps
@@ -55,31 +119,8 @@ static inline void test_bind_step(const cm_graph *g, const cm_model_config *cfg,
       cm_tensor_set_f64(&t[i], 0, 1);
     }
   }
-  /* masks: one sample per row */
-  int grid = cfg->data.image_size / cfg->encoder.patch, L = grid * grid;
-  int batch = (int)g->nodes[m->img].type.dims[0];
-  int n_noise = cm_mask_noise_count(cfg->mask.kind, cfg->mask.block, grid);
-  double *u = malloc(sizeof(double) * (size_t)n_noise);
-  int32_t *keep = malloc(sizeof(int32_t) * (size_t)L),
-          *restore = malloc(sizeof(int32_t) * (size_t)L);
-  float *mask = malloc(sizeof(float) * (size_t)L);
-  for (int b = 0; b < batch; b++) {
-    for (int k = 0; k < n_noise; k++) u[k] = uniform();
-    int kept = cm_mask_sample(cfg->mask.kind, cfg->mask.ratio, cfg->mask.block, grid, u, keep,
-                              restore, mask);
-    CHECK(kept == m->n_keep);
-    for (int k = 0; k < kept && m->ids_keep >= 0; k++)
-      cm_tensor_set_i64(&t[m->ids_keep], (int64_t)b * kept + k, keep[k]);
-    for (int k = 0; k < L; k++) {
-      if (m->ids_restore >= 0)
-        cm_tensor_set_i64(&t[m->ids_restore], (int64_t)b * L + k, restore[k]);
-      if (m->mask >= 0) cm_tensor_set_f64(&t[m->mask], (int64_t)b * L + k, mask[k]);
-    }
-  }
-  free(u);
-  free(keep);
-  free(restore);
-  free(mask);
+  CHECK_MSG(test_sample_masks(g, cfg, m, t, uniform) == 0,
+            "a mask sample keeps other than %d tokens", m->n_keep);
 }
 
 /* The default pipeline's graph (*g replaced) and plan, without buffer reuse: every kernel's

@@ -28,6 +28,19 @@ const cm_cuda_driver *emu_driver(void);
  * compiler's version and flags (the cache key). */
 const cm_cuda_compiler *emu_compiler(void);
 
+/* The target the emulated device runs: its compute capability's arch (sm_90). */
+static inline cm_status emu_device_target(cm_target *t, cm_err *err) {
+  const cm_cuda_driver *d = emu_driver();
+  int dev = 0, major = 0, minor = 0;
+  if (d->init(0) != 0 || d->device_get(&dev, 0) != 0 ||
+      d->device_get_attribute(&major, CM_CU_ATTR_CC_MAJOR, dev) != 0 ||
+      d->device_get_attribute(&minor, CM_CU_ATTR_CC_MINOR, dev) != 0)
+    return cm_errorf(err, CM_EINTERNAL, "emu_device_target: the emulated driver failed");
+  char arch[16];
+  cm_cuda_arch_for(major, minor, arch, sizeof arch);
+  return cm_target_cuda(arch, t, err);
+}
+
 /* A module image: this header, then so_bytes of a shared object. */
 #define EMU_IMAGE_MAGIC "CMEMUSO1"
 typedef struct emu_image_header {

@@ -61,6 +61,9 @@ static double now(void) {
 }
 
 static test_rng rng = {88172645463325252ull};
+static double uniform(void) {
+  return test_uniform(&rng);
+}
 
 /* A program on the device, compiled by the CUDA backend for the device's arch. */
 typedef struct gpu_prog {
@@ -288,32 +291,10 @@ static void bind_sources(const cm_graph *g, const cm_model_config *cfg, const cm
     else if (!strcmp(n->name, "step"))
       cm_tensor_set_f64(&t[i], 0, 1);
     else if (cm_dtype_is_float(n->type.dtype))
-      for (int64_t e = 0; e < cnt; e++) cm_tensor_set_f64(&t[i], e, test_uniform(&rng) * 4 - 2);
+      for (int64_t e = 0; e < cnt; e++) cm_tensor_set_f64(&t[i], e, uniform() * 4 - 2);
   }
-  if (!m) return;
-  int grid = cfg->data.image_size / cfg->encoder.patch, L = grid * grid;
-  int batch = (int)g->nodes[m->img].type.dims[0];
-  int n_noise = cm_mask_noise_count(cfg->mask.kind, cfg->mask.block, grid);
-  double *u = malloc(sizeof(double) * (size_t)n_noise);
-  int32_t *keep = malloc(sizeof(int32_t) * (size_t)L),
-          *restore = malloc(sizeof(int32_t) * (size_t)L);
-  float *mask = malloc(sizeof(float) * (size_t)L);
-  for (int b = 0; b < batch; b++) {
-    for (int k = 0; k < n_noise; k++) u[k] = test_uniform(&rng);
-    int kept = cm_mask_sample(cfg->mask.kind, cfg->mask.ratio, cfg->mask.block, grid, u, keep,
-                              restore, mask);
-    for (int k = 0; k < kept && m->ids_keep >= 0; k++)
-      cm_tensor_set_i64(&t[m->ids_keep], (int64_t)b * kept + k, keep[k]);
-    for (int k = 0; k < L; k++) {
-      if (m->ids_restore >= 0)
-        cm_tensor_set_i64(&t[m->ids_restore], (int64_t)b * L + k, restore[k]);
-      if (m->mask >= 0) cm_tensor_set_f64(&t[m->mask], (int64_t)b * L + k, mask[k]);
-    }
-  }
-  free(u);
-  free(keep);
-  free(restore);
-  free(mask);
+  if (m && test_sample_masks(g, cfg, m, t, uniform) != 0)
+    fprintf(stderr, "a mask sample keeps other than %d tokens\n", m->n_keep);
 }
 
 static bool check_variant(const char *path, const char *const *sets, int n_sets, int batch,

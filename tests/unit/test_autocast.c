@@ -335,20 +335,8 @@ static cm_graph *variant_step(const char *name, const char *const *ov, int n_ov,
   char path[128];
   snprintf(path, sizeof path, "models/%s.json", name);
   cm_model_config cfg;
-  cm_err err = {0};
-  if (cm_model_config_load(path, ov, n_ov, &cfg, &err) != CM_OK) {
-    CHECK_MSG(false, "%s", err.msg);
-    return NULL;
-  }
-  cm_model_build_opts bo = {2, 1, CM_F32};
   cm_model m;
-  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
-  if (!m.g) return NULL;
-  cm_optim_config oc = test_model_optim();
-  cm_graph *step = NULL;
-  cm_train_step_info info;
-  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
-            err.msg);
+  cm_graph *step = test_build_step(path, ov, n_ov, 2, NULL, &cfg, &m);
   if (step) {
     *owned = calloc((size_t)step->n_nodes, sizeof **owned);
     const cm_tensor **by_node = calloc((size_t)step->n_nodes, sizeof *by_node);
@@ -359,7 +347,6 @@ static cm_graph *variant_step(const char *name, const char *const *ov, int n_ov,
       if (by_node[i]) (*ordered)[k++] = by_node[i];
     free(by_node);
   }
-  cm_model_free(&m);
   return step;
 }
 

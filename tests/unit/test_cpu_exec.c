@@ -411,23 +411,14 @@ static void compile_step(const cm_graph *g, const char *what, bool bf16) {
 
 /* low: CM_BF16 autocasts the step (cm_autocast: every contraction's operands bf16). */
 static void check_variant(const char *path, const char *const *ov, int n_ov, cm_dtype low) {
-  cm_model_config cfg;
-  cm_err err = {0};
-  cm_status loaded = cm_model_config_load(path, ov, n_ov, &cfg, &err);
-  CHECK_MSG(loaded == CM_OK, "%s", err.msg);
-  if (loaded != CM_OK) return; /* cfg is not set: nothing to build */
-  cm_model_build_opts bo = {2, 1, CM_F32};
-  cm_model m;
-  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
-  if (!m.g) return;
   cm_optim_config oc = test_model_optim();
   /* AdamW's first step is lr * sign(g) with eps 1e-8: a gradient at rounding
    * level flips the update. eps 1 keeps the update a smooth function of g. */
   oc.eps = 1;
-  cm_graph *step = NULL;
-  cm_train_step_info info;
-  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
-            err.msg);
+  cm_model_config cfg;
+  cm_model m;
+  cm_err err = {0};
+  cm_graph *step = test_build_step(path, ov, n_ov, 2, &oc, &cfg, &m);
   if (step && low != CM_F32) {
     int rewritten = 0;
     CHECK_MSG(cm_autocast(&step, low, &rewritten, &err) == CM_OK && rewritten > 0,
@@ -449,7 +440,6 @@ static void check_variant(const char *path, const char *const *ov, int n_ov, cm_
     free(t), free(src);
     cm_graph_free(step);
   }
-  cm_model_free(&m);
 }
 
 /* Every shipped variant's step (the ImageNet-size ones shrunk), a case each:

@@ -90,17 +90,10 @@ static const cm_cuda_driver *spy_driver(void) {
 
 /* The target the emulated device runs (its compute capability's arch). */
 static cm_target device_target(void) {
-  const cm_cuda_driver *d = emu_driver();
   cm_target t;
   memset(&t, 0, sizeof t);
-  int dev = 0, major = 0, minor = 0;
-  CHECK(d->init(0) == 0 && d->device_get(&dev, 0) == 0);
-  CHECK(d->device_get_attribute(&major, CM_CU_ATTR_CC_MAJOR, dev) == 0);
-  CHECK(d->device_get_attribute(&minor, CM_CU_ATTR_CC_MINOR, dev) == 0);
-  char arch[16];
-  cm_cuda_arch_for(major, minor, arch, sizeof arch);
   cm_err err = {0};
-  CHECK_MSG(cm_target_cuda(arch, &t, &err) == CM_OK, "%s", err.msg);
+  CHECK_MSG(emu_device_target(&t, &err) == CM_OK, "%s", err.msg);
   return t;
 }
 
@@ -797,22 +790,13 @@ static void check_loading(const cm_program *gpu) {
 static void test_model_steps(void) {
   double t0 = now_s();
   bool quick = getenv("CMAEC_TEST_QUICK") != NULL;
-  cm_model_config cfg;
   cm_err err = {0};
-  CHECK_MSG(cm_model_config_load("models/cmae_vit_tiny_fmnist.json", NULL, 0, &cfg, &err) == CM_OK,
-            "%s", err.msg);
-  cm_model_build_opts mo = {2, 1, CM_F32};
-  cm_model m;
-  if (cm_model_build(&cfg, &mo, &m, &err) != CM_OK) {
-    CHECK_MSG(false, "%s", err.msg);
-    return;
-  }
   cm_optim_config oc = test_model_optim();
   oc.eps = 1; /* the update a smooth function of the gradient (see test_cpu_exec) */
-  cm_graph *step = NULL;
-  cm_train_step_info info;
-  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s", err.msg);
-  if (!step) return cm_model_free(&m);
+  cm_model_config cfg;
+  cm_model m;
+  cm_graph *step = test_build_step("models/cmae_vit_tiny_fmnist.json", NULL, 0, 2, &oc, &cfg, &m);
+  if (!step) return;
   int n0 = step->n_nodes;
   cm_tensor *t = calloc((size_t)n0, sizeof *t);
   const cm_tensor **src0 = calloc((size_t)n0, sizeof *src0);
@@ -890,7 +874,6 @@ static void test_model_steps(void) {
   cm_plan_free(p);
   cm_graph_free(rg);
   cm_graph_free(step);
-  cm_model_free(&m);
 }
 
 TEST_MAIN(TEST(test_random_graphs), TEST(test_index_errors), TEST(test_graph_replay_equals_eager),

@@ -944,19 +944,8 @@ static double run_step(const cm_program *pr, const cm_cuda_build *b, const cm_ta
  * by emu_compiler(): a missing intrinsic or a construct the shim lacks fails here. */
 static void compile_variant(const char *path) {
   double t0 = now_s();
-  cm_model_config cfg;
   cm_err err = {0};
-  CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
-  cm_model_build_opts bo = {2, 1, CM_F32};
-  cm_model m;
-  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
-  if (!m.g) return;
-  cm_optim_config oc = test_model_optim();
-  cm_graph *step = NULL;
-  cm_train_step_info info;
-  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
-            err.msg);
-  cm_model_free(&m);
+  cm_graph *step = test_build_step(path, NULL, 0, 2, NULL, NULL, NULL);
   if (!step) return;
   cm_target t;
   CHECK(cm_target_cuda("sm_90", &t, &err) == CM_OK);

@@ -193,21 +193,6 @@ static int check_one_launch(const cm_kernel *k, statistic_fn is_stat, const int6
 
 /* ---- on the emulated device ------------------------------------------------------ */
 
-static cm_target device_target(void) {
-  const cm_cuda_driver *d = emu_driver();
-  cm_target t;
-  memset(&t, 0, sizeof t);
-  int dev = 0, major = 0, minor = 0;
-  CHECK(d->init(0) == 0 && d->device_get(&dev, 0) == 0);
-  CHECK(d->device_get_attribute(&major, CM_CU_ATTR_CC_MAJOR, dev) == 0);
-  CHECK(d->device_get_attribute(&minor, CM_CU_ATTR_CC_MINOR, dev) == 0);
-  char arch[16];
-  cm_cuda_arch_for(major, minor, arch, sizeof arch);
-  cm_err err = {0};
-  CHECK_MSG(cm_target_cuda(arch, &t, &err) == CM_OK, "%s", err.msg);
-  return t;
-}
-
 static void free_tensors(cm_tensor *t, int n) {
   for (int i = 0; t && i < n; i++) cm_tensor_free(&t[i]);
   free(t);
@@ -261,7 +246,8 @@ static double run_rows(row_op op, int64_t n, int64_t len, cm_dtype out) {
   test_fill_sources(&rng, g, t, src);
   cm_err err = {0};
   CHECK_MSG(cm_eval_bounded(g, src, v, bnd, &err) == CM_OK, "%s: eval: %s", what, err.msg);
-  cm_target target = device_target();
+  cm_target target = {0};
+  CHECK_MSG(emu_device_target(&target, &err) == CM_OK, "%s", err.msg);
   cm_cuda_backend_opts bo = {emu_driver(), emu_compiler(), 0, CM_CUDA_GRAPHS_OFF, 0};
   cm_compile_opts co = {.cache_dir = test_module_cache("test_cuda_rows"), .backend_opts = &bo};
   cm_program *pr = NULL;
@@ -333,19 +319,8 @@ static void test_rows_emulated_all(void) {
 
 /* A variant's training step (batch 2; bf16: after autocast) lowered and rendered for sm_90. */
 static cm_program *step_program(const char *path, bool bf16) {
-  cm_model_config cfg;
   cm_err err = {0};
-  CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
-  cm_model_build_opts bo = {2, 1, CM_F32};
-  cm_model m;
-  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
-  if (!m.g) return NULL;
-  cm_optim_config oc = test_model_optim();
-  cm_graph *step = NULL;
-  cm_train_step_info info;
-  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
-            err.msg);
-  cm_model_free(&m);
+  cm_graph *step = test_build_step(path, NULL, 0, 2, NULL, NULL, NULL);
   int rewritten = 0;
   if (step && bf16)
     CHECK_MSG(cm_autocast(&step, CM_BF16, &rewritten, &err) == CM_OK && rewritten > 0, "%s: %s",

@@ -49,19 +49,8 @@ typedef struct counts {
 } counts;
 
 static void check_variant(const char *path, bool templates, counts *n) {
-  cm_model_config cfg;
   cm_err err = {0};
-  CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
-  cm_model_build_opts bo = {2, 1, CM_F32};
-  cm_model m;
-  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
-  if (!m.g) return;
-  cm_optim_config oc = test_model_optim();
-  cm_graph *step = NULL;
-  cm_train_step_info info;
-  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
-            err.msg);
-  cm_model_free(&m);
+  cm_graph *step = test_build_step(path, NULL, 0, 2, NULL, NULL, NULL);
   if (!step) return;
   cm_pass_state s = {cm_graph_clone(step), NULL};
   cm_graph_free(step);

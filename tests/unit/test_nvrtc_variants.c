@@ -333,19 +333,8 @@ static void collect_variant(int v) {
   const char *path = VARIANTS[v];
   variant_stats *vs = &vstats[v];
   double t0 = now_s();
-  cm_model_config cfg;
   cm_err err = {0};
-  CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
-  cm_model_build_opts bo = {BATCH, 1, CM_F32};
-  cm_model m;
-  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
-  if (!m.g) return;
-  cm_optim_config oc = test_model_optim();
-  cm_graph *step = NULL;
-  cm_train_step_info info;
-  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
-            err.msg);
-  cm_model_free(&m);
+  cm_graph *step = test_build_step(path, NULL, 0, BATCH, NULL, NULL, NULL);
   if (!step) return;
   cm_pass_state ps = {step, NULL};
   cm_status st = cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err);
@@ -1017,19 +1006,8 @@ static void test_flash_attention(void) {
  * within their bounds on their inputs. */
 static void variant_spans(const char *path, bool bf16, bool host, int *fwd, int *fwd_flash,
                           int *fwd_stream, int *bwd, int *bwd_stream, int *bwd_mma) {
-  cm_model_config cfg;
   cm_err err = {0};
-  CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
-  cm_model_build_opts bo = {BATCH, 1, CM_F32};
-  cm_model m;
-  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
-  if (!m.g) return;
-  cm_optim_config oc = test_model_optim();
-  cm_graph *step = NULL;
-  cm_train_step_info info;
-  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
-            err.msg);
-  cm_model_free(&m);
+  cm_graph *step = test_build_step(path, NULL, 0, BATCH, NULL, NULL, NULL);
   if (!step) return;
   if (bf16) CHECK_MSG(cm_autocast(&step, CM_BF16, NULL, &err) == CM_OK, "%s: %s", path, err.msg);
   cm_pass_state ps = {step, NULL};

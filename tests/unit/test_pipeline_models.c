@@ -1,9 +1,11 @@
 /* The default pipeline on every shipped variant's training step: the result
  * verifies (graph and plan), and where the oracle can afford it, evaluating
  * the optimized plan group by group gives bit for bit what the unoptimized
- * step gives. The tiny Fashion-MNIST variants are evaluated as shipped; the
- * ImageNet-size variants are evaluated with their widths and image shrunk by
- * --set (same modules, same wiring) and verified at full size. */
+ * step gives once flash_backward has rewritten it (its -D/z rounds otherwise
+ * than autodiff's row sum; test_flash_backward checks it against the oracle).
+ * The tiny Fashion-MNIST variants are evaluated as shipped; the ImageNet-size
+ * variants are evaluated with their widths and image shrunk by --set (same
+ * modules, same wiring) and verified at full size. */
 #include "../test.h"
 #include "../testlib.h"
 #include "../model_step.h"
@@ -25,22 +27,11 @@ static bool same_bits(const cm_tensor *a, const cm_tensor *b) {
 /* Builds the variant's step, runs the default pipeline; evaluates both when asked. */
 static void check_variant(const char *path, const char *const *overrides, int n_overrides,
                           bool evaluate) {
-  cm_model_config cfg;
   cm_err err = {0};
-  CHECK_MSG(cm_model_config_load(path, overrides, n_overrides, &cfg, &err) == CM_OK, "%s", err.msg);
-  cm_model_build_opts bo = {2, 1, CM_F32};
+  cm_model_config cfg;
   cm_model m;
-  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
-  if (!m.g) return;
-  cm_optim_config oc = test_model_optim();
-  cm_graph *step = NULL;
-  cm_train_step_info info;
-  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s: %s", path,
-            err.msg);
-  if (!step) {
-    cm_model_free(&m);
-    return;
-  }
+  cm_graph *step = test_build_step(path, overrides, n_overrides, 2, NULL, &cfg, &m);
+  if (!step) return;
   cm_pass_state s = {cm_graph_clone(step), NULL};
   cm_pipeline_opts po = {true, false, NULL, NULL};
   /* CMAEC_TEST_PIPELINE narrows the pipeline when hunting a difference. */
@@ -106,15 +97,19 @@ static void check_variant(const char *path, const char *const *overrides, int n_
   cm_plan_free(s.plan);
   cm_graph_free(s.g);
   cm_graph_free(step);
-  cm_model_free(&m);
 }
 
-/* A case each (test_tiny_variants_evaluated:cmae_vit_tiny_fmnist): ctest runs them apart. */
+/* A case each (test_tiny_variants_evaluated:cmae_vit_tiny_fmnist): ctest runs them apart. In the
+ * sanitizer build (CMAEC_TEST_QUICK) their widths and depths shrunk, their images, patches and
+ * masks kept (the overrides after the first three: the same modules, fewer elements). */
 static void test_tiny_variants_evaluated(void) {
+  int skip = getenv("CMAEC_TEST_QUICK") ? 3 : 0;
   if (test_case_wanted("cmae_vit_tiny_fmnist"))
-    check_variant("models/cmae_vit_tiny_fmnist.json", NULL, 0, true);
+    check_variant("models/cmae_vit_tiny_fmnist.json", skip ? test_shrunk_vit + skip : NULL,
+                  skip ? TEST_SHRUNK_VIT_N - skip : 0, true);
   if (test_case_wanted("cmae_convvit_tiny_fmnist"))
-    check_variant("models/cmae_convvit_tiny_fmnist.json", NULL, 0, true);
+    check_variant("models/cmae_convvit_tiny_fmnist.json", skip ? test_shrunk_convvit + skip : NULL,
+                  skip ? TEST_SHRUNK_CONVVIT_N - skip : 0, true);
 }
 
 /* The ImageNet-size variants with their dims shrunk: the same modules and

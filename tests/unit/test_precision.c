@@ -390,15 +390,8 @@ static void test_f16_model_step_from_config(void) {
 
 /* The target the emulated device runs (its compute capability's arch). */
 static bool emu_target(cm_target *t) {
-  const cm_cuda_driver *d = emu_driver();
-  int dev = 0, major = 0, minor = 0;
-  CHECK(d->init(0) == 0 && d->device_get(&dev, 0) == 0);
-  CHECK(d->device_get_attribute(&major, CM_CU_ATTR_CC_MAJOR, dev) == 0);
-  CHECK(d->device_get_attribute(&minor, CM_CU_ATTR_CC_MINOR, dev) == 0);
-  char arch[16];
-  cm_cuda_arch_for(major, minor, arch, sizeof arch);
   cm_err err = {0};
-  bool ok = cm_target_cuda(arch, t, &err) == CM_OK;
+  bool ok = emu_device_target(t, &err) == CM_OK;
   CHECK_MSG(ok, "%s", err.msg);
   return ok;
 }

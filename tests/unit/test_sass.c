@@ -217,21 +217,9 @@ static bool read_sass(const program *pg, const char *tmpdir) {
 
 /* The ViT-B step in bf16 at this batch, through the default pipeline (*plan its plan). */
 static cm_graph *bf16_step(int batch, cm_plan **plan) {
-  cm_model_config cfg;
   cm_err err = {0};
   *plan = NULL;
-  CHECK_MSG(cm_model_config_load(MODEL, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
-  cm_model_build_opts bo = {batch, 1, CM_F32};
-  cm_model m;
-  if (err.status || cm_model_build(&cfg, &bo, &m, &err) != CM_OK) {
-    CHECK_MSG(false, "%s: %s", MODEL, err.msg);
-    return NULL;
-  }
-  cm_optim_config oc = test_model_optim();
-  cm_graph *step = NULL;
-  cm_train_step_info info;
-  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s", err.msg);
-  cm_model_free(&m);
+  cm_graph *step = test_build_step(MODEL, NULL, 0, batch, NULL, NULL, NULL);
   if (!step) return NULL;
   int rewritten = 0;
   CHECK_MSG(cm_autocast(&step, CM_BF16, &rewritten, &err) == CM_OK, "autocast: %s", err.msg);
