@@ -257,7 +257,8 @@ static void attn_uses(const cm_kernel *k, int b, int first, int end, bool *in, b
   }
 }
 
-/* The softmax scale: a constant factor of the first load of S in the stage after the first. */
+/* The softmax scale: a constant factor of the first load of S (or of its widening cast) in the
+ * stage after the first. */
 static double attn_scale(const cm_kernel *k, int first) {
   if (first + 1 >= k->n_stages) return 0;
   const cm_kstage *s = &k->stages[first + 1];
@@ -265,7 +266,10 @@ static double attn_scale(const cm_kernel *k, int first) {
     const cm_kexpr *x = &s->exprs[e];
     if (x->kind != CM_KX_OP || x->op != CM_OP_MUL || x->b < 0) continue;
     double v;
-    if (s->exprs[x->a].kind == CM_KX_LOAD && cm_kx_is_const(s, x->b, &v)) return v;
+    /* the load, or its widening (autocast's bf16 scores read as f32) */
+    const cm_kexpr *f = &s->exprs[x->a];
+    if (f->kind == CM_KX_OP && f->op == CM_OP_CAST && f->a >= 0) f = &s->exprs[f->a];
+    if (f->kind == CM_KX_LOAD && cm_kx_is_const(s, x->b, &v)) return v;
   }
   return 0;
 }

@@ -441,6 +441,7 @@ static void candidate_job(const tune_ctx *c, cm_kernel *k, int stage, bool check
   co.profile = !check;
   co.compile_only = co.render_only = false;
   co.tune = CM_TUNE_OFF;
+  co.resident_states = false; /* the check reads the states it updates on the host */
   cm_program *pr = NULL;
   cm_err e = {0};
   int *orig = malloc(sizeof(int) * (size_t)(k->n_buffers + 1));
@@ -611,8 +612,10 @@ static void progress(const tune_run *r, const char *label, int64_t at, int64_t o
   bar[WIDTH] = '\0';
   bool tty = isatty(2);
   if (!tty && at > 1) return; /* a line per stage where the bar cannot be redrawn */
-  fprintf(stderr, "%stune [%s] %d/%d stages %4.0f s  %s (%lld/%lld)%s", tty ? "\r\033[K" : "", bar,
-          r->done, r->total, now_s() - r->t0, label, (long long)at, (long long)of, tty ? "" : "\n");
+  char count[48] = "";        /* the candidate of the stage, when one is under way */
+  if (of > 0) snprintf(count, sizeof count, " (%lld/%lld)", (long long)at, (long long)of);
+  fprintf(stderr, "%stune [%s] %d/%d stages %4.0f s  %s%s%s", tty ? "\r\033[K" : "", bar, r->done,
+          r->total, now_s() - r->t0, label, count, tty ? "" : "\n");
   fflush(stderr);
 }
 

@@ -86,6 +86,9 @@ static int tune_model(const tune_args *a, const char *const *sets, int n_sets,
   cm_tune_stats ts;
   printf("tune %s (batch %d, %s) on %s\n", a->model, cfg.optimizer.batch, cm_dtype_name(low),
          choice->description);
+  char cbuf[4096];
+  if (!a->db && !cm_cache_dir(NULL, cbuf, sizeof cbuf))
+    printf("caching is disabled (CMAEC_CACHE_DIR=\"\"): nothing will be recorded or used\n");
   fflush(stdout);
   cm_status st = cm_tune(g, target, &co, &to, &ts, &err);
   cm_graph_free(g);

@@ -14,6 +14,7 @@
 #include "../tensor_compare.h"
 #include "../model_step.h"
 #include "codegen/codegen.h"
+#include "models/models.h"
 #include "passes/passes.h"
 #include "runtime/runtime.h"
 #include "tests/emu/emu.h"
@@ -98,8 +99,8 @@ static cm_plan *one_group_plan(cm_graph **g) {
 }
 
 /* The bwd span of kernel k: its first stage (-1: none), after checking the span and its roles:
- * one span over every stage, two GEMM tiles (S', dP), no row reduction, dV and dK over the keys,
- * dQ over the rows; stream_check when it streams. */
+ * one span over every stage (but an output copy), two GEMM tiles (S', dP), no row reduction, dV
+ * and dK over the keys, dQ over the rows; stream_check when it streams. */
 static int check_span(const cm_kernel *k, const char *what) {
   cm_err err = {0};
   int first = -1, spans = 0;
@@ -108,7 +109,12 @@ static int check_span(const cm_kernel *k, const char *what) {
   CHECK_MSG(spans == 1 && first == 0, "%s: %d backward spans, first at %d", what, spans, first);
   if (first != 0) return -1;
   const cm_kattn *a = &k->stages[0].attn;
-  CHECK_MSG(a->span == k->n_stages, "%s: the span has %d of %d stages", what, a->span, k->n_stages);
+  /* after the span at most the group's output copy (a training step's dQ, dK, dV reshaped into
+   * the heads' layout: elementwise, reading no local) */
+  bool copies = true;
+  for (int si = a->span; si < k->n_stages; si++) copies &= k->stages[si].n_red == 0;
+  CHECK_MSG(a->span >= 7 && a->span <= k->n_stages && k->n_stages - a->span <= 1 && copies,
+            "%s: the span has %d of %d stages", what, a->span, k->n_stages);
   CHECK_MSG(cm_kattn_check(k, 0, &err) == CM_OK, "%s: %s", what, err.msg);
   if (!a->stream) return first;
   CHECK_MSG(cm_kattn_stream_check(k, 0, &err) == CM_OK, "%s: %s", what, err.msg);
@@ -367,4 +373,177 @@ static void test_nvrtc(void) {
   cm_nvrtc_unload(nv);
 }
 
-TEST_MAIN({"test_cpu", test_cpu}, {"test_emulated", test_emulated}, {"test_nvrtc", test_nvrtc})
+/* ---- autodiff's own form: two passes ------------------------------------------------------ */
+
+/* y = softmax(q kᵀ c) v and its backward by autodiff (sum(y ∘ dO)), with the N x N values the
+ * forward keeps and autodiff's row sum over the keys, as the pipeline leaves them without the
+ * flash_backward pass. */
+static cm_graph *autodiff_graph(bwd_shape sh) {
+  cm_graph *g = cm_graph_new();
+  int64_t d[3] = {sh.bh, sh.tokens, sh.dim};
+  int q = cm_input(g, "q", CM_F32, 3, d), k = cm_input(g, "k", CM_F32, 3, d);
+  int v = cm_input(g, "v", CM_F32, 3, d), dout = cm_input(g, "dO", CM_F32, 3, d);
+  int s = cm_binary_bcast(g, CM_OP_MUL, cm_matmul(g, q, k, false, true, "s"),
+                          cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)sh.dim)), "sc");
+  int y = cm_matmul(g, cm_nn_softmax(g, s), v, false, false, "y");
+  int axes[3] = {0, 1, 2}, wrt[3] = {q, k, v}, grads[3];
+  int loss =
+      cm_reduce(g, CM_OP_REDUCE_SUM, cm_binary(g, CM_OP_MUL, y, dout, NULL), 3, axes, false, "l");
+  cm_err err = {0};
+  CHECK_MSG(cm_autodiff(g, loss, 3, wrt, grads, &err) == CM_OK, "%s", err.msg);
+  CHECK(cm_graph_add_output(g, y, &err) == CM_OK);
+  for (int i = 0; i < 3; i++) CHECK(cm_graph_add_output(g, grads[i], &err) == CM_OK);
+  if (sh.bf16) CHECK_MSG(cm_autocast(&g, CM_BF16, NULL, &err) == CM_OK, "%s", err.msg);
+  CHECK_MSG(cm_graph_verify(g, &err) == CM_OK, "%s", err.msg);
+  return g;
+}
+
+/* Without the flash_backward pass the backward span keeps autodiff's row sum over the keys: at
+ * key blocks of 16 over 33 keys it streams in two passes (a ROWRED role), on the CPU (f32 and
+ * bf16) and on the emulated device (f32), every output within the oracle's bound. */
+static void test_two_pass(void) {
+  cm_target t = device_target();
+  for (int low = 0; low < 2; low++)
+    for (int dev = 0; dev < 2; dev++) {
+      if (low && dev) continue; /* bf16 on CUDA: the flash backward's, tested there */
+      bwd_shape sh = {3, 33, 32, low == 1};
+      char what[128];
+      snprintf(what, sizeof what, "two passes %s %s", low ? "bf16" : "f32",
+               dev ? "emulated" : "cpu");
+      cm_graph *g = autodiff_graph(sh);
+      cm_err err = {0};
+      cm_pass_state ps = {g, NULL};
+      CHECK_MSG(cm_pipeline_run(&ps, "simplify,cse,dce,fuse,schedule,memplan", NULL, NULL, 0, NULL,
+                                &err) == CM_OK,
+                "%s: %s", what, err.msg);
+      cm_lower_opts lo = {dev ? &t : NULL, false, 16};
+      cm_kprogram kp;
+      CHECK_MSG(cm_lower_plan(ps.g, ps.plan, &lo, &kp, &err) == CM_OK, "%s: %s", what, err.msg);
+      int two_pass = 0;
+      for (int i = 0; i < kp.n_kernels; i++) {
+        const cm_kstage *s0 = &kp.kernels[i].stages[0];
+        if (s0->tmpl != CM_KT_ATTENTION_BWD || !s0->attn.stream) continue;
+        CHECK_MSG(cm_kattn_stream_check(&kp.kernels[i], 0, &err) == CM_OK, "%s: %s", what, err.msg);
+        bool rowred = false;
+        for (int r = 0; r < s0->attn.span; r++) rowred |= s0->attn.role[r] == CM_KATTN_ROLE_ROWRED;
+        two_pass += rowred;
+        if (dev) CHECK(s0->cuda.kind == CM_KCUDA_ATTN_STREAM_BWD);
+      }
+      CHECK_MSG(two_pass == 1, "%s: %d two-pass streaming backward spans", what, two_pass);
+      cm_kprogram_free(&kp);
+      run_result r = run_checked(ps.g, ps.plan, dev ? &t : NULL, 16, what);
+      printf("  %-48s err / bound %.2g\n", what, r.worst);
+      cm_plan_free(ps.plan);
+      cm_graph_free(ps.g);
+    }
+}
+
+/* ---- every shipped variant's training step ---------------------------------------------- */
+
+static const char *const variants[] = {
+    "cmae_vit_tiny_fmnist", "cmae_convvit_tiny_fmnist", "cmae_vit_small", "cmae_vit_base",
+    "mae_vit_base",         "cmae_convvit_base",        "cmae_vit_large"};
+
+/* Whether group gi of plan p is an attention backward: an attention group without a row max
+ * (the forward's softmax has one). */
+static bool is_backward_attention(const cm_graph *g, const cm_plan *p, int gi) {
+  const cm_group *gr = &p->groups[gi];
+  if (gr->kind != CM_GROUP_ATTENTION) return false;
+  for (int i = 0; i < gr->n_nodes; i++)
+    if (g->nodes[gr->nodes[i]].op == CM_OP_REDUCE_MAX) return false;
+  return true;
+}
+
+typedef struct variant_count {
+  int groups, spans, streaming; /* backward attention groups; their one-span kernels; streaming */
+} variant_count;
+
+/* The step lowered for target t (NULL: the CPU): every backward attention group is one kernel
+ * that is one CM_KT_ATTENTION_BWD span with the recomputed form's roles (check_span; CUDA: it
+ * streams, as the scalar function in f32 or on tensor cores in bf16), and no attention kernel,
+ * forward or backward, keeps an N x N value in memory beyond its span's locals. */
+static variant_count check_variant(const cm_graph *g, const cm_plan *p, const cm_target *t,
+                                   bool bf16, const char *what) {
+  variant_count n = {0, 0, 0};
+  cm_lower_opts lo = {t, false, 0};
+  cm_kprogram kp;
+  cm_err err = {0};
+  CHECK_MSG(cm_lower_plan(g, p, &lo, &kp, &err) == CM_OK, "%s: %s", what, err.msg);
+  for (int i = 0; i < kp.n_kernels; i++) {
+    const cm_kernel *k = &kp.kernels[i];
+    if (k->group < 0 || p->groups[k->group].kind != CM_GROUP_ATTENTION || k->n_stages == 0)
+      continue;
+    const cm_kstage *s0 = &k->stages[0];
+    if (s0->tmpl == CM_KT_ATTENTION_FWD || s0->tmpl == CM_KT_ATTENTION_BWD)
+      check_no_nn_buffer(g, k, s0->attn.rows, what);
+    if (!is_backward_attention(g, p, k->group)) continue;
+    n.groups++;
+    char kw[160];
+    snprintf(kw, sizeof kw, "%s %s", what, k->name);
+    if (check_span(k, kw) != 0) continue;
+    n.spans++;
+    n.streaming += s0->attn.stream;
+    if (!t) continue;
+    cm_kcuda_kind kind = s0->cuda.kind;
+    CHECK_MSG(s0->attn.stream &&
+                  (bf16 ? kind == CM_KCUDA_ATTN_FLASH_BWD : kind == CM_KCUDA_ATTN_STREAM_BWD),
+              "%s: stream %d, CUDA plan kind %d", kw, (int)s0->attn.stream, (int)kind);
+  }
+  cm_kprogram_free(&kp);
+  return n;
+}
+
+/* Every shipped variant's training step (batch 2), f32 and after autocast (bf16), through the
+ * default pipeline (flash_backward, fuse): lowered for the CPU and for sm_80, every backward
+ * attention group one span with the new roles, counted per variant. */
+static void test_variants(void) {
+  for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
+    if (!test_case_wanted(variants[v])) continue;
+    char path[128];
+    snprintf(path, sizeof path, "models/%s.json", variants[v]);
+    cm_model_config cfg;
+    cm_err err = {0};
+    CHECK_MSG(cm_model_config_load(path, NULL, 0, &cfg, &err) == CM_OK, "%s", err.msg);
+    cm_model_build_opts bo = {2, 1, CM_F32};
+    cm_model m;
+    CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK, "%s: %s", path, err.msg);
+    if (!m.g) continue;
+    cm_optim_config oc = test_model_optim();
+    cm_graph *step0 = NULL;
+    cm_train_step_info info;
+    CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step0, &info, &err) == CM_OK, "%s: %s", path,
+              err.msg);
+    cm_model_free(&m);
+    if (!step0) continue;
+    for (int bf16 = 0; bf16 < 2; bf16++) {
+      cm_graph *step = cm_graph_clone(step0);
+      if (bf16) CHECK_MSG(cm_autocast(&step, CM_BF16, NULL, &err) == CM_OK, "%s", err.msg);
+      cm_pass_state ps = {step, NULL};
+      cm_status st = cm_pipeline_run(&ps, cm_default_pipeline, NULL, NULL, 0, NULL, &err);
+      CHECK_MSG(st == CM_OK && ps.plan, "%s: %s", path, err.msg);
+      if (st == CM_OK && ps.plan) {
+        cm_target t;
+        CHECK(cm_target_cuda("sm_80", &t, &err) == CM_OK);
+        char what[160];
+        snprintf(what, sizeof what, "%s %s cpu", variants[v], bf16 ? "bf16" : "f32");
+        variant_count c = check_variant(ps.g, ps.plan, NULL, bf16, what);
+        snprintf(what, sizeof what, "%s %s sm_80", variants[v], bf16 ? "bf16" : "f32");
+        variant_count u = check_variant(ps.g, ps.plan, &t, bf16, what);
+        printf("  %-26s %s: %d backward attention groups; CPU %d spans (%d streaming), sm_80 %d "
+               "spans (%d streaming)\n",
+               variants[v], bf16 ? "bf16" : "f32 ", c.groups, c.spans, c.streaming, u.spans,
+               u.streaming);
+        CHECK_MSG(c.groups > 0 && c.spans == c.groups && u.spans == u.groups &&
+                      u.streaming == u.groups,
+                  "%s: %d groups, CPU %d spans, sm_80 %d spans (%d streaming)", what, c.groups,
+                  c.spans, u.spans, u.streaming);
+      }
+      cm_plan_free(ps.plan);
+      cm_graph_free(ps.g);
+    }
+    cm_graph_free(step0);
+  }
+}
+
+TEST_MAIN({"test_cpu", test_cpu}, {"test_emulated", test_emulated}, {"test_nvrtc", test_nvrtc},
+          {"test_two_pass", test_two_pass}, {"test_variants", test_variants})
