@@ -1,9 +1,11 @@
 /* The default pipeline on every shipped variant's training step: the result
  * verifies (graph and plan), and where the oracle can afford it, evaluating
  * the optimized plan group by group gives bit for bit what the unoptimized
- * step gives. The tiny Fashion-MNIST variants are evaluated as shipped; the
- * ImageNet-size variants are evaluated with their widths and image shrunk by
- * --set (same modules, same wiring) and verified at full size. */
+ * step gives once flash_backward has rewritten it (its -D/z rounds otherwise
+ * than autodiff's row sum; test_flash_backward checks it against the oracle).
+ * The tiny Fashion-MNIST variants are evaluated as shipped; the ImageNet-size
+ * variants are evaluated with their widths and image shrunk by --set (same
+ * modules, same wiring) and verified at full size. */
 #include "../test.h"
 #include "../testlib.h"
 #include "../model_step.h"
