@@ -973,12 +973,15 @@ static void fb_elements(fbw_r *f, int pass) {
 
 /* A KEYS stage for the key block: out(j, c) = sum_i tile(i, j) side(i, c) on tensor cores (A
  * from the tile [i][j] and B from the row slot [i][c], both by ldmatrix.trans), each warp a
- * 16-key x 32-column part, then the stage's stores. */
+ * 16-key x 32-column (or 16-column) part, then the stage's stores. */
 static void fb_keys(fbw_r *f, int r) {
   sbuf *o = f->o;
   const fb_layout *L = f->L;
   const fb_slot *B = &L->rs[L->rslot[r]];
-  int cg = B->wp < 32 ? B->wp : 32, ng = B->wp / cg;
+  /* 32-column parts, 16 where that leaves warps idle (head dim 32 with 8 warps) */
+  int cg = B->wp < 32 ? B->wp : 32;
+  if (cg == 32 && 4 * (B->wp / cg) < L->warps) cg = 16;
+  int ng = B->wp / cg;
   cu_sb_printf(o, "  for (int u_ = w_; u_ < %d; u_ += %d) {\n", 4 * ng, L->warps);
   cu_sb_printf(o, "    const int kt_ = u_ & 3, cg_ = u_ >> 2;\n    float ka_[%d][4];\n", cg / 8);
   cu_sb_printf(o,
