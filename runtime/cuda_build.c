@@ -301,8 +301,7 @@ static bool cache_store(const char *dir, const char *path, int worker, const cha
   return false;
 }
 
-/* mkdir -p; true when path is a directory afterwards. */
-static bool make_dirs(const char *path) {
+bool cm_make_dirs(const char *path) {
   char buf[4096];
   if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf) return false;
   for (char *p = buf + 1; *p; p++) {
@@ -742,7 +741,7 @@ cm_status cm_cuda_build_program(const cm_kprogram *kp, const cm_target *t, bool 
   if (cache_dir && *cache_dir && snprintf(dir, sizeof dir, "%s/cuda", cache_dir) < (int)sizeof dir)
     w.dir = dir;
   t0 = now_ms();
-  bool unusable = w.dir && !make_dirs(w.dir); /* then every compiled module fails to be stored */
+  bool unusable = w.dir && !cm_make_dirs(w.dir); /* then every compiled module fails to be stored */
   if (unusable) w.dir = NULL;
   if (w.dir) remove_stale_temps(w.dir);
   st = run_workers(&w, thread_count(threads, nm), err);

@@ -195,6 +195,9 @@ cm_status cm_cuda_module_source(const cm_kernel *k, const cm_target *t, bool no_
 /* The cache root cm_compile uses: opts->cache_dir, else $CMAEC_CACHE_DIR, else
  * $XDG_CACHE_HOME/cmaec or ~/.cache/cmaec; NULL when disabled (""). */
 const char *cm_cache_dir(const char *given, char *buf, size_t size);
+/* mkdir -p (the caches' directories); true when path is a directory afterwards (errno set when
+ * not). */
+bool cm_make_dirs(const char *path);
 
 /* ---- the tuning database (runtime/tuning_db.c) --------------------------
  *

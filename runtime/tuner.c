@@ -145,13 +145,7 @@ static void make_parent_dirs(const char *path) {
   char *slash = strrchr(dir, '/');
   if (!slash || slash == dir) return;
   *slash = '\0';
-  for (char *p = dir + 1; *p; p++)
-    if (*p == '/') {
-      *p = '\0';
-      mkdir(dir, 0777);
-      *p = '/';
-    }
-  mkdir(dir, 0777);
+  (void)cm_make_dirs(dir);
 }
 
 static cm_status open_db(const char *given, const cm_compile_opts *co, bool must_exist,

@@ -91,21 +91,6 @@ static cm_status exec_sql(cm_tune_db *db, const char *text, const char *doing, c
 
 /* ---- opening ------------------------------------------------------------ */
 
-/* mkdir -p; true when path is a directory afterwards. */
-static bool make_dirs(const char *path) {
-  char buf[TUNE_DB_PATH_MAX];
-  if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf) return false;
-  for (char *p = buf + 1; *p; p++) {
-    if (*p != '/') continue;
-    *p = 0;
-    if (mkdir(buf, 0777) != 0 && errno != EEXIST) return false;
-    *p = '/';
-  }
-  if (mkdir(buf, 0777) != 0 && errno != EEXIST) return false;
-  struct stat s;
-  return stat(buf, &s) == 0 && S_ISDIR(s.st_mode);
-}
-
 /* One-value pragma: its first column as text into out (may be NULL). */
 static cm_status pragma_text(cm_tune_db *db, const char *text, char *out, size_t size,
                              cm_err *err) {
@@ -202,7 +187,7 @@ cm_status cm_tune_db_open(const char *path, cm_tune_db **out, cm_err *err) {
   if (!path) {
     const char *root = cm_cache_dir(NULL, root_buf, sizeof root_buf);
     if (!root) return CM_OK; /* caching disabled */
-    if (!make_dirs(root))
+    if (!cm_make_dirs(root))
       return cm_errorf(err, CM_EINVALID,
                        "tuning database: cannot create the cache directory %s: %s", root,
                        strerror(errno));
