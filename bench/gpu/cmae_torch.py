@@ -13,7 +13,7 @@ Written from ../shared/CMAE.md (sections 1-8, 13) with the sizes of a cmaec mode
   loss = rc_weight * L_rc + ct_weight * 2 tau * CE(q k^T / tau, arange(n));
   AdamW (betas, weight decay off for LayerNorms, biases, pos_embed, mask/cls tokens; BN
   weights decayed), then the EMA update of target backbone and projector (m constant).
-Precision as a PyTorch user runs it: bf16 autocast (no loss scaler: bf16 needs none), fused
+Precision as a PyTorch user runs it (--precision bf16, the default; f32: no autocast): bf16 autocast (no loss scaler: bf16 needs none), fused
 AdamW on CUDA, attention through F.scaled_dot_product_attention, the EMA as one foreach lerp.
 Modes: eager, and torch.compile; "regional" compiles each transformer block (PyTorch's advice
 for repeated blocks: one compile per distinct shape, a fraction of the whole model's compile
@@ -269,7 +269,8 @@ def run_mode(mode, cfg, args, device, batch, flops_out):
                 m.compile(backend=args.compile_backend)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=args.precision == "bf16"):
             loss = forward(*batch)
         loss.backward()
         opt.step()
@@ -296,7 +297,7 @@ def run_mode(mode, cfg, args, device, batch, flops_out):
         loss = step()
     sync(device)
     ms = 1e3 * (time.perf_counter() - t0) / args.steps
-    what = "bf16 autocast" + (", compile %s (%s), warm-up %.1f s" % (args.compile,
+    what = ("bf16 autocast" if args.precision == "bf16" else "f32") + (", compile %s (%s), warm-up %.1f s" % (args.compile,
                                                                      args.compile_backend,
                                                                      t_compile)
                               if mode == "compile" else "")
@@ -317,7 +318,13 @@ def main():
                     help="torch.compile's backend (the dry run: aot_eager, which traces and "
                     "splits forward and backward as inductor does, without its code generation)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=("bf16", "f32"), default="bf16",
+                    help="bf16: autocast to bf16 (the GPU default); f32: no autocast")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads (CPU; 0 leaves PyTorch's default)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.model)
     device = torch.device(args.device)
     # one static graph per block shape (online 1 + visible tokens, decoders and target 1 + all
