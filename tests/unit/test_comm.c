@@ -683,6 +683,76 @@ static void test_mpi(void) {
   CHECK_MSG(status != 0, "mpi killed rank: mpirun exited with 0");
 }
 
+/* ---- NCCL ------------------------------------------------------------------------
+ * Without a GPU: the library is found and every symbol resolved, then the missing driver is
+ * the error (a missing library is one too, naming it). With one: a 1-rank comm through the
+ * real NCCL, every collective on device buffers, ordered after a compute stream. */
+static void nccl_one_rank(cm_comm *c, const cm_cuda_driver *d) {
+  void *stream = NULL;
+  CHECK(d->stream_create(&stream, CM_CU_STREAM_NON_BLOCKING) == 0);
+  cm_comm_set_compute_stream(c, stream);
+  for (size_t k = 0; k < sizeof dtypes / sizeof *dtypes; k++) {
+    cm_dtype dt = dtypes[k];
+    size_t bytes = COUNT * dtype_bytes(dt);
+    void *host = malloc(bytes), *back = malloc(bytes);
+    cm_cu_ptr in = 0, out = 0;
+    CHECK(d->mem_alloc(&in, bytes) == 0 && d->mem_alloc(&out, bytes) == 0);
+    fill_input(host, 200 + (int)k, 0, COUNT, dt);
+    CHECK(d->memcpy_htod_async(in, host, bytes, stream) == 0);
+    cm_reduce_mode mode = dt == CM_F32 || dt == CM_BF16 ? CM_MODE_MEAN : CM_MODE_SUM;
+    cm_err e = {0};
+    void *pin = (void *)(uintptr_t)in, *pout = (void *)(uintptr_t)out;
+    CHECK_MSG(cm_comm_all_reduce(c, pin, pout, COUNT, dt, mode, "nccl all_reduce", &e) == CM_OK,
+              "%s", e.msg);
+    cm_comm_request *req = NULL;
+    CHECK_MSG(cm_comm_all_reduce_start(c, pout, pout, COUNT, dt, CM_MODE_SUM, "nccl async", &req,
+                                       &e) == CM_OK &&
+                  cm_comm_wait(req, &e) == CM_OK,
+              "%s", e.msg);
+    CHECK_MSG(cm_comm_all_gather(c, pout, pout, COUNT, dt, "nccl all_gather", &e) == CM_OK, "%s",
+              e.msg);
+    CHECK_MSG(cm_comm_broadcast(c, pout, COUNT, dt, 0, "nccl broadcast", &e) == CM_OK, "%s", e.msg);
+    CHECK_MSG(cm_comm_barrier(c, "nccl barrier", &e) == CM_OK, "%s", e.msg);
+    CHECK(d->memcpy_dtoh_async(back, out, bytes, stream) == 0 &&
+          d->stream_synchronize(stream) == 0);
+    CHECK_MSG(memcmp(host, back, bytes) == 0, "nccl dtype %d: one rank's result is not its input",
+              (int)dt);
+    d->mem_free(in);
+    d->mem_free(out);
+    free(host);
+    free(back);
+  }
+  cm_comm_set_compute_stream(c, NULL);
+  d->stream_destroy(stream);
+}
+
+static void test_nccl(void) {
+  cm_comm_opts o = {.kind = CM_COMM_NCCL, .timeout_s = 20, .device = -1};
+  cm_comm *c = NULL;
+  cm_err e = {0};
+  setenv("CMAEC_NCCL_LIBRARY", "/nonexistent/libnccl.so.2", 1);
+  CHECK(cm_comm_init(&o, &c, &e) == CM_EINVALID && !c);
+  CHECK_STR_CONTAINS(e.msg, "NCCL not found");
+  CHECK_STR_CONTAINS(e.msg, "/nonexistent/libnccl.so.2");
+  unsetenv("CMAEC_NCCL_LIBRARY");
+  const cm_cuda_driver *d = NULL;
+  cm_err no_gpu = {0};
+  bool gpu = cm_cuda_driver_load(&d, &no_gpu) == CM_OK;
+  cm_status st = cm_comm_init(&o, &c, &e);
+  if (!gpu) {
+    printf("test_nccl: no CUDA driver here: the 1-rank NCCL run is tests/gpu's\n");
+    CHECK(st == CM_EINVALID && !c);
+    CHECK_STR_CONTAINS(e.msg, "comm nccl: CUDA driver not found");
+    return;
+  }
+  CHECK_MSG(st == CM_OK, "%s", e.msg);
+  if (!c) return;
+  CHECK_STR_CONTAINS(cm_comm_describe(c), "nccl rank 0/1");
+  printf("test_nccl: %s\n", cm_comm_describe(c));
+  nccl_one_rank(c, d);
+  cm_comm_free(c);
+}
+
 TEST_MAIN(TEST(test_self), TEST(test_local_collectives), TEST(test_local_mismatch),
           TEST(test_local_watchdog), TEST(test_tcp_collectives), TEST(test_tcp_mismatch),
-          TEST(test_tcp_watchdog), TEST(test_mpi_rank), TEST(test_mpi))
+          TEST(test_tcp_watchdog), TEST(test_mpi_rank), TEST(test_mpi), TEST(test_nccl))
