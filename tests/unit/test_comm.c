@@ -130,19 +130,22 @@ static void check_all_reduce(cm_comm *c, int k, cm_dtype dt, cm_reduce_mode mode
   free(recv);
 }
 
-static void check_gather_scatter(cm_comm *c, int k, cm_dtype dt, rank_report *rep) {
+/* in_place: all_gather's input at the start of its output, reduce_scatter's result at the
+ * start of its input */
+static void check_gather_scatter(cm_comm *c, int k, cm_dtype dt, bool in_place, rank_report *rep) {
   int rank = cm_comm_rank(c), size = cm_comm_size(c);
   size_t eb = dtype_bytes(dt);
   void *mine = malloc(COUNT * eb), *all = malloc((size_t)size * COUNT * eb);
-  fill_input(mine, k, rank, COUNT, dt);
+  fill_input(in_place ? all : mine, k, rank, COUNT, dt);
   cm_err e = {0};
-  if (cm_comm_all_gather(c, mine, all, COUNT, dt, "test all_gather", &e) != CM_OK)
+  if (cm_comm_all_gather(c, in_place ? all : mine, all, COUNT, dt, "test all_gather", &e) != CM_OK)
     report_fail(rep, "case %d: all_gather failed: %s", k, e.msg);
   else
     for (int r = 0; r < size; r++)
       for (int64_t i = 0; i < COUNT; i++)
         if (load(all, (int64_t)r * COUNT + i, dt) != input_value(k, r, i, dt)) {
-          report_fail(rep, "case %d: all_gather: rank %d's element %" PRId64, k, r, i);
+          report_fail(rep, "case %d: all_gather (in place %d): rank %d's element %" PRId64, k,
+                      (int)in_place, r, i);
           r = size;
           break;
         }
@@ -150,11 +153,12 @@ static void check_gather_scatter(cm_comm *c, int k, cm_dtype dt, rank_report *re
   void *full = malloc((size_t)size * COUNT * eb);
   fill_input(full, k + 1, rank, (int64_t)size * COUNT, dt);
   cm_reduce_mode mode = dt == CM_F32 || dt == CM_BF16 ? CM_MODE_MEAN : CM_MODE_SUM;
-  if (cm_comm_reduce_scatter(c, full, mine, COUNT, dt, mode, "test reduce_scatter", &e) != CM_OK)
+  void *out = in_place ? full : mine;
+  if (cm_comm_reduce_scatter(c, full, out, COUNT, dt, mode, "test reduce_scatter", &e) != CM_OK)
     report_fail(rep, "case %d: reduce_scatter failed: %s", k, e.msg);
   else
     for (int64_t i = 0; i < COUNT; i++)
-      if (!reduced_ok(load(mine, i, dt), k + 1, (int64_t)rank * COUNT + i, dt, mode, size)) {
+      if (!reduced_ok(load(out, i, dt), k + 1, (int64_t)rank * COUNT + i, dt, mode, size)) {
         report_fail(rep, "case %d: reduce_scatter dtype %d: element %" PRId64, k, (int)dt, i);
         break;
       }
@@ -214,7 +218,8 @@ static void check_rank(cm_comm *c, rank_report *rep) {
       check_all_reduce(c, k++, dtypes[d], CM_MODE_SUM, in_place, rep);
       if (is_float) check_all_reduce(c, k++, dtypes[d], CM_MODE_MEAN, in_place, rep);
     }
-    check_gather_scatter(c, 50 + 3 * (int)d, dtypes[d], rep);
+    check_gather_scatter(c, 50 + 3 * (int)d, dtypes[d], false, rep);
+    check_gather_scatter(c, 70 + 3 * (int)d, dtypes[d], true, rep);
   }
   cm_err e = {0};
   if (cm_comm_barrier(c, "test barrier", &e) != CM_OK) report_fail(rep, "barrier: %s", e.msg);
@@ -584,6 +589,11 @@ static void test_mpi_rank(void) {
     check_mismatch_message(rep.first, cm_comm_rank(c));
     snprintf(suffix, sizeof suffix, "verdict%d", cm_comm_rank(c));
     mpi_rank_note(suffix, test_failures == before ? "ok" : rep.first);
+    if (cm_comm_rank(c) == 0) { /* rank 1's verdict first: rank 0's abort ends rank 1 */
+      char path[512];
+      snprintf(path, sizeof path, "%s.verdict1", getenv("CMAEC_COMM_TEST_OUT"));
+      for (double t0 = now_s(); access(path, F_OK) != 0 && now_s() - t0 < 10;) usleep(10000);
+    }
     cm_comm_free(c);
     return;
   }
@@ -669,9 +679,7 @@ static void test_mpi(void) {
   if (!CMAEC_MPIRUN[0]) return;
   char verdict[1400];
   int status = run_mpirun(2, "collectives", 30, verdict, sizeof verdict);
-  CHECK_MSG(status == 0, "mpi collectives (2 ranks): mpirun exited with %d", status);
-  status = run_mpirun(3, "collectives", 30, verdict, sizeof verdict);
-  CHECK_MSG(status == 0, "mpi collectives (3 ranks): mpirun exited with %d", status);
+  CHECK_MSG(status == 0, "mpi collectives: mpirun exited with %d", status);
   /* a mismatch breaks the comm: its free ends the job (MPI_Abort, status 1) */
   status = run_mpirun(2, "mismatch", 30, verdict, sizeof verdict);
   CHECK_MSG(strcmp(verdict, "ok; ok") == 0, "mpi mismatch: the ranks said \"%s\"", verdict);
