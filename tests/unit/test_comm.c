@@ -390,7 +390,7 @@ static double fork_tcp_ranks(int size, int (*body)(int rank, int size), bool all
       int code = body(r, size);
       fflush(stdout);
       fflush(stderr);
-      _exit(code);
+      exit(code); /* not _exit: the sanitizer build checks the rank for leaks */
     }
     status[r] = -1;
   }
@@ -629,6 +629,13 @@ static int run_mpirun(int n, const char *mode, double deadline_s, char *verdict,
     setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
     setenv("CMAEC_COMM_TEST", mode, 1);
     setenv("CMAEC_COMM_TEST_OUT", out, 1);
+    /* the sanitizer build: Open MPI's plugins, unloaded by MPI_Finalize, leave one-time
+     * allocations that no suppression can name (their module is gone); this process and the
+     * LOCAL and TCP ranks check comm.c's leaks */
+    char asan[512];
+    const char *old = getenv("ASAN_OPTIONS");
+    snprintf(asan, sizeof asan, "%s%sdetect_leaks=0", old ? old : "", old && *old ? ":" : "");
+    setenv("ASAN_OPTIONS", asan, 1);
     /* TCP between the ranks: no shared-memory segments in a container's small /dev/shm */
     execl(CMAEC_MPIRUN, CMAEC_MPIRUN, "-np", np, "--oversubscribe", "--mca", "btl", "self,tcp",
           "--mca", "btl_tcp_if_include", "lo", exe, "test_mpi_rank", (char *)NULL);
