@@ -210,7 +210,29 @@ static void check_async(cm_comm *c, rank_report *rep) {
   }
 }
 
+/* Empty collectives (NULL buffers allowed), and one of 4 MiB a rank: larger than a socket's
+ * buffer, so TCP's sends and receives come in parts while rank 0 reads the ranks in turn. */
+static void check_sizes(cm_comm *c, rank_report *rep) {
+  cm_err e = {0};
+  if (cm_comm_all_reduce(c, NULL, NULL, 0, CM_F32, CM_MODE_SUM, "empty all_reduce", &e) != CM_OK ||
+      cm_comm_all_gather(c, NULL, NULL, 0, CM_I64, "empty all_gather", &e) != CM_OK)
+    report_fail(rep, "empty collectives: %s", e.msg);
+  enum { LARGE = 1 << 20 };
+  float *big = malloc(LARGE * sizeof *big);
+  fill_input(big, 300, cm_comm_rank(c), LARGE, CM_F32);
+  if (cm_comm_all_reduce(c, big, big, LARGE, CM_F32, CM_MODE_SUM, "large all_reduce", &e) != CM_OK)
+    report_fail(rep, "large all_reduce: %s", e.msg);
+  else
+    for (int64_t i = 0; i < LARGE; i++)
+      if (!reduced_ok(big[i], 300, i, CM_F32, CM_MODE_SUM, cm_comm_size(c))) {
+        report_fail(rep, "large all_reduce: element %" PRId64 " = %.9g", i, (double)big[i]);
+        break;
+      }
+  free(big);
+}
+
 static void check_rank(cm_comm *c, rank_report *rep) {
+  check_sizes(c, rep);
   int k = 0;
   for (size_t d = 0; d < sizeof dtypes / sizeof *dtypes; d++) {
     bool is_float = dtypes[d] == CM_F32 || dtypes[d] == CM_BF16;
