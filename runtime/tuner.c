@@ -1238,10 +1238,12 @@ static cm_status tune_in_step(tune_run *r, tune_item *items, int n, cm_err *err)
       memcpy(r->key.kernel, s->it->hash, sizeof r->key.kernel);
       r->key.stage = s->it->stage;
       double default_ms = s->ss.n_m > 0 && s->ss.m[0].index == 0 ? s->ss.m[0].ms : -1;
-      if (default_ms < 0) r->st->over_budget++;
-      /* the times are per kernel: the step spends count of them */
-      st = finish_item(r, s->it, s->ss.m, s->ss.n_m, default_ms, s->it->count, err);
       r->done++;
+      /* the budget ended before anything but the default ran: left for a later cm_tune */
+      if (default_ms < 0 || (s->phase != 4 && s->ss.n_m <= 1))
+        r->st->over_budget++;
+      else /* the times are per kernel: the step spends count of them */
+        st = finish_item(r, s->it, s->ss.m, s->ss.n_m, default_ms, s->it->count, err);
     }
     free(s->ss.m);
     free(s->ss.tried);
