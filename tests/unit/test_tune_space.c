@@ -349,6 +349,26 @@ static cm_graph *attention_graph(int64_t heads, int64_t tokens, int64_t dim) {
   return g;
 }
 
+/* After autocast (bf16 operands, so sm_80 and sm_90 plan flash spans): attention_graph
+ * (backward), or its forward alone (the training graph keeps P for the backward, which no
+ * flash forward does). */
+static cm_graph *flash_graph(int64_t tokens, int64_t dim, bool backward) {
+  cm_graph *g = backward ? attention_graph(2, tokens, dim) : cm_graph_new();
+  cm_err err = {0};
+  if (!backward) {
+    int64_t d[4] = {1, 2, tokens, dim};
+    int q = cm_input(g, "q", CM_F32, 4, d), k = cm_input(g, "k", CM_F32, 4, d);
+    int v = cm_input(g, "v", CM_F32, 4, d);
+    int s = cm_matmul(g, q, k, false, true, "scores");
+    s = cm_binary_bcast(g, CM_OP_MUL, s, cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)dim)),
+                        "scaled");
+    CHECK(cm_graph_add_output(g, cm_matmul(g, cm_nn_softmax(g, s), v, false, false, "y"), &err) ==
+          CM_OK);
+  }
+  CHECK_MSG(cm_autocast(&g, CM_BF16, NULL, &err) == CM_OK, "%s", err.msg);
+  return g;
+}
+
 typedef struct jit_tally {
   int spaces, runs, attn_spaces, gemm_spaces;
   double worst;
@@ -796,9 +816,10 @@ static bool emu_run_kernel(const cm_kernel *k, const cm_target *t, char **bufs, 
 }
 
 /* A graph lowered for sm_80 with stage `kind`'s plan changed to `knobs`, run on the emulated
- * device: every output within its bound; the same with the default plan. */
+ * device: every output within its bound; the same with the default plan when run_default (the
+ * flash spans' defaults run in test_nvrtc_variants). */
 static void emu_case(cm_graph *g, cm_kcuda_kind kind, const char *knobs, const char *plan,
-                     const char *what) {
+                     const char *what, bool run_default) {
   cm_target t;
   cm_err err = {0};
   CHECK(cm_target_cuda("sm_80", &t, &err) == CM_OK);
@@ -807,7 +828,7 @@ static void emu_case(cm_graph *g, cm_kcuda_kind kind, const char *knobs, const c
   if (jit_prog_open(&P, g, &t, 0) && find_stage(&P.L, &t, kind, &ki, &si)) {
     char name[160];
     snprintf(name, sizeof name, "%s (default)", what);
-    run_prog(&P, name);
+    if (run_default) run_prog(&P, name);
     if (apply_knobs(&P.L.kp.kernels[ki], si, &t, knobs)) {
       char *text = print_kernel(&P.L.kp.kernels[ki]);
       CHECK_MSG(strstr(text, plan) != NULL, "%s: the plan is not \"%s\":\n%s", what, plan, text);
@@ -825,24 +846,137 @@ static void emu_case(cm_graph *g, cm_kcuda_kind kind, const char *knobs, const c
 static void test_emulated(void) {
   /* an f32 GEMM with an epilogue: the FMA template with other tiles */
   emu_case(gemm_graph(1, 37, 45, 70), CM_KCUDA_GEMM, "mc=32,nc=64,kc=8,mr=16,nr=32",
-           "block 32x64 k 8 warp 16x32", "FMA GEMM");
+           "block 32x64 k 8 warp 16x32", "FMA GEMM", true);
   /* softmax rows of 300: a warp per row by default, a block of 128 threads tuned */
   cm_graph *g = cm_graph_new();
   int64_t d[2] = {5, 300};
   cm_err err = {0};
   CHECK(cm_graph_add_output(g, cm_nn_softmax(g, cm_input(g, "x", CM_F32, 2, d)), &err) == CM_OK);
-  emu_case(g, CM_KCUDA_ROWS, "warp=0,threads=128", "a block per row", "softmax rows");
+  emu_case(g, CM_KCUDA_ROWS, "warp=0,threads=128", "a block per row", "softmax rows", true);
   /* a row sum of 300 over 5 rows: a block per point by default, a warp per point tuned */
   g = cm_graph_new();
   int axes[1] = {1};
   int sum = cm_reduce(g, CM_OP_REDUCE_SUM, cm_input(g, "x", CM_F32, 2, d), 1, axes, false, "sum");
   CHECK(cm_graph_add_output(g, sum, &err) == CM_OK);
   emu_case(g, CM_KCUDA_GENERIC, "red=1,threads=128",
-           "generic: a warp per point; grid 2x1x1 block 128", "row sum");
+           "generic: a warp per point; grid 2x1x1 block 128", "row sum", true);
+  /* flash attention (70 tokens, head dim 24): forward in blocks of 2 warps and 32 keys, the
+   * backward in 8 warps and 32 keys */
+  emu_case(flash_graph(70, 24, false), CM_KCUDA_ATTN_FLASH, "warps=2,bc=32", "br 32 bc 32",
+           "flash forward", false);
+  emu_case(flash_graph(70, 24, true), CM_KCUDA_ATTN_FLASH_BWD, "warps=8,bc=32", "bc 32",
+           "flash backward", false);
   test_tally_report("tune_space emulated");
+}
+
+/* ---- flash attention's knobs ------------------------------------------------------------- */
+
+/* The NVRTC build of kernel k for t: false (checked) when it fails or a function spills. */
+static bool nvrtc_builds(cm_nvrtc *nv, const cm_kernel *k, const cm_target *t, const char *what) {
+  cm_cuda_render_opts ro = {t, false};
+  char *src = NULL;
+  cm_err err = {0};
+  cm_cubin cb;
+  memset(&cb, 0, sizeof cb);
+  cm_status st = cm_render_cuda(k, &ro, true, &src, &err);
+  if (st == CM_OK) st = cm_nvrtc_compile(nv, src, k->name, t->arch, NULL, 0, &cb, &err);
+  CHECK_MSG(st == CM_OK, "%s: %s", what, err.msg);
+  bool ok = st == CM_OK;
+  for (int i = 0; ok && i < cb.n_kernels; i++) {
+    const cm_cuda_kernel_info *ki = &cb.kernels[i];
+    CHECK_MSG(ki->spill_store_bytes == 0 && ki->spill_load_bytes == 0,
+              "%s: %s spills %d bytes (%d registers)", what, ki->name, ki->spill_store_bytes,
+              ki->registers);
+    ok = ki->spill_store_bytes == 0 && ki->spill_load_bytes == 0;
+  }
+  cm_cubin_free(&cb);
+  free(src);
+  return ok;
+}
+
+/* Every point of the flash spans' spaces at ViT-B's attention (197 tokens, head dim 64) for sm_80
+ * and sm_90: the knobs warps and bc, the default among the candidates and reproducing the plan;
+ * every other point applies or is refused naming the kernel and a rule; what applies renders
+ * and, with nvrtc (the long entry: ~10 s a build) where NVRTC loads, builds without spills. */
+static void flash_spaces(bool nvrtc) {
+  cm_target t[3];
+  targets(t);
+  cm_nvrtc *nv = NULL;
+  cm_err err = {0};
+  if (nvrtc && cm_nvrtc_load(&nv, &err) != CM_OK)
+    fprintf(stderr, "  NVRTC absent: rendered only\n");
+  cm_graph *gs[2] = {flash_graph(197, 64, false), flash_graph(197, 64, true)};
+  for (int ti = 1; ti < 3; ti++) {
+    int seen[2] = {0, 0}, applied = 0, refused = 0, built = 0;
+    for (int gi = 0; gi < 2; gi++) {
+      lowered L = lower_for(gs[gi], &t[ti], 0);
+      for (int ki = 0; L.ok && ki < L.kp.n_kernels; ki++) {
+        cm_kernel *k = &L.kp.kernels[ki];
+        for (int si = 0; si < k->n_stages; si++) {
+          cm_kcuda_kind kind = k->stages[si].cuda.kind;
+          if (kind != CM_KCUDA_ATTN_FLASH && kind != CM_KCUDA_ATTN_FLASH_BWD) continue;
+          bool bwd = kind == CM_KCUDA_ATTN_FLASH_BWD;
+          seen[bwd]++;
+          cm_tune_space sp;
+          CHECK(cm_tune_space_of(k, si, &t[ti], &sp, &err) == CM_OK && sp.n_knobs == 2);
+          CHECK(!strcmp(sp.knobs[0].name, "warps") && !strcmp(sp.knobs[1].name, "bc"));
+          const cm_kcuda_attn *a = &k->stages[si].cuda.attn;
+          CHECK(sp.knobs[0].values[sp.knobs[0].default_index] == a->threads / 32);
+          CHECK(sp.knobs[1].values[sp.knobs[1].default_index] == a->bc);
+          cm_kstage saved = k->stages[si];
+          for (int64_t i = 0; i < sp.n_points; i++) {
+            cm_tune_point p;
+            char text[64], what[160];
+            cm_tune_point_at(&sp, i, &p);
+            cm_tune_point_format(&sp, &p, text, sizeof text);
+            snprintf(what, sizeof what, "%s s%d %s %s", k->name, si, t[ti].arch, text);
+            cm_status st = cm_tune_apply(k, si, &t[ti], &p, &err);
+            CHECK_MSG(st == CM_OK || st == CM_EINVALID, "%s: %s", what, err.msg);
+            if (st == CM_OK) {
+              applied++;
+              CHECK(k->stages[si].cuda.attn.threads == 32 * p.value[0]);
+              CHECK(k->stages[si].cuda.attn.bc == p.value[1]);
+              if (nv)
+                built += nvrtc_builds(nv, k, &t[ti], what);
+              else
+                CHECK(renders(k, &t[ti], what));
+            } else {
+              refused++;
+              CHECK_STR_CONTAINS(err.msg, k->name);
+              printf("  %s: refused: %s\n", what, err.msg);
+            }
+            /* point 0 is the default: the plan as lowered */
+            if (i == 0)
+              CHECK_MSG(!memcmp(&k->stages[si].cuda, &saved.cuda, sizeof saved.cuda),
+                        "%s: the default point changed the plan", what);
+            k->stages[si] = saved;
+          }
+        }
+      }
+      lowered_free(&L);
+    }
+    printf("  flash %s: %d forward and %d backward spans, %d points applied (%d built), %d "
+           "refused\n",
+           t[ti].arch, seen[0], seen[1], applied, built, refused);
+    CHECK(seen[0] > 0 && seen[1] > 0);
+    CHECK(applied > seen[0] + seen[1] && refused > 0);
+    CHECK(!nv || built == applied);
+  }
+  cm_graph_free(gs[0]);
+  cm_graph_free(gs[1]);
+  if (nv) cm_nvrtc_unload(nv);
+}
+
+static void test_flash_spaces(void) {
+  flash_spaces(false);
+}
+
+static void test_flash_nvrtc(void) {
+  flash_spaces(true);
 }
 
 TEST_MAIN({"step_spaces", test_step_spaces}, {"step_spaces_all", test_step_spaces_all},
           {"same_function", test_same_function}, {"same_function_all", test_same_function_all},
           {"format_parse", test_format_parse}, {"structural_hash", test_structural_hash},
-          {"model_cost", test_model_cost}, {"emulated", test_emulated})
+          {"model_cost", test_model_cost}, {"emulated", test_emulated},
+          {"flash_spaces", test_flash_spaces}, {"flash_nvrtc", test_flash_nvrtc})

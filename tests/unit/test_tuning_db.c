@@ -1,11 +1,13 @@
 /* tests/unit/test_tuning_db.c — the tuning database (runtime/tuning_db.c): CMAEC_TUNE, device
  * ids, records written and read back (also after reopening), a space version bump hiding old
  * records, the report's text, two processes writing one file at once, and files that are not
- * a tuning database refused with a message. */
+ * a tuning database refused with a message; a compile over such a file warns once and plans
+ * with the defaults, while cm_tune still reports it. */
 #include "../../runtime/runtime.h"
 #include "../test.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <sqlite3.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -526,6 +528,98 @@ static void test_bad_files(void) {
   remove_tree(scratch);
 }
 
+/* ---- compiling over an unreadable database ---------------------------------------------- */
+
+/* tanh(x w): one GEMM stage, tunable on the CPU. */
+static cm_graph *one_gemm(void) {
+  cm_graph *g = cm_graph_new();
+  int64_t xd[2] = {48, 64}, wd[2] = {64, 96};
+  int y = cm_matmul(g, cm_input(g, "x", CM_F32, 2, xd), cm_input(g, "w", CM_F32, 2, wd), false,
+                    false, NULL);
+  cm_err err = {0};
+  CHECK(cm_graph_add_output(g, cm_unary(g, CM_OP_TANH, y, NULL), &err) == CM_OK);
+  CHECK_MSG(cm_graph_verify(g, &err) == CM_OK, "%s", err.msg);
+  return g;
+}
+
+/* Compiles g (rendered, not built: the database is read before anything renders) with stderr
+ * appended to log; returns the status, the tuned stages in *tuned. */
+static cm_status compile_logged(const cm_graph *g, const cm_target *t, const char *log, int *tuned,
+                                cm_err *err) {
+  cm_compile_opts co = {0};
+  co.compile_only = co.render_only = true;
+  co.tune = CM_TUNE_FROM_ENV;
+  fflush(stderr);
+  int saved = dup(2), fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+  CHECK(saved >= 0 && fd >= 0);
+  dup2(fd, 2);
+  cm_program *pr = NULL;
+  cm_status st = cm_compile(g, t, &co, &pr, err);
+  fflush(stderr);
+  dup2(saved, 2);
+  close(fd);
+  close(saved);
+  cm_program_stats ps = {0};
+  if (pr) cm_program_stats_get(pr, &ps);
+  *tuned = ps.tuned_stages;
+  cm_program_free(pr);
+  return st;
+}
+
+static char *read_all(const char *path) {
+  FILE *f = fopen(path, "rb");
+  char *text = calloc(1, 1 << 16);
+  if (f && text) fread(text, 1, (1 << 16) - 1, f);
+  if (f) fclose(f);
+  return text;
+}
+
+static int occurrences(const char *hay, const char *needle) {
+  int n = 0;
+  for (const char *p = hay; p && (p = strstr(p, needle)); p += strlen(needle)) n++;
+  return n;
+}
+
+static void test_unreadable_db_compiles(void) {
+  scratch_make();
+  char db[300], log[300], note[400];
+  scratch_path("tuning.db", db, sizeof db);
+  scratch_path("stderr.txt", log, sizeof log);
+  FILE *f = fopen(db, "w");
+  CHECK(f != NULL);
+  for (int i = 0; f && i < 300; i++) fputs("garbage, not SQLite\n", f);
+  if (f) fclose(f);
+  setenv("CMAEC_CACHE_DIR", scratch, 1);
+  setenv("CMAEC_TUNE", "cached", 1);
+  cm_graph *g = one_gemm();
+  cm_target t;
+  cm_err err = {0};
+  CHECK(cm_target_cpu(NULL, NULL, &t, &err) == CM_OK);
+  for (int round = 0; round < 2; round++) {
+    int tuned = -1;
+    cm_status st = compile_logged(g, &t, log, &tuned, &err);
+    CHECK_MSG(st == CM_OK, "compile %d over a garbage tuning.db: %s", round, err.msg);
+    CHECK(tuned == 0);
+  }
+  char *text = read_all(log);
+  snprintf(note, sizeof note, "tuning database %s unreadable: ", db);
+  CHECK_MSG(occurrences(text, note) == 1, "expected one warning \"%s\" in: %s", note, text);
+  CHECK_MSG(occurrences(text, "using default plans") == 1, "stderr: %s", text);
+  CHECK_STR_CONTAINS(text, "not a usable SQLite database");
+  free(text);
+  /* the tuner itself still refuses the file */
+  cm_tune_stats ts;
+  cm_tune_opts to = {.max_stages = 1};
+  err = (cm_err){0};
+  CHECK(cm_tune(g, &t, NULL, &to, &ts, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, db);
+  CHECK_STR_CONTAINS(err.msg, "not a usable SQLite database");
+  cm_graph_free(g);
+  unsetenv("CMAEC_TUNE");
+  unsetenv("CMAEC_CACHE_DIR");
+  remove_tree(scratch);
+}
+
 TEST_MAIN(TEST(test_mode_resolve), TEST(test_device_id), TEST(test_round_trip),
           TEST(test_version_bump), TEST(test_report), TEST(test_two_processes),
-          TEST(test_bad_files))
+          TEST(test_bad_files), TEST(test_unreadable_db_compiles))
