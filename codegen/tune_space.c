@@ -15,6 +15,8 @@
  *   CUDA generic stage: red (a thread, warp or block per point), threads (per block)
  *   CUDA flash attention forward: warps (a block's, 16 query rows each), bc (keys per block);
  *     backward: warps, bc (cu_flash_refit prunes by shared memory and a register estimate)
+ *   CPU GEMM also: k_split (1, 2, 4, 8 and the lowering's: a K split's partial GEMM, _kpart, or a
+ *     GEMM that may split; a change adds or removes the _ksum stage after it: cm_gemm_resplit)
  * Not knobs: the CPU thread split (the executor splits work items), the CPU row kernels' vector
  * width (a render option for the whole program, not a stage field), the other CUDA attention
  * spans (their renderers take fixed thread counts and tiles). */
@@ -123,7 +125,8 @@ static int cpu_vector_regs(const cm_target *t) {
   return t->vector_lanes >= 16 ? 32 : 16;
 }
 
-static void space_cpu_gemm(const cm_kstage *s, const cm_target *t, cm_tune_space *sp) {
+static void space_cpu_gemm(const cm_kernel *k, int si, const cm_target *t, cm_tune_space *sp) {
+  const cm_kstage *s = &k->stages[si];
   int W = t->vector_lanes, c[CM_TUNE_MAX_VALUES];
   int64_t M = s->dom[s->n_dom - 2], N = s->dom[s->n_dom - 1], K = s->red[0];
   add_knob(sp, "mr", CPU_MR, 5, s->tiles.mr);
@@ -136,6 +139,8 @@ static void space_cpu_gemm(const cm_kstage *s, const cm_target *t, cm_tune_space
   add_knob(sp, "nc", c, cands_below(nc, 4, round_up(N, L), 2048, c), s->tiles.nc);
   static const int kc[] = {64, 128, 256, 512};
   add_knob(sp, "kc", c, cands_below(kc, 4, K, 1024, c), s->tiles.kc);
+  int split = cm_gemm_k_split_at(k, si);
+  add_knob(sp, "k_split", c, cm_gemm_k_split_options(k, si, c), split > 0 ? split : 1);
 }
 
 static bool attn_gemm_stage(const cm_kattn *a, const cm_kstage *s, bool first);
@@ -258,7 +263,7 @@ cm_status cm_tune_space_of(const cm_kernel *k, int stage, const cm_target *t, cm
   space_kind kind = kind_of(k, stage, t);
   switch (kind) {
   case SP_NONE: break;
-  case SP_CPU_GEMM: space_cpu_gemm(s, t, out); break;
+  case SP_CPU_GEMM: space_cpu_gemm(k, stage, t, out); break;
   case SP_CPU_ATTN: space_cpu_attn(k, stage, t, out); break;
   case SP_CUDA_MMA: space_cuda_mma(&s->cuda.gemm, out); break;
   case SP_CUDA_FMA: space_cuda_fma(&s->cuda.gemm, out); break;
@@ -396,9 +401,13 @@ static cm_status clamp_tile(const cm_kernel *k, int si, const cm_tune_space *sp,
   return CM_OK;
 }
 
+/* The tiles are checked on the stage as the point's K split leaves it (K per slice), then the
+ * split is applied (cm_gemm_resplit: stages added or removed after si) and the tiles set. */
 static cm_status apply_cpu_gemm(cm_kernel *k, int si, const cm_target *t, const cm_tune_space *sp,
                                 const cm_tune_point *p, cm_err *err) {
-  cm_kstage *s = &k->stages[si];
+  int cur = cm_gemm_k_split_at(k, si), split = value_of(sp, p, "k_split", cur > 0 ? cur : 1);
+  cm_kstage probe = k->stages[si], *s = &probe;
+  probe.red[0] = (cur > 0 ? cur * probe.red[0] : probe.red[0]) / split;
   cm_kgemm_tiles w = s->tiles;
   w.mr = value_of(sp, p, "mr", w.mr);
   w.nr = value_of(sp, p, "nr", w.nr);
@@ -413,15 +422,15 @@ static cm_status apply_cpu_gemm(cm_kernel *k, int si, const cm_target *t, const 
       (st = clamp_tile(k, si, sp, "nc", nc, w.nr, round_up(N, w.nr), &w.nc, err)) != CM_OK ||
       (st = clamp_tile(k, si, sp, "kc", value_of(sp, p, "kc", w.kc), 1, K, &w.kc, err)) != CM_OK)
     return st;
-  cm_kgemm_tiles old = s->tiles;
   s->tiles = w;
   int64_t ws = cm_kstage_workspace_bytes(s, CM_TARGET_CPU);
-  if (ws > WORKSPACE_BUDGET) {
-    s->tiles = old;
+  if (ws > WORKSPACE_BUDGET)
     REFUSE("kernel %s stage %d: tiles mc %d nc %d kc %d: a %lld B workspace is over the %lld B "
            "budget",
            k->name, si, w.mc, w.nc, w.kc, (long long)ws, (long long)WORKSPACE_BUDGET);
-  }
+  if (split != (cur > 0 ? cur : 1) && (st = cm_gemm_resplit(k, si, split, t, err)) != CM_OK)
+    return st;
+  k->stages[si].tiles = w;
   return CM_OK;
 }
 

@@ -244,6 +244,8 @@ cm_status cm_tune_apply_cached(cm_kprogram *kp, const cm_target *t, const cm_com
       if (k->n_stages > before) at += k->n_stages - before;
       if (k->n_stages < before) s += before - k->n_stages;
     }
+    /* a K split point may add a scratch buffer */
+    if (k->scratch_bytes > kp->max_scratch_bytes) kp->max_scratch_bytes = k->scratch_bytes;
   }
   cm_tune_db_close(db);
   return st == CM_OK ? CM_OK : db_unreadable(path, &db_err);

@@ -110,8 +110,32 @@ static void targets(cm_target t[3]) {
 
 /* ---- every point of every space of the step ------------------------------------------------- */
 
+/* A deep copy of src (a K split point adds or removes stages: a stage copy cannot undo it). */
+static void kernel_dup(const cm_kernel *src, cm_kernel *dst) {
+  *dst = *src;
+  dst->buffers = malloc(sizeof *dst->buffers * (size_t)(src->n_buffers + 1));
+  dst->stages = calloc((size_t)src->n_stages + 1, sizeof *dst->stages);
+  CHECK(dst->buffers && dst->stages);
+  dst->cap_buffers = src->n_buffers + 1, dst->cap_stages = src->n_stages + 1;
+  memcpy(dst->buffers, src->buffers, sizeof *dst->buffers * (size_t)src->n_buffers);
+  for (int i = 0; i < src->n_stages; i++) {
+    cm_kstage *d = &dst->stages[i];
+    *d = src->stages[i];
+    d->exprs = malloc(sizeof *d->exprs * (size_t)(d->n_exprs + 1));
+    CHECK(d->exprs != NULL);
+    d->cap_exprs = d->n_exprs + 1;
+    memcpy(d->exprs, src->stages[i].exprs, sizeof *d->exprs * (size_t)d->n_exprs);
+  }
+}
+
+/* k back to saved (a deep copy of it, kept). */
+static void kernel_restore(cm_kernel *k, const cm_kernel *saved) {
+  cm_kernel_free(k);
+  kernel_dup(saved, k);
+}
+
 typedef struct sweep {
-  int64_t spaces, points, applied, refused, rendered;
+  int64_t spaces, points, applied, refused, rendered, resplit;
   int knobs_seen[8]; /* by knob count, for the summary */
 } sweep;
 
@@ -155,6 +179,9 @@ static void sweep_stage(cm_kernel *k, int si, const cm_target *t, sweep *sw, int
   memcpy(others, k->stages, sizeof *others * (size_t)k->n_stages);
   cm_tune_point p;
   cm_kstage saved = k->stages[si];
+  cm_kernel whole; /* for the K split's points, which add or remove a stage */
+  kernel_dup(k, &whole);
+  int n_stages = k->n_stages, splits = 0;
   cm_status st;
   for (int64_t i = 0; i < sp.n_points; i += stride) {
     cm_tune_point_at(&sp, i, &p);
@@ -170,8 +197,20 @@ static void sweep_stage(cm_kernel *k, int si, const cm_target *t, sweep *sw, int
       sw->refused++;
       CHECK_MSG(strstr(err.msg, k->name) != NULL, "the refusal names the kernel: %s", err.msg);
     }
+    /* a K split point rebuilds the stage (merged, split again: maybe as many stages) */
+    if (k->n_stages != n_stages || k->stages[si].exprs != saved.exprs) {
+      splits++;
+      kernel_restore(k, &whole);
+      free(others);
+      others = malloc(sizeof *others * (size_t)k->n_stages);
+      memcpy(others, k->stages, sizeof *others * (size_t)k->n_stages);
+      saved = k->stages[si];
+      continue;
+    }
     k->stages[si] = saved;
   }
+  sw->resplit += splits;
+  cm_kernel_free(&whole);
   /* applying touched no other stage */
   CHECK_MSG(!memcmp(k->stages, others, sizeof *others * (size_t)si) &&
                 !memcmp(k->stages + si + 1, others + si + 1,
@@ -198,9 +237,12 @@ static void step_spaces(int64_t stride) {
         for (int si = 0; si < L.kp.kernels[ki].n_stages; si++)
           sweep_stage(&L.kp.kernels[ki], si, &t[ti], &sw, stride);
       }
-      printf("  %s %s: %lld spaces, %lld points: %lld applied, %lld refused, %lld rendered\n",
+      printf("  %s %s: %lld spaces, %lld points: %lld applied, %lld refused, %lld rendered, %lld "
+             "K splits changed\n",
              bf16 ? "bf16" : "f32", t[ti].arch, (long long)sw.spaces, (long long)sw.points,
-             (long long)sw.applied, (long long)sw.refused, (long long)sw.rendered);
+             (long long)sw.applied, (long long)sw.refused, (long long)sw.rendered,
+             (long long)sw.resplit);
+      if (t[ti].kind == CM_TARGET_CPU) CHECK(sw.resplit > 0); /* the weight gradients' K */
       CHECK(sw.spaces > 0);
       CHECK(sw.applied > sw.spaces); /* more than the defaults apply */
       CHECK(sw.refused > 0);         /* and the pruning refuses some */
@@ -370,7 +412,7 @@ static cm_graph *flash_graph(int64_t tokens, int64_t dim, bool backward) {
 }
 
 typedef struct jit_tally {
-  int spaces, runs, attn_spaces, gemm_spaces;
+  int spaces, runs, attn_spaces, gemm_spaces, resplit;
   double worst;
 } jit_tally;
 
@@ -385,7 +427,8 @@ static void jit_points(jit_prog *P, int ki, int si, const cm_target *t, int want
   tally->spaces++;
   tally->attn_spaces += k->stages[si].tmpl != CM_KT_GEMM;
   tally->gemm_spaces += k->stages[si].tmpl == CM_KT_GEMM;
-  cm_kstage saved = k->stages[si];
+  cm_kernel saved;
+  kernel_dup(k, &saved);
   cm_cpu_stage_fn *defaults = P->fns[ki]; /* the default plan's functions, kept for the others */
   P->fns[ki] = NULL;
   int ran = 0;
@@ -394,16 +437,21 @@ static void jit_points(jit_prog *P, int ki, int si, const cm_target *t, int want
     cm_tune_point p;
     cm_tune_point_at(&sp, want <= 0 ? i : (i * 7919) % sp.n_points, &p);
     if (cm_tune_apply(k, si, t, &p, &err) != CM_OK) continue;
+    /* a K split point may add a scratch buffer */
+    if (k->scratch_bytes > P->L.kp.max_scratch_bytes) P->L.kp.max_scratch_bytes = k->scratch_bytes;
+    tally->resplit +=
+        k->n_stages != saved.n_stages || k->stages[si].red[0] != saved.stages[si].red[0];
     char what[160], pt[96];
     cm_tune_point_format(&sp, &p, pt, sizeof pt);
     snprintf(what, sizeof what, "%s %s s%d %s", name, k->name, si, pt);
     if (jit_kernel(P, ki)) tally->worst = fmax(tally->worst, run_prog(P, what));
-    k->stages[si] = saved;
+    kernel_restore(k, &saved);
     ran++, tally->runs++;
   }
   CHECK_MSG(ran > 0, "%s %s s%d: no point besides the default applies", name, k->name, si);
   free(P->fns[ki]);
   P->fns[ki] = defaults;
+  cm_kernel_free(&saved);
 }
 
 static void same_function(int want) {
@@ -439,8 +487,10 @@ static void same_function(int want) {
     jit_prog_close(&P);
     cm_graph_free(g);
   }
-  printf("  %d spaces (%d GEMM, %d attention), %d tuned runs, worst error / bound %.3g\n",
-         tally.spaces, tally.gemm_spaces, tally.attn_spaces, tally.runs, tally.worst);
+  printf("  %d spaces (%d GEMM, %d attention), %d tuned runs (%d with another K split), worst "
+         "error / bound %.3g\n",
+         tally.spaces, tally.gemm_spaces, tally.attn_spaces, tally.runs, tally.resplit,
+         tally.worst);
   CHECK(tally.gemm_spaces >= 3);
   CHECK(tally.attn_spaces >= 2);
   test_tally_report("tune_space");
@@ -773,6 +823,79 @@ static void test_model_cost(void) {
   cm_graph_free(gr);
 }
 
+/* The K split of stage si as its name and domain show it: S for a split's partial GEMM
+ * ("_kpart", dom [S, ...]), else 1. */
+static int kpart_split(const cm_kernel *k, int si) {
+  const char *name = k->stages[si].name;
+  size_t n = strlen(name);
+  return n > 6 && !strcmp(name + n - 6, "_kpart") ? (int)k->stages[si].dom[0] : 1;
+}
+
+/* The CPU K split as a knob, every candidate through the JIT against the oracle: a GEMM of one
+ * block over K 1536 (split 4 as lowered: 1 merges the _kpart and _ksum stages back into one
+ * GEMM, 2 re-splits) and one of 4 blocks over K 1024 (not split as lowered: 2 and 4 add the
+ * _ksum stage). */
+static void test_k_split(void) {
+  cm_target t;
+  cm_target_host(&t);
+  static const int64_t cases[2][4] = {{1, 24, 40, 1536}, {4, 24, 40, 1024}};
+  static const int want[2][4] = {{1, 2, 4, 0}, {1, 2, 4, 0}}, as_lowered[2] = {4, 1};
+  for (int c = 0; c < 2; c++) {
+    cm_graph *g = gemm_graph(cases[c][0], cases[c][1], cases[c][2], cases[c][3]);
+    jit_prog P;
+    int ki = 0, si = 0;
+    if (!jit_prog_open(&P, g, &t, 0) || !find_stage(&P.L, &t, CM_KCUDA_NONE, &ki, &si)) {
+      CHECK_MSG(false, "gemm case %d: no GEMM stage", c);
+      jit_prog_close(&P);
+      cm_graph_free(g);
+      continue;
+    }
+    cm_kernel *k = &P.L.kp.kernels[ki];
+    cm_tune_space sp;
+    cm_err err = {0};
+    CHECK(cm_tune_space_of(k, si, &t, &sp, &err) == CM_OK);
+    int kn = -1;
+    for (int i = 0; i < sp.n_knobs; i++)
+      if (!strcmp(sp.knobs[i].name, "k_split")) kn = i;
+    CHECK_MSG(kn >= 0, "gemm case %d: no k_split knob", c);
+    if (kn < 0) {
+      jit_prog_close(&P);
+      cm_graph_free(g);
+      continue;
+    }
+    const cm_tune_knob *knob = &sp.knobs[kn];
+    CHECK(knob->values[knob->default_index] == as_lowered[c]);
+    CHECK(kpart_split(k, si) == as_lowered[c]);
+    CHECK(knob->n_values == 3);
+    cm_kernel saved;
+    kernel_dup(k, &saved);
+    for (int v = 0; v < knob->n_values; v++) {
+      CHECK(knob->values[v] == want[c][v]);
+      char knobs[32], what[96];
+      snprintf(knobs, sizeof knobs, "k_split=%d", knob->values[v]);
+      snprintf(what, sizeof what, "gemm case %d %s", c, knobs);
+      if (!apply_knobs(k, si, &t, knobs)) continue;
+      int split = knob->values[v];
+      CHECK(kpart_split(k, si) == split);
+      CHECK(k->n_stages == saved.n_stages + (split > 1) - (as_lowered[c] > 1));
+      CHECK(k->stages[si].red[0] * split == cases[c][3]);
+      if (k->scratch_bytes > P.L.kp.max_scratch_bytes) P.L.kp.max_scratch_bytes = k->scratch_bytes;
+      if (jit_kernel(&P, ki)) run_prog(&P, what);
+      kernel_restore(k, &saved);
+    }
+    /* a split the GEMM's K does not allow is refused */
+    cm_tune_point p;
+    cm_tune_point_default(&sp, &p);
+    p.value[kn] = 8;
+    CHECK(cm_tune_apply(k, si, &t, &p, &err) == CM_EINVALID);
+    CHECK(k->n_stages == saved.n_stages);
+    cm_kernel_free(&saved);
+    jit_prog_close(&P);
+    cm_graph_free(g);
+  }
+  test_tally_report("tune_space k_split");
+}
+
 /* ---- the emulated CUDA device ------------------------------------------------------------- */
 
 /* Kernel k rendered for t, built by the emulated device's compiler (host C++ under the CUDA shim)
@@ -979,4 +1102,5 @@ TEST_MAIN({"step_spaces", test_step_spaces}, {"step_spaces_all", test_step_space
           {"same_function", test_same_function}, {"same_function_all", test_same_function_all},
           {"format_parse", test_format_parse}, {"structural_hash", test_structural_hash},
           {"model_cost", test_model_cost}, {"emulated", test_emulated},
-          {"flash_spaces", test_flash_spaces}, {"flash_nvrtc", test_flash_nvrtc})
+          {"flash_spaces", test_flash_spaces}, {"flash_nvrtc", test_flash_nvrtc},
+          {"k_split", test_k_split})
