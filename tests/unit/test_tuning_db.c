@@ -2,7 +2,8 @@
  * ids, records written and read back (also after reopening), a space version bump hiding old
  * records, the report's text, two processes writing one file at once, and files that are not
  * a tuning database refused with a message; a compile over such a file warns once and plans
- * with the defaults, while cm_tune still reports it. */
+ * with the defaults, while cm_tune still reports it; recorded K splits that remove or add a
+ * stage applied by a compile. */
 #include "../../runtime/runtime.h"
 #include "../test.h"
 
@@ -620,6 +621,104 @@ static void test_unreadable_db_compiles(void) {
   remove_tree(scratch);
 }
 
+/* ---- recorded K splits ------------------------------------------------------------------ */
+
+/* The GEMM stage of x[24 x K] w[K x 40] as lowered for t (compile_only, render_only, tune off):
+ * its kernel's index, hash, stage and stage count. */
+static bool lowered_gemm(const cm_graph *g, const cm_target *t, int *ki, char hash[65], int *si,
+                         int *n_stages) {
+  cm_compile_opts co = {0};
+  co.compile_only = co.render_only = true;
+  co.tune = CM_TUNE_OFF;
+  cm_program *pr = NULL;
+  cm_err err = {0};
+  CHECK_MSG(cm_compile(g, t, &co, &pr, &err) == CM_OK, "%s", err.msg);
+  bool found = false;
+  const cm_kprogram *kp = pr ? cm_program_kernels(pr) : NULL;
+  for (int i = 0; kp && i < kp->n_kernels && !found; i++)
+    for (int s = 0; s < kp->kernels[i].n_stages && !found; s++)
+      if (kp->kernels[i].stages[s].tmpl == CM_KT_GEMM) {
+        *ki = i, *si = s, *n_stages = kp->kernels[i].n_stages, found = true;
+        cm_kernel_structural_hash(&kp->kernels[i], hash);
+      }
+  cm_program_free(pr);
+  return found;
+}
+
+/* The default point of stage si with knob k_split = split, as the database holds it. */
+static bool k_split_point(const cm_graph *g, const cm_target *t, int ki, int si, int split,
+                          char *text, size_t size) {
+  cm_compile_opts co = {0};
+  co.compile_only = co.render_only = true;
+  co.tune = CM_TUNE_OFF;
+  cm_program *pr = NULL;
+  cm_err err = {0};
+  CHECK(cm_compile(g, t, &co, &pr, &err) == CM_OK);
+  cm_tune_space sp;
+  bool ok = pr && cm_tune_space_of(&cm_program_kernels(pr)->kernels[ki], si, t, &sp, &err) == CM_OK;
+  cm_tune_point p;
+  if (ok) cm_tune_point_default(&sp, &p);
+  bool knob = false;
+  for (int i = 0; ok && i < sp.n_knobs; i++)
+    if (!strcmp(sp.knobs[i].name, "k_split")) p.value[i] = split, knob = true;
+  CHECK_MSG(knob, "stage %d: no k_split knob", si);
+  if (knob) cm_tune_point_format(&sp, &p, text, size);
+  cm_program_free(pr);
+  return knob;
+}
+
+static void test_k_split_records(void) {
+  scratch_make();
+  setenv("CMAEC_CACHE_DIR", scratch, 1);
+  setenv("CMAEC_TUNE", "cached", 1);
+  cm_target t;
+  cm_err err = {0};
+  CHECK(cm_target_cpu(NULL, NULL, &t, &err) == CM_OK);
+  /* K 1536 in one block: split in 4 as lowered (record: none); K 1024 over 4 row blocks of a
+   * batch: not split (record: 2) */
+  static const int64_t shapes[2][3] = {{1, 24, 1536}, {4, 24, 1024}};
+  static const int record[2] = {1, 2}, change[2] = {-1, +1};
+  for (int c = 0; c < 2; c++) {
+    cm_graph *g = cm_graph_new();
+    int64_t xd[3] = {shapes[c][0], shapes[c][1], shapes[c][2]},
+            wd[3] = {shapes[c][0], shapes[c][2], 40};
+    int r = shapes[c][0] > 1 ? 3 : 2, o = shapes[c][0] > 1 ? 0 : 1;
+    int y = cm_matmul(g, cm_input(g, "x", CM_F32, r, xd + o), cm_input(g, "w", CM_F32, r, wd + o),
+                      false, false, NULL);
+    CHECK(cm_graph_add_output(g, cm_unary(g, CM_OP_TANH, y, NULL), &err) == CM_OK);
+    int ki = 0, si = 0, n_stages = 0;
+    cm_tune_key key = {.version = CM_TUNE_SPACE_VERSION};
+    char text[256];
+    if (lowered_gemm(g, &t, &ki, key.kernel, &si, &n_stages) &&
+        k_split_point(g, &t, ki, si, record[c], text, sizeof text)) {
+      key.stage = si;
+      cm_tune_device_for(&t, NULL, key.device, sizeof key.device);
+      char path[300];
+      scratch_path("tuning.db", path, sizeof path);
+      cm_tune_db *db = NULL;
+      CHECK(cm_tune_db_open(path, &db, &err) == CM_OK);
+      CHECK(cm_tune_db_put_best(db, &key, text, 1, 2, "gemm", &err) == CM_OK);
+      cm_tune_db_close(db);
+      cm_compile_opts co = {0};
+      co.compile_only = co.render_only = true;
+      cm_program *pr = NULL;
+      CHECK_MSG(cm_compile(g, &t, &co, &pr, &err) == CM_OK, "%s", err.msg);
+      cm_program_stats ps = {0};
+      if (pr) cm_program_stats_get(pr, &ps);
+      CHECK_MSG(ps.tuned_stages == 1, "case %d (%s): %d tuned stages", c, text, ps.tuned_stages);
+      const cm_kernel *k = pr ? &cm_program_kernels(pr)->kernels[ki] : NULL;
+      CHECK(k && k->n_stages == n_stages + change[c]);
+      CHECK(pr && cm_program_kernels(pr)->max_scratch_bytes >= (k ? k->scratch_bytes : 0));
+      cm_program_free(pr);
+      remove_db(path);
+    }
+    cm_graph_free(g);
+  }
+  unsetenv("CMAEC_TUNE");
+  unsetenv("CMAEC_CACHE_DIR");
+  remove_tree(scratch);
+}
+
 TEST_MAIN(TEST(test_mode_resolve), TEST(test_device_id), TEST(test_round_trip),
           TEST(test_version_bump), TEST(test_report), TEST(test_two_processes),
-          TEST(test_bad_files), TEST(test_unreadable_db_compiles))
+          TEST(test_bad_files), TEST(test_unreadable_db_compiles), TEST(test_k_split_records))
