@@ -224,11 +224,15 @@ fi
 # TUNE_STAGES: by the cost model the GEMMs (forward, dgrad, wgrad) and attention spans of
 # ViT-B's encoder and decoder come first; 12 of them leave the 120 s budget ~10 s a stage (a
 # few NVRTC builds and timed runs each). The records go to the default cache's tuning.db, which
-# bench's tuned step reads; a timeout keeps what was recorded.
+# bench's tuned step reads; a timeout keeps what was recorded. The budget is 120 s, less when
+# the parts before left too little for bench and compile after it (their 150 + 40 s).
 TUNE_STAGES=${TUNE_STAGES:-12}
+tune_budget=$((deadline - $(date +%s) - 150 - 40 - 20))
+[ "$tune_budget" -gt 120 ] && tune_budget=120
+[ "$tune_budget" -lt 10 ] && tune_budget=10
 tune_gpu() {
-  "$build/cmaec" tune models/cmae_vit_base.json --backend cuda --batch 128 --budget 120 \
-    --max-stages "$TUNE_STAGES"
+  "$build/cmaec" tune models/cmae_vit_base.json --backend cuda --batch 128 \
+    --budget "$tune_budget" --max-stages "$TUNE_STAGES"
 }
 tune_dry() { # the real command line must parse, then find no driver here; then made-up figures
   tune_gpu
@@ -237,14 +241,14 @@ tune_dry() { # the real command line must parse, then find no driver here; then 
   fake_tune
 }
 export -f tune_gpu tune_dry
-if [ "$dry" = 1 ]; then run_part tune 60 tune_dry; else run_part tune 150 tune_gpu; fi
+if [ "$dry" = 1 ]; then run_part tune 60 tune_dry; else run_part tune $((tune_budget + 30)) tune_gpu; fi
 rc=$?
 tune_line=$(grep -E '^[0-9]+ tunable stages: ' "$logs/tune.log" | tail -1)
 tune_ms=$(grep -E '^searched stages: ' "$logs/tune.log" | tail -1)
 if [ "$dry" = 1 ] && ! grep -q "CUDA driver not found" "$logs/tune.log"; then
   row tune FAILED "the dry run's command line did not reach the driver (see $logs/tune.log)"
 elif [ "$rc" = 0 ] && [ -n "$tune_line" ]; then
-  row tune ok "${tune_line}${tune_ms:+; ${tune_ms#searched stages: }}"
+  row tune ok "budget $tune_budget s: ${tune_line}${tune_ms:+; ${tune_ms#searched stages: }}"
 else
   row tune FAILED "$(why $rc)${tune_line:+: $tune_line} (see $logs/tune.log; what was recorded is used)"
 fi
