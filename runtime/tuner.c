@@ -19,6 +19,8 @@
 #include <math.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -181,6 +183,19 @@ static bool apply_recorded(cm_kernel *k, int s, const cm_target *t, const cm_tun
   return true;
 }
 
+/* A database that cannot be read costs the tuned plans, never the compile: one warning a
+ * process (every compile of a training run would repeat it), then the default plans. */
+static cm_status db_unreadable(const char *path, const cm_err *why) {
+  static atomic_flag warned = ATOMIC_FLAG_INIT;
+  if (atomic_flag_test_and_set(&warned)) return CM_OK;
+  char prefix[4300];
+  snprintf(prefix, sizeof prefix, "tuning database %s: ", path);
+  const char *msg = why->msg;
+  if (!strncmp(msg, prefix, strlen(prefix))) msg += strlen(prefix);
+  fprintf(stderr, "cmaec: tuning database %s unreadable: %s; using default plans\n", path, msg);
+  return CM_OK;
+}
+
 cm_status cm_tune_apply_cached(cm_kprogram *kp, const cm_target *t, const cm_compile_opts *co,
                                int *applied, int *ignored, cm_err *err) {
   *applied = *ignored = 0;
@@ -188,18 +203,27 @@ cm_status cm_tune_apply_cached(cm_kprogram *kp, const cm_target *t, const cm_com
   if (cm_tune_mode_resolve(co ? co->tune : CM_TUNE_FROM_ENV, &mode, err) != CM_OK)
     return err ? err->status : CM_EINVALID;
   if (mode == CM_TUNE_OFF) return CM_OK;
+  char cbuf[4096], path[4200];
+  const char *dir = cm_cache_dir(co ? co->cache_dir : NULL, cbuf, sizeof cbuf);
+  if (!dir) return CM_OK; /* caching disabled */
+  snprintf(path, sizeof path, "%s/tuning.db", dir);
   cm_tune_db *db = NULL;
-  cm_status st = open_db(NULL, co, true, &db, err);
-  if (st != CM_OK || !db) return st;
+  cm_err db_err = {0};
+  cm_status st = open_db(path, co, true, &db, &db_err);
+  if (st != CM_OK) return db_unreadable(path, &db_err);
+  if (!db) return CM_OK;
   cm_tune_key key = {.version = CM_TUNE_SPACE_VERSION};
   bool have_device = false;
   for (int i = 0; i < kp->n_kernels && st == CM_OK; i++) {
     cm_kernel *k = &kp->kernels[i];
     bool hashed = false;
-    for (int s = 0; s < k->n_stages && st == CM_OK; s++) {
+    /* a K split point adds or removes a stage: s walks the kernel as lowered (the key's
+       stages), at is where that stage is now */
+    int lowered = k->n_stages;
+    for (int s = 0, at = 0; s < lowered && st == CM_OK; s++, at++) {
       cm_tune_space space;
       cm_err e = {0};
-      if (cm_tune_space_of(k, s, t, &space, &e) != CM_OK || space.n_knobs == 0) continue;
+      if (cm_tune_space_of(k, at, t, &space, &e) != CM_OK || space.n_knobs == 0) continue;
       if (!hashed) /* before any stage of it changes: the key is the kernel as lowered */
         cm_kernel_structural_hash(k, key.kernel), hashed = true;
       if (!have_device)
@@ -208,17 +232,23 @@ cm_status cm_tune_apply_cached(cm_kprogram *kp, const cm_target *t, const cm_com
       char text[256];
       double best_ms;
       bool found = false;
-      st = cm_tune_db_get_best(db, &key, text, sizeof text, &best_ms, &found, err);
+      st = cm_tune_db_get_best(db, &key, text, sizeof text, &best_ms, &found, &db_err);
       if (st != CM_OK || !found) continue;
-      if (apply_recorded(k, s, t, &space, text))
-        (*applied)++;
-      else
+      int before = k->n_stages;
+      if (!apply_recorded(k, at, t, &space, text)) {
         (*ignored)++;
+        continue;
+      }
+      (*applied)++;
+      /* split: skip the sum stage it added; merged: the lowered sum stage is gone */
+      if (k->n_stages > before) at += k->n_stages - before;
+      if (k->n_stages < before) s += before - k->n_stages;
     }
+    /* a K split point may add a scratch buffer */
+    if (k->scratch_bytes > kp->max_scratch_bytes) kp->max_scratch_bytes = k->scratch_bytes;
   }
   cm_tune_db_close(db);
-  if (st != CM_OK) cm_err_prefix(err, "tuning database: ");
-  return st;
+  return st == CM_OK ? CM_OK : db_unreadable(path, &db_err);
 }
 
 /* ---- random sources --------------------------------------------------------------------- */
