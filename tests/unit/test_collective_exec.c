@@ -28,6 +28,7 @@ typedef struct rank_job {
   cm_tensor *outputs;        /* g->n_outputs, filled by the run */
   cm_status st;
   cm_err err;
+  int profiled; /* with opts.profile: collective stages the profile counted one run of */
 } rank_job;
 
 static void *run_rank(void *arg) {
@@ -35,6 +36,10 @@ static void *run_rank(void *arg) {
   cm_program *pr = NULL;
   j->st = cm_compile(j->g, j->target, &j->opts, &pr, &j->err);
   if (j->st == CM_OK) j->st = cm_program_run(pr, j->sources, j->outputs, &j->err);
+  const cm_stage_profile *sp = NULL;
+  int n = j->st == CM_OK ? cm_program_stage_profile(pr, &sp) : 0;
+  for (int i = 0; i < n; i++)
+    j->profiled += sp[i].stage->coll.op != CM_KCOLL_NONE && sp[i].runs == 1;
   cm_program_free(pr);
   return NULL;
 }
@@ -52,8 +57,9 @@ static bool run_group(const cm_graph *g, int n, const cm_target *target, void *b
   rank_job jobs[4];
   pthread_t threads[4];
   for (int r = 0; r < n; r++) {
-    jobs[r] = (rank_job){g, target, {0}, NULL, outputs[r], CM_OK, {0}};
+    jobs[r] = (rank_job){g, target, {0}, NULL, outputs[r], CM_OK, {0}, 0};
     jobs[r].opts.cache_dir = test_module_cache("collexec");
+    jobs[r].opts.profile = !target; /* the CPU's profile times the collective stages */
     jobs[r].opts.comm = comms[r];
     jobs[r].opts.backend_opts = backend_opts;
     cm_tensor **src = malloc(sizeof *src * (size_t)g->n_nodes);
@@ -65,6 +71,12 @@ static bool run_group(const cm_graph *g, int n, const cm_target *target, void *b
   for (int r = 0; r < n; r++) {
     pthread_join(threads[r], NULL);
     CHECK_MSG(jobs[r].st == CM_OK, "%s: rank %d of %d: %s", what, r, n, jobs[r].err.msg);
+    int collectives = 0;
+    for (int v = 0; v < g->n_nodes; v++)
+      collectives += g->nodes[v].op == CM_OP_ALL_REDUCE || g->nodes[v].op == CM_OP_ALL_GATHER;
+    CHECK_MSG(target || jobs[r].st != CM_OK || jobs[r].profiled == collectives,
+              "%s: rank %d: %d of %d collective stages profiled", what, r, jobs[r].profiled,
+              collectives);
     ok = ok && jobs[r].st == CM_OK;
     free((void *)jobs[r].sources);
   }
