@@ -283,43 +283,61 @@ static void test_refusals(void) {
   cm_graph_free(g);
 }
 
-/* The default variant's training step built for 2 ranks with the gradients averaged over them
- * (cm_data_parallel, small buckets so that several overlap the backward), each rank on its own
- * images and masks and on the same params and states: every rank's outputs and updated states
- * against the oracle over the group (the bounds carried through the whole step), and the ranks'
- * updated params and states equal bit for bit (each rank applies the same reduced gradients). */
-static void test_data_parallel_step(void) {
-  const int ranks = 2, batch = 2;
-  cm_model_config cfg;
+/* The default variant's step built for 2 ranks (batch 2 each) with the gradients averaged in
+ * 64 KiB buckets; cfg and m as test_build_step gives them (m's inputs renumbered). */
+static cm_graph *build_dp_step(cm_model_config *cfg, cm_model *m, int *buckets) {
   cm_err err = {0};
-  CHECK_MSG(cm_model_config_load("models/cmae_vit_tiny_fmnist.json", NULL, 0, &cfg, &err) == CM_OK,
+  *buckets = 0;
+  CHECK_MSG(cm_model_config_load("models/cmae_vit_tiny_fmnist.json", NULL, 0, cfg, &err) == CM_OK,
             "%s", err.msg);
-  cm_model_build_opts bo = {batch, ranks, CM_F32};
-  cm_model m;
-  CHECK_MSG(cm_model_build(&cfg, &bo, &m, &err) == CM_OK && m.g, "%s", err.msg);
-  if (!m.g) return;
+  cm_model_build_opts bo = {2, 2, CM_F32};
+  CHECK_MSG(cm_model_build(cfg, &bo, m, &err) == CM_OK && m->g, "%s", err.msg);
+  if (!m->g) return NULL;
   cm_optim_config oc = test_model_optim();
   cm_graph *step = NULL;
   cm_train_step_info info;
-  CHECK_MSG(cm_build_train_step(m.g, m.loss, &oc, &step, &info, &err) == CM_OK, "%s", err.msg);
+  CHECK_MSG(cm_build_train_step(m->g, m->loss, &oc, &step, &info, &err) == CM_OK, "%s", err.msg);
   /* the rewrite renumbers nodes: the model's inputs are found again by name */
-  int *ids[] = {&m.img, &m.ids_keep, &m.ids_restore, &m.mask};
+  int *ids[] = {&m->img, &m->ids_keep, &m->ids_restore, &m->mask};
   char names[4][128] = {{0}};
   for (int i = 0; step && i < 4; i++)
     if (*ids[i] >= 0) snprintf(names[i], sizeof names[i], "%s", step->nodes[*ids[i]].name);
-  CHECK_MSG(step && cm_data_parallel(&step, ranks, 64 << 10, &err) == CM_OK, "%s", err.msg);
+  CHECK_MSG(step && cm_data_parallel(&step, 2, 64 << 10, &err) == CM_OK, "%s", err.msg);
   for (int i = 0; step && i < 4; i++)
     if (*ids[i] >= 0) *ids[i] = cm_graph_find(step, names[i]);
-  int buckets = 0;
   for (int v = 0; step && v < step->n_nodes; v++)
-    buckets += !strncmp(step->nodes[v].name, "grad_bucket_", 12);
-  CHECK_MSG(buckets > 1, "%d gradient buckets", buckets);
-  /* the step's lowering: the buckets' inputs stay in place until their waits */
+    *buckets += !strncmp(step->nodes[v].name, "grad_bucket_", 12);
+  CHECK_MSG(*buckets > 1, "%d gradient buckets", *buckets);
+  return step;
+}
+
+/* That step lowered: every bucket an all_reduce stage whose input no kernel overwrites before
+ * its wait (memplan's rule for asynchronous collectives). */
+static void test_data_parallel_lowered(void) {
+  cm_model_config cfg;
+  cm_model m;
+  int buckets;
+  cm_graph *step = build_dp_step(&cfg, &m, &buckets);
   cm_compile_opts lo = {.compile_only = true, .render_only = true};
   cm_program *lowered = NULL;
+  cm_err err = {0};
   CHECK_MSG(step && cm_compile(step, NULL, &lo, &lowered, &err) == CM_OK, "%s", err.msg);
   if (lowered) CHECK(check_async_inputs_kept(cm_program_kernels(lowered), "step") >= buckets);
   cm_program_free(lowered);
+  cm_graph_free(step);
+  cm_model_free(&m);
+}
+
+/* That step run on 2 ranks, each on its own images and masks and on the same params and
+ * states: every rank's outputs and updated states against the oracle over the group (the
+ * bounds carried through the whole step), and the ranks' updated params and states equal bit
+ * for bit (each rank applies the same reduced gradients). */
+static void test_data_parallel_step(void) {
+  const int ranks = 2;
+  cm_model_config cfg;
+  cm_model m;
+  int buckets;
+  cm_graph *step = build_dp_step(&cfg, &m, &buckets);
   cm_tensor *src[2], *orig[2], *out[2];
   for (int r = 0; step && r < ranks; r++) {
     src[r] = calloc((size_t)step->n_nodes, sizeof *src[r]);
@@ -359,4 +377,5 @@ static void test_data_parallel_step(void) {
 }
 
 TEST_MAIN(TEST(test_lowered_kernels), TEST(test_refusals), TEST(test_collective_graphs),
-          TEST(test_collective_graphs_emulated), TEST(test_data_parallel_step))
+          TEST(test_collective_graphs_emulated), TEST(test_data_parallel_lowered),
+          TEST(test_data_parallel_step))
