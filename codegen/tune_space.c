@@ -66,6 +66,7 @@ static bool cpu_gemm_stage(const cm_kstage *s) {
 
 static space_kind kind_of(const cm_kernel *k, int si, const cm_target *t) {
   const cm_kstage *s = &k->stages[si];
+  if (s->coll.op != CM_KCOLL_NONE) return SP_NONE; /* a communicator's call: nothing to tune */
   if (t->kind == CM_TARGET_CPU) {
     if (t->vector_lanes < 1 || in_attn_span(k, si)) return SP_NONE;
     if (is_attn(s))
