@@ -129,7 +129,10 @@ typedef struct cm_loader_opts {
   int depth;       /* prefetched batches, 2..4 (0: 3) */
   bool shuffle;    /* a seeded permutation per epoch */
   bool drop_last;  /* drop the last partial batch of each epoch */
-  int rank, world; /* shard: rank r gets [r*n/G, (r+1)*n/G) of the permutation, n/G floor */
+  int rank, world; /* shard: of each global batch (batch * world positions of the epoch's
+                      permutation) rank r gets [r*batch, (r+1)*batch) (a partial last one:
+                      [r*len/world, (r+1)*len/world)), so the samples, views and masks of a
+                      step are those of one process at the global batch */
   uint64_t seed;   /* run seed */
   int64_t epoch0;  /* first epoch */
   int64_t epochs;  /* epochs to run; 0: unlimited */
