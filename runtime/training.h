@@ -365,6 +365,12 @@ typedef struct cm_train_opts {
   volatile sig_atomic_t *stop; /* set (e.g. by a SIGINT handler): finish the step, save, return */
   bool tune;                   /* cm_tune the step's kernels before compiling it (train --tune) */
   double tune_budget_s;        /* its budget; 0: no limit */
+  /* data parallelism (docs/training.md): NULL or world size 1: one process; else this rank
+   * of a group that runs the same cm_train: the step is built for cm_comm_size ranks at the
+   * per-rank batch optimizer.batch / size, the gradients averaged over the ranks
+   * (cm_data_parallel), this rank's share of every global batch drawn by the loader, and
+   * rank 0 alone writes the log, metrics and checkpoints (which hold no per-rank state) */
+  cm_comm *comm;
 } cm_train_opts;
 
 typedef struct cm_train_result {
@@ -394,6 +400,14 @@ cm_status cm_train_precision_resolve(const char *precision, cm_backend_kind back
  * value stay f32). n_autocast (may be NULL) receives the contractions rewritten. */
 cm_status cm_train_build_step(const cm_model_config *cfg, cm_dtype precision, cm_graph **step,
                               int *n_autocast, cm_err *err);
+/* The step one rank of `ranks` runs: the model at the per-rank batch optimizer.batch / ranks
+ * (CM_EINVALID unless it divides), built for `ranks` ranks (SyncBN, global InfoNCE negatives:
+ * inputs "rank" and "labels"), its parameter gradients averaged over the ranks in buckets of
+ * about bucket_bytes (cm_data_parallel; 0: 25 MB) before clipping and the update. ranks 1 is
+ * cm_train_build_step. */
+cm_status cm_train_build_step_ranks(const cm_model_config *cfg, cm_dtype precision, int ranks,
+                                    int64_t bucket_bytes, cm_graph **step, int *n_autocast,
+                                    cm_err *err);
 /* ---- evaluation commands (runtime/features.c) -------------------------------
  * The frozen online encoder as a feature extractor (docs/evaluation.md): the
  * variant's encoder on the whole unmasked image (ids_keep -1, the final norm
