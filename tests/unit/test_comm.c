@@ -1,0 +1,350 @@
+/* tests/unit/test_comm.c — cm_comm (docs/runtime.md "Communication"): every collective on
+ * every dtype against sums the test computes itself from every rank's data (each rank
+ * regenerates the others' random inputs from their seeds), in place and asynchronously, on
+ * LOCAL groups of threads, on TCP ranks forked from this process, and on MPI ranks started by
+ * mpirun (this binary re-run as `test_comm --mpi-rank MODE`); the watchdog (a rank that never
+ * calls, a rank killed) and mismatched counts. */
+#include "../../runtime/runtime.h"
+#include "../test.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { COUNT = 1037, MAX_RANKS = 4 };
+static const double unit_f32 = 1.0 / (1 << 24), unit_bf16 = 1.0 / (1 << 8);
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ---- every rank's inputs, reproducible on every rank ------------------------ */
+
+static uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+/* element i of rank r's input of case k, as a double the dtype holds exactly */
+static double input_value(int k, int r, int64_t i, cm_dtype dt) {
+  uint64_t h = mix(((uint64_t)k << 40) ^ ((uint64_t)r << 32) ^ (uint64_t)i);
+  if (dt == CM_I32) return (double)(int32_t)(h % 2000001) - 1000000.0;
+  if (dt == CM_I64) return (double)((int64_t)(h % 2000000000001ull) - 1000000000000ll);
+  double u = (double)(h >> 11) / 9007199254740992.0 * 8.0 - 4.0; /* [-4, 4) */
+  return dt == CM_BF16 ? (double)cm_bf16_to_f32(cm_f64_to_bf16(u)) : (double)(float)u;
+}
+
+static size_t dtype_bytes(cm_dtype dt) {
+  return dt == CM_BF16 ? 2 : dt == CM_I64 ? 8 : 4;
+}
+
+static void store(void *buf, int64_t i, cm_dtype dt, double v) {
+  if (dt == CM_F32) ((float *)buf)[i] = (float)v;
+  if (dt == CM_BF16) ((uint16_t *)buf)[i] = cm_f64_to_bf16(v);
+  if (dt == CM_I32) ((int32_t *)buf)[i] = (int32_t)v;
+  if (dt == CM_I64) ((int64_t *)buf)[i] = (int64_t)v;
+}
+
+static double load(const void *buf, int64_t i, cm_dtype dt) {
+  if (dt == CM_F32) return ((const float *)buf)[i];
+  if (dt == CM_BF16) return cm_bf16_to_f32(((const uint16_t *)buf)[i]);
+  if (dt == CM_I32) return ((const int32_t *)buf)[i];
+  return (double)((const int64_t *)buf)[i];
+}
+
+static void fill_input(void *buf, int k, int r, int64_t n, cm_dtype dt) {
+  for (int64_t i = 0; i < n; i++) store(buf, i, dt, input_value(k, r, i, dt));
+}
+
+/* Does got match the sum (mean) over ranks of element i of case k? The bound: a sum of size
+ * terms accumulated in f32 errs by at most (size - 1) u sum|x|; MEAN's scaling and bf16's
+ * final rounding add a relative unit each. Integers: exact. */
+static bool reduced_ok(double got, int k, int64_t i, cm_dtype dt, cm_reduce_mode mode, int size) {
+  double sum = 0, abs_sum = 0;
+  for (int r = 0; r < size; r++) {
+    double v = input_value(k, r, i, dt);
+    sum += v;
+    abs_sum += fabs(v);
+  }
+  if (dt == CM_I32 || dt == CM_I64) return got == sum;
+  double want = mode == CM_MODE_MEAN ? sum / size : sum;
+  double scale = mode == CM_MODE_MEAN ? 1.0 / size : 1.0;
+  double bound = (size - 1) * unit_f32 * abs_sum * scale + unit_f32 * fabs(want) * 2;
+  if (dt == CM_BF16) bound = bound * (1 + unit_bf16) + unit_bf16 * (fabs(want) + bound);
+  return fabs(got - want) <= bound;
+}
+
+/* ---- one rank's checks (thread, forked process or MPI rank alike) ------------- */
+
+typedef struct rank_report {
+  int failures;
+  char first[512];
+} rank_report;
+
+static void report_fail(rank_report *rep, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void report_fail(rank_report *rep, const char *fmt, ...) {
+  if (rep->failures++ == 0) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(rep->first, sizeof rep->first, fmt, ap);
+    va_end(ap);
+  }
+}
+
+static const cm_dtype dtypes[] = {CM_F32, CM_BF16, CM_I32, CM_I64};
+
+static void check_all_reduce(cm_comm *c, int k, cm_dtype dt, cm_reduce_mode mode, bool in_place,
+                             rank_report *rep) {
+  int rank = cm_comm_rank(c), size = cm_comm_size(c);
+  void *send = malloc(COUNT * dtype_bytes(dt)), *recv = malloc(COUNT * dtype_bytes(dt));
+  fill_input(send, k, rank, COUNT, dt);
+  cm_err e = {0};
+  if (cm_comm_all_reduce(c, send, in_place ? send : recv, COUNT, dt, mode, "test all_reduce", &e) !=
+      CM_OK) {
+    report_fail(rep, "case %d: all_reduce failed: %s", k, e.msg);
+  } else {
+    const void *out = in_place ? send : recv;
+    for (int64_t i = 0; i < COUNT; i++)
+      if (!reduced_ok(load(out, i, dt), k, i, dt, mode, size)) {
+        report_fail(rep,
+                    "case %d: all_reduce dtype %d mode %d in_place %d: element %" PRId64 " = %.9g",
+                    k, (int)dt, (int)mode, (int)in_place, i, load(out, i, dt));
+        break;
+      }
+  }
+  free(send);
+  free(recv);
+}
+
+static void check_gather_scatter(cm_comm *c, int k, cm_dtype dt, rank_report *rep) {
+  int rank = cm_comm_rank(c), size = cm_comm_size(c);
+  size_t eb = dtype_bytes(dt);
+  void *mine = malloc(COUNT * eb), *all = malloc((size_t)size * COUNT * eb);
+  fill_input(mine, k, rank, COUNT, dt);
+  cm_err e = {0};
+  if (cm_comm_all_gather(c, mine, all, COUNT, dt, "test all_gather", &e) != CM_OK)
+    report_fail(rep, "case %d: all_gather failed: %s", k, e.msg);
+  else
+    for (int r = 0; r < size; r++)
+      for (int64_t i = 0; i < COUNT; i++)
+        if (load(all, (int64_t)r * COUNT + i, dt) != input_value(k, r, i, dt)) {
+          report_fail(rep, "case %d: all_gather: rank %d's element %" PRId64, k, r, i);
+          r = size;
+          break;
+        }
+  /* reduce_scatter: rank r's input of case k + 1 holds size slices; recv: slice `rank` */
+  void *full = malloc((size_t)size * COUNT * eb);
+  fill_input(full, k + 1, rank, (int64_t)size * COUNT, dt);
+  cm_reduce_mode mode = dt == CM_F32 || dt == CM_BF16 ? CM_MODE_MEAN : CM_MODE_SUM;
+  if (cm_comm_reduce_scatter(c, full, mine, COUNT, dt, mode, "test reduce_scatter", &e) != CM_OK)
+    report_fail(rep, "case %d: reduce_scatter failed: %s", k, e.msg);
+  else
+    for (int64_t i = 0; i < COUNT; i++)
+      if (!reduced_ok(load(mine, i, dt), k + 1, (int64_t)rank * COUNT + i, dt, mode, size)) {
+        report_fail(rep, "case %d: reduce_scatter dtype %d: element %" PRId64, k, (int)dt, i);
+        break;
+      }
+  /* broadcast from the last rank */
+  fill_input(mine, k + 2, rank, COUNT, dt);
+  if (cm_comm_broadcast(c, mine, COUNT, dt, size - 1, "test broadcast", &e) != CM_OK)
+    report_fail(rep, "case %d: broadcast failed: %s", k, e.msg);
+  else
+    for (int64_t i = 0; i < COUNT; i++)
+      if (load(mine, i, dt) != input_value(k + 2, size - 1, i, dt)) {
+        report_fail(rep, "case %d: broadcast dtype %d: element %" PRId64, k, (int)dt, i);
+        break;
+      }
+  free(mine);
+  free(all);
+  free(full);
+}
+
+enum { ASYNC_REQUESTS = 4 };
+
+/* Several all_reduces in flight, a blocking one between them, waited for in reverse order. */
+static void check_async(cm_comm *c, rank_report *rep) {
+  int rank = cm_comm_rank(c), size = cm_comm_size(c);
+  void *buf[ASYNC_REQUESTS + 1];
+  cm_comm_request *req[ASYNC_REQUESTS] = {0};
+  cm_err e = {0};
+  for (int q = 0; q <= ASYNC_REQUESTS; q++) {
+    cm_dtype dt = q % 2 ? CM_BF16 : CM_F32;
+    buf[q] = malloc(COUNT * dtype_bytes(dt));
+    fill_input(buf[q], 100 + q, rank, COUNT, dt);
+    cm_status st =
+        q == ASYNC_REQUESTS
+            ? cm_comm_all_reduce(c, buf[q], buf[q], COUNT, dt, CM_MODE_SUM, "test blocking", &e)
+            : cm_comm_all_reduce_start(c, buf[q], buf[q], COUNT, dt, CM_MODE_MEAN, "test async",
+                                       &req[q], &e);
+    if (st != CM_OK) report_fail(rep, "async request %d failed to start: %s", q, e.msg);
+  }
+  for (int q = ASYNC_REQUESTS - 1; q >= 0; q--)
+    if (req[q] && cm_comm_wait(req[q], &e) != CM_OK) report_fail(rep, "wait %d: %s", q, e.msg);
+  for (int q = 0; q <= ASYNC_REQUESTS; q++) {
+    cm_dtype dt = q % 2 ? CM_BF16 : CM_F32;
+    cm_reduce_mode mode = q == ASYNC_REQUESTS ? CM_MODE_SUM : CM_MODE_MEAN;
+    for (int64_t i = 0; i < COUNT; i++)
+      if (!reduced_ok(load(buf[q], i, dt), 100 + q, i, dt, mode, size)) {
+        report_fail(rep, "async request %d: element %" PRId64, q, i);
+        break;
+      }
+    free(buf[q]);
+  }
+}
+
+static void check_rank(cm_comm *c, rank_report *rep) {
+  int k = 0;
+  for (size_t d = 0; d < sizeof dtypes / sizeof *dtypes; d++) {
+    bool is_float = dtypes[d] == CM_F32 || dtypes[d] == CM_BF16;
+    for (int in_place = 0; in_place < 2; in_place++) {
+      check_all_reduce(c, k++, dtypes[d], CM_MODE_SUM, in_place, rep);
+      if (is_float) check_all_reduce(c, k++, dtypes[d], CM_MODE_MEAN, in_place, rep);
+    }
+    check_gather_scatter(c, 50 + 3 * (int)d, dtypes[d], rep);
+  }
+  cm_err e = {0};
+  if (cm_comm_barrier(c, "test barrier", &e) != CM_OK) report_fail(rep, "barrier: %s", e.msg);
+  check_async(c, rep);
+}
+
+/* ---- LOCAL groups ------------------------------------------------------------- */
+
+typedef struct local_job {
+  cm_comm *comm;
+  void (*body)(cm_comm *c, rank_report *rep);
+  rank_report rep;
+} local_job;
+
+static void *local_thread(void *arg) {
+  local_job *j = arg;
+  j->body(j->comm, &j->rep);
+  return NULL;
+}
+
+/* Runs body on every rank of a LOCAL group of n threads; returns the reports. */
+static void run_local(int n, double timeout_s, void (*body)(cm_comm *, rank_report *),
+                      local_job *jobs) {
+  cm_comm *comms[MAX_RANKS];
+  cm_err e = {0};
+  CHECK_MSG(cm_comm_local_group(n, timeout_s, comms, &e) == CM_OK, "%s", e.msg);
+  if (e.status != CM_OK) return;
+  pthread_t th[MAX_RANKS];
+  for (int r = 0; r < n; r++) {
+    memset(&jobs[r], 0, sizeof jobs[r]);
+    jobs[r].comm = comms[r];
+    jobs[r].body = body;
+    CHECK(pthread_create(&th[r], NULL, local_thread, &jobs[r]) == 0);
+  }
+  for (int r = 0; r < n; r++) pthread_join(th[r], NULL);
+  for (int r = 0; r < n; r++) {
+    CHECK(cm_comm_rank(comms[r]) == r && cm_comm_size(comms[r]) == n);
+    CHECK(cm_comm_kind_of(comms[r]) == CM_COMM_LOCAL);
+    cm_comm_free(comms[r]);
+  }
+}
+
+static void test_local_collectives(void) {
+  for (int n = 2; n <= 3; n++) {
+    local_job jobs[MAX_RANKS];
+    run_local(n, 30, check_rank, jobs);
+    for (int r = 0; r < n; r++)
+      CHECK_MSG(jobs[r].rep.failures == 0, "local %d ranks, rank %d: %d failures, first: %s", n, r,
+                jobs[r].rep.failures, jobs[r].rep.first);
+  }
+}
+
+static void test_self(void) {
+  cm_comm_opts o = {.kind = CM_COMM_SELF};
+  cm_comm *c = NULL;
+  cm_err e = {0};
+  CHECK_MSG(cm_comm_init(&o, &c, &e) == CM_OK, "%s", e.msg);
+  if (!c) return;
+  CHECK(cm_comm_size(c) == 1 && cm_comm_rank(c) == 0);
+  CHECK_STR_CONTAINS(cm_comm_describe(c), "self");
+  rank_report rep = {0};
+  check_rank(c, &rep);
+  CHECK_MSG(rep.failures == 0, "self: %d failures, first: %s", rep.failures, rep.first);
+  /* a bad call is an error naming the rule, not a crash */
+  float x = 0;
+  CHECK(cm_comm_all_reduce(c, &x, &x, 1, CM_I32, CM_MODE_MEAN, "bad mean", &e) == CM_EINVALID);
+  CHECK_STR_CONTAINS(e.msg, "MEAN on f32 or bf16");
+  CHECK(cm_comm_broadcast(c, &x, 1, CM_F32, 1, "bad root", &e) == CM_EINVALID);
+  CHECK_STR_CONTAINS(e.msg, "root 1");
+  CHECK(cm_comm_all_gather(c, &x, &x, 1, CM_F64, "bad dtype", &e) == CM_EINVALID);
+  CHECK_STR_CONTAINS(e.msg, "bad dtype");
+  cm_comm_free(c);
+}
+
+/* Rank 0 sends 8 elements, rank 1 5: both fail naming both counts. */
+static void mismatch_body(cm_comm *c, rank_report *rep) {
+  float buf[8] = {0};
+  int64_t n = cm_comm_rank(c) == 0 ? 8 : 5;
+  cm_err e = {0};
+  if (cm_comm_all_reduce(c, buf, buf, n, CM_F32, CM_MODE_SUM, "mismatched bucket", &e) == CM_OK)
+    report_fail(rep, "mismatched counts succeeded");
+  else
+    snprintf(rep->first, sizeof rep->first, "%s", e.msg);
+}
+
+static void check_mismatch_message(const char *msg, int rank) {
+  char me[32];
+  snprintf(me, sizeof me, "rank %d:", rank);
+  CHECK_STR_CONTAINS(msg, me);
+  CHECK_STR_CONTAINS(msg, "mismatched bucket");
+  CHECK_STR_CONTAINS(msg, "rank 0 has all_reduce of 8 f32 elements");
+  CHECK_STR_CONTAINS(msg, "rank 1 has all_reduce of 5 f32 elements");
+}
+
+static void test_local_mismatch(void) {
+  local_job jobs[2];
+  run_local(2, 30, mismatch_body, jobs);
+  for (int r = 0; r < 2; r++) {
+    CHECK(jobs[r].rep.failures == 0);
+    check_mismatch_message(jobs[r].rep.first, r);
+  }
+}
+
+/* Rank 1 never calls the all_reduce: rank 0 fails after the timeout (1 s), naming it. */
+static double watchdog_elapsed;
+static void watchdog_body(cm_comm *c, rank_report *rep) {
+  float buf[4] = {0};
+  cm_err e = {0};
+  if (cm_comm_rank(c) != 0) return;
+  double t0 = now_s();
+  if (cm_comm_all_reduce(c, buf, buf, 4, CM_F32, CM_MODE_SUM, "grad bucket 7", &e) == CM_OK)
+    report_fail(rep, "the all_reduce without rank 1 succeeded");
+  watchdog_elapsed = now_s() - t0;
+  snprintf(rep->first, sizeof rep->first, "%s", e.msg);
+  /* broken: the next collective fails at once */
+  t0 = now_s();
+  if (cm_comm_barrier(c, "after", &e) == CM_OK || now_s() - t0 > 0.5)
+    report_fail(rep, "a collective on a broken comm did not fail at once");
+}
+
+static void test_local_watchdog(void) {
+  local_job jobs[2];
+  run_local(2, 1.0, watchdog_body, jobs);
+  CHECK(jobs[0].rep.failures == 0);
+  CHECK_STR_CONTAINS(
+      jobs[0].rep.first,
+      "comm: rank 0: grad bucket 7 (all_reduce, 4 elements) did not finish within 1 s");
+  CHECK_MSG(watchdog_elapsed >= 0.9 && watchdog_elapsed < 3.0, "failed after %.2f s",
+            watchdog_elapsed);
+}
+
+TEST_MAIN(TEST(test_self), TEST(test_local_collectives), TEST(test_local_mismatch),
+          TEST(test_local_watchdog))
