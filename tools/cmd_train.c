@@ -199,6 +199,11 @@ static void exec_rank(char **argv, int r, int nproc, int port) {
   setenv("CMAEC_MASTER_ADDR", "127.0.0.1", 1);
   setenv("CMAEC_MASTER_PORT", port_s, 1);
   setenv("LOCAL_RANK", rank, 1);
+  /* the ranks share this machine's cores rather than each taking all of them */
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  char threads[16];
+  snprintf(threads, sizeof threads, "%ld", cores > nproc ? cores / nproc : 1);
+  setenv("CMAEC_THREADS", threads, 0);
   execv("/proc/self/exe", argv);
   fprintf(stderr, "cmaec train: rank %d: cannot start /proc/self/exe: %s\n", r, strerror(errno));
   _exit(EXIT_INTERNAL);
