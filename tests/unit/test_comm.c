@@ -346,5 +346,168 @@ static void test_local_watchdog(void) {
             watchdog_elapsed);
 }
 
+/* ---- TCP ranks: forked processes on loopback ---------------------------------- */
+
+static int free_port(void) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  socklen_t len = sizeof a;
+  int port = -1;
+  if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+      getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+    port = ntohs(a.sin_port);
+  if (fd >= 0) close(fd);
+  return port;
+}
+
+/* Forks size ranks of the TCP rendezvous, each running body (its return value is its exit
+ * status); waits until rank 0 has exited (every rank when all_ranks) or deadline_s, then kills
+ * and reaps the rest. status[r]: the exit status, or -1 (killed by a signal or by the test). */
+static double fork_tcp_ranks(int size, int (*body)(int rank, int size), bool all_ranks,
+                             double deadline_s, int *status) {
+  int port = free_port();
+  CHECK(port > 0);
+  pid_t pids[MAX_RANKS];
+  fflush(stdout);
+  fflush(stderr);
+  double t0 = now_s();
+  for (int r = 0; r < size; r++) {
+    pids[r] = fork();
+    if (pids[r] == 0) {
+      char v[32];
+      snprintf(v, sizeof v, "%d", r);
+      setenv("CMAEC_RANK", v, 1);
+      snprintf(v, sizeof v, "%d", size);
+      setenv("CMAEC_WORLD_SIZE", v, 1);
+      snprintf(v, sizeof v, "%d", port);
+      setenv("CMAEC_MASTER_PORT", v, 1);
+      setenv("CMAEC_MASTER_ADDR", "127.0.0.1", 1);
+      int code = body(r, size);
+      fflush(stdout);
+      fflush(stderr);
+      _exit(code);
+    }
+    status[r] = -1;
+  }
+  double rank0_done = -1;
+  for (int left = size; left > 0 && now_s() - t0 < deadline_s;) {
+    for (int r = 0; r < size; r++) {
+      int ws = 0;
+      if (pids[r] > 0 && waitpid(pids[r], &ws, WNOHANG) == pids[r]) {
+        status[r] = WIFEXITED(ws) ? WEXITSTATUS(ws) : -1;
+        pids[r] = 0;
+        left--;
+        if (r == 0) rank0_done = now_s() - t0;
+      }
+    }
+    if (!all_ranks && pids[0] == 0) break;
+    usleep(10000);
+  }
+  for (int r = 0; r < size; r++)
+    if (pids[r] > 0) {
+      kill(pids[r], SIGKILL);
+      waitpid(pids[r], NULL, 0);
+    }
+  return rank0_done;
+}
+
+static cm_comm *tcp_child_comm(double timeout_s) {
+  cm_comm_opts o = {.kind = CM_COMM_AUTO, .timeout_s = timeout_s, .device = -1};
+  cm_comm *c = NULL;
+  cm_err e = {0};
+  if (cm_comm_init(&o, &c, &e) != CM_OK) {
+    fprintf(stderr, "rank %s: cm_comm_init: %s\n", getenv("CMAEC_RANK"), e.msg);
+    return NULL;
+  }
+  if (cm_comm_kind_of(c) != CM_COMM_TCP || !strstr(cm_comm_describe(c), "tcp rank")) {
+    fprintf(stderr, "AUTO with $CMAEC_WORLD_SIZE chose %s\n", cm_comm_describe(c));
+    cm_comm_free(c);
+    return NULL;
+  }
+  return c;
+}
+
+static int tcp_collectives_child(int rank, int size) {
+  cm_comm *c = tcp_child_comm(20);
+  if (!c) return 1;
+  rank_report rep = {0};
+  if (cm_comm_rank(c) != rank || cm_comm_size(c) != size) report_fail(&rep, "rank or size");
+  check_rank(c, &rep);
+  if (rep.failures)
+    fprintf(stderr, "tcp rank %d: %d failures, first: %s\n", rank, rep.failures, rep.first);
+  cm_comm_free(c);
+  return rep.failures ? 1 : 0;
+}
+
+static void test_tcp_collectives(void) {
+  for (int size = 2; size <= 3; size++) {
+    int status[MAX_RANKS];
+    fork_tcp_ranks(size, tcp_collectives_child, true, 30, status);
+    for (int r = 0; r < size; r++)
+      CHECK_MSG(status[r] == 0, "tcp %d ranks: rank %d exited with %d", size, r, status[r]);
+  }
+}
+
+static int tcp_mismatch_child(int rank, int size) {
+  cm_comm *c = tcp_child_comm(20);
+  if (!c) return 1;
+  rank_report rep = {0};
+  mismatch_body(c, &rep);
+  char me[32];
+  snprintf(me, sizeof me, "rank %d:", rank);
+  int ok = rep.failures == 0 && strstr(rep.first, me) && strstr(rep.first, "mismatched bucket") &&
+           strstr(rep.first, "rank 0 has all_reduce of 8 f32 elements") &&
+           strstr(rep.first, "rank 1 has all_reduce of 5 f32 elements");
+  if (!ok) fprintf(stderr, "tcp mismatch, rank %d: \"%s\"\n", rank, rep.first);
+  cm_comm_free(c);
+  return ok ? 0 : 1;
+}
+
+static void test_tcp_mismatch(void) {
+  int status[2];
+  fork_tcp_ranks(2, tcp_mismatch_child, true, 30, status);
+  CHECK_MSG(status[0] == 0 && status[1] == 0, "exit statuses %d %d", status[0], status[1]);
+}
+
+/* Rank 1 never calls the collective (it sleeps) or is killed with SIGKILL; rank 0 (timeout
+ * 2 s) must fail within timeout + 2 s naming the collective, `what` and the rank. */
+static int tcp_watchdog_child(int rank, int size, bool kill_rank1) {
+  cm_comm *c = tcp_child_comm(2);
+  if (!c) return 1;
+  cm_err e = {0};
+  if (cm_comm_barrier(c, "before", &e) != CM_OK) return 1;
+  if (rank == 1) {
+    if (kill_rank1) raise(SIGKILL);
+    sleep(30);
+    return 0;
+  }
+  float buf[4] = {0};
+  double t0 = now_s();
+  cm_status st = cm_comm_all_reduce(c, buf, buf, 4, CM_F32, CM_MODE_SUM, "grad bucket 3", &e);
+  double took = now_s() - t0;
+  bool ok = st != CM_OK && took < 4.0 && strstr(e.msg, "comm: rank 0: grad bucket 3") &&
+            strstr(e.msg, "all_reduce") && strstr(e.msg, "rank 1");
+  if (!kill_rank1) ok = ok && took > 1.9 && strstr(e.msg, "did not finish within 2 s");
+  if (!ok) fprintf(stderr, "tcp watchdog (kill %d): %.2f s: \"%s\"\n", kill_rank1, took, e.msg);
+  cm_comm_free(c);
+  return ok ? 0 : 1;
+}
+static int tcp_silent_child(int rank, int size) {
+  return tcp_watchdog_child(rank, size, false);
+}
+static int tcp_killed_child(int rank, int size) {
+  return tcp_watchdog_child(rank, size, true);
+}
+
+static void test_tcp_watchdog(void) {
+  int status[2];
+  double took = fork_tcp_ranks(2, tcp_silent_child, false, 10, status);
+  CHECK_MSG(status[0] == 0, "silent rank 1: rank 0 exited with %d after %.2f s", status[0], took);
+  took = fork_tcp_ranks(2, tcp_killed_child, false, 10, status);
+  CHECK_MSG(status[0] == 0, "killed rank 1: rank 0 exited with %d after %.2f s", status[0], took);
+  CHECK(status[1] == -1);
+}
+
 TEST_MAIN(TEST(test_self), TEST(test_local_collectives), TEST(test_local_mismatch),
-          TEST(test_local_watchdog))
+          TEST(test_local_watchdog), TEST(test_tcp_collectives), TEST(test_tcp_mismatch),
+          TEST(test_tcp_watchdog))
