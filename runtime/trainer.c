@@ -853,14 +853,16 @@ static cm_status check_finite(trainer *t, const step_values *sv, const cm_loader
                    (long long)step, which, v, where);
 }
 
-/* Test-only ($CMAEC_TEST_KILL_RANK=R:S): rank R dies by SIGKILL as step S starts, so the
- * tests can check that the other ranks' watchdog ends the run (tests/cli/train_ranks.sh). */
+/* Test-only ($CMAEC_TEST_KILL_RANK=R:S, or R:S:stop): rank R dies by SIGKILL (or stops by
+ * SIGSTOP, a hung rank) as step S starts, so the tests can check that the other ranks end the
+ * run with the watchdog's message (tests/cli/train_ranks.sh). */
 static void test_kill_hook(const trainer *t, int64_t step) {
   const char *spec = getenv("CMAEC_TEST_KILL_RANK");
-  int rank;
+  int rank, n = 0;
   long long at;
-  if (spec && sscanf(spec, "%d:%lld", &rank, &at) == 2 && rank == t->rank && at == step)
-    raise(SIGKILL);
+  if (!spec || sscanf(spec, "%d:%lld%n", &rank, &at, &n) != 2 || rank != t->rank || at != step)
+    return;
+  raise(strcmp(spec + n, ":stop") == 0 ? SIGSTOP : SIGKILL);
 }
 
 /* With several ranks, what every rank must agree on after a step: the losses become their

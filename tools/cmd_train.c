@@ -210,7 +210,7 @@ static void exec_rank(char **argv, int r, int nproc, int port) {
 }
 
 /* cmaec train --nproc N: N ranks of this command on 127.0.0.1, waited for. After the first
- * rank that fails, the others have the watchdog's timeout (+ 5 s) to end by themselves (they
+ * rank that fails, the others have the watchdog's timeout (+ 1 s) to end by themselves (they
  * report the collective that did not finish); any still running then is killed. Ctrl-C
  * reaches the ranks from the terminal: they agree on it and save. Returns 0, or the first
  * failed rank's status. */
@@ -256,10 +256,10 @@ static int launch_ranks(char **argv, int nproc, double timeout_s) {
       running--;
       int code = exit_code(status);
       if (code != 0 && failed < 0) {
-        failed = r, rc = code, deadline = monotonic_s() + timeout_s + 5;
+        failed = r, rc = code, deadline = monotonic_s() + timeout_s + 1;
         if (running)
           fprintf(stderr, "cmaec train: rank %d exited with status %d; the other ranks have %g s\n",
-                  r, code, timeout_s + 5);
+                  r, code, timeout_s + 1);
       }
       continue;
     }
