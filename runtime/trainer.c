@@ -650,7 +650,7 @@ static cm_status setup_ranks(trainer *t, cm_err *err) {
   t->comm = t->o->comm;
   t->world = t->comm ? cm_comm_size(t->comm) : 1;
   t->rank = t->comm ? cm_comm_rank(t->comm) : 0;
-  t->log = t->rank == 0 ? t->log : NULL;
+  t->log = t->rank == 0 ? t->o->log : NULL;
   if (t->cfg.optimizer.batch % t->world != 0)
     return cm_errorf(err, CM_EINVALID,
                      "optimizer.batch: the global batch %d is not a multiple of the %d ranks "
