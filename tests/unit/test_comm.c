@@ -130,19 +130,22 @@ static void check_all_reduce(cm_comm *c, int k, cm_dtype dt, cm_reduce_mode mode
   free(recv);
 }
 
-static void check_gather_scatter(cm_comm *c, int k, cm_dtype dt, rank_report *rep) {
+/* in_place: all_gather's input at the start of its output, reduce_scatter's result at the
+ * start of its input */
+static void check_gather_scatter(cm_comm *c, int k, cm_dtype dt, bool in_place, rank_report *rep) {
   int rank = cm_comm_rank(c), size = cm_comm_size(c);
   size_t eb = dtype_bytes(dt);
   void *mine = malloc(COUNT * eb), *all = malloc((size_t)size * COUNT * eb);
-  fill_input(mine, k, rank, COUNT, dt);
+  fill_input(in_place ? all : mine, k, rank, COUNT, dt);
   cm_err e = {0};
-  if (cm_comm_all_gather(c, mine, all, COUNT, dt, "test all_gather", &e) != CM_OK)
+  if (cm_comm_all_gather(c, in_place ? all : mine, all, COUNT, dt, "test all_gather", &e) != CM_OK)
     report_fail(rep, "case %d: all_gather failed: %s", k, e.msg);
   else
     for (int r = 0; r < size; r++)
       for (int64_t i = 0; i < COUNT; i++)
         if (load(all, (int64_t)r * COUNT + i, dt) != input_value(k, r, i, dt)) {
-          report_fail(rep, "case %d: all_gather: rank %d's element %" PRId64, k, r, i);
+          report_fail(rep, "case %d: all_gather (in place %d): rank %d's element %" PRId64, k,
+                      (int)in_place, r, i);
           r = size;
           break;
         }
@@ -150,11 +153,12 @@ static void check_gather_scatter(cm_comm *c, int k, cm_dtype dt, rank_report *re
   void *full = malloc((size_t)size * COUNT * eb);
   fill_input(full, k + 1, rank, (int64_t)size * COUNT, dt);
   cm_reduce_mode mode = dt == CM_F32 || dt == CM_BF16 ? CM_MODE_MEAN : CM_MODE_SUM;
-  if (cm_comm_reduce_scatter(c, full, mine, COUNT, dt, mode, "test reduce_scatter", &e) != CM_OK)
+  void *out = in_place ? full : mine;
+  if (cm_comm_reduce_scatter(c, full, out, COUNT, dt, mode, "test reduce_scatter", &e) != CM_OK)
     report_fail(rep, "case %d: reduce_scatter failed: %s", k, e.msg);
   else
     for (int64_t i = 0; i < COUNT; i++)
-      if (!reduced_ok(load(mine, i, dt), k + 1, (int64_t)rank * COUNT + i, dt, mode, size)) {
+      if (!reduced_ok(load(out, i, dt), k + 1, (int64_t)rank * COUNT + i, dt, mode, size)) {
         report_fail(rep, "case %d: reduce_scatter dtype %d: element %" PRId64, k, (int)dt, i);
         break;
       }
@@ -214,7 +218,8 @@ static void check_rank(cm_comm *c, rank_report *rep) {
       check_all_reduce(c, k++, dtypes[d], CM_MODE_SUM, in_place, rep);
       if (is_float) check_all_reduce(c, k++, dtypes[d], CM_MODE_MEAN, in_place, rep);
     }
-    check_gather_scatter(c, 50 + 3 * (int)d, dtypes[d], rep);
+    check_gather_scatter(c, 50 + 3 * (int)d, dtypes[d], false, rep);
+    check_gather_scatter(c, 70 + 3 * (int)d, dtypes[d], true, rep);
   }
   cm_err e = {0};
   if (cm_comm_barrier(c, "test barrier", &e) != CM_OK) report_fail(rep, "barrier: %s", e.msg);
@@ -508,6 +513,254 @@ static void test_tcp_watchdog(void) {
   CHECK(status[1] == -1);
 }
 
+/* ---- MPI ranks: this binary under mpirun ------------------------------------------
+ * test_mpi runs `mpirun -np N test_comm test_mpi_rank` with $CMAEC_COMM_TEST naming what the
+ * ranks do; each rank writes its pid (and rank 0 its verdict) next to $CMAEC_COMM_TEST_OUT. */
+#ifndef CMAEC_MPIRUN
+#define CMAEC_MPIRUN ""
+#endif
+
+static void mpi_rank_note(const char *suffix, const char *text) {
+  char path[512];
+  snprintf(path, sizeof path, "%s.%s", getenv("CMAEC_COMM_TEST_OUT"), suffix);
+  FILE *f = fopen(path, "w");
+  if (f) {
+    fputs(text, f);
+    fclose(f);
+  }
+}
+
+/* Rank 0's all_reduce while rank 1 sleeps or is killed: the verdict file says "ok" or why not. */
+static void mpi_rank_watchdog(cm_comm *c, bool kill_rank1) {
+  cm_err e = {0};
+  if (cm_comm_barrier(c, "before", &e) != CM_OK) mpi_rank_note("verdict0", e.msg);
+  if (cm_comm_rank(c) == 1) {
+    if (kill_rank1) raise(SIGKILL);
+    sleep(60);
+    return;
+  }
+  float buf[4] = {0};
+  double t0 = now_s();
+  cm_status st = cm_comm_all_reduce(c, buf, buf, 4, CM_F32, CM_MODE_SUM, "grad bucket 3", &e);
+  double took = now_s() - t0;
+  char verdict[1200];
+  bool ok = st != CM_OK && took > 1.9 && took < 4.0 &&
+            strstr(e.msg, "comm: rank 0: grad bucket 3 (all_reduce, 4 elements) did not finish "
+                          "within 2 s");
+  snprintf(verdict, sizeof verdict, "%s after %.2f s: %s", ok ? "ok" : "wrong", took, e.msg);
+  mpi_rank_note("verdict0", verdict);
+  cm_comm_free(c); /* broken: MPI_Abort, which ends this process and the job */
+  mpi_rank_note("verdict0", "wrong: cm_comm_free of a broken MPI comm returned");
+}
+
+static void test_mpi_rank(void) {
+  const char *mode = getenv("CMAEC_COMM_TEST");
+  cm_comm_opts o = {.kind = CM_COMM_AUTO, .timeout_s = 20, .device = -1};
+  cm_comm *c = NULL;
+  cm_err e = {0};
+  if (!mode || !getenv("OMPI_COMM_WORLD_SIZE")) { /* not under mpirun: AUTO is world size 1 */
+    CHECK_MSG(cm_comm_init(&o, &c, &e) == CM_OK, "%s", e.msg);
+    CHECK(cm_comm_kind_of(c) == CM_COMM_SELF && cm_comm_size(c) == 1);
+    cm_comm_free(c);
+    return;
+  }
+  if (strcmp(mode, "collectives") != 0) o.timeout_s = 2;
+  CHECK_MSG(cm_comm_init(&o, &c, &e) == CM_OK, "%s", e.msg);
+  if (!c) return;
+  CHECK(cm_comm_kind_of(c) == CM_COMM_MPI);
+  CHECK_STR_CONTAINS(cm_comm_describe(c), "Open MPI");
+  char pid[32], suffix[32];
+  snprintf(pid, sizeof pid, "%d", (int)getpid());
+  snprintf(suffix, sizeof suffix, "pid%d", cm_comm_rank(c));
+  mpi_rank_note(suffix, pid);
+  if (strcmp(mode, "collectives") == 0) { /* failed checks: a non-zero exit, mpirun's too */
+    rank_report rep = {0};
+    check_rank(c, &rep);
+    CHECK_MSG(rep.failures == 0, "mpi rank %d: %d failures, first: %s", cm_comm_rank(c),
+              rep.failures, rep.first);
+    cm_comm_free(c);
+    return;
+  }
+  if (strcmp(mode, "mismatch") == 0) { /* the verdict first: the broken comm's free aborts */
+    rank_report rep = {0};
+    mismatch_body(c, &rep);
+    int before = test_failures;
+    CHECK(rep.failures == 0);
+    check_mismatch_message(rep.first, cm_comm_rank(c));
+    snprintf(suffix, sizeof suffix, "verdict%d", cm_comm_rank(c));
+    mpi_rank_note(suffix, test_failures == before ? "ok" : rep.first);
+    if (cm_comm_rank(c) == 0) { /* rank 1's verdict first: rank 0's abort ends rank 1 */
+      char path[512];
+      snprintf(path, sizeof path, "%s.verdict1", getenv("CMAEC_COMM_TEST_OUT"));
+      for (double t0 = now_s(); access(path, F_OK) != 0 && now_s() - t0 < 10;) usleep(10000);
+    }
+    cm_comm_free(c);
+    return;
+  }
+  mpi_rank_watchdog(c, strcmp(mode, "killed") == 0);
+}
+
+/* Is pid gone (or a zombie nobody waits for)? */
+static bool process_gone(int pid) {
+  char path[64], state = 0;
+  snprintf(path, sizeof path, "/proc/%d/stat", pid);
+  FILE *f = fopen(path, "r");
+  if (!f) return true;
+  int got = fscanf(f, "%*d %*s %c", &state);
+  fclose(f);
+  return got == 1 && (state == 'Z' || state == 'X');
+}
+
+/* Runs mpirun -np n of test_mpi_rank in mode; returns mpirun's exit status (-1: signaled or
+ * killed at the deadline); verdict: rank 0's; every rank's pid must be gone after. */
+static int run_mpirun(int n, const char *mode, double deadline_s, char *verdict, size_t size) {
+  char exe[4096], out[4096], np[16];
+  ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  CHECK(len > 0);
+  exe[len > 0 ? len : 0] = 0;
+  snprintf(out, sizeof out, "/tmp/cmaec_test_comm_%d_%s", (int)getpid(), mode);
+  snprintf(np, sizeof np, "%d", n);
+  fflush(stdout);
+  fflush(stderr);
+  double t0 = now_s();
+  pid_t pid = fork();
+  if (pid == 0) {
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+    setenv("CMAEC_COMM_TEST", mode, 1);
+    setenv("CMAEC_COMM_TEST_OUT", out, 1);
+    /* TCP between the ranks: no shared-memory segments in a container's small /dev/shm */
+    execl(CMAEC_MPIRUN, CMAEC_MPIRUN, "-np", np, "--oversubscribe", "--mca", "btl", "self,tcp",
+          "--mca", "btl_tcp_if_include", "lo", exe, "test_mpi_rank", (char *)NULL);
+    _exit(127);
+  }
+  int ws = 0, status = -1;
+  verdict[0] = 0;
+  while (now_s() - t0 < deadline_s && waitpid(pid, &ws, WNOHANG) == 0) usleep(20000);
+  if (now_s() - t0 >= deadline_s) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &ws, 0);
+    CHECK_MSG(false, "mpirun %s did not end within %.0f s", mode, deadline_s);
+  } else if (WIFEXITED(ws)) {
+    status = WEXITSTATUS(ws);
+  }
+  char path[4200];
+  FILE *f = NULL;
+  for (int r = 0; r < n; r++) { /* rank r's verdict, if it wrote one, after the others' */
+    snprintf(path, sizeof path, "%s.verdict%d", out, r);
+    f = fopen(path, "r");
+    size_t at = strlen(verdict);
+    if (f) {
+      at += (size_t)snprintf(verdict + at, size - at, "%s", r == 0 ? "" : "; ");
+      size_t got = at < size ? fread(verdict + at, 1, size - 1 - at, f) : 0;
+      verdict[at + got] = 0;
+      fclose(f);
+    }
+    remove(path);
+  }
+  for (int r = 0; r < n; r++) {
+    snprintf(path, sizeof path, "%s.pid%d", out, r);
+    int rank_pid = 0;
+    f = fopen(path, "r");
+    CHECK_MSG(f && fscanf(f, "%d", &rank_pid) == 1, "mpi %s: rank %d wrote no pid", mode, r);
+    if (f) fclose(f);
+    remove(path);
+    for (double t1 = now_s(); rank_pid > 0 && !process_gone(rank_pid) && now_s() - t1 < 3;)
+      usleep(20000);
+    CHECK_MSG(rank_pid <= 0 || process_gone(rank_pid), "mpi %s: rank %d (pid %d) still runs", mode,
+              r, rank_pid);
+  }
+  return status;
+}
+
+static void test_mpi(void) {
+  CHECK_MSG(CMAEC_MPIRUN[0], "mpirun was not found when cmaec was configured: install Open MPI "
+                             "(scripts/install-deps.sh: openmpi-bin libopenmpi-dev)");
+  if (!CMAEC_MPIRUN[0]) return;
+  char verdict[1400];
+  int status = run_mpirun(2, "collectives", 30, verdict, sizeof verdict);
+  CHECK_MSG(status == 0, "mpi collectives: mpirun exited with %d", status);
+  /* a mismatch breaks the comm: its free ends the job (MPI_Abort, status 1) */
+  status = run_mpirun(2, "mismatch", 30, verdict, sizeof verdict);
+  CHECK_MSG(strcmp(verdict, "ok; ok") == 0, "mpi mismatch: the ranks said \"%s\"", verdict);
+  CHECK_MSG(status == 1, "mpi mismatch: mpirun exited with %d", status);
+  status = run_mpirun(2, "silent", 20, verdict, sizeof verdict);
+  CHECK_MSG(strncmp(verdict, "ok", 2) == 0, "mpi silent rank: rank 0 said \"%s\"", verdict);
+  CHECK_MSG(status != 0, "mpi silent rank: mpirun exited with 0");
+  status = run_mpirun(2, "killed", 20, verdict, sizeof verdict);
+  CHECK_MSG(status != 0, "mpi killed rank: mpirun exited with 0");
+}
+
+/* ---- NCCL ------------------------------------------------------------------------
+ * Without a GPU: the library is found and every symbol resolved, then the missing driver is
+ * the error (a missing library is one too, naming it). With one: a 1-rank comm through the
+ * real NCCL, every collective on device buffers, ordered after a compute stream. */
+static void nccl_one_rank(cm_comm *c, const cm_cuda_driver *d) {
+  void *stream = NULL;
+  CHECK(d->stream_create(&stream, CM_CU_STREAM_NON_BLOCKING) == 0);
+  cm_comm_set_compute_stream(c, stream);
+  for (size_t k = 0; k < sizeof dtypes / sizeof *dtypes; k++) {
+    cm_dtype dt = dtypes[k];
+    size_t bytes = COUNT * dtype_bytes(dt);
+    void *host = malloc(bytes), *back = malloc(bytes);
+    cm_cu_ptr in = 0, out = 0;
+    CHECK(d->mem_alloc(&in, bytes) == 0 && d->mem_alloc(&out, bytes) == 0);
+    fill_input(host, 200 + (int)k, 0, COUNT, dt);
+    CHECK(d->memcpy_htod_async(in, host, bytes, stream) == 0);
+    cm_reduce_mode mode = dt == CM_F32 || dt == CM_BF16 ? CM_MODE_MEAN : CM_MODE_SUM;
+    cm_err e = {0};
+    void *pin = (void *)(uintptr_t)in, *pout = (void *)(uintptr_t)out;
+    CHECK_MSG(cm_comm_all_reduce(c, pin, pout, COUNT, dt, mode, "nccl all_reduce", &e) == CM_OK,
+              "%s", e.msg);
+    cm_comm_request *req = NULL;
+    CHECK_MSG(cm_comm_all_reduce_start(c, pout, pout, COUNT, dt, CM_MODE_SUM, "nccl async", &req,
+                                       &e) == CM_OK &&
+                  cm_comm_wait(req, &e) == CM_OK,
+              "%s", e.msg);
+    CHECK_MSG(cm_comm_all_gather(c, pout, pout, COUNT, dt, "nccl all_gather", &e) == CM_OK, "%s",
+              e.msg);
+    CHECK_MSG(cm_comm_broadcast(c, pout, COUNT, dt, 0, "nccl broadcast", &e) == CM_OK, "%s", e.msg);
+    CHECK_MSG(cm_comm_barrier(c, "nccl barrier", &e) == CM_OK, "%s", e.msg);
+    CHECK(d->memcpy_dtoh_async(back, out, bytes, stream) == 0 &&
+          d->stream_synchronize(stream) == 0);
+    CHECK_MSG(memcmp(host, back, bytes) == 0, "nccl dtype %d: one rank's result is not its input",
+              (int)dt);
+    d->mem_free(in);
+    d->mem_free(out);
+    free(host);
+    free(back);
+  }
+  cm_comm_set_compute_stream(c, NULL);
+  d->stream_destroy(stream);
+}
+
+static void test_nccl(void) {
+  cm_comm_opts o = {.kind = CM_COMM_NCCL, .timeout_s = 20, .device = -1};
+  cm_comm *c = NULL;
+  cm_err e = {0};
+  setenv("CMAEC_NCCL_LIBRARY", "/nonexistent/libnccl.so.2", 1);
+  CHECK(cm_comm_init(&o, &c, &e) == CM_EINVALID && !c);
+  CHECK_STR_CONTAINS(e.msg, "NCCL not found");
+  CHECK_STR_CONTAINS(e.msg, "/nonexistent/libnccl.so.2");
+  unsetenv("CMAEC_NCCL_LIBRARY");
+  const cm_cuda_driver *d = NULL;
+  cm_err no_gpu = {0};
+  bool gpu = cm_cuda_driver_load(&d, &no_gpu) == CM_OK;
+  cm_status st = cm_comm_init(&o, &c, &e);
+  if (!gpu) {
+    printf("test_nccl: no CUDA driver here: the 1-rank NCCL run is tests/gpu's\n");
+    CHECK(st == CM_EINVALID && !c);
+    CHECK_STR_CONTAINS(e.msg, "comm nccl: CUDA driver not found");
+    return;
+  }
+  CHECK_MSG(st == CM_OK, "%s", e.msg);
+  if (!c) return;
+  CHECK_STR_CONTAINS(cm_comm_describe(c), "nccl rank 0/1");
+  printf("test_nccl: %s\n", cm_comm_describe(c));
+  nccl_one_rank(c, d);
+  cm_comm_free(c);
+}
+
 TEST_MAIN(TEST(test_self), TEST(test_local_collectives), TEST(test_local_mismatch),
           TEST(test_local_watchdog), TEST(test_tcp_collectives), TEST(test_tcp_mismatch),
-          TEST(test_tcp_watchdog))
+          TEST(test_tcp_watchdog), TEST(test_mpi_rank), TEST(test_mpi), TEST(test_nccl))
