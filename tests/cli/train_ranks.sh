@@ -39,10 +39,10 @@ tiny=(--set encoder.width=16 --set encoder.depth=1 --set encoder.heads=2
   --set projector.hidden=32 --set projector.out=16 --set predictor.hidden=32
   --set predictor.out=16 --set data.image_size=16 --set data.master_size=20
   --set schedule.warmup_epochs=0 --set optimizer.base_lr=0.1
-  --batch 8 --workers 1 --backend cpu --threads 1 --data "$tmp/folder" --seed 11)
+  --batch 8 --workers 1 --backend cpu --threads 1 --data "$tmp/folder" --seed 11 --ckpt-every 2)
 
 # 2 ranks over the TCP rendezvous: rank 0's header and lines only, nothing on stderr
-if expect_ok "$cmaec" train "$model" "${tiny[@]}" --nproc 2 --steps 4 --ckpt-every 2 \
+if expect_ok "$cmaec" train "$model" "${tiny[@]}" --nproc 2 --steps 4 \
   --out "$tmp/tcp"; then
   [ "$(grep -c '^training ' "$tmp/out")" -eq 1 ] || bad "--nproc 2: not one header: $(cat "$tmp/out")"
   grep -q "2 ranks at batch 4 each (tcp rank 0/2" "$tmp/out" || bad "--nproc 2: no ranks in the header"
