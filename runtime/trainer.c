@@ -554,14 +554,15 @@ cm_status cm_train_build_step_ranks(const cm_model_config *cfg, cm_dtype precisi
                                     int64_t bucket_bytes, cm_graph **step, int *n_autocast,
                                     cm_err *err) {
   *step = NULL;
+  if (n_autocast) *n_autocast = 0;
   if (ranks < 1 || cfg->optimizer.batch % ranks != 0)
     return cm_errorf(err, CM_EINVALID,
                      "optimizer.batch: the global batch %d is not a multiple of the %d ranks "
                      "(every rank runs the same step at batch / ranks)",
                      cfg->optimizer.batch, ranks);
-  if (n_autocast) *n_autocast = 0;
-  if (precision != CM_F32 && precision != CM_BF16 && precision != CM_F16)
-    return cm_errorf(err, CM_EINVALID, "cm_train_build_step: precision %s is not f32, bf16 or f16",
+  if (precision != CM_F32 && precision != CM_BF16 && precision != CM_F16 && precision != CM_F64)
+    return cm_errorf(err, CM_EINVALID,
+                     "cm_train_build_step: precision %s is not f32, bf16, f16 or f64",
                      cm_dtype_name(precision));
   cm_optim_config oc;
   cm_optim_config_default(&oc);
@@ -588,14 +589,16 @@ cm_status cm_train_build_step_ranks(const cm_model_config *cfg, cm_dtype precisi
   /* the model and its optimizer in f32 (master weights, moments, EMA targets); autocast
    * then lowers only the contractions' operands */
   cm_model model = {0};
-  cm_model_build_opts bo = {cfg->optimizer.batch / ranks, ranks, CM_F32};
+  cm_model_build_opts bo = {cfg->optimizer.batch / ranks, ranks,
+                            precision == CM_F64 ? CM_F64 : CM_F32};
   if (cm_model_build(cfg, &bo, &model, err)) return err->status;
   cm_train_step_info info;
   cm_status st = cm_build_train_step(model.g, model.loss, &oc, step, &info, err);
   cm_model_free(&model);
   /* the gradients averaged over the ranks before clipping sees them (DDP) */
   if (!st && ranks > 1) st = cm_data_parallel(step, ranks, bucket_bytes, err);
-  if (!st && precision != CM_F32) st = cm_autocast(step, precision, n_autocast, err);
+  if (!st && precision != CM_F32 && precision != CM_F64)
+    st = cm_autocast(step, precision, n_autocast, err);
   if (st) {
     cm_graph_free(*step);
     *step = NULL;

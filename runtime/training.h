@@ -404,7 +404,8 @@ cm_status cm_train_build_step(const cm_model_config *cfg, cm_dtype precision, cm
  * (CM_EINVALID unless it divides), built for `ranks` ranks (SyncBN, global InfoNCE negatives:
  * inputs "rank" and "labels"), its parameter gradients averaged over the ranks in buckets of
  * about bucket_bytes (cm_data_parallel; 0: 25 MB) before clipping and the update. ranks 1 is
- * cm_train_build_step. */
+ * cm_train_build_step. precision may also be f64 (tests): the whole step in f64, whose
+ * oracle bounds stay finite where f32's grow past the values. */
 cm_status cm_train_build_step_ranks(const cm_model_config *cfg, cm_dtype precision, int ranks,
                                     int64_t bucket_bytes, cm_graph **step, int *n_autocast,
                                     cm_err *err);
