@@ -155,13 +155,11 @@ static void emit_bucket(dp_ctx *c, cm_rewriter *r, int b, int *reduced) {
     cm_graph_fail(g, "data_parallel: out of memory");
     return;
   }
-  int64_t total = 0;
   for (int k = 0; k < n; k++) {
     const cm_type *t = &c->g->nodes[c->grads[first + k]].type;
     int64_t numel = cm_type_numel(t);
     int v = r->map[c->grads[first + k]];
     flat[k] = t->rank == 1 ? v : cm_reshape(g, v, 1, &numel, NULL);
-    total += numel;
   }
   char name[32];
   snprintf(name, sizeof name, "grad_bucket_%d", b);

@@ -168,6 +168,7 @@ cm_status cm_compile(const cm_graph *g, const cm_target *target, const cm_compil
   /* tuned plans from the database, before anything is rendered */
   st = cm_tune_apply_cached(&pr->kp, &pr->target, opts, &pr->stats.tuned_stages,
                             &pr->stats.tune_ignored, err);
+  if (st == CM_OK && opts->replan) st = opts->replan(&pr->kp, &pr->target, opts->replan_ctx, err);
   if (st != CM_OK) goto fail;
   pr->stats.n_kernels = pr->kp.n_kernels;
   for (int i = 0; i < pr->kp.n_kernels; i++) pr->stats.n_stages += pr->kp.kernels[i].n_stages;

@@ -289,6 +289,10 @@ typedef struct cm_compile_opts {
                                 collective stages through it; NULL: world size 1. A graph built
                                 for other ranks than its size is CM_EINVALID (unless
                                 compile_only) */
+  /* After lowering and the cached plans, before rendering: may replan kp's stages (cm_tune
+   * times candidates inside whole steps so; kernels are as cm_lower_plan numbers them). */
+  cm_status (*replan)(cm_kprogram *kp, const cm_target *t, void *ctx, cm_err *err);
+  void *replan_ctx;
 } cm_compile_opts;
 
 typedef struct cm_program_stats {
@@ -560,6 +564,10 @@ typedef struct cm_tune_opts {
   const char *db_path;    /* NULL: the default database */
   int64_t max_candidates; /* per stage, 0: all (tests) */
   int max_stages;         /* the most expensive ones only (the others as lowered), 0: all */
+  /* A valid batch and state for the whole graph (per node; cm_train_example_sources): on the
+   * CPU, candidates are then timed inside whole runs of the program, every searched stage at
+   * once, with the data and caches of a real step; NULL: each kernel alone on random data. */
+  cm_tensor *const *step_sources;
 } cm_tune_opts;
 typedef struct cm_tune_stats {
   int stages_tunable, searched, from_db, candidates, pruned, failed, over_budget;

@@ -660,6 +660,12 @@ static cm_status setup_ranks(trainer *t, cm_err *err) {
                      "(every rank runs batch / ranks)",
                      t->cfg.optimizer.batch, t->world);
   t->local_batch = t->cfg.optimizer.batch / t->world;
+  /* the search times whole steps, whose collectives would wait for the other ranks */
+  if (t->world > 1 && t->o->tune)
+    return cm_errorf(err, CM_EINVALID,
+                     "--tune runs in one process: tune the per-rank step first (cmaec tune "
+                     "MODEL --batch %d), and the %d ranks use the tuning database's plans",
+                     t->local_batch, t->world);
   if (t->world > 1 && t->backend.kind == CM_BACKEND_REF)
     return cm_errorf(err, CM_EINVALID,
                      "cm_train: the ref backend runs one process (%d ranks need --backend cpu "
@@ -772,18 +778,26 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     co.resident_states = true; /* params and optimizer state stay on a device between steps */
     co.comm = t->comm;         /* the step's collectives: the gradient buckets, SyncBN, InfoNCE */
     const cm_target *target = cm_backend_compile_opts(&t->backend, &co);
-    if (o->tune && t->rank == 0) {
+    if (o->tune) {
       cm_tune_opts to = {.budget_s = o->tune_budget_s, .progress = t->log != NULL};
       cm_tune_stats ts;
-      if (cm_tune(g, target, &co, &to, &ts, err)) return err->status;
+      /* candidates timed inside whole steps (on the CPU) on a batch like the data's */
+      cm_tensor *ex = calloc((size_t)g->n_nodes + 1, sizeof *ex);
+      cm_tensor **exb = calloc((size_t)g->n_nodes + 1, sizeof *exb);
+      cm_status ts_st = ex && exb ? cm_train_example_sources(&t->cfg, g, 1, ex, err)
+                                  : cm_errorf(err, CM_EINTERNAL, "out of memory");
+      for (int i = 0; ts_st == CM_OK && i < g->n_nodes; i++) exb[i] = ex[i].data ? &ex[i] : NULL;
+      to.step_sources = exb;
+      if (ts_st == CM_OK) ts_st = cm_tune(g, target, &co, &to, &ts, err);
+      if (ex) cm_train_example_sources_free(g, ex);
+      free(ex);
+      free(exb);
+      if (ts_st != CM_OK) return err->status;
       if (t->log)
         fprintf(t->log,
                 "tune: %d stages: %d searched, %d from the database, %d over budget in %.0f s\n",
                 ts.stages_tunable, ts.searched, ts.from_db, ts.over_budget, ts.seconds);
     }
-    /* rank 0 alone searches; the others read its plans from the tuning database */
-    if (o->tune && t->world > 1 && cm_comm_barrier(t->comm, "train --tune", err))
-      return err->status;
     if (o->tune) co.tune = CM_TUNE_SEARCH; /* what it found is used whatever $CMAEC_TUNE says */
     if (cm_compile(g, target, &co, &t->prog, err)) return err->status;
   }

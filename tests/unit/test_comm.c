@@ -210,7 +210,29 @@ static void check_async(cm_comm *c, rank_report *rep) {
   }
 }
 
+/* Empty collectives (NULL buffers allowed), and one of 4 MiB a rank: larger than a socket's
+ * buffer, so TCP's sends and receives come in parts while rank 0 reads the ranks in turn. */
+static void check_sizes(cm_comm *c, rank_report *rep) {
+  cm_err e = {0};
+  if (cm_comm_all_reduce(c, NULL, NULL, 0, CM_F32, CM_MODE_SUM, "empty all_reduce", &e) != CM_OK ||
+      cm_comm_all_gather(c, NULL, NULL, 0, CM_I64, "empty all_gather", &e) != CM_OK)
+    report_fail(rep, "empty collectives: %s", e.msg);
+  enum { LARGE = 1 << 20 };
+  float *big = malloc(LARGE * sizeof *big);
+  fill_input(big, 300, cm_comm_rank(c), LARGE, CM_F32);
+  if (cm_comm_all_reduce(c, big, big, LARGE, CM_F32, CM_MODE_SUM, "large all_reduce", &e) != CM_OK)
+    report_fail(rep, "large all_reduce: %s", e.msg);
+  else
+    for (int64_t i = 0; i < LARGE; i++)
+      if (!reduced_ok(big[i], 300, i, CM_F32, CM_MODE_SUM, cm_comm_size(c))) {
+        report_fail(rep, "large all_reduce: element %" PRId64 " = %.9g", i, (double)big[i]);
+        break;
+      }
+  free(big);
+}
+
 static void check_rank(cm_comm *c, rank_report *rep) {
+  check_sizes(c, rep);
   int k = 0;
   for (size_t d = 0; d < sizeof dtypes / sizeof *dtypes; d++) {
     bool is_float = dtypes[d] == CM_F32 || dtypes[d] == CM_BF16;
@@ -390,7 +412,7 @@ static double fork_tcp_ranks(int size, int (*body)(int rank, int size), bool all
       int code = body(r, size);
       fflush(stdout);
       fflush(stderr);
-      _exit(code);
+      exit(code); /* not _exit: the sanitizer build checks the rank for leaks */
     }
     status[r] = -1;
   }
@@ -629,6 +651,13 @@ static int run_mpirun(int n, const char *mode, double deadline_s, char *verdict,
     setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
     setenv("CMAEC_COMM_TEST", mode, 1);
     setenv("CMAEC_COMM_TEST_OUT", out, 1);
+    /* the sanitizer build: Open MPI's plugins, unloaded by MPI_Finalize, leave one-time
+     * allocations that no suppression can name (their module is gone); this process and the
+     * LOCAL and TCP ranks check comm.c's leaks */
+    char asan[512];
+    const char *old = getenv("ASAN_OPTIONS");
+    snprintf(asan, sizeof asan, "%s%sdetect_leaks=0", old ? old : "", old && *old ? ":" : "");
+    setenv("ASAN_OPTIONS", asan, 1);
     /* TCP between the ranks: no shared-memory segments in a container's small /dev/shm */
     execl(CMAEC_MPIRUN, CMAEC_MPIRUN, "-np", np, "--oversubscribe", "--mca", "btl", "self,tcp",
           "--mca", "btl_tcp_if_include", "lo", exe, "test_mpi_rank", (char *)NULL);

@@ -328,9 +328,10 @@ static void check_equivalence(const char *path, const char *const *ov, int n_ov,
 typedef enum { REDUCE_NONE, REDUCE_MEAN, REDUCE_SUM } reduction;
 
 /* linear -> BatchNorm (SyncBN over the ranks) -> linear -> mean squared error, AdamW with
- * clipping; for 2 ranks the gradients reduced by cm_data_parallel (REDUCE_MEAN), not at all, or
- * summed (the buckets' mode made SUM): the two wrong ones are what the comparison must see. */
-static cm_graph *small_step(int batch, int ranks, reduction red) {
+ * clipping (and dynamic loss scaling); for 2 ranks the gradients reduced by cm_data_parallel
+ * (REDUCE_MEAN), not at all, or summed (the buckets' mode made SUM): the two wrong ones are what
+ * the comparison must see. */
+static cm_graph *small_step(int batch, int ranks, reduction red, bool loss_scaling) {
   cm_graph *g = cm_graph_new();
   int64_t xd[2] = {batch, 4}, td[2] = {batch, 3}, w1d[2] = {4, 5}, w2d[2] = {5, 3};
   cm_init none = {CM_INIT_NONE, 0, 0};
@@ -349,6 +350,7 @@ static cm_graph *small_step(int batch, int ranks, reduction red) {
   cm_optim_config oc;
   cm_optim_config_default(&oc);
   oc.clip_norm = 0.5;
+  oc.loss_scaling = loss_scaling;
   cm_graph *step = NULL;
   cm_train_step_info info;
   CHECK_MSG(cm_build_train_step(g, loss, &oc, &step, &info, &err) == CM_OK, "%s", err.msg);
@@ -362,8 +364,8 @@ static cm_graph *small_step(int batch, int ranks, reduction red) {
   return step;
 }
 
-static void test_small_step_equivalence(void) {
-  cm_graph *g1 = small_step(6, 1, REDUCE_MEAN);
+static void check_small_step(bool loss_scaling) {
+  cm_graph *g1 = small_step(6, 1, REDUCE_MEAN, loss_scaling);
   if (!g1) return;
   cm_tensor *t1 = calloc((size_t)g1->n_nodes, sizeof *t1);
   cm_tensor *v1 = calloc((size_t)g1->n_nodes, sizeof *v1);
@@ -374,34 +376,36 @@ static void test_small_step_equivalence(void) {
     const char *name;
     double value;
   } scalars[] = {{"lr", 1e-2}, {"beta1", 0.9}, {"beta2", 0.95}, {"step", 1}, {"bn.weight", 1.5}};
-  for (int i = 0; i < g1->n_nodes; i++) /* the moments start at zero */
-    for (int64_t e = 0; g1->nodes[i].op == CM_OP_STATE && e < cm_type_numel(&t1[i].type); e++)
-      cm_tensor_set_f64(&t1[i], e, 0);
+  for (int i = 0; i < g1->n_nodes; i++) /* the state as initialized: moments 0, the scale 2^16 */
+    if (g1->nodes[i].op == CM_OP_STATE)
+      CHECK(cm_init_tensor(&t1[i], &g1->nodes[i].attrs.init, 7, g1->nodes[i].name, NULL) == CM_OK);
   for (int k = 0; k < 5; k++) {
     int id = cm_graph_find(g1, scalars[k].name);
-    CHECK(id >= 0);
+    CHECK(id >= 0 || (loss_scaling && !strcmp(scalars[k].name, "step"))); /* a state then */
     for (int64_t e = 0; id >= 0 && e < cm_type_numel(&t1[id].type); e++)
       cm_tensor_set_f64(&t1[id], e, scalars[k].value);
   }
   cm_err err = {0};
   CHECK_MSG(cm_eval_bounded(g1, src1, v1, b1, &err) == CM_OK, "%s", err.msg);
   for (int red = REDUCE_NONE; red <= REDUCE_SUM; red++) {
-    cm_graph *g2 = small_step(3, 2, (reduction)red);
+    cm_graph *g2 = small_step(3, 2, (reduction)red, loss_scaling);
     if (!g2) continue;
     rank_values rv;
     rank_values_alloc(&rv, g2, 2);
     for (int r = 0; r < 2; r++) bind_rank(g1, t1, g2, r, rv.src[r], rv.src_ptr[r]);
     CHECK_MSG(eval_ranks(g2, &rv, true, &err) == CM_OK, "%s", err.msg);
     comparison c = compare_steps(g1, v1, b1, g2, &rv, red != REDUCE_MEAN);
-    CHECK(c.compared == 14); /* 4 params x (param, 2 moments); loss, grad_norm */
+    /* 4 params x (param, 2 moments); loss, grad_norm; with loss scaling the scale, its good
+     * steps and the step count, new_loss_scale and skipped */
+    CHECK(c.compared == (loss_scaling ? 19 : 14));
     if (red == REDUCE_MEAN) {
       CHECK_MSG(c.finite == c.total && c.beyond == 0 && c.ranks_differ == 0,
                 "%lld of %lld bounds finite, %lld elements beyond them, %d updates differ between "
                 "the ranks",
                 (long long)c.finite, (long long)c.total, (long long)c.beyond, c.ranks_differ);
       fprintf(stderr,
-              "small step: %lld elements within their finite bounds (at most %.3g of them)\n",
-              (long long)c.total, c.worst);
+              "small step%s: %lld elements within their finite bounds (at most %.3g of them)\n",
+              loss_scaling ? " with loss scaling" : "", (long long)c.total, c.worst);
     } else {
       /* each rank's own gradients (no reduction) or twice the mean: seen */
       CHECK_MSG(c.beyond > 0, "%s reduction: every element within the bounds",
@@ -415,6 +419,11 @@ static void test_small_step_equivalence(void) {
     cm_tensor_free(&t1[i]), cm_tensor_free(&v1[i]), cm_tensor_free(&b1[i]);
   free(t1), free(v1), free(b1), free(src1);
   cm_graph_free(g1);
+}
+
+static void test_small_step_equivalence(void) {
+  check_small_step(false);
+  check_small_step(true);
 }
 
 #define N_OV(a) ((int)(sizeof a / sizeof *a))
