@@ -855,7 +855,7 @@ cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda
  * (pruning what makes no valid plan before anything is compiled), a structural hash that keys
  * the tuning database, and a deterministic cost model (the emulated CUDA device's "time"). */
 #define CM_TUNE_SPACE_VERSION                                                                      \
-  1 /* bump when a space or a knob's meaning changes: old records are ignored */
+  2 /* bump when a space or a knob's meaning changes: old records are ignored */
 #define CM_TUNE_MAX_KNOBS 8
 #define CM_TUNE_MAX_VALUES 16
 typedef struct cm_tune_knob {

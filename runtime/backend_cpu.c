@@ -36,10 +36,11 @@ typedef struct cpu_collective {
   char what[160];
 } cpu_collective;
 
-/* An all_reduce in flight. */
+/* An all_reduce in flight: started by stage `stage` of kernel `kernel`. */
 typedef struct cpu_pending {
   cm_comm_request *req;
   int wait_before;
+  int kernel, stage;
 } cpu_pending;
 
 /* The backend's state (cm_program_impl). */
@@ -427,8 +428,14 @@ static cm_status wait_pending(cpu_state *pr, int before, cm_status st, cm_err *e
       continue;
     }
     cm_err dropped = {0};
+    double t0 = pr->profile ? now_ms() : 0;
     cm_status w = cm_comm_wait(pr->pending[q].req, st == CM_OK ? err : &dropped);
     if (st == CM_OK) st = w;
+    if (pr->profile) { /* the time the rank was held up: the part the kernels did not hide */
+      double ms = now_ms() - t0;
+      pr->sprof[pr->sprof_first[pr->pending[q].kernel] + pr->pending[q].stage].total_ms += ms;
+      pr->prof[pr->pending[q].kernel].total_ms += ms;
+    }
   }
   pr->n_pending = kept;
   return st;
@@ -436,8 +443,9 @@ static cm_status wait_pending(cpu_state *pr, int before, cm_status st, cm_err *e
 
 /* Runs collective stage s of kernel i through the comm: an all_reduce is started and left in
  * flight (wait_pending), an all_gather blocks (it runs after the all_reduces in flight). */
-static cm_status run_collective(cpu_state *pr, const cm_kernel *k, int i, const cm_kstage *s,
+static cm_status run_collective(cpu_state *pr, const cm_kernel *k, int i, int stage,
                                 char *const *bufs, cm_err *err) {
+  const cm_kstage *s = &k->stages[stage];
   const cm_kcollective *x = &s->coll;
   cm_dtype dt = k->buffers[x->in_buf].dtype;
   if (!pr->comm || cm_comm_size(pr->comm) != x->ranks)
@@ -452,6 +460,7 @@ static cm_status run_collective(cpu_state *pr, const cm_kernel *k, int i, const 
                                           x->mode, pr->colls[i].what, &q->req, err);
   if (st != CM_OK) return st;
   q->wait_before = pr->colls[i].wait_before;
+  q->kernel = i, q->stage = stage;
   pr->n_pending++;
   return CM_OK;
 }
@@ -471,7 +480,7 @@ static cm_status cpu_run(cm_program *p, int first, int last, cm_err *err) {
     for (int s = 0; s < k->n_stages && st == CM_OK; s++) {
       double ts = pr->profile ? now_ms() : 0;
       if (k->stages[s].coll.op != CM_KCOLL_NONE)
-        st = run_collective(pr, k, i, &k->stages[s], bufs, err);
+        st = run_collective(pr, k, i, s, bufs, err);
       else
         run_stage(pr->ks[i].fns[s], bufs, &k->stages[s], pr->items[i][s], pr->ws, pr->ws_stride,
                   pr->threads);

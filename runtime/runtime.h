@@ -285,14 +285,14 @@ typedef struct cm_compile_opts {
                                 runs (cm_program_states_download, cm_program_states_changed) */
   cm_tune_mode tune;         /* FROM_ENV: $CMAEC_TUNE (default cached); cached or search: every
                                 stage the tuning database has a best point for is planned so */
-  struct cm_comm *comm;      /* the ranks' communicator (issue 18): the backends run the
-                                collective stages through it; NULL: world size 1. A graph built
-                                for other ranks than its size is CM_EINVALID (unless
-                                compile_only) */
   /* After lowering and the cached plans, before rendering: may replan kp's stages (cm_tune
    * times candidates inside whole steps so; kernels are as cm_lower_plan numbers them). */
   cm_status (*replan)(cm_kprogram *kp, const cm_target *t, void *ctx, cm_err *err);
   void *replan_ctx;
+  struct cm_comm *comm;      /* the ranks' communicator (issue 18): the backends run the
+                                collective stages through it; NULL: world size 1. A graph built
+                                for other ranks than its size is CM_EINVALID (unless
+                                compile_only) */
 } cm_compile_opts;
 
 typedef struct cm_program_stats {

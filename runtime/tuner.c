@@ -19,6 +19,8 @@
 #include <math.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -181,6 +183,19 @@ static bool apply_recorded(cm_kernel *k, int s, const cm_target *t, const cm_tun
   return true;
 }
 
+/* A database that cannot be read costs the tuned plans, never the compile: one warning a
+ * process (every compile of a training run would repeat it), then the default plans. */
+static cm_status db_unreadable(const char *path, const cm_err *why) {
+  static atomic_flag warned = ATOMIC_FLAG_INIT;
+  if (atomic_flag_test_and_set(&warned)) return CM_OK;
+  char prefix[4300];
+  snprintf(prefix, sizeof prefix, "tuning database %s: ", path);
+  const char *msg = why->msg;
+  if (!strncmp(msg, prefix, strlen(prefix))) msg += strlen(prefix);
+  fprintf(stderr, "cmaec: tuning database %s unreadable: %s; using default plans\n", path, msg);
+  return CM_OK;
+}
+
 cm_status cm_tune_apply_cached(cm_kprogram *kp, const cm_target *t, const cm_compile_opts *co,
                                int *applied, int *ignored, cm_err *err) {
   *applied = *ignored = 0;
@@ -188,18 +203,27 @@ cm_status cm_tune_apply_cached(cm_kprogram *kp, const cm_target *t, const cm_com
   if (cm_tune_mode_resolve(co ? co->tune : CM_TUNE_FROM_ENV, &mode, err) != CM_OK)
     return err ? err->status : CM_EINVALID;
   if (mode == CM_TUNE_OFF) return CM_OK;
+  char cbuf[4096], path[4200];
+  const char *dir = cm_cache_dir(co ? co->cache_dir : NULL, cbuf, sizeof cbuf);
+  if (!dir) return CM_OK; /* caching disabled */
+  snprintf(path, sizeof path, "%s/tuning.db", dir);
   cm_tune_db *db = NULL;
-  cm_status st = open_db(NULL, co, true, &db, err);
-  if (st != CM_OK || !db) return st;
+  cm_err db_err = {0};
+  cm_status st = open_db(path, co, true, &db, &db_err);
+  if (st != CM_OK) return db_unreadable(path, &db_err);
+  if (!db) return CM_OK;
   cm_tune_key key = {.version = CM_TUNE_SPACE_VERSION};
   bool have_device = false;
   for (int i = 0; i < kp->n_kernels && st == CM_OK; i++) {
     cm_kernel *k = &kp->kernels[i];
     bool hashed = false;
-    for (int s = 0; s < k->n_stages && st == CM_OK; s++) {
+    /* a K split point adds or removes a stage: s walks the kernel as lowered (the key's
+       stages), at is where that stage is now */
+    int lowered = k->n_stages;
+    for (int s = 0, at = 0; s < lowered && st == CM_OK; s++, at++) {
       cm_tune_space space;
       cm_err e = {0};
-      if (cm_tune_space_of(k, s, t, &space, &e) != CM_OK || space.n_knobs == 0) continue;
+      if (cm_tune_space_of(k, at, t, &space, &e) != CM_OK || space.n_knobs == 0) continue;
       if (!hashed) /* before any stage of it changes: the key is the kernel as lowered */
         cm_kernel_structural_hash(k, key.kernel), hashed = true;
       if (!have_device)
@@ -208,17 +232,23 @@ cm_status cm_tune_apply_cached(cm_kprogram *kp, const cm_target *t, const cm_com
       char text[256];
       double best_ms;
       bool found = false;
-      st = cm_tune_db_get_best(db, &key, text, sizeof text, &best_ms, &found, err);
+      st = cm_tune_db_get_best(db, &key, text, sizeof text, &best_ms, &found, &db_err);
       if (st != CM_OK || !found) continue;
-      if (apply_recorded(k, s, t, &space, text))
-        (*applied)++;
-      else
+      int before = k->n_stages;
+      if (!apply_recorded(k, at, t, &space, text)) {
         (*ignored)++;
+        continue;
+      }
+      (*applied)++;
+      /* split: skip the sum stage it added; merged: the lowered sum stage is gone */
+      if (k->n_stages > before) at += k->n_stages - before;
+      if (k->n_stages < before) s += before - k->n_stages;
     }
+    /* a K split point may add a scratch buffer */
+    if (k->scratch_bytes > kp->max_scratch_bytes) kp->max_scratch_bytes = k->scratch_bytes;
   }
   cm_tune_db_close(db);
-  if (st != CM_OK) cm_err_prefix(err, "tuning database: ");
-  return st;
+  return st == CM_OK ? CM_OK : db_unreadable(path, &db_err);
 }
 
 /* ---- random sources --------------------------------------------------------------------- */
@@ -1025,9 +1055,14 @@ typedef struct step_round {
   const tune_run *r;
   step_state *states;
   int n;
-  int *owner; /* per (kernel, stage) of the program (kernel * max_stages + stage): state, or -1 */
-  int max_stages, n_kernels;
+  /* Which state a kernel's time goes to: owner[kernel] is the one state planning the kernel (its
+   * whole time counts: a K split's reduction stage, an epilogue), -1 none, -2 several; then
+   * owner_stage[kernel * STEP_STAGES + stage] says per stage (as lowered: a stage that a split
+   * adds or removes counts where its index falls). instances[state]: its kernels. */
+  int *owner, *owner_stage, *instances;
+  int n_kernels;
 } step_round;
+enum { STEP_STAGES = 16 };
 
 /* cm_compile's replan hook in the round's child: every kernel with a proposing state's
  * structure (kernels are numbered as in r->kp) gets the proposal. */
@@ -1037,6 +1072,8 @@ static cm_status step_replan(cm_kprogram *kp, const cm_target *t, void *ctx, cm_
     return cm_errorf(err, CM_EINTERNAL, "tune: the step lowered to %d kernels, not %d",
                      kp->n_kernels, rd->n_kernels);
   for (int i = 0; i < kp->n_kernels; i++) {
+    rd->owner[i] = -1;
+    for (int x = 0; x < STEP_STAGES; x++) rd->owner_stage[i * STEP_STAGES + x] = -1;
     for (int q = 0; q < rd->n; q++) {
       step_state *s = &rd->states[q];
       if (s->proposed < 0 || strcmp(rd->r->kernel_hash[i], s->it->hash) != 0) continue;
@@ -1046,7 +1083,9 @@ static cm_status step_replan(cm_kprogram *kp, const cm_target *t, void *ctx, cm_
       if (st != CM_OK) return st;
       cm_kernel_free(&kp->kernels[i]);
       kp->kernels[i] = copy;
-      rd->owner[i * rd->max_stages + s->it->stage] = q;
+      rd->owner[i] = rd->owner[i] == -1 ? q : -2;
+      if (s->it->stage < STEP_STAGES) rd->owner_stage[i * STEP_STAGES + s->it->stage] = q;
+      rd->instances[q]++;
     }
   }
   return CM_OK;
@@ -1069,8 +1108,7 @@ static void step_round_run(step_round *rd, step_result *res) {
   cm_program *pr = NULL;
   cm_err e = {0};
   double *runs = calloc((size_t)rd->n * STEP_RUNS + 1, sizeof *runs);
-  int *kernels = calloc((size_t)rd->n + 1, sizeof *kernels);
-  if (!runs || !kernels) {
+  if (!runs) {
     snprintf(res->failure, sizeof res->failure, "out of memory");
   } else if (cm_compile(r->g, r->target, &co, &pr, &e) != CM_OK) {
     snprintf(res->failure, sizeof res->failure, "compile: %s", e.msg);
@@ -1090,23 +1128,23 @@ static void step_round_run(step_round *rd, step_result *res) {
       }
       n_sp = cm_program_stage_profile(pr, &sp);
       for (int x = 0; x < n_sp; x++) {
-        int q = rd->owner[sp[x].kernel_index * rd->max_stages + sp[x].stage_index];
-        if (q < 0) continue;
-        runs[q * STEP_RUNS + j] += sp[x].total_ms - before[x];
-        if (j == 0) kernels[q]++;
+        int k = sp[x].kernel_index, q = k < rd->n_kernels ? rd->owner[k] : -1;
+        if (q == -2)
+          q = sp[x].stage_index < STEP_STAGES ? rd->owner_stage[k * STEP_STAGES + sp[x].stage_index]
+                                              : -1;
+        if (q >= 0) runs[q * STEP_RUNS + j] += sp[x].total_ms - before[x];
       }
     }
     free(before);
     for (int q = 0; res->ok && q < rd->n; q++) {
       res->ms[q] = -1;
-      if (kernels[q] == 0) continue;
+      if (rd->instances[q] == 0) continue;
       qsort(runs + q * STEP_RUNS, STEP_RUNS, sizeof *runs, cmp_double);
-      res->ms[q] = runs[q * STEP_RUNS + STEP_RUNS / 2] / kernels[q];
+      res->ms[q] = runs[q * STEP_RUNS + STEP_RUNS / 2] / rd->instances[q];
     }
   }
   cm_program_free(pr);
   free(runs);
-  free(kernels);
 }
 
 /* One round in a forked child (or here, when children cannot run OpenMP); res as above. */
@@ -1190,14 +1228,15 @@ static cm_status step_round_record(tune_run *r, step_round *rd, const step_resul
 /* The stages of items[0..n) not in the database, searched in rounds inside the step. */
 static cm_status tune_in_step(tune_run *r, tune_item *items, int n, cm_err *err) {
   step_round rd = {.r = r, .n_kernels = r->kp->n_kernels};
-  for (int i = 0; i < r->kp->n_kernels; i++)
-    if (r->kp->kernels[i].n_stages > rd.max_stages) rd.max_stages = r->kp->kernels[i].n_stages;
   rd.states = calloc((size_t)n + 1, sizeof *rd.states);
-  rd.owner = malloc(sizeof *rd.owner * ((size_t)rd.n_kernels * (size_t)rd.max_stages + 1));
+  rd.owner = malloc(sizeof *rd.owner * ((size_t)rd.n_kernels + 1));
+  rd.owner_stage = malloc(sizeof *rd.owner_stage * ((size_t)rd.n_kernels * STEP_STAGES + 1));
+  rd.instances = malloc(sizeof *rd.instances * ((size_t)n + 1));
   size_t res_size = sizeof(step_result) + sizeof(double) * (size_t)(n + 1);
   step_result *res = malloc(res_size);
-  cm_status st =
-      rd.states && rd.owner && res ? CM_OK : cm_errorf(err, CM_EINTERNAL, "out of memory");
+  cm_status st = rd.states && rd.owner && rd.owner_stage && rd.instances && res
+                     ? CM_OK
+                     : cm_errorf(err, CM_EINTERNAL, "out of memory");
   for (int i = 0; i < n && st == CM_OK; i++) {
     memcpy(r->key.kernel, items[i].hash, sizeof r->key.kernel);
     r->key.stage = items[i].stage;
@@ -1228,7 +1267,7 @@ static cm_status tune_in_step(tune_run *r, tune_item *items, int n, cm_err *err)
     char label[64];
     snprintf(label, sizeof label, "round %d: %d stages in the step", round, active);
     progress(r, label, 0, 0);
-    for (int x = 0; x < rd.n_kernels * rd.max_stages; x++) rd.owner[x] = -1;
+    memset(rd.instances, 0, sizeof *rd.instances * (size_t)(n + 1));
     step_round_measure(&rd, res, res_size);
     st = step_round_record(r, &rd, res, err);
   }
@@ -1250,6 +1289,8 @@ static cm_status tune_in_step(tune_run *r, tune_item *items, int n, cm_err *err)
   }
   free(rd.states);
   free(rd.owner);
+  free(rd.owner_stage);
+  free(rd.instances);
   free(res);
   return st;
 }
