@@ -501,8 +501,11 @@ static void test_one_to_two(void) {
   if (train(RANKS, two, 3, true)) check_step(one, one, two, 3);
 }
 
-/* 2 -> 1: a 2-rank run's checkpoint of step 1 resumed in one process for a step. */
+/* 2 -> 1: a 2-rank run's checkpoint of step 1 resumed in one process for a step. Not in the
+ * sanitizer build (CMAEC_TEST_QUICK, ~10x slower): there 1 -> 2 alone, and
+ * tests/cli/train_ranks.sh resumes 2 -> 1. */
 static void test_two_to_one(void) {
+  if (getenv("CMAEC_TEST_QUICK")) return;
   char two[300], one[300];
   snprintf(two, sizeof two, "%s/two", root);
   snprintf(one, sizeof one, "%s/one_from_two", root);
