@@ -6,18 +6,24 @@
 #   - the GEMMs at ViT-S shapes (bench/gemm), untuned and tuned (--tune), as % of the FP32 peak
 #     measured in the same run (bench/peak).
 # A fresh cache directory (objects and tuning.db) unless CMAEC_CACHE_DIR is set, so the tuning
-# time is a cold one. Usage: bash bench/tune.sh [--batch N] [--steps N] [--budget S]
-#   [--gemm-budget S]   (defaults: 64, 10, 180 s for the step, 120 s for the six GEMMs)
+# time is a cold one.
+#   --peer f32|bf16|both: also the independent PyTorch step (bench/gpu/cmae_torch.py, eager and
+#   torch.compile of the whole model, on the same threads) in that precision, next to cmaec's
+#   tuned step in the same precision (bf16: the step tuned with train.precision=bf16 too);
+#   --gemm-budget 0 skips the GEMM rows.
+# Usage: bash bench/tune.sh [--batch N] [--steps N] [--budget S] [--gemm-budget S] [--peer P]
+#   (defaults: 64, 10, 180 s for the step, 120 s for the six GEMMs, no peer)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-batch=64 steps=10 budget=180 gemm_budget=120
+batch=64 steps=10 budget=180 gemm_budget=120 peer=none
 while [ $# -gt 0 ]; do
   case "$1" in
   --batch) batch=$2 ;;
   --steps) steps=$2 ;;
   --budget) budget=$2 ;;
   --gemm-budget) gemm_budget=$2 ;;
-  *) echo "usage: bash bench/tune.sh [--batch N] [--steps N] [--budget S] [--gemm-budget S]" >&2
+  --peer) peer=$2 ;;
+  *) echo "usage: bash bench/tune.sh [--batch N] [--steps N] [--budget S] [--gemm-budget S] [--peer f32|bf16|both]" >&2
      exit 2 ;;
   esac
   shift 2
@@ -56,10 +62,33 @@ echo "== the step, tuned"
 build/bench/step "$model" --backend cpu --batch "$batch" --steps "$steps" --peak "$peak" \
   --top 0 --stages 8 | tee "$out/tuned.txt"
 
-echo "== GEMMs at ViT-S shapes, untuned (CMAEC_TUNE=off)"
-CMAEC_TUNE=off build/bench/gemm --peak "$peak" --backend cpu | tee "$out/gemm0.txt"
-echo "== GEMMs at ViT-S shapes, tuned (--tune $gemm_budget)"
-build/bench/gemm --peak "$peak" --backend cpu --tune "$gemm_budget" | tee "$out/gemm1.txt"
+if [ "$gemm_budget" != 0 ]; then
+  echo "== GEMMs at ViT-S shapes, untuned (CMAEC_TUNE=off)"
+  CMAEC_TUNE=off build/bench/gemm --peak "$peak" --backend cpu | tee "$out/gemm0.txt"
+  echo "== GEMMs at ViT-S shapes, tuned (--tune $gemm_budget)"
+  build/bench/gemm --peak "$peak" --backend cpu --tune "$gemm_budget" | tee "$out/gemm1.txt"
+fi
+
+# The peer: cmaec's step (tuned as above; bf16 tuned now) and PyTorch's, back to back.
+threads=$(sed -n 's/.* on cpu, \([0-9]*\) threads.*/\1/p' "$out/untuned.txt")
+: >"$out/peer.txt"
+for p in f32 bf16; do
+  [ "$peer" = "$p" ] || [ "$peer" = both ] || continue
+  if [ "$p" = bf16 ]; then
+    echo "== cmaec tune $model --set train.precision=bf16 --budget $budget"
+    build/cmaec tune "$model" --backend cpu --batch "$batch" --budget "$budget" \
+      --set train.precision=bf16 | tee "$out/tune_bf16.txt"
+  fi
+  echo "== the step, $p, tuned, then PyTorch eager and torch.compile on $threads threads"
+  build/bench/step "$model" --backend cpu --batch "$batch" --steps "$steps" --peak "$peak" \
+    --top 0 --stages 0 --precision "$p" | tee "$out/cmaec_$p.txt"
+  echo "cmaec $p: $(step_ms "$out/cmaec_$p.txt")" >>"$out/peer.txt"
+  python3 bench/gpu/cmae_torch.py --model "$model" --batch "$batch" --steps "$steps" \
+    --warmup 2 --modes eager,compile --compile full --precision "$p" --threads "$threads" \
+    --device cpu 2>&1 | grep -v "^W1\|UserWarning\|warnings.warn" | tee "$out/torch_$p.txt"
+  sed -n "s/^torch \([a-z]*\): \([0-9.]*\) ms.*/torch_\1 $p: \2/p" "$out/torch_$p.txt" |
+    sed 's/^torch_/torch /' >>"$out/peer.txt"
+done
 
 echo
 echo "== summary ($(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg))"
@@ -76,8 +105,20 @@ def rows(path):
         m = re.match(r"^(\S+\s+\S+\s+.*?)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)%", line)
         if m: r[m.group(1).strip()] = float(m.group(6))
     return r
-a, b = rows(f"{out}/gemm0.txt"), rows(f"{out}/gemm1.txt")
-for k in a:
-    print(f"gemm {k:<20} untuned {a[k]:5.1f}% of peak, tuned {b.get(k, 0):5.1f}% (goal >= 85%)")
+import os
+if os.path.exists(f"{out}/gemm0.txt"):
+    a, b = rows(f"{out}/gemm0.txt"), rows(f"{out}/gemm1.txt")
+    for k in a:
+        print(f"gemm {k:<20} untuned {a[k]:5.1f}% of peak, tuned {b.get(k, 0):5.1f}% (goal >= 85%)")
+ours, theirs = {}, []
+for line in open(f"{out}/peer.txt"):
+    f = line.split()
+    if f[0] == "cmaec": ours[f[1].rstrip(":")] = float(f[2])
+    else: theirs.append((f[1], f[2].rstrip(":"), float(f[3])))
+goal = {"eager": 1.5, "compile": 1.3}
+for mode, prec, ms in theirs:
+    if prec in ours:
+        print(f"peer {prec}: cmaec tuned {ours[prec]:.1f} ms, torch {mode} {ms:.1f} ms: "
+              f"cmaec {ms / ours[prec]:.2f}x as fast (goal {goal.get(mode, 0)}x)")
 PY
 rm -rf "$out"

@@ -537,6 +537,29 @@ typedef struct cm_kcuda_plan {
   cm_kcuda_rows rows;         /* CM_KCUDA_ROWS */
 } cm_kcuda_plan;
 
+/* A collective stage: what a collective group (CM_GROUP_COLLECTIVE) with ranks > 1 lowers to.
+ * It has no loop nest (n_dom 0, no expressions, no stores: the renderers render an empty
+ * function, the interpreter refuses it); the backends execute it through the program's
+ * cm_comm (cm_compile_opts.comm) on buffer in_buf (count elements) into out_buf (count
+ * elements for all_reduce, ranks * count for all_gather: rank r's at r * count). An
+ * all_gather along an axis that is not the outermost non-unit one gathers into a SCRATCH
+ * out_buf laid out [rank, input...], and the kernel's next stage (a generic one) permutes it
+ * into the graph's output. */
+typedef enum cm_kcoll_op {
+  CM_KCOLL_NONE = 0, /* a computing stage */
+  CM_KCOLL_ALL_REDUCE,
+  CM_KCOLL_ALL_GATHER,
+} cm_kcoll_op;
+typedef struct cm_kcollective {
+  cm_kcoll_op op;
+  cm_reduce_mode mode; /* all_reduce: SUM or MEAN */
+  int axis;            /* all_gather: the graph's axis (>= 0) */
+  int ranks;           /* the world size the graph was built for (> 1) */
+  int node;            /* the collective node */
+  int in_buf, out_buf; /* kernel buffers read and written */
+  int64_t count;       /* elements each rank contributes (the input's numel) */
+} cm_kcollective;
+
 typedef struct cm_kstage {
   char name[64];
   int n_dom;
@@ -560,6 +583,7 @@ typedef struct cm_kstage {
   cm_kattn attn; /* CM_KT_ATTENTION_FWD / _BWD (first stage of the span) */
   /* CUDA targets: the renderer's plan (cm_cuda_plan_kernel) */
   cm_kcuda_plan cuda;
+  cm_kcollective coll; /* op != CM_KCOLL_NONE: a collective stage (no loop nest) */
 } cm_kstage;
 
 typedef enum cm_kbuf_kind {
@@ -654,6 +678,13 @@ void cm_kaff_range(const cm_kstage *s, const cm_kaff *a, int64_t *lo, int64_t *h
  * alone. Errors only for malformed stages or out of memory. */
 cm_status cm_kstage_simplify(cm_kstage *s, cm_err *err);
 
+/* Where an asynchronous collective (stage `stage` of kernel `kernel` of kp) must have finished:
+ * the first later kernel that reads its output or writes its input (a state it reads); n_kernels
+ * when none does (the end of the run). */
+int cm_kprogram_collective_wait(const cm_kprogram *kp, int kernel, int stage);
+/* The name a collective stage goes by in the communicator's messages (its `what`):
+ * "grad_bucket_3" (node 812, kernel k40_collective)". */
+void cm_kcollective_name(const cm_kernel *k, int stage, const cm_graph *g, char *out, size_t size);
 /* Checks a kernel: expression ids and operand order, dtypes of operands,
  * variables in range (reduction vars only in body / gemm operands, ACC only
  * in store values), store buffers writable, template invariants. Errors name
@@ -824,7 +855,7 @@ cm_cuda_launch cm_cuda_stage_launch(const cm_kernel *k, int stage, const cm_cuda
  * (pruning what makes no valid plan before anything is compiled), a structural hash that keys
  * the tuning database, and a deterministic cost model (the emulated CUDA device's "time"). */
 #define CM_TUNE_SPACE_VERSION                                                                      \
-  1 /* bump when a space or a knob's meaning changes: old records are ignored */
+  2 /* bump when a space or a knob's meaning changes: old records are ignored */
 #define CM_TUNE_MAX_KNOBS 8
 #define CM_TUNE_MAX_VALUES 16
 typedef struct cm_tune_knob {

@@ -10,7 +10,8 @@
  *   cm_kstage.tiles.mr, .nr   register block (rows x columns of C)
  *   cm_kstage.tiles.mc, .nc   cache block of C per work item
  *   cm_kstage.tiles.kc        K slice packed at once
- *   the K split S             (k_split_of: 0 = none; stages _kpart and _ksum) */
+ *   the K split S             (k_split_of: 0 = none; stages _kpart and _ksum; a tuner changes
+ *                             it with cm_gemm_resplit: 1, 2, 4 or 8, the default among them) */
 #include "lower_internal.h"
 
 #include <stdlib.h>
@@ -206,6 +207,105 @@ void cm_gemm_split_k(cm_kernel *k, const cm_lower_opts *o) {
     int S = k_split_of(&k->stages[si], o ? o->target : NULL);
     if (S > 0) split_k_stage(k, si++, S, o);
   }
+}
+
+/* ---- the K split as a tuning knob (tune_space.c) ---------------------------------------- */
+
+static bool k_split_legal(int64_t K, int S) {
+  return S >= 2 && S <= 8 && K % S == 0 && K / S >= 256;
+}
+
+int cm_gemm_k_split_at(const cm_kernel *k, int si) {
+  if (!k || si < 0 || si + 1 >= k->n_stages) return 0;
+  const cm_kstage *a = &k->stages[si], *b = &k->stages[si + 1];
+  size_t n = strlen(a->name);
+  if (a->tmpl != CM_KT_GEMM || n < 6 || strcmp(a->name + n - 6, "_kpart") != 0 ||
+      a->n_stores != 1 || a->n_dom < 3 || a->n_red != 1 || b->n_red != 1 ||
+      b->n_dom != a->n_dom - 1 || b->red[0] != a->dom[0] || b->body < 0 || b->body >= b->n_exprs)
+    return 0;
+  int P = a->stores[0].buf;
+  const cm_kexpr *load = &b->exprs[b->body];
+  if (P < 0 || P >= k->n_buffers || k->buffers[P].kind != CM_KBUF_SCRATCH ||
+      load->kind != CM_KX_LOAD || load->buf != P ||
+      !k_split_legal(a->dom[0] * a->red[0], (int)a->dom[0]))
+    return 0;
+  return (int)a->dom[0];
+}
+
+int cm_gemm_k_split_options(const cm_kernel *k, int si, int *out) {
+  const cm_kstage *s = &k->stages[si];
+  int cur = cm_gemm_k_split_at(k, si), n = 0;
+  bool unsplit_ok = !s->accumulate && s->acc_dtype == CM_F32 && s->n_red == 1 && s->n_dom >= 2 &&
+                    s->n_dom + 1 + s->n_red <= CM_KMAX_VARS;
+  if (s->tmpl != CM_KT_GEMM || (cur == 0 && !unsplit_ok)) return 0;
+  int64_t K = cur > 0 ? cur * s->red[0] : s->red[0];
+  out[n++] = 1;
+  for (int S = 2; S <= 8; S *= 2)
+    if (k_split_legal(K, S)) out[n++] = S;
+  if (cur > 0 && cur != 2 && cur != 4 && cur != 8) out[n++] = cur;
+  return n;
+}
+
+/* Stages si (_kpart) and si + 1 (_ksum) of k back into the GEMM they were split from (its
+ * scratch buffer stays, unused); it takes stage si's place. */
+static void merge_k_split(cm_kernel *k, int si, const cm_lower_opts *o) {
+  cm_kstage a = k->stages[si], b = k->stages[si + 1];
+  int nd = b.n_dom, S = (int)a.dom[0], most = a.n_exprs > b.n_exprs ? a.n_exprs : b.n_exprs;
+  int *cmap = malloc(sizeof(int) * (size_t)(most > 0 ? most : 1));
+  if (!cmap) abort();
+  char name[64];
+  snprintf(name, sizeof name, "%.*s", (int)strlen(a.name) - 6, a.name);
+  cm_kstage *m = cm_kernel_add_stage(k, name);
+  m->n_dom = nd;
+  int vmap[CM_KMAX_VARS + 1];
+  vmap[0] = cm_kx_iconst(m, 0); /* the split var: the whole K from 0 */
+  for (int d = 0; d < nd; d++) m->dom[d] = b.dom[d], vmap[d + 1] = cm_kx_var(m, d);
+  m->n_red = 1;
+  m->red[0] = (int64_t)S * a.red[0];
+  m->red_op = CM_KRED_SUM;
+  m->acc_dtype = CM_F32;
+  vmap[nd + 1] = cm_kx_var(m, nd);
+  for (int e = 0; e < a.n_exprs; e++) cmap[e] = -1;
+  m->gemm_a = copy_expr(m, k, &a, a.gemm_a, vmap, cmap);
+  m->gemm_b = copy_expr(m, k, &a, a.gemm_b, vmap, cmap);
+  m->body = cm_lower_product(m, m->gemm_a, m->gemm_b);
+  /* the sum's stores, its vars the GEMM's (its reduction var unused there) */
+  for (int d = 0; d < nd; d++) vmap[d] = cm_kx_var(m, d);
+  vmap[nd] = -1;
+  for (int e = 0; e < b.n_exprs; e++) cmap[e] = -1;
+  for (int i = 0; i < b.n_stores; i++)
+    m->stores[m->n_stores++] =
+        (cm_kstore){b.stores[i].buf, copy_expr(m, k, &b, b.stores[i].index, vmap, cmap),
+                    copy_expr(m, k, &b, b.stores[i].value, vmap, cmap)};
+  m->tmpl = CM_KT_GEMM;
+  gemm_tiles(m, o);
+  cm_lower_finish_stage(m);
+  free(cmap);
+  int n = k->n_stages;
+  cm_kstage merged = k->stages[n - 1];
+  free(a.exprs);
+  free(b.exprs);
+  memmove(&k->stages[si + 1], &k->stages[si + 2], sizeof(cm_kstage) * (size_t)(n - 3 - si));
+  k->stages[si] = merged;
+  k->n_stages = n - 2;
+}
+
+cm_status cm_gemm_resplit(cm_kernel *k, int si, int S, const cm_target *t, cm_err *err) {
+  int opts[8], n = cm_gemm_k_split_options(k, si, opts), cur = cm_gemm_k_split_at(k, si);
+  bool known = false;
+  for (int i = 0; i < n; i++) known |= opts[i] == S;
+  if (!known)
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: K split %d: not a split of this GEMM's K (2, 4 or 8 "
+                     "dividing it into slices of at least 256)",
+                     k->name, si, S);
+  if (S == (cur > 0 ? cur : 1)) return CM_OK;
+  cm_lower_opts o = {t, false, 0};
+  if (cur > 0) merge_k_split(k, si, &o);
+  if (S > 1) split_k_stage(k, si, S, &o);
+  cm_status st = cm_kstage_simplify(&k->stages[si], err);
+  if (st == CM_OK && S > 1) st = cm_kstage_simplify(&k->stages[si + 1], err);
+  return st;
 }
 
 /* ---- what the rendered CPU function expects ---------------------------------- */

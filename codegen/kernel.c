@@ -411,8 +411,33 @@ static const char *gemm_rule(const cm_kstage *s, const uint32_t *vm) {
   return why;
 }
 
+/* A collective stage: no loop nest, its buffers of the right kinds, dtypes and sizes. */
+static cm_status verify_collective(const cm_kernel *k, int si, cm_err *err) {
+  const cm_kstage *s = &k->stages[si];
+  const cm_kcollective *x = &s->coll;
+  int ei = -1;
+  if (x->op != CM_KCOLL_ALL_REDUCE && x->op != CM_KCOLL_ALL_GATHER)
+    KFAIL("collective op %d unknown", (int)x->op);
+  if (s->n_dom || s->n_red || s->n_exprs || s->n_stores || s->tmpl != CM_KT_NONE)
+    KFAIL("a collective stage has no loop nest, expressions, stores or template");
+  if (x->ranks < 2) KFAIL("a collective stage needs ranks >= 2 (has %d)", x->ranks);
+  if (x->in_buf < 0 || x->in_buf >= k->n_buffers || x->out_buf < 0 || x->out_buf >= k->n_buffers)
+    KFAIL("collective buffers b%d -> b%d out of range", x->in_buf, x->out_buf);
+  const cm_kbuffer *in = &k->buffers[x->in_buf], *out = &k->buffers[x->out_buf];
+  int64_t want = x->op == CM_KCOLL_ALL_GATHER ? x->count * x->ranks : x->count;
+  if (x->count < 1 || in->numel != x->count || out->numel != want)
+    KFAIL("collective of %lld elements over %d ranks: input b%d has %lld, output b%d %lld",
+          (long long)x->count, x->ranks, x->in_buf, (long long)in->numel, x->out_buf,
+          (long long)out->numel);
+  if (in->dtype != out->dtype) KFAIL("collective input and output dtypes differ");
+  if ((out->kind != CM_KBUF_ARENA && out->kind != CM_KBUF_SCRATCH) || !out->written)
+    KFAIL("collective output b%d must be a written arena or scratch buffer", x->out_buf);
+  return CM_OK;
+}
+
 static cm_status verify_stage(const cm_kernel *k, int si, cm_err *err) {
   const cm_kstage *s = &k->stages[si];
+  if (s->coll.op != CM_KCOLL_NONE) return verify_collective(k, si, err);
   int ei = -1;
   int nv = s->n_dom + s->n_red;
   if (s->n_dom < 0 || s->n_red < 0 || nv > CM_KMAX_VARS)
@@ -548,6 +573,34 @@ cm_status cm_kernel_verify(const cm_kernel *k, cm_err *err) {
   return CM_OK;
 }
 
+/* Whether kernel k reads arena value read_node or writes source written_source. */
+static bool kernel_touches(const cm_kernel *k, int read_node, int written_source) {
+  for (int b = 0; b < k->n_buffers; b++) {
+    const cm_kbuffer *x = &k->buffers[b];
+    if ((x->kind == CM_KBUF_ARENA && x->read && x->node == read_node) ||
+        (x->kind == CM_KBUF_SOURCE && x->written && x->node == written_source))
+      return true;
+  }
+  return false;
+}
+
+int cm_kprogram_collective_wait(const cm_kprogram *kp, int kernel, int stage) {
+  const cm_kernel *k = &kp->kernels[kernel];
+  const cm_kcollective *x = &k->stages[stage].coll;
+  const cm_kbuffer *in = &k->buffers[x->in_buf];
+  int out_node = k->buffers[x->out_buf].node;
+  int src = in->kind == CM_KBUF_SOURCE ? in->node : -2; /* -2: no source (node -1 is no node) */
+  int j = kernel + 1;
+  while (j < kp->n_kernels && !kernel_touches(&kp->kernels[j], out_node, src)) j++;
+  return j;
+}
+
+void cm_kcollective_name(const cm_kernel *k, int stage, const cm_graph *g, char *out, size_t size) {
+  int v = k->stages[stage].coll.node;
+  snprintf(out, size, "\"%.96s\" (node %d, kernel %s)",
+           g && v >= 0 && v < g->n_nodes ? g->nodes[v].name : "?", v, k->name);
+}
+
 /* ---- printer --------------------------------------------------------------- */
 
 static const char *kbuf_kind_name(cm_kbuf_kind k) {
@@ -630,6 +683,16 @@ void cm_kernel_print(const cm_kernel *k, FILE *out) {
       fprintf(out, "] acc %s", cm_dtype_name(s->acc_dtype));
     }
     fprintf(out, " parallel %d\n", s->n_parallel);
+    if (s->coll.op != CM_KCOLL_NONE) {
+      const cm_kcollective *x = &s->coll;
+      fprintf(out, "  collective %s", x->op == CM_KCOLL_ALL_GATHER ? "all_gather" : "all_reduce");
+      if (x->op == CM_KCOLL_ALL_GATHER)
+        fprintf(out, " axis %d", x->axis);
+      else
+        fprintf(out, " %s", x->mode == CM_MODE_MEAN ? "mean" : "sum");
+      fprintf(out, " ranks %d count %lld b%d -> b%d node %d\n", x->ranks, (long long)x->count,
+              x->in_buf, x->out_buf, x->node);
+    }
     if (s->tmpl == CM_KT_GEMM) {
       fprintf(out, "  gemm a=%%%d b=%%%d tiles mc=%d nc=%d kc=%d mr=%d nr=%d", s->gemm_a, s->gemm_b,
               s->tiles.mc, s->tiles.nc, s->tiles.kc, s->tiles.mr, s->tiles.nr);
@@ -1066,7 +1129,13 @@ cm_status cm_kernel_interpret(const cm_kernel *k, void *const *bufs, cm_err *err
   c.k = k;
   c.bufs = bufs;
   c.err = err;
-  for (c.si = 0; c.si < k->n_stages; c.si++)
+  for (c.si = 0; c.si < k->n_stages; c.si++) {
+    if (k->stages[c.si].coll.op != CM_KCOLL_NONE)
+      return cm_errorf(err, CM_EINVALID,
+                       "kernel %s stage %d (%s): a collective stage needs a communicator: the "
+                       "backends run it (cm_compile_opts.comm)",
+                       k->name, c.si, k->stages[c.si].name);
     if ((st = run_stage(&c)) != CM_OK) return st;
+  }
   return CM_OK;
 }

@@ -140,7 +140,7 @@ static int value_in(lctx *c, cm_kstage *s, int id, const int *idx) {
   case CM_OP_ALL_GATHER:
     if (n->op != CM_OP_STOP_GRADIENT && n->attrs.ranks > 1) {
       fail(c, CM_EINVALID, id,
-           "needs a communicator (multi-rank runs come with the distributed executor)");
+           "a collective over several ranks is lowered only as a collective group of its own");
       return -1;
     }
     return value(c, s, n->inputs[0], idx);
@@ -1108,6 +1108,66 @@ static void lower_node(lctx *c, int id, int *out_buf, bool *done) {
   c->buf_of[id] = b;
 }
 
+/* A collective over ranks > 1 (the one node of a collective group): a collective stage, then
+ * for an all_gather whose axis has non-unit dims before it, a stage moving the gathered
+ * [rank, input...] scratch into the output's layout. */
+static void lower_collective(lctx *c, int id, const int *out_buf) {
+  const cm_node *n = N(c, id);
+  const cm_type *it = &N(c, n->inputs[0])->type, *t = &n->type;
+  cm_kernel *k = c->k;
+  int in = c->buf_of[n->inputs[0]], out = -1;
+  for (int j = 0; j < c->gr->n_outputs; j++)
+    if (c->gr->outputs[j] == id) out = out_buf[j];
+  if (in < 0) {
+    fail(c, CM_EINVALID, id, "a collective's input must be in memory (not a folded constant)");
+    return;
+  }
+  if (out < 0 || k->buffers[out].kind != CM_KBUF_ARENA) {
+    fail(c, CM_EINTERNAL, id, "a collective's value must be an arena output of its group");
+    return;
+  }
+  k->buffers[in].read = true;
+  k->buffers[out].written = true;
+  int64_t count = cm_type_numel(it), outer = 1;
+  int axis = n->attrs.axis < 0 ? n->attrs.axis + t->rank : n->attrs.axis;
+  bool gather = n->op == CM_OP_ALL_GATHER;
+  if (gather)
+    for (int d = 0; d < axis; d++) outer *= it->dims[d];
+  int target = out;
+  if (outer > 1) { /* rank-major scratch, permuted below */
+    int64_t bytes = count * n->attrs.ranks * (int64_t)cm_dtype_size(t->dtype);
+    target = cm_kernel_add_buffer(k, CM_KBUF_SCRATCH, t->dtype, count * n->attrs.ranks, id,
+                                  k->scratch_bytes);
+    k->scratch_bytes += (bytes + 63) / 64 * 64;
+    k->buffers[target].written = k->buffers[target].read = true;
+  }
+  cm_kstage *s = cm_kernel_add_stage(k, gather ? "all_gather" : "all_reduce");
+  s->coll = (cm_kcollective){gather ? CM_KCOLL_ALL_GATHER : CM_KCOLL_ALL_REDUCE,
+                             n->attrs.mode,
+                             gather ? axis : 0,
+                             n->attrs.ranks,
+                             id,
+                             in,
+                             target,
+                             count};
+  if (target == out) return;
+  /* out[.., r * d + j, ..] = scratch[r][.., j, ..] with d the input's extent on axis */
+  s = cm_kernel_add_stage(k, "all_gather_permute");
+  s->n_dom = t->rank;
+  int dv[CM_MAX_RANK], src[CM_MAX_RANK];
+  for (int d = 0; d < t->rank; d++) {
+    s->dom[d] = t->dims[d];
+    dv[d] = src[d] = cm_kx_var(s, d);
+  }
+  int extent = cm_kx_iconst(s, it->dims[axis]);
+  int rank = cm_kx_idiv(s, dv[axis], extent);
+  src[axis] = cm_kx_imod(s, dv[axis], extent);
+  int at = cm_kx_iadd(s, cm_kx_imul(s, rank, cm_kx_iconst(s, count)), linear(s, it, src));
+  int v = cm_kx_load(s, k, target, at);
+  s->stores[s->n_stores++] = (cm_kstore){out, linear(s, t, dv), v};
+  cm_lower_finish_stage(s);
+}
+
 /* The kernel's stages once lowered: split-K GEMMs, simplified indices, the
  * attention span and the CUDA plans, then the verifier. */
 static cm_status finish_kernel(cm_kernel *out, const cm_group *gr, const cm_lower_opts *o,
@@ -1154,6 +1214,13 @@ cm_status cm_lower_group(const cm_graph *g, const cm_plan *p, int group, const c
   bool *done = calloc((size_t)gr->n_outputs + 1, sizeof(bool));
   if (!done) abort();
   if (c.st == CM_OK && gr->kind == CM_GROUP_ATTENTION && !(o && o->no_templates)) mark_shared(&c);
+  for (int i = 0; i < gr->n_nodes && c.st == CM_OK; i++) {
+    const cm_node *n = &g->nodes[gr->nodes[i]];
+    if ((n->op == CM_OP_ALL_REDUCE || n->op == CM_OP_ALL_GATHER) && n->attrs.ranks > 1) {
+      lower_collective(&c, gr->nodes[i], out_buf);
+      for (int j = 0; j < gr->n_outputs; j++) done[j] |= gr->outputs[j] == gr->nodes[i];
+    }
+  }
   /* materialized nodes, in topological order */
   for (int i = 0; i < gr->n_nodes && c.st == CM_OK; i++)
     if (is_mat(&c, gr->nodes[i])) lower_node(&c, gr->nodes[i], out_buf, done);

@@ -21,6 +21,13 @@ int cm_lower_product(cm_kstage *s, int a, int b);
  * blocks (CPU). */
 void cm_gemm_mark(cm_kstage *s, int a, int b, const cm_lower_opts *o);
 void cm_gemm_split_k(cm_kernel *k, const cm_lower_opts *o);
+/* gemm.c, the K split as a tuning knob: S when stage si is a split's partial GEMM (_kpart)
+ * followed by its sum, else 0; the splits stage si may take (1: none; 2, 4, 8 dividing K into
+ * slices of >= 256; the current one), their count (0: not a CPU GEMM that may split); and
+ * stage si re-split into S (merged back first; S 1: one GEMM), the new stages at si. */
+int cm_gemm_k_split_at(const cm_kernel *k, int si);
+int cm_gemm_k_split_options(const cm_kernel *k, int si, int *out);
+cm_status cm_gemm_resplit(cm_kernel *k, int si, int S, const cm_target *t, cm_err *err);
 
 /* attention.c: marks the fused attention span of an attention group's kernel
  * and computes its plan; leaves the kernel as is when no span holds. */

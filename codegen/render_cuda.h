@@ -118,6 +118,14 @@ cm_status cu_render_flash(const cm_kernel *k, int first, const cm_kcuda_attn *p,
  * whose stages are tiles, row reductions and GEMMs over rows or keys at canonical indices
  * (render_cuda_flash.c); false otherwise. */
 bool cu_plan_flash_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out);
+/* After a tuner chose `warps` warps a block and key blocks of bc keys for the flash plan (forward
+ * or backward) of stage first: checks them (shared memory against the block's limit: static for
+ * the forward, the device's opt-in for the backward; an estimate of the registers a thread
+ * needs) and derives the rest of the plan; CM_EINVALID naming the rule otherwise. */
+cm_status cu_flash_refit(cm_kernel *k, int first, const cm_target *t, int warps, int bc,
+                         cm_err *err);
+/* __launch_bounds__'s blocks for a flash forward of `threads`: 255 registers a thread. */
+int cu_flash_min_blocks(const cm_target *t, int threads);
 cm_status cu_render_flash_bwd(const cm_kernel *k, int first, const cm_kcuda_attn *p, int min_blocks,
                               sbuf *o, const bool *written, cm_err *err);
 cm_status cu_render_attention(const cm_kernel *k, int first, const cm_kcuda_attn *p, int min_blocks,

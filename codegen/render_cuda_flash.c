@@ -21,10 +21,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FL_BR 64 /* query rows per block: 4 warps x 16 */
-#define FL_BC 64 /* keys per step */
-#define FL_THREADS 128
+/* The defaults of the plan's tunables (cm_kcuda_attn: br = 16 rows a warp, bc, threads) */
+#define FL_WARPS 4   /* query rows per block: 4 warps x 16 */
+#define FL_BC 64     /* keys per step */
 #define FL_MAX_D 128 /* the S and O fragments stay in registers */
+#define FL_REGS 255  /* a thread's registers at the launch bounds' blocks (cu_flash_min_blocks) */
 
 static int64_t up_to(int64_t v, int64_t m) {
   return (v + m - 1) / m * m;
@@ -32,6 +33,37 @@ static int64_t up_to(int64_t v, int64_t m) {
 
 static bool expr_is_bf16(const cm_kstage *s, int e) {
   return e >= 0 && e < s->n_exprs && s->exprs[e].dtype == CM_BF16;
+}
+
+static int64_t flash_bytes(const cm_kcuda_attn *p) {
+  return 2 * ((int64_t)(p->br + p->bc) * (p->dp + 8) + (int64_t)p->dvp * (p->bc + 8));
+}
+
+/* The registers a thread's fragments take: S (bc / 8 tiles of 4), O (dvp / 8 of 4), the
+ * running m, l and the operand fragments, with 40 for addresses and loop state. */
+static int flash_regs(const cm_kcuda_attn *p) {
+  return p->bc / 2 + p->dvp / 2 + 40;
+}
+
+int cu_flash_min_blocks(const cm_target *t, int threads) {
+  int b = t->regs_per_sm / (threads * (FL_REGS + 1));
+  return b < 1 ? 1 : b;
+}
+
+/* p's tiles of `warps` x 16 query rows and bc keys: the derived fields, or why they make no
+ * flash function for t (NULL: they do). */
+static const char *flash_fit(cm_kcuda_attn *p, const cm_target *t, int warps, int bc) {
+  if (warps < 1 || warps > 16 || bc < 16 || bc % 16 || bc > 256)
+    return "1..16 warps and a key block of 16..256 keys, a multiple of 16";
+  p->br = 16 * warps, p->bc = bc, p->threads = 32 * warps;
+  if (p->threads > t->max_threads_per_block) return "more threads than a block takes";
+  p->nrb = (int)((p->rows + p->br - 1) / p->br);
+  p->nkb = (int)((p->keys + p->bc - 1) / p->bc);
+  p->kvn = flash_bytes(p); /* flash: the bytes of shared memory */
+  if (p->kvn > t->shared_bytes_static) return "over the static shared memory of a block";
+  if (flash_regs(p) > FL_REGS) return "fragments over a thread's 255 registers (spills)";
+  if ((double)p->batch * p->nrb > 2147483647.0) return "more blocks than a grid takes";
+  return NULL;
 }
 
 bool cu_plan_flash(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
@@ -44,12 +76,7 @@ bool cu_plan_flash(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_a
     return false;
   if (p.d > FL_MAX_D || p.dv > FL_MAX_D) return false;
   p.dp = (int)up_to(p.d, 16), p.dvp = (int)up_to(p.dv, 16);
-  p.br = FL_BR, p.bc = FL_BC, p.threads = FL_THREADS;
-  p.nrb = (int)((p.rows + FL_BR - 1) / FL_BR);
-  p.nkb = (int)((p.keys + FL_BC - 1) / FL_BC);
-  int64_t bytes = 2 * ((int64_t)(FL_BR + FL_BC) * (p.dp + 8) + (int64_t)p.dvp * (FL_BC + 8));
-  if (bytes > t->shared_bytes_static || (double)p.batch * p.nrb > 2147483647.0) return false;
-  p.kvn = bytes; /* flash: the bytes of shared memory */
+  if (flash_fit(&p, t, FL_WARPS, FL_BC)) return false;
   *out = p;
   return true;
 }
@@ -82,7 +109,7 @@ static void flash_tiles(flash_r *f, bool with_v) {
   sbuf *o = f->o;
   const cm_kcuda_attn *p = f->p;
   cu_sb_printf(o, "    __syncthreads();\n");
-  cu_sb_printf(o, "    for (int p_ = tid_; p_ < %d; p_ += %d) {\n", FL_BC * p->dp / 2, FL_THREADS);
+  cu_sb_printf(o, "    for (int p_ = tid_; p_ < %d; p_ += %d) {\n", p->bc * p->dp / 2, p->threads);
   cu_sb_printf(o, "      const int j_ = p_ / %d, k_ = 2 * (p_ %% %d);\n", p->dp / 2, p->dp / 2);
   cu_sb_printf(o, "      float x0_ = 0.f, x1_ = 0.f;\n");
   int gb = f->cS.s->gemm_b;
@@ -92,9 +119,9 @@ static void flash_tiles(flash_r *f, bool with_v) {
                f->qw);
   if (with_v) {
     int vb = f->cO.s->gemm_b;
-    cu_sb_printf(o, "    for (int p_ = tid_; p_ < %d; p_ += %d) {\n", p->dvp * FL_BC / 2,
-                 FL_THREADS);
-    cu_sb_printf(o, "      const int c_ = p_ / %d, j_ = 2 * (p_ %% %d);\n", FL_BC / 2, FL_BC / 2);
+    cu_sb_printf(o, "    for (int p_ = tid_; p_ < %d; p_ += %d) {\n", p->dvp * p->bc / 2,
+                 p->threads);
+    cu_sb_printf(o, "      const int c_ = p_ / %d, j_ = 2 * (p_ %% %d);\n", p->bc / 2, p->bc / 2);
     cu_sb_printf(o, "      float x0_ = 0.f, x1_ = 0.f;\n");
     flash_value(f, &f->cO, false, vb, "j_ < bc_ && c_ < DV_", "0", "c_", "j0_ + j_", "x0_");
     flash_value(f, &f->cO, false, vb, "j_ + 1 < bc_ && c_ < DV_", "0", "c_", "j0_ + j_ + 1", "x1_");
@@ -107,17 +134,17 @@ static void flash_tiles(flash_r *f, bool with_v) {
 /* s_ = Q K_j^T of the warp's 16 rows (8 fragments of 16 x 8 keys). */
 static void flash_scores(flash_r *f) {
   sbuf *o = f->o;
-  cu_sb_printf(o, "    float s_[%d][4];\n", FL_BC / 8);
+  cu_sb_printf(o, "    float s_[%d][4];\n", f->p->bc / 8);
   cu_sb_printf(o,
                "#pragma unroll\n    for (int t_ = 0; t_ < %d; t_++) s_[t_][0] = s_[t_][1] = "
                "s_[t_][2] = s_[t_][3] = 0.f;\n",
-               FL_BC / 8);
+               f->p->bc / 8);
   cu_sb_printf(o, "#pragma unroll\n    for (int kk_ = 0; kk_ < %d; kk_++) {\n", f->p->dp / 16);
   cu_sb_printf(o, "      const int qa_ = (w_ * 16 + g_) * %d + kk_ * 8 + qd_;\n", f->qw);
   cu_sb_printf(
       o, "      const unsigned a_[4] = {fq_[qa_], fq_[qa_ + %d], fq_[qa_ + 4], fq_[qa_ + %d]};\n",
       8 * f->qw, 8 * f->qw + 4);
-  cu_sb_printf(o, "#pragma unroll\n      for (int t_ = 0; t_ < %d; t_++) {\n", FL_BC / 8);
+  cu_sb_printf(o, "#pragma unroll\n      for (int t_ = 0; t_ < %d; t_++) {\n", f->p->bc / 8);
   cu_sb_printf(o, "        const int kb0_ = (t_ * 8 + g_) * %d + kk_ * 8 + qd_;\n", f->qw);
   cu_sb_printf(o, "        const unsigned b_[2] = {fk_[kb0_], fk_[kb0_ + 4]};\n");
   cu_sb_printf(o, "        cm_mma_16816<true>(s_[t_], a_, b_);\n      }\n    }\n");
@@ -134,9 +161,10 @@ static void flash_frag_loop(sbuf *o, int tiles) {
 /* The key-block loop's head: j0_ and the block's keys bc_. */
 static void flash_kb_head(flash_r *f) {
   cu_sb_printf(f->o, "  for (int kb_ = 0; kb_ < %d; kb_++) {\n", f->p->nkb);
-  cu_sb_printf(f->o, "    const long long j0_ = (long long)kb_ * %d;\n", FL_BC);
+  int bc = f->p->bc;
+  cu_sb_printf(f->o, "    const long long j0_ = (long long)kb_ * %d;\n", bc);
   cu_sb_printf(f->o, "    const int bc_ = %lldLL - j0_ < %d ? (int)(%lldLL - j0_) : %d;\n",
-               (long long)f->p->keys, FL_BC, (long long)f->p->keys, FL_BC);
+               (long long)f->p->keys, bc, (long long)f->p->keys, bc);
 }
 
 /* Pass 1: per key block S_j, the running max and sum, E_j, and O on tensor cores. */
@@ -149,7 +177,7 @@ static void flash_pass1(flash_r *f) {
   flash_scores(f);
   /* the S stage's value and f(S) on the fragment, the row max */
   cu_sb_printf(o, "    float mx_[2] = {-CM_INFF, -CM_INFF};\n");
-  flash_frag_loop(o, FL_BC / 8);
+  flash_frag_loop(o, f->p->bc / 8);
   cu_sb_printf(o, "      float sv_ = -CM_INFF;\n      if (j_ < bc_) {\n");
   cu_sb_printf(o, "      const float acc = s_[t_][h_];\n");
   cu_attn_point(&f->cS, f->p->nb, false, "      ", "row0_ + r_", "j0_ + j_", NULL);
@@ -175,7 +203,7 @@ static void flash_pass1(flash_r *f) {
   cu_sb_printf(o, "      m_[r2_] = mn_[r2_];\n    }\n");
   /* E_j on the fragment (the E stage's value at the new max) */
   int ev = f->cE.s->stores[0].value;
-  flash_frag_loop(o, FL_BC / 8);
+  flash_frag_loop(o, f->p->bc / 8);
   cu_sb_printf(
       o, "      float ev_ = 0.f;\n      if (j_ < bc_) {\n      const float sv_ = s_[t_][h_];\n");
   f->sub[a->buf_m] = "mn_[h_ >> 1]";
@@ -190,7 +218,7 @@ static void flash_pass1(flash_r *f) {
   cu_sb_printf(o, "#pragma unroll\n    for (int t_ = 0; t_ < %d; t_++)\n", f->p->dvp / 8);
   cu_sb_printf(
       o, "#pragma unroll\n      for (int h_ = 0; h_ < 4; h_++) o_[t_][h_] *= al_[h_ >> 1];\n");
-  cu_sb_printf(o, "#pragma unroll\n    for (int kk_ = 0; kk_ < %d; kk_++) {\n", FL_BC / 16);
+  cu_sb_printf(o, "#pragma unroll\n    for (int kk_ = 0; kk_ < %d; kk_++) {\n", f->p->bc / 16);
   cu_sb_printf(o, "      const unsigned a_[4] = {cm_pack16(cm_f2bf(s_[2 * kk_][0]), "
                   "cm_f2bf(s_[2 * kk_][1])),\n");
   cu_sb_printf(o, "                              cm_pack16(cm_f2bf(s_[2 * kk_][2]), "
@@ -214,7 +242,7 @@ static void flash_pass2(flash_r *f) {
   flash_kb_head(f);
   flash_tiles(f, false);
   flash_scores(f);
-  flash_frag_loop(o, FL_BC / 8);
+  flash_frag_loop(o, f->p->bc / 8);
   cu_sb_printf(o, "      if (j_ < bc_ && r_ < rb_) {\n      const float acc = s_[t_][h_];\n");
   cu_sb_printf(o, "      float sv_, ev_;\n      (void)sv_, (void)ev_;\n");
   f->cS.subst = NULL;
@@ -252,13 +280,13 @@ static void flash_pass2(flash_r *f) {
 static void flash_head(flash_r *f) {
   sbuf *o = f->o;
   const cm_kcuda_attn *p = f->p;
-  cu_sb_printf(o, "  __shared__ __align__(16) unsigned fq_[%d], fk_[%d], fv_[%d];\n", FL_BR * f->qw,
-               FL_BC * f->qw, p->dvp * f->vw);
+  cu_sb_printf(o, "  __shared__ __align__(16) unsigned fq_[%d], fk_[%d], fv_[%d];\n", p->br * f->qw,
+               p->bc * f->qw, p->dvp * f->vw);
   cu_sb_printf(o, "  const long long blk_ = blockIdx.x;\n");
   cu_sb_printf(o, "  const long long bi_ = blk_ / %d, row0_ = (blk_ %% %d) * %d;\n", p->nrb, p->nrb,
-               FL_BR);
+               p->br);
   cu_sb_printf(o, "  const int rb_ = %lldLL - row0_ < %d ? (int)(%lldLL - row0_) : %d;\n",
-               (long long)p->rows, FL_BR, (long long)p->rows, FL_BR);
+               (long long)p->rows, p->br, (long long)p->rows, p->br);
   cu_sb_printf(o, "  const int tid_ = threadIdx.x, w_ = tid_ >> 5, g_ = (tid_ & 31) >> 2, qd_ = "
                   "tid_ & 3;\n");
   cu_sb_printf(o, "  const int D_ = %lld, DV_ = %lld;\n  (void)bi_;\n  {\n", (long long)p->d,
@@ -267,7 +295,7 @@ static void flash_head(flash_r *f) {
     cu_decompose(&f->cS, "  ", "bi_", 0, f->cS.s->dom, p->nb);
     for (int v = 0; v < p->nb; v++) cu_sb_printf(o, "  const long long bv%d_ = v%d;\n", v, v);
   }
-  cu_sb_printf(o, "  for (int p_ = tid_; p_ < %d; p_ += %d) {\n", FL_BR * p->dp / 2, FL_THREADS);
+  cu_sb_printf(o, "  for (int p_ = tid_; p_ < %d; p_ += %d) {\n", p->br * p->dp / 2, p->threads);
   cu_sb_printf(o, "      const int r_ = p_ / %d, k_ = 2 * (p_ %% %d);\n", p->dp / 2, p->dp / 2);
   cu_sb_printf(o, "      float x0_ = 0.f, x1_ = 0.f;\n");
   int ga = f->cS.s->gemm_a;
@@ -338,16 +366,16 @@ cm_status cu_render_flash(const cm_kernel *k, int first, const cm_kcuda_attn *p,
   memset(&f, 0, sizeof f);
   f.k = k, f.a = &k->stages[first].attn, f.p = p, f.o = o;
   f.has_p = f.a->st_p >= 0;
-  f.qw = p->dp / 2 + 4, f.vw = FL_BC / 2 + 4;
+  f.qw = p->dp / 2 + 4, f.vw = p->bc / 2 + 4;
   f.s_load = k->buffers[f.a->buf_s].dtype == CM_BF16 ? "cm_f2bf(sv_)" : "sv_";
   cm_status st = flash_open(&f, k, first, o, err);
   if (st == CM_OK) {
     cu_sb_printf(o,
                  "// stages %d..%d (attention forward, flash: mma.sync bf16, %d query rows x %d "
                  "keys per step, %d key blocks)\n",
-                 first, first + f.a->span - 1, FL_BR, FL_BC, p->nkb);
+                 first, first + f.a->span - 1, p->br, p->bc, p->nkb);
     char bounds[64];
-    cu_launch_bounds(FL_THREADS, min_blocks, bounds, sizeof bounds);
+    cu_launch_bounds(p->threads, min_blocks, bounds, sizeof bounds);
     cu_signature(&f.cS, written, bounds);
     flash_head(&f);
     flash_pass1(&f);
@@ -379,7 +407,7 @@ cm_status cu_render_flash(const cm_kernel *k, int first, const cm_kcuda_attn *p,
  * keys written to shared memory (bf16) and, after a barrier, those GEMMs on mma.sync over all
  * rows (ldmatrix.trans) through their epilogues. No atomics, no N x N value in global memory. */
 
-#define FB_BC 64
+#define FB_BC 64        /* the default key block (fb_layout.bc) */
 #define FB_MAX_ROWS 256 /* 16 m-tiles: at most 2 per warp of 8 */
 #define FB_MAX_W 128    /* head dims: the fragments stay in registers */
 #define FB_PAD 8        /* bf16 elements of padding per shared row: ldmatrix without conflicts */
@@ -399,7 +427,7 @@ typedef struct fb_layout {
   int nb, span, n_tiles_local;
   int64_t rows, keys, batch;
   int rp, mtiles, warps, mt; /* rows padded to 16, m-tiles, warps, m-tiles per warp */
-  int nkb;
+  int bc, nkb;               /* keys per block (a multiple of 16), key blocks */
   int kind[CM_KATTN_MAX_SPAN];
   int tile_op[CM_KATTN_MAX_SPAN], side_op[CM_KATTN_MAX_SPAN]; /* ROWS/KEYS operands */
   int rslot[CM_KATTN_MAX_SPAN], kslot[CM_KATTN_MAX_SPAN];     /* TILE_GEMM: A, B; KEYS: B;
@@ -693,15 +721,17 @@ static bool fb_slots(const cm_kernel *k, int first, fb_layout *L) {
   }
   int64_t off = 0;
   for (int i = 0; i < L->n_rs; i++) L->rs[i].off = off, off += 2LL * L->rp * (L->rs[i].wp + FB_PAD);
-  for (int i = 0; i < L->n_ks; i++) L->ks[i].off = off, off += 2LL * FB_BC * (L->ks[i].wp + FB_PAD);
+  for (int i = 0; i < L->n_ks; i++) L->ks[i].off = off, off += 2LL * L->bc * (L->ks[i].wp + FB_PAD);
   for (int r = 0; r < L->span; r++)
-    if (L->kind[r] == FB_KEYS) L->tile_off[r] = off, off += 2LL * L->rp * (FB_BC + FB_PAD);
+    if (L->kind[r] == FB_KEYS) L->tile_off[r] = off, off += 2LL * L->rp * (L->bc + FB_PAD);
   L->bytes = off;
   return true;
 }
 
-/* The flash backward layout of the span at first, or false when it is none. */
-static bool fb_layout_of(const cm_kernel *k, int first, const cm_target *t, fb_layout *L) {
+/* The flash backward layout of the span at first in blocks of `warps` warps (0: 4 up to 4
+ * m-tiles, else 8) and key blocks of bc keys (0: FB_BC), or false when it is none. */
+static bool fb_layout_of(const cm_kernel *k, int first, const cm_target *t, int warps, int bc,
+                         fb_layout *L) {
   memset(L, 0, sizeof *L);
   const cm_kstage *s0 = &k->stages[first];
   const cm_kattn *a = &s0->attn;
@@ -734,18 +764,20 @@ static bool fb_layout_of(const cm_kernel *k, int first, const cm_target *t, fb_l
   if (!ok || !gemms || !fb_deps(k, a, first, L) || !fb_no_readback(k, a, first)) return false;
   L->rp = (int)up_to(L->rows, 16);
   L->mtiles = L->rp / 16;
-  L->warps = L->mtiles <= 4 ? 4 : 8;
+  L->warps = warps > 0 ? warps : L->mtiles <= 4 ? 4 : 8;
   L->mt = (L->mtiles + L->warps - 1) / L->warps;
-  L->nkb = (int)((L->keys + FB_BC - 1) / FB_BC);
+  L->bc = bc > 0 ? bc : FB_BC;
+  if (L->bc % 16 || L->warps > 32) return false;
+  L->nkb = (int)((L->keys + L->bc - 1) / L->bc);
   return fb_slots(k, first, L) && L->bytes <= t->shared_bytes_max;
 }
 
 bool cu_plan_flash_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kcuda_attn *out) {
   fb_layout L;
-  if (!fb_layout_of(k, first, t, &L)) return false;
+  if (!fb_layout_of(k, first, t, 0, 0, &L)) return false;
   memset(out, 0, sizeof *out);
   out->span = L.span, out->nb = L.nb, out->rows = L.rows, out->batch = L.batch;
-  out->keys = L.keys, out->bc = FB_BC, out->nkb = L.nkb;
+  out->keys = L.keys, out->bc = L.bc, out->nkb = L.nkb;
   out->br = L.rp, out->nrb = 1;
   out->threads = 32 * L.warps;
   out->kvn = L.bytes; /* flash: the bytes of shared memory (dynamic) */
@@ -753,6 +785,75 @@ bool cu_plan_flash_bwd(const cm_kernel *k, int first, const cm_target *t, cm_kcu
   out->mma = true;
   out->bwd_two_pass = L.two_pass;
   return true;
+}
+
+/* The registers a thread of the backward takes, estimated from its fragments: the tile GEMMs'
+ * (bc / 8 tiles of 4), per owned m-tile the GEMMs over rows' sums and the row reductions'
+ * values, the tile packed as A fragments, with 40 for addresses and loop state. */
+static int fb_regs(const fb_layout *L) {
+  int regs = 40;
+  for (int r = 0; r < L->span; r++) {
+    if (L->kind[r] == FB_TILE_GEMM) regs += L->bc / 2;
+    if (L->kind[r] == FB_ROWS) regs += L->mt * L->cw[r] / 2 + L->bc / 4;
+    if (L->kind[r] == FB_ROWRED) regs += 4 * L->mt;
+  }
+  return regs;
+}
+
+static cm_status flash_bwd_refit(cm_kernel *k, int first, const cm_target *t, int warps, int bc,
+                                 cm_err *err) {
+  cm_kcuda_plan *p = &k->stages[first].cuda;
+  cm_target roomy = *t;
+  roomy.shared_bytes_max = INT64_MAX;
+  fb_layout L;
+  if (warps < 1 || warps > 32 || !fb_layout_of(k, first, &roomy, warps, bc, &L))
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: flash backward warps=%d bc=%d: no layout (1..32 warps, "
+                     "bc a multiple of 16)",
+                     k->name, first, warps, bc);
+  if (32 * warps > t->max_threads_per_block)
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: flash backward warps=%d: over %d "
+                     "threads a block",
+                     k->name, first, warps, t->max_threads_per_block);
+  if (L.bytes > t->shared_bytes_max)
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: flash backward warps=%d bc=%d: %lld B of shared memory "
+                     "over the device's opt-in %lld B",
+                     k->name, first, warps, bc, (long long)L.bytes, (long long)t->shared_bytes_max);
+  if (fb_regs(&L) > FL_REGS)
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: flash backward warps=%d bc=%d: about %d registers a "
+                     "thread (%d m-tiles a warp) over %d (spills)",
+                     k->name, first, warps, bc, fb_regs(&L), L.mt, FL_REGS);
+  p->attn.bc = L.bc, p->attn.nkb = L.nkb, p->attn.threads = 32 * L.warps, p->attn.kvn = L.bytes;
+  p->block[0] = (unsigned)p->attn.threads;
+  p->shared_static = 0, p->shared_dynamic = (unsigned)L.bytes;
+  p->min_blocks = 1;
+  return CM_OK;
+}
+
+cm_status cu_flash_refit(cm_kernel *k, int first, const cm_target *t, int warps, int bc,
+                         cm_err *err) {
+  cm_kcuda_plan *p = &k->stages[first].cuda;
+  if (p->attn.threads == 32 * warps && p->attn.bc == bc) return CM_OK; /* the plan as it is */
+  if (p->kind == CM_KCUDA_ATTN_FLASH_BWD) return flash_bwd_refit(k, first, t, warps, bc, err);
+  if (p->kind != CM_KCUDA_ATTN_FLASH)
+    return cm_errorf(err, CM_EINVALID, "kernel %s stage %d: not a flash attention plan", k->name,
+                     first);
+  cm_kcuda_attn a = p->attn;
+  const char *why = flash_fit(&a, t, warps, bc);
+  if (why)
+    return cm_errorf(err, CM_EINVALID,
+                     "kernel %s stage %d: flash attention warps=%d bc=%d (%lld B of shared "
+                     "memory, about %d registers a thread): %s",
+                     k->name, first, warps, bc, (long long)flash_bytes(&a), flash_regs(&a), why);
+  p->attn = a;
+  p->grid[0] = (unsigned)(a.batch * a.nrb);
+  p->block[0] = (unsigned)a.threads;
+  p->shared_static = a.kvn, p->shared_dynamic = 0;
+  p->min_blocks = cu_flash_min_blocks(t, a.threads);
+  return CM_OK;
 }
 
 /* ---- the flash backward's rendering ---- */
@@ -800,7 +901,7 @@ static void fb_stage_slot(fbw_r *f, const fb_slot *sl, int idx, bool rows) {
   sbuf *o = f->o;
   const fb_layout *L = f->L;
   rctx *c = &f->c[sl->stage - f->first];
-  int half = sl->wp / 2, pitch = (sl->wp + FB_PAD) / 2, outer = rows ? L->rp : FB_BC;
+  int half = sl->wp / 2, pitch = (sl->wp + FB_PAD) / 2, outer = rows ? L->rp : L->bc;
   cu_sb_printf(o, "  for (int p_ = tid_; p_ < %d; p_ += %d) {\n", outer * half, 32 * L->warps);
   cu_sb_printf(o, "    const int o_ = p_ / %d, x_ = 2 * (p_ %% %d);\n", half, half);
   cu_sb_printf(o, "    float x0_ = 0.f, x1_ = 0.f;\n");
@@ -824,18 +925,19 @@ static void fb_tile_gemm(fbw_r *f, int r) {
   sbuf *o = f->o;
   const fb_slot *A = &f->L->rs[f->L->rslot[r]], *B = &f->L->ks[f->L->kslot[r]];
   int pa = A->wp + FB_PAD, pb = B->wp + FB_PAD;
-  cu_sb_printf(o, "      float fg%d_[8][4];\n", r);
+  int tiles = f->L->bc / 8;
+  cu_sb_printf(o, "      float fg%d_[%d][4];\n", r, tiles);
   cu_sb_printf(o,
-               "#pragma unroll\n      for (int t_ = 0; t_ < 8; t_++) fg%d_[t_][0] = fg%d_[t_][1] "
+               "#pragma unroll\n      for (int t_ = 0; t_ < %d; t_++) fg%d_[t_][0] = fg%d_[t_][1] "
                "= fg%d_[t_][2] = fg%d_[t_][3] = 0.f;\n",
-               r, r, r, r);
+               tiles, r, r, r, r);
   cu_sb_printf(o, "#pragma unroll\n      for (int kk_ = 0; kk_ < %d; kk_ += 16) {\n", A->wp);
   cu_sb_printf(o, "        unsigned af_[4];\n");
   cu_sb_printf(o,
                "        cm_ldmatrix<4, false>(af_, sr%d_ + (mt_ * 16 + (lane_ & 15)) * %d + kk_ + "
                "(lane_ >> 4) * 8);\n",
                f->L->rslot[r], pa);
-  cu_sb_printf(o, "#pragma unroll\n        for (int y_ = 0; y_ < 8; y_ += 2) {\n");
+  cu_sb_printf(o, "#pragma unroll\n        for (int y_ = 0; y_ < %d; y_ += 2) {\n", tiles);
   cu_sb_printf(o, "          unsigned t_[4];\n");
   cu_sb_printf(o,
                "          cm_ldmatrix<4, false>(t_, sk%d_ + (y_ * 8 + (lane_ & 7) + ((lane_ >> 4) "
@@ -851,7 +953,7 @@ static void fb_tile_gemm(fbw_r *f, int r) {
 static void fb_rows_mma(fbw_r *f, int r) {
   sbuf *o = f->o;
   const fb_slot *B = &f->L->ks[f->L->kslot[r]];
-  cu_sb_printf(o, "#pragma unroll\n      for (int kk_ = 0; kk_ < %d; kk_++) {\n", FB_BC / 16);
+  cu_sb_printf(o, "#pragma unroll\n      for (int kk_ = 0; kk_ < %d; kk_++) {\n", f->L->bc / 16);
   cu_sb_printf(
       o,
       "        const unsigned a_[4] = {qa%d_[2 * kk_][0], qa%d_[2 * kk_][1], qa%d_[2 * kk_ "
@@ -884,7 +986,8 @@ static void fb_tile_operand(fbw_r *f, int r) {
   if (f->L->kind[r] == FB_ROWS)
     cu_sb_printf(o, "        qv%d_[h_] = v_;\n        }\n", r);
   else
-    cu_sb_printf(o, "        tk%d_[r_ * %d + j_] = cm_f2bf(v_);\n        }\n", r, FB_BC + FB_PAD);
+    cu_sb_printf(o, "        tk%d_[r_ * %d + j_] = cm_f2bf(v_);\n        }\n", r,
+                 f->L->bc + FB_PAD);
 }
 
 /* The span's tile stages at one fragment element (r_, j_) of the key block, in order: pass 1
@@ -935,14 +1038,15 @@ static void fb_elements(fbw_r *f, int pass) {
   sbuf *o = f->o;
   const fb_layout *L = f->L;
   for (int r = 0; r < L->span; r++) {
-    if (L->kind[r] == FB_ROWS && pass == 2) cu_sb_printf(o, "      unsigned qa%d_[8][2];\n", r);
+    if (L->kind[r] == FB_ROWS && pass == 2)
+      cu_sb_printf(o, "      unsigned qa%d_[%d][2];\n", r, L->bc / 8);
     if (L->kind[r] == FB_ROWRED && pass == 1) {
       char init[96];
       cu_acc_init(f->c[r].s, init, sizeof init);
       cu_sb_printf(o, "      float rp%d_[2] = {(float)(%s), (float)(%s)};\n", r, init, init);
     }
   }
-  cu_sb_printf(o, "#pragma unroll\n      for (int t_ = 0; t_ < %d; t_++) {\n", FB_BC / 8);
+  cu_sb_printf(o, "#pragma unroll\n      for (int t_ = 0; t_ < %d; t_++) {\n", L->bc / 8);
   for (int r = 0; r < L->span; r++)
     if (L->kind[r] == FB_ROWS && pass == 2) cu_sb_printf(o, "        float qv%d_[4];\n", r);
   cu_sb_printf(o, "#pragma unroll\n        for (int h_ = 0; h_ < 4; h_++) {\n");
@@ -980,10 +1084,12 @@ static void fb_keys(fbw_r *f, int r) {
   const fb_slot *B = &L->rs[L->rslot[r]];
   /* 32-column parts, 16 where that leaves warps idle (head dim 32 with 8 warps) */
   int cg = B->wp < 32 ? B->wp : 32;
-  if (cg == 32 && 4 * (B->wp / cg) < L->warps) cg = 16;
+  int kts = L->bc / 16; /* 16-key parts */
+  if (cg == 32 && kts * (B->wp / cg) < L->warps) cg = 16;
   int ng = B->wp / cg;
-  cu_sb_printf(o, "  for (int u_ = w_; u_ < %d; u_ += %d) {\n", 4 * ng, L->warps);
-  cu_sb_printf(o, "    const int kt_ = u_ & 3, cg_ = u_ >> 2;\n    float ka_[%d][4];\n", cg / 8);
+  cu_sb_printf(o, "  for (int u_ = w_; u_ < %d; u_ += %d) {\n", kts * ng, L->warps);
+  cu_sb_printf(o, "    const int kt_ = u_ %% %d, cg_ = u_ / %d;\n    float ka_[%d][4];\n", kts, kts,
+               cg / 8);
   cu_sb_printf(o,
                "#pragma unroll\n    for (int y_ = 0; y_ < %d; y_++) ka_[y_][0] = ka_[y_][1] = "
                "ka_[y_][2] = ka_[y_][3] = 0.f;\n",
@@ -992,7 +1098,7 @@ static void fb_keys(fbw_r *f, int r) {
   cu_sb_printf(o,
                "      cm_ldmatrix<4, true>(af_, tk%d_ + (kk_ + (lane_ & 7) + ((lane_ >> 4) << 3)) "
                "* %d + kt_ * 16 + ((lane_ >> 3) & 1) * 8);\n",
-               r, FB_BC + FB_PAD);
+               r, L->bc + FB_PAD);
   cu_sb_printf(o, "#pragma unroll\n      for (int y_ = 0; y_ < %d; y_ += 2) {\n", cg / 8);
   cu_sb_printf(o,
                "        unsigned t_[4];\n        cm_ldmatrix<4, true>(t_, sr%d_ + (kk_ + (lane_ & "
@@ -1021,9 +1127,9 @@ static void fb_pass(fbw_r *f, int pass) {
   const fb_layout *L = f->L;
   cu_sb_printf(o, "  // pass %d over the key blocks\n", pass);
   cu_sb_printf(o, "  for (int kb_ = 0; kb_ < %d; kb_++) {\n", L->nkb);
-  cu_sb_printf(o, "  const long long j0_ = (long long)kb_ * %d;\n", FB_BC);
+  cu_sb_printf(o, "  const long long j0_ = (long long)kb_ * %d;\n", L->bc);
   cu_sb_printf(o, "  const int bc_ = %lldLL - j0_ < %d ? (int)(%lldLL - j0_) : %d;\n",
-               (long long)L->keys, FB_BC, (long long)L->keys, FB_BC);
+               (long long)L->keys, L->bc, (long long)L->keys, L->bc);
   cu_sb_printf(o, "  __syncthreads();\n");
   for (int i = 0; i < L->n_ks; i++) fb_stage_slot(f, &L->ks[i], i, false);
   cu_sb_printf(o, "  __syncthreads();\n");
@@ -1176,7 +1282,8 @@ cm_status cu_render_flash_bwd(const cm_kernel *k, int first, const cm_kcuda_attn
   memset(&any, 0, sizeof any);
   any.mma_bf16 = true, any.shared_bytes_max = INT64_MAX;
   fb_layout L;
-  if (!fb_layout_of(k, first, &any, &L) || L.bytes != p->kvn || 32 * L.warps != p->threads)
+  if (!fb_layout_of(k, first, &any, p->threads / 32, p->bc, &L) || L.bytes != p->kvn ||
+      32 * L.warps != p->threads)
     return cm_errorf(err, CM_EINVALID,
                      "kernel %s stage %d: the flash backward plan does not match the span (plan "
                      "it again)",
@@ -1189,7 +1296,7 @@ cm_status cu_render_flash_bwd(const cm_kernel *k, int first, const cm_kcuda_attn
     cu_sb_printf(o,
                  "// stages %d..%d (attention backward, flash: mma.sync bf16, %lld query rows in "
                  "%d warps, %d key blocks of %d, %s, %lld bytes of shared memory)\n",
-                 first, first + f.a->span - 1, (long long)L.rows, L.warps, L.nkb, FB_BC,
+                 first, first + f.a->span - 1, (long long)L.rows, L.warps, L.nkb, L.bc,
                  L.two_pass ? "two passes" : "one pass", (long long)L.bytes);
     char bounds[64];
     cu_launch_bounds(p->threads, min_blocks, bounds, sizeof bounds);

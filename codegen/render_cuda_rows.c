@@ -58,9 +58,10 @@ static int64_t row_stride(const cm_kstage *s, int e, int r0, int n, int64_t rows
 /* ---- the span ------------------------------------------------------------------- */
 
 static bool stage_fits(const cm_kstage *s) {
-  if (s->accumulate || s->tmpl != CM_KT_NONE || s->n_dom < 0 || s->n_red < 0 ||
-      s->n_dom + s->n_red > CM_KMAX_VARS || s->n_exprs < 0 || (s->n_exprs && !s->exprs) ||
-      s->n_stores < 0 || s->n_stores > CM_KMAX_STORES)
+  /* a collective stage is a host call between launches, never part of a function */
+  if (s->coll.op != CM_KCOLL_NONE || s->accumulate || s->tmpl != CM_KT_NONE || s->n_dom < 0 ||
+      s->n_red < 0 || s->n_dom + s->n_red > CM_KMAX_VARS || s->n_exprs < 0 ||
+      (s->n_exprs && !s->exprs) || s->n_stores < 0 || s->n_stores > CM_KMAX_STORES)
     return false;
   for (int v = 0; v < s->n_dom + s->n_red; v++)
     if (var_extent(s, v) < 1) return false;

@@ -13,10 +13,13 @@
  *   CUDA FMA GEMM: mc, nc, kc, mr, nr (the stage's tiles)
  *   CUDA rows span (its first stage): warp (a warp per row, else a block), threads (per block)
  *   CUDA generic stage: red (a thread, warp or block per point), threads (per block)
- * Not knobs: the CPU K split and thread split (the K split changes the kernel's stages; the
- * executor splits work items), the CPU row kernels' vector width (a render option for the whole
- * program, not a stage field), the CUDA attention spans (their renderers take fixed thread counts
- * and tiles: flash attention's br and bc are constants of render_cuda_flash.c). */
+ *   CUDA flash attention forward: warps (a block's, 16 query rows each), bc (keys per block);
+ *     backward: warps, bc (cu_flash_refit prunes by shared memory and a register estimate)
+ *   CPU GEMM also: k_split (1, 2, 4, 8 and the lowering's: a K split's partial GEMM, _kpart, or a
+ *     GEMM that may split; a change adds or removes the _ksum stage after it: cm_gemm_resplit)
+ * Not knobs: the CPU thread split (the executor splits work items), the CPU row kernels' vector
+ * width (a render option for the whole program, not a stage field), the other CUDA attention
+ * spans (their renderers take fixed thread counts and tiles). */
 #include "lower_internal.h"
 #include "render_cuda.h"
 
@@ -33,6 +36,8 @@ typedef enum space_kind {
   SP_CUDA_FMA,
   SP_CUDA_ROWS,
   SP_CUDA_GENERIC,
+  SP_CUDA_FLASH,     /* flash attention forward on tensor cores */
+  SP_CUDA_FLASH_BWD, /* and backward */
 } space_kind;
 
 #define WORKSPACE_BUDGET ((int64_t)16 << 20) /* CPU per-thread workspace a point may take */
@@ -61,6 +66,7 @@ static bool cpu_gemm_stage(const cm_kstage *s) {
 
 static space_kind kind_of(const cm_kernel *k, int si, const cm_target *t) {
   const cm_kstage *s = &k->stages[si];
+  if (s->coll.op != CM_KCOLL_NONE) return SP_NONE; /* a communicator's call: nothing to tune */
   if (t->kind == CM_TARGET_CPU) {
     if (t->vector_lanes < 1 || in_attn_span(k, si)) return SP_NONE;
     if (is_attn(s))
@@ -73,6 +79,8 @@ static space_kind kind_of(const cm_kernel *k, int si, const cm_target *t) {
   if (p->kind == CM_KCUDA_GEMM) return p->gemm.mma ? SP_CUDA_MMA : SP_CUDA_FMA;
   if (p->kind == CM_KCUDA_ROWS) return SP_CUDA_ROWS;
   if (p->kind == CM_KCUDA_GENERIC) return SP_CUDA_GENERIC;
+  if (p->kind == CM_KCUDA_ATTN_FLASH) return SP_CUDA_FLASH;
+  if (p->kind == CM_KCUDA_ATTN_FLASH_BWD) return SP_CUDA_FLASH_BWD;
   return SP_NONE;
 }
 
@@ -118,7 +126,8 @@ static int cpu_vector_regs(const cm_target *t) {
   return t->vector_lanes >= 16 ? 32 : 16;
 }
 
-static void space_cpu_gemm(const cm_kstage *s, const cm_target *t, cm_tune_space *sp) {
+static void space_cpu_gemm(const cm_kernel *k, int si, const cm_target *t, cm_tune_space *sp) {
+  const cm_kstage *s = &k->stages[si];
   int W = t->vector_lanes, c[CM_TUNE_MAX_VALUES];
   int64_t M = s->dom[s->n_dom - 2], N = s->dom[s->n_dom - 1], K = s->red[0];
   add_knob(sp, "mr", CPU_MR, 5, s->tiles.mr);
@@ -131,6 +140,8 @@ static void space_cpu_gemm(const cm_kstage *s, const cm_target *t, cm_tune_space
   add_knob(sp, "nc", c, cands_below(nc, 4, round_up(N, L), 2048, c), s->tiles.nc);
   static const int kc[] = {64, 128, 256, 512};
   add_knob(sp, "kc", c, cands_below(kc, 4, K, 1024, c), s->tiles.kc);
+  int split = cm_gemm_k_split_at(k, si);
+  add_knob(sp, "k_split", c, cm_gemm_k_split_options(k, si, c), split > 0 ? split : 1);
 }
 
 static bool attn_gemm_stage(const cm_kattn *a, const cm_kstage *s, bool first);
@@ -224,6 +235,16 @@ static void space_cuda_generic(const cm_kstage *s, const cm_target *t, cm_tune_s
   add_knob(sp, "threads", th, n, (int)s->cuda.block[0]);
 }
 
+/* Flash attention: warps a block (forward: 16 query rows each) and keys per block. */
+static void space_cuda_flash(const cm_kcuda_attn *a, bool backward, cm_tune_space *sp) {
+  static const int fwd_warps[] = {2, 4, 8}, bwd_warps[] = {4, 8}, bc[] = {32, 64, 128};
+  if (backward)
+    add_knob(sp, "warps", bwd_warps, 2, a->threads / 32);
+  else
+    add_knob(sp, "warps", fwd_warps, 3, a->threads / 32);
+  add_knob(sp, "bc", bc, 3, a->bc);
+}
+
 static cm_status check_args(const cm_kernel *k, int stage, const cm_target *t, const char *fn,
                             cm_err *err) {
   if (!k || !t || stage < 0 || stage >= k->n_stages || !k->stages)
@@ -240,14 +261,17 @@ cm_status cm_tune_space_of(const cm_kernel *k, int stage, const cm_target *t, cm
   cm_status st = check_args(k, stage, t, "cm_tune_space_of", err);
   if (st != CM_OK) return st;
   const cm_kstage *s = &k->stages[stage];
-  switch (kind_of(k, stage, t)) {
+  space_kind kind = kind_of(k, stage, t);
+  switch (kind) {
   case SP_NONE: break;
-  case SP_CPU_GEMM: space_cpu_gemm(s, t, out); break;
+  case SP_CPU_GEMM: space_cpu_gemm(k, stage, t, out); break;
   case SP_CPU_ATTN: space_cpu_attn(k, stage, t, out); break;
   case SP_CUDA_MMA: space_cuda_mma(&s->cuda.gemm, out); break;
   case SP_CUDA_FMA: space_cuda_fma(&s->cuda.gemm, out); break;
   case SP_CUDA_ROWS: space_cuda_rows(&s->cuda.rows, t, out); break;
   case SP_CUDA_GENERIC: space_cuda_generic(s, t, out); break;
+  case SP_CUDA_FLASH:
+  case SP_CUDA_FLASH_BWD: space_cuda_flash(&s->cuda.attn, kind == SP_CUDA_FLASH_BWD, out); break;
   }
   for (int i = 0; i < out->n_knobs; i++) out->n_points *= out->knobs[i].n_values;
   return CM_OK;
@@ -378,9 +402,13 @@ static cm_status clamp_tile(const cm_kernel *k, int si, const cm_tune_space *sp,
   return CM_OK;
 }
 
+/* The tiles are checked on the stage as the point's K split leaves it (K per slice), then the
+ * split is applied (cm_gemm_resplit: stages added or removed after si) and the tiles set. */
 static cm_status apply_cpu_gemm(cm_kernel *k, int si, const cm_target *t, const cm_tune_space *sp,
                                 const cm_tune_point *p, cm_err *err) {
-  cm_kstage *s = &k->stages[si];
+  int cur = cm_gemm_k_split_at(k, si), split = value_of(sp, p, "k_split", cur > 0 ? cur : 1);
+  cm_kstage probe = k->stages[si], *s = &probe;
+  probe.red[0] = (cur > 0 ? cur * probe.red[0] : probe.red[0]) / split;
   cm_kgemm_tiles w = s->tiles;
   w.mr = value_of(sp, p, "mr", w.mr);
   w.nr = value_of(sp, p, "nr", w.nr);
@@ -395,15 +423,15 @@ static cm_status apply_cpu_gemm(cm_kernel *k, int si, const cm_target *t, const 
       (st = clamp_tile(k, si, sp, "nc", nc, w.nr, round_up(N, w.nr), &w.nc, err)) != CM_OK ||
       (st = clamp_tile(k, si, sp, "kc", value_of(sp, p, "kc", w.kc), 1, K, &w.kc, err)) != CM_OK)
     return st;
-  cm_kgemm_tiles old = s->tiles;
   s->tiles = w;
   int64_t ws = cm_kstage_workspace_bytes(s, CM_TARGET_CPU);
-  if (ws > WORKSPACE_BUDGET) {
-    s->tiles = old;
+  if (ws > WORKSPACE_BUDGET)
     REFUSE("kernel %s stage %d: tiles mc %d nc %d kc %d: a %lld B workspace is over the %lld B "
            "budget",
            k->name, si, w.mc, w.nc, w.kc, (long long)ws, (long long)WORKSPACE_BUDGET);
-  }
+  if (split != (cur > 0 ? cur : 1) && (st = cm_gemm_resplit(k, si, split, t, err)) != CM_OK)
+    return st;
+  k->stages[si].tiles = w;
   return CM_OK;
 }
 
@@ -478,6 +506,29 @@ static cm_status apply_cpu_attn(cm_kernel *k, int si, const cm_target *t, const 
   return CM_OK;
 }
 
+/* Flash attention: a value other than the plan's refused when a smaller candidate already
+ * covers the rows (forward) or keys (the same blocks, more idle threads), else cu_flash_refit's
+ * checks. */
+static cm_status apply_cuda_flash(cm_kernel *k, int si, space_kind kind, const cm_target *t,
+                                  const cm_tune_space *sp, const cm_tune_point *p, cm_err *err) {
+  cm_kcuda_attn *a = &k->stages[si].cuda.attn;
+  int warps = value_of(sp, p, "warps", a->threads / 32), bc = value_of(sp, p, "bc", a->bc);
+  int wk = knob_index(sp, "warps", 5), bk = knob_index(sp, "bc", 2);
+  for (int i = 0; kind == SP_CUDA_FLASH && wk >= 0 && i < sp->knobs[wk].n_values; i++) {
+    int w = sp->knobs[wk].values[i];
+    if (w < warps && 16 * w >= a->rows && warps != a->threads / 32)
+      REFUSE("kernel %s stage %d: knob warps=%d: %d query rows fit in blocks of warps=%d", k->name,
+             si, warps, (int)a->rows, w);
+  }
+  for (int i = 0; bk >= 0 && i < sp->knobs[bk].n_values; i++) {
+    int c = sp->knobs[bk].values[i];
+    if (c < bc && c >= a->keys && bc != a->bc)
+      REFUSE("kernel %s stage %d: knob bc=%d: %lld keys fit in blocks of bc=%d", k->name, si, bc,
+             (long long)a->keys, c);
+  }
+  return cu_flash_refit(k, si, t, warps, bc, err);
+}
+
 static cm_status apply_cuda(cm_kernel *k, int si, space_kind kind, const cm_target *t,
                             const cm_tune_space *sp, const cm_tune_point *p, cm_err *err) {
   cm_kstage *s = &k->stages[si];
@@ -536,6 +587,8 @@ cm_status cm_tune_apply(cm_kernel *k, int stage, const cm_target *t, const cm_tu
   case SP_NONE: return CM_OK;
   case SP_CPU_GEMM: return apply_cpu_gemm(k, stage, t, &sp, p, err);
   case SP_CPU_ATTN: return apply_cpu_attn(k, stage, t, &sp, p, err);
+  case SP_CUDA_FLASH:
+  case SP_CUDA_FLASH_BWD: return apply_cuda_flash(k, stage, kind, t, &sp, p, err);
   default: return apply_cuda(k, stage, kind, t, &sp, p, err);
   }
 }

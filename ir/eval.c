@@ -23,6 +23,8 @@ typedef struct eval_ctx {
   cm_precision precision;
   cm_tensor *bounds; /* NULL, or n_nodes forward error bounds (F64 precision) */
   cm_err *err;
+  const struct eval_ctx *group; /* cm_eval_ranks: every rank's context, in rank order */
+  int n_ranks;                  /* 0 under cm_eval */
 } eval_ctx;
 
 /* ---- errors ------------------------------------------------------------ */
@@ -680,12 +682,46 @@ static cm_status eval_copy_of_input(eval_ctx *c, int id, int k) {
   return CM_OK;
 }
 
+/* Over several ranks (cm_eval_ranks, in lockstep): every rank's input is
+ * already there. all_reduce sums in f64 (ints wrap) and rounds once; MEAN
+ * divides the sum by the ranks; all_gather puts rank r's block at r * len. */
 static cm_status eval_collective(eval_ctx *c, int id) {
-  int ranks = c->g->nodes[id].attrs.ranks;
-  if (ranks != 1)
+  const cm_node *n = &c->g->nodes[id];
+  int ranks = n->attrs.ranks, x = n->inputs[0];
+  if (ranks == 1) return eval_copy_of_input(c, id, 0);
+  if (ranks != c->n_ranks)
     return node_fail(c, id, CM_EINVALID,
-                     "ranks is %d: needs a communicator: the oracle evaluates one rank", ranks);
-  return eval_copy_of_input(c, id, 0);
+                     c->n_ranks ? "ranks is %d but cm_eval_ranks evaluates %d ranks"
+                                : "ranks is %d: cm_eval evaluates one rank (cm_eval_ranks "
+                                  "evaluates a group of ranks)",
+                     ranks, c->n_ranks);
+  cm_tensor *out = &c->values[id];
+  int64_t numel = cm_type_numel(&out->type);
+  if (n->op == CM_OP_ALL_GATHER) {
+    int64_t coords[CM_MAX_RANK], len = c->g->nodes[x].type.dims[n->attrs.axis];
+    for (int64_t i = 0; i < numel; i++) {
+      unravel(i, &out->type, coords);
+      int r = (int)(coords[n->attrs.axis] / len);
+      coords[n->attrs.axis] %= len;
+      const cm_tensor *in = &c->group[r].values[x];
+      copy_elem(out, i, in, ravel(coords, &in->type));
+    }
+    return CM_OK;
+  }
+  bool mean = n->attrs.mode == CM_MODE_MEAN;
+  for (int64_t i = 0; i < numel; i++) {
+    if (is_int(out->type.dtype)) {
+      uint64_t s = 0;
+      for (int r = 0; r < ranks; r++) s += (uint64_t)cm_tensor_get_i64(&c->group[r].values[x], i);
+      int64_t v = wrap_int(s, CM_I64);
+      put_int(out, i, mean ? v / ranks : v);
+    } else {
+      double s = 0;
+      for (int r = 0; r < ranks; r++) s += get_real(&c->group[r].values[x], i);
+      put_real(out, i, mean ? s / ranks : s);
+    }
+  }
+  return CM_OK;
 }
 
 /* ---- forward error bounds ---------------------------------------------- */
@@ -1173,6 +1209,35 @@ static void bound_copy(eval_ctx *c, int id, int k) {
   for (int64_t i = 0; i < numel; i++) cm_tensor_set_f64(&c->bounds[id], i, bnd(c, x, i));
 }
 
+/* all_reduce: the ranks' bounds add up, plus the f32 sum of `ranks` terms
+ * (gamma_ranks, as reduce_sum) and for MEAN the rounding of the division;
+ * all_gather: each rank's bounds in its block. */
+static void bound_collective(eval_ctx *c, int id) {
+  const cm_node *n = &c->g->nodes[id];
+  int ranks = n->attrs.ranks, x = n->inputs[0];
+  int64_t numel = cm_type_numel(&n->type), coords[CM_MAX_RANK];
+  for (int64_t i = 0; i < numel; i++) {
+    double b;
+    if (n->op == CM_OP_ALL_GATHER) {
+      int64_t len = c->g->nodes[x].type.dims[n->attrs.axis];
+      unravel(i, &n->type, coords);
+      int r = (int)(coords[n->attrs.axis] / len);
+      coords[n->attrs.axis] %= len;
+      b = cm_tensor_get_f64(&c->group[r].bounds[x], ravel(coords, &c->g->nodes[x].type));
+    } else {
+      double abs_sum = 0, prop = 0, y = val(c, id, i);
+      for (int r = 0; r < ranks; r++) {
+        abs_sum += fabs(get_real(&c->group[r].values[x], i));
+        prop += cm_tensor_get_f64(&c->group[r].bounds[x], i);
+      }
+      bool mean = n->attrs.mode == CM_MODE_MEAN;
+      b = sum_bound(n->type.dtype, mean ? y * ranks : y, ranks, abs_sum, prop);
+      if (mean) b = rounded(n->type.dtype, y, b / ranks, 1);
+    }
+    cm_tensor_set_f64(&c->bounds[id], i, b);
+  }
+}
+
 static cm_status bound_node_op(eval_ctx *c, int id) {
   const cm_node *n = &c->g->nodes[id];
   cm_type bt = n->type;
@@ -1192,7 +1257,12 @@ static cm_status bound_node_op(eval_ctx *c, int id) {
     else
       bound_conv(c, id);
     return CM_OK;
-  case CM_CAT_COLLECTIVE: bound_copy(c, id, 0); return CM_OK;
+  case CM_CAT_COLLECTIVE:
+    if (n->attrs.ranks > 1)
+      bound_collective(c, id);
+    else
+      bound_copy(c, id, 0);
+    return CM_OK;
   case CM_CAT_UPDATE: bound_copy(c, id, 1); return CM_OK;
   default: break;
   }
@@ -1315,7 +1385,8 @@ static cm_status eval_graph(const cm_graph *g, const cm_tensor *const *sources, 
                             const cm_eval_opts *opts, cm_tensor *bounds, cm_err *err) {
   if (!g || (!values && g->n_nodes > 0))
     return cm_errorf(err, CM_EINTERNAL, "cm_eval: graph and values are required");
-  eval_ctx c = {g, sources, values, opts ? opts->precision : CM_PRECISION_NATIVE, bounds, err};
+  eval_ctx c = {g,      sources, values, opts ? opts->precision : CM_PRECISION_NATIVE,
+                bounds, err,     NULL,   0};
   if (g->n_nodes > 0) memset(values, 0, sizeof *values * (size_t)g->n_nodes);
   if (c.bounds && g->n_nodes > 0) memset(c.bounds, 0, sizeof *c.bounds * (size_t)g->n_nodes);
   for (int id = 0; id < g->n_nodes; id++) {
@@ -1343,4 +1414,44 @@ cm_status cm_eval_bounded(const cm_graph *g, const cm_tensor *const *sources, cm
     return cm_errorf(err, CM_EINTERNAL, "cm_eval_bounded: bounds are required");
   cm_eval_opts o = {CM_PRECISION_F64};
   return eval_graph(g, sources, values, &o, bounds, err);
+}
+
+/* The ranks' graphs advance node by node together, so a collective finds
+ * every rank's input computed. */
+cm_status cm_eval_ranks(const cm_graph *g, int ranks, const cm_tensor *const *const *sources,
+                        cm_tensor **values, const cm_eval_opts *opts, cm_tensor **bounds,
+                        cm_err *err) {
+  if (!g || !values || !sources || ranks < 1)
+    return cm_errorf(err, CM_EINTERNAL,
+                     "cm_eval_ranks: graph, sources, values and ranks >= 1 are required");
+  for (int r = 0; r < ranks; r++)
+    if ((!values[r] || (bounds && !bounds[r])) && g->n_nodes > 0)
+      return cm_errorf(err, CM_EINTERNAL, "cm_eval_ranks: rank %d has no values or bounds", r);
+  eval_ctx *ctx = calloc((size_t)ranks, sizeof *ctx);
+  if (!ctx) return cm_errorf(err, CM_EINTERNAL, "cm_eval_ranks: out of memory");
+  cm_precision precision = bounds ? CM_PRECISION_F64 : opts ? opts->precision : CM_PRECISION_NATIVE;
+  for (int r = 0; r < ranks; r++) {
+    ctx[r] =
+        (eval_ctx){g, sources[r], values[r], precision, bounds ? bounds[r] : NULL, err, ctx, ranks};
+    if (g->n_nodes == 0) continue;
+    memset(values[r], 0, sizeof *values[r] * (size_t)g->n_nodes);
+    if (bounds) memset(bounds[r], 0, sizeof *bounds[r] * (size_t)g->n_nodes);
+  }
+  cm_status st = CM_OK;
+  int id = 0, r = 0;
+  for (; id < g->n_nodes && !st; id++)
+    for (r = 0; r < ranks && !st; r++) {
+      st = eval_node(&ctx[r], id);
+      if (!st && bounds) st = bound_node(&ctx[r], id);
+    }
+  if (st) {
+    cm_err_prefix(err, "rank %d: ", r - 1);
+    for (int q = 0; q < ranks; q++)
+      for (int k = 0; k < id; k++) {
+        cm_tensor_free(&values[q][k]);
+        if (bounds) cm_tensor_free(&bounds[q][k]);
+      }
+  }
+  free(ctx);
+  return st;
 }

@@ -380,6 +380,20 @@ cm_status cm_eval(const cm_graph *g, const cm_tensor *const *sources, cm_tensor 
 cm_status cm_eval_bounded(const cm_graph *g, const cm_tensor *const *sources, cm_tensor *values,
                           cm_tensor *bounds, cm_err *err);
 
+/* Evaluates one graph compiled for `ranks` ranks (every collective's attrs.ranks == ranks, or 1:
+ * a copy) on each rank's sources, in lockstep: a collective combines the ranks' values exactly
+ * as cm_comm does (all_reduce SUM/MEAN in f64, rounded once; all_gather concatenates along
+ * attrs.axis in rank order). sources[r] and values[r] are rank r's arrays of g->n_nodes (the
+ * "rank" input, when the graph has one, is each rank's own source, set by the caller); bounds
+ * (optional: then F64 precision, opts ignored) as cm_eval_bounded, per rank: an all_reduce's
+ * bound is the sum of the ranks' bounds plus the f32 sum's gamma_ranks term (and the rounding
+ * of MEAN's division), an all_gather's the ranks' bounds concatenated (docs/ops.md "Error
+ * bounds"). Errors are prefixed "rank R: "; on failure every value is freed. cm_eval and
+ * cm_eval_bounded reject a collective over more than one rank. */
+cm_status cm_eval_ranks(const cm_graph *g, int ranks, const cm_tensor *const *const *sources,
+                        cm_tensor **values, const cm_eval_opts *opts, cm_tensor **bounds,
+                        cm_err *err);
+
 /* The error every backend gives for a gather or scatter_add index outside its
  * axis: node id of g, the index, its flat position in the index tensor (input 1)
  * and the axis length: CM_EINVALID, "nodes[<id>] \"<name>\" (<op>): index <v>

@@ -54,6 +54,27 @@ static int64_t best_fit(range *taken, int n_taken, int64_t size) {
   return best >= 0 ? best : cursor;
 }
 
+/* A collective over ranks > 1 may run asynchronously (the backends start an all_reduce at its
+ * group and wait for it just before the first group reading its result): its input stays live
+ * until then, the first reader of its output (the end of the step when none). */
+static void extend_async_inputs(const cm_graph *g, const cm_plan *p, const int *pos,
+                                const int *buffer_of, buffer *bufs) {
+  for (int gi = 0; gi < p->n_groups; gi++) {
+    const cm_group *gr = &p->groups[gi];
+    if (gr->kind != CM_GROUP_COLLECTIVE) continue;
+    for (int i = 0; i < gr->n_nodes; i++) {
+      const cm_node *n = &g->nodes[gr->nodes[i]];
+      int in = buffer_of[n->inputs[0]], out = buffer_of[gr->nodes[i]];
+      if (n->op != CM_OP_ALL_REDUCE || n->attrs.ranks < 2 || in < 0) continue;
+      int wait = p->n_groups - 1;
+      for (int gj = 0; gj < p->n_groups; gj++)
+        for (int j = 0; j < p->groups[gj].n_inputs; j++)
+          if (out >= 0 && p->groups[gj].inputs[j] == gr->nodes[i] && pos[gj] < wait) wait = pos[gj];
+      if (wait > bufs[in].end) bufs[in].end = wait;
+    }
+  }
+}
+
 cm_status cm_pass_memplan(cm_pass_state *s, cm_pass_stat *stat, cm_err *err) {
   cm_status st;
   if ((!s->plan || s->plan->n_order == 0) && (st = cm_pass_schedule(s, NULL, err))) return st;
@@ -98,6 +119,7 @@ cm_status cm_pass_memplan(cm_pass_state *s, cm_pass_stat *stat, cm_err *err) {
     int b = buffer_of[g->outputs[k]];
     if (b >= 0) bufs[b].end = ng - 1;
   }
+  extend_async_inputs(g, p, pos, buffer_of, bufs);
   qsort(bufs, (size_t)nb, sizeof *bufs, by_size_then_start);
   int64_t arena = 0;
   for (int i = 0; i < nb; i++) {

@@ -13,6 +13,8 @@ static const cm_pass_info pass_table[] = {
     /* not in the default pipeline: `-p autocast,simplify,...` asks for it */
     {"autocast", "f32 contractions to bf16 operands, f32 accumulation (mixed precision)",
      cm_pass_autocast},
+    {"data_parallel", "average the gradients over the ranks in all_reduce buckets (training step)",
+     cm_pass_data_parallel},
     {"simplify", "algebraic identities, constant folding, movement folding, casts of casts",
      cm_pass_simplify},
     {"cse", "merge nodes computing the same value", cm_pass_cse},

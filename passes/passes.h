@@ -254,6 +254,28 @@ cm_status cm_autocast(cm_graph **g, cm_dtype low, int *n_rewritten, cm_err *err)
 /* The pass "autocast": cm_autocast with bf16. */
 cm_status cm_pass_autocast(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
 
+/* ---- data parallelism (passes/data_parallel.c) --------------------------------
+ * On a training step built (cm_build_train_step) for `ranks` ranks, every parameter gradient
+ * that feeds the optimizer update is averaged over the ranks before the update: gradients are
+ * packed in production order (ascending node id: the backward produces the last layers' first)
+ * into buckets of about bucket_bytes (0: 25 MB; a bucket closes before a gradient that would
+ * take it past that, so a larger gradient is its own bucket; a dtype change closes it too),
+ * each bucket is one all_reduce(MEAN) named "grad_bucket_<i>" of the concatenation of its
+ * flattened gradients, placed right after the bucket's last gradient, and its slices replace
+ * the gradients where the update side reads them (the backward keeps reading its own values).
+ * Gradient clipping's global norm and the loss-scaling finiteness check then see the reduced
+ * gradients, as DDP + clip_grad_norm_ do. The gradients are found on the built step through
+ * "update/optimizer.exp_avg.<p>" (b1 m + (1 - b1) g, g after the unscaling and clipping when
+ * the step has "scaled_loss" / "clip_coef"); a constant gradient (a param the loss does not
+ * reach) is the same on every rank and is left out. ranks == 1: no change (*g untouched).
+ * Errors (CM_EINVALID, *g unchanged): a graph with no optimizer update, an update that does
+ * not read its gradient as cm_build_train_step builds it, a second application ("grad_bucket_0"
+ * exists). On success *g is the rewritten graph (the old one freed; builder names renewed). */
+cm_status cm_data_parallel(cm_graph **g, int ranks, int64_t bucket_bytes, cm_err *err);
+/* The pass "data_parallel": cm_data_parallel with the graph's ranks (its collectives' attrs.ranks;
+ * 1 without any) and 25 MB buckets. */
+cm_status cm_pass_data_parallel(cm_pass_state *s, cm_pass_stat *stat, cm_err *err);
+
 /* ---- the attention backward without N×N tensors (passes/flash_backward.c) --
  * For every attention (S = matmul(Q, K) {transpose_b} [cast f32] [· const c], softmax over the
  * keys with a stop-gradient max m and row sum z, O = matmul(P [cast low], V)) whose backward

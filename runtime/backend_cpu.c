@@ -28,8 +28,28 @@ typedef struct cpu_check {
   const int64_t *key, *val;
 } cpu_check;
 
+/* A collective stage's run-time facts: the kernel before which its asynchronous all_reduce
+ * is waited for (the first later kernel reading its output or writing its input; n_kernels:
+ * the end of the run), and its name for the watchdog's message. */
+typedef struct cpu_collective {
+  int wait_before;
+  char what[160];
+} cpu_collective;
+
+/* An all_reduce in flight: started by stage `stage` of kernel `kernel`. */
+typedef struct cpu_pending {
+  cm_comm_request *req;
+  int wait_before;
+  int kernel, stage;
+} cpu_pending;
+
 /* The backend's state (cm_program_impl). */
 typedef struct cpu_state {
+  cm_comm *comm;         /* NULL: world size 1 (a program without collective stages) */
+  cpu_collective *colls; /* per kernel: its collective stage's facts (kernels without one:
+                            unused) */
+  cpu_pending *pending;  /* per kernel at most one in flight */
+  int n_pending;
   cm_jit *jit;
   cpu_kernel *ks;
   char *arena, *scratch, *ws;
@@ -107,6 +127,8 @@ static void cpu_free(cm_program *p) {
   free(pr->prof);
   free(pr->sprof);
   free(pr->sprof_first);
+  free(pr->colls);
+  free(pr->pending);
   free(pr);
   cm_program_set_impl(p, NULL);
 }
@@ -117,6 +139,25 @@ static void *aligned(int64_t bytes) {
   void *p = aligned_alloc(64, n);
   if (p) memset(p, 0, n);
   return p;
+}
+
+/* Where each collective stage's all_reduce is waited for, and its watchdog name. */
+static cm_status plan_collectives(cpu_state *pr, const cm_kprogram *kp, const cm_graph *g,
+                                  cm_err *err) {
+  int nk = kp->n_kernels;
+  pr->colls = calloc((size_t)nk + 1, sizeof *pr->colls);
+  pr->pending = calloc((size_t)nk + 1, sizeof *pr->pending);
+  if (!pr->colls || !pr->pending) return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  for (int i = 0; i < nk; i++) {
+    const cm_kernel *k = &kp->kernels[i];
+    for (int s = 0; s < k->n_stages; s++) {
+      const cm_kcollective *x = &k->stages[s].coll;
+      if (x->op == CM_KCOLL_NONE) continue;
+      pr->colls[i].wait_before = cm_kprogram_collective_wait(kp, i, s);
+      cm_kcollective_name(k, s, g, pr->colls[i].what, sizeof pr->colls[i].what);
+    }
+  }
+  return CM_OK;
 }
 
 static cm_status cpu_compile(cm_program *p, const cm_compile_opts *opts, cm_program_stats *stats,
@@ -266,7 +307,8 @@ static cm_status cpu_compile(cm_program *p, const cm_compile_opts *opts, cm_prog
   stats->vector_bits = target->cpu.vector_bits;
   stats->runnable = target->cpu.runnable && !opts->compile_only;
   stats->threads = pr->threads;
-  return CM_OK;
+  pr->comm = opts->comm;
+  return plan_collectives(pr, kp, cm_program_graph(p), err);
 }
 
 static cm_status cpu_alloc_arena(cm_program *p, cm_program_stats *stats, cm_err *err) {
@@ -376,20 +418,72 @@ CM_NO_SANITIZE_FUNCTION static void run_stage(cm_cpu_stage_fn fn, char *const *b
   }
 }
 
+/* Waits for the all_reduces in flight that must finish before kernel `before` runs (every one
+ * when before is past the last kernel); the first error is kept, the others still waited for. */
+static cm_status wait_pending(cpu_state *pr, int before, cm_status st, cm_err *err) {
+  int kept = 0;
+  for (int q = 0; q < pr->n_pending; q++) {
+    if (pr->pending[q].wait_before > before) {
+      pr->pending[kept++] = pr->pending[q];
+      continue;
+    }
+    cm_err dropped = {0};
+    double t0 = pr->profile ? now_ms() : 0;
+    cm_status w = cm_comm_wait(pr->pending[q].req, st == CM_OK ? err : &dropped);
+    if (st == CM_OK) st = w;
+    if (pr->profile) { /* the time the rank was held up: the part the kernels did not hide */
+      double ms = now_ms() - t0;
+      pr->sprof[pr->sprof_first[pr->pending[q].kernel] + pr->pending[q].stage].total_ms += ms;
+      pr->prof[pr->pending[q].kernel].total_ms += ms;
+    }
+  }
+  pr->n_pending = kept;
+  return st;
+}
+
+/* Runs collective stage s of kernel i through the comm: an all_reduce is started and left in
+ * flight (wait_pending), an all_gather blocks (it runs after the all_reduces in flight). */
+static cm_status run_collective(cpu_state *pr, const cm_kernel *k, int i, int stage,
+                                char *const *bufs, cm_err *err) {
+  const cm_kstage *s = &k->stages[stage];
+  const cm_kcollective *x = &s->coll;
+  cm_dtype dt = k->buffers[x->in_buf].dtype;
+  if (!pr->comm || cm_comm_size(pr->comm) != x->ranks)
+    return cm_errorf(err, CM_EINVALID, "cpu backend: kernel %s: %s is built for %d ranks, but %s",
+                     k->name, pr->colls[i].what, x->ranks,
+                     pr->comm ? "the communicator has another size" : "no communicator was given");
+  if (x->op == CM_KCOLL_ALL_GATHER)
+    return cm_comm_all_gather(pr->comm, bufs[x->in_buf], bufs[x->out_buf], x->count, dt,
+                              pr->colls[i].what, err);
+  cpu_pending *q = &pr->pending[pr->n_pending];
+  cm_status st = cm_comm_all_reduce_start(pr->comm, bufs[x->in_buf], bufs[x->out_buf], x->count, dt,
+                                          x->mode, pr->colls[i].what, &q->req, err);
+  if (st != CM_OK) return st;
+  q->wait_before = pr->colls[i].wait_before;
+  q->kernel = i, q->stage = stage;
+  pr->n_pending++;
+  return CM_OK;
+}
+
 static cm_status cpu_run(cm_program *p, int first, int last, cm_err *err) {
   cpu_state *pr = cm_program_impl(p);
   const cm_kprogram *kp = cm_program_kernels(p);
   int bad = -1; /* the failed index check of the first node in graph order */
-  for (int i = first; i < last; i++) {
+  cm_status st = CM_OK;
+  for (int i = first; i < last && st == CM_OK; i++) {
     const cm_kernel *k = &kp->kernels[i];
     char **bufs = pr->ks[i].bufs;
     for (int b = 0; b < k->n_buffers; b++)
       if (k->buffers[b].kind == CM_KBUF_SOURCE) bufs[b] = cm_program_source(p, k->buffers[b].node);
+    if (pr->n_pending && (st = wait_pending(pr, i, st, err)) != CM_OK) break;
     double t0 = pr->profile ? now_ms() : 0;
-    for (int s = 0; s < k->n_stages; s++) {
+    for (int s = 0; s < k->n_stages && st == CM_OK; s++) {
       double ts = pr->profile ? now_ms() : 0;
-      run_stage(pr->ks[i].fns[s], bufs, &k->stages[s], pr->items[i][s], pr->ws, pr->ws_stride,
-                pr->threads);
+      if (k->stages[s].coll.op != CM_KCOLL_NONE)
+        st = run_collective(pr, k, i, s, bufs, err);
+      else
+        run_stage(pr->ks[i].fns[s], bufs, &k->stages[s], pr->items[i][s], pr->ws, pr->ws_stride,
+                  pr->threads);
       if (pr->profile) {
         cm_stage_profile *sp = &pr->sprof[pr->sprof_first[i] + s];
         sp->total_ms += now_ms() - ts;
@@ -406,6 +500,9 @@ static cm_status cpu_run(cm_program *p, int first, int last, cm_err *err) {
       if (*pr->checks[c].key != 0 && (bad < 0 || pr->checks[c].node < pr->checks[bad].node))
         bad = c;
   }
+  /* nothing stays in flight past a run (also after an error) */
+  if (pr->n_pending) st = wait_pending(pr, INT32_MAX, st, err);
+  if (st != CM_OK) return st;
   if (bad >= 0)
     return cm_program_index_error(p, pr->checks[bad].node, pr->checks[bad].val[0],
                                   pr->checks[bad].val[1], err);

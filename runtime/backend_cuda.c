@@ -96,6 +96,16 @@ typedef struct cuda_state {
   cm_stage_profile *sprof;
   int *sprof_first;
   int n_sprof;
+  /* collectives (issue 18): NCCL on device pointers, other kinds through host staging */
+  cm_comm *comm;
+  bool has_collectives; /* the program runs kernel by kernel: no CUDA graph */
+  int *wait_before;     /* per kernel with a collective stage: cm_kprogram_collective_wait */
+  char (*what)[160];    /* per kernel: its collective's name in the comm's messages */
+  cm_comm_request **pending_req;
+  int *pending_wait;
+  int n_pending;
+  void *staging; /* host buffers of the staged collectives (input, then output) */
+  size_t staging_bytes;
 } cuda_state;
 
 static double now_ms(void) {
@@ -280,6 +290,32 @@ static cm_status load_modules(cuda_state *cs, const cm_kprogram *kp, const cm_ta
   return CM_OK;
 }
 
+/* The collective stages' waits and names; a program with any runs kernel by kernel. */
+static cm_status plan_collectives(cuda_state *cs, const cm_kprogram *kp, const cm_graph *g,
+                                  cm_comm *comm, cm_err *err) {
+  int nk = kp->n_kernels;
+  cs->comm = comm;
+  cs->wait_before = calloc((size_t)nk + 1, sizeof *cs->wait_before);
+  cs->what = calloc((size_t)nk + 1, sizeof *cs->what);
+  cs->pending_req = calloc((size_t)nk + 1, sizeof *cs->pending_req);
+  cs->pending_wait = calloc((size_t)nk + 1, sizeof *cs->pending_wait);
+  if (!cs->wait_before || !cs->what || !cs->pending_req || !cs->pending_wait) return oom(err);
+  for (int i = 0; i < nk; i++) {
+    const cm_kernel *k = &kp->kernels[i];
+    for (int s = 0; s < k->n_stages; s++) {
+      const cm_kcollective *x = &k->stages[s].coll;
+      if (x->op == CM_KCOLL_NONE) continue;
+      cs->has_collectives = true;
+      cs->wait_before[i] = cm_kprogram_collective_wait(kp, i, s);
+      cm_kcollective_name(k, s, g, cs->what[i], sizeof cs->what[i]);
+      size_t bytes = (size_t)(k->buffers[x->in_buf].numel + k->buffers[x->out_buf].numel) *
+                     cm_dtype_size(k->buffers[x->in_buf].dtype);
+      if (bytes > cs->staging_bytes) cs->staging_bytes = bytes;
+    }
+  }
+  return CM_OK;
+}
+
 static cm_status cuda_compile(cm_program *p, const cm_compile_opts *opts, cm_program_stats *stats,
                               cm_err *err) {
   const cm_target *t = cm_program_target(p);
@@ -321,6 +357,7 @@ static cm_status cuda_compile(cm_program *p, const cm_compile_opts *opts, cm_pro
   stats->object_bytes = cs->build.image_bytes;
   stats->threads = cs->build.threads;
   if (opts->compile_only) return CM_OK;
+  if ((st = plan_collectives(cs, kp, cm_program_graph(p), opts->comm, err)) != CM_OK) return st;
   if ((st = load_modules(cs, kp, t, opts->no_templates, err)) != CM_OK) return st;
   if (cs->profile && (st = init_profile(cs, kp, err)) != CM_OK) return st;
   stats->runnable = true;
@@ -622,6 +659,73 @@ static cm_status cuda_prefetch(cm_program *p, cm_tensor *const *sources, cm_err 
 
 /* ---- running --------------------------------------------------------------- */
 
+/* Waits for the all_reduces in flight that must finish before kernel `before` (every one when
+ * before is past the last kernel); the first error is kept, the others still waited for. */
+static cm_status wait_pending(cuda_state *cs, int before, cm_status st, cm_err *err) {
+  int kept = 0;
+  for (int q = 0; q < cs->n_pending; q++) {
+    if (cs->pending_wait[q] > before) {
+      cs->pending_req[kept] = cs->pending_req[q];
+      cs->pending_wait[kept++] = cs->pending_wait[q];
+      continue;
+    }
+    cm_err dropped = {0};
+    cm_status w = cm_comm_wait(cs->pending_req[q], st == CM_OK ? err : &dropped);
+    if (st == CM_OK) st = w;
+  }
+  cs->n_pending = kept;
+  return st;
+}
+
+/* A collective stage of kernel i. NCCL: on the device buffers, ordered after the compute
+ * stream's work, an all_reduce left in flight until wait_pending. Other kinds (host buffers):
+ * the compute stream drained, the input copied to the host, the blocking collective, the
+ * result copied back. */
+static cm_status run_collective(cuda_state *cs, const cm_kernel *k, int i, const cm_kstage *s,
+                                cm_err *err) {
+  const cm_cuda_driver *d = cs->d;
+  const cm_kcollective *x = &s->coll;
+  const cuda_kernel_rt *r = &cs->ks[i];
+  cm_dtype dt = k->buffers[x->in_buf].dtype;
+  if (!cs->comm || cm_comm_size(cs->comm) != x->ranks)
+    return cm_errorf(err, CM_EINVALID, "cuda backend: kernel %s: %s is built for %d ranks, but %s",
+                     k->name, cs->what[i], x->ranks,
+                     cs->comm ? "the communicator has another size" : "no communicator was given");
+  bool gather = x->op == CM_KCOLL_ALL_GATHER;
+  if (cm_comm_kind_of(cs->comm) == CM_COMM_NCCL) {
+    void *in = (void *)(uintptr_t)r->ptrs[x->in_buf], *out = (void *)(uintptr_t)r->ptrs[x->out_buf];
+    cm_comm_set_compute_stream(cs->comm, cs->compute);
+    if (gather) return cm_comm_all_gather(cs->comm, in, out, x->count, dt, cs->what[i], err);
+    cm_status st = cm_comm_all_reduce_start(cs->comm, in, out, x->count, dt, x->mode, cs->what[i],
+                                            &cs->pending_req[cs->n_pending], err);
+    if (st == CM_OK) cs->pending_wait[cs->n_pending++] = cs->wait_before[i];
+    return st;
+  }
+  size_t in_bytes = (size_t)x->count * cm_dtype_size(dt);
+  size_t out_bytes = (size_t)k->buffers[x->out_buf].numel * cm_dtype_size(dt);
+  if (!cs->staging && !(cs->staging = malloc(cs->staging_bytes > 0 ? cs->staging_bytes : 1)))
+    return oom(err);
+  char *host_in = cs->staging, *host_out = host_in + in_bytes;
+  cm_status st =
+      ck(cs, d->memcpy_dtoh_async(host_in, r->ptrs[x->in_buf], in_bytes, cs->compute), err,
+         "cuMemcpyDtoHAsync(collective input of kernel %s, %zu bytes)", k->name, in_bytes);
+  if (st == CM_OK)
+    st = ck(cs, d->stream_synchronize(cs->compute), err, "cuStreamSynchronize(before %s)",
+            cs->what[i]);
+  if (st == CM_OK)
+    st = gather ? cm_comm_all_gather(cs->comm, host_in, host_out, x->count, dt, cs->what[i], err)
+                : cm_comm_all_reduce(cs->comm, host_in, host_out, x->count, dt, x->mode,
+                                     cs->what[i], err);
+  if (st == CM_OK)
+    st = ck(cs, d->memcpy_htod_async(r->ptrs[x->out_buf], host_out, out_bytes, cs->compute), err,
+            "cuMemcpyHtoDAsync(collective output of kernel %s, %zu bytes)", k->name, out_bytes);
+  /* the staging buffer is reused by the next collective */
+  if (st == CM_OK)
+    st = ck(cs, d->stream_synchronize(cs->compute), err, "cuStreamSynchronize(after %s)",
+            cs->what[i]);
+  return st;
+}
+
 static cm_status launch_kernel(cuda_state *cs, const cm_kernel *k, int i, cm_err *err) {
   const cm_cuda_driver *d = cs->d;
   cuda_kernel_rt *r = &cs->ks[i];
@@ -630,6 +734,10 @@ static cm_status launch_kernel(cuda_state *cs, const cm_kernel *k, int i, cm_err
     if (r->events && (st = ck(cs, d->event_record(r->events[s], cs->compute), err,
                               "cuEventRecord(profile, kernel %s)", k->name)))
       return st;
+    if (k->stages[s].coll.op != CM_KCOLL_NONE) {
+      if ((st = run_collective(cs, k, i, &k->stages[s], err)) != CM_OK) return st;
+      continue;
+    }
     if (!r->fns[s]) continue;
     const cm_cuda_launch *l = &r->launch[s];
     int rc =
@@ -699,14 +807,19 @@ static cm_status cuda_run(cm_program *p, int first, int last, cm_err *err) {
   cs->states_current = false;
   cs->states_enqueued = false;
   bool whole = first == 0 && last == kp->n_kernels;
-  if (whole && cs->graphs == CM_CUDA_GRAPHS_ON && !cs->profile && kp->n_kernels > 0) {
+  if (whole && cs->graphs == CM_CUDA_GRAPHS_ON && !cs->profile && kp->n_kernels > 0 &&
+      !cs->has_collectives) {
     if (!cs->graph_exec && (st = capture(cs, kp, err)) != CM_OK) return st;
     st = ck(cs, cs->d->graph_launch(cs->graph_exec, cs->compute), err,
             "cuGraphLaunch(the program's %d kernels)", kp->n_kernels);
   } else {
-    for (int i = first; i < last && st == CM_OK; i++)
-      st = launch_kernel(cs, &kp->kernels[i], i, err);
+    for (int i = first; i < last && st == CM_OK; i++) {
+      if (cs->n_pending) st = wait_pending(cs, i, st, err);
+      if (st == CM_OK) st = launch_kernel(cs, &kp->kernels[i], i, err);
+    }
   }
+  /* nothing stays in flight past a run (also after an error) */
+  if (cs->n_pending) st = wait_pending(cs, INT32_MAX, st, err);
   if (st != CM_OK) return st;
   return enqueue_downloads(cs, whole && !cs->resident, err);
 }
@@ -893,6 +1006,8 @@ static void cuda_free(cm_program *p) {
   free(cs->srcs);
   free(cs->checks);
   free(cs->prof), free(cs->sprof), free(cs->sprof_first);
+  free(cs->wait_before), free(cs->what), free(cs->pending_req), free(cs->pending_wait);
+  free(cs->staging);
   free(cs->source);
   free(cs->begin);
   cm_cuda_build_free(&cs->build);

@@ -99,6 +99,27 @@ static cm_status map_sources_and_outputs(cm_program *pr, cm_err *err) {
   return CM_OK;
 }
 
+/* Every collective of the graph is built for the communicator's world size (1 without one). */
+static cm_status check_ranks(const cm_graph *rg, const cm_compile_opts *opts, cm_err *err) {
+  int size = opts->comm ? cm_comm_size(opts->comm) : 1;
+  for (int v = 0; v < rg->n_nodes; v++) {
+    const cm_node *n = &rg->nodes[v];
+    if ((n->op != CM_OP_ALL_REDUCE && n->op != CM_OP_ALL_GATHER) || n->attrs.ranks == size)
+      continue;
+    if (!opts->comm)
+      return cm_errorf(err, CM_EINVALID,
+                       "cm_compile: node \"%s\" (%s) is built for %d ranks, but no communicator "
+                       "was given (cm_compile_opts.comm NULL: world size 1)",
+                       n->name, cm_op_name(n->op), n->attrs.ranks);
+    return cm_errorf(err, CM_EINVALID,
+                     "cm_compile: node \"%s\" (%s) is built for %d ranks, but the communicator "
+                     "has %d (%s)",
+                     n->name, cm_op_name(n->op), n->attrs.ranks, size,
+                     cm_comm_describe(opts->comm));
+  }
+  return CM_OK;
+}
+
 cm_status cm_compile(const cm_graph *g, const cm_target *target, const cm_compile_opts *opts,
                      cm_program **out, cm_err *err) {
   *out = NULL;
@@ -115,6 +136,7 @@ cm_status cm_compile(const cm_graph *g, const cm_target *target, const cm_compil
   pr->be = opts->backend                       ? opts->backend
            : pr->target.kind == CM_TARGET_CUDA ? &cm_backend_cuda
                                                : &cm_backend_cpu;
+  if (!opts->compile_only && (st = check_ranks(g, opts, err)) != CM_OK) goto fail;
   const cm_plan *p = opts->plan;
   if (!p) {
     cm_pass_state s = {cm_graph_clone(g), NULL};
@@ -146,6 +168,7 @@ cm_status cm_compile(const cm_graph *g, const cm_target *target, const cm_compil
   /* tuned plans from the database, before anything is rendered */
   st = cm_tune_apply_cached(&pr->kp, &pr->target, opts, &pr->stats.tuned_stages,
                             &pr->stats.tune_ignored, err);
+  if (st == CM_OK && opts->replan) st = opts->replan(&pr->kp, &pr->target, opts->replan_ctx, err);
   if (st != CM_OK) goto fail;
   pr->stats.n_kernels = pr->kp.n_kernels;
   for (int i = 0; i < pr->kp.n_kernels; i++) pr->stats.n_stages += pr->kp.kernels[i].n_stages;

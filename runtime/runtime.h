@@ -285,6 +285,14 @@ typedef struct cm_compile_opts {
                                 runs (cm_program_states_download, cm_program_states_changed) */
   cm_tune_mode tune;         /* FROM_ENV: $CMAEC_TUNE (default cached); cached or search: every
                                 stage the tuning database has a best point for is planned so */
+  /* After lowering and the cached plans, before rendering: may replan kp's stages (cm_tune
+   * times candidates inside whole steps so; kernels are as cm_lower_plan numbers them). */
+  cm_status (*replan)(cm_kprogram *kp, const cm_target *t, void *ctx, cm_err *err);
+  void *replan_ctx;
+  struct cm_comm *comm;      /* the ranks' communicator (issue 18): the backends run the
+                                collective stages through it; NULL: world size 1. A graph built
+                                for other ranks than its size is CM_EINVALID (unless
+                                compile_only) */
 } cm_compile_opts;
 
 typedef struct cm_program_stats {
@@ -556,6 +564,10 @@ typedef struct cm_tune_opts {
   const char *db_path;    /* NULL: the default database */
   int64_t max_candidates; /* per stage, 0: all (tests) */
   int max_stages;         /* the most expensive ones only (the others as lowered), 0: all */
+  /* A valid batch and state for the whole graph (per node; cm_train_example_sources): on the
+   * CPU, candidates are then timed inside whole runs of the program, every searched stage at
+   * once, with the data and caches of a real step; NULL: each kernel alone on random data. */
+  cm_tensor *const *step_sources;
 } cm_tune_opts;
 typedef struct cm_tune_stats {
   int stages_tunable, searched, from_db, candidates, pruned, failed, over_budget;
@@ -582,5 +594,76 @@ void cm_tune_device_for(const cm_target *t, const cm_compile_opts *co, char *out
 cm_status cm_program_of_kernel(const cm_graph *g, const cm_plan *plan, cm_kernel *k,
                                const cm_target *t, const cm_compile_opts *co, cm_program **out,
                                cm_err *err);
+
+/* ---- Communication (issue 18) (runtime/comm.c, comm_mpi.c, comm_tcp.c, comm_nccl.c) -------
+ *
+ * A group of ranks running the same program on their own data (docs/runtime.md
+ * "Communication"). Every collective is limited by a watchdog: one that does not finish within
+ * the comm's timeout fails (CM_EINTERNAL) naming the rank, the collective, `what` and its size,
+ * and the comm is broken from then on (every later collective fails at once). */
+typedef struct cm_comm cm_comm;
+typedef enum cm_comm_kind {
+  CM_COMM_AUTO,  /* cm_comm_init: MPI when started by mpirun (OMPI_COMM_WORLD_SIZE / PMI_SIZE set),
+                    else the TCP rendezvous when CMAEC_WORLD_SIZE is set, else SELF */
+  CM_COMM_SELF,  /* world size 1: every collective is a copy (or nothing) */
+  CM_COMM_LOCAL, /* n ranks = n threads of this process (cm_comm_local_group); tests, simulation */
+  CM_COMM_MPI,   /* Open MPI, dlopen("libmpi.so.40"), host buffers (CPU ranks) */
+  CM_COMM_TCP,   /* host buffers over the TCP rendezvous's sockets (CPU ranks without MPI) */
+  CM_COMM_NCCL,  /* NCCL, dlopen("libnccl.so.2"), device buffers, its own stream; the
+                    ncclUniqueId exchanged over MPI or the TCP rendezvous */
+} cm_comm_kind;
+typedef struct cm_comm_opts {
+  cm_comm_kind kind; /* CM_COMM_AUTO */
+  double timeout_s;  /* watchdog per collective; 0: 300 s (--comm-timeout) */
+  int device;        /* NCCL: CUDA device; -1: $LOCAL_RANK (0 if unset) */
+} cm_comm_opts;
+
+/* TCP: CMAEC_RANK, CMAEC_WORLD_SIZE, CMAEC_MASTER_ADDR (default 127.0.0.1), CMAEC_MASTER_PORT
+ * (default 29500). NCCL: the bootstrap is MPI under mpirun, else TCP, else world size 1. */
+cm_status cm_comm_init(const cm_comm_opts *o, cm_comm **out, cm_err *err);
+/* n communicators, one per thread of this process, ranks 0..n-1 (CM_COMM_LOCAL). */
+cm_status cm_comm_local_group(int n, double timeout_s, cm_comm **comms, cm_err *err);
+int cm_comm_rank(const cm_comm *c);
+int cm_comm_size(const cm_comm *c);
+cm_comm_kind cm_comm_kind_of(const cm_comm *c);
+const char *cm_comm_describe(const cm_comm *c); /* "mpi rank 1/2 (Open MPI 4.1.4)" */
+
+/* Blocking collectives on host buffers (CPU ranks; NCCL ranks: device pointers, enqueued on
+ * the comm's stream, and "blocking" means ordered after `stream` when not NULL). `what` names
+ * the collective in the watchdog's message ("grad bucket 3 (12.5 MB)", "node 812 all_gather
+ * infonce_keys"). Every rank must call the same collectives in the same order with the same
+ * counts; a mismatch that the library can see (count, dtype) is an error naming both ranks'
+ * values, one it cannot see is caught by the watchdog. send == recv is allowed (in place).
+ * dtypes: f32, bf16 (reduced in f32 and rounded back on host kinds), i32, i64 (SUM only);
+ * MEAN = SUM / size, in f32. */
+cm_status cm_comm_all_reduce(cm_comm *c, const void *send, void *recv, int64_t count,
+                             cm_dtype dtype, cm_reduce_mode mode /* SUM or MEAN */,
+                             const char *what, cm_err *err);
+/* recv holds size * count elements: rank r's send at offset r * count. */
+cm_status cm_comm_all_gather(cm_comm *c, const void *send, void *recv, int64_t count,
+                             cm_dtype dtype, const char *what, cm_err *err);
+/* send holds size * count elements; recv gets this rank's count-element slice of the sum. */
+cm_status cm_comm_reduce_scatter(cm_comm *c, const void *send, void *recv, int64_t count,
+                                 cm_dtype dtype, cm_reduce_mode mode, const char *what,
+                                 cm_err *err);
+cm_status cm_comm_broadcast(cm_comm *c, void *buf, int64_t count, cm_dtype dtype, int root,
+                            const char *what, cm_err *err);
+cm_status cm_comm_barrier(cm_comm *c, const char *what, cm_err *err);
+
+/* Asynchronous all_reduce for overlapping gradient buckets with the backward: queued on the
+ * comm's own thread (host) or stream (NCCL) in call order; cm_comm_wait blocks until done.
+ * Blocking collectives called while requests are in flight run after them, in call order. */
+typedef struct cm_comm_request cm_comm_request;
+cm_status cm_comm_all_reduce_start(cm_comm *c, const void *send, void *recv, int64_t count,
+                                   cm_dtype dtype, cm_reduce_mode mode, const char *what,
+                                   cm_comm_request **req, cm_err *err);
+cm_status cm_comm_wait(cm_comm_request *req, cm_err *err); /* frees req */
+/* NCCL: the CUDA stream (CUstream) whose work so far every later collective is ordered after
+ * (an event recorded on it, waited for by the comm's stream); NULL: none. Other kinds: ignored. */
+void cm_comm_set_compute_stream(cm_comm *c, void *stream);
+/* Collective: every rank calls it. After a failed collective (the comm is broken) it ends the
+ * job instead: MPI_Abort under MPI (this process exits with status 1 and mpirun ends the
+ * others), ncclCommAbort under NCCL; TCP and LOCAL close what they hold. NULL: nothing. */
+void cm_comm_free(cm_comm *c);
 
 #endif

@@ -707,7 +707,18 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     if (o->tune) {
       cm_tune_opts to = {.budget_s = o->tune_budget_s, .progress = o->log != NULL};
       cm_tune_stats ts;
-      if (cm_tune(g, target, &co, &to, &ts, err)) return err->status;
+      /* candidates timed inside whole steps (on the CPU) on a batch like the data's */
+      cm_tensor *ex = calloc((size_t)g->n_nodes + 1, sizeof *ex);
+      cm_tensor **exb = calloc((size_t)g->n_nodes + 1, sizeof *exb);
+      cm_status ts_st = ex && exb ? cm_train_example_sources(&t->cfg, g, 1, ex, err)
+                                  : cm_errorf(err, CM_EINTERNAL, "out of memory");
+      for (int i = 0; ts_st == CM_OK && i < g->n_nodes; i++) exb[i] = ex[i].data ? &ex[i] : NULL;
+      to.step_sources = exb;
+      if (ts_st == CM_OK) ts_st = cm_tune(g, target, &co, &to, &ts, err);
+      if (ex) cm_train_example_sources_free(g, ex);
+      free(ex);
+      free(exb);
+      if (ts_st != CM_OK) return err->status;
       co.tune = CM_TUNE_SEARCH; /* what it found is used whatever $CMAEC_TUNE says */
       if (o->log)
         fprintf(o->log,

@@ -391,6 +391,14 @@ cm_status cm_train_precision_resolve(const char *precision, cm_backend_kind back
  * value stay f32). n_autocast (may be NULL) receives the contractions rewritten. */
 cm_status cm_train_build_step(const cm_model_config *cfg, cm_dtype precision, cm_graph **step,
                               int *n_autocast, cm_err *err);
+/* A valid batch and initial state for `step` (runtime/step_sources.c), with no data set: t (one
+ * per node of step) gets every input, param and state: images uniform in [-2, 2], masks
+ * sampled per row as cfg's mask says, the optimizer's scalars at typical values, params and
+ * states from their initializers (seed). What cm_tune times whole steps on. An input a training
+ * step does not have is CM_EINVALID naming it. Free with cm_train_example_sources_free. */
+cm_status cm_train_example_sources(const cm_model_config *cfg, const cm_graph *step, uint64_t seed,
+                                   cm_tensor *t, cm_err *err);
+void cm_train_example_sources_free(const cm_graph *step, cm_tensor *t);
 /* ---- evaluation commands (runtime/features.c) -------------------------------
  * The frozen online encoder as a feature extractor (docs/evaluation.md): the
  * variant's encoder on the whole unmasked image (ids_keep -1, the final norm

@@ -19,6 +19,8 @@
 #include <math.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -181,6 +183,19 @@ static bool apply_recorded(cm_kernel *k, int s, const cm_target *t, const cm_tun
   return true;
 }
 
+/* A database that cannot be read costs the tuned plans, never the compile: one warning a
+ * process (every compile of a training run would repeat it), then the default plans. */
+static cm_status db_unreadable(const char *path, const cm_err *why) {
+  static atomic_flag warned = ATOMIC_FLAG_INIT;
+  if (atomic_flag_test_and_set(&warned)) return CM_OK;
+  char prefix[4300];
+  snprintf(prefix, sizeof prefix, "tuning database %s: ", path);
+  const char *msg = why->msg;
+  if (!strncmp(msg, prefix, strlen(prefix))) msg += strlen(prefix);
+  fprintf(stderr, "cmaec: tuning database %s unreadable: %s; using default plans\n", path, msg);
+  return CM_OK;
+}
+
 cm_status cm_tune_apply_cached(cm_kprogram *kp, const cm_target *t, const cm_compile_opts *co,
                                int *applied, int *ignored, cm_err *err) {
   *applied = *ignored = 0;
@@ -188,18 +203,27 @@ cm_status cm_tune_apply_cached(cm_kprogram *kp, const cm_target *t, const cm_com
   if (cm_tune_mode_resolve(co ? co->tune : CM_TUNE_FROM_ENV, &mode, err) != CM_OK)
     return err ? err->status : CM_EINVALID;
   if (mode == CM_TUNE_OFF) return CM_OK;
+  char cbuf[4096], path[4200];
+  const char *dir = cm_cache_dir(co ? co->cache_dir : NULL, cbuf, sizeof cbuf);
+  if (!dir) return CM_OK; /* caching disabled */
+  snprintf(path, sizeof path, "%s/tuning.db", dir);
   cm_tune_db *db = NULL;
-  cm_status st = open_db(NULL, co, true, &db, err);
-  if (st != CM_OK || !db) return st;
+  cm_err db_err = {0};
+  cm_status st = open_db(path, co, true, &db, &db_err);
+  if (st != CM_OK) return db_unreadable(path, &db_err);
+  if (!db) return CM_OK;
   cm_tune_key key = {.version = CM_TUNE_SPACE_VERSION};
   bool have_device = false;
   for (int i = 0; i < kp->n_kernels && st == CM_OK; i++) {
     cm_kernel *k = &kp->kernels[i];
     bool hashed = false;
-    for (int s = 0; s < k->n_stages && st == CM_OK; s++) {
+    /* a K split point adds or removes a stage: s walks the kernel as lowered (the key's
+       stages), at is where that stage is now */
+    int lowered = k->n_stages;
+    for (int s = 0, at = 0; s < lowered && st == CM_OK; s++, at++) {
       cm_tune_space space;
       cm_err e = {0};
-      if (cm_tune_space_of(k, s, t, &space, &e) != CM_OK || space.n_knobs == 0) continue;
+      if (cm_tune_space_of(k, at, t, &space, &e) != CM_OK || space.n_knobs == 0) continue;
       if (!hashed) /* before any stage of it changes: the key is the kernel as lowered */
         cm_kernel_structural_hash(k, key.kernel), hashed = true;
       if (!have_device)
@@ -208,17 +232,23 @@ cm_status cm_tune_apply_cached(cm_kprogram *kp, const cm_target *t, const cm_com
       char text[256];
       double best_ms;
       bool found = false;
-      st = cm_tune_db_get_best(db, &key, text, sizeof text, &best_ms, &found, err);
+      st = cm_tune_db_get_best(db, &key, text, sizeof text, &best_ms, &found, &db_err);
       if (st != CM_OK || !found) continue;
-      if (apply_recorded(k, s, t, &space, text))
-        (*applied)++;
-      else
+      int before = k->n_stages;
+      if (!apply_recorded(k, at, t, &space, text)) {
         (*ignored)++;
+        continue;
+      }
+      (*applied)++;
+      /* split: skip the sum stage it added; merged: the lowered sum stage is gone */
+      if (k->n_stages > before) at += k->n_stages - before;
+      if (k->n_stages < before) s += before - k->n_stages;
     }
+    /* a K split point may add a scratch buffer */
+    if (k->scratch_bytes > kp->max_scratch_bytes) kp->max_scratch_bytes = k->scratch_bytes;
   }
   cm_tune_db_close(db);
-  if (st != CM_OK) cm_err_prefix(err, "tuning database: ");
-  return st;
+  return st == CM_OK ? CM_OK : db_unreadable(path, &db_err);
 }
 
 /* ---- random sources --------------------------------------------------------------------- */
@@ -595,6 +625,9 @@ typedef struct tune_run {
   cm_tune_stats *st;
   double t0, deadline; /* deadline 0: none */
   int done, total;     /* stages handled, of all */
+  const cm_graph *g;   /* what cm_tune was given (measuring inside the step compiles it) */
+  const cm_target *target;
+  char (*kernel_hash)[65]; /* per kernel of kp, as lowered */
 } tune_run;
 
 static void progress(const tune_run *r, const char *label, int64_t at, int64_t of) {
@@ -766,23 +799,11 @@ static cm_status measure_candidates(tune_run *r, stage_search *ss, cm_err *err) 
   return descend(r, ss, err);
 }
 
-/* Searches item it: the fastest candidate that agrees with the oracle becomes the best. */
-static cm_status search_item(tune_run *r, const tune_item *it, double stage_deadline, cm_err *err) {
-  int64_t n = it->space.n_points;
-  if (r->o->max_candidates > 0 && n > r->o->max_candidates) n = r->o->max_candidates;
-  stage_search ss = {.it = it, .deadline = stage_deadline, .limit = n};
-  ss.m = malloc(sizeof *ss.m * (size_t)(n + 1));
-  ss.tried = malloc(sizeof *ss.tried * (size_t)(n + 1));
-  if (!ss.m || !ss.tried) {
-    free(ss.m);
-    free(ss.tried);
-    return cm_errorf(err, CM_EINTERNAL, "out of memory");
-  }
-  cm_status st = measure_candidates(r, &ss, err);
-  measured *m = ss.m;
-  int n_m = ss.n_m;
-  free(ss.tried);
-  double default_ms = n_m > 0 && m[0].index == 0 ? m[0].ms : -1;
+/* Of the candidates m[0..n_m) of item it (default_ms: the default's time, -1: not measured),
+ * the fastest that agrees with the oracle becomes the best, in the database and the stats. */
+static cm_status finish_item(tune_run *r, const tune_item *it, measured *m, int n_m,
+                             double default_ms, double weight, cm_err *err) {
+  cm_status st = CM_OK;
   qsort(m, (size_t)n_m, sizeof *m, cmp_measured);
   for (int j = 0; st == CM_OK && default_ms >= 0 && j < n_m; j++) {
     cm_tune_point p;
@@ -808,11 +829,30 @@ static cm_status search_item(tune_run *r, const tune_item *it, double stage_dead
     }
     if (r->db) st = cm_tune_db_put_best(r->db, &r->key, text, m[j].ms, default_ms, it->label, err);
     r->st->searched++;
-    r->st->default_ms += default_ms * it->count;
-    r->st->tuned_ms += m[j].ms * it->count;
+    r->st->default_ms += default_ms * weight;
+    r->st->tuned_ms += m[j].ms * weight;
     break;
   }
-  free(m);
+  return st;
+}
+
+/* Searches item it: the fastest candidate that agrees with the oracle becomes the best. */
+static cm_status search_item(tune_run *r, const tune_item *it, double stage_deadline, cm_err *err) {
+  int64_t n = it->space.n_points;
+  if (r->o->max_candidates > 0 && n > r->o->max_candidates) n = r->o->max_candidates;
+  stage_search ss = {.it = it, .deadline = stage_deadline, .limit = n};
+  ss.m = malloc(sizeof *ss.m * (size_t)(n + 1));
+  ss.tried = malloc(sizeof *ss.tried * (size_t)(n + 1));
+  if (!ss.m || !ss.tried) {
+    free(ss.m);
+    free(ss.tried);
+    return cm_errorf(err, CM_EINTERNAL, "out of memory");
+  }
+  cm_status st = measure_candidates(r, &ss, err);
+  free(ss.tried);
+  double default_ms = ss.n_m > 0 && ss.m[0].index == 0 ? ss.m[0].ms : -1;
+  if (st == CM_OK) st = finish_item(r, it, ss.m, ss.n_m, default_ms, it->count, err);
+  free(ss.m);
   return st;
 }
 
@@ -907,6 +947,354 @@ static cm_status tune_items(tune_run *r, tune_item *items, int n, cm_err *err) {
   return st;
 }
 
+/* ---- measuring inside the step ------------------------------------------------------------
+ * Rounds: each stage still searching proposes its next candidate (the default, the model's
+ * cheapest few, then the coordinate descent, as descend() orders them), a forked child compiles
+ * the whole program with every proposal applied, runs it STEP_RUNS times after a warm-up on
+ * the caller's step sources, and reports each stage's median time per kernel; the candidates
+ * thus run with the data, the neighbours and the caches of a real step. A round that fails
+ * (a compile error, a crash) fails every candidate in it. */
+
+enum { STEP_RUNS = 5, STEP_EXHAUSTIVE_UP_TO = 24 };
+
+typedef struct step_state {
+  tune_item *it;
+  stage_search ss;
+  int phase; /* 0: the default, 1: the model's few, 2: the descent, 3: every point, 4: done */
+  int64_t first[MODEL_FIRST], next_exhaustive;
+  int n_first, at_first, knob, value;
+  int64_t pass_best; /* the best when the descent's pass began */
+  int64_t proposed;  /* this round's point, -1: none */
+  cm_tune_point point;
+} step_state;
+
+static bool step_tried(const step_state *s, int64_t i) {
+  for (int64_t q = 0; q < s->ss.n_tried; q++)
+    if (s->ss.tried[q] == i) return true;
+  return false;
+}
+
+/* The next point of the state's order not tried yet, -1 at its end. */
+static int64_t step_order_next(const tune_run *r, step_state *s) {
+  const cm_tune_space *sp = &s->it->space;
+  for (;;) {
+    int64_t i;
+    if (s->phase == 0) {
+      i = 0;
+      if (sp->n_points <= STEP_EXHAUSTIVE_UP_TO) {
+        s->phase = 3, s->next_exhaustive = 1;
+      } else {
+        s->phase = 1;
+        s->n_first = model_ranked(r, s->it, s->first);
+      }
+    } else if (s->phase == 3) {
+      if (s->next_exhaustive >= sp->n_points) return -1;
+      i = s->next_exhaustive++;
+    } else if (s->phase == 1) {
+      if (s->at_first < s->n_first) {
+        i = s->first[s->at_first++];
+      } else {
+        s->phase = 2, s->knob = s->value = 0, s->pass_best = best_index(&s->ss);
+        continue;
+      }
+    } else if (s->phase == 2) {
+      if (s->knob >= sp->n_knobs) {
+        if (best_index(&s->ss) == s->pass_best) return -1;
+        s->knob = s->value = 0, s->pass_best = best_index(&s->ss);
+        continue;
+      }
+      if (s->value >= sp->knobs[s->knob].n_values) {
+        s->knob++, s->value = 0;
+        continue;
+      }
+      cm_tune_point p;
+      cm_tune_point_at(sp, best_index(&s->ss), &p);
+      p.value[s->knob] = sp->knobs[s->knob].values[s->value++];
+      i = point_index(sp, &p);
+    } else {
+      return -1;
+    }
+    if (i >= 0 && !step_tried(s, i)) return i;
+  }
+}
+
+/* Proposes the state's next valid candidate (s->proposed; -1: its search is over), recording
+ * the invalid ones it passes as pruned. */
+static cm_status step_propose(tune_run *r, step_state *s, cm_err *err) {
+  s->proposed = -1;
+  while (s->phase != 4 && !search_over(&s->ss)) {
+    int64_t i = step_order_next(r, s);
+    if (i < 0) break;
+    s->ss.tried[s->ss.n_tried++] = i;
+    cm_tune_point_at(&s->it->space, i, &s->point);
+    cm_kernel copy;
+    cm_status st = kernel_copy(&r->kp->kernels[s->it->kernel], &copy, err);
+    if (st != CM_OK) return st;
+    cm_err e = {0};
+    st = cm_tune_apply(&copy, s->it->stage, r->ctx.t, &s->point, &e);
+    cm_kernel_free(&copy);
+    if (st == CM_OK) {
+      s->proposed = i;
+      return CM_OK;
+    }
+    char text[256];
+    cm_tune_point_format(&s->it->space, &s->point, text, sizeof text);
+    if (st != CM_EINVALID) return cm_errorf(err, st, "%s: %s: %s", s->it->label, text, e.msg);
+    trial t = {0};
+    snprintf(t.failure, sizeof t.failure, "pruned: %s", e.msg);
+    r->st->pruned++;
+    memcpy(r->key.kernel, s->it->hash, sizeof r->key.kernel);
+    r->key.stage = s->it->stage;
+    if ((st = record_trial(r, text, &t, err)) != CM_OK) return st;
+  }
+  s->phase = 4;
+  return CM_OK;
+}
+
+typedef struct step_round {
+  const tune_run *r;
+  step_state *states;
+  int n;
+  /* Which state a kernel's time goes to: owner[kernel] is the one state planning the kernel (its
+   * whole time counts: a K split's reduction stage, an epilogue), -1 none, -2 several; then
+   * owner_stage[kernel * STEP_STAGES + stage] says per stage (as lowered: a stage that a split
+   * adds or removes counts where its index falls). instances[state]: its kernels. */
+  int *owner, *owner_stage, *instances;
+  int n_kernels;
+} step_round;
+enum { STEP_STAGES = 16 };
+
+/* cm_compile's replan hook in the round's child: every kernel with a proposing state's
+ * structure (kernels are numbered as in r->kp) gets the proposal. */
+static cm_status step_replan(cm_kprogram *kp, const cm_target *t, void *ctx, cm_err *err) {
+  step_round *rd = ctx;
+  if (kp->n_kernels != rd->n_kernels)
+    return cm_errorf(err, CM_EINTERNAL, "tune: the step lowered to %d kernels, not %d",
+                     kp->n_kernels, rd->n_kernels);
+  for (int i = 0; i < kp->n_kernels; i++) {
+    rd->owner[i] = -1;
+    for (int x = 0; x < STEP_STAGES; x++) rd->owner_stage[i * STEP_STAGES + x] = -1;
+    for (int q = 0; q < rd->n; q++) {
+      step_state *s = &rd->states[q];
+      if (s->proposed < 0 || strcmp(rd->r->kernel_hash[i], s->it->hash) != 0) continue;
+      cm_kernel copy;
+      cm_status st = kernel_copy(&kp->kernels[i], &copy, err);
+      if (st == CM_OK) st = cm_tune_apply(&copy, s->it->stage, t, &s->point, err);
+      if (st != CM_OK) return st;
+      cm_kernel_free(&kp->kernels[i]);
+      kp->kernels[i] = copy;
+      rd->owner[i] = rd->owner[i] == -1 ? q : -2;
+      if (s->it->stage < STEP_STAGES) rd->owner_stage[i * STEP_STAGES + s->it->stage] = q;
+      rd->instances[q]++;
+    }
+  }
+  return CM_OK;
+}
+
+typedef struct step_result {
+  bool ok;
+  char failure[240];
+  double ms[]; /* per state: its median ms per kernel, -1: not proposed */
+} step_result;
+
+/* The round's child: compile, warm up, STEP_RUNS timed runs; fills res. */
+static void step_round_run(step_round *rd, step_result *res) {
+  const tune_run *r = rd->r;
+  cm_compile_opts co = r->ctx.co;
+  co.profile = true;
+  co.compile_only = co.render_only = false;
+  co.replan = step_replan;
+  co.replan_ctx = rd;
+  cm_program *pr = NULL;
+  cm_err e = {0};
+  double *runs = calloc((size_t)rd->n * STEP_RUNS + 1, sizeof *runs);
+  if (!runs) {
+    snprintf(res->failure, sizeof res->failure, "out of memory");
+  } else if (cm_compile(r->g, r->target, &co, &pr, &e) != CM_OK) {
+    snprintf(res->failure, sizeof res->failure, "compile: %s", e.msg);
+  } else if (cm_program_run(pr, r->o->step_sources, NULL, &e) != CM_OK) {
+    snprintf(res->failure, sizeof res->failure, "run: %s", e.msg);
+  } else {
+    const cm_stage_profile *sp;
+    int n_sp = cm_program_stage_profile(pr, &sp);
+    double *before = calloc((size_t)n_sp + 1, sizeof *before);
+    res->ok = before != NULL;
+    for (int j = 0; res->ok && j < STEP_RUNS; j++) {
+      for (int x = 0; x < n_sp; x++) before[x] = sp[x].total_ms;
+      if (cm_program_run(pr, r->o->step_sources, NULL, &e) != CM_OK) {
+        snprintf(res->failure, sizeof res->failure, "run: %s", e.msg);
+        res->ok = false;
+        break;
+      }
+      n_sp = cm_program_stage_profile(pr, &sp);
+      for (int x = 0; x < n_sp; x++) {
+        int k = sp[x].kernel_index, q = k < rd->n_kernels ? rd->owner[k] : -1;
+        if (q == -2)
+          q = sp[x].stage_index < STEP_STAGES ? rd->owner_stage[k * STEP_STAGES + sp[x].stage_index]
+                                              : -1;
+        if (q >= 0) runs[q * STEP_RUNS + j] += sp[x].total_ms - before[x];
+      }
+    }
+    free(before);
+    for (int q = 0; res->ok && q < rd->n; q++) {
+      res->ms[q] = -1;
+      if (rd->instances[q] == 0) continue;
+      qsort(runs + q * STEP_RUNS, STEP_RUNS, sizeof *runs, cmp_double);
+      res->ms[q] = runs[q * STEP_RUNS + STEP_RUNS / 2] / rd->instances[q];
+    }
+  }
+  cm_program_free(pr);
+  free(runs);
+}
+
+/* One round in a forked child (or here, when children cannot run OpenMP); res as above. */
+static void step_round_measure(step_round *rd, step_result *res, size_t res_size) {
+  memset(res, 0, res_size);
+  if (!rd->r->ctx.fork) {
+    step_round_run(rd, res);
+    return;
+  }
+  int fds[2];
+  if (pipe(fds) != 0) {
+    snprintf(res->failure, sizeof res->failure, "pipe: %s", strerror(errno));
+    return;
+  }
+  fflush(NULL);
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(fds[0]);
+    step_round_run(rd, res);
+    ssize_t w = write(fds[1], res, res_size);
+    _exit(w == (ssize_t)res_size ? 0 : 1);
+  }
+  close(fds[1]);
+  if (pid < 0) {
+    snprintf(res->failure, sizeof res->failure, "fork: %s", strerror(errno));
+    close(fds[0]);
+    return;
+  }
+  size_t have = 0;
+  double deadline = now_s() + TUNE_CHILD_SECONDS;
+  while (have < res_size) {
+    struct pollfd pf = {fds[0], POLLIN, 0};
+    int left_ms = (int)((deadline - now_s()) * 1000);
+    if (left_ms <= 0 || poll(&pf, 1, left_ms) <= 0) break;
+    ssize_t got = read(fds[0], (char *)res + have, res_size - have);
+    if (got <= 0) break;
+    have += (size_t)got;
+  }
+  close(fds[0]);
+  if (have < res_size) kill(pid, SIGKILL);
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (have < res_size) {
+    res->ok = false;
+    if (WIFSIGNALED(status))
+      snprintf(res->failure, sizeof res->failure, "the step crashed: signal %d (%s)",
+               WTERMSIG(status), strsignal(WTERMSIG(status)));
+    else
+      snprintf(res->failure, sizeof res->failure, "the step gave no result");
+  }
+}
+
+/* Records the round's results in the states and the database. */
+static cm_status step_round_record(tune_run *r, step_round *rd, const step_result *res,
+                                   cm_err *err) {
+  cm_status st = CM_OK;
+  for (int q = 0; q < rd->n && st == CM_OK; q++) {
+    step_state *s = &rd->states[q];
+    if (s->proposed < 0) continue;
+    trial t = {
+        .ok = res->ok && res->ms[q] >= 0, .ms = res->ok ? res->ms[q] : -1, .runs = STEP_RUNS};
+    if (!t.ok) snprintf(t.failure, sizeof t.failure, "%s", res->ok ? "not timed" : res->failure);
+    char text[256];
+    cm_tune_point_format(&s->it->space, &s->point, text, sizeof text);
+    memcpy(r->key.kernel, s->it->hash, sizeof r->key.kernel);
+    r->key.stage = s->it->stage;
+    r->st->candidates++;
+    if (!t.ok) r->st->failed++;
+    st = record_trial(r, text, &t, err);
+    if (t.ok) {
+      s->ss.m[s->ss.n_m++] = (measured){s->proposed, t.ms};
+      if (s->ss.best <= 0 || t.ms < s->ss.best) s->ss.best = t.ms;
+    } else if (s->proposed == 0) {
+      s->phase = 4; /* without the default's time nothing can be compared */
+    }
+  }
+  return st;
+}
+
+/* The stages of items[0..n) not in the database, searched in rounds inside the step. */
+static cm_status tune_in_step(tune_run *r, tune_item *items, int n, cm_err *err) {
+  step_round rd = {.r = r, .n_kernels = r->kp->n_kernels};
+  rd.states = calloc((size_t)n + 1, sizeof *rd.states);
+  rd.owner = malloc(sizeof *rd.owner * ((size_t)rd.n_kernels + 1));
+  rd.owner_stage = malloc(sizeof *rd.owner_stage * ((size_t)rd.n_kernels * STEP_STAGES + 1));
+  rd.instances = malloc(sizeof *rd.instances * ((size_t)n + 1));
+  size_t res_size = sizeof(step_result) + sizeof(double) * (size_t)(n + 1);
+  step_result *res = malloc(res_size);
+  cm_status st = rd.states && rd.owner && rd.owner_stage && rd.instances && res
+                     ? CM_OK
+                     : cm_errorf(err, CM_EINTERNAL, "out of memory");
+  for (int i = 0; i < n && st == CM_OK; i++) {
+    memcpy(r->key.kernel, items[i].hash, sizeof r->key.kernel);
+    r->key.stage = items[i].stage;
+    char text[256];
+    double best_ms = 0;
+    bool cached = false;
+    if (r->db) st = cm_tune_db_get_best(r->db, &r->key, text, sizeof text, &best_ms, &cached, err);
+    if (cached) {
+      r->st->from_db++, r->done++;
+      continue;
+    }
+    step_state *s = &rd.states[rd.n++];
+    int64_t limit = items[i].space.n_points;
+    if (r->o->max_candidates > 0 && limit > r->o->max_candidates) limit = r->o->max_candidates;
+    s->it = &items[i];
+    s->ss = (stage_search){.it = &items[i], .limit = limit};
+    s->ss.m = malloc(sizeof *s->ss.m * (size_t)(limit + 1));
+    s->ss.tried = malloc(sizeof *s->ss.tried * (size_t)(limit + 1));
+    if (!s->ss.m || !s->ss.tried) st = cm_errorf(err, CM_EINTERNAL, "out of memory");
+  }
+  for (int round = 1; st == CM_OK; round++) {
+    int active = 0;
+    for (int q = 0; q < rd.n && st == CM_OK; q++)
+      if ((st = step_propose(r, &rd.states[q], err)) == CM_OK && rd.states[q].proposed >= 0)
+        active++;
+    if (st != CM_OK || active == 0) break;
+    if (r->deadline > 0 && now_s() >= r->deadline && round > 1) break;
+    char label[64];
+    snprintf(label, sizeof label, "round %d: %d stages in the step", round, active);
+    progress(r, label, 0, 0);
+    memset(rd.instances, 0, sizeof *rd.instances * (size_t)(n + 1));
+    step_round_measure(&rd, res, res_size);
+    st = step_round_record(r, &rd, res, err);
+  }
+  for (int q = 0; q < rd.n; q++) {
+    step_state *s = &rd.states[q];
+    if (st == CM_OK) {
+      memcpy(r->key.kernel, s->it->hash, sizeof r->key.kernel);
+      r->key.stage = s->it->stage;
+      double default_ms = s->ss.n_m > 0 && s->ss.m[0].index == 0 ? s->ss.m[0].ms : -1;
+      r->done++;
+      /* the budget ended before anything but the default ran: left for a later cm_tune */
+      if (default_ms < 0 || (s->phase != 4 && s->ss.n_m <= 1))
+        r->st->over_budget++;
+      else /* the times are per kernel: the step spends count of them */
+        st = finish_item(r, s->it, s->ss.m, s->ss.n_m, default_ms, s->it->count, err);
+    }
+    free(s->ss.m);
+    free(s->ss.tried);
+  }
+  free(rd.states);
+  free(rd.owner);
+  free(rd.owner_stage);
+  free(rd.instances);
+  free(res);
+  return st;
+}
+
 cm_status cm_tune(const cm_graph *g, const cm_target *target, const cm_compile_opts *co,
                   const cm_tune_opts *o, cm_tune_stats *st, cm_err *err) {
   memset(st, 0, sizeof *st);
@@ -950,7 +1338,16 @@ cm_status cm_tune(const cm_graph *g, const cm_target *target, const cm_compile_o
     r.key.version = CM_TUNE_SPACE_VERSION;
     cm_tune_device_for(r.ctx.t, co, r.key.device, sizeof r.key.device);
     st->stages_tunable = r.total = n;
-    s = tune_items(&r, items, n, err);
+    bool in_step = o->step_sources && r.ctx.t->kind == CM_TARGET_CPU;
+    r.g = g, r.target = target;
+    r.kernel_hash = in_step ? calloc((size_t)r.kp->n_kernels + 1, sizeof *r.kernel_hash) : NULL;
+    for (int i = 0; r.kernel_hash && i < r.kp->n_kernels; i++)
+      cm_kernel_structural_hash(&r.kp->kernels[i], r.kernel_hash[i]);
+    if (in_step && !r.kernel_hash)
+      s = cm_errorf(err, CM_EINTERNAL, "out of memory");
+    else
+      s = in_step ? tune_in_step(&r, items, n, err) : tune_items(&r, items, n, err);
+    free(r.kernel_hash);
   }
   if (o->progress && r.total > 0) {
     progress(&r, "done", 0, 0);

@@ -3,7 +3,8 @@
 set -euo pipefail
 
 packages=(cmake make gcc g++ llvm-19-dev clang-19 libclang-rt-19-dev libomp-19-dev libcjson-dev zlib1g-dev
-          libpng-dev libjpeg62-turbo-dev libsqlite3-dev dataset-fashion-mnist clang-format python3)
+          libpng-dev libjpeg62-turbo-dev libsqlite3-dev dataset-fashion-mnist clang-format python3
+          openmpi-bin libopenmpi-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,7 +10,7 @@
 static const char usage_tune[] =
     "usage: cmaec tune MODEL.json [--backend auto|cpu|cuda] [--device N] [--budget SECONDS]\n"
     "                  [--batch N] [--threads N] [--max-candidates N] [--max-stages N]\n"
-    "                  [--db PATH] [--set KEY=VALUE ...]\n"
+    "                  [--db PATH] [--measure step|kernel] [--set KEY=VALUE ...]\n"
     "       cmaec tune --report [--db PATH] [--device-id ID]\n"
     "\n"
     "Searches the plans of every distinct tunable kernel stage of the variant's training step\n"
@@ -18,8 +18,11 @@ static const char usage_tune[] =
     "resolved for the backend) on this machine: the CPU's GEMM register blocks and cache\n"
     "tiles and attention blocks; CUDA's GEMM block and warp tiles, pipeline stages, split-K\n"
     "and row kernels' threads. Most expensive stages first, each with its share of the\n"
-    "budget (default 180 s; 0: no limit), every candidate measured on random data (the CPU's\n"
-    "in a forked child) and the fastest checked against the oracle. Every trial and the best\n"
+    "budget (default 180 s; 0: no limit); the fastest candidate is checked against the oracle.\n"
+    "--measure step (the CPU's default): candidates are timed inside whole training steps\n"
+    "(a valid batch: random images, sampled masks), every stage's next candidate in the same\n"
+    "step, in rounds run by a forked child: with the data, neighbours and caches of training.\n"
+    "--measure kernel (CUDA's): each candidate alone on random data. Every trial and the best\n"
     "go to the tuning database (--db, default $CMAEC_CACHE_DIR/tuning.db), keyed by the\n"
     "kernel's structure, the device (CPU, vector bits, threads; GPU, sm, driver) and the\n"
     "search-space version: a second tune searches nothing. Programs compiled later (train,\n"
@@ -52,6 +55,7 @@ typedef struct tune_args {
   int batch, threads;
   double budget;
   int64_t max_candidates, max_stages;
+  bool measure_kernel;
 } tune_args;
 
 static bool parse_limit(const cli_option *o, int64_t max, int64_t *out) {
@@ -82,7 +86,22 @@ static int tune_model(const tune_args *a, const char *const *sets, int n_sets,
   cm_compile_opts co = {0};
   co.threads = a->threads;
   const cm_target *target = cm_backend_compile_opts(choice, &co);
-  cm_tune_opts to = {a->budget, true, a->db, a->max_candidates, (int)a->max_stages};
+  cm_tune_opts to = {a->budget, true, a->db, a->max_candidates, (int)a->max_stages, NULL};
+  cm_tensor *sources = NULL, **bound = NULL;
+  if (!a->measure_kernel && choice->kind == CM_BACKEND_CPU) {
+    sources = calloc((size_t)g->n_nodes + 1, sizeof *sources);
+    bound = calloc((size_t)g->n_nodes + 1, sizeof *bound);
+    if (!sources || !bound) {
+      free(sources), free(bound), cm_graph_free(g);
+      return fprintf(stderr, "cmaec tune: out of memory\n"), EXIT_INTERNAL;
+    }
+    if (cm_train_example_sources(&cfg, g, 1, sources, &err)) {
+      free(sources), free(bound), cm_graph_free(g);
+      return cli_report(&err, a->model);
+    }
+    for (int i = 0; i < g->n_nodes; i++) bound[i] = sources[i].data ? &sources[i] : NULL;
+    to.step_sources = bound;
+  }
   cm_tune_stats ts;
   printf("tune %s (batch %d, %s) on %s\n", a->model, cfg.optimizer.batch, cm_dtype_name(low),
          choice->description);
@@ -91,6 +110,9 @@ static int tune_model(const tune_args *a, const char *const *sets, int n_sets,
     printf("caching is disabled (CMAEC_CACHE_DIR=\"\"): nothing will be recorded or used\n");
   fflush(stdout);
   cm_status st = cm_tune(g, target, &co, &to, &ts, &err);
+  if (sources) cm_train_example_sources_free(g, sources);
+  free(sources);
+  free(bound);
   cm_graph_free(g);
   if (st) return cli_report(&err, a->model);
   printf("%d tunable stages: %d searched, %d from the database, %d over budget; %d candidates "
@@ -115,12 +137,12 @@ int cmd_tune(int argc, char **argv) {
     return fprintf(stderr, "cmaec tune: out of memory\n"), EXIT_INTERNAL;
   }
   if ((rc = split_sets(argc, argv, sets, &n_sets, args, &n_args))) goto out;
-  cli_option opts[] = {
-      {"--help", false, NULL, false},          {"--backend", true, NULL, false},
-      {"--device", true, NULL, false},         {"--budget", true, NULL, false},
-      {"--batch", true, NULL, false},          {"--threads", true, NULL, false},
-      {"--max-candidates", true, NULL, false}, {"--db", true, NULL, false},
-      {"--report", false, NULL, false},        {"--max-stages", true, NULL, false}};
+  cli_option opts[] = {{"--help", false, NULL, false},          {"--backend", true, NULL, false},
+                       {"--device", true, NULL, false},         {"--budget", true, NULL, false},
+                       {"--batch", true, NULL, false},          {"--threads", true, NULL, false},
+                       {"--max-candidates", true, NULL, false}, {"--db", true, NULL, false},
+                       {"--report", false, NULL, false},        {"--max-stages", true, NULL, false},
+                       {"--measure", true, NULL, false}};
   const char *pos[1];
   int n_pos;
   if (!cli_parse(n_args, args, 2, opts, N_OPTS(opts), pos, 1, &n_pos, "tune")) {
@@ -131,7 +153,7 @@ int cmd_tune(int argc, char **argv) {
     fputs(usage_tune, stdout);
     goto out;
   }
-  tune_args a = {n_pos ? pos[0] : NULL, opts[7].value, 0, 0, 180, 0, 0};
+  tune_args a = {n_pos ? pos[0] : NULL, opts[7].value, 0, 0, 180, 0, 0, false};
   int64_t batch = 0, threads = 0;
   if (n_pos != 1) {
     fputs(usage_tune, stderr);
@@ -150,6 +172,14 @@ int cmd_tune(int argc, char **argv) {
     goto out;
   }
   a.batch = (int)batch, a.threads = (int)threads;
+  if (opts[10].given) {
+    if (strcmp(opts[10].value, "step") && strcmp(opts[10].value, "kernel")) {
+      fprintf(stderr, "cmaec tune: --measure %s: step or kernel\n", opts[10].value);
+      rc = EXIT_INVALID;
+      goto out;
+    }
+    a.measure_kernel = !strcmp(opts[10].value, "kernel");
+  }
   cm_backend_choice choice;
   if ((rc = cli_backend(&opts[1], &opts[2], NULL, false, CM_BACKEND_AUTO, "tune", &choice)))
     goto out;

@@ -32,13 +32,15 @@ static const char usage_summary[] =
 
 static const char usage_build[] =
     "usage: cmaec build MODEL.json -o GRAPH.json [--set KEY=VALUE ...] [--train]\n"
-    "                   [--batch N] [--ranks G] [--text] [--no-opt]\n"
+    "                   [--batch N] [--ranks G] [--bucket-mb M] [--text] [--no-opt]\n"
     "\n"
     "Writes the variant's forward graph (inputs img, img_t, ids_keep, ids_restore, mask;\n"
     "outputs loss, loss_rc, loss_ct) or, with --train, its whole training step (AdamW with\n"
     "the CMAE no-decay rule, frozen pos embeds, EMA of the target branch; see build-step).\n"
     "N is the local batch (default: optimizer.batch / G), G the world size (default 1).\n"
     "--set overrides a key of the variant (repeatable); --text writes text IR.\n"
+    "With --train and G > 1 the data_parallel pass averages the parameter gradients over the\n"
+    "ranks in all_reduce buckets of about M MB (default 25; printed: count and sizes).\n"
     "The training step goes through the default pipeline of passes (simplify, cse, dce,\n"
     "fuse, schedule, memplan; kernels and arena are printed) unless --no-opt.\n";
 
@@ -483,14 +485,44 @@ done:
 
 /* ---- cmaec build --------------------------------------------------------- */
 
+/* The data_parallel pass on a step for `ranks` ranks; *report receives its buckets. */
+static int reduce_gradients(const char *path, cm_graph **step, int ranks, double bucket_mb,
+                            char *report, size_t size) {
+  cm_err err = {0};
+  if (cm_data_parallel(step, ranks, (int64_t)(bucket_mb * 1e6), &err))
+    return cli_report(&err, path);
+  int n = 0;
+  double total = 0;
+  char sizes[512] = "";
+  for (;; n++) {
+    char name[32];
+    snprintf(name, sizeof name, "grad_bucket_%d", n);
+    int id = cm_graph_find(*step, name);
+    if (id < 0) break;
+    double mb = (double)cm_type_nbytes(&(*step)->nodes[id].type) / 1e6;
+    total += mb;
+    size_t len = strlen(sizes);
+    if (len < sizeof sizes - 16)
+      snprintf(sizes + len, sizeof sizes - len, "%s%.2f", n ? " " : "", mb);
+    else if (!strstr(sizes, "..."))
+      snprintf(sizes + len, sizeof sizes - len, " ...");
+  }
+  snprintf(report, size,
+           "  data parallel: %d gradient buckets, %.2f MB (all_reduce mean over %d "
+           "ranks; MB: %s)\n",
+           n, total, ranks, sizes);
+  return EXIT_OK;
+}
+
 int cmd_build(int argc, char **argv) {
   model_cmd mc;
   int rc = split_sets(argc, argv, "build", &mc);
   if (rc) return model_cmd_free(&mc), rc;
-  cli_option opts[] = {{"--help", false, NULL, false},  {"-o", true, NULL, false},
-                       {"--output", true, NULL, false}, {"--train", false, NULL, false},
-                       {"--batch", true, NULL, false},  {"--ranks", true, NULL, false},
-                       {"--text", false, NULL, false},  {"--no-opt", false, NULL, false}};
+  cli_option opts[] = {{"--help", false, NULL, false},    {"-o", true, NULL, false},
+                       {"--output", true, NULL, false},   {"--train", false, NULL, false},
+                       {"--batch", true, NULL, false},    {"--ranks", true, NULL, false},
+                       {"--text", false, NULL, false},    {"--no-opt", false, NULL, false},
+                       {"--bucket-mb", true, NULL, false}};
   const char *pos[1];
   int n_pos, batch = 0, ranks = 1;
   cm_model model = {0};
@@ -519,6 +551,14 @@ int cmd_build(int argc, char **argv) {
       goto done;
     }
   }
+  double bucket_mb = 25;
+  char *end = NULL, buckets[700] = "";
+  if (opts[8].given &&
+      (bucket_mb = strtod(opts[8].value, &end), !(bucket_mb > 0) || *end || bucket_mb > 1e6)) {
+    fprintf(stderr, "cmaec build: --bucket-mb %s: not a number in (0, 1000000]\n", opts[8].value);
+    rc = EXIT_INVALID;
+    goto done;
+  }
   const char *path = pos[0];
   cm_model_config cfg;
   if ((rc = load_config(&mc, path, &cfg))) goto done;
@@ -534,6 +574,9 @@ int cmd_build(int argc, char **argv) {
   if ((rc = build_model(path, &cfg, batch, ranks, &model))) goto done;
   cm_train_step_info info = {0};
   if (opts[3].given && (rc = build_step(path, &cfg, &model, &step, &info))) goto done;
+  if (step && ranks > 1 &&
+      (rc = reduce_gradients(path, &step, ranks, bucket_mb, buckets, sizeof buckets)))
+    goto done;
   if (step && !opts[7].given) {
     /* The training step goes through the default pipeline, as the backends run it. */
     cm_pass_state s = {step, NULL};
@@ -564,6 +607,7 @@ int cmd_build(int argc, char **argv) {
            "%d trained, %d frozen, %d EMA targets\n",
            out_path, cfg.name, batch, ranks, out->n_nodes, (long long)n_params, (long long)elements,
            info.n_trainable, info.n_frozen, info.n_ema);
+    fputs(buckets, stdout);
     if (plan)
       printf("  default pipeline: %d kernels, arena %.1f MiB (unplanned %.1f MiB)\n",
              plan->n_groups, (double)plan->arena_bytes / 1048576.0,

@@ -4,14 +4,17 @@
   cm_gemm.txt    build/bench/gpu_gemm (cmaec, each shape timed)
   torch_gemm.txt bench/gpu/torch_peer.py gemm
   cm_attn.txt    build/bench/attn --dtype bf16      torch_attn.txt  torch_peer.py attn
-  cm_step.txt    build/bench/step --precision bf16  torch_step.txt  bench/gpu/cmae_torch.py
+  cm_step.txt    build/bench/step --precision bf16 (tuned: CMAEC_TUNE=cached)
+  cm_step_untuned.txt  the same with CMAEC_TUNE=off    torch_step.txt  bench/gpu/cmae_torch.py
   card.txt       the card's name (nvidia-smi)
 Ratios are cmaec's throughput over PyTorch's (torch ms / cmaec ms) for GEMMs and attention,
 speed-ups (torch ms / cmaec ms) for the step; the fraction of the dense bf16 peak divides the
 step's FLOPs (counted by PyTorch's flop counter on the same step) by the time. Targets (issue
 16): GEMM >= 90 %, attention >= 80 %, step >= 1.3x eager and >= 1.1x torch.compile, >= 45 % of
-the peak. The last line, "summary: ...", is tests/gpu/run.sh's row. Exit status 0 when every
-figure was found (targets missed are reported, not failures), 1 otherwise.
+the peak. The step's rows (untuned, tuned, torch eager, torch.compile, and the speed-ups) start
+"step| ": tests/gpu/run.sh prints them under its table. The last line, "summary: ...", is
+tests/gpu/run.sh's row. Exit status 0 when every figure was found (targets missed are
+reported, not failures), 1 otherwise.
 """
 import os
 import re
@@ -59,6 +62,27 @@ def verdict(x, target):
     return "" if x is None else ("met" if x >= target else "below")
 
 
+def speedup(slow, fast):
+    """slow / fast as "x1.23", or "-" when either is missing"""
+    return "x%.2f" % (slow / fast) if slow and fast else "-"
+
+
+def step_rows(untuned, tuned, tuned_stages, eager, comp):
+    """The step's table: each row's ms and images/s (batch 128), and its speed-up over untuned
+    cmaec, eager and torch.compile (that row's time over this row's)."""
+    rows = [("cmaec untuned (CMAEC_TUNE=off)", untuned),
+            ("cmaec tuned (%s stages from tuning.db)" % (
+                tuned_stages if tuned_stages is not None else "?"), tuned),
+            ("torch eager AMP", eager), ("torch.compile", comp)]
+    out = ["step| %-42s %10s %9s %12s %10s %12s" % (
+        "ViT-B bf16 step, batch 128", "ms", "images/s", "vs untuned", "vs eager", "vs compile")]
+    for name, ms in rows:
+        out.append("step| %-42s %10s %9s %12s %10s %12s" % (
+            name, "%.2f" % ms if ms else "-", "%.1f" % (128e3 / ms) if ms else "-",
+            speedup(untuned, ms), speedup(eager, ms), speedup(comp, ms)))
+    return out
+
+
 def main():
     d = sys.argv[1]
     card = read(d, "card.txt").strip() or "(no GPU)"
@@ -99,6 +123,8 @@ def main():
 
     cm_text, pt_text = read(d, "cm_step.txt"), read(d, "torch_step.txt")
     cm_ms = first_float(r"^step ([0-9.]+) ms", cm_text)
+    untuned_ms = first_float(r"^step ([0-9.]+) ms", read(d, "cm_step_untuned.txt"))
+    tuned_stages = first_float(r"stages, ([0-9]+) tuned", cm_text)
     eager = first_float(r"^torch eager: ([0-9.]+) ms/step", pt_text)
     comp = first_float(r"^torch compile: ([0-9.]+) ms/step", pt_text)
     tflop = first_float(r"^flops: ([0-9.]+) TFLOP", pt_text)
@@ -108,6 +134,9 @@ def main():
     def of_peak(ms):
         return tflop / (ms * 1e-3) / peak if tflop and ms and peak else None
 
+    for line in step_rows(untuned_ms, cm_ms, None if tuned_stages is None else int(tuned_stages),
+                          eager, comp):
+        print(line)
     print("step cmae_vit_base bf16: cmaec %s ms, torch eager AMP %s ms (cmaec x%s, target 1.3: "
           "%s), torch.compile %s ms (x%s, target 1.1: %s)" % (
               cm_ms, eager, "%.2f" % up_e if up_e else "-", verdict(up_e, 1.3) or "-", comp,
@@ -116,14 +145,17 @@ def main():
           "45 %%: %s), eager %s, compile %s" % (tflop, pct(of_peak(cm_ms)),
                                                  verdict(of_peak(cm_ms), 0.45) or "-",
                                                  pct(of_peak(eager)), pct(of_peak(comp))))
+    tuned_up = untuned_ms / cm_ms if untuned_ms and cm_ms else None
     figures = [gemm_ratio, attn_ratio, up_e, up_c, of_peak(cm_ms)]
     goals = [TARGETS[k] for k in ("gemm", "attn", "eager", "compile", "peak")]
     n_met = sum(1 for f, g in zip(figures, goals) if f is not None and f >= g)
     missing = sum(1 for f in figures if f is None)
-    print("summary: %s: GEMMs %s of torch, attention %s, step x%s eager x%s compile, %s of peak; "
-          "targets met %d of 5%s" % (
+    missing += tuned_up is None
+    print("summary: %s: GEMMs %s of torch, attention %s, step x%s eager x%s compile, %s of peak, "
+          "tuned x%s untuned; targets met %d of 5%s" % (
               card, pct(gemm_ratio), pct(attn_ratio), "%.2f" % up_e if up_e else "-",
-              "%.2f" % up_c if up_c else "-", pct(of_peak(cm_ms)), n_met,
+              "%.2f" % up_c if up_c else "-", pct(of_peak(cm_ms)),
+              "%.2f" % tuned_up if tuned_up else "-", n_met,
               ", %d figures missing" % missing if missing else ""))
     return 1 if missing else 0
 

@@ -6,11 +6,13 @@
 #          (bench/gpu/torch_peer.py gemm); target >= 90 % of torch's throughput
 #   attn   attention forward + backward, 128 x 12 heads x 197 tokens x 64, bf16: bench/attn
 #          --dtype bf16 vs F.scaled_dot_product_attention; target >= 80 %
-#   step   the cmae_vit_base training step at batch 128 in bf16: bench/step --precision bf16
-#          vs bench/gpu/cmae_torch.py (eager AMP and torch.compile); targets >= 1.3x eager,
-#          >= 1.1x compile, >= 45 % of the card's dense bf16 peak (H100/H200 989 TFLOP/s)
+#   step   the cmae_vit_base training step at batch 128 in bf16: bench/step --precision bf16,
+#          untuned (CMAEC_TUNE=off) and tuned (CMAEC_TUNE=cached: the plans `cmaec tune` left in
+#          the cache's tuning.db; tests/gpu/run.sh tunes first), vs bench/gpu/cmae_torch.py
+#          (eager AMP and torch.compile); targets >= 1.3x eager, >= 1.1x compile, >= 45 % of the
+#          card's dense bf16 peak (H100/H200 989 TFLOP/s)
 # then one table (bench/gpu/report.py), whose last line starts "summary:".
-# Each part runs under its own timeout, all under BENCH_SECONDS (default 120); a part that
+# Each part runs under its own timeout, all under BENCH_SECONDS (default 150); a part that
 # fails or times out leaves its figures missing (exit status 1), the others still run.
 # --dry-run (no GPU, this machine): the shapes listed for real at batch 2; the cmaec GPU
 # figures made up (fake_*); PyTorch's parts run for real on the CPU at tiny sizes (the GEMM
@@ -32,7 +34,7 @@ build=${CMAEC_GPU_BUILD:-build-gpu}
 out=${CMAEC_BENCH_OUT:-$(mktemp -d)}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-deadline=$(($(date +%s) + ${BENCH_SECONDS:-120}))
+deadline=$(($(date +%s) + ${BENCH_SECONDS:-150}))
 model=models/cmae_vit_base.json
 batch=128
 
@@ -62,9 +64,14 @@ fake_cm_gemm() { # the listed shapes at a made-up 400 TFLOP/s, 2 us at least (a 
        !/^[0-9]/ { print }' "$1"
 }
 fake_cm_attn() { echo "n 128 heads 12 tokens 197 dim 64 bf16: 3.210 ms/step on cuda (made up)"; }
-fake_cm_step() {
-  echo "cmae_vit_base: batch 128, bf16, 10 steps on cuda (made up); build 9.10 s"
-  echo "step 95.10 ms, 1345.9 images/s, 0.000 GFLOP per step, 0.0 GFLOP/s"
+fake_cm_step() { # $1: untuned|tuned
+  if [ "$1" = untuned ]; then
+    echo "cmae_vit_base: batch 128, bf16, 10 steps on cuda (made up); build 9.10 s (1212 kernels, 301 distinct, 3300 stages, 0 tuned, cache 0 hits 301 misses)"
+    echo "step 101.30 ms, 1263.6 images/s, 0.000 GFLOP per step, 0.0 GFLOP/s"
+  else
+    echo "cmae_vit_base: batch 128, bf16, 10 steps on cuda (made up); build 2.10 s (1212 kernels, 301 distinct, 3300 stages, 58 tuned, cache 280 hits 21 misses)"
+    echo "step 95.10 ms, 1345.9 images/s, 0.000 GFLOP per step, 0.0 GFLOP/s"
+  fi
 }
 
 if [ "$dry" = 1 ]; then
@@ -76,7 +83,8 @@ if [ "$dry" = 1 ]; then
   fake_cm_attn >"$out/cm_attn.txt"
   part torch_attn 120 "$py" bench/gpu/torch_peer.py attn --n 2 --heads 2 --tokens 17 --dim 8 \
     --device cpu --dtype f32 --seconds 0
-  fake_cm_step >"$out/cm_step.txt"
+  fake_cm_step untuned >"$out/cm_step_untuned.txt"
+  fake_cm_step tuned >"$out/cm_step.txt"
   part torch_step 600 "$py" bench/gpu/cmae_torch.py --model models/cmae_vit_tiny_fmnist.json \
     --batch 4 --steps 2 --warmup 1 --device cpu --compile-backend aot_eager
 else
@@ -91,8 +99,10 @@ else
   part cm_attn 25 "$build/bench/attn" --backend cuda --dtype bf16 --n 128 --heads 12 \
     --tokens 197 --dim 64 --steps 20
   part torch_attn 20 "$py" bench/gpu/torch_peer.py attn --n 128 --heads 12 --tokens 197 --dim 64
-  part cm_step 50 "$build/bench/step" "$model" --backend cuda --precision bf16 --batch "$batch" \
-    --steps 10
+  part cm_step_untuned 40 env CMAEC_TUNE=off "$build/bench/step" "$model" --backend cuda \
+    --precision bf16 --batch "$batch" --steps 10
+  part cm_step 40 env CMAEC_TUNE=cached "$build/bench/step" "$model" --backend cuda \
+    --precision bf16 --batch "$batch" --steps 10
   part torch_step 80 "$py" bench/gpu/cmae_torch.py --model "$model" --batch "$batch" --steps 10
 fi
 echo "bench/gpu: outputs in $out" >&2

@@ -15,9 +15,13 @@ expect_out() {
 }
 
 db=$tmp/t.db
-python3 - "$db" <<'PY'
+# the records are of this build's search-space version (codegen.h, CM_TUNE_SPACE_VERSION)
+space_version=$(sed -n '/#define CM_TUNE_SPACE_VERSION/,+1p' "$root/codegen/codegen.h" |
+  grep -oE '^ +[0-9]+' | tr -d ' ')
+python3 - "$db" "$space_version" <<'PY'
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1])
+v = int(sys.argv[2])
 c.executescript("""
 CREATE TABLE trials (id INTEGER PRIMARY KEY, kernel TEXT NOT NULL, stage INTEGER NOT NULL,
   device TEXT NOT NULL, version INTEGER NOT NULL, point TEXT NOT NULL, ms REAL, failure TEXT,
@@ -31,12 +35,12 @@ PRAGMA user_version = 1;
 h = "ab" * 32
 cpu = "cpu znver3 256 threads 2"
 c.executemany("INSERT INTO trials (kernel, stage, device, version, point, ms, failure) VALUES (?,?,?,?,?,?,?)",
-              [(h, 0, cpu, 1, "mr=6,nr=16", 1.0, None), (h, 0, cpu, 1, "mr=4,nr=16", 2.0, None),
-               (h, 0, cpu, 1, "mr=8,nr=16", None, "compile: spills"),
-               (h, 1, "emulated sm_90", 1, "bm=64", 3.0, None)])
+              [(h, 0, cpu, v, "mr=6,nr=16", 1.0, None), (h, 0, cpu, v, "mr=4,nr=16", 2.0, None),
+               (h, 0, cpu, v, "mr=8,nr=16", None, "compile: spills"),
+               (h, 1, "emulated sm_90", v, "bm=64", 3.0, None)])
 c.executemany("INSERT INTO best (kernel, stage, device, version, point, best_ms, default_ms, label) VALUES (?,?,?,?,?,?,?,?)",
-              [(h, 0, cpu, 1, "mr=6,nr=16", 1.0, 2.0, "k3_gemm s0 gemm 64x64x64"),
-               (h, 1, "emulated sm_90", 1, "bm=64", 3.0, 3.0, "k3_attn s1")])
+              [(h, 0, cpu, v, "mr=6,nr=16", 1.0, 2.0, "k3_gemm s0 gemm 64x64x64"),
+               (h, 1, "emulated sm_90", v, "bm=64", 3.0, 3.0, "k3_attn s1")])
 c.commit()
 PY
 

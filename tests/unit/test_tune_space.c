@@ -110,8 +110,32 @@ static void targets(cm_target t[3]) {
 
 /* ---- every point of every space of the step ------------------------------------------------- */
 
+/* A deep copy of src (a K split point adds or removes stages: a stage copy cannot undo it). */
+static void kernel_dup(const cm_kernel *src, cm_kernel *dst) {
+  *dst = *src;
+  dst->buffers = malloc(sizeof *dst->buffers * (size_t)(src->n_buffers + 1));
+  dst->stages = calloc((size_t)src->n_stages + 1, sizeof *dst->stages);
+  CHECK(dst->buffers && dst->stages);
+  dst->cap_buffers = src->n_buffers + 1, dst->cap_stages = src->n_stages + 1;
+  memcpy(dst->buffers, src->buffers, sizeof *dst->buffers * (size_t)src->n_buffers);
+  for (int i = 0; i < src->n_stages; i++) {
+    cm_kstage *d = &dst->stages[i];
+    *d = src->stages[i];
+    d->exprs = malloc(sizeof *d->exprs * (size_t)(d->n_exprs + 1));
+    CHECK(d->exprs != NULL);
+    d->cap_exprs = d->n_exprs + 1;
+    memcpy(d->exprs, src->stages[i].exprs, sizeof *d->exprs * (size_t)d->n_exprs);
+  }
+}
+
+/* k back to saved (a deep copy of it, kept). */
+static void kernel_restore(cm_kernel *k, const cm_kernel *saved) {
+  cm_kernel_free(k);
+  kernel_dup(saved, k);
+}
+
 typedef struct sweep {
-  int64_t spaces, points, applied, refused, rendered;
+  int64_t spaces, points, applied, refused, rendered, resplit;
   int knobs_seen[8]; /* by knob count, for the summary */
 } sweep;
 
@@ -155,6 +179,9 @@ static void sweep_stage(cm_kernel *k, int si, const cm_target *t, sweep *sw, int
   memcpy(others, k->stages, sizeof *others * (size_t)k->n_stages);
   cm_tune_point p;
   cm_kstage saved = k->stages[si];
+  cm_kernel whole; /* for the K split's points, which add or remove a stage */
+  kernel_dup(k, &whole);
+  int n_stages = k->n_stages, splits = 0;
   cm_status st;
   for (int64_t i = 0; i < sp.n_points; i += stride) {
     cm_tune_point_at(&sp, i, &p);
@@ -170,8 +197,20 @@ static void sweep_stage(cm_kernel *k, int si, const cm_target *t, sweep *sw, int
       sw->refused++;
       CHECK_MSG(strstr(err.msg, k->name) != NULL, "the refusal names the kernel: %s", err.msg);
     }
+    /* a K split point rebuilds the stage (merged, split again: maybe as many stages) */
+    if (k->n_stages != n_stages || k->stages[si].exprs != saved.exprs) {
+      splits++;
+      kernel_restore(k, &whole);
+      free(others);
+      others = malloc(sizeof *others * (size_t)k->n_stages);
+      memcpy(others, k->stages, sizeof *others * (size_t)k->n_stages);
+      saved = k->stages[si];
+      continue;
+    }
     k->stages[si] = saved;
   }
+  sw->resplit += splits;
+  cm_kernel_free(&whole);
   /* applying touched no other stage */
   CHECK_MSG(!memcmp(k->stages, others, sizeof *others * (size_t)si) &&
                 !memcmp(k->stages + si + 1, others + si + 1,
@@ -198,9 +237,12 @@ static void step_spaces(int64_t stride) {
         for (int si = 0; si < L.kp.kernels[ki].n_stages; si++)
           sweep_stage(&L.kp.kernels[ki], si, &t[ti], &sw, stride);
       }
-      printf("  %s %s: %lld spaces, %lld points: %lld applied, %lld refused, %lld rendered\n",
+      printf("  %s %s: %lld spaces, %lld points: %lld applied, %lld refused, %lld rendered, %lld "
+             "K splits changed\n",
              bf16 ? "bf16" : "f32", t[ti].arch, (long long)sw.spaces, (long long)sw.points,
-             (long long)sw.applied, (long long)sw.refused, (long long)sw.rendered);
+             (long long)sw.applied, (long long)sw.refused, (long long)sw.rendered,
+             (long long)sw.resplit);
+      if (t[ti].kind == CM_TARGET_CPU) CHECK(sw.resplit > 0); /* the weight gradients' K */
       CHECK(sw.spaces > 0);
       CHECK(sw.applied > sw.spaces); /* more than the defaults apply */
       CHECK(sw.refused > 0);         /* and the pruning refuses some */
@@ -349,8 +391,28 @@ static cm_graph *attention_graph(int64_t heads, int64_t tokens, int64_t dim) {
   return g;
 }
 
+/* After autocast (bf16 operands, so sm_80 and sm_90 plan flash spans): attention_graph
+ * (backward), or its forward alone (the training graph keeps P for the backward, which no
+ * flash forward does). */
+static cm_graph *flash_graph(int64_t tokens, int64_t dim, bool backward) {
+  cm_graph *g = backward ? attention_graph(2, tokens, dim) : cm_graph_new();
+  cm_err err = {0};
+  if (!backward) {
+    int64_t d[4] = {1, 2, tokens, dim};
+    int q = cm_input(g, "q", CM_F32, 4, d), k = cm_input(g, "k", CM_F32, 4, d);
+    int v = cm_input(g, "v", CM_F32, 4, d);
+    int s = cm_matmul(g, q, k, false, true, "scores");
+    s = cm_binary_bcast(g, CM_OP_MUL, s, cm_const_scalar(g, NULL, CM_F32, 1.0 / sqrt((double)dim)),
+                        "scaled");
+    CHECK(cm_graph_add_output(g, cm_matmul(g, cm_nn_softmax(g, s), v, false, false, "y"), &err) ==
+          CM_OK);
+  }
+  CHECK_MSG(cm_autocast(&g, CM_BF16, NULL, &err) == CM_OK, "%s", err.msg);
+  return g;
+}
+
 typedef struct jit_tally {
-  int spaces, runs, attn_spaces, gemm_spaces;
+  int spaces, runs, attn_spaces, gemm_spaces, resplit;
   double worst;
 } jit_tally;
 
@@ -365,7 +427,8 @@ static void jit_points(jit_prog *P, int ki, int si, const cm_target *t, int want
   tally->spaces++;
   tally->attn_spaces += k->stages[si].tmpl != CM_KT_GEMM;
   tally->gemm_spaces += k->stages[si].tmpl == CM_KT_GEMM;
-  cm_kstage saved = k->stages[si];
+  cm_kernel saved;
+  kernel_dup(k, &saved);
   cm_cpu_stage_fn *defaults = P->fns[ki]; /* the default plan's functions, kept for the others */
   P->fns[ki] = NULL;
   int ran = 0;
@@ -374,16 +437,21 @@ static void jit_points(jit_prog *P, int ki, int si, const cm_target *t, int want
     cm_tune_point p;
     cm_tune_point_at(&sp, want <= 0 ? i : (i * 7919) % sp.n_points, &p);
     if (cm_tune_apply(k, si, t, &p, &err) != CM_OK) continue;
+    /* a K split point may add a scratch buffer */
+    if (k->scratch_bytes > P->L.kp.max_scratch_bytes) P->L.kp.max_scratch_bytes = k->scratch_bytes;
+    tally->resplit +=
+        k->n_stages != saved.n_stages || k->stages[si].red[0] != saved.stages[si].red[0];
     char what[160], pt[96];
     cm_tune_point_format(&sp, &p, pt, sizeof pt);
     snprintf(what, sizeof what, "%s %s s%d %s", name, k->name, si, pt);
     if (jit_kernel(P, ki)) tally->worst = fmax(tally->worst, run_prog(P, what));
-    k->stages[si] = saved;
+    kernel_restore(k, &saved);
     ran++, tally->runs++;
   }
   CHECK_MSG(ran > 0, "%s %s s%d: no point besides the default applies", name, k->name, si);
   free(P->fns[ki]);
   P->fns[ki] = defaults;
+  cm_kernel_free(&saved);
 }
 
 static void same_function(int want) {
@@ -419,8 +487,10 @@ static void same_function(int want) {
     jit_prog_close(&P);
     cm_graph_free(g);
   }
-  printf("  %d spaces (%d GEMM, %d attention), %d tuned runs, worst error / bound %.3g\n",
-         tally.spaces, tally.gemm_spaces, tally.attn_spaces, tally.runs, tally.worst);
+  printf("  %d spaces (%d GEMM, %d attention), %d tuned runs (%d with another K split), worst "
+         "error / bound %.3g\n",
+         tally.spaces, tally.gemm_spaces, tally.attn_spaces, tally.runs, tally.resplit,
+         tally.worst);
   CHECK(tally.gemm_spaces >= 3);
   CHECK(tally.attn_spaces >= 2);
   test_tally_report("tune_space");
@@ -753,6 +823,79 @@ static void test_model_cost(void) {
   cm_graph_free(gr);
 }
 
+/* The K split of stage si as its name and domain show it: S for a split's partial GEMM
+ * ("_kpart", dom [S, ...]), else 1. */
+static int kpart_split(const cm_kernel *k, int si) {
+  const char *name = k->stages[si].name;
+  size_t n = strlen(name);
+  return n > 6 && !strcmp(name + n - 6, "_kpart") ? (int)k->stages[si].dom[0] : 1;
+}
+
+/* The CPU K split as a knob, every candidate through the JIT against the oracle: a GEMM of one
+ * block over K 1536 (split 4 as lowered: 1 merges the _kpart and _ksum stages back into one
+ * GEMM, 2 re-splits) and one of 4 blocks over K 1024 (not split as lowered: 2 and 4 add the
+ * _ksum stage). */
+static void test_k_split(void) {
+  cm_target t;
+  cm_target_host(&t);
+  static const int64_t cases[2][4] = {{1, 24, 40, 1536}, {4, 24, 40, 1024}};
+  static const int want[2][4] = {{1, 2, 4, 0}, {1, 2, 4, 0}}, as_lowered[2] = {4, 1};
+  for (int c = 0; c < 2; c++) {
+    cm_graph *g = gemm_graph(cases[c][0], cases[c][1], cases[c][2], cases[c][3]);
+    jit_prog P;
+    int ki = 0, si = 0;
+    if (!jit_prog_open(&P, g, &t, 0) || !find_stage(&P.L, &t, CM_KCUDA_NONE, &ki, &si)) {
+      CHECK_MSG(false, "gemm case %d: no GEMM stage", c);
+      jit_prog_close(&P);
+      cm_graph_free(g);
+      continue;
+    }
+    cm_kernel *k = &P.L.kp.kernels[ki];
+    cm_tune_space sp;
+    cm_err err = {0};
+    CHECK(cm_tune_space_of(k, si, &t, &sp, &err) == CM_OK);
+    int kn = -1;
+    for (int i = 0; i < sp.n_knobs; i++)
+      if (!strcmp(sp.knobs[i].name, "k_split")) kn = i;
+    CHECK_MSG(kn >= 0, "gemm case %d: no k_split knob", c);
+    if (kn < 0) {
+      jit_prog_close(&P);
+      cm_graph_free(g);
+      continue;
+    }
+    const cm_tune_knob *knob = &sp.knobs[kn];
+    CHECK(knob->values[knob->default_index] == as_lowered[c]);
+    CHECK(kpart_split(k, si) == as_lowered[c]);
+    CHECK(knob->n_values == 3);
+    cm_kernel saved;
+    kernel_dup(k, &saved);
+    for (int v = 0; v < knob->n_values; v++) {
+      CHECK(knob->values[v] == want[c][v]);
+      char knobs[32], what[96];
+      snprintf(knobs, sizeof knobs, "k_split=%d", knob->values[v]);
+      snprintf(what, sizeof what, "gemm case %d %s", c, knobs);
+      if (!apply_knobs(k, si, &t, knobs)) continue;
+      int split = knob->values[v];
+      CHECK(kpart_split(k, si) == split);
+      CHECK(k->n_stages == saved.n_stages + (split > 1) - (as_lowered[c] > 1));
+      CHECK(k->stages[si].red[0] * split == cases[c][3]);
+      if (k->scratch_bytes > P.L.kp.max_scratch_bytes) P.L.kp.max_scratch_bytes = k->scratch_bytes;
+      if (jit_kernel(&P, ki)) run_prog(&P, what);
+      kernel_restore(k, &saved);
+    }
+    /* a split the GEMM's K does not allow is refused */
+    cm_tune_point p;
+    cm_tune_point_default(&sp, &p);
+    p.value[kn] = 8;
+    CHECK(cm_tune_apply(k, si, &t, &p, &err) == CM_EINVALID);
+    CHECK(k->n_stages == saved.n_stages);
+    cm_kernel_free(&saved);
+    jit_prog_close(&P);
+    cm_graph_free(g);
+  }
+  test_tally_report("tune_space k_split");
+}
+
 /* ---- the emulated CUDA device ------------------------------------------------------------- */
 
 /* Kernel k rendered for t, built by the emulated device's compiler (host C++ under the CUDA shim)
@@ -796,9 +939,10 @@ static bool emu_run_kernel(const cm_kernel *k, const cm_target *t, char **bufs, 
 }
 
 /* A graph lowered for sm_80 with stage `kind`'s plan changed to `knobs`, run on the emulated
- * device: every output within its bound; the same with the default plan. */
+ * device: every output within its bound; the same with the default plan when run_default (the
+ * flash spans' defaults run in test_nvrtc_variants). */
 static void emu_case(cm_graph *g, cm_kcuda_kind kind, const char *knobs, const char *plan,
-                     const char *what) {
+                     const char *what, bool run_default) {
   cm_target t;
   cm_err err = {0};
   CHECK(cm_target_cuda("sm_80", &t, &err) == CM_OK);
@@ -807,7 +951,7 @@ static void emu_case(cm_graph *g, cm_kcuda_kind kind, const char *knobs, const c
   if (jit_prog_open(&P, g, &t, 0) && find_stage(&P.L, &t, kind, &ki, &si)) {
     char name[160];
     snprintf(name, sizeof name, "%s (default)", what);
-    run_prog(&P, name);
+    if (run_default) run_prog(&P, name);
     if (apply_knobs(&P.L.kp.kernels[ki], si, &t, knobs)) {
       char *text = print_kernel(&P.L.kp.kernels[ki]);
       CHECK_MSG(strstr(text, plan) != NULL, "%s: the plan is not \"%s\":\n%s", what, plan, text);
@@ -825,24 +969,138 @@ static void emu_case(cm_graph *g, cm_kcuda_kind kind, const char *knobs, const c
 static void test_emulated(void) {
   /* an f32 GEMM with an epilogue: the FMA template with other tiles */
   emu_case(gemm_graph(1, 37, 45, 70), CM_KCUDA_GEMM, "mc=32,nc=64,kc=8,mr=16,nr=32",
-           "block 32x64 k 8 warp 16x32", "FMA GEMM");
+           "block 32x64 k 8 warp 16x32", "FMA GEMM", true);
   /* softmax rows of 300: a warp per row by default, a block of 128 threads tuned */
   cm_graph *g = cm_graph_new();
   int64_t d[2] = {5, 300};
   cm_err err = {0};
   CHECK(cm_graph_add_output(g, cm_nn_softmax(g, cm_input(g, "x", CM_F32, 2, d)), &err) == CM_OK);
-  emu_case(g, CM_KCUDA_ROWS, "warp=0,threads=128", "a block per row", "softmax rows");
+  emu_case(g, CM_KCUDA_ROWS, "warp=0,threads=128", "a block per row", "softmax rows", true);
   /* a row sum of 300 over 5 rows: a block per point by default, a warp per point tuned */
   g = cm_graph_new();
   int axes[1] = {1};
   int sum = cm_reduce(g, CM_OP_REDUCE_SUM, cm_input(g, "x", CM_F32, 2, d), 1, axes, false, "sum");
   CHECK(cm_graph_add_output(g, sum, &err) == CM_OK);
   emu_case(g, CM_KCUDA_GENERIC, "red=1,threads=128",
-           "generic: a warp per point; grid 2x1x1 block 128", "row sum");
+           "generic: a warp per point; grid 2x1x1 block 128", "row sum", true);
+  /* flash attention (70 tokens, head dim 24): forward in blocks of 2 warps and 32 keys, the
+   * backward in 8 warps and 32 keys */
+  emu_case(flash_graph(70, 24, false), CM_KCUDA_ATTN_FLASH, "warps=2,bc=32", "br 32 bc 32",
+           "flash forward", false);
+  emu_case(flash_graph(70, 24, true), CM_KCUDA_ATTN_FLASH_BWD, "warps=8,bc=32", "bc 32",
+           "flash backward", false);
   test_tally_report("tune_space emulated");
+}
+
+/* ---- flash attention's knobs ------------------------------------------------------------- */
+
+/* The NVRTC build of kernel k for t: false (checked) when it fails or a function spills. */
+static bool nvrtc_builds(cm_nvrtc *nv, const cm_kernel *k, const cm_target *t, const char *what) {
+  cm_cuda_render_opts ro = {t, false};
+  char *src = NULL;
+  cm_err err = {0};
+  cm_cubin cb;
+  memset(&cb, 0, sizeof cb);
+  cm_status st = cm_render_cuda(k, &ro, true, &src, &err);
+  if (st == CM_OK) st = cm_nvrtc_compile(nv, src, k->name, t->arch, NULL, 0, &cb, &err);
+  CHECK_MSG(st == CM_OK, "%s: %s", what, err.msg);
+  bool ok = st == CM_OK;
+  for (int i = 0; ok && i < cb.n_kernels; i++) {
+    const cm_cuda_kernel_info *ki = &cb.kernels[i];
+    CHECK_MSG(ki->spill_store_bytes == 0 && ki->spill_load_bytes == 0,
+              "%s: %s spills %d bytes (%d registers)", what, ki->name, ki->spill_store_bytes,
+              ki->registers);
+    ok = ki->spill_store_bytes == 0 && ki->spill_load_bytes == 0;
+  }
+  cm_cubin_free(&cb);
+  free(src);
+  return ok;
+}
+
+/* Every point of the flash spans' spaces at ViT-B's attention (197 tokens, head dim 64) for sm_80
+ * and sm_90: the knobs warps and bc, the default among the candidates and reproducing the plan;
+ * every other point applies or is refused naming the kernel and a rule; what applies renders
+ * and, with nvrtc (the long entry: ~10 s a build) where NVRTC loads, builds without spills. */
+static void flash_spaces(bool nvrtc) {
+  cm_target t[3];
+  targets(t);
+  cm_nvrtc *nv = NULL;
+  cm_err err = {0};
+  if (nvrtc && cm_nvrtc_load(&nv, &err) != CM_OK)
+    fprintf(stderr, "  NVRTC absent: rendered only\n");
+  cm_graph *gs[2] = {flash_graph(197, 64, false), flash_graph(197, 64, true)};
+  for (int ti = 1; ti < 3; ti++) {
+    int seen[2] = {0, 0}, applied = 0, refused = 0, built = 0;
+    for (int gi = 0; gi < 2; gi++) {
+      lowered L = lower_for(gs[gi], &t[ti], 0);
+      for (int ki = 0; L.ok && ki < L.kp.n_kernels; ki++) {
+        cm_kernel *k = &L.kp.kernels[ki];
+        for (int si = 0; si < k->n_stages; si++) {
+          cm_kcuda_kind kind = k->stages[si].cuda.kind;
+          if (kind != CM_KCUDA_ATTN_FLASH && kind != CM_KCUDA_ATTN_FLASH_BWD) continue;
+          bool bwd = kind == CM_KCUDA_ATTN_FLASH_BWD;
+          seen[bwd]++;
+          cm_tune_space sp;
+          CHECK(cm_tune_space_of(k, si, &t[ti], &sp, &err) == CM_OK && sp.n_knobs == 2);
+          CHECK(!strcmp(sp.knobs[0].name, "warps") && !strcmp(sp.knobs[1].name, "bc"));
+          const cm_kcuda_attn *a = &k->stages[si].cuda.attn;
+          CHECK(sp.knobs[0].values[sp.knobs[0].default_index] == a->threads / 32);
+          CHECK(sp.knobs[1].values[sp.knobs[1].default_index] == a->bc);
+          cm_kstage saved = k->stages[si];
+          for (int64_t i = 0; i < sp.n_points; i++) {
+            cm_tune_point p;
+            char text[64], what[160];
+            cm_tune_point_at(&sp, i, &p);
+            cm_tune_point_format(&sp, &p, text, sizeof text);
+            snprintf(what, sizeof what, "%s s%d %s %s", k->name, si, t[ti].arch, text);
+            cm_status st = cm_tune_apply(k, si, &t[ti], &p, &err);
+            CHECK_MSG(st == CM_OK || st == CM_EINVALID, "%s: %s", what, err.msg);
+            if (st == CM_OK) {
+              applied++;
+              CHECK(k->stages[si].cuda.attn.threads == 32 * p.value[0]);
+              CHECK(k->stages[si].cuda.attn.bc == p.value[1]);
+              if (nv)
+                built += nvrtc_builds(nv, k, &t[ti], what);
+              else
+                CHECK(renders(k, &t[ti], what));
+            } else {
+              refused++;
+              CHECK_STR_CONTAINS(err.msg, k->name);
+              printf("  %s: refused: %s\n", what, err.msg);
+            }
+            /* point 0 is the default: the plan as lowered */
+            if (i == 0)
+              CHECK_MSG(!memcmp(&k->stages[si].cuda, &saved.cuda, sizeof saved.cuda),
+                        "%s: the default point changed the plan", what);
+            k->stages[si] = saved;
+          }
+        }
+      }
+      lowered_free(&L);
+    }
+    printf("  flash %s: %d forward and %d backward spans, %d points applied (%d built), %d "
+           "refused\n",
+           t[ti].arch, seen[0], seen[1], applied, built, refused);
+    CHECK(seen[0] > 0 && seen[1] > 0);
+    CHECK(applied > seen[0] + seen[1] && refused > 0);
+    CHECK(!nv || built == applied);
+  }
+  cm_graph_free(gs[0]);
+  cm_graph_free(gs[1]);
+  if (nv) cm_nvrtc_unload(nv);
+}
+
+static void test_flash_spaces(void) {
+  flash_spaces(false);
+}
+
+static void test_flash_nvrtc(void) {
+  flash_spaces(true);
 }
 
 TEST_MAIN({"step_spaces", test_step_spaces}, {"step_spaces_all", test_step_spaces_all},
           {"same_function", test_same_function}, {"same_function_all", test_same_function_all},
           {"format_parse", test_format_parse}, {"structural_hash", test_structural_hash},
-          {"model_cost", test_model_cost}, {"emulated", test_emulated})
+          {"model_cost", test_model_cost}, {"emulated", test_emulated},
+          {"flash_spaces", test_flash_spaces}, {"flash_nvrtc", test_flash_nvrtc},
+          {"k_split", test_k_split})

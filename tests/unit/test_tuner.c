@@ -148,12 +148,13 @@ static int64_t at_most(int64_t a, int64_t b) {
   return a < b ? a : b;
 }
 
-/* On the CPU: a few candidates measured (in forked children), the best checked and recorded; a
- * second tune finds it; the program compiled after plans every kernel so, and off does not. */
-static void test_tune_cpu(void) {
+/* On the CPU: a few candidates measured (in forked children: each kernel alone, or in_step,
+ * inside whole runs of the program on step sources, in rounds), the best checked and recorded;
+ * a second tune finds it; the program compiled after plans every kernel so, and off does not. */
+static void tune_cpu(bool in_step) {
   unsetenv("CMAEC_TUNE"); /* ctest sets it off for every other test */
   cm_graph *g = three_layers(70, 96);
-  const char *dir = fresh_dir("cpu");
+  const char *dir = fresh_dir(in_step ? "step" : "cpu");
   cm_target t;
   cm_err err = {0};
   CHECK(cm_target_cpu(NULL, NULL, &t, &err) == CM_OK);
@@ -162,6 +163,11 @@ static void test_tune_cpu(void) {
   CHECK(e.distinct == 2 && e.occurrences == 3);
   enum { LIMIT = 4 };
   cm_tune_opts o = {.max_candidates = LIMIT};
+  cm_tensor *src = calloc((size_t)g->n_nodes, sizeof *src);
+  const cm_tensor **bound = calloc((size_t)g->n_nodes, sizeof *bound);
+  test_rng rng = {7};
+  test_fill_sources(&rng, g, src, bound);
+  if (in_step) o.step_sources = (cm_tensor *const *)bound;
   cm_tune_stats st;
   CHECK_MSG(cm_tune(g, &t, &co, &o, &st, &err) == CM_OK, "%s", err.msg);
   int64_t want = 0;
@@ -201,7 +207,16 @@ static void test_tune_cpu(void) {
   CHECK_STR_CONTAINS(err.msg, "CMAEC_TUNE");
   unsetenv("CMAEC_TUNE");
   remove_dir(dir);
+  for (int i = 0; i < g->n_nodes; i++) cm_tensor_free(&src[i]);
+  free(src);
+  free(bound);
   cm_graph_free(g);
+}
+static void test_tune_cpu(void) {
+  tune_cpu(false);
+}
+static void test_tune_cpu_in_step(void) {
+  tune_cpu(true);
 }
 
 /* A best point that no longer parses is ignored (and counted), the stage planned as lowered. */
@@ -316,5 +331,5 @@ static void test_tune_emulated(void) {
 }
 
 /* the CPU test first: the children it forks need a process that has run no OpenMP */
-TEST_MAIN({"test_tune_cpu", test_tune_cpu}, {"test_stale_record", test_stale_record},
-          {"test_tune_emulated", test_tune_emulated})
+TEST_MAIN({"test_tune_cpu", test_tune_cpu}, {"test_tune_cpu_in_step", test_tune_cpu_in_step},
+          {"test_stale_record", test_stale_record}, {"test_tune_emulated", test_tune_emulated})

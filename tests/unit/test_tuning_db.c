@@ -1,11 +1,14 @@
 /* tests/unit/test_tuning_db.c — the tuning database (runtime/tuning_db.c): CMAEC_TUNE, device
  * ids, records written and read back (also after reopening), a space version bump hiding old
  * records, the report's text, two processes writing one file at once, and files that are not
- * a tuning database refused with a message. */
+ * a tuning database refused with a message; a compile over such a file warns once and plans
+ * with the defaults, while cm_tune still reports it; recorded K splits that remove or add a
+ * stage applied by a compile. */
 #include "../../runtime/runtime.h"
 #include "../test.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <sqlite3.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -526,6 +529,196 @@ static void test_bad_files(void) {
   remove_tree(scratch);
 }
 
+/* ---- compiling over an unreadable database ---------------------------------------------- */
+
+/* tanh(x w): one GEMM stage, tunable on the CPU. */
+static cm_graph *one_gemm(void) {
+  cm_graph *g = cm_graph_new();
+  int64_t xd[2] = {48, 64}, wd[2] = {64, 96};
+  int y = cm_matmul(g, cm_input(g, "x", CM_F32, 2, xd), cm_input(g, "w", CM_F32, 2, wd), false,
+                    false, NULL);
+  cm_err err = {0};
+  CHECK(cm_graph_add_output(g, cm_unary(g, CM_OP_TANH, y, NULL), &err) == CM_OK);
+  CHECK_MSG(cm_graph_verify(g, &err) == CM_OK, "%s", err.msg);
+  return g;
+}
+
+/* Compiles g (rendered, not built: the database is read before anything renders) with stderr
+ * appended to log; returns the status, the tuned stages in *tuned. */
+static cm_status compile_logged(const cm_graph *g, const cm_target *t, const char *log, int *tuned,
+                                cm_err *err) {
+  cm_compile_opts co = {0};
+  co.compile_only = co.render_only = true;
+  co.tune = CM_TUNE_FROM_ENV;
+  fflush(stderr);
+  int saved = dup(2), fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+  CHECK(saved >= 0 && fd >= 0);
+  dup2(fd, 2);
+  cm_program *pr = NULL;
+  cm_status st = cm_compile(g, t, &co, &pr, err);
+  fflush(stderr);
+  dup2(saved, 2);
+  close(fd);
+  close(saved);
+  cm_program_stats ps = {0};
+  if (pr) cm_program_stats_get(pr, &ps);
+  *tuned = ps.tuned_stages;
+  cm_program_free(pr);
+  return st;
+}
+
+static char *read_all(const char *path) {
+  FILE *f = fopen(path, "rb");
+  char *text = calloc(1, 1 << 16);
+  if (f && text) fread(text, 1, (1 << 16) - 1, f);
+  if (f) fclose(f);
+  return text;
+}
+
+static int occurrences(const char *hay, const char *needle) {
+  int n = 0;
+  for (const char *p = hay; p && (p = strstr(p, needle)); p += strlen(needle)) n++;
+  return n;
+}
+
+static void test_unreadable_db_compiles(void) {
+  scratch_make();
+  char db[300], log[300], note[400];
+  scratch_path("tuning.db", db, sizeof db);
+  scratch_path("stderr.txt", log, sizeof log);
+  FILE *f = fopen(db, "w");
+  CHECK(f != NULL);
+  for (int i = 0; f && i < 300; i++) fputs("garbage, not SQLite\n", f);
+  if (f) fclose(f);
+  setenv("CMAEC_CACHE_DIR", scratch, 1);
+  setenv("CMAEC_TUNE", "cached", 1);
+  cm_graph *g = one_gemm();
+  cm_target t;
+  cm_err err = {0};
+  CHECK(cm_target_cpu(NULL, NULL, &t, &err) == CM_OK);
+  for (int round = 0; round < 2; round++) {
+    int tuned = -1;
+    cm_status st = compile_logged(g, &t, log, &tuned, &err);
+    CHECK_MSG(st == CM_OK, "compile %d over a garbage tuning.db: %s", round, err.msg);
+    CHECK(tuned == 0);
+  }
+  char *text = read_all(log);
+  snprintf(note, sizeof note, "tuning database %s unreadable: ", db);
+  CHECK_MSG(occurrences(text, note) == 1, "expected one warning \"%s\" in: %s", note, text);
+  CHECK_MSG(occurrences(text, "using default plans") == 1, "stderr: %s", text);
+  CHECK_STR_CONTAINS(text, "not a usable SQLite database");
+  free(text);
+  /* the tuner itself still refuses the file */
+  cm_tune_stats ts;
+  cm_tune_opts to = {.max_stages = 1};
+  err = (cm_err){0};
+  CHECK(cm_tune(g, &t, NULL, &to, &ts, &err) == CM_EINVALID);
+  CHECK_STR_CONTAINS(err.msg, db);
+  CHECK_STR_CONTAINS(err.msg, "not a usable SQLite database");
+  cm_graph_free(g);
+  unsetenv("CMAEC_TUNE");
+  unsetenv("CMAEC_CACHE_DIR");
+  remove_tree(scratch);
+}
+
+/* ---- recorded K splits ------------------------------------------------------------------ */
+
+/* The GEMM stage of x[24 x K] w[K x 40] as lowered for t (compile_only, render_only, tune off):
+ * its kernel's index, hash, stage and stage count. */
+static bool lowered_gemm(const cm_graph *g, const cm_target *t, int *ki, char hash[65], int *si,
+                         int *n_stages) {
+  cm_compile_opts co = {0};
+  co.compile_only = co.render_only = true;
+  co.tune = CM_TUNE_OFF;
+  cm_program *pr = NULL;
+  cm_err err = {0};
+  CHECK_MSG(cm_compile(g, t, &co, &pr, &err) == CM_OK, "%s", err.msg);
+  bool found = false;
+  const cm_kprogram *kp = pr ? cm_program_kernels(pr) : NULL;
+  for (int i = 0; kp && i < kp->n_kernels && !found; i++)
+    for (int s = 0; s < kp->kernels[i].n_stages && !found; s++)
+      if (kp->kernels[i].stages[s].tmpl == CM_KT_GEMM) {
+        *ki = i, *si = s, *n_stages = kp->kernels[i].n_stages, found = true;
+        cm_kernel_structural_hash(&kp->kernels[i], hash);
+      }
+  cm_program_free(pr);
+  return found;
+}
+
+/* The default point of stage si with knob k_split = split, as the database holds it. */
+static bool k_split_point(const cm_graph *g, const cm_target *t, int ki, int si, int split,
+                          char *text, size_t size) {
+  cm_compile_opts co = {0};
+  co.compile_only = co.render_only = true;
+  co.tune = CM_TUNE_OFF;
+  cm_program *pr = NULL;
+  cm_err err = {0};
+  CHECK(cm_compile(g, t, &co, &pr, &err) == CM_OK);
+  cm_tune_space sp;
+  bool ok = pr && cm_tune_space_of(&cm_program_kernels(pr)->kernels[ki], si, t, &sp, &err) == CM_OK;
+  cm_tune_point p;
+  if (ok) cm_tune_point_default(&sp, &p);
+  bool knob = false;
+  for (int i = 0; ok && i < sp.n_knobs; i++)
+    if (!strcmp(sp.knobs[i].name, "k_split")) p.value[i] = split, knob = true;
+  CHECK_MSG(knob, "stage %d: no k_split knob", si);
+  if (knob) cm_tune_point_format(&sp, &p, text, size);
+  cm_program_free(pr);
+  return knob;
+}
+
+static void test_k_split_records(void) {
+  scratch_make();
+  setenv("CMAEC_CACHE_DIR", scratch, 1);
+  setenv("CMAEC_TUNE", "cached", 1);
+  cm_target t;
+  cm_err err = {0};
+  CHECK(cm_target_cpu(NULL, NULL, &t, &err) == CM_OK);
+  /* K 1536 in one block: split in 4 as lowered (record: none); K 1024 over 4 row blocks of a
+   * batch: not split (record: 2) */
+  static const int64_t shapes[2][3] = {{1, 24, 1536}, {4, 24, 1024}};
+  static const int record[2] = {1, 2}, change[2] = {-1, +1};
+  for (int c = 0; c < 2; c++) {
+    cm_graph *g = cm_graph_new();
+    int64_t xd[3] = {shapes[c][0], shapes[c][1], shapes[c][2]},
+            wd[3] = {shapes[c][0], shapes[c][2], 40};
+    int r = shapes[c][0] > 1 ? 3 : 2, o = shapes[c][0] > 1 ? 0 : 1;
+    int y = cm_matmul(g, cm_input(g, "x", CM_F32, r, xd + o), cm_input(g, "w", CM_F32, r, wd + o),
+                      false, false, NULL);
+    CHECK(cm_graph_add_output(g, cm_unary(g, CM_OP_TANH, y, NULL), &err) == CM_OK);
+    int ki = 0, si = 0, n_stages = 0;
+    cm_tune_key key = {.version = CM_TUNE_SPACE_VERSION};
+    char text[256];
+    if (lowered_gemm(g, &t, &ki, key.kernel, &si, &n_stages) &&
+        k_split_point(g, &t, ki, si, record[c], text, sizeof text)) {
+      key.stage = si;
+      cm_tune_device_for(&t, NULL, key.device, sizeof key.device);
+      char path[300];
+      scratch_path("tuning.db", path, sizeof path);
+      cm_tune_db *db = NULL;
+      CHECK(cm_tune_db_open(path, &db, &err) == CM_OK);
+      CHECK(cm_tune_db_put_best(db, &key, text, 1, 2, "gemm", &err) == CM_OK);
+      cm_tune_db_close(db);
+      cm_compile_opts co = {0};
+      co.compile_only = co.render_only = true;
+      cm_program *pr = NULL;
+      CHECK_MSG(cm_compile(g, &t, &co, &pr, &err) == CM_OK, "%s", err.msg);
+      cm_program_stats ps = {0};
+      if (pr) cm_program_stats_get(pr, &ps);
+      CHECK_MSG(ps.tuned_stages == 1, "case %d (%s): %d tuned stages", c, text, ps.tuned_stages);
+      const cm_kernel *k = pr ? &cm_program_kernels(pr)->kernels[ki] : NULL;
+      CHECK(k && k->n_stages == n_stages + change[c]);
+      CHECK(pr && cm_program_kernels(pr)->max_scratch_bytes >= (k ? k->scratch_bytes : 0));
+      cm_program_free(pr);
+      remove_db(path);
+    }
+    cm_graph_free(g);
+  }
+  unsetenv("CMAEC_TUNE");
+  unsetenv("CMAEC_CACHE_DIR");
+  remove_tree(scratch);
+}
+
 TEST_MAIN(TEST(test_mode_resolve), TEST(test_device_id), TEST(test_round_trip),
           TEST(test_version_bump), TEST(test_report), TEST(test_two_processes),
-          TEST(test_bad_files))
+          TEST(test_bad_files), TEST(test_unreadable_db_compiles), TEST(test_k_split_records))
