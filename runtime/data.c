@@ -656,7 +656,7 @@ typedef struct slot {
 struct cm_loader {
   const cm_dataset *d;
   cm_loader_opts o;
-  int64_t per_rank, steps, total; /* total batches, -1 unlimited */
+  int64_t global_batch, steps, total; /* batch * world; total batches, -1 unlimited */
   int chans, size, n_keep, n_tokens;
   int depth, n_workers;
   slot *slots;
@@ -688,9 +688,22 @@ static void make_perm(const cm_loader *l, int64_t epoch, int64_t *perm) {
   }
 }
 
+/* Global batch `step` covers positions [step * G, step * G + len) of the epoch's
+ * permutation; rank r takes [floor(r * len / world), floor((r + 1) * len / world)) of it,
+ * [r * batch, (r + 1) * batch) for a full one, so a step's samples do not depend on world. */
+static void shard_of(const cm_loader *l, int64_t step, int64_t *first, int *count) {
+  int64_t left = cm_dataset_size(l->d) - step * l->global_batch;
+  int64_t len = left < l->global_batch ? left : l->global_batch, w = l->o.world;
+  int64_t lo = l->o.rank * len / w, hi = (l->o.rank + 1) * len / w;
+  *first = step * l->global_batch + lo;
+  *count = (int)(hi - lo);
+}
+
 static int batch_size_of(const cm_loader *l, int64_t g) {
-  int64_t step = g % l->steps, left = l->per_rank - step * l->o.batch;
-  return (int)(left < l->o.batch ? left : l->o.batch);
+  int64_t first;
+  int count;
+  shard_of(l, g % l->steps, &first, &count);
+  return count;
 }
 
 /* One sample into its slot; a corrupt image is replaced by the next good one
@@ -749,7 +762,10 @@ static void *worker_main(void *arg) {
       make_perm(l, epoch, l->perm);
       l->perm_epoch = epoch;
     }
-    int64_t index = l->perm[l->o.rank * l->per_rank + step * l->o.batch + j];
+    int64_t first;
+    int count;
+    shard_of(l, step, &first, &count);
+    int64_t index = l->perm[first + j];
     slot *s = &l->slots[g % l->depth];
     pthread_mutex_unlock(&l->mu);
     cm_err e;
@@ -786,17 +802,22 @@ cm_status cm_loader_create(const cm_dataset *d, const cm_loader_opts *o, cm_load
   if (cm_dataset_channels(d) != o->views.in_chans)
     return cm_errorf(err, CM_EINVALID, "loader: dataset has %d channels, the views want %d",
                      cm_dataset_channels(d), o->views.in_chans);
-  int64_t per_rank = cm_dataset_size(d) / o->world;
-  int64_t steps = o->drop_last ? per_rank / o->batch : (per_rank + o->batch - 1) / o->batch;
-  if (steps < 1)
+  int64_t n = cm_dataset_size(d), global_batch = (int64_t)o->batch * o->world;
+  int64_t steps = o->drop_last ? n / global_batch : (n + global_batch - 1) / global_batch;
+  /* every rank has a sample in every batch (n = 0 would end its loader) */
+  int64_t last = n - (steps - 1) * global_batch;
+  if (steps < 1 || (!o->drop_last && last < o->world))
     return cm_errorf(err, CM_EINVALID,
-                     "loader: %lld samples per rank (of %lld over %d ranks) make no batch of %d",
-                     (long long)per_rank, (long long)cm_dataset_size(d), o->world, o->batch);
+                     "loader: %lld samples, global batch %lld (%d samples per rank x %d ranks): "
+                     "%s",
+                     (long long)n, (long long)global_batch, o->batch, o->world,
+                     steps < 1 ? "not one global batch (drop_last)"
+                               : "the last global batch leaves a rank without a sample");
   cm_loader *l = calloc(1, sizeof *l);
   if (!l) return cm_errorf(err, CM_EINTERNAL, "loader: out of memory");
   l->d = d;
   l->o = *o;
-  l->per_rank = per_rank;
+  l->global_batch = global_batch;
   l->steps = steps;
   l->total = o->epochs ? o->epochs * steps : -1;
   l->chans = o->views.in_chans;

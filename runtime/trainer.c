@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -100,6 +101,11 @@ typedef struct trainer {
   cm_loader *loader;
   cm_metrics_writer *metrics;
   int scalar_id[N_SCALARS], batch_id[N_BATCH_INPUTS];
+  int rank_id, labels_id; /* the inputs "rank" and "labels" of a step built for ranks > 1 */
+  cm_comm *comm;          /* NULL: one process */
+  int rank, world;        /* this rank of the data-parallel group (0 of 1 without one) */
+  int local_batch;        /* optimizer.batch / world */
+  FILE *log;              /* the options' log on rank 0, NULL on the others */
   int out_loss, out_rc, out_ct, out_gn; /* output indices, -1 when absent */
   int out_scale, out_skipped;           /* with loss scaling; else -1 */
   cm_dtype precision;                   /* train.precision, resolved */
@@ -140,6 +146,19 @@ static int output_index(const cm_graph *g, const char *name) {
   return -1;
 }
 
+/* The rank's constant inputs in both slots: "rank" and the contrastive targets "labels"
+ * (sample i of this rank's share is row i + local_batch * rank of the gathered keys). */
+static void set_rank_inputs(trainer *t) {
+  for (int slot = 0; slot < 2; slot++) {
+    cm_tensor *in = slot ? t->src_next : t->src;
+    if (t->rank_id >= 0) cm_tensor_set_f64(&in[t->rank_id], 0, t->rank);
+    if (t->labels_id < 0) continue;
+    int64_t n = cm_type_numel(&in[t->labels_id].type);
+    for (int64_t i = 0; i < n; i++)
+      cm_tensor_set_f64(&in[t->labels_id], i, (double)(i + n * t->rank));
+  }
+}
+
 /* Sources: params and states from their seeded initializers (AdamW moments zero), then
  * every EMA target a copy of its online twin (CMAE.md §4). */
 static cm_status init_sources(trainer *t, cm_err *err) {
@@ -178,6 +197,7 @@ static cm_status init_sources(trainer *t, cm_err *err) {
       break;
     }
   }
+  set_rank_inputs(t);
   if (t->prog) cm_program_states_changed(t->prog); /* a replay starts over */
   return CM_OK;
 }
@@ -359,9 +379,9 @@ static cm_status check_workers(const cm_model_config *c, bool folder, cm_err *er
 /* Step inputs: the batch and the step's scalars (lr, betas, step, momentum). */
 static cm_status prepare_step(trainer *t, int slot, const cm_lr_schedule *sched, int64_t step,
                               const cm_batch *b, double sv[N_SCALARS], cm_err *err) {
-  if (b->n != t->cfg.optimizer.batch)
+  if (b->n != t->local_batch)
     return cm_errorf(err, CM_EINTERNAL, "cm_train: step %lld: the loader gave %d samples, not %d",
-                     (long long)step, b->n, t->cfg.optimizer.batch);
+                     (long long)step, b->n, t->local_batch);
   cm_status st = copy_batch(t, slot, b, err);
   if (st) return st;
   sv[0] = cm_lr_schedule_lr(sched, step - 1);
@@ -453,12 +473,18 @@ static void nonfinite_cpu(trainer *t, const cm_loader_opts *lo0, const cm_lr_sch
              (long long)n, base ? "the last checkpoint" : "the start");
     return;
   }
-  if (t->o->log) {
-    fprintf(t->o->log,
+  if (t->world > 1) {
+    /* a replay would run the collectives again, on whichever ranks got here */
+    snprintf(out, size,
+             "not located (a data-parallel run: replay it in one process with --resume)");
+    return;
+  }
+  if (t->log) {
+    fprintf(t->log,
             "locating the first non-finite value of step %lld: replaying steps %lld..%lld "
             "from %s\n",
             (long long)step, (long long)base + 1, (long long)step, base ? base_ckpt : "the start");
-    fflush(t->o->log);
+    fflush(t->log);
   }
   if (base) {
     st = restore(t, base_ckpt, &meta, &err);
@@ -521,10 +547,22 @@ cm_status cm_train_precision_resolve(const char *precision, cm_backend_kind back
 
 cm_status cm_train_build_step(const cm_model_config *cfg, cm_dtype precision, cm_graph **step,
                               int *n_autocast, cm_err *err) {
+  return cm_train_build_step_ranks(cfg, precision, 1, 0, step, n_autocast, err);
+}
+
+cm_status cm_train_build_step_ranks(const cm_model_config *cfg, cm_dtype precision, int ranks,
+                                    int64_t bucket_bytes, cm_graph **step, int *n_autocast,
+                                    cm_err *err) {
   *step = NULL;
   if (n_autocast) *n_autocast = 0;
-  if (precision != CM_F32 && precision != CM_BF16 && precision != CM_F16)
-    return cm_errorf(err, CM_EINVALID, "cm_train_build_step: precision %s is not f32, bf16 or f16",
+  if (ranks < 1 || cfg->optimizer.batch % ranks != 0)
+    return cm_errorf(err, CM_EINVALID,
+                     "optimizer.batch: the global batch %d is not a multiple of the %d ranks "
+                     "(every rank runs the same step at batch / ranks)",
+                     cfg->optimizer.batch, ranks);
+  if (precision != CM_F32 && precision != CM_BF16 && precision != CM_F16 && precision != CM_F64)
+    return cm_errorf(err, CM_EINVALID,
+                     "cm_train_build_step: precision %s is not f32, bf16, f16 or f64",
                      cm_dtype_name(precision));
   cm_optim_config oc;
   cm_optim_config_default(&oc);
@@ -551,12 +589,16 @@ cm_status cm_train_build_step(const cm_model_config *cfg, cm_dtype precision, cm
   /* the model and its optimizer in f32 (master weights, moments, EMA targets); autocast
    * then lowers only the contractions' operands */
   cm_model model = {0};
-  cm_model_build_opts bo = {cfg->optimizer.batch, 1, CM_F32};
+  cm_model_build_opts bo = {cfg->optimizer.batch / ranks, ranks,
+                            precision == CM_F64 ? CM_F64 : CM_F32};
   if (cm_model_build(cfg, &bo, &model, err)) return err->status;
   cm_train_step_info info;
   cm_status st = cm_build_train_step(model.g, model.loss, &oc, step, &info, err);
   cm_model_free(&model);
-  if (!st && precision != CM_F32) st = cm_autocast(step, precision, n_autocast, err);
+  /* the gradients averaged over the ranks before clipping sees them (DDP) */
+  if (!st && ranks > 1) st = cm_data_parallel(step, ranks, bucket_bytes, err);
+  if (!st && precision != CM_F32 && precision != CM_F64)
+    st = cm_autocast(step, precision, n_autocast, err);
   if (st) {
     cm_graph_free(*step);
     *step = NULL;
@@ -606,6 +648,32 @@ static cm_status resolve_precision(trainer *t, cm_err *err) {
   return CM_OK;
 }
 
+/* This rank of the data-parallel group (opts.comm): the per-rank batch, the log on rank 0. */
+static cm_status setup_ranks(trainer *t, cm_err *err) {
+  t->comm = t->o->comm;
+  t->world = t->comm ? cm_comm_size(t->comm) : 1;
+  t->rank = t->comm ? cm_comm_rank(t->comm) : 0;
+  t->log = t->rank == 0 ? t->o->log : NULL;
+  if (t->cfg.optimizer.batch % t->world != 0)
+    return cm_errorf(err, CM_EINVALID,
+                     "optimizer.batch: the global batch %d is not a multiple of the %d ranks "
+                     "(every rank runs batch / ranks)",
+                     t->cfg.optimizer.batch, t->world);
+  t->local_batch = t->cfg.optimizer.batch / t->world;
+  /* the search times whole steps, whose collectives would wait for the other ranks */
+  if (t->world > 1 && t->o->tune)
+    return cm_errorf(err, CM_EINVALID,
+                     "--tune runs in one process: tune the per-rank step first (cmaec tune "
+                     "MODEL --batch %d), and the %d ranks use the tuning database's plans",
+                     t->local_batch, t->world);
+  if (t->world > 1 && t->backend.kind == CM_BACKEND_REF)
+    return cm_errorf(err, CM_EINVALID,
+                     "cm_train: the ref backend runs one process (%d ranks need --backend cpu "
+                     "or cuda)",
+                     t->world);
+  return CM_OK;
+}
+
 static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
   const cm_train_opts *o = t->o;
   cm_status st;
@@ -626,7 +694,8 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
   /* the backend and the output directory before anything slow (the data, the compile) */
   if ((st = choose_backend(t, r, err))) return st;
   if ((st = resolve_precision(t, err))) return st;
-  if (make_dirs(o->out_dir, err)) return err->status;
+  if ((st = setup_ranks(t, err))) return st;
+  if (t->rank == 0 && make_dirs(o->out_dir, err)) return err->status;
 
   /* data */
   bool fmnist = !o->data || strcmp(o->data, "fashion-mnist") == 0;
@@ -651,8 +720,9 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
                      "cm_train: the dataset has %lld images, fewer than a batch of %d",
                      (long long)r->dataset_size, t->cfg.optimizer.batch);
 
-  /* the step graph at the local batch (one rank) */
-  if (cm_train_build_step(&t->cfg, t->precision, &t->sg, &t->n_autocast, err)) return err->status;
+  /* the step graph of one rank at the per-rank batch */
+  if (cm_train_build_step_ranks(&t->cfg, t->precision, t->world, 0, &t->sg, &t->n_autocast, err))
+    return err->status;
   const cm_graph *g = t->sg;
   bool ref = t->backend.kind == CM_BACKEND_REF;
   t->src = calloc((size_t)g->n_nodes + 1, sizeof *t->src);
@@ -668,6 +738,8 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     return cm_errorf(err, CM_EINTERNAL, "cm_train: out of memory");
   for (int k = 0; k < N_SCALARS; k++) t->scalar_id[k] = cm_graph_find(g, scalar_names[k]);
   for (int k = 0; k < N_BATCH_INPUTS; k++) t->batch_id[k] = cm_graph_find(g, batch_names[k]);
+  t->rank_id = t->world > 1 ? cm_graph_find(g, "rank") : -1;
+  t->labels_id = t->world > 1 ? cm_graph_find(g, "labels") : -1;
   t->out_loss = output_index(g, "loss");
   t->out_rc = output_index(g, "loss_rc");
   t->out_ct = output_index(g, "loss_ct");
@@ -682,6 +754,7 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
       bool known = false;
       for (int k = 0; k < N_SCALARS; k++) known |= t->scalar_id[k] == i;
       for (int k = 0; k < N_BATCH_INPUTS; k++) known |= t->batch_id[k] == i;
+      known |= t->rank_id == i || t->labels_id == i;
       if (!known)
         return cm_errorf(err, CM_EINTERNAL,
                          "cm_train: the training step's input \"%s\" has no source", n->name);
@@ -703,9 +776,10 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
     cm_compile_opts co = {0};
     co.threads = o->threads;
     co.resident_states = true; /* params and optimizer state stay on a device between steps */
+    co.comm = t->comm;         /* the step's collectives: the gradient buckets, SyncBN, InfoNCE */
     const cm_target *target = cm_backend_compile_opts(&t->backend, &co);
     if (o->tune) {
-      cm_tune_opts to = {.budget_s = o->tune_budget_s, .progress = o->log != NULL};
+      cm_tune_opts to = {.budget_s = o->tune_budget_s, .progress = t->log != NULL};
       cm_tune_stats ts;
       /* candidates timed inside whole steps (on the CPU) on a batch like the data's */
       cm_tensor *ex = calloc((size_t)g->n_nodes + 1, sizeof *ex);
@@ -719,12 +793,12 @@ static cm_status setup(trainer *t, cm_train_result *r, cm_err *err) {
       free(ex);
       free(exb);
       if (ts_st != CM_OK) return err->status;
-      co.tune = CM_TUNE_SEARCH; /* what it found is used whatever $CMAEC_TUNE says */
-      if (o->log)
-        fprintf(o->log,
+      if (t->log)
+        fprintf(t->log,
                 "tune: %d stages: %d searched, %d from the database, %d over budget in %.0f s\n",
                 ts.stages_tunable, ts.searched, ts.from_db, ts.over_budget, ts.seconds);
     }
+    if (o->tune) co.tune = CM_TUNE_SEARCH; /* what it found is used whatever $CMAEC_TUNE says */
     if (cm_compile(g, target, &co, &t->prog, err)) return err->status;
   }
   return CM_OK;
@@ -796,6 +870,35 @@ static cm_status check_finite(trainer *t, const step_values *sv, const cm_loader
                    (long long)step, which, v, where);
 }
 
+/* Test-only ($CMAEC_TEST_KILL_RANK=R:S, or R:S:stop): rank R dies by SIGKILL (or stops by
+ * SIGSTOP, a hung rank) as step S starts, so the tests can check that the other ranks end the
+ * run with the watchdog's message (tests/cli/train_ranks.sh). */
+static void test_kill_hook(const trainer *t, int64_t step) {
+  const char *spec = getenv("CMAEC_TEST_KILL_RANK");
+  int rank, n = 0;
+  long long at;
+  if (!spec || sscanf(spec, "%d:%lld%n", &rank, &at, &n) != 2 || rank != t->rank || at != step)
+    return;
+  raise(strcmp(spec + n, ":stop") == 0 ? SIGSTOP : SIGKILL);
+}
+
+/* With several ranks, what every rank must agree on after a step: the losses become their
+ * mean over the ranks (each rank's is of its own share of the global batch), and a stop
+ * asked of any rank (Ctrl-C reaches them at different steps) stops all after this step. */
+static cm_status agree_step(trainer *t, int64_t step, step_values *v, bool *stopping, cm_err *err) {
+  if (t->world == 1) return CM_OK;
+  float vals[4] = {(float)v->loss, (float)v->rc, (float)v->ct, *stopping ? 1.0f : 0.0f};
+  char what[64];
+  snprintf(what, sizeof what, "step %lld losses", (long long)step);
+  if (cm_comm_all_reduce(t->comm, vals, vals, 4, CM_F32, CM_MODE_SUM, what, err))
+    return err->status;
+  v->loss = vals[0] / (float)t->world;
+  v->rc = vals[1] / (float)t->world;
+  v->ct = vals[2] / (float)t->world;
+  *stopping = vals[3] > 0;
+  return CM_OK;
+}
+
 /* One metrics.jsonl row for the step just run (sc: the step's scalars, lr first). */
 static cm_status write_metrics(trainer *t, int64_t step, const cm_batch *b, const double *sc,
                                const step_values *v, double ips, double ms, cm_err *err) {
@@ -821,29 +924,32 @@ static cm_status write_metrics(trainer *t, int64_t step, const cm_batch *b, cons
 /* The run's header: the data, the schedule, the backend (and on CUDA the compile figures). */
 static void print_header(const trainer *t, const cm_train_result *r, const cm_lr_schedule *sched,
                          int64_t start) {
-  fprintf(t->o->log,
+  fprintf(t->log,
           "training %s: %lld params, %lld images (%lld steps/epoch at batch %d), steps %lld..%lld "
           "of %lld\n",
           t->cfg.name, (long long)r->n_params, (long long)r->dataset_size,
           (long long)r->steps_per_epoch, t->cfg.optimizer.batch, (long long)start + 1,
           (long long)r->total_steps, (long long)sched->total_iters);
-  fprintf(t->o->log,
+  fprintf(t->log,
           "lr peak %.4g (base %.4g x %d / 256), warmup %lld steps; %d data worker%s; backend %s",
           sched->peak_lr, t->cfg.optimizer.base_lr, t->cfg.optimizer.batch,
           (long long)sched->warmup_iters, t->cfg.train.workers,
           t->cfg.train.workers == 1 ? "" : "s", t->backend.description);
   cm_program_stats cs = {0};
   if (t->prog) cm_program_stats_get(t->prog, &cs);
-  if (t->backend.kind == CM_BACKEND_CPU) fprintf(t->o->log, ", %d threads", cs.threads);
-  fprintf(t->o->log, "; precision %s", t->cfg.train.precision);
-  if (t->n_autocast) fprintf(t->o->log, " (%d contractions autocast)", t->n_autocast);
-  if (cs.tuned_stages > 0) fprintf(t->o->log, "; tuned plans for %d stages", cs.tuned_stages);
+  if (t->backend.kind == CM_BACKEND_CPU) fprintf(t->log, ", %d threads", cs.threads);
+  if (t->world > 1)
+    fprintf(t->log, "; %d ranks at batch %d each (%s)", t->world, t->local_batch,
+            cm_comm_describe(t->comm));
+  fprintf(t->log, "; precision %s", t->cfg.train.precision);
+  if (t->n_autocast) fprintf(t->log, " (%d contractions autocast)", t->n_autocast);
+  if (cs.tuned_stages > 0) fprintf(t->log, "; tuned plans for %d stages", cs.tuned_stages);
   if (strcmp(t->cfg.train.loss_scale, "off") != 0)
-    fprintf(t->o->log, ", loss scale %s", t->cfg.train.loss_scale);
-  fprintf(t->o->log, "; metrics %s, checkpoints %s/ckpt-<step>.safetensors\n", t->metrics_path,
+    fprintf(t->log, ", loss scale %s", t->cfg.train.loss_scale);
+  fprintf(t->log, "; metrics %s, checkpoints %s/ckpt-<step>.safetensors\n", t->metrics_path,
           t->o->out_dir);
-  if (t->backend.kind == CM_BACKEND_CUDA) print_compile_figures(t->prog, &cs, t->o->log);
-  fflush(t->o->log);
+  if (t->backend.kind == CM_BACKEND_CUDA) print_compile_figures(t->prog, &cs, t->log);
+  fflush(t->log);
 }
 
 cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
@@ -868,11 +974,12 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   if (st) goto done;
 
   cm_loader_opts lo = {0};
-  lo.batch = t.cfg.optimizer.batch;
+  lo.batch = t.local_batch;
   lo.workers = t.cfg.train.workers;
   lo.shuffle = true;
   lo.drop_last = true;
-  lo.world = 1;
+  lo.rank = t.rank;
+  lo.world = t.world;
   lo.seed = (uint64_t)t.cfg.train.seed;
   cm_views_opts_from_config(&t.cfg, &lo.views);
   lo.views.mode = strcmp(t.cfg.train.views, "rrc") == 0 ? CM_VIEWS_RRC : CM_VIEWS_SHIFT;
@@ -902,20 +1009,20 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
     goto done;
   }
   if (o->resume && start == r->total_steps) {
-    if (o->log)
-      fprintf(o->log, "nothing to run: %s is at step %lld, the last step of the run\n", ckpt,
+    if (t.log)
+      fprintf(t.log, "nothing to run: %s is at step %lld, the last step of the run\n", ckpt,
               (long long)start);
     snprintf(r->checkpoint, sizeof r->checkpoint, "%s", ckpt);
     goto done;
   }
   snprintf(t.metrics_path, sizeof t.metrics_path, "%s/metrics.jsonl", o->out_dir);
-  if ((st = cm_metrics_open(t.metrics_path, start + 1, &t.metrics, err))) goto done;
+  if (t.rank == 0 && (st = cm_metrics_open(t.metrics_path, start + 1, &t.metrics, err))) goto done;
 
-  if (o->log) print_header(&t, r, &sched, start);
+  if (t.log) print_header(&t, r, &sched, start);
 
   cm_progress prog;
-  cm_progress_init(&prog, o->log ? o->log : stdout, r->total_steps,
-                   o->log_every > 0 ? o->log_every : 10, o->log ? o->progress_tty : 0);
+  cm_progress_init(&prog, t.log ? t.log : stdout, r->total_steps,
+                   o->log_every > 0 ? o->log_every : 10, t.log ? o->progress_tty : 0);
   const cm_tensor **out = calloc((size_t)t.sg->n_outputs + 1, sizeof *out);
   if (!out) {
     st = cm_errorf(err, CM_EINTERNAL, "cm_train: out of memory");
@@ -934,6 +1041,7 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
   if (!st) st = next_batch(&t, 0, &sched, start + 1, &batch[0], sv[0], err);
   for (int64_t step = start + 1; step <= r->total_steps && !st; step++, slot ^= 1) {
     double t0 = now_s();
+    test_kill_hook(&t, step);
     if ((st = start_step(&t, slot, err))) {
       cm_err_prefix(err, "step %lld: ", (long long)step);
       break;
@@ -955,36 +1063,39 @@ cm_status cm_train(const cm_train_opts *o, cm_train_result *r, cm_err *err) {
     step_values v = {out_value(out, t.out_loss),  out_value(out, t.out_rc),
                      out_value(out, t.out_ct),    out_value(out, t.out_gn),
                      out_value(out, t.out_scale), out_value(out, t.out_skipped)};
+    bool stopping = o->stop && *o->stop;
+    if ((st = agree_step(&t, step, &v, &stopping, err))) break;
     if ((st = check_finite(&t, &v, &lo, &sched, step, r->checkpoint[0] ? r->checkpoint : ckpt,
                            start, t_run, err)))
       break;
     double ms = 1e3 * (now_s() - t0);
-    images += batch[slot].n;
+    images += (int64_t)batch[slot].n * t.world;
     double ips = (double)images / (now_s() - t_run);
-    if ((st = write_metrics(&t, step, &batch[slot], sv[slot], &v, ips, ms, err))) break;
+    if (t.metrics && (st = write_metrics(&t, step, &batch[slot], sv[slot], &v, ips, ms, err)))
+      break;
     r->last_step = step;
     r->loss = v.loss;
     r->loss_rc = v.rc;
     r->loss_ct = v.ct;
     r->images_per_s = ips;
-    if (o->log) cm_progress_update(&prog, step - 1, v.loss); /* 0-based: the step just run */
-    bool stopping = o->stop && *o->stop;
-    if (stopping || step == r->total_steps ||
-        (t.cfg.train.ckpt_every > 0 && step % t.cfg.train.ckpt_every == 0)) {
-      if ((st = save(&t, step, r, err))) break;
-    }
+    if (t.log) cm_progress_update(&prog, step - 1, v.loss); /* 0-based: the step just run */
+    bool checkpoint = stopping || step == r->total_steps ||
+                      (t.cfg.train.ckpt_every > 0 && step % t.cfg.train.ckpt_every == 0);
+    if (checkpoint && t.rank == 0 && (st = save(&t, step, r, err))) break;
     if (stopping) {
       r->interrupted = true;
       break;
     }
   }
-  if (o->log) cm_progress_finish(&prog);
+  if (t.log) cm_progress_finish(&prog);
   free(out);
   /* the host tensors hold the run's final state */
   if (!st && t.prog) st = cm_program_states_download(t.prog, err);
   if (!st && r->last_step == start && start < r->total_steps && !r->interrupted)
     st = cm_errorf(err, CM_EINTERNAL, "cm_train: no step ran");
 done:
+  /* which rank failed (the watchdog's messages name it already) */
+  if (st && t.world > 1 && !strstr(err->msg, "comm: rank")) cm_err_prefix(err, "rank %d: ", t.rank);
   free(ckpt);
   cm_checkpoint_meta_free(&meta);
   trainer_free(&t);

@@ -129,7 +129,10 @@ typedef struct cm_loader_opts {
   int depth;       /* prefetched batches, 2..4 (0: 3) */
   bool shuffle;    /* a seeded permutation per epoch */
   bool drop_last;  /* drop the last partial batch of each epoch */
-  int rank, world; /* shard: rank r gets [r*n/G, (r+1)*n/G) of the permutation, n/G floor */
+  int rank, world; /* shard: of each global batch (batch * world positions of the epoch's
+                      permutation) rank r gets [r*batch, (r+1)*batch) (a partial last one:
+                      [r*len/world, (r+1)*len/world)), so the samples, views and masks of a
+                      step are those of one process at the global batch */
   uint64_t seed;   /* run seed */
   int64_t epoch0;  /* first epoch */
   int64_t epochs;  /* epochs to run; 0: unlimited */
@@ -362,6 +365,12 @@ typedef struct cm_train_opts {
   volatile sig_atomic_t *stop; /* set (e.g. by a SIGINT handler): finish the step, save, return */
   bool tune;                   /* cm_tune the step's kernels before compiling it (train --tune) */
   double tune_budget_s;        /* its budget; 0: no limit */
+  /* data parallelism (docs/training.md): NULL or world size 1: one process; else this rank
+   * of a group that runs the same cm_train: the step is built for cm_comm_size ranks at the
+   * per-rank batch optimizer.batch / size, the gradients averaged over the ranks
+   * (cm_data_parallel), this rank's share of every global batch drawn by the loader, and
+   * rank 0 alone writes the log, metrics and checkpoints (which hold no per-rank state) */
+  cm_comm *comm;
 } cm_train_opts;
 
 typedef struct cm_train_result {
@@ -391,6 +400,15 @@ cm_status cm_train_precision_resolve(const char *precision, cm_backend_kind back
  * value stay f32). n_autocast (may be NULL) receives the contractions rewritten. */
 cm_status cm_train_build_step(const cm_model_config *cfg, cm_dtype precision, cm_graph **step,
                               int *n_autocast, cm_err *err);
+/* The step one rank of `ranks` runs: the model at the per-rank batch optimizer.batch / ranks
+ * (CM_EINVALID unless it divides), built for `ranks` ranks (SyncBN, global InfoNCE negatives:
+ * inputs "rank" and "labels"), its parameter gradients averaged over the ranks in buckets of
+ * about bucket_bytes (cm_data_parallel; 0: 25 MB) before clipping and the update. ranks 1 is
+ * cm_train_build_step. precision may also be f64 (tests): the whole step in f64, whose
+ * oracle bounds stay finite where f32's grow past the values. */
+cm_status cm_train_build_step_ranks(const cm_model_config *cfg, cm_dtype precision, int ranks,
+                                    int64_t bucket_bytes, cm_graph **step, int *n_autocast,
+                                    cm_err *err);
 /* A valid batch and initial state for `step` (runtime/step_sources.c), with no data set: t (one
  * per node of step) gets every input, param and state: images uniform in [-2, 2], masks
  * sampled per row as cfg's mask says, the optimizer's scalars at typical values, params and

@@ -3,10 +3,18 @@
 
 #include "../runtime/runtime.h"
 
+#include <arpa/inet.h>
+#include <errno.h>
+#include <math.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
 
@@ -16,7 +24,8 @@ static const char usage_train[] =
     "                   [--device N] [--cuda-graphs on|off] [--threads N] [--workers N]\n"
     "                   [--log-every N] [--seed N] [--precision auto|f32|bf16|f16]\n"
     "                   [--views shift|rrc] [--ckpt-every N] [--keep N] [--set KEY=VALUE ...]\n"
-    "                   [--tune [--tune-budget SECONDS]]\n"
+    "                   [--tune [--tune-budget SECONDS]] [--nproc N]\n"
+    "                   [--comm-timeout SECONDS]\n"
     "\n"
     "Pretrains the variant on Fashion-MNIST (default) or an image folder DIR/<class>/<file>:\n"
     "builds its training step (AdamW, EMA targets) at the batch B (default optimizer.batch;\n"
@@ -34,6 +43,13 @@ static const char usage_train[] =
     "trains with the best; without it the tuning database's plans are used when it has them\n"
     "(CMAEC_TUNE=off: never).\n"
     "Ctrl-C finishes the current step, saves a checkpoint and exits with 130.\n"
+    "Data parallelism: --nproc N starts N local processes (ranks) that train together\n"
+    "(CMAEC_RANK, CMAEC_WORLD_SIZE, CMAEC_MASTER_ADDR, CMAEC_MASTER_PORT; LOCAL_RANK picks\n"
+    "the GPU), as does `mpirun -np N cmaec train ...`. B stays the global batch: each rank\n"
+    "runs B / N samples of every global batch and the gradients are averaged over the\n"
+    "ranks, so the run is that of one process at batch B. Rank 0 alone prints and writes\n"
+    "metrics and checkpoints, which resume at any N. --comm-timeout S (default 300) limits\n"
+    "every collective: a rank that died or ranks that disagree end the run (exit 1).\n"
     "Default --out: runs/<variant>. Exit codes: 0 ok, 1 internal failure, 2 invalid input\n"
     "(also a non-finite loss), 130 interrupted.\n";
 
@@ -130,6 +146,229 @@ static bool tune_options(const cli_option *tune, const cli_option *budget, cm_ba
   return true;
 }
 
+/* The world size a launcher gave this process: mpirun (OMPI_COMM_WORLD_SIZE, PMI_SIZE) or
+ * --nproc and torchrun-style launchers (CMAEC_WORLD_SIZE); 1 without one. */
+static int launched_world(void) {
+  static const char *const vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "CMAEC_WORLD_SIZE"};
+  for (size_t k = 0; k < sizeof vars / sizeof vars[0]; k++) {
+    const char *v = getenv(vars[k]);
+    uint64_t n;
+    if (v && cli_parse_u64(v, &n) && n >= 1 && n <= 65536) return (int)n;
+  }
+  return 1;
+}
+
+/* A TCP port free on the loopback now (the kernel's pick); 0 when none. */
+static int free_port(void) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return 0;
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  int port = 0;
+  if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+      getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+    port = ntohs(a.sin_port);
+  close(fd);
+  return port;
+}
+
+static double monotonic_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* A child's status as a shell reports it (128 + the signal when killed). */
+static int exit_code(int status) {
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : EXIT_INTERNAL;
+}
+
+/* Rank r of nproc: this command again (its argv, --nproc included: the variables say it is a
+ * rank), with the rendezvous's variables. Never returns. */
+static void exec_rank(char **argv, int r, int nproc, int port) {
+  char rank[16], world[16], port_s[16];
+  snprintf(rank, sizeof rank, "%d", r);
+  snprintf(world, sizeof world, "%d", nproc);
+  snprintf(port_s, sizeof port_s, "%d", port);
+  setenv("CMAEC_RANK", rank, 1);
+  setenv("CMAEC_WORLD_SIZE", world, 1);
+  setenv("CMAEC_MASTER_ADDR", "127.0.0.1", 1);
+  setenv("CMAEC_MASTER_PORT", port_s, 1);
+  setenv("LOCAL_RANK", rank, 1);
+  /* the ranks share this machine's cores rather than each taking all of them */
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  char threads[16];
+  snprintf(threads, sizeof threads, "%ld", cores > nproc ? cores / nproc : 1);
+  setenv("CMAEC_THREADS", threads, 0);
+  execv("/proc/self/exe", argv);
+  fprintf(stderr, "cmaec train: rank %d: cannot start /proc/self/exe: %s\n", r, strerror(errno));
+  _exit(EXIT_INTERNAL);
+}
+
+/* cmaec train --nproc N: N ranks of this command on 127.0.0.1, waited for. After the first
+ * rank that fails, the others have the watchdog's timeout (+ 1 s) to end by themselves (they
+ * report the collective that did not finish); any still running then is killed. Ctrl-C
+ * reaches the ranks from the terminal: they agree on it and save. Returns 0, or the first
+ * failed rank's status. */
+static int launch_ranks(char **argv, int nproc, double timeout_s) {
+  int port = free_port();
+  pid_t *pids = calloc((size_t)nproc, sizeof *pids);
+  if (!port || !pids) {
+    free(pids);
+    fprintf(stderr, "cmaec train: --nproc: %s\n",
+            pids ? "no free TCP port on 127.0.0.1 for the rendezvous" : "out of memory");
+    return EXIT_INTERNAL;
+  }
+  struct sigaction ignore, old;
+  memset(&ignore, 0, sizeof ignore);
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  sigaction(SIGINT, &ignore, &old);
+  fflush(stdout);
+  fflush(stderr);
+  int running = 0, rc = EXIT_OK, failed = -1;
+  double deadline = 0;
+  for (int r = 0; r < nproc; r++) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      sigaction(SIGINT, &old, NULL);
+      exec_rank(argv, r, nproc, port);
+    }
+    if (pid < 0) {
+      fprintf(stderr, "cmaec train: cannot start rank %d: %s\n", r, strerror(errno));
+      rc = EXIT_INTERNAL, failed = r, deadline = monotonic_s(); /* the started ones are killed */
+      break;
+    }
+    pids[r] = pid;
+    running++;
+  }
+  while (running > 0) {
+    int status;
+    pid_t pid = waitpid(-1, &status, WNOHANG);
+    int r = 0;
+    while (pid > 0 && r < nproc && pids[r] != pid) r++;
+    if (pid > 0 && r < nproc) {
+      pids[r] = 0;
+      running--;
+      int code = exit_code(status);
+      if (code != 0 && failed < 0) {
+        failed = r, rc = code, deadline = monotonic_s() + timeout_s + 1;
+        if (running)
+          fprintf(stderr, "cmaec train: rank %d exited with status %d; the other ranks have %g s\n",
+                  r, code, timeout_s + 1);
+      }
+      continue;
+    }
+    if (failed >= 0 && monotonic_s() > deadline) {
+      for (int k = 0; k < nproc; k++)
+        if (pids[k] > 0 && kill(pids[k], SIGKILL) == 0)
+          fprintf(stderr, "cmaec train: rank %d killed: still running after rank %d failed\n", k,
+                  failed);
+      deadline = INFINITY; /* reaped by the next waits */
+    }
+    struct timespec nap = {0, 20 * 1000 * 1000};
+    nanosleep(&nap, NULL);
+  }
+  sigaction(SIGINT, &old, NULL);
+  free(pids);
+  return rc;
+}
+
+/* --nproc and --comm-timeout; false (reported) when out of range. */
+static bool rank_options(const cli_option *nproc_opt, const cli_option *timeout_opt, int *nproc,
+                         double *timeout_s) {
+  int64_t n = 1;
+  *timeout_s = 300;
+  if (nproc_opt->given && (!parse_int(nproc_opt->value, 1024, &n) || n < 1)) {
+    fprintf(stderr, "cmaec train: --nproc %s: not an integer in [1, 1024]\n", nproc_opt->value);
+    return false;
+  }
+  if (timeout_opt->given &&
+      (!cli_parse_double(timeout_opt->value, timeout_s) || !(*timeout_s > 0) || *timeout_s > 1e6)) {
+    fprintf(stderr, "cmaec train: --comm-timeout %s: seconds in (0, 1e6]\n", timeout_opt->value);
+    return false;
+  }
+  *nproc = (int)n;
+  int world = launched_world();
+  if (nproc_opt->given && world > 1 && world != n) {
+    fprintf(stderr, "cmaec train: --nproc %d, but the launcher started %d ranks\n", (int)n, world);
+    return false;
+  }
+  return true;
+}
+
+/* --out and --resume into o (def_out: the default runs/<variant>); false (reported) when they
+ * differ. */
+static bool out_options(const cli_option *out, const cli_option *resume, const char *model,
+                        cm_train_opts *o, char *def_out, size_t size) {
+  if (resume->given) {
+    if (out->given && strcmp(out->value, resume->value) != 0) {
+      fprintf(stderr, "cmaec train: --out %s and --resume %s differ\n", out->value, resume->value);
+      return false;
+    }
+    o->out_dir = resume->value;
+    o->resume = true;
+  } else if (out->given) {
+    o->out_dir = out->value;
+  } else {
+    const char *base = strrchr(model, '/');
+    base = base ? base + 1 : model;
+    size_t len = strlen(base);
+    if (len > 5 && strcmp(base + len - 5, ".json") == 0) len -= 5;
+    snprintf(def_out, size, "runs/%.*s", (int)len, base);
+    o->out_dir = def_out;
+  }
+  return true;
+}
+
+/* Runs cm_train in this process: one rank of a launched group (its comm: NCCL for the CUDA
+ * backend, else MPI under mpirun or the TCP rendezvous) or the only process. */
+static int run_train(cm_train_opts *o, const char *model, cm_backend_kind kind, bool device_given,
+                     double timeout_s) {
+  cm_err err = {0};
+  cm_comm *comm = NULL;
+  int rank = 0;
+  if (launched_world() > 1) {
+    cm_comm_opts co = {kind == CM_BACKEND_CUDA ? CM_COMM_NCCL : CM_COMM_AUTO, timeout_s, -1};
+    if (cm_comm_init(&co, &comm, &err)) return cli_report(&err, model);
+    rank = cm_comm_rank(comm);
+    o->comm = comm;
+    if (rank != 0) o->log = NULL; /* the others print only errors */
+    const char *local = getenv("LOCAL_RANK");
+    uint64_t dev;
+    if (!device_given && local && cli_parse_u64(local, &dev) && dev < 1024) o->device = (int)dev;
+  }
+  struct sigaction sa, old;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_sigint;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, &old);
+  cm_train_result r;
+  cm_status st = cm_train(o, &r, &err);
+  sigaction(SIGINT, &old, NULL);
+  int rc = EXIT_OK;
+  if (st) {
+    rc = cli_report(&err, model);
+  } else if (rank == 0) {
+    if (r.last_step > r.first_step)
+      printf("done: step %lld, loss %.6g (loss_rc %.6g, loss_ct %.6g), %.1f images/s\n",
+             (long long)r.last_step, r.loss, r.loss_rc, r.loss_ct, r.images_per_s);
+    printf("metrics: %s/metrics.jsonl\n", o->out_dir);
+    if (r.checkpoint[0]) printf("checkpoint: %s\n", r.checkpoint);
+    if (r.interrupted)
+      printf("interrupted at step %lld; continue with --resume %s\n", (long long)r.last_step,
+             o->out_dir);
+  }
+  if (!st && r.interrupted) rc = 130;
+  fflush(stdout);
+  cm_comm_free(comm); /* after a failed collective: ends the job (MPI_Abort under mpirun) */
+  return rc;
+}
+
 int cmd_train(int argc, char **argv) {
   const char **sets = malloc(sizeof(char *) * (size_t)(argc + 5));
   char **args = malloc(sizeof(char *) * (size_t)(argc + 1));
@@ -166,6 +405,7 @@ int cmd_train(int argc, char **argv) {
       {"--keep", true, NULL, false},        {"--device", true, NULL, false},
       {"--cuda-graphs", true, NULL, false}, {"--precision", true, NULL, false},
       {"--tune", false, NULL, false},       {"--tune-budget", true, NULL, false},
+      {"--nproc", true, NULL, false},       {"--comm-timeout", true, NULL, false},
   };
   const char *pos[1];
   int n_pos;
@@ -185,13 +425,13 @@ int cmd_train(int argc, char **argv) {
   }
   cm_train_opts o = {0};
   o.model_path = pos[0];
-  o.overrides = sets;
-  o.n_overrides = n_sets;
   o.data = opts[1].value;
   o.log = stdout;
   o.progress_tty = -1;
   o.stop = &stop_flag;
-  if (!int_options(opts, &o)) {
+  int nproc;
+  double timeout_s;
+  if (!int_options(opts, &o) || !rank_options(&opts[20], &opts[21], &nproc, &timeout_s)) {
     rc = EXIT_INVALID;
     goto out;
   }
@@ -219,56 +459,18 @@ int cmd_train(int argc, char **argv) {
                                                  [CM_BACKEND_CUDA] = CM_TRAIN_CUDA,
                                                  [CM_BACKEND_REF] = CM_TRAIN_REF};
   o.backend = train_kinds[req.kind];
-  if (!tune_options(&opts[18], &opts[19], req.kind, &o)) {
+  char def_out[512];
+  if (!tune_options(&opts[18], &opts[19], req.kind, &o) ||
+      !out_options(&opts[5], &opts[6], pos[0], &o, def_out, sizeof def_out)) {
     rc = EXIT_INVALID;
     goto out;
   }
   o.device = req.device;
   o.cuda_graphs = req.graphs;
-  char def_out[512];
-  if (opts[6].given) {
-    if (opts[5].given && strcmp(opts[5].value, opts[6].value) != 0) {
-      fprintf(stderr, "cmaec train: --out %s and --resume %s differ\n", opts[5].value,
-              opts[6].value);
-      rc = EXIT_INVALID;
-      goto out;
-    }
-    o.out_dir = opts[6].value;
-    o.resume = true;
-  } else if (opts[5].given) {
-    o.out_dir = opts[5].value;
-  } else {
-    const char *base = strrchr(pos[0], '/');
-    base = base ? base + 1 : pos[0];
-    size_t len = strlen(base);
-    if (len > 5 && strcmp(base + len - 5, ".json") == 0) len -= 5;
-    snprintf(def_out, sizeof def_out, "runs/%.*s", (int)len, base);
-    o.out_dir = def_out;
-  }
-
-  struct sigaction sa, old;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_sigint;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, &old);
-  cm_train_result r;
-  cm_err err = {0};
-  cm_status st = cm_train(&o, &r, &err);
-  sigaction(SIGINT, &old, NULL);
-  if (st) {
-    rc = cli_report(&err, pos[0]);
-    goto out;
-  }
-  if (r.last_step > r.first_step)
-    printf("done: step %lld, loss %.6g (loss_rc %.6g, loss_ct %.6g), %.1f images/s\n",
-           (long long)r.last_step, r.loss, r.loss_rc, r.loss_ct, r.images_per_s);
-  printf("metrics: %s/metrics.jsonl\n", o.out_dir);
-  if (r.checkpoint[0]) printf("checkpoint: %s\n", r.checkpoint);
-  if (r.interrupted) {
-    printf("interrupted at step %lld; continue with --resume %s\n", (long long)r.last_step,
-           o.out_dir);
-    rc = 130;
-  }
+  if (nproc > 1 && launched_world() == 1)
+    rc = launch_ranks(argv, nproc, timeout_s);
+  else
+    rc = run_train(&o, pos[0], choice.kind, opts[15].given, timeout_s);
 out:
   free(sets);
   free(args);

@@ -504,7 +504,7 @@ static void test_loader_shards(void) {
   int64_t first_epoch1[2] = {-1, -1}, first_epoch0[2] = {-1, -1};
   for (int rank = 0; rank < 2; rank++) {
     cm_loader_opts lo = {0};
-    lo.batch = 97; /* 5000 per rank: 51 batches, 53 samples dropped */
+    lo.batch = 97; /* global batches of 194: 51 steps, 106 samples dropped */
     lo.workers = 3;
     lo.shuffle = true;
     lo.drop_last = true;
@@ -543,7 +543,8 @@ static void test_loader_shards(void) {
   CHECK(first_epoch0[0] != first_epoch1[0] || first_epoch0[1] != first_epoch1[1]);
   free(seen);
 
-  /* drop_last off, 3 ranks, no shuffle: 3333 per rank in batches of 1000 + 333 */
+  /* drop_last off, 3 ranks, no shuffle: global batches of 3000, rank 1 takes [1000, 2000) of
+   * each, and [333, 666) of the last one's 1000 */
   cm_loader_opts lo = {0};
   lo.batch = 1000;
   lo.workers = 2;
@@ -558,7 +559,8 @@ static void test_loader_shards(void) {
   cm_batch b;
   while (l && cm_loader_next(l, &b, &err) == CM_OK && b.n > 0 && nb < 5) {
     sizes[nb++] = b.n;
-    for (int j = 0; j < b.n; j++) CHECK(b.indices[j] == 3333 + b.step * 1000 + j);
+    for (int j = 0; j < b.n; j++)
+      CHECK(b.indices[j] == b.step * 3000 + (b.step == 3 ? 333 : 1000) + j);
   }
   CHECK(nb == 4 && sizes[0] == 1000 && sizes[3] == 333);
   cm_loader_free(l);
