@@ -2,7 +2,8 @@
  *
  * Builds the variant's training step (AdamW, EMA, as `cmaec build --train`),
  * compiles it with the CPU backend (default pipeline, kernel IR, LLVM JIT,
- * OpenMP), binds random images, sampled masks and initialized params, and
+ * OpenMP), binds random images, sampled masks and initialized params
+ * (cm_train_example_sources, what `cmaec tune` times whole steps on), and
  * times --steps steps after one warm-up step. Prints ms per step, images/s,
  * the contraction FLOPs per step (counted from the kernels' GEMM and
  * reduction stages whose body is a product), GFLOP/s and its fraction of
@@ -22,6 +23,7 @@
 #include "models/models.h"
 #include "passes/passes.h"
 #include "runtime/runtime.h"
+#include "runtime/training.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,12 +34,6 @@ static double now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static uint64_t rng = 88172645463325252ull;
-static double uniform(void) {
-  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-  return (double)(rng >> 11) * (1.0 / 9007199254740992.0);
 }
 
 static int by_time(const void *a, const void *b) {
@@ -189,55 +185,6 @@ static int build_program(bench_opts *o, cm_model_config *cfg, cm_model *m, cm_gr
   return 0;
 }
 
-/* Sources: images uniform in [-2, 2], masks sampled per sample, params initialized; t[i]
- * holds source i's tensor, bound[i] points at it. */
-static void bind_sources(const cm_graph *step, const cm_model_config *cfg, const cm_model *m,
-                         int batch, cm_tensor *t, cm_tensor **bound) {
-  for (int i = 0; i < step->n_nodes; i++) {
-    const cm_node *n = &step->nodes[i];
-    if (n->op != CM_OP_INPUT && n->op != CM_OP_PARAM && n->op != CM_OP_STATE) continue;
-    cm_tensor_alloc(&t[i], n->type, NULL);
-    bound[i] = &t[i];
-    int64_t cnt = cm_type_numel(&n->type);
-    if (n->op != CM_OP_INPUT)
-      cm_init_tensor(&t[i], &n->attrs.init, 7, n->name, NULL);
-    else if (!strcmp(n->name, "img") || !strcmp(n->name, "img_t"))
-      for (int64_t e = 0; e < cnt; e++) cm_tensor_set_f64(&t[i], e, uniform() * 4 - 2);
-    else if (!strcmp(n->name, "lr"))
-      cm_tensor_set_f64(&t[i], 0, 1e-4);
-    else if (!strcmp(n->name, "beta1"))
-      cm_tensor_set_f64(&t[i], 0, 0.9);
-    else if (!strcmp(n->name, "beta2"))
-      cm_tensor_set_f64(&t[i], 0, 0.95);
-    else if (!strcmp(n->name, "momentum"))
-      cm_tensor_set_f64(&t[i], 0, 0.996);
-    else if (!strcmp(n->name, "step"))
-      cm_tensor_set_f64(&t[i], 0, 1);
-  }
-  int grid = cfg->data.image_size / cfg->encoder.patch, L = grid * grid;
-  int n_noise = cm_mask_noise_count(cfg->mask.kind, cfg->mask.block, grid);
-  double *u = malloc(sizeof(double) * (size_t)n_noise);
-  int32_t *keep = malloc(sizeof(int32_t) * (size_t)L),
-          *restore = malloc(sizeof(int32_t) * (size_t)L);
-  float *mask = malloc(sizeof(float) * (size_t)L);
-  for (int b = 0; b < batch; b++) {
-    for (int k = 0; k < n_noise; k++) u[k] = uniform();
-    int kept = cm_mask_sample(cfg->mask.kind, cfg->mask.ratio, cfg->mask.block, grid, u, keep,
-                              restore, mask);
-    for (int k = 0; k < kept && m->ids_keep >= 0; k++)
-      cm_tensor_set_i64(&t[m->ids_keep], (int64_t)b * kept + k, keep[k]);
-    for (int k = 0; k < L; k++) {
-      if (m->ids_restore >= 0)
-        cm_tensor_set_i64(&t[m->ids_restore], (int64_t)b * L + k, restore[k]);
-      if (m->mask >= 0) cm_tensor_set_f64(&t[m->mask], (int64_t)b * L + k, mask[k]);
-    }
-  }
-  free(u);
-  free(keep);
-  free(restore);
-  free(mask);
-}
-
 /* One warm-up step, the profiles after it (*base, *sbase), then o->steps timed steps: *dt the
  * seconds per step. Returns false (said) when a step fails. */
 static bool time_steps(const bench_opts *o, cm_program *pr, cm_tensor **bound, int n_outputs,
@@ -354,7 +301,12 @@ int main(int argc, char **argv) {
   if (rc) return rc;
   cm_tensor *t = calloc((size_t)step->n_nodes, sizeof *t);
   cm_tensor **bound = calloc((size_t)step->n_nodes, sizeof *bound);
-  bind_sources(step, &cfg, &m, o.batch, t, bound);
+  cm_err err = {0}; /* images uniform in [-2, 2], masks sampled per row, params initialized */
+  if (cm_train_example_sources(&cfg, step, 7, t, &err)) {
+    fprintf(stderr, "%s: %s\n", o.path, err.msg);
+    return 1;
+  }
+  for (int i = 0; i < step->n_nodes; i++) bound[i] = t[i].data ? &t[i] : NULL;
   cm_kernel_profile *base = NULL;
   cm_stage_profile *sbase = NULL;
   double dt = 0;

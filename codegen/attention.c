@@ -13,7 +13,8 @@
  *   cm_kattn.bc   key block when streaming (attn_choose_key_block: whole key rows
  *                 while the tiles fit 512 KiB, else 64; cm_lower_opts.attn_bc)
  *   cm_kattn.mr[i], .nr[i]  the register block of each GEMM stage of a whole-row
- *                 span (attn_plan_tiles: the cheapest by attn_tile_cost within
+ *                 span (attn_plan_tiles: the cheapest by attn_tile_cost among
+ *                 the blocks that run from registers, attn_block_fits, within
  *                 ws_bytes, for cm_kattn.lanes); streaming spans use the first
  *                 stage's tiles (cm_kstage.tiles.mr, .nr) */
 #include "lower_internal.h"
@@ -990,6 +991,18 @@ static double attn_tile_cost(int64_t m, int64_t n, int64_t K, int mr, int nr, in
   return blocks * (K * per_k + acc + 8);
 }
 
+/* Whether an mr x nv-vector block runs from registers on a target with W f32
+ * lanes (32 vector registers with AVX-512, else 16): its accumulators, B
+ * vectors and a broadcast fit, and the accumulators leave 4 registers for the
+ * loads LLVM hoists from the next (unrolled) k step. Beyond that the k loop
+ * spills, which attn_tile_cost does not see: on AVX2 (Zen 3), 9 x 24 (31 live
+ * vectors) spilled 120 vectors per 48 FMAs, 13 x 8 (15) 18 per 52, while 6 x 16
+ * and 4 x 24 (12 accumulators) spilled none. */
+static bool attn_block_fits(int mr, int nv, int W) {
+  int regs = W >= 16 ? 32 : 16;
+  return mr * nv + nv + 1 <= regs && mr * nv <= regs - 4;
+}
+
 /* Whether stage s (the span's first when first) is one of the span's GEMM stages. */
 static bool attn_is_gemm_stage(const cm_kattn *a, const cm_kstage *s, bool first) {
   return (first || s->tmpl == CM_KT_GEMM) && s->n_red == 1 && s->n_dom == a->nb + 2 &&
@@ -1047,7 +1060,7 @@ static void attn_plan_tiles(cm_kernel *k, int first, int W) {
     double best = attn_tile_cost(m, n, K, mr0, nr0, W);
     int keep_mr = smr[i], keep_nr = snr[i];
     for (int nv = 1; nv <= 4; nv++)
-      for (int mr = 1; mr <= 16 && mr * nv + nv <= 31; mr++) {
+      for (int mr = 1; mr <= 16 && attn_block_fits(mr, nv, W); mr++) {
         /* rows of a block other than the last stay whole panels */
         if (rowwise && br % mr) continue;
         double cost = attn_tile_cost(m, n, K, mr, nv * W, W);

@@ -720,10 +720,14 @@ static double padded(int64_t n, int64_t b, int64_t r) {
 
 /* Cycles of an m x n x K GEMM in mr x nr register blocks of W-lane vectors: per k step the
  * FMAs (two a cycle), the broadcasts and B loads, the FMA latency when there are few
- * accumulators (4 cycles); per block its C tile. The last panels' padding is paid in full. */
+ * accumulators (4 cycles), and a store and a reload of every vector that does not fit the
+ * registers (16, or 32 with AVX-512: accumulators, B vectors, a broadcast, and 4 for the loads
+ * LLVM hoists from the next unrolled k step; on AVX2 9 x 24 spilled 120 vectors per 48 FMAs);
+ * per block its C tile. The last panels' padding is paid in full. */
 static double micro_cost(double blocks, int64_t K, int mr, int nr, int W, double extra_per_k) {
-  double nv = (double)((nr + W - 1) / W), acc = mr * nv;
-  double per_k = fmax(fmax(acc / 2, (mr + nv) / 2), 4) + 0.5 + extra_per_k;
+  double nv = (double)((nr + W - 1) / W), acc = mr * nv, regs = W >= 16 ? 32 : 16;
+  double spilled = fmax(0, fmax(acc + nv + 1 - regs, acc + 4 - regs));
+  double per_k = fmax(fmax(acc / 2, (mr + nv) / 2), 4) + 0.5 + extra_per_k + 2 * spilled;
   return blocks * ((double)K * per_k + acc + 8);
 }
 
