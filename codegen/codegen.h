@@ -874,8 +874,9 @@ typedef struct cm_tune_point {
   int value[CM_TUNE_MAX_KNOBS]; /* a value per knob (values, not indices) */
 } cm_tune_point;
 /* The tunable fields of stage `stage` of a lowered kernel for target t (CPU: GEMM tiles
- * mr/nr/mc/nc/kc, K split, attention bc/br and register blocks, row kernels' vector width/unroll;
- * CUDA: block/warp tiles, stages, split_k, threads per row). */
+ * mr/nr/mc/nc/kc, K split, attention bc/br and register blocks; CUDA: block/warp tiles, stages,
+ * split_k, flash attention's warps and key block, threads per row). The CPU's row and reduction
+ * stages have none yet (their vector width and unroll are the renderer's constants). */
 cm_status cm_tune_space_of(const cm_kernel *k, int stage, const cm_target *t, cm_tune_space *out,
                            cm_err *err);
 void cm_tune_point_default(const cm_tune_space *s, cm_tune_point *out);

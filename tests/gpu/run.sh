@@ -120,7 +120,8 @@ configure() {
     -DJPEG_INCLUDE_DIR="$deps/include" -DJPEG_LIBRARY="$libdir/libjpeg.a" \
     -DJPEG_LIBRARY_RELEASE="$libdir/libjpeg.a" \
     -DSQLite3_INCLUDE_DIR="$deps/include" -DSQLite3_LIBRARY="$libdir/libsqlite3.a" &&
-    cmake --build "$build" -j"$(nproc)" --target cmaec gpu_diff bench_step bench_attn bench_gpu_gemm
+    cmake --build "$build" -j"$(nproc)" --target cmaec gpu_diff bench_step bench_attn bench_gpu_gemm \
+      test_comm
 }
 export -f configure
 if run_part build 240 configure; then
@@ -142,6 +143,37 @@ elif [ "$rc" = 77 ]; then
   row gpu_diff FAILED "skipped: no CUDA driver or GPU"
 else
   row gpu_diff FAILED "$(why $rc), $n_ok ok, $n_bad failing lines (see $logs/gpu_diff.log)"
+fi
+
+# ---- nccl: a 1-rank NCCL communicator through the real library (issue 18) ----------------
+# test_comm's test_nccl: NCCL's bootstrap (ncclGetUniqueId, ncclCommInitRank), every collective
+# on device buffers ordered after a compute stream, the asynchronous request queue and the
+# watchdog's polling (NCCL refuses two ranks on one GPU). libnccl.so.2 comes with PyTorch's
+# wheels when the toolkit has none.
+nccl_lib() {
+  python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' \
+    2>/dev/null
+}
+nccl_test() {
+  local lib
+  lib=$(nccl_lib)
+  if [ -n "$lib" ] && [ -f "$lib" ] && ! ldconfig -p 2>/dev/null | grep -q libnccl.so.2; then
+    export CMAEC_NCCL_LIBRARY=$lib
+  fi
+  "$build/tests/test_comm" test_nccl
+}
+export -f nccl_lib nccl_test
+if [ "$dry" = 1 ]; then
+  run_part nccl 10 true
+  echo "test_nccl: nccl rank 0/1 (dry run)" >"$logs/nccl.log"
+else
+  run_part nccl 60 nccl_test
+fi
+rc=$?
+if [ "$rc" = 0 ] && grep -q "nccl rank 0/1" "$logs/nccl.log"; then
+  row nccl ok "$(grep -o 'nccl rank 0/1.*' "$logs/nccl.log" | head -1), $(secs_of nccl) s"
+else
+  row nccl FAILED "$(why $rc) (see $logs/nccl.log)"
 fi
 
 # ---- train: 50 steps on CUDA against the CPU backend's losses ---------------------------
