@@ -1035,7 +1035,9 @@ int64_t cm_kattn_pack_need(const cm_kernel *k, int first, const int *mr, const i
     if (mp * np > fc) fc = mp * np;
   }
   *am = fa, *bm = fb;
-  return pack_off + 4 * ((fa + 15) / 16 * 16 + (fb + 15) / 16 * 16 + fc);
+  /* 16 floats after packed A take the whole vector stores past its last panel (render_llvm_
+   * attention.c, attn_pack_kt); the workspace's 64 spare bytes hold them at the span's tiles */
+  return pack_off + 4 * ((fa + 15) / 16 * 16 + 16 + (fb + 15) / 16 * 16 + fc);
 }
 
 /* The register block of each GEMM stage of a whole-row span (a->mr, a->nr):

@@ -251,7 +251,11 @@ static void attn_pack_kt(rctx *c, const char *name, int e, int rv, LLVMValueRef 
             B, LLVMBuildMul(B, LLVMBuildAdd(B, kkb, rl_ci64(c, t), ""), rl_ci64(c, R), ""),
             rl_ci64(c, g * W), "");
         LLVMValueRef ptr = rl_fptr(c, pdst, off, "dst");
-        if (cnt == W) {
+        /* a panel narrower than a vector: whole stores in increasing k, each one's lanes past
+           the rows overwritten by the next k's (the last panel's spill into the 16 floats
+           cm_kattn_pack_need leaves after packed A); masked stores are slow (Zen 3: the pack
+           took ~15 % of a span) */
+        if (cnt == W || ngr == 1) {
           LLVMSetAlignment(LLVMBuildStore(B, v[t], ptr), 4);
         } else {
           LLVMTypeRef tys[2] = {c->vty, c->ptr};
@@ -288,9 +292,10 @@ static void attn_gemm_block(rctx *c, const attn_plan *p, LLVMValueRef wsp, LLVMV
   int64_t M = s->dom[iv], N = s->dom[jv], K = s->red[0];
   int64_t npan = (N + nr - 1) / nr, ldc = npan * nr;
   LLVMValueRef Ap = rl_fptr(c, wsp, rl_ci64(c, 0), "at.Ap");
-  LLVMValueRef Bp = rl_fptr(c, wsp, rl_ci64(c, (p->am + 15) / 16 * 16), "at.Bp");
+  /* 16 floats between packed A and B: attn_pack_kt's whole stores past A's last panel */
+  LLVMValueRef Bp = rl_fptr(c, wsp, rl_ci64(c, (p->am + 15) / 16 * 16 + 16), "at.Bp");
   LLVMValueRef Ct =
-      rl_fptr(c, wsp, rl_ci64(c, (p->am + 15) / 16 * 16 + (p->bm + 15) / 16 * 16), "at.Ct");
+      rl_fptr(c, wsp, rl_ci64(c, (p->am + 15) / 16 * 16 + 16 + (p->bm + 15) / 16 * 16), "at.Ct");
   LLVMValueRef mpan =
       LLVMBuildSDiv(B, LLVMBuildAdd(B, mrows, rl_ci64(c, mr - 1), ""), rl_ci64(c, mr), "at.mpan");
   rl_emit_pack(c, "at.packB", s->gemm_b, jv, rl_ci64(c, 0), N, rl_ci64(c, npan), nr, K,
