@@ -104,7 +104,10 @@ static bool attn_direct_of(rctx *c, const attn_plan *p, attn_direct *d) {
 }
 
 /* The micro-kernel's registers of block (row rb, column cb) straight to the
- * stage's store (attn_direct): lanes past the columns or rows masked off. */
+ * stage's store (attn_direct): a block inside the rows and columns with plain
+ * vector stores; a block at the last row or column panel with lanes past them
+ * masked off (i32 lane masks: the i64 ones with their per-row selects took ~14 %
+ * of the forward span on AVX2 when every block paid them). */
 static void attn_store_direct(rctx *c, const attn_plan *p, const attn_direct *d, LLVMValueRef rb,
                               LLVMValueRef cb, int64_t mr, int64_t nv, LLVMValueRef *acc) {
   LLVMBuilderRef B = c->B;
@@ -115,23 +118,38 @@ static void attn_store_direct(rctx *c, const attn_plan *p, const attn_direct *d,
   LLVMValueRef idx = rl_convert(c, rl_emit(c, d->index), c->s->exprs[d->index].dtype, CM_I64);
   if (c->failed) return;
   if (c->ioff && c->ioff[d->buf]) idx = LLVMBuildSub(B, idx, c->ioff[d->buf], "at.idx");
-  LLVMTypeRef mty = LLVMVectorType(c->i1, (unsigned)W);
-  LLVMValueRef lanes[32];
-  for (int l = 0; l < W; l++) lanes[l] = rl_ci64(c, l);
-  LLVMValueRef lane = LLVMConstVector(lanes, (unsigned)W);
-  LLVMTypeRef vi64 = LLVMVectorType(c->i64, (unsigned)W);
+  LLVMValueRef inside = LLVMBuildAnd(
+      B, LLVMBuildICmp(B, LLVMIntSLE, LLVMBuildAdd(B, rb, rl_ci64(c, mr), ""), d->mrows, ""),
+      LLVMBuildICmp(B, LLVMIntSLE, LLVMBuildAdd(B, cb, rl_ci64(c, nv * W), ""), rl_ci64(c, d->n),
+                    ""),
+      "at.inside");
+  LLVMBasicBlockRef bin = rl_new_block(c, "at.dstore"), bedge = rl_new_block(c, "at.dstore.edge"),
+                    bjoin = rl_new_block(c, "at.dstore.done");
+  LLVMBuildCondBr(B, inside, bin, bedge);
+  LLVMPositionBuilderAtEnd(B, bin);
+  for (int64_t r = 0; r < mr; r++)
+    for (int64_t v = 0; v < nv; v++) {
+      LLVMValueRef off = LLVMBuildAdd(B, idx, rl_ci64(c, r * d->ci + v * W), "");
+      LLVMValueRef st = LLVMBuildStore(B, acc[r * nv + v],
+                                       LLVMBuildGEP2(B, c->f32, c->bases[d->buf], &off, 1, ""));
+      LLVMSetAlignment(st, 4);
+      rl_set_scopes(c, d->buf, st);
+    }
+  LLVMBuildBr(B, bjoin);
+  LLVMPositionBuilderAtEnd(B, bedge);
+  LLVMTypeRef mty = LLVMVectorType(c->i1, (unsigned)W), vi32 = LLVMVectorType(c->i32, (unsigned)W);
+  /* columns left from cb (at most the block's, so i32 holds them) */
+  LLVMValueRef left = LLVMBuildTrunc(
+      B, rl_smin(c, LLVMBuildSub(B, rl_ci64(c, d->n), cb, ""), rl_ci64(c, nv * W), ""), c->i32,
+      "at.left");
+  LLVMValueRef lsplat = LLVMBuildShuffleVector(
+      B, LLVMBuildInsertElement(B, LLVMGetPoison(vi32), left, LLVMConstInt(c->i32, 0, 0), ""),
+      LLVMGetPoison(vi32), LLVMConstNull(vi32), "");
   for (int64_t v = 0; v < nv; v++) {
-    LLVMValueRef col = LLVMBuildAdd(B, cb, rl_ci64(c, v * W), "");
-    LLVMValueRef ins =
-        LLVMBuildInsertElement(B, LLVMGetPoison(vi64), col, LLVMConstInt(c->i32, 0, 0), "");
-    LLVMValueRef cs = LLVMBuildShuffleVector(
-        B, ins, LLVMGetPoison(vi64), LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "");
-    LLVMValueRef ins2 = LLVMBuildInsertElement(B, LLVMGetPoison(vi64), rl_ci64(c, d->n),
-                                               LLVMConstInt(c->i32, 0, 0), "");
-    LLVMValueRef ns = LLVMBuildShuffleVector(
-        B, ins2, LLVMGetPoison(vi64), LLVMConstNull(LLVMVectorType(c->i32, (unsigned)W)), "");
+    LLVMValueRef cols[32]; /* the lanes' columns from cb */
+    for (int l = 0; l < W; l++) cols[l] = LLVMConstInt(c->i32, (unsigned long long)(v * W + l), 0);
     LLVMValueRef cmask =
-        LLVMBuildICmp(B, LLVMIntSLT, LLVMBuildAdd(B, cs, lane, ""), ns, "at.cmask");
+        LLVMBuildICmp(B, LLVMIntSLT, LLVMConstVector(cols, (unsigned)W), lsplat, "at.cmask");
     for (int64_t r = 0; r < mr; r++) {
       LLVMValueRef rin =
           LLVMBuildICmp(B, LLVMIntSLT, LLVMBuildAdd(B, rb, rl_ci64(c, r), ""), d->mrows, "");
@@ -144,6 +162,8 @@ static void attn_store_direct(rctx *c, const attn_plan *p, const attn_direct *d,
       rl_set_scopes(c, d->buf, rl_intrin(c, "llvm.masked.store", tys, 2, args, 4, ""));
     }
   }
+  LLVMBuildBr(B, bjoin);
+  LLVMPositionBuilderAtEnd(B, bjoin);
 }
 
 /* C tile (ldc floats per row) = packed A panels [0, mpan) x packed B panels
@@ -231,7 +251,11 @@ static void attn_pack_kt(rctx *c, const char *name, int e, int rv, LLVMValueRef 
             B, LLVMBuildMul(B, LLVMBuildAdd(B, kkb, rl_ci64(c, t), ""), rl_ci64(c, R), ""),
             rl_ci64(c, g * W), "");
         LLVMValueRef ptr = rl_fptr(c, pdst, off, "dst");
-        if (cnt == W) {
+        /* a panel narrower than a vector: whole stores in increasing k, each one's lanes past
+           the rows overwritten by the next k's (the last panel's spill into the 16 floats
+           cm_kattn_pack_need leaves after packed A); masked stores are slow (Zen 3: the pack
+           took ~15 % of a span) */
+        if (cnt == W || ngr == 1) {
           LLVMSetAlignment(LLVMBuildStore(B, v[t], ptr), 4);
         } else {
           LLVMTypeRef tys[2] = {c->vty, c->ptr};
@@ -268,9 +292,10 @@ static void attn_gemm_block(rctx *c, const attn_plan *p, LLVMValueRef wsp, LLVMV
   int64_t M = s->dom[iv], N = s->dom[jv], K = s->red[0];
   int64_t npan = (N + nr - 1) / nr, ldc = npan * nr;
   LLVMValueRef Ap = rl_fptr(c, wsp, rl_ci64(c, 0), "at.Ap");
-  LLVMValueRef Bp = rl_fptr(c, wsp, rl_ci64(c, (p->am + 15) / 16 * 16), "at.Bp");
+  /* 16 floats between packed A and B: attn_pack_kt's whole stores past A's last panel */
+  LLVMValueRef Bp = rl_fptr(c, wsp, rl_ci64(c, (p->am + 15) / 16 * 16 + 16), "at.Bp");
   LLVMValueRef Ct =
-      rl_fptr(c, wsp, rl_ci64(c, (p->am + 15) / 16 * 16 + (p->bm + 15) / 16 * 16), "at.Ct");
+      rl_fptr(c, wsp, rl_ci64(c, (p->am + 15) / 16 * 16 + 16 + (p->bm + 15) / 16 * 16), "at.Ct");
   LLVMValueRef mpan =
       LLVMBuildSDiv(B, LLVMBuildAdd(B, mrows, rl_ci64(c, mr - 1), ""), rl_ci64(c, mr), "at.mpan");
   rl_emit_pack(c, "at.packB", s->gemm_b, jv, rl_ci64(c, 0), N, rl_ci64(c, npan), nr, K,
