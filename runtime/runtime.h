@@ -289,10 +289,10 @@ typedef struct cm_compile_opts {
    * times candidates inside whole steps so; kernels are as cm_lower_plan numbers them). */
   cm_status (*replan)(cm_kprogram *kp, const cm_target *t, void *ctx, cm_err *err);
   void *replan_ctx;
-  struct cm_comm *comm;      /* the ranks' communicator (issue 18): the backends run the
-                                collective stages through it; NULL: world size 1. A graph built
-                                for other ranks than its size is CM_EINVALID (unless
-                                compile_only) */
+  struct cm_comm *comm; /* the ranks' communicator (issue 18): the backends run the
+                           collective stages through it; NULL: world size 1. A graph built
+                           for other ranks than its size is CM_EINVALID (unless
+                           compile_only) */
 } cm_compile_opts;
 
 typedef struct cm_program_stats {
