@@ -8,33 +8,10 @@ cmaec=$1
 root=$2
 . "$root/tests/cli/lib.bash"
 
-# 21 gray 28x28 PNGs in 3 classes (a bright box on noise)
-python3 - "$tmp/folder" <<'EOF'
-import os, random, struct, sys, zlib
-random.seed(5)
-root = sys.argv[1]
-def chunk(t, d):
-    return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
-for k in range(21):
-    d = os.path.join(root, "c%d" % (k % 3))
-    os.makedirs(d, exist_ok=True)
-    y0, x0 = random.randrange(14), random.randrange(14)
-    rows = b""
-    for y in range(28):
-        rows += b"\0" + bytes((160 if y0 <= y < y0 + 12 and x0 <= x < x0 + 12 else 0)
-                              + random.randrange(90) for x in range(28))
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
-    open(os.path.join(d, "%02d.png" % k), "wb").write(png)
-EOF
+box_pngs "$tmp/folder"
 
 model="$root/models/cmae_vit_tiny_fmnist.json"
-tiny=(--set encoder.width=16 --set encoder.depth=1 --set encoder.heads=2
-  --set pixel_decoder.width=16 --set pixel_decoder.depth=1 --set pixel_decoder.heads=2
-  --set feature_decoder.width=16 --set feature_decoder.depth=1 --set feature_decoder.heads=2
-  --set projector.hidden=32 --set projector.out=16 --set predictor.hidden=32
-  --set predictor.out=16 --set data.image_size=16 --set data.master_size=20
-  --set schedule.warmup_epochs=0 --set optimizer.base_lr=0.1
+tiny=("${tiny_cmae_sets[@]}"
   --batch 8 --workers 2 --backend ref --data "$tmp/folder" --seed 11)
 
 # a short run: the report, one metrics row per step, a checkpoint named by latest

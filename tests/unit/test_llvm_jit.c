@@ -420,24 +420,6 @@ static void make_cache_root(void) {
   if (!mkdtemp(cache_root)) cache_root[0] = 0;
 }
 
-static void remove_tree(const char *dir) {
-  DIR *d = opendir(dir);
-  if (!d) return;
-  struct dirent *e;
-  char p[1024];
-  while ((e = readdir(d))) {
-    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-    snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-    struct stat st;
-    if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode))
-      remove_tree(p);
-    else
-      unlink(p);
-  }
-  closedir(d);
-  rmdir(dir);
-}
-
 /* Number of entries in dir; *tmp counts temporary files left behind. */
 static int count_files(const char *dir, int *tmp) {
   DIR *d = opendir(dir);
@@ -564,7 +546,7 @@ static void test_cache_hits_and_misses(void) {
     CHECK(s.modules == 2 && s.cache_hits == 1 && s.cache_misses == 1 && s.cache_rejected == 0);
     cm_jit_destroy(j);
   }
-  remove_tree(cache_root);
+  test_remove_tree(cache_root);
 }
 
 static void test_cache_corruption(void) {
@@ -662,7 +644,7 @@ static void test_cache_corruption(void) {
       cm_jit_destroy(j);
     }
   }
-  remove_tree(cache_root);
+  test_remove_tree(cache_root);
 }
 
 /* Several processes on one cache at once: every result right, every file whole, no temp files. */
@@ -695,7 +677,7 @@ static void test_cache_several_processes(void) {
   int tmp = 0;
   CHECK(count_files(cache_root, &tmp) == KERNELS);
   CHECK(tmp == 0);
-  remove_tree(cache_root);
+  test_remove_tree(cache_root);
 }
 
 /* Fresh O3 compile vs load from the cache for the axpy module (printed; best of 5). */
@@ -708,7 +690,7 @@ static void test_cache_timing(void) {
   for (int rep = 0; rep < 5; rep++) {
     for (int pass = 0; pass < 2; pass++) {
       if (pass == 0) { /* empty the cache: fresh */
-        remove_tree(cache_root);
+        test_remove_tree(cache_root);
         mkdir(cache_root, 0700);
       }
       cm_jit *j = NULL;
@@ -742,7 +724,7 @@ static void test_cache_timing(void) {
           "from cache %.3f ms (read+check %.3f ms)\n",
           best_fresh, best_fresh_compile, best_cached, best_load);
   CHECK(best_cached < best_fresh);
-  remove_tree(cache_root);
+  test_remove_tree(cache_root);
 }
 
 /* ---- CMAEC_CPU: a named target CPU ----------------------------------------------------- */

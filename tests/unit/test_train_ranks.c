@@ -17,6 +17,7 @@
  *   (test_collective_exec for the collective stages). */
 #include "../../runtime/training.h"
 #include "../test.h"
+#include "../testlib.h"
 
 #include <dirent.h>
 #include <pthread.h>
@@ -58,24 +59,6 @@ static const model_case models[] = {
 static const model_case *model = &models[0]; /* the variant under test */
 
 static char root[256], folder[300];
-
-static void remove_tree(const char *dir) {
-  DIR *d = opendir(dir);
-  if (!d) return;
-  struct dirent *e;
-  char p[1024];
-  while ((e = readdir(d))) {
-    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-    snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-    struct stat st;
-    if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode))
-      remove_tree(p);
-    else
-      unlink(p);
-  }
-  closedir(d);
-  rmdir(dir);
-}
 
 /* folder/<class>/<i>.png: 21 gray 28x28 pictures (a bright box on noise, a fixed LCG). */
 static void make_folder(void) {
@@ -163,7 +146,7 @@ static void copy_file(const char *from, const char *to) {
 /* A new run directory `dir` holding only the checkpoint of step k of run `from`. */
 static void fork_run(const char *from, int64_t k, const char *dir) {
   char a[512], b[512];
-  remove_tree(dir);
+  test_remove_tree(dir);
   mkdir(dir, 0777);
   snprintf(a, sizeof a, "%s/ckpt-%lld.safetensors", from, (long long)k);
   snprintf(b, sizeof b, "%s/ckpt-%lld.safetensors", dir, (long long)k);
@@ -545,7 +528,7 @@ static void test_two_to_one(void) {
 static void setup(void) {
   snprintf(root, sizeof root, "/tmp/cmaec_test_train_ranks_%ld", (long)getpid());
   snprintf(folder, sizeof folder, "%s/folder", root);
-  remove_tree(root);
+  test_remove_tree(root);
   mkdir(root, 0777);
   mkdir(folder, 0777);
   make_folder();
@@ -553,7 +536,7 @@ static void setup(void) {
 }
 
 static void cleanup(void) {
-  remove_tree(root);
+  test_remove_tree(root);
 }
 
 TEST_MAIN(TEST(setup), TEST(test_one_to_two), TEST(test_two_to_one), TEST(cleanup))

@@ -36,24 +36,6 @@ static uint64_t next_u64(void) {
   return test_u64(&rng_state);
 }
 
-static void remove_tree(const char *dir) {
-  DIR *d = opendir(dir);
-  if (!d) return;
-  struct dirent *e;
-  char p[1024];
-  while ((e = readdir(d))) {
-    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-    snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-    struct stat st;
-    if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode))
-      remove_tree(p);
-    else
-      unlink(p);
-  }
-  closedir(d);
-  rmdir(dir);
-}
-
 /* root/<class>/<i>.png: 21 gray 28x28 pictures (a bright box on noise). */
 static void make_folder(const char *root) {
   char p[1024];
@@ -137,7 +119,7 @@ static void pick_backends(void) {
   cm_status st = run(&c, &r, &err);
   CHECK_MSG(st == CM_OK, "cpu backend: %s", err.msg);
   if (st == CM_OK) backends[n_backends++] = CM_TRAIN_CPU;
-  remove_tree(out);
+  test_remove_tree(out);
 }
 
 static double mean_col(const cm_metrics_table *t, const char *name, int64_t from, int64_t to) {
@@ -177,7 +159,7 @@ static void test_loss_falls(void) {
       CHECK(t.values[39 * t.n_cols + clr] < t.values[0 * t.n_cols + clr]);
     }
     cm_metrics_table_free(&t);
-    remove_tree(out);
+    test_remove_tree(out);
   }
 }
 
@@ -252,8 +234,8 @@ static void test_resume_bitwise(void) {
         }
       cm_metrics_table_free(&ta);
       cm_metrics_table_free(&tb);
-      remove_tree(a);
-      remove_tree(bb);
+      test_remove_tree(a);
+      test_remove_tree(bb);
     }
   }
 }
@@ -293,7 +275,7 @@ static void test_ema_starts_as_copy(void) {
   }
   CHECK(pairs >= 4);
   cm_tensor_set_free(&s);
-  remove_tree(out);
+  test_remove_tree(out);
 }
 
 /* train.precision=f16 on each backend: the loss scale state starts at 2^16 (not zero, as
@@ -356,8 +338,8 @@ static void test_f16_loss_scale(void) {
     CHECK(!strcmp(saved.train.precision, "f16") && !strcmp(saved.train.loss_scale, "dynamic"));
     cm_checkpoint_meta_free(&m);
     cm_tensor_set_free(&s);
-    remove_tree(out);
-    remove_tree(half);
+    test_remove_tree(out);
+    test_remove_tree(half);
   }
 }
 
@@ -381,7 +363,7 @@ static void test_nonfinite(void) {
     CHECK(strncmp(err.msg, "step ", 5) == 0 && r.last_step < 6);
     CHECK_MSG(strstr(err.msg, "not located") == NULL && strstr(err.msg, " = ") != NULL, "%s",
               err.msg);
-    remove_tree(out);
+    test_remove_tree(out);
   }
 }
 
@@ -414,7 +396,7 @@ static void test_stop_saves(void) {
   c.extra[0] = "train.workers=3"; /* does not change the numbers */
   CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
   CHECK(!r.interrupted && r.first_step == 1 && r.last_step == 5);
-  remove_tree(out);
+  test_remove_tree(out);
 }
 
 static void test_bad_options(void) {
@@ -449,11 +431,11 @@ static void test_bad_options(void) {
   c.extra[0] = "train.limit=16"; /* two steps per epoch */
   CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
   CHECK(r.dataset_size == 16 && r.steps_per_epoch == 2);
-  remove_tree(out);
+  test_remove_tree(out);
   c.extra[0] = NULL;
   cm_train_opts o = {0};
   CHECK(cm_train(&o, &r, &err) == CM_EINVALID);
-  remove_tree(out);
+  test_remove_tree(out);
 }
 
 /* The losses of metrics.jsonl in dir, rows [0, n). */
@@ -505,9 +487,9 @@ static void test_cross_backend_resume(void) {
     CHECK(r.first_step == 2 && r.last_step == 4);
     read_losses(mixed, got, 4);
     check_losses_close(want, got, 4, first_on_cuda ? "cuda -> cpu" : "cpu -> cuda");
-    remove_tree(mixed);
+    test_remove_tree(mixed);
   }
-  remove_tree(cpu);
+  test_remove_tree(cpu);
 }
 
 /* Encoder features (cmaec eval) on the emulated device equal the reference evaluator's. */
@@ -564,7 +546,7 @@ static void test_auto_without_driver(void) {
   CHECK_MSG(run(&c, &r, &err) == CM_OK, "%s", err.msg);
   CHECK_MSG(strcmp(r.backend, "cpu (auto: no CUDA driver)") == 0, "auto ran on %s", r.backend);
   CHECK(r.last_step == 1);
-  remove_tree(out);
+  test_remove_tree(out);
   c.backend = CM_TRAIN_CUDA;
   CHECK(run(&c, &r, &err) == CM_EINVALID);
   CHECK_STR_CONTAINS(err.msg, "CUDA driver not found");
@@ -585,7 +567,7 @@ static void setup(void) {
 }
 
 static void teardown(void) {
-  remove_tree(tmp_root);
+  test_remove_tree(tmp_root);
 }
 
 TEST_MAIN(TEST(setup), TEST(test_loss_falls), TEST(test_resume_bitwise),
